@@ -1,0 +1,104 @@
+"""The ``hearth`` command line. Headless subcommands import no Qt.
+
+    hearth generate --prompt TEXT [...]   one-shot (or --prompts-file, batched)
+    hearth chat                           interactive terminal chat
+    hearth doctor                         what can run here, and why not
+    hearth                                the desktop app (until it lands: chat)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model loading")
+    g.add_argument("--model", default=None, help="default | Hub repo id | local folder | .gguf file")
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    g.add_argument("--attention", default="torch", help="attention backend (see hearth doctor)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
+    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=temperature)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hearth", description="Run LLMs locally, fast.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command")
+
+    gen = sub.add_parser("generate", help="complete a prompt (or a file of prompts)")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompts-file", help="one prompt a line; all are batched together")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--system", default=None, help="system prompt (with --chat)")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="top-N logprobs per token")
+    gen.add_argument("--json", action="store_true", help="print JSON (one object a line)")
+    _add_load_args(gen)
+    _add_sampling_args(gen, temperature=0.7)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_load_args(chat)
+    _add_sampling_args(chat, temperature=0.7)
+
+    sub.add_parser("doctor", help="versions, devices, and what can run here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    from engine.errors import HearthError
+
+    try:
+        if args.command == "generate":
+            from app.commands.generate import run_generate
+
+            return run_generate(args)
+        if args.command == "doctor":
+            from app.commands.doctor import run_doctor
+
+            return run_doctor(args)
+        if args.command in ("chat", None):
+            if args.command is None:
+                args = build_parser().parse_args(["chat"])
+            from app.commands.chat import run_chat
+
+            return run_chat(args)
+    except HearthError as e:
+        print(f"hearth: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Helpers shared by the headless commands."""
+
+from __future__ import annotations
+
+import sys
+
+from engine.api import Engine, SamplingParams
+
+
+def load_engine(args, quiet: bool = False) -> Engine:
+    def progress(msg: str) -> None:
+        if not quiet:
+            print(f"[hearth] {msg}", file=sys.stderr, flush=True)
+
+    return Engine.load(
+        args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
+        revision=args.revision, progress=progress,
+    )
+
+
+def sampling_from_args(args, logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=logprobs,
+    )

@@ -1,0 +1,333 @@
+"""The public engine API: ``Engine``, ``Request``, ``SamplingParams`` and events.
+
+The GUI, the CLI and the OpenAI-compatible server are all clients of one ``Engine``.
+``submit`` is thread-safe and returns a ``RequestHandle`` whose events stream as the
+engine's own loop thread (schedule -> run -> update) produces them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_bytes
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, ModelLoadError,
+                           OutOfMemoryError, UnsupportedModelError)
+from engine.events import EngineEvent, EngineStats, FinishedEvent, TokenEvent, TokenLogprob
+from engine.output import RequestState
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
+    "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "FinishedEvent",
+    "EngineStats", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
+    "parse_bytes",
+]
+
+log = logging.getLogger("hearth.engine")
+
+
+@dataclass(slots=True)
+class Request:
+    """Exactly one of ``prompt`` (raw text), ``messages`` (chat, rendered with the model's
+    chat template; ``system`` prepends a system message) or ``prompt_token_ids``."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_token_ids: list[int] | None = None
+    system: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    timings: object
+    logprobs: list[TokenLogprob] | None
+    error: str | None = None
+
+
+class RequestHandle:
+    """A submitted request: iterate for events (ends with a FinishedEvent)."""
+
+    def __init__(self, request_id: str, events: queue.Queue, engine: "Engine") -> None:
+        self.request_id = request_id
+        self._events = events
+        self._engine = engine
+        self._done = False
+
+    def __iter__(self) -> Iterator[EngineEvent]:
+        while not self._done:
+            ev = self._events.get()
+            if isinstance(ev, FinishedEvent):
+                self._done = True
+            yield ev
+
+    def abort(self) -> None:
+        self._engine.abort(self.request_id)
+
+    def result(self) -> Completion:
+        text, ids, lps, fin = [], [], [], None
+        for ev in self:
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+                if ev.logprobs:
+                    lps.extend(ev.logprobs)
+            else:
+                fin = ev
+        return Completion(self.request_id, "".join(text), ids, fin.reason, fin.usage.prompt_tokens,
+                          fin.usage.completion_tokens, fin.usage.cached_prompt_tokens, fin.timings,
+                          lps or None, fin.error)
+
+
+class Engine:
+    """Loads one model and serves requests from any thread. Use ``Engine.load(...)``."""
+
+    def __init__(self, config: EngineConfig, *, progress=None) -> None:
+        from engine.loader.engine_loader import load_model  # torch-heavy: import on use
+
+        self.config = config
+        loaded = load_model(config, progress=progress)
+        self.model_info = loaded.info
+        self.tokenizer = loaded.tokenizer
+        self.runner = loaded.runner
+        self.max_model_len = loaded.max_model_len
+        self.block_manager = BlockManager(loaded.num_blocks, config.cache.block_size,
+                                          enable_prefix_caching=loaded.prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens)
+        self._cv = threading.Condition()
+        self._inbox: list[RequestState] = []
+        self._aborts: list[str] = []
+        self._states: dict[str, RequestState] = {}
+        self._stop = False
+        self._dead: str | None = None
+        self._ids = itertools.count()
+        self._gen_window: deque[tuple[float, int, int]] = deque()
+        self._num_preemptions = 0
+        self._num_finished = 0
+        self._thread = threading.Thread(target=self._loop, name="hearth-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+             attention: str = "torch", max_model_len: int | None = None,
+             kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
+             block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+             enable_prefix_caching: bool = True, revision: str | None = None,
+             force_fallback: bool = False, progress=None) -> "Engine":
+        cfg = EngineConfig(
+            model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
+                              max_model_len=max_model_len, force_fallback=force_fallback),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                              kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens),
+            attention=attention,
+        )
+        return cls(cfg, progress=progress)
+
+    # -- client side (any thread) ------------------------------------------------------
+    def submit(self, request: Request | str, params: SamplingParams | None = None) -> RequestHandle:
+        """Validate and enqueue; raises InvalidRequestError for bad input."""
+        if isinstance(request, str):
+            request = Request(prompt=request, params=params or SamplingParams())
+        if self._dead or self._stop:
+            raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
+        ids = self._prompt_ids(request)
+        rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        seq = Sequence(rid, ids, params=request.params)
+        state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len)
+        with self._cv:
+            if rid in self._states:
+                raise InvalidRequestError(f"request id {rid!r} is already in use")
+            self._states[rid] = state
+            self._inbox.append(state)
+            self._cv.notify()
+        return RequestHandle(rid, state.events, self)
+
+    def generate(self, prompts: list[str | Request], params: SamplingParams | None = None) -> list[Completion]:
+        """Submit all at once (continuous batching) and wait for every result, in order."""
+        handles = [self.submit(p, params) for p in prompts]
+        return [h.result() for h in handles]
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        now = time.perf_counter()
+        window = [w for w in list(self._gen_window) if now - w[0] <= 5.0]
+        span = max(now - window[0][0], 1e-3) if window else 1.0
+        mem = self.runner_memory()
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + len(self._inbox),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            block_size=bm.block_size,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            generation_tok_s=sum(w[1] for w in window) / span if window else 0.0,
+            prompt_tok_s=sum(w[2] for w in window) / span if window else 0.0,
+            num_preemptions=self._num_preemptions,
+            requests_finished=self._num_finished,
+            memory=mem,
+        )
+
+    def runner_memory(self) -> dict:
+        from engine.metrics import memory_snapshot
+
+        return memory_snapshot(self)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        for state in list(self._states.values()):
+            if not state.finished:
+                state.finish("abort", error="engine shut down")
+        self._states.clear()
+        self.runner = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def _prompt_ids(self, r: Request) -> list[int]:
+        given = [x is not None for x in (r.prompt, r.messages, r.prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt, messages or prompt_token_ids")
+        if r.messages is not None:
+            if not r.messages:
+                raise InvalidRequestError("messages is empty: send at least one message")
+            ids = self.tokenizer.apply_chat_template(r.messages, system=r.system)
+        elif r.prompt is not None:
+            if r.system:
+                raise InvalidRequestError("a system prompt needs chat mode (messages / --chat)")
+            if not r.prompt.strip():
+                raise InvalidRequestError("the prompt is empty: type something to continue")
+            ids = self.tokenizer.encode(r.prompt)
+        else:
+            ids = list(r.prompt_token_ids)
+            bad = [t for t in ids if not (0 <= t < self.model_info["vocab_size"])]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_info['vocab_size'] - 1})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty after tokenization")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}: "
+                "shorten the prompt or load the model with a longer context (--max-model-len)."
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) >= capacity:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}: "
+                "give the KV cache more memory (--kv-cache-memory) or shorten the prompt."
+            )
+        return ids
+
+    # -- engine thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stop or self._inbox or self._aborts or self.scheduler.has_work()):
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    new, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                for state in new:
+                    self.scheduler.add(state.seq)
+                for rid in aborts:
+                    state = self._states.get(rid)
+                    if state is not None and not state.finished:
+                        self._finish(state, "abort")
+                if self.scheduler.has_work():
+                    self.step()
+        except BaseException as e:  # the loop must never die silently
+            log.exception("engine loop died")
+            self._dead = f"the engine stopped after an internal error: {e}. Reload the model."
+            for state in list(self._states.values()):
+                if not state.finished:
+                    state.finish("error", error=self._dead)
+
+    def step(self) -> None:
+        """One iteration: schedule -> run -> update -> emit."""
+        out = self.scheduler.schedule()
+        for seq in out.finished:
+            self._finish(self._states[seq.request_id], seq.finish_reason or "length", already=True)
+        self._num_preemptions += len(out.preempted)
+        if not out.scheduled:
+            return
+        now = time.perf_counter()
+        for sc in out.scheduled:
+            st = self._states[sc.seq.request_id]
+            if st.t_scheduled is None:
+                st.t_scheduled = now
+        try:
+            res = self.runner.execute(out)
+        except Exception as e:
+            msg = _describe_failure(e)
+            log.exception("model step failed")
+            for sc in out.scheduled:
+                self._finish(self._states[sc.seq.request_id], "error", error=msg)
+            return
+        self.scheduler.update(out, res.token_ids)
+        now = time.perf_counter()
+        sampled = [sc.seq for sc in out.scheduled if sc.sample]
+        prompt_tokens = sum(sc.num_new_tokens for sc in out.scheduled if not sc.sample or sc.seq.num_output_tokens <= 1)
+        self._gen_window.append((now, len(sampled), prompt_tokens))
+        while self._gen_window and now - self._gen_window[0][0] > 10:
+            self._gen_window.popleft()
+        lps = res.logprobs or [None] * len(sampled)
+        for seq, token, lp in zip(sampled, res.token_ids, lps):
+            st = self._states[seq.request_id]
+            done = st.on_token(token, lp if seq.params.logprobs is not None else None, now)
+            if done is not None:
+                self._finish(st, done[0], stop=done[1])
+
+    def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False) -> None:
+        if not already:
+            self.scheduler.finish(state.seq.request_id, reason)
+        if self.runner is not None:
+            self.runner.release(state.seq.request_id)
+        state.finish(reason, stop=stop, error=error)
+        self._num_finished += 1
+        with self._cv:
+            self._states.pop(state.seq.request_id, None)
+
+
+def _describe_failure(e: Exception) -> str:
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return ("out of GPU memory during a step: lower --max-num-seqs or --kv-cache-memory, "
+                "or use a smaller / quantized model.")
+    return f"the model step failed: {type(e).__name__}: {e}"

@@ -1,0 +1,87 @@
+"""One validated config dataclass per concern (see ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    model: str | None = None  # None / "default" -> the bundled SmolLM2
+    revision: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: bf16 on CUDA (fp16 if no bf16), float32 on CPU
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    force_fallback: bool = False  # run through transformers even if a native model exists
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise InvalidRequestError(
+                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
+        aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+        self.dtype = aliases.get(self.dtype, self.dtype)
+        if self.dtype not in _DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise InvalidRequestError("max_model_len must be positive")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: derived from memory_fraction
+    memory_fraction: float = 0.90  # of total GPU memory Hearth may use (weights + KV + graphs)
+    cpu_memory_fraction: float = 0.25  # of available RAM for the KV pool on CPU (capped, see runner)
+    num_blocks: int | None = None  # exact pool size (tests); overrides the memory settings
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
+        if not (0.05 <= self.memory_fraction <= 1.0):
+            raise InvalidRequestError("memory_fraction must be in [0.05, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise InvalidRequestError("kv_cache_memory must be a positive number of bytes")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise InvalidRequestError("num_blocks must be positive")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill splits prompts)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise InvalidRequestError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise InvalidRequestError("max_num_batched_tokens must be >= 1")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    attention: str = "torch"
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GiB', '512MB', '1.5G', 1024 -> bytes (binary units; 'GB' is read as GiB too)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise InvalidRequestError(f"cannot read {text!r} as a size; write e.g. 4GiB or 512MiB")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    mult = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
+    return int(float(m.group(1)) * mult)

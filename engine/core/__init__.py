@@ -1,0 +1,1 @@
+"""Pure-Python engine core: sequences, KV block accounting and scheduling (no torch)."""

@@ -1,0 +1,63 @@
+"""Device and dtype choice, and how much memory there is to use."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.errors import InvalidRequestError
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(
+                f"device {spec!r} asked for, but torch sees no CUDA GPU here "
+                f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch."
+            )
+        index = dev.index or 0
+        if index >= torch.cuda.device_count():
+            raise InvalidRequestError(
+                f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here."
+            )
+        return torch.device("cuda", index)
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # bf16 matmuls are slow on most CPUs
+    return getattr(torch, name)
+
+
+def available_ram_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_memory_bytes(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes on ``device`` (RAM for the CPU)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.available), int(vm.total)
+    except ImportError:  # pragma: no cover
+        return available_ram_bytes(), available_ram_bytes()
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -1,0 +1,71 @@
+"""Messages the engine sends to its clients (CLI, GUI, server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class TokenEvent:
+    """New output: a text delta (may be empty while a character or stop string is pending)."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Timings:
+    queue_ms: float  # submit -> first scheduled
+    ttft_ms: float  # submit -> first token
+    itl_ms: float  # mean inter-token latency after the first token
+    decode_tok_s: float  # output tokens after the first / time since the first
+    total_ms: float
+
+
+@dataclass(slots=True, frozen=True)
+class FinishedEvent:
+    """Last event of a request. reason: stop | length | abort | error."""
+
+    request_id: str
+    reason: str
+    usage: Usage
+    timings: Timings
+    error: str | None = None
+    stop: str | int | None = None  # the stop string or token id that ended it
+
+
+EngineEvent = Union[TokenEvent, FinishedEvent]
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    block_size: int
+    prefix_cache_hit_rate: float
+    generation_tok_s: float  # output tokens/s over the last few seconds
+    prompt_tok_s: float
+    num_preemptions: int
+    requests_finished: int
+    memory: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,172 @@
+"""Paged attention: per-step metadata, the backend registry and the ``torch`` reference.
+
+The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
+(K then V). Token ``t`` of a sequence lives in block ``block_table[t // block_size]`` at
+offset ``t % block_size``; the runner precomputes each new token's flat slot
+``block * block_size + offset`` (the slot mapping).
+
+Backends register by name and import lazily; each exposes ``available() -> list[str]``
+of reasons it cannot run here (empty when usable), so the CLI and the GUI can explain.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Everything attention needs for one step, built once by the runner per forward.
+
+    Tokens of all sequences are flattened: sequence ``i`` owns query rows
+    ``query_start[i]:query_start[i+1]`` and, after this step's write, has ``seq_lens[i]``
+    tokens of context in the cache (its new tokens are the last ``query_lens[i]`` of them).
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32 (device)
+    query_start: torch.Tensor  # [B + 1] int32 (device)
+    seq_lens_cpu: list[int]
+    query_lens_cpu: list[int]
+    max_seq_len: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_cpu)
+
+
+class AttentionBackend:
+    """Interface: write this step's K/V into the paged cache, then attend."""
+
+    name = "?"
+
+    @classmethod
+    def available(cls, device: torch.device | str | None = None) -> list[str]:
+        """Reasons this backend can't be used (empty list: usable)."""
+        return []
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter this step's keys and values into their cache slots."""
+    _, num_blocks, block_size, h, d = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, h, d)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+class TorchAttention(AttentionBackend):
+    """Reference backend in plain torch: correct anywhere, CPU included; not fast.
+
+    Decode-only steps are batched (gather every sequence's blocks, mask past its length);
+    steps with prefill chunks loop over sequences and call SDPA with an explicit mask.
+    """
+
+    name = "torch"
+
+    def forward(self, q, k, v, kv_cache, meta):
+        write_kv(k, v, kv_cache, meta.slot_mapping)
+        if meta.decode_only:
+            return self._decode(q, kv_cache, meta)
+        out = torch.empty_like(q)
+        start = 0
+        for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            nblocks = -(-slen // meta.block_size)
+            blocks = meta.block_tables[i, :nblocks].long()
+            keys = kv_cache[0, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:slen]
+            vals = kv_cache[1, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:slen]
+            qs = q[start:start + qlen]
+            qpos = torch.arange(slen - qlen, slen, device=q.device)
+            kpos = torch.arange(slen, device=q.device)
+            mask = kpos[None, :] <= qpos[:, None]
+            if self.sliding_window is not None:
+                mask &= kpos[None, :] > qpos[:, None] - self.sliding_window
+            out[start:start + qlen] = self._attend(qs, keys, vals, mask)
+            start += qlen
+        return out
+
+    def _attend(self, q, keys, vals, mask):
+        # [n, H, D] x [L, Hkv, D] -> [n, H, D], GQA by repeating K/V per query group.
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)
+            vals = vals.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), vals.transpose(0, 1).to(q.dtype),
+            attn_mask=mask, scale=self.scale,
+        )
+        return o.transpose(0, 1)
+
+    def _decode(self, q, kv_cache, meta):
+        b = meta.num_seqs
+        nblocks = -(-meta.max_seq_len // meta.block_size)
+        tables = meta.block_tables[:, :nblocks].long()
+        length = nblocks * meta.block_size
+        keys = kv_cache[0, tables].reshape(b, length, self.num_kv_heads, self.head_dim)
+        vals = kv_cache[1, tables].reshape(b, length, self.num_kv_heads, self.head_dim)
+        kpos = torch.arange(length, device=q.device)
+        qpos = (meta.seq_lens.long() - 1)[:, None]
+        mask = kpos[None, :] <= qpos  # also hides the unused tail of the last block
+        if self.sliding_window is not None:
+            mask &= kpos[None, :] > qpos - self.sliding_window
+        group = self.num_heads // self.num_kv_heads
+        qg = q.view(b, self.num_kv_heads, group, self.head_dim).float()
+        scores = torch.einsum("bhgd,blhd->bhgl", qg, keys.float()) * self.scale
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out = torch.einsum("bhgl,blhd->bhgd", probs, vals.float())
+        return out.reshape(b, self.num_heads, self.head_dim).to(q.dtype)
+
+
+# name -> "module:Class"; imported only when asked for.
+_REGISTRY: dict[str, str] = {
+    "torch": "engine.layers.attention:TorchAttention",
+}
+
+
+def register_backend(name: str, path: str) -> None:
+    _REGISTRY[name] = path
+
+
+def backend_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> type[AttentionBackend]:
+    from engine.errors import InvalidRequestError
+
+    if name not in _REGISTRY:
+        raise InvalidRequestError(
+            f"unknown attention backend {name!r}; choose one of: {', '.join(_REGISTRY)}"
+        )
+    module, _, cls = _REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def backend_reasons(name: str, device=None) -> list[str]:
+    """Why ``name`` can't be used on ``device`` (import failures included)."""
+    try:
+        return get_backend(name).available(device)
+    except ImportError as e:  # an optional dependency is missing
+        return [f"cannot import: {e}"]

@@ -1,0 +1,198 @@
+"""Converting a GGUF file into a Hugging Face format folder.
+
+Hearth's loader reads one format (config.json + safetensors + tokenizer files). GGUF files
+(llama.cpp's format, e.g. the bundled default model) are converted once through
+transformers' GGUF reader, which dequantizes the weights and un-permutes q/k projections.
+The result is cached; ``hearth_source.json`` records which file it came from so a changed
+GGUF file is noticed and converted again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.errors import ModelLoadError, UnsupportedModelError
+
+#: Marker written last into a converted folder; describes the source GGUF file.
+SOURCE_FILE = "hearth_source.json"
+# Bump when the converted layout changes so old conversions are redone.
+_FORMAT_VERSION = 1
+_GGUF_MAGIC = b"GGUF"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def source_record(gguf_path: Path, dtype: torch.dtype) -> dict:
+    """Return what ``hearth_source.json`` should hold for ``gguf_path`` converted to ``dtype``."""
+    st = gguf_path.stat()
+    return {
+        "format_version": _FORMAT_VERSION,
+        "source": str(gguf_path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "dtype": _dtype_name(dtype),
+    }
+
+
+def is_up_to_date(out_dir: Path, gguf_path: Path, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``out_dir`` holds a finished conversion of the current ``gguf_path`` in ``dtype``.
+
+    Compares size, mtime and dtype (not the path, so a moved but identical file is reused).
+    """
+    try:
+        recorded = json.loads((out_dir / SOURCE_FILE).read_text(encoding="utf-8"))
+        current = source_record(gguf_path, dtype)
+    except (OSError, ValueError):
+        return False
+    keys = ("format_version", "size", "mtime_ns", "dtype")
+    return isinstance(recorded, dict) and all(recorded.get(k) == current[k] for k in keys)
+
+
+def _check_readable(gguf_path: Path) -> None:
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"no such GGUF file: {gguf_path}")
+    try:
+        with gguf_path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc.strerror or exc}") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{gguf_path} is not a GGUF file (it does not start with the 'GGUF' magic bytes). "
+            "Check the path, or download the file again if it is damaged."
+        )
+
+
+def _read_gguf(gguf_path: Path):
+    """Return ``(config, tokenizer, state_dict)`` read by transformers' GGUF reader."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    hint = (
+        "Use the model's Hugging Face (safetensors) repo instead: pass its repo id "
+        "(owner/name) as the model, or use a GGUF of an architecture transformers supports "
+        "(llama, mistral, qwen2, ...)."
+    )
+    try:
+        cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except ValueError as exc:
+        if "not supported" in str(exc):
+            raise UnsupportedModelError(
+                f"cannot convert {gguf_path}: {exc} (transformers' GGUF reader does not know this "
+                f"architecture). {hint}"
+            ) from exc
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}. {hint}") from exc
+    except Exception as exc:  # the reader fails in many ways on damaged files
+        raise ModelLoadError(
+            f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {exc}. The file may be "
+            f"truncated or corrupt; download it again. {hint}"
+        ) from exc
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # Build on the meta device: we only need parameter names and shapes, not memory.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot convert GGUF file {gguf_path}: {type(exc).__name__}: {exc}. The file may be "
+            f"truncated, corrupt or use an unsupported quantization. {hint}"
+        ) from exc
+
+    # Every parameter must come from the file, except an output head tied to the embeddings.
+    expected = set(model.state_dict().keys())
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - set(tensors) - tied)
+    if missing:
+        raise ModelLoadError(
+            f"GGUF file {gguf_path} lacks {len(missing)} tensors the model needs "
+            f"(e.g. {', '.join(missing[:3])}); it is incomplete or of an unexpected layout. {hint}"
+        )
+    return cfg, tok, tensors
+
+
+def convert_gguf(
+    gguf_path: Path,
+    out_dir: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert a GGUF file into a Hugging Face format folder at ``out_dir`` and return it.
+
+    Writes ``config.json``, ``model.safetensors`` (weights cast to ``dtype``), the tokenizer
+    files (with the chat template when the GGUF has one) and ``hearth_source.json``. The
+    work happens in a temporary folder beside ``out_dir`` that is renamed into place at the
+    end, so an interrupted conversion never leaves a half-written model; an existing
+    ``out_dir`` is replaced.
+
+    Raises:
+        ModelLoadError: the file is missing, unreadable or corrupt, or writing failed.
+        UnsupportedModelError: transformers' GGUF reader does not support the architecture.
+    """
+    from safetensors.torch import save_file
+
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    out_dir = Path(out_dir)
+    _check_readable(gguf_path)
+    if progress:
+        progress(f"Converting {gguf_path.name} to {_dtype_name(dtype)} (one time only)…")
+
+    cfg, tok, tensors = _read_gguf(gguf_path)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        cfg.save_pretrained(tmp)
+        weights = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
+        del tensors
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del weights
+        tok.save_pretrained(tmp)
+        # Written last: its presence marks a complete conversion.
+        (tmp / SOURCE_FILE).write_text(
+            json.dumps(source_record(gguf_path, dtype), indent=2) + "\n", encoding="utf-8"
+        )
+        _replace_dir(tmp, out_dir)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot write the converted model for {gguf_path.name} into {out_dir.parent}: "
+            f"{exc.strerror or exc}. Free some disk space or set HEARTH_CACHE_DIR to a writable folder."
+        ) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        progress(f"Converted {gguf_path.name} into {out_dir}")
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``, replacing an older one."""
+    old = None
+    if target.exists():
+        # Rename the old folder away first: a directory rename cannot overwrite a non-empty one.
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+    try:
+        new.rename(target)
+    except OSError:
+        if target.is_dir() and (target / SOURCE_FILE).is_file():
+            # Another process finished the same conversion first; keep theirs.
+            pass
+        else:
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

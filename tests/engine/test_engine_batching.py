@@ -1,0 +1,201 @@
+"""Engine behaviour: batching, prefix cache, preemption, seeds, stops, aborts, bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from engine.api import Engine, InvalidRequestError, Request, SamplingParams
+from tests.conftest import engine_device
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 49152, (n,), generator=g).tolist()
+
+
+def load(path, **kw) -> Engine:
+    kw.setdefault("num_blocks", 256)
+    kw.setdefault("max_model_len", 512)
+    return Engine.load(str(path), device=engine_device(), dtype="float32", **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    e = load(tiny_models["llama-tied"], max_num_batched_tokens=64)
+    yield e
+    e.shutdown()
+
+
+def alone(engine, ids, params=GREEDY):
+    return engine.submit(Request(prompt_token_ids=ids, params=params)).result()
+
+
+def test_batch_equals_alone(engine):
+    prompts = [ids_of(n, seed=n) for n in (3, 17, 40, 90, 5, 130)]
+    solo = [alone(engine, p).token_ids for p in prompts]
+    # All at once: mixed lengths, chunked prefill (budget 64 tokens) mixed with decodes.
+    handles = [engine.submit(Request(prompt_token_ids=p, params=GREEDY)) for p in prompts]
+    batched = [h.result().token_ids for h in handles]
+    assert batched == solo
+
+
+def test_prefix_cache_hits_give_same_tokens(engine):
+    shared = ids_of(64, seed=7)
+    first = alone(engine, shared + [11, 12, 13])
+    before = engine.block_manager.prefix_cache_hit_rate
+    second = alone(engine, shared + [11, 12, 13])
+    assert second.cached_prompt_tokens >= 64  # four full blocks reused
+    assert second.token_ids == first.token_ids
+    other = alone(engine, shared + [99])
+    assert other.cached_prompt_tokens >= 48
+    assert engine.block_manager.prefix_cache_hit_rate > before
+
+
+def test_prefix_hit_equals_cold_engine(tiny_models):
+    shared = ids_of(50, seed=3)
+    cold = load(tiny_models["llama-tied"], enable_prefix_caching=False)
+    warm = load(tiny_models["llama-tied"])
+    try:
+        ref = alone(cold, shared + [42]).token_ids
+        alone(warm, shared + [7])
+        hit = alone(warm, shared + [42])
+        assert hit.cached_prompt_tokens >= 48 and hit.token_ids == ref
+    finally:
+        cold.shutdown()
+        warm.shutdown()
+
+
+def test_preempted_requests_resume_identically(tiny_models):
+    prompts = [ids_of(30 + 7 * i, seed=100 + i) for i in range(6)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    roomy = load(tiny_models["llama-tied"])
+    # 12 blocks of 16 tokens cannot hold six ~70-token sequences at once: preemption.
+    tight = load(tiny_models["llama-tied"], num_blocks=12, max_model_len=128)
+    try:
+        ref = [alone(roomy, p, params).token_ids for p in prompts]
+        got = [h.result().token_ids for h in [tight.submit(Request(prompt_token_ids=p, params=params)) for p in prompts]]
+        assert tight.stats().num_preemptions > 0
+        assert got == ref
+        assert tight.block_manager.num_used_blocks == 0
+    finally:
+        roomy.shutdown()
+        tight.shutdown()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
+    p = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    ids = ids_of(12, seed=1)
+    a = alone(engine, ids, p).token_ids
+    noise = [engine.submit(Request(prompt_token_ids=ids_of(20 + i, seed=50 + i),
+                                   params=SamplingParams(max_tokens=15, temperature=1.0, ignore_eos=True)))
+             for i in range(3)]
+    b = engine.submit(Request(prompt_token_ids=ids, params=p)).result().token_ids
+    for h in noise:
+        h.result()
+    assert a == b
+    c = alone(engine, ids, SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True))
+    assert c.token_ids != a  # a different seed gives a different sample (20 tokens, vocab 49k)
+
+
+def test_stop_strings_and_stop_ids(engine):
+    ids = ids_of(10, seed=5)
+    full = alone(engine, ids)
+    # choose a stop string from the middle of the greedy text
+    text = full.text
+    assert len(text) > 10
+    stop = text[5:9]
+    got = alone(engine, ids, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,)))
+    assert got.finish_reason == "stop"
+    assert got.text == text[: text.index(stop)]
+    tok = full.token_ids[3]
+    got = alone(engine, ids, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(tok,)))
+    assert got.finish_reason == "stop" and got.token_ids == full.token_ids[: full.token_ids.index(tok) + 1]
+
+
+def test_logprobs(engine):
+    ids = ids_of(9, seed=8)
+    res = alone(engine, ids, SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True))
+    assert len(res.logprobs) == 4
+    for tok, lp in zip(res.token_ids, res.logprobs):
+        assert lp.token_id == tok and lp.rank == 1
+        assert len(lp.top) == 3 and lp.top[0][0] == tok
+        assert abs(lp.top[0][1] - lp.logprob) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt=""),
+    dict(prompt="   "),
+    dict(prompt_token_ids=[]),
+    dict(prompt_token_ids=[1, 10**7]),
+    dict(prompt="hi", system="be brief"),
+    dict(),
+])
+def test_bad_requests_are_rejected_and_engine_keeps_serving(engine, bad):
+    running = engine.submit(Request(prompt_token_ids=ids_of(8, seed=2), params=GREEDY))
+    with pytest.raises(InvalidRequestError):
+        engine.submit(Request(**bad))
+    assert running.result().finish_reason == "length"
+
+
+def test_prompt_longer_than_context(engine):
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.submit(Request(prompt_token_ids=ids_of(600, seed=1)))
+
+
+@pytest.mark.parametrize("kw", [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-0.5),
+                                dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_params(kw):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(**kw)
+
+
+def test_abort_at_any_time(engine):
+    long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    h = engine.submit(Request(prompt_token_ids=ids_of(10, seed=4), params=long))
+    other = engine.submit(Request(prompt_token_ids=ids_of(10, seed=6), params=GREEDY))
+    it = iter(h)
+    next(it)  # first token arrived
+    h.abort()
+    reasons = [ev.reason for ev in it if hasattr(ev, "reason")]
+    assert reasons == ["abort"]
+    assert other.result().finish_reason == "length"
+    # aborting a waiting request, and an unknown id, are harmless
+    engine.abort("no-such-request")
+    h2 = engine.submit(Request(prompt_token_ids=ids_of(10, seed=9), params=long))
+    h2.abort()
+    assert h2.result().finish_reason in ("abort",)
+
+
+def test_submit_from_many_threads(engine):
+    results = {}
+
+    def worker(i):
+        results[i] = alone(engine, ids_of(5 + i, seed=i), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 8
+    for i, r in results.items():
+        assert r.token_ids == alone(engine, ids_of(5 + i, seed=i),
+                                    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).token_ids
+
+
+def test_stats(engine):
+    s = engine.stats()
+    assert s.kv_blocks_total == 256 and s.kv_blocks_used + s.kv_blocks_free == 256
+    assert s.num_running == 0 and s.requests_finished > 0
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    from engine.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no such"):
+        Engine.load(str(tmp_path / "nope"), device="cpu")

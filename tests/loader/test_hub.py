@@ -1,0 +1,115 @@
+"""Hub repo ids, resolved through a local fake Hub with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from engine.errors import ModelLoadError
+from engine.loader.resolve import resolve_model
+from engine.loader.weights import iter_weights
+from tests.loader.conftest import TINY_REPO
+
+
+def test_repo_id_downloads_then_works_offline(hub_server, tiny_llama, monkeypatch):
+    resolved = resolve_model(TINY_REPO)
+    assert resolved.source == "hub"
+    assert resolved.name == TINY_REPO
+    names = {p.name for p in resolved.path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    # allow_patterns keeps pickle weights and docs out.
+    assert "pytorch_model.bin" not in names and "README.md" not in names
+    expected = tiny_llama.state_dict()
+    for name, tensor in iter_weights(resolved.path):
+        assert torch.equal(tensor, expected[name]), name
+    assert hub_server.downloads("model.safetensors") == 1
+
+    # HF_HUB_OFFLINE set after import: served from the cache without any request.
+    seen = len(hub_server.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model(TINY_REPO) == resolved
+    assert len(hub_server.requests) == seen
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    # Hub unreachable: falls back to the cache.
+    hub_server.stop()
+    assert resolve_model(TINY_REPO) == resolved
+
+
+def test_second_online_resolve_does_not_download_again(hub_server):
+    first = resolve_model(TINY_REPO)
+    again = resolve_model(TINY_REPO, revision="main")
+    assert again == first
+    assert hub_server.downloads("model.safetensors") == 1
+
+
+def test_unknown_repo(hub_server):
+    with pytest.raises(ModelLoadError, match=r"unknown model 'someone/nothing-here'.*no such repo on the Hub"):
+        resolve_model("someone/nothing-here")
+
+
+def test_single_name_unknown(hub_server):
+    with pytest.raises(ModelLoadError, match="no such repo"):
+        resolve_model("nonexistent-model-name")
+
+
+def test_unknown_revision(hub_server):
+    with pytest.raises(ModelLoadError, match="no revision 'v9'"):
+        resolve_model(TINY_REPO, revision="v9")
+
+
+def test_gated_repo(hub_server, tiny_model_dir):
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    hub_server.add_repo("corp/gated-llama", files, gated=True, allowed_tokens={"hf_good"})
+    with pytest.raises(ModelLoadError, match=r"https://huggingface.co/corp/gated-llama.*HF_TOKEN"):
+        resolve_model("corp/gated-llama")
+
+
+def test_gated_repo_with_token(hub_server, tiny_model_dir, monkeypatch):
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    hub_server.add_repo("corp/gated-llama", files, gated=True, allowed_tokens={"hf_good"})
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    assert resolve_model("corp/gated-llama").source == "hub"
+
+
+def test_offline_and_not_cached(hub_server, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        resolve_model(TINY_REPO)
+
+
+def test_unreachable_and_not_cached(hub_server):
+    hub_server.stop()
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*unreachable"):
+        resolve_model(TINY_REPO)
+
+
+def test_repo_without_safetensors(hub_server):
+    hub_server.add_repo(
+        "old/bin-only",
+        {"config.json": b'{"model_type": "llama"}', "pytorch_model.bin": b"x", "tokenizer.json": b"{}"},
+    )
+    with pytest.raises(ModelLoadError, match="old/bin-only.*safetensors"):
+        resolve_model("old/bin-only")
+
+
+def test_model_info_and_range(hub_server):
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(TINY_REPO)
+    assert info.sha == hub_server.repos[TINY_REPO].sha
+    assert "model.safetensors" in {s.rfilename for s in info.siblings}
+
+    url = f"{hub_server.url}/{TINY_REPO}/resolve/main/config.json"
+    full = urllib.request.urlopen(url).read()
+    req = urllib.request.Request(url, headers={"Range": "bytes=10-"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.status == 206
+        assert resp.headers["Content-Range"] == f"bytes 10-{len(full) - 1}/{len(full)}"
+        assert resp.read() == full[10:]
+    with pytest.raises(urllib.error.HTTPError) as info404:
+        urllib.request.urlopen(f"{hub_server.url}/{TINY_REPO}/resolve/main/nope.txt")
+    assert info404.value.headers["X-Error-Code"] == "EntryNotFound"

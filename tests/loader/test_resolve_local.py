@@ -1,0 +1,97 @@
+"""resolve_model / validate_model_folder for local folders and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+from engine.loader.resolve import ResolvedModel, resolve_model, validate_model_folder
+
+
+def test_local_folder_ok(tiny_model_dir):
+    resolved = resolve_model(str(tiny_model_dir))
+    assert resolved == ResolvedModel(path=tiny_model_dir.resolve(), source="local", name="tiny-llama")
+
+
+def test_sharded_folder_ok(sharded_model_dir):
+    assert resolve_model(str(sharded_model_dir)).source == "local"
+
+
+def test_relative_path(tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert resolve_model("./tiny-llama").path == tiny_model_dir.resolve()
+
+
+def test_missing_config(model_copy):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        resolve_model(str(model_copy))
+
+
+def test_bad_json_config(model_copy):
+    (model_copy / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ModelLoadError, match="config.json"):
+        validate_model_folder(model_copy)
+
+
+def test_config_without_model_type(model_copy):
+    (model_copy / "config.json").write_text('{"hidden_size": 64}')
+    with pytest.raises(ModelLoadError, match="model_type"):
+        validate_model_folder(model_copy)
+
+
+def test_missing_shard(sharded_copy):
+    shard = sorted(sharded_copy.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(ModelLoadError, match=shard.name):
+        resolve_model(str(sharded_copy))
+
+
+def test_bin_only(model_copy):
+    (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")
+    with pytest.raises(UnsupportedModelError, match="safetensors"):
+        resolve_model(str(model_copy))
+
+
+def test_no_tokenizer(model_copy):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_copy / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        resolve_model(str(model_copy))
+
+
+def test_truncated_weights_still_resolve_then_fail_on_read(model_copy):
+    # Validation only checks presence (fast); reading finds the damage and names the file.
+    from engine.loader.weights import iter_weights
+
+    file = model_copy / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:1000])
+    resolved = resolve_model(str(model_copy))
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        list(iter_weights(resolved.path))
+
+
+@pytest.mark.parametrize("text", ["./no-such-model", "/no/such/folder", "~/no-such-model", "a/b/c", "model.gguf"])
+def test_path_like_missing(text):
+    with pytest.raises(ModelLoadError, match="no such file or folder"):
+        resolve_model(text)
+
+
+def test_invalid_name():
+    with pytest.raises(ModelLoadError, match="not a valid Hub repo id"):
+        resolve_model("what is this?")
+
+
+def test_empty_name():
+    with pytest.raises(InvalidRequestError):
+        resolve_model("  ")
+
+
+def test_revision_for_local_folder(tiny_model_dir):
+    with pytest.raises(InvalidRequestError, match="revision"):
+        resolve_model(str(tiny_model_dir), revision="main")
+
+
+def test_plain_file_is_not_a_model(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="folder"):
+        resolve_model(str(tiny_model_dir / "config.json"))
