@@ -27,7 +27,16 @@ from engine.events import EngineEvent, EngineStats, FinishedEvent, TokenEvent, T
 from engine.output import RequestState
 from engine.sampling_params import SamplingParams
 
+
+def doctor_info() -> dict:
+    """Versions, devices, memory, and which backends can run here (with reasons)."""
+    from engine.doctor import doctor_info as _info
+
+    return _info()
+
+
 __all__ = [
+    "doctor_info",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "FinishedEvent",
     "EngineStats", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",

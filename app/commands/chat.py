@@ -55,11 +55,11 @@ def run_chat(args) -> int:
                 history.clear()
                 print("(conversation cleared)", file=sys.stderr)
                 continue
-            if text.startswith("/system"):
+            if text == "/system" or text.startswith("/system "):
                 system = text[len("/system"):].strip() or None
                 print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
                 continue
-            history.append({"role": "user", "content": line})
+            history.append({"role": "user", "content": text})
             history, dropped = fit_history(engine, history, system, params.max_tokens)
             if dropped:
                 print(f"(the conversation outgrew the context: dropped the {dropped} oldest messages)",
@@ -84,10 +84,11 @@ def run_chat(args) -> int:
 
 def _stream(handle) -> tuple[str, FinishedEvent]:
     parts: list[str] = []
-    events = iter(handle)
     while True:
         try:
-            for ev in events:
+            # A fresh iterator each pass: Ctrl+C inside the handle's generator closes it,
+            # but the events keep arriving on the handle's queue.
+            for ev in handle:
                 if isinstance(ev, TokenEvent):
                     parts.append(ev.text)
                     sys.stdout.write(ev.text)

@@ -12,7 +12,7 @@ from engine.api import Completion, FinishedEvent, InvalidRequestError, Request, 
 
 def run_generate(args) -> int:
     params = sampling_from_args(args, logprobs=args.logprobs)  # validate before loading
-    if args.system and not args.chat:
+    if args.system is not None and not args.chat:
         raise InvalidRequestError("--system needs --chat (it goes into the chat template)")
     if args.prompts_file:
         try:

@@ -1,0 +1,428 @@
+"""Contracts of the ``hearth`` command line (``app.cli``).
+
+These exact command forms are relied on elsewhere (docs, benchmarks, other issues), so
+they are tested as a user types them: ``main([...])`` in-process with capsys (fast),
+plus one real ``python -m app.cli`` subprocess against the bundled default model.
+Tiny random-weight models keep everything but the default-model checks well under a second.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+ROW_KEYS = {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens",
+            "ttft_ms", "tokens_per_s"}
+RESULT_FIELDS = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop anything printed before
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def json_rows(out: str) -> list[dict]:
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in lines]
+
+
+def gen_args(model, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model), "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models) -> Path:
+    return tiny_models["llama-tied"]
+
+
+# -- generate: one prompt --------------------------------------------------------------
+
+
+def test_generate_json_one_object(capsys, tiny):
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Once upon a time", "--max-tokens", "5",
+                                             "--temperature", "0", "--ignore-eos", "--json"))
+    assert rc == 0, err
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"--json must print ONE JSON object, got:\n{out}"
+    row = json.loads(lines[0])
+    assert isinstance(row, dict)
+    assert ROW_KEYS <= row.keys(), f"missing keys: {ROW_KEYS - row.keys()}"
+    assert row["finish_reason"] == "length"
+    assert row["completion_tokens"] == len(row["token_ids"]) == 5
+    assert all(isinstance(t, int) for t in row["token_ids"])
+    assert isinstance(row["text"], str)
+    assert isinstance(row["prompt_tokens"], int) and row["prompt_tokens"] > 0
+    assert isinstance(row["ttft_ms"], (int, float)) and row["ttft_ms"] >= 0
+    assert isinstance(row["tokens_per_s"], (int, float)) and row["tokens_per_s"] >= 0
+    assert "logprobs" not in row  # only asked for with --logprobs
+    # --json keeps stderr free of progress chatter (stdout is for machines)
+    assert "[hearth]" not in err
+
+
+def test_generate_plain_text_matches_json(capsys, tiny):
+    common = ["--prompt", "Once upon a time", "--max-tokens", "5", "--temperature", "0", "--ignore-eos"]
+    rc, out, _ = run_cli(capsys, *gen_args(tiny, *common, "--json"))
+    assert rc == 0
+    text = json_rows(out)[0]["text"]
+    rc, out, err = run_cli(capsys, *gen_args(tiny, *common))
+    assert rc == 0, err
+    assert out == text + "\n"
+    assert "5 tokens, finish: length" in err
+
+
+def test_generate_logprobs(capsys, tiny):
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Once upon a time", "--max-tokens", "5",
+                                             "--temperature", "0", "--ignore-eos", "--json",
+                                             "--logprobs", "2"))
+    assert rc == 0, err
+    (row,) = json_rows(out)
+    lps = row["logprobs"]
+    assert isinstance(lps, list) and len(lps) == 5
+    assert [lp["token_id"] for lp in lps] == row["token_ids"]
+    for lp in lps:
+        assert len(lp["top"]) == 2
+        assert lp["logprob"] <= 1e-6
+        assert lp["top"][0]["logprob"] >= lp["top"][1]["logprob"]
+        assert lp["top"][0]["token_id"] == lp["token_id"]  # greedy picks the most likely token
+        assert isinstance(lp["token"], str)
+
+
+# -- generate: a file of prompts (batched) ----------------------------------------------
+
+
+def test_prompts_file_matches_single_runs(capsys, tiny, tmp_path):
+    prompts = ["Hi", "The quick brown fox jumps over the lazy dog and", "Once upon a time there was"]
+    f = tmp_path / "prompts.txt"
+    f.write_text(f"{prompts[0]}\n\n{prompts[1]}\n   \n{prompts[2]}\n\n", encoding="utf-8")
+    sampling = ["--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json"]
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, *sampling))
+    assert rc == 0, err
+    rows = json_rows(out)
+    assert len(rows) == 3, "one JSON object a line per non-blank prompt"
+    assert len(set(r["prompt_tokens"] for r in rows)) == 3
+    for prompt, row in zip(prompts, rows):  # input order
+        assert ROW_KEYS <= row.keys()
+        rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", prompt, *sampling))
+        assert rc == 0, err
+        (alone,) = json_rows(out)
+        assert {k: row[k] for k in RESULT_FIELDS} == {k: alone[k] for k in RESULT_FIELDS}, prompt
+        assert row["completion_tokens"] == 6
+
+
+def test_prompts_file_without_prompts(capsys, tiny, tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("\n  \n", encoding="utf-8")
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, "--json"))
+    assert rc == 2 and out == ""
+    assert err.startswith("hearth: error:")
+
+
+# -- generate: seeds ---------------------------------------------------------------------
+
+
+def test_seed_reproducible_and_batch_invariant(capsys, tiny, tmp_path):
+    sampling = ["--max-tokens", "8", "--temperature", "1", "--seed", "1234", "--ignore-eos", "--json"]
+    prompt = "Once upon a time"
+    runs = []
+    for _ in range(2):
+        rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", prompt, *sampling))
+        assert rc == 0, err
+        runs.append(json_rows(out)[0])
+    assert runs[0]["token_ids"] == runs[1]["token_ids"]
+    assert len(runs[0]["token_ids"]) == 8
+
+    f = tmp_path / "same.txt"
+    f.write_text("\n".join([prompt] * 3) + "\n", encoding="utf-8")
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, *sampling))
+    assert rc == 0, err
+    rows = json_rows(out)
+    assert len(rows) == 3
+    for row in rows:
+        assert row["token_ids"] == runs[0]["token_ids"], "a seed must give the same tokens in a batch"
+        assert row["text"] == runs[0]["text"]
+
+    # The seed matters: another seed at temperature 1 over 8 tokens of a 49k vocabulary differs.
+    other = [a if a != "1234" else "99" for a in sampling]
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", prompt, *other))
+    assert rc == 0, err
+    assert json_rows(out)[0]["token_ids"] != runs[0]["token_ids"]
+
+
+# -- generate: chat template (default model) ----------------------------------------------
+
+
+def test_chat_and_system_with_default_model(capsys, default_model):
+    base = ["generate", "--device", "cpu", "--prompt", "What is the capital of France?",
+            "--max-tokens", "3", "--temperature", "0", "--json"]
+    rc, out, err = run_cli(capsys, *base)
+    assert rc == 0, err
+    plain = json_rows(out)[0]
+    rc, out, err = run_cli(capsys, *base, "--chat")
+    assert rc == 0, err
+    chat = json_rows(out)[0]
+    rc, out, err = run_cli(capsys, *base, "--chat", "--system", "You answer in one word.")
+    assert rc == 0, err
+    chat_sys = json_rows(out)[0]
+    long_system = "You are a careful assistant. You answer in one word, never more, and never explain."
+    rc, out, err = run_cli(capsys, *base, "--chat", "--system", long_system)
+    assert rc == 0, err
+    chat_long_sys = json_rows(out)[0]
+    assert chat["prompt_tokens"] > plain["prompt_tokens"]
+    assert chat_sys["prompt_tokens"] > plain["prompt_tokens"]
+    # SmolLM2's template has a default system message that --system replaces: the system
+    # text must reach the prompt (a longer one gives a longer prompt).
+    assert chat_sys["prompt_tokens"] != chat["prompt_tokens"]
+    assert chat_long_sys["prompt_tokens"] > chat_sys["prompt_tokens"]
+    assert chat_sys["completion_tokens"] == 3
+
+
+def test_system_without_chat_is_rejected(capsys, tiny):
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--system", "Be terse.",
+                                             "--max-tokens", "2", "--json"))
+    assert rc == 2 and out == ""
+    assert err.startswith("hearth: error:") and "--chat" in err
+    assert "Traceback" not in err
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+BAD = {
+    "empty-prompt": (["--prompt", ""], "prompt"),
+    "max-tokens-0": (["--prompt", "Hi", "--max-tokens", "0"], "max_tokens"),
+    "temperature-negative": (["--prompt", "Hi", "--temperature", "-1"], "temperature"),
+    "top-p-0": (["--prompt", "Hi", "--top-p", "0"], "top_p"),
+    "top-p-1.5": (["--prompt", "Hi", "--top-p", "1.5"], "top_p"),
+    "unknown-model": (["--prompt", "Hi", "--model", "./nope"], "nope"),
+    "cuda-without-gpu": (["--prompt", "Hi", "--device", "cuda"], "cuda"),
+    "unknown-attention": (["--prompt", "Hi", "--attention", "no-such-backend"], "no-such-backend"),
+    "missing-prompts-file": (["--prompts-file", "/nonexistent/prompts.txt"], "prompts-file"),
+    "prompt-longer-than-context": (
+        ["--prompt", "The quick brown fox jumps over the lazy dog " * 3, "--max-model-len", "8"],
+        "--max-model-len"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_exits_2_with_one_line(capsys, tiny, name):
+    extra, mention = BAD[name]
+    if name == "cuda-without-gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    argv = ["generate", "--model", str(tiny), "--device", "cpu", "--max-tokens", "4", "--json"]
+    # later flags win in argparse: the bad value overrides the defaults above
+    rc, out, err = run_cli(capsys, *argv, *extra)
+    assert rc == 2, f"{name}: rc={rc}, stderr:\n{err}"
+    assert out == ""
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"{name}: expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("hearth: error:"), lines[0]
+    assert len(lines[0]) > len("hearth: error: ") + 10, "the message must say what is wrong"
+    assert mention in lines[0], f"{name}: the message should name {mention!r}: {lines[0]}"
+
+
+# -- doctor --------------------------------------------------------------------------------------
+
+
+def test_doctor(capsys):
+    rc, out, err = run_cli(capsys, "doctor")
+    assert rc == 0, err
+    lines = out.splitlines()
+    torch_line = [ln for ln in lines if ln.split()[:1] == ["torch"] and torch.__version__.split("+")[0] in ln]
+    assert torch_line, f"no torch version line in:\n{out}"
+    backend = [ln for ln in lines if ln.split()[:1] == ["torch"] and ln.split()[1:2] == ["ok"]]
+    assert backend, f"no 'torch  ok' attention backend line in:\n{out}"
+    cuda = [ln for ln in lines if ln.split()[:1] and ln.split()[0].startswith("cuda")]
+    assert cuda, f"no cuda line in:\n{out}"
+    if not torch.cuda.is_available():
+        assert "none" in cuda[0]
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+def feed_input(monkeypatch, messages: list[str]) -> list[str]:
+    """Make input() return the messages, then raise EOFError (Ctrl+D). Returns the prompts seen."""
+    seen: list[str] = []
+    pending = list(messages)
+
+    def fake_input(prompt=""):
+        seen.append(prompt)
+        if not pending:
+            raise EOFError
+        return pending.pop(0)
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    return seen
+
+
+def record_requests(monkeypatch) -> list:
+    """Record every Request the chat submits (a deep-ish copy: messages are mutated later)."""
+    from engine.api import Engine
+
+    seen = []
+    orig = Engine.submit
+
+    def submit(self, request, params=None):
+        seen.append((request.system, [dict(m) for m in request.messages or []]))
+        return orig(self, request, params)
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    return seen
+
+
+def chat_args(model, max_tokens: int = 5) -> list[str]:
+    return ["chat", "--model", str(model), "--device", "cpu", "--max-tokens", str(max_tokens),
+            "--temperature", "0", "--ignore-eos"]
+
+
+def test_chat_two_messages(capsys, monkeypatch, tiny):
+    prompts = feed_input(monkeypatch, ["Hello there", "And again"])
+    reqs = record_requests(monkeypatch)
+    rc, out, err = run_cli(capsys, *chat_args(tiny))
+    assert rc == 0, err
+    assert len(prompts) == 3  # two messages, then Ctrl+D
+    assert err.count("[5 tokens") == 2, err
+    assert "stopped" not in err
+    assert len(reqs) == 2
+    assert [m["role"] for m in reqs[0][1]] == ["user"]
+    assert [m["role"] for m in reqs[1][1]] == ["user", "assistant", "user"]
+    assert reqs[1][1][0]["content"] == "Hello there"
+    assert reqs[1][1][2]["content"] == "And again"
+    answer = reqs[1][1][1]["content"]
+    assert answer and answer in out  # the first answer was streamed to stdout
+    assert len(out) > len(answer)  # ... and so was the second
+
+
+def test_chat_reset_and_system(capsys, monkeypatch, tiny):
+    feed_input(monkeypatch, ["Hello there", "/reset", "/system Be brief.", "Fresh start", "/system",
+                             "Third", "/exit", "never read"])
+    reqs = record_requests(monkeypatch)
+    rc, out, err = run_cli(capsys, *chat_args(tiny))
+    assert rc == 0, err
+    assert "(conversation cleared)" in err
+    assert "(system prompt set)" in err and "(system prompt cleared)" in err
+    assert len(reqs) == 3 and err.count("[5 tokens") == 3
+    assert reqs[0] == (None, [{"role": "user", "content": "Hello there"}])
+    assert reqs[1] == ("Be brief.", [{"role": "user", "content": "Fresh start"}])
+    assert reqs[2][0] is None
+    assert [m["role"] for m in reqs[2][1]] == ["user", "assistant", "user"]
+
+
+class _InterruptOnce:
+    """Iterator over a handle's events that raises KeyboardInterrupt once, at the second event.
+
+    ``dies``: like a real Ctrl+C arriving while the main thread is blocked inside
+    ``RequestHandle.__iter__`` (waiting on its queue): the generator is finished by the
+    exception and only yields StopIteration afterwards. Otherwise the same iterator goes on
+    (as if the Ctrl+C had landed in the consumer's own code between events).
+    """
+
+    def __init__(self, handle, dies: bool):
+        self.inner = iter(handle)
+        self.dies = dies
+        self.n = 0
+        self.dead = False
+        self.dead_calls = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.dead:
+            self.dead_calls += 1
+            if self.dead_calls > 50:
+                raise AssertionError("the chat keeps re-iterating an iterator that Ctrl+C ended "
+                                     "(it would spin forever): iterate the handle afresh")
+            raise StopIteration
+        self.n += 1
+        if self.n == 2:
+            self.dead = self.dies
+            raise KeyboardInterrupt
+        return next(self.inner)
+
+
+class _InterruptingHandle:
+    def __init__(self, handle, dies: bool):
+        self.handle = handle
+        self.dies = dies
+        self.iters = 0
+
+    def __iter__(self):
+        self.iters += 1
+        if self.iters == 1:
+            return _InterruptOnce(self.handle, self.dies)
+        return iter(self.handle)  # a fresh iteration continues from the same event queue
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dies", [False, True], ids=["between-events", "inside-handle-iteration"])
+def test_chat_ctrl_c_stops_the_answer_and_continues(capsys, monkeypatch, tiny, dies):
+    from engine.api import Engine
+
+    prompts = feed_input(monkeypatch, ["Tell me a long story", "Thanks"])
+    reqs = record_requests(monkeypatch)
+    recorded_submit = Engine.submit
+    handles = []
+
+    def submit(self, request, params=None):
+        h = recorded_submit(self, request, params)
+        if not handles:  # only the first answer is interrupted
+            h = _InterruptingHandle(h, dies)
+        handles.append(h)
+        return h
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    # Slow the engine down so the abort surely lands before 100 tokens are generated.
+    orig_step = Engine.step
+
+    def slow_step(self):
+        time.sleep(0.01)
+        return orig_step(self)
+
+    monkeypatch.setattr(Engine, "step", slow_step)
+
+    rc, out, err = run_cli(capsys, *chat_args(tiny, max_tokens=100))
+    assert rc == 0, err
+    assert len(prompts) == 3, "after Ctrl+C the chat must go on to the next input"
+    notes = [ln for ln in err.splitlines() if ln.startswith("[") and "tok/s" in ln]
+    assert len(notes) == 2, err
+    assert notes[0].endswith(", stopped]"), notes[0]
+    assert not notes[0].startswith("[100 tokens")
+    assert notes[1].startswith("[100 tokens") and "stopped" not in notes[1]
+    # the partial answer stays in the history
+    assert len(reqs) == 2
+    assert [m["role"] for m in reqs[1][1]] == ["user", "assistant", "user"]
+
+
+# -- the real command, in a subprocess -----------------------------------------------------
+
+
+def test_subprocess_generate_paris(default_model, hearth_cache):
+    env = dict(os.environ)
+    env["HEARTH_CACHE_DIR"] = str(hearth_cache)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "generate", "--prompt", "The capital of France is",
+         "--max-tokens", "8", "--temperature", "0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout, proc.stdout
+    assert "Converting" not in proc.stderr, "the session's converted default model must be reused"
+    assert "8 tokens" in proc.stderr or "finish:" in proc.stderr
