@@ -311,7 +311,8 @@ class Engine:
         self.scheduler.update(out, res.token_ids)
         now = time.perf_counter()
         sampled = [sc.seq for sc in out.scheduled if sc.sample]
-        prompt_tokens = sum(sc.num_new_tokens for sc in out.scheduled if not sc.sample or sc.seq.num_output_tokens <= 1)
+        decodes = sum(1 for sc in out.scheduled if sc.sample and sc.seq.num_output_tokens > 1)
+        prompt_tokens = out.num_batched_tokens - decodes
         self._gen_window.append((now, len(sampled), prompt_tokens))
         while self._gen_window and now - self._gen_window[0][0] > 10:
             self._gen_window.popleft()

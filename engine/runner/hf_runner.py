@@ -13,11 +13,11 @@ import torch
 
 from engine.core.scheduler import SchedulerOutput
 from engine.errors import ModelLoadError, UnsupportedModelError
-from engine.runner.model_runner import RunnerOutput
-from engine.runner.sampler import Sampler, make_generator
+from engine.runner.model_runner import RunnerOutput, SamplingMixin
+from engine.runner.sampler import Sampler
 
 
-class HFRunner:
+class HFRunner(SamplingMixin):
     paged = False
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
@@ -86,16 +86,8 @@ class HFRunner:
             self._caches.pop(seq.request_id, None)
         if not sampled:
             return RunnerOutput([], None)
-        logits = torch.stack(logits_rows)
-        gens = []
-        for seq in sampled:
-            if seq.request_id not in self._generators:
-                self._generators[seq.request_id] = make_generator(seq.params.seed, self.device)
-            gens.append(self._generators[seq.request_id])
-        res = self.sampler(logits, [s.params for s in sampled], [s.prompt_token_ids for s in sampled],
-                           [s.output_token_ids for s in sampled], gens)
-        return RunnerOutput(res.token_ids, res.logprobs)
+        return self.sample(torch.stack(logits_rows), sampled)
 
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
-        self._generators.pop(request_id, None)
+        super().release(request_id)

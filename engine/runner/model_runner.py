@@ -22,7 +22,34 @@ class RunnerOutput:
     logprobs: list | None  # per sampled sequence: TokenLogprobs or None
 
 
-class ModelRunner:
+class SamplingMixin:
+    """Per-request RNGs and the device sampler, shared by the native and fallback runners."""
+
+    sampler: Sampler
+    device: torch.device
+    _generators: dict
+
+    def sample(self, logits: torch.Tensor, seqs) -> RunnerOutput:
+        gens = []
+        for seq in seqs:
+            if seq.request_id not in self._generators:
+                self._generators[seq.request_id] = make_generator(seq.params.seed, self.device)
+            gens.append(self._generators[seq.request_id])
+        res = self.sampler(
+            logits,
+            [s.params for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            gens,
+        )
+        return RunnerOutput(res.token_ids, res.logprobs)
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request device state (its RNG) once the request is finished."""
+        self._generators.pop(request_id, None)
+
+
+class ModelRunner(SamplingMixin):
     """Runs Hearth's native model on the paged KV cache."""
 
     paged = True  # the KV cache is Hearth's own (prefix caching works)
@@ -145,21 +172,3 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])
         return self.sample(logits, sampled)
 
-    def sample(self, logits: torch.Tensor, seqs) -> RunnerOutput:
-        gens = []
-        for seq in seqs:
-            if seq.request_id not in self._generators:
-                self._generators[seq.request_id] = make_generator(seq.params.seed, self.device)
-            gens.append(self._generators[seq.request_id])
-        res = self.sampler(
-            logits,
-            [s.params for s in seqs],
-            [s.prompt_token_ids for s in seqs],
-            [s.output_token_ids for s in seqs],
-            gens,
-        )
-        return RunnerOutput(res.token_ids, res.logprobs)
-
-    def release(self, request_id: str) -> None:
-        """Forget per-request device state (its RNG) once the request is finished."""
-        self._generators.pop(request_id, None)

@@ -69,16 +69,19 @@ def test_logits_match_transformers(engines, tiny_models, family, length):
     full = native_logits(engines[family], ids, [length])
     torch.testing.assert_close(full, ref, atol=ATOL, rtol=RTOL)
     # The same prompt in uneven chunks (prefix blocks read back from the paged cache),
-    # ending with single-token decode steps.
-    chunks = [c for c in (length // 2, length // 3, 1) if c > 0]
-    chunks.append(length - sum(chunks)) if sum(chunks) < length else None
-    chunks = [c for c in chunks if c > 0]
-    while sum(chunks) > length:
-        chunks.pop()
-    if sum(chunks) < length:
-        chunks.append(length - sum(chunks))
-    chunked = native_logits(engines[family], ids, chunks)
+    # including single-token (decode-shaped) steps.
+    chunked = native_logits(engines[family], ids, chunk_plan(length))
     torch.testing.assert_close(chunked, ref, atol=ATOL, rtol=RTOL)
+
+
+def chunk_plan(n: int) -> list[int]:
+    plan, left = [], n
+    for c in (n // 2, 1, n // 3, 1):
+        c = min(c, left)
+        if c > 0:
+            plan.append(c)
+            left -= c
+    return plan + ([left] if left else [])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
