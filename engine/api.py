@@ -165,7 +165,8 @@ class Engine:
         ids = self._prompt_ids(request)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
-        state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len)
+        state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len,
+                                    self.model_info["implementation"])
         with self._cv:
             if rid in self._states:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")

@@ -50,6 +50,7 @@ class FinishedEvent:
     timings: Timings
     error: str | None = None
     stop: str | int | None = None  # the stop string or token id that ended it
+    implementation: str = "native"  # or "transformers-fallback": which path produced it
 
 
 EngineEvent = Union[TokenEvent, FinishedEvent]

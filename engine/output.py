@@ -24,6 +24,7 @@ class RequestState:
     matcher: StopStringMatcher
     eos_ids: frozenset
     max_model_len: int
+    implementation: str = "native"
     t_submit: float = field(default_factory=time.perf_counter)
     t_scheduled: float | None = None
     t_first: float | None = None
@@ -32,7 +33,7 @@ class RequestState:
 
     @classmethod
     def create(cls, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer,
-               max_model_len: int) -> "RequestState":
+               max_model_len: int, implementation: str = "native") -> "RequestState":
         return cls(
             seq=seq,
             params=params,
@@ -42,6 +43,7 @@ class RequestState:
             matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
             eos_ids=frozenset() if params.ignore_eos else tokenizer.eos_token_ids,
             max_model_len=max_model_len,
+            implementation=implementation,
         )
 
     # ------------------------------------------------------------------------------
@@ -93,7 +95,8 @@ class RequestState:
             total_ms=(now - self.t_submit) * 1e3,
         )
         usage = Usage(seq.num_prompt_tokens, n_out, seq.num_cached_tokens)
-        ev = FinishedEvent(seq.request_id, reason, usage, timings, error=error, stop=stop)
+        ev = FinishedEvent(seq.request_id, reason, usage, timings, error=error, stop=stop,
+                           implementation=self.implementation)
         self.events.put(ev)
         return ev
 

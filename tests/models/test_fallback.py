@@ -27,7 +27,9 @@ def test_gpt2_runs_through_fallback_and_matches_transformers(tmp_path, tokenizer
         # two requests batched together, each must match running alone in transformers
         h1 = eng.submit(Request(prompt_token_ids=ids, params=params))
         h2 = eng.submit(Request(prompt_token_ids=ids[:3], params=params))
-        assert h1.result().token_ids == ref
+        events = list(h1)
+        assert events[-1].implementation == "transformers-fallback"
+        assert [t for ev in events[:-1] for t in ev.token_ids] == ref
         assert h2.result().finish_reason == "length"
     finally:
         eng.shutdown()
