@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One device call: the engine test suite on CUDA, then the first decode baseline.
-# Run from the repo root on the lent GPU:  bash benchmarks/gpu_session.sh
-# Needs .carry/tok (SmolLM2 tokenizer files: the GPU box has no GGUF reader).
+# Prepare here (both folders are git-ignored via .git/info/exclude and travel with `carry`):
+#   .carry/tok  the SmolLM2 tokenizer files (copy them from the converted default model in
+#               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
+#   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
+# Then, on the device, from the repo root:  HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh
 set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_TEST_TOKENIZER_DIR=.carry/tok
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl || exit 1
+export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_TEST_TOKENIZER_DIR=.carry/tok
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 python -m pytest -q -p no:cacheprovider -o addopts="" \
