@@ -187,13 +187,15 @@ class Engine:
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
+        with self._cv:  # the inbox is swapped by the loop thread
+            inbox = len(self._inbox)
         now = time.perf_counter()
         window = [w for w in list(self._gen_window) if now - w[0] <= 5.0]
         span = max(now - window[0][0], 1e-3) if window else 1.0
         mem = self.runner_memory()
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting + len(self._inbox),
+            num_waiting=self.scheduler.num_waiting + inbox,
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_free=bm.num_free_blocks,

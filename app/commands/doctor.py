@@ -9,6 +9,10 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _status(reasons: list[str]) -> str:
+    return "ok" if not reasons else "unavailable: " + "; ".join(reasons)
+
+
 def run_doctor(args) -> int:
     info = doctor_info()
     print("Hearth doctor")
@@ -23,10 +27,10 @@ def run_doctor(args) -> int:
         print(f"  cuda          {info['cuda_note']}")
     print(f"attention backends (on {info['attention_device']})")
     for name, reasons in info["attention"].items():
-        print(f"  {name:<13} {'ok' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+        print(f"  {name:<13} {_status(reasons)}")
     print("quantization")
     for name, reasons in info["quantization"].items():
-        print(f"  {name:<13} {'ok' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+        print(f"  {name:<13} {_status(reasons)}")
     print("models")
     print(f"  default       {info['default_model']}")
     print(f"  cache         {info['cache_dir']}")

@@ -34,7 +34,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     from engine.loader.resolve import resolve_model
 
     say = progress or (lambda msg: log.info(msg))
-    mc, cc, sc = config.model, config.cache, config.scheduler
+    mc, cc = config.model, config.cache
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
     say(f"resolving model {mc.model or 'default'}")
