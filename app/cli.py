@@ -3,7 +3,8 @@
     hearth generate --prompt TEXT [...]   one-shot (or --prompts-file, batched)
     hearth chat                           interactive terminal chat
     hearth doctor                         what can run here, and why not
-    hearth                                the desktop app (until it lands: chat)
+    hearth bench --shape llama-8b [...]   decode / prefill / throughput, --baseline hf
+    hearth  |  hearth gui                 the desktop app
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    g.add_argument("--attention", default="torch", help="attention backend (see hearth doctor)")
+    g.add_argument("--attention", default="auto",
+                   help="auto | torch | triton | flash-attn (auto: triton on a CUDA GPU; see hearth doctor)")
+    g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
     g.add_argument("--max-num-seqs", type=int, default=64)
@@ -67,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat, temperature=0.7)
 
     sub.add_parser("doctor", help="versions, devices, and what can run here")
+
+    from app.commands.bench import add_bench_parser
+
+    add_bench_parser(sub)
+    sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
     return parser
 
 
@@ -81,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
             from app.commands.generate import run_generate
 
             return run_generate(args)
+        if args.command == "bench":
+            from app.commands.bench import run_bench_command
+
+            return run_bench_command(args)
         if args.command == "doctor":
             from app.commands.doctor import run_doctor
 
             return run_doctor(args)
-        if args.command in ("chat", None):
-            if args.command is None:
-                args = build_parser().parse_args(["chat"])
+        if args.command in ("gui", None):
+            from app.gui.app import run_gui
+
+            return run_gui()
+        if args.command == "chat":
             from app.commands.chat import run_chat
 
             return run_chat(args)

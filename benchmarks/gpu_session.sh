@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# One device call: the engine test suite on CUDA, then the first decode baseline.
+# One device call: GPU tests (kernels, fast path, bench) and `hearth bench` suites.
 # Prepare here (both folders are git-ignored via .git/info/exclude and travel with `carry`):
 #   .carry/tok  the SmolLM2 tokenizer files (copy them from the converted default model in
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
-# Then, on the device, from the repo root:  HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh
+# On the device, from the repo root:
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|all [extra bench args]
 set -u
+what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl || exit 1
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_TEST_TOKENIZER_DIR=.carry/tok
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-python -m pytest -q -p no:cacheprovider -o addopts="" \
-  tests/models/test_parity.py tests/models/test_fallback.py tests/engine/test_engine_batching.py \
-  tests/engine/test_sampler.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-python benchmarks/decode_baseline.py --shapes llama-1b,llama-8b --json "$OUT/decode_baseline.json" 2>&1 | tail -8
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+case "$what" in tests|all)
+  python -m pytest -q -p no:cacheprovider -o addopts="" -x --timeout 900 \
+    tests/kernels tests/engine/test_gpu_fast_path.py tests/app/test_bench.py -m gpu \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+esac
+case "$what" in bench1b|all)
+  hearth bench --shape llama-1b --suite decode --batch 1 --baseline hf --max-model-len 4096 \
+    --json "$OUT/bench-1b-decode.json" "$@" 2>&1 | tail -12 ;;
+esac
+case "$what" in bench8b|all)
+  hearth bench --shape llama-8b --suite decode,prefill --batch 1,64 --baseline hf --max-model-len 8448 \
+    --json "$OUT/bench-8b-decode-prefill.json" "$@" 2>&1 | tail -16 ;;
+esac
+case "$what" in throughput)
+  hearth bench --shape llama-8b --suite throughput --baseline hf \
+    --json "$OUT/bench-8b-throughput.json" "$@" 2>&1 | tail -12 ;;
+esac

@@ -23,7 +23,8 @@ from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, ModelLoadError,
                            OutOfMemoryError, UnsupportedModelError)
-from engine.events import EngineEvent, EngineStats, FinishedEvent, TokenEvent, TokenLogprob
+from engine.events import (EngineEvent, EngineStats, FinishedEvent, Timings, TokenEvent, TokenLogprob,
+                           Usage)
 from engine.output import RequestState
 from engine.sampling_params import SamplingParams
 
@@ -35,12 +36,21 @@ def doctor_info() -> dict:
     return _info()
 
 
+def load_choices(device: str = "auto") -> dict:
+    """Devices, attention backends and quantizations a load dialog can offer, with the
+    reasons (from each backend's ``available()``) why a choice can't be used here."""
+    from engine.doctor import load_choices as _choices
+
+    return _choices(device)
+
+
 __all__ = [
-    "doctor_info",
+    "doctor_info", "load_choices",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "FinishedEvent",
-    "EngineStats", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
+    "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
     "parse_bytes",
+    "bench_options", "run_bench",
 ]
 
 log = logging.getLogger("hearth.engine")
@@ -88,6 +98,23 @@ class RequestHandle:
             if isinstance(ev, FinishedEvent):
                 self._done = True
             yield ev
+
+    def poll(self) -> list[EngineEvent]:
+        """Events that have arrived so far, without waiting (for event-loop clients)."""
+        out: list[EngineEvent] = []
+        while not self._done:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(ev, FinishedEvent):
+                self._done = True
+            out.append(ev)
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def abort(self) -> None:
         self._engine.abort(self.request_id)
@@ -138,11 +165,12 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             attention: str = "torch", max_model_len: int | None = None,
+             attention: str = "auto", max_model_len: int | None = None,
              kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
              block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
              enable_prefix_caching: bool = True, revision: str | None = None,
-             force_fallback: bool = False, progress=None) -> "Engine":
+             force_fallback: bool = False, enforce_eager: bool = False,
+             progress=None) -> "Engine":
         cfg = EngineConfig(
             model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
                               max_model_len=max_model_len, force_fallback=force_fallback),
@@ -152,6 +180,7 @@ class Engine:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens),
             attention=attention,
+            enforce_eager=enforce_eager,
         )
         return cls(cfg, progress=progress)
 
@@ -344,3 +373,19 @@ def _describe_failure(e: Exception) -> str:
         return ("out of GPU memory during a step: lower --max-num-seqs or --kv-cache-memory, "
                 "or use a smaller / quantized model.")
     return f"the model step failed: {type(e).__name__}: {e}"
+
+
+# -- benchmarks (``hearth bench``) ------------------------------------------------------
+def bench_options(**fields):
+    """Validated ``engine.bench.BenchOptions`` (see its fields); raises InvalidRequestError."""
+    from engine.bench.options import BenchOptions
+
+    return BenchOptions(**fields)
+
+
+def run_bench(options, progress=None) -> list[dict]:
+    """Run the benchmark suites of ``options`` (from ``bench_options``); return the result
+    rows of BENCHMARKS.md, the transformers baseline's beside Hearth's."""
+    from engine.bench import run_bench as _run_bench
+
+    return _run_bench(options, progress=progress)

@@ -69,7 +69,8 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    attention: str = "torch"
+    attention: str = "auto"  # auto: triton on a CUDA GPU when it can run, else torch
+    enforce_eager: bool = False  # no CUDA graphs for decode (debugging, or to save memory)
 
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)

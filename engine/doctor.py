@@ -52,3 +52,36 @@ def doctor_info() -> dict:
         info["default_model"] = f"unavailable: {e}"
     info["cache_dir"] = str(cache_dir())
     return info
+
+
+# Quantization methods the load options offer; reasons say why one can't be chosen yet.
+QUANTIZATIONS = ("none", "int8", "int4", "fp8", "awq", "gptq", "bnb-nf4", "bnb-int8")
+
+
+def load_choices(device: str = "auto") -> dict:
+    """What a load dialog can offer on this machine, with reasons for what it can't.
+
+    ``{"devices": [{"id": "cuda:0", "label": ...}, ...], "attention": {name: [reasons]},
+    "quantization": {name: [reasons]}, "dtypes": [...]}``. An empty reason list means usable.
+    """
+    import torch
+
+    from engine.layers.attention import backend_names, backend_reasons
+
+    devices = [{"id": "auto", "label": "Automatic (GPU if there is one)"}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            devices.append({"id": f"cuda:{i}", "label": f"cuda:{i} — {torch.cuda.get_device_name(i)}"})
+    devices.append({"id": "cpu", "label": "CPU"})
+    target = device
+    if target == "auto":
+        target = "cuda" if torch.cuda.is_available() else "cpu"
+    quant = {"none": []}
+    for name in QUANTIZATIONS[1:]:
+        quant[name] = ["not implemented yet: weight quantization arrives in a later release"]
+    return {
+        "devices": devices,
+        "attention": {name: backend_reasons(name, target) for name in backend_names()},
+        "quantization": quant,
+        "dtypes": ["auto", "bfloat16", "float16", "float32"],
+    }

@@ -13,6 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton picks interpreter or compiler when a kernel is decorated: set this before any test
+# imports kernels/ (pytest and torch don't), so the Triton kernels and the "triton" backend
+# run on CPU-only machines.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 

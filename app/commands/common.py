@@ -16,7 +16,8 @@ def load_engine(args, quiet: bool = False) -> Engine:
         args.model, device=args.device, dtype=args.dtype, attention=args.attention,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
-        revision=args.revision, progress=progress,
+        revision=args.revision, enforce_eager=getattr(args, "enforce_eager", False),
+        progress=progress,
     )
 
 

@@ -35,6 +35,9 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     max_seq_len: int
     block_size: int
+    # Static upper bound on seq_lens for CUDA-graph capture (decode grids must not depend on
+    # the step); None outside graphs.
+    max_seq_len_bound: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -49,6 +52,11 @@ class AttentionBackend:
     """Interface: write this step's K/V into the paged cache, then attend."""
 
     name = "?"
+    # May its decode path be captured in a CUDA graph (depends only on tensor contents and
+    # static shapes)? The torch reference slices by the step's max length: no.
+    cuda_graphs = False
+    # Also route norms, RoPE and SiLU-and-mul through the Triton kernels with this backend.
+    fused_kernels = False
 
     @classmethod
     def available(cls, device: torch.device | str | None = None) -> list[str]:
@@ -142,6 +150,7 @@ class TorchAttention(AttentionBackend):
 # name -> "module:Class"; imported only when asked for.
 _REGISTRY: dict[str, str] = {
     "torch": "engine.layers.attention:TorchAttention",
+    "triton": "engine.layers.triton_attention:TritonAttention",
 }
 
 

@@ -1,4 +1,4 @@
-"""RMSNorm with an optional fused residual add (plain torch; the Triton fusion comes later)."""
+"""RMSNorm with an optional fused residual add: plain torch, or one Triton kernel when fused."""
 
 from __future__ import annotations
 
@@ -17,8 +17,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.fused = False  # set by the model: use kernels/rmsnorm.py (one pass over memory)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused:
+            from kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

@@ -49,6 +49,7 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        self.fused = False  # set by the model: rotate in place with kernels/rotary.py
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         inv = inv_frequencies(self.rope, self.head_dim).to(device)
@@ -59,7 +60,12 @@ class RotaryEmbedding(nn.Module):
         self.sin = emb.sin().to(dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64."""
+        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. The fused path rotates
+        q and k in place (they are views of this step's fresh qkv projection)."""
+        if self.fused:
+            from kernels.rotary import apply_rotary
+
+            return apply_rotary(q, k, positions, self.cos, self.sin)
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         return _apply(q, cos, sin), _apply(k, cos, sin)

@@ -12,6 +12,8 @@ import torch
 from engine.config import EngineConfig
 from engine.device import available_ram_bytes, free_memory_bytes, gib, resolve_device, resolve_dtype
 from engine.errors import InvalidRequestError, OutOfMemoryError, UnsupportedModelError
+from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
+                                       shape_model_config)
 from engine.models.spec import ModelSpec, read_config
 from engine.tokenizer import Tokenizer
 
@@ -37,16 +39,30 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     mc, cc = config.model, config.cache
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
-    say(f"resolving model {mc.model or 'default'}")
-    resolved = resolve_model(mc.model, mc.revision, progress=say)
-    tokenizer = Tokenizer.from_pretrained(resolved.path)
-    cfg = read_config(resolved.path)
+    random_seed = None
+    if is_shape_model(mc.model):
+        # Benchmark shape: a named config with random weights, no files, no tokenizer.
+        shape, cfg = shape_model_config(mc.model, mc.revision)
+        name, path, source, random_seed = f"{SHAPE_PREFIX}{shape}", None, "shape", SHAPE_SEED
+        if mc.force_fallback:
+            raise InvalidRequestError(
+                f"{name} has no checkpoint for the transformers fallback to load; drop force_fallback."
+            )
+        tokenizer = TokenIdsOnlyTokenizer(cfg["vocab_size"], name)
+        config_source = f"engine.shapes[{shape!r}]"
+    else:
+        say(f"resolving model {mc.model or 'default'}")
+        resolved = resolve_model(mc.model, mc.revision, progress=say)
+        name, path, source = resolved.name, resolved.path, resolved.source
+        tokenizer = Tokenizer.from_pretrained(path)
+        cfg = read_config(path)
+        config_source = str(path / "config.json")
 
     native_error = None
     spec = None
     if not mc.force_fallback:
         try:
-            spec = ModelSpec.from_config(cfg, source=str(resolved.path / "config.json"))
+            spec = ModelSpec.from_config(cfg, source=config_source)
         except UnsupportedModelError as e:
             native_error = str(e)
     max_pos = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 4096)
@@ -58,14 +74,14 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         )
 
     info: dict[str, Any] = {
-        "name": resolved.name,
-        "path": str(resolved.path),
-        "source": resolved.source,
+        "name": name,
+        "path": None if path is None else str(path),
+        "source": source,
         "model_type": cfg.get("model_type"),
         "vocab_size": int(cfg.get("vocab_size") or len(tokenizer)),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "attention": config.attention,
+        "attention": _resolve_attention(config.attention, device),
         "max_model_len": max_model_len,
         "implementation": "native" if spec is not None else "transformers-fallback",
     }
@@ -75,7 +91,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         say(f"no native implementation ({info['fallback_reason']}); using the transformers fallback")
         from engine.runner.hf_runner import HFRunner
 
-        runner = HFRunner.load(resolved.path, device, dtype)
+        runner = HFRunner.load(path, device, dtype)
         block_bytes = runner.kv_block_bytes(cc.block_size)
         prefix = False
     else:
@@ -83,9 +99,10 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         from engine.runner.model_runner import ModelRunner
 
         say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {info['dtype']})")
-        model = build_native(resolved.path, spec, device, dtype, max_model_len)
+        model = build_native(path, spec, device, dtype, max_model_len, random_seed=random_seed)
         try:
-            runner = ModelRunner(model, spec, device, dtype, cc.block_size, config.attention)
+            runner = ModelRunner(model, spec, device, dtype, cc.block_size, info["attention"],
+                                 enforce_eager=config.enforce_eager)
         except BaseException:
             del model
             gc.collect()
@@ -114,7 +131,33 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         ) from None
     info["kv_cache_bytes"] = num_blocks * block_bytes
     info["num_kv_blocks"] = num_blocks
+    graphs_reason = getattr(runner, "graphs_reason", lambda: "the transformers fallback runs eagerly")()
+    info["cuda_graphs"] = graphs_reason is None
+    if graphs_reason is None:
+        try:
+            info["cuda_graph_bytes"] = runner.capture_graphs(config.scheduler.max_num_seqs,
+                                                             max_model_len, say)
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
+            runner.graphs = None
+            torch.cuda.empty_cache()
+            graphs_reason = f"capture failed: {e}"
+            info["cuda_graphs"] = False
+    if graphs_reason is not None:
+        info["cuda_graphs_off"] = graphs_reason
     return LoadedModel(info, tokenizer, runner, max_model_len, num_blocks, prefix)
+
+
+def _resolve_attention(name: str, device: torch.device) -> str:
+    """``auto``: the Triton backend on a CUDA GPU when it can run there, else the reference."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        from engine.layers.attention import backend_reasons
+
+        if not backend_reasons("triton", device):
+            return "triton"
+    return "torch"
 
 
 def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model_len: int) -> int:
@@ -130,6 +173,9 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
         peak = runner.profile_peak_bytes(sc.max_num_batched_tokens)
         used = torch.cuda.memory_allocated(device)
         budget = int(total * cc.memory_fraction) - used - peak
+        # Decode CUDA graphs keep a private memory pool: leave room for it.
+        if getattr(runner, "graphs_reason", lambda: "eager")() is None:
+            budget -= runner.graph_reserve_bytes(sc.max_num_seqs)
         # Other processes on the card count too.
         free, _ = free_memory_bytes(device)
         budget = min(budget, free - peak)

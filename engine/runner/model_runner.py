@@ -55,7 +55,7 @@ class ModelRunner(SamplingMixin):
     paged = True  # the KV cache is Hearth's own (prefix caching works)
 
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-                 block_size: int, attention: str) -> None:
+                 block_size: int, attention: str, enforce_eager: bool = False) -> None:
         self.model = model
         self.spec = spec
         self.device = device
@@ -73,9 +73,42 @@ class ModelRunner(SamplingMixin):
         scale = spec.head_dim ** -0.5
         model.set_attention(lambda: backend_cls(spec.num_heads, spec.num_kv_heads, spec.head_dim,
                                                 scale, spec.sliding_window))
+        if backend_cls.fused_kernels:
+            model.use_fused_kernels(True)
+        self.backend_cls = backend_cls
+        self.enforce_eager = enforce_eager
+        self.graphs = None  # DecodeGraphs once captured
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
+
+    # -- CUDA graphs -------------------------------------------------------------------
+    def graphs_reason(self) -> str | None:
+        """Why decode steps will run eagerly (None: they will use CUDA graphs)."""
+        if self.device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        if self.enforce_eager:
+            return "turned off (enforce_eager)"
+        if not self.backend_cls.cuda_graphs:
+            return f"the {self.attention!r} attention backend can't be captured in a graph"
+        return None
+
+    def graph_reserve_bytes(self, max_batch: int) -> int:
+        from engine.runner.cuda_graphs import reserve_bytes
+
+        s = self.spec
+        return reserve_bytes(max_batch, s.hidden_size, s.vocab_size, s.intermediate_size,
+                             self.dtype.itemsize)
+
+    def capture_graphs(self, max_batch: int, max_model_len: int, progress=None) -> int:
+        """Capture decode graphs (after the KV cache exists); returns their pool's bytes."""
+        from engine.runner.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.device, self.block_size,
+                              max_batch, max_model_len)
+        graphs.capture(progress)
+        self.graphs = graphs
+        return graphs.pool_bytes
 
     # -- memory ------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -144,6 +177,10 @@ class ModelRunner(SamplingMixin):
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         if not out.scheduled:
             return RunnerOutput([], None)
+        if self.graphs is not None:
+            graph_out = self._execute_graph(out)
+            if graph_out is not None:
+                return graph_out
         ids: list[int] = []
         positions: list[int] = []
         tables, starts, qlens = [], [], []
@@ -172,3 +209,25 @@ class ModelRunner(SamplingMixin):
         logits = self.model.compute_logits(hidden[rows])
         return self.sample(logits, sampled)
 
+
+    def _execute_graph(self, out: SchedulerOutput) -> RunnerOutput | None:
+        """A pure decode step (one new token per sequence, all sampled) by graph replay."""
+        scheduled = out.scheduled
+        if len(scheduled) > self.graphs.max_batch:
+            return None
+        bs = self.block_size
+        ids, positions, slots, seq_lens, tables, seqs = [], [], [], [], [], []
+        for sc in scheduled:
+            seq = sc.seq
+            if sc.num_new_tokens != 1 or not sc.sample:
+                return None
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            positions.append(p)
+            table = seq.block_table
+            slots.append(table[p // bs] * bs + p % bs)
+            seq_lens.append(p + 1)
+            tables.append(table)
+            seqs.append(seq)
+        logits = self.graphs.run(ids, positions, slots, seq_lens, tables)
+        return self.sample(logits, seqs)

@@ -80,6 +80,10 @@ class Sampler:
                 f"{len(output_ids)} outputs and {len(generators)} generators"
             )
         device = logits.device
+        if all(p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
+               and not p.presence_penalty and not p.frequency_penalty for p in params):
+            # The common benchmark / deterministic case: one argmax, one copy to the host.
+            return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=None)
         # float32 copy: penalties and filters edit it in place, the caller's tensor stays.
         x = logits.to(torch.float32, copy=True)
 

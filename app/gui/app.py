@@ -1,0 +1,68 @@
+"""Start the desktop app: ``hearth`` (no subcommand) or ``hearth gui``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _no_display_reason() -> str | None:
+    """Why no window can open here (Linux without X11/Wayland), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if os.environ.get("QT_QPA_PLATFORM", "").split(":")[0] in ("offscreen", "minimal", "vnc", "eglfs"):
+        return None
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    return ("no display found (DISPLAY and WAYLAND_DISPLAY are unset): run Hearth on a desktop, "
+            "under Xvfb (xvfb-run hearth), or use `hearth chat` in the terminal.")
+
+
+def apply_system_theme(app) -> None:
+    """Fusion style with a palette that follows the system's light/dark setting, live."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtGui import QColor, QPalette
+
+    app.setStyle("Fusion")
+    hints = app.styleHints()
+    light = app.style().standardPalette()
+
+    def dark_palette() -> QPalette:
+        p = QPalette()
+        roles = QPalette.ColorRole
+        for role, colour in ((roles.Window, "#202124"), (roles.WindowText, "#e8eaed"),
+                             (roles.Base, "#17181a"), (roles.AlternateBase, "#2a2b2e"),
+                             (roles.Text, "#e8eaed"), (roles.Button, "#2d2e31"),
+                             (roles.ButtonText, "#e8eaed"), (roles.Highlight, "#3b78e7"),
+                             (roles.HighlightedText, "#ffffff"), (roles.ToolTipBase, "#2d2e31"),
+                             (roles.ToolTipText, "#e8eaed"), (roles.Link, "#8ab4f8"),
+                             (roles.PlaceholderText, "#9aa0a6")):
+            p.setColor(role, QColor(colour))
+        for role in (roles.WindowText, roles.Text, roles.ButtonText):
+            p.setColor(QPalette.ColorGroup.Disabled, role, QColor("#80868b"))
+        return p
+
+    def apply(scheme=None) -> None:
+        scheme = hints.colorScheme() if scheme is None else scheme
+        app.setPalette(dark_palette() if scheme == Qt.ColorScheme.Dark else light)
+
+    apply()
+    hints.colorSchemeChanged.connect(apply)
+
+
+def run_gui(argv: list[str] | None = None) -> int:
+    reason = _no_display_reason()
+    if reason:
+        print(f"hearth: {reason}", file=sys.stderr)
+        return 2
+    from PySide6.QtWidgets import QApplication
+
+    from app.gui.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    app.setApplicationName("Hearth")
+    app.setOrganizationName("Hearth")
+    apply_system_theme(app)
+    window = MainWindow()
+    window.show()
+    return app.exec()

@@ -1,0 +1,312 @@
+"""EngineBridge: the one QObject through which the window talks to the engine.
+
+The engine's client side (``engine.api.Engine``: load, submit, poll, abort, stats,
+shutdown) lives on a worker ``QThread``; the UI thread only sends it queued signals and
+receives queued signals back, so it never waits on the engine. The engine itself runs
+its own loop thread; the worker drains every live request's events every 15 ms (one
+signal per text delta) and publishes ``EngineStats`` about four times a second.
+
+Cancelling a load can't interrupt a tensor copy in progress, so it is cooperative: the
+loader's progress callback raises at its next report, and whatever finishes loading
+after a cancel is shut down at once instead of being announced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+import uuid
+
+from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+
+from engine.api import (Engine, FinishedEvent, HearthError, Request, SamplingParams,
+                        TokenEvent)
+
+log = logging.getLogger("hearth.gui")
+
+STATS_INTERVAL_MS = 250
+POLL_INTERVAL_MS = 15
+
+# Load options the bridge passes to Engine.load (anything else in the dict is ignored).
+_LOAD_KEYS = ("device", "dtype", "attention", "max_model_len", "kv_cache_memory",
+              "enforce_eager", "revision")
+
+
+class LoadCancelled(Exception):
+    pass
+
+
+class _Worker(QObject):
+    """Lives on the worker thread; every slot here runs there."""
+
+    modelLoading = Signal(str)
+    loadProgress = Signal(str)
+    modelLoaded = Signal(dict)
+    loadFailed = Signal(str)
+    modelUnloaded = Signal()
+    tokenReceived = Signal(str, str)
+    requestFinished = Signal(str, object)
+    requestStarted = Signal(str, dict)  # request id, {"dropped": n} (history trimmed)
+    statsUpdated = Signal(object)
+    engineError = Signal(str)
+
+    def __init__(self, engine_factory) -> None:
+        super().__init__()
+        self._factory = engine_factory
+        self.engine: Engine | None = None
+        self._handles: dict = {}
+        self._cancel = threading.Event()
+        self._poll: QTimer | None = None
+        self._stats: QTimer | None = None
+
+    @Slot()
+    def start_timers(self) -> None:
+        self._poll = QTimer(self)
+        self._poll.setInterval(POLL_INTERVAL_MS)
+        self._poll.timeout.connect(self._drain)
+        self._stats = QTimer(self)
+        self._stats.setInterval(STATS_INTERVAL_MS)
+        self._stats.timeout.connect(self._publish_stats)
+
+    # -- loading ------------------------------------------------------------------------
+    @Slot(dict)
+    def load(self, options: dict) -> None:
+        self._cancel.clear()
+        self._unload_quietly()
+        name = options.get("model") or "default"
+        self.modelLoading.emit(name)
+
+        def progress(msg: str) -> None:
+            if self._cancel.is_set():
+                raise LoadCancelled()
+            self.loadProgress.emit(msg)
+
+        kwargs = {k: options[k] for k in _LOAD_KEYS if options.get(k) not in (None, "")}
+        quant = options.get("quantization") or "none"
+        if quant != "none":
+            self.loadFailed.emit(f"quantization {quant!r} is not available yet; load with 'none'.")
+            return
+        try:
+            engine = self._factory(options.get("model"), progress=progress, **kwargs)
+        except LoadCancelled:
+            self.loadFailed.emit("loading cancelled")
+            return
+        except HearthError as e:
+            self.loadFailed.emit(str(e))
+            return
+        except Exception as e:  # a bug or an unexpected library error: say it, keep the app alive
+            log.error("load failed:\n%s", traceback.format_exc())
+            self.loadFailed.emit(f"loading failed unexpectedly: {type(e).__name__}: {e}")
+            return
+        if self._cancel.is_set():
+            engine.shutdown()
+            self.loadFailed.emit("loading cancelled")
+            return
+        self.engine = engine
+        self._poll.start()
+        self._stats.start()
+        self.modelLoaded.emit(dict(engine.model_info, max_model_len=engine.max_model_len))
+        self._publish_stats()
+
+    def cancel_load(self) -> None:  # called directly from the UI thread (thread-safe Event)
+        self._cancel.set()
+
+    @Slot()
+    def unload(self) -> None:
+        self._unload_quietly()
+        self.modelUnloaded.emit()
+
+    def _unload_quietly(self) -> None:
+        if self.engine is None:
+            return
+        if self._poll is not None:
+            self._poll.stop()
+            self._stats.stop()
+        self._drain()
+        engine, self.engine = self.engine, None
+        try:
+            engine.shutdown()
+        except Exception:  # pragma: no cover - shutdown must not take the app down
+            log.exception("engine shutdown failed")
+        for rid, handle in list(self._handles.items()):
+            for ev in handle.poll():
+                self._emit(rid, ev)
+        self._handles.clear()
+
+    # -- requests -----------------------------------------------------------------------
+    @Slot(str, dict)
+    def submit(self, request_id: str, req: dict) -> None:
+        if self.engine is None:
+            self._fail(request_id, "no model is loaded: load one on the Models page first.")
+            return
+        params: SamplingParams = req["params"]
+        messages = req.get("messages")
+        dropped = 0
+        try:
+            if messages is not None:
+                from app.commands.chat import fit_history
+
+                messages, dropped = fit_history(self.engine, messages, req.get("system"),
+                                                params.max_tokens)
+            handle = self.engine.submit(Request(messages=messages, prompt=req.get("prompt"),
+                                                system=req.get("system"), params=params,
+                                                request_id=request_id))
+        except HearthError as e:
+            self._fail(request_id, str(e))
+            return
+        except Exception as e:
+            log.error("submit failed:\n%s", traceback.format_exc())
+            self._fail(request_id, f"{type(e).__name__}: {e}")
+            return
+        self._handles[request_id] = handle
+        self.requestStarted.emit(request_id, {"dropped": dropped})
+
+    @Slot(str)
+    def abort(self, request_id: str) -> None:
+        if self.engine is not None and request_id in self._handles:
+            self.engine.abort(request_id)
+
+    def _fail(self, request_id: str, message: str) -> None:
+        from engine.api import Timings, Usage
+
+        ev = FinishedEvent(request_id, "error", Usage(0, 0), Timings(0, 0, 0, 0, 0), error=message)
+        self.requestFinished.emit(request_id, ev)
+
+    def _emit(self, rid: str, ev) -> None:
+        if isinstance(ev, TokenEvent):
+            if ev.text:
+                self.tokenReceived.emit(rid, ev.text)
+        else:
+            self.requestFinished.emit(rid, ev)
+
+    @Slot()
+    def _drain(self) -> None:
+        for rid, handle in list(self._handles.items()):
+            events = handle.poll()
+            # Coalesce this tick's text deltas into one signal: fewer repaints, same text.
+            text = "".join(e.text for e in events if isinstance(e, TokenEvent))
+            if text:
+                self.tokenReceived.emit(rid, text)
+            for ev in events:
+                if isinstance(ev, FinishedEvent):
+                    self.requestFinished.emit(rid, ev)
+            if handle.done:
+                del self._handles[rid]
+
+    @Slot()
+    def _publish_stats(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            self.statsUpdated.emit(self.engine.stats())
+        except HearthError as e:
+            self.engineError.emit(str(e))
+        except Exception as e:  # stats must never take the worker down
+            log.debug("stats failed: %s", e)
+
+    @Slot()
+    def shutdown(self) -> None:
+        self._unload_quietly()
+
+
+class EngineBridge(QObject):
+    """UI-thread facade. Signals arrive queued on the UI thread; methods never block."""
+
+    modelLoading = Signal(str)
+    loadProgress = Signal(str)
+    modelLoaded = Signal(dict)
+    loadFailed = Signal(str)
+    modelUnloaded = Signal()
+    tokenReceived = Signal(str, str)
+    requestFinished = Signal(str, object)
+    requestStarted = Signal(str, dict)
+    statsUpdated = Signal(object)
+    engineError = Signal(str)
+
+    _doLoad = Signal(dict)
+    _doUnload = Signal()
+    _doSubmit = Signal(str, dict)
+    _doAbort = Signal(str)
+    _doShutdown = Signal()
+
+    def __init__(self, parent=None, engine_factory=None) -> None:
+        super().__init__(parent)
+        self._thread = QThread()
+        self._thread.setObjectName("hearth-engine-bridge")
+        self._worker = _Worker(engine_factory or Engine.load)
+        self._worker.moveToThread(self._thread)
+        self._thread.started.connect(self._worker.start_timers)
+        for name in ("modelLoading", "loadProgress", "modelLoaded", "loadFailed", "modelUnloaded",
+                     "tokenReceived", "requestFinished", "requestStarted", "statsUpdated",
+                     "engineError"):
+            getattr(self._worker, name).connect(getattr(self, name))
+        self._doLoad.connect(self._worker.load)
+        self._doUnload.connect(self._worker.unload)
+        self._doSubmit.connect(self._worker.submit)
+        self._doAbort.connect(self._worker.abort)
+        self._doShutdown.connect(self._worker.shutdown)
+        self.modelLoaded.connect(self._on_loaded)
+        self.modelUnloaded.connect(self._on_unloaded)
+        self.modelLoading.connect(self._on_loading)
+        self.loadFailed.connect(self._on_failed)
+        self._info: dict | None = None
+        self._loading = False
+        self._thread.start()
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def model_info(self) -> dict | None:
+        return self._info
+
+    @property
+    def is_loading(self) -> bool:
+        return self._loading
+
+    def _on_loading(self, _name: str) -> None:
+        self._loading = True
+        self._info = None
+
+    def _on_loaded(self, info: dict) -> None:
+        self._loading = False
+        self._info = info
+
+    def _on_failed(self, _msg: str) -> None:
+        self._loading = False
+
+    def _on_unloaded(self) -> None:
+        self._info = None
+
+    # -- commands -----------------------------------------------------------------------
+    def load(self, options: dict) -> None:
+        """Load a model (options: model, device, dtype, attention, max_model_len,
+        kv_cache_memory, quantization, enforce_eager); replaces the loaded one."""
+        self._loading = True
+        self._doLoad.emit(dict(options))
+
+    def cancel_load(self) -> None:
+        self._worker.cancel_load()
+
+    def unload(self) -> None:
+        self._doUnload.emit()
+
+    def submit(self, *, messages: list[dict] | None = None, prompt: str | None = None,
+               system: str | None = None, params: SamplingParams | None = None) -> str:
+        """Queue a request; returns its id at once. Events arrive as tokenReceived /
+        requestFinished (an error, e.g. no model loaded, is a FinishedEvent too)."""
+        rid = f"gui-{uuid.uuid4().hex[:12]}"
+        self._doSubmit.emit(rid, {"messages": messages, "prompt": prompt, "system": system,
+                                  "params": params or SamplingParams()})
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self._doAbort.emit(request_id)
+
+    def shutdown(self, timeout_ms: int = 30000) -> None:
+        """Stop the engine and the worker thread (call once, when the window closes)."""
+        if not self._thread.isRunning():
+            return
+        self._worker.cancel_load()
+        self._doShutdown.emit()
+        self._thread.quit()
+        self._thread.wait(timeout_ms)

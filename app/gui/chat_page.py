@@ -1,0 +1,418 @@
+"""The chat page: conversations on the left, the transcript, the input, and parameters.
+
+Every message is in the SQLite store before it is on screen; a streamed answer is saved
+as it grows (at most every 300 ms) so a crash or kill loses almost nothing. One answer
+streams at a time per window: Send is disabled while one runs, Stop (or Esc) aborts it
+and keeps the partial text.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMenu,
+                               QMessageBox, QPlainTextEdit, QPushButton, QScrollArea, QSplitter,
+                               QVBoxLayout, QWidget)
+
+from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
+from app.services.chat_store import ChatStore, history_for_model
+
+SAVE_INTERVAL_MS = 300
+RENDER_INTERVAL_MS = 50
+
+
+class ChatInput(QPlainTextEdit):
+    """Multi-line input: Ctrl+Enter (or Cmd+Enter) sends, Enter adds a line."""
+
+    submitted = Signal()
+
+    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and \
+                event.modifiers() & Qt.KeyboardModifier.ControlModifier:
+            self.submitted.emit()
+            return
+        super().keyPressEvent(event)
+
+
+class ChatPage(QWidget):
+    answerFinished = Signal(str, object)  # request id, FinishedEvent (for tests and the status bar)
+
+    def __init__(self, bridge, store: ChatStore, settings: QSettings, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("chatPage")
+        self.bridge = bridge
+        self.store = store
+        self.settings = settings
+        self.conversation_id: int | None = None
+        self._widgets: list[MessageWidget] = []
+        self._active: dict | None = None  # the answer being streamed
+        self._pending_send: str | None = None  # typed while the model was still loading
+        self._model_ready = False
+        self._editing: int | None = None  # user message being edited and resent
+
+        # left: conversations
+        self.conversation_list = QListWidget()
+        self.conversation_list.setObjectName("conversationList")
+        self.conversation_list.currentItemChanged.connect(self._on_pick)
+        self.conversation_list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.conversation_list.customContextMenuRequested.connect(self._conversation_menu)
+        new_button = QPushButton("New chat")
+        new_button.setObjectName("newChatButton")
+        new_button.clicked.connect(lambda: self.new_conversation())
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.setContentsMargins(0, 0, 0, 0)
+        ll.addWidget(new_button)
+        ll.addWidget(self.conversation_list)
+
+        # middle: transcript + input
+        self.transcript = QWidget()
+        self.transcript_layout = QVBoxLayout(self.transcript)
+        self.transcript_layout.addStretch(1)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setWidget(self.transcript)
+        self.notice = NoticeBar()
+        self.input = ChatInput()
+        self.input.setObjectName("chatInput")
+        self.input.setPlaceholderText("Message (Ctrl+Enter sends, Esc stops)")
+        self.input.setMaximumHeight(120)
+        self.input.submitted.connect(lambda: self.send())
+        self.send_button = QPushButton("Send")
+        self.send_button.setObjectName("sendButton")
+        self.send_button.setToolTip("Send (Ctrl+Enter)")
+        self.send_button.clicked.connect(lambda: self.send())
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setObjectName("stopButton")
+        self.stop_button.setToolTip("Stop the answer (Esc); the text so far is kept")
+        self.stop_button.clicked.connect(lambda: self.stop())
+        self.stop_button.setEnabled(False)
+        buttons = QVBoxLayout()
+        buttons.addWidget(self.send_button)
+        buttons.addWidget(self.stop_button)
+        row = QHBoxLayout()
+        row.addWidget(self.input, 1)
+        row.addLayout(buttons)
+        self.model_label = QLabel("No model loaded")
+        self.model_label.setObjectName("chatModelLabel")
+        middle = QWidget()
+        ml = QVBoxLayout(middle)
+        ml.setContentsMargins(0, 0, 0, 0)
+        ml.addWidget(self.model_label)
+        ml.addWidget(self.scroll, 1)
+        ml.addWidget(self.notice)
+        ml.addLayout(row)
+
+        # right: parameters
+        self.params = ParamsPanel(settings)
+        self.params.systemPromptEdited.connect(self._on_system_prompt)
+
+        split = QSplitter()
+        split.addWidget(left)
+        split.addWidget(middle)
+        split.addWidget(self.params)
+        split.setStretchFactor(1, 1)
+        split.setSizes([200, 700, 260])
+        lay = QHBoxLayout(self)
+        lay.addWidget(split)
+
+        esc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
+        esc.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        esc.activated.connect(self.stop)
+
+        self._save_timer = QTimer(self)
+        self._save_timer.setInterval(SAVE_INTERVAL_MS)
+        self._save_timer.timeout.connect(self._save_active)
+        self._render_timer = QTimer(self)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(RENDER_INTERVAL_MS)
+        self._render_timer.timeout.connect(self._render_active)
+
+        bridge.tokenReceived.connect(self._on_token)
+        bridge.requestFinished.connect(self._on_finished)
+        bridge.requestStarted.connect(self._on_started)
+        bridge.modelLoading.connect(self._on_model_loading)
+        bridge.modelLoaded.connect(self._on_model_loaded)
+        bridge.loadFailed.connect(self._on_load_failed)
+        bridge.modelUnloaded.connect(lambda: self._set_model_ready(False, "No model loaded"))
+        self._set_model_ready(False, "No model loaded")
+        info = getattr(bridge, "model_info", None)
+        if info:  # the page may be built after the model finished loading
+            self._on_model_loaded(info)
+        elif getattr(bridge, "is_loading", False):
+            self._set_model_ready(False, "Loading a model…")
+        self._reload_list(select=self._initial_conversation())
+
+    # -- conversations -----------------------------------------------------------------
+    def _initial_conversation(self) -> int:
+        last = self.settings.value("chat/last_conversation")
+        convs = self.store.conversations()
+        ids = {c.id for c in convs}
+        if last is not None and int(last) in ids:
+            return int(last)
+        if convs:
+            return convs[0].id
+        return self.store.create_conversation().id
+
+    def _reload_list(self, select: int | None = None) -> None:
+        self.conversation_list.blockSignals(True)
+        self.conversation_list.clear()
+        chosen = None
+        for conv in self.store.conversations():
+            item = QListWidgetItem(conv.title)
+            item.setData(Qt.ItemDataRole.UserRole, conv.id)
+            self.conversation_list.addItem(item)
+            if conv.id == select:
+                chosen = item
+        self.conversation_list.blockSignals(False)
+        if chosen is not None:
+            self.conversation_list.setCurrentItem(chosen)
+            if self.conversation_id != select:
+                self.open_conversation(select)
+
+    def _on_pick(self, item, _prev=None) -> None:
+        if item is not None:
+            self.open_conversation(item.data(Qt.ItemDataRole.UserRole))
+
+    def new_conversation(self) -> None:
+        conv = self.store.create_conversation(system_prompt=self.params.system_prompt.toPlainText())
+        self._reload_list(select=conv.id)
+        self.input.setFocus()
+
+    def delete_conversation(self, conv_id: int, confirm: bool = True) -> None:
+        if confirm and QMessageBox.question(self, "Delete conversation",
+                                            "Delete this conversation? This can't be undone.") \
+                != QMessageBox.StandardButton.Yes:
+            return
+        if self._active and self._active["conv"] == conv_id:
+            self.stop()
+        self.store.delete_conversation(conv_id)
+        remaining = self.store.conversations()
+        target = remaining[0].id if remaining else self.store.create_conversation().id
+        self.conversation_id = None
+        self._reload_list(select=target)
+
+    def _conversation_menu(self, pos) -> None:
+        item = self.conversation_list.itemAt(pos)
+        if item is None:
+            return
+        menu = QMenu(self)
+        delete = menu.addAction("Delete…")
+        if menu.exec(self.conversation_list.mapToGlobal(pos)) is delete:
+            self.delete_conversation(item.data(Qt.ItemDataRole.UserRole))
+
+    def open_conversation(self, conv_id: int) -> None:
+        self.conversation_id = conv_id
+        self.settings.setValue("chat/last_conversation", conv_id)
+        conv = self.store.conversation(conv_id)
+        self.params.set_system_prompt(conv.system_prompt if conv else "")
+        for w in self._widgets:
+            w.setParent(None)
+            w.deleteLater()
+        self._widgets = []
+        for m in self.store.messages(conv_id):
+            self._append_widget(m.id, m.role, m.content, m.status, m.meta)
+        if self._active and self._active["conv"] == conv_id:
+            self._active["widget"] = self._widget_for(self._active["msg_id"])
+        self._update_buttons()
+        self._scroll_to_end()
+
+    def _on_system_prompt(self, text: str) -> None:
+        if self.conversation_id is not None:
+            self.store.set_system_prompt(self.conversation_id, text)
+
+    # -- transcript widgets ------------------------------------------------------------
+    def _append_widget(self, msg_id, role, text, status="complete", meta=None) -> MessageWidget:
+        w = MessageWidget(msg_id, role, text, status, meta)
+        w.editRequested.connect(self.edit_message)
+        w.regenerateRequested.connect(self.regenerate)
+        self.transcript_layout.insertWidget(self.transcript_layout.count() - 1, w)
+        self._widgets.append(w)
+        return w
+
+    def _widget_for(self, msg_id: int) -> MessageWidget | None:
+        return next((w for w in self._widgets if w.msg_id == msg_id), None)
+
+    def message_widgets(self) -> list[MessageWidget]:
+        return list(self._widgets)
+
+    def _scroll_to_end(self) -> None:
+        QTimer.singleShot(0, lambda: self.scroll.verticalScrollBar().setValue(
+            self.scroll.verticalScrollBar().maximum()))
+
+    # -- sending -----------------------------------------------------------------------
+    def send(self, text: str | None = None) -> None:
+        text = (text if text is not None else self.input.toPlainText()).strip()
+        if not text or self._active is not None:
+            return
+        if not self._model_ready:
+            if getattr(self.bridge, "is_loading", False):
+                self._pending_send = text
+                self.input.clear()
+                self.notice.show_message("The model is still loading: your message will be sent "
+                                         "as soon as it is ready.")
+                return
+            self.notice.show_message("No model is loaded: load one on the Models page.")
+            return
+        if self._editing is not None:
+            self.store.delete_from(self.conversation_id, self._editing)
+            self._editing = None
+            self.open_conversation(self.conversation_id)
+        self.input.clear()
+        msg = self.store.add_message(self.conversation_id, "user", text)
+        self._append_widget(msg.id, "user", text)
+        self._maybe_title(text)
+        self._start_answer()
+
+    def _maybe_title(self, text: str) -> None:
+        conv = self.store.conversation(self.conversation_id)
+        if conv and conv.title == "New chat":
+            title = " ".join(text.split())[:48] or "New chat"
+            self.store.rename(self.conversation_id, title)
+            item = self.conversation_list.currentItem()
+            if item is not None:
+                item.setText(title)
+
+    def _start_answer(self) -> None:
+        conv_id = self.conversation_id
+        history = history_for_model(self.store.messages(conv_id))
+        model = (self.bridge.model_info or {}).get("name", "")
+        msg = self.store.add_message(conv_id, "assistant", "", status="streaming", meta={"model": model})
+        widget = self._append_widget(msg.id, "assistant", "", "streaming", {"model": model})
+        system = self.params.system_prompt.toPlainText().strip() or None
+        rid = self.bridge.submit(messages=history, system=system, params=self.params.sampling_params())
+        self._active = {"rid": rid, "conv": conv_id, "msg_id": msg.id, "widget": widget,
+                        "text": "", "saved": "", "meta": {"model": model}}
+        self.notice.show_message("")
+        self._save_timer.start()
+        self._update_buttons()
+        self._scroll_to_end()
+
+    def stop(self) -> None:
+        if self._active is not None:
+            self.bridge.abort(self._active["rid"])
+
+    def regenerate(self, msg_id: int) -> None:
+        """Drop this answer (and anything after it) and ask again."""
+        if self._active is not None or not self._model_ready:
+            return
+        self.store.delete_from(self.conversation_id, msg_id)
+        self.open_conversation(self.conversation_id)
+        self._start_answer()
+
+    def edit_message(self, msg_id: int) -> None:
+        """Put a user message back in the input; sending replaces it and what follows."""
+        if self._active is not None:
+            return
+        w = self._widget_for(msg_id)
+        if w is None:
+            return
+        self._editing = msg_id
+        self.input.setPlainText(w.text)
+        self.input.setFocus()
+        self.notice.show_message("Editing an earlier message: sending replaces it and every "
+                                 "message after it.")
+
+    # -- engine events -----------------------------------------------------------------
+    def _on_started(self, rid: str, info: dict) -> None:
+        a = self._active
+        if a is None or a["rid"] != rid or not info.get("dropped"):
+            return
+        n = info["dropped"]
+        text = (f"This conversation outgrew the model's context: the oldest {n} message"
+                f"{'s were' if n != 1 else ' was'} left out of what the model sees.")
+        note = self.store.add_message(a["conv"], "notice", text)
+        if self.conversation_id == a["conv"]:
+            # Show the notice just above the answer it applies to.
+            w = MessageWidget(note.id, "notice", text)
+            idx = self.transcript_layout.indexOf(a["widget"]) if a["widget"] else -1
+            self.transcript_layout.insertWidget(max(idx, 0), w)
+            self._widgets.insert(max(len(self._widgets) - 1, 0), w)
+
+    def _on_token(self, rid: str, text: str) -> None:
+        a = self._active
+        if a is None or a["rid"] != rid:
+            return
+        a["text"] += text
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
+    def _render_active(self) -> None:
+        a = self._active
+        if a is not None and a.get("widget") is not None:
+            a["widget"].set_text(a["text"])
+            self._scroll_to_end()
+
+    def _save_active(self) -> None:
+        a = self._active
+        if a is not None and a["text"] != a["saved"]:
+            self.store.update_message(a["msg_id"], content=a["text"])
+            a["saved"] = a["text"]
+
+    def _on_finished(self, rid: str, ev) -> None:
+        a = self._active
+        if a is None or a["rid"] != rid:
+            return
+        self._save_timer.stop()
+        self._render_timer.stop()
+        status = {"abort": "stopped", "error": "error"}.get(ev.reason, "complete")
+        meta = dict(a["meta"])
+        if ev.reason != "error":
+            meta.update(ttft_ms=ev.timings.ttft_ms, decode_tok_s=ev.timings.decode_tok_s,
+                        tokens=ev.usage.completion_tokens, finish=ev.reason)
+        if ev.error:
+            meta["error"] = ev.error
+        self.store.update_message(a["msg_id"], content=a["text"], status=status, meta=meta)
+        w = a.get("widget")
+        if w is not None:
+            w.set_text(a["text"])
+            w.set_footer(meta, status)
+        if ev.reason == "error":
+            self.notice.show_message(f"The answer failed: {ev.error}")
+        self._active = None
+        self._update_buttons()
+        self.answerFinished.emit(rid, ev)
+
+    def _on_model_loading(self, name: str) -> None:
+        self._set_model_ready(False, f"Loading {name}…")
+
+    def _on_model_loaded(self, info: dict) -> None:
+        label = (f"{info.get('name', '?')} · {info.get('device', '?')} · {info.get('dtype', '')} · "
+                 f"{info.get('attention', '')} · context {info.get('max_model_len', '?')}")
+        if info.get("implementation") == "transformers-fallback":
+            label += " · transformers fallback (slower)"
+        self._set_model_ready(True, label)
+        self.notice.show_message("")
+        if self._pending_send:
+            text, self._pending_send = self._pending_send, None
+            self.send(text)
+
+    def _on_load_failed(self, message: str) -> None:
+        self._set_model_ready(False, "No model loaded")
+        if self._pending_send:
+            self.input.setPlainText(self._pending_send)
+            self._pending_send = None
+        self.notice.show_message(f"Loading failed: {message}")
+
+    def _set_model_ready(self, ready: bool, label: str) -> None:
+        self._model_ready = ready
+        self.model_label.setText(label)
+        self._update_buttons()
+
+    def _update_buttons(self) -> None:
+        busy = self._active is not None
+        self.send_button.setEnabled(not busy)
+        self.stop_button.setEnabled(busy)
+        for w in self._widgets:
+            w.set_actions_enabled(not busy and self._model_ready)
+
+    @property
+    def is_answering(self) -> bool:
+        return self._active is not None
+
+    def shutdown(self) -> None:
+        """Save the answer in progress (the window is closing)."""
+        if self._active is not None:
+            self._save_active()
+            self.store.update_message(self._active["msg_id"], content=self._active["text"],
+                                      status="interrupted", meta=self._active["meta"])

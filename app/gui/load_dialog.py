@@ -1,0 +1,184 @@
+"""Load options: model, quantization, attention backend, device, dtype, context, KV memory.
+
+Choices this machine can't use stay in the lists but are greyed out, with the engine's
+reason (from each backend's ``available()``) as their tooltip and under the combo box,
+so nobody wonders why "triton" or "int4" can't be picked.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QSettings
+from PySide6.QtGui import QStandardItemModel
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
+                               QLabel, QLineEdit, QSpinBox, QVBoxLayout)
+
+from engine.api import load_choices, parse_bytes
+
+
+def _fill(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
+    """entries: (value, label, reasons); a non-empty reason list greys the item out."""
+    combo.clear()
+    model: QStandardItemModel = combo.model()
+    for value, label, reasons in entries:
+        combo.addItem(label + ("" if not reasons else "  (unavailable)"), value)
+        item = model.item(combo.count() - 1)
+        if reasons:
+            item.setEnabled(False)
+            item.setToolTip("; ".join(reasons))
+        else:
+            item.setToolTip("")
+
+
+def _select(combo: QComboBox, value) -> None:
+    idx = combo.findData(value)
+    model: QStandardItemModel = combo.model()
+    if idx < 0 or not model.item(idx).isEnabled():
+        idx = next((i for i in range(combo.count()) if model.item(i).isEnabled()), 0)
+    combo.setCurrentIndex(idx)
+
+
+class LoadDialog(QDialog):
+    """Ask how to load ``model_ref``; ``options()`` gives the dict for ``EngineBridge.load``."""
+
+    def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: dict | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Load model")
+        self.setObjectName("loadDialog")
+        self.settings = settings
+        self.choices = choices if choices is not None else load_choices("auto")
+        form = QFormLayout()
+        self.model = QLineEdit(model_ref)
+        self.model.setObjectName("loadModel")
+        form.addRow("Model", self.model)
+
+        self.quantization = QComboBox()
+        self.quantization.setObjectName("loadQuantization")
+        _fill(self.quantization, [(n, "none (bf16 / fp16)" if n == "none" else n, r)
+                                  for n, r in self.choices["quantization"].items()])
+        _select(self.quantization, settings.value("load/quantization", "none"))
+        form.addRow("Quantization", self.quantization)
+
+        self.attention = QComboBox()
+        self.attention.setObjectName("loadAttention")
+        _fill(self.attention, [(n, n, r) for n, r in self.choices["attention"].items()])
+        _select(self.attention, settings.value("load/attention", "") or default_attention(self.choices))
+        form.addRow("Attention backend", self.attention)
+        self.reasons = QLabel()
+        self.reasons.setObjectName("loadReasons")
+        self.reasons.setWordWrap(True)
+        self.reasons.setEnabled(False)
+        self.reasons.setText(self._unavailable_text())
+        form.addRow("", self.reasons)
+
+        self.device = QComboBox()
+        self.device.setObjectName("loadDevice")
+        _fill(self.device, [(d["id"], d["label"], []) for d in self.choices["devices"]])
+        _select(self.device, settings.value("load/device", "auto"))
+        form.addRow("Device", self.device)
+
+        self.dtype = QComboBox()
+        self.dtype.setObjectName("loadDtype")
+        _fill(self.dtype, [(d, d, []) for d in self.choices["dtypes"]])
+        _select(self.dtype, settings.value("load/dtype", "auto"))
+        form.addRow("Weights dtype", self.dtype)
+
+        self.context = QSpinBox()
+        self.context.setObjectName("loadContext")
+        self.context.setRange(0, 1 << 20)
+        self.context.setSingleStep(1024)
+        self.context.setSpecialValueText("model's maximum")
+        self.context.setValue(int(settings.value("load/max_model_len", 0)))
+        form.addRow("Context length", self.context)
+
+        self.kv_memory = QLineEdit(str(settings.value("load/kv_cache_memory", "")))
+        self.kv_memory.setObjectName("loadKvMemory")
+        self.kv_memory.setPlaceholderText("automatic (e.g. 4GiB)")
+        form.addRow("KV-cache memory", self.kv_memory)
+
+        self.eager = QCheckBox("Run without CUDA graphs (slower; saves a little memory)")
+        self.eager.setObjectName("loadEnforceEager")
+        self.eager.setChecked(settings.value("load/enforce_eager", "false") in (True, "true"))
+        form.addRow("", self.eager)
+
+        self.error = QLabel()
+        self.error.setObjectName("loadError")
+        self.error.setWordWrap(True)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Load")
+        buttons.accepted.connect(self._accept)
+        buttons.rejected.connect(self.reject)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.error)
+        lay.addWidget(buttons)
+
+    def _unavailable_text(self) -> str:
+        lines = []
+        for kind in ("attention", "quantization"):
+            for name, reasons in self.choices[kind].items():
+                if reasons:
+                    lines.append(f"{name}: {'; '.join(reasons)}")
+        return "\n".join(lines)
+
+    def options(self) -> dict:
+        kv = self.kv_memory.text().strip()
+        return {
+            "model": self.model.text().strip() or None,
+            "quantization": self.quantization.currentData(),
+            "attention": self.attention.currentData(),
+            "device": self.device.currentData(),
+            "dtype": self.dtype.currentData(),
+            "max_model_len": self.context.value() or None,
+            "kv_cache_memory": kv or None,
+            "enforce_eager": self.eager.isChecked(),
+        }
+
+    def _accept(self) -> None:
+        opts = self.options()
+        if opts["kv_cache_memory"]:
+            try:
+                parse_bytes(opts["kv_cache_memory"])
+            except Exception as e:
+                self.error.setText(str(e))
+                return
+        save_load_options(self.settings, opts)
+        self.accept()
+
+
+def default_attention(choices: dict) -> str:
+    """The fastest backend that runs here: triton on a CUDA GPU, else the torch reference."""
+    usable = [n for n, r in choices["attention"].items() if not r]
+    has_gpu = any(d["id"].startswith("cuda") for d in choices["devices"])
+    order = ("triton", "flash-attn", "torch") if has_gpu else ("torch",)
+    return next((n for n in order if n in usable), usable[0] if usable else "torch")
+
+
+def save_load_options(settings: QSettings, opts: dict) -> None:
+    for key in ("quantization", "attention", "device", "dtype", "enforce_eager"):
+        settings.setValue(f"load/{key}", opts[key])
+    settings.setValue("load/max_model_len", opts["max_model_len"] or 0)
+    settings.setValue("load/kv_cache_memory", opts["kv_cache_memory"] or "")
+    settings.setValue("load/model", opts["model"] or "default")
+
+
+def saved_load_options(settings: QSettings) -> dict:
+    """The last load options (what the app loads on start), validated against this machine."""
+    choices = load_choices("auto")
+    attention = settings.value("load/attention", "")
+    usable = [n for n, r in choices["attention"].items() if not r]
+    if attention not in usable:
+        attention = default_attention(choices)
+    quant = settings.value("load/quantization", "none")
+    device = settings.value("load/device", "auto")
+    if device not in [d["id"] for d in choices["devices"]]:
+        device = "auto"
+    return {
+        "model": settings.value("load/model", "default") or "default",
+        "quantization": quant if not choices["quantization"].get(quant, ["?"]) else "none",
+        "attention": attention,
+        "device": device,
+        "dtype": settings.value("load/dtype", "auto"),
+        "max_model_len": int(settings.value("load/max_model_len", 0)) or None,
+        "kv_cache_memory": settings.value("load/kv_cache_memory", "") or None,
+        "enforce_eager": settings.value("load/enforce_eager", "false") in (True, "true"),
+    }

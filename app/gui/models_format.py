@@ -1,0 +1,57 @@
+"""How the Models page writes sizes, counts, speeds and times (plain functions, no Qt)."""
+
+from __future__ import annotations
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human_bytes(n: int | float | None) -> str:
+    """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"?"``."""
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover - the loop always returns
+
+
+def human_count(n: int | None) -> str:
+    """Parameter counts: ``8_030_261_248`` -> ``"8.0B"``, ``336_192`` -> ``"336K"``."""
+    if n is None:
+        return "?"
+    for scale, suffix in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+    return str(n)
+
+
+def human_duration(seconds: float | None) -> str:
+    """ETA text: ``83`` -> ``"1:23"``, ``3725`` -> ``"1:02:05"``."""
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "–"
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def download_line(status) -> str:
+    """``"12.0 MiB of 140.0 MiB · 5.2 MiB/s · ETA 0:23"`` for a ``DownloadStatus``."""
+    if status.state == "done":
+        return f"done · {human_bytes(status.bytes_total)}"
+    if status.state == "failed":
+        return f"failed: {status.error}"
+    if status.state == "cancelled":
+        return "cancelled"
+    if status.state == "queued":
+        return "queued" + (f" · {human_bytes(status.bytes_done)} already here" if status.bytes_done else "")
+    parts = [f"{human_bytes(status.bytes_done)} of {human_bytes(status.bytes_total)}"]
+    if status.speed_bps > 0:
+        parts.append(f"{human_bytes(status.speed_bps)}/s")
+        parts.append(f"ETA {human_duration(status.eta_s)}")
+    if status.current_file:
+        parts.append(status.current_file)
+    return " · ".join(parts)

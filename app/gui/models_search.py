@@ -1,0 +1,309 @@
+"""The Hub half of the Models page: search bar, results, details, fit estimate, download.
+
+Every Hub call runs on the page's ``TaskRunner``; typing restarts a short timer so a
+search goes out when the user pauses, not on every key. The fit estimate needs the repo's
+config.json and the free memory of each device: both are fetched with the details, so
+changing the quantization, context or device recomputes it at once without the network.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroupBox, QHBoxLayout,
+                               QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPushButton,
+                               QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from app.gui.models_format import human_bytes, human_count
+from app.services import fit, hub
+
+SEARCH_DELAY_MS = 350
+QUANT_CHOICES = ("bf16", "fp16", "int8", "fp8", "int4", "nf4", fit.AS_PUBLISHED)
+SORT_LABELS = {"Most downloaded": "downloads", "Most liked": "likes", "Recently updated": "updated",
+               "Trending": "trending"}
+
+
+def _fetch_details(repo_id: str, token: str | None):
+    """Details, model shape and memory targets, in one background call."""
+    details = hub.model_details(repo_id, token=token)
+    shape, notes = fit.load_shape(repo_id, revision=details.sha, token=token)
+    return details, shape, notes, fit.memory_targets()
+
+
+class SearchPanel(QWidget):
+    """Search the Hub and show one model's details. Emits ``downloadRequested(repo_id,
+    files)`` with ``files`` ``None`` (the model's own files) or ``[gguf_file]``."""
+
+    downloadRequested = Signal(str, object)
+
+    def __init__(self, runner, token_provider, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._runner = runner
+        self._token = token_provider
+        self.details = None
+        self._shape = fit.ModelShape()
+        self._shape_notes: tuple[str, ...] = ()
+        self._targets: list[fit.MemoryTarget] = []
+        self.searched = False
+
+        self.search = QLineEdit()
+        self.search.setObjectName("modelSearch")
+        self.search.setPlaceholderText("Search text-generation models on the Hugging Face Hub…")
+        self.search.setClearButtonEnabled(True)
+        self.sort = self._combo("sortCombo", SORT_LABELS.items())
+        self.size = self._combo("sizeFilter", ((f"Size: {k}", k) for k in hub.SIZE_FILTERS))
+        self.format = self._combo("formatFilter", ((f"Format: {k}", k) for k in hub.FORMAT_FILTERS))
+        bar = QHBoxLayout()
+        bar.addWidget(self.search, 1)
+        for w in (self.sort, self.size, self.format):
+            bar.addWidget(w)
+
+        self.results = QListWidget()
+        self.results.setObjectName("searchResults")
+        self.status = QLabel("")
+        self.status.setObjectName("searchStatus")
+        self.status.setWordWrap(True)
+        self.status.setTextFormat(Qt.TextFormat.PlainText)
+        left = QWidget()
+        left_lay = QVBoxLayout(left)
+        left_lay.setContentsMargins(0, 0, 0, 0)
+        left_lay.addWidget(self.results, 1)
+        left_lay.addWidget(self.status)
+
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(left)
+        split.addWidget(self._build_details())
+        split.setStretchFactor(1, 1)
+        lay = QVBoxLayout(self)
+        lay.addLayout(bar)
+        lay.addWidget(split, 1)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(SEARCH_DELAY_MS)
+        self._timer.timeout.connect(self.search_now)
+        self.search.textEdited.connect(lambda _text: self._timer.start())
+        self.search.returnPressed.connect(self.search_now)
+        for combo in (self.sort, self.size, self.format):
+            combo.currentIndexChanged.connect(self.search_now)
+        self.results.currentItemChanged.connect(self._on_result_selected)
+        self.files.itemSelectionChanged.connect(self._on_file_selected)
+        for w in (self.quant, self.device):
+            w.currentIndexChanged.connect(self._update_fit)
+        self.context.valueChanged.connect(self._update_fit)
+        self.download_button.clicked.connect(self._request_download)
+
+    @staticmethod
+    def _combo(name: str, items) -> QComboBox:
+        combo = QComboBox()
+        combo.setObjectName(name)
+        for label, data in items:
+            combo.addItem(label, data)
+        return combo
+
+    def _build_details(self) -> QWidget:
+        self.title = QLabel("Pick a model to see its details.")
+        self.title.setObjectName("detailsTitle")
+        self.title.setTextFormat(Qt.TextFormat.RichText)
+        self.title.setOpenExternalLinks(True)
+        self.facts = QLabel("")
+        self.facts.setObjectName("detailsFacts")
+        self.facts.setWordWrap(True)
+        self.facts.setTextFormat(Qt.TextFormat.PlainText)
+        self.gated_notice = QLabel("")
+        self.gated_notice.setObjectName("gatedNotice")
+        self.gated_notice.setWordWrap(True)
+        self.gated_notice.setTextFormat(Qt.TextFormat.RichText)
+        self.gated_notice.setOpenExternalLinks(True)
+        self.gated_notice.hide()
+        self.card = QLabel("")
+        self.card.setObjectName("cardSummary")
+        self.card.setWordWrap(True)
+        self.card.setTextFormat(Qt.TextFormat.PlainText)
+        self.card.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.files = QTableWidget(0, 2)
+        self.files.setObjectName("fileTable")
+        self.files.setHorizontalHeaderLabels(["File", "Size"])
+        self.files.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.files.verticalHeader().hide()
+        self.files.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.files.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.files.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.files.setToolTip("Select a .gguf file to download just that quantization.")
+
+        self.quant = self._combo("fitQuant", ((q, q) for q in QUANT_CHOICES))
+        self.context = QSpinBox()
+        self.context.setObjectName("fitContext")
+        self.context.setRange(256, 1 << 20)
+        self.context.setSingleStep(1024)
+        self.context.setValue(4096)
+        self.context.setSuffix(" tokens")
+        self.device = QComboBox()
+        self.device.setObjectName("fitDevice")
+        self.fit_result = QLabel("")
+        self.fit_result.setObjectName("fitResult")
+        self.fit_result.setWordWrap(True)
+        self.fit_result.setTextFormat(Qt.TextFormat.PlainText)
+        fit_box = QGroupBox("Will it fit?")
+        form = QFormLayout(fit_box)
+        form.addRow("Quantization", self.quant)
+        form.addRow("Context", self.context)
+        form.addRow("Device", self.device)
+        form.addRow(self.fit_result)
+
+        self.download_button = QPushButton("Download")
+        self.download_button.setObjectName("downloadButton")
+        self.download_button.setEnabled(False)
+
+        box = QWidget()
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 0, 0, 0)
+        for w in (self.title, self.facts, self.gated_notice, self.card):
+            lay.addWidget(w)
+        lay.addWidget(self.files, 1)
+        lay.addWidget(fit_box)
+        lay.addWidget(self.download_button)
+        return box
+
+    # ------------------------------------------------------------------ search
+
+    def search_now(self) -> None:
+        """Run the search for the current text and filters (newest search wins)."""
+        self._timer.stop()
+        self.searched = True
+        query = self.search.text().strip()
+        self.status.setText("Searching the Hub…")
+        fn = partial(hub.search_models, query, sort=self.sort.currentData(), size=self.size.currentData(),
+                     fmt=self.format.currentData(), token=self._token())
+        self._runner.run("search", fn, self._on_results, self._on_search_error)
+
+    def _on_results(self, results) -> None:
+        self.results.clear()
+        for m in results:
+            facts = [f"↓ {m.downloads:,}", f"♥ {m.likes:,}"]
+            if m.num_params:
+                facts.append(f"{human_count(m.num_params)} params")
+            if m.last_modified is not None:
+                facts.append(f"updated {m.last_modified:%Y-%m-%d}")
+            if m.gated:
+                facts.append("gated")
+            item = QListWidgetItem(f"{m.repo_id}\n{' · '.join(facts)}")
+            item.setData(Qt.ItemDataRole.UserRole, m.repo_id)
+            self.results.addItem(item)
+        self.status.setText(f"{len(results)} models" if results else "No models match; try fewer words or filters.")
+
+    def _on_search_error(self, exc: Exception) -> None:
+        self.results.clear()
+        self.status.setText(hub.describe_error(exc, None).message)
+
+    # ------------------------------------------------------------------ details
+
+    def result_ids(self) -> list[str]:
+        return [self.results.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.results.count())]
+
+    def _on_result_selected(self, item, _previous=None) -> None:
+        if item is None:
+            return
+        repo_id = item.data(Qt.ItemDataRole.UserRole)
+        self.details = None
+        self.download_button.setEnabled(False)
+        self.title.setText(f"<b>{repo_id}</b>")
+        self.facts.setText("Loading details…")
+        self.gated_notice.hide()
+        self.card.setText("")
+        self.files.setRowCount(0)
+        self.fit_result.setText("")
+        self._runner.run("details", partial(_fetch_details, repo_id, self._token()), self._on_details,
+                         self._on_details_error)
+
+    def _on_details(self, payload) -> None:
+        d, self._shape, self._shape_notes, self._targets = payload
+        self.details = d
+        self.title.setText(f'<b>{d.repo_id}</b> · <a href="{d.url}">open on the Hub</a>')
+        facts = [f"License: {d.license or 'not stated'}", f"Gated: {'yes' if d.gated else 'no'}",
+                 f"Parameters: {human_count(d.num_params)}", f"Downloads: {d.downloads:,}", f"Likes: {d.likes:,}"]
+        if d.last_modified is not None:
+            facts.append(f"Updated: {d.last_modified:%Y-%m-%d}")
+        if d.quant_format:
+            facts.append(f"Format: {d.quant_format.upper()}")
+        self.facts.setText(" · ".join(facts))
+        if d.gated:
+            self.gated_notice.setText(f'This model is gated: accept its terms at <a href="{d.url}">{d.url}</a> '
+                                      "while logged in, then save an access token below.")
+            self.gated_notice.show()
+        self.card.setText(d.card_summary or "(no model card)")
+        self.files.setRowCount(len(d.files))
+        for row, f in enumerate(d.files):
+            self.files.setItem(row, 0, QTableWidgetItem(f.path))
+            size = QTableWidgetItem(human_bytes(f.size))
+            size.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            self.files.setItem(row, 1, size)
+        self.device.blockSignals(True)
+        self.device.clear()
+        for t in self._targets:
+            self.device.addItem(f"{t.label}: {human_bytes(t.free_bytes)} free", t.key)
+        self.device.blockSignals(False)
+        self.quant.blockSignals(True)
+        self.quant.setCurrentText(fit.AS_PUBLISHED if d.quant_format else "bf16")
+        self.quant.blockSignals(False)
+        if self._shape.max_context:
+            self.context.blockSignals(True)
+            self.context.setValue(min(4096, self._shape.max_context))
+            self.context.blockSignals(False)
+        self._on_file_selected()
+
+    def _on_details_error(self, exc: Exception) -> None:
+        err = hub.describe_error(exc, None)
+        self.facts.setText(err.message)
+
+    # ------------------------------------------------------------------ files, fit, download
+
+    def selected_file(self) -> str | None:
+        rows = {i.row() for i in self.files.selectedItems()}
+        if len(rows) != 1:
+            return None
+        return self.files.item(rows.pop(), 0).text()
+
+    def _on_file_selected(self) -> None:
+        d = self.details
+        if d is None:
+            return
+        picked = self.selected_file()
+        if picked and picked.endswith(".gguf"):
+            self.download_button.setText(f"Download {picked}")
+            self.download_button.setEnabled(True)
+        elif d.safetensors_bytes:
+            self.download_button.setText(f"Download model files ({human_bytes(d.safetensors_bytes)} of weights)")
+            self.download_button.setEnabled(True)
+        elif d.gguf_files:
+            self.download_button.setText("Select a .gguf file above to download it")
+            self.download_button.setEnabled(False)
+        else:
+            self.download_button.setText("No safetensors or GGUF weights to download")
+            self.download_button.setEnabled(False)
+        self._update_fit()
+
+    def _update_fit(self, *_args) -> None:
+        d = self.details
+        if d is None or not self._targets:
+            return
+        target = next((t for t in self._targets if t.key == self.device.currentData()), self._targets[0])
+        picked = self.selected_file()
+        gguf = picked if picked and picked.endswith(".gguf") else None
+        if gguf is None and not d.safetensors_bytes and d.gguf_files:
+            gguf = d.gguf_files[0].path  # the first quantization, until the user picks one
+        est = fit.estimate_for_details(d, self._shape, quantization=self.quant.currentText(),
+                                       context_len=self.context.value(), target=target, gguf_file=gguf,
+                                       notes=self._shape_notes)
+        prefix = f"{gguf}: " if gguf else ""
+        self.fit_result.setText(prefix + est.summary())
+        self.fit_result.setProperty("verdict", est.verdict)
+
+    def _request_download(self) -> None:
+        d = self.details
+        if d is None:
+            return
+        picked = self.selected_file()
+        files = [picked] if picked and picked.endswith(".gguf") else None
+        self.downloadRequested.emit(d.repo_id, files)

@@ -1,0 +1,168 @@
+"""What ``hearth bench`` runs: one validated options dataclass (no torch import).
+
+Fields left as ``None`` get defaults that depend on the device (``for_device``): the
+protocol sizes of BENCHMARKS.md on CUDA, small ones on CPU so the ``tiny`` shape finishes
+in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequestError
+
+SUITES = ("decode", "prefill", "throughput")
+BASELINES = ("hf",)
+
+# name: (CUDA default, CPU default). CUDA values are the protocol of BENCHMARKS.md.
+_DEVICE_DEFAULTS = {
+    "batch": ((1, 64), (1, 4)),
+    "prompt_len": (128, 32),
+    "output_len": (256, 16),
+    "prefill_lens": ((128, 512, 2048, 8192), (32, 128)),
+    "num_requests": (512, 12),
+    "min_len": (128, 8),
+    "max_len": (1024, 48),
+    "hf_num_requests": (64, 6),
+    "repeats": (3, 2),
+}
+# Engine sizes: at least these, more where the suites need it (CUDA, CPU).
+_MIN_NUM_SEQS = (256, 64)  # a throughput run keeps this many sequences in flight
+_MIN_BATCHED_TOKENS = (8192, 2048)  # token budget per step
+
+
+@dataclass(slots=True)
+class BenchOptions:
+    """Options of one benchmark run; validated on construction (InvalidRequestError).
+
+    Exactly one of ``shape`` (a name from ``engine.shapes``, random weights) or ``model``
+    (anything ``Engine.load`` accepts) is given. ``baseline="hf"`` also runs transformers
+    on the same weights and inputs.
+    """
+
+    suites: tuple[str, ...] = ("decode",)
+    shape: str | None = None
+    model: str | None = None
+    revision: str | None = None
+    baseline: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "auto"  # triton on a CUDA GPU, torch elsewhere
+    enforce_eager: bool = False
+    batch: tuple[int, ...] | None = None  # decode batch sizes
+    prompt_len: int | None = None  # decode prompt length
+    output_len: int | None = None  # decode new tokens
+    prefill_lens: tuple[int, ...] | None = None
+    num_requests: int | None = None  # throughput
+    min_len: int | None = None  # throughput prompt and output lengths: uniform in [min, max]
+    max_len: int | None = None
+    hf_num_requests: int | None = None  # throughput requests the baseline runs (a rate)
+    repeats: int | None = None  # timed repeats after a warm-up; the median counts
+    seed: int = 0
+    max_model_len: int | None = None  # default: what the chosen suites need
+    kv_cache_memory: int | str | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.suites, str):
+            self.suites = tuple(self.suites.split(","))
+        suites = []
+        for s in self.suites:
+            for name in (SUITES if s == "all" else [s]):
+                if name not in SUITES:
+                    raise InvalidRequestError(
+                        f"unknown suite {name!r}; choose from {', '.join(SUITES)} (or all)."
+                    )
+                if name not in suites:
+                    suites.append(name)
+        if not suites:
+            raise InvalidRequestError(f"no suite given; choose from {', '.join(SUITES)}.")
+        self.suites = tuple(suites)
+        if (self.shape is None) == (self.model is None):
+            raise InvalidRequestError("give exactly one of --shape (random weights) or --model.")
+        if self.shape is not None:
+            from engine.shapes import shape_config
+
+            shape_config(self.shape)  # raises with the list of known shapes
+            if self.revision is not None:
+                raise InvalidRequestError("--revision applies to Hub models, not to --shape; drop it.")
+        if self.baseline not in (None, *BASELINES):
+            raise InvalidRequestError(
+                f"unknown baseline {self.baseline!r}; the supported baseline is: {', '.join(BASELINES)}."
+            )
+        for name in ("batch", "prefill_lens"):
+            val = getattr(self, name)
+            if val is not None:
+                val = tuple(int(v) for v in val)
+                if not val or min(val) < 1:
+                    raise InvalidRequestError(f"--{name.replace('_', '-')} needs positive integers.")
+                setattr(self, name, val)
+        for name in ("prompt_len", "num_requests", "min_len", "max_len", "hf_num_requests",
+                     "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            val = getattr(self, name)
+            if val is not None and val < 1:
+                raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {val}.")
+        if self.output_len is not None and self.output_len < 2:
+            raise InvalidRequestError("--output-len must be at least 2 (decode speed is measured "
+                                      "after the first token).")
+        if self.repeats is not None and self.repeats < 1:
+            raise InvalidRequestError(f"--repeats must be at least 1, got {self.repeats}.")
+        if self.min_len is not None and self.max_len is not None and self.min_len > self.max_len:
+            raise InvalidRequestError(f"--min-len ({self.min_len}) is above --max-len ({self.max_len}).")
+
+    @property
+    def model_name(self) -> str:
+        """What ``Engine.load`` gets: ``shape:<name>`` or the model as given."""
+        return f"shape:{self.shape}" if self.shape is not None else self.model
+
+    def for_device(self, on_cuda: bool) -> "BenchOptions":
+        """A copy with every unset size filled in for the device (CUDA: the protocol)."""
+        pick = 0 if on_cuda else 1
+        fill = {k: v[pick] for k, v in _DEVICE_DEFAULTS.items() if getattr(self, k) is None}
+        out = dataclasses.replace(self, **fill)
+        if out.min_len > out.max_len:
+            raise InvalidRequestError(
+                f"--min-len {out.min_len} is above --max-len {out.max_len}; give both."
+            )
+        if out.max_num_seqs is None:
+            # Only throughput needs many sequences in flight; fewer means fewer CUDA graphs to capture.
+            floor = _MIN_NUM_SEQS[pick] if "throughput" in out.suites else 1
+            out.max_num_seqs = max(floor, max(out.batch))
+        if out.max_num_batched_tokens is None:
+            need = max(out.prefill_lens) if "prefill" in out.suites else 0
+            out.max_num_batched_tokens = max(_MIN_BATCHED_TOKENS[pick], need)
+        need = self.needed_context(out)
+        if out.max_model_len is None:
+            out.max_model_len = need
+        elif out.max_model_len < need:
+            raise InvalidRequestError(
+                f"--max-model-len {out.max_model_len} is too short for the chosen suites, which "
+                f"need {need} tokens; raise it or shorten the prompts / outputs."
+            )
+        if "decode" in out.suites and max(out.batch) > out.max_num_seqs:
+            raise InvalidRequestError(
+                f"decode batch {max(out.batch)} is above --max-num-seqs {out.max_num_seqs}, so it "
+                "would not run as one batch; raise --max-num-seqs."
+            )
+        if "prefill" in out.suites and max(out.prefill_lens) > out.max_num_batched_tokens:
+            raise InvalidRequestError(
+                f"a {max(out.prefill_lens)}-token prefill would be split into chunks of "
+                f"--max-num-batched-tokens {out.max_num_batched_tokens}; raise that to at least "
+                f"{max(out.prefill_lens)} so TTFT measures one forward."
+            )
+        return out
+
+    @staticmethod
+    def needed_context(o: "BenchOptions") -> int:
+        """The shortest context (tokens) that holds every request of the chosen suites."""
+        need = 16
+        if "decode" in o.suites:
+            need = max(need, o.prompt_len + o.output_len)
+        if "prefill" in o.suites:
+            need = max(need, max(o.prefill_lens) + 1)
+        if "throughput" in o.suites:
+            need = max(need, 2 * o.max_len)
+        return need

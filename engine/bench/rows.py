@@ -1,0 +1,77 @@
+"""Result rows in the BENCHMARKS.md shape: one flat dict per measurement.
+
+Every row has suite, engine, card, model, quant, attention, batch, prompt_len,
+output_len, date, commit, torch, plus the figures its suite measures (decode_tok_s,
+ttft_ms, output_tok_s, kv_waste_pct, weight_bytes) and a few extra columns.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROW_KEYS = ("suite", "engine", "card", "model", "quant", "attention", "batch", "prompt_len",
+            "output_len", "date", "commit", "torch")
+FIGURES = ("decode_tok_s", "ttft_ms", "output_tok_s", "kv_waste_pct", "perplexity", "weight_bytes")
+_QUANT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def card_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name()`` of the device, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def quant_name(dtype: torch.dtype) -> str:
+    """The weights' number format: "bf16", "fp16", "fp32" (quantization extends this)."""
+    return _QUANT.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def commit_id() -> str:
+    """``git rev-parse --short HEAD`` of Hearth's checkout, else $HEARTH_COMMIT, else "unknown"."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git here (e.g. a copied tree on a GPU box)
+    return os.environ.get("HEARTH_COMMIT") or "unknown"
+
+
+class RowMaker:
+    """Fills in the fields every row of one run shares."""
+
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, attention: str) -> None:
+        self.common = {
+            "card": card_name(device),
+            "model": model,
+            "quant": quant_name(dtype),
+            "date": datetime.date.today().isoformat(),
+            "commit": commit_id(),
+            "torch": torch.__version__,
+        }
+        self.attention = attention
+
+    def row(self, suite: str, engine: str, batch: int, prompt_len: int, output_len: int,
+            **figures) -> dict:
+        """One row; ``engine`` "hf" rows get attention "sdpa"."""
+        attention = "sdpa" if engine == "hf" else self.attention
+        row = {"suite": suite, "engine": engine, **self.common, "attention": attention,
+               "batch": batch, "prompt_len": prompt_len, "output_len": output_len}
+        row.update({k: v for k, v in figures.items() if v is not None})
+        return {k: row[k] for k in (*ROW_KEYS, *[k for k in row if k not in ROW_KEYS])}
+
+
+def leading_match(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,83 @@
+"""The ``triton`` attention backend: Hearth's paged Triton kernels (``kernels/``).
+
+Per layer and step: one kernel scatters this step's K/V into the paged cache, then a
+decode-only step runs the split-K decode kernel (one query per sequence, GQA groups
+sharing K/V tiles) and any step with prefill chunks runs the FlashAttention-2 style
+variable-length kernel, which also serves the decode rows mixed into such a step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.layers.attention import AttentionBackend, AttentionMetadata
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+
+
+class TritonAttention(AttentionBackend):
+    """Paged attention in Triton: fast on CUDA GPUs.
+
+    Runs on CUDA devices. With ``TRITON_INTERPRET=1`` set before Triton is first imported,
+    it also runs on the CPU through Triton's interpreter: very slow, meant for tests and
+    debugging only.
+
+    The decode kernel's grid needs a static upper bound on context lengths; it reads
+    ``meta.max_seq_len_bound`` when the metadata carries one (a CUDA-graph capture bound),
+    else ``meta.max_seq_len``. Likewise ``meta.max_query_len`` if present, else the max of
+    ``meta.query_lens_cpu``.
+    """
+
+    name = "triton"
+    cuda_graphs = True
+    fused_kernels = True
+
+    @classmethod
+    def available(cls, device: torch.device | str | None = None) -> list[str]:
+        reasons = []
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            reasons.append(f"Triton is not installed or failed to import ({e}); "
+                           "install it with `pip install triton` (Linux) or use attention='torch'")
+        try:
+            dev = torch.device(device) if device is not None else None
+        except (RuntimeError, TypeError):
+            return reasons + [f"unknown device {device!r}; pass 'cuda', 'cuda:N' or 'cpu'"]
+        if _interpreting() and (dev is None or dev.type == "cpu"):
+            pass  # Triton's interpreter runs the kernels on CPU tensors (tests, debugging)
+        elif dev is not None and dev.type != "cuda":
+            reasons.append(f"the triton backend runs on CUDA GPUs, not on {dev}; use attention='torch' "
+                           "there (tests may set TRITON_INTERPRET=1 to run it on CPU, slowly)")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA GPU is visible to PyTorch (CPU-only build, or no driver); "
+                           "use attention='torch'")
+        return reasons
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
+        # Imported here so that merely listing backends never imports Triton.
+        from kernels.kv_cache import write_kv_cache
+        from kernels.paged_decode import paged_decode_attention
+        from kernels.paged_prefill import paged_prefill_attention
+
+        self._write = write_kv_cache
+        self._decode = paged_decode_attention
+        self._prefill = paged_prefill_attention
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache``; returns [T, H, D]."""
+        self._write(k, v, kv_cache, meta.slot_mapping)
+        if meta.decode_only:
+            bound = getattr(meta, "max_seq_len_bound", None) or meta.max_seq_len
+            return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                sliding_window=self.sliding_window, max_seq_len=bound)
+        max_q = getattr(meta, "max_query_len", None) or max(meta.query_lens_cpu)
+        return self._prefill(q, kv_cache, meta.block_tables, meta.query_start, meta.seq_lens,
+                             self.scale, max_query_len=max_q, sliding_window=self.sliding_window)

@@ -1,0 +1,123 @@
+"""CUDA graphs for decode steps: capture once at load, replay every decode step.
+
+A decode step of a small batch is a few hundred tiny kernels; launched one by one from
+Python they cost more host time than the GPU needs to run them. Capturing the whole step
+(embedding -> layers -> final norm -> logits) in a CUDA graph per bucketed batch size
+turns it into one launch. Inputs live in static buffers the graphs read from; a step
+copies its ids, positions, slots, context lengths and block tables in, pads the batch up
+to the bucket (padding rows write to slot -1, which the KV-write kernel skips, and see a
+context of one junk token), replays, and reads the first ``n`` rows of the logits.
+
+The attention backend must be graph-safe: its decode path may depend only on tensor
+contents and on static shapes; ``max_seq_len_bound`` (the model's context length) stands
+in for the per-step maximum. All buckets share one memory pool (captured largest first),
+and the engine sizes the KV pool with ``reserve_bytes`` set aside before capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.layers.attention import AttentionMetadata
+
+log = logging.getLogger("hearth.runner")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to max_batch (max_batch itself included)."""
+    sizes = [b for b in (1, 2, 4, 8) if b <= max_batch]
+    sizes += list(range(16, max_batch + 1, 8))
+    if max_batch not in sizes:
+        sizes.append(max_batch)
+    return sorted(set(sizes))
+
+
+def reserve_bytes(max_batch: int, hidden: int, vocab: int, intermediate: int, itemsize: int) -> int:
+    """Memory to leave for the graphs' private pool: a decode step's activations at the
+    largest bucket (a few [bs, intermediate] and [bs, vocab] buffers) plus slack."""
+    per_row = (4 * hidden + 3 * intermediate + 2 * vocab) * itemsize
+    return 64 * 2**20 + max_batch * per_row
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches: list[torch.Tensor], device: torch.device, block_size: int,
+                 max_batch: int, max_model_len: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.buckets = batch_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        width = -(-max_model_len // block_size)
+        n = self.max_batch
+        # ids, positions and slots share one int64 buffer: one host->device copy per step.
+        self.longs = torch.zeros(3, n, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool_bytes = 0
+        self.replays = 0  # decode steps served by a graph (tests and stats)
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.longs[2, :bs], block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs], query_start=self.query_start[:bs + 1],
+            seq_lens_cpu=[1] * bs, query_lens_cpu=[1] * bs, max_seq_len=self.max_model_len,
+            block_size=self.block_size, max_seq_len_bound=self.max_model_len,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model(self.longs[0, :bs], self.longs[1, :bs], self.kv_caches, self._meta(bs))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self, progress=None) -> None:
+        t0 = time.perf_counter()
+        self.longs[2].fill_(-1)  # capture runs write nothing into the KV cache
+        before = torch.cuda.memory_reserved(self.device)
+        pool = None
+        for i, bs in enumerate(reversed(self.buckets)):
+            if progress is not None:
+                progress(f"capturing CUDA graphs: batch {bs} ({i + 1} of {len(self.buckets)})")
+            # Warm up outside the graph (compiles Triton kernels, sets up cuBLAS workspaces).
+            self._forward(bs)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self._forward(bs)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
+        log.info("captured %d decode graphs in %.1f s (%.0f MiB)", len(self.graphs),
+                 time.perf_counter() - t0, self.pool_bytes / 2**20)
+
+    def bucket_for(self, n: int) -> int | None:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    @torch.inference_mode()
+    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]]) -> torch.Tensor:
+        """One decode step for ``len(ids)`` sequences; returns their logits [n, vocab]."""
+        n = len(ids)
+        bs = self.bucket_for(n)
+        pad = bs - n
+        longs = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad],
+                             dtype=torch.long)
+        self.longs[:, :bs].copy_(longs, non_blocking=True)
+        self.seq_lens[:bs].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        width = max(len(t) for t in tables)
+        rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad
+        self.block_tables[:bs, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        self.graphs[bs].replay()
+        self.replays += 1
+        return self.logits[bs][:n]

@@ -1,0 +1,101 @@
+"""Rotary position embedding (RoPE, Su et al. 2021, RoFormer), applied in place to q and k.
+
+"Rotate half" layout of Hugging Face checkpoints: a head vector is split into halves
+(x1, x2) and, with c/s the cos/sin of angle ``pos * inv_freq_i``,
+
+    rope(x) = (x1*c - x2*s,  x2*c + x1*s)
+
+``cos``/``sin`` are the tables of ``engine.layers.rotary.RotaryEmbedding``: ``[max_pos,
+head_dim]`` in the model dtype with duplicated halves, so only the first half is read.
+Each product and the sum are rounded to the model dtype in the reference's order
+(``x*cos + rotate_half(x)*sin``), so low-precision results match it bit for bit up to
+fused multiply-adds the compiler may form.
+
+One program rotates every q and k head of one token: the token's cos/sin row is loaded
+once and shared by all heads (GQA and MHA alike).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(x_ptr, stride_h, c, s, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                  H_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, HALF_PAD)
+    mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HALF)
+    p1 = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
+    dt = x_ptr.dtype.element_ty
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    # Round every product, then the sum, to the model dtype as the eager reference does.
+    o1 = ((f1 * c).to(dt).to(tl.float32) + (-f2 * s).to(dt).to(tl.float32)).to(dt)
+    o2 = ((f2 * c).to(dt).to(tl.float32) + (f1 * s).to(dt).to(tl.float32)).to(dt)
+    tl.store(p1, o1, mask=mask)
+    tl.store(p1 + HALF, o2, mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+    QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    offs_d = tl.arange(0, HALF_PAD)
+    dmask = offs_d < HALF
+    c = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    tok64 = tok.to(tl.int64)
+    _rotate_heads(q_ptr + tok64 * stride_qt, stride_qh, c, s, NUM_Q_HEADS, HALF, QH_PAD, HALF_PAD)
+    _rotate_heads(k_ptr + tok64 * stride_kt, stride_kh, c, s, NUM_K_HEADS, HALF, KH_PAD, HALF_PAD)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q`` [T, H, D] and ``k`` [T, KVH, D] IN PLACE by their token's position.
+
+    ``positions`` is ``[T]`` (int32/int64, each < ``cos.shape[0]``: not checked on the device,
+    that would need a sync); ``cos``/``sin`` are ``[max_pos, D]`` tables with duplicated
+    halves. ``q``/``k`` may be strided views (slices of a fused qkv output) whose last axis
+    is contiguous. Returns ``(q, k)`` (the same tensors) for chaining.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"apply_rotary: q must be [T, H, D] and k [T, KVH, D], got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    if d % 2:
+        raise ValueError(f"apply_rotary: head_dim must be even, got {d}")
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"apply_rotary: positions must be int32/int64 of shape [{t}], got "
+                         f"{positions.dtype} {tuple(positions.shape)}")
+    for name, tab in (("cos", cos), ("sin", sin)):
+        if tab.dim() != 2 or tab.shape[1] != d or tab.stride(1) != 1:
+            raise ValueError(f"apply_rotary: {name} must be a [max_pos, {d}] table with a contiguous "
+                             f"last axis, got {tuple(tab.shape)}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"apply_rotary: q is {q.dtype} but k is {k.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("apply_rotary: the head_dim axis of q and k must be contiguous (stride 1)")
+    if t == 0:
+        return q, k
+    half = d // 2
+    qh_pad, kh_pad = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    half_pad = triton.next_power_of_2(half)
+    warps = min(max((qh_pad + kh_pad) * half_pad // 512, 1), 8)
+    _rotary_kernel[(t,)](
+        q, k, positions, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HALF=half,
+        QH_PAD=qh_pad, KH_PAD=kh_pad, HALF_PAD=half_pad, num_warps=warps,
+    )
+    return q, k

@@ -1,0 +1,43 @@
+"""GUI test fixtures: offscreen Qt, a private data folder and settings file, the bridge."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def gui_env(tmp_path, monkeypatch):
+    """HEARTH_DATA_DIR and a QSettings ini file of this test's own (never the user's)."""
+    from PySide6.QtCore import QSettings
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("HEARTH_DATA_DIR", str(data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    return {"data": data, "settings": settings, "tmp": tmp_path}
+
+
+@pytest.fixture
+def chat_model(tiny_models):
+    """A tiny random-weight Llama with SmolLM2's tokenizer and chat template."""
+    return str(tiny_models["llama-tied"])
+
+
+@pytest.fixture
+def bridge(qtbot):
+    from app.gui.bridge import EngineBridge
+
+    b = EngineBridge()
+    yield b
+    b.shutdown()
+
+
+def load_options(model: str, **over) -> dict:
+    opts = {"model": model, "device": "cpu", "attention": "torch", "dtype": "float32",
+            "max_model_len": 256, "kv_cache_memory": "16MiB", "quantization": "none"}
+    opts.update(over)
+    return opts

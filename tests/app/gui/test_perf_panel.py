@@ -1,0 +1,274 @@
+"""The Performance panel: a fake bridge feeds real engine.api events; fake NVML GPUs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PySide6.QtCore import QObject, Qt, Signal  # noqa: E402
+from PySide6.QtGui import QImage  # noqa: E402
+
+from app.gui.perf_panel import PerfPanel  # noqa: E402
+from app.services.telemetry import Telemetry  # noqa: E402
+from engine.api import EngineStats, FinishedEvent  # noqa: E402
+from engine.events import Timings, Usage  # noqa: E402
+from tests.app.services.fake_nvml import GIB, FakeNvml, no_driver  # noqa: E402
+
+
+class FakeBridge(QObject):
+    """The four EngineBridge signals the panel listens to, emitted by the test."""
+
+    statsUpdated = Signal(object)
+    requestFinished = Signal(str, object)
+    modelLoaded = Signal(dict)
+    modelUnloaded = Signal()
+    model_info = None
+
+
+def one_gpu(used_gib=30):
+    return FakeNvml([dict(name="NVIDIA H100", used=used_gib * GIB, total=80 * GIB, util=50)])
+
+
+def stats(running=2, waiting=1, used=30, total=120, gen=123.5, weights=10 * GIB, kv=15 * GIB):
+    return EngineStats(running, waiting, total, used, total - used, 16, 0.5, gen, 900.0, 0, 3,
+                       memory={"weights_bytes": weights, "kv_cache_bytes": kv, "process_rss_bytes": 1})
+
+
+def finished(rid="r1", ttft=120.0, tok_s=55.5, n_out=20):
+    return FinishedEvent(rid, "stop", Usage(9, n_out, 0), Timings(2.0, ttft, 18.0, tok_s, 500.0))
+
+
+@pytest.fixture(autouse=True)
+def _no_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def make_panel(qtbot, nvml, manual=True):
+    bridge = FakeBridge()
+    panel = PerfPanel(bridge, telemetry=Telemetry(nvml=nvml))
+    qtbot.addWidget(panel)
+    if manual:
+        panel.timer.stop()  # the tests tick by hand, so every point is known
+    panel.resize(1000, 760)
+    panel.show()
+    qtbot.waitExposed(panel)
+    return panel, bridge
+
+
+def ydata(panel, name):
+    y = panel.curves[name].yData
+    return [] if y is None else list(y)
+
+
+def test_panel_name_and_charts(qtbot):
+    panel, _ = make_panel(qtbot, one_gpu())
+    assert panel.objectName() == "perfPanel"
+    assert set(panel.plots) == {"ttft", "decode", "memory", "kv", "queue", "cpu"}
+
+
+def test_a_tick_puts_every_value_on_its_curve(qtbot):
+    panel, bridge = make_panel(qtbot, one_gpu(used_gib=30))
+    bridge.modelLoaded.emit({"name": "m", "device": "cuda:0"})
+    bridge.statsUpdated.emit(stats(running=3, waiting=2, used=30, total=120, gen=123.5))
+    bridge.requestFinished.emit("r1", finished(ttft=120.0, tok_s=55.5))
+    bridge.requestFinished.emit("r2", finished("r2", ttft=0.0, tok_s=0.0, n_out=0))  # no tokens
+    panel.tick()
+
+    assert ydata(panel, "ttft") == [120.0]  # the tokenless request draws no TTFT point
+    assert ydata(panel, "decode_request") == [55.5]
+    assert ydata(panel, "decode_aggregate") == [123.5]
+    assert ydata(panel, "kv_pct") == [25.0]
+    assert (ydata(panel, "running"), ydata(panel, "waiting")) == ([3.0], [2.0])
+    # Stacked tops in GiB: weights 10, + KV 15 = 25, + other (30 - 25) = 30 = used.
+    assert (ydata(panel, "weights"), ydata(panel, "kv"), ydata(panel, "other")) == ([10.0], [25.0], [30.0])
+    assert (ydata(panel, "gpu0_used"), ydata(panel, "gpu0_total")) == ([30.0], [80.0])
+    t = panel.curves["ttft"].xData[0]
+    assert 0 <= t <= panel.history.now() and panel.curves["running"].xData[0] >= t
+
+    assert not panel.no_gpu_label.isVisible() and not panel.plots["cpu"].isVisible()
+    assert not panel.curves["rss"].isVisible() and panel.curves["weights"].isVisible()
+    texts = {k: v.text() for k, v in panel.values.items()}
+    assert texts == {"ttft": "120 ms", "decode": "55.5 tok/s", "aggregate": "123.5 tok/s",
+                     "kv": "25 %", "memory": "30.0 / 80.0 GiB"}
+
+
+def test_two_ticks_append_and_the_split_follows_the_model(qtbot):
+    nvml = FakeNvml([dict(name="A", used=5 * GIB, total=24 * GIB), dict(name="B", used=20 * GIB, total=48 * GIB)])
+    panel, bridge = make_panel(qtbot, nvml)
+    panel.tick()  # no model yet: GPU lines only, no bands
+    bridge.modelLoaded.emit({"device": "cuda:1"})
+    bridge.statsUpdated.emit(stats(weights=4 * GIB, kv=6 * GIB))
+    nvml.gpus[1]["used"] = 22 * GIB
+    panel.tick()
+    assert ydata(panel, "gpu0_used") == [5.0, 5.0]
+    assert ydata(panel, "gpu1_used") == [20.0, 22.0]
+    assert ydata(panel, "weights") == [0.0, 4.0] and ydata(panel, "other") == [0.0, 22.0]
+    assert math.isnan(ydata(panel, "running")[0]) and ydata(panel, "running")[1] == 2.0
+    bridge.modelUnloaded.emit()
+    panel.tick()
+    assert ydata(panel, "weights")[-1] == 0.0 and math.isnan(ydata(panel, "kv_pct")[-1])
+    assert panel.values["memory"].text() == "GPU0 5.0 / 24.0 GiB  GPU1 22.0 / 48.0 GiB"
+
+
+def test_the_timer_samples_on_its_own(qtbot):
+    panel, bridge = make_panel(qtbot, one_gpu(), manual=False)
+    bridge.statsUpdated.emit(stats(running=1))
+    qtbot.waitUntil(lambda: len(ydata(panel, "running")) >= 2, timeout=5000)
+    assert set(ydata(panel, "running")) == {1.0}
+
+
+def test_pause_freezes_the_charts_but_keeps_recording(qtbot):
+    panel, bridge = make_panel(qtbot, one_gpu())
+    bridge.requestFinished.emit("a", finished("a", ttft=100.0))
+    panel.tick()
+    qtbot.mouseClick(panel.pause_button, Qt.MouseButton.LeftButton)
+    assert panel.paused and panel.pause_button.text() == "Resume"
+    bridge.requestFinished.emit("b", finished("b", ttft=200.0))
+    bridge.statsUpdated.emit(stats(running=7))
+    panel.tick()
+    panel.tick()
+    assert ydata(panel, "ttft") == [100.0] and len(ydata(panel, "running")) == 1
+    assert panel.values["ttft"].text() == "100 ms"
+    assert len(panel.history.requests) == 2 and len(panel.history.samples) == 3
+    qtbot.mouseClick(panel.pause_button, Qt.MouseButton.LeftButton)
+    assert not panel.paused and panel.pause_button.text() == "Pause"
+    assert ydata(panel, "ttft") == [100.0, 200.0] and ydata(panel, "running")[1:] == [7.0, 7.0]
+
+
+def test_clear_empties_charts_and_numbers(qtbot):
+    panel, bridge = make_panel(qtbot, one_gpu())
+    bridge.statsUpdated.emit(stats())
+    bridge.requestFinished.emit("a", finished())
+    panel.tick()
+    panel.set_paused(True)  # clearing works while paused too
+    qtbot.mouseClick(panel.findChild(type(panel.pause_button), "perfClearButton"), Qt.MouseButton.LeftButton)
+    for name in ("ttft", "decode_request", "decode_aggregate", "running", "weights", "gpu0_used"):
+        assert ydata(panel, name) == [], name
+    assert all(v.text() == "—" for v in panel.values.values())
+    assert len(panel.history) == 0
+
+
+def test_export_png_is_a_picture_of_the_panel(qtbot, tmp_path):
+    panel, bridge = make_panel(qtbot, one_gpu())
+    bridge.statsUpdated.emit(stats())
+    panel.tick()
+    path = tmp_path / "perf.png"
+    panel.export_png(path)
+    img = QImage(str(path))
+    assert path.stat().st_size > 1000 and not img.isNull()
+    dpr = panel.devicePixelRatioF()
+    assert (img.width(), img.height()) == (round(panel.width() * dpr), round(panel.height() * dpr))
+    # Not a blank grab: the picture has many colours (charts, text).
+    assert len({img.pixel(x, y) for x in range(0, img.width(), 7) for y in range(0, img.height(), 7)}) > 5
+
+
+def test_export_csv_writes_the_recorded_rows(qtbot, tmp_path):
+    panel, bridge = make_panel(qtbot, one_gpu())
+    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.statsUpdated.emit(stats())
+    bridge.requestFinished.emit("r1", finished(ttft=98.5))
+    panel.tick()
+    panel.tick()
+    path = tmp_path / "perf.csv"
+    assert panel.export_csv(path) == 3
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["series"] for r in rows] == ["request", "sample", "sample"]
+    assert float(rows[0]["ttft_ms"]) == 98.5 and rows[0]["request_id"] == "r1"
+    assert float(rows[1]["gpu0_weights_bytes"]) == 10 * GIB and float(rows[2]["running"]) == 2
+
+
+def test_export_buttons_use_the_chosen_path_and_report_failures(qtbot, tmp_path):
+    panel, _ = make_panel(qtbot, one_gpu())
+    panel.tick()
+    asked = []
+    panel.choose_save_path = lambda caption, name, filt: asked.append((name, filt)) or str(tmp_path / "out")
+    qtbot.mouseClick(panel.findChild(type(panel.pause_button), "perfExportCsvButton"), Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(panel.findChild(type(panel.pause_button), "perfExportPngButton"), Qt.MouseButton.LeftButton)
+    assert (tmp_path / "out.csv").is_file() and not QImage(str(tmp_path / "out.png")).isNull()
+    assert asked[0][0].endswith(".csv") and "*.png" in asked[1][1]
+    assert "out.png" in panel.message.text()
+    panel.choose_save_path = lambda *a: str(tmp_path / "missing-folder" / "x.csv")
+    qtbot.mouseClick(panel.findChild(type(panel.pause_button), "perfExportCsvButton"), Qt.MouseButton.LeftButton)
+    assert panel.message.text().startswith("Could not save") and "folder" in panel.message.text()
+    panel.choose_save_path = lambda *a: None  # cancelled dialog: nothing happens
+    qtbot.mouseClick(panel.findChild(type(panel.pause_button), "perfExportPngButton"), Qt.MouseButton.LeftButton)
+    assert panel.message.text().startswith("Could not save")
+
+
+def test_without_nvml_the_panel_explains_and_shows_process_memory(qtbot):
+    panel, bridge = make_panel(qtbot, no_driver())
+    bridge.modelLoaded.emit({"device": "cpu"})
+    bridge.statsUpdated.emit(stats(weights=GIB // 8, kv=GIB // 16))
+    panel.tick()
+    assert panel.no_gpu_label.isVisible()
+    text = panel.no_gpu_label.text()
+    assert text.startswith("No NVIDIA GPU: showing process memory and CPU") and "NVML Shared Library" in text
+    assert panel.plots["cpu"].isVisible() and panel.curves["rss"].isVisible()
+    assert not any(name.startswith("gpu") for name in panel.curves)
+    last = panel.history.last_sample
+    assert ydata(panel, "rss") == [last.process_rss_bytes / GIB] and last.process_rss_bytes > 0
+    assert ydata(panel, "ram_total") == [last.ram_total_bytes / GIB] and last.ram_total_bytes > 0
+    assert ydata(panel, "process_cpu") == [last.process_cpu_pct]
+    # A CPU model's weights and KV cache are part of RSS: same stack, topped by RSS.
+    assert ydata(panel, "weights") == [0.125] and ydata(panel, "kv") == [0.1875]
+    assert ydata(panel, "other") == pytest.approx([last.process_rss_bytes / GIB])
+    assert panel.captions["memory"].text() == "Memory" and panel.values["memory"].text().startswith("RSS ")
+
+
+def test_redraw_is_skipped_while_hidden_and_catches_up_when_shown(qtbot):
+    panel, bridge = make_panel(qtbot, one_gpu())
+    panel.hide()
+    bridge.statsUpdated.emit(stats(running=4))
+    panel.tick()
+    assert ydata(panel, "running") == []
+    panel.show()
+    assert ydata(panel, "running") == [4.0]
+
+
+def test_end_to_end_with_the_real_bridge(qtbot, bridge, chat_model):
+    from engine.api import SamplingParams
+    from tests.app.gui.conftest import load_options
+
+    panel = PerfPanel(bridge, telemetry=Telemetry(nvml=no_driver()))
+    qtbot.addWidget(panel)
+    panel.timer.stop()
+    panel.show()
+    seen = []
+    bridge.statsUpdated.connect(seen.append)
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        bridge.load(load_options(chat_model))
+    qtbot.waitUntil(lambda: bool(seen), timeout=10_000)
+    with qtbot.waitSignal(bridge.requestFinished, timeout=60_000) as blocker:
+        bridge.submit(prompt="The quick brown fox", params=SamplingParams(max_tokens=6, temperature=0.0))
+    ev = blocker.args[1]
+    assert ev.reason == "length" and ev.usage.completion_tokens == 6
+    panel.tick()
+    assert ydata(panel, "ttft") == [ev.timings.ttft_ms]
+    assert ydata(panel, "decode_request") == [ev.timings.decode_tok_s]
+    assert ydata(panel, "running") == [float(seen[-1].num_running)]  # the latest stats
+    assert ydata(panel, "kv_pct") == [100 * seen[-1].kv_blocks_used / seen[-1].kv_blocks_total]
+    weights = np.float64(panel.history.last_sample.weights_bytes) / GIB
+    assert ydata(panel, "weights") == [weights] and weights > 0
+
+
+def test_a_new_load_forgets_the_old_model(qtbot):
+    class LoadingBridge(FakeBridge):
+        modelLoading = Signal(str)
+
+    bridge = LoadingBridge()
+    panel = PerfPanel(bridge, telemetry=Telemetry(nvml=one_gpu()))
+    qtbot.addWidget(panel)
+    panel.timer.stop()
+    panel.show()
+    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.statsUpdated.emit(stats())
+    panel.tick()
+    bridge.modelLoading.emit("next-model")
+    panel.tick()
+    assert ydata(panel, "weights") == [10.0, 0.0] and math.isnan(ydata(panel, "running")[1])

@@ -1,0 +1,255 @@
+"""DownloadManager against the local fake Hub with the real huggingface_hub client:
+progress, cancel, resume (in-call, after a failure, after a restart), queue, errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from app.services import downloads as dl
+from app.services.downloads import CANCELLED, DONE, FAILED, QUEUED, RUNNING, DownloadManager
+from tests.app.hub_fixtures import GATED, GGUF_REPO, GOOD_TOKEN, TINY, fake_hub, repo_files
+
+__all__ = ["fake_hub"]
+
+WEIGHTS = "model.safetensors"
+MODEL_FILES = {"config.json", WEIGHTS, "tokenizer.json"}
+TIMEOUT = 30
+
+
+@pytest.fixture
+def managers():
+    """Make managers that are always shut down, so no worker outlives its test."""
+    made: list[DownloadManager] = []
+
+    def make(**kwargs) -> DownloadManager:
+        kwargs.setdefault("retry_wait_s", 0.01)
+        m = DownloadManager(**kwargs)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.shutdown()
+
+
+def _partials(cache: Path) -> list[Path]:
+    return list(cache.rglob("*.incomplete")) if cache.exists() else []
+
+
+def _record(manager):
+    events, lock = [], threading.Lock()
+
+    def on(status):
+        with lock:
+            events.append(status)
+
+    manager.subscribe(on)
+    return events
+
+
+def test_download_into_the_hf_cache_with_progress(fake_hub, managers):
+    from huggingface_hub import snapshot_download
+
+    fake_hub.throttle(WEIGHTS, 0.01, chunk_size=32 * 1024)  # ~20 pieces: several progress events
+    m = managers()
+    events = _record(m)
+    status = m.wait(m.enqueue(TINY), TIMEOUT)
+    files = repo_files()[TINY]
+    assert status.state == DONE, status.error
+    total = sum(len(files[n]) for n in MODEL_FILES)
+    assert status.bytes_done == status.bytes_total == total
+    # The snapshot holds the model files only (no README, no pickle), byte for byte.
+    path = Path(status.path)
+    assert {p.name for p in path.iterdir()} == MODEL_FILES
+    for name in MODEL_FILES:
+        assert (path / name).read_bytes() == files[name]
+    # huggingface_hub itself sees a complete cache entry: offline snapshot of "main" resolves.
+    assert Path(snapshot_download(TINY, local_files_only=True)) == path
+    assert fake_hub.downloads(WEIGHTS) == 1 and _partials(fake_hub.cache) == []
+    # Progress: states in order, bytes never go back, speed and ETA were reported.
+    states = [e.state for e in events]
+    assert states[0] == QUEUED and RUNNING in states and states[-1] == DONE
+    running = [e for e in events if e.state == RUNNING and e.bytes_total]
+    done_bytes = [e.bytes_done for e in running]
+    assert done_bytes == sorted(done_bytes) and len(set(done_bytes)) >= 3
+    assert any(e.speed_bps > 0 and e.eta_s is not None for e in running)
+    assert any(e.current_file == WEIGHTS for e in running)
+
+
+def test_cancel_stops_the_transfer_and_deletes_the_partial(fake_hub, managers):
+    fake_hub.throttle(WEIGHTS, 0.05, chunk_size=16 * 1024)   # ~2 s for the whole file
+    m = managers()
+    started = threading.Event()
+    m.subscribe(lambda s: started.set() if s.current_file == WEIGHTS and s.bytes_done > 0 else None)
+    did = m.enqueue(TINY)
+    assert started.wait(TIMEOUT)
+    m.cancel(did)
+    status = m.wait(did, TIMEOUT)
+    assert status.state == CANCELLED
+    assert _partials(fake_hub.cache) == []
+    assert fake_hub.bytes_sent(WEIGHTS) < len(repo_files()[TINY][WEIGHTS])
+    # Retry starts again; the small files already done are not fetched twice.
+    fake_hub.throttle(WEIGHTS, 0.0)
+    m.retry(did)
+    assert m.wait(did, TIMEOUT).state == DONE
+    assert fake_hub.downloads("config.json") == 1
+
+
+def test_dropped_connection_resumes_with_a_range_request(fake_hub, managers):
+    size = len(repo_files()[TINY][WEIGHTS])
+    fake_hub.interrupt(WEIGHTS, after_bytes=400_000)
+    m = managers(max_retries=2)
+    status = m.wait(m.enqueue(TINY), TIMEOUT)
+    assert status.state == DONE, status.error
+    first, second = fake_hub.ranges(WEIGHTS)
+    assert first is None and second.startswith("bytes=")
+    start = int(second[len("bytes="):-1])
+    assert 0 < start <= 400_000
+    # Only the missing tail was sent again, and the file is intact.
+    assert fake_hub.bytes_sent(WEIGHTS) == 400_000 + (size - start)
+    assert (Path(status.path) / WEIGHTS).read_bytes() == repo_files()[TINY][WEIGHTS]
+
+
+def test_failed_download_resumes_from_the_partial_file_after_a_restart(fake_hub, managers, tmp_path):
+    size = len(repo_files()[TINY][WEIGHTS])
+    fake_hub.interrupt(WEIGHTS, after_bytes=300_000)
+    first = managers(max_retries=0)
+    did = first.enqueue(TINY)
+    status = first.wait(did, TIMEOUT)
+    assert status.state == FAILED and status.error_kind == "offline"
+    assert "connection dropped" in status.error and "Retry" in status.error
+    (partial,) = _partials(fake_hub.cache)
+    kept = partial.stat().st_size
+    assert 0 < kept <= 300_000 and partial.name.endswith(".incomplete")
+    first.shutdown()
+
+    again = managers()          # a new app session: the queue comes back from JSON
+    (restored,) = again.list()
+    assert (restored.id, restored.state, restored.repo_id) == (did, FAILED, TINY)
+    again.retry(did)
+    status = again.wait(did, TIMEOUT)
+    assert status.state == DONE, status.error
+    assert fake_hub.ranges(WEIGHTS)[-1] == f"bytes={kept}-"
+    assert fake_hub.bytes_sent(WEIGHTS) == 300_000 + (size - kept)
+    assert (Path(status.path) / WEIGHTS).read_bytes() == repo_files()[TINY][WEIGHTS]
+
+
+def test_quitting_mid_download_resumes_on_the_next_start(fake_hub, managers):
+    fake_hub.throttle(WEIGHTS, 0.05, chunk_size=16 * 1024)
+    first = managers()
+    half = threading.Event()
+    first.subscribe(lambda s: half.set() if s.current_file == WEIGHTS and s.bytes_done > 200_000 else None)
+    did = first.enqueue(TINY)
+    assert half.wait(TIMEOUT)
+    first.shutdown()
+    assert first.get(did).state == QUEUED          # not cancelled: will resume
+    (partial,) = _partials(fake_hub.cache)
+    kept = partial.stat().st_size
+    assert kept > 0
+
+    fake_hub.throttle(WEIGHTS, 0.0)
+    second = managers()                             # autostart picks the queue up
+    status = second.wait(did, TIMEOUT)
+    assert status.state == DONE, status.error
+    assert fake_hub.ranges(WEIGHTS)[-1] == f"bytes={kept}-"
+    assert (Path(status.path) / WEIGHTS).read_bytes() == repo_files()[TINY][WEIGHTS]
+
+
+def test_several_downloads_queue_and_run_in_order(fake_hub, managers):
+    fake_hub.throttle(WEIGHTS, 0.02, chunk_size=64 * 1024)
+    m = managers(max_parallel=1)
+    a = m.enqueue(TINY)
+    b = m.enqueue(GGUF_REPO, files=["tiny-chat.Q4_K_M.gguf"])
+    assert m.enqueue(TINY) == a                      # the same download is not queued twice
+    assert m.get(b).state == QUEUED
+    assert m.wait(a, TIMEOUT).state == DONE
+    gguf = m.wait(b, TIMEOUT)
+    assert gguf.state == DONE
+    # A single picked file: the path is that file, ready to load.
+    assert Path(gguf.path).name == "tiny-chat.Q4_K_M.gguf"
+    assert Path(gguf.path).read_bytes() == repo_files()[GGUF_REPO]["tiny-chat.Q4_K_M.gguf"]
+    # b ran only after a finished.
+    order = [(e["path"].rsplit("/", 1)[-1]) for e in fake_hub.log if e["method"] == "GET" and "/resolve/" in e["path"]]
+    assert order.index("tiny-chat.Q4_K_M.gguf") > order.index(WEIGHTS)
+
+
+def test_cancel_a_queued_download(fake_hub, managers):
+    fake_hub.throttle(WEIGHTS, 0.05, chunk_size=16 * 1024)
+    m = managers(max_parallel=1)
+    a = m.enqueue(TINY)
+    b = m.enqueue(GGUF_REPO, files=["tiny-chat.Q8_0.gguf"])
+    m.cancel(b)
+    assert m.get(b).state == CANCELLED
+    m.cancel(a)
+    assert m.wait(a, TIMEOUT).state == CANCELLED
+    assert fake_hub.downloads("tiny-chat.Q8_0.gguf") == 0
+
+
+def test_gated_repo_needs_accepted_terms_and_a_token(fake_hub, managers):
+    m = managers()
+    status = m.wait(m.enqueue(GATED), TIMEOUT)
+    assert status.state == FAILED and status.error_kind == "gated"
+    assert status.error_url == f"https://huggingface.co/{GATED}"
+    assert f"accept its terms while logged in at https://huggingface.co/{GATED}" in status.error
+    token = {"value": GOOD_TOKEN}
+    ok = managers(token_provider=lambda: token["value"], state_file=Path(m._state_file).with_name("b.json"))
+    assert ok.wait(ok.enqueue(GATED), TIMEOUT).state == DONE
+
+
+def test_rejected_token_is_401(fake_hub, managers):
+    fake_hub.valid_tokens = {GOOD_TOKEN}
+    m = managers(token_provider=lambda: "hf_revoked0000")
+    status = m.wait(m.enqueue(TINY), TIMEOUT)
+    assert status.state == FAILED and status.error_kind == "unauthorized"
+    assert "rejected the access token" in status.error and "hf_revoked0000" not in status.error
+
+
+def test_unknown_repo_and_file_are_not_found(fake_hub, managers):
+    m = managers()
+    status = m.wait(m.enqueue("nobody/nothing"), TIMEOUT)
+    assert status.state == FAILED and status.error_kind == "not_found"
+    assert "'nobody/nothing' was not found on the Hub" in status.error
+    status = m.wait(m.enqueue(TINY, files=["gone.gguf"]), TIMEOUT)
+    assert status.error_kind == "not_found" and "gone.gguf" in status.error
+
+
+def test_repos_without_safetensors_say_what_to_pick(fake_hub, managers):
+    m = managers()
+    status = m.wait(m.enqueue(GGUF_REPO), TIMEOUT)
+    assert status.state == FAILED and "pick one of them" in status.error
+    fake_hub.add_repo("old/pickle-only", {"config.json": b"{}", "pytorch_model.bin": b"x"})
+    status = m.wait(m.enqueue("old/pickle-only"), TIMEOUT)
+    assert status.state == FAILED and "never downloads pickle" in status.error
+
+
+def test_disk_full(fake_hub, managers, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(dl.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    m = managers()
+    status = m.wait(m.enqueue(TINY), TIMEOUT)
+    assert status.state == FAILED and status.error_kind == "disk_full"
+    assert "not enough disk space" in status.error and "GiB free" in status.error
+
+
+def test_offline(fake_hub, managers):
+    fake_hub.stop()
+    m = managers()
+    status = m.wait(m.enqueue(TINY), TIMEOUT)
+    assert status.state == FAILED and status.error_kind == "offline"
+    assert "check the network" in status.error
+
+
+def test_queue_state_file_survives_and_forgets(fake_hub, managers):
+    m = managers(autostart=False)
+    did = m.enqueue(TINY)
+    m.shutdown()
+    restored = managers(autostart=False)
+    assert [(s.id, s.state) for s in restored.list()] == [(did, QUEUED)]
+    restored.cancel(did)
+    restored.remove(did)
+    assert managers(autostart=False).list() == []

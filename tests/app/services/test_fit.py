@@ -1,0 +1,137 @@
+"""The fit estimate against numbers computed by hand (in the comments) from the formulas."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from app.services import fit
+from app.services.fit import AS_PUBLISHED, GIB, MemoryTarget, ModelShape
+from tests.app.hub_fixtures import GATED, GGUF_REPO, TINY, TINY_CONFIG, TINY_TENSORS, fake_hub
+from tests.app.services.fake_nvml import GIB as NVML_GIB
+from tests.app.services.fake_nvml import no_driver, two_gpus
+
+__all__ = ["fake_hub"]
+
+# Llama-3-8B's config.json (the fields the estimate reads).
+LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "vocab_size": 128256, "max_position_embeddings": 8192, "tie_word_embeddings": False}
+
+
+def test_shape_from_llama3_config():
+    s = ModelShape.from_config(LLAMA3_8B)
+    assert (s.num_layers, s.num_kv_heads, s.head_dim) == (32, 8, 128)    # 4096 / 32 heads
+    assert s.embedding_params == 2 * 128256 * 4096                        # untied: embed + head
+    assert s.max_context == 8192
+    tied = ModelShape.from_config({**LLAMA3_8B, "tie_word_embeddings": True, "head_dim": 256})
+    assert tied.embedding_params == 128256 * 4096 and tied.head_dim == 256
+    # Multimodal configs keep the language model under text_config.
+    assert ModelShape.from_config({"text_config": LLAMA3_8B}).num_layers == 32
+    assert not ModelShape.from_config({}).has_kv_shape
+
+
+def test_kv_cache_bytes_by_hand():
+    # Llama-3-8B at 8192 tokens: 2 * 32 layers * 8 heads * 128 dims * 2 bytes * 8192 = 1 GiB exactly.
+    assert fit.kv_cache_bytes(32, 8, 128, 8192) == 1 * GIB
+    assert fit.kv_cache_bytes(2, 2, 16, 100) == 2 * 2 * 2 * 16 * 2 * 100
+
+
+def test_weight_bytes_per_quantization():
+    n = 8_030_261_248  # Llama-3-8B's parameter count on the Hub
+    assert fit.weight_bytes(n, "bf16") == 2 * n
+    assert fit.weight_bytes(n, "fp32") == 4 * n
+    assert fit.weight_bytes(n, "int8") == n
+    # int4: half a byte per weight plus a 2-byte scale and a 2-byte zero per 128 weights.
+    assert fit.weight_bytes(n, "int4") == round(n * (0.5 + 4 / 128))
+    # Embeddings stay in 16 bit: 1000 of 10_000 params at 2 B, the rest at 0.53125 B.
+    assert fit.weight_bytes(10_000, "awq", embedding_params=1000) == 2000 + round(9000 * 0.53125)
+    assert fit.weight_bytes(10_000, "nf4", embedding_params=1000) == 2000 + round(9000 * (0.5 + 4 / 64))
+    # ... but a 16-bit choice ignores the split.
+    assert fit.weight_bytes(10_000, "fp16", embedding_params=1000) == 20_000
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        fit.weight_bytes(1, "int3")
+
+
+def test_verdicts_and_numbers():
+    shape = ModelShape.from_config(LLAMA3_8B)
+    n = 8_030_261_248
+    weights, kv = 2 * n, 1 * GIB                      # bf16, 8192 tokens
+    need = weights + kv + round((weights + kv) * 0.10)
+    big = MemoryTarget("cuda:0", "GPU 0 (H100)", 80 * GIB, 80 * GIB)
+    est = fit.estimate(num_params=n, shape=shape, quantization="bf16", context_len=8192, target=big)
+    assert (est.weights_bytes, est.kv_cache_bytes, est.total_bytes) == (weights, kv, need)
+    assert est.verdict == "fits"
+    # weights 14.96 GiB + KV 1 GiB = 15.96 GiB, plus 10% = 17.55 GiB.
+    assert need / GIB == pytest.approx(17.553, abs=1e-3)
+    # 19 GiB free: 17.55 > 0.9 * 19 = 17.1 -> tight; 17 GiB -> won't fit.
+    tight = fit.estimate(num_params=n, shape=shape, quantization="bf16", context_len=8192,
+                         target=MemoryTarget("cuda:1", "GPU 1", 19 * GIB, 24 * GIB))
+    assert tight.verdict == "tight"
+    nofit = fit.estimate(num_params=n, shape=shape, quantization="bf16", context_len=8192,
+                         target=MemoryTarget("cpu", "RAM", 17 * GIB, 32 * GIB))
+    assert nofit.verdict == "won't fit"
+    assert nofit.summary().startswith("won't fit: needs 17.6 GiB (weights 15.0 + KV 1.0 + overhead 1.6), "
+                                      "RAM has 17.0 GiB free: pick a smaller quantization")
+    # int4 (embeddings kept in 16 bit): 1.05e9 * 2 + 6.98e9 * 0.53125 = 5.81e9 B = 5.41 GiB,
+    # + 1 GiB KV, + 10% = 7.05 GiB: fits in the 17 GiB.
+    q = fit.estimate(num_params=n, shape=shape, quantization="int4", context_len=8192,
+                     target=MemoryTarget("cpu", "RAM", 17 * GIB, 32 * GIB))
+    assert q.weights_bytes == round(1_050_673_152 * 2 + (n - 1_050_673_152) * 0.53125)
+    assert q.total_bytes / GIB == pytest.approx(7.05, abs=0.01) and q.verdict == "fits"
+
+
+def test_unknown_shape_and_size_say_so():
+    t = MemoryTarget("cpu", "RAM", 8 * GIB, 16 * GIB)
+    est = fit.estimate(num_params=1000, shape=ModelShape(), quantization="bf16", context_len=4096, target=t)
+    assert est.kv_cache_bytes == 0 and any("KV cache not counted" in n for n in est.notes)
+    est = fit.estimate(num_params=None, shape=ModelShape(), quantization="bf16", context_len=4096, target=t)
+    assert est.verdict == "unknown"
+    est = fit.estimate(num_params=None, shape=ModelShape(), quantization=AS_PUBLISHED, context_len=4096,
+                       target=t, published_weight_bytes=3 * GIB)
+    assert est.weights_bytes == 3 * GIB and est.verdict == "fits"
+    long = fit.estimate(num_params=1000, shape=ModelShape(1, 1, 1, 0, 2048), quantization="bf16",
+                        context_len=4096, target=t)
+    assert any("at most 2048 tokens" in n for n in long.notes)
+
+
+def test_memory_targets_from_nvml_and_psutil():
+    vm = SimpleNamespace(available=12 * GIB, total=64 * GIB)
+    targets = fit.memory_targets(nvml=two_gpus(), psutil_module=SimpleNamespace(virtual_memory=lambda: vm))
+    assert [(t.key, t.free_bytes, t.total_bytes) for t in targets] == [
+        ("cuda:0", 50 * NVML_GIB, 80 * NVML_GIB), ("cuda:1", 23 * NVML_GIB, 24 * NVML_GIB),
+        ("cpu", 12 * GIB, 64 * GIB)]
+    assert targets[0].label == "GPU 0 (NVIDIA H100 80GB HBM3)"
+    nvml = no_driver()
+    only_ram = fit.memory_targets(nvml=nvml, psutil_module=SimpleNamespace(virtual_memory=lambda: vm))
+    assert [t.key for t in only_ram] == ["cpu"]
+    assert "nvmlShutdown" not in nvml.calls  # never shut down what did not start
+
+
+def test_estimate_for_a_hub_repo(fake_hub):
+    """Param count from the Hub's safetensors metadata, shape from config.json alone."""
+    n = sum(math.prod(s) for s in TINY_TENSORS.values())
+    t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
+    est = fit.estimate_for_repo(TINY, quantization="int8", context_len=1024, target=t)
+    embed = 2 * 1000 * 64                                  # untied 1000 x 64 embeddings
+    assert est.weights_bytes == round(embed * 2 + (n - embed) * 1.0)
+    head_dim = TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
+    assert est.kv_cache_bytes == 2 * 2 * 2 * head_dim * 2 * 1024
+    assert est.verdict == "fits" and est.notes == ()
+    # Only the small files were fetched: no weights, nothing in the HF cache.
+    assert fake_hub.downloads("model.safetensors") == 0
+    assert not fake_hub.cache.exists() or not any(fake_hub.cache.iterdir())
+
+
+def test_estimate_for_gguf_and_gated_repos(fake_hub):
+    from app.services.hub import model_details
+
+    t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
+    d = model_details(GGUF_REPO)
+    est = fit.estimate_for_repo(GGUF_REPO, quantization=AS_PUBLISHED, context_len=512, target=t, details=d,
+                                gguf_file="tiny-chat.Q8_0.gguf")
+    assert est.weights_bytes == 250_004 and est.kv_cache_bytes == 0
+    assert any("KV cache not counted" in n for n in est.notes)
+    gated = fit.estimate_for_repo(GATED, quantization="bf16", context_len=512, target=t)
+    assert gated.weights_bytes == 2 * 64 and any("config.json unavailable (gated)" in n for n in gated.notes)
