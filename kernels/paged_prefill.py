@@ -26,7 +26,7 @@ diagonal (masked). Tiles that no row sees are never visited.
 Work list without host data: programs are numbered over "q blocks"; sequence s's blocks
 start at ``query_start[s] // block_q + s`` (an upper bound of the blocks before it), so a
 program finds its sequence by binary search over ``query_start`` and the grid,
-``T // block_q + B``, depends only on the step's shape, not on its contents.
+``(kv_heads, T // block_q + B)``, depends only on the step's shape, not on its contents.
 """
 
 from __future__ import annotations
@@ -99,8 +99,10 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    q_block = tl.program_id(0)
-    kvh = tl.program_id(1)
+    # kv heads vary fastest in launch order and q blocks run last-to-first: the tiles with
+    # the most keys (late queries of long prompts) start first instead of forming a tail.
+    kvh = tl.program_id(0)
+    q_block = tl.num_programs(1) - 1 - tl.program_id(1)
     seq = _find_sequence(query_start_ptr, num_seqs, q_block, BLOCK_Q)
     q_begin = tl.load(query_start_ptr + seq)
     qlen = tl.load(query_start_ptr + seq + 1) - q_begin
@@ -161,8 +163,7 @@ def _prefill_kernel(
                                      DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only on padding rows
-    tok_o = (q_begin + qi).to(tl.int64)
-    tl.store(out_ptr + tok_o[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+    tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
 
 
@@ -170,18 +171,18 @@ def _prefill_kernel(
 def _config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) for a head size and dtype, for Hopper.
 
-    128 x 64 tiles with 8 warps and 3 stages are the usual FlashAttention-2 sweet spot at
-    d <= 128 in 16-bit; d = 256 halves the key tile to stay within shared memory; fp32
-    (CPU tests, debugging) uses small tiles.
+    128 x 64 tiles (wgmma, 8 warps; 4 warps spill at d=64) are the usual FlashAttention-2
+    sweet spot in 16-bit. Three stages are needed for K/V double-buffering because each key tile's
+    address comes from a block-table load one stage earlier. d=256 takes 64 x 32 tiles with
+    8 warps to stay clear of register spills. Checked by compiling for sm_90 (ptxas: no
+    spills; ~96 KiB shared memory at d=128). fp32 (CPU tests, debugging) uses small tiles.
     """
     d_pad = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
         return 64, 32, 4, 2
-    if d_pad <= 64:
-        return 128, 64, 4, 3
     if d_pad <= 128:
         return 128, 64, 8, 3
-    return 64, 32, 4, 2
+    return 64, 32, 8, 2
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -242,7 +243,13 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     # sequence has (a batch of decodes plus a short chunk wants short tiles).
     block_q = min(max(block_m // group, 1), triton.next_power_of_2(max_query_len))
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    grid = (tokens // block_q + bsz, kv_heads)
+    if block_m < 64:
+        warps = 4  # short tiles (decode rows riding with chunks) can't feed 8 warps
+    q_blocks = tokens // block_q + bsz
+    if q_blocks > 65535:  # CUDA's limit on the grid's second axis
+        raise ValueError(f"paged_prefill_attention: {tokens} query tokens in one call is too many "
+                         f"for tiles of {block_q} queries; split the step (max_num_batched_tokens)")
+    grid = (kv_heads, q_blocks)
     _prefill_kernel[grid](
         q, kv_cache, block_tables, query_start, seq_lens, out,
         scale * _LOG2E, bsz, sliding_window or 0,

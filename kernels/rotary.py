@@ -91,7 +91,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     half = d // 2
     qh_pad, kh_pad = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
     half_pad = triton.next_power_of_2(half)
-    warps = min(max((qh_pad + kh_pad) * half_pad // 512, 1), 8)
+    warps = min(triton.next_power_of_2(max((qh_pad + kh_pad) * half_pad // 512, 1)), 8)
     _rotary_kernel[(t,)](
         q, k, positions, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),

@@ -17,7 +17,8 @@ safetensors headers, and, with ``?blobs=true`` (``files_metadata=True``), every 
 size and LFS data. Listing fields (downloads, likes, tags, ...) come from ``HubRepo.meta``.
 
 For download tests a file can be served slowly (``throttle``) or cut off part-way once
-(``interrupt``), and ``log`` records each request's ``Range`` header and bytes sent.
+(``interrupt``), Range headers can be ignored (``ignore_ranges``), and ``log`` records
+each request's query, ``Range`` header and bytes sent.
 
 Errors mimic the Hub: 404 + ``X-Error-Code: RepoNotFound`` / ``RevisionNotFound`` /
 ``EntryNotFound``; gated repos answer file requests (except the README) with 401 (no
@@ -169,6 +170,8 @@ class HubServer:
         # When set, a Bearer token outside this set (and outside every gated repo's allowed
         # tokens) is refused with 401, like the Hub does for a revoked or mistyped token.
         self.valid_tokens: set[str] | None = None
+        # Answer Range requests with the whole file (200), as some proxies and CDNs do.
+        self.ignore_ranges = False
         self._throttle: dict[str, tuple[int, float]] = {}
         self._interrupt: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -444,7 +447,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Linked-Size"] = str(len(data))
         status, body = 200, data
         range_header = self.headers.get("Range")
-        if range_header and not head:
+        if range_header and not head and not self.hub.ignore_ranges:
             m = _RANGE_RE.match(range_header.strip())
             if m is None or (m[1] == "" and m[2] == ""):
                 raise _Error(416, None, f"bad Range header {range_header!r}", {"Content-Range": f"bytes */{len(data)}"})

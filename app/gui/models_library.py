@@ -117,7 +117,8 @@ class LibraryPanel(QWidget):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(row, col, item)
         total = sum(m.size_bytes for m in self.models if m.kind != "default")
-        self.summary.setText(f"{len(self.models)} models · {human_bytes(total)} on disk")
+        count = f"{len(self.models)} model" + ("" if len(self.models) == 1 else "s")
+        self.summary.setText(f"{count} · {human_bytes(total)} downloaded or added")
         if previous:
             self.select_ref(previous)
         self._update_buttons()

@@ -75,6 +75,7 @@ class SearchPanel(QWidget):
         split.addWidget(left)
         split.addWidget(self._build_details())
         split.setStretchFactor(1, 1)
+        split.setSizes([380, 720])
         lay = QVBoxLayout(self)
         lay.addLayout(bar)
         lay.addWidget(split, 1)
@@ -191,7 +192,8 @@ class SearchPanel(QWidget):
             item = QListWidgetItem(f"{m.repo_id}\n{' · '.join(facts)}")
             item.setData(Qt.ItemDataRole.UserRole, m.repo_id)
             self.results.addItem(item)
-        self.status.setText(f"{len(results)} models" if results else "No models match; try fewer words or filters.")
+        count = f"{len(results)} model" + ("" if len(results) == 1 else "s")
+        self.status.setText(count if results else "No models match; try fewer words or filters.")
 
     def _on_search_error(self, exc: Exception) -> None:
         self.results.clear()

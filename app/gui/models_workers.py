@@ -26,7 +26,10 @@ class _Call(QRunnable):
             result, error = self._fn(), None
         except Exception as exc:  # delivered to the caller's error handler on the UI thread
             result, error = None, exc
-        self._runner._finished.emit(self._channel, self._ticket, result, error)
+        try:
+            self._runner._finished.emit(self._channel, self._ticket, result, error)
+        except RuntimeError:
+            pass  # the page was closed while this call ran: nobody is waiting for the answer
 
 
 class TaskRunner(QObject):
@@ -57,7 +60,7 @@ class TaskRunner(QObject):
         """Whether the newest call of ``channel`` has not been delivered yet."""
         return (channel, self._tickets.get(channel, 0)) in self._callbacks
 
-    def shutdown(self, timeout_ms: int = 10000) -> None:
+    def shutdown(self, timeout_ms: int = 3000) -> None:
         """Drop every undelivered result and wait for running calls to return."""
         self._closed = True
         self._callbacks.clear()
@@ -83,7 +86,9 @@ class DownloadEvents(QObject):
 
     def __init__(self, manager, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self._unsubscribe = manager.subscribe(self.statusChanged.emit)
+        self._unsubscribe = unsubscribe = manager.subscribe(self.statusChanged.emit)
+        # If the widget tree goes away without detach(), stop the manager calling into it.
+        self.destroyed.connect(lambda *_: unsubscribe())
 
     def detach(self) -> None:
         """Stop forwarding (before the manager shuts down and this object goes away)."""

@@ -20,7 +20,6 @@ snapshot on each change (from worker threads: the GUI forwards them through a si
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from app.services.hub import HubError, describe_error
+from app.services.resumable import Stopped, fetch_resumable, sha256_matches
 from app.services.user_data import data_dir, write_json_atomic
 
 log = logging.getLogger("hearth.app.downloads")
@@ -45,10 +45,8 @@ MODEL_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors",
                        "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
                        "chat_template*"]
 STATE_FILE = "downloads.json"
-_CHUNK = 128 * 1024            # small enough that progress and cancel react within a fraction of a second
 _EMIT_INTERVAL_S = 0.1         # at most ~10 progress events per second per download
 _SPEED_WINDOW_S = 5.0
-_TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +78,6 @@ class DownloadStatus:
     @property
     def active(self) -> bool:
         return self.state in (QUEUED, RUNNING)
-
-
-class _Stop(Exception):
-    """Raised inside a worker when its download is cancelled or the manager shuts down."""
 
 
 class _Job:
@@ -244,8 +238,9 @@ class DownloadManager:
             self._wake.notify_all()
             workers = list(self._workers)
         if wait:
+            deadline = time.monotonic() + timeout  # one budget for all workers, not one each
             for t in workers:
-                t.join(timeout)
+                t.join(max(deadline - time.monotonic(), 0.0))
 
     # ------------------------------------------------------------------ persistence
 
@@ -338,7 +333,7 @@ class DownloadManager:
             self._emit(job, force=True)  # outside the lock: listeners may call back into the manager
             try:
                 path = self._download(job)
-            except _Stop:
+            except Stopped:
                 if job.stop_reason == QUEUED:  # shutdown: resume next time
                     self._set(job, state=QUEUED, speed_bps=0.0, eta_s=None)
                 else:
@@ -366,16 +361,18 @@ class DownloadManager:
         check_online()
         s, token = job.status, self._token()
         revision = s.revision or "main"
-        info = HfApi(token=token).model_info(s.repo_id, revision=revision, files_metadata=True)
+        info = HfApi(token=token).model_info(s.repo_id, revision=revision, files_metadata=True, timeout=30)
         sizes = {f.rfilename: (f.lfs.size if f.lfs is not None else f.size) or 0 for f in info.siblings or ()}
         names = self._select_files(s, sizes)
         cache = Path(constants.HF_HUB_CACHE)
         storage = cache / repo_folder_name(repo_id=s.repo_id, repo_type="model")
         self._set(job, bytes_total=sum(sizes[n] for n in names), bytes_done=0)
 
-        todo = []
+        todo, pointer = [], None
         for name in names:
-            if isinstance(try_to_load_from_cache(s.repo_id, name, cache_dir=cache, revision=info.sha), str):
+            cached = try_to_load_from_cache(s.repo_id, name, cache_dir=cache, revision=info.sha)
+            if isinstance(cached, str):
+                pointer = cached
                 self._advance(job, sizes[name])  # already in the cache
             else:
                 todo.append(name)
@@ -418,7 +415,7 @@ class DownloadManager:
 
     def _check_stop(self, job: _Job) -> None:
         if job.stop.is_set():
-            raise _Stop()
+            raise Stopped()
 
     def _fetch_blob(self, job: _Job, url: str, blob: Path, size: int, token: str | None) -> None:
         """Download ``url`` into ``blob`` through ``blob.incomplete``, resuming what is there."""
@@ -429,6 +426,7 @@ class DownloadManager:
                 raise HubError("other", "this file is already being downloaded by another queued download; "
                                "retry when that one finishes.")
             self._busy_blobs.add(key)
+        name = job.status.current_file
         try:
             partial.parent.mkdir(parents=True, exist_ok=True)
             have = partial.stat().st_size if partial.exists() else 0
@@ -437,91 +435,33 @@ class DownloadManager:
                 have = 0
             free = shutil.disk_usage(partial.parent).free
             if size - have > free:
-                raise HubError("disk_full", f"not enough disk space for {job.status.current_file}: it needs "
-                               f"{_gib(size - have)} GiB more and {partial.parent} has {_gib(free)} GiB free. "
-                               "Free some space (for example delete models in the Library) and retry.")
+                raise HubError("disk_full", f"not enough disk space for {name}: it needs {_gib(size - have)} GiB "
+                               f"more and {partial.parent} has {_gib(free)} GiB free. Free some space (for "
+                               "example delete models in the Library) and retry.")
             self._advance(job, have)
-            job.samples.clear()
-            self._stream(job, url, partial, have, size, token)
-            if have and len(blob.name) == 64:
-                self._verify_resumed(job, partial, blob.name, size)
+            job.samples.clear()  # bytes from an earlier session are not download speed
+            fetch_resumable(url, partial, size, token=token, on_bytes=lambda n: self._advance(job, n),
+                            should_stop=job.stop.is_set, sleep=job.stop.wait, max_retries=self._max_retries,
+                            retry_wait_s=self._retry_wait_s, label=name)
+            # A blob stitched from several responses must match the Hub's sha256 (an LFS etag).
+            if have and len(blob.name) == 64 and not sha256_matches(partial, blob.name, job.stop.is_set):
+                partial.unlink(missing_ok=True)
+                self._advance(job, -size)
+                raise HubError("other", f"{name} was corrupted while resuming; its partial copy was deleted. "
+                               "Press Retry to download it again.")
             os.replace(partial, blob)
-        except _Stop:
+        except Stopped:
             if job.stop_reason == CANCELLED:
                 partial.unlink(missing_ok=True)
             raise
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise HubError("disk_full", f"the disk filled up while downloading {job.status.current_file}: "
-                               "free some space and press Retry; it continues where it stopped.") from exc
+                raise HubError("disk_full", f"the disk filled up while downloading {name}: free some space and "
+                               "press Retry; it continues where it stopped.") from exc
             raise
         finally:
             with self._lock:
                 self._busy_blobs.discard(key)
-
-    def _stream(self, job: _Job, url: str, partial: Path, have: int, size: int, token: str | None) -> None:
-        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
-
-        from app.services.hub import _is_connection_error
-
-        attempts = 0
-        while have < size:
-            headers = build_hf_headers(token=token)
-            headers["Accept-Encoding"] = "identity"  # byte offsets must be of the file itself
-            if have:
-                headers["Range"] = f"bytes={have}-"
-            try:
-                with http_stream_backoff("GET", url, headers=headers, timeout=30,
-                                         retry_on_exceptions=(), retry_on_status_codes=_TRANSIENT_STATUS) as r:
-                    hf_raise_for_status(r)
-                    mode = "ab"
-                    if have and r.status_code != 206:  # the server ignored the Range: start over
-                        mode, have = "wb", 0
-                        with self._lock:
-                            job.status = replace(job.status, bytes_done=job.status.bytes_done - partial.stat().st_size)
-                    with open(partial, mode) as f:
-                        for chunk in r.iter_bytes(_CHUNK):
-                            self._check_stop(job)
-                            f.write(chunk)
-                            have += len(chunk)
-                            attempts = 0  # progress was made: a later drop gets fresh retries
-                            self._advance(job, len(chunk))
-            except _Stop:
-                raise
-            except Exception as exc:
-                if not _is_connection_error(exc):
-                    raise
-                self._check_stop(job)
-                attempts += 1
-                if attempts > self._max_retries:
-                    raise
-                log.info("connection dropped at byte %d of %s; resuming (%d/%d)", have,
-                         job.status.current_file, attempts, self._max_retries)
-                if job.stop.wait(self._retry_wait_s * 2 ** (attempts - 1)):
-                    raise _Stop() from None
-                continue
-            if have < size:  # a clean but short response: resume like after a drop
-                attempts += 1
-                if attempts > self._max_retries:
-                    raise ConnectionError(f"the server kept ending {job.status.current_file} early")
-        if have > size:
-            partial.unlink(missing_ok=True)
-            raise HubError("other", f"{job.status.current_file} came out larger than the Hub announced; "
-                           "press Retry to download it again.")
-
-    def _verify_resumed(self, job: _Job, partial: Path, sha256: str, size: int) -> None:
-        """A blob stitched from several responses must match the Hub's sha256 (its LFS etag)."""
-        h = hashlib.sha256()
-        with open(partial, "rb") as f:
-            while block := f.read(1 << 20):
-                self._check_stop(job)
-                h.update(block)
-        if h.hexdigest() != sha256:
-            partial.unlink(missing_ok=True)
-            with self._lock:
-                job.status = replace(job.status, bytes_done=max(job.status.bytes_done - size, 0))
-            raise HubError("other", f"{job.status.current_file} was corrupted while resuming; its partial copy "
-                           "was deleted. Press Retry to download it again.")
 
 
 def _gib(n: int) -> str:

@@ -210,7 +210,7 @@ def model_details(repo_id: str, *, revision: str | None = None, token: str | Non
     """
     check_online()
     try:
-        info = _api(token).model_info(repo_id, revision=revision, files_metadata=True)
+        info = _api(token).model_info(repo_id, revision=revision, files_metadata=True, timeout=20)
     except Exception as exc:
         raise describe_error(exc, repo_id) from exc
     card = info.card_data.to_dict() if info.card_data is not None else {}
@@ -310,6 +310,8 @@ def describe_error(exc: BaseException, repo_id: str | None) -> HubError:
                                         OfflineModeIsEnabled, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
+    from app.services.resumable import is_connection_error
+
     if isinstance(exc, HubError):
         return exc
     what = f"'{repo_id}'" if repo_id else "the Hub"
@@ -348,21 +350,13 @@ def describe_error(exc: BaseException, repo_id: str | None) -> HubError:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return HubError("disk_full", "the disk is full: free some space (for example delete models in the "
                         "Library) and retry the download.")
-    if isinstance(exc, (OfflineModeIsEnabled,)) or _is_connection_error(exc) or (
+    if isinstance(exc, (OfflineModeIsEnabled,)) or is_connection_error(exc) or (
             isinstance(exc, LocalEntryNotFoundError)):
         offline = isinstance(exc, OfflineModeIsEnabled)
         why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
         todo = "unset HF_HUB_OFFLINE to use the Hub" if offline else "check the network connection (or proxy) and retry"
         return HubError("offline", f"{why}: {todo}.")
     return HubError("other", f"{type(exc).__name__}: {_first_line(exc)}")
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    # httpx (or huggingface_hub's httpx2 fork) transport errors: DNS, refused, reset, timeouts.
-    return any(cls.__name__ in ("TransportError", "ConnectError", "TimeoutException", "NetworkError")
-               and cls.__module__.startswith(("httpx", "httpcore")) for cls in type(exc).__mro__)
 
 
 def _first_line(exc: BaseException) -> str:

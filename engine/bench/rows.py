@@ -31,7 +31,10 @@ def quant_name(dtype: torch.dtype) -> str:
 
 
 def commit_id() -> str:
-    """``git rev-parse --short HEAD`` of Hearth's checkout, else $HEARTH_COMMIT, else "unknown"."""
+    """$HEARTH_COMMIT if set (a copied tree on a GPU box may carry a stale .git), else
+    ``git rev-parse --short HEAD`` of Hearth's checkout, else "unknown"."""
+    if os.environ.get("HEARTH_COMMIT"):
+        return os.environ["HEARTH_COMMIT"]
     repo = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
@@ -39,8 +42,8 @@ def commit_id() -> str:
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        pass  # no git here (e.g. a copied tree on a GPU box)
-    return os.environ.get("HEARTH_COMMIT") or "unknown"
+        pass  # no git here
+    return "unknown"
 
 
 class RowMaker:

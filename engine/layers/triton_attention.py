@@ -29,7 +29,9 @@ class TritonAttention(AttentionBackend):
     The decode kernel's grid needs a static upper bound on context lengths; it reads
     ``meta.max_seq_len_bound`` when the metadata carries one (a CUDA-graph capture bound),
     else ``meta.max_seq_len``. Likewise ``meta.max_query_len`` if present, else the max of
-    ``meta.query_lens_cpu``.
+    ``meta.query_lens_cpu``. The decode path reads only device tensors and static sizes,
+    so it may be captured in a CUDA graph (``cuda_graphs``); padding rows may use slot -1
+    (nothing is written) and any seq_len >= 0 (0 gives zeros).
     """
 
     name = "triton"

@@ -136,7 +136,9 @@ class ModelRunner(SamplingMixin):
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        pos = torch.arange(num_tokens, device=self.device)
+        # The token budget may exceed the context (long prefill budgets, short contexts):
+        # keep positions inside the RoPE tables.
+        pos = torch.arange(num_tokens, device=self.device) % self.model.rotary.max_positions
         meta = self._metadata([list(range(blocks))], [0], [num_tokens])
         hidden = self.model(ids, pos, self.kv_caches, meta)
         self.model.compute_logits(hidden[-1:]).float()

@@ -72,14 +72,16 @@ def reference_attention(q: torch.Tensor, cache: torch.Tensor, tables: torch.Tens
         keys, vals = gather_context(cache, tables[i], seq_len)
         keys = keys.repeat_interleave(group, dim=1)
         vals = vals.repeat_interleave(group, dim=1)
-        qpos = torch.arange(seq_len - (s1 - s0), seq_len, device=q.device)
         kpos = torch.arange(seq_len, device=q.device)
-        visible = kpos[None, :] <= qpos[:, None]
-        if window is not None:
-            visible &= kpos[None, :] > qpos[:, None] - window
-        scores = torch.einsum("qhd,khd->hqk", q[s0:s1].double(), keys) * scale
-        scores = scores.masked_fill(~visible[None], -math.inf)
-        out[s0:s1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vals)
+        for c0 in range(s0, s1, 256):  # query chunks bound the [H, q, k] score memory
+            c1 = min(c0 + 256, s1)
+            qpos = torch.arange(c0 - s0, c1 - s0, device=q.device) + seq_len - (s1 - s0)
+            visible = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                visible &= kpos[None, :] > qpos[:, None] - window
+            scores = torch.einsum("qhd,khd->hqk", q[c0:c1].double(), keys) * scale
+            scores = scores.masked_fill(~visible[None], -math.inf)
+            out[c0:c1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vals)
     return out
 
 

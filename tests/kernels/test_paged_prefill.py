@@ -93,7 +93,8 @@ def test_bad_arguments_are_clear_errors():
     qs = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
     q = torch.randn(5, 4, 32, device=DEVICE)
     with pytest.raises(ValueError, match="H % KVH"):
-        paged_prefill_attention(torch.randn(5, 3, 32, device=DEVICE), cache, tables, qs, lens, 1.0, max_query_len=5)
+        paged_prefill_attention(torch.randn(5, 3, 32, device=DEVICE), cache, tables, qs, lens, 1.0,
+                                max_query_len=5)
     with pytest.raises(ValueError, match="query_start"):
         paged_prefill_attention(q, cache, tables, qs[:1], lens, 1.0, max_query_len=5)
     with pytest.raises(ValueError, match="block_tables"):

@@ -137,6 +137,40 @@ def test_failed_download_resumes_from_the_partial_file_after_a_restart(fake_hub,
     assert (Path(status.path) / WEIGHTS).read_bytes() == repo_files()[TINY][WEIGHTS]
 
 
+def test_a_server_that_ignores_range_restarts_the_file_cleanly(fake_hub, managers):
+    size = len(repo_files()[TINY][WEIGHTS])
+    fake_hub.ignore_ranges = True
+    fake_hub.interrupt(WEIGHTS, after_bytes=300_000)
+    m = managers(max_retries=2)
+    events = _record(m)
+    status = m.wait(m.enqueue(TINY), TIMEOUT)
+    assert status.state == DONE, status.error
+    assert fake_hub.ranges(WEIGHTS)[1] is not None and fake_hub.bytes_sent(WEIGHTS) == 300_000 + size
+    assert (Path(status.path) / WEIGHTS).read_bytes() == repo_files()[TINY][WEIGHTS]
+    # Progress went back when the file restarted, and never counted past the total.
+    assert status.bytes_done == status.bytes_total
+    assert all(e.bytes_done <= (e.bytes_total or 0) for e in events if e.bytes_total)
+
+
+def test_a_corrupted_partial_is_caught_by_its_sha256(fake_hub, managers):
+    fake_hub.interrupt(WEIGHTS, after_bytes=300_000)
+    m = managers(max_retries=0)
+    did = m.enqueue(TINY)
+    assert m.wait(did, TIMEOUT).state == FAILED
+    (partial,) = _partials(fake_hub.cache)
+    data = bytearray(partial.read_bytes())
+    data[1000:1010] = b"\xff" * 10          # damage already-downloaded bytes (a bad disk, a crash)
+    partial.write_bytes(bytes(data))
+    m.retry(did)
+    status = m.wait(did, TIMEOUT)
+    assert status.state == FAILED and "corrupted while resuming" in status.error
+    assert _partials(fake_hub.cache) == []  # the bad copy is gone ...
+    m.retry(did)                            # ... so a retry fetches it whole
+    status = m.wait(did, TIMEOUT)
+    assert status.state == DONE and (Path(status.path) / WEIGHTS).read_bytes() == repo_files()[TINY][WEIGHTS]
+    assert fake_hub.ranges(WEIGHTS)[-1] is None
+
+
 def test_quitting_mid_download_resumes_on_the_next_start(fake_hub, managers):
     fake_hub.throttle(WEIGHTS, 0.05, chunk_size=16 * 1024)
     first = managers()
@@ -174,6 +208,10 @@ def test_several_downloads_queue_and_run_in_order(fake_hub, managers):
     # b ran only after a finished.
     order = [(e["path"].rsplit("/", 1)[-1]) for e in fake_hub.log if e["method"] == "GET" and "/resolve/" in e["path"]]
     assert order.index("tiny-chat.Q4_K_M.gguf") > order.index(WEIGHTS)
+    # Asking again for what is already cached finishes at once, with no new transfer.
+    again = m.wait(m.enqueue(GGUF_REPO, files=["tiny-chat.Q4_K_M.gguf"]), TIMEOUT)
+    assert again.state == DONE and again.path == gguf.path and again.id != b
+    assert fake_hub.downloads("tiny-chat.Q4_K_M.gguf") == 1
 
 
 def test_cancel_a_queued_download(fake_hub, managers):

@@ -129,13 +129,20 @@ def test_offline_when_the_hub_is_unreachable(fake_hub):
     assert info.value.kind == "offline"
 
 
-def test_offline_mode(fake_hub, monkeypatch):
+@pytest.mark.parametrize("how", ["constants", "env"])
+def test_offline_mode(fake_hub, monkeypatch, how):
     from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(HubError, match="HF_HUB_OFFLINE") as info:
-        hub.model_details(TINY)
-    assert info.value.kind == "offline"
+    if how == "constants":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:  # set after huggingface_hub was imported: still honoured
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for call in (lambda: hub.model_details(TINY), lambda: hub.search_models("tiny"),
+                 lambda: hub.fetch_config(TINY)):
+        with pytest.raises(HubError, match="HF_HUB_OFFLINE") as info:
+            call()
+        assert info.value.kind == "offline"
+    assert fake_hub.requests == []
 
 
 def test_disk_full_maps_to_its_own_message():

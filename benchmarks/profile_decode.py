@@ -1,0 +1,95 @@
+"""Where a batch-1 decode step's time goes: GPU graph time vs host work per phase.
+
+    PYTHONPATH=. python benchmarks/profile_decode.py --shape llama-1b [--batch 1] [--json F]
+
+Loads ``shape:<name>`` through the real Engine (triton + CUDA graphs), streams one greedy
+request, and wraps the engine's phases with host timers: schedule, the runner's input
+building + graph launch, sampling (which waits for the GPU), scheduler update and
+output processing. Then replays the captured graph alone in a loop with CUDA events to
+get the pure GPU time of a step. Prints one table; writes JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-1b")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from engine.api import Engine, Request, SamplingParams
+
+    engine = Engine.load(f"shape:{args.shape}", device="cuda", max_model_len=2048,
+                         max_num_seqs=max(args.batch, 1))
+    runner, sched = engine.runner, engine.scheduler
+    acc: dict[str, list[float]] = defaultdict(list)
+
+    def timed(obj, name, key):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[key].append(time.perf_counter() - t)
+        setattr(obj, name, wrapper)
+
+    timed(sched, "schedule", "schedule")
+    timed(sched, "update", "scheduler.update")
+    timed(runner.graphs, "run", "graph inputs + launch")
+    timed(runner, "sample", "sample (waits for GPU)")
+    timed(runner, "execute", "runner.execute")
+    timed(engine, "step", "engine.step")
+
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (128,), generator=g).tolist() for _ in range(args.batch)]
+    for _ in range(2):  # warm-up, then measure
+        acc.clear()
+        handles = [engine.submit(Request(prompt_token_ids=p, params=params)) for p in prompts]
+        results = [h.result() for h in handles]
+    rate = statistics.median(r.timings.decode_tok_s for r in results)
+
+    graph = runner.graphs.graphs[runner.graphs.bucket_for(args.batch)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5):
+        graph.replay()
+    torch.cuda.synchronize()
+    start.record()
+    n = 100
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    gpu_ms = start.elapsed_time(end) / n
+
+    rows = {k: {"calls": len(v), "mean_ms": 1e3 * statistics.mean(v), "median_ms": 1e3 * statistics.median(v)}
+            for k, v in acc.items() if v}
+    weight_bytes = engine.model_info["weight_bytes"]
+    print(f"{args.shape} batch {args.batch} on {torch.cuda.get_device_name()}: {rate:.1f} tok/s per sequence")
+    print(f"graph replay alone: {gpu_ms:.3f} ms/step -> {1e3 / gpu_ms:.0f} steps/s, "
+          f"{weight_bytes / (gpu_ms * 1e-3) / 1e12:.2f} TB/s of weights")
+    for k, r in rows.items():
+        print(f"  {k:<24} {r['calls']:>5} calls  mean {r['mean_ms']:.3f} ms  median {r['median_ms']:.3f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": args.shape, "batch": args.batch, "decode_tok_s": rate, "graph_ms": gpu_ms,
+                       "weight_bytes": weight_bytes, "phases": rows,
+                       "card": torch.cuda.get_device_name()}, f, indent=1)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

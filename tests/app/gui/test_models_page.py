@@ -1,0 +1,239 @@
+"""The Models page against the local fake Hub (real huggingface_hub client, real services)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from pathlib import Path  # noqa: E402
+
+import keyring  # noqa: E402
+import pytest  # noqa: E402
+from keyring.backends import fail  # noqa: E402
+from PySide6.QtCore import QObject, Qt, Signal  # noqa: E402
+from PySide6.QtWidgets import QLineEdit, QMessageBox, QPushButton  # noqa: E402
+
+from app.gui.models_page import TAB_LIBRARY, ModelsPage  # noqa: E402
+from tests.app.hub_fixtures import GATED, GGUF_REPO, TINY, fake_hub, repo_files  # noqa: E402
+
+__all__ = ["fake_hub"]
+
+WAIT_MS = 20_000
+
+
+class FakeBridge(QObject):
+    """The EngineBridge signals the page may connect to, emitted by the test."""
+
+    modelLoading = Signal(str)
+    loadProgress = Signal(str)
+    modelLoaded = Signal(dict)
+    loadFailed = Signal(str)
+    modelUnloaded = Signal()
+    tokenReceived = Signal(str, str)
+    requestFinished = Signal(str, object)
+    statsUpdated = Signal(object)
+
+
+@pytest.fixture
+def file_keyring():
+    """No OS keyring: the token goes to the private file (never the developer's keyring)."""
+    before = keyring.get_keyring()
+    keyring.set_keyring(fail.Keyring())
+    yield
+    keyring.set_keyring(before)
+
+
+@pytest.fixture
+def page(qtbot, fake_hub, file_keyring):
+    p = ModelsPage(FakeBridge())
+    qtbot.addWidget(p)
+    p.resize(1100, 750)
+    p.show()
+    yield p
+    p.shutdown()
+
+
+def _search(qtbot, page, text):
+    box = page.findChild(QLineEdit, "modelSearch")
+    box.clear()
+    qtbot.keyClicks(box, text)
+    qtbot.waitUntil(lambda: not page.runner.pending("search") and page.search_panel.result_ids()
+                    and all(text.lower() in r.lower() for r in page.search_panel.result_ids()), timeout=WAIT_MS)
+    return page.search_panel.result_ids()
+
+
+def _open(qtbot, page, repo_id):
+    panel = page.search_panel
+    panel.results.setCurrentRow(panel.result_ids().index(repo_id))
+    qtbot.waitUntil(lambda: panel.details is not None and panel.details.repo_id == repo_id, timeout=WAIT_MS)
+    return panel
+
+
+def test_search_details_download_then_load_from_library(qtbot, page, fake_hub):
+    # Typing searches the Hub (after a short pause) and lists matching text-generation models.
+    assert _search(qtbot, page, "tiny") == [GGUF_REPO, TINY]
+    assert "↓ 500" in page.search_panel.results.item(1).text()
+
+    panel = _open(qtbot, page, TINY)
+    assert "License: apache-2.0" in panel.facts.text() and "Gated: no" in panel.facts.text()
+    assert "Parameters: 336K" in panel.facts.text()
+    assert panel.card.text().startswith("A tiny chat model for tests")
+    files = {panel.files.item(r, 0).text(): panel.files.item(r, 1).text() for r in range(panel.files.rowCount())}
+    assert set(files) == set(repo_files()[TINY]) and files["model.safetensors"] == "657.0 KiB"
+    assert not panel.gated_notice.isVisible()
+    # The fit estimate was computed from config.json and the safetensors count.
+    assert panel.fit_result.text().startswith("fits: needs ")
+
+    button = page.findChild(QPushButton, "downloadButton")
+    assert button.isEnabled()
+    fake_hub.throttle("model.safetensors", 0.02, chunk_size=32 * 1024)
+    shown = []   # what the row displayed at each status update, as the UI thread saw it
+    page.events.statusChanged.connect(
+        lambda s: shown.append((s.state, page.downloads_panel.rows[s.id].bar.value(),
+                                page.downloads_panel.rows[s.id].line.text())))
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+    rows = page.downloads_panel.rows
+    qtbot.waitUntil(lambda: len(rows) == 1 and next(iter(rows.values())).status.state == "done", timeout=WAIT_MS)
+    (row,) = rows.values()
+    assert row.bar.value() == row.bar.maximum()
+    partial = [(v, text) for state, v, text in shown if state == "running" and 0 < v < row.bar.maximum()]
+    assert len({v for v, _ in partial}) >= 2                          # the bar moved in steps
+    assert any("/s · ETA 0:" in text for _, text in partial), partial   # with speed and ETA
+    assert row.load_button.isVisible() and not row.cancel_button.isVisible()
+    snapshot = row.status.path
+    assert (Path(snapshot) / "model.safetensors").read_bytes() == repo_files()[TINY]["model.safetensors"]
+
+    # The library lists it (with its size) and selects it; loadButton asks to load that folder.
+    lib = page.library_panel
+    qtbot.waitUntil(lambda: lib.selected() is not None and lib.selected().ref == snapshot, timeout=WAIT_MS)
+    assert lib.selected().name == TINY and lib.selected().kind == "hub"
+    page.tabs.setCurrentIndex(TAB_LIBRARY)
+    with qtbot.waitSignal(page.loadRequested, timeout=WAIT_MS) as blocker:
+        qtbot.mouseClick(page.findChild(QPushButton, "loadButton"), Qt.MouseButton.LeftButton)
+    assert blocker.args == [snapshot]
+    # The finished download's own Load button does the same.
+    with qtbot.waitSignal(page.loadRequested, timeout=WAIT_MS) as blocker:
+        qtbot.mouseClick(row.load_button, Qt.MouseButton.LeftButton)
+    assert blocker.args == [snapshot]
+    # The bridge's modelLoaded marks the loaded model.
+    page.bridge.modelLoaded.emit({"name": TINY, "path": snapshot})
+    qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
+
+
+def test_gguf_file_download_and_fit_use_the_picked_file(qtbot, page, fake_hub):
+    _search(qtbot, page, "GGUF")
+    panel = _open(qtbot, page, GGUF_REPO)
+    button = page.findChild(QPushButton, "downloadButton")
+    assert not button.isEnabled()             # a GGUF repo: pick a file first
+    names = [panel.files.item(r, 0).text() for r in range(panel.files.rowCount())]
+    panel.files.selectRow(names.index("tiny-chat.Q8_0.gguf"))
+    assert button.isEnabled() and "tiny-chat.Q8_0.gguf" in button.text()
+    assert panel.fit_result.text().startswith("tiny-chat.Q8_0.gguf: fits: needs 0.0 GiB")
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: [r.status.state for r in page.downloads_panel.rows.values()] == ["done"],
+                    timeout=WAIT_MS)
+    (row,) = page.downloads_panel.rows.values()
+    assert Path(row.status.path).name == "tiny-chat.Q8_0.gguf"
+    assert fake_hub.downloads("tiny-chat.Q4_K_M.gguf") == 0
+
+
+def test_gated_model_shows_the_link_and_the_download_explains(qtbot, page):
+    _search(qtbot, page, "gated")
+    panel = _open(qtbot, page, GATED)
+    assert "Gated: yes" in panel.facts.text() and panel.gated_notice.isVisible()
+    assert f'href="https://huggingface.co/{GATED}"' in panel.gated_notice.text()
+    assert "config.json unavailable (gated)" in panel.fit_result.text()
+    qtbot.mouseClick(page.findChild(QPushButton, "downloadButton"), Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: [r.status.state for r in page.downloads_panel.rows.values()] == ["failed"],
+                    timeout=WAIT_MS)
+    (row,) = page.downloads_panel.rows.values()
+    assert "gated model" in row.line.text() and f"https://huggingface.co/{GATED}" in row.line.text()
+    assert row.retry_button.isVisible()
+
+
+def test_cancel_a_running_download(qtbot, page, fake_hub):
+    fake_hub.throttle("model.safetensors", 0.05, chunk_size=16 * 1024)
+    page.search_panel.downloadRequested.emit(TINY, None)
+    rows = page.downloads_panel.rows
+    qtbot.waitUntil(lambda: rows and next(iter(rows.values())).status.bytes_done > 0, timeout=WAIT_MS)
+    (row,) = rows.values()
+    assert row.cancel_button.isVisible()
+    qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "cancelled", timeout=WAIT_MS)
+    assert row.retry_button.isVisible() and "cancelled" in row.line.text()
+
+
+def test_offline_search_says_so(qtbot, page, fake_hub):
+    fake_hub.stop()
+    page.search_panel.search.setText("tiny")
+    page.search_panel.search_now()
+    qtbot.waitUntil(lambda: "could not be reached" in page.search_panel.status.text(), timeout=WAIT_MS)
+    assert page.search_panel.results.count() == 0
+
+
+def test_token_is_saved_privately_and_never_shown_again(qtbot, page, tmp_path):
+    qtbot.waitUntil(lambda: "No token saved" in page.token_status.text(), timeout=WAIT_MS)
+    edit = page.findChild(QLineEdit, "tokenEdit")
+    assert edit.echoMode() == QLineEdit.EchoMode.Password
+    qtbot.keyClicks(edit, "hf_secretvalue9876")
+    qtbot.mouseClick(page.findChild(QPushButton, "saveTokenButton"), Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page.token_status.text() == "token saved (hf_…9876)", timeout=WAIT_MS)
+    assert edit.text() == "" and page.current_token() == "hf_secretvalue9876"
+    token_file = Path(os.environ["HEARTH_DATA_DIR"]) / "hf_token"
+    assert token_file.read_text() == "hf_secretvalue9876" and (token_file.stat().st_mode & 0o077) == 0
+    # A new page (next app start) reads it back, and gated downloads use it.
+    again = ModelsPage(FakeBridge())
+    qtbot.addWidget(again)
+    try:
+        qtbot.waitUntil(lambda: again.token_status.text() == "token saved (hf_…9876)", timeout=WAIT_MS)
+    finally:
+        again.shutdown()
+    qtbot.mouseClick(page.forget_token_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "No token saved" in page.token_status.text(), timeout=WAIT_MS)
+    assert not token_file.exists()
+
+
+def test_library_add_and_delete_with_confirmation(qtbot, page, tmp_path, monkeypatch):
+    lib = page.library_panel
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 2044)
+    lib.add_path(str(gguf), is_gguf=True)
+    qtbot.waitUntil(lambda: lib.select_ref(str(gguf)), timeout=WAIT_MS)
+    assert lib.table.item(lib.table.currentRow(), 2).text() == "2.0 KiB"
+    asked = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.No)
+    qtbot.mouseClick(lib.delete_button, Qt.MouseButton.LeftButton)
+    assert gguf.exists() and "Delete mine.gguf (2.0 KiB)" in asked[0]
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    qtbot.mouseClick(lib.delete_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not gguf.exists() and str(gguf) not in [m.ref for m in lib.models], timeout=WAIT_MS)
+    lib.add_path(str(tmp_path / "nothing.gguf"), is_gguf=True)
+    assert "not a .gguf file" in lib.summary.text()
+
+
+def test_end_to_end_download_then_load_with_the_real_bridge(qtbot, fake_hub, file_keyring, bridge, chat_model):
+    """Hub -> download -> library -> loadButton -> the real EngineBridge loads it."""
+    from tests.app.gui.conftest import load_options
+
+    files = {p.name: p.read_bytes() for p in Path(chat_model).iterdir() if p.is_file()}
+    fake_hub.add_repo("acme/real-tiny", files, pipeline_tag="text-generation", tags=["text-generation"])
+    page = ModelsPage(bridge)
+    qtbot.addWidget(page)
+    page.show()
+    try:
+        page.loadRequested.connect(lambda ref: bridge.load(load_options(ref)))
+        _search(qtbot, page, "real-tiny")
+        _open(qtbot, page, "acme/real-tiny")
+        qtbot.mouseClick(page.findChild(QPushButton, "downloadButton"), Qt.MouseButton.LeftButton)
+        lib = page.library_panel
+        qtbot.waitUntil(lambda: lib.selected() is not None and lib.selected().name == "acme/real-tiny",
+                        timeout=60_000)
+        snapshot = lib.selected().ref
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as blocker:
+            qtbot.mouseClick(page.findChild(QPushButton, "loadButton"), Qt.MouseButton.LeftButton)
+        info = blocker.args[0]
+        assert Path(info["path"]) == Path(snapshot) and info["device"] == "cpu"
+        qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
+    finally:
+        page.shutdown()
