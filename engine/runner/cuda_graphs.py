@@ -105,19 +105,31 @@ class DecodeGraphs:
         return None
 
     @torch.inference_mode()
-    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """One decode step for ``len(ids)`` sequences; returns their logits [n, vocab]."""
-        n = len(ids)
+    def run(self, ids, positions: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]] | None) -> torch.Tensor:
+        """One decode step for ``len(positions)`` sequences; returns their logits [n, vocab].
+
+        ``ids`` is a host list, or a device tensor (the previous step's sampled tokens,
+        copied in on the GPU: no host round trip). ``tables=None`` keeps the block tables
+        of the previous launch (valid when no sequence crossed into a new block).
+        """
+        n = len(positions)
         bs = self.bucket_for(n)
         pad = bs - n
-        longs = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad],
-                             dtype=torch.long)
-        self.longs[:, :bs].copy_(longs, non_blocking=True)
+        on_host = not isinstance(ids, torch.Tensor)
+        rows = ([ids + [0] * pad] if on_host else []) + [positions + [0] * pad, slots + [-1] * pad]
+        longs = torch.tensor(rows, dtype=torch.long)
+        if on_host:
+            self.longs[:, :bs].copy_(longs, non_blocking=True)
+        else:
+            self.longs[0, :n].copy_(ids)
+            self.longs[1:, :bs].copy_(longs, non_blocking=True)
         self.seq_lens[:bs].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        width = max(len(t) for t in tables)
-        rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad
-        self.block_tables[:bs, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        if tables is not None:
+            width = max(len(t) for t in tables)
+            table_rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad
+            self.block_tables[:bs, :width].copy_(torch.tensor(table_rows, dtype=torch.int32),
+                                                 non_blocking=True)
         self.graphs[bs].replay()
         self.replays += 1
         return self.logits[bs][:n]

@@ -78,6 +78,10 @@ class ModelRunner(SamplingMixin):
         self.backend_cls = backend_cls
         self.enforce_eager = enforce_eager
         self.graphs = None  # DecodeGraphs once captured
+        self._ahead = None  # a decode step launched ahead (greedy pipelining)
+        self._pinned = None
+        self._ring = 0
+        self.steps_ahead_used = 0
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
@@ -183,6 +187,7 @@ class ModelRunner(SamplingMixin):
             graph_out = self._execute_graph(out)
             if graph_out is not None:
                 return graph_out
+        self._ahead = None
         ids: list[int] = []
         positions: list[int] = []
         tables, starts, qlens = [], [], []
@@ -213,8 +218,18 @@ class ModelRunner(SamplingMixin):
 
 
     def _execute_graph(self, out: SchedulerOutput) -> RunnerOutput | None:
-        """A pure decode step (one new token per sequence, all sampled) by graph replay."""
+        """A pure decode step (one new token per sequence, all sampled) by graph replay.
+
+        Greedy batches are pipelined: the next step is launched on the GPU (its input ids
+        copied there from this step's argmax) *before* the host waits for this step's
+        tokens, so the host's bookkeeping (scheduler, detokenizer, events) overlaps the
+        GPU's work. The launched-ahead step is used only if the scheduler then asks for
+        exactly it (same sequences, positions and tokens); otherwise it is dropped, which
+        is harmless: it only wrote K/V, at slots that the real step rewrites with the same
+        values or that belong to no committed token.
+        """
         scheduled = out.scheduled
+        ahead, self._ahead = self._ahead, None
         if len(scheduled) > self.graphs.max_batch:
             return None
         bs = self.block_size
@@ -231,5 +246,72 @@ class ModelRunner(SamplingMixin):
             seq_lens.append(p + 1)
             tables.append(table)
             seqs.append(seq)
-        logits = self.graphs.run(ids, positions, slots, seq_lens, tables)
-        return self.sample(logits, seqs)
+        greedy = all(_plain_greedy(s.params) for s in seqs)
+        rids = [s.request_id for s in seqs]
+        if (greedy and ahead is not None and ahead.request_ids == rids
+                and ahead.positions == positions and ahead.inputs == ids):
+            tokens, host, event = ahead.tokens, ahead.host, ahead.event
+            self.steps_ahead_used += 1
+        else:
+            logits = self.graphs.run(ids, positions, slots, seq_lens, tables)
+            if not greedy:
+                return self.sample(logits, seqs)
+            tokens = logits.argmax(dim=-1)
+            host, event = self._stage(tokens)
+        nxt = self._next_positions(seqs, positions)
+        if nxt is not None:
+            npos = nxt
+            nslots = [t[q // bs] * bs + q % bs for t, q in zip(tables, npos)]
+            logits2 = self.graphs.run(tokens, npos, nslots, [q + 1 for q in npos], tables)
+            tokens2 = logits2.argmax(dim=-1)
+            host2, event2 = self._stage(tokens2)
+            self._ahead = _Ahead(rids, npos, tokens2, host2, event2)
+        event.synchronize()
+        token_list = host.tolist()
+        if self._ahead is not None:
+            self._ahead.inputs = token_list
+        return RunnerOutput(token_list, None)
+
+    def _next_positions(self, seqs, positions: list[int]) -> list[int] | None:
+        """Positions of the step after this one, if it can be launched ahead: every
+        sequence wants another token and its next slot is in a block it already holds."""
+        bs = self.block_size
+        nxt = []
+        for seq, p in zip(seqs, positions):
+            q = p + 1
+            if q % bs == 0 or q >= self.graphs.max_model_len:
+                return None
+            if seq.num_output_tokens + 1 >= seq.params.max_tokens:
+                return None
+            nxt.append(q)
+        return nxt
+
+    def _stage(self, tokens: torch.Tensor):
+        """Copy sampled ids to pinned host memory without waiting; returns (view, event)."""
+        if self._pinned is None:
+            self._pinned = [torch.empty(self.graphs.max_batch, dtype=torch.long, pin_memory=True)
+                            for _ in range(2)]
+        buf = self._pinned[self._ring][: tokens.shape[0]]
+        self._ring ^= 1
+        buf.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event
+
+
+def _plain_greedy(p) -> bool:
+    """Greedy with nothing that needs the host between steps (penalties, logprobs)."""
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """A decode step launched before the host saw the previous step's tokens."""
+
+    request_ids: list[str]
+    positions: list[int]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    event: object
+    inputs: list[int] | None = None  # its input ids: the previous step's tokens

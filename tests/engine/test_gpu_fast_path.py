@@ -40,8 +40,9 @@ def test_triton_with_graphs_matches_torch_token_for_token(tiny_models, family):
     assert fast.model_info["cuda_graphs"] is True, fast.model_info.get("cuda_graphs_off")
     got = _run(fast, prompts)
     replays = fast.runner.graphs.replays
+    ahead = fast.runner.steps_ahead_used
     fast.shutdown()
-    assert replays > 0
+    assert replays > 0 and ahead > 0  # graphs served decode, and greedy steps were pipelined
     assert got == want
 
 

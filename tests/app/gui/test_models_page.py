@@ -87,7 +87,8 @@ def test_search_details_download_then_load_from_library(qtbot, page, fake_hub):
 
     button = page.findChild(QPushButton, "downloadButton")
     assert button.isEnabled()
-    fake_hub.throttle("model.safetensors", 0.02, chunk_size=32 * 1024)
+    # ~1 s for the weights: several progress events (at most 10 a second are sent).
+    fake_hub.throttle("model.safetensors", 0.05, chunk_size=32 * 1024)
     shown = []   # what the row displayed at each status update, as the UI thread saw it
     page.events.statusChanged.connect(
         lambda s: shown.append((s.state, page.downloads_panel.rows[s.id].bar.value(),
@@ -153,7 +154,7 @@ def test_gated_model_shows_the_link_and_the_download_explains(qtbot, page):
 
 
 def test_cancel_a_running_download(qtbot, page, fake_hub):
-    fake_hub.throttle("model.safetensors", 0.05, chunk_size=16 * 1024)
+    fake_hub.throttle("model.safetensors", 0.1, chunk_size=16 * 1024)   # ~4 s: time to press Cancel
     page.search_panel.downloadRequested.emit(TINY, None)
     rows = page.downloads_panel.rows
     qtbot.waitUntil(lambda: rows and next(iter(rows.values())).status.bytes_done > 0, timeout=WAIT_MS)

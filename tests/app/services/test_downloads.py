@@ -53,7 +53,7 @@ def _record(manager):
 def test_download_into_the_hf_cache_with_progress(fake_hub, managers):
     from huggingface_hub import snapshot_download
 
-    fake_hub.throttle(WEIGHTS, 0.01, chunk_size=32 * 1024)  # ~20 pieces: several progress events
+    fake_hub.throttle(WEIGHTS, 0.03, chunk_size=32 * 1024)  # ~0.6 s in 20 pieces: several progress events
     m = managers()
     events = _record(m)
     status = m.wait(m.enqueue(TINY), TIMEOUT)
@@ -172,7 +172,7 @@ def test_a_corrupted_partial_is_caught_by_its_sha256(fake_hub, managers):
 
 
 def test_quitting_mid_download_resumes_on_the_next_start(fake_hub, managers):
-    fake_hub.throttle(WEIGHTS, 0.05, chunk_size=16 * 1024)
+    fake_hub.throttle(WEIGHTS, 0.1, chunk_size=16 * 1024)   # ~4 s: time to quit half-way
     first = managers()
     half = threading.Event()
     first.subscribe(lambda s: half.set() if s.current_file == WEIGHTS and s.bytes_done > 200_000 else None)
