@@ -14,7 +14,7 @@ export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
 case "$what" in tests|all)
-  python -m pytest -q -p no:cacheprovider -o addopts="" -x --timeout 900 \
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \
     tests/kernels tests/engine/test_gpu_fast_path.py tests/app/test_bench.py -m gpu \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
 esac

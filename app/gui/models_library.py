@@ -6,6 +6,8 @@ both run on the page's ``TaskRunner``; the table updates when they finish.
 
 from __future__ import annotations
 
+from functools import partial
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QMessageBox,
                                QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
@@ -152,7 +154,7 @@ class LibraryPanel(QWidget):
         if answer != QMessageBox.StandardButton.Yes:
             return
         self.summary.setText(f"Deleting {m.name}…")
-        self._runner.run("delete", lambda: self._library.delete(m), self._deleted, self._delete_failed)
+        self._runner.run("delete", partial(self._library.delete, m), self._deleted, self._delete_failed)
 
     def _deleted(self, freed: int) -> None:
         self.summary.setText(f"Freed {human_bytes(freed)}.")

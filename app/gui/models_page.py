@@ -12,6 +12,8 @@ Key widgets carry objectNames for tests and accessibility: ``modelSearch``,
 
 from __future__ import annotations
 
+from functools import partial
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QGroupBox, QHBoxLayout, QLabel, QLineEdit, QPushButton, QTabWidget, QVBoxLayout,
                                QWidget)
@@ -160,7 +162,8 @@ class ModelsPage(QWidget):
             self.token_status.setText(str(exc) if isinstance(exc, ValueError)
                                       else f"Could not save the token ({type(exc).__name__}).")
 
-        self.runner.run("token", lambda: self.token_store.set(token), saved, failed)
+        # partial, not a lambda: a pool thread must never hold the last reference to a widget.
+        self.runner.run("token", partial(self.token_store.set, token), saved, failed)
 
     def _forget_token(self) -> None:
         def forgotten(_none) -> None:

@@ -85,6 +85,10 @@ def test_gpu_llama8b_shapes(dtype, tokens):
     pos = torch.randint(0, 8192, (tokens,), device="cuda")
     ref_q, ref_k = emb(pos, q, k)
     apply_rotary(q, k, pos, emb.cos, emb.sin)
-    # Eager rounds x*cos and rotate(x)*sin separately; the kernel does too, but the
-    # compiler may fuse a multiply-add: allow one ulp.
-    assert ulp_distance(q, ref_q) <= 1 and ulp_distance(k, ref_k) <= 1
+    # Eager rounds x*cos and rotate(x)*sin separately and the kernel does too, but on the
+    # GPU a product may round differently by one ulp *of the operands*; where the two
+    # products nearly cancel that is a large relative error of a tiny result, so bound the
+    # absolute error by two ulps of the inputs' magnitude instead of ulps of the result.
+    ulp = torch.finfo(dtype).eps * 4  # inputs are randn: |x| < 8, so 1 ulp <= eps * 4
+    torch.testing.assert_close(q, ref_q, rtol=0, atol=2 * ulp)
+    torch.testing.assert_close(k, ref_k, rtol=0, atol=2 * ulp)

@@ -1,0 +1,114 @@
+"""Kernel-level view of a decode step and of prefill attention (GPU only).
+
+    PYTHONPATH=. python benchmarks/profile_kernels.py [--shape llama-8b] [--json F]
+
+1. One eager decode step of ``shape:<name>`` (batch 1, 128 tokens of context) under
+   torch.profiler: CUDA time per kernel name, summed over the step, so the non-GEMM
+   kernels' share of a step is visible.
+2. Prefill attention alone at T = 2048 and 8192 (32 q heads, 8 kv heads, d 128, bf16):
+   Hearth's paged Triton kernel vs torch SDPA (flash) on contiguous tensors, in TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+
+def decode_step_profile(shape: str) -> list[dict]:
+    from engine.api import Engine, Request, SamplingParams
+
+    engine = Engine.load(f"shape:{shape}", device="cuda", max_model_len=2048, max_num_seqs=1,
+                         enforce_eager=True)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = list(range(1, 129))
+    engine.submit(Request(prompt_token_ids=prompt, params=params)).result()  # warm-up
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.submit(Request(prompt_token_ids=prompt, params=params)).result()
+    engine.shutdown()
+    per = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += 1
+            per[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    rows = sorted(({"kernel": k[:90], "calls": c, "total_us": t} for k, (c, t) in per.items()),
+                  key=lambda r: -r["total_us"])
+    total = sum(r["total_us"] for r in rows)
+    print(f"decode, 8 steps incl. one 128-token prefill: CUDA kernel time {total / 1e3:.2f} ms")
+    for r in rows[:18]:
+        print(f"  {r['total_us'] / 1e3:8.3f} ms {r['calls']:6d}x  {r['kernel']}")
+    return rows
+
+
+def prefill_attention(tokens: int) -> dict:
+    from kernels.paged_prefill import paged_prefill_attention
+
+    h, kvh, d, bs = 32, 8, 128, 16
+    dt = torch.bfloat16
+    q = torch.randn(tokens, h, d, device="cuda", dtype=dt)
+    k = torch.randn(tokens, kvh, d, device="cuda", dtype=dt)
+    v = torch.randn(tokens, kvh, d, device="cuda", dtype=dt)
+    nb = tokens // bs
+    cache = torch.empty(2, nb, bs, kvh, d, device="cuda", dtype=dt)
+    cache[0] = k.view(nb, bs, kvh, d)
+    cache[1] = v.view(nb, bs, kvh, d)
+    table = torch.arange(nb, device="cuda", dtype=torch.int32)[None]
+    qs = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
+    sl = torch.tensor([tokens], device="cuda", dtype=torch.int32)
+    scale = d ** -0.5
+
+    def hearth():
+        return paged_prefill_attention(q, cache, table, qs, sl, scale, max_query_len=tokens)
+
+    qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
+                                                                enable_gqa=True)
+
+    def timeit(fn) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 10
+
+    flops = 4 * tokens * tokens * h * d / 2  # causal
+    out = {"tokens": tokens}
+    for name, fn in (("hearth_triton", hearth), ("torch_sdpa", sdpa)):
+        ms = timeit(fn)
+        out[f"{name}_ms"] = ms
+        out[f"{name}_tflops"] = flops / ms / 1e9
+    err = (hearth().float() - sdpa()[0].transpose(0, 1).float()).abs().max().item()
+    out["max_abs_diff"] = err
+    print(f"prefill attention T={tokens}: triton {out['hearth_triton_ms']:.2f} ms "
+          f"({out['hearth_triton_tflops']:.0f} TFLOP/s), sdpa {out['torch_sdpa_ms']:.2f} ms "
+          f"({out['torch_sdpa_tflops']:.0f} TFLOP/s), max diff {err:.3g}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-8b")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    result = {"card": torch.cuda.get_device_name(), "shape": args.shape,
+              "prefill_attention": [prefill_attention(t) for t in (2048, 8192)],
+              "decode_kernels": decode_step_profile(args.shape)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
