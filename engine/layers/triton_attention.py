@@ -3,7 +3,10 @@
 Per layer and step: one kernel scatters this step's K/V into the paged cache, then a
 decode-only step runs the split-K decode kernel (one query per sequence, GQA groups
 sharing K/V tiles) and any step with prefill chunks runs the FlashAttention-2 style
-variable-length kernel, which also serves the decode rows mixed into such a step.
+variable-length kernel, which also serves the decode rows mixed into such a step. A step
+that is one fresh prompt (no cached prefix, the usual time-to-first-token case) runs
+torch's FlashAttention SDPA kernel on the contiguous k/v instead: it measured twice as
+fast as the paged kernel at long prompts.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 
@@ -72,6 +76,22 @@ class TritonAttention(AttentionBackend):
         self._decode = paged_decode_attention
         self._prefill = paged_prefill_attention
 
+    def _fresh_prefill(self, q, k, v):
+        """One sequence whose whole context is this step (a new prompt, no cached prefix):
+        its K/V are the contiguous k/v of this step, so torch's FlashAttention-2 SDPA kernel
+        can run on them directly. Measured on an H100 (d=128, GQA 32/8, bf16, causal):
+        611 TFLOP/s at 8,192 tokens against 314 for the paged Triton kernel, which reads K/V
+        through the block table (benchmarks/results/*-profile-kernels-8b.json)."""
+        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        group = self.num_heads // self.num_kv_heads
+        try:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale,
+                                               enable_gqa=group > 1)
+        except TypeError:  # torch < 2.5: no enable_gqa
+            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
+        return o[0].transpose(0, 1)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache``; returns [T, H, D]."""
@@ -80,6 +100,9 @@ class TritonAttention(AttentionBackend):
             bound = getattr(meta, "max_seq_len_bound", None) or meta.max_seq_len
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
                                 sliding_window=self.sliding_window, max_seq_len=bound)
+        if q.is_cuda and meta.num_seqs == 1 and meta.query_lens_cpu[0] == meta.seq_lens_cpu[0] \
+                and (self.sliding_window is None or self.sliding_window >= meta.seq_lens_cpu[0]):
+            return self._fresh_prefill(q, k, v)
         max_q = getattr(meta, "max_query_len", None) or max(meta.query_lens_cpu)
         return self._prefill(q, kv_cache, meta.block_tables, meta.query_start, meta.seq_lens,
                              self.scale, max_query_len=max_q, sliding_window=self.sliding_window)
