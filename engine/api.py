@@ -148,8 +148,12 @@ class Engine:
         self.max_model_len = loaded.max_model_len
         self.block_manager = BlockManager(loaded.num_blocks, config.cache.block_size,
                                           enable_prefix_caching=loaded.prefix_caching)
+        # Pipelined decode (CUDA graphs) launches each step before the host sees the last
+        # one's tokens: it needs one slot of lookahead per decoding sequence.
+        pipelined = getattr(self.runner, "graphs", None) is not None
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens)
+                                   config.scheduler.max_num_batched_tokens,
+                                   lookahead_slots=1 if pipelined else 0)
         self._cv = threading.Condition()
         self._inbox: list[RequestState] = []
         self._aborts: list[str] = []

@@ -122,7 +122,10 @@ class ParamsPanel(QGroupBox):
     def __init__(self, settings: QSettings, parent=None) -> None:
         super().__init__("Parameters", parent)
         self.settings = settings
-        form = QFormLayout(self)
+        outer = QVBoxLayout(self)
+        form = QFormLayout()
+        outer.addLayout(form)
+        outer.addStretch(1)  # keep the fields together at the top
         self.system_prompt = QPlainTextEdit()
         self.system_prompt.setObjectName("systemPrompt")
         self.system_prompt.setPlaceholderText("System prompt (this conversation)")

@@ -113,12 +113,13 @@ class LoadDialog(QDialog):
         lay.addWidget(buttons)
 
     def _unavailable_text(self) -> str:
-        lines = []
+        """One line per reason, naming every choice it applies to ("int8, int4: ...")."""
+        by_reason: dict[str, list[str]] = {}
         for kind in ("attention", "quantization"):
             for name, reasons in self.choices[kind].items():
                 if reasons:
-                    lines.append(f"{name}: {'; '.join(reasons)}")
-        return "\n".join(lines)
+                    by_reason.setdefault("; ".join(reasons), []).append(name)
+        return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
 
     def options(self) -> dict:
         kv = self.kv_memory.text().strip()
@@ -154,11 +155,13 @@ def default_attention(choices: dict) -> str:
 
 
 def save_load_options(settings: QSettings, opts: dict) -> None:
-    for key in ("quantization", "attention", "device", "dtype", "enforce_eager"):
-        settings.setValue(f"load/{key}", opts[key])
-    settings.setValue("load/max_model_len", opts["max_model_len"] or 0)
-    settings.setValue("load/kv_cache_memory", opts["kv_cache_memory"] or "")
-    settings.setValue("load/model", opts["model"] or "default")
+    defaults = {"quantization": "none", "attention": "", "device": "auto", "dtype": "auto",
+                "enforce_eager": False}
+    for key, default in defaults.items():
+        settings.setValue(f"load/{key}", opts.get(key, default))
+    settings.setValue("load/max_model_len", opts.get("max_model_len") or 0)
+    settings.setValue("load/kv_cache_memory", opts.get("kv_cache_memory") or "")
+    settings.setValue("load/model", opts.get("model") or "default")
 
 
 def saved_load_options(settings: QSettings) -> dict:

@@ -32,6 +32,7 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # finished by the scheduler itself
     num_batched_tokens: int = 0
+    num_waiting: int = 0  # left waiting after this step (a hint for pipelined decode)
 
 
 def _by_arrival(seq: Sequence) -> int:
@@ -46,6 +47,7 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
+        lookahead_slots: int = 0,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -56,6 +58,10 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Best-effort extra slots for decoding sequences, so the runner can launch the next
+        # decode step before this one's tokens reach the host (pipelined decode). Taken
+        # only from free blocks, never by preempting anyone.
+        self.lookahead_slots = lookahead_slots
         self.waiting: deque[Sequence] = deque()
         # Kept sorted by arrival: preemption victims are taken from the end (newest), and
         # the oldest running request is never a victim, which guarantees progress.
@@ -181,6 +187,8 @@ class Scheduler:
                 break
             if stop:
                 break
+            if n == 1 and self.lookahead_slots:
+                bm.allocate_slots(seq, 1 + self.lookahead_slots)  # fails harmlessly when full
             out.scheduled.append(
                 ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens)
             )
@@ -215,6 +223,7 @@ class Scheduler:
                 budget -= n
 
         out.num_batched_tokens = self.max_num_batched_tokens - budget
+        out.num_waiting = len(self.waiting)
         return out
 
     def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> None:

@@ -57,8 +57,7 @@ class TritonAttention(AttentionBackend):
         if _interpreting() and (dev is None or dev.type == "cpu"):
             pass  # Triton's interpreter runs the kernels on CPU tensors (tests, debugging)
         elif dev is not None and dev.type != "cuda":
-            reasons.append(f"the triton backend runs on CUDA GPUs, not on {dev}; use attention='torch' "
-                           "there (tests may set TRITON_INTERPRET=1 to run it on CPU, slowly)")
+            reasons.append(f"runs on CUDA GPUs only, not on {dev}: use the torch backend there")
         elif not torch.cuda.is_available():
             reasons.append("no CUDA GPU is visible to PyTorch (CPU-only build, or no driver); "
                            "use attention='torch'")

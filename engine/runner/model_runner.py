@@ -248,42 +248,55 @@ class ModelRunner(SamplingMixin):
             seqs.append(seq)
         greedy = all(_plain_greedy(s.params) for s in seqs)
         rids = [s.request_id for s in seqs]
-        if (greedy and ahead is not None and ahead.request_ids == rids
-                and ahead.positions == positions and ahead.inputs == ids):
-            tokens, host, event = ahead.tokens, ahead.host, ahead.event
+        rows = ahead.rows_for(rids, positions, ids) if greedy and ahead is not None else None
+        if rows is not None:
+            # This step was launched ahead (for these sequences, perhaps among others that
+            # have finished since): take its rows.
             self.steps_ahead_used += 1
+            host, event = ahead.host, ahead.event
+            if rows == list(range(len(ahead.request_ids))):
+                tokens = ahead.tokens
+            else:
+                tokens = ahead.tokens[torch.tensor(rows, device=self.device)]
         else:
             logits = self.graphs.run(ids, positions, slots, seq_lens, tables)
             if not greedy:
                 return self.sample(logits, seqs)
             tokens = logits.argmax(dim=-1)
             host, event = self._stage(tokens)
-        nxt = self._next_positions(seqs, positions)
+            rows = None
+        nxt = self._next_positions(seqs, positions, out.num_waiting) if greedy else None
+        launched = None
         if nxt is not None:
-            npos = nxt
-            nslots = [t[q // bs] * bs + q % bs for t, q in zip(tables, npos)]
-            logits2 = self.graphs.run(tokens, npos, nslots, [q + 1 for q in npos], tables)
+            nslots = [t[q // bs] * bs + q % bs for t, q in zip(tables, nxt)]
+            logits2 = self.graphs.run(tokens, nxt, nslots, [q + 1 for q in nxt], tables)
             tokens2 = logits2.argmax(dim=-1)
             host2, event2 = self._stage(tokens2)
-            self._ahead = _Ahead(rids, npos, tokens2, host2, event2)
+            launched = _Ahead(rids, nxt, tokens2, host2, event2)
         event.synchronize()
-        token_list = host.tolist()
-        if self._ahead is not None:
-            self._ahead.inputs = token_list
+        values = host.tolist()
+        token_list = values if rows is None else [values[r] for r in rows]
+        if launched is not None:
+            launched.inputs = token_list
+            self._ahead = launched
         return RunnerOutput(token_list, None)
 
-    def _next_positions(self, seqs, positions: list[int]) -> list[int] | None:
-        """Positions of the step after this one, if it can be launched ahead: every
-        sequence wants another token and its next slot is in a block it already holds."""
+    def _next_positions(self, seqs, positions: list[int], num_waiting: int) -> list[int] | None:
+        """Positions of the step after this one, if it is worth launching ahead: every
+        sequence already holds a block for its next slot (the scheduler's lookahead), and
+        no request is about to be admitted in place of one that finishes now (that step
+        would mix in a prefill and run eagerly, wasting the launched one)."""
         bs = self.block_size
         nxt = []
+        ending = False
         for seq, p in zip(seqs, positions):
             q = p + 1
-            if q % bs == 0 or q >= self.graphs.max_model_len:
+            if q // bs >= len(seq.block_table) or q >= self.graphs.max_model_len:
                 return None
-            if seq.num_output_tokens + 1 >= seq.params.max_tokens:
-                return None
+            ending |= seq.num_output_tokens + 1 >= seq.params.max_tokens
             nxt.append(q)
+        if ending and (num_waiting > 0 or len(nxt) == 1):
+            return None
         return nxt
 
     def _stage(self, tokens: torch.Tensor):
@@ -315,3 +328,18 @@ class _Ahead:
     host: torch.Tensor
     event: object
     inputs: list[int] | None = None  # its input ids: the previous step's tokens
+
+    def rows_for(self, request_ids: list[str], positions: list[int], ids: list[int]) -> list[int] | None:
+        """Row of each requested sequence in this launched step, if it computed exactly
+        what is now asked (same position, same input token) for every one of them, in
+        the same order; else None."""
+        index = {rid: i for i, rid in enumerate(self.request_ids)}
+        rows, last = [], -1
+        for rid, p, tok in zip(request_ids, positions, ids):
+            i = index.get(rid)
+            if i is None or i <= last or self.positions[i] != p or self.inputs is None \
+                    or self.inputs[i] != tok:
+                return None
+            rows.append(i)
+            last = i
+        return rows

@@ -408,3 +408,28 @@ def test_random_operations_keep_invariants(
             h.abort(op[1])
         h.check()
     h.drain()
+
+
+def test_lookahead_slot_for_decoding_sequences():
+    """With lookahead, a decoding sequence always holds a slot for the token after the one
+    being computed (pipelined decode), taken only from free blocks."""
+    bm = BlockManager(8, 4)
+    sched = Scheduler(bm, lookahead_slots=1)
+    a = make_seq("a", 3)
+    sched.add(a)
+    step(sched)  # prefill: 3 tokens in block 0, then one sampled
+    for _ in range(9):
+        out = step(sched)
+        assert [s.num_new_tokens for s in out.scheduled] == [1]
+        # computed tokens, plus this step's, plus one ahead fit in the table
+        assert len(a.block_table) * 4 >= a.num_computed_tokens + 1
+        bm.check_invariants([a])
+    assert len(a.block_table) * 4 >= a.num_computed_tokens + 1
+    # A full pool: the lookahead is skipped, nobody is preempted for it.
+    tight = BlockManager(1, 4)
+    s2 = Scheduler(tight, lookahead_slots=1)
+    b = make_seq("b", 2)
+    s2.add(b)
+    step(s2)
+    out = step(s2)  # decode of token 3 in the only block: no room ahead, no preemption
+    assert out.scheduled and not out.preempted and len(b.block_table) == 1

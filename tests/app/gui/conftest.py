@@ -17,6 +17,8 @@ def gui_env(tmp_path, monkeypatch):
     data = tmp_path / "data"
     monkeypatch.setenv("HEARTH_DATA_DIR", str(data))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Never touch the developer's real OS keyring from a test.
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
     return {"data": data, "settings": settings, "tmp": tmp_path}
 
