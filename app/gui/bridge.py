@@ -72,7 +72,8 @@ class _Worker(QObject):
     # -- loading ------------------------------------------------------------------------
     @Slot(dict)
     def load(self, options: dict) -> None:
-        self._cancel.clear()
+        # The cancel flag is cleared by the bridge when the load is requested (UI thread),
+        # so a cancel that arrives before this slot runs still counts.
         self._unload_quietly()
         name = options.get("model") or "default"
         self.modelLoading.emit(name)
@@ -99,7 +100,7 @@ class _Worker(QObject):
             log.error("load failed:\n%s", traceback.format_exc())
             self.loadFailed.emit(f"loading failed unexpectedly: {type(e).__name__}: {e}")
             return
-        if self._cancel.is_set():
+        if self._cancel.is_set():  # cancelled during the last stretch: don't announce it
             engine.shutdown()
             self.loadFailed.emit("loading cancelled")
             return
@@ -111,6 +112,9 @@ class _Worker(QObject):
 
     def cancel_load(self) -> None:  # called directly from the UI thread (thread-safe Event)
         self._cancel.set()
+
+    def clear_cancel(self) -> None:
+        self._cancel.clear()
 
     @Slot()
     def unload(self) -> None:
@@ -282,6 +286,7 @@ class EngineBridge(QObject):
         """Load a model (options: model, device, dtype, attention, max_model_len,
         kv_cache_memory, quantization, enforce_eager); replaces the loaded one."""
         self._loading = True
+        self._worker.clear_cancel()
         self._doLoad.emit(dict(options))
 
     def cancel_load(self) -> None:

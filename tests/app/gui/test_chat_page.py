@@ -193,3 +193,35 @@ def test_send_without_a_model_says_what_to_do(qtbot, bridge, gui_env, no_model):
     assert "Models page" in page.notice.text()
     assert store.messages(page.conversation_id) == []
     assert page.input.toPlainText() == "hello?"  # nothing typed is lost
+
+
+def test_cancel_loading_then_load_again(qtbot, bridge, gui_env, chat_model):
+    page, _ = _page(qtbot, bridge, gui_env)
+    with qtbot.waitSignal(bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
+        bridge.load(load_options(chat_model))
+        bridge.cancel_load()
+    assert failed.args[0] == "loading cancelled"
+    assert bridge.model_info is None and not bridge.is_loading
+    assert "cancelled" in page.notice.text()
+    info = _load(qtbot, bridge, chat_model)  # a new load is not affected by the old cancel
+    assert info["implementation"] == "native"
+
+
+def test_copy_puts_the_answer_on_the_clipboard(qtbot, bridge, gui_env, chat_model):
+    from PySide6.QtGui import QGuiApplication
+
+    _load(qtbot, bridge, chat_model)
+    page, _ = _page(qtbot, bridge, gui_env, max_tokens=5)
+    _send(qtbot, page, "Copy me")
+    answer = page.message_widgets()[-1]
+    qtbot.mouseClick(answer.copy_button, Qt.MouseButton.LeftButton)
+    assert QGuiApplication.clipboard().text() == answer.text != ""
+
+
+def test_markdown_answers_render_code_blocks(qtbot, gui_env):
+    from app.gui.chat_widgets import MessageWidget
+
+    w = MessageWidget(1, "assistant", "Here:\n\n```python\nprint('hi')\n```\n")
+    qtbot.addWidget(w)
+    assert w.body.textFormat() == Qt.TextFormat.MarkdownText
+    assert w.text.startswith("Here:") and "print('hi')" in w.body.text()

@@ -87,3 +87,25 @@ def test_load_dialog_greys_out_what_cannot_run_here(qtbot, gui_env):
     assert opts["model"] == "some/model" and opts["max_model_len"] == 1024
     assert opts["kv_cache_memory"] == "2GiB" and opts["attention"] == "torch"
     assert gui_env["settings"].value("load/kv_cache_memory") == "2GiB"
+
+
+def test_theme_follows_the_system_colour_scheme(qtbot):
+    """The palette switches when the system scheme changes (signal emitted as the platform
+    would; the offscreen platform has no scheme of its own)."""
+    from PySide6.QtGui import QGuiApplication, QPalette
+
+    from app.gui.app import apply_system_theme
+
+    app = QApplication.instance()
+    hints = QGuiApplication.styleHints()
+    before = app.palette()
+    try:
+        apply_system_theme(app)
+        hints.colorSchemeChanged.emit(Qt.ColorScheme.Dark)
+        assert app.palette().color(QPalette.ColorRole.Window).lightness() < 80
+        assert app.palette().color(QPalette.ColorRole.Text).lightness() > 180
+        hints.colorSchemeChanged.emit(Qt.ColorScheme.Light)
+        assert app.palette().color(QPalette.ColorRole.Window).lightness() > 180
+    finally:
+        hints.colorSchemeChanged.disconnect()
+        app.setPalette(before)
