@@ -37,8 +37,8 @@ class LoadCancelled(Exception):
     pass
 
 
-class _Worker(QObject):
-    """Lives on the worker thread; every slot here runs there."""
+class BridgeSignals(QObject):
+    """The signals the bridge delivers (pages connect to these; test fakes subclass it)."""
 
     modelLoading = Signal(str)
     loadProgress = Signal(str)
@@ -50,6 +50,13 @@ class _Worker(QObject):
     requestStarted = Signal(str, dict)  # request id, {"dropped": n} (history trimmed)
     statsUpdated = Signal(object)
     engineError = Signal(str)
+
+    SIGNALS = ("modelLoading", "loadProgress", "modelLoaded", "loadFailed", "modelUnloaded",
+               "tokenReceived", "requestFinished", "requestStarted", "statsUpdated", "engineError")
+
+
+class _Worker(BridgeSignals):
+    """Lives on the worker thread; every slot here runs there."""
 
     def __init__(self, engine_factory) -> None:
         super().__init__()
@@ -214,19 +221,8 @@ class _Worker(QObject):
         self._unload_quietly()
 
 
-class EngineBridge(QObject):
+class EngineBridge(BridgeSignals):
     """UI-thread facade. Signals arrive queued on the UI thread; methods never block."""
-
-    modelLoading = Signal(str)
-    loadProgress = Signal(str)
-    modelLoaded = Signal(dict)
-    loadFailed = Signal(str)
-    modelUnloaded = Signal()
-    tokenReceived = Signal(str, str)
-    requestFinished = Signal(str, object)
-    requestStarted = Signal(str, dict)
-    statsUpdated = Signal(object)
-    engineError = Signal(str)
 
     _doLoad = Signal(dict)
     _doUnload = Signal()
@@ -241,9 +237,7 @@ class EngineBridge(QObject):
         self._worker = _Worker(engine_factory or Engine.load)
         self._worker.moveToThread(self._thread)
         self._thread.started.connect(self._worker.start_timers)
-        for name in ("modelLoading", "loadProgress", "modelLoaded", "loadFailed", "modelUnloaded",
-                     "tokenReceived", "requestFinished", "requestStarted", "statsUpdated",
-                     "engineError"):
+        for name in self.SIGNALS:
             getattr(self._worker, name).connect(getattr(self, name))
         self._doLoad.connect(self._worker.load)
         self._doUnload.connect(self._worker.unload)

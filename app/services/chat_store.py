@@ -9,11 +9,12 @@ WAL journaling keeps those frequent small writes cheap and crash-safe.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from app.services.user_data import data_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -34,19 +35,6 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 """
-
-
-def data_dir() -> Path:
-    """The user data folder (``HEARTH_DATA_DIR`` overrides it, e.g. in tests)."""
-    env = os.environ.get("HEARTH_DATA_DIR")
-    if env:
-        path = Path(env)
-    else:
-        import platformdirs
-
-        path = Path(platformdirs.user_data_dir("hearth", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from keyring.backends import fail  # noqa: E402
 from PySide6.QtCore import QObject, Qt, Signal  # noqa: E402
 from PySide6.QtWidgets import QLineEdit, QMessageBox, QPushButton  # noqa: E402
 
+from app.gui.bridge import BridgeSignals  # noqa: E402
 from app.gui.models_page import TAB_LIBRARY, ModelsPage  # noqa: E402
 from tests.app.hub_fixtures import GATED, GGUF_REPO, TINY, fake_hub, repo_files  # noqa: E402
 
@@ -22,17 +23,8 @@ __all__ = ["fake_hub"]
 WAIT_MS = 20_000
 
 
-class FakeBridge(QObject):
+class FakeBridge(BridgeSignals):
     """The EngineBridge signals the page may connect to, emitted by the test."""
-
-    modelLoading = Signal(str)
-    loadProgress = Signal(str)
-    modelLoaded = Signal(dict)
-    loadFailed = Signal(str)
-    modelUnloaded = Signal()
-    tokenReceived = Signal(str, str)
-    requestFinished = Signal(str, object)
-    statsUpdated = Signal(object)
 
 
 @pytest.fixture
