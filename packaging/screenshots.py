@@ -26,14 +26,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--prompt", default="Write a haiku about a warm hearth, then a Python one-liner "
-                                        "that prints it.")
+    ap.add_argument("--prompt", default="Write a Python function that adds two numbers.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="hearth-shots-"))
     os.environ["HEARTH_DATA_DIR"] = str(tmp / "data")
 
-    from PySide6.QtCore import QEventLoop, QSettings, QTimer
+    from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer
     from PySide6.QtWidgets import QApplication
 
     from app.gui.app import apply_system_theme
@@ -42,6 +41,9 @@ def main() -> int:
 
     app = QApplication(sys.argv[:1])
     apply_system_theme(app)
+    from app.gui.gc_guard import GuiThreadGC
+
+    GuiThreadGC(app)
     settings = QSettings(str(tmp / "settings.ini"), QSettings.Format.IniFormat)
     settings.setValue("load/model", args.model)
     settings.setValue("load/attention", "torch")
@@ -90,6 +92,12 @@ def main() -> int:
     win.show_page("Performance")
     pause(1500)  # a few telemetry ticks
     shot("06-performance")
+    # The same window in the dark palette (what a dark system scheme switches to).
+    app.styleHints().colorSchemeChanged.emit(Qt.ColorScheme.Dark)
+    win.show_page("Chat")
+    shot("07-chat-dark")
+    win.show_page("Performance")
+    shot("08-performance-dark")
     win.close()
     return 0
 

@@ -63,6 +63,9 @@ def run_gui(argv: list[str] | None = None) -> int:
     app.setApplicationName("Hearth")
     app.setOrganizationName("Hearth")
     apply_system_theme(app)
+    from app.gui.gc_guard import GuiThreadGC
+
+    gc_guard = GuiThreadGC(app)  # noqa: F841 (lives as long as the app)
     window = MainWindow()
     window.show()
     return app.exec()

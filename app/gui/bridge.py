@@ -219,6 +219,13 @@ class _Worker(BridgeSignals):
     @Slot()
     def shutdown(self) -> None:
         self._unload_quietly()
+        # Qt timers may only be stopped and destroyed in the thread they live in: do it
+        # here, on the worker thread, rather than when Python collects this object later.
+        for timer in (self._poll, self._stats):
+            if timer is not None:
+                timer.stop()
+                timer.setParent(None)
+        self._poll = self._stats = None
 
 
 class EngineBridge(BridgeSignals):

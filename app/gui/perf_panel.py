@@ -126,12 +126,15 @@ class PerfPanel(QWidget):
         self.no_gpu_label.hide()
         root.addWidget(self.no_gpu_label)
 
-        numbers = QHBoxLayout()
+        # Captions over their values in one grid, so each figure sits under its name.
+        numbers = QGridLayout()
+        numbers.setHorizontalSpacing(28)
+        numbers.setVerticalSpacing(0)
         self.values: dict[str, QLabel] = {}
         self.captions: dict[str, QLabel] = {}
-        for key, title in (("ttft", "Last TTFT"), ("decode", "Last decode"),
-                           ("aggregate", "Aggregate"), ("kv", "KV cache"), ("memory", "VRAM")):
-            box = QVBoxLayout()
+        for col, (key, title) in enumerate((("ttft", "Last TTFT"), ("decode", "Last decode"),
+                                            ("aggregate", "Aggregate"), ("kv", "KV cache"),
+                                            ("memory", "VRAM"))):
             caption = QLabel(title)
             caption.setObjectName(f"perfCaption_{key}")
             value = QLabel("—")
@@ -140,12 +143,11 @@ class PerfPanel(QWidget):
             font.setPointSizeF(font.pointSizeF() * 1.4)
             font.setBold(True)
             value.setFont(font)
-            box.addWidget(caption)
-            box.addWidget(value)
-            numbers.addLayout(box)
+            numbers.addWidget(caption, 0, col)
+            numbers.addWidget(value, 1, col)
             self.values[key] = value
             self.captions[key] = caption
-        numbers.addStretch(1)
+        numbers.setColumnStretch(5, 1)
         root.addLayout(numbers)
 
         grid = QGridLayout()
@@ -283,6 +285,20 @@ class PerfPanel(QWidget):
         self._draw_requests()
         self._draw_samples(samples, gpu_mode)
         self._update_numbers(last, gpu_mode)
+        self._fit_time_axis()
+
+    def _fit_time_axis(self) -> None:
+        """All charts show the whole recorded span. The X axes are linked, and left to
+        auto-range each would follow whichever chart ranged last (e.g. one TTFT point)."""
+        times = [p.t for p in self.history.samples] + [r.t for r in self.history.requests]
+        if not times:
+            return
+        lo, hi = min(times), max(times)
+        if hi - lo < 1.0:
+            hi = lo + 1.0
+        for plot in self.plots.values():
+            plot.getPlotItem().enableAutoRange(x=False)
+            plot.setXRange(lo, hi, padding=0.02)
 
     def _switch_mode(self, gpu_mode: bool) -> None:
         self._gpu_mode = gpu_mode

@@ -426,3 +426,14 @@ def test_subprocess_generate_paris(default_model, hearth_cache):
     assert "Paris" in proc.stdout, proc.stdout
     assert "Converting" not in proc.stderr, "the session's converted default model must be reused"
     assert "8 tokens" in proc.stderr or "finish:" in proc.stderr
+
+
+def test_no_subcommand_opens_the_gui_or_explains_why_not(monkeypatch, capsys):
+    """`hearth` is the desktop app; without a display it says what to do instead of
+    letting Qt abort the process."""
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "no display" in err and "hearth chat" in err and "xvfb-run" in err

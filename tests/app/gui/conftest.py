@@ -9,6 +9,20 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def gui_thread_gc(qapp):
+    """As in the app: cyclic GC only on the GUI thread (never in the bridge's worker,
+    where collecting a test's leftover widgets would crash Qt)."""
+    import gc
+
+    from app.gui.gc_guard import GuiThreadGC
+
+    guard = GuiThreadGC(qapp, interval_ms=100)
+    yield guard
+    gc.collect()  # this test's garbage goes now, on this thread
+    guard.stop()
+
+
 @pytest.fixture
 def gui_env(tmp_path, monkeypatch):
     """HEARTH_DATA_DIR and a QSettings ini file of this test's own (never the user's)."""

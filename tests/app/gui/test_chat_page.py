@@ -91,14 +91,30 @@ def test_conversation_survives_a_restart_and_a_kill(qtbot, bridge, gui_env, chat
     _send(qtbot, page, "First question")
     conv = page.conversation_id
     before = [(m.role, m.content) for m in store.messages(conv)]
-    # A second answer that is cut off: the app "dies" while it streams (no finish, no shutdown).
-    page.params.max_tokens.setValue(400)
+    # A second answer that is cut off: the app "dies" while it streams (no finish, no
+    # shutdown). At its first text the periodic save runs (as its 300 ms timer would), then
+    # the page stops hearing from the engine, as if the process had been killed.
+    page.params.max_tokens.setValue(200)
+    seen = {}
+
+    def die_after_first_text(rid, _text):
+        if seen:
+            return
+        assert page._save_timer.isActive()  # answers are saved while they stream
+        page._save_active()
+        seen.update(rid=rid, partial=page._active["saved"])
+        bridge.tokenReceived.disconnect(page._on_token)
+        bridge.requestFinished.disconnect(page._on_finished)
+        page._save_timer.stop()
+
+    bridge.tokenReceived.connect(die_after_first_text)  # runs after the page's own slot
     page.input.setPlainText("Second question")
     qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: page._active is not None and page._active["saved"] != "", timeout=ANSWER_TIMEOUT)
-    partial = page._active["saved"]
-    bridge.abort(page._active["rid"])
-    page._active = None  # the window is gone: nothing else reaches the store
+    qtbot.waitUntil(lambda: bool(seen), timeout=ANSWER_TIMEOUT)
+    bridge.tokenReceived.disconnect(die_after_first_text)
+    partial = seen["partial"]
+    assert partial
+    bridge.abort(seen["rid"])
     page.close()
 
     store2 = ChatStore(path)  # the restarted app
@@ -107,7 +123,7 @@ def test_conversation_survives_a_restart_and_a_kill(qtbot, bridge, gui_env, chat
     msgs = store2.messages(conv)
     assert [(m.role, m.content) for m in msgs[:2]] == before
     assert msgs[2].content == "Second question"
-    assert msgs[3].status == "interrupted" and msgs[3].content.startswith(partial)
+    assert msgs[3].status == "interrupted" and msgs[3].content == partial
     assert [w.text for w in page2.message_widgets()] == [m.content for m in msgs]
     assert "interrupted" in page2.message_widgets()[-1].footer.text()
 
