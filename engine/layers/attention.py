@@ -57,6 +57,8 @@ class AttentionBackend:
     cuda_graphs = False
     # Also route norms, RoPE and SiLU-and-mul through the Triton kernels with this backend.
     fused_kernels = False
+    # KV block sizes must be a multiple of this (flash-attn's pages: 256 tokens).
+    required_block_multiple = 1
 
     @classmethod
     def available(cls, device: torch.device | str | None = None) -> list[str]:
@@ -151,6 +153,7 @@ class TorchAttention(AttentionBackend):
 _REGISTRY: dict[str, str] = {
     "torch": "engine.layers.attention:TorchAttention",
     "triton": "engine.layers.triton_attention:TritonAttention",
+    "flash-attn": "engine.layers.flash_attention:FlashAttnBackend",
 }
 
 

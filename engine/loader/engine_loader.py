@@ -98,6 +98,13 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         from engine.loader.build import build_native
         from engine.runner.model_runner import ModelRunner
 
+        from engine.layers.attention import get_backend
+
+        multiple = get_backend(info["attention"]).required_block_multiple
+        if cc.block_size % multiple:
+            say(f"the {info['attention']} backend pages the KV cache in blocks of {multiple} tokens: "
+                f"using block_size={multiple}")
+            cc.block_size = multiple
         say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {info['dtype']})")
         model = build_native(path, spec, device, dtype, max_model_len, random_seed=random_seed)
         try:
