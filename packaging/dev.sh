@@ -22,7 +22,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       "${pip[@]}" install "torch>=2.4,<2.15"          # a CUDA build for the GPU
     else
-      "${pip[@]}" install "torch==2.13.0"              # the CPU build (no GPU here)
+      # The CPU build (no GPU here), and the Triton the kernels were verified with (its
+      # interpreter runs the kernel tests on CPU; GPU machines take the one torch pins).
+      "${pip[@]}" install "torch==2.13.0" "triton==3.6.0"
     fi
   fi
   "${pip[@]}" install -e ".${extras}"

@@ -27,10 +27,20 @@ def _ptxas() -> Path | None:
     return path if path.is_file() else None
 
 
+TESTED_TRITON = "3.6."
+
+
 @pytest.fixture(scope="module")
 def report() -> dict[str, dict]:
     if _ptxas() is None:
         pytest.skip("Triton's NVIDIA backend (bundled ptxas) is not installed")
+    import triton
+
+    if not triton.__version__.startswith(TESTED_TRITON):
+        # Newer Triton releases emit PTX that their bundled ptxas may not take offline;
+        # the limits below were also read off 3.6's code generation.
+        pytest.skip(f"the sm_90 compile check is calibrated for Triton {TESTED_TRITON}.x (the "
+                    f"GPU box's and the test set-up's); this is Triton {triton.__version__}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile"], cwd=root, env=env,
