@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._checks import check_paged_cache
+
 _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked so far
 # stays NaN-free (2^(-inf - -inf) is NaN; 2^(-inf - NEG_BIG) is 0).
@@ -222,16 +224,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     ``num_splits`` (slices per sequence, >= 1) and ``block_n`` (key tile, power of two
     >= 16) override the tuned defaults; tests use them to exercise the split and merge.
     """
-    if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"paged_decode_attention: q must be [B, H, D] and kv_cache "
-                         f"[2, blocks, block_size, KVH, D], got {tuple(q.shape)} and {tuple(kv_cache.shape)}")
+    block_size, kv_heads = check_paged_cache("paged_decode_attention", q, kv_cache, "[B, H, D]")
     bsz, heads, dim = q.shape
-    _, _, block_size, kv_heads, cache_dim = kv_cache.shape
-    if cache_dim != dim or heads % kv_heads:
-        raise ValueError(f"paged_decode_attention: q has {heads} heads of {dim}, the cache "
-                         f"{kv_heads} kv heads of {cache_dim}; need equal head_dim and H % KVH == 0")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"paged_decode_attention: q is {q.dtype} but the cache is {kv_cache.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != bsz or block_tables.dtype != torch.int32:
         raise ValueError(f"paged_decode_attention: block_tables must be int32 [{bsz}, max_blocks], "
                          f"got {block_tables.dtype} {tuple(block_tables.shape)}")

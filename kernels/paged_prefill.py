@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._checks import check_paged_cache
+
 _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked in a tile
 # (edges of the diagonal or of the window) stays NaN-free: 2^(-inf - NEG_BIG) is 0.
@@ -200,16 +202,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
     and ``block_n`` (power of two >= 16) override the tuned tiles (tests use small ones).
     Returns ``out`` [T, H, D] in q's dtype.
     """
-    if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"paged_prefill_attention: q must be [T, H, D] and kv_cache "
-                         f"[2, blocks, block_size, KVH, D], got {tuple(q.shape)} and {tuple(kv_cache.shape)}")
+    block_size, kv_heads = check_paged_cache("paged_prefill_attention", q, kv_cache, "[T, H, D]")
     tokens, heads, dim = q.shape
-    _, _, block_size, kv_heads, cache_dim = kv_cache.shape
-    if cache_dim != dim or heads % kv_heads:
-        raise ValueError(f"paged_prefill_attention: q has {heads} heads of {dim}, the cache "
-                         f"{kv_heads} kv heads of {cache_dim}; need equal head_dim and H % KVH == 0")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"paged_prefill_attention: q is {q.dtype} but the cache is {kv_cache.dtype}")
     bsz = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
         raise ValueError(f"paged_prefill_attention: seq_lens must be int32 [B], got "

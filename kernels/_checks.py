@@ -1,0 +1,21 @@
+"""Argument checks shared by the paged-attention launchers (clear errors, not crashes)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_paged_cache(op: str, q: torch.Tensor, kv_cache: torch.Tensor, q_layout: str) -> tuple[int, int]:
+    """Validate ``q`` ([rows, H, D]) against ``kv_cache`` ([2, blocks, block_size, KVH, D]);
+    returns (block_size, kv_heads)."""
+    if q.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"{op}: q must be {q_layout} and kv_cache "
+                         f"[2, blocks, block_size, KVH, D], got {tuple(q.shape)} and {tuple(kv_cache.shape)}")
+    heads, dim = q.shape[1], q.shape[2]
+    _, _, block_size, kv_heads, cache_dim = kv_cache.shape
+    if cache_dim != dim or heads % kv_heads:
+        raise ValueError(f"{op}: q has {heads} heads of {dim}, the cache "
+                         f"{kv_heads} kv heads of {cache_dim}; need equal head_dim and H % KVH == 0")
+    if q.dtype != kv_cache.dtype:
+        raise ValueError(f"{op}: q is {q.dtype} but the cache is {kv_cache.dtype}")
+    return block_size, kv_heads
