@@ -5,7 +5,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|throughput|profile|all [extra bench args]
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,4 +29,8 @@ esac
 case "$what" in throughput)
   hearth bench --shape llama-8b --suite throughput --baseline hf \
     --json "$OUT/bench-8b-throughput.json" "$@" 2>&1 | tail -12 ;;
+esac
+case "$what" in profile)
+  python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
+  python benchmarks/profile_throughput.py --shape llama-8b --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -7 ;;
 esac
