@@ -269,9 +269,9 @@ op_strategy = st.one_of(
 class Harness:
     """A fake engine: runs the scheduler and a shadow KV cache that checks block contents."""
 
-    def __init__(self, num_blocks, block_size, max_num_seqs, budget, caching, seed):
+    def __init__(self, num_blocks, block_size, max_num_seqs, budget, caching, seed, lookahead=0):
         self.bm = BlockManager(num_blocks, block_size, caching)
-        self.sched = Scheduler(self.bm, max_num_seqs, budget)
+        self.sched = Scheduler(self.bm, max_num_seqs, budget, lookahead_slots=lookahead)
         self.rng = random.Random(seed)
         self.max_tokens: dict[str, int] = {}
         self.all: list[Sequence] = []
@@ -390,13 +390,14 @@ class Harness:
     max_num_seqs=st.integers(1, 6),
     budget=st.integers(1, 32),
     caching=st.booleans(),
+    lookahead=st.sampled_from([0, 0, 1]),  # the engine uses 1 with CUDA-graph decode
     seed=st.integers(0, 2**16),
     ops=st.lists(op_strategy, min_size=20, max_size=80),
 )
 def test_random_operations_keep_invariants(
-    num_blocks, block_size, max_num_seqs, budget, caching, seed, ops
+    num_blocks, block_size, max_num_seqs, budget, caching, lookahead, seed, ops
 ):
-    h = Harness(num_blocks, block_size, max_num_seqs, budget, caching, seed)
+    h = Harness(num_blocks, block_size, max_num_seqs, budget, caching, seed, lookahead)
     for op in ops:
         if op[0] == "submit":
             _, base, k, tail, max_tokens = op
