@@ -214,8 +214,11 @@ class ChatPage(QWidget):
         self._widgets = []
         for m in self.store.messages(conv_id):
             self._append_widget(m.id, m.role, m.content, m.status, m.meta)
-        if self._active and self._active["conv"] == conv_id:
-            self._active["widget"] = self._widget_for(self._active["msg_id"])
+        if self._active:
+            # The streaming answer keeps going (and being saved) while another conversation
+            # is shown; it has a widget only while its own conversation is on screen.
+            same = self._active["conv"] == conv_id
+            self._active["widget"] = self._widget_for(self._active["msg_id"]) if same else None
         self._update_buttons()
         self._scroll_to_end()
 

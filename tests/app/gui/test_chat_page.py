@@ -241,3 +241,18 @@ def test_markdown_answers_render_code_blocks(qtbot, gui_env):
     qtbot.addWidget(w)
     assert w.body.textFormat() == Qt.TextFormat.MarkdownText
     assert w.text.startswith("Here:") and "print('hi')" in w.body.text()
+
+
+def test_switching_conversations_while_an_answer_streams(qtbot, bridge, gui_env, chat_model):
+    _load(qtbot, bridge, chat_model)
+    page, store = _page(qtbot, bridge, gui_env, max_tokens=120)
+    first = page.conversation_id
+    page.input.setPlainText("A long answer please")
+    with qtbot.waitSignal(page.answerFinished, timeout=ANSWER_TIMEOUT) as done:
+        qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
+        page.new_conversation()  # look elsewhere while it streams
+        assert page.conversation_id != first and page.message_widgets() == []
+    answer = store.messages(first)[-1]
+    assert answer.status == "complete" and answer.content and done.args[1].reason == "length"
+    page.open_conversation(first)  # back: the finished answer is there
+    assert page.message_widgets()[-1].text == answer.content
