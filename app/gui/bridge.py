@@ -63,7 +63,6 @@ class _Worker(BridgeSignals):
         self._factory = engine_factory
         self.engine: Engine | None = None
         self._handles: dict = {}
-        self._cancel = threading.Event()
         self._poll: QTimer | None = None
         self._stats: QTimer | None = None
 
@@ -79,22 +78,26 @@ class _Worker(BridgeSignals):
     # -- loading ------------------------------------------------------------------------
     @Slot(dict)
     def load(self, options: dict) -> None:
-        # The cancel flag is cleared by the bridge when the load is requested (UI thread),
-        # so a cancel that arrives before this slot runs still counts.
+        # Each load carries its own cancel token (a threading.Event made by the bridge on
+        # the UI thread): cancelling, or asking for another load, cancels exactly this one.
+        cancel: threading.Event = options["_cancel"]
+        if cancel.is_set():
+            self.loadFailed.emit("loading cancelled")
+            return
+        quant = options.get("quantization") or "none"
+        if quant != "none":  # checked before the loaded model is given up
+            self.loadFailed.emit(f"quantization {quant!r} is not available yet; load with 'none'.")
+            return
         self._unload_quietly()
         name = options.get("model") or "default"
         self.modelLoading.emit(name)
 
         def progress(msg: str) -> None:
-            if self._cancel.is_set():
+            if cancel.is_set():
                 raise LoadCancelled()
             self.loadProgress.emit(msg)
 
         kwargs = {k: options[k] for k in _LOAD_KEYS if options.get(k) not in (None, "")}
-        quant = options.get("quantization") or "none"
-        if quant != "none":
-            self.loadFailed.emit(f"quantization {quant!r} is not available yet; load with 'none'.")
-            return
         try:
             engine = self._factory(options.get("model"), progress=progress, **kwargs)
         except LoadCancelled:
@@ -107,7 +110,7 @@ class _Worker(BridgeSignals):
             log.error("load failed:\n%s", traceback.format_exc())
             self.loadFailed.emit(f"loading failed unexpectedly: {type(e).__name__}: {e}")
             return
-        if self._cancel.is_set():  # cancelled during the last stretch: don't announce it
+        if cancel.is_set():  # cancelled during the last stretch: don't announce it
             engine.shutdown()
             self.loadFailed.emit("loading cancelled")
             return
@@ -116,12 +119,6 @@ class _Worker(BridgeSignals):
         self._stats.start()
         self.modelLoaded.emit(dict(engine.model_info, max_model_len=engine.max_model_len))
         self._publish_stats()
-
-    def cancel_load(self) -> None:  # called directly from the UI thread (thread-safe Event)
-        self._cancel.set()
-
-    def clear_cancel(self) -> None:
-        self._cancel.clear()
 
     @Slot()
     def unload(self) -> None:
@@ -226,6 +223,9 @@ class _Worker(BridgeSignals):
                 timer.stop()
                 timer.setParent(None)
         self._poll = self._stats = None
+        # Quit from here, after the engine is down: a quit() from the UI thread could end
+        # this thread's event loop before this slot ever ran.
+        QThread.currentThread().quit()
 
 
 class EngineBridge(BridgeSignals):
@@ -257,6 +257,7 @@ class EngineBridge(BridgeSignals):
         self.loadFailed.connect(self._on_failed)
         self._info: dict | None = None
         self._loading = False
+        self._load_cancel: threading.Event | None = None
         self._thread.start()
 
     # -- state --------------------------------------------------------------------------
@@ -287,11 +288,14 @@ class EngineBridge(BridgeSignals):
         """Load a model (options: model, device, dtype, attention, max_model_len,
         kv_cache_memory, quantization, enforce_eager); replaces the loaded one."""
         self._loading = True
-        self._worker.clear_cancel()
-        self._doLoad.emit(dict(options))
+        self.cancel_load()  # a new load replaces any still in flight
+        self._load_cancel = threading.Event()
+        self._doLoad.emit(dict(options, _cancel=self._load_cancel))
 
     def cancel_load(self) -> None:
-        self._worker.cancel_load()
+        """Cancel the load in flight (it stops at its next progress report)."""
+        if self._load_cancel is not None:
+            self._load_cancel.set()
 
     def unload(self) -> None:
         self._doUnload.emit()
@@ -312,7 +316,9 @@ class EngineBridge(BridgeSignals):
         """Stop the engine and the worker thread (call once, when the window closes)."""
         if not self._thread.isRunning():
             return
-        self._worker.cancel_load()
-        self._doShutdown.emit()
-        self._thread.quit()
-        self._thread.wait(timeout_ms)
+        self.cancel_load()
+        self._doShutdown.emit()  # the worker shuts the engine down, then quits its thread
+        if not self._thread.wait(timeout_ms):
+            log.warning("the engine worker did not stop within %d ms", timeout_ms)
+            self._thread.quit()
+            self._thread.wait(timeout_ms)

@@ -48,7 +48,7 @@ class ChatPage(QWidget):
         self._active: dict | None = None  # the answer being streamed
         self._pending_send: str | None = None  # typed while the model was still loading
         self._model_ready = False
-        self._editing: int | None = None  # user message being edited and resent
+        self._editing: tuple[int, int] | None = None  # (conversation, user message) being edited
 
         # left: conversations
         self.conversation_list = QListWidget()
@@ -204,6 +204,8 @@ class ChatPage(QWidget):
             self.delete_conversation(item.data(Qt.ItemDataRole.UserRole))
 
     def open_conversation(self, conv_id: int) -> None:
+        if self._editing is not None and self._editing[0] != conv_id:
+            self._cancel_edit()
         self.conversation_id = conv_id
         self.settings.setValue("chat/last_conversation", conv_id)
         conv = self.store.conversation(conv_id)
@@ -252,6 +254,10 @@ class ChatPage(QWidget):
             return
         if not self._model_ready:
             if getattr(self.bridge, "is_loading", False):
+                if self._pending_send is not None:
+                    self.notice.show_message("One message is already waiting for the model to "
+                                             "finish loading; send this one after its answer.")
+                    return
                 self._pending_send = text
                 self.input.clear()
                 self.notice.show_message("The model is still loading: your message will be sent "
@@ -259,8 +265,8 @@ class ChatPage(QWidget):
                 return
             self.notice.show_message("No model is loaded: load one on the Models page.")
             return
-        if self._editing is not None:
-            self.store.delete_from(self.conversation_id, self._editing)
+        if self._editing is not None and self._editing[0] == self.conversation_id:
+            self.store.delete_from(self.conversation_id, self._editing[1])
             self._editing = None
             self.open_conversation(self.conversation_id)
         self.input.clear()
@@ -301,9 +307,15 @@ class ChatPage(QWidget):
         """Drop this answer (and anything after it) and ask again."""
         if self._active is not None or not self._model_ready:
             return
+        self._cancel_edit()
         self.store.delete_from(self.conversation_id, msg_id)
         self.open_conversation(self.conversation_id)
         self._start_answer()
+
+    def _cancel_edit(self) -> None:
+        if self._editing is not None:
+            self._editing = None
+            self.notice.show_message("")
 
     def edit_message(self, msg_id: int) -> None:
         """Put a user message back in the input; sending replaces it and what follows."""
@@ -312,7 +324,7 @@ class ChatPage(QWidget):
         w = self._widget_for(msg_id)
         if w is None:
             return
-        self._editing = msg_id
+        self._editing = (self.conversation_id, msg_id)
         self.input.setPlainText(w.text)
         self.input.setFocus()
         self.notice.show_message("Editing an earlier message: sending replaces it and every "
@@ -326,13 +338,12 @@ class ChatPage(QWidget):
         n = info["dropped"]
         text = (f"This conversation outgrew the model's context: the oldest {n} message"
                 f"{'s were' if n != 1 else ' was'} left out of what the model sees.")
+        if self.store.conversation(a["conv"]) is None:
+            return  # deleted while the request was starting
         note = self.store.add_message(a["conv"], "notice", text)
         if self.conversation_id == a["conv"]:
-            # Show the notice just above the answer it applies to.
-            w = MessageWidget(note.id, "notice", text)
-            idx = self.transcript_layout.indexOf(a["widget"]) if a["widget"] else -1
-            self.transcript_layout.insertWidget(max(idx, 0), w)
-            self._widgets.insert(max(len(self._widgets) - 1, 0), w)
+            # In id order, as a reload shows it: right after the answer it applies to.
+            self._append_widget(note.id, "notice", text)
 
     def _on_token(self, rid: str, text: str) -> None:
         a = self._active

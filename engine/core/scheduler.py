@@ -60,7 +60,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         # Best-effort extra slots for decoding sequences, so the runner can launch the next
         # decode step before this one's tokens reach the host (pipelined decode). Taken
-        # only from free blocks, never by preempting anyone.
+        # last, only from blocks nobody scheduled this step needs.
         self.lookahead_slots = lookahead_slots
         self.waiting: deque[Sequence] = deque()
         # Kept sorted by arrival: preemption victims are taken from the end (newest), and
@@ -187,8 +187,6 @@ class Scheduler:
                 break
             if stop:
                 break
-            if n == 1 and self.lookahead_slots:
-                bm.allocate_slots(seq, 1 + self.lookahead_slots)  # fails harmlessly when full
             out.scheduled.append(
                 ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens)
             )
@@ -222,6 +220,12 @@ class Scheduler:
                 )
                 budget -= n
 
+        # 3. Lookahead slots last, from whatever is still free: they never cost another
+        #    sequence its place or an admission.
+        if self.lookahead_slots:
+            for item in out.scheduled:
+                if item.num_new_tokens == 1 and item.sample:
+                    bm.allocate_slots(item.seq, 1 + self.lookahead_slots)  # no-op when full
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.num_waiting = len(self.waiting)
         return out

@@ -256,3 +256,41 @@ def test_switching_conversations_while_an_answer_streams(qtbot, bridge, gui_env,
     assert answer.status == "complete" and answer.content and done.args[1].reason == "length"
     page.open_conversation(first)  # back: the finished answer is there
     assert page.message_widgets()[-1].text == answer.content
+
+
+def test_an_edit_never_reaches_into_another_conversation(qtbot, bridge, gui_env, chat_model):
+    _load(qtbot, bridge, chat_model)
+    page, store = _page(qtbot, bridge, gui_env, max_tokens=3)
+    _send(qtbot, page, "in A")
+    conv_a = page.conversation_id
+    page.edit_message(store.messages(conv_a)[0].id)  # start editing in A ...
+    page.new_conversation()  # ... then leave A
+    conv_b = page.conversation_id
+    _send(qtbot, page, "b one")
+    _send(qtbot, page, "b two")
+    assert [m.content for m in store.messages(conv_b) if m.role == "user"] == ["b one", "b two"]
+    assert [m.content for m in store.messages(conv_a) if m.role == "user"] == ["in A"]
+
+
+def test_a_new_load_cancels_the_one_in_flight(qtbot, bridge, gui_env, chat_model, tiny_models):
+    failed = []
+    bridge.loadFailed.connect(failed.append)
+    other = str(tiny_models["mistral"])
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
+        bridge.load(load_options(chat_model))
+        bridge.load(load_options(other))
+    assert loaded.args[0]["path"] == other
+    assert failed == ["loading cancelled"]
+    assert bridge.model_info["path"] == other
+
+
+def test_only_one_message_waits_for_a_loading_model(qtbot, bridge, gui_env, chat_model):
+    page, store = _page(qtbot, bridge, gui_env, max_tokens=3)
+    bridge.load(load_options(chat_model))
+    page.send("first")
+    page.input.setPlainText("second")
+    page.send()
+    assert page.input.toPlainText() == "second" and "already waiting" in page.notice.text()
+    with qtbot.waitSignal(page.answerFinished, timeout=LOAD_TIMEOUT):
+        pass
+    assert [m.content for m in store.messages(page.conversation_id) if m.role == "user"] == ["first"]
