@@ -32,6 +32,13 @@ def answer_footer(meta: dict, status: str) -> str:
     return " · ".join(parts)
 
 
+def display_markdown(text: str) -> str:
+    """The Markdown to show for ``text``: a code fence still open (the answer is streaming
+    mid-block) is closed for display, so the block renders as code while it grows."""
+    fences = sum(1 for line in text.splitlines() if line.lstrip().startswith("```"))
+    return text + "\n```" if fences % 2 else text
+
+
 class MessageWidget(QFrame):
     """One turn: who, the text rendered as Markdown, a footer, and actions."""
 
@@ -96,7 +103,7 @@ class MessageWidget(QFrame):
 
     def set_text(self, text: str) -> None:
         self._text = text
-        self.body.setText(text if text else "…")
+        self.body.setText(display_markdown(text) if text else "…")
 
     def set_footer(self, meta: dict, status: str) -> None:
         line = answer_footer(meta, status) if self.role == "assistant" else ""

@@ -241,6 +241,9 @@ def test_markdown_answers_render_code_blocks(qtbot, gui_env):
     qtbot.addWidget(w)
     assert w.body.textFormat() == Qt.TextFormat.MarkdownText
     assert w.text.startswith("Here:") and "print('hi')" in w.body.text()
+    # Mid-stream, an open fence is closed for display only (the stored text is untouched).
+    w.set_text("Code:\n```python\nx = 1")
+    assert w.text == "Code:\n```python\nx = 1" and w.body.text().endswith("x = 1\n```")
 
 
 def test_switching_conversations_while_an_answer_streams(qtbot, bridge, gui_env, chat_model):
