@@ -440,11 +440,13 @@ class DownloadManager:
                                "example delete models in the Library) and retry.")
             self._advance(job, have)
             job.samples.clear()  # bytes from an earlier session are not download speed
-            fetch_resumable(url, partial, size, token=token, on_bytes=lambda n: self._advance(job, n),
-                            should_stop=job.stop.is_set, sleep=job.stop.wait, max_retries=self._max_retries,
-                            retry_wait_s=self._retry_wait_s, label=name)
+            stitched = fetch_resumable(url, partial, size, token=token,
+                                       on_bytes=lambda n: self._advance(job, n),
+                                       should_stop=job.stop.is_set, sleep=job.stop.wait,
+                                       max_retries=self._max_retries, retry_wait_s=self._retry_wait_s,
+                                       label=name)
             # A blob stitched from several responses must match the Hub's sha256 (an LFS etag).
-            if have and len(blob.name) == 64 and not sha256_matches(partial, blob.name, job.stop.is_set):
+            if stitched and len(blob.name) == 64 and not sha256_matches(partial, blob.name, job.stop.is_set):
                 partial.unlink(missing_ok=True)
                 self._advance(job, -size)
                 raise HubError("other", f"{name} was corrupted while resuming; its partial copy was deleted. "

@@ -167,8 +167,18 @@ class Library:
             return 0  # already gone
         if model.kind == "gguf":
             # Only this GGUF file: the repo's other quantizations stay.
+            # Match on the path inside the snapshot (the same file in every revision), never
+            # on the bare file name: Q4_K_M/model.gguf and Q8_0/model.gguf are different files.
+            rel = None
+            for rev in repo.revisions:
+                try:
+                    rel = Path(model.path).relative_to(rev.snapshot_path)
+                    break
+                except ValueError:
+                    continue
             files = [f for rev in repo.revisions for f in rev.files
-                     if f.file_path == model.path or f.file_name == model.path.name]
+                     if f.file_path == Path(model.path)
+                     or (rel is not None and f.file_path.relative_to(rev.snapshot_path) == rel)]
             strategy = info.delete_files(*files)
         else:
             strategy = info.delete_revisions(*(rev.commit_hash for rev in repo.revisions))

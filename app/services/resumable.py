@@ -36,8 +36,9 @@ def is_connection_error(exc: BaseException) -> bool:
 def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
                     on_bytes: Callable[[int], None], should_stop: Callable[[], bool],
                     sleep: Callable[[float], bool], max_retries: int = 3, retry_wait_s: float = 1.0,
-                    label: str = "") -> None:
-    """Grow ``partial`` until it holds all ``size`` bytes of ``url``.
+                    label: str = "") -> bool:
+    """Grow ``partial`` until it holds all ``size`` bytes of ``url``; returns whether the
+    file was assembled from more than one response (then its checksum should be verified).
 
     Starts from whatever ``partial`` already holds. ``on_bytes(n)`` reports bytes added
     (negative if the server ignored the Range and the file restarts); ``should_stop()`` is
@@ -52,9 +53,11 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
     have = partial.stat().st_size if partial.exists() else 0
+    stitched = have > 0
     attempts = 0
+    auth = token if sends_token_to(url) else False
     while have < size:
-        headers = build_hf_headers(token=token)
+        headers = build_hf_headers(token=auth)
         headers["Accept-Encoding"] = "identity"  # byte offsets must be of the file itself
         if have:
             headers["Range"] = f"bytes={have}-"
@@ -63,9 +66,13 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
                                      retry_on_status_codes=_TRANSIENT_STATUS) as r:
                 hf_raise_for_status(r)
                 mode = "ab"
-                if have and r.status_code != 206:  # the server ignored the Range: start over
+                content_range = r.headers.get("Content-Range", "")
+                if have and (r.status_code != 206 or not content_range.startswith(f"bytes {have}-")):
+                    # The server ignored the Range (or answered another one): start over.
                     on_bytes(-have)
                     mode, have = "wb", 0
+                elif have:
+                    stitched = True
                 with open(partial, mode) as f:
                     for chunk in r.iter_bytes(CHUNK):
                         if should_stop():
@@ -96,6 +103,19 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
         partial.unlink(missing_ok=True)
         raise OSError(f"{label} came out larger than the Hub announced ({have} > {size} bytes); "
                       "press Retry to download it again.")
+    return stitched
+
+
+def sends_token_to(url: str) -> bool:
+    """Whether the Hugging Face token may go with a request to ``url``: only to the Hub
+    endpoint itself, never to the CDN or storage host a file download is redirected to
+    (huggingface_hub drops it there too; pre-signed storage URLs even reject it)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    host = urlsplit(url).netloc.lower()
+    return host == urlsplit(constants.ENDPOINT).netloc.lower() or host in ("huggingface.co", "hf.co")
 
 
 def sha256_matches(path: Path, sha256: str, should_stop: Callable[[], bool]) -> bool:

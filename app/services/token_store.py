@@ -143,11 +143,13 @@ class TokenStore:
     def _write_private_file(self, token: str) -> None:
         path = self.file_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Create with 0600 from the start (no window where it is world-readable), then
-        # chmod in case the file already existed with wider permissions.
+        # Create with 0600 from the start, and narrow an existing file before writing: there
+        # is no moment when the token sits in a file others can read.
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
         fd = os.open(path, flags, 0o600)
         try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, 0o600)  # an existing wider file is narrowed *before* the write
             os.write(fd, token.encode("utf-8"))
         finally:
             os.close(fd)

@@ -291,3 +291,13 @@ def test_queue_state_file_survives_and_forgets(fake_hub, managers):
     restored.cancel(did)
     restored.remove(did)
     assert managers(autostart=False).list() == []
+
+
+def test_the_token_goes_to_the_hub_only_never_to_a_cdn(fake_hub):
+    from app.services.resumable import sends_token_to
+
+    assert sends_token_to(f"{fake_hub.url}/acme/x/resolve/main/model.safetensors")
+    assert sends_token_to("https://huggingface.co/acme/x/resolve/main/a.bin")
+    assert not sends_token_to("https://cas-bridge.xethub.hf.co/xet-bridge-us/abc?X-Amz-Expires=3600")
+    assert not sends_token_to("https://cdn-lfs-us-1.hf.co/repos/ab/cd/sha")
+    assert not sends_token_to("https://some-bucket.s3.amazonaws.com/blob?sig=1")

@@ -162,3 +162,18 @@ def test_default_model_is_listed_and_protected(lib):
     with pytest.raises(ValueError, match="bundled with Hearth and cannot be deleted"):
         lib.delete(default)
     assert default.path.exists()
+
+
+def test_deleting_a_gguf_never_takes_a_same_named_file_in_another_folder(fake_hub):
+    """Q4/model.gguf and Q8/model.gguf share a file name; deleting one keeps the other."""
+    from huggingface_hub import hf_hub_download
+
+    fake_hub.add_repo("acme/split-GGUF", {"Q4_K_M/model.gguf": b"GGUF" + b"\1" * 300,
+                                          "Q8_0/model.gguf": b"GGUF" + b"\2" * 500})
+    q4 = Path(hf_hub_download("acme/split-GGUF", "Q4_K_M/model.gguf"))
+    q8 = Path(hf_hub_download("acme/split-GGUF", "Q8_0/model.gguf"))
+    lib = Library()
+    by_path = {m.path: m for m in lib.scan() if m.kind == "gguf"}
+    assert lib.delete(by_path[q4]) == 304
+    left = {m.path for m in lib.scan() if m.kind == "gguf" and m.repo_id == "acme/split-GGUF"}
+    assert left == {q8} and q8.read_bytes().startswith(b"GGUF\2")

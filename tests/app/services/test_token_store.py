@@ -136,3 +136,19 @@ def test_mask():
     assert mask(TOKEN) == "hf_…9z1a"
     assert mask("abcdefghijkl") == "…ijkl"
     assert mask("hf_short") == "hf_…"   # too short to show a part safely
+
+
+def test_an_existing_world_readable_token_file_is_narrowed(tmp_path):
+    import os
+    import stat
+
+    from app.services.token_store import TokenStore
+
+    store = TokenStore(tmp_path)
+    path = store.file_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    store._write_private_file("hf_newtoken9876")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == "hf_newtoken9876"
