@@ -183,6 +183,7 @@ class DownloadManager:
                 job.stop.set()  # the worker notices at its next chunk and cleans up
         if queued:
             self._set(job, state=CANCELLED, speed_bps=0.0, eta_s=None)
+            self._drop_partials(job.status.repo_id)  # e.g. left by an earlier failed attempt
 
     def retry(self, download_id: str) -> None:
         """Queue a failed or cancelled download again (it resumes whatever is on disk)."""
@@ -198,12 +199,29 @@ class DownloadManager:
         self._emit(job, force=True)
 
     def remove(self, download_id: str) -> None:
-        """Forget a finished, failed or cancelled download (files on disk are untouched)."""
+        """Forget a finished, failed or cancelled download. Finished files stay in the cache;
+        a failed or cancelled one's partial files are deleted (nothing could resume them)."""
         with self._lock:
             job = self._jobs.get(download_id)
             if job is not None and not job.status.active:
                 del self._jobs[download_id]
                 self._save()
+            else:
+                job = None
+        if job is not None and job.status.state != DONE:
+            self._drop_partials(job.status.repo_id)  # a failed download's partial files go too
+
+    def _drop_partials(self, repo_id: str) -> None:
+        """Delete the repo's partial (``.incomplete``) blobs unless a live download needs them."""
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        with self._lock:
+            if any(j.status.active and j.status.repo_id == repo_id for j in self._jobs.values()):
+                return
+        blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+        for partial in blobs.glob("*.incomplete"):
+            partial.unlink(missing_ok=True)
 
     def list(self) -> list[DownloadStatus]:
         """All downloads, oldest first."""

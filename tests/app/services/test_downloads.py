@@ -301,3 +301,13 @@ def test_the_token_goes_to_the_hub_only_never_to_a_cdn(fake_hub):
     assert not sends_token_to("https://cas-bridge.xethub.hf.co/xet-bridge-us/abc?X-Amz-Expires=3600")
     assert not sends_token_to("https://cdn-lfs-us-1.hf.co/repos/ab/cd/sha")
     assert not sends_token_to("https://some-bucket.s3.amazonaws.com/blob?sig=1")
+
+
+def test_removing_a_failed_download_deletes_its_partial_file(fake_hub, managers):
+    fake_hub.interrupt(WEIGHTS, after_bytes=300_000)
+    m = managers(max_retries=0)
+    did = m.enqueue(TINY)
+    assert m.wait(did, TIMEOUT).state == FAILED
+    assert len(_partials(fake_hub.cache)) == 1  # kept while Retry can still use it
+    m.remove(did)
+    assert _partials(fake_hub.cache) == [] and m.list() == []
