@@ -87,6 +87,7 @@ class _Job:
         self.stop_reason = CANCELLED
         self.samples: deque[tuple[float, int]] = deque()
         self.last_emit = 0.0
+        self.transferring = False  # bytes are being fetched (vs. metadata / cache checks)
 
 
 class DownloadManager:
@@ -346,6 +347,7 @@ class DownloadManager:
                 job.stop.clear()
                 job.stop_reason = CANCELLED
                 job.samples.clear()
+                job.transferring = False
                 job.status = replace(job.status, state=RUNNING, error=None, error_kind=None, error_url=None)
                 self._save()
             self._emit(job, force=True)  # outside the lock: listeners may call back into the manager
@@ -358,7 +360,7 @@ class DownloadManager:
                     self._set(job, state=CANCELLED, speed_bps=0.0, eta_s=None, current_file=None)
             except Exception as exc:
                 err = describe_error(exc, job.status.repo_id)
-                if err.kind == "offline" and job.status.bytes_done:
+                if err.kind == "offline" and job.transferring:
                     err = HubError("offline", "the connection dropped during the download: check the network "
                                    "and press Retry; it continues where it stopped.")
                 log.info("download of %s failed: %s", job.status.repo_id, err.message)
@@ -458,6 +460,7 @@ class DownloadManager:
                                "example delete models in the Library) and retry.")
             self._advance(job, have)
             job.samples.clear()  # bytes from an earlier session are not download speed
+            job.transferring = True
             stitched = fetch_resumable(url, partial, size, token=token,
                                        on_bytes=lambda n: self._advance(job, n),
                                        should_stop=job.stop.is_set, sleep=job.stop.wait,
@@ -470,6 +473,7 @@ class DownloadManager:
                 raise HubError("other", f"{name} was corrupted while resuming; its partial copy was deleted. "
                                "Press Retry to download it again.")
             os.replace(partial, blob)
+            job.transferring = False  # a later failure (next file's metadata) is not mid-transfer
         except Stopped:
             if job.stop_reason == CANCELLED:
                 partial.unlink(missing_ok=True)

@@ -311,3 +311,17 @@ def test_removing_a_failed_download_deletes_its_partial_file(fake_hub, managers)
     assert len(_partials(fake_hub.cache)) == 1  # kept while Retry can still use it
     m.remove(did)
     assert _partials(fake_hub.cache) == [] and m.list() == []
+
+
+def test_offline_after_a_restart_says_offline_not_connection_dropped(fake_hub, managers):
+    fake_hub.interrupt(WEIGHTS, after_bytes=300_000)
+    first = managers(max_retries=0)
+    did = first.enqueue(TINY)
+    assert first.wait(did, TIMEOUT).state == FAILED  # half done: bytes_done > 0 is saved
+    first.shutdown()
+    fake_hub.stop()  # the next session has no network at all
+    again = managers()
+    again.retry(did)
+    status = again.wait(did, TIMEOUT)
+    assert status.state == FAILED and status.error_kind == "offline"
+    assert "connection dropped" not in status.error and "check the network" in status.error
