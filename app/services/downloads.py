@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -39,6 +40,7 @@ from app.services.user_data import data_dir, write_json_atomic
 log = logging.getLogger("hearth.app.downloads")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 #: Files a default download takes: enough to run the model, never pickle weights. Mirrors
 #: what the engine itself fetches for a repo id.
 MODEL_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -360,7 +362,13 @@ class DownloadManager:
                     self._set(job, state=CANCELLED, speed_bps=0.0, eta_s=None, current_file=None)
             except Exception as exc:
                 err = describe_error(exc, job.status.repo_id)
-                if err.kind == "offline" and job.transferring:
+                status_code = getattr(getattr(exc, "response", None), "status_code", None)
+                if job.transferring and status_code in (401, 403, 410):
+                    # Mid-file, the bytes come from a signed storage link that expires: it is
+                    # not the token. Retry fetches a fresh link and continues the partial file.
+                    err = HubError("other", "the download link expired while the file was downloading: "
+                                   "press Retry; it continues where it stopped.")
+                elif err.kind == "offline" and job.transferring:
                     err = HubError("offline", "the connection dropped during the download: check the network "
                                    "and press Retry; it continues where it stopped.")
                 log.info("download of %s failed: %s", job.status.repo_id, err.message)
@@ -416,6 +424,10 @@ class DownloadManager:
     @staticmethod
     def _select_files(s: DownloadStatus, sizes: dict[str, int]) -> list[str]:
         if s.files is not None:
+            split = [f for f in s.files if _SPLIT_GGUF.search(f)]
+            if split:
+                raise HubError("other", f"{split[0]} is one part of a GGUF split into several files, which "
+                               "Hearth can't load yet: pick a single-file quantization of this model.")
             missing = [f for f in s.files if f not in sizes]
             if missing:
                 raise HubError("not_found", f"{', '.join(missing)} is not in '{s.repo_id}' (any more): refresh the "

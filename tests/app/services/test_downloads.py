@@ -325,3 +325,29 @@ def test_offline_after_a_restart_says_offline_not_connection_dropped(fake_hub, m
     status = again.wait(did, TIMEOUT)
     assert status.state == FAILED and status.error_kind == "offline"
     assert "connection dropped" not in status.error and "check the network" in status.error
+
+
+def test_one_part_of_a_split_gguf_is_refused_with_advice(fake_hub, managers):
+    fake_hub.add_repo("acme/huge-GGUF", {"huge.Q4_K_M-00001-of-00002.gguf": b"GGUF1",
+                                         "huge.Q4_K_M-00002-of-00002.gguf": b"GGUF2"})
+    m = managers()
+    status = m.wait(m.enqueue("acme/huge-GGUF", files=["huge.Q4_K_M-00001-of-00002.gguf"]), TIMEOUT)
+    assert status.state == FAILED and "split into several files" in status.error
+    assert "single-file quantization" in status.error
+
+
+def test_a_refused_storage_link_mid_file_says_retry_not_token(fake_hub, managers, monkeypatch):
+    """Signed storage links expire; a 403 in the middle of a file is not the token's fault."""
+    import app.services.downloads as downloads
+
+    class Expired(Exception):
+        response = type("R", (), {"status_code": 403})()
+
+    def refuse(*_a, **_k):
+        raise Expired("403 Forbidden: Request has expired")
+
+    monkeypatch.setattr(downloads, "fetch_resumable", refuse)
+    m = managers(max_retries=0)
+    status = m.wait(m.enqueue(TINY), TIMEOUT)
+    assert status.state == FAILED and "link expired" in status.error and "Retry" in status.error
+    assert "token" not in status.error
