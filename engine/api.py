@@ -150,7 +150,7 @@ class Engine:
                                           enable_prefix_caching=loaded.prefix_caching)
         # Pipelined decode (CUDA graphs) launches each step before the host sees the last
         # one's tokens: it needs one slot of lookahead per decoding sequence.
-        pipelined = getattr(self.runner, "graphs", None) is not None
+        pipelined = self.runner.graphs is not None
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens,
                                    lookahead_slots=1 if pipelined else 0)

@@ -95,10 +95,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         block_bytes = runner.kv_block_bytes(cc.block_size)
         prefix = False
     else:
+        from engine.layers.attention import get_backend
         from engine.loader.build import build_native
         from engine.runner.model_runner import ModelRunner
-
-        from engine.layers.attention import get_backend
 
         multiple = get_backend(info["attention"]).required_block_multiple
         if cc.block_size % multiple:
@@ -138,7 +137,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         ) from None
     info["kv_cache_bytes"] = num_blocks * block_bytes
     info["num_kv_blocks"] = num_blocks
-    graphs_reason = getattr(runner, "graphs_reason", lambda: "the transformers fallback runs eagerly")()
+    graphs_reason = runner.graphs_reason()
     info["cuda_graphs"] = graphs_reason is None
     if graphs_reason is None:
         try:
@@ -181,7 +180,7 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
         used = torch.cuda.memory_allocated(device)
         budget = int(total * cc.memory_fraction) - used - peak
         # Decode CUDA graphs keep a private memory pool: leave room for it.
-        if getattr(runner, "graphs_reason", lambda: "eager")() is None:
+        if runner.graphs_reason() is None:
             budget -= runner.graph_reserve_bytes(sc.max_num_seqs)
         # Other processes on the card count too.
         free, _ = free_memory_bytes(device)

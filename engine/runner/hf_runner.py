@@ -19,6 +19,10 @@ from engine.runner.sampler import Sampler
 
 class HFRunner(SamplingMixin):
     paged = False
+    graphs = None  # no CUDA-graph decode (see graphs_reason)
+
+    def graphs_reason(self) -> str:
+        return "the transformers fallback runs eagerly"
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
