@@ -5,7 +5,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|throughput|profile|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|throughput|profile|gemv|prefill-profile|profile-all|all [extra bench args]
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,7 +30,13 @@ case "$what" in throughput)
   hearth bench --shape llama-8b --suite throughput --baseline hf \
     --json "$OUT/bench-8b-throughput.json" "$@" 2>&1 | tail -12 ;;
 esac
-case "$what" in profile)
+case "$what" in gemv|profile-all)
+  python benchmarks/profile_gemv.py --sweep --json "$OUT/profile-gemv-8b.json" 2>&1 | grep -v "^  " | tail -8 ;;
+esac
+case "$what" in prefill-profile|profile-all)
+  python benchmarks/profile_kernels.py --prefill-only 8192 --json "$OUT/profile-prefill-8k.json" 2>&1 | tail -26 ;;
+esac
+case "$what" in profile|profile-all)
   python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
   python benchmarks/profile_throughput.py --shape llama-8b --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -7 ;;
 esac

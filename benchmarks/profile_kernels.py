@@ -18,6 +18,45 @@ from collections import defaultdict
 import torch
 
 
+def _kernel_table(prof, title: str, top: int = 18) -> list[dict]:
+    per = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += 1
+            per[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    rows = sorted(({"kernel": k[:90], "calls": c, "total_us": t} for k, (c, t) in per.items()),
+                  key=lambda r: -r["total_us"])
+    total = sum(r["total_us"] for r in rows)
+    print(f"{title}: CUDA kernel time {total / 1e3:.2f} ms")
+    for r in rows[:top]:
+        print(f"  {r['total_us'] / 1e3:8.3f} ms {r['calls']:6d}x  {r['kernel']}")
+    return rows
+
+
+def prefill_profile(shape: str, tokens: int) -> dict:
+    """One fresh prompt of ``tokens`` (TTFT case) under torch.profiler, graphs on."""
+    import time
+
+    from engine.api import Engine, Request, SamplingParams
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine.load(f"shape:{shape}", device="cuda", max_model_len=tokens + 256, max_num_seqs=1,
+                         max_num_batched_tokens=tokens)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prompt = [1 + (i * 7919) % 30000 for i in range(tokens)]
+    walls = []
+    for _ in range(4):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.submit(Request(prompt_token_ids=prompt, params=params)).result()
+        walls.append(1e3 * (time.perf_counter() - t))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.submit(Request(prompt_token_ids=prompt, params=params)).result()
+    engine.shutdown()
+    rows = _kernel_table(prof, f"prefill {tokens} tokens (wall {sorted(walls)[1]:.1f} ms median of 4)", 24)
+    return {"tokens": tokens, "wall_ms": walls, "kernels": rows}
+
+
 def decode_step_profile(shape: str) -> list[dict]:
     from engine.api import Engine, Request, SamplingParams
 
@@ -31,18 +70,7 @@ def decode_step_profile(shape: str) -> list[dict]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.submit(Request(prompt_token_ids=prompt, params=params)).result()
     engine.shutdown()
-    per = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += 1
-            per[ev.name][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-    rows = sorted(({"kernel": k[:90], "calls": c, "total_us": t} for k, (c, t) in per.items()),
-                  key=lambda r: -r["total_us"])
-    total = sum(r["total_us"] for r in rows)
-    print(f"decode, 8 steps incl. one 128-token prefill: CUDA kernel time {total / 1e3:.2f} ms")
-    for r in rows[:18]:
-        print(f"  {r['total_us'] / 1e3:8.3f} ms {r['calls']:6d}x  {r['kernel']}")
-    return rows
+    return _kernel_table(prof, "decode, 8 steps incl. one 128-token prefill")
 
 
 def prefill_attention(tokens: int) -> dict:
@@ -101,7 +129,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-8b")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prefill-only", type=int, default=0, metavar="TOKENS",
+                    help="only the kernel breakdown of one fresh prompt of this many tokens")
     args = ap.parse_args()
+    if args.prefill_only:
+        result = {"card": torch.cuda.get_device_name(), "shape": args.shape,
+                  "prefill": prefill_profile(args.shape, args.prefill_only)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     result = {"card": torch.cuda.get_device_name(), "shape": args.shape,
               "prefill_attention": [prefill_attention(t) for t in (2048, 8192)],
               "decode_kernels": decode_step_profile(args.shape)}

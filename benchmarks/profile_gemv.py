@@ -1,0 +1,116 @@
+"""Batch-1 linear layers of a decode step: cuBLAS vs Hearth's Triton GEMV (GPU only).
+
+    PYTHONPATH=. python benchmarks/profile_gemv.py [--shape llama-8b] [--json F] [--sweep]
+
+For each weight shape of the model (qkv, o, gate_up, down with SwiGLU fused, lm_head) it
+times one [1, K] x [K, N] product, rotating over enough copies of the weight that they
+cannot stay in the 50 MB L2 (as in a real step, where each layer has its own weights),
+inside a CUDA graph (no launch gaps), and reports microseconds per call and TB/s of
+weight read. ``--sweep`` tries a grid of (BLOCK_N, BLOCK_K, warps) for the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def shapes_of(name: str) -> dict[str, tuple[int, int, bool]]:
+    from engine.shapes import SHAPES
+
+    c = SHAPES[name]
+    h, heads, kvh = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim", h // heads)
+    inter, vocab = c["intermediate_size"], c["vocab_size"]
+    return {"qkv": ((heads + 2 * kvh) * d, h, False), "o": (h, heads * d, False),
+            "gate_up": (2 * inter, h, False), "down+swiglu": (h, inter, True), "lm_head": (vocab, h, False)}
+
+
+def time_graph(fn, copies: int, reps: int = 5) -> float:
+    """Microseconds per call of fn(i) for i over the copies, captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(copies):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return 1e3 * a.elapsed_time(b) / (reps * copies)
+
+
+def main() -> None:
+    from kernels.activation import silu_and_mul
+    from kernels.gemv import default_config, gemv
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-8b")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    dt = torch.bfloat16
+    rows = []
+    for name, (n, k, swiglu) in shapes_of(args.shape).items():
+        nbytes = n * k * 2
+        copies = max(2, math.ceil(400e6 / nbytes))
+        ws = [(0.02 * torch.randn(n, k, device="cuda")).to(dt) for _ in range(copies)]
+        x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=dt)
+        y = torch.empty(1, n, device="cuda", dtype=dt)
+        act = torch.empty(1, k, device="cuda", dtype=dt)
+
+        def cublas(i):
+            xin = silu_and_mul(x, out=act) if swiglu else x
+            torch.matmul(xin, ws[i].t(), out=y)
+
+        results = {"cublas": time_graph(cublas, copies)}
+        configs = [default_config(n, k)]
+        if args.sweep:
+            configs += list(itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)))
+        best = None
+        for cfg in configs:
+            try:
+                us = time_graph(lambda i: gemv(x, ws[i], swiglu=swiglu, out=y, config=cfg), copies)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
+                print(f"  {name} {cfg}: {type(e).__name__}")
+                continue
+            if cfg == configs[0]:
+                results["triton_default"] = us
+            if best is None or us < best[1]:
+                best = (cfg, us)
+        results["triton_best"] = best[1]
+        xin = silu_and_mul(x) if swiglu else x
+        err = (gemv(x, ws[0], swiglu=swiglu, config=best[0]).float() - F.linear(xin, ws[0]).float()).abs().max()
+        row = {"layer": name, "n": n, "k": k, "weight_mb": nbytes / 1e6, "best_config": list(best[0]),
+               "max_abs_diff_vs_cublas": err.item()}
+        for key, us in results.items():
+            row[f"{key}_us"] = us
+            row[f"{key}_tb_s"] = nbytes / us / 1e6
+        rows.append(row)
+        print(f"{name:<12} N={n:<6} K={k:<6} cublas {results['cublas']:7.1f} us "
+              f"({row['cublas_tb_s']:.2f} TB/s)  triton default {results['triton_default']:7.1f} "
+              f"({row['triton_default_tb_s']:.2f})  best {best[1]:7.1f} ({row['triton_best_tb_s']:.2f}) "
+              f"{best[0]}  diff {err.item():.2g}")
+        del ws
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "shape": args.shape, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
