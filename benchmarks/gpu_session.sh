@@ -22,6 +22,10 @@ case "$what" in bench1b|all)
   hearth bench --shape llama-1b --suite decode --batch 1 --baseline hf --max-model-len 4096 \
     --json "$OUT/bench-1b-decode.json" "$@" 2>&1 | tail -12 ;;
 esac
+case "$what" in decode8b)
+  hearth bench --shape llama-8b --suite decode,prefill --batch 1 --max-model-len 8448 \
+    --json "$OUT/bench-8b-decode-prefill-nohf.json" "$@" 2>&1 | tail -10 ;;
+esac
 case "$what" in bench8b|all)
   hearth bench --shape llama-8b --suite decode,prefill --batch 1,64 --baseline hf --max-model-len 8448 \
     --json "$OUT/bench-8b-decode-prefill.json" "$@" 2>&1 | tail -16 ;;
@@ -38,5 +42,5 @@ case "$what" in prefill-profile|profile-all)
 esac
 case "$what" in profile|profile-all)
   python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
-  python benchmarks/profile_throughput.py --shape llama-8b --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -7 ;;
+  python benchmarks/profile_throughput.py --shape llama-8b --kernel-samples 12 --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -10 ;;
 esac

@@ -43,15 +43,17 @@ def prefill_profile(shape: str, tokens: int) -> dict:
     engine = Engine.load(f"shape:{shape}", device="cuda", max_model_len=tokens + 256, max_num_seqs=1,
                          max_num_batched_tokens=tokens)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    prompt = [1 + (i * 7919) % 30000 for i in range(tokens)]
+    gen = torch.Generator().manual_seed(0)
+    # a new prompt each time: a repeated one would be served from the prefix cache
+    prompts = [torch.randint(3, 30000, (tokens,), generator=gen).tolist() for _ in range(5)]
     walls = []
-    for _ in range(4):
+    for prompt in prompts[:4]:
         torch.cuda.synchronize()
         t = time.perf_counter()
         engine.submit(Request(prompt_token_ids=prompt, params=params)).result()
         walls.append(1e3 * (time.perf_counter() - t))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.submit(Request(prompt_token_ids=prompt, params=params)).result()
+        engine.submit(Request(prompt_token_ids=prompts[4], params=params)).result()
     engine.shutdown()
     rows = _kernel_table(prof, f"prefill {tokens} tokens (wall {sorted(walls)[1]:.1f} ms median of 4)", 24)
     return {"tokens": tokens, "wall_ms": walls, "kernels": rows}

@@ -13,6 +13,11 @@ Runs the same workload as ``hearth bench --suite throughput`` (seeded lengths un
 
 and reports steps, wall time (runner.execute and the whole engine step), tokens, and the
 host time outside the runner per step. Prints a table; writes JSON with --json.
+
+``--kernel-samples N`` also profiles N single steps (every 20th from step 100 on) with
+torch.profiler and sums their CUDA kernel time by category (GEMM, decode attention,
+prefill attention, norms, ...), per kind of step. Profiled steps are slower, so the
+run's tok/s is then not a benchmark figure.
 """
 
 from __future__ import annotations
@@ -21,6 +26,19 @@ import argparse
 import json
 import time
 from collections import defaultdict
+
+CATEGORIES = (("gemv", ("_gemv",)), ("decode attention", ("_decode_",)),
+              ("prefill attention", ("_prefill_kernel", "flash", "fmha", "attention")),
+              ("gemm", ("nvjet", "cutlass", "gemm", "xmma", "splitK", "sm90_")),
+              ("norm", ("_rms",)), ("rotary", ("_rotary",)), ("kv write", ("_write_kv",)),
+              ("activation", ("_silu",)), ("copies", ("Memcpy", "Memset")))
+
+
+def category(kernel: str) -> str:
+    for name, keys in CATEGORIES:
+        if any(k in kernel for k in keys):
+            return name
+    return "other"
 
 
 def main() -> None:
@@ -33,6 +51,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernel-samples", type=int, default=0)
     args = ap.parse_args()
 
     import torch
@@ -70,7 +89,7 @@ def main() -> None:
         row["execute_s"] += dt
         row["tokens"] += out.num_batched_tokens
         row["seqs"] += len(out.scheduled)
-        current["kind"] = kind
+        current.update(kind=kind, seqs=len(out.scheduled), tokens=out.num_batched_tokens)
         return res
 
     runner.execute = timed_execute
@@ -84,7 +103,31 @@ def main() -> None:
         if kind is not None:
             stats[kind]["step_s"] += time.perf_counter() - t
 
-    engine.step = timed_step
+    samples: list[dict] = []
+    if args.kernel_samples:
+        from torch.profiler import ProfilerActivity, profile
+
+        counter = {"n": 0}
+
+        def sampled_step():
+            counter["n"] += 1
+            n = counter["n"]
+            if n < 100 or n % 20 or len(samples) >= args.kernel_samples:
+                return timed_step()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                timed_step()
+                torch.cuda.synchronize()
+            per = defaultdict(float)
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+                    per[category(ev.name)] += t / 1e3
+            samples.append({"step": n, "kind": current.get("kind"), "seqs": current.get("seqs"),
+                            "tokens": current.get("tokens"), "ms_by_category": dict(per)})
+
+        engine.step = sampled_step
+    else:
+        engine.step = timed_step
 
     reqs = Workload(engine.model_info["vocab_size"], 0).throughput_requests(
         args.num_requests, args.min_len, args.max_len)
@@ -105,10 +148,18 @@ def main() -> None:
         n = max(r["steps"], 1)
         print(f"{kind:<14}{r['steps']:>7}{r['seqs'] / n:>11.1f}{1e3 * r['execute_s'] / n:>14.2f}"
               f"{1e3 * (r['step_s'] - r['execute_s']) / n:>14.2f}{100 * r['step_s'] / total:>7.1f}%")
+    if samples:
+        print("CUDA kernel ms per profiled step (a pipelined step's kernels are its successor's):")
+        for kind in sorted({s["kind"] for s in samples if s["kind"]}):
+            got = [s["ms_by_category"] for s in samples if s["kind"] == kind]
+            cats = sorted({c for g in got for c in g}, key=lambda c: -sum(g.get(c, 0) for g in got))
+            print(f"  {kind} ({len(got)} steps): " + ", ".join(
+                f"{c} {sum(g.get(c, 0) for g in got) / len(got):.2f}" for c in cats))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "card": card, "wall_s": wall, "output_tokens": out_tokens,
-                       "output_tok_s": out_tokens / wall, "kinds": stats}, f, indent=1)
+                       "output_tok_s": out_tokens / wall, "kinds": stats, "kernel_samples": samples},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

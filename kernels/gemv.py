@@ -106,6 +106,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     elif out.shape != (1, n) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"gemv: out must be a contiguous {x.dtype} [1, {n}] tensor")
     block_n, block_k, warps = config or default_config(n, k)
+    block_k = min(block_k, triton.next_power_of_2(max(k, 16)))  # no wider than the row
     grid = (triton.cdiv(n, block_n),)
     _gemv_kernel[grid](x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,

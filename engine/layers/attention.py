@@ -38,6 +38,13 @@ class AttentionMetadata:
     # Static upper bound on seq_lens for CUDA-graph capture (decode grids must not depend on
     # the step); None outside graphs.
     max_seq_len_bound: int | None = None
+    # The runner puts single-token (decode) sequences first in a mixed step: the first
+    # ``num_decode`` sequences have one query each, so a backend may send them to its
+    # decode kernel and only the rest to the prefill kernel.
+    num_decode: int = 0
+    # Per-step scratch a backend may fill once and reuse in every layer (e.g. the triton
+    # backend's split of a mixed step); the runner builds a new metadata each step.
+    backend_cache: object = None
 
     @property
     def num_seqs(self) -> int:

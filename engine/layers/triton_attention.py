@@ -99,9 +99,52 @@ class TritonAttention(AttentionBackend):
             bound = getattr(meta, "max_seq_len_bound", None) or meta.max_seq_len
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
                                 sliding_window=self.sliding_window, max_seq_len=bound)
+        nd = getattr(meta, "num_decode", 0)
+        if nd:
+            # A mixed step: the leading single-token rows take the decode kernel (one program
+            # per KV head serves its whole query group), the prefill chunks the prefill kernel.
+            # In the prefill kernel each decode row would fill a whole query tile per head.
+            split = _split(meta, nd)
+            out = torch.empty_like(q)
+            self._decode(q[:nd], kv_cache, split.decode_tables, split.decode_lens, self.scale,
+                         sliding_window=self.sliding_window, max_seq_len=split.decode_max_len,
+                         out=out[:nd])
+            self._prefill_rows(q[nd:], k[nd:], v[nd:], kv_cache, split.prefill, out=out[nd:])
+            return out
+        return self._prefill_rows(q, k, v, kv_cache, meta)
+
+    def _prefill_rows(self, q, k, v, kv_cache, meta: AttentionMetadata, out=None):
         if q.is_cuda and meta.num_seqs == 1 and meta.query_lens_cpu[0] == meta.seq_lens_cpu[0] \
                 and (self.sliding_window is None or self.sliding_window >= meta.seq_lens_cpu[0]):
-            return self._fresh_prefill(q, k, v)
+            o = self._fresh_prefill(q, k, v)
+            if out is None:
+                return o
+            out.copy_(o)
+            return out
         max_q = getattr(meta, "max_query_len", None) or max(meta.query_lens_cpu)
         return self._prefill(q, kv_cache, meta.block_tables, meta.query_start, meta.seq_lens,
-                             self.scale, max_query_len=max_q, sliding_window=self.sliding_window)
+                             self.scale, max_query_len=max_q, sliding_window=self.sliding_window, out=out)
+
+
+class _Split:
+    """A mixed step's metadata cut into its decode rows and its prefill rows (built once per
+    step, shared by all layers)."""
+
+    __slots__ = ("decode_tables", "decode_lens", "decode_max_len", "prefill")
+
+    def __init__(self, meta: AttentionMetadata, nd: int) -> None:
+        self.decode_tables = meta.block_tables[:nd]
+        self.decode_lens = meta.seq_lens[:nd]
+        self.decode_max_len = max(meta.seq_lens_cpu[:nd])
+        qs = meta.query_start[nd:] - nd
+        self.prefill = AttentionMetadata(
+            slot_mapping=meta.slot_mapping[nd:], block_tables=meta.block_tables[nd:],
+            seq_lens=meta.seq_lens[nd:], query_start=qs, seq_lens_cpu=meta.seq_lens_cpu[nd:],
+            query_lens_cpu=meta.query_lens_cpu[nd:], max_seq_len=max(meta.seq_lens_cpu[nd:]),
+            block_size=meta.block_size)
+
+
+def _split(meta: AttentionMetadata, nd: int) -> _Split:
+    if not isinstance(meta.backend_cache, _Split):
+        meta.backend_cache = _Split(meta, nd)
+    return meta.backend_cache

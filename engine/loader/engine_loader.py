@@ -137,6 +137,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         ) from None
     info["kv_cache_bytes"] = num_blocks * block_bytes
     info["num_kv_blocks"] = num_blocks
+    if runner.gemv_reason() is None:
+        info["batch1_matmul"] = runner.tune_gemv(say)
     graphs_reason = runner.graphs_reason()
     info["cuda_graphs"] = graphs_reason is None
     if graphs_reason is None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionBackend, AttentionMetadata
+from engine.layers.linear import linear, swiglu_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.models.spec import ModelSpec
@@ -36,7 +37,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary: RotaryEmbedding):
         s = self.spec
-        qkv = self.qkv_proj(x)
+        qkv = linear(self.qkv_proj, x)
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
@@ -46,7 +47,7 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k)
         q, k = rotary(positions, q, k)
         o = self.attn.forward(q, k, v, kv_cache, meta)
-        return self.o_proj(o.reshape(-1, s.q_size))
+        return linear(self.o_proj, o.reshape(-1, s.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -62,7 +63,9 @@ class LlamaMLP(nn.Module):
         if self.fused:
             from kernels.activation import silu_and_mul
 
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+            gate_up = linear(self.gate_up_proj, x)
+            y = swiglu_linear(self.down_proj, gate_up)  # one row: SwiGLU fused into the GEMV
+            return y if y is not None else linear(self.down_proj, silu_and_mul(gate_up))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -138,8 +141,13 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        head = self.model.embed_tokens if self.spec.tie_word_embeddings else self.lm_head
+        config = getattr(head, "gemv_config", None)
+        if config is not None and hidden.shape[0] == 1:
+            from kernels.gemv import gemv
+
+            return gemv(hidden, head.weight, config=config)
+        return F.linear(hidden, head.weight)
 
     # -- building ----------------------------------------------------------------------
     def materialize(self, device: torch.device) -> None:

@@ -24,6 +24,9 @@ class HFRunner(SamplingMixin):
     def graphs_reason(self) -> str:
         return "the transformers fallback runs eagerly"
 
+    def gemv_reason(self) -> str:
+        return "the transformers fallback uses its own layers"
+
     def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.device = device

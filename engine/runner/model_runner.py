@@ -97,6 +97,19 @@ class ModelRunner(SamplingMixin):
             return f"the {self.attention!r} attention backend can't be captured in a graph"
         return None
 
+    def gemv_reason(self) -> str | None:
+        """Why batch-1 matmuls stay on cuBLAS without even trying the Triton GEMV."""
+        if self.device.type != "cuda":
+            return "the Triton GEMV is tuned on CUDA GPUs only"
+        if not self.backend_cls.fused_kernels:
+            return f"the {self.attention!r} backend runs the plain torch reference path"
+        return None
+
+    def tune_gemv(self, progress=None) -> dict[str, str]:
+        from engine.runner.gemv_tuning import tune_gemv
+
+        return tune_gemv(self.model, self.device, progress)
+
     def graph_reserve_bytes(self, max_batch: int) -> int:
         from engine.runner.cuda_graphs import reserve_bytes
 
@@ -191,7 +204,14 @@ class ModelRunner(SamplingMixin):
         ids: list[int] = []
         positions: list[int] = []
         tables, starts, qlens = [], [], []
-        for sc in out.scheduled:
+        # Single-token (decode) sequences first, so that attention can send them to its
+        # decode kernel; sampling below follows the scheduler's order again.
+        scheduled = out.scheduled
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        last_row = [0] * len(scheduled)
+        end = 0
+        for i in order:
+            sc = scheduled[i]
             seq = sc.seq
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + sc.num_new_tokens])
@@ -199,18 +219,16 @@ class ModelRunner(SamplingMixin):
             tables.append(seq.block_table)
             starts.append(start)
             qlens.append(sc.num_new_tokens)
+            end += sc.num_new_tokens
+            last_row[i] = end - 1
         meta = self._metadata(tables, starts, qlens)
+        meta.num_decode = sum(1 for sc in scheduled if sc.num_new_tokens == 1)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)
 
-        rows, sampled = [], []
-        end = 0
-        for sc, n in zip(out.scheduled, qlens):
-            end += n
-            if sc.sample:
-                rows.append(end - 1)
-                sampled.append(sc.seq)
+        rows = [last_row[i] for i, sc in enumerate(scheduled) if sc.sample]
+        sampled = [sc.seq for sc in scheduled if sc.sample]
         if not sampled:
             return RunnerOutput([], None)
         logits = self.model.compute_logits(hidden[rows])

@@ -103,3 +103,25 @@ def test_no_compilation_on_the_request_path(tiny_models):
     after = _compiled_variants()
     e.shutdown()
     assert after == before, f"{after - before} kernel variants compiled while serving"
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_batch1_gemv_matches_torch_token_for_token(tiny_models, family):
+    """One sequence (graph bucket 1): every linear layer and the head on the Triton GEMV
+    (forced, whatever the load-time tuning chose), fp32, same 64 greedy tokens."""
+    from engine.runner.gemv_tuning import _kinds
+
+    prompt = [ids_of(37, seed=3)]
+    ref = _engine(tiny_models[family], "torch")
+    want = _run(ref, prompt)
+    ref.shutdown()
+    fast = _engine(tiny_models[family], "triton", enforce_eager=True)
+    choices = fast.model_info["batch1_matmul"]
+    assert set(choices) == {"qkv", "o", "gate_up", "down", "lm_head"}, choices
+    for mods, _ in _kinds(fast.runner.model).values():
+        for m in mods:
+            m.gemv_config = (1, 1024, 4)
+    fast.runner.capture_graphs(1, 512)  # recapture bucket 1 with the GEMV path in it
+    got = _run(fast, prompt)
+    fast.shutdown()
+    assert got == want

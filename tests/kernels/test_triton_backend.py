@@ -60,6 +60,36 @@ def test_layer_matches_torch_backend_over_prefill_chunks_and_decodes(window):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_mixed_step_with_decode_rows_first_uses_both_kernels_and_matches(monkeypatch):
+    """num_decode > 0: the leading single-token rows go to the decode kernel, the rest to the
+    prefill kernel, and the result equals the reference on the same step."""
+    heads, kv_heads, dim, bs = 4, 2, 32, 8
+    ours = get_backend("triton")(heads, kv_heads, dim, dim ** -0.5)
+    ref = TorchAttention(heads, kv_heads, dim, dim ** -0.5)
+    calls = {"decode": 0, "prefill": 0}
+    for name in calls:
+        fn = getattr(ours, f"_{name}")
+
+        def counted(*a, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(ours, f"_{name}", counted)
+    caches = [torch.zeros(2, 24, bs, kv_heads, dim, device=DEVICE) for _ in range(2)]
+    tables = [[9, 0, 11, 3], [20, 4], [5, 2, 17]]
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    steps = [([0, 0, 0], [12, 9, 3], 0), ([12, 9, 3], [1, 1, 10], 2), ([13, 10, 13], [1, 1, 1], 0)]
+    for starts, qlens, nd in steps:
+        meta = metadata(tables, starts, qlens, bs)
+        meta.num_decode = nd
+        t = sum(qlens)
+        q, k, v = (torch.randn(t, h, dim, generator=g, device=DEVICE) for h in (heads, kv_heads, kv_heads))
+        got = ours.forward(q, k, v, caches[0], meta)
+        want = ref.forward(q, k, v, caches[1], meta)
+        assert torch.equal(caches[0], caches[1])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert calls == {"decode": 2, "prefill": 2}  # step 2 used both kernels
+
+
 def test_static_decode_bound_is_read_from_metadata(monkeypatch):
     # The lead's CUDA-graph path will carry a static bound; the backend must pass it on.
     import kernels.paged_decode as decode_mod
@@ -133,3 +163,29 @@ def test_engine_greedy_tokens_match_torch_backend(tiny_models, model):
 def test_interpreter_flag_is_set_without_cuda():
     if not torch.cuda.is_available():
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("model", ["llama-tied", "qwen2"])
+def test_batch1_gemv_path_gives_the_torch_backend_tokens(tiny_models, model):
+    """Every linear layer (and the head) on the Triton GEMV for one-row steps, as the load-time
+    tuner would choose on a GPU; greedy tokens unchanged. qwen2 has qkv biases."""
+    from engine.api import Engine, Request, SamplingParams
+    from engine.runner.gemv_tuning import _kinds
+
+    if engine_device() != DEVICE and DEVICE == "cuda":
+        pytest.skip("the engine tests run on CPU in this pass")
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = _ids(13, seed=5)
+    results = {}
+    for attention in ("torch", "triton"):
+        eng = Engine.load(str(tiny_models[model]), device=DEVICE, dtype="float32", attention=attention,
+                          num_blocks=32, max_model_len=64)
+        try:
+            if attention == "triton":
+                for mods, _ in _kinds(eng.runner.model).values():
+                    for m in mods:
+                        m.gemv_config = (64, 32, 2)  # few programs: the interpreter is slow
+            results[attention] = eng.submit(Request(prompt_token_ids=prompt, params=params)).result().token_ids
+        finally:
+            eng.shutdown()
+    assert results["triton"] == results["torch"] and len(results["torch"]) == 8

@@ -1,0 +1,85 @@
+"""Pick cuBLAS or a Triton GEMV config for each kind of linear layer, at load time.
+
+For every kind (qkv, o, gate_up, down with the SwiGLU input fused, lm_head) the candidates
+run over all layers' own weights in sequence, so no weight stays in L2 between calls,
+exactly as in a decode step; the fastest wins and is recorded on each layer as
+``gemv_config`` (None keeps cuBLAS). Takes about a second per kind, once per load; the
+chosen kernels are compiled here, so serving never compiles.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# (BLOCK_N, BLOCK_K, num_warps): the best configs of a sweep on an H100 for the Llama-1B/8B
+# shapes (benchmarks/profile_gemv.py --sweep), one per shape.
+CANDIDATES = ((1, 1024, 2), (1, 1024, 4), (1, 1024, 8), (1, 512, 4), (16, 1024, 8))
+
+
+def _kinds(model) -> dict[str, tuple[list, bool]]:
+    layers = model.model.layers
+    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
+    return {
+        "qkv": ([l.self_attn.qkv_proj for l in layers], False),
+        "o": ([l.self_attn.o_proj for l in layers], False),
+        "gate_up": ([l.mlp.gate_up_proj for l in layers], False),
+        "down": ([l.mlp.down_proj for l in layers], True),
+        "lm_head": ([head], False),
+    }
+
+
+def _time(fn, count: int, reps: int = 3) -> float:
+    for i in range(count):
+        fn(i)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        for i in range(count):
+            fn(i)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (reps * count)
+
+
+@torch.inference_mode()
+def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
+    """Set ``gemv_config`` on every linear layer (and the lm_head); returns kind -> choice."""
+    from kernels.activation import silu_and_mul
+    from kernels.gemv import gemv
+
+    choices: dict[str, str] = {}
+    if progress:
+        progress("choosing batch-1 matmul kernels (cuBLAS or Triton GEMV)")
+    for kind, (mods, swiglu) in _kinds(model).items():
+        weights = [m.weight for m in mods]
+        biases = [getattr(m, "bias", None) for m in mods]
+        if kind == "lm_head" and len(weights) == 1 and weights[0].shape[0] * weights[0].shape[1] * 2 < 2e8:
+            weights, biases = weights * 2, biases * 2  # small tied heads: alternate to limit L2 reuse
+        n, k = weights[0].shape
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, 2 * k if swiglu else k, device=device, generator=gen).to(weights[0].dtype)
+        act = torch.empty(1, k, device=device, dtype=x.dtype)
+
+        def cublas(i):
+            return F.linear(silu_and_mul(x, out=act) if swiglu else x, weights[i], biases[i])
+
+        best, best_ms = None, _time(cublas, len(weights))
+        for cfg in CANDIDATES:
+            try:
+                ms = _time(lambda i: gemv(x, weights[i], biases[i], swiglu=swiglu, config=cfg), len(weights))
+            except Exception as e:  # noqa: BLE001 - a config this GPU can't compile is skipped
+                log.debug("gemv %s %s skipped: %s", kind, cfg, e)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        for m in mods:
+            m.gemv_config = best
+        choices[kind] = "cublas" if best is None else "triton gemv %dx%d/%dw" % best
+        log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, n, k, choices[kind], 1e3 * best_ms)
+    return choices
