@@ -54,6 +54,38 @@ def time_graph(fn, copies: int, reps: int = 5) -> float:
     return 1e3 * a.elapsed_time(b) / (reps * copies)
 
 
+def prefill_gemms(shape: str, m: int) -> list[dict]:
+    """[m, K] x [K, N] for each projection: F.linear on the [N, K] weight (what the model
+    runs) against a matmul on a pre-transposed [K, N] copy (cuBLAS picks other kernels)."""
+    dt = torch.bfloat16
+    rows = []
+    for name, (n, k, _) in shapes_of(shape).items():
+        if name == "lm_head":
+            continue
+        w = (0.02 * torch.randn(n, k, device="cuda")).to(dt)
+        wt = w.t().contiguous()
+        x = torch.randn(m, k, device="cuda", dtype=dt)
+        row = {"layer": name, "m": m, "n": n, "k": k}
+        for label, fn in (("linear", lambda: F.linear(x, w)), ("pretransposed", lambda: x @ wt)):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(10):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            ms = a.elapsed_time(b) / 10
+            row[f"{label}_ms"] = ms
+            row[f"{label}_tflops"] = 2 * m * n * k / ms / 1e9
+        rows.append(row)
+        print(f"prefill gemm {name:<12} M={m} N={n} K={k}: linear {row['linear_tflops']:.0f} TFLOP/s, "
+              f"pre-transposed {row['pretransposed_tflops']:.0f}")
+        del w, wt, x
+    return rows
+
+
 def main() -> None:
     from kernels.activation import silu_and_mul
     from kernels.gemv import default_config, gemv
@@ -62,7 +94,15 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-8b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--prefill-m", type=int, default=0, help="only time prefill GEMMs with this many rows")
     args = ap.parse_args()
+    if args.prefill_m:
+        rows = prefill_gemms(args.shape, args.prefill_m)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"card": torch.cuda.get_device_name(), "shape": args.shape, "prefill_rows": rows}, f,
+                          indent=1)
+        return
     dt = torch.bfloat16
     rows = []
     for name, (n, k, swiglu) in shapes_of(args.shape).items():

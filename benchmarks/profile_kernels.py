@@ -113,8 +113,41 @@ def prefill_attention(tokens: int) -> dict:
         torch.cuda.synchronize()
         return a.elapsed_time(b) / 10
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def only(backend):
+        def fn():
+            with sdpa_kernel([backend]):
+                return sdpa()
+        return fn
+
+    def first_call_ms(backend) -> float:
+        """Wall time of the first call at a sequence length never seen before (plan builds)."""
+        n = tokens - 7 - 3 * list(SDPBackend).index(backend)
+        q1, k1, v1 = qt[:, :, :n], kt[:, :, :n], vt[:, :, :n]
+        torch.cuda.synchronize()
+        import time
+        t = time.perf_counter()
+        with sdpa_kernel([backend]):
+            torch.nn.functional.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=scale,
+                                                             enable_gqa=True)
+        torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t)
+
     flops = 4 * tokens * tokens * h * d / 2  # causal
     out = {"tokens": tokens}
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        name = f"sdpa_{backend.name.lower()}"
+        try:
+            out[f"{name}_first_call_ms"] = first_call_ms(backend)
+            ms = timeit(only(backend))
+        except RuntimeError as e:
+            print(f"  {name}: {e}".splitlines()[0][:120])
+            continue
+        out[f"{name}_ms"] = ms
+        out[f"{name}_tflops"] = flops / ms / 1e9
+        print(f"  T={tokens} {name}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s), first call at a new "
+              f"length {out[f'{name}_first_call_ms']:.1f} ms")
     for name, fn in (("hearth_triton", hearth), ("torch_sdpa", sdpa)):
         ms = timeit(fn)
         out[f"{name}_ms"] = ms
@@ -132,10 +165,12 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-8b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--prefill-only", type=int, default=0, metavar="TOKENS",
-                    help="only the kernel breakdown of one fresh prompt of this many tokens")
+                    help="only the kernel breakdown of one fresh prompt of this many tokens "
+                         "(and SDPA backends at 2048 and 8192)")
     args = ap.parse_args()
     if args.prefill_only:
         result = {"card": torch.cuda.get_device_name(), "shape": args.shape,
+                  "prefill_attention": [prefill_attention(t) for t in (2048, 8192)],
                   "prefill": prefill_profile(args.shape, args.prefill_only)}
         if args.json:
             with open(args.json, "w") as f:

@@ -62,7 +62,8 @@ def _visible_span(seq_len, window, num_splits, HAS_WINDOW: tl.constexpr, BLOCK_N
     return lo, base, slice_len
 
 
-@triton.jit
+# window and num_splits change with eager batches: not specialised (no recompiles for them).
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(
     q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr,
     qk_scale, window, num_splits,
@@ -133,7 +134,7 @@ def _decode_split_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_merge_kernel(
     part_out_ptr, part_ml_ptr, seq_lens_ptr, out_ptr, window, num_splits,
     stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh, stride_ob, stride_oh,

@@ -19,6 +19,19 @@ import torch.nn.functional as F
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 
 
+def _sdpa_backends():
+    """SDPA's FlashAttention kernel (then memory-efficient), never cuDNN's: torch picks
+    cuDNN on Hopper, which builds an execution plan for every new sequence length; under a
+    stream of prompts of all lengths those builds took most of each step's time."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: its default choice
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
@@ -83,12 +96,13 @@ class TritonAttention(AttentionBackend):
         through the block table (benchmarks/results/*-profile-kernels-8b.json)."""
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         group = self.num_heads // self.num_kv_heads
-        try:
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale,
-                                               enable_gqa=group > 1)
-        except TypeError:  # torch < 2.5: no enable_gqa
-            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
+        with _sdpa_backends():
+            try:
+                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale,
+                                                   enable_gqa=group > 1)
+            except TypeError:  # torch < 2.5: no enable_gqa
+                kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
         return o[0].transpose(0, 1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -135,11 +149,12 @@ class _Split:
     def __init__(self, meta: AttentionMetadata, nd: int) -> None:
         self.decode_tables = meta.block_tables[:nd]
         self.decode_lens = meta.seq_lens[:nd]
-        self.decode_max_len = max(meta.seq_lens_cpu[:nd])
+        self.decode_max_len = meta.max_seq_len_bound or max(meta.seq_lens_cpu[:nd])
         qs = meta.query_start[nd:] - nd
+        # Copies, not views: a view's start may lose the 16-byte alignment Triton specialises on.
         self.prefill = AttentionMetadata(
-            slot_mapping=meta.slot_mapping[nd:], block_tables=meta.block_tables[nd:],
-            seq_lens=meta.seq_lens[nd:], query_start=qs, seq_lens_cpu=meta.seq_lens_cpu[nd:],
+            slot_mapping=meta.slot_mapping[nd:], block_tables=meta.block_tables[nd:].clone(),
+            seq_lens=meta.seq_lens[nd:].clone(), query_start=qs, seq_lens_cpu=meta.seq_lens_cpu[nd:],
             query_lens_cpu=meta.query_lens_cpu[nd:], max_seq_len=max(meta.seq_lens_cpu[nd:]),
             block_size=meta.block_size)
 

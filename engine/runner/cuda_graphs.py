@@ -52,7 +52,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
-        width = -(-max_model_len // block_size)
+        width = -(-max_model_len // (16 * block_size)) * 16  # as the runner's eager tables
         n = self.max_batch
         # ids, positions and slots share one int64 buffer: one host->device copy per step.
         self.longs = torch.zeros(3, n, dtype=torch.long, device=device)

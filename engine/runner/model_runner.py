@@ -175,7 +175,9 @@ class ModelRunner(SamplingMixin):
             for p in range(start, start + n):
                 slots.append(table[p // bs] * bs + p % bs)
             seq_lens.append(start + n)
-        width = max(len(t) for t in tables)
+        # Width rounded up to 16 blocks: the kernels' specialisation on the table's row
+        # stride then never changes between steps (no recompiles while serving).
+        width = -(-max(len(t) for t in tables) // 16) * 16
         padded = [t + [0] * (width - len(t)) for t in tables]
         qstart = [0]
         for n in qlens:
@@ -190,6 +192,9 @@ class ModelRunner(SamplingMixin):
             query_lens_cpu=list(qlens),
             max_seq_len=max(seq_lens),
             block_size=bs,
+            # With graphs, eager decode rows use the graphs' static bound too, so the decode
+            # kernel's split count (and compiled variant) is one the capture already built.
+            max_seq_len_bound=self.graphs.max_model_len if self.graphs is not None else None,
         )
 
     @torch.inference_mode()
