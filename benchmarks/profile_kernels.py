@@ -115,22 +115,30 @@ def prefill_attention(tokens: int) -> dict:
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    ke, ve = kt.repeat_interleave(h // kvh, 1), vt.repeat_interleave(h // kvh, 1)
+
     def only(backend):
         def fn():
             with sdpa_kernel([backend]):
-                return sdpa()
+                if backend == SDPBackend.CUDNN_ATTENTION:
+                    return sdpa()
+                return torch.nn.functional.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
         return fn
 
-    def first_call_ms(backend) -> float:
+    def first_call_ms(backend, n: int) -> float:
         """Wall time of the first call at a sequence length never seen before (plan builds)."""
-        n = tokens - 7 - 3 * list(SDPBackend).index(backend)
         q1, k1, v1 = qt[:, :, :n], kt[:, :, :n], vt[:, :, :n]
         torch.cuda.synchronize()
         import time
         t = time.perf_counter()
         with sdpa_kernel([backend]):
-            torch.nn.functional.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=scale,
-                                                             enable_gqa=True)
+            if backend == SDPBackend.CUDNN_ATTENTION:
+                torch.nn.functional.scaled_dot_product_attention(q1, k1, v1, is_causal=True, scale=scale,
+                                                                 enable_gqa=True)
+            else:  # the fused kernels want equal head counts
+                g = h // kvh
+                torch.nn.functional.scaled_dot_product_attention(
+                    q1, k1.repeat_interleave(g, 1), v1.repeat_interleave(g, 1), is_causal=True, scale=scale)
         torch.cuda.synchronize()
         return 1e3 * (time.perf_counter() - t)
 
@@ -139,7 +147,9 @@ def prefill_attention(tokens: int) -> dict:
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         name = f"sdpa_{backend.name.lower()}"
         try:
-            out[f"{name}_first_call_ms"] = first_call_ms(backend)
+            out[f"{name}_first_call_ms"] = first_call_ms(backend, tokens - 7)
+            out[f"{name}_more_first_calls_ms"] = [first_call_ms(backend, tokens - j) for j in (9, 21, 40)]
+            out[f"{name}_repeat_call_ms"] = first_call_ms(backend, tokens - 40)
             ms = timeit(only(backend))
         except RuntimeError as e:
             print(f"  {name}: {e}".splitlines()[0][:120])
@@ -147,7 +157,8 @@ def prefill_attention(tokens: int) -> dict:
         out[f"{name}_ms"] = ms
         out[f"{name}_tflops"] = flops / ms / 1e9
         print(f"  T={tokens} {name}: {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s), first call at a new "
-              f"length {out[f'{name}_first_call_ms']:.1f} ms")
+              f"length {out[f'{name}_first_call_ms']:.1f} ms, then {out[f'{name}_more_first_calls_ms']}, "
+              f"repeated length {out[f'{name}_repeat_call_ms']:.1f} ms")
     for name, fn in (("hearth_triton", hearth), ("torch_sdpa", sdpa)):
         ms = timeit(fn)
         out[f"{name}_ms"] = ms

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=512)
     ap.add_argument("--min-len", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=1024)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--json", default=None)
     ap.add_argument("--kernel-samples", type=int, default=0)

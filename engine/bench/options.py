@@ -28,7 +28,11 @@ _DEVICE_DEFAULTS = {
     "repeats": (3, 2),
 }
 # Engine sizes: at least these, more where the suites need it (CUDA, CPU).
-_MIN_NUM_SEQS = (256, 64)  # a throughput run keeps this many sequences in flight
+# A throughput run keeps up to this many sequences in flight (CUDA, CPU): every request of
+# the 512-request protocol at once on a GPU, as an offline batch job would. Measured on an
+# H100 with the 8B shape: 9.0k output tok/s at 512 against 6.8k at 256, where late
+# admissions leave a long tail of small batches.
+_MIN_NUM_SEQS = (512, 64)
 _MIN_BATCHED_TOKENS = (8192, 2048)  # token budget per step
 
 
@@ -129,7 +133,7 @@ class BenchOptions:
             )
         if out.max_num_seqs is None:
             # Only throughput needs many sequences in flight; fewer means fewer CUDA graphs to capture.
-            floor = _MIN_NUM_SEQS[pick] if "throughput" in out.suites else 1
+            floor = min(_MIN_NUM_SEQS[pick], out.num_requests) if "throughput" in out.suites else 1
             out.max_num_seqs = max(floor, max(out.batch))
         if out.max_num_batched_tokens is None:
             need = max(out.prefill_lens) if "prefill" in out.suites else 0

@@ -19,19 +19,6 @@ import torch.nn.functional as F
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 
 
-def _sdpa_backends():
-    """SDPA's FlashAttention kernel (then memory-efficient), never cuDNN's: torch picks
-    cuDNN on Hopper, which builds an execution plan for every new sequence length; under a
-    stream of prompts of all lengths those builds took most of each step's time."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: its default choice
-        import contextlib
-
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
@@ -96,13 +83,12 @@ class TritonAttention(AttentionBackend):
         through the block table (benchmarks/results/*-profile-kernels-8b.json)."""
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         group = self.num_heads // self.num_kv_heads
-        with _sdpa_backends():
-            try:
-                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale,
-                                                   enable_gqa=group > 1)
-            except TypeError:  # torch < 2.5: no enable_gqa
-                kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
-                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
+        try:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale,
+                                               enable_gqa=group > 1)
+        except TypeError:  # torch < 2.5: no enable_gqa
+            kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale)
         return o[0].transpose(0, 1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -123,21 +109,19 @@ class TritonAttention(AttentionBackend):
             self._decode(q[:nd], kv_cache, split.decode_tables, split.decode_lens, self.scale,
                          sliding_window=self.sliding_window, max_seq_len=split.decode_max_len,
                          out=out[:nd])
-            self._prefill_rows(q[nd:], k[nd:], v[nd:], kv_cache, split.prefill, out=out[nd:])
+            # Always the paged kernel here, even for one fresh prompt: SDPA's cuDNN kernel
+            # builds a plan per new length, which dominated such steps in a throughput run.
+            p = split.prefill
+            self._prefill(q[nd:], kv_cache, p.block_tables, p.query_start, p.seq_lens, self.scale,
+                          max_query_len=max(p.query_lens_cpu), sliding_window=self.sliding_window,
+                          out=out[nd:])
             return out
-        return self._prefill_rows(q, k, v, kv_cache, meta)
-
-    def _prefill_rows(self, q, k, v, kv_cache, meta: AttentionMetadata, out=None):
         if q.is_cuda and meta.num_seqs == 1 and meta.query_lens_cpu[0] == meta.seq_lens_cpu[0] \
                 and (self.sliding_window is None or self.sliding_window >= meta.seq_lens_cpu[0]):
-            o = self._fresh_prefill(q, k, v)
-            if out is None:
-                return o
-            out.copy_(o)
-            return out
+            return self._fresh_prefill(q, k, v)
         max_q = getattr(meta, "max_query_len", None) or max(meta.query_lens_cpu)
         return self._prefill(q, kv_cache, meta.block_tables, meta.query_start, meta.seq_lens,
-                             self.scale, max_query_len=max_q, sliding_window=self.sliding_window, out=out)
+                             self.scale, max_query_len=max_q, sliding_window=self.sliding_window)
 
 
 class _Split:
