@@ -44,3 +44,8 @@ case "$what" in profile|profile-all)
   python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
   python benchmarks/profile_throughput.py --shape llama-8b --kernel-samples 12 --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -10 ;;
 esac
+case "$what" in fp32match)
+  # greedy tokens of the fast path against transformers in float32 (bf16 near-ties aside)
+  hearth bench --shape llama-1b --suite decode --batch 1 --baseline hf --dtype float32 --output-len 32 \
+    --repeats 1 --max-model-len 512 --json "$OUT/bench-1b-fp32-match.json" "$@" 2>&1 | tail -4 ;;
+esac

@@ -54,7 +54,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 20GiB")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences per step (default: the largest --batch; with throughput at "
-                        "least 256 on CUDA, 64 on CPU)")
+                        "least min(512, --num-requests) on CUDA, 64 on CPU)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step (default 8192 on CUDA, 2048 on CPU, at least the longest prefill)")
     g.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")

@@ -110,6 +110,18 @@ class ModelRunner(SamplingMixin):
 
         return tune_gemv(self.model, self.device, progress)
 
+    def warm_attention(self, max_tokens: int, progress=None) -> int:
+        """Let the attention backend prepare per-length work for prompts of up to
+        ``max_tokens`` now (cuDNN's SDPA plans); returns how many lengths it prepared."""
+        attn = self.model.model.layers[0].self_attn.attn
+        warm = getattr(attn, "warm_fresh_prefill", None)
+        if warm is None or self.device.type != "cuda":
+            return 0
+        if progress:
+            progress(f"preparing prompt attention for lengths up to {max_tokens} tokens")
+        with torch.inference_mode():
+            return warm(max_tokens, self.device, self.dtype)
+
     def graph_reserve_bytes(self, max_batch: int) -> int:
         from engine.runner.cuda_graphs import reserve_bytes
 

@@ -90,6 +90,31 @@ def test_mixed_step_with_decode_rows_first_uses_both_kernels_and_matches(monkeyp
     assert calls == {"decode": 2, "prefill": 2}  # step 2 used both kernels
 
 
+@pytest.mark.parametrize("fused_layout", [False, True])
+def test_fresh_prompt_sdpa_padded_to_a_bucket_matches_reference(fused_layout):
+    """A fresh prompt's SDPA runs padded to a length bucket (so cuDNN reuses one plan per
+    bucket); the real rows equal the reference, whatever the padding holds."""
+    from engine.layers.triton_attention import sdpa_bucket, sdpa_buckets
+
+    heads, kv_heads, dim, t = 4, 2, 32, 29
+    ours = get_backend("triton")(heads, kv_heads, dim, dim ** -0.5)
+    ref = TorchAttention(heads, kv_heads, dim, dim ** -0.5)
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    if fused_layout:  # q/k/v as views of one [T, H + 2 KVH, D] buffer, as the model makes them
+        qkv = torch.randn(t, heads + 2 * kv_heads, dim, generator=g, device=DEVICE)
+        q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    else:
+        q, k, v = (torch.randn(t, h, dim, generator=g, device=DEVICE) for h in (heads, kv_heads, kv_heads))
+    want = ref.forward(q, k, v, torch.zeros(2, 8, 8, kv_heads, dim, device=DEVICE),
+                       metadata([[0, 1, 2, 3]], [0], [t], 8))
+    for bucket in (t, 40, 64):
+        got = ours._fresh_prefill(q, k, v, bucket=bucket)
+        assert got.shape == (t, heads, dim)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (sdpa_bucket(1), sdpa_bucket(256), sdpa_bucket(257), sdpa_bucket(2049)) == (256, 256, 512, 2560)
+    assert sdpa_buckets(8192)[-3:] == [7168, 7680, 8192] and len(sdpa_buckets(8192)) == 20
+
+
 def test_static_decode_bound_is_read_from_metadata(monkeypatch):
     # The lead's CUDA-graph path will carry a static bound; the backend must pass it on.
     import kernels.paged_decode as decode_mod
