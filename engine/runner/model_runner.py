@@ -119,8 +119,12 @@ class ModelRunner(SamplingMixin):
             return 0
         if progress:
             progress(f"preparing prompt attention for lengths up to {max_tokens} tokens")
-        with torch.inference_mode():
-            return warm(max_tokens, self.device, self.dtype)
+        try:
+            with torch.inference_mode():
+                return warm(max_tokens, self.device, self.dtype)
+        except torch.OutOfMemoryError:  # plans are then built on first use instead
+            torch.cuda.empty_cache()
+            return 0
 
     def graph_reserve_bytes(self, max_batch: int) -> int:
         from engine.runner.cuda_graphs import reserve_bytes
