@@ -164,8 +164,21 @@ class Engine:
         self._gen_window: deque[tuple[float, int, int]] = deque()
         self._num_preemptions = 0
         self._num_finished = 0
+        # Per-length attention work (cuDNN SDPA plans) is prepared on the engine thread,
+        # which runs every step: torch keeps those plans per thread. Load returns after it.
+        self._warm_tokens = self.runner.attention_warmup_tokens(
+            min(config.scheduler.max_num_batched_tokens, self.max_model_len)) \
+            if hasattr(self.runner, "attention_warmup_tokens") else 0
+        self._ready = threading.Event()
+        self._warmed = 0
+        if self._warm_tokens:
+            msg = f"preparing prompt attention for lengths up to {self._warm_tokens} tokens"
+            progress(msg) if progress else log.info(msg)
         self._thread = threading.Thread(target=self._loop, name="hearth-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._warm_tokens:
+            self.model_info["prompt_attention_lengths"] = self._warmed
 
     @classmethod
     def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
@@ -300,6 +313,11 @@ class Engine:
     # -- engine thread -----------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            try:
+                if self._warm_tokens:
+                    self._warmed = self.runner.warm_attention(self._warm_tokens)
+            finally:
+                self._ready.set()
             while True:
                 with self._cv:
                     while not (self._stop or self._inbox or self._aborts or self.scheduler.has_work()):

@@ -85,8 +85,9 @@ class TritonAttention(AttentionBackend):
         cuDNN builds an execution plan for every new shape, 70-90 ms each, which a chat
         with prompts of every length would pay on nearly every turn. So the sequence runs
         padded to a length bucket (``sdpa_bucket``) in one fixed layout, and
-        ``warm_fresh_prefill`` builds every bucket's plan at load. Causality keeps the real
-        queries away from the padding keys; the padding queries' rows are dropped.
+        ``warm_fresh_prefill`` builds every bucket's plan at load (on the engine's thread:
+        torch keeps cuDNN plans per thread). Causality keeps the real queries away from the
+        (zeroed) padding keys; the padding queries' rows are dropped.
         """
         t, h, d = q.shape
         kvh = k.shape[1]
@@ -97,7 +98,11 @@ class TritonAttention(AttentionBackend):
                 and v.data_ptr() == k.data_ptr() + kvh * d * q.element_size():
             buf = None  # already the fused qkv layout (Llama-style models at a bucket length)
         else:
-            buf = q.new_empty(tp, width, d)
+            buf = _new_buffer(q, tp, width, d)
+            if tp > t:
+                # Masked keys get probability 0, but P @ V still multiplies their values:
+                # 0 * NaN from stale memory would poison the real rows. Zero the padding.
+                buf[t:].zero_()
             buf[:t, :h] = q
             buf[:t, h:h + kvh] = k
             buf[:t, h + kvh:] = v
@@ -160,6 +165,11 @@ class TritonAttention(AttentionBackend):
                              self.scale, max_query_len=max_q, sliding_window=self.sliding_window)
 
 
+def _new_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Uninitialised scratch (a seam for tests, which fill it with NaN)."""
+    return like.new_empty(shape)
+
+
 def sdpa_bucket(tokens: int) -> int:
     """The padded length a fresh prompt's SDPA runs at: a multiple of 256 up to 2,048 and
     of 512 beyond (at most 20% extra attention work, usually far less; none at multiples)."""
@@ -181,7 +191,7 @@ class _Split:
     def __init__(self, meta: AttentionMetadata, nd: int) -> None:
         self.decode_tables = meta.block_tables[:nd]
         self.decode_lens = meta.seq_lens[:nd]
-        self.decode_max_len = meta.max_seq_len_bound or max(meta.seq_lens_cpu[:nd])
+        self.decode_max_len = getattr(meta, "max_seq_len_bound", None) or max(meta.seq_lens_cpu[:nd])
         qs = meta.query_start[nd:] - nd
         # Copies, not views: a view's start may lose the 16-byte alignment Triton specialises on.
         self.prefill = AttentionMetadata(
@@ -192,6 +202,7 @@ class _Split:
 
 
 def _split(meta: AttentionMetadata, nd: int) -> _Split:
-    if not isinstance(meta.backend_cache, _Split):
-        meta.backend_cache = _Split(meta, nd)
-    return meta.backend_cache
+    split = getattr(meta, "backend_cache", None)
+    if not isinstance(split, _Split):
+        split = meta.backend_cache = _Split(meta, nd)
+    return split

@@ -139,8 +139,6 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     info["num_kv_blocks"] = num_blocks
     if runner.gemv_reason() is None:
         info["batch1_matmul"] = runner.tune_gemv(say)
-        info["prompt_attention_lengths"] = runner.warm_attention(
-            min(config.scheduler.max_num_batched_tokens, max_model_len), say)
     graphs_reason = runner.graphs_reason()
     info["cuda_graphs"] = graphs_reason is None
     if graphs_reason is None:

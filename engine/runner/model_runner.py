@@ -6,6 +6,7 @@ ever sees block ids. The runner is an object that could live in another process.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from engine.core.scheduler import SchedulerOutput
 from engine.layers.attention import AttentionMetadata, get_backend
 from engine.models.spec import ModelSpec
 from engine.runner.sampler import Sampler, make_generator
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -110,19 +114,26 @@ class ModelRunner(SamplingMixin):
 
         return tune_gemv(self.model, self.device, progress)
 
-    def warm_attention(self, max_tokens: int, progress=None) -> int:
-        """Let the attention backend prepare per-length work for prompts of up to
-        ``max_tokens`` now (cuDNN's SDPA plans); returns how many lengths it prepared."""
+    def attention_warmup_tokens(self, max_tokens: int) -> int:
+        """Prompt length up to which ``warm_attention`` would prepare work (0: nothing to do)."""
         attn = self.model.model.layers[0].self_attn.attn
-        warm = getattr(attn, "warm_fresh_prefill", None)
-        if warm is None or self.device.type != "cuda":
+        if getattr(attn, "warm_fresh_prefill", None) is None or self.device.type != "cuda":
             return 0
-        if progress:
-            progress(f"preparing prompt attention for lengths up to {max_tokens} tokens")
+        window = self.spec.sliding_window
+        return min(max_tokens, window) if window else max_tokens  # longer: not the SDPA path
+
+    def warm_attention(self, max_tokens: int) -> int:
+        """Let the attention backend prepare per-length work for prompts of up to
+        ``max_tokens`` (cuDNN's SDPA plans); returns how many lengths it prepared. Call it
+        on the thread that will run the steps: torch keeps cuDNN plans per thread."""
+        if not max_tokens:
+            return 0
+        warm = self.model.model.layers[0].self_attn.attn.warm_fresh_prefill
         try:
             with torch.inference_mode():
                 return warm(max_tokens, self.device, self.dtype)
-        except torch.OutOfMemoryError:  # plans are then built on first use instead
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # plans are then built on first use
+            log.warning("prompt-attention warm-up skipped: %s", e)
             torch.cuda.empty_cache()
             return 0
 

@@ -78,6 +78,7 @@ def test_bf16_fast_path_close_to_reference_logits(tiny_models):
 
 def _compiled_variants() -> int:
     import kernels.activation as act
+    import kernels.gemv as gemv
     import kernels.kv_cache as kv
     import kernels.paged_decode as dec
     import kernels.paged_prefill as pre
@@ -85,7 +86,7 @@ def _compiled_variants() -> int:
     import kernels.rotary as rot
 
     total = 0
-    for mod in (act, kv, dec, pre, rms, rot):
+    for mod in (act, gemv, kv, dec, pre, rms, rot):
         for obj in vars(mod).values():
             cache = getattr(obj, "device_caches", None) or getattr(obj, "cache", None)
             if isinstance(cache, dict):
@@ -123,5 +124,7 @@ def test_batch1_gemv_matches_torch_token_for_token(tiny_models, family):
             m.gemv_config = (1, 1024, 4)
     fast.runner.capture_graphs(1, 512)  # recapture bucket 1 with the GEMV path in it
     got = _run(fast, prompt)
+    replays = fast.runner.graphs.replays
     fast.shutdown()
+    assert replays > 0  # the captured GEMV path served the decode steps
     assert got == want

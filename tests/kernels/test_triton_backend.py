@@ -91,7 +91,7 @@ def test_mixed_step_with_decode_rows_first_uses_both_kernels_and_matches(monkeyp
 
 
 @pytest.mark.parametrize("fused_layout", [False, True])
-def test_fresh_prompt_sdpa_padded_to_a_bucket_matches_reference(fused_layout):
+def test_fresh_prompt_sdpa_padded_to_a_bucket_matches_reference(fused_layout, monkeypatch):
     """A fresh prompt's SDPA runs padded to a length bucket (so cuDNN reuses one plan per
     bucket); the real rows equal the reference, whatever the padding holds."""
     from engine.layers.triton_attention import sdpa_bucket, sdpa_buckets
@@ -111,6 +111,14 @@ def test_fresh_prompt_sdpa_padded_to_a_bucket_matches_reference(fused_layout):
         got = ours._fresh_prefill(q, k, v, bucket=bucket)
         assert got.shape == (t, heads, dim)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Stale memory in the padding (here NaN) must not reach the real rows: P @ V multiplies
+    # even masked values, and 0 * NaN is NaN.
+    import engine.layers.triton_attention as ta
+
+    monkeypatch.setattr(ta, "_new_buffer", lambda like, *shape: torch.full(shape, float("nan"),
+                                                                           dtype=like.dtype, device=like.device))
+    got = ours._fresh_prefill(q, k, v, bucket=64)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (sdpa_bucket(1), sdpa_bucket(256), sdpa_bucket(257), sdpa_bucket(2049)) == (256, 256, 512, 2560)
     assert sdpa_buckets(8192)[-3:] == [7168, 7680, 8192] and len(sdpa_buckets(8192)) == 20
 

@@ -1,0 +1,82 @@
+"""The runner puts single-token rows first in an eager step (so attention can send them to
+its decode kernel) and must still hand back sampled tokens in the scheduler's order."""
+
+from __future__ import annotations
+
+import random
+import threading
+from types import SimpleNamespace
+
+import torch
+
+from engine.runner.model_runner import ModelRunner, RunnerOutput
+
+
+class _EchoModel:
+    """Hidden state of each row = (its token id, its position): sampling echoes them back."""
+
+    def __init__(self) -> None:
+        self.meta = None
+
+    def __call__(self, ids, positions, kv_caches, meta):
+        self.meta = meta
+        return torch.stack([ids.double(), positions.double()], dim=1)
+
+    def compute_logits(self, hidden):
+        return hidden
+
+
+def _runner() -> ModelRunner:
+    r = ModelRunner.__new__(ModelRunner)  # only what execute() touches
+    r.device, r.block_size, r.graphs, r._ahead, r.kv_caches = torch.device("cpu"), 4, None, None, []
+    r.model = _EchoModel()
+    r.sample = lambda logits, seqs: RunnerOutput([(int(l[0]), int(l[1]), s.name) for l, s in zip(logits, seqs)],
+                                                 None)
+    return r
+
+
+def test_sampled_rows_follow_the_scheduler_order_whatever_the_mix():
+    r, rng = _runner(), random.Random(0)
+    saw_one_token_chunk = False
+    for _ in range(500):
+        scheduled = []
+        for j in range(rng.randint(1, 7)):
+            n = rng.choice([1, 1, 1, 2, 3, 7])
+            start = rng.randint(0, 20)
+            total = start + n + rng.choice([0, 0, 3])  # 3 more: a chunk that does not sample
+            seq = SimpleNamespace(num_computed_tokens=start, name=j, token_ids=[rng.randint(0, 10**6)
+                                                                               for _ in range(total)],
+                                  block_table=list(range(100 * j, 100 * j + total // 4 + 2)))
+            scheduled.append(SimpleNamespace(seq=seq, num_new_tokens=n, sample=start + n == total))
+            saw_one_token_chunk |= n == 1 and start + n != total
+        out = r.execute(SimpleNamespace(scheduled=scheduled))
+        want = [(sc.seq.token_ids[sc.seq.num_computed_tokens + sc.num_new_tokens - 1],
+                 sc.seq.num_computed_tokens + sc.num_new_tokens - 1, sc.seq.name)
+                for sc in scheduled if sc.sample]
+        assert out.token_ids == want
+        meta = r.model.meta
+        nd = meta.num_decode
+        assert all(q == 1 for q in meta.query_lens_cpu[:nd]) and all(q > 1 for q in meta.query_lens_cpu[nd:])
+        assert meta.block_tables.shape[1] % 16 == 0
+    assert saw_one_token_chunk  # a 1-token prefill chunk that samples nothing was covered
+
+
+def test_attention_warm_up_runs_on_the_engine_thread(tiny_models, monkeypatch):
+    """torch keeps cuDNN plans per thread: the warm-up must run where the steps run."""
+    from engine.api import Engine
+
+    seen = {}
+    monkeypatch.setattr(ModelRunner, "attention_warmup_tokens", lambda self, n: 48)
+
+    def warm(self, n):
+        seen.update(thread=threading.current_thread().name, tokens=n)
+        return 3
+
+    monkeypatch.setattr(ModelRunner, "warm_attention", warm)
+    eng = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32", num_blocks=16,
+                      max_model_len=64)
+    try:
+        assert seen == {"thread": "hearth-engine", "tokens": 48}
+        assert eng.model_info["prompt_attention_lengths"] == 3
+    finally:
+        eng.shutdown()
