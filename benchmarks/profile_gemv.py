@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from _timing import cuda_ms
 
 
 def shapes_of(name: str) -> dict[str, tuple[int, int, bool]]:
@@ -67,16 +68,7 @@ def prefill_gemms(shape: str, m: int) -> list[dict]:
         x = torch.randn(m, k, device="cuda", dtype=dt)
         row = {"layer": name, "m": m, "n": n, "k": k}
         for label, fn in (("linear", lambda: F.linear(x, w)), ("pretransposed", lambda: x @ wt)):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(10):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            ms = a.elapsed_time(b) / 10
+            ms = cuda_ms(fn)
             row[f"{label}_ms"] = ms
             row[f"{label}_tflops"] = 2 * m * n * k / ms / 1e9
         rows.append(row)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 
 import torch
+from _timing import cuda_ms
 
 
 def _kernel_table(prof, title: str, top: int = 18) -> list[dict]:
@@ -35,8 +37,6 @@ def _kernel_table(prof, title: str, top: int = 18) -> list[dict]:
 
 def prefill_profile(shape: str, tokens: int) -> dict:
     """One fresh prompt of ``tokens`` (TTFT case) under torch.profiler, graphs on."""
-    import time
-
     from engine.api import Engine, Request, SamplingParams
     from torch.profiler import ProfilerActivity, profile
 
@@ -101,18 +101,6 @@ def prefill_attention(tokens: int) -> dict:
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
                                                                 enable_gqa=True)
 
-    def timeit(fn) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(10):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / 10
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     ke, ve = kt.repeat_interleave(h // kvh, 1), vt.repeat_interleave(h // kvh, 1)
@@ -129,7 +117,6 @@ def prefill_attention(tokens: int) -> dict:
         """Wall time of the first call at a sequence length never seen before (plan builds)."""
         q1, k1, v1 = qt[:, :, :n], kt[:, :, :n], vt[:, :, :n]
         torch.cuda.synchronize()
-        import time
         t = time.perf_counter()
         with sdpa_kernel([backend]):
             if backend == SDPBackend.CUDNN_ATTENTION:
@@ -150,7 +137,7 @@ def prefill_attention(tokens: int) -> dict:
             out[f"{name}_first_call_ms"] = first_call_ms(backend, tokens - 7)
             out[f"{name}_more_first_calls_ms"] = [first_call_ms(backend, tokens - j) for j in (9, 21, 40)]
             out[f"{name}_repeat_call_ms"] = first_call_ms(backend, tokens - 40)
-            ms = timeit(only(backend))
+            ms = cuda_ms(only(backend))
         except RuntimeError as e:
             print(f"  {name}: {e}".splitlines()[0][:120])
             continue
@@ -160,7 +147,7 @@ def prefill_attention(tokens: int) -> dict:
               f"length {out[f'{name}_first_call_ms']:.1f} ms, then {out[f'{name}_more_first_calls_ms']}, "
               f"repeated length {out[f'{name}_repeat_call_ms']:.1f} ms")
     for name, fn in (("hearth_triton", hearth), ("torch_sdpa", sdpa)):
-        ms = timeit(fn)
+        ms = cuda_ms(fn)
         out[f"{name}_ms"] = ms
         out[f"{name}_tflops"] = flops / ms / 1e9
     err = (hearth().float() - sdpa()[0].transpose(0, 1).float()).abs().max().item()

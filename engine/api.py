@@ -167,8 +167,7 @@ class Engine:
         # Per-length attention work (cuDNN SDPA plans) is prepared on the engine thread,
         # which runs every step: torch keeps those plans per thread. Load returns after it.
         self._warm_tokens = self.runner.attention_warmup_tokens(
-            min(config.scheduler.max_num_batched_tokens, self.max_model_len)) \
-            if hasattr(self.runner, "attention_warmup_tokens") else 0
+            min(config.scheduler.max_num_batched_tokens, self.max_model_len))
         self._ready = threading.Event()
         self._warmed = 0
         if self._warm_tokens:

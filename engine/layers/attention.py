@@ -85,6 +85,13 @@ class AttentionBackend:
         raise NotImplementedError
 
 
+def padded_table_width(num_blocks: int) -> int:
+    """Block-table columns for tables of up to ``num_blocks`` blocks: rounded up to 16, so
+    the kernels' specialisation on the table's row stride is the same in every step, eager
+    or graph (no recompiles while serving)."""
+    return -(-num_blocks // 16) * 16
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's keys and values into their cache slots."""
     _, num_blocks, block_size, h, d = kv_cache.shape

@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x @ layer.weight.T (+ bias)``; ``layer`` may also be a tied head's nn.Embedding."""
     config = getattr(layer, "gemv_config", None)
+    bias = getattr(layer, "bias", None)
     if config is not None and x.shape[0] == 1:
         from kernels.gemv import gemv
 
-        return gemv(x, layer.weight, layer.bias, config=config)
-    return F.linear(x, layer.weight, layer.bias)
+        return gemv(x, layer.weight, bias, config=config)
+    return F.linear(x, layer.weight, bias)
 
 
 def swiglu_linear(layer: nn.Linear, gate_up: torch.Tensor) -> torch.Tensor | None:

@@ -93,11 +93,10 @@ class TritonAttention(AttentionBackend):
         kvh = k.shape[1]
         tp = bucket or (sdpa_bucket(t) if q.is_cuda else t)
         width = h + 2 * kvh
-        if tp == t and q.stride(0) == k.stride(0) == v.stride(0) == width * d \
-                and k.data_ptr() == q.data_ptr() + h * d * q.element_size() \
-                and v.data_ptr() == k.data_ptr() + kvh * d * q.element_size():
-            buf = None  # already the fused qkv layout (Llama-style models at a bucket length)
-        else:
+        fused_layout = q.stride(0) == k.stride(0) == v.stride(0) == width * d \
+            and k.data_ptr() == q.data_ptr() + h * d * q.element_size() \
+            and v.data_ptr() == k.data_ptr() + kvh * d * q.element_size()
+        if tp != t or not fused_layout:  # else already as warmed (Llama-style qkv views)
             buf = _new_buffer(q, tp, width, d)
             if tp > t:
                 # Masked keys get probability 0, but P @ V still multiplies their values:

@@ -142,12 +142,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.spec.tie_word_embeddings else self.lm_head
-        config = getattr(head, "gemv_config", None)
-        if config is not None and hidden.shape[0] == 1:
-            from kernels.gemv import gemv
-
-            return gemv(hidden, head.weight, config=config)
-        return F.linear(hidden, head.weight)
+        return linear(head, hidden)
 
     # -- building ----------------------------------------------------------------------
     def materialize(self, device: torch.device) -> None:

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from engine.layers.attention import AttentionMetadata
+from engine.layers.attention import AttentionMetadata, padded_table_width
 
 log = logging.getLogger("hearth.runner")
 
@@ -55,7 +55,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
-        width = -(-max_model_len // (16 * block_size)) * 16  # as the runner's eager tables
+        width = padded_table_width(-(-max_model_len // block_size))
         n = self.max_batch
         # ids, positions and slots share one int64 buffer: one host->device copy per step.
         self.longs = torch.zeros(3, n, dtype=torch.long, device=device)

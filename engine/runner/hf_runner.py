@@ -27,6 +27,12 @@ class HFRunner(SamplingMixin):
     def gemv_reason(self) -> str:
         return "the transformers fallback uses its own layers"
 
+    def attention_warmup_tokens(self, max_tokens: int) -> int:
+        return 0  # transformers' own attention: nothing of ours to prepare
+
+    def warm_attention(self, max_tokens: int) -> int:
+        return 0
+
     def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.device = device

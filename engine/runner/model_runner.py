@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.core.scheduler import SchedulerOutput
-from engine.layers.attention import AttentionMetadata, get_backend
+from engine.layers.attention import AttentionMetadata, get_backend, padded_table_width
 from engine.models.spec import ModelSpec
 from engine.runner.sampler import Sampler, make_generator
 
@@ -126,8 +126,6 @@ class ModelRunner(SamplingMixin):
         """Let the attention backend prepare per-length work for prompts of up to
         ``max_tokens`` (cuDNN's SDPA plans); returns how many lengths it prepared. Call it
         on the thread that will run the steps: torch keeps cuDNN plans per thread."""
-        if not max_tokens:
-            return 0
         warm = self.model.model.layers[0].self_attn.attn.warm_fresh_prefill
         try:
             with torch.inference_mode():
@@ -202,9 +200,7 @@ class ModelRunner(SamplingMixin):
             for p in range(start, start + n):
                 slots.append(table[p // bs] * bs + p % bs)
             seq_lens.append(start + n)
-        # Width rounded up to 16 blocks: the kernels' specialisation on the table's row
-        # stride then never changes between steps (no recompiles while serving).
-        width = -(-max(len(t) for t in tables) // 16) * 16
+        width = padded_table_width(max(len(t) for t in tables))
         padded = [t + [0] * (width - len(t)) for t in tables]
         qstart = [0]
         for n in qlens:
