@@ -14,10 +14,12 @@ Runs the same workload as ``hearth bench --suite throughput`` (seeded lengths un
 and reports steps, wall time (runner.execute and the whole engine step), tokens, and the
 host time outside the runner per step. Prints a table; writes JSON with --json.
 
-``--kernel-samples N`` also profiles N single steps (every 20th from step 100 on) with
-torch.profiler and sums their CUDA kernel time by category (GEMM, decode attention,
-prefill attention, norms, ...), per kind of step. Profiled steps are slower, so the
-run's tok/s is then not a benchmark figure.
+``--kernel-samples N`` also profiles N single steps (every 20th from step 100 on, or the
+steps listed by ``--kernel-steps 3,9,...``) with torch.profiler and sums their CUDA kernel
+time by category (GEMM, decode attention, prefill attention, norms, ...), per kind of
+step, keeping each sample's largest kernels by name. Profiled steps are slower, so the
+run's tok/s is then not a benchmark figure. The JSON also holds a per-step timeline
+(kind, sequences, tokens, milliseconds) of every step.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--json", default=None)
     ap.add_argument("--kernel-samples", type=int, default=0)
+    ap.add_argument("--kernel-steps", default="", help="comma-separated step numbers to profile")
     args = ap.parse_args()
 
     import torch
@@ -95,35 +98,45 @@ def main() -> None:
     runner.execute = timed_execute
     step = engine.step
 
+    timeline: list[list] = []  # [kind, seqs, tokens, step ms] per step that ran the model
+
     def timed_step():
         current.pop("kind", None)
         t = time.perf_counter()
         step()
         kind = current.get("kind")
         if kind is not None:
-            stats[kind]["step_s"] += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            stats[kind]["step_s"] += dt
+            timeline.append([kind, current["seqs"], current["tokens"], round(1e3 * dt, 3)])
 
     samples: list[dict] = []
     if args.kernel_samples:
         from torch.profiler import ProfilerActivity, profile
 
         counter = {"n": 0}
+        wanted = {int(x) for x in args.kernel_steps.split(",") if x.strip()}
 
         def sampled_step():
             counter["n"] += 1
             n = counter["n"]
-            if n < 100 or n % 20 or len(samples) >= args.kernel_samples:
+            chosen = n in wanted if wanted else (n >= 100 and n % 20 == 0)
+            if not chosen or len(samples) >= args.kernel_samples:
                 return timed_step()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 timed_step()
                 torch.cuda.synchronize()
             per = defaultdict(float)
+            by_name = defaultdict(float)
             for ev in prof.events():
                 if ev.device_type == torch.autograd.DeviceType.CUDA:
                     t = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
                     per[category(ev.name)] += t / 1e3
+                    by_name[ev.name[:90]] += t / 1e3
+            top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
             samples.append({"step": n, "kind": current.get("kind"), "seqs": current.get("seqs"),
-                            "tokens": current.get("tokens"), "ms_by_category": dict(per)})
+                            "tokens": current.get("tokens"), "ms_by_category": dict(per),
+                            "top_kernels_ms": {k: round(v, 3) for k, v in top}})
 
         engine.step = sampled_step
     else:
@@ -158,7 +171,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "card": card, "wall_s": wall, "output_tokens": out_tokens,
-                       "output_tok_s": out_tokens / wall, "kinds": stats, "kernel_samples": samples},
+                       "output_tok_s": out_tokens / wall, "kinds": stats, "kernel_samples": samples,
+                       "timeline": timeline},
                       f, indent=1)
 
 

@@ -145,6 +145,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         try:
             info["cuda_graph_bytes"] = runner.capture_graphs(config.scheduler.max_num_seqs,
                                                              max_model_len, say)
+            # Buckets served by a larger graph because it measured faster (cuBLAS cliffs).
+            info["cuda_graph_routes"] = {b: r for b, r in runner.graphs.routes.items() if b != r}
         except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
             log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
             runner.graphs = None
