@@ -150,6 +150,9 @@ def main() -> None:
     results = [h.result() for h in handles]
     wall = time.perf_counter() - t0
     out_tokens = sum(r.completion_tokens for r in results)
+    graphs = getattr(runner, "graphs", None)
+    bucket_ms = {b: round(ms, 3) for b, ms in graphs.bucket_ms.items()} if graphs is not None else {}
+    routes = engine.model_info.get("cuda_graph_routes", {})
     engine.shutdown()
 
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -172,7 +175,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "card": card, "wall_s": wall, "output_tokens": out_tokens,
                        "output_tok_s": out_tokens / wall, "kinds": stats, "kernel_samples": samples,
-                       "timeline": timeline},
+                       "timeline": timeline, "graph_bucket_ms": bucket_ms, "graph_routes": routes},
                       f, indent=1)
 
 

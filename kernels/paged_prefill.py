@@ -40,6 +40,8 @@ import triton.language as tl
 from kernels._checks import check_paged_cache
 
 _LOG2E = 1.4426950408889634
+# Steps whose chunks all have at most this many queries get short query tiles.
+SHORT_Q = 8
 # Scores start here rather than at -inf so that a row whose keys are all masked in a tile
 # (edges of the diagonal or of the window) stays NaN-free: 2^(-inf - NEG_BIG) is 0.
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -91,7 +93,7 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, table, head_off, n0, hi, qpos, win
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "window"])
 def _prefill_kernel(
     q_ptr, cache_ptr, tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
     qk_scale, num_seqs, window,
@@ -233,9 +235,12 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         if val < 16 or val & (val - 1):
             raise ValueError(f"paged_prefill_attention: {name} must be a power of two >= 16, got {val}")
     group = heads // kv_heads
-    # Queries per tile: fill block_m rows with whole groups, but no more queries than any
-    # sequence has (a batch of decodes plus a short chunk wants short tiles).
-    block_q = min(max(block_m // group, 1), triton.next_power_of_2(max_query_len))
+    # Queries per tile: fill block_m rows with whole groups, unless every sequence has at
+    # most SHORT_Q queries (short chunks, decode rows): then tiles of SHORT_Q queries. Two
+    # tile shapes, not one per power of two, so that load-time warm-up compiles them all.
+    block_q = max(block_m // group, 1)
+    if max_query_len <= SHORT_Q:
+        block_q = min(block_q, SHORT_Q)
     block_m = max(16, triton.next_power_of_2(block_q * group))
     if block_m < 64:
         warps = 4  # short tiles (decode rows riding with chunks) can't feed 8 warps

@@ -222,3 +222,35 @@ def test_batch1_gemv_path_gives_the_torch_backend_tokens(tiny_models, model):
         finally:
             eng.shutdown()
     assert results["triton"] == results["torch"] and len(results["torch"]) == 8
+
+
+def test_load_time_warm_steps_write_nothing_and_reach_both_prefill_tiles(tiny_models):
+    """The synthetic steps that compile the mixed/chunked kernel variants at load read
+    block 0 as a prefix, must leave the KV cache as it was, and must reach both tile
+    shapes of the paged prefill kernel (short chunks and long ones)."""
+    from engine.api import Engine
+    from kernels.paged_prefill import SHORT_Q
+
+    if engine_device() != DEVICE and DEVICE == "cuda":
+        pytest.skip("the engine tests run on CPU in this pass")
+    eng = Engine.load(str(tiny_models["llama3"]), device=DEVICE, dtype="float32", attention="triton",
+                      num_blocks=16, max_model_len=128)
+    try:
+        runner = eng.runner
+        attn = runner.model.model.layers[0].self_attn.attn
+        seen, real = [], attn._prefill
+
+        def spy(*a, **k):
+            seen.append(k["max_query_len"])
+            return real(*a, **k)
+
+        attn._prefill = spy
+        for cache in runner.kv_caches:
+            cache.normal_()
+        before = [c.clone() for c in runner.kv_caches]
+        with torch.inference_mode():
+            runner._warm_steps()
+        assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
+        assert min(seen) <= SHORT_Q < max(seen), seen
+    finally:
+        eng.shutdown()
