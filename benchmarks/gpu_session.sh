@@ -5,7 +5,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|throughput|profile|gemv|prefill-profile|profile-all|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|decode8b|throughput|throughput-fp8|profile|gemv|prefill-profile|profile-all|fp32match|all [extra bench args]
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,6 +33,10 @@ esac
 case "$what" in throughput)
   hearth bench --shape llama-8b --suite throughput --baseline hf \
     --json "$OUT/bench-8b-throughput.json" "$@" 2>&1 | tail -12 ;;
+esac
+case "$what" in throughput-fp8)
+  hearth bench --shape llama-8b --suite throughput --kv-cache-dtype fp8 \
+    --json "$OUT/bench-8b-throughput-fp8kv.json" "$@" 2>&1 | tail -6 ;;
 esac
 case "$what" in gemv|profile-all)
   python benchmarks/profile_gemv.py --sweep --json "$OUT/profile-gemv-8b.json" 2>&1 | grep -v "^  " | tail -8 ;;

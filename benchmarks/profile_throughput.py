@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--json", default=None)
     ap.add_argument("--kernel-samples", type=int, default=0)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
     ap.add_argument("--kernel-steps", default="", help="comma-separated step numbers to profile")
     args = ap.parse_args()
 
@@ -64,7 +65,8 @@ def main() -> None:
 
     engine = Engine.load(f"shape:{args.shape}", device=args.device,
                          max_model_len=2 * args.max_len + 16, max_num_seqs=args.max_num_seqs,
-                         max_num_batched_tokens=args.max_num_batched_tokens)
+                         max_num_batched_tokens=args.max_num_batched_tokens,
+                         kv_cache_dtype=args.kv_cache_dtype)
     runner = engine.runner
     stats: dict[str, dict] = defaultdict(lambda: {"steps": 0, "execute_s": 0.0, "step_s": 0.0,
                                                   "tokens": 0, "seqs": 0})

@@ -186,13 +186,14 @@ class Engine:
              block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
              enable_prefix_caching: bool = True, revision: str | None = None,
              force_fallback: bool = False, enforce_eager: bool = False,
-             progress=None) -> "Engine":
+             kv_cache_dtype: str = "auto", progress=None) -> "Engine":
         cfg = EngineConfig(
             model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
                               max_model_len=max_model_len, force_fallback=force_fallback),
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                               kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens),
             attention=attention,

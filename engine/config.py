@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from engine.errors import InvalidRequestError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(slots=True)
@@ -40,8 +41,16 @@ class CacheConfig:
     cpu_memory_fraction: float = 0.25  # of available RAM for the KV pool on CPU (capped, see runner)
     num_blocks: int | None = None  # exact pool size (tests); overrides the memory settings
     enable_prefix_caching: bool = True
+    # auto: the model's dtype; fp8: float8 e4m3, half the bytes of bf16 per token (twice
+    # the context in the same memory, half the K/V reads of a decode step).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        aliases = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8", "fp8-e4m3": "fp8"}
+        self.kv_cache_dtype = aliases.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                      f"got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
         if not (0.05 <= self.memory_fraction <= 1.0):

@@ -16,6 +16,7 @@ def check_paged_cache(op: str, q: torch.Tensor, kv_cache: torch.Tensor, q_layout
     if cache_dim != dim or heads % kv_heads:
         raise ValueError(f"{op}: q has {heads} heads of {dim}, the cache "
                          f"{kv_heads} kv heads of {cache_dim}; need equal head_dim and H % KVH == 0")
-    if q.dtype != kv_cache.dtype:
-        raise ValueError(f"{op}: q is {q.dtype} but the cache is {kv_cache.dtype}")
+    if q.dtype != kv_cache.dtype and kv_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{op}: q is {q.dtype} but the cache is {kv_cache.dtype} (a cache "
+                         "must hold q's dtype, or float8_e4m3fn)")
     return block_size, kv_heads

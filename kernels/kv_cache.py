@@ -8,7 +8,9 @@ the launcher needs no host-side filtering (no sync, graph-capturable).
 
 One program writes all kv heads of one token (a [heads, head_dim] tile of K and of V, a few
 KiB: enough work per program at prefill, one small wave at decode); values are cast to the
-cache dtype on store.
+cache dtype on store. An fp8 (e4m3) cache stores values unscaled, clamped to its finite
+range +-448 (saturation, never NaN), as vLLM does without calibrated scales; K and V of
+attention layers sit far inside that range.
 """
 
 from __future__ import annotations
@@ -17,6 +19,30 @@ import torch
 import triton
 import triton.language as tl
 
+# The largest finite float8_e4m3fn value; fp8 caches saturate there.
+FP8_MAX = tl.constexpr(448.0)
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """fp32 ``x`` rounded to the nearest e4m3 value (ties to even), saturated at +-448, so
+    that the cast to fp8 after it is exact. The same as the hardware's satfinite cast; done
+    by hand because Triton's CPU interpreter mis-rounds when the rounding carries into the
+    next power of two (1.98 became 1.0).
+
+    e4m3 has 3 mantissa bits: a value in [2^e, 2^(e+1)) is a multiple of 2^(e-3), for
+    e >= -6 (below that, subnormals: multiples of 2^-9). Round x / quantum to an integer
+    with the 1.5 * 2^23 trick (fp32 adds round to nearest even), scale back, saturate."""
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2^23
+    y = (x / quantum + magic) - magic
+    y = tl.where(y == 0.0, x * 0.0, y)  # keeps the sign of a value that rounds to zero
+    return tl.minimum(tl.maximum(y * quantum, -FP8_MAX), FP8_MAX)
+
 
 @triton.jit
 def _write_kv_kernel(
@@ -24,7 +50,7 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
     NUM_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    H_PAD: tl.constexpr, D_PAD: tl.constexpr, FP8: tl.constexpr,
 ):
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -38,6 +64,9 @@ def _write_kv_kernel(
            + offs_h[:, None] * stride_c_head + offs_d[None, :])
     k = tl.load(k_ptr + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if FP8:
+        k = _round_to_e4m3(k.to(tl.float32))
+        v = _round_to_e4m3(v.to(tl.float32))
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -71,5 +100,5 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_HEADS=h, BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=d, H_PAD=h_pad, D_PAD=d_pad,
-        num_warps=4 if h_pad * d_pad >= 1024 else 1,
+        FP8=kv_cache.dtype in FP8_DTYPES, num_warps=4 if h_pad * d_pad >= 1024 else 1,
     )

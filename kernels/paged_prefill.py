@@ -77,7 +77,8 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, table, head_off, n0, hi, qpos, win
         blk = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_mask[None, :]
     row = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + head_off
-    k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    # .to(q.dtype): an fp8 cache is widened here; otherwise a no-op.
+    k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
         visible = (pos[None, :] <= qpos[:, None]) & k_ok[None, :]
@@ -88,7 +89,8 @@ def _attend_tile(acc, m_i, l_i, q, cache_ptr, table, head_off, n0, hi, qpos, win
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(cache_ptr + stride_c_kv + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(cache_ptr + stride_c_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
+                other=0.0).to(q.dtype)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 

@@ -52,6 +52,8 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     g.add_argument("--max-model-len", type=int, default=None, help="context (default: what the suites need)")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 20GiB")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="auto: the model's dtype; fp8: e4m3 (rows then carry kv_cache_dtype)")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences per step (default: the largest --batch; with throughput at "
                         "least min(512, --num-requests) on CUDA, 64 on CPU)")
@@ -85,7 +87,8 @@ def run_bench_command(args) -> int:
         output_len=args.output_len, prefill_lens=args.prefill_lens, num_requests=args.num_requests,
         min_len=args.min_len, max_len=args.max_len, hf_num_requests=args.hf_num_requests,
         repeats=args.repeats, seed=args.seed, max_model_len=args.max_model_len,
-        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
     )
     out_path = Path(args.json) if args.json else None

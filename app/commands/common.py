@@ -17,6 +17,7 @@ def load_engine(args, quiet: bool = False) -> Engine:
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
         revision=args.revision, enforce_eager=getattr(args, "enforce_eager", False),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         progress=progress,
     )
 

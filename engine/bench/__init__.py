@@ -65,7 +65,8 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     engine = Engine.load(
         opts.model_name, revision=opts.revision, device=str(device), dtype=model_cfg.dtype,
         attention=opts.attention, max_model_len=opts.max_model_len,
-        kv_cache_memory=opts.kv_cache_memory, block_size=opts.block_size,
+        kv_cache_memory=opts.kv_cache_memory, kv_cache_dtype=opts.kv_cache_dtype,
+        block_size=opts.block_size,
         max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
         enforce_eager=opts.enforce_eager, progress=say,
     )
@@ -173,6 +174,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: dict, hearth: dict, hf: dic
     rows = []
     wb = info.get("weight_bytes")
     impl = info.get("implementation")
+    kvd = info.get("kv_cache_dtype")
     for b, h in hearth["decode"].items():
         extra = {}
         if hf is not None:
@@ -180,13 +182,14 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: dict, hearth: dict, hf: dic
             extra["match_tokens"] = min(leading_match(ids, hf_tokens[k]) for k, ids in h.tokens.items())
         rows.append(maker.row("decode", "hearth", b, opts.prompt_len, opts.output_len,
                               decode_tok_s=h.decode_tok_s, ttft_ms=h.ttft_ms, weight_bytes=wb,
-                              **extra, implementation=impl))
+                              **extra, implementation=impl, kv_cache_dtype=kvd))
         if hf is not None:
             rate, ttft, _ = hf["decode"][b]
             rows.append(maker.row("decode", "hf", b, opts.prompt_len, opts.output_len, decode_tok_s=rate,
                                   ttft_ms=ttft, weight_bytes=hf_bytes, **extra))
     for n, ms in hearth["prefill"].items():
-        rows.append(maker.row("prefill", "hearth", 1, n, 1, ttft_ms=ms, weight_bytes=wb, implementation=impl))
+        rows.append(maker.row("prefill", "hearth", 1, n, 1, ttft_ms=ms, weight_bytes=wb, implementation=impl,
+                              kv_cache_dtype=kvd))
         if hf is not None:
             rows.append(maker.row("prefill", "hf", 1, n, 1, ttft_ms=hf["prefill"][n], weight_bytes=hf_bytes))
     if hearth["throughput"] is not None:
@@ -195,7 +198,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: dict, hearth: dict, hf: dic
                               output_tok_s=t.output_tok_s, kv_waste_pct=t.kv_waste_pct,
                               weight_bytes=wb, num_requests=opts.num_requests, min_len=opts.min_len,
                               max_len=opts.max_len, num_preemptions=t.num_preemptions,
-                              implementation=impl))
+                              implementation=impl, kv_cache_dtype=kvd))
         if hf is not None:
             from engine.bench.hf_baseline import STATIC_BATCH
 

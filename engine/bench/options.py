@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from engine.config import KV_CACHE_DTYPES
 from engine.errors import InvalidRequestError
 
 SUITES = ("decode", "prefill", "throughput")
@@ -66,6 +67,7 @@ class BenchOptions:
     seed: int = 0
     max_model_len: int | None = None  # default: what the chosen suites need
     kv_cache_memory: int | str | None = None
+    kv_cache_dtype: str = "auto"  # auto | fp8 (Hearth only; the baseline keeps its own cache)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     block_size: int = 16
@@ -93,6 +95,9 @@ class BenchOptions:
             shape_config(self.shape)  # raises with the list of known shapes
             if self.revision is not None:
                 raise InvalidRequestError("--revision applies to Hub models, not to --shape; drop it.")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                                      f"got {self.kv_cache_dtype!r}")
         if self.baseline not in (None, *BASELINES):
             raise InvalidRequestError(
                 f"unknown baseline {self.baseline!r}; the supported baseline is: {', '.join(BASELINES)}."

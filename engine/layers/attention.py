@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -96,6 +98,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     """Scatter this step's keys and values into their cache slots."""
     _, num_blocks, block_size, h, d = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, h, d)
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        # Saturate at e4m3's largest finite value (as the Triton write does), and copy the
+        # bytes: index_copy_ has no float8 kernel on every device.
+        k, v = k.float().clamp(-FP8_MAX, FP8_MAX), v.float().clamp(-FP8_MAX, FP8_MAX)
+        flat = flat.view(torch.uint8)
+        flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype).view(torch.uint8))
+        flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype).view(torch.uint8))
+        return
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
@@ -133,11 +143,12 @@ class TorchAttention(AttentionBackend):
     def _attend(self, q, keys, vals, mask):
         # [n, H, D] x [L, Hkv, D] -> [n, H, D], GQA by repeating K/V per query group.
         group = self.num_heads // self.num_kv_heads
+        keys, vals = keys.to(q.dtype), vals.to(q.dtype)  # an fp8 cache is widened first
         if group > 1:
             keys = keys.repeat_interleave(group, dim=1)
             vals = vals.repeat_interleave(group, dim=1)
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1).to(q.dtype), vals.transpose(0, 1).to(q.dtype),
+            q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
             attn_mask=mask, scale=self.scale,
         )
         return o.transpose(0, 1)

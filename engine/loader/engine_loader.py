@@ -85,6 +85,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         "max_model_len": max_model_len,
         "implementation": "native" if spec is not None else "transformers-fallback",
     }
+    kv_dtype = _kv_cache_dtype(cc.kv_cache_dtype, dtype, info["attention"], device, spec is not None)
+    info["kv_cache_dtype"] = str(kv_dtype).removeprefix("torch.")
     if spec is None:
         info["fallback_reason"] = native_error or "forced with force_fallback"
         info["attention"] = "transformers"
@@ -108,7 +110,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         model = build_native(path, spec, device, dtype, max_model_len, random_seed=random_seed)
         try:
             runner = ModelRunner(model, spec, device, dtype, cc.block_size, info["attention"],
-                                 enforce_eager=config.enforce_eager)
+                                 enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
         except BaseException:
             del model
             gc.collect()
@@ -156,6 +158,28 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     if graphs_reason is not None:
         info["cuda_graphs_off"] = graphs_reason
     return LoadedModel(info, tokenizer, runner, max_model_len, num_blocks, prefix)
+
+
+def _kv_cache_dtype(name: str, dtype: torch.dtype, attention: str, device: torch.device,
+                    native: bool) -> torch.dtype:
+    """The KV cache's element type for ``kv_cache_dtype`` (auto: the model's dtype), or a
+    clear error where an fp8 cache can't be used."""
+    if name == "auto":
+        return dtype
+    if not native:
+        raise InvalidRequestError(
+            "an fp8 KV cache needs Hearth's native model code; this model runs on the "
+            "transformers fallback, which keeps its own cache: load it with kv_cache_dtype=auto.")
+    if attention not in ("torch", "triton"):
+        raise InvalidRequestError(
+            f"the {attention!r} attention backend can't read an fp8 KV cache: use attention=triton "
+            "(CUDA) or attention=torch, or kv_cache_dtype=auto.")
+    if attention == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise InvalidRequestError(
+            f"the triton backend's fp8 KV cache needs an Ada or Hopper GPU (compute capability "
+            f"8.9+); this one is {major}.{minor}. Use kv_cache_dtype=auto, or attention=torch.")
+    return torch.float8_e4m3fn
 
 
 def _resolve_attention(name: str, device: torch.device) -> str:

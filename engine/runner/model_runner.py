@@ -59,11 +59,13 @@ class ModelRunner(SamplingMixin):
     paged = True  # the KV cache is Hearth's own (prefix caching works)
 
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-                 block_size: int, attention: str, enforce_eager: bool = False) -> None:
+                 block_size: int, attention: str, enforce_eager: bool = False,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.spec = spec
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # the KV cache's element type (fp8 or the model's)
         self.block_size = block_size
         self.attention = attention
         backend_cls = get_backend(attention)
@@ -185,7 +187,7 @@ class ModelRunner(SamplingMixin):
 
     # -- memory ------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
-        return self.spec.kv_bytes_per_token(self.dtype.itemsize) * self.block_size
+        return self.spec.kv_bytes_per_token(self.kv_dtype.itemsize) * self.block_size
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -193,7 +195,7 @@ class ModelRunner(SamplingMixin):
     def allocate_kv_cache(self, num_blocks: int) -> None:
         s = self.spec
         shape = (2, num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(s.num_layers)]
         self.num_blocks = num_blocks
 

@@ -173,3 +173,20 @@ def test_rerouted_buckets_match_torch_token_for_token(tiny_models):
     fast.shutdown()
     assert replays > 0
     assert got == want
+
+
+def test_fp8_kv_cache_triton_with_graphs_matches_torch_over_fp8(tiny_models):
+    """fp32 model, fp8 KV cache: the triton backend (fresh-prompt SDPA rounding its K/V
+    through fp8, paged kernels widening the stored bytes, CUDA graphs) gives the torch
+    reference's greedy tokens over the same fp8 cache."""
+    prompts = [ids_of(n, seed=n) for n in (1, 16, 17, 150)]
+    ref = _engine(tiny_models["llama3"], "torch", kv_cache_dtype="fp8")
+    want = _run(ref, prompts)
+    ref.shutdown()
+    fast = _engine(tiny_models["llama3"], "triton", kv_cache_dtype="fp8")
+    assert fast.model_info["kv_cache_dtype"] == "float8_e4m3fn"
+    got = _run(fast, prompts)
+    replays = fast.runner.graphs.replays
+    fast.shutdown()
+    assert replays > 0
+    assert got == want

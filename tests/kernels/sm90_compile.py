@@ -79,7 +79,16 @@ def main() -> None:
              HAS_WINDOW=True, DOT_PRECISION="tf32"), warps, stages)
     cases["write_kv"] = (kv_cache._write_kv_kernel,
                          {"k_ptr": bf, "v_ptr": bf, "cache_ptr": bf, "slot_ptr": "*i64"},
-                         dict(NUM_HEADS=8, BLOCK_SIZE=bs, HEAD_DIM=d, H_PAD=8, D_PAD=d), 4, 1)
+                         dict(NUM_HEADS=8, BLOCK_SIZE=bs, HEAD_DIM=d, H_PAD=8, D_PAD=d, FP8=False), 4, 1)
+    # An fp8 (e4m3) KV cache with bf16 activations: the write saturates and narrows, the
+    # attention kernels widen each tile after loading it.
+    f8 = "*fp8e4nv"
+    for name in ("decode", "prefill"):
+        fn, types, consts, w, st = cases[name]
+        cases[f"{name}_fp8"] = (fn, {**types, "cache_ptr": f8}, consts, w, st)
+    cases["write_kv_fp8"] = (kv_cache._write_kv_kernel,
+                             {"k_ptr": bf, "v_ptr": bf, "cache_ptr": f8, "slot_ptr": "*i64"},
+                             dict(NUM_HEADS=8, BLOCK_SIZE=bs, HEAD_DIM=d, H_PAD=8, D_PAD=d, FP8=True), 4, 1)
     cases["fused_add_rms_norm"] = (rmsnorm._rms_norm_kernel,
                                    {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf, "res_out_ptr": bf,
                                     "eps": "fp32"}, dict(N=4096, BLOCK_N=4096, HAS_RESIDUAL=True), 16, 1)

@@ -52,7 +52,7 @@ def report() -> dict[str, dict]:
 
 def test_every_kernel_compiles_without_spills(report):
     assert set(report) == {"decode", "decode_merge", "prefill", "write_kv", "fused_add_rms_norm",
-                           "rotary", "silu_and_mul"}
+                           "rotary", "silu_and_mul", "decode_fp8", "prefill_fp8", "write_kv_fp8"}
     for name, row in report.items():
         assert row["spill_bytes"] == 0, f"{name} spills registers: {row}"
         assert 0 < row["registers"] <= 255, (name, row)
@@ -60,7 +60,8 @@ def test_every_kernel_compiles_without_spills(report):
 
 
 def test_attention_loops_are_pipelined_and_prefill_uses_wgmma(report):
-    assert report["decode"]["pipelined"] and report["prefill"]["pipelined"]
-    assert report["prefill"]["wgmma"]
+    for suffix in ("", "_fp8"):
+        assert report["decode" + suffix]["pipelined"] and report["prefill" + suffix]["pipelined"]
+        assert report["prefill" + suffix]["wgmma"]
     # Several decode programs must fit on one SM to keep enough loads in flight.
     assert report["decode"]["shared"] * 3 <= H100_SHARED_PER_BLOCK

@@ -1,0 +1,84 @@
+"""Decode attention alone at a throughput-run batch: bandwidth of each kernel config (GPU only).
+
+    PYTHONPATH=. python benchmarks/profile_decode_attention.py [--batch 512] [--json F]
+
+One layer of the 8B shape (32 q heads, 8 kv heads, d 128, bf16), ``--batch`` sequences
+with contexts uniform in [128, 1600] (a throughput run mid-way) whose 16-token blocks are
+scattered at random over the pool, as after a while of serving. Times Hearth's decode
+kernel at its default (block_n, warps, stages) and over a grid of them, and reports TB/s
+of K/V read; as a ceiling, torch's sum over the same number of cache bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+from _timing import cuda_ms
+
+
+def main() -> None:
+    import kernels.paged_decode as pd
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    b, h, kvh, d, bs = args.batch, 32, 8, 128, 16
+    lens = torch.randint(128, 1601, (b,))
+    blocks = (lens + bs - 1) // bs
+    total_blocks = int(blocks.sum())
+    perm = torch.randperm(total_blocks).int()
+    width = -(-int(blocks.max()) // 16) * 16
+    tables = torch.zeros(b, width, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(blocks.tolist()):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    dev = "cuda"
+    cache = torch.randn(2, total_blocks, bs, kvh, d, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
+    tables, seq_lens = tables.to(dev), lens.int().to(dev)
+    kv_bytes = int(lens.sum()) * 2 * kvh * d * 2
+    bound = 2064
+
+    def run():
+        return pd.paged_decode_attention(q, cache, tables, seq_lens, d ** -0.5, max_seq_len=bound)
+
+    ref = run().float()
+    rows = []
+    default = pd._config(d, torch.bfloat16)
+    flat = cache.view(-1)[: kv_bytes // 2]
+    ceiling_ms = cuda_ms(lambda: flat.sum(dtype=torch.float32))
+    print(f"batch {b}, {kv_bytes / 1e9:.1f} GB of K/V; torch sum over as many bytes: "
+          f"{ceiling_ms:.2f} ms = {kv_bytes / ceiling_ms / 1e9:.2f} TB/s")
+    real_config = pd._config
+    grid = [default] + [c for c in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)) if c != default]
+    for cfg in grid:
+        pd._config = lambda *_a, cfg=cfg: cfg
+        try:
+            ms = cuda_ms(run)
+            err = (run().float() - ref).abs().max().item()
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is skipped
+            print(f"  {cfg}: {type(e).__name__}")
+            continue
+        finally:
+            pd._config = real_config
+        rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "ms": ms,
+                     "tb_s": kv_bytes / ms / 1e9, "max_abs_diff_vs_default": err})
+    best = min(rows, key=lambda r: r["ms"])
+    for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:6]:
+        print(f"  block_n {r['block_n']:>3} warps {r['warps']} stages {r['stages']}: {r['ms']:.3f} ms "
+              f"{r['tb_s']:.2f} TB/s  diff {r['max_abs_diff_vs_default']:.1e}"
+              f"{'  (default)' if r is rows[0] else ''}{'  (best)' if r is best else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "batch": b, "kv_bytes": kv_bytes,
+                       "ceiling_sum_ms": ceiling_ms, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

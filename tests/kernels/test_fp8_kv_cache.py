@@ -1,0 +1,143 @@
+"""An fp8 (e4m3) KV cache: the Triton write saturates and narrows exactly as the torch
+reference does, and both attention kernels read the narrowed values exactly (checked
+against the float64 reference over the same fp8 cache).
+
+The write rounds by hand before its cast (the interpreter's own fp8 cast mis-rounds when
+the rounding carries into the next power of two), so it is checked on CPU at every e4m3
+rounding midpoint. bf16 dots are wrong in the interpreter (for bf16 caches too): bf16
+queries are checked on the GPU only (``-m gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.layers.attention import write_kv
+from kernels.kv_cache import write_kv_cache
+from kernels.paged_decode import paged_decode_attention
+from kernels.paged_prefill import paged_prefill_attention
+from tests.kernels.reference import DEVICE, make_paged_cache, reference_attention
+
+FP8 = torch.float8_e4m3fn
+
+
+def _write_case(values, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, kvh, d, bs, nb = 13, 2, 32, 8, 5
+    k, v = values(t, kvh, d, g), values(t, kvh, d, g)
+    k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, -449.0])  # beyond e4m3's range
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    slots[[3, 9]] = -1  # graph padding rows write nothing
+    k, v, slots = k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE)
+    a = torch.zeros(2, nb, bs, kvh, d, dtype=FP8, device=DEVICE)
+    b = a.clone()
+    write_kv_cache(k, v, a, slots)
+    keep = (slots >= 0).nonzero().flatten()
+    write_kv(k[keep], v[keep], b, slots[keep])
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    flat = a.view(2, nb * bs, kvh, d).float()
+    assert torch.equal(flat[0, slots[keep]], k[keep].float().clamp(-448, 448).to(FP8).float())
+    assert torch.equal(flat[1, slots[keep]], v[keep].float().clamp(-448, 448).to(FP8).float())
+    assert flat[0, slots[0], 0, :4].tolist() == [448.0, -448.0, 448.0, -448.0]
+    assert not flat.isnan().any()
+    assert torch.count_nonzero(flat.view(2, -1, kvh * d).abs().sum(-1)) == 2 * (t - 2)
+
+
+def test_write_saturates_and_matches_the_torch_write_byte_for_byte():
+    _write_case(lambda t, kvh, d, g: 4 * torch.randn(t, kvh, d, generator=g))
+    _write_case(lambda t, kvh, d, g: 0.05 * torch.randn(t, kvh, d, generator=g), seed=1)  # subnormals
+
+
+def test_write_rounds_every_midpoint_to_nearest_even_like_torch():
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    vals = codes[~codes.isnan()].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    up, down = torch.tensor(1e9), torch.tensor(-1e9)
+    x = torch.cat([vals, mids, torch.nextafter(mids, up), torch.nextafter(mids, down),
+                   torch.tensor([460.0, 464.0, 470.0, -465.0, 1e30, -1e30, -1e-30])])
+    x = x.view(-1, 1, 1).to(DEVICE)
+    a = torch.zeros(2, 1, len(x), 1, 1, dtype=FP8, device=DEVICE)
+    b = a.clone()
+    slots = torch.arange(len(x), device=DEVICE)
+    write_kv_cache(x, x, a, slots)
+    write_kv(x, x, b, slots)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_kernel_and_torch_write_accept_bf16_inputs():
+    k = torch.randn(3, 1, 16, device=DEVICE).bfloat16()
+    a = torch.zeros(2, 1, 4, 1, 16, dtype=FP8, device=DEVICE)
+    b = a.clone()
+    slots = torch.tensor([0, 2, 3], device=DEVICE)
+    write_kv_cache(k, k, a, slots)
+    write_kv(k, k, b, slots)
+    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _fp8_case(seq_lens, kv_heads, head_dim, block_size, seed=0):
+    cache, tables = make_paged_cache(seq_lens, kv_heads, head_dim, block_size, seed=seed)
+    return (2 * cache).to(FP8), tables  # a scale of ~2 uses more of e4m3's range
+
+
+@pytest.mark.parametrize("qdtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3),
+                                        pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.gpu)])
+def test_decode_reads_the_fp8_cache_exactly(qdtype, tol):
+    if qdtype == torch.bfloat16 and DEVICE != "cuda":
+        pytest.skip("the interpreter's bf16 dots are wrong; checked on the GPU")
+    lens = [1, 15, 16, 17, 40]
+    cache, tables = _fp8_case(lens, 2, 32, 8)
+    q = (2 * torch.randn(len(lens), 4, 32, generator=torch.Generator(device=DEVICE).manual_seed(1),
+                         device=DEVICE)).to(qdtype)
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(q, cache, tables, seq, 32 ** -0.5, max_seq_len=40, num_splits=2,
+                                 block_n=16)
+    ref = reference_attention(q, cache, tables, list(range(len(lens) + 1)), lens, 32 ** -0.5)
+    assert out.dtype == qdtype
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+def test_prefill_with_decode_rows_reads_the_fp8_cache_exactly():
+    seq_lens, query_lens = [40, 20, 33, 9, 1], [7, 1, 33, 1, 1]
+    cache, tables = _fp8_case(seq_lens, 2, 32, 8, seed=3)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    q = 2 * torch.randn(starts[-1], 4, 32, generator=torch.Generator(device=DEVICE).manual_seed(4),
+                        device=DEVICE)
+    out = paged_prefill_attention(q, cache, tables, torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+                                  torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), 32 ** -0.5,
+                                  max_query_len=33, block_m=16, block_n=16)
+    ref = reference_attention(q, cache, tables, starts, seq_lens, 32 ** -0.5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_cache_of_another_dtype_is_refused():
+    q = torch.randn(1, 2, 16, device=DEVICE)
+    cache = torch.zeros(2, 1, 4, 1, 16, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        paged_decode_attention(q, cache, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE),
+                               torch.ones(1, dtype=torch.int32, device=DEVICE), 1.0, max_seq_len=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run on the GPU")
+def test_real_shapes_bf16_queries_over_an_fp8_cache():
+    """The 8B shape's attention (32 q heads, 8 kv heads, d 128, blocks of 16) with bf16
+    queries: decode (1 token to 8k of context) and a prefill chunk over a cached prefix."""
+    lens = [1, 16, 17, 1000, 8192]
+    cache, tables = _fp8_case(lens, 8, 128, 16, seed=5)
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    q = torch.randn(len(lens), 32, 128, generator=g, device=DEVICE).bfloat16()
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192)
+    ref = reference_attention(q, cache, tables, list(range(len(lens) + 1)), lens, 128 ** -0.5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    seq_lens, query_lens = [300, 1000, 17], [300, 257, 1]
+    cache, tables = _fp8_case(seq_lens, 8, 128, 16, seed=7)
+    starts = [0, 300, 557, 558]
+    q = torch.randn(558, 32, 128, generator=g, device=DEVICE).bfloat16()
+    out = paged_prefill_attention(q, cache, tables, torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+                                  torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), 128 ** -0.5,
+                                  max_query_len=300)
+    ref = reference_attention(q, cache, tables, starts, seq_lens, 128 ** -0.5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
