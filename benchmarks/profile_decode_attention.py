@@ -1,12 +1,14 @@
 """Decode attention alone at a throughput-run batch: bandwidth of each kernel config (GPU only).
 
-    PYTHONPATH=. python benchmarks/profile_decode_attention.py [--batch 512] [--json F]
+    PYTHONPATH=. python benchmarks/profile_decode_attention.py [--batch 512] [--kv-dtype fp8] [--json F]
 
 One layer of the 8B shape (32 q heads, 8 kv heads, d 128, bf16), ``--batch`` sequences
 with contexts uniform in [128, 1600] (a throughput run mid-way) whose 16-token blocks are
 scattered at random over the pool, as after a while of serving. Times Hearth's decode
 kernel at its default (block_n, warps, stages) and over a grid of them, and reports TB/s
-of K/V read; as a ceiling, torch's sum over the same number of cache bytes.
+of K/V read; as a ceiling, torch's sum over the same number of cache bytes. With
+``--kv-dtype fp8`` the cache is e4m3 and each config runs with both ways of widening it
+for bf16 queries (``kernels._checks.FP8_WIDEN``: fp16 dots or bf16 dots).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from _timing import cuda_ms
 
 
 def main() -> None:
+    import kernels._checks as checks
     import kernels.paged_decode as pd
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -40,9 +44,11 @@ def main() -> None:
         at += n
     dev = "cuda"
     cache = torch.randn(2, total_blocks, bs, kvh, d, device=dev, dtype=torch.bfloat16)
+    if args.kv_dtype == "fp8":
+        cache = cache.to(torch.float8_e4m3fn)
     q = torch.randn(b, h, d, device=dev, dtype=torch.bfloat16)
     tables, seq_lens = tables.to(dev), lens.int().to(dev)
-    kv_bytes = int(lens.sum()) * 2 * kvh * d * 2
+    kv_bytes = int(lens.sum()) * 2 * kvh * d * cache.element_size()
     bound = 2064
 
     def run():
@@ -51,32 +57,37 @@ def main() -> None:
     ref = run().float()
     rows = []
     default = pd._config(d, torch.bfloat16)
-    flat = cache.view(-1)[: kv_bytes // 2]
+    flat = cache.view(torch.bfloat16).view(-1)[: kv_bytes // 2]
     ceiling_ms = cuda_ms(lambda: flat.sum(dtype=torch.float32))
     print(f"batch {b}, {kv_bytes / 1e9:.1f} GB of K/V; torch sum over as many bytes: "
           f"{ceiling_ms:.2f} ms = {kv_bytes / ceiling_ms / 1e9:.2f} TB/s")
     real_config = pd._config
-    grid = [default] + [c for c in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)) if c != default]
-    for cfg in grid:
+    space = ((64, 128, 256), (2, 4, 8), (2, 3)) if args.kv_dtype == "fp8" else ((32, 64, 128), (2, 4, 8), (2, 3, 4))
+    grid = [default] + [c for c in itertools.product(*space) if c != default]
+    widens = ("fp16", "bf16") if args.kv_dtype == "fp8" else (checks.FP8_WIDEN,)
+    for widen, cfg in itertools.product(widens, grid):
         pd._config = lambda *_a, cfg=cfg: cfg
+        checks.FP8_WIDEN = widen
         try:
             ms = cuda_ms(run)
             err = (run().float() - ref).abs().max().item()
         except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is skipped
-            print(f"  {cfg}: {type(e).__name__}")
+            print(f"  {widen} {cfg}: {type(e).__name__}")
             continue
         finally:
             pd._config = real_config
-        rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "ms": ms,
+            checks.FP8_WIDEN = widens[0]
+        rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "widen": widen, "ms": ms,
                      "tb_s": kv_bytes / ms / 1e9, "max_abs_diff_vs_default": err})
     best = min(rows, key=lambda r: r["ms"])
     for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:6]:
-        print(f"  block_n {r['block_n']:>3} warps {r['warps']} stages {r['stages']}: {r['ms']:.3f} ms "
+        print(f"  {r['widen']} block_n {r['block_n']:>3} warps {r['warps']} stages {r['stages']}: {r['ms']:.3f} ms "
               f"{r['tb_s']:.2f} TB/s  diff {r['max_abs_diff_vs_default']:.1e}"
               f"{'  (default)' if r is rows[0] else ''}{'  (best)' if r is best else ''}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "batch": b, "kv_bytes": kv_bytes,
+            json.dump({"card": torch.cuda.get_device_name(), "batch": b, "kv_dtype": args.kv_dtype,
+                       "kv_bytes": kv_bytes,
                        "ceiling_sum_ms": ceiling_ms, "rows": rows}, f, indent=1)
 
 

@@ -20,3 +20,16 @@ def check_paged_cache(op: str, q: torch.Tensor, kv_cache: torch.Tensor, q_layout
         raise ValueError(f"{op}: q is {q.dtype} but the cache is {kv_cache.dtype} (a cache "
                          "must hold q's dtype, or float8_e4m3fn)")
     return block_size, kv_heads
+
+
+# How bf16 queries meet an fp8 cache: "fp16" widens each K/V tile to fp16 (one conversion
+# instruction per two values on Hopper, exact: every e4m3 value is an fp16 value) and runs
+# the dots in fp16 with the queries and probabilities rounded to fp16 (10 mantissa bits
+# against bf16's 7; queries beyond fp16's 65504 would overflow, which attention layers
+# don't produce). "bf16" widens to bf16, which Hopper has no direct conversion for.
+FP8_WIDEN = "fp16"
+
+
+def fp8_as_fp16(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether attention over this cache runs its dots in fp16 (bf16 queries, fp8 cache)."""
+    return FP8_WIDEN == "fp16" and q_dtype == torch.bfloat16 and cache_dtype == torch.float8_e4m3fn

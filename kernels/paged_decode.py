@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_paged_cache
+from kernels._checks import check_paged_cache, fp8_as_fp16
 
 _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked so far
@@ -73,6 +73,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    AS_FP16: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -95,6 +96,8 @@ def _decode_split_kernel(
     b64 = b.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if AS_FP16:  # bf16 queries over an fp8 cache: the dots run in fp16 (see fp8_as_fp16)
+        q = q.to(tl.float16)
 
     m_i = tl.full([G_PAD], _NEG_BIG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -275,6 +278,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
         num_warps=warps, num_stages=stages,
     )
     if split:

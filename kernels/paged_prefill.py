@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_paged_cache
+from kernels._checks import check_paged_cache, fp8_as_fp16
 
 _LOG2E = 1.4426950408889634
 # Steps whose chunks all have at most this many queries get short query tiles.
@@ -103,7 +103,7 @@ def _prefill_kernel(
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, stride_tb,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, AS_FP16: tl.constexpr,
 ):
     # kv heads vary fastest in launch order and q blocks run last-to-first: the tiles with
     # the most keys (late queries of long prompts) start first instead of forming a tail.
@@ -129,6 +129,8 @@ def _prefill_kernel(
     tok = (q_begin + qi).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    if AS_FP16:  # bf16 queries over an fp8 cache: the dots run in fp16 (see fp8_as_fp16)
+        q = q.to(tl.float16)
 
     # Key ranges: [lo, hi) is what any row of the tile may see; [full_lo, full_hi) what
     # every row sees. Tiles wholly inside the latter skip the mask.
@@ -261,6 +263,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         D_PAD=triton.next_power_of_2(dim), BLOCK_SIZE=block_size,
         HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -64,7 +64,7 @@ def main() -> None:
                    {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                     "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
-                        SPLIT=True, DOT_PRECISION="tf32"), warps, stages),
+                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False), warps, stages),
         "decode_merge": (paged_decode._decode_merge_kernel,
                          {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                           "out_ptr": bf},
@@ -76,7 +76,7 @@ def main() -> None:
         {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "query_start_ptr": "*i32",
          "seq_lens_ptr": "*i32", "out_ptr": bf, "qk_scale": "fp32"},
         dict(GROUP=4, BLOCK_Q=m // 4, BLOCK_M=m, BLOCK_N=n, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs,
-             HAS_WINDOW=True, DOT_PRECISION="tf32"), warps, stages)
+             HAS_WINDOW=True, DOT_PRECISION="tf32", AS_FP16=False), warps, stages)
     cases["write_kv"] = (kv_cache._write_kv_kernel,
                          {"k_ptr": bf, "v_ptr": bf, "cache_ptr": bf, "slot_ptr": "*i64"},
                          dict(NUM_HEADS=8, BLOCK_SIZE=bs, HEAD_DIM=d, H_PAD=8, D_PAD=d, FP8=False), 4, 1)
@@ -85,7 +85,7 @@ def main() -> None:
     f8 = "*fp8e4nv"
     for name in ("decode", "prefill"):
         fn, types, consts, w, st = cases[name]
-        cases[f"{name}_fp8"] = (fn, {**types, "cache_ptr": f8}, consts, w, st)
+        cases[f"{name}_fp8"] = (fn, {**types, "cache_ptr": f8}, {**consts, "AS_FP16": True}, w, st)
     cases["write_kv_fp8"] = (kv_cache._write_kv_kernel,
                              {"k_ptr": bf, "v_ptr": bf, "cache_ptr": f8, "slot_ptr": "*i64"},
                              dict(NUM_HEADS=8, BLOCK_SIZE=bs, HEAD_DIM=d, H_PAD=8, D_PAD=d, FP8=True), 4, 1)

@@ -4,8 +4,8 @@ against the float64 reference over the same fp8 cache).
 
 The write rounds by hand before its cast (the interpreter's own fp8 cast mis-rounds when
 the rounding carries into the next power of two), so it is checked on CPU at every e4m3
-rounding midpoint. bf16 dots are wrong in the interpreter (for bf16 caches too): bf16
-queries are checked on the GPU only (``-m gpu``)."""
+rounding midpoint. bf16 queries over an fp8 cache compute in fp16, which the interpreter
+emulates correctly (its bf16 dots are wrong); real shapes run on the GPU (``-m gpu``)."""
 
 from __future__ import annotations
 
@@ -79,11 +79,10 @@ def _fp8_case(seq_lens, kv_heads, head_dim, block_size, seed=0):
     return (2 * cache).to(FP8), tables  # a scale of ~2 uses more of e4m3's range
 
 
-@pytest.mark.parametrize("qdtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3),
-                                        pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("qdtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
 def test_decode_reads_the_fp8_cache_exactly(qdtype, tol):
-    if qdtype == torch.bfloat16 and DEVICE != "cuda":
-        pytest.skip("the interpreter's bf16 dots are wrong; checked on the GPU")
+    """bf16 queries run their dots in fp16 over an fp8 cache (kernels._checks.fp8_as_fp16);
+    the tolerance is the bf16 output's rounding."""
     lens = [1, 15, 16, 17, 40]
     cache, tables = _fp8_case(lens, 2, 32, 8)
     q = (2 * torch.randn(len(lens), 4, 32, generator=torch.Generator(device=DEVICE).manual_seed(1),
