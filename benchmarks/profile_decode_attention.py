@@ -56,7 +56,7 @@ def main() -> None:
 
     ref = run().float()
     rows = []
-    default = pd._config(d, torch.bfloat16)
+    default = pd._config(d, torch.bfloat16, cache.dtype)
     flat = cache.view(torch.bfloat16).view(-1)[: kv_bytes // 2]
     ceiling_ms = cuda_ms(lambda: flat.sum(dtype=torch.float32))
     print(f"batch {b}, {kv_bytes / 1e9:.1f} GB of K/V; torch sum over as many bytes: "

@@ -148,7 +148,10 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             info["cuda_graph_bytes"] = runner.capture_graphs(config.scheduler.max_num_seqs,
                                                              max_model_len, say)
             # Buckets served by a larger graph because it measured faster (cuBLAS cliffs).
-            info["cuda_graph_routes"] = {b: r for b, r in runner.graphs.routes.items() if b != r}
+            info["cuda_graph_routes"] = routes = {b: r for b, r in runner.graphs.routes.items() if b != r}
+            if routes:
+                say("decode graphs timed: " + ", ".join(f"batches up to {b} run in the {r} graph"
+                                                        for b, r in sorted(routes.items())))
         except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
             log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
             runner.graphs = None

@@ -118,27 +118,30 @@ class DecodeGraphs:
                  {b: r for b, r in self.routes.items() if b != r} or "none")
 
     @torch.inference_mode()
-    def time_buckets(self, reps: int = 3, margin: float = 0.03) -> None:
+    def time_buckets(self, rounds: int = 3, margin: float = 0.03) -> None:
         """Time each bucket's graph and route every bucket to the cheapest one at least as
         large. cuBLAS's kernel choice is not monotone in M: on an H100 the 8B shape's
         GEMMs took 14.5 ms at 448 rows against 10.3 ms at 512, so a batch of 440 is served
         faster padded to 512 (padding rows attend to one junk token and write no K/V). A
-        larger bucket must win by ``margin`` so that timing noise does not reroute."""
-        slots = self.longs[2]
-        slots.fill_(-1)  # timing replays write nothing into the KV cache
-        for bs in self.buckets:
-            graph = self.graphs[bs]
-            graph.replay()
-            times = []
-            for _ in range(reps):
+        larger bucket must win by ``margin``. Rounds go over all buckets in turn and each
+        bucket keeps its fastest replay, so clock changes during the measurement do not
+        favour the buckets timed later (a first version timed bucket 1 on a cold clock and
+        sent batch-1 decode to the slower cuBLAS graph of bucket 2)."""
+        self.longs[2].fill_(-1)  # timing replays write nothing into the KV cache
+        for bs in self.buckets:  # one untimed pass: every graph's first replay
+            self.graphs[bs].replay()
+        best: dict[int, float] = {}
+        for _ in range(rounds):
+            for bs in self.buckets:
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record()
-                graph.replay()
+                self.graphs[bs].replay()
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end))
-            self.bucket_ms[bs] = sorted(times)[reps // 2]
+                ms = start.elapsed_time(end)
+                best[bs] = min(best.get(bs, ms), ms)
+        self.bucket_ms = best
         self.routes = route_buckets(self.bucket_ms, margin)
 
     def bucket_for(self, n: int) -> int | None:

@@ -85,6 +85,9 @@ def main() -> None:
     f8 = "*fp8e4nv"
     for name in ("decode", "prefill"):
         fn, types, consts, w, st = cases[name]
+        if name == "decode":
+            n8, w, st = paged_decode._config(d, torch.bfloat16, torch.float8_e4m3fn)
+            consts = {**consts, "BLOCK_N": n8}
         cases[f"{name}_fp8"] = (fn, {**types, "cache_ptr": f8}, {**consts, "AS_FP16": True}, w, st)
     cases["write_kv_fp8"] = (kv_cache._write_kv_kernel,
                              {"k_ptr": bf, "v_ptr": bf, "cache_ptr": f8, "slot_ptr": "*i64"},
