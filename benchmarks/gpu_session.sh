@@ -28,7 +28,7 @@ case "$what" in decode8b)
 esac
 case "$what" in bench8b|all)
   hearth bench --shape llama-8b --suite decode,prefill --batch 1,64 --baseline hf --max-model-len 8448 \
-    --json "$OUT/bench-8b-decode-prefill.json" "$@" 2>&1 | grep -E "graphs timed|^suite|^decode|^prefill" ;;
+    --json "$OUT/bench-8b-decode-prefill.json" "$@" 2>&1 | grep -E "graphs timed|batch-1 matmuls|^suite|^decode|^prefill" ;;
 esac
 case "$what" in throughput)
   hearth bench --shape llama-8b --suite throughput --baseline hf \
