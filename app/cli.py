@@ -29,7 +29,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+    g.add_argument("--kv-cache-dtype", default="auto",
                    help="auto: the model's dtype; fp8: e4m3, half the memory per token")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--no-prefix-caching", action="store_true")

@@ -62,7 +62,8 @@ def load_choices(device: str = "auto") -> dict:
     """What a load dialog can offer on this machine, with reasons for what it can't.
 
     ``{"devices": [{"id": "cuda:0", "label": ...}, ...], "attention": {name: [reasons]},
-    "quantization": {name: [reasons]}, "dtypes": [...]}``. An empty reason list means usable.
+    "quantization": {name: [reasons]}, "dtypes": [...], "kv_cache_dtypes": {name: [reasons]}}``.
+    An empty reason list means usable.
     """
     import torch
 
@@ -84,4 +85,17 @@ def load_choices(device: str = "auto") -> dict:
         "attention": {name: backend_reasons(name, target) for name in backend_names()},
         "quantization": quant,
         "dtypes": ["auto", "bfloat16", "float16", "float32"],
+        "kv_cache_dtypes": {"auto": [], "fp8": _fp8_kv_reasons(target)},
     }
+
+
+def _fp8_kv_reasons(target: str) -> list[str]:
+    """Why an fp8 KV cache can't be used on ``target`` with the default backend."""
+    import torch
+
+    if not target.startswith("cuda") or not torch.cuda.is_available():
+        return []  # the torch reference backend reads an fp8 cache anywhere
+    dev = torch.device(target)
+    if torch.cuda.get_device_capability(dev) < (8, 9):
+        return ["the triton backend's fp8 KV cache needs an Ada or Hopper GPU (compute capability 8.9+)"]
+    return []

@@ -30,7 +30,7 @@ POLL_INTERVAL_MS = 15
 
 # Load options the bridge passes to Engine.load (anything else in the dict is ignored).
 _LOAD_KEYS = ("device", "dtype", "attention", "max_model_len", "kv_cache_memory",
-              "enforce_eager", "revision")
+              "kv_cache_dtype", "enforce_eager", "revision")
 
 
 class LoadCancelled(Exception):
@@ -286,7 +286,7 @@ class EngineBridge(BridgeSignals):
     # -- commands -----------------------------------------------------------------------
     def load(self, options: dict) -> None:
         """Load a model (options: model, device, dtype, attention, max_model_len,
-        kv_cache_memory, quantization, enforce_eager); replaces the loaded one."""
+        kv_cache_memory, kv_cache_dtype, quantization, enforce_eager); replaces the loaded one."""
         self._loading = True
         self.cancel_load()  # a new load replaces any still in flight
         self._load_cancel = threading.Event()

@@ -1,4 +1,5 @@
-"""Load options: model, quantization, attention backend, device, dtype, context, KV memory.
+"""Load options: model, quantization, attention backend, device, dtype, context, KV memory
+and KV-cache precision.
 
 Choices this machine can't use stay in the lists but are greyed out, with the engine's
 reason (from each backend's ``available()``) as their tooltip and under the combo box,
@@ -95,6 +96,14 @@ class LoadDialog(QDialog):
         self.kv_memory.setPlaceholderText("automatic (e.g. 4GiB)")
         form.addRow("KV-cache memory", self.kv_memory)
 
+        self.kv_dtype = QComboBox()
+        self.kv_dtype.setObjectName("loadKvDtype")
+        labels = {"auto": "same as the weights", "fp8": "fp8 (e4m3): twice the context, slightly less exact"}
+        _fill(self.kv_dtype, [(n, labels.get(n, n), r)
+                              for n, r in self.choices.get("kv_cache_dtypes", {"auto": []}).items()])
+        _select(self.kv_dtype, settings.value("load/kv_cache_dtype", "auto"))
+        form.addRow("KV-cache precision", self.kv_dtype)
+
         self.eager = QCheckBox("Run without CUDA graphs (slower; saves a little memory)")
         self.eager.setObjectName("loadEnforceEager")
         self.eager.setChecked(settings.value("load/enforce_eager", "false") in (True, "true"))
@@ -115,8 +124,8 @@ class LoadDialog(QDialog):
     def _unavailable_text(self) -> str:
         """One line per reason, naming every choice it applies to ("int8, int4: ...")."""
         by_reason: dict[str, list[str]] = {}
-        for kind in ("attention", "quantization"):
-            for name, reasons in self.choices[kind].items():
+        for kind in ("attention", "quantization", "kv_cache_dtypes"):
+            for name, reasons in self.choices.get(kind, {}).items():
                 if reasons:
                     by_reason.setdefault("; ".join(reasons), []).append(name)
         return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
@@ -131,6 +140,7 @@ class LoadDialog(QDialog):
             "dtype": self.dtype.currentData(),
             "max_model_len": self.context.value() or None,
             "kv_cache_memory": kv or None,
+            "kv_cache_dtype": self.kv_dtype.currentData(),
             "enforce_eager": self.eager.isChecked(),
         }
 
@@ -156,7 +166,7 @@ def default_attention(choices: dict) -> str:
 
 def save_load_options(settings: QSettings, opts: dict) -> None:
     defaults = {"quantization": "none", "attention": "", "device": "auto", "dtype": "auto",
-                "enforce_eager": False}
+                "kv_cache_dtype": "auto", "enforce_eager": False}
     for key, default in defaults.items():
         settings.setValue(f"load/{key}", opts.get(key, default))
     settings.setValue("load/max_model_len", opts.get("max_model_len") or 0)
@@ -173,6 +183,9 @@ def saved_load_options(settings: QSettings) -> dict:
         attention = default_attention(choices)
     quant = settings.value("load/quantization", "none")
     device = settings.value("load/device", "auto")
+    kv_dtype = settings.value("load/kv_cache_dtype", "auto")
+    if choices["kv_cache_dtypes"].get(kv_dtype, ["?"]):
+        kv_dtype = "auto"
     if device not in [d["id"] for d in choices["devices"]]:
         device = "auto"
     return {
@@ -183,5 +196,6 @@ def saved_load_options(settings: QSettings) -> dict:
         "dtype": settings.value("load/dtype", "auto"),
         "max_model_len": int(settings.value("load/max_model_len", 0)) or None,
         "kv_cache_memory": settings.value("load/kv_cache_memory", "") or None,
+        "kv_cache_dtype": kv_dtype,
         "enforce_eager": settings.value("load/enforce_eager", "false") in (True, "true"),
     }

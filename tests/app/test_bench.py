@@ -153,6 +153,7 @@ def test_no_baseline_and_comma_suites(capsys):
      "--max-num-batched-tokens"),
     (["--shape", "tiny", "--min-len", "9", "--max-len", "3"], "--min-len"),
     (["--shape", "tiny", "--json", "/no/such/folder/x.json"], "does not exist"),
+    (["--shape", "tiny", "--kv-cache-dtype", "int2"], "kv_cache_dtype must be one of auto, fp8"),
 ])
 def test_bad_options_exit_2_with_advice(capsys, argv, message):
     rc, _, err = run_cli(capsys, "bench", "--device", "cpu", *argv)
@@ -230,3 +231,13 @@ def test_all_suites_on_cuda(capsys, tmp_path):
             assert r["ttft_ms"] > 0
         else:
             assert r["output_tok_s"] > 0 and 0 <= r["kv_waste_pct"] < 100
+
+
+def test_throughput_with_an_fp8_kv_cache_names_it_in_the_row(capsys, tmp_path):
+    out_file = tmp_path / "fp8.json"
+    rc, _, err = run_cli(capsys, "bench", "--shape", "tiny", "--device", "cpu", "--suite", "throughput",
+                         "--num-requests", "4", "--min-len", "4", "--max-len", "16", "--kv-cache-dtype",
+                         "fp8", "--json", out_file, "--quiet")
+    assert rc == 0, err
+    (row,) = json.loads(out_file.read_text())["rows"]
+    assert row["kv_cache_dtype"] == "float8_e4m3fn" and row["output_tok_s"] > 0

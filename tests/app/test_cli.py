@@ -437,3 +437,13 @@ def test_no_subcommand_opens_the_gui_or_explains_why_not(monkeypatch, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "no display" in err and "hearth chat" in err and "xvfb-run" in err
+
+
+def test_generate_with_an_fp8_kv_cache(capsys, tiny):
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Once upon a time", "--max-tokens", "4",
+                                             "--temperature", "0", "--ignore-eos", "--json",
+                                             "--kv-cache-dtype", "fp8"))
+    assert rc == 0, err
+    assert json.loads(out)["completion_tokens"] == 4
+    rc, _, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--kv-cache-dtype", "int2"))
+    assert rc == 2 and "int2" in err and "fp8" in err

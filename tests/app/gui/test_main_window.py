@@ -67,6 +67,7 @@ def test_load_dialog_greys_out_what_cannot_run_here(qtbot, gui_env):
         "attention": {"torch": [], "triton": ["needs a CUDA GPU"], "flash-attn": ["not installed"]},
         "quantization": {"none": [], "int4": ["not implemented yet"]},
         "dtypes": ["auto", "float32"],
+        "kv_cache_dtypes": {"auto": [], "fp8": []},
     }
     dlg = LoadDialog("some/model", gui_env["settings"], choices=choices)
     qtbot.addWidget(dlg)
@@ -82,11 +83,15 @@ def test_load_dialog_greys_out_what_cannot_run_here(qtbot, gui_env):
     dlg._accept()
     assert dlg.result() == 0 and "lots" in dlg.error.text()  # a bad size is explained, not accepted
     dlg.kv_memory.setText("2GiB")
+    assert dlg.kv_dtype.currentData() == "auto"
+    dlg.kv_dtype.setCurrentIndex(dlg.kv_dtype.findData("fp8"))
     dlg._accept()
     opts = dlg.options()
     assert opts["model"] == "some/model" and opts["max_model_len"] == 1024
     assert opts["kv_cache_memory"] == "2GiB" and opts["attention"] == "torch"
+    assert opts["kv_cache_dtype"] == "fp8"
     assert gui_env["settings"].value("load/kv_cache_memory") == "2GiB"
+    assert gui_env["settings"].value("load/kv_cache_dtype") == "fp8"
 
 
 def test_theme_follows_the_system_colour_scheme(qtbot):
