@@ -9,6 +9,15 @@ from engine.errors import InvalidRequestError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHE_DTYPES = ("auto", "fp8")
+_KV_ALIASES = {"fp8_e4m3": "fp8", "fp8-e4m3": "fp8", "float8_e4m3fn": "fp8", "e4m3": "fp8"}
+
+
+def kv_cache_dtype_name(name: str) -> str:
+    """``auto`` or ``fp8`` (aliases accepted); InvalidRequestError for anything else."""
+    name = _KV_ALIASES.get(name, name)
+    if name not in KV_CACHE_DTYPES:
+        raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return name
 
 
 @dataclass(slots=True)
@@ -46,11 +55,7 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        aliases = {"fp8_e4m3": "fp8", "float8_e4m3fn": "fp8", "fp8-e4m3": "fp8"}
-        self.kv_cache_dtype = aliases.get(self.kv_cache_dtype, self.kv_cache_dtype)
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                                      f"got {self.kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_cache_dtype_name(self.kv_cache_dtype)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
         if not (0.05 <= self.memory_fraction <= 1.0):

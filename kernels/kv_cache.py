@@ -33,15 +33,18 @@ def _round_to_e4m3(x):
 
     e4m3 has 3 mantissa bits: a value in [2^e, 2^(e+1)) is a multiple of 2^(e-3), for
     e >= -6 (below that, subnormals: multiples of 2^-9). Round x / quantum to an integer
-    with the 1.5 * 2^23 trick (fp32 adds round to nearest even), scale back, saturate."""
-    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
-    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    with the 1.5 * 2^23 trick (fp32 adds round to nearest even), scale back, saturate.
+    Scaling multiplies by exact powers of two (a compiled division may be approximate)."""
+    c = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    e = ((c.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6)
     quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inverse = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)  # exact: a power of two
     magic = 12582912.0  # 1.5 * 2^23
-    y = (x / quantum + magic) - magic
-    y = tl.where(y == 0.0, x * 0.0, y)  # keeps the sign of a value that rounds to zero
-    return tl.minimum(tl.maximum(y * quantum, -FP8_MAX), FP8_MAX)
+    y = (c * inverse + magic) - magic
+    y = tl.where(y == 0.0, c * 0.0, y)  # keeps the sign of a value that rounds to zero
+    y = tl.minimum(tl.maximum(y * quantum, -FP8_MAX), FP8_MAX)
+    return tl.where(x != x, x, y)  # NaN stays NaN (as torch's cast), never a number
 
 
 @triton.jit

@@ -127,7 +127,8 @@ class LoadDialog(QDialog):
         for kind in ("attention", "quantization", "kv_cache_dtypes"):
             for name, reasons in self.choices.get(kind, {}).items():
                 if reasons:
-                    by_reason.setdefault("; ".join(reasons), []).append(name)
+                    label = f"{name} KV cache" if kind == "kv_cache_dtypes" else name
+                    by_reason.setdefault("; ".join(reasons), []).append(label)
         return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
 
     def options(self) -> dict:
@@ -184,8 +185,8 @@ def saved_load_options(settings: QSettings) -> dict:
     quant = settings.value("load/quantization", "none")
     device = settings.value("load/device", "auto")
     kv_dtype = settings.value("load/kv_cache_dtype", "auto")
-    if choices["kv_cache_dtypes"].get(kv_dtype, ["?"]):
-        kv_dtype = "auto"
+    if choices["kv_cache_dtypes"].get(kv_dtype, ["?"]) or (kv_dtype == "fp8" and attention == "flash-attn"):
+        kv_dtype = "auto"  # a start-up load must not fail on a combination that can't run
     if device not in [d["id"] for d in choices["devices"]]:
         device = "auto"
     return {

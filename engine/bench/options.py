@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from engine.config import KV_CACHE_DTYPES
+from engine.config import kv_cache_dtype_name
 from engine.errors import InvalidRequestError
 
 SUITES = ("decode", "prefill", "throughput")
@@ -95,9 +95,7 @@ class BenchOptions:
             shape_config(self.shape)  # raises with the list of known shapes
             if self.revision is not None:
                 raise InvalidRequestError("--revision applies to Hub models, not to --shape; drop it.")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                                      f"got {self.kv_cache_dtype!r}")
+        self.kv_cache_dtype = kv_cache_dtype_name(self.kv_cache_dtype)
         if self.baseline not in (None, *BASELINES):
             raise InvalidRequestError(
                 f"unknown baseline {self.baseline!r}; the supported baseline is: {', '.join(BASELINES)}."

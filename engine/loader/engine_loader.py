@@ -173,7 +173,9 @@ def _kv_cache_dtype(name: str, dtype: torch.dtype, attention: str, device: torch
         raise InvalidRequestError(
             "an fp8 KV cache needs Hearth's native model code; this model runs on the "
             "transformers fallback, which keeps its own cache: load it with kv_cache_dtype=auto.")
-    if attention not in ("torch", "triton"):
+    from engine.layers.attention import backend_names
+
+    if attention not in ("torch", "triton") and attention in backend_names():
         raise InvalidRequestError(
             f"the {attention!r} attention backend can't read an fp8 KV cache: use attention=triton "
             "(CUDA) or attention=torch, or kv_cache_dtype=auto.")

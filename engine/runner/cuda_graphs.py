@@ -38,15 +38,25 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def route_buckets(bucket_ms: dict[int, float], margin: float = 0.03) -> dict[int, int]:
-    """Bucket -> the bucket that should serve it: the cheapest one at least as large,
-    where a larger one must be faster by more than ``margin`` to be chosen."""
+# Buckets of fewer rows are never rerouted: their attention split (and so their speed at
+# long contexts) depends on the batch size, which timing at one-token contexts can't see.
+MIN_ROUTED_ROWS = 256
+
+
+def route_buckets(bucket_ms: dict[int, float], margin: float = 0.03,
+                  min_rows: int = MIN_ROUTED_ROWS) -> dict[int, int]:
+    """Bucket -> the bucket that should serve it. A bucket of at least ``min_rows`` rows
+    that is slower by more than ``margin`` than the cheapest bucket at least as large is
+    served by the smallest larger bucket within ``margin`` of that cheapest one."""
     routes: dict[int, int] = {}
-    best = None
-    for bs in sorted(bucket_ms, reverse=True):
-        if best is None or bucket_ms[bs] <= bucket_ms[best] * (1 + margin):
-            best = bs
-        routes[bs] = best
+    sizes = sorted(bucket_ms)
+    for i, bs in enumerate(sizes):
+        cheapest = min(bucket_ms[c] for c in sizes[i:])
+        limit = cheapest * (1 + margin)
+        if bs < min_rows or bucket_ms[bs] <= limit:
+            routes[bs] = bs
+        else:
+            routes[bs] = next(c for c in sizes[i:] if bucket_ms[c] <= limit)
     return routes
 
 

@@ -35,26 +35,24 @@ def _kinds(model) -> dict[str, tuple[list, bool]]:
     }
 
 
-def _time(fn, count: int, reps: int = 3) -> float:
+def _time(fn, count: int, graphed: bool = True, reps: int = 3) -> float:
     """Milliseconds per call of fn(i) over i in range(count), the calls captured in one CUDA
-    graph (as a decode step runs them). Timed eagerly, a Triton launch from Python costs
-    more host time than a 50 MB GEMV takes on the GPU, so the small layers measured launch
-    overhead and kept cuBLAS: 8B batch-1 decode fell from 170 to 161 tok/s."""
+    graph (as a decode step runs them; ``graphed=False``: launched eagerly). Timed eagerly,
+    a Triton launch from Python costs more host time than a 50 MB GEMV takes on the GPU, so
+    the small layers measured launch overhead and kept cuBLAS."""
     for i in range(count):  # compiles, sets up cuBLAS workspaces
         fn(i)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for i in range(count):
-                fn(i)
-        run = graph.replay
-    except RuntimeError as e:  # not capturable here: time eagerly rather than fail the load
-        log.warning("GEMV tuning timed eagerly (capture failed: %s)", e)
 
-        def run():
-            for i in range(count):
-                fn(i)
+    def run():
+        for i in range(count):
+            fn(i)
+
+    if graphed:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        run = graph.replay
     run()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -70,7 +68,6 @@ def _time(fn, count: int, reps: int = 3) -> float:
 def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     """Set ``gemv_config`` on every linear layer (and the lm_head); returns kind -> choice."""
     from kernels.activation import silu_and_mul
-    from kernels.gemv import gemv
 
     choices: dict[str, str] = {}
     if progress:
@@ -86,19 +83,11 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
         def cublas(i):
             return F.linear(silu_and_mul(x, out=act) if swiglu else x, weights[i], biases[i])
 
-        cublas_ms = _time(cublas, len(weights))
-        best, best_ms = None, cublas_ms
-        for cfg in CANDIDATES:
-            try:
-                ms = _time(lambda i: gemv(x, weights[i], biases[i], swiglu=swiglu, config=cfg), len(weights))
-            except Exception as e:  # noqa: BLE001 - a config this GPU can't compile is skipped
-                log.debug("gemv %s %s skipped: %s", kind, cfg, e)
-                continue
-            # A clear margin before switching (cuBLAS first, then the earlier candidate):
-            # timing noise should not flip the choice, and with it the summation order,
-            # from one load to the next.
-            if ms < (1 - MARGIN) * best_ms:
-                best, best_ms = cfg, ms
+        try:
+            best, best_ms = _choose(cublas, weights, biases, x, swiglu, kind, graphed=True)
+        except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
+            log.warning("batch-1 %s timed eagerly (graph capture failed: %s)", kind, e)
+            best, best_ms = _choose(cublas, weights, biases, x, swiglu, kind, graphed=False)
         for m in mods:
             m.gemv_config = best
         choices[kind] = "cublas" if best is None else "triton gemv %dx%d/%dw" % best
@@ -106,3 +95,23 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     if progress:
         progress("batch-1 matmuls: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
     return choices
+
+
+def _choose(cublas, weights, biases, x, swiglu: bool, kind: str, graphed: bool):
+    """(best config or None for cuBLAS, its ms per call), every candidate timed the same way."""
+    from kernels.gemv import gemv
+
+    best, best_ms = None, _time(cublas, len(weights), graphed)
+    for cfg in CANDIDATES:
+        try:
+            gemv(x, weights[0], biases[0], swiglu=swiglu, config=cfg)  # compiles, or can't
+        except Exception as e:  # noqa: BLE001 - a config this GPU can't compile is skipped
+            log.debug("gemv %s %s skipped: %s", kind, cfg, e)
+            continue
+        ms = _time(lambda i: gemv(x, weights[i], biases[i], swiglu=swiglu, config=cfg), len(weights), graphed)
+        # A clear margin before switching (cuBLAS first, then the earlier candidate):
+        # timing noise should not flip the choice, and with it the summation order,
+        # from one load to the next.
+        if ms < (1 - MARGIN) * best_ms:
+            best, best_ms = cfg, ms
+    return best, best_ms

@@ -131,15 +131,9 @@ class ModelRunner(SamplingMixin):
         prompt lengths it prepared. Call it on the thread that will run the steps: torch
         keeps cuDNN plans and cuBLAS handles per thread."""
         warm = self.model.model.layers[0].self_attn.attn.warm_fresh_prefill
-        try:
-            with torch.inference_mode():
-                lengths = warm(max_tokens, self.device, self.dtype)
-                self._warm_steps()
-                return lengths
-        except (torch.OutOfMemoryError, RuntimeError) as e:  # then built on first use
-            log.warning("prompt-attention warm-up skipped: %s", e)
-            torch.cuda.empty_cache()
-            return 0
+        lengths = _guarded("prompt-attention", lambda: warm(max_tokens, self.device, self.dtype))
+        _guarded("mixed-step", self._warm_steps)
+        return lengths or 0
 
     # Query lengths of the synthetic steps: decode rows with long chunks, decode rows with
     # short chunks, short chunks alone, long chunks alone (every tile shape of the paged
@@ -152,10 +146,11 @@ class ModelRunner(SamplingMixin):
         request path (1.6-1.9 s per variant on an H100). They write nothing (slot -1) and
         read block 0 as their "prefix"."""
         bs = self.block_size
-        prefix = 2 * bs
+        limit = self.model.rotary.max_positions
         for qlens in self.WARM_STEPS:
-            if prefix + max(qlens) > self.model.rotary.max_positions:
-                continue  # a context too short for this shape: no step can have it either
+            if max(qlens) > limit:
+                continue  # a context this short can't hold such a chunk at all
+            prefix = min(2 * bs, limit - max(qlens))
             tables = [[0] * -(-(prefix + n) // bs) for n in qlens]
             meta = self._metadata(tables, [prefix] * len(qlens), list(qlens))
             meta.slot_mapping.fill_(-1)
@@ -389,6 +384,18 @@ class ModelRunner(SamplingMixin):
         event = torch.cuda.Event()
         event.record()
         return buf, event
+
+
+def _guarded(what: str, job):
+    """job() under inference mode; a warm-up that fails (a full GPU) is logged and skipped:
+    what it would have prepared is then built on first use."""
+    try:
+        with torch.inference_mode():
+            return job()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        log.warning("%s warm-up skipped: %s", what, e)
+        torch.cuda.empty_cache()
+        return None
 
 
 def _plain_greedy(p) -> bool:

@@ -23,6 +23,14 @@ def test_a_slower_bucket_is_served_by_the_cheaper_larger_one():
 
 def test_routing_needs_more_than_the_margin_and_skips_to_the_cheapest():
     ms = {8: 1.0, 16: 1.02, 24: 3.0, 32: 2.0, 40: 1.5}
-    assert route_buckets(ms, margin=0.03) == {8: 8, 16: 16, 24: 40, 32: 40, 40: 40}
-    assert route_buckets(ms, margin=10.0) == {b: b for b in ms}
+    assert route_buckets(ms, margin=0.03, min_rows=0) == {8: 8, 16: 16, 24: 40, 32: 40, 40: 40}
+    assert route_buckets(ms, margin=10.0, min_rows=0) == {b: b for b in ms}
     assert route_buckets({}) == {}
+    # The margin is against the cheapest larger bucket, not compounded along the way.
+    assert route_buckets({8: 1.05, 16: 1.02, 24: 1.0}, min_rows=0) == {8: 16, 16: 16, 24: 24}
+
+
+def test_small_buckets_are_never_rerouted():
+    """Their attention split depends on the batch size, which the timing can't see."""
+    ms = {64: 9.0, 128: 5.0, 256: 9.0, 288: 5.0}
+    assert route_buckets(ms, min_rows=256) == {64: 64, 128: 128, 256: 288, 288: 288}
