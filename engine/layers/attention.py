@@ -1,9 +1,10 @@
 """Paged attention: per-step metadata, the backend registry and the ``torch`` reference.
 
 The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
-(K then V). Token ``t`` of a sequence lives in block ``block_table[t // block_size]`` at
-offset ``t % block_size``; the runner precomputes each new token's flat slot
-``block * block_size + offset`` (the slot mapping).
+(K then V), in the model's dtype or float8 e4m3 (``kv_cache_dtype="fp8"``: stored
+unscaled, saturating at +-448). Token ``t`` of a sequence lives in block
+``block_table[t // block_size]`` at offset ``t % block_size``; the runner precomputes each
+new token's flat slot ``block * block_size + offset`` (the slot mapping).
 
 Backends register by name and import lazily; each exposes ``available() -> list[str]``
 of reasons it cannot run here (empty when usable), so the CLI and the GUI can explain.

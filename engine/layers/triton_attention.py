@@ -6,7 +6,8 @@ sharing K/V tiles) and any step with prefill chunks runs the FlashAttention-2 st
 variable-length kernel, which also serves the decode rows mixed into such a step. A step
 that is one fresh prompt (no cached prefix, the usual time-to-first-token case) runs
 torch's FlashAttention SDPA kernel on the contiguous k/v instead: it measured twice as
-fast as the paged kernel at long prompts.
+fast as the paged kernel at long prompts. With an fp8 cache every path attends to K/V as
+stored: the kernels widen the cache's bytes, the SDPA path rounds its k/v through fp8.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.layers.attention import AttentionBackend, AttentionMetadata
+from engine.layers.attention import FP8_MAX, AttentionBackend, AttentionMetadata
 
 
 def _interpreting() -> bool:
@@ -168,8 +169,6 @@ class TritonAttention(AttentionBackend):
 
 def _as_stored(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     """``x`` rounded through the cache's dtype (saturating, as the KV write does)."""
-    from engine.layers.attention import FP8_MAX
-
     return x.float().clamp(-FP8_MAX, FP8_MAX).to(cache_dtype).to(x.dtype)
 
 

@@ -129,14 +129,13 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def time_buckets(self, rounds: int = 3, margin: float = 0.03) -> None:
-        """Time each bucket's graph and route every bucket to the cheapest one at least as
-        large. cuBLAS's kernel choice is not monotone in M: on an H100 the 8B shape's
-        GEMMs took 14.5 ms at 448 rows against 10.3 ms at 512, so a batch of 440 is served
-        faster padded to 512 (padding rows attend to one junk token and write no K/V). A
-        larger bucket must win by ``margin``. Rounds go over all buckets in turn and each
-        bucket keeps its fastest replay, so clock changes during the measurement do not
-        favour the buckets timed later (a first version timed bucket 1 on a cold clock and
-        sent batch-1 decode to the slower cuBLAS graph of bucket 2)."""
+        """Time each bucket's graph and route each bucket of ``MIN_ROUTED_ROWS`` or more to
+        a cheaper larger one (``route_buckets``). cuBLAS's kernel choice is not monotone in
+        M: on an H100 the 8B shape's GEMMs took 14.5 ms at 448 rows against 10.3 ms at 512,
+        so a batch of 440 is served faster padded to a larger graph (padding rows attend to
+        one junk token and write no K/V). A larger bucket must win by ``margin``. Rounds go
+        over all buckets in turn and each bucket keeps its fastest replay, so clock changes
+        during the measurement do not favour the buckets timed later."""
         self.longs[2].fill_(-1)  # timing replays write nothing into the KV cache
         for bs in self.buckets:  # one untimed pass: every graph's first replay
             self.graphs[bs].replay()
