@@ -1,0 +1,68 @@
+"""The batch-1 matmul tuner's choice logic (CPU: timings are faked; the GPU pass runs the
+real tuner at every CUDA load). Candidates of one layer kind are always timed the same
+way: all in CUDA graphs, or all eagerly when a capture fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine.runner.gemv_tuning as tuning
+from engine.api import Engine
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_runs(monkeypatch):
+    """The compile probe would run each candidate through the (slow) interpreter."""
+    import kernels.gemv
+
+    monkeypatch.setattr(kernels.gemv, "gemv", lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    e = Engine.load(str(tiny_models["llama3"]), device="cpu", dtype="float32", attention="torch", num_blocks=8)
+    yield e.runner.model
+    e.shutdown()
+
+
+def _fake_time(costs, calls):
+    """Per kind, cuBLAS is timed first, then the candidates in CANDIDATES order."""
+
+    def fake(fn, count, graphed=True, reps=3):
+        calls.append(graphed)
+        return costs[(len(calls) - 1) % len(costs)]
+    return fake
+
+
+def test_the_fastest_by_a_margin_wins_and_is_set_on_every_layer(model, monkeypatch):
+    calls = []
+    # cuBLAS 1.0, then candidates: 0.99 (within the 3% margin: not taken), 0.90, 0.88 (not
+    # 3% better than 0.90), 0.80, 0.79
+    costs = [1.0, 0.99, 0.90, 0.88, 0.80, 0.79]
+    monkeypatch.setattr(tuning, "_time", _fake_time(costs, calls))
+    choices = tuning.tune_gemv(model, torch.device("cpu"))
+    assert set(choices) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    want = tuning.CANDIDATES[3]  # the 0.80 one
+    assert all(v == "triton gemv %dx%d/%dw" % want for v in choices.values())
+    for mods, _ in tuning._kinds(model).values():
+        assert all(m.gemv_config == want for m in mods)
+    assert all(calls)  # every timing in graphs
+
+
+def test_a_failed_capture_times_the_whole_kind_eagerly(model, monkeypatch):
+    calls = []
+
+    def fake(fn, count, graphed=True, reps=3):
+        calls.append(graphed)
+        if graphed:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return 1.0  # nothing beats cuBLAS
+    monkeypatch.setattr(tuning, "_time", fake)
+    choices = tuning.tune_gemv(model, torch.device("cpu"))
+    assert set(choices.values()) == {"cublas"}
+    # Per kind: one failed graph timing, then cuBLAS and every candidate eagerly.
+    per_kind = 1 + 1 + len(tuning.CANDIDATES)
+    assert len(calls) == 5 * per_kind
+    for k in range(5):
+        assert calls[k * per_kind:(k + 1) * per_kind] == [True] + [False] * (per_kind - 1)
