@@ -61,3 +61,18 @@ def free_memory_bytes(device: torch.device) -> tuple[int, int]:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def cuda_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Mean milliseconds of ``fn()`` on the GPU after ``warmup`` untimed calls (CUDA events;
+    the load-time tuner and the profiling scripts share it)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps

@@ -9,8 +9,8 @@ the launcher needs no host-side filtering (no sync, graph-capturable).
 One program writes all kv heads of one token (a [heads, head_dim] tile of K and of V, a few
 KiB: enough work per program at prefill, one small wave at decode); values are cast to the
 cache dtype on store. An fp8 (e4m3) cache stores values unscaled, clamped to its finite
-range +-448 (saturation, never NaN), as vLLM does without calibrated scales; K and V of
-attention layers sit far inside that range.
+range +-448 (a finite value never becomes NaN; a NaN stays NaN), as vLLM does without
+calibrated scales; K and V of attention layers sit far inside that range.
 """
 
 from __future__ import annotations

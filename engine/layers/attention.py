@@ -18,7 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: fp8 caches saturate there
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float8 e4m3, saturating at +-448 (as the Triton KV write does)."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 @dataclass(slots=True)
@@ -100,12 +105,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
     _, num_blocks, block_size, h, d = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, h, d)
     if kv_cache.dtype == torch.float8_e4m3fn:
-        # Saturate at e4m3's largest finite value (as the Triton write does), and copy the
-        # bytes: index_copy_ has no float8 kernel on every device.
-        k, v = k.float().clamp(-FP8_MAX, FP8_MAX), v.float().clamp(-FP8_MAX, FP8_MAX)
+        # Copy the bytes: index_copy_ has no float8 kernel on every device.
         flat = flat.view(torch.uint8)
-        flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype).view(torch.uint8))
-        flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype).view(torch.uint8))
+        flat[0].index_copy_(0, slot_mapping, to_fp8(k).view(torch.uint8))
+        flat[1].index_copy_(0, slot_mapping, to_fp8(v).view(torch.uint8))
         return
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))

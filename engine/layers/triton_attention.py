@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.layers.attention import FP8_MAX, AttentionBackend, AttentionMetadata
+from engine.layers.attention import AttentionBackend, AttentionMetadata, to_fp8
 
 
 def _interpreting() -> bool:
@@ -160,16 +160,11 @@ class TritonAttention(AttentionBackend):
         if q.is_cuda and meta.num_seqs == 1 and meta.query_lens_cpu[0] == meta.seq_lens_cpu[0] \
                 and (self.sliding_window is None or self.sliding_window >= meta.seq_lens_cpu[0]):
             if kv_cache.dtype != q.dtype:  # an fp8 cache: attend to K/V as stored, like every other path
-                k, v = _as_stored(k, kv_cache.dtype), _as_stored(v, kv_cache.dtype)
+                k, v = to_fp8(k).to(k.dtype), to_fp8(v).to(v.dtype)
             return self._fresh_prefill(q, k, v)
         max_q = getattr(meta, "max_query_len", None) or max(meta.query_lens_cpu)
         return self._prefill(q, kv_cache, meta.block_tables, meta.query_start, meta.seq_lens,
                              self.scale, max_query_len=max_q, sliding_window=self.sliding_window)
-
-
-def _as_stored(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """``x`` rounded through the cache's dtype (saturating, as the KV write does)."""
-    return x.float().clamp(-FP8_MAX, FP8_MAX).to(cache_dtype).to(x.dtype)
 
 
 def _new_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:

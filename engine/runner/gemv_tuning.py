@@ -15,6 +15,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from engine.device import cuda_ms
+
 log = logging.getLogger(__name__)
 
 # (BLOCK_N, BLOCK_K, num_warps): the best configs of a sweep on an H100 for the Llama-1B/8B
@@ -53,15 +55,7 @@ def _time(fn, count: int, graphed: bool = True, reps: int = 3) -> float:
         with torch.cuda.graph(graph):
             run()
         run = graph.replay
-    run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (reps * count)
+    return cuda_ms(run, warmup=1, reps=reps) / count
 
 
 @torch.inference_mode()

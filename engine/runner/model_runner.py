@@ -154,7 +154,6 @@ class ModelRunner(SamplingMixin):
             tables = [[0] * -(-(prefix + n) // bs) for n in qlens]
             meta = self._metadata(tables, [prefix] * len(qlens), list(qlens))
             meta.slot_mapping.fill_(-1)
-            meta.num_decode = sum(1 for n in qlens if n == 1)  # listed first, as execute orders
             total = sum(qlens)
             ids = torch.zeros(total, dtype=torch.long, device=self.device)
             pos = torch.cat([torch.arange(prefix, prefix + n, device=self.device) for n in qlens])
@@ -246,6 +245,8 @@ class ModelRunner(SamplingMixin):
             # With graphs, eager decode rows use the graphs' static bound too, so the decode
             # kernel's split count (and compiled variant) is one the capture already built.
             max_seq_len_bound=self.graphs.max_model_len if self.graphs is not None else None,
+            # Leading single-token rows (callers list decode rows first): the decode kernel's.
+            num_decode=next((i for i, n in enumerate(qlens) if n != 1), len(qlens)),
         )
 
     @torch.inference_mode()
@@ -278,7 +279,6 @@ class ModelRunner(SamplingMixin):
             end += sc.num_new_tokens
             last_row[i] = end - 1
         meta = self._metadata(tables, starts, qlens)
-        meta.num_decode = sum(1 for sc in scheduled if sc.num_new_tokens == 1)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)

@@ -63,16 +63,21 @@ def test_bf16_fast_path_close_to_reference_logits(tiny_models):
     """bf16: token identity is not guaranteed (different summation order flips near-ties),
     so compare the first step's logits within bf16 tolerance instead, and require most of
     a 64-token greedy run to agree."""
-    prompt = ids_of(40, seed=1)
+    _assert_bf16_triton_close_to_torch(tiny_models["llama3"], ids_of(40, seed=1))
+
+
+def _assert_bf16_triton_close_to_torch(path, prompt, **load):
+    """A bf16 load with the triton backend against the torch reference on one prompt: the
+    first token's log-probability within 0.05, and the first 16 of 64 greedy tokens equal."""
     outs = {}
     for attention in ("torch", "triton"):
-        e = _engine(tiny_models["llama3"], attention, dtype="bfloat16")
+        e = _engine(path, attention, dtype="bfloat16", **load)
         params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, logprobs=5)
         outs[attention] = e.submit(Request(prompt_token_ids=prompt, params=params)).result()
         e.shutdown()
     ref, fast = outs["torch"], outs["triton"]
     lead = next((i for i, (x, y) in enumerate(zip(ref.token_ids, fast.token_ids)) if x != y), 64)
-    assert lead >= 16, f"bf16 paths diverged after {lead} tokens"
+    assert lead >= 16, f"bf16 paths ({load or 'bf16 cache'}) diverged after {lead} tokens"
     assert abs(ref.logprobs[0].logprob - fast.logprobs[0].logprob) < 0.05
 
 
@@ -198,14 +203,4 @@ def test_bf16_model_over_an_fp8_cache_stays_close_to_the_torch_reference(tiny_mo
     """bf16 weights, fp8 cache: the triton path runs its attention dots in fp16 (bf16
     queries widened tiles), the torch reference in fp32 over the same bytes; first-token
     log-probabilities agree within bf16 noise and most of 64 greedy tokens match."""
-    prompt = ids_of(40, seed=2)
-    outs = {}
-    for attention in ("torch", "triton"):
-        e = _engine(tiny_models["llama3"], attention, dtype="bfloat16", kv_cache_dtype="fp8")
-        params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, logprobs=5)
-        outs[attention] = e.submit(Request(prompt_token_ids=prompt, params=params)).result()
-        e.shutdown()
-    ref, fast = outs["torch"], outs["triton"]
-    lead = next((i for i, (x, y) in enumerate(zip(ref.token_ids, fast.token_ids)) if x != y), 64)
-    assert lead >= 16, f"bf16 paths over fp8 diverged after {lead} tokens"
-    assert abs(ref.logprobs[0].logprob - fast.logprobs[0].logprob) < 0.05
+    _assert_bf16_triton_close_to_torch(tiny_models["llama3"], ids_of(40, seed=2), kv_cache_dtype="fp8")
