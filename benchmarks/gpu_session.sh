@@ -5,7 +5,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh tests|bench1b|bench8b|decode8b|throughput|throughput-fp8|profile|gemv|prefill-profile|profile-all|fp32match|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|bench1b|bench8b|decode8b|throughput|throughput-fp8|profile|gemv|prefill-profile|profile-all|fp32match|all [extra bench args]
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,6 +13,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_TEST_TOKENIZER_DIR=.carry/tok
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+case "$what" in ceilings|all)
+  python benchmarks/ceilings.py --json "$OUT/ceilings.json" 2>&1 | tail -4 ;;
+esac
 case "$what" in tests|all)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \
     tests/kernels tests/engine/test_gpu_fast_path.py tests/app/test_bench.py -m gpu \
