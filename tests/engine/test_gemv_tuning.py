@@ -27,7 +27,7 @@ def model(tiny_models):
 
 
 def _fake_time(costs, calls):
-    """Per kind, cuBLAS is timed first, then the candidates in CANDIDATES order."""
+    """Per kind, cuBLAS is timed first, then the candidates in ``candidates(n, k)`` order."""
 
     def fake(fn, count, graphed=True, reps=3):
         calls.append(graphed)
@@ -38,16 +38,28 @@ def _fake_time(costs, calls):
 def test_the_fastest_by_a_margin_wins_and_is_set_on_every_layer(model, monkeypatch):
     calls = []
     # cuBLAS 1.0, then candidates: 0.99 (within the 3% margin: not taken), 0.90, 0.88 (not
-    # 3% better than 0.90), 0.80, 0.79
-    costs = [1.0, 0.99, 0.90, 0.88, 0.80, 0.79]
+    # 3% better than 0.90), 0.80, then none 3% better than 0.80
+    costs = [1.0, 0.99, 0.90, 0.88, 0.80, 0.79, 0.785, 0.781, 0.78]
     monkeypatch.setattr(tuning, "_time", _fake_time(costs, calls))
+    kinds = tuning._kinds(model)
+    sizes = {len(tuning.candidates(*mods[0].weight.shape)) for mods, _ in kinds.values()}
+    assert sizes == {len(costs) - 1}  # one cycle of fake costs per kind
     choices = tuning.tune_gemv(model, torch.device("cpu"))
     assert set(choices) == {"qkv", "o", "gate_up", "down", "lm_head"}
-    want = tuning.CANDIDATES[3]  # the 0.80 one
-    assert all(v == "triton gemv %dx%d/%dw" % want for v in choices.values())
-    for mods, _ in tuning._kinds(model).values():
+    for kind, (mods, _) in kinds.items():
+        want = tuning.candidates(*mods[0].weight.shape)[3]  # the 0.80 one
+        assert choices[kind] == "triton gemv %dx%d/%dw" % want
         assert all(m.gemv_config == want for m in mods)
     assert all(calls)  # every timing in graphs
+
+
+def test_each_shape_tries_its_default_config_first():
+    from kernels.gemv import default_config
+
+    for n, k in ((28672, 4096), (128256, 4096), (64, 96)):
+        got = tuning.candidates(n, k)
+        assert got[0] == default_config(n, k)
+        assert len(set(got)) == len(got) and set(tuning.CANDIDATES) <= set(got)
 
 
 def test_a_failed_capture_times_the_whole_kind_eagerly(model, monkeypatch):
@@ -62,7 +74,7 @@ def test_a_failed_capture_times_the_whole_kind_eagerly(model, monkeypatch):
     choices = tuning.tune_gemv(model, torch.device("cpu"))
     assert set(choices.values()) == {"cublas"}
     # Per kind: one failed graph timing, then cuBLAS and every candidate eagerly.
-    per_kind = 1 + 1 + len(tuning.CANDIDATES)
+    per_kind = 1 + 1 + len(tuning.CANDIDATES) + 1  # the tiny shapes' defaults aren't among them
     assert len(calls) == 5 * per_kind
     for k in range(5):
         assert calls[k * per_kind:(k + 1) * per_kind] == [True] + [False] * (per_kind - 1)
