@@ -53,6 +53,10 @@ class AttentionMetadata:
     # Per-step scratch a backend may fill once and reuse in every layer (e.g. the triton
     # backend's split of a mixed step); the runner builds a new metadata each step.
     backend_cache: object = None
+    # Built for a CUDA-graph capture: the host-side fields describe the captured shape, not
+    # a step's contents, so a backend must take a path that reads only device tensors and
+    # static sizes (the triton backend's paged kernels, never its fresh-prompt SDPA).
+    captured: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -67,8 +71,9 @@ class AttentionBackend:
     """Interface: write this step's K/V into the paged cache, then attend."""
 
     name = "?"
-    # May its decode path be captured in a CUDA graph (depends only on tensor contents and
-    # static shapes)? The torch reference slices by the step's max length: no.
+    # May its decode path, and its prefill path for metadata marked ``captured``, be
+    # captured in a CUDA graph (depends only on tensor contents and static shapes)? The
+    # torch reference slices by the step's max length: no.
     cuda_graphs = False
     # Also route norms, RoPE and SiLU-and-mul through the Triton kernels with this backend.
     fused_kernels = False

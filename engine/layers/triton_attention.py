@@ -157,7 +157,8 @@ class TritonAttention(AttentionBackend):
                           max_query_len=max(p.query_lens_cpu), sliding_window=self.sliding_window,
                           out=out[nd:])
             return out
-        if q.is_cuda and meta.num_seqs == 1 and meta.query_lens_cpu[0] == meta.seq_lens_cpu[0] \
+        if q.is_cuda and not meta.captured and meta.num_seqs == 1 \
+                and meta.query_lens_cpu[0] == meta.seq_lens_cpu[0] \
                 and (self.sliding_window is None or self.sliding_window >= meta.seq_lens_cpu[0]):
             if kv_cache.dtype != q.dtype:  # an fp8 cache: attend to K/V as stored, like every other path
                 k, v = to_fp8(k).to(k.dtype), to_fp8(v).to(v.dtype)

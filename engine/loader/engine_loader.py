@@ -145,8 +145,12 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     info["cuda_graphs"] = graphs_reason is None
     if graphs_reason is None:
         try:
-            info["cuda_graph_bytes"] = runner.capture_graphs(config.scheduler.max_num_seqs,
-                                                             max_model_len, say)
+            info["cuda_graph_bytes"] = runner.capture_graphs(
+                config.scheduler.max_num_seqs, max_model_len, say, _prompt_tokens(config, max_model_len))
+            # One sequence's prompt (or chunk) up to this many tokens replays a graph.
+            info["prompt_graph_tokens"] = top = runner.prompt_graphs.max_tokens if runner.prompt_graphs else 0
+            say(f"prompt graphs: prompts up to {top} tokens" if top else
+                "prompt graphs: none pays on this GPU; prompts run eagerly")
             # Buckets served by a larger graph because it measured faster (cuBLAS cliffs).
             info["cuda_graph_routes"] = routes = {b: r for b, r in runner.graphs.routes.items() if b != r}
             if routes:
@@ -212,9 +216,9 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
         peak = runner.profile_peak_bytes(sc.max_num_batched_tokens)
         used = torch.cuda.memory_allocated(device)
         budget = int(total * cc.memory_fraction) - used - peak
-        # Decode CUDA graphs keep a private memory pool: leave room for it.
+        # CUDA graphs keep a private memory pool: leave room for it.
         if runner.graphs_reason() is None:
-            budget -= runner.graph_reserve_bytes(sc.max_num_seqs)
+            budget -= runner.graph_reserve_bytes(sc.max_num_seqs, _prompt_tokens(config, max_model_len))
         # Other processes on the card count too.
         free, _ = free_memory_bytes(device)
         budget = min(budget, free - peak)
@@ -226,6 +230,11 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
     else:
         budget = min(int(available_ram_bytes() * cc.cpu_memory_fraction), CPU_KV_CAP)
     return max(1, min(budget // block_bytes, useful))
+
+
+def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:
+    """The longest prompt chunk a step can hold: prompt graphs are captured up to it."""
+    return min(config.scheduler.max_num_batched_tokens, max_model_len)
 
 
 def _free(runner, device) -> None:

@@ -60,11 +60,14 @@ def route_buckets(bucket_ms: dict[int, float], margin: float = 0.03,
     return routes
 
 
+POOL_SLACK = 64 * 2**20  # beyond the largest graph's activations: the allocator's rounding
+
+
 def reserve_bytes(max_batch: int, hidden: int, vocab: int, intermediate: int, itemsize: int) -> int:
     """Memory to leave for the graphs' private pool: a decode step's activations at the
     largest bucket (a few [bs, intermediate] and [bs, vocab] buffers) plus slack."""
     per_row = (4 * hidden + 3 * intermediate + 2 * vocab) * itemsize
-    return 64 * 2**20 + max_batch * per_row
+    return POOL_SLACK + max_batch * per_row
 
 
 class DecodeGraphs:
@@ -96,7 +99,7 @@ class DecodeGraphs:
             slot_mapping=self.longs[2, :bs], block_tables=self.block_tables[:bs],
             seq_lens=self.seq_lens[:bs], query_start=self.query_start[:bs + 1],
             seq_lens_cpu=[1] * bs, query_lens_cpu=[1] * bs, max_seq_len=self.max_model_len,
-            block_size=self.block_size, max_seq_len_bound=self.max_model_len,
+            block_size=self.block_size, max_seq_len_bound=self.max_model_len, captured=True,
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
@@ -104,11 +107,13 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture(self, progress=None) -> None:
+    def capture(self, progress=None, pool=None) -> None:
+        """Capture every bucket, largest first, in one memory pool (``pool``: one that
+        other graphs already use; replays are serialised on one stream and each graph's
+        outputs are consumed before the next replay, so sharing is safe)."""
         t0 = time.perf_counter()
         self.longs[2].fill_(-1)  # capture runs write nothing into the KV cache
         before = torch.cuda.memory_reserved(self.device)
-        pool = None
         for i, bs in enumerate(reversed(self.buckets)):
             if progress is not None:
                 progress(f"capturing CUDA graphs: batch {bs} ({i + 1} of {len(self.buckets)})")

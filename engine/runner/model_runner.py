@@ -84,6 +84,7 @@ class ModelRunner(SamplingMixin):
         self.backend_cls = backend_cls
         self.enforce_eager = enforce_eager
         self.graphs = None  # DecodeGraphs once captured
+        self.prompt_graphs = None  # PromptGraphs once captured (and some bucket pays)
         self._ahead = None  # a decode step launched ahead (greedy pipelining)
         self._pinned = None
         self._ring = 0
@@ -162,22 +163,46 @@ class ModelRunner(SamplingMixin):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def graph_reserve_bytes(self, max_batch: int) -> int:
-        from engine.runner.cuda_graphs import reserve_bytes
+    def graph_reserve_bytes(self, max_batch: int, prompt_tokens: int = 0) -> int:
+        """Memory for the graphs' one shared pool: the larger of a decode step's activations
+        at ``max_batch`` rows and a prompt graph's at its largest bucket within
+        ``prompt_tokens``."""
+        from engine.runner import cuda_graphs, prompt_graphs
 
-        s = self.spec
-        return reserve_bytes(max_batch, s.hidden_size, s.vocab_size, s.intermediate_size,
-                             self.dtype.itemsize)
+        s, size = self.spec, self.dtype.itemsize
+        decode = cuda_graphs.reserve_bytes(max_batch, s.hidden_size, s.vocab_size,
+                                           s.intermediate_size, size)
+        top = max(prompt_graphs.prompt_buckets(prompt_tokens), default=0)
+        prompt = prompt_graphs.reserve_bytes(top, s.hidden_size, s.intermediate_size, size)
+        return max(decode, cuda_graphs.POOL_SLACK + prompt)
 
-    def capture_graphs(self, max_batch: int, max_model_len: int, progress=None) -> int:
-        """Capture decode graphs (after the KV cache exists); returns their pool's bytes."""
+    def capture_graphs(self, max_batch: int, max_model_len: int, progress=None,
+                       prompt_tokens: int = 0) -> int:
+        """Capture prompt graphs for prompts (or chunks) of up to ``prompt_tokens`` tokens
+        (0: leave them as they are), then decode graphs, all in one memory pool (after the
+        KV cache exists); returns the bytes the captures took."""
         from engine.runner.cuda_graphs import DecodeGraphs
+        from engine.runner.prompt_graphs import PromptGraphs, prompt_buckets
 
+        before = torch.cuda.memory_reserved(self.device)
+        pool = None
+        if prompt_buckets(prompt_tokens):
+            prompts = PromptGraphs(self.model, self.kv_caches, self.device, self.block_size,
+                                   prompt_tokens, max_model_len)
+            try:
+                prompts.capture(progress)
+            except (RuntimeError, torch.OutOfMemoryError) as e:  # decode graphs still help
+                log.warning("prompt graph capture failed, prompts run eagerly: %s", e)
+                prompts = None
+                torch.cuda.empty_cache()
+            if prompts is not None:
+                pool = prompts.pool
+                self.prompt_graphs = prompts if prompts.max_tokens else None
         graphs = DecodeGraphs(self.model, self.kv_caches, self.device, self.block_size,
                               max_batch, max_model_len)
-        graphs.capture(progress)
+        graphs.capture(progress, pool=pool)
         self.graphs = graphs
-        return graphs.pool_bytes
+        return torch.cuda.memory_reserved(self.device) - before
 
     # -- memory ------------------------------------------------------------------------
     def kv_block_bytes(self) -> int:
@@ -255,6 +280,10 @@ class ModelRunner(SamplingMixin):
             return RunnerOutput([], None)
         if self.graphs is not None:
             graph_out = self._execute_graph(out)
+            if graph_out is not None:
+                return graph_out
+        if self.prompt_graphs is not None and len(out.scheduled) == 1:
+            graph_out = self._execute_prompt_graph(out.scheduled[0])
             if graph_out is not None:
                 return graph_out
         self._ahead = None
@@ -354,6 +383,19 @@ class ModelRunner(SamplingMixin):
             launched.inputs = token_list
             self._ahead = launched
         return RunnerOutput(token_list, None)
+
+    def _execute_prompt_graph(self, sc) -> RunnerOutput | None:
+        """One sequence's prompt or chunk (more than one token) by prompt-graph replay;
+        None when it is longer than every kept bucket (it runs eagerly then)."""
+        seq, n = sc.seq, sc.num_new_tokens
+        if n <= 1 or n > self.prompt_graphs.max_tokens:
+            return None
+        start = seq.num_computed_tokens
+        logits = self.prompt_graphs.run(seq.token_ids[start:start + n], start, seq.block_table)
+        self._ahead = None
+        if not sc.sample:
+            return RunnerOutput([], None)
+        return self.sample(logits, [seq])
 
     def _next_positions(self, seqs, positions: list[int], num_waiting: int) -> list[int] | None:
         """Positions of the step after this one, if it is worth launching ahead: every

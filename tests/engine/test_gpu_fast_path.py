@@ -204,3 +204,35 @@ def test_bf16_model_over_an_fp8_cache_stays_close_to_the_torch_reference(tiny_mo
     queries widened tiles), the torch reference in fp32 over the same bytes; first-token
     log-probabilities agree within bf16 noise and most of 64 greedy tokens match."""
     _assert_bf16_triton_close_to_torch(tiny_models["llama3"], ids_of(40, seed=2), kv_cache_dtype="fp8")
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_prompt_graphs_match_torch_token_for_token(tiny_models, kv):
+    """One prompt at a time (the chat case), fp32: fresh prompts inside a bucket, at block
+    edges, chunked (budget 96: 150 = 96 eagerly + 54 replayed), and a follow-up turn over
+    a cached prefix all replay prompt graphs and give the torch reference's 64 tokens."""
+    base = ids_of(40, seed=4)
+    prompts = [ids_of(n, seed=n) for n in (2, 15, 16, 17, 150)] + [base, base + ids_of(30, seed=5)]
+    ref = _engine(tiny_models["llama3"], "torch", kv_cache_dtype=kv)
+    want = [_run(ref, [p])[0] for p in prompts]
+    ref.shutdown()
+    fast = _engine(tiny_models["llama3"], "triton", kv_cache_dtype=kv)
+    assert fast.model_info["prompt_graph_tokens"] == 64, fast.runner.prompt_graphs.graph_ms
+    got = [_run(fast, [p])[0] for p in prompts]
+    replays = fast.runner.prompt_graphs.replays
+    fast.shutdown()
+    assert replays >= len(prompts)
+    assert got == want
+
+
+def test_graph_memory_stays_within_what_the_kv_pool_left_for_it():
+    """The KV cache is sized after setting aside graph_reserve_bytes: the captured graphs
+    (prompt and decode, one pool) must fit in it. Llama-1B shape (random weights), so the
+    activations, not the slack, dominate the reserve."""
+    e = Engine.load("shape:llama-1b", device="cuda", max_model_len=4096, max_num_seqs=64,
+                    max_num_batched_tokens=2048)
+    info, runner = e.model_info, e.runner
+    reserve = runner.graph_reserve_bytes(64, 2048)
+    e.shutdown()
+    assert info["prompt_graph_tokens"] > 0
+    assert 0 < info["cuda_graph_bytes"] <= reserve, (info["cuda_graph_bytes"], reserve)
