@@ -5,7 +5,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|bench1b|bench8b|decode8b|throughput|throughput-fp8|profile|gemv|prefill-profile|profile-all|fp32match|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|fp32match|all [extra bench args]
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,6 +37,10 @@ case "$what" in throughput)
   hearth bench --shape llama-8b --suite throughput --baseline hf \
     --json "$OUT/bench-8b-throughput.json" "$@" 2>&1 | tail -12 ;;
 esac
+case "$what" in throughput-nohf)
+  hearth bench --shape llama-8b --suite throughput \
+    --json "$OUT/bench-8b-throughput-nohf.json" "$@" 2>&1 | tail -6 ;;
+esac
 case "$what" in throughput-fp8)
   hearth bench --shape llama-8b --suite throughput --kv-cache-dtype fp8 \
     --json "$OUT/bench-8b-throughput-fp8kv.json" "$@" 2>&1 | tail -6 ;;
@@ -47,9 +51,9 @@ esac
 case "$what" in prefill-profile|profile-all)
   python benchmarks/profile_kernels.py --prefill-only 8192 --json "$OUT/profile-prefill-8k.json" 2>&1 | tail -26 ;;
 esac
-case "$what" in profile|profile-all)
+case "$what" in profile|profile-all|decode-profile)
   python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
-  python benchmarks/profile_throughput.py --shape llama-8b --kernel-samples 12 --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -10 ;;
+  [ "$what" = decode-profile ] || python benchmarks/profile_throughput.py --shape llama-8b --kernel-samples 12 --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -10 ;;
 esac
 case "$what" in fp32match)
   # greedy tokens of the fast path against transformers in float32 (bf16 near-ties aside)

@@ -83,10 +83,14 @@ def main() -> None:
           f"{weight_bytes / (gpu_ms * 1e-3) / 1e12:.2f} TB/s of weights")
     for k, r in rows.items():
         print(f"  {k:<24} {r['calls']:>5} calls  mean {r['mean_ms']:.3f} ms  median {r['median_ms']:.3f} ms")
+    # What the load chose and measured: batch-1 kernels, prompt graphs (bucket -> replay ms,
+    # eager ms).
+    chosen = {k: engine.model_info.get(k) for k in ("batch1_matmul", "prompt_graph_tokens", "prompt_graph_ms")}
+    print("prompt graphs (tokens: replay ms, eager ms):", chosen["prompt_graph_ms"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "batch": args.batch, "decode_tok_s": rate, "graph_ms": gpu_ms,
-                       "weight_bytes": weight_bytes, "phases": rows,
+                       "weight_bytes": weight_bytes, "phases": rows, "load": chosen,
                        "card": torch.cuda.get_device_name()}, f, indent=1)
     engine.shutdown()
 

@@ -148,7 +148,11 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             info["cuda_graph_bytes"] = runner.capture_graphs(
                 config.scheduler.max_num_seqs, max_model_len, say, _prompt_tokens(config, max_model_len))
             # One sequence's prompt (or chunk) up to this many tokens replays a graph.
-            info["prompt_graph_tokens"] = top = runner.prompt_graphs.max_tokens if runner.prompt_graphs else 0
+            pg = runner.prompt_graphs
+            info["prompt_graph_tokens"] = top = pg.max_tokens if pg else 0
+            if pg:  # bucket -> [replay ms, eager ms] as measured at load
+                info["prompt_graph_ms"] = {q: [round(pg.graph_ms[q], 3), round(pg.eager_ms[q], 3)]
+                                           for q in pg.graph_ms}
             say(f"prompt graphs: prompts up to {top} tokens" if top else
                 "prompt graphs: none pays on this GPU; prompts run eagerly")
             # Buckets served by a larger graph because it measured faster (cuBLAS cliffs).

@@ -95,17 +95,30 @@ def test_replayed_prompts_give_the_reference_tokens(tiny_models):
 
 
 def test_runner_leaves_batches_and_long_chunks_to_the_eager_path(tiny_models):
+    """Every step, whatever the engine thread happened to batch: a replay exactly when the
+    step is one sequence with 2..16 new tokens (the largest bucket here is 16)."""
     eng = Engine.load(str(tiny_models["llama3"]), device="cpu", dtype="float32", attention="triton",
                       num_blocks=64, max_model_len=128)
     try:
         pg = _install(eng, 16)
+        runner, seen = eng.runner, []
+        execute = runner.execute
+
+        def spy(out):
+            before = pg.replays
+            res = execute(out)
+            seen.append(([sc.num_new_tokens for sc in out.scheduled], pg.replays - before))
+            return res
+
+        runner.execute = spy
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         handles = [eng.submit(Request(prompt_token_ids=ids_of(n, seed=n), params=params)) for n in (4, 6)]
         [h.result() for h in handles]
-        eng.submit(Request(prompt_token_ids=ids_of(17, seed=3), params=params)).result()
-        assert pg.replays == 0  # two prompts in one step, then one over the largest bucket
-        eng.submit(Request(prompt_token_ids=ids_of(9, seed=4), params=params)).result()
-        assert pg.replays == 1
+        for n in (17, 9):
+            eng.submit(Request(prompt_token_ids=ids_of(n, seed=n), params=params)).result()
+        for qlens, replayed in seen:
+            assert replayed == int(len(qlens) == 1 and 1 < qlens[0] <= 16), seen
+        assert ([17], 0) in seen and ([9], 1) in seen
     finally:
         eng.shutdown()
 

@@ -29,6 +29,7 @@ class _EchoModel:
 def _runner() -> ModelRunner:
     r = ModelRunner.__new__(ModelRunner)  # only what execute() touches
     r.device, r.block_size, r.graphs, r._ahead, r.kv_caches = torch.device("cpu"), 4, None, None, []
+    r.prompt_graphs = None
     r.model = _EchoModel()
     r.sample = lambda logits, seqs: RunnerOutput([(int(l[0]), int(l[1]), s.name) for l, s in zip(logits, seqs)],
                                                  None)
