@@ -60,6 +60,29 @@ def route_buckets(bucket_ms: dict[int, float], margin: float = 0.03,
     return routes
 
 
+def capture_graph(forward, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run ``forward()`` once eagerly (compiles Triton kernels, sets up cuBLAS workspaces),
+    then capture it in a new CUDA graph in memory pool ``pool`` (a new pool when None);
+    returns the graph and its static output. Graphs sharing a pool must be replayed one
+    at a time on one stream, each one's output consumed before the next replay."""
+    forward()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+    """GPU time of one replay (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 POOL_SLACK = 64 * 2**20  # beyond the largest graph's activations: the allocator's rounding
 
 
@@ -109,20 +132,14 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self, progress=None, pool=None) -> None:
         """Capture every bucket, largest first, in one memory pool (``pool``: one that
-        other graphs already use; replays are serialised on one stream and each graph's
-        outputs are consumed before the next replay, so sharing is safe)."""
+        other graphs already use, as ``capture_graph`` allows)."""
         t0 = time.perf_counter()
         self.longs[2].fill_(-1)  # capture runs write nothing into the KV cache
         before = torch.cuda.memory_reserved(self.device)
         for i, bs in enumerate(reversed(self.buckets)):
             if progress is not None:
                 progress(f"capturing CUDA graphs: batch {bs} ({i + 1} of {len(self.buckets)})")
-            # Warm up outside the graph (compiles Triton kernels, sets up cuBLAS workspaces).
-            self._forward(bs)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
+            graph, self.logits[bs] = capture_graph(lambda: self._forward(bs), pool)
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
@@ -147,13 +164,7 @@ class DecodeGraphs:
         best: dict[int, float] = {}
         for _ in range(rounds):
             for bs in self.buckets:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                self.graphs[bs].replay()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
+                ms = replay_ms(self.graphs[bs])
                 best[bs] = min(best.get(bs, ms), ms)
         self.bucket_ms = best
         self.routes = route_buckets(self.bucket_ms, margin)

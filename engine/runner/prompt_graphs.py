@@ -33,6 +33,7 @@ import time
 import torch
 
 from engine.layers.attention import AttentionMetadata, padded_table_width
+from engine.runner.cuda_graphs import capture_graph, replay_ms
 
 log = logging.getLogger("hearth.runner")
 
@@ -131,11 +132,7 @@ class PromptGraphs:
             if progress is not None:
                 progress(f"capturing prompt graphs: {q} tokens ({i + 1} of {len(self.buckets)})")
             self._set_synthetic(q)
-            self._forward(q)  # compiles, sets up cuBLAS (outside the graph)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[q] = self._forward(q)
+            graph, self.logits[q] = capture_graph(lambda: self._forward(q), pool)
             pool = graph.pool() if pool is None else pool
             self.graphs[q] = graph
         self.pool = pool
@@ -151,22 +148,14 @@ class PromptGraphs:
     def time_buckets(self, rounds: int = 3) -> None:
         """Fastest of ``rounds`` for each bucket: the graph's replay (CUDA events) and the
         same forward launched eagerly (host clock around a synchronised run: launch time is
-        exactly what the graph saves)."""
-        for q in self.buckets:
-            self._set_synthetic(q)
-            graph = self.graphs[q]
-            graph.replay()
-            self._forward(q)
-            torch.cuda.synchronize(self.device)
-            for _ in range(rounds):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
+        exactly what the graph saves). Rounds go over all buckets in turn, so clock changes
+        during the measurement favour no bucket."""
+        for _ in range(rounds):
+            for q in self.buckets:
+                self._set_synthetic(q)
+                ms = replay_ms(self.graphs[q])
                 self.graph_ms[q] = min(self.graph_ms.get(q, ms), ms)
+                torch.cuda.synchronize(self.device)
                 t = time.perf_counter()
                 self._forward(q)
                 torch.cuda.synchronize(self.device)
