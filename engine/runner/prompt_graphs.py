@@ -169,10 +169,10 @@ class PromptGraphs:
     def run(self, ids: list[int], start: int, table: list[int]) -> torch.Tensor | None:
         """Prefill ``ids`` (n tokens at positions ``start..start+n-1`` of a sequence whose
         blocks are ``table``); returns the last token's logits [1, vocab], or None when no
-        kept bucket holds n tokens."""
+        kept bucket holds n tokens (or the table is wider than the captured one)."""
         n = len(ids)
         q = self.bucket_for(n)
-        if q is None:
+        if q is None or len(table) > self.block_table.shape[1]:
             return None
         bs, pad = self.block_size, q - n
         positions = range(start, start + n)

@@ -65,17 +65,19 @@ def _install(engine: Engine, max_tokens: int) -> PromptGraphs:
     return pg
 
 
-def test_replayed_prompts_give_the_reference_tokens(tiny_models):
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen3"])
+def test_replayed_prompts_give_the_reference_tokens(tiny_models, family):
     """Sequential single prompts: lengths inside a bucket (padding rows), at a block edge,
-    longer than every bucket (eager), a follow-up turn over a cached prefix, and a prompt
-    whose second chunk replays after a cached first chunk."""
+    split in chunks (budget 24), a follow-up turn over a cached prefix, and a prompt whose
+    second chunk replays after its first. Mistral's 24-token window cuts into the longer
+    contexts; Qwen3 norms q and k per head."""
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     base = ids_of(21, seed=7)
     prompts = [ids_of(5, seed=1), ids_of(16, seed=2), ids_of(40, seed=3), base,
                base + ids_of(11, seed=8), ids_of(27, seed=9)]
     results, replays = {}, 0
     for attention in ("torch", "triton"):
-        eng = Engine.load(str(tiny_models["llama3"]), device="cpu", dtype="float32", attention=attention,
+        eng = Engine.load(str(tiny_models[family]), device="cpu", dtype="float32", attention=attention,
                           num_blocks=64, max_model_len=128, max_num_batched_tokens=24)
         try:
             pg = _install(eng, 32) if attention == "triton" else None
@@ -143,5 +145,7 @@ def test_run_lays_out_rows_and_padding(tiny_models, n):
         assert pg.seq_lens.tolist() == [start + n] and pg.query_start.tolist() == [0, n]
         assert pg.block_table[0, :3].tolist() == table
         assert pg.run(list(range(17)), 0, table) is None  # no bucket holds 17 tokens
+        too_wide = [0] * (pg.block_table.shape[1] + 1)
+        assert pg.run([1, 2], 0, too_wide) is None
     finally:
         eng.shutdown()
