@@ -5,7 +5,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|fp32match|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|all [extra bench args]
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -54,6 +54,9 @@ esac
 case "$what" in profile|profile-all|decode-profile)
   python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
   [ "$what" = decode-profile ] || python benchmarks/profile_throughput.py --shape llama-8b --kernel-samples 12 --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -10 ;;
+esac
+case "$what" in chat-turns)
+  python benchmarks/chat_turns_latency.py --shape llama-8b --json "$OUT/chat-turns-8b.json" 2>&1 | tail -10 ;;
 esac
 case "$what" in fp32match)
   # greedy tokens of the fast path against transformers in float32 (bf16 near-ties aside)
