@@ -15,15 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x @ layer.weight.T (+ bias)``; ``layer`` may also be a tied head's nn.Embedding."""
+def linear(layer: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ layer.weight.T (+ bias)``; ``layer`` may also be a tied head's nn.Embedding.
+    ``out`` (contiguous, [rows, N]) receives the result when given."""
     config = getattr(layer, "gemv_config", None)
     bias = getattr(layer, "bias", None)
     if config is not None and x.shape[0] == 1:
         from kernels.gemv import gemv
 
-        return gemv(x, layer.weight, bias, config=config)
-    return F.linear(x, layer.weight, bias)
+        return gemv(x, layer.weight, bias, config=config, out=out)
+    if out is None:
+        return F.linear(x, layer.weight, bias)
+    if bias is None:
+        return torch.mm(x, layer.weight.t(), out=out)
+    return torch.addmm(bias, x, layer.weight.t(), out=out)
 
 
 def swiglu_linear(layer: nn.Linear, gate_up: torch.Tensor) -> torch.Tensor | None:

@@ -161,8 +161,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
                 say("decode graphs timed: " + ", ".join(f"batches up to {b} run in the {r} graph"
                                                         for b, r in sorted(routes.items())))
         except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
-            log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
-            runner.graphs = None
+            log.warning("CUDA graph capture failed, running eagerly: %s", e)
+            runner.graphs = runner.prompt_graphs = None
             torch.cuda.empty_cache()
             graphs_reason = f"capture failed: {e}"
             info["cuda_graphs"] = False

@@ -140,9 +140,10 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.model.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [rows, vocab]; into ``out`` when given (CUDA graphs share one buffer)."""
         head = self.model.embed_tokens if self.spec.tie_word_embeddings else self.lm_head
-        return linear(head, hidden)
+        return linear(head, hidden, out=out)
 
     # -- building ----------------------------------------------------------------------
     def materialize(self, device: torch.device) -> None:

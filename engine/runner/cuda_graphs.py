@@ -111,6 +111,11 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Every bucket writes its logits into the head of one buffer: a [bs, vocab] output
+        # kept alive per bucket would hold the sum of all bucket sizes in rows (1.1 GB for
+        # the 8B shape's 43 buckets up to 256).
+        weight = model.model.embed_tokens.weight
+        self.logits_out = torch.empty(n, model.spec.vocab_size, dtype=weight.dtype, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self.pool_bytes = 0
         self.replays = 0  # decode steps served by a graph (tests and stats)
@@ -127,7 +132,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model(self.longs[0, :bs], self.longs[1, :bs], self.kv_caches, self._meta(bs))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, out=self.logits_out[:bs])
 
     @torch.inference_mode()
     def capture(self, progress=None, pool=None) -> None:

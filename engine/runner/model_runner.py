@@ -195,9 +195,9 @@ class ModelRunner(SamplingMixin):
                 log.warning("prompt graph capture failed, prompts run eagerly: %s", e)
                 prompts = None
                 torch.cuda.empty_cache()
-            if prompts is not None:
+            if prompts is not None and prompts.max_tokens:
                 pool = prompts.pool
-                self.prompt_graphs = prompts if prompts.max_tokens else None
+                self.prompt_graphs = prompts  # else every bucket was dropped, and its pool with it
         graphs = DecodeGraphs(self.model, self.kv_caches, self.device, self.block_size,
                               max_batch, max_model_len)
         graphs.capture(progress, pool=pool)

@@ -217,7 +217,8 @@ def test_prompt_graphs_match_torch_token_for_token(tiny_models, kv):
     want = [_run(ref, [p])[0] for p in prompts]
     ref.shutdown()
     fast = _engine(tiny_models["llama3"], "triton", kv_cache_dtype=kv)
-    assert fast.model_info["prompt_graph_tokens"] == 64, fast.runner.prompt_graphs.graph_ms
+    # Buckets 16, 32, 64 fit the budget of 96; which pay is timed at load (all, on a tiny model).
+    assert fast.model_info["prompt_graph_tokens"] > 0, fast.model_info.get("prompt_graph_ms")
     got = [_run(fast, [p])[0] for p in prompts]
     replays = fast.runner.prompt_graphs.replays
     fast.shutdown()
@@ -225,14 +226,16 @@ def test_prompt_graphs_match_torch_token_for_token(tiny_models, kv):
     assert got == want
 
 
-def test_graph_memory_stays_within_what_the_kv_pool_left_for_it():
+@pytest.mark.parametrize("seqs", [64, 256])
+def test_graph_memory_stays_within_what_the_kv_pool_left_for_it(seqs):
     """The KV cache is sized after setting aside graph_reserve_bytes: the captured graphs
     (prompt and decode, one pool) must fit in it. Llama-1B shape (random weights), so the
-    activations, not the slack, dominate the reserve."""
-    e = Engine.load("shape:llama-1b", device="cuda", max_model_len=4096, max_num_seqs=64,
+    activations, not the slack, dominate the reserve; at 256 sequences there are 39 decode
+    buckets (a [bs, vocab] output kept per bucket took 1.1 GB there)."""
+    e = Engine.load("shape:llama-1b", device="cuda", max_model_len=4096, max_num_seqs=seqs,
                     max_num_batched_tokens=2048)
     info, runner = e.model_info, e.runner
-    reserve = runner.graph_reserve_bytes(64, 2048)
+    reserve = runner.graph_reserve_bytes(seqs, 2048)
     e.shutdown()
     assert info["prompt_graph_tokens"] > 0
     assert 0 < info["cuda_graph_bytes"] <= reserve, (info["cuda_graph_bytes"], reserve)

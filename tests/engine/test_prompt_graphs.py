@@ -54,8 +54,25 @@ class _ForwardAsGraph:
         self.graphs.logits[self.q].copy_(self.graphs._forward(self.q))
 
 
+def _poison_attention_output(engine: Engine) -> None:
+    """The paged prefill kernel leaves rows it doesn't own (the padding) as they were: make
+    them NaN rather than whatever torch.empty returned, so that a padding row reaching a
+    real one shows."""
+    for layer in engine.runner.model.model.layers:
+        attn = layer.self_attn.attn
+        real = attn._prefill
+
+        def poisoned(q, *a, _real=real, **k):
+            if k.get("out") is None:
+                k["out"] = torch.full_like(q, float("nan"))
+            return _real(q, *a, **k)
+
+        attn._prefill = poisoned
+
+
 def _install(engine: Engine, max_tokens: int) -> PromptGraphs:
     runner = engine.runner
+    _poison_attention_output(engine)
     pg = PromptGraphs(runner.model, runner.kv_caches, runner.device, runner.block_size, max_tokens,
                       engine.max_model_len)
     for q in pg.buckets:
