@@ -87,10 +87,15 @@ POOL_SLACK = 64 * 2**20  # beyond the largest graph's activations: the allocator
 
 
 def reserve_bytes(max_batch: int, hidden: int, vocab: int, intermediate: int, itemsize: int) -> int:
-    """Memory to leave for the graphs' private pool: a decode step's activations at the
-    largest bucket (a few [bs, intermediate] and [bs, vocab] buffers) plus slack."""
-    per_row = (4 * hidden + 3 * intermediate + 2 * vocab) * itemsize
-    return POOL_SLACK + max_batch * per_row
+    """A decode step's activations at the largest bucket, in the graphs' pool (a few
+    [bs, hidden] and [bs, intermediate] buffers and a [bs, vocab] transient). The shared
+    logits buffer (``logits_bytes``) and the pool's slack (``POOL_SLACK``) come on top."""
+    return max_batch * (4 * hidden + 3 * intermediate + vocab) * itemsize
+
+
+def logits_bytes(max_batch: int, vocab: int, itemsize: int) -> int:
+    """The one [max_batch, vocab] logits buffer every decode bucket writes into."""
+    return max_batch * vocab * itemsize
 
 
 class DecodeGraphs:

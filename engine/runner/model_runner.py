@@ -164,9 +164,9 @@ class ModelRunner(SamplingMixin):
             torch.cuda.synchronize(self.device)
 
     def graph_reserve_bytes(self, max_batch: int, prompt_tokens: int = 0) -> int:
-        """Memory for the graphs' one shared pool: the larger of a decode step's activations
-        at ``max_batch`` rows and a prompt graph's at its largest bucket within
-        ``prompt_tokens``."""
+        """Memory the graphs take: their one shared pool (the larger of a decode step's
+        activations at ``max_batch`` rows and a prompt graph's at its largest bucket within
+        ``prompt_tokens``, plus slack) and the decode graphs' shared logits buffer."""
         from engine.runner import cuda_graphs, prompt_graphs
 
         s, size = self.spec, self.dtype.itemsize
@@ -174,7 +174,8 @@ class ModelRunner(SamplingMixin):
                                            s.intermediate_size, size)
         top = max(prompt_graphs.prompt_buckets(prompt_tokens), default=0)
         prompt = prompt_graphs.reserve_bytes(top, s.hidden_size, s.intermediate_size, size)
-        return max(decode, cuda_graphs.POOL_SLACK + prompt)
+        return (cuda_graphs.POOL_SLACK + max(decode, prompt)
+                + cuda_graphs.logits_bytes(max_batch, s.vocab_size, size))
 
     def capture_graphs(self, max_batch: int, max_model_len: int, progress=None,
                        prompt_tokens: int = 0) -> int:
