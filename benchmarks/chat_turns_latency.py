@@ -14,9 +14,10 @@ a message. Prints one line per turn and writes JSON rows with both timings.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
+
+from _timing import dump_rows
 
 
 def conversation_ttfts(engine, turns: int, system: int, message: int, answer: int, seed: int) -> list[dict]:
@@ -73,10 +74,7 @@ def main() -> None:
     print(f"{args.shape} on {torch.cuda.get_device_name()}: turns after the first, median TTFT "
           f"{statistics.median(r['ttft_ms_graphs'] for r in later):.2f} ms with prompt graphs, "
           f"{statistics.median(r['ttft_ms_eager'] for r in later):.2f} ms eagerly")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "shape": args.shape, "rows": rows, **info}, f,
-                      indent=1)
+    dump_rows(args.json, args.shape, rows, **info)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ H100) shows up here as a first prompt far slower than the ones after it.
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from _timing import dump_rows
 
 
 def main() -> None:
@@ -36,10 +37,7 @@ def main() -> None:
     info = {k: engine.model_info.get(k) for k in ("prompt_attention_lengths", "batch1_matmul")}
     engine.shutdown()
     print(info)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "shape": args.shape, "rows": rows, **info}, f,
-                      indent=1)
+    dump_rows(args.json, args.shape, rows, **info)
 
 
 if __name__ == "__main__":
