@@ -40,6 +40,9 @@ def main() -> int:
     from app.gui.main_window import MainWindow
 
     app = QApplication(sys.argv[:1])
+    from app.gui import binding_guard
+
+    binding_guard.install()
     apply_system_theme(app)
     from app.gui.gc_guard import GuiThreadGC
 

@@ -60,6 +60,9 @@ def run_gui(argv: list[str] | None = None) -> int:
     from app.gui.main_window import MainWindow
 
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    from app.gui import binding_guard
+
+    binding_guard.install()  # before any redraw: a binding that drops references would abort
     app.setApplicationName("Hearth")
     app.setOrganizationName("Hearth")
     apply_system_theme(app)

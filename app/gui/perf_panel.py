@@ -2,9 +2,22 @@
 
 Data flow: the bridge's ``statsUpdated`` / ``requestFinished`` / ``modelLoaded`` /
 ``modelUnloaded`` signals and a 250 ms timer that samples ``Telemetry`` feed a Qt-free
-``PerfHistory``; every tick redraws the charts from it (only while the page is visible and
-not paused). Time on every chart is seconds since the panel started or was cleared, and
-all x axes are linked, so zooming one zooms all.
+``PerfHistory``. Recording never stops; drawing is kept cheap, because on a CPU-only
+machine the page competes with the engine for the same cores:
+
+* nothing is drawn while the page is not on screen (another page, a hidden or minimised
+  window) or paused; showing it again catches up at once;
+* a tick redraws only what changed: request charts when a request finished, sample curves
+  that are visible, labels whose text changed; and when only the machine's own figures
+  moved (CPU, RSS) with no engine activity, the page redraws once a second instead of
+  four times;
+* axes change rarely (``app.services.chart_ranges``): values from zero to a nice ceiling,
+  time in steps of a tenth of the span, set on one chart (all x axes are linked), so a
+  tick normally repaints curves only, not axes, ticks and grids.
+
+Time on every chart is seconds since the panel started or was cleared. The charts follow
+the data (mouse zoom and pan are off, as the next step would undo them); legends sit in a
+row under each chart, never over the data.
 
 With an NVIDIA GPU the memory chart stacks weights, KV cache and "other" on the GPU that
 holds the model, under that GPU's used and total lines (other GPUs: used and total only).
@@ -30,6 +43,7 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton,
                                QVBoxLayout, QWidget)
 
+from app.services.chart_ranges import time_window, value_range
 from app.services.perf_history import PerfHistory, SamplePoint
 from app.services.telemetry import Telemetry
 
@@ -38,6 +52,7 @@ __all__ = ["PerfPanel"]
 log = logging.getLogger("hearth.gui.perf")
 
 TICK_MS = 250
+IDLE_REDRAW_S = 1.0  # with no engine activity the charts move slowly: redraw at 1 Hz
 STATS_STALE_S = 2.0  # older stats mean the engine stopped reporting: draw a gap, not a flat line
 GIB = float(1 << 30)
 
@@ -49,12 +64,14 @@ COLOURS = {"weights": "#4e79a7", "kv": "#f28e2b", "other": "#bab0ac", "ttft": "#
            "system_cpu": "#9c755f", "rss": "#b07aa1", "ram_used": "#9c755f", "ram_total": "#9c755f"}
 GPU_COLOURS = ("#59a14f", "#edc948", "#ff9da7", "#76b7b2", "#af7aa1", "#e15759")
 
-CHARTS = (("ttft", "Time to first token per request", "ms"),
-          ("decode", "Decode speed", "tok/s"),
-          ("memory", "GPU memory", "GiB"),
-          ("kv", "KV-cache usage", "%"),
-          ("queue", "Requests", "count"),
-          ("cpu", "CPU", "%"))
+# key, title, unit, the top of the value axis with no data / its least top with data.
+CHARTS = (("ttft", "Time to first token per request", "ms", 100.0, 10.0),
+          ("decode", "Decode speed", "tok/s", 10.0, 1.0),
+          ("memory", "GPU memory", "GiB", 1.0, 0.0),
+          ("kv", "KV-cache usage", "%", 100.0, 100.0),
+          ("queue", "Requests", "count", 4.0, 4.0),
+          ("cpu", "CPU", "%", 100.0, 100.0))
+LEGEND_COLUMNS = {"memory": 3}
 
 
 class PerfPanel(QWidget):
@@ -82,7 +99,13 @@ class PerfPanel(QWidget):
         self._paused = False
         self._gpu_mode: bool | None = None  # unknown until the first sample
         self._why_no_gpu: str | None = None
-        self._drawn_version = -1
+        self._drawn = {"requests": -1, "samples": -1}  # history versions on screen
+        self.clock = time.monotonic  # for the idle redraw interval (tests replace it)
+        self._drawn_at = -math.inf  # clock time of the last drawing
+        self._drawn_activity = None  # engine-side figures of the newest sample drawn
+        self._axis_ranges: dict[str, tuple[float, float]] = {}
+        self.draw_count = 0  # drawings made (for tests and the soak test)
+        self._aggregate = self._request_decode = np.zeros(0)  # both feed the decode chart's range
         self._export_dir = QStandardPaths.writableLocation(
             QStandardPaths.StandardLocation.DocumentsLocation) or str(Path.home())
         self.plots: dict[str, pg.PlotWidget] = {}
@@ -90,6 +113,9 @@ class PerfPanel(QWidget):
         self._curve_plot: dict[str, str] = {}  # curve name -> chart key
         self._build_ui()
         self._apply_palette()
+        for key, *_ in CHARTS:  # empty charts read 0-100 ms, 0-10 tok/s ... from the start
+            self._fit_values(key)
+        self._fit_time_axis()
 
         bridge.statsUpdated.connect(self._on_stats)
         bridge.requestFinished.connect(self._on_finished)
@@ -151,18 +177,28 @@ class PerfPanel(QWidget):
         root.addLayout(numbers)
 
         grid = QGridLayout()
-        for i, (key, title, unit) in enumerate(CHARTS):
+        for i, (key, title, unit, _empty_top, _floor_top) in enumerate(CHARTS):
             plot = pg.PlotWidget()
             plot.setObjectName(f"perfPlot_{key}")
-            plot.setMinimumHeight(150)
-            plot.setLabel("left", unit)
-            plot.setLabel("bottom", "time", units="s")
+            plot.setMinimumHeight(170)
+            item = plot.getPlotItem()
+            # Plain unit labels: an automatic SI multiplier read "tok/s (x0.001)" on an empty chart.
+            for side, label in (("left", unit), ("bottom", "time (s)")):
+                plot.setLabel(side, label)
+                item.getAxis(side).enableAutoSIPrefix(False)
             plot.showGrid(x=True, y=True, alpha=0.2)
-            # Legends lie in rows along the top, so they hide as little of the data as they can.
-            plot.addLegend(offset=(-5, 2), colCount=3 if key == "memory" else 2,
-                           verSpacing=-6, labelTextSize="8pt")
+            item.getAxis("left").setWidth(52)  # one width for all, so the linked time axes line up
+            # The legend is a row of the plot's own layout, under the time axis: never over data.
+            legend = _RowLegend(colCount=LEGEND_COLUMNS.get(key, 2), verSpacing=-4,
+                                labelTextSize="8pt", frame=False)
+            item.layout.addItem(legend, 4, 1)
+            item.legend = legend  # curves added with a name list themselves here
             plot.setDownsampling(auto=True, mode="peak")
-            plot.setClipToView(True)
+            # The panel sets every range itself (see the module docstring).
+            item.disableAutoRange()
+            plot.setMouseEnabled(x=False, y=False)
+            plot.setMenuEnabled(False)
+            plot.hideButtons()
             if self.plots:
                 plot.setXLink(next(iter(self.plots.values())))
             plot.setProperty("hearthTitle", title)
@@ -183,7 +219,6 @@ class PerfPanel(QWidget):
         self._curve("memory", "ram_used", "system RAM used")
         self._curve("memory", "ram_total", "system RAM total", dashed=True)
         self._curve("kv", "kv_pct", "KV blocks used")
-        self.plots["kv"].setYRange(0, 100, padding=0.02)
         self._curve("queue", "running", "running")
         self._curve("queue", "waiting", "waiting")
         self._curve("cpu", "process_cpu", "Hearth process (100 = one core)")
@@ -253,13 +288,28 @@ class PerfPanel(QWidget):
         self.redraw(force=True)
 
     def tick(self) -> None:
-        """Sample telemetry, record one point, and redraw if visible and not paused."""
+        """Sample telemetry, record one point, and redraw what changed if on screen."""
         sample = self.telemetry.sample()
         fresh = self._stats is not None and time.monotonic() - self._stats_t <= STATS_STALE_S
         self._why_no_gpu = sample.why_no_gpu
         self.history.add_sample(self._stats if fresh else None, sample, self._model_info)
-        if not self._paused and self.isVisible():
+        if self._due():
             self.redraw()
+
+    def on_screen(self) -> bool:
+        """True when drawing can be seen: the page is shown and its window not minimised."""
+        return self.isVisible() and not self.window().isMinimized()
+
+    def _due(self) -> bool:
+        """Draw now? Not when paused or off screen; at every tick while the engine's
+        figures move or a request finished; otherwise (only CPU / RSS moved) once a second."""
+        if self._paused or not self.on_screen():
+            return False
+        if self.history.requests_version != self._drawn["requests"]:
+            return True
+        if _activity(self.history.last_sample) != self._drawn_activity:
+            return True
+        return self.clock() - self._drawn_at >= IDLE_REDRAW_S
 
     def export_png(self, path: str | Path) -> None:
         """Save a picture of the whole panel, at its current size. Raises OSError on failure."""
@@ -273,32 +323,55 @@ class PerfPanel(QWidget):
 
     # -- drawing ---------------------------------------------------------------------------
     def redraw(self, force: bool = False) -> None:
-        """Push the history into the charts (skipped when nothing changed)."""
-        if not force and self.history.version == self._drawn_version:
+        """Push what changed in the history into the charts (everything when ``force``)."""
+        if not self.on_screen():
+            return  # showEvent catches up
+        h = self.history
+        new_requests = force or h.requests_version != self._drawn["requests"]
+        new_samples = force or h.samples_version != self._drawn["samples"]
+        if not (new_requests or new_samples):
             return
-        self._drawn_version = self.history.version
-        samples = self.history.samples
-        last = samples[-1] if samples else None
+        last = h.last_sample
         gpu_mode = bool(last.gpus) if last is not None else bool(self._gpu_mode)
         if gpu_mode != self._gpu_mode:
             self._switch_mode(gpu_mode)
-        self._draw_requests()
-        self._draw_samples(samples, gpu_mode)
+        if new_requests:
+            self._draw_requests()
+        if new_samples:
+            self._draw_samples(h.samples, gpu_mode)
         self._update_numbers(last, gpu_mode)
         self._fit_time_axis()
+        self._drawn = {"requests": h.requests_version, "samples": h.samples_version}
+        self._drawn_at = self.clock()
+        self._drawn_activity = _activity(last)
+        self.draw_count += 1
+
+    def _set_range(self, key: str, axis: str, lo: float, hi: float) -> None:
+        """Set one axis range, only when it differs from what is shown (a new range
+        regenerates that axis's ticks, labels and grid)."""
+        if self._axis_ranges.get(f"{key}.{axis}") == (lo, hi):
+            return
+        self._axis_ranges[f"{key}.{axis}"] = (lo, hi)
+        if axis == "x":
+            self.plots[key].setXRange(lo, hi, padding=0)
+        else:
+            self.plots[key].setYRange(lo, hi, padding=0)
+
+    def _fit_values(self, key: str, *series: np.ndarray) -> None:
+        """Value axis of one chart from zero to a nice top over the data drawn."""
+        _, _, _, empty_top, floor_top = next(c for c in CHARTS if c[0] == key)
+        tops = [float(np.nanmax(a)) for a in series if len(a) and not np.isnan(a).all()]
+        self._set_range(key, "y", *value_range(tops, empty_top, floor_top))
 
     def _fit_time_axis(self) -> None:
-        """All charts show the whole recorded span. The X axes are linked, and left to
-        auto-range each would follow whichever chart ranged last (e.g. one TTFT point)."""
-        times = [p.t for p in self.history.samples] + [r.t for r in self.history.requests]
-        if not times:
-            return
-        lo, hi = min(times), max(times)
-        if hi - lo < 1.0:
-            hi = lo + 1.0
-        for plot in self.plots.values():
-            plot.getPlotItem().enableAutoRange(x=False)
-            plot.setXRange(lo, hi, padding=0.02)
+        """Time axis: the whole recorded span, moving in steps (see chart_ranges). The x
+        axes are linked, so setting the first chart's sets them all."""
+        h = self.history
+        ends = [(p.t, q.t) for p, q in ((h.first_sample, h.last_sample),
+                                         (h.first_request, h.last_request)) if p is not None]
+        window = time_window(min(a for a, _ in ends) if ends else None,
+                             max(b for _, b in ends) if ends else None)
+        self._set_range(CHARTS[0][0], "x", *window)
 
     def _switch_mode(self, gpu_mode: bool) -> None:
         self._gpu_mode = gpu_mode
@@ -326,28 +399,40 @@ class PerfPanel(QWidget):
 
     def _draw_requests(self) -> None:
         reqs = self.history.requests
-        t_ttft = [r.t for r in reqs if r.ttft_ms is not None]
-        ttft = [r.ttft_ms for r in reqs if r.ttft_ms is not None]
-        t_dec = [r.t for r in reqs if r.decode_tok_s is not None]
-        dec = [r.decode_tok_s for r in reqs if r.decode_tok_s is not None]
-        self.curves["ttft"].setData(np.array(t_ttft, float), np.array(ttft, float))
-        self.curves["decode_request"].setData(np.array(t_dec, float), np.array(dec, float))
+        t_ttft = np.array([r.t for r in reqs if r.ttft_ms is not None], float)
+        ttft = np.array([r.ttft_ms for r in reqs if r.ttft_ms is not None], float)
+        t_dec = np.array([r.t for r in reqs if r.decode_tok_s is not None], float)
+        dec = np.array([r.decode_tok_s for r in reqs if r.decode_tok_s is not None], float)
+        self.curves["ttft"].setData(t_ttft, ttft)
+        self.curves["decode_request"].setData(t_dec, dec)
+        self._fit_values("ttft", ttft)
+        self._request_decode = dec
+        self._fit_values("decode", dec, self._aggregate)
 
     def _draw_samples(self, samples: list[SamplePoint], gpu_mode: bool) -> None:
+        """Every visible sample curve (hidden ones are drawn when they are shown again:
+        switching mode forces a full redraw)."""
         t = np.array([s.t for s in samples], float)
 
         def col(values) -> np.ndarray:
             return np.array([math.nan if v is None else v for v in values], float)
 
-        self.curves["decode_aggregate"].setData(t, col(s.gen_tok_s for s in samples))
-        self.curves["kv_pct"].setData(t, col(s.kv_usage_pct for s in samples))
-        self.curves["running"].setData(t, col(s.running for s in samples))
-        self.curves["waiting"].setData(t, col(s.waiting for s in samples))
-        self.curves["process_cpu"].setData(t, col(s.process_cpu_pct for s in samples))
-        self.curves["system_cpu"].setData(t, col(s.system_cpu_pct for s in samples))
-        self.curves["rss"].setData(t, col(s.process_rss_bytes / GIB for s in samples))
-        self.curves["ram_used"].setData(t, col(s.ram_used_bytes / GIB for s in samples))
-        self.curves["ram_total"].setData(t, col(s.ram_total_bytes / GIB for s in samples))
+        def put(name: str, y: np.ndarray) -> np.ndarray:
+            self.curves[name].setData(t, y)
+            return y
+
+        self._aggregate = put("decode_aggregate", col(s.gen_tok_s for s in samples))
+        self._fit_values("decode", self._request_decode, self._aggregate)
+        self._fit_values("kv", put("kv_pct", col(s.kv_usage_pct for s in samples)))
+        self._fit_values("queue", put("running", col(s.running for s in samples)),
+                         put("waiting", col(s.waiting for s in samples)))
+        memory = []
+        if not gpu_mode:
+            self._fit_values("cpu", put("process_cpu", col(s.process_cpu_pct for s in samples)),
+                             put("system_cpu", col(s.system_cpu_pct for s in samples)))
+            memory += [put("rss", col(s.process_rss_bytes / GIB for s in samples)),
+                       put("ram_used", col(s.ram_used_bytes / GIB for s in samples)),
+                       put("ram_total", col(s.ram_total_bytes / GIB for s in samples))]
 
         # The stack: weights / KV / other on the model's GPU, or inside RSS for a CPU model.
         # Zero where the split is unknown (no model, model elsewhere), so the band vanishes.
@@ -358,17 +443,19 @@ class PerfPanel(QWidget):
                 stack[:, j] = split
         tops = np.cumsum(stack, axis=0) / GIB
         for name, row in (("weights", 0), ("kv", 1), ("other", 2)):
-            self.curves[name].setData(t, tops[row])
+            memory.append(put(name, tops[row]))
 
-        drawn = {int(n[3:-5]) for n in self.curves if n.startswith("gpu") and n.endswith("_used")}
-        # Every GPU curve is rewritten, including those of GPUs no longer in the buffer
-        # (after a clear), so none keeps stale points.
-        per_sample = [{g.index: g for g in s.gpus} for s in samples]
-        for i in sorted(drawn | set(self.history.gpu_indices() if gpu_mode else ())):
-            used, total = self._gpu_curves(i)
-            by = [m.get(i) for m in per_sample]
-            used.setData(t, col(None if g is None else g.used_bytes / GIB for g in by))
-            total.setData(t, col(None if g is None else g.total_bytes / GIB for g in by))
+        if gpu_mode:
+            drawn = {int(n[3:-5]) for n in self.curves if n.startswith("gpu") and n.endswith("_used")}
+            # Every GPU curve is rewritten, including those of GPUs no longer in the buffer
+            # (after a clear), so none keeps stale points.
+            per_sample = [{g.index: g for g in s.gpus} for s in samples]
+            for i in sorted(drawn | set(self.history.gpu_indices())):
+                self._gpu_curves(i)
+                by = [m.get(i) for m in per_sample]
+                memory.append(put(f"gpu{i}_used", col(None if g is None else g.used_bytes / GIB for g in by)))
+                memory.append(put(f"gpu{i}_total", col(None if g is None else g.total_bytes / GIB for g in by)))
+        self._fit_values("memory", *memory)
 
     def _gpu_curves(self, index: int) -> tuple[pg.PlotDataItem, pg.PlotDataItem]:
         name = f"gpu{index}_used"
@@ -385,27 +472,30 @@ class PerfPanel(QWidget):
         reqs = self.history.requests
         ttft = next((r.ttft_ms for r in reversed(reqs) if r.ttft_ms is not None), None)
         dec = next((r.decode_tok_s for r in reversed(reqs) if r.decode_tok_s is not None), None)
-        v = self.values
-        v["ttft"].setText("—" if ttft is None else f"{ttft:.0f} ms")
-        v["decode"].setText("—" if dec is None else f"{dec:.1f} tok/s")
         agg = last.gen_tok_s if last is not None else None
-        v["aggregate"].setText("—" if agg is None else f"{agg:.1f} tok/s")
         kv = last.kv_usage_pct if last is not None else None
-        v["kv"].setText("—" if kv is None else f"{kv:.0f} %")
         if last is None:
-            v["memory"].setText("—")
+            memory = "—"
         elif gpu_mode:
-            v["memory"].setText("  ".join(
-                f"{'GPU%d ' % g.index if len(last.gpus) > 1 else ''}"
-                f"{g.used_bytes / GIB:.1f} / {g.total_bytes / GIB:.1f} GiB" for g in last.gpus))
+            memory = "  ".join(f"{'GPU%d ' % g.index if len(last.gpus) > 1 else ''}"
+                               f"{g.used_bytes / GIB:.1f} / {g.total_bytes / GIB:.1f} GiB"
+                               for g in last.gpus)
         else:
-            v["memory"].setText(f"RSS {last.process_rss_bytes / GIB:.2f} GiB · RAM "
-                                f"{last.ram_used_bytes / GIB:.1f} / {last.ram_total_bytes / GIB:.1f} GiB")
-        self.no_gpu_label.setVisible(not gpu_mode and last is not None)
-        if not gpu_mode:
+            memory = (f"RSS {last.process_rss_bytes / GIB:.2f} GiB · RAM "
+                      f"{last.ram_used_bytes / GIB:.1f} / {last.ram_total_bytes / GIB:.1f} GiB")
+        texts = {"ttft": "—" if ttft is None else f"{ttft:.0f} ms",
+                 "decode": "—" if dec is None else f"{dec:.1f} tok/s",
+                 "aggregate": "—" if agg is None else f"{agg:.1f} tok/s",
+                 "kv": "—" if kv is None else f"{kv:.0f} %",
+                 "memory": memory}
+        for key, text in texts.items():
+            _set_text(self.values[key], text)
+        show_why = not gpu_mode and last is not None
+        if self.no_gpu_label.isVisibleTo(self) != show_why:
+            self.no_gpu_label.setVisible(show_why)
+        if show_why:
             why = self._why_no_gpu or self.telemetry.why_no_gpu or "NVML reported no GPU"
-            self.no_gpu_label.setText(f"No NVIDIA GPU: showing process memory and CPU instead "
-                                      f"({why}).")
+            _set_text(self.no_gpu_label, f"No NVIDIA GPU: showing process memory and CPU instead ({why}).")
 
     # -- export -------------------------------------------------------------------------------
     def _dialog_save_path(self, caption: str, suggested: str, name_filter: str) -> str | None:
@@ -473,6 +563,35 @@ class PerfPanel(QWidget):
         super().showEvent(event)
         if not self._paused:
             self.redraw()  # catch up on what was recorded while another page was shown
+
+
+class _RowLegend(pg.LegendItem):
+    """A legend placed by its plot's layout (a row under the time axis). pyqtgraph's own
+    resizing moves the legend to the plot's corner, over the data; this one only tells the
+    layout the size it needs, and the layout places it."""
+
+    def updateSize(self) -> None:  # noqa: N802 (pyqtgraph naming)
+        self.layout.invalidate()
+        hint = self.layout.effectiveSizeHint(Qt.SizeHint.PreferredSize)
+        self.setMinimumHeight(hint.height())
+        self.setPreferredSize(hint.width(), hint.height())
+        self.setMaximumHeight(hint.height())
+        self.updateGeometry()
+
+
+def _set_text(label: QLabel, text: str) -> None:
+    """Set a label's text only when it changed (a new text re-lays out the row)."""
+    if label.text() != text:
+        label.setText(text)
+
+
+def _activity(s: SamplePoint | None) -> tuple | None:
+    """The figures of a sample that the engine moves (not the machine's CPU and RSS): while
+    these change the page redraws at every tick, otherwise once a second."""
+    if s is None:
+        return None
+    return (s.gen_tok_s, s.prompt_tok_s, s.kv_usage_pct, s.running, s.waiting, s.weights_bytes,
+            s.kv_cache_bytes, tuple((g.index, g.used_bytes, g.total_bytes) for g in s.gpus))
 
 
 def _split_of(s: SamplePoint, gpu_mode: bool) -> tuple[int, int, int] | None:

@@ -136,7 +136,8 @@ def _cuda_ordinal(device: str) -> int:
 class PerfHistory:
     """Bounded history of request and sample points. Not thread-safe: use from one thread.
 
-    ``version`` increases on every change, so a view can skip redrawing unchanged data.
+    ``version`` increases on every change, so a view can skip redrawing unchanged data;
+    ``requests_version`` and ``samples_version`` do the same for each series alone.
     """
 
     def __init__(self, max_age_s: float = 600.0, sample_hz: float = 4.0,
@@ -149,6 +150,8 @@ class PerfHistory:
         self._requests: deque[RequestPoint] = deque(maxlen=max_requests)
         self._t0 = clock()
         self.version = 0
+        self.requests_version = 0
+        self.samples_version = 0
 
     # -- recording ---------------------------------------------------------------------
     def now(self) -> float:
@@ -171,6 +174,7 @@ class PerfHistory:
         self._requests.append(p)
         self._prune(self._requests, p.t)
         self.version += 1
+        self.requests_version += 1
         return p
 
     def add_sample(self, stats: Any | None, telemetry: TelemetrySample,
@@ -198,6 +202,7 @@ class PerfHistory:
         self._samples.append(p)
         self._prune(self._samples, p.t)
         self.version += 1
+        self.samples_version += 1
         return p
 
     def clear(self) -> None:
@@ -206,6 +211,8 @@ class PerfHistory:
         self._requests.clear()
         self._t0 = self._clock()
         self.version += 1
+        self.requests_version += 1
+        self.samples_version += 1
 
     def _prune(self, buf: deque, newest: float) -> None:
         while buf and buf[0].t < newest - self.max_age_s:
@@ -219,6 +226,14 @@ class PerfHistory:
     @property
     def samples(self) -> list[SamplePoint]:
         return list(self._samples)
+
+    @property
+    def first_request(self) -> RequestPoint | None:
+        return self._requests[0] if self._requests else None
+
+    @property
+    def first_sample(self) -> SamplePoint | None:
+        return self._samples[0] if self._samples else None
 
     @property
     def last_request(self) -> RequestPoint | None:

@@ -9,6 +9,14 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def qt_binding_guard(qapp):
+    """As in the app: a Qt binding that drops references to None/True can't abort the run."""
+    from app.gui import binding_guard
+
+    binding_guard.install()
+
+
 @pytest.fixture(autouse=True)
 def gui_thread_gc(qapp):
     """As in the app: cyclic GC only on the GUI thread (never in the bridge's worker,

@@ -272,3 +272,125 @@ def test_a_new_load_forgets_the_old_model(qtbot):
     bridge.modelLoading.emit("next-model")
     panel.tick()
     assert ydata(panel, "weights") == [10.0, 0.0] and math.isnan(ydata(panel, "running")[1])
+
+
+# -- drawing only what changed, only when seen (the idle page took 56% of a core) ----------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _count_calls(monkeypatch, obj, name) -> list:
+    calls = []
+    real = getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+    return calls
+
+
+def test_an_idle_page_redraws_once_a_second_and_an_active_one_at_every_tick(qtbot):
+    panel, bridge = make_panel(qtbot, no_driver())
+    panel.clock = clock = FakeClock()
+    bridge.statsUpdated.emit(stats(running=0, waiting=0, gen=0.0))
+    panel.tick()
+    drawn = panel.draw_count
+    for _ in range(3):  # only the machine's CPU / RSS move: nothing drawn within the second
+        clock.now += 0.25
+        panel.tick()
+    assert panel.draw_count == drawn
+    clock.now += 0.25  # a second since the last drawing
+    panel.tick()
+    assert panel.draw_count == drawn + 1
+    bridge.statsUpdated.emit(stats(running=1, gen=12.0))  # the engine is busy: every tick
+    for i in range(3):
+        bridge.statsUpdated.emit(stats(running=1, gen=12.0 + i))
+        clock.now += 0.25
+        panel.tick()
+    assert panel.draw_count == drawn + 4
+    bridge.requestFinished.emit("r", finished("r"))  # a finished request is drawn at once
+    panel.tick()
+    assert panel.draw_count == drawn + 5 and ydata(panel, "ttft") == [120.0]
+
+
+def test_nothing_is_drawn_on_another_page_or_in_a_minimised_window(qtbot):
+    from PySide6.QtWidgets import QLabel, QStackedWidget
+
+    stack = QStackedWidget()
+    qtbot.addWidget(stack)
+    bridge = FakeBridge()
+    panel = PerfPanel(bridge, telemetry=Telemetry(nvml=one_gpu()))
+    panel.timer.stop()
+    stack.addWidget(QLabel("chat"))
+    stack.addWidget(panel)
+    stack.resize(900, 700)
+    stack.show()
+    qtbot.waitExposed(stack)
+    bridge.statsUpdated.emit(stats(running=3))
+    panel.tick()
+    assert panel.draw_count == 0 and ydata(panel, "running") == []  # the chat page is shown
+    stack.setCurrentWidget(panel)
+    assert panel.draw_count == 1 and ydata(panel, "running") == [3.0]  # catches up when shown
+    stack.showMinimized()
+    qtbot.waitUntil(stack.isMinimized, timeout=2000)
+    bridge.statsUpdated.emit(stats(running=5))
+    panel.tick()
+    assert panel.draw_count == 1
+    stack.showNormal()
+    qtbot.waitUntil(lambda: panel.draw_count == 2, timeout=2000)
+    assert ydata(panel, "running") == [3.0, 5.0]
+
+
+def test_a_tick_redraws_only_what_changed(qtbot, monkeypatch):
+    panel, bridge = make_panel(qtbot, one_gpu())
+    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.requestFinished.emit("r1", finished())
+    bridge.statsUpdated.emit(stats(gen=10.0))
+    panel.tick()
+    ttft_draws = _count_calls(monkeypatch, panel.curves["ttft"], "setData")
+    x_ranges = _count_calls(monkeypatch, panel.plots["ttft"], "setXRange")
+    y_ranges = {k: _count_calls(monkeypatch, p, "setYRange") for k, p in panel.plots.items()}
+    caption = _count_calls(monkeypatch, panel.values["ttft"], "setText")
+    for i in range(20):  # five seconds of streaming, inside the first time step
+        bridge.statsUpdated.emit(stats(gen=10.0 + i % 3))
+        panel.tick()
+    assert len(ydata(panel, "decode_aggregate")) == 21
+    assert ttft_draws == [] and caption == []  # no new request: its chart and number untouched
+    assert x_ranges == [] and all(v == [] for v in y_ranges.values())  # axes not regenerated
+    for name in ("rss", "process_cpu"):  # hidden in GPU mode: not drawn at all
+        assert ydata(panel, name) == []
+
+
+def test_axes_start_at_zero_with_nice_tops_and_no_multiplier(qtbot):
+    panel, bridge = make_panel(qtbot, one_gpu())
+
+    def y_range(key):
+        return tuple(round(v, 6) for v in panel.plots[key].getPlotItem().getViewBox().viewRange()[1])
+
+    assert y_range("ttft") == (0, 100) and y_range("decode") == (0, 10) and y_range("kv") == (0, 100)
+    left = panel.plots["decode"].getPlotItem().getAxis("left")
+    assert "x0.001" not in left.labelString() and left.labelString().count("tok/s") == 1
+    bridge.requestFinished.emit("r1", finished(ttft=494.6, tok_s=41.0))
+    panel.tick()
+    assert y_range("ttft") == (0, 600)  # one point: from zero, not 494.2-495.0
+    assert y_range("decode") == (0, 50)
+    x0, x1 = panel.plots["queue"].getPlotItem().getViewBox().viewRange()[0]  # linked to the first
+    assert x0 <= panel.history.first_sample.t and x1 >= panel.history.last_request.t
+
+
+def test_legends_sit_outside_the_data_area(qtbot):
+    panel, bridge = make_panel(qtbot, one_gpu())
+    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.statsUpdated.emit(stats())
+    panel.tick()
+    for key, plot in panel.plots.items():
+        item = plot.getPlotItem()
+        if not plot.isVisible():
+            continue
+        view = item.getViewBox().sceneBoundingRect()
+        legend = item.legend.sceneBoundingRect()
+        assert item.legend.items, key
+        assert not view.intersects(legend), key
+        assert legend.top() >= view.bottom(), key
