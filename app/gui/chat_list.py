@@ -68,7 +68,7 @@ class ChatList(QWidget):
         self.search_box.setObjectName("chatSearch")
         self.search_box.setPlaceholderText("Search chats")
         self.search_box.setClearButtonEnabled(True)
-        self.search_box.setToolTip("Find chats by title or by any text in them (case doesn't matter)")
+        self.search_box.setToolTip("Find chats by title or by any text in them, in any case (Ctrl+F)")
         self._search_timer = QTimer(self)
         self._search_timer.setSingleShot(True)
         self._search_timer.setInterval(SEARCH_DELAY_MS)
@@ -193,6 +193,10 @@ class ChatList(QWidget):
     def apply_search(self) -> None:
         self._search_timer.stop()
         self.reload()
+
+    def focus_search(self) -> None:
+        self.search_box.setFocus(Qt.FocusReason.ShortcutFocusReason)
+        self.search_box.selectAll()
 
     def clear_search(self) -> None:
         if self.search_box.text():

@@ -57,6 +57,9 @@ class ChatPage(QWidget):
         self.chat_list.newRequested.connect(lambda: self.new_conversation())
         self.chat_list.deleteRequested.connect(lambda conv_id: self.delete_conversation(conv_id))
         self.chat_list.message.connect(lambda text: self.notice.show_message(text))
+        find = QShortcut(QKeySequence.StandardKey.Find, self)  # Ctrl+F: search the chats
+        find.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        find.activated.connect(self.chat_list.focus_search)
         left = self.chat_list
 
         # middle: transcript + input

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtWidgets import QFileDialog, QLineEdit, QMessageBox
+from PySide6.QtWidgets import QApplication, QFileDialog, QLineEdit, QMessageBox
 
 from app.gui.bridge import BridgeSignals
 from app.gui.chat_list import EXPORT_DIR_KEY, ChatList
@@ -205,6 +205,11 @@ def test_search_filters_by_title_and_text_and_clearing_restores_the_list(qtbot, 
     page = _page(qtbot, gui_env, store)
     page.open_conversation(soup)
     assert page.chat_list.ids() == [other, bread, soup]
+    page.activateWindow()
+    page.input.setFocus()
+    qtbot.waitUntil(lambda: QApplication.focusWidget() is page.input)
+    qtbot.keyClick(page.input, Qt.Key.Key_F, Qt.KeyboardModifier.ControlModifier)  # Ctrl+F
+    assert QApplication.focusWidget() is page.chat_list.search_box
     qtbot.keyClicks(page.chat_list.search_box, "minutes")
     qtbot.waitUntil(lambda: page.chat_list.ids() == [bread, soup])
     assert page.conversation_list.currentItem().text() == "Soup"  # the open chat stays marked
@@ -240,8 +245,8 @@ def test_opening_a_conversation_shows_its_latest_message(qtbot, gui_env, store):
     qtbot.waitUntil(latest_in_view)
     # Scrolling up by hand stops following the end: later layout changes don't pull it back.
     bar.triggerAction(bar.SliderAction.SliderToMinimum)
-    page.resize(780, 420)
-    qtbot.wait(50)
+    with qtbot.waitSignal(bar.rangeChanged):  # narrower: the messages wrap taller
+        page.resize(640, 420)
     assert bar.value() == 0
 
 
@@ -293,11 +298,13 @@ def test_start_up_removes_leftovers_but_reopens_the_last_one(qtbot, gui_env, sto
 def test_deleting_another_chat_keeps_the_open_one(qtbot, gui_env, store, monkeypatch):
     a = _chat(store, "A", "hi", "hello")
     b = _chat(store, "B", "hey", "yo")
+    c = _chat(store, "C", "newest", "chat")
     page = _page(qtbot, gui_env, store)
     page.open_conversation(a)
     monkeypatch.setattr(QMessageBox, "question", lambda *args, **kw: QMessageBox.StandardButton.Yes)
     next(x for x in page.chat_list.context_menu(b).actions() if x.objectName() == "delete").trigger()
-    assert store.conversation(b) is None and page.conversation_id == a and page.chat_list.ids() == [a]
+    assert store.conversation(b) is None and page.conversation_id == a and page.chat_list.ids() == [c, a]
+    assert page.conversation_list.currentItem().text() == "A"
 
 
 # -- answer versions -----------------------------------------------------------------------------
