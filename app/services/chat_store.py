@@ -102,6 +102,9 @@ def _fold(text: str | None) -> str:
 
 
 class ChatStore:
+    """The conversations file (``chats.sqlite3`` in the data folder unless ``path``):
+    opened, upgraded to ``SCHEMA_VERSION`` if it is older, and written through at once."""
+
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path is not None else data_dir() / "chats.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
