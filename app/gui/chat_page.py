@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMenu,
-                               QMessageBox, QPlainTextEdit, QPushButton, QScrollArea, QSplitter,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
+                               QScrollArea, QSplitter, QVBoxLayout, QWidget)
 
+from app.gui.chat_list import ChatList
 from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
-from app.services.chat_store import ChatStore, history_for_model
+from app.services.chat_store import DEFAULT_TITLE, ChatStore, Message, history_for_model
 
 SAVE_INTERVAL_MS = 300
 RENDER_INTERVAL_MS = 50
@@ -51,21 +51,16 @@ class ChatPage(QWidget):
         self._editing: tuple[int, int] | None = None  # (conversation, user message) being edited
 
         # left: conversations
-        self.conversation_list = QListWidget()
-        self.conversation_list.setObjectName("conversationList")
-        self.conversation_list.setTextElideMode(Qt.TextElideMode.ElideRight)
-        self.conversation_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.conversation_list.currentItemChanged.connect(self._on_pick)
-        self.conversation_list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
-        self.conversation_list.customContextMenuRequested.connect(self._conversation_menu)
-        new_button = QPushButton("New chat")
-        new_button.setObjectName("newChatButton")
-        new_button.clicked.connect(lambda: self.new_conversation())
-        left = QWidget()
-        ll = QVBoxLayout(left)
-        ll.setContentsMargins(0, 0, 0, 0)
-        ll.addWidget(new_button)
-        ll.addWidget(self.conversation_list)
+        self.chat_list = ChatList(store, settings)
+        self.conversation_list = self.chat_list.list
+        self.chat_list.picked.connect(self.open_conversation)
+        self.chat_list.newRequested.connect(lambda: self.new_conversation())
+        self.chat_list.deleteRequested.connect(lambda conv_id: self.delete_conversation(conv_id))
+        self.chat_list.message.connect(lambda text: self.notice.show_message(text))
+        find = QShortcut(QKeySequence.StandardKey.Find, self)  # Ctrl+F: search the chats
+        find.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        find.activated.connect(self.chat_list.focus_search)
+        left = self.chat_list
 
         # middle: transcript + input
         self.transcript = QWidget()
@@ -74,6 +69,11 @@ class ChatPage(QWidget):
         self.scroll = QScrollArea()
         self.scroll.setWidgetResizable(True)
         self.scroll.setWidget(self.transcript)
+        # Scrolling to the end must wait for the layout: word-wrapped messages get their
+        # height over several layout passes, each of which moves the scroll range.
+        self._follow_end = False
+        self.scroll.verticalScrollBar().rangeChanged.connect(self._on_scroll_range)
+        self.scroll.verticalScrollBar().valueChanged.connect(self._on_scroll_value)
         self.notice = NoticeBar()
         self.input = ChatInput()
         self.input.setObjectName("chatInput")
@@ -143,42 +143,23 @@ class ChatPage(QWidget):
             self._on_model_loaded(info)
         elif getattr(bridge, "is_loading", False):
             self._set_model_ready(False, "Loading a model…")
-        self._reload_list(select=self._initial_conversation())
+        self._reload_list(select=self.chat_list.initial_conversation())
 
     # -- conversations -----------------------------------------------------------------
-    def _initial_conversation(self) -> int:
-        last = self.settings.value("chat/last_conversation")
-        convs = self.store.conversations()
-        ids = {c.id for c in convs}
-        if last is not None and int(last) in ids:
-            return int(last)
-        if convs:
-            return convs[0].id
-        return self.store.create_conversation().id
-
     def _reload_list(self, select: int | None = None) -> None:
-        self.conversation_list.blockSignals(True)
-        self.conversation_list.clear()
-        chosen = None
-        for conv in self.store.conversations():
-            item = QListWidgetItem(conv.title)
-            item.setData(Qt.ItemDataRole.UserRole, conv.id)
-            self.conversation_list.addItem(item)
-            if conv.id == select:
-                chosen = item
-        self.conversation_list.blockSignals(False)
-        if chosen is not None:
-            self.conversation_list.setCurrentItem(chosen)
-            if self.conversation_id != select:
-                self.open_conversation(select)
-
-    def _on_pick(self, item, _prev=None) -> None:
-        if item is not None:
-            self.open_conversation(item.data(Qt.ItemDataRole.UserRole))
+        self.chat_list.reload(select=select)
+        if select is not None and self.conversation_id != select:
+            self.open_conversation(select)
 
     def new_conversation(self) -> None:
-        conv = self.store.create_conversation(system_prompt=self.params.system_prompt.toPlainText())
-        self._reload_list(select=conv.id)
+        """Start a new chat, or stay in this one if it is still an empty leftover (no
+        pile of empty "New chat" entries)."""
+        self.chat_list.clear_search()  # the new chat must be in sight
+        if self.conversation_id is not None and self.store.is_leftover(self.conversation_id):
+            self.chat_list.set_current(self.conversation_id)
+        else:
+            conv = self.store.create_conversation(system_prompt=self.params.system_prompt.toPlainText())
+            self._reload_list(select=conv.id)
         self.input.setFocus()
 
     def delete_conversation(self, conv_id: int, confirm: bool = True) -> None:
@@ -189,40 +170,49 @@ class ChatPage(QWidget):
         if self._active and self._active["conv"] == conv_id:
             self.stop()
         self.store.delete_conversation(conv_id)
+        if conv_id != self.conversation_id:  # another one: the open chat stays open
+            self.chat_list.remove(conv_id)
+            return
         remaining = self.store.conversations()
         target = remaining[0].id if remaining else self.store.create_conversation().id
         self.conversation_id = None
         self._reload_list(select=target)
 
-    def _conversation_menu(self, pos) -> None:
-        item = self.conversation_list.itemAt(pos)
-        if item is None:
-            return
-        menu = QMenu(self)
-        delete = menu.addAction("Delete…")
-        if menu.exec(self.conversation_list.mapToGlobal(pos)) is delete:
-            self.delete_conversation(item.data(Qt.ItemDataRole.UserRole))
-
     def open_conversation(self, conv_id: int) -> None:
+        if self.conversation_id not in (None, conv_id):
+            self.chat_list.drop_if_leftover(self.conversation_id)  # left unused: clutter
         if self._editing is not None and self._editing[0] != conv_id:
             self._cancel_edit()
         self.conversation_id = conv_id
-        self.settings.setValue("chat/last_conversation", conv_id)
+        self.chat_list.set_current(conv_id)
         conv = self.store.conversation(conv_id)
         self.params.set_system_prompt(conv.system_prompt if conv else "")
-        for w in self._widgets:
-            w.setParent(None)
-            w.deleteLater()
-        self._widgets = []
-        for m in self.store.messages(conv_id):
-            self._append_widget(m.id, m.role, m.content, m.status, m.meta)
+        self._show_messages_from(0)
+        self._scroll_to_end()
+
+    def _show_messages_from(self, position: int) -> None:
+        """Rebuild the transcript from the ``position``-th message on (the ones above stay,
+        so a version flip doesn't move what the user is looking at)."""
+        self._drop_widgets_from(position)
+        for m in self.store.messages(self.conversation_id)[position:]:
+            self._show_message(m)
         if self._active:
             # The streaming answer keeps going (and being saved) while another conversation
             # is shown; it has a widget only while its own conversation is on screen.
-            same = self._active["conv"] == conv_id
+            same = self._active["conv"] == self.conversation_id
             self._active["widget"] = self._widget_for(self._active["msg_id"]) if same else None
         self._update_buttons()
-        self._scroll_to_end()
+
+    def _drop_widgets_from(self, position: int) -> None:
+        for w in self._widgets[position:]:
+            w.setParent(None)
+            w.deleteLater()
+        del self._widgets[position:]
+
+    def _show_message(self, m: Message) -> MessageWidget:
+        w = self._append_widget(m.id, m.role, m.content, m.status, m.meta)
+        w.set_versions(m.version, m.version_count)
+        return w
 
     def _on_system_prompt(self, text: str) -> None:
         if self.conversation_id is not None:
@@ -233,6 +223,7 @@ class ChatPage(QWidget):
         w = MessageWidget(msg_id, role, text, status, meta)
         w.editRequested.connect(self.edit_message)
         w.regenerateRequested.connect(self.regenerate)
+        w.versionRequested.connect(self.flip_version)
         self.transcript_layout.insertWidget(self.transcript_layout.count() - 1, w)
         self._widgets.append(w)
         return w
@@ -244,8 +235,21 @@ class ChatPage(QWidget):
         return list(self._widgets)
 
     def _scroll_to_end(self) -> None:
-        QTimer.singleShot(0, lambda: self.scroll.verticalScrollBar().setValue(
-            self.scroll.verticalScrollBar().maximum()))
+        """Show the end of the transcript, now and as the layout settles, until the user
+        scrolls elsewhere."""
+        self._follow_end = True
+        bar = self.scroll.verticalScrollBar()
+        bar.setValue(bar.maximum())
+
+    def _on_scroll_range(self, _minimum: int, maximum: int) -> None:
+        if self._follow_end:
+            self.scroll.verticalScrollBar().setValue(maximum)
+
+    def _on_scroll_value(self, value: int) -> None:
+        # Whatever leaves the end (wheel, keys, a drag, Tab to a widget above) stops the
+        # following; a growing range doesn't change the value, so it never lands here.
+        if value < self.scroll.verticalScrollBar().maximum():
+            self._follow_end = False
 
     # -- sending -----------------------------------------------------------------------
     def send(self, text: str | None = None) -> None:
@@ -277,19 +281,22 @@ class ChatPage(QWidget):
 
     def _maybe_title(self, text: str) -> None:
         conv = self.store.conversation(self.conversation_id)
-        if conv and conv.title == "New chat":
-            title = " ".join(text.split())[:48] or "New chat"
+        if conv and conv.title == DEFAULT_TITLE:
+            title = " ".join(text.split())[:48] or DEFAULT_TITLE
             self.store.rename(self.conversation_id, title)
-            item = self.conversation_list.currentItem()
-            if item is not None:
-                item.setText(title)
+            self.chat_list.set_title(self.conversation_id, title)
 
-    def _start_answer(self) -> None:
+    def _start_answer(self, version_of: int | None = None) -> None:
         conv_id = self.conversation_id
-        history = history_for_model(self.store.messages(conv_id))
         model = (self.bridge.model_info or {}).get("name", "")
-        msg = self.store.add_message(conv_id, "assistant", "", status="streaming", meta={"model": model})
+        if version_of is None:
+            history = history_for_model(self.store.messages(conv_id))
+            msg = self.store.add_message(conv_id, "assistant", "", status="streaming", meta={"model": model})
+        else:  # a new version of that answer: the model sees only what came before it
+            msg = self.store.add_version(version_of, "", status="streaming", meta={"model": model})
+            history = history_for_model(self.store.messages(conv_id)[:-1])
         widget = self._append_widget(msg.id, "assistant", "", "streaming", {"model": model})
+        widget.set_versions(msg.version, msg.version_count)
         system = self.params.system_prompt.toPlainText().strip() or None
         rid = self.bridge.submit(messages=history, system=system, params=self.params.sampling_params())
         self._active = {"rid": rid, "conv": conv_id, "msg_id": msg.id, "widget": widget,
@@ -304,13 +311,30 @@ class ChatPage(QWidget):
             self.bridge.abort(self._active["rid"])
 
     def regenerate(self, msg_id: int) -> None:
-        """Drop this answer (and anything after it) and ask again."""
-        if self._active is not None or not self._model_ready:
+        """Ask again for this answer. The old one stays as a version (‹ 1/2 › flips back),
+        and so do the turns that followed it: they belong to the version they followed,
+        so nothing is lost and nothing needs confirming."""
+        old = self._widget_for(msg_id)
+        if self._active is not None or not self._model_ready or old is None:
             return
         self._cancel_edit()
-        self.store.delete_from(self.conversation_id, msg_id)
-        self.open_conversation(self.conversation_id)
-        self._start_answer()
+        # The new version takes the old one's place, with nothing after it yet.
+        self._drop_widgets_from(self._widgets.index(old))
+        self._start_answer(version_of=msg_id)
+
+    def flip_version(self, msg_id: int, step: int) -> None:
+        """Show the previous (``step`` -1) or next (+1) version of an answer, with the turns
+        that followed that version; the choice is kept in the store."""
+        w = self._widget_for(msg_id)
+        if self._active is not None or w is None:
+            return
+        versions = self.store.versions(msg_id)
+        target = versions.index(msg_id) + step if msg_id in versions else -1
+        if not 0 <= target < len(versions):
+            return
+        self.store.select_version(versions[target])
+        self._follow_end = False  # stay at the flipped answer, not the end
+        self._show_messages_from(self._widgets.index(w))
 
     def _cancel_edit(self) -> None:
         if self._editing is not None:
@@ -421,6 +445,7 @@ class ChatPage(QWidget):
         self.stop_button.setEnabled(busy)
         for w in self._widgets:
             w.set_actions_enabled(not busy and self._model_ready)
+            w.set_versions_enabled(not busy)  # no model needed to look at another version
 
     @property
     def is_answering(self) -> bool:

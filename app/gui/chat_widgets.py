@@ -45,6 +45,7 @@ class MessageWidget(QFrame):
     copyRequested = Signal(int)
     editRequested = Signal(int)
     regenerateRequested = Signal(int)
+    versionRequested = Signal(int, int)  # message id, -1 for the previous version or +1 for the next
 
     def __init__(self, msg_id: int, role: str, text: str = "", status: str = "complete",
                  meta: dict | None = None, parent=None) -> None:
@@ -119,6 +120,65 @@ class MessageWidget(QFrame):
     def copy(self) -> None:
         QGuiApplication.clipboard().setText(self._text)
         self.copyRequested.emit(self.msg_id)
+
+    # -- answer versions (‹ 1/2 ›), built on first use ------------------------------------
+    versions_bar: QFrame | None = None
+    _versions_enabled = True
+
+    def set_versions(self, version: int, count: int) -> None:
+        """Show "‹ version/count ›" in the header; hidden while there is only one version."""
+        if self.versions_bar is None:
+            if count <= 1:
+                return
+            self._build_versions_bar()
+        self.versions_label.setText(f"{version}/{count}")
+        self.versions_label.setToolTip(f"Version {version} of {count} of this answer")
+        self._version, self._version_count = version, count
+        self.versions_bar.setVisible(count > 1)
+        self.set_versions_enabled(self._versions_enabled)
+
+    def set_versions_enabled(self, enabled: bool) -> None:
+        self._versions_enabled = enabled
+        if self.versions_bar is not None:
+            self.prev_version_button.setEnabled(enabled and self._version > 1)
+            self.next_version_button.setEnabled(enabled and self._version < self._version_count)
+
+    def _build_versions_bar(self) -> None:
+        self.versions_bar = QFrame()
+        self.versions_bar.setObjectName("versionsBar")
+        row = QHBoxLayout(self.versions_bar)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.setSpacing(0)
+
+        def arrow(name: str, text: str, tip: str, step: int) -> QPushButton:
+            b = QPushButton(text)
+            b.setObjectName(name)
+            b.setFlat(True)
+            b.setToolTip(tip)
+            b.setFixedWidth(b.fontMetrics().horizontalAdvance(text) + 14)
+            b.clicked.connect(lambda: self.versionRequested.emit(self.msg_id, step))
+            return b
+
+        self.prev_version_button = arrow("previousVersion", "‹", "Previous version of this answer", -1)
+        self.versions_label = QLabel()
+        self.versions_label.setObjectName("versionLabel")
+        self.next_version_button = arrow("nextVersion", "›", "Next version of this answer", +1)
+        for w in (self.prev_version_button, self.versions_label, self.next_version_button):
+            row.addWidget(w)
+        # Into the header row, just before the Copy button.
+        head = self._header_layout()
+        head.insertWidget(head.indexOf(self.copy_button), self.versions_bar)
+
+    def _header_layout(self) -> QHBoxLayout:
+        """The row holding the role title and the action buttons (found by its Copy
+        button, so the header can be arranged differently without breaking this)."""
+        rows = [self.layout()]
+        while rows:
+            row = rows.pop()
+            if row.indexOf(self.copy_button) >= 0:
+                return row
+            rows += [row.itemAt(i).layout() for i in range(row.count()) if row.itemAt(i).layout()]
+        raise LookupError("the message header has no Copy button")
 
 
 class ParamsPanel(QGroupBox):
