@@ -114,6 +114,41 @@ def test_search_details_download_then_load_from_library(qtbot, page, fake_hub):
     qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
 
 
+def test_device_box_is_filled_before_a_model_is_picked(qtbot, page):
+    panel = page.search_panel
+    qtbot.waitUntil(lambda: panel.device.findData("cpu") >= 0, timeout=WAIT_MS)
+    assert panel.details is None                                    # nothing picked yet
+    ram = panel.device.itemText(panel.device.findData("cpu"))
+    assert ram.startswith("RAM: ") and ram.endswith(" free")
+    assert "Pick a model" in panel.fit_result.text()
+    # The weights choices are the load dialog's; quantizations are greyed out with the reason.
+    weights = panel.weights
+    assert [weights.itemData(i) for i in range(4)] == ["auto", "bfloat16", "float16", "float32"]
+    qtbot.waitUntil(lambda: weights.findData("int4") >= 0, timeout=WAIT_MS)
+    int4 = weights.model().item(weights.findData("int4"))
+    assert not int4.isEnabled() and "not implemented" in int4.toolTip()
+
+
+def test_fit_estimate_uses_the_engine_rules_for_the_device(qtbot, page, monkeypatch):
+    from app.services import fit
+
+    gpu = fit.MemoryTarget("cuda:0", "GPU 0 (Test GPU)", 20 * fit.GIB, 24 * fit.GIB)
+    ram = fit.MemoryTarget("cpu", "RAM", 8 * fit.GIB, 16 * fit.GIB)
+    monkeypatch.setattr(fit, "memory_targets", lambda: [gpu, ram])
+    _search(qtbot, page, "tiny")
+    panel = _open(qtbot, page, TINY)
+    panel.device.setCurrentIndex(panel.device.findData("cpu"))
+    # auto on the CPU loads float32 (4 B a parameter), as Engine.load does; the context is
+    # the model's maximum (2048), as the load dialog's default.
+    assert panel.weights.itemText(0) == "auto (float32 on this device)"
+    # KV: 2 layers x 2 heads x 16 dims x 4 B x 2 = 512 B a token; 64 sequences of 2048 = 64 MiB.
+    assert "weights 0.00 float32 + KV cache 0.06" in panel.fit_result.text()
+    assert panel.context.specialValueText() == "model's maximum (2,048)"
+    panel.device.setCurrentIndex(panel.device.findData("cuda:0"))
+    assert panel.weights.itemText(0) == "auto (bfloat16 on this device)"
+    assert "bfloat16 + KV 0.00 for one 2048-token context" in panel.fit_result.text()
+
+
 def test_gguf_file_download_and_fit_use_the_picked_file(qtbot, page, fake_hub):
     _search(qtbot, page, "GGUF")
     panel = _open(qtbot, page, GGUF_REPO)
@@ -122,7 +157,7 @@ def test_gguf_file_download_and_fit_use_the_picked_file(qtbot, page, fake_hub):
     names = [panel.files.item(r, 0).text() for r in range(panel.files.rowCount())]
     panel.files.selectRow(names.index("tiny-chat.Q8_0.gguf"))
     assert button.isEnabled() and "tiny-chat.Q8_0.gguf" in button.text()
-    assert panel.fit_result.text().startswith("tiny-chat.Q8_0.gguf: fits: needs 0.0 GiB")
+    assert panel.fit_result.text().startswith("tiny-chat.Q8_0.gguf: fits: needs 0.00 GiB")
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: [r.status.state for r in page.downloads_panel.rows.values()] == ["done"],
                     timeout=WAIT_MS)
