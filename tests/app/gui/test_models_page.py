@@ -180,16 +180,66 @@ def test_gated_model_shows_the_link_and_the_download_explains(qtbot, page):
     assert row.retry_button.isVisible()
 
 
-def test_cancel_a_running_download(qtbot, page, fake_hub):
-    fake_hub.throttle("model.safetensors", 0.1, chunk_size=16 * 1024)   # ~4 s: time to press Cancel
+def _running_row(qtbot, page, fake_hub, past_bytes=100_000):
+    """Start tiny-chat slowly (~4 s for the weights) and return its row once under way."""
+    fake_hub.throttle("model.safetensors", 0.1, chunk_size=16 * 1024)
     page.search_panel.downloadRequested.emit(TINY, None)
     rows = page.downloads_panel.rows
-    qtbot.waitUntil(lambda: rows and next(iter(rows.values())).status.bytes_done > 0, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: rows and next(iter(rows.values())).status.current_file == "model.safetensors"
+                    and next(iter(rows.values())).status.bytes_done > past_bytes, timeout=WAIT_MS)
     (row,) = rows.values()
+    return row
+
+
+def _weights_gets(fake_hub):
+    return [e for e in fake_hub.log if e["method"] == "GET" and e["path"].endswith("/model.safetensors")]
+
+
+def test_cancel_asks_first_and_can_delete_the_partial(qtbot, page, fake_hub):
+    row = _running_row(qtbot, page, fake_hub)
+    asked = []
+    page.downloads_panel.ask_cancel = lambda status, parent: asked.append(status.id) or None
     assert row.cancel_button.isVisible()
     qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
+    assert asked == [row.download_id] and page.downloads.get(row.download_id).state == "running"  # not cancelled
+    page.downloads_panel.ask_cancel = lambda status, parent: "delete"
+    qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: row.status.state == "cancelled", timeout=WAIT_MS)
-    assert row.retry_button.isVisible() and "cancelled" in row.line.text()
+    assert row.retry_button.isVisible() and row.line.text() == "cancelled"
+    assert not list(fake_hub.cache.rglob("*.incomplete"))
+    # The bar no longer shows the deleted bytes (config.json alone is left: a sliver).
+    assert row.bar.value() < 10
+
+
+def test_cancel_keeping_the_partial_then_retry_continues_where_it_stopped(qtbot, page, fake_hub):
+    row = _running_row(qtbot, page, fake_hub)
+    page.downloads_panel.ask_cancel = lambda status, parent: "keep"
+    qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "cancelled", timeout=WAIT_MS)
+    (partial,) = fake_hub.cache.rglob("*.incomplete")
+    kept, shown = partial.stat().st_size, row.bar.value()
+    assert shown > 100 and "kept on disk: Retry continues from there" in row.line.text()
+    fake_hub.throttle("model.safetensors", 0.0)
+    qtbot.mouseClick(row.retry_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "done", timeout=WAIT_MS)
+    assert _weights_gets(fake_hub)[-1]["range"] == f"bytes={kept}-"   # not from 0% again
+
+
+def test_pause_and_resume_a_download(qtbot, page, fake_hub):
+    row = _running_row(qtbot, page, fake_hub)
+    assert row.pause_button.isVisible() and not row.resume_button.isVisible()
+    qtbot.mouseClick(row.pause_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "paused", timeout=WAIT_MS)
+    assert row.resume_button.isVisible() and row.cancel_button.isVisible() and not row.pause_button.isVisible()
+    assert row.line.text().startswith("paused · ") and "Resume continues from there" in row.line.text()
+    (partial,) = fake_hub.cache.rglob("*.incomplete")
+    kept, shown = partial.stat().st_size, row.bar.value()
+    assert shown > 100                                              # the bar stays where it was
+    fake_hub.throttle("model.safetensors", 0.0)
+    qtbot.mouseClick(row.resume_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "done", timeout=WAIT_MS)
+    gets = _weights_gets(fake_hub)
+    assert len(gets) == 2 and gets[-1]["range"] == f"bytes={kept}-"
 
 
 def test_offline_search_says_so(qtbot, page, fake_hub):
