@@ -135,6 +135,9 @@ class LoadDialog(QDialog):
         lay.addLayout(form)
         lay.addWidget(self.error)
         lay.addWidget(buttons)
+        # The word-wrapped reasons (many on a CPU-only machine) got a height measured for a
+        # narrower dialog and lost their last lines; at this width they are laid out whole.
+        self.setMinimumWidth(620)
 
     def _unavailable_text(self) -> str:
         """One line per reason, naming every choice it applies to ("int8, int4: ...")."""

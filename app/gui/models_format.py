@@ -66,4 +66,4 @@ def _progress(status) -> str:
     if not status.bytes_total:
         return human_bytes(status.bytes_done)
     return (f"{human_bytes(status.bytes_done)} of {human_bytes(status.bytes_total)} "
-            f"({100 * status.bytes_done / status.bytes_total:.0f}%)")
+            f"({100 * status.bytes_done // status.bytes_total}%)")  # floored, as the bar shows it

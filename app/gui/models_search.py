@@ -36,11 +36,11 @@ def _fetch_details(repo_id: str, token: str | None):
     return details, shape, notes, fit.memory_targets()
 
 
-def _read_machine():
-    """Free memory of every device, and the quantizations the engine can load (with reasons)."""
-    from engine.api import load_choices
+def _engine_quantizations() -> dict[str, list[str]]:
+    """The quantizations the engine offers, each with the reasons it can't load them here."""
+    from engine.api import load_choices  # imports torch: slow the first time, so apart from the devices
 
-    return fit.memory_targets(), load_choices("auto")["quantization"]
+    return load_choices("auto")["quantization"]
 
 
 class SearchPanel(QWidget):
@@ -302,20 +302,23 @@ class SearchPanel(QWidget):
     # ------------------------------------------------------------------ the machine
 
     def refresh_machine(self) -> None:
-        """Read the devices' free memory (and what the engine can load) in the background,
+        """Read the devices' free memory and what the engine can load, in the background,
         so the Device box is filled before any model is picked."""
-        self._runner.run("machine", _read_machine, self._machine_read, self._machine_failed)
+        self._runner.run("machine", fit.memory_targets, self._targets_read, self._machine_failed)
+        self._runner.run("quantizations", _engine_quantizations, self._quantizations_read, lambda _exc: None)
 
-    def _machine_read(self, payload) -> None:
-        targets, quantizations = payload
+    def _targets_read(self, targets) -> None:
         self._targets = list(targets)
-        if quantizations != self._quantizations:
-            self._quantizations = dict(quantizations)
-            self._fill_weights()
         self._show_targets()
         if self.details is None:
             self.fit_result.setText("Pick a model to see whether it fits on the device above.")
         self._update_fit()
+
+    def _quantizations_read(self, quantizations) -> None:
+        if quantizations != self._quantizations:
+            self._quantizations = dict(quantizations)
+            self._fill_weights()
+            self._update_fit()
 
     def _machine_failed(self, exc: Exception) -> None:
         self.device.clear()
