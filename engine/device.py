@@ -7,6 +7,7 @@ import os
 import torch
 
 from engine.errors import InvalidRequestError
+from engine.memory_plan import auto_dtype
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -29,10 +30,9 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32  # bf16 matmuls are slow on most CPUs
+    if name == "auto":  # the rule lives in memory_plan, where the app's fit estimate reads it too
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return getattr(torch, auto_dtype(device.type, bf16_supported=bf16))
     return getattr(torch, name)
 
 

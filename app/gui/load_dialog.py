@@ -3,7 +3,12 @@ and KV-cache precision.
 
 Choices this machine can't use stay in the lists but are greyed out, with the engine's
 reason (from each backend's ``available()``) as their tooltip and under the combo box,
-so nobody wonders why "triton" or "int4" can't be picked.
+so nobody wonders why "triton" or "int4" can't be picked. The same goes for the CUDA
+graphs switch on a machine without a CUDA GPU, or with the CPU device chosen.
+
+The Model field shows a readable name (a repo id, a file name) instead of a Hugging Face
+cache path; the dialog still loads the exact reference it was given unless the user
+types another one.
 """
 
 from __future__ import annotations
@@ -13,10 +18,14 @@ from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QLabel, QLineEdit, QSpinBox, QVBoxLayout)
 
+from app.services.model_names import readable_model_name
 from engine.api import load_choices, parse_bytes
 
+_GRAPHS_TIP = ("CUDA graphs replay each decode step as one GPU launch: faster, for a little GPU memory. "
+               "Tick this to run without them.")
 
-def _fill(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
+
+def fill_choices(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
     """entries: (value, label, reasons); a non-empty reason list greys the item out."""
     combo.clear()
     model: QStandardItemModel = combo.model()
@@ -30,7 +39,7 @@ def _fill(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
             item.setToolTip("")
 
 
-def _select(combo: QComboBox, value) -> None:
+def select_choice(combo: QComboBox, value) -> None:
     idx = combo.findData(value)
     model: QStandardItemModel = combo.model()
     if idx < 0 or not model.item(idx).isEnabled():
@@ -48,21 +57,25 @@ class LoadDialog(QDialog):
         self.settings = settings
         self.choices = choices if choices is not None else load_choices("auto")
         form = QFormLayout()
-        self.model = QLineEdit(model_ref)
+        # The exact reference loads; the field shows its name (a snapshot hash means nothing).
+        self.model_ref = model_ref
+        self.model = QLineEdit(readable_model_name(model_ref))
         self.model.setObjectName("loadModel")
+        self.model.setToolTip(model_ref)
+        self._model_shown = self.model.text()
         form.addRow("Model", self.model)
 
         self.quantization = QComboBox()
         self.quantization.setObjectName("loadQuantization")
-        _fill(self.quantization, [(n, "none (bf16 / fp16)" if n == "none" else n, r)
+        fill_choices(self.quantization, [(n, "none (bf16 / fp16)" if n == "none" else n, r)
                                   for n, r in self.choices["quantization"].items()])
-        _select(self.quantization, settings.value("load/quantization", "none"))
+        select_choice(self.quantization, settings.value("load/quantization", "none"))
         form.addRow("Quantization", self.quantization)
 
         self.attention = QComboBox()
         self.attention.setObjectName("loadAttention")
-        _fill(self.attention, [(n, n, r) for n, r in self.choices["attention"].items()])
-        _select(self.attention, settings.value("load/attention", "") or default_attention(self.choices))
+        fill_choices(self.attention, [(n, n, r) for n, r in self.choices["attention"].items()])
+        select_choice(self.attention, settings.value("load/attention", "") or default_attention(self.choices))
         form.addRow("Attention backend", self.attention)
         self.reasons = QLabel()
         self.reasons.setObjectName("loadReasons")
@@ -73,14 +86,14 @@ class LoadDialog(QDialog):
 
         self.device = QComboBox()
         self.device.setObjectName("loadDevice")
-        _fill(self.device, [(d["id"], d["label"], []) for d in self.choices["devices"]])
-        _select(self.device, settings.value("load/device", "auto"))
+        fill_choices(self.device, [(d["id"], d["label"], []) for d in self.choices["devices"]])
+        select_choice(self.device, settings.value("load/device", "auto"))
         form.addRow("Device", self.device)
 
         self.dtype = QComboBox()
         self.dtype.setObjectName("loadDtype")
-        _fill(self.dtype, [(d, d, []) for d in self.choices["dtypes"]])
-        _select(self.dtype, settings.value("load/dtype", "auto"))
+        fill_choices(self.dtype, [(d, d, []) for d in self.choices["dtypes"]])
+        select_choice(self.dtype, settings.value("load/dtype", "auto"))
         form.addRow("Weights dtype", self.dtype)
 
         self.context = QSpinBox()
@@ -99,15 +112,17 @@ class LoadDialog(QDialog):
         self.kv_dtype = QComboBox()
         self.kv_dtype.setObjectName("loadKvDtype")
         labels = {"auto": "same as the weights", "fp8": "fp8 (e4m3): twice the context, slightly less exact"}
-        _fill(self.kv_dtype, [(n, labels.get(n, n), r)
+        fill_choices(self.kv_dtype, [(n, labels.get(n, n), r)
                               for n, r in self.choices.get("kv_cache_dtypes", {"auto": []}).items()])
-        _select(self.kv_dtype, settings.value("load/kv_cache_dtype", "auto"))
+        select_choice(self.kv_dtype, settings.value("load/kv_cache_dtype", "auto"))
         form.addRow("KV-cache precision", self.kv_dtype)
 
         self.eager = QCheckBox("Run without CUDA graphs (slower; saves a little memory)")
         self.eager.setObjectName("loadEnforceEager")
         self.eager.setChecked(settings.value("load/enforce_eager", "false") in (True, "true"))
         form.addRow("", self.eager)
+        self.device.currentIndexChanged.connect(self._update_graphs_switch)
+        self._update_graphs_switch()
 
         self.error = QLabel()
         self.error.setObjectName("loadError")
@@ -120,6 +135,9 @@ class LoadDialog(QDialog):
         lay.addLayout(form)
         lay.addWidget(self.error)
         lay.addWidget(buttons)
+        # The word-wrapped reasons (many on a CPU-only machine) got a height measured for a
+        # narrower dialog and lost their last lines; at this width they are laid out whole.
+        self.setMinimumWidth(620)
 
     def _unavailable_text(self) -> str:
         """One line per reason, naming every choice it applies to ("int8, int4: ...")."""
@@ -131,10 +149,30 @@ class LoadDialog(QDialog):
                     by_reason.setdefault("; ".join(reasons), []).append(label)
         return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
 
+    def graphs_reason(self) -> str | None:
+        """Why CUDA graphs can't be used with the chosen device (None: they can)."""
+        if not any(d["id"].startswith("cuda") for d in self.choices["devices"]):
+            return "This machine has no CUDA GPU: models run on the CPU, which never uses CUDA graphs."
+        if self.device.currentData() == "cpu":
+            return "The CPU device never uses CUDA graphs: they are for CUDA GPUs."
+        return None
+
+    def _update_graphs_switch(self, *_args) -> None:
+        reason = self.graphs_reason()
+        self.eager.setEnabled(reason is None)
+        self.eager.setToolTip(reason or _GRAPHS_TIP)
+
+    def model_reference(self) -> str | None:
+        """What loads: the reference the dialog was opened with, unless another was typed."""
+        text = self.model.text().strip()
+        if text == self._model_shown:
+            return self.model_ref or None
+        return text or None
+
     def options(self) -> dict:
         kv = self.kv_memory.text().strip()
         return {
-            "model": self.model.text().strip() or None,
+            "model": self.model_reference(),
             "quantization": self.quantization.currentData(),
             "attention": self.attention.currentData(),
             "device": self.device.currentData(),

@@ -45,7 +45,11 @@ def download_line(status) -> str:
     if status.state == "failed":
         return f"failed: {status.error}"
     if status.state == "cancelled":
+        if status.partial_kept and status.bytes_done:
+            return f"cancelled · {_progress(status)} kept on disk: Retry continues from there"
         return "cancelled"
+    if status.state == "paused":
+        return f"paused · {_progress(status)}: Resume continues from there"
     if status.state == "queued":
         return "queued" + (f" · {human_bytes(status.bytes_done)} already here" if status.bytes_done else "")
     parts = [f"{human_bytes(status.bytes_done)} of {human_bytes(status.bytes_total)}"]
@@ -55,3 +59,11 @@ def download_line(status) -> str:
     if status.current_file:
         parts.append(status.current_file)
     return " · ".join(parts)
+
+
+def _progress(status) -> str:
+    """``"120.0 KiB of 660.0 KiB (18%)"`` (no total or percentage while the file list is unknown)."""
+    if not status.bytes_total:
+        return human_bytes(status.bytes_done)
+    return (f"{human_bytes(status.bytes_done)} of {human_bytes(status.bytes_total)} "
+            f"({100 * status.bytes_done // status.bytes_total}%)")  # floored, as the bar shows it

@@ -200,6 +200,7 @@ class ModelsPage(QWidget):
         if not self._shown:
             # First look at the page: popular models and the local library, in the background.
             self._shown = True
+            self.search_panel.refresh_machine()  # the fit estimate's Device box, before any pick
             if not self.search_panel.searched:
                 self.search_panel.search_now()
             self.library_panel.refresh()

@@ -2,8 +2,11 @@
 
 Every Hub call runs on the page's ``TaskRunner``; typing restarts a short timer so a
 search goes out when the user pauses, not on every key. The fit estimate needs the repo's
-config.json and the free memory of each device: both are fetched with the details, so
-changing the quantization, context or device recomputes it at once without the network.
+config.json and the free memory of each device. The devices are read as soon as the page
+opens (``refresh_machine``), and again with each model's details, so changing the weights
+dtype, context or device recomputes the estimate at once without the network. Its
+choices are the load dialog's: the same dtypes, and quantizations greyed out with the
+engine's reason while it can't load them.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroup
                                QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPushButton,
                                QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
+from app.gui.load_dialog import fill_choices, select_choice
 from app.gui.models_format import human_bytes, human_count
 from app.services import fit, hub
 
 SEARCH_DELAY_MS = 350
-QUANT_CHOICES = ("bf16", "fp16", "int8", "fp8", "int4", "nf4", fit.AS_PUBLISHED)
+#: The load dtypes (as in the load dialog) before the engine's quantizations are known.
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 SORT_LABELS = {"Most downloaded": "downloads", "Most liked": "likes", "Recently updated": "updated",
                "Trending": "trending"}
 
@@ -29,6 +34,13 @@ def _fetch_details(repo_id: str, token: str | None):
     details = hub.model_details(repo_id, token=token)
     shape, notes = fit.load_shape(repo_id, revision=details.sha, token=token)
     return details, shape, notes, fit.memory_targets()
+
+
+def _engine_quantizations() -> dict[str, list[str]]:
+    """The quantizations the engine offers, each with the reasons it can't load them here."""
+    from engine.api import load_choices  # imports torch: slow the first time, so apart from the devices
+
+    return load_choices("auto")["quantization"]
 
 
 class SearchPanel(QWidget):
@@ -45,6 +57,7 @@ class SearchPanel(QWidget):
         self._shape = fit.ModelShape()
         self._shape_notes: tuple[str, ...] = ()
         self._targets: list[fit.MemoryTarget] = []
+        self._quantizations: dict[str, list[str]] = {}
         self.searched = False
 
         self.search = QLineEdit()
@@ -90,8 +103,8 @@ class SearchPanel(QWidget):
             combo.currentIndexChanged.connect(self.search_now)
         self.results.currentItemChanged.connect(self._on_result_selected)
         self.files.itemSelectionChanged.connect(self._on_file_selected)
-        for w in (self.quant, self.device):
-            w.currentIndexChanged.connect(self._update_fit)
+        self.weights.currentIndexChanged.connect(self._update_fit)
+        self.device.currentIndexChanged.connect(self._device_changed)
         self.context.valueChanged.connect(self._update_fit)
         self.download_button.clicked.connect(self._request_download)
 
@@ -133,22 +146,27 @@ class SearchPanel(QWidget):
         self.files.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.files.setToolTip("Select a .gguf file to download just that quantization.")
 
-        self.quant = self._combo("fitQuant", ((q, q) for q in QUANT_CHOICES))
+        self.weights = QComboBox()
+        self.weights.setObjectName("fitWeights")
+        self.weights.setToolTip("The load dialog's weights dtype: auto is what the engine picks for the device.")
+        self._fill_weights()
         self.context = QSpinBox()
         self.context.setObjectName("fitContext")
-        self.context.setRange(256, 1 << 20)
+        self.context.setRange(0, 1 << 20)
         self.context.setSingleStep(1024)
-        self.context.setValue(4096)
+        self.context.setSpecialValueText("model's maximum")  # 0, as the load dialog's default
+        self.context.setValue(0)
         self.context.setSuffix(" tokens")
         self.device = QComboBox()
         self.device.setObjectName("fitDevice")
+        self.device.addItem("Reading free memory…", None)
         self.fit_result = QLabel("")
         self.fit_result.setObjectName("fitResult")
         self.fit_result.setWordWrap(True)
         self.fit_result.setTextFormat(Qt.TextFormat.PlainText)
         fit_box = QGroupBox("Will it fit?")
         form = QFormLayout(fit_box)
-        form.addRow("Quantization", self.quant)
+        form.addRow("Weights", self.weights)
         form.addRow("Context", self.context)
         form.addRow("Device", self.device)
         form.addRow(self.fit_result)
@@ -241,18 +259,13 @@ class SearchPanel(QWidget):
             size = QTableWidgetItem(human_bytes(f.size))
             size.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
             self.files.setItem(row, 1, size)
-        self.device.blockSignals(True)
-        self.device.clear()
-        for t in self._targets:
-            self.device.addItem(f"{t.label}: {human_bytes(t.free_bytes)} free", t.key)
-        self.device.blockSignals(False)
-        self.quant.blockSignals(True)
-        self.quant.setCurrentText(fit.AS_PUBLISHED if d.quant_format else "bf16")
-        self.quant.blockSignals(False)
-        if self._shape.max_context:
-            self.context.blockSignals(True)
-            self.context.setValue(min(4096, self._shape.max_context))
-            self.context.blockSignals(False)
+        self._show_targets()
+        self.weights.blockSignals(True)
+        # Pre-quantized AWQ/GPTQ weights are only known by their files' size.
+        select_choice(self.weights, fit.AS_PUBLISHED if d.quant_format in ("awq", "gptq") else fit.AUTO)
+        self.weights.blockSignals(False)
+        most = self._shape.max_context
+        self.context.setSpecialValueText(f"model's maximum ({most:,})" if most else "model's maximum")
         self._on_file_selected()
 
     def _on_details_error(self, exc: Exception) -> None:
@@ -286,17 +299,88 @@ class SearchPanel(QWidget):
             self.download_button.setEnabled(False)
         self._update_fit()
 
+    # ------------------------------------------------------------------ the machine
+
+    def refresh_machine(self) -> None:
+        """Read the devices' free memory and what the engine can load, in the background,
+        so the Device box is filled before any model is picked."""
+        self._runner.run("machine", fit.memory_targets, self._targets_read, self._machine_failed)
+        self._runner.run("quantizations", _engine_quantizations, self._quantizations_read, lambda _exc: None)
+
+    def _targets_read(self, targets) -> None:
+        self._targets = list(targets)
+        self._show_targets()
+        if self.details is None:
+            self.fit_result.setText("Pick a model to see whether it fits on the device above.")
+        self._update_fit()
+
+    def _quantizations_read(self, quantizations) -> None:
+        if quantizations != self._quantizations:
+            self._quantizations = dict(quantizations)
+            self._fill_weights()
+            self._update_fit()
+
+    def _machine_failed(self, exc: Exception) -> None:
+        self.device.clear()
+        self.device.addItem("Free memory unknown", None)
+        self.fit_result.setText(f"Could not read the free memory of this machine ({type(exc).__name__}).")
+
+    def _fill_weights(self) -> None:
+        """Weights choices: the load dtypes, the engine's quantizations (greyed out with its
+        reason while it can't load them) and the files' own size."""
+        current = self.weights.currentData() or fit.AUTO
+        entries = [(d, d, []) for d in DTYPE_CHOICES]
+        entries += [(q, q, reasons) for q, reasons in self._quantizations.items()
+                    if q != "none" and q in fit.BYTES_PER_PARAM]
+        entries.append((fit.AS_PUBLISHED, fit.AS_PUBLISHED, []))
+        self.weights.blockSignals(True)
+        fill_choices(self.weights, entries)
+        select_choice(self.weights, current)
+        self.weights.blockSignals(False)
+        self._label_auto()
+
+    def _label_auto(self) -> None:
+        """Name the dtype ``auto`` stands for on the chosen device (float32 on the CPU)."""
+        target = self._target()
+        idx = self.weights.findData(fit.AUTO)
+        if idx >= 0:
+            self.weights.setItemText(idx, f"auto ({fit.load_dtype(fit.AUTO, target.device_type)} on this device)"
+                                     if target else "auto")
+
+    def _show_targets(self) -> None:
+        """Fill the Device box, keeping the device the user chose."""
+        if not self._targets:
+            return
+        chosen = self.device.currentData()
+        self.device.blockSignals(True)
+        self.device.clear()
+        for t in self._targets:
+            self.device.addItem(f"{t.label}: {human_bytes(t.free_bytes)} free", t.key)
+        idx = self.device.findData(chosen)
+        self.device.setCurrentIndex(idx if idx >= 0 else 0)
+        self.device.blockSignals(False)
+        self._label_auto()
+
+    def _target(self) -> fit.MemoryTarget | None:
+        if not self._targets:
+            return None
+        return next((t for t in self._targets if t.key == self.device.currentData()), self._targets[0])
+
+    def _device_changed(self, *_args) -> None:
+        self._label_auto()
+        self._update_fit()
+
     def _update_fit(self, *_args) -> None:
         d = self.details
-        if d is None or not self._targets:
+        target = self._target()
+        if d is None or target is None:
             return
-        target = next((t for t in self._targets if t.key == self.device.currentData()), self._targets[0])
         picked = self.selected_file()
         gguf = picked if picked and picked.endswith(".gguf") else None
         if gguf is None and not d.safetensors_bytes and d.gguf_files:
             gguf = d.gguf_files[0].path  # the first quantization, until the user picks one
-        est = fit.estimate_for_details(d, self._shape, quantization=self.quant.currentText(),
-                                       context_len=self.context.value(), target=target, gguf_file=gguf,
+        est = fit.estimate_for_details(d, self._shape, weights=self.weights.currentData() or fit.AUTO,
+                                       context_len=self.context.value() or None, target=target, gguf_file=gguf,
                                        notes=self._shape_notes)
         prefix = f"{gguf}: " if gguf else ""
         self.fit_result.setText(prefix + est.summary())

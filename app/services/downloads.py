@@ -1,4 +1,4 @@
-"""A queue of model downloads from the Hugging Face Hub, with progress, cancel and resume.
+"""A queue of model downloads from the Hugging Face Hub, with progress, pause, cancel and resume.
 
 Each download fetches a repo's model files (or the files the user picked, e.g. one GGUF
 file) into the standard Hugging Face cache, so the engine, ``hf`` and every other tool see
@@ -12,19 +12,20 @@ connection, a failure or an app restart. Once a blob is complete,
 ``hf_hub_download`` is called to do the rest the library's way (snapshot link and
 ``refs/<revision>``), which it does without downloading again because the blob exists.
 
+Pause stops the transfer and keeps the partial file; Resume queues the download again and
+it continues from the bytes on disk. Cancel deletes the partial file unless asked to keep
+it (``keep_partial``), in which case Retry continues from it as Resume does.
+
 The queue (repo, files, state, bytes) is saved as JSON in the user data folder on every
-state change, so a restart picks up where it stopped. Listeners get a ``DownloadStatus``
-snapshot on each change (from worker threads: the GUI forwards them through a signal).
+state change, so a restart picks up where it stopped: queued and running downloads go
+on, paused ones stay paused. Listeners get a ``DownloadStatus`` snapshot on each change
+(from worker threads: the GUI forwards them through a signal).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import re
-import shutil
 import threading
 import time
 import uuid
@@ -33,19 +34,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from app.services.download_files import MODEL_FILE_PATTERNS, RepoFetcher
 from app.services.hub import HubError, describe_error
-from app.services.resumable import Stopped, fetch_resumable, sha256_matches
+from app.services.resumable import Stopped
 from app.services.user_data import data_dir, write_json_atomic
 
 log = logging.getLogger("hearth.app.downloads")
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
-#: Files a default download takes: enough to run the model, never pickle weights. Mirrors
-#: what the engine itself fetches for a repo id.
-MODEL_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                       "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
-                       "chat_template*"]
+QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = "queued", "running", "paused", "done", "failed", "cancelled"
+#: States whose partial files a later Resume / Retry continues from (never deleted under them).
+_UNFINISHED = (QUEUED, RUNNING, PAUSED)
+__all__ = ["DownloadManager", "DownloadStatus", "MODEL_FILE_PATTERNS", "QUEUED", "RUNNING", "PAUSED", "DONE",
+           "FAILED", "CANCELLED"]
 STATE_FILE = "downloads.json"
 _EMIT_INTERVAL_S = 0.1         # at most ~10 progress events per second per download
 _SPEED_WINDOW_S = 5.0
@@ -56,7 +56,8 @@ class DownloadStatus:
     """A snapshot of one download. ``bytes_total`` is ``None`` until the file list is known;
     ``speed_bps`` and ``eta_s`` only mean something while running; ``path`` is the local
     model folder (or the GGUF file) once done; ``error_url`` is the page to open for a
-    gated model."""
+    gated model. ``partial_kept``: cancelled with its partial file kept, so Retry (or
+    downloading the same files again) continues from it."""
 
     id: str
     repo_id: str
@@ -72,6 +73,7 @@ class DownloadStatus:
     error_kind: str | None = None
     error_url: str | None = None
     path: str | None = None
+    partial_kept: bool = False
 
     @property
     def fraction(self) -> float | None:
@@ -79,20 +81,34 @@ class DownloadStatus:
 
     @property
     def active(self) -> bool:
+        """Queued or running: it will move on by itself (a paused one waits for Resume)."""
         return self.state in (QUEUED, RUNNING)
+
+    @property
+    def unfinished(self) -> bool:
+        """Queued, running or paused: Resume or the queue will take it further."""
+        return self.state in _UNFINISHED
 
 
 class _Job:
     def __init__(self, status: DownloadStatus) -> None:
         self.status = status
         self.stop = threading.Event()
+        # What the worker does once the transfer has stopped: CANCELLED, PAUSED, or QUEUED
+        # (the app is quitting, or Resume was pressed while the pause took effect).
         self.stop_reason = CANCELLED
+        self.keep_partial = False
         self.samples: deque[tuple[float, int]] = deque()
         self.last_emit = 0.0
         self.transferring = False  # bytes are being fetched (vs. metadata / cache checks)
 
+    @property
+    def discard_partial(self) -> bool:
+        """The transfer stops for a cancel that deletes the partial file."""
+        return self.stop_reason == CANCELLED and not self.keep_partial
 
-class DownloadManager:
+
+class DownloadManager(RepoFetcher):
     """Runs queued downloads, ``max_parallel`` at a time, and remembers them across restarts.
 
     Args:
@@ -153,27 +169,33 @@ class DownloadManager:
                 t.start()
 
     def enqueue(self, repo_id: str, *, files: list[str] | None = None, revision: str | None = None) -> str:
-        """Queue a download and return its id (an unfinished identical one is reused).
+        """Queue a download and return its id (an unfinished identical one is reused, and
+        resumed if it was paused).
 
         ``files``: exact file names in the repo (e.g. one ``.gguf``); ``None`` takes the
         model's safetensors weights, config and tokenizer.
         """
         wanted = tuple(sorted(files)) if files else None
         with self._lock:
-            for job in self._jobs.values():
-                s = job.status
-                if s.active and (s.repo_id, s.files, s.revision) == (repo_id, wanted, revision):
-                    return s.id
-            status = DownloadStatus(id=uuid.uuid4().hex[:12], repo_id=repo_id, revision=revision, files=wanted)
-            self._jobs[status.id] = _Job(status)
-            self._pending.append(status.id)
-            self._save()
-            self._wake.notify_all()
+            same = next((j.status for j in self._jobs.values() if j.status.unfinished
+                         and (j.status.repo_id, j.status.files, j.status.revision) == (repo_id, wanted, revision)),
+                        None)
+            if same is None:
+                status = DownloadStatus(id=uuid.uuid4().hex[:12], repo_id=repo_id, revision=revision, files=wanted)
+                self._jobs[status.id] = _Job(status)
+                self._pending.append(status.id)
+                self._save()
+                self._wake.notify_all()
+        if same is not None:
+            if same.state == PAUSED:
+                self.resume(same.id)
+            return same.id
         self._emit(self._jobs[status.id], force=True)
         return status.id
 
-    def cancel(self, download_id: str) -> None:
-        """Stop a queued or running download and delete its partial file (finished files stay cached)."""
+    def pause(self, download_id: str) -> None:
+        """Stop a queued or running download and keep its partial file: ``resume`` continues
+        from the bytes on disk, in this session or the next."""
         with self._lock:
             job = self._jobs.get(download_id)
             if job is None or not job.status.active:
@@ -181,50 +203,103 @@ class DownloadManager:
             queued = download_id in self._pending
             if queued:
                 self._pending.remove(download_id)
-            else:
+            elif not job.stop.is_set():  # a cancel already under way wins
+                job.stop_reason = PAUSED
+                job.stop.set()  # the worker notices at its next chunk and marks it paused
+        if queued:
+            self._set(job, state=PAUSED, speed_bps=0.0, eta_s=None)
+
+    def resume(self, download_id: str) -> None:
+        """Queue a paused download again; it continues from the bytes on disk."""
+        with self._lock:
+            job = self._jobs.get(download_id)
+            if job is None:
+                return
+            if job.status.state == RUNNING and job.stop.is_set() and job.stop_reason == PAUSED:
+                job.stop_reason = QUEUED  # Resume before the pause took effect: queue it again
+                return
+            if job.status.state != PAUSED:
+                return
+        self._requeue(job)
+
+    def cancel(self, download_id: str, *, keep_partial: bool = False) -> None:
+        """Stop a queued, running or paused download. Its partial file is deleted, unless
+        ``keep_partial``: then Retry continues from it. Finished files stay cached."""
+        with self._lock:
+            job = self._jobs.get(download_id)
+            if job is None or not job.status.unfinished:
+                return
+            job.keep_partial = keep_partial
+            running = job.status.state == RUNNING
+            if running:
                 job.stop_reason = CANCELLED
                 job.stop.set()  # the worker notices at its next chunk and cleans up
-        if queued:
-            self._set(job, state=CANCELLED, speed_bps=0.0, eta_s=None)
-            self._drop_partials(job.status.repo_id)  # e.g. left by an earlier failed attempt
+            elif download_id in self._pending:
+                self._pending.remove(download_id)
+        if not running:
+            # Queued or paused: partial files from this or an earlier attempt are on disk.
+            dropped = 0 if keep_partial else self._drop_partials(job.status.repo_id, exclude=download_id)
+            self._set(job, state=CANCELLED, speed_bps=0.0, eta_s=None, current_file=None, partial_kept=keep_partial,
+                      bytes_done=max(job.status.bytes_done - dropped, 0))
 
     def retry(self, download_id: str) -> None:
-        """Queue a failed or cancelled download again (it resumes whatever is on disk)."""
+        """Queue a failed or cancelled download again (it resumes whatever is on disk); a
+        paused one is resumed."""
         with self._lock:
             job = self._jobs.get(download_id)
             if job is None or job.status.active:
                 return
+        if job.status.state == PAUSED:
+            self.resume(download_id)
+        else:
+            self._requeue(job)
+
+    def _requeue(self, job: _Job) -> None:
+        with self._lock:
             job.stop = threading.Event()
-            job.status = replace(job.status, state=QUEUED, error=None, error_kind=None, error_url=None)
-            self._pending.append(download_id)
+            job.keep_partial = False
+            job.status = replace(job.status, state=QUEUED, error=None, error_kind=None, error_url=None,
+                                 partial_kept=False)
+            self._pending.append(job.status.id)
             self._save()
             self._wake.notify_all()
         self._emit(job, force=True)
 
     def remove(self, download_id: str) -> None:
         """Forget a finished, failed or cancelled download. Finished files stay in the cache;
-        a failed or cancelled one's partial files are deleted (nothing could resume them)."""
+        a failed or cancelled one's partial files are deleted, except those the user chose
+        to keep when cancelling (downloading the same files again continues from them)."""
         with self._lock:
             job = self._jobs.get(download_id)
-            if job is not None and not job.status.active:
+            if job is not None and not job.status.unfinished:
                 del self._jobs[download_id]
                 self._save()
             else:
                 job = None
-        if job is not None and job.status.state != DONE:
+        if job is not None and job.status.state != DONE and not job.status.partial_kept:
             self._drop_partials(job.status.repo_id)  # a failed download's partial files go too
 
-    def _drop_partials(self, repo_id: str) -> None:
-        """Delete the repo's partial (``.incomplete``) blobs unless a live download needs them."""
+    def _drop_partials(self, repo_id: str, exclude: str | None = None) -> int:
+        """Delete the repo's partial (``.incomplete``) blobs unless another download may
+        still continue from them; returns the bytes deleted."""
         from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
 
         with self._lock:
-            if any(j.status.active and j.status.repo_id == repo_id for j in self._jobs.values()):
-                return
+            if any(j.status.repo_id == repo_id and j.status.id != exclude
+                   and (j.status.unfinished or j.status.partial_kept or j.status.state == FAILED)
+                   for j in self._jobs.values()):
+                return 0
         blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+        dropped = 0
         for partial in blobs.glob("*.incomplete"):
-            partial.unlink(missing_ok=True)
+            try:
+                size = partial.stat().st_size
+                partial.unlink()
+            except OSError:
+                continue  # gone already, or in use: nothing more to do here
+            dropped += size
+        return dropped
 
     def list(self) -> list[DownloadStatus]:
         """All downloads, oldest first."""
@@ -253,7 +328,7 @@ class DownloadManager:
         with self._lock:
             self._closed = True
             for job in self._jobs.values():
-                if job.status.state == RUNNING:
+                if job.status.state == RUNNING and not job.stop.is_set():  # a pause or cancel under way stands
                     job.stop_reason = QUEUED
                     job.stop.set()
             self._wake.notify_all()
@@ -279,7 +354,7 @@ class DownloadManager:
                 status = DownloadStatus(**{**item, "files": files})
             except TypeError:
                 continue  # written by another version: skip rather than crash at start-up
-            if status.state == RUNNING:  # the app stopped mid-download
+            if status.state == RUNNING:  # the app stopped mid-download (a paused one stays paused)
                 status = replace(status, state=QUEUED)
             status = replace(status, speed_bps=0.0, eta_s=None)
             self._jobs[status.id] = _Job(status)
@@ -356,10 +431,7 @@ class DownloadManager:
             try:
                 path = self._download(job)
             except Stopped:
-                if job.stop_reason == QUEUED:  # shutdown: resume next time
-                    self._set(job, state=QUEUED, speed_bps=0.0, eta_s=None)
-                else:
-                    self._set(job, state=CANCELLED, speed_bps=0.0, eta_s=None, current_file=None)
+                self._stopped(job)
             except Exception as exc:
                 err = describe_error(exc, job.status.repo_id)
                 status_code = getattr(getattr(exc, "response", None), "status_code", None)
@@ -377,128 +449,22 @@ class DownloadManager:
             else:
                 self._set(job, state=DONE, path=str(path), current_file=None, speed_bps=0.0, eta_s=0.0)
 
+    def _stopped(self, job: _Job) -> None:
+        """The transfer stopped on request: queue, pause or cancel, as asked last."""
+        reason = job.stop_reason
+        if reason == QUEUED:  # quitting (resumes at the next start), or Resume during a pause
+            with self._lock:
+                job.status = replace(job.status, state=QUEUED, speed_bps=0.0, eta_s=None)
+                if not self._closed:
+                    self._pending.append(job.status.id)
+                self._save()
+                self._wake.notify_all()
+            self._emit(job, force=True)
+        elif reason == PAUSED:
+            self._set(job, state=PAUSED, speed_bps=0.0, eta_s=None)
+        else:
+            self._set(job, state=CANCELLED, speed_bps=0.0, eta_s=None, current_file=None,
+                      partial_kept=job.keep_partial)
+
     def _token(self) -> str | None:
         return self._token_provider() if self._token_provider is not None else None
-
-    def _download(self, job: _Job) -> Path:
-        from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
-        from huggingface_hub.file_download import get_hf_file_metadata, repo_folder_name
-
-        from app.services.hub import check_online
-
-        check_online()
-        s, token = job.status, self._token()
-        revision = s.revision or "main"
-        info = HfApi(token=token).model_info(s.repo_id, revision=revision, files_metadata=True, timeout=30)
-        sizes = {f.rfilename: (f.lfs.size if f.lfs is not None else f.size) or 0 for f in info.siblings or ()}
-        names = self._select_files(s, sizes)
-        cache = Path(constants.HF_HUB_CACHE)
-        storage = cache / repo_folder_name(repo_id=s.repo_id, repo_type="model")
-        self._set(job, bytes_total=sum(sizes[n] for n in names), bytes_done=0)
-
-        todo, pointer = [], None
-        for name in names:
-            cached = try_to_load_from_cache(s.repo_id, name, cache_dir=cache, revision=info.sha)
-            if isinstance(cached, str):
-                pointer = cached
-                self._advance(job, sizes[name])  # already in the cache
-            else:
-                todo.append(name)
-        job.samples.clear()  # cached bytes are not download speed
-        for name in todo:
-            self._check_stop(job)
-            self._set(job, current_file=name)
-            meta = get_hf_file_metadata(hf_hub_url(s.repo_id, name, revision=info.sha), token=token)
-            blob = storage / "blobs" / meta.etag
-            if not blob.exists():
-                self._fetch_blob(job, meta.location, blob, meta.size if meta.size is not None else sizes[name],
-                                 token)
-            else:
-                self._advance(job, sizes[name])
-            # The blob is in place: this only links it into the snapshot and writes the ref.
-            pointer = hf_hub_download(s.repo_id, name, revision=revision, token=token, cache_dir=cache)
-        if s.files is not None and len(names) == 1:
-            return Path(pointer)  # a single picked file (a GGUF) is what gets loaded
-        return storage / "snapshots" / info.sha
-
-    @staticmethod
-    def _select_files(s: DownloadStatus, sizes: dict[str, int]) -> list[str]:
-        if s.files is not None:
-            split = [f for f in s.files if _SPLIT_GGUF.search(f)]
-            if split:
-                raise HubError("other", f"{split[0]} is one part of a GGUF split into several files, which "
-                               "Hearth can't load yet: pick a single-file quantization of this model.")
-            missing = [f for f in s.files if f not in sizes]
-            if missing:
-                raise HubError("not_found", f"{', '.join(missing)} is not in '{s.repo_id}' (any more): refresh the "
-                               "model's details and pick again.")
-            return list(s.files)
-        from huggingface_hub.utils import filter_repo_objects
-
-        names = list(filter_repo_objects(sorted(sizes), allow_patterns=MODEL_FILE_PATTERNS))
-        if not any(n.endswith(".safetensors") for n in names):
-            if any(n.endswith(".gguf") for n in sizes):
-                raise HubError("other", f"'{s.repo_id}' ships GGUF files: pick one of them in the file list "
-                               "and download that.")
-            raise HubError("other", f"'{s.repo_id}' has no safetensors weights. Hearth never downloads pickle "
-                           "(.bin) checkpoints because they can run code when loaded; look for a safetensors "
-                           "or GGUF version of this model.")
-        return names
-
-    def _check_stop(self, job: _Job) -> None:
-        if job.stop.is_set():
-            raise Stopped()
-
-    def _fetch_blob(self, job: _Job, url: str, blob: Path, size: int, token: str | None) -> None:
-        """Download ``url`` into ``blob`` through ``blob.incomplete``, resuming what is there."""
-        partial = blob.with_name(blob.name + ".incomplete")
-        key = str(blob)
-        with self._lock:
-            if key in self._busy_blobs:  # the same file in another running download (same etag)
-                raise HubError("other", "this file is already being downloaded by another queued download; "
-                               "retry when that one finishes.")
-            self._busy_blobs.add(key)
-        name = job.status.current_file
-        try:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            have = partial.stat().st_size if partial.exists() else 0
-            if have > size:
-                partial.unlink()
-                have = 0
-            free = shutil.disk_usage(partial.parent).free
-            if size - have > free:
-                raise HubError("disk_full", f"not enough disk space for {name}: it needs {_gib(size - have)} GiB "
-                               f"more and {partial.parent} has {_gib(free)} GiB free. Free some space (for "
-                               "example delete models in the Library) and retry.")
-            self._advance(job, have)
-            job.samples.clear()  # bytes from an earlier session are not download speed
-            job.transferring = True
-            stitched = fetch_resumable(url, partial, size, token=token,
-                                       on_bytes=lambda n: self._advance(job, n),
-                                       should_stop=job.stop.is_set, sleep=job.stop.wait,
-                                       max_retries=self._max_retries, retry_wait_s=self._retry_wait_s,
-                                       label=name)
-            # A blob stitched from several responses must match the Hub's sha256 (an LFS etag).
-            if stitched and len(blob.name) == 64 and not sha256_matches(partial, blob.name, job.stop.is_set):
-                partial.unlink(missing_ok=True)
-                self._advance(job, -size)
-                raise HubError("other", f"{name} was corrupted while resuming; its partial copy was deleted. "
-                               "Press Retry to download it again.")
-            os.replace(partial, blob)
-            job.transferring = False  # a later failure (next file's metadata) is not mid-transfer
-        except Stopped:
-            if job.stop_reason == CANCELLED:
-                partial.unlink(missing_ok=True)
-            raise
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise HubError("disk_full", f"the disk filled up while downloading {name}: free some space and "
-                               "press Retry; it continues where it stopped.") from exc
-            raise
-        finally:
-            with self._lock:
-                self._busy_blobs.discard(key)
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f}"

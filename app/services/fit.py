@@ -1,43 +1,58 @@
 """Will this model fit? Weights + KV cache + overhead against free GPU memory or RAM.
 
-The estimate, in bytes (all shown to the user in GiB):
+The estimate applies the rules ``Engine.load`` applies (through ``engine.api``, not a copy
+of them), so what it says is what a load with the same options takes:
 
-* weights: ``params x bytes/param`` of the chosen quantization. 16-bit formats take
-  2 B/param; int8 / fp8 1 B; 4-bit formats 0.5 B plus their group scales (an fp16 scale
-  and zero point per group of 128 for int4/AWQ/GPTQ, an fp32 absmax per block of 64 for
-  nf4). Quantizers leave the embeddings and LM head in 16 bit, so those stay at 2 B/param
-  when the config says how big they are. ``"as published"`` uses the size of the weight
-  files themselves (pre-quantized AWQ/GPTQ repos, a chosen GGUF file).
-* KV cache for one sequence of the full context:
-  ``2 (K and V) x layers x kv_heads x head_dim x 2 bytes x tokens``, from config.json.
+* weights: ``params x bytes/param`` of the weights dtype. ``"auto"`` is the engine's own
+  rule for the device (float32 on the CPU, bfloat16 on a GPU); GGUF files are converted
+  and then loaded in that dtype too. Quantizations (int8, int4, ...) take their packed
+  size plus group scales, with embeddings and LM head left in 16 bit; ``"as published"``
+  takes the weight files' size (pre-quantized AWQ/GPTQ repos).
+* KV cache: what the load sets aside, sized as the engine sizes it: blocks of
+  ``2 (K and V) x layers x kv_heads x head_dim x dtype bytes x 16 tokens`` from
+  ``kv_cache_memory`` if given, else on the CPU a quarter of the free RAM capped at
+  1 GiB, never more than 64 sequences of the full context could use. On a GPU the load
+  gives the KV cache the rest of the card: the verdict counts one full context there,
+  the least a load accepts, and the summary says what the rest comes to.
+* context: the load's ``max_model_len``; ``None`` is the model's own maximum, as in the
+  load dialog.
 * overhead: 10% on top (activations, CUDA context, allocator slack).
 
-Verdict: "won't fit" when the total exceeds the free memory, "tight" when it uses more
-than 90% of it, else "fits".
+Verdict: "won't fit" when the total exceeds the free memory (or the KV cache can't hold
+one full context), "tight" when it uses more than 90% of it, else "fits".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from engine.api import (DTYPE_BYTES, CacheConfig, SchedulerConfig, auto_dtype, context_blocks, cpu_kv_budget,
+                        kv_pool_blocks)
+
 GIB = 1 << 30
-#: Bytes per parameter of each choice in the quantization selector.
-BYTES_PER_PARAM = {
-    "bf16": 2.0,
-    "fp16": 2.0,
-    "fp32": 4.0,
-    "int8": 1.0,
-    "fp8": 1.0,
-    "int4": 0.5 + 4 / 128,
-    "awq": 0.5 + 4 / 128,
-    "gptq": 0.5 + 4 / 128,
-    "nf4": 0.5 + 4 / 64,
-}
+#: The engine's own choice of weights dtype for the device (float32 on CPU, bf16 on GPU).
+AUTO = "auto"
 #: Pseudo-quantization: take the weight files' size as they are.
 AS_PUBLISHED = "as published"
+_GROUP_SCALES = 4 / 128      # an fp16 scale and zero point per group of 128 weights
+#: Bytes per parameter of every weights choice besides ``AUTO`` and ``AS_PUBLISHED``: the
+#: load dtypes, then the engine's quantization names.
+BYTES_PER_PARAM = {
+    **{name: float(size) for name, size in DTYPE_BYTES.items()},
+    "int8": 1.0,
+    "fp8": 1.0,
+    "int4": 0.5 + _GROUP_SCALES,
+    "awq": 0.5 + _GROUP_SCALES,
+    "gptq": 0.5 + _GROUP_SCALES,
+    "bnb-nf4": 0.5 + 4 / 64,  # an fp32 absmax per block of 64
+    "bnb-int8": 1.0,
+}
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "nf4": "bnb-nf4"}
 OVERHEAD = 0.10
 TIGHT_FRACTION = 0.90
-KV_BYTES = 2  # the KV cache is kept in 16 bit
+#: A load's context when config.json names none (the engine's fallback too).
+FALLBACK_CONTEXT = 4096
+_FP8_KV_BYTES = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +95,20 @@ class MemoryTarget:
     free_bytes: int
     total_bytes: int
 
+    @property
+    def device_type(self) -> str:
+        """``"cuda"`` or ``"cpu"``: which of the engine's rules apply."""
+        return "cuda" if self.key.startswith("cuda") else "cpu"
+
 
 @dataclass(frozen=True, slots=True)
 class FitEstimate:
-    """The outcome, with every number that went into it (bytes)."""
+    """The outcome, with every number that went into it (bytes).
+
+    ``kv_cache_bytes`` is the KV pool the load sets aside; ``kv_context_bytes`` what one
+    sequence of the full context needs. ``kv_fills_device``: the load gives the KV cache
+    the rest of a GPU, so the verdict counts one context and ``kv_cache_bytes`` is about.
+    """
 
     verdict: str            # "fits" | "tight" | "won't fit" | "unknown"
     weights_bytes: int
@@ -91,93 +116,157 @@ class FitEstimate:
     overhead_bytes: int
     available_bytes: int
     target_label: str
-    quantization: str
+    weights: str            # the choice: "auto", a dtype, a quantization or AS_PUBLISHED
+    dtype: str              # the dtype the weights (or, quantized, their compute) load in
     context_len: int
+    kv_context_bytes: int = 0
+    kv_fills_device: bool = False
     notes: tuple[str, ...] = ()
 
     @property
+    def kv_counted_bytes(self) -> int:
+        """The KV bytes the verdict counts (one context where the pool takes the rest)."""
+        return self.kv_context_bytes if self.kv_fills_device else self.kv_cache_bytes
+
+    @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+        return self.weights_bytes + self.kv_counted_bytes + self.overhead_bytes
 
     def summary(self) -> str:
-        """One line for the UI, e.g. ``won't fit: needs 15.4 GiB (weights 13.0 + KV 1.0 +
-        overhead 1.4), RAM has 8.0 GiB free: pick int4 or a shorter context``."""
-        need = (f"needs {gib(self.total_bytes)} GiB (weights {gib(self.weights_bytes)} + KV "
-                f"{gib(self.kv_cache_bytes)} + overhead {gib(self.overhead_bytes)})")
+        """One line for the UI, e.g. ``won't fit: needs 15.4 GiB (weights 13.0 bfloat16 +
+        KV cache 1.0 + overhead 1.4), RAM has 8.0 GiB free: pick ...``."""
+        # "auto" names the dtype it resolved to; a quantization or "as published" itself.
+        dtype = self.dtype if self.weights == AUTO or self.weights in DTYPE_BYTES else self.weights
+        kv = (f"KV {gib(self.kv_context_bytes)} for one {self.context_len}-token context" if self.kv_fills_device
+              else f"KV cache {gib(self.kv_cache_bytes)}")
+        need = (f"needs {gib(self.total_bytes)} GiB (weights {gib(self.weights_bytes)} {dtype} + {kv} + "
+                f"overhead {gib(self.overhead_bytes)})")
         have = f"{self.target_label} has {gib(self.available_bytes)} GiB free"
         text = f"{self.verdict}: {need}, {have}"
         if self.verdict == "won't fit":
-            text += ": pick a smaller quantization, a shorter context or another device"
+            text += ": pick a smaller dtype or quantization, a shorter context or another device"
         elif self.verdict == "tight":
             text += ": it may run out of memory with long prompts or other programs open"
+        if self.kv_fills_device and self.verdict != "won't fit" and self.kv_cache_bytes:
+            text += f"; the KV cache then takes about {gib(self.kv_cache_bytes)} GiB of the rest"
         return text + "".join(f". {n}" for n in self.notes)
 
 
 def gib(n: int | float) -> str:
-    """Bytes as GiB with one decimal, the unit every number on the page uses."""
-    return f"{n / GIB:.1f}"
+    """Bytes as GiB, the unit every number on the page uses: one decimal from 1 GiB up,
+    two below (a 135M model's 0.25 vs 0.50 GiB must not both read 0.5)."""
+    value = n / GIB
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.2f}"
 
 
-def weight_bytes(num_params: int, quantization: str, *, embedding_params: int = 0) -> int:
-    """Bytes of ``num_params`` weights stored as ``quantization`` (a key of ``BYTES_PER_PARAM``).
+def weights_name(weights: str) -> str:
+    """The canonical name of a weights choice (``"bf16"`` -> ``"bfloat16"``, ``"nf4"`` ->
+    ``"bnb-nf4"``); ``AUTO`` and ``AS_PUBLISHED`` stay as they are."""
+    return _ALIASES.get(weights, weights)
+
+
+def load_dtype(weights: str, device_type: str) -> str:
+    """The dtype a load with this weights choice runs in on ``device_type``: the choice
+    itself if it is a dtype, else the engine's ``auto`` rule for the device."""
+    weights = weights_name(weights)
+    return weights if weights in DTYPE_BYTES else auto_dtype(device_type)
+
+
+def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0) -> int:
+    """Bytes of ``num_params`` weights stored as ``weights`` (a key of ``BYTES_PER_PARAM``
+    or an alias such as ``"bf16"``; resolve ``AUTO`` with ``load_dtype`` first).
 
     Below 16 bit, ``embedding_params`` (embeddings + untied LM head) stay at 2 B/param.
 
     Raises:
-        ValueError: unknown quantization.
+        ValueError: unknown weights choice.
     """
-    if quantization not in BYTES_PER_PARAM:
-        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(BYTES_PER_PARAM)}")
-    rate = BYTES_PER_PARAM[quantization]
+    name = weights_name(weights)
+    if name not in BYTES_PER_PARAM:
+        raise ValueError(f"unknown weights dtype or quantization {weights!r}; choose one of "
+                         f"{', '.join(BYTES_PER_PARAM)}")
+    rate = BYTES_PER_PARAM[name]
     if rate >= 2.0 or embedding_params <= 0:
         return int(round(num_params * rate))
     embed = min(embedding_params, num_params)
     return int(round(embed * 2.0 + (num_params - embed) * rate))
 
 
-def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, tokens: int,
-                   dtype_bytes: int = KV_BYTES) -> int:
-    """``2 x layers x kv_heads x head_dim x dtype_bytes x tokens`` (K and V for every layer)."""
-    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes * tokens
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """``2 x layers x kv_heads x head_dim x dtype_bytes`` (K and V of one token, every layer)."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
-def estimate(*, num_params: int | None, shape: ModelShape, quantization: str, context_len: int,
-             target: MemoryTarget, published_weight_bytes: int | None = None) -> FitEstimate:
-    """Combine weights, KV cache and overhead and compare with ``target.free_bytes``.
+def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, dtype_bytes: int = 2) -> int:
+    """K and V of ``tokens`` tokens in every layer (one sequence, no block rounding)."""
+    return kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes) * tokens
 
-    ``published_weight_bytes`` is used for ``AS_PUBLISHED`` (and when the parameter count
-    is unknown). The verdict is ``"unknown"`` when neither is available.
+
+def estimate(*, num_params: int | None, shape: ModelShape, target: MemoryTarget, weights: str = AUTO,
+             context_len: int | None = None, kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto",
+             published_weight_bytes: int | None = None) -> FitEstimate:
+    """What a load with these options takes on ``target``, against its free bytes.
+
+    ``weights``, ``context_len`` (``max_model_len``), ``kv_cache_memory`` (bytes) and
+    ``kv_cache_dtype`` mean what the load options of the same names mean. Weights come
+    from ``num_params``; ``published_weight_bytes`` is used for ``AS_PUBLISHED`` (and
+    when the parameter count is unknown). The verdict is ``"unknown"`` when neither is.
     """
     notes: list[str] = []
-    if quantization == AS_PUBLISHED or num_params is None:
+    weights = weights_name(weights)
+    device = target.device_type
+    dtype = load_dtype(weights, device)
+    if weights == AS_PUBLISHED or num_params is None:
         if published_weight_bytes is None:
-            weights = 0
+            weights_total = 0
         else:
-            weights = int(published_weight_bytes)
-            if quantization != AS_PUBLISHED:
+            weights_total = int(published_weight_bytes)
+            if weights != AS_PUBLISHED:
                 notes.append("parameter count unknown: weights counted at their file size")
     else:
-        weights = weight_bytes(num_params, quantization, embedding_params=shape.embedding_params)
+        weights_total = weight_bytes(num_params, dtype if weights == AUTO else weights,
+                                     embedding_params=shape.embedding_params)
+    context = context_len or shape.max_context or FALLBACK_CONTEXT
+    if shape.max_context and context > shape.max_context:
+        notes.append(f"the model takes at most {shape.max_context} tokens of context: a load with more is refused")
+    pool = one_context = 0
+    fills = False
     if shape.has_kv_shape:
-        kv = kv_cache_bytes(shape.num_layers, shape.num_kv_heads, shape.head_dim, context_len)
+        cache, sched = CacheConfig(), SchedulerConfig()   # the engine's defaults, as the app loads
+        kv_bytes = _FP8_KV_BYTES if kv_cache_dtype == "fp8" else DTYPE_BYTES[dtype]
+        block_bytes = kv_bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim,
+                                         kv_bytes) * cache.block_size
+        one_context = context_blocks(context, cache.block_size) * block_bytes
+        if kv_cache_memory is not None:
+            budget = int(kv_cache_memory)
+        elif device == "cpu":
+            budget = cpu_kv_budget(target.free_bytes, cache.cpu_memory_fraction)
+        else:
+            # The rest of the card up to the load's memory fraction, less the weights
+            # (activations and CUDA graphs take a little more on the day).
+            fills = True
+            budget = max(min(int(target.total_bytes * cache.memory_fraction), target.free_bytes) - weights_total,
+                         block_bytes)
+        pool = kv_pool_blocks(budget, block_bytes, context, cache.block_size, sched.max_num_seqs) * block_bytes
+        if not fills and pool < one_context:
+            notes.append(f"the KV cache ({gib(pool)} GiB) holds fewer tokens than one {context}-token context: "
+                         "pick a shorter context or give the KV cache more memory")
     else:
-        kv = 0
         notes.append("KV cache not counted: the model's config.json (layers, heads) is unavailable")
-    if shape.max_context and context_len > shape.max_context:
-        notes.append(f"the model was trained for at most {shape.max_context} tokens of context")
-    overhead = int(round((weights + kv) * OVERHEAD))
-    total = weights + kv + overhead
-    if weights == 0:
+    counted = one_context if fills else pool
+    overhead = int(round((weights_total + counted) * OVERHEAD))
+    total = weights_total + counted + overhead
+    if weights_total == 0:
         verdict = "unknown"
         notes.append("weight size unknown: the Hub reports no parameter count for this repo")
-    elif total > target.free_bytes:
+    elif total > target.free_bytes or (not fills and shape.has_kv_shape and pool < one_context):
         verdict = "won't fit"
     elif total > TIGHT_FRACTION * target.free_bytes:
         verdict = "tight"
     else:
         verdict = "fits"
-    return FitEstimate(verdict, weights, kv, overhead, target.free_bytes, target.label, quantization,
-                       context_len, tuple(notes))
+    return FitEstimate(verdict, weights_total, pool, overhead, target.free_bytes, target.label, weights, dtype,
+                       context, one_context, fills, tuple(notes))
 
 
 def memory_targets(*, nvml=None, psutil_module=None) -> list[MemoryTarget]:
@@ -237,32 +326,38 @@ def load_shape(repo_id: str, *, revision: str | None = None, token: str | None =
         return ModelShape(), (f"config.json unavailable ({exc.kind})",)
 
 
-def estimate_for_details(details, shape: ModelShape, *, quantization: str, context_len: int,
-                         target: MemoryTarget, gguf_file: str | None = None,
-                         notes: tuple[str, ...] = ()) -> FitEstimate:
+def estimate_for_details(details, shape: ModelShape, *, target: MemoryTarget, weights: str = AUTO,
+                         context_len: int | None = None, kv_cache_memory: int | None = None,
+                         gguf_file: str | None = None, notes: tuple[str, ...] = ()) -> FitEstimate:
     """The estimate for a repo already described by ``details`` (a ``hub.ModelDetails``).
 
-    The parameter count is the Hub's safetensors total; ``gguf_file`` picks which GGUF
-    file's size counts for ``AS_PUBLISHED``. Pure: no network.
+    The parameter count is the Hub's (safetensors headers, or the GGUF metadata): a GGUF
+    file is converted and loaded in the load dtype like any checkpoint, so its size on
+    disk counts only for ``AS_PUBLISHED`` (``gguf_file`` says which file). Pure: no network.
     """
     if gguf_file is not None:
         published = next((f.size for f in details.files if f.path == gguf_file), None)
     else:
         published = details.safetensors_bytes or None
     num_params = details.num_params
-    if details.quant_format in ("awq", "gptq") or gguf_file is not None:
-        # Pre-quantized weights: the Hub counts packed int32 elements, not parameters,
-        # and a GGUF file's size is its size whatever is chosen.
-        num_params = None
-    est = estimate(num_params=num_params, shape=shape, quantization=quantization, context_len=context_len,
-                   target=target, published_weight_bytes=published)
-    if notes:
-        est = replace(est, notes=est.notes + tuple(notes))
+    extra: list[str] = []
+    if details.quant_format in ("awq", "gptq"):
+        num_params = None  # the Hub counts packed int32 elements, not parameters
+        extra.append(f"Hearth can't load {details.quant_format.upper()} weights yet: look for a "
+                     "safetensors (bf16) or GGUF version of this model")
+    est = estimate(num_params=num_params, shape=shape, target=target, weights=weights, context_len=context_len,
+                   kv_cache_memory=kv_cache_memory, published_weight_bytes=published)
+    if gguf_file is not None and num_params is not None and est.weights != AS_PUBLISHED:
+        extra.append(f"a GGUF file is converted once and loads as {est.dtype}, so it needs more memory than "
+                     "its size on disk")
+    if extra or notes:
+        est = replace(est, notes=est.notes + tuple(extra) + tuple(notes))
     return est
 
 
-def estimate_for_repo(repo_id: str, *, quantization: str, context_len: int, target: MemoryTarget,
-                      details=None, gguf_file: str | None = None, token: str | None = None) -> FitEstimate:
+def estimate_for_repo(repo_id: str, *, target: MemoryTarget, weights: str = AUTO, context_len: int | None = None,
+                      kv_cache_memory: int | None = None, details=None, gguf_file: str | None = None,
+                      token: str | None = None) -> FitEstimate:
     """``estimate_for_details`` after fetching the details (if not given) and config.json.
 
     Raises:
@@ -273,5 +368,5 @@ def estimate_for_repo(repo_id: str, *, quantization: str, context_len: int, targ
     if details is None:
         details = model_details(repo_id, token=token, with_card=False)
     shape, notes = load_shape(repo_id, revision=details.sha, token=token)
-    return estimate_for_details(details, shape, quantization=quantization, context_len=context_len,
-                                target=target, gguf_file=gguf_file, notes=notes)
+    return estimate_for_details(details, shape, target=target, weights=weights, context_len=context_len,
+                                kv_cache_memory=kv_cache_memory, gguf_file=gguf_file, notes=notes)

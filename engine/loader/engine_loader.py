@@ -14,12 +14,11 @@ from engine.device import available_ram_bytes, free_memory_bytes, gib, resolve_d
 from engine.errors import InvalidRequestError, OutOfMemoryError, UnsupportedModelError
 from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
                                        shape_model_config)
+from engine.memory_plan import context_blocks, cpu_kv_budget, kv_pool_blocks
 from engine.models.spec import ModelSpec, read_config
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("hearth.loader")
-
-CPU_KV_CAP = 2**30  # never take more than this for the KV pool on CPU by default
 
 
 @dataclass(slots=True)
@@ -120,7 +119,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     info["weight_bytes"] = runner.weight_bytes()
 
     num_blocks = _kv_blocks(config, runner, device, block_bytes, max_model_len)
-    need = -(-max_model_len // cc.block_size)
+    need = context_blocks(max_model_len, cc.block_size)
     if num_blocks < need and cc.num_blocks is None:
         _free(runner, device)
         raise OutOfMemoryError(
@@ -211,8 +210,6 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
     cc, sc = config.cache, config.scheduler
     if cc.num_blocks is not None:
         return cc.num_blocks
-    # No point in more blocks than every allowed sequence at full length could use.
-    useful = -(-max_model_len // cc.block_size) * sc.max_num_seqs
     if cc.kv_cache_memory is not None:
         budget = cc.kv_cache_memory
     elif device.type == "cuda":
@@ -232,8 +229,10 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
                 f"activations ({gib(peak)}): use a smaller or quantized model."
             )
     else:
-        budget = min(int(available_ram_bytes() * cc.cpu_memory_fraction), CPU_KV_CAP)
-    return max(1, min(budget // block_bytes, useful))
+        budget = cpu_kv_budget(available_ram_bytes(), cc.cpu_memory_fraction)
+    # No more blocks than every allowed sequence at full length could use (memory_plan:
+    # the app's fit estimate sizes the pool with the same function).
+    return kv_pool_blocks(budget, block_bytes, max_model_len, cc.block_size, sc.max_num_seqs)
 
 
 def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:

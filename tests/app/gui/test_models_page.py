@@ -114,6 +114,41 @@ def test_search_details_download_then_load_from_library(qtbot, page, fake_hub):
     qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
 
 
+def test_device_box_is_filled_before_a_model_is_picked(qtbot, page):
+    panel = page.search_panel
+    qtbot.waitUntil(lambda: panel.device.findData("cpu") >= 0, timeout=WAIT_MS)
+    assert panel.details is None                                    # nothing picked yet
+    ram = panel.device.itemText(panel.device.findData("cpu"))
+    assert ram.startswith("RAM: ") and ram.endswith(" free")
+    assert "Pick a model" in panel.fit_result.text()
+    # The weights choices are the load dialog's; quantizations are greyed out with the reason.
+    weights = panel.weights
+    assert [weights.itemData(i) for i in range(4)] == ["auto", "bfloat16", "float16", "float32"]
+    qtbot.waitUntil(lambda: weights.findData("int4") >= 0, timeout=WAIT_MS)
+    int4 = weights.model().item(weights.findData("int4"))
+    assert not int4.isEnabled() and "not implemented" in int4.toolTip()
+
+
+def test_fit_estimate_uses_the_engine_rules_for_the_device(qtbot, page, monkeypatch):
+    from app.services import fit
+
+    gpu = fit.MemoryTarget("cuda:0", "GPU 0 (Test GPU)", 20 * fit.GIB, 24 * fit.GIB)
+    ram = fit.MemoryTarget("cpu", "RAM", 8 * fit.GIB, 16 * fit.GIB)
+    monkeypatch.setattr(fit, "memory_targets", lambda: [gpu, ram])
+    _search(qtbot, page, "tiny")
+    panel = _open(qtbot, page, TINY)
+    panel.device.setCurrentIndex(panel.device.findData("cpu"))
+    # auto on the CPU loads float32 (4 B a parameter), as Engine.load does; the context is
+    # the model's maximum (2048), as the load dialog's default.
+    assert panel.weights.itemText(0) == "auto (float32 on this device)"
+    # KV: 2 layers x 2 heads x 16 dims x 4 B x 2 = 512 B a token; 64 sequences of 2048 = 64 MiB.
+    assert "weights 0.00 float32 + KV cache 0.06" in panel.fit_result.text()
+    assert panel.context.specialValueText() == "model's maximum (2,048)"
+    panel.device.setCurrentIndex(panel.device.findData("cuda:0"))
+    assert panel.weights.itemText(0) == "auto (bfloat16 on this device)"
+    assert "bfloat16 + KV 0.00 for one 2048-token context" in panel.fit_result.text()
+
+
 def test_gguf_file_download_and_fit_use_the_picked_file(qtbot, page, fake_hub):
     _search(qtbot, page, "GGUF")
     panel = _open(qtbot, page, GGUF_REPO)
@@ -122,7 +157,7 @@ def test_gguf_file_download_and_fit_use_the_picked_file(qtbot, page, fake_hub):
     names = [panel.files.item(r, 0).text() for r in range(panel.files.rowCount())]
     panel.files.selectRow(names.index("tiny-chat.Q8_0.gguf"))
     assert button.isEnabled() and "tiny-chat.Q8_0.gguf" in button.text()
-    assert panel.fit_result.text().startswith("tiny-chat.Q8_0.gguf: fits: needs 0.0 GiB")
+    assert panel.fit_result.text().startswith("tiny-chat.Q8_0.gguf: fits: needs 0.00 GiB")
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: [r.status.state for r in page.downloads_panel.rows.values()] == ["done"],
                     timeout=WAIT_MS)
@@ -145,16 +180,66 @@ def test_gated_model_shows_the_link_and_the_download_explains(qtbot, page):
     assert row.retry_button.isVisible()
 
 
-def test_cancel_a_running_download(qtbot, page, fake_hub):
-    fake_hub.throttle("model.safetensors", 0.1, chunk_size=16 * 1024)   # ~4 s: time to press Cancel
+def _running_row(qtbot, page, fake_hub, past_bytes=100_000):
+    """Start tiny-chat slowly (~4 s for the weights) and return its row once under way."""
+    fake_hub.throttle("model.safetensors", 0.1, chunk_size=16 * 1024)
     page.search_panel.downloadRequested.emit(TINY, None)
     rows = page.downloads_panel.rows
-    qtbot.waitUntil(lambda: rows and next(iter(rows.values())).status.bytes_done > 0, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: rows and next(iter(rows.values())).status.current_file == "model.safetensors"
+                    and next(iter(rows.values())).status.bytes_done > past_bytes, timeout=WAIT_MS)
     (row,) = rows.values()
+    return row
+
+
+def _weights_gets(fake_hub):
+    return [e for e in fake_hub.log if e["method"] == "GET" and e["path"].endswith("/model.safetensors")]
+
+
+def test_cancel_asks_first_and_can_delete_the_partial(qtbot, page, fake_hub):
+    row = _running_row(qtbot, page, fake_hub)
+    asked = []
+    page.downloads_panel.ask_cancel = lambda status, parent: asked.append(status.id) or None
     assert row.cancel_button.isVisible()
     qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
+    assert asked == [row.download_id] and page.downloads.get(row.download_id).state == "running"  # not cancelled
+    page.downloads_panel.ask_cancel = lambda status, parent: "delete"
+    qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: row.status.state == "cancelled", timeout=WAIT_MS)
-    assert row.retry_button.isVisible() and "cancelled" in row.line.text()
+    assert row.retry_button.isVisible() and row.line.text() == "cancelled"
+    assert not list(fake_hub.cache.rglob("*.incomplete"))
+    # The bar no longer shows the deleted bytes (config.json alone is left: a sliver).
+    assert row.bar.value() < 10
+
+
+def test_cancel_keeping_the_partial_then_retry_continues_where_it_stopped(qtbot, page, fake_hub):
+    row = _running_row(qtbot, page, fake_hub)
+    page.downloads_panel.ask_cancel = lambda status, parent: "keep"
+    qtbot.mouseClick(row.cancel_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "cancelled", timeout=WAIT_MS)
+    (partial,) = fake_hub.cache.rglob("*.incomplete")
+    kept, shown = partial.stat().st_size, row.bar.value()
+    assert shown > 100 and "kept on disk: Retry continues from there" in row.line.text()
+    fake_hub.throttle("model.safetensors", 0.0)
+    qtbot.mouseClick(row.retry_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "done", timeout=WAIT_MS)
+    assert _weights_gets(fake_hub)[-1]["range"] == f"bytes={kept}-"   # not from 0% again
+
+
+def test_pause_and_resume_a_download(qtbot, page, fake_hub):
+    row = _running_row(qtbot, page, fake_hub)
+    assert row.pause_button.isVisible() and not row.resume_button.isVisible()
+    qtbot.mouseClick(row.pause_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "paused", timeout=WAIT_MS)
+    assert row.resume_button.isVisible() and row.cancel_button.isVisible() and not row.pause_button.isVisible()
+    assert row.line.text().startswith("paused · ") and "Resume continues from there" in row.line.text()
+    (partial,) = fake_hub.cache.rglob("*.incomplete")
+    kept, shown = partial.stat().st_size, row.bar.value()
+    assert shown > 100                                              # the bar stays where it was
+    fake_hub.throttle("model.safetensors", 0.0)
+    qtbot.mouseClick(row.resume_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.status.state == "done", timeout=WAIT_MS)
+    gets = _weights_gets(fake_hub)
+    assert len(gets) == 2 and gets[-1]["range"] == f"bytes={kept}-"
 
 
 def test_offline_search_says_so(qtbot, page, fake_hub):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.services import downloads as dl
-from app.services.downloads import CANCELLED, DONE, FAILED, QUEUED, RUNNING, DownloadManager
-from tests.app.hub_fixtures import GATED, GGUF_REPO, GOOD_TOKEN, TINY, fake_hub, repo_files
+from app.services import download_files
+from app.services.downloads import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING, DownloadManager
+from tests.app.hub_fixtures import GATED, GGUF_REPO, GOOD_TOKEN, TINY, fake_hub, repo_files, safetensors_bytes
 
 __all__ = ["fake_hub"]
 
@@ -80,22 +80,117 @@ def test_download_into_the_hf_cache_with_progress(fake_hub, managers):
 
 
 def test_cancel_stops_the_transfer_and_deletes_the_partial(fake_hub, managers):
-    fake_hub.throttle(WEIGHTS, 0.05, chunk_size=16 * 1024)   # ~2 s for the whole file
     m = managers()
-    started = threading.Event()
-    m.subscribe(lambda s: started.set() if s.current_file == WEIGHTS and s.bytes_done > 0 else None)
-    did = m.enqueue(TINY)
-    assert started.wait(TIMEOUT)
-    m.cancel(did)
-    status = m.wait(did, TIMEOUT)
-    assert status.state == CANCELLED
+    did, status, _ = _stop_midway(fake_hub, m, m.cancel)   # ~100 KB of the weights were on disk
+    assert status.state == CANCELLED and not status.partial_kept
     assert _partials(fake_hub.cache) == []
     assert fake_hub.bytes_sent(WEIGHTS) < len(repo_files()[TINY][WEIGHTS])
+    # The bar no longer counts the deleted bytes: only config.json (fetched before) is on disk.
+    assert status.bytes_done == len(repo_files()[TINY]["config.json"])
     # Retry starts again; the small files already done are not fetched twice.
     fake_hub.throttle(WEIGHTS, 0.0)
     m.retry(did)
     assert m.wait(did, TIMEOUT).state == DONE
     assert fake_hub.downloads("config.json") == 1
+
+
+def _gets(fake_hub, filename):
+    """The log entries of every GET of ``filename`` (its Range header and bytes sent)."""
+    return [e for e in fake_hub.log
+            if e["method"] == "GET" and "/resolve/" in e["path"] and e["path"].endswith("/" + filename)]
+
+
+def _stop_midway(fake_hub, m, action):
+    """Start tiny-chat slowly, call ``action(id)`` once the weights are under way, wait
+    until it has stopped, and return (id, status, bytes of the partial file kept)."""
+    fake_hub.throttle(WEIGHTS, 0.05, chunk_size=16 * 1024)   # ~2 s for the whole file
+    started = threading.Event()
+    m.subscribe(lambda s: started.set() if s.current_file == WEIGHTS and s.bytes_done > 100_000 else None)
+    did = m.enqueue(TINY)
+    assert started.wait(TIMEOUT)
+    action(did)
+    status = m.wait(did, TIMEOUT)
+    partials = _partials(fake_hub.cache)
+    return did, status, (partials[0].stat().st_size if partials else 0)
+
+
+def _assert_resumed_from(fake_hub, kept, status):
+    """The last GET of the weights asked for the bytes after ``kept`` and got only those."""
+    size = len(repo_files()[TINY][WEIGHTS])
+    last = _gets(fake_hub, WEIGHTS)[-1]
+    assert last["range"] == f"bytes={kept}-" and last["sent"] == size - kept
+    assert len(_gets(fake_hub, WEIGHTS)) == 2    # nothing was fetched from byte 0 again
+    assert status.state == DONE and (Path(status.path) / WEIGHTS).read_bytes() == repo_files()[TINY][WEIGHTS]
+
+
+def test_pause_keeps_the_partial_and_resume_continues_from_it(fake_hub, managers):
+    m = managers()
+    did, status, kept = _stop_midway(fake_hub, m, m.pause)
+    assert status.state == PAUSED and kept > 100_000
+    # The bar stays where it was: config.json plus the bytes of the weights on disk.
+    assert status.bytes_done == len(repo_files()[TINY]["config.json"]) + kept
+    fake_hub.throttle(WEIGHTS, 0.0)
+    m.resume(did)
+    _assert_resumed_from(fake_hub, kept, m.wait(did, TIMEOUT))
+
+
+def test_a_paused_download_stays_paused_across_a_restart(fake_hub, managers):
+    first = managers()
+    did, status, kept = _stop_midway(fake_hub, first, first.pause)
+    first.shutdown()
+    fake_hub.throttle(WEIGHTS, 0.0)
+    again = managers()                              # autostart: queued ones would go on now
+    (restored,) = again.list()
+    assert (restored.id, restored.state, restored.bytes_done) == (did, PAUSED, status.bytes_done)
+    assert len(_gets(fake_hub, WEIGHTS)) == 1       # not resumed by itself
+    assert again.enqueue(TINY) == did               # asking again resumes the paused one
+    _assert_resumed_from(fake_hub, kept, again.wait(did, TIMEOUT))
+
+
+def test_cancel_can_keep_the_partial_and_retry_continues_from_it(fake_hub, managers):
+    m = managers()
+    did, status, kept = _stop_midway(fake_hub, m, lambda d: m.cancel(d, keep_partial=True))
+    assert status.state == CANCELLED and status.partial_kept and kept > 100_000
+    assert status.bytes_done == len(repo_files()[TINY]["config.json"]) + kept
+    m.shutdown()
+    again = managers()                              # kept across a restart, too
+    assert again.get(did).partial_kept
+    fake_hub.throttle(WEIGHTS, 0.0)
+    again.retry(did)
+    status = again.wait(did, TIMEOUT)
+    _assert_resumed_from(fake_hub, kept, status)
+    assert not status.partial_kept
+
+
+def test_pause_and_cancel_a_queued_or_paused_download(fake_hub, managers):
+    fake_hub.throttle(WEIGHTS, 0.02, chunk_size=64 * 1024)
+    m = managers(max_parallel=1)
+    a = m.enqueue(TINY)
+    b = m.enqueue(GGUF_REPO, files=["tiny-chat.Q8_0.gguf"])
+    m.pause(b)
+    assert m.get(b).state == PAUSED                 # at once: it was only waiting
+    assert m.wait(a, TIMEOUT).state == DONE and m.get(b).state == PAUSED
+    m.resume(b)
+    assert m.wait(b, TIMEOUT).state == DONE
+    # Pause and Resume straight away (before the worker noticed the pause) loses nothing.
+    fake_hub.throttle("tiny-chat.Q4_K_M.gguf", 0.02, chunk_size=16 * 1024)
+    c = m.enqueue(GGUF_REPO, files=["tiny-chat.Q4_K_M.gguf"])
+    m.pause(c)
+    m.resume(c)
+    assert m.wait(c, TIMEOUT).state == DONE
+    # A paused download can be cancelled; its partial file goes unless kept.
+    fake_hub.add_repo("acme/other", {"w.safetensors": safetensors_bytes({"w": (200_000,)}), "config.json": b"{}"})
+    fake_hub.throttle("w.safetensors", 0.05, chunk_size=16 * 1024)
+    d = m.enqueue("acme/other")
+    started = threading.Event()
+    m.subscribe(lambda s: started.set() if s.id == d and s.current_file == "w.safetensors" and s.bytes_done > 2
+                else None)
+    assert started.wait(TIMEOUT)
+    m.pause(d)
+    assert m.wait(d, TIMEOUT).state == PAUSED and len(_partials(fake_hub.cache)) == 1
+    m.cancel(d)
+    assert m.get(d).state == CANCELLED and _partials(fake_hub.cache) == []
+    assert m.get(d).bytes_done == 2                 # config.json ("{}") is all that is left
 
 
 def test_dropped_connection_resumes_with_a_range_request(fake_hub, managers):
@@ -267,7 +362,7 @@ def test_disk_full(fake_hub, managers, monkeypatch):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(download_files.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     m = managers()
     status = m.wait(m.enqueue(TINY), TIMEOUT)
     assert status.state == FAILED and status.error_kind == "disk_full"
@@ -338,15 +433,13 @@ def test_one_part_of_a_split_gguf_is_refused_with_advice(fake_hub, managers):
 
 def test_a_refused_storage_link_mid_file_says_retry_not_token(fake_hub, managers, monkeypatch):
     """Signed storage links expire; a 403 in the middle of a file is not the token's fault."""
-    import app.services.downloads as downloads
-
     class Expired(Exception):
         response = type("R", (), {"status_code": 403})()
 
     def refuse(*_a, **_k):
         raise Expired("403 Forbidden: Request has expired")
 
-    monkeypatch.setattr(downloads, "fetch_resumable", refuse)
+    monkeypatch.setattr(download_files, "fetch_resumable", refuse)
     m = managers(max_retries=0)
     status = m.wait(m.enqueue(TINY), TIMEOUT)
     assert status.state == FAILED and "link expired" in status.error and "Retry" in status.error

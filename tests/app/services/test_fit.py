@@ -1,4 +1,5 @@
-"""The fit estimate against numbers computed by hand (in the comments) from the formulas."""
+"""The fit estimate against numbers computed by hand (in the comments) from the formulas,
+and against what the real engine loads on CPU with the same options."""
 
 from __future__ import annotations
 
@@ -50,48 +51,91 @@ def test_weight_bytes_per_quantization():
     assert fit.weight_bytes(10_000, "nf4", embedding_params=1000) == 2000 + round(9000 * (0.5 + 4 / 64))
     # ... but a 16-bit choice ignores the split.
     assert fit.weight_bytes(10_000, "fp16", embedding_params=1000) == 20_000
-    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+    with pytest.raises(ValueError, match="unknown weights dtype or quantization 'int3'"):
         fit.weight_bytes(1, "int3")
 
 
 def test_verdicts_and_numbers():
     shape = ModelShape.from_config(LLAMA3_8B)
     n = 8_030_261_248
-    weights, kv = 2 * n, 1 * GIB                      # bf16, 8192 tokens
+    weights, kv = 2 * n, 1 * GIB                      # bf16, one 8192-token context
     need = weights + kv + round((weights + kv) * 0.10)
     big = MemoryTarget("cuda:0", "GPU 0 (H100)", 80 * GIB, 80 * GIB)
-    est = fit.estimate(num_params=n, shape=shape, quantization="bf16", context_len=8192, target=big)
-    assert (est.weights_bytes, est.kv_cache_bytes, est.total_bytes) == (weights, kv, need)
+    est = fit.estimate(num_params=n, shape=shape, weights="bf16", context_len=8192, target=big)
+    # On a GPU the load gives the KV cache the rest of the card: the verdict counts one context.
+    assert est.kv_fills_device and est.kv_context_bytes == kv
+    assert (est.weights_bytes, est.total_bytes, est.dtype) == (weights, need, "bfloat16")
     assert est.verdict == "fits"
+    # The pool: 90% of 80 GiB less the weights, capped at 64 sequences x 8192 tokens (64 GiB).
+    assert est.kv_cache_bytes == (72 * GIB - weights) // (2 * 1024 * 1024) * 2 * 1024 * 1024
+    assert "the KV cache then takes about 57.0 GiB of the rest" in est.summary()
     # weights 14.96 GiB + KV 1 GiB = 15.96 GiB, plus 10% = 17.55 GiB.
     assert need / GIB == pytest.approx(17.553, abs=1e-3)
     # 19 GiB free: 17.55 > 0.9 * 19 = 17.1 -> tight; 17 GiB -> won't fit.
-    tight = fit.estimate(num_params=n, shape=shape, quantization="bf16", context_len=8192,
+    tight = fit.estimate(num_params=n, shape=shape, weights="bf16", context_len=8192,
                          target=MemoryTarget("cuda:1", "GPU 1", 19 * GIB, 24 * GIB))
     assert tight.verdict == "tight"
-    nofit = fit.estimate(num_params=n, shape=shape, quantization="bf16", context_len=8192,
+    # On the CPU the pool is a quarter of the free RAM, at most 1 GiB: here 1 GiB, one context.
+    nofit = fit.estimate(num_params=n, shape=shape, weights="bf16", context_len=8192,
                          target=MemoryTarget("cpu", "RAM", 17 * GIB, 32 * GIB))
-    assert nofit.verdict == "won't fit"
-    assert nofit.summary().startswith("won't fit: needs 17.6 GiB (weights 15.0 + KV 1.0 + overhead 1.6), "
-                                      "RAM has 17.0 GiB free: pick a smaller quantization")
+    assert nofit.verdict == "won't fit" and nofit.kv_cache_bytes == 1 * GIB and not nofit.kv_fills_device
+    assert nofit.summary().startswith("won't fit: needs 17.6 GiB (weights 15.0 bfloat16 + KV cache 1.0 + "
+                                      "overhead 1.6), RAM has 17.0 GiB free: pick a smaller dtype")
     # int4 (embeddings kept in 16 bit): 1.05e9 * 2 + 6.98e9 * 0.53125 = 5.81e9 B = 5.41 GiB,
-    # + 1 GiB KV, + 10% = 7.05 GiB: fits in the 17 GiB.
-    q = fit.estimate(num_params=n, shape=shape, quantization="int4", context_len=8192,
-                     target=MemoryTarget("cpu", "RAM", 17 * GIB, 32 * GIB))
+    # + 1 GiB KV (one bf16 context: a GPU computes in bf16), + 10% = 7.05 GiB: fits in 19 GiB.
+    q = fit.estimate(num_params=n, shape=shape, weights="int4", context_len=8192,
+                     target=MemoryTarget("cuda:1", "GPU 1", 19 * GIB, 24 * GIB))
     assert q.weights_bytes == round(1_050_673_152 * 2 + (n - 1_050_673_152) * 0.53125)
     assert q.total_bytes / GIB == pytest.approx(7.05, abs=0.01) and q.verdict == "fits"
+    assert "weights 5.4 int4 + " in q.summary()
+
+
+def test_auto_weights_follow_the_engine_rule_for_the_device():
+    """dtype=auto loads float32 on the CPU and bf16 on a GPU: the estimate says the same."""
+    shape = ModelShape.from_config(LLAMA3_8B)
+    n = 135_000_000
+    cpu = fit.estimate(num_params=n, shape=shape, target=MemoryTarget("cpu", "RAM", 64 * GIB, 64 * GIB))
+    assert (cpu.dtype, cpu.weights_bytes) == ("float32", 4 * n)
+    gpu = fit.estimate(num_params=n, shape=shape, target=MemoryTarget("cuda:0", "GPU 0", 64 * GIB, 80 * GIB))
+    assert (gpu.dtype, gpu.weights_bytes) == ("bfloat16", 2 * n)
+    # The KV cache is kept in the weights' dtype: float32 on the CPU, 4 bytes an element.
+    assert cpu.kv_context_bytes == fit.kv_cache_bytes(32, 8, 128, 8192, dtype_bytes=4)
+    # No context given: the model's maximum (8192), as the load dialog's default.
+    assert cpu.context_len == 8192 and "weights 0.50 float32" in cpu.summary()
+
+
+def test_kv_pool_is_sized_as_the_engine_sizes_it():
+    # 2 layers x 2 KV heads x 16 dims, float32: 512 B a token, 8 KiB a 16-token block.
+    shape = ModelShape(num_layers=2, num_kv_heads=2, head_dim=16, max_context=512)
+    mib = 1 << 20
+
+    def kv(free, **kw):
+        t = MemoryTarget("cpu", "RAM", free, free)
+        return fit.estimate(num_params=1000, shape=shape, target=t, **kw)
+
+    # A quarter of 24 MiB free RAM: 6 MiB (below 64 sequences x 512 tokens = 16 MiB).
+    assert kv(24 * mib).kv_cache_bytes == 6 * mib
+    # Plenty of RAM: no more than 64 full contexts could use (64 x 32 blocks x 8 KiB).
+    assert kv(64 * GIB).kv_cache_bytes == 16 * mib
+    # An explicit kv_cache_memory is the budget, and max_model_len shortens the cap.
+    assert kv(64 * GIB, kv_cache_memory=3 * mib).kv_cache_bytes == 3 * mib
+    assert kv(64 * GIB, context_len=128).kv_cache_bytes == 8 * 64 * 8 * 1024
+    assert kv(64 * GIB, context_len=128, kv_cache_dtype="fp8").kv_cache_bytes == 8 * 64 * 2 * 1024
+    # A pool smaller than one context is refused by a load: the estimate says won't fit.
+    small = kv(64 * GIB, kv_cache_memory=100 * 1024)
+    assert small.verdict == "won't fit" and any("fewer tokens than one 512-token context" in n for n in small.notes)
 
 
 def test_unknown_shape_and_size_say_so():
     t = MemoryTarget("cpu", "RAM", 8 * GIB, 16 * GIB)
-    est = fit.estimate(num_params=1000, shape=ModelShape(), quantization="bf16", context_len=4096, target=t)
+    est = fit.estimate(num_params=1000, shape=ModelShape(), weights="bf16", context_len=4096, target=t)
     assert est.kv_cache_bytes == 0 and any("KV cache not counted" in n for n in est.notes)
-    est = fit.estimate(num_params=None, shape=ModelShape(), quantization="bf16", context_len=4096, target=t)
+    est = fit.estimate(num_params=None, shape=ModelShape(), weights="bf16", context_len=4096, target=t)
     assert est.verdict == "unknown"
-    est = fit.estimate(num_params=None, shape=ModelShape(), quantization=AS_PUBLISHED, context_len=4096,
+    est = fit.estimate(num_params=None, shape=ModelShape(), weights=AS_PUBLISHED, context_len=4096,
                        target=t, published_weight_bytes=3 * GIB)
     assert est.weights_bytes == 3 * GIB and est.verdict == "fits"
-    long = fit.estimate(num_params=1000, shape=ModelShape(1, 1, 1, 0, 2048), quantization="bf16",
+    long = fit.estimate(num_params=1000, shape=ModelShape(1, 1, 1, 0, 2048), weights="bf16",
                         context_len=4096, target=t)
     assert any("at most 2048 tokens" in n for n in long.notes)
 
@@ -113,11 +157,12 @@ def test_estimate_for_a_hub_repo(fake_hub):
     """Param count from the Hub's safetensors metadata, shape from config.json alone."""
     n = sum(math.prod(s) for s in TINY_TENSORS.values())
     t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
-    est = fit.estimate_for_repo(TINY, quantization="int8", context_len=1024, target=t)
+    est = fit.estimate_for_repo(TINY, weights="int8", context_len=1024, target=t)
     embed = 2 * 1000 * 64                                  # untied 1000 x 64 embeddings
     assert est.weights_bytes == round(embed * 2 + (n - embed) * 1.0)
     head_dim = TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
-    assert est.kv_cache_bytes == 2 * 2 * 2 * head_dim * 2 * 1024
+    # One 1024-token context of K and V in float32 (an int8 model computes in the CPU's dtype).
+    assert est.kv_context_bytes == 2 * 2 * 2 * head_dim * 4 * 1024
     assert est.verdict == "fits" and est.notes == ()
     # Only the small files were fetched: no weights, nothing in the HF cache.
     assert fake_hub.downloads("model.safetensors") == 0
@@ -129,9 +174,43 @@ def test_estimate_for_gguf_and_gated_repos(fake_hub):
 
     t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
     d = model_details(GGUF_REPO)
-    est = fit.estimate_for_repo(GGUF_REPO, quantization=AS_PUBLISHED, context_len=512, target=t, details=d,
+    est = fit.estimate_for_repo(GGUF_REPO, weights=AS_PUBLISHED, context_len=512, target=t, details=d,
                                 gguf_file="tiny-chat.Q8_0.gguf")
     assert est.weights_bytes == 250_004 and est.kv_cache_bytes == 0
     assert any("KV cache not counted" in n for n in est.notes)
-    gated = fit.estimate_for_repo(GATED, quantization="bf16", context_len=512, target=t)
+    # Loaded, a GGUF file is converted and runs in the load dtype: 1M parameters x 4 B on CPU.
+    loaded = fit.estimate_for_repo(GGUF_REPO, context_len=512, target=t, details=d, gguf_file="tiny-chat.Q8_0.gguf")
+    assert loaded.weights_bytes == 4 * 1_000_000 and any("loads as float32" in n for n in loaded.notes)
+    gated = fit.estimate_for_repo(GATED, weights="bf16", context_len=512, target=t)
     assert gated.weights_bytes == 2 * 64 and any("config.json unavailable (gated)" in n for n in gated.notes)
+
+
+@pytest.mark.parametrize("options", [
+    {},                                                              # dtype auto, model's maximum, auto KV
+    {"dtype": "float32", "max_model_len": 256, "kv_cache_memory": "3MiB"},
+    {"dtype": "bfloat16", "max_model_len": 128},
+], ids=["defaults", "float32-kv3MiB-256", "bf16-128"])
+def test_the_estimate_matches_what_the_engine_loads(fake_hub, tiny_models, monkeypatch, options):
+    """The estimate for a Hub repo and Engine.load of the same checkpoint with the same
+    options agree on weight and KV bytes (within 10%) on the CPU."""
+    from engine.api import Engine, parse_bytes
+    from engine.loader import engine_loader
+
+    folder = tiny_models["llama-tied"]
+    fake_hub.add_repo("acme/real-tiny", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    # 24 MiB of free RAM, for both: the default CPU pool is a quarter of it (6 MiB), which
+    # is less than 64 full contexts would use, so the RAM rule itself is compared.
+    ram = 24 << 20
+    monkeypatch.setattr(engine_loader, "available_ram_bytes", lambda: ram)
+    kv_memory = options.get("kv_cache_memory")
+    est = fit.estimate_for_repo("acme/real-tiny", target=MemoryTarget("cpu", "RAM", ram, 4 * ram),
+                                weights=options.get("dtype", "auto"), context_len=options.get("max_model_len"),
+                                kv_cache_memory=parse_bytes(kv_memory) if kv_memory else None)
+    engine = Engine.load(str(folder), device="cpu", **options)
+    try:
+        info = engine.model_info
+    finally:
+        engine.shutdown()
+    assert est.dtype == info["dtype"] and est.context_len == info["max_model_len"]
+    assert est.weights_bytes == pytest.approx(info["weight_bytes"], rel=0.10)
+    assert est.kv_cache_bytes == pytest.approx(info["kv_cache_bytes"], rel=0.10)
