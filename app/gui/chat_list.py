@@ -11,34 +11,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QEvent, QSettings, QStandardPaths, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QLabel, QLineEdit, QListWidget,
                                QListWidgetItem, QMenu, QPushButton, QVBoxLayout, QWidget)
 
+from app.gui.export_dirs import export_start_dir, remember_export_dir
 from app.services.chat_export import suggested_file_name, to_json, to_markdown
 from app.services.chat_store import ChatStore
 
 LAST_CONVERSATION_KEY = "chat/last_conversation"
 SEARCH_DELAY_MS = 200  # typing pauses this long before the list is searched again
-EXPORT_DIR_KEY = "export/last_dir"
 EXPORT_KINDS = {  # kind -> (menu text, dialog caption, file filter, extension, writer)
     "markdown": ("Export as Markdown…", "Export chat as Markdown", "Markdown (*.md)", "md", to_markdown),
     "json": ("Export as JSON…", "Export chat as JSON", "JSON (*.json)", "json", to_json),
 }
-
-
-def export_start_dir(settings: QSettings) -> str:
-    """Where a save dialog opens: the last folder used, else Documents, else home."""
-    last = settings.value(EXPORT_DIR_KEY)
-    if last and Path(str(last)).is_dir():
-        return str(last)
-    docs = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
-    return docs if docs and Path(docs).is_dir() else str(Path.home())
-
-
-def remember_export_dir(settings: QSettings, saved_file: Path) -> None:
-    settings.setValue(EXPORT_DIR_KEY, str(Path(saved_file).parent))
 
 
 class ChatList(QWidget):

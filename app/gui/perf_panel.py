@@ -38,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, QStandardPaths, Qt, QTimer
+from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton,
                                QVBoxLayout, QWidget)
 
+from app.gui.export_dirs import export_start_dir, remember_export_dir
 from app.services.chart_ranges import time_window, value_range
 from app.services.perf_history import PerfHistory, SamplePoint
 from app.services.telemetry import Telemetry
@@ -84,8 +85,10 @@ class PerfPanel(QWidget):
     and ``curves`` / ``plots`` name every chart item.
     """
 
-    def __init__(self, bridge, telemetry: Telemetry | None = None, parent: QWidget | None = None) -> None:
+    def __init__(self, bridge, telemetry: Telemetry | None = None, parent: QWidget | None = None,
+                 settings=None) -> None:
         super().__init__(parent)
+        self.settings = settings  # a QSettings for the export folder (None: this session only)
         self.setObjectName("perfPanel")
         self.bridge = bridge
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -106,8 +109,7 @@ class PerfPanel(QWidget):
         self._axis_ranges: dict[str, tuple[float, float]] = {}
         self.draw_count = 0  # drawings made (for tests and the soak test)
         self._aggregate = self._request_decode = np.zeros(0)  # both feed the decode chart's range
-        self._export_dir = QStandardPaths.writableLocation(
-            QStandardPaths.StandardLocation.DocumentsLocation) or str(Path.home())
+        self._export_dir: str | None = None  # the last folder saved to, without settings
         self.plots: dict[str, pg.PlotWidget] = {}
         self.curves: dict[str, pg.PlotDataItem] = {}
         self._curve_plot: dict[str, str] = {}  # curve name -> chart key
@@ -498,8 +500,16 @@ class PerfPanel(QWidget):
             _set_text(self.no_gpu_label, f"No NVIDIA GPU: showing process memory and CPU instead ({why}).")
 
     # -- export -------------------------------------------------------------------------------
+    def export_dir(self, kind: str) -> str:
+        """Where the save dialog opens: the last folder used, else Pictures (PNG) or
+        Documents (CSV)."""
+        if self.settings is None and self._export_dir and Path(self._export_dir).is_dir():
+            return self._export_dir
+        return export_start_dir(self.settings, "pictures" if kind == "png" else "documents")
+
     def _dialog_save_path(self, caption: str, suggested: str, name_filter: str) -> str | None:
-        path, _ = QFileDialog.getSaveFileName(self, caption, str(Path(self._export_dir) / suggested),
+        kind = "png" if suggested.endswith(".png") else "csv"
+        path, _ = QFileDialog.getSaveFileName(self, caption, str(Path(self.export_dir(kind)) / suggested),
                                               name_filter)
         return path or None
 
@@ -526,6 +536,7 @@ class PerfPanel(QWidget):
                                  "Choose a folder you can write to.")
             return
         self._export_dir = str(path.parent)
+        remember_export_dir(self.settings, path)
 
     # -- look ----------------------------------------------------------------------------------
     def _apply_palette(self) -> None:

@@ -11,7 +11,8 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication, QFileDialog, QLineEdit, QMessageBox
 
 from app.gui.bridge import BridgeSignals
-from app.gui.chat_list import EXPORT_DIR_KEY, ChatList
+from app.gui.chat_list import ChatList
+from app.gui.export_dirs import EXPORT_DIR_KEY
 from app.gui.chat_page import ChatPage
 from app.services.chat_store import ChatStore
 from engine.api import FinishedEvent, Timings, Usage

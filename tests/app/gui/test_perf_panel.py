@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -12,6 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PySide6.QtCore import QObject, Qt, Signal  # noqa: E402
 from PySide6.QtGui import QImage  # noqa: E402
+from PySide6.QtWidgets import QPushButton  # noqa: E402
 
 from app.gui.perf_panel import PerfPanel  # noqa: E402
 from app.services.telemetry import Telemetry  # noqa: E402
@@ -394,3 +396,33 @@ def test_legends_sit_outside_the_data_area(qtbot):
         assert item.legend.items, key
         assert not view.intersects(legend), key
         assert legend.top() >= view.bottom(), key
+
+
+def test_exports_open_in_pictures_or_documents_and_remember_the_last_folder(qtbot, tmp_path, monkeypatch):
+    from PySide6.QtCore import QSettings, QStandardPaths
+    from PySide6.QtWidgets import QFileDialog
+
+    from app.gui.export_dirs import EXPORT_DIR_KEY
+
+    home = tmp_path / "home"
+    for sub in ("Documents", "Pictures", "charts"):
+        (home / sub).mkdir(parents=True)
+    folders = {QStandardPaths.StandardLocation.DocumentsLocation: home / "Documents",
+               QStandardPaths.StandardLocation.PicturesLocation: home / "Pictures"}
+    monkeypatch.setattr(QStandardPaths, "writableLocation", lambda loc: str(folders.get(loc, home)))
+    settings = QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat)
+    panel = PerfPanel(FakeBridge(), telemetry=Telemetry(nvml=one_gpu()), settings=settings)
+    qtbot.addWidget(panel)
+    panel.timer.stop()
+    offered = []
+
+    def fake_dialog(_parent, _caption, start, _filter):
+        offered.append(start)
+        return str(home / "charts" / "run.png"), ""
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", fake_dialog)
+    qtbot.mouseClick(panel.findChild(QPushButton, "perfExportPngButton"), Qt.MouseButton.LeftButton)
+    assert Path(offered[0]).parent == home / "Pictures"  # never the working directory
+    assert (home / "charts" / "run.png").is_file()
+    assert settings.value(EXPORT_DIR_KEY) == str(home / "charts")
+    qtbot.mouseClick(panel.findChild(QPushButton, "perfExportCsvButton"), Qt.MouseButton.LeftButton)
+    assert Path(offered[1]).parent == home / "charts"  # the last folder, remembered
