@@ -33,6 +33,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The GUI soak test runs the real window under Xvfb (with the xcb libraries Qt needs):
+# installed here when missing and we may (root with apt-get); otherwise that test skips.
+if [ "$mode" = test ] && ! command -v Xvfb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "[hearth] installing Xvfb for the GUI soak test (once)…" >&2
+  apt-get install -y -q xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 \
+    >/dev/null || echo "[hearth] could not install Xvfb: the soak test will skip" >&2
+fi
+
 case "$mode" in
   app)
     exec "$VENV/bin/hearth" "$@" ;;
