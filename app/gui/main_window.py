@@ -187,11 +187,10 @@ class MainWindow(QMainWindow):
         return info.get("ref") or info.get("path") or "default"
 
     def _on_loading(self, name: str) -> None:
-        serving = (self.bridge.model_info or {}).get("name")
-        # The loaded model's figures stay: it keeps answering until the new one is ready.
-        self.status_model.setText(f"Loading {name}… ({serving} stays loaded until then)" if serving
-                                  else f"Loading {name}…")
+        # The loaded model's figures stay: it stays loaded until the new one is ready.
+        self.status_model.setText(f"Loading {name}…")
         self.status_progress.setText("")
+        self.statusBar().clearMessage()  # a message ("Model ready") would hide the progress
         self.cancel_load_button.show()
 
     def _on_progress(self, message: str) -> None:

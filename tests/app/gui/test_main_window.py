@@ -262,6 +262,7 @@ def test_view_menu_theme_applies_at_once_and_is_remembered(qtbot, gui_env, bridg
     window starts with it."""
     from PySide6.QtGui import QPalette
 
+    from app.gui.app import apply_theme
     from app.gui.main_window import MainWindow
 
     app = QApplication.instance()
@@ -282,4 +283,5 @@ def test_view_menu_theme_applies_at_once_and_is_remembered(qtbot, gui_env, bridg
         assert again.theme_actions["dark"].isChecked()
         assert app.palette().color(QPalette.ColorRole.Window).lightness() < 80
     finally:
+        apply_theme(app, "system")  # follow the system again, as other tests expect
         app.setPalette(before)
