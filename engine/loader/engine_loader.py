@@ -279,7 +279,7 @@ def release_runner(runner) -> None:
         held = getattr(runner, name, None)
         if isinstance(held, dict):
             held.clear()
-    for name in ("model", "graphs", "prompt_graphs", "_ahead", "_pinned"):
+    for name in ("_ahead", "model", "graphs", "prompt_graphs", "_pinned"):  # a step's output first
         if hasattr(runner, name):
             setattr(runner, name, None)
 
