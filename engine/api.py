@@ -59,7 +59,11 @@ def check_model(model: str | None, revision: str | None = None, *, progress=None
     learn that it can't load (no tokenizer, no weights, unknown repo) before giving up the
     model it has. Returns the display name; raises ``ModelLoadError`` and friends."""
     from engine.loader.resolve import resolve_model
+    from engine.loader.shape_model import is_shape_model, shape_model_config
 
+    if is_shape_model(model):  # a benchmark shape: nothing on disk, only its name to check
+        shape_model_config(model, revision)
+        return model.strip()
     return resolve_model(model, revision, progress=progress).name
 
 

@@ -59,3 +59,14 @@ def test_a_gguf_in_the_hub_cache_is_named_by_its_file_not_its_blob(tmp_path, hea
     link.symlink_to(blob)
     resolved = resolve_model(str(link))
     assert (resolved.name, resolved.source) == ("tiny-chat.Q8_0.gguf", "gguf")
+
+
+def test_check_model_finds_a_broken_model_without_loading_it(model_copy):
+    """What the bridge asks before unloading a GPU model to make room for another."""
+    from engine.api import ModelLoadError, check_model
+
+    assert check_model(str(model_copy)) == "model"
+    assert check_model("shape:tiny") == "shape:tiny"
+    (model_copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        check_model(str(model_copy))
