@@ -147,7 +147,8 @@ def test_library_models_show_their_repo_id_and_long_names_never_widen_the_window
     win = _bare_window(qtbot, gui_env, bridge)
     assert win.width() == 1200
     deep = gui_env["tmp"] / ("a-rather-long-folder-name-" * 6) / "huggingface" / "hub"
-    snapshot = _linked_copy(Path(chat_model), deep / "models--acme--tiny-chat" / "snapshots" / ("f374231cc2e0" * 3)[:40])
+    commit = ("f374231cc2e0" * 4)[:40]
+    snapshot = _linked_copy(Path(chat_model), deep / "models--acme--tiny-chat" / "snapshots" / commit)
     with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
         win.load(load_options(str(snapshot)))
     assert loaded.args[0]["name"] == "acme/tiny-chat" and loaded.args[0]["path"] == str(snapshot)
