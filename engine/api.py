@@ -46,8 +46,40 @@ def load_choices(device: str = "auto") -> dict:
     return _choices(device)
 
 
+def model_display_name(model: str | None) -> str:
+    """The short name Hearth shows for ``model`` (what ``Engine.load(model=…)`` takes):
+    the repo id for a Hub id or a Hub cache snapshot folder, the file's name for a
+    ``.gguf``, the folder's name for other folders, ``SmolLM2-135M-Instruct`` for the
+    default. ``Engine.model_info["name"]`` is this; the full path is ``["path"]``."""
+    from engine.loader.names import model_display_name as _name
+
+    return _name(model)
+
+
+def check_model(model: str | None, revision: str | None = None, *, progress=None) -> str:
+    """Find (download, convert) and validate ``model`` without loading it, so a caller can
+    learn that it can't load (no tokenizer, no weights, unknown repo) before giving up the
+    model it has. Returns the display name; raises ``ModelLoadError`` and friends."""
+    from engine.loader.resolve import resolve_model
+    from engine.loader.shape_model import is_shape_model, shape_model_config
+
+    if is_shape_model(model):  # a benchmark shape: nothing on disk, only its name to check
+        shape_model_config(model, revision)
+        return model.strip()
+    return resolve_model(model, revision, progress=progress).name
+
+
+def release_memory(collect: bool = True) -> None:
+    """Return memory freed by ``Engine.shutdown`` to the system (CUDA's cache, glibc's free
+    heap). ``collect`` first runs Python's cyclic garbage collector: pass False on a thread
+    where collecting other code's garbage is unsafe (a Qt app's worker thread)."""
+    from engine.loader.engine_loader import return_freed_memory
+
+    return_freed_memory(collect=collect)
+
+
 __all__ = [
-    "doctor_info", "load_choices",
+    "doctor_info", "load_choices", "model_display_name", "check_model", "release_memory",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
@@ -262,6 +294,8 @@ class Engine:
         return memory_snapshot(self)
 
     def shutdown(self) -> None:
+        """Stop the engine thread, end unfinished requests (``abort``) and free the model's
+        weights, KV cache and CUDA graphs. The engine can't be used afterwards."""
         with self._cv:
             self._stop = True
             self._cv.notify()
@@ -270,7 +304,17 @@ class Engine:
             if not state.finished:
                 state.finish("abort", error="engine shut down")
         self._states.clear()
-        self.runner = None
+        runner, self.runner = self.runner, None
+        if runner is None:
+            return  # shut down before
+        if self._thread.is_alive():
+            log.warning("the engine thread did not stop within 30 s; its model stays in memory")
+            return
+        from engine.loader.engine_loader import release_runner, return_freed_memory
+
+        # Free the tensors themselves: the runner may still be referenced from elsewhere.
+        release_runner(runner)
+        return_freed_memory()
 
     def __enter__(self):
         return self

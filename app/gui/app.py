@@ -18,36 +18,71 @@ def _no_display_reason() -> str | None:
             "under Xvfb (xvfb-run hearth), or use `hearth chat` in the terminal.")
 
 
-def apply_system_theme(app) -> None:
-    """Fusion style with a palette that follows the system's light/dark setting, live."""
-    from PySide6.QtCore import Qt
+#: Theme choices (the View > Theme menu; saved as the key): label shown for each.
+THEMES = {"system": "System", "light": "Light", "dark": "Dark"}
+
+
+def dark_palette():
+    """Hearth's dark palette (for Fusion)."""
     from PySide6.QtGui import QColor, QPalette
 
-    app.setStyle("Fusion")
-    hints = app.styleHints()
-    light = app.style().standardPalette()
+    p = QPalette()
+    roles = QPalette.ColorRole
+    for role, colour in ((roles.Window, "#202124"), (roles.WindowText, "#e8eaed"),
+                         (roles.Base, "#17181a"), (roles.AlternateBase, "#2a2b2e"),
+                         (roles.Text, "#e8eaed"), (roles.Button, "#2d2e31"),
+                         (roles.ButtonText, "#e8eaed"), (roles.Highlight, "#3b78e7"),
+                         (roles.HighlightedText, "#ffffff"), (roles.ToolTipBase, "#2d2e31"),
+                         (roles.ToolTipText, "#e8eaed"), (roles.Link, "#8ab4f8"),
+                         (roles.PlaceholderText, "#9aa0a6")):
+        p.setColor(role, QColor(colour))
+    for role in (roles.WindowText, roles.Text, roles.ButtonText):
+        p.setColor(QPalette.ColorGroup.Disabled, role, QColor("#80868b"))
+    return p
 
-    def dark_palette() -> QPalette:
-        p = QPalette()
-        roles = QPalette.ColorRole
-        for role, colour in ((roles.Window, "#202124"), (roles.WindowText, "#e8eaed"),
-                             (roles.Base, "#17181a"), (roles.AlternateBase, "#2a2b2e"),
-                             (roles.Text, "#e8eaed"), (roles.Button, "#2d2e31"),
-                             (roles.ButtonText, "#e8eaed"), (roles.Highlight, "#3b78e7"),
-                             (roles.HighlightedText, "#ffffff"), (roles.ToolTipBase, "#2d2e31"),
-                             (roles.ToolTipText, "#e8eaed"), (roles.Link, "#8ab4f8"),
-                             (roles.PlaceholderText, "#9aa0a6")):
-            p.setColor(role, QColor(colour))
-        for role in (roles.WindowText, roles.Text, roles.ButtonText):
-            p.setColor(QPalette.ColorGroup.Disabled, role, QColor("#80868b"))
-        return p
 
-    def apply(scheme=None) -> None:
-        scheme = hints.colorScheme() if scheme is None else scheme
-        app.setPalette(dark_palette() if scheme == Qt.ColorScheme.Dark else light)
+class _Theme:
+    """The app's chosen scheme; with "system" it follows the system's light/dark setting live."""
 
-    apply()
-    hints.colorSchemeChanged.connect(apply)
+    def __init__(self, app) -> None:
+        self.app = app
+        self.choice = "system"
+        app.setStyle("Fusion")
+        self.light = app.style().standardPalette()
+        app.styleHints().colorSchemeChanged.connect(self._system_changed)
+
+    def apply(self, choice: str) -> None:
+        from PySide6.QtCore import Qt
+
+        self.choice = choice if choice in THEMES else "system"
+        if self.choice == "system":
+            dark = self.app.styleHints().colorScheme() == Qt.ColorScheme.Dark
+        else:
+            dark = self.choice == "dark"
+        self.app.setPalette(dark_palette() if dark else self.light)
+
+    def _system_changed(self, scheme) -> None:
+        from PySide6.QtCore import Qt
+
+        if self.choice == "system":
+            self.app.setPalette(dark_palette() if scheme == Qt.ColorScheme.Dark else self.light)
+
+
+_theme: _Theme | None = None  # one QApplication per process, one theme
+
+
+def apply_theme(app, choice: str = "system") -> None:
+    """Fusion style with Hearth's light or dark palette: ``choice`` is "light", "dark", or
+    "system" (follow the system's setting, also when it changes while the app runs)."""
+    global _theme
+    if _theme is None or _theme.app is not app:
+        _theme = _Theme(app)
+    _theme.apply(choice)
+
+
+def apply_system_theme(app) -> None:
+    """Fusion style with a palette that follows the system's light/dark setting, live."""
+    apply_theme(app, "system")
 
 
 def run_gui(argv: list[str] | None = None) -> int:
@@ -65,7 +100,7 @@ def run_gui(argv: list[str] | None = None) -> int:
     binding_guard.install()  # before any redraw: a binding that drops references would abort
     app.setApplicationName("Hearth")
     app.setOrganizationName("Hearth")
-    apply_system_theme(app)
+    apply_system_theme(app)  # the window applies the saved View > Theme choice
     from app.gui.gc_guard import GuiThreadGC
 
     gc_guard = GuiThreadGC(app)  # noqa: F841 (lives as long as the app)

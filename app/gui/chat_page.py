@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QMessageBox, QPlainTextEdit, QPushButton,
+from PySide6.QtWidgets import (QHBoxLayout, QMessageBox, QPlainTextEdit, QPushButton,
                                QScrollArea, QSplitter, QVBoxLayout, QWidget)
 
 from app.gui.chat_list import ChatList
 from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
+from app.gui.elided_label import ElidedLabel
 from app.services.chat_store import DEFAULT_TITLE, ChatStore, Message, history_for_model
 
 SAVE_INTERVAL_MS = 300
@@ -95,7 +96,7 @@ class ChatPage(QWidget):
         row = QHBoxLayout()
         row.addWidget(self.input, 1)
         row.addLayout(buttons)
-        self.model_label = QLabel("No model loaded")
+        self.model_label = ElidedLabel("No model loaded", mode=Qt.TextElideMode.ElideRight)  # never widens
         self.model_label.setObjectName("chatModelLabel")
         middle = QWidget()
         ml = QVBoxLayout(middle)
@@ -428,10 +429,14 @@ class ChatPage(QWidget):
             self.send(text)
 
     def _on_load_failed(self, message: str) -> None:
-        self._set_model_ready(False, "No model loaded")
-        if self._pending_send:
-            self.input.setPlainText(self._pending_send)
-            self._pending_send = None
+        pending, self._pending_send = self._pending_send, None
+        info = getattr(self.bridge, "model_info", None)  # a failed load keeps the loaded model
+        if info:
+            self._on_model_loaded(info)
+        else:
+            self._set_model_ready(False, "No model loaded")
+        if pending:  # typed for the model that failed: give it back rather than send it
+            self.input.setPlainText(pending)
         self.notice.show_message(f"Loading failed: {message}")
 
     def _set_model_ready(self, ready: bool, label: str) -> None:

@@ -18,8 +18,7 @@ from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QLabel, QLineEdit, QSpinBox, QVBoxLayout)
 
-from app.services.model_names import readable_model_name
-from engine.api import load_choices, parse_bytes
+from engine.api import load_choices, model_display_name, parse_bytes
 
 _GRAPHS_TIP = ("CUDA graphs replay each decode step as one GPU launch: faster, for a little GPU memory. "
                "Tick this to run without them.")
@@ -59,7 +58,7 @@ class LoadDialog(QDialog):
         form = QFormLayout()
         # The exact reference loads; the field shows its name (a snapshot hash means nothing).
         self.model_ref = model_ref
-        self.model = QLineEdit(readable_model_name(model_ref))
+        self.model = QLineEdit(model_display_name(model_ref))
         self.model.setObjectName("loadModel")
         self.model.setToolTip(model_ref)
         self._model_shown = self.model.text()

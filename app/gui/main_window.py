@@ -3,21 +3,30 @@
 On start it shows the chat page with the input focused and starts loading the last used
 model (the bundled default the first time), so a new user can type at once; a message
 typed before the model is ready is sent when it is.
+
+While another model loads, the loaded one keeps answering (the bridge swaps them when
+the new one is ready); the status bar says both. Quitting while an answer is being
+written or a download runs asks first (``confirm_quit``, replaceable in tests).
 """
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings
-from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QMainWindow, QPushButton,
-                               QStackedWidget, QToolButton, QWidget)
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtGui import QAction, QActionGroup, QKeySequence
+from PySide6.QtWidgets import (QApplication, QHBoxLayout, QListWidget, QMainWindow, QMessageBox,
+                               QPushButton, QStackedWidget, QToolButton, QWidget)
 
+from app.gui.app import THEMES, apply_theme
 from app.gui.bridge import EngineBridge
 from app.gui.chat_page import ChatPage
+from app.gui.elided_label import ElidedLabel
 from app.gui.load_dialog import LoadDialog, save_load_options, saved_load_options
 from app.services.chat_store import ChatStore
 
 PAGES = ("Chat", "Models", "Performance")
+SERVER_REASON = ("The local OpenAI-compatible server is not part of this build yet; this "
+                 "toggle will start and stop it.")
+THEME_KEY = "ui/theme"
 
 
 def _gib(n) -> str:
@@ -80,12 +89,13 @@ class MainWindow(QMainWindow):
     # -- layout pieces -----------------------------------------------------------------
     def _build_status_bar(self) -> None:
         sb = self.statusBar()
-        self.status_model = QLabel("No model")
+        # Elided labels: a long model name or progress line must never widen the window.
+        self.status_model = ElidedLabel("No model", max_hint=360)
         self.status_model.setObjectName("statusModel")
-        self.status_quant = QLabel("")
-        self.status_backend = QLabel("")
-        self.status_device = QLabel("")
-        self.status_progress = QLabel("")
+        self.status_quant = ElidedLabel("", max_hint=220)
+        self.status_backend = ElidedLabel("", max_hint=160)
+        self.status_device = ElidedLabel("", max_hint=320)
+        self.status_progress = ElidedLabel("", mode=Qt.TextElideMode.ElideRight)
         self.status_progress.setObjectName("statusProgress")
         self.cancel_load_button = QPushButton("Cancel loading")
         self.cancel_load_button.setObjectName("cancelLoadButton")
@@ -96,8 +106,11 @@ class MainWindow(QMainWindow):
         self.server_toggle.setText("Server: off")
         self.server_toggle.setCheckable(True)
         self.server_toggle.setEnabled(False)
-        self.server_toggle.setToolTip("The local OpenAI-compatible server is not part of this build "
-                                      "yet; this toggle will start and stop it.")
+        self.server_toggle.setToolTip(SERVER_REASON)
+        self.server_toggle.setAccessibleDescription(SERVER_REASON)
+        # Qt shows tooltips only in the active window unless told otherwise, so hovering the
+        # greyed toggle (or anything) while another window has the focus said nothing.
+        self.setAttribute(Qt.WidgetAttribute.WA_AlwaysShowToolTips)
         sb.addWidget(self.status_model)
         sb.addWidget(self.status_progress, 1)
         sb.addWidget(self.cancel_load_button)
@@ -108,7 +121,7 @@ class MainWindow(QMainWindow):
         file = self.menuBar().addMenu("&File")
         load = QAction("&Load model…", self)
         load.setShortcut(QKeySequence("Ctrl+L"))
-        load.triggered.connect(lambda: self.ask_load((self.bridge.model_info or {}).get("path", "default")))
+        load.triggered.connect(lambda: self.ask_load(self._loaded_ref()))
         file.addAction(load)
         unload = QAction("&Unload model", self)
         unload.triggered.connect(self.bridge.unload)
@@ -120,7 +133,7 @@ class MainWindow(QMainWindow):
         file.addSeparator()
         quit_ = QAction("&Quit", self)
         quit_.setShortcut(QKeySequence.StandardKey.Quit)
-        quit_.triggered.connect(self.close)
+        quit_.triggered.connect(self.request_quit)
         file.addAction(quit_)
         view = self.menuBar().addMenu("&View")
         for i, name in enumerate(PAGES):
@@ -128,6 +141,31 @@ class MainWindow(QMainWindow):
             act.setShortcut(QKeySequence(f"Ctrl+{i + 1}"))
             act.triggered.connect(lambda _=False, n=name: self.show_page(n))
             view.addAction(act)
+        view.addSeparator()
+        self._build_theme_menu(view.addMenu("&Theme"))
+
+    def _build_theme_menu(self, menu) -> None:
+        """System / Light / Dark, exclusive, remembered in the settings and applied live."""
+        saved = str(self.settings.value(THEME_KEY, "system") or "system")
+        choice = saved if saved in THEMES else "system"
+        group = QActionGroup(self)
+        group.setExclusive(True)
+        self.theme_actions: dict[str, QAction] = {}
+        for key, label in THEMES.items():
+            act = QAction(label, self, checkable=True)
+            act.setChecked(key == choice)
+            act.triggered.connect(lambda _=False, k=key: self.set_theme(k))
+            group.addAction(act)
+            menu.addAction(act)
+            self.theme_actions[key] = act
+        if choice != "system":  # "system" is what the app starts with (app.run_gui)
+            apply_theme(QApplication.instance(), choice)
+
+    def set_theme(self, choice: str) -> None:
+        """Apply ``choice`` ("system", "light" or "dark") now and remember it."""
+        self.settings.setValue(THEME_KEY, choice)
+        self.theme_actions[choice].setChecked(True)
+        apply_theme(QApplication.instance(), choice)
 
     def show_page(self, name: str) -> None:
         self.nav.setCurrentRow(PAGES.index(name))
@@ -143,9 +181,16 @@ class MainWindow(QMainWindow):
         self.bridge.load(options)
         self.show_page("Chat")
 
+    def _loaded_ref(self) -> str:
+        """What to offer in the load dialog: what the loaded model was loaded from."""
+        info = self.bridge.model_info or {}
+        return info.get("ref") or info.get("path") or "default"
+
     def _on_loading(self, name: str) -> None:
+        # The loaded model's figures stay: it stays loaded until the new one is ready.
         self.status_model.setText(f"Loading {name}…")
         self.status_progress.setText("")
+        self.statusBar().clearMessage()  # a message ("Model ready") would hide the progress
         self.cancel_load_button.show()
 
     def _on_progress(self, message: str) -> None:
@@ -154,27 +199,73 @@ class MainWindow(QMainWindow):
     def _on_loaded(self, info: dict) -> None:
         self.cancel_load_button.hide()
         self.status_progress.setText("")
+        self._show_model(info)
+        self.statusBar().showMessage("Model ready", 4000)
+
+    def _show_model(self, info: dict) -> None:
         impl = " (transformers fallback)" if info.get("implementation") == "transformers-fallback" else ""
         self.status_model.setText(f"{info.get('name', '?')}{impl}")
         self.status_quant.setText(f"quant: {info.get('quantization', 'none')} · {info.get('dtype', '')}")
         self.status_backend.setText(f"attention: {info.get('attention', '?')}")
         self.status_device.setText(f"device: {info.get('device', '?')} · weights "
                                    f"{_gib(info.get('weight_bytes'))} · KV {_gib(info.get('kv_cache_bytes'))}")
-        self.statusBar().showMessage("Model ready", 4000)
 
     def _on_failed(self, message: str) -> None:
         self.cancel_load_button.hide()
         self.status_progress.setText("")
-        self.status_model.setText("No model")
+        info = self.bridge.model_info  # the model that was loaded before, if any, still is
+        if info:
+            self._show_model(info)
+            message += f" — still using {info.get('name', 'the loaded model')}"
+        else:
+            self._show_no_model()
         self.statusBar().showMessage(f"Loading failed: {message}", 20000)
 
     def _on_unloaded(self) -> None:
+        self._show_no_model()
+
+    def _show_no_model(self) -> None:
         self.status_model.setText("No model")
         for w in (self.status_quant, self.status_backend, self.status_device):
             w.setText("")
 
     # -- closing -----------------------------------------------------------------------
+    def unfinished_work(self) -> str | None:
+        """What quitting now would interrupt, as a sentence (None: nothing)."""
+        parts = []
+        if self.chat.is_answering:
+            parts.append("An answer is still being written; it will be kept as far as it got.")
+        running = sum(1 for d in self.models.downloads.list() if d.active)
+        if running:
+            parts.append(f"{running} download{'s are' if running > 1 else ' is'} still running; "
+                         "they pick up where they stopped the next time Hearth starts.")
+        return " ".join(parts) or None
+
+    def confirm_quit(self, message: str) -> bool:
+        """Ask whether to quit anyway (tests replace this)."""
+        box = QMessageBox(QMessageBox.Icon.Question, "Quit Hearth?", f"{message}\n\nQuit anyway?",
+                          QMessageBox.StandardButton.Cancel, self)
+        quit_button = box.addButton("Quit", QMessageBox.ButtonRole.AcceptRole)
+        box.setDefaultButton(QMessageBox.StandardButton.Cancel)
+        box.exec()
+        return box.clickedButton() is quit_button
+
+    def request_quit(self) -> bool:
+        """Quit (File > Quit, Ctrl+Q), asking first if that would interrupt something.
+        Returns whether the window closed."""
+        work = self.unfinished_work()
+        if work and not self.confirm_quit(work):
+            return False
+        return self.close()
+
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        # The window's close button (a spontaneous event) asks like Quit; a close() from
+        # code (after request_quit asked, or a test tearing down) doesn't.
+        if event.spontaneous():
+            work = self.unfinished_work()
+            if work and not self.confirm_quit(work):
+                event.ignore()
+                return
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.chat.shutdown()
         for page in (self.models, self.perf):

@@ -74,6 +74,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
 
     info: dict[str, Any] = {
         "name": name,
+        # What was asked for (``"default"``, a repo id, a path): loading it again gives this model.
+        "ref": (mc.model or "default").strip(),
         "path": None if path is None else str(path),
         "source": source,
         "model_type": cfg.get("model_type"),
@@ -241,8 +243,70 @@ def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:
 
 
 def _free(runner, device) -> None:
-    runner.model = None
-    runner.kv_caches = []
+    release_runner(runner)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def release_runner(runner) -> None:
+    """Free the weights, KV cache and CUDA graphs a runner holds, even where something
+    else still references the runner or its model.
+
+    Something often does: a library that looks at its caller's frame
+    (``inspect.currentframe()``) while being imported lazily during the first load keeps
+    that whole call stack alive in a reference cycle, and with it the model being built
+    and the runner (only the cyclic garbage collector frees them, which the desktop app
+    runs rarely and on its GUI thread only). So the tensors are let go of here, from the
+    objects themselves, rather than by dropping references to those objects. The runner
+    can't run afterwards.
+    """
+    model = getattr(runner, "model", None)
+    if isinstance(model, torch.nn.Module):
+        for module in model.modules():  # tensors kept as plain attributes (RoPE tables)
+            for key, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor):
+                    setattr(module, key, None)
+        try:
+            model.to("meta")  # every parameter and buffer becomes storage-less
+        except Exception:  # pragma: no cover - freeing must never fail a shutdown
+            log.debug("could not move the model to the meta device", exc_info=True)
+    caches = getattr(runner, "kv_caches", None)
+    if isinstance(caches, list):
+        caches.clear()  # in place: CUDA graphs hold the same list
+    for name in ("_caches", "_generators"):
+        held = getattr(runner, name, None)
+        if isinstance(held, dict):
+            held.clear()
+    for name in ("_ahead", "model", "graphs", "prompt_graphs", "_pinned"):  # a step's output first
+        if hasattr(runner, name):
+            setattr(runner, name, None)
+
+
+def return_freed_memory(collect: bool = False) -> None:
+    """Hand memory freed by an unload back to the system: CUDA's cached blocks to the
+    driver, and glibc's free heap pages to the OS (``malloc_trim``; without it the RSS of
+    a CPU model stays put after unloading). ``collect`` first runs the cyclic garbage
+    collector; only do that on a thread where collecting others' garbage is safe (the
+    desktop app's GUI thread)."""
+    if collect:
+        gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # glibc only (not musl)
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)

