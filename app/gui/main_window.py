@@ -48,7 +48,7 @@ class MainWindow(QMainWindow):
 
         self.chat = ChatPage(self.bridge, self.store, self.settings)
         self.models = ModelsPage(self.bridge)
-        self.perf = PerfPanel(self.bridge, telemetry=telemetry)
+        self.perf = PerfPanel(self.bridge, telemetry=telemetry, settings=self.settings)
         self.models.loadRequested.connect(self.ask_load)
 
         self.nav = QListWidget()

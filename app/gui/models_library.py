@@ -28,7 +28,7 @@ class LibraryPanel(QWidget):
         self._library = library
         self._runner = runner
         self.models: list = []
-        self._loaded_path: str | None = None
+        self._loaded: set[str] = set()
 
         self.table = QTableWidget(0, 4)
         self.table.setObjectName("libraryList")
@@ -95,9 +95,10 @@ class LibraryPanel(QWidget):
                 return True
         return False
 
-    def set_loaded(self, path: str | None) -> None:
-        """Mark the model the engine has loaded (its folder, from the bridge's model info)."""
-        self._loaded_path = path
+    def set_loaded(self, *refs: str | None) -> None:
+        """Mark the model the engine has loaded: an entry whose path or reference is one of
+        ``refs`` (the bridge's model info "path" and "ref"); none for no arguments / None."""
+        self._loaded = {r for r in refs if r}
         if self.models:
             self._show(self.models, keep_selection=True)
 
@@ -106,7 +107,7 @@ class LibraryPanel(QWidget):
         self.models = list(models)
         self.table.setRowCount(len(self.models))
         for row, m in enumerate(self.models):
-            status = "loaded" if self._loaded_path and str(m.path) == self._loaded_path else ""
+            status = "loaded" if {str(m.path), m.ref} & self._loaded else ""
             if not m.complete:
                 status = m.note or "incomplete"
             elif m.note and not status:

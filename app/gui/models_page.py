@@ -189,8 +189,10 @@ class ModelsPage(QWidget):
             self._select_after_refresh = None
 
     def _model_loaded(self, info: dict) -> None:
-        path = info.get("path") if isinstance(info, dict) else None
-        self.library_panel.set_loaded(str(path) if path else None)
+        # What was asked for ("ref": a .gguf file, "default") and where it loaded from
+        # ("path": for those, a converted folder): a library entry matching either is loaded.
+        info = info if isinstance(info, dict) else {}
+        self.library_panel.set_loaded(*(str(info[k]) for k in ("path", "ref") if info.get(k)))
 
     def _model_unloaded(self) -> None:
         self.library_panel.set_loaded(None)

@@ -125,6 +125,8 @@ class PerfPanel(QWidget):
         bridge.modelUnloaded.connect(self._on_unloaded)
         if hasattr(bridge, "modelLoading"):  # loading replaces the old model: forget it now
             bridge.modelLoading.connect(self._on_unloaded)
+        if hasattr(bridge, "loadFailed"):  # ... but a failed load leaves it serving
+            bridge.loadFailed.connect(self._on_load_failed)
         self.timer = QTimer(self)
         self.timer.setInterval(TICK_MS)
         self.timer.timeout.connect(self.tick)
@@ -264,6 +266,10 @@ class PerfPanel(QWidget):
 
     def _on_loaded(self, info: dict) -> None:
         self._model_info = dict(info)
+
+    def _on_load_failed(self, *_) -> None:
+        info = getattr(self.bridge, "model_info", None)
+        self._model_info = dict(info) if info else None
 
     def _on_unloaded(self, *_) -> None:
         self._model_info = None

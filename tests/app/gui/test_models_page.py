@@ -315,3 +315,24 @@ def test_end_to_end_download_then_load_with_the_real_bridge(qtbot, fake_hub, fil
         qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
     finally:
         page.shutdown()
+
+
+def test_the_library_marks_a_gguf_or_the_default_as_loaded_by_what_was_asked_for(qtbot, page):
+    """A .gguf (and the default) load from a converted folder: info["path"] is that folder,
+    info["ref"] the file the library lists."""
+    from app.services.library import LocalModel
+
+    lib = page.library_panel
+    models = [LocalModel("default", "SmolLM2-135M-Instruct (default)", "default", None, 1),
+              LocalModel("/m/tiny.Q8_0.gguf", "tiny.Q8_0.gguf", "gguf", Path("/m/tiny.Q8_0.gguf"), 1)]
+    lib._show(models)
+
+    def status():
+        return [lib.table.item(r, 3).text() for r in range(lib.table.rowCount())]
+    page.bridge.modelLoaded.emit({"name": "tiny.Q8_0.gguf", "path": "/cache/gguf/tiny.Q8_0-0123456789ab",
+                                  "ref": "/m/tiny.Q8_0.gguf"})
+    qtbot.waitUntil(lambda: status() == ["", "loaded"])
+    page.bridge.modelLoaded.emit({"name": "SmolLM2-135M-Instruct", "path": "/cache/default-x", "ref": "default"})
+    qtbot.waitUntil(lambda: status() == ["loaded", ""])
+    page.bridge.modelUnloaded.emit()
+    qtbot.waitUntil(lambda: status() == ["", ""])

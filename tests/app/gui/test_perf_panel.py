@@ -426,3 +426,23 @@ def test_exports_open_in_pictures_or_documents_and_remember_the_last_folder(qtbo
     assert settings.value(EXPORT_DIR_KEY) == str(home / "charts")
     qtbot.mouseClick(panel.findChild(QPushButton, "perfExportCsvButton"), Qt.MouseButton.LeftButton)
     assert Path(offered[1]).parent == home / "charts"  # the last folder, remembered
+
+
+def test_a_failed_load_leaves_the_serving_model_on_the_charts(qtbot):
+    """The bridge keeps the old model when a new load fails: so does the memory split."""
+    class LoadingBridge(FakeBridge):
+        modelLoading = Signal(str)
+        loadFailed = Signal(str)
+
+    bridge = LoadingBridge()
+    bridge.model_info = {"device": "cuda:0"}
+    panel = PerfPanel(bridge, telemetry=Telemetry(nvml=one_gpu()))
+    qtbot.addWidget(panel)
+    panel.timer.stop()
+    panel.show()
+    bridge.statsUpdated.emit(stats())
+    bridge.modelLoading.emit("next-model")
+    bridge.loadFailed.emit("no tokenizer")
+    bridge.statsUpdated.emit(stats())
+    panel.tick()
+    assert ydata(panel, "weights") == [10.0]  # still split on the model's GPU
