@@ -205,6 +205,12 @@ BAD = {
     "temperature-negative": (["--prompt", "Hi", "--temperature", "-1"], "temperature"),
     "top-p-0": (["--prompt", "Hi", "--top-p", "0"], "top_p"),
     "top-p-1.5": (["--prompt", "Hi", "--top-p", "1.5"], "top_p"),
+    # Issue 12: nan sampled token 0 forever (exit 0); a seed past 2**64 - 1 failed mid-step.
+    "temperature-nan": (["--prompt", "Hi", "--temperature", "nan"], "temperature"),
+    "temperature-inf": (["--prompt", "Hi", "--temperature", "inf"], "temperature"),
+    "repetition-penalty-nan": (["--prompt", "Hi", "--repetition-penalty", "nan"], "repetition_penalty"),
+    "seed-2**64": (["--prompt", "Hi", "--seed", str(2**64)], "seed"),
+    "seed-10**23": (["--prompt", "Hi", "--seed", str(10**23)], "seed"),
     "unknown-model": (["--prompt", "Hi", "--model", "./nope"], "nope"),
     "cuda-without-gpu": (["--prompt", "Hi", "--device", "cuda"], "cuda"),
     "unknown-attention": (["--prompt", "Hi", "--attention", "no-such-backend"], "no-such-backend"),
