@@ -14,7 +14,7 @@ from engine.device import available_ram_bytes, free_memory_bytes, gib, resolve_d
 from engine.errors import InvalidRequestError, OutOfMemoryError, UnsupportedModelError
 from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
                                        shape_model_config)
-from engine.memory_plan import context_blocks, cpu_kv_budget, kv_pool_blocks
+from engine.memory_plan import context_blocks, cpu_kv_budget, explicit_kv_problem, kv_pool_blocks
 from engine.models.spec import ModelSpec, read_config
 from engine.tokenizer import Tokenizer
 
@@ -105,6 +105,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             say(f"the {info['attention']} backend pages the KV cache in blocks of {multiple} tokens: "
                 f"using block_size={multiple}")
             cc.block_size = multiple
+        # An explicit KV size that can't fit is refused now, not after the weights load.
+        _check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
+                           max_model_len, weights_bytes=spec.num_params() * dtype.itemsize)
         say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {info['dtype']})")
         model = build_native(path, spec, device, dtype, max_model_len, random_seed=random_seed)
         try:
@@ -212,6 +215,11 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
         return cc.num_blocks
     if cc.kv_cache_memory is not None:
         budget = cc.kv_cache_memory
+        try:  # the weights are in memory now: what is free is what the KV cache can have
+            _check_explicit_kv(config, device, block_bytes, max_model_len, weights_bytes=0)
+        except OutOfMemoryError:
+            _free(runner, device)
+            raise
     elif device.type == "cuda":
         _, total = free_memory_bytes(device)
         peak = runner.profile_peak_bytes(sc.max_num_batched_tokens)
@@ -233,6 +241,24 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
     # No more blocks than every allowed sequence at full length could use (memory_plan:
     # the app's fit estimate sizes the pool with the same function).
     return kv_pool_blocks(budget, block_bytes, max_model_len, cc.block_size, sc.max_num_seqs)
+
+
+def _check_explicit_kv(config: EngineConfig, device: torch.device, block_bytes: int, max_model_len: int,
+                       weights_bytes: int) -> None:
+    """Refuse an explicit ``kv_cache_memory`` whose pool doesn't fit in the device's free
+    memory (RAM on the CPU, where the kernel's OOM killer would end the process instead;
+    VRAM on a GPU), leaving ``weights_bytes`` for weights still to load and some headroom."""
+    cc, sc = config.cache, config.scheduler
+    if cc.kv_cache_memory is None or cc.num_blocks is not None:
+        return
+    pool = kv_pool_blocks(cc.kv_cache_memory, block_bytes, max_model_len, cc.block_size,
+                          sc.max_num_seqs) * block_bytes
+    free, total = free_memory_bytes(device)
+    where = f"GPU {device}" if device.type == "cuda" else "RAM"
+    problem = explicit_kv_problem(requested=cc.kv_cache_memory, pool_bytes=pool, free_bytes=free,
+                                  total_bytes=total, weights_bytes=weights_bytes, where=where)
+    if problem is not None:
+        raise OutOfMemoryError(problem)
 
 
 def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:

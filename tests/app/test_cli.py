@@ -211,6 +211,9 @@ BAD = {
     "repetition-penalty-nan": (["--prompt", "Hi", "--repetition-penalty", "nan"], "repetition_penalty"),
     "seed-2**64": (["--prompt", "Hi", "--seed", str(2**64)], "seed"),
     "seed-10**23": (["--prompt", "Hi", "--seed", str(10**23)], "seed"),
+    # Issue 12: a ValueError traceback from parse_bytes; now the accepted forms.
+    **{f"kv-cache-memory-{v}": (["--prompt", "Hi", f"--kv-cache-memory={v}"], f"{v!r}")
+       for v in ("1.2.3", ".", "abc", "-1GiB", "0")},
     "unknown-model": (["--prompt", "Hi", "--model", "./nope"], "nope"),
     "cuda-without-gpu": (["--prompt", "Hi", "--device", "cuda"], "cuda"),
     "unknown-attention": (["--prompt", "Hi", "--attention", "no-such-backend"], "no-such-backend"),
@@ -237,6 +240,18 @@ def test_bad_input_exits_2_with_one_line(capsys, tiny, name):
     assert lines[0].startswith("hearth: error:"), lines[0]
     assert len(lines[0]) > len("hearth: error: ") + 10, "the message must say what is wrong"
     assert mention in lines[0], f"{name}: the message should name {mention!r}: {lines[0]}"
+
+
+def test_kv_cache_memory_larger_than_free_ram_is_refused(capsys, monkeypatch, tiny):
+    """Issue 12: --kv-cache-memory 100TiB on the CPU allocated until the OOM killer came.
+    Free RAM is faked (530 MiB): nothing large is allocated."""
+    import engine.loader.engine_loader as engine_loader
+
+    monkeypatch.setattr(engine_loader, "free_memory_bytes", lambda device: (530 * 2**20, 2**30))
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--kv-cache-memory", "100TiB", "--json"))
+    assert rc == 2 and out == "" and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.strip()]
+    assert line.startswith("hearth: error:") and "100.0 TiB" in line and "530.0 MiB free" in line, line
 
 
 # -- doctor --------------------------------------------------------------------------------------
