@@ -217,6 +217,8 @@ BAD = {
     "unknown-model": (["--prompt", "Hi", "--model", "./nope"], "nope"),
     "cuda-without-gpu": (["--prompt", "Hi", "--device", "cuda"], "cuda"),
     "unknown-attention": (["--prompt", "Hi", "--attention", "no-such-backend"], "no-such-backend"),
+    # Issue 12: checked before the model is even looked for (it was refused after the weights loaded).
+    "attention-before-the-model": (["--prompt", "Hi", "--model", "./nope", "--attention", "xformers"], "xformers"),
     "missing-prompts-file": (["--prompts-file", "/nonexistent/prompts.txt"], "prompts-file"),
     "prompt-longer-than-context": (
         ["--prompt", "The quick brown fox jumps over the lazy dog " * 3, "--max-model-len", "8"],
