@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from app.services.hub import HubError
-from app.services.resumable import Stopped, fetch_resumable, sha256_matches
+from app.services.resumable import Stopped, TransferFailed, fetch_resumable, sha256_matches
 
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 #: Files a default download takes: enough to run the model, never pickle weights. Mirrors
@@ -126,7 +126,8 @@ class RepoFetcher:
             job.transferring = True
             stitched = fetch_resumable(url, partial, size, token=token,
                                        on_bytes=lambda n: self._advance(job, n),
-                                       should_stop=job.stop.is_set, sleep=job.stop.wait,
+                                       should_stop=job.stop.is_set,
+                                       sleep=lambda seconds: self._retry_sleep(job.stop, seconds),
                                        max_retries=self._max_retries, retry_wait_s=self._retry_wait_s,
                                        label=name)
             # A blob stitched from several responses must match the Hub's sha256 (an LFS etag).
@@ -137,6 +138,8 @@ class RepoFetcher:
                                "Press Retry to download it again.")
             os.replace(partial, blob)
             job.transferring = False  # a later failure (next file's metadata) is not mid-transfer
+        except TransferFailed as exc:
+            raise HubError("other", str(exc)) from exc
         except Stopped:
             if job.discard_partial and partial.exists():
                 lost = partial.stat().st_size

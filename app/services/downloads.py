@@ -117,14 +117,19 @@ class DownloadManager(RepoFetcher):
         token_provider: returns the token to use (e.g. ``TokenStore().get``); ``None`` from
             it means huggingface_hub's default (``HF_TOKEN`` / ``hf auth login``).
         autostart: resume unfinished downloads from the state file right away.
-        max_retries: reconnect attempts after a dropped connection before failing
-            (each attempt resumes with a Range request; progress resets the count).
-        retry_wait_s: wait before the first reconnect (doubles each time).
+        max_retries: attempts in a row that may end early (a dropped connection, a short
+            response) without getting the file further, before the download fails (each
+            resumes with a Range request; getting further than ever resets the count).
+        retry_wait_s: wait before the first retry (doubles each time, up to a minute).
+        retry_sleep: ``retry_sleep(stop, seconds)`` waits between retries and returns True
+            when ``stop`` (a ``threading.Event``) was set; default ``stop.wait(seconds)``
+            (tests pass one that does not sleep).
     """
 
     def __init__(self, state_file: Path | None = None, *, max_parallel: int = 1,
                  token_provider: Callable[[], str | None] | None = None, autostart: bool = True,
-                 max_retries: int = 3, retry_wait_s: float = 1.0) -> None:
+                 max_retries: int = 3, retry_wait_s: float = 1.0,
+                 retry_sleep: Callable[[threading.Event, float], bool] | None = None) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
         self._state_file = Path(state_file) if state_file is not None else data_dir() / STATE_FILE
@@ -132,6 +137,7 @@ class DownloadManager(RepoFetcher):
         self._token_provider = token_provider
         self._max_retries = max_retries
         self._retry_wait_s = retry_wait_s
+        self._retry_sleep = retry_sleep or (lambda stop, seconds: stop.wait(seconds))
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, _Job] = {}
