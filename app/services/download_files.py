@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from app.services.hub import HubError
+from engine.api import format_bytes
 from app.services.resumable import Stopped, TransferFailed, fetch_resumable, sha256_matches
 
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
@@ -118,8 +119,8 @@ class RepoFetcher:
                 have = 0
             free = shutil.disk_usage(partial.parent).free
             if size - have > free:
-                raise HubError("disk_full", f"not enough disk space for {name}: it needs {_gib(size - have)} GiB "
-                               f"more and {partial.parent} has {_gib(free)} GiB free. Free some space (for "
+                raise HubError("disk_full", f"not enough disk space for {name}: it needs {format_bytes(size - have)} "
+                               f"more and {partial.parent} has {format_bytes(free)} free. Free some space (for "
                                "example delete models in the Library) and retry.")
             self._advance(job, have)
             job.samples.clear()  # bytes from an earlier session are not download speed
@@ -154,9 +155,3 @@ class RepoFetcher:
         finally:
             with self._lock:
                 self._busy_blobs.discard(key)
-
-
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f}"

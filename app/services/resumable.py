@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.api import format_bytes
+
 log = logging.getLogger("hearth.app.downloads")
 
 CHUNK = 128 * 1024   # small enough that progress and cancel react within a fraction of a second
@@ -124,13 +126,13 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
                 raise TransferFailed(
                     f"the server ignores requests to resume {label} (it answers a Range request with the "
                     f"whole file) and ended the download early {failures} times in a row, never getting "
-                    f"past {_size(best)} of {_size(size)}. Press Retry to try again later, or download "
+                    f"past {format_bytes(best)} of {format_bytes(size)}. Press Retry to try again later, or download "
                     "from another network.") from error
             if error is not None:
                 raise error
             raise TransferFailed(
                 f"the server ended {label} early {failures} times in a row, never getting past "
-                f"{_size(best)} of {_size(size)}. Press Retry to try again later; it continues where it "
+                f"{format_bytes(best)} of {format_bytes(size)}. Press Retry to try again later; it continues where it "
                 "stopped.")
         why = f"connection dropped ({error})" if error is not None else "short response"
         log.info("%s at byte %d of %s; retry %d of %d", why, have, label, failures, max_retries)
@@ -141,12 +143,6 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
         raise OSError(f"{label} came out larger than the Hub announced ({have} > {size} bytes); "
                       "press Retry to download it again.")
     return stitched
-
-
-def _size(n: int) -> str:
-    from engine.api import format_bytes
-
-    return format_bytes(n)
 
 
 def sends_token_to(url: str) -> bool:
