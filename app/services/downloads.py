@@ -24,7 +24,6 @@ on, paused ones stay paused. Listeners get a ``DownloadStatus`` snapshot on each
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -35,13 +34,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from app.services.download_files import MODEL_FILE_PATTERNS, RepoFetcher
+from app.services.download_state import read_queue, write_queue
 from app.services.hub import HubError, describe_error
 from app.services.resumable import Stopped
-from app.services.user_data import data_dir, write_json_atomic
+from app.services.user_data import data_dir
 
 log = logging.getLogger("hearth.app.downloads")
 
 QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = "queued", "running", "paused", "done", "failed", "cancelled"
+_STATES = (QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED)  # the first is an entry's default
 #: States whose partial files a later Resume / Retry continues from (never deleted under them).
 _UNFINISHED = (QUEUED, RUNNING, PAUSED)
 __all__ = ["DownloadManager", "DownloadStatus", "MODEL_FILE_PATTERNS", "QUEUED", "RUNNING", "PAUSED", "DONE",
@@ -146,6 +147,9 @@ class DownloadManager(RepoFetcher):
         self._workers: list[threading.Thread] = []
         self._busy_blobs: set[str] = set()
         self._closed = False
+        #: Why the saved queue could not be (fully) used at start-up, in words for the app
+        #: to show (the file was moved aside, so nothing is lost); ``None`` when it could.
+        self.load_problem: str | None = None
         self._load()
         if autostart:
             self.start()
@@ -347,25 +351,17 @@ class DownloadManager(RepoFetcher):
     # ------------------------------------------------------------------ persistence
 
     def _load(self) -> None:
-        try:
-            data = json.loads(self._state_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable download queue %s (%s)", self._state_file, exc)
-            return
-        for item in data.get("downloads", []):
-            try:
-                files = tuple(item["files"]) if item.get("files") else None
-                status = DownloadStatus(**{**item, "files": files})
-            except TypeError:
-                continue  # written by another version: skip rather than crash at start-up
+        items, self.load_problem = read_queue(self._state_file, _STATES)
+        for fields in items:
+            status = DownloadStatus(**fields)
             if status.state == RUNNING:  # the app stopped mid-download (a paused one stays paused)
                 status = replace(status, state=QUEUED)
             status = replace(status, speed_bps=0.0, eta_s=None)
             self._jobs[status.id] = _Job(status)
             if status.state == QUEUED:
                 self._pending.append(status.id)
+        if self.load_problem is not None:
+            self._save()  # the usable entries, in place of the file that was moved aside
 
     def _save(self) -> None:
         items = []
@@ -375,8 +371,7 @@ class DownloadManager(RepoFetcher):
             d.pop("speed_bps"), d.pop("eta_s")
             items.append(d)
         try:
-            self._state_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self._state_file, json.dumps({"version": 1, "downloads": items}, indent=1))
+            write_queue(self._state_file, items)
         except OSError as exc:  # a full disk must not kill the download thread
             log.warning("cannot save the download queue to %s: %s", self._state_file, exc)
 
