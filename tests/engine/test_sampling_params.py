@@ -13,8 +13,7 @@ import torch
 
 from engine.errors import InvalidRequestError
 from engine.runner.sampler import make_generator
-from engine.sampling_params import SamplingParams
-MAX_SEED = 2**64 - 1
+from engine.sampling_params import MAX_SEED, SamplingParams
 
 NAN, INF = math.nan, math.inf
 
