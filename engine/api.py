@@ -26,7 +26,8 @@ from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, Mo
 from engine.events import (EngineEvent, EngineStats, FinishedEvent, Timings, TokenEvent, TokenLogprob,
                            Usage)
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
-from engine.memory_plan import DTYPE_BYTES, auto_dtype, context_blocks, cpu_kv_budget, kv_pool_blocks
+from engine.memory_plan import (DTYPE_BYTES, auto_dtype, context_blocks, cpu_kv_budget, format_bytes,
+                                kv_pool_blocks)
 from engine.output import RequestState
 from engine.sampling_params import SamplingParams
 
@@ -83,7 +84,7 @@ __all__ = [
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
-    "parse_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks", "cpu_kv_budget", "kv_pool_blocks",
+    "parse_bytes", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks", "cpu_kv_budget", "kv_pool_blocks",
     "bench_options", "run_bench",
 ]
 

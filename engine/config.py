@@ -87,16 +87,29 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode (debugging, or to save memory)
 
 
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+# A number (1, 1.5, .5) and an optional binary unit: B, K/KB/KiB, M.., G.., T.. (any case).
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b?|b)?\s*$", re.I)
+_SIZE_FORMS = "write a size such as 4GiB, 512MiB, 2.5GB or a plain number of bytes (1073741824)"
 
 
 def parse_bytes(text: str | int) -> int:
-    """'4GiB', '512MB', '1.5G', 1024 -> bytes (binary units; 'GB' is read as GiB too)."""
+    """'4GiB', '512MB', '1.5G', 1024 -> bytes (binary units; 'GB' is read as GiB too).
+
+    Raises:
+        InvalidRequestError: not a size, or not more than 0 bytes; the message shows the
+            accepted forms.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise InvalidRequestError(f"cannot read {text!r} as a size: {_SIZE_FORMS}.")
     if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise InvalidRequestError(f"cannot read {text!r} as a size; write e.g. 4GiB or 512MiB")
-    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
-    mult = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
+        value = text
+    else:
+        m = _SIZE.match(text)
+        if not m:
+            raise InvalidRequestError(f"cannot read {text!r} as a size: {_SIZE_FORMS}.")
+        unit = (m.group(2) or "b").lower()[0]
+        mult = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
+        value = int(float(m.group(1)) * mult)
+    if value <= 0:
+        raise InvalidRequestError(f"{text!r} is no memory at all (less than 1 byte): {_SIZE_FORMS}.")
+    return value

@@ -38,3 +38,63 @@ def kv_pool_blocks(budget_bytes: int, block_bytes: int, max_model_len: int, bloc
     sequence at full length could use, and at least one."""
     useful = context_blocks(max_model_len, block_size) * max_num_seqs
     return max(1, min(budget_bytes // block_bytes, useful))
+
+
+#: What an explicit KV cache size must leave free besides the weights: activations, the
+#: runtime, other programs (a fraction of the device's memory, at least this much).
+KV_HEADROOM_FRACTION = 0.05
+KV_HEADROOM_MIN = 512 * 2**20
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(n: int | float) -> str:
+    """Bytes in the largest binary unit that keeps the number at 1 or more: ``1000`` ->
+    ``"1000 B"``, ``1536`` -> ``"1.5 KiB"``, ``22.5 * 2**30`` -> ``"22.5 GiB"``."""
+    value = float(n)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def kv_headroom(total_bytes: int) -> int:
+    """Bytes an explicit KV cache size must leave free on a device of ``total_bytes``."""
+    return max(KV_HEADROOM_MIN, int(total_bytes * KV_HEADROOM_FRACTION))
+
+
+def explicit_kv_problem(*, requested: int, pool_bytes: int, free_bytes: int, total_bytes: int,
+                        weights_bytes: int, where: str) -> str | None:
+    """Why a KV pool of ``pool_bytes`` (sized from an explicit ``kv_cache_memory`` of
+    ``requested`` bytes) can't be allocated on a device (``where``: "RAM", "GPU cuda:0")
+    with ``free_bytes`` free, of which ``weights_bytes`` are still to be taken by the
+    weights; ``None`` when it fits with ``kv_headroom`` to spare.
+
+    The pool, not the request, is checked: a budget above what every allowed sequence at
+    full length can use is never allocated (``kv_pool_blocks``), so it is harmless.
+    """
+    spare = kv_headroom(total_bytes)
+    room = free_bytes - weights_bytes - spare
+    if pool_bytes <= room:
+        return None
+    head = f"the KV cache does not fit in memory: --kv-cache-memory {format_bytes(requested)}"
+    if pool_bytes < requested:
+        head += f" makes a pool of {format_bytes(pool_bytes)} (all that the sequences at full length can use)"
+    have = f"the {where} has {format_bytes(free_bytes)} free"
+    if weights_bytes:
+        have += f", of which the weights take {format_bytes(weights_bytes)},"
+    have += f" and {format_bytes(spare)} is kept spare"
+    if room < 2**20:
+        todo = ("There is no memory left for it: free memory (close other programs), or load a smaller model, "
+                "a smaller dtype or a shorter context")
+    else:
+        todo = (f"Use --kv-cache-memory {_size_arg(room)} or less, or leave it out to size the KV cache "
+                "automatically")
+    return f"{head}, but {have}. {todo}."
+
+
+def _size_arg(n: int) -> str:
+    """``n`` bytes rounded down to a size ``parse_bytes`` reads (``"13.7GiB"``, ``"900MiB"``)."""
+    if n >= 2**30:
+        return f"{int(n / 2**30 * 10) / 10:g}GiB"
+    return f"{n // 2**20}MiB"

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import numbers
+from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
+
+#: The largest seed a request may use: torch.Generator.manual_seed takes 64-bit unsigned
+#: values (negative ones wrap around to the same streams, so they are refused as ambiguous).
+MAX_SEED = 2**64 - 1
+#: Fields that must be whole numbers (``None`` allowed for ``logprobs`` and ``seed``).
+_INT_FIELDS = ("max_tokens", "top_k", "logprobs", "seed")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,15 +53,23 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in self.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be token ids (integers), got {self.stop_token_ids!r}.")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        for name in _INT_FIELDS:
+            _check_integer(self, name)
+        for name in _FLOAT_FIELDS:
+            _check_number(self, name)
+        if self.max_tokens <= 0:
             raise InvalidRequestError(
                 f"max_tokens must be a positive integer, got {self.max_tokens!r}: "
                 "ask for at least 1 new token."
             )
-        if self.temperature < 0:
+        # Comparisons are written so that nan fails them too (nan compares false to anything).
+        if not self.temperature >= 0 or math.isinf(self.temperature):
             raise InvalidRequestError(
-                f"temperature must be >= 0, got {self.temperature}: use 0 for greedy decoding."
+                f"temperature must be a finite number >= 0, got {self.temperature}: use 0 for greedy "
+                "decoding, around 0.7 for varied text."
             )
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError(
@@ -62,21 +79,44 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
         if not (0.0 <= self.min_p <= 1.0):
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0 or math.isinf(self.repetition_penalty):
             raise InvalidRequestError(
-                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}."
+                f"repetition_penalty must be a finite number > 0 (1 disables it), got {self.repetition_penalty}."
             )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not (-2.0 <= v <= 2.0):
-                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}.")
+                raise InvalidRequestError(f"{name} must be in [-2, 2] (0 disables it), got {v}.")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
-            raise InvalidRequestError(f"logprobs must be in [0, 20], got {self.logprobs}.")
+            raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs}.")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}.")
+        if self.seed is not None and not (0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(
+                f"seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {self.seed}: "
+                "leave it out for a random seed."
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _check_integer(params: SamplingParams, name: str) -> None:
+    """A whole number (a bool is not one), stored as a plain ``int``; ``None`` where allowed."""
+    value = getattr(params, name)
+    if value is None and name in ("logprobs", "seed"):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        ranges = {"max_tokens": "a positive integer", "top_k": "an integer >= 0 (0 disables it)",
+                  "logprobs": "an integer in [0, 20]", "seed": f"an integer from 0 to {MAX_SEED}"}
+        raise InvalidRequestError(f"{name} must be {ranges[name]}, got {value!r}.")
+    object.__setattr__(params, name, int(value))
+
+
+def _check_number(params: SamplingParams, name: str) -> None:
+    """A real number (ints welcome, a bool or a string is not one), stored as a ``float``."""
+    value = getattr(params, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}.")
+    object.__setattr__(params, name, float(value))

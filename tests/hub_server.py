@@ -16,8 +16,9 @@ front matter, e.g. the license), ``safetensors`` parameter counts read from the
 safetensors headers, and, with ``?blobs=true`` (``files_metadata=True``), every sibling's
 size and LFS data. Listing fields (downloads, likes, tags, ...) come from ``HubRepo.meta``.
 
-For download tests a file can be served slowly (``throttle``) or cut off part-way once
-(``interrupt``), Range headers can be ignored (``ignore_ranges``), and ``log`` records
+For download tests a file can be served slowly (``throttle``), cut off part-way once
+(``interrupt``) or on every request (``short_bodies``: a dropped connection, or a clean but
+short response), Range headers can be ignored (``ignore_ranges``), and ``log`` records
 each request's query, ``Range`` header and bytes sent.
 
 Errors mimic the Hub: 404 + ``X-Error-Code: RepoNotFound`` / ``RevisionNotFound`` /
@@ -174,6 +175,7 @@ class HubServer:
         self.ignore_ranges = False
         self._throttle: dict[str, tuple[int, float]] = {}
         self._interrupt: dict[str, int] = {}
+        self._short: dict[str, tuple[int, bool]] = {}
         self._lock = threading.Lock()
         for repo_id, files in (repos or {}).items():
             self.add_repo(repo_id, files)
@@ -236,6 +238,12 @@ class HubServer:
     def interrupt(self, filename: str, after_bytes: int) -> None:
         """Cut the next GET of ``filename`` off after ``after_bytes`` body bytes (once)."""
         self._interrupt[filename] = after_bytes
+
+    def short_bodies(self, filename: str, after_bytes: int, *, clean: bool = False) -> None:
+        """Send at most ``after_bytes`` of the body of every GET of ``filename``: the
+        connection drops there, or with ``clean`` the response says it is that long and
+        ends normally (a misbehaving proxy or CDN)."""
+        self._short[filename] = (after_bytes, clean)
 
     def ranges(self, filename: str) -> list[str | None]:
         """The Range header (or None) of each GET of ``filename``, in order."""
@@ -465,6 +473,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.hub._lock:
             cut = self.hub._interrupt.pop(filename, None)
+            short = self.hub._short.get(filename)
+        if short is not None:
+            if short[1]:
+                body = body[:short[0]]  # Content-Length follows: a clean, short response
+            else:
+                cut = short[0] if cut is None else min(cut, short[0])
         chunk, delay = self.hub._throttle.get(filename, (len(body) or 1, 0.0))
         self._send(status, headers, body, head, chunk=chunk, delay=delay, cut=cut)
 

@@ -122,6 +122,14 @@ class DownloadsPanel(QWidget):
         self.rows: dict[str, DownloadRow] = {}
         self.empty = QLabel("No downloads yet. Find a model and press Download.")
         self.empty.setObjectName("downloadsEmpty")
+        # Why the saved download list could not be (fully) used at start-up (it was moved
+        # aside, so nothing is lost): said once, above the list.
+        self.problem = QLabel(getattr(manager, "load_problem", None) or "")
+        self.problem.setObjectName("downloadsProblem")
+        self.problem.setWordWrap(True)
+        self.problem.setTextFormat(Qt.TextFormat.PlainText)
+        self.problem.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.problem.setVisible(bool(self.problem.text()))
         inner = QWidget()
         self._list = QVBoxLayout(inner)
         self._list.addWidget(self.empty)
@@ -131,6 +139,7 @@ class DownloadsPanel(QWidget):
         scroll.setWidget(inner)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.problem)
         lay.addWidget(scroll)
         for status in manager.list():
             self.apply(status)

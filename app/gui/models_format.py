@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+from engine.api import format_bytes
 
 
 def human_bytes(n: int | float | None) -> str:
-    """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"?"``."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover - the loop always returns
+    """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"?"`` (the engine's formatter, which the
+    download and memory messages use too)."""
+    return "?" if n is None else format_bytes(n)
 
 
 def human_count(n: int | None) -> str:

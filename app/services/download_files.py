@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from app.services.hub import HubError
-from app.services.resumable import Stopped, fetch_resumable, sha256_matches
+from engine.api import format_bytes
+from app.services.resumable import Stopped, TransferFailed, fetch_resumable, sha256_matches
 
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 #: Files a default download takes: enough to run the model, never pickle weights. Mirrors
@@ -118,15 +119,16 @@ class RepoFetcher:
                 have = 0
             free = shutil.disk_usage(partial.parent).free
             if size - have > free:
-                raise HubError("disk_full", f"not enough disk space for {name}: it needs {_gib(size - have)} GiB "
-                               f"more and {partial.parent} has {_gib(free)} GiB free. Free some space (for "
+                raise HubError("disk_full", f"not enough disk space for {name}: it needs {format_bytes(size - have)} "
+                               f"more and {partial.parent} has {format_bytes(free)} free. Free some space (for "
                                "example delete models in the Library) and retry.")
             self._advance(job, have)
             job.samples.clear()  # bytes from an earlier session are not download speed
             job.transferring = True
             stitched = fetch_resumable(url, partial, size, token=token,
                                        on_bytes=lambda n: self._advance(job, n),
-                                       should_stop=job.stop.is_set, sleep=job.stop.wait,
+                                       should_stop=job.stop.is_set,
+                                       sleep=lambda seconds: self._retry_sleep(job.stop, seconds),
                                        max_retries=self._max_retries, retry_wait_s=self._retry_wait_s,
                                        label=name)
             # A blob stitched from several responses must match the Hub's sha256 (an LFS etag).
@@ -137,6 +139,8 @@ class RepoFetcher:
                                "Press Retry to download it again.")
             os.replace(partial, blob)
             job.transferring = False  # a later failure (next file's metadata) is not mid-transfer
+        except TransferFailed as exc:
+            raise HubError("other", str(exc)) from exc
         except Stopped:
             if job.discard_partial and partial.exists():
                 lost = partial.stat().st_size
@@ -151,9 +155,3 @@ class RepoFetcher:
         finally:
             with self._lock:
                 self._busy_blobs.discard(key)
-
-
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f}"

@@ -24,7 +24,6 @@ on, paused ones stay paused. Listeners get a ``DownloadStatus`` snapshot on each
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -35,13 +34,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from app.services.download_files import MODEL_FILE_PATTERNS, RepoFetcher
+from app.services.download_state import read_queue, write_queue
 from app.services.hub import HubError, describe_error
 from app.services.resumable import Stopped
-from app.services.user_data import data_dir, write_json_atomic
+from app.services.user_data import data_dir
 
 log = logging.getLogger("hearth.app.downloads")
 
 QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = "queued", "running", "paused", "done", "failed", "cancelled"
+_STATES = (QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED)  # the first is an entry's default
 #: States whose partial files a later Resume / Retry continues from (never deleted under them).
 _UNFINISHED = (QUEUED, RUNNING, PAUSED)
 __all__ = ["DownloadManager", "DownloadStatus", "MODEL_FILE_PATTERNS", "QUEUED", "RUNNING", "PAUSED", "DONE",
@@ -117,14 +118,19 @@ class DownloadManager(RepoFetcher):
         token_provider: returns the token to use (e.g. ``TokenStore().get``); ``None`` from
             it means huggingface_hub's default (``HF_TOKEN`` / ``hf auth login``).
         autostart: resume unfinished downloads from the state file right away.
-        max_retries: reconnect attempts after a dropped connection before failing
-            (each attempt resumes with a Range request; progress resets the count).
-        retry_wait_s: wait before the first reconnect (doubles each time).
+        max_retries: attempts in a row that may end early (a dropped connection, a short
+            response) without getting the file further, before the download fails (each
+            resumes with a Range request; getting further than ever resets the count).
+        retry_wait_s: wait before the first retry (doubles each time, up to a minute).
+        retry_sleep: ``retry_sleep(stop, seconds)`` waits between retries and returns True
+            when ``stop`` (a ``threading.Event``) was set; default ``stop.wait(seconds)``
+            (tests pass one that does not sleep).
     """
 
     def __init__(self, state_file: Path | None = None, *, max_parallel: int = 1,
                  token_provider: Callable[[], str | None] | None = None, autostart: bool = True,
-                 max_retries: int = 3, retry_wait_s: float = 1.0) -> None:
+                 max_retries: int = 3, retry_wait_s: float = 1.0,
+                 retry_sleep: Callable[[threading.Event, float], bool] | None = None) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
         self._state_file = Path(state_file) if state_file is not None else data_dir() / STATE_FILE
@@ -132,6 +138,7 @@ class DownloadManager(RepoFetcher):
         self._token_provider = token_provider
         self._max_retries = max_retries
         self._retry_wait_s = retry_wait_s
+        self._retry_sleep = retry_sleep or (lambda stop, seconds: stop.wait(seconds))
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, _Job] = {}
@@ -140,6 +147,9 @@ class DownloadManager(RepoFetcher):
         self._workers: list[threading.Thread] = []
         self._busy_blobs: set[str] = set()
         self._closed = False
+        #: Why the saved queue could not be (fully) used at start-up, in words for the app
+        #: to show (the file was moved aside, so nothing is lost); ``None`` when it could.
+        self.load_problem: str | None = None
         self._load()
         if autostart:
             self.start()
@@ -341,25 +351,17 @@ class DownloadManager(RepoFetcher):
     # ------------------------------------------------------------------ persistence
 
     def _load(self) -> None:
-        try:
-            data = json.loads(self._state_file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable download queue %s (%s)", self._state_file, exc)
-            return
-        for item in data.get("downloads", []):
-            try:
-                files = tuple(item["files"]) if item.get("files") else None
-                status = DownloadStatus(**{**item, "files": files})
-            except TypeError:
-                continue  # written by another version: skip rather than crash at start-up
+        items, self.load_problem = read_queue(self._state_file, _STATES)
+        for fields in items:
+            status = DownloadStatus(**fields)
             if status.state == RUNNING:  # the app stopped mid-download (a paused one stays paused)
                 status = replace(status, state=QUEUED)
             status = replace(status, speed_bps=0.0, eta_s=None)
             self._jobs[status.id] = _Job(status)
             if status.state == QUEUED:
                 self._pending.append(status.id)
+        if self.load_problem is not None:
+            self._save()  # the usable entries, in place of the file that was moved aside
 
     def _save(self) -> None:
         items = []
@@ -369,8 +371,7 @@ class DownloadManager(RepoFetcher):
             d.pop("speed_bps"), d.pop("eta_s")
             items.append(d)
         try:
-            self._state_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self._state_file, json.dumps({"version": 1, "downloads": items}, indent=1))
+            write_queue(self._state_file, items)
         except OSError as exc:  # a full disk must not kill the download thread
             log.warning("cannot save the download queue to %s: %s", self._state_file, exc)
 

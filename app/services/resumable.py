@@ -14,14 +14,29 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.api import format_bytes
+
 log = logging.getLogger("hearth.app.downloads")
 
 CHUNK = 128 * 1024   # small enough that progress and cancel react within a fraction of a second
 _TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+#: The longest wait between two attempts (the backoff doubles up to it).
+MAX_RETRY_WAIT_S = 60.0
 
 
 class Stopped(Exception):
     """The caller asked to stop (cancel or shutdown); the partial file is left as it is."""
+
+
+class TransferFailed(Exception):
+    """Attempt after attempt ended early without getting further; the message says why
+    (naming a server that ignores Range requests) and what to do."""
+
+
+def retry_wait(base_s: float, failures: int) -> float:
+    """Seconds to wait after the ``failures``-th attempt in a row that made no progress
+    (1, 2, ...): ``base_s`` doubled each time, at most ``MAX_RETRY_WAIT_S``."""
+    return min(base_s * 2 ** (failures - 1), MAX_RETRY_WAIT_S)
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -42,11 +57,19 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
 
     Starts from whatever ``partial`` already holds. ``on_bytes(n)`` reports bytes added
     (negative if the server ignored the Range and the file restarts); ``should_stop()`` is
-    polled per chunk; ``sleep(s)`` waits between reconnects and returns True to stop early.
-    A dropped connection is retried ``max_retries`` times (reset whenever bytes arrive).
+    polled per chunk; ``sleep(s)`` waits between attempts and returns True to stop early.
+
+    An attempt that ends early (a dropped connection, or a clean but short response) is
+    retried after ``retry_wait`` seconds. Only attempts that get the file further than it
+    ever was count as progress: a server that ignores Range and cuts every response short
+    restarts the file each time and gets nowhere, so after ``max_retries`` attempts in a
+    row without progress the transfer fails (a server that answers a Range request with
+    the whole file still succeeds when that whole file arrives).
 
     Raises:
         Stopped: ``should_stop()`` or ``sleep()`` said so.
+        TransferFailed: the retries were spent on short responses, or on a server that
+            ignores Range requests (the message says which).
         huggingface_hub errors (HfHubHTTPError, GatedRepoError, ...) and connection errors
         once the retries are spent; OSError from the disk.
     """
@@ -54,13 +77,16 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
 
     have = partial.stat().st_size if partial.exists() else 0
     stitched = have > 0
-    attempts = 0
+    best = have          # the most of the file ever on disk: progress means getting past it
+    failures = 0         # attempts in a row that ended early (reset by progress)
+    range_ignored = False
     auth = token if sends_token_to(url) else False
     while have < size:
         headers = build_hf_headers(token=auth)
         headers["Accept-Encoding"] = "identity"  # byte offsets must be of the file itself
         if have:
             headers["Range"] = f"bytes={have}-"
+        error: Exception | None = None
         try:
             with http_stream_backoff("GET", url, headers=headers, timeout=30, retry_on_exceptions=(),
                                      retry_on_status_codes=_TRANSIENT_STATUS) as r:
@@ -69,6 +95,8 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
                 content_range = r.headers.get("Content-Range", "")
                 if have and (r.status_code != 206 or not content_range.startswith(f"bytes {have}-")):
                     # The server ignored the Range (or answered another one): start over.
+                    range_ignored = True
+                    log.info("the server ignored the Range request for %s; starting it over", label)
                     on_bytes(-have)
                     mode, have = "wb", 0
                 elif have:
@@ -79,26 +107,37 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
                             raise Stopped()
                         f.write(chunk)
                         have += len(chunk)
-                        attempts = 0  # progress was made: a later drop gets fresh retries
                         on_bytes(len(chunk))
         except Stopped:
             raise
         except Exception as exc:
-            if not is_connection_error(exc) or should_stop():
-                if should_stop():
-                    raise Stopped() from None
-                raise
-            attempts += 1
-            if attempts > max_retries:
-                raise
-            log.info("connection dropped at byte %d of %s; resuming (%d/%d)", have, label, attempts, max_retries)
-            if sleep(retry_wait_s * 2 ** (attempts - 1)):
+            if should_stop():
                 raise Stopped() from None
-            continue
-        if have < size:  # a clean but short response: resume like after a drop
-            attempts += 1
-            if attempts > max_retries:
-                raise ConnectionError(f"the server kept ending {label} early")
+            if not is_connection_error(exc):
+                raise
+            error = exc
+        if have >= size:
+            break
+        if have > best:  # further than ever before: the retries start afresh
+            best, failures = have, 0
+        failures += 1
+        if failures > max_retries:
+            if range_ignored:
+                raise TransferFailed(
+                    f"the server ignores requests to resume {label} (it answers a Range request with the "
+                    f"whole file) and ended the download early {failures} times in a row, never getting "
+                    f"past {format_bytes(best)} of {format_bytes(size)}. Press Retry to try again later, or download "
+                    "from another network.") from error
+            if error is not None:
+                raise error
+            raise TransferFailed(
+                f"the server ended {label} early {failures} times in a row, never getting past "
+                f"{format_bytes(best)} of {format_bytes(size)}. Press Retry to try again later; it continues where it "
+                "stopped.")
+        why = f"connection dropped ({error})" if error is not None else "short response"
+        log.info("%s at byte %d of %s; retry %d of %d", why, have, label, failures, max_retries)
+        if sleep(retry_wait(retry_wait_s, failures)):
+            raise Stopped() from None
     if have > size:
         partial.unlink(missing_ok=True)
         raise OSError(f"{label} came out larger than the Hub announced ({have} > {size} bytes); "

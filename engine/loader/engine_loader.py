@@ -10,11 +10,12 @@ from typing import Any, Callable
 import torch
 
 from engine.config import EngineConfig
-from engine.device import available_ram_bytes, free_memory_bytes, gib, resolve_device, resolve_dtype
+from engine.device import available_ram_bytes, free_memory_bytes, gib
 from engine.errors import InvalidRequestError, OutOfMemoryError, UnsupportedModelError
+from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
                                        shape_model_config)
-from engine.memory_plan import context_blocks, cpu_kv_budget, kv_pool_blocks
+from engine.memory_plan import context_blocks, cpu_kv_budget, explicit_kv_problem, kv_pool_blocks
 from engine.models.spec import ModelSpec, read_config
 from engine.tokenizer import Tokenizer
 
@@ -36,8 +37,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
 
     say = progress or (lambda msg: log.info(msg))
     mc, cc = config.model, config.cache
-    device = resolve_device(mc.device)
-    dtype = resolve_dtype(mc.dtype, device)
+    choices = check_load_choices(config)  # before anything is resolved, read or loaded
+    device, dtype = choices.device, choices.dtype
     random_seed = None
     if is_shape_model(mc.model):
         # Benchmark shape: a named config with random weights, no files, no tokenizer.
@@ -82,11 +83,11 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         "vocab_size": int(cfg.get("vocab_size") or len(tokenizer)),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "attention": _resolve_attention(config.attention, device),
+        "attention": choices.attention,
         "max_model_len": max_model_len,
         "implementation": "native" if spec is not None else "transformers-fallback",
     }
-    kv_dtype = _kv_cache_dtype(cc.kv_cache_dtype, dtype, info["attention"], device, spec is not None)
+    kv_dtype = _kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)
     info["kv_cache_dtype"] = str(kv_dtype).removeprefix("torch.")
     if spec is None:
         info["fallback_reason"] = native_error or "forced with force_fallback"
@@ -107,6 +108,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             say(f"the {info['attention']} backend pages the KV cache in blocks of {multiple} tokens: "
                 f"using block_size={multiple}")
             cc.block_size = multiple
+        # An explicit KV size that can't fit is refused now, not after the weights load.
+        _check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
+                           max_model_len, weights_bytes=spec.num_params() * dtype.itemsize)
         say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {info['dtype']})")
         model = build_native(path, spec, device, dtype, max_model_len, random_seed=random_seed)
         try:
@@ -172,40 +176,17 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     return LoadedModel(info, tokenizer, runner, max_model_len, num_blocks, prefix)
 
 
-def _kv_cache_dtype(name: str, dtype: torch.dtype, attention: str, device: torch.device,
-                    native: bool) -> torch.dtype:
+def _kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:
     """The KV cache's element type for ``kv_cache_dtype`` (auto: the model's dtype), or a
-    clear error where an fp8 cache can't be used."""
+    clear error where an fp8 cache can't be used with this model (the backend and device
+    were checked with the other choices, before the load)."""
     if name == "auto":
         return dtype
     if not native:
         raise InvalidRequestError(
             "an fp8 KV cache needs Hearth's native model code; this model runs on the "
             "transformers fallback, which keeps its own cache: load it with kv_cache_dtype=auto.")
-    from engine.layers.attention import backend_names
-
-    if attention not in ("torch", "triton") and attention in backend_names():
-        raise InvalidRequestError(
-            f"the {attention!r} attention backend can't read an fp8 KV cache: use attention=triton "
-            "(CUDA) or attention=torch, or kv_cache_dtype=auto.")
-    if attention == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise InvalidRequestError(
-            f"the triton backend's fp8 KV cache needs an Ada or Hopper GPU (compute capability "
-            f"8.9+); this one is {major}.{minor}. Use kv_cache_dtype=auto, or attention=torch.")
     return torch.float8_e4m3fn
-
-
-def _resolve_attention(name: str, device: torch.device) -> str:
-    """``auto``: the Triton backend on a CUDA GPU when it can run there, else the reference."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        from engine.layers.attention import backend_reasons
-
-        if not backend_reasons("triton", device):
-            return "triton"
-    return "torch"
 
 
 def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model_len: int) -> int:
@@ -214,6 +195,11 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
         return cc.num_blocks
     if cc.kv_cache_memory is not None:
         budget = cc.kv_cache_memory
+        try:  # the weights are in memory now: what is free is what the KV cache can have
+            _check_explicit_kv(config, device, block_bytes, max_model_len, weights_bytes=0)
+        except OutOfMemoryError:
+            _free(runner, device)
+            raise
     elif device.type == "cuda":
         _, total = free_memory_bytes(device)
         peak = runner.profile_peak_bytes(sc.max_num_batched_tokens)
@@ -235,6 +221,24 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
     # No more blocks than every allowed sequence at full length could use (memory_plan:
     # the app's fit estimate sizes the pool with the same function).
     return kv_pool_blocks(budget, block_bytes, max_model_len, cc.block_size, sc.max_num_seqs)
+
+
+def _check_explicit_kv(config: EngineConfig, device: torch.device, block_bytes: int, max_model_len: int,
+                       weights_bytes: int) -> None:
+    """Refuse an explicit ``kv_cache_memory`` whose pool doesn't fit in the device's free
+    memory (RAM on the CPU, where the kernel's OOM killer would end the process instead;
+    VRAM on a GPU), leaving ``weights_bytes`` for weights still to load and some headroom."""
+    cc, sc = config.cache, config.scheduler
+    if cc.kv_cache_memory is None or cc.num_blocks is not None:
+        return
+    pool = kv_pool_blocks(cc.kv_cache_memory, block_bytes, max_model_len, cc.block_size,
+                          sc.max_num_seqs) * block_bytes
+    free, total = free_memory_bytes(device)
+    where = f"GPU {device}" if device.type == "cuda" else "RAM"
+    problem = explicit_kv_problem(requested=cc.kv_cache_memory, pool_bytes=pool, free_bytes=free,
+                                  total_bytes=total, weights_bytes=weights_bytes, where=where)
+    if problem is not None:
+        raise OutOfMemoryError(problem)
 
 
 def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:

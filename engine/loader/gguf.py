@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.loader.gguf_check import truncation_problem
 
 #: Marker written last into a converted folder; describes the source GGUF file.
 SOURCE_FILE = "hearth_source.json"
@@ -70,6 +71,10 @@ def _check_readable(gguf_path: Path) -> None:
             f"{gguf_path} is not a GGUF file (it does not start with the 'GGUF' magic bytes). "
             "Check the path, or download the file again if it is damaged."
         )
+    # A cut-off file fails in the reader like an unsupported model would: say what it is.
+    problem = truncation_problem(gguf_path)
+    if problem is not None:
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {problem}")
 
 
 def _read_gguf(gguf_path: Path):

@@ -205,9 +205,20 @@ BAD = {
     "temperature-negative": (["--prompt", "Hi", "--temperature", "-1"], "temperature"),
     "top-p-0": (["--prompt", "Hi", "--top-p", "0"], "top_p"),
     "top-p-1.5": (["--prompt", "Hi", "--top-p", "1.5"], "top_p"),
+    # Issue 12: nan sampled token 0 forever (exit 0); a seed past 2**64 - 1 failed mid-step.
+    "temperature-nan": (["--prompt", "Hi", "--temperature", "nan"], "temperature"),
+    "temperature-inf": (["--prompt", "Hi", "--temperature", "inf"], "temperature"),
+    "repetition-penalty-nan": (["--prompt", "Hi", "--repetition-penalty", "nan"], "repetition_penalty"),
+    "seed-2**64": (["--prompt", "Hi", "--seed", str(2**64)], "seed"),
+    "seed-10**23": (["--prompt", "Hi", "--seed", str(10**23)], "seed"),
+    # Issue 12: a ValueError traceback from parse_bytes; now the accepted forms.
+    **{f"kv-cache-memory-{v}": (["--prompt", "Hi", f"--kv-cache-memory={v}"], f"{v!r}")
+       for v in ("1.2.3", ".", "abc", "-1GiB", "0")},
     "unknown-model": (["--prompt", "Hi", "--model", "./nope"], "nope"),
     "cuda-without-gpu": (["--prompt", "Hi", "--device", "cuda"], "cuda"),
     "unknown-attention": (["--prompt", "Hi", "--attention", "no-such-backend"], "no-such-backend"),
+    # Issue 12: checked before the model is even looked for (it was refused after the weights loaded).
+    "attention-before-the-model": (["--prompt", "Hi", "--model", "./nope", "--attention", "xformers"], "xformers"),
     "missing-prompts-file": (["--prompts-file", "/nonexistent/prompts.txt"], "prompts-file"),
     "prompt-longer-than-context": (
         ["--prompt", "The quick brown fox jumps over the lazy dog " * 3, "--max-model-len", "8"],
@@ -231,6 +242,18 @@ def test_bad_input_exits_2_with_one_line(capsys, tiny, name):
     assert lines[0].startswith("hearth: error:"), lines[0]
     assert len(lines[0]) > len("hearth: error: ") + 10, "the message must say what is wrong"
     assert mention in lines[0], f"{name}: the message should name {mention!r}: {lines[0]}"
+
+
+def test_kv_cache_memory_larger_than_free_ram_is_refused(capsys, monkeypatch, tiny):
+    """Issue 12: --kv-cache-memory 100TiB on the CPU allocated until the OOM killer came.
+    Free RAM is faked (530 MiB): nothing large is allocated."""
+    import engine.loader.engine_loader as engine_loader
+
+    monkeypatch.setattr(engine_loader, "free_memory_bytes", lambda device: (530 * 2**20, 2**30))
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--kv-cache-memory", "100TiB", "--json"))
+    assert rc == 2 and out == "" and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.strip()]
+    assert line.startswith("hearth: error:") and "100.0 TiB" in line and "530.0 MiB free" in line, line
 
 
 # -- doctor --------------------------------------------------------------------------------------

@@ -366,7 +366,10 @@ def test_disk_full(fake_hub, managers, monkeypatch):
     m = managers()
     status = m.wait(m.enqueue(TINY), TIMEOUT)
     assert status.state == FAILED and status.error_kind == "disk_full"
-    assert "not enough disk space" in status.error and "GiB free" in status.error
+    assert "not enough disk space" in status.error
+    # Units that fit the numbers (issue 12: "needs 0.0 GiB more ... has 0.0 GiB free").
+    assert "needs 657.0 KiB more" in status.error and "has 1000 B free" in status.error, status.error
+    assert "0.0 GiB" not in status.error
 
 
 def test_offline(fake_hub, managers):

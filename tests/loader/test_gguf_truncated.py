@@ -1,0 +1,86 @@
+"""A truncated GGUF file is called truncated, not blamed on its architecture (issue 12
+item 9d: a cut-off download read as "cannot reshape array ... use a GGUF of an
+architecture transformers supports")."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import ModelLoadError
+from engine.loader.gguf_check import truncation_problem
+from engine.loader.resolve import resolve_model
+
+
+def _tiny_gguf(path: Path) -> Path:
+    """A small but real llama GGUF: a few KiB of header, 64 KiB of f32 tensor data."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_token_list([f"t{i}".encode() for i in range(256)])
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((256, 64), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path) -> Path:
+    return _tiny_gguf(tmp_path / "whole.gguf")
+
+
+def _cut(src: Path, dst: Path, size: int) -> Path:
+    dst.write_bytes(src.read_bytes()[:size])
+    return dst
+
+
+def _assert_truncated(msg: str, name: str, have: int, total: int | None) -> None:
+    assert name in msg and "truncated" in msg and "download it again" in msg.lower(), msg
+    if total is not None:
+        assert f"({have} of {total} bytes)" in msg, msg
+    # Not blamed on the architecture or the quantization.
+    assert not re.search(r"architecture|quantization|reshape", msg), msg
+
+
+def test_a_whole_file_is_not_truncated(tiny_gguf):
+    assert truncation_problem(tiny_gguf) is None
+
+
+def test_a_file_cut_in_its_tensor_data(tiny_gguf, tmp_path, hearth_cache):
+    total = tiny_gguf.stat().st_size
+    cut = _cut(tiny_gguf, tmp_path / "cut-data.gguf", total - 1000)
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model(str(cut))
+    _assert_truncated(str(info.value), "cut-data.gguf", total - 1000, total)
+
+
+def test_a_file_cut_in_its_header(tiny_gguf, tmp_path, hearth_cache):
+    cut = _cut(tiny_gguf, tmp_path / "cut-header.gguf", 600)
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model(str(cut))
+    _assert_truncated(str(info.value), "cut-header.gguf", 600, None)
+    assert "ends inside its header, after 600 bytes" in str(info.value)
+
+
+def test_the_default_model_cut_in_half(default_model, tmp_path, hearth_cache):
+    from engine.loader.resolve import default_gguf_path
+
+    src = default_gguf_path()
+    total = src.stat().st_size
+    cut = tmp_path / "half.gguf"
+    with src.open("rb") as fh:
+        cut.write_bytes(fh.read(total // 2))
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model(str(cut))
+    _assert_truncated(str(info.value), "half.gguf", total // 2, total)
