@@ -57,13 +57,20 @@ def model_display_name(model: str | None) -> str:
     return _name(model)
 
 
-def check_model(model: str | None, revision: str | None = None, *, progress=None) -> str:
-    """Find (download, convert) and validate ``model`` without loading it, so a caller can
-    learn that it can't load (no tokenizer, no weights, unknown repo) before giving up the
-    model it has. Returns the display name; raises ``ModelLoadError`` and friends."""
+def check_model(model: str | None, revision: str | None = None, *, progress=None,
+                device: str = "auto", dtype: str = "auto", attention: str = "auto",
+                kv_cache_dtype: str = "auto") -> str:
+    """Check the load choices (as ``Engine.load`` does first), then find (download, convert)
+    and validate ``model`` without loading it, so a caller can learn that it can't load (an
+    unavailable backend, no tokenizer, no weights, unknown repo) before giving up the model
+    it has. Returns the display name; raises ``InvalidRequestError``, ``ModelLoadError``..."""
+    from engine.loader.choices import check_load_choices
     from engine.loader.resolve import resolve_model
     from engine.loader.shape_model import is_shape_model, shape_model_config
 
+    check_load_choices(EngineConfig(
+        model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype),
+        cache=CacheConfig(kv_cache_dtype=kv_cache_dtype), attention=attention))
     if is_shape_model(model):  # a benchmark shape: nothing on disk, only its name to check
         shape_model_config(model, revision)
         return model.strip()

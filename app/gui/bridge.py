@@ -165,7 +165,9 @@ class _Worker(BridgeSignals):
         engine = error = None
         try:
             if free_first:
-                self._check(options.get("model"), options.get("revision"), progress=progress)
+                choices = {k: options[k] for k in ("device", "dtype", "attention", "kv_cache_dtype")
+                           if options.get(k) not in (None, "")}
+                self._check(options.get("model"), options.get("revision"), progress=progress, **choices)
                 self._releaseWanted.emit()
                 while not self._released.wait(0.05):
                     if cancel.is_set():

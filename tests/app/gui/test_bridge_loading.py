@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from engine.api import Engine, ModelLoadError, OutOfMemoryError, SamplingParams
+from engine.api import Engine, InvalidRequestError, ModelLoadError, OutOfMemoryError, SamplingParams
 from tests.app.gui.conftest import load_options
 
 LOAD_TIMEOUT = 60_000
@@ -57,8 +57,9 @@ def fake_bridge(qtbot):
         state["made"].append(engine)
         return engine
 
-    def check(model, revision=None, progress=None):
+    def check(model, revision=None, progress=None, **choices):
         state["checked"].append(model)
+        state["check_choices"] = choices
         if model in state["fail_check"]:
             raise state["fail_check"][model]
         return model
@@ -155,3 +156,22 @@ def test_the_loaded_model_answers_while_the_next_one_loads(qtbot, chat_model, ti
     finally:
         gate.set()
         bridge.shutdown()
+
+
+def test_the_check_before_unloading_gets_the_load_choices(qtbot, fake_bridge):
+    """A bad backend choice must be refused before the old model gives up the GPU."""
+    _load(qtbot, fake_bridge, "acme/working")
+    fake_bridge.state["fail_check"]["acme/next"] = InvalidRequestError("attention backend 'xformers' is unknown")
+    with qtbot.waitSignal(fake_bridge.loadFailed, timeout=LOAD_TIMEOUT):
+        fake_bridge.load(dict(model="acme/next", quantization="none", attention="xformers", dtype="auto"))
+    assert fake_bridge.state["check_choices"] == {"attention": "xformers", "dtype": "auto"}
+    assert not fake_bridge.state["made"][0].shut_down
+
+
+def test_check_model_refuses_a_bad_choice_before_looking_for_the_model(monkeypatch):
+    import engine.loader.resolve as resolve
+    from engine.api import check_model
+
+    monkeypatch.setattr(resolve, "resolve_model", lambda *a, **k: pytest.fail("resolved first"))
+    with pytest.raises(InvalidRequestError, match="xformers"):
+        check_model("acme/next", attention="xformers")
