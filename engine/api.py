@@ -23,8 +23,8 @@ from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, ModelLoadError,
                            OutOfMemoryError, UnsupportedModelError)
-from engine.events import (EngineEvent, EngineStats, FinishedEvent, Timings, TokenEvent, TokenLogprob,
-                           Usage)
+from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, Timings,
+                           TokenEvent, TokenLogprob, Usage)
 from engine.output import RequestState
 from engine.sampling_params import SamplingParams
 
@@ -47,7 +47,7 @@ def load_choices(device: str = "auto") -> dict:
 __all__ = [
     "doctor_info", "load_choices",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
-    "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "FinishedEvent",
+    "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
     "parse_bytes",
     "bench_options", "run_bench",
@@ -67,6 +67,9 @@ class Request:
     system: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
+    # Send PromptProgressEvents while the prompt is read (off by default: clients that
+    # only expect token and finished events see nothing new).
+    prompt_progress: bool = False
 
 
 @dataclass(slots=True)
@@ -84,7 +87,8 @@ class Completion:
 
 
 class RequestHandle:
-    """A submitted request: iterate for events (ends with a FinishedEvent)."""
+    """A submitted request: iterate for events (TokenEvents, PromptProgressEvents if the
+    request asked for them, and last a FinishedEvent)."""
 
     def __init__(self, request_id: str, events: queue.Queue, engine: "Engine") -> None:
         self.request_id = request_id
@@ -127,7 +131,7 @@ class RequestHandle:
                 ids.extend(ev.token_ids)
                 if ev.logprobs:
                     lps.extend(ev.logprobs)
-            else:
+            elif isinstance(ev, FinishedEvent):
                 fin = ev
         return Completion(self.request_id, "".join(text), ids, fin.reason, fin.usage.prompt_tokens,
                           fin.usage.completion_tokens, fin.usage.cached_prompt_tokens, fin.timings,
@@ -212,7 +216,8 @@ class Engine:
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
         state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len,
-                                    self.model_info["implementation"])
+                                    self.model_info["implementation"],
+                                    report_progress=request.prompt_progress)
         with self._cv:
             if rid in self._states:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
@@ -350,10 +355,16 @@ class Engine:
         if not out.scheduled:
             return
         now = time.perf_counter()
+        reading: list[RequestState] = []  # prompt chunks this step, for progress events
         for sc in out.scheduled:
             st = self._states[sc.seq.request_id]
-            if st.t_scheduled is None:
+            first = st.t_scheduled is None
+            if first:
                 st.t_scheduled = now
+            if st.report_progress and sc.seq.num_output_tokens == 0:
+                reading.append(st)
+                if first:  # a long prompt's first chunk takes a while: say it started
+                    st.on_prompt_progress()
         try:
             res = self.runner.execute(out)
         except Exception as e:
@@ -363,6 +374,8 @@ class Engine:
                 self._finish(self._states[sc.seq.request_id], "error", error=msg)
             return
         self.scheduler.update(out, res.token_ids)
+        for st in reading:  # before the first token's event, which the last chunk samples
+            st.on_prompt_progress()
         now = time.perf_counter()
         sampled = [sc.seq for sc in out.scheduled if sc.sample]
         decodes = sum(1 for sc in out.scheduled if sc.sample and sc.seq.num_output_tokens > 1)

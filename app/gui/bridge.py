@@ -20,8 +20,8 @@ import uuid
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
-from engine.api import (Engine, FinishedEvent, HearthError, Request, SamplingParams,
-                        TokenEvent)
+from engine.api import (Engine, FinishedEvent, HearthError, PromptProgressEvent, Request,
+                        SamplingParams, TokenEvent)
 
 log = logging.getLogger("hearth.gui")
 
@@ -48,11 +48,13 @@ class BridgeSignals(QObject):
     tokenReceived = Signal(str, str)
     requestFinished = Signal(str, object)
     requestStarted = Signal(str, dict)  # request id, {"dropped": n} (history trimmed)
+    promptProgress = Signal(str, int, int)  # request id, prompt tokens read, prompt tokens
     statsUpdated = Signal(object)
     engineError = Signal(str)
 
     SIGNALS = ("modelLoading", "loadProgress", "modelLoaded", "loadFailed", "modelUnloaded",
-               "tokenReceived", "requestFinished", "requestStarted", "statsUpdated", "engineError")
+               "tokenReceived", "requestFinished", "requestStarted", "promptProgress", "statsUpdated",
+               "engineError")
 
 
 class _Worker(BridgeSignals):
@@ -159,7 +161,7 @@ class _Worker(BridgeSignals):
                                                 params.max_tokens)
             handle = self.engine.submit(Request(messages=messages, prompt=req.get("prompt"),
                                                 system=req.get("system"), params=params,
-                                                request_id=request_id))
+                                                request_id=request_id, prompt_progress=True))
         except HearthError as e:
             self._fail(request_id, str(e))
             return
@@ -185,13 +187,17 @@ class _Worker(BridgeSignals):
         if isinstance(ev, TokenEvent):
             if ev.text:
                 self.tokenReceived.emit(rid, ev.text)
-        else:
+        elif isinstance(ev, FinishedEvent):
             self.requestFinished.emit(rid, ev)
 
     @Slot()
     def _drain(self) -> None:
         for rid, handle in list(self._handles.items()):
             events = handle.poll()
+            # Only the latest prompt progress matters (it comes before any text).
+            progress = [e for e in events if isinstance(e, PromptProgressEvent)]
+            if progress:
+                self.promptProgress.emit(rid, progress[-1].done, progress[-1].total)
             # Coalesce this tick's text deltas into one signal: fewer repaints, same text.
             text = "".join(e.text for e in events if isinstance(e, TokenEvent))
             if text:
