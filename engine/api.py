@@ -22,7 +22,7 @@ from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, ModelLoadError,
-                           OutOfMemoryError, UnsupportedModelError)
+                           OutOfMemoryError, UnsupportedModelError, option_flag)
 from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, Timings,
                            TokenEvent, TokenLogprob, Usage)
 from engine.output import RequestState
@@ -49,7 +49,7 @@ __all__ = [
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
-    "parse_bytes",
+    "parse_bytes", "option_flag",
     "bench_options", "run_bench",
 ]
 
@@ -305,13 +305,15 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}: "
-                "shorten the prompt or load the model with a longer context (--max-model-len)."
+                "shorten the prompt or load the model with a longer context (--max-model-len).",
+                options=("max_model_len",),
             )
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if len(ids) >= capacity:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}: "
-                "give the KV cache more memory (--kv-cache-memory) or shorten the prompt."
+                "give the KV cache more memory (--kv-cache-memory) or shorten the prompt.",
+                options=("kv_cache_memory",),
             )
         return ids
 
@@ -368,10 +370,11 @@ class Engine:
         try:
             res = self.runner.execute(out)
         except Exception as e:
-            msg = _describe_failure(e)
+            msg, options = _describe_failure(e)
             log.exception("model step failed")
             for sc in out.scheduled:
-                self._finish(self._states[sc.seq.request_id], "error", error=msg)
+                self._finish(self._states[sc.seq.request_id], "error", error=msg,
+                             error_options=options)
             return
         self.scheduler.update(out, res.token_ids)
         for st in reading:  # before the first token's event, which the last chunk samples
@@ -390,24 +393,28 @@ class Engine:
             if done is not None:
                 self._finish(st, done[0], stop=done[1])
 
-    def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False) -> None:
+    def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False,
+                error_options: tuple[str, ...] = ()) -> None:
         if not already:
             self.scheduler.finish(state.seq.request_id, reason)
         if self.runner is not None:
             self.runner.release(state.seq.request_id)
-        state.finish(reason, stop=stop, error=error)
+        state.finish(reason, stop=stop, error=error, error_options=error_options)
         self._num_finished += 1
         with self._cv:
             self._states.pop(state.seq.request_id, None)
 
 
-def _describe_failure(e: Exception) -> str:
+def _describe_failure(e: Exception) -> tuple[str, tuple[str, ...]]:
+    """The error text for a failed step, and the Engine.load keywords it names (as
+    ``HearthError.options``)."""
     import torch
 
     if isinstance(e, torch.OutOfMemoryError):
-        return ("out of GPU memory during a step: lower --max-num-seqs or --kv-cache-memory, "
-                "or use a smaller / quantized model.")
-    return f"the model step failed: {type(e).__name__}: {e}"
+        return ("out of GPU memory during a step: run fewer requests at once (--max-num-seqs), "
+                "give the KV cache less memory (--kv-cache-memory), or use a smaller / "
+                "quantized model.", ("max_num_seqs", "kv_cache_memory"))
+    return f"the model step failed: {type(e).__name__}: {e}", ()
 
 
 # -- benchmarks (``hearth bench``) ------------------------------------------------------

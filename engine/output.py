@@ -92,7 +92,8 @@ class RequestState:
             tail += self.matcher.flush()
         return tail
 
-    def finish(self, reason: str, stop=None, error: str | None = None) -> FinishedEvent:
+    def finish(self, reason: str, stop=None, error: str | None = None,
+               error_options: tuple[str, ...] = ()) -> FinishedEvent:
         now = time.perf_counter()
         self.finished = True
         seq = self.seq
@@ -107,7 +108,8 @@ class RequestState:
             total_ms=(now - self.t_submit) * 1e3,
         )
         usage = Usage(seq.num_prompt_tokens, n_out, seq.num_cached_tokens)
-        ev = FinishedEvent(seq.request_id, reason, usage, timings, error=error, stop=stop,
+        ev = FinishedEvent(seq.request_id, reason, usage, timings, error=error,
+                           error_options=tuple(error_options), stop=stop,
                            implementation=self.implementation)
         self.events.put(ev)
         return ev

@@ -13,12 +13,15 @@ after a cancel is shut down at once instead of being announced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import traceback
 import uuid
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+
+from app.gui.error_text import gui_error, gui_error_text
 
 from engine.api import (Engine, FinishedEvent, HearthError, PromptProgressEvent, Request,
                         SamplingParams, TokenEvent)
@@ -106,7 +109,7 @@ class _Worker(BridgeSignals):
             self.loadFailed.emit("loading cancelled")
             return
         except HearthError as e:
-            self.loadFailed.emit(str(e))
+            self.loadFailed.emit(gui_error(e))
             return
         except Exception as e:  # a bug or an unexpected library error: say it, keep the app alive
             log.error("load failed:\n%s", traceback.format_exc())
@@ -163,7 +166,7 @@ class _Worker(BridgeSignals):
                                                 system=req.get("system"), params=params,
                                                 request_id=request_id, prompt_progress=True))
         except HearthError as e:
-            self._fail(request_id, str(e))
+            self._fail(request_id, gui_error(e))
             return
         except Exception as e:
             log.error("submit failed:\n%s", traceback.format_exc())
@@ -188,7 +191,7 @@ class _Worker(BridgeSignals):
             if ev.text:
                 self.tokenReceived.emit(rid, ev.text)
         elif isinstance(ev, FinishedEvent):
-            self.requestFinished.emit(rid, ev)
+            self.requestFinished.emit(rid, _for_gui(ev))
 
     @Slot()
     def _drain(self) -> None:
@@ -204,7 +207,7 @@ class _Worker(BridgeSignals):
                 self.tokenReceived.emit(rid, text)
             for ev in events:
                 if isinstance(ev, FinishedEvent):
-                    self.requestFinished.emit(rid, ev)
+                    self.requestFinished.emit(rid, _for_gui(ev))
             if handle.done:
                 del self._handles[rid]
 
@@ -232,6 +235,13 @@ class _Worker(BridgeSignals):
         # Quit from here, after the engine is down: a quit() from the UI thread could end
         # this thread's event loop before this slot ever ran.
         QThread.currentThread().quit()
+
+
+def _for_gui(ev: FinishedEvent) -> FinishedEvent:
+    """The event with its error worded for the GUI (a dialog field, not a CLI flag)."""
+    if not ev.error or not ev.error_options:
+        return ev
+    return dataclasses.replace(ev, error=gui_error_text(ev.error, ev.error_options))
 
 
 class EngineBridge(BridgeSignals):

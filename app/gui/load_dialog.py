@@ -15,6 +15,12 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
 
 from engine.api import load_choices, parse_bytes
 
+WINDOW_TITLE = "Load model"
+# The form's field labels, by Engine.load keyword (error messages name these fields too).
+FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "attention": "Attention backend",
+                "device": "Device", "dtype": "Weights dtype", "max_model_len": "Context length",
+                "kv_cache_memory": "KV-cache memory", "kv_cache_dtype": "KV-cache precision"}
+
 
 def _fill(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
     """entries: (value, label, reasons); a non-empty reason list greys the item out."""
@@ -43,27 +49,27 @@ class LoadDialog(QDialog):
 
     def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: dict | None = None) -> None:
         super().__init__(parent)
-        self.setWindowTitle("Load model")
+        self.setWindowTitle(WINDOW_TITLE)
         self.setObjectName("loadDialog")
         self.settings = settings
         self.choices = choices if choices is not None else load_choices("auto")
         form = QFormLayout()
         self.model = QLineEdit(model_ref)
         self.model.setObjectName("loadModel")
-        form.addRow("Model", self.model)
+        form.addRow(FIELD_LABELS["model"], self.model)
 
         self.quantization = QComboBox()
         self.quantization.setObjectName("loadQuantization")
         _fill(self.quantization, [(n, "none (bf16 / fp16)" if n == "none" else n, r)
                                   for n, r in self.choices["quantization"].items()])
         _select(self.quantization, settings.value("load/quantization", "none"))
-        form.addRow("Quantization", self.quantization)
+        form.addRow(FIELD_LABELS["quantization"], self.quantization)
 
         self.attention = QComboBox()
         self.attention.setObjectName("loadAttention")
         _fill(self.attention, [(n, n, r) for n, r in self.choices["attention"].items()])
         _select(self.attention, settings.value("load/attention", "") or default_attention(self.choices))
-        form.addRow("Attention backend", self.attention)
+        form.addRow(FIELD_LABELS["attention"], self.attention)
         self.reasons = QLabel()
         self.reasons.setObjectName("loadReasons")
         self.reasons.setWordWrap(True)
@@ -75,13 +81,13 @@ class LoadDialog(QDialog):
         self.device.setObjectName("loadDevice")
         _fill(self.device, [(d["id"], d["label"], []) for d in self.choices["devices"]])
         _select(self.device, settings.value("load/device", "auto"))
-        form.addRow("Device", self.device)
+        form.addRow(FIELD_LABELS["device"], self.device)
 
         self.dtype = QComboBox()
         self.dtype.setObjectName("loadDtype")
         _fill(self.dtype, [(d, d, []) for d in self.choices["dtypes"]])
         _select(self.dtype, settings.value("load/dtype", "auto"))
-        form.addRow("Weights dtype", self.dtype)
+        form.addRow(FIELD_LABELS["dtype"], self.dtype)
 
         self.context = QSpinBox()
         self.context.setObjectName("loadContext")
@@ -89,12 +95,12 @@ class LoadDialog(QDialog):
         self.context.setSingleStep(1024)
         self.context.setSpecialValueText("model's maximum")
         self.context.setValue(int(settings.value("load/max_model_len", 0)))
-        form.addRow("Context length", self.context)
+        form.addRow(FIELD_LABELS["max_model_len"], self.context)
 
         self.kv_memory = QLineEdit(str(settings.value("load/kv_cache_memory", "")))
         self.kv_memory.setObjectName("loadKvMemory")
         self.kv_memory.setPlaceholderText("automatic (e.g. 4GiB)")
-        form.addRow("KV-cache memory", self.kv_memory)
+        form.addRow(FIELD_LABELS["kv_cache_memory"], self.kv_memory)
 
         self.kv_dtype = QComboBox()
         self.kv_dtype.setObjectName("loadKvDtype")
@@ -102,7 +108,7 @@ class LoadDialog(QDialog):
         _fill(self.kv_dtype, [(n, labels.get(n, n), r)
                               for n, r in self.choices.get("kv_cache_dtypes", {"auto": []}).items()])
         _select(self.kv_dtype, settings.value("load/kv_cache_dtype", "auto"))
-        form.addRow("KV-cache precision", self.kv_dtype)
+        form.addRow(FIELD_LABELS["kv_cache_dtype"], self.kv_dtype)
 
         self.eager = QCheckBox("Run without CUDA graphs (slower; saves a little memory)")
         self.eager.setObjectName("loadEnforceEager")
