@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt, Signal
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtCore import QEvent, QSettings, Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QPalette
 from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
-                               QLabel, QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout)
+                               QLabel, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox,
+                               QVBoxLayout)
 
+from app.gui.chat_markdown import COPY_SCHEME, Rendered, render_markdown
 from engine.api import SamplingParams
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "notice": "Notice"}
@@ -32,17 +34,20 @@ def answer_footer(meta: dict, status: str) -> str:
     return " · ".join(parts)
 
 
-def display_markdown(text: str) -> str:
-    """The Markdown to show for ``text``: a code fence still open (the answer is streaming
-    mid-block) is closed for display, so the block renders as code while it grows."""
-    fences = sum(1 for line in text.splitlines() if line.lstrip().startswith("```"))
-    return text + "\n```" if fences % 2 else text
+def prompt_progress_text(done: int, total: int) -> str:
+    """What a streaming answer shows while the model reads a long prompt."""
+    return f"Reading the prompt: {done:,} / {total:,} tokens"
+
+
+def is_dark(palette: QPalette) -> bool:
+    return palette.color(QPalette.ColorRole.Window).lightness() < 128
 
 
 class MessageWidget(QFrame):
     """One turn: who, the text rendered as Markdown, a footer, and actions."""
 
     copyRequested = Signal(int)
+    codeCopied = Signal(int, int)  # message id, code block number
     editRequested = Signal(int)
     regenerateRequested = Signal(int)
 
@@ -52,6 +57,7 @@ class MessageWidget(QFrame):
         self.msg_id = msg_id
         self.role = role
         self._text = text
+        self._rendered = Rendered("", ())
         self.setObjectName(f"message-{role}")
         self.setFrameShape(QFrame.StyledPanel)
         self.setAutoFillBackground(role == "user")
@@ -85,13 +91,20 @@ class MessageWidget(QFrame):
         self.body = QLabel()
         self.body.setObjectName("messageBody")
         self.body.setWordWrap(True)
-        self.body.setTextFormat(Qt.TextFormat.MarkdownText)
-        self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse
-                                          | Qt.TextInteractionFlag.LinksAccessibleByMouse)
-        self.body.setOpenExternalLinks(True)
+        self.body.setTextFormat(Qt.TextFormat.RichText)  # our own Markdown rendering
+        # Selectable by mouse, links (a code block's Copy) reachable by Tab and Enter too.
+        self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
+        self.body.setOpenExternalLinks(False)
+        self.body.linkActivated.connect(self._on_link)
+        # The transcript's width decides the body's, never the other way round (a long
+        # line wraps instead of widening the transcript past its viewport).
+        self.body.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         lay.addWidget(self.body)
         self.footer = QLabel()
         self.footer.setObjectName("messageFooter")
+        self.footer.setWordWrap(True)  # a long error wraps rather than widen the transcript
+        self.footer.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.footer.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.footer.setEnabled(False)  # greyed, in light and dark palettes alike
         lay.addWidget(self.footer)
         self.set_text(text)
@@ -101,9 +114,43 @@ class MessageWidget(QFrame):
     def text(self) -> str:
         return self._text
 
+    @property
+    def code_blocks(self) -> tuple[str, ...]:
+        """The exact text of each code block shown, in order (what its Copy copies)."""
+        return self._rendered.code
+
     def set_text(self, text: str) -> None:
         self._text = text
-        self.body.setText(display_markdown(text) if text else "…")
+        if not text:
+            self._rendered = Rendered("", ())
+            self.body.setText("…")
+            return
+        self._rendered = render_markdown(text, dark=is_dark(self.palette()))
+        self.body.setText(self._rendered.html)
+
+    def set_progress(self, done: int, total: int) -> None:
+        """Show how much of the prompt the model has read (until the first text comes)."""
+        if not self._text:
+            self.body.setText(prompt_progress_text(done, total))
+
+    def copy_code(self, number: int) -> None:
+        QGuiApplication.clipboard().setText(self._rendered.code[number])
+        self.codeCopied.emit(self.msg_id, number)
+
+    def _on_link(self, link: str) -> None:
+        url = QUrl(link)
+        if url.scheme() == COPY_SCHEME:
+            number = int(url.path())
+            if 0 <= number < len(self._rendered.code):
+                self.copy_code(number)
+        elif url.scheme() in ("http", "https", "mailto"):
+            QDesktopServices.openUrl(url)
+
+    def changeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        # Code colours follow the palette: re-render when the theme changes.
+        if event.type() == QEvent.Type.PaletteChange and self._text and hasattr(self, "body"):
+            self.set_text(self._text)
+        super().changeEvent(event)
 
     def set_footer(self, meta: dict, status: str) -> None:
         line = answer_footer(meta, status) if self.role == "assistant" else ""
@@ -131,6 +178,8 @@ class ParamsPanel(QGroupBox):
         self.settings = settings
         outer = QVBoxLayout(self)
         form = QFormLayout()
+        # In a narrow panel a field goes under its label rather than widen the panel.
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         outer.addLayout(form)
         outer.addStretch(1)  # keep the fields together at the top
         self.system_prompt = QPlainTextEdit()
