@@ -2,36 +2,30 @@
 
 Every message is in the SQLite store before it is on screen; a streamed answer is saved
 as it grows (at most every 300 ms) so a crash or kill loses almost nothing. One answer
-streams at a time per window: Send is disabled while one runs, Stop (or Esc) aborts it
-and keeps the partial text.
+streams at a time per window: Send is disabled while one runs, Stop (or Esc, wherever
+focus is in the window while this page shows) aborts it and keeps the partial text.
+
+Keyboard: focus comes back to the message box after Send and Stop; Tab leaves the box
+(Ctrl+Tab types a tab), so every control is reachable. The parameters panel can be hidden
+(``params_action``, for a View menu too) to give a small window's width to the transcript.
 """
 
 from __future__ import annotations
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMenu,
-                               QMessageBox, QPlainTextEdit, QPushButton, QScrollArea, QSplitter,
+from PySide6.QtGui import QAction, QKeySequence, QShortcut
+from PySide6.QtWidgets import (QApplication, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
+                               QMenu, QMessageBox, QPushButton, QSizePolicy, QToolButton,
                                QVBoxLayout, QWidget)
 
-from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
+from app.gui.chat_layout import ChatSplitter, TranscriptScroll, scrolling_pane, tab_stops
+from app.gui.chat_widgets import ChatInput, MessageWidget, NoticeBar, ParamsPanel
 from app.services.chat_store import ChatStore, history_for_model
 
 SAVE_INTERVAL_MS = 300
 RENDER_INTERVAL_MS = 50
-
-
-class ChatInput(QPlainTextEdit):
-    """Multi-line input: Ctrl+Enter (or Cmd+Enter) sends, Enter adds a line."""
-
-    submitted = Signal()
-
-    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and \
-                event.modifiers() & Qt.KeyboardModifier.ControlModifier:
-            self.submitted.emit()
-            return
-        super().keyPressEvent(event)
+LIST_WIDTH = 200
+PARAMS_WIDTH = 260
 
 
 class ChatPage(QWidget):
@@ -71,23 +65,25 @@ class ChatPage(QWidget):
         self.transcript = QWidget()
         self.transcript_layout = QVBoxLayout(self.transcript)
         self.transcript_layout.addStretch(1)
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
+        self.scroll = TranscriptScroll()  # follows a growing answer unless scrolled up
+        self.scroll.setObjectName("transcript")
         self.scroll.setWidget(self.transcript)
         self.notice = NoticeBar()
         self.input = ChatInput()
         self.input.setObjectName("chatInput")
         self.input.setPlaceholderText("Message (Ctrl+Enter sends, Esc stops)")
+        self.input.setToolTip("Ctrl+Enter sends · Esc stops the answer · Tab moves on, "
+                              "Ctrl+Tab types a tab")
         self.input.setMaximumHeight(120)
         self.input.submitted.connect(lambda: self.send())
         self.send_button = QPushButton("Send")
         self.send_button.setObjectName("sendButton")
         self.send_button.setToolTip("Send (Ctrl+Enter)")
-        self.send_button.clicked.connect(lambda: self.send())
+        self.send_button.clicked.connect(lambda: (self.send(), self.input.setFocus()))
         self.stop_button = QPushButton("Stop")
         self.stop_button.setObjectName("stopButton")
         self.stop_button.setToolTip("Stop the answer (Esc); the text so far is kept")
-        self.stop_button.clicked.connect(lambda: self.stop())
+        self.stop_button.clicked.connect(lambda: (self.stop(), self.input.setFocus()))
         self.stop_button.setEnabled(False)
         buttons = QVBoxLayout()
         buttons.addWidget(self.send_button)
@@ -97,10 +93,25 @@ class ChatPage(QWidget):
         row.addLayout(buttons)
         self.model_label = QLabel("No model loaded")
         self.model_label.setObjectName("chatModelLabel")
+        # A long model description must not widen the page (at 640 px it is cut).
+        self.model_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.params_action = QAction("Parameters panel", self)
+        self.params_action.setIconText("Parameters")  # what the tool button shows
+        self.params_action.setObjectName("paramsAction")
+        self.params_action.setCheckable(True)
+        self.params_action.setToolTip("Show or hide the parameters panel (system prompt, "
+                                      "sampling)")
+        self.params_action.toggled.connect(self.set_params_visible)
+        self.params_button = QToolButton()
+        self.params_button.setObjectName("paramsButton")
+        self.params_button.setDefaultAction(self.params_action)
+        header = QHBoxLayout()
+        header.addWidget(self.model_label, 1)
+        header.addWidget(self.params_button)
         middle = QWidget()
         ml = QVBoxLayout(middle)
         ml.setContentsMargins(0, 0, 0, 0)
-        ml.addWidget(self.model_label)
+        ml.addLayout(header)
         ml.addWidget(self.scroll, 1)
         ml.addWidget(self.notice)
         ml.addLayout(row)
@@ -109,18 +120,27 @@ class ChatPage(QWidget):
         self.params = ParamsPanel(settings)
         self.params.systemPromptEdited.connect(self._on_system_prompt)
 
-        split = QSplitter()
-        split.addWidget(left)
-        split.addWidget(middle)
-        split.addWidget(self.params)
-        split.setStretchFactor(1, 1)
-        split.setSizes([200, 700, 260])
+        # The panel scrolls when the window is short, so it never sets the page's height.
+        self.params_pane = scrolling_pane(self.params)
+        self.params_pane.setObjectName("paramsPane")
+        # In a narrow window the side panes give way to the transcript.
+        self.splitter = ChatSplitter(LIST_WIDTH, PARAMS_WIDTH)
+        self.splitter.setObjectName("chatSplitter")
+        self.splitter.add_panes(left, middle, self.params_pane)
         lay = QHBoxLayout(self)
-        lay.addWidget(split)
+        lay.addWidget(self.splitter)
+        self.params_action.setChecked(
+            str(settings.value("chat/params_visible", "true")).lower() == "true")
+        self.set_params_visible(self.params_action.isChecked())
 
-        esc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
-        esc.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        esc.activated.connect(self.stop)
+        # Esc stops the answer wherever focus is in the window while this page is shown (Qt
+        # runs a window shortcut only while its widget is visible). Scoped to the page's own
+        # children it died whenever focus left them: clicking Regenerate rebuilds the
+        # transcript, deleting the focused button, and focus ended outside the page. It is
+        # enabled only while an answer streams, so Esc reaches the widgets otherwise.
+        self._esc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
+        self._esc.setContext(Qt.ShortcutContext.WindowShortcut)
+        self._esc.activated.connect(self.stop)
 
         self._save_timer = QTimer(self)
         self._save_timer.setInterval(SAVE_INTERVAL_MS)
@@ -133,6 +153,7 @@ class ChatPage(QWidget):
         bridge.tokenReceived.connect(self._on_token)
         bridge.requestFinished.connect(self._on_finished)
         bridge.requestStarted.connect(self._on_started)
+        bridge.promptProgress.connect(self._on_prompt_progress)
         bridge.modelLoading.connect(self._on_model_loading)
         bridge.modelLoaded.connect(self._on_model_loaded)
         bridge.loadFailed.connect(self._on_load_failed)
@@ -235,7 +256,19 @@ class ChatPage(QWidget):
         w.regenerateRequested.connect(self.regenerate)
         self.transcript_layout.insertWidget(self.transcript_layout.count() - 1, w)
         self._widgets.append(w)
+        self._place_in_tab_order(w)
         return w
+
+    def _place_in_tab_order(self, w: MessageWidget) -> None:
+        """Tab goes through the messages between the transcript and the message box (Qt
+        would put a widget made later after every other control, past the parameters)."""
+        previous = self.scroll
+        if len(self._widgets) > 1:
+            stops = tab_stops(self._widgets[-2])
+            previous = stops[-1] if stops else previous
+        for stop in tab_stops(w):
+            QWidget.setTabOrder(previous, stop)
+            previous = stop
 
     def _widget_for(self, msg_id: int) -> MessageWidget | None:
         return next((w for w in self._widgets if w.msg_id == msg_id), None)
@@ -244,8 +277,19 @@ class ChatPage(QWidget):
         return list(self._widgets)
 
     def _scroll_to_end(self) -> None:
-        QTimer.singleShot(0, lambda: self.scroll.verticalScrollBar().setValue(
-            self.scroll.verticalScrollBar().maximum()))
+        """Show the end of the transcript, now and as it grows (until the user scrolls up)."""
+        self.scroll.follow_end()
+
+    # -- layout ------------------------------------------------------------------------
+    def set_params_visible(self, visible: bool) -> None:
+        """Show or hide the parameters panel (remembered across runs)."""
+        self.params_pane.setVisible(visible)
+        if self.params_action.isChecked() != visible:
+            self.params_action.setChecked(visible)
+        self.settings.setValue("chat/params_visible", "true" if visible else "false")
+
+    def params_visible(self) -> bool:
+        return self.params_action.isChecked()
 
     # -- sending -----------------------------------------------------------------------
     def send(self, text: str | None = None) -> None:
@@ -353,11 +397,18 @@ class ChatPage(QWidget):
         if not self._render_timer.isActive():
             self._render_timer.start()
 
+    def _on_prompt_progress(self, rid: str, done: int, total: int) -> None:
+        a = self._active
+        if a is None or a["rid"] != rid or a["text"]:
+            return
+        if a.get("widget") is not None:
+            a["widget"].set_progress(done, total)
+
     def _render_active(self) -> None:
+        # The transcript follows the growing answer by itself (unless scrolled up).
         a = self._active
         if a is not None and a.get("widget") is not None:
             a["widget"].set_text(a["text"])
-            self._scroll_to_end()
 
     def _save_active(self) -> None:
         a = self._active
@@ -417,10 +468,25 @@ class ChatPage(QWidget):
 
     def _update_buttons(self) -> None:
         busy = self._active is not None
+        # A button about to be disabled would pass focus down the chain (to the system
+        # prompt): keep it in the message box instead.
+        reclaim = self._focus_lost() or (self.send_button.hasFocus() and busy) or \
+            (self.stop_button.hasFocus() and not busy)
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
+        self._esc.setEnabled(busy)
         for w in self._widgets:
             w.set_actions_enabled(not busy and self._model_ready)
+        if reclaim:
+            self.input.setFocus()
+
+    def _focus_lost(self) -> bool:
+        """Whether focus fell out of the page while it is in use (the focused widget was
+        deleted by a transcript rebuild, e.g. the Regenerate button that was clicked)."""
+        if not self.isVisible() or not self.isActiveWindow():
+            return False
+        focus = QApplication.focusWidget()
+        return focus is None or focus is self.window() or not focus.isVisible()
 
     @property
     def is_answering(self) -> bool:

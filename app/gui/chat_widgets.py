@@ -1,4 +1,5 @@
-"""Pieces of the chat page: one message bubble, and the sampling-parameters panel."""
+"""Pieces of the chat page: one message bubble, the message box, and the
+sampling-parameters panel."""
 
 from __future__ import annotations
 
@@ -41,6 +42,47 @@ def prompt_progress_text(done: int, total: int) -> str:
 
 def is_dark(palette: QPalette) -> bool:
     return palette.color(QPalette.ColorRole.Window).lightness() < 128
+
+
+class TextBox(QPlainTextEdit):
+    """A multi-line text box that Tab leaves (so the controls after it are reachable by
+    keyboard); Ctrl+Tab types a tab."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setTabChangesFocus(True)
+
+    @staticmethod
+    def _is_ctrl_tab(event) -> bool:
+        return event.key() == Qt.Key.Key_Tab and \
+            event.modifiers() == Qt.KeyboardModifier.ControlModifier
+
+    def event(self, event) -> bool:
+        # Ctrl+Tab is ours even where a window-wide shortcut would take it.
+        if event.type() == QEvent.Type.ShortcutOverride and self._is_ctrl_tab(event):
+            event.accept()
+            return True
+        return super().event(event)
+
+    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if self._is_ctrl_tab(event):
+            self.insertPlainText("\t")
+            return
+        super().keyPressEvent(event)
+
+
+class ChatInput(TextBox):
+    """Multi-line input: Ctrl+Enter (or Cmd+Enter) sends, Enter adds a line, Tab moves on
+    to the next control and Ctrl+Tab types a tab."""
+
+    submitted = Signal()
+
+    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and \
+                event.modifiers() & Qt.KeyboardModifier.ControlModifier:
+            self.submitted.emit()
+            return
+        super().keyPressEvent(event)
 
 
 class MessageWidget(QFrame):
@@ -182,7 +224,7 @@ class ParamsPanel(QGroupBox):
         form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         outer.addLayout(form)
         outer.addStretch(1)  # keep the fields together at the top
-        self.system_prompt = QPlainTextEdit()
+        self.system_prompt = TextBox()
         self.system_prompt.setObjectName("systemPrompt")
         self.system_prompt.setPlaceholderText("System prompt (this conversation)")
         self.system_prompt.setMaximumHeight(90)
