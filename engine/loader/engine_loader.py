@@ -69,8 +69,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     max_model_len = mc.max_model_len or max_pos
     if max_model_len > max_pos:
         raise InvalidRequestError(
-            f"max_model_len {max_model_len} is longer than the model's context ({max_pos}); "
-            f"use at most {max_pos}."
+            f"a context of {max_model_len} tokens is longer than the model's ({max_pos}); "
+            f"use at most {max_pos} (--max-model-len).", options=("max_model_len",),
         )
 
     info: dict[str, Any] = {

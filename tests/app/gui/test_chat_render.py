@@ -206,3 +206,10 @@ def test_a_setting_without_a_dialog_field_is_left_out():
     assert text == ("out of GPU memory during a step: run fewer requests at once, give the KV "
                     "cache less memory (“KV-cache memory” in the Load model dialog), or use a "
                     "smaller / quantized model.")
+
+
+def test_a_context_longer_than_the_model_names_the_field(qtbot, bridge, chat_model):
+    with qtbot.waitSignal(bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
+        bridge.load(load_options(chat_model, max_model_len=4096))  # the tiny model has 512
+    assert failed.args[0] == ("a context of 4096 tokens is longer than the model's (512); use at "
+                              "most 512 (“Context length” in the Load model dialog).")
