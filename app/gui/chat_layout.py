@@ -1,9 +1,11 @@
-"""Layout pieces of the chat page: a transcript that follows its end, and a three-pane
-splitter that gives a narrow window's width to the transcript."""
+"""Layout pieces of the chat page: a transcript that follows its end, a three-pane
+splitter that gives a narrow window's width to the transcript, and a side pane's
+show/hide toggle."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QObject, QSettings, QSignalBlocker, Qt
+from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QScrollArea, QSplitter, QWidget
 
 TRANSCRIPT_MIN_WIDTH = 250  # what the transcript keeps when nothing else can give way
@@ -115,3 +117,46 @@ class ChatSplitter(QSplitter):
         for index in (0, 2):
             if sizes[index]:
                 self._pane_widths[index] = sizes[index]
+
+
+class PaneToggle(QObject):
+    """Shows and hides a side pane through a checkable action (for a tool button and a
+    View menu alike); the user's choice is remembered in QSettings under ``key``.
+
+    A page narrower than ``auto_hide_below`` hides the pane by itself, leaving the
+    remembered choice alone, and shows it again once the page is wide again; the user can
+    still show it while narrow."""
+
+    def __init__(self, pane: QWidget, action: QAction, settings: QSettings, key: str,
+                 auto_hide_below: int) -> None:
+        super().__init__(pane)
+        self._pane, self._action, self._settings, self._key = pane, action, settings, key
+        self._limit = auto_hide_below
+        self._auto_hidden = False
+        action.setCheckable(True)
+        action.toggled.connect(self.set_visible)
+        self.set_visible(str(settings.value(key, "true")).lower() == "true")
+
+    @property
+    def visible(self) -> bool:
+        return self._action.isChecked()
+
+    def set_visible(self, visible: bool) -> None:
+        """The user's choice: show or hide the pane, and remember it."""
+        self._auto_hidden = False
+        self._show(visible)
+        self._settings.setValue(self._key, "true" if visible else "false")
+
+    def page_resized(self, old_width: int, new_width: int) -> None:
+        narrow, was_narrow = new_width < self._limit, 0 <= old_width < self._limit
+        if narrow and not was_narrow and self.visible:
+            self._show(False)
+            self._auto_hidden = True
+        elif was_narrow and not narrow and self._auto_hidden:
+            self._show(True)
+            self._auto_hidden = False
+
+    def _show(self, visible: bool) -> None:
+        self._pane.setVisible(visible)
+        with QSignalBlocker(self._action):  # not a choice of the user's: nothing to save
+            self._action.setChecked(visible)

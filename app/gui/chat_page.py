@@ -7,7 +7,7 @@ focus is in the window while this page shows) aborts it and keeps the partial te
 
 Keyboard: focus comes back to the message box after Send and Stop; Tab leaves the box
 (Ctrl+Tab types a tab), so every control is reachable. The parameters panel can be hidden
-(``params_action``, for a View menu too) to give a small window's width to the transcript.
+(``params_action``, for a View menu too), and steps aside by itself in a narrow window.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from PySide6.QtWidgets import (QApplication, QHBoxLayout, QLabel, QListWidget, Q
                                QMenu, QMessageBox, QPushButton, QSizePolicy, QToolButton,
                                QVBoxLayout, QWidget)
 
-from app.gui.chat_layout import ChatSplitter, TranscriptScroll, scrolling_pane, tab_stops
+from app.gui.chat_layout import (ChatSplitter, PaneToggle, TranscriptScroll, scrolling_pane,
+                                 tab_stops)
 from app.gui.chat_widgets import ChatInput, MessageWidget, NoticeBar, ParamsPanel
 from app.services.chat_store import ChatStore, history_for_model
 
@@ -26,6 +27,7 @@ SAVE_INTERVAL_MS = 300
 RENDER_INTERVAL_MS = 50
 LIST_WIDTH = 200
 PARAMS_WIDTH = 260
+PARAMS_AUTO_HIDE_WIDTH = 700  # a narrower page hides the parameters panel by itself
 
 
 class ChatPage(QWidget):
@@ -101,7 +103,6 @@ class ChatPage(QWidget):
         self.params_action.setCheckable(True)
         self.params_action.setToolTip("Show or hide the parameters panel (system prompt, "
                                       "sampling)")
-        self.params_action.toggled.connect(self.set_params_visible)
         self.params_button = QToolButton()
         self.params_button.setObjectName("paramsButton")
         self.params_button.setDefaultAction(self.params_action)
@@ -129,15 +130,12 @@ class ChatPage(QWidget):
         self.splitter.add_panes(left, middle, self.params_pane)
         lay = QHBoxLayout(self)
         lay.addWidget(self.splitter)
-        self.params_action.setChecked(
-            str(settings.value("chat/params_visible", "true")).lower() == "true")
-        self.set_params_visible(self.params_action.isChecked())
+        self._params_toggle = PaneToggle(self.params_pane, self.params_action, settings,
+                                         "chat/params_visible", PARAMS_AUTO_HIDE_WIDTH)
 
-        # Esc stops the answer wherever focus is in the window while this page is shown (Qt
-        # runs a window shortcut only while its widget is visible). Scoped to the page's own
-        # children it died whenever focus left them: clicking Regenerate rebuilds the
-        # transcript, deleting the focused button, and focus ended outside the page. It is
-        # enabled only while an answer streams, so Esc reaches the widgets otherwise.
+        # Esc stops the answer wherever focus is in the window while this page shows (a page-
+        # scoped shortcut died when a transcript rebuild deleted the focused button and focus
+        # fell outside the page); enabled only while an answer streams.
         self._esc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
         self._esc.setContext(Qt.ShortcutContext.WindowShortcut)
         self._esc.activated.connect(self.stop)
@@ -282,14 +280,16 @@ class ChatPage(QWidget):
 
     # -- layout ------------------------------------------------------------------------
     def set_params_visible(self, visible: bool) -> None:
-        """Show or hide the parameters panel (remembered across runs)."""
-        self.params_pane.setVisible(visible)
-        if self.params_action.isChecked() != visible:
-            self.params_action.setChecked(visible)
-        self.settings.setValue("chat/params_visible", "true" if visible else "false")
+        """Show or hide the parameters panel (remembered across runs; ``params_action``
+        does the same from a button or a menu)."""
+        self._params_toggle.set_visible(visible)
 
     def params_visible(self) -> bool:
-        return self.params_action.isChecked()
+        return self._params_toggle.visible
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        super().resizeEvent(event)
+        self._params_toggle.page_resized(event.oldSize().width(), event.size().width())
 
     # -- sending -----------------------------------------------------------------------
     def send(self, text: str | None = None) -> None:

@@ -3,7 +3,7 @@ answer wherever focus is, Tab reaches every control, and a 640x480 window stays 
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QPoint, QRect, Qt
 from PySide6.QtWidgets import QApplication, QWidget
 
 from app.gui.chat_page import ChatPage
@@ -147,19 +147,42 @@ def test_parameters_panel_hides_and_the_choice_is_remembered(qtbot, bridge, gui_
     assert again.params.isVisible()
 
 
+def _inside(widget, viewport) -> bool:
+    top_left = widget.mapTo(viewport, QPoint(0, 0))
+    return viewport.rect().contains(QRect(top_left, widget.size()))
+
+
 def test_a_640x480_window_keeps_the_transcript_usable(qtbot, bridge, gui_env):
+    store = ChatStore(gui_env["data"] / "chats.sqlite3")
+    conv = store.create_conversation()
+    store.add_message(conv.id, "user", "Show me code")
+    store.add_message(conv.id, "assistant", "Here:\n\n```python\nprint('a fairly long line of code')\n```\n",
+                      meta={"model": "SmolLM2-135M-Instruct", "tokens": 20, "finish": "length"})
+    gui_env["settings"].setValue("chat/last_conversation", conv.id)
     window = _window(qtbot, bridge, gui_env)
     window.resize(640, 480)
     window.show()
     qtbot.waitExposed(window)
     page = window.chat
-    # The chat page itself fits a 640x480 window (nav and status bar around it).
-    assert page.minimumSizeHint().width() <= page.width()
-    assert window.width() == 640
     viewport = page.scroll.viewport()
-    assert viewport.width() >= 240  # with the parameters panel shown
+    # The parameters panel steps aside by itself; the user's choice is kept for wide windows.
+    qtbot.waitUntil(lambda: not page.params.isVisible())
+    assert gui_env["settings"].value("chat/params_visible") == "true"
+    assert window.width() == 640
+    assert viewport.width() >= 360
     assert page.scroll.horizontalScrollBar().maximum() == 0
+    answer = page.message_widgets()[-1]
+    assert _inside(answer.copy_button, viewport) and _inside(answer.regen_button, viewport)
+    # Shown by hand while narrow, it fits too: the page never outgrows the window.
+    qtbot.mouseClick(page.params_button, Qt.MouseButton.LeftButton)
+    assert page.params.isVisible() and page.minimumSizeHint().width() <= page.width()
+    assert window.width() == 640 and viewport.width() >= 220
     page.set_params_visible(False)
-    qtbot.waitUntil(lambda: viewport.width() >= 360)
     window.resize(1200, 780)
-    qtbot.waitUntil(lambda: page.splitter.sizes()[0] >= 200)  # the list gets its width back
+    assert not page.params.isVisible()  # hidden by the user: stays hidden
+    page.set_params_visible(True)
+    window.resize(640, 480)
+    qtbot.waitUntil(lambda: not page.params.isVisible())
+    window.resize(1200, 780)
+    qtbot.waitUntil(page.params.isVisible)  # back once there is room
+    qtbot.waitUntil(lambda: page.splitter.sizes()[0] >= 200)  # and the list gets its width back
