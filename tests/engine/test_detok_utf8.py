@@ -17,8 +17,10 @@ TEXT = "Hi 😀"
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
+    # Eager: scripted tokens must be the ones the host decides (CUDA-graph decode would
+    # feed the model its own sampled token a step ahead; harmless, but not this test's).
     e = Engine.load(str(tiny_models["llama-tied"]), device=engine_device(), dtype="float32",
-                    max_model_len=256, num_blocks=64)
+                    max_model_len=256, num_blocks=64, enforce_eager=True)
     yield e
     e.shutdown()
 
