@@ -3,7 +3,7 @@ sampling-parameters panel."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, QSettings, Qt, QUrl, Signal
+from PySide6.QtCore import QEvent, QSettings, QSize, Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QGuiApplication, QPalette
 from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
                                QLabel, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox,
@@ -85,6 +85,43 @@ class ChatInput(TextBox):
         super().keyPressEvent(event)
 
 
+class MarkdownLabel(QLabel):
+    """A word-wrapped rich-text label that lays its text out once per width.
+
+    A plain QLabel lays a long answer out again for its size hint, its minimum size hint
+    and each height-for-width query, at different widths, on every streamed update (over
+    twice the cost of the one layout at the width it has). Its width always comes from the
+    transcript (horizontal policy Ignored), so the hints only need the height there."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._heights: dict[int, int] = {}
+        self.setWordWrap(True)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt naming)
+        self._heights.clear()
+        super().setText(text)
+
+    def heightForWidth(self, width: int) -> int:  # noqa: N802 (Qt naming)
+        height = self._heights.get(width)
+        if height is None:
+            height = self._heights[width] = super().heightForWidth(width)
+        return height
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
+        width = self.width() if self.width() > 0 else 400
+        return QSize(width, self.heightForWidth(width))
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
+        return QSize(0, self.fontMetrics().height())
+
+    def changeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if event.type() in (QEvent.Type.FontChange, QEvent.Type.StyleChange):
+            self._heights.clear()
+        super().changeEvent(event)
+
+
 class MessageWidget(QFrame):
     """One turn: who, the text rendered as Markdown, a footer, and actions."""
 
@@ -130,17 +167,13 @@ class MessageWidget(QFrame):
         if role == "notice":
             self.copy_button.hide()
         lay.addLayout(head)
-        self.body = QLabel()
+        self.body = MarkdownLabel()
         self.body.setObjectName("messageBody")
-        self.body.setWordWrap(True)
         self.body.setTextFormat(Qt.TextFormat.RichText)  # our own Markdown rendering
         # Selectable by mouse, links (a code block's Copy) reachable by Tab and Enter too.
         self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
         self.body.setOpenExternalLinks(False)
         self.body.linkActivated.connect(self._on_link)
-        # The transcript's width decides the body's, never the other way round (a long
-        # line wraps instead of widening the transcript past its viewport).
-        self.body.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         lay.addWidget(self.body)
         self.footer = QLabel()
         self.footer.setObjectName("messageFooter")
