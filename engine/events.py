@@ -64,10 +64,10 @@ class FinishedEvent:
     usage: Usage
     timings: Timings
     error: str | None = None
-    # The Engine.load keywords whose flags ``error`` names (see HearthError.options).
-    error_options: tuple[str, ...] = ()
     stop: str | int | None = None  # the stop string or token id that ended it
     implementation: str = "native"  # or "transformers-fallback": which path produced it
+    # The Engine.load keywords whose flags ``error`` names (see HearthError.options).
+    error_options: tuple[str, ...] = ()
 
 
 EngineEvent = Union[TokenEvent, PromptProgressEvent, FinishedEvent]
