@@ -22,9 +22,9 @@ from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, ModelLoadError,
-                           OutOfMemoryError, UnsupportedModelError)
-from engine.events import (EngineEvent, EngineStats, FinishedEvent, Timings, TokenEvent, TokenLogprob,
-                           Usage)
+                           OutOfMemoryError, UnsupportedModelError, option_flag)
+from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, Timings,
+                           TokenEvent, TokenLogprob, Usage)
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
 from engine.memory_plan import (DTYPE_BYTES, auto_dtype, context_blocks, cpu_kv_budget, format_bytes,
                                 kv_pool_blocks)
@@ -89,9 +89,10 @@ def release_memory(collect: bool = True) -> None:
 __all__ = [
     "doctor_info", "load_choices", "model_display_name", "check_model", "release_memory",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
-    "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "FinishedEvent",
+    "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
-    "parse_bytes", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks", "cpu_kv_budget", "kv_pool_blocks",
+    "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
+    "cpu_kv_budget", "kv_pool_blocks",
     "bench_options", "run_bench",
 ]
 
@@ -109,6 +110,9 @@ class Request:
     system: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
+    # Send PromptProgressEvents while the prompt is read (off by default: clients that
+    # only expect token and finished events see nothing new).
+    prompt_progress: bool = False
 
 
 @dataclass(slots=True)
@@ -126,7 +130,8 @@ class Completion:
 
 
 class RequestHandle:
-    """A submitted request: iterate for events (ends with a FinishedEvent)."""
+    """A submitted request: iterate for events (TokenEvents, PromptProgressEvents if the
+    request asked for them, and last a FinishedEvent)."""
 
     def __init__(self, request_id: str, events: queue.Queue, engine: "Engine") -> None:
         self.request_id = request_id
@@ -169,7 +174,7 @@ class RequestHandle:
                 ids.extend(ev.token_ids)
                 if ev.logprobs:
                     lps.extend(ev.logprobs)
-            else:
+            elif isinstance(ev, FinishedEvent):
                 fin = ev
         return Completion(self.request_id, "".join(text), ids, fin.reason, fin.usage.prompt_tokens,
                           fin.usage.completion_tokens, fin.usage.cached_prompt_tokens, fin.timings,
@@ -254,7 +259,8 @@ class Engine:
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
         state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len,
-                                    self.model_info["implementation"])
+                                    self.model_info["implementation"],
+                                    report_progress=request.prompt_progress)
         with self._cv:
             if rid in self._states:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
@@ -354,13 +360,15 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}: "
-                "shorten the prompt or load the model with a longer context (--max-model-len)."
+                "shorten the prompt or load the model with a longer context (--max-model-len).",
+                options=("max_model_len",),
             )
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if len(ids) >= capacity:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}: "
-                "give the KV cache more memory (--kv-cache-memory) or shorten the prompt."
+                "give the KV cache more memory (--kv-cache-memory) or shorten the prompt.",
+                options=("kv_cache_memory",),
             )
         return ids
 
@@ -404,19 +412,28 @@ class Engine:
         if not out.scheduled:
             return
         now = time.perf_counter()
+        reading: list[RequestState] = []  # prompt chunks this step, for progress events
         for sc in out.scheduled:
             st = self._states[sc.seq.request_id]
-            if st.t_scheduled is None:
+            first = st.t_scheduled is None
+            if first:
                 st.t_scheduled = now
+            if st.report_progress and sc.seq.num_output_tokens == 0:
+                reading.append(st)
+                if first:  # a long prompt's first chunk takes a while: say it started
+                    st.on_prompt_progress()
         try:
             res = self.runner.execute(out)
         except Exception as e:
-            msg = _describe_failure(e)
+            msg, options = _describe_failure(e)
             log.exception("model step failed")
             for sc in out.scheduled:
-                self._finish(self._states[sc.seq.request_id], "error", error=msg)
+                self._finish(self._states[sc.seq.request_id], "error", error=msg,
+                             error_options=options)
             return
         self.scheduler.update(out, res.token_ids)
+        for st in reading:  # before the first token's event, which the last chunk samples
+            st.on_prompt_progress()
         now = time.perf_counter()
         sampled = [sc.seq for sc in out.scheduled if sc.sample]
         decodes = sum(1 for sc in out.scheduled if sc.sample and sc.seq.num_output_tokens > 1)
@@ -431,24 +448,28 @@ class Engine:
             if done is not None:
                 self._finish(st, done[0], stop=done[1])
 
-    def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False) -> None:
+    def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False,
+                error_options: tuple[str, ...] = ()) -> None:
         if not already:
             self.scheduler.finish(state.seq.request_id, reason)
         if self.runner is not None:
             self.runner.release(state.seq.request_id)
-        state.finish(reason, stop=stop, error=error)
+        state.finish(reason, stop=stop, error=error, error_options=error_options)
         self._num_finished += 1
         with self._cv:
             self._states.pop(state.seq.request_id, None)
 
 
-def _describe_failure(e: Exception) -> str:
+def _describe_failure(e: Exception) -> tuple[str, tuple[str, ...]]:
+    """The error text for a failed step, and the Engine.load keywords it names (as
+    ``HearthError.options``)."""
     import torch
 
     if isinstance(e, torch.OutOfMemoryError):
-        return ("out of GPU memory during a step: lower --max-num-seqs or --kv-cache-memory, "
-                "or use a smaller / quantized model.")
-    return f"the model step failed: {type(e).__name__}: {e}"
+        return ("out of GPU memory during a step: run fewer requests at once (--max-num-seqs), "
+                "give the KV cache less memory (--kv-cache-memory), or use a smaller / "
+                "quantized model.", ("max_num_seqs", "kv_cache_memory"))
+    return f"the model step failed: {type(e).__name__}: {e}", ()
 
 
 # -- benchmarks (``hearth bench``) ------------------------------------------------------

@@ -18,7 +18,8 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise InvalidRequestError(
                 f"device {spec!r} asked for, but torch sees no CUDA GPU here "
-                f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch."
+                f"(torch {torch.__version__}); run on the CPU (--device cpu), or install a CUDA "
+                "build of torch.", options=("device",),
             )
         index = dev.index or 0
         if index >= torch.cuda.device_count():

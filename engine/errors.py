@@ -9,7 +9,22 @@ from __future__ import annotations
 
 
 class HearthError(Exception):
-    """Base class: the message is meant to be shown to a user as is."""
+    """Base class: the message is meant to be shown to a user as is.
+
+    Advice about a load setting names it by its command-line flag, in parentheses
+    ("load with a shorter context (--max-model-len)"; the flag is ``option_flag`` of the
+    ``Engine.load`` keyword). ``options`` lists the keywords named that way, so a front
+    end without flags (the desktop app) can name its own field instead.
+    """
+
+    def __init__(self, *args, options: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.options = tuple(options)
+
+
+def option_flag(keyword: str) -> str:
+    """The command-line flag of an ``Engine.load`` keyword: max_model_len -> --max-model-len."""
+    return "--" + keyword.replace("_", "-")
 
 
 class InvalidRequestError(HearthError, ValueError):

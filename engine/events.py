@@ -25,6 +25,21 @@ class TokenEvent:
 
 
 @dataclass(slots=True, frozen=True)
+class PromptProgressEvent:
+    """How much of the prompt the model has read, before the first token.
+
+    Sent only to requests that ask for it (``Request.prompt_progress``): once when the
+    request is first scheduled, then after every prompt chunk (chunked prefill reads a
+    long prompt ``max_num_batched_tokens`` at a time). ``done`` counts prompt tokens
+    served from the prefix cache as read; the last one has ``done == total``.
+    """
+
+    request_id: str
+    done: int
+    total: int
+
+
+@dataclass(slots=True, frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -51,9 +66,11 @@ class FinishedEvent:
     error: str | None = None
     stop: str | int | None = None  # the stop string or token id that ended it
     implementation: str = "native"  # or "transformers-fallback": which path produced it
+    # The Engine.load keywords whose flags ``error`` names (see HearthError.options).
+    error_options: tuple[str, ...] = ()
 
 
-EngineEvent = Union[TokenEvent, FinishedEvent]
+EngineEvent = Union[TokenEvent, PromptProgressEvent, FinishedEvent]
 
 
 @dataclass(slots=True, frozen=True)

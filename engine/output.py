@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 from engine.core.sequence import Sequence
-from engine.events import FinishedEvent, TokenEvent, TokenLogprob, Timings, Usage
+from engine.events import (FinishedEvent, PromptProgressEvent, TokenEvent, TokenLogprob, Timings,
+                           Usage)
 from engine.sampling_params import SamplingParams
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -25,6 +26,7 @@ class RequestState:
     eos_ids: frozenset
     max_model_len: int
     implementation: str = "native"
+    report_progress: bool = False  # send PromptProgressEvents (Request.prompt_progress)
     t_submit: float = field(default_factory=time.perf_counter)
     t_scheduled: float | None = None
     t_first: float | None = None
@@ -33,7 +35,8 @@ class RequestState:
 
     @classmethod
     def create(cls, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer,
-               max_model_len: int, implementation: str = "native") -> "RequestState":
+               max_model_len: int, implementation: str = "native",
+               report_progress: bool = False) -> "RequestState":
         return cls(
             seq=seq,
             params=params,
@@ -44,9 +47,18 @@ class RequestState:
             eos_ids=frozenset() if params.ignore_eos else tokenizer.eos_token_ids,
             max_model_len=max_model_len,
             implementation=implementation,
+            report_progress=report_progress,
         )
 
     # ------------------------------------------------------------------------------
+    def on_prompt_progress(self) -> None:
+        """Report how much of the prompt has been read (the engine calls this before the
+        first prompt chunk runs and after each one), if the request asked for it."""
+        if self.report_progress:
+            seq = self.seq
+            done = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            self.events.put(PromptProgressEvent(seq.request_id, done, seq.num_prompt_tokens))
+
     def on_token(self, token: int, logprobs, now: float) -> str | None:
         """Handle one sampled token; emit its event. Returns a finish reason or None."""
         if self.t_first is None:
@@ -80,7 +92,8 @@ class RequestState:
             tail += self.matcher.flush()
         return tail
 
-    def finish(self, reason: str, stop=None, error: str | None = None) -> FinishedEvent:
+    def finish(self, reason: str, stop=None, error: str | None = None,
+               error_options: tuple[str, ...] = ()) -> FinishedEvent:
         now = time.perf_counter()
         self.finished = True
         seq = self.seq
@@ -95,7 +108,8 @@ class RequestState:
             total_ms=(now - self.t_submit) * 1e3,
         )
         usage = Usage(seq.num_prompt_tokens, n_out, seq.num_cached_tokens)
-        ev = FinishedEvent(seq.request_id, reason, usage, timings, error=error, stop=stop,
+        ev = FinishedEvent(seq.request_id, reason, usage, timings, error=error,
+                           error_options=tuple(error_options), stop=stop,
                            implementation=self.implementation)
         self.events.put(ev)
         return ev

@@ -6,7 +6,7 @@ clear error when the model has no template, and thread safety.
 
 ``IncrementalDetokenizer`` turns a stream of token ids into a stream of text deltas whose
 concatenation equals decoding all the ids at once, without ever emitting half of a
-multi-byte character.
+multi-byte character (one left incomplete at the end is dropped, not shown as U+FFFD).
 """
 
 from __future__ import annotations
@@ -211,10 +211,12 @@ class IncrementalDetokenizer:
     context, so sentencepiece-style leading spaces and byte-level merges come out right)
     plus the tokens not yet emitted, and returns the text beyond the context. Text that
     ends in U+FFFD (a multi-byte character still incomplete) is held back until the next
-    tokens complete it; :meth:`flush` releases whatever is still held at the end.
+    tokens complete it; :meth:`flush` releases whatever is still held at the end, except a
+    trailing incomplete character: output cut mid-character (max tokens, a stop token)
+    ends before it, never in U+FFFD.
 
-    Invariant: ``"".join(deltas) + flush() == tokenizer.decode(output_ids)`` whenever the
-    prompt is empty, and for any prompt with byte-level tokenizers (with a prompt, a
+    Invariant: ``"".join(deltas) + flush() == tokenizer.decode(output_ids).rstrip("\ufffd")``
+    whenever the prompt is empty, and for any prompt with byte-level tokenizers (with a prompt, a
     sentencepiece leading space of the first output token is kept, as it should be in a
     stream, while decoding the output alone would drop it). One exception: sentencepiece
     byte fallback turns a whole run of byte tokens into U+FFFD, retroactively, when any
@@ -266,12 +268,17 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """Release held-back text at the end of generation (U+FFFD included)."""
+        """Release held-back text at the end of generation.
+
+        Trailing U+FFFD is dropped: after decoding, an incomplete last character (the
+        output was cut inside it) can't be told from an invalid byte or a literal U+FFFD,
+        and none of them is text a user wants at the end of an answer.
+        """
         if self._read_offset >= len(self._ids):
             return ""
         prefix_text, new_text = self._decode_window()
         self._advance()
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text):].rstrip(_REPLACEMENT)
 
     def _decode_window(self) -> tuple[str, str]:
         window = self._ids[self._prefix_offset:]

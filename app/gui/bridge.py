@@ -16,6 +16,7 @@ being announced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import traceback
@@ -23,8 +24,10 @@ import uuid
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
-from engine.api import (Engine, FinishedEvent, HearthError, Request, SamplingParams,
-                        TokenEvent, check_model, model_display_name, release_memory)
+from app.gui.error_text import gui_error, gui_error_text
+
+from engine.api import (Engine, FinishedEvent, HearthError, PromptProgressEvent, Request,
+                        SamplingParams, TokenEvent, check_model, model_display_name, release_memory)
 
 log = logging.getLogger("hearth.gui")
 
@@ -72,11 +75,13 @@ class BridgeSignals(QObject):
     tokenReceived = Signal(str, str)
     requestFinished = Signal(str, object)
     requestStarted = Signal(str, dict)  # request id, {"dropped": n} (history trimmed)
+    promptProgress = Signal(str, int, int)  # request id, prompt tokens read, prompt tokens
     statsUpdated = Signal(object)
     engineError = Signal(str)
 
     SIGNALS = ("modelLoading", "loadProgress", "modelLoaded", "loadFailed", "modelUnloaded",
-               "tokenReceived", "requestFinished", "requestStarted", "statsUpdated", "engineError")
+               "tokenReceived", "requestFinished", "requestStarted", "promptProgress", "statsUpdated",
+               "engineError")
 
 
 class _Worker(BridgeSignals):
@@ -177,7 +182,7 @@ class _Worker(BridgeSignals):
         except LoadCancelled:
             error = "loading cancelled"
         except HearthError as e:
-            error = str(e)
+            error = gui_error(e)
         except Exception as e:  # a bug or an unexpected library error: say it, keep the app alive
             log.error("load failed:\n%s", traceback.format_exc())
             error = f"loading failed unexpectedly: {type(e).__name__}: {e}"
@@ -263,9 +268,9 @@ class _Worker(BridgeSignals):
                                                 params.max_tokens)
             handle = self.engine.submit(Request(messages=messages, prompt=req.get("prompt"),
                                                 system=req.get("system"), params=params,
-                                                request_id=request_id))
+                                                request_id=request_id, prompt_progress=True))
         except HearthError as e:
-            self._fail(request_id, str(e))
+            self._fail(request_id, gui_error(e))
             return
         except Exception as e:
             log.error("submit failed:\n%s", traceback.format_exc())
@@ -289,20 +294,24 @@ class _Worker(BridgeSignals):
         if isinstance(ev, TokenEvent):
             if ev.text:
                 self.tokenReceived.emit(rid, ev.text)
-        else:
-            self.requestFinished.emit(rid, ev)
+        elif isinstance(ev, FinishedEvent):
+            self.requestFinished.emit(rid, _for_gui(ev))
 
     @Slot()
     def _drain(self) -> None:
         for rid, handle in list(self._handles.items()):
             events = handle.poll()
+            # Only the latest prompt progress matters (it comes before any text).
+            progress = [e for e in events if isinstance(e, PromptProgressEvent)]
+            if progress:
+                self.promptProgress.emit(rid, progress[-1].done, progress[-1].total)
             # Coalesce this tick's text deltas into one signal: fewer repaints, same text.
             text = "".join(e.text for e in events if isinstance(e, TokenEvent))
             if text:
                 self.tokenReceived.emit(rid, text)
             for ev in events:
                 if isinstance(ev, FinishedEvent):
-                    self.requestFinished.emit(rid, ev)
+                    self.requestFinished.emit(rid, _for_gui(ev))
             if handle.done:
                 del self._handles[rid]
 
@@ -337,6 +346,13 @@ class _Worker(BridgeSignals):
         # Quit from here, after the engine is down: a quit() from the UI thread could end
         # this thread's event loop before this slot ever ran.
         QThread.currentThread().quit()
+
+
+def _for_gui(ev: FinishedEvent) -> FinishedEvent:
+    """The event with its error worded for the GUI (a dialog field, not a CLI flag)."""
+    if not ev.error or not ev.error_options:
+        return ev
+    return dataclasses.replace(ev, error=gui_error_text(ev.error, ev.error_options))
 
 
 class EngineBridge(BridgeSignals):

@@ -2,37 +2,33 @@
 
 Every message is in the SQLite store before it is on screen; a streamed answer is saved
 as it grows (at most every 300 ms) so a crash or kill loses almost nothing. One answer
-streams at a time per window: Send is disabled while one runs, Stop (or Esc) aborts it
-and keeps the partial text.
+streams at a time per window: Send is disabled while one runs, Stop (or Esc, wherever
+focus is in the window while this page shows) aborts it and keeps the partial text.
+
+Keyboard: focus comes back to the message box after Send and Stop; Tab leaves the box
+(Ctrl+Tab types a tab), so every control is reachable. The parameters panel can be hidden
+(``params_action``, for a View menu too), and steps aside by itself in a narrow window.
 """
 
 from __future__ import annotations
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import (QHBoxLayout, QMessageBox, QPlainTextEdit, QPushButton,
-                               QScrollArea, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtGui import QAction, QKeySequence, QShortcut
+from PySide6.QtWidgets import (QApplication, QHBoxLayout, QMessageBox, QPushButton, QSizePolicy,
+                               QToolButton, QVBoxLayout, QWidget)
 
+from app.gui.chat_layout import (ChatSplitter, PaneToggle, TranscriptScroll, scrolling_pane,
+                                 tab_stops)
 from app.gui.chat_list import ChatList
-from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
+from app.gui.chat_widgets import ChatInput, MessageWidget, NoticeBar, ParamsPanel
 from app.gui.elided_label import ElidedLabel
 from app.services.chat_store import DEFAULT_TITLE, ChatStore, Message, history_for_model
 
 SAVE_INTERVAL_MS = 300
 RENDER_INTERVAL_MS = 50
-
-
-class ChatInput(QPlainTextEdit):
-    """Multi-line input: Ctrl+Enter (or Cmd+Enter) sends, Enter adds a line."""
-
-    submitted = Signal()
-
-    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and \
-                event.modifiers() & Qt.KeyboardModifier.ControlModifier:
-            self.submitted.emit()
-            return
-        super().keyPressEvent(event)
+LIST_WIDTH = 200
+PARAMS_WIDTH = 260
+PARAMS_AUTO_HIDE_WIDTH = 700  # a narrower page hides the parameters panel by itself
 
 
 class ChatPage(QWidget):
@@ -67,28 +63,25 @@ class ChatPage(QWidget):
         self.transcript = QWidget()
         self.transcript_layout = QVBoxLayout(self.transcript)
         self.transcript_layout.addStretch(1)
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
+        self.scroll = TranscriptScroll()  # follows a growing answer unless scrolled up
+        self.scroll.setObjectName("transcript")
         self.scroll.setWidget(self.transcript)
-        # Scrolling to the end must wait for the layout: word-wrapped messages get their
-        # height over several layout passes, each of which moves the scroll range.
-        self._follow_end = False
-        self.scroll.verticalScrollBar().rangeChanged.connect(self._on_scroll_range)
-        self.scroll.verticalScrollBar().valueChanged.connect(self._on_scroll_value)
         self.notice = NoticeBar()
         self.input = ChatInput()
         self.input.setObjectName("chatInput")
         self.input.setPlaceholderText("Message (Ctrl+Enter sends, Esc stops)")
+        self.input.setToolTip("Ctrl+Enter sends · Esc stops the answer · Tab moves on, "
+                              "Ctrl+Tab types a tab")
         self.input.setMaximumHeight(120)
         self.input.submitted.connect(lambda: self.send())
         self.send_button = QPushButton("Send")
         self.send_button.setObjectName("sendButton")
         self.send_button.setToolTip("Send (Ctrl+Enter)")
-        self.send_button.clicked.connect(lambda: self.send())
+        self.send_button.clicked.connect(lambda: (self.send(), self.input.setFocus()))
         self.stop_button = QPushButton("Stop")
         self.stop_button.setObjectName("stopButton")
         self.stop_button.setToolTip("Stop the answer (Esc); the text so far is kept")
-        self.stop_button.clicked.connect(lambda: self.stop())
+        self.stop_button.clicked.connect(lambda: (self.stop(), self.input.setFocus()))
         self.stop_button.setEnabled(False)
         buttons = QVBoxLayout()
         buttons.addWidget(self.send_button)
@@ -98,10 +91,24 @@ class ChatPage(QWidget):
         row.addLayout(buttons)
         self.model_label = ElidedLabel("No model loaded", mode=Qt.TextElideMode.ElideRight)  # never widens
         self.model_label.setObjectName("chatModelLabel")
+        # A long model description must not widen the page (at 640 px it is cut).
+        self.model_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.params_action = QAction("Parameters panel", self)
+        self.params_action.setIconText("Parameters")  # what the tool button shows
+        self.params_action.setObjectName("paramsAction")
+        self.params_action.setCheckable(True)
+        self.params_action.setToolTip("Show or hide the parameters panel (system prompt, "
+                                      "sampling)")
+        self.params_button = QToolButton()
+        self.params_button.setObjectName("paramsButton")
+        self.params_button.setDefaultAction(self.params_action)
+        header = QHBoxLayout()
+        header.addWidget(self.model_label, 1)
+        header.addWidget(self.params_button)
         middle = QWidget()
         ml = QVBoxLayout(middle)
         ml.setContentsMargins(0, 0, 0, 0)
-        ml.addWidget(self.model_label)
+        ml.addLayout(header)
         ml.addWidget(self.scroll, 1)
         ml.addWidget(self.notice)
         ml.addLayout(row)
@@ -110,18 +117,24 @@ class ChatPage(QWidget):
         self.params = ParamsPanel(settings)
         self.params.systemPromptEdited.connect(self._on_system_prompt)
 
-        split = QSplitter()
-        split.addWidget(left)
-        split.addWidget(middle)
-        split.addWidget(self.params)
-        split.setStretchFactor(1, 1)
-        split.setSizes([200, 700, 260])
+        # The panel scrolls when the window is short, so it never sets the page's height.
+        self.params_pane = scrolling_pane(self.params)
+        self.params_pane.setObjectName("paramsPane")
+        # In a narrow window the side panes give way to the transcript.
+        self.splitter = ChatSplitter(LIST_WIDTH, PARAMS_WIDTH)
+        self.splitter.setObjectName("chatSplitter")
+        self.splitter.add_panes(left, middle, self.params_pane)
         lay = QHBoxLayout(self)
-        lay.addWidget(split)
+        lay.addWidget(self.splitter)
+        self._params_toggle = PaneToggle(self.params_pane, self.params_action, settings,
+                                         "chat/params_visible", PARAMS_AUTO_HIDE_WIDTH)
 
-        esc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
-        esc.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        esc.activated.connect(self.stop)
+        # Esc stops the answer wherever focus is in the window while this page shows (a page-
+        # scoped shortcut died when a transcript rebuild deleted the focused button and focus
+        # fell outside the page); enabled only while an answer streams.
+        self._esc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
+        self._esc.setContext(Qt.ShortcutContext.WindowShortcut)
+        self._esc.activated.connect(self.stop)
 
         self._save_timer = QTimer(self)
         self._save_timer.setInterval(SAVE_INTERVAL_MS)
@@ -134,6 +147,7 @@ class ChatPage(QWidget):
         bridge.tokenReceived.connect(self._on_token)
         bridge.requestFinished.connect(self._on_finished)
         bridge.requestStarted.connect(self._on_started)
+        bridge.promptProgress.connect(self._on_prompt_progress)
         bridge.modelLoading.connect(self._on_model_loading)
         bridge.modelLoaded.connect(self._on_model_loaded)
         bridge.loadFailed.connect(self._on_load_failed)
@@ -227,7 +241,19 @@ class ChatPage(QWidget):
         w.versionRequested.connect(self.flip_version)
         self.transcript_layout.insertWidget(self.transcript_layout.count() - 1, w)
         self._widgets.append(w)
+        self._place_in_tab_order(w)
         return w
+
+    def _place_in_tab_order(self, w: MessageWidget) -> None:
+        """Tab goes through the messages between the transcript and the message box (Qt
+        would put a widget made later after every other control, past the parameters)."""
+        previous = self.scroll
+        if len(self._widgets) > 1:
+            stops = tab_stops(self._widgets[-2])
+            previous = stops[-1] if stops else previous
+        for stop in tab_stops(w):
+            QWidget.setTabOrder(previous, stop)
+            previous = stop
 
     def _widget_for(self, msg_id: int) -> MessageWidget | None:
         return next((w for w in self._widgets if w.msg_id == msg_id), None)
@@ -236,21 +262,21 @@ class ChatPage(QWidget):
         return list(self._widgets)
 
     def _scroll_to_end(self) -> None:
-        """Show the end of the transcript, now and as the layout settles, until the user
-        scrolls elsewhere."""
-        self._follow_end = True
-        bar = self.scroll.verticalScrollBar()
-        bar.setValue(bar.maximum())
+        """Show the end of the transcript, now and as it grows (until the user scrolls up)."""
+        self.scroll.follow_end()
 
-    def _on_scroll_range(self, _minimum: int, maximum: int) -> None:
-        if self._follow_end:
-            self.scroll.verticalScrollBar().setValue(maximum)
+    # -- layout ------------------------------------------------------------------------
+    def set_params_visible(self, visible: bool) -> None:
+        """Show or hide the parameters panel (remembered across runs; ``params_action``
+        does the same from a button or a menu)."""
+        self._params_toggle.set_visible(visible)
 
-    def _on_scroll_value(self, value: int) -> None:
-        # Whatever leaves the end (wheel, keys, a drag, Tab to a widget above) stops the
-        # following; a growing range doesn't change the value, so it never lands here.
-        if value < self.scroll.verticalScrollBar().maximum():
-            self._follow_end = False
+    def params_visible(self) -> bool:
+        return self._params_toggle.visible
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        super().resizeEvent(event)
+        self._params_toggle.page_resized(event.oldSize().width(), event.size().width())
 
     # -- sending -----------------------------------------------------------------------
     def send(self, text: str | None = None) -> None:
@@ -334,7 +360,7 @@ class ChatPage(QWidget):
         if not 0 <= target < len(versions):
             return
         self.store.select_version(versions[target])
-        self._follow_end = False  # stay at the flipped answer, not the end
+        self.scroll.stop_following()  # stay at the flipped answer, not the end
         self._show_messages_from(self._widgets.index(w))
 
     def _cancel_edit(self) -> None:
@@ -378,11 +404,18 @@ class ChatPage(QWidget):
         if not self._render_timer.isActive():
             self._render_timer.start()
 
+    def _on_prompt_progress(self, rid: str, done: int, total: int) -> None:
+        a = self._active
+        if a is None or a["rid"] != rid or a["text"]:
+            return
+        if a.get("widget") is not None:
+            a["widget"].set_progress(done, total)
+
     def _render_active(self) -> None:
+        # The transcript follows the growing answer by itself (unless scrolled up).
         a = self._active
         if a is not None and a.get("widget") is not None:
             a["widget"].set_text(a["text"])
-            self._scroll_to_end()
 
     def _save_active(self) -> None:
         a = self._active
@@ -446,11 +479,26 @@ class ChatPage(QWidget):
 
     def _update_buttons(self) -> None:
         busy = self._active is not None
+        # A button about to be disabled would pass focus down the chain (to the system
+        # prompt): keep it in the message box instead.
+        reclaim = self._focus_lost() or (self.send_button.hasFocus() and busy) or \
+            (self.stop_button.hasFocus() and not busy)
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
+        self._esc.setEnabled(busy)
         for w in self._widgets:
             w.set_actions_enabled(not busy and self._model_ready)
             w.set_versions_enabled(not busy)  # no model needed to look at another version
+        if reclaim:
+            self.input.setFocus()
+
+    def _focus_lost(self) -> bool:
+        """Whether focus fell out of the page while it is in use (the focused widget was
+        deleted by a transcript rebuild, e.g. the Regenerate button that was clicked)."""
+        if not self.isVisible() or not self.isActiveWindow():
+            return False
+        focus = QApplication.focusWidget()
+        return focus is None or focus is self.window() or not focus.isVisible()
 
     @property
     def is_answering(self) -> bool:

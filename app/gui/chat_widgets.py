@@ -1,12 +1,15 @@
-"""Pieces of the chat page: one message bubble, and the sampling-parameters panel."""
+"""Pieces of the chat page: one message bubble, the message box, and the
+sampling-parameters panel."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt, Signal
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtCore import QEvent, QSettings, QSize, Qt, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QPalette
 from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
-                               QLabel, QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout)
+                               QLabel, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox,
+                               QVBoxLayout)
 
+from app.gui.chat_markdown import COPY_SCHEME, Rendered, render_markdown
 from engine.api import SamplingParams
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "notice": "Notice"}
@@ -32,17 +35,98 @@ def answer_footer(meta: dict, status: str) -> str:
     return " · ".join(parts)
 
 
-def display_markdown(text: str) -> str:
-    """The Markdown to show for ``text``: a code fence still open (the answer is streaming
-    mid-block) is closed for display, so the block renders as code while it grows."""
-    fences = sum(1 for line in text.splitlines() if line.lstrip().startswith("```"))
-    return text + "\n```" if fences % 2 else text
+def prompt_progress_text(done: int, total: int) -> str:
+    """What a streaming answer shows while the model reads a long prompt."""
+    return f"Reading the prompt: {done:,} / {total:,} tokens"
+
+
+def is_dark(palette: QPalette) -> bool:
+    return palette.color(QPalette.ColorRole.Window).lightness() < 128
+
+
+class TextBox(QPlainTextEdit):
+    """A multi-line text box that Tab leaves (so the controls after it are reachable by
+    keyboard); Ctrl+Tab types a tab."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setTabChangesFocus(True)
+
+    @staticmethod
+    def _is_ctrl_tab(event) -> bool:
+        return event.key() == Qt.Key.Key_Tab and \
+            event.modifiers() == Qt.KeyboardModifier.ControlModifier
+
+    def event(self, event) -> bool:
+        # Ctrl+Tab is ours even where a window-wide shortcut would take it.
+        if event.type() == QEvent.Type.ShortcutOverride and self._is_ctrl_tab(event):
+            event.accept()
+            return True
+        return super().event(event)
+
+    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if self._is_ctrl_tab(event):
+            self.insertPlainText("\t")
+            return
+        super().keyPressEvent(event)
+
+
+class ChatInput(TextBox):
+    """Multi-line input: Ctrl+Enter (or Cmd+Enter) sends, Enter adds a line, Tab moves on
+    to the next control and Ctrl+Tab types a tab."""
+
+    submitted = Signal()
+
+    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and \
+                event.modifiers() & Qt.KeyboardModifier.ControlModifier:
+            self.submitted.emit()
+            return
+        super().keyPressEvent(event)
+
+
+class MarkdownLabel(QLabel):
+    """A word-wrapped rich-text label that lays its text out once per width.
+
+    A plain QLabel lays a long answer out again for its size hint, its minimum size hint
+    and each height-for-width query, at different widths, on every streamed update (over
+    twice the cost of the one layout at the width it has). Its width always comes from the
+    transcript (horizontal policy Ignored), so the hints only need the height there."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._heights: dict[int, int] = {}
+        self.setWordWrap(True)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt naming)
+        self._heights.clear()
+        super().setText(text)
+
+    def heightForWidth(self, width: int) -> int:  # noqa: N802 (Qt naming)
+        height = self._heights.get(width)
+        if height is None:
+            height = self._heights[width] = super().heightForWidth(width)
+        return height
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
+        width = self.width() if self.width() > 0 else 400
+        return QSize(width, self.heightForWidth(width))
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
+        return QSize(0, self.fontMetrics().height())
+
+    def changeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if event.type() in (QEvent.Type.FontChange, QEvent.Type.StyleChange):
+            self._heights.clear()
+        super().changeEvent(event)
 
 
 class MessageWidget(QFrame):
     """One turn: who, the text rendered as Markdown, a footer, and actions."""
 
     copyRequested = Signal(int)
+    codeCopied = Signal(int, int)  # message id, code block number
     editRequested = Signal(int)
     regenerateRequested = Signal(int)
     versionRequested = Signal(int, int)  # message id, -1 for the previous version or +1 for the next
@@ -53,6 +137,7 @@ class MessageWidget(QFrame):
         self.msg_id = msg_id
         self.role = role
         self._text = text
+        self._rendered = Rendered("", ())
         self.setObjectName(f"message-{role}")
         self.setFrameShape(QFrame.StyledPanel)
         self.setAutoFillBackground(role == "user")
@@ -83,16 +168,19 @@ class MessageWidget(QFrame):
         if role == "notice":
             self.copy_button.hide()
         lay.addLayout(head)
-        self.body = QLabel()
+        self.body = MarkdownLabel()
         self.body.setObjectName("messageBody")
-        self.body.setWordWrap(True)
-        self.body.setTextFormat(Qt.TextFormat.MarkdownText)
-        self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse
-                                          | Qt.TextInteractionFlag.LinksAccessibleByMouse)
-        self.body.setOpenExternalLinks(True)
+        self.body.setTextFormat(Qt.TextFormat.RichText)  # our own Markdown rendering
+        # Selectable by mouse, links (a code block's Copy) reachable by Tab and Enter too.
+        self.body.setTextInteractionFlags(Qt.TextInteractionFlag.TextBrowserInteraction)
+        self.body.setOpenExternalLinks(False)
+        self.body.linkActivated.connect(self._on_link)
         lay.addWidget(self.body)
         self.footer = QLabel()
         self.footer.setObjectName("messageFooter")
+        self.footer.setWordWrap(True)  # a long error wraps rather than widen the transcript
+        self.footer.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.footer.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.footer.setEnabled(False)  # greyed, in light and dark palettes alike
         lay.addWidget(self.footer)
         self.set_text(text)
@@ -102,9 +190,43 @@ class MessageWidget(QFrame):
     def text(self) -> str:
         return self._text
 
+    @property
+    def code_blocks(self) -> tuple[str, ...]:
+        """The exact text of each code block shown, in order (what its Copy copies)."""
+        return self._rendered.code
+
     def set_text(self, text: str) -> None:
         self._text = text
-        self.body.setText(display_markdown(text) if text else "…")
+        if not text:
+            self._rendered = Rendered("", ())
+            self.body.setText("…")
+            return
+        self._rendered = render_markdown(text, dark=is_dark(self.palette()))
+        self.body.setText(self._rendered.html)
+
+    def set_progress(self, done: int, total: int) -> None:
+        """Show how much of the prompt the model has read (until the first text comes)."""
+        if not self._text:
+            self.body.setText(prompt_progress_text(done, total))
+
+    def copy_code(self, number: int) -> None:
+        QGuiApplication.clipboard().setText(self._rendered.code[number])
+        self.codeCopied.emit(self.msg_id, number)
+
+    def _on_link(self, link: str) -> None:
+        url = QUrl(link)
+        if url.scheme() == COPY_SCHEME:
+            number = int(url.path())
+            if 0 <= number < len(self._rendered.code):
+                self.copy_code(number)
+        elif url.scheme() in ("http", "https", "mailto"):
+            QDesktopServices.openUrl(url)
+
+    def changeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        # Code colours follow the palette: re-render when the theme changes.
+        if event.type() == QEvent.Type.PaletteChange and self._text and hasattr(self, "body"):
+            self.set_text(self._text)
+        super().changeEvent(event)
 
     def set_footer(self, meta: dict, status: str) -> None:
         line = answer_footer(meta, status) if self.role == "assistant" else ""
@@ -191,9 +313,11 @@ class ParamsPanel(QGroupBox):
         self.settings = settings
         outer = QVBoxLayout(self)
         form = QFormLayout()
+        # In a narrow panel a field goes under its label rather than widen the panel.
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
         outer.addLayout(form)
         outer.addStretch(1)  # keep the fields together at the top
-        self.system_prompt = QPlainTextEdit()
+        self.system_prompt = TextBox()
         self.system_prompt.setObjectName("systemPrompt")
         self.system_prompt.setPlaceholderText("System prompt (this conversation)")
         self.system_prompt.setMaximumHeight(90)

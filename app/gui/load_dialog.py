@@ -23,6 +23,12 @@ from engine.api import load_choices, model_display_name, parse_bytes
 _GRAPHS_TIP = ("CUDA graphs replay each decode step as one GPU launch: faster, for a little GPU memory. "
                "Tick this to run without them.")
 
+WINDOW_TITLE = "Load model"
+# The form's field labels, by Engine.load keyword (error messages name these fields too).
+FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "attention": "Attention backend",
+                "device": "Device", "dtype": "Weights dtype", "max_model_len": "Context length",
+                "kv_cache_memory": "KV-cache memory", "kv_cache_dtype": "KV-cache precision"}
+
 
 def fill_choices(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
     """entries: (value, label, reasons); a non-empty reason list greys the item out."""
@@ -51,7 +57,7 @@ class LoadDialog(QDialog):
 
     def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: dict | None = None) -> None:
         super().__init__(parent)
-        self.setWindowTitle("Load model")
+        self.setWindowTitle(WINDOW_TITLE)
         self.setObjectName("loadDialog")
         self.settings = settings
         self.choices = choices if choices is not None else load_choices("auto")
@@ -62,20 +68,20 @@ class LoadDialog(QDialog):
         self.model.setObjectName("loadModel")
         self.model.setToolTip(model_ref)
         self._model_shown = self.model.text()
-        form.addRow("Model", self.model)
+        form.addRow(FIELD_LABELS["model"], self.model)
 
         self.quantization = QComboBox()
         self.quantization.setObjectName("loadQuantization")
         fill_choices(self.quantization, [(n, "none (bf16 / fp16)" if n == "none" else n, r)
                                   for n, r in self.choices["quantization"].items()])
         select_choice(self.quantization, settings.value("load/quantization", "none"))
-        form.addRow("Quantization", self.quantization)
+        form.addRow(FIELD_LABELS["quantization"], self.quantization)
 
         self.attention = QComboBox()
         self.attention.setObjectName("loadAttention")
         fill_choices(self.attention, [(n, n, r) for n, r in self.choices["attention"].items()])
         select_choice(self.attention, settings.value("load/attention", "") or default_attention(self.choices))
-        form.addRow("Attention backend", self.attention)
+        form.addRow(FIELD_LABELS["attention"], self.attention)
         self.reasons = QLabel()
         self.reasons.setObjectName("loadReasons")
         self.reasons.setWordWrap(True)
@@ -87,13 +93,13 @@ class LoadDialog(QDialog):
         self.device.setObjectName("loadDevice")
         fill_choices(self.device, [(d["id"], d["label"], []) for d in self.choices["devices"]])
         select_choice(self.device, settings.value("load/device", "auto"))
-        form.addRow("Device", self.device)
+        form.addRow(FIELD_LABELS["device"], self.device)
 
         self.dtype = QComboBox()
         self.dtype.setObjectName("loadDtype")
         fill_choices(self.dtype, [(d, d, []) for d in self.choices["dtypes"]])
         select_choice(self.dtype, settings.value("load/dtype", "auto"))
-        form.addRow("Weights dtype", self.dtype)
+        form.addRow(FIELD_LABELS["dtype"], self.dtype)
 
         self.context = QSpinBox()
         self.context.setObjectName("loadContext")
@@ -101,12 +107,12 @@ class LoadDialog(QDialog):
         self.context.setSingleStep(1024)
         self.context.setSpecialValueText("model's maximum")
         self.context.setValue(int(settings.value("load/max_model_len", 0)))
-        form.addRow("Context length", self.context)
+        form.addRow(FIELD_LABELS["max_model_len"], self.context)
 
         self.kv_memory = QLineEdit(str(settings.value("load/kv_cache_memory", "")))
         self.kv_memory.setObjectName("loadKvMemory")
         self.kv_memory.setPlaceholderText("automatic (e.g. 4GiB)")
-        form.addRow("KV-cache memory", self.kv_memory)
+        form.addRow(FIELD_LABELS["kv_cache_memory"], self.kv_memory)
 
         self.kv_dtype = QComboBox()
         self.kv_dtype.setObjectName("loadKvDtype")
@@ -114,7 +120,7 @@ class LoadDialog(QDialog):
         fill_choices(self.kv_dtype, [(n, labels.get(n, n), r)
                               for n, r in self.choices.get("kv_cache_dtypes", {"auto": []}).items()])
         select_choice(self.kv_dtype, settings.value("load/kv_cache_dtype", "auto"))
-        form.addRow("KV-cache precision", self.kv_dtype)
+        form.addRow(FIELD_LABELS["kv_cache_dtype"], self.kv_dtype)
 
         self.eager = QCheckBox("Run without CUDA graphs (slower; saves a little memory)")
         self.eager.setObjectName("loadEnforceEager")

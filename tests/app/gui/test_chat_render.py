@@ -1,0 +1,215 @@
+"""How chat messages look: line breaks kept, code highlighted with a Copy per block, long
+footers wrapped (no sideways scrolling), and errors worded for the GUI (dialog fields,
+not CLI flags)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from PySide6.QtCore import QPoint, QRect, Qt
+from PySide6.QtGui import QColor, QGuiApplication, QPalette, QTextDocument
+
+from app.gui.chat_widgets import MessageWidget
+from app.services.chat_store import ChatStore
+from tests.app.gui.conftest import load_options
+
+LOAD_TIMEOUT = 60_000
+ANSWER_TIMEOUT = 60_000
+
+HAIKU = "An old silent pond\nA frog jumps into the pond\nSplash! Silence again."
+CODE = ("Two blocks:\n\n```python\ndef add(a, b):\n    return a + b  # sum\n```\n\n"
+        "and\n\n```sh\necho 'hi' > out.txt\n\n\ncat out.txt\n```\n")
+
+
+def shown_text(label) -> str:
+    """The text a QLabel shows, as plain text (its Markdown or HTML laid out by Qt)."""
+    doc = QTextDocument()
+    if label.textFormat() == Qt.TextFormat.MarkdownText:
+        doc.setMarkdown(label.text())
+    else:
+        doc.setHtml(label.text())
+    return doc.toPlainText()
+
+
+def _message(qtbot, text, role="assistant", **kw) -> MessageWidget:
+    w = MessageWidget(1, role, text, **kw)
+    qtbot.addWidget(w)
+    w.resize(600, 400)
+    w.show()
+    return w
+
+
+def _hex_colours(html: str) -> set[str]:
+    return {m.lower() for m in re.findall(r"color:\s*(#[0-9a-fA-F]{6})", html)}
+
+
+def _contrast(a: str, b: str) -> float:
+    def lum(c: str) -> float:
+        col = QColor(c)
+        ch = [v / 255 for v in (col.red(), col.green(), col.blue())]
+        ch = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in ch]
+        return 0.2126 * ch[0] + 0.7152 * ch[1] + 0.0722 * ch[2]
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+# -- item 4: line breaks, highlighting, Copy per code block -------------------------------
+@pytest.mark.parametrize("role", ["assistant", "user"])
+def test_single_line_breaks_are_kept(qtbot, role):
+    w = _message(qtbot, HAIKU, role=role)
+    assert shown_text(w.body) == HAIKU
+
+
+def test_model_html_is_shown_as_text_not_run(qtbot):
+    w = _message(qtbot, "a <b>bold</b> claim & <img src=x>")
+    assert shown_text(w.body) == "a <b>bold</b> claim & <img src=x>"
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_code_is_highlighted_in_colours_that_read_on_its_background(qtbot, dark):
+    w = _message(qtbot, CODE)
+    if dark:
+        pal = QPalette(w.palette())
+        pal.setColor(QPalette.ColorRole.Window, QColor("#202124"))
+        pal.setColor(QPalette.ColorRole.WindowText, QColor("#e8eaed"))
+        w.setPalette(pal)  # the theme changes: the message re-renders its code
+    html = w.body.text()
+    bg = re.search(r'bgcolor="(#[0-9a-fA-F]{6})"', html)[1]
+    assert (QColor(bg).lightness() < 128) == dark
+    code_html = html[html.index("<pre"):html.index("</pre>")]
+    colours = _hex_colours(code_html)
+    assert len(colours) >= 3  # keywords, names, operators, comments... not one plain colour
+    assert all(_contrast(c, bg) >= 3.0 for c in colours), (bg, colours)
+
+
+def test_each_code_block_copies_exactly_its_code(qtbot):
+    w = _message(qtbot, CODE)
+    assert w.code_blocks == ("def add(a, b):\n    return a + b  # sum",
+                             "echo 'hi' > out.txt\n\n\ncat out.txt")
+    assert shown_text(w.body).count("Copy") == 2
+    # By keyboard, as a user without a mouse would: Tab reaches each block's Copy link.
+    w.body.setFocus()
+    qtbot.keyClick(w.body, Qt.Key.Key_Tab)
+    qtbot.keyClick(w.body, Qt.Key.Key_Tab)
+    with qtbot.waitSignal(w.codeCopied) as copied:
+        qtbot.keyClick(w.body, Qt.Key.Key_Return)
+    assert copied.args == [1, 1]
+    assert QGuiApplication.clipboard().text() == w.code_blocks[1]
+    # The message's own Copy still copies the whole answer, fences and all.
+    qtbot.mouseClick(w.copy_button, Qt.MouseButton.LeftButton)
+    assert QGuiApplication.clipboard().text() == CODE
+
+
+def test_streaming_reparses_only_the_last_block(qtbot, monkeypatch):
+    from app.gui import chat_markdown
+
+    parsed = []  # the length of every text Markdown-parsed
+    real = chat_markdown._markdown()
+
+    class Counting:
+        def render(self, text, env):
+            parsed.append(len(text))
+            return real.render(text, env)
+
+    monkeypatch.setattr(chat_markdown, "_markdown", Counting)
+    chat_markdown._render_block.cache_clear()
+    w = _message(qtbot, "")
+    paragraphs = [f"Paragraph {i} with `code` and *emphasis*.\nSecond line {i}." for i in range(30)]
+    text = ""
+    for p in paragraphs:
+        for word in p.split(" "):
+            text += word + " "
+            w.set_text(text)  # what every 50 ms render does while the answer streams
+        text += "\n\n"
+    # Each render parses the growing last paragraph only, never the whole answer again.
+    assert max(parsed) < 2 * max(len(p) for p in paragraphs)
+    assert shown_text(w.body).count("Paragraph") == 30
+
+
+# -- item 5: long footers wrap; errors name the dialog field -------------------------------
+def _inside(widget, viewport) -> bool:
+    top_left = widget.mapTo(viewport, QPoint(0, 0))
+    return viewport.rect().contains(QRect(top_left, widget.size()))
+
+
+def test_long_footers_wrap_and_keep_the_buttons_on_screen(qtbot, bridge, gui_env):
+    from app.gui.chat_page import ChatPage
+
+    store = ChatStore(gui_env["data"] / "chats.sqlite3")
+    conv = store.create_conversation()
+    long_error = ("the prompt has 3000 tokens but the context holds 2048: shorten the prompt or "
+                  "load the model with a longer context (“Context length” in the Load model dialog).")
+    store.add_message(conv.id, "user", "hello")
+    store.add_message(conv.id, "assistant", "partial", status="error", meta={"error": long_error})
+    store.add_message(conv.id, "assistant", "cut", meta={
+        "model": "a-model-with-a-really-long-name-that-goes-on-and-on-Instruct-GGUF-Q4_K_M",
+        "ttft_ms": 120.0, "decode_tok_s": 41.2, "tokens": 512, "finish": "length"})
+    gui_env["settings"].setValue("chat/last_conversation", conv.id)
+    page = ChatPage(bridge, store, gui_env["settings"])
+    qtbot.addWidget(page)
+    page.set_params_visible(False)
+    page.resize(560, 600)
+    page.show()
+    qtbot.waitExposed(page)
+    qtbot.waitUntil(lambda: page.scroll.viewport().width() > 0)
+    assert page.scroll.horizontalScrollBar().maximum() == 0
+    viewport = page.scroll.viewport()
+    for w in page.message_widgets():
+        assert _inside(w.copy_button, viewport)
+        if w.role == "assistant":
+            assert _inside(w.regen_button, viewport)
+            assert w.footer.height() > w.footer.fontMetrics().height()  # it wrapped
+    assert "max-tokens limit" in page.message_widgets()[-1].footer.text()
+
+
+def test_gui_errors_name_the_load_dialog_field_not_a_flag(qtbot, bridge, gui_env, chat_model):
+    from app.gui.chat_page import ChatPage
+
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT):
+        bridge.load(load_options(chat_model, max_model_len=32))
+    page = ChatPage(bridge, ChatStore(gui_env["data"] / "chats.sqlite3"), gui_env["settings"])
+    qtbot.addWidget(page)
+    page.input.setPlainText("far too long for a 32-token context " * 4)
+    with qtbot.waitSignal(page.answerFinished, timeout=ANSWER_TIMEOUT) as finished:
+        page.send()
+    error = finished.args[1].error
+    assert "“Context length” in the Load model dialog" in error and "--" not in error
+    assert "“Context length”" in page.notice.text()
+    assert "“Context length”" in page.message_widgets()[-1].footer.text()
+
+
+def test_a_load_error_names_the_dialog_fields_and_the_cli_keeps_its_flags(qtbot, bridge, chat_model):
+    from engine.api import Engine, OutOfMemoryError
+
+    with pytest.raises(OutOfMemoryError) as raised:  # the CLI prints the engine's words
+        Engine.load(chat_model, device="cpu", dtype="float32", max_model_len=256,
+                    kv_cache_memory="16KiB")
+    assert "--max-model-len" in str(raised.value) and "--kv-cache-memory" in str(raised.value)
+    with qtbot.waitSignal(bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
+        bridge.load(load_options(chat_model, kv_cache_memory="16KiB"))
+    message = failed.args[0]
+    assert "“Context length” in the Load model dialog" in message
+    assert "“KV-cache memory” in the Load model dialog" in message
+    assert "--" not in message
+
+
+def test_a_setting_without_a_dialog_field_is_left_out():
+    import torch
+
+    from app.gui.error_text import gui_error_text
+    from engine.api import _describe_failure  # the wording of a failed step
+
+    message, options = _describe_failure(torch.OutOfMemoryError("CUDA out of memory"))
+    assert "--max-num-seqs" in message  # the CLI's advice
+    text = gui_error_text(message, options)
+    assert text == ("out of GPU memory during a step: run fewer requests at once, give the KV "
+                    "cache less memory (“KV-cache memory” in the Load model dialog), or use a "
+                    "smaller / quantized model.")
+
+
+def test_a_context_longer_than_the_model_names_the_field(qtbot, bridge, chat_model):
+    with qtbot.waitSignal(bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
+        bridge.load(load_options(chat_model, max_model_len=4096))  # the tiny model has 512
+    assert failed.args[0] == ("a context of 4096 tokens is longer than the model's (512); use at "
+                              "most 512 (“Context length” in the Load model dialog).")
