@@ -142,6 +142,7 @@ class MainWindow(QMainWindow):
             act.triggered.connect(lambda _=False, n=name: self.show_page(n))
             view.addAction(act)
         view.addSeparator()
+        view.addAction(self.chat.params_action)  # the chat's parameters panel, shown or hidden
         self._build_theme_menu(view.addMenu("&Theme"))
 
     def _build_theme_menu(self, menu) -> None:

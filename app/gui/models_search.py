@@ -14,9 +14,10 @@ from __future__ import annotations
 from functools import partial
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroupBox, QHBoxLayout,
-                               QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPushButton,
-                               QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QFrame, QGroupBox,
+                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem,
+                               QPushButton, QScrollArea, QSpinBox, QSplitter, QTableWidget,
+                               QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.gui.load_dialog import fill_choices, select_choice
 from app.gui.models_format import human_bytes, human_count
@@ -183,7 +184,14 @@ class SearchPanel(QWidget):
         lay.addWidget(self.files, 1)
         lay.addWidget(fit_box)
         lay.addWidget(self.download_button)
-        return box
+        # The details scroll on their own, so a short window (640x480) still fits the page.
+        area = QScrollArea()
+        area.setObjectName("modelDetailsArea")
+        area.setWidgetResizable(True)
+        area.setFrameShape(QFrame.Shape.NoFrame)
+        area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        area.setWidget(box)
+        return area
 
     # ------------------------------------------------------------------ search
 

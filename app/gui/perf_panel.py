@@ -40,8 +40,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, Qt, QTimer
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QFrame, QGridLayout, QHBoxLayout, QLabel, QPushButton,
+                               QScrollArea, QVBoxLayout, QWidget)
 
 from app.gui.export_dirs import export_start_dir, remember_export_dir
 from app.services.chart_ranges import time_window, value_range
@@ -180,7 +180,16 @@ class PerfPanel(QWidget):
         numbers.setColumnStretch(5, 1)
         root.addLayout(numbers)
 
-        grid = QGridLayout()
+        # The charts scroll inside the page, so a small window (640x480) still fits it.
+        charts = QWidget()
+        grid = QGridLayout(charts)
+        grid.setContentsMargins(0, 0, 0, 0)
+        self.chart_area = QScrollArea()
+        self.chart_area.setObjectName("perfChartArea")
+        self.chart_area.setWidgetResizable(True)
+        self.chart_area.setFrameShape(QFrame.Shape.NoFrame)
+        self.chart_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.chart_area.setWidget(charts)
         for i, (key, title, unit, _empty_top, _floor_top) in enumerate(CHARTS):
             plot = pg.PlotWidget()
             plot.setObjectName(f"perfPlot_{key}")
@@ -208,7 +217,7 @@ class PerfPanel(QWidget):
             plot.setProperty("hearthTitle", title)
             self.plots[key] = plot
             grid.addWidget(plot, i // 2, i % 2)
-        root.addLayout(grid, 1)
+        root.addWidget(self.chart_area, 1)
 
         self._curve("ttft", "ttft", "TTFT", scatter=True)
         self._curve("decode", "decode_request", "per request", scatter=True)
