@@ -259,21 +259,32 @@ def test_end_to_end_with_the_real_bridge(qtbot, bridge, chat_model):
     assert ydata(panel, "weights") == [weights] and weights > 0
 
 
-def test_a_new_load_forgets_the_old_model(qtbot):
+def test_a_load_keeps_the_serving_model_until_it_is_replaced(qtbot):
+    """The bridge keeps the old model serving while another loads (and after a failed
+    load): its memory split stays on the charts until modelUnloaded or modelLoaded."""
     class LoadingBridge(FakeBridge):
         modelLoading = Signal(str)
+        loadFailed = Signal(str)
 
     bridge = LoadingBridge()
     panel = PerfPanel(bridge, telemetry=Telemetry(nvml=one_gpu()))
     qtbot.addWidget(panel)
     panel.timer.stop()
     panel.show()
+    panel.clock = clock = FakeClock()
     bridge.modelLoaded.emit({"device": "cuda:0"})
     bridge.statsUpdated.emit(stats())
     panel.tick()
     bridge.modelLoading.emit("next-model")
+    clock.now += 1
     panel.tick()
-    assert ydata(panel, "weights") == [10.0, 0.0] and math.isnan(ydata(panel, "running")[1])
+    bridge.loadFailed.emit("no tokenizer")
+    clock.now += 1
+    panel.tick()
+    assert ydata(panel, "weights") == [10.0, 10.0, 10.0]
+    bridge.modelUnloaded.emit()  # made room for the next one
+    panel.tick()
+    assert ydata(panel, "weights")[-1] == 0.0 and math.isnan(ydata(panel, "running")[-1])
 
 
 # -- drawing only what changed, only when seen (the idle page took 56% of a core) ----------
@@ -426,23 +437,3 @@ def test_exports_open_in_pictures_or_documents_and_remember_the_last_folder(qtbo
     assert settings.value(EXPORT_DIR_KEY) == str(home / "charts")
     qtbot.mouseClick(panel.findChild(QPushButton, "perfExportCsvButton"), Qt.MouseButton.LeftButton)
     assert Path(offered[1]).parent == home / "charts"  # the last folder, remembered
-
-
-def test_a_failed_load_leaves_the_serving_model_on_the_charts(qtbot):
-    """The bridge keeps the old model when a new load fails: so does the memory split."""
-    class LoadingBridge(FakeBridge):
-        modelLoading = Signal(str)
-        loadFailed = Signal(str)
-
-    bridge = LoadingBridge()
-    bridge.model_info = {"device": "cuda:0"}
-    panel = PerfPanel(bridge, telemetry=Telemetry(nvml=one_gpu()))
-    qtbot.addWidget(panel)
-    panel.timer.stop()
-    panel.show()
-    bridge.statsUpdated.emit(stats())
-    bridge.modelLoading.emit("next-model")
-    bridge.loadFailed.emit("no tokenizer")
-    bridge.statsUpdated.emit(stats())
-    panel.tick()
-    assert ydata(panel, "weights") == [10.0]  # still split on the model's GPU
