@@ -77,7 +77,7 @@ def explicit_kv_problem(*, requested: int, pool_bytes: int, free_bytes: int, tot
     room = free_bytes - weights_bytes - spare
     if pool_bytes <= room:
         return None
-    head = f"the KV cache does not fit in memory: --kv-cache-memory {format_bytes(requested)}"
+    head = f"the KV cache does not fit in memory: {format_bytes(requested)} asked for (--kv-cache-memory)"
     if pool_bytes < requested:
         head += f" makes a pool of {format_bytes(pool_bytes)} (all that the sequences at full length can use)"
     have = f"the {where} has {format_bytes(free_bytes)} free"
@@ -88,8 +88,8 @@ def explicit_kv_problem(*, requested: int, pool_bytes: int, free_bytes: int, tot
         todo = ("There is no memory left for it: free memory (close other programs), or load a smaller model, "
                 "a smaller dtype or a shorter context")
     else:
-        todo = (f"Use --kv-cache-memory {_size_arg(room)} or less, or leave it out to size the KV cache "
-                "automatically")
+        todo = (f"Ask for {_size_arg(room)} or less (--kv-cache-memory {_size_arg(room)}), or leave it out "
+                "to size the KV cache automatically")
     return f"{head}, but {have}. {todo}."
 
 

@@ -38,8 +38,12 @@ fi
 if [ "$mode" = test ] && ! command -v Xvfb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
     && command -v apt-get >/dev/null 2>&1; then
   echo "[hearth] installing Xvfb for the GUI soak test (once)…" >&2
-  apt-get install -y -q xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0 \
-    >/dev/null || echo "[hearth] could not install Xvfb: the soak test will skip" >&2
+  xpkgs=(xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0)
+  # A fresh container may have no package lists yet: update once if the first try fails.
+  apt-get install -y -q "${xpkgs[@]}" >/tmp/hearth-apt.log 2>&1 \
+    || { apt-get update -q >>/tmp/hearth-apt.log 2>&1 && apt-get install -y -q "${xpkgs[@]}" >>/tmp/hearth-apt.log 2>&1; } \
+    || { tail -5 /tmp/hearth-apt.log >&2
+         echo "[hearth] could not install Xvfb: the soak test will skip (CI requires it and fails)" >&2; }
 fi
 
 case "$mode" in

@@ -16,7 +16,7 @@ Two layers of defence:
 1. pyproject.toml excludes the broken release, so a new install gets a good binding.
 2. ``install()`` measures the running binding at start-up (a few hundred void calls and
    emits) and, if it drops references, gives None, True and False a reference count so
-   large (2**40) that no run can exhaust it: the same thing Python 3.12 does for them.
+   large (2**60) that no run can exhaust it: the same thing Python 3.12 does for them.
    That turns the binding's slip into a no-op rather than hiding a bug of ours, and it
    covers an environment where another package pinned the broken binding.
 """

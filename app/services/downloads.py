@@ -192,15 +192,18 @@ class DownloadManager(RepoFetcher):
                         None)
             if same is None:
                 status = DownloadStatus(id=uuid.uuid4().hex[:12], repo_id=repo_id, revision=revision, files=wanted)
-                self._jobs[status.id] = _Job(status)
-                self._pending.append(status.id)
+                job = self._jobs[status.id] = _Job(status)
                 self._save()
-                self._wake.notify_all()
         if same is not None:
             if same.state == PAUSED:
                 self.resume(same.id)
             return same.id
-        self._emit(self._jobs[status.id], force=True)
+        # Listeners hear "queued" before the worker can see the job and say "running".
+        self._emit(job, force=True)
+        with self._lock:
+            if self._jobs.get(status.id) is job and job.status.state == QUEUED:
+                self._pending.append(status.id)
+                self._wake.notify_all()
         return status.id
 
     def pause(self, download_id: str) -> None:

@@ -39,7 +39,7 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise InvalidRequestError(
             f"dtype bfloat16 asked for, but {torch.cuda.get_device_name(device)} has no bfloat16 "
-            "support: use --dtype float16 (or auto).")
+            "support: use float16 or auto (--dtype float16).", options=("dtype",))
     attention = resolve_attention(config.attention, device)
     if cc.kv_cache_dtype == "fp8":
         check_fp8_kv_cache(attention, device)
@@ -50,7 +50,7 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
         if reasons:
             raise InvalidRequestError(
                 f"attention backend {attention!r} can't run here: {'; '.join(reasons)}. "
-                "Use --attention auto (or torch, which runs everywhere).")
+                "Use auto, or torch, which runs everywhere (--attention auto).", options=("attention",))
     return LoadChoices(device, dtype, attention)
 
 
@@ -66,7 +66,7 @@ def resolve_attention(name: str, device: torch.device) -> str:
     if name not in backend_names():
         raise InvalidRequestError(
             f"unknown attention backend {name!r}; choose one of: auto, {', '.join(backend_names())} "
-            "(hearth doctor shows which run here).")
+            "(--attention; `hearth doctor` shows which run here).", options=("attention",))
     return name
 
 
@@ -76,10 +76,12 @@ def check_fp8_kv_cache(attention: str, device: torch.device) -> None:
 
     if attention not in ("torch", "triton") and attention in backend_names():
         raise InvalidRequestError(
-            f"the {attention!r} attention backend can't read an fp8 KV cache: use attention=triton "
-            "(CUDA) or attention=torch, or kv_cache_dtype=auto.")
+            f"the {attention!r} attention backend can't read an fp8 KV cache: use the triton (CUDA) "
+            "or torch backend (--attention), or a KV cache in the model's dtype (--kv-cache-dtype auto).",
+            options=("attention", "kv_cache_dtype"))
     if attention == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         major, minor = torch.cuda.get_device_capability(device)
         raise InvalidRequestError(
             f"the triton backend's fp8 KV cache needs an Ada or Hopper GPU (compute capability "
-            f"8.9+); this one is {major}.{minor}. Use kv_cache_dtype=auto, or attention=torch.")
+            f"8.9+); this one is {major}.{minor}. Use a KV cache in the model's dtype (--kv-cache-dtype "
+            "auto), or the torch backend (--attention torch).", options=("attention", "kv_cache_dtype"))

@@ -239,7 +239,7 @@ def _check_explicit_kv(config: EngineConfig, device: torch.device, block_bytes: 
     problem = explicit_kv_problem(requested=cc.kv_cache_memory, pool_bytes=pool, free_bytes=free,
                                   total_bytes=total, weights_bytes=weights_bytes, where=where)
     if problem is not None:
-        raise OutOfMemoryError(problem)
+        raise OutOfMemoryError(problem, options=("kv_cache_memory",))
 
 
 def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:

@@ -68,7 +68,10 @@ def capture_graph(forward, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tenso
     forward()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: another engine may be serving on another thread (the app keeps the old
+    # model answering while a new one loads); in the default "global" mode any CUDA call of
+    # its that is unsafe during a capture would break this capture, or its own step.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = forward()
     return graph, out
 

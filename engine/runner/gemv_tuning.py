@@ -64,7 +64,7 @@ def _time(fn, count: int, graphed: bool = True, reps: int = 3) -> float:
 
     if graphed:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # see capture_graph
             run()
         run = graph.replay
     return cuda_ms(run, warmup=1, reps=reps) / count

@@ -55,7 +55,7 @@ def test_explicit_kv_problem_rule():
                               weights_bytes=GIB, where="RAM")
     assert "100.0 TiB" in msg and "8.0 GiB free" in msg and "RAM" in msg and "--kv-cache-memory" in msg
     # The suggested size is one that fits, written so that --kv-cache-memory reads it.
-    suggested = parse_bytes(msg.split("--kv-cache-memory ")[-1].split()[0])
+    suggested = parse_bytes(msg.split("--kv-cache-memory ")[-1].split(")")[0])
     assert 0 < suggested <= room
     # No room at all: say so, and suggest no size.
     msg = explicit_kv_problem(requested=GIB, pool_bytes=GIB, free_bytes=GIB, total_bytes=total,

@@ -213,3 +213,37 @@ def test_a_context_longer_than_the_model_names_the_field(qtbot, bridge, chat_mod
         bridge.load(load_options(chat_model, max_model_len=4096))  # the tiny model has 512
     assert failed.args[0] == ("a context of 4096 tokens is longer than the model's (512); use at "
                               "most 512 (“Context length” in the Load model dialog).")
+
+
+def test_load_choice_and_kv_memory_errors_name_dialog_fields_too(monkeypatch):
+    """Errors raised before or while loading (bad choices, a KV cache that does not fit)
+    reach the GUI through the same wording: no flag a GUI user can't pass."""
+    import re
+
+    from app.gui.error_text import gui_error
+    from engine.api import Engine, HearthError
+    import engine.loader.engine_loader as loader
+
+    errors = []
+    for kwargs in ({"attention": "no-such-backend"}, {"device": "cpu", "attention": "flash-attn"},
+                   {"device": "cpu", "attention": "flash-attn", "kv_cache_dtype": "fp8"}):
+        try:
+            Engine.load("./no-model-needed", **kwargs)
+        except HearthError as e:
+            errors.append(e)
+    monkeypatch.setattr(loader, "free_memory_bytes", lambda device: (3 * 2**30, 8 * 2**30))
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    import torch
+    config = EngineConfig(model=ModelConfig(model="x"), cache=CacheConfig(kv_cache_memory=100 * 2**40),
+                          scheduler=SchedulerConfig())
+    try:
+        loader._check_explicit_kv(config, torch.device("cpu"), block_bytes=2**20, max_model_len=2048,
+                                  weights_bytes=2**30)
+    except HearthError as e:
+        errors.append(e)
+    assert len(errors) == 4
+    for e in errors:
+        text = gui_error(e)
+        assert not re.search(r"--(attention|dtype|device|kv-cache|max-model|model)", text), text
+        assert "in the Load model dialog" in text, text
+    assert "Ask for" in gui_error(errors[3]) and "KV-cache memory" in gui_error(errors[3])
