@@ -16,7 +16,7 @@ from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QLabel, QLineEdit, QListWidget,
                                QListWidgetItem, QMenu, QPushButton, QVBoxLayout, QWidget)
 
-from app.gui.export_dirs import export_start_dir, remember_export_dir
+from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
 from app.services.chat_export import suggested_file_name, to_json, to_markdown
 from app.services.chat_store import ChatStore
 
@@ -50,6 +50,7 @@ class ChatList(QWidget):
         self.settings = settings
         self.current_id: int | None = None
         self.choose_save_path = self._dialog_save_path
+        self.confirm_overwrite = ask_overwrite(self)  # (path) -> bool; tests replace it
 
         self.search_box = QLineEdit()
         self.search_box.setObjectName("chatSearch")
@@ -268,20 +269,16 @@ class ChatList(QWidget):
             return None
         _menu, caption, name_filter, extension, writer = EXPORT_KINDS[kind]
         chosen = self.choose_save_path(caption, suggested_file_name(conv.title, extension), name_filter)
-        if not chosen:
-            return None  # the dialog was cancelled
-        path = Path(chosen)
-        if path.suffix.lower() != f".{extension}":
-            path = path.with_name(f"{path.name}.{extension}")
-        try:
-            path.write_text(writer(conv, self.store.all_messages(conv_id)), encoding="utf-8")
-        except OSError as e:
-            self.message.emit(f"Could not save {path}: {e.strerror or e}. "
-                              "Choose a folder you can write to.")
-            return None
-        remember_export_dir(self.settings, path)
-        self.message.emit(f"Saved “{conv.title}” to {path}")
-        return path
+        path = export_target(chosen, extension, self.confirm_overwrite) if chosen else None
+        if path is None:
+            return None  # the dialog was cancelled, or replacing a file declined
+
+        def write(target: Path) -> str:
+            target.write_text(writer(conv, self.store.all_messages(conv_id)), encoding="utf-8")
+            return f"“{conv.title}”"
+        line = write_export(path, write, self.settings)
+        self.message.emit(line)
+        return path if line.startswith("Saved") else None
 
     def _dialog_save_path(self, caption: str, suggested: str, name_filter: str) -> str | None:
         start = str(Path(export_start_dir(self.settings)) / suggested)

@@ -38,7 +38,7 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton,
                                QVBoxLayout, QWidget)
 
-from app.gui.export_dirs import export_start_dir, remember_export_dir
+from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
 from app.gui.perf_charts import GIB, PerfCharts
 from app.services.perf_history import PerfHistory, SamplePoint
 from app.services.telemetry import Telemetry
@@ -72,6 +72,7 @@ class PerfPanel(QWidget):
             self.destroyed.connect(lambda *_, tel=self.telemetry: tel.close())
         self.history = PerfHistory(sample_hz=1000 / TICK_MS)
         self.choose_save_path = self._dialog_save_path
+        self.confirm_overwrite = ask_overwrite(self)  # (path) -> bool; tests replace it
         self._model_info: dict | None = getattr(bridge, "model_info", None)
         self._stats = None
         self._stats_t = 0.0
@@ -310,25 +311,19 @@ class PerfPanel(QWidget):
         suggested = f"hearth-performance-{stamp}.{kind}"
         caption, name_filter = (("Export chart image", "PNG image (*.png)") if kind == "png" else
                                 ("Export recorded data", "CSV file (*.csv)"))
-        path = self.choose_save_path(caption, suggested, name_filter)
-        if not path:
+        chosen = self.choose_save_path(caption, suggested, name_filter)
+        path = export_target(chosen, kind, self.confirm_overwrite) if chosen else None
+        if path is None:
             return
-        path = Path(path)
-        if path.suffix.lower() != f".{kind}":
-            path = path.with_name(path.name + f".{kind}")
-        try:
+
+        def write(target: Path) -> str:
             if kind == "png":
-                self.export_png(path)
-                self.message.setText(f"Saved {path}")
-            else:
-                rows = self.export_csv(path)
-                self.message.setText(f"Saved {rows} rows to {path}")
-        except OSError as e:
-            self.message.setText(f"Could not save {path}: {e.strerror or e}. "
-                                 "Choose a folder you can write to.")
-            return
-        self._export_dir = str(path.parent)
-        remember_export_dir(self.settings, path)
+                self.export_png(target)
+                return "the chart image"
+            return f"{self.export_csv(target)} rows"
+        self.message.setText(write_export(path, write, self.settings))
+        if path.exists():
+            self._export_dir = str(path.parent)
 
     # -- look ----------------------------------------------------------------------------------
     def _apply_palette(self) -> None:

@@ -18,6 +18,18 @@ def qt_binding_guard(qapp):
 
 
 @pytest.fixture(autouse=True)
+def no_modal_questions(monkeypatch):
+    """A modal message box in a test would wait forever offscreen: fail at once instead
+    (a test that expects one replaces it with its own answer)."""
+    from PySide6.QtWidgets import QMessageBox
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a test opened a modal QMessageBox: {args[1:3]!r}")
+    for name in ("question", "warning", "information", "critical"):
+        monkeypatch.setattr(QMessageBox, name, refuse)
+
+
+@pytest.fixture(autouse=True)
 def gui_thread_gc(qapp):
     """As in the app: cyclic GC only on the GUI thread (never in the bridge's worker,
     where collecting a test's leftover widgets would crash Qt)."""

@@ -176,6 +176,7 @@ def test_the_save_dialog_starts_in_documents_then_in_the_last_folder(qtbot, gui_
     conv = _chat(store, "Notes", "hi")
     chats = ChatList(store, gui_env["settings"])
     qtbot.addWidget(chats)
+    chats.confirm_overwrite = lambda path: True  # "a.md" for JSON: a.md.json, written twice
     assert chats.export(conv, "markdown") == tmp_path / "a.md"
     chats.export(conv, "json")
     assert starts == [str(docs / "Notes.md"), str(tmp_path / "Notes.json")]

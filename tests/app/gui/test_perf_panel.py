@@ -437,3 +437,19 @@ def test_exports_open_in_pictures_or_documents_and_remember_the_last_folder(qtbo
     assert settings.value(EXPORT_DIR_KEY) == str(home / "charts")
     qtbot.mouseClick(panel.findChild(QPushButton, "perfExportCsvButton"), Qt.MouseButton.LeftButton)
     assert Path(offered[1]).parent == home / "charts"  # the last folder, remembered
+
+
+def test_an_added_extension_never_replaces_a_file_unasked(qtbot, tmp_path):
+    """The save dialog asked about "run", not "run.csv": replacing that one is asked here."""
+    panel, _ = make_panel(qtbot, one_gpu())
+    panel.tick()
+    existing = tmp_path / "run.csv"
+    existing.write_text("keep me")
+    asked = []
+    panel.choose_save_path = lambda *a: str(tmp_path / "run")
+    panel.confirm_overwrite = lambda path: asked.append(path) or False
+    qtbot.mouseClick(panel.findChild(QPushButton, "perfExportCsvButton"), Qt.MouseButton.LeftButton)
+    assert asked == [existing] and existing.read_text() == "keep me"
+    panel.confirm_overwrite = lambda path: True
+    qtbot.mouseClick(panel.findChild(QPushButton, "perfExportCsvButton"), Qt.MouseButton.LeftButton)
+    assert existing.read_text().startswith("series,") and "rows to" in panel.message.text()
