@@ -250,11 +250,18 @@ class Engine:
 
     # -- client side (any thread) ------------------------------------------------------
     def submit(self, request: Request | str, params: SamplingParams | None = None) -> RequestHandle:
-        """Validate and enqueue; raises InvalidRequestError for bad input."""
+        """Validate and enqueue; raises InvalidRequestError for bad input.
+
+        Every handle returned ends with exactly one FinishedEvent, whatever happens to the
+        engine meanwhile: a request still running when ``shutdown`` starts ends with reason
+        "abort" (error "engine shut down"), one caught by the engine loop dying with
+        "error". Once ``shutdown`` has started or the loop has died, ``submit`` returns no
+        handle: it raises EngineDeadError (a HearthError), even for a call that began
+        before and was still tokenizing its prompt.
+        """
         if isinstance(request, str):
             request = Request(prompt=request, params=params or SamplingParams())
-        if self._dead or self._stop:
-            raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
+        self._check_alive()  # fail fast, before tokenizing
         ids = self._prompt_ids(request)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
@@ -262,6 +269,10 @@ class Engine:
                                     self.model_info["implementation"],
                                     report_progress=request.prompt_progress)
         with self._cv:
+            # Checked again under the lock that shutdown and the dying loop take before
+            # they end every registered request: a request registered here is one they
+            # will see, and none is registered after they looked.
+            self._check_alive()
             if rid in self._states:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
             self._states[rid] = state
@@ -269,20 +280,33 @@ class Engine:
             self._cv.notify()
         return RequestHandle(rid, state.events, self)
 
+    def _check_alive(self) -> None:
+        if self._dead or self._stop:
+            raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
+
     def generate(self, prompts: list[str | Request], params: SamplingParams | None = None) -> list[Completion]:
         """Submit all at once (continuous batching) and wait for every result, in order."""
         handles = [self.submit(p, params) for p in prompts]
         return [h.result() for h in handles]
 
     def abort(self, request_id: str) -> None:
+        """End ``request_id`` with reason "abort" (its handle gets the FinishedEvent).
+        A no-op for an unknown or finished request, and after shutdown (which ends every
+        unfinished request itself)."""
         with self._cv:
+            if self._stop or self._dead:
+                return
             self._aborts.append(request_id)
             self._cv.notify()
 
     def stats(self) -> EngineStats:
+        """A snapshot of the engine's load; after ``shutdown`` (or the loop's death)
+        nothing is running or waiting."""
         bm = self.block_manager
         with self._cv:  # the inbox is swapped by the loop thread
             inbox = len(self._inbox)
+            if self._stop or self._dead:
+                return self._stopped_stats()
         now = time.perf_counter()
         window = [w for w in list(self._gen_window) if now - w[0] <= 5.0]
         span = max(now - window[0][0], 1e-3) if window else 1.0
@@ -302,6 +326,18 @@ class Engine:
             memory=mem,
         )
 
+    def _stopped_stats(self) -> EngineStats:
+        # The scheduler was emptied when the engine stopped (or its loop died); if the loop
+        # thread hung, it still holds sequences whose requests have ended: report none.
+        bm = self.block_manager
+        return EngineStats(
+            num_running=0, num_waiting=0, kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks, kv_blocks_free=bm.num_free_blocks,
+            block_size=bm.block_size, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            generation_tok_s=0.0, prompt_tok_s=0.0, num_preemptions=self._num_preemptions,
+            requests_finished=self._num_finished, memory=self.runner_memory(),
+        )
+
     def runner_memory(self) -> dict:
         from engine.metrics import memory_snapshot
 
@@ -311,17 +347,26 @@ class Engine:
         """Stop the engine thread, end unfinished requests (``abort``) and free the model's
         weights, KV cache and CUDA graphs. The engine can't be used afterwards."""
         with self._cv:
-            self._stop = True
+            self._stop = True  # from here on submit raises and nothing new is registered
             self._cv.notify()
         self._thread.join(timeout=30)
-        for state in list(self._states.values()):
-            if not state.finished:
-                state.finish("abort", error="engine shut down")
-        self._states.clear()
-        runner, self.runner = self.runner, None
+        stopped = not self._thread.is_alive()
+        with self._cv:
+            states = list(self._states.values())
+            self._states.clear()
+            self._inbox.clear()
+            self._aborts.clear()
+            runner, self.runner = self.runner, None
+        for state in states:
+            # RequestState.finish sends its event only once: a loop thread that did not
+            # stop may finish the same request; the handle still gets exactly one.
+            if state.finish("abort", error="engine shut down") is not None:
+                self._num_finished += 1
+        if stopped:  # the loop is gone: its scheduler is ours to empty (frees the KV blocks)
+            self._clear_scheduler()
         if runner is None:
             return  # shut down before
-        if self._thread.is_alive():
+        if not stopped:
             log.warning("the engine thread did not stop within 30 s; its model stays in memory")
             return
         from engine.loader.engine_loader import release_runner, return_freed_memory
@@ -398,10 +443,28 @@ class Engine:
                     self.step()
         except BaseException as e:  # the loop must never die silently
             log.exception("engine loop died")
-            self._dead = f"the engine stopped after an internal error: {e}. Reload the model."
-            for state in list(self._states.values()):
-                if not state.finished:
-                    state.finish("error", error=self._dead)
+            with self._cv:  # with submit's lock: no request registers after this snapshot
+                self._dead = f"the engine stopped after an internal error: {e}. Reload the model."
+                states = list(self._states.values())
+                self._states.clear()
+                self._inbox.clear()
+                self._aborts.clear()
+            for state in states:
+                if state.finish("error", error=self._dead) is not None:
+                    self._num_finished += 1
+            self._clear_scheduler()
+
+    def _clear_scheduler(self) -> None:
+        """Take every sequence out of the scheduler, freeing its KV blocks, once the loop
+        thread has stopped (their requests have ended already)."""
+        sched = self.scheduler
+        try:
+            for seq in list(sched.running) + list(sched.waiting):
+                sched.finish(seq.request_id, "abort")
+        except Exception:  # a scheduler broken by the loop's own failure: drop its queues
+            log.exception("could not empty the scheduler")
+            sched.running.clear()
+            sched.waiting.clear()
 
     def step(self) -> None:
         """One iteration: schedule -> run -> update -> emit."""
@@ -454,8 +517,8 @@ class Engine:
             self.scheduler.finish(state.seq.request_id, reason)
         if self.runner is not None:
             self.runner.release(state.seq.request_id)
-        state.finish(reason, stop=stop, error=error, error_options=error_options)
-        self._num_finished += 1
+        if state.finish(reason, stop=stop, error=error, error_options=error_options) is not None:
+            self._num_finished += 1
         with self._cv:
             self._states.pop(state.seq.request_id, None)
 
