@@ -250,7 +250,8 @@ class Engine:
 
     # -- client side (any thread) ------------------------------------------------------
     def submit(self, request: Request | str, params: SamplingParams | None = None) -> RequestHandle:
-        """Validate and enqueue; raises InvalidRequestError for bad input.
+        """Validate and enqueue; raises InvalidRequestError for bad input (text that is
+        not valid Unicode, such as undecodable bytes from a terminal, included).
 
         Every handle returned ends with exactly one FinishedEvent, whatever happens to the
         engine meanwhile: a request still running when ``shutdown`` starts ends with reason
@@ -262,6 +263,7 @@ class Engine:
         if isinstance(request, str):
             request = Request(prompt=request, params=params or SamplingParams())
         self._check_alive()  # fail fast, before tokenizing
+        _check_request_text(request)
         ids = self._prompt_ids(request)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
@@ -521,6 +523,24 @@ class Engine:
             self._num_finished += 1
         with self._cv:
             self._states.pop(state.seq.request_id, None)
+
+
+def _check_request_text(r: Request) -> None:
+    """Refuse text the tokenizer can't encode (lone surrogates: undecodable bytes from a
+    terminal or a file), naming the field, before any of it is tokenized."""
+    from engine.tokenizer import check_text
+
+    if isinstance(r.prompt, str):
+        check_text(r.prompt, "the prompt")
+    if isinstance(r.system, str):
+        check_text(r.system, "the system prompt")
+    if isinstance(r.messages, list):
+        for i, m in enumerate(r.messages):
+            if isinstance(m, dict):
+                for key, value in m.items():
+                    check_text(value, f"messages[{i}].{key}")
+    for stop in getattr(r.params, "stop", None) or ():
+        check_text(stop, f"the stop string {stop!r}")
 
 
 def _describe_failure(e: Exception) -> tuple[str, tuple[str, ...]]:
