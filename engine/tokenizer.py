@@ -198,11 +198,15 @@ def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dic
         )
     if not messages:
         raise InvalidRequestError("messages is empty: send at least one user message.")
-    for m in messages:
+    for i, m in enumerate(messages):
         if "role" not in m or "content" not in m:
             raise InvalidRequestError(
                 f"every message needs 'role' and 'content' keys, got {sorted(m)}."
             )
+        for key, value in m.items():  # named here: the rendered prompt's position is no help
+            check_text(value, f"messages[{i}].{key}")
+    if system is not None:
+        check_text(system, "the system prompt")
     if system is not None and messages[0].get("role") != "system":
         return [{"role": "system", "content": system}, *messages]
     return list(messages)

@@ -53,3 +53,13 @@ def test_submit_refuses_text_that_is_not_utf8(engine, name):
 def test_tokenizer_encode_refuses_lone_surrogates(tiny_tok):
     with pytest.raises(InvalidRequestError, match="byte 0xFF at character 4"):
         tiny_tok.encode(BAD)
+
+
+def test_chat_template_names_the_message_not_the_rendered_prompt(smol_tok):
+    """Callers that render before submitting (the chat's history trimming) hear which
+    message is bad, not a position in the rendered template."""
+    msgs = [{"role": "user", "content": "ok"}, {"role": "user", "content": BAD}]
+    with pytest.raises(InvalidRequestError, match=r"messages\[1\]\.content is not valid UTF-8"):
+        smol_tok.apply_chat_template(msgs)
+    with pytest.raises(InvalidRequestError, match="the system prompt is not valid UTF-8"):
+        smol_tok.apply_chat_template(msgs[:1], system=BAD)
