@@ -30,6 +30,8 @@ from engine.memory_plan import (DTYPE_BYTES, auto_dtype, context_blocks, cpu_kv_
                                 kv_pool_blocks)
 from engine.output import RequestState
 from engine.sampling_params import SamplingParams
+# Front ends check their text arguments with it before loading a model.
+from engine.tokenizer import check_text
 
 
 def doctor_info() -> dict:
@@ -92,7 +94,7 @@ __all__ = [
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
     "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
-    "cpu_kv_budget", "kv_pool_blocks",
+    "cpu_kv_budget", "kv_pool_blocks", "check_text", "EngineDeadError",
     "bench_options", "run_bench",
 ]
 
@@ -528,8 +530,6 @@ class Engine:
 def _check_request_text(r: Request) -> None:
     """Refuse text the tokenizer can't encode (lone surrogates: undecodable bytes from a
     terminal or a file), naming the field, before any of it is tokenized."""
-    from engine.tokenizer import check_text
-
     if isinstance(r.prompt, str):
         check_text(r.prompt, "the prompt")
     if isinstance(r.system, str):
