@@ -133,7 +133,8 @@ class Completion:
 
 class RequestHandle:
     """A submitted request: iterate for events (TokenEvents, PromptProgressEvents if the
-    request asked for them, and last a FinishedEvent)."""
+    request asked for them, and last a FinishedEvent). Every handle gets exactly one
+    FinishedEvent, also when the engine shuts down or fails meanwhile (see ``submit``)."""
 
     def __init__(self, request_id: str, events: queue.Queue, engine: "Engine") -> None:
         self.request_id = request_id
@@ -309,8 +310,9 @@ class Engine:
         bm = self.block_manager
         with self._cv:  # the inbox is swapped by the loop thread
             inbox = len(self._inbox)
-            if self._stop or self._dead:
-                return self._stopped_stats()
+            stopped = self._stop or self._dead
+        if stopped:
+            return self._stopped_stats()
         now = time.perf_counter()
         window = [w for w in list(self._gen_window) if now - w[0] <= 5.0]
         span = max(now - window[0][0], 1e-3) if window else 1.0
@@ -348,8 +350,11 @@ class Engine:
         return memory_snapshot(self)
 
     def shutdown(self) -> None:
-        """Stop the engine thread, end unfinished requests (``abort``) and free the model's
-        weights, KV cache and CUDA graphs. The engine can't be used afterwards."""
+        """Stop the engine thread, end unfinished requests (reason "abort", error "engine
+        shut down": each handle gets its one FinishedEvent) and free the model's weights,
+        KV cache and CUDA graphs. The engine can't be used afterwards: ``submit`` raises
+        EngineDeadError (also for a call racing this one), ``abort`` and a second
+        ``shutdown`` do nothing, ``stats`` shows nothing running or waiting."""
         with self._cv:
             self._stop = True  # from here on submit raises and nothing new is registered
             self._cv.notify()
