@@ -20,7 +20,7 @@ from engine.api import Engine, FinishedEvent, HearthError, Request, SamplingPara
 from engine.errors import EngineDeadError
 from tests.conftest import engine_device
 
-TRIALS = 60
+TRIALS = 100
 WAIT_S = 5.0  # for each handle's FinishedEvent: a missing one is a hang, not a slow step
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 # About 400 tokens (the context holds 512): tokenization takes long enough to race.
