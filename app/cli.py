@@ -58,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete a prompt (or a file of prompts)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
-    src.add_argument("--prompts-file", help="one prompt a line; all are batched together")
+    src.add_argument("--prompts-file",
+                     help="UTF-8, one prompt a line (blank lines are skipped); all are batched together")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", default=None, help="system prompt (with --chat)")
     gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="top-N logprobs per token")
-    gen.add_argument("--json", action="store_true", help="print JSON (one object a line)")
+    gen.add_argument("--json", action="store_true",
+                     help='print JSON (one object a line; with --prompts-file each has the "line" of its prompt)')
     _add_load_args(gen)
     _add_sampling_args(gen, temperature=0.7)
 

@@ -30,6 +30,8 @@ from engine.memory_plan import (DTYPE_BYTES, auto_dtype, context_blocks, cpu_kv_
                                 kv_pool_blocks)
 from engine.output import RequestState
 from engine.sampling_params import SamplingParams
+# Front ends check their text arguments with it before loading a model.
+from engine.tokenizer import check_text
 
 
 def doctor_info() -> dict:
@@ -92,7 +94,7 @@ __all__ = [
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
     "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
-    "cpu_kv_budget", "kv_pool_blocks",
+    "cpu_kv_budget", "kv_pool_blocks", "check_text", "EngineDeadError",
     "bench_options", "run_bench",
 ]
 
@@ -131,7 +133,8 @@ class Completion:
 
 class RequestHandle:
     """A submitted request: iterate for events (TokenEvents, PromptProgressEvents if the
-    request asked for them, and last a FinishedEvent)."""
+    request asked for them, and last a FinishedEvent). Every handle gets exactly one
+    FinishedEvent, also when the engine shuts down or fails meanwhile (see ``submit``)."""
 
     def __init__(self, request_id: str, events: queue.Queue, engine: "Engine") -> None:
         self.request_id = request_id
@@ -250,11 +253,20 @@ class Engine:
 
     # -- client side (any thread) ------------------------------------------------------
     def submit(self, request: Request | str, params: SamplingParams | None = None) -> RequestHandle:
-        """Validate and enqueue; raises InvalidRequestError for bad input."""
+        """Validate and enqueue; raises InvalidRequestError for bad input (text that is
+        not valid Unicode, such as undecodable bytes from a terminal, included).
+
+        Every handle returned ends with exactly one FinishedEvent, whatever happens to the
+        engine meanwhile: a request still running when ``shutdown`` starts ends with reason
+        "abort" (error "engine shut down"), one caught by the engine loop dying with
+        "error". Once ``shutdown`` has started or the loop has died, ``submit`` returns no
+        handle: it raises EngineDeadError (a HearthError), even for a call that began
+        before and was still tokenizing its prompt.
+        """
         if isinstance(request, str):
             request = Request(prompt=request, params=params or SamplingParams())
-        if self._dead or self._stop:
-            raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
+        self._check_alive()  # fail fast, before tokenizing
+        _check_request_text(request)
         ids = self._prompt_ids(request)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
@@ -262,6 +274,10 @@ class Engine:
                                     self.model_info["implementation"],
                                     report_progress=request.prompt_progress)
         with self._cv:
+            # Checked again under the lock that shutdown and the dying loop take before
+            # they end every registered request: a request registered here is one they
+            # will see, and none is registered after they looked.
+            self._check_alive()
             if rid in self._states:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
             self._states[rid] = state
@@ -269,20 +285,34 @@ class Engine:
             self._cv.notify()
         return RequestHandle(rid, state.events, self)
 
+    def _check_alive(self) -> None:
+        if self._dead or self._stop:
+            raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
+
     def generate(self, prompts: list[str | Request], params: SamplingParams | None = None) -> list[Completion]:
         """Submit all at once (continuous batching) and wait for every result, in order."""
         handles = [self.submit(p, params) for p in prompts]
         return [h.result() for h in handles]
 
     def abort(self, request_id: str) -> None:
+        """End ``request_id`` with reason "abort" (its handle gets the FinishedEvent).
+        A no-op for an unknown or finished request, and after shutdown (which ends every
+        unfinished request itself)."""
         with self._cv:
+            if self._stop or self._dead:
+                return
             self._aborts.append(request_id)
             self._cv.notify()
 
     def stats(self) -> EngineStats:
+        """A snapshot of the engine's load; after ``shutdown`` (or the loop's death)
+        nothing is running or waiting."""
         bm = self.block_manager
         with self._cv:  # the inbox is swapped by the loop thread
             inbox = len(self._inbox)
+            stopped = self._stop or self._dead
+        if stopped:
+            return self._stopped_stats()
         now = time.perf_counter()
         window = [w for w in list(self._gen_window) if now - w[0] <= 5.0]
         span = max(now - window[0][0], 1e-3) if window else 1.0
@@ -302,26 +332,50 @@ class Engine:
             memory=mem,
         )
 
+    def _stopped_stats(self) -> EngineStats:
+        # The scheduler was emptied when the engine stopped (or its loop died); if the loop
+        # thread hung, it still holds sequences whose requests have ended: report none.
+        bm = self.block_manager
+        return EngineStats(
+            num_running=0, num_waiting=0, kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks, kv_blocks_free=bm.num_free_blocks,
+            block_size=bm.block_size, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            generation_tok_s=0.0, prompt_tok_s=0.0, num_preemptions=self._num_preemptions,
+            requests_finished=self._num_finished, memory=self.runner_memory(),
+        )
+
     def runner_memory(self) -> dict:
         from engine.metrics import memory_snapshot
 
         return memory_snapshot(self)
 
     def shutdown(self) -> None:
-        """Stop the engine thread, end unfinished requests (``abort``) and free the model's
-        weights, KV cache and CUDA graphs. The engine can't be used afterwards."""
+        """Stop the engine thread, end unfinished requests (reason "abort", error "engine
+        shut down": each handle gets its one FinishedEvent) and free the model's weights,
+        KV cache and CUDA graphs. The engine can't be used afterwards: ``submit`` raises
+        EngineDeadError (also for a call racing this one), ``abort`` and a second
+        ``shutdown`` do nothing, ``stats`` shows nothing running or waiting."""
         with self._cv:
-            self._stop = True
+            self._stop = True  # from here on submit raises and nothing new is registered
             self._cv.notify()
         self._thread.join(timeout=30)
-        for state in list(self._states.values()):
-            if not state.finished:
-                state.finish("abort", error="engine shut down")
-        self._states.clear()
-        runner, self.runner = self.runner, None
+        stopped = not self._thread.is_alive()
+        with self._cv:
+            states = list(self._states.values())
+            self._states.clear()
+            self._inbox.clear()
+            self._aborts.clear()
+            runner, self.runner = self.runner, None
+        for state in states:
+            # RequestState.finish sends its event only once: a loop thread that did not
+            # stop may finish the same request; the handle still gets exactly one.
+            if state.finish("abort", error="engine shut down") is not None:
+                self._num_finished += 1
+        if stopped:  # the loop is gone: its scheduler is ours to empty (frees the KV blocks)
+            self._clear_scheduler()
         if runner is None:
             return  # shut down before
-        if self._thread.is_alive():
+        if not stopped:
             log.warning("the engine thread did not stop within 30 s; its model stays in memory")
             return
         from engine.loader.engine_loader import release_runner, return_freed_memory
@@ -398,10 +452,28 @@ class Engine:
                     self.step()
         except BaseException as e:  # the loop must never die silently
             log.exception("engine loop died")
-            self._dead = f"the engine stopped after an internal error: {e}. Reload the model."
-            for state in list(self._states.values()):
-                if not state.finished:
-                    state.finish("error", error=self._dead)
+            with self._cv:  # with submit's lock: no request registers after this snapshot
+                self._dead = f"the engine stopped after an internal error: {e}. Reload the model."
+                states = list(self._states.values())
+                self._states.clear()
+                self._inbox.clear()
+                self._aborts.clear()
+            for state in states:
+                if state.finish("error", error=self._dead) is not None:
+                    self._num_finished += 1
+            self._clear_scheduler()
+
+    def _clear_scheduler(self) -> None:
+        """Take every sequence out of the scheduler, freeing its KV blocks, once the loop
+        thread has stopped (their requests have ended already)."""
+        sched = self.scheduler
+        try:
+            for seq in list(sched.running) + list(sched.waiting):
+                sched.finish(seq.request_id, "abort")
+        except Exception:  # a scheduler broken by the loop's own failure: drop its queues
+            log.exception("could not empty the scheduler")
+            sched.running.clear()
+            sched.waiting.clear()
 
     def step(self) -> None:
         """One iteration: schedule -> run -> update -> emit."""
@@ -454,10 +526,26 @@ class Engine:
             self.scheduler.finish(state.seq.request_id, reason)
         if self.runner is not None:
             self.runner.release(state.seq.request_id)
-        state.finish(reason, stop=stop, error=error, error_options=error_options)
-        self._num_finished += 1
+        if state.finish(reason, stop=stop, error=error, error_options=error_options) is not None:
+            self._num_finished += 1
         with self._cv:
             self._states.pop(state.seq.request_id, None)
+
+
+def _check_request_text(r: Request) -> None:
+    """Refuse text the tokenizer can't encode (lone surrogates: undecodable bytes from a
+    terminal or a file), naming the field, before any of it is tokenized."""
+    if isinstance(r.prompt, str):
+        check_text(r.prompt, "the prompt")
+    if isinstance(r.system, str):
+        check_text(r.system, "the system prompt")
+    if isinstance(r.messages, list):
+        for i, m in enumerate(r.messages):
+            if isinstance(m, dict):
+                for key, value in m.items():
+                    check_text(value, f"messages[{i}].{key}")
+    for stop in getattr(r.params, "stop", None) or ():
+        check_text(stop, f"the stop string {stop!r}")
 
 
 def _describe_failure(e: Exception) -> tuple[str, tuple[str, ...]]:

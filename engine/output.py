@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ class RequestState:
     t_first: float | None = None
     t_last: float | None = None
     finished: bool = False
+    # finish() may be called from the engine thread and from shutdown (or a dying loop)
+    # at once; the lock makes its check-and-set atomic, so exactly one FinishedEvent goes out.
+    finish_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def create(cls, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer,
@@ -93,9 +97,14 @@ class RequestState:
         return tail
 
     def finish(self, reason: str, stop=None, error: str | None = None,
-               error_options: tuple[str, ...] = ()) -> FinishedEvent:
+               error_options: tuple[str, ...] = ()) -> FinishedEvent | None:
+        """Send the request's FinishedEvent and return it; None (nothing sent) when the
+        request has finished already: a handle gets exactly one FinishedEvent."""
+        with self.finish_lock:
+            if self.finished:
+                return None
+            self.finished = True
         now = time.perf_counter()
-        self.finished = True
         seq = self.seq
         n_out = seq.num_output_tokens
         ttft = (self.t_first - self.t_submit) * 1e3 if self.t_first else 0.0

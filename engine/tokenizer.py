@@ -28,6 +28,33 @@ _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT_TOKENS = 5
 
 
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Raise InvalidRequestError when ``text`` can't be encoded as UTF-8: it holds lone
+    surrogates. Python turns bytes that aren't valid UTF-8 into such surrogates when it
+    reads them from a terminal or argv (``surrogateescape``), and JSON can spell them out;
+    the tokenizer would fail on them with a TypeError. ``what`` names the text for the user."""
+    if not isinstance(text, str):
+        return  # type errors are reported where the type is checked
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{what} is not valid UTF-8 text: {describe_bad_text(text, e.start)}.") from None
+
+
+def describe_bad_text(text: str, index: int) -> str:
+    """What is wrong at ``text[index]`` (a lone surrogate), for an error message: the
+    undecodable byte a ``surrogateescape`` surrogate stands for, and where it is."""
+    ch = ord(text[index])
+    line = text.count("\n", 0, index) + 1
+    col = index - (text.rfind("\n", 0, index) + 1) + 1
+    where = f"character {col}" if line == 1 else f"line {line}, character {col}"
+    if 0xDC80 <= ch <= 0xDCFF:
+        what = f"the byte 0x{ch - 0xDC00:02X} at {where} is not part of a UTF-8 character"
+    else:
+        what = f"a lone surrogate U+{ch:04X} at {where} is not a character"
+    return f"{what}; save or type the text as UTF-8 (check the terminal's or the file's encoding)"
+
+
 class Tokenizer:
     """A thread-safe wrapper around a Hugging Face tokenizer.
 
@@ -120,6 +147,7 @@ class Tokenizer:
                 f"prompt must be a string, got {type(text).__name__}: pass text, or token ids "
                 "through the token-id prompt field."
             )
+        check_text(text)
         with self._lock:
             return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
@@ -170,11 +198,15 @@ def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dic
         )
     if not messages:
         raise InvalidRequestError("messages is empty: send at least one user message.")
-    for m in messages:
+    for i, m in enumerate(messages):
         if "role" not in m or "content" not in m:
             raise InvalidRequestError(
                 f"every message needs 'role' and 'content' keys, got {sorted(m)}."
             )
+        for key, value in m.items():  # named here: the rendered prompt's position is no help
+            check_text(value, f"messages[{i}].{key}")
+    if system is not None:
+        check_text(system, "the system prompt")
     if system is not None and messages[0].get("role") != "system":
         return [{"role": "system", "content": system}, *messages]
     return list(messages)

@@ -9,33 +9,73 @@ from __future__ import annotations
 
 import sys
 
-from app.commands.common import load_engine, sampling_from_args
-from engine.api import FinishedEvent, HearthError, Request, TokenEvent
+from app.commands.common import check_text_args, load_engine, sampling_from_args
+from engine.api import FinishedEvent, HearthError, InvalidRequestError, Request, TokenEvent, check_text
 
 HELP = "Type a message. Ctrl+C stops an answer; /reset, /system TEXT, /exit (or Ctrl+D)."
 
+# Tokens kept free for the answer when the history is trimmed (or max_tokens if smaller).
+ANSWER_ROOM = 64
+
 
 def fit_history(engine, messages: list[dict], system: str | None, max_tokens: int) -> tuple[list[dict], int]:
-    """Drop the oldest turns until prompt + answer fit the context. Returns (messages, dropped)."""
-    dropped = 0
+    """Drop the oldest turns until prompt + room for an answer fit the context. Returns
+    (messages, dropped); the list passed in is not changed.
+
+    Raises InvalidRequestError, dropping nothing, when the newest message does not fit
+    even alone (with the system prompt and room for an answer): dropping the conversation
+    can't help then, and a caller that keeps its history must not lose it for a message
+    that is refused. The error says how long the message is and what the limit is."""
+    room = min(max_tokens, ANSWER_ROOM)
+    limit = engine.max_model_len
+
+    def tokens(msgs: list[dict]) -> int:
+        return len(engine.tokenizer.apply_chat_template(msgs, system=system))
+
     msgs = list(messages)
-    while True:
-        n = len(engine.tokenizer.apply_chat_template(msgs, system=system))
-        if n + min(max_tokens, 64) <= engine.max_model_len or len(msgs) <= 1:
-            return msgs, dropped
+    if tokens(msgs) + room <= limit:
+        return msgs, 0
+    alone = tokens(msgs[-1:])
+    if alone + room > limit:
+        raise _too_long(engine, msgs[-1], alone, system, room, limit)
+    dropped = 0
+    while tokens(msgs) + room > limit and len(msgs) > 1:
         # Drop a user turn and the assistant answer after it.
         cut = 2 if len(msgs) > 2 and msgs[1]["role"] == "assistant" else 1
         msgs = msgs[cut:]
         dropped += cut
+    return msgs, dropped
+
+
+def _too_long(engine, message: dict, alone: int, system: str | None, room: int,
+              limit: int) -> InvalidRequestError:
+    # What the chat template and the system prompt take around the message's own text.
+    overhead = len(engine.tokenizer.apply_chat_template([{**message, "content": ""}], system=system))
+    around = "the chat template and the system prompt" if system else "the chat template"
+    if overhead + room >= limit:
+        return InvalidRequestError(
+            f"{around} take {overhead} of the context's {limit} tokens, leaving no room for a "
+            f"message and a {room}-token answer: "
+            + ("shorten the system prompt or " if system else "")
+            + "load the model with a longer context (--max-model-len).",
+            options=("max_model_len",))
+    return InvalidRequestError(
+        f"this message is {alone - overhead} tokens long, but the context holds {limit} tokens, "
+        f"{overhead} of them for {around} and {room} for the answer: shorten the message to at "
+        f"most {limit - overhead - room} tokens, or load the model with a longer context "
+        "(--max-model-len).",
+        options=("max_model_len",))
 
 
 def run_chat(args) -> int:
+    check_text_args(args)  # --system and --stop: refused before the model loads
     params = sampling_from_args(args)
     system = args.system
     engine = load_engine(args)
     print(f"Hearth chat — {engine.model_info['name']} on {engine.model_info['device']} "
           f"({engine.model_info['implementation']}). {HELP}", file=sys.stderr)
     history: list[dict] = []
+    restore_stdin = _undecodable_input_as_surrogates()
     try:
         while True:
             try:
@@ -45,6 +85,17 @@ def run_chat(args) -> int:
                 return 0
             except KeyboardInterrupt:
                 print("\n(Ctrl+D or /exit to quit)", file=sys.stderr)
+                continue
+            except UnicodeDecodeError as e:  # stdin that could not be told to keep going
+                print(f"error: that line is not valid UTF-8 text (the byte 0x{e.object[e.start]:02X} "
+                      "is not part of a UTF-8 character): it was not sent; the conversation is "
+                      "unchanged.", file=sys.stderr)
+                continue
+            try:
+                check_text(line, "that line")
+            except InvalidRequestError as e:
+                print(f"error: {str(e).rstrip('.')}. It was not sent; the conversation is unchanged.",
+                      file=sys.stderr)
                 continue
             text = line.strip()
             if not text:
@@ -59,17 +110,20 @@ def run_chat(args) -> int:
                 system = text[len("/system"):].strip() or None
                 print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
                 continue
-            history.append({"role": "user", "content": text})
-            history, dropped = fit_history(engine, history, system, params.max_tokens)
+            # The history changes only once the engine has taken the message: a refused
+            # one (too long, ...) leaves the conversation as it was.
+            try:
+                sent, dropped = fit_history(engine, [*history, {"role": "user", "content": text}],
+                                            system, params.max_tokens)
+                handle = engine.submit(Request(messages=sent, system=system, params=params))
+            except HearthError as e:
+                print(f"error: {e}\n(the message was not sent; the conversation is unchanged)",
+                      file=sys.stderr)
+                continue
             if dropped:
                 print(f"(the conversation outgrew the context: dropped the {dropped} oldest messages)",
                       file=sys.stderr)
-            try:
-                handle = engine.submit(Request(messages=history, system=system, params=params))
-            except HearthError as e:
-                print(f"error: {e}", file=sys.stderr)
-                history.pop()
-                continue
+            history = sent
             answer, fin = _stream(handle)
             history.append({"role": "assistant", "content": answer})
             t = fin.timings
@@ -79,7 +133,29 @@ def run_chat(args) -> int:
                 note += f" error: {fin.error}"
             print(f"\n{note}", file=sys.stderr)
     finally:
+        restore_stdin()
         engine.shutdown()
+
+
+def _undecodable_input_as_surrogates():
+    """Make ``input()`` hand back bytes that aren't UTF-8 as lone surrogates (which the
+    chat then refuses, line by line) instead of raising UnicodeDecodeError, which ended
+    the session and lost the conversation; a terminal's ``input()`` decodes with
+    ``sys.stdin.errors`` too. Returns the function that puts stdin back."""
+    stdin = sys.stdin
+    before = getattr(stdin, "errors", None)
+    try:
+        stdin.reconfigure(errors="surrogateescape")
+    except (AttributeError, ValueError, OSError):  # not a text file (tests, embedders)
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            stdin.reconfigure(errors=before)
+        except (AttributeError, ValueError, OSError):
+            pass
+
+    return restore
 
 
 def _stream(handle) -> tuple[str, FinishedEvent]:

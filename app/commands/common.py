@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.api import Engine, SamplingParams
+from engine.api import Engine, SamplingParams, check_text
 
 
 def load_engine(args, quiet: bool = False) -> Engine:
@@ -29,3 +29,14 @@ def sampling_from_args(args, logprobs: int | None = None) -> SamplingParams:
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=logprobs,
     )
+
+
+def check_text_args(args) -> None:
+    """Refuse text arguments that aren't valid UTF-8 (undecodable bytes reach Python as
+    lone surrogates) before the model loads, naming the flag; raises InvalidRequestError."""
+    for flag in ("prompt", "system"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str):
+            check_text(value, f"--{flag}")
+    for i, stop in enumerate(getattr(args, "stop", None) or (), start=1):
+        check_text(stop, "--stop" if len(args.stop) == 1 else f"--stop #{i}")

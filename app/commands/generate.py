@@ -2,39 +2,48 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
 from pathlib import Path
 
-from app.commands.common import load_engine, sampling_from_args
+from app.commands.common import check_text_args, load_engine, sampling_from_args
 from engine.api import Completion, FinishedEvent, InvalidRequestError, Request, TokenEvent
 
 
 def run_generate(args) -> int:
+    check_text_args(args)  # undecodable bytes in --prompt etc.: refused before loading
     params = sampling_from_args(args, logprobs=args.logprobs)  # validate before loading
     if args.system is not None and not args.chat:
         raise InvalidRequestError("--system needs --chat (it goes into the chat template)")
     if args.prompts_file:
-        try:
-            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise InvalidRequestError(f"cannot read --prompts-file: {e}") from None
-        prompts = [ln for ln in lines if ln.strip()]
+        prompts, blank = read_prompts_file(args.prompts_file)
         if not prompts:
             raise InvalidRequestError(f"{args.prompts_file} has no prompts (one a line)")
+        if blank:
+            # Blank lines are skipped: one result per prompt. Say so, since results no
+            # longer pair with input lines by position; each --json row has its "line".
+            print(f"hearth: skipped blank {_line_list(blank)} of {args.prompts_file}"
+                  + (' (each JSON row has the "line" of its prompt)' if args.json else ""),
+                  file=sys.stderr)
     else:
-        prompts = [args.prompt]
+        prompts = [(None, args.prompt)]
         if not args.prompt.strip():
             raise InvalidRequestError("the prompt is empty: give --prompt some text")
 
     engine = load_engine(args, quiet=args.json)
     try:
-        requests = [
-            Request(messages=[{"role": "user", "content": p}], system=args.system, params=params)
-            if args.chat else Request(prompt=p, params=params)
-            for p in prompts
-        ]
-        handles = [engine.submit(r) for r in requests]
+        handles = []
+        for line, p in prompts:
+            request = (Request(messages=[{"role": "user", "content": p}], system=args.system, params=params)
+                       if args.chat else Request(prompt=p, params=params))
+            try:
+                handles.append(engine.submit(request))
+            except InvalidRequestError as e:
+                if line is None:
+                    raise
+                raise InvalidRequestError(f"line {line} of {args.prompts_file}: {e}",
+                                          options=e.options) from None
         if len(handles) == 1 and not args.json:
             fin = None
             for ev in handles[0]:
@@ -47,17 +56,68 @@ def run_generate(args) -> int:
             _report(fin)
             return 0 if fin.reason != "error" else 1
         rc = 0
-        for h in handles:  # results print in input order
+        for (line, _), h in zip(prompts, handles):  # results print in input order
             c = h.result()
             if c.finish_reason == "error":
                 rc = 1
             if args.json:
-                print(json.dumps(completion_json(c, engine), ensure_ascii=False), flush=True)
+                row = completion_json(c, engine)
+                if line is not None:
+                    row = {"line": line, **row}
+                print(json.dumps(row, ensure_ascii=False), flush=True)
             else:
                 print(c.text, flush=True)
         return rc
     finally:
         engine.shutdown()
+
+
+def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], list[int]]:
+    """The prompts of a ``--prompts-file`` as (line number, text), and the numbers of its
+    blank lines. The file must be UTF-8 (a byte-order mark at its start is dropped, not
+    sent to the model); lines end at "\n" (or "\r\n") only, so the numbers are the ones
+    an editor shows. Raises InvalidRequestError naming the file and where it went wrong."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read --prompts-file: {e}") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(_not_utf8(path, data, bom + e.start)) from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no line of its own
+    prompts: list[tuple[int, str]] = []
+    blank: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            prompts.append((number, line))
+        else:
+            blank.append(number)
+    return prompts, blank
+
+
+def _not_utf8(path: str, data: bytes, offset: int) -> str:
+    line = data.count(b"\n", 0, offset) + 1
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    hint = ""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        hint = " (it starts with a UTF-16 byte-order mark)"
+    return (f"--prompts-file {path} is not valid UTF-8{hint}: the byte 0x{data[offset]:02X} at "
+            f"byte offset {offset} (line {line}, byte {column} of the line) is not part of a "
+            "UTF-8 character; save the file as UTF-8.")
+
+
+def _line_list(numbers: list[int], shown: int = 10) -> str:
+    """'line 4', 'lines 2, 5 and 9', 'lines 2, 3, … and 40 more'."""
+    if len(numbers) == 1:
+        return f"line {numbers[0]}"
+    if len(numbers) <= shown:
+        return "lines " + ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+    return "lines " + ", ".join(map(str, numbers[:shown])) + f", … and {len(numbers) - shown} more"
 
 
 def completion_json(c: Completion, engine) -> dict:

@@ -1,0 +1,175 @@
+"""Issue 12: bad text on the command line, in a prompts file or typed into ``hearth chat``
+gives one clear error (never a traceback), and a message the chat can't send leaves the
+conversation as it was. Runs ``main([...])`` in-process on the tiny model, as test_cli.py.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.app.test_cli import (REPO, chat_args, feed_input, gen_args, json_rows, record_requests,
+                                run_cli)
+
+BAD = "hi \udcff there"  # what argv or a surrogateescape stdin holds for b"hi \xff there"
+SAMPLING = ["--max-tokens", "2", "--temperature", "0", "--ignore-eos"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models["llama-tied"]
+
+
+def one_error_line(rc: int, out: str, err: str) -> str:
+    assert rc == 2, f"rc={rc}, stderr:\n{err}"
+    assert out == "" and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    # One line: also proves the model never started loading ("[hearth] resolving model ...").
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("hearth: error:"), lines[0]
+    return lines[0]
+
+
+# -- generate: a prompts file ----------------------------------------------------------------
+
+
+def test_prompts_file_that_is_not_utf8_names_the_file_and_the_byte(capsys, tiny, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_bytes(b"Hello\ncaf\xe9 au lait\n")  # Latin-1, not UTF-8
+    line = one_error_line(*run_cli(capsys, *gen_args(tiny, "--prompts-file", f, *SAMPLING)))
+    assert str(f) in line and "not valid UTF-8" in line, line
+    assert "0xE9" in line and "byte offset 9" in line and "line 2" in line, line
+    f.write_bytes(codecs.BOM_UTF16_LE + "Hi\n".encode("utf-16-le"))
+    line = one_error_line(*run_cli(capsys, *gen_args(tiny, "--prompts-file", f, *SAMPLING)))
+    assert "UTF-16" in line and "line 1" in line, line
+
+
+def test_prompts_file_bom_is_not_sent_and_rows_carry_their_line(capsys, tiny, tmp_path):
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hello world", *SAMPLING, "--json"))
+    assert rc == 0, err
+    (alone,) = json_rows(out)
+    assert "line" not in alone  # no file, no line numbers
+    f = tmp_path / "prompts.txt"
+    # A BOM (Windows editors write one), blank and blank-looking lines, CRLF endings.
+    f.write_bytes(codecs.BOM_UTF8 + b"Hello world\r\n\r\nHello world\n   \nThe end\n\n")
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, *SAMPLING, "--json"))
+    assert rc == 0, err
+    rows = json_rows(out)
+    assert [r["line"] for r in rows] == [1, 3, 5]
+    # The BOM did not reach the model: the first line reads exactly as the plain prompt.
+    assert rows[0]["prompt_tokens"] == rows[1]["prompt_tokens"] == alone["prompt_tokens"]
+    assert rows[0]["token_ids"] == alone["token_ids"]
+    assert "skipped blank lines 2, 4 and 6" in err and '"line"' in err, err
+
+
+def test_a_prompt_the_engine_refuses_is_named_by_its_line(capsys, tiny, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("Hi\n" + "The quick brown fox jumps over the lazy dog " * 3 + "\n", encoding="utf-8")
+    line = one_error_line(*run_cli(capsys, *gen_args(tiny, "--prompts-file", f, *SAMPLING, "--json",
+                                                     "--max-model-len", "8")))
+    assert f"line 2 of {f}" in line and "--max-model-len" in line, line
+
+
+# -- text arguments -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "--prompt", BAD], "--prompt"),
+    (["generate", "--prompt", "Hi", "--chat", "--system", BAD], "--system"),
+    (["generate", "--prompt", "Hi", "--stop", "ok", "--stop", "\udcff"], "--stop #2"),
+    (["chat", "--system", BAD], "--system"),
+], ids=["prompt", "system", "stop", "chat-system"])
+def test_text_argument_that_is_not_utf8_is_refused_before_loading(capsys, monkeypatch, tiny, argv, flag):
+    from engine.api import Engine
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model must not load for a bad argument")
+
+    monkeypatch.setattr(Engine, "load", no_load)
+    line = one_error_line(*run_cli(capsys, *argv, "--model", tiny, "--device", "cpu"))
+    assert f"{flag} is not valid UTF-8" in line and "0xFF" in line, line
+
+
+# -- chat --------------------------------------------------------------------------------------
+
+
+def test_chat_line_that_is_not_utf8_keeps_the_session_and_the_conversation(capsys, monkeypatch, tiny):
+    prompts = feed_input(monkeypatch, ["Hello there", BAD, "/system \udcff", "And again"])
+    reqs = record_requests(monkeypatch)
+    rc, out, err = run_cli(capsys, *chat_args(tiny))
+    assert rc == 0, err
+    assert len(prompts) == 5  # every line read, then Ctrl+D
+    assert err.count("not valid UTF-8") == 2 and "0xFF" in err and "not sent" in err, err
+    assert "system prompt set" not in err
+    assert len(reqs) == 2
+    assert reqs[1][0] is None
+    assert [(m["role"], m["content"]) for m in reqs[1][1]][::2] == [("user", "Hello there"),
+                                                                   ("user", "And again")]
+
+
+def test_chat_too_long_message_leaves_the_conversation_as_it_was(capsys, monkeypatch, tiny):
+    long_message = "The quick brown fox jumps over the lazy dog. " * 12  # about 120 tokens
+    feed_input(monkeypatch, ["Hello there", long_message, "And again"])
+    reqs = record_requests(monkeypatch)
+    rc, out, err = run_cli(capsys, *chat_args(tiny), "--max-model-len", "96")
+    assert rc == 0, err
+    assert "Traceback" not in err
+    # The user hears how long the message was and what the limit is ...
+    assert "this message is 1" in err and "tokens long" in err and "context holds 96" in err, err
+    assert "--max-model-len" in err and "not sent" in err
+    assert "outgrew" not in err  # ... and nothing was dropped for it
+    # ... and the next turn carries the whole conversation, without the refused message.
+    assert len(reqs) == 2
+    assert [m["role"] for m in reqs[1][1]] == ["user", "assistant", "user"]
+    assert reqs[1][1][0]["content"] == "Hello there" and reqs[1][1][2]["content"] == "And again"
+
+
+def test_fit_history_drops_oldest_turns_but_never_for_a_message_that_cannot_fit(tiny_models):
+    """The GUI's bridge trims with the same function: what it may rely on."""
+    from app.commands.chat import fit_history
+    from engine.api import Engine, InvalidRequestError
+
+    engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32",
+                         max_model_len=96, num_blocks=16)
+    try:
+        turn = "alpha beta gamma delta epsilon"
+        history = []
+        for i in range(6):
+            history += [{"role": "user", "content": f"{i} {turn}"},
+                        {"role": "assistant", "content": f"answer {i}"}]
+        history.append({"role": "user", "content": "last"})
+        before = [dict(m) for m in history]
+        assert fit_history(engine, history[:3], None, 8) == (history[:3], 0)
+        kept, dropped = fit_history(engine, history, None, 8)
+        assert dropped > 0 and dropped % 2 == 0 and kept == history[dropped:]
+        assert kept[-1]["content"] == "last"
+        assert history == before  # the caller's list is left alone
+        too_long = history + [{"role": "user", "content": "word " * 100}]
+        with pytest.raises(InvalidRequestError, match=r"this message is \d+ tokens long") as info:
+            fit_history(engine, too_long, "Be brief.", 8)
+        assert "system prompt" in str(info.value) and info.value.options == ("max_model_len",)
+        with pytest.raises(InvalidRequestError, match="shorten the system prompt"):
+            fit_history(engine, history[-1:], "Be brief. " * 60, 8)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.slow
+def test_chat_subprocess_survives_undecodable_stdin(tiny, hearth_cache):
+    """The real thing: bytes that aren't UTF-8 on a strict stdin (a UTF-8 terminal's
+    locale) raised UnicodeDecodeError out of input() and ended the session."""
+    env = dict(os.environ, HEARTH_CACHE_DIR=str(hearth_cache), PYTHONIOENCODING="utf-8:strict")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", *chat_args(tiny)],
+        input=b"Hello there\nhi \xff there\nAnd again\n", cwd=REPO, env=env,
+        capture_output=True, timeout=300,
+    )
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "not valid UTF-8" in err and "0xFF" in err, err
+    assert err.count("[5 tokens") == 2, err
