@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.commands.bench import add_bench_parser
 
     add_bench_parser(sub)
-    sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
+    gui = sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
+    gui.add_argument("--quit-after-start", action="store_true",
+                     help="open the window, then close it at once (checks that the app starts here)")
     return parser
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("gui", None):
             from app.gui.app import run_gui
 
-            return run_gui()
+            return run_gui(quit_after_start=getattr(args, "quit_after_start", False))
         if args.command == "chat":
             from app.commands.chat import run_chat
 

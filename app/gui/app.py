@@ -85,7 +85,12 @@ def apply_system_theme(app) -> None:
     apply_theme(app, "system")
 
 
-def run_gui(argv: list[str] | None = None) -> int:
+def run_gui(argv: list[str] | None = None, quit_after_start: bool = False) -> int:
+    """Open the main window and run until it closes. ``quit_after_start``: close it as
+    soon as it is shown (``hearth gui --quit-after-start``: does the app start here?).
+
+    Nothing the user's files hold stops the window from opening: a damaged, read-only or
+    full chat history opens anyway (``ChatStore.open``) and the chat page says how."""
     reason = _no_display_reason()
     if reason:
         print(f"hearth: {reason}", file=sys.stderr)
@@ -106,4 +111,8 @@ def run_gui(argv: list[str] | None = None) -> int:
     gc_guard = GuiThreadGC(app)  # noqa: F841 (lives as long as the app)
     window = MainWindow()
     window.show()
+    if quit_after_start:
+        from PySide6.QtCore import QTimer
+
+        QTimer.singleShot(0, window.close)  # once the event loop has shown the window
     return app.exec()

@@ -1,7 +1,9 @@
 """The chat page: conversations on the left, the transcript, the input, and parameters.
 
 Every message is in the SQLite store before it is on screen; a streamed answer is saved
-as it grows (at most every 300 ms) so a crash or kill loses almost nothing. One answer
+as it grows (at most every 300 ms) so a crash or kill loses almost nothing. When the disk
+can't take it (full, read-only) the store keeps the chats in memory and the banner over
+the transcript says so until they are saved again; the page carries on either way. One answer
 streams at a time per window: Send is disabled while one runs, Stop (or Esc, wherever
 focus is in the window while this page shows) aborts it and keeps the partial text.
 
@@ -22,7 +24,8 @@ from app.gui.chat_layout import (ChatSplitter, PaneToggle, TranscriptScroll, scr
 from app.gui.chat_list import ChatList
 from app.gui.chat_widgets import ChatInput, MessageWidget, NoticeBar, ParamsPanel
 from app.gui.elided_label import ElidedLabel
-from app.services.chat_store import DEFAULT_TITLE, ChatStore, Message, history_for_model
+from app.gui.store_banner import StoreBanner
+from app.services.chat_store import DEFAULT_TITLE, ChatStore, Message, StorageError, history_for_model
 
 SAVE_INTERVAL_MS = 300
 RENDER_INTERVAL_MS = 50
@@ -67,6 +70,7 @@ class ChatPage(QWidget):
         self.scroll.setObjectName("transcript")
         self.scroll.setWidget(self.transcript)
         self.notice = NoticeBar()
+        self.store_banner = StoreBanner(store)  # chat history damaged, read-only, not saved
         self.input = ChatInput()
         self.input.setObjectName("chatInput")
         self.input.setPlaceholderText("Message (Ctrl+Enter sends, Esc stops)")
@@ -109,6 +113,7 @@ class ChatPage(QWidget):
         ml = QVBoxLayout(middle)
         ml.setContentsMargins(0, 0, 0, 0)
         ml.addLayout(header)
+        ml.addWidget(self.store_banner)
         ml.addWidget(self.scroll, 1)
         ml.addWidget(self.notice)
         ml.addLayout(row)
@@ -301,7 +306,12 @@ class ChatPage(QWidget):
             self._editing = None
             self.open_conversation(self.conversation_id)
         self.input.clear()
-        msg = self.store.add_message(self.conversation_id, "user", text)
+        try:
+            msg = self.store.add_message(self.conversation_id, "user", text)
+        except StorageError as exc:  # not even memory could take it: keep the text typed
+            self.input.setPlainText(text)
+            self.notice.show_message(f"Your message could not be kept: {exc}")
+            return
         self._append_widget(msg.id, "user", text)
         self._maybe_title(text)
         self._start_answer()
@@ -316,12 +326,17 @@ class ChatPage(QWidget):
     def _start_answer(self, version_of: int | None = None) -> None:
         conv_id = self.conversation_id
         model = (self.bridge.model_info or {}).get("name", "")
-        if version_of is None:
-            history = history_for_model(self.store.messages(conv_id))
-            msg = self.store.add_message(conv_id, "assistant", "", status="streaming", meta={"model": model})
-        else:  # a new version of that answer: the model sees only what came before it
-            msg = self.store.add_version(version_of, "", status="streaming", meta={"model": model})
-            history = history_for_model(self.store.messages(conv_id)[:-1])
+        try:
+            if version_of is None:
+                history = history_for_model(self.store.messages(conv_id))
+                msg = self.store.add_message(conv_id, "assistant", "", status="streaming",
+                                             meta={"model": model})
+            else:  # a new version of that answer: the model sees only what came before it
+                msg = self.store.add_version(version_of, "", status="streaming", meta={"model": model})
+                history = history_for_model(self.store.messages(conv_id)[:-1])
+        except StorageError as exc:
+            self.notice.show_message(f"The answer could not be started: {exc}")
+            return
         widget = self._append_widget(msg.id, "assistant", "", "streaming", {"model": model})
         widget.set_versions(msg.version, msg.version_count)
         system = self.params.system_prompt.toPlainText().strip() or None
@@ -420,7 +435,11 @@ class ChatPage(QWidget):
     def _save_active(self) -> None:
         a = self._active
         if a is not None and a["text"] != a["saved"]:
-            self.store.update_message(a["msg_id"], content=a["text"])
+            try:
+                self.store.update_message(a["msg_id"], content=a["text"])
+            except StorageError as exc:  # the text stays here; the next save tries again
+                self.notice.show_message(f"The answer can't be saved: {exc}")
+                return
             a["saved"] = a["text"]
 
     def _on_finished(self, rid: str, ev) -> None:
@@ -436,16 +455,22 @@ class ChatPage(QWidget):
                         tokens=ev.usage.completion_tokens, finish=ev.reason)
         if ev.error:
             meta["error"] = ev.error
-        self.store.update_message(a["msg_id"], content=a["text"], status=status, meta=meta)
-        w = a.get("widget")
-        if w is not None:
-            w.set_text(a["text"])
-            w.set_footer(meta, status)
-        if ev.reason == "error":
-            self.notice.show_message(f"The answer failed: {ev.error}")
+        # The answer is over whatever saving it does: the page must be usable again (a save
+        # that raised here once left Send disabled and Stop enabled for good).
         self._active = None
-        self._update_buttons()
-        self.answerFinished.emit(rid, ev)
+        try:
+            self.store.update_message(a["msg_id"], content=a["text"], status=status, meta=meta)
+        except StorageError as exc:
+            self.notice.show_message(f"The answer could not be saved: {exc} It stays on screen.")
+        finally:
+            w = a.get("widget")
+            if w is not None:
+                w.set_text(a["text"])
+                w.set_footer(meta, status)
+            if ev.reason == "error":
+                self.notice.show_message(f"The answer failed: {ev.error}")
+            self._update_buttons()
+            self.answerFinished.emit(rid, ev)
 
     def _on_model_loading(self, name: str) -> None:
         self._set_model_ready(False, f"Loading {name}…")
@@ -508,5 +533,8 @@ class ChatPage(QWidget):
         """Save the answer in progress (the window is closing)."""
         if self._active is not None:
             self._save_active()
-            self.store.update_message(self._active["msg_id"], content=self._active["text"],
-                                      status="interrupted", meta=self._active["meta"])
+            try:
+                self.store.update_message(self._active["msg_id"], content=self._active["text"],
+                                          status="interrupted", meta=self._active["meta"])
+            except StorageError:
+                pass  # the notice already says the chats can't be kept

@@ -41,7 +41,9 @@ class MainWindow(QMainWindow):
         self.setObjectName("mainWindow")
         self.settings = settings or QSettings("Hearth", "Hearth")
         self.bridge = bridge or EngineBridge(self)
-        self.store = store or ChatStore()
+        # open() never fails: a damaged, read-only or full chat history still opens (the
+        # chat page's banner says how it stands), so the window always comes up.
+        self.store = store or ChatStore.open()
 
         from app.gui.models_page import ModelsPage
         from app.gui.perf_panel import PerfPanel
@@ -236,6 +238,8 @@ class MainWindow(QMainWindow):
         parts = []
         if self.chat.is_answering:
             parts.append("An answer is still being written; it will be kept as far as it got.")
+        if self.store.unsaved_changes and not self.store.retry_saving():
+            parts.append("Chats of this session could not be saved to the disk and will be lost.")
         running = sum(1 for d in self.models.downloads.list() if d.active)
         if running:
             parts.append(f"{running} download{'s are' if running > 1 else ' is'} still running; "

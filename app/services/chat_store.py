@@ -13,18 +13,28 @@ flipping back to version 1 shows the conversation that went on from version 1).
 ``messages()`` is the selected path through the tree: what the transcript shows and, via
 ``history_for_model``, all the model ever sees.
 
-All SQL stays in this class (a later change makes the store survive a damaged disk).
+All SQL stays in this module. Where it runs is ``ChatDatabase``'s business (chat_db.py):
+``ChatStore.open`` always gives a working store, on the file or, when the file can't be
+written (read-only, full, damaged), on a copy in memory, with ``mode`` and ``problem``
+saying so; every write goes through ``_writes``, so a disk that fails mid-session moves
+the chats to memory instead of failing the caller, and ``retry_saving`` writes them back.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
-from app.services.user_data import data_dir
+from app.services.chat_db import ChatDatabase, StorageError
+from app.services.chat_messages import Conversation, Message, history_for_model, selected_path
+from app.services.user_data import data_dir, data_dir_path
+
+__all__ = ["ChatStore", "Conversation", "Message", "StorageError", "DEFAULT_TITLE",
+           "history_for_model", "selected_path"]
 
 DEFAULT_TITLE = "New chat"
 
@@ -74,77 +84,98 @@ MIGRATE_0_TO_1 = (
 _MESSAGE_COLUMNS = "id, conversation_id, role, content, status, meta, parent_id, active, created"
 
 
-@dataclass(slots=True)
-class Message:
-    id: int
-    conversation_id: int
-    role: str
-    content: str
-    status: str = "complete"
-    meta: dict = field(default_factory=dict)
-    parent_id: int | None = None
-    active: bool = True
-    created: float = 0.0
-    version: int = 1        # 1-based position among its siblings (the versions of this turn)
-    version_count: int = 1
-
-
-@dataclass(slots=True)
-class Conversation:
-    id: int
-    title: str
-    system_prompt: str
-    updated: float
-
 
 def _fold(text: str | None) -> str:
     return (text or "").casefold()
 
 
+def _writes(method):
+    """A ChatStore method that writes: one transaction, kept in memory if the file fails."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        return self._database.write(lambda: method(self, *args, **kwargs))
+    return write
+
+
 class ChatStore:
     """The conversations file (``chats.sqlite3`` in the data folder unless ``path``):
-    opened, upgraded to ``SCHEMA_VERSION`` if it is older, and written through at once."""
+    opened, upgraded to ``SCHEMA_VERSION`` if it is older, and written through at once.
 
-    def __init__(self, path: Path | str | None = None) -> None:
-        self.path = Path(path) if path is not None else data_dir() / "chats.sqlite3"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)  # autocommit
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        # Unicode-aware case folding for search (SQLite's own LIKE/lower() fold ASCII only).
-        self._db.create_function("hearth_fold", 1, _fold, deterministic=True)
-        self._upgrade()
-        # Anything still 'streaming' was cut off by a crash or a kill.
-        self._db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+    ``ChatStore(path)`` opens the file or raises (sqlite3.Error, OSError);
+    ``ChatStore.open(path)``, what the app uses, never fails (see ``mode``)."""
 
-    def _upgrade(self) -> None:
-        """Create the schema, or upgrade an older file in place (one transaction: an
-        upgrade that fails leaves the file as it was)."""
-        if self._db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-            return
-        self._db.execute("BEGIN IMMEDIATE")  # another instance may be upgrading the same file
-        try:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            old = self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='messages'").fetchone()
-            if version < SCHEMA_VERSION:
-                for statement in (MIGRATE_0_TO_1 if old else _statements(SCHEMA)):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+    def __init__(self, path: Path | str | None = None, *, _database: ChatDatabase | None = None) -> None:
+        if _database is None:
+            path = Path(path) if path is not None else data_dir() / "chats.sqlite3"
+            _database = ChatDatabase.connect(path, _configure, _prepare)
+        self._database = _database
+        self.path = _database.path
+
+    @classmethod
+    def open(cls, path: Path | str | None = None) -> ChatStore:
+        """The store, whatever state the disk is in: ``mode`` is "normal" (saved to the
+        file), "read-only" (the file's chats, changes kept in memory until it can be
+        written) or "memory" (nothing could be read); ``problem`` says why, for the user.
+        A damaged file is moved aside (``moved_aside``) and a new one started."""
+        if path is None:
+            try:
+                path = data_dir() / "chats.sqlite3"
+            except OSError as exc:  # the data folder can't be created
+                return cls(_database=ChatDatabase.in_memory(
+                    data_dir_path() / "chats.sqlite3", f"Chat history can't be saved: {exc.strerror or exc}",
+                    _configure, _prepare))
+        return cls(_database=ChatDatabase.open(Path(path), _configure, _prepare))
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        return self._database.conn
+
+    # -- where the chats are -----------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """ "normal", "read-only" or "memory" (see ``open``)."""
+        return self._database.mode
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong with the chat history, in words for the user (None: nothing)."""
+        return self._database.problem
+
+    @property
+    def moved_aside(self) -> Path | None:
+        """Where a damaged chat history was kept (None: it wasn't damaged)."""
+        return self._database.moved_aside
+
+    @property
+    def unsaved_changes(self) -> bool:
+        """Whether changes are kept in memory only (lost if the app closed now)."""
+        return self._database.unsaved_changes
+
+    @property
+    def retrying(self) -> bool:
+        """Whether the chats aren't saved now but ``retry_saving`` may succeed later."""
+        return self._database.retrying
+
+    def retry_saving(self) -> bool:
+        """Try to write the chats kept in memory to the file; True when saved there again."""
+        return self._database.retry_saving()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``mode`` or ``problem`` changes."""
+        self._database.add_listener(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        self._database.remove_listener(callback)
 
     @property
     def schema_version(self) -> int:
         return self._db.execute("PRAGMA user_version").fetchone()[0]
 
     def close(self) -> None:
-        self._db.close()
+        self._database.close()
 
     # -- conversations ---------------------------------------------------------------------
+    @_writes
     def create_conversation(self, title: str = DEFAULT_TITLE, system_prompt: str = "") -> Conversation:
         """A new conversation; ``system_prompt`` is inherited (not typed by the user here)."""
         now = time.time()
@@ -182,18 +213,22 @@ class ChatStore:
                                (conv_id,)).fetchone()
         return Conversation(*row) if row else None
 
+    @_writes
     def rename(self, conv_id: int, title: str) -> None:
         self._db.execute("UPDATE conversations SET title=? WHERE id=?", (title, conv_id))
 
+    @_writes
     def set_system_prompt(self, conv_id: int, text: str) -> None:
         """The user typed a system prompt for this conversation."""
         self._db.execute("UPDATE conversations SET system_prompt=?, prompt_edited=1 WHERE id=?",
                          (text, conv_id))
 
+    @_writes
     def delete_conversation(self, conv_id: int) -> None:
         """Delete a conversation with all its messages and every answer version."""
         self._db.execute("DELETE FROM conversations WHERE id=?", (conv_id,))
 
+    @_writes
     def duplicate_conversation(self, conv_id: int) -> Conversation:
         """A copy titled "… (copy)": the system prompt and every message, versions included."""
         src = self.conversation(conv_id)
@@ -201,26 +236,20 @@ class ChatStore:
             raise KeyError(f"no conversation {conv_id}")
         edited = self._db.execute("SELECT prompt_edited FROM conversations WHERE id=?",
                                   (conv_id,)).fetchone()[0]
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            now = time.time()
-            title = f"{src.title} (copy)"
-            new_id = self._db.execute(
-                "INSERT INTO conversations (title, system_prompt, created, updated, prompt_edited) "
-                "VALUES (?, ?, ?, ?, ?)", (title, src.system_prompt, now, now, edited)).lastrowid
-            new_ids: dict[int, int] = {}
-            for m in self._rows(conv_id):  # id order: a parent is always copied before its children
-                # An answer still streaming in the original is a finished, cut-short one here.
-                status = "stopped" if m.status == "streaming" else m.status
-                new_ids[m.id] = self._db.execute(
-                    "INSERT INTO messages (conversation_id, role, content, status, meta, created, "
-                    "parent_id, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (new_id, m.role, m.content, status, json.dumps(m.meta), m.created,
-                     new_ids.get(m.parent_id), int(m.active))).lastrowid
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+        now = time.time()
+        title = f"{src.title} (copy)"
+        new_id = self._db.execute(
+            "INSERT INTO conversations (title, system_prompt, created, updated, prompt_edited) "
+            "VALUES (?, ?, ?, ?, ?)", (title, src.system_prompt, now, now, edited)).lastrowid
+        new_ids: dict[int, int] = {}
+        for m in self._rows(conv_id):  # id order: a parent is always copied before its children
+            # An answer still streaming in the original is a finished, cut-short one here.
+            status = "stopped" if m.status == "streaming" else m.status
+            new_ids[m.id] = self._db.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, meta, created, "
+                "parent_id, active) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (new_id, m.role, m.content, status, json.dumps(m.meta), m.created,
+                 new_ids.get(m.parent_id), int(m.active))).lastrowid
         return Conversation(new_id, title, src.system_prompt, now)
 
     def is_leftover(self, conv_id: int) -> bool:
@@ -232,6 +261,7 @@ class ChatStore:
             "AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id=c.id)",
             (conv_id, DEFAULT_TITLE)).fetchone() is not None
 
+    @_writes
     def delete_leftovers(self, keep: int | None = None) -> list[int]:
         """Delete every empty leftover conversation (see ``is_leftover``) except ``keep``;
         returns the ids deleted."""
@@ -245,6 +275,7 @@ class ChatStore:
         self._db.execute("UPDATE conversations SET updated=? WHERE id=?", (time.time(), conv_id))
 
     # -- messages --------------------------------------------------------------------------
+    @_writes
     def add_message(self, conv_id: int, role: str, content: str, status: str = "complete",
                     meta: dict | None = None, *, parent_id: int | None = None) -> Message:
         """Append a message after the last one shown (the end of the selected path), or
@@ -263,6 +294,7 @@ class ChatStore:
         self._touch(conv_id)
         return self.message(cur.lastrowid)
 
+    @_writes
     def add_version(self, msg_id: int, content: str = "", status: str = "complete",
                     meta: dict | None = None) -> Message:
         """A new version of message ``msg_id`` (a regenerated answer), selected; the old
@@ -284,6 +316,7 @@ class ChatStore:
         return self.add_message(old.conversation_id, old.role, content, status, meta,
                                 parent_id=old.parent_id)
 
+    @_writes
     def update_message(self, msg_id: int, *, content: str | None = None, status: str | None = None,
                        meta: dict | None = None) -> None:
         sets, args = [], []
@@ -324,6 +357,7 @@ class ChatStore:
             "AND s.parent_id IS m.parent_id WHERE m.id=? ORDER BY s.id", (msg_id,))
         return [r[0] for r in rows]
 
+    @_writes
     def select_version(self, msg_id: int) -> None:
         """Show this version of its turn (and the turns that followed it)."""
         self._db.execute(
@@ -331,6 +365,7 @@ class ChatStore:
             "(SELECT conversation_id FROM messages WHERE id = :id) "
             "AND parent_id IS (SELECT parent_id FROM messages WHERE id = :id)", {"id": msg_id})
 
+    @_writes
     def delete_from(self, conv_id: int, msg_id: int) -> None:
         """Delete a message and everything that followed it, in every version
         (edit-and-resend); if it was the selected version, the newest remaining one is."""
@@ -375,6 +410,41 @@ class ChatStore:
         return row[0] if row else None
 
 
+def _configure(db: sqlite3.Connection) -> None:
+    """Set up a connection (each one: the file's, or a copy's in memory)."""
+    db.execute("PRAGMA foreign_keys=ON")
+    # Unicode-aware case folding for search (SQLite's own LIKE/lower() fold ASCII only).
+    db.create_function("hearth_fold", 1, _fold, deterministic=True)
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """Make the database just opened current: the schema, and answers cut off last time.
+    This always writes, so a file that can't be written is found out when it opens."""
+    _upgrade(db)
+    # Anything still 'streaming' was cut off by a crash or a kill.
+    db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Create the schema, or upgrade an older file in place (one transaction: an upgrade
+    that fails leaves the file as it was)."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")  # another instance may be upgrading the same file
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        old = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='messages'").fetchone()
+        if version < SCHEMA_VERSION:
+            for statement in (MIGRATE_0_TO_1 if old else _statements(SCHEMA)):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # SQLite may have rolled it back itself (a full disk)
+            db.execute("ROLLBACK")
+        raise
+
+
 def _statements(script: str) -> list[str]:
     """``script`` split into statements (sqlite3.complete_statement knows about comments
     and quotes); executescript would commit the transaction they must run in."""
@@ -390,35 +460,3 @@ def _statements(script: str) -> list[str]:
 def _message(row) -> Message:
     return Message(row[0], row[1], row[2], row[3], row[4], json.loads(row[5] or "{}"),
                    row[6], bool(row[7]), row[8])
-
-
-def selected_path(messages: list[Message]) -> list[Message]:
-    """The messages along the selected path: from the first one, always on to the selected
-    version of the next turn (the newest one if, against the rules, none or several are)."""
-    children: dict[int | None, list[Message]] = {}
-    for m in sorted(messages, key=lambda m: m.id):  # each sibling list oldest first
-        children.setdefault(m.parent_id, []).append(m)
-    path, parent, seen = [], None, set()
-    while children.get(parent):
-        group = children[parent]
-        chosen = next((m for m in reversed(group) if m.active), group[-1])
-        if chosen.id in seen:  # a damaged file with a cycle: stop rather than loop
-            break
-        seen.add(chosen.id)
-        path.append(chosen)
-        parent = chosen.id
-    return path
-
-
-def history_for_model(messages: list[Message]) -> list[dict]:
-    """The turns the model should see: user/assistant text, notices and failures left out.
-
-    ``messages`` is ``ChatStore.messages()``: only the selected version of each answer."""
-    out = []
-    for m in messages:
-        if m.role == "notice" or (m.role == "assistant" and m.status == "error"):
-            continue
-        if m.role == "assistant" and not m.content:
-            continue
-        out.append({"role": m.role, "content": m.content})
-    return out

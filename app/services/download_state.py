@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from pathlib import Path
 
-from app.services.user_data import write_json_atomic
+from app.services.user_data import move_aside, write_json_atomic
 
 log = logging.getLogger("hearth.app.downloads")
 
@@ -54,7 +52,7 @@ def read_queue(path: Path, states: tuple[str, ...]) -> tuple[list[dict], str | N
             reasons.append(str(exc))
     if not reasons:
         return items, None
-    aside = _move_aside(path)
+    aside = move_aside(path)
     where = f"the original file was kept as {aside.name} beside it" if aside else "it could not be kept"
     log.warning("download queue %s: %d entries left out (%s)", path, len(reasons), "; ".join(reasons))
     return items, (f"{len(reasons)} of the {len(entries)} entries in the download list {path} could not be "
@@ -100,26 +98,10 @@ def _status_fields(entry: object, states: tuple[str, ...]) -> dict:
 
 
 def _set_aside(path: Path, reason: str) -> str:
-    aside = _move_aside(path)
+    aside = move_aside(path)
     log.warning("download queue %s is unusable (%s); moved to %s", path, reason, aside)
     where = f"it was moved to {aside.name} beside it" if aside else "it could not be moved aside"
     return f"The download list {path} could not be used ({reason}); {where} and the list starts empty."
-
-
-def _move_aside(path: Path) -> Path | None:
-    """Rename ``path`` to ``<name>.corrupt-<YYYYmmdd-HHMMSS>`` (a suffix if that exists)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(100):
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}" + (f"-{n}" if n else ""))
-        if aside.exists():
-            continue
-        try:
-            os.replace(path, aside)
-        except OSError as exc:
-            log.warning("cannot move %s aside: %s", path, exc)
-            return None
-        return aside
-    return None
 
 
 _KINDS = {"int": "number", "float": "number", "bool": "true or false", "str": "text", "NoneType": "null",

@@ -1,4 +1,5 @@
-"""Where the desktop app keeps the user's own files (download queue, library list, token file).
+"""Where the desktop app keeps the user's own files (chats, download queue, library list,
+token file), and the helpers every one of those files shares.
 
 ``HEARTH_DATA_DIR`` overrides the platform's user data folder, so tests (and users with a
 portable setup) can move it. Read on every call: a test may change it between calls.
@@ -6,11 +7,25 @@ portable setup) can move it. Read on every call: a test may change it between ca
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
+
+log = logging.getLogger("hearth.app.user_data")
 
 #: Environment variable that moves the user data folder.
 DATA_DIR_ENV = "HEARTH_DATA_DIR"
+
+
+def data_dir_path() -> Path:
+    """The user data folder, whether or not it exists (``data_dir`` creates it)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("hearth", appauthor=False))
 
 
 def data_dir() -> Path:
@@ -19,13 +34,7 @@ def data_dir() -> Path:
     Raises:
         OSError: the folder cannot be created (the message names it).
     """
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        path = Path(env).expanduser()
-    else:
-        import platformdirs
-
-        path = Path(platformdirs.user_data_dir("hearth", appauthor=False))
+    path = data_dir_path()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -39,3 +48,21 @@ def write_json_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def move_aside(path: Path, why: str = "corrupt") -> Path | None:
+    """Rename an unusable file to ``<name>.<why>-<YYYYmmdd-HHMMSS>`` beside it (a numbered
+    suffix if that exists), so it is kept for the user (or a recovery tool) rather than
+    lost or overwritten; returns the new path, or None if it could not be moved."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        aside = path.with_name(f"{path.name}.{why}-{stamp}" + (f"-{n}" if n else ""))
+        if aside.exists():
+            continue
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            log.warning("cannot move %s aside: %s", path, exc)
+            return None
+        return aside
+    return None
