@@ -123,9 +123,9 @@ class PerfPanel(QWidget):
         bridge.requestFinished.connect(self._on_finished)
         bridge.modelLoaded.connect(self._on_loaded)
         bridge.modelUnloaded.connect(self._on_unloaded)
-        if hasattr(bridge, "modelLoading"):  # loading replaces the old model: forget it now
-            bridge.modelLoading.connect(self._on_unloaded)
-        if hasattr(bridge, "loadFailed"):  # ... but a failed load leaves it serving
+        # A load leaves the loaded model serving (its figures go on) until modelLoaded, or
+        # until modelUnloaded where it makes room; a failed load leaves it serving.
+        if hasattr(bridge, "loadFailed"):
             bridge.loadFailed.connect(self._on_load_failed)
         self.timer = QTimer(self)
         self.timer.setInterval(TICK_MS)

@@ -259,7 +259,9 @@ def test_end_to_end_with_the_real_bridge(qtbot, bridge, chat_model):
     assert ydata(panel, "weights") == [weights] and weights > 0
 
 
-def test_a_new_load_forgets_the_old_model(qtbot):
+def test_the_serving_model_stays_on_the_charts_while_another_loads(qtbot):
+    """The old model serves until the new one is ready (or until it is unloaded to make
+    room): loading alone forgets nothing, unloading does."""
     class LoadingBridge(FakeBridge):
         modelLoading = Signal(str)
 
@@ -272,8 +274,11 @@ def test_a_new_load_forgets_the_old_model(qtbot):
     bridge.statsUpdated.emit(stats())
     panel.tick()
     bridge.modelLoading.emit("next-model")
+    bridge.statsUpdated.emit(stats())
     panel.tick()
-    assert ydata(panel, "weights") == [10.0, 0.0] and math.isnan(ydata(panel, "running")[1])
+    bridge.modelUnloaded.emit()  # made room for the next model
+    panel.tick()
+    assert ydata(panel, "weights") == [10.0, 10.0, 0.0] and math.isnan(ydata(panel, "running")[2])
 
 
 # -- drawing only what changed, only when seen (the idle page took 56% of a core) ----------
