@@ -36,7 +36,6 @@ class EngineBridge(BridgeSignals):
     being written on the old model before cutting them with an error."""
 
     _doLoad = Signal(dict)
-    _doCancel = Signal()
     _doUnload = Signal()
     _doSubmit = Signal(str, dict)
     _doAbort = Signal(str)
@@ -53,7 +52,6 @@ class EngineBridge(BridgeSignals):
         for name in self.SIGNALS:
             getattr(self._worker, name).connect(getattr(self, name))
         self._doLoad.connect(self._worker.load)
-        self._doCancel.connect(self._worker.cancel)
         self._doUnload.connect(self._worker.unload)
         self._doSubmit.connect(self._worker.submit)
         self._doAbort.connect(self._worker.abort)
@@ -113,9 +111,8 @@ class EngineBridge(BridgeSignals):
     def cancel_load(self) -> None:
         """Cancel the load in flight: it stops at its next check (between weight tensors at
         the latest) and ends in ``loadFailed(LOAD_CANCELLED)``."""
-        if self._ticket is not None and not self._ticket.is_set():
-            self._ticket.cancel()
-            self._doCancel.emit()
+        if self._ticket is not None:
+            self._ticket.cancel()  # the worker polls for it (its load thread, or while a swap waits)
 
     def unload(self) -> None:
         """Unload the model (and cancel a load in flight: nothing stays loaded)."""

@@ -132,11 +132,6 @@ class EngineWorker(BridgeSignals):
         self._next = options
         self._advance()
 
-    @Slot()
-    def cancel(self) -> None:
-        """The bridge cancelled a ticket: act on it now where nothing else would."""
-        self._advance()
-
     def _start_load(self, options: dict) -> None:
         self._loading = options
         self._released.clear()
