@@ -57,6 +57,10 @@ class BridgeSignals(QObject):
                "engineError")
 
 
+#: Workers whose load thread quit gave up on (kept alive until the process ends).
+_ABANDONED: list = []
+
+
 def _name(options: dict) -> str:
     return model_display_name(options.get("model"))
 
@@ -157,6 +161,7 @@ class EngineWorker(BridgeSignals):
             check = self._check(options.get("model"), progress=progress, loaded_device=loaded_device,
                                 loaded_bytes=loaded_bytes, **kwargs)
             if loaded_device is not None and not check.fits_beside:
+                ticket.raise_if_set()  # after a cancel (or quit) this thread emits nothing more
                 self.loadProgress.emit(release_progress(check))
                 self._releaseWanted.emit()
                 while not self._released.wait(0.05):
@@ -177,7 +182,10 @@ class EngineWorker(BridgeSignals):
             if engine is None and error is None:
                 error = "loading stopped unexpectedly"
             self._result = (options, engine, error)
-            self._loadDone.emit()
+            if not self._closing:  # past quit the worker's thread (and maybe the app) is gone
+                self._loadDone.emit()
+            elif engine is not None:  # loaded as the app quit: free it (Engine.shutdown may run twice)
+                self._shut(engine)
 
     @Slot()
     def _release_for_load(self) -> None:
@@ -404,6 +412,8 @@ class EngineWorker(BridgeSignals):
             self._load_thread.join(LOAD_JOIN_TIMEOUT_S)
             if self._load_thread.is_alive():
                 log.warning("a model load did not stop within %d s; quitting without it", LOAD_JOIN_TIMEOUT_S)
+                # It still holds this object: never let it be the one to delete it.
+                _ABANDONED.append(self)
             elif self._result is not None and self._result[1] is not None:
                 self._shut(self._result[1])
             self._result = None
