@@ -68,8 +68,8 @@ def check_model(model: str | None, revision: str | None = None, *, progress=None
     ``loaded_device`` / ``loaded_bytes``: where the model loaded now is and the memory
     unloading it would give back; the result's ``fits_beside`` says whether the new model
     can load while it keeps serving, and the memory checks count what unloading it gives
-    back. Returns a ``ModelCheck`` (name, device, weights_bytes,
-    kv_cache_bytes, need_bytes, free_bytes, fits_beside); raises ``InvalidRequestError``,
+    back. Returns a ``ModelCheck`` (name, device, weights_bytes, kv_cache_bytes,
+    need_bytes, free_bytes, fits_beside); raises ``InvalidRequestError``,
     ``ModelLoadError``, ``OutOfMemoryError``."""
     from engine.loader.load_check import check_model as _check
 
