@@ -10,12 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import signal
 import sys
-import threading
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:

@@ -21,13 +21,13 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
-from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, ModelLoadError,
-                           OutOfMemoryError, UnsupportedModelError, option_flag)
+from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError,
+                           ModelLoadError, OutOfMemoryError, UnsupportedModelError, option_flag)
 from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, Timings,
                            TokenEvent, TokenLogprob, Usage)
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
-from engine.memory_plan import (DTYPE_BYTES, auto_dtype, context_blocks, cpu_kv_budget, format_bytes,
-                                kv_pool_blocks)
+from engine.memory_plan import (DTYPE_BYTES, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
+                                format_bytes, kv_pool_blocks)
 from engine.output import RequestState
 from engine.sampling_params import SamplingParams
 # Front ends check their text arguments with it before loading a model.
@@ -60,23 +60,45 @@ def model_display_name(model: str | None) -> str:
 
 
 def check_model(model: str | None, revision: str | None = None, *, progress=None,
-                device: str = "auto", dtype: str = "auto", attention: str = "auto",
-                kv_cache_dtype: str = "auto") -> str:
-    """Check the load choices (as ``Engine.load`` does first), then find (download, convert)
-    and validate ``model`` without loading it, so a caller can learn that it can't load (an
-    unavailable backend, no tokenizer, no weights, unknown repo) before giving up the model
-    it has. Returns the display name; raises ``InvalidRequestError``, ``ModelLoadError``..."""
-    from engine.loader.choices import check_load_choices
-    from engine.loader.resolve import resolve_model
-    from engine.loader.shape_model import is_shape_model, shape_model_config
+                loaded_device: str | None = None, loaded_bytes: int = 0, **options) -> ModelCheck:
+    """The cheap pre-flight of a load: everything ``Engine.load(model, revision=revision,
+    **options)`` would refuse first (a choice that can't run here, a model that can't be
+    found or has no tokenizer or weights, a context longer than the model's, weights or an
+    explicit KV cache that won't fit), found without loading the weights, and what the
+    load would take against the target device's free memory now.
 
-    check_load_choices(EngineConfig(
-        model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype),
-        cache=CacheConfig(kv_cache_dtype=kv_cache_dtype), attention=attention))
-    if is_shape_model(model):  # a benchmark shape: nothing on disk, only its name to check
-        shape_model_config(model, revision)
-        return model.strip()
-    return resolve_model(model, revision, progress=progress).name
+    ``loaded_device`` / ``loaded_bytes``: where the model loaded now is and the memory
+    unloading it would give back; the result's ``fits_beside`` says whether the new model
+    can load while it keeps serving, and the memory checks count what unloading it gives
+    back. Returns a ``ModelCheck`` (name, device, weights_bytes, kv_cache_bytes,
+    need_bytes, free_bytes, fits_beside); raises ``InvalidRequestError``,
+    ``ModelLoadError``, ``OutOfMemoryError``."""
+    from engine.loader.load_check import check_model as _check
+
+    return _check(_load_config(model, revision=revision, **options), progress=progress,
+                  loaded_device=loaded_device, loaded_bytes=loaded_bytes)
+
+
+def _load_config(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                 attention: str = "auto", max_model_len: int | None = None,
+                 kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True, revision: str | None = None,
+                 force_fallback: bool = False, enforce_eager: bool = False,
+                 kv_cache_dtype: str = "auto") -> EngineConfig:
+    """The EngineConfig of ``Engine.load``'s keywords (check_model builds the same one)."""
+    return EngineConfig(
+        model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
+                          max_model_len=max_model_len, force_fallback=force_fallback),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                          kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
+                          enable_prefix_caching=enable_prefix_caching,
+                          kv_cache_dtype=kv_cache_dtype),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens),
+        attention=attention,
+        enforce_eager=enforce_eager,
+    )
 
 
 def release_memory(collect: bool = True) -> None:
@@ -93,6 +115,7 @@ __all__ = [
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
+    "LoadCancelledError", "ModelCheck",
     "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
     "cpu_kv_budget", "kv_pool_blocks", "check_text", "EngineDeadError",
     "bench_options", "run_bench",
@@ -187,11 +210,18 @@ class RequestHandle:
 class Engine:
     """Loads one model and serves requests from any thread. Use ``Engine.load(...)``."""
 
-    def __init__(self, config: EngineConfig, *, progress=None) -> None:
-        from engine.loader.engine_loader import load_model  # torch-heavy: import on use
+    def __init__(self, config: EngineConfig, *, progress=None, should_stop=None) -> None:
+        from engine.loader.engine_loader import load_model, release_runner  # torch-heavy: import on use
 
         self.config = config
-        loaded = load_model(config, progress=progress)
+        loaded = load_model(config, progress=progress, should_stop=should_stop)
+        try:
+            self._start(config, loaded, progress, should_stop)
+        except BaseException:  # a cancel or failure past load_model: free the model now
+            release_runner(loaded.runner)
+            raise
+
+    def _start(self, config: EngineConfig, loaded, progress, should_stop) -> None:
         self.model_info = loaded.info
         self.tokenizer = loaded.tokenizer
         self.runner = loaded.runner
@@ -223,6 +253,8 @@ class Engine:
         if self._warm_tokens:
             msg = f"preparing prompt attention for lengths up to {self._warm_tokens} tokens"
             progress(msg) if progress else log.info(msg)
+        if should_stop is not None and should_stop():
+            raise LoadCancelledError("loading cancelled")
         self._thread = threading.Thread(target=self._loop, name="hearth-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -236,20 +268,18 @@ class Engine:
              block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
              enable_prefix_caching: bool = True, revision: str | None = None,
              force_fallback: bool = False, enforce_eager: bool = False,
-             kv_cache_dtype: str = "auto", progress=None) -> "Engine":
-        cfg = EngineConfig(
-            model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
-                              max_model_len=max_model_len, force_fallback=force_fallback),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                              kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching,
-                              kv_cache_dtype=kv_cache_dtype),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens),
-            attention=attention,
-            enforce_eager=enforce_eager,
-        )
-        return cls(cfg, progress=progress)
+             kv_cache_dtype: str = "auto", progress=None, should_stop=None) -> "Engine":
+        """Load a model. ``progress(message)`` hears each stage; ``should_stop()`` is asked
+        between the stages and before each weight tensor, and True stops the load with
+        ``LoadCancelledError``, freeing what it had taken."""
+        cfg = _load_config(model, device=device, dtype=dtype, attention=attention,
+                           max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                           num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens,
+                           enable_prefix_caching=enable_prefix_caching, revision=revision,
+                           force_fallback=force_fallback, enforce_eager=enforce_eager,
+                           kv_cache_dtype=kv_cache_dtype)
+        return cls(cfg, progress=progress, should_stop=should_stop)
 
     # -- client side (any thread) ------------------------------------------------------
     def submit(self, request: Request | str, params: SamplingParams | None = None) -> RequestHandle:

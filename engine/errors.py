@@ -45,3 +45,8 @@ class OutOfMemoryError(HearthError, RuntimeError):
 
 class EngineDeadError(HearthError, RuntimeError):
     """The engine was shut down or its loop died; no more requests are accepted."""
+
+
+class LoadCancelledError(HearthError):
+    """A load was stopped by its caller (``Engine.load``'s ``should_stop``); nothing
+    half-loaded is kept."""

@@ -7,6 +7,8 @@ Torch-free, so the app's fit estimate (through ``engine.api``) applies the very 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 #: Never take more than this for the KV pool on CPU unless kv_cache_memory asks for it.
 CPU_KV_CAP = 2**30
 #: Bytes per element of each weights dtype a load can use.
@@ -98,3 +100,29 @@ def _size_arg(n: int) -> str:
     if n >= 2**30:
         return f"{int(n / 2**30 * 10) / 10:g}GiB"
     return f"{n // 2**20}MiB"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCheck:
+    """What a load would take, found without loading it (``engine.api.check_model``,
+    which sizes it by the rules above).
+
+    ``kv_cache_bytes`` is the KV pool the load would size; on a GPU, where the pool takes
+    what the card has left, it is one full context (the least a load accepts).
+    ``free_bytes`` is the device's free memory now, with the loaded model still there.
+    ``fits_beside``: loading it now, beside the loaded model, costs the new one nothing
+    (the same weights and KV pool as alone, with room to spare); always true when the
+    loaded model is on another device, never when it is on the same GPU (the KV pool and
+    CUDA graphs take the rest of a card, so two models don't share one).
+    """
+
+    name: str
+    device: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    free_bytes: int
+    fits_beside: bool
+
+    @property
+    def need_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes

@@ -19,6 +19,7 @@ from PySide6.QtGui import QAction, QKeySequence, QShortcut
 from PySide6.QtWidgets import (QApplication, QHBoxLayout, QMessageBox, QPushButton, QSizePolicy,
                                QToolButton, QVBoxLayout, QWidget)
 
+from app.gui.bridge_loading import LOAD_CANCELLED
 from app.gui.chat_layout import (ChatSplitter, PaneToggle, TranscriptScroll, scrolling_pane,
                                  tab_stops)
 from app.gui.chat_list import ChatList
@@ -161,8 +162,8 @@ class ChatPage(QWidget):
         info = getattr(bridge, "model_info", None)
         if info:  # the page may be built after the model finished loading
             self._on_model_loaded(info)
-        elif getattr(bridge, "is_loading", False):
-            self._set_model_ready(False, "Loading a model…")
+        if getattr(bridge, "is_loading", False):
+            self._on_model_loading(getattr(bridge, "loading_name", None) or "a model")
         self._reload_list(select=self.chat_list.initial_conversation())
 
     # -- conversations -----------------------------------------------------------------
@@ -472,8 +473,14 @@ class ChatPage(QWidget):
             self._update_buttons()
             self.answerFinished.emit(rid, ev)
 
+    # While another model loads the loaded one keeps answering (Send, Regenerate). A message
+    # typed while none serves waits for the load, also for a newer one that supersedes it.
     def _on_model_loading(self, name: str) -> None:
-        self._set_model_ready(False, f"Loading {name}…")
+        info = getattr(self.bridge, "model_info", None)
+        if info:
+            self._set_model_ready(True, f"{info.get('name', '?')} · loading {name}…")
+        else:
+            self._set_model_ready(False, f"Loading {name}…")
 
     def _on_model_loaded(self, info: dict) -> None:
         label = (f"{info.get('name', '?')} · {info.get('device', '?')} · {info.get('dtype', '')} · "
@@ -495,7 +502,10 @@ class ChatPage(QWidget):
             self._set_model_ready(False, "No model loaded")
         if pending:  # typed for the model that failed: give it back rather than send it
             self.input.setPlainText(pending)
-        self.notice.show_message(f"Loading failed: {message}")
+        if message.startswith(LOAD_CANCELLED):
+            self.notice.show_message("Loading cancelled." + message[len(LOAD_CANCELLED):])
+        else:
+            self.notice.show_message(f"Loading failed: {message}")
 
     def _set_model_ready(self, ready: bool, label: str) -> None:
         self._model_ready = ready

@@ -6,7 +6,8 @@ typed before the model is ready is sent when it is.
 
 While another model loads, the loaded one keeps answering (the bridge swaps them when
 the new one is ready); the status bar says both. Quitting while an answer is being
-written or a download runs asks first (``confirm_quit``, replaceable in tests).
+written, a model loads or a download runs asks first (``confirm_quit``, replaceable in
+tests).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PySide6.QtWidgets import (QApplication, QHBoxLayout, QListWidget, QMainWind
                                QPushButton, QStackedWidget, QToolButton, QWidget)
 
 from app.gui.app import THEMES, apply_theme
-from app.gui.bridge import EngineBridge
+from app.gui.bridge import LOAD_CANCELLED, EngineBridge
 from app.gui.chat_page import ChatPage
 from app.gui.elided_label import ElidedLabel
 from app.gui.load_dialog import LoadDialog, save_load_options, saved_load_options
@@ -101,7 +102,7 @@ class MainWindow(QMainWindow):
         self.status_progress.setObjectName("statusProgress")
         self.cancel_load_button = QPushButton("Cancel loading")
         self.cancel_load_button.setObjectName("cancelLoadButton")
-        self.cancel_load_button.clicked.connect(self.bridge.cancel_load)
+        self.cancel_load_button.clicked.connect(self.cancel_loading)
         self.cancel_load_button.hide()
         self.server_toggle = QToolButton()
         self.server_toggle.setObjectName("serverToggle")
@@ -189,11 +190,20 @@ class MainWindow(QMainWindow):
         info = self.bridge.model_info or {}
         return info.get("ref") or info.get("path") or "default"
 
+    def cancel_loading(self) -> None:
+        """Cancel loading (the button): say so at once; the load stops between two weight
+        tensors at the latest."""
+        self.bridge.cancel_load()
+        self.status_progress.setText("Cancelling…")
+        self.cancel_load_button.setEnabled(False)
+
     def _on_loading(self, name: str) -> None:
-        # The loaded model's figures stay: it stays loaded until the new one is ready.
-        self.status_model.setText(f"Loading {name}…")
+        # The loaded model's figures stay: it serves until the new one is ready.
+        info = self.bridge.model_info
+        self.status_model.setText(f"{info.get('name', '?')} · loading {name}…" if info else f"Loading {name}…")
         self.status_progress.setText("")
         self.statusBar().clearMessage()  # a message ("Model ready") would hide the progress
+        self.cancel_load_button.setEnabled(True)
         self.cancel_load_button.show()
 
     def _on_progress(self, message: str) -> None:
@@ -222,7 +232,10 @@ class MainWindow(QMainWindow):
             message += f" — still using {info.get('name', 'the loaded model')}"
         else:
             self._show_no_model()
-        self.statusBar().showMessage(f"Loading failed: {message}", 20000)
+        if message.startswith(LOAD_CANCELLED):
+            self.statusBar().showMessage("Loading cancelled" + message[len(LOAD_CANCELLED):], 20000)
+        else:
+            self.statusBar().showMessage(f"Loading failed: {message}", 20000)
 
     def _on_unloaded(self) -> None:
         self._show_no_model()
@@ -240,6 +253,9 @@ class MainWindow(QMainWindow):
             parts.append("An answer is still being written; it will be kept as far as it got.")
         if self.store.unsaved_changes and not self.store.retry_saving():
             parts.append("Chats of this session could not be saved to the disk and will be lost.")
+        if getattr(self.bridge, "is_loading", False):
+            name = getattr(self.bridge, "loading_name", None) or "A model"
+            parts.append(f"{name} is still loading; quitting stops it.")
         running = sum(1 for d in self.models.downloads.list() if d.active)
         if running:
             parts.append(f"{running} download{'s are' if running > 1 else ' is'} still running; "
@@ -272,6 +288,7 @@ class MainWindow(QMainWindow):
                 event.ignore()
                 return
         self.settings.setValue("window/geometry", self.saveGeometry())
+        self.hide()  # gone at once, even if the engine takes a moment to stop
         self.chat.shutdown()
         for page in (self.models, self.perf):
             stop = getattr(page, "shutdown", None)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from engine.config import EngineConfig
 from engine.device import available_ram_bytes, free_memory_bytes, gib
-from engine.errors import InvalidRequestError, OutOfMemoryError, UnsupportedModelError
+from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryError, UnsupportedModelError
 from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
                                        shape_model_config)
@@ -32,46 +33,97 @@ class LoadedModel:
     prefix_caching: bool
 
 
-def load_model(config: EngineConfig, progress: Callable[[str], None] | None = None) -> LoadedModel:
+@dataclass(slots=True)
+class FoundModel:
+    """A model found and its config read, nothing loaded yet (``load_model``'s first step,
+    and all that ``check_model`` needs to size a load before making it)."""
+
+    name: str
+    path: Path | None  # None: a benchmark shape (no files)
+    source: str
+    cfg: dict[str, Any]
+    config_source: str
+    random_seed: int | None = None
+
+
+def find_model(config: EngineConfig, say: Callable[[str], None]) -> FoundModel:
+    """Resolve ``config.model`` (download, convert, validate) and read its config."""
     from engine.loader.resolve import resolve_model
 
-    say = progress or (lambda msg: log.info(msg))
-    mc, cc = config.model, config.cache
-    choices = check_load_choices(config)  # before anything is resolved, read or loaded
-    device, dtype = choices.device, choices.dtype
-    random_seed = None
+    mc = config.model
     if is_shape_model(mc.model):
         # Benchmark shape: a named config with random weights, no files, no tokenizer.
         shape, cfg = shape_model_config(mc.model, mc.revision)
-        name, path, source, random_seed = f"{SHAPE_PREFIX}{shape}", None, "shape", SHAPE_SEED
+        name = f"{SHAPE_PREFIX}{shape}"
         if mc.force_fallback:
             raise InvalidRequestError(
                 f"{name} has no checkpoint for the transformers fallback to load; drop force_fallback."
             )
-        tokenizer = TokenIdsOnlyTokenizer(cfg["vocab_size"], name)
-        config_source = f"engine.shapes[{shape!r}]"
-    else:
-        say(f"resolving model {mc.model or 'default'}")
-        resolved = resolve_model(mc.model, mc.revision, progress=say)
-        name, path, source = resolved.name, resolved.path, resolved.source
-        tokenizer = Tokenizer.from_pretrained(path)
-        cfg = read_config(path)
-        config_source = str(path / "config.json")
+        return FoundModel(name, None, "shape", cfg, f"engine.shapes[{shape!r}]", SHAPE_SEED)
+    say(f"resolving model {mc.model or 'default'}")
+    resolved = resolve_model(mc.model, mc.revision, progress=say)
+    return FoundModel(resolved.name, resolved.path, resolved.source, read_config(resolved.path),
+                      str(resolved.path / "config.json"))
 
-    native_error = None
-    spec = None
-    if not mc.force_fallback:
-        try:
-            spec = ModelSpec.from_config(cfg, source=config_source)
-        except UnsupportedModelError as e:
-            native_error = str(e)
+
+def native_spec(found: FoundModel, force_fallback: bool) -> tuple[ModelSpec | None, str | None]:
+    """The model's native spec, or None and why it runs on the transformers fallback."""
+    if force_fallback:
+        return None, None
+    try:
+        return ModelSpec.from_config(found.cfg, source=found.config_source), None
+    except UnsupportedModelError as e:
+        return None, str(e)
+
+
+def context_length(cfg: dict[str, Any], max_model_len: int | None) -> int:
+    """The load's context: ``max_model_len``, or the model's own maximum; refused when
+    longer than the model's."""
     max_pos = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 4096)
-    max_model_len = mc.max_model_len or max_pos
-    if max_model_len > max_pos:
+    if max_model_len is not None and max_model_len > max_pos:
         raise InvalidRequestError(
             f"a context of {max_model_len} tokens is longer than the model's ({max_pos}); "
             f"use at most {max_pos} (--max-model-len).", options=("max_model_len",),
         )
+    return max_model_len or max_pos
+
+
+def kv_block_size(attention: str, block_size: int) -> int:
+    """The KV block size a load uses: the backend may need a multiple of its own."""
+    from engine.layers.attention import get_backend
+
+    multiple = get_backend(attention).required_block_multiple
+    return multiple if block_size % multiple else block_size
+
+
+def stop_check(should_stop: Callable[[], bool] | None) -> Callable[[], None]:
+    """A function that raises ``LoadCancelledError`` once ``should_stop()`` is true."""
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise LoadCancelledError("loading cancelled")
+    return check
+
+
+def load_model(config: EngineConfig, progress: Callable[[str], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> LoadedModel:
+    """Load ``config``'s model: the weights, the runner, the KV pool, CUDA graphs.
+    ``should_stop`` is asked between the stages and before each weight tensor; True
+    stops the load (``LoadCancelledError``) and frees what it had taken."""
+    say = progress or (lambda msg: log.info(msg))
+    stop = stop_check(should_stop)
+    mc, cc = config.model, config.cache
+    choices = check_load_choices(config)  # before anything is resolved, read or loaded
+    device, dtype = choices.device, choices.dtype
+    found = find_model(config, say)
+    stop()
+    name, path, source, cfg = found.name, found.path, found.source, found.cfg
+    if path is None:
+        tokenizer = TokenIdsOnlyTokenizer(cfg["vocab_size"], name)
+    else:
+        tokenizer = Tokenizer.from_pretrained(path)
+
+    spec, native_error = native_spec(found, mc.force_fallback)
+    max_model_len = context_length(cfg, mc.max_model_len)
 
     info: dict[str, Any] = {
         "name": name,
@@ -87,8 +139,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         "max_model_len": max_model_len,
         "implementation": "native" if spec is not None else "transformers-fallback",
     }
-    kv_dtype = _kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)
+    kv_dtype = kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)
     info["kv_cache_dtype"] = str(kv_dtype).removeprefix("torch.")
+    stop()
     if spec is None:
         info["fallback_reason"] = native_error or "forced with force_fallback"
         info["attention"] = "transformers"
@@ -96,57 +149,66 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         from engine.runner.hf_runner import HFRunner
 
         runner = HFRunner.load(path, device, dtype)
-        block_bytes = runner.kv_block_bytes(cc.block_size)
         prefix = False
     else:
-        from engine.layers.attention import get_backend
         from engine.loader.build import build_native
         from engine.runner.model_runner import ModelRunner
 
-        multiple = get_backend(info["attention"]).required_block_multiple
-        if cc.block_size % multiple:
-            say(f"the {info['attention']} backend pages the KV cache in blocks of {multiple} tokens: "
-                f"using block_size={multiple}")
-            cc.block_size = multiple
+        block_size = kv_block_size(info["attention"], cc.block_size)
+        if block_size != cc.block_size:
+            say(f"the {info['attention']} backend pages the KV cache in blocks of {block_size} tokens: "
+                f"using block_size={block_size}")
+            cc.block_size = block_size
         # An explicit KV size that can't fit is refused now, not after the weights load.
         _check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
                            max_model_len, weights_bytes=spec.num_params() * dtype.itemsize)
         say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {info['dtype']})")
-        model = build_native(path, spec, device, dtype, max_model_len, random_seed=random_seed)
+        model = build_native(path, spec, device, dtype, max_model_len, random_seed=found.random_seed,
+                             should_stop=should_stop)
         try:
             runner = ModelRunner(model, spec, device, dtype, cc.block_size, info["attention"],
                                  enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
         except BaseException:
-            del model
-            gc.collect()
-            raise
-        block_bytes = runner.kv_block_bytes()
-        prefix = cc.enable_prefix_caching
-    info["weight_bytes"] = runner.weight_bytes()
+            from engine.loader.build import release_module
 
+            release_module(model)
+            del model
+            raise
+        prefix = cc.enable_prefix_caching
+    try:  # from here on a failure or a cancel frees the runner's weights and cache at once
+        num_blocks = _prepare_runner(config, runner, info, device, max_model_len, say, stop)
+    except BaseException:
+        _free(runner, device)
+        raise
+    return LoadedModel(info, tokenizer, runner, max_model_len, num_blocks, prefix)
+
+
+def _prepare_runner(config: EngineConfig, runner, info: dict[str, Any], device: torch.device,
+                    max_model_len: int, say: Callable[[str], None], stop: Callable[[], None]) -> int:
+    """Size and allocate the KV pool, tune and capture CUDA graphs; returns the KV blocks."""
+    cc = config.cache
+    block_bytes = runner.kv_block_bytes(cc.block_size) if info["implementation"] != "native" \
+        else runner.kv_block_bytes()
+    info["weight_bytes"] = runner.weight_bytes()
+    stop()
     num_blocks = _kv_blocks(config, runner, device, block_bytes, max_model_len)
     need = context_blocks(max_model_len, cc.block_size)
     if num_blocks < need and cc.num_blocks is None:
-        _free(runner, device)
-        raise OutOfMemoryError(
-            f"the KV cache fits {num_blocks * cc.block_size} tokens but one full context of "
-            f"{max_model_len} tokens needs {need * cc.block_size}: load with a shorter context "
-            "(--max-model-len) or give the KV cache more memory (--kv-cache-memory).",
-            options=("max_model_len", "kv_cache_memory"),
-        )
+        raise kv_too_small(num_blocks, cc.block_size, max_model_len)
     say(f"allocating KV cache: {num_blocks} blocks of {cc.block_size} tokens ({gib(num_blocks * block_bytes)})")
     try:
         runner.allocate_kv_cache(num_blocks)
     except torch.OutOfMemoryError:
-        _free(runner, device)
         raise OutOfMemoryError(
             f"could not allocate {gib(num_blocks * block_bytes)} for the KV cache: give it less "
             "memory (--kv-cache-memory).", options=("kv_cache_memory",),
         ) from None
     info["kv_cache_bytes"] = num_blocks * block_bytes
     info["num_kv_blocks"] = num_blocks
+    stop()
     if runner.gemv_reason() is None:
         info["batch1_matmul"] = runner.tune_gemv(say)
+    stop()
     graphs_reason = runner.graphs_reason()
     info["cuda_graphs"] = graphs_reason is None
     if graphs_reason is None:
@@ -174,10 +236,21 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             info["cuda_graphs"] = False
     if graphs_reason is not None:
         info["cuda_graphs_off"] = graphs_reason
-    return LoadedModel(info, tokenizer, runner, max_model_len, num_blocks, prefix)
+    return num_blocks
 
 
-def _kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:
+def kv_too_small(num_blocks: int, block_size: int, max_model_len: int) -> OutOfMemoryError:
+    """The error for a KV pool that can't hold one sequence of the full context."""
+    need = context_blocks(max_model_len, block_size)
+    return OutOfMemoryError(
+        f"the KV cache fits {num_blocks * block_size} tokens but one full context of "
+        f"{max_model_len} tokens needs {need * block_size}: load with a shorter context "
+        "(--max-model-len) or give the KV cache more memory (--kv-cache-memory).",
+        options=("max_model_len", "kv_cache_memory"),
+    )
+
+
+def kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:
     """The KV cache's element type for ``kv_cache_dtype`` (auto: the model's dtype), or a
     clear error where an fp8 cache can't be used with this model (the backend and device
     were checked with the other choices, before the load)."""
@@ -196,11 +269,8 @@ def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model
         return cc.num_blocks
     if cc.kv_cache_memory is not None:
         budget = cc.kv_cache_memory
-        try:  # the weights are in memory now: what is free is what the KV cache can have
-            _check_explicit_kv(config, device, block_bytes, max_model_len, weights_bytes=0)
-        except OutOfMemoryError:
-            _free(runner, device)
-            raise
+        # The weights are in memory now: what is free is what the KV cache can have.
+        _check_explicit_kv(config, device, block_bytes, max_model_len, weights_bytes=0)
     elif device.type == "cuda":
         _, total = free_memory_bytes(device)
         peak = runner.profile_peak_bytes(sc.max_num_batched_tokens)
@@ -248,8 +318,9 @@ def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:
 
 
 def _free(runner, device) -> None:
+    # Tensors are let go of directly, without gc.collect(): the desktop app loads on a
+    # worker thread, where collecting others' garbage (Qt widgets in a cycle) crashes.
     release_runner(runner)
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -266,16 +337,9 @@ def release_runner(runner) -> None:
     objects themselves, rather than by dropping references to those objects. The runner
     can't run afterwards.
     """
-    model = getattr(runner, "model", None)
-    if isinstance(model, torch.nn.Module):
-        for module in model.modules():  # tensors kept as plain attributes (RoPE tables)
-            for key, value in list(vars(module).items()):
-                if isinstance(value, torch.Tensor):
-                    setattr(module, key, None)
-        try:
-            model.to("meta")  # every parameter and buffer becomes storage-less
-        except Exception:  # pragma: no cover - freeing must never fail a shutdown
-            log.debug("could not move the model to the meta device", exc_info=True)
+    from engine.loader.build import release_module
+
+    release_module(getattr(runner, "model", None))
     caches = getattr(runner, "kv_caches", None)
     if isinstance(caches, list):
         caches.clear()  # in place: CUDA graphs hold the same list

@@ -65,8 +65,8 @@ def test_check_model_finds_a_broken_model_without_loading_it(model_copy):
     """What the bridge asks before unloading a GPU model to make room for another."""
     from engine.api import ModelLoadError, check_model
 
-    assert check_model(str(model_copy)) == "model"
-    assert check_model("shape:tiny") == "shape:tiny"
+    assert check_model(str(model_copy)).name == "model"
+    assert check_model("shape:tiny").name == "shape:tiny"
     (model_copy / "tokenizer.json").unlink()
     with pytest.raises(ModelLoadError, match="tokenizer"):
         check_model(str(model_copy))

@@ -1,29 +1,84 @@
-"""EngineBridge loading: the loaded model serves until the new one is ready, and stays
-when a load fails or is cancelled; on one GPU the new model is checked before the old
-one is unloaded to make room."""
+"""EngineBridge loading: the loaded model serves until the new one is ready (and until
+the answers being written on it have finished), and stays when a load fails or is
+cancelled; it is unloaded first only where check_model says the new one won't fit beside
+it (the same GPU; too little RAM); a superseded load is not a failure; quitting during a
+load doesn't wait for it."""
 
 from __future__ import annotations
 
+import queue
 import threading
 
 import pytest
 
-from engine.api import Engine, InvalidRequestError, ModelLoadError, OutOfMemoryError, SamplingParams
+from engine.api import (Engine, FinishedEvent, InvalidRequestError, LoadCancelledError, ModelCheck, ModelLoadError,
+                        OutOfMemoryError, SamplingParams, Timings, TokenEvent, Usage)
 from tests.app.gui.conftest import load_options
 
 LOAD_TIMEOUT = 60_000
+CUT = "cut off"
+
+
+class FakeHandle:
+    """A request's events, pushed by the test (any thread) and polled by the worker."""
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self._events: queue.Queue = queue.Queue()
+        self.done = False
+        self.ended = False  # a FinishedEvent was pushed
+
+    def push(self, ev) -> None:
+        self.ended = self.ended or isinstance(ev, FinishedEvent)
+        self._events.put(ev)
+
+    def poll(self) -> list:
+        out = []
+        while not self.done:
+            try:
+                ev = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self.done = isinstance(ev, FinishedEvent)
+            out.append(ev)
+        return out
+
+
+def _finished(rid: str, reason: str, error: str | None = None) -> FinishedEvent:
+    return FinishedEvent(rid, reason, Usage(1, 2), Timings(0, 1, 1, 1, 2), error=error)
 
 
 class FakeEngine:
-    """Just enough of Engine for the bridge's loading logic (no model, no thread)."""
+    """Just enough of Engine for the bridge (no model, no thread); requests answer only
+    when the test says so (``write``, ``finish``)."""
 
     def __init__(self, model: str, device: str) -> None:
-        self.model_info = {"name": model, "path": model, "device": device}
+        self.model_info = {"name": model, "path": model, "device": device, "weight_bytes": 1000,
+                           "kv_cache_bytes": 100}
         self.max_model_len = 256
         self.shut_down = False
+        self.handles: dict[str, FakeHandle] = {}
+
+    def submit(self, request) -> FakeHandle:
+        handle = self.handles[request.request_id] = FakeHandle(request.request_id)
+        return handle
+
+    def abort(self, rid: str) -> None:
+        handle = self.handles.get(rid)
+        if handle is not None and not handle.ended:
+            handle.push(_finished(rid, "abort"))
+
+    def write(self, rid: str, text: str) -> None:
+        self.handles[rid].push(TokenEvent(rid, text, (1,)))
+
+    def finish(self, rid: str) -> None:
+        self.handles[rid].push(_finished(rid, "length"))
 
     def shutdown(self) -> None:
         self.shut_down = True
+        for rid, handle in self.handles.items():  # as Engine.shutdown does
+            if not handle.ended:
+                handle.push(_finished(rid, "abort", "engine shut down"))
 
     def stats(self):
         return None
@@ -31,40 +86,50 @@ class FakeEngine:
 
 def _record(bridge) -> list:
     events = []
-    for name in ("modelLoading", "modelLoaded", "loadFailed", "modelUnloaded"):
+    for name in ("modelLoading", "modelLoaded", "loadFailed", "loadSuperseded", "modelUnloaded",
+                 "requestFinished"):
         getattr(bridge, name).connect(lambda *args, n=name: events.append((n, *args)))
     return events
 
 
+def _device(device: str | None) -> str:
+    return "cuda:0" if device in (None, "auto", "cuda") else device
+
+
 @pytest.fixture
 def fake_bridge(qtbot):
-    """A bridge over FakeEngines on ``cuda:0`` (or the device asked for); ``made`` lists
-    them, ``checked`` the models checked first; ``fail`` maps a model to the error its load
-    (or check) raises; a model in ``gated`` waits for ``gate`` (cancellable meanwhile)."""
+    """A bridge over FakeEngines on ``cuda:0`` (or the device asked for). ``made`` lists
+    them, ``checked`` the models checked first; ``fail`` / ``fail_check`` map a model to
+    the error its load / check raises; a model in ``gated`` waits for ``gate`` (checking
+    for a cancel meanwhile); a model in ``too_big`` doesn't fit beside one on the CPU."""
     from app.gui.bridge import EngineBridge
 
     state = {"made": [], "checked": [], "fail": {}, "fail_check": {}, "gated": set(), "gate": threading.Event(),
-             "old_shut_when_loading": []}
+             "too_big": set(), "old_shut_when_loading": []}
 
-    def factory(model, progress=None, device="auto", **_):
+    def factory(model, progress=None, device="auto", should_stop=None, **_):
         if model in state["gated"]:
             while not state["gate"].wait(0.01):
                 progress("waiting for the test")
         state["old_shut_when_loading"].append([e.shut_down for e in state["made"]])
         if model in state["fail"]:
             raise state["fail"][model]
-        engine = FakeEngine(model, "cuda:0" if device in ("auto", "cuda") else device)
+        engine = FakeEngine(model, _device(device))
         state["made"].append(engine)
         return engine
 
-    def check(model, revision=None, progress=None, **choices):
+    def check(model, revision=None, progress=None, loaded_device=None, loaded_bytes=0, device=None, **choices):
         state["checked"].append(model)
-        state["check_choices"] = choices
+        state["check_choices"] = dict(choices, **({"device": device} if device else {}))
+        state["check_loaded"] = (loaded_device, loaded_bytes)
         if model in state["fail_check"]:
             raise state["fail_check"][model]
-        return model
+        where = _device(device)
+        same = loaded_device == where
+        fits = not same or (where == "cpu" and model not in state["too_big"])
+        return ModelCheck(model, where, 3 * 2**30, 2**30, 2**30, fits)
 
-    b = EngineBridge(engine_factory=factory, model_check=check)
+    b = EngineBridge(engine_factory=factory, model_check=check, answer_wait_s=60)
     b.state = state
     yield b
     state["gate"].set()
@@ -96,18 +161,36 @@ def test_on_one_gpu_the_old_model_makes_room_and_a_failure_says_so(qtbot, fake_b
     fake_bridge.state["fail"]["acme/huge"] = OutOfMemoryError("the weights need 80 GiB")
     with qtbot.waitSignal(fake_bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
         fake_bridge.load(dict(model="acme/huge", quantization="none"))
-    assert fake_bridge.state["checked"] == ["acme/huge"]
+    assert fake_bridge.state["checked"] == ["acme/working", "acme/huge"]
+    assert fake_bridge.state["check_loaded"] == ("cuda:0", 1100)  # the old model's weights + KV cache
     assert fake_bridge.state["old_shut_when_loading"][-1] == [True]  # unloaded before loading
     assert [e[0] for e in events] == ["modelLoading", "modelUnloaded", "modelLoading", "loadFailed"]
-    assert "80 GiB" in failed.args[0] and "acme/working was unloaded first" in failed.args[0]
+    assert "80 GiB" in failed.args[0] and "acme/working was unloaded first to make room on the GPU" in failed.args[0]
     assert fake_bridge.model_info is None
+
+
+def test_on_the_cpu_the_old_model_makes_room_only_when_the_estimate_says_so(qtbot, fake_bridge):
+    """Review finding 2: a CPU model that fits alone but not beside the loaded one."""
+    _load(qtbot, fake_bridge, "acme/working", device="cpu")
+    events = _record(fake_bridge)
+    _load(qtbot, fake_bridge, "acme/small", device="cpu")  # fits beside: a plain swap
+    assert fake_bridge.state["old_shut_when_loading"][-1] == [False]
+    assert [e[0] for e in events] == ["modelLoading", "modelLoaded"]
+    events.clear()
+    fake_bridge.state["too_big"].add("acme/big")
+    fake_bridge.state["fail"]["acme/big"] = ModelLoadError("the checkpoint is damaged")
+    with qtbot.waitSignal(fake_bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
+        fake_bridge.load(dict(model="acme/big", quantization="none", device="cpu"))
+    assert fake_bridge.state["old_shut_when_loading"][-1] == [True, True]
+    assert [e[0] for e in events] == ["modelLoading", "modelUnloaded", "modelLoading", "loadFailed"]
+    assert "acme/small was unloaded first to make room in RAM" in failed.args[0]
 
 
 def test_a_cpu_load_beside_a_gpu_model_swaps_without_unloading_first(qtbot, fake_bridge):
     _load(qtbot, fake_bridge, "acme/working")
     events = _record(fake_bridge)
     info = _load(qtbot, fake_bridge, "acme/small", device="cpu")
-    assert info["device"] == "cpu" and fake_bridge.state["checked"] == []
+    assert info["device"] == "cpu" and fake_bridge.state["checked"][-1] == "acme/small"
     assert fake_bridge.state["old_shut_when_loading"][-1] == [False]  # swapped once ready
     assert [e[0] for e in events] == ["modelLoading", "modelLoaded"]
     assert fake_bridge.state["made"][0].shut_down
@@ -122,6 +205,144 @@ def test_unload_during_a_load_cancels_it_and_leaves_nothing_loaded(qtbot, fake_b
         fake_bridge.unload()
     assert fake_bridge.model_info is None and not fake_bridge.is_loading
     assert [e.model_info["name"] for e in fake_bridge.state["made"]] == ["acme/working"]
+
+
+def test_a_superseded_load_is_not_a_failure_and_the_last_one_loads(qtbot, fake_bridge):
+    """Review finding 6: while A loads, B then C are asked for: A and B end superseded
+    (no loadFailed), C loads; the bridge is loading all along."""
+    fake_bridge.state["gated"].update({"acme/a", "acme/b", "acme/c"})
+    events = _record(fake_bridge)
+    with qtbot.waitSignal(fake_bridge.modelLoading, timeout=LOAD_TIMEOUT):
+        fake_bridge.load(dict(model="acme/a", quantization="none"))
+    fake_bridge.load(dict(model="acme/b", quantization="none"))
+    fake_bridge.load(dict(model="acme/c", quantization="none"))
+    assert fake_bridge.is_loading and fake_bridge.loading_name == "acme/c"
+    qtbot.waitUntil(lambda: [e[0] for e in events][-1:] == ["modelLoading"] and len(events) == 4,
+                    timeout=LOAD_TIMEOUT)  # A's loading, B and A superseded, C's loading
+    assert fake_bridge.is_loading
+    with qtbot.waitSignal(fake_bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
+        fake_bridge.state["gate"].set()
+    assert loaded.args[0]["name"] == "acme/c" and not fake_bridge.is_loading
+    names = [e[0] for e in events]
+    assert "loadFailed" not in names
+    assert sorted(e[1] for e in events if e[0] == "loadSuperseded") == ["acme/a", "acme/b"]
+    assert names[-2:] == ["modelLoading", "modelLoaded"] and events[-2][1] == "acme/c"
+    assert [e.model_info["name"] for e in fake_bridge.state["made"]] == ["acme/c"]
+
+
+def test_a_swap_waits_for_the_answer_being_written_on_the_old_model(qtbot, fake_bridge):
+    """Review finding 3: the answer completes on the old model, then the swap."""
+    _load(qtbot, fake_bridge, "acme/a")
+    old = fake_bridge.state["made"][0]
+    events = _record(fake_bridge)
+    progress = []
+    fake_bridge.loadProgress.connect(progress.append)
+    rid = fake_bridge.submit(prompt="Tell me a story", params=SamplingParams(max_tokens=50))
+    qtbot.waitUntil(lambda: rid in old.handles, timeout=LOAD_TIMEOUT)
+    fake_bridge.load(dict(model="acme/b", quantization="none", device="cpu"))
+    qtbot.waitUntil(lambda: any("switching once the answer" in p for p in progress), timeout=LOAD_TIMEOUT)
+    assert fake_bridge.model_info["name"] == "acme/a" and not old.shut_down  # B is ready and waits
+    old.write(rid, "Once upon a time")
+    with qtbot.waitSignal(fake_bridge.modelLoaded, timeout=LOAD_TIMEOUT):
+        old.finish(rid)
+    finished = [e for e in events if e[0] == "requestFinished"]
+    assert [e[2].reason for e in finished] == ["length"]  # never cut, never "abort"
+    names = [e[0] for e in events]
+    assert names.index("requestFinished") < names.index("modelLoaded")
+    assert old.shut_down and fake_bridge.model_info["name"] == "acme/b"
+
+
+def test_a_swap_cuts_an_answer_that_runs_too_long_with_an_error_saying_why(qtbot):
+    from app.gui.bridge import EngineBridge
+
+    made = []
+
+    def factory(model, progress=None, device="auto", **_):
+        made.append(FakeEngine(model, _device(device)))
+        return made[-1]
+
+    def check(model, loaded_device=None, device=None, **_):
+        return ModelCheck(model, _device(device), 1, 1, 10, True)
+
+    bridge = EngineBridge(engine_factory=factory, model_check=check, answer_wait_s=0.2)
+    try:
+        _load(qtbot, bridge, "acme/a")
+        rid = bridge.submit(prompt="Go on forever", params=SamplingParams(max_tokens=50))
+        qtbot.waitUntil(lambda: rid in made[0].handles, timeout=LOAD_TIMEOUT)
+        made[0].write(rid, "and on")
+        events = _record(bridge)
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT):
+            bridge.load(dict(model="acme/b", quantization="none", device="cpu"))
+        assert [e[0] for e in events] == ["modelLoading", "requestFinished", "modelLoaded"]
+        ev = events[1][2]
+        assert ev.reason == "error" and CUT in ev.error and "acme/b took over from acme/a" in ev.error
+        assert made[0].shut_down and bridge.model_info["name"] == "acme/b"
+    finally:
+        bridge.shutdown()
+
+
+def test_cancelling_while_the_new_model_waits_for_an_answer_keeps_the_old_one(qtbot, fake_bridge):
+    _load(qtbot, fake_bridge, "acme/a")
+    old = fake_bridge.state["made"][0]
+    progress = []
+    fake_bridge.loadProgress.connect(progress.append)
+    rid = fake_bridge.submit(prompt="Hello", params=SamplingParams(max_tokens=5))
+    qtbot.waitUntil(lambda: rid in old.handles, timeout=LOAD_TIMEOUT)
+    fake_bridge.load(dict(model="acme/b", quantization="none", device="cpu"))
+    qtbot.waitUntil(lambda: any("switching once" in p for p in progress), timeout=LOAD_TIMEOUT)
+    with qtbot.waitSignal(fake_bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
+        fake_bridge.cancel_load()
+    assert failed.args[0] == "loading cancelled"
+    assert fake_bridge.state["made"][1].shut_down and not old.shut_down
+    with qtbot.waitSignal(fake_bridge.requestFinished, timeout=LOAD_TIMEOUT) as done:
+        old.finish(rid)
+    assert done.args[1].reason == "length" and fake_bridge.model_info["name"] == "acme/a"
+
+
+def test_quitting_during_a_load_stops_it_without_waiting_for_it(qtbot, monkeypatch):
+    """Review finding 7: shutdown cancels the load; one that can't stop (a download in
+    progress) is left behind rather than holding the window up."""
+    import app.gui.bridge_worker as worker_module
+    from app.gui.bridge import EngineBridge
+
+    monkeypatch.setattr(worker_module, "LOAD_JOIN_TIMEOUT_S", 0.2)
+    started, never = threading.Event(), threading.Event()
+
+    def factory(model, progress=None, should_stop=None, **_):
+        started.set()
+        if model == "acme/stuck":
+            never.wait(30)  # checks nothing, like a download
+            return None
+        while not should_stop():  # as build_native between tensors
+            never.wait(0.01)
+        raise LoadCancelledError("loading cancelled")
+
+    for model in ("acme/cooperative", "acme/stuck"):
+        started.clear()
+        bridge = EngineBridge(engine_factory=factory,
+                              model_check=lambda m, device=None, **_: ModelCheck(m, "cpu", 1, 1, 10, True))
+        bridge.load(dict(model=model, quantization="none"))
+        qtbot.waitUntil(started.is_set, timeout=LOAD_TIMEOUT)
+        assert bridge.is_loading
+        bridge.shutdown()
+        assert not bridge._thread.isRunning()
+        thread = bridge._worker._load_thread
+        assert thread is not None and thread.is_alive() == (model == "acme/stuck")
+    never.set()
+
+
+class _Crash(BaseException):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_load_that_dies_of_a_base_exception_still_ends(qtbot, fake_bridge):
+    """Review finding 13: the result is posted in a finally, so the next load can run."""
+    fake_bridge.state["fail"]["acme/crash"] = _Crash()
+    with qtbot.waitSignal(fake_bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
+        fake_bridge.load(dict(model="acme/crash", quantization="none"))
+    assert "unexpectedly" in failed.args[0] and not fake_bridge.is_loading
+    assert _load(qtbot, fake_bridge, "acme/next")["name"] == "acme/next"
 
 
 def test_the_loaded_model_answers_while_the_next_one_loads(qtbot, chat_model, tiny_models):
@@ -158,13 +379,53 @@ def test_the_loaded_model_answers_while_the_next_one_loads(qtbot, chat_model, ti
         bridge.shutdown()
 
 
+def test_on_the_cpu_a_model_that_fits_only_alone_loads_after_the_old_one_is_unloaded(
+        qtbot, chat_model, tiny_models, monkeypatch):
+    """Real check_model and engines, the RAM free now faked: B fits once A is gone but not
+    beside it, so A is unloaded first (review finding 2), and B then loads."""
+    import engine.loader.load_check as load_check
+    from app.gui.bridge import EngineBridge
+    from engine.api import check_model
+    from engine.memory_plan import kv_headroom
+
+    real_free = load_check.free_memory_bytes
+    total = 64 * 2**30
+    a, b = chat_model, str(tiny_models["qwen2"])
+    opts = load_options(b)
+    kwargs = {k: opts[k] for k in ("device", "dtype", "attention", "max_model_len", "kv_cache_memory")}
+    need = check_model(b, **kwargs).need_bytes
+    fake = {"free": None}
+
+    def free_memory_bytes(device):
+        return (fake["free"], total) if fake["free"] is not None else real_free(device)
+
+    monkeypatch.setattr(load_check, "free_memory_bytes", free_memory_bytes)
+    bridge = EngineBridge()
+    events = _record(bridge)
+    try:
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT):
+            bridge.load(load_options(a))
+        fake["free"] = need + kv_headroom(total) - 1  # a byte short beside A; A gives back more
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
+            bridge.load(load_options(b))
+        assert loaded.args[0]["path"] == b
+        names = [e[0] for e in events]
+        assert names == ["modelLoading", "modelLoaded", "modelLoading", "modelUnloaded", "modelLoading",
+                         "modelLoaded"]
+    finally:
+        bridge.shutdown()
+
+
 def test_the_check_before_unloading_gets_the_load_choices(qtbot, fake_bridge):
-    """A bad backend choice must be refused before the old model gives up the GPU."""
+    """A bad backend choice, a context longer than the model's or a KV cache that can't
+    fit must be refused before the old model gives up the GPU (review finding 14)."""
     _load(qtbot, fake_bridge, "acme/working")
     fake_bridge.state["fail_check"]["acme/next"] = InvalidRequestError("attention backend 'xformers' is unknown")
     with qtbot.waitSignal(fake_bridge.loadFailed, timeout=LOAD_TIMEOUT):
-        fake_bridge.load(dict(model="acme/next", quantization="none", attention="xformers", dtype="auto"))
-    assert fake_bridge.state["check_choices"] == {"attention": "xformers", "dtype": "auto"}
+        fake_bridge.load(dict(model="acme/next", quantization="none", attention="xformers", dtype="auto",
+                              max_model_len=99999, kv_cache_memory="900GiB"))
+    assert fake_bridge.state["check_choices"] == {"attention": "xformers", "dtype": "auto", "max_model_len": 99999,
+                                                  "kv_cache_memory": "900GiB"}
     assert not fake_bridge.state["made"][0].shut_down
 
 

@@ -278,14 +278,15 @@ def test_an_edit_never_reaches_into_another_conversation(qtbot, bridge, gui_env,
 
 
 def test_a_new_load_cancels_the_one_in_flight(qtbot, bridge, gui_env, chat_model, tiny_models):
-    failed = []
+    failed, superseded = [], []
     bridge.loadFailed.connect(failed.append)
+    bridge.loadSuperseded.connect(superseded.append)
     other = str(tiny_models["mistral"])
     with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
         bridge.load(load_options(chat_model))
         bridge.load(load_options(other))
     assert loaded.args[0]["path"] == other
-    assert failed == ["loading cancelled"]
+    assert failed == [] and len(superseded) == 1  # replaced, not failed
     assert bridge.model_info["path"] == other
 
 

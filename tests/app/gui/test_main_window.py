@@ -286,3 +286,39 @@ def test_view_menu_theme_applies_at_once_and_is_remembered(qtbot, gui_env, bridg
     finally:
         apply_theme(app, "system")  # follow the system again, as other tests expect
         app.setPalette(before)
+
+
+def test_while_a_model_loads_the_status_bar_names_both_and_cancel_answers_at_once(
+        qtbot, gui_env, chat_model, tiny_models):
+    """Review finding 7: Cancel loading says so at once; the loaded model stays and says so."""
+    import threading
+
+    from app.gui.bridge import EngineBridge
+    from engine.api import Engine
+
+    gate, second = threading.Event(), str(tiny_models["qwen2"])
+
+    def factory(model, progress=None, **kwargs):
+        while model == second and not gate.wait(0.01):
+            progress("waiting for the test")
+        return Engine.load(model, progress=progress, **kwargs)
+
+    bridge = EngineBridge(engine_factory=factory)
+    try:
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
+            win = _window(qtbot, gui_env, bridge, chat_model)
+        working = loaded.args[0]["name"]
+        with qtbot.waitSignal(bridge.modelLoading, timeout=60_000) as loading:
+            win.load(load_options(second))
+        assert win.status_model.text() == f"{working} · loading {loading.args[0]}…"
+        assert win.cancel_load_button.isVisible() and win.cancel_load_button.isEnabled()
+        assert f"{loading.args[0]} is still loading" in win.unfinished_work()
+        with qtbot.waitSignal(bridge.loadFailed, timeout=60_000):
+            qtbot.mouseClick(win.cancel_load_button, Qt.MouseButton.LeftButton)
+            assert win.status_progress.text() == "Cancelling…" and not win.cancel_load_button.isEnabled()
+        message = win.statusBar().currentMessage()
+        assert message.startswith("Loading cancelled") and f"still using {working}" in message
+        assert win.status_model.text() == working and win.unfinished_work() is None
+    finally:
+        gate.set()
+        bridge.shutdown()

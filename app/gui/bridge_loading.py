@@ -1,0 +1,86 @@
+"""The pieces of the bridge's model loading that need no Qt: the load ticket (cancel or
+supersede one load), the memory a loaded model would give back, and the sentences the
+bridge says about a load."""
+
+from __future__ import annotations
+
+import threading
+
+from engine.api import LoadCancelledError, ModelCheck, format_bytes
+
+#: ``loadFailed``'s message when the user cancelled the load (Cancel loading, Unload);
+#: pages word it as a cancel, not a failure. Anything after it is a note.
+LOAD_CANCELLED = "loading cancelled"
+#: How long a swap, or an unload to make room, waits for the answers being written on the
+#: old model before cutting them (with an error saying why).
+SWAP_WAIT_S = 120
+#: On quit, how long a cancelled load may take to stop (it checks between weight tensors;
+#: a download or conversion in progress can't stop and is left to end with the process).
+LOAD_JOIN_TIMEOUT_S = 5
+
+
+class LoadTicket:
+    """One load's cancel token, made by the bridge on the UI thread and checked by the
+    load thread (``is_set``, also ``Engine.load``'s ``should_stop``) and the worker.
+
+    ``superseded``: cancelled because another load was asked for (not a failure to show)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.superseded = False
+
+    def cancel(self, superseded: bool = False) -> None:
+        if not self._event.is_set():
+            self.superseded = superseded  # written before the event, read after it
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_set(self) -> None:
+        if self._event.is_set():
+            raise LoadCancelledError(LOAD_CANCELLED)
+
+
+def loaded_footprint(info: dict | None) -> int:
+    """Bytes a loaded model holds on its device (weights, KV cache, CUDA graphs): what
+    unloading it gives back."""
+    if not info:
+        return 0
+    return sum(int(info.get(key) or 0) for key in ("weight_bytes", "kv_cache_bytes", "cuda_graph_bytes"))
+
+
+def _place(device: str) -> str:
+    return "on the GPU" if device.startswith("cuda") else "in RAM"
+
+
+def release_progress(check: ModelCheck) -> str:
+    """What the status bar says while the loaded model is unloaded to make room."""
+    if check.device.startswith("cuda"):
+        return f"unloading the loaded model first: {check.name} needs the GPU to itself"
+    return (f"unloading the loaded model first to make room: {check.name} takes about "
+            f"{format_bytes(check.need_bytes)} with its KV cache, and {format_bytes(check.free_bytes)} of RAM "
+            "is free now")
+
+
+def release_note(released_from: tuple[str, str] | None) -> str:
+    """Added to a failed load's message when the model loaded before was unloaded for it."""
+    if released_from is None:
+        return ""
+    name, device = released_from
+    return f" ({name} was unloaded first to make room {_place(device)}: load it again from the Library.)"
+
+
+def wait_progress(old: str, new: str, releasing: bool) -> str:
+    """What the status bar says while a swap or release waits for answers to finish."""
+    if releasing:
+        return f"waiting for the answer being written to finish, then unloading {old} to make room for {new}"
+    return f"{new} is ready: switching once the answer being written on {old} is finished"
+
+
+def cut_reason(old: str, new: str, wait_s: float, releasing: bool) -> str:
+    """The error an answer ends with when a swap or release stopped waiting for it."""
+    waited = f"{wait_s / 60:g} minutes" if wait_s >= 60 else f"{wait_s:g} s"
+    why = f"{old} was unloaded to make room for {new}" if releasing else f"{new} took over from {old}"
+    return (f"this answer was cut off after {waited} because {why}; the text so far is kept. "
+            "Regenerate it to get a whole answer.")

@@ -1,0 +1,122 @@
+"""Before a load: will it load, how much memory will it take, and can it load beside the
+model that is loaded now?
+
+A caller that has a model serving (the desktop app) asks this first, so it learns that a
+load can't work (a bad choice, no tokenizer, a context longer than the model's, weights or
+an explicit KV cache that won't fit even with the loaded model gone) *before* giving that
+model up, and whether the new one can load while the old one keeps serving.
+
+The sizes come from the rules the load itself applies, not a copy: the same dtype and KV
+block size, ``memory_plan``'s pool sizing (``cpu_kv_budget``, ``kv_pool_blocks``) and
+explicit-KV check (``explicit_kv_problem``), build_native's weights check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.device import free_memory_bytes, gib
+from engine.errors import OutOfMemoryError
+from engine.loader.choices import check_load_choices
+from engine.loader.engine_loader import (context_length, find_model, kv_block_size, kv_cache_dtype, kv_too_small,
+                                         native_spec)
+from engine.memory_plan import (ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
+                                kv_pool_blocks)
+
+
+def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None = None,
+                loaded_device: str | None = None, loaded_bytes: int = 0) -> ModelCheck:
+    """Check and size a load of ``config`` (see the module docstring). ``loaded_device``
+    and ``loaded_bytes``: where the model loaded now is and what unloading it would give
+    back. Raises what the load would raise first (InvalidRequestError, ModelLoadError,
+    OutOfMemoryError)."""
+    say = progress or (lambda msg: None)
+    mc, cc, sc = config.model, config.cache, config.scheduler
+    choices = check_load_choices(config)
+    device, dtype = choices.device, choices.dtype
+    found = find_model(config, say)
+    spec, _ = native_spec(found, mc.force_fallback)
+    max_model_len = context_length(found.cfg, mc.max_model_len)
+    kv_dtype = kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)
+    if spec is not None:
+        block_size = kv_block_size(choices.attention, cc.block_size)
+        weights = spec.num_params() * dtype.itemsize
+        block_bytes = spec.kv_bytes_per_token(kv_dtype.itemsize) * block_size
+    else:  # the transformers fallback: its weights in the load dtype, its cache by config
+        block_size = cc.block_size
+        weights = _checkpoint_params(found.path) * dtype.itemsize
+        block_bytes = _config_kv_bytes_per_token(found.cfg, dtype.itemsize) * block_size
+
+    free, total = free_memory_bytes(device)
+    reclaim = loaded_bytes if _same_device(loaded_device, device) else 0
+    where = f"GPU {device}" if device.type == "cuda" else "RAM"
+    if weights > free + reclaim:  # build_native's check, counting what unloading gives back
+        alone = f" ({gib(free + reclaim)} with the loaded model unloaded)" if reclaim else ""
+        raise OutOfMemoryError(
+            f"the weights need {gib(weights)} in {str(dtype).removeprefix('torch.')} but the {where} has "
+            f"{gib(free)} free{alone}: pick a smaller model or a quantized one, or free memory.")
+
+    def pool(budget: int) -> int:
+        return kv_pool_blocks(budget, block_bytes, max_model_len, block_size, sc.max_num_seqs)
+
+    headroom = kv_headroom(total)
+    if cc.num_blocks is not None:
+        kv = cc.num_blocks * block_bytes
+        beside_ok = weights + kv + headroom <= free
+    elif cc.kv_cache_memory is not None:
+        kv = pool(cc.kv_cache_memory) * block_bytes
+        problem = explicit_kv_problem(
+            requested=cc.kv_cache_memory, pool_bytes=kv, free_bytes=free + reclaim, total_bytes=total,
+            weights_bytes=weights, where=f"{where} (with the loaded model unloaded)" if reclaim else where)
+        if problem is not None:
+            raise OutOfMemoryError(problem, options=("kv_cache_memory",))
+        beside_ok = weights + kv + headroom <= free
+    elif device.type == "cpu":
+        # The load sizes the pool from the RAM left after its weights: beside the loaded
+        # model that is less, so it only fits beside if the pool comes out the same.
+        alone = pool(cpu_kv_budget(free + reclaim - weights, cc.cpu_memory_fraction))
+        if alone < context_blocks(max_model_len, block_size):
+            raise kv_too_small(alone, block_size, max_model_len)
+        now = pool(cpu_kv_budget(free - weights, cc.cpu_memory_fraction))
+        kv = alone * block_bytes
+        beside_ok = now >= alone and weights + kv + headroom <= free
+    else:
+        kv = context_blocks(max_model_len, block_size) * block_bytes
+        beside_ok = False  # the pool takes the rest of the card: never beside another model
+    fits_beside = reclaim == 0 or (device.type == "cpu" and beside_ok)
+    return ModelCheck(found.name, str(device), int(weights), int(kv), int(free), fits_beside)
+
+
+def _same_device(loaded: str | None, device: torch.device) -> bool:
+    if not loaded:
+        return False
+    try:
+        other = torch.device(loaded)
+    except (RuntimeError, ValueError):
+        return False
+    if other.type != device.type:
+        return False
+    return device.type != "cuda" or (other.index or 0) == (device.index or 0)
+
+
+def _checkpoint_params(path: Path | None) -> int:
+    """Parameters in a checkpoint's safetensors headers (no tensor data is read)."""
+    from engine.loader.weights import read_metadata
+
+    return sum(math.prod(shape) for shape, _ in read_metadata(path).values()) if path is not None else 0
+
+
+def _config_kv_bytes_per_token(cfg: dict, dtype_bytes: int) -> int:
+    """K and V of one token in every layer, as the transformers fallback's cache keeps them."""
+    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return 2 * layers * kv_heads * head_dim * dtype_bytes

@@ -1,0 +1,117 @@
+"""The chat page while models load (real tiny engines; the loads under test are held back
+by a gate): the loaded model keeps answering, a superseded load is no failure and a
+message typed before any model was ready goes to the one that ends up loaded."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.gui.chat_page import ChatPage
+from app.services.chat_store import ChatStore
+from engine.api import Engine
+from tests.app.gui.conftest import load_options
+
+TIMEOUT = 60_000
+
+
+@pytest.fixture
+def gated_bridge(qtbot):
+    """A real bridge whose loads of the models in ``gated`` wait for ``gate`` (cancellable)."""
+    from app.gui.bridge import EngineBridge
+
+    gate, gated = threading.Event(), set()
+
+    def factory(model, progress=None, **kwargs):
+        if model in gated:
+            while not gate.wait(0.01):
+                progress("waiting for the test")
+        return Engine.load(model, progress=progress, **kwargs)
+
+    bridge = EngineBridge(engine_factory=factory)
+    bridge.gate, bridge.gated = gate, gated
+    yield bridge
+    gate.set()
+    bridge.shutdown()
+
+
+def _page(qtbot, bridge, gui_env):
+    store = ChatStore(gui_env["data"] / "chats.sqlite3")
+    page = ChatPage(bridge, store, gui_env["settings"])
+    qtbot.addWidget(page)
+    page.params.temperature.setValue(0.0)
+    page.params.max_tokens.setValue(3)
+    page.show()
+    return page, store
+
+
+def test_the_chat_answers_with_the_loaded_model_while_another_loads(qtbot, gated_bridge, gui_env, chat_model,
+                                                                     tiny_models):
+    """Review finding 4: Send goes to A, Regenerate works; B takes over once ready."""
+    page, store = _page(qtbot, gated_bridge, gui_env)
+    b = str(tiny_models["qwen2"])
+    gated_bridge.gated.add(b)
+    with qtbot.waitSignal(gated_bridge.modelLoaded, timeout=TIMEOUT) as loaded:
+        gated_bridge.load(load_options(chat_model))
+    a_name = loaded.args[0]["name"]
+    with qtbot.waitSignal(gated_bridge.modelLoading, timeout=TIMEOUT) as loading:
+        gated_bridge.load(load_options(b))
+    b_name = loading.args[0]
+    assert page.model_label.text() == f"{a_name} · loading {b_name}…"
+    assert page.send_button.isEnabled()
+    with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT) as done:
+        page.send("Who answers?")
+    assert done.args[1].reason == "length"
+    answer = store.messages(page.conversation_id)[-1]
+    assert answer.role == "assistant" and answer.meta["model"] == a_name
+    regen = page.message_widgets()[-1].regen_button
+    assert regen.isEnabled()
+    with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT) as again:
+        regen.click()
+    assert again.args[1].reason == "length" and store.messages(page.conversation_id)[-1].version_count == 2
+    assert gated_bridge.is_loading and gated_bridge.model_info["name"] == a_name
+    with qtbot.waitSignal(gated_bridge.modelLoaded, timeout=TIMEOUT):
+        gated_bridge.gate.set()
+    assert page.model_label.text().startswith(f"{b_name} ·")
+
+
+def test_a_message_typed_while_a_superseded_load_ran_goes_to_the_last_one(qtbot, gated_bridge, gui_env,
+                                                                         chat_model, tiny_models):
+    """Review finding 6: while A loads (nothing serves yet) a message is typed; then B and
+    C are asked for. No "Loading failed" is shown, and the message is answered by C."""
+    page, store = _page(qtbot, gated_bridge, gui_env)
+    a, b = str(tiny_models["qwen2"]), str(tiny_models["mistral"])
+    gated_bridge.gated.update({a, b})
+    failed, notices = [], []
+    gated_bridge.loadFailed.connect(failed.append)
+    page.notice.show_message = lambda text, real=page.notice.show_message: (notices.append(text), real(text))
+    with qtbot.waitSignal(gated_bridge.modelLoading, timeout=TIMEOUT):
+        gated_bridge.load(load_options(a))
+    assert page.model_label.text().startswith("Loading ")
+    page.input.setPlainText("Hello there")
+    page.send()
+    assert page.input.toPlainText() == "" and "still loading" in page.notice.text()
+    gated_bridge.load(load_options(b))
+    with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT) as done:
+        gated_bridge.load(load_options(chat_model))
+    assert done.args[1].reason == "length" and failed == []
+    assert not any("failed" in n.lower() for n in notices)
+    messages = store.messages(page.conversation_id)
+    assert [m.content for m in messages if m.role == "user"] == ["Hello there"]
+    assert messages[-1].meta["model"] == gated_bridge.model_info["name"]
+    assert gated_bridge.model_info["path"] == chat_model
+
+
+def test_cancelling_a_load_says_cancelled_not_failed(qtbot, gated_bridge, gui_env, chat_model, tiny_models):
+    page, _ = _page(qtbot, gated_bridge, gui_env)
+    with qtbot.waitSignal(gated_bridge.modelLoaded, timeout=TIMEOUT) as loaded:
+        gated_bridge.load(load_options(chat_model))
+    b = str(tiny_models["qwen2"])
+    gated_bridge.gated.add(b)
+    with qtbot.waitSignal(gated_bridge.modelLoading, timeout=TIMEOUT):
+        gated_bridge.load(load_options(b))
+    with qtbot.waitSignal(gated_bridge.loadFailed, timeout=TIMEOUT):
+        gated_bridge.cancel_load()
+    assert page.notice.text() == "Loading cancelled."
+    assert page.model_label.text().startswith(f"{loaded.args[0]['name']} ·") and page.send_button.isEnabled()

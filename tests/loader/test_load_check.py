@@ -1,0 +1,141 @@
+"""check_model, the pre-flight of every load in the app: what it says a load takes is what
+the load takes; it refuses, before the loaded model is given up, what the load would
+refuse; it says whether a model fits beside the loaded one (RAM faked). And a load stops
+between weight tensors when asked to, freeing what it had loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.api import Engine, InvalidRequestError, LoadCancelledError, OutOfMemoryError, check_model
+from engine.memory_plan import kv_headroom
+
+OPTIONS = dict(device="cpu", dtype="float32", attention="torch", max_model_len=256)
+TOTAL = 64 * 2**30
+
+
+@pytest.fixture
+def model(tiny_models) -> str:
+    return str(tiny_models["llama-tied"])
+
+
+@pytest.fixture
+def fake_ram(monkeypatch):
+    """``fake_ram["free"] = n``: the RAM check_model sees free, of ``fake_ram["total"]``
+    (the load itself is not fooled)."""
+    import engine.loader.load_check as load_check
+
+    fake = {"free": None, "total": TOTAL}
+    real = load_check.free_memory_bytes
+    monkeypatch.setattr(load_check, "free_memory_bytes",
+                        lambda device: (fake["free"], fake["total"]) if fake["free"] is not None else real(device))
+    return fake
+
+
+@pytest.mark.parametrize("kv_cache_memory", ["16MiB", None])
+def test_the_check_says_what_the_load_takes(model, kv_cache_memory):
+    check = check_model(model, kv_cache_memory=kv_cache_memory, **OPTIONS)
+    engine = Engine.load(model, kv_cache_memory=kv_cache_memory, **OPTIONS)
+    try:
+        info = engine.model_info
+        assert (check.name, check.device) == (info["name"], "cpu")
+        assert check.weights_bytes == info["weight_bytes"]
+        assert check.kv_cache_bytes == info["kv_cache_bytes"]
+        assert check.need_bytes == info["weight_bytes"] + info["kv_cache_bytes"]
+        assert check.fits_beside  # nothing loaded
+    finally:
+        engine.shutdown()
+
+
+def test_on_the_cpu_it_fits_beside_only_with_room_to_spare(model, fake_ram):
+    need = check_model(model, kv_cache_memory="16MiB", **OPTIONS).need_bytes
+    beside = dict(loaded_device="cpu", loaded_bytes=2**30, kv_cache_memory="16MiB", **OPTIONS)
+    fake_ram["free"] = need + kv_headroom(TOTAL)
+    assert check_model(model, **beside).fits_beside
+    fake_ram["free"] -= 1
+    check = check_model(model, **beside)
+    assert not check.fits_beside and check.free_bytes == fake_ram["free"]
+    # A model on another device gives back no RAM: nothing to gain by unloading it.
+    assert check_model(model, **dict(beside, loaded_device="cuda:0", loaded_bytes=0,
+                                     kv_cache_memory="1MiB")).fits_beside
+
+
+def test_the_default_cpu_kv_pool_must_come_out_as_large_as_alone(model, fake_ram):
+    """Beside another model the load sizes its pool from less free RAM (review finding 2):
+    a quarter of what the weights leave, at most 1 GiB (allowing many sequences here, so
+    that cap is what binds alone)."""
+    gib = 2**30
+    many = dict(OPTIONS, max_num_seqs=100_000)
+    weights = check_model(model, **many).weights_bytes
+    fake_ram.update(total=8 * gib)  # 0.5 GiB kept spare: never what decides here
+    beside = dict(loaded_device="cpu", loaded_bytes=2 * gib, **many)
+    fake_ram["free"] = weights + int(4.5 * gib)  # a quarter of 4.5 GiB: the full 1 GiB pool
+    assert check_model(model, **beside).fits_beside
+    fake_ram["free"] = weights + int(3.5 * gib)  # 0.875 GiB beside A, 1 GiB with A gone
+    check = check_model(model, **beside)
+    assert not check.fits_beside and check.kv_cache_bytes > int(0.99 * gib)
+
+
+def test_what_the_load_would_refuse_is_refused_first(model, fake_ram):
+    """Review finding 14: a context longer than the model's, an explicit KV cache or
+    weights that can't fit even with the loaded model unloaded."""
+    with pytest.raises(InvalidRequestError, match="longer than the model's"):
+        check_model(model, **dict(OPTIONS, max_model_len=100_000))
+    fake_ram.update(free=100 * 2**20, total=8 * 2**30)  # less than the 512 MiB kept spare
+    with pytest.raises(OutOfMemoryError, match="KV cache does not fit.*with the loaded model unloaded"):
+        check_model(model, kv_cache_memory="16MiB", loaded_device="cpu", loaded_bytes=2**20, **OPTIONS)
+    fake_ram["free"] = 2**20
+    with pytest.raises(OutOfMemoryError, match=r"weights need .* \(.* with the loaded model unloaded\)"):
+        check_model(model, loaded_device="cpu", loaded_bytes=2**20, **OPTIONS)
+
+
+def test_a_load_stops_between_weight_tensors_and_frees_what_it_loaded(model, monkeypatch):
+    """Review finding 7: a cancel is seen inside the weights loop, not after it."""
+    import weakref
+
+    import engine.loader.build as build
+    from engine.models.llama import LlamaForCausalLM
+
+    yielded, built = [], []
+    real_iter, real_materialize = build.iter_weights, LlamaForCausalLM.materialize
+
+    def counting_iter(path):
+        for item in real_iter(path):
+            yielded.append(item[0])
+            yield item
+
+    def recording_materialize(self, device):
+        built.append(weakref.ref(self))
+        return real_materialize(self, device)
+
+    monkeypatch.setattr(build, "iter_weights", counting_iter)
+    monkeypatch.setattr(LlamaForCausalLM, "materialize", recording_materialize)
+    total = len(list(real_iter(model)))
+    with pytest.raises(LoadCancelledError) as caught:
+        Engine.load(model, should_stop=lambda: len(yielded) >= 2, **OPTIONS)
+    assert len(yielded) == 2 < total
+    # While the error is held (its traceback keeps the half-built model's frames alive, as
+    # a caller handling it does, or a reference cycle would), the model holds no memory.
+    assert caught.value.__traceback__ is not None
+    partial = built[0]()
+    assert partial is not None and all(p.is_meta for p in partial.parameters())
+
+
+def test_a_cancel_after_the_weights_frees_them(model, monkeypatch):
+    import engine.loader.build as build
+    import engine.loader.engine_loader as engine_loader
+
+    built, released = [], []
+    real_build, real_release = build.build_native, engine_loader.release_runner
+    monkeypatch.setattr(build, "build_native", lambda *a, **k: (real_build(*a, **k), built.append(1))[0])
+    monkeypatch.setattr(engine_loader, "release_runner", lambda r: (released.append(r), real_release(r)))
+    with pytest.raises(LoadCancelledError):
+        Engine.load(model, should_stop=lambda: bool(built), **OPTIONS)
+    assert len(released) == 1 and released[0].model is None
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_model_never_loads_beside_another_on_the_same_card(model):
+    gpu = dict(OPTIONS, device="cuda:0", dtype="bfloat16", attention="auto", kv_cache_memory="16MiB")
+    assert not check_model(model, loaded_device="cuda:0", loaded_bytes=2**20, **gpu).fits_beside
+    assert check_model(model, loaded_device="cpu", loaded_bytes=2**20, **gpu).fits_beside
