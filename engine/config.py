@@ -113,3 +113,25 @@ def parse_bytes(text: str | int) -> int:
     if value <= 0:
         raise InvalidRequestError(f"{text!r} is no memory at all (less than 1 byte): {_SIZE_FORMS}.")
     return value
+
+
+def load_config(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                 attention: str = "auto", max_model_len: int | None = None,
+                 kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True, revision: str | None = None,
+                 force_fallback: bool = False, enforce_eager: bool = False,
+                 kv_cache_dtype: str = "auto") -> EngineConfig:
+    """The one EngineConfig of ``Engine.load``'s keywords (``check_model`` builds the same)."""
+    return EngineConfig(
+        model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
+                          max_model_len=max_model_len, force_fallback=force_fallback),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                          kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
+                          enable_prefix_caching=enable_prefix_caching,
+                          kv_cache_dtype=kv_cache_dtype),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens),
+        attention=attention,
+        enforce_eager=enforce_eager,
+    )

@@ -15,18 +15,17 @@ Keyboard: focus comes back to the message box after Send and Stop; Tab leaves th
 from __future__ import annotations
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence, QShortcut
-from PySide6.QtWidgets import (QApplication, QHBoxLayout, QMessageBox, QPushButton, QSizePolicy,
-                               QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import QApplication, QHBoxLayout, QMessageBox, QVBoxLayout, QWidget
 
 from app.gui.bridge_loading import LOAD_CANCELLED
-from app.gui.chat_layout import (ChatSplitter, PaneToggle, TranscriptScroll, scrolling_pane,
-                                 tab_stops)
+from app.gui.chat_bars import ChatHeader, MessageBar
+from app.gui.chat_layout import ChatSplitter, PaneToggle, scrolling_pane
 from app.gui.chat_list import ChatList
-from app.gui.chat_widgets import ChatInput, MessageWidget, NoticeBar, ParamsPanel
-from app.gui.elided_label import ElidedLabel
+from app.gui.chat_transcript import Transcript
+from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
 from app.gui.store_banner import StoreBanner
-from app.services.chat_store import DEFAULT_TITLE, ChatStore, Message, StorageError, history_for_model
+from app.services.chat_store import DEFAULT_TITLE, ChatStore, StorageError, history_for_model
 
 SAVE_INTERVAL_MS = 300
 RENDER_INTERVAL_MS = 50
@@ -45,7 +44,6 @@ class ChatPage(QWidget):
         self.store = store
         self.settings = settings
         self.conversation_id: int | None = None
-        self._widgets: list[MessageWidget] = []
         self._active: dict | None = None  # the answer being streamed
         self._pending_send: str | None = None  # typed while the model was still loading
         self._model_ready = False
@@ -64,60 +62,29 @@ class ChatPage(QWidget):
         left = self.chat_list
 
         # middle: transcript + input
-        self.transcript = QWidget()
-        self.transcript_layout = QVBoxLayout(self.transcript)
-        self.transcript_layout.addStretch(1)
-        self.scroll = TranscriptScroll()  # follows a growing answer unless scrolled up
-        self.scroll.setObjectName("transcript")
-        self.scroll.setWidget(self.transcript)
+        self.scroll = Transcript()  # follows a growing answer unless scrolled up
+        self.transcript = self.scroll.content
+        self.scroll.editRequested.connect(self.edit_message)
+        self.scroll.regenerateRequested.connect(self.regenerate)
+        self.scroll.versionRequested.connect(self.flip_version)
         self.notice = NoticeBar()
         self.store_banner = StoreBanner(store)  # chat history damaged, read-only, not saved
-        self.input = ChatInput()
-        self.input.setObjectName("chatInput")
-        self.input.setPlaceholderText("Message (Ctrl+Enter sends, Esc stops)")
-        self.input.setToolTip("Ctrl+Enter sends · Esc stops the answer · Tab moves on, "
-                              "Ctrl+Tab types a tab")
-        self.input.setMaximumHeight(120)
+        bar = MessageBar()
+        self.input, self.send_button, self.stop_button = bar.input, bar.send_button, bar.stop_button
         self.input.submitted.connect(lambda: self.send())
-        self.send_button = QPushButton("Send")
-        self.send_button.setObjectName("sendButton")
-        self.send_button.setToolTip("Send (Ctrl+Enter)")
         self.send_button.clicked.connect(lambda: (self.send(), self.input.setFocus()))
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setObjectName("stopButton")
-        self.stop_button.setToolTip("Stop the answer (Esc); the text so far is kept")
         self.stop_button.clicked.connect(lambda: (self.stop(), self.input.setFocus()))
-        self.stop_button.setEnabled(False)
-        buttons = QVBoxLayout()
-        buttons.addWidget(self.send_button)
-        buttons.addWidget(self.stop_button)
-        row = QHBoxLayout()
-        row.addWidget(self.input, 1)
-        row.addLayout(buttons)
-        self.model_label = ElidedLabel("No model loaded", mode=Qt.TextElideMode.ElideRight)  # never widens
-        self.model_label.setObjectName("chatModelLabel")
-        # A long model description must not widen the page (at 640 px it is cut).
-        self.model_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-        self.params_action = QAction("Parameters panel", self)
-        self.params_action.setIconText("Parameters")  # what the tool button shows
-        self.params_action.setObjectName("paramsAction")
-        self.params_action.setCheckable(True)
-        self.params_action.setToolTip("Show or hide the parameters panel (system prompt, "
-                                      "sampling)")
-        self.params_button = QToolButton()
-        self.params_button.setObjectName("paramsButton")
-        self.params_button.setDefaultAction(self.params_action)
-        header = QHBoxLayout()
-        header.addWidget(self.model_label, 1)
-        header.addWidget(self.params_button)
+        header = ChatHeader()
+        self.model_label, self.params_action = header.model_label, header.params_action
+        self.params_button = header.params_button
         middle = QWidget()
         ml = QVBoxLayout(middle)
         ml.setContentsMargins(0, 0, 0, 0)
-        ml.addLayout(header)
+        ml.addWidget(header)
         ml.addWidget(self.store_banner)
         ml.addWidget(self.scroll, 1)
         ml.addWidget(self.notice)
-        ml.addLayout(row)
+        ml.addWidget(bar)
 
         # right: parameters
         self.params = ParamsPanel(settings)
@@ -214,9 +181,9 @@ class ChatPage(QWidget):
     def _show_messages_from(self, position: int) -> None:
         """Rebuild the transcript from the ``position``-th message on (the ones above stay,
         so a version flip doesn't move what the user is looking at)."""
-        self._drop_widgets_from(position)
+        self.scroll.drop_from(position)
         for m in self.store.messages(self.conversation_id)[position:]:
-            self._show_message(m)
+            self.scroll.add_message(m)
         if self._active:
             # The streaming answer keeps going (and being saved) while another conversation
             # is shown; it has a widget only while its own conversation is on screen.
@@ -224,48 +191,16 @@ class ChatPage(QWidget):
             self._active["widget"] = self._widget_for(self._active["msg_id"]) if same else None
         self._update_buttons()
 
-    def _drop_widgets_from(self, position: int) -> None:
-        for w in self._widgets[position:]:
-            w.setParent(None)
-            w.deleteLater()
-        del self._widgets[position:]
-
-    def _show_message(self, m: Message) -> MessageWidget:
-        w = self._append_widget(m.id, m.role, m.content, m.status, m.meta)
-        w.set_versions(m.version, m.version_count)
-        return w
-
     def _on_system_prompt(self, text: str) -> None:
         if self.conversation_id is not None:
             self.store.set_system_prompt(self.conversation_id, text)
 
     # -- transcript widgets ------------------------------------------------------------
-    def _append_widget(self, msg_id, role, text, status="complete", meta=None) -> MessageWidget:
-        w = MessageWidget(msg_id, role, text, status, meta)
-        w.editRequested.connect(self.edit_message)
-        w.regenerateRequested.connect(self.regenerate)
-        w.versionRequested.connect(self.flip_version)
-        self.transcript_layout.insertWidget(self.transcript_layout.count() - 1, w)
-        self._widgets.append(w)
-        self._place_in_tab_order(w)
-        return w
-
-    def _place_in_tab_order(self, w: MessageWidget) -> None:
-        """Tab goes through the messages between the transcript and the message box (Qt
-        would put a widget made later after every other control, past the parameters)."""
-        previous = self.scroll
-        if len(self._widgets) > 1:
-            stops = tab_stops(self._widgets[-2])
-            previous = stops[-1] if stops else previous
-        for stop in tab_stops(w):
-            QWidget.setTabOrder(previous, stop)
-            previous = stop
-
     def _widget_for(self, msg_id: int) -> MessageWidget | None:
-        return next((w for w in self._widgets if w.msg_id == msg_id), None)
+        return self.scroll.widget_for(msg_id)
 
     def message_widgets(self) -> list[MessageWidget]:
-        return list(self._widgets)
+        return list(self.scroll.widgets)
 
     def _scroll_to_end(self) -> None:
         """Show the end of the transcript, now and as it grows (until the user scrolls up)."""
@@ -313,7 +248,7 @@ class ChatPage(QWidget):
             self.input.setPlainText(text)
             self.notice.show_message(f"Your message could not be kept: {exc}")
             return
-        self._append_widget(msg.id, "user", text)
+        self.scroll.append(msg.id, "user", text)
         self._maybe_title(text)
         self._start_answer()
 
@@ -338,7 +273,7 @@ class ChatPage(QWidget):
         except StorageError as exc:
             self.notice.show_message(f"The answer could not be started: {exc}")
             return
-        widget = self._append_widget(msg.id, "assistant", "", "streaming", {"model": model})
+        widget = self.scroll.append(msg.id, "assistant", "", "streaming", {"model": model})
         widget.set_versions(msg.version, msg.version_count)
         system = self.params.system_prompt.toPlainText().strip() or None
         rid = self.bridge.submit(messages=history, system=system, params=self.params.sampling_params())
@@ -362,7 +297,7 @@ class ChatPage(QWidget):
             return
         self._cancel_edit()
         # The new version takes the old one's place, with nothing after it yet.
-        self._drop_widgets_from(self._widgets.index(old))
+        self.scroll.drop_from(self.scroll.widgets.index(old))
         self._start_answer(version_of=msg_id)
 
     def flip_version(self, msg_id: int, step: int) -> None:
@@ -377,7 +312,7 @@ class ChatPage(QWidget):
             return
         self.store.select_version(versions[target])
         self.scroll.stop_following()  # stay at the flipped answer, not the end
-        self._show_messages_from(self._widgets.index(w))
+        self._show_messages_from(self.scroll.widgets.index(w))
 
     def _cancel_edit(self) -> None:
         if self._editing is not None:
@@ -410,7 +345,7 @@ class ChatPage(QWidget):
         note = self.store.add_message(a["conv"], "notice", text)
         if self.conversation_id == a["conv"]:
             # In id order, as a reload shows it: right after the answer it applies to.
-            self._append_widget(note.id, "notice", text)
+            self.scroll.append(note.id, "notice", text)
 
     def _on_token(self, rid: str, text: str) -> None:
         a = self._active
@@ -521,7 +456,7 @@ class ChatPage(QWidget):
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
         self._esc.setEnabled(busy)
-        for w in self._widgets:
+        for w in self.scroll.widgets:
             w.set_actions_enabled(not busy and self._model_ready)
             w.set_versions_enabled(not busy)  # no model needed to look at another version
         if reclaim:

@@ -41,7 +41,7 @@ def cheap_engines(tiny_models):
                                        True)
     real_release = engine_loader.release_runner
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_loader, "load_model", lambda config, progress=None: loaded)
+        mp.setattr(engine_loader, "load_model", lambda config, progress=None, should_stop=None: loaded)
         mp.setattr(engine_loader, "release_runner", lambda runner: None)
         mp.setattr(engine_loader, "return_freed_memory", lambda collect=False: None)
         yield lambda: Engine(first.config)

@@ -198,7 +198,7 @@ def test_a_setting_without_a_dialog_field_is_left_out():
     import torch
 
     from app.gui.error_text import gui_error_text
-    from engine.api import _describe_failure  # the wording of a failed step
+    from engine.llm_engine import _describe_failure  # the wording of a failed step
 
     message, options = _describe_failure(torch.OutOfMemoryError("CUDA out of memory"))
     assert "--max-num-seqs" in message  # the CLI's advice

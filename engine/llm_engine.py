@@ -1,0 +1,411 @@
+"""``Engine``: one loaded model serving requests from any thread (the class behind
+``engine.api``; import it from there).
+
+``submit`` is thread-safe and returns a ``RequestHandle`` whose events stream as the
+engine's own loop thread (schedule -> run -> update) produces them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+
+from engine.config import EngineConfig, load_config
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+from engine.errors import EngineDeadError, InvalidRequestError, LoadCancelledError
+from engine.events import EngineStats
+from engine.output import RequestState
+from engine.requests import Completion, Request, RequestHandle
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import check_text
+
+log = logging.getLogger("hearth.engine")
+
+
+class Engine:
+    """Loads one model and serves requests from any thread. Use ``Engine.load(...)``."""
+
+    def __init__(self, config: EngineConfig, *, progress=None, should_stop=None) -> None:
+        from engine.loader.engine_loader import load_model, release_runner  # torch-heavy: import on use
+
+        self.config = config
+        loaded = load_model(config, progress=progress, should_stop=should_stop)
+        try:
+            self._start(config, loaded, progress, should_stop)
+        except BaseException:  # a cancel or failure past load_model: free the model now
+            release_runner(loaded.runner)
+            raise
+
+    def _start(self, config: EngineConfig, loaded, progress, should_stop) -> None:
+        self.model_info = loaded.info
+        self.tokenizer = loaded.tokenizer
+        self.runner = loaded.runner
+        self.max_model_len = loaded.max_model_len
+        self.block_manager = BlockManager(loaded.num_blocks, config.cache.block_size,
+                                          enable_prefix_caching=loaded.prefix_caching)
+        # Pipelined decode (CUDA graphs) launches each step before the host sees the last
+        # one's tokens: it needs one slot of lookahead per decoding sequence.
+        pipelined = self.runner.graphs is not None
+        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens,
+                                   lookahead_slots=1 if pipelined else 0)
+        self._cv = threading.Condition()
+        self._inbox: list[RequestState] = []
+        self._aborts: list[str] = []
+        self._states: dict[str, RequestState] = {}
+        self._stop = False
+        self._dead: str | None = None
+        self._ids = itertools.count()
+        self._gen_window: deque[tuple[float, int, int]] = deque()
+        self._num_preemptions = 0
+        self._num_finished = 0
+        # Per-length attention work (cuDNN SDPA plans) is prepared on the engine thread,
+        # which runs every step: torch keeps those plans per thread. Load returns after it.
+        self._warm_tokens = self.runner.attention_warmup_tokens(
+            min(config.scheduler.max_num_batched_tokens, self.max_model_len))
+        self._ready = threading.Event()
+        self._warmed = 0
+        if self._warm_tokens:
+            msg = f"preparing prompt attention for lengths up to {self._warm_tokens} tokens"
+            progress(msg) if progress else log.info(msg)
+        if should_stop is not None and should_stop():
+            raise LoadCancelledError("loading cancelled")
+        self._thread = threading.Thread(target=self._loop, name="hearth-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._warm_tokens:
+            self.model_info["prompt_attention_lengths"] = self._warmed
+
+    @classmethod
+    def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
+             attention: str = "auto", max_model_len: int | None = None,
+             kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
+             block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+             enable_prefix_caching: bool = True, revision: str | None = None,
+             force_fallback: bool = False, enforce_eager: bool = False,
+             kv_cache_dtype: str = "auto", progress=None, should_stop=None) -> "Engine":
+        """Load a model. ``progress(message)`` hears each stage; ``should_stop()`` is asked
+        between the stages and before each weight tensor, and True stops the load with
+        ``LoadCancelledError``, freeing what it had taken."""
+        cfg = load_config(model, device=device, dtype=dtype, attention=attention,
+                           max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
+                           num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens,
+                           enable_prefix_caching=enable_prefix_caching, revision=revision,
+                           force_fallback=force_fallback, enforce_eager=enforce_eager,
+                           kv_cache_dtype=kv_cache_dtype)
+        return cls(cfg, progress=progress, should_stop=should_stop)
+
+    # -- client side (any thread) ------------------------------------------------------
+    def submit(self, request: Request | str, params: SamplingParams | None = None) -> RequestHandle:
+        """Validate and enqueue; raises InvalidRequestError for bad input (text that is
+        not valid Unicode, such as undecodable bytes from a terminal, included).
+
+        Every handle returned ends with exactly one FinishedEvent, whatever happens to the
+        engine meanwhile: a request still running when ``shutdown`` starts ends with reason
+        "abort" (error "engine shut down"), one caught by the engine loop dying with
+        "error". Once ``shutdown`` has started or the loop has died, ``submit`` returns no
+        handle: it raises EngineDeadError (a HearthError), even for a call that began
+        before and was still tokenizing its prompt.
+        """
+        if isinstance(request, str):
+            request = Request(prompt=request, params=params or SamplingParams())
+        self._check_alive()  # fail fast, before tokenizing
+        _check_request_text(request)
+        ids = self._prompt_ids(request)
+        rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        seq = Sequence(rid, ids, params=request.params)
+        state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len,
+                                    self.model_info["implementation"],
+                                    report_progress=request.prompt_progress)
+        with self._cv:
+            # Checked again under the lock that shutdown and the dying loop take before
+            # they end every registered request: a request registered here is one they
+            # will see, and none is registered after they looked.
+            self._check_alive()
+            if rid in self._states:
+                raise InvalidRequestError(f"request id {rid!r} is already in use")
+            self._states[rid] = state
+            self._inbox.append(state)
+            self._cv.notify()
+        return RequestHandle(rid, state.events, self)
+
+    def _check_alive(self) -> None:
+        if self._dead or self._stop:
+            raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
+
+    def generate(self, prompts: list[str | Request], params: SamplingParams | None = None) -> list[Completion]:
+        """Submit all at once (continuous batching) and wait for every result, in order."""
+        handles = [self.submit(p, params) for p in prompts]
+        return [h.result() for h in handles]
+
+    def abort(self, request_id: str) -> None:
+        """End ``request_id`` with reason "abort" (its handle gets the FinishedEvent).
+        A no-op for an unknown or finished request, and after shutdown (which ends every
+        unfinished request itself)."""
+        with self._cv:
+            if self._stop or self._dead:
+                return
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's load; after ``shutdown`` (or the loop's death)
+        nothing is running or waiting."""
+        bm = self.block_manager
+        with self._cv:  # the inbox is swapped by the loop thread
+            inbox = len(self._inbox)
+            stopped = self._stop or self._dead
+        if stopped:
+            return self._stopped_stats()
+        now = time.perf_counter()
+        window = [w for w in list(self._gen_window) if now - w[0] <= 5.0]
+        span = max(now - window[0][0], 1e-3) if window else 1.0
+        mem = self.runner_memory()
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + inbox,
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            block_size=bm.block_size,
+            prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            generation_tok_s=sum(w[1] for w in window) / span if window else 0.0,
+            prompt_tok_s=sum(w[2] for w in window) / span if window else 0.0,
+            num_preemptions=self._num_preemptions,
+            requests_finished=self._num_finished,
+            memory=mem,
+        )
+
+    def _stopped_stats(self) -> EngineStats:
+        # The scheduler was emptied when the engine stopped (or its loop died); if the loop
+        # thread hung, it still holds sequences whose requests have ended: report none.
+        bm = self.block_manager
+        return EngineStats(
+            num_running=0, num_waiting=0, kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks, kv_blocks_free=bm.num_free_blocks,
+            block_size=bm.block_size, prefix_cache_hit_rate=bm.prefix_cache_hit_rate,
+            generation_tok_s=0.0, prompt_tok_s=0.0, num_preemptions=self._num_preemptions,
+            requests_finished=self._num_finished, memory=self.runner_memory(),
+        )
+
+    def runner_memory(self) -> dict:
+        from engine.metrics import memory_snapshot
+
+        return memory_snapshot(self)
+
+    def shutdown(self) -> None:
+        """Stop the engine thread, end unfinished requests (reason "abort", error "engine
+        shut down": each handle gets its one FinishedEvent) and free the model's weights,
+        KV cache and CUDA graphs. The engine can't be used afterwards: ``submit`` raises
+        EngineDeadError (also for a call racing this one), ``abort`` and a second
+        ``shutdown`` do nothing, ``stats`` shows nothing running or waiting."""
+        with self._cv:
+            self._stop = True  # from here on submit raises and nothing new is registered
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        stopped = not self._thread.is_alive()
+        with self._cv:
+            states = list(self._states.values())
+            self._states.clear()
+            self._inbox.clear()
+            self._aborts.clear()
+            runner, self.runner = self.runner, None
+        for state in states:
+            # RequestState.finish sends its event only once: a loop thread that did not
+            # stop may finish the same request; the handle still gets exactly one.
+            if state.finish("abort", error="engine shut down") is not None:
+                self._num_finished += 1
+        if stopped:  # the loop is gone: its scheduler is ours to empty (frees the KV blocks)
+            self._clear_scheduler()
+        if runner is None:
+            return  # shut down before
+        if not stopped:
+            log.warning("the engine thread did not stop within 30 s; its model stays in memory")
+            return
+        from engine.loader.engine_loader import release_runner, return_freed_memory
+
+        # Free the tensors themselves: the runner may still be referenced from elsewhere.
+        release_runner(runner)
+        return_freed_memory()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def _prompt_ids(self, r: Request) -> list[int]:
+        given = [x is not None for x in (r.prompt, r.messages, r.prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt, messages or prompt_token_ids")
+        if r.messages is not None:
+            if not r.messages:
+                raise InvalidRequestError("messages is empty: send at least one message")
+            ids = self.tokenizer.apply_chat_template(r.messages, system=r.system)
+        elif r.prompt is not None:
+            if r.system:
+                raise InvalidRequestError("a system prompt needs chat mode (messages / --chat)")
+            if not r.prompt.strip():
+                raise InvalidRequestError("the prompt is empty: type something to continue")
+            ids = self.tokenizer.encode(r.prompt)
+        else:
+            ids = list(r.prompt_token_ids)
+            bad = [t for t in ids if not (0 <= t < self.model_info["vocab_size"])]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_info['vocab_size'] - 1})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty after tokenization")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}: "
+                "shorten the prompt or load the model with a longer context (--max-model-len).",
+                options=("max_model_len",),
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) >= capacity:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}: "
+                "give the KV cache more memory (--kv-cache-memory) or shorten the prompt.",
+                options=("kv_cache_memory",),
+            )
+        return ids
+
+    # -- engine thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            try:
+                if self._warm_tokens:
+                    self._warmed = self.runner.warm_attention(self._warm_tokens)
+            finally:
+                self._ready.set()
+            while True:
+                with self._cv:
+                    while not (self._stop or self._inbox or self._aborts or self.scheduler.has_work()):
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    new, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, []
+                for state in new:
+                    self.scheduler.add(state.seq)
+                for rid in aborts:
+                    state = self._states.get(rid)
+                    if state is not None and not state.finished:
+                        self._finish(state, "abort")
+                if self.scheduler.has_work():
+                    self.step()
+        except BaseException as e:  # the loop must never die silently
+            log.exception("engine loop died")
+            with self._cv:  # with submit's lock: no request registers after this snapshot
+                self._dead = f"the engine stopped after an internal error: {e}. Reload the model."
+                states = list(self._states.values())
+                self._states.clear()
+                self._inbox.clear()
+                self._aborts.clear()
+            for state in states:
+                if state.finish("error", error=self._dead) is not None:
+                    self._num_finished += 1
+            self._clear_scheduler()
+
+    def _clear_scheduler(self) -> None:
+        """Take every sequence out of the scheduler, freeing its KV blocks, once the loop
+        thread has stopped (their requests have ended already)."""
+        sched = self.scheduler
+        try:
+            for seq in list(sched.running) + list(sched.waiting):
+                sched.finish(seq.request_id, "abort")
+        except Exception:  # a scheduler broken by the loop's own failure: drop its queues
+            log.exception("could not empty the scheduler")
+            sched.running.clear()
+            sched.waiting.clear()
+
+    def step(self) -> None:
+        """One iteration: schedule -> run -> update -> emit."""
+        out = self.scheduler.schedule()
+        for seq in out.finished:
+            self._finish(self._states[seq.request_id], seq.finish_reason or "length", already=True)
+        self._num_preemptions += len(out.preempted)
+        if not out.scheduled:
+            return
+        now = time.perf_counter()
+        reading: list[RequestState] = []  # prompt chunks this step, for progress events
+        for sc in out.scheduled:
+            st = self._states[sc.seq.request_id]
+            first = st.t_scheduled is None
+            if first:
+                st.t_scheduled = now
+            if st.report_progress and sc.seq.num_output_tokens == 0:
+                reading.append(st)
+                if first:  # a long prompt's first chunk takes a while: say it started
+                    st.on_prompt_progress()
+        try:
+            res = self.runner.execute(out)
+        except Exception as e:
+            msg, options = _describe_failure(e)
+            log.exception("model step failed")
+            for sc in out.scheduled:
+                self._finish(self._states[sc.seq.request_id], "error", error=msg,
+                             error_options=options)
+            return
+        self.scheduler.update(out, res.token_ids)
+        for st in reading:  # before the first token's event, which the last chunk samples
+            st.on_prompt_progress()
+        now = time.perf_counter()
+        sampled = [sc.seq for sc in out.scheduled if sc.sample]
+        decodes = sum(1 for sc in out.scheduled if sc.sample and sc.seq.num_output_tokens > 1)
+        prompt_tokens = out.num_batched_tokens - decodes
+        self._gen_window.append((now, len(sampled), prompt_tokens))
+        while self._gen_window and now - self._gen_window[0][0] > 10:
+            self._gen_window.popleft()
+        lps = res.logprobs or [None] * len(sampled)
+        for seq, token, lp in zip(sampled, res.token_ids, lps):
+            st = self._states[seq.request_id]
+            done = st.on_token(token, lp if seq.params.logprobs is not None else None, now)
+            if done is not None:
+                self._finish(st, done[0], stop=done[1])
+
+    def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False,
+                error_options: tuple[str, ...] = ()) -> None:
+        if not already:
+            self.scheduler.finish(state.seq.request_id, reason)
+        if self.runner is not None:
+            self.runner.release(state.seq.request_id)
+        if state.finish(reason, stop=stop, error=error, error_options=error_options) is not None:
+            self._num_finished += 1
+        with self._cv:
+            self._states.pop(state.seq.request_id, None)
+
+
+def _check_request_text(r: Request) -> None:
+    """Refuse text the tokenizer can't encode (lone surrogates: undecodable bytes from a
+    terminal or a file), naming the field, before any of it is tokenized."""
+    if isinstance(r.prompt, str):
+        check_text(r.prompt, "the prompt")
+    if isinstance(r.system, str):
+        check_text(r.system, "the system prompt")
+    if isinstance(r.messages, list):
+        for i, m in enumerate(r.messages):
+            if isinstance(m, dict):
+                for key, value in m.items():
+                    check_text(value, f"messages[{i}].{key}")
+    for stop in getattr(r.params, "stop", None) or ():
+        check_text(stop, f"the stop string {stop!r}")
+
+
+def _describe_failure(e: Exception) -> tuple[str, tuple[str, ...]]:
+    """The error text for a failed step, and the Engine.load keywords it names (as
+    ``HearthError.options``)."""
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return ("out of GPU memory during a step: run fewer requests at once (--max-num-seqs), "
+                "give the KV cache less memory (--kv-cache-memory), or use a smaller / "
+                "quantized model.", ("max_num_seqs", "kv_cache_memory"))
+    return f"the model step failed: {type(e).__name__}: {e}", ()
