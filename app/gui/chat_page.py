@@ -238,7 +238,10 @@ class ChatPage(QWidget):
             self.notice.show_message("No model is loaded: load one on the Models page.")
             return
         if self._editing is not None and self._editing[0] == self.conversation_id:
-            self.store.delete_from(self.conversation_id, self._editing[1])
+            # Only a message on the path shown is replaced (with what followed it there); one
+            # hidden by a version flip since is never deleted unseen.
+            if self._editing[1] in {m.id for m in self.store.messages(self.conversation_id)}:
+                self.store.delete_from(self.conversation_id, self._editing[1])
             self._editing = None
             self.open_conversation(self.conversation_id)
         self.input.clear()
@@ -310,6 +313,7 @@ class ChatPage(QWidget):
         target = versions.index(msg_id) + step if msg_id in versions else -1
         if not 0 <= target < len(versions):
             return
+        self._cancel_edit()  # the message being edited may belong to the path flipped away
         self.store.select_version(versions[target])
         self.scroll.stop_following()  # stay at the flipped answer, not the end
         self._show_messages_from(self.scroll.widgets.index(w))

@@ -179,6 +179,7 @@ class MessageWidget(QFrame):
         self.footer = QLabel()
         self.footer.setObjectName("messageFooter")
         self.footer.setWordWrap(True)  # a long error wraps rather than widen the transcript
+        self.footer.setTextFormat(Qt.TextFormat.PlainText)  # an error quoting "<tag>" is text
         self.footer.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.footer.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.footer.setEnabled(False)  # greyed, in light and dark palettes alike
@@ -387,6 +388,7 @@ class NoticeBar(QLabel):
         super().__init__(parent)
         self.setObjectName("noticeBar")
         self.setWordWrap(True)
+        self.setTextFormat(Qt.TextFormat.PlainText)  # messages quote user and engine text
         self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.setFrameShape(QFrame.StyledPanel)
         self.setContentsMargins(6, 4, 6, 4)

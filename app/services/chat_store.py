@@ -373,7 +373,8 @@ class ChatStore:
         if m is None or m.conversation_id != conv_id:
             return
         self._db.execute(
-            "DELETE FROM messages WHERE id IN (WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL "
+            # UNION, not UNION ALL: a damaged file's parent cycle ends instead of running forever.
+            "DELETE FROM messages WHERE id IN (WITH RECURSIVE sub(id) AS (SELECT ? UNION "
             "SELECT c.id FROM messages c JOIN sub ON c.parent_id = sub.id) SELECT id FROM sub)",
             (msg_id,))
         if m.active:
@@ -404,9 +405,11 @@ class ChatStore:
             " UNION ALL"
             " SELECT (SELECT m.id FROM messages m WHERE m.parent_id = path.id"
             "         ORDER BY m.active DESC, m.id DESC LIMIT 1), depth + 1"
-            " FROM path WHERE path.id IS NOT NULL AND depth < :most)"
+            # No path is longer than the conversation: the bound ends a damaged file's cycle.
+            " FROM path WHERE path.id IS NOT NULL"
+            "  AND depth < (SELECT COUNT(*) FROM messages WHERE conversation_id=:c))"
             " SELECT id FROM path WHERE id IS NOT NULL ORDER BY depth DESC LIMIT 1",
-            {"c": conv_id, "most": 10_000_000}).fetchone()  # the bound stops a damaged file's cycle
+            {"c": conv_id}).fetchone()
         return row[0] if row else None
 
 

@@ -36,8 +36,20 @@ def _streaming(page) -> bool:
     return page._active is not None and len(page._active["text"]) > 0
 
 
+def _slow_steps(bridge, seconds: float = 0.03) -> None:
+    """Make each engine step of the loaded model take a while, so an answer is still
+    streaming when the test stops it (the tiny model writes its whole answer in well under
+    a second, which a busy machine can spend between two lines of a test)."""
+    import time
+
+    engine = bridge._worker.engine
+    real_step = engine.step
+    engine.step = lambda: (time.sleep(seconds), real_step())[1]
+
+
 def test_focus_returns_to_the_message_box_after_send_and_stop(qtbot, bridge, gui_env, chat_model):
     _load(qtbot, bridge, chat_model)
+    _slow_steps(bridge)
     page, _ = _page(qtbot, bridge, gui_env, max_tokens=400)
     page.input.setPlainText("Tell me a long story")
     qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
@@ -60,6 +72,7 @@ def _window(qtbot, bridge, gui_env):
 
 def test_esc_stops_after_regenerate_and_from_anywhere_in_the_page(qtbot, bridge, gui_env, chat_model):
     _load(qtbot, bridge, chat_model)
+    _slow_steps(bridge)
     window = _window(qtbot, bridge, gui_env)  # in the window, focus can leave the page
     window.show()
     window.activateWindow()

@@ -363,3 +363,31 @@ def test_versions_cannot_flip_while_an_answer_streams(qtbot, gui_env, store):
         answer = page.message_widgets()[-1]
         assert page.is_answering and not answer.prev_version_button.isEnabled()
     assert answer.prev_version_button.isEnabled()
+
+
+def test_editing_then_flipping_a_version_never_deletes_the_hidden_branch(qtbot, gui_env, store):
+    """Review finding: Edit on Q2 (under version 1 of A1), then a flip to version 2 and Send
+    deleted Q2 and A2 unseen. Flipping now ends the edit; what is sent is a new message."""
+    bridge = ScriptedBridge(["A1", "A2", "A1 redone", "A3"])
+    page = _page(qtbot, gui_env, store, bridge=bridge)
+    _send(qtbot, page, "Q1")
+    _send(qtbot, page, "Q2")
+    with qtbot.waitSignal(page.answerFinished, timeout=5000):
+        page.regenerate(page.message_widgets()[1].msg_id)
+    page.flip_version(page.message_widgets()[1].msg_id, -1)  # back to A1, Q2, A2
+    page.edit_message(page.message_widgets()[2].msg_id)       # edit Q2
+    page.flip_version(page.message_widgets()[1].msg_id, +1)  # to "A1 redone": Q2 is hidden
+    page.input.setPlainText("Q2 edited")
+    with qtbot.waitSignal(page.answerFinished, timeout=5000):
+        page.send()
+    assert {"Q2", "A2"} <= {m.content for m in store.all_messages(page.conversation_id)}
+    assert [w.text for w in page.message_widgets()] == ["Q1", "A1 redone", "Q2 edited", "A3"]
+
+
+def test_a_parent_cycle_in_a_damaged_file_does_not_hang_deleting_or_adding(store):
+    conv = _chat(store, "Loop", "a", "b")
+    first, second = store.messages(conv)
+    store._db.execute("UPDATE messages SET parent_id=? WHERE id=?", (second.id, first.id))
+    store.add_message(conv, "user", "after")  # walks the selected path: must end
+    store.delete_from(conv, first.id)         # walks the subtree: must end
+    assert store.message(first.id) is None
