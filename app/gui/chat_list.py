@@ -292,9 +292,9 @@ class ChatList(QWidget):
         def write(target: Path) -> str:
             target.write_text(writer(conv, self.store.all_messages(conv_id)), encoding="utf-8")
             return f"“{conv.title}”"
-        line = write_export(path, write, self.settings)
-        self.message.emit(line)
-        return path if line.startswith("Saved") else None
+        result = write_export(path, write, self.settings)
+        self.message.emit(result.message)
+        return path if result.saved else None
 
     def _dialog_save_path(self, caption: str, suggested: str, name_filter: str) -> str | None:
         start = str(Path(export_start_dir(self.settings)) / suggested)
