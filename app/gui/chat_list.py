@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QLabel, QLineEdit
                                QListWidgetItem, QMenu, QPushButton, QVBoxLayout, QWidget)
 
 from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
+from app.gui.store_guard import StoreGuard
 from app.services.chat_export import suggested_file_name, to_json, to_markdown
 from app.services.chat_store import ChatStore
 
@@ -51,6 +52,7 @@ class ChatList(QWidget):
         self.current_id: int | None = None
         self.choose_save_path = self._dialog_save_path
         self.confirm_overwrite = ask_overwrite(self)  # (path) -> bool; tests replace it
+        self._store_write = StoreGuard(self.message.emit)  # a failed write: a line, no traceback
 
         self.search_box = QLineEdit()
         self.search_box.setObjectName("chatSearch")
@@ -93,26 +95,33 @@ class ChatList(QWidget):
         lay.addWidget(self.list, 1)
 
     # -- the list ------------------------------------------------------------------------
-    def initial_conversation(self) -> int:
+    def initial_conversation(self) -> int | None:
         """The conversation to open at start: the one open last time, else the newest, else
-        a new one. Empty leftovers of earlier sessions (see ``ChatStore.is_leftover``) are
-        deleted first, except the one reopened."""
+        a new one (None if none could be made). Empty leftovers of earlier sessions (see
+        ``ChatStore.is_leftover``) are deleted first, except the one reopened."""
         last = self.settings.value(LAST_CONVERSATION_KEY)
         last = int(last) if last is not None and self.store.conversation(int(last)) else None
-        self.store.delete_leftovers(keep=last)
+        with self._store_write("Empty chats of earlier sessions could not be deleted"):
+            self.store.delete_leftovers(keep=last)
         if last is not None:
             return last
         convs = self.store.conversations()
-        return convs[0].id if convs else self.store.create_conversation().id
+        if convs:
+            return convs[0].id
+        with self._store_write("A new chat could not be started"):
+            return self.store.create_conversation().id
+        return None
 
     def drop_if_leftover(self, conv_id: int) -> bool:
         """Delete a conversation the user is leaving if it was never used (see
         ``ChatStore.is_leftover``); True if it went."""
         if not self.store.is_leftover(conv_id):
             return False
-        self.store.delete_conversation(conv_id)
-        self.remove(conv_id)
-        return True
+        with self._store_write("An empty chat could not be deleted") as deleted:
+            self.store.delete_conversation(conv_id)
+        if deleted.ok:
+            self.remove(conv_id)
+        return deleted.ok
 
     def reload(self, select: int | None = None) -> None:
         """Refill the list (filtered by the search box); mark ``select`` (default: the
@@ -213,7 +222,11 @@ class ChatList(QWidget):
         if title != item.text():
             self.set_title(conv_id, title)
         if title != conv.title:
-            self.store.rename(conv_id, title)
+            with self._store_write("The chat could not be renamed") as renamed:
+                self.store.rename(conv_id, title)
+            if not renamed.ok:  # the list shows the title the chat still has
+                self.set_title(conv_id, conv.title)
+                return
             self.renamed.emit(conv_id, title)
 
     # -- menu ----------------------------------------------------------------------------
@@ -256,7 +269,10 @@ class ChatList(QWidget):
         """Copy a conversation (messages, versions, system prompt) and open the copy."""
         if self.store.conversation(conv_id) is None:
             return None
-        copy = self.store.duplicate_conversation(conv_id)
+        with self._store_write("The chat could not be duplicated") as copied:
+            copy = self.store.duplicate_conversation(conv_id)
+        if not copied.ok:
+            return None
         self.clear_search()
         self.reload(select=copy.id)
         self.picked.emit(copy.id)
@@ -276,9 +292,9 @@ class ChatList(QWidget):
         def write(target: Path) -> str:
             target.write_text(writer(conv, self.store.all_messages(conv_id)), encoding="utf-8")
             return f"“{conv.title}”"
-        line = write_export(path, write, self.settings)
-        self.message.emit(line)
-        return path if line.startswith("Saved") else None
+        result = write_export(path, write, self.settings)
+        self.message.emit(result.message)
+        return path if result.saved else None
 
     def _dialog_save_path(self, caption: str, suggested: str, name_filter: str) -> str | None:
         start = str(Path(export_start_dir(self.settings)) / suggested)

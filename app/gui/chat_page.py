@@ -3,7 +3,8 @@
 Every message is in the SQLite store before it is on screen; a streamed answer is saved
 as it grows (at most every 300 ms) so a crash or kill loses almost nothing. When the disk
 can't take it (full, read-only) the store keeps the chats in memory and the banner over
-the transcript says so until they are saved again; the page carries on either way. One answer
+the transcript says so until they are saved again; the page carries on either way. A write
+the store refuses (its file stays locked) is a line in the notice bar (``StoreGuard``). One answer
 streams at a time per window: Send is disabled while one runs, Stop (or Esc, wherever
 focus is in the window while this page shows) aborts it and keeps the partial text.
 
@@ -13,6 +14,8 @@ Keyboard: focus comes back to the message box after Send and Stop; Tab leaves th
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
@@ -25,9 +28,11 @@ from app.gui.chat_list import ChatList
 from app.gui.chat_transcript import Transcript
 from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
 from app.gui.store_banner import StoreBanner
-from app.services.chat_store import DEFAULT_TITLE, ChatStore, StorageError, history_for_model
+from app.gui.store_guard import RetriedSaves, StoreGuard
+from app.services.chat_store import DEFAULT_TITLE, ChatStore, history_for_model
 
 SAVE_INTERVAL_MS = 300
+SAVE_AGAIN_MS = 5000  # after a save the store refused (its file stayed locked)
 RENDER_INTERVAL_MS = 50
 LIST_WIDTH = 200
 PARAMS_WIDTH = 260
@@ -68,6 +73,11 @@ class ChatPage(QWidget):
         self.scroll.regenerateRequested.connect(self.regenerate)
         self.scroll.versionRequested.connect(self.flip_version)
         self.notice = NoticeBar()
+        # Every store write goes through this: a failure is a line in the notice bar.
+        self._store_write = StoreGuard(self.notice.show_message)
+        # A finished answer's last save, refused: the answer stays on screen meanwhile.
+        self._answer_ends = RetriedSaves(self._store_write, "The answer could not be saved; it stays on "
+                                         "screen, and saving it is tried again", self, SAVE_AGAIN_MS)
         self.store_banner = StoreBanner(store)  # chat history damaged, read-only, not saved
         bar = MessageBar()
         self.input, self.send_button, self.stop_button = bar.input, bar.send_button, bar.stop_button
@@ -143,11 +153,12 @@ class ChatPage(QWidget):
         """Start a new chat, or stay in this one if it is still an empty leftover (no
         pile of empty "New chat" entries)."""
         self.chat_list.clear_search()  # the new chat must be in sight
-        if self.conversation_id is not None and self.store.is_leftover(self.conversation_id):
-            self.chat_list.set_current(self.conversation_id)
-        else:
-            conv = self.store.create_conversation(system_prompt=self.params.system_prompt.toPlainText())
-            self._reload_list(select=conv.id)
+        with self._store_write("The new chat could not be started"):
+            if self.conversation_id is not None and self.store.is_leftover(self.conversation_id):
+                self.chat_list.set_current(self.conversation_id)
+            else:
+                conv = self.store.create_conversation(system_prompt=self.params.system_prompt.toPlainText())
+                self._reload_list(select=conv.id)
         self.input.setFocus()
 
     def delete_conversation(self, conv_id: int, confirm: bool = True) -> None:
@@ -157,13 +168,21 @@ class ChatPage(QWidget):
             return
         if self._active and self._active["conv"] == conv_id:
             self.stop()
-        self.store.delete_conversation(conv_id)
+        with self._store_write("The chat could not be deleted") as deleted:
+            self.store.delete_conversation(conv_id)
+        if not deleted.ok:
+            return
         if conv_id != self.conversation_id:  # another one: the open chat stays open
             self.chat_list.remove(conv_id)
             return
-        remaining = self.store.conversations()
-        target = remaining[0].id if remaining else self.store.create_conversation().id
         self.conversation_id = None
+        remaining = self.store.conversations()
+        target = remaining[0].id if remaining else None
+        if target is None:
+            with self._store_write("A new chat could not be started"):
+                target = self.store.create_conversation().id
+        if target is None:  # none to show: Send starts one
+            self.scroll.drop_from(0)
         self._reload_list(select=target)
 
     def open_conversation(self, conv_id: int) -> None:
@@ -193,7 +212,8 @@ class ChatPage(QWidget):
 
     def _on_system_prompt(self, text: str) -> None:
         if self.conversation_id is not None:
-            self.store.set_system_prompt(self.conversation_id, text)
+            with self._store_write("The system prompt could not be saved"):
+                self.store.set_system_prompt(self.conversation_id, text)
 
     # -- transcript widgets ------------------------------------------------------------
     def _widget_for(self, msg_id: int) -> MessageWidget | None:
@@ -237,20 +257,25 @@ class ChatPage(QWidget):
                 return
             self.notice.show_message("No model is loaded: load one on the Models page.")
             return
+        if self.conversation_id is None:  # none could be started before: try again now
+            self.new_conversation()
+            if self.conversation_id is None:
+                return
         if self._editing is not None and self._editing[0] == self.conversation_id:
             # Only a message on the path shown is replaced (with what followed it there); one
             # hidden by a version flip since is never deleted unseen.
             if self._editing[1] in {m.id for m in self.store.messages(self.conversation_id)}:
-                self.store.delete_from(self.conversation_id, self._editing[1])
+                with self._store_write("The edited message could not replace the old one") as replaced:
+                    self.store.delete_from(self.conversation_id, self._editing[1])
+                if not replaced.ok:  # the edit stays in the box, to send again
+                    return
             self._editing = None
             self.open_conversation(self.conversation_id)
-        self.input.clear()
-        try:
+        with self._store_write("Your message could not be sent") as kept:
             msg = self.store.add_message(self.conversation_id, "user", text)
-        except StorageError as exc:  # not even memory could take it: keep the text typed
-            self.input.setPlainText(text)
-            self.notice.show_message(f"Your message could not be kept: {exc}")
+        if not kept.ok:  # the text stays typed
             return
+        self.input.clear()
         self.scroll.append(msg.id, "user", text)
         self._maybe_title(text)
         self._start_answer()
@@ -259,13 +284,14 @@ class ChatPage(QWidget):
         conv = self.store.conversation(self.conversation_id)
         if conv and conv.title == DEFAULT_TITLE:
             title = " ".join(text.split())[:48] or DEFAULT_TITLE
-            self.store.rename(self.conversation_id, title)
-            self.chat_list.set_title(self.conversation_id, title)
+            with self._store_write("The chat could not be titled"):
+                self.store.rename(self.conversation_id, title)
+                self.chat_list.set_title(self.conversation_id, title)
 
     def _start_answer(self, version_of: int | None = None) -> None:
         conv_id = self.conversation_id
         model = (self.bridge.model_info or {}).get("name", "")
-        try:
+        with self._store_write("The answer could not be started") as started:
             if version_of is None:
                 history = history_for_model(self.store.messages(conv_id))
                 msg = self.store.add_message(conv_id, "assistant", "", status="streaming",
@@ -273,8 +299,7 @@ class ChatPage(QWidget):
             else:  # a new version of that answer: the model sees only what came before it
                 msg = self.store.add_version(version_of, "", status="streaming", meta={"model": model})
                 history = history_for_model(self.store.messages(conv_id)[:-1])
-        except StorageError as exc:
-            self.notice.show_message(f"The answer could not be started: {exc}")
+        if not started.ok:
             return
         widget = self.scroll.append(msg.id, "assistant", "", "streaming", {"model": model})
         widget.set_versions(msg.version, msg.version_count)
@@ -314,7 +339,10 @@ class ChatPage(QWidget):
         if not 0 <= target < len(versions):
             return
         self._cancel_edit()  # the message being edited may belong to the path flipped away
-        self.store.select_version(versions[target])
+        with self._store_write("That version could not be selected") as selected:
+            self.store.select_version(versions[target])
+        if not selected.ok:
+            return
         self.scroll.stop_following()  # stay at the flipped answer, not the end
         self._show_messages_from(self.scroll.widgets.index(w))
 
@@ -346,8 +374,9 @@ class ChatPage(QWidget):
                 f"{'s were' if n != 1 else ' was'} left out of what the model sees.")
         if self.store.conversation(a["conv"]) is None:
             return  # deleted while the request was starting
-        note = self.store.add_message(a["conv"], "notice", text)
-        if self.conversation_id == a["conv"]:
+        with self._store_write("The note about the context could not be saved") as noted:
+            note = self.store.add_message(a["conv"], "notice", text)
+        if noted.ok and self.conversation_id == a["conv"]:
             # In id order, as a reload shows it: right after the answer it applies to.
             self.scroll.append(note.id, "notice", text)
 
@@ -375,12 +404,13 @@ class ChatPage(QWidget):
     def _save_active(self) -> None:
         a = self._active
         if a is not None and a["text"] != a["saved"]:
-            try:
+            with self._store_write("The answer can't be saved yet") as saved:
                 self.store.update_message(a["msg_id"], content=a["text"])
-            except StorageError as exc:  # the text stays here; the next save tries again
-                self.notice.show_message(f"The answer can't be saved: {exc}")
-                return
-            a["saved"] = a["text"]
+            # Refused (the file stays locked): the text stays here, and the next save waits
+            # longer, as each refusal has already held the page for the store's busy wait.
+            self._save_timer.setInterval(SAVE_INTERVAL_MS if saved.ok else SAVE_AGAIN_MS)
+            if saved.ok:
+                a["saved"] = a["text"]
 
     def _on_finished(self, rid: str, ev) -> None:
         a = self._active
@@ -398,10 +428,10 @@ class ChatPage(QWidget):
         # The answer is over whatever saving it does: the page must be usable again (a save
         # that raised here once left Send disabled and Stop enabled for good).
         self._active = None
+        self._save_timer.setInterval(SAVE_INTERVAL_MS)
         try:
-            self.store.update_message(a["msg_id"], content=a["text"], status=status, meta=meta)
-        except StorageError as exc:
-            self.notice.show_message(f"The answer could not be saved: {exc} It stays on screen.")
+            self._answer_ends.save(a["msg_id"], partial(self.store.update_message, a["msg_id"],
+                                                        content=a["text"], status=status, meta=meta))
         finally:
             w = a.get("widget")
             if w is not None:
@@ -480,10 +510,10 @@ class ChatPage(QWidget):
 
     def shutdown(self) -> None:
         """Save the answer in progress (the window is closing)."""
-        if self._active is not None:
-            self._save_active()
-            try:
-                self.store.update_message(self._active["msg_id"], content=self._active["text"],
-                                          status="interrupted", meta=self._active["meta"])
-            except StorageError:
-                pass  # the notice already says the chats can't be kept
+        a = self._active
+        if a is not None:
+            self._answer_ends.save(a["msg_id"], partial(self.store.update_message, a["msg_id"],
+                                                        content=a["text"], status="interrupted", meta=a["meta"]))
+        else:
+            self._answer_ends.flush()
+        self._answer_ends.timer.stop()  # the window is closing: what is refused now is lost

@@ -8,7 +8,7 @@ process's working directory (where a desktop launcher happens to start the app).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from PySide6.QtCore import QSettings, QStandardPaths
 from PySide6.QtWidgets import QMessageBox, QWidget
@@ -52,15 +52,23 @@ def export_target(chosen: str | Path, suffix: str,
     return path
 
 
-def write_export(path: Path, write: Callable[[Path], str], settings: QSettings | None) -> str:
+class ExportResult(NamedTuple):
+    """How an export went: ``saved`` or not, and the line to show (what was saved where,
+    or why not and what to do)."""
+    saved: bool
+    message: str
+
+
+def write_export(path: Path, write: Callable[[Path], str], settings: QSettings | None) -> ExportResult:
     """Run ``write(path)`` (it returns what was saved, e.g. "120 rows"); remember the folder
-    on success. Returns the line to show: what was saved where, or why not and what to do."""
+    on success."""
     try:
         what = write(path)
     except OSError as e:
-        return f"Could not save {path}: {e.strerror or e}. Choose a folder you can write to."
+        return ExportResult(False, f"Could not save {path}: {e.strerror or e}. Choose a folder you can "
+                                   "write to.")
     remember_export_dir(settings, path)
-    return f"Saved {what} to {path}"
+    return ExportResult(True, f"Saved {what} to {path}")
 
 
 def ask_overwrite(parent: QWidget) -> Callable[[Path], bool]:

@@ -321,7 +321,7 @@ class PerfPanel(QWidget):
                 self.export_png(target)
                 return "the chart image"
             return f"{self.export_csv(target)} rows"
-        self.message.setText(write_export(path, write, self.settings))
+        self.message.setText(write_export(path, write, self.settings).message)
         if path.exists():
             self._export_dir = str(path.parent)
 

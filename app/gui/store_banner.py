@@ -4,6 +4,9 @@ It says what the store says (``ChatStore.problem``): the history was damaged and
 aside (news, with a Dismiss button), or chats can't be saved (read-only folder, full
 disk) and live in memory. While saving may work again later it retries on a timer (and
 on Try again); when a retry succeeds the chats are in the file and the banner goes.
+The timer's retries are cheap while saving can't work (the store opens nothing), and
+after a write-back that failed anyway the store pauses longer each time (5 s to 5 min);
+Try again always tries at once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QSizePolicy
 
 #: How often saving is tried again while it fails (a retry that can't succeed is cheap:
-#: the store doesn't even try on a disk without room for the chats).
+#: the store opens nothing while the disk is full or the file read-only).
 RETRY_INTERVAL_MS = 5000
 
 _STYLE = """
@@ -41,7 +44,7 @@ class StoreBanner(QFrame):
         self.retry_button = QPushButton("Try again")
         self.retry_button.setObjectName("storeRetryButton")
         self.retry_button.setToolTip("Try to save the chats to the disk now")
-        self.retry_button.clicked.connect(self.retry)
+        self.retry_button.clicked.connect(lambda: self.retry(now=True))
         self.dismiss_button = QPushButton("Dismiss")
         self.dismiss_button.setObjectName("storeDismissButton")
         self.dismiss_button.clicked.connect(self.dismiss)
@@ -52,7 +55,7 @@ class StoreBanner(QFrame):
         lay.addWidget(self.dismiss_button, 0, Qt.AlignmentFlag.AlignTop)
         self.timer = QTimer(self)
         self.timer.setInterval(RETRY_INTERVAL_MS)
-        self.timer.timeout.connect(self.retry)
+        self.timer.timeout.connect(lambda: self.retry(now=False))
 
         listener = self.refresh
         store.add_listener(listener)
@@ -80,9 +83,10 @@ class StoreBanner(QFrame):
         else:
             self.timer.stop()
 
-    def retry(self) -> None:
-        """Try to save the chats now (the store tells the banner if that worked)."""
-        if not self.store.retry_saving():
+    def retry(self, now: bool = True) -> None:
+        """Try to save the chats (the store tells the banner if that worked). ``now=False``
+        (the timer) lets the store wait out its pause after a write-back that failed."""
+        if not self.store.retry_saving(now=now):
             self.refresh()
 
     def dismiss(self) -> None:

@@ -5,122 +5,70 @@ states, so the app opens and keeps every chat whatever the disk does (issue 12):
 
 - ``"normal"``: the file is open read-write and every change is in it at once.
 - ``"read-only"``: the file was read (every chat is shown) but can't be written (a
-  read-only folder, an immutable file, a full disk, a disk error): the chats were copied
-  into memory, changes go there, and ``retry_saving`` writes them all back to the file
+  read-only folder or file, an immutable file, a full disk, a disk error): the chats were
+  copied into memory, changes go there, and ``retry_saving`` writes them back to the file
   when it can (permissions fixed, space freed), returning to ``"normal"``.
-- ``"memory"``: nothing could be read (the folder can't be created, the file can't be
-  read, or it was damaged and couldn't be moved aside): chats of this session live in
-  memory only. They are written to the file later only where that can't overwrite
-  chats that were never read (there was no file).
+- ``"memory"``: nothing could be read (the folder can't be created or searched, the file
+  can't be read, or it was damaged and couldn't be moved aside), or the file changed while
+  this session's chats were in memory: chats of this session live in memory only.
 
 A damaged file (not a database, malformed) is moved aside with a timestamped name, kept
 for the user, and a new one started. ``problem`` says, in words for the user, what is
 wrong and what to do; listeners hear of every change of state.
 
-A write that fails on the disk (``write``) never reaches the caller: the chats move to
-memory as they are in the file, and the write runs again there. Write-back replaces the
-file's content with the memory copy (SQLite's backup API); another Hearth writing the
-same file in the meantime would lose its changes, but it could not write either.
+A lock held by another connection (another Hearth writing the same file) is not a disk
+failure: every connection waits up to ``BUSY_TIMEOUT_S`` for it, a write waits once more,
+and a write still locked out raises ``StorageError`` (the chats stay on the file, nothing
+moves to memory). Any other failure of the disk in ``write`` never reaches the caller: the
+chats move to memory as they are in the file, and the write runs again there.
+
+Writing back never overwrites what someone else wrote. The copy in memory remembers what
+the file held when it was taken (``content_digest``); the write-back replaces the file's
+rows in one transaction that holds the file's write lock, and only if the file still holds
+exactly that. If it doesn't (another Hearth saved chats meanwhile, or a file that couldn't
+be looked at holds chats), this session's chats are saved beside it as
+``<name>.unsaved-<time>`` instead, and ``problem`` says so.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from app.services.user_data import DATA_DIR_ENV, move_aside
+from app.services.chat_file import (LOST, SPACE_MARGIN, cannot_save_text, companion, companions,
+                                    content_digest, copy_rows_back, exists, free_space, not_a_database,
+                                    problem_kind, reason, remove_new_companions, save_copy_beside, size,
+                                    unwritable, where_text)
+from app.services.user_data import move_aside
 
 log = logging.getLogger("hearth.app.chats")
 
 T = TypeVar("T")
 MODES = ("normal", "read-only", "memory")
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
-_SQLITE_HEADER = b"SQLite format 3\x00"
-_SPACE_MARGIN = 1 << 20  # write back only with this much room to spare beyond the chats
-_LOST = ("Until then, chats of this session are kept only in memory and are lost if Hearth "
-         "closes.")
+#: How long a connection waits for another connection's lock before giving up (a write
+#: waits twice): Hearth's own transactions last milliseconds, so this is generous.
+BUSY_TIMEOUT_S = 2.0
+_RETRY_PAUSE_S = (5.0, 300.0)  # first and longest pause after a write-back that failed
 
 
 class StorageError(Exception):
-    """The chats could be kept neither in the file nor in memory (the message says why)."""
+    """A change to the chats could not be kept (the message says why and what to do)."""
 
 
 def connect_file(target: str, *, uri: bool = False) -> sqlite3.Connection:
-    """A connection to a database file, autocommit."""
-    return sqlite3.connect(target, isolation_level=None, uri=uri)
+    """A connection to a database file, autocommit, that waits up to ``BUSY_TIMEOUT_S``
+    for another connection's lock."""
+    return sqlite3.connect(target, isolation_level=None, uri=uri, timeout=BUSY_TIMEOUT_S)
 
 
-def problem_kind(exc: BaseException) -> str | None:
-    """What kind of trouble with the file ``exc`` is: ``"corrupt"``, ``"full"``,
-    ``"read-only"``, ``"unavailable"`` (can't open, I/O error, locked), or None (not the
-    disk's fault: a bug, to be raised)."""
-    if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return "full"
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return "read-only"
-        return "unavailable"
-    if type(exc) not in (sqlite3.DatabaseError, sqlite3.OperationalError):
-        return None  # IntegrityError, ProgrammingError…: the code's fault, not the disk's
-    # sqlite_errorname is Python 3.11+, and absent on an error raised by hand: the
-    # messages are SQLite's own, stable across versions.
-    name, text = getattr(exc, "sqlite_errorname", "") or "", str(exc).lower()
-    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or "file is not a database" in text \
-            or "malformed" in text:
-        return "corrupt"
-    if name.startswith("SQLITE_FULL") or "disk is full" in text:
-        return "full"
-    if name.startswith("SQLITE_READONLY") or "readonly database" in text:
-        return "read-only"
-    return "unavailable"
-
-
-def _where(path: Path, kind: str) -> str:
-    """The cause, from the folder itself where SQLite's error is vague (a full disk shows
-    up as "disk I/O error" when SQLite's shared-memory file can't grow)."""
-    folder = path.parent
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
-    try:
-        if shutil.disk_usage(existing).free < _SPACE_MARGIN:
-            kind = "full"
-    except OSError:
-        pass
-    if kind == "full":
-        return f"the disk holding {folder} is full. Free some space"
-    if not os.access(existing, os.W_OK):
-        return f"the data folder {folder} is read-only. Fix its permissions (or set {DATA_DIR_ENV} " \
-               "to a writable folder)"
-    if kind == "read-only" or (path.exists() and not os.access(path, os.W_OK)):
-        return f"the file {path} is read-only. Fix its permissions"
-    return f"{path} can't be written to. Check the disk and the folder's permissions"
-
-
-def cannot_save_text(path: Path, exc: BaseException) -> str:
-    """What the banner says while chats can't be saved: what is wrong and what to do."""
-    kind = problem_kind(exc) or "unavailable"
-    return (f"Chat history can't be saved ({_reason(exc)}): {_where(path, kind)}; Hearth saves "
-            f"this session's chats as soon as it can. {_LOST}")
-
-
-def _reason(exc: BaseException) -> str:
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
-
-
-def _not_a_database(path: Path) -> bool:
-    """Whether ``path`` holds something other than an SQLite database (an empty file is a
-    new database; one that can't be read is for SQLite to judge)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_SQLITE_HEADER))
-    except OSError:
-        return False
-    return bool(head) and head != _SQLITE_HEADER
+def _connect_memory() -> sqlite3.Connection:
+    # The timeout counts when the file is attached to it for a write-back.
+    return sqlite3.connect(":memory:", isolation_level=None, timeout=BUSY_TIMEOUT_S)
 
 
 class ChatDatabase:
@@ -143,7 +91,13 @@ class ChatDatabase:
         self.problem: str | None = None
         self.moved_aside: Path | None = None  # where a damaged file was kept
         self.unsaved_changes = False          # changes made in memory, not yet in the file
-        self._write_back = True               # the memory copy may replace the file
+        self._write_back = True               # the memory copy may go back to the file
+        # What the file held when the memory copy was taken (content_digest), and whether
+        # the file must be prepared first to compare with it (the copy was prepared in
+        # memory, the file wasn't).
+        self._baseline: str | None = None
+        self._prepare_file = True
+        self._pause_s, self._next_try = _RETRY_PAUSE_S[0], 0.0
         self._in_write = False
         self._listeners: list[Callable[[], None]] = []
 
@@ -160,15 +114,25 @@ class ChatDatabase:
         """The file if it can be used, else the best state there is (see the module's
         docstring); never raises for anything the disk does."""
         db = cls(path, configure, prepare)
-        if _not_a_database(path):
+        if not_a_database(path):
             # Moved aside before SQLite opens it: closing it, SQLite would delete its
             # journal (-wal), which may hold the latest chats.
             return db._replace_damaged(sqlite3.DatabaseError("file is not a database"))
-        try:
-            db.conn = db._open_file(prepare=True)
-            return db
-        except (sqlite3.Error, OSError) as exc:
-            failure = exc
+        blocked = unwritable(path)
+        if blocked is not None:
+            # Not even tried read-write: SQLite would fall back to read-only and make a
+            # -shm as read-only as the file, which stays after the user fixes the file.
+            log.warning("cannot write the chat history %s: %s", path, blocked)
+            return db._open_read_only(blocked)
+        failure: BaseException | None = None
+        for _attempt in range(2):  # a lock passes: wait for it once more
+            try:
+                db.conn = db._open_file(prepare=True)
+                return db
+            except (sqlite3.Error, OSError) as exc:
+                failure = exc
+            if problem_kind(failure) != "busy":
+                break
         log.warning("cannot open the chat history %s: %s", path, failure)
         if problem_kind(failure) == "corrupt":
             return db._replace_damaged(failure)
@@ -178,7 +142,7 @@ class ChatDatabase:
     def in_memory(cls, path: Path, problem: str, configure, prepare) -> ChatDatabase:
         """An empty database in memory, to be written to ``path`` when that can be made
         (the data folder can't be created: ``problem`` says so)."""
-        return cls(path, configure, prepare)._start_in_memory(f"{problem} {_LOST}", write_back=True)
+        return cls(path, configure, prepare)._start_in_memory(f"{problem} {LOST}", write_back=True)
 
     def _open_file(self, *, prepare: bool) -> sqlite3.Connection:
         """A read-write connection to the file (WAL: frequent small writes stay cheap)."""
@@ -200,19 +164,19 @@ class ChatDatabase:
         aside = move_aside(self.path)
         if aside is None:
             return self._start_in_memory(
-                f"Your chat history {self.path} is damaged ({_reason(failure)}) and could not be "
+                f"Your chat history {self.path} is damaged ({reason(failure)}) and could not be "
                 f"moved aside, so it isn't shown. Move it out of {self.path.parent} and restart "
-                f"Hearth. {_LOST}", write_back=False)
+                f"Hearth. {LOST}", write_back=False)
         for suffix in ("-wal", "-shm"):  # its journal would be replayed into the new file
-            companion = self.path.with_name(self.path.name + suffix)
-            if companion.exists():
+            extra = companion(self.path, suffix)
+            if exists(extra):
                 try:
-                    os.replace(companion, aside.with_name(aside.name + suffix))
+                    os.replace(extra, companion(aside, suffix))
                 except OSError as exc:
-                    log.warning("cannot move %s aside: %s", companion, exc)
+                    log.warning("cannot move %s aside: %s", extra, exc)
         self.moved_aside = aside
         log.warning("chat history %s was damaged (%s); kept as %s", self.path, failure, aside)
-        note = (f"Your chat history was damaged ({_reason(failure)}) and could not be opened. It was "
+        note = (f"Your chat history was damaged ({reason(failure)}) and could not be opened. It was "
                 f"kept as {aside.name} in {self.path.parent}, and a new, empty chat history was "
                 "started.")
         try:
@@ -224,7 +188,13 @@ class ChatDatabase:
 
     def _open_read_only(self, failure: BaseException) -> ChatDatabase:
         """The file can't be written: show its chats from a copy in memory."""
-        if not self.path.exists():
+        found = exists(self.path)
+        if found is None:  # the folder can't be searched: the file may well hold chats
+            return self._start_in_memory(
+                f"Your chat history can't be opened ({reason(failure)}): "
+                f"{where_text(self.path, 'unavailable')}, and restart Hearth to see your chats. {LOST}",
+                write_back=True)  # once it can: beside the file if that holds chats
+        if not found:
             return self._start_in_memory(cannot_save_text(self.path, failure), write_back=True)
         try:
             self.conn, complete = self._read_copy()
@@ -234,53 +204,61 @@ class ChatDatabase:
             if self.conn is not None:
                 self.conn.close()
             return self._start_in_memory(
-                f"Your chat history {self.path} can't be read ({_reason(exc)}), so it isn't shown; "
-                f"it is left as it is. Fix its permissions and restart Hearth. {_LOST}",
+                f"Your chat history {self.path} can't be read ({reason(exc)}), so it isn't shown; "
+                f"it is left as it is. Fix its permissions and restart Hearth. {LOST}",
                 write_back=False)
         self.mode = "read-only"
         self._write_back = complete
+        self._baseline, self._prepare_file = content_digest(self.conn), True
         self.problem = cannot_save_text(self.path, failure)
         if not complete:
             self.problem = (f"Chat history is read-only: {self.path} can't be written, and its "
                             f"latest changes can't be read without writing. Fix the folder's "
-                            f"permissions and restart Hearth. {_LOST}")
+                            f"permissions and restart Hearth. {LOST}")
         return self
 
     def _read_copy(self) -> tuple[sqlite3.Connection, bool]:
         """The file copied into memory, read without writing anything, and whether the copy
-        is complete. ``mode=ro`` reads the journal too but needs its shared-memory file;
-        where that can't be made (a read-only folder) ``immutable=1`` reads the main file
-        alone, missing whatever the journal (``-wal``) still holds."""
-        wal = self.path.with_name(self.path.name + "-wal")
+        is complete. With no journal (``-wal``) to read, ``immutable=1`` reads the main
+        file and creates nothing. A journal needs ``mode=ro``, which creates the shared-
+        memory file (``-shm``) if it is missing, as read-only as the file: removed again
+        once read (``remove_new_companions``). Where even that fails (a read-only folder),
+        ``immutable=1`` reads the main file alone, missing what the journal holds."""
+        journal = size(companion(self.path, "-wal")) > 0
+        before = companions(self.path)
         last: BaseException | None = None
-        for query in ("mode=ro", "immutable=1"):
-            memory = sqlite3.connect(":memory:", isolation_level=None)
-            try:
-                src = connect_file(f"{self.path.resolve().as_uri()}?{query}", uri=True)
-            except sqlite3.Error as exc:
-                memory.close()
-                last = exc
-                continue
-            try:
-                src.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                src.backup(memory)
-            except sqlite3.Error as exc:
-                memory.close()
-                last = exc
-                continue
-            finally:
-                src.close()
-            self._configure(memory)
-            complete = query == "mode=ro" or not (wal.exists() and wal.stat().st_size > 0)
-            return memory, complete
+        try:
+            for query in (("mode=ro", "immutable=1") if journal else ("immutable=1",)):
+                memory = _connect_memory()
+                try:
+                    src = connect_file(f"{self.path.resolve().as_uri()}?{query}", uri=True)
+                except sqlite3.Error as exc:
+                    memory.close()
+                    last = exc
+                    continue
+                try:
+                    src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                    src.backup(memory)
+                except sqlite3.Error as exc:
+                    memory.close()
+                    last = exc
+                    continue
+                finally:
+                    src.close()
+                self._configure(memory)
+                return memory, query == "mode=ro" or not journal
+        finally:
+            remove_new_companions(self.path, before)
         raise last  # type: ignore[misc]
 
     def _start_in_memory(self, problem: str, *, write_back: bool) -> ChatDatabase:
-        """An empty database in memory (nothing of the file could be used)."""
-        self.conn = sqlite3.connect(":memory:", isolation_level=None)
+        """An empty database in memory (nothing of the file could be used). Written back
+        only over a file that holds no chats either (its baseline is an empty history)."""
+        self.conn = _connect_memory()
         self._configure(self.conn)
         self._prepare(self.conn)
         self.mode, self.problem, self._write_back = "memory", problem, write_back
+        self._baseline, self._prepare_file = content_digest(self.conn), True
         log.warning("chat history in memory only: %s", problem)
         return self
 
@@ -288,22 +266,47 @@ class ChatDatabase:
     def write(self, change: Callable[[], T]) -> T:
         """Run ``change`` (which writes through ``conn``) as one transaction. If the file
         fails it, the chats move to memory and it runs again there (see the module's
-        docstring); anything else it raises is raised. Nested calls join the outer one."""
+        docstring). Raises StorageError when the change can't be kept (the file stays
+        locked; memory fails), and whatever else ``change`` raises (a bug). Nested calls
+        join the outer one."""
         if self._in_write:
             return change()
         self._in_write = True
         try:
-            try:
-                return self._transaction(change)
-            except (sqlite3.Error, OSError) as exc:
-                if self.mode != "normal" or problem_kind(exc) is None:
-                    raise
-                self._move_to_memory(exc)
-                return self._transaction(change)
+            return self._write(change)
         finally:
             self._in_write = False
             if self.mode != "normal":
                 self.unsaved_changes = True
+
+    def _write(self, change: Callable[[], T]) -> T:
+        try:
+            return self._transaction(change)
+        except (sqlite3.Error, OSError) as exc:
+            failure = exc
+        if problem_kind(failure) == "busy":
+            log.info("chat history %s is locked (%s): waiting once more", self.path, failure)
+            try:
+                return self._transaction(change)
+            except (sqlite3.Error, OSError) as exc:
+                failure = exc
+            if problem_kind(failure) == "busy":
+                raise StorageError(
+                    f"The chat history {self.path} is in use by another program (another Hearth "
+                    f"window?) and stayed locked for {2 * BUSY_TIMEOUT_S:g} s, so this change "
+                    "wasn't saved. Try again in a moment.") from failure
+        if problem_kind(failure) is None:
+            raise failure
+        if self.mode != "normal":
+            raise StorageError(f"Chat history can't be kept, not even in memory: {reason(failure)}.") \
+                from failure
+        self._move_to_memory(failure)
+        try:
+            return self._transaction(change)
+        except (sqlite3.Error, OSError) as exc:
+            if problem_kind(exc) is None:
+                raise
+            raise StorageError(f"Chat history can't be kept, not even in memory: {reason(exc)}.") from exc
 
     def _transaction(self, change: Callable[[], T]) -> T:
         conn = self.conn
@@ -323,20 +326,22 @@ class ChatDatabase:
     def _move_to_memory(self, failure: BaseException) -> None:
         """The file stopped taking writes: carry on from a copy of it in memory."""
         log.warning("cannot write the chat history %s (%s): keeping chats in memory", self.path, failure)
-        memory = sqlite3.connect(":memory:", isolation_level=None)
+        memory = _connect_memory()
         try:
             self.conn.backup(memory)
             self._configure(memory)
+            baseline = content_digest(memory)
         except sqlite3.Error as exc:
             memory.close()
-            raise StorageError(f"Chat history can't be saved or read: {_reason(failure)}; then "
-                               f"{_reason(exc)}. Check the disk holding {self.path.parent}.") from exc
+            raise StorageError(f"Chat history can't be saved or read: {reason(failure)}; then "
+                               f"{reason(exc)}. Check the disk holding {self.path.parent}.") from exc
         old, self.conn = self.conn, memory
         try:
             old.close()
         except sqlite3.Error:
             pass
         self.mode = "read-only"
+        self._baseline, self._prepare_file = baseline, False  # the file was prepared at open
         self.problem = cannot_save_text(self.path, failure)
         self._notify()
 
@@ -346,37 +351,98 @@ class ChatDatabase:
         """Whether ``retry_saving`` may still bring the chats back to the file."""
         return self.mode != "normal" and self._write_back
 
-    def retry_saving(self) -> bool:
+    def retry_saving(self, *, now: bool = True) -> bool:
         """Try once to write the chats in memory to the file; True when the store saves to
-        the file again (then ``problem`` is None). Cheap when it can't: a disk without
-        room for the chats isn't even tried, so a retry never fills what was freed."""
+        the file again (then ``problem`` is None).
+
+        Cheap while it can't work: nothing is opened while the folder, the file or its
+        companions aren't writable or the disk lacks room for about twice the chats (the
+        write-back passes through the journal). With no change made in memory the file is
+        simply opened again, nothing copied. A write-back that failed anyway is tried
+        again by ``now=False`` calls (the banner's timer) only after a pause that grows
+        from 5 s to 5 min; ``now=True`` (Try again, quitting) tries at once."""
         if self.mode == "normal":
             return True
-        if not self._write_back or self._in_write:
+        if not self._write_back or self._in_write or not self._could_write():
+            return False
+        if not now and time.monotonic() < self._next_try:
             return False
         try:
-            size = self.conn.execute("PRAGMA page_count").fetchone()[0] * \
-                self.conn.execute("PRAGMA page_size").fetchone()[0]
-            folder = next(p for p in (self.path.parent, *self.path.parents) if p.exists())
-            if shutil.disk_usage(folder).free < size + _SPACE_MARGIN:
-                return False
-            target = self._open_file(prepare=False)
+            if not self.unsaved_changes:  # nothing of this session's to write
+                self._switch_to(self._open_file(prepare=True))
+                return True
+            target = self._open_file(prepare=self._prepare_file)
+            try:
+                unchanged = self._copy_into_file()
+            except BaseException:
+                target.close()
+                raise
         except (sqlite3.Error, OSError) as exc:
             log.info("chat history still can't be saved: %s", exc)
+            self._next_try = time.monotonic() + self._pause_s
+            self._pause_s = min(2 * self._pause_s, _RETRY_PAUSE_S[1])
             return False
-        try:
-            self.conn.backup(target, progress=_give_up_when_busy)
-            target.execute("PRAGMA journal_mode=WAL")
-        except (sqlite3.Error, OSError, _Busy) as exc:
-            log.info("chat history still can't be saved: %s", exc)
+        if not unchanged:
             target.close()
+            self._keep_apart()
             return False
+        self._switch_to(target)
+        return True
+
+    def _could_write(self) -> bool:
+        """Whether a write-back may work now, from checks that open nothing."""
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        if not os.access(folder, os.W_OK | os.X_OK) or unwritable(self.path) is not None:
+            return False
+        size_now = self.conn.execute("PRAGMA page_count").fetchone()[0] * \
+            self.conn.execute("PRAGMA page_size").fetchone()[0]
+        free = free_space(folder)
+        # The rows go to the journal first, beside the file's old pages: about twice.
+        return free is None or free >= 2 * size_now + SPACE_MARGIN
+
+    def _copy_into_file(self) -> bool:
+        """The memory copy's rows into the file, if it still holds what it held when the
+        copy was taken (``copy_rows_back``); False, and nothing written, if it doesn't."""
+        return copy_rows_back(self.conn, self.path, self._baseline)
+
+    def _keep_apart(self) -> None:
+        """The file changed since the copy was taken: save this session's chats beside it,
+        never over it, and stop writing back."""
+        aside = save_copy_beside(self.conn, self.path, connect_file)
+        saved = aside is not None
+        self.mode, self._write_back = "memory", False
+        changed = (f"{self.path} holds chats this session hasn't read (another Hearth window may have "
+                   "saved them while this session's chats were kept in memory), so this session's "
+                   "chats were not written over them")
+        if saved:
+            log.warning("chat history %s changed meanwhile: this session's chats are saved as %s",
+                        self.path, aside)
+            self.unsaved_changes = False
+            self.problem = (f"{changed}: they were saved as {aside.name} in {self.path.parent}. "
+                            f"Restart Hearth to see the chat history; to use this session's chats "
+                            f"instead, close Hearth and rename {aside.name} to {self.path.name}. "
+                            "Changes made from now on are kept only in memory and are lost if "
+                            "Hearth closes.")
+        else:
+            log.warning("chat history %s changed meanwhile: this session's chats stay in memory", self.path)
+            self.problem = (f"{changed}, and they could not be saved beside it either. They are kept "
+                            "only in memory and are lost if Hearth closes: export the chats you want "
+                            "to keep (right-click a chat, Export), then restart Hearth.")
+        self._notify()
+
+    def _switch_to(self, target: sqlite3.Connection) -> None:
+        """Save to the file again, through ``target``."""
         old, self.conn = self.conn, target
         old.close()
         self.mode, self.problem, self.unsaved_changes = "normal", None, False
+        self._baseline = None
+        self._pause_s, self._next_try = _RETRY_PAUSE_S[0], 0.0
         log.warning("chat history is saved to %s again", self.path)
         self._notify()
-        return True
 
     # -- listeners ---------------------------------------------------------------------------
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -394,13 +460,3 @@ class ChatDatabase:
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
-
-
-class _Busy(Exception):
-    """Another connection holds the file: give the write-back up until the next try."""
-
-
-def _give_up_when_busy(status: int, _remaining: int, _total: int) -> None:
-    # Python's backup() retries a busy file forever; a retry must never hang the app.
-    if status in (_SQLITE_BUSY, _SQLITE_LOCKED):
-        raise _Busy("the chat history file is in use")

@@ -17,24 +17,31 @@ All SQL stays in this module. Where it runs is ``ChatDatabase``'s business (chat
 ``ChatStore.open`` always gives a working store, on the file or, when the file can't be
 written (read-only, full, damaged), on a copy in memory, with ``mode`` and ``problem``
 saying so; every write goes through ``_writes``, so a disk that fails mid-session moves
-the chats to memory instead of failing the caller, and ``retry_saving`` writes them back.
+the chats to memory instead of failing the caller, and ``retry_saving`` writes them back
+(never over changes someone else made to the file meanwhile). A write raises only
+``StorageError`` for anything the disk does (the file stays locked by another program;
+not even memory takes it), with a message for the user; anything else is a bug.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from app.services.chat_db import ChatDatabase, StorageError
+from app.services.chat_file import problem_kind
 from app.services.chat_messages import Conversation, Message, history_for_model, selected_path
 from app.services.user_data import data_dir, data_dir_path
 
 __all__ = ["ChatStore", "Conversation", "Message", "StorageError", "DEFAULT_TITLE",
            "history_for_model", "selected_path"]
+
+log = logging.getLogger("hearth.app.chats")
 
 DEFAULT_TITLE = "New chat"
 
@@ -156,9 +163,10 @@ class ChatStore:
         """Whether the chats aren't saved now but ``retry_saving`` may succeed later."""
         return self._database.retrying
 
-    def retry_saving(self) -> bool:
-        """Try to write the chats kept in memory to the file; True when saved there again."""
-        return self._database.retry_saving()
+    def retry_saving(self, *, now: bool = True) -> bool:
+        """Try to write the chats kept in memory to the file; True when saved there again.
+        ``now=False`` (a timer) waits out a growing pause after a write-back that failed."""
+        return self._database.retry_saving(now=now)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` whenever ``mode`` or ``problem`` changes."""
@@ -425,7 +433,14 @@ def _prepare(db: sqlite3.Connection) -> None:
     This always writes, so a file that can't be written is found out when it opens."""
     _upgrade(db)
     # Anything still 'streaming' was cut off by a crash or a kill.
-    db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+    try:
+        db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+    except sqlite3.OperationalError as exc:
+        if problem_kind(exc) != "busy":
+            raise
+        # Another program holds the file's lock (another Hearth, mid-answer?): the file is
+        # usable all the same, and its answers aren't cut off. Marked at a later start.
+        log.info("chat history is locked; answers cut off earlier stay marked as streaming: %s", exc)
 
 
 def _upgrade(db: sqlite3.Connection) -> None:

@@ -50,19 +50,29 @@ def write_json_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def move_aside(path: Path, why: str = "corrupt") -> Path | None:
-    """Rename an unusable file to ``<name>.<why>-<YYYYmmdd-HHMMSS>`` beside it (a numbered
-    suffix if that exists), so it is kept for the user (or a recovery tool) rather than
-    lost or overwritten; returns the new path, or None if it could not be moved."""
+def aside_path(path: Path, why: str) -> Path | None:
+    """A free name beside ``path`` for a copy of it kept for the user:
+    ``<name>.<why>-<YYYYmmdd-HHMMSS>`` (a numbered suffix if that exists); None if none is
+    free. Checked with os.path.lexists, which never raises (Path.exists does in a folder
+    that can't be searched)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(100):
         aside = path.with_name(f"{path.name}.{why}-{stamp}" + (f"-{n}" if n else ""))
-        if aside.exists():
-            continue
-        try:
-            os.replace(path, aside)
-        except OSError as exc:
-            log.warning("cannot move %s aside: %s", path, exc)
-            return None
-        return aside
+        if not os.path.lexists(aside):
+            return aside
     return None
+
+
+def move_aside(path: Path, why: str = "corrupt") -> Path | None:
+    """Rename an unusable file to ``<name>.<why>-<YYYYmmdd-HHMMSS>`` beside it (see
+    ``aside_path``), so it is kept for the user (or a recovery tool) rather than lost or
+    overwritten; returns the new path, or None if it could not be moved."""
+    aside = aside_path(path, why)
+    if aside is None:
+        return None
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        log.warning("cannot move %s aside: %s", path, exc)
+        return None
+    return aside

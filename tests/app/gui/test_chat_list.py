@@ -12,7 +12,7 @@ from PySide6.QtWidgets import QApplication, QFileDialog, QLineEdit, QMessageBox
 
 from app.gui.bridge import BridgeSignals
 from app.gui.chat_list import ChatList
-from app.gui.export_dirs import EXPORT_DIR_KEY
+from app.gui.export_dirs import EXPORT_DIR_KEY, write_export
 from app.gui.chat_page import ChatPage
 from app.services.chat_store import ChatStore
 from engine.api import FinishedEvent, Timings, Usage
@@ -198,6 +198,17 @@ def test_an_export_that_cannot_be_written_says_what_to_do(qtbot, gui_env, store,
     assert gui_env["settings"].value(EXPORT_DIR_KEY) is None
     chats.choose_save_path = lambda *a: None  # cancelled: nothing happens
     assert chats.export(conv, "markdown") is None
+
+
+def test_write_export_says_whether_it_saved(tmp_path):
+    """Its callers used to tell success by the line starting with "Saved"."""
+    def write(target: Path) -> str:
+        target.write_text("hi", encoding="utf-8")
+        return "the notes"
+    saved = write_export(tmp_path / "notes.md", write, None)
+    assert saved.saved and saved.message == f"Saved the notes to {tmp_path / 'notes.md'}"
+    failed = write_export(tmp_path / "missing" / "notes.md", write, None)
+    assert not failed.saved and failed.message.startswith("Could not save")
 
 
 def test_search_filters_by_title_and_text_and_clearing_restores_the_list(qtbot, gui_env, store):

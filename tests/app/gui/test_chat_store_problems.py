@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import Qt
 
+from app.gui.bridge import BridgeSignals
 from app.gui.chat_page import ChatPage
-from app.services.chat_store import ChatStore
-from tests.app.gui.conftest import load_options
+from app.services.chat_store import ChatStore, StorageError
+from engine.api import FinishedEvent, Timings, Usage
 from tests.app.services import flaky_disk
 from tests.app.services.flaky_disk import FULL, READ_ONLY
 
@@ -84,43 +85,64 @@ def test_the_window_opens_read_only_and_saves_once_it_can(qtbot, gui_env, bridge
     assert titles == ["Old chat", "Made in memory"]
 
 
-def test_a_disk_that_fills_mid_answer_keeps_the_answer_and_the_page_usable(qtbot, bridge, gui_env, chat_model,
-                                                                         monkeypatch):
-    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
-        bridge.load(load_options(chat_model))
+class ManualBridge(BridgeSignals):
+    """A bridge the test drives: ``submit`` only records the request, and the test emits
+    each token and the end itself, so saves happen exactly where the test puts them (the
+    real worker's 15 ms polls deliver 1 to 16 pieces per answer, as the machine allows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[str] = []
+        self.model_info = {"name": "manual"}
+        self.is_loading = False
+
+    def submit(self, **_) -> str:
+        self.requests.append(f"r{len(self.requests)}")
+        return self.requests[-1]
+
+    def abort(self, rid: str) -> None:
+        pass
+
+    def finish(self, rid: str, reason: str = "stop") -> None:
+        self.requestFinished.emit(rid, FinishedEvent(rid, reason, Usage(3, 12), Timings(0, 5.0, 1.0, 100.0, 10.0)))
+
+
+def _manual_page(qtbot, gui_env, store) -> tuple[ChatPage, ManualBridge]:
+    bridge = ManualBridge()
+    page = ChatPage(bridge, store, gui_env["settings"])
+    qtbot.addWidget(page)
+    page.show()
+    qtbot.waitExposed(page)  # the page saw model_info: ready to send
+    return page, bridge
+
+
+def test_a_disk_that_fills_mid_answer_keeps_the_answer_and_the_page_usable(qtbot, gui_env, monkeypatch):
     disk = flaky_disk.install(monkeypatch)
     path = gui_env["data"] / "chats.sqlite3"
     store = ChatStore(path)
-    page = ChatPage(bridge, store, gui_env["settings"])
-    qtbot.addWidget(page)
-    page.params.temperature.setValue(0.0)
-    page.params.max_tokens.setValue(40)
-    page.show()
-
-    tokens = []
-
-    def fill_the_disk_mid_answer(_rid, text):  # runs after the page's own slot
-        tokens.append(text)
-        if len(tokens) == 2:
+    page, bridge = _manual_page(qtbot, gui_env, store)
+    page.input.setPlainText("Tell me about lighthouses")
+    qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
+    (rid,) = bridge.requests
+    words = "Lighthouses stand on rocky coasts and guide ships home through fog and storms.".split(" ")
+    for i, word in enumerate(words):
+        bridge.tokenReceived.emit(rid, word if i == 0 else f" {word}")
+        if i == 2:
             page._save_active()  # saved while there is room (as its 300 ms timer would)
             disk.failure = FULL  # then the disk fills
-        elif len(tokens) == 6:
+        elif i == 6:
             page._save_active()  # a save on the full disk, mid-answer
-
-    bridge.tokenReceived.connect(fill_the_disk_mid_answer)
-    page.input.setPlainText("Tell me about lighthouses")
-    with qtbot.waitSignal(page.answerFinished, timeout=60_000) as done:
-        qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
-    bridge.tokenReceived.disconnect(fill_the_disk_mid_answer)
-    assert done.args[1].reason == "length" and disk.writes_failed
+    assert disk.writes_failed
+    with qtbot.waitSignal(page.answerFinished, timeout=5000):
+        bridge.finish(rid, "length")
 
     answer = page.message_widgets()[-1]
-    assert answer.role == "assistant" and len(answer.text) > 20
+    assert answer.role == "assistant" and answer.text == " ".join(words)
     assert page.send_button.isEnabled() and not page.stop_button.isEnabled()  # usable again
     banner = page.store_banner
     assert banner.isVisible() and "is full" in banner.text.text() and "Free some space" in banner.text.text()
     on_disk = sqlite3.connect(path).execute("SELECT content, status FROM messages WHERE role='assistant'").fetchone()
-    assert on_disk[1] == "streaming" and len(on_disk[0]) < len(answer.text)  # the file stopped mid-answer
+    assert on_disk == ("Lighthouses stand on", "streaming")  # the file stopped mid-answer
     assert store.messages(page.conversation_id)[-1].content == answer.text  # all of it, in memory
 
     banner.timer.setInterval(50)  # rather than the 5 s a user waits
@@ -128,6 +150,109 @@ def test_a_disk_that_fills_mid_answer_keeps_the_answer_and_the_page_usable(qtbot
     qtbot.waitUntil(lambda: not banner.isVisible(), timeout=5000)
     rows = sqlite3.connect(path).execute("SELECT role, content, status FROM messages ORDER BY id").fetchall()
     assert rows == [("user", "Tell me about lighthouses", "complete"), ("assistant", answer.text, "complete")]
+
+
+# -- a store that refuses a write: a line in the notice bar, never a traceback ---------------
+REFUSALS = [StorageError("The chat history is in use by another program. Try again in a moment."),
+            sqlite3.OperationalError("disk I/O error")]
+
+
+@pytest.fixture
+def refusing_store(gui_env, monkeypatch):
+    """A store whose writes raise ``refusing_store.refusal`` while it is set."""
+    store = ChatStore(gui_env["data"] / "chats.sqlite3")
+    real_write = store._database.write
+
+    def write(change):
+        if store.refusal is not None:
+            raise store.refusal
+        return real_write(change)
+    store.refusal = None
+    monkeypatch.setattr(store._database, "write", write)
+    yield store
+    store.close()
+
+
+def _rows(store) -> list:
+    return store._db.execute("SELECT * FROM conversations").fetchall() + \
+        store._db.execute("SELECT * FROM messages").fetchall()
+
+
+@pytest.mark.parametrize("refusal", REFUSALS, ids=["StorageError", "sqlite3.Error"])
+def test_no_store_write_of_the_chat_page_ends_in_a_traceback(qtbot, gui_env, refusing_store, refusal):
+    store = refusing_store
+    conv = store.create_conversation("Lighthouses")
+    question = store.add_message(conv.id, "user", "What is a lighthouse?")
+    first = store.add_message(conv.id, "assistant", "A tower.")
+    store.add_version(first.id, "A tower with a light.")
+    page, bridge = _manual_page(qtbot, gui_env, store)
+    page.open_conversation(conv.id)
+    rows = _rows(store)
+    store.refusal = refusal
+
+    def refused(action, expected: str) -> None:
+        page.notice.show_message("")
+        action()  # raised from the slot, as a traceback
+        assert expected in page.notice.text() and str(refusal) in page.notice.text(), page.notice.text()
+
+    refused(page.new_conversation, "The new chat could not be started")
+    assert page.conversation_id == conv.id
+    refused(lambda: page.params.systemPromptEdited.emit("Be brief"), "The system prompt could not be saved")
+    refused(lambda: page.flip_version(store.messages(conv.id)[-1].id, -1), "That version could not be selected")
+    assert page.message_widgets()[-1].text == "A tower with a light."
+    page.edit_message(question.id)
+    page.input.setPlainText("What is a lighthouse for?")
+    refused(page.send, "The edited message could not replace the old one")
+    assert page.input.toPlainText() == "What is a lighthouse for?" and not page.is_answering
+    page._cancel_edit()
+    refused(page.send, "Your message could not be sent")
+    assert page.input.toPlainText() == "What is a lighthouse for?" and not bridge.requests
+    refused(lambda: page.regenerate(store.messages(conv.id)[-1].id), "The answer could not be started")
+    refused(lambda: page.delete_conversation(conv.id, confirm=False), "The chat could not be deleted")
+    chats = page.chat_list
+    refused(lambda: chats.list.item(0).setText("Renamed"), "The chat could not be renamed")
+    assert chats.list.item(0).text() == "Lighthouses"  # the title it still has
+    refused(lambda: chats.duplicate(conv.id), "The chat could not be duplicated")
+    assert chats.ids() == [conv.id] and _rows(store) == rows  # nothing changed, nothing lost
+
+    store.refusal = None  # writes work again, and so does the page
+    chats.list.item(0).setText("Renamed")
+    assert store.conversation(conv.id).title == "Renamed"
+
+
+@pytest.mark.parametrize("refusal", REFUSALS, ids=["StorageError", "sqlite3.Error"])
+def test_a_refused_save_during_an_answer_keeps_it_and_saves_it_later(qtbot, gui_env, refusing_store, refusal):
+    store = refusing_store
+    page, bridge = _manual_page(qtbot, gui_env, store)
+    page.input.setPlainText("Tell me about lighthouses")
+    page.send()
+    (rid,) = bridge.requests
+    store.refusal = refusal  # the file stays locked from here
+    bridge.requestStarted.emit(rid, {"dropped": 2})  # its note can't be saved either
+    assert "The note about the context could not be saved" in page.notice.text()
+    bridge.tokenReceived.emit(rid, "Lighthouses guide ships.")
+    page._save_active()
+    assert "The answer can't be saved yet" in page.notice.text()
+    page._answer_ends.timer.setInterval(50)  # rather than the 5 s a user waits
+    with qtbot.waitSignal(page.answerFinished, timeout=5000):
+        bridge.finish(rid)
+    assert "saving it is tried again" in page.notice.text()
+    assert page.send_button.isEnabled() and page.message_widgets()[-1].text == "Lighthouses guide ships."
+    store.refusal = None
+    qtbot.waitUntil(lambda: store.messages(page.conversation_id)[-1].status == "complete", timeout=5000)
+    assert store.messages(page.conversation_id)[-1].content == "Lighthouses guide ships."
+
+
+def test_a_page_that_could_start_no_chat_starts_one_on_send(qtbot, gui_env, refusing_store):
+    store = refusing_store
+    store.refusal = REFUSALS[0]
+    page, bridge = _manual_page(qtbot, gui_env, store)  # raised in the constructor
+    assert page.conversation_id is None and "A new chat could not be started" in page.notice.text()
+    store.refusal = None
+    page.input.setPlainText("Hello")
+    page.send()
+    assert page.conversation_id is not None and bridge.requests
+    assert [m.content for m in store.messages(page.conversation_id)] == ["Hello", ""]
 
 
 @pytest.mark.slow

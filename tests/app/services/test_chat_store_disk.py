@@ -21,6 +21,7 @@ import pytest
 from app.services.chat_store import ChatStore
 from tests.app.services import flaky_disk
 from tests.app.services.flaky_disk import FULL, NO_SPACE, READ_ONLY
+from tests.app.services.ordinary_user import ordinary_user  # noqa: F401 (a fixture)
 
 
 def _history(path: Path) -> list[tuple[str, str, str]]:
@@ -124,6 +125,75 @@ def test_a_read_only_history_shows_its_chats_and_saves_them_once_it_can(tmp_path
     assert [t for t, _c, _s in _history(path)] == ["Old chat", "Old chat", "Made while read-only"]
 
 
+# -- as an ordinary user, whom permissions stop (CI may run as root, whom they don't) -------
+def _read_only_file_then_fixed(folder: Path, journal: bool) -> None:
+    path = folder / "chats.sqlite3"
+    if journal:  # its latest chats still in the journal (-wal), as after a crash
+        (folder / "live").mkdir()
+        live = ChatStore(folder / "live" / "chats.sqlite3")
+        _add_chat(live, "Old chat")
+        for name in ("chats.sqlite3", "chats.sqlite3-wal"):
+            shutil.copy(folder / "live" / name, folder / name)
+        live.close()
+        shutil.rmtree(folder / "live")
+    else:
+        _old_chat(path)
+    files = sorted(p.name for p in folder.iterdir())
+    path.chmod(0o444)
+    try:
+        store = ChatStore.open(path)
+        assert store.mode == "read-only" and f"the file {path} is read-only" in store.problem, store.problem
+        assert store.retrying and store.conversations()[0].title == "Old chat"
+        # Nothing made beside it: SQLite's -shm would be as read-only as the file.
+        assert sorted(p.name for p in folder.iterdir()) == files
+        _add_chat(store, "Made while read-only")
+        assert not store.retry_saving()
+        assert sorted(p.name for p in folder.iterdir()) == files
+    finally:
+        path.chmod(0o644)  # the user fixes the file
+    assert store.retry_saving(), store.problem  # that -shm kept it read-only for good
+    assert [t for t, _c, _s in _history(path)][-1] == "Made while read-only"
+    store.close()
+    again = ChatStore.open(path)
+    assert again.mode == "normal" and again.problem is None, again.problem
+    assert [c.title for c in again.conversations()] == ["Made while read-only", "Old chat"]
+    again.close()
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["closed", "with-journal"])
+def test_a_read_only_file_is_saved_once_the_user_fixes_it(ordinary_user, journal):
+    ordinary_user.run(_read_only_file_then_fixed, ordinary_user.folder, journal)
+
+
+def _folder_that_cant_be_searched(data: Path) -> None:
+    data.mkdir()
+    path = data / "chats.sqlite3"
+    _old_chat(path)
+    data.chmod(0o600)  # it can be listed, but nothing in it opened
+    try:
+        store = ChatStore.open()  # raised PermissionError: the app didn't start
+        assert store.mode == "memory" and store.retrying
+        assert f"the data folder {data} can't be opened (no permission" in store.problem, store.problem
+        _add_chat(store, "Made meanwhile")
+        assert not store.retry_saving()
+    finally:
+        data.chmod(0o755)  # the user fixes the folder
+    # It held chats this session never saw: they are never written over, and this
+    # session's are saved beside them.
+    assert not store.retry_saving() and not store.retrying and store.mode == "memory"
+    assert [t for t, _c, _s in _history(path)] == ["Old chat", "Old chat"]
+    (aside,) = data.glob("chats.sqlite3.unsaved-*")
+    assert aside.name in store.problem and "rename" in store.problem, store.problem
+    assert [t for t, _c, _s in _history(aside)] == ["Made meanwhile"]
+
+
+def test_a_data_folder_that_cant_be_searched_opens_in_memory_and_overwrites_nothing(ordinary_user,
+                                                                                   monkeypatch):
+    data = ordinary_user.folder / "data"
+    monkeypatch.setenv("HEARTH_DATA_DIR", str(data))  # ChatStore.open() finds it as the app does
+    ordinary_user.run(_folder_that_cant_be_searched, data)
+
+
 @pytest.mark.parametrize("failure", [READ_ONLY, FULL, NO_SPACE], ids=["read-only", "full", "ENOSPC"])
 def test_a_file_that_takes_no_writes_opens_read_only(tmp_path, monkeypatch, failure):
     """SQLite's own errors, simulated: for a CI that runs neither as root nor on a tmpfs."""
@@ -174,6 +244,22 @@ def test_a_data_folder_that_cant_be_made_keeps_chats_in_memory_until_it_can(tmp_
     blocker.unlink()
     assert store.retry_saving() and store.mode == "normal"
     assert [t for t, _c, _s in _history(blocker / "hearth" / "chats.sqlite3")] == ["Before the folder"]
+
+
+def test_memory_is_never_written_over_a_history_that_appeared_meanwhile(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the data folder should go")
+    monkeypatch.setenv("HEARTH_DATA_DIR", str(blocker / "hearth"))
+    store = ChatStore.open()
+    _add_chat(store, "Before the folder")
+    blocker.unlink()
+    (blocker / "hearth").mkdir(parents=True)
+    _old_chat(blocker / "hearth" / "chats.sqlite3")  # another Hearth got there first
+    assert not store.retry_saving() and not store.retrying
+    assert [t for t, _c, _s in _history(blocker / "hearth" / "chats.sqlite3")] == ["Old chat", "Old chat"]
+    (aside,) = (blocker / "hearth").glob("chats.sqlite3.unsaved-*")
+    assert [t for t, _c, _s in _history(aside)] == ["Before the folder"]
+    assert aside.name in store.problem
 
 
 # -- a disk that fails mid-session ---------------------------------------------------------
@@ -229,13 +315,25 @@ def _fill(filler: Path) -> None:
                 pass
 
 
+def _mount_small_tmpfs(mnt: Path) -> None:
+    """A 4 MiB tmpfs on ``mnt``, or a skip saying why not."""
+    if os.geteuid() != 0:
+        pytest.skip("can't mount a small tmpfs here (needs root)")
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # no mount command (FileNotFoundError)
+        pytest.skip(f"can't mount a small tmpfs here: {exc}")
+    if done.returncode != 0:
+        pytest.skip(f"can't mount a small tmpfs here: {done.stderr.strip()}")
+
+
 def test_a_real_full_disk(tmp_path):
     """A 4 MiB tmpfs filled up while the store is open (root only: mounting needs it)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("can't mount a small tmpfs here (needs root)")
+    _mount_small_tmpfs(mnt)
+    store = again = None
     try:
         store = ChatStore.open(mnt / "chats.sqlite3")
         conv = store.create_conversation("Real disk")
@@ -255,6 +353,9 @@ def test_a_real_full_disk(tmp_path):
         again = ChatStore.open(mnt / "chats.sqlite3")
         assert again.mode == "read-only" and "is full" in again.problem, again.problem
         assert [m.content for m in again.messages(conv.id)] == [text]
-        again.close()
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        for opened in (store, again):  # an open file keeps the mount busy
+            if opened is not None:
+                opened.close()
+        # Lazy: it goes even if something still holds it, never left mounted.
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
