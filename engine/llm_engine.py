@@ -413,8 +413,8 @@ def _warm_up_failure(e: BaseException) -> HearthError:
     if isinstance(e, HearthError):  # LoadCancelledError, or one already worded for a user
         return e
     err = ModelLoadError(
-        f"the model loaded, but preparing it to serve failed ({type(e).__name__}: {e}); nothing "
-        "stays loaded. Load it again; if this keeps happening, load it with a shorter context "
+        f"the model loaded, but preparing it to serve failed ({type(e).__name__}: {e}), so it was "
+        "not kept. Load it again; if this keeps happening, load it with a shorter context "
         "(--max-model-len).", options=("max_model_len",))
     err.__cause__ = e
     return err
