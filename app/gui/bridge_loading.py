@@ -74,7 +74,7 @@ class Released:
     options: dict  # as given to the bridge's load, without the ticket
 
 
-def load_options(options: dict) -> dict:
+def user_options(options: dict) -> dict:
     """A load's options as the user gave them (the worker's own keys, ``_ticket`` and the
     like, left out): loading them again gives the same model."""
     return {k: v for k, v in options.items() if not k.startswith("_")}

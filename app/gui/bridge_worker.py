@@ -16,8 +16,8 @@ import traceback
 from PySide6.QtCore import QThread, QTimer, Signal, Slot
 
 from app.gui.bridge_loading import (LOAD_CANCELLED, LOAD_JOIN_TIMEOUT_S, LoadTicket, Released, cut_reason,
-                                    load_options, loaded_footprint, release_note, release_progress, reload_outcome,
-                                    reload_progress, wait_progress)
+                                    loaded_footprint, release_note, release_progress, reload_outcome, reload_progress,
+                                    user_options, wait_progress)
 from app.gui.bridge_signals import BridgeSignals
 from app.gui.error_text import gui_error, gui_error_text
 
@@ -285,7 +285,7 @@ class EngineWorker(BridgeSignals):
     def _swap(self, engine, options: dict) -> None:
         self._unload_quietly()  # the old engine goes only now, with no answer running on it
         self.engine = engine
-        self._serving_options, self._released_from = load_options(options), None
+        self._serving_options, self._released_from = user_options(options), None
         self._poll.start()
         self._stats.start()
         info = dict(engine.model_info, max_model_len=engine.max_model_len)
