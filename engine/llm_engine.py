@@ -18,7 +18,7 @@ from engine.config import EngineConfig, load_config
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
-from engine.errors import EngineDeadError, InvalidRequestError, LoadCancelledError
+from engine.errors import EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError, ModelLoadError
 from engine.events import EngineStats
 from engine.output import RequestState
 from engine.requests import Completion, Request, RequestHandle
@@ -71,6 +71,8 @@ class Engine:
             min(config.scheduler.max_num_batched_tokens, self.max_model_len))
         self._ready = threading.Event()
         self._warmed = 0
+        self._warm_error: BaseException | None = None  # set by the engine thread before _ready
+        self._should_stop = should_stop  # the warm-up asks it too
         if self._warm_tokens:
             msg = f"preparing prompt attention for lengths up to {self._warm_tokens} tokens"
             progress(msg) if progress else log.info(msg)
@@ -79,6 +81,9 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="hearth-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
+        if self._warm_error is not None:  # the thread has ended: the caller frees the runner
+            self._thread.join()
+            raise _warm_up_failure(self._warm_error)
         if self._warm_tokens:
             self.model_info["prompt_attention_lengths"] = self._warmed
 
@@ -282,7 +287,10 @@ class Engine:
         try:
             try:
                 if self._warm_tokens:
-                    self._warmed = self.runner.warm_attention(self._warm_tokens)
+                    self._warmed = self.runner.warm_attention(self._warm_tokens, should_stop=self._should_stop)
+            except BaseException as e:  # recorded before _ready: the load raises it, never serves
+                self._warm_error = e
+                return
             finally:
                 self._ready.set()
             while True:
@@ -397,6 +405,19 @@ def _check_request_text(r: Request) -> None:
                     check_text(value, f"messages[{i}].{key}")
     for stop in getattr(r.params, "stop", None) or ():
         check_text(stop, f"the stop string {stop!r}")
+
+
+def _warm_up_failure(e: BaseException) -> HearthError:
+    """The error ``Engine.load`` raises for a warm-up that failed (or was cancelled) on the
+    engine thread, before the engine served anything."""
+    if isinstance(e, HearthError):  # LoadCancelledError, or one already worded for a user
+        return e
+    err = ModelLoadError(
+        f"the model loaded, but preparing it to serve failed ({type(e).__name__}: {e}), so it was "
+        "not kept. Load it again; if this keeps happening, load it with a shorter context "
+        "(--max-model-len).", options=("max_model_len",))
+    err.__cause__ = e
+    return err
 
 
 def _describe_failure(e: Exception) -> tuple[str, tuple[str, ...]]:

@@ -9,7 +9,7 @@ Loading: the loaded model keeps serving while another loads, and the new one tak
 once ready and once the answers being written on the old one have finished; a failed or
 cancelled load leaves the old one in place. Only where the new model would not fit beside
 it (``engine.api.check_model`` says so: the same GPU, or not enough RAM) is the old one
-unloaded first.
+unloaded first, and loaded again if the new one then fails.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import uuid
 from PySide6.QtCore import QThread, Signal
 
 from app.gui.bridge_loading import LOAD_CANCELLED, SWAP_WAIT_S, LoadTicket
-from app.gui.bridge_worker import BridgeSignals, EngineWorker
+from app.gui.bridge_signals import BridgeSignals
+from app.gui.bridge_worker import EngineWorker
 
 from engine.api import Engine, SamplingParams, check_model, model_display_name, release_memory
 
@@ -83,7 +84,8 @@ class EngineBridge(BridgeSignals):
         return self._loading_name if self.is_loading else None
 
     def _on_loaded(self, info: dict) -> None:
-        self._loads_pending = max(0, self._loads_pending - 1)
+        if not info.get("reloaded"):  # a model back after a failed load ends no load asked for
+            self._loads_pending = max(0, self._loads_pending - 1)
         self._info = info
 
     def _on_load_ended(self, _msg: str) -> None:
@@ -99,8 +101,9 @@ class EngineBridge(BridgeSignals):
     def load(self, options: dict) -> None:
         """Load a model (options: model, device, dtype, attention, max_model_len,
         kv_cache_memory, kv_cache_dtype, quantization, enforce_eager). The loaded model keeps
-        serving until the new one is ready, and stays if the load fails or is cancelled; a
-        load still in flight is superseded (``loadSuperseded``, not a failure)."""
+        serving until the new one is ready, and stays if the load fails or is cancelled (one
+        unloaded to make room is loaded again if the load fails); a load still in flight is
+        superseded (``loadSuperseded``, not a failure)."""
         self._loads_pending += 1
         if self._ticket is not None:
             self._ticket.cancel(superseded=True)

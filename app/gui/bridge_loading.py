@@ -5,6 +5,7 @@ bridge says about a load."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from engine.api import LoadCancelledError, ModelCheck, format_bytes
 
@@ -63,12 +64,57 @@ def release_progress(check: ModelCheck) -> str:
             "is free now")
 
 
-def release_note(released_from: tuple[str, str] | None) -> str:
-    """Added to a failed load's message when the model loaded before was unloaded for it."""
-    if released_from is None:
+@dataclass(frozen=True, slots=True)
+class Released:
+    """The model unloaded to make room for a load: if that load fails, it is loaded again
+    with the options it was loaded with."""
+
+    name: str
+    device: str
+    options: dict  # as given to the bridge's load, without the ticket
+
+
+def user_options(options: dict) -> dict:
+    """A load's options as the user gave them (the worker's own keys, ``_ticket`` and the
+    like, left out): loading them again gives the same model."""
+    return {k: v for k, v in options.items() if not k.startswith("_")}
+
+
+def release_note(released: Released | None) -> str:
+    """Added to a cancelled load's message when the model loaded before was unloaded for it."""
+    if released is None:
         return ""
-    name, device = released_from
-    return f" ({name} was unloaded first to make room {_place(device)}: load it again from the Library.)"
+    return (f" ({released.name} was unloaded first to make room {_place(released.device)}: "
+            "load it again from the Library.)")
+
+
+def reload_progress(asked: str, why: str, previous: str) -> str:
+    """What the status bar says while the model unloaded for a failed load comes back."""
+    return f"Loading {asked} failed: {_sentence(why)} Loading {previous} again…"
+
+
+def reload_outcome(asked: str, why: str, previous: str, error: str | None = None,
+                   cancelled: bool = False) -> str:
+    """``loadFailed``'s message for a load that failed after the loaded model was unloaded
+    for it, once that model was loaded again (or that failed too, or was cancelled). It
+    names the load that failed, so pages show it as it is (``load_failure_text``)."""
+    head = f"Loading {asked} failed: {_sentence(why)}"
+    if cancelled:
+        return f"{head} Loading {previous} again was cancelled: load a model from the Library."
+    if error is None:
+        return f"{head} {previous} was loaded again."
+    return f"{head} Loading {previous} again failed too: {_sentence(error)} Load a model from the Library."
+
+
+def load_failure_text(message: str) -> str:
+    """What pages say for a ``loadFailed`` message that is not a cancel: "Loading failed: "
+    and the reason, or the message itself where it already names the load that failed."""
+    return message if message.startswith("Loading ") else f"Loading failed: {message}"
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?", "…")) else text + "."
 
 
 def wait_progress(old: str, new: str, releasing: bool) -> str:

@@ -13,10 +13,12 @@ import logging
 import threading
 import traceback
 
-from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
+from PySide6.QtCore import QThread, QTimer, Signal, Slot
 
-from app.gui.bridge_loading import (LOAD_CANCELLED, LOAD_JOIN_TIMEOUT_S, LoadTicket, cut_reason, loaded_footprint,
-                                    release_note, release_progress, wait_progress)
+from app.gui.bridge_loading import (LOAD_CANCELLED, LOAD_JOIN_TIMEOUT_S, LoadTicket, Released, cut_reason,
+                                    loaded_footprint, release_note, release_progress, reload_outcome, reload_progress,
+                                    user_options, wait_progress)
+from app.gui.bridge_signals import BridgeSignals
 from app.gui.error_text import gui_error, gui_error_text
 
 from engine.api import (Engine, FinishedEvent, HearthError, LoadCancelledError, PromptProgressEvent, Request,
@@ -26,35 +28,11 @@ log = logging.getLogger("hearth.gui")
 
 STATS_INTERVAL_MS = 250
 POLL_INTERVAL_MS = 15
+NO_MODEL = "no model is loaded: load one on the Models page first."
 
 # Load options the worker passes to check_model and Engine.load (anything else is ignored).
 _LOAD_KEYS = ("device", "dtype", "attention", "max_model_len", "kv_cache_memory",
               "kv_cache_dtype", "enforce_eager", "revision")
-
-
-class BridgeSignals(QObject):
-    """The signals the bridge delivers (pages connect to these; test fakes subclass it).
-
-    Every load asked for ends in exactly one of ``modelLoaded``, ``loadFailed`` (its
-    message is ``LOAD_CANCELLED`` when the user cancelled it) or ``loadSuperseded`` (a
-    newer load replaced it: not a failure, and pages need not show it)."""
-
-    modelLoading = Signal(str)
-    loadProgress = Signal(str)
-    modelLoaded = Signal(dict)
-    loadFailed = Signal(str)
-    loadSuperseded = Signal(str)  # the display name of the load another one replaced
-    modelUnloaded = Signal()
-    tokenReceived = Signal(str, str)
-    requestFinished = Signal(str, object)
-    requestStarted = Signal(str, dict)  # request id, {"dropped": n} (history trimmed)
-    promptProgress = Signal(str, int, int)  # request id, prompt tokens read, prompt tokens
-    statsUpdated = Signal(object)
-    engineError = Signal(str)
-
-    SIGNALS = ("modelLoading", "loadProgress", "modelLoaded", "loadFailed", "loadSuperseded", "modelUnloaded",
-               "tokenReceived", "requestFinished", "requestStarted", "promptProgress", "statsUpdated",
-               "engineError")
 
 
 #: Workers whose load thread quit gave up on (kept alive until the process ends).
@@ -90,7 +68,11 @@ class EngineWorker(BridgeSignals):
         self._result: tuple | None = None  # (options, engine or None, error or None)
         self._released = threading.Event()  # the load thread waits on it for the room it asked for
         self._release_wanted = False
-        self._released_from: tuple[str, str] | None = None  # (name, device) unloaded to make room
+        # The model unloaded to make room for a load: loaded again if that load fails (kept
+        # through a load superseded meanwhile, so the one that replaced it can fail too).
+        self._released_from: Released | None = None
+        self._serving_options: dict | None = None  # the options self.engine was loaded with
+        self._held: list[tuple[str, dict]] = []  # submitted while no model served and one loaded
         self._closing = False
         self._loadDone.connect(self._finish_load)
         self._releaseWanted.connect(self._release_for_load)
@@ -117,7 +99,10 @@ class EngineWorker(BridgeSignals):
     # Where it doesn't (the same GPU, or too little RAM), the old one is unloaded first
     # (modelUnloaded, then modelLoading again), after the answers being written on it end.
     # Once the new engine is ready it replaces the old one, again only after those answers
-    # end (at most answer_wait_s; later ones are cut with an error saying why).
+    # end (at most answer_wait_s; later ones are cut with an error saying why). A load that
+    # fails after the old model was unloaded for it loads the old one again (_failed), and
+    # says both in its one loadFailed. A request sent while no model serves but one loads
+    # waits for it (_held), so one sent as the old model made room is not refused.
     #
     # Each load carries a LoadTicket made by the bridge on the UI thread: cancelling it
     # (Cancel loading, Unload, quit) or superseding it (another load asked for) stops the
@@ -139,7 +124,6 @@ class EngineWorker(BridgeSignals):
     def _start_load(self, options: dict) -> None:
         self._loading = options
         self._released.clear()
-        self._released_from = None
         self.modelLoading.emit(_name(options))
         info = self.engine.model_info if self.engine is not None else None
         loaded = (info.get("device"), loaded_footprint(info)) if info else (None, 0)
@@ -202,16 +186,30 @@ class EngineWorker(BridgeSignals):
         self._load_thread = self._loading = None
         self._release_wanted = False
         self._stop_waiting()
-        note = release_note(self._released_from)
         if options["_ticket"].is_set():  # cancelled or superseded, maybe in the last stretch
             if engine is not None:
                 self._shut(engine)
-            self._end_cancelled(options, note)
+            self._end_cancelled(options)
         elif error is not None:
-            self.loadFailed.emit(error + note)
+            self._failed(options, error)
         else:
             self._ready = (options, engine)
         self._advance()
+
+    def _failed(self, options: dict, error: str) -> None:
+        """A load failed. Where the model that served was unloaded for it (or for a load it
+        superseded), that model is loaded again, under the same ticket (a cancel or a newer
+        load stops it too); the failure is told once that has ended (``_swap``)."""
+        released, reload_of = self._released_from, options.get("_reload_of")
+        if reload_of is not None:  # bringing the old model back failed too
+            self._released_from = None
+            self.loadFailed.emit(reload_outcome(*reload_of, released.name if released else _name(options), error))
+        elif released is not None and self.engine is None and not self._closing:
+            self.loadProgress.emit(reload_progress(_name(options), error, released.name))
+            self._start_load(dict(released.options, _ticket=options["_ticket"],
+                                  _reload_of=(_name(options), error)))
+        else:
+            self.loadFailed.emit(error)
 
     def _advance(self) -> None:
         """Take every step the loading state allows now: release the old model or swap in
@@ -229,7 +227,8 @@ class EngineWorker(BridgeSignals):
                 self._release_wanted = False
                 self._stop_waiting()
                 info = self.engine.model_info
-                self._released_from = (info.get("name", "the loaded model"), str(info.get("device", "")))
+                self._released_from = Released(info.get("name", "the loaded model"), str(info.get("device", "")),
+                                               self._serving_options or {"model": info.get("ref")})
                 self._unload_quietly()
                 self.modelUnloaded.emit()
                 self.modelLoading.emit(_name(options))
@@ -246,13 +245,18 @@ class EngineWorker(BridgeSignals):
             else:
                 self._ready = None
                 self._stop_waiting()
-                self._swap(engine)
+                self._swap(engine, options)
         if self._loading is None and self._ready is None and self._next is not None and not self._closing:
             options, self._next = self._next, None
             if options["_ticket"].is_set():
                 self._end_cancelled(options)
             else:
                 self._start_load(options)
+        self._settle_held()
+
+    def _load_in_flight(self) -> bool:
+        """Whether a load is under way (running, ready and waiting, or asked for next)."""
+        return self._loading is not None or self._ready is not None or self._next is not None
 
     def _wait_for_answers(self, options: dict, releasing: bool) -> None:
         if self._answers_due is None or self._answers_due.isActive():
@@ -278,19 +282,34 @@ class EngineWorker(BridgeSignals):
         self._handles.clear()
         self._advance()
 
-    def _swap(self, engine) -> None:
+    def _swap(self, engine, options: dict) -> None:
         self._unload_quietly()  # the old engine goes only now, with no answer running on it
         self.engine = engine
+        self._serving_options, self._released_from = user_options(options), None
         self._poll.start()
         self._stats.start()
-        self.modelLoaded.emit(dict(engine.model_info, max_model_len=engine.max_model_len))
+        info = dict(engine.model_info, max_model_len=engine.max_model_len)
+        reload_of = options.get("_reload_of")
+        if reload_of is not None:  # the failed load's one outcome first, then its model is back
+            self.loadFailed.emit(reload_outcome(*reload_of, info.get("name", _name(options))))
+            info["reloaded"] = True
+        self.modelLoaded.emit(info)
+        self._settle_held()
         self._publish_stats()
 
-    def _end_cancelled(self, options: dict, note: str = "") -> None:
+    def _end_cancelled(self, options: dict) -> None:
+        """End a load that was cancelled or superseded (one given up for it is loaded again
+        by the load that superseded it, if that one fails)."""
+        reload_of = options.get("_reload_of")
         if options["_ticket"].superseded:
-            self.loadSuperseded.emit(_name(options))
+            self.loadSuperseded.emit(reload_of[0] if reload_of else _name(options))
+            return
+        released, self._released_from = self._released_from, None
+        if reload_of is not None:
+            previous = released.name if released else _name(options)
+            self.loadFailed.emit(reload_outcome(*reload_of, previous, cancelled=True))
         else:
-            self.loadFailed.emit(LOAD_CANCELLED + note)
+            self.loadFailed.emit(LOAD_CANCELLED + release_note(released))
 
     @staticmethod
     def _shut(engine) -> None:
@@ -302,8 +321,10 @@ class EngineWorker(BridgeSignals):
     @Slot()
     def unload(self) -> None:
         self._unload_quietly()
+        self._serving_options = None
         self.modelUnloaded.emit()
         self._advance()  # a load the bridge cancelled with this ends too
+        self._released_from = None  # asked for no model: a failing load brings none back
 
     def _unload_quietly(self) -> None:
         if self.engine is None:
@@ -323,7 +344,12 @@ class EngineWorker(BridgeSignals):
     @Slot(str, dict)
     def submit(self, request_id: str, req: dict) -> None:
         if self.engine is None:
-            self._fail(request_id, "no model is loaded: load one on the Models page first.")
+            if self._load_in_flight():
+                # Sent as the old model made room for a new one (or before any was ready):
+                # the model being loaded answers it (_settle_held).
+                self._held.append((request_id, req))
+            else:
+                self._fail(request_id, NO_MODEL)
             return
         params: SamplingParams = req["params"]
         messages = req.get("messages")
@@ -345,16 +371,31 @@ class EngineWorker(BridgeSignals):
             self._fail(request_id, f"{type(e).__name__}: {e}")
             return
         self._handles[request_id] = handle
-        self.requestStarted.emit(request_id, {"dropped": dropped})
+        self.requestStarted.emit(request_id, {"model": self.engine.model_info.get("name", ""), "dropped": dropped})
+
+    def _settle_held(self) -> None:
+        """Submit the requests held for the model being loaded once one serves; end them
+        with an error once no load is left that could serve them."""
+        if not self._held or (self.engine is None and self._load_in_flight()):
+            return
+        held, self._held = self._held, []
+        for rid, req in held:
+            if self.engine is not None:
+                self.submit(rid, req)
+            else:
+                self._fail(rid, NO_MODEL)
 
     @Slot(str)
     def abort(self, request_id: str) -> None:
         if self.engine is not None and request_id in self._handles:
             self.engine.abort(request_id)
+        elif any(rid == request_id for rid, _ in self._held):
+            self._held = [(rid, req) for rid, req in self._held if rid != request_id]
+            self.requestFinished.emit(request_id, _ended(request_id, "abort"))
 
     def _fail(self, request_id: str, message: str) -> None:
-        ev = FinishedEvent(request_id, "error", Usage(0, 0), Timings(0, 0, 0, 0, 0), error=message)
-        self.requestFinished.emit(request_id, ev)
+        self.requestFinished.emit(request_id, _ended(request_id, "error", message))
+
 
     def _emit(self, rid: str, ev) -> None:
         if isinstance(ev, TokenEvent):
@@ -421,6 +462,9 @@ class EngineWorker(BridgeSignals):
             self._shut(self._ready[1])
             self._ready = None
         self._unload_quietly()
+        for rid, _ in self._held:  # every request ends with one FinishedEvent
+            self.requestFinished.emit(rid, _ended(rid, "abort", "the app is closing"))
+        self._held.clear()
         # Qt timers may only be stopped and destroyed in the thread they live in: do it
         # here, on the worker thread, rather than when Python collects this object later.
         for timer in (self._poll, self._stats, self._answers_due):
@@ -431,6 +475,11 @@ class EngineWorker(BridgeSignals):
         # Quit from here, after the engine is down: a quit() from the UI thread could end
         # this thread's event loop before this slot ever ran.
         QThread.currentThread().quit()
+
+
+def _ended(request_id: str, reason: str, error: str | None = None) -> FinishedEvent:
+    """The FinishedEvent of a request that never reached an engine."""
+    return FinishedEvent(request_id, reason, Usage(0, 0), Timings(0, 0, 0, 0, 0), error=error)
 
 
 def _for_gui(ev: FinishedEvent) -> FinishedEvent:

@@ -21,7 +21,7 @@ from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import QApplication, QHBoxLayout, QMessageBox, QVBoxLayout, QWidget
 
-from app.gui.bridge_loading import LOAD_CANCELLED
+from app.gui.bridge_loading import LOAD_CANCELLED, load_failure_text
 from app.gui.chat_bars import ChatHeader, MessageBar
 from app.gui.chat_layout import ChatSplitter, PaneToggle, scrolling_pane
 from app.gui.chat_list import ChatList
@@ -367,7 +367,11 @@ class ChatPage(QWidget):
     # -- engine events -----------------------------------------------------------------
     def _on_started(self, rid: str, info: dict) -> None:
         a = self._active
-        if a is None or a["rid"] != rid or not info.get("dropped"):
+        if a is None or a["rid"] != rid:
+            return
+        if info.get("model"):  # the model that answers: a swap may have happened since Send
+            a["meta"]["model"] = info["model"]
+        if not info.get("dropped"):
             return
         n = info["dropped"]
         text = (f"This conversation outgrew the model's context: the oldest {n} message"
@@ -443,7 +447,9 @@ class ChatPage(QWidget):
             self.answerFinished.emit(rid, ev)
 
     # While another model loads the loaded one keeps answering (Send, Regenerate). A message
-    # typed while none serves waits for the load, also for a newer one that supersedes it.
+    # typed while none serves waits for the load, also for a newer one that supersedes it;
+    # if the load fails it is given back (also when the old model is loaded again: the
+    # message was meant for the new one).
     def _on_model_loading(self, name: str) -> None:
         info = getattr(self.bridge, "model_info", None)
         if info:
@@ -457,7 +463,8 @@ class ChatPage(QWidget):
         if info.get("implementation") == "transformers-fallback":
             label += " · transformers fallback (slower)"
         self._set_model_ready(True, label)
-        self.notice.show_message("")
+        if not info.get("reloaded"):  # back after a failed load: the failure notice stays
+            self.notice.show_message("")
         if self._pending_send:
             text, self._pending_send = self._pending_send, None
             self.send(text)
@@ -474,7 +481,7 @@ class ChatPage(QWidget):
         if message.startswith(LOAD_CANCELLED):
             self.notice.show_message("Loading cancelled." + message[len(LOAD_CANCELLED):])
         else:
-            self.notice.show_message(f"Loading failed: {message}")
+            self.notice.show_message(load_failure_text(message))
 
     def _set_model_ready(self, ready: bool, label: str) -> None:
         self._model_ready = ready

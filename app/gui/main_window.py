@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (QApplication, QHBoxLayout, QListWidget, QMainWind
 
 from app.gui.app import THEMES, apply_theme
 from app.gui.bridge import LOAD_CANCELLED, EngineBridge
+from app.gui.bridge_loading import load_failure_text
 from app.gui.chat_page import ChatPage
 from app.gui.elided_label import ElidedLabel
 from app.gui.load_dialog import LoadDialog, save_load_options, saved_load_options
@@ -213,7 +214,8 @@ class MainWindow(QMainWindow):
         self.cancel_load_button.hide()
         self.status_progress.setText("")
         self._show_model(info)
-        self.statusBar().showMessage("Model ready", 4000)
+        if not info.get("reloaded"):  # back after a failed load: that failure's message stays
+            self.statusBar().showMessage("Model ready", 4000)
 
     def _show_model(self, info: dict) -> None:
         impl = " (transformers fallback)" if info.get("implementation") == "transformers-fallback" else ""
@@ -235,7 +237,7 @@ class MainWindow(QMainWindow):
         if message.startswith(LOAD_CANCELLED):
             self.statusBar().showMessage("Loading cancelled" + message[len(LOAD_CANCELLED):], 20000)
         else:
-            self.statusBar().showMessage(f"Loading failed: {message}", 20000)
+            self.statusBar().showMessage(load_failure_text(message), 20000)
 
     def _on_unloaded(self) -> None:
         self._show_no_model()

@@ -148,7 +148,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         say(f"no native implementation ({info['fallback_reason']}); using the transformers fallback")
         from engine.runner.hf_runner import HFRunner
 
-        runner = HFRunner.load(path, device, dtype)
+        runner = HFRunner.load(path, device, dtype, should_stop=should_stop)
         prefix = False
     else:
         from engine.loader.build import build_native

@@ -4,7 +4,9 @@ model that is loaded now?
 A caller that has a model serving (the desktop app) asks this first, so it learns that a
 load can't work (a bad choice, no tokenizer, a context longer than the model's, weights or
 an explicit KV cache that won't fit even with the loaded model gone) *before* giving that
-model up, and whether the new one can load while the old one keeps serving.
+model up, and whether the new one can load while the old one keeps serving. Weights files
+are refused when their headers are truncated or corrupt (only the headers are read), and on
+a GPU a full context that won't fit beside the weights is refused as the load would.
 
 The sizes come from the rules the load itself applies, not a copy: the same dtype and KV
 block size, ``memory_plan``'s pool sizing (``cpu_kv_budget``, ``kv_pool_blocks``) and
@@ -25,6 +27,7 @@ from engine.errors import OutOfMemoryError
 from engine.loader.choices import check_load_choices
 from engine.loader.engine_loader import (context_length, find_model, kv_block_size, kv_cache_dtype, kv_too_small,
                                          native_spec)
+from engine.loader.weights import read_metadata
 from engine.memory_plan import (ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
                                 kv_pool_blocks)
 
@@ -44,6 +47,10 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
     max_model_len = context_length(found.cfg, mc.max_model_len)
     kv_dtype = kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)
     if spec is not None:
+        if found.path is not None:
+            # Only the headers are read: a truncated or corrupt file (an interrupted
+            # download) is refused now, not after the loaded model was given up for it.
+            read_metadata(found.path)
         block_size = kv_block_size(choices.attention, cc.block_size)
         weights = spec.num_params() * dtype.itemsize
         block_bytes = spec.kv_bytes_per_token(kv_dtype.itemsize) * block_size
@@ -86,10 +93,28 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
         kv = alone * block_bytes
         beside_ok = now >= alone and weights + kv + headroom <= free
     else:
+        # The pool takes what the card has left after the weights (and the step's
+        # activations, CUDA graphs: the headroom stands in for them, as for an explicit
+        # size), within memory_fraction of the card; it must hold one full context.
         kv = context_blocks(max_model_len, block_size) * block_bytes
+        room = min(free + reclaim - headroom, int(total * cc.memory_fraction)) - weights
+        if kv > room:
+            raise _no_room_for_context(max(0, room) // block_bytes, block_size, max_model_len, weights, where,
+                                       bool(reclaim))
         beside_ok = False  # the pool takes the rest of the card: never beside another model
     fits_beside = reclaim == 0 or (device.type == "cpu" and beside_ok)
     return ModelCheck(found.name, str(device), int(weights), int(kv), int(free), fits_beside)
+
+
+def _no_room_for_context(blocks: int, block_size: int, max_model_len: int, weights: int,
+                         where: str, unloading: bool) -> OutOfMemoryError:
+    """What the load would raise for a GPU KV pool that can't hold one full context."""
+    if blocks:
+        return kv_too_small(blocks, block_size, max_model_len)
+    alone = ", even with the loaded model unloaded" if unloading else ""
+    return OutOfMemoryError(
+        f"no memory left on the {where} for the KV cache after the weights ({gib(weights)}){alone}: "
+        "use a smaller or quantized model, or free GPU memory.")
 
 
 def _same_device(loaded: str | None, device: torch.device) -> bool:
@@ -106,8 +131,6 @@ def _same_device(loaded: str | None, device: torch.device) -> bool:
 
 def _checkpoint_params(path: Path | None) -> int:
     """Parameters in a checkpoint's safetensors headers (no tensor data is read)."""
-    from engine.loader.weights import read_metadata
-
     return sum(math.prod(shape) for shape, _ in read_metadata(path).values()) if path is not None else 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.core.scheduler import SchedulerOutput
-from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.errors import LoadCancelledError, ModelLoadError, UnsupportedModelError
 from engine.runner.model_runner import RunnerOutput, SamplingMixin
 from engine.runner.sampler import Sampler
 
@@ -30,7 +30,7 @@ class HFRunner(SamplingMixin):
     def attention_warmup_tokens(self, max_tokens: int) -> int:
         return 0  # transformers' own attention: nothing of ours to prepare
 
-    def warm_attention(self, max_tokens: int) -> int:
+    def warm_attention(self, max_tokens: int, should_stop=None) -> int:
         return 0
 
     def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
@@ -44,7 +44,11 @@ class HFRunner(SamplingMixin):
         self.num_blocks = 0
 
     @classmethod
-    def load(cls, path, device: torch.device, dtype: torch.dtype) -> "HFRunner":
+    def load(cls, path, device: torch.device, dtype: torch.dtype, should_stop=None) -> "HFRunner":
+        """Build the model with transformers and move it to ``device``. transformers reads
+        the weights in one call that can't be interrupted: ``should_stop`` is asked after it,
+        before the model is moved (on a GPU, a copy as long as the read), and True frees the
+        model and raises LoadCancelledError."""
         from transformers import AutoModelForCausalLM
 
         try:
@@ -55,6 +59,11 @@ class HFRunner(SamplingMixin):
             ) from None
         except OSError as e:
             raise ModelLoadError(f"{path}: could not read the model ({e}); re-download it.") from None
+        if should_stop is not None and should_stop():
+            from engine.loader.build import release_module
+
+            release_module(model)  # its tensors go now, whoever still references the module
+            raise LoadCancelledError("loading cancelled")
         return cls(model.to(device).eval(), device, dtype)
 
     def weight_bytes(self) -> int:

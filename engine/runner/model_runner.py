@@ -7,11 +7,13 @@ ever sees block ids. The runner is an object that could live in another process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.core.scheduler import SchedulerOutput
+from engine.errors import LoadCancelledError
 from engine.layers.attention import AttentionMetadata, get_backend, padded_table_width
 from engine.models.spec import ModelSpec
 from engine.runner.sampler import Sampler, make_generator
@@ -125,15 +127,23 @@ class ModelRunner(SamplingMixin):
         window = self.spec.sliding_window
         return min(max_tokens, window) if window else max_tokens  # longer: not the SDPA path
 
-    def warm_attention(self, max_tokens: int) -> int:
+    def warm_attention(self, max_tokens: int, should_stop: Callable[[], bool] | None = None) -> int:
         """Prepare what a served step would otherwise build on first use: cuDNN's SDPA plan
         for every fresh-prompt length bucket up to ``max_tokens``, then the kernel variants
         and cuBLAS state of mixed and chunked steps (``_warm_steps``). Returns how many
         prompt lengths it prepared. Call it on the thread that will run the steps: torch
-        keeps cuDNN plans and cuBLAS handles per thread."""
+        keeps cuDNN plans and cuBLAS handles per thread. ``should_stop`` (the load's) is
+        asked between the stages and the synthetic steps: True raises LoadCancelledError."""
+        def check() -> None:
+            if should_stop is not None and should_stop():
+                raise LoadCancelledError("loading cancelled")
+
         warm = self.model.model.layers[0].self_attn.attn.warm_fresh_prefill
+        check()
         lengths = _guarded("prompt-attention", lambda: warm(max_tokens, self.device, self.dtype))
-        _guarded("mixed-step", self._warm_steps)
+        check()
+        _guarded("mixed-step", lambda: self._warm_steps(check))
+        check()  # a cancel during the last step: the load must not go on to serve
         return lengths or 0
 
     # Query lengths of the synthetic steps: decode rows with long chunks, decode rows with
@@ -141,7 +151,7 @@ class ModelRunner(SamplingMixin):
     # prefill kernel, with and without the decode kernel beside it).
     WARM_STEPS = ((1, 1, 1, 40, 33), (1, 5, 2), (2, 3), (24, 17))
 
-    def _warm_steps(self) -> None:
+    def _warm_steps(self, check: Callable[[], None] = lambda: None) -> None:
         """Run a few synthetic steps with a cached prefix through the whole model: the
         first mixed step of a throughput run compiled the paged prefill kernel on the
         request path (1.6-1.9 s per variant on an H100). They write nothing (slot -1) and
@@ -149,6 +159,7 @@ class ModelRunner(SamplingMixin):
         bs = self.block_size
         limit = self.model.rotary.max_positions
         for qlens in self.WARM_STEPS:
+            check()  # raises to stop a cancelled load (_guarded lets it through)
             if max(qlens) > limit:
                 continue  # a context this short can't hold such a chunk at all
             prefix = min(2 * bs, limit - max(qlens))

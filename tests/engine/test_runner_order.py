@@ -69,7 +69,7 @@ def test_attention_warm_up_runs_on_the_engine_thread(tiny_models, monkeypatch):
     seen = {}
     monkeypatch.setattr(ModelRunner, "attention_warmup_tokens", lambda self, n: 48)
 
-    def warm(self, n):
+    def warm(self, n, should_stop=None):
         seen.update(thread=threading.current_thread().name, tokens=n)
         return 3
 

@@ -139,3 +139,77 @@ def test_on_a_gpu_a_model_never_loads_beside_another_on_the_same_card(model):
     gpu = dict(OPTIONS, device="cuda:0", dtype="bfloat16", attention="auto", kv_cache_memory="16MiB")
     assert not check_model(model, loaded_device="cuda:0", loaded_bytes=2**20, **gpu).fits_beside
     assert check_model(model, loaded_device="cpu", loaded_bytes=2**20, **gpu).fits_beside
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """check_model sees the load go to ``cuda:0`` with ``fake_gpu["free"]`` of
+    ``fake_gpu["total"]`` bytes free (the choices are checked on the CPU, then moved)."""
+    import dataclasses
+
+    import torch
+
+    import engine.loader.load_check as load_check
+
+    real = load_check.check_load_choices
+    fake = {"free": 80 * 2**30, "total": 80 * 2**30}
+    monkeypatch.setattr(load_check, "check_load_choices",
+                        lambda config: dataclasses.replace(real(config), device=torch.device("cuda", 0)))
+    monkeypatch.setattr(load_check, "free_memory_bytes", lambda device: (fake["free"], fake["total"]))
+    return fake
+
+
+def test_on_a_gpu_a_full_context_that_does_not_fit_is_refused_first(model, fake_gpu):
+    """Review 2 finding 5: the default GPU pool takes what the card has left after the
+    weights, and must hold one full context; the check refused nothing, so the app
+    unloaded the working model before the load failed with the same complaint."""
+    check = check_model(model, **OPTIONS)
+    weights, kv = check.weights_bytes, check.kv_cache_bytes
+    fits = weights + kv + kv_headroom(fake_gpu["total"])
+    fake_gpu["free"] = fits
+    assert check_model(model, **OPTIONS).kv_cache_bytes == kv
+    fake_gpu["free"] = fits - 1
+    with pytest.raises(OutOfMemoryError, match="one full context of 256 tokens needs 256.*--max-model-len"):
+        check_model(model, **OPTIONS)
+    # What unloading the model on the same card gives back counts.
+    assert not check_model(model, loaded_device="cuda:0", loaded_bytes=1, **OPTIONS).fits_beside
+    fake_gpu["free"] = weights  # nothing at all left for the KV cache
+    with pytest.raises(OutOfMemoryError, match="no memory left on the GPU cuda:0 for the KV cache"):
+        check_model(model, **OPTIONS)
+
+
+def test_a_truncated_weights_file_is_refused_before_the_loaded_model_goes(model, tmp_path):
+    """Review 2 finding 6: only the safetensors headers are read, not the weights."""
+    import shutil
+    from pathlib import Path
+
+    from engine.api import ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(Path(model), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        check_model(str(broken), **OPTIONS)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_full_context_that_does_not_fit_beside_what_is_used_is_refused(model):
+    """The real card: memory taken by something else leaves less than one full context."""
+    import torch
+
+    gpu = dict(OPTIONS, device="cuda:0", dtype="bfloat16", attention="auto")
+    check = check_model(model, **gpu)
+    free, total = torch.cuda.mem_get_info(0)
+    hog_bytes = free - kv_headroom(total) - check.weights_bytes - check.kv_cache_bytes // 2
+    hog = torch.empty(hog_bytes, dtype=torch.uint8, device="cuda:0")
+    try:
+        # Half a context left, or nothing (the allocator rounds up by more than a tiny
+        # model's context takes): either way the check refuses, naming the KV cache.
+        with pytest.raises(OutOfMemoryError, match="KV cache"):
+            check_model(model, **gpu)
+        # With the memory held counted as the loaded model's, it would fit once that goes.
+        assert not check_model(model, loaded_device="cuda:0", loaded_bytes=hog_bytes, **gpu).fits_beside
+    finally:
+        del hog
+        torch.cuda.empty_cache()

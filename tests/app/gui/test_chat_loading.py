@@ -115,3 +115,61 @@ def test_cancelling_a_load_says_cancelled_not_failed(qtbot, gated_bridge, gui_en
         gated_bridge.cancel_load()
     assert page.notice.text() == "Loading cancelled."
     assert page.model_label.text().startswith(f"{loaded.args[0]['name']} ·") and page.send_button.isEnabled()
+
+
+def test_after_a_failed_load_brought_the_old_model_back_the_page_serves_it(qtbot, gui_env):
+    """Review 2 finding 6: on one card the working model made room, the new one failed and
+    the working one was loaded again: the page says so, serves it, and gives back the
+    message typed for the failed one."""
+    from engine.api import OutOfMemoryError
+    from tests.app.gui.test_bridge_loading import one_card_bridge
+
+    gate = threading.Event()
+    bridge = one_card_bridge({"acme/huge"}, {"acme/huge": OutOfMemoryError("the weights need 80 GiB")}, gate)
+    try:
+        page, _ = _page(qtbot, bridge, gui_env)
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=TIMEOUT):
+            bridge.load(load_options("acme/working"))
+        bridge.load(load_options("acme/huge"))  # waits at the gate, acme/working unloaded
+        qtbot.waitUntil(lambda: page.model_label.text() == "Loading acme/huge…" and bridge.model_info is None,
+                        timeout=TIMEOUT)
+        page.send("For the big one")
+        assert "still loading" in page.notice.text()
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=TIMEOUT):
+            gate.set()
+        assert page.notice.text() == ("Loading acme/huge failed: the weights need 80 GiB. "
+                                      "acme/working was loaded again.")
+        assert page.model_label.text().startswith("acme/working ·") and page.send_button.isEnabled()
+        assert page._model_ready and page.input.toPlainText() == "For the big one"
+    finally:
+        gate.set()
+        bridge.shutdown()
+
+
+def test_an_answer_is_saved_under_the_model_that_gave_it(qtbot, gui_env):
+    """Review 2, swap-time races: a Send that reaches the worker just after a swap is
+    answered by the new model; requestStarted names it, and the answer is saved so."""
+    from PySide6.QtCore import QTimer
+
+    from app.gui.bridge_signals import BridgeSignals
+    from engine.api import FinishedEvent, Timings, Usage
+
+    class SwappedBridge(BridgeSignals):
+        model_info = {"name": "acme/a"}  # what the page knew when it sent
+        is_loading = False
+
+        def submit(self, **_) -> str:
+            QTimer.singleShot(0, self._answer)
+            return "r1"
+
+        def _answer(self) -> None:
+            self.requestStarted.emit("r1", {"model": "acme/b", "dropped": 0})
+            self.tokenReceived.emit("r1", "Hi")
+            self.requestFinished.emit("r1", FinishedEvent("r1", "stop", Usage(1, 1), Timings(0, 1, 1, 1, 2)))
+
+    page, store = _page(qtbot, SwappedBridge(), gui_env)
+    page._on_model_loaded(page.bridge.model_info)
+    with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT):
+        page.send("Who are you?")
+    answer = store.messages(page.conversation_id)[-1]
+    assert answer.content == "Hi" and answer.meta["model"] == "acme/b"

@@ -193,6 +193,28 @@ def test_a_failed_load_keeps_the_working_model_serving(qtbot, gui_env, bridge, c
     assert done.args[1].reason == "length" and done.args[1].usage.completion_tokens == 3
 
 
+def test_a_failed_load_that_brought_the_old_model_back_says_so_in_the_status_bar(qtbot, gui_env):
+    """Review 2 finding 6: the working model made room and was loaded again; "Model ready"
+    must not replace the message that says what failed."""
+    import threading
+
+    from engine.api import OutOfMemoryError
+    from tests.app.gui.test_bridge_loading import one_card_bridge
+
+    bridge = one_card_bridge(set(), {"acme/huge": OutOfMemoryError("the weights need 80 GiB")}, threading.Event())
+    try:
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+            win = _window(qtbot, gui_env, bridge, "acme/working")
+        with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as back:
+            win.load(load_options("acme/huge"))
+        assert back.args[0]["reloaded"] and win.status_model.text() == "acme/working"
+        assert win.statusBar().currentMessage() == ("Loading acme/huge failed: the weights need 80 GiB. "
+                                                    "acme/working was loaded again.")
+        assert win.cancel_load_button.isHidden()
+    finally:
+        bridge.shutdown()
+
+
 def test_the_greyed_server_toggle_explains_itself_on_hover(qtbot, gui_env, bridge):
     """Item 11: hovering shows why it is greyed, also while another window has the focus
     (under Xvfb without a window manager the main window is never "active", and Qt showed
