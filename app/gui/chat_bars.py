@@ -61,3 +61,12 @@ class MessageBar(QWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.input, 1)
         row.addLayout(buttons)
+
+
+def model_line(info: dict) -> str:
+    """The header's description of a loaded model (its ``model_info``)."""
+    line = (f"{info.get('name', '?')} · {info.get('device', '?')} · {info.get('dtype', '')} · "
+            f"{info.get('attention', '')} · context {info.get('max_model_len', '?')}")
+    if info.get("implementation") == "transformers-fallback":
+        line += " · transformers fallback (slower)"
+    return line

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QObject, QSettings, QSignalBlocker, Qt
 from PySide6.QtGui import QAction
-from PySide6.QtWidgets import QScrollArea, QSplitter, QWidget
+from PySide6.QtWidgets import QApplication, QScrollArea, QSplitter, QWidget
 
 TRANSCRIPT_MIN_WIDTH = 250  # what the transcript keeps when nothing else can give way
 TRANSCRIPT_COMFORT_WIDTH = 460  # in a narrow window, side panes shrink to give it this
@@ -164,3 +164,12 @@ class PaneToggle(QObject):
         self._pane.setVisible(visible)
         with QSignalBlocker(self._action):  # not a choice of the user's: nothing to save
             self._action.setChecked(visible)
+
+
+def focus_fell_out(page: QWidget) -> bool:
+    """Whether focus fell out of ``page`` while it is in use (the focused widget was deleted
+    by a transcript rebuild, e.g. the Regenerate button that was clicked)."""
+    if not page.isVisible() or not page.isActiveWindow():
+        return False
+    focus = QApplication.focusWidget()
+    return focus is None or focus is page.window() or not focus.isVisible()

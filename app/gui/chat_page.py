@@ -19,11 +19,11 @@ from functools import partial
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
-from PySide6.QtWidgets import QApplication, QHBoxLayout, QMessageBox, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QHBoxLayout, QMessageBox, QVBoxLayout, QWidget
 
 from app.gui.bridge_loading import LOAD_CANCELLED, load_failure_text
-from app.gui.chat_bars import ChatHeader, MessageBar
-from app.gui.chat_layout import ChatSplitter, PaneToggle, scrolling_pane
+from app.gui.chat_bars import ChatHeader, MessageBar, model_line
+from app.gui.chat_layout import ChatSplitter, PaneToggle, focus_fell_out, scrolling_pane
 from app.gui.chat_list import ChatList
 from app.gui.chat_transcript import Transcript
 from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
@@ -458,11 +458,7 @@ class ChatPage(QWidget):
             self._set_model_ready(False, f"Loading {name}…")
 
     def _on_model_loaded(self, info: dict) -> None:
-        label = (f"{info.get('name', '?')} · {info.get('device', '?')} · {info.get('dtype', '')} · "
-                 f"{info.get('attention', '')} · context {info.get('max_model_len', '?')}")
-        if info.get("implementation") == "transformers-fallback":
-            label += " · transformers fallback (slower)"
-        self._set_model_ready(True, label)
+        self._set_model_ready(True, model_line(info))
         if not info.get("reloaded"):  # back after a failed load: the failure notice stays
             self.notice.show_message("")
         if self._pending_send:
@@ -492,7 +488,7 @@ class ChatPage(QWidget):
         busy = self._active is not None
         # A button about to be disabled would pass focus down the chain (to the system
         # prompt): keep it in the message box instead.
-        reclaim = self._focus_lost() or (self.send_button.hasFocus() and busy) or \
+        reclaim = focus_fell_out(self) or (self.send_button.hasFocus() and busy) or \
             (self.stop_button.hasFocus() and not busy)
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
@@ -502,14 +498,6 @@ class ChatPage(QWidget):
             w.set_versions_enabled(not busy)  # no model needed to look at another version
         if reclaim:
             self.input.setFocus()
-
-    def _focus_lost(self) -> bool:
-        """Whether focus fell out of the page while it is in use (the focused widget was
-        deleted by a transcript rebuild, e.g. the Regenerate button that was clicked)."""
-        if not self.isVisible() or not self.isActiveWindow():
-            return False
-        focus = QApplication.focusWidget()
-        return focus is None or focus is self.window() or not focus.isVisible()
 
     @property
     def is_answering(self) -> bool:
