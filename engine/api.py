@@ -3,6 +3,10 @@
 The GUI, the CLI and the OpenAI-compatible server are all clients of one ``Engine``.
 ``submit`` is thread-safe and returns a ``RequestHandle`` whose events stream as the
 engine's own loop thread (schedule -> run -> update) produces them.
+
+``hearth bench`` is a client of this API, with its own public face: ``engine.bench``
+(``BenchOptions``, ``run_bench``). This module never imports it (an import-linter
+contract in pyproject.toml), so the two form no import cycle.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from __future__ import annotations
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, load_config, parse_bytes
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError,
                            ModelLoadError, OutOfMemoryError, UnsupportedModelError, option_flag)
-from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, Timings,
-                           TokenEvent, TokenLogprob, Usage)
+from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, StepInfo,
+                           Timings, TokenEvent, TokenLogprob, Usage)
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
 from engine.memory_plan import (DTYPE_BYTES, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
                                 format_bytes, kv_pool_blocks)
@@ -84,20 +88,6 @@ __all__ = [
     "LoadCancelledError", "ModelCheck",
     "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
     "cpu_kv_budget", "kv_pool_blocks", "check_text", "EngineDeadError",
-    "bench_options", "run_bench", "UnsupportedModelError", "EngineEvent", "TokenLogprob",
+    "UnsupportedModelError", "EngineEvent", "TokenLogprob", "StepInfo",
 ]
 
-# -- benchmarks (``hearth bench``) ------------------------------------------------------
-def bench_options(**fields):
-    """Validated ``engine.bench.BenchOptions`` (see its fields); raises InvalidRequestError."""
-    from engine.bench.options import BenchOptions
-
-    return BenchOptions(**fields)
-
-
-def run_bench(options, progress=None) -> list[dict]:
-    """Run the benchmark suites of ``options`` (from ``bench_options``); return the result
-    rows of BENCHMARKS.md, the transformers baseline's beside Hearth's."""
-    from engine.bench import run_bench as _run_bench
-
-    return _run_bench(options, progress=progress)

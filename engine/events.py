@@ -74,6 +74,18 @@ EngineEvent = Union[TokenEvent, PromptProgressEvent, FinishedEvent]
 
 
 @dataclass(slots=True, frozen=True)
+class StepInfo:
+    """One engine step that ran the model, as ``Engine.add_step_listener`` hears it."""
+
+    # time.perf_counter() when the step's sampled ids reached the host (its device work is done)
+    finished_at: float
+    first_tokens: int  # requests that got their first output token in this step
+    later_tokens: int  # requests that got a later output token
+    kv_slots_allocated: int  # KV slots in the blocks held by running requests, after the step
+    kv_slots_used: int  # of those, the slots that hold a token's K/V
+
+
+@dataclass(slots=True, frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int

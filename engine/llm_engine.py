@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 from collections import deque
+from typing import Callable
 
 from engine.config import EngineConfig, load_config
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.errors import EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError, ModelLoadError
-from engine.events import EngineStats
+from engine.events import EngineStats, StepInfo
 from engine.output import RequestState
 from engine.requests import Completion, Request, RequestHandle
 from engine.sampling_params import SamplingParams
@@ -65,6 +66,8 @@ class Engine:
         self._gen_window: deque[tuple[float, int, int]] = deque()
         self._num_preemptions = 0
         self._num_finished = 0
+        # Replaced whole (under _cv), never changed in place: the loop reads it without a lock.
+        self._step_listeners: tuple[Callable[[StepInfo], None], ...] = ()
         # Per-length attention work (cuDNN SDPA plans) is prepared on the engine thread,
         # which runs every step: torch keeps those plans per thread. Load returns after it.
         self._warm_tokens = self.runner.attention_warmup_tokens(
@@ -199,6 +202,25 @@ class Engine:
             generation_tok_s=0.0, prompt_tok_s=0.0, num_preemptions=self._num_preemptions,
             requests_finished=self._num_finished, memory=self.runner_memory(),
         )
+
+    def add_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
+        """Call ``listener(StepInfo)`` after every step that runs the model (how ``hearth
+        bench`` times batch decode and samples KV-cache use), until ``remove_step_listener``.
+
+        It is called on the engine's loop thread, right after the step's sampled ids reached
+        the host and before their events go out, so it must be quick and must not wait for
+        the engine. A listener that raises is logged and removed; the engine goes on. With
+        no listener the step pays nothing but one emptiness check."""
+        with self._cv:
+            self._step_listeners = (*self._step_listeners, listener)
+
+    def remove_step_listener(self, listener: Callable[[StepInfo], None]) -> None:
+        """Stop calling ``listener`` (one registration of it; a no-op if it has none)."""
+        with self._cv:
+            listeners = list(self._step_listeners)
+            if listener in listeners:
+                listeners.remove(listener)
+                self._step_listeners = tuple(listeners)
 
     def runner_memory(self) -> dict:
         from engine.metrics import memory_snapshot
@@ -362,7 +384,10 @@ class Engine:
                 self._finish(self._states[sc.seq.request_id], "error", error=msg,
                              error_options=options)
             return
-        self.scheduler.update(out, res.token_ids)
+        if self._step_listeners:
+            self._update_observed(out, res.token_ids)
+        else:
+            self.scheduler.update(out, res.token_ids)
         for st in reading:  # before the first token's event, which the last chunk samples
             st.on_prompt_progress()
         now = time.perf_counter()
@@ -378,6 +403,25 @@ class Engine:
             done = st.on_token(token, lp if seq.params.logprobs is not None else None, now)
             if done is not None:
                 self._finish(st, done[0], stop=done[1])
+
+    def _update_observed(self, out, token_ids: list[int]) -> None:
+        """``scheduler.update`` for a step that listeners watch: what they hear is counted
+        around it (first tokens before it, KV-cache use after it)."""
+        finished_at = time.perf_counter()
+        first = sum(1 for sc in out.scheduled if sc.sample and sc.seq.num_output_tokens == 0)
+        self.scheduler.update(out, token_ids)
+        blocks = used = 0
+        for seq in self.scheduler.running:
+            blocks += len(seq.block_table)
+            used += seq.num_computed_tokens
+        info = StepInfo(finished_at, first, len(token_ids) - first,
+                        blocks * self.block_manager.block_size, used)
+        for listener in self._step_listeners:
+            try:
+                listener(info)
+            except Exception:
+                log.exception("a step listener failed; it is no longer called")
+                self.remove_step_listener(listener)
 
     def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False,
                 error_options: tuple[str, ...] = ()) -> None:

@@ -3,8 +3,9 @@
     hearth bench --shape llama-8b --suite decode,prefill --baseline hf --json out.json
 
 Prints a table (always) and writes ``{"rows": [...]}`` in the BENCHMARKS.md shape with
-``--json``. The measuring is done by ``engine.api.run_bench``; this module only turns the
-command line into options and rows into text.
+``--json``. The measuring is done by ``engine.bench.run_bench`` (the bench's public face,
+a client of ``engine.api``); this module only turns the command line into options and rows
+into text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from engine.api import InvalidRequestError, bench_options, run_bench
+from engine.api import InvalidRequestError
+from engine.bench import BenchOptions, run_bench
 
 SUITE_NAMES = ("decode", "prefill", "throughput")
 
@@ -80,7 +82,7 @@ def run_bench_command(args) -> int:
     suites = []
     for item in args.suite or ["decode"]:
         suites.extend(x.strip() for x in item.split(",") if x.strip())
-    opts = bench_options(
+    opts = BenchOptions(
         suites=tuple(suites), shape=args.shape, model=args.model, revision=args.revision,
         baseline=args.baseline, device=args.device, dtype=args.dtype, attention=args.attention,
         enforce_eager=args.enforce_eager, batch=args.batch, prompt_len=args.prompt_len,

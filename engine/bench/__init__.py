@@ -1,5 +1,12 @@
 """``hearth bench``: decode, prefill and throughput suites, with a transformers baseline.
 
+This package is the bench's public face (``BenchOptions``, ``run_bench``): ``hearth bench``
+(app/commands/bench.py) reaches it here, not through ``engine.api``. It is a client of
+``engine.api``: it loads and drives the public ``Engine`` and watches its steps through
+``Engine.add_step_listener``; for the transformers baseline it also uses the engine's
+device, shape and model-resolution helpers. ``engine.api`` never imports it (no import
+cycle), and importing it loads no torch (``hearth``'s parser imports it).
+
 ``run_bench(options)`` returns flat rows in the BENCHMARKS.md shape. With
 ``baseline="hf"`` transformers runs first on the same inputs (and, for random-weight
 shapes, builds the weights Hearth then loads), is freed, and Hearth runs after it, so
@@ -12,8 +19,9 @@ the median of ``repeats``. Per suite:
 - decode: ``batch`` prompts of ``prompt_len`` random ids, ``output_len`` greedy tokens,
   EOS ignored. Batch 1: the request's own decode rate (tokens after the first / time
   since the first). Batch N: aggregate tokens/s from the step in which the last request
-  got its first token to the end (``StepProbe.aggregate_decode_tok_s``). ``match_tokens``:
-  the fewest leading greedy tokens Hearth and transformers agree on over all prompts.
+  got its first token to the end (``StepProbe.aggregate_decode_tok_s``, from the engine's
+  per-step ``StepInfo``). ``match_tokens``: the fewest leading greedy tokens Hearth and
+  transformers agree on over all prompts.
 - prefill: TTFT of one prompt with max_tokens=1, run as one chunk.
 - throughput: ``num_requests`` requests with prompt and output lengths uniform in
   [min_len, max_len], all submitted at once; output tokens / wall time, run once after a
@@ -25,21 +33,24 @@ from __future__ import annotations
 
 import logging
 import statistics
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from engine.bench.options import SUITES, BenchOptions
-from engine.bench.rows import FIGURES, ROW_KEYS, RowMaker, leading_match
-from engine.bench.workload import Workload
 
-__all__ = ["BenchOptions", "run_bench", "SUITES", "ROW_KEYS", "FIGURES"]
+if TYPE_CHECKING:  # torch and numpy load when a run starts, not when `hearth` parses its command
+    from engine.bench.rows import RowMaker
+    from engine.bench.workload import Workload
+
+__all__ = ["BenchOptions", "run_bench", "SUITES"]
 
 log = logging.getLogger("hearth.bench")
 
 
 def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Run the chosen suites (and the baseline); return the rows, baseline beside Hearth."""
-    from engine.api import Engine
-    from engine.config import ModelConfig
+    from engine.api import Engine, ModelConfig
+    from engine.bench.rows import RowMaker
+    from engine.bench.workload import Workload
     from engine.device import resolve_device, resolve_dtype
 
     say = progress or log.info
@@ -91,7 +102,7 @@ def _check_context(opts: BenchOptions) -> None:
 
     max_pos = int(shape_config(opts.shape)["max_position_embeddings"])
     if opts.max_model_len > max_pos:
-        from engine.errors import InvalidRequestError
+        from engine.api import InvalidRequestError
 
         raise InvalidRequestError(
             f"shape {opts.shape!r} has a {max_pos}-token context but the chosen suites need "
@@ -171,6 +182,8 @@ def _mean_lens(reqs) -> tuple[int, int]:
 
 def _rows(maker: RowMaker, opts: BenchOptions, info: dict, hearth: dict, hf: dict | None,
           hf_bytes: int | None) -> list[dict]:
+    from engine.bench.rows import leading_match
+
     rows = []
     wb = info.get("weight_bytes")
     impl = info.get("implementation")

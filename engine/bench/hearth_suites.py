@@ -1,8 +1,8 @@
 """Hearth's side of the suites, driven through the real ``Engine`` (submit / result).
 
 Timings come from the engine itself: per request from ``Completion.timings`` (TTFT, the
-per-sequence decode rate), per step from a ``StepProbe`` that watches the scheduler's
-``update`` call (the batch-N decode rate and the KV-cache waste).
+per-sequence decode rate), per step from a ``StepProbe`` that listens to the engine's
+steps (``Engine.add_step_listener``: the batch-N decode rate and the KV-cache waste).
 """
 
 from __future__ import annotations
@@ -11,59 +11,30 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from engine.api import Completion, Engine, Request, SamplingParams
+from engine.api import Completion, Engine, HearthError, Request, SamplingParams, StepInfo
 from engine.bench.workload import TimedRequest, Workload
-from engine.errors import HearthError
 
 
 class BenchRunError(HearthError, RuntimeError):
     """A benchmark request did not produce the tokens it was asked for."""
 
 
-@dataclass(slots=True)
-class StepRecord:
-    """One engine step as the probe saw it."""
-
-    t: float  # perf_counter when the step's sampled ids reached the host (device work done)
-    first_tokens: int  # sequences that got their first output token in this step
-    later_tokens: int  # sequences that got a later token
-    kv_allocated: int  # KV slots in the blocks held by running sequences, after the step
-    kv_used: int  # of those, slots that hold a token's K/V
-
-
 class StepProbe:
-    """Records every engine step while active (a context manager).
-
-    It wraps ``engine.scheduler.update(out, sampled_ids)``: the engine loop calls it once
-    per step, on the engine thread, right after the runner returned the sampled ids as
-    host integers, so the device has finished the step. Cost: one pass over the running
-    sequences per step (integer sums), negligible next to a forward pass.
-    """
+    """Records every engine step while active (a context manager), as the engine's own
+    ``StepInfo``: it listens through ``Engine.add_step_listener``, which the engine calls
+    once per step, on its thread, right after the sampled ids reached the host as integers
+    (so the device has finished the step)."""
 
     def __init__(self, engine: Engine) -> None:
-        self._scheduler = engine.scheduler
-        self._block_size = engine.block_manager.block_size
-        self.records: list[StepRecord] = []
+        self._engine = engine
+        self.records: list[StepInfo] = []
 
     def __enter__(self) -> "StepProbe":
-        sched, bs, records = self._scheduler, self._block_size, self.records
-        original = sched.update
-
-        def update(out, sampled_ids):
-            t = time.perf_counter()
-            first = sum(1 for sc in out.scheduled if sc.sample and sc.seq.num_output_tokens == 0)
-            original(out, sampled_ids)
-            blocks = used = 0
-            for seq in sched.running:
-                blocks += len(seq.block_table)
-                used += seq.num_computed_tokens
-            records.append(StepRecord(t, first, len(sampled_ids) - first, blocks * bs, used))
-
-        sched.update = update  # an instance attribute shadows the method until __exit__
+        self._engine.add_step_listener(self.records.append)
         return self
 
     def __exit__(self, *exc) -> None:
-        del self._scheduler.update
+        self._engine.remove_step_listener(self.records.append)
 
     def aggregate_decode_tok_s(self, num_seqs: int) -> float:
         """See ``aggregate_decode_tok_s``."""
@@ -74,7 +45,7 @@ class StepProbe:
         return kv_waste_pct(self.records)
 
 
-def aggregate_decode_tok_s(records: list[StepRecord], num_seqs: int) -> float:
+def aggregate_decode_tok_s(records: list[StepInfo], num_seqs: int) -> float:
     """Tokens/s of all sequences together once every one of them has its first token.
 
     The window starts at the step in which the last of ``num_seqs`` sequences got its
@@ -91,13 +62,14 @@ def aggregate_decode_tok_s(records: list[StepRecord], num_seqs: int) -> float:
     if start is None or start == len(records) - 1:
         return 0.0
     tokens = sum(r.later_tokens for r in records[start + 1:])
-    span = records[-1].t - records[start].t
+    span = records[-1].finished_at - records[start].finished_at
     return tokens / span if span > 0 else 0.0
 
 
-def kv_waste_pct(records: list[StepRecord]) -> float:
+def kv_waste_pct(records: list[StepInfo]) -> float:
     """Mean over steps of (allocated - used) / allocated KV slots, in percent."""
-    ratios = [(r.kv_allocated - r.kv_used) / r.kv_allocated for r in records if r.kv_allocated]
+    ratios = [(r.kv_slots_allocated - r.kv_slots_used) / r.kv_slots_allocated
+              for r in records if r.kv_slots_allocated]
     return 100.0 * statistics.fmean(ratios) if ratios else 0.0
 
 
