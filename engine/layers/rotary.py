@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engine.errors import UnsupportedModelError
-from engine.models.spec import RopeSpec
+from engine.layers.rope_spec import RopeSpec
 
 
 def inv_frequencies(rope: RopeSpec, rot_dim: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelLoadError, UnsupportedModelError
+# The rotary layer's own settings type: layers never import models, models build on layers.
+from engine.layers.rope_spec import SUPPORTED_ROPE_TYPES, RopeSpec
 
 # model_type -> family defaults that config.json may leave implicit.
 NATIVE_MODEL_TYPES = {
@@ -21,18 +23,6 @@ NATIVE_MODEL_TYPES = {
     "qwen2": {"qkv_bias": True},
     "qwen3": {"qk_norm": True},
 }
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-
-
-@dataclass(frozen=True, slots=True)
-class RopeSpec:
-    theta: float = 10000.0
-    type: str = "default"  # default | llama3 | linear
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
-    partial_rotary_factor: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +126,6 @@ class ModelSpec:
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         )
-
-    @classmethod
-    def from_folder(cls, path: Path) -> "ModelSpec":
-        return cls.from_config(read_config(path), source=str(Path(path) / "config.json"))
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.layers.rope_spec import RopeSpec
 from engine.layers.rotary import RotaryEmbedding
-from engine.models.spec import RopeSpec
 from kernels.rotary import apply_rotary
 from tests.kernels.reference import DEVICE, ulp_distance
 
