@@ -20,6 +20,7 @@ from app.gui.bridge_loading import (LOAD_CANCELLED, LOAD_JOIN_TIMEOUT_S, LoadTic
                                     user_options, wait_progress)
 from app.gui.bridge_signals import BridgeSignals
 from app.gui.error_text import gui_error, gui_error_text
+from app.services.chat_context import fit_history
 
 from engine.api import (Engine, FinishedEvent, HearthError, LoadCancelledError, PromptProgressEvent, Request,
                         SamplingParams, Timings, TokenEvent, Usage, model_display_name)
@@ -356,8 +357,6 @@ class EngineWorker(BridgeSignals):
         dropped = 0
         try:
             if messages is not None:
-                from app.commands.chat import fit_history
-
                 messages, dropped = fit_history(self.engine, messages, req.get("system"),
                                                 params.max_tokens)
             handle = self.engine.submit(Request(messages=messages, prompt=req.get("prompt"),

@@ -129,8 +129,8 @@ def test_chat_too_long_message_leaves_the_conversation_as_it_was(capsys, monkeyp
 
 
 def test_fit_history_drops_oldest_turns_but_never_for_a_message_that_cannot_fit(tiny_models):
-    """The GUI's bridge trims with the same function: what it may rely on."""
-    from app.commands.chat import fit_history
+    """`hearth chat` and the GUI's bridge trim with this one function: what they rely on."""
+    from app.services.chat_context import fit_history
     from engine.api import Engine, InvalidRequestError
 
     engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32",
