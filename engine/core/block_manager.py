@@ -93,11 +93,6 @@ class BlockManager:
         """Prompt tokens served from the cache / tokens queried (0.0 before any query)."""
         return self._hit_tokens / self._query_tokens if self._query_tokens else 0.0
 
-    def reset_stats(self) -> None:
-        """Forget prefix-cache query/hit counters."""
-        self._query_tokens = 0
-        self._hit_tokens = 0
-
     # ------------------------------------------------------------------ allocation
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Extra blocks ``seq.block_table`` needs to hold computed + ``num_new_tokens`` tokens."""

@@ -6,8 +6,9 @@ unscaled, saturating at +-448). Token ``t`` of a sequence lives in block
 ``block_table[t // block_size]`` at offset ``t % block_size``; the runner precomputes each
 new token's flat slot ``block * block_size + offset`` (the slot mapping).
 
-Backends register by name and import lazily; each exposes ``available() -> list[str]``
-of reasons it cannot run here (empty when usable), so the CLI and the GUI can explain.
+Backends are listed by name (``_REGISTRY``) and import lazily; each exposes
+``available() -> list[str]`` of reasons it cannot run here (empty when usable), so the CLI
+and the GUI can explain.
 """
 
 from __future__ import annotations
@@ -189,10 +190,6 @@ _REGISTRY: dict[str, str] = {
     "triton": "engine.layers.triton_attention:TritonAttention",
     "flash-attn": "engine.layers.flash_attention:FlashAttnBackend",
 }
-
-
-def register_backend(name: str, path: str) -> None:
-    _REGISTRY[name] = path
 
 
 def backend_names() -> list[str]:

@@ -33,7 +33,7 @@ class TritonAttention(AttentionBackend):
 
     The decode kernel's grid needs a static upper bound on context lengths; it reads
     ``meta.max_seq_len_bound`` when the metadata carries one (a CUDA-graph capture bound),
-    else ``meta.max_seq_len``. Likewise ``meta.max_query_len`` if present, else the max of
+    else ``meta.max_seq_len``. The prefill kernel's tile height comes from the max of
     ``meta.query_lens_cpu``. The decode path reads only device tensors and static sizes,
     so it may be captured in a CUDA graph (``cuda_graphs``); padding rows may use slot -1
     (nothing is written) and any seq_len >= 0 (0 gives zeros).
@@ -163,9 +163,9 @@ class TritonAttention(AttentionBackend):
             if kv_cache.dtype != q.dtype:  # an fp8 cache: attend to K/V as stored, like every other path
                 k, v = to_fp8(k).to(k.dtype), to_fp8(v).to(v.dtype)
             return self._fresh_prefill(q, k, v)
-        max_q = getattr(meta, "max_query_len", None) or max(meta.query_lens_cpu)
         return self._prefill(q, kv_cache, meta.block_tables, meta.query_start, meta.seq_lens,
-                             self.scale, max_query_len=max_q, sliding_window=self.sliding_window)
+                             self.scale, max_query_len=max(meta.query_lens_cpu),
+                             sliding_window=self.sliding_window)
 
 
 def _new_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:

@@ -19,14 +19,6 @@ from engine.errors import ModelLoadError, UnsupportedModelError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# Bytes per element for the dtype names found in safetensors headers.
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-
 # Exceptions safetensors (and the OS under it) raise for unreadable or damaged files.
 _READ_ERRORS = (SafetensorError, OSError, RuntimeError, ValueError)
 
@@ -154,14 +146,3 @@ def read_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             raise _corrupt(file, exc) from exc
     return meta
 
-
-def total_weight_bytes(path: Path) -> int:
-    """Return the size in bytes of all tensors' data (headers excluded), without loading them."""
-    total = 0
-    for shape, dtype in read_metadata(path).values():
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        # Unknown (future) dtypes count as 1 byte so an estimate is still possible.
-        total += numel * _DTYPE_BYTES.get(dtype, 1)
-    return total

@@ -18,7 +18,6 @@ from engine.runner.sampler import Sampler
 
 
 class HFRunner(SamplingMixin):
-    paged = False
     graphs = None  # no CUDA-graph decode (see graphs_reason)
 
     def graphs_reason(self) -> str:

@@ -58,8 +58,6 @@ class SamplingMixin:
 class ModelRunner(SamplingMixin):
     """Runs Hearth's native model on the paged KV cache."""
 
-    paged = True  # the KV cache is Hearth's own (prefix caching works)
-
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                  block_size: int, attention: str, enforce_eager: bool = False,
                  kv_dtype: torch.dtype | None = None) -> None:
