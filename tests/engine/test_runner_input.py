@@ -147,3 +147,56 @@ def test_the_penalties_token_context_is_sent_only_when_needed(tiny_models):
         want = ref.generate(torch.tensor([prompts["repetition"]]), do_sample=False, max_new_tokens=5, min_new_tokens=5,
                             repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
     assert results["repetition"].token_ids == want
+
+
+class _EagerGraphs:
+    """DecodeGraphs' interface on a CPU: runs the decode step eagerly, so the pipelined
+    path (a step launched ahead from the previous step's device tokens) runs in CI."""
+
+    def __init__(self, runner, max_batch: int, max_model_len: int) -> None:
+        self.runner, self.max_batch, self.max_model_len = runner, max_batch, max_model_len
+        self.replays = self.launched = 0
+
+    @torch.inference_mode()
+    def run(self, ids, positions, slots, seq_lens, tables):
+        r = self.runner
+        if isinstance(ids, torch.Tensor):  # last step's argmax, still on the device
+            self.launched += 1
+            ids = ids.tolist()
+        meta = r._metadata(tables, positions, [1] * len(positions))
+        assert meta.slot_mapping.tolist() == slots
+        self.replays += 1
+        return r.model.compute_logits(r.model(torch.tensor(ids), torch.tensor(positions), r.kv_caches, meta))
+
+
+def test_pipelined_decode_from_runner_input(tiny_models):
+    """Greedy decode steps launched ahead give the eager tokens; the step that samples a
+    lone request's last token launches nothing."""
+    import types
+
+    eng = load(tiny_models["llama-tied"], max_num_seqs=3, enable_prefix_caching=False)
+    try:
+        prompts = [ids_of(n, seed=n) for n in (3, 9, 14, 6, 20)]
+        params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (7, 3, 12, 5, 9)]
+        params[3] = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, repetition_penalty=1.2)
+
+        def run_all():
+            with eng._cv:  # all queued before the loop looks: the same steps every time
+                handles = [eng.submit(Request(prompt_token_ids=p, params=q)) for p, q in zip(prompts, params)]
+            return [h.result().token_ids for h in handles]
+
+        eager = run_all()
+        runner = eng.runner
+        runner.graphs = graphs = _EagerGraphs(runner, max_batch=4, max_model_len=256)
+        runner._stage = lambda t: (t.clone(), types.SimpleNamespace(synchronize=lambda: None))
+        eng.scheduler.lookahead_slots = 1  # what the engine asks for when graphs exist
+        assert run_all() == eager
+        assert graphs.launched > 0 and runner.steps_ahead_used == graphs.launched
+        launched, used = graphs.launched, runner.steps_ahead_used
+        eng.submit(Request(prompt_token_ids=prompts[0], params=params[2])).result()
+        # Alone, max_tokens=12: decode steps sample tokens 2..12; each launches the next
+        # except the last one's, and every launched step is used.
+        assert graphs.launched - launched == 12 - 2
+        assert runner.steps_ahead_used - used == 12 - 2
+    finally:
+        eng.shutdown()
