@@ -15,6 +15,7 @@ the ``execute`` call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,10 +53,10 @@ class StepRow:
 class RunnerInput:
     """One step for the runner: rows in the scheduler's order (running requests first)."""
 
-    rows: list[StepRow]
-    new_requests: list[NewRequest] = ()  # announced this step (before any row uses them)
-    finished: list[str] = ()  # requests that ended: drop all the runner keeps for them
-    preempted: list[str] = ()  # their KV cache was freed: drop what depends on it
+    rows: Sequence[StepRow]
+    new_requests: Sequence[NewRequest] = ()  # announced this step (before any row uses them)
+    finished: Sequence[str] = ()  # requests that ended: drop all the runner keeps for them
+    preempted: Sequence[str] = ()  # their KV cache was freed: drop what depends on it
     num_waiting: int = 0  # requests left waiting (a hint for the pipelined decode)
 
 

@@ -3,6 +3,8 @@ and the engine sends the penalties' token context only for requests that need it
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -57,9 +59,13 @@ def drive(runner, prompts: dict[str, list[int]], params: SamplingParams, chunk: 
             if len(out[rid][0]) >= params.max_tokens:
                 continue
             start = done[rid]
-            n = len(toks) - start if rid == "a" or start >= len(prompts[rid]) else min(chunk, len(toks) - start)
+            whole = rid == "a" or start >= len(prompts[rid])  # a's prompt, or one decode token
+            n = len(toks) - start if whole else min(chunk, len(toks) - start)
             rows.append(StepRow(rid, toks[start:start + n], start, tables[rid], start + n == len(toks)))
-        res = runner.execute(RunnerInput(rows, new))
+        # Through pickle, as to a runner in another process: it gets plain data, no
+        # reference to anything of ours.
+        inp = pickle.loads(pickle.dumps(RunnerInput(rows, new)))
+        res = pickle.loads(pickle.dumps(runner.execute(inp)))
         new = []
         sampled = iter(zip(res.token_ids, res.logprobs))
         for row in rows:
@@ -144,8 +150,9 @@ def test_the_penalties_token_context_is_sent_only_when_needed(tiny_models):
 
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama-tied"]), dtype=torch.float32).eval()
     with torch.no_grad():
-        want = ref.generate(torch.tensor([prompts["repetition"]]), do_sample=False, max_new_tokens=5, min_new_tokens=5,
-                            repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
+        want = ref.generate(torch.tensor([prompts["repetition"]]), do_sample=False, max_new_tokens=5,
+                            min_new_tokens=5, repetition_penalty=1.3, eos_token_id=None,
+                            pad_token_id=0)[0, 20:].tolist()
     assert results["repetition"].token_ids == want
 
 
