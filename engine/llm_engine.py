@@ -368,6 +368,8 @@ class Engine:
             self._finish(self._states[seq.request_id], seq.finish_reason or "length", already=True)
         self._num_preemptions += len(out.preempted)
         if not out.scheduled:
+            if out.preempted:  # (rare: the KV cache is full) their blocks are gone
+                self.runner.execute(RunnerInput([], preempted=[s.request_id for s in out.preempted]))
             return
         now = time.perf_counter()
         reading: list[RequestState] = []  # prompt chunks this step, for progress events

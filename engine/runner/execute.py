@@ -24,7 +24,11 @@ class NativeExecuteMixin(RequestStateMixin):
     def execute(self, inp: RunnerInput) -> RunnerOutput:
         """Run one step: compute every row's tokens into the KV cache and sample the next
         token of each row with ``sample=True`` (in row order). A step with no rows only
-        takes in its new and finished requests."""
+        takes in its new and finished requests.
+
+        Preempted requests keep their state here: their RNG goes on where it was (their
+        tokens stay; only their K/V is recomputed), and a step launched ahead for them
+        can't be taken (they come back with a prompt step, which drops it)."""
         self._update_requests(inp)
         rows = inp.rows
         if not rows:

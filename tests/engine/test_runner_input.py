@@ -207,3 +207,38 @@ def test_pipelined_decode_from_runner_input(tiny_models):
         assert runner.steps_ahead_used - used == 12 - 2
     finally:
         eng.shutdown()
+
+
+def test_the_fallback_drops_a_preempted_requests_cache(tiny_models):
+    """Preempted ids reach the runner; the fallback's cache for them goes at once, and
+    recomputed requests (seeded sampling included: the RNG is kept) still match a roomy
+    engine's."""
+    path = tiny_models["llama-tied"]
+    prompts = [ids_of(30 + 7 * i, seed=100 + i) for i in range(4)]
+    params = [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=0.9, seed=7, ignore_eos=True)] * 2
+    roomy = load(path, force_fallback=True)
+    # 8 blocks of 16 tokens cannot hold four ~70-token sequences at once: preemption.
+    tight = Engine.load(str(path), device=engine_device(), dtype="float32", num_blocks=8, block_size=16,
+                        max_model_len=128, force_fallback=True)
+    runner, dropped = tight.runner, []
+    real = runner.execute
+
+    def spy(inp: RunnerInput):
+        res = real(inp)
+        dropped.extend(inp.preempted)
+        assert not set(inp.preempted) & set(runner._caches)
+        return res
+
+    runner.execute = spy
+    try:
+        ref = [roomy.submit(Request(prompt_token_ids=p, params=q)).result().token_ids
+               for p, q in zip(prompts, params)]
+        got = [h.result().token_ids for h in [tight.submit(Request(prompt_token_ids=p, params=q))
+                                              for p, q in zip(prompts, params)]]
+        assert tight.stats().num_preemptions > 0 and len(dropped) == tight.stats().num_preemptions
+        assert got == ref
+    finally:
+        runner.execute = real
+        roomy.shutdown()
+        tight.shutdown()
