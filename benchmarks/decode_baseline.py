@@ -32,6 +32,7 @@ def hearth_decode(shape: str, device, prompt_len: int, new_tokens: int, repeats:
     from engine.core.sequence import Sequence
     from engine.loader.build import build_native
     from engine.models.spec import ModelSpec
+    from engine.runner.io import NewRequest, RunnerInput, StepRow
     from engine.runner.model_runner import ModelRunner
     from engine.sampling_params import SamplingParams
     from engine.shapes import shape_config
@@ -46,7 +47,21 @@ def hearth_decode(shape: str, device, prompt_len: int, new_tokens: int, repeats:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(1)
 
+    def runner_input(out, announced: set) -> RunnerInput:
+        """The step as the engine hands it to the runner (greedy: no token context)."""
+        new, rows = [], []
+        for sc in out.scheduled:
+            seq = sc.seq
+            if seq.request_id not in announced:
+                announced.add(seq.request_id)
+                new.append(NewRequest(seq.request_id, seq.params, len(seq.prompt_token_ids)))
+            start = seq.num_computed_tokens
+            rows.append(StepRow(seq.request_id, seq.token_ids[start:start + sc.num_new_tokens], start,
+                                seq.block_table, sc.sample))
+        return RunnerInput(rows, new, (), [s.request_id for s in out.preempted], out.num_waiting)
+
     def one_run():
+        announced = set()
         bm = BlockManager(blocks, 16, enable_prefix_caching=False)
         sched = Scheduler(bm, max_num_seqs=batch, max_num_batched_tokens=max(2048, prompt_len * batch))
         seqs = []
@@ -59,7 +74,7 @@ def hearth_decode(shape: str, device, prompt_len: int, new_tokens: int, repeats:
         t0 = time.perf_counter()
         while sched.has_work():
             out = sched.schedule()
-            res = runner.execute(out)
+            res = runner.execute(runner_input(out, announced))
             sched.update(out, res.token_ids)
             for s in list(seqs):
                 if s.num_output_tokens >= new_tokens and not s.is_finished:
@@ -69,8 +84,7 @@ def hearth_decode(shape: str, device, prompt_len: int, new_tokens: int, repeats:
                 t_first = time.perf_counter()
         _sync()
         t1 = time.perf_counter()
-        for s in seqs:
-            runner.release(s.request_id)
+        runner.execute(RunnerInput([], finished=[s.request_id for s in seqs]))
         # decode rate: tokens after the first, per sequence
         return (new_tokens - 1) / (t1 - t_first), (t_first - t0) * 1e3
 

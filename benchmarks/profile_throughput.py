@@ -74,12 +74,15 @@ def main() -> None:
 
     execute = runner.execute
 
-    def timed_execute(out):
-        prefill = sum(sc.num_new_tokens for sc in out.scheduled if sc.num_new_tokens > 1 or not sc.sample)
+    def timed_execute(inp):
+        if not inp.rows:  # the engine handing over finished requests while idle
+            return execute(inp)
+        lens = [len(r.token_ids) for r in inp.rows]
+        prefill = sum(n for n, r in zip(lens, inp.rows) if n > 1 or not r.sample)
         used_before = getattr(runner, "steps_ahead_used", 0)
         replays_before = runner.graphs.replays if getattr(runner, "graphs", None) else 0
         t = time.perf_counter()
-        res = execute(out)
+        res = execute(inp)
         dt = time.perf_counter() - t
         if prefill:
             kind = "mixed"
@@ -92,9 +95,9 @@ def main() -> None:
         row = stats[kind]
         row["steps"] += 1
         row["execute_s"] += dt
-        row["tokens"] += out.num_batched_tokens
-        row["seqs"] += len(out.scheduled)
-        current.update(kind=kind, seqs=len(out.scheduled), tokens=out.num_batched_tokens)
+        row["tokens"] += sum(lens)
+        row["seqs"] += len(inp.rows)
+        current.update(kind=kind, seqs=len(inp.rows), tokens=sum(lens))
         return res
 
     runner.execute = timed_execute

@@ -23,6 +23,7 @@ from engine.errors import EngineDeadError, HearthError, InvalidRequestError, Loa
 from engine.events import EngineStats, StepInfo
 from engine.output import RequestState
 from engine.requests import Completion, Request, RequestHandle
+from engine.runner.io import NewRequest, RunnerInput, StepRow, needs_token_context
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import check_text
 
@@ -66,6 +67,8 @@ class Engine:
         self._gen_window: deque[tuple[float, int, int]] = deque()
         self._num_preemptions = 0
         self._num_finished = 0
+        self._runner_done: list[str] = []  # finished requests the runner still keeps state for
+        self._context_ids: set[str] = set()  # requests whose rows carry their tokens (penalties)
         # Replaced whole (under _cv), never changed in place: the loop reads it without a lock.
         self._step_listeners: tuple[Callable[[StepInfo], None], ...] = ()
         # Per-length attention work (cuDNN SDPA plans) is prepared on the engine thread,
@@ -331,6 +334,8 @@ class Engine:
                         self._finish(state, "abort")
                 if self.scheduler.has_work():
                     self.step()
+                if self._runner_done and not self.scheduler.has_work():
+                    self._release_runner_state()  # no step will carry them: the engine idles
         except BaseException as e:  # the loop must never die silently
             log.exception("engine loop died")
             with self._cv:  # with submit's lock: no request registers after this snapshot
@@ -363,20 +368,43 @@ class Engine:
             self._finish(self._states[seq.request_id], seq.finish_reason or "length", already=True)
         self._num_preemptions += len(out.preempted)
         if not out.scheduled:
+            if out.preempted:  # (rare: the KV cache is full) their blocks are gone
+                self.runner.execute(RunnerInput([], preempted=[s.request_id for s in out.preempted]))
             return
         now = time.perf_counter()
         reading: list[RequestState] = []  # prompt chunks this step, for progress events
+        # The runner's input, built in the same pass: the tokens to feed are a slice, the
+        # block table and the penalties' token context the sequence's own lists.
+        rows: list[StepRow] = []
+        new: list[NewRequest] = []
+        context = self._context_ids
+        states = self._states
         for sc in out.scheduled:
-            st = self._states[sc.seq.request_id]
+            seq = sc.seq
+            rid = seq.request_id
+            st = states[rid]
             first = st.t_scheduled is None
             if first:
                 st.t_scheduled = now
-            if st.report_progress and sc.seq.num_output_tokens == 0:
+                new.append(NewRequest(rid, seq.params, len(seq.prompt_token_ids)))
+                if needs_token_context(seq.params):
+                    context.add(rid)
+            if st.report_progress and seq.num_output_tokens == 0:
                 reading.append(st)
                 if first:  # a long prompt's first chunk takes a while: say it started
                     st.on_prompt_progress()
+            start = seq.num_computed_tokens
+            rows.append(StepRow(rid, seq.token_ids[start:start + sc.num_new_tokens], start,
+                                seq.block_table, sc.sample,
+                                seq.token_ids if context and sc.sample and rid in context else None))
+        done = self._runner_done or ()
+        if done:
+            self._runner_done = []
+        inp = RunnerInput(rows, new, done,
+                          [s.request_id for s in out.preempted] if out.preempted else (),
+                          out.num_waiting)
         try:
-            res = self.runner.execute(out)
+            res = self.runner.execute(inp)
         except Exception as e:
             msg, options = _describe_failure(e)
             log.exception("model step failed")
@@ -423,12 +451,21 @@ class Engine:
                 log.exception("a step listener failed; it is no longer called")
                 self.remove_step_listener(listener)
 
+    def _release_runner_state(self) -> None:
+        """Hand the runner the finished requests now, in a step with no rows (the engine
+        is idle: the fallback's per-request caches must not wait for the next request)."""
+        done, self._runner_done = self._runner_done, []
+        runner = self.runner
+        if runner is not None:
+            runner.execute(RunnerInput([], finished=done))
+
     def _finish(self, state: RequestState, reason: str, stop=None, error=None, already=False,
                 error_options: tuple[str, ...] = ()) -> None:
         if not already:
             self.scheduler.finish(state.seq.request_id, reason)
-        if self.runner is not None:
-            self.runner.release(state.seq.request_id)
+        if state.t_scheduled is not None:  # the runner has seen it: the next step drops it there
+            self._runner_done.append(state.seq.request_id)
+            self._context_ids.discard(state.seq.request_id)
         if state.finish(reason, stop=stop, error=error, error_options=error_options) is not None:
             self._num_finished += 1
         with self._cv:

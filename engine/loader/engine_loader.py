@@ -343,7 +343,7 @@ def release_runner(runner) -> None:
     caches = getattr(runner, "kv_caches", None)
     if isinstance(caches, list):
         caches.clear()  # in place: CUDA graphs hold the same list
-    for name in ("_caches", "_generators"):
+    for name in ("_caches", "_requests"):
         held = getattr(runner, name, None)
         if isinstance(held, dict):
             held.clear()

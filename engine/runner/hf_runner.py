@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from engine.core.scheduler import SchedulerOutput
 from engine.errors import LoadCancelledError, ModelLoadError, UnsupportedModelError
-from engine.runner.model_runner import RunnerOutput, SamplingMixin
+from engine.runner.io import RunnerInput, RunnerOutput
+from engine.runner.request_state import KeptRequest, RequestStateMixin
 from engine.runner.sampler import Sampler
 
 
-class HFRunner(SamplingMixin):
+class HFRunner(RequestStateMixin):
     graphs = None  # no CUDA-graph decode (see graphs_reason)
 
     def graphs_reason(self) -> str:
@@ -37,8 +37,8 @@ class HFRunner(SamplingMixin):
         self.device = device
         self.dtype = dtype
         self.sampler = Sampler()
-        self._caches: dict[str, object] = {}
-        self._generators: dict[str, torch.Generator | None] = {}
+        self._caches: dict[str, object] = {}  # request id -> its transformers DynamicCache
+        self._requests: dict[str, KeptRequest] = {}  # request id -> its params and RNG
         self.kv_caches = []
         self.num_blocks = 0
 
@@ -84,31 +84,35 @@ class HFRunner(SamplingMixin):
         return 0
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, inp: RunnerInput) -> RunnerOutput:
+        """Run each row through transformers on its request's own cache, then sample the
+        rows with ``sample=True`` (in row order). Block tables are not used: the engine's
+        block manager only accounts for the tokens."""
         from transformers import DynamicCache
 
+        self._update_requests(inp)
+        self._kept(inp.rows)  # every row's request is known, before any cache is made
+        for rid in inp.preempted:  # recomputed from its first token when it comes back
+            self._caches.pop(rid, None)
         logits_rows, sampled = [], []
-        for sc in out.scheduled:
-            seq = sc.seq
-            start = seq.num_computed_tokens
-            if start == 0 or seq.request_id not in self._caches:
+        for row in inp.rows:
+            rid, start, n = row.request_id, row.start, len(row.token_ids)
+            if start == 0 or rid not in self._caches:
                 # New, or preempted and recomputed: start from an empty cache.
-                self._caches[seq.request_id] = DynamicCache()
+                self._caches[rid] = DynamicCache()
                 if start != 0:
                     raise RuntimeError("fallback cache lost for a partially computed sequence")
-            ids = torch.tensor([seq.token_ids[start:start + sc.num_new_tokens]], device=self.device)
-            pos = torch.arange(start, start + sc.num_new_tokens, device=self.device)[None]
-            res = self.model(input_ids=ids, position_ids=pos, past_key_values=self._caches[seq.request_id],
+            ids = torch.tensor([row.token_ids], device=self.device)
+            pos = torch.arange(start, start + n, device=self.device)[None]
+            res = self.model(input_ids=ids, position_ids=pos, past_key_values=self._caches[rid],
                              use_cache=True, logits_to_keep=1)
-            if sc.sample:
+            if row.sample:
                 logits_rows.append(res.logits[0, -1])
-                sampled.append(seq)
-        for seq in out.preempted:
-            self._caches.pop(seq.request_id, None)
+                sampled.append(row)
         if not sampled:
             return RunnerOutput([], None)
         return self.sample(torch.stack(logits_rows), sampled)
 
-    def release(self, request_id: str) -> None:
+    def _drop_request(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
-        super().release(request_id)
+        super()._drop_request(request_id)

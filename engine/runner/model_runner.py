@@ -1,61 +1,29 @@
-"""ModelRunner: turns a scheduled batch into tensors, runs the model, samples.
+"""ModelRunner: runs Hearth's native model on the paged KV cache, one step at a time.
 
 All device state lives here (weights, KV cache, per-request RNGs); the scheduler only
-ever sees block ids. The runner is an object that could live in another process.
+ever sees block ids. A step is plain data in and out (``execute(RunnerInput) ->
+RunnerOutput``, in engine/runner/execute.py), so the runner could live in another process.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from engine.core.scheduler import SchedulerOutput
 from engine.errors import LoadCancelledError
 from engine.layers.attention import AttentionMetadata, get_backend, padded_table_width
 from engine.models.spec import ModelSpec
-from engine.runner.sampler import Sampler, make_generator
+from engine.runner.execute import NativeExecuteMixin
+from engine.runner.request_state import KeptRequest
+from engine.runner.sampler import Sampler
 
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class RunnerOutput:
-    token_ids: list[int]  # one per scheduled sequence with sample=True, in order
-    logprobs: list | None  # per sampled sequence: TokenLogprobs or None
-
-
-class SamplingMixin:
-    """Per-request RNGs and the device sampler, shared by the native and fallback runners."""
-
-    sampler: Sampler
-    device: torch.device
-    _generators: dict
-
-    def sample(self, logits: torch.Tensor, seqs) -> RunnerOutput:
-        gens = []
-        for seq in seqs:
-            if seq.request_id not in self._generators:
-                self._generators[seq.request_id] = make_generator(seq.params.seed, self.device)
-            gens.append(self._generators[seq.request_id])
-        res = self.sampler(
-            logits,
-            [s.params for s in seqs],
-            [s.prompt_token_ids for s in seqs],
-            [s.output_token_ids for s in seqs],
-            gens,
-        )
-        return RunnerOutput(res.token_ids, res.logprobs)
-
-    def release(self, request_id: str) -> None:
-        """Forget per-request device state (its RNG) once the request is finished."""
-        self._generators.pop(request_id, None)
-
-
-class ModelRunner(SamplingMixin):
+class ModelRunner(NativeExecuteMixin):
     """Runs Hearth's native model on the paged KV cache."""
 
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
@@ -91,7 +59,7 @@ class ModelRunner(SamplingMixin):
         self.steps_ahead_used = 0
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
-        self._generators: dict[str, torch.Generator | None] = {}
+        self._requests: dict[str, KeptRequest] = {}  # request id -> its params and RNG
 
     # -- CUDA graphs -------------------------------------------------------------------
     def graphs_reason(self) -> str | None:
@@ -284,159 +252,6 @@ class ModelRunner(SamplingMixin):
             num_decode=next((i for i, n in enumerate(qlens) if n != 1), len(qlens)),
         )
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        if not out.scheduled:
-            return RunnerOutput([], None)
-        if self.graphs is not None:
-            graph_out = self._execute_graph(out)
-            if graph_out is not None:
-                return graph_out
-        if self.prompt_graphs is not None and len(out.scheduled) == 1:
-            graph_out = self._execute_prompt_graph(out.scheduled[0])
-            if graph_out is not None:
-                return graph_out
-        self._ahead = None
-        ids: list[int] = []
-        positions: list[int] = []
-        tables, starts, qlens = [], [], []
-        # Single-token (decode) sequences first, so that attention can send them to its
-        # decode kernel; sampling below follows the scheduler's order again.
-        scheduled = out.scheduled
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
-        last_row = [0] * len(scheduled)
-        end = 0
-        for i in order:
-            sc = scheduled[i]
-            seq = sc.seq
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + sc.num_new_tokens])
-            positions.extend(range(start, start + sc.num_new_tokens))
-            tables.append(seq.block_table)
-            starts.append(start)
-            qlens.append(sc.num_new_tokens)
-            end += sc.num_new_tokens
-            last_row[i] = end - 1
-        meta = self._metadata(tables, starts, qlens)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)
-
-        rows = [last_row[i] for i, sc in enumerate(scheduled) if sc.sample]
-        sampled = [sc.seq for sc in scheduled if sc.sample]
-        if not sampled:
-            return RunnerOutput([], None)
-        logits = self.model.compute_logits(hidden[rows])
-        return self.sample(logits, sampled)
-
-
-    def _execute_graph(self, out: SchedulerOutput) -> RunnerOutput | None:
-        """A pure decode step (one new token per sequence, all sampled) by graph replay.
-
-        Greedy batches are pipelined: the next step is launched on the GPU (its input ids
-        copied there from this step's argmax) *before* the host waits for this step's
-        tokens, so the host's bookkeeping (scheduler, detokenizer, events) overlaps the
-        GPU's work. The launched-ahead step is used only if the scheduler then asks for
-        exactly it (same sequences, positions and tokens); otherwise it is dropped, which
-        is harmless: it only wrote K/V, at slots that the real step rewrites with the same
-        values or that belong to no committed token.
-        """
-        scheduled = out.scheduled
-        ahead, self._ahead = self._ahead, None
-        if len(scheduled) > self.graphs.max_batch:
-            return None
-        bs = self.block_size
-        ids, positions, slots, seq_lens, tables, seqs = [], [], [], [], [], []
-        for sc in scheduled:
-            seq = sc.seq
-            if sc.num_new_tokens != 1 or not sc.sample:
-                return None
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            positions.append(p)
-            table = seq.block_table
-            slots.append(table[p // bs] * bs + p % bs)
-            seq_lens.append(p + 1)
-            tables.append(table)
-            seqs.append(seq)
-        greedy = all(_plain_greedy(s.params) for s in seqs)
-        rids = [s.request_id for s in seqs]
-        rows = ahead.rows_for(rids, positions, ids) if greedy and ahead is not None else None
-        if rows is not None:
-            # This step was launched ahead (for these sequences, perhaps among others that
-            # have finished since): take its rows.
-            self.steps_ahead_used += 1
-            host, event = ahead.host, ahead.event
-            if rows == list(range(len(ahead.request_ids))):
-                tokens = ahead.tokens
-            else:
-                tokens = ahead.tokens[torch.tensor(rows, device=self.device)]
-        else:
-            logits = self.graphs.run(ids, positions, slots, seq_lens, tables)
-            if not greedy:
-                return self.sample(logits, seqs)
-            tokens = logits.argmax(dim=-1)
-            host, event = self._stage(tokens)
-            rows = None
-        nxt = self._next_positions(seqs, positions, out.num_waiting) if greedy else None
-        launched = None
-        if nxt is not None:
-            nslots = [t[q // bs] * bs + q % bs for t, q in zip(tables, nxt)]
-            logits2 = self.graphs.run(tokens, nxt, nslots, [q + 1 for q in nxt], tables)
-            tokens2 = logits2.argmax(dim=-1)
-            host2, event2 = self._stage(tokens2)
-            launched = _Ahead(rids, nxt, tokens2, host2, event2)
-        event.synchronize()
-        values = host.tolist()
-        token_list = values if rows is None else [values[r] for r in rows]
-        if launched is not None:
-            launched.inputs = token_list
-            self._ahead = launched
-        return RunnerOutput(token_list, None)
-
-    def _execute_prompt_graph(self, sc) -> RunnerOutput | None:
-        """One sequence's prompt or chunk (more than one token) by prompt-graph replay;
-        None when it is longer than every kept bucket (it runs eagerly then)."""
-        seq, n = sc.seq, sc.num_new_tokens
-        if n <= 1 or n > self.prompt_graphs.max_tokens:
-            return None
-        start = seq.num_computed_tokens
-        logits = self.prompt_graphs.run(seq.token_ids[start:start + n], start, seq.block_table)
-        self._ahead = None
-        if not sc.sample:
-            return RunnerOutput([], None)
-        return self.sample(logits, [seq])
-
-    def _next_positions(self, seqs, positions: list[int], num_waiting: int) -> list[int] | None:
-        """Positions of the step after this one, if it is worth launching ahead: every
-        sequence already holds a block for its next slot (the scheduler's lookahead), and
-        no request is about to be admitted in place of one that finishes now (that step
-        would mix in a prefill and run eagerly, wasting the launched one)."""
-        bs = self.block_size
-        nxt = []
-        ending = False
-        for seq, p in zip(seqs, positions):
-            q = p + 1
-            if q // bs >= len(seq.block_table) or q >= self.graphs.max_model_len:
-                return None
-            ending |= seq.num_output_tokens + 1 >= seq.params.max_tokens
-            nxt.append(q)
-        if ending and (num_waiting > 0 or len(nxt) == 1):
-            return None
-        return nxt
-
-    def _stage(self, tokens: torch.Tensor):
-        """Copy sampled ids to pinned host memory without waiting; returns (view, event)."""
-        if self._pinned is None:
-            self._pinned = [torch.empty(self.graphs.max_batch, dtype=torch.long, pin_memory=True)
-                            for _ in range(2)]
-        buf = self._pinned[self._ring][: tokens.shape[0]]
-        self._ring ^= 1
-        buf.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return buf, event
-
 
 def _guarded(what: str, job):
     """job() under inference mode; a warm-up that fails (a full GPU) is logged and skipped:
@@ -448,36 +263,3 @@ def _guarded(what: str, job):
         log.warning("%s warm-up skipped: %s", what, e)
         torch.cuda.empty_cache()
         return None
-
-
-def _plain_greedy(p) -> bool:
-    """Greedy with nothing that needs the host between steps (penalties, logprobs)."""
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty)
-
-
-@dataclass(slots=True)
-class _Ahead:
-    """A decode step launched before the host saw the previous step's tokens."""
-
-    request_ids: list[str]
-    positions: list[int]
-    tokens: torch.Tensor
-    host: torch.Tensor
-    event: object
-    inputs: list[int] | None = None  # its input ids: the previous step's tokens
-
-    def rows_for(self, request_ids: list[str], positions: list[int], ids: list[int]) -> list[int] | None:
-        """Row of each requested sequence in this launched step, if it computed exactly
-        what is now asked (same position, same input token) for every one of them, in
-        the same order; else None."""
-        index = {rid: i for i, rid in enumerate(self.request_ids)}
-        rows, last = [], -1
-        for rid, p, tok in zip(request_ids, positions, ids):
-            i = index.get(rid)
-            if i is None or i <= last or self.positions[i] != p or self.inputs is None \
-                    or self.inputs[i] != tok:
-                return None
-            rows.append(i)
-            last = i
-        return rows

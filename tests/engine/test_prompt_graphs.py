@@ -123,10 +123,10 @@ def test_runner_leaves_batches_and_long_chunks_to_the_eager_path(tiny_models):
         runner, seen = eng.runner, []
         execute = runner.execute
 
-        def spy(out):
+        def spy(inp):
             before = pg.replays
-            res = execute(out)
-            seen.append(([sc.num_new_tokens for sc in out.scheduled], pg.replays - before))
+            res = execute(inp)
+            seen.append(([len(row.token_ids) for row in inp.rows], pg.replays - before))
             return res
 
         runner.execute = spy

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import random
 import threading
-from types import SimpleNamespace
 
 import torch
 
-from engine.runner.model_runner import ModelRunner, RunnerOutput
+from engine.runner.io import RunnerInput, RunnerOutput, StepRow
+from engine.runner.model_runner import ModelRunner
 
 
 class _EchoModel:
@@ -29,10 +29,10 @@ class _EchoModel:
 def _runner() -> ModelRunner:
     r = ModelRunner.__new__(ModelRunner)  # only what execute() touches
     r.device, r.block_size, r.graphs, r._ahead, r.kv_caches = torch.device("cpu"), 4, None, None, []
-    r.prompt_graphs = None
+    r.prompt_graphs, r._requests = None, {}
     r.model = _EchoModel()
-    r.sample = lambda logits, seqs: RunnerOutput([(int(l[0]), int(l[1]), s.name) for l, s in zip(logits, seqs)],
-                                                 None)
+    r.sample = lambda logits, rows: RunnerOutput([(int(l[0]), int(l[1]), row.request_id)
+                                                  for l, row in zip(logits, rows)], None)
     return r
 
 
@@ -40,20 +40,18 @@ def test_sampled_rows_follow_the_scheduler_order_whatever_the_mix():
     r, rng = _runner(), random.Random(0)
     saw_one_token_chunk = False
     for _ in range(500):
-        scheduled = []
+        rows = []
         for j in range(rng.randint(1, 7)):
             n = rng.choice([1, 1, 1, 2, 3, 7])
             start = rng.randint(0, 20)
             total = start + n + rng.choice([0, 0, 3])  # 3 more: a chunk that does not sample
-            seq = SimpleNamespace(num_computed_tokens=start, name=j, token_ids=[rng.randint(0, 10**6)
-                                                                               for _ in range(total)],
-                                  block_table=list(range(100 * j, 100 * j + total // 4 + 2)))
-            scheduled.append(SimpleNamespace(seq=seq, num_new_tokens=n, sample=start + n == total))
+            tokens = [rng.randint(0, 10**6) for _ in range(total)]
+            rows.append(StepRow(f"r{j}", tokens[start:start + n], start,
+                                list(range(100 * j, 100 * j + total // 4 + 2)), start + n == total))
             saw_one_token_chunk |= n == 1 and start + n != total
-        out = r.execute(SimpleNamespace(scheduled=scheduled))
-        want = [(sc.seq.token_ids[sc.seq.num_computed_tokens + sc.num_new_tokens - 1],
-                 sc.seq.num_computed_tokens + sc.num_new_tokens - 1, sc.seq.name)
-                for sc in scheduled if sc.sample]
+        out = r.execute(RunnerInput(rows))
+        want = [(row.token_ids[-1], row.start + len(row.token_ids) - 1, row.request_id)
+                for row in rows if row.sample]
         assert out.token_ids == want
         meta = r.model.meta
         nd = meta.num_decode

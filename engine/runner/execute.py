@@ -1,0 +1,208 @@
+"""The native runner's step: a ``RunnerInput`` in, the sampled tokens out.
+
+Three ways to run a step, tried in order: a pure decode step by CUDA-graph replay (greedy
+batches pipelined: the next step is launched before the host sees this one's tokens), one
+prompt or chunk by prompt-graph replay, else eagerly with decode rows first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.runner.io import RunnerInput, RunnerOutput, StepRow
+from engine.runner.request_state import KeptRequest, RequestStateMixin
+
+
+class NativeExecuteMixin(RequestStateMixin):
+    """``execute`` for ModelRunner, which provides the model, the KV cache, the graphs,
+    ``_metadata`` and the pipelining state (``_ahead``, ``_pinned``, ``_ring``,
+    ``steps_ahead_used``)."""
+
+    @torch.inference_mode()
+    def execute(self, inp: RunnerInput) -> RunnerOutput:
+        """Run one step: compute every row's tokens into the KV cache and sample the next
+        token of each row with ``sample=True`` (in row order). A step with no rows only
+        takes in its new and finished requests.
+
+        Preempted requests keep their state here: their RNG goes on where it was (their
+        tokens stay; only their K/V is recomputed), and a step launched ahead for them
+        can't be taken (they come back with a prompt step, which drops it)."""
+        self._update_requests(inp)
+        rows = inp.rows
+        if not rows:
+            return RunnerOutput([], None)
+        if self.graphs is not None:
+            graph_out = self._execute_graph(inp)
+            if graph_out is not None:
+                return graph_out
+        if self.prompt_graphs is not None and len(rows) == 1:
+            graph_out = self._execute_prompt_graph(rows[0])
+            if graph_out is not None:
+                return graph_out
+        self._ahead = None
+        ids: list[int] = []
+        positions: list[int] = []
+        tables, starts, qlens = [], [], []
+        # Single-token (decode) rows first, so that attention can send them to its decode
+        # kernel; sampling below follows the input's order again.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) != 1)
+        last_row = [0] * len(rows)
+        end = 0
+        for i in order:
+            row = rows[i]
+            tokens, start = row.token_ids, row.start
+            n = len(tokens)
+            ids.extend(tokens)
+            positions.extend(range(start, start + n))
+            tables.append(row.block_table)
+            starts.append(start)
+            qlens.append(n)
+            end += n
+            last_row[i] = end - 1
+        meta = self._metadata(tables, starts, qlens)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, self.kv_caches, meta)
+
+        picked = [last_row[i] for i, row in enumerate(rows) if row.sample]
+        if not picked:
+            return RunnerOutput([], None)
+        logits = self.model.compute_logits(hidden[picked])
+        return self.sample(logits, [row for row in rows if row.sample])
+
+    def _execute_graph(self, inp: RunnerInput) -> RunnerOutput | None:
+        """A pure decode step (one new token per row, all sampled) by graph replay.
+
+        Greedy batches are pipelined: the next step is launched on the GPU (its input ids
+        copied there from this step's argmax) *before* the host waits for this step's
+        tokens, so the host's bookkeeping (scheduler, detokenizer, events) overlaps the
+        GPU's work. The launched-ahead step is used only if the engine then asks for
+        exactly it (same requests, positions and tokens); otherwise it is dropped, which
+        is harmless: it only wrote K/V, at slots that the real step rewrites with the same
+        values or that belong to no committed token.
+        """
+        rows = inp.rows
+        ahead, self._ahead = self._ahead, None
+        if len(rows) > self.graphs.max_batch:
+            return None
+        bs = self.block_size
+        ids, positions, slots, seq_lens, tables = [], [], [], [], []
+        for row in rows:
+            tokens = row.token_ids
+            if len(tokens) != 1 or not row.sample:
+                return None
+            p = row.start
+            ids.append(tokens[0])
+            positions.append(p)
+            table = row.block_table
+            slots.append(table[p // bs] * bs + p % bs)
+            seq_lens.append(p + 1)
+            tables.append(table)
+        kept = self._kept(rows)
+        greedy = all(k.plain_greedy for k in kept)
+        rids = [row.request_id for row in rows]
+        hits = ahead.rows_for(rids, positions, ids) if greedy and ahead is not None else None
+        if hits is not None:
+            # This step was launched ahead (for these requests, perhaps among others that
+            # have finished since): take its rows.
+            self.steps_ahead_used += 1
+            host, event = ahead.host, ahead.event
+            if hits == list(range(len(ahead.request_ids))):
+                tokens = ahead.tokens
+            else:
+                tokens = ahead.tokens[torch.tensor(hits, device=self.device)]
+        else:
+            logits = self.graphs.run(ids, positions, slots, seq_lens, tables)
+            if not greedy:
+                return self.sample(logits, rows, kept)
+            tokens = logits.argmax(dim=-1)
+            host, event = self._stage(tokens)
+        nxt = self._next_positions(kept, tables, positions, inp.num_waiting) if greedy else None
+        launched = None
+        if nxt is not None:
+            nslots = [t[q // bs] * bs + q % bs for t, q in zip(tables, nxt)]
+            logits2 = self.graphs.run(tokens, nxt, nslots, [q + 1 for q in nxt], tables)
+            tokens2 = logits2.argmax(dim=-1)
+            host2, event2 = self._stage(tokens2)
+            launched = _Ahead(rids, nxt, tokens2, host2, event2)
+        event.synchronize()
+        values = host.tolist()
+        token_list = values if hits is None else [values[r] for r in hits]
+        if launched is not None:
+            launched.inputs = token_list
+            self._ahead = launched
+        return RunnerOutput(token_list, None)
+
+    def _execute_prompt_graph(self, row: StepRow) -> RunnerOutput | None:
+        """One request's prompt or chunk (more than one token) by prompt-graph replay;
+        None when it is longer than every kept bucket (it runs eagerly then)."""
+        n = len(row.token_ids)
+        if n <= 1 or n > self.prompt_graphs.max_tokens:
+            return None
+        logits = self.prompt_graphs.run(row.token_ids, row.start, row.block_table)
+        if logits is None:
+            return None
+        self._ahead = None
+        if not row.sample:
+            return RunnerOutput([], None)
+        return self.sample(logits, [row])
+
+    def _next_positions(self, kept: list[KeptRequest], tables: list[list[int]],
+                        positions: list[int], num_waiting: int) -> list[int] | None:
+        """Positions of the step after this one, if it is worth launching ahead: every
+        request already holds a block for its next slot (the scheduler's lookahead), and
+        no request is about to be admitted in place of one that finishes now (that step
+        would mix in a prefill and run eagerly, wasting the launched one)."""
+        bs = self.block_size
+        nxt = []
+        ending = False
+        for k, table, p in zip(kept, tables, positions):
+            q = p + 1
+            if q // bs >= len(table) or q >= self.graphs.max_model_len:
+                return None
+            ending |= q + 1 >= k.max_len  # the token sampled now is its last one
+            nxt.append(q)
+        if ending and (num_waiting > 0 or len(nxt) == 1):
+            return None
+        return nxt
+
+    def _stage(self, tokens: torch.Tensor):
+        """Copy sampled ids to pinned host memory without waiting; returns (view, event)."""
+        if self._pinned is None:
+            self._pinned = [torch.empty(self.graphs.max_batch, dtype=torch.long, pin_memory=True)
+                            for _ in range(2)]
+        buf = self._pinned[self._ring][: tokens.shape[0]]
+        self._ring ^= 1
+        buf.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return buf, event
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """A decode step launched before the host saw the previous step's tokens."""
+
+    request_ids: list[str]
+    positions: list[int]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    event: object
+    inputs: list[int] | None = None  # its input ids: the previous step's tokens
+
+    def rows_for(self, request_ids: list[str], positions: list[int], ids: list[int]) -> list[int] | None:
+        """Row of each requested sequence in this launched step, if it computed exactly
+        what is now asked (same position, same input token) for every one of them, in
+        the same order; else None."""
+        index = {rid: i for i, rid in enumerate(self.request_ids)}
+        rows, last = [], -1
+        for rid, p, tok in zip(request_ids, positions, ids):
+            i = index.get(rid)
+            if i is None or i <= last or self.positions[i] != p or self.inputs is None \
+                    or self.inputs[i] != tok:
+                return None
+            rows.append(i)
+            last = i
+        return rows

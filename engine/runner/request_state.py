@@ -1,0 +1,80 @@
+"""What a runner keeps per request, keyed by request id, and sampling with it: shared by
+the native and the transformers fallback runners."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.runner.io import RunnerInput, RunnerOutput, StepRow, needs_token_context, plain_greedy
+from engine.runner.sampler import Sampler, make_generator
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class KeptRequest:
+    """A request's sampling state, from its ``NewRequest`` until a step lists it finished."""
+
+    params: SamplingParams
+    prompt_len: int
+    generator: torch.Generator | None  # its own RNG when seeded (None: the shared one)
+    plain_greedy: bool  # its decode steps may be launched ahead
+    needs_context: bool  # its rows must carry their token context (penalties)
+    # prompt_len + max_tokens: once a decode step samples at position max_len - 2, the
+    # request holds max_len tokens and ends by length.
+    max_len: int
+
+
+class RequestStateMixin:
+    """Per-request state (``_requests``: id -> KeptRequest) and the device sampler.
+
+    A runner using it creates ``self._requests = {}``, ``self.sampler`` and ``self.device``,
+    and calls ``_update_requests`` first thing in ``execute``."""
+
+    sampler: Sampler
+    device: torch.device
+    _requests: dict[str, KeptRequest]
+
+    def _update_requests(self, inp: RunnerInput) -> None:
+        """Forget finished requests, then take in the new ones (a finished id may return)."""
+        for rid in inp.finished:
+            self._drop_request(rid)
+        for new in inp.new_requests:
+            p = new.params
+            self._requests[new.request_id] = KeptRequest(
+                p, new.prompt_len, make_generator(p.seed, self.device), plain_greedy(p),
+                needs_token_context(p), new.prompt_len + p.max_tokens)
+
+    def _drop_request(self, request_id: str) -> None:
+        """Drop everything kept for a finished request (runners extend it)."""
+        self._requests.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, rows: list[StepRow],
+               kept: list[KeptRequest] | None = None) -> RunnerOutput:
+        """Sample one token per row of ``logits`` for ``rows`` (the sampled rows, in order;
+        ``kept``: their requests' state, when the caller has looked it up already)."""
+        if kept is None:
+            kept = self._kept(rows)
+        prompts, outputs = [], []
+        for row, k in zip(rows, kept):
+            ctx = row.context
+            if ctx is None:
+                if k.needs_context:
+                    raise ValueError(f"request {row.request_id!r} uses penalties but its row "
+                                     "carries no token context")
+                prompts.append(())
+                outputs.append(())
+            else:
+                prompts.append(ctx[:k.prompt_len])
+                outputs.append(ctx[k.prompt_len:])
+        res = self.sampler(logits, [k.params for k in kept], prompts, outputs,
+                           [k.generator for k in kept])
+        return RunnerOutput(res.token_ids, res.logprobs)
+
+    def _kept(self, rows: list[StepRow]) -> list[KeptRequest]:
+        try:
+            return [self._requests[row.request_id] for row in rows]
+        except KeyError as e:
+            raise ValueError(f"request {e.args[0]!r} was never announced to the runner "
+                             "(RunnerInput.new_requests)") from None
