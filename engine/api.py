@@ -2,7 +2,11 @@
 
 The GUI, the CLI and the OpenAI-compatible server are all clients of one ``Engine``.
 ``submit`` is thread-safe and returns a ``RequestHandle`` whose events stream as the
-engine's own loop thread (schedule -> run -> update) produces them.
+engine's own loop thread (schedule -> run -> update) produces them: read from the handle
+(iterate, ``poll``, ``result``), or pushed to a callback as they are produced
+(``submit(request, on_event=callback)``, called on the engine's thread: keep it quick).
+``Request(messages=..., fit_context=True)`` drops a conversation's oldest turns so it fits
+the context (the handle's ``dropped_messages`` says how many).
 
 ``hearth bench`` is a client of this API, with its own public face: ``engine.bench``
 (``BenchOptions``, ``run_bench``). This module never imports it (an import-linter

@@ -16,13 +16,14 @@ from collections import deque
 from typing import Callable
 
 from engine.config import EngineConfig, load_config
+from engine.context_fit import fit_messages
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.errors import EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError, ModelLoadError
-from engine.events import EngineStats, StepInfo
+from engine.events import EngineEvent, EngineStats, StepInfo
 from engine.output import RequestState
-from engine.requests import Completion, Request, RequestHandle
+from engine.requests import Completion, EventCallback, Request, RequestHandle
 from engine.runner.io import NewRequest, RunnerInput, StepRow, needs_token_context
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import check_text
@@ -114,9 +115,17 @@ class Engine:
         return cls(cfg, progress=progress, should_stop=should_stop)
 
     # -- client side (any thread) ------------------------------------------------------
-    def submit(self, request: Request | str, params: SamplingParams | None = None) -> RequestHandle:
+    def submit(self, request: Request | str, params: SamplingParams | None = None, *,
+               on_event: Callable[[EngineEvent], None] | None = None) -> RequestHandle:
         """Validate and enqueue; raises InvalidRequestError for bad input (text that is
         not valid Unicode, such as undecodable bytes from a terminal, included).
+
+        ``on_event``: push the request's events to this callback as the engine produces
+        them, instead of queueing them on the handle (then iterating the handle, ``poll``
+        and ``result`` raise RuntimeError). It is called on the engine's loop thread (the
+        last, FinishedEvent, may come from the thread calling ``shutdown``), so it must be
+        quick and must not wait for the engine; one that raises is logged and called no
+        more, and its request is aborted (see ``EventCallback``).
 
         Every handle returned ends with exactly one FinishedEvent, whatever happens to the
         engine meanwhile: a request still running when ``shutdown`` starts ends with reason
@@ -129,12 +138,13 @@ class Engine:
             request = Request(prompt=request, params=params or SamplingParams())
         self._check_alive()  # fail fast, before tokenizing
         _check_request_text(request)
-        ids = self._prompt_ids(request)
+        ids, dropped = self._prompt_ids(request)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
+        events = None if on_event is None else EventCallback(rid, on_event, self.abort)
         state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len,
                                     self.model_info["implementation"],
-                                    report_progress=request.prompt_progress)
+                                    report_progress=request.prompt_progress, events=events)
         with self._cv:
             # Checked again under the lock that shutdown and the dying loop take before
             # they end every registered request: a request registered here is one they
@@ -145,7 +155,7 @@ class Engine:
             self._states[rid] = state
             self._inbox.append(state)
             self._cv.notify()
-        return RequestHandle(rid, state.events, self)
+        return RequestHandle(rid, state.events, self, dropped_messages=dropped)
 
     def _check_alive(self) -> None:
         if self._dead or self._stop:
@@ -271,14 +281,24 @@ class Engine:
     def __exit__(self, *exc):
         self.shutdown()
 
-    def _prompt_ids(self, r: Request) -> list[int]:
+    def _prompt_ids(self, r: Request) -> tuple[list[int], int]:
+        """The request's prompt ids, checked against the context and the KV cache, and how
+        many messages ``fit_context`` dropped to make them fit."""
         given = [x is not None for x in (r.prompt, r.messages, r.prompt_token_ids)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages or prompt_token_ids")
+        if r.fit_context and r.messages is None:
+            raise InvalidRequestError("fit_context trims a conversation: give messages, not a prompt")
+        dropped = 0
         if r.messages is not None:
             if not r.messages:
                 raise InvalidRequestError("messages is empty: send at least one message")
-            ids = self.tokenizer.apply_chat_template(r.messages, system=r.system)
+            if r.fit_context:
+                ids, dropped = fit_messages(
+                    lambda msgs: self.tokenizer.apply_chat_template(msgs, system=r.system), r.messages,
+                    system=r.system, max_tokens=r.params.max_tokens, max_model_len=self.max_model_len)
+            else:
+                ids = self.tokenizer.apply_chat_template(r.messages, system=r.system)
         elif r.prompt is not None:
             if r.system:
                 raise InvalidRequestError("a system prompt needs chat mode (messages / --chat)")
@@ -305,7 +325,7 @@ class Engine:
                 "give the KV cache more memory (--kv-cache-memory) or shorten the prompt.",
                 options=("kv_cache_memory",),
             )
-        return ids
+        return ids, dropped
 
     # -- engine thread -----------------------------------------------------------------
     def _loop(self) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from engine.core.sequence import Sequence
 from engine.events import (FinishedEvent, PromptProgressEvent, TokenEvent, TokenLogprob, Timings,
                            Usage)
+from engine.requests import EventCallback
 from engine.sampling_params import SamplingParams
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -21,7 +22,9 @@ class RequestState:
 
     seq: Sequence
     params: SamplingParams
-    events: queue.Queue
+    # Where the events go: the handle's queue, or an EventCallback pushing them to the
+    # client's callback (Engine.submit's on_event). Both take ``put(event)``.
+    events: queue.Queue | EventCallback
     detok: IncrementalDetokenizer
     matcher: StopStringMatcher
     eos_ids: frozenset
@@ -40,11 +43,11 @@ class RequestState:
     @classmethod
     def create(cls, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer,
                max_model_len: int, implementation: str = "native",
-               report_progress: bool = False) -> "RequestState":
+               report_progress: bool = False, events: EventCallback | None = None) -> "RequestState":
         return cls(
             seq=seq,
             params=params,
-            events=queue.Queue(),
+            events=queue.Queue() if events is None else events,
             detok=IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
                                          skip_special_tokens=params.skip_special_tokens),
             matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),

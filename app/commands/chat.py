@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 
 from app.commands.common import check_text_args, load_engine, sampling_from_args
-from app.services.chat_context import fit_history
 from engine.api import FinishedEvent, HearthError, InvalidRequestError, Request, TokenEvent, check_text
 
 HELP = "Type a message. Ctrl+C stops an answer; /reset, /system TEXT, /exit (or Ctrl+D)."
@@ -60,19 +59,21 @@ def run_chat(args) -> int:
                 print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
                 continue
             # The history changes only once the engine has taken the message: a refused
-            # one (too long, ...) leaves the conversation as it was.
+            # one (too long, ...) leaves the conversation as it was. A conversation longer
+            # than the context loses its oldest turns (fit_context), here too.
+            messages = [*history, {"role": "user", "content": text}]
             try:
-                sent, dropped = fit_history(engine, [*history, {"role": "user", "content": text}],
-                                            system, params.max_tokens)
-                handle = engine.submit(Request(messages=sent, system=system, params=params))
+                handle = engine.submit(Request(messages=messages, system=system, params=params,
+                                               fit_context=True))
             except HearthError as e:
                 print(f"error: {e}\n(the message was not sent; the conversation is unchanged)",
                       file=sys.stderr)
                 continue
+            dropped = handle.dropped_messages
             if dropped:
                 print(f"(the conversation outgrew the context: dropped the {dropped} oldest messages)",
                       file=sys.stderr)
-            history = sent
+            history = messages[dropped:]
             answer, fin = _stream(handle)
             history.append({"role": "assistant", "content": answer})
             t = fin.timings

@@ -21,7 +21,6 @@ from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import QHBoxLayout, QMessageBox, QVBoxLayout, QWidget
 
-from app.gui.bridge_loading import LOAD_CANCELLED, load_failure_text
 from app.gui.chat_bars import ChatHeader, MessageBar, model_line
 from app.gui.chat_layout import ChatSplitter, PaneToggle, focus_fell_out, scrolling_pane
 from app.gui.chat_list import ChatList
@@ -30,6 +29,7 @@ from app.gui.chat_widgets import MessageWidget, NoticeBar, ParamsPanel
 from app.gui.store_banner import StoreBanner
 from app.gui.store_guard import RetriedSaves, StoreGuard
 from app.services.chat_store import DEFAULT_TITLE, ChatStore, history_for_model
+from app.services.host_loading import LOAD_CANCELLED, load_failure_text
 
 SAVE_INTERVAL_MS = 300
 SAVE_AGAIN_MS = 5000  # after a save the store refused (its file stayed locked)

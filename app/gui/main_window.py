@@ -19,11 +19,11 @@ from PySide6.QtWidgets import (QApplication, QHBoxLayout, QListWidget, QMainWind
 
 from app.gui.app import THEMES, apply_theme
 from app.gui.bridge import LOAD_CANCELLED, EngineBridge
-from app.gui.bridge_loading import load_failure_text
 from app.gui.chat_page import ChatPage
 from app.gui.elided_label import ElidedLabel
 from app.gui.load_dialog import LoadDialog, save_load_options, saved_load_options
 from app.services.chat_store import ChatStore
+from app.services.host_loading import load_failure_text
 
 PAGES = ("Chat", "Models", "Performance")
 SERVER_REASON = ("The local OpenAI-compatible server is not part of this build yet; this "

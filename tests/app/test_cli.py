@@ -292,15 +292,19 @@ def feed_input(monkeypatch, messages: list[str]) -> list[str]:
 
 
 def record_requests(monkeypatch) -> list:
-    """Record every Request the chat submits (a deep-ish copy: messages are mutated later)."""
+    """Record every Request the engine took from the chat: its system prompt and the
+    messages the model sees (a deep-ish copy: messages are mutated later; fit_context
+    may have dropped the oldest)."""
     from engine.api import Engine
 
     seen = []
     orig = Engine.submit
 
-    def submit(self, request, params=None):
-        seen.append((request.system, [dict(m) for m in request.messages or []]))
-        return orig(self, request, params)
+    def submit(self, request, params=None, **kwargs):
+        messages = [dict(m) for m in request.messages or []]
+        handle = orig(self, request, params, **kwargs)
+        seen.append((request.system, messages[handle.dropped_messages:]))
+        return handle
 
     monkeypatch.setattr(Engine, "submit", submit)
     return seen

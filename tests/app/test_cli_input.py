@@ -128,34 +128,29 @@ def test_chat_too_long_message_leaves_the_conversation_as_it_was(capsys, monkeyp
     assert reqs[1][1][0]["content"] == "Hello there" and reqs[1][1][2]["content"] == "And again"
 
 
-def test_fit_history_drops_oldest_turns_but_never_for_a_message_that_cannot_fit(tiny_models):
-    """`hearth chat` and the GUI's bridge trim with this one function: what they rely on."""
-    from app.services.chat_context import fit_history
-    from engine.api import Engine, InvalidRequestError
-
-    engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32",
-                         max_model_len=96, num_blocks=16)
-    try:
-        turn = "alpha beta gamma delta epsilon"
-        history = []
-        for i in range(6):
-            history += [{"role": "user", "content": f"{i} {turn}"},
-                        {"role": "assistant", "content": f"answer {i}"}]
-        history.append({"role": "user", "content": "last"})
-        before = [dict(m) for m in history]
-        assert fit_history(engine, history[:3], None, 8) == (history[:3], 0)
-        kept, dropped = fit_history(engine, history, None, 8)
-        assert dropped > 0 and dropped % 2 == 0 and kept == history[dropped:]
-        assert kept[-1]["content"] == "last"
-        assert history == before  # the caller's list is left alone
-        too_long = history + [{"role": "user", "content": "word " * 100}]
-        with pytest.raises(InvalidRequestError, match=r"this message is \d+ tokens long") as info:
-            fit_history(engine, too_long, "Be brief.", 8)
-        assert "system prompt" in str(info.value) and info.value.options == ("max_model_len",)
-        with pytest.raises(InvalidRequestError, match="shorten the system prompt"):
-            fit_history(engine, history[-1:], "Be brief. " * 60, 8)
-    finally:
-        engine.shutdown()
+def test_chat_drops_the_oldest_turns_once_the_conversation_outgrows_the_context(capsys, monkeypatch, tiny):
+    """The engine's fit_context trims, and the chat says so and keeps what the model saw."""
+    turn = "alpha beta gamma delta epsilon"
+    feed_input(monkeypatch, [f"{i} {turn}" for i in range(6)])
+    reqs = record_requests(monkeypatch)
+    rc, out, err = run_cli(capsys, *chat_args(tiny, max_tokens=8), "--max-model-len", "96")
+    assert rc == 0, err
+    assert len(reqs) == 6 and "Traceback" not in err
+    notes = [ln for ln in err.splitlines() if "outgrew the context" in ln]
+    assert notes, err
+    dropped = [int(ln.split("dropped the ")[1].split()[0]) for ln in notes]
+    assert all(n > 0 and n % 2 == 0 for n in dropped)  # whole turns
+    # Each request is what the model saw last time less its oldest turns, the answer and
+    # the new message: the chat's history is what the model saw, and says what it dropped.
+    seen_dropped = []
+    for (_, before), (_, after) in zip(reqs, reqs[1:]):
+        assert [m["role"] for m in after[-2:]] == ["assistant", "user"]
+        kept = after[:-2]
+        assert kept == before[len(before) - len(kept):]
+        if len(kept) < len(before):
+            seen_dropped.append(len(before) - len(kept))
+    assert seen_dropped == dropped
+    assert reqs[-1][1][-1]["content"] == "5 " + turn
 
 
 @pytest.mark.slow

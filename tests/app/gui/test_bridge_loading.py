@@ -1,87 +1,22 @@
 """EngineBridge loading: the loaded model serves until the new one is ready (and until
 the answers being written on it have finished), and stays when a load fails or is
 cancelled; it is unloaded first only where check_model says the new one won't fit beside
-it (the same GPU; too little RAM); a superseded load is not a failure; quitting during a
-load doesn't wait for it."""
+it (the same GPU; too little RAM); a superseded load is not a failure. (The engine host
+holds these rules: tests/app/services/test_engine_host_loading.py tests them without Qt,
+and that quitting during a load doesn't wait for it.)"""
 
 from __future__ import annotations
 
-import queue
 import threading
 
 import pytest
 
-from engine.api import (Engine, FinishedEvent, InvalidRequestError, LoadCancelledError, ModelCheck, ModelLoadError,
-                        OutOfMemoryError, SamplingParams, Timings, TokenEvent, Usage)
+from engine.api import Engine, InvalidRequestError, ModelCheck, ModelLoadError, OutOfMemoryError, SamplingParams
 from tests.app.gui.conftest import load_options
+from tests.app.services.fake_engine import FakeEngine, device_of, fake_loads
 
 LOAD_TIMEOUT = 60_000
 CUT = "cut off"
-
-
-class FakeHandle:
-    """A request's events, pushed by the test (any thread) and polled by the worker."""
-
-    def __init__(self, rid: str) -> None:
-        self.rid = rid
-        self._events: queue.Queue = queue.Queue()
-        self.done = False
-        self.ended = False  # a FinishedEvent was pushed
-
-    def push(self, ev) -> None:
-        self.ended = self.ended or isinstance(ev, FinishedEvent)
-        self._events.put(ev)
-
-    def poll(self) -> list:
-        out = []
-        while not self.done:
-            try:
-                ev = self._events.get_nowait()
-            except queue.Empty:
-                break
-            self.done = isinstance(ev, FinishedEvent)
-            out.append(ev)
-        return out
-
-
-def _finished(rid: str, reason: str, error: str | None = None) -> FinishedEvent:
-    return FinishedEvent(rid, reason, Usage(1, 2), Timings(0, 1, 1, 1, 2), error=error)
-
-
-class FakeEngine:
-    """Just enough of Engine for the bridge (no model, no thread); requests answer only
-    when the test says so (``write``, ``finish``)."""
-
-    def __init__(self, model: str, device: str) -> None:
-        self.model_info = {"name": model, "path": model, "device": device, "weight_bytes": 1000,
-                           "kv_cache_bytes": 100}
-        self.max_model_len = 256
-        self.shut_down = False
-        self.handles: dict[str, FakeHandle] = {}
-
-    def submit(self, request) -> FakeHandle:
-        handle = self.handles[request.request_id] = FakeHandle(request.request_id)
-        return handle
-
-    def abort(self, rid: str) -> None:
-        handle = self.handles.get(rid)
-        if handle is not None and not handle.ended:
-            handle.push(_finished(rid, "abort"))
-
-    def write(self, rid: str, text: str) -> None:
-        self.handles[rid].push(TokenEvent(rid, text, (1,)))
-
-    def finish(self, rid: str) -> None:
-        self.handles[rid].push(_finished(rid, "length"))
-
-    def shutdown(self) -> None:
-        self.shut_down = True
-        for rid, handle in self.handles.items():  # as Engine.shutdown does
-            if not handle.ended:
-                handle.push(_finished(rid, "abort", "engine shut down"))
-
-    def stats(self):
-        return None
 
 
 def one_card_bridge(gated: set, fail: dict, gate: threading.Event):
@@ -111,45 +46,14 @@ def _record(bridge) -> list:
     return events
 
 
-def _device(device: str | None) -> str:
-    return "cuda:0" if device in (None, "auto", "cuda") else device
-
-
 @pytest.fixture
 def fake_bridge(qtbot):
-    """A bridge over FakeEngines on ``cuda:0`` (or the device asked for). ``made`` lists
-    them, ``checked`` the models checked first; ``fail`` / ``fail_check`` map a model to
-    the error its load / check raises; a model in ``gated`` waits for ``gate`` (checking
-    for a cancel meanwhile); a model in ``too_big`` doesn't fit beside one on the CPU;
-    ``loads`` lists each load's model and options."""
+    """A bridge over FakeEngines (``tests.app.services.fake_engine.fake_loads``: its
+    ``state`` says what the loads did and makes them fail, wait or not fit)."""
     from app.gui.bridge import EngineBridge
 
-    state = {"made": [], "checked": [], "fail": {}, "fail_check": {}, "gated": set(), "gate": threading.Event(),
-             "too_big": set(), "old_shut_when_loading": [], "loads": []}
-
-    def factory(model, progress=None, device="auto", should_stop=None, **options):
-        state["loads"].append((model, dict(options, device=device)))
-        if model in state["gated"]:
-            while not state["gate"].wait(0.01):
-                progress("waiting for the test")
-        state["old_shut_when_loading"].append([e.shut_down for e in state["made"]])
-        if model in state["fail"]:
-            raise state["fail"][model]
-        engine = FakeEngine(model, _device(device))
-        state["made"].append(engine)
-        return engine
-
-    def check(model, revision=None, progress=None, loaded_device=None, loaded_bytes=0, device=None, **choices):
-        state["checked"].append(model)
-        state["check_choices"] = dict(choices, **({"device": device} if device else {}))
-        state["check_loaded"] = (loaded_device, loaded_bytes)
-        if model in state["fail_check"]:
-            raise state["fail_check"][model]
-        where = _device(device)
-        same = loaded_device == where
-        fits = not same or (where == "cpu" and model not in state["too_big"])
-        return ModelCheck(model, where, 3 * 2**30, 2**30, 2**30, fits)
-
+    state: dict = {}
+    factory, check = fake_loads(state)
     b = EngineBridge(engine_factory=factory, model_check=check, answer_wait_s=60)
     b.state = state
     yield b
@@ -374,11 +278,11 @@ def test_a_swap_cuts_an_answer_that_runs_too_long_with_an_error_saying_why(qtbot
     made = []
 
     def factory(model, progress=None, device="auto", **_):
-        made.append(FakeEngine(model, _device(device)))
+        made.append(FakeEngine(model, device_of(device)))
         return made[-1]
 
     def check(model, loaded_device=None, device=None, **_):
-        return ModelCheck(model, _device(device), 1, 1, 10, True)
+        return ModelCheck(model, device_of(device), 1, 1, 10, True)
 
     bridge = EngineBridge(engine_factory=factory, model_check=check, answer_wait_s=0.2)
     try:
@@ -413,54 +317,6 @@ def test_cancelling_while_the_new_model_waits_for_an_answer_keeps_the_old_one(qt
     with qtbot.waitSignal(fake_bridge.requestFinished, timeout=LOAD_TIMEOUT) as done:
         old.finish(rid)
     assert done.args[1].reason == "length" and fake_bridge.model_info["name"] == "acme/a"
-
-
-def test_quitting_during_a_load_stops_it_without_waiting_for_it(qtbot, monkeypatch):
-    """Review finding 7: shutdown cancels the load; one that can't stop (a download in
-    progress) is left behind rather than holding the window up."""
-    import app.gui.bridge_worker as worker_module
-    from app.gui.bridge import EngineBridge
-
-    # Long enough for the cooperative load to see the cancel on a busy 2-core machine
-    # (it polls every 10 ms), far shorter than the stuck one's 30 s.
-    monkeypatch.setattr(worker_module, "LOAD_JOIN_TIMEOUT_S", 3)
-    started, never = threading.Event(), threading.Event()
-
-    def factory(model, progress=None, should_stop=None, **_):
-        started.set()
-        if model == "acme/stuck":
-            never.wait(30)  # checks nothing, like a download
-            return None
-        while not should_stop():  # as build_native between tensors
-            never.wait(0.01)
-        raise LoadCancelledError("loading cancelled")
-
-    for model in ("acme/cooperative", "acme/stuck"):
-        started.clear()
-        bridge = EngineBridge(engine_factory=factory,
-                              model_check=lambda m, device=None, **_: ModelCheck(m, "cpu", 1, 1, 10, True))
-        bridge.load(dict(model=model, quantization="none"))
-        qtbot.waitUntil(started.is_set, timeout=LOAD_TIMEOUT)
-        assert bridge.is_loading
-        bridge.shutdown()
-        assert not bridge._thread.isRunning()
-        thread = bridge._worker._load_thread
-        assert thread is not None and thread.is_alive() == (model == "acme/stuck")
-    never.set()
-
-
-class _Crash(BaseException):
-    pass
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_load_that_dies_of_a_base_exception_still_ends(qtbot, fake_bridge):
-    """Review finding 13: the result is posted in a finally, so the next load can run."""
-    fake_bridge.state["fail"]["acme/crash"] = _Crash()
-    with qtbot.waitSignal(fake_bridge.loadFailed, timeout=LOAD_TIMEOUT) as failed:
-        fake_bridge.load(dict(model="acme/crash", quantization="none"))
-    assert "unexpectedly" in failed.args[0] and not fake_bridge.is_loading
-    assert _load(qtbot, fake_bridge, "acme/next")["name"] == "acme/next"
 
 
 def test_the_loaded_model_answers_while_the_next_one_loads(qtbot, chat_model, tiny_models):

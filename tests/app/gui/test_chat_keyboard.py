@@ -42,7 +42,7 @@ def _slow_steps(bridge, seconds: float = 0.03) -> None:
     a second, which a busy machine can spend between two lines of a test)."""
     import time
 
-    engine = bridge._worker.engine
+    engine = bridge.host.engine
     real_step = engine.step
     engine.step = lambda: (time.sleep(seconds), real_step())[1]
 

@@ -88,7 +88,7 @@ def test_the_window_opens_read_only_and_saves_once_it_can(qtbot, gui_env, bridge
 class ManualBridge(BridgeSignals):
     """A bridge the test drives: ``submit`` only records the request, and the test emits
     each token and the end itself, so saves happen exactly where the test puts them (the
-    real worker's 15 ms polls deliver 1 to 16 pieces per answer, as the machine allows)."""
+    real bridge delivers each token as the engine makes it, at whatever pace the machine allows)."""
 
     def __init__(self) -> None:
         super().__init__()

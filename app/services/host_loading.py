@@ -1,6 +1,6 @@
-"""The pieces of the bridge's model loading that need no Qt: the load ticket (cancel or
-supersede one load), the memory a loaded model would give back, and the sentences the
-bridge says about a load."""
+"""The pieces of the engine host's model loading: the load ticket (cancel or supersede
+one load), the memory a loaded model would give back, and the sentences the host says
+about a load (pages show them as they are)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from engine.api import LoadCancelledError, ModelCheck, format_bytes
 
-#: ``loadFailed``'s message when the user cancelled the load (Cancel loading, Unload);
+#: ``LoadFailed``'s message when the user cancelled the load (Cancel loading, Unload);
 #: pages word it as a cancel, not a failure. Anything after it is a note.
 LOAD_CANCELLED = "loading cancelled"
 #: How long a swap, or an unload to make room, waits for the answers being written on the
@@ -21,8 +21,9 @@ LOAD_JOIN_TIMEOUT_S = 5
 
 
 class LoadTicket:
-    """One load's cancel token, made by the bridge on the UI thread and checked by the
-    load thread (``is_set``, also ``Engine.load``'s ``should_stop``) and the worker.
+    """One load's cancel token, made by ``EngineHost.load`` on the caller's thread and
+    checked by the load thread (``is_set``, also ``Engine.load``'s ``should_stop``) and
+    the host's thread.
 
     ``superseded``: cancelled because another load was asked for (not a failure to show)."""
 
@@ -71,11 +72,11 @@ class Released:
 
     name: str
     device: str
-    options: dict  # as given to the bridge's load, without the ticket
+    options: dict  # as given to the host's load, without the ticket
 
 
 def user_options(options: dict) -> dict:
-    """A load's options as the user gave them (the worker's own keys, ``_ticket`` and the
+    """A load's options as the user gave them (the host's own keys, ``_ticket`` and the
     like, left out): loading them again gives the same model."""
     return {k: v for k, v in options.items() if not k.startswith("_")}
 
@@ -95,7 +96,7 @@ def reload_progress(asked: str, why: str, previous: str) -> str:
 
 def reload_outcome(asked: str, why: str, previous: str, error: str | None = None,
                    cancelled: bool = False) -> str:
-    """``loadFailed``'s message for a load that failed after the loaded model was unloaded
+    """``LoadFailed``'s message for a load that failed after the loaded model was unloaded
     for it, once that model was loaded again (or that failed too, or was cancelled). It
     names the load that failed, so pages show it as it is (``load_failure_text``)."""
     head = f"Loading {asked} failed: {_sentence(why)}"
@@ -107,7 +108,7 @@ def reload_outcome(asked: str, why: str, previous: str, error: str | None = None
 
 
 def load_failure_text(message: str) -> str:
-    """What pages say for a ``loadFailed`` message that is not a cancel: "Loading failed: "
+    """What pages say for a ``LoadFailed`` message that is not a cancel: "Loading failed: "
     and the reason, or the message itself where it already names the load that failed."""
     return message if message.startswith("Loading ") else f"Loading failed: {message}"
 

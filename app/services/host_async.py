@@ -1,0 +1,102 @@
+"""The engine host's asyncio face, for the OpenAI-compatible server to come: submit a
+request and ``async for`` its events on the event loop.
+
+The host pushes events on its own threads; ``AsyncEngineHost`` hands each one to the event
+loop with ``loop.call_soon_threadsafe`` (never waiting there), where it lands in the
+request's ``asyncio.Queue``. Only requests submitted through it are routed (a dict
+lookup on the engine's thread per event); other requests' events are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+
+from app.services.engine_host import EngineHost
+from app.services.host_events import RequestStarted
+from engine.api import Completion, FinishedEvent, PromptProgressEvent, Request, TokenEvent
+
+_REQUEST_EVENTS = (TokenEvent, PromptProgressEvent, FinishedEvent, RequestStarted)
+
+
+class AsyncEngineHost:
+    """An EngineHost seen from one asyncio event loop. Make it, submit and iterate on the
+    loop's thread; ``close`` (or ``async with``) stops listening to the host."""
+
+    def __init__(self, host: EngineHost, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.host = host
+        self._loop = loop or asyncio.get_running_loop()
+        # request id -> its queue: added on the loop's thread before the request is
+        # submitted, removed on the host's threads with its FinishedEvent (dict operations
+        # are atomic), so a request nobody reads to the end leaves nothing behind.
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._unsubscribe = host.subscribe(self._on_event)
+
+    def submit(self, request: Request) -> "AsyncRequestEvents":
+        """Submit ``request`` to the host; returns the async iterator of its events
+        (``RequestStarted``, then the engine's, ending with its one FinishedEvent)."""
+        if request.request_id is None:
+            request = dataclasses.replace(request, request_id=f"async-{uuid.uuid4().hex[:12]}")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self.host.submit(request)
+        return AsyncRequestEvents(self, request.request_id, queue)
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    async def __aenter__(self) -> "AsyncEngineHost":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def _on_event(self, ev) -> None:
+        """On the host's threads: hand a routed request's event to the loop."""
+        if isinstance(ev, _REQUEST_EVENTS):
+            if isinstance(ev, FinishedEvent):
+                queue = self._queues.pop(ev.request_id, None)
+            else:
+                queue = self._queues.get(ev.request_id)
+            if queue is not None:
+                self._loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+
+class AsyncRequestEvents:
+    """One request's events, as an async iterator that ends after its FinishedEvent."""
+
+    def __init__(self, owner: AsyncEngineHost, request_id: str, queue: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._owner = owner
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> "AsyncRequestEvents":
+        return self
+
+    async def __anext__(self):
+        if self._done:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        self._done = isinstance(ev, FinishedEvent)
+        return ev
+
+    def abort(self) -> None:
+        """End the request (its FinishedEvent, reason "abort", still comes)."""
+        self._owner.host.abort(self.request_id)
+
+    async def result(self) -> Completion:
+        """Wait for the whole answer (as ``RequestHandle.result``)."""
+        text, ids, lps, fin = [], [], [], None
+        async for ev in self:
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+                if ev.logprobs:
+                    lps.extend(ev.logprobs)
+            elif isinstance(ev, FinishedEvent):
+                fin = ev
+        return Completion(self.request_id, "".join(text), ids, fin.reason, fin.usage.prompt_tokens,
+                          fin.usage.completion_tokens, fin.usage.cached_prompt_tokens, fin.timings,
+                          lps or None, fin.error)

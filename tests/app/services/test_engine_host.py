@@ -1,0 +1,132 @@
+"""The engine host with a real tiny engine (CPU, the torch attention backend): every event
+of concurrent requests reaches every subscriber in order, pushed from the engine's thread;
+a subscriber that raises is dropped and nothing else notices; the asyncio adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from app.services.engine_host import EngineHost
+from app.services.host_async import AsyncEngineHost
+from app.services.host_events import ModelLoaded, RequestStarted, StatsUpdated
+from engine.api import FinishedEvent, PromptProgressEvent, Request, SamplingParams, TokenEvent
+from tests.app.services.host_recorder import Recorder
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def tiny_options(model) -> dict:
+    return {"model": str(model), "device": "cpu", "attention": "torch", "dtype": "float32",
+            "max_model_len": 256, "kv_cache_memory": "16MiB", "quantization": "none"}
+
+
+def prompt(i: int) -> list[int]:
+    return [(37 * i + 11 * n) % 49000 + 3 for n in range(5 + 7 * i)]
+
+
+@pytest.fixture(scope="module")
+def host(tiny_models):
+    h = EngineHost()
+    loaded = Recorder()
+    unsubscribe = h.subscribe(loaded)
+    h.load(tiny_options(tiny_models["llama-tied"]))
+    loaded.wait_for(ModelLoaded)
+    unsubscribe()
+    yield h
+    assert h.shutdown()
+
+
+def expected(host, prompts) -> list:
+    """What each request gives read from its engine handle (``result()``), one at a time."""
+    return [host.engine.submit(Request(prompt_token_ids=p, params=GREEDY)).result() for p in prompts]
+
+
+def request_events(recorder: Recorder, rid: str) -> list:
+    return [e for e in recorder.of(rid) if not isinstance(e, StatsUpdated)]
+
+
+def test_every_event_of_eight_concurrent_requests_reaches_two_subscribers_in_order(host):
+    first, second = Recorder(), Recorder()
+    unsubscribe = [host.subscribe(first), host.subscribe(second)]
+    prompts = [prompt(i) for i in range(8)]
+    try:
+        rids = [host.submit(Request(prompt_token_ids=p, params=GREEDY, prompt_progress=True)) for p in prompts]
+        for rec in (first, second):
+            rec.wait(lambda evs: sum(isinstance(e, FinishedEvent) for e in evs) == 8)
+    finally:
+        for u in unsubscribe:
+            u()
+    want = expected(host, prompts)
+    for rid, completion in zip(rids, want):
+        seen = request_events(first, rid)
+        assert seen == request_events(second, rid)  # the same events, in the same order
+        started, *rest = seen
+        assert isinstance(started, RequestStarted) and started.dropped == 0
+        kinds = [type(e) for e in rest]
+        tokens_from = kinds.index(TokenEvent)
+        assert set(kinds[:tokens_from]) == {PromptProgressEvent}
+        assert set(kinds[tokens_from:-1]) == {TokenEvent} and kinds[-1] is FinishedEvent  # exactly one end
+        ids = [t for e in rest if isinstance(e, TokenEvent) for t in e.token_ids]
+        text = "".join(e.text for e in rest if isinstance(e, TokenEvent))
+        fin = rest[-1]
+        assert ids == completion.token_ids and text == completion.text
+        assert (fin.reason, fin.usage.completion_tokens) == (completion.finish_reason, 12)
+    # Tokens are pushed by the engine's own thread, as they are produced (no polling).
+    threads = {t for e, t in zip(first.events, first.threads) if isinstance(e, TokenEvent)}
+    assert threads == {"hearth-engine"}
+
+
+def test_a_subscriber_that_raises_is_dropped_and_the_rest_go_on(host, caplog):
+    calls = []
+
+    def broken(ev) -> None:
+        calls.append(ev)
+        raise RuntimeError("subscriber bug")
+
+    before, after = Recorder(), Recorder()
+    unsubscribe = [host.subscribe(before), host.subscribe(broken), host.subscribe(after)]
+    try:
+        with caplog.at_level(logging.ERROR, logger="hearth.host"):
+            rids = [host.submit(Request(prompt_token_ids=prompt(i), params=GREEDY)) for i in range(3)]
+            for rec in (before, after):
+                rec.wait(lambda evs: sum(isinstance(e, FinishedEvent) for e in evs) == 3)
+    finally:
+        for u in unsubscribe:
+            u()
+    assert len(calls) == 1 and "subscriber failed" in caplog.text
+    for rid in rids:
+        assert request_events(before, rid) == request_events(after, rid)
+        fin = request_events(after, rid)[-1]
+        assert (fin.reason, fin.usage.completion_tokens, fin.error) == ("length", 12, None)
+
+
+def test_the_asyncio_adapter_streams_each_request_on_the_event_loop(host):
+    prompts = [prompt(i) for i in range(3)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        on_loop = []
+        async with AsyncEngineHost(host) as client:
+            streams = [client.submit(Request(prompt_token_ids=p, params=GREEDY)) for p in prompts]
+            first = []
+            async for ev in streams[0]:
+                on_loop.append(asyncio.get_running_loop() is loop)
+                first.append(ev)
+            rest = await asyncio.gather(*(s.result() for s in streams[1:]))
+            stopped = client.submit(Request(prompt_token_ids=prompts[0],
+                                            params=SamplingParams(max_tokens=200, ignore_eos=True)))
+            async for ev in stopped:
+                if isinstance(ev, TokenEvent):
+                    stopped.abort()
+            return first, rest, ev, on_loop, client._queues
+
+    first, rest, aborted, on_loop, left = asyncio.run(main())
+    want = expected(host, prompts)
+    assert isinstance(first[0], RequestStarted) and isinstance(first[-1], FinishedEvent)
+    assert [t for e in first if isinstance(e, TokenEvent) for t in e.token_ids] == want[0].token_ids
+    assert [(c.token_ids, c.finish_reason) for c in rest] == [(w.token_ids, w.finish_reason) for w in want[1:]]
+    assert aborted.reason == "abort" and aborted.usage.completion_tokens < 200
+    assert all(on_loop) and left == {}  # every request's route is gone with its end
