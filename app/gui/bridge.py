@@ -23,7 +23,7 @@ from app.gui.bridge_loading import LOAD_CANCELLED, SWAP_WAIT_S, LoadTicket
 from app.gui.bridge_signals import BridgeSignals
 from app.gui.bridge_worker import EngineWorker
 
-from engine.api import Engine, SamplingParams, check_model, model_display_name, release_memory
+from engine.api import Engine, ModelInfo, SamplingParams, check_model, model_display_name, release_memory
 
 log = logging.getLogger("hearth.gui")
 
@@ -61,7 +61,7 @@ class EngineBridge(BridgeSignals):
         self.modelUnloaded.connect(self._on_unloaded)
         self.loadFailed.connect(self._on_load_ended)
         self.loadSuperseded.connect(self._on_load_ended)
-        self._info: dict | None = None
+        self._info: ModelInfo | None = None
         self._loads_pending = 0  # asked for, not yet ended (loaded, failed or superseded)
         self._ticket: LoadTicket | None = None
         self._loading_name: str | None = None
@@ -69,7 +69,7 @@ class EngineBridge(BridgeSignals):
 
     # -- state --------------------------------------------------------------------------
     @property
-    def model_info(self) -> dict | None:
+    def model_info(self) -> ModelInfo | None:
         """The model that answers requests now (None: none). While another loads, this is
         still the old one; after a failed load too."""
         return self._info
@@ -83,8 +83,8 @@ class EngineBridge(BridgeSignals):
         """The display name of the model asked for last, while it loads (else None)."""
         return self._loading_name if self.is_loading else None
 
-    def _on_loaded(self, info: dict) -> None:
-        if not info.get("reloaded"):  # a model back after a failed load ends no load asked for
+    def _on_loaded(self, info: ModelInfo, reloaded: bool = False) -> None:
+        if not reloaded:  # a model back after a failed load ends no load asked for
             self._loads_pending = max(0, self._loads_pending - 1)
         self._info = info
 

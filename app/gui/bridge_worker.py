@@ -22,8 +22,8 @@ from app.gui.bridge_signals import BridgeSignals
 from app.gui.error_text import gui_error, gui_error_text
 from app.services.chat_context import fit_history
 
-from engine.api import (Engine, FinishedEvent, HearthError, LoadCancelledError, PromptProgressEvent, Request,
-                        SamplingParams, Timings, TokenEvent, Usage, model_display_name)
+from engine.api import (LOAD_OPTIONS, Engine, FinishedEvent, HearthError, LoadCancelledError, PromptProgressEvent,
+                        Request, SamplingParams, Timings, TokenEvent, Usage, model_display_name)
 
 log = logging.getLogger("hearth.gui")
 
@@ -32,8 +32,7 @@ POLL_INTERVAL_MS = 15
 NO_MODEL = "no model is loaded: load one on the Models page first."
 
 # Load options the worker passes to check_model and Engine.load (anything else is ignored).
-_LOAD_KEYS = ("device", "dtype", "attention", "max_model_len", "kv_cache_memory",
-              "kv_cache_dtype", "enforce_eager", "revision")
+_LOAD_KEYS = LOAD_OPTIONS
 
 
 #: Workers whose load thread quit gave up on (kept alive until the process ends).
@@ -127,7 +126,7 @@ class EngineWorker(BridgeSignals):
         self._released.clear()
         self.modelLoading.emit(_name(options))
         info = self.engine.model_info if self.engine is not None else None
-        loaded = (info.get("device"), loaded_footprint(info)) if info else (None, 0)
+        loaded = (info.device, loaded_footprint(info)) if info else (None, 0)
         self._load_thread = threading.Thread(target=self._load_in_background, args=(options, *loaded),
                                              name="hearth-model-load", daemon=True)
         self._load_thread.start()
@@ -228,8 +227,7 @@ class EngineWorker(BridgeSignals):
                 self._release_wanted = False
                 self._stop_waiting()
                 info = self.engine.model_info
-                self._released_from = Released(info.get("name", "the loaded model"), str(info.get("device", "")),
-                                               self._serving_options or {"model": info.get("ref")})
+                self._released_from = Released(info.name, info.device, self._serving_options or {"model": info.ref})
                 self._unload_quietly()
                 self.modelUnloaded.emit()
                 self.modelLoading.emit(_name(options))
@@ -262,7 +260,7 @@ class EngineWorker(BridgeSignals):
     def _wait_for_answers(self, options: dict, releasing: bool) -> None:
         if self._answers_due is None or self._answers_due.isActive():
             return
-        old = (self.engine.model_info if self.engine else {}).get("name", "the loaded model")
+        old = self.engine.model_info.name if self.engine else "the loaded model"
         self._cut_reason = cut_reason(old, _name(options), self._answer_wait_ms / 1000, releasing)
         self._answers_due.start()
         self.loadProgress.emit(wait_progress(old, _name(options), releasing))
@@ -289,12 +287,11 @@ class EngineWorker(BridgeSignals):
         self._serving_options, self._released_from = user_options(options), None
         self._poll.start()
         self._stats.start()
-        info = dict(engine.model_info, max_model_len=engine.max_model_len)
+        info = dataclasses.replace(engine.model_info, max_model_len=engine.max_model_len)
         reload_of = options.get("_reload_of")
         if reload_of is not None:  # the failed load's one outcome first, then its model is back
-            self.loadFailed.emit(reload_outcome(*reload_of, info.get("name", _name(options))))
-            info["reloaded"] = True
-        self.modelLoaded.emit(info)
+            self.loadFailed.emit(reload_outcome(*reload_of, info.name))
+        self.modelLoaded.emit(info, reload_of is not None)
         self._settle_held()
         self._publish_stats()
 
@@ -370,7 +367,7 @@ class EngineWorker(BridgeSignals):
             self._fail(request_id, f"{type(e).__name__}: {e}")
             return
         self._handles[request_id] = handle
-        self.requestStarted.emit(request_id, {"model": self.engine.model_info.get("name", ""), "dropped": dropped})
+        self.requestStarted.emit(request_id, {"model": self.engine.model_info.name, "dropped": dropped})
 
     def _settle_held(self) -> None:
         """Submit the requests held for the model being loaded once one serves; end them

@@ -17,6 +17,7 @@ from PySide6.QtWidgets import QLineEdit, QMessageBox, QPushButton  # noqa: E402
 from app.gui.bridge import BridgeSignals  # noqa: E402
 from app.gui.models_page import TAB_LIBRARY, ModelsPage  # noqa: E402
 from tests.app.hub_fixtures import GATED, GGUF_REPO, TINY, fake_hub, repo_files  # noqa: E402
+from tests.app.model_info_fixtures import fake_info  # noqa: E402
 
 __all__ = ["fake_hub"]
 
@@ -110,7 +111,7 @@ def test_search_details_download_then_load_from_library(qtbot, page, fake_hub):
         qtbot.mouseClick(row.load_button, Qt.MouseButton.LeftButton)
     assert blocker.args == [snapshot]
     # The bridge's modelLoaded marks the loaded model.
-    page.bridge.modelLoaded.emit({"name": TINY, "path": snapshot})
+    page.bridge.modelLoaded.emit(fake_info(TINY, path=snapshot), False)
     qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
 
 
@@ -311,15 +312,15 @@ def test_end_to_end_download_then_load_with_the_real_bridge(qtbot, fake_hub, fil
         with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as blocker:
             qtbot.mouseClick(page.findChild(QPushButton, "loadButton"), Qt.MouseButton.LeftButton)
         info = blocker.args[0]
-        assert Path(info["path"]) == Path(snapshot) and info["device"] == "cpu"
+        assert Path(info.path) == Path(snapshot) and info.device == "cpu"
         qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
     finally:
         page.shutdown()
 
 
 def test_the_library_marks_a_gguf_or_the_default_as_loaded_by_what_was_asked_for(qtbot, page):
-    """A .gguf (and the default) load from a converted folder: info["path"] is that folder,
-    info["ref"] the file the library lists."""
+    """A .gguf (and the default) load from a converted folder: info.path is that folder,
+    info.ref the file the library lists."""
     from app.services.library import LocalModel
 
     lib = page.library_panel
@@ -329,10 +330,10 @@ def test_the_library_marks_a_gguf_or_the_default_as_loaded_by_what_was_asked_for
 
     def status():
         return [lib.table.item(r, 3).text() for r in range(lib.table.rowCount())]
-    page.bridge.modelLoaded.emit({"name": "tiny.Q8_0.gguf", "path": "/cache/gguf/tiny.Q8_0-0123456789ab",
-                                  "ref": "/m/tiny.Q8_0.gguf"})
+    page.bridge.modelLoaded.emit(fake_info("tiny.Q8_0.gguf", path="/cache/gguf/tiny.Q8_0-0123456789ab",
+                                           ref="/m/tiny.Q8_0.gguf"), False)
     qtbot.waitUntil(lambda: status() == ["", "loaded"])
-    page.bridge.modelLoaded.emit({"name": "SmolLM2-135M-Instruct", "path": "/cache/default-x", "ref": "default"})
+    page.bridge.modelLoaded.emit(fake_info("SmolLM2-135M-Instruct", path="/cache/default-x", ref="default"), False)
     qtbot.waitUntil(lambda: status() == ["loaded", ""])
     page.bridge.modelUnloaded.emit()
     qtbot.waitUntil(lambda: status() == ["", ""])
