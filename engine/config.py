@@ -1,4 +1,7 @@
-"""One validated config dataclass per concern (see ARCHITECTURE.md)."""
+"""One validated config dataclass per concern (see ARCHITECTURE.md), and ``load_config``:
+the one ``EngineConfig`` of the load options that the CLI, the GUI, ``hearth bench`` and
+``Engine.load`` all build. Names of choices (device, dtype, attention backend, KV-cache
+dtype, quantization) are checked against the registry in ``engine.choices``."""
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ from dataclasses import dataclass, field
 
 from engine import choices
 from engine.errors import InvalidRequestError
-
-KV_CACHE_DTYPES = choices.names("kv_cache_dtype")
 
 
 def kv_cache_dtype_name(name: str) -> str:
@@ -76,6 +77,9 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class EngineConfig:
+    """Everything a load needs, validated: what travels from a front end to the engine
+    (``Engine.from_config``, ``check_model``). Build it with ``load_config``."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -13,13 +13,13 @@ import argparse
 
 from engine.api import EngineConfig, choice_names, load_config
 
-# flag -> (kind in the registry, what the help adds after the list of names)
+# flag -> (kind in the registry, default, what the help adds after the list of names)
 CHOICE_FLAGS = {
-    "--device": ("device", "or cuda:N"),
-    "--dtype": ("dtype", "the weights dtype; auto: bfloat16 on a GPU, float32 on the CPU"),
-    "--attention": ("attention", "auto: triton on a CUDA GPU; `hearth doctor` shows which run here"),
-    "--kv-cache-dtype": ("kv_cache_dtype", "auto: the model's dtype; fp8: e4m3, half the memory per token"),
-    "--quantization": ("quantization", "weight quantization; `hearth doctor` shows which run here"),
+    "--device": ("device", "auto", "or cuda:N"),
+    "--dtype": ("dtype", "auto", "the weights dtype; auto: bfloat16 on a GPU, float32 on the CPU"),
+    "--attention": ("attention", "auto", "auto: triton on a CUDA GPU; `hearth doctor` shows which run here"),
+    "--kv-cache-dtype": ("kv_cache_dtype", "auto", "auto: the model's dtype; fp8: e4m3, half the memory per token"),
+    "--quantization": ("quantization", "none", "weight quantization; `hearth doctor` shows which run here"),
 }
 
 
@@ -31,8 +31,7 @@ def choice_help(kind: str, extra: str) -> str:
 def add_choice_flags(group, extra_help: dict[str, str] | None = None) -> None:
     """Add the choice flags (default ``auto``, ``none`` for quantization) to ``group``;
     ``extra_help`` replaces a flag's explanation after the names."""
-    for flag, (kind, extra) in CHOICE_FLAGS.items():
-        default = choice_names(kind)[0]  # auto, or none
+    for flag, (kind, default, extra) in CHOICE_FLAGS.items():
         group.add_argument(flag, default=default, metavar="NAME",
                            help=choice_help(kind, (extra_help or {}).get(flag, extra)))
 

@@ -31,7 +31,7 @@ def _flag_help(subparser, flag: str) -> str:
 def test_every_commands_choice_flags_list_the_registry(extra_choices):
     sub = build_parser()._subparsers._group_actions[0].choices
     for command in ("generate", "chat", "bench"):
-        for flag, (kind, _) in CHOICE_FLAGS.items():
+        for flag, (kind, _, _) in CHOICE_FLAGS.items():
             listed = _flag_help(sub[command], flag).split(":")[0].split(" | ")
             assert listed == list(choice_names(kind)), (command, flag)
             if kind != "device":

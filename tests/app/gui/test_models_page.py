@@ -144,6 +144,12 @@ def test_fit_estimate_uses_the_engine_rules_for_the_device(qtbot, page, monkeypa
     assert panel.weights.itemText(0) == "auto (float32 on this device)"
     # KV: 2 layers x 2 heads x 16 dims x 4 B x 2 = 512 B a token; 64 sequences of 2048 = 64 MiB.
     assert "weights 0.00 float32 + KV cache 0.06" in panel.fit_result.text()
+    # The load dialog's KV-cache precisions (the engine's registry): fp8 takes 1 B a value, a quarter of float32's.
+    kv = panel.kv_dtype
+    assert [kv.itemData(i) for i in range(kv.count())] == ["auto", "fp8"]
+    kv.setCurrentIndex(kv.findData("fp8"))
+    assert "weights 0.00 float32 + KV cache 0.02" in panel.fit_result.text()  # 16 MiB
+    kv.setCurrentIndex(kv.findData("auto"))
     assert panel.context.specialValueText() == "model's maximum (2,048)"
     panel.device.setCurrentIndex(panel.device.findData("cuda:0"))
     assert panel.weights.itemText(0) == "auto (bfloat16 on this device)"
