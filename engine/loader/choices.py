@@ -2,9 +2,9 @@
 through the one registry of choices (``engine.choices``).
 
 ``load_model`` (so ``Engine.load``, the CLI and the app alike) starts here: an unknown or
-unusable device, dtype, attention backend or KV-cache dtype is refused in milliseconds,
-not after the model was resolved, converted and its weights loaded (issue 12:
-``--attention xformers`` was refused 8 s into the load).
+unusable device, dtype, attention backend, KV-cache dtype or quantization is refused in
+milliseconds, not after the model was resolved, converted and its weights loaded (issue
+12: ``--attention xformers`` was refused 8 s into the load).
 """
 
 from __future__ import annotations
