@@ -14,23 +14,6 @@ import logging
 import sys
 
 
-def _add_load_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model loading")
-    g.add_argument("--model", default=None, help="default | Hub repo id | local folder | .gguf file")
-    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    g.add_argument("--attention", default="auto",
-                   help="auto | torch | triton | flash-attn (auto: triton on a CUDA GPU; see hearth doctor)")
-    g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
-    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
-    g.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto: the model's dtype; fp8: e4m3, half the memory per token")
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--no-prefix-caching", action="store_true")
-
-
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256)
@@ -47,6 +30,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The load flags (and the EngineConfig built from them) live beside the commands that
+    # load; their choices come from the engine's registry.
+    from app.commands.load_options import add_load_args
+
     parser = argparse.ArgumentParser(prog="hearth", description="Run LLMs locally, fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command")
@@ -61,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="top-N logprobs per token")
     gen.add_argument("--json", action="store_true",
                      help='print JSON (one object a line; with --prompts-file each has the "line" of its prompt)')
-    _add_load_args(gen)
+    add_load_args(gen)
     _add_sampling_args(gen, temperature=0.7)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
     chat.add_argument("--system", default=None, help="system prompt")
-    _add_load_args(chat)
+    add_load_args(chat)
     _add_sampling_args(chat, temperature=0.7)
 
     sub.add_parser("doctor", help="versions, devices, and what can run here")

@@ -62,7 +62,7 @@ def main() -> None:
         results[label] = conversation_ttfts(engine, args.turns, args.system, args.message, args.answer,
                                             seed=len(results))
     engine.runner.prompt_graphs = graphs
-    info = {k: engine.model_info.get(k) for k in ("prompt_graph_tokens", "prompt_graph_ms")}
+    info = {k: getattr(engine.model_info, k) for k in ("prompt_graph_tokens", "prompt_graph_ms")}
     engine.shutdown()
     rows = []
     for g, e in zip(results["prompt graphs"], results["eager"]):

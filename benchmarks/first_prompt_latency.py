@@ -34,7 +34,7 @@ def main() -> None:
         engine.submit(Request(prompt_token_ids=prompt, params=params)).result()
         rows.append({"prompt_len": n, "ttft_ms": 1e3 * (time.perf_counter() - t)})
         print(f"prompt {n:5d} tokens: {rows[-1]['ttft_ms']:7.1f} ms")
-    info = {k: engine.model_info.get(k) for k in ("prompt_attention_lengths", "batch1_matmul")}
+    info = {k: getattr(engine.model_info, k) for k in ("prompt_attention_lengths", "batch1_matmul")}
     engine.shutdown()
     print(info)
     dump_rows(args.json, args.shape, rows, **info)

@@ -77,7 +77,7 @@ def main() -> None:
 
     rows = {k: {"calls": len(v), "mean_ms": 1e3 * statistics.mean(v), "median_ms": 1e3 * statistics.median(v)}
             for k, v in acc.items() if v}
-    weight_bytes = engine.model_info["weight_bytes"]
+    weight_bytes = engine.model_info.weight_bytes
     print(f"{args.shape} batch {args.batch} on {torch.cuda.get_device_name()}: {rate:.1f} tok/s per sequence")
     print(f"graph replay alone: {gpu_ms:.3f} ms/step -> {1e3 / gpu_ms:.0f} steps/s, "
           f"{weight_bytes / (gpu_ms * 1e-3) / 1e12:.2f} TB/s of weights")
@@ -85,7 +85,7 @@ def main() -> None:
         print(f"  {k:<24} {r['calls']:>5} calls  mean {r['mean_ms']:.3f} ms  median {r['median_ms']:.3f} ms")
     # What the load chose and measured: batch-1 kernels, prompt graphs (bucket -> replay ms,
     # eager ms).
-    chosen = {k: engine.model_info.get(k) for k in ("batch1_matmul", "prompt_graph_tokens", "prompt_graph_ms")}
+    chosen = {k: getattr(engine.model_info, k) for k in ("batch1_matmul", "prompt_graph_tokens", "prompt_graph_ms")}
     print("prompt graphs (tokens: replay ms, eager ms):", chosen["prompt_graph_ms"])
     if args.json:
         with open(args.json, "w") as f:

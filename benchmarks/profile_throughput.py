@@ -147,7 +147,7 @@ def main() -> None:
     else:
         engine.step = timed_step
 
-    reqs = Workload(engine.model_info["vocab_size"], 0).throughput_requests(
+    reqs = Workload(engine.model_info.vocab_size, 0).throughput_requests(
         args.num_requests, args.min_len, args.max_len)
     t0 = time.perf_counter()
     handles = [engine.submit(Request(prompt_token_ids=r.prompt, params=SamplingParams(
@@ -157,7 +157,7 @@ def main() -> None:
     out_tokens = sum(r.completion_tokens for r in results)
     graphs = getattr(runner, "graphs", None)
     bucket_ms = {b: round(ms, 3) for b, ms in graphs.bucket_ms.items()} if graphs is not None else {}
-    routes = engine.model_info.get("cuda_graph_routes", {})
+    routes = (engine.model_info.cuda_graph_routes or {})
     engine.shutdown()
 
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

@@ -15,7 +15,17 @@ contract in pyproject.toml), so the two form no import cycle.
 
 from __future__ import annotations
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, load_config, parse_bytes
+# The one registry of load choices (names, labels, reasons, bytes) every front end reads.
+from engine.choices import KINDS as CHOICE_KINDS
+from engine.choices import Choice
+from engine.choices import bytes_per_value as kv_bytes_per_value
+from engine.choices import canonical as choice_name
+from engine.choices import choices as list_choices
+from engine.choices import get as get_choice
+from engine.choices import names as choice_names
+# One validated load configuration: the CLI, the GUI, hearth bench and the engine pass it.
+from engine.config import (LOAD_OPTIONS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
+                           config_from_options, load_config, parse_bytes)
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError,
                            ModelLoadError, OutOfMemoryError, UnsupportedModelError, option_flag)
 from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, StepInfo,
@@ -24,6 +34,9 @@ from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgre
 from engine.memory_plan import (DTYPE_BYTES, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
                                 format_bytes, kv_pool_blocks)
 from engine.llm_engine import Engine
+from engine.model_info import ModelInfo
+# config.json read once, into the model spec: the fit estimate sizes memory from it too.
+from engine.models.summary import SpecSummary, model_summary
 from engine.requests import Completion, Request, RequestHandle
 from engine.sampling_params import SamplingParams
 # Front ends check their text arguments with it before loading a model.
@@ -38,8 +51,9 @@ def doctor_info() -> dict:
 
 
 def load_choices(device: str = "auto") -> dict:
-    """Devices, attention backends and quantizations a load dialog can offer, with the
-    reasons (from each backend's ``available()``) why a choice can't be used here."""
+    """Devices, attention backends, dtypes, KV-cache dtypes and quantizations a load can
+    use, with the reasons (from each backend's ``available()``) why a choice can't be used
+    here: the choices registry (``list_choices``) as plain data."""
     from engine.doctor import load_choices as _choices
 
     return _choices(device)
@@ -49,19 +63,20 @@ def model_display_name(model: str | None) -> str:
     """The short name Hearth shows for ``model`` (what ``Engine.load(model=…)`` takes):
     the repo id for a Hub id or a Hub cache snapshot folder, the file's name for a
     ``.gguf``, the folder's name for other folders, ``SmolLM2-135M-Instruct`` for the
-    default. ``Engine.model_info["name"]`` is this; the full path is ``["path"]``."""
+    default. ``Engine.model_info.name`` is this; the full path is ``.path``."""
     from engine.loader.names import model_display_name as _name
 
     return _name(model)
 
 
-def check_model(model: str | None, revision: str | None = None, *, progress=None,
+def check_model(model: str | EngineConfig | None = None, revision: str | None = None, *, progress=None,
                 loaded_device: str | None = None, loaded_bytes: int = 0, **options) -> ModelCheck:
     """The cheap pre-flight of a load: everything ``Engine.load(model, revision=revision,
-    **options)`` would refuse first (a choice that can't run here, a model that can't be
-    found or has no tokenizer or weights, a context longer than the model's, weights or an
-    explicit KV cache that won't fit), found without loading the weights, and what the
-    load would take against the target device's free memory now.
+    **options)`` (or ``Engine.from_config(model)`` when ``model`` is an ``EngineConfig``)
+    would refuse first (a choice that can't run here, a model that can't be found or has
+    no tokenizer or weights, a context longer than the model's, weights or an explicit KV
+    cache that won't fit), found without loading the weights, and what the load would take
+    against the target device's free memory now.
 
     ``loaded_device`` / ``loaded_bytes``: where the model loaded now is and the memory
     unloading it would give back; the result's ``fits_beside`` says whether the new model
@@ -71,8 +86,14 @@ def check_model(model: str | None, revision: str | None = None, *, progress=None
     ``ModelLoadError``, ``OutOfMemoryError``."""
     from engine.loader.load_check import check_model as _check
 
-    return _check(load_config(model, revision=revision, **options), progress=progress,
-                  loaded_device=loaded_device, loaded_bytes=loaded_bytes)
+    if isinstance(model, EngineConfig):
+        if revision is not None or options:
+            raise InvalidRequestError("give check_model either an EngineConfig or a model and its options, "
+                                      "not both")
+        config = model
+    else:
+        config = config_from_options(model, revision=revision, **options)
+    return _check(config, progress=progress, loaded_device=loaded_device, loaded_bytes=loaded_bytes)
 
 
 def release_memory(collect: bool = True) -> None:
@@ -85,6 +106,8 @@ def release_memory(collect: bool = True) -> None:
 
 
 __all__ = [
+    "CHOICE_KINDS", "Choice", "choice_names", "choice_name", "get_choice", "list_choices", "kv_bytes_per_value",
+    "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",
     "doctor_info", "load_choices", "model_display_name", "check_model", "release_memory",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",

@@ -1,23 +1,22 @@
-"""One validated config dataclass per concern (see ARCHITECTURE.md)."""
+"""One validated config dataclass per concern (see ARCHITECTURE.md), and ``load_config``:
+the one ``EngineConfig`` of the load options that the CLI, the GUI, ``hearth bench`` and
+``Engine.load`` all build. Names of choices (device, dtype, attention backend, KV-cache
+dtype, quantization) are checked against the registry in ``engine.choices``."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 from dataclasses import dataclass, field
 
+from engine import choices
 from engine.errors import InvalidRequestError
-
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
-KV_CACHE_DTYPES = ("auto", "fp8")
-_KV_ALIASES = {"fp8_e4m3": "fp8", "fp8-e4m3": "fp8", "float8_e4m3fn": "fp8", "e4m3": "fp8"}
 
 
 def kv_cache_dtype_name(name: str) -> str:
     """``auto`` or ``fp8`` (aliases accepted); InvalidRequestError for anything else."""
-    name = _KV_ALIASES.get(name, name)
-    if name not in KV_CACHE_DTYPES:
-        raise InvalidRequestError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
-    return name
+    return choices.canonical("kv_cache_dtype", name)
 
 
 @dataclass(slots=True)
@@ -28,16 +27,14 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA (fp16 if no bf16), float32 on CPU
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     force_fallback: bool = False  # run through transformers even if a native model exists
+    quantization: str = "none"  # a name of the choices registry (only "none" runs today)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise InvalidRequestError(
-                f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
-            )
-        aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-        self.dtype = aliases.get(self.dtype, self.dtype)
-        if self.dtype not in _DTYPES:
-            raise InvalidRequestError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        # Names (aliases resolved) from the one registry of choices; whether a choice can
+        # run on this machine is checked at load (engine.loader.choices).
+        self.device = choices.canonical("device", self.device)
+        self.dtype = choices.canonical("dtype", self.dtype)
+        self.quantization = choices.canonical("quantization", self.quantization)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidRequestError("max_model_len must be positive")
 
@@ -80,11 +77,17 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class EngineConfig:
+    """Everything a load needs, validated: what travels from a front end to the engine
+    (``Engine.from_config``, ``check_model``). Build it with ``load_config``."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention: str = "auto"  # auto: triton on a CUDA GPU when it can run, else torch
     enforce_eager: bool = False  # no CUDA graphs for decode (debugging, or to save memory)
+
+    def __post_init__(self) -> None:
+        self.attention = choices.canonical("attention", self.attention)
 
 
 # A number (1, 1.5, .5) and an optional binary unit: B, K/KB/KiB, M.., G.., T.. (any case).
@@ -116,16 +119,18 @@ def parse_bytes(text: str | int) -> int:
 
 
 def load_config(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-                 attention: str = "auto", max_model_len: int | None = None,
-                 kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
-                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True, revision: str | None = None,
-                 force_fallback: bool = False, enforce_eager: bool = False,
-                 kv_cache_dtype: str = "auto") -> EngineConfig:
-    """The one EngineConfig of ``Engine.load``'s keywords (``check_model`` builds the same)."""
+                attention: str = "auto", max_model_len: int | None = None,
+                kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
+                block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                enable_prefix_caching: bool = True, revision: str | None = None,
+                force_fallback: bool = False, enforce_eager: bool = False,
+                kv_cache_dtype: str = "auto", quantization: str = "none") -> EngineConfig:
+    """The one validated EngineConfig of the load options (``Engine.load``'s keywords, the
+    CLI's flags, the load dialog's fields, ``hearth bench``'s engine flags)."""
     return EngineConfig(
         model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
-                          max_model_len=max_model_len, force_fallback=force_fallback),
+                          max_model_len=max_model_len, force_fallback=force_fallback,
+                          quantization=quantization),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching,
@@ -135,3 +140,19 @@ def load_config(model: str | None = None, *, device: str = "auto", dtype: str = 
         attention=attention,
         enforce_eager=enforce_eager,
     )
+
+
+#: The load options: ``load_config``'s keywords besides ``model``.
+LOAD_OPTIONS: tuple[str, ...] = tuple(inspect.signature(load_config).parameters)[1:]
+
+
+def config_from_options(model: str | None = None, **options) -> EngineConfig:
+    """``load_config(model, **options)``, refusing an option it doesn't know with an
+    InvalidRequestError that names it and lists the valid ones (not a TypeError)."""
+    unknown = [name for name in options if name not in LOAD_OPTIONS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], LOAD_OPTIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidRequestError(
+            f"unknown load option {unknown[0]!r}{hint}; the load options are: {', '.join(LOAD_OPTIONS)}.")
+    return load_config(model, **options)

@@ -1,4 +1,5 @@
-"""What can run here and why not: the data behind ``hearth doctor`` (and the GUI later)."""
+"""What can run here and why not: the data behind ``hearth doctor`` and the load dialog,
+read from the one registry of choices (``engine.choices``)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def _version(dist: str) -> str:
 def doctor_info() -> dict:
     import torch
 
+    from engine import choices
     from engine.device import available_ram_bytes
-    from engine.layers.attention import backend_names, backend_reasons
     from engine.paths import cache_dir
 
     info: dict = {
@@ -41,9 +42,10 @@ def doctor_info() -> dict:
         info["cuda_note"] = f"none (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
     device = "cuda" if info["cuda"] else "cpu"
     info["attention_device"] = device
-    info["attention"] = {name: backend_reasons(name, device) for name in backend_names()}
-    info["quantization"] = {"bf16/fp16/fp32": [],
-                            "int8, int4, awq, gptq, fp8, bnb": ["not implemented yet"]}
+    # The registry's choices with the reasons each can't run here (empty: it can).
+    for key, kind in (("attention", "attention"), ("quantization", "quantization"), ("dtypes", "dtype"),
+                      ("kv_cache_dtypes", "kv_cache_dtype")):
+        info[key] = {c.name: list(c.reasons) for c in choices.choices(kind, device)}
     try:
         from engine.loader.resolve import default_gguf_path
 
@@ -54,48 +56,21 @@ def doctor_info() -> dict:
     return info
 
 
-# Quantization methods the load options offer; reasons say why one can't be chosen yet.
-QUANTIZATIONS = ("none", "int8", "int4", "fp8", "awq", "gptq", "bnb-nf4", "bnb-int8")
-
-
 def load_choices(device: str = "auto") -> dict:
-    """What a load dialog can offer on this machine, with reasons for what it can't.
+    """What a load dialog can offer on this machine, with reasons for what it can't: the
+    choices registry (``engine.choices``) as plain data.
 
     ``{"devices": [{"id": "cuda:0", "label": ...}, ...], "attention": {name: [reasons]},
     "quantization": {name: [reasons]}, "dtypes": [...], "kv_cache_dtypes": {name: [reasons]}}``.
     An empty reason list means usable.
     """
-    import torch
+    from engine import choices
 
-    from engine.layers.attention import backend_names, backend_reasons
-
-    devices = [{"id": "auto", "label": "Automatic (GPU if there is one)"}]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            devices.append({"id": f"cuda:{i}", "label": f"cuda:{i} — {torch.cuda.get_device_name(i)}"})
-    devices.append({"id": "cpu", "label": "CPU"})
-    target = device
-    if target == "auto":
-        target = "cuda" if torch.cuda.is_available() else "cpu"
-    quant = {"none": []}
-    for name in QUANTIZATIONS[1:]:
-        quant[name] = ["not implemented yet: weight quantization arrives in a later release"]
+    table = choices.all_choices(device)
     return {
-        "devices": devices,
-        "attention": {name: backend_reasons(name, target) for name in backend_names()},
-        "quantization": quant,
-        "dtypes": ["auto", "bfloat16", "float16", "float32"],
-        "kv_cache_dtypes": {"auto": [], "fp8": _fp8_kv_reasons(target)},
+        "devices": [{"id": c.name, "label": c.label, "reasons": list(c.reasons)} for c in table["device"]],
+        "attention": {c.name: list(c.reasons) for c in table["attention"]},
+        "quantization": {c.name: list(c.reasons) for c in table["quantization"]},
+        "dtypes": [c.name for c in table["dtype"]],
+        "kv_cache_dtypes": {c.name: list(c.reasons) for c in table["kv_cache_dtype"]},
     }
-
-
-def _fp8_kv_reasons(target: str) -> list[str]:
-    """Why an fp8 KV cache can't be used on ``target`` with the default backend."""
-    import torch
-
-    if not target.startswith("cuda") or not torch.cuda.is_available():
-        return []  # the torch reference backend reads an fp8 cache anywhere
-    dev = torch.device(target)
-    if torch.cuda.get_device_capability(dev) < (8, 9):
-        return ["the triton backend's fp8 KV cache needs an Ada or Hopper GPU (compute capability 8.9+)"]
-    return []

@@ -13,15 +13,17 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import replace
 from typing import Callable
 
-from engine.config import EngineConfig, load_config
+from engine.config import EngineConfig, config_from_options
 from engine.context_fit import fit_messages
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.errors import EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError, ModelLoadError
 from engine.events import EngineEvent, EngineStats, StepInfo
+from engine.model_info import ModelInfo
 from engine.output import RequestState
 from engine.requests import Completion, EventCallback, Request, RequestHandle
 from engine.runner.io import NewRequest, RunnerInput, StepRow, needs_token_context
@@ -32,7 +34,10 @@ log = logging.getLogger("hearth.engine")
 
 
 class Engine:
-    """Loads one model and serves requests from any thread. Use ``Engine.load(...)``."""
+    """Loads one model and serves requests from any thread. Use ``Engine.load(...)`` or
+    ``Engine.from_config(config)``; ``model_info`` (a ``ModelInfo``) says what loaded."""
+
+    model_info: ModelInfo
 
     def __init__(self, config: EngineConfig, *, progress=None, should_stop=None) -> None:
         from engine.loader.engine_loader import load_model, release_runner  # torch-heavy: import on use
@@ -92,27 +97,25 @@ class Engine:
             self._thread.join()
             raise _warm_up_failure(self._warm_error)
         if self._warm_tokens:
-            self.model_info["prompt_attention_lengths"] = self._warmed
+            self.model_info = replace(self.model_info, prompt_attention_lengths=self._warmed)
 
     @classmethod
-    def load(cls, model: str | None = None, *, device: str = "auto", dtype: str = "auto",
-             attention: str = "auto", max_model_len: int | None = None,
-             kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
-             block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-             enable_prefix_caching: bool = True, revision: str | None = None,
-             force_fallback: bool = False, enforce_eager: bool = False,
-             kv_cache_dtype: str = "auto", progress=None, should_stop=None) -> "Engine":
-        """Load a model. ``progress(message)`` hears each stage; ``should_stop()`` is asked
-        between the stages and before each weight tensor, and True stops the load with
+    def from_config(cls, config: EngineConfig, *, progress=None, should_stop=None) -> "Engine":
+        """Load the model ``config`` describes (``load_config`` builds and validates one).
+        ``progress(message)`` hears each stage; ``should_stop()`` is asked between the
+        stages and before each weight tensor, and True stops the load with
         ``LoadCancelledError``, freeing what it had taken."""
-        cfg = load_config(model, device=device, dtype=dtype, attention=attention,
-                           max_model_len=max_model_len, kv_cache_memory=kv_cache_memory,
-                           num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=max_num_batched_tokens,
-                           enable_prefix_caching=enable_prefix_caching, revision=revision,
-                           force_fallback=force_fallback, enforce_eager=enforce_eager,
-                           kv_cache_dtype=kv_cache_dtype)
-        return cls(cfg, progress=progress, should_stop=should_stop)
+        return cls(config, progress=progress, should_stop=should_stop)
+
+    @classmethod
+    def load(cls, model: str | None = None, *, progress=None, should_stop=None, **options) -> "Engine":
+        """Load ``model`` with the load options ``options`` (``load_config``'s keywords:
+        device, dtype, attention, max_model_len, kv_cache_memory, kv_cache_dtype,
+        quantization, ...; ``engine.api.LOAD_OPTIONS`` lists them). An option it doesn't
+        know raises InvalidRequestError naming it. ``progress`` and ``should_stop`` as for
+        ``from_config``."""
+        return cls.from_config(config_from_options(model, **options), progress=progress,
+                               should_stop=should_stop)
 
     # -- client side (any thread) ------------------------------------------------------
     def submit(self, request: Request | str, params: SamplingParams | None = None, *,
@@ -143,7 +146,7 @@ class Engine:
         seq = Sequence(rid, ids, params=request.params)
         events = None if on_event is None else EventCallback(rid, on_event, self.abort)
         state = RequestState.create(seq, request.params, self.tokenizer, self.max_model_len,
-                                    self.model_info["implementation"],
+                                    self.model_info.implementation,
                                     report_progress=request.prompt_progress, events=events)
         with self._cv:
             # Checked again under the lock that shutdown and the dying loop take before
@@ -307,9 +310,10 @@ class Engine:
             ids = self.tokenizer.encode(r.prompt)
         else:
             ids = list(r.prompt_token_ids)
-            bad = [t for t in ids if not (0 <= t < self.model_info["vocab_size"])]
+            vocab = self.model_info.vocab_size
+            bad = [t for t in ids if not (0 <= t < vocab)]
             if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_info['vocab_size'] - 1})")
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if not ids:
             raise InvalidRequestError("the prompt is empty after tokenization")
         if len(ids) >= self.max_model_len:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.choices import defined as _defined
+
 #: Never take more than this for the KV pool on CPU unless kv_cache_memory asks for it.
 CPU_KV_CAP = 2**30
-#: Bytes per element of each weights dtype a load can use.
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: Bytes per element of each weights dtype a load can use (the choices registry's).
+DTYPE_BYTES = {c.name: int(c.bytes_per_param) for c in _defined("dtype") if c.bytes_per_param}
 
 
 def auto_dtype(device_type: str, bf16_supported: bool = True) -> str:

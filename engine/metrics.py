@@ -17,14 +17,14 @@ def process_rss_bytes() -> int:
 def memory_snapshot(engine) -> dict:
     info = engine.model_info
     snap = {
-        "weights_bytes": info.get("weight_bytes", 0),
-        "kv_cache_bytes": info.get("kv_cache_bytes", 0),
+        "weights_bytes": info.weight_bytes,
+        "kv_cache_bytes": info.kv_cache_bytes,
         "process_rss_bytes": process_rss_bytes(),
     }
-    if info.get("device", "cpu").startswith("cuda"):
+    if info.device.startswith("cuda"):
         import torch
 
-        dev = torch.device(info["device"])
+        dev = torch.device(info.device)
         free, total = torch.cuda.mem_get_info(dev)
         snap.update(device_total_bytes=total, device_used_bytes=total - free,
                     torch_allocated_bytes=torch.cuda.memory_allocated(dev))

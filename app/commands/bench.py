@@ -15,10 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+from app.commands.load_options import add_choice_flags
 from engine.api import InvalidRequestError
 from engine.bench import BenchOptions, run_bench
 
 SUITE_NAMES = ("decode", "prefill", "throughput")
+# The engine group's flags, by their Engine.load keyword.
+_LOAD_FLAGS = ("device", "dtype", "attention", "kv_cache_dtype", "quantization", "enforce_eager", "max_model_len",
+               "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -48,14 +52,10 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="write {\"rows\": [...]} to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    g.add_argument("--attention", default="auto", help="auto | torch | triton | flash-attn (see hearth doctor)")
+    add_choice_flags(g, {"--kv-cache-dtype": "auto: the model's dtype; fp8: e4m3 (rows then carry kv_cache_dtype)"})
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     g.add_argument("--max-model-len", type=int, default=None, help="context (default: what the suites need)")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 20GiB")
-    g.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto: the model's dtype; fp8: e4m3 (rows then carry kv_cache_dtype)")
     g.add_argument("--max-num-seqs", type=int, default=None,
                    help="sequences per step (default: the largest --batch; with throughput at "
                         "least min(512, --num-requests) on CUDA, 64 on CPU)")
@@ -82,16 +82,15 @@ def run_bench_command(args) -> int:
     suites = []
     for item in args.suite or ["decode"]:
         suites.extend(x.strip() for x in item.split(",") if x.strip())
+    # The engine's load options: Engine.load's keywords, the sizes left out (None) for the
+    # bench to fit to its suites.
+    load = {name: getattr(args, name) for name in _LOAD_FLAGS if getattr(args, name) is not None}
     opts = BenchOptions(
         suites=tuple(suites), shape=args.shape, model=args.model, revision=args.revision,
-        baseline=args.baseline, device=args.device, dtype=args.dtype, attention=args.attention,
-        enforce_eager=args.enforce_eager, batch=args.batch, prompt_len=args.prompt_len,
+        baseline=args.baseline, load=load, batch=args.batch, prompt_len=args.prompt_len,
         output_len=args.output_len, prefill_lens=args.prefill_lens, num_requests=args.num_requests,
         min_len=args.min_len, max_len=args.max_len, hf_num_requests=args.hf_num_requests,
-        repeats=args.repeats, seed=args.seed, max_model_len=args.max_model_len,
-        kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        repeats=args.repeats, seed=args.seed,
     )
     out_path = Path(args.json) if args.json else None
     if out_path is not None and not out_path.parent.is_dir():  # fail before minutes of measuring

@@ -20,8 +20,8 @@ def run_chat(args) -> int:
     params = sampling_from_args(args)
     system = args.system
     engine = load_engine(args)
-    print(f"Hearth chat — {engine.model_info['name']} on {engine.model_info['device']} "
-          f"({engine.model_info['implementation']}). {HELP}", file=sys.stderr)
+    info = engine.model_info
+    print(f"Hearth chat — {info.name} on {info.device} ({info.implementation}). {HELP}", file=sys.stderr)
     history: list[dict] = []
     restore_stdin = _undecodable_input_as_surrogates()
     try:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import sys
 
+from app.commands.load_options import config_from_args
 from engine.api import Engine, SamplingParams, check_text
 
 
 def load_engine(args, quiet: bool = False) -> Engine:
+    """Load the model of the command line's load flags: one EngineConfig, built and
+    checked before anything loads (``config_from_args``)."""
     def progress(msg: str) -> None:
         if not quiet:
             print(f"[hearth] {msg}", file=sys.stderr, flush=True)
 
-    return Engine.load(
-        args.model, device=args.device, dtype=args.dtype, attention=args.attention,
-        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
-        revision=args.revision, enforce_eager=getattr(args, "enforce_eager", False),
-        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-        progress=progress,
-    )
+    return Engine.from_config(config_from_args(args), progress=progress)
 
 
 def sampling_from_args(args, logprobs: int | None = None) -> SamplingParams:

@@ -28,9 +28,11 @@ def run_doctor(args) -> int:
     print(f"attention backends (on {info['attention_device']})")
     for name, reasons in info["attention"].items():
         print(f"  {name:<13} {_status(reasons)}")
-    print("quantization")
-    for name, reasons in info["quantization"].items():
-        print(f"  {name:<13} {_status(reasons)}")
+    for title, key in (("weights dtypes", "dtypes"), ("KV-cache dtypes", "kv_cache_dtypes"),
+                       ("quantization", "quantization")):
+        print(title)
+        for name, reasons in info[key].items():
+            print(f"  {name:<13} {_status(reasons)}")
     print("models")
     print(f"  default       {info['default_model']}")
     print(f"  cache         {info['cache_dir']}")

@@ -133,9 +133,9 @@ def completion_json(c: Completion, engine) -> dict:
         "tokens_per_s": round(t.decode_tok_s, 3),
         "itl_ms": round(t.itl_ms, 3),
         "total_ms": round(t.total_ms, 3),
-        "model": engine.model_info["name"],
-        "implementation": engine.model_info["implementation"],
-        "device": engine.model_info["device"],
+        "model": engine.model_info.name,
+        "implementation": engine.model_info.implementation,
+        "device": engine.model_info.device,
     }
     if c.error:
         out["error"] = c.error

@@ -28,7 +28,7 @@ from app.services.host_events import (EngineError, LoadFailed, LoadProgress, Loa
                                       ModelLoading, ModelUnloaded, RequestStarted, StatsUpdated)
 from app.services.host_loading import LOAD_CANCELLED, SWAP_WAIT_S
 
-from engine.api import (FinishedEvent, PromptProgressEvent, Request, SamplingParams, TokenEvent,
+from engine.api import (FinishedEvent, ModelInfo, PromptProgressEvent, Request, SamplingParams, TokenEvent,
                         model_display_name, release_memory)
 
 log = logging.getLogger("hearth.gui")
@@ -63,7 +63,7 @@ class EngineBridge(BridgeSignals):
         self.modelUnloaded.connect(self._on_unloaded)
         self.loadFailed.connect(self._on_load_ended)
         self.loadSuperseded.connect(self._on_load_ended)
-        self._info: dict | None = None
+        self._info: ModelInfo | None = None
         self._loads_pending = 0  # asked for, not yet ended (loaded, failed or superseded)
         self._loading_name: str | None = None
         self._closed = False
@@ -97,7 +97,7 @@ class EngineBridge(BridgeSignals):
         elif isinstance(ev, ModelLoading):
             relay.modelLoading.emit(ev.name)
         elif isinstance(ev, ModelLoaded):
-            relay.modelLoaded.emit(ev.info)
+            relay.modelLoaded.emit(ev.info, ev.reloaded)
         elif isinstance(ev, LoadFailed):
             relay.loadFailed.emit(ev.message)
         elif isinstance(ev, LoadSuperseded):
@@ -109,7 +109,7 @@ class EngineBridge(BridgeSignals):
 
     # -- state (GUI thread) -----------------------------------------------------------------
     @property
-    def model_info(self) -> dict | None:
+    def model_info(self) -> ModelInfo | None:
         """The model that answers requests now (None: none). While another loads, this is
         still the old one; after a failed load too."""
         return self._info
@@ -123,8 +123,8 @@ class EngineBridge(BridgeSignals):
         """The display name of the model asked for last, while it loads (else None)."""
         return self._loading_name if self.is_loading else None
 
-    def _on_loaded(self, info: dict) -> None:
-        if not info.get("reloaded"):  # a model back after a failed load ends no load asked for
+    def _on_loaded(self, info: ModelInfo, reloaded: bool = False) -> None:
+        if not reloaded:  # a model back after a failed load ends no load asked for
             self._loads_pending = max(0, self._loads_pending - 1)
         self._info = info
 

@@ -13,15 +13,15 @@ class BridgeSignals(QObject):
     message is ``LOAD_CANCELLED`` when the user cancelled it) or ``loadSuperseded`` (a
     newer load replaced it: not a failure, and pages need not show it). A load that failed
     after the loaded model was unloaded for it brings that model back: its ``loadFailed``
-    says so, and a ``modelLoaded`` follows whose info has ``reloaded=True`` (it ends no load
-    asked for).
+    says so, and a ``modelLoaded`` follows with ``reloaded`` True (it ends no load asked
+    for). ``modelLoaded``'s info is the engine's ``ModelInfo``.
 
     ``requestStarted``'s info names the model that answers (``model``) and how many old
     messages were left out of what it sees (``dropped``)."""
 
     modelLoading = Signal(str)
     loadProgress = Signal(str)
-    modelLoaded = Signal(dict)
+    modelLoaded = Signal(object, bool)  # ModelInfo, reloaded (slots may take the info alone)
     loadFailed = Signal(str)
     loadSuperseded = Signal(str)  # the display name of the load another one replaced
     modelUnloaded = Signal()

@@ -11,6 +11,8 @@ from PySide6.QtWidgets import (QHBoxLayout, QPushButton, QSizePolicy, QToolButto
 from app.gui.chat_widgets import ChatInput
 from app.gui.elided_label import ElidedLabel
 
+from engine.api import ModelInfo
+
 
 class ChatHeader(QWidget):
     """The model line (elided: a long description never widens the page) and the
@@ -63,10 +65,9 @@ class MessageBar(QWidget):
         row.addLayout(buttons)
 
 
-def model_line(info: dict) -> str:
+def model_line(info: ModelInfo) -> str:
     """The header's description of a loaded model (its ``model_info``)."""
-    line = (f"{info.get('name', '?')} · {info.get('device', '?')} · {info.get('dtype', '')} · "
-            f"{info.get('attention', '')} · context {info.get('max_model_len', '?')}")
-    if info.get("implementation") == "transformers-fallback":
+    line = f"{info.name} · {info.device} · {info.dtype} · {info.attention} · context {info.max_model_len}"
+    if info.implementation == "transformers-fallback":
         line += " · transformers fallback (slower)"
     return line

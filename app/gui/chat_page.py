@@ -31,6 +31,8 @@ from app.gui.store_guard import RetriedSaves, StoreGuard
 from app.services.chat_store import DEFAULT_TITLE, ChatStore, history_for_model
 from app.services.host_loading import LOAD_CANCELLED, load_failure_text
 
+from engine.api import ModelInfo
+
 SAVE_INTERVAL_MS = 300
 SAVE_AGAIN_MS = 5000  # after a save the store refused (its file stayed locked)
 RENDER_INTERVAL_MS = 50
@@ -290,7 +292,8 @@ class ChatPage(QWidget):
 
     def _start_answer(self, version_of: int | None = None) -> None:
         conv_id = self.conversation_id
-        model = (self.bridge.model_info or {}).get("name", "")
+        info = self.bridge.model_info
+        model = info.name if info else ""
         with self._store_write("The answer could not be started") as started:
             if version_of is None:
                 history = history_for_model(self.store.messages(conv_id))
@@ -453,13 +456,13 @@ class ChatPage(QWidget):
     def _on_model_loading(self, name: str) -> None:
         info = getattr(self.bridge, "model_info", None)
         if info:
-            self._set_model_ready(True, f"{info.get('name', '?')} · loading {name}…")
+            self._set_model_ready(True, f"{info.name} · loading {name}…")
         else:
             self._set_model_ready(False, f"Loading {name}…")
 
-    def _on_model_loaded(self, info: dict) -> None:
+    def _on_model_loaded(self, info: ModelInfo, reloaded: bool = False) -> None:
         self._set_model_ready(True, model_line(info))
-        if not info.get("reloaded"):  # back after a failed load: the failure notice stays
+        if not reloaded:  # back after a failed load: the failure notice stays
             self.notice.show_message("")
         if self._pending_send:
             text, self._pending_send = self._pending_send, None

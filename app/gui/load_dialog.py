@@ -1,10 +1,14 @@
 """Load options: model, quantization, attention backend, device, dtype, context, KV memory
 and KV-cache precision.
 
-Choices this machine can't use stay in the lists but are greyed out, with the engine's
-reason (from each backend's ``available()``) as their tooltip and under the combo box,
-so nobody wonders why "triton" or "int4" can't be picked. The same goes for the CUDA
-graphs switch on a machine without a CUDA GPU, or with the CPU device chosen.
+Every list is the engine's registry of load choices (``engine.api.list_choices``): the
+same names the CLI flags, ``hearth bench`` and ``hearth doctor`` use. Choices this machine
+can't use stay in the lists but are greyed out, with the engine's reason (from each
+backend's ``available()``) as their tooltip and under the combo box, so nobody wonders why
+"triton" or "int4" can't be picked. The same goes for the CUDA graphs switch on a machine
+without a CUDA GPU, or with the CPU device chosen. Accepting builds the one validated
+``EngineConfig`` of the options (``config()``), so a bad value is explained here, not
+after the load started.
 
 The Model field shows a readable name (a repo id, a file name) instead of a Hugging Face
 cache path; the dialog still loads the exact reference it was given unless the user
@@ -13,12 +17,18 @@ types another one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from PySide6.QtCore import QSettings
 from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QLabel, QLineEdit, QSpinBox, QVBoxLayout)
 
-from engine.api import load_choices, model_display_name, parse_bytes
+from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, config_from_options, list_choices,
+                        model_display_name)
+
+#: kind -> its choices on this machine (``engine.api.list_choices``), what the dialog lists.
+ChoiceTable = Mapping[str, Sequence[Choice]]
 
 _GRAPHS_TIP = ("CUDA graphs replay each decode step as one GPU launch: faster, for a little GPU memory. "
                "Tick this to run without them.")
@@ -52,15 +62,25 @@ def select_choice(combo: QComboBox, value) -> None:
     combo.setCurrentIndex(idx)
 
 
-class LoadDialog(QDialog):
-    """Ask how to load ``model_ref``; ``options()`` gives the dict for ``EngineBridge.load``."""
+def machine_choices(device: str = "auto") -> dict[str, tuple[Choice, ...]]:
+    """Every kind of load choice as this machine sees it (imports torch: the checks)."""
+    return {kind: list_choices(kind, device) for kind in CHOICE_KINDS}
 
-    def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: dict | None = None) -> None:
+
+def _entries(choices: Sequence[Choice]) -> list[tuple[str, str, list[str]]]:
+    return [(c.name, c.label, list(c.reasons)) for c in choices]
+
+
+class LoadDialog(QDialog):
+    """Ask how to load ``model_ref``; ``options()`` gives the dict for ``EngineBridge.load``
+    (the load options: ``Engine.load``'s keywords), ``config()`` the validated EngineConfig."""
+
+    def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: ChoiceTable | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle(WINDOW_TITLE)
         self.setObjectName("loadDialog")
         self.settings = settings
-        self.choices = choices if choices is not None else load_choices("auto")
+        self.choices = choices if choices is not None else machine_choices("auto")
         form = QFormLayout()
         # The exact reference loads; the field shows its name (a snapshot hash means nothing).
         self.model_ref = model_ref
@@ -70,17 +90,9 @@ class LoadDialog(QDialog):
         self._model_shown = self.model.text()
         form.addRow(FIELD_LABELS["model"], self.model)
 
-        self.quantization = QComboBox()
-        self.quantization.setObjectName("loadQuantization")
-        fill_choices(self.quantization, [(n, "none (bf16 / fp16)" if n == "none" else n, r)
-                                  for n, r in self.choices["quantization"].items()])
-        select_choice(self.quantization, settings.value("load/quantization", "none"))
+        self.quantization = self._combo("loadQuantization", "quantization", "load/quantization", "none")
         form.addRow(FIELD_LABELS["quantization"], self.quantization)
-
-        self.attention = QComboBox()
-        self.attention.setObjectName("loadAttention")
-        fill_choices(self.attention, [(n, n, r) for n, r in self.choices["attention"].items()])
-        select_choice(self.attention, settings.value("load/attention", "") or default_attention(self.choices))
+        self.attention = self._combo("loadAttention", "attention", "load/attention", "auto")
         form.addRow(FIELD_LABELS["attention"], self.attention)
         self.reasons = QLabel()
         self.reasons.setObjectName("loadReasons")
@@ -88,17 +100,9 @@ class LoadDialog(QDialog):
         self.reasons.setEnabled(False)
         self.reasons.setText(self._unavailable_text())
         form.addRow("", self.reasons)
-
-        self.device = QComboBox()
-        self.device.setObjectName("loadDevice")
-        fill_choices(self.device, [(d["id"], d["label"], []) for d in self.choices["devices"]])
-        select_choice(self.device, settings.value("load/device", "auto"))
+        self.device = self._combo("loadDevice", "device", "load/device", "auto")
         form.addRow(FIELD_LABELS["device"], self.device)
-
-        self.dtype = QComboBox()
-        self.dtype.setObjectName("loadDtype")
-        fill_choices(self.dtype, [(d, d, []) for d in self.choices["dtypes"]])
-        select_choice(self.dtype, settings.value("load/dtype", "auto"))
+        self.dtype = self._combo("loadDtype", "dtype", "load/dtype", "auto")
         form.addRow(FIELD_LABELS["dtype"], self.dtype)
 
         self.context = QSpinBox()
@@ -114,12 +118,7 @@ class LoadDialog(QDialog):
         self.kv_memory.setPlaceholderText("automatic (e.g. 4GiB)")
         form.addRow(FIELD_LABELS["kv_cache_memory"], self.kv_memory)
 
-        self.kv_dtype = QComboBox()
-        self.kv_dtype.setObjectName("loadKvDtype")
-        labels = {"auto": "same as the weights", "fp8": "fp8 (e4m3): twice the context, slightly less exact"}
-        fill_choices(self.kv_dtype, [(n, labels.get(n, n), r)
-                              for n, r in self.choices.get("kv_cache_dtypes", {"auto": []}).items()])
-        select_choice(self.kv_dtype, settings.value("load/kv_cache_dtype", "auto"))
+        self.kv_dtype = self._combo("loadKvDtype", "kv_cache_dtype", "load/kv_cache_dtype", "auto")
         form.addRow(FIELD_LABELS["kv_cache_dtype"], self.kv_dtype)
 
         self.eager = QCheckBox("Run without CUDA graphs (slower; saves a little memory)")
@@ -144,19 +143,28 @@ class LoadDialog(QDialog):
         # narrower dialog and lost their last lines; at this width they are laid out whole.
         self.setMinimumWidth(620)
 
+    def _combo(self, name: str, kind: str, key: str, default: str) -> QComboBox:
+        """A combo box of ``kind``'s choices, the saved one selected (else ``default``, else
+        the first usable one)."""
+        combo = QComboBox()
+        combo.setObjectName(name)
+        fill_choices(combo, _entries(self.choices.get(kind, ())))
+        select_choice(combo, self.settings.value(key, default) or default)
+        return combo
+
     def _unavailable_text(self) -> str:
         """One line per reason, naming every choice it applies to ("int8, int4: ...")."""
         by_reason: dict[str, list[str]] = {}
-        for kind in ("attention", "quantization", "kv_cache_dtypes"):
-            for name, reasons in self.choices.get(kind, {}).items():
-                if reasons:
-                    label = f"{name} KV cache" if kind == "kv_cache_dtypes" else name
-                    by_reason.setdefault("; ".join(reasons), []).append(label)
+        for kind in ("attention", "quantization", "kv_cache_dtype"):
+            for c in self.choices.get(kind, ()):
+                if c.reasons:
+                    label = f"{c.name} KV cache" if kind == "kv_cache_dtype" else c.name
+                    by_reason.setdefault("; ".join(c.reasons), []).append(label)
         return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
 
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""
-        if not any(d["id"].startswith("cuda") for d in self.choices["devices"]):
+        if not _has_gpu(self.choices):
             return "This machine has no CUDA GPU: models run on the CPU, which never uses CUDA graphs."
         if self.device.currentData() == "cpu":
             return "The CPU device never uses CUDA graphs: they are for CUDA GPUs."
@@ -175,6 +183,7 @@ class LoadDialog(QDialog):
         return text or None
 
     def options(self) -> dict:
+        """The load options (``Engine.load``'s keywords, ``model`` included)."""
         kv = self.kv_memory.text().strip()
         return {
             "model": self.model_reference(),
@@ -188,28 +197,26 @@ class LoadDialog(QDialog):
             "enforce_eager": self.eager.isChecked(),
         }
 
+    def config(self) -> EngineConfig:
+        """The one validated EngineConfig of the options; raises InvalidRequestError."""
+        return config_from_options(**self.options())
+
     def _accept(self) -> None:
-        opts = self.options()
-        if opts["kv_cache_memory"]:
-            try:
-                parse_bytes(opts["kv_cache_memory"])
-            except Exception as e:
-                self.error.setText(str(e))
-                return
-        save_load_options(self.settings, opts)
+        try:
+            self.config()  # every field checked by the engine's own rules, before the load
+        except HearthError as e:
+            self.error.setText(str(e))
+            return
+        save_load_options(self.settings, self.options())
         self.accept()
 
 
-def default_attention(choices: dict) -> str:
-    """The fastest backend that runs here: triton on a CUDA GPU, else the torch reference."""
-    usable = [n for n, r in choices["attention"].items() if not r]
-    has_gpu = any(d["id"].startswith("cuda") for d in choices["devices"])
-    order = ("triton", "flash-attn", "torch") if has_gpu else ("torch",)
-    return next((n for n in order if n in usable), usable[0] if usable else "torch")
+def _has_gpu(choices: ChoiceTable) -> bool:
+    return any(c.name.startswith("cuda") and c.available for c in choices.get("device", ()))
 
 
 def save_load_options(settings: QSettings, opts: dict) -> None:
-    defaults = {"quantization": "none", "attention": "", "device": "auto", "dtype": "auto",
+    defaults = {"quantization": "none", "attention": "auto", "device": "auto", "dtype": "auto",
                 "kv_cache_dtype": "auto", "enforce_eager": False}
     for key, default in defaults.items():
         settings.setValue(f"load/{key}", opts.get(key, default))
@@ -218,26 +225,26 @@ def save_load_options(settings: QSettings, opts: dict) -> None:
     settings.setValue("load/model", opts.get("model") or "default")
 
 
-def saved_load_options(settings: QSettings) -> dict:
-    """The last load options (what the app loads on start), validated against this machine."""
-    choices = load_choices("auto")
-    attention = settings.value("load/attention", "")
-    usable = [n for n, r in choices["attention"].items() if not r]
-    if attention not in usable:
-        attention = default_attention(choices)
-    quant = settings.value("load/quantization", "none")
-    device = settings.value("load/device", "auto")
-    kv_dtype = settings.value("load/kv_cache_dtype", "auto")
-    if choices["kv_cache_dtypes"].get(kv_dtype, ["?"]) or (kv_dtype == "fp8" and attention == "flash-attn"):
+def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) -> dict:
+    """The last load options (what the app loads on start), validated against this machine:
+    a saved choice that can't run here (or no longer exists) falls back to the default."""
+    choices = choices if choices is not None else machine_choices("auto")
+
+    def usable(kind: str, key: str, default: str) -> str:
+        value = settings.value(key, default) or default
+        ok = {c.name for c in choices.get(kind, ()) if c.available}
+        return value if value in ok else default
+
+    attention = usable("attention", "load/attention", "auto")
+    kv_dtype = usable("kv_cache_dtype", "load/kv_cache_dtype", "auto")
+    if kv_dtype == "fp8" and attention == "flash-attn":
         kv_dtype = "auto"  # a start-up load must not fail on a combination that can't run
-    if device not in [d["id"] for d in choices["devices"]]:
-        device = "auto"
     return {
         "model": settings.value("load/model", "default") or "default",
-        "quantization": quant if not choices["quantization"].get(quant, ["?"]) else "none",
+        "quantization": usable("quantization", "load/quantization", "none"),
         "attention": attention,
-        "device": device,
-        "dtype": settings.value("load/dtype", "auto"),
+        "device": usable("device", "load/device", "auto"),
+        "dtype": usable("dtype", "load/dtype", "auto"),
         "max_model_len": int(settings.value("load/max_model_len", 0)) or None,
         "kv_cache_memory": settings.value("load/kv_cache_memory", "") or None,
         "kv_cache_dtype": kv_dtype,

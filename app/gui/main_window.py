@@ -25,6 +25,8 @@ from app.gui.load_dialog import LoadDialog, save_load_options, saved_load_option
 from app.services.chat_store import ChatStore
 from app.services.host_loading import load_failure_text
 
+from engine.api import ModelInfo
+
 PAGES = ("Chat", "Models", "Performance")
 SERVER_REASON = ("The local OpenAI-compatible server is not part of this build yet; this "
                  "toggle will start and stop it.")
@@ -188,8 +190,8 @@ class MainWindow(QMainWindow):
 
     def _loaded_ref(self) -> str:
         """What to offer in the load dialog: what the loaded model was loaded from."""
-        info = self.bridge.model_info or {}
-        return info.get("ref") or info.get("path") or "default"
+        info = self.bridge.model_info
+        return (info.ref or info.path or "default") if info else "default"
 
     def cancel_loading(self) -> None:
         """Cancel loading (the button): say so at once; the load stops between two weight
@@ -201,7 +203,7 @@ class MainWindow(QMainWindow):
     def _on_loading(self, name: str) -> None:
         # The loaded model's figures stay: it serves until the new one is ready.
         info = self.bridge.model_info
-        self.status_model.setText(f"{info.get('name', '?')} · loading {name}…" if info else f"Loading {name}…")
+        self.status_model.setText(f"{info.name} · loading {name}…" if info else f"Loading {name}…")
         self.status_progress.setText("")
         self.statusBar().clearMessage()  # a message ("Model ready") would hide the progress
         self.cancel_load_button.setEnabled(True)
@@ -210,20 +212,20 @@ class MainWindow(QMainWindow):
     def _on_progress(self, message: str) -> None:
         self.status_progress.setText(message)
 
-    def _on_loaded(self, info: dict) -> None:
+    def _on_loaded(self, info: ModelInfo, reloaded: bool = False) -> None:
         self.cancel_load_button.hide()
         self.status_progress.setText("")
         self._show_model(info)
-        if not info.get("reloaded"):  # back after a failed load: that failure's message stays
+        if not reloaded:  # back after a failed load: that failure's message stays
             self.statusBar().showMessage("Model ready", 4000)
 
-    def _show_model(self, info: dict) -> None:
-        impl = " (transformers fallback)" if info.get("implementation") == "transformers-fallback" else ""
-        self.status_model.setText(f"{info.get('name', '?')}{impl}")
-        self.status_quant.setText(f"quant: {info.get('quantization', 'none')} · {info.get('dtype', '')}")
-        self.status_backend.setText(f"attention: {info.get('attention', '?')}")
-        self.status_device.setText(f"device: {info.get('device', '?')} · weights "
-                                   f"{_gib(info.get('weight_bytes'))} · KV {_gib(info.get('kv_cache_bytes'))}")
+    def _show_model(self, info: ModelInfo) -> None:
+        impl = " (transformers fallback)" if info.implementation == "transformers-fallback" else ""
+        self.status_model.setText(f"{info.name}{impl}")
+        self.status_quant.setText(f"quant: {info.quantization} · {info.dtype}")
+        self.status_backend.setText(f"attention: {info.attention}")
+        self.status_device.setText(f"device: {info.device} · weights "
+                                   f"{_gib(info.weight_bytes)} · KV {_gib(info.kv_cache_bytes)}")
 
     def _on_failed(self, message: str) -> None:
         self.cancel_load_button.hide()
@@ -231,7 +233,7 @@ class MainWindow(QMainWindow):
         info = self.bridge.model_info  # the model that was loaded before, if any, still is
         if info:
             self._show_model(info)
-            message += f" — still using {info.get('name', 'the loaded model')}"
+            message += f" — still using {info.name}"
         else:
             self._show_no_model()
         if message.startswith(LOAD_CANCELLED):

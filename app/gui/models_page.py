@@ -26,6 +26,8 @@ from app.services.downloads import DownloadManager
 from app.services.library import Library
 from app.services.token_store import TokenStore, mask
 
+from engine.api import ModelInfo
+
 TAB_FIND, TAB_DOWNLOADS, TAB_LIBRARY = 0, 1, 2
 
 
@@ -188,11 +190,11 @@ class ModelsPage(QWidget):
             self.library_panel.select_ref(self._select_after_refresh)
             self._select_after_refresh = None
 
-    def _model_loaded(self, info: dict) -> None:
-        # What was asked for ("ref": a .gguf file, "default") and where it loaded from
-        # ("path": for those, a converted folder): a library entry matching either is loaded.
-        info = info if isinstance(info, dict) else {}
-        self.library_panel.set_loaded(*(str(info[k]) for k in ("path", "ref") if info.get(k)))
+    def _model_loaded(self, info: ModelInfo | None, _reloaded: bool = False) -> None:
+        # What was asked for (ref: a .gguf file, "default") and where it loaded from (path:
+        # for those, a converted folder): a library entry matching either is loaded.
+        refs = (info.path, info.ref) if info is not None else ()
+        self.library_panel.set_loaded(*(str(r) for r in refs if r))
 
     def _model_unloaded(self) -> None:
         self.library_panel.set_loaded(None)

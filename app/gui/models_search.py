@@ -4,9 +4,10 @@ Every Hub call runs on the page's ``TaskRunner``; typing restarts a short timer 
 search goes out when the user pauses, not on every key. The fit estimate needs the repo's
 config.json and the free memory of each device. The devices are read as soon as the page
 opens (``refresh_machine``), and again with each model's details, so changing the weights
-dtype, context or device recomputes the estimate at once without the network. Its
-choices are the load dialog's: the same dtypes, and quantizations greyed out with the
-engine's reason while it can't load them.
+dtype, context, KV-cache precision or device recomputes the estimate at once without the
+network. Its choices are the load dialog's, from the engine's registry of load choices:
+the same dtypes, quantizations greyed out with the engine's reason while it can't load
+them, and the KV-cache dtypes.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QFrame
 from app.gui.load_dialog import fill_choices, select_choice
 from app.gui.models_format import human_bytes, human_count
 from app.services import fit, hub
+from engine.api import SpecSummary, choice_names, get_choice
 
 SEARCH_DELAY_MS = 350
-#: The load dtypes (as in the load dialog) before the engine's quantizations are known.
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 SORT_LABELS = {"Most downloaded": "downloads", "Most liked": "likes", "Recently updated": "updated",
                "Trending": "trending"}
 
@@ -38,10 +38,10 @@ def _fetch_details(repo_id: str, token: str | None):
 
 
 def _engine_quantizations() -> dict[str, list[str]]:
-    """The quantizations the engine offers, each with the reasons it can't load them here."""
-    from engine.api import load_choices  # imports torch: slow the first time, so apart from the devices
+    """The registry's quantizations, each with the reasons it can't load them here."""
+    from engine.api import list_choices  # its checks import torch: slow the first time, so apart
 
-    return load_choices("auto")["quantization"]
+    return {c.name: list(c.reasons) for c in list_choices("quantization", "auto")}
 
 
 class SearchPanel(QWidget):
@@ -55,7 +55,7 @@ class SearchPanel(QWidget):
         self._runner = runner
         self._token = token_provider
         self.details = None
-        self._shape = fit.ModelShape()
+        self._shape = SpecSummary()
         self._shape_notes: tuple[str, ...] = ()
         self._targets: list[fit.MemoryTarget] = []
         self._quantizations: dict[str, list[str]] = {}
@@ -107,6 +107,7 @@ class SearchPanel(QWidget):
         self.weights.currentIndexChanged.connect(self._update_fit)
         self.device.currentIndexChanged.connect(self._device_changed)
         self.context.valueChanged.connect(self._update_fit)
+        self.kv_dtype.currentIndexChanged.connect(self._update_fit)
         self.download_button.clicked.connect(self._request_download)
 
     @staticmethod
@@ -158,6 +159,11 @@ class SearchPanel(QWidget):
         self.context.setSpecialValueText("model's maximum")  # 0, as the load dialog's default
         self.context.setValue(0)
         self.context.setSuffix(" tokens")
+        self.kv_dtype = QComboBox()
+        self.kv_dtype.setObjectName("fitKvDtype")
+        self.kv_dtype.setToolTip("The load dialog's KV-cache precision: fp8 holds twice the context in the same memory.")
+        fill_choices(self.kv_dtype, [(n, get_choice("kv_cache_dtype", n).label, [])
+                                     for n in choice_names("kv_cache_dtype")])
         self.device = QComboBox()
         self.device.setObjectName("fitDevice")
         self.device.addItem("Reading free memory…", None)
@@ -169,6 +175,7 @@ class SearchPanel(QWidget):
         form = QFormLayout(fit_box)
         form.addRow("Weights", self.weights)
         form.addRow("Context", self.context)
+        form.addRow("KV cache", self.kv_dtype)
         form.addRow("Device", self.device)
         form.addRow(self.fit_result)
 
@@ -337,9 +344,10 @@ class SearchPanel(QWidget):
         """Weights choices: the load dtypes, the engine's quantizations (greyed out with its
         reason while it can't load them) and the files' own size."""
         current = self.weights.currentData() or fit.AUTO
-        entries = [(d, d, []) for d in DTYPE_CHOICES]
-        entries += [(q, q, reasons) for q, reasons in self._quantizations.items()
-                    if q != "none" and q in fit.BYTES_PER_PARAM]
+        entries = [(d, d, []) for d in choice_names("dtype")]
+        # Quantizations that store weights differently (not "none"), once the engine said which can run.
+        rates = fit.bytes_per_param()
+        entries += [(q, q, reasons) for q, reasons in self._quantizations.items() if q in rates]
         entries.append((fit.AS_PUBLISHED, fit.AS_PUBLISHED, []))
         self.weights.blockSignals(True)
         fill_choices(self.weights, entries)
@@ -389,6 +397,7 @@ class SearchPanel(QWidget):
             gguf = d.gguf_files[0].path  # the first quantization, until the user picks one
         est = fit.estimate_for_details(d, self._shape, weights=self.weights.currentData() or fit.AUTO,
                                        context_len=self.context.value() or None, target=target, gguf_file=gguf,
+                                       kv_cache_dtype=self.kv_dtype.currentData() or "auto",
                                        notes=self._shape_notes)
         prefix = f"{gguf}: " if gguf else ""
         self.fit_result.setText(prefix + est.summary())

@@ -43,6 +43,8 @@ from app.gui.perf_charts import GIB, PerfCharts
 from app.services.perf_history import PerfHistory, SamplePoint
 from app.services.telemetry import Telemetry
 
+from engine.api import ModelInfo
+
 __all__ = ["PerfPanel"]
 
 log = logging.getLogger("hearth.gui.perf")
@@ -73,7 +75,7 @@ class PerfPanel(QWidget):
         self.history = PerfHistory(sample_hz=1000 / TICK_MS)
         self.choose_save_path = self._dialog_save_path
         self.confirm_overwrite = ask_overwrite(self)  # (path) -> bool; tests replace it
-        self._model_info: dict | None = getattr(bridge, "model_info", None)
+        self._model_info: ModelInfo | None = getattr(bridge, "model_info", None)
         self._stats = None
         self._stats_t = 0.0
         self._paused = False
@@ -171,8 +173,8 @@ class PerfPanel(QWidget):
         except (AttributeError, TypeError, ValueError):  # not a FinishedEvent: nothing to chart
             log.debug("ignored a finished event without usage/timings: %r", event)
 
-    def _on_loaded(self, info: dict) -> None:
-        self._model_info = dict(info)
+    def _on_loaded(self, info: ModelInfo, _reloaded: bool = False) -> None:
+        self._model_info = info
 
     def _on_unloaded(self, *_) -> None:
         self._model_info = None
@@ -203,7 +205,8 @@ class PerfPanel(QWidget):
         sample = self.telemetry.sample()
         fresh = self._stats is not None and time.monotonic() - self._stats_t <= STATS_STALE_S
         self._why_no_gpu = sample.why_no_gpu
-        self.history.add_sample(self._stats if fresh else None, sample, self._model_info)
+        device = self._model_info.device if self._model_info is not None else None
+        self.history.add_sample(self._stats if fresh else None, sample, device)
         if self._due():
             self.redraw()
 

@@ -214,7 +214,7 @@ class EngineHost(EngineSwaps):
             return
         self._live[rid] = live
         with live.lock:  # its events wait for this, then flow straight from the engine
-            self._publish(RequestStarted(rid, self.engine.model_info.get("name", ""), handle.dropped_messages))
+            self._publish(RequestStarted(rid, self.engine.model_info.name, handle.dropped_messages))
             pending, live.pending = live.pending, None
             for ev in pending:
                 self._publish(ev)
@@ -265,14 +265,12 @@ class EngineHost(EngineSwaps):
         self.engine = engine
         self._serving_options, self._released_from = user_options(options), None
         self._thread.start_timer(STATS_TIMER, self._stats_interval_s, self._publish_stats, repeat=True)
-        info = dict(engine.model_info, max_model_len=engine.max_model_len)
+        info = dataclasses.replace(engine.model_info, max_model_len=engine.max_model_len)
         reload_of = options.get("_reload_of")
         if reload_of is not None:  # the failed load's one outcome first, then its model is back
-            self._publish(LoadFailed(reload_outcome(*reload_of, info.get("name", model_display_name(
-                options.get("model"))))))
-            info["reloaded"] = True
+            self._publish(LoadFailed(reload_outcome(*reload_of, info.name)))
         self._info = info
-        self._publish(ModelLoaded(info))
+        self._publish(ModelLoaded(info, reloaded=reload_of is not None))
         self._settle_held()
         self._publish_stats()
 

@@ -31,13 +31,12 @@ from app.services.host_events import LoadFailed, LoadProgress, LoadSuperseded, M
 from app.services.host_loading import (LOAD_CANCELLED, LoadTicket, Released, cut_reason, loaded_footprint,
                                        release_note, release_progress, reload_outcome, reload_progress,
                                        wait_progress)
-from engine.api import HearthError, LoadCancelledError, model_display_name
+from engine.api import LOAD_OPTIONS, HearthError, LoadCancelledError, model_display_name
 
 log = logging.getLogger("hearth.host")
 
 #: Load options passed to check_model and the engine factory (anything else is ignored).
-LOAD_KEYS = ("device", "dtype", "attention", "max_model_len", "kv_cache_memory",
-             "kv_cache_dtype", "enforce_eager", "revision")
+LOAD_KEYS = LOAD_OPTIONS
 ANSWERS_TIMER = "answers-due"
 
 
@@ -88,7 +87,7 @@ class EngineSwaps:
         self._released.clear()
         self._publish(ModelLoading(_name(options)))
         info = self.engine.model_info if self.engine is not None else None
-        loaded = (info.get("device"), loaded_footprint(info)) if info else (None, 0)
+        loaded = (info.device, loaded_footprint(info)) if info else (None, 0)
         self._load_thread = threading.Thread(target=self._load_in_background, args=(options, *loaded),
                                              name="hearth-model-load", daemon=True)
         self._load_thread.start()
@@ -148,8 +147,7 @@ class EngineSwaps:
                 self._release_wanted = False
                 self._stop_waiting()
                 info = self.engine.model_info
-                self._released_from = Released(info.get("name", "the loaded model"), str(info.get("device", "")),
-                                               self._serving_options or {"model": info.get("ref")})
+                self._released_from = Released(info.name, info.device, self._serving_options or {"model": info.ref})
                 self._unload_quietly()
                 self._publish(ModelUnloaded())
                 self._publish(ModelLoading(_name(options)))
@@ -182,7 +180,7 @@ class EngineSwaps:
     def _wait_for_answers(self, options: dict, releasing: bool) -> None:
         if self._closing or self._thread.timer_active(ANSWERS_TIMER):
             return
-        old = (self.engine.model_info if self.engine else {}).get("name", "the loaded model")
+        old = self.engine.model_info.name if self.engine else "the loaded model"
         self._cut_reason = cut_reason(old, _name(options), self._answer_wait_s, releasing)
         self._thread.start_timer(ANSWERS_TIMER, self._answer_wait_s, self._answers_overdue)
         self._publish(LoadProgress(wait_progress(old, _name(options), releasing)))

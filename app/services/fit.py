@@ -3,14 +3,20 @@
 The estimate applies the rules ``Engine.load`` applies (through ``engine.api``, not a copy
 of them), so what it says is what a load with the same options takes:
 
+The model's shape is the engine's reading of its config.json (``engine.api.model_summary``:
+the native model spec, or what the transformers fallback would take), and every choice's
+bytes come from the engine's registry of load choices: one vocabulary of dtypes and
+quantizations with the load dialog, the CLI and ``hearth doctor``.
+
 * weights: ``params x bytes/param`` of the weights dtype. ``"auto"`` is the engine's own
   rule for the device (float32 on the CPU, bfloat16 on a GPU); GGUF files are converted
   and then loaded in that dtype too. Quantizations (int8, int4, ...) take their packed
   size plus group scales, with embeddings and LM head left in 16 bit; ``"as published"``
   takes the weight files' size (pre-quantized AWQ/GPTQ repos).
-* KV cache: what the load sets aside, sized as the engine sizes it: blocks of
-  ``2 (K and V) x layers x kv_heads x head_dim x dtype bytes x 16 tokens`` from
-  ``kv_cache_memory`` if given, else on the CPU a quarter of the free RAM capped at
+* KV cache: what the load sets aside, sized as the engine sizes it: blocks of 16 tokens
+  of the model spec's K and V bytes per token (``SpecSummary.kv_bytes_per_token``) at the
+  KV-cache choice's bytes per value (the weights dtype's for ``auto``, 1 for ``fp8``),
+  from ``kv_cache_memory`` if given, else on the CPU a quarter of the free RAM capped at
   1 GiB, never more than 64 sequences of the full context could use. On a GPU the load
   gives the KV cache the rest of the card: the verdict counts one full context there,
   the least a load accepts, and the summary says what the rest comes to.
@@ -26,64 +32,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from engine.api import (DTYPE_BYTES, CacheConfig, SchedulerConfig, auto_dtype, context_blocks, cpu_kv_budget,
-                        kv_pool_blocks)
+from engine.api import (DTYPE_BYTES, CacheConfig, InvalidRequestError, SchedulerConfig, SpecSummary, auto_dtype,
+                        choice_name, choice_names, context_blocks, cpu_kv_budget, get_choice, kv_bytes_per_value,
+                        kv_pool_blocks, model_summary)
 
 GIB = 1 << 30
 #: The engine's own choice of weights dtype for the device (float32 on CPU, bf16 on GPU).
 AUTO = "auto"
 #: Pseudo-quantization: take the weight files' size as they are.
 AS_PUBLISHED = "as published"
-_GROUP_SCALES = 4 / 128      # an fp16 scale and zero point per group of 128 weights
-#: Bytes per parameter of every weights choice besides ``AUTO`` and ``AS_PUBLISHED``: the
-#: load dtypes, then the engine's quantization names.
-BYTES_PER_PARAM = {
-    **{name: float(size) for name, size in DTYPE_BYTES.items()},
-    "int8": 1.0,
-    "fp8": 1.0,
-    "int4": 0.5 + _GROUP_SCALES,
-    "awq": 0.5 + _GROUP_SCALES,
-    "gptq": 0.5 + _GROUP_SCALES,
-    "bnb-nf4": 0.5 + 4 / 64,  # an fp32 absmax per block of 64
-    "bnb-int8": 1.0,
-}
-_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "nf4": "bnb-nf4"}
 OVERHEAD = 0.10
 TIGHT_FRACTION = 0.90
 #: A load's context when config.json names none (the engine's fallback too).
 FALLBACK_CONTEXT = 4096
-_FP8_KV_BYTES = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    """What the estimate needs from config.json (``None`` where the config is silent)."""
-
-    num_layers: int | None = None
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
-    embedding_params: int = 0
-    max_context: int | None = None
-
-    @classmethod
-    def from_config(cls, config: dict) -> "ModelShape":
-        """Read a transformers ``config.json`` dict (multimodal ones through ``text_config``)."""
-        cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-        layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers")
-        heads = cfg.get("num_attention_heads") or cfg.get("n_head")
-        kv_heads = cfg.get("num_key_value_heads") or cfg.get("num_kv_heads") or heads
-        hidden = cfg.get("hidden_size") or cfg.get("n_embd")
-        head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
-        vocab = cfg.get("vocab_size") or 0
-        # Untied unless the config says otherwise: the bigger (safer) estimate.
-        tied = bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
-        embed = (vocab * hidden * (1 if tied else 2)) if vocab and hidden else 0
-        ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-        return cls(layers, kv_heads, head_dim, embed, ctx)
-
-    @property
-    def has_kv_shape(self) -> bool:
-        return bool(self.num_layers and self.num_kv_heads and self.head_dim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +120,31 @@ def gib(n: int | float) -> str:
     return f"{value:.1f}" if abs(value) >= 1 else f"{value:.2f}"
 
 
+def bytes_per_param() -> dict[str, float]:
+    """Bytes per parameter of every weights choice besides ``AUTO`` and ``AS_PUBLISHED``,
+    read from the engine's registry now (a quantization registered later counts too): the
+    load dtypes, then the quantizations that store weights differently ("none" is the
+    dtype's)."""
+    out = {name: float(size) for name, size in DTYPE_BYTES.items()}
+    for name in choice_names("quantization"):
+        rate = get_choice("quantization", name).bytes_per_param
+        if rate:
+            out[name] = float(rate)
+    return out
+
+
 def weights_name(weights: str) -> str:
     """The canonical name of a weights choice (``"bf16"`` -> ``"bfloat16"``, ``"nf4"`` ->
-    ``"bnb-nf4"``); ``AUTO`` and ``AS_PUBLISHED`` stay as they are."""
-    return _ALIASES.get(weights, weights)
+    ``"bnb-nf4"``: the registry's aliases); ``AUTO``, ``AS_PUBLISHED`` and unknown names
+    stay as they are."""
+    if weights in (AUTO, AS_PUBLISHED):
+        return weights
+    for kind in ("dtype", "quantization"):
+        try:
+            return choice_name(kind, weights)
+        except InvalidRequestError:
+            pass
+    return weights
 
 
 def load_dtype(weights: str, device_type: str) -> str:
@@ -173,7 +155,7 @@ def load_dtype(weights: str, device_type: str) -> str:
 
 
 def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0) -> int:
-    """Bytes of ``num_params`` weights stored as ``weights`` (a key of ``BYTES_PER_PARAM``
+    """Bytes of ``num_params`` weights stored as ``weights`` (a key of ``bytes_per_param()``
     or an alias such as ``"bf16"``; resolve ``AUTO`` with ``load_dtype`` first).
 
     Below 16 bit, ``embedding_params`` (embeddings + untied LM head) stay at 2 B/param.
@@ -182,33 +164,25 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0) ->
         ValueError: unknown weights choice.
     """
     name = weights_name(weights)
-    if name not in BYTES_PER_PARAM:
+    rates = bytes_per_param()
+    if name not in rates:
         raise ValueError(f"unknown weights dtype or quantization {weights!r}; choose one of "
-                         f"{', '.join(BYTES_PER_PARAM)}")
-    rate = BYTES_PER_PARAM[name]
+                         f"{', '.join(rates)}")
+    rate = rates[name]
     if rate >= 2.0 or embedding_params <= 0:
         return int(round(num_params * rate))
     embed = min(embedding_params, num_params)
     return int(round(embed * 2.0 + (num_params - embed) * rate))
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    """``2 x layers x kv_heads x head_dim x dtype_bytes`` (K and V of one token, every layer)."""
-    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
-
-
-def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, tokens: int, dtype_bytes: int = 2) -> int:
-    """K and V of ``tokens`` tokens in every layer (one sequence, no block rounding)."""
-    return kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype_bytes) * tokens
-
-
-def estimate(*, num_params: int | None, shape: ModelShape, target: MemoryTarget, weights: str = AUTO,
+def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget, weights: str = AUTO,
              context_len: int | None = None, kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto",
              published_weight_bytes: int | None = None) -> FitEstimate:
     """What a load with these options takes on ``target``, against its free bytes.
 
-    ``weights``, ``context_len`` (``max_model_len``), ``kv_cache_memory`` (bytes) and
-    ``kv_cache_dtype`` mean what the load options of the same names mean. Weights come
+    ``shape``: the model's ``SpecSummary`` (``load_shape``; an empty one where config.json
+    is out of reach). ``weights``, ``context_len`` (``max_model_len``), ``kv_cache_memory``
+    (bytes) and ``kv_cache_dtype`` mean what the load options of the same names mean. Weights come
     from ``num_params``; ``published_weight_bytes`` is used for ``AS_PUBLISHED`` (and
     when the parameter count is unknown). The verdict is ``"unknown"`` when neither is.
     """
@@ -233,9 +207,8 @@ def estimate(*, num_params: int | None, shape: ModelShape, target: MemoryTarget,
     fills = False
     if shape.has_kv_shape:
         cache, sched = CacheConfig(), SchedulerConfig()   # the engine's defaults, as the app loads
-        kv_bytes = _FP8_KV_BYTES if kv_cache_dtype == "fp8" else DTYPE_BYTES[dtype]
-        block_bytes = kv_bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim,
-                                         kv_bytes) * cache.block_size
+        # The KV-cache choice's bytes per value (auto: the weights dtype's; fp8: 1).
+        block_bytes = shape.kv_bytes_per_token(kv_bytes_per_value(kv_cache_dtype, dtype)) * cache.block_size
         one_context = context_blocks(context, cache.block_size) * block_bytes
         if kv_cache_memory is not None:
             budget = int(kv_cache_memory)
@@ -309,8 +282,9 @@ def memory_targets(*, nvml=None, psutil_module=None) -> list[MemoryTarget]:
 
 
 def load_shape(repo_id: str, *, revision: str | None = None, token: str | None = None
-               ) -> tuple[ModelShape, tuple[str, ...]]:
-    """Fetch config.json alone (never the weights) and read the model's shape from it.
+               ) -> tuple[SpecSummary, tuple[str, ...]]:
+    """Fetch config.json alone (never the weights) and read the model's shape from it, as
+    the engine reads it (``engine.api.model_summary``: the native model spec).
 
     Returns an empty shape plus a note instead of raising when the config is missing or
     out of reach (a gated repo without access, GGUF-only repos), so an estimate can still
@@ -319,16 +293,17 @@ def load_shape(repo_id: str, *, revision: str | None = None, token: str | None =
     from app.services.hub import HubError, fetch_config
 
     try:
-        return ModelShape.from_config(fetch_config(repo_id, revision=revision, token=token)), ()
+        return model_summary(fetch_config(repo_id, revision=revision, token=token)), ()
     except HubError as exc:
         if exc.kind == "not_found":
-            return ModelShape(), ()
-        return ModelShape(), (f"config.json unavailable ({exc.kind})",)
+            return SpecSummary(), ()
+        return SpecSummary(), (f"config.json unavailable ({exc.kind})",)
 
 
-def estimate_for_details(details, shape: ModelShape, *, target: MemoryTarget, weights: str = AUTO,
+def estimate_for_details(details, shape: SpecSummary, *, target: MemoryTarget, weights: str = AUTO,
                          context_len: int | None = None, kv_cache_memory: int | None = None,
-                         gguf_file: str | None = None, notes: tuple[str, ...] = ()) -> FitEstimate:
+                         kv_cache_dtype: str = "auto", gguf_file: str | None = None,
+                         notes: tuple[str, ...] = ()) -> FitEstimate:
     """The estimate for a repo already described by ``details`` (a ``hub.ModelDetails``).
 
     The parameter count is the Hub's (safetensors headers, or the GGUF metadata): a GGUF
@@ -346,7 +321,7 @@ def estimate_for_details(details, shape: ModelShape, *, target: MemoryTarget, we
         extra.append(f"Hearth can't load {details.quant_format.upper()} weights yet: look for a "
                      "safetensors (bf16) or GGUF version of this model")
     est = estimate(num_params=num_params, shape=shape, target=target, weights=weights, context_len=context_len,
-                   kv_cache_memory=kv_cache_memory, published_weight_bytes=published)
+                   kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype, published_weight_bytes=published)
     if gguf_file is not None and num_params is not None and est.weights != AS_PUBLISHED:
         extra.append(f"a GGUF file is converted once and loads as {est.dtype}, so it needs more memory than "
                      "its size on disk")
@@ -356,8 +331,8 @@ def estimate_for_details(details, shape: ModelShape, *, target: MemoryTarget, we
 
 
 def estimate_for_repo(repo_id: str, *, target: MemoryTarget, weights: str = AUTO, context_len: int | None = None,
-                      kv_cache_memory: int | None = None, details=None, gguf_file: str | None = None,
-                      token: str | None = None) -> FitEstimate:
+                      kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto", details=None,
+                      gguf_file: str | None = None, token: str | None = None) -> FitEstimate:
     """``estimate_for_details`` after fetching the details (if not given) and config.json.
 
     Raises:
@@ -369,4 +344,5 @@ def estimate_for_repo(repo_id: str, *, target: MemoryTarget, weights: str = AUTO
         details = model_details(repo_id, token=token, with_card=False)
     shape, notes = load_shape(repo_id, revision=details.sha, token=token)
     return estimate_for_details(details, shape, target=target, weights=weights, context_len=context_len,
-                                kv_cache_memory=kv_cache_memory, gguf_file=gguf_file, notes=notes)
+                                kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+                                gguf_file=gguf_file, notes=notes)

@@ -7,7 +7,7 @@ Besides these, subscribers hear every request's engine events as they are produc
 Every load asked for ends in exactly one of ``ModelLoaded``, ``LoadFailed`` (its message is
 ``LOAD_CANCELLED`` when it was cancelled) or ``LoadSuperseded`` (a newer load replaced it:
 not a failure). A load that failed after the loaded model was unloaded for it brings that
-model back: its ``LoadFailed`` says so, and a ``ModelLoaded`` with ``reloaded=True``
+model back: its ``LoadFailed`` says so, and a ``ModelLoaded`` with ``reloaded`` True
 follows (it ends no load asked for).
 """
 
@@ -33,10 +33,12 @@ class LoadProgress:
 
 @dataclass(frozen=True, slots=True)
 class ModelLoaded:
-    """A model now answers requests. ``info``: its model_info, with ``max_model_len``
-    (and ``reloaded=True`` for a model brought back after a failed load)."""
+    """A model now answers requests. ``info``: its ``ModelInfo`` (``max_model_len`` the
+    engine's); ``reloaded``: a model brought back after a failed load (it ends no load
+    asked for)."""
 
     info: Any
+    reloaded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from engine.api import LoadCancelledError, ModelCheck, format_bytes
+from engine.api import LoadCancelledError, ModelCheck, ModelInfo, format_bytes
 
 #: ``LoadFailed``'s message when the user cancelled the load (Cancel loading, Unload);
 #: pages word it as a cancel, not a failure. Anything after it is a note.
@@ -44,12 +44,12 @@ class LoadTicket:
             raise LoadCancelledError(LOAD_CANCELLED)
 
 
-def loaded_footprint(info: dict | None) -> int:
+def loaded_footprint(info: ModelInfo | None) -> int:
     """Bytes a loaded model holds on its device (weights, KV cache, CUDA graphs): what
     unloading it gives back."""
     if not info:
         return 0
-    return sum(int(info.get(key) or 0) for key in ("weight_bytes", "kv_cache_bytes", "cuda_graph_bytes"))
+    return info.weight_bytes + info.kv_cache_bytes + (info.cuda_graph_bytes or 0)
 
 
 def _place(device: str) -> str:

@@ -178,11 +178,11 @@ class PerfHistory:
         return p
 
     def add_sample(self, stats: Any | None, telemetry: TelemetrySample,
-                   model_info: dict | None = None, t: float | None = None) -> SamplePoint:
+                   device: str | None = None, t: float | None = None) -> SamplePoint:
         """Record one tick: the latest ``EngineStats`` (None without a model) and a telemetry
-        sample; ``model_info["device"]`` says which GPU holds the model."""
+        sample; ``device`` (the loaded model's ``model_info.device``) says which GPU holds
+        the model."""
         memory = dict(getattr(stats, "memory", None) or {}) if stats is not None else {}
-        device = (model_info or {}).get("device")
         p = SamplePoint(
             t=self.now() if t is None else float(t),
             gen_tok_s=_opt_float(stats, "generation_tok_s"),

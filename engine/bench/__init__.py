@@ -31,6 +31,7 @@ the median of ``repeats``. Per suite:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 from typing import TYPE_CHECKING, Callable
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 from engine.bench.options import SUITES, BenchOptions
 
 if TYPE_CHECKING:  # torch and numpy load when a run starts, not when `hearth` parses its command
+    from engine.api import ModelInfo
     from engine.bench.rows import RowMaker
     from engine.bench.workload import Workload
 
@@ -48,13 +50,13 @@ log = logging.getLogger("hearth.bench")
 
 def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Run the chosen suites (and the baseline); return the rows, baseline beside Hearth."""
-    from engine.api import Engine, ModelConfig
+    from engine.api import Engine
     from engine.bench.rows import RowMaker
     from engine.bench.workload import Workload
     from engine.device import resolve_device, resolve_dtype
 
     say = progress or log.info
-    model_cfg = ModelConfig(device=options.device, dtype=options.dtype)  # validates both
+    model_cfg = options.engine.model  # validated with the rest of the load options
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     opts = options.for_device(device.type == "cuda")
@@ -73,25 +75,20 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
             hf.close()
 
     say(f"loading {opts.model_name} into Hearth")
-    engine = Engine.load(
-        opts.model_name, revision=opts.revision, device=str(device), dtype=model_cfg.dtype,
-        attention=opts.attention, max_model_len=opts.max_model_len,
-        kv_cache_memory=opts.kv_cache_memory, kv_cache_dtype=opts.kv_cache_dtype,
-        block_size=opts.block_size,
-        max_num_seqs=opts.max_num_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
-        enforce_eager=opts.enforce_eager, progress=say,
-    )
+    # The one EngineConfig, on the device the baseline ran on ("auto" resolved once).
+    config = dataclasses.replace(opts.engine, model=dataclasses.replace(opts.engine.model, device=str(device)))
+    engine = Engine.from_config(config, progress=say)
     try:
         if weights is not None:
             engine.runner.model.load_weights(weights.items(), source="the transformers baseline's weights")
             del weights
-        workload = workload or Workload(engine.model_info["vocab_size"], opts.seed)
+        workload = workload or Workload(engine.model_info.vocab_size, opts.seed)
         hearth_res = _run_hearth(engine, workload, opts, say)
-        info = dict(engine.model_info)
+        info = engine.model_info
     finally:
         engine.shutdown()
-    # model_info["name"]: "shape:<name>", the Hub repo id, or a local folder's / GGUF file's name.
-    maker = RowMaker(info["name"], device, dtype, info["attention"])
+    # model_info.name: "shape:<name>", the Hub repo id, or a local folder's / GGUF file's name.
+    maker = RowMaker(info.name, device, dtype, info.attention)
     return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes)
 
 
@@ -101,12 +98,12 @@ def _check_context(opts: BenchOptions) -> None:
     from engine.shapes import shape_config
 
     max_pos = int(shape_config(opts.shape)["max_position_embeddings"])
-    if opts.max_model_len > max_pos:
+    if opts.engine.model.max_model_len > max_pos:
         from engine.api import InvalidRequestError
 
         raise InvalidRequestError(
             f"shape {opts.shape!r} has a {max_pos}-token context but the chosen suites need "
-            f"{opts.max_model_len}: use shorter --prompt-len/--output-len, --prefill-lens or --max-len."
+            f"{opts.engine.model.max_model_len}: use shorter --prompt-len/--output-len, --prefill-lens or --max-len."
         )
 
 
@@ -180,14 +177,14 @@ def _mean_lens(reqs) -> tuple[int, int]:
             round(statistics.fmean(q.output_len for q in reqs)))
 
 
-def _rows(maker: RowMaker, opts: BenchOptions, info: dict, hearth: dict, hf: dict | None,
+def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf: dict | None,
           hf_bytes: int | None) -> list[dict]:
     from engine.bench.rows import leading_match
 
     rows = []
-    wb = info.get("weight_bytes")
-    impl = info.get("implementation")
-    kvd = info.get("kv_cache_dtype")
+    wb = info.weight_bytes
+    impl = info.implementation
+    kvd = info.kv_cache_dtype
     for b, h in hearth["decode"].items():
         extra = {}
         if hf is not None:
@@ -207,7 +204,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: dict, hearth: dict, hf: dic
             rows.append(maker.row("prefill", "hf", 1, n, 1, ttft_ms=hf["prefill"][n], weight_bytes=hf_bytes))
     if hearth["throughput"] is not None:
         t = hearth["throughput"]
-        rows.append(maker.row("throughput", "hearth", opts.max_num_seqs, *hearth["throughput_lens"],
+        rows.append(maker.row("throughput", "hearth", opts.engine.scheduler.max_num_seqs, *hearth["throughput_lens"],
                               output_tok_s=t.output_tok_s, kv_waste_pct=t.kv_waste_pct,
                               weight_bytes=wb, num_requests=opts.num_requests, min_len=opts.min_len,
                               max_len=opts.max_len, num_preemptions=t.num_preemptions,

@@ -1,16 +1,24 @@
 """What ``hearth bench`` runs: one validated options dataclass (no torch import).
 
-Fields left as ``None`` get defaults that depend on the device (``for_device``): the
+The engine's side is one ``EngineConfig`` (``BenchOptions.engine``), built from the load
+options given (``load``: ``Engine.load``'s keywords, the same names and rules as
+everywhere else) by ``engine.config.load_config``, and sized by ``for_device`` for the
+suites chosen.
+
+Sizes left as ``None`` get defaults that depend on the device (``for_device``): the
 protocol sizes of BENCHMARKS.md on CUDA, small ones on CPU so the ``tiny`` shape finishes
-in seconds.
+in seconds; so do the engine's ``max_model_len``, ``max_num_seqs`` and
+``max_num_batched_tokens`` where ``load`` leaves them out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from engine.config import kv_cache_dtype_name
+from engine.config import EngineConfig, config_from_options
 from engine.errors import InvalidRequestError
 
 SUITES = ("decode", "prefill", "throughput")
@@ -43,7 +51,9 @@ class BenchOptions:
 
     Exactly one of ``shape`` (a name from ``engine.shapes``, random weights) or ``model``
     (anything ``Engine.load`` accepts) is given. ``baseline="hf"`` also runs transformers
-    on the same weights and inputs.
+    on the same weights and inputs. ``load``: the engine's load options (``Engine.load``'s
+    keywords: device, dtype, attention, kv_cache_dtype, max_num_seqs, ...); ``engine`` is
+    the one ``EngineConfig`` built from them (sized for the suites by ``for_device``).
     """
 
     suites: tuple[str, ...] = ("decode",)
@@ -51,10 +61,7 @@ class BenchOptions:
     model: str | None = None
     revision: str | None = None
     baseline: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attention: str = "auto"  # triton on a CUDA GPU, torch elsewhere
-    enforce_eager: bool = False
+    load: Mapping[str, Any] = field(default_factory=dict)
     batch: tuple[int, ...] | None = None  # decode batch sizes
     prompt_len: int | None = None  # decode prompt length
     output_len: int | None = None  # decode new tokens
@@ -65,12 +72,7 @@ class BenchOptions:
     hf_num_requests: int | None = None  # throughput requests the baseline runs (a rate)
     repeats: int | None = None  # timed repeats after a warm-up; the median counts
     seed: int = 0
-    max_model_len: int | None = None  # default: what the chosen suites need
-    kv_cache_memory: int | str | None = None
-    kv_cache_dtype: str = "auto"  # auto | fp8 (Hearth only; the baseline keeps its own cache)
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    block_size: int = 16
+    engine: EngineConfig = field(init=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.suites, str):
@@ -95,7 +97,12 @@ class BenchOptions:
             shape_config(self.shape)  # raises with the list of known shapes
             if self.revision is not None:
                 raise InvalidRequestError("--revision applies to Hub models, not to --shape; drop it.")
-        self.kv_cache_dtype = kv_cache_dtype_name(self.kv_cache_dtype)
+        self.load = dict(self.load)
+        for name in ("model", "revision"):
+            if name in self.load:
+                raise InvalidRequestError(f"give the bench's {name} as BenchOptions.{name}, not in its load options.")
+        # The one EngineConfig: every load option checked here, by the engine's own rules.
+        self.engine = config_from_options(self.model_name, revision=self.revision, **self.load)
         if self.baseline not in (None, *BASELINES):
             raise InvalidRequestError(
                 f"unknown baseline {self.baseline!r}; the supported baseline is: {', '.join(BASELINES)}."
@@ -107,8 +114,7 @@ class BenchOptions:
                 if not val or min(val) < 1:
                     raise InvalidRequestError(f"--{name.replace('_', '-')} needs positive integers.")
                 setattr(self, name, val)
-        for name in ("prompt_len", "num_requests", "min_len", "max_len", "hf_num_requests",
-                     "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("prompt_len", "num_requests", "min_len", "max_len", "hf_num_requests"):
             val = getattr(self, name)
             if val is not None and val < 1:
                 raise InvalidRequestError(f"--{name.replace('_', '-')} must be positive, got {val}.")
@@ -126,7 +132,10 @@ class BenchOptions:
         return f"shape:{self.shape}" if self.shape is not None else self.model
 
     def for_device(self, on_cuda: bool) -> "BenchOptions":
-        """A copy with every unset size filled in for the device (CUDA: the protocol)."""
+        """A copy with every unset size filled in for the device (CUDA: the protocol), and
+        ``engine`` sized to run them: a context that holds every request, enough sequences
+        per step for the largest batch (and the throughput run), a token budget that takes
+        the longest prefill as one chunk."""
         pick = 0 if on_cuda else 1
         fill = {k: v[pick] for k, v in _DEVICE_DEFAULTS.items() if getattr(self, k) is None}
         out = dataclasses.replace(self, **fill)
@@ -134,30 +143,35 @@ class BenchOptions:
             raise InvalidRequestError(
                 f"--min-len {out.min_len} is above --max-len {out.max_len}; give both."
             )
-        if out.max_num_seqs is None:
+        sizes: dict[str, Any] = {}
+        if out.load.get("max_num_seqs") is None:
             # Only throughput needs many sequences in flight; fewer means fewer CUDA graphs to capture.
             floor = min(_MIN_NUM_SEQS[pick], out.num_requests) if "throughput" in out.suites else 1
-            out.max_num_seqs = max(floor, max(out.batch))
-        if out.max_num_batched_tokens is None:
+            sizes["max_num_seqs"] = max(floor, max(out.batch))
+        if out.load.get("max_num_batched_tokens") is None:
             need = max(out.prefill_lens) if "prefill" in out.suites else 0
-            out.max_num_batched_tokens = max(_MIN_BATCHED_TOKENS[pick], need)
+            sizes["max_num_batched_tokens"] = max(_MIN_BATCHED_TOKENS[pick], need)
         need = self.needed_context(out)
-        if out.max_model_len is None:
-            out.max_model_len = need
-        elif out.max_model_len < need:
+        given = out.load.get("max_model_len")
+        if given is None:
+            sizes["max_model_len"] = need
+        elif given < need:
             raise InvalidRequestError(
-                f"--max-model-len {out.max_model_len} is too short for the chosen suites, which "
+                f"--max-model-len {given} is too short for the chosen suites, which "
                 f"need {need} tokens; raise it or shorten the prompts / outputs."
             )
-        if "decode" in out.suites and max(out.batch) > out.max_num_seqs:
+        out.load = {**out.load, **sizes}
+        out.engine = config_from_options(out.model_name, revision=out.revision, **out.load)
+        sched = out.engine.scheduler
+        if "decode" in out.suites and max(out.batch) > sched.max_num_seqs:
             raise InvalidRequestError(
-                f"decode batch {max(out.batch)} is above --max-num-seqs {out.max_num_seqs}, so it "
+                f"decode batch {max(out.batch)} is above --max-num-seqs {sched.max_num_seqs}, so it "
                 "would not run as one batch; raise --max-num-seqs."
             )
-        if "prefill" in out.suites and max(out.prefill_lens) > out.max_num_batched_tokens:
+        if "prefill" in out.suites and max(out.prefill_lens) > sched.max_num_batched_tokens:
             raise InvalidRequestError(
                 f"a {max(out.prefill_lens)}-token prefill would be split into chunks of "
-                f"--max-num-batched-tokens {out.max_num_batched_tokens}; raise that to at least "
+                f"--max-num-batched-tokens {sched.max_num_batched_tokens}; raise that to at least "
                 f"{max(out.prefill_lens)} so TTFT measures one forward."
             )
         return out

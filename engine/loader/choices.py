@@ -1,9 +1,10 @@
-"""Every load choice checked against this machine before anything is read or loaded.
+"""Every load choice checked against this machine before anything is read or loaded,
+through the one registry of choices (``engine.choices``).
 
 ``load_model`` (so ``Engine.load``, the CLI and the app alike) starts here: an unknown or
-unusable device, dtype, attention backend or KV-cache dtype is refused in milliseconds,
-not after the model was resolved, converted and its weights loaded (issue 12:
-``--attention xformers`` was refused 8 s into the load).
+unusable device, dtype, attention backend, KV-cache dtype or quantization is refused in
+milliseconds, not after the model was resolved, converted and its weights loaded (issue
+12: ``--attention xformers`` was refused 8 s into the load).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import choices
 from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import InvalidRequestError
@@ -27,8 +29,10 @@ class LoadChoices:
 
 
 def check_load_choices(config: EngineConfig) -> LoadChoices:
-    """Resolve and check the device, dtype, attention backend and KV-cache dtype of
-    ``config``; raises InvalidRequestError naming the choice, why, and what to use instead.
+    """Resolve and check the device, dtype, attention backend, KV-cache dtype and
+    quantization of ``config`` against the choices registry (``engine.choices``): a choice
+    that can't run here raises InvalidRequestError naming it, the registry's reasons, and
+    what to use instead.
 
     Only what depends on the model (its native support, for an fp8 KV cache) is left to
     the load itself.
@@ -36,52 +40,53 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
     mc, cc = config.model, config.cache
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise InvalidRequestError(
-            f"dtype bfloat16 asked for, but {torch.cuda.get_device_name(device)} has no bfloat16 "
-            "support: use float16 or auto (--dtype float16).", options=("dtype",))
+    where = str(device)
+    if dtype == torch.bfloat16:
+        reasons = choices.get("dtype", "bfloat16", where).reasons
+        if reasons:
+            raise InvalidRequestError(
+                f"dtype bfloat16 asked for, but {'; '.join(reasons)} (--dtype float16 or auto).",
+                options=("dtype",))
     attention = resolve_attention(config.attention, device)
     if cc.kv_cache_dtype == "fp8":
         check_fp8_kv_cache(attention, device)
     if config.attention != "auto":
-        from engine.layers.attention import backend_reasons
-
-        reasons = backend_reasons(attention, device)
+        reasons = choices.get("attention", attention, where).reasons
         if reasons:
             raise InvalidRequestError(
                 f"attention backend {attention!r} can't run here: {'; '.join(reasons)}. "
                 "Use auto, or torch, which runs everywhere (--attention auto).", options=("attention",))
+    quantization = choices.get("quantization", mc.quantization, where)
+    if quantization.reasons:
+        raise InvalidRequestError(
+            f"quantization {quantization.name!r} can't be used here: {'; '.join(quantization.reasons)}. "
+            "Load the weights unquantized (--quantization none).", options=("quantization",))
     return LoadChoices(device, dtype, attention)
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
     """``auto``: the Triton backend on a CUDA GPU when it can run there, else the torch
-    reference. Any other name must be a registered backend."""
-    from engine.layers.attention import backend_names, backend_reasons
-
+    reference. Any other name must be one of the registry's backends."""
+    name = choices.canonical("attention", name)
     if name == "auto":
-        if device.type == "cuda" and not backend_reasons("triton", device):
+        if device.type == "cuda" and not choices.get("attention", "triton", str(device)).reasons:
             return "triton"
         return "torch"
-    if name not in backend_names():
-        raise InvalidRequestError(
-            f"unknown attention backend {name!r}; choose one of: auto, {', '.join(backend_names())} "
-            "(--attention; `hearth doctor` shows which run here).", options=("attention",))
     return name
 
 
 def check_fp8_kv_cache(attention: str, device: torch.device) -> None:
     """Refuse an fp8 KV cache the attention backend can't read on ``device``."""
-    from engine.layers.attention import backend_names
-
-    if attention not in ("torch", "triton") and attention in backend_names():
+    if attention not in ("torch", "triton"):
         raise InvalidRequestError(
             f"the {attention!r} attention backend can't read an fp8 KV cache: use the triton (CUDA) "
             "or torch backend (--attention), or a KV cache in the model's dtype (--kv-cache-dtype auto).",
             options=("attention", "kv_cache_dtype"))
-    if attention == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise InvalidRequestError(
-            f"the triton backend's fp8 KV cache needs an Ada or Hopper GPU (compute capability "
-            f"8.9+); this one is {major}.{minor}. Use a KV cache in the model's dtype (--kv-cache-dtype "
-            "auto), or the torch backend (--attention torch).", options=("attention", "kv_cache_dtype"))
+    if attention == "triton" and device.type == "cuda":
+        reasons = choices.get("kv_cache_dtype", "fp8", str(device)).reasons
+        if reasons:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise InvalidRequestError(
+                f"{'; '.join(reasons)}; this one is {major}.{minor}. Use a KV cache in the model's dtype "
+                "(--kv-cache-dtype auto), or the torch backend (--attention torch).",
+                options=("attention", "kv_cache_dtype"))

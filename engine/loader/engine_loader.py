@@ -17,6 +17,7 @@ from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
                                        shape_model_config)
 from engine.memory_plan import context_blocks, cpu_kv_budget, explicit_kv_problem, kv_pool_blocks
+from engine.model_info import ModelInfo
 from engine.models.spec import ModelSpec, read_config
 from engine.tokenizer import Tokenizer
 
@@ -25,7 +26,7 @@ log = logging.getLogger("hearth.loader")
 
 @dataclass(slots=True)
 class LoadedModel:
-    info: dict[str, Any]
+    info: ModelInfo
     tokenizer: Tokenizer
     runner: Any
     max_model_len: int
@@ -62,7 +63,7 @@ def find_model(config: EngineConfig, say: Callable[[str], None]) -> FoundModel:
         return FoundModel(name, None, "shape", cfg, f"engine.shapes[{shape!r}]", SHAPE_SEED)
     say(f"resolving model {mc.model or 'default'}")
     resolved = resolve_model(mc.model, mc.revision, progress=say)
-    return FoundModel(resolved.name, resolved.path, resolved.source, read_config(resolved.path),
+    return FoundModel(resolved.name, resolved.path, resolved.source, resolved.config or read_config(resolved.path),
                       str(resolved.path / "config.json"))
 
 
@@ -180,7 +181,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     except BaseException:
         _free(runner, device)
         raise
-    return LoadedModel(info, tokenizer, runner, max_model_len, num_blocks, prefix)
+    return LoadedModel(ModelInfo.from_dict(dict(info, quantization=mc.quantization)), tokenizer, runner, max_model_len, num_blocks, prefix)
 
 
 def _prepare_runner(config: EngineConfig, runner, info: dict[str, Any], device: torch.device,

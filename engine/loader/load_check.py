@@ -30,6 +30,7 @@ from engine.loader.engine_loader import (context_length, find_model, kv_block_si
 from engine.loader.weights import read_metadata
 from engine.memory_plan import (ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
                                 kv_pool_blocks)
+from engine.models.summary import SpecSummary
 
 
 def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None = None,
@@ -57,7 +58,9 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
     else:  # the transformers fallback: its weights in the load dtype, its cache by config
         block_size = cc.block_size
         weights = _checkpoint_params(found.path) * dtype.itemsize
-        block_bytes = _config_kv_bytes_per_token(found.cfg, dtype.itemsize) * block_size
+        # What its cache keeps per token, read as the fit estimate reads a config (one reading).
+        per_token = SpecSummary.fallback(found.cfg).kv_bytes_per_token(dtype.itemsize)
+        block_bytes = (per_token or 2 * dtype.itemsize) * block_size
 
     free, total = free_memory_bytes(device)
     reclaim = loaded_bytes if _same_device(loaded_device, device) else 0
@@ -133,13 +136,3 @@ def _checkpoint_params(path: Path | None) -> int:
     """Parameters in a checkpoint's safetensors headers (no tensor data is read)."""
     return sum(math.prod(shape) for shape, _ in read_metadata(path).values()) if path is not None else 0
 
-
-def _config_kv_bytes_per_token(cfg: dict, dtype_bytes: int) -> int:
-    """K and V of one token in every layer, as the transformers fallback's cache keeps them."""
-    cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1
-    heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 1
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
-    return 2 * layers * kv_heads * head_dim * dtype_bytes

@@ -1,5 +1,5 @@
 """Short names for models, for people: what the chat header, the status bar and every
-stats line show. The full path stays in ``model_info["path"]``.
+stats line show. The full path stays in ``model_info.path``.
 
 A model is usually loaded by a path nobody chose to read: the Library hands over a Hub
 cache snapshot (``…/models--org--name/snapshots/<commit hash>``), and a converted GGUF or

@@ -13,8 +13,9 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,6 +62,8 @@ class ResolvedModel:
     path: Path
     source: str
     name: str
+    # config.json as validated: the load reads it from here, not from the file again.
+    config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def default_gguf_path() -> Path:
@@ -86,8 +89,9 @@ def default_gguf_path() -> Path:
     )
 
 
-def validate_model_folder(path: Path) -> None:
-    """Check that ``path`` holds a loadable Hugging Face format model, or say what is wrong.
+def validate_model_folder(path: Path) -> dict[str, Any]:
+    """Check that ``path`` holds a loadable Hugging Face format model, or say what is wrong;
+    returns its config.json (the one time a load parses it).
 
     Requires ``config.json`` (valid JSON with a ``model_type``), safetensors weights
     (``model.safetensors``, or an index whose shards all exist) and tokenizer files.
@@ -120,6 +124,7 @@ def validate_model_folder(path: Path) -> None:
             f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model / vocab files). "
             "Save the tokenizer beside the model with tokenizer.save_pretrained(folder)."
         )
+    return data
 
 
 def resolve_model(
@@ -162,8 +167,9 @@ def resolve_model(
     if candidate.is_dir():
         _no_revision(revision, text)
         folder = candidate.resolve()
-        validate_model_folder(folder)
-        return ResolvedModel(path=folder, source="local", name=model_display_name(candidate.absolute()))
+        config = validate_model_folder(folder)
+        return ResolvedModel(path=folder, source="local", name=model_display_name(candidate.absolute()),
+                             config=config)
 
     if _looks_like_path(text):
         raise ModelLoadError(
@@ -209,8 +215,8 @@ def _is_repo_id(text: str) -> bool:
 def _resolve_default(progress: Callable[[str], None] | None) -> ResolvedModel:
     gguf = default_gguf_path()
     out = models_cache_dir() / DEFAULT_FOLDER
-    _ensure_converted(gguf, out, progress)
-    return ResolvedModel(path=out, source="default", name=DEFAULT_MODEL_NAME)
+    config = _ensure_converted(gguf, out, progress)
+    return ResolvedModel(path=out, source="default", name=DEFAULT_MODEL_NAME, config=config)
 
 
 def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None, name: str) -> ResolvedModel:
@@ -219,19 +225,19 @@ def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None, name:
     # do not collide and an edited file gets a fresh folder.
     key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = models_cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-    _ensure_converted(gguf, out, progress)
-    return ResolvedModel(path=out, source="gguf", name=name)
+    config = _ensure_converted(gguf, out, progress)
+    return ResolvedModel(path=out, source="gguf", name=name, config=config)
 
 
-def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | None) -> None:
+def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Convert ``gguf`` into ``out`` unless done already; returns the folder's config.json."""
     if is_up_to_date(out, gguf, _CONVERTED_DTYPE):
         try:
-            validate_model_folder(out)
-            return
+            return validate_model_folder(out)
         except ModelLoadError:
             pass  # damaged cache (e.g. a file deleted by hand): convert again
     convert_gguf(gguf, out, _CONVERTED_DTYPE, progress=progress)
-    validate_model_folder(out)
+    return validate_model_folder(out)
 
 
 # ---------------------------------------------------------------------------- hub
@@ -317,9 +323,9 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
             "safetensors version of this model on the Hub."
         )
     try:
-        validate_model_folder(folder)
+        config = validate_model_folder(folder)
     except UnsupportedModelError:
         raise
     except ModelLoadError as exc:
         raise type(exc)(f"Hub repo '{repo_id}'{rev_text}: {exc}") from exc
-    return ResolvedModel(path=folder, source="hub", name=repo_id)
+    return ResolvedModel(path=folder, source="hub", name=repo_id, config=config)

@@ -226,8 +226,9 @@ def test_cuda_defaults_are_the_protocol():
     assert (o.batch, o.prompt_len, o.output_len) == ((1, 64), 128, 256)
     assert o.prefill_lens == (128, 512, 2048, 8192)
     assert (o.num_requests, o.min_len, o.max_len) == (512, 128, 1024)
-    assert o.max_num_batched_tokens >= 8192  # the longest prefill is one chunk
-    assert o.max_num_seqs >= 64 and o.max_model_len == 8193 and o.repeats >= 3
+    sched = o.engine.scheduler  # the one EngineConfig the bench loads with
+    assert sched.max_num_batched_tokens >= 8192  # the longest prefill is one chunk
+    assert sched.max_num_seqs >= 64 and o.engine.model.max_model_len == 8193 and o.repeats >= 3
 
 
 @pytest.mark.gpu

@@ -47,7 +47,7 @@ def test_matches_the_torch_backend_in_bf16(tiny_models, family):
     for attention in ("torch", "flash-attn"):
         e = Engine.load(str(tiny_models[family]), device="cuda", dtype="bfloat16", attention=attention,
                         max_model_len=512, kv_cache_memory="64MiB", max_num_batched_tokens=128)
-        assert e.model_info["attention"] == attention
+        assert e.model_info.attention == attention
         outs[attention] = [e.submit(Request(prompt_token_ids=p, params=params)).result() for p in prompts]
         e.shutdown()
     for ref, got in zip(outs["torch"], outs["flash-attn"]):

@@ -30,8 +30,8 @@ def test_fp8_cache_holds_four_times_the_tokens_of_fp32_and_answers_close(tiny_mo
     for kvd in ("auto", "fp8"):
         e = _load(tiny_models["llama3"], kv_cache_memory="1MiB", kv_cache_dtype=kvd, attention="torch")
         try:
-            assert e.model_info["kv_cache_dtype"] == {"auto": "float32", "fp8": "float8_e4m3fn"}[kvd]
-            blocks[kvd] = e.model_info["num_kv_blocks"]
+            assert e.model_info.kv_cache_dtype == {"auto": "float32", "fp8": "float8_e4m3fn"}[kvd]
+            blocks[kvd] = e.model_info.num_kv_blocks
             out[kvd] = _run(e, prompts)
         finally:
             e.shutdown()
@@ -69,6 +69,6 @@ def test_bad_kv_cache_dtype_and_unsupported_combinations_are_explained(tiny_mode
         _load(tiny_models["llama3"], kv_cache_dtype="fp8", attention="flash-attn")
     e = _load(tiny_models["llama3"], kv_cache_dtype="fp8_e4m3", attention="torch", num_blocks=8)
     try:
-        assert e.model_info["kv_cache_dtype"] == "float8_e4m3fn"  # the alias is accepted
+        assert e.model_info.kv_cache_dtype == "float8_e4m3fn"  # the alias is accepted
     finally:
         e.shutdown()

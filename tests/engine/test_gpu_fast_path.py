@@ -37,7 +37,7 @@ def test_triton_with_graphs_matches_torch_token_for_token(tiny_models, family):
     want = _run(ref, prompts)
     ref.shutdown()
     fast = _engine(tiny_models[family], "triton")
-    assert fast.model_info["cuda_graphs"] is True, fast.model_info.get("cuda_graphs_off")
+    assert fast.model_info.cuda_graphs is True, fast.model_info.cuda_graphs_off
     got = _run(fast, prompts)
     replays = fast.runner.graphs.replays
     ahead = fast.runner.steps_ahead_used
@@ -50,7 +50,7 @@ def test_triton_with_graphs_matches_torch_token_for_token(tiny_models, family):
 def test_enforce_eager_triton_matches_graphs(tiny_models, family):
     prompts = [ids_of(n, seed=n) for n in (5, 33)]
     eager = _engine(tiny_models[family], "triton", enforce_eager=True)
-    assert eager.model_info["cuda_graphs"] is False and "enforce_eager" in eager.model_info["cuda_graphs_off"]
+    assert eager.model_info.cuda_graphs is False and "enforce_eager" in eager.model_info.cuda_graphs_off
     a = _run(eager, prompts)
     eager.shutdown()
     graphs = _engine(tiny_models[family], "triton")
@@ -151,7 +151,7 @@ def test_batch1_gemv_matches_torch_token_for_token(tiny_models, family):
     want = _run(ref, prompt)
     ref.shutdown()
     fast = _engine(tiny_models[family], "triton", enforce_eager=True)
-    choices = fast.model_info["batch1_matmul"]
+    choices = fast.model_info.batch1_matmul
     assert set(choices) == {"qkv", "o", "gate_up", "down", "lm_head"}, choices
     for mods, _ in _kinds(fast.runner.model).values():
         for m in mods:
@@ -191,7 +191,7 @@ def test_fp8_kv_cache_triton_with_graphs_matches_torch_over_fp8(tiny_models):
     want = _run(ref, prompts)
     ref.shutdown()
     fast = _engine(tiny_models["llama3"], "triton", kv_cache_dtype="fp8")
-    assert fast.model_info["kv_cache_dtype"] == "float8_e4m3fn"
+    assert fast.model_info.kv_cache_dtype == "float8_e4m3fn"
     got = _run(fast, prompts)
     replays = fast.runner.graphs.replays
     fast.shutdown()
@@ -218,7 +218,7 @@ def test_prompt_graphs_match_torch_token_for_token(tiny_models, kv):
     ref.shutdown()
     fast = _engine(tiny_models["llama3"], "triton", kv_cache_dtype=kv)
     # Buckets 16, 32, 64 fit the budget of 96; which pay is timed at load (all, on a tiny model).
-    assert fast.model_info["prompt_graph_tokens"] > 0, fast.model_info.get("prompt_graph_ms")
+    assert fast.model_info.prompt_graph_tokens > 0, fast.model_info.prompt_graph_ms
     got = [_run(fast, [p])[0] for p in prompts]
     replays = fast.runner.prompt_graphs.replays
     fast.shutdown()
@@ -237,5 +237,5 @@ def test_graph_memory_stays_within_what_the_kv_pool_left_for_it(seqs):
     info, runner = e.model_info, e.runner
     reserve = runner.graph_reserve_bytes(seqs, 2048)
     e.shutdown()
-    assert info["prompt_graph_tokens"] > 0
-    assert 0 < info["cuda_graph_bytes"] <= reserve, (info["cuda_graph_bytes"], reserve)
+    assert info.prompt_graph_tokens > 0
+    assert 0 < info.cuda_graph_bytes <= reserve, (info.cuda_graph_bytes, reserve)

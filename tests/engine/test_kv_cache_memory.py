@@ -120,5 +120,5 @@ def test_a_size_that_fits_loads(monkeypatch, tiny, spy):
     fake_free(monkeypatch, (4 * GIB, 8 * GIB))
     with Engine.load(str(tiny), device="cpu", kv_cache_memory="100TiB", max_model_len=64) as engine:
         # 100 TiB is a budget: the pool takes only what every sequence at full length can use.
-        assert engine.model_info["kv_cache_bytes"] < 16 * MIB
+        assert engine.model_info.kv_cache_bytes < 16 * MIB
     assert spy == ["weights", "kv"]

@@ -76,6 +76,6 @@ def test_attention_warm_up_runs_on_the_engine_thread(tiny_models, monkeypatch):
                       max_model_len=64)
     try:
         assert seen == {"thread": "hearth-engine", "tokens": 48}
-        assert eng.model_info["prompt_attention_lengths"] == 3
+        assert eng.model_info.prompt_attention_lengths == 3
     finally:
         eng.shutdown()

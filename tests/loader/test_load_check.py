@@ -38,10 +38,10 @@ def test_the_check_says_what_the_load_takes(model, kv_cache_memory):
     engine = Engine.load(model, kv_cache_memory=kv_cache_memory, **OPTIONS)
     try:
         info = engine.model_info
-        assert (check.name, check.device) == (info["name"], "cpu")
-        assert check.weights_bytes == info["weight_bytes"]
-        assert check.kv_cache_bytes == info["kv_cache_bytes"]
-        assert check.need_bytes == info["weight_bytes"] + info["kv_cache_bytes"]
+        assert (check.name, check.device) == (info.name, "cpu")
+        assert check.weights_bytes == info.weight_bytes
+        assert check.kv_cache_bytes == info.kv_cache_bytes
+        assert check.need_bytes == info.weight_bytes + info.kv_cache_bytes
         assert check.fits_beside  # nothing loaded
     finally:
         engine.shutdown()

@@ -27,7 +27,7 @@ def test_shutdown_frees_weights_and_kv_cache_while_the_runner_is_still_reference
         engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32",
                              attention="torch", max_model_len=256, enable_prefix_caching=False,
                              num_blocks=1)
-        block_bytes = engine.model_info["kv_cache_bytes"]
+        block_bytes = engine.model_info.kv_cache_bytes
         engine.shutdown()
         # The same model again with a large KV cache (num_blocks is exact, no memory probing).
         engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32",

@@ -34,13 +34,13 @@ def hf_param_count(name: str) -> int:
 
 def test_shape_model_info(tiny_engine):
     info = tiny_engine.model_info
-    assert info["name"] == "shape:tiny"
-    assert info["source"] == "shape"
-    assert info["implementation"] == "native"
-    assert info["vocab_size"] == SHAPES["tiny"]["vocab_size"]
-    assert info["dtype"] == "float32"  # CPU default
+    assert info.name == "shape:tiny"
+    assert info.source == "shape"
+    assert info.implementation == "native"
+    assert info.vocab_size == SHAPES["tiny"]["vocab_size"]
+    assert info.dtype == "float32"  # CPU default
     # Same parameters as transformers builds for this config, 4 bytes each.
-    assert info["weight_bytes"] == hf_param_count("tiny") * 4
+    assert info.weight_bytes == hf_param_count("tiny") * 4
 
 
 def test_weights_are_random_seeded_and_not_zero(tiny_engine):

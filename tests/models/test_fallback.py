@@ -16,8 +16,8 @@ def test_gpt2_runs_through_fallback_and_matches_transformers(tmp_path, tokenizer
     path = save_tiny(cfg, tmp_path / "gpt2", tokenizer_files)
     eng = Engine.load(str(path), device=engine_device(), dtype="float32", num_blocks=64)
     try:
-        assert eng.model_info["implementation"] == "transformers-fallback"
-        assert "gpt2" in eng.model_info["fallback_reason"]
+        assert eng.model_info.implementation == "transformers-fallback"
+        assert "gpt2" in eng.model_info.fallback_reason
         ids = [5, 600, 7000, 42, 9, 31000, 77]
         ref_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         with torch.no_grad():
@@ -45,7 +45,7 @@ def test_forced_fallback_on_a_native_family(tiny_models):
         ids = [9, 8, 7, 600, 5000, 12]
         a = native.submit(Request(prompt_token_ids=ids, params=params)).result()
         b = fallback.submit(Request(prompt_token_ids=ids, params=params)).result()
-        assert fallback.model_info["implementation"] == "transformers-fallback"
+        assert fallback.model_info.implementation == "transformers-fallback"
         assert a.token_ids == b.token_ids
     finally:
         native.shutdown()

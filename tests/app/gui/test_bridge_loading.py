@@ -76,7 +76,7 @@ def test_a_model_that_can_not_load_on_the_gpu_is_found_out_before_the_old_one_go
     assert "no tokenizer" in failed.args[0]
     assert [e[0] for e in events] == ["modelLoading", "loadFailed"]  # never unloaded
     old = fake_bridge.state["made"][0]
-    assert not old.shut_down and fake_bridge.model_info["name"] == "acme/working"
+    assert not old.shut_down and fake_bridge.model_info.name == "acme/working"
     assert not fake_bridge.is_loading
 
 
@@ -92,14 +92,14 @@ def test_on_one_gpu_the_old_model_makes_room_and_comes_back_when_the_new_one_fai
     assert fake_bridge.state["checked"] == ["acme/working", "acme/huge", "acme/working"]
     assert fake_bridge.state["old_shut_when_loading"][1] == [True]  # unloaded before loading
     assert fake_bridge.state["loads"][-1] == ("acme/working", {"dtype": "float16", "max_model_len": 4096,
-                                                               "device": "auto"})
+                                                               "quantization": "none", "device": "auto"})
     names = [e[0] for e in events]
     assert names == ["modelLoading", "modelUnloaded", "modelLoading", "modelLoading", "loadFailed", "modelLoaded"]
     assert [e[1] for e in events if e[0] == "modelLoading"] == ["acme/huge", "acme/huge", "acme/working"]
     failed = next(e[1] for e in events if e[0] == "loadFailed")
     assert failed == "Loading acme/huge failed: the weights need 80 GiB. acme/working was loaded again."
-    assert back.args[0]["name"] == "acme/working" and back.args[0]["reloaded"]
-    assert fake_bridge.model_info["name"] == "acme/working" and not fake_bridge.is_loading
+    assert back.args[0].name == "acme/working" and back.args[1]
+    assert fake_bridge.model_info.name == "acme/working" and not fake_bridge.is_loading
 
 
 def test_when_the_old_model_can_not_come_back_either_both_failures_are_told(qtbot, fake_bridge):
@@ -136,7 +136,7 @@ def test_a_load_that_replaced_one_after_the_old_model_made_room_brings_it_back_i
         fake_bridge.load(dict(model="acme/a", quantization="none"))
     with qtbot.waitSignal(fake_bridge.modelLoaded, timeout=LOAD_TIMEOUT) as back:
         fake_bridge.load(dict(model="acme/b", quantization="none"))
-    assert back.args[0]["name"] == "acme/working" and back.args[0]["reloaded"]
+    assert back.args[0].name == "acme/working" and back.args[1]
     ends = [e for e in events if e[0] in ("loadSuperseded", "loadFailed")]
     assert ends == [("loadSuperseded", "acme/a"),
                     ("loadFailed", "Loading acme/b failed: acme/b has no tokenizer. acme/working was loaded again.")]
@@ -203,14 +203,14 @@ def test_on_the_cpu_the_old_model_makes_room_only_when_the_estimate_says_so(qtbo
     assert [e[0] for e in events] == ["modelLoading", "modelUnloaded", "modelLoading", "modelLoading", "loadFailed",
                                       "modelLoaded"]
     assert events[-2][1] == "Loading acme/big failed: the checkpoint is damaged. acme/small was loaded again."
-    assert back.args[0]["name"] == "acme/small" and back.args[0]["device"] == "cpu"
+    assert back.args[0].name == "acme/small" and back.args[0].device == "cpu"
 
 
 def test_a_cpu_load_beside_a_gpu_model_swaps_without_unloading_first(qtbot, fake_bridge):
     _load(qtbot, fake_bridge, "acme/working")
     events = _record(fake_bridge)
     info = _load(qtbot, fake_bridge, "acme/small", device="cpu")
-    assert info["device"] == "cpu" and fake_bridge.state["checked"][-1] == "acme/small"
+    assert info.device == "cpu" and fake_bridge.state["checked"][-1] == "acme/small"
     assert fake_bridge.state["old_shut_when_loading"][-1] == [False]  # swapped once ready
     assert [e[0] for e in events] == ["modelLoading", "modelLoaded"]
     assert fake_bridge.state["made"][0].shut_down
@@ -224,7 +224,7 @@ def test_unload_during_a_load_cancels_it_and_leaves_nothing_loaded(qtbot, fake_b
     with qtbot.waitSignals([fake_bridge.modelUnloaded, fake_bridge.loadFailed], timeout=LOAD_TIMEOUT):
         fake_bridge.unload()
     assert fake_bridge.model_info is None and not fake_bridge.is_loading
-    assert [e.model_info["name"] for e in fake_bridge.state["made"]] == ["acme/working"]
+    assert [e.model_info.name for e in fake_bridge.state["made"]] == ["acme/working"]
 
 
 def test_a_superseded_load_is_not_a_failure_and_the_last_one_loads(qtbot, fake_bridge):
@@ -242,12 +242,12 @@ def test_a_superseded_load_is_not_a_failure_and_the_last_one_loads(qtbot, fake_b
     assert fake_bridge.is_loading
     with qtbot.waitSignal(fake_bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
         fake_bridge.state["gate"].set()
-    assert loaded.args[0]["name"] == "acme/c" and not fake_bridge.is_loading
+    assert loaded.args[0].name == "acme/c" and not fake_bridge.is_loading
     names = [e[0] for e in events]
     assert "loadFailed" not in names
     assert sorted(e[1] for e in events if e[0] == "loadSuperseded") == ["acme/a", "acme/b"]
     assert names[-2:] == ["modelLoading", "modelLoaded"] and events[-2][1] == "acme/c"
-    assert [e.model_info["name"] for e in fake_bridge.state["made"]] == ["acme/c"]
+    assert [e.model_info.name for e in fake_bridge.state["made"]] == ["acme/c"]
 
 
 def test_a_swap_waits_for_the_answer_being_written_on_the_old_model(qtbot, fake_bridge):
@@ -261,7 +261,7 @@ def test_a_swap_waits_for_the_answer_being_written_on_the_old_model(qtbot, fake_
     qtbot.waitUntil(lambda: rid in old.handles, timeout=LOAD_TIMEOUT)
     fake_bridge.load(dict(model="acme/b", quantization="none", device="cpu"))
     qtbot.waitUntil(lambda: any("switching once the answer" in p for p in progress), timeout=LOAD_TIMEOUT)
-    assert fake_bridge.model_info["name"] == "acme/a" and not old.shut_down  # B is ready and waits
+    assert fake_bridge.model_info.name == "acme/a" and not old.shut_down  # B is ready and waits
     old.write(rid, "Once upon a time")
     with qtbot.waitSignal(fake_bridge.modelLoaded, timeout=LOAD_TIMEOUT):
         old.finish(rid)
@@ -269,7 +269,7 @@ def test_a_swap_waits_for_the_answer_being_written_on_the_old_model(qtbot, fake_
     assert [e[2].reason for e in finished] == ["length"]  # never cut, never "abort"
     names = [e[0] for e in events]
     assert names.index("requestFinished") < names.index("modelLoaded")
-    assert old.shut_down and fake_bridge.model_info["name"] == "acme/b"
+    assert old.shut_down and fake_bridge.model_info.name == "acme/b"
 
 
 def test_a_swap_cuts_an_answer_that_runs_too_long_with_an_error_saying_why(qtbot):
@@ -296,7 +296,7 @@ def test_a_swap_cuts_an_answer_that_runs_too_long_with_an_error_saying_why(qtbot
         assert [e[0] for e in events] == ["modelLoading", "requestFinished", "modelLoaded"]
         ev = events[1][2]
         assert ev.reason == "error" and CUT in ev.error and "acme/b took over from acme/a" in ev.error
-        assert made[0].shut_down and bridge.model_info["name"] == "acme/b"
+        assert made[0].shut_down and bridge.model_info.name == "acme/b"
     finally:
         bridge.shutdown()
 
@@ -316,7 +316,7 @@ def test_cancelling_while_the_new_model_waits_for_an_answer_keeps_the_old_one(qt
     assert fake_bridge.state["made"][1].shut_down and not old.shut_down
     with qtbot.waitSignal(fake_bridge.requestFinished, timeout=LOAD_TIMEOUT) as done:
         old.finish(rid)
-    assert done.args[1].reason == "length" and fake_bridge.model_info["name"] == "acme/a"
+    assert done.args[1].reason == "length" and fake_bridge.model_info.name == "acme/a"
 
 
 def test_the_loaded_model_answers_while_the_next_one_loads(qtbot, chat_model, tiny_models):
@@ -340,13 +340,13 @@ def test_the_loaded_model_answers_while_the_next_one_loads(qtbot, chat_model, ti
             bridge.load(load_options(a))
         with qtbot.waitSignal(bridge.modelLoading, timeout=LOAD_TIMEOUT):
             bridge.load(load_options(b))
-        assert bridge.is_loading and bridge.model_info["path"] == a
+        assert bridge.is_loading and bridge.model_info.path == a
         with qtbot.waitSignal(bridge.requestFinished, timeout=LOAD_TIMEOUT) as done:
             bridge.submit(prompt="Hello", params=SamplingParams(max_tokens=3, temperature=0.0))
         assert done.args[1].reason == "length" and done.args[1].usage.completion_tokens == 3
         with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
             gate.set()
-        assert loaded.args[0]["path"] == b and bridge.model_info["path"] == b
+        assert loaded.args[0].path == b and bridge.model_info.path == b
         assert engines[0].runner is None  # A was shut down by the swap
     finally:
         gate.set()
@@ -382,7 +382,7 @@ def test_on_the_cpu_a_model_that_fits_only_alone_loads_after_the_old_one_is_unlo
         fake["free"] = need + kv_headroom(total) - 1  # a byte short beside A; A gives back more
         with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
             bridge.load(load_options(b))
-        assert loaded.args[0]["path"] == b
+        assert loaded.args[0].path == b
         names = [e[0] for e in events]
         assert names == ["modelLoading", "modelLoaded", "modelLoading", "modelUnloaded", "modelLoading",
                          "modelLoaded"]
@@ -399,7 +399,7 @@ def test_the_check_before_unloading_gets_the_load_choices(qtbot, fake_bridge):
         fake_bridge.load(dict(model="acme/next", quantization="none", attention="xformers", dtype="auto",
                               max_model_len=99999, kv_cache_memory="900GiB"))
     assert fake_bridge.state["check_choices"] == {"attention": "xformers", "dtype": "auto", "max_model_len": 99999,
-                                                  "kv_cache_memory": "900GiB"}
+                                                  "kv_cache_memory": "900GiB", "quantization": "none"}
     assert not fake_bridge.state["made"][0].shut_down
 
 

@@ -16,6 +16,7 @@ from app.gui.export_dirs import EXPORT_DIR_KEY, write_export
 from app.gui.chat_page import ChatPage
 from app.services.chat_store import ChatStore
 from engine.api import FinishedEvent, Timings, Usage
+from tests.app.model_info_fixtures import fake_info
 
 
 class ScriptedBridge(BridgeSignals):
@@ -26,7 +27,7 @@ class ScriptedBridge(BridgeSignals):
         super().__init__()
         self.answers = list(answers)
         self.requests: list[dict] = []
-        self.model_info = {"name": "scripted"}
+        self.model_info = fake_info("scripted")
         self.is_loading = False
 
     def submit(self, *, messages=None, system=None, params=None, **_) -> str:

@@ -12,6 +12,7 @@ from app.gui.chat_page import ChatPage
 from app.services.chat_store import ChatStore
 from engine.api import Engine
 from tests.app.gui.conftest import load_options
+from tests.app.model_info_fixtures import fake_info
 
 TIMEOUT = 60_000
 
@@ -54,7 +55,7 @@ def test_the_chat_answers_with_the_loaded_model_while_another_loads(qtbot, gated
     gated_bridge.gated.add(b)
     with qtbot.waitSignal(gated_bridge.modelLoaded, timeout=TIMEOUT) as loaded:
         gated_bridge.load(load_options(chat_model))
-    a_name = loaded.args[0]["name"]
+    a_name = loaded.args[0].name
     with qtbot.waitSignal(gated_bridge.modelLoading, timeout=TIMEOUT) as loading:
         gated_bridge.load(load_options(b))
     b_name = loading.args[0]
@@ -70,7 +71,7 @@ def test_the_chat_answers_with_the_loaded_model_while_another_loads(qtbot, gated
     with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT) as again:
         regen.click()
     assert again.args[1].reason == "length" and store.messages(page.conversation_id)[-1].version_count == 2
-    assert gated_bridge.is_loading and gated_bridge.model_info["name"] == a_name
+    assert gated_bridge.is_loading and gated_bridge.model_info.name == a_name
     with qtbot.waitSignal(gated_bridge.modelLoaded, timeout=TIMEOUT):
         gated_bridge.gate.set()
     assert page.model_label.text().startswith(f"{b_name} ·")
@@ -99,8 +100,8 @@ def test_a_message_typed_while_a_superseded_load_ran_goes_to_the_last_one(qtbot,
     assert not any("failed" in n.lower() for n in notices)
     messages = store.messages(page.conversation_id)
     assert [m.content for m in messages if m.role == "user"] == ["Hello there"]
-    assert messages[-1].meta["model"] == gated_bridge.model_info["name"]
-    assert gated_bridge.model_info["path"] == chat_model
+    assert messages[-1].meta["model"] == gated_bridge.model_info.name
+    assert gated_bridge.model_info.path == chat_model
 
 
 def test_cancelling_a_load_says_cancelled_not_failed(qtbot, gated_bridge, gui_env, chat_model, tiny_models):
@@ -114,7 +115,7 @@ def test_cancelling_a_load_says_cancelled_not_failed(qtbot, gated_bridge, gui_en
     with qtbot.waitSignal(gated_bridge.loadFailed, timeout=TIMEOUT):
         gated_bridge.cancel_load()
     assert page.notice.text() == "Loading cancelled."
-    assert page.model_label.text().startswith(f"{loaded.args[0]['name']} ·") and page.send_button.isEnabled()
+    assert page.model_label.text().startswith(f"{loaded.args[0].name} ·") and page.send_button.isEnabled()
 
 
 def test_after_a_failed_load_brought_the_old_model_back_the_page_serves_it(qtbot, gui_env):
@@ -155,7 +156,7 @@ def test_an_answer_is_saved_under_the_model_that_gave_it(qtbot, gui_env):
     from engine.api import FinishedEvent, Timings, Usage
 
     class SwappedBridge(BridgeSignals):
-        model_info = {"name": "acme/a"}  # what the page knew when it sent
+        model_info = fake_info("acme/a")  # what the page knew when it sent
         is_loading = False
 
         def submit(self, **_) -> str:

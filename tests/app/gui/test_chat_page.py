@@ -175,7 +175,7 @@ def test_load_failure_is_reported_and_the_app_can_load_another(qtbot, bridge, gu
     assert "no-such-model" in blocker.args[0]
     assert "Loading failed" in page.notice.text()
     info = _load(qtbot, bridge, chat_model)
-    assert info["implementation"] == "native"
+    assert info.implementation == "native"
     assert _send(qtbot, page, "Still alive?").reason == "length"
 
 
@@ -220,7 +220,7 @@ def test_cancel_loading_then_load_again(qtbot, bridge, gui_env, chat_model):
     assert bridge.model_info is None and not bridge.is_loading
     assert "cancelled" in page.notice.text()
     info = _load(qtbot, bridge, chat_model)  # a new load is not affected by the old cancel
-    assert info["implementation"] == "native"
+    assert info.implementation == "native"
 
 
 def test_copy_puts_the_answer_on_the_clipboard(qtbot, bridge, gui_env, chat_model):
@@ -285,9 +285,9 @@ def test_a_new_load_cancels_the_one_in_flight(qtbot, bridge, gui_env, chat_model
     with qtbot.waitSignal(bridge.modelLoaded, timeout=LOAD_TIMEOUT) as loaded:
         bridge.load(load_options(chat_model))
         bridge.load(load_options(other))
-    assert loaded.args[0]["path"] == other
+    assert loaded.args[0].path == other
     assert failed == [] and len(superseded) == 1  # replaced, not failed
-    assert bridge.model_info["path"] == other
+    assert bridge.model_info.path == other
 
 
 def test_only_one_message_waits_for_a_loading_model(qtbot, bridge, gui_env, chat_model):

@@ -22,6 +22,7 @@ from app.gui.bridge import BridgeSignals
 from app.gui.chat_page import ChatPage
 from app.services.chat_store import ChatStore, StorageError
 from engine.api import FinishedEvent, Timings, Usage
+from tests.app.model_info_fixtures import fake_info
 from tests.app.services import flaky_disk
 from tests.app.services.flaky_disk import FULL, READ_ONLY
 
@@ -93,7 +94,7 @@ class ManualBridge(BridgeSignals):
     def __init__(self) -> None:
         super().__init__()
         self.requests: list[str] = []
-        self.model_info = {"name": "manual"}
+        self.model_info = fake_info("manual")
         self.is_loading = False
 
     def submit(self, **_) -> str:

@@ -8,6 +8,7 @@ from PySide6.QtWidgets import QApplication, QWidget
 
 from app.gui.load_dialog import LoadDialog
 from app.services.chat_store import ChatStore
+from engine.api import Choice
 from tests.app.gui.conftest import load_options
 
 OBJECT_NAMES = ("chatInput", "sendButton", "stopButton", "modelSearch", "downloadButton",
@@ -35,7 +36,7 @@ def test_start_up_shows_chat_loading_the_last_model_with_input_focused(qtbot, gu
         win.activateWindow()
         qtbot.waitUntil(lambda: QApplication.focusWidget() is win.chat.input, timeout=5000)
     info = blocker.args[0]
-    assert info["path"] == chat_model and info["attention"] == "torch"
+    assert info.path == chat_model and info.attention == "torch"
     for name in OBJECT_NAMES:
         assert win.findChild(QWidget, name) is not None, f"no widget named {name!r}"
     assert win.perf.objectName() == "perfPanel"
@@ -63,13 +64,18 @@ def test_a_failed_load_is_explained_and_another_model_loads(qtbot, gui_env, brid
 
 
 def test_load_dialog_greys_out_what_cannot_run_here(qtbot, gui_env):
+    def c(kind, name, *reasons):
+        return Choice(kind, name, name, reasons=reasons)
+
     choices = {
-        "devices": [{"id": "auto", "label": "Automatic"}, {"id": "cpu", "label": "CPU"}],
-        "attention": {"torch": [], "triton": ["needs a CUDA GPU"], "flash-attn": ["not installed"]},
-        "quantization": {"none": [], "int4": ["not implemented yet"]},
-        "dtypes": ["auto", "float32"],
-        "kv_cache_dtypes": {"auto": [], "fp8": []},
+        "device": (c("device", "auto"), c("device", "cpu")),
+        "attention": (c("attention", "torch"), c("attention", "triton", "needs a CUDA GPU"),
+                      c("attention", "flash-attn", "not installed")),
+        "quantization": (c("quantization", "none"), c("quantization", "int4", "not implemented yet")),
+        "dtype": (c("dtype", "auto"), c("dtype", "float32")),
+        "kv_cache_dtype": (c("kv_cache_dtype", "auto"), c("kv_cache_dtype", "fp8")),
     }
+    gui_env["settings"].setValue("load/attention", "triton")  # saved on a GPU machine
     dlg = LoadDialog("some/model", gui_env["settings"], choices=choices)
     qtbot.addWidget(dlg)
     model = dlg.attention.model()
@@ -151,7 +157,7 @@ def test_library_models_show_their_repo_id_and_long_names_never_widen_the_window
     snapshot = _linked_copy(Path(chat_model), deep / "models--acme--tiny-chat" / "snapshots" / commit)
     with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
         win.load(load_options(str(snapshot)))
-    assert loaded.args[0]["name"] == "acme/tiny-chat" and loaded.args[0]["path"] == str(snapshot)
+    assert loaded.args[0].name == "acme/tiny-chat" and loaded.args[0].path == str(snapshot)
     assert win.status_model.text() == "acme/tiny-chat"
     assert win.chat.model_label.text().startswith("acme/tiny-chat ·")
     assert win.width() == 1200
@@ -173,14 +179,14 @@ def test_a_failed_load_keeps_the_working_model_serving(qtbot, gui_env, bridge, c
 
     with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
         win = _window(qtbot, gui_env, bridge, chat_model)
-    working = loaded.args[0]["name"]
+    working = loaded.args[0].name
     weights = win.status_device.text()
     broken = _linked_copy(Path(chat_model), gui_env["tmp"] / "no-tokenizer",
                           skip=("tokenizer.json", "tokenizer_config.json"))
     with qtbot.waitSignal(bridge.loadFailed, timeout=60_000) as failed:
         win.load(load_options(str(broken)))
     assert "tokenizer" in failed.args[0]
-    assert bridge.model_info["name"] == working and not bridge.is_loading
+    assert bridge.model_info.name == working and not bridge.is_loading
     assert win.status_model.text() == working and win.status_device.text() == weights
     assert "Loading failed" in win.statusBar().currentMessage()
     assert f"still using {working}" in win.statusBar().currentMessage()
@@ -207,7 +213,7 @@ def test_a_failed_load_that_brought_the_old_model_back_says_so_in_the_status_bar
             win = _window(qtbot, gui_env, bridge, "acme/working")
         with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as back:
             win.load(load_options("acme/huge"))
-        assert back.args[0]["reloaded"] and win.status_model.text() == "acme/working"
+        assert back.args[1] and win.status_model.text() == "acme/working"
         assert win.statusBar().currentMessage() == ("Loading acme/huge failed: the weights need 80 GiB. "
                                                     "acme/working was loaded again.")
         assert win.cancel_load_button.isHidden()
@@ -329,7 +335,7 @@ def test_while_a_model_loads_the_status_bar_names_both_and_cancel_answers_at_onc
     try:
         with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
             win = _window(qtbot, gui_env, bridge, chat_model)
-        working = loaded.args[0]["name"]
+        working = loaded.args[0].name
         with qtbot.waitSignal(bridge.modelLoading, timeout=60_000) as loading:
             win.load(load_options(second))
         assert win.status_model.text() == f"{working} · loading {loading.args[0]}…"

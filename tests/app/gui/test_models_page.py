@@ -17,6 +17,7 @@ from PySide6.QtWidgets import QLineEdit, QMessageBox, QPushButton  # noqa: E402
 from app.gui.bridge import BridgeSignals  # noqa: E402
 from app.gui.models_page import TAB_LIBRARY, ModelsPage  # noqa: E402
 from tests.app.hub_fixtures import GATED, GGUF_REPO, TINY, fake_hub, repo_files  # noqa: E402
+from tests.app.model_info_fixtures import fake_info  # noqa: E402
 
 __all__ = ["fake_hub"]
 
@@ -110,7 +111,7 @@ def test_search_details_download_then_load_from_library(qtbot, page, fake_hub):
         qtbot.mouseClick(row.load_button, Qt.MouseButton.LeftButton)
     assert blocker.args == [snapshot]
     # The bridge's modelLoaded marks the loaded model.
-    page.bridge.modelLoaded.emit({"name": TINY, "path": snapshot})
+    page.bridge.modelLoaded.emit(fake_info(TINY, path=snapshot), False)
     qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
 
 
@@ -143,6 +144,12 @@ def test_fit_estimate_uses_the_engine_rules_for_the_device(qtbot, page, monkeypa
     assert panel.weights.itemText(0) == "auto (float32 on this device)"
     # KV: 2 layers x 2 heads x 16 dims x 4 B x 2 = 512 B a token; 64 sequences of 2048 = 64 MiB.
     assert "weights 0.00 float32 + KV cache 0.06" in panel.fit_result.text()
+    # The load dialog's KV-cache precisions (the engine's registry): fp8 takes 1 B a value, a quarter of float32's.
+    kv = panel.kv_dtype
+    assert [kv.itemData(i) for i in range(kv.count())] == ["auto", "fp8"]
+    kv.setCurrentIndex(kv.findData("fp8"))
+    assert "weights 0.00 float32 + KV cache 0.02" in panel.fit_result.text()  # 16 MiB
+    kv.setCurrentIndex(kv.findData("auto"))
     assert panel.context.specialValueText() == "model's maximum (2,048)"
     panel.device.setCurrentIndex(panel.device.findData("cuda:0"))
     assert panel.weights.itemText(0) == "auto (bfloat16 on this device)"
@@ -311,15 +318,15 @@ def test_end_to_end_download_then_load_with_the_real_bridge(qtbot, fake_hub, fil
         with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as blocker:
             qtbot.mouseClick(page.findChild(QPushButton, "loadButton"), Qt.MouseButton.LeftButton)
         info = blocker.args[0]
-        assert Path(info["path"]) == Path(snapshot) and info["device"] == "cpu"
+        assert Path(info.path) == Path(snapshot) and info.device == "cpu"
         qtbot.waitUntil(lambda: any(lib.table.item(r, 3).text() == "loaded" for r in range(lib.table.rowCount())))
     finally:
         page.shutdown()
 
 
 def test_the_library_marks_a_gguf_or_the_default_as_loaded_by_what_was_asked_for(qtbot, page):
-    """A .gguf (and the default) load from a converted folder: info["path"] is that folder,
-    info["ref"] the file the library lists."""
+    """A .gguf (and the default) load from a converted folder: info.path is that folder,
+    info.ref the file the library lists."""
     from app.services.library import LocalModel
 
     lib = page.library_panel
@@ -329,10 +336,10 @@ def test_the_library_marks_a_gguf_or_the_default_as_loaded_by_what_was_asked_for
 
     def status():
         return [lib.table.item(r, 3).text() for r in range(lib.table.rowCount())]
-    page.bridge.modelLoaded.emit({"name": "tiny.Q8_0.gguf", "path": "/cache/gguf/tiny.Q8_0-0123456789ab",
-                                  "ref": "/m/tiny.Q8_0.gguf"})
+    page.bridge.modelLoaded.emit(fake_info("tiny.Q8_0.gguf", path="/cache/gguf/tiny.Q8_0-0123456789ab",
+                                           ref="/m/tiny.Q8_0.gguf"), False)
     qtbot.waitUntil(lambda: status() == ["", "loaded"])
-    page.bridge.modelLoaded.emit({"name": "SmolLM2-135M-Instruct", "path": "/cache/default-x", "ref": "default"})
+    page.bridge.modelLoaded.emit(fake_info("SmolLM2-135M-Instruct", path="/cache/default-x", ref="default"), False)
     qtbot.waitUntil(lambda: status() == ["loaded", ""])
     page.bridge.modelUnloaded.emit()
     qtbot.waitUntil(lambda: status() == ["", ""])

@@ -20,6 +20,7 @@ from app.services.telemetry import Telemetry  # noqa: E402
 from engine.api import EngineStats, FinishedEvent  # noqa: E402
 from engine.events import Timings, Usage  # noqa: E402
 from tests.app.services.fake_nvml import GIB, FakeNvml, no_driver  # noqa: E402
+from tests.app.model_info_fixtures import fake_info  # noqa: E402
 
 
 class FakeBridge(QObject):
@@ -27,7 +28,7 @@ class FakeBridge(QObject):
 
     statsUpdated = Signal(object)
     requestFinished = Signal(str, object)
-    modelLoaded = Signal(dict)
+    modelLoaded = Signal(object)
     modelUnloaded = Signal()
     model_info = None
 
@@ -75,7 +76,7 @@ def test_panel_name_and_charts(qtbot):
 
 def test_a_tick_puts_every_value_on_its_curve(qtbot):
     panel, bridge = make_panel(qtbot, one_gpu(used_gib=30))
-    bridge.modelLoaded.emit({"name": "m", "device": "cuda:0"})
+    bridge.modelLoaded.emit(fake_info("m", device="cuda:0"))
     bridge.statsUpdated.emit(stats(running=3, waiting=2, used=30, total=120, gen=123.5))
     bridge.requestFinished.emit("r1", finished(ttft=120.0, tok_s=55.5))
     bridge.requestFinished.emit("r2", finished("r2", ttft=0.0, tok_s=0.0, n_out=0))  # no tokens
@@ -103,7 +104,7 @@ def test_two_ticks_append_and_the_split_follows_the_model(qtbot):
     nvml = FakeNvml([dict(name="A", used=5 * GIB, total=24 * GIB), dict(name="B", used=20 * GIB, total=48 * GIB)])
     panel, bridge = make_panel(qtbot, nvml)
     panel.tick()  # no model yet: GPU lines only, no bands
-    bridge.modelLoaded.emit({"device": "cuda:1"})
+    bridge.modelLoaded.emit(fake_info(device="cuda:1"))
     bridge.statsUpdated.emit(stats(weights=4 * GIB, kv=6 * GIB))
     nvml.gpus[1]["used"] = 22 * GIB
     panel.tick()
@@ -171,7 +172,7 @@ def test_export_png_is_a_picture_of_the_panel(qtbot, tmp_path):
 
 def test_export_csv_writes_the_recorded_rows(qtbot, tmp_path):
     panel, bridge = make_panel(qtbot, one_gpu())
-    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.modelLoaded.emit(fake_info(device="cuda:0"))
     bridge.statsUpdated.emit(stats())
     bridge.requestFinished.emit("r1", finished(ttft=98.5))
     panel.tick()
@@ -205,7 +206,7 @@ def test_export_buttons_use_the_chosen_path_and_report_failures(qtbot, tmp_path)
 
 def test_without_nvml_the_panel_explains_and_shows_process_memory(qtbot):
     panel, bridge = make_panel(qtbot, no_driver())
-    bridge.modelLoaded.emit({"device": "cpu"})
+    bridge.modelLoaded.emit(fake_info(device="cpu"))
     bridge.statsUpdated.emit(stats(weights=GIB // 8, kv=GIB // 16))
     panel.tick()
     assert panel.no_gpu_label.isVisible()
@@ -272,7 +273,7 @@ def test_a_load_keeps_the_serving_model_until_it_is_replaced(qtbot):
     panel.timer.stop()
     panel.show()
     panel.clock = clock = FakeClock()
-    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.modelLoaded.emit(fake_info(device="cuda:0"))
     bridge.statsUpdated.emit(stats())
     panel.tick()
     bridge.modelLoading.emit("next-model")
@@ -358,7 +359,7 @@ def test_nothing_is_drawn_on_another_page_or_in_a_minimised_window(qtbot):
 
 def test_a_tick_redraws_only_what_changed(qtbot, monkeypatch):
     panel, bridge = make_panel(qtbot, one_gpu())
-    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.modelLoaded.emit(fake_info(device="cuda:0"))
     bridge.requestFinished.emit("r1", finished())
     bridge.statsUpdated.emit(stats(gen=10.0))
     panel.tick()
@@ -395,7 +396,7 @@ def test_axes_start_at_zero_with_nice_tops_and_no_multiplier(qtbot):
 
 def test_legends_sit_outside_the_data_area(qtbot):
     panel, bridge = make_panel(qtbot, one_gpu())
-    bridge.modelLoaded.emit({"device": "cuda:0"})
+    bridge.modelLoaded.emit(fake_info(device="cuda:0"))
     bridge.statsUpdated.emit(stats())
     panel.tick()
     for key, plot in panel.plots.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 
 from engine.api import FinishedEvent, ModelCheck, Timings, TokenEvent, Usage
+from tests.app.model_info_fixtures import fake_info
 
 
 def finished(rid: str, reason: str, error: str | None = None) -> FinishedEvent:
@@ -40,8 +41,7 @@ class FakeEngine:
     """Just enough of Engine for the host."""
 
     def __init__(self, model: str, device: str) -> None:
-        self.model_info = {"name": model, "path": model, "device": device, "weight_bytes": 1000,
-                           "kv_cache_bytes": 100}
+        self.model_info = fake_info(model, path=model, device=device, weight_bytes=1000, kv_cache_bytes=100)
         self.max_model_len = 256
         self.shut_down = False
         self.handles: dict[str, FakeHandle] = {}

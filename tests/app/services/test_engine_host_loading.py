@@ -65,13 +65,13 @@ def test_a_swap_waits_for_the_answer_being_written_on_the_old_model(fake_host):
     fake_host.load(dict(model="acme/b", quantization="none", device="cpu"))
     fake_host.rec.wait(lambda evs: any(isinstance(e, LoadProgress) and "switching once the answer" in e.message
                                        for e in evs))
-    assert fake_host.model_info["name"] == "acme/a" and not old.shut_down  # B is ready and waits
+    assert fake_host.model_info.name == "acme/a" and not old.shut_down  # B is ready and waits
     old.write(rid, "Once upon a time")
     old.finish(rid)
     fake_host.rec.wait_for(ModelLoaded, 2)
     assert outcomes(fake_host.rec, since) == [("ModelLoading", "acme/b"), ("FinishedEvent", "length"),
                                               ("ModelLoaded", "acme/b")]
-    assert old.shut_down and fake_host.model_info["name"] == "acme/b"
+    assert old.shut_down and fake_host.model_info.name == "acme/b"
 
 
 def test_a_swap_cuts_an_answer_that_runs_too_long_with_an_error_saying_why():
@@ -101,16 +101,16 @@ def test_on_one_gpu_the_old_model_makes_room_and_comes_back_when_the_new_one_fai
     since = len(fake_host.rec.events)
     fake_host.state["fail"]["acme/huge"] = OutOfMemoryError("the weights need 80 GiB")
     fake_host.load(dict(model="acme/huge", quantization="none"))
-    back = fake_host.rec.wait_for(ModelLoaded, 2)[-1].info
+    back = fake_host.rec.wait_for(ModelLoaded, 2)[-1]
     assert fake_host.state["old_shut_when_loading"][1] == [True]  # unloaded before loading
     assert fake_host.state["loads"][-1] == ("acme/working", {"dtype": "float16", "max_model_len": 4096,
-                                                             "device": "auto"})
+                                                             "quantization": "none", "device": "auto"})
     assert outcomes(fake_host.rec, since) == [
         ("ModelLoading", "acme/huge"), ("ModelUnloaded", None), ("ModelLoading", "acme/huge"),
         ("ModelLoading", "acme/working"),
         ("LoadFailed", "Loading acme/huge failed: the weights need 80 GiB. acme/working was loaded again."),
         ("ModelLoaded", "acme/working")]
-    assert back["reloaded"] and fake_host.model_info["name"] == "acme/working"
+    assert back.reloaded and back.info.name == "acme/working" and fake_host.model_info.name == "acme/working"
 
 
 def test_a_superseded_load_is_not_a_failure_and_the_last_one_loads(fake_host):
@@ -125,7 +125,7 @@ def test_a_superseded_load_is_not_a_failure_and_the_last_one_loads(fake_host):
     names = outcomes(fake_host.rec)
     assert sorted(n for kind, n in names if kind == "LoadSuperseded") == ["acme/a", "acme/b"]
     assert "LoadFailed" not in [kind for kind, _ in names] and names[-1] == ("ModelLoaded", "acme/c")
-    assert [e.model_info["name"] for e in fake_host.state["made"]] == ["acme/c"]
+    assert [e.model_info.name for e in fake_host.state["made"]] == ["acme/c"]
 
 
 def test_cancelling_while_the_new_model_waits_for_an_answer_keeps_the_old_one(fake_host):
@@ -139,7 +139,7 @@ def test_cancelling_while_the_new_model_waits_for_an_answer_keeps_the_old_one(fa
     assert fake_host.rec.wait_for(LoadFailed)[0].message == LOAD_CANCELLED
     assert fake_host.state["made"][1].shut_down and not old.shut_down
     old.finish(rid)
-    assert fake_host.rec.finished(rid).reason == "length" and fake_host.model_info["name"] == "acme/a"
+    assert fake_host.rec.finished(rid).reason == "length" and fake_host.model_info.name == "acme/a"
 
 
 def test_a_request_sent_as_the_old_model_makes_room_is_answered_by_the_new_one(fake_host):

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from app.services import fit
-from app.services.fit import AS_PUBLISHED, GIB, MemoryTarget, ModelShape
+from app.services.fit import AS_PUBLISHED, GIB, MemoryTarget
+from engine.api import SpecSummary
 from tests.app.hub_fixtures import GATED, GGUF_REPO, TINY, TINY_CONFIG, TINY_TENSORS, fake_hub
 from tests.app.services.fake_nvml import GIB as NVML_GIB
 from tests.app.services.fake_nvml import no_driver, two_gpus
@@ -22,21 +23,21 @@ LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads"
 
 
 def test_shape_from_llama3_config():
-    s = ModelShape.from_config(LLAMA3_8B)
+    s = SpecSummary.from_config(LLAMA3_8B)
     assert (s.num_layers, s.num_kv_heads, s.head_dim) == (32, 8, 128)    # 4096 / 32 heads
     assert s.embedding_params == 2 * 128256 * 4096                        # untied: embed + head
     assert s.max_context == 8192
-    tied = ModelShape.from_config({**LLAMA3_8B, "tie_word_embeddings": True, "head_dim": 256})
+    tied = SpecSummary.from_config({**LLAMA3_8B, "tie_word_embeddings": True, "head_dim": 256})
     assert tied.embedding_params == 128256 * 4096 and tied.head_dim == 256
     # Multimodal configs keep the language model under text_config.
-    assert ModelShape.from_config({"text_config": LLAMA3_8B}).num_layers == 32
-    assert not ModelShape.from_config({}).has_kv_shape
+    assert SpecSummary.from_config({"text_config": LLAMA3_8B}).num_layers == 32
+    assert not SpecSummary.from_config({}).has_kv_shape
 
 
 def test_kv_cache_bytes_by_hand():
     # Llama-3-8B at 8192 tokens: 2 * 32 layers * 8 heads * 128 dims * 2 bytes * 8192 = 1 GiB exactly.
-    assert fit.kv_cache_bytes(32, 8, 128, 8192) == 1 * GIB
-    assert fit.kv_cache_bytes(2, 2, 16, 100) == 2 * 2 * 2 * 16 * 2 * 100
+    assert SpecSummary(32, 8, 128).kv_bytes_per_token(2) * 8192 == 1 * GIB
+    assert SpecSummary(2, 2, 16).kv_bytes_per_token(2) * 100 == 2 * 2 * 2 * 16 * 2 * 100
 
 
 def test_weight_bytes_per_quantization():
@@ -56,7 +57,7 @@ def test_weight_bytes_per_quantization():
 
 
 def test_verdicts_and_numbers():
-    shape = ModelShape.from_config(LLAMA3_8B)
+    shape = SpecSummary.from_config(LLAMA3_8B)
     n = 8_030_261_248
     weights, kv = 2 * n, 1 * GIB                      # bf16, one 8192-token context
     need = weights + kv + round((weights + kv) * 0.10)
@@ -92,21 +93,21 @@ def test_verdicts_and_numbers():
 
 def test_auto_weights_follow_the_engine_rule_for_the_device():
     """dtype=auto loads float32 on the CPU and bf16 on a GPU: the estimate says the same."""
-    shape = ModelShape.from_config(LLAMA3_8B)
+    shape = SpecSummary.from_config(LLAMA3_8B)
     n = 135_000_000
     cpu = fit.estimate(num_params=n, shape=shape, target=MemoryTarget("cpu", "RAM", 64 * GIB, 64 * GIB))
     assert (cpu.dtype, cpu.weights_bytes) == ("float32", 4 * n)
     gpu = fit.estimate(num_params=n, shape=shape, target=MemoryTarget("cuda:0", "GPU 0", 64 * GIB, 80 * GIB))
     assert (gpu.dtype, gpu.weights_bytes) == ("bfloat16", 2 * n)
     # The KV cache is kept in the weights' dtype: float32 on the CPU, 4 bytes an element.
-    assert cpu.kv_context_bytes == fit.kv_cache_bytes(32, 8, 128, 8192, dtype_bytes=4)
+    assert cpu.kv_context_bytes == SpecSummary(32, 8, 128).kv_bytes_per_token(4) * 8192
     # No context given: the model's maximum (8192), as the load dialog's default.
     assert cpu.context_len == 8192 and "weights 0.50 float32" in cpu.summary()
 
 
 def test_kv_pool_is_sized_as_the_engine_sizes_it():
     # 2 layers x 2 KV heads x 16 dims, float32: 512 B a token, 8 KiB a 16-token block.
-    shape = ModelShape(num_layers=2, num_kv_heads=2, head_dim=16, max_context=512)
+    shape = SpecSummary(num_layers=2, num_kv_heads=2, head_dim=16, max_context=512)
     mib = 1 << 20
 
     def kv(free, **kw):
@@ -128,14 +129,14 @@ def test_kv_pool_is_sized_as_the_engine_sizes_it():
 
 def test_unknown_shape_and_size_say_so():
     t = MemoryTarget("cpu", "RAM", 8 * GIB, 16 * GIB)
-    est = fit.estimate(num_params=1000, shape=ModelShape(), weights="bf16", context_len=4096, target=t)
+    est = fit.estimate(num_params=1000, shape=SpecSummary(), weights="bf16", context_len=4096, target=t)
     assert est.kv_cache_bytes == 0 and any("KV cache not counted" in n for n in est.notes)
-    est = fit.estimate(num_params=None, shape=ModelShape(), weights="bf16", context_len=4096, target=t)
+    est = fit.estimate(num_params=None, shape=SpecSummary(), weights="bf16", context_len=4096, target=t)
     assert est.verdict == "unknown"
-    est = fit.estimate(num_params=None, shape=ModelShape(), weights=AS_PUBLISHED, context_len=4096,
+    est = fit.estimate(num_params=None, shape=SpecSummary(), weights=AS_PUBLISHED, context_len=4096,
                        target=t, published_weight_bytes=3 * GIB)
     assert est.weights_bytes == 3 * GIB and est.verdict == "fits"
-    long = fit.estimate(num_params=1000, shape=ModelShape(1, 1, 1, 0, 2048), weights="bf16",
+    long = fit.estimate(num_params=1000, shape=SpecSummary(1, 1, 1, 0, 2048), weights="bf16",
                         context_len=4096, target=t)
     assert any("at most 2048 tokens" in n for n in long.notes)
 
@@ -167,6 +168,44 @@ def test_estimate_for_a_hub_repo(fake_hub):
     # Only the small files were fetched: no weights, nothing in the HF cache.
     assert fake_hub.downloads("model.safetensors") == 0
     assert not fake_hub.cache.exists() or not any(fake_hub.cache.iterdir())
+
+
+def test_the_repo_estimate_reads_config_json_once_through_the_engines_spec(fake_hub, monkeypatch):
+    """The fit estimate has no config.json reader of its own: the engine's model spec reads
+    it, once, and the KV bytes per token follow the KV-cache choice (fp8: half of bf16)."""
+    from engine.models.spec import ModelSpec
+
+    read = []
+    real = ModelSpec.from_config.__func__
+
+    def counting(cls, cfg, source="config.json"):
+        read.append(cfg)
+        return real(cls, cfg, source)
+
+    monkeypatch.setattr(ModelSpec, "from_config", classmethod(counting))
+    t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
+    auto = fit.estimate_for_repo(TINY, weights="bf16", context_len=1024, target=t)
+    assert read == [TINY_CONFIG]  # one reading, by the engine's spec (a native llama config)
+    fp8 = fit.estimate_for_repo(TINY, weights="bf16", context_len=1024, target=t, kv_cache_dtype="fp8")
+    head_dim = TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
+    assert auto.kv_context_bytes == 2 * 2 * 2 * head_dim * 2 * 1024  # bf16: 2 bytes a value
+    assert fp8.kv_context_bytes * 2 == auto.kv_context_bytes
+    assert fp8.kv_cache_bytes * 2 == auto.kv_cache_bytes
+    shape, _ = fit.load_shape(TINY)
+    assert shape.native and shape.num_params == ModelSpec.from_config(TINY_CONFIG).num_params()
+
+
+def test_weights_choices_are_the_registrys(monkeypatch):
+    """A quantization the engine registers is a weights choice of the estimate at once,
+    with the bytes it registered (no list of the estimate's own)."""
+    from engine import choices
+
+    monkeypatch.setitem(choices._REGISTRY, "quantization", dict(choices._REGISTRY["quantization"]))
+    choices.register(choices.Choice("quantization", "int3", "int3", ("i3",), bytes_per_param=0.375))
+    assert fit.bytes_per_param()["int3"] == 0.375
+    assert fit.weight_bytes(1000, "i3") == 375
+    assert set(fit.bytes_per_param()) == {"bfloat16", "float16", "float32"} | {
+        c.name for c in choices.defined("quantization") if c.bytes_per_param}
 
 
 def test_estimate_for_gguf_and_gated_repos(fake_hub):
@@ -211,6 +250,6 @@ def test_the_estimate_matches_what_the_engine_loads(fake_hub, tiny_models, monke
         info = engine.model_info
     finally:
         engine.shutdown()
-    assert est.dtype == info["dtype"] and est.context_len == info["max_model_len"]
-    assert est.weights_bytes == pytest.approx(info["weight_bytes"], rel=0.10)
-    assert est.kv_cache_bytes == pytest.approx(info["kv_cache_bytes"], rel=0.10)
+    assert est.dtype == info.dtype and est.context_len == info.max_model_len
+    assert est.weights_bytes == pytest.approx(info.weight_bytes, rel=0.10)
+    assert est.kv_cache_bytes == pytest.approx(info.kv_cache_bytes, rel=0.10)

@@ -137,9 +137,8 @@ def test_csv_reads_back_what_went_in(tmp_path):
     ]
     requests_in = [(0.5, finished("req-a", n_out=12, ttft=98.123456789, tok_s=41.7)),
                    (0.6, finished("req,\"b\"", n_out=0, ttft=0.0, tok_s=0.0, reason="error"))]
-    info = {"device": "cuda:0"}
     for t, st, gpus in samples_in:
-        h.add_sample(st, telemetry(gpus, rss=int(1.5 * GIB) + int(t * 4)), info, t=t)
+        h.add_sample(st, telemetry(gpus, rss=int(1.5 * GIB) + int(t * 4)), "cuda:0", t=t)
     for t, ev in requests_in:
         h.add_request(ev, t=t)
     path = tmp_path / "perf.csv"
