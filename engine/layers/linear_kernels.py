@@ -100,6 +100,8 @@ class GemvForOneRow(LinearKernel):
     def __call__(self, x, weight, bias, out=None):
         if x.shape[0] == 1:
             return self._gemv(x, weight, bias, config=self.config, out=out)
+        if out is None:  # the common case inline: this runs in every layer of an eager step
+            return F.linear(x, weight, bias)
         return matmul(x, weight, bias, out)
 
 
@@ -113,6 +115,8 @@ class GatedMatmul(LinearKernel):
         self.act = act
 
     def __call__(self, x, weight, bias, out=None):
+        if out is None:
+            return F.linear(self.act(x), weight, bias)
         return matmul(self.act(x), weight, bias, out)
 
 
@@ -131,4 +135,6 @@ class GatedGemvForOneRow(LinearKernel):
     def __call__(self, x, weight, bias, out=None):
         if x.shape[0] == 1:
             return self._gemv(x, weight, bias, swiglu=True, config=self.config, out=out)
+        if out is None:
+            return F.linear(self.act(x), weight, bias)
         return matmul(self.act(x), weight, bias, out)

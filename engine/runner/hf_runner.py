@@ -50,14 +50,12 @@ class HFRunner(SamplingMixin):
         in ``weights`` (a folder) with transformers (``load``), then size and account for
         the KV pool. ``should_stop`` is asked after the read and between the steps; a cancel
         or failure frees the model before it propagates."""
-        import logging
-
-        from engine.runner.lifecycle import empty_device_cache, release_runner, stop_check
+        from engine.runner.lifecycle import empty_device_cache, log, release_runner, stop_check
         from engine.runner.memory import size_kv_cache
 
         if (rank, world_size) != (0, 1):
             raise UnsupportedModelError("the transformers fallback runs a model on one device only")
-        say = progress or logging.getLogger("hearth.loader").info
+        say = progress or log.info
         runner = cls.load(weights, device, dtype, should_stop=should_stop)
         try:
             size_kv_cache(runner, config, device, runner.kv_block_bytes(config.cache.block_size), max_model_len,
