@@ -223,7 +223,10 @@ class ModelRunner(SamplingMixin):
         return self.spec.kv_bytes_per_token(self.kv_dtype.itemsize) * self.block_size
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of the model's parameters and buffers (what bring-up's memory check counted)."""
+        from engine.layers.modules import module_bytes
+
+        return module_bytes(self.model)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         s = self.spec
