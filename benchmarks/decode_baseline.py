@@ -30,8 +30,9 @@ def hearth_decode(shape: str, device, prompt_len: int, new_tokens: int, repeats:
     from engine.core.block_manager import BlockManager
     from engine.core.scheduler import Scheduler
     from engine.core.sequence import Sequence
-    from engine.loader.build import build_native
+    from engine.config import load_config
     from engine.models.spec import ModelSpec
+    from engine.runner.bring_up import RandomWeights
     from engine.runner.io import NewRequest, RunnerInput, StepRow
     from engine.runner.model_runner import ModelRunner
     from engine.sampling_params import SamplingParams
@@ -40,10 +41,10 @@ def hearth_decode(shape: str, device, prompt_len: int, new_tokens: int, repeats:
     spec = ModelSpec.from_config(shape_config(shape))
     dtype = torch.bfloat16
     max_len = prompt_len + new_tokens + 16
-    model = build_native(None, spec, device, dtype, max_len, random_seed=0)
-    runner = ModelRunner(model, spec, device, dtype, 16, "torch")
     blocks = (-(-max_len // 16)) * batch + 8
-    runner.allocate_kv_cache(blocks)
+    config = load_config(attention="torch", num_blocks=blocks, block_size=16, max_num_seqs=batch)
+    runner = ModelRunner.create(config, spec, RandomWeights(0), device=device, dtype=dtype, attention="torch",
+                                max_model_len=max_len)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(1)
 
@@ -91,7 +92,7 @@ def hearth_decode(shape: str, device, prompt_len: int, new_tokens: int, repeats:
     one_run()  # warm-up
     rates, ttfts = zip(*[one_run() for _ in range(repeats)])
     weight_bytes = runner.weight_bytes()
-    del runner, model
+    del runner
     torch.cuda.empty_cache()
     return {"decode_tok_s": statistics.median(rates) * (batch if batch > 1 else 1),
             "ttft_ms": statistics.median(ttfts), "weight_bytes": weight_bytes}

@@ -76,7 +76,8 @@ class AttentionBackend:
     # captured in a CUDA graph (depends only on tensor contents and static shapes)? The
     # torch reference slices by the step's max length: no.
     cuda_graphs = False
-    # Also route norms, RoPE and SiLU-and-mul through the Triton kernels with this backend.
+    # Also route norms, RoPE and SiLU-and-mul through the Triton kernels with this backend
+    # (read once, by the load's kernel plan: engine.layers.kernel_plan).
     fused_kernels = False
     # KV block sizes must be a multiple of this (flash-attn's pages: 256 tokens).
     required_block_multiple = 1

@@ -1,4 +1,9 @@
-"""RMSNorm with an optional fused residual add: plain torch, or one Triton kernel when fused."""
+"""RMSNorm with an optional fused residual add: plain torch, or one Triton kernel.
+
+The kernel plan (``engine.layers.kernel_plan``) swaps each ``RMSNorm`` for a
+``TritonRMSNorm`` sharing its weight when the load runs the fused kernels; neither reads
+a flag while running.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +21,9 @@ class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, *, dtype=None, device=None) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
-        self.fused = False  # set by the model: use kernels/rmsnorm.py (one pass over memory)
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.fused:
-            from kernels.rmsnorm import fused_add_rms_norm, rms_norm
-
-            if residual is None:
-                return rms_norm(x, self.weight, self.eps)
-            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x
@@ -34,3 +32,27 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(dtype)
         return out if residual is None else (out, residual)
+
+    def choose_kernels(self, plan) -> nn.Module:
+        """This norm as the kernel plan runs it: itself, or a Triton one on the same weight."""
+        return TritonRMSNorm(self) if plan.fused else self
+
+
+class TritonRMSNorm(RMSNorm):
+    """The same norm (and residual add) in one pass over memory: ``kernels/rmsnorm.py``."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        nn.Module.__init__(self)
+        from kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+        self.eps = norm.eps
+        self.weight = norm.weight  # the same parameter: nothing is copied
+        self._norm, self._add_norm = rms_norm, fused_add_rms_norm
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x, self.weight, self.eps)
+        return self._add_norm(x, residual, self.weight, self.eps)
+
+    def choose_kernels(self, plan) -> nn.Module:
+        return self

@@ -49,7 +49,6 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
-        self.fused = False  # set by the model: rotate in place with kernels/rotary.py
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:
         inv = inv_frequencies(self.rope, self.head_dim).to(device)
@@ -60,15 +59,34 @@ class RotaryEmbedding(nn.Module):
         self.sin = emb.sin().to(dtype)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. The fused path rotates
-        q and k in place (they are views of this step's fresh qkv projection)."""
-        if self.fused:
-            from kernels.rotary import apply_rotary
-
-            return apply_rotary(q, k, positions, self.cos, self.sin)
+        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. Returns the rotated (q, k)."""
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         return _apply(q, cos, sin), _apply(k, cos, sin)
+
+    def choose_kernels(self, plan) -> nn.Module:
+        """This embedding as the kernel plan runs it: itself, or the in-place Triton one
+        on the same tables (build them first)."""
+        return TritonRotaryEmbedding(self) if plan.fused else self
+
+
+class TritonRotaryEmbedding(RotaryEmbedding):
+    """Rotates q and k in place with ``kernels/rotary.py`` (they are views of this step's
+    fresh qkv projection), reading the same cos/sin tables."""
+
+    def __init__(self, rotary: RotaryEmbedding) -> None:
+        nn.Module.__init__(self)
+        from kernels.rotary import apply_rotary
+
+        self.head_dim, self.rope, self.max_positions = rotary.head_dim, rotary.rope, rotary.max_positions
+        self.cos, self.sin = rotary.cos, rotary.sin
+        self._apply_rotary = apply_rotary
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        return self._apply_rotary(q, k, positions, self.cos, self.sin)
+
+    def choose_kernels(self, plan) -> nn.Module:
+        return self
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Everything ``Engine`` does at load time: resolve, tokenizer, model, runner, KV pool."""
+"""What ``Engine`` does at load time: check the choices, resolve the model, read its
+tokenizer, then one call brings the runner up (``ModelRunner.create``: weights, kernel
+plan, KV pool, CUDA graphs; ``HFRunner.create`` for the transformers fallback)."""
 
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ from typing import Any, Callable
 import torch
 
 from engine.config import EngineConfig
-from engine.device import available_ram_bytes, free_memory_bytes, gib
-from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryError, UnsupportedModelError
+from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
                                        shape_model_config)
-from engine.memory_plan import context_blocks, cpu_kv_budget, explicit_kv_problem, kv_pool_blocks
 from engine.model_info import ModelInfo
 from engine.models.spec import ModelSpec, read_config
+# Freeing a runner (an unload, a failed warm-up: llm_engine) and the cancel check live with the runner.
+from engine.runner.lifecycle import release_runner, stop_check  # noqa: F401 - re-exported
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("hearth.loader")
@@ -97,19 +99,13 @@ def kv_block_size(attention: str, block_size: int) -> int:
     return multiple if block_size % multiple else block_size
 
 
-def stop_check(should_stop: Callable[[], bool] | None) -> Callable[[], None]:
-    """A function that raises ``LoadCancelledError`` once ``should_stop()`` is true."""
-    def check() -> None:
-        if should_stop is not None and should_stop():
-            raise LoadCancelledError("loading cancelled")
-    return check
-
-
 def load_model(config: EngineConfig, progress: Callable[[str], None] | None = None,
                should_stop: Callable[[], bool] | None = None) -> LoadedModel:
-    """Load ``config``'s model: the weights, the runner, the KV pool, CUDA graphs.
-    ``should_stop`` is asked between the stages and before each weight tensor; True
-    stops the load (``LoadCancelledError``) and frees what it had taken."""
+    """Load ``config``'s model: check the choices, resolve the model, read its tokenizer,
+    then bring its runner up in one call (``ModelRunner.create``, or ``HFRunner.create``
+    for the transformers fallback: weights, KV pool, CUDA graphs). ``should_stop`` is asked
+    between the stages and before each weight tensor; True stops the load
+    (``LoadCancelledError``) and frees what it had taken."""
     say = progress or (lambda msg: log.info(msg))
     stop = stop_check(should_stop)
     mc, cc = config.model, config.cache
@@ -149,10 +145,11 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         say(f"no native implementation ({info['fallback_reason']}); using the transformers fallback")
         from engine.runner.hf_runner import HFRunner
 
-        runner = HFRunner.load(path, device, dtype, should_stop=should_stop)
+        runner = HFRunner.create(config, path, device=device, dtype=dtype, max_model_len=max_model_len,
+                                 progress=say, should_stop=should_stop)
         prefix = False
     else:
-        from engine.loader.build import build_native
+        from engine.runner.bring_up import RandomWeights
         from engine.runner.model_runner import ModelRunner
 
         block_size = kv_block_size(info["attention"], cc.block_size)
@@ -160,95 +157,14 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             say(f"the {info['attention']} backend pages the KV cache in blocks of {block_size} tokens: "
                 f"using block_size={block_size}")
             cc.block_size = block_size
-        # An explicit KV size that can't fit is refused now, not after the weights load.
-        _check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
-                           max_model_len, weights_bytes=spec.num_params() * dtype.itemsize)
-        say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {info['dtype']})")
-        model = build_native(path, spec, device, dtype, max_model_len, random_seed=found.random_seed,
-                             should_stop=should_stop)
-        try:
-            runner = ModelRunner(model, spec, device, dtype, cc.block_size, info["attention"],
-                                 enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
-        except BaseException:
-            from engine.loader.build import release_module
-
-            release_module(model)
-            del model
-            raise
+        weights = path if found.random_seed is None else RandomWeights(found.random_seed)
+        runner = ModelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
+                                    attention=info["attention"], max_model_len=max_model_len,
+                                    progress=say, should_stop=should_stop)
         prefix = cc.enable_prefix_caching
-    try:  # from here on a failure or a cancel frees the runner's weights and cache at once
-        num_blocks = _prepare_runner(config, runner, info, device, max_model_len, say, stop)
-    except BaseException:
-        _free(runner, device)
-        raise
-    return LoadedModel(ModelInfo.from_dict(dict(info, quantization=mc.quantization)), tokenizer, runner, max_model_len, num_blocks, prefix)
-
-
-def _prepare_runner(config: EngineConfig, runner, info: dict[str, Any], device: torch.device,
-                    max_model_len: int, say: Callable[[str], None], stop: Callable[[], None]) -> int:
-    """Size and allocate the KV pool, tune and capture CUDA graphs; returns the KV blocks."""
-    cc = config.cache
-    block_bytes = runner.kv_block_bytes(cc.block_size) if info["implementation"] != "native" \
-        else runner.kv_block_bytes()
-    info["weight_bytes"] = runner.weight_bytes()
-    stop()
-    num_blocks = _kv_blocks(config, runner, device, block_bytes, max_model_len)
-    need = context_blocks(max_model_len, cc.block_size)
-    if num_blocks < need and cc.num_blocks is None:
-        raise kv_too_small(num_blocks, cc.block_size, max_model_len)
-    say(f"allocating KV cache: {num_blocks} blocks of {cc.block_size} tokens ({gib(num_blocks * block_bytes)})")
-    try:
-        runner.allocate_kv_cache(num_blocks)
-    except torch.OutOfMemoryError:
-        raise OutOfMemoryError(
-            f"could not allocate {gib(num_blocks * block_bytes)} for the KV cache: give it less "
-            "memory (--kv-cache-memory).", options=("kv_cache_memory",),
-        ) from None
-    info["kv_cache_bytes"] = num_blocks * block_bytes
-    info["num_kv_blocks"] = num_blocks
-    stop()
-    if runner.gemv_reason() is None:
-        info["batch1_matmul"] = runner.tune_gemv(say)
-    stop()
-    graphs_reason = runner.graphs_reason()
-    info["cuda_graphs"] = graphs_reason is None
-    if graphs_reason is None:
-        try:
-            info["cuda_graph_bytes"] = runner.capture_graphs(
-                config.scheduler.max_num_seqs, max_model_len, say, _prompt_tokens(config, max_model_len))
-            # One sequence's prompt (or chunk) up to this many tokens replays a graph.
-            pg = runner.prompt_graphs
-            info["prompt_graph_tokens"] = top = pg.max_tokens if pg else 0
-            if pg:  # bucket -> [replay ms, eager ms] as measured at load
-                info["prompt_graph_ms"] = {q: [round(pg.graph_ms[q], 3), round(pg.eager_ms[q], 3)]
-                                           for q in pg.graph_ms}
-            say(f"prompt graphs: prompts up to {top} tokens" if top else
-                "prompt graphs: none pays on this GPU; prompts run eagerly")
-            # Buckets served by a larger graph because it measured faster (cuBLAS cliffs).
-            info["cuda_graph_routes"] = routes = {b: r for b, r in runner.graphs.routes.items() if b != r}
-            if routes:
-                say("decode graphs timed: " + ", ".join(f"batches up to {b} run in the {r} graph"
-                                                        for b, r in sorted(routes.items())))
-        except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
-            log.warning("CUDA graph capture failed, running eagerly: %s", e)
-            runner.graphs = runner.prompt_graphs = None
-            torch.cuda.empty_cache()
-            graphs_reason = f"capture failed: {e}"
-            info["cuda_graphs"] = False
-    if graphs_reason is not None:
-        info["cuda_graphs_off"] = graphs_reason
-    return num_blocks
-
-
-def kv_too_small(num_blocks: int, block_size: int, max_model_len: int) -> OutOfMemoryError:
-    """The error for a KV pool that can't hold one sequence of the full context."""
-    need = context_blocks(max_model_len, block_size)
-    return OutOfMemoryError(
-        f"the KV cache fits {num_blocks * block_size} tokens but one full context of "
-        f"{max_model_len} tokens needs {need * block_size}: load with a shorter context "
-        "(--max-model-len) or give the KV cache more memory (--kv-cache-memory).",
-        options=("max_model_len", "kv_cache_memory"),
-    )
+    info.update(runner.load_info)
+    return LoadedModel(ModelInfo.from_dict(dict(info, quantization=mc.quantization)), tokenizer, runner,
+                       max_model_len, runner.num_blocks, prefix)
 
 
 def kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:
@@ -262,95 +178,6 @@ def kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:
             "an fp8 KV cache needs Hearth's native model code; this model runs on the "
             "transformers fallback, which keeps its own cache: load it with kv_cache_dtype=auto.")
     return torch.float8_e4m3fn
-
-
-def _kv_blocks(config: EngineConfig, runner, device, block_bytes: int, max_model_len: int) -> int:
-    cc, sc = config.cache, config.scheduler
-    if cc.num_blocks is not None:
-        return cc.num_blocks
-    if cc.kv_cache_memory is not None:
-        budget = cc.kv_cache_memory
-        # The weights are in memory now: what is free is what the KV cache can have.
-        _check_explicit_kv(config, device, block_bytes, max_model_len, weights_bytes=0)
-    elif device.type == "cuda":
-        _, total = free_memory_bytes(device)
-        peak = runner.profile_peak_bytes(sc.max_num_batched_tokens)
-        used = torch.cuda.memory_allocated(device)
-        budget = int(total * cc.memory_fraction) - used - peak
-        # CUDA graphs keep a private memory pool: leave room for it.
-        if runner.graphs_reason() is None:
-            budget -= runner.graph_reserve_bytes(sc.max_num_seqs, _prompt_tokens(config, max_model_len))
-        # Other processes on the card count too.
-        free, _ = free_memory_bytes(device)
-        budget = min(budget, free - peak)
-        if budget <= 0:
-            raise OutOfMemoryError(
-                f"no GPU memory left for the KV cache after the weights ({gib(used)}) and "
-                f"activations ({gib(peak)}): use a smaller or quantized model."
-            )
-    else:
-        budget = cpu_kv_budget(available_ram_bytes(), cc.cpu_memory_fraction)
-    # No more blocks than every allowed sequence at full length could use (memory_plan:
-    # the app's fit estimate sizes the pool with the same function).
-    return kv_pool_blocks(budget, block_bytes, max_model_len, cc.block_size, sc.max_num_seqs)
-
-
-def _check_explicit_kv(config: EngineConfig, device: torch.device, block_bytes: int, max_model_len: int,
-                       weights_bytes: int) -> None:
-    """Refuse an explicit ``kv_cache_memory`` whose pool doesn't fit in the device's free
-    memory (RAM on the CPU, where the kernel's OOM killer would end the process instead;
-    VRAM on a GPU), leaving ``weights_bytes`` for weights still to load and some headroom."""
-    cc, sc = config.cache, config.scheduler
-    if cc.kv_cache_memory is None or cc.num_blocks is not None:
-        return
-    pool = kv_pool_blocks(cc.kv_cache_memory, block_bytes, max_model_len, cc.block_size,
-                          sc.max_num_seqs) * block_bytes
-    free, total = free_memory_bytes(device)
-    where = f"GPU {device}" if device.type == "cuda" else "RAM"
-    problem = explicit_kv_problem(requested=cc.kv_cache_memory, pool_bytes=pool, free_bytes=free,
-                                  total_bytes=total, weights_bytes=weights_bytes, where=where)
-    if problem is not None:
-        raise OutOfMemoryError(problem, options=("kv_cache_memory",))
-
-
-def _prompt_tokens(config: EngineConfig, max_model_len: int) -> int:
-    """The longest prompt chunk a step can hold: prompt graphs are captured up to it."""
-    return min(config.scheduler.max_num_batched_tokens, max_model_len)
-
-
-def _free(runner, device) -> None:
-    # Tensors are let go of directly, without gc.collect(): the desktop app loads on a
-    # worker thread, where collecting others' garbage (Qt widgets in a cycle) crashes.
-    release_runner(runner)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def release_runner(runner) -> None:
-    """Free the weights, KV cache and CUDA graphs a runner holds, even where something
-    else still references the runner or its model.
-
-    Something often does: a library that looks at its caller's frame
-    (``inspect.currentframe()``) while being imported lazily during the first load keeps
-    that whole call stack alive in a reference cycle, and with it the model being built
-    and the runner (only the cyclic garbage collector frees them, which the desktop app
-    runs rarely and on its GUI thread only). So the tensors are let go of here, from the
-    objects themselves, rather than by dropping references to those objects. The runner
-    can't run afterwards.
-    """
-    from engine.loader.build import release_module
-
-    release_module(getattr(runner, "model", None))
-    caches = getattr(runner, "kv_caches", None)
-    if isinstance(caches, list):
-        caches.clear()  # in place: CUDA graphs hold the same list
-    for name in ("_caches", "_requests"):
-        held = getattr(runner, name, None)
-        if isinstance(held, dict):
-            held.clear()
-    for name in ("_ahead", "model", "graphs", "prompt_graphs", "_pinned"):  # a step's output first
-        if hasattr(runner, name):
-            setattr(runner, name, None)
 
 
 def return_freed_memory(collect: bool = False) -> None:

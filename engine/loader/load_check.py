@@ -10,7 +10,8 @@ a GPU a full context that won't fit beside the weights is refused as the load wo
 
 The sizes come from the rules the load itself applies, not a copy: the same dtype and KV
 block size, ``memory_plan``'s pool sizing (``cpu_kv_budget``, ``kv_pool_blocks``) and
-explicit-KV check (``explicit_kv_problem``), build_native's weights check.
+explicit-KV check (``explicit_kv_problem``), bring-up's weights check over the bytes the
+transformed meta model holds (``engine.runner.bring_up.transformed_weight_bytes``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from engine.config import EngineConfig
 from engine.device import free_memory_bytes, gib
 from engine.errors import OutOfMemoryError
 from engine.loader.choices import check_load_choices
-from engine.loader.engine_loader import (context_length, find_model, kv_block_size, kv_cache_dtype, kv_too_small,
-                                         native_spec)
+from engine.loader.engine_loader import context_length, find_model, kv_block_size, kv_cache_dtype, native_spec
 from engine.loader.weights import read_metadata
 from engine.memory_plan import (ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
                                 kv_pool_blocks)
 from engine.models.summary import SpecSummary
+from engine.runner.memory import kv_too_small
 
 
 def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None = None,
@@ -52,8 +53,12 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
             # Only the headers are read: a truncated or corrupt file (an interrupted
             # download) is refused now, not after the loaded model was given up for it.
             read_metadata(found.path)
+        from engine.runner.bring_up import model_transforms, transformed_weight_bytes
+
         block_size = kv_block_size(choices.attention, cc.block_size)
-        weights = spec.num_params() * dtype.itemsize
+        # What the load will hold: the meta model after the load's transforms (quantized
+        # weights count as what they are), the count bring-up checks before materializing.
+        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(config))
         block_bytes = spec.kv_bytes_per_token(kv_dtype.itemsize) * block_size
     else:  # the transformers fallback: its weights in the load dtype, its cache by config
         block_size = cc.block_size
@@ -65,7 +70,7 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
     free, total = free_memory_bytes(device)
     reclaim = loaded_bytes if _same_device(loaded_device, device) else 0
     where = f"GPU {device}" if device.type == "cuda" else "RAM"
-    if weights > free + reclaim:  # build_native's check, counting what unloading gives back
+    if weights > free + reclaim:  # bring-up's weights check, counting what unloading gives back
         alone = f" ({gib(free + reclaim)} with the loaded model unloaded)" if reclaim else ""
         raise OutOfMemoryError(
             f"the weights need {gib(weights)} in {str(dtype).removeprefix('torch.')} but the {where} has "

@@ -2,81 +2,99 @@
 
 Covers Llama 2/3.x, Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k RMSNorm) and SmolLM2.
 Tokens of all sequences in a step are flattened into one [T, hidden] batch; attention
-reads and writes the paged KV cache through the chosen backend. q/k/v and gate/up
-projections are fused into one matmul each; the loader splits checkpoint tensors into
-the fused parameters.
+reads and writes the paged KV cache through the chosen backend. Every projection is a
+module of ``engine.layers.linear`` (its kernel fixed at load); q/k/v and gate/up are fused
+into one matmul each, and those modules take their checkpoint shards at their own offsets.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionBackend, AttentionMetadata
-from engine.layers.linear import linear, swiglu_linear
+from engine.layers.embedding import VocabEmbedding
+from engine.layers.linear import Linear, MergedLinear, QKVLinear, SwiGLUDownLinear, TiedLMHead
+from engine.layers.modules import materialize
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
+from engine.layers.weight_loader import load_checkpoint
 from engine.models.spec import ModelSpec
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+    """One layer's attention. It holds its own sizes (given at construction: a
+    tensor-parallel shard would be built with its own, fewer heads), never the model's."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rms_norm_eps: float, qkv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False,
+                 sliding_window: int | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.spec = spec
-        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size,
-                                  bias=spec.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias, dtype=dtype)
-        if spec.qk_norm:
-            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype=dtype)
-        self.attn: AttentionBackend | None = None  # set by the runner (backend choice is per load)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.qk_norm = qk_norm
+        self._split = [self.q_size, self.kv_size, self.kv_size]
+        self.qkv_proj = QKVLinear(hidden_size, num_heads, num_kv_heads, head_dim, bias=qkv_bias, dtype=dtype)
+        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias, dtype=dtype)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype)
+        self.attn: AttentionBackend | None = None  # the kernel plan's backend (choose_kernels)
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, dtype: torch.dtype) -> "LlamaAttention":
+        return cls(spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                   rms_norm_eps=spec.rms_norm_eps, qkv_bias=spec.qkv_bias, o_bias=spec.o_bias,
+                   qk_norm=spec.qk_norm, sliding_window=spec.sliding_window, dtype=dtype)
+
+    def choose_kernels(self, plan) -> "LlamaAttention":
+        """Build this layer's instance of the plan's attention backend, with its own sizes."""
+        self.attn = plan.attention(self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
+                                   self.sliding_window)
+        return self
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary: RotaryEmbedding):
-        s = self.spec
-        qkv = linear(self.qkv_proj, x)
-        q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = q.view(-1, s.num_heads, s.head_dim)
-        k = k.view(-1, s.num_kv_heads, s.head_dim)
-        v = v.view(-1, s.num_kv_heads, s.head_dim)
-        if s.qk_norm:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self._split, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
         q, k = rotary(positions, q, k)
         o = self.attn.forward(q, k, v, kv_cache, meta)
-        return linear(self.o_proj, o.reshape(-1, s.q_size))
+        return self.o_proj(o.reshape(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+    """SwiGLU MLP: gate and up in one matmul, the activation in the down projection's kernel."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, *,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size,
-                                      bias=spec.mlp_bias, dtype=dtype)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size,
-                                   bias=spec.mlp_bias, dtype=dtype)
-        self.fused = False  # set by the model: SiLU-and-mul in one Triton kernel
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size],
+                                         ("gate_proj", "up_proj"), bias, dtype=dtype)
+        self.down_proj = SwiGLUDownLinear(intermediate_size, hidden_size, bias, dtype=dtype)
 
     def forward(self, x):
-        if self.fused:
-            from kernels.activation import silu_and_mul
-
-            gate_up = linear(self.gate_up_proj, x)
-            y = swiglu_linear(self.down_proj, gate_up)  # one row: SwiGLU fused into the GEMV
-            return y if y is not None else linear(self.down_proj, silu_and_mul(gate_up))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
-        self.self_attn = LlamaAttention(spec, dtype)
+        self.self_attn = LlamaAttention.from_spec(spec, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
-        self.mlp = LlamaMLP(spec, dtype)
+        self.mlp = LlamaMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, dtype=dtype)
 
     def forward(self, positions, x, residual, kv_cache, meta, rotary):
         if residual is None:
@@ -92,44 +110,26 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(LlamaDecoderLayer(spec, dtype) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
 
 
-# checkpoint projection name -> (fused parameter, shard id)
-_FUSED = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
-
 class LlamaForCausalLM(nn.Module):
-    """Build with ``torch.device("meta")``, then ``materialize`` and ``load_weights``."""
+    """Build with ``torch.device("meta")``, then ``materialize`` and ``load_weights``
+    (``engine/runner/bring_up.py`` does, with the load's transforms and kernel plan)."""
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
         self.spec = spec
         self.model = LlamaModel(spec, dtype)
-        if not spec.tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+        if spec.tie_word_embeddings:
+            self.lm_head = TiedLMHead(self.model.embed_tokens)
+        else:
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
         self.rotary = RotaryEmbedding(spec.head_dim, spec.rope, max_positions)
 
     # -- running -----------------------------------------------------------------------
-    def set_attention(self, make_backend) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.attn = make_backend()
-
-    def use_fused_kernels(self, enabled: bool = True) -> None:
-        """Route RMSNorm (+ residual add), RoPE and SiLU-and-mul through kernels/ (Triton).
-        The model's maths is unchanged; the reference path stays plain torch."""
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, RotaryEmbedding, LlamaMLP)):
-                module.fused = enabled
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (normed)."""
@@ -142,13 +142,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [rows, vocab]; into ``out`` when given (CUDA graphs share one buffer)."""
-        head = self.model.embed_tokens if self.spec.tie_word_embeddings else self.lm_head
-        return linear(head, hidden, out=out)
+        return self.lm_head(hidden, out=out)
 
     # -- building ----------------------------------------------------------------------
     def materialize(self, device: torch.device) -> None:
-        """Allocate (uninitialised) storage for every parameter on ``device``."""
-        self.to_empty(device=device)
+        """Allocate (uninitialised) storage for every parameter on ``device``, and RoPE's tables."""
+        materialize(self, device)
         dtype = self.model.embed_tokens.weight.dtype
         self.rotary.build(device, dtype)
 
@@ -165,58 +164,10 @@ class LlamaForCausalLM(nn.Module):
                     p.normal_(0.0, std, generator=gen)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "checkpoint") -> None:
-        """Copy checkpoint tensors (HF names) into the materialised parameters.
-
-        Fused parameters receive their shards at the right offsets. Every parameter must
-        be fully covered exactly once; anything missing, unexpected or mis-shaped is an
-        error naming the tensor.
-        """
-        params = dict(self.named_parameters())
-        s = self.spec
-        covered: dict[str, set] = {name: set() for name in params}
-        offsets = {
-            "q": (0, s.q_size), "k": (s.q_size, s.kv_size), "v": (s.q_size + s.kv_size, s.kv_size),
-            0: (0, s.intermediate_size), 1: (s.intermediate_size, s.intermediate_size),
-        }
-        expected_shards = {"qkv_proj": {"q", "k", "v"}, "gate_up_proj": {0, 1}}
-        with torch.no_grad():
-            for name, tensor in weights:
-                if "rotary_emb.inv_freq" in name:
-                    continue
-                if name == "lm_head.weight" and s.tie_word_embeddings:
-                    continue  # some tied checkpoints store the shared matrix twice
-                parts = name.split(".")
-                shard = None
-                if len(parts) >= 2 and parts[-2] in _FUSED:
-                    fused, shard = _FUSED[parts[-2]]
-                    target = ".".join(parts[:-2] + [fused, parts[-1]])
-                else:
-                    target = name
-                param = params.get(target)
-                if param is None:
-                    raise ModelLoadError(
-                        f"{source}: unexpected tensor {name!r} for a {s.model_type} model with this "
-                        "config; the checkpoint and config.json don't match."
-                    )
-                dest = param
-                if shard is not None:
-                    start, size = offsets[shard]
-                    dest = param.narrow(0, start, size)
-                if tuple(dest.shape) != tuple(tensor.shape):
-                    raise ModelLoadError(
-                        f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                        f"{tuple(dest.shape)} from config.json; the checkpoint and config don't match."
-                    )
-                dest.copy_(tensor)
-                covered[target].add(shard)
-        missing = []
-        for pname, got in covered.items():
-            fused = pname.split(".")[-2]
-            need = expected_shards.get(fused, {None})
-            if got != need:
-                missing.append(pname)
-        if missing:
-            raise ModelLoadError(
-                f"{source}: {len(missing)} tensors are missing from the checkpoint "
-                f"(first: {missing[0]}); the download may be incomplete — re-download the model."
-            )
+        """Copy checkpoint tensors (HF names) into the materialised parameters, one at a
+        time, each through its parameter's loader; the modules declare which checkpoint
+        tensors fill them (fused q/k/v and gate/up take their shards at their own offsets).
+        Every parameter must be fully covered; anything missing, unexpected or mis-shaped
+        is a ModelLoadError naming the checkpoint tensor."""
+        load_checkpoint(self, weights, source=source, what=f"a {self.spec.model_type} model",
+                        skip=lambda name: "rotary_emb.inv_freq" in name)

@@ -1,11 +1,14 @@
 """Pick cuBLAS or a Triton GEMV config for each kind of linear layer, at load time.
 
-For every kind (qkv, o, gate_up, down with the SwiGLU input fused, lm_head) the candidates
-run over all layers' own weights in sequence, so no weight stays in L2 between calls,
-exactly as in a decode step (a lone head of under ~50 MB does stay in L2, for every
-candidate alike), captured in a CUDA graph; the fastest by a 3% margin wins and is recorded on each layer as
-``gemv_config`` (None keeps cuBLAS). Takes about a second per kind, once per load; the
-chosen kernels are compiled here, so serving never compiles.
+For every kind (qkv, o, gate_up, down with the SwiGLU input fused, lm_head) each linear
+module offers its candidate kernels (``Linear.kernel_candidates``: the cuBLAS baseline,
+then the GEMV configs) and each candidate runs through the modules themselves, over all
+layers in sequence, so no weight stays in L2 between calls, exactly as in a decode step
+(a lone head of under ~50 MB does stay in L2, for every candidate alike), captured in a
+CUDA graph; the fastest by a 3% margin wins and becomes each module's kernel
+(``use_kernel``). Takes about a second per kind, once per load; the chosen kernels are
+compiled here, so serving never compiles. A module a transform replaced with something
+that offers no candidates is left as it is.
 """
 
 from __future__ import annotations
@@ -13,40 +16,29 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from engine.device import cuda_ms
+from engine.layers.linear import Linear
+from engine.layers.linear_kernels import GEMV_CONFIGS as CANDIDATES
+from engine.layers.linear_kernels import gemv_configs as candidates
 
 log = logging.getLogger(__name__)
 
-# (BLOCK_N, BLOCK_K, num_warps): the best configs of sweeps for the Llama-1B/8B shapes
-# (benchmarks/profile_gemv.py --sweep), on an H100 (the first five) and an H200 (the last
-# two). Each shape also tries its ``default_config`` first: on an H200 that default beat
-# cuBLAS by 18% on the 8B gate_up and lm_head, where none of the H100's five did.
-CANDIDATES = ((1, 1024, 2), (1, 1024, 4), (1, 1024, 8), (1, 512, 4), (16, 1024, 8),
-              (2, 1024, 4), (8, 256, 2))
 MARGIN = 0.03
+__all__ = ["CANDIDATES", "MARGIN", "candidates", "tune_gemv"]
 
 
-def candidates(n: int, k: int) -> list[tuple[int, int, int]]:
-    """The Triton configs tried for an [n, k] weight, in timing order: the shape's default
-    first, then ``CANDIDATES`` (without repeating it)."""
-    from kernels.gemv import default_config
-
-    first = default_config(n, k)
-    return [first] + [c for c in CANDIDATES if c != first]
-
-
-def _kinds(model) -> dict[str, tuple[list, bool]]:
+def _kinds(model) -> dict[str, list[Linear]]:
+    """Kind -> the model's linear modules of that kind that can be tuned, in layer order."""
     layers = model.model.layers
-    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
-    return {
-        "qkv": ([l.self_attn.qkv_proj for l in layers], False),
-        "o": ([l.self_attn.o_proj for l in layers], False),
-        "gate_up": ([l.mlp.gate_up_proj for l in layers], False),
-        "down": ([l.mlp.down_proj for l in layers], True),
-        "lm_head": ([head], False),
+    kinds = {
+        "qkv": [l.self_attn.qkv_proj for l in layers],
+        "o": [l.self_attn.o_proj for l in layers],
+        "gate_up": [l.mlp.gate_up_proj for l in layers],
+        "down": [l.mlp.down_proj for l in layers],
+        "lm_head": [model.lm_head],
     }
+    return {kind: [m for m in mods if isinstance(m, Linear)] for kind, mods in kinds.items()}
 
 
 def _time(fn, count: int, graphed: bool = True, reps: int = 3) -> float:
@@ -72,52 +64,57 @@ def _time(fn, count: int, graphed: bool = True, reps: int = 3) -> float:
 
 @torch.inference_mode()
 def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
-    """Set ``gemv_config`` on every linear layer (and the lm_head); returns kind -> choice."""
-    from kernels.activation import silu_and_mul
-
+    """Fix the batch-1 kernel of every linear module (and the head); returns kind -> choice."""
     choices: dict[str, str] = {}
     if progress:
         progress("choosing batch-1 matmul kernels (cuBLAS or Triton GEMV)")
-    for kind, (mods, swiglu) in _kinds(model).items():
-        weights = [m.weight for m in mods]
-        biases = [getattr(m, "bias", None) for m in mods]
-        n, k = weights[0].shape
+    for kind, mods in _kinds(model).items():
+        if not mods:
+            continue
+        first = mods[0]
         gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(1, 2 * k if swiglu else k, device=device, generator=gen).to(weights[0].dtype)
-        act = torch.empty(1, k, device=device, dtype=x.dtype)
-
-        def cublas(i):
-            return F.linear(silu_and_mul(x, out=act) if swiglu else x, weights[i], biases[i])
-
+        x = torch.randn(1, first.input_width, device=device, generator=gen).to(first.weight.dtype)
+        kernels = first.kernel_candidates()
         try:
-            best, best_ms = _choose(cublas, weights, biases, x, swiglu, kind, graphed=True)
+            best, best_ms = _choose(mods, kernels, x, kind, graphed=True)
         except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
             log.warning("batch-1 %s timed eagerly (graph capture failed: %s)", kind, e)
-            best, best_ms = _choose(cublas, weights, biases, x, swiglu, kind, graphed=False)
+            best, best_ms = _choose(mods, kernels, x, kind, graphed=False)
         for m in mods:
-            m.gemv_config = best
-        choices[kind] = "cublas" if best is None else "triton gemv %dx%d/%dw" % best
+            m.use_kernel(best)
+        choices[kind] = best.name
+        n, k = first.weight.shape
         log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, n, k, choices[kind], 1e3 * best_ms)
     if progress:
         progress("batch-1 matmuls: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
     return choices
 
 
-def _choose(cublas, weights, biases, x, swiglu: bool, kind: str, graphed: bool):
-    """(best config or None for cuBLAS, its ms per call), every candidate timed the same way."""
-    from kernels.gemv import gemv
+def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graphed: bool):
+    """(the best kernel, its ms per call): every candidate timed the same way, through the
+    modules, the baseline (cuBLAS) first."""
+    def run(i):
+        return mods[i](x)
 
-    best, best_ms = None, _time(cublas, len(weights), graphed)
-    for cfg in candidates(*weights[0].shape):
+    def use(kernel) -> None:
+        for m in mods:
+            m.use_kernel(kernel)
+
+    baseline, *others = kernels
+    use(baseline)
+    best, best_ms = baseline, _time(run, len(mods), graphed)
+    for kernel in others:
+        use(kernel)
         try:
-            gemv(x, weights[0], biases[0], swiglu=swiglu, config=cfg)  # compiles, or can't
+            mods[0](x)  # compiles, or can't
         except Exception as e:  # noqa: BLE001 - a config this GPU can't compile is skipped
-            log.debug("gemv %s %s skipped: %s", kind, cfg, e)
+            log.debug("%s %s skipped: %s", kind, kernel.name, e)
             continue
-        ms = _time(lambda i: gemv(x, weights[i], biases[i], swiglu=swiglu, config=cfg), len(weights), graphed)
+        ms = _time(run, len(mods), graphed)
         # A clear margin before switching (cuBLAS first, then the earlier candidate):
         # timing noise should not flip the choice, and with it the summation order,
         # from one load to the next.
         if ms < (1 - MARGIN) * best_ms:
-            best, best_ms = cfg, ms
+            best, best_ms = kernel, ms
+    use(best)
     return best, best_ms

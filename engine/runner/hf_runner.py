@@ -41,6 +41,32 @@ class HFRunner(RequestStateMixin):
         self._requests: dict[str, KeptRequest] = {}  # request id -> its params and RNG
         self.kv_caches = []
         self.num_blocks = 0
+        self.load_info: dict = {}  # what create measured (weight_bytes, kv_cache_bytes, ...)
+
+    @classmethod
+    def create(cls, config, weights, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
+               rank: int = 0, world_size: int = 1, progress=None, should_stop=None) -> "HFRunner":
+        """``ModelRunner.create``'s counterpart for the transformers fallback: read the model
+        in ``weights`` (a folder) with transformers (``load``), then size and account for
+        the KV pool. ``should_stop`` is asked after the read and between the steps; a cancel
+        or failure frees the model before it propagates."""
+        from engine.runner.lifecycle import empty_device_cache, log, release_runner, stop_check
+        from engine.runner.memory import size_kv_cache
+
+        if (rank, world_size) != (0, 1):
+            raise UnsupportedModelError("the transformers fallback runs a model on one device only")
+        say = progress or log.info
+        runner = cls.load(weights, device, dtype, should_stop=should_stop)
+        try:
+            size_kv_cache(runner, config, device, runner.kv_block_bytes(config.cache.block_size), max_model_len,
+                          runner.load_info, say, stop_check(should_stop))
+            runner.load_info["cuda_graphs"] = False
+            runner.load_info["cuda_graphs_off"] = runner.graphs_reason()
+        except BaseException:
+            release_runner(runner)
+            empty_device_cache(device)
+            raise
+        return runner
 
     @classmethod
     def load(cls, path, device: torch.device, dtype: torch.dtype, should_stop=None) -> "HFRunner":
@@ -59,7 +85,7 @@ class HFRunner(RequestStateMixin):
         except OSError as e:
             raise ModelLoadError(f"{path}: could not read the model ({e}); re-download it.") from None
         if should_stop is not None and should_stop():
-            from engine.loader.build import release_module
+            from engine.runner.lifecycle import release_module
 
             release_module(model)  # its tensors go now, whoever still references the module
             raise LoadCancelledError("loading cancelled")
@@ -79,9 +105,6 @@ class HFRunner(RequestStateMixin):
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks  # accounting only: caches grow per request
-
-    def profile_peak_bytes(self, num_tokens: int) -> int:
-        return 0
 
     @torch.inference_mode()
     def execute(self, inp: RunnerInput) -> RunnerOutput:

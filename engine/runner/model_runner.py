@@ -8,16 +8,22 @@ RunnerOutput``, in engine/runner/execute.py), so the runner could live in anothe
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.errors import LoadCancelledError
-from engine.layers.attention import AttentionMetadata, get_backend, padded_table_width
+from engine.layers.attention import AttentionMetadata, padded_table_width
+from engine.layers.kernel_plan import KernelPlan
 from engine.models.spec import ModelSpec
 from engine.runner.execute import NativeExecuteMixin
 from engine.runner.request_state import KeptRequest
 from engine.runner.sampler import Sampler
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from engine.runner.bring_up import Transform, WeightsSource
 
 
 log = logging.getLogger(__name__)
@@ -27,8 +33,10 @@ class ModelRunner(NativeExecuteMixin):
     """Runs Hearth's native model on the paged KV cache."""
 
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
-                 block_size: int, attention: str, enforce_eager: bool = False,
+                 block_size: int, attention: str, plan: KernelPlan, enforce_eager: bool = False,
                  kv_dtype: torch.dtype | None = None) -> None:
+        """A runner over ``model`` (loaded, its kernel plan ``plan`` applied); build one
+        with ``create``."""
         self.model = model
         self.spec = spec
         self.device = device
@@ -36,21 +44,10 @@ class ModelRunner(NativeExecuteMixin):
         self.kv_dtype = kv_dtype or dtype  # the KV cache's element type (fp8 or the model's)
         self.block_size = block_size
         self.attention = attention
-        backend_cls = get_backend(attention)
-        reasons = backend_cls.available(device)
-        if reasons:
-            from engine.errors import InvalidRequestError
-
-            raise InvalidRequestError(
-                f"attention backend {attention!r} can't run here: {'; '.join(reasons)}"
-            )
-        scale = spec.head_dim ** -0.5
-        model.set_attention(lambda: backend_cls(spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                                                scale, spec.sliding_window))
-        if backend_cls.fused_kernels:
-            model.use_fused_kernels(True)
-        self.backend_cls = backend_cls
+        self.plan = plan
+        self.backend_cls = plan.attention
         self.enforce_eager = enforce_eager
+        self.load_info: dict = {}  # what bring-up measured (weight_bytes, batch1_matmul, ...)
         self.graphs = None  # DecodeGraphs once captured
         self.prompt_graphs = None  # PromptGraphs once captured (and some bucket pays)
         self._ahead = None  # a decode step launched ahead (greedy pipelining)
@@ -60,6 +57,27 @@ class ModelRunner(NativeExecuteMixin):
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._requests: dict[str, KeptRequest] = {}  # request id -> its params and RNG
+
+    @classmethod
+    def create(cls, config: EngineConfig, spec: ModelSpec, weights: WeightsSource, *, device: torch.device,
+               dtype: torch.dtype, kv_dtype: torch.dtype | None = None, attention: str, max_model_len: int,
+               rank: int = 0, world_size: int = 1, progress: Callable[[str], None] | None = None,
+               should_stop: Callable[[], bool] | None = None,
+               transforms: Sequence[Transform] | None = None) -> "ModelRunner":
+        """Bring a native model up, ready to serve: build it on the meta device, apply
+        ``transforms`` (default: ``model_transforms(config)``), check memory against what
+        the transformed model holds, load ``weights`` (a checkpoint folder, or
+        ``RandomWeights``) one tensor at a time through each parameter's loader, apply the
+        kernel plan of backend ``attention``, size and allocate the KV cache, tune the
+        batch-1 GEMV, capture CUDA graphs (``engine/runner/bring_up.py``).
+
+        ``should_stop`` is asked before each weight tensor and between the steps: True
+        raises LoadCancelledError. A cancel or failure frees everything taken so far."""
+        from engine.runner.bring_up import bring_up
+
+        return bring_up(cls, config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype or dtype,
+                        attention=attention, max_model_len=max_model_len, rank=rank, world_size=world_size,
+                        progress=progress, should_stop=should_stop, transforms=transforms)
 
     # -- CUDA graphs -------------------------------------------------------------------
     def graphs_reason(self) -> str | None:
@@ -76,7 +94,7 @@ class ModelRunner(NativeExecuteMixin):
         """Why batch-1 matmuls stay on cuBLAS without even trying the Triton GEMV."""
         if self.device.type != "cuda":
             return "the Triton GEMV is tuned on CUDA GPUs only"
-        if not self.backend_cls.fused_kernels:
+        if not self.plan.fused:
             return f"the {self.attention!r} backend runs the plain torch reference path"
         return None
 
@@ -140,20 +158,6 @@ class ModelRunner(NativeExecuteMixin):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def graph_reserve_bytes(self, max_batch: int, prompt_tokens: int = 0) -> int:
-        """Memory the graphs take: their one shared pool (the larger of a decode step's
-        activations at ``max_batch`` rows and a prompt graph's at its largest bucket within
-        ``prompt_tokens``, plus slack) and the decode graphs' shared logits buffer."""
-        from engine.runner import cuda_graphs, prompt_graphs
-
-        s, size = self.spec, self.dtype.itemsize
-        decode = cuda_graphs.reserve_bytes(max_batch, s.hidden_size, s.vocab_size,
-                                           s.intermediate_size, size)
-        top = max(prompt_graphs.prompt_buckets(prompt_tokens), default=0)
-        prompt = prompt_graphs.reserve_bytes(top, s.hidden_size, s.intermediate_size, size)
-        return (cuda_graphs.POOL_SLACK + max(decode, prompt)
-                + cuda_graphs.logits_bytes(max_batch, s.vocab_size, size))
-
     def capture_graphs(self, max_batch: int, max_model_len: int, progress=None,
                        prompt_tokens: int = 0) -> int:
         """Capture prompt graphs for prompts (or chunks) of up to ``prompt_tokens`` tokens
@@ -187,7 +191,10 @@ class ModelRunner(NativeExecuteMixin):
         return self.spec.kv_bytes_per_token(self.kv_dtype.itemsize) * self.block_size
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of the model's parameters and buffers (what bring-up's memory check counted)."""
+        from engine.layers.modules import module_bytes
+
+        return module_bytes(self.model)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         s = self.spec
@@ -195,31 +202,6 @@ class ModelRunner(NativeExecuteMixin):
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(s.num_layers)]
         self.num_blocks = num_blocks
-
-    @torch.inference_mode()
-    def profile_peak_bytes(self, num_tokens: int) -> int:
-        """Peak activation memory of one forward over ``num_tokens`` tokens (CUDA only)."""
-        if self.device.type != "cuda":
-            return 0
-        blocks = -(-num_tokens // self.block_size)
-        saved = self.kv_caches
-        self.allocate_kv_cache(blocks)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        # The token budget may exceed the context (long prefill budgets, short contexts):
-        # keep positions inside the RoPE tables.
-        pos = torch.arange(num_tokens, device=self.device) % self.model.rotary.max_positions
-        meta = self._metadata([list(range(blocks))], [0], [num_tokens])
-        hidden = self.model(ids, pos, self.kv_caches, meta)
-        self.model.compute_logits(hidden[-1:]).float()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        self.kv_caches = saved
-        del hidden
-        torch.cuda.empty_cache()
-        return peak
 
     # -- a step ------------------------------------------------------------------------
     def _metadata(self, tables: list[list[int]], starts: list[int], qlens: list[int]) -> AttentionMetadata:

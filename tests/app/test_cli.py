@@ -247,9 +247,9 @@ def test_bad_input_exits_2_with_one_line(capsys, tiny, name):
 def test_kv_cache_memory_larger_than_free_ram_is_refused(capsys, monkeypatch, tiny):
     """Issue 12: --kv-cache-memory 100TiB on the CPU allocated until the OOM killer came.
     Free RAM is faked (530 MiB): nothing large is allocated."""
-    import engine.loader.engine_loader as engine_loader
+    import engine.runner.memory as load_memory
 
-    monkeypatch.setattr(engine_loader, "free_memory_bytes", lambda device: (530 * 2**20, 2**30))
+    monkeypatch.setattr(load_memory, "free_memory_bytes", lambda device: (530 * 2**20, 2**30))
     rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--kv-cache-memory", "100TiB", "--json"))
     assert rc == 2 and out == "" and "Traceback" not in err
     (line,) = [ln for ln in err.splitlines() if ln.strip()]

@@ -42,14 +42,14 @@ def test_the_fastest_by_a_margin_wins_and_is_set_on_every_layer(model, monkeypat
     costs = [1.0, 0.99, 0.90, 0.88, 0.80, 0.79, 0.785, 0.781, 0.78]
     monkeypatch.setattr(tuning, "_time", _fake_time(costs, calls))
     kinds = tuning._kinds(model)
-    sizes = {len(tuning.candidates(*mods[0].weight.shape)) for mods, _ in kinds.values()}
+    sizes = {len(tuning.candidates(*mods[0].weight.shape)) for mods in kinds.values()}
     assert sizes == {len(costs) - 1}  # one cycle of fake costs per kind
     choices = tuning.tune_gemv(model, torch.device("cpu"))
     assert set(choices) == {"qkv", "o", "gate_up", "down", "lm_head"}
-    for kind, (mods, _) in kinds.items():
+    for kind, mods in kinds.items():
         want = tuning.candidates(*mods[0].weight.shape)[3]  # the 0.80 one
         assert choices[kind] == "triton gemv %dx%d/%dw" % want
-        assert all(m.gemv_config == want for m in mods)
+        assert all(m.kernel.config == want for m in mods)  # each module runs the chosen kernel
     assert all(calls)  # every timing in graphs
 
 

@@ -153,9 +153,9 @@ def test_batch1_gemv_matches_torch_token_for_token(tiny_models, family):
     fast = _engine(tiny_models[family], "triton", enforce_eager=True)
     choices = fast.model_info.batch1_matmul
     assert set(choices) == {"qkv", "o", "gate_up", "down", "lm_head"}, choices
-    for mods, _ in _kinds(fast.runner.model).values():
+    for mods in _kinds(fast.runner.model).values():
         for m in mods:
-            m.gemv_config = (1, 1024, 4)
+            m.use_kernel(m.gemv_kernel((1, 1024, 4)))
     fast.runner.capture_graphs(1, 512)  # recapture bucket 1 with the GEMV path in it
     got = _run(fast, prompt)
     replays = fast.runner.graphs.replays
@@ -232,10 +232,12 @@ def test_graph_memory_stays_within_what_the_kv_pool_left_for_it(seqs):
     (prompt and decode, one pool) must fit in it. Llama-1B shape (random weights), so the
     activations, not the slack, dominate the reserve; at 256 sequences there are 35 decode
     buckets (a [bs, vocab] output kept per bucket would hold 4,231 rows of logits)."""
+    from engine.runner.memory import graph_reserve_bytes
+
     e = Engine.load("shape:llama-1b", device="cuda", max_model_len=4096, max_num_seqs=seqs,
                     max_num_batched_tokens=2048)
     info, runner = e.model_info, e.runner
-    reserve = runner.graph_reserve_bytes(seqs, 2048)
+    reserve = graph_reserve_bytes(runner, seqs, 2048)
     e.shutdown()
     assert info.prompt_graph_tokens > 0
     assert 0 < info.cuda_graph_bytes <= reserve, (info.cuda_graph_bytes, reserve)

@@ -3,14 +3,15 @@ before anything is allocated (issue 12 item 3: ``--kv-cache-memory 100TiB`` on t
 allocated 22.5 GiB and the kernel's OOM killer ended the process; ``1.2.3`` gave a
 ValueError traceback).
 
-Free memory is faked (the loader's ``free_memory_bytes``): nothing large is allocated.
+Free memory is faked (bring-up's memory checks, ``engine.runner.memory.free_memory_bytes``):
+nothing large is allocated.
 """
 
 from __future__ import annotations
 
 import pytest
 
-import engine.loader.engine_loader as engine_loader
+import engine.runner.memory as runner_memory
 from engine.api import Engine, HearthError, InvalidRequestError, OutOfMemoryError, parse_bytes
 from engine.memory_plan import explicit_kv_problem, format_bytes, kv_headroom
 from engine.runner.model_runner import ModelRunner
@@ -72,19 +73,19 @@ def tiny(tiny_models):
 def spy(monkeypatch):
     """Records whether the weights were built and the KV cache allocated."""
     calls: list[str] = []
-    import engine.loader.build as build
+    import engine.runner.bring_up as bring_up
 
-    real_build, real_alloc = build.build_native, ModelRunner.allocate_kv_cache
+    real_load, real_alloc = bring_up.materialize_weights, ModelRunner.allocate_kv_cache
 
-    def build_native(*a, **k):
+    def materialize_weights(*a, **k):
         calls.append("weights")
-        return real_build(*a, **k)
+        return real_load(*a, **k)
 
     def allocate(self, n):
         calls.append("kv")
         return real_alloc(self, n)
 
-    monkeypatch.setattr(build, "build_native", build_native)
+    monkeypatch.setattr(bring_up, "materialize_weights", materialize_weights)
     monkeypatch.setattr(ModelRunner, "allocate_kv_cache", allocate)
     return calls
 
@@ -92,7 +93,7 @@ def spy(monkeypatch):
 def fake_free(monkeypatch, *answers: tuple[int, int]) -> None:
     """The loader sees these (free, total) answers in turn (the last one repeats)."""
     seq = list(answers)
-    monkeypatch.setattr(engine_loader, "free_memory_bytes",
+    monkeypatch.setattr(runner_memory, "free_memory_bytes",
                         lambda device: seq.pop(0) if len(seq) > 1 else seq[0])
 
 

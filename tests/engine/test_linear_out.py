@@ -1,13 +1,12 @@
-"""``linear(..., out=)``: the CUDA graphs write every bucket's logits into one buffer, so
-the result must be the same as without ``out``, bias or not, on the GEMV path too."""
+"""``Linear.forward(x, out=)``: the CUDA graphs write every bucket's logits into one buffer,
+so the result must be the same as without ``out``, bias or not, on the GEMV path too."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from engine.layers.linear import linear
+from engine.layers.linear import Linear
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -16,12 +15,16 @@ from engine.layers.linear import linear
 @torch.inference_mode()  # as the engine runs (out= refuses tensors that need grad)
 def test_out_matches_a_fresh_result(bias, rows, gemv):
     torch.manual_seed(0)
-    layer = nn.Linear(48, 37, bias=bias)
-    layer.gemv_config = gemv
+    layer = Linear(48, 37, bias=bias)
+    torch.nn.init.normal_(layer.weight)
+    if bias:
+        torch.nn.init.normal_(layer.bias)
+    if gemv is not None:
+        layer.use_kernel(layer.gemv_kernel(gemv))
     x = torch.randn(rows, 48)
-    want = linear(layer, x)
+    want = layer(x)
     buf = torch.full((8, 37), float("nan"))
-    got = linear(layer, x, out=buf[:rows])
+    got = layer(x, out=buf[:rows])
     assert got.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(want, x @ layer.weight.T + (layer.bias if bias else 0), rtol=1e-5, atol=1e-5)

@@ -215,9 +215,9 @@ def test_batch1_gemv_path_gives_the_torch_backend_tokens(tiny_models, model):
                           num_blocks=32, max_model_len=64)
         try:
             if attention == "triton":
-                for mods, _ in _kinds(eng.runner.model).values():
+                for mods in _kinds(eng.runner.model).values():
                     for m in mods:
-                        m.gemv_config = (64, 32, 2)  # few programs: the interpreter is slow
+                        m.use_kernel(m.gemv_kernel((64, 32, 2)))  # few programs: the interpreter is slow
             results[attention] = eng.submit(Request(prompt_token_ids=prompt, params=params)).result().token_ids
         finally:
             eng.shutdown()

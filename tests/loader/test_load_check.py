@@ -93,11 +93,11 @@ def test_a_load_stops_between_weight_tensors_and_frees_what_it_loaded(model, mon
     """Review finding 7: a cancel is seen inside the weights loop, not after it."""
     import weakref
 
-    import engine.loader.build as build
+    import engine.runner.bring_up as bring_up
     from engine.models.llama import LlamaForCausalLM
 
     yielded, built = [], []
-    real_iter, real_materialize = build.iter_weights, LlamaForCausalLM.materialize
+    real_iter, real_materialize = bring_up.iter_weights, LlamaForCausalLM.materialize
 
     def counting_iter(path):
         for item in real_iter(path):
@@ -108,7 +108,7 @@ def test_a_load_stops_between_weight_tensors_and_frees_what_it_loaded(model, mon
         built.append(weakref.ref(self))
         return real_materialize(self, device)
 
-    monkeypatch.setattr(build, "iter_weights", counting_iter)
+    monkeypatch.setattr(bring_up, "iter_weights", counting_iter)
     monkeypatch.setattr(LlamaForCausalLM, "materialize", recording_materialize)
     total = len(list(real_iter(model)))
     with pytest.raises(LoadCancelledError) as caught:
@@ -122,13 +122,12 @@ def test_a_load_stops_between_weight_tensors_and_frees_what_it_loaded(model, mon
 
 
 def test_a_cancel_after_the_weights_frees_them(model, monkeypatch):
-    import engine.loader.build as build
-    import engine.loader.engine_loader as engine_loader
+    import engine.runner.bring_up as bring_up
 
     built, released = [], []
-    real_build, real_release = build.build_native, engine_loader.release_runner
-    monkeypatch.setattr(build, "build_native", lambda *a, **k: (real_build(*a, **k), built.append(1))[0])
-    monkeypatch.setattr(engine_loader, "release_runner", lambda r: (released.append(r), real_release(r)))
+    real_load, real_release = bring_up.materialize_weights, bring_up.release_runner
+    monkeypatch.setattr(bring_up, "materialize_weights", lambda *a, **k: (real_load(*a, **k), built.append(1))[0])
+    monkeypatch.setattr(bring_up, "release_runner", lambda r: (released.append(r), real_release(r)))
     with pytest.raises(LoadCancelledError):
         Engine.load(model, should_stop=lambda: bool(built), **OPTIONS)
     assert len(released) == 1 and released[0].model is None

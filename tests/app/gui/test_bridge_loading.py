@@ -122,7 +122,7 @@ def test_when_the_old_model_can_not_come_back_either_both_failures_are_told(qtbo
     qtbot.waitUntil(lambda: any(e[0] == "requestFinished" for e in events), timeout=LOAD_TIMEOUT)
     ended = next(e for e in events if e[0] == "requestFinished")
     assert ended[1] == rid and ended[2].reason == "error" and "no model is loaded" in ended[2].error
-    assert _load(qtbot, fake_bridge, "acme/next")["name"] == "acme/next"
+    assert _load(qtbot, fake_bridge, "acme/next").name == "acme/next"
     assert [e[0] for e in events].count("modelLoaded") == 1  # acme/next's alone
 
 

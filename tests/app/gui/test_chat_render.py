@@ -222,7 +222,7 @@ def test_load_choice_and_kv_memory_errors_name_dialog_fields_too(monkeypatch):
 
     from app.gui.error_text import gui_error
     from engine.api import Engine, HearthError
-    import engine.loader.engine_loader as loader
+    import engine.runner.memory as loader
 
     errors = []
     for kwargs in ({"attention": "no-such-backend"}, {"device": "cpu", "attention": "flash-attn"},
@@ -237,7 +237,7 @@ def test_load_choice_and_kv_memory_errors_name_dialog_fields_too(monkeypatch):
     config = EngineConfig(model=ModelConfig(model="x"), cache=CacheConfig(kv_cache_memory=100 * 2**40),
                           scheduler=SchedulerConfig())
     try:
-        loader._check_explicit_kv(config, torch.device("cpu"), block_bytes=2**20, max_model_len=2048,
+        loader.check_explicit_kv(config, torch.device("cpu"), block_bytes=2**20, max_model_len=2048,
                                   weights_bytes=2**30)
     except HearthError as e:
         errors.append(e)

@@ -214,7 +214,7 @@ def test_a_load_that_dies_of_a_base_exception_still_ends(fake_host):
     fake_host.state["fail"]["acme/crash"] = _Crash()
     fake_host.load(dict(model="acme/crash", quantization="none"))
     assert "unexpectedly" in fake_host.rec.wait_for(LoadFailed)[0].message
-    assert load(fake_host, "acme/next")["name"] == "acme/next"
+    assert load(fake_host, "acme/next").name == "acme/next"
 
 
 def test_a_quantization_that_is_not_there_yet_is_refused(fake_host):

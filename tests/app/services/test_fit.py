@@ -233,14 +233,14 @@ def test_the_estimate_matches_what_the_engine_loads(fake_hub, tiny_models, monke
     """The estimate for a Hub repo and Engine.load of the same checkpoint with the same
     options agree on weight and KV bytes (within 10%) on the CPU."""
     from engine.api import Engine, parse_bytes
-    from engine.loader import engine_loader
+    import engine.runner.memory as load_memory
 
     folder = tiny_models["llama-tied"]
     fake_hub.add_repo("acme/real-tiny", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
     # 24 MiB of free RAM, for both: the default CPU pool is a quarter of it (6 MiB), which
     # is less than 64 full contexts would use, so the RAM rule itself is compared.
     ram = 24 << 20
-    monkeypatch.setattr(engine_loader, "available_ram_bytes", lambda: ram)
+    monkeypatch.setattr(load_memory, "available_ram_bytes", lambda: ram)
     kv_memory = options.get("kv_cache_memory")
     est = fit.estimate_for_repo("acme/real-tiny", target=MemoryTarget("cpu", "RAM", ram, 4 * ram),
                                 weights=options.get("dtype", "auto"), context_len=options.get("max_model_len"),

@@ -1,0 +1,134 @@
+"""Kernel objects: how a linear module computes its product, chosen once at load.
+
+A linear module (``engine.layers.linear``) holds one of these and calls it with its own
+weight and bias on every forward; which one it holds is decided at load (the kernel plan
+picks the activation of the MLP's down projection, the GEMV tuner picks cuBLAS or a Triton
+GEMV config per kind of layer), never by a flag read while running. A quantized or sharded
+linear module brings kernel objects of its own.
+
+A batch-1 decode step is a stream over the weights, and on an H100 the Triton GEMV in
+``kernels/gemv.py`` read them 10-30% faster than cuBLAS for every Llama-8B projection
+(benchmarks/results/*-profile-gemv-8b-h100.json). Only single-row inputs take the GEMV;
+everything else (prefill, batched decode) is a plain matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (BLOCK_N, BLOCK_K, num_warps): the best configs of sweeps for the Llama-1B/8B shapes
+# (benchmarks/profile_gemv.py --sweep), on an H100 (the first five) and an H200 (the last
+# two). Each shape also tries its ``default_config`` first: on an H200 that default beat
+# cuBLAS by 18% on the 8B gate_up and lm_head, where none of the H100's five did.
+GEMV_CONFIGS = ((1, 1024, 2), (1, 1024, 4), (1, 1024, 8), (1, 512, 4), (16, 1024, 8),
+                (2, 1024, 4), (8, 256, 2))
+
+
+def gemv_configs(n: int, k: int) -> list[tuple[int, int, int]]:
+    """The Triton GEMV configs worth timing for an [n, k] weight, in timing order: the
+    shape's default first, then ``GEMV_CONFIGS`` (without repeating it)."""
+    from kernels.gemv import default_config
+
+    first = default_config(n, k)
+    return [first] + [c for c in GEMV_CONFIGS if c != first]
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` through torch (cuBLAS on a GPU); into ``out`` when given."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate in plain torch: ``silu(x[:, :I]) * x[:, I:]`` (the eager reference)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul_triton() -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same gate in one Triton kernel (``kernels/activation.py``), rounded alike."""
+    from kernels.activation import silu_and_mul
+
+    return silu_and_mul
+
+
+class LinearKernel:
+    """Computes ``x @ weight.T (+ bias)`` (into ``out``, [rows, N] contiguous, when given).
+    ``name`` is what ``model_info["batch1_matmul"]`` reports for the choice."""
+
+    name = "?"
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+class Matmul(LinearKernel):
+    """torch's matmul for every row count: cuBLAS on a GPU."""
+
+    name = "cublas"
+    __call__ = staticmethod(matmul)  # called as kernel(x, weight, bias, out): no extra frame
+
+
+class GemvForOneRow(LinearKernel):
+    """The Triton GEMV with a tuned ``config`` (BLOCK_N, BLOCK_K, num_warps) for one row;
+    a matmul for more rows."""
+
+    def __init__(self, config: tuple[int, int, int]) -> None:
+        from kernels.gemv import gemv
+
+        self.config = tuple(config)
+        self.name = "triton gemv %dx%d/%dw" % self.config
+        self._gemv = gemv
+
+    def __call__(self, x, weight, bias, out=None):
+        if x.shape[0] == 1:
+            return self._gemv(x, weight, bias, config=self.config, out=out)
+        if out is None:  # the common case inline: this runs in every layer of an eager step
+            return F.linear(x, weight, bias)
+        return matmul(x, weight, bias, out)
+
+
+class GatedMatmul(LinearKernel):
+    """For a projection whose input is SwiGLU's ``[gate | up]``: ``act`` (the reference or
+    the Triton SiLU-and-mul), then a matmul."""
+
+    name = "cublas"
+
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.act = act
+
+    def __call__(self, x, weight, bias, out=None):
+        if out is None:
+            return F.linear(self.act(x), weight, bias)
+        return matmul(self.act(x), weight, bias, out)
+
+
+class GatedGemvForOneRow(LinearKernel):
+    """SwiGLU fused into the Triton GEMV for one row (the [I] intermediate never goes
+    through memory); ``act`` then a matmul for more rows."""
+
+    def __init__(self, config: tuple[int, int, int], act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        from kernels.gemv import gemv
+
+        self.config = tuple(config)
+        self.name = "triton gemv %dx%d/%dw" % self.config
+        self.act = act
+        self._gemv = gemv
+
+    def __call__(self, x, weight, bias, out=None):
+        if x.shape[0] == 1:
+            return self._gemv(x, weight, bias, swiglu=True, config=self.config, out=out)
+        if out is None:
+            return F.linear(self.act(x), weight, bias)
+        return matmul(self.act(x), weight, bias, out)

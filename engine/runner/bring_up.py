@@ -1,0 +1,208 @@
+"""Bring-up: a native model from nothing to serving, in one entry (``ModelRunner.create``).
+
+The steps, in order:
+
+1. build the model on the meta device (shapes only, no memory);
+2. apply the load's model transforms (``model_transforms``): the one hook where weight
+   quantization and tensor-parallel sharding replace modules, still on the meta device;
+3. check memory: the bytes the transformed model will hold (``module_bytes``, not
+   "parameters x dtype"), and an explicit KV cache beside them;
+4. materialize, then fill every parameter through its own loader, streaming the
+   checkpoint one tensor at a time (``should_stop`` is asked before each);
+5. the kernel plan (``engine.layers.kernel_plan``): attention backend, fused kernels;
+6. size the KV cache and allocate it (``engine.runner.memory``);
+7. tune the batch-1 GEMV (``engine.runner.gemv_tuning``);
+8. capture CUDA graphs, which so hold the final kernel choices.
+
+A cancel or a failure at any step frees what the earlier ones took before it propagates.
+What a load measures goes into ``runner.load_info`` (merged into ``model_info``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.config import EngineConfig
+from engine.device import gib
+from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryError
+from engine.layers.attention import AttentionBackend, get_backend
+from engine.layers.kernel_plan import KernelPlan, apply_kernel_plan
+from engine.layers.modules import module_bytes
+from engine.loader.weights import iter_weights
+from engine.models.llama import LlamaForCausalLM
+from engine.models.spec import ModelSpec
+from engine.runner.lifecycle import empty_device_cache, release_module, release_runner, stop_check
+from engine.runner.memory import (activation_peak_bytes, check_explicit_kv, check_weights_fit, graph_reserve_bytes,
+                                  prompt_tokens, size_kv_cache)
+
+log = logging.getLogger("hearth.loader")
+
+#: A model transform: called on the model while it is still on the meta device, it may
+#: replace modules (``engine.layers.modules.replace_module``): quantized linears, shards.
+Transform = Callable[[nn.Module], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RandomWeights:
+    """Weights drawn at random from ``seed`` instead of read from a checkpoint
+    (benchmark shapes: a model's speed without its files)."""
+
+    seed: int
+
+
+#: Where a load's weights come from: a model folder (or one .safetensors file), or random.
+WeightsSource = Path | RandomWeights
+
+
+def model_transforms(config: EngineConfig, rank: int = 0, world_size: int = 1) -> list[Transform]:
+    """The model transforms a load of ``config`` applies, in order, on shard ``rank`` of
+    ``world_size``. None yet: weight quantization and tensor-parallel sharding plug in here."""
+    return []
+
+
+def build_on_meta(spec: ModelSpec, dtype: torch.dtype, max_model_len: int,
+                  transforms: Sequence[Transform] = ()) -> LlamaForCausalLM:
+    """The model on the meta device with ``transforms`` applied (modules they create land
+    on the meta device too)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(spec, dtype, max_model_len)
+        for transform in transforms:
+            transform(model)
+    return model
+
+
+def transformed_weight_bytes(spec: ModelSpec, dtype: torch.dtype, max_model_len: int,
+                             transforms: Sequence[Transform] = ()) -> int:
+    """Bytes the model's weights will take once loaded with ``transforms`` (the load
+    pre-flight, ``engine.loader.load_check``, counts them so)."""
+    return module_bytes(build_on_meta(spec, dtype, max_model_len, transforms))
+
+
+def usable_backend(attention: str, device: torch.device) -> type[AttentionBackend]:
+    """The attention backend class ``attention`` names, if it can run on ``device``."""
+    backend = get_backend(attention)
+    reasons = backend.available(device)
+    if reasons:
+        raise InvalidRequestError(f"attention backend {attention!r} can't run here: {'; '.join(reasons)}")
+    return backend
+
+
+def materialize_weights(model: LlamaForCausalLM, weights: WeightsSource, device: torch.device, need: int,
+                        should_stop: Callable[[], bool] | None = None) -> None:
+    """Allocate ``model`` on ``device`` and fill it: random, or streamed from the
+    checkpoint one tensor at a time (mmap'd, so RAM never holds a second full copy),
+    each through its parameter's loader. ``should_stop`` is asked before each tensor."""
+    try:
+        model.materialize(device)
+        if isinstance(weights, RandomWeights):
+            model.init_random(weights.seed)
+        else:
+            stream = iter_weights(weights)
+            if should_stop is not None:
+                stream = _stoppable(stream, should_stop)
+            model.load_weights(stream, source=str(weights))
+        model.eval()
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemoryError(
+            f"out of memory while loading the weights ({gib(need)}): {e}. Pick a smaller or "
+            "quantized model, or free memory."
+        ) from None
+
+
+def _stoppable(weights: Iterable[tuple[str, torch.Tensor]],
+               should_stop: Callable[[], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    for item in weights:
+        if should_stop():
+            raise LoadCancelledError("loading cancelled")
+        yield item
+
+
+def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: WeightsSource, *,
+             device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, attention: str,
+             max_model_len: int, rank: int = 0, world_size: int = 1,
+             progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+             transforms: Sequence[Transform] | None = None):
+    """``ModelRunner.create``'s steps (see the module docstring); returns the runner."""
+    say = progress or (lambda msg: log.info(msg))
+    stop = stop_check(should_stop)
+    if (rank, world_size) != (0, 1):
+        raise InvalidRequestError(f"rank {rank} of {world_size}: Hearth runs a model on one device only.")
+    backend = usable_backend(attention, device)
+    cc = config.cache
+    if transforms is None:
+        transforms = model_transforms(config, rank, world_size)
+    model = build_on_meta(spec, dtype, max_model_len, transforms)
+    need = module_bytes(model)
+    # An explicit KV size that can't fit is refused now, not after the weights load.
+    check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
+                      max_model_len, weights_bytes=need)
+    say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')})")
+    check_weights_fit(need, device, str(spec.torch_dtype or dtype))
+    runner = None
+    try:
+        materialize_weights(model, weights, device, need, should_stop)
+        plan = KernelPlan.for_backend(backend)
+        apply_kernel_plan(model, plan)
+        runner = runner_cls(model, spec, device, dtype, cc.block_size, attention, plan,
+                            enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
+        info = runner.load_info
+        # From here on a failure or a cancel frees the runner's weights and cache at once.
+        graphs = runner.graphs_reason() is None
+        size_kv_cache(runner, config, device, runner.kv_block_bytes(), max_model_len, info, say, stop,
+                      peak_bytes=lambda n: activation_peak_bytes(runner, n),
+                      graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p)) if graphs else None)
+        stop()
+        if runner.gemv_reason() is None:
+            info["batch1_matmul"] = runner.tune_gemv(say)
+        stop()
+        capture_graphs(runner, config, max_model_len, info, say)
+        return runner
+    except BaseException:
+        # The traceback being raised still references the half-loaded model (load_weights'
+        # frame holds it), so dropping our name for it frees nothing: let go of its tensors.
+        if runner is not None:
+            release_runner(runner)
+        else:
+            release_module(model)
+        empty_device_cache(device)
+        raise
+
+
+def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[str, Any],
+                   say: Callable[[str], None]) -> None:
+    """Capture the prompt and decode CUDA graphs where they can run; a capture that fails
+    leaves the runner eager rather than failing the load. Records what happened in ``info``."""
+    graphs_reason = runner.graphs_reason()
+    info["cuda_graphs"] = graphs_reason is None
+    if graphs_reason is None:
+        try:
+            info["cuda_graph_bytes"] = runner.capture_graphs(
+                config.scheduler.max_num_seqs, max_model_len, say, prompt_tokens(config, max_model_len))
+            # One sequence's prompt (or chunk) up to this many tokens replays a graph.
+            pg = runner.prompt_graphs
+            info["prompt_graph_tokens"] = top = pg.max_tokens if pg else 0
+            if pg:  # bucket -> [replay ms, eager ms] as measured at load
+                info["prompt_graph_ms"] = {q: [round(pg.graph_ms[q], 3), round(pg.eager_ms[q], 3)]
+                                           for q in pg.graph_ms}
+            say(f"prompt graphs: prompts up to {top} tokens" if top else
+                "prompt graphs: none pays on this GPU; prompts run eagerly")
+            # Buckets served by a larger graph because it measured faster (cuBLAS cliffs).
+            info["cuda_graph_routes"] = routes = {b: r for b, r in runner.graphs.routes.items() if b != r}
+            if routes:
+                say("decode graphs timed: " + ", ".join(f"batches up to {b} run in the {r} graph"
+                                                        for b, r in sorted(routes.items())))
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
+            log.warning("CUDA graph capture failed, running eagerly: %s", e)
+            runner.graphs = runner.prompt_graphs = None
+            torch.cuda.empty_cache()
+            graphs_reason = f"capture failed: {e}"
+            info["cuda_graphs"] = False
+    if graphs_reason is not None:
+        info["cuda_graphs_off"] = graphs_reason
