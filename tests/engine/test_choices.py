@@ -17,11 +17,12 @@ CPU_ONLY = not torch.cuda.is_available()
 
 def test_every_kind_lists_its_choices_with_reasons_on_this_machine(monkeypatch):
     assert CHOICE_KINDS == ("device", "dtype", "attention", "kv_cache_dtype", "quantization")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the CPU test run sets it (a GPU run doesn't)
     on_cpu = {kind: {c.name: c for c in list_choices(kind, "cpu")} for kind in CHOICE_KINDS if kind != "device"}
     assert list(on_cpu["attention"]) == ["auto", "torch", "triton", "flash-attn"]
     assert on_cpu["attention"]["torch"].available and on_cpu["attention"]["auto"].available
-    # Each backend's own available() says why it can't run on the CPU (the test run's
-    # TRITON_INTERPRET lets Triton run there; without it, it says it needs CUDA).
+    # Each backend's own available() says why it can't run on the CPU (TRITON_INTERPRET
+    # lets Triton run there; without it, it says it needs CUDA).
     triton = on_cpu["attention"]["triton"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert triton.available and "CUDA" in get_choice("attention", "triton", "cpu").reasons[0]
