@@ -4,6 +4,8 @@ validates against it; ``Engine.load`` refuses an option it doesn't know, naming 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,15 +19,17 @@ CPU_ONLY = not torch.cuda.is_available()
 
 def test_every_kind_lists_its_choices_with_reasons_on_this_machine(monkeypatch):
     assert CHOICE_KINDS == ("device", "dtype", "attention", "kv_cache_dtype", "quantization")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the CPU test run sets it (a GPU run doesn't)
     on_cpu = {kind: {c.name: c for c in list_choices(kind, "cpu")} for kind in CHOICE_KINDS if kind != "device"}
     assert list(on_cpu["attention"]) == ["auto", "torch", "triton", "flash-attn"]
     assert on_cpu["attention"]["torch"].available and on_cpu["attention"]["auto"].available
-    # Each backend's own available() says why it can't run on the CPU (TRITON_INTERPRET
-    # lets Triton run there; without it, it says it needs CUDA).
+    # Each backend's own available() says why it can't run on the CPU (TRITON_INTERPRET,
+    # which the CPU test run sets, lets Triton run there; without it, it says it needs CUDA).
+    # The variable is never set to 1 here: kernels decorated meanwhile would stay
+    # interpreted for the rest of a GPU test run.
     triton = on_cpu["attention"]["triton"]
+    assert triton.available == (os.environ.get("TRITON_INTERPRET") == "1")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert triton.available and "CUDA" in get_choice("attention", "triton", "cpu").reasons[0]
+    assert "CUDA" in get_choice("attention", "triton", "cpu").reasons[0]
     assert not on_cpu["attention"]["flash-attn"].available
     assert list(on_cpu["dtype"]) == ["auto", "bfloat16", "float16", "float32"]
     assert on_cpu["dtype"]["auto"].bytes_per_param == 4 and "float32" in on_cpu["dtype"]["auto"].label
