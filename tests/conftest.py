@@ -19,6 +19,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+#: For tests that run Triton kernels on CPU tensors (the interpreter): a GPU test run
+#: compiles them for CUDA instead, and such a test can't run there.
+needs_triton_on_cpu = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs Triton kernels on the CPU: needs TRITON_INTERPRET=1, which the CPU test run sets")
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 

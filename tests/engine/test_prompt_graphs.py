@@ -14,6 +14,7 @@ import torch
 
 from engine.api import Engine, Request, SamplingParams
 from engine.runner.prompt_graphs import BUCKETS, PromptGraphs, keep_buckets, prompt_buckets, reserve_bytes
+from tests.conftest import needs_triton_on_cpu
 from tests.engine.test_engine_batching import ids_of
 
 
@@ -82,6 +83,7 @@ def _install(engine: Engine, max_tokens: int) -> PromptGraphs:
     return pg
 
 
+@needs_triton_on_cpu
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen3"])
 def test_replayed_prompts_give_the_reference_tokens(tiny_models, family):
     """Sequential single prompts: lengths inside a bucket (padding rows), at a block edge,
@@ -113,6 +115,7 @@ def test_replayed_prompts_give_the_reference_tokens(tiny_models, family):
     assert replays == 8
 
 
+@needs_triton_on_cpu
 def test_runner_leaves_batches_and_long_chunks_to_the_eager_path(tiny_models):
     """Every step, whatever the engine thread happened to batch: a replay exactly when the
     step is one sequence with 2..16 new tokens (the largest bucket here is 16)."""
@@ -142,6 +145,7 @@ def test_runner_leaves_batches_and_long_chunks_to_the_eager_path(tiny_models):
         eng.shutdown()
 
 
+@needs_triton_on_cpu
 @pytest.mark.parametrize("n", [1, 16])
 def test_run_lays_out_rows_and_padding(tiny_models, n):
     """The static buffers after run(): real rows first, padding rows write nowhere."""

@@ -173,7 +173,8 @@ class _EagerGraphs:
         meta = r._metadata(tables, positions, [1] * len(positions))
         assert meta.slot_mapping.tolist() == slots
         self.replays += 1
-        return r.model.compute_logits(r.model(torch.tensor(ids), torch.tensor(positions), r.kv_caches, meta))
+        return r.model.compute_logits(r.model(torch.tensor(ids, device=r.device), torch.tensor(positions, device=r.device),
+                                                  r.kv_caches, meta))
 
 
 def test_pipelined_decode_from_runner_input(tiny_models):
