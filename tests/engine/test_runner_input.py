@@ -182,7 +182,8 @@ def test_pipelined_decode_from_runner_input(tiny_models):
     lone request's last token launches nothing."""
     import types
 
-    eng = load(tiny_models["llama-tied"], max_num_seqs=3, enable_prefix_caching=False)
+    # Eager first (on a GPU too: no graphs of its own), then the stand-in graphs.
+    eng = load(tiny_models["llama-tied"], max_num_seqs=3, enable_prefix_caching=False, enforce_eager=True)
     try:
         prompts = [ids_of(n, seed=n) for n in (3, 9, 14, 6, 20)]
         params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (7, 3, 12, 5, 9)]
