@@ -52,7 +52,7 @@ def outcomes(rec: Recorder, since: int = 0) -> list:
             detail = {ModelLoading: "name", ModelLoaded: "info", LoadFailed: "message", LoadSuperseded: "name",
                       FinishedEvent: "reason"}.get(type(e))
             value = getattr(e, detail) if detail else None
-            out.append((type(e).__name__, value["name"] if isinstance(value, dict) else value))
+            out.append((type(e).__name__, value.name if isinstance(e, ModelLoaded) else value))
     return out
 
 
