@@ -17,7 +17,6 @@ from dataclasses import replace
 from typing import Callable
 
 from engine.config import EngineConfig, config_from_options
-from engine.context_fit import fit_messages
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
@@ -28,7 +27,7 @@ from engine.output import RequestState
 from engine.requests import Completion, EventCallback, Request, RequestHandle
 from engine.runner.io import NewRequest, RunnerInput, StepRow, needs_token_context
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import check_text
+from engine.prompt_ids import check_request_text, prompt_ids
 
 log = logging.getLogger("hearth.engine")
 
@@ -140,8 +139,9 @@ class Engine:
         if isinstance(request, str):
             request = Request(prompt=request, params=params or SamplingParams())
         self._check_alive()  # fail fast, before tokenizing
-        _check_request_text(request)
-        ids, dropped = self._prompt_ids(request)
+        check_request_text(request)
+        ids, dropped = prompt_ids(request, self.tokenizer, self.max_model_len, self.model_info.vocab_size,
+                                  self.block_manager.num_blocks * self.block_manager.block_size)
         rid = request.request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         seq = Sequence(rid, ids, params=request.params)
         events = None if on_event is None else EventCallback(rid, on_event, self.abort)
@@ -283,53 +283,6 @@ class Engine:
 
     def __exit__(self, *exc):
         self.shutdown()
-
-    def _prompt_ids(self, r: Request) -> tuple[list[int], int]:
-        """The request's prompt ids, checked against the context and the KV cache, and how
-        many messages ``fit_context`` dropped to make them fit."""
-        given = [x is not None for x in (r.prompt, r.messages, r.prompt_token_ids)]
-        if sum(given) != 1:
-            raise InvalidRequestError("give exactly one of prompt, messages or prompt_token_ids")
-        if r.fit_context and r.messages is None:
-            raise InvalidRequestError("fit_context trims a conversation: give messages, not a prompt")
-        dropped = 0
-        if r.messages is not None:
-            if not r.messages:
-                raise InvalidRequestError("messages is empty: send at least one message")
-            if r.fit_context:
-                ids, dropped = fit_messages(
-                    lambda msgs: self.tokenizer.apply_chat_template(msgs, system=r.system), r.messages,
-                    system=r.system, max_tokens=r.params.max_tokens, max_model_len=self.max_model_len)
-            else:
-                ids = self.tokenizer.apply_chat_template(r.messages, system=r.system)
-        elif r.prompt is not None:
-            if r.system:
-                raise InvalidRequestError("a system prompt needs chat mode (messages / --chat)")
-            if not r.prompt.strip():
-                raise InvalidRequestError("the prompt is empty: type something to continue")
-            ids = self.tokenizer.encode(r.prompt)
-        else:
-            ids = list(r.prompt_token_ids)
-            vocab = self.model_info.vocab_size
-            bad = [t for t in ids if not (0 <= t < vocab)]
-            if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty after tokenization")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len}: "
-                "shorten the prompt or load the model with a longer context (--max-model-len).",
-                options=("max_model_len",),
-            )
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if len(ids) >= capacity:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens but the KV cache holds {capacity}: "
-                "give the KV cache more memory (--kv-cache-memory) or shorten the prompt.",
-                options=("kv_cache_memory",),
-            )
-        return ids, dropped
 
     # -- engine thread -----------------------------------------------------------------
     def _loop(self) -> None:
@@ -494,22 +447,6 @@ class Engine:
             self._num_finished += 1
         with self._cv:
             self._states.pop(state.seq.request_id, None)
-
-
-def _check_request_text(r: Request) -> None:
-    """Refuse text the tokenizer can't encode (lone surrogates: undecodable bytes from a
-    terminal or a file), naming the field, before any of it is tokenized."""
-    if isinstance(r.prompt, str):
-        check_text(r.prompt, "the prompt")
-    if isinstance(r.system, str):
-        check_text(r.system, "the system prompt")
-    if isinstance(r.messages, list):
-        for i, m in enumerate(r.messages):
-            if isinstance(m, dict):
-                for key, value in m.items():
-                    check_text(value, f"messages[{i}].{key}")
-    for stop in getattr(r.params, "stop", None) or ():
-        check_text(stop, f"the stop string {stop!r}")
 
 
 def _warm_up_failure(e: BaseException) -> HearthError:
