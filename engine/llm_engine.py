@@ -54,6 +54,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.runner = loaded.runner
         self.max_model_len = loaded.max_model_len
+        self.config = config = loaded.config  # as it ran: a backend may need its own KV block size
         self.block_manager = BlockManager(loaded.num_blocks, config.cache.block_size,
                                           enable_prefix_caching=loaded.prefix_caching)
         # Pipelined decode (CUDA graphs) launches each step before the host sees the last

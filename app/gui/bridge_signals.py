@@ -1,5 +1,5 @@
 """The signals the engine bridge delivers to the pages (``app.gui.bridge.EngineBridge``
-and its worker both carry them; test fakes subclass ``BridgeSignals`` too)."""
+emits them, queued from the engine host's events; test fakes subclass ``BridgeSignals`` too)."""
 
 from __future__ import annotations
 

@@ -391,8 +391,11 @@ class ChatPage(QWidget):
         a = self._active
         if a is None or a["rid"] != rid:
             return
+        first = not a["text"]
         a["text"] += text
-        if not self._render_timer.isActive():
+        if first:  # the first token is shown at once; later ones are painted together
+            self._render_active()
+        elif not self._render_timer.isActive():
             self._render_timer.start()
 
     def _on_prompt_progress(self, rid: str, done: int, total: int) -> None:

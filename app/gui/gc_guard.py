@@ -1,7 +1,7 @@
 """Run Python's cyclic garbage collector on the GUI thread only.
 
 CPython collects cycles in whichever thread happens to allocate when a generation's
-threshold trips. In this app that is often the engine bridge's worker thread (loading a
+threshold trips. In this app that is often the engine host's load thread (loading a
 model allocates a lot); if the garbage holds Qt widgets (a closed page or dialog kept in
 a cycle by a lambda slot), Qt then destroys GUI objects off the GUI thread, which
 crashes. So automatic collection is turned off and a timer on the GUI thread collects

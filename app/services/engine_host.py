@@ -34,7 +34,7 @@ from app.services.host_events import (EngineError, LoadFailed, ModelLoaded, Requ
                                       ended)
 from app.services.host_loading import LOAD_JOIN_TIMEOUT_S, SWAP_WAIT_S, LoadTicket, reload_outcome, user_options
 from app.services.host_thread import HostThread
-from engine.api import Engine, FinishedEvent, HearthError, Request, check_model, model_display_name
+from engine.api import Engine, FinishedEvent, HearthError, InvalidRequestError, Request, check_model
 
 log = logging.getLogger("hearth.host")
 
@@ -140,6 +140,10 @@ class EngineHost(EngineSwaps):
         reaches the engine (no model, a prompt too long) ends with a FinishedEvent too."""
         if request.request_id is None:
             request = dataclasses.replace(request, request_id=f"host-{uuid.uuid4().hex[:12]}")
+        elif self._in_use(request.request_id):
+            # Its events would be taken for the live request's (and end it for subscribers).
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use: give each "
+                                      "request its own id, or none (one is made).")
         with self._lock:
             closed = self._shut_down
         if closed:
@@ -147,6 +151,10 @@ class EngineHost(EngineSwaps):
         else:
             self._thread.post(self._submit, request)
         return request.request_id
+
+    def _in_use(self, request_id: str) -> bool:
+        """A request with this id is running or held (read from any thread: a copy of each)."""
+        return request_id in dict(self._live) or any(r.request_id == request_id for r in list(self._held))
 
     def abort(self, request_id: str) -> None:
         """End a request (reason "abort"; a no-op for one that has ended)."""

@@ -31,7 +31,7 @@ from app.services.host_events import LoadFailed, LoadProgress, LoadSuperseded, M
 from app.services.host_loading import (LOAD_CANCELLED, LoadTicket, Released, cut_reason, loaded_footprint,
                                        release_note, release_progress, reload_outcome, reload_progress,
                                        wait_progress)
-from engine.api import LOAD_OPTIONS, HearthError, LoadCancelledError, model_display_name
+from engine.api import LOAD_OPTIONS, HearthError, LoadCancelledError, get_choice, model_display_name
 
 log = logging.getLogger("hearth.host")
 
@@ -73,9 +73,9 @@ class EngineSwaps:
         if options["_ticket"].is_set():
             self._end_cancelled(options)
             return
-        quant = options.get("quantization") or "none"
-        if quant != "none":
-            self._publish(LoadFailed(f"quantization {quant!r} is not available yet; load with 'none'."))
+        problem = _quantization_problem(options)
+        if problem is not None:  # refused before the loaded model is asked to make room
+            self._publish(LoadFailed(problem))
             return
         if self._next is not None:  # replaced before it started
             self._end_cancelled(self._next)
@@ -263,3 +263,16 @@ class EngineSwaps:
                 self._thread.post(self._finish_load)
             elif engine is not None:  # loaded as the host shut down: free it (shutdown may run twice)
                 self._shut(engine)
+
+
+def _quantization_problem(options: dict) -> str | None:
+    """Why the load's quantization can't be used here (the choices registry's reasons),
+    or None."""
+    quant = options.get("quantization") or "none"
+    try:
+        choice = get_choice("quantization", quant, options.get("device") or "auto")
+    except HearthError as e:
+        return str(e)
+    if choice.available:
+        return None
+    return f"quantization {choice.name!r} can't be used here: {'; '.join(choice.reasons)}. Load with 'none'."

@@ -15,7 +15,7 @@ import uuid
 
 from app.services.engine_host import EngineHost
 from app.services.host_events import RequestStarted
-from engine.api import Completion, FinishedEvent, PromptProgressEvent, Request, TokenEvent
+from engine.api import Completion, FinishedEvent, InvalidRequestError, PromptProgressEvent, Request, TokenEvent
 
 _REQUEST_EVENTS = (TokenEvent, PromptProgressEvent, FinishedEvent, RequestStarted)
 
@@ -38,6 +38,9 @@ class AsyncEngineHost:
         (``RequestStarted``, then the engine's, ending with its one FinishedEvent)."""
         if request.request_id is None:
             request = dataclasses.replace(request, request_id=f"async-{uuid.uuid4().hex[:12]}")
+        elif request.request_id in self._queues:  # its stream would take the live one's events
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use: give each "
+                                      "request its own id, or none (one is made).")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request.request_id] = queue
         self.host.submit(request)

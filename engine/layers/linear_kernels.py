@@ -61,7 +61,7 @@ def silu_and_mul_triton() -> Callable[[torch.Tensor], torch.Tensor]:
 
 class LinearKernel:
     """Computes ``x @ weight.T (+ bias)`` (into ``out``, [rows, N] contiguous, when given).
-    ``name`` is what ``model_info["batch1_matmul"]`` reports for the choice."""
+    ``name`` is what ``ModelInfo.batch1_matmul`` reports for the choice."""
 
     name = "?"
 

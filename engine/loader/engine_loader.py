@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,8 +19,8 @@ from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTok
                                        shape_model_config)
 from engine.model_info import ModelInfo
 from engine.models.spec import ModelSpec, read_config
-# Freeing a runner (an unload, a failed warm-up: llm_engine) and the cancel check live with the runner.
-from engine.runner.lifecycle import release_runner, stop_check  # noqa: F401 - re-exported
+# Freeing a runner (an unload, a failed warm-up: llm_engine) lives with the runner.
+from engine.runner.lifecycle import release_runner, stop_check
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("hearth.loader")
@@ -34,6 +34,7 @@ class LoadedModel:
     max_model_len: int
     num_blocks: int
     prefix_caching: bool
+    config: EngineConfig  # the load's config as it ran (the KV block size its backend needs)
 
 
 @dataclass(slots=True)
@@ -156,15 +157,20 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         if block_size != cc.block_size:
             say(f"the {info['attention']} backend pages the KV cache in blocks of {block_size} tokens: "
                 f"using block_size={block_size}")
-            cc.block_size = block_size
+            # A copy: the caller's config (the bench reuses one for several loads) stays as asked.
+            config = replace(config, cache=replace(cc, block_size=block_size))
+            cc = config.cache
         weights = path if found.random_seed is None else RandomWeights(found.random_seed)
         runner = ModelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
                                     attention=info["attention"], max_model_len=max_model_len,
                                     progress=say, should_stop=should_stop)
         prefix = cc.enable_prefix_caching
-    info.update(runner.load_info)
-    return LoadedModel(ModelInfo.from_dict(dict(info, quantization=mc.quantization)), tokenizer, runner,
-                       max_model_len, runner.num_blocks, prefix)
+    try:  # strictly: a field name the runner misspelt is an error here, not a silent drop
+        model_info = ModelInfo(**{**info, **runner.load_info, "quantization": mc.quantization})
+    except BaseException:
+        release_runner(runner)
+        raise
+    return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix, config)
 
 
 def kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:

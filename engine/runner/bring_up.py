@@ -144,7 +144,8 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
                       max_model_len, weights_bytes=need)
     say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')})")
-    check_weights_fit(need, device, str(spec.torch_dtype or dtype))
+    quant = config.model.quantization
+    check_weights_fit(need, device, str(dtype).removeprefix("torch.") if quant == "none" else quant)
     runner = None
     try:
         materialize_weights(model, weights, device, need, should_stop)

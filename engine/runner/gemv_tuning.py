@@ -72,9 +72,11 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
         if not mods:
             continue
         first = mods[0]
+        kernels = first.kernel_candidates()
+        if len(kernels) < 2:  # one kernel (or none, a module that picks its own): nothing to time
+            continue
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(1, first.input_width, device=device, generator=gen).to(first.weight.dtype)
-        kernels = first.kernel_candidates()
         try:
             best, best_ms = _choose(mods, kernels, x, kind, graphed=True)
         except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly

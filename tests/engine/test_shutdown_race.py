@@ -38,7 +38,7 @@ def cheap_engines(tiny_models):
     first = Engine.load(str(tiny_models["llama-tied"]), **cfg_kw)
     loaded = engine_loader.LoadedModel(first.model_info, first.tokenizer, first.runner,
                                        first.max_model_len, first.block_manager.num_blocks,
-                                       True)
+                                       True, first.config)
     real_release = engine_loader.release_runner
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine_loader, "load_model", lambda config, progress=None, should_stop=None: loaded)

@@ -271,3 +271,19 @@ def test_hearth_starts_with_a_damaged_history(tmp_path):
     (aside,) = data.glob("chats.sqlite3.corrupt-*")
     assert aside.name in proc.stderr  # said where the old file went
     assert ChatStore(data / "chats.sqlite3").schema_version >= 1  # a new, working history
+
+
+def test_the_first_token_is_painted_at_once_and_later_ones_together(qtbot, gui_env):
+    """Pushed tokens reach the page with no polling delay: the first is shown as its signal
+    arrives (no render timer in between); later ones wait for the next paint."""
+    store = ChatStore(gui_env["data"] / "chats.sqlite3")
+    page, bridge = _manual_page(qtbot, gui_env, store)
+    page.input.setPlainText("Hello")
+    qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
+    (rid,) = bridge.requests
+    bridge.tokenReceived.emit(rid, "Hi")
+    answer = page.message_widgets()[-1]
+    assert answer.text == "Hi" and not page._render_timer.isActive()
+    bridge.tokenReceived.emit(rid, " there")
+    assert answer.text == "Hi" and page._render_timer.isActive()
+    qtbot.waitUntil(lambda: answer.text == "Hi there", timeout=2000)

@@ -13,7 +13,8 @@ from app.services.engine_host import EngineHost
 from app.services.host_events import (LoadFailed, LoadProgress, LoadSuperseded, ModelLoaded, ModelLoading,
                                       ModelUnloaded, RequestStarted, StatsUpdated)
 from app.services.host_loading import LOAD_CANCELLED
-from engine.api import FinishedEvent, LoadCancelledError, ModelCheck, OutOfMemoryError, Request, SamplingParams
+from engine.api import (FinishedEvent, InvalidRequestError, LoadCancelledError, ModelCheck, OutOfMemoryError, Request,
+                        SamplingParams)
 from tests.app.services.fake_engine import fake_loads
 from tests.app.services.host_recorder import Recorder
 
@@ -190,7 +191,7 @@ def test_quitting_during_a_load_stops_it_without_waiting_for_it(monkeypatch):
         if model == "acme/stuck":
             never.wait(30)  # checks nothing, like a download
             return None
-        while not should_stop():  # as build_native between tensors
+        while not should_stop():  # as the bring-up between weight tensors
             never.wait(0.01)
         raise LoadCancelledError("loading cancelled")
 
@@ -219,4 +220,27 @@ def test_a_load_that_dies_of_a_base_exception_still_ends(fake_host):
 
 def test_a_quantization_that_is_not_there_yet_is_refused(fake_host):
     fake_host.load(dict(model="acme/a", quantization="nf4"))
-    assert "not available yet" in fake_host.rec.wait_for(LoadFailed)[0].message
+    message = fake_host.rec.wait_for(LoadFailed)[0].message
+    assert "'bnb-nf4' can't be used here" in message and "not implemented yet" in message
+
+
+def test_the_host_asks_the_choices_registry_not_a_list_of_its_own(fake_host, monkeypatch):
+    """A quantization the registry says can run here loads (the next issue registers
+    them): the host keeps no rule of its own."""
+    from engine import choices
+
+    monkeypatch.setitem(choices._REGISTRY, "quantization", dict(choices._REGISTRY["quantization"]))
+    choices.register(choices.Choice("quantization", "test-q", "a test quantization", bytes_per_param=1))
+    fake_host.load(dict(model="acme/a", quantization="test-q"))
+    assert fake_host.rec.wait_for(ModelLoaded)[0].info.name == "acme/a"
+    assert not [e for e in fake_host.rec.events if isinstance(e, LoadFailed)]
+
+
+def test_a_request_id_in_use_is_refused_without_touching_the_live_request(fake_host):
+    """Its events would be taken for the live request's: the second submit is refused."""
+    load(fake_host, "acme/a")
+    rid = fake_host.submit(Request(prompt="Hello", request_id="mine", params=SamplingParams(max_tokens=5)))
+    fake_host.rec.wait(lambda evs: fake_host.rec.of(rid))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        fake_host.submit(Request(prompt="Again", request_id="mine", params=SamplingParams(max_tokens=5)))
+    assert not [e for e in fake_host.rec.of(rid) if isinstance(e, FinishedEvent)]
