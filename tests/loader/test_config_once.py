@@ -1,6 +1,7 @@
-"""config.json is read once per load, into the model spec (issue 13 item 4): the folder's
-validation parses it, and the load and its pre-flight take it from there; the summary the
-fit estimate sizes memory from is the native spec's own numbers."""
+"""config.json is parsed once per load, into the model spec (issue 13 item 4): the folder's
+validation parses it and the load takes it from there (a pre-flight ``check_model`` is a
+separate call and parses it once too); the summary the fit estimate sizes memory from is
+the native spec's own numbers."""
 
 from __future__ import annotations
 
@@ -20,11 +21,18 @@ def no_second_read(monkeypatch):
     monkeypatch.setattr(engine_loader, "read_config", read_again)
 
 
-def test_a_load_and_its_check_read_config_json_once(tiny_model_dir, no_second_read):
+def test_a_load_and_its_check_read_config_json_once(tiny_model_dir, no_second_read, monkeypatch):
+    from engine.loader import resolve
+
+    parses = []
+    real = resolve.validate_model_folder
+    monkeypatch.setattr(resolve, "validate_model_folder", lambda path: parses.append(path) or real(path))
     check = check_model(str(tiny_model_dir), device="cpu", max_model_len=64, num_blocks=8)
+    assert len(parses) == 1
     engine = Engine.load(str(tiny_model_dir), device="cpu", max_model_len=64, num_blocks=8)
     try:
         assert engine.model_info.model_type == "llama" and check.name == engine.model_info.name
+        assert len(parses) == 2  # the load's own: one
     finally:
         engine.shutdown()
 
