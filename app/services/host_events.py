@@ -14,9 +14,9 @@ follows (it ends no load asked for).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Union
 
-from engine.api import EngineEvent, EngineStats, FinishedEvent, Timings, Usage
+from engine.api import EngineEvent, EngineStats, FinishedEvent, ModelInfo, Timings, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class ModelLoaded:
     engine's); ``reloaded``: a model brought back after a failed load (it ends no load
     asked for)."""
 
-    info: Any
+    info: ModelInfo
     reloaded: bool = False
 
 

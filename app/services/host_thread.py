@@ -44,10 +44,6 @@ class HostThread:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    @property
-    def is_current(self) -> bool:
-        return threading.current_thread() is self._thread
-
     def start_timer(self, name: str, delay_s: float, fn: Callable[[], None], repeat: bool = False) -> None:
         """Call ``fn`` on this thread after ``delay_s`` (then every ``delay_s`` if
         ``repeat``), replacing a timer of the same name."""
