@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import LoadCancelledError, ModelLoadError, UnsupportedModelError
+from engine.errors import LoadCancelledError, ModelLoadError, OutOfMemoryError, UnsupportedModelError
 from engine.runner.io import RunnerInput, RunnerOutput
 from engine.runner.request_state import KeptRequest, RequestStateMixin
 from engine.runner.sampler import Sampler
@@ -84,12 +84,21 @@ class HFRunner(RequestStateMixin):
             ) from None
         except OSError as e:
             raise ModelLoadError(f"{path}: could not read the model ({e}); re-download it.") from None
-        if should_stop is not None and should_stop():
-            from engine.runner.lifecycle import release_module
+        from engine.runner.lifecycle import release_module
 
+        if should_stop is not None and should_stop():
             release_module(model)  # its tensors go now, whoever still references the module
             raise LoadCancelledError("loading cancelled")
-        return cls(model.to(device).eval(), device, dtype)
+        try:
+            model = model.to(device)
+        except torch.OutOfMemoryError:
+            release_module(model)  # what was moved and what wasn't, both go now
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"the model doesn't fit in the free memory of {device}: load it on the CPU (--device cpu), "
+                "pick a smaller model, or free memory.", options=("device",)) from None
+        return cls(model.eval(), device, dtype)
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())

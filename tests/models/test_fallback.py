@@ -50,3 +50,36 @@ def test_forced_fallback_on_a_native_family(tiny_models):
     finally:
         native.shutdown()
         fallback.shutdown()
+
+
+def test_a_fallback_model_that_does_not_fit_the_device_is_refused_and_freed(tmp_path, tokenizer_files, monkeypatch):
+    """Running out of memory while the fallback moves its model to the device: a clear
+    error naming what to do, and none of the model's tensors kept."""
+    from transformers import GPT2Config
+
+    import engine.runner.lifecycle as lifecycle
+    from engine.api import OutOfMemoryError
+
+    path = save_tiny(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=49152, n_positions=64),
+                     tmp_path / "gpt2", tokenizer_files)
+    freed = []
+    real_release, real_to = lifecycle.release_module, torch.nn.Module.to
+
+    def release(model):
+        freed.append(model)
+        real_release(model)
+
+    def to(self, *args, **kwargs):  # the move to the device runs out of memory; freeing (to meta) works
+        if args and str(args[0]) != "meta":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "release_module", release)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    try:
+        Engine.load(str(path), device="cpu", dtype="float32", num_blocks=8)
+    except OutOfMemoryError as e:
+        assert "--device cpu" in str(e) and e.options == ("device",)
+    else:
+        raise AssertionError("the load should have been refused")
+    assert len(freed) == 1 and all(p.is_meta for p in freed[0].parameters())
