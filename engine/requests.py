@@ -57,6 +57,22 @@ class Completion:
     logprobs: list[TokenLogprob] | None
     error: str | None = None
 
+    @classmethod
+    def from_events(cls, request_id: str, events) -> "Completion":
+        """The whole answer from one request's events (tokens, then its FinishedEvent)."""
+        text, ids, lps, fin = [], [], [], None
+        for ev in events:
+            if isinstance(ev, TokenEvent):
+                text.append(ev.text)
+                ids.extend(ev.token_ids)
+                if ev.logprobs:
+                    lps.extend(ev.logprobs)
+            elif isinstance(ev, FinishedEvent):
+                fin = ev
+        return cls(request_id, "".join(text), ids, fin.reason, fin.usage.prompt_tokens,
+                   fin.usage.completion_tokens, fin.usage.cached_prompt_tokens, fin.timings,
+                   lps or None, fin.error)
+
 
 class EventCallback:
     """Delivers one request's events to a client's callback as the engine produces them
@@ -153,15 +169,4 @@ class RequestHandle:
         self._engine.abort(self.request_id)
 
     def result(self) -> Completion:
-        text, ids, lps, fin = [], [], [], None
-        for ev in self:
-            if isinstance(ev, TokenEvent):
-                text.append(ev.text)
-                ids.extend(ev.token_ids)
-                if ev.logprobs:
-                    lps.extend(ev.logprobs)
-            elif isinstance(ev, FinishedEvent):
-                fin = ev
-        return Completion(self.request_id, "".join(text), ids, fin.reason, fin.usage.prompt_tokens,
-                          fin.usage.completion_tokens, fin.usage.cached_prompt_tokens, fin.timings,
-                          lps or None, fin.error)
+        return Completion.from_events(self.request_id, self)

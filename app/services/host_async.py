@@ -91,15 +91,4 @@ class AsyncRequestEvents:
 
     async def result(self) -> Completion:
         """Wait for the whole answer (as ``RequestHandle.result``)."""
-        text, ids, lps, fin = [], [], [], None
-        async for ev in self:
-            if isinstance(ev, TokenEvent):
-                text.append(ev.text)
-                ids.extend(ev.token_ids)
-                if ev.logprobs:
-                    lps.extend(ev.logprobs)
-            elif isinstance(ev, FinishedEvent):
-                fin = ev
-        return Completion(self.request_id, "".join(text), ids, fin.reason, fin.usage.prompt_tokens,
-                          fin.usage.completion_tokens, fin.usage.cached_prompt_tokens, fin.timings,
-                          lps or None, fin.error)
+        return Completion.from_events(self.request_id, [ev async for ev in self])

@@ -10,20 +10,10 @@ import time
 
 import pytest
 
-from engine.api import Engine, FinishedEvent, Request, SamplingParams, TokenEvent
+from engine.api import Engine, FinishedEvent, Request, TokenEvent
+from tests.engine.test_step_listener import engine, greedy  # noqa: F401 - the same tiny engine fixture
 
 TIMEOUT_S = 60
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = Engine.load("shape:tiny", device="cpu", max_model_len=64, block_size=16)
-    yield eng
-    eng.shutdown()
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0, ignore_eos=True, max_tokens=max_tokens)
 
 
 def wait_until(predicate, timeout_s: float = TIMEOUT_S) -> None:
