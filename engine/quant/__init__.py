@@ -1,0 +1,2 @@
+"""Weight quantization: Hearth's canonical quantized-weight layout (``qweight``), the
+round-to-nearest quantizers, and the readers/writers of published checkpoint layouts."""

@@ -1,0 +1,66 @@
+"""Round-to-nearest quantizers into the canonical layout (``engine.quant.qweight``).
+
+- ``quantize_int8``: per-output-channel (or per group), symmetric: ``scale = absmax / 127``.
+- ``quantize_int4``: per group of ``group_size`` inputs, asymmetric with an integer zero
+  point ``z`` (0..15): ``scale = (max - min) / 15``, ``q = clamp(round(w / scale) + z)``,
+  stored as ``min = -z * scale``. The integer zero point is what AWQ, GPTQ and
+  compressed-tensors store, so a model Hearth quantized can be written in their layouts
+  without loss (``zero_points`` recovers it).
+
+Both work in float32 from the rounded float16 scale, so the codes are the nearest ones
+for the scale actually stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.quant.qweight import QuantizedWeight, check_shape, pack_int4
+
+SCALE_DTYPE = torch.float16
+_TINY = 1e-8  # an all-zero group still gets a usable (non-zero) scale
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = w.shape
+    problem = check_shape(8, group_size, n, k)
+    if problem:
+        raise ValueError(problem)
+    return w.float().reshape(n, k // group_size, group_size)
+
+
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
+    """Symmetric int8 of ``w`` [N, K]; ``group_size`` None (per output channel) or a divisor of K."""
+    g = w.shape[1] if group_size is None else group_size
+    x = _groups(w, g)
+    scale = (x.abs().amax(dim=-1) / 127.0).clamp_min(_TINY).to(SCALE_DTYPE)
+    q = torch.round(x / scale.float().unsqueeze(-1)).clamp_(-128, 127).to(torch.int8)
+    return QuantizedWeight(8, g, q.reshape(w.shape), scale)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+    """Asymmetric int4 of ``w`` [N, K] in groups of ``group_size`` inputs (integer zero points)."""
+    n, k = w.shape
+    problem = check_shape(4, group_size, n, k)
+    if problem:
+        raise ValueError(problem)
+    x = w.float().reshape(n, k // group_size, group_size)
+    lo = x.amin(dim=-1).clamp(max=0.0)
+    hi = x.amax(dim=-1).clamp(min=0.0)
+    scale = ((hi - lo) / 15.0).clamp_min(_TINY).to(SCALE_DTYPE)
+    s = scale.float()
+    zero = torch.round(-lo / s).clamp_(0, 15)
+    q = (torch.round(x / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 15)
+    mins = (-zero * s).to(SCALE_DTYPE)
+    return QuantizedWeight(4, group_size, pack_int4(q.reshape(n, k)), scale, mins)
+
+
+def zero_points(qw: QuantizedWeight) -> torch.Tensor:
+    """The integer zero points [N, K // G] behind ``qw.mins`` (``min = -z * scale``);
+    raises ValueError when a min is not such a multiple (a GGUF Q4_1 weight)."""
+    if qw.mins is None:
+        return torch.zeros_like(qw.scales, dtype=torch.int32) + (0 if qw.bits == 8 else 8)
+    z = torch.round(-qw.mins.float() / qw.scales.float())
+    if not torch.equal((-z * qw.scales.float()).to(qw.mins.dtype), qw.mins):
+        raise ValueError("this weight's offsets are not integer zero points (a GGUF Q4_1 weight?)")
+    return z.to(torch.int32)
