@@ -166,7 +166,7 @@ _UNKNOWN: dict[str, Callable[[object], str]] = {
                             "(--attention; `hearth doctor` shows which run here)."),
     "kv_cache_dtype": lambda n: f"kv_cache_dtype must be one of {', '.join(names('kv_cache_dtype'))}, got {n!r}",
     "quantization": lambda n: (f"unknown quantization {n!r}; choose one of: {', '.join(names('quantization'))} "
-                               "(--quantization; `hearth doctor` shows which run here)."),
+                               "(--quant; `hearth doctor` shows which run here)."),
 }
 
 
@@ -272,23 +272,31 @@ register(Choice("kv_cache_dtype", "fp8", "fp8 (e4m3): twice the context, slightl
 
 
 # -- weight quantizations --------------------------------------------------------------------
-_NOT_YET = "not implemented yet: weight quantization arrives in a later release"
-_GROUP_SCALES = 4 / 128  # an fp16 scale and zero point per group of 128 weights
+_NOT_YET = "not implemented yet: arrives in a later release"
+_GROUP_SCALES = 4 / 128  # an fp16 scale and min per group of 128 weights
 
 
 def _not_yet(_device: str) -> list[str]:
     return [_NOT_YET]
 
 
+#: The methods whose weights Hearth runs quantized (the kernels of ``engine.layers.quant_kernels``).
+QUANTIZED_METHODS = ("gguf", "int8", "int4")
+
+register(Choice("quantization", "auto", "auto (a GGUF file's own weights; otherwise none)"))
 register(Choice("quantization", "none", "none (the weights dtype)"))
+register(Choice("quantization", "bf16", "bf16 (unquantized; float32 on the CPU)", ("bfloat16",), bytes_per_param=2))
+register(Choice("quantization", "fp16", "fp16 (unquantized; float32 on the CPU)", ("float16", "half"),
+                bytes_per_param=2))
+register(Choice("quantization", "gguf", "GGUF's own (Q8_0/Q4_0/Q4_1 kept quantized)", bytes_per_param=20 / 32))
+register(Choice("quantization", "int8", "int8 (weight-only, per channel)", bytes_per_param=1.0))
+register(Choice("quantization", "int4", "int4 (weight-only, groups of 128)", bytes_per_param=0.5 + _GROUP_SCALES))
 # Planned: listed (greyed out with the reason) with the bytes the fit estimate counts; each
 # gets its own check when its kernels land.
 for _name, _label, _aliases, _bytes in (
-        ("int8", "int8 (weight-only)", (), 1.0),
-        ("int4", "int4 (weight-only, groups of 128)", (), 0.5 + _GROUP_SCALES),
+        ("awq", "AWQ (int4, activation-aware)", (), 0.5 + _GROUP_SCALES),
+        ("gptq", "GPTQ (int4, error-compensated)", (), 0.5 + _GROUP_SCALES),
         ("fp8", "fp8 (e4m3 weights)", (), 1.0),
-        ("awq", "AWQ (pre-quantized int4)", (), 0.5 + _GROUP_SCALES),
-        ("gptq", "GPTQ (pre-quantized int4)", (), 0.5 + _GROUP_SCALES),
         ("bnb-nf4", "bitsandbytes NF4", ("nf4",), 0.5 + 4 / 64),  # an fp32 absmax per block of 64
         ("bnb-int8", "bitsandbytes int8", (), 1.0)):
     register(Choice("quantization", _name, _label, _aliases, bytes_per_param=_bytes, check=_not_yet))

@@ -27,7 +27,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA (fp16 if no bf16), float32 on CPU
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     force_fallback: bool = False  # run through transformers even if a native model exists
-    quantization: str = "none"  # a name of the choices registry (only "none" runs today)
+    # A name of the choices registry. auto: a GGUF file's own quantized weights, else none.
+    quantization: str = "auto"
+    quant_group_size: int | None = None  # int4's group; None: 128, or the largest of 64/32 that fits
+    quant_head: bool = False  # quantize the embedding / LM head too (int8, int4)
 
     def __post_init__(self) -> None:
         # Names (aliases resolved) from the one registry of choices; whether a choice can
@@ -37,6 +40,9 @@ class ModelConfig:
         self.quantization = choices.canonical("quantization", self.quantization)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidRequestError("max_model_len must be positive")
+        if self.quant_group_size is not None and self.quant_group_size not in (32, 64, 128, 256):
+            raise InvalidRequestError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size!r}",
+                                      options=("quant_group_size",))
 
 
 @dataclass(slots=True)
@@ -124,13 +130,15 @@ def load_config(model: str | None = None, *, device: str = "auto", dtype: str = 
                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                 enable_prefix_caching: bool = True, revision: str | None = None,
                 force_fallback: bool = False, enforce_eager: bool = False,
-                kv_cache_dtype: str = "auto", quantization: str = "none") -> EngineConfig:
+                kv_cache_dtype: str = "auto", quantization: str = "auto",
+                quant_group_size: int | None = None, quant_head: bool = False) -> EngineConfig:
     """The one validated EngineConfig of the load options (``Engine.load``'s keywords, the
     CLI's flags, the load dialog's fields, ``hearth bench``'s engine flags)."""
     return EngineConfig(
         model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
                           max_model_len=max_model_len, force_fallback=force_fallback,
-                          quantization=quantization),
+                          quantization=quantization, quant_group_size=quant_group_size,
+                          quant_head=quant_head),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching,

@@ -22,7 +22,10 @@ from engine.bench import BenchOptions, run_bench
 SUITE_NAMES = ("decode", "prefill", "throughput")
 # The engine group's flags, by their Engine.load keyword.
 _LOAD_FLAGS = ("device", "dtype", "attention", "kv_cache_dtype", "quantization", "enforce_eager", "max_model_len",
-               "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size")
+               "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size", "quant_group_size",
+               "quant_head")
+# Load keywords whose flag is spelt otherwise (--quant, --group-size).
+_FLAG_DEST = {"quantization": "quant", "quant_group_size": "group_size"}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -84,7 +87,8 @@ def run_bench_command(args) -> int:
         suites.extend(x.strip() for x in item.split(",") if x.strip())
     # The engine's load options: Engine.load's keywords, the sizes left out (None) for the
     # bench to fit to its suites.
-    load = {name: getattr(args, name) for name in _LOAD_FLAGS if getattr(args, name) is not None}
+    load = {name: getattr(args, _FLAG_DEST.get(name, name)) for name in _LOAD_FLAGS
+            if getattr(args, _FLAG_DEST.get(name, name)) is not None}
     opts = BenchOptions(
         suites=tuple(suites), shape=args.shape, model=args.model, revision=args.revision,
         baseline=args.baseline, load=load, batch=args.batch, prompt_len=args.prompt_len,

@@ -19,8 +19,11 @@ CHOICE_FLAGS = {
     "--dtype": ("dtype", "auto", "the weights dtype; auto: bfloat16 on a GPU, float32 on the CPU"),
     "--attention": ("attention", "auto", "auto: triton on a CUDA GPU; `hearth doctor` shows which run here"),
     "--kv-cache-dtype": ("kv_cache_dtype", "auto", "auto: the model's dtype; fp8: e4m3, half the memory per token"),
-    "--quantization": ("quantization", "none", "weight quantization; `hearth doctor` shows which run here"),
+    "--quant": ("quantization", "auto", "weight quantization (also --quantization); auto: a GGUF file's own "
+                "quantized weights, else none; `hearth doctor` shows which run here"),
 }
+# Other spellings of a choice flag (the issue's --quant and the older --quantization).
+FLAG_ALIASES = {"--quant": ("--quantization",)}
 
 
 def choice_help(kind: str, extra: str) -> str:
@@ -32,8 +35,14 @@ def add_choice_flags(group, extra_help: dict[str, str] | None = None) -> None:
     """Add the choice flags (default ``auto``, ``none`` for quantization) to ``group``;
     ``extra_help`` replaces a flag's explanation after the names."""
     for flag, (kind, default, extra) in CHOICE_FLAGS.items():
-        group.add_argument(flag, default=default, metavar="NAME",
+        group.add_argument(flag, *FLAG_ALIASES.get(flag, ()), default=default, metavar="NAME",
                            help=choice_help(kind, (extra_help or {}).get(flag, extra)))
+    group.add_argument("--group-size", type=int, default=None, metavar="G",
+                       help="int4's group of inputs sharing a scale: 32, 64, 128 or 256 (default: 128, or "
+                            "the largest of 64/32 dividing every layer)")
+    group.add_argument("--quant-head", action="store_true",
+                       help="quantize the embedding and LM head too (int8/int4; kept in the model's dtype "
+                            "by default, since it costs the most quality)")
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
@@ -56,4 +65,5 @@ def config_from_args(args) -> EngineConfig:
         args.model, revision=args.revision, device=args.device, dtype=args.dtype, attention=args.attention,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quant, quant_group_size=args.group_size,
+        quant_head=args.quant_head)

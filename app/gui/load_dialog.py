@@ -90,7 +90,7 @@ class LoadDialog(QDialog):
         self._model_shown = self.model.text()
         form.addRow(FIELD_LABELS["model"], self.model)
 
-        self.quantization = self._combo("loadQuantization", "quantization", "load/quantization", "none")
+        self.quantization = self._combo("loadQuantization", "quantization", "load/quantization", "auto")
         form.addRow(FIELD_LABELS["quantization"], self.quantization)
         self.attention = self._combo("loadAttention", "attention", "load/attention", "auto")
         form.addRow(FIELD_LABELS["attention"], self.attention)
@@ -216,7 +216,7 @@ def _has_gpu(choices: ChoiceTable) -> bool:
 
 
 def save_load_options(settings: QSettings, opts: dict) -> None:
-    defaults = {"quantization": "none", "attention": "auto", "device": "auto", "dtype": "auto",
+    defaults = {"quantization": "auto", "attention": "auto", "device": "auto", "dtype": "auto",
                 "kv_cache_dtype": "auto", "enforce_eager": False}
     for key, default in defaults.items():
         settings.setValue(f"load/{key}", opts.get(key, default))
@@ -241,7 +241,7 @@ def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) 
         kv_dtype = "auto"  # a start-up load must not fail on a combination that can't run
     return {
         "model": settings.value("load/model", "default") or "default",
-        "quantization": usable("quantization", "load/quantization", "none"),
+        "quantization": usable("quantization", "load/quantization", "auto"),
         "attention": attention,
         "device": usable("device", "load/device", "auto"),
         "dtype": usable("dtype", "load/dtype", "auto"),

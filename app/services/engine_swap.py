@@ -268,11 +268,11 @@ class EngineSwaps:
 def _quantization_problem(options: dict) -> str | None:
     """Why the load's quantization can't be used here (the choices registry's reasons),
     or None."""
-    quant = options.get("quantization") or "none"
+    quant = options.get("quantization") or "auto"
     try:
         choice = get_choice("quantization", quant, options.get("device") or "auto")
     except HearthError as e:
         return str(e)
     if choice.available:
         return None
-    return f"quantization {choice.name!r} can't be used here: {'; '.join(choice.reasons)}. Load with 'none'."
+    return f"quantization {choice.name!r} can't be used here: {'; '.join(choice.reasons)}. Load with 'auto' or 'none'."

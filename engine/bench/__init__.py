@@ -88,7 +88,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     finally:
         engine.shutdown()
     # model_info.name: "shape:<name>", the Hub repo id, or a local folder's / GGUF file's name.
-    maker = RowMaker(info.name, device, dtype, info.attention)
+    maker = RowMaker(info.name, device, dtype, info.attention, info.quantization)
     return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes)
 
 

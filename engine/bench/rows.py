@@ -25,8 +25,11 @@ def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def quant_name(dtype: torch.dtype) -> str:
-    """The weights' number format: "bf16", "fp16", "fp32" (quantization extends this)."""
+def quant_name(dtype: torch.dtype, quantization: str = "none") -> str:
+    """The weights' number format: the quantization ("int4", "gguf", ...), or the dtype's
+    "bf16", "fp16", "fp32" for unquantized weights."""
+    if quantization not in ("none", "auto", "bf16", "fp16"):
+        return quantization
     return _QUANT.get(dtype, str(dtype).removeprefix("torch."))
 
 
@@ -49,11 +52,12 @@ def commit_id() -> str:
 class RowMaker:
     """Fills in the fields every row of one run shares."""
 
-    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, attention: str) -> None:
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, attention: str,
+                 quantization: str = "none") -> None:
         self.common = {
             "card": card_name(device),
             "model": model,
-            "quant": quant_name(dtype),
+            "quant": quant_name(dtype, quantization),
             "date": datetime.date.today().isoformat(),
             "commit": commit_id(),
             "torch": torch.__version__,

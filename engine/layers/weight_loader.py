@@ -72,11 +72,15 @@ def row_shards(offsets: dict[Hashable, tuple[int, int]]) -> WeightLoader:
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where one checkpoint tensor goes: parameter ``param`` (named ``param_name`` in the
-    model), shard ``shard_id`` of it (None: the whole parameter)."""
+    model), shard ``shard_id`` of it (None: the whole parameter). A module that loads some
+    checkpoint tensors itself (a quantized linear: ``checkpoint_params``, turned into its
+    own parameters by ``module.load_part(key, tensor, shard_id)``) is the target instead."""
 
     param_name: str
-    param: nn.Parameter
+    param: nn.Parameter | None
     shard_id: Hashable
+    module: nn.Module | None = None
+    key: str = ""
 
 
 def checkpoint_targets(model: nn.Module) -> tuple[dict[str, Target], set[str]]:
@@ -89,12 +93,23 @@ def checkpoint_targets(model: nn.Module) -> tuple[dict[str, Target], set[str]]:
     for module_name, module in model.named_modules():
         shards = getattr(module, "checkpoint_shards", None)
         parent, _, _ = module_name.rpartition(".")
+        own = getattr(module, "checkpoint_params", None)
+        if own is not None:  # the module loads these checkpoint tensors itself
+            for key in own:
+                for ckpt_module, shard_id in (shards or {None: None}).items():
+                    if ckpt_module is None:
+                        name = f"{module_name}.{key}" if module_name else key
+                    else:
+                        name = f"{parent}.{ckpt_module}.{key}" if parent else f"{ckpt_module}.{key}"
+                    targets[name] = Target(f"{module_name}.{key}", None, shard_id, module, key)
         for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
             full = f"{module_name}.{pname}" if module_name else pname
             if id(param) in seen:
                 aliases.add(full)
                 continue
             seen.add(id(param))
+            if pname in getattr(module, "filled_by_parts", ()):
+                continue  # filled by the module's load_part
             if not shards:
                 targets[full] = Target(full, param, None)
                 continue
@@ -124,15 +139,29 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
                 raise ModelLoadError(
                     f"{source}: unexpected tensor {name!r} for {what} with this config; the "
                     "checkpoint and config.json don't match.")
-            loader = getattr(target.param, "weight_loader", default_weight_loader)
             try:
-                loader(target.param, tensor, target.shard_id)
+                if target.module is not None:
+                    target.module.load_part(target.key, tensor, target.shard_id)
+                else:
+                    loader = getattr(target.param, "weight_loader", default_weight_loader)
+                    loader(target.param, tensor, target.shard_id)
             except WeightShapeError as e:
                 raise ModelLoadError(
                     f"{source}: tensor {name!r} has shape {e.got}, expected {e.expected} from "
                     "config.json; the checkpoint and config don't match.") from None
+            except ValueError as e:  # a quantized layer's tensors that don't make a weight
+                raise ModelLoadError(f"{source}: tensor {name!r}: {e}.") from None
             loaded.add(name)
-    missing = [name for name in targets if name not in loaded]
+    optional = set()
+    for module in model.modules():
+        finish = getattr(module, "finish_loading", None)
+        if finish is not None:
+            try:
+                finish()
+            except ValueError as e:
+                raise ModelLoadError(f"{source}: {e}.") from None
+            optional.update(getattr(module.source, "optional", ()))
+    missing = [name for name, t in targets.items() if name not in loaded and not (t.module and t.key in optional)]
     if missing:
         raise ModelLoadError(
             f"{source}: {len(missing)} tensors are missing from the checkpoint (first: {missing[0]}); "

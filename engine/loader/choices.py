@@ -39,7 +39,7 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
     """
     mc, cc = config.model, config.cache
     device = resolve_device(mc.device)
-    dtype = resolve_dtype(mc.dtype, device)
+    dtype = resolve_dtype(_quantization_dtype(mc.quantization, mc.dtype, device), device)
     where = str(device)
     if dtype == torch.bfloat16:
         reasons = choices.get("dtype", "bfloat16", where).reasons
@@ -60,8 +60,27 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
     if quantization.reasons:
         raise InvalidRequestError(
             f"quantization {quantization.name!r} can't be used here: {'; '.join(quantization.reasons)}. "
-            "Load the weights unquantized (--quantization none).", options=("quantization",))
+            "Load the weights unquantized (--quant none).", options=("quantization",))
     return LoadChoices(device, dtype, attention)
+
+
+# quantization "bf16"/"fp16": unquantized weights in that dtype (float32 on the CPU, where
+# torch's half-precision matmuls are slow).
+_UNQUANTIZED_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _quantization_dtype(quantization: str, dtype: str, device: torch.device) -> str:
+    """The dtype name a load uses: ``dtype``, or the one quantization bf16/fp16 names."""
+    want = _UNQUANTIZED_DTYPES.get(quantization)
+    if want is None:
+        return dtype
+    if dtype not in ("auto", want):
+        raise InvalidRequestError(
+            f"quantization {quantization} loads the weights in {want}, but dtype {dtype} was asked for: "
+            f"drop one of them (--quant {quantization} or --dtype {dtype}).", options=("quantization", "dtype"))
+    if dtype == "auto" and device.type != "cuda":
+        return "float32"
+    return want
 
 
 def resolve_attention(name: str, device: torch.device) -> str:

@@ -18,6 +18,7 @@ from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
                                        shape_model_config)
 from engine.model_info import ModelInfo
+from engine.quant.transform import checkpoint_quant_method
 from engine.models.spec import ModelSpec, read_config
 # Freeing a runner (an unload, a failed warm-up: llm_engine) lives with the runner.
 from engine.runner.lifecycle import release_runner, stop_check
@@ -50,8 +51,10 @@ class FoundModel:
     random_seed: int | None = None
 
 
-def find_model(config: EngineConfig, say: Callable[[str], None]) -> FoundModel:
-    """Resolve ``config.model`` (download, convert, validate) and read its config."""
+def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized: bool | None = None) -> FoundModel:
+    """Resolve ``config.model`` (download, convert, validate) and read its config.
+    ``keep_quantized`` (default: the load asks for ``auto`` or ``gguf``): a GGUF file's
+    Q8_0/Q4_0/Q4_1 weights are kept in Hearth's quantized layout."""
     from engine.loader.resolve import resolve_model
 
     mc = config.model
@@ -65,7 +68,9 @@ def find_model(config: EngineConfig, say: Callable[[str], None]) -> FoundModel:
             )
         return FoundModel(name, None, "shape", cfg, f"engine.shapes[{shape!r}]", SHAPE_SEED)
     say(f"resolving model {mc.model or 'default'}")
-    resolved = resolve_model(mc.model, mc.revision, progress=say)
+    if keep_quantized is None:
+        keep_quantized = mc.quantization in ("auto", "gguf") and not mc.force_fallback
+    resolved = resolve_model(mc.model, mc.revision, progress=say, keep_quantized=keep_quantized)
     return FoundModel(resolved.name, resolved.path, resolved.source, resolved.config or read_config(resolved.path),
                       str(resolved.path / "config.json"))
 
@@ -121,6 +126,11 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         tokenizer = Tokenizer.from_pretrained(path)
 
     spec, native_error = native_spec(found, mc.force_fallback)
+    if spec is None and found.path is not None and checkpoint_quant_method(found.path) == "gguf":
+        # The transformers fallback reads float weights: the GGUF's float conversion.
+        found = find_model(config, say, keep_quantized=False)
+        path = found.path
+    quantization = loaded_quantization(config, found.path, spec is not None)
     max_model_len = context_length(cfg, mc.max_model_len)
 
     info: dict[str, Any] = {
@@ -166,11 +176,26 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
                                     progress=say, should_stop=should_stop)
         prefix = cc.enable_prefix_caching
     try:  # strictly: a field name the runner misspelt is an error here, not a silent drop
-        model_info = ModelInfo(**{**info, **runner.load_info, "quantization": mc.quantization})
+        model_info = ModelInfo(**{**info, **runner.load_info, "quantization": quantization})
     except BaseException:
         release_runner(runner)
         raise
     return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix, config)
+
+
+def loaded_quantization(config: EngineConfig, path: Path | None, native: bool) -> str:
+    """The quantization a load of ``config`` runs (``auto`` resolved: ``gguf`` for a GGUF
+    file's kept weights, else ``none``); refused where the model runs on the fallback."""
+    from engine.quant.transform import quantization_plan
+
+    mc = config.model
+    if not native:
+        if mc.quantization not in ("auto", "none", "bf16", "fp16"):
+            raise InvalidRequestError(
+                f"quantization {mc.quantization!r} needs Hearth's native model code; this model runs on the "
+                "transformers fallback: load it unquantized (--quant none).", options=("quantization",))
+        return "none"
+    return quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head).method
 
 
 def kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:

@@ -3,8 +3,13 @@
 Hearth's loader reads one format (config.json + safetensors + tokenizer files). GGUF files
 (llama.cpp's format, e.g. the bundled default model) are converted once through
 transformers' GGUF reader, which dequantizes the weights and un-permutes q/k projections.
-The result is cached; ``hearth_source.json`` records which file it came from so a changed
-GGUF file is noticed and converted again.
+With ``keep_quantized`` (the ``gguf`` quantization, the default for GGUF files) the
+Q8_0/Q4_0/Q4_1 tensors are instead repacked without loss into Hearth's canonical layout
+(``<module>.qweight``/``.scales``/``.mins``; ``engine.quant.gguf_blocks``), their rows
+reordered exactly as transformers' reader reorders the dequantized ones; other types
+(K-quants, F16) are written as floats. The result is cached; ``hearth_source.json`` records
+which file it came from (and how it was converted) so a changed GGUF file is noticed and
+converted again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from engine.loader.gguf_check import truncation_problem
 #: Marker written last into a converted folder; describes the source GGUF file.
 SOURCE_FILE = "hearth_source.json"
 # Bump when the converted layout changes so old conversions are redone.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -32,7 +37,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def source_record(gguf_path: Path, dtype: torch.dtype) -> dict:
+def source_record(gguf_path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> dict:
     """Return what ``hearth_source.json`` should hold for ``gguf_path`` converted to ``dtype``."""
     st = gguf_path.stat()
     return {
@@ -41,20 +46,22 @@ def source_record(gguf_path: Path, dtype: torch.dtype) -> dict:
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "dtype": _dtype_name(dtype),
+        "keep_quantized": keep_quantized,
     }
 
 
-def is_up_to_date(out_dir: Path, gguf_path: Path, dtype: torch.dtype = torch.bfloat16) -> bool:
+def is_up_to_date(out_dir: Path, gguf_path: Path, dtype: torch.dtype = torch.bfloat16,
+                  keep_quantized: bool = False) -> bool:
     """Whether ``out_dir`` holds a finished conversion of the current ``gguf_path`` in ``dtype``.
 
     Compares size, mtime and dtype (not the path, so a moved but identical file is reused).
     """
     try:
         recorded = json.loads((out_dir / SOURCE_FILE).read_text(encoding="utf-8"))
-        current = source_record(gguf_path, dtype)
+        current = source_record(gguf_path, dtype, keep_quantized)
     except (OSError, ValueError):
         return False
-    keys = ("format_version", "size", "mtime_ns", "dtype")
+    keys = ("format_version", "size", "mtime_ns", "dtype", "keep_quantized")
     return isinstance(recorded, dict) and all(recorded.get(k) == current[k] for k in keys)
 
 
@@ -133,6 +140,7 @@ def convert_gguf(
     dtype: torch.dtype = torch.bfloat16,
     *,
     progress: Callable[[str], None] | None = None,
+    keep_quantized: bool = False,
 ) -> Path:
     """Convert a GGUF file into a Hugging Face format folder at ``out_dir`` and return it.
 
@@ -161,14 +169,20 @@ def convert_gguf(
     try:
         tmp.mkdir()
         cfg.save_pretrained(tmp)
-        weights = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
-        del tensors
+        kept = kept_quantized(gguf_path, cfg, tensors) if keep_quantized else {}
+        weights = {name: t.to(dtype).contiguous() for name, t in tensors.items() if name not in kept}
+        for name, qw in kept.items():
+            base = name.removesuffix(".weight")
+            weights[f"{base}.qweight"], weights[f"{base}.scales"] = qw.qweight.contiguous(), qw.scales.contiguous()
+            if qw.mins is not None:
+                weights[f"{base}.mins"] = qw.mins.contiguous()
+        del tensors, kept
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights
         tok.save_pretrained(tmp)
         # Written last: its presence marks a complete conversion.
         (tmp / SOURCE_FILE).write_text(
-            json.dumps(source_record(gguf_path, dtype), indent=2) + "\n", encoding="utf-8"
+            json.dumps(source_record(gguf_path, dtype, keep_quantized), indent=2) + "\n", encoding="utf-8"
         )
         _replace_dir(tmp, out_dir)
     except OSError as exc:
@@ -181,6 +195,52 @@ def convert_gguf(
     if progress:
         progress(f"Converted {gguf_path.name} into {out_dir}")
     return out_dir
+
+
+# Projections Hearth runs fused: their tensors are kept quantized only all alike.
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> dict:
+    """HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0 or
+    Q4_1, repacked from the file's own blocks with the rows in the order transformers'
+    reader gives (``tensors``: its dequantized, un-permuted ones). A tensor whose rows
+    can't be matched exactly, or a fused group (q/k/v, gate/up) of mixed types, stays float."""
+    import gguf
+    from gguf import GGUFReader
+
+    from engine.quant.gguf_blocks import KEPT_TYPES, blocks_to_weight, permute_rows, row_permutation
+
+    reader = GGUFReader(str(gguf_path))
+    field = reader.fields["general.architecture"]
+    arch_name = bytes(field.parts[field.data[0]]).decode()
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
+    if arch is None:
+        return {}
+    name_map = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))
+    raw = {t.name: t for t in reader.tensors}
+    kept = {}
+    for name, tensor in tensors.items():
+        rt = raw.get(name_map.get_name(name, try_suffixes=(".weight", ".bias")) or "")
+        if rt is None or rt.tensor_type.name not in KEPT_TYPES or tensor.dim() != 2:
+            continue
+        qw = blocks_to_weight(rt.data, rt.tensor_type.name)
+        # Hearth's dequantization equals gguf's bit for bit (tests/loader/test_gguf_quantized.py).
+        perm = row_permutation(tensor.float(), qw.dequantize(torch.float32))
+        if perm is not None:
+            kept[name] = permute_rows(qw, perm)
+    for name in list(kept):
+        for group in _FUSED:
+            proj = next((p for p in group if f".{p}." in name), None)
+            if proj is None:
+                continue
+            members = [name.replace(f".{proj}.", f".{p}.") for p in group]
+            forms = {(kept[m].bits, kept[m].group_size, kept[m].mins is None) if m in kept else None
+                     for m in members}
+            if len(forms) > 1:
+                for m in members:
+                    kept.pop(m, None)
+    return kept
 
 
 def _replace_dir(new: Path, target: Path) -> None:

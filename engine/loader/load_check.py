@@ -58,7 +58,7 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
         block_size = kv_block_size(choices.attention, cc.block_size)
         # What the load will hold: the meta model after the load's transforms (quantized
         # weights count as what they are), the count bring-up checks before materializing.
-        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(config))
+        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(config, found.path))
         block_bytes = spec.kv_bytes_per_token(kv_dtype.itemsize) * block_size
     else:  # the transformers fallback: its weights in the load dtype, its cache by config
         block_size = cc.block_size

@@ -132,8 +132,12 @@ def resolve_model(
     revision: str | None = None,
     *,
     progress: Callable[[str], None] | None = None,
+    keep_quantized: bool = False,
 ) -> ResolvedModel:
     """Find or fetch ``model`` and return it as a validated local folder.
+
+    ``keep_quantized``: a GGUF file is converted with its Q8_0/Q4_0/Q4_1 tensors kept in
+    Hearth's quantized layout (the ``gguf`` quantization), into a folder of its own.
 
     Args:
         model: ``None`` or ``"default"`` for the bundled model; a ``.gguf`` file; a model
@@ -150,7 +154,7 @@ def resolve_model(
         raise InvalidRequestError("the model name is empty: pass a Hub repo id, a folder or a .gguf file, or omit it")
     if model is None or model.strip() == "default":
         _no_revision(revision, "the default model")
-        return _resolve_default(progress)
+        return _resolve_default(progress, keep_quantized)
 
     text = model.strip()
     candidate = Path(text).expanduser()
@@ -163,7 +167,8 @@ def resolve_model(
             )
         # Named before resolving symlinks: a GGUF in the Hub cache links to a blob whose
         # name is a hash.
-        return _resolve_gguf_file(candidate.resolve(), progress, model_display_name(candidate.absolute()))
+        return _resolve_gguf_file(candidate.resolve(), progress, model_display_name(candidate.absolute()),
+                                  keep_quantized)
     if candidate.is_dir():
         _no_revision(revision, text)
         folder = candidate.resolve()
@@ -212,31 +217,37 @@ def _is_repo_id(text: str) -> bool:
     return True
 
 
-def _resolve_default(progress: Callable[[str], None] | None) -> ResolvedModel:
+def _resolve_default(progress: Callable[[str], None] | None, keep_quantized: bool = False) -> ResolvedModel:
     gguf = default_gguf_path()
-    out = models_cache_dir() / DEFAULT_FOLDER
-    config = _ensure_converted(gguf, out, progress)
+    out = models_cache_dir() / (DEFAULT_FOLDER + (_KEPT_SUFFIX if keep_quantized else ""))
+    config = _ensure_converted(gguf, out, progress, keep_quantized)
     return ResolvedModel(path=out, source="default", name=DEFAULT_MODEL_NAME, config=config)
 
 
-def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None, name: str) -> ResolvedModel:
+def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None, name: str,
+                       keep_quantized: bool = False) -> ResolvedModel:
     st = gguf.stat()
     # Key the cache on where the file is and its version, so two files with the same name
     # do not collide and an edited file gets a fresh folder.
     key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = models_cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-    config = _ensure_converted(gguf, out, progress)
+    out = models_cache_dir() / "gguf" / f"{gguf.stem}-{key}{_KEPT_SUFFIX if keep_quantized else ''}"
+    config = _ensure_converted(gguf, out, progress, keep_quantized)
     return ResolvedModel(path=out, source="gguf", name=name, config=config)
 
 
-def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | None) -> dict[str, Any]:
+# The folder of a conversion that keeps the file's quantized tensors (beside the float one).
+_KEPT_SUFFIX = "-gguf-quant"
+
+
+def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | None,
+                      keep_quantized: bool = False) -> dict[str, Any]:
     """Convert ``gguf`` into ``out`` unless done already; returns the folder's config.json."""
-    if is_up_to_date(out, gguf, _CONVERTED_DTYPE):
+    if is_up_to_date(out, gguf, _CONVERTED_DTYPE, keep_quantized):
         try:
             return validate_model_folder(out)
         except ModelLoadError:
             pass  # damaged cache (e.g. a file deleted by hand): convert again
-    convert_gguf(gguf, out, _CONVERTED_DTYPE, progress=progress)
+    convert_gguf(gguf, out, _CONVERTED_DTYPE, progress=progress, keep_quantized=keep_quantized)
     return validate_model_folder(out)
 
 

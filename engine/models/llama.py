@@ -122,6 +122,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
         self.spec = spec
+        self.dtype = dtype  # of activations and float weights (a quantized embedding has none)
         self.model = LlamaModel(spec, dtype)
         if spec.tie_word_embeddings:
             self.lm_head = TiedLMHead(self.model.embed_tokens)
@@ -148,14 +149,20 @@ class LlamaForCausalLM(nn.Module):
     def materialize(self, device: torch.device) -> None:
         """Allocate (uninitialised) storage for every parameter on ``device``, and RoPE's tables."""
         materialize(self, device)
-        dtype = self.model.embed_tokens.weight.dtype
-        self.rotary.build(device, dtype)
+        self.rotary.build(device, self.dtype)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights (benchmarks, tests): normal(0, std) matrices, unit norms."""
-        gen = torch.Generator(device=self.model.embed_tokens.weight.device).manual_seed(seed)
+        gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
         with torch.no_grad():
+            quantized = set()
+            for module in self.modules():
+                if hasattr(module, "qweight") and module.checkpoint_params:  # a tied head shares its embedding's
+                    module.init_random(gen, std)
+                    quantized.update(id(p) for p in (module.qweight, module.scales, module.mins) if p is not None)
             for name, p in self.named_parameters():
+                if id(p) in quantized:
+                    continue
                 if "norm" in name:
                     p.fill_(1.0)
                 elif name.endswith("bias"):

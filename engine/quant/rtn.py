@@ -18,7 +18,8 @@ import torch
 from engine.quant.qweight import QuantizedWeight, check_shape, pack_int4
 
 SCALE_DTYPE = torch.float16
-_TINY = 1e-8  # an all-zero group still gets a usable (non-zero) scale
+# The least float16 scale: an all-zero group still gets a usable (non-zero) one.
+_TINY = 2.0 ** -24
 
 
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWe
     """Symmetric int8 of ``w`` [N, K]; ``group_size`` None (per output channel) or a divisor of K."""
     g = w.shape[1] if group_size is None else group_size
     x = _groups(w, g)
-    scale = (x.abs().amax(dim=-1) / 127.0).clamp_min(_TINY).to(SCALE_DTYPE)
+    scale = (x.abs().amax(dim=-1) / 127.0).to(SCALE_DTYPE).clamp_min(_TINY)
     q = torch.round(x / scale.float().unsqueeze(-1)).clamp_(-128, 127).to(torch.int8)
     return QuantizedWeight(8, g, q.reshape(w.shape), scale)
 
@@ -47,7 +48,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     x = w.float().reshape(n, k // group_size, group_size)
     lo = x.amin(dim=-1).clamp(max=0.0)
     hi = x.amax(dim=-1).clamp(min=0.0)
-    scale = ((hi - lo) / 15.0).clamp_min(_TINY).to(SCALE_DTYPE)
+    scale = ((hi - lo) / 15.0).to(SCALE_DTYPE).clamp_min(_TINY)
     s = scale.float()
     zero = torch.round(-lo / s).clamp_(0, 15)
     q = (torch.round(x / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 15)

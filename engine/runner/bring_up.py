@@ -61,10 +61,17 @@ class RandomWeights:
 WeightsSource = Path | RandomWeights
 
 
-def model_transforms(config: EngineConfig, rank: int = 0, world_size: int = 1) -> list[Transform]:
-    """The model transforms a load of ``config`` applies, in order, on shard ``rank`` of
-    ``world_size``. None yet: weight quantization and tensor-parallel sharding plug in here."""
-    return []
+def model_transforms(config: EngineConfig, weights: "WeightsSource | None" = None, rank: int = 0,
+                     world_size: int = 1) -> list[Transform]:
+    """The model transforms a load of ``config`` from ``weights`` applies, in order, on
+    shard ``rank`` of ``world_size``: weight quantization (``engine.quant.transform``);
+    tensor-parallel sharding will plug in here too."""
+    from engine.quant.transform import quantization_plan
+
+    mc = config.model
+    path = weights if isinstance(weights, Path) else None
+    plan = quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head)
+    return [plan.transform()] if plan.quantizes else []
 
 
 def build_on_meta(spec: ModelSpec, dtype: torch.dtype, max_model_len: int,
@@ -137,15 +144,15 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     backend = usable_backend(attention, device)
     cc = config.cache
     if transforms is None:
-        transforms = model_transforms(config, rank, world_size)
+        transforms = model_transforms(config, weights, rank, world_size)
     model = build_on_meta(spec, dtype, max_model_len, transforms)
     need = module_bytes(model)
     # An explicit KV size that can't fit is refused now, not after the weights load.
     check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
                       max_model_len, weights_bytes=need)
     say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')})")
-    quant = config.model.quantization
-    check_weights_fit(need, device, str(dtype).removeprefix("torch.") if quant == "none" else quant)
+    quantized = any(hasattr(m, "qweight") for m in model.modules())
+    check_weights_fit(need, device, "quantized" if quantized else str(dtype).removeprefix("torch."))
     runner = None
     try:
         materialize_weights(model, weights, device, need, should_stop)

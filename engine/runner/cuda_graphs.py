@@ -122,8 +122,7 @@ class DecodeGraphs:
         # Every bucket writes its logits into the head of one buffer: a [bs, vocab] output
         # kept alive per bucket would hold the sum of all bucket sizes in rows (the 35
         # buckets up to 256 sum to 4,231 rows: 1.1 GB at Llama-3's vocabulary in bf16).
-        weight = model.model.embed_tokens.weight
-        self.logits_out = torch.empty(n, model.spec.vocab_size, dtype=weight.dtype, device=device)
+        self.logits_out = torch.empty(n, model.spec.vocab_size, dtype=model.dtype, device=device)
         self.logits: dict[int, torch.Tensor] = {}
         self.pool_bytes = 0
         self.replays = 0  # decode steps served by a graph (tests and stats)

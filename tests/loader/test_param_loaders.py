@@ -164,7 +164,7 @@ def test_the_load_and_its_preflight_check_the_transformed_bytes(tiny_models, mon
     quantized = transformed_weight_bytes(spec, torch.float32, 64, [int8_o_proj])
     assert plain == transformed_weight_bytes(spec, torch.float32, 64) > quantized
 
-    monkeypatch.setattr(bring_up, "model_transforms", lambda config, rank=0, world_size=1: [int8_o_proj])
+    monkeypatch.setattr(bring_up, "model_transforms", lambda config, weights=None, rank=0, world_size=1: [int8_o_proj])
     assert check_model(str(path), **options).weights_bytes == quantized
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: (quantized, 2**40))
     reached = []
@@ -177,6 +177,6 @@ def test_the_load_and_its_preflight_check_the_transformed_bytes(tiny_models, mon
     with pytest.raises(RuntimeError, match="materialize reached"):
         Engine.load(str(path), **options)
     assert isinstance(reached[0].model.layers[0].self_attn.o_proj, Int8Linear)  # transformed on meta
-    monkeypatch.setattr(bring_up, "model_transforms", lambda config, rank=0, world_size=1: [])
+    monkeypatch.setattr(bring_up, "model_transforms", lambda config, weights=None, rank=0, world_size=1: [])
     with pytest.raises(OutOfMemoryError, match="the weights need"):
         Engine.load(str(path), **options)

@@ -1,0 +1,249 @@
+"""Quantized projections and embeddings: the modules a quantization transform puts in
+place of ``Linear`` and ``VocabEmbedding`` on the meta device.
+
+A ``QuantizedLinear`` stores its weight in Hearth's canonical layout
+(``engine.quant.qweight``): parameters ``qweight``, ``scales``, ``mins`` (absent for
+symmetric int8) and, for GPTQ act-order, the buffer ``perm``. It keeps the projection's
+interface (``forward(x, out=None)``, ``input_width``, ``use_kernel``,
+``kernel_candidates``, ``checkpoint_shards``), so model code, the GEMV tuner and CUDA graphs
+run it like a float ``Linear``. Its ``QuantSource`` (``engine.quant.sources``) says which
+checkpoint tensors make each shard's weight (a float ``weight`` quantized as it streams
+in, or a pre-quantized checkpoint's own tensors); ``load_part`` gathers them per shard and
+writes the converted rows at the shard's offsets.
+
+The kernel (``engine.layers.quant_kernels``) is fixed at load like a float module's:
+dequantize-then-matmul is the reference that runs anywhere; the CPU and Triton kernels
+are chosen where they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+
+from torch import nn
+
+from engine.layers.linear import Linear, SwiGLUDownLinear
+from engine.layers.linear_kernels import silu_and_mul_reference, silu_and_mul_triton
+from engine.layers.quant_kernels import DequantMatmul, QuantKernel, kernel_candidates, kernel_for
+from engine.layers.weight_loader import WeightShapeError
+from engine.quant.qweight import QuantizedWeight
+from engine.quant.sources import QuantSource
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+class QuantizedStore(nn.Module):
+    """The quantized weight of an [out_features, in_features] matrix and its loading.
+
+    ``shard_offsets``: shard id -> (first row, rows) of a fused projection ({None: (0, N)}
+    for a plain one). ``checkpoint_params`` are the checkpoint tensor names (per shard)
+    this module loads itself (``load_part``); ``weight_loader`` streams them here.
+    """
+
+    def _init_store(self, out_features: int, in_features: int, source: QuantSource,
+                    shard_offsets: dict[Hashable, tuple[int, int]] | None) -> None:
+        self.out_features, self.in_features = out_features, in_features
+        self.source = source
+        self.bits = source.bits
+        self.group_size = source.group_for(in_features)
+        n, k, g = out_features, in_features, self.group_size
+        self.qweight = _param((n, k // 2) if self.bits == 4 else (n, k), torch.uint8 if self.bits == 4 else torch.int8)
+        self.scales = _param((n, k // g), torch.float16)
+        if source.has_mins:
+            self.mins = _param((n, k // g), torch.float16)
+        else:
+            self.register_parameter("mins", None)
+        self.register_buffer("perm", torch.empty(k, dtype=torch.long) if getattr(source, "act_order", False)
+                             else None)
+        self.shard_offsets = dict(shard_offsets or {None: (0, n)})
+        self.checkpoint_params = tuple(source.parts) + tuple(source.optional)
+        self.filled_by_parts = ("qweight", "scales", "mins")
+        # shard id -> the checkpoint tensors of that shard received so far (until complete)
+        self._pending: dict[Hashable, dict[str, torch.Tensor]] = {}
+
+    # -- loading -------------------------------------------------------------------
+    def load_part(self, key: str, tensor: torch.Tensor, shard_id: Hashable) -> None:
+        """One checkpoint tensor (``key``: "weight", "qweight", ...) of shard ``shard_id``;
+        once the shard has every part, its rows are converted and written."""
+        parts = self._pending.setdefault(shard_id, {})
+        parts[key] = tensor
+        if all(p in parts for p in self.checkpoint_params):
+            self._write_shard(shard_id)
+
+    def finish_loading(self) -> list[str]:
+        """Convert shards still waiting for optional parts; returns the required parts
+        that never arrived ("q_proj's qweight"), for the loader's missing-tensor error."""
+        missing = []
+        for shard_id in list(self._pending):
+            parts = self._pending[shard_id]
+            absent = [p for p in self.source.parts if p not in parts]
+            if absent:
+                missing += [f"shard {shard_id!r}: {p}" for p in absent]
+                continue
+            self._write_shard(shard_id)
+        return missing
+
+    def _write_shard(self, shard_id: Hashable) -> None:
+        parts = self._pending.pop(shard_id)
+        start, rows = self.shard_offsets[shard_id]
+        if "weight" in parts and tuple(parts["weight"].shape) != (rows, self.in_features):
+            raise WeightShapeError(tuple(parts["weight"].shape), (rows, self.in_features))
+        dev = self.qweight.device
+        qw = self.source.to_weight({k: v.to(dev) for k, v in parts.items()}, rows, self.in_features)
+        self._copy_rows(qw, start, rows)
+
+    def _copy_rows(self, qw: QuantizedWeight, start: int, rows: int) -> None:
+        if (qw.bits, qw.group_size) != (self.bits, self.group_size):
+            raise ValueError(f"expected {self.bits}-bit weights in groups of {self.group_size}, got "
+                             f"{qw.bits}-bit in groups of {qw.group_size}")
+        pairs = [(self.qweight, qw.qweight), (self.scales, qw.scales)]
+        if self.mins is not None:
+            if qw.mins is None:
+                raise ValueError("the checkpoint has no zero points/mins for an asymmetric layer")
+            pairs.append((self.mins, qw.mins))
+        elif qw.mins is not None:
+            raise ValueError("a symmetric layer got zero points/mins")
+        for dest, src in pairs:
+            part = dest.data.narrow(0, start, rows)
+            if tuple(part.shape) != tuple(src.shape):
+                raise WeightShapeError(tuple(src.shape), tuple(part.shape))
+            part.copy_(src)
+        if self.perm is not None:
+            perm = qw.perm if qw.perm is not None else torch.arange(self.in_features)
+            if start == 0:
+                self.perm.copy_(perm)
+            elif not torch.equal(self.perm.cpu(), perm.cpu()):
+                raise ValueError("the fused shards of this layer have different act-order permutations")
+
+    def init_random(self, generator: torch.Generator, std: float) -> None:
+        """Random weights (benchmark shapes): a random float matrix per shard, quantized by
+        round-to-nearest into this layout."""
+        from engine.quant.sources import rtn
+
+        maker = rtn("int8" if self.bits == 8 else "int4", self.group_size)
+        for shard_id, (start, rows) in self.shard_offsets.items():
+            w = torch.empty(rows, self.in_features, device=self.qweight.device).normal_(0.0, std, generator=generator)
+            self._copy_rows(maker.to_weight({"weight": w}, rows, self.in_features), start, rows)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """This module's weight as a ``QuantizedWeight`` (the tensors themselves, no copy)."""
+        return QuantizedWeight(self.bits, self.group_size, self.qweight, self.scales, self.mins, self.perm)
+
+    def weight_bytes(self) -> int:
+        return self.quantized_weight().nbytes()
+
+
+class QuantizedLinear(QuantizedStore):
+    """``y = x @ W.T (+ bias)`` with ``W`` quantized; see the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, source: QuantSource, *, bias: nn.Parameter | None = None,
+                 shard_offsets: dict[Hashable, tuple[int, int]] | None = None,
+                 checkpoint_shards: dict[str, Hashable] | None = None, gated: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self._init_store(out_features, in_features, source, shard_offsets)
+        if checkpoint_shards:
+            self.checkpoint_shards = dict(checkpoint_shards)
+        self.bias = bias
+        self.dtype = dtype
+        self.gated = gated
+        self.act = silu_and_mul_reference if gated else None
+        self.kernel: QuantKernel = DequantMatmul()
+
+    @classmethod
+    def replacing(cls, linear: Linear, source: QuantSource) -> "QuantizedLinear":
+        """The quantized twin of ``linear`` (a plain, fused or SwiGLU-down projection),
+        with its shards, its bias parameter (and that parameter's loader) and dtype."""
+        return cls(linear.in_features, linear.out_features, source, bias=linear.bias,
+                   shard_offsets=getattr(linear, "shard_offsets", None),
+                   checkpoint_shards=getattr(linear, "checkpoint_shards", None),
+                   gated=isinstance(linear, SwiGLUDownLinear), dtype=linear.weight.dtype)
+
+    @property
+    def input_width(self) -> int:
+        return 2 * self.in_features if self.gated else self.in_features
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        return self.kernel(x, self, out)
+
+    def choose_kernels(self, plan) -> "QuantizedLinear":
+        """The plan's SwiGLU activation, and the kernel that runs on this device."""
+        if self.gated:
+            self.act = silu_and_mul_triton() if plan.fused else silu_and_mul_reference
+        self.use_kernel(kernel_for(self))
+        return self
+
+    def use_kernel(self, kernel: QuantKernel) -> None:
+        self.kernel = kernel.bind(self)
+
+    def kernel_candidates(self) -> list[QuantKernel]:
+        return kernel_candidates(self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, source={self.source.label}, kernel={self.kernel!r}")
+
+
+class QuantizedVocabEmbedding(QuantizedStore):
+    """``W[input_ids]`` with ``W`` [vocab, hidden] quantized (GGUF's Q8_0 token embedding,
+    or a quantized tied head): only the looked-up rows are dequantized."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, source: QuantSource, dtype: torch.dtype) -> None:
+        super().__init__()
+        self._init_store(num_embeddings, embedding_dim, source, None)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.dtype = dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        g = self.group_size
+        rows = self.qweight[input_ids]
+        codes = rows.to(torch.float32) if self.bits == 8 else _unpack_rows(rows)
+        w = codes.view(len(input_ids), -1, g) * self.scales[input_ids].float().unsqueeze(-1)
+        if self.mins is not None:
+            w = w + self.mins[input_ids].float().unsqueeze(-1)
+        return w.view(len(input_ids), self.embedding_dim).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+
+
+def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    from engine.quant.qweight import unpack_int4
+
+    return unpack_int4(packed).to(torch.float32)
+
+
+class QuantizedTiedHead(QuantizedLinear):
+    """The LM head of a tied model whose embedding is quantized: the same parameters."""
+
+    def __init__(self, embedding: QuantizedVocabEmbedding) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = embedding.num_embeddings, embedding.embedding_dim
+        self.source, self.bits, self.group_size = embedding.source, embedding.bits, embedding.group_size
+        self.qweight, self.scales = embedding.qweight, embedding.scales
+        if embedding.mins is not None:
+            self.mins = embedding.mins
+        else:
+            self.register_parameter("mins", None)
+        self.register_buffer("perm", None)
+        self.shard_offsets = {None: (0, self.out_features)}
+        self.checkpoint_params = ()  # filled through the embedding
+        self.filled_by_parts = ("qweight", "scales", "mins")
+        self._pending = {}
+        self.register_parameter("bias", None)
+        self.dtype, self.gated, self.act = embedding.dtype, False, None
+        self.kernel = DequantMatmul()
+
+
+def dequantized_linear(module: QuantizedStore, dtype: torch.dtype) -> torch.Tensor:
+    """The module's weight as a float [out, in] matrix in ``dtype`` (prefill, references)."""
+    return module.quantized_weight().dequantize(dtype)
+
+
+
