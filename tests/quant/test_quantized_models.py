@@ -1,0 +1,108 @@
+"""Quantized loads end to end: a tiny model quantized to int8/int4 as it streams in gives
+the logits of transformers' own model holding the dequantized weights (the independent
+reference); a group size that doesn't fit is refused before anything loads, naming the
+layer; a GGUF file's own Q4_1/Q8_0 weights run as they are and give transformers' logits
+for that file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.errors import InvalidRequestError
+from engine.layers.quant_linear import QuantizedLinear, QuantizedTiedHead, QuantizedVocabEmbedding
+from engine.loader.engine_loader import load_model
+from engine.runner.lifecycle import release_runner
+
+PROMPT = [5, 17, 99, 3, 1024, 7, 42, 8, 300, 11, 12, 13, 2048]
+
+
+def hearth_logits(runner, ids=PROMPT) -> torch.Tensor:
+    n = len(ids)
+    with torch.inference_mode():
+        meta = runner._metadata([[0, 1, 2]], [0], [n])
+        hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, meta)
+        return runner.model.compute_logits(hidden).float().clone()
+
+
+def reference_logits(path, runner, ids=PROMPT) -> torch.Tensor:
+    """transformers' model of ``path`` with each projection Hearth quantized replaced by
+    its dequantized weight (rows split back into q/k/v, gate/up)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = runner.model
+    for i, layer in enumerate(model.model.layers):
+        hf_layer = hf.model.layers[i]
+        for module, names in ((layer.self_attn.qkv_proj, ("q_proj", "k_proj", "v_proj")),
+                              (layer.mlp.gate_up_proj, ("gate_proj", "up_proj"))):
+            if isinstance(module, QuantizedLinear):
+                w = module.quantized_weight().dequantize(torch.float32)
+                parent = hf_layer.self_attn if "q_proj" in names else hf_layer.mlp
+                for name, (start, rows) in zip(names, module.shard_offsets.values()):
+                    getattr(parent, name).weight.data.copy_(w[start:start + rows])
+        for module, target in ((layer.self_attn.o_proj, hf_layer.self_attn.o_proj),
+                               (layer.mlp.down_proj, hf_layer.mlp.down_proj)):
+            if isinstance(module, QuantizedLinear):
+                target.weight.data.copy_(module.quantized_weight().dequantize(torch.float32))
+    embed = model.model.embed_tokens
+    if isinstance(embed, QuantizedVocabEmbedding):
+        hf.model.embed_tokens.weight.data.copy_(embed.quantized_weight().dequantize(torch.float32))
+    if isinstance(model.lm_head, QuantizedLinear) and not isinstance(model.lm_head, QuantizedTiedHead):
+        hf.lm_head.weight.data.copy_(model.lm_head.quantized_weight().dequantize(torch.float32))
+    with torch.inference_mode():
+        return hf(torch.tensor([ids])).logits[0].float()
+
+
+def load(path, **options):
+    config = load_config(str(path), device="cpu", dtype="float32", attention="torch", num_blocks=8,
+                         max_model_len=128, **options)
+    return load_model(config)
+
+
+@pytest.mark.parametrize("family,quant,head", [("llama3", "int8", False), ("llama3", "int4", False),
+                                               ("llama-tied", "int4", True), ("qwen2", "int8", True)])
+def test_a_quantized_tiny_model_gives_the_logits_of_its_dequantized_weights(tiny_models, family, quant, head):
+    loaded = load(tiny_models[family], quantization=quant, quant_head=head)
+    try:
+        runner = loaded.runner
+        layers = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
+        assert len(layers) == 4 * 2 + (1 if head else 0)
+        assert all(m.bits == (8 if quant == "int8" else 4) for m in layers)
+        if quant == "int4":
+            assert {m.group_size for m in layers} == {32}  # auto: 96 inputs of down fit only 32
+        assert isinstance(runner.model.model.embed_tokens, QuantizedVocabEmbedding) == head
+        assert loaded.info.quantization == quant
+        got, want = hearth_logits(runner), reference_logits(tiny_models[family], runner)
+        assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
+        # and quantizing changed the model: the float one's logits differ
+        float_loaded = load(tiny_models[family], quantization="none")
+        try:
+            assert (hearth_logits(float_loaded.runner) - got).abs().max() > 1e-3
+            assert loaded.info.weight_bytes < float_loaded.info.weight_bytes
+        finally:
+            release_runner(float_loaded.runner)
+    finally:
+        release_runner(loaded.runner)
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(tiny_models):
+    with pytest.raises(InvalidRequestError, match=r"layer model\.layers\.0\.mlp\.down_proj \(\[64 x 96\]\).*"
+                                                  r"group size 64 does not divide.*group size of 32") as err:
+        load(tiny_models["llama3"], quantization="int4", quant_group_size=64)
+    assert err.value.options == ("quant_group_size",)
+
+
+def test_gguf_is_refused_for_a_model_that_is_not_a_gguf_file(tiny_models):
+    with pytest.raises(InvalidRequestError, match="not a GGUF file"):
+        load(tiny_models["llama3"], quantization="gguf")
+
+
+def test_unquantized_choices_set_the_dtype():
+    from engine.loader.choices import check_load_choices
+
+    assert check_load_choices(load_config(device="cpu", quantization="bf16")).dtype == torch.float32
+    assert check_load_choices(load_config(device="cpu", dtype="bfloat16", quantization="bf16")).dtype == torch.bfloat16
+    with pytest.raises(InvalidRequestError, match="drop one of them"):
+        check_load_choices(load_config(device="cpu", dtype="float16", quantization="bf16"))
