@@ -33,21 +33,22 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
-def _columns(n: int, order: tuple[int, ...]) -> torch.Tensor:
-    return (torch.arange(0, n, 8).unsqueeze(1) + torch.tensor(order)).flatten()
+def _columns(n: int, order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Column indices that apply ``order`` within each group of 8 of ``n`` columns."""
+    return (torch.arange(0, n, 8, device=device).unsqueeze(1) + torch.tensor(order, device=device)).flatten()
 
 
 def unpack_awq(words: torch.Tensor) -> torch.Tensor:
     """int32 [R, C/8] in AWQ order -> unsigned codes int32 [R, C] in logical column order."""
     physical = unpack_int32(words, 4, dim=1)
-    return physical[:, _columns(physical.shape[1], AWQ_REVERSE_ORDER)]
+    return physical[:, _columns(physical.shape[1], AWQ_REVERSE_ORDER, words.device)]
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
     """Unsigned 4-bit values [R, C] (C a multiple of 8) -> int32 [R, C/8] in AWQ order."""
     if values.shape[1] % 8:
         raise ValueError(f"AWQ packs 8 output columns per word; {values.shape[1]} is not a multiple of 8")
-    return pack_int32(values[:, _columns(values.shape[1], AWQ_ORDER)], 4, dim=1)
+    return pack_int32(values[:, _columns(values.shape[1], AWQ_ORDER, values.device)], 4, dim=1)
 
 
 def read_awq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "") -> QuantizedWeight:
@@ -80,7 +81,8 @@ def write_awq(qw: QuantizedWeight, *, name: str = "") -> dict[str, torch.Tensor]
     if qw.bits != 4:
         raise ValueError(f"{what}: AWQ checkpoints are 4-bit; write an 8-bit weight as GPTQ or compressed-tensors")
     if qw.perm is not None:
-        raise ValueError(f"{what}: AWQ can't store act-order (a permuted weight); write GPTQ or compressed-tensors")
+        raise ValueError(f"{what}: AWQ can't store act-order (a permuted weight); "
+                         f"write GPTQ or compressed-tensors")
     codes, zeros, scales = from_canonical(qw, what)
     return {"qweight": pack_awq(codes.t()), "qzeros": pack_awq(zeros.t()),
             "scales": scales.t().contiguous()}

@@ -266,5 +266,5 @@ def quantization_config(method: str, bits: int, group_size: int | None, sym: boo
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                               "input_activations": None, "output_activations": None,
                                               "format": "pack-quantized"}},
-                "ignore": list(not_converted), "kv_cache_scheme": None, "sparsity_config": {}}
+                "ignore": list(not_converted), "kv_cache_scheme": None}
     raise ValueError(f"unknown method {method!r} ({', '.join(SUPPORTED_METHODS)})")

@@ -41,7 +41,7 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int, size: int | None = No
     p = pack_factor(bits)
     mask = (1 << bits) - 1
     w = words if dim == 1 else words.t()
-    shifts = torch.arange(p, dtype=torch.int32) * bits
+    shifts = torch.arange(p, dtype=torch.int32, device=words.device) * bits
     # An arithmetic right shift of a negative word still leaves the right low bits once masked.
     values = ((w.unsqueeze(-1) >> shifts) & mask).reshape(w.shape[0], w.shape[1] * p)
     if size is not None:
@@ -65,7 +65,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     pad = -cols % p
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
-    shifts = torch.arange(p, dtype=torch.int64) * bits
+    shifts = torch.arange(p, dtype=torch.int64, device=v.device) * bits
     words = (v.view(rows, -1, p) << shifts).sum(dim=-1)
     words = torch.where(words >= 1 << 31, words - _U32, words).to(torch.int32)
     return words if dim == 1 else words.t().contiguous()
@@ -159,14 +159,14 @@ def perm_from_g_idx(g_idx: torch.Tensor, group_size: int, num_groups: int, what:
         raise UnsupportedModelError(f"{what}: g_idx has {k} entries, expected {num_groups * group_size}")
     if k and (int(g.min()) < 0 or int(g.max()) >= num_groups):
         raise UnsupportedModelError(f"{what}: g_idx names a group outside 0..{num_groups - 1}")
-    counts = torch.bincount(g, minlength=num_groups)
+    counts = torch.bincount(g, minlength=num_groups).cpu()
     if not bool((counts == group_size).all()):
         bad = int(torch.nonzero(counts != group_size)[0, 0])
         raise UnsupportedModelError(
             f"{what}: its act-order g_idx puts {int(counts[bad])} inputs in group {bad}, not "
             f"{group_size}; Hearth needs every group to have exactly group_size inputs "
             f"(re-quantize with a group size that divides the input features, or without act-order)")
-    if torch.equal(g, torch.arange(k) // group_size):
+    if torch.equal(g, torch.arange(k, device=g.device) // group_size):
         return None
     return torch.argsort(g, stable=True)
 
@@ -174,10 +174,11 @@ def perm_from_g_idx(g_idx: torch.Tensor, group_size: int, num_groups: int, what:
 def g_idx_from_perm(perm: torch.Tensor | None, in_features: int, group_size: int) -> torch.Tensor:
     """The checkpoint-order group index [K] int32 of a canonical weight: stored column
     ``j`` (checkpoint input ``perm[j]``) is in group ``j // G``."""
-    stored_group = torch.arange(in_features, dtype=torch.int32) // group_size
+    device = None if perm is None else perm.device
+    stored_group = torch.arange(in_features, dtype=torch.int32, device=device) // group_size
     if perm is None:
         return stored_group
-    g = torch.empty(in_features, dtype=torch.int32)
+    g = torch.empty(in_features, dtype=torch.int32, device=device)
     g[perm.to(torch.int64)] = stored_group
     return g
 
