@@ -12,6 +12,7 @@ from engine.quant.formats import (
     CheckpointQuant,
     parse_quantization_config,
     read_awq,
+    read_checkpoint_weight,
     read_compressed_tensors,
     read_gptq,
 )
@@ -209,6 +210,19 @@ def test_mismatched_tensor_shapes_are_refused():
         read_awq(tensors, _q("awq"))
     with pytest.raises(UnsupportedModelError, match="no scales tensor"):
         read_awq({"qweight": _words(32, 1), "qzeros": _words(1, 1)}, _q("awq"))
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "compressed-tensors"])
+def test_the_model_shape_is_checked_when_given(method):
+    n, k = 8, 32
+    tensors = {"awq": {"qweight": _words(k, 1), "qzeros": _words(1, 1), "scales": torch.ones(1, n)},
+               "gptq": {"qweight": _words(4, n), "qzeros": _words(1, 1), "scales": torch.ones(1, n)},
+               "compressed-tensors": {"weight_packed": _words(n, 4), "weight_shape": torch.tensor([n, k]),
+                                      "weight_scale": torch.ones(n, 1)}}[method]
+    q = _q(method)
+    assert read_checkpoint_weight(tensors, q, shape=(n, k)).out_features == n
+    with pytest.raises(UnsupportedModelError, match=r"\[8, 32\].*expects \[16, 32\]"):
+        read_checkpoint_weight(tensors, q, name="model.layers.0.self_attn.o_proj", shape=(16, k))
 
 
 # --- (c) dequantized values against float64 from the raw fields ------------------------

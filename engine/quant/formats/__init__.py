@@ -29,11 +29,11 @@ __all__ = [
 _READERS = {"awq": read_awq, "gptq": read_gptq, "compressed-tensors": read_compressed_tensors}
 
 
-def read_checkpoint_weight(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *,
-                           name: str = "") -> QuantizedWeight:
+def read_checkpoint_weight(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "",
+                           shape: tuple[int, int] | None = None) -> QuantizedWeight:
     """One linear's checkpoint tensors (suffixes as in ``q.tensor_names``) -> ``QuantizedWeight``,
-    by ``q.method``."""
-    return _READERS[q.method](tensors, q, name=name)
+    by ``q.method``; ``name`` labels errors, ``shape`` (out, in) is checked when given."""
+    return _READERS[q.method](tensors, q, name=name, shape=shape)
 
 
 def write_checkpoint_weight(qw: QuantizedWeight, method: str, *, sym: bool | None = None,

@@ -51,9 +51,11 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
     return pack_int32(values[:, _columns(values.shape[1], AWQ_ORDER, values.device)], 4, dim=1)
 
 
-def read_awq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "") -> QuantizedWeight:
+def read_awq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "",
+             shape: tuple[int, int] | None = None) -> QuantizedWeight:
     """One AWQ linear's ``qweight``/``qzeros``/``scales`` (names without the module
-    prefix) -> ``QuantizedWeight`` (int4, mins ``-z * s``). ``name`` labels errors."""
+    prefix) -> ``QuantizedWeight`` (int4, mins ``-z * s``). ``name`` labels errors;
+    ``shape`` (out, in), when given, must match."""
     what = name or "an AWQ layer"
     try:
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
@@ -61,7 +63,7 @@ def read_awq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str 
         raise UnsupportedModelError(f"{what}: the checkpoint has no {e.args[0]} tensor for it") from None
     k, n = qweight.shape[0], qweight.shape[1] * 8
     g = q.group_size_for(k)
-    check_canonical_shape(4, n, k, g, what)
+    check_canonical_shape(4, n, k, g, what, shape)
     expect = {"scales": (k // g, n), "qzeros": (k // g, n // 8)}
     for key, shape in expect.items():
         if tuple(tensors[key].shape) != shape:

@@ -36,11 +36,12 @@ from engine.quant.formats.packing import (
 from engine.quant.qweight import QuantizedWeight
 
 
-def read_compressed_tensors(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *,
-                            name: str = "") -> QuantizedWeight:
+def read_compressed_tensors(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "",
+                            shape: tuple[int, int] | None = None) -> QuantizedWeight:
     """One pack-quantized linear's ``weight_packed``/``weight_scale``/``weight_shape`` and,
     as the scheme needs, ``weight_zero_point``/``weight_g_idx`` (names without the module
-    prefix) -> ``QuantizedWeight``. ``name`` labels errors."""
+    prefix) -> ``QuantizedWeight``. ``name`` labels errors; ``shape`` (out, in), when
+    given, must match."""
     what = name or "a compressed-tensors layer"
     required = ["weight_packed", "weight_scale"] + ([] if q.sym else ["weight_zero_point"])
     required += ["weight_g_idx"] if q.actorder == "group" else []
@@ -49,14 +50,14 @@ def read_compressed_tensors(tensors: dict[str, torch.Tensor], q: CheckpointQuant
             raise UnsupportedModelError(f"{what}: the checkpoint has no {key} tensor for it")
     bits, p = q.bits, pack_factor(q.bits)
     packed, scale = tensors["weight_packed"], tensors["weight_scale"]
-    shape = tensors.get("weight_shape")
+    stored_shape = tensors.get("weight_shape")  # (N, K): K may not fill the last word
     n = packed.shape[0]
-    k = int(shape.flatten()[1]) if shape is not None else packed.shape[1] * p
-    if shape is not None and int(shape.flatten()[0]) != n:
-        raise UnsupportedModelError(f"{what}: weight_shape {shape.tolist()} doesn't match weight_packed "
-                                    f"{tuple(packed.shape)}")
+    k = int(stored_shape.flatten()[1]) if stored_shape is not None else packed.shape[1] * p
+    if stored_shape is not None and int(stored_shape.flatten()[0]) != n:
+        raise UnsupportedModelError(f"{what}: weight_shape {stored_shape.tolist()} doesn't match "
+                                    f"weight_packed {tuple(packed.shape)}")
     g = q.group_size_for(k)
-    check_canonical_shape(bits, n, k, g, what)
+    check_canonical_shape(bits, n, k, g, what, shape)
     groups = k // g
     if tuple(scale.shape) != (n, groups):
         raise UnsupportedModelError(f"{what}: weight_scale has shape {tuple(scale.shape)}, expected "

@@ -36,11 +36,13 @@ from engine.quant.qweight import QuantizedWeight
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 
 
-def read_gptq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "") -> QuantizedWeight:
+def read_gptq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "",
+              shape: tuple[int, int] | None = None) -> QuantizedWeight:
     """One GPTQ linear's ``qweight``/``qzeros``/``scales`` and, if present, ``g_idx``
     (names without the module prefix) -> ``QuantizedWeight``. ``q.checkpoint_format``
     says whether zero points are stored minus one ("gptq") or as is ("gptq_v2"). A
-    non-trivial ``g_idx`` becomes the canonical ``perm``. ``name`` labels errors."""
+    non-trivial ``g_idx`` becomes the canonical ``perm``. ``name`` labels errors;
+    ``shape`` (out, in), when given, must match."""
     what = name or "a GPTQ layer"
     for key in ("qweight", "qzeros", "scales") + (("g_idx",) if q.desc_act else ()):
         if key not in tensors:
@@ -53,7 +55,7 @@ def read_gptq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str
         raise UnsupportedModelError(
             f"{what}: g_idx has {g_idx.numel()} entries but qweight {tuple(qweight.shape)} holds {k} inputs")
     g = q.group_size_for(k)
-    check_canonical_shape(bits, n, k, g, what)
+    check_canonical_shape(bits, n, k, g, what, shape)
     groups = k // g
     expect = {"scales": (groups, n), "qzeros": (groups, -(-n // p))}
     for key, shape in expect.items():

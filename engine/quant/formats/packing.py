@@ -72,8 +72,13 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def check_canonical_shape(bits: int, out_features: int, in_features: int, group_size: int,
-                          what: str) -> None:
-    """Refuse what the canonical layout can't hold, naming the tensor shape."""
+                          what: str, expected: tuple[int, int] | None = None) -> None:
+    """Refuse what the canonical layout can't hold, naming the tensor shape, and a weight
+    whose (out, in) shape isn't the ``expected`` one the model asks for."""
+    if expected is not None and (out_features, in_features) != tuple(expected):
+        raise UnsupportedModelError(
+            f"{what}: the checkpoint's quantized weight is [{out_features}, {in_features}] (out, in), "
+            f"the model expects {list(expected)}")
     if bits == 4 and in_features % PACK_BLOCK:
         raise UnsupportedModelError(
             f"{what}: a 4-bit weight of shape [{out_features}, {in_features}] (out, in) can't be "
