@@ -65,10 +65,10 @@ def read_awq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str 
     g = q.group_size_for(k)
     check_canonical_shape(4, n, k, g, what, shape)
     expect = {"scales": (k // g, n), "qzeros": (k // g, n // 8)}
-    for key, shape in expect.items():
-        if tuple(tensors[key].shape) != shape:
+    for key, want in expect.items():
+        if tuple(tensors[key].shape) != want:
             raise UnsupportedModelError(
-                f"{what}: {key} has shape {tuple(tensors[key].shape)}, expected {shape} for a "
+                f"{what}: {key} has shape {tuple(tensors[key].shape)}, expected {want} for a "
                 f"qweight of shape {tuple(qweight.shape)} and group size {g}")
     codes = unpack_awq(qweight).t()
     zeros = unpack_awq(qzeros).t()

@@ -58,10 +58,10 @@ def read_gptq(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str
     check_canonical_shape(bits, n, k, g, what, shape)
     groups = k // g
     expect = {"scales": (groups, n), "qzeros": (groups, -(-n // p))}
-    for key, shape in expect.items():
-        if tuple(tensors[key].shape) != shape:
+    for key, want in expect.items():
+        if tuple(tensors[key].shape) != want:
             raise UnsupportedModelError(
-                f"{what}: {key} has shape {tuple(tensors[key].shape)}, expected {shape} for a "
+                f"{what}: {key} has shape {tuple(tensors[key].shape)}, expected {want} for a "
                 f"{bits}-bit qweight of shape {tuple(qweight.shape)} and group size {g}")
     codes = unpack_int32(qweight, bits, dim=0).t()  # [N, K], checkpoint input order
     zeros = unpack_int32(qzeros, bits, dim=1, size=n).t()  # [N, K/G]
