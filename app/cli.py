@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.commands.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from app.commands.quantize import add_quantize_parser
+
+    add_quantize_parser(sub)
     gui = sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
     gui.add_argument("--quit-after-start", action="store_true",
                      help="open the window, then close it at once (checks that the app starts here)")
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from app.commands.bench import run_bench_command
 
             return run_bench_command(args)
+        if args.command == "quantize":
+            from app.commands.quantize import run_quantize
+
+            return run_quantize(args)
         if args.command == "doctor":
             from app.commands.doctor import run_doctor
 

@@ -37,6 +37,8 @@ from engine.llm_engine import Engine
 from engine.model_info import ModelInfo
 # config.json read once, into the model spec: the fit estimate sizes memory from it too.
 from engine.models.summary import SpecSummary, model_summary
+from engine.quant.export import LAYOUTS as QUANTIZE_LAYOUTS
+from engine.quant.export import QuantizeResult, quantize_model
 from engine.requests import Completion, Request, RequestHandle
 from engine.sampling_params import SamplingParams
 # Front ends check their text arguments with it before loading a model.
@@ -116,5 +118,6 @@ __all__ = [
     "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
     "cpu_kv_budget", "kv_pool_blocks", "check_text", "EngineDeadError",
     "UnsupportedModelError", "EngineEvent", "TokenLogprob", "StepInfo",
+    "QUANTIZE_LAYOUTS", "QuantizeResult", "quantize_model",
 ]
 

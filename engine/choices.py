@@ -281,9 +281,9 @@ def _not_yet(_device: str) -> list[str]:
 
 
 #: The methods whose weights Hearth runs quantized (the kernels of ``engine.layers.quant_kernels``).
-QUANTIZED_METHODS = ("gguf", "int8", "int4")
+QUANTIZED_METHODS = ("gguf", "int8", "int4", "awq", "gptq", "compressed-tensors")
 
-register(Choice("quantization", "auto", "auto (a GGUF file's own weights; otherwise none)"))
+register(Choice("quantization", "auto", "auto (a GGUF file's or pre-quantized checkpoint's own; else none)"))
 register(Choice("quantization", "none", "none (the weights dtype)"))
 register(Choice("quantization", "bf16", "bf16 (unquantized; float32 on the CPU)", ("bfloat16",), bytes_per_param=2))
 register(Choice("quantization", "fp16", "fp16 (unquantized; float32 on the CPU)", ("float16", "half"),
@@ -291,11 +291,13 @@ register(Choice("quantization", "fp16", "fp16 (unquantized; float32 on the CPU)"
 register(Choice("quantization", "gguf", "GGUF's own (Q8_0/Q4_0/Q4_1 kept quantized)", bytes_per_param=20 / 32))
 register(Choice("quantization", "int8", "int8 (weight-only, per channel)", bytes_per_param=1.0))
 register(Choice("quantization", "int4", "int4 (weight-only, groups of 128)", bytes_per_param=0.5 + _GROUP_SCALES))
+register(Choice("quantization", "awq", "AWQ (int4, activation-aware)", bytes_per_param=0.5 + _GROUP_SCALES))
+register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated)", bytes_per_param=0.5 + _GROUP_SCALES))
+register(Choice("quantization", "compressed-tensors", "compressed-tensors W4A16/W8A16 (pre-quantized)",
+                ("ct", "llm-compressor"), bytes_per_param=0.5 + _GROUP_SCALES))
 # Planned: listed (greyed out with the reason) with the bytes the fit estimate counts; each
 # gets its own check when its kernels land.
 for _name, _label, _aliases, _bytes in (
-        ("awq", "AWQ (int4, activation-aware)", (), 0.5 + _GROUP_SCALES),
-        ("gptq", "GPTQ (int4, error-compensated)", (), 0.5 + _GROUP_SCALES),
         ("fp8", "fp8 (e4m3 weights)", (), 1.0),
         ("bnb-nf4", "bitsandbytes NF4", ("nf4",), 0.5 + 4 / 64),  # an fp32 absmax per block of 64
         ("bnb-int8", "bitsandbytes int8", (), 1.0)):

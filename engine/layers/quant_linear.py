@@ -102,9 +102,10 @@ class QuantizedStore(nn.Module):
                              f"{qw.bits}-bit in groups of {qw.group_size}")
         pairs = [(self.qweight, qw.qweight), (self.scales, qw.scales)]
         if self.mins is not None:
-            if qw.mins is None:
+            if qw.mins is None and qw.bits == 4:
                 raise ValueError("the checkpoint has no zero points/mins for an asymmetric layer")
-            pairs.append((self.mins, qw.mins))
+            # An asymmetric int8 layer whose zero points all happen to be 128 reads as symmetric.
+            pairs.append((self.mins, qw.mins if qw.mins is not None else torch.zeros_like(qw.scales)))
         elif qw.mins is not None:
             raise ValueError("a symmetric layer got zero points/mins")
         for dest, src in pairs:

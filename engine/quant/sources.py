@@ -37,6 +37,7 @@ class QuantSource:
     optional: tuple[str, ...] = ()
     has_mins: bool = True
     label: str = ""
+    act_order: bool = False  # the weights may come with an act-order input permutation
 
     def to_weight(self, parts: dict[str, torch.Tensor], out_features: int, in_features: int) -> QuantizedWeight:
         raise NotImplementedError
@@ -76,3 +77,24 @@ def rtn(method: str, group_size: int | None = None) -> RoundToNearest:
     if method == "int8":
         return RoundToNearest(8, 0, has_mins=False, label="int8")
     return RoundToNearest(4, group_size or 128, label=f"int4 g{group_size or 128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Published(QuantSource):
+    """A pre-quantized checkpoint's own tensors (AWQ, GPTQ, compressed-tensors:
+    ``engine.quant.formats``), converted to the canonical layout without dequantizing."""
+
+    checkpoint: object = None  # the CheckpointQuant
+
+    def to_weight(self, parts, out_features, in_features):
+        from engine.quant.formats import read_checkpoint_weight
+
+        return read_checkpoint_weight(parts, self.checkpoint, shape=(out_features, in_features))
+
+
+def published(q) -> Published:
+    """The source of a checkpoint quantized as ``q`` (a ``CheckpointQuant``)."""
+    return Published(q.bits, q.group_size or 0, tuple(q.tensor_names), tuple(q.optional_tensor_names),
+                     has_mins=q.bits == 4 or not q.sym,
+                     label=f"{q.method} {q.bits}-bit g{q.group_size or 'channel'}",
+                     act_order=bool(q.desc_act), checkpoint=q)

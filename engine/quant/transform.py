@@ -27,6 +27,8 @@ from torch import nn
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.quant.sources import Canonical, QuantSource, rtn
 
+#: Pre-quantized checkpoint formats (``engine.quant.formats``).
+PUBLISHED = ("awq", "gptq", "compressed-tensors")
 #: int4 group sizes, in the order ``auto`` tries them.
 INT4_GROUPS = (128, 64, 32)
 
@@ -42,6 +44,7 @@ class QuantPlan:
     sources: dict[str, QuantSource] = field(default_factory=dict)
     head: bool = False
     group_size: int | None = None  # asked for (None: auto)
+    names: frozenset = frozenset()  # a pre-quantized checkpoint's tensor names
 
     @property
     def quantizes(self) -> bool:
@@ -51,16 +54,44 @@ class QuantPlan:
         return lambda model: apply_plan(model, self)
 
 
+def checkpoint_quantization(path: Path | None):
+    """The ``CheckpointQuant`` of a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors:
+    its config.json's ``quantization_config``, or GPTQ's quantize_config.json), or None;
+    anything Hearth can't read is refused naming the field."""
+    import json
+
+    from engine.quant.formats import parse_quantization_config
+
+    if path is None or not Path(path).is_dir():
+        return None
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    extra = None
+    qc_file = Path(path) / "quantize_config.json"
+    if "quantization_config" not in cfg and qc_file.is_file():
+        try:
+            extra = json.loads(qc_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            extra = None
+    return parse_quantization_config(cfg, str(Path(path) / "config.json"), extra)
+
+
 def checkpoint_quant_method(path: Path | None, names: dict | None = None) -> str:
     """``gguf`` when the checkpoint holds Hearth-layout quantized tensors (a GGUF converted
-    with its own weights kept), else ``none``."""
+    with its own weights kept); ``awq``, ``gptq`` or ``compressed-tensors`` for a
+    pre-quantized checkpoint; else ``none``."""
     if path is None:
         return "none"
+    q = checkpoint_quantization(path)
+    if q is not None:
+        return q.method
     if names is None:
         from engine.loader.weights import read_metadata
 
         names = read_metadata(path)
-    return "gguf" if any(n.endswith(".qweight") for n in names) else "none"
+    return "gguf" if any(n.endswith(".qweight") and ".qzeros" not in n for n in names) else "none"
 
 
 def quantization_plan(method: str, path: Path | None, *, group_size: int | None = None,
@@ -74,6 +105,15 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
     found = checkpoint_quant_method(path, names)
     if method == "auto":
         method = found
+    if found in PUBLISHED:
+        if method != found:
+            raise InvalidRequestError(
+                f"this checkpoint is already quantized with {found}: load it as it is (--quant auto or "
+                f"{found}), or load its unquantized original to use {method}.", options=("quantization",))
+        from engine.quant.sources import published
+
+        q = checkpoint_quantization(path)
+        return QuantPlan(found, default=published(q), names=frozenset(names))
     if method in ("none", "bf16", "fp16"):
         if found == "gguf":  # loads of a kept-quantized folder always keep it (the loader picks the folder)
             method = "gguf"
@@ -90,6 +130,10 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
             raise UnsupportedModelError("internal: int8/int4 of a GGUF load must read its float conversion")
         return QuantPlan(method, default=rtn(method, group_size) if method == "int8" or group_size else None,
                          head=head, group_size=group_size)
+    if method in ("awq", "gptq"):
+        raise InvalidRequestError(
+            f"{method} of an unquantized model needs calibration, which is not built yet: load a "
+            f"pre-quantized {method.upper()} checkpoint, or use int4.", options=("quantization",))
     raise InvalidRequestError(f"quantization {method!r} is not implemented yet: use int8, int4, gguf or none.",
                               options=("quantization",))
 
@@ -163,7 +207,14 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
             continue
         if not isinstance(module, Linear):
             continue
-        if plan.method == "gguf":
+        if plan.method in PUBLISHED:
+            # Quantized exactly where the checkpoint stores quantized tensors (its ignore
+            # list, a float head): the first shard's first tensor tells.
+            first = _checkpoint_modules(name, module)[0]
+            if f"{first}.{default.parts[0]}" not in plan.names:
+                continue
+            source = default
+        elif plan.method == "gguf":
             found = [plan.sources.get(c) for c in _checkpoint_modules(name, module)]
             if not any(found):
                 continue

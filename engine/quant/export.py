@@ -1,0 +1,162 @@
+"""``hearth quantize``: a model quantized by Hearth, written in a published layout that
+vLLM and transformers load too (compressed-tensors pack-quantized by default, GPTQ or AWQ),
+so the next load reads the quantized weights instead of quantizing again.
+
+The model is loaded on ``device`` with the chosen quantization exactly as a chat load does
+(each layer quantized as its float tensor streams in), then every quantized projection is
+split back into its checkpoint modules (q/k/v, gate/up) and written through
+``engine.quant.formats``; every other tensor (norms, embedding, a float head) is copied from
+the source checkpoint unchanged. The folder is written beside its target and renamed into
+place, so a cancelled or failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import InvalidRequestError, ModelLoadError
+
+LAYOUTS = ("compressed-tensors", "gptq", "awq")
+_TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
+                    "chat_template*", "generation_config.json")
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizeResult:
+    out_dir: Path
+    layout: str
+    quantization: str
+    layers: int  # quantized checkpoint modules written
+    weight_bytes: int  # bytes of the written safetensors file
+
+
+def _split(module, name: str) -> list[tuple[str, object]]:
+    """(checkpoint module name, its rows of ``module``'s QuantizedWeight) for each shard."""
+    from engine.quant.qweight import QuantizedWeight
+
+    qw = module.quantized_weight()
+    shards = getattr(module, "checkpoint_shards", None)
+    if not shards:
+        return [(name, qw)]
+    parent = name.rpartition(".")[0]
+    out = []
+    for ckpt, shard_id in shards.items():
+        start, rows = module.shard_offsets[shard_id]
+        cut = lambda t: None if t is None else t.narrow(0, start, rows).contiguous()  # noqa: E731
+        out.append((f"{parent}.{ckpt}" if parent else ckpt,
+                    QuantizedWeight(qw.bits, qw.group_size, cut(qw.qweight), cut(qw.scales), cut(qw.mins), qw.perm)))
+    return out
+
+
+def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4", layout: str = "compressed-tensors",
+                   group_size: int | None = None, device: str = "cpu",
+                   progress: Callable[[str], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> QuantizeResult:
+    """Quantize ``model`` (a folder, Hub id or the default) and write it to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    from engine.config import load_config
+    from engine.layers.quant_linear import QuantizedLinear, QuantizedTiedHead
+    from engine.loader.engine_loader import load_model
+    from engine.loader.weights import iter_weights
+    from engine.quant.formats import is_symmetric, quantization_config, write_checkpoint_weight
+    from engine.runner.lifecycle import release_runner
+
+    say = progress or (lambda _msg: None)
+    if layout not in LAYOUTS:
+        raise InvalidRequestError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.",
+                                  options=("layout",))
+    if quantization not in ("int4", "int8"):
+        raise InvalidRequestError(f"hearth quantize writes int4 or int8 (round-to-nearest), not {quantization!r}.",
+                                  options=("quantization",))
+    if layout == "awq" and quantization != "int4":
+        raise InvalidRequestError("AWQ checkpoints hold 4-bit weights: use --quant int4, or another layout.",
+                                  options=("layout",))
+    out_dir = Path(out_dir).expanduser()
+    config = load_config(model, device=device, dtype="float32" if device == "cpu" else "auto",
+                         quantization=quantization, quant_group_size=group_size, attention="torch",
+                         num_blocks=4, max_model_len=64, enforce_eager=True)
+    loaded = load_model(config, progress=say, should_stop=should_stop)
+    try:
+        path = Path(loaded.info.path)
+        tensors: dict[str, torch.Tensor] = {}
+        written = set()
+        bits = group = None
+        sym = True
+        gptq_format = "gptq"
+        modules = [(n, m) for n, m in loaded.runner.model.named_modules()
+                   if isinstance(m, QuantizedLinear) and not isinstance(m, QuantizedTiedHead)]
+        parts = [(ckpt, qw) for n, m in modules for ckpt, qw in _split(m, n)]
+        if layout == "gptq" and any(int(z.min()) < 1 for z in _zero_points(parts)):
+            gptq_format = "gptq_v2"  # v1 stores zero - 1 and can't hold a zero point of 0
+        for ckpt, qw in parts:
+            if should_stop is not None and should_stop():
+                from engine.errors import LoadCancelledError
+
+                raise LoadCancelledError("quantizing cancelled")
+            bits, group = qw.bits, qw.group_size
+            sym = sym and is_symmetric(qw)
+            if layout == "gptq":
+                from engine.quant.formats import write_gptq
+
+                out = write_gptq(qw.__class__(qw.bits, qw.group_size, qw.qweight.cpu(), qw.scales.cpu(),
+                                              None if qw.mins is None else qw.mins.cpu(), qw.perm),
+                                 checkpoint_format=gptq_format, name=ckpt)
+            else:
+                out = write_checkpoint_weight(_cpu(qw), layout, sym=None, name=ckpt)
+            for key, t in out.items():
+                tensors[f"{ckpt}.{key}"] = t.contiguous()
+            written.add(ckpt)
+        for name, t in iter_weights(path):
+            if name.rpartition(".")[0] not in written:
+                tensors[name] = t.contiguous()
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        per_channel = all(qw.group_size == qw.in_features for _ckpt, qw in parts)
+        qc = quantization_config(layout, bits, None if per_channel else group, sym, not_converted=("lm_head",))
+        if layout == "gptq":
+            qc["checkpoint_format"] = gptq_format
+        cfg["quantization_config"] = qc
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+            for pattern in _TOKENIZER_GLOBS:
+                for f in path.glob(pattern):
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+            if out_dir.exists():
+                raise InvalidRequestError(f"{out_dir} exists: pick a new folder (--out), or delete it first.",
+                                          options=("out",))
+            tmp.rename(out_dir)
+        except OSError as e:
+            raise ModelLoadError(f"cannot write the quantized model into {out_dir}: {e.strerror or e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        size = (out_dir / "model.safetensors").stat().st_size
+        say(f"wrote {len(written)} quantized layers ({layout}) into {out_dir}")
+        return QuantizeResult(out_dir, layout, quantization, len(written), size)
+    finally:
+        release_runner(loaded.runner)
+
+
+def _cpu(qw):
+    from engine.quant.qweight import QuantizedWeight
+
+    c = lambda t: None if t is None else t.cpu()  # noqa: E731
+    return QuantizedWeight(qw.bits, qw.group_size, c(qw.qweight), c(qw.scales), c(qw.mins), c(qw.perm))
+
+
+def _zero_points(parts):
+    from engine.quant.rtn import zero_points
+
+    for _ckpt, qw in parts:
+        yield zero_points(_cpu(qw))

@@ -1,0 +1,64 @@
+"""``hearth quantize`` round trip: a tiny model quantized by Hearth, written in each
+published layout (compressed-tensors, GPTQ, AWQ), loads back (quantization ``auto`` reads
+the checkpoint's own) with the same logits as the direct quantized load, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from app.cli import main
+from engine.errors import InvalidRequestError
+from engine.quant.export import quantize_model
+from engine.runner.lifecycle import release_runner
+from tests.quant.test_quantized_models import hearth_logits, load
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_models):
+    out = {}
+    for quant in ("int4", "int8"):
+        loaded = load(tiny_models["llama3"], quantization=quant)
+        out[quant] = hearth_logits(loaded.runner)
+        release_runner(loaded.runner)
+    return out
+
+
+@pytest.mark.parametrize("quant,layout", [("int4", "gptq"), ("int4", "awq"), ("int8", "compressed-tensors"),
+                                          ("int8", "gptq")])
+def test_each_layout_loads_back_with_the_same_logits(tiny_models, tmp_path, direct, quant, layout):
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "q", quantization=quant, layout=layout)
+    assert result.layers == 2 * 7  # q, k, v, o, gate, up, down of each of 2 layers
+    back = load(result.out_dir)
+    try:
+        assert back.info.quantization == layout
+        assert torch.equal(hearth_logits(back.runner), direct[quant])
+    finally:
+        release_runner(back.runner)
+    cfg = json.loads((result.out_dir / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == layout
+
+
+def test_hearth_quantize_command_writes_compressed_tensors(tiny_models, tmp_path, direct, capsys):
+    out = tmp_path / "ct"
+    assert main(["quantize", "--model", str(tiny_models["llama3"]), "--quant", "int4", "--out", str(out),
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["layout"] == "compressed-tensors" and row["quant"] == "int4" and row["file_bytes"] > 0
+    back = load(out)
+    try:
+        assert back.info.quantization == "compressed-tensors"
+        assert torch.equal(hearth_logits(back.runner), direct["int4"])
+    finally:
+        release_runner(back.runner)
+    # the folder exists now: refused, and nothing is overwritten
+    assert main(["quantize", "--model", str(tiny_models["llama3"]), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_a_prequantized_checkpoint_refuses_another_quantization(tiny_models, tmp_path):
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq")
+    with pytest.raises(InvalidRequestError, match="already quantized with gptq"):
+        load(result.out_dir, quantization="int8")
