@@ -35,7 +35,7 @@ _GRAPHS_TIP = ("CUDA graphs replay each decode step as one GPU launch: faster, f
 
 WINDOW_TITLE = "Load model"
 # The form's field labels, by Engine.load keyword (error messages name these fields too).
-FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "attention": "Attention backend",
+FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "quant_group_size": "int4 group size", "attention": "Attention backend",
                 "device": "Device", "dtype": "Weights dtype", "max_model_len": "Context length",
                 "kv_cache_memory": "KV-cache memory", "kv_cache_dtype": "KV-cache precision"}
 
@@ -90,8 +90,25 @@ class LoadDialog(QDialog):
         self._model_shown = self.model.text()
         form.addRow(FIELD_LABELS["model"], self.model)
 
-        self.quantization = self._combo("loadQuantization", "quantization", "load/quantization", "auto")
+        # "load/quant": the key of releases with quantization; the older "load/quantization"
+        # only ever held "none" (nothing else could load), which must not pin a GGUF to floats.
+        self.quantization = self._combo("loadQuantization", "quantization", "load/quant", "auto")
         form.addRow(FIELD_LABELS["quantization"], self.quantization)
+        self.group_size = QComboBox()
+        self.group_size.setObjectName("loadGroupSize")
+        for label, value in GROUP_SIZES:
+            self.group_size.addItem(label, value)
+        saved_group = int(settings.value("load/quant_group_size", 0) or 0)
+        self.group_size.setCurrentIndex(max(0, self.group_size.findData(saved_group or None)))
+        self.group_size.setToolTip("int4: how many weights share one scale. Smaller groups are more exact "
+                                   "and a little larger; auto takes 128, or the largest that fits the model.")
+        form.addRow(FIELD_LABELS["quant_group_size"], self.group_size)
+        self.quant_head = QCheckBox("Quantize the embedding and output head too (smaller, less exact)")
+        self.quant_head.setObjectName("loadQuantHead")
+        self.quant_head.setChecked(settings.value("load/quant_head", "false") in (True, "true"))
+        form.addRow("", self.quant_head)
+        self.quantization.currentIndexChanged.connect(self._update_quant_fields)
+        self._update_quant_fields()
         self.attention = self._combo("loadAttention", "attention", "load/attention", "auto")
         form.addRow(FIELD_LABELS["attention"], self.attention)
         self.reasons = QLabel()
@@ -162,6 +179,12 @@ class LoadDialog(QDialog):
                     by_reason.setdefault("; ".join(c.reasons), []).append(label)
         return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
 
+    def _update_quant_fields(self, *_args) -> None:
+        """Group size and head only mean something for int4 / int8 quantizing here."""
+        method = self.quantization.currentData()
+        self.group_size.setEnabled(method == "int4")
+        self.quant_head.setEnabled(method in ("int4", "int8"))
+
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""
         if not _has_gpu(self.choices):
@@ -188,6 +211,8 @@ class LoadDialog(QDialog):
         return {
             "model": self.model_reference(),
             "quantization": self.quantization.currentData(),
+            "quant_group_size": self.group_size.currentData() if self.group_size.isEnabled() else None,
+            "quant_head": self.quant_head.isChecked() and self.quant_head.isEnabled(),
             "attention": self.attention.currentData(),
             "device": self.device.currentData(),
             "dtype": self.dtype.currentData(),
@@ -211,15 +236,22 @@ class LoadDialog(QDialog):
         self.accept()
 
 
+# int4 group sizes the dialog offers (None: auto).
+GROUP_SIZES = (("auto", None), ("32", 32), ("64", 64), ("128", 128), ("256", 256))
+# Options saved under another key than load/<option>.
+_SETTING_KEYS = {"quantization": "load/quant"}
+
+
 def _has_gpu(choices: ChoiceTable) -> bool:
     return any(c.name.startswith("cuda") and c.available for c in choices.get("device", ()))
 
 
 def save_load_options(settings: QSettings, opts: dict) -> None:
     defaults = {"quantization": "auto", "attention": "auto", "device": "auto", "dtype": "auto",
-                "kv_cache_dtype": "auto", "enforce_eager": False}
+                "kv_cache_dtype": "auto", "enforce_eager": False, "quant_head": False}
     for key, default in defaults.items():
-        settings.setValue(f"load/{key}", opts.get(key, default))
+        settings.setValue(_SETTING_KEYS.get(key, f"load/{key}"), opts.get(key, default))
+    settings.setValue("load/quant_group_size", opts.get("quant_group_size") or 0)
     settings.setValue("load/max_model_len", opts.get("max_model_len") or 0)
     settings.setValue("load/kv_cache_memory", opts.get("kv_cache_memory") or "")
     settings.setValue("load/model", opts.get("model") or "default")
@@ -241,7 +273,9 @@ def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) 
         kv_dtype = "auto"  # a start-up load must not fail on a combination that can't run
     return {
         "model": settings.value("load/model", "default") or "default",
-        "quantization": usable("quantization", "load/quantization", "auto"),
+        "quantization": usable("quantization", "load/quant", "auto"),
+        "quant_group_size": int(settings.value("load/quant_group_size", 0) or 0) or None,
+        "quant_head": settings.value("load/quant_head", "false") in (True, "true"),
         "attention": attention,
         "device": usable("device", "load/device", "auto"),
         "dtype": usable("dtype", "load/dtype", "auto"),

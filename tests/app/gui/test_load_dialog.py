@@ -84,3 +84,37 @@ def test_the_dialog_offers_exactly_the_engines_registry(qtbot, gui_env, monkeypa
     dlg.dtype.setCurrentIndex(dlg.dtype.findData("float32"))
     config = dlg.config()
     assert (config.model.model, config.model.dtype, config.attention) == ("acme/tiny-chat", "float32", "auto")
+
+
+def test_int4_group_size_and_head_options_follow_the_method_and_are_saved(qtbot, gui_env):
+    from app.gui.load_dialog import saved_load_options
+    from engine.api import list_choices
+
+    choices = {**_choices(gpu=False), "quantization": tuple(list_choices("quantization", "cpu"))}
+    dlg = LoadDialog("acme/tiny-chat", gui_env["settings"], choices=choices)
+    qtbot.addWidget(dlg)
+    assert dlg.quantization.currentData() == "auto"  # a GGUF's own weights, else none
+    assert not dlg.group_size.isEnabled() and not dlg.quant_head.isEnabled()
+    assert dlg.options()["quant_group_size"] is None and dlg.options()["quant_head"] is False
+    dlg.quantization.setCurrentIndex(dlg.quantization.findData("int4"))
+    assert dlg.group_size.isEnabled() and dlg.quant_head.isEnabled()
+    dlg.group_size.setCurrentIndex(dlg.group_size.findData(64))
+    dlg.quant_head.setChecked(True)
+    opts = dlg.options()
+    assert (opts["quantization"], opts["quant_group_size"], opts["quant_head"]) == ("int4", 64, True)
+    assert dlg.config().model.quant_group_size == 64
+    dlg._accept()
+    saved = saved_load_options(gui_env["settings"], choices)
+    assert (saved["quantization"], saved["quant_group_size"], saved["quant_head"]) == ("int4", 64, True)
+    # int8 has no groups: the field is off and sends nothing
+    dlg.quantization.setCurrentIndex(dlg.quantization.findData("int8"))
+    assert not dlg.group_size.isEnabled() and dlg.options()["quant_group_size"] is None
+
+
+def test_an_old_saved_none_does_not_pin_the_default_gguf_to_floats(qtbot, gui_env):
+    from app.gui.load_dialog import saved_load_options
+    from engine.api import list_choices
+
+    gui_env["settings"].setValue("load/quantization", "none")  # what every earlier release saved
+    choices = {**_choices(gpu=False), "quantization": tuple(list_choices("quantization", "cpu"))}
+    assert saved_load_options(gui_env["settings"], choices)["quantization"] == "auto"
