@@ -41,6 +41,8 @@ GIB = 1 << 30
 AUTO = "auto"
 #: Pseudo-quantization: take the weight files' size as they are.
 AS_PUBLISHED = "as published"
+#: Quantizations that read a checkpoint's own quantized weights (sized at their file size).
+_OWN_QUANTIZATIONS = ("gguf", "awq", "gptq", "compressed-tensors")
 OVERHEAD = 0.10
 TIGHT_FRACTION = 0.90
 #: A load's context when config.json names none (the engine's fallback too).
@@ -154,11 +156,12 @@ def load_dtype(weights: str, device_type: str) -> str:
     return weights if weights in DTYPE_BYTES else auto_dtype(device_type)
 
 
-def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0) -> int:
+def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, embedding_rate: float = 2.0) -> int:
     """Bytes of ``num_params`` weights stored as ``weights`` (a key of ``bytes_per_param()``
     or an alias such as ``"bf16"``; resolve ``AUTO`` with ``load_dtype`` first).
 
-    Below 16 bit, ``embedding_params`` (embeddings + untied LM head) stay at 2 B/param.
+    Below 16 bit, ``embedding_params`` (embeddings + untied LM head) stay in the load's
+    dtype: ``embedding_rate`` bytes each (2 on a GPU, 4 for float32 on the CPU).
 
     Raises:
         ValueError: unknown weights choice.
@@ -172,7 +175,7 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0) ->
     if rate >= 2.0 or embedding_params <= 0:
         return int(round(num_params * rate))
     embed = min(embedding_params, num_params)
-    return int(round(embed * 2.0 + (num_params - embed) * rate))
+    return int(round(embed * embedding_rate + (num_params - embed) * rate))
 
 
 def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget, weights: str = AUTO,
@@ -190,16 +193,19 @@ def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget
     weights = weights_name(weights)
     device = target.device_type
     dtype = load_dtype(weights, device)
-    if weights == AS_PUBLISHED or num_params is None:
+    # A checkpoint's own quantization (a GGUF's blocks, AWQ/GPTQ/compressed-tensors) loads
+    # at the size it is published at.
+    as_published = weights in (AS_PUBLISHED, *_OWN_QUANTIZATIONS) and published_weight_bytes is not None
+    if as_published or num_params is None:
         if published_weight_bytes is None:
             weights_total = 0
         else:
             weights_total = int(published_weight_bytes)
-            if weights != AS_PUBLISHED:
+            if not as_published:
                 notes.append("parameter count unknown: weights counted at their file size")
     else:
         weights_total = weight_bytes(num_params, dtype if weights == AUTO else weights,
-                                     embedding_params=shape.embedding_params)
+                                     embedding_params=shape.embedding_params, embedding_rate=DTYPE_BYTES[dtype])
     context = context_len or shape.max_context or FALLBACK_CONTEXT
     if shape.max_context and context > shape.max_context:
         notes.append(f"the model takes at most {shape.max_context} tokens of context: a load with more is refused")

@@ -160,7 +160,8 @@ def test_estimate_for_a_hub_repo(fake_hub):
     t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
     est = fit.estimate_for_repo(TINY, weights="int8", context_len=1024, target=t)
     embed = 2 * 1000 * 64                                  # untied 1000 x 64 embeddings
-    assert est.weights_bytes == round(embed * 2 + (n - embed) * 1.0)
+    # int8 layers; the embedding and head stay float32, the CPU's dtype (4 bytes each)
+    assert est.weights_bytes == round(embed * 4 + (n - embed) * 1.0)
     head_dim = TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
     # One 1024-token context of K and V in float32 (an int8 model computes in the CPU's dtype).
     assert est.kv_context_bytes == 2 * 2 * 2 * head_dim * 4 * 1024
@@ -253,3 +254,15 @@ def test_the_estimate_matches_what_the_engine_loads(fake_hub, tiny_models, monke
     assert est.dtype == info.dtype and est.context_len == info.max_model_len
     assert est.weights_bytes == pytest.approx(info.weight_bytes, rel=0.10)
     assert est.kv_cache_bytes == pytest.approx(info.kv_cache_bytes, rel=0.10)
+
+
+def test_a_checkpoints_own_quantization_is_counted_at_its_file_size():
+    t = MemoryTarget("cpu", "RAM", 8 * GIB, 16 * GIB)
+    for own in ("gguf", "awq", "gptq", "compressed-tensors"):
+        est = fit.estimate(num_params=135_000_000, shape=SpecSummary(), target=t, weights=own,
+                           published_weight_bytes=98_362_432)
+        assert est.weights_bytes == 98_362_432 and not est.notes[:-1]
+    # int4 of the same model is counted by its bits (the float32 embedding aside)
+    est = fit.estimate(num_params=135_000_000, shape=SpecSummary(), target=t, weights="int4",
+                       published_weight_bytes=98_362_432)
+    assert est.weights_bytes == round(135_000_000 * (0.5 + 4 / 128))
