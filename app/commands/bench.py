@@ -50,8 +50,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (with --model)")
     p.add_argument("--suite", action="append", default=None, metavar="NAME[,NAME]",
                    help=f"{', '.join(SUITE_NAMES)} or all; repeatable or comma list (default: decode)")
-    p.add_argument("--baseline", default=None, metavar="hf",
-                   help="also run transformers (hf) on the same weights and inputs")
+    p.add_argument("--baseline", default=None, metavar="hf|llamacpp",
+                   help="also run transformers (hf) on the same weights and inputs, or llama.cpp "
+                        "(llamacpp, needs llama-cpp-python) on the same GGUF --model, batch 1")
     p.add_argument("--json", default=None, metavar="FILE", help="write {\"rows\": [...]} to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     g = p.add_argument_group("engine")
@@ -143,19 +144,20 @@ def speedup_vs_hf(row: dict, hf_row: dict) -> float | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per row, aligned; Hearth rows get "vs hf" (speed-up) where a baseline ran."""
+    """One line per row, aligned; Hearth rows get "vs <baseline>" (speed-up) where one ran."""
     if not rows:
         return "(no rows)"
-    hf = {_partner_key(r): r for r in rows if r["engine"] == "hf"}
+    base = next((r["engine"] for r in rows if r["engine"] != "hearth"), "hf")
+    hf = {_partner_key(r): r for r in rows if r["engine"] == base}
     cells = []
     for r in rows:
         line = [fmt.format(r[key]) if r.get(key) is not None else "" for _, key, fmt in _COLUMNS]
-        partner = hf.get(_partner_key(r)) if r["engine"] != "hf" else None
+        partner = hf.get(_partner_key(r)) if r["engine"] != base else None
         ratio = speedup_vs_hf(r, partner) if partner else None
         line.append(f"{ratio:.2f}x" if ratio is not None else "")
         line.append(f"{r['match_tokens']}/{r['output_len']}" if "match_tokens" in r else "")
         cells.append(line)
-    titles = [t for t, _, _ in _COLUMNS] + ["vs hf", "greedy match"]
+    titles = [t for t, _, _ in _COLUMNS] + [f"vs {base}", "greedy match"]
     widths = [max(len(t), *(len(c[i]) for c in cells)) for i, t in enumerate(titles)]
 
     def fmt_line(values):  # text columns left, numbers right

@@ -63,7 +63,14 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     _check_context(opts)
 
     hf_res, weights, workload, hf_bytes = None, None, None, None
-    if opts.baseline == "hf":
+    if opts.baseline == "llamacpp":
+        from engine.bench.llamacpp_baseline import run_llamacpp
+
+        say("llama.cpp baseline: the same GGUF file through llama-cpp-python")
+        workload = Workload(_gguf_vocab(opts), opts.seed)
+        hf_res = run_llamacpp(opts, workload, say)
+        hf_bytes = hf_res["weight_bytes"]
+    elif opts.baseline == "hf":
         hf = _load_hf(opts, device, dtype, say)
         try:
             workload = Workload(hf.vocab_size, opts.seed)
@@ -89,7 +96,16 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
         engine.shutdown()
     # model_info.name: "shape:<name>", the Hub repo id, or a local folder's / GGUF file's name.
     maker = RowMaker(info.name, device, dtype, info.attention, info.quantization)
-    return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes)
+    return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes, baseline=opts.baseline or "hf")
+
+
+def _gguf_vocab(opts: BenchOptions) -> int:
+    """The vocabulary of the GGUF file the llama.cpp baseline reads (its token ids)."""
+    from gguf import GGUFReader
+
+    from engine.bench.llamacpp_baseline import gguf_file
+
+    return len(GGUFReader(str(gguf_file(opts.model))).fields["tokenizer.ggml.tokens"].data)
 
 
 def _check_context(opts: BenchOptions) -> None:
@@ -178,7 +194,7 @@ def _mean_lens(reqs) -> tuple[int, int]:
 
 
 def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf: dict | None,
-          hf_bytes: int | None) -> list[dict]:
+          hf_bytes: int | None, baseline: str = "hf") -> list[dict]:
     from engine.bench.rows import leading_match
 
     rows = []
@@ -195,15 +211,17 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
                               **extra, implementation=impl, kv_cache_dtype=kvd))
         if hf is not None:
             rate, ttft, _ = hf["decode"][b]
-            rows.append(maker.row("decode", "hf", b, opts.prompt_len, opts.output_len, decode_tok_s=rate,
-                                  ttft_ms=ttft, weight_bytes=hf_bytes, **extra))
+            rows.append(maker.row("decode", baseline, b, opts.prompt_len, opts.output_len, decode_tok_s=rate,
+                                  ttft_ms=ttft, weight_bytes=hf_bytes, **extra, **_threads(hf)))
     for n, ms in hearth["prefill"].items():
         rows.append(maker.row("prefill", "hearth", 1, n, 1, ttft_ms=ms, weight_bytes=wb, implementation=impl,
                               kv_cache_dtype=kvd))
         if hf is not None:
-            rows.append(maker.row("prefill", "hf", 1, n, 1, ttft_ms=hf["prefill"][n], weight_bytes=hf_bytes))
+            rows.append(maker.row("prefill", baseline, 1, n, 1, ttft_ms=hf["prefill"][n], weight_bytes=hf_bytes,
+                                  **_threads(hf)))
     if hearth["throughput"] is not None:
         t = hearth["throughput"]
+        hf = hf if hf is not None and hf["throughput"] is not None else None
         rows.append(maker.row("throughput", "hearth", opts.engine.scheduler.max_num_seqs, *hearth["throughput_lens"],
                               output_tok_s=t.output_tok_s, kv_waste_pct=t.kv_waste_pct,
                               weight_bytes=wb, num_requests=opts.num_requests, min_len=opts.min_len,
@@ -218,3 +236,10 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
                                   output_tok_s=rate, kv_waste_pct=waste, weight_bytes=hf_bytes,
                                   num_requests=n, min_len=opts.min_len, max_len=opts.max_len))
     return rows
+
+
+def _threads(baseline: dict) -> dict:
+    """The llama.cpp rows' thread count and version (what its speed depends on)."""
+    if not baseline.get("threads"):
+        return {}
+    return {"threads": baseline["threads"], "llama_cpp_python": baseline.get("version")}

@@ -22,7 +22,7 @@ from engine.config import EngineConfig, config_from_options
 from engine.errors import InvalidRequestError
 
 SUITES = ("decode", "prefill", "throughput")
-BASELINES = ("hf",)
+BASELINES = ("hf", "llamacpp")
 
 # name: (CUDA default, CPU default). CUDA values are the protocol of BENCHMARKS.md.
 _DEVICE_DEFAULTS = {
@@ -105,7 +105,7 @@ class BenchOptions:
         self.engine = config_from_options(self.model_name, revision=self.revision, **self.load)
         if self.baseline not in (None, *BASELINES):
             raise InvalidRequestError(
-                f"unknown baseline {self.baseline!r}; the supported baseline is: {', '.join(BASELINES)}."
+                f"unknown baseline {self.baseline!r}; the supported baselines are: {', '.join(BASELINES)}."
             )
         for name in ("batch", "prefill_lens"):
             val = getattr(self, name)
