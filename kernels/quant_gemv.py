@@ -1,0 +1,280 @@
+"""Weight-only int8/int4 matrix-vector product for batch-1 decode: ``y = W x (+ b)``, where
+``W`` is stored as integer codes with a float scale (and min) per group of inputs:
+
+    w[n, k] = q[n, k] * s[n, k // G] + m[n, k // G]        (m = 0 without mins)
+
+and, with ``swiglu``, ``x = round(round(silu(g)) * u)`` for an input ``[g | u]`` of 2K
+columns (rounded like ``kernels/gemv.py`` and ``kernels/activation.py``).
+
+Layout (``prepare_int4`` / ``prepare_int8``). Hearth's canonical layout
+(``engine/quant/qweight.py``) is already what a row-streaming GEMV wants, so preparing only
+checks it and makes it contiguous; nothing is repacked:
+- int4: uint8 ``[N, K/2]``, GGUF order: the 16 bytes of a block of 32 inputs hold inputs
+  0..15 in their low nibbles and 16..31 in their high nibbles. One 16-byte vector load is
+  exactly one block, and its two halves meet two contiguous 16-element runs of ``x``.
+- int8: int8 ``[N, K]`` signed codes, 32 bytes (two 16-byte vectors) per block of 32 inputs.
+- scales and mins: float16 ``[N, K/G]`` (row-major: a program reads its own rows' groups;
+  they are 1/16 of the int4 bytes at G=128, so their layout hardly matters).
+
+The kernel. At batch 1 every weight byte is read once, so the figure of merit is memory
+bandwidth; at 4.8 TB/s an H200 streams ~30 int4 weights per SM per clock, which leaves
+only ~4 instructions per weight. So:
+- each thread loads whole 16-byte blocks (wide, contiguous, coalesced loads), each program
+  takes ``BLOCK_N`` whole rows and streams them in ``BLOCK_K`` steps (no split-K: at 4 bits
+  a row of 4096 inputs is only 2 KiB, so small ``BLOCK_N`` already gives thousands of
+  programs for N=4096 without an extra reduction kernel or atomics, and the result is the
+  same on every launch, which CUDA graphs and tests want);
+- codes become floats without int->float conversions (16/clock/SM on Hopper, too slow):
+  OR-ing a code into the mantissa of 2^23 gives the float 2^23 + q exactly, and one exact
+  subtraction leaves q (int8: add 2^23 + 128 to the sign-extended code);
+- the codes are multiplied by ``x`` in fp32 and summed per block of 32 (inside one thread),
+  and only then scaled: ``acc += s * sum(q x) + m * sum(x)``, so scales and mins cost one
+  load and two FMAs per 32 weights and the weights are never rounded (more exact than a
+  dequantize-to-bf16 matmul). ``sum(x)`` per block is shared by the program's rows.
+Accumulation is fp32; the result is rounded once to the activation dtype.
+
+Configs are ``(BLOCK_N, BLOCK_K, num_warps)`` like ``kernels/gemv.py``; a program holds a
+``[BLOCK_N, BLOCK_K/32, 32]`` tile, one 16-byte vector per thread per step when
+``BLOCK_N * BLOCK_K / 32 == 32 * num_warps`` (int4; twice that for int8).
+``quant_gemv_configs`` lists those worth timing; the engine's load-time tuner picks one.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+#: inputs per packing block (GGUF's QK4_0); every group size is a multiple of it or K
+BLOCK = 32
+_MAGIC = 0x4B000000  # float32 bit pattern of 2**23: OR-ing q < 2**23 into it gives 2**23 + q
+
+
+class PreparedQuant(NamedTuple):
+    """A quantized weight in the kernels' layout (see the module docstring)."""
+
+    bits: int
+    group_size: int
+    qweight: torch.Tensor  # int4: uint8 [N, K/2] GGUF-order; int8: int8 [N, K]
+    scales: torch.Tensor  # float16 [N, K/G]
+    mins: torch.Tensor | None  # float16 [N, K/G] or None
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (2 if self.bits == 4 else 1)
+
+
+def _check_groups(op: str, n: int, k: int, group_size: int, scales: torch.Tensor,
+                  mins: torch.Tensor | None) -> None:
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"{op}: group size {group_size} does not divide the {k} input features")
+    if group_size % BLOCK and group_size != k:
+        raise ValueError(f"{op}: group size {group_size} is not a multiple of {BLOCK} (nor the whole row); "
+                         "the GPU kernels read whole blocks of 32 inputs: pick 32, 64 or 128")
+    want = (n, k // group_size)
+    for name, t in (("scales", scales), ("mins", mins)):
+        if t is None:
+            continue
+        if tuple(t.shape) != want or t.dtype != torch.float16:
+            raise ValueError(f"{op}: {name} must be float16 {list(want)}, got {t.dtype} {list(t.shape)}")
+
+
+def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 group_size: int) -> PreparedQuant:
+    """An int4 weight (canonical layout: uint8 [N, K/2] GGUF-order codes 0..15, float16
+    scales and mins [N, K/G]) for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"prepare_int4: qweight must be uint8 [N, K/2], got {qweight.dtype} {list(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if k % BLOCK:
+        raise ValueError(f"prepare_int4: int4 needs K a multiple of {BLOCK}, got {k}")
+    if mins is None:
+        raise ValueError("prepare_int4: int4 weights always have mins (symmetric ones: -8 * scale)")
+    _check_groups("prepare_int4", n, k, group_size, scales, mins)
+    return PreparedQuant(4, group_size, qweight.contiguous(), scales.contiguous(), mins.contiguous())
+
+
+def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 group_size: int) -> PreparedQuant:
+    """An int8 weight (int8 [N, K] codes, float16 scales [N, K/G], optional float16 mins)
+    for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"prepare_int8: qweight must be int8 [N, K], got {qweight.dtype} {list(qweight.shape)}")
+    n, k = qweight.shape
+    _check_groups("prepare_int8", n, k, group_size, scales, mins)
+    return PreparedQuant(8, group_size, qweight.contiguous(), scales.contiguous(),
+                         None if mins is None else mins.contiguous())
+
+
+@triton.jit
+def _codes_as_float(q, BITS: tl.constexpr):
+    """int32 codes (int4: 0..15; int8: sign-extended -128..127) -> exact float32, without
+    an int->float conversion instruction: (2**23 + c) has c in its mantissa."""
+    if BITS == 4:
+        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        return (q + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _load_x(x_ptr, k, K, mask, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[k] as float32 (with SWIGLU: silu(x[k]) * x[K + k], rounded like the eager ops)."""
+    dt = x_ptr.dtype.element_ty
+    if SWIGLU:
+        if EVEN_K:
+            g = tl.load(x_ptr + k).to(tl.float32)
+            u = tl.load(x_ptr + K + k).to(tl.float32)
+        else:
+            g = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        return (act * u).to(dt).to(tl.float32)
+    else:
+        if EVEN_K:
+            return tl.load(x_ptr + k).to(tl.float32)
+        else:
+            return tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    NB: tl.constexpr = BLOCK_K // 32  # blocks of 32 inputs per step
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)  # clamp: loads stay in bounds unmasked
+    blk = tl.arange(0, NB)
+    q_rows = q_ptr + rows_safe[:, None, None] * stride_qn
+    s_rows = s_ptr + rows_safe[:, None] * stride_sn
+    m_rows = m_ptr + rows_safe[:, None] * stride_sn
+    acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kb = k0 + blk * 32  # first input of each block [NB]
+        blk_ok = kb < K
+        grp = tl.where(blk_ok, kb // GROUP, 0)
+        if BITS == 4:
+            i = tl.arange(0, 16)
+            k_lo = kb[:, None] + i[None, :]  # [NB, 16]: inputs in the low nibbles
+            ok = blk_ok[:, None] & (i[None, :] < 16)
+            w_ptrs = q_rows + (kb // 2)[None, :, None] + i[None, None, :]
+            if EVEN_K:
+                b = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                b = tl.load(w_ptrs, mask=ok[None, :, :], other=0, eviction_policy="evict_first")
+            b = b.to(tl.int32)
+            x_lo = _load_x(x_ptr, k_lo, K, ok, SWIGLU, EVEN_K)
+            x_hi = _load_x(x_ptr, k_lo + 16, K, ok, SWIGLU, EVEN_K)
+            lo = _codes_as_float(b & 15, BITS)
+            hi = _codes_as_float(b >> 4, BITS)
+            part = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)  # [BLOCK_N, NB]
+            if HAS_MIN:
+                xsum = tl.sum(x_lo + x_hi, axis=1)
+        else:
+            i = tl.arange(0, 32)
+            kk = kb[:, None] + i[None, :]  # [NB, 32]
+            ok = kk < K
+            w_ptrs = q_rows + kk[None, :, :]
+            if EVEN_K:
+                c = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                c = tl.load(w_ptrs, mask=ok[None, :, :], other=0, eviction_policy="evict_first")
+            xk = _load_x(x_ptr, kk, K, ok, SWIGLU, EVEN_K)
+            part = tl.sum(_codes_as_float(c.to(tl.int32), BITS) * xk[None, :, :], axis=2)
+            if HAS_MIN:
+                xsum = tl.sum(xk, axis=1)
+        # a block never straddles two groups (G is a multiple of 32, or the whole row)
+        s = tl.load(s_rows + grp[None, :]).to(tl.float32)
+        acc += part * s
+        if HAS_MIN:
+            m = tl.load(m_rows + grp[None, :]).to(tl.float32)
+            acc += m * xsum[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def default_quant_config(n: int, k: int, bits: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps): 4 warps, one 16-byte vector per thread per step (int4:
+    BLOCK_N * BLOCK_K = 4096 codes = 2 KiB; int8 the same 4 KiB in two vectors), rows traded
+    for columns so that the grid still covers the GPU for small N."""
+    block_k = min(512, triton.next_power_of_2(max(k, BLOCK)))
+    block_n = max(1, 4096 // block_k)
+    if n < 8192:
+        block_n = max(1, block_n // 2)  # N=4096-6144: twice the programs
+    return block_n, block_k, 4
+
+
+#: Other (BLOCK_N, BLOCK_K, num_warps) worth timing at real shapes, fewest rows first:
+#: longer rows per program (more bytes in flight per thread), more rows (x and sum(x)
+#: shared by more rows), more warps.
+_QUANT_CONFIGS = ((2, 1024, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (4, 2048, 8),
+                  (16, 256, 4), (8, 1024, 8), (32, 256, 8))
+
+
+def quant_gemv_configs(n: int, k: int, bits: int) -> list[tuple[int, int, int]]:
+    """The configs worth timing for an [n, k] weight of ``bits`` bits, in timing order:
+    ``default_quant_config`` first, then the others that fit the row (no repeats)."""
+    first = default_quant_config(n, k, bits)
+    widest = triton.next_power_of_2(max(k, BLOCK))
+    out = [first]
+    for bn, bk, w in _QUANT_CONFIGS:
+        cfg = (bn, min(bk, widest), w)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _check_x(op: str, x: torch.Tensor, k: int, swiglu: bool) -> None:
+    want = 2 * k if swiglu else k
+    if x.dim() != 2 or x.shape[1] != want:
+        raise ValueError(f"{op}: x must be [rows, {want}]" + (" ([gate | up] of the MLP)" if swiglu else "")
+                         + f" for this weight, got {list(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
+
+
+def _check_bias_out(op: str, x: torch.Tensor, rows: int, n: int, bias: torch.Tensor | None,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"{op}: bias must be a contiguous [{n}] tensor, got {list(bias.shape)}")
+    if out is None:
+        return torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (rows, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous {x.dtype} [{rows}, {n}] tensor, "
+                         f"got {out.dtype} {list(out.shape)}")
+    return out
+
+
+def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple[int, int, int] | None = None,
+               swiglu: bool = False, out: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for one row: x [1, K] (or [1, 2K] ``[gate | up]`` with
+    ``swiglu``) in bf16/fp16 (fp32 for tests), W the ``prepared`` int4/int8 weight;
+    returns [1, N] in x's dtype (into ``out`` when given). ``config`` is
+    (BLOCK_N, BLOCK_K, num_warps), ``default_quant_config`` when omitted. No host sync and
+    no allocation with ``out``: safe to capture in a CUDA graph."""
+    n, k = prepared.out_features, prepared.in_features
+    _check_x("quant_gemv", x, k, swiglu)
+    if x.shape[0] != 1:
+        raise ValueError(f"quant_gemv: x must be one row [1, K], got {list(x.shape)}; use quant_gemm for more rows")
+    out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
+    block_n, block_k, warps = config or default_quant_config(n, k, prepared.bits)
+    block_k = max(BLOCK, min(block_k, triton.next_power_of_2(k)))  # no wider than the row
+    x = x.contiguous()
+    q, s, m = prepared.qweight, prepared.scales, prepared.mins
+    _quant_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, q, s, m if m is not None else s, bias if bias is not None else s, out, n, k,
+        q.stride(0), s.stride(0), GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=warps)
+    return out
