@@ -58,11 +58,25 @@ def _int4_as_dtype(q, dt: tl.constexpr):
 
 
 @triton.jit
+def _load_x_tile(x_rows, k, K, mask, SWIGLU: tl.constexpr):
+    """The x tile at columns ``k`` in x's dtype; with SWIGLU x holds [gate | up] (2K
+    columns) and the tile is silu(gate) * up, rounded like the eager ops."""
+    if SWIGLU:
+        dt = x_rows.dtype.element_ty
+        g = tl.load(x_rows + k, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_rows + K + k, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        return (act * u).to(dt)
+    else:
+        return tl.load(x_rows + k, mask=mask, other=0.0)
+
+
+@triton.jit
 def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
                        stride_xm, stride_qn, stride_sn, stride_ym,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       DOT_FP32: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, OFFSET: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -86,8 +100,8 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
             j = tl.arange(0, HALF)  # byte j of the step: block j // 16, inputs i and i + 16
             k_lo = k0 + (j // 16) * 32 + (j % 16)
             b = tl.load(q_rows + (k0 // 2 + j)[None, :]).to(tl.int32)  # [BLOCK_N, HALF]
-            x_lo = tl.load(x_rows + k_lo[None, :], mask=m_ok[:, None], other=0.0)
-            x_hi = tl.load(x_rows + (k_lo + 16)[None, :], mask=m_ok[:, None], other=0.0)
+            x_lo = _load_x_tile(x_rows, k_lo[None, :], K, m_ok[:, None], SWIGLU)
+            x_hi = _load_x_tile(x_rows, (k_lo + 16)[None, :], K, m_ok[:, None], SWIGLU)
             c_lo = _int4_as_dtype(b & 15, dt)
             c_hi = _int4_as_dtype(b >> 4, dt)
             if DOT_FP32:
@@ -101,11 +115,11 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
             kk = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
                 c = tl.load(q_rows + kk[None, :])
-                xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+                xk = _load_x_tile(x_rows, kk[None, :], K, m_ok[:, None], SWIGLU)
             else:
                 k_ok = kk < K
                 c = tl.load(q_rows + kk[None, :], mask=k_ok[None, :], other=0)
-                xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                xk = _load_x_tile(x_rows, kk[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
             if DOT_FP32:
                 part = tl.dot(xk.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
             else:
@@ -227,6 +241,14 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         return torch.addmm(bias, x, w.t(), out=out)
     block_m, block_n, block_k, warps, stages = config or default_gemm_config(rows, n, k, prepared.bits,
                                                                              prepared.group_size)
+    _launch_fused(x, prepared, bias, out, False, block_m, block_n, block_k, warps, stages)
+    return out
+
+
+def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor | None, out: torch.Tensor,
+                  swiglu: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> None:
+    """Launch the fused kernel (checked arguments; x [rows, K] or [rows, 2K] with swiglu)."""
+    rows, n, k = x.shape[0], prepared.out_features, prepared.in_features
     block_k = _step(prepared.group_size, max(32, block_k))
     offset = 0
     if prepared.bits == 4:
@@ -236,9 +258,8 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     _quant_gemm_kernel[grid](
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, rows, n, k,
         x.stride(0), q.stride(0), s.stride(0), out.stride(0), GROUP=prepared.group_size, BITS=prepared.bits,
-        HAS_MIN=m is not None, HAS_BIAS=bias is not None, OFFSET=offset,
+        HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, OFFSET=offset,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         num_warps=warps, num_stages=stages)
-    return out

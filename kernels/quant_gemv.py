@@ -203,32 +203,47 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def default_quant_config(n: int, k: int, bits: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): 4 warps, one 16-byte vector per thread per step (int4:
-    BLOCK_N * BLOCK_K = 4096 codes = 2 KiB; int8 the same 4 KiB in two vectors), rows traded
-    for columns so that the grid still covers the GPU for small N."""
-    block_k = min(512, triton.next_power_of_2(max(k, BLOCK)))
-    block_n = max(1, 4096 // block_k)
-    if n < 8192:
-        block_n = max(1, block_n // 2)  # N=4096-6144: twice the programs
-    return block_n, block_k, 4
+class GemvConfig(NamedTuple):
+    """How ``quant_gemv`` runs: ``mma=0`` is this module's CUDA-core kernel with
+    ``block_n`` rows per program and ``block_k`` inputs per step; ``mma=1`` is the fused
+    kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x padded with masked rows), a
+    ``block_n``-column weight tile and ``block_k``-input steps on the tensor cores. Its
+    per-weight work is smaller (codes go to the dot as exact bf16 by bit pattern: about 5
+    instructions per int4 weight and 3.6 per int8 weight in the sm_90 build, against about
+    8.5 for the CUDA-core kernel, whose x conversions are repeated per row), so it is timed
+    first; which one wins is for the GPU to say."""
+
+    block_n: int
+    block_k: int
+    warps: int
+    mma: int = 0
+    stages: int = 3  # software-pipelining depth (loads in flight per program)
 
 
-#: Other (BLOCK_N, BLOCK_K, num_warps) worth timing at real shapes, fewest rows first:
-#: longer rows per program (more bytes in flight per thread), more rows (x and sum(x)
-#: shared by more rows), more warps.
-_QUANT_CONFIGS = ((2, 1024, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 8), (4, 2048, 8),
-                  (16, 256, 4), (8, 1024, 8), (32, 256, 8))
+def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
+    """The first config to time: the tensor-core kernel, 16 weight rows per program (N=4096
+    still gives 256 programs, ~2 per SM) and 4 K steps of 128 in flight."""
+    return GemvConfig(16 if n < 16384 else 32, 128, 4, 1, 4)
 
 
-def quant_gemv_configs(n: int, k: int, bits: int) -> list[tuple[int, int, int]]:
+#: Configs worth timing at real shapes (H200: 132 SMs). Tensor-core kernel: narrow tiles
+#: so that N=4096 still gives 128 programs, K steps of 128 (one int4 group); CUDA-core
+#: kernel: one 16-byte vector per thread per step (BLOCK_N * BLOCK_K / 32 == 32 * warps for
+#: int4), more rows (x shared) or longer steps (more bytes in flight).
+_QUANT_CONFIGS = (GemvConfig(16, 128, 4, 1, 6), GemvConfig(16, 128, 2, 1, 6), GemvConfig(32, 128, 4, 1, 4),
+                  GemvConfig(16, 64, 2, 1, 8), GemvConfig(64, 128, 4, 1, 3), GemvConfig(32, 256, 4, 1, 3),
+                  GemvConfig(8, 512, 4), GemvConfig(4, 1024, 4), GemvConfig(16, 512, 8),
+                  GemvConfig(4, 2048, 8))
+
+
+def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
     """The configs worth timing for an [n, k] weight of ``bits`` bits, in timing order:
-    ``default_quant_config`` first, then the others that fit the row (no repeats)."""
-    first = default_quant_config(n, k, bits)
+    ``default_quant_config`` first, then the others (no repeats, K steps no wider than
+    the row)."""
     widest = triton.next_power_of_2(max(k, BLOCK))
-    out = [first]
-    for bn, bk, w in _QUANT_CONFIGS:
-        cfg = (bn, min(bk, widest), w)
+    out = []
+    for cfg in (default_quant_config(n, k, bits), *_QUANT_CONFIGS):
+        cfg = cfg._replace(block_k=min(cfg.block_k, widest))
         if cfg not in out:
             out.append(cfg)
     return out
@@ -255,26 +270,31 @@ def _check_bias_out(op: str, x: torch.Tensor, rows: int, n: int, bias: torch.Ten
     return out
 
 
-def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple[int, int, int] | None = None,
+def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None = None,
                swiglu: bool = False, out: torch.Tensor | None = None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for one row: x [1, K] (or [1, 2K] ``[gate | up]`` with
     ``swiglu``) in bf16/fp16 (fp32 for tests), W the ``prepared`` int4/int8 weight;
-    returns [1, N] in x's dtype (into ``out`` when given). ``config`` is
-    (BLOCK_N, BLOCK_K, num_warps), ``default_quant_config`` when omitted. No host sync and
-    no allocation with ``out``: safe to capture in a CUDA graph."""
+    returns [1, N] in x's dtype (into ``out`` when given). ``config`` is a ``GemvConfig``
+    (or a plain (BLOCK_N, BLOCK_K, num_warps[, mma[, stages]]) tuple), ``default_quant_config`` when
+    omitted. No host sync, and no allocation with ``out``: safe to capture in a CUDA graph."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemv", x, k, swiglu)
     if x.shape[0] != 1:
         raise ValueError(f"quant_gemv: x must be one row [1, K], got {list(x.shape)}; use quant_gemm for more rows")
     out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
-    block_n, block_k, warps = config or default_quant_config(n, k, prepared.bits)
-    block_k = max(BLOCK, min(block_k, triton.next_power_of_2(k)))  # no wider than the row
+    cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
     x = x.contiguous()
+    if cfg.mma:
+        from kernels.quant_gemm import _launch_fused
+
+        _launch_fused(x, prepared, bias, out, swiglu, 16, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages)
+        return out
+    block_k = max(BLOCK, min(cfg.block_k, triton.next_power_of_2(k)))  # no wider than the row
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
-    _quant_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _quant_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, n, k,
         q.stride(0), s.stride(0), GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_warps=warps)
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
