@@ -209,13 +209,13 @@ def _step(group: int, want: int) -> int:
 
 def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused path: the row tile
-    grows with M (one tile covers a small batch: the weight is read once), 128 columns,
-    K steps of 64-128 inside a group."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    grows with M up to 64 (a batch of 64 reads the weight once), 128 columns, K steps of 128
+    (64 for larger M) inside a group, 4 warps. A 128-row tile spills registers in the int4
+    build for sm_90 (the two half-width x tiles of a step), so 64 is the cap."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 128 if n >= 2048 else 64
-    block_k = _step(group, 128 if block_m <= 64 else 64)
-    warps = 4 if block_m <= 64 else 8
-    return block_m, block_n, block_k, warps, 3
+    block_k = _step(group, 128 if m <= 64 else 64)
+    return block_m, block_n, block_k, 4, 3 if m <= 64 else 4
 
 
 def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor | None = None,
