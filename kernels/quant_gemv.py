@@ -113,13 +113,26 @@ def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
 
 
 @triton.jit
-def _codes_as_float(q, BITS: tl.constexpr):
-    """int32 codes (int4: 0..15; int8: sign-extended -128..127) -> exact float32, without
-    an int->float conversion instruction: (2**23 + c) has c in its mantissa."""
-    if BITS == 4:
-        return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    else:
-        return (q + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+def _code_at(w, magic, SH: tl.constexpr, WIDTH: tl.constexpr, OFFSET: tl.constexpr):
+    """The ``WIDTH``-bit code at bits SH.. of int32 words ``w``, minus ``OFFSET``, as exact
+    float32 with one LOP3 and one FADD: masked in place, the bits become the low mantissa
+    bits of 2**(23 - SH), whose mantissa step is 1, so the float is 2**(23 - SH) + code
+    (needs SH + WIDTH <= 23). ``magic`` is the bit pattern of 2**23 (0x4B000000) passed at
+    run time: a constant would be folded into a second LOP3 (a LOP3 takes one immediate),
+    a register operand lets ptxas do mask-and-or in one."""
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) << SH
+    return ((w & MASK) | (magic - (SH << 23))).to(tl.float32, bitcast=True) - (2.0 ** (23 - SH) + OFFSET)
+
+
+@triton.jit
+def _split4(x):
+    """[A, B, 4] -> its four [A, B] slices along the last axis (register moves only)."""
+    A: tl.constexpr = x.shape[0]
+    B: tl.constexpr = x.shape[1]
+    even, odd = tl.split(tl.reshape(x, [A, B, 2, 2]))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -143,54 +156,56 @@ def _load_x(x_ptr, k, K, mask, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn,
+def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn, magic,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    NB: tl.constexpr = BLOCK_K // 32  # blocks of 32 inputs per step
+    # q_ptr: the codes as int32 words (stride_qn in words). A block of 32 inputs is WPB
+    # words; word j of a block holds (int4) inputs 4j..4j+3 in the low nibbles of its bytes
+    # and 16+4j..16+4j+3 in the high ones, (int8) inputs 4j..4j+3.
+    NB: tl.constexpr = BLOCK_K // 32  # blocks per step
+    WPB: tl.constexpr = 4 if BITS == 4 else 8
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)  # clamp: loads stay in bounds unmasked
     blk = tl.arange(0, NB)
+    j = tl.arange(0, WPB)
+    b4 = tl.arange(0, 4)
     q_rows = q_ptr + rows_safe[:, None, None] * stride_qn
     s_rows = s_ptr + rows_safe[:, None] * stride_sn
     m_rows = m_ptr + rows_safe[:, None] * stride_sn
     acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kb = k0 + blk * 32  # first input of each block [NB]
-        blk_ok = kb < K
+        blk_ok = kb < K  # K is a multiple of 32: a block is all in or all out
         grp = tl.where(blk_ok, kb // GROUP, 0)
-        if BITS == 4:
-            i = tl.arange(0, 16)
-            k_lo = kb[:, None] + i[None, :]  # [NB, 16]: inputs in the low nibbles
-            ok = blk_ok[:, None] & (i[None, :] < 16)
-            w_ptrs = q_rows + (kb // 2)[None, :, None] + i[None, None, :]
-            if EVEN_K:
-                b = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                b = tl.load(w_ptrs, mask=ok[None, :, :], other=0, eviction_policy="evict_first")
-            b = b.to(tl.int32)
-            x_lo = _load_x(x_ptr, k_lo, K, ok, SWIGLU, EVEN_K)
-            x_hi = _load_x(x_ptr, k_lo + 16, K, ok, SWIGLU, EVEN_K)
-            lo = _codes_as_float(b & 15, BITS)
-            hi = _codes_as_float(b >> 4, BITS)
-            part = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)  # [BLOCK_N, NB]
-            if HAS_MIN:
-                xsum = tl.sum(x_lo + x_hi, axis=1)
+        w_ptrs = q_rows + (kb // (32 // WPB))[None, :, None] + j[None, None, :]
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
         else:
-            i = tl.arange(0, 32)
-            kk = kb[:, None] + i[None, :]  # [NB, 32]
-            ok = kk < K
-            w_ptrs = q_rows + kk[None, :, :]
-            if EVEN_K:
-                c = tl.load(w_ptrs, eviction_policy="evict_first")
-            else:
-                c = tl.load(w_ptrs, mask=ok[None, :, :], other=0, eviction_policy="evict_first")
-            xk = _load_x(x_ptr, kk, K, ok, SWIGLU, EVEN_K)
-            part = tl.sum(_codes_as_float(c.to(tl.int32), BITS) * xk[None, :, :], axis=2)
+            w = tl.load(w_ptrs, mask=blk_ok[None, :, None], other=0, eviction_policy="evict_first")
+        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+        ok = xk < K
+        x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, ok, SWIGLU, EVEN_K))
+        if BITS == 4:
+            h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, ok, SWIGLU, EVEN_K))
+            w2 = w >> 12  # nibbles at bits 20, 24, 28 move to 8, 12, 16
+            # one multiply-add chain per word (left to right: FMUL then FFMAs)
+            p3 = (_code_at(w, magic, 0, 4, 0) * x0[None] + _code_at(w, magic, 4, 4, 0) * h0[None]
+                  + _code_at(w, magic, 8, 4, 0) * x1[None] + _code_at(w, magic, 12, 4, 0) * h1[None]
+                  + _code_at(w, magic, 16, 4, 0) * x2[None] + _code_at(w2, magic, 8, 4, 0) * h2[None]
+                  + _code_at(w2, magic, 12, 4, 0) * x3[None] + _code_at(w2, magic, 16, 4, 0) * h3[None])
             if HAS_MIN:
-                xsum = tl.sum(xk, axis=1)
+                xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
+        else:
+            u = w ^ -0x7F7F7F80  # 0x80808080 as int32: each byte becomes q + 128 (0..255)
+            u2 = u >> 16  # bytes 2, 3 move to bits 0, 8
+            p3 = (_code_at(u, magic, 0, 8, 128) * x0[None] + _code_at(u, magic, 8, 8, 128) * x1[None]
+                  + _code_at(u2, magic, 0, 8, 128) * x2[None] + _code_at(u2, magic, 8, 8, 128) * x3[None])
+            if HAS_MIN:
+                xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
+        part = tl.sum(p3, axis=2)  # [BLOCK_N, NB]: sum(q x) per block
         # a block never straddles two groups (G is a multiple of 32, or the whole row)
         s = tl.load(s_rows + grp[None, :]).to(tl.float32)
         acc += part * s
@@ -285,16 +300,16 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
     cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
     x = x.contiguous()
-    if cfg.mma:
+    if cfg.mma or k % BLOCK:  # the CUDA-core kernel reads whole blocks of 32 inputs
         from kernels.quant_gemm import _launch_fused
 
         _launch_fused(x, prepared, bias, out, swiglu, 16, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages)
         return out
     block_k = max(BLOCK, min(cfg.block_k, triton.next_power_of_2(k)))  # no wider than the row
-    q, s, m = prepared.qweight, prepared.scales, prepared.mins
+    q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins  # 4 codes (int8) or 8 per word
     _quant_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, n, k,
-        q.stride(0), s.stride(0), GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
+        q.stride(0), s.stride(0), _MAGIC, GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
         HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, num_warps=cfg.warps, num_stages=cfg.stages)
     return out
