@@ -8,35 +8,38 @@ columns (rounded like ``kernels/gemv.py`` and ``kernels/activation.py``).
 
 Layout (``prepare_int4`` / ``prepare_int8``). Hearth's canonical layout
 (``engine/quant/qweight.py``) is already what a row-streaming GEMV wants, so preparing only
-checks it and makes it contiguous; nothing is repacked:
+checks it and makes it contiguous; nothing is repacked (the kernels view the codes as int32
+words):
 - int4: uint8 ``[N, K/2]``, GGUF order: the 16 bytes of a block of 32 inputs hold inputs
   0..15 in their low nibbles and 16..31 in their high nibbles. One 16-byte vector load is
-  exactly one block, and its two halves meet two contiguous 16-element runs of ``x``.
+  exactly one block: word j holds inputs 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high).
 - int8: int8 ``[N, K]`` signed codes, 32 bytes (two 16-byte vectors) per block of 32 inputs.
 - scales and mins: float16 ``[N, K/G]`` (row-major: a program reads its own rows' groups;
   they are 1/16 of the int4 bytes at G=128, so their layout hardly matters).
 
-The kernel. At batch 1 every weight byte is read once, so the figure of merit is memory
-bandwidth; at 4.8 TB/s an H200 streams ~30 int4 weights per SM per clock, which leaves
-only ~4 instructions per weight. So:
-- each thread loads whole 16-byte blocks (wide, contiguous, coalesced loads), each program
-  takes ``BLOCK_N`` whole rows and streams them in ``BLOCK_K`` steps (no split-K: at 4 bits
-  a row of 4096 inputs is only 2 KiB, so small ``BLOCK_N`` already gives thousands of
-  programs for N=4096 without an extra reduction kernel or atomics, and the result is the
-  same on every launch, which CUDA graphs and tests want);
-- codes become floats without int->float conversions (16/clock/SM on Hopper, too slow):
-  OR-ing a code into the mantissa of 2^23 gives the float 2^23 + q exactly, and one exact
-  subtraction leaves q (int8: add 2^23 + 128 to the sign-extended code);
-- the codes are multiplied by ``x`` in fp32 and summed per block of 32 (inside one thread),
-  and only then scaled: ``acc += s * sum(q x) + m * sum(x)``, so scales and mins cost one
-  load and two FMAs per 32 weights and the weights are never rounded (more exact than a
-  dequantize-to-bf16 matmul). ``sum(x)`` per block is shared by the program's rows.
-Accumulation is fp32; the result is rounded once to the activation dtype.
+The CUDA-core kernel (``_quant_gemv_kernel``). At batch 1 every weight byte is read once,
+so the figure of merit is memory bandwidth; at 4.8 TB/s an H200 streams ~30 int4 weights
+per SM per clock, which leaves only ~4 instructions per weight. So:
+- each thread loads whole 16-byte blocks (wide, contiguous, coalesced loads; ``stages``
+  steps in flight through a cp.async ring); each program takes ``BLOCK_N`` whole rows and
+  streams them in ``BLOCK_K`` steps. No split-K: at 4 bits a row of 4096 inputs is only
+  2 KiB, so small ``BLOCK_N`` already gives hundreds of programs for N=4096 without an
+  extra reduction kernel or atomics, and the result is the same on every launch;
+- codes become floats without int->float conversions (16/clock/SM on Hopper, too slow) and
+  without shifts: a code at bits SH..SH+3 of a word, masked in place and OR-ed into the bit
+  pattern of 2**(23-SH), is the float 2**(23-SH) + q exactly (one LOP3), and one exact
+  subtraction leaves q; int8 first flips the sign bits (q + 128, unsigned);
+- the codes are multiplied by ``x`` in fp32 and summed per block of 32 (inside one thread,
+  one FFMA chain per word), and only then scaled: ``acc += s * sum(q x) + m * sum(x)``, so
+  scales and mins cost one load and two FMAs per 32 weights and the weights are never
+  rounded (more exact than a dequantize-to-bf16 matmul).
+Accumulation is fp32; the result is rounded once to the activation dtype. With ``mma`` the
+same product runs through ``kernels/quant_gemm.py``'s tensor-core kernel (``GemvConfig``).
 
-Configs are ``(BLOCK_N, BLOCK_K, num_warps)`` like ``kernels/gemv.py``; a program holds a
-``[BLOCK_N, BLOCK_K/32, 32]`` tile, one 16-byte vector per thread per step when
-``BLOCK_N * BLOCK_K / 32 == 32 * num_warps`` (int4; twice that for int8).
-``quant_gemv_configs`` lists those worth timing; the engine's load-time tuner picks one.
+Configs are ``GemvConfig(block_n, block_k, warps, mma, stages)`` (a 3-tuple like
+``kernels/gemv.py``'s also works); ``quant_gemv_configs`` lists those worth timing and the
+engine's load-time tuner picks one per shape. The CUDA-core kernel needs K % 32 == 0 (int8
+weights of other widths run the tensor-core kernel whatever the config says).
 """
 
 from __future__ import annotations
@@ -159,7 +162,8 @@ def _load_x(x_ptr, k, K, mask, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
 def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn, magic,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       STAGES: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words). A block of 32 inputs is WPB
     # words; word j of a block holds (int4) inputs 4j..4j+3 in the low nibbles of its bytes
     # and 16+4j..16+4j+3 in the high ones, (int8) inputs 4j..4j+3.
@@ -176,7 +180,7 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
     s_rows = s_ptr + rows_safe[:, None] * stride_sn
     m_rows = m_ptr + rows_safe[:, None] * stride_sn
     acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async ring of steps in flight
         kb = k0 + blk * 32  # first input of each block [NB]
         blk_ok = kb < K  # K is a multiple of 32: a block is all in or all out
         grp = tl.where(blk_ok, kb // GROUP, 0)
@@ -219,36 +223,41 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
 
 
 class GemvConfig(NamedTuple):
-    """How ``quant_gemv`` runs: ``mma=0`` is this module's CUDA-core kernel with
-    ``block_n`` rows per program and ``block_k`` inputs per step; ``mma=1`` is the fused
-    kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x padded with masked rows), a
-    ``block_n``-column weight tile and ``block_k``-input steps on the tensor cores. Its
-    per-weight work is smaller (codes go to the dot as exact bf16 by bit pattern: about 5
-    instructions per int4 weight and 3.6 per int8 weight in the sm_90 build, against about
-    8.5 for the CUDA-core kernel, whose x conversions are repeated per row), so it is timed
-    first; which one wins is for the GPU to say."""
+    """How ``quant_gemv`` runs.
+
+    ``mma=0``: this module's CUDA-core kernel, ``block_n`` rows per program, ``block_k``
+    inputs per step, ``stages`` steps in flight (a cp.async ring when > 1). Its sm_90 build
+    spends about 5.4 (4 rows per thread), 6.4 (2 rows) or 7.3 (1 row) instructions per
+    int4 weight and 6-7 per int8 weight; streaming int4 at 4.8 TB/s leaves about 4 per
+    weight (int8: 8), so it should run near bandwidth for int8 and at 60-80% of it for int4.
+    ``mma=1``: the fused kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x padded
+    with masked rows) and a ``block_n``-column weight tile on the tensor cores: about 5.1
+    instructions per int4 weight (3.6 per int8) with 128 columns, but 4-6x that with 16
+    (its per-step x work is fixed), so it is only worth it where N is large enough for
+    128-column tiles to fill the GPU (gate_up, lm_head). Which wins is for the GPU to say:
+    ``quant_gemv_configs`` lists both kinds.
+    """
 
     block_n: int
     block_k: int
     warps: int
     mma: int = 0
-    stages: int = 3  # software-pipelining depth (loads in flight per program)
+    stages: int = 3  # software-pipelining depth (K steps in flight per program)
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
-    """The first config to time: the tensor-core kernel, 16 weight rows per program (N=4096
-    still gives 256 programs, ~2 per SM) and 4 K steps of 128 in flight."""
-    return GemvConfig(16 if n < 16384 else 32, 128, 4, 1, 4)
+    """The first config to time: the CUDA-core kernel, 16 rows x 512 inputs per step (int4:
+    2 rows of 16-byte vectors per thread), 4 warps, 3 steps in flight; N=4096 gives 256
+    programs (~2 per SM of an H100/H200)."""
+    return GemvConfig(16, 512, 4, 0, 3)
 
 
-#: Configs worth timing at real shapes (H200: 132 SMs). Tensor-core kernel: narrow tiles
-#: so that N=4096 still gives 128 programs, K steps of 128 (one int4 group); CUDA-core
-#: kernel: one 16-byte vector per thread per step (BLOCK_N * BLOCK_K / 32 == 32 * warps for
-#: int4), more rows (x shared) or longer steps (more bytes in flight).
-_QUANT_CONFIGS = (GemvConfig(16, 128, 4, 1, 6), GemvConfig(16, 128, 2, 1, 6), GemvConfig(32, 128, 4, 1, 4),
-                  GemvConfig(16, 64, 2, 1, 8), GemvConfig(64, 128, 4, 1, 3), GemvConfig(32, 256, 4, 1, 3),
-                  GemvConfig(8, 512, 4), GemvConfig(4, 1024, 4), GemvConfig(16, 512, 8),
-                  GemvConfig(4, 2048, 8))
+#: Configs worth timing at real shapes, after the default: fewer rows (more programs), more
+#: rows per thread (x shared, fewer instructions per weight), deeper or no pipelining, and
+#: the tensor-core kernel with wide column tiles for large N.
+_QUANT_CONFIGS = (GemvConfig(8, 512, 4, 0, 3), GemvConfig(16, 256, 2, 0, 4), GemvConfig(32, 512, 8, 0, 3),
+                  GemvConfig(16, 512, 4, 0, 1), GemvConfig(8, 1024, 4, 0, 2), GemvConfig(4, 1024, 4, 0, 4),
+                  GemvConfig(128, 128, 4, 1, 3), GemvConfig(64, 128, 4, 1, 4), GemvConfig(128, 128, 8, 1, 3))
 
 
 def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
@@ -311,5 +320,5 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, n, k,
         q.stride(0), s.stride(0), _MAGIC, GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
         HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+        EVEN_K=k % block_k == 0, STAGES=cfg.stages, num_warps=cfg.warps)
     return out

@@ -114,7 +114,8 @@ def test_every_listed_config_computes_the_same_product():
     qw, prep = make_weight(4, n, k, 128)
     x = rand_x(1, k, torch.float16)
     configs = quant_gemv_configs(n, k, 4)
-    assert configs[0] == default_quant_config(n, k, 4) and len(set(configs)) == len(configs)
+    first = default_quant_config(n, k, 4)
+    assert configs[0] == first._replace(block_k=min(first.block_k, k)) and len(set(configs)) == len(configs)
     assert all(c.block_k <= 256 for c in configs) and {c.mma for c in configs} == {0, 1}
     for config in configs:
         check(quant_gemv(x, prep, config=config), x, qw)
@@ -187,14 +188,14 @@ def q(bits): return {**ptrs, "q_ptr": "*u8" if bits == 4 else "*i8"}
 cases = {}
 for bits, group in ((4, 128), (8, 4096)):
     common = dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, HAS_BIAS=False, SWIGLU=True)
-    for name, cfg in (("gemv_fma", qv.GemvConfig(8, 512, 4)), ("gemv_mma", qv.default_quant_config(4096, 4096, bits))):
+    for name, cfg in (("gemv_fma", qv.default_quant_config(4096, 4096, bits)), ("gemv_mma", qv.GemvConfig(128, 128, 4, 1, 3))):
         if cfg.mma:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
                           BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
         else:
-            consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True)
-            cases[f"{name}{bits}"] = (qv._quant_gemv_kernel, q(bits), consts, cfg.warps, cfg.stages)
+            consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
+            cases[f"{name}{bits}"] = (qv._quant_gemv_kernel, {**ptrs, "q_ptr": "*i32"}, consts, cfg.warps, 1)
     for m in (64, 512):
         bm, bn, bk, w, st = qm.default_gemm_config(m, 4096, 4096, bits, group)
         consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
@@ -225,7 +226,7 @@ def test_quant_kernels_compile_for_sm90_without_spills():
     assert len(rows) == 10
     for name, row in rows.items():
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, (name, row)
-    for name in ("gemv_mma4", "gemv_mma8", "gemm64_4", "gemm512_4", "gemm512_8"):
+    for name in ("gemv_fma4", "gemv_fma8", "gemv_mma4", "gemv_mma8", "gemm64_4", "gemm512_4", "gemm512_8"):
         assert rows[name]["pipelined"], (name, rows[name])  # cp.async: K steps in flight
     assert rows["gemm64_4"]["wgmma"] and rows["gemm512_8"]["wgmma"]
 
