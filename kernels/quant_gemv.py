@@ -88,6 +88,13 @@ def _check_groups(op: str, n: int, k: int, group_size: int, scales: torch.Tensor
             raise ValueError(f"{op}: {name} must be float16 {list(want)}, got {t.dtype} {list(t.shape)}")
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 16-byte aligned (the kernels view codes as int32 words and load
+    16-byte vectors; a slice of a larger tensor may start anywhere)."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
 def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  group_size: int) -> PreparedQuant:
     """An int4 weight (canonical layout: uint8 [N, K/2] GGUF-order codes 0..15, float16
@@ -100,7 +107,7 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     if mins is None:
         raise ValueError("prepare_int4: int4 weights always have mins (symmetric ones: -8 * scale)")
     _check_groups("prepare_int4", n, k, group_size, scales, mins)
-    return PreparedQuant(4, group_size, qweight.contiguous(), scales.contiguous(), mins.contiguous())
+    return PreparedQuant(4, group_size, _aligned(qweight), scales.contiguous(), mins.contiguous())
 
 
 def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -111,7 +118,7 @@ def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
         raise ValueError(f"prepare_int8: qweight must be int8 [N, K], got {qweight.dtype} {list(qweight.shape)}")
     n, k = qweight.shape
     _check_groups("prepare_int8", n, k, group_size, scales, mins)
-    return PreparedQuant(8, group_size, qweight.contiguous(), scales.contiguous(),
+    return PreparedQuant(8, group_size, _aligned(qweight), scales.contiguous(),
                          None if mins is None else mins.contiguous())
 
 
@@ -312,7 +319,9 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     if cfg.mma or k % BLOCK:  # the CUDA-core kernel reads whole blocks of 32 inputs
         from kernels.quant_gemm import _launch_fused
 
-        _launch_fused(x, prepared, bias, out, swiglu, 16, cfg.block_n, cfg.block_k, cfg.warps, cfg.stages)
+        # tl.dot tiles are at least 16 wide; a CUDA-core config sent here gets usual mma steps
+        block_n, block_k = (cfg.block_n, cfg.block_k) if cfg.mma else (max(16, cfg.block_n), 128)
+        _launch_fused(x, prepared, bias, out, swiglu, 16, max(16, block_n), block_k, cfg.warps, max(1, cfg.stages))
         return out
     block_k = max(BLOCK, min(cfg.block_k, triton.next_power_of_2(k)))  # no wider than the row
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins  # 4 codes (int8) or 8 per word
