@@ -10,7 +10,8 @@ in the 60 MB L2 (as in a real step, where every layer has its own weights), agai
 cuBLAS (torch.mm) and Hearth's bf16 Triton GEMV (kernels/gemv.py, its best config). Reports
 microseconds per call, GB/s of weight bytes read (codes + scales + mins) and the speed-up
 over the best bf16 time. ``--sweep`` times every config of ``quant_gemv_configs`` (what the
-load-time tuner times) and a few more; without it, the listed configs only.
+load-time tuner times) and a grid more (and, for rows > 1, other column tiles and depths);
+without it, the listed configs only.
 
 Rows > 1 (prefill, batched decode): for M in ``--rows`` it times the fused quantized GEMM
 (default config), the dequantize + cuBLAS path and bf16 cuBLAS, per projection, and says
@@ -147,8 +148,8 @@ def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def gemm_rows(shape: str, ms: list[int]) -> list[dict]:
-    from kernels.quant_gemm import quant_gemm
+def gemm_rows(shape: str, ms: list[int], sweep: bool) -> list[dict]:
+    from kernels.quant_gemm import default_gemm_config, quant_gemm
 
     rows = []
     for fmt, (bits, group) in FORMATS.items():
@@ -163,6 +164,15 @@ def gemm_rows(shape: str, ms: list[int]) -> list[dict]:
                 t = {"bf16": cuda_ms(lambda: torch.mm(x, w16.t(), out=out)),
                      "fused": cuda_ms(lambda: quant_gemm(x, prep, out=out, dequant_rows=1 << 30)),
                      "dequant": cuda_ms(lambda: quant_gemm(x, prep, out=out, dequant_rows=0))}
+                cfg = default_gemm_config(m, n, k, bits, prep.group_size)
+                fused_cfgs = {cfg: t["fused"]}
+                if sweep:  # other column tiles and depths for this M
+                    for bn, st in itertools.product((32, 64, 128), (3, 4)):
+                        c = (cfg[0], bn, cfg[2], 4, st)
+                        if c not in fused_cfgs:
+                            fused_cfgs[c] = cuda_ms(lambda: quant_gemm(x, prep, out=out, config=c,
+                                                                       dequant_rows=1 << 30))
+                best_cfg = min(fused_cfgs, key=fused_cfgs.get)
                 ref = F.linear(x, w16).float()
                 diff = {p: (quant_gemm(x, prep, dequant_rows=r).float() - ref).abs().max().item()
                         for p, r in (("fused", 1 << 30), ("dequant", 0))}
@@ -170,11 +180,14 @@ def gemm_rows(shape: str, ms: list[int]) -> list[dict]:
                        **{f"{p}_us": 1e3 * v for p, v in t.items()},
                        **{f"{p}_tflops": 2 * m * n * k / v / 1e9 for p, v in t.items()},
                        "fused_vs_bf16": t["fused"] / t["bf16"], "dequant_vs_bf16": t["dequant"] / t["bf16"],
+                       "fused_config": list(cfg), "fused_best_config": list(best_cfg),
+                       "fused_best_us": 1e3 * fused_cfgs[best_cfg],
                        "max_abs_diff": diff}
                 rows.append(row)
                 print(f"gemm {fmt:<10} {name:<12} M={m:<5} bf16 {1e3 * t['bf16']:8.1f} us  fused "
                       f"{1e3 * t['fused']:8.1f} (x{row['fused_vs_bf16']:.2f})  dequant {1e3 * t['dequant']:8.1f} "
-                      f"(x{row['dequant_vs_bf16']:.2f})  diff {diff['fused']:.2g}/{diff['dequant']:.2g}")
+                      f"(x{row['dequant_vs_bf16']:.2f})  best fused {row['fused_best_us']:.1f} {best_cfg}  "
+                      f"diff {diff['fused']:.2g}/{diff['dequant']:.2g}")
             w16 = prep = qw = None  # free before the next shape
             torch.cuda.empty_cache()
     return rows
@@ -206,7 +219,7 @@ def main() -> None:
             print(f"{fmt}: the linear layers of one decode step {quant / 1e3:.2f} ms vs bf16 {ref / 1e3:.2f} ms "
                   f"(x{ref / quant:.2f}); with the head kept bf16 (the default) x{ref / bf_head:.2f}")
     if not args.skip_gemm:
-        result["gemm_rows"] = gemm_rows(args.shape, [int(m) for m in args.rows.split(",")])
+        result["gemm_rows"] = gemm_rows(args.shape, [int(m) for m in args.rows.split(",")], args.sweep)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
