@@ -2,6 +2,11 @@
 
     PYTHONPATH=. python benchmarks/profile_quant_gemv.py [--shape llama-8b] [--json F]
         [--sweep] [--rows 2,16,64,256,1024,2048] [--skip-gemm] [--skip-gemv]
+        [--formats int8,int4-g128] [--layers qkv,o,gate_up,down+swiglu,lm_head]
+
+(The plain run compiles ~10 configs per shape and format and should take a few minutes;
+``--sweep`` roughly quadruples that: split it with --formats / --layers / --skip-gemm to stay
+inside a 10-minute device command.)
 
 Batch 1 (decode): for each projection of the model (qkv, o, gate_up, down with SwiGLU fused,
 lm_head) and each format (int8 per-channel, int4 group 128) it times one [1, K] x [K, N]
@@ -63,7 +68,7 @@ def nbytes(prep) -> int:
     return sum(t.numel() * t.element_size() for t in (prep.qweight, prep.scales, prep.mins) if t is not None)
 
 
-def bf16_rows(shape: str) -> dict[str, float]:
+def bf16_rows(shape: str, layers: set[str]) -> dict[str, dict]:
     """Best bf16 batch-1 time per layer (us): min of cuBLAS and the Triton GEMV's best config."""
     from kernels.activation import silu_and_mul
     from kernels.gemv import default_config, gemv
@@ -72,6 +77,8 @@ def bf16_rows(shape: str) -> dict[str, float]:
 
     best = {}
     for name, (n, k, swiglu) in shapes_of(shape).items():
+        if layers and name not in layers:
+            continue
         nb = n * k * 2
         copies = max(2, math.ceil(400e6 / nb))
         ws = [(0.02 * torch.randn(n, k, device="cuda")).bfloat16() for _ in range(copies)]
@@ -96,13 +103,16 @@ def bf16_rows(shape: str) -> dict[str, float]:
     return best
 
 
-def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict]) -> list[dict]:
+def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict], formats: list[str], layers: set[str]) -> list[dict]:
     from kernels.activation import silu_and_mul
     from kernels.quant_gemv import GemvConfig, quant_gemv, quant_gemv_configs
 
     rows = []
-    for fmt, (bits, group) in FORMATS.items():
+    for fmt in formats:
+        bits, group = FORMATS[fmt]
         for name, (n, k, swiglu) in shapes_of(shape).items():
+            if layers and name not in layers:
+                continue
             qw, prep = quantize(bits, group, n, k)
             nb = nbytes(prep)
             copies = max(2, math.ceil(400e6 / nb))
@@ -111,10 +121,11 @@ def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict]) -> list[dict]:
             y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
             configs = quant_gemv_configs(n, k, bits)
             if sweep:
-                extra = [GemvConfig(bn, bk, w, 1, st) for bn, bk, w, st in
-                         itertools.product((16, 32, 64), (64, 128), (2, 4, 8), (2, 4, 6))]
-                extra += [GemvConfig(bn, bk, w, 0, 1) for bn, bk, w in
-                          itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8))]
+                # ~30 more per shape (each compiles once, ~1 s): keep the run inside 10 minutes
+                extra = [GemvConfig(bn, 128, w, 1, st) for bn, w, st in
+                         itertools.product((32, 64, 128), (4, 8), (3, 4))]
+                extra += [GemvConfig(bn, bk, 4, 0, st) for bn, bk, st in
+                          itertools.product((4, 8, 16, 32), (512, 1024), (2, 3))]
                 configs += [c for c in extra if c not in configs]
             timed = []
             for cfg in configs:
@@ -148,13 +159,14 @@ def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def gemm_rows(shape: str, ms: list[int], sweep: bool) -> list[dict]:
+def gemm_rows(shape: str, ms: list[int], sweep: bool, formats: list[str], layers: set[str]) -> list[dict]:
     from kernels.quant_gemm import default_gemm_config, quant_gemm
 
     rows = []
-    for fmt, (bits, group) in FORMATS.items():
+    for fmt in formats:
+        bits, group = FORMATS[fmt]
         for name, (n, k, _) in shapes_of(shape).items():
-            if name == "lm_head":
+            if name == "lm_head" or (layers and name not in layers):
                 continue
             qw, prep = quantize(bits, group, n, k)
             w16 = qw.dequantize(torch.bfloat16)
@@ -201,12 +213,16 @@ def main() -> None:
     ap.add_argument("--rows", default="2,16,64,256,1024,2048")
     ap.add_argument("--skip-gemv", action="store_true")
     ap.add_argument("--skip-gemm", action="store_true")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="of " + ", ".join(FORMATS))
+    ap.add_argument("--layers", default="", help="only these (qkv,o,gate_up,down+swiglu,lm_head)")
     args = ap.parse_args()
+    formats = args.formats.split(",")
+    layers = set(filter(None, args.layers.split(",")))
     result = {"card": torch.cuda.get_device_name(), "shape": args.shape}
     if not args.skip_gemv:
-        bf16 = bf16_rows(args.shape)
+        bf16 = bf16_rows(args.shape, layers)
         result["bf16_batch1_us"] = bf16
-        result["gemv_rows"] = gemv_rows(args.shape, args.sweep, bf16)
+        result["gemv_rows"] = gemv_rows(args.shape, args.sweep, bf16, formats, layers)
         q = {}
         for r in result["gemv_rows"]:
             q.setdefault(r["format"], []).append(r)
@@ -219,7 +235,7 @@ def main() -> None:
             print(f"{fmt}: the linear layers of one decode step {quant / 1e3:.2f} ms vs bf16 {ref / 1e3:.2f} ms "
                   f"(x{ref / quant:.2f}); with the head kept bf16 (the default) x{ref / bf_head:.2f}")
     if not args.skip_gemm:
-        result["gemm_rows"] = gemm_rows(args.shape, [int(m) for m in args.rows.split(",")], args.sweep)
+        result["gemm_rows"] = gemm_rows(args.shape, [int(m) for m in args.rows.split(",")], args.sweep, formats, layers)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
