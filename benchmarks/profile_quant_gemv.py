@@ -121,9 +121,11 @@ def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict], formats: list[str]
             y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
             configs = quant_gemv_configs(n, k, bits)
             if sweep:
-                # ~30 more per shape (each compiles once, ~1 s): keep the run inside 10 minutes
+                # ~60 more per shape (each compiles once, ~1 s): keep the run inside 10 minutes
                 extra = [GemvConfig(bn, 128, w, 1, st) for bn, w, st in
                          itertools.product((32, 64, 128), (4, 8), (3, 4))]
+                extra += [GemvConfig(bn, r, 4, 2, st) for bn, r, st in
+                          itertools.product((8, 16, 32, 64), (1, 2, 4), (2, 3, 4)) if r <= bn]
                 extra += [GemvConfig(bn, bk, 4, 0, st) for bn, bk, st in
                           itertools.product((4, 8, 16, 32), (512, 1024), (2, 3))]
                 configs += [c for c in extra if c not in configs]
@@ -138,8 +140,7 @@ def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict], formats: list[str]
             timed.sort()
             best_us, best_cfg = timed[0]
             listed = [t for t in timed if t[1] in quant_gemv_configs(n, k, bits)]
-            best_mma = min((t for t in timed if t[1].mma), default=(math.nan, None))
-            best_fma = min((t for t in timed if not t[1].mma), default=(math.nan, None))
+            best_kind = [min((t for t in timed if t[1].kind == kind), default=(math.nan, None)) for kind in range(3)]
             xin = silu_and_mul(x) if swiglu else x
             ref = F.linear(xin, qw.dequantize(torch.bfloat16))
             diff = (quant_gemv(x, prep, config=best_cfg, swiglu=swiglu).float() - ref.float()).abs().max().item()
@@ -147,12 +148,13 @@ def gemv_rows(shape: str, sweep: bool, bf16: dict[str, dict], formats: list[str]
             row = {"format": fmt, "layer": name, "n": n, "k": k, "weight_mb": nb / 1e6,
                    "best_config": list(best_cfg), "best_us": best_us, "best_gb_s": nb / best_us / 1e3,
                    "best_listed_us": listed[0][0] if listed else math.nan,
-                   "best_mma_us": best_mma[0], "best_fma_us": best_fma[0],
+                   "best_kloop_us": best_kind[0][0], "best_mma_us": best_kind[1][0], "best_rows_us": best_kind[2][0],
                    "bf16_best_us": bf, "speedup_vs_bf16": bf / best_us, "max_abs_diff_vs_bf16_dequant": diff,
                    "all": [[list(c), us] for us, c in timed]}
             rows.append(row)
             print(f"{fmt:<10} {name:<12} N={n:<6} K={k:<6} best {best_us:7.1f} us ({row['best_gb_s']:.0f} GB/s) "
-                  f"{tuple(best_cfg)}  mma {best_mma[0]:.1f} fma {best_fma[0]:.1f}  listed {row['best_listed_us']:.1f}"
+                  f"{tuple(best_cfg)}  rows {best_kind[2][0]:.1f} kloop {best_kind[0][0]:.1f} mma {best_kind[1][0]:.1f}  "
+                  f"listed {row['best_listed_us']:.1f}"
                   f"  bf16 {bf:.1f} -> x{row['speedup_vs_bf16']:.2f}  diff {diff:.2g}")
             preps = prep = qw = None  # free before the next shape
             torch.cuda.empty_cache()

@@ -33,10 +33,12 @@ per SM per clock, which leaves only ~4 instructions per weight. So:
   one FFMA chain per word), and only then scaled: ``acc += s * sum(q x) + m * sum(x)``, so
   scales and mins cost one load and two FMAs per 32 weights and the weights are never
   rounded (more exact than a dequantize-to-bf16 matmul).
-Accumulation is fp32; the result is rounded once to the activation dtype. With ``mma`` the
-same product runs through ``kernels/quant_gemm.py``'s tensor-core kernel (``GemvConfig``).
+Accumulation is fp32; the result is rounded once to the activation dtype. The
+x-stationary kernel (``_quant_gemv_rows_kernel``) decodes the same way but converts x once
+per program and loops over rows instead of K; ``kind=MMA`` runs the product through
+``kernels/quant_gemm.py``'s tensor-core kernel (see ``GemvConfig``).
 
-Configs are ``GemvConfig(block_n, block_k, warps, mma, stages)`` (a 3-tuple like
+Configs are ``GemvConfig(block_n, block_k, warps, kind, stages)`` (a 3-tuple like
 ``kernels/gemv.py``'s also works); ``quant_gemv_configs`` lists those worth timing and the
 engine's load-time tuner picks one per shape. The CUDA-core kernel needs K % 32 == 0 (int8
 weights of other widths run the tensor-core kernel whatever the config says).
@@ -229,42 +231,109 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-class GemvConfig(NamedTuple):
-    """How ``quant_gemv`` runs.
+@triton.jit
+def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn, magic,
+                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
+                            R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr):
+    # x-stationary: the program loads (and converts, and sums per block) the whole x once,
+    # keeps it in registers (K / threads values each), then streams its ROWS rows R at a
+    # time, each thread one 16-byte vector per row, and reduces each row across the program.
+    # Codes are decoded as in _quant_gemv_kernel. KP: K rounded up to a power of 2.
+    NB: tl.constexpr = KP // 32
+    WPB: tl.constexpr = 4 if BITS == 4 else 8
+    blk = tl.arange(0, NB)
+    j = tl.arange(0, WPB)
+    b4 = tl.arange(0, 4)
+    kb = blk * 32
+    blk_ok = kb < K
+    grp = tl.where(blk_ok, kb // GROUP, 0)
+    xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+    x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False))
+    if BITS == 4:
+        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, xk < K, SWIGLU, False))
+        xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
+    else:
+        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
+    r = tl.arange(0, R)
+    word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]
+    first = tl.program_id(0) * ROWS
+    for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+        rows = first + r0 + r
+        row_ok = rows < N
+        rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
+        w = tl.load(q_ptr + rows_safe[:, None, None] * stride_qn + word, mask=blk_ok[None, :, None], other=0,
+                    eviction_policy="evict_first")
+        if BITS == 4:
+            w2 = w >> 12
+            p3 = (_code_at(w, magic, 0, 4, 0) * x0[None] + _code_at(w, magic, 4, 4, 0) * h0[None]
+                  + _code_at(w, magic, 8, 4, 0) * x1[None] + _code_at(w, magic, 12, 4, 0) * h1[None]
+                  + _code_at(w, magic, 16, 4, 0) * x2[None] + _code_at(w2, magic, 8, 4, 0) * h2[None]
+                  + _code_at(w2, magic, 12, 4, 0) * x3[None] + _code_at(w2, magic, 16, 4, 0) * h3[None])
+        else:
+            u = w ^ -0x7F7F7F80
+            u2 = u >> 16
+            p3 = (_code_at(u, magic, 0, 8, 128) * x0[None] + _code_at(u, magic, 8, 8, 128) * x1[None]
+                  + _code_at(u2, magic, 0, 8, 128) * x2[None] + _code_at(u2, magic, 8, 8, 128) * x3[None])
+        part = tl.sum(p3, axis=2)  # [R, NB]
+        sg = rows_safe[:, None] * stride_sn + grp[None, :]
+        t = part * tl.load(s_ptr + sg).to(tl.float32)
+        if HAS_MIN:
+            t += tl.load(m_ptr + sg).to(tl.float32) * xsum[None, :]
+        y = tl.sum(t, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows_safe).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    ``mma=0``: this module's CUDA-core kernel, ``block_n`` rows per program, ``block_k``
-    inputs per step, ``stages`` steps in flight (a cp.async ring when > 1). Its sm_90 build
-    spends about 5.4 (4 rows per thread), 6.4 (2 rows) or 7.3 (1 row) instructions per
-    int4 weight and 6-7 per int8 weight; streaming int4 at 4.8 TB/s leaves about 4 per
-    weight (int8: 8), so it should run near bandwidth for int8 and at 60-80% of it for int4.
-    ``mma=1``: the fused kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x padded
-    with masked rows) and a ``block_n``-column weight tile on the tensor cores: about 5.1
-    instructions per int4 weight (3.6 per int8) with 128 columns, but 4-6x that with 16
-    (its per-step x work is fixed), so it is only worth it where N is large enough for
-    128-column tiles to fill the GPU (gate_up, lm_head). Which wins is for the GPU to say:
-    ``quant_gemv_configs`` lists both kinds.
+
+KLOOP, MMA, ROWS = 0, 1, 2  # GemvConfig.kind
+
+
+class GemvConfig(NamedTuple):
+    """How ``quant_gemv`` runs (instruction counts are from the sm_90 build; streaming int4
+    at 4.8 TB/s leaves about 4 instructions per weight, int8 about 8).
+
+    ``kind=ROWS`` (2): ``_quant_gemv_rows_kernel``, x-stationary: a program converts the
+    whole x once into registers, then streams ``block_n`` rows, ``block_k`` rows per step,
+    ``stages`` steps in flight; warps are raised to K/1024 so that each thread holds one
+    block of x. About 4.4 (4 rows per step) to 5 (2 rows) instructions per int4 weight;
+    needs K <= 32768.
+    ``kind=KLOOP`` (0): ``_quant_gemv_kernel``, ``block_n`` rows per program streamed in
+    ``block_k``-input steps (x re-read per step). About 5.4 (4 rows per thread), 6.4 (2) or
+    7.3 (1) per int4 weight, 6-7 per int8 weight.
+    ``kind=MMA`` (1): the fused kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x
+    padded with masked rows) and a ``block_n``-column weight tile on the tensor cores, K
+    steps of ``block_k``: about 5.1 per int4 weight (3.6 per int8) with 128 columns but 4-6x
+    that with 16 (its per-step x work is fixed), so only for large N (gate_up, lm_head).
+    Which wins is for the GPU to say: ``quant_gemv_configs`` lists all three kinds.
     """
 
     block_n: int
     block_k: int
     warps: int
-    mma: int = 0
-    stages: int = 3  # software-pipelining depth (K steps in flight per program)
+    kind: int = KLOOP
+    stages: int = 3  # software-pipelining depth (steps in flight per program)
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
-    """The first config to time: the CUDA-core kernel, 16 rows x 512 inputs per step (int4:
-    2 rows of 16-byte vectors per thread), 4 warps, 3 steps in flight; N=4096 gives 256
-    programs (~2 per SM of an H100/H200)."""
-    return GemvConfig(16, 512, 4, 0, 3)
+    """The first config to time: x-stationary, 16 rows per program in steps of 2 (N=4096
+    gives 256 programs, ~2 per SM of an H100/H200), 3 steps in flight; the K-loop kernel
+    (16 rows x 512 inputs per step) for rows longer than 32768."""
+    if k <= _ROWS_MAX_K:
+        return GemvConfig(16, 2, 4, ROWS, 3)
+    return GemvConfig(16, 512, 4, KLOOP, 3)
 
 
-#: Configs worth timing at real shapes, after the default: fewer rows (more programs), more
-#: rows per thread (x shared, fewer instructions per weight), deeper or no pipelining, and
-#: the tensor-core kernel with wide column tiles for large N.
-_QUANT_CONFIGS = (GemvConfig(8, 512, 4, 0, 3), GemvConfig(16, 256, 2, 0, 4), GemvConfig(32, 512, 8, 0, 3),
-                  GemvConfig(16, 512, 4, 0, 1), GemvConfig(8, 1024, 4, 0, 2), GemvConfig(4, 1024, 4, 0, 4),
-                  GemvConfig(128, 128, 4, 1, 3), GemvConfig(64, 128, 4, 1, 4), GemvConfig(128, 128, 8, 1, 3))
+_ROWS_MAX_K = 32768  # x-stationary: 1024 threads x one block of 32 inputs each
+
+#: Configs worth timing at real shapes, after the default: other row counts and depths of
+#: the x-stationary kernel, the K-loop kernel (fewer rows = more programs, more rows = fewer
+#: instructions per weight), and the tensor-core kernel with wide column tiles for large N.
+_QUANT_CONFIGS = (GemvConfig(32, 4, 4, ROWS, 3), GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(16, 1, 4, ROWS, 4),
+                  GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(64, 4, 4, ROWS, 2),
+                  GemvConfig(16, 512, 4, KLOOP, 3), GemvConfig(8, 512, 4, KLOOP, 3),
+                  GemvConfig(32, 512, 8, KLOOP, 3), GemvConfig(16, 256, 2, KLOOP, 4),
+                  GemvConfig(128, 128, 4, MMA, 3), GemvConfig(64, 128, 4, MMA, 4))
 
 
 def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
@@ -274,7 +343,10 @@ def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
     widest = triton.next_power_of_2(max(k, BLOCK))
     out = []
     for cfg in (default_quant_config(n, k, bits), *_QUANT_CONFIGS):
-        cfg = cfg._replace(block_k=min(cfg.block_k, widest))
+        if cfg.kind == ROWS and (k > _ROWS_MAX_K or k % BLOCK):
+            continue
+        if cfg.kind != ROWS:
+            cfg = cfg._replace(block_k=min(cfg.block_k, widest))
         if cfg not in out:
             out.append(cfg)
     return out
@@ -301,13 +373,24 @@ def _check_bias_out(op: str, x: torch.Tensor, rows: int, n: int, bias: torch.Ten
     return out
 
 
+def rows_launch(cfg: GemvConfig, k: int) -> tuple[int, int, int]:
+    """(KP, R, num_warps) of the x-stationary kernel for a ``kind=ROWS`` config and K: K
+    rounded up to a power of 2; warps raised to KP/1024 so that each thread holds one block
+    of x; at most 2 rows per step from 16 warps on (128 registers per thread there: 4 rows
+    spill in the sm_90 build)."""
+    kp = triton.next_power_of_2(k)
+    warps = min(32, max(cfg.warps, kp // 1024))
+    rows_per_step = min(cfg.block_k, cfg.block_n, 2 if warps >= 16 else 64)
+    return kp, rows_per_step, warps
+
+
 def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None = None,
                swiglu: bool = False, out: torch.Tensor | None = None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for one row: x [1, K] (or [1, 2K] ``[gate | up]`` with
     ``swiglu``) in bf16/fp16 (fp32 for tests), W the ``prepared`` int4/int8 weight;
     returns [1, N] in x's dtype (into ``out`` when given). ``config`` is a ``GemvConfig``
-    (or a plain (BLOCK_N, BLOCK_K, num_warps[, mma[, stages]]) tuple), ``default_quant_config`` when
+    (or a plain (BLOCK_N, BLOCK_K, num_warps[, kind[, stages]]) tuple), ``default_quant_config`` when
     omitted. No host sync, and no allocation with ``out``: safe to capture in a CUDA graph."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemv", x, k, swiglu)
@@ -316,18 +399,26 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
     cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
     x = x.contiguous()
-    if cfg.mma or k % BLOCK:  # the CUDA-core kernel reads whole blocks of 32 inputs
+    q, s, m = prepared.qweight, prepared.scales, prepared.mins
+    if cfg.kind == MMA or k % BLOCK:  # the CUDA-core kernels read whole blocks of 32 inputs
         from kernels.quant_gemm import _launch_fused
 
         # tl.dot tiles are at least 16 wide; a CUDA-core config sent here gets usual mma steps
-        block_n, block_k = (cfg.block_n, cfg.block_k) if cfg.mma else (max(16, cfg.block_n), 128)
+        block_n, block_k = (cfg.block_n, cfg.block_k) if cfg.kind == MMA else (cfg.block_n, 128)
         _launch_fused(x, prepared, bias, out, swiglu, 16, max(16, block_n), block_k, cfg.warps, max(1, cfg.stages))
         return out
-    block_k = max(BLOCK, min(cfg.block_k, triton.next_power_of_2(k)))  # no wider than the row
-    q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins  # 4 codes (int8) or 8 per word
+    q = q.view(torch.int32)  # 8 int4 or 4 int8 codes per word
+    m_arg, b_arg = (m if m is not None else s), (bias if bias is not None else s)
+    common = dict(GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None, HAS_BIAS=bias is not None,
+                  SWIGLU=swiglu, STAGES=cfg.stages)
+    if cfg.kind == ROWS and k <= _ROWS_MAX_K:
+        kp, rows_per_step, warps = rows_launch(cfg, k)
+        _quant_gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x, q, s, m_arg, b_arg, out, n, k, q.stride(0), s.stride(0), _MAGIC, ROWS=cfg.block_n,
+            R=rows_per_step, KP=kp, num_warps=warps, **common)
+        return out
+    block_k = max(BLOCK, min(cfg.block_k if cfg.kind == KLOOP else 512, triton.next_power_of_2(k)))
     _quant_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, q, s, m if m is not None else s, bias if bias is not None else s, out, n, k,
-        q.stride(0), s.stride(0), _MAGIC, GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, STAGES=cfg.stages, num_warps=cfg.warps)
+        x, q, s, m_arg, b_arg, out, n, k, q.stride(0), s.stride(0), _MAGIC, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=cfg.warps, **common)
     return out

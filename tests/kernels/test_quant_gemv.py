@@ -34,7 +34,9 @@ from tests.kernels.reference import DEVICE
 UNIT = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 ACC = {torch.bfloat16: 2.0 ** -13, torch.float16: 2.0 ** -13, torch.float32: 2.0 ** -17}
 MMA = GemvConfig(16, 64, 2, 1, 2)  # the tensor-core GEMV, small for the interpreter
-FMA = GemvConfig(8, 64, 2, 0, 1)  # the CUDA-core GEMV
+FMA = GemvConfig(8, 64, 2, 0, 1)  # the CUDA-core K-loop GEMV
+ROWS = GemvConfig(16, 2, 1, 2, 2)  # the x-stationary GEMV (16 rows per program: N=40 has a partial one)
+KINDS = pytest.mark.parametrize("config", [MMA, FMA, ROWS], ids=["mma", "kloop", "rows"])
 
 
 def make_weight(bits: int, n: int, k: int, group: int, mins: bool = True, seed: int = 0):
@@ -71,7 +73,7 @@ def rand_x(rows: int, cols: int, dtype: torch.dtype, seed: int = 1) -> torch.Ten
     return torch.randn(rows, cols, generator=g).to(device=DEVICE, dtype=dtype)
 
 
-@pytest.mark.parametrize("config", [MMA, FMA], ids=["mma", "fma"])
+@KINDS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,group", [(40, 64, 32), (72, 192, 64), (40, 96, 96)])
 def test_gemv_int4(n, k, group, dtype, config):
@@ -80,7 +82,7 @@ def test_gemv_int4(n, k, group, dtype, config):
     check(quant_gemv(x, prep, config=config), x, qw)
 
 
-@pytest.mark.parametrize("config", [MMA, FMA], ids=["mma", "fma"])
+@KINDS
 @pytest.mark.parametrize("mins", [False, True], ids=["sym", "mins"])
 @pytest.mark.parametrize("n,k,group", [(40, 96, 96), (72, 192, 32), (40, 100, 100)])
 def test_gemv_int8(n, k, group, mins, config):
@@ -89,7 +91,7 @@ def test_gemv_int8(n, k, group, mins, config):
     check(quant_gemv(x, prep, config=config), x, qw)
 
 
-@pytest.mark.parametrize("config", [MMA, FMA], ids=["mma", "fma"])
+@KINDS
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 192)])
 def test_gemv_swiglu_bias_and_out(bits, group, config):
     n, k = 72, 192
@@ -105,7 +107,7 @@ def test_gemv_swiglu_bias_and_out(bits, group, config):
 def test_gemv_float32_activations_are_exact_to_fp32():
     qw, prep = make_weight(4, 40, 64, 32)
     x = rand_x(1, 64, torch.float32)
-    for config in (MMA, FMA):
+    for config in (MMA, FMA, ROWS):
         check(quant_gemv(x, prep, config=config), x, qw)
 
 
@@ -116,7 +118,7 @@ def test_every_listed_config_computes_the_same_product():
     configs = quant_gemv_configs(n, k, 4)
     first = default_quant_config(n, k, 4)
     assert configs[0] == first._replace(block_k=min(first.block_k, k)) and len(set(configs)) == len(configs)
-    assert all(c.block_k <= 256 for c in configs) and {c.mma for c in configs} == {0, 1}
+    assert all(c.block_k <= 256 for c in configs if c.kind != 2) and {c.kind for c in configs} == {0, 1, 2}
     for config in configs:
         check(quant_gemv(x, prep, config=config), x, qw)
 
@@ -188,8 +190,13 @@ def q(bits): return {**ptrs, "q_ptr": "*u8" if bits == 4 else "*i8"}
 cases = {}
 for bits, group in ((4, 128), (8, 4096)):
     common = dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, HAS_BIAS=False, SWIGLU=True)
-    for name, cfg in (("gemv_fma", qv.default_quant_config(4096, 4096, bits)), ("gemv_mma", qv.GemvConfig(128, 128, 4, 1, 3))):
-        if cfg.mma:
+    for name, cfg in (("gemv_kloop", qv.GemvConfig(16, 512, 4, 0, 3)), ("gemv_mma", qv.GemvConfig(128, 128, 4, 1, 3)),
+                      ("gemv_rows", qv.default_quant_config(4096, 4096, bits)), ("gemv_rows_k14336", qv.GemvConfig(32, 4, 4, 2, 3))):
+        if cfg.kind == 2:
+            kp, r, warps = qv.rows_launch(cfg, 4096 if name == "gemv_rows" else 14336)
+            consts = dict(common, ROWS=cfg.block_n, R=r, KP=kp, STAGES=cfg.stages)
+            cases[f"{name}{bits}"] = (qv._quant_gemv_rows_kernel, {**ptrs, "q_ptr": "*i32"}, consts, warps, 1)
+        elif cfg.kind == 1:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
                           BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
@@ -223,10 +230,11 @@ def test_quant_kernels_compile_for_sm90_without_spills():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = {r.pop("kernel"): r for r in map(json.loads, filter(None, res.stdout.splitlines()))}
-    assert len(rows) == 10
+    assert len(rows) == 14
     for name, row in rows.items():
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, (name, row)
-    for name in ("gemv_fma4", "gemv_fma8", "gemv_mma4", "gemv_mma8", "gemm64_4", "gemm512_4", "gemm512_8"):
+    for name in ("gemv_kloop4", "gemv_kloop8", "gemv_rows4", "gemv_rows8", "gemv_mma4", "gemv_mma8", "gemm64_4",
+                 "gemm512_4", "gemm512_8"):
         assert rows[name]["pipelined"], (name, rows[name])  # cp.async: K steps in flight
     assert rows["gemm64_4"]["wgmma"] and rows["gemm512_8"]["wgmma"]
 
