@@ -74,8 +74,8 @@ def rand_x(rows: int, cols: int, dtype: torch.dtype, seed: int = 1) -> torch.Ten
 
 
 @KINDS
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,group", [(40, 64, 32), (72, 192, 64), (40, 96, 96)])
+@pytest.mark.parametrize("n,k,group,dtype", [(40, 64, 32, torch.bfloat16), (72, 192, 64, torch.bfloat16),
+                                             (40, 96, 96, torch.float16)])
 def test_gemv_int4(n, k, group, dtype, config):
     qw, prep = make_weight(4, n, k, group, seed=n + k)
     x = rand_x(1, k, dtype)
@@ -83,8 +83,8 @@ def test_gemv_int4(n, k, group, dtype, config):
 
 
 @KINDS
-@pytest.mark.parametrize("mins", [False, True], ids=["sym", "mins"])
-@pytest.mark.parametrize("n,k,group", [(40, 96, 96), (72, 192, 32), (40, 100, 100)])
+@pytest.mark.parametrize("n,k,group,mins", [(40, 96, 96, False), (72, 192, 32, True),
+                                            (40, 100, 100, True)])  # K % 32 != 0: every kind runs the mma kernel
 def test_gemv_int8(n, k, group, mins, config):
     qw, prep = make_weight(8, n, k, group, mins=mins, seed=n + k)
     x = rand_x(1, k, torch.bfloat16)
@@ -111,6 +111,7 @@ def test_gemv_float32_activations_are_exact_to_fp32():
         check(quant_gemv(x, prep, config=config), x, qw)
 
 
+@pytest.mark.slow
 def test_every_listed_config_computes_the_same_product():
     n, k = 40, 256
     qw, prep = make_weight(4, n, k, 128)
