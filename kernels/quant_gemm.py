@@ -11,14 +11,17 @@ Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
   with the x tile on the tensor cores (``tl.dot``, fp32 accumulation), and only then applies
   the group's scale and min in fp32: ``acc += s * dot(x, c) + (m - off*s) * sum(x)``.
   The weights are therefore never rounded (more exact than dequantize-to-bf16 + matmul),
-  and the per-weight work is two integer ops, amortized over BLOCK_M rows. int4's GGUF
+  and the per-weight decode work (about 6.5-14 instructions per int4 weight per program in
+  the sm_90 build, by column tile) is shared by BLOCK_M rows. int4's GGUF
   nibble order needs no shuffle: the low nibbles of a block meet ``x[k..k+15]`` and the high
   nibbles ``x[k+16..k+31]`` in two dots of half the width.
 - dequantize (M >= DEQUANT_ROWS; long prompts): the weight is expanded into a scratch
   ``[N, K]`` buffer of the activation dtype by one bandwidth-bound kernel, then multiplied
-  by cuBLAS. At M=2048 on Llama-8B the product is ~20x the expansion's memory time, so the
-  cost is a few percent over bf16 and cuBLAS's tuning is kept; the fused path's
-  per-group scaling epilogue on CUDA cores would cost more there. The scratch buffer comes
+  by cuBLAS. At M=2048 a weight costs ~4096 FLOP of product (~6 ps at ~700 TFLOP/s) and
+  ~2.3 bytes of expansion (write bf16, read the codes: ~0.6 ps at 4 TB/s), so the
+  linear layers cost ~10% over bf16's (less end to end) and cuBLAS's tuning is kept; the
+  fused path's per-group scaling epilogue on CUDA cores and its 64-row tile cap (spills
+  beyond) would cost more there. The scratch buffer comes
   from torch's caching allocator (the largest layer's [N, K], reused layer after layer).
 
 ``DEQUANT_ROWS`` is a first guess to be measured on the GPU
