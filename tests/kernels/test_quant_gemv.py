@@ -1,0 +1,260 @@
+"""int8/int4 dequantize GEMV and GEMM (kernels/quant_gemv.py, kernels/quant_gemm.py) against
+``QuantizedWeight.dequantize(float64)`` then a float64 matmul.
+
+Weights are quantized here with ``engine.quant.rtn`` (int8 with mins is built by hand: an
+asymmetric 8-bit checkpoint). Tolerances come from the dtypes, per output element, with
+``S = |W| @ |x|`` (the size of the terms summed) and ``u`` the unit roundoff of the output
+dtype (bf16 2^-8, fp16 2^-11, fp32 2^-24; bf16 gets 2^-7 because Triton 3.6's interpreter
+truncates fp32 -> bf16 where the GPU rounds to nearest):
+- the Triton paths use exact codes and scale in fp32: one output rounding ``u * |y|``, plus
+  fp32 arithmetic ``ACC * S`` (2^-13 for 16-bit activations, whose int4 dots carry the
+  magic-number offset of 128 or 1024 and cancel it afterwards; 2^-17 for fp32);
+- dequantize + cuBLAS rounds every weight to the activation dtype first: ``u * S`` more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.quant.qweight import QuantizedWeight
+from engine.quant.rtn import quantize_int4, quantize_int8
+from kernels.activation import silu_and_mul
+from kernels.quant_gemm import dequantize_weight, quant_gemm
+from kernels.quant_gemv import (GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
+                                quant_gemv_configs)
+from tests.kernels.reference import DEVICE
+
+UNIT = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+ACC = {torch.bfloat16: 2.0 ** -13, torch.float16: 2.0 ** -13, torch.float32: 2.0 ** -17}
+MMA = GemvConfig(16, 64, 2, 1, 2)  # the tensor-core GEMV, small for the interpreter
+FMA = GemvConfig(8, 64, 2, 0, 1)  # the CUDA-core K-loop GEMV
+ROWS = GemvConfig(16, 2, 1, 2, 2)  # the x-stationary GEMV (16 rows per program: N=40 has a partial one)
+KINDS = pytest.mark.parametrize("config", [MMA, FMA, ROWS], ids=["mma", "kloop", "rows"])
+
+
+def make_weight(bits: int, n: int, k: int, group: int, mins: bool = True, seed: int = 0):
+    """(QuantizedWeight, PreparedQuant) of a random [n, k] weight."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if bits == 4:
+        qw = quantize_int4(w, group)
+    else:
+        qw = quantize_int8(w, group)
+        if mins:  # an asymmetric 8-bit checkpoint: any float16 offsets
+            qw.mins = (0.01 * torch.randn(qw.scales.shape, generator=g)).half()
+    qw = QuantizedWeight(qw.bits, qw.group_size, qw.qweight.to(DEVICE), qw.scales.to(DEVICE),
+                         None if qw.mins is None else qw.mins.to(DEVICE))
+    prep = (prepare_int4 if bits == 4 else prepare_int8)(qw.qweight, qw.scales, qw.mins, group)
+    return qw, prep
+
+
+def check(y: torch.Tensor, x_eff: torch.Tensor, qw: QuantizedWeight, bias=None, weight_rounding=False):
+    """y vs float64 x_eff @ W.T (+ bias) within the dtype bounds of the module docstring."""
+    w = qw.dequantize(torch.float64)
+    xd = x_eff.double()
+    ref = xd @ w.T + (0 if bias is None else bias.double())
+    s = xd.abs() @ w.abs().T + (0 if bias is None else bias.double().abs())
+    u = UNIT[y.dtype]
+    tol = u * ref.abs() + (ACC[y.dtype] + (u if weight_rounding else 0.0)) * s + 1e-30
+    err = (y.double() - ref).abs()
+    assert y.shape == ref.shape
+    assert bool((err <= tol).all()), f"max err {err.max().item():.3g}, worst err/tol {(err / tol).max().item():.3g}"
+
+
+def rand_x(rows: int, cols: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+@KINDS
+@pytest.mark.parametrize("n,k,group,dtype", [(40, 64, 32, torch.bfloat16), (72, 192, 64, torch.bfloat16),
+                                             (40, 96, 96, torch.float16)])
+def test_gemv_int4(n, k, group, dtype, config):
+    qw, prep = make_weight(4, n, k, group, seed=n + k)
+    x = rand_x(1, k, dtype)
+    check(quant_gemv(x, prep, config=config), x, qw)
+
+
+@KINDS
+@pytest.mark.parametrize("n,k,group,mins", [(40, 96, 96, False), (72, 192, 32, True),
+                                            (40, 100, 100, True)])  # K % 32 != 0: every kind runs the mma kernel
+def test_gemv_int8(n, k, group, mins, config):
+    qw, prep = make_weight(8, n, k, group, mins=mins, seed=n + k)
+    x = rand_x(1, k, torch.bfloat16)
+    check(quant_gemv(x, prep, config=config), x, qw)
+
+
+@KINDS
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 192)])
+def test_gemv_swiglu_bias_and_out(bits, group, config):
+    n, k = 72, 192
+    qw, prep = make_weight(bits, n, k, group)
+    gate_up = 3 * rand_x(1, 2 * k, torch.bfloat16)
+    bias = rand_x(1, n, torch.bfloat16, seed=5)[0]
+    out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert quant_gemv(gate_up, prep, config=config, swiglu=True, out=out, bias=bias) is out
+    # the activation is rounded like the unfused kernel's; the rest is checked in float64
+    check(out, silu_and_mul(gate_up), qw, bias=bias)
+
+
+def test_gemv_float32_activations_are_exact_to_fp32():
+    qw, prep = make_weight(4, 40, 64, 32)
+    x = rand_x(1, 64, torch.float32)
+    for config in (MMA, FMA, ROWS):
+        check(quant_gemv(x, prep, config=config), x, qw)
+
+
+@pytest.mark.slow
+def test_every_listed_config_computes_the_same_product():
+    n, k = 40, 256
+    qw, prep = make_weight(4, n, k, 128)
+    x = rand_x(1, k, torch.float16)
+    configs = quant_gemv_configs(n, k, 4)
+    first = default_quant_config(n, k, 4)
+    assert configs[0] == first._replace(block_k=min(first.block_k, k)) and len(set(configs)) == len(configs)
+    assert all(c.block_k <= 256 for c in configs if c.kind != 2) and {c.kind for c in configs} == {0, 1, 2}
+    for config in configs:
+        check(quant_gemv(x, prep, config=config), x, qw)
+
+
+@pytest.mark.parametrize("rows", [3, 17])
+@pytest.mark.parametrize("bits,group,mins,dtype", [
+    (4, 32, True, torch.bfloat16), (4, 96, True, torch.float16), (4, 64, True, torch.float32),
+    (8, 96, False, torch.bfloat16), (8, 32, True, torch.float16), (8, 100, False, torch.bfloat16),
+])
+def test_gemm_fused(rows, bits, group, mins, dtype):
+    k = 100 if group == 100 else 192 if group in (32, 64) else 96
+    n = 72 if rows == 17 else 40
+    qw, prep = make_weight(bits, n, k, group, mins=mins, seed=rows)
+    x = rand_x(rows, k, dtype)
+    check(quant_gemm(x, prep), x, qw)
+
+
+def test_gemm_fused_bias_out_and_strided_rows():
+    qw, prep = make_weight(4, 40, 64, 32)
+    big = rand_x(5, 96, torch.bfloat16)
+    x = big[:, :64]  # row stride 96
+    bias = rand_x(1, 40, torch.bfloat16, seed=3)[0]
+    out = torch.empty(5, 40, dtype=torch.bfloat16, device=DEVICE)
+    assert quant_gemm(x, prep, bias=bias, out=out, config=(16, 32, 32, 2, 1)) is out
+    check(out, x, qw, bias=bias)
+
+
+@pytest.mark.parametrize("bits,group,mins", [(4, 64, True), (8, 100, True), (8, 32, False)])
+def test_gemm_dequantize_path(bits, group, mins):
+    k = 100 if group == 100 else 128
+    qw, prep = make_weight(bits, 40, k, group, mins=mins)
+    x = rand_x(5, k, torch.bfloat16)
+    bias = rand_x(1, 40, torch.bfloat16, seed=3)[0]
+    check(quant_gemm(x, prep, bias=bias, dequant_rows=1), x, qw, bias=bias, weight_rounding=True)
+    # the scratch weight is q * s + m in fp32, rounded once
+    w32 = dequantize_weight(prep, torch.float32)
+    torch.testing.assert_close(w32, qw.dequantize(torch.float32), rtol=2 ** -23, atol=0)
+
+
+def test_bad_arguments_are_clear_errors():
+    qw, prep = make_weight(4, 8, 64, 32)
+    with pytest.raises(ValueError, match="group size 48"):
+        prepare_int8(torch.zeros(8, 96, dtype=torch.int8), torch.ones(8, 2, dtype=torch.float16), None, 48)
+    with pytest.raises(ValueError, match="uint8"):
+        prepare_int4(qw.qweight.to(torch.int8), qw.scales, qw.mins, 32)
+    with pytest.raises(ValueError, match="mins"):
+        prepare_int4(qw.qweight, qw.scales, None, 32)
+    with pytest.raises(ValueError, match="scales must be float16"):
+        prepare_int4(qw.qweight, qw.scales.float(), qw.mins, 32)
+    with pytest.raises(ValueError, match="one row"):
+        quant_gemv(rand_x(2, 64, torch.bfloat16), prep)
+    with pytest.raises(ValueError, match="gate"):
+        quant_gemv(rand_x(1, 64, torch.bfloat16), prep, swiglu=True)
+    with pytest.raises(ValueError, match="out must be"):
+        quant_gemv(rand_x(1, 64, torch.bfloat16), prep, out=torch.empty(1, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="bias"):
+        quant_gemm(rand_x(3, 64, torch.bfloat16), prep, bias=torch.zeros(7, device=DEVICE, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        quant_gemm(torch.zeros(3, 64, dtype=torch.float64, device=DEVICE), prep)
+
+
+_COMPILE = r"""
+import json, sys
+from tests.kernels.sm90_compile import compile_kernel
+from kernels import quant_gemm as qm, quant_gemv as qv
+bf = "*bf16"
+ptrs = {"x_ptr": bf, "s_ptr": "*fp16", "m_ptr": "*fp16", "b_ptr": bf, "y_ptr": bf}
+def q(bits): return {**ptrs, "q_ptr": "*u8" if bits == 4 else "*i8"}
+cases = {}
+for bits, group in ((4, 128), (8, 4096)):
+    common = dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, HAS_BIAS=False, SWIGLU=True)
+    for name, cfg in (("gemv_kloop", qv.GemvConfig(16, 512, 4, 0, 3)), ("gemv_mma", qv.GemvConfig(128, 128, 4, 1, 3)),
+                      ("gemv_rows", qv.default_quant_config(4096, 4096, bits)), ("gemv_rows_k14336", qv.GemvConfig(32, 4, 4, 2, 3))):
+        if cfg.kind == 2:
+            kp, r, warps = qv.rows_launch(cfg, 4096 if name == "gemv_rows" else 14336)
+            consts = dict(common, ROWS=cfg.block_n, R=r, KP=kp, STAGES=cfg.stages)
+            cases[f"{name}{bits}"] = (qv._quant_gemv_rows_kernel, {**ptrs, "q_ptr": "*i32"}, consts, warps, 1)
+        elif cfg.kind == 1:
+            consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
+                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True)
+            cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
+        else:
+            consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
+            cases[f"{name}{bits}"] = (qv._quant_gemv_kernel, {**ptrs, "q_ptr": "*i32"}, consts, cfg.warps, 1)
+    for m in (64, 512):
+        bm, bn, bk, w, st = qm.default_gemm_config(m, 4096, 4096, bits, group)
+        consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True)
+        cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, w, st)
+    cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
+                                  "m_ptr": "*fp16", "w_ptr": bf},
+                                  dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=16, BLOCK_K=256), 4, 1)
+for name, (fn, types, consts, warps, stages) in cases.items():
+    print(json.dumps({"kernel": name, **compile_kernel(fn, types, consts, warps, stages)}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_quant_kernels_compile_for_sm90_without_spills():
+    """The GPU build (not the interpreter) of every kernel at Llama-8B settings."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.is_file() or not triton.__version__.startswith("3.6."):
+        pytest.skip("needs Triton 3.6 with its bundled ptxas (see test_compile_sm90.py)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = {r.pop("kernel"): r for r in map(json.loads, filter(None, res.stdout.splitlines()))}
+    assert len(rows) == 14
+    for name, row in rows.items():
+        assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, (name, row)
+    for name in ("gemv_kloop4", "gemv_kloop8", "gemv_rows4", "gemv_rows8", "gemv_mma4", "gemv_mma8", "gemm64_4",
+                 "gemm512_4", "gemm512_8"):
+        assert rows[name]["pipelined"], (name, rows[name])  # cp.async: K steps in flight
+    assert rows["gemm64_4"]["wgmma"] and rows["gemm512_8"]["wgmma"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,swiglu", [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
+                                        (4096, 14336, True)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, None)])
+def test_gpu_llama_shapes(n, k, swiglu, bits, group):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = 0.02 * torch.randn(n, k, device="cuda", generator=g)
+    qw = quantize_int4(w, group) if bits == 4 else quantize_int8(w, group)
+    prep = (prepare_int4 if bits == 4 else prepare_int8)(qw.qweight, qw.scales, qw.mins, qw.group_size)
+    x = torch.randn(1, 2 * k if swiglu else k, device="cuda", generator=g).bfloat16()
+    x_eff = silu_and_mul(x) if swiglu else x
+    for config in quant_gemv_configs(n, k, bits):
+        check(quant_gemv(x, prep, config=config, swiglu=swiglu), x_eff, qw)
+    for rows in (2, 64, 300):
+        xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
+        check(quant_gemm(xm, prep), xm, qw)
+    xm = torch.randn(1100, k, device="cuda", generator=g).bfloat16()
+    check(quant_gemm(xm, prep), xm, qw, weight_rounding=True)
