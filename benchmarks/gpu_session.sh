@@ -55,6 +55,17 @@ case "$what" in profile|profile-all|decode-profile)
   python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
   [ "$what" = decode-profile ] || python benchmarks/profile_throughput.py --shape llama-8b --kernel-samples 12 --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -10 ;;
 esac
+case "$what" in quant-tests)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \
+    tests/kernels/test_quant_gemv.py tests/quant -m gpu 2>&1 | tee "$OUT/gpu_quant_tests.log" | tail -15
+  python benchmarks/profile_quant_gemv.py --json "$OUT/profile-quant-gemv-8b.json" 2>&1 | tail -40 ;;
+esac
+case "$what" in quant-bench)  # bf16, int8 and int4 of the 8B shape in one session
+  for q in bf16 int8 int4; do
+    hearth bench --shape llama-8b --suite decode,prefill --batch 1,64 --prefill-lens 2048 --max-model-len 4096 \
+      --quant $q --json "$OUT/bench-8b-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^suite|^decode|^prefill"
+  done ;;
+esac
 case "$what" in chat-turns)
   python benchmarks/chat_turns_latency.py --shape llama-8b --json "$OUT/chat-turns-8b.json" 2>&1 | tail -10 ;;
 esac

@@ -169,8 +169,8 @@ class QuantizedLinear(QuantizedStore):
         return 2 * self.in_features if self.gated else self.in_features
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
+        """``x`` [rows, input_width] (a down projection's ``[gate | up]``: the kernel applies
+        or fuses SwiGLU) -> [rows, out_features]."""
         return self.kernel(x, self, out)
 
     def choose_kernels(self, plan) -> "QuantizedLinear":

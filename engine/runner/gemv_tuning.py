@@ -38,7 +38,9 @@ def _kinds(model) -> dict[str, list[Linear]]:
         "down": [l.mlp.down_proj for l in layers],
         "lm_head": [model.lm_head],
     }
-    return {kind: [m for m in mods if isinstance(m, Linear)] for kind, mods in kinds.items()}
+    # Float projections and quantized ones (engine.layers.quant_linear) alike: both offer
+    # kernel_candidates and take use_kernel.
+    return {kind: [m for m in mods if isinstance(m, Linear) or hasattr(m, "qweight")] for kind, mods in kinds.items()}
 
 
 def _time(fn, count: int, graphed: bool = True, reps: int = 3) -> float:
@@ -76,7 +78,8 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
         if len(kernels) < 2:  # one kernel (or none, a module that picks its own): nothing to time
             continue
         gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(1, first.input_width, device=device, generator=gen).to(first.weight.dtype)
+        dtype = first.weight.dtype if isinstance(first, Linear) else first.dtype
+        x = torch.randn(1, first.input_width, device=device, generator=gen).to(dtype)
         try:
             best, best_ms = _choose(mods, kernels, x, kind, graphed=True)
         except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
@@ -85,7 +88,7 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
         for m in mods:
             m.use_kernel(best)
         choices[kind] = best.name
-        n, k = first.weight.shape
+        n, k = first.out_features, first.in_features
         log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, n, k, choices[kind], 1e3 * best_ms)
     if progress:
         progress("batch-1 matmuls: " + ", ".join(f"{k} {v}" for k, v in choices.items()))

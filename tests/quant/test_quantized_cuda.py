@@ -1,0 +1,62 @@
+"""On a CUDA GPU, quantized tiny models run the Triton kernels (the GEMV tuned at load,
+SwiGLU fused, the GEMM for prompts), inside CUDA graphs, and give the logits of
+transformers' model holding the dequantized weights, to bf16 precision; greedy decoding
+through the engine gives the same tokens with and without CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.layers.quant_kernels import TritonQuant
+from engine.layers.quant_linear import QuantizedLinear
+from engine.loader.engine_loader import load_model
+from engine.runner.lifecycle import release_runner
+from tests.quant.test_quantized_models import PROMPT, reference_logits
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantized_logits_on_cuda_match_the_dequantized_reference(tiny_models, quant):
+    config = load_config(str(tiny_models["llama3"]), device="cuda", dtype="bfloat16", quantization=quant,
+                         max_model_len=256, num_blocks=64)
+    loaded = load_model(config)
+    try:
+        runner = loaded.runner
+        layers = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
+        assert layers and all(isinstance(m.kernel, TritonQuant) for m in layers)
+        n = len(PROMPT)
+        with torch.inference_mode():
+            meta = runner._metadata([[0, 1, 2]], [0], [n])
+            hidden = runner.model(torch.tensor(PROMPT, device="cuda"), torch.arange(n, device="cuda"),
+                                  runner.kv_caches, meta)
+            got = runner.model.compute_logits(hidden).float().cpu()
+        want = reference_logits(tiny_models["llama3"], _cpu_copy(runner))
+        err = (got - want).abs().max().item()
+        assert err < 0.05 * want.abs().max().item(), err
+    finally:
+        release_runner(loaded.runner)
+
+
+class _cpu_copy:
+    """The runner's model seen from CPU tensors (reference_logits reads its weights)."""
+
+    def __init__(self, runner) -> None:
+        self.model = runner.model
+
+
+def test_greedy_tokens_with_and_without_cuda_graphs_agree(tiny_models):
+    from engine.api import Engine, Request, SamplingParams
+
+    outs = []
+    for eager in (False, True):
+        eng = Engine.load(str(tiny_models["llama3"]), device="cuda", quantization="int4", max_model_len=256,
+                          enforce_eager=eager)
+        try:
+            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+            outs.append(eng.generate([Request(prompt_token_ids=PROMPT, params=params)])[0].token_ids)
+        finally:
+            eng.shutdown()
+    assert outs[0] == outs[1]
