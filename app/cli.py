@@ -4,6 +4,7 @@
     hearth chat                           interactive terminal chat
     hearth doctor                         what can run here, and why not
     hearth bench --shape llama-8b [...]   decode / prefill / throughput, --baseline hf
+    hearth eval [--quant Q] [--text FILE] perplexity, weight bytes, load time
     hearth  |  hearth gui                 the desktop app
 """
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.commands.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from app.commands.eval import add_eval_parser
+
+    add_eval_parser(sub)
     gui = sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
     gui.add_argument("--quit-after-start", action="store_true",
                      help="open the window, then close it at once (checks that the app starts here)")
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             from app.commands.bench import run_bench_command
 
             return run_bench_command(args)
+        if args.command == "eval":
+            from app.commands.eval import run_eval
+
+            return run_eval(args)
         if args.command == "doctor":
             from app.commands.doctor import run_doctor
 

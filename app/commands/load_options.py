@@ -23,6 +23,10 @@ CHOICE_FLAGS = {
 }
 
 
+# flag -> its other spellings (the issue's name for the quantization choice is --quant)
+FLAG_ALIASES = {"--quantization": ("--quant",)}
+
+
 def choice_help(kind: str, extra: str) -> str:
     """``"auto | torch | triton | flash-attn: <extra>"``: the registry's names first."""
     return f"{' | '.join(choice_names(kind))}: {extra}"
@@ -32,7 +36,7 @@ def add_choice_flags(group, extra_help: dict[str, str] | None = None) -> None:
     """Add the choice flags (default ``auto``, ``none`` for quantization) to ``group``;
     ``extra_help`` replaces a flag's explanation after the names."""
     for flag, (kind, default, extra) in CHOICE_FLAGS.items():
-        group.add_argument(flag, default=default, metavar="NAME",
+        group.add_argument(flag, *FLAG_ALIASES.get(flag, ()), default=default, metavar="NAME",
                            help=choice_help(kind, (extra_help or {}).get(flag, extra)))
 
 
