@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, OutOfMemoryError
 
 if TYPE_CHECKING:
     from engine.llm_engine import Engine
@@ -128,6 +128,8 @@ def _window_and_stride(engine: Engine, window: int | None, stride: int | None) -
 def _score(engine: Engine, ids: list[int]):
     """On the engine thread: borrow free KV blocks for ``ids``, score them, give the blocks
     back (their content is not registered in the prefix cache)."""
+    import torch
+
     from engine.core.sequence import Sequence
 
     bm = engine.block_manager
@@ -139,5 +141,9 @@ def _score(engine: Engine, ids: list[int]):
             "smaller window.")
     try:
         return engine.runner.score(ids, scratch.block_table, engine.config.scheduler.max_num_batched_tokens)
+    except torch.OutOfMemoryError:
+        raise OutOfMemoryError(f"out of memory scoring a {len(ids)}-token window: use a smaller window "
+                               "(--window), or load with a smaller KV cache (--kv-cache-memory) to leave room.",
+                               options=("kv_cache_memory",)) from None
     finally:
         bm.free(scratch)

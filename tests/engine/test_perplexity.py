@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.api import Engine, EngineDeadError, InvalidRequestError, Request, SamplingParams
+from engine.api import Engine, EngineDeadError, InvalidRequestError, OutOfMemoryError, Request, SamplingParams
 from engine.evaluate import window_plan
 from resources.texts import evaluation_text_path
 from tests.conftest import engine_device
@@ -129,6 +129,17 @@ def test_bad_input_is_refused(engine, text, kw, words):
         assert len(engine.tokenizer.encode("Hi")) == 1
     with pytest.raises(InvalidRequestError, match=words):
         engine.perplexity(text, **kw)
+
+
+def test_out_of_memory_is_worded_and_the_blocks_come_back(engine, monkeypatch):
+    def no_memory(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    free = engine.block_manager.num_free_blocks
+    monkeypatch.setattr(engine.runner, "score", no_memory)
+    with pytest.raises(OutOfMemoryError, match="smaller window"):
+        engine.perplexity(list(range(100)), window=WINDOW, stride=STRIDE)
+    assert engine.block_manager.num_free_blocks == free
 
 
 def test_after_shutdown(tiny_models):
