@@ -4,6 +4,7 @@
     hearth chat                           interactive terminal chat
     hearth doctor                         what can run here, and why not
     hearth bench --shape llama-8b [...]   decode / prefill / throughput, --baseline hf
+    hearth eval [--quant Q] [--text FILE] perplexity, weight bytes, load time
     hearth  |  hearth gui                 the desktop app
 """
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.commands.quantize import add_quantize_parser
 
     add_quantize_parser(sub)
+    from app.commands.eval import add_eval_parser
+
+    add_eval_parser(sub)
     gui = sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
     gui.add_argument("--quit-after-start", action="store_true",
                      help="open the window, then close it at once (checks that the app starts here)")
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             from app.commands.quantize import run_quantize
 
             return run_quantize(args)
+        if args.command == "eval":
+            from app.commands.eval import run_eval
+
+            return run_eval(args)
         if args.command == "doctor":
             from app.commands.doctor import run_doctor
 

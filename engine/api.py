@@ -34,6 +34,10 @@ from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgre
 from engine.memory_plan import (DTYPE_BYTES, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
                                 format_bytes, kv_pool_blocks)
 from engine.llm_engine import Engine
+# Engine.perplexity's result and its default sliding window (engine/evaluate.py).
+from engine.evaluate import DEFAULT_STRIDE as PERPLEXITY_STRIDE
+from engine.evaluate import DEFAULT_WINDOW as PERPLEXITY_WINDOW
+from engine.evaluate import PerplexityResult
 from engine.model_info import ModelInfo
 # config.json read once, into the model spec: the fit estimate sizes memory from it too.
 from engine.models.summary import SpecSummary, model_summary
@@ -119,5 +123,6 @@ __all__ = [
     "cpu_kv_budget", "kv_pool_blocks", "check_text", "EngineDeadError",
     "UnsupportedModelError", "EngineEvent", "TokenLogprob", "StepInfo",
     "QUANTIZE_LAYOUTS", "QuantizeResult", "quantize_model",
+    "PerplexityResult", "PERPLEXITY_WINDOW", "PERPLEXITY_STRIDE",
 ]
 

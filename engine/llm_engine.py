@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Callable
 
@@ -66,6 +67,7 @@ class Engine:
         self._cv = threading.Condition()
         self._inbox: list[RequestState] = []
         self._aborts: list[str] = []
+        self._jobs: list[tuple[Callable[[], object], Future]] = []  # run_on_engine_thread's calls
         self._states: dict[str, RequestState] = {}
         self._stop = False
         self._dead: str | None = None
@@ -165,6 +167,42 @@ class Engine:
         if self._dead or self._stop:
             raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
 
+    def run_on_engine_thread(self, fn: Callable[[], object]) -> object:
+        """Call ``fn()`` on the engine's loop thread between two steps, and return what it
+        returns (or raise what it raised). While it runs no step does, so it may use the
+        runner and the KV pool (engine/evaluate.py scores text this way); keep each call
+        short, as requests wait meanwhile. Raises EngineDeadError if the engine is shut
+        down (or its loop dies) before ``fn`` ran."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("run_on_engine_thread called from the engine thread (it would wait forever)")
+        future: Future = Future()
+        with self._cv:
+            self._check_alive()
+            self._jobs.append((fn, future))
+            self._cv.notify()
+        return future.result()
+
+    def _fail_jobs(self) -> None:
+        """End the waiting ``run_on_engine_thread`` calls (under ``_cv``, once the engine
+        has stopped or died): their ``fn`` will never run."""
+        jobs, self._jobs = self._jobs, []
+        for _fn, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineDeadError(
+                    self._dead or "the engine is shut down; load the model again."))
+
+    def perplexity(self, text: str | list[int], *, window: int | None = None, stride: int | None = None,
+                   progress: Callable[[int, int], None] | None = None):
+        """Perplexity of the loaded model on ``text`` (a string, tokenized as a prompt is,
+        or token ids), by a sliding window of ``window`` tokens advancing ``stride`` tokens
+        (defaults: ``engine.evaluate.DEFAULT_WINDOW`` / ``DEFAULT_STRIDE``, the window
+        capped at the context). Returns a ``PerplexityResult``; raises InvalidRequestError
+        for a text under 2 tokens or a window that doesn't fit. Requests submitted
+        meanwhile are served between the windows. See ``engine/evaluate.py``."""
+        from engine.evaluate import perplexity
+
+        return perplexity(self, text, window=window, stride=stride, progress=progress)
+
     def generate(self, prompts: list[str | Request], params: SamplingParams | None = None) -> list[Completion]:
         """Submit all at once (continuous batching) and wait for every result, in order."""
         handles = [self.submit(p, params) for p in prompts]
@@ -260,6 +298,7 @@ class Engine:
             self._states.clear()
             self._inbox.clear()
             self._aborts.clear()
+            self._fail_jobs()
             runner, self.runner = self.runner, None
         for state in states:
             # RequestState.finish sends its event only once: a loop thread that did not
@@ -298,12 +337,20 @@ class Engine:
                 self._ready.set()
             while True:
                 with self._cv:
-                    while not (self._stop or self._inbox or self._aborts or self.scheduler.has_work()):
+                    while not (self._stop or self._inbox or self._aborts or self._jobs
+                               or self.scheduler.has_work()):
                         self._cv.wait()
                     if self._stop:
                         return
                     new, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, []
+                    jobs, self._jobs = self._jobs, []
+                for fn, future in jobs:  # between steps: the runner is ours alone
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as e:  # the caller's to handle; the loop goes on
+                            future.set_exception(e)
                 for state in new:
                     self.scheduler.add(state.seq)
                 for rid in aborts:
@@ -322,6 +369,7 @@ class Engine:
                 self._states.clear()
                 self._inbox.clear()
                 self._aborts.clear()
+                self._fail_jobs()
             for state in states:
                 if state.finish("error", error=self._dead) is not None:
                     self._num_finished += 1

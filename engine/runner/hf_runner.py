@@ -15,9 +15,10 @@ from engine.errors import LoadCancelledError, ModelLoadError, OutOfMemoryError, 
 from engine.runner.io import RunnerInput, RunnerOutput
 from engine.runner.request_state import KeptRequest, RequestStateMixin
 from engine.runner.sampler import Sampler
+from engine.runner.scoring import FallbackScoreMixin
 
 
-class HFRunner(RequestStateMixin):
+class HFRunner(RequestStateMixin, FallbackScoreMixin):
     graphs = None  # no CUDA-graph decode (see graphs_reason)
 
     def graphs_reason(self) -> str:

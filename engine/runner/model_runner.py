@@ -19,6 +19,7 @@ from engine.layers.kernel_plan import KernelPlan
 from engine.models.spec import ModelSpec
 from engine.runner.execute import NativeExecuteMixin
 from engine.runner.request_state import KeptRequest
+from engine.runner.scoring import NativeScoreMixin
 from engine.runner.sampler import Sampler
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ModelRunner(NativeExecuteMixin):
+class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
     """Runs Hearth's native model on the paged KV cache."""
 
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
