@@ -1,0 +1,71 @@
+/* Shared definitions: the weight descriptor Python fills (kernels/cpu_quant.py mirrors it
+ * with ctypes; keep the two in step), and the quantized-activation scratch. */
+#ifndef HQ_COMMON_H
+#define HQ_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define HQ_BLOCK 32 /* inputs per activation block (and per int4 packing block) */
+
+/* One quantized weight W [n, k] in Hearth's canonical layout (engine/quant/qweight.py):
+ *   w[r, i] = code[r, i] * scale[r, i / group] + min[r, i / group]   (min 0 when mins NULL)
+ * bits 4: q is uint8 [n, kp / 2], GGUF order (in each block of 32 inputs, byte j holds
+ *         input j in its low nibble and input j + 16 in its high nibble), codes 0..15.
+ * bits 8: q is int8 [n, kp], signed codes.
+ * kp is k rounded up to a multiple of 32: rows are zero-padded by the binding when k is
+ * not (int8 per-channel only); group is then kp (a single group). scales and mins are
+ * fp16 bit patterns [n, kp / group]; group is a multiple of 32. */
+typedef struct {
+    int32_t bits;
+    int32_t n;
+    int32_t k;
+    int32_t kp;
+    int32_t group;
+    int32_t reserved;
+    const uint8_t *q;
+    const uint16_t *scales;
+    const uint16_t *mins;
+} hq_weight;
+
+/* The activations x [m, k] quantized once per call: per block of 32 inputs an fp32 scale
+ * d and int8 codes (x ~= d * code, code = round(x / d), d = max|x| / 127); per group the
+ * sum of the dequantized block values (d * sum(code)), which the mins multiply. Using
+ * the quantized sum (not the float one) makes the result exactly W . x_hat (x_hat the
+ * dequantized activations), whose error is bounded by |W| . |x - x_hat|. */
+typedef struct {
+    int32_t m;
+    int32_t kp;
+    int32_t ngroups;
+    const int8_t *q;  /* [m, kp] */
+    const float *d;   /* [m, kp / 32] */
+    const float *gs;  /* [m, ngroups] */
+} hq_acts;
+
+static inline float hq_half_to_float(uint16_t h) {
+    /* Portable IEEE binary16 -> binary32 (exact), for the scalar path. */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu;
+    uint32_t man = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400u)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+        }
+    } else if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    union { uint32_t u; float f; } v = {bits};
+    return v.f;
+}
+
+#endif
