@@ -82,9 +82,11 @@ HQ_AVX2 static void hq_quantize_row_avx2(const float *x, int k, int kp, int8_t *
 }
 
 HQ_AVX2_INLINE __m256i hq_unpack_q4_avx2(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    /* low lane: low nibbles = inputs 0..15; high lane: high nibbles = inputs 16..31 */
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    /* the 16 bytes in both lanes (a load, no shuffle), the high lane shifted by 4: low
+       lane = low nibbles = inputs 0..15, high lane = high nibbles = inputs 16..31 */
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    const __m256i shifted = _mm256_srlv_epi64(raw, _mm256_setr_epi64x(0, 0, 4, 4));
+    return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
 }
 
 HQ_AVX2_INLINE __m256 hq_block_dot_avx2(const uint8_t *w, int bits, __m256i y) {
@@ -112,6 +114,7 @@ HQ_AVX2_INLINE void hq_rows_avx2_impl(const hq_weight *w, const hq_acts *a, int 
     const uint8_t *q[4];
     const uint16_t *sc[4];
     __m256 acc[4];
+    float comb[4][8] __attribute__((aligned(32)));
     for (int r = 0; r < R; r++) {
         q[r] = w->q + (size_t)(r0 + r) * row_bytes;
         sc[r] = w->scales + (size_t)(r0 + r) * ng;
@@ -119,11 +122,23 @@ HQ_AVX2_INLINE void hq_rows_avx2_impl(const hq_weight *w, const hq_acts *a, int 
     }
     for (int g = 0; g < ng; g++) {
         if (bpg == 1) { /* GGUF Q4_1 / Q8_0: one scale per block */
+            /* Combined scales (weight x activation) for the next 8 blocks, converted 8 at a
+               time and broadcast from memory per block: saves 4 vector ops a block. */
+            if ((g & 7) == 0) {
+                if (g + 8 <= ng) {
+                    const __m256 dx8 = _mm256_loadu_ps(xd + g);
+                    for (int r = 0; r < R; r++)
+                        _mm256_store_ps(comb[r], _mm256_mul_ps(
+                            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc[r] + g))), dx8));
+                } else {
+                    for (int r = 0; r < R; r++)
+                        for (int j = 0; g + j < ng; j++) comb[r][j] = hq_h2f_avx2(sc[r][g + j]) * xd[g + j];
+                }
+            }
             const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * HQ_BLOCK));
-            const float dx = xd[g];
             for (int r = 0; r < R; r++) {
                 const __m256 p = hq_block_dot_avx2(q[r] + (size_t)g * block_bytes, BITS, y);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(hq_h2f_avx2(sc[r][g]) * dx), p, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&comb[r][g & 7]), p, acc[r]);
             }
         } else {
             __m256 gacc[4];

@@ -39,12 +39,21 @@ static int hq_cpu_has_avx2(void) {
 static int hq_cpu_has_avx2(void) { return 0; }
 #endif
 
-/* The fastest path this CPU runs (HQ_ISA_AVX2 or HQ_ISA_SCALAR). */
-int hq_best_isa(void) { return hq_cpu_has_avx2() ? HQ_ISA_AVX2 : HQ_ISA_SCALAR; }
+/* The fastest path this CPU runs (HQ_ISA_AVX2 or HQ_ISA_SCALAR). Cached: in a VM,
+   CPUID traps to the hypervisor and can cost ~100 µs, longer than a decode matmul. */
+int hq_best_isa(void) {
+    static atomic_int best = 0;
+    int b = atomic_load_explicit(&best, memory_order_relaxed);
+    if (!b) {
+        b = hq_cpu_has_avx2() ? HQ_ISA_AVX2 : HQ_ISA_SCALAR;
+        atomic_store_explicit(&best, b, memory_order_relaxed);
+    }
+    return b;
+}
 
 static int hq_pick_isa(int isa) {
     if (isa == 0) return hq_best_isa();
-    if (isa == HQ_ISA_AVX2 && !hq_cpu_has_avx2()) return -1;
+    if (isa == HQ_ISA_AVX2 && hq_best_isa() != HQ_ISA_AVX2) return -1;
     return isa;
 }
 
@@ -84,7 +93,6 @@ typedef struct {
     const hq_weight *w;
     const hq_acts *a;
     float *out;
-    const float *bias;
     int isa;
     int chunk_rows;
     int nchunks;
@@ -109,15 +117,20 @@ static void hq_matmul_worker(void *p, int worker) {
 #endif
                 hq_rows_scalar(t->w, t->a, mi, r0, r1, buf);
             float *o = t->out + (size_t)mi * n;
-            for (int r = r0; r < r1; r++) o[r] = buf[r - r0] + (t->bias ? t->bias[r] : 0.0f);
+            for (int r = r0; r < r1; r++) o[r] = buf[r - r0] + (t->w->bias ? t->w->bias[r] : 0.0f);
         }
     }
 }
 
-/* out [m, n] = x [m, k] . W^T (+ bias [n]), x and out fp32 row-major contiguous.
-   nthreads <= 1 runs on the calling thread only; isa 0 = best. Returns HQ_OK or an error. */
-int hq_matmul(const hq_weight *w, const float *x, int m, float *out, const float *bias, int nthreads, int isa) {
-    if (hq_check(w) != HQ_OK || m < 0) return HQ_ERR_SHAPE;
+/* out [m, n] = x [m, k] . W^T (+ w->bias), x and out fp32 row-major contiguous.
+   `call` packs the rest (few ctypes arguments: each costs ~0.4 µs, a decode matmul ~30):
+   bits 0..31 m, 32..39 threads (<= 1: the calling thread only), 40..47 isa (0 = best).
+   Returns HQ_OK or an error code. */
+int hq_matmul(const hq_weight *w, const float *x, float *out, int64_t call) {
+    const int m = (int)(call & 0x7FFFFFFF);
+    int nthreads = (int)((call >> 32) & 0xFF);
+    int isa = (int)((call >> 40) & 0xFF);
+    if (hq_check(w) != HQ_OK) return HQ_ERR_SHAPE;
     if (m == 0) return HQ_OK;
     isa = hq_pick_isa(isa);
     if (isa < 0) return HQ_ERR_ISA;
@@ -137,7 +150,6 @@ int hq_matmul(const hq_weight *w, const float *x, int m, float *out, const float
     t.w = w;
     t.a = &a;
     t.out = out;
-    t.bias = bias;
     t.isa = isa;
     if (nthreads < 1) nthreads = 1;
     /* ~8 chunks per thread so a descheduled thread's share is taken over, 16..256 rows
