@@ -18,6 +18,10 @@
 
 #include "hq_common.h"
 
+#ifndef HQ_PREFETCH_ROWS
+#define HQ_PREFETCH_ROWS 8 /* prefetch weight codes this many rows ahead (0: none) */
+#endif
+
 #define HQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define HQ_AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 
@@ -120,6 +124,14 @@ HQ_AVX2_INLINE void hq_rows_avx2_impl(const hq_weight *w, const hq_acts *a, int 
         sc[r] = w->scales + (size_t)(r0 + r) * ng;
         acc[r] = _mm256_setzero_ps();
     }
+    if (HQ_PREFETCH_ROWS) { /* the scales and mins of the rows as far ahead (R rows: contiguous) */
+        const char *sp = (const char *)(sc[0] + (size_t)HQ_PREFETCH_ROWS * ng);
+        const char *mp = w->mins ? (const char *)(w->mins + (size_t)(r0 + HQ_PREFETCH_ROWS) * ng) : NULL;
+        for (size_t off = 0; off < (size_t)R * ng * 2; off += 64) {
+            _mm_prefetch(sp + off, _MM_HINT_T0);
+            if (mp) _mm_prefetch(mp + off, _MM_HINT_T0);
+        }
+    }
     for (int g = 0; g < ng; g++) {
         if (bpg == 1) { /* GGUF Q4_1 / Q8_0: one scale per block */
             /* Combined scales (weight x activation) for the next 8 blocks, converted 8 at a
@@ -136,6 +148,10 @@ HQ_AVX2_INLINE void hq_rows_avx2_impl(const hq_weight *w, const hq_acts *a, int 
                 }
             }
             const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * HQ_BLOCK));
+            if (HQ_PREFETCH_ROWS && ((g * block_bytes) & 63) == 0)
+                for (int r = 0; r < R; r++)
+                    _mm_prefetch((const char *)(q[r] + (size_t)g * block_bytes + HQ_PREFETCH_ROWS * row_bytes),
+                                 _MM_HINT_T0);
             for (int r = 0; r < R; r++) {
                 const __m256 p = hq_block_dot_avx2(q[r] + (size_t)g * block_bytes, BITS, y);
                 acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&comb[r][g & 7]), p, acc[r]);
@@ -146,6 +162,10 @@ HQ_AVX2_INLINE void hq_rows_avx2_impl(const hq_weight *w, const hq_acts *a, int 
             for (int j = 0; j < bpg; j++) {
                 const size_t b = (size_t)g * bpg + j;
                 const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + b * HQ_BLOCK));
+                if (HQ_PREFETCH_ROWS && ((b * block_bytes) & 63) == 0)
+                    for (int r = 0; r < R; r++)
+                        _mm_prefetch((const char *)(q[r] + b * block_bytes + HQ_PREFETCH_ROWS * row_bytes),
+                                     _MM_HINT_T0);
                 const __m256 dx = _mm256_set1_ps(xd[b]);
                 for (int r = 0; r < R; r++)
                     gacc[r] = _mm256_fmadd_ps(dx, hq_block_dot_avx2(q[r] + b * block_bytes, BITS, y), gacc[r]);
