@@ -127,6 +127,7 @@ def _build() -> ctypes.CDLL:
     lib.hq_best_isa.argtypes, lib.hq_best_isa.restype = [], i32
     lib.hq_matmul.argtypes, lib.hq_matmul.restype = [p, p, p, ctypes.c_int64], i32
     lib.hq_dequantize.argtypes, lib.hq_dequantize.restype = [p, p, i32, i32], i32
+    lib.hq_set_spin_us.argtypes, lib.hq_set_spin_us.restype = [ctypes.c_longlong], None
     lib.hq_quantize_acts.argtypes, lib.hq_quantize_acts.restype = [p, i32, i32, i32, i32, i32, p, p, p, p], i32
     return lib
 
@@ -162,6 +163,14 @@ def isa() -> str:
     if _default_isa:
         return _ISA_NAMES[_default_isa]
     return _ISA_NAMES[_library().hq_best_isa()]
+
+
+def set_spin_us(microseconds: int) -> None:
+    """How long idle worker threads spin, waiting for the next call, before they sleep
+    (default 100 µs, or ``HEARTH_CPU_SPIN_US``). Spinning lets a decode step's matmuls
+    start without a wake-up; the spinners yield their core to any other runnable thread
+    (torch's own), and 0 makes them sleep at once."""
+    _library().hq_set_spin_us(int(microseconds))
 
 
 def supports(bits: int, group_size: int, in_features: int) -> str | None:
@@ -287,10 +296,17 @@ def matmul(x: torch.Tensor, w: PreparedWeight, out: torch.Tensor | None = None, 
     return out
 
 
-def dequantize(w: PreparedWeight, *, threads: int | None = None, isa: str | None = None) -> torch.Tensor:
-    """W as fp32 [N, K] (threaded C): for prefill, dequantize once and use torch's matmul."""
+def dequantize(w: PreparedWeight, out: torch.Tensor | None = None, *, threads: int | None = None,
+               isa: str | None = None) -> torch.Tensor:
+    """W as fp32 [N, K] (threaded C), into ``out`` when given (fp32, contiguous, N*K
+    elements: reuse one buffer across layers). For prefill: dequantize once per chunk of
+    rows and use torch's matmul (sgemm), much faster than ``matmul`` beyond ~8 rows."""
     lib = _library()
-    out = torch.empty((w.out_features, w.in_features), dtype=torch.float32)
+    size = w.out_features * w.in_features
+    if out is None:
+        out = torch.empty((w.out_features, w.in_features), dtype=torch.float32)
+    elif out.dtype is not torch.float32 or not out.is_cpu or out.numel() != size or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of {w.out_features}x{w.in_features} elements")
     nthreads = torch.get_num_threads() if threads is None else threads
     _check_rc(lib.hq_dequantize(w._addr, out.data_ptr(), nthreads, _isa_code(isa)))
     return out

@@ -5,9 +5,11 @@
  * creating threads costs ~50 µs, longer than a whole decode matmul.
  *
  * The calling thread is worker 0 and always takes part. Idle workers spin for a short
- * while (HQ_SPIN_NS, set from HEARTH_CPU_SPIN_US) so back-to-back matmuls of one decode
- * step start without a wake-up, then sleep on a condition variable so an idle app burns
- * no CPU. Work inside a call is handed out in chunks through an atomic counter, so a
+ * while (HEARTH_CPU_SPIN_US or hq_set_spin_us, default 100 µs, yielding the core to any
+ * other runnable thread as they go) so back-to-back matmuls of one decode step start
+ * without a wake-up, then sleep on a condition variable so an idle app burns no CPU. A
+ * helper that wakes too late finds the call done and goes back to waiting: the caller
+ * never waits for a sleeping helper. Work inside a call is handed out in chunks through an atomic counter, so a
  * worker that the OS descheduled (a busy shared machine) delays nothing: the others take
  * its chunks. pthread_atfork resets the pool in a forked child (its threads are gone).
  */
@@ -15,6 +17,7 @@
 #define HQ_POOL_H
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,7 +44,8 @@ static struct {
 #define HQ_CLOSED 0x80u
 #define HQ_JOINED 0x7Fu
 
-static long long hq_spin_ns = 100000; /* how long an idle helper spins before sleeping */
+static atomic_llong hq_spin_ns = 100000; /* how long an idle helper spins before sleeping */
+static int hq_spin_set = 0;           /* hq_set_spin_us was called: the env var no longer applies */
 
 static inline void hq_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -72,13 +76,16 @@ static void *hq_worker_main(void *unused) {
     unsigned seen = atomic_load(&hq_pool.generation);
     for (;;) {
         /* Spin first: the next matmul of a decode step usually comes within µs. */
-        long long deadline = hq_now_ns() + hq_spin_ns;
+        long long deadline = hq_now_ns() + atomic_load_explicit(&hq_spin_ns, memory_order_relaxed);
         int spins = 0;
         while (atomic_load_explicit(&hq_pool.generation, memory_order_acquire) == seen) {
             hq_cpu_relax();
-            if (++spins == 256) {
+            if (++spins == 128) {
                 spins = 0;
                 if (hq_now_ns() > deadline) break;
+                /* Polite spinning: between our matmuls torch runs its own ops (with its own
+                   threads); a runnable thread waiting for this core gets it at once. */
+                sched_yield();
             }
         }
         if (atomic_load(&hq_pool.generation) == seen) {
@@ -118,7 +125,7 @@ static int hq_pool_grow(int want) {
     if (want > HQ_MAX_THREADS - 1) want = HQ_MAX_THREADS - 1;
     if (!configured) {
         const char *s = getenv("HEARTH_CPU_SPIN_US");
-        if (s) hq_spin_ns = atoll(s) * 1000LL;
+        if (s && !hq_spin_set) atomic_store(&hq_spin_ns, atoll(s) * 1000LL);
         pthread_atfork(NULL, NULL, hq_pool_after_fork);
         configured = 1;
     }

@@ -64,6 +64,12 @@ static int hq_check(const hq_weight *w) {
     return HQ_OK;
 }
 
+/* How long idle helper threads spin (µs) before they sleep; 0 = sleep at once. */
+void hq_set_spin_us(long long us) {
+    atomic_store(&hq_spin_ns, us < 0 ? 0 : us * 1000LL);
+    hq_spin_set = 1;
+}
+
 /* Quantize x [m, k] (row stride k) into acts (buffers sized by the caller); exported for tests. */
 int hq_quantize_acts(const float *x, int m, int k, int kp, int group, int isa, int8_t *q, float *d, float *gs,
                      int32_t *isum) {
