@@ -207,6 +207,20 @@ def test_bias_out_and_leading_dims():
     assert cpu_quant.matmul(x.t().contiguous().t(), plain).shape == (2, 10)  # non-contiguous x
 
 
+def test_bound_call_reads_its_buffers_each_time():
+    qw = _int4(40, 64, 32, "q4_1", seed=6)
+    prepared = cpu_quant.prepare_int4(qw.qweight, qw.scales, qw.mins, 32)
+    x, out = torch.empty(1, 64), torch.empty(1, 40)
+    call = prepared.bind(x, out, threads=2)
+    for seed in (1, 2):
+        new_x = _x(1, 64, seed=seed)
+        x.copy_(new_x)
+        assert call() == 0
+        assert torch.equal(out, cpu_quant.matmul(new_x, prepared, threads=2))
+    with pytest.raises(ValueError, match="out must"):
+        prepared.bind(x, torch.empty(1, 39))
+
+
 def test_refusals_name_the_problem():
     assert cpu_quant.supports(4, 32, 576) is None
     assert cpu_quant.supports(8, 576, 576) is None
