@@ -145,10 +145,13 @@ def bench_shapes(reps: int) -> list[dict]:
                         c(x)
 
                 t = _best(run, reps) / copies
-                rows.append({"shape": label, "n": n, "k": k, "bits": bits, "variant": var.name, "threads": threads,
-                             "us": round(t * 1e6, 1), "bytes": nbytes, "gb_s": round(nbytes / t / 1e9, 2)})
-                print(f"{label:13s} {var.name:36s} {threads}t {t * 1e6:9.1f} us {nbytes / t / 1e9:6.2f} GB/s",
-                      flush=True)
+                row = {"shape": label, "n": n, "k": k, "bits": bits, "variant": var.name, "threads": threads,
+                       "us": round(t * 1e6, 1), "bytes": nbytes, "gb_s": round(nbytes / t / 1e9, 2)}
+                if threads == 1:  # everything runs on this thread: its CPU time is the cost
+                    row["cpu_us"] = round(_best_thread_cpu(run, reps) / copies * 1e6, 1)
+                rows.append(row)
+                print(f"{label:13s} {var.name:36s} {threads}t {t * 1e6:9.1f} us {nbytes / t / 1e9:6.2f} GB/s"
+                      + (f"  (CPU {row['cpu_us']:.1f} us)" if "cpu_us" in row else ""), flush=True)
     return rows
 
 
