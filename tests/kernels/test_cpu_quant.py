@@ -241,6 +241,7 @@ def test_refusals_name_the_problem():
 def test_no_compiler_is_a_reason_not_an_exception(monkeypatch):
     monkeypatch.setattr(cpu_quant, "_lib", None)
     monkeypatch.setattr(cpu_quant, "_loaded", False)
+    monkeypatch.setattr(cpu_quant, "_problem", None)
     monkeypatch.setattr(cpu_quant, "_compiler", lambda: None)
     reason = cpu_quant.available()
     assert reason and "compiler" in reason
@@ -252,6 +253,7 @@ def test_a_failed_build_is_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_quant, "_lib", None)
     monkeypatch.setattr(cpu_quant, "_loaded", False)
+    monkeypatch.setattr(cpu_quant, "_problem", None)
     monkeypatch.setattr(cpu_quant, "_FLAGS", (*cpu_quant._FLAGS, "-DHQ_FORCE_BUILD_ERROR=1", "-Werror=undef",
                                               "-include", "/nonexistent/header.h"))
     reason = cpu_quant.available()
