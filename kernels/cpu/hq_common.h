@@ -45,28 +45,18 @@ typedef struct {
 } hq_acts;
 
 static inline float hq_half_to_float(uint16_t h) {
-    /* Portable IEEE binary16 -> binary32 (exact), for the scalar path. */
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1Fu;
-    uint32_t man = h & 0x3FFu;
-    uint32_t bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400u)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
-        }
-    } else if (exp == 0x1F) {
-        bits = sign | 0x7F800000u | (man << 13);
+    /* Portable IEEE binary16 -> binary32, exact, for the scalar path: move exponent and
+       mantissa into place and rescale by 2^(127 - 15); this also turns half subnormals
+       into the right (normal) floats, since float subnormals are exact. Inf/NaN keep an
+       all-ones exponent. */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    union { uint32_t u; float f; } v = {(uint32_t)(h & 0x7FFFu) << 13};
+    if ((h & 0x7C00u) == 0x7C00u) {
+        v.u |= 0x7F800000u;
     } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+        v.f *= 0x1p112f;
     }
-    union { uint32_t u; float f; } v = {bits};
+    v.u |= sign;
     return v.f;
 }
 

@@ -30,10 +30,12 @@ static void hq_quantize_row_scalar(const float *x, int k, int kp, int8_t *q, flo
     }
 }
 
+/* Two plain 16-wide loops (not one mixed loop) so compilers auto-vectorise them. */
 static inline int32_t hq_block_dot_q4_scalar(const uint8_t *w, const int8_t *y) {
-    int32_t s = 0;
-    for (int j = 0; j < HQ_BLOCK / 2; j++) s += (w[j] & 0x0F) * y[j] + (w[j] >> 4) * y[j + HQ_BLOCK / 2];
-    return s;
+    int32_t lo = 0, hi = 0;
+    for (int j = 0; j < HQ_BLOCK / 2; j++) lo += (int32_t)(w[j] & 0x0F) * y[j];
+    for (int j = 0; j < HQ_BLOCK / 2; j++) hi += (int32_t)(w[j] >> 4) * y[j + HQ_BLOCK / 2];
+    return lo + hi;
 }
 
 static inline int32_t hq_block_dot_q8_scalar(const int8_t *w, const int8_t *y) {
