@@ -193,6 +193,15 @@ def test_dequantize_matches_qweight(isa, bits, n, k, g):
     assert torch.allclose(w.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+@ISAS
+def test_every_fp16_scale_is_read_exactly(isa):
+    # all 65536 fp16 bit patterns (subnormals, inf, NaN included) as scales of code-1 groups
+    scales = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).view(2048, 32)
+    prepared = cpu_quant.prepare_int8(torch.ones(2048, 1024, dtype=torch.int8), scales, None, 32)
+    w = cpu_quant.dequantize(prepared, isa=isa)
+    torch.testing.assert_close(w[:, ::32], scales.float(), rtol=0, atol=0, equal_nan=True)
+
+
 def test_bias_out_and_leading_dims():
     qw = _int4(10, 64, 32, "rtn", seed=5)
     bias = torch.randn(10)
