@@ -273,6 +273,12 @@ def main() -> None:
         result["shapes"] = bench_shapes(args.reps)
     result["loadavg_before"] = load_before
     result["loadavg_after"] = os.getloadavg()
+    if max(load_before[0], result["loadavg_after"][0]) > (os.cpu_count() or 1):
+        result["machine_note"] = (
+            f"shared machine: load average {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f} on "
+            f"{os.cpu_count()} CPUs while this ran. Wall times are pessimistic, 2-thread ones most (a helper "
+            "thread rarely gets the second core); calling_thread_cpu_ms and cpu_us (1 thread, CPU time of "
+            "the calling thread) are the least disturbed figures.")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print("wrote", args.out)
