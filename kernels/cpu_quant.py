@@ -20,9 +20,21 @@ Use:
     if available() is None:
         w = prepare_int4(qweight, scales, mins, group_size)     # once, at load; keep ``w``
         y = matmul(x, w)                                        # x fp32 [M, K] -> [M, N]
-Batch 1 to about 8 rows is what this is for. For prefill (many rows) dequantize once per
-chunk (``dequantize(w)``, fp32 [N, K], threaded C) and use torch's sgemm, which is
-several times faster per row there. Act-order weights (``perm``): pass ``x[..., perm]``.
+Batch 1 (decode) is what this is for: one token's 96 MB of SmolLM2 weights (int4 G=32
+layers + int8 head) take about 9 ms of one core here, against about 41 ms for torch's
+float32 F.linear and 23 ms for its packed int4/int8 ops. Up to ~16 rows it still beats
+dequantize + sgemm; for prefill (more rows) dequantize once per chunk (``dequantize(w,
+buf)``, fp32 [N, K], threaded C) and use torch's matmul, about 2x faster per row at 1,000
+rows. The decode hot path can skip ``matmul``'s checks with ``PreparedWeight.bind``.
+Act-order weights (``perm``): pass ``x[..., perm]``.
+
+The scalar path (CPUs without AVX2, ARM) is correct but about 8x slower than the AVX2
+one, slower than torch's float32 matmul: pick it only by timing (``isa()`` says which).
+
+Threads: ``threads`` (default torch.get_num_threads()) workers share out row chunks
+dynamically; the caller is one of them. Idle helpers spin ``set_spin_us`` (default 100
+µs, yielding the core) then sleep. On a machine busy with other work a helper may be
+preempted mid-chunk and the call waits for it: measure 1 against 2 threads end to end.
 
 Environment: ``HEARTH_CPU_QUANT_ISA=scalar`` forces the portable path (tests, CI);
 ``HEARTH_CPU_SPIN_US`` (default 100) is how long idle worker threads spin before sleeping.
