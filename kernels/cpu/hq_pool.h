@@ -36,7 +36,7 @@ static struct {
     atomic_int sleeping;       /* workers blocked on `wake` */
     atomic_int finished;       /* helpers done with the current call */
     int started;               /* helper threads alive */
-    int active;                /* at most this many helpers join the current call */
+    atomic_int active;         /* at most this many helpers join the current call */
     hq_task_fn fn;
     void *arg;
 } hq_pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .call_lock = PTHREAD_MUTEX_INITIALIZER};
@@ -45,7 +45,7 @@ static struct {
 #define HQ_JOINED 0x7Fu
 
 static atomic_llong hq_spin_ns = 100000; /* how long an idle helper spins before sleeping */
-static int hq_spin_set = 0;           /* hq_set_spin_us was called: the env var no longer applies */
+static atomic_int hq_spin_set = 0;          /* hq_set_spin_us was called: the env var no longer applies */
 
 static inline void hq_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -66,7 +66,7 @@ static int hq_try_join(unsigned gen) {
     unsigned s = atomic_load(&hq_pool.state);
     for (;;) {
         if ((s >> 8) != (gen & 0xFFFFFFu) || (s & HQ_CLOSED)) return 0;
-        if ((int)(s & HQ_JOINED) >= hq_pool.active) return 0;
+        if ((int)(s & HQ_JOINED) >= atomic_load_explicit(&hq_pool.active, memory_order_relaxed)) return 0;
         if (atomic_compare_exchange_weak(&hq_pool.state, &s, s + 1)) return (int)(s & HQ_JOINED) + 1;
     }
 }
@@ -155,7 +155,7 @@ static void hq_parallel(hq_task_fn fn, void *arg, int nthreads) {
     if (helpers > nthreads - 1) helpers = nthreads - 1;
     hq_pool.fn = fn;
     hq_pool.arg = arg;
-    hq_pool.active = helpers;
+    atomic_store_explicit(&hq_pool.active, helpers, memory_order_relaxed);
     atomic_store(&hq_pool.finished, 0);
     unsigned gen = atomic_load(&hq_pool.generation) + 1;
     atomic_store(&hq_pool.state, (gen & 0xFFFFFFu) << 8);
