@@ -201,6 +201,105 @@ HQ_AVX2 static void hq_rows_avx2(const hq_weight *w, const hq_acts *a, int mi, i
         (g32 ? hq_rows_q8_g32_avx2 : hq_rows_q8_avx2)(w, a, mi, r0, r1, out);
 }
 
+/* Several activation rows (prefill chunks, batched decode): R weight rows x MT activation
+   rows per pass, so each weight block is loaded and unpacked once for MT rows (R = 2,
+   MT <= 4: 8 accumulators + 2 weights + constants fit the 16 ymm registers). Writes
+   out[(m0 + j) * ldo + r0 + i]. Combined scales (weight x activation) are built per
+   window of 8 blocks, vectorised when a window is 8 whole groups of 32. */
+HQ_AVX2_INLINE void hq_tile_avx2_impl(const hq_weight *w, const hq_acts *a, int m0, int r0, float *out, size_t ldo,
+                                      const int R, const int MT, const int BITS) {
+    const int ng = w->kp / w->group, nb = w->kp / HQ_BLOCK;
+    const int bpg = w->group / HQ_BLOCK;
+    const size_t row_bytes = BITS == 4 ? (size_t)w->kp / 2 : (size_t)w->kp;
+    const size_t block_bytes = BITS == 4 ? HQ_BLOCK / 2 : HQ_BLOCK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *q[2];
+    const uint16_t *sc[2];
+    const int8_t *xq[4];
+    const float *xd[4];
+    __m256 acc[2][4];
+    float comb[2][4][8] __attribute__((aligned(32)));
+    for (int r = 0; r < R; r++) {
+        q[r] = w->q + (size_t)(r0 + r) * row_bytes;
+        sc[r] = w->scales + (size_t)(r0 + r) * ng;
+        for (int j = 0; j < MT; j++) acc[r][j] = _mm256_setzero_ps();
+    }
+    for (int j = 0; j < MT; j++) {
+        xq[j] = a->q + (size_t)(m0 + j) * a->kp;
+        xd[j] = a->d + (size_t)(m0 + j) * nb;
+    }
+    for (int b = 0; b < nb; b++) {
+        if ((b & 7) == 0) {
+            if (bpg == 1 && b + 8 <= nb) {
+                for (int r = 0; r < R; r++) {
+                    const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc[r] + b)));
+                    for (int j = 0; j < MT; j++) _mm256_store_ps(comb[r][j], _mm256_mul_ps(s8, _mm256_loadu_ps(xd[j] + b)));
+                }
+            } else {
+                for (int r = 0; r < R; r++)
+                    for (int i = 0; i < 8 && b + i < nb; i++) {
+                        const float s = hq_h2f_avx2(sc[r][(b + i) / bpg]);
+                        for (int j = 0; j < MT; j++) comb[r][j][i] = s * xd[j][b + i];
+                    }
+            }
+        }
+        if (HQ_PREFETCH_ROWS && ((b * block_bytes) & 63) == 0)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(q[r] + b * block_bytes + HQ_PREFETCH_ROWS * row_bytes), _MM_HINT_T0);
+        __m256i wv[2], wabs[2];
+        for (int r = 0; r < R; r++) {
+            if (BITS == 4) {
+                wv[r] = hq_unpack_q4_avx2(q[r] + (size_t)b * block_bytes);
+            } else {
+                wv[r] = _mm256_loadu_si256((const __m256i *)(q[r] + (size_t)b * block_bytes));
+                wabs[r] = _mm256_sign_epi8(wv[r], wv[r]);
+            }
+        }
+        for (int j = 0; j < MT; j++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(xq[j] + (size_t)b * HQ_BLOCK));
+            for (int r = 0; r < R; r++) {
+                const __m256i p16 = BITS == 4 ? _mm256_maddubs_epi16(wv[r], y)
+                                              : _mm256_maddubs_epi16(wabs[r], _mm256_sign_epi8(y, wv[r]));
+                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                acc[r][j] = _mm256_fmadd_ps(_mm256_broadcast_ss(&comb[r][j][b & 7]), p, acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < MT; j++) {
+            float v = hq_hsum_avx2(acc[r][j]);
+            if (w->mins)
+                v += hq_dot_f16_avx2(w->mins + (size_t)(r0 + r) * ng, a->gs + (size_t)(m0 + j) * a->ngroups, ng);
+            out[(size_t)(m0 + j) * ldo + r0 + r] = v;
+        }
+}
+
+#define HQ_TILE_CASES(BITS, R)                                                          \
+    switch (mt) {                                                                       \
+    case 4: hq_tile_avx2_impl(w, a, m0, r, out, ldo, R, 4, BITS); break;                \
+    case 3: hq_tile_avx2_impl(w, a, m0, r, out, ldo, R, 3, BITS); break;                \
+    case 2: hq_tile_avx2_impl(w, a, m0, r, out, ldo, R, 2, BITS); break;                \
+    default: hq_tile_avx2_impl(w, a, m0, r, out, ldo, R, 1, BITS); break;               \
+    }
+
+#define HQ_DEFINE_TILES(BITS, NAME)                                                                  \
+    HQ_AVX2 static void NAME(const hq_weight *w, const hq_acts *a, int r0, int r1, float *out, size_t ldo) { \
+        for (int m0 = 0; m0 < a->m; m0 += 4) {                                                       \
+            const int mt = a->m - m0 < 4 ? a->m - m0 : 4;                                            \
+            int r = r0;                                                                              \
+            for (; r + 2 <= r1; r += 2) { HQ_TILE_CASES(BITS, 2) }                                   \
+            for (; r < r1; r++) { HQ_TILE_CASES(BITS, 1) }                                           \
+        }                                                                                            \
+    }
+
+HQ_DEFINE_TILES(4, hq_tiles_q4_avx2)
+HQ_DEFINE_TILES(8, hq_tiles_q8_avx2)
+
+/* All activation rows of a->m (> 1) for weight rows [r0, r1), into out [m, ldo]. */
+HQ_AVX2 static void hq_rows_multi_avx2(const hq_weight *w, const hq_acts *a, int r0, int r1, float *out, size_t ldo) {
+    (w->bits == 4 ? hq_tiles_q4_avx2 : hq_tiles_q8_avx2)(w, a, r0, r1, out, ldo);
+}
+
 /* Rows [r0, r1) of W as fp32 into out [(r1 - r0), k] (row stride k). */
 HQ_AVX2 static void hq_dequant_rows_avx2(const hq_weight *w, int r0, int r1, float *out) {
     const int ng = w->kp / w->group, bpg = w->group / HQ_BLOCK;

@@ -115,6 +115,15 @@ static void hq_matmul_worker(void *p, int worker) {
         if (c >= t->nchunks) return;
         const int r0 = c * t->chunk_rows;
         const int r1 = r0 + t->chunk_rows < n ? r0 + t->chunk_rows : n;
+#if defined(HQ_HAVE_AVX2_PATH)
+        if (t->isa == HQ_ISA_AVX2 && t->a->m > 1) { /* tiles: each weight block read once for 4 rows */
+            hq_rows_multi_avx2(t->w, t->a, r0, r1, t->out, (size_t)n);
+            if (t->w->bias)
+                for (int mi = 0; mi < t->a->m; mi++)
+                    for (int r = r0; r < r1; r++) t->out[(size_t)mi * n + r] += t->w->bias[r];
+            continue;
+        }
+#endif
         for (int mi = 0; mi < t->a->m; mi++) {
 #if defined(HQ_HAVE_AVX2_PATH)
             if (t->isa == HQ_ISA_AVX2)

@@ -110,7 +110,7 @@ def _x(m: int, k: int, seed: int) -> torch.Tensor:
 def test_int4_matches_float64(isa, kind, n, k, g):
     qw = _int4(n, k, g, kind, seed=n * k)
     prepared = cpu_quant.prepare_int4(qw.qweight, qw.scales, qw.mins, g)
-    for m in (1, 2, 3):
+    for m in (1, 2, 3, 5):
         x = _x(m, k, seed=m)
         _check(cpu_quant.matmul(x, prepared, isa=isa, threads=2), qw, x)
 
@@ -121,7 +121,7 @@ def test_int4_matches_float64(isa, kind, n, k, g):
 def test_int8_matches_float64(isa, with_mins, n, k, g):
     qw = _int8(n, k, g, with_mins, seed=n + k)
     prepared = cpu_quant.prepare_int8(qw.qweight, qw.scales, qw.mins, g)
-    for m in (1, 2, 3):
+    for m in (1, 2, 3, 5):
         x = _x(m, k, seed=m)
         _check(cpu_quant.matmul(x, prepared, isa=isa, threads=2), qw, x)
 
