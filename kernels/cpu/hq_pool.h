@@ -7,11 +7,13 @@
  * The calling thread is worker 0 and always takes part. Idle workers spin for a short
  * while (HEARTH_CPU_SPIN_US or hq_set_spin_us, default 100 µs, yielding the core to any
  * other runnable thread as they go) so back-to-back matmuls of one decode step start
- * without a wake-up, then sleep on a condition variable so an idle app burns no CPU. A
- * helper that wakes too late finds the call done and goes back to waiting: the caller
- * never waits for a sleeping helper. Work inside a call is handed out in chunks through an atomic counter, so a
- * worker that the OS descheduled (a busy shared machine) delays nothing: the others take
- * its chunks. pthread_atfork resets the pool in a forked child (its threads are gone).
+ * without a wake-up, then sleep on a condition variable so an idle app burns no CPU.
+ * Work inside a call is handed out in chunks through an atomic counter, and a helper
+ * joins a call only while it is open: one that wakes late finds the call done (the
+ * caller took its chunks) and goes back to waiting, so the caller never waits for a
+ * sleeping helper. It does wait for a helper that the OS preempts in the middle of a
+ * chunk (a busy shared machine): measure 1 against 2 threads there. pthread_atfork
+ * resets the pool in a forked child (its threads are gone).
  */
 #ifndef HQ_POOL_H
 #define HQ_POOL_H
