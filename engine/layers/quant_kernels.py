@@ -14,6 +14,11 @@ at load) and holds it.
   projection) and the dequantize-GEMM of ``kernels/quant_gemm.py`` for more rows (prefill,
   batched decode).
 
+- ``CpuQuant`` (CPU, AVX2): Hearth's C int4/int8 matmul (``kernels/cpu_quant.py``:
+  activations quantized to int8 blocks, integer block dots, memory speed) for up to
+  ``CPU_KERNEL_ROWS`` rows; longer prompts dequantize the weight once per call into a
+  buffer and run torch's sgemm, about twice as fast per row there.
+
 A kernel receives the module's raw input: for a SwiGLU-down projection that is
 ``[gate | up]``, and the kernel applies ``layer.act`` (or fuses it).
 """
@@ -89,11 +94,56 @@ class TritonQuant(QuantKernel):
         return self._gemm(permuted(gated(x, layer), layer), self.prepared, bias=layer.bias, out=out)
 
 
+#: Up to this many rows the CPU kernel beats dequantize + sgemm (measured on gate_up).
+CPU_KERNEL_ROWS = 12
+
+
+class CpuQuant(QuantKernel):
+    """Hearth's C kernel for a few rows, dequantize + torch's matmul for more."""
+
+    name = "hearth cpu int-dot"
+
+    def __init__(self) -> None:
+        self.prepared = None
+
+    def bind(self, layer) -> "CpuQuant":
+        from kernels import cpu_quant
+
+        bound = CpuQuant()
+        prepare = cpu_quant.prepare_int4 if layer.bits == 4 else cpu_quant.prepare_int8
+        bias = None if layer.bias is None else layer.bias.float()
+        bound.prepared = prepare(layer.qweight, layer.scales, layer.mins, layer.group_size, bias=bias)
+        bound._matmul, bound._dequantize = cpu_quant.matmul, cpu_quant.dequantize
+        return bound
+
+    def __call__(self, x, layer, out=None):
+        x = permuted(gated(x, layer), layer)
+        if x.shape[0] <= CPU_KERNEL_ROWS:
+            if x.dtype != torch.float32:
+                return self._matmul(x.float(), self.prepared).to(x.dtype) if out is None else \
+                    out.copy_(self._matmul(x.float(), self.prepared))
+            return self._matmul(x, self.prepared, out)
+        w = self._dequantize(self.prepared).to(x.dtype)
+        return matmul(x, w, layer.bias, out)
+
+
+def cpu_kernel_problem(layer) -> str | None:
+    """Why the C kernel can't run ``layer`` here (None: it can, at full speed)."""
+    from kernels import cpu_quant
+
+    problem = cpu_quant.available()
+    if problem is None and cpu_quant.isa() != "avx2":
+        problem = "this CPU has no AVX2 (the portable C path is slower than torch's float matmul)"
+    return problem or cpu_quant.supports(layer.bits, layer.group_size, layer.in_features)
+
+
 def kernel_for(layer) -> QuantKernel:
     """The kernel ``layer`` runs on its device before any timing: the fastest one that
-    runs there (Triton on a CUDA GPU, else the reference)."""
+    runs there (Triton on a CUDA GPU, the C kernel on an AVX2 CPU, else the reference)."""
     if layer.qweight.device.type == "cuda":
         return TritonQuant()
+    if layer.qweight.device.type == "cpu" and cpu_kernel_problem(layer) is None:
+        return CpuQuant()
     return DequantMatmul()
 
 
