@@ -21,6 +21,7 @@ What a load measures goes into ``runner.load_info`` (merged into ``model_info``)
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,8 @@ def usable_backend(attention: str, device: torch.device) -> type[AttentionBacken
 
 
 def materialize_weights(model: LlamaForCausalLM, weights: WeightsSource, device: torch.device, need: int,
-                        should_stop: Callable[[], bool] | None = None) -> None:
+                        should_stop: Callable[[], bool] | None = None,
+                        progress: Callable[[str], None] | None = None) -> None:
     """Allocate ``model`` on ``device`` and fill it: random, or streamed from the
     checkpoint one tensor at a time (mmap'd, so RAM never holds a second full copy),
     each through its parameter's loader. ``should_stop`` is asked before each tensor."""
@@ -112,6 +114,9 @@ def materialize_weights(model: LlamaForCausalLM, weights: WeightsSource, device:
             model.init_random(weights.seed)
         else:
             stream = iter_weights(weights)
+            quantizing = _quantizing(model)
+            if progress is not None and quantizing:  # the slow loads: say how far they are
+                stream = _layer_progress(stream, progress, model.spec.num_layers, quantizing)
             if should_stop is not None:
                 stream = _stoppable(stream, should_stop)
             model.load_weights(stream, source=str(weights))
@@ -121,6 +126,28 @@ def materialize_weights(model: LlamaForCausalLM, weights: WeightsSource, device:
             f"out of memory while loading the weights ({gib(need)}): {e}. Pick a smaller or "
             "quantized model, or free memory."
         ) from None
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _quantizing(model: nn.Module) -> str:
+    """" (quantizing to int4)" when the load quantizes float tensors as they stream in."""
+    labels = {m.source.label for m in model.modules() if getattr(m, "checkpoint_params", None)
+              and "weight" in m.checkpoint_params}
+    return f" (quantizing to {', '.join(sorted(labels))})" if labels else ""
+
+
+def _layer_progress(weights: Iterable[tuple[str, torch.Tensor]], say: Callable[[str], None], layers: int,
+                    what: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Say "loading weights: layer i of n" each time the stream reaches a new layer."""
+    seen = -1
+    for name, tensor in weights:
+        m = _LAYER.search(name)
+        if m is not None and int(m.group(1)) != seen:
+            seen = int(m.group(1))
+            say(f"loading weights: layer {seen + 1} of {layers}{what}")
+        yield name, tensor
 
 
 def _stoppable(weights: Iterable[tuple[str, torch.Tensor]],
@@ -155,7 +182,7 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     check_weights_fit(need, device, "quantized" if quantized else str(dtype).removeprefix("torch."))
     runner = None
     try:
-        materialize_weights(model, weights, device, need, should_stop)
+        materialize_weights(model, weights, device, need, should_stop, say)
         plan = KernelPlan.for_backend(backend)
         apply_kernel_plan(model, plan)
         runner = runner_cls(model, spec, device, dtype, cc.block_size, attention, plan,

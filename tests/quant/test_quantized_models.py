@@ -106,3 +106,49 @@ def test_unquantized_choices_set_the_dtype():
     assert check_load_choices(load_config(device="cpu", dtype="bfloat16", quantization="bf16")).dtype == torch.bfloat16
     with pytest.raises(InvalidRequestError, match="drop one of them"):
         check_load_choices(load_config(device="cpu", dtype="float16", quantization="bf16"))
+
+
+def test_a_model_whose_float_weights_do_not_fit_still_loads_quantized(tiny_models, monkeypatch):
+    """The memory check counts the transformed (quantized) model, and the weights stream in
+    one tensor at a time, quantized as they arrive: a cap below the float32 bytes refuses
+    the float load before anything loads, and the int4 load fits under it."""
+    from engine.errors import OutOfMemoryError
+    from engine.runner import memory
+
+    cap = 10 * 2**20  # float32: ~25 MiB (two 49152 x 64 embedding matrices); int4: ~4 MiB
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: (cap, cap))
+    with pytest.raises(OutOfMemoryError, match=r"the weights need .* in float32 but the RAM has"):
+        load(tiny_models["llama3"], quantization="none")
+    loaded = load(tiny_models["llama3"], quantization="int4", quant_head=True)
+    try:
+        assert loaded.info.weight_bytes < cap
+    finally:
+        release_runner(loaded.runner)
+
+
+def test_a_cancelled_quantizing_load_frees_what_it_took(tiny_models):
+    from engine.errors import LoadCancelledError
+
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 6  # a few tensors in
+
+    config = load_config(str(tiny_models["llama3"]), device="cpu", dtype="float32", attention="torch",
+                         num_blocks=8, max_model_len=128, quantization="int4")
+    with pytest.raises(LoadCancelledError):
+        load_model(config, should_stop=stop)
+    again = load(tiny_models["llama3"], quantization="int4")  # nothing left behind in the way
+    release_runner(again.runner)
+
+
+def test_a_quantizing_load_says_which_layer_it_is_on(tiny_models):
+    said: list[str] = []
+    config = load_config(str(tiny_models["llama-tied"]), device="cpu", dtype="float32", attention="torch",
+                         num_blocks=8, max_model_len=128, quantization="int8")
+    loaded = load_model(config, progress=said.append)
+    release_runner(loaded.runner)
+    layers = [m for m in said if m.startswith("loading weights: layer")]
+    assert layers == ["loading weights: layer 1 of 2 (quantizing to int8)",
+                      "loading weights: layer 2 of 2 (quantizing to int8)"]
