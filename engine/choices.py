@@ -280,6 +280,22 @@ def _not_yet(_device: str) -> list[str]:
     return [_NOT_YET]
 
 
+def _quant_kernel_reasons(device: str) -> list[str]:
+    """Why Hearth's int4/int8 kernels can't run on ``device`` (the CPU always can: its C
+    kernel, or the dequantizing reference)."""
+    if not device.startswith("cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available() or _cuda_reasons(device):
+        return []  # the device's own reason says it
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if (major, minor) < (8, 0):
+        return [f"Hearth's int4/int8 GPU kernels need an Ampere or newer GPU (compute capability 8.0+), this one "
+                f"is {major}.{minor}: load it unquantized (bf16/fp16) or on the CPU"]
+    return []
+
+
 #: The methods whose weights Hearth runs quantized (the kernels of ``engine.layers.quant_kernels``).
 QUANTIZED_METHODS = ("gguf", "int8", "int4", "awq", "gptq", "compressed-tensors")
 
@@ -288,13 +304,18 @@ register(Choice("quantization", "none", "none (the weights dtype)"))
 register(Choice("quantization", "bf16", "bf16 (unquantized; float32 on the CPU)", ("bfloat16",), bytes_per_param=2))
 register(Choice("quantization", "fp16", "fp16 (unquantized; float32 on the CPU)", ("float16", "half"),
                 bytes_per_param=2))
-register(Choice("quantization", "gguf", "GGUF's own (Q8_0/Q4_0/Q4_1 kept quantized)", bytes_per_param=20 / 32))
-register(Choice("quantization", "int8", "int8 (weight-only, per channel)", bytes_per_param=1.0))
-register(Choice("quantization", "int4", "int4 (weight-only, groups of 128)", bytes_per_param=0.5 + _GROUP_SCALES))
-register(Choice("quantization", "awq", "AWQ (int4, activation-aware)", bytes_per_param=0.5 + _GROUP_SCALES))
-register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated)", bytes_per_param=0.5 + _GROUP_SCALES))
+register(Choice("quantization", "gguf", "GGUF's own (Q8_0/Q4_0/Q4_1 kept quantized)",
+                bytes_per_param=20 / 32, check=_quant_kernel_reasons))
+register(Choice("quantization", "int8", "int8 (weight-only, per channel)",
+                bytes_per_param=1.0, check=_quant_kernel_reasons))
+register(Choice("quantization", "int4", "int4 (weight-only, groups of 128)",
+                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
+register(Choice("quantization", "awq", "AWQ (int4, activation-aware)",
+                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
+register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated)",
+                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 register(Choice("quantization", "compressed-tensors", "compressed-tensors W4A16/W8A16 (pre-quantized)",
-                ("ct", "llm-compressor"), bytes_per_param=0.5 + _GROUP_SCALES))
+                ("ct", "llm-compressor"), bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 # Planned: listed (greyed out with the reason) with the bytes the fit estimate counts; each
 # gets its own check when its kernels land.
 for _name, _label, _aliases, _bytes in (

@@ -39,6 +39,9 @@ class ModelInfo:
     num_kv_blocks: int
     cuda_graphs: bool  # decode steps replay CUDA graphs
     quantization: str = "none"  # the weights' quantization (a name of the choices registry)
+    # What the quantization holds, in words: "int4 g32: 210 layers (GGUF Q4_1, kept); int8
+    # g32: embedding/head (Q8_0, kept)"; GGUF types Hearth has no kernel for say "dequantized".
+    quant_detail: str | None = None
     fallback_reason: str | None = None  # why the model runs on the transformers fallback
     batch1_matmul: dict[str, str] | None = None  # projection kind -> "cublas" | "triton gemv ..."
     cuda_graph_bytes: int | None = None  # the graphs' private memory pool

@@ -21,6 +21,7 @@ class ElidedLabel(QLabel):
                  mode: Qt.TextElideMode = Qt.TextElideMode.ElideMiddle, max_hint: int = MAX_HINT_PX) -> None:
         super().__init__(parent)
         self._full = ""
+        self._detail = ""
         self._mode = mode
         self._max_hint = max_hint
         self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
@@ -33,6 +34,11 @@ class ElidedLabel(QLabel):
 
     def text(self) -> str:
         return self._full
+
+    def set_detail(self, detail: str) -> None:
+        """A line the tooltip always shows (after the whole text, when that is cut)."""
+        self._detail = detail or ""
+        self._elide()
 
     def sizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
         hint = super().sizeHint()
@@ -51,4 +57,4 @@ class ElidedLabel(QLabel):
     def _elide(self) -> None:
         shown = self.fontMetrics().elidedText(self._full, self._mode, max(self.contentsRect().width(), 0))
         super().setText(shown)
-        self.setToolTip(self._full if shown != self._full else "")
+        self.setToolTip("\n".join(t for t in (self._full if shown != self._full else "", self._detail) if t))

@@ -223,6 +223,7 @@ class MainWindow(QMainWindow):
         impl = " (transformers fallback)" if info.implementation == "transformers-fallback" else ""
         self.status_model.setText(f"{info.name}{impl}")
         self.status_quant.setText(f"quant: {info.quantization} · {info.dtype}")
+        self.status_quant.set_detail(info.quant_detail or f"weights in {info.dtype}, not quantized")
         self.status_backend.setText(f"attention: {info.attention}")
         self.status_device.setText(f"device: {info.device} · weights "
                                    f"{_gib(info.weight_bytes)} · KV {_gib(info.kv_cache_bytes)}")

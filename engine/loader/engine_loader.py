@@ -69,10 +69,27 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
         return FoundModel(name, None, "shape", cfg, f"engine.shapes[{shape!r}]", SHAPE_SEED)
     say(f"resolving model {mc.model or 'default'}")
     if keep_quantized is None:
-        keep_quantized = mc.quantization in ("auto", "gguf") and not mc.force_fallback
+        keep_quantized = not mc.force_fallback and (
+            mc.quantization == "gguf" or (mc.quantization == "auto" and auto_keeps_gguf(mc.device)))
     resolved = resolve_model(mc.model, mc.revision, progress=say, keep_quantized=keep_quantized)
     return FoundModel(resolved.name, resolved.path, resolved.source, resolved.config or read_config(resolved.path),
                       str(resolved.path / "config.json"))
+
+
+def auto_keeps_gguf(device: str) -> bool:
+    """Whether quantization ``auto`` runs a GGUF file on its own quantized weights on
+    ``device``: where a fast kernel runs them (the Triton kernels on an Ampere+ GPU, the C
+    kernel on an AVX2 CPU); elsewhere the dequantizing reference would be slower than the
+    float weights, so ``auto`` loads those."""
+    from engine import choices
+    from engine.loader.choices import resolve_device
+
+    target = resolve_device(device)
+    if target.type == "cuda":
+        return not choices.get("quantization", "gguf", str(target)).reasons
+    from kernels import cpu_quant
+
+    return cpu_quant.available() is None and cpu_quant.isa() == "avx2"
 
 
 def native_spec(found: FoundModel, force_fallback: bool) -> tuple[ModelSpec | None, str | None]:
@@ -176,7 +193,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
                                     progress=say, should_stop=should_stop)
         prefix = cc.enable_prefix_caching
     try:  # strictly: a field name the runner misspelt is an error here, not a silent drop
-        model_info = ModelInfo(**{**info, **runner.load_info, "quantization": quantization})
+        model_info = ModelInfo(**{**info, **runner.load_info, "quantization": quantization,
+                                  "quant_detail": quantization_detail(quantization, runner, found.path)})
     except BaseException:
         release_runner(runner)
         raise
@@ -196,6 +214,26 @@ def loaded_quantization(config: EngineConfig, path: Path | None, native: bool) -
                 "transformers fallback: load it unquantized (--quant none).", options=("quantization",))
         return "none"
     return quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head).method
+
+
+def quantization_detail(quantization: str, runner, path: Path | None) -> str | None:
+    """What a quantized load holds, in words (``ModelInfo.quant_detail``): its layers by
+    bits and group, and for a GGUF file which of its types were kept or dequantized."""
+    if quantization in ("none", "bf16", "fp16"):
+        return None
+    forms: dict[str, int] = {}
+    for module in runner.model.modules():
+        if hasattr(module, "qweight") and getattr(module, "checkpoint_params", ()):  # a tied head: its embedding
+            g = "channel" if module.group_size == module.in_features else f"g{module.group_size}"
+            key = f"int{module.bits} {g}"
+            forms[key] = forms.get(key, 0) + 1
+    text = ", ".join(f"{n} x {k}" for k, n in sorted(forms.items()))
+    if quantization == "gguf" and path is not None:
+        from engine.loader.gguf import quant_detail
+
+        gguf = quant_detail(path)
+        text = f"{text}; {gguf}" if gguf else text
+    return text or None
 
 
 def kv_cache_dtype(name: str, dtype: torch.dtype, native: bool) -> torch.dtype:

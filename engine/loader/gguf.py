@@ -170,6 +170,7 @@ def convert_gguf(
         tmp.mkdir()
         cfg.save_pretrained(tmp)
         kept = kept_quantized(gguf_path, cfg, tensors) if keep_quantized else {}
+        types = _tensor_types(gguf_path, cfg, tensors, kept) if keep_quantized else {}
         weights = {name: t.to(dtype).contiguous() for name, t in tensors.items() if name not in kept}
         for name, qw in kept.items():
             base = name.removesuffix(".weight")
@@ -182,7 +183,8 @@ def convert_gguf(
         tok.save_pretrained(tmp)
         # Written last: its presence marks a complete conversion.
         (tmp / SOURCE_FILE).write_text(
-            json.dumps(source_record(gguf_path, dtype, keep_quantized), indent=2) + "\n", encoding="utf-8"
+            json.dumps({**source_record(gguf_path, dtype, keep_quantized), **types}, indent=2) + "\n",
+            encoding="utf-8"
         )
         _replace_dir(tmp, out_dir)
     except OSError as exc:
@@ -241,6 +243,43 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> di
                 for m in members:
                     kept.pop(m, None)
     return kept
+
+
+def _tensor_types(gguf_path: Path, cfg, tensors: dict, kept: dict) -> dict:
+    """``{"kept": {"Q4_1": 210, ...}, "dequantized": {"Q6_K": 4}}``: the file's quantized
+    types by what the conversion did with them (float types, F32/F16/BF16, are neither)."""
+    import gguf
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    field = reader.fields["general.architecture"]
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(bytes(field.parts[field.data[0]]).decode())
+    name_map = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers)) if arch is not None else None
+    by_gguf = {t.name: t.tensor_type.name for t in reader.tensors}
+    out: dict[str, dict[str, int]] = {"kept": {}, "dequantized": {}}
+    for name in tensors:
+        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias")) if name_map else None
+        kind = by_gguf.get(gname or "")
+        if kind is None or kind in ("F32", "F16", "BF16", "F64"):
+            continue
+        bucket = out["kept" if name in kept else "dequantized"]
+        bucket[kind] = bucket.get(kind, 0) + 1
+    return out
+
+
+def quant_detail(folder: Path) -> str | None:
+    """A kept-quantized GGUF conversion's types in words (``ModelInfo.quant_detail``)."""
+    try:
+        record = json.loads((Path(folder) / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not record.get("keep_quantized"):
+        return None
+    kept = record.get("kept") or {}
+    dequantized = record.get("dequantized") or {}
+    words = [f"{n} {t} tensors kept quantized" for t, n in sorted(kept.items())]
+    words += [f"{n} {t} tensors dequantized (no Hearth kernel for {t} yet)" for t, n in sorted(dequantized.items())]
+    return "GGUF: " + "; ".join(words) if words else None
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -152,3 +152,28 @@ def test_a_quantizing_load_says_which_layer_it_is_on(tiny_models):
     layers = [m for m in said if m.startswith("loading weights: layer")]
     assert layers == ["loading weights: layer 1 of 2 (quantizing to int8)",
                       "loading weights: layer 2 of 2 (quantizing to int8)"]
+
+
+def test_an_unknown_quant_method_is_refused_before_the_weights_load(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    from engine.errors import UnsupportedModelError
+
+    folder = tmp_path / "odd"
+    shutil.copytree(tiny_models["llama3"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitnet", "bits": 2}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config\.quant_method.*bitnet.*awq, gptq"):
+        load(folder)
+
+
+def test_model_info_says_what_the_quantization_holds(tiny_models):
+    loaded = load(tiny_models["llama-tied"], quantization="int4", quant_head=True)
+    try:
+        # 2 layers of qkv, o, gate_up, down, and the embedding the tied head shares
+        assert loaded.info.quant_detail == "9 x int4 g32"
+        assert loaded.info.to_dict()["quant_detail"] == loaded.info.quant_detail
+    finally:
+        release_runner(loaded.runner)
