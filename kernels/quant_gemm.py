@@ -82,6 +82,12 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
                        DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr):
+    # int4 codes are in pair order (byte j of a row: inputs 2j low, 2j + 1 high), so the
+    # [BLOCK_N, BLOCK_K / 2] byte tile becomes the [BLOCK_N, BLOCK_K] code tile in natural
+    # K order by tl.join(lo, hi) (register moves), and x is one contiguous tile: one dot
+    # of the full step width per step, both operands plain loads the pipeliner can put in
+    # flight. With one group per row (per-channel) the scale and min are applied once
+    # after the loop instead of every step.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_m  # the programs of one weight tile run together: it is read from L2 once
@@ -95,48 +101,56 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
     rn_safe = tl.where(n_ok, rn, 0).to(tl.int64)
     x_rows = x_ptr + rm_safe[:, None] * stride_xm
     q_rows = q_ptr + rn_safe[:, None] * stride_qn
+    PER_ROW: tl.constexpr = GROUP >= K  # one group per row: scale after the loop
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        g = k0 // GROUP  # BLOCK_K divides GROUP (or GROUP == K): one group per step
-        if BITS == 4:
+        if BITS == 4:  # K is a multiple of BLOCK_K here (it divides the group)
             HALF: tl.constexpr = BLOCK_K // 2
-            j = tl.arange(0, HALF)  # byte j of the step: block j // 16, inputs i and i + 16
-            k_lo = k0 + (j // 16) * 32 + (j % 16)
-            b = tl.load(q_rows + (k0 // 2 + j)[None, :]).to(tl.int32)  # [BLOCK_N, HALF]
-            x_lo = _load_x_tile(x_rows, k_lo[None, :], K, m_ok[:, None], SWIGLU)
-            x_hi = _load_x_tile(x_rows, (k_lo + 16)[None, :], K, m_ok[:, None], SWIGLU)
-            c_lo = _int4_as_dtype(b & 15, dt)
-            c_hi = _int4_as_dtype(b >> 4, dt)
-            if DOT_FP32:
-                part = tl.dot(x_lo.to(tl.float32), tl.trans(c_lo.to(tl.float32)), input_precision="ieee")
-                part = tl.dot(x_hi.to(tl.float32), tl.trans(c_hi.to(tl.float32)), part, input_precision="ieee")
-            else:
-                part = tl.dot(x_lo, tl.trans(c_lo), input_precision=DOT_PRECISION)
-                part = tl.dot(x_hi, tl.trans(c_hi), part, input_precision=DOT_PRECISION)
-            xsum = tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), axis=1)
+            b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF))[None, :])  # uint8 [BLOCK_N, HALF]
+            xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+            lo = _int4_as_dtype((b & 15).to(tl.int32), dt)
+            hi = _int4_as_dtype((b >> 4).to(tl.int32), dt)
+            c = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # [n, j, 2] -> input 2j + t
         else:
-            kk = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
-                c = tl.load(q_rows + kk[None, :])
-                xk = _load_x_tile(x_rows, kk[None, :], K, m_ok[:, None], SWIGLU)
+                c = tl.load(q_rows + (k0 + kk)[None, :])
+                xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
             else:
-                k_ok = kk < K
-                c = tl.load(q_rows + kk[None, :], mask=k_ok[None, :], other=0)
-                xk = _load_x_tile(x_rows, kk[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
-            if DOT_FP32:
-                part = tl.dot(xk.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(xk, tl.trans(c.to(dt)), input_precision=DOT_PRECISION)
-            xsum = tl.sum(xk.to(tl.float32), axis=1)
-        s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
-        if HAS_MIN:
-            off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
+                k_ok = (k0 + kk) < K
+                c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
+                xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
+        if DOT_FP32:  # (int8 codes go straight to fp32: the interpreter's int8 -> bf16 is wrong too)
+            part = tl.dot(xk.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
         else:
-            off = -OFFSET * s
+            part = tl.dot(xk, tl.trans(c.to(dt)), input_precision=DOT_PRECISION)
         if HAS_MIN or OFFSET != 0:
-            acc += part * s[None, :] + xsum[:, None] * off[None, :]
+            xsum = tl.sum(xk.to(tl.float32), axis=1)
+        if PER_ROW:
+            acc += part
+            if HAS_MIN or OFFSET != 0:
+                xsum_all += xsum
         else:
-            acc += part * s[None, :]
+            g = k0 // GROUP  # BLOCK_K divides GROUP: one group per step
+            s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+            if HAS_MIN:
+                off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
+            else:
+                off = -OFFSET * s
+            if HAS_MIN or OFFSET != 0:
+                acc += part * s[None, :] + xsum[:, None] * off[None, :]
+            else:
+                acc += part * s[None, :]
+    if PER_ROW:
+        s = tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)
+        acc = acc * s[None, :]
+        if HAS_MIN or OFFSET != 0:
+            if HAS_MIN:
+                off = tl.load(m_ptr + rn_safe * stride_sn).to(tl.float32) - OFFSET * s
+            else:
+                off = -OFFSET * s
+            acc += xsum_all[:, None] * off[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm_safe[:, None] * stride_ym + rn_safe[None, :]
@@ -146,8 +160,11 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
 @triton.jit
 def _dequantize_kernel(q_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """w[n, k] = q * s + m (fp32 math, one rounding to w's dtype), [BLOCK_N, BLOCK_K] per program."""
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """w[n, k] = q * s + m (fp32 math, one rounding to w's dtype), [BLOCK_N, BLOCK_K] per
+    program: int4 reads a [BLOCK_N, BLOCK_K/2] byte tile (pair order) and writes the
+    [BLOCK_N, BLOCK_K] tile contiguously (tl.join of the low and high nibbles); the scale
+    and min are loaded once per block of 32 inputs."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     NB: tl.constexpr = BLOCK_K // 32
     kb = tl.program_id(1) * BLOCK_K + tl.arange(0, NB) * 32  # first input of each block
@@ -163,24 +180,36 @@ def _dequantize_kernel(q_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_qn, stride_sn, s
     dt = w_ptr.dtype.element_ty
     if BITS == 4:
         i = tl.arange(0, 16)
-        k_lo = kb[:, None] + i[None, :]  # [NB, 16]
-        ok = n_ok[:, None, None] & (blk_ok[:, None] & (i[None, :] < 16))[None, :, :]
-        b = tl.load(q_rows + (kb // 2)[None, :, None] + i[None, None, :], mask=ok, other=0).to(tl.int32)
+        if EVEN:
+            b = tl.load(q_rows + (kb // 2)[None, :, None] + i[None, None, :], eviction_policy="evict_first")
+        else:
+            okb = n_ok[:, None, None] & blk_ok[None, :, None]
+            b = tl.load(q_rows + (kb // 2)[None, :, None] + i[None, None, :], mask=okb, other=0,
+                        eviction_policy="evict_first")
+        b = b.to(tl.int32)
         lo = (b & 15).to(tl.float32) * s
         hi = (b >> 4).to(tl.float32) * s
         if HAS_MIN:
             lo += m
             hi += m
-        tl.store(out_rows + k_lo[None, :, :], lo.to(dt), mask=ok)
-        tl.store(out_rows + (k_lo + 16)[None, :, :], hi.to(dt), mask=ok)
+        w = tl.reshape(tl.join(lo.to(dt), hi.to(dt)), [BLOCK_N, NB, 32])  # input 2i + t of each block
     else:
         i = tl.arange(0, 32)
         kk = kb[:, None] + i[None, :]
-        ok = n_ok[:, None, None] & (kk < K)[None, :, :]
-        w = tl.load(q_rows + kk[None, :, :], mask=ok, other=0).to(tl.float32) * s
+        if EVEN:
+            q = tl.load(q_rows + kk[None, :, :], eviction_policy="evict_first")
+        else:
+            q = tl.load(q_rows + kk[None, :, :], mask=n_ok[:, None, None] & (kk < K)[None, :, :], other=0,
+                        eviction_policy="evict_first")
+        w = q.to(tl.float32) * s
         if HAS_MIN:
             w += m
-        tl.store(out_rows + kk[None, :, :], w.to(dt), mask=ok)
+        w = w.to(dt)
+    k_all = kb[:, None] + tl.arange(0, 32)[None, :]  # [NB, 32]
+    if EVEN:
+        tl.store(out_rows + k_all[None, :, :], w)
+    else:
+        tl.store(out_rows + k_all[None, :, :], w, mask=n_ok[:, None, None] & (k_all < K)[None, :, :])
 
 
 def dequantize_weight(prepared: PreparedQuant, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,13 +220,20 @@ def dequantize_weight(prepared: PreparedQuant, dtype: torch.dtype, out: torch.Te
         out = torch.empty((n, k), dtype=dtype, device=prepared.qweight.device)
     elif tuple(out.shape) != (n, k) or out.dtype != dtype or out.stride(1) != 1:
         raise ValueError(f"dequantize_weight: out must be {dtype} [{n}, {k}] with a contiguous last axis")
-    block_n, block_k = 16, 256
+    block_n, block_k, warps = DEQUANT_TILE
+    block_k = min(block_k, triton.next_power_of_2(max(k, 32)))
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](q, s, m if m is not None else s, out, n, k, q.stride(0), s.stride(0), out.stride(0),
                              GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
-                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+                             BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0,
+                             num_warps=warps)
     return out
+
+
+#: (BLOCK_N, BLOCK_K, num_warps) of the dequantize kernel: 8 KiB of bf16 out per program
+#: (16 values = two 16-byte stores per thread at 4 warps), big enough to keep HBM busy
+DEQUANT_TILE = (8, 512, 4)
 
 
 def _step(group: int, want: int) -> int:
@@ -210,26 +246,27 @@ def _step(group: int, want: int) -> int:
     return step
 
 
-#: programs below which the fused path narrows its column tile (one per SM of an H100/H200)
-_MIN_PROGRAMS = 132
+#: programs below which the fused path narrows its column tile (about one per SM of an H100/H200)
+_MIN_PROGRAMS = 120
 
 
 def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused path: the row tile
-    grows with M up to 64 (a batch of 64 reads the weight once; a 128-row tile spills
-    registers in the int4 sm_90 build), K steps of 128 (64 for larger M) inside a group,
-    4 warps, and the widest column tile (128, 64 or 32) that still gives every SM a program:
-    at M=64 and N=4096, 32 columns (128 programs, ~14 instructions per int4 weight per
-    program) beat 128 columns (32 programs on 132 SMs, ~6.5 per weight)."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    grows with M (16, 32, 64, then 128 rows on 8 warps), K steps of 128 inside a group
+    (one dot of the full width per step: pair-order codes need no x gather), the widest
+    column tile (128, 64 or 32) that still gives about every SM a program, and deeper
+    pipelines for few rows (memory-bound: more weight bytes in flight per SM)."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    warps = 8 if block_m == 128 else 4
     tiles_m = -(-m // block_m)
     block_n = 32
     for wide in (128, 64):
         if tiles_m * -(-n // wide) >= _MIN_PROGRAMS:
             block_n = wide
             break
-    block_k = _step(group, 128 if m <= 64 else 64)
-    return block_m, block_n, block_k, 4, 3 if m <= 64 else 4
+    block_k = _step(group, 128)
+    stages = 5 if m <= 16 else 4 if m <= 64 else 3
+    return block_m, block_n, block_k, warps, stages
 
 
 def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor | None = None,

@@ -100,7 +100,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  group_size: int) -> PreparedQuant:
     """An int4 weight (canonical layout: uint8 [N, K/2] GGUF-order codes 0..15, float16
-    scales and mins [N, K/G]) for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
+    scales and mins [N, K/G]) for ``quant_gemv`` / ``quant_gemm``: the codes are repacked
+    into pair order (``pair_nibbles``, once at load; same bytes), the rest kept."""
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise ValueError(f"prepare_int4: qweight must be uint8 [N, K/2], got {qweight.dtype} {list(qweight.shape)}")
     n, k = qweight.shape[0], qweight.shape[1] * 2
@@ -109,7 +110,24 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     if mins is None:
         raise ValueError("prepare_int4: int4 weights always have mins (symmetric ones: -8 * scale)")
     _check_groups("prepare_int4", n, k, group_size, scales, mins)
-    return PreparedQuant(4, group_size, _aligned(qweight), scales.contiguous(), mins.contiguous())
+    return PreparedQuant(4, group_size, pair_nibbles(qweight), scales.contiguous(), mins.contiguous())
+
+
+def pair_nibbles(qweight: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """GGUF-order int4 codes (byte j of a block of 32 inputs: input j low, j + 16 high)
+    repacked into pair order (byte j: input 2j low, 2j + 1 high), so that one int32 word
+    holds 8 consecutive inputs, nibble i = input 8w + i. Pair order is what the tensor-core
+    kernels want (``tl.join(lo, hi)`` of a byte tile is the natural K order, no gather of
+    x) and what the dequantize kernel writes contiguously; the GEMVs decode it as cheaply
+    as GGUF order. Chunked over rows: the temporary is ``rows_per_chunk * K`` bytes."""
+    n, half = qweight.shape
+    out = torch.empty((n, half), dtype=torch.uint8, device=qweight.device)
+    for r0 in range(0, n, rows_per_chunk):
+        q = qweight[r0:r0 + rows_per_chunk].reshape(-1, half // 16, 16)
+        codes = torch.cat((q & 15, q >> 4), dim=2)  # [rows, blocks, 32]: inputs 0..31 of each block
+        pairs = codes.reshape(codes.shape[0], half // 16, 16, 2)
+        out[r0:r0 + rows_per_chunk] = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(-1, half)
+    return out
 
 
 def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -198,11 +216,14 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
             w = tl.load(w_ptrs, eviction_policy="evict_first")
         else:
             w = tl.load(w_ptrs, mask=blk_ok[None, :, None], other=0, eviction_policy="evict_first")
-        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+        if BITS == 4:  # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i
+            xk = kb[:, None, None] + 8 * j[None, :, None] + 2 * b4[None, None, :]  # [NB, WPB, 4] even inputs
+        else:
+            xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
         ok = xk < K
         x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, ok, SWIGLU, EVEN_K))
         if BITS == 4:
-            h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, ok, SWIGLU, EVEN_K))
+            h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 1, K, ok, SWIGLU, EVEN_K))  # the odd inputs
             w2 = w >> 12  # nibbles at bits 20, 24, 28 move to 8, 12, 16
             # one multiply-add chain per word (left to right: FMUL then FFMAs)
             p3 = (_code_at(w, magic, 0, 4, 0) * x0[None] + _code_at(w, magic, 4, 4, 0) * h0[None]
@@ -248,10 +269,13 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     kb = blk * 32
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
-    xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+    if BITS == 4:  # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i
+        xk = kb[:, None, None] + 8 * j[None, :, None] + 2 * b4[None, None, :]  # [NB, WPB, 4] even inputs
+    else:
+        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
     x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False))
     if BITS == 4:
-        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, xk < K, SWIGLU, False))
+        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 1, K, xk < K, SWIGLU, False))  # the odd inputs
         xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
     else:
         xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
