@@ -81,7 +81,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, OFFSET: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr):
+                       EVEN_K: tl.constexpr, PER_ROW: tl.constexpr, SCALE_B: tl.constexpr):
     # int4 codes are in pair order (byte j of a row: inputs 2j low, 2j + 1 high), so the
     # [BLOCK_N, BLOCK_K / 2] byte tile becomes the [BLOCK_N, BLOCK_K] code tile in natural
     # K order by tl.join(lo, hi) (register moves), and x is one contiguous tile: one dot
@@ -101,47 +101,78 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
     rn_safe = tl.where(n_ok, rn, 0).to(tl.int64)
     x_rows = x_ptr + rm_safe[:, None] * stride_xm
     q_rows = q_ptr + rn_safe[:, None] * stride_qn
-    PER_ROW: tl.constexpr = GROUP >= K  # one group per row: scale after the loop
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        if BITS == 4:  # K is a multiple of BLOCK_K here (it divides the group)
-            HALF: tl.constexpr = BLOCK_K // 2
-            b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF))[None, :])  # uint8 [BLOCK_N, HALF]
-            xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
-            lo = _int4_as_dtype((b & 15).to(tl.int32), dt)
-            hi = _int4_as_dtype((b >> 4).to(tl.int32), dt)
-            c = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # [n, j, 2] -> input 2j + t
-        else:
-            if EVEN_K:
-                c = tl.load(q_rows + (k0 + kk)[None, :])
+        if SCALE_B and not PER_ROW:
+            # dequantize the weight tile in registers (q * s + m in fp32, rounded once to
+            # x's dtype) and accumulate the dot straight into acc: one accumulator instead
+            # of acc + part (the int4 128-row tile spills otherwise), the weight rounded
+            # like the dequantize + cuBLAS path
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
+            if HAS_MIN:
+                mn = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
+            else:
+                mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
+            if BITS == 4:
+                HALF_B: tl.constexpr = BLOCK_K // 2
+                b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF_B))[None, :]).to(tl.int32)
+                lo = ((b & 15).to(tl.float32) * s + mn).to(dt)
+                hi = ((b >> 4).to(tl.float32) * s + mn).to(dt)
+                w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
                 xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
             else:
-                k_ok = (k0 + kk) < K
-                c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
-                xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
-        if DOT_FP32:  # (int8 codes go straight to fp32: the interpreter's int8 -> bf16 is wrong too)
-            part = tl.dot(xk.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
-        else:
-            part = tl.dot(xk, tl.trans(c.to(dt)), input_precision=DOT_PRECISION)
-        if HAS_MIN or OFFSET != 0:
-            xsum = tl.sum(xk.to(tl.float32), axis=1)
-        if PER_ROW:
-            acc += part
-            if HAS_MIN or OFFSET != 0:
-                xsum_all += xsum
-        else:
-            g = k0 // GROUP  # BLOCK_K divides GROUP: one group per step
-            s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
-            if HAS_MIN:
-                off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
+                if EVEN_K:
+                    c = tl.load(q_rows + (k0 + kk)[None, :])
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+                else:
+                    k_ok = (k0 + kk) < K
+                    c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
+                w = (c.to(tl.float32) * s + mn).to(dt)
+            if DOT_FP32:
+                acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
-                off = -OFFSET * s
-            if HAS_MIN or OFFSET != 0:
-                acc += part * s[None, :] + xsum[:, None] * off[None, :]
+                acc = tl.dot(xk, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            if BITS == 4:  # K is a multiple of BLOCK_K here (it divides the group)
+                HALF: tl.constexpr = BLOCK_K // 2
+                b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF))[None, :])  # uint8 [BLOCK_N, HALF]
+                xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+                lo = _int4_as_dtype((b & 15).to(tl.int32), dt)
+                hi = _int4_as_dtype((b >> 4).to(tl.int32), dt)
+                c = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # [n, j, 2] -> input 2j + t
             else:
-                acc += part * s[None, :]
+                if EVEN_K:
+                    c = tl.load(q_rows + (k0 + kk)[None, :])
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+                else:
+                    k_ok = (k0 + kk) < K
+                    c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
+            if DOT_FP32:  # (int8 codes go straight to fp32: the interpreter's int8 -> bf16 is wrong too)
+                part = tl.dot(xk.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(xk, tl.trans(c.to(dt)), input_precision=DOT_PRECISION)
+            if HAS_MIN or OFFSET != 0:
+                xsum = tl.sum(xk.to(tl.float32), axis=1)
+            if PER_ROW:
+                acc += part
+                if HAS_MIN or OFFSET != 0:
+                    xsum_all += xsum
+            else:
+                g = k0 // GROUP  # BLOCK_K divides GROUP: one group per step
+                s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+                if HAS_MIN:
+                    off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
+                else:
+                    off = -OFFSET * s
+                if HAS_MIN or OFFSET != 0:
+                    acc += part * s[None, :] + xsum[:, None] * off[None, :]
+                else:
+                    acc += part * s[None, :]
     if PER_ROW:
         s = tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)
         acc = acc * s[None, :]
@@ -252,11 +283,15 @@ _MIN_PROGRAMS = 120
 
 def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused path: the row tile
-    grows with M (16, 32, 64, then 128 rows on 8 warps), K steps of 128 inside a group
+    grows with M (16, 32, 64; 128 rows on 8 warps for per-channel weights: grouped ones
+    keep a per-step partial product beside the accumulator and spill at 128 rows unless
+    the config asks for SCALE_B, see ``quant_gemm``), K steps of 128 inside a group
     (one dot of the full width per step: pair-order codes need no x gather), the widest
     column tile (128, 64 or 32) that still gives about every SM a program, and deeper
     pipelines for few rows (memory-bound: more weight bytes in flight per SM)."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    if m > 64 and group >= k:  # per-channel: one accumulator, a 128-row tile fits (no spills)
+        block_m = 128
     warps = 8 if block_m == 128 else 4
     tiles_m = -(-m // block_m)
     block_n = 32
@@ -276,7 +311,9 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     int4/int8 weight; returns [M, N] in x's dtype (into ``out`` when given). M below
     ``dequant_rows`` (default ``DEQUANT_ROWS``) runs the fused kernel with ``config``
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``default_gemm_config`` when
-    omitted), otherwise dequantize + cuBLAS."""
+    omitted; a sixth element ``True`` (SCALE_B) dequantizes each weight tile to x's dtype in
+    registers before the dot: one accumulator, so 128-row tiles of grouped int4 fit, at
+    the cost of rounding the weight like the dequantize path), otherwise dequantize + cuBLAS."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemm", x, k, False)
     rows = x.shape[0]
@@ -290,14 +327,16 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         if bias is None:
             return torch.mm(x, w.t(), out=out)
         return torch.addmm(bias, x, w.t(), out=out)
-    block_m, block_n, block_k, warps, stages = config or default_gemm_config(rows, n, k, prepared.bits,
-                                                                             prepared.group_size)
-    _launch_fused(x, prepared, bias, out, False, block_m, block_n, block_k, warps, stages)
+    cfg = tuple(config or default_gemm_config(rows, n, k, prepared.bits, prepared.group_size))
+    block_m, block_n, block_k, warps, stages = cfg[:5]
+    _launch_fused(x, prepared, bias, out, False, block_m, block_n, block_k, warps, stages,
+                  scale_b=bool(cfg[5]) if len(cfg) > 5 else False)
     return out
 
 
 def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor | None, out: torch.Tensor,
-                  swiglu: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> None:
+                  swiglu: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int,
+                  scale_b: bool = False) -> None:
     """Launch the fused kernel (checked arguments; x [rows, K] or [rows, 2K] with swiglu)."""
     rows, n, k = x.shape[0], prepared.out_features, prepared.in_features
     block_k = _step(prepared.group_size, max(32, block_k))
@@ -313,4 +352,4 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=stages)
+        PER_ROW=prepared.group_size == k, SCALE_B=scale_b, num_warps=warps, num_stages=stages)

@@ -147,6 +147,29 @@ def test_gemm_fused_bias_out_and_strided_rows():
     check(out, x, qw, bias=bias)
 
 
+@pytest.mark.parametrize("bits,group,mins,dtype", [(4, 32, True, torch.bfloat16), (4, 64, True, torch.float16),
+                                                  (8, 32, True, torch.bfloat16), (8, 96, False, torch.float16)])
+def test_gemm_fused_scale_b(bits, group, mins, dtype):
+    """The SCALE_B variant (weight tile dequantized in registers, one accumulator): the
+    product of the weight rounded to x's dtype, like the dequantize path."""
+    k = 96 if group == 96 else 192
+    qw, prep = make_weight(bits, 72, k, group, mins=mins, seed=7)
+    x = rand_x(19, k, dtype)
+    check(quant_gemm(x, prep, config=(16, 32, 32, 2, 2, True)), x, qw, weight_rounding=True)
+
+
+def test_int4_codes_are_repacked_into_pair_order():
+    """Byte j of a GGUF block holds inputs j (low) and j + 16 (high); prepared, byte j
+    holds inputs 2j (low) and 2j + 1 (high). Hand-built: input i of the block has code i % 16,
+    so GGUF byte j = j | (j << 4) and pair byte j = (2j % 16) | ((2j + 1) % 16) << 4."""
+    gguf = torch.tensor([[j | (j << 4) for j in range(16)] * 2], dtype=torch.uint8)  # one row, K = 64
+    prep = prepare_int4(gguf.to(DEVICE), torch.ones(1, 2, dtype=torch.float16, device=DEVICE),
+                        torch.zeros(1, 2, dtype=torch.float16, device=DEVICE), 32)
+    want = [((2 * j) % 16) | (((2 * j + 1) % 16) << 4) for j in range(16)] * 2
+    assert prep.qweight.cpu().tolist() == [want]
+    assert dequantize_weight(prep, torch.float32).cpu().tolist() == [[float(i % 16) for i in range(32)] * 2]
+
+
 @pytest.mark.parametrize("bits,group,mins", [(4, 64, True), (8, 100, True), (8, 32, False)])
 def test_gemm_dequantize_path(bits, group, mins):
     k = 100 if group == 100 else 128
@@ -199,7 +222,7 @@ for bits, group in ((4, 128), (8, 4096)):
             cases[f"{name}{bits}"] = (qv._quant_gemv_rows_kernel, {**ptrs, "q_ptr": "*i32"}, consts, warps, 1)
         elif cfg.kind == 1:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True)
+                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=False)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
         else:
             consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
@@ -207,11 +230,11 @@ for bits, group in ((4, 128), (8, 4096)):
     for m in (64, 512):
         bm, bn, bk, w, st = qm.default_gemm_config(m, 4096, 4096, bits, group)
         consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True)
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=False)
         cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, w, st)
     cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
                                   "m_ptr": "*fp16", "w_ptr": bf},
-                                  dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=16, BLOCK_K=256), 4, 1)
+                                  dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=8, BLOCK_K=512, EVEN=True), 4, 1)
 for name, (fn, types, consts, warps, stages) in cases.items():
     print(json.dumps({"kernel": name, **compile_kernel(fn, types, consts, warps, stages)}), flush=True)
 """
