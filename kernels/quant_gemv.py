@@ -350,14 +350,18 @@ def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
 
 _ROWS_MAX_K = 32768  # x-stationary: 1024 threads x one block of 32 inputs each
 
-#: Configs worth timing at real shapes, after the default: other row counts and depths of
-#: the x-stationary kernel, the K-loop kernel (fewer rows = more programs, more rows = fewer
-#: instructions per weight), and the tensor-core kernel with wide column tiles for large N.
-_QUANT_CONFIGS = (GemvConfig(32, 4, 4, ROWS, 3), GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(16, 1, 4, ROWS, 4),
-                  GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(64, 4, 4, ROWS, 2),
-                  GemvConfig(16, 512, 4, KLOOP, 3), GemvConfig(8, 512, 4, KLOOP, 3),
-                  GemvConfig(32, 512, 8, KLOOP, 3), GemvConfig(16, 256, 2, KLOOP, 4),
-                  GemvConfig(128, 128, 4, MMA, 3), GemvConfig(64, 128, 4, MMA, 4))
+#: Configs worth timing at real shapes, after the default (12 at most: the load-time tuner
+#: compiles each). The first H200 profile (benchmarks/results/2026-12-01-i14-profile-quant-
+#: gemv-8b-h200.json) had the x-stationary kernel best everywhere but the large-N int8
+#: layers (tensor-core kernel) and looked latency-bound, so: x-stationary with few rows per
+#: program all loaded in one step (the most bytes in flight per program, the most
+#: programs), its earlier winners, one K-loop, and the tensor-core kernel (pair-order codes
+#: now give it full-width dots) with wide column tiles and deep pipelines for large N.
+_QUANT_CONFIGS = (GemvConfig(4, 4, 4, ROWS, 1), GemvConfig(8, 8, 4, ROWS, 1), GemvConfig(8, 4, 4, ROWS, 2),
+                  GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(32, 4, 4, ROWS, 3),
+                  GemvConfig(8, 512, 4, KLOOP, 3),
+                  GemvConfig(128, 128, 4, MMA, 4), GemvConfig(64, 128, 4, MMA, 5), GemvConfig(256, 128, 8, MMA, 3),
+                  GemvConfig(128, 128, 4, MMA, 6))
 
 
 def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
