@@ -75,13 +75,14 @@ def _load_x_tile(x_rows, k, K, mask, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
+def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEPS,
                        stride_xm, stride_qn, stride_sn, stride_ym,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, OFFSET: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr, PER_ROW: tl.constexpr, SCALE_B: tl.constexpr):
+                       EVEN_K: tl.constexpr, PER_ROW: tl.constexpr, SCALE_B: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
     # int4 codes are in pair order (byte j of a row: inputs 2j low, 2j + 1 high), so the
     # [BLOCK_N, BLOCK_K / 2] byte tile becomes the [BLOCK_N, BLOCK_K] code tile in natural
     # K order by tl.join(lo, hi) (register moves), and x is one contiguous tile: one dot
@@ -104,7 +105,13 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
+    # split-K: program (tile, j) takes K steps [j * K_STEPS, (j + 1) * K_STEPS) (all of them
+    # without a split; the launcher makes the splits equal) and adds into fp32 y. k0 is
+    # built as (step index) * BLOCK_K so that the compiler knows its alignment: the
+    # 16-byte loads and the software pipelining depend on it.
+    step0 = tl.program_id(1) * K_STEPS
+    for i in range(0, K_STEPS):
+        k0 = (step0 + i) * BLOCK_K
         if SCALE_B and not PER_ROW:
             # dequantize the weight tile in registers (q * s + m in fp32, rounded once to
             # x's dtype) and accumulate the dot straight into acc: one accumulator instead
@@ -182,10 +189,16 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
             else:
                 off = -OFFSET * s
             acc += xsum_all[:, None] * off[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm_safe[:, None] * stride_ym + rn_safe[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:  # the partial sums (the scaling is linear: each part scaled by itself) meet in fp32
+        if HAS_BIAS:
+            if tl.program_id(1) == 0:
+                acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+        tl.atomic_add(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -281,27 +294,37 @@ def _step(group: int, want: int) -> int:
 _MIN_PROGRAMS = 120
 
 
-def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused path: the row tile
-    grows with M (16, 32, 64; 128 rows on 8 warps for per-channel weights: grouped ones
-    keep a per-step partial product beside the accumulator and spill at 128 rows unless
-    the config asks for SCALE_B, see ``quant_gemm``), K steps of 128 inside a group
-    (one dot of the full width per step: pair-order codes need no x gather), the widest
-    column tile (128, 64 or 32) that still gives about every SM a program, and deeper
-    pipelines for few rows (memory-bound: more weight bytes in flight per SM)."""
+def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SCALE_B, SPLIT_K) for the fused
+    path. The row tile grows with M (16, 32, 64; 128 rows on 8 warps for per-channel
+    weights: grouped ones keep a per-step partial product beside the accumulator and spill
+    at 128 rows). K steps of 128 inside a group (one dot of the full width per step:
+    pair-order codes need no x gather). Up to 64 rows (memory-bound: batched decode) the
+    column tile stays 128 wide and K is split until about every SM has a program (the
+    first H200 profile had narrow column tiles 2-4x slower than bf16: each re-reads all of
+    x and runs thin dots); more rows take the widest column tile that still fills the SMs,
+    and deep pipelines go to few rows."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if m > 64 and group >= k:  # per-channel: one accumulator, a 128-row tile fits (no spills)
         block_m = 128
     warps = 8 if block_m == 128 else 4
     tiles_m = -(-m // block_m)
+    block_k = _step(group, 128)
+    stages = 5 if m <= 16 else 4 if m <= 64 else 3
+    if m <= 64:
+        tiles = tiles_m * -(-n // 128)
+        split = 1
+        while tiles * split < _MIN_PROGRAMS and split < 8 and k % (2 * split * block_k) == 0:
+            split *= 2
+        # 64 x 128 tiles on 4 warps hold acc and the per-step product in 255 registers and
+        # spill a little (sm_90 build); 8 warps share them
+        return block_m, 128, block_k, 8 if block_m == 64 else warps, stages, False, split
     block_n = 32
     for wide in (128, 64):
         if tiles_m * -(-n // wide) >= _MIN_PROGRAMS:
             block_n = wide
             break
-    block_k = _step(group, 128)
-    stages = 5 if m <= 16 else 4 if m <= 64 else 3
-    return block_m, block_n, block_k, warps, stages
+    return block_m, block_n, block_k, warps, stages, False, 1
 
 
 def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor | None = None,
@@ -313,7 +336,8 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``default_gemm_config`` when
     omitted; a sixth element ``True`` (SCALE_B) dequantizes each weight tile to x's dtype in
     registers before the dot: one accumulator, so 128-row tiles of grouped int4 fit, at
-    the cost of rounding the weight like the dequantize path), otherwise dequantize + cuBLAS."""
+    the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
+    K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemm", x, k, False)
     rows = x.shape[0]
@@ -327,29 +351,42 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         if bias is None:
             return torch.mm(x, w.t(), out=out)
         return torch.addmm(bias, x, w.t(), out=out)
-    cfg = tuple(config or default_gemm_config(rows, n, k, prepared.bits, prepared.group_size))
+    cfg = tuple(config or default_gemm_config(rows, n, k, prepared.bits, prepared.group_size))  # 5 to 7 items
     block_m, block_n, block_k, warps, stages = cfg[:5]
     _launch_fused(x, prepared, bias, out, False, block_m, block_n, block_k, warps, stages,
-                  scale_b=bool(cfg[5]) if len(cfg) > 5 else False)
+                  scale_b=bool(cfg[5]) if len(cfg) > 5 else False, split_k=int(cfg[6]) if len(cfg) > 6 else 1)
     return out
 
 
 def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor | None, out: torch.Tensor,
                   swiglu: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int,
-                  scale_b: bool = False) -> None:
-    """Launch the fused kernel (checked arguments; x [rows, K] or [rows, 2K] with swiglu)."""
+                  scale_b: bool = False, split_k: int = 1) -> None:
+    """Launch the fused kernel (checked arguments; x [rows, K] or [rows, 2K] with swiglu).
+    ``split_k`` > 1 splits K over that many programs per output tile (more programs and
+    bytes in flight for few rows and small N; x read once per column tile instead of many
+    narrow ones); their fp32 partial sums are added atomically into a zeroed scratch and
+    rounded into ``out`` by one copy (two small extra kernels; the sum order, and so the
+    last bit, may differ from run to run)."""
     rows, n, k = x.shape[0], prepared.out_features, prepared.in_features
     block_k = _step(prepared.group_size, max(32, block_k))
     offset = 0
     if prepared.bits == 4:
         offset = {torch.bfloat16: 128, torch.float16: 1024}.get(x.dtype, 0)
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
+    steps = triton.cdiv(k, block_k)
+    split_k = max(1, min(split_k, steps))
+    while steps % split_k:  # every split the same whole number of steps
+        split_k -= 1
+    k_steps = steps // split_k
+    y = out if split_k == 1 else torch.zeros((rows, n), dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k)
     _quant_gemm_kernel[grid](
-        x, q, s, m if m is not None else s, bias if bias is not None else s, out, rows, n, k,
-        x.stride(0), q.stride(0), s.stride(0), out.stride(0), GROUP=prepared.group_size, BITS=prepared.bits,
+        x, q, s, m if m is not None else s, bias if bias is not None else s, y, rows, n, k, k_steps,
+        x.stride(0), q.stride(0), s.stride(0), y.stride(0), GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, OFFSET=offset,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PER_ROW=prepared.group_size == k, SCALE_B=scale_b, num_warps=warps, num_stages=stages)
+        PER_ROW=prepared.group_size == k, SCALE_B=scale_b, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+    if split_k > 1:
+        out.copy_(y)

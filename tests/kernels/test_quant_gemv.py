@@ -158,6 +158,19 @@ def test_gemm_fused_scale_b(bits, group, mins, dtype):
     check(quant_gemm(x, prep, config=(16, 32, 32, 2, 2, True)), x, qw, weight_rounding=True)
 
 
+@pytest.mark.parametrize("bits,group,mins,scale_b", [(4, 32, True, False), (4, 64, True, True),
+                                                    (8, 192, False, False), (8, 32, True, True)])
+def test_gemm_fused_split_k(bits, group, mins, scale_b):
+    """Split-K (K over 3 programs per tile, fp32 partial sums added atomically), with bias."""
+    k = 192
+    qw, prep = make_weight(bits, 40, k, group, mins=mins, seed=11)
+    x = rand_x(5, k, torch.bfloat16)
+    bias = rand_x(1, 40, torch.bfloat16, seed=3)[0]
+    out = torch.full((5, 40), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert quant_gemm(x, prep, bias=bias, out=out, config=(16, 32, 32, 2, 2, scale_b, 3)) is out
+    check(out, x, qw, bias=bias, weight_rounding=scale_b)
+
+
 def test_int4_codes_are_repacked_into_pair_order():
     """Byte j of a GGUF block holds inputs j (low) and j + 16 (high); prepared, byte j
     holds inputs 2j (low) and 2j + 1 (high). Hand-built: input i of the block has code i % 16,
@@ -222,16 +235,16 @@ for bits, group in ((4, 128), (8, 4096)):
             cases[f"{name}{bits}"] = (qv._quant_gemv_rows_kernel, {**ptrs, "q_ptr": "*i32"}, consts, warps, 1)
         elif cfg.kind == 1:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=False)
+                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=False, SPLIT_K=1)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
         else:
             consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
             cases[f"{name}{bits}"] = (qv._quant_gemv_kernel, {**ptrs, "q_ptr": "*i32"}, consts, cfg.warps, 1)
     for m in (64, 512):
-        bm, bn, bk, w, st = qm.default_gemm_config(m, 4096, 4096, bits, group)
+        bm, bn, bk, w, st, sb, sk = qm.default_gemm_config(m, 4096, 4096, bits, group)
         consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=False)
-        cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, w, st)
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=sb, SPLIT_K=sk)
+        cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, {**q(bits), "y_ptr": "*fp32" if sk > 1 else bf}, consts, w, st)
     cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
                                   "m_ptr": "*fp16", "w_ptr": bf},
                                   dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=8, BLOCK_K=512, EVEN=True), 4, 1)
