@@ -197,18 +197,20 @@ def gemv_rows(shape: str, bf16: dict[str, dict], formats: list[str], layers: set
     return rows
 
 
-#: fused-GEMM configs timed beside the default, per M bucket (BM, BN, BK, warps, stages[, SCALE_B])
+#: fused-GEMM configs timed beside the default, per M bucket:
+#: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SCALE_B, SPLIT_K)
 def gemm_candidates(m: int, n: int, k: int, bits: int, group: int) -> list[tuple]:
     from kernels.quant_gemm import default_gemm_config
 
     d = tuple(default_gemm_config(m, n, k, bits, group))
-    if m <= 16:
-        extra = [(16, 64, 128, 4, 6), (16, 128, 128, 4, 4), (16, 32, 128, 2, 6)]
-    elif m <= 64:
-        extra = [(m if m > 16 else 16, 64, 128, 4, 4), (64, 128, 128, 4, 4, True), (64, 64, 128, 4, 4, True)]
+    bm, split = d[0], d[6]
+    if m <= 64:  # without the split; twice the split; narrower column tiles; SCALE_B
+        w = 8 if bm == 64 else 4
+        extra = [(bm, 128, 128, w, d[4], False, 1), (bm, 128, 128, w, d[4], False, min(8, 2 * split)),
+                 (bm, 64, 128, 4, d[4], False, split), (bm, 128, 128, w, d[4], True, split)]
     else:
-        extra = [(128, 128, 64, 8, 3, True), (128, 128, 128, 8, 3, True), (128, 256, 64, 8, 3, True),
-                 (64, 128, 128, 4, 4, True)]
+        extra = [(128, 128, 64, 8, 3, True, 1), (128, 128, 128, 8, 3, True, 1), (128, 256, 64, 8, 3, True, 1),
+                 (64, 128, 128, 8, 3, False, 1)]
     out = [d]
     for c in extra:
         if c not in out:
