@@ -1,5 +1,5 @@
 """Weight-only int8/int4 matrix product for prefill and batched decode: ``y = x W^T (+ b)``
-with ``W`` a ``PreparedQuant`` (``kernels/quant_gemv.py``: canonical layout, nothing repacked).
+with ``W`` a ``PreparedQuant`` (``kernels/quant_gemv.py``; int4 codes in pair order).
 
 Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
 
@@ -9,14 +9,20 @@ Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
   in the activation dtype (int4: the magic-number trick, ``0x4300 | q`` is the bf16
   ``128 + q``; int8: a plain conversion, -128..127 are exact in bf16/fp16), multiplies them
   with the x tile on the tensor cores (``tl.dot``, fp32 accumulation), and only then applies
-  the group's scale and min in fp32: ``acc += s * dot(x, c) + (m - off*s) * sum(x)``.
-  The weights are therefore never rounded (more exact than dequantize-to-bf16 + matmul),
-  and the per-weight decode work (about 6.5-14 instructions per int4 weight per program in
-  the sm_90 build, by column tile) is shared by BLOCK_M rows. int4's GGUF
-  nibble order needs no shuffle: the low nibbles of a block meet ``x[k..k+15]`` and the high
-  nibbles ``x[k+16..k+31]`` in two dots of half the width.
+  the group's scale and min in fp32: ``acc += s * dot(x, c) + (m - off*s) * sum(x)``
+  (per-channel weights: once, after the loop). The weights are therefore never rounded
+  (more exact than dequantize-to-bf16 + matmul), and the per-weight decode work is shared
+  by BLOCK_M rows. int4 codes are in pair order, so ``tl.join(lo, hi)`` of a byte tile is
+  the code tile in natural K order: one full-width dot per step over a contiguous x tile,
+  both operands plain loads that the pipeliner keeps in flight (the first cut, on GGUF
+  order, ran two half-width dots over gathered x and was 2-6x slower than cuBLAS bf16).
+  Options per config: SPLIT_K (K split over several programs per tile, fp32 partial sums
+  added atomically; the default up to 64 rows, where a few wide tiles would leave SMs
+  idle and narrow ones re-read x and run thin dots) and SCALE_B (the weight tile
+  dequantized to x's dtype in registers, one accumulator: 128-row int4 tiles fit).
 - dequantize (M >= DEQUANT_ROWS; long prompts): the weight is expanded into a scratch
-  ``[N, K]`` buffer of the activation dtype by one bandwidth-bound kernel, then multiplied
+  ``[N, K]`` buffer of the activation dtype by one bandwidth-bound kernel (8 x 512 tiles,
+  contiguous 16-byte stores; it should run near HBM speed), then multiplied
   by cuBLAS. At M=2048 a weight costs ~4096 FLOP of product (~6 ps at ~700 TFLOP/s) and
   ~2.3 bytes of expansion (write bf16, read the codes: ~0.6 ps at 4 TB/s), so the
   linear layers cost ~10% over bf16's (less end to end) and cuBLAS's tuning is kept; the

@@ -6,13 +6,17 @@
 and, with ``swiglu``, ``x = round(round(silu(g)) * u)`` for an input ``[g | u]`` of 2K
 columns (rounded like ``kernels/gemv.py`` and ``kernels/activation.py``).
 
-Layout (``prepare_int4`` / ``prepare_int8``). Hearth's canonical layout
-(``engine/quant/qweight.py``) is already what a row-streaming GEMV wants, so preparing only
-checks it and makes it contiguous; nothing is repacked (the kernels view the codes as int32
-words):
-- int4: uint8 ``[N, K/2]``, GGUF order: the 16 bytes of a block of 32 inputs hold inputs
-  0..15 in their low nibbles and 16..31 in their high nibbles. One 16-byte vector load is
-  exactly one block: word j holds inputs 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high).
+Layout (``prepare_int4`` / ``prepare_int8``). Preparing checks Hearth's canonical layout
+(``engine/quant/qweight.py``) and makes it contiguous; int4 codes are also repacked once,
+at load, from GGUF order into pair order (same size; ``pair_nibbles``). The kernels view
+the codes as int32 words:
+- int4: uint8 ``[N, K/2]``, pair order: byte j of a row holds input 2j in its low nibble
+  and 2j + 1 in its high one, so word w holds inputs 8w..8w+7 with input 8w + i at bits
+  4i. One 16-byte vector load is one block of 32 inputs. Pair order lets the tensor-core
+  kernels build a code tile in natural K order with one ``tl.join(lo, hi)`` (GGUF order
+  needed two half-width dots over gathered x) and the dequantize kernel write whole rows
+  contiguously; the GEMVs pair even inputs with the low nibbles of each byte and odd
+  inputs with the high ones, as cheap as GGUF order.
 - int8: int8 ``[N, K]`` signed codes, 32 bytes (two 16-byte vectors) per block of 32 inputs.
 - scales and mins: float16 ``[N, K/G]`` (row-major: a program reads its own rows' groups;
   they are 1/16 of the int4 bytes at G=128, so their layout hardly matters).
