@@ -17,7 +17,7 @@ Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
   both operands plain loads that the pipeliner keeps in flight (the first cut, on GGUF
   order, ran two half-width dots over gathered x and was 2-6x slower than cuBLAS bf16).
   Options per config: SPLIT_K (K split over several programs per tile, fp32 partial sums
-  added atomically; the default up to 64 rows, where a few wide tiles would leave SMs
+  summed in a fixed order; the default up to 64 rows, where a few wide tiles would leave SMs
   idle and narrow ones re-read x and run thin dots) and SCALE_B (the weight tile
   dequantized to x's dtype in registers, one accumulator: 128-row int4 tiles fit).
 - dequantize (M >= DEQUANT_ROWS; long prompts): the weight is expanded into a scratch
@@ -82,7 +82,7 @@ def _load_x_tile(x_rows, k, K, mask, SWIGLU: tl.constexpr):
 
 @triton.jit
 def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEPS,
-                       stride_xm, stride_qn, stride_sn, stride_ym,
+                       stride_xm, stride_qn, stride_sn, stride_ym, stride_ys,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, OFFSET: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -112,7 +112,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
     xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
     # split-K: program (tile, j) takes K steps [j * K_STEPS, (j + 1) * K_STEPS) (all of them
-    # without a split; the launcher makes the splits equal) and adds into fp32 y. k0 is
+    # without a split; the launcher makes the splits equal) and writes fp32 y[j]. k0 is
     # built as (step index) * BLOCK_K so that the compiler knows its alignment: the
     # 16-byte loads and the software pipelining depend on it.
     step0 = tl.program_id(1) * K_STEPS
@@ -200,11 +200,11 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-    else:  # the partial sums (the scaling is linear: each part scaled by itself) meet in fp32
+    else:  # the fp32 partial sums (the scaling is linear: each part scaled by itself)
         if HAS_BIAS:
             if tl.program_id(1) == 0:
                 acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
-        tl.atomic_add(y_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
+        tl.store(y_ptrs + tl.program_id(1) * stride_ys, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -370,9 +370,9 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
     """Launch the fused kernel (checked arguments; x [rows, K] or [rows, 2K] with swiglu).
     ``split_k`` > 1 splits K over that many programs per output tile (more programs and
     bytes in flight for few rows and small N; x read once per column tile instead of many
-    narrow ones); their fp32 partial sums are added atomically into a zeroed scratch and
-    rounded into ``out`` by one copy (two small extra kernels; the sum order, and so the
-    last bit, may differ from run to run)."""
+    narrow ones); each writes its fp32 partial sums into a [split_k, rows, N] scratch,
+    summed in a fixed order and rounded into ``out`` (two small extra kernels; no atomics,
+    so every run gives the same bits)."""
     rows, n, k = x.shape[0], prepared.out_features, prepared.in_features
     block_k = _step(prepared.group_size, max(32, block_k))
     offset = 0
@@ -384,15 +384,15 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
     while steps % split_k:  # every split the same whole number of steps
         split_k -= 1
     k_steps = steps // split_k
-    y = out if split_k == 1 else torch.zeros((rows, n), dtype=torch.float32, device=out.device)
+    y = out if split_k == 1 else torch.empty((split_k, rows, n), dtype=torch.float32, device=out.device)
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k)
     _quant_gemm_kernel[grid](
         x, q, s, m if m is not None else s, bias if bias is not None else s, y, rows, n, k, k_steps,
-        x.stride(0), q.stride(0), s.stride(0), y.stride(0), GROUP=prepared.group_size, BITS=prepared.bits,
+        x.stride(0), q.stride(0), s.stride(0), y.stride(-2), y.stride(0) if split_k > 1 else 0, GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, OFFSET=offset,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         PER_ROW=prepared.group_size == k, SCALE_B=scale_b, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
-    if split_k > 1:
-        out.copy_(y)
+    if split_k > 1:  # summed in a fixed order: the same result on every run (atomics would not be)
+        out.copy_(y.sum(dim=0))

@@ -161,7 +161,7 @@ def test_gemm_fused_scale_b(bits, group, mins, dtype):
 @pytest.mark.parametrize("bits,group,mins,scale_b", [(4, 32, True, False), (4, 64, True, True),
                                                     (8, 192, False, False), (8, 32, True, True)])
 def test_gemm_fused_split_k(bits, group, mins, scale_b):
-    """Split-K (K over 3 programs per tile, fp32 partial sums added atomically), with bias."""
+    """Split-K (K over 3 programs per tile, fp32 partial sums summed in order), with bias."""
     k = 192
     qw, prep = make_weight(bits, 40, k, group, mins=mins, seed=11)
     x = rand_x(5, k, torch.bfloat16)
