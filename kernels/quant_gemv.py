@@ -50,6 +50,7 @@ weights of other widths run the tensor-core kernel whatever the config says).
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -114,7 +115,31 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     if mins is None:
         raise ValueError("prepare_int4: int4 weights always have mins (symmetric ones: -8 * scale)")
     _check_groups("prepare_int4", n, k, group_size, scales, mins)
-    return PreparedQuant(4, group_size, pair_nibbles(qweight), scales.contiguous(), mins.contiguous())
+    return PreparedQuant(4, group_size, _paired(qweight), scales.contiguous(), mins.contiguous())
+
+
+#: id(canonical codes) -> (weak ref to them, their version, the pair-order copy): the
+#: load-time tuner prepares the same layer once per candidate config; they share one copy
+_PAIRED: dict[int, tuple] = {}
+
+
+def _paired(qweight: torch.Tensor) -> torch.Tensor:
+    """``pair_nibbles(qweight)``, made once per tensor (and again after an in-place change)."""
+    key = id(qweight)
+    hit = _PAIRED.get(key)
+    if hit is not None and hit[0]() is qweight and hit[1] == qweight._version:
+        return hit[2]
+    packed = pair_nibbles(qweight)
+    _PAIRED[key] = (weakref.ref(qweight), qweight._version, packed)
+    weakref.finalize(qweight, _PAIRED.pop, key, None)
+    return packed
+
+
+def unpair_nibbles(paired: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pair_nibbles``: pair-order codes back in GGUF order (canonical)."""
+    n, half = paired.shape
+    codes = torch.stack((paired & 15, paired >> 4), dim=-1).reshape(n, half // 16, 32)  # inputs 0..31
+    return (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, half)
 
 
 def pair_nibbles(qweight: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:

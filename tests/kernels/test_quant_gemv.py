@@ -28,7 +28,7 @@ from engine.quant.rtn import quantize_int4, quantize_int8
 from kernels.activation import silu_and_mul
 from kernels.quant_gemm import dequantize_weight, quant_gemm
 from kernels.quant_gemv import (GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
-                                quant_gemv_configs)
+                                quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
 
 UNIT = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
@@ -181,6 +181,19 @@ def test_int4_codes_are_repacked_into_pair_order():
     want = [((2 * j) % 16) | (((2 * j + 1) % 16) << 4) for j in range(16)] * 2
     assert prep.qweight.cpu().tolist() == [want]
     assert dequantize_weight(prep, torch.float32).cpu().tolist() == [[float(i % 16) for i in range(32)] * 2]
+
+
+def test_pair_order_round_trips_and_is_made_once_per_weight():
+    """unpair_nibbles inverts the repack; preparing the same codes again (the load-time
+    tuner binds one kernel per candidate) reuses the pair-order copy, and an in-place
+    change of the codes is seen."""
+    qw, prep = make_weight(4, 24, 128, 32)
+    assert torch.equal(unpair_nibbles(prep.qweight), qw.qweight)
+    again = prepare_int4(qw.qweight, qw.scales, qw.mins, 32)
+    assert again.qweight is prep.qweight
+    qw.qweight[0, 0] ^= 0x21
+    changed = prepare_int4(qw.qweight, qw.scales, qw.mins, 32)
+    assert changed.qweight is not prep.qweight and torch.equal(unpair_nibbles(changed.qweight), qw.qweight)
 
 
 @pytest.mark.parametrize("bits,group,mins", [(4, 64, True), (8, 100, True), (8, 32, False)])
