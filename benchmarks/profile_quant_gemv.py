@@ -302,7 +302,8 @@ def summary(result: dict) -> None:
     gem = result.get("gemm_rows", [])
     for r in gem:
         print(f"M={r['m']:<5} {r['format']:<10} {r['layer']:<12} best quant {r['best_path']:<8} "
-              f"x{r['best_vs_bf16']:.2f} bf16 time (fused {r['fused_best_us']:.1f} {tuple(r['fused_best_config'] or ())},"
+              f"x{r['best_vs_bf16']:.2f} bf16 time (fused {r['fused_best_us']:.1f} "
+              f"{tuple(r['fused_best_config'] or ())},"
               f" dequant {r['dequant_us']:.1f}, bf16 {r['bf16_us']:.1f})")
     for fmt in {r["format"] for r in gem}:
         for m in sorted({r["m"] for r in gem}):
@@ -311,7 +312,8 @@ def summary(result: dict) -> None:
             fused, deq = sum(r["fused_best_us"] for r in rs), sum(r["dequant_us"] for r in rs)
             fdef = sum(r["fused_us"] for r in rs)
             print(f"{fmt} M={m:<5} per layer (4 projections): bf16 {bf:.0f} us, fused default {fdef:.0f} "
-                  f"(x{fdef / bf:.2f}), fused best {fused:.0f} (x{fused / bf:.2f}), dequant {deq:.0f} (x{deq / bf:.2f})")
+                  f"(x{fdef / bf:.2f}), fused best {fused:.0f} (x{fused / bf:.2f}), "
+                  f"dequant {deq:.0f} (x{deq / bf:.2f})")
 
 
 def main() -> None:

@@ -388,7 +388,8 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k)
     _quant_gemm_kernel[grid](
         x, q, s, m if m is not None else s, bias if bias is not None else s, y, rows, n, k, k_steps,
-        x.stride(0), q.stride(0), s.stride(0), y.stride(-2), y.stride(0) if split_k > 1 else 0, GROUP=prepared.group_size, BITS=prepared.bits,
+        x.stride(0), q.stride(0), s.stride(0), y.stride(-2), y.stride(0) if split_k > 1 else 0,
+        GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, OFFSET=offset,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,

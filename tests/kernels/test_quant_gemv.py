@@ -248,7 +248,8 @@ for bits, group in ((4, 128), (8, 4096)):
             cases[f"{name}{bits}"] = (qv._quant_gemv_rows_kernel, {**ptrs, "q_ptr": "*i32"}, consts, warps, 1)
         elif cfg.kind == 1:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=False, SPLIT_K=1)
+                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096,
+                          SCALE_B=False, SPLIT_K=1)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
         else:
             consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
@@ -257,7 +258,8 @@ for bits, group in ((4, 128), (8, 4096)):
         bm, bn, bk, w, st, sb, sk = qm.default_gemm_config(m, 4096, 4096, bits, group)
         consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=sb, SPLIT_K=sk)
-        cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, {**q(bits), "y_ptr": "*fp32" if sk > 1 else bf}, consts, w, st)
+        types = {**q(bits), "y_ptr": "*fp32" if sk > 1 else bf}  # split-K writes fp32 partial sums
+        cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, types, consts, w, st)
     cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
                                   "m_ptr": "*fp16", "w_ptr": bf},
                                   dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=8, BLOCK_K=512, EVEN=True), 4, 1)
@@ -305,5 +307,8 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     for rows in (2, 64, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
         check(quant_gemm(xm, prep), xm, qw)
+        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw)  # no split
+    # SCALE_B 128-row tiles (weight rounded to bf16 in registers, like the dequantize path)
+    check(quant_gemm(xm, prep, config=(128, 128, 64, 8, 3, True, 1)), xm, qw, weight_rounding=True)
     xm = torch.randn(1100, k, device="cuda", generator=g).bfloat16()
     check(quant_gemm(xm, prep), xm, qw, weight_rounding=True)
