@@ -58,7 +58,7 @@ esac
 case "$what" in quant-tests)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \
     tests/kernels/test_quant_gemv.py tests/quant -m gpu 2>&1 | tee "$OUT/gpu_quant_tests.log" | tail -15
-  python benchmarks/profile_quant_gemv.py --json "$OUT/profile-quant-gemv-8b.json" 2>&1 | tail -40 ;;
+  python benchmarks/profile_quant_gemv.py --json "$OUT/profile-quant-gemv-8b.json" 2>&1 | tail -120 ;;
 esac
 case "$what" in quant-bench)  # bf16, int8 and int4 of the 8B shape in one session
   for q in bf16 int8 int4; do

@@ -1,5 +1,5 @@
 """Weight-only int8/int4 matrix product for prefill and batched decode: ``y = x W^T (+ b)``
-with ``W`` a ``PreparedQuant`` (``kernels/quant_gemv.py``: canonical layout, nothing repacked).
+with ``W`` a ``PreparedQuant`` (``kernels/quant_gemv.py``; int4 codes in pair order).
 
 Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
 
@@ -9,14 +9,20 @@ Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
   in the activation dtype (int4: the magic-number trick, ``0x4300 | q`` is the bf16
   ``128 + q``; int8: a plain conversion, -128..127 are exact in bf16/fp16), multiplies them
   with the x tile on the tensor cores (``tl.dot``, fp32 accumulation), and only then applies
-  the group's scale and min in fp32: ``acc += s * dot(x, c) + (m - off*s) * sum(x)``.
-  The weights are therefore never rounded (more exact than dequantize-to-bf16 + matmul),
-  and the per-weight decode work (about 6.5-14 instructions per int4 weight per program in
-  the sm_90 build, by column tile) is shared by BLOCK_M rows. int4's GGUF
-  nibble order needs no shuffle: the low nibbles of a block meet ``x[k..k+15]`` and the high
-  nibbles ``x[k+16..k+31]`` in two dots of half the width.
+  the group's scale and min in fp32: ``acc += s * dot(x, c) + (m - off*s) * sum(x)``
+  (per-channel weights: once, after the loop). The weights are therefore never rounded
+  (more exact than dequantize-to-bf16 + matmul), and the per-weight decode work is shared
+  by BLOCK_M rows. int4 codes are in pair order, so ``tl.join(lo, hi)`` of a byte tile is
+  the code tile in natural K order: one full-width dot per step over a contiguous x tile,
+  both operands plain loads that the pipeliner keeps in flight (the first cut, on GGUF
+  order, ran two half-width dots over gathered x and was 2-6x slower than cuBLAS bf16).
+  Options per config: SPLIT_K (K split over several programs per tile, fp32 partial sums
+  summed in a fixed order; the default up to 64 rows, where a few wide tiles would leave SMs
+  idle and narrow ones re-read x and run thin dots) and SCALE_B (the weight tile
+  dequantized to x's dtype in registers, one accumulator: 128-row int4 tiles fit).
 - dequantize (M >= DEQUANT_ROWS; long prompts): the weight is expanded into a scratch
-  ``[N, K]`` buffer of the activation dtype by one bandwidth-bound kernel, then multiplied
+  ``[N, K]`` buffer of the activation dtype by one bandwidth-bound kernel (8 x 512 tiles,
+  contiguous 16-byte stores; it should run near HBM speed), then multiplied
   by cuBLAS. At M=2048 a weight costs ~4096 FLOP of product (~6 ps at ~700 TFLOP/s) and
   ~2.3 bytes of expansion (write bf16, read the codes: ~0.6 ps at 4 TB/s), so the
   linear layers cost ~10% over bf16's (less end to end) and cuBLAS's tuning is kept; the
@@ -75,13 +81,20 @@ def _load_x_tile(x_rows, k, K, mask, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
-                       stride_xm, stride_qn, stride_sn, stride_ym,
+def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEPS,
+                       stride_xm, stride_qn, stride_sn, stride_ym, stride_ys,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, OFFSET: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       EVEN_K: tl.constexpr):
+                       EVEN_K: tl.constexpr, PER_ROW: tl.constexpr, SCALE_B: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
+    # int4 codes are in pair order (byte j of a row: inputs 2j low, 2j + 1 high), so the
+    # [BLOCK_N, BLOCK_K / 2] byte tile becomes the [BLOCK_N, BLOCK_K] code tile in natural
+    # K order by tl.join(lo, hi) (register moves), and x is one contiguous tile: one dot
+    # of the full step width per step, both operands plain loads the pipeliner can put in
+    # flight. With one group per row (per-channel) the scale and min are applied once
+    # after the loop instead of every step.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_m  # the programs of one weight tile run together: it is read from L2 once
@@ -96,58 +109,112 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K,
     x_rows = x_ptr + rm_safe[:, None] * stride_xm
     q_rows = q_ptr + rn_safe[:, None] * stride_qn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        g = k0 // GROUP  # BLOCK_K divides GROUP (or GROUP == K): one group per step
-        if BITS == 4:
-            HALF: tl.constexpr = BLOCK_K // 2
-            j = tl.arange(0, HALF)  # byte j of the step: block j // 16, inputs i and i + 16
-            k_lo = k0 + (j // 16) * 32 + (j % 16)
-            b = tl.load(q_rows + (k0 // 2 + j)[None, :]).to(tl.int32)  # [BLOCK_N, HALF]
-            x_lo = _load_x_tile(x_rows, k_lo[None, :], K, m_ok[:, None], SWIGLU)
-            x_hi = _load_x_tile(x_rows, (k_lo + 16)[None, :], K, m_ok[:, None], SWIGLU)
-            c_lo = _int4_as_dtype(b & 15, dt)
-            c_hi = _int4_as_dtype(b >> 4, dt)
-            if DOT_FP32:
-                part = tl.dot(x_lo.to(tl.float32), tl.trans(c_lo.to(tl.float32)), input_precision="ieee")
-                part = tl.dot(x_hi.to(tl.float32), tl.trans(c_hi.to(tl.float32)), part, input_precision="ieee")
+    xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    # split-K: program (tile, j) takes K steps [j * K_STEPS, (j + 1) * K_STEPS) (all of them
+    # without a split; the launcher makes the splits equal) and writes fp32 y[j]. k0 is
+    # built as (step index) * BLOCK_K so that the compiler knows its alignment: the
+    # 16-byte loads and the software pipelining depend on it.
+    step0 = tl.program_id(1) * K_STEPS
+    for i in range(0, K_STEPS):
+        k0 = (step0 + i) * BLOCK_K
+        if SCALE_B and not PER_ROW:
+            # dequantize the weight tile in registers (q * s + m in fp32, rounded once to
+            # x's dtype) and accumulate the dot straight into acc: one accumulator instead
+            # of acc + part (the int4 128-row tile spills otherwise), the weight rounded
+            # like the dequantize + cuBLAS path
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
+            if HAS_MIN:
+                mn = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
             else:
-                part = tl.dot(x_lo, tl.trans(c_lo), input_precision=DOT_PRECISION)
-                part = tl.dot(x_hi, tl.trans(c_hi), part, input_precision=DOT_PRECISION)
-            xsum = tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), axis=1)
+                mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
+            if BITS == 4:
+                HALF_B: tl.constexpr = BLOCK_K // 2
+                b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF_B))[None, :]).to(tl.int32)
+                lo = ((b & 15).to(tl.float32) * s + mn).to(dt)
+                hi = ((b >> 4).to(tl.float32) * s + mn).to(dt)
+                w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
+                xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+            else:
+                if EVEN_K:
+                    c = tl.load(q_rows + (k0 + kk)[None, :])
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+                else:
+                    k_ok = (k0 + kk) < K
+                    c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
+                w = (c.to(tl.float32) * s + mn).to(dt)
+            if DOT_FP32:
+                acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xk, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
-            kk = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                c = tl.load(q_rows + kk[None, :])
-                xk = _load_x_tile(x_rows, kk[None, :], K, m_ok[:, None], SWIGLU)
+            if BITS == 4:  # K is a multiple of BLOCK_K here (it divides the group)
+                HALF: tl.constexpr = BLOCK_K // 2
+                b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF))[None, :])  # uint8 [BLOCK_N, HALF]
+                xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+                lo = _int4_as_dtype((b & 15).to(tl.int32), dt)
+                hi = _int4_as_dtype((b >> 4).to(tl.int32), dt)
+                c = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])  # [n, j, 2] -> input 2j + t
             else:
-                k_ok = kk < K
-                c = tl.load(q_rows + kk[None, :], mask=k_ok[None, :], other=0)
-                xk = _load_x_tile(x_rows, kk[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
-            if DOT_FP32:
+                if EVEN_K:
+                    c = tl.load(q_rows + (k0 + kk)[None, :])
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+                else:
+                    k_ok = (k0 + kk) < K
+                    c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
+            if DOT_FP32:  # (int8 codes go straight to fp32: the interpreter's int8 -> bf16 is wrong too)
                 part = tl.dot(xk.to(tl.float32), tl.trans(c.to(tl.float32)), input_precision="ieee")
             else:
                 part = tl.dot(xk, tl.trans(c.to(dt)), input_precision=DOT_PRECISION)
-            xsum = tl.sum(xk.to(tl.float32), axis=1)
-        s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
-        if HAS_MIN:
-            off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
-        else:
-            off = -OFFSET * s
+            if HAS_MIN or OFFSET != 0:
+                xsum = tl.sum(xk.to(tl.float32), axis=1)
+            if PER_ROW:
+                acc += part
+                if HAS_MIN or OFFSET != 0:
+                    xsum_all += xsum
+            else:
+                g = k0 // GROUP  # BLOCK_K divides GROUP: one group per step
+                s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+                if HAS_MIN:
+                    off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
+                else:
+                    off = -OFFSET * s
+                if HAS_MIN or OFFSET != 0:
+                    acc += part * s[None, :] + xsum[:, None] * off[None, :]
+                else:
+                    acc += part * s[None, :]
+    if PER_ROW:
+        s = tl.load(s_ptr + rn_safe * stride_sn).to(tl.float32)
+        acc = acc * s[None, :]
         if HAS_MIN or OFFSET != 0:
-            acc += part * s[None, :] + xsum[:, None] * off[None, :]
-        else:
-            acc += part * s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+            if HAS_MIN:
+                off = tl.load(m_ptr + rn_safe * stride_sn).to(tl.float32) - OFFSET * s
+            else:
+                off = -OFFSET * s
+            acc += xsum_all[:, None] * off[None, :]
     y_ptrs = y_ptr + rm_safe[:, None] * stride_ym + rn_safe[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:  # the fp32 partial sums (the scaling is linear: each part scaled by itself)
+        if HAS_BIAS:
+            if tl.program_id(1) == 0:
+                acc += tl.load(b_ptr + rn_safe).to(tl.float32)[None, :]
+        tl.store(y_ptrs + tl.program_id(1) * stride_ys, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _dequantize_kernel(q_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """w[n, k] = q * s + m (fp32 math, one rounding to w's dtype), [BLOCK_N, BLOCK_K] per program."""
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """w[n, k] = q * s + m (fp32 math, one rounding to w's dtype), [BLOCK_N, BLOCK_K] per
+    program: int4 reads a [BLOCK_N, BLOCK_K/2] byte tile (pair order) and writes the
+    [BLOCK_N, BLOCK_K] tile contiguously (tl.join of the low and high nibbles); the scale
+    and min are loaded once per block of 32 inputs."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     NB: tl.constexpr = BLOCK_K // 32
     kb = tl.program_id(1) * BLOCK_K + tl.arange(0, NB) * 32  # first input of each block
@@ -163,24 +230,36 @@ def _dequantize_kernel(q_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_qn, stride_sn, s
     dt = w_ptr.dtype.element_ty
     if BITS == 4:
         i = tl.arange(0, 16)
-        k_lo = kb[:, None] + i[None, :]  # [NB, 16]
-        ok = n_ok[:, None, None] & (blk_ok[:, None] & (i[None, :] < 16))[None, :, :]
-        b = tl.load(q_rows + (kb // 2)[None, :, None] + i[None, None, :], mask=ok, other=0).to(tl.int32)
+        if EVEN:
+            b = tl.load(q_rows + (kb // 2)[None, :, None] + i[None, None, :], eviction_policy="evict_first")
+        else:
+            okb = n_ok[:, None, None] & blk_ok[None, :, None]
+            b = tl.load(q_rows + (kb // 2)[None, :, None] + i[None, None, :], mask=okb, other=0,
+                        eviction_policy="evict_first")
+        b = b.to(tl.int32)
         lo = (b & 15).to(tl.float32) * s
         hi = (b >> 4).to(tl.float32) * s
         if HAS_MIN:
             lo += m
             hi += m
-        tl.store(out_rows + k_lo[None, :, :], lo.to(dt), mask=ok)
-        tl.store(out_rows + (k_lo + 16)[None, :, :], hi.to(dt), mask=ok)
+        w = tl.reshape(tl.join(lo.to(dt), hi.to(dt)), [BLOCK_N, NB, 32])  # input 2i + t of each block
     else:
         i = tl.arange(0, 32)
         kk = kb[:, None] + i[None, :]
-        ok = n_ok[:, None, None] & (kk < K)[None, :, :]
-        w = tl.load(q_rows + kk[None, :, :], mask=ok, other=0).to(tl.float32) * s
+        if EVEN:
+            q = tl.load(q_rows + kk[None, :, :], eviction_policy="evict_first")
+        else:
+            q = tl.load(q_rows + kk[None, :, :], mask=n_ok[:, None, None] & (kk < K)[None, :, :], other=0,
+                        eviction_policy="evict_first")
+        w = q.to(tl.float32) * s
         if HAS_MIN:
             w += m
-        tl.store(out_rows + kk[None, :, :], w.to(dt), mask=ok)
+        w = w.to(dt)
+    k_all = kb[:, None] + tl.arange(0, 32)[None, :]  # [NB, 32]
+    if EVEN:
+        tl.store(out_rows + k_all[None, :, :], w)
+    else:
+        tl.store(out_rows + k_all[None, :, :], w, mask=n_ok[:, None, None] & (k_all < K)[None, :, :])
 
 
 def dequantize_weight(prepared: PreparedQuant, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,13 +270,20 @@ def dequantize_weight(prepared: PreparedQuant, dtype: torch.dtype, out: torch.Te
         out = torch.empty((n, k), dtype=dtype, device=prepared.qweight.device)
     elif tuple(out.shape) != (n, k) or out.dtype != dtype or out.stride(1) != 1:
         raise ValueError(f"dequantize_weight: out must be {dtype} [{n}, {k}] with a contiguous last axis")
-    block_n, block_k = 16, 256
+    block_n, block_k, warps = DEQUANT_TILE
+    block_k = min(block_k, triton.next_power_of_2(max(k, 32)))
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](q, s, m if m is not None else s, out, n, k, q.stride(0), s.stride(0), out.stride(0),
                              GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
-                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+                             BLOCK_N=block_n, BLOCK_K=block_k, EVEN=n % block_n == 0 and k % block_k == 0,
+                             num_warps=warps)
     return out
+
+
+#: (BLOCK_N, BLOCK_K, num_warps) of the dequantize kernel: 8 KiB of bf16 out per program
+#: (16 values = two 16-byte stores per thread at 4 warps), big enough to keep HBM busy
+DEQUANT_TILE = (8, 512, 4)
 
 
 def _step(group: int, want: int) -> int:
@@ -210,26 +296,41 @@ def _step(group: int, want: int) -> int:
     return step
 
 
-#: programs below which the fused path narrows its column tile (one per SM of an H100/H200)
-_MIN_PROGRAMS = 132
+#: programs below which the fused path narrows its column tile (about one per SM of an H100/H200)
+_MIN_PROGRAMS = 120
 
 
-def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the fused path: the row tile
-    grows with M up to 64 (a batch of 64 reads the weight once; a 128-row tile spills
-    registers in the int4 sm_90 build), K steps of 128 (64 for larger M) inside a group,
-    4 warps, and the widest column tile (128, 64 or 32) that still gives every SM a program:
-    at M=64 and N=4096, 32 columns (128 programs, ~14 instructions per int4 weight per
-    program) beat 128 columns (32 programs on 132 SMs, ~6.5 per weight)."""
+def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SCALE_B, SPLIT_K) for the fused
+    path. The row tile grows with M (16, 32, 64; 128 rows on 8 warps for per-channel
+    weights: grouped ones keep a per-step partial product beside the accumulator and spill
+    at 128 rows). K steps of 128 inside a group (one dot of the full width per step:
+    pair-order codes need no x gather). Up to 64 rows (memory-bound: batched decode) the
+    column tile stays 128 wide and K is split until about every SM has a program (the
+    first H200 profile had narrow column tiles 2-4x slower than bf16: each re-reads all of
+    x and runs thin dots); more rows take the widest column tile that still fills the SMs,
+    and deep pipelines go to few rows."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    if m > 64 and group >= k:  # per-channel: one accumulator, a 128-row tile fits (no spills)
+        block_m = 128
+    warps = 8 if block_m == 128 else 4
     tiles_m = -(-m // block_m)
+    block_k = _step(group, 128)
+    stages = 5 if m <= 16 else 4 if m <= 64 else 3
+    if m <= 64:
+        tiles = tiles_m * -(-n // 128)
+        split = 1
+        while tiles * split < _MIN_PROGRAMS and split < 8 and k % (2 * split * block_k) == 0:
+            split *= 2
+        # 64 x 128 tiles on 4 warps hold acc and the per-step product in 255 registers and
+        # spill a little (sm_90 build); 8 warps share them
+        return block_m, 128, block_k, 8 if block_m == 64 else warps, stages, False, split
     block_n = 32
     for wide in (128, 64):
         if tiles_m * -(-n // wide) >= _MIN_PROGRAMS:
             block_n = wide
             break
-    block_k = _step(group, 128 if m <= 64 else 64)
-    return block_m, block_n, block_k, 4, 3 if m <= 64 else 4
+    return block_m, block_n, block_k, warps, stages, False, 1
 
 
 def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor | None = None,
@@ -239,7 +340,10 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     int4/int8 weight; returns [M, N] in x's dtype (into ``out`` when given). M below
     ``dequant_rows`` (default ``DEQUANT_ROWS``) runs the fused kernel with ``config``
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``default_gemm_config`` when
-    omitted), otherwise dequantize + cuBLAS."""
+    omitted; a sixth element ``True`` (SCALE_B) dequantizes each weight tile to x's dtype in
+    registers before the dot: one accumulator, so 128-row tiles of grouped int4 fit, at
+    the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
+    K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemm", x, k, False)
     rows = x.shape[0]
@@ -253,27 +357,43 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         if bias is None:
             return torch.mm(x, w.t(), out=out)
         return torch.addmm(bias, x, w.t(), out=out)
-    block_m, block_n, block_k, warps, stages = config or default_gemm_config(rows, n, k, prepared.bits,
-                                                                             prepared.group_size)
-    _launch_fused(x, prepared, bias, out, False, block_m, block_n, block_k, warps, stages)
+    cfg = tuple(config or default_gemm_config(rows, n, k, prepared.bits, prepared.group_size))  # 5 to 7 items
+    block_m, block_n, block_k, warps, stages = cfg[:5]
+    _launch_fused(x, prepared, bias, out, False, block_m, block_n, block_k, warps, stages,
+                  scale_b=bool(cfg[5]) if len(cfg) > 5 else False, split_k=int(cfg[6]) if len(cfg) > 6 else 1)
     return out
 
 
 def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor | None, out: torch.Tensor,
-                  swiglu: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> None:
-    """Launch the fused kernel (checked arguments; x [rows, K] or [rows, 2K] with swiglu)."""
+                  swiglu: bool, block_m: int, block_n: int, block_k: int, warps: int, stages: int,
+                  scale_b: bool = False, split_k: int = 1) -> None:
+    """Launch the fused kernel (checked arguments; x [rows, K] or [rows, 2K] with swiglu).
+    ``split_k`` > 1 splits K over that many programs per output tile (more programs and
+    bytes in flight for few rows and small N; x read once per column tile instead of many
+    narrow ones); each writes its fp32 partial sums into a [split_k, rows, N] scratch,
+    summed in a fixed order and rounded into ``out`` (two small extra kernels; no atomics,
+    so every run gives the same bits)."""
     rows, n, k = x.shape[0], prepared.out_features, prepared.in_features
     block_k = _step(prepared.group_size, max(32, block_k))
     offset = 0
     if prepared.bits == 4:
         offset = {torch.bfloat16: 128, torch.float16: 1024}.get(x.dtype, 0)
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n),)
+    steps = triton.cdiv(k, block_k)
+    split_k = max(1, min(split_k, steps))
+    while steps % split_k:  # every split the same whole number of steps
+        split_k -= 1
+    k_steps = steps // split_k
+    y = out if split_k == 1 else torch.empty((split_k, rows, n), dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, block_n), split_k)
     _quant_gemm_kernel[grid](
-        x, q, s, m if m is not None else s, bias if bias is not None else s, out, rows, n, k,
-        x.stride(0), q.stride(0), s.stride(0), out.stride(0), GROUP=prepared.group_size, BITS=prepared.bits,
+        x, q, s, m if m is not None else s, bias if bias is not None else s, y, rows, n, k, k_steps,
+        x.stride(0), q.stride(0), s.stride(0), y.stride(-2), y.stride(0) if split_k > 1 else 0,
+        GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, OFFSET=offset,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=stages)
+        PER_ROW=prepared.group_size == k, SCALE_B=scale_b, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+    if split_k > 1:  # summed in a fixed order: the same result on every run (atomics would not be)
+        out.copy_(y.sum(dim=0))

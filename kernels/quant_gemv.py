@@ -6,13 +6,17 @@
 and, with ``swiglu``, ``x = round(round(silu(g)) * u)`` for an input ``[g | u]`` of 2K
 columns (rounded like ``kernels/gemv.py`` and ``kernels/activation.py``).
 
-Layout (``prepare_int4`` / ``prepare_int8``). Hearth's canonical layout
-(``engine/quant/qweight.py``) is already what a row-streaming GEMV wants, so preparing only
-checks it and makes it contiguous; nothing is repacked (the kernels view the codes as int32
-words):
-- int4: uint8 ``[N, K/2]``, GGUF order: the 16 bytes of a block of 32 inputs hold inputs
-  0..15 in their low nibbles and 16..31 in their high nibbles. One 16-byte vector load is
-  exactly one block: word j holds inputs 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high).
+Layout (``prepare_int4`` / ``prepare_int8``). Preparing checks Hearth's canonical layout
+(``engine/quant/qweight.py``) and makes it contiguous; int4 codes are also repacked once,
+at load, from GGUF order into pair order (same size; ``pair_nibbles``). The kernels view
+the codes as int32 words:
+- int4: uint8 ``[N, K/2]``, pair order: byte j of a row holds input 2j in its low nibble
+  and 2j + 1 in its high one, so word w holds inputs 8w..8w+7 with input 8w + i at bits
+  4i. One 16-byte vector load is one block of 32 inputs. Pair order lets the tensor-core
+  kernels build a code tile in natural K order with one ``tl.join(lo, hi)`` (GGUF order
+  needed two half-width dots over gathered x) and the dequantize kernel write whole rows
+  contiguously; the GEMVs pair even inputs with the low nibbles of each byte and odd
+  inputs with the high ones, as cheap as GGUF order.
 - int8: int8 ``[N, K]`` signed codes, 32 bytes (two 16-byte vectors) per block of 32 inputs.
 - scales and mins: float16 ``[N, K/G]`` (row-major: a program reads its own rows' groups;
   they are 1/16 of the int4 bytes at G=128, so their layout hardly matters).
@@ -46,6 +50,7 @@ weights of other widths run the tensor-core kernel whatever the config says).
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -100,7 +105,8 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  group_size: int) -> PreparedQuant:
     """An int4 weight (canonical layout: uint8 [N, K/2] GGUF-order codes 0..15, float16
-    scales and mins [N, K/G]) for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
+    scales and mins [N, K/G]) for ``quant_gemv`` / ``quant_gemm``: the codes are repacked
+    into pair order (``pair_nibbles``, once at load; same bytes), the rest kept."""
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
         raise ValueError(f"prepare_int4: qweight must be uint8 [N, K/2], got {qweight.dtype} {list(qweight.shape)}")
     n, k = qweight.shape[0], qweight.shape[1] * 2
@@ -109,7 +115,48 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     if mins is None:
         raise ValueError("prepare_int4: int4 weights always have mins (symmetric ones: -8 * scale)")
     _check_groups("prepare_int4", n, k, group_size, scales, mins)
-    return PreparedQuant(4, group_size, _aligned(qweight), scales.contiguous(), mins.contiguous())
+    return PreparedQuant(4, group_size, _paired(qweight), scales.contiguous(), mins.contiguous())
+
+
+#: id(canonical codes) -> (weak ref to them, their version, the pair-order copy): the
+#: load-time tuner prepares the same layer once per candidate config; they share one copy
+_PAIRED: dict[int, tuple] = {}
+
+
+def _paired(qweight: torch.Tensor) -> torch.Tensor:
+    """``pair_nibbles(qweight)``, made once per tensor (and again after an in-place change)."""
+    key = id(qweight)
+    hit = _PAIRED.get(key)
+    if hit is not None and hit[0]() is qweight and hit[1] == qweight._version:
+        return hit[2]
+    packed = pair_nibbles(qweight)
+    _PAIRED[key] = (weakref.ref(qweight), qweight._version, packed)
+    weakref.finalize(qweight, _PAIRED.pop, key, None)
+    return packed
+
+
+def unpair_nibbles(paired: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pair_nibbles``: pair-order codes back in GGUF order (canonical)."""
+    n, half = paired.shape
+    codes = torch.stack((paired & 15, paired >> 4), dim=-1).reshape(n, half // 16, 32)  # inputs 0..31
+    return (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, half)
+
+
+def pair_nibbles(qweight: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """GGUF-order int4 codes (byte j of a block of 32 inputs: input j low, j + 16 high)
+    repacked into pair order (byte j: input 2j low, 2j + 1 high), so that one int32 word
+    holds 8 consecutive inputs, nibble i = input 8w + i. Pair order is what the tensor-core
+    kernels want (``tl.join(lo, hi)`` of a byte tile is the natural K order, no gather of
+    x) and what the dequantize kernel writes contiguously; the GEMVs decode it as cheaply
+    as GGUF order. Chunked over rows: the temporary is ``rows_per_chunk * K`` bytes."""
+    n, half = qweight.shape
+    out = torch.empty((n, half), dtype=torch.uint8, device=qweight.device)
+    for r0 in range(0, n, rows_per_chunk):
+        q = qweight[r0:r0 + rows_per_chunk].reshape(-1, half // 16, 16)
+        codes = torch.cat((q & 15, q >> 4), dim=2)  # [rows, blocks, 32]: inputs 0..31 of each block
+        pairs = codes.reshape(codes.shape[0], half // 16, 16, 2)
+        out[r0:r0 + rows_per_chunk] = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(-1, half)
+    return out
 
 
 def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
@@ -198,11 +245,14 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
             w = tl.load(w_ptrs, eviction_policy="evict_first")
         else:
             w = tl.load(w_ptrs, mask=blk_ok[None, :, None], other=0, eviction_policy="evict_first")
-        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+        if BITS == 4:  # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i
+            xk = kb[:, None, None] + 8 * j[None, :, None] + 2 * b4[None, None, :]  # [NB, WPB, 4] even inputs
+        else:
+            xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
         ok = xk < K
         x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, ok, SWIGLU, EVEN_K))
         if BITS == 4:
-            h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, ok, SWIGLU, EVEN_K))
+            h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 1, K, ok, SWIGLU, EVEN_K))  # the odd inputs
             w2 = w >> 12  # nibbles at bits 20, 24, 28 move to 8, 12, 16
             # one multiply-add chain per word (left to right: FMUL then FFMAs)
             p3 = (_code_at(w, magic, 0, 4, 0) * x0[None] + _code_at(w, magic, 4, 4, 0) * h0[None]
@@ -248,10 +298,13 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     kb = blk * 32
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
-    xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+    if BITS == 4:  # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i
+        xk = kb[:, None, None] + 8 * j[None, :, None] + 2 * b4[None, None, :]  # [NB, WPB, 4] even inputs
+    else:
+        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
     x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False))
     if BITS == 4:
-        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, xk < K, SWIGLU, False))
+        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 1, K, xk < K, SWIGLU, False))  # the odd inputs
         xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
     else:
         xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
@@ -326,14 +379,18 @@ def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
 
 _ROWS_MAX_K = 32768  # x-stationary: 1024 threads x one block of 32 inputs each
 
-#: Configs worth timing at real shapes, after the default: other row counts and depths of
-#: the x-stationary kernel, the K-loop kernel (fewer rows = more programs, more rows = fewer
-#: instructions per weight), and the tensor-core kernel with wide column tiles for large N.
-_QUANT_CONFIGS = (GemvConfig(32, 4, 4, ROWS, 3), GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(16, 1, 4, ROWS, 4),
-                  GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(64, 4, 4, ROWS, 2),
-                  GemvConfig(16, 512, 4, KLOOP, 3), GemvConfig(8, 512, 4, KLOOP, 3),
-                  GemvConfig(32, 512, 8, KLOOP, 3), GemvConfig(16, 256, 2, KLOOP, 4),
-                  GemvConfig(128, 128, 4, MMA, 3), GemvConfig(64, 128, 4, MMA, 4))
+#: Configs worth timing at real shapes, after the default (12 at most: the load-time tuner
+#: compiles each). The first H200 profile (benchmarks/results/2026-12-01-i14-profile-quant-
+#: gemv-8b-h200.json) had the x-stationary kernel best everywhere but the large-N int8
+#: layers (tensor-core kernel) and looked latency-bound, so: x-stationary with few rows per
+#: program all loaded in one step (the most bytes in flight per program, the most
+#: programs), its earlier winners, one K-loop, and the tensor-core kernel (pair-order codes
+#: now give it full-width dots) with wide column tiles and deep pipelines for large N.
+_QUANT_CONFIGS = (GemvConfig(4, 4, 4, ROWS, 1), GemvConfig(8, 8, 4, ROWS, 1), GemvConfig(8, 4, 4, ROWS, 2),
+                  GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(32, 4, 4, ROWS, 3),
+                  GemvConfig(8, 512, 4, KLOOP, 3),
+                  GemvConfig(128, 128, 4, MMA, 4), GemvConfig(64, 128, 4, MMA, 5), GemvConfig(256, 128, 8, MMA, 3),
+                  GemvConfig(128, 128, 4, MMA, 6))
 
 
 def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:

@@ -28,7 +28,7 @@ from engine.quant.rtn import quantize_int4, quantize_int8
 from kernels.activation import silu_and_mul
 from kernels.quant_gemm import dequantize_weight, quant_gemm
 from kernels.quant_gemv import (GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
-                                quant_gemv_configs)
+                                quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
 
 UNIT = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
@@ -147,6 +147,55 @@ def test_gemm_fused_bias_out_and_strided_rows():
     check(out, x, qw, bias=bias)
 
 
+@pytest.mark.parametrize("bits,group,mins,dtype", [(4, 32, True, torch.bfloat16), (4, 64, True, torch.float16),
+                                                  (8, 32, True, torch.bfloat16), (8, 96, False, torch.float16)])
+def test_gemm_fused_scale_b(bits, group, mins, dtype):
+    """The SCALE_B variant (weight tile dequantized in registers, one accumulator): the
+    product of the weight rounded to x's dtype, like the dequantize path."""
+    k = 96 if group == 96 else 192
+    qw, prep = make_weight(bits, 72, k, group, mins=mins, seed=7)
+    x = rand_x(19, k, dtype)
+    check(quant_gemm(x, prep, config=(16, 32, 32, 2, 2, True)), x, qw, weight_rounding=True)
+
+
+@pytest.mark.parametrize("bits,group,mins,scale_b", [(4, 32, True, False), (4, 64, True, True),
+                                                    (8, 192, False, False), (8, 32, True, True)])
+def test_gemm_fused_split_k(bits, group, mins, scale_b):
+    """Split-K (K over 3 programs per tile, fp32 partial sums summed in order), with bias."""
+    k = 192
+    qw, prep = make_weight(bits, 40, k, group, mins=mins, seed=11)
+    x = rand_x(5, k, torch.bfloat16)
+    bias = rand_x(1, 40, torch.bfloat16, seed=3)[0]
+    out = torch.full((5, 40), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert quant_gemm(x, prep, bias=bias, out=out, config=(16, 32, 32, 2, 2, scale_b, 3)) is out
+    check(out, x, qw, bias=bias, weight_rounding=scale_b)
+
+
+def test_int4_codes_are_repacked_into_pair_order():
+    """Byte j of a GGUF block holds inputs j (low) and j + 16 (high); prepared, byte j
+    holds inputs 2j (low) and 2j + 1 (high). Hand-built: input i of the block has code i % 16,
+    so GGUF byte j = j | (j << 4) and pair byte j = (2j % 16) | ((2j + 1) % 16) << 4."""
+    gguf = torch.tensor([[j | (j << 4) for j in range(16)] * 2], dtype=torch.uint8)  # one row, K = 64
+    prep = prepare_int4(gguf.to(DEVICE), torch.ones(1, 2, dtype=torch.float16, device=DEVICE),
+                        torch.zeros(1, 2, dtype=torch.float16, device=DEVICE), 32)
+    want = [((2 * j) % 16) | (((2 * j + 1) % 16) << 4) for j in range(16)] * 2
+    assert prep.qweight.cpu().tolist() == [want]
+    assert dequantize_weight(prep, torch.float32).cpu().tolist() == [[float(i % 16) for i in range(32)] * 2]
+
+
+def test_pair_order_round_trips_and_is_made_once_per_weight():
+    """unpair_nibbles inverts the repack; preparing the same codes again (the load-time
+    tuner binds one kernel per candidate) reuses the pair-order copy, and an in-place
+    change of the codes is seen."""
+    qw, prep = make_weight(4, 24, 128, 32)
+    assert torch.equal(unpair_nibbles(prep.qweight), qw.qweight)
+    again = prepare_int4(qw.qweight, qw.scales, qw.mins, 32)
+    assert again.qweight is prep.qweight
+    qw.qweight[0, 0] ^= 0x21
+    changed = prepare_int4(qw.qweight, qw.scales, qw.mins, 32)
+    assert changed.qweight is not prep.qweight and torch.equal(unpair_nibbles(changed.qweight), qw.qweight)
+
+
 @pytest.mark.parametrize("bits,group,mins", [(4, 64, True), (8, 100, True), (8, 32, False)])
 def test_gemm_dequantize_path(bits, group, mins):
     k = 100 if group == 100 else 128
@@ -199,19 +248,21 @@ for bits, group in ((4, 128), (8, 4096)):
             cases[f"{name}{bits}"] = (qv._quant_gemv_rows_kernel, {**ptrs, "q_ptr": "*i32"}, consts, warps, 1)
         elif cfg.kind == 1:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True)
+                          BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096,
+                          SCALE_B=False, SPLIT_K=1)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
         else:
             consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
             cases[f"{name}{bits}"] = (qv._quant_gemv_kernel, {**ptrs, "q_ptr": "*i32"}, consts, cfg.warps, 1)
     for m in (64, 512):
-        bm, bn, bk, w, st = qm.default_gemm_config(m, 4096, 4096, bits, group)
+        bm, bn, bk, w, st, sb, sk = qm.default_gemm_config(m, 4096, 4096, bits, group)
         consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True)
-        cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, w, st)
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=sb, SPLIT_K=sk)
+        types = {**q(bits), "y_ptr": "*fp32" if sk > 1 else bf}  # split-K writes fp32 partial sums
+        cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, types, consts, w, st)
     cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
                                   "m_ptr": "*fp16", "w_ptr": bf},
-                                  dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=16, BLOCK_K=256), 4, 1)
+                                  dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=8, BLOCK_K=512, EVEN=True), 4, 1)
 for name, (fn, types, consts, warps, stages) in cases.items():
     print(json.dumps({"kernel": name, **compile_kernel(fn, types, consts, warps, stages)}), flush=True)
 """
@@ -256,5 +307,8 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     for rows in (2, 64, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
         check(quant_gemm(xm, prep), xm, qw)
+        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw)  # no split
+    # SCALE_B 128-row tiles (weight rounded to bf16 in registers, like the dequantize path)
+    check(quant_gemm(xm, prep, config=(128, 128, 64, 8, 3, True, 1)), xm, qw, weight_rounding=True)
     xm = torch.randn(1100, k, device="cuda", generator=g).bfloat16()
     check(quant_gemm(xm, prep), xm, qw, weight_rounding=True)

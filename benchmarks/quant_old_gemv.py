@@ -1,0 +1,424 @@
+"""Weight-only int8/int4 matrix-vector product for batch-1 decode: ``y = W x (+ b)``, where
+``W`` is stored as integer codes with a float scale (and min) per group of inputs:
+
+    w[n, k] = q[n, k] * s[n, k // G] + m[n, k // G]        (m = 0 without mins)
+
+and, with ``swiglu``, ``x = round(round(silu(g)) * u)`` for an input ``[g | u]`` of 2K
+columns (rounded like ``kernels/gemv.py`` and ``kernels/activation.py``).
+
+Layout (``prepare_int4`` / ``prepare_int8``). Hearth's canonical layout
+(``engine/quant/qweight.py``) is already what a row-streaming GEMV wants, so preparing only
+checks it and makes it contiguous; nothing is repacked (the kernels view the codes as int32
+words):
+- int4: uint8 ``[N, K/2]``, GGUF order: the 16 bytes of a block of 32 inputs hold inputs
+  0..15 in their low nibbles and 16..31 in their high nibbles. One 16-byte vector load is
+  exactly one block: word j holds inputs 4j..4j+3 (low nibbles) and 16+4j..16+4j+3 (high).
+- int8: int8 ``[N, K]`` signed codes, 32 bytes (two 16-byte vectors) per block of 32 inputs.
+- scales and mins: float16 ``[N, K/G]`` (row-major: a program reads its own rows' groups;
+  they are 1/16 of the int4 bytes at G=128, so their layout hardly matters).
+
+The CUDA-core kernel (``_quant_gemv_kernel``). At batch 1 every weight byte is read once,
+so the figure of merit is memory bandwidth; at 4.8 TB/s an H200 streams ~30 int4 weights
+per SM per clock, which leaves only ~4 instructions per weight. So:
+- each thread loads whole 16-byte blocks (wide, contiguous, coalesced loads; ``stages``
+  steps in flight through a cp.async ring); each program takes ``BLOCK_N`` whole rows and
+  streams them in ``BLOCK_K`` steps. No split-K: at 4 bits a row of 4096 inputs is only
+  2 KiB, so small ``BLOCK_N`` already gives hundreds of programs for N=4096 without an
+  extra reduction kernel or atomics, and the result is the same on every launch;
+- codes become floats without int->float conversions (16/clock/SM on Hopper, too slow) and
+  without shifts: a code at bits SH..SH+3 of a word, masked in place and OR-ed into the bit
+  pattern of 2**(23-SH), is the float 2**(23-SH) + q exactly (one LOP3), and one exact
+  subtraction leaves q; int8 first flips the sign bits (q + 128, unsigned);
+- the codes are multiplied by ``x`` in fp32 and summed per block of 32 (inside one thread,
+  one FFMA chain per word), and only then scaled: ``acc += s * sum(q x) + m * sum(x)``, so
+  scales and mins cost one load and two FMAs per 32 weights and the weights are never
+  rounded (more exact than a dequantize-to-bf16 matmul).
+Accumulation is fp32; the result is rounded once to the activation dtype. The
+x-stationary kernel (``_quant_gemv_rows_kernel``) decodes the same way but converts x once
+per program and loops over rows instead of K; ``kind=MMA`` runs the product through
+``kernels/quant_gemm.py``'s tensor-core kernel (see ``GemvConfig``).
+
+Configs are ``GemvConfig(block_n, block_k, warps, kind, stages)`` (a 3-tuple like
+``kernels/gemv.py``'s also works); ``quant_gemv_configs`` lists those worth timing and the
+engine's load-time tuner picks one per shape. The CUDA-core kernel needs K % 32 == 0 (int8
+weights of other widths run the tensor-core kernel whatever the config says).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+#: inputs per packing block (GGUF's QK4_0); every group size is a multiple of it or K
+BLOCK = 32
+_MAGIC = 0x4B000000  # float32 bit pattern of 2**23: OR-ing q < 2**23 into it gives 2**23 + q
+
+
+class PreparedQuant(NamedTuple):
+    """A quantized weight in the kernels' layout (see the module docstring)."""
+
+    bits: int
+    group_size: int
+    qweight: torch.Tensor  # int4: uint8 [N, K/2] GGUF-order; int8: int8 [N, K]
+    scales: torch.Tensor  # float16 [N, K/G]
+    mins: torch.Tensor | None  # float16 [N, K/G] or None
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * (2 if self.bits == 4 else 1)
+
+
+def _check_groups(op: str, n: int, k: int, group_size: int, scales: torch.Tensor,
+                  mins: torch.Tensor | None) -> None:
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"{op}: group size {group_size} does not divide the {k} input features")
+    if group_size % BLOCK and group_size != k:
+        raise ValueError(f"{op}: group size {group_size} is not a multiple of {BLOCK} (nor the whole row); "
+                         "the GPU kernels read whole blocks of 32 inputs: pick 32, 64 or 128")
+    want = (n, k // group_size)
+    for name, t in (("scales", scales), ("mins", mins)):
+        if t is None:
+            continue
+        if tuple(t.shape) != want or t.dtype != torch.float16:
+            raise ValueError(f"{op}: {name} must be float16 {list(want)}, got {t.dtype} {list(t.shape)}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and 16-byte aligned (the kernels view codes as int32 words and load
+    16-byte vectors; a slice of a larger tensor may start anywhere)."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 group_size: int) -> PreparedQuant:
+    """An int4 weight (canonical layout: uint8 [N, K/2] GGUF-order codes 0..15, float16
+    scales and mins [N, K/G]) for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise ValueError(f"prepare_int4: qweight must be uint8 [N, K/2], got {qweight.dtype} {list(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if k % BLOCK:
+        raise ValueError(f"prepare_int4: int4 needs K a multiple of {BLOCK}, got {k}")
+    if mins is None:
+        raise ValueError("prepare_int4: int4 weights always have mins (symmetric ones: -8 * scale)")
+    _check_groups("prepare_int4", n, k, group_size, scales, mins)
+    return PreparedQuant(4, group_size, _aligned(qweight), scales.contiguous(), mins.contiguous())
+
+
+def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                 group_size: int) -> PreparedQuant:
+    """An int8 weight (int8 [N, K] codes, float16 scales [N, K/G], optional float16 mins)
+    for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"prepare_int8: qweight must be int8 [N, K], got {qweight.dtype} {list(qweight.shape)}")
+    n, k = qweight.shape
+    _check_groups("prepare_int8", n, k, group_size, scales, mins)
+    return PreparedQuant(8, group_size, _aligned(qweight), scales.contiguous(),
+                         None if mins is None else mins.contiguous())
+
+
+@triton.jit
+def _code_at(w, magic, SH: tl.constexpr, WIDTH: tl.constexpr, OFFSET: tl.constexpr):
+    """The ``WIDTH``-bit code at bits SH.. of int32 words ``w``, minus ``OFFSET``, as exact
+    float32 with one LOP3 and one FADD: masked in place, the bits become the low mantissa
+    bits of 2**(23 - SH), whose mantissa step is 1, so the float is 2**(23 - SH) + code
+    (needs SH + WIDTH <= 23). ``magic`` is the bit pattern of 2**23 (0x4B000000) passed at
+    run time: a constant would be folded into a second LOP3 (a LOP3 takes one immediate),
+    a register operand lets ptxas do mask-and-or in one."""
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) << SH
+    return ((w & MASK) | (magic - (SH << 23))).to(tl.float32, bitcast=True) - (2.0 ** (23 - SH) + OFFSET)
+
+
+@triton.jit
+def _split4(x):
+    """[A, B, 4] -> its four [A, B] slices along the last axis (register moves only)."""
+    A: tl.constexpr = x.shape[0]
+    B: tl.constexpr = x.shape[1]
+    even, odd = tl.split(tl.reshape(x, [A, B, 2, 2]))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _load_x(x_ptr, k, K, mask, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[k] as float32 (with SWIGLU: silu(x[k]) * x[K + k], rounded like the eager ops)."""
+    dt = x_ptr.dtype.element_ty
+    if SWIGLU:
+        if EVEN_K:
+            g = tl.load(x_ptr + k).to(tl.float32)
+            u = tl.load(x_ptr + K + k).to(tl.float32)
+        else:
+            g = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + k, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        return (act * u).to(dt).to(tl.float32)
+    else:
+        if EVEN_K:
+            return tl.load(x_ptr + k).to(tl.float32)
+        else:
+            return tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn, magic,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       STAGES: tl.constexpr):
+    # q_ptr: the codes as int32 words (stride_qn in words). A block of 32 inputs is WPB
+    # words; word j of a block holds (int4) inputs 4j..4j+3 in the low nibbles of its bytes
+    # and 16+4j..16+4j+3 in the high ones, (int8) inputs 4j..4j+3.
+    NB: tl.constexpr = BLOCK_K // 32  # blocks per step
+    WPB: tl.constexpr = 4 if BITS == 4 else 8
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)  # clamp: loads stay in bounds unmasked
+    blk = tl.arange(0, NB)
+    j = tl.arange(0, WPB)
+    b4 = tl.arange(0, 4)
+    q_rows = q_ptr + rows_safe[:, None, None] * stride_qn
+    s_rows = s_ptr + rows_safe[:, None] * stride_sn
+    m_rows = m_ptr + rows_safe[:, None] * stride_sn
+    acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async ring of steps in flight
+        kb = k0 + blk * 32  # first input of each block [NB]
+        blk_ok = kb < K  # K is a multiple of 32: a block is all in or all out
+        grp = tl.where(blk_ok, kb // GROUP, 0)
+        w_ptrs = q_rows + (kb // (32 // WPB))[None, :, None] + j[None, None, :]
+        if EVEN_K:
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs, mask=blk_ok[None, :, None], other=0, eviction_policy="evict_first")
+        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+        ok = xk < K
+        x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, ok, SWIGLU, EVEN_K))
+        if BITS == 4:
+            h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, ok, SWIGLU, EVEN_K))
+            w2 = w >> 12  # nibbles at bits 20, 24, 28 move to 8, 12, 16
+            # one multiply-add chain per word (left to right: FMUL then FFMAs)
+            p3 = (_code_at(w, magic, 0, 4, 0) * x0[None] + _code_at(w, magic, 4, 4, 0) * h0[None]
+                  + _code_at(w, magic, 8, 4, 0) * x1[None] + _code_at(w, magic, 12, 4, 0) * h1[None]
+                  + _code_at(w, magic, 16, 4, 0) * x2[None] + _code_at(w2, magic, 8, 4, 0) * h2[None]
+                  + _code_at(w2, magic, 12, 4, 0) * x3[None] + _code_at(w2, magic, 16, 4, 0) * h3[None])
+            if HAS_MIN:
+                xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
+        else:
+            u = w ^ -0x7F7F7F80  # 0x80808080 as int32: each byte becomes q + 128 (0..255)
+            u2 = u >> 16  # bytes 2, 3 move to bits 0, 8
+            p3 = (_code_at(u, magic, 0, 8, 128) * x0[None] + _code_at(u, magic, 8, 8, 128) * x1[None]
+                  + _code_at(u2, magic, 0, 8, 128) * x2[None] + _code_at(u2, magic, 8, 8, 128) * x3[None])
+            if HAS_MIN:
+                xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
+        part = tl.sum(p3, axis=2)  # [BLOCK_N, NB]: sum(q x) per block
+        # a block never straddles two groups (G is a multiple of 32, or the whole row)
+        s = tl.load(s_rows + grp[None, :]).to(tl.float32)
+        acc += part * s
+        if HAS_MIN:
+            m = tl.load(m_rows + grp[None, :]).to(tl.float32)
+            acc += m * xsum[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn, magic,
+                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
+                            R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr):
+    # x-stationary: the program loads (and converts, and sums per block) the whole x once,
+    # keeps it in registers (K / threads values each), then streams its ROWS rows R at a
+    # time, each thread one 16-byte vector per row, and reduces each row across the program.
+    # Codes are decoded as in _quant_gemv_kernel. KP: K rounded up to a power of 2.
+    NB: tl.constexpr = KP // 32
+    WPB: tl.constexpr = 4 if BITS == 4 else 8
+    blk = tl.arange(0, NB)
+    j = tl.arange(0, WPB)
+    b4 = tl.arange(0, 4)
+    kb = blk * 32
+    blk_ok = kb < K
+    grp = tl.where(blk_ok, kb // GROUP, 0)
+    xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
+    x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False))
+    if BITS == 4:
+        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 16, K, xk < K, SWIGLU, False))
+        xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
+    else:
+        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
+    r = tl.arange(0, R)
+    word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]
+    first = tl.program_id(0) * ROWS
+    for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+        rows = first + r0 + r
+        row_ok = rows < N
+        rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
+        w = tl.load(q_ptr + rows_safe[:, None, None] * stride_qn + word, mask=blk_ok[None, :, None], other=0,
+                    eviction_policy="evict_first")
+        if BITS == 4:
+            w2 = w >> 12
+            p3 = (_code_at(w, magic, 0, 4, 0) * x0[None] + _code_at(w, magic, 4, 4, 0) * h0[None]
+                  + _code_at(w, magic, 8, 4, 0) * x1[None] + _code_at(w, magic, 12, 4, 0) * h1[None]
+                  + _code_at(w, magic, 16, 4, 0) * x2[None] + _code_at(w2, magic, 8, 4, 0) * h2[None]
+                  + _code_at(w2, magic, 12, 4, 0) * x3[None] + _code_at(w2, magic, 16, 4, 0) * h3[None])
+        else:
+            u = w ^ -0x7F7F7F80
+            u2 = u >> 16
+            p3 = (_code_at(u, magic, 0, 8, 128) * x0[None] + _code_at(u, magic, 8, 8, 128) * x1[None]
+                  + _code_at(u2, magic, 0, 8, 128) * x2[None] + _code_at(u2, magic, 8, 8, 128) * x3[None])
+        part = tl.sum(p3, axis=2)  # [R, NB]
+        sg = rows_safe[:, None] * stride_sn + grp[None, :]
+        t = part * tl.load(s_ptr + sg).to(tl.float32)
+        if HAS_MIN:
+            t += tl.load(m_ptr + sg).to(tl.float32) * xsum[None, :]
+        y = tl.sum(t, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows_safe).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+KLOOP, MMA, ROWS = 0, 1, 2  # GemvConfig.kind
+
+
+class GemvConfig(NamedTuple):
+    """How ``quant_gemv`` runs (instruction counts are from the sm_90 build; streaming int4
+    at 4.8 TB/s leaves about 4 instructions per weight, int8 about 8).
+
+    ``kind=ROWS`` (2): ``_quant_gemv_rows_kernel``, x-stationary: a program converts the
+    whole x once into registers, then streams ``block_n`` rows, ``block_k`` rows per step,
+    ``stages`` steps in flight; warps are raised to K/1024 so that each thread holds one
+    block of x. About 4.4 (4 rows per step) to 5 (2 rows) instructions per int4 weight;
+    needs K <= 32768.
+    ``kind=KLOOP`` (0): ``_quant_gemv_kernel``, ``block_n`` rows per program streamed in
+    ``block_k``-input steps (x re-read per step). About 5.4 (4 rows per thread), 6.4 (2) or
+    7.3 (1) per int4 weight, 6-7 per int8 weight.
+    ``kind=MMA`` (1): the fused kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x
+    padded with masked rows) and a ``block_n``-column weight tile on the tensor cores, K
+    steps of ``block_k``: about 5.1 per int4 weight (3.6 per int8) with 128 columns but 4-6x
+    that with 16 (its per-step x work is fixed), so only for large N (gate_up, lm_head).
+    Which wins is for the GPU to say: ``quant_gemv_configs`` lists all three kinds.
+    """
+
+    block_n: int
+    block_k: int
+    warps: int
+    kind: int = KLOOP
+    stages: int = 3  # software-pipelining depth (steps in flight per program)
+
+
+def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
+    """The first config to time: x-stationary, 16 rows per program in steps of 2 (N=4096
+    gives 256 programs, ~2 per SM of an H100/H200), 3 steps in flight; the K-loop kernel
+    (16 rows x 512 inputs per step) for rows longer than 32768."""
+    if k <= _ROWS_MAX_K:
+        return GemvConfig(16, 2, 4, ROWS, 3)
+    return GemvConfig(16, 512, 4, KLOOP, 3)
+
+
+_ROWS_MAX_K = 32768  # x-stationary: 1024 threads x one block of 32 inputs each
+
+#: Configs worth timing at real shapes, after the default: other row counts and depths of
+#: the x-stationary kernel, the K-loop kernel (fewer rows = more programs, more rows = fewer
+#: instructions per weight), and the tensor-core kernel with wide column tiles for large N.
+_QUANT_CONFIGS = (GemvConfig(32, 4, 4, ROWS, 3), GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(16, 1, 4, ROWS, 4),
+                  GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(64, 4, 4, ROWS, 2),
+                  GemvConfig(16, 512, 4, KLOOP, 3), GemvConfig(8, 512, 4, KLOOP, 3),
+                  GemvConfig(32, 512, 8, KLOOP, 3), GemvConfig(16, 256, 2, KLOOP, 4),
+                  GemvConfig(128, 128, 4, MMA, 3), GemvConfig(64, 128, 4, MMA, 4))
+
+
+def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
+    """The configs worth timing for an [n, k] weight of ``bits`` bits, in timing order:
+    ``default_quant_config`` first, then the others (no repeats, K steps no wider than
+    the row)."""
+    widest = triton.next_power_of_2(max(k, BLOCK))
+    out = []
+    for cfg in (default_quant_config(n, k, bits), *_QUANT_CONFIGS):
+        if cfg.kind == ROWS and (k > _ROWS_MAX_K or k % BLOCK):
+            continue
+        if cfg.kind != ROWS:
+            cfg = cfg._replace(block_k=min(cfg.block_k, widest))
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _check_x(op: str, x: torch.Tensor, k: int, swiglu: bool) -> None:
+    want = 2 * k if swiglu else k
+    if x.dim() != 2 or x.shape[1] != want:
+        raise ValueError(f"{op}: x must be [rows, {want}]" + (" ([gate | up] of the MLP)" if swiglu else "")
+                         + f" for this weight, got {list(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"{op}: x must be bfloat16, float16 or float32, got {x.dtype}")
+
+
+def _check_bias_out(op: str, x: torch.Tensor, rows: int, n: int, bias: torch.Tensor | None,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"{op}: bias must be a contiguous [{n}] tensor, got {list(bias.shape)}")
+    if out is None:
+        return torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != (rows, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous {x.dtype} [{rows}, {n}] tensor, "
+                         f"got {out.dtype} {list(out.shape)}")
+    return out
+
+
+def rows_launch(cfg: GemvConfig, k: int) -> tuple[int, int, int]:
+    """(KP, R, num_warps) of the x-stationary kernel for a ``kind=ROWS`` config and K: K
+    rounded up to a power of 2; warps raised to KP/1024 so that each thread holds one block
+    of x; at most 2 rows per step from 16 warps on (128 registers per thread there: 4 rows
+    spill in the sm_90 build)."""
+    kp = triton.next_power_of_2(k)
+    warps = min(32, max(cfg.warps, kp // 1024))
+    rows_per_step = min(cfg.block_k, cfg.block_n, 2 if warps >= 16 else 64)
+    return kp, rows_per_step, warps
+
+
+def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None = None,
+               swiglu: bool = False, out: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for one row: x [1, K] (or [1, 2K] ``[gate | up]`` with
+    ``swiglu``) in bf16/fp16 (fp32 for tests), W the ``prepared`` int4/int8 weight;
+    returns [1, N] in x's dtype (into ``out`` when given). ``config`` is a ``GemvConfig``
+    (or a plain (BLOCK_N, BLOCK_K, num_warps[, kind[, stages]]) tuple), ``default_quant_config`` when
+    omitted. No host sync, and no allocation with ``out``: safe to capture in a CUDA graph."""
+    n, k = prepared.out_features, prepared.in_features
+    _check_x("quant_gemv", x, k, swiglu)
+    if x.shape[0] != 1:
+        raise ValueError(f"quant_gemv: x must be one row [1, K], got {list(x.shape)}; use quant_gemm for more rows")
+    out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
+    cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
+    x = x.contiguous()
+    q, s, m = prepared.qweight, prepared.scales, prepared.mins
+    if cfg.kind == MMA or k % BLOCK:  # the CUDA-core kernels read whole blocks of 32 inputs
+        from kernels.quant_gemm import _launch_fused
+
+        # tl.dot tiles are at least 16 wide; a CUDA-core config sent here gets usual mma steps
+        block_n, block_k = (cfg.block_n, cfg.block_k) if cfg.kind == MMA else (cfg.block_n, 128)
+        _launch_fused(x, prepared, bias, out, swiglu, 16, max(16, block_n), block_k, cfg.warps, max(1, cfg.stages))
+        return out
+    q = q.view(torch.int32)  # 8 int4 or 4 int8 codes per word
+    m_arg, b_arg = (m if m is not None else s), (bias if bias is not None else s)
+    common = dict(GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None, HAS_BIAS=bias is not None,
+                  SWIGLU=swiglu, STAGES=cfg.stages)
+    if cfg.kind == ROWS and k <= _ROWS_MAX_K:
+        kp, rows_per_step, warps = rows_launch(cfg, k)
+        _quant_gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x, q, s, m_arg, b_arg, out, n, k, q.stride(0), s.stride(0), _MAGIC, ROWS=cfg.block_n,
+            R=rows_per_step, KP=kp, num_warps=warps, **common)
+        return out
+    block_k = max(BLOCK, min(cfg.block_k if cfg.kind == KLOOP else 512, triton.next_power_of_2(k)))
+    _quant_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, q, s, m_arg, b_arg, out, n, k, q.stride(0), s.stride(0), _MAGIC, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=cfg.warps, **common)
+    return out
