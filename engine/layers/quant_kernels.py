@@ -47,6 +47,11 @@ class QuantKernel:
         return f"{type(self).__name__}({self.name})"
 
 
+def int4_layout(qweight: torch.Tensor) -> str:
+    """``"gguf"`` (the canonical order) or ``"pairs"`` (the Triton kernels', after a bind)."""
+    return getattr(qweight, "int4_layout", "gguf")
+
+
 def permuted(x: torch.Tensor, layer) -> torch.Tensor:
     """``x`` with its columns in the stored (act-order) order of ``layer``'s weight."""
     return x if layer.perm is None else x.index_select(-1, layer.perm)
@@ -76,11 +81,20 @@ class TritonQuant(QuantKernel):
         self.name = "triton quant gemv" if config is None else "triton quant gemv %dx%d/%dw k%d s%d" % tuple(config)
 
     def bind(self, layer) -> "TritonQuant":
-        from kernels.quant_gemv import prepare_int4, prepare_int8
+        from kernels.quant_gemv import PreparedQuant, prepare_int4, prepare_int8
 
         bound = TritonQuant(self.config)
-        prepare = prepare_int4 if layer.bits == 4 else prepare_int8
-        bound.prepared = prepare(layer.qweight, layer.scales, layer.mins, layer.group_size)
+        if layer.bits == 8:
+            bound.prepared = prepare_int8(layer.qweight, layer.scales, layer.mins, layer.group_size)
+        elif int4_layout(layer.qweight) == "pairs":  # repacked by an earlier bind (the tuner's)
+            bound.prepared = PreparedQuant(4, layer.group_size, layer.qweight.data, layer.scales.contiguous(),
+                                           layer.mins.contiguous())
+        else:
+            bound.prepared = prepare_int4(layer.qweight, layer.scales, layer.mins, layer.group_size)
+            # One copy of the codes on the GPU: the module keeps the kernels' pair order
+            # from now on (``quantized_weight`` turns it back into the canonical order).
+            layer.qweight.data = bound.prepared.qweight
+            layer.qweight.int4_layout = "pairs"
         from kernels.quant_gemm import quant_gemm
         from kernels.quant_gemv import quant_gemv
 

@@ -131,8 +131,18 @@ class QuantizedStore(nn.Module):
             self._copy_rows(maker.to_weight({"weight": w}, rows, self.in_features), start, rows)
 
     def quantized_weight(self) -> QuantizedWeight:
-        """This module's weight as a ``QuantizedWeight`` (the tensors themselves, no copy)."""
-        return QuantizedWeight(self.bits, self.group_size, self.qweight, self.scales, self.mins, self.perm)
+        """This module's weight as a ``QuantizedWeight`` (the tensors themselves, no copy;
+        int4 codes a CUDA kernel keeps in its own order are turned back into canonical ones)."""
+        return QuantizedWeight(self.bits, self.group_size, self._canonical_codes(), self.scales, self.mins, self.perm)
+
+    def _canonical_codes(self) -> torch.Tensor:
+        from engine.layers.quant_kernels import int4_layout
+
+        if self.bits == 4 and int4_layout(self.qweight) == "pairs":
+            from kernels.quant_gemv import unpair_nibbles
+
+            return unpair_nibbles(self.qweight.data)
+        return self.qweight
 
     def weight_bytes(self) -> int:
         return self.quantized_weight().nbytes()
@@ -204,6 +214,13 @@ class QuantizedVocabEmbedding(QuantizedStore):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         g = self.group_size
         rows = self.qweight[input_ids]
+        if self.bits == 4:
+            from engine.layers.quant_kernels import int4_layout
+
+            if int4_layout(self.qweight) == "pairs":  # a tied head's kernel repacked the shared codes
+                from kernels.quant_gemv import unpair_nibbles
+
+                rows = unpair_nibbles(rows)
         codes = rows.to(torch.float32) if self.bits == 8 else _unpack_rows(rows)
         w = codes.view(len(input_ids), -1, g) * self.scales[input_ids].float().unsqueeze(-1)
         if self.mins is not None:
