@@ -18,7 +18,9 @@ Given a float ``LlamaForCausalLM`` already in memory and calibration token seque
    of earlier ones (as GPTQ does);
 5. put the layer's float weights back.
 
-The model is left as it was. The result names every quantized module
+Steps 2-5 are ``calibrate_layer``, the unit a streaming load calls as each layer's float
+weights arrive (only that layer and ``model.rotary`` need to be real); ``calibrate`` loops
+it over a model already in memory. The model is left as it was. The result names every quantized module
 (``model.layers.3.self_attn.qkv_proj``...) and, for AWQ, the float parameters the folds
 changed (the RMSNorm weights, and the v / up rows of a qkv / gate_up bias), which must
 replace the model's own when the quantized weights are used.
@@ -88,17 +90,19 @@ class CausalAttention:
 
 
 @contextmanager
-def calibration_attention(model):
-    """Every layer attends with ``CausalAttention`` inside the block; its backend is put back after."""
+def calibration_attention(layers):
+    """Each of ``layers`` attends with ``CausalAttention`` inside the block; their backends
+    are put back after."""
+    layers = list(layers)
     saved = []
-    for layer in model.model.layers:
+    for layer in layers:
         attn = layer.self_attn
         saved.append(attn.attn)
         attn.attn = CausalAttention(attn.num_heads, attn.num_kv_heads, attn.scale, attn.sliding_window)
     try:
         yield
     finally:
-        for layer, backend in zip(model.model.layers, saved):
+        for layer, backend in zip(layers, saved):
             layer.self_attn.attn = backend
 
 
@@ -114,7 +118,7 @@ def run_layer(model, layer, h: torch.Tensor) -> torch.Tensor:
 def sequence_hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
     """The model's final (normed) hidden states [L, hidden] for one token sequence, run as
     the calibration runs it (whole-sequence causal attention, no KV cache)."""
-    with calibration_attention(model):
+    with calibration_attention(model.model.layers):
         h = model.model.embed_tokens(ids.to(model.model.embed_tokens.weight.device))
         for layer in model.model.layers:
             h = run_layer(model, layer, h)
@@ -147,69 +151,115 @@ def check_calibration(model, method: str, bits: int, group_size: int) -> None:
                 raise ValueError(f"model.layers.{i}.{path}: {problem}; pick another group size")
 
 
-@torch.no_grad()
-def calibrate(model, sequences: Sequence[torch.Tensor] | torch.Tensor, *, method: str, bits: int = 4,
-              group_size: int = 128, sym: bool = False, act_order: bool = False, damp: float = 0.01,
-              block_size: int = 128, awq_grid: int = 20, awq_clip: bool = True, awq_max_tokens: int = 4096,
-              clip_tokens: int = 512, progress: Callable[[int, int], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> CalibrationResult:
-    """Quantize every decoder layer's linears of ``model`` (a float ``LlamaForCausalLM``)
-    with ``method`` ("gptq" or "awq") on ``sequences`` (token ids: a [S, L] tensor or a list
-    of 1-D tensors). ``bits``/``sym``/``act_order``/``damp``/``block_size``: GPTQ's
-    (``gptq_quantize``); ``awq_grid``/``awq_clip``: AWQ's. ``progress(done, total)`` is called
-    after each layer; ``should_stop()`` is asked before each layer and each step of one,
-    and a True stops with ``LoadCancelledError`` (the model is left as it was)."""
-    check_calibration(model, method, bits, group_size)
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How ``calibrate``/``calibrate_layer`` quantize. ``bits``/``sym``/``act_order``/``damp``/
+    ``block_size``: GPTQ's (``gptq_quantize``; AWQ is 4-bit asymmetric only);
+    ``awq_grid``: AWQ's alpha grid (and its clip grid); ``awq_clip``: AWQ's clipping search;
+    ``awq_max_tokens``: input rows sampled per linear for AWQ's search; ``clip_tokens``:
+    rows of those its clip search uses."""
+
+    method: str
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    awq_grid: int = 20
+    awq_clip: bool = True
+    awq_max_tokens: int = 4096
+    clip_tokens: int = 512
+
+
+def calibration_inputs(model, sequences: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """The first layer's inputs: each sequence's embeddings [L, hidden] on the model's device."""
     device = model.model.embed_tokens.weight.device
     seqs = [torch.as_tensor(s, dtype=torch.long, device=device).flatten() for s in sequences]
     if not seqs or any(s.numel() == 0 for s in seqs):
         raise ValueError("calibration needs at least one non-empty token sequence")
+    with torch.no_grad():
+        return [model.model.embed_tokens(s) for s in seqs]
+
+
+@torch.no_grad()
+def calibrate_layer(model, index: int, hs: list[torch.Tensor], options: CalibrationOptions,
+                    check_stop: Callable[[], None] = lambda: None,
+                    ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Quantize decoder layer ``index`` of ``model`` (its float weights in memory; only
+    ``model.rotary`` is read besides) on its inputs ``hs`` (one [L, hidden] residual stream
+    per sequence: ``calibration_inputs``, then what the previous call returned).
+
+    Returns ``(weights, float_params, next_hs)``: module name -> quantized weight for the
+    layer's four linears, parameter name -> new value for what AWQ's folds changed (names
+    from the model's root), and the next layer's inputs (this layer run with its quantized
+    weights). The layer is left as it was. ``check_stop`` is called between the steps (it
+    raises to stop). This is the step a streaming load calls as each layer arrives."""
+    layer = model.model.layers[index]
+    prefix = f"model.layers.{index}."
+    weights, float_params = {}, {}
+    with calibration_attention([layer]):
+        run = lambda: [run_layer(model, layer, h) for h in hs]  # noqa: E731
+        if options.method == "gptq":
+            stats = _collect(layer, run, _HessianHook)
+        else:
+            total = sum(h.shape[0] for h in hs)
+            rows = max(1, math.ceil(min(options.awq_max_tokens, total) / len(hs)))
+            stats = _collect(layer, run, lambda: _SampleHook(rows))
+        check_stop()
+        saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
+        try:
+            if options.method == "gptq":
+                quantized = _gptq_layer(layer, stats, bits=options.bits, group_size=options.group_size,
+                                        sym=options.sym, act_order=options.act_order, damp=options.damp,
+                                        block_size=options.block_size)
+            else:
+                quantized = _awq_layer(layer, stats, group_size=options.group_size, grid=options.awq_grid,
+                                       clip=options.awq_clip, clip_tokens=options.clip_tokens)
+                for name, p in layer.named_parameters():
+                    if not any(name == path + ".weight" for path in LAYER_LINEARS.values()) \
+                            and not torch.equal(p, saved[name]):
+                        float_params[prefix + name] = p.detach().clone()
+            del stats
+            check_stop()
+            for key, qw in quantized.items():
+                lin = layer.get_submodule(LAYER_LINEARS[key])
+                lin.weight.copy_(qw.dequantize(unpermute=True).to(lin.weight.dtype))
+                weights[prefix + LAYER_LINEARS[key]] = qw
+            next_hs = run()
+        finally:
+            for name, p in layer.named_parameters():
+                p.copy_(saved[name])
+    return weights, float_params, next_hs
+
+
+def calibrate(model, sequences: Sequence[torch.Tensor] | torch.Tensor, *, method: str,
+              progress: Callable[[int, int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, **options) -> CalibrationResult:
+    """Quantize every decoder layer's linears of ``model`` (a float ``LlamaForCausalLM`` in
+    memory) with ``method`` ("gptq" or "awq") on ``sequences`` (token ids: a [S, L] tensor or
+    a list of 1-D tensors); ``options`` are ``CalibrationOptions``' fields (group_size=128,
+    bits=4, act_order=False...). ``progress(done, total)`` is called after each layer;
+    ``should_stop()`` is asked before each layer and between its steps, and a True stops
+    with ``LoadCancelledError``. The model is left as it was either way."""
+    opts = CalibrationOptions(method=method, **options)
+    check_calibration(model, opts.method, opts.bits, opts.group_size)
 
     def check_stop():
         if should_stop is not None and should_stop():
             raise LoadCancelledError("quantization cancelled")
 
     result = CalibrationResult()
+    check_stop()
+    hs = calibration_inputs(model, sequences)
     layers = model.model.layers
-    total_tokens = sum(s.numel() for s in seqs)
-    with calibration_attention(model):
+    for i in range(len(layers)):
         check_stop()
-        hs = [model.model.embed_tokens(s) for s in seqs]
-        for i, layer in enumerate(layers):
-            check_stop()
-            prefix = f"model.layers.{i}."
-            if method == "gptq":
-                stats = _collect(layer, lambda: [run_layer(model, layer, h) for h in hs], _HessianHook)
-            else:
-                rows = max(1, math.ceil(min(awq_max_tokens, total_tokens) / len(seqs)))
-                stats = _collect(layer, lambda: [run_layer(model, layer, h) for h in hs],
-                                 lambda: _SampleHook(rows))
-            check_stop()
-            saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
-            try:
-                if method == "gptq":
-                    weights = _gptq_layer(layer, stats, bits=bits, group_size=group_size, sym=sym,
-                                          act_order=act_order, damp=damp, block_size=block_size)
-                else:
-                    weights = _awq_layer(layer, stats, group_size=group_size, grid=awq_grid, clip=awq_clip,
-                                         clip_tokens=clip_tokens)
-                    for name, p in layer.named_parameters():
-                        if not any(name.startswith(path + ".weight") for path in LAYER_LINEARS.values()) \
-                                and not torch.equal(p, saved[name]):
-                            result.float_params[prefix + name] = p.detach().clone()
-                del stats
-                check_stop()
-                for key, qw in weights.items():
-                    lin = layer.get_submodule(LAYER_LINEARS[key])
-                    lin.weight.copy_(qw.dequantize(unpermute=True).to(lin.weight.dtype))
-                hs = [run_layer(model, layer, h) for h in hs]
-            finally:
-                for name, p in layer.named_parameters():
-                    p.copy_(saved[name])
-            for key, qw in weights.items():
-                result.weights[prefix + LAYER_LINEARS[key]] = qw
-            if progress is not None:
-                progress(i + 1, len(layers))
+        weights, float_params, hs = calibrate_layer(model, i, hs, opts, check_stop)
+        result.weights.update(weights)
+        result.float_params.update(float_params)
+        if progress is not None:
+            progress(i + 1, len(layers))
     return result
 
 
