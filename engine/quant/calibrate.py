@@ -279,6 +279,13 @@ class _HessianHook:
         self.h.addmm_(x.T, x)
 
 
+def _evenly(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """At most ``rows`` rows of ``x``, evenly spaced (from every sequence, not the first few)."""
+    if x.shape[0] <= rows:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, rows, device=x.device).round().long()]
+
+
 class _SampleHook:
     """Keeps ``rows`` input rows per call (evenly spaced over the sequence)."""
 
@@ -287,11 +294,7 @@ class _SampleHook:
         self.parts: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if x.shape[0] > self.rows:
-            idx = torch.linspace(0, x.shape[0] - 1, self.rows, device=x.device).round().long()
-            x = x[idx]
-        self.parts.append(x.float())
+        self.parts.append(_evenly(x.reshape(-1, x.shape[-1]), self.rows).float())
 
     def samples(self) -> torch.Tensor:
         return torch.cat(self.parts)
@@ -336,7 +339,7 @@ def _awq_layer(layer, stats, *, group_size: int, grid: int, clip: bool, clip_tok
         w = layer.get_submodule(path).weight
         bound = None
         if clip:
-            x = xs[key][:clip_tokens]
+            x = _evenly(xs[key], clip_tokens)
             if key in scales:
                 x = x / scales[key].to(x.device)
             bound = _clip_bounds(layer, key, w, x, group_size, grid)
