@@ -319,3 +319,30 @@ def test_a_group_size_that_does_not_fit_is_refused_naming_the_layer():
         check_calibration(model, "gptq", 4, 48)
     with pytest.raises(ValueError, match="4 bits only"):
         calibrate(model, ids(1, 8), method="awq", bits=8, group_size=32)
+
+
+def test_one_layer_calibrates_while_the_others_are_not_loaded():
+    """A streaming load calls calibrate_layer as each layer's weights arrive: the other
+    layers may still be on the meta device, and the result is the whole-model driver's."""
+    from engine.layers.modules import materialize
+    from engine.quant.calibrate import CalibrationOptions, calibrate_layer, calibration_inputs
+
+    full = tiny_model()
+    calib = ids(2, 32)
+    whole = calibrate(full, calib, method="gptq", group_size=32)
+    partial = build_on_meta(full.spec, torch.float32, 128)
+    for part in (partial.model.embed_tokens, partial.model.layers[0]):
+        materialize(part, torch.device("cpu"))
+    partial.rotary.build(torch.device("cpu"), torch.float32)
+    state = dict(full.named_parameters())
+    with torch.no_grad():
+        for name, p in partial.named_parameters():
+            if not p.is_meta:
+                p.copy_(state[name])
+    assert partial.model.layers[1].self_attn.qkv_proj.weight.is_meta
+    hs = calibration_inputs(partial, calib)
+    weights, float_params, next_hs = calibrate_layer(partial, 0, hs, CalibrationOptions("gptq", group_size=32))
+    assert set(weights) == {f"model.layers.0.{p}" for p in LAYER_LINEARS.values()} and float_params == {}
+    for name, qw in weights.items():
+        assert torch.equal(qw.qweight, whole.weights[name].qweight)
+    assert len(next_hs) == 2 and next_hs[0].shape == (32, 64)
