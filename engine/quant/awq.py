@@ -53,7 +53,11 @@ def fake_quant_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def activation_scales(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """AWQ's per-input-channel scales for ``alpha``: ``mean|x|^alpha`` over the rows of ``x``
     [T, K], floored, divided by ``sqrt(max * min)``. float32 [K]."""
-    s = x.float().abs().mean(dim=0).pow(alpha).clamp_(min=_MIN_SCALE)
+    return _scales(x.float().abs().mean(dim=0), alpha)
+
+
+def _scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = mean_abs.pow(alpha).clamp_(min=_MIN_SCALE)
     return s / (s.max() * s.min()).sqrt()
 
 
@@ -71,9 +75,7 @@ def awq_search(weights: Sequence[torch.Tensor], x: torch.Tensor, *, group_size: 
     mean_abs = x.abs().mean(dim=0)
     best_loss, best = float("inf"), None
     for i in range(grid):
-        alpha = i / grid
-        s = mean_abs.pow(alpha).clamp_(min=_MIN_SCALE)
-        s = s / (s.max() * s.min()).sqrt()
+        s = _scales(mean_abs, i / grid)
         xs = x / s
         loss = 0.0
         for w, ref in zip(ws, refs):

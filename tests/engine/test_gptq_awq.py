@@ -346,3 +346,14 @@ def test_one_layer_calibrates_while_the_others_are_not_loaded():
     for name, qw in weights.items():
         assert torch.equal(qw.qweight, whole.weights[name].qweight)
     assert len(next_hs) == 2 and next_hs[0].shape == (32, 64)
+
+
+def test_awq_scales_are_normalised_powers_of_the_mean_activation():
+    from engine.quant.awq import activation_scales
+
+    x = correlated_inputs(64, 32, outliers=2)
+    s = activation_scales(x, 0.5)
+    assert s.max() * s.min() == pytest.approx(1.0, rel=1e-5)
+    ratio = s / x.abs().mean(0).sqrt()
+    torch.testing.assert_close(ratio, ratio[0].expand(32))
+    torch.testing.assert_close(activation_scales(x, 0.0), torch.ones(32))
