@@ -1,0 +1,360 @@
+"""The layer-wise calibration driver for GPTQ and AWQ on a Hearth Llama-family model.
+
+Given a float ``LlamaForCausalLM`` already in memory and calibration token sequences,
+``calibrate`` runs the sequences through the model one decoder layer at a time:
+
+1. the embeddings of every sequence (the hidden states of one layer boundary are all that
+   is kept between layers: memory is one layer's activations, plus one layer's weights);
+2. for each layer: run the float layer on every sequence (a whole causal sequence at a
+   time, without the paged KV cache: a calibration-only attention, ``CausalAttention``, is
+   put in the layer's backend slot, so the model's own layer code runs), collecting each
+   linear's inputs through forward hooks: GPTQ keeps ``H = sum x x^T`` per linear, AWQ a
+   sample of input rows;
+3. quantize the layer's four linears (the fused ones whole: q, k and v share their input,
+   so one GPTQ over the fused ``[q; k; v]`` rows is the same as three, and likewise gate
+   and up); AWQ first searches and folds its scales;
+4. run the *quantized* layer (its weights replaced by their dequantized values) on every
+   sequence to get the next layer's inputs, so later layers calibrate against the errors
+   of earlier ones (as GPTQ does);
+5. put the layer's float weights back.
+
+Steps 2-5 are ``calibrate_layer``, the unit a streaming load calls as each layer's float
+weights arrive (only that layer and ``model.rotary`` need to be real); ``calibrate`` loops
+it over a model already in memory. The model is left as it was. The result names every quantized module
+(``model.layers.3.self_attn.qkv_proj``...) and, for AWQ, the float parameters the folds
+changed (the RMSNorm weights, and the v / up rows of a qkv / gate_up bias), which must
+replace the model's own when the quantized weights are used.
+
+Choices: GPTQ's Hessians for all four linears come from one float forward of the layer
+(not "true sequential", where o_proj's inputs would come from the quantized qkv). AWQ
+searches the scales of each linear's own output error (not the whole attention block's),
+on at most ``awq_max_tokens`` input rows sampled evenly from the sequences, and clips on
+at most ``clip_tokens`` of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import LoadCancelledError
+from engine.layers.linear_kernels import silu_and_mul_reference
+from engine.quant.awq import awq_clip_search, awq_quantize, awq_search, fold_layer_scales, o_proj_scalable
+from engine.quant.gptq import gptq_quantize
+from engine.quant.qweight import QuantizedWeight, check_shape
+
+#: Each decoder layer's linears, by their short key and their module path inside the layer.
+LAYER_LINEARS = {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
+                 "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"}
+METHODS = ("gptq", "awq")
+
+
+@dataclass
+class CalibrationResult:
+    """``weights``: module name -> its quantized weight (every decoder layer's four linears).
+    ``float_params``: parameter name -> the new float value AWQ's folds gave it (empty for
+    GPTQ)."""
+
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    float_params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class CausalAttention:
+    """Calibration-only attention backend: ``q``, ``k``, ``v`` are one whole sequence
+    ([L, heads, head_dim], position 0 first); causal (and windowed when the layer is), no
+    KV cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, scale: float, sliding_window: int | None) -> None:
+        self.group = num_heads // num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, kv_cache=None, meta=None):
+        if self.group > 1:
+            k = k.repeat_interleave(self.group, dim=1)
+            v = v.repeat_interleave(self.group, dim=1)
+        q, k, v = q.transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)
+        if self.sliding_window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            pos = torch.arange(q.shape[1], device=q.device)
+            diff = pos[:, None] - pos[None, :]
+            mask = (diff >= 0) & (diff < self.sliding_window)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return o.transpose(0, 1)
+
+
+@contextmanager
+def calibration_attention(layers):
+    """Each of ``layers`` attends with ``CausalAttention`` inside the block; their backends
+    are put back after."""
+    layers = list(layers)
+    saved = []
+    for layer in layers:
+        attn = layer.self_attn
+        saved.append(attn.attn)
+        attn.attn = CausalAttention(attn.num_heads, attn.num_kv_heads, attn.scale, attn.sliding_window)
+    try:
+        yield
+    finally:
+        for layer, backend in zip(layers, saved):
+            layer.self_attn.attn = backend
+
+
+def run_layer(model, layer, h: torch.Tensor) -> torch.Tensor:
+    """One decoder layer on one sequence's residual stream ``h`` [L, hidden] (inside
+    ``calibration_attention``): the next residual stream."""
+    positions = torch.arange(h.shape[0], device=h.device)
+    out, residual = layer(positions, h, None, None, None, model.rotary)
+    return out + residual
+
+
+@torch.no_grad()
+def sequence_hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's final (normed) hidden states [L, hidden] for one token sequence, run as
+    the calibration runs it (whole-sequence causal attention, no KV cache)."""
+    with calibration_attention(model.model.layers):
+        h = model.model.embed_tokens(ids.to(model.model.embed_tokens.weight.device))
+        for layer in model.model.layers:
+            h = run_layer(model, layer, h)
+    return model.model.norm(h)
+
+
+def split_calibration_ids(ids: Sequence[int] | torch.Tensor, seq_len: int, max_sequences: int | None = None,
+                          ) -> list[torch.Tensor]:
+    """A long token stream cut into consecutive sequences of ``seq_len`` tokens (the
+    incomplete tail dropped), at most ``max_sequences`` of them."""
+    t = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = t.numel() // seq_len
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    return list(t[:n * seq_len].view(n, seq_len))
+
+
+def check_calibration(model, method: str, bits: int, group_size: int) -> None:
+    """Raise ValueError (naming the module) when ``method``/``bits``/``group_size`` can't
+    quantize some linear of ``model``; nothing has run yet."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method == "awq" and bits != 4:
+        raise ValueError("AWQ quantizes to 4 bits only; use gptq for 8-bit")
+    for i, layer in enumerate(model.model.layers):
+        for path in LAYER_LINEARS.values():
+            lin = layer.get_submodule(path)
+            problem = check_shape(bits, group_size, lin.out_features, lin.in_features)
+            if problem:
+                raise ValueError(f"model.layers.{i}.{path}: {problem}; pick another group size")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How ``calibrate``/``calibrate_layer`` quantize. ``bits``/``sym``/``act_order``/``damp``/
+    ``block_size``: GPTQ's (``gptq_quantize``; AWQ is 4-bit asymmetric only);
+    ``awq_grid``: AWQ's alpha grid (and its clip grid); ``awq_clip``: AWQ's clipping search;
+    ``awq_max_tokens``: input rows sampled per linear for AWQ's search; ``clip_tokens``:
+    rows of those its clip search uses."""
+
+    method: str
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    awq_grid: int = 20
+    awq_clip: bool = True
+    awq_max_tokens: int = 4096
+    clip_tokens: int = 512
+
+
+def calibration_inputs(model, sequences: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """The first layer's inputs: each sequence's embeddings [L, hidden] on the model's device."""
+    device = model.model.embed_tokens.weight.device
+    seqs = [torch.as_tensor(s, dtype=torch.long, device=device).flatten() for s in sequences]
+    if not seqs or any(s.numel() == 0 for s in seqs):
+        raise ValueError("calibration needs at least one non-empty token sequence")
+    with torch.no_grad():
+        return [model.model.embed_tokens(s) for s in seqs]
+
+
+@torch.no_grad()
+def calibrate_layer(model, index: int, hs: list[torch.Tensor], options: CalibrationOptions,
+                    check_stop: Callable[[], None] = lambda: None,
+                    ) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Quantize decoder layer ``index`` of ``model`` (its float weights in memory; only
+    ``model.rotary`` is read besides) on its inputs ``hs`` (one [L, hidden] residual stream
+    per sequence: ``calibration_inputs``, then what the previous call returned).
+
+    Returns ``(weights, float_params, next_hs)``: module name -> quantized weight for the
+    layer's four linears, parameter name -> new value for what AWQ's folds changed (names
+    from the model's root), and the next layer's inputs (this layer run with its quantized
+    weights). The layer is left as it was. ``check_stop`` is called between the steps (it
+    raises to stop). This is the step a streaming load calls as each layer arrives."""
+    layer = model.model.layers[index]
+    prefix = f"model.layers.{index}."
+    weights, float_params = {}, {}
+    with calibration_attention([layer]):
+        run = lambda: [run_layer(model, layer, h) for h in hs]  # noqa: E731
+        if options.method == "gptq":
+            stats = _collect(layer, run, _HessianHook)
+        else:
+            total = sum(h.shape[0] for h in hs)
+            rows = max(1, math.ceil(min(options.awq_max_tokens, total) / len(hs)))
+            stats = _collect(layer, run, lambda: _SampleHook(rows))
+        check_stop()
+        saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
+        try:
+            if options.method == "gptq":
+                quantized = _gptq_layer(layer, stats, bits=options.bits, group_size=options.group_size,
+                                        sym=options.sym, act_order=options.act_order, damp=options.damp,
+                                        block_size=options.block_size)
+            else:
+                quantized = _awq_layer(layer, stats, group_size=options.group_size, grid=options.awq_grid,
+                                       clip=options.awq_clip, clip_tokens=options.clip_tokens)
+                for name, p in layer.named_parameters():
+                    if not any(name == path + ".weight" for path in LAYER_LINEARS.values()) \
+                            and not torch.equal(p, saved[name]):
+                        float_params[prefix + name] = p.detach().clone()
+            del stats
+            check_stop()
+            for key, qw in quantized.items():
+                lin = layer.get_submodule(LAYER_LINEARS[key])
+                lin.weight.copy_(qw.dequantize(unpermute=True).to(lin.weight.dtype))
+                weights[prefix + LAYER_LINEARS[key]] = qw
+            next_hs = run()
+        finally:
+            for name, p in layer.named_parameters():
+                p.copy_(saved[name])
+    return weights, float_params, next_hs
+
+
+def calibrate(model, sequences: Sequence[torch.Tensor] | torch.Tensor, *, method: str,
+              progress: Callable[[int, int], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, **options) -> CalibrationResult:
+    """Quantize every decoder layer's linears of ``model`` (a float ``LlamaForCausalLM`` in
+    memory) with ``method`` ("gptq" or "awq") on ``sequences`` (token ids: a [S, L] tensor or
+    a list of 1-D tensors); ``options`` are ``CalibrationOptions``' fields (group_size=128,
+    bits=4, act_order=False...). ``progress(done, total)`` is called after each layer;
+    ``should_stop()`` is asked before each layer and between its steps, and a True stops
+    with ``LoadCancelledError``. The model is left as it was either way."""
+    opts = CalibrationOptions(method=method, **options)
+    check_calibration(model, opts.method, opts.bits, opts.group_size)
+
+    def check_stop():
+        if should_stop is not None and should_stop():
+            raise LoadCancelledError("quantization cancelled")
+
+    result = CalibrationResult()
+    check_stop()
+    hs = calibration_inputs(model, sequences)
+    layers = model.model.layers
+    for i in range(len(layers)):
+        check_stop()
+        weights, float_params, hs = calibrate_layer(model, i, hs, opts, check_stop)
+        result.weights.update(weights)
+        result.float_params.update(float_params)
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return result
+
+
+# -- collecting a layer's linear inputs --------------------------------------------------------------
+
+
+class _HessianHook:
+    """Accumulates ``sum x x^T`` (float32) of the inputs a linear sees."""
+
+    def __init__(self) -> None:
+        self.h: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if self.h is None:
+            self.h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        self.h.addmm_(x.T, x)
+
+
+def _evenly(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """At most ``rows`` rows of ``x``, evenly spaced (from every sequence, not the first few)."""
+    if x.shape[0] <= rows:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, rows, device=x.device).round().long()]
+
+
+class _SampleHook:
+    """Keeps ``rows`` input rows per call (evenly spaced over the sequence)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self.parts.append(_evenly(x.reshape(-1, x.shape[-1]), self.rows).float())
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
+def _collect(layer, run: Callable[[], object], make_hook) -> dict[str, object]:
+    """Run ``run()`` (the float layer on every sequence) with a hook on each linear; the
+    down projection's hook sees ``silu(gate) * up``, its real input."""
+    hooks, handles = {}, []
+    for key, path in LAYER_LINEARS.items():
+        hook = hooks[key] = make_hook()
+        act = silu_and_mul_reference if key == "down" else None
+
+        def fn(module, args, out, hook=hook, act=act):
+            x = args[0]
+            hook.add(act(x) if act is not None else x)
+
+        handles.append(layer.get_submodule(path).register_forward_hook(fn))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hooks
+
+
+def _gptq_layer(layer, stats, **options) -> dict[str, QuantizedWeight]:
+    return {key: gptq_quantize(layer.get_submodule(path).weight, stats[key].h, **options)
+            for key, path in LAYER_LINEARS.items()}
+
+
+def _awq_layer(layer, stats, *, group_size: int, grid: int, clip: bool, clip_tokens: int,
+               ) -> dict[str, QuantizedWeight]:
+    """Search and fold the layer's AWQ scales (in place), then round (and clip) each linear."""
+    xs = {key: stats[key].samples() for key in LAYER_LINEARS}
+    keys = [k for k in LAYER_LINEARS if k != "o" or o_proj_scalable(layer.self_attn)]
+    scales = {k: awq_search([layer.get_submodule(LAYER_LINEARS[k]).weight], xs[k], group_size=group_size,
+                            grid=grid) for k in keys}
+    fold_layer_scales(layer, scales)
+    out = {}
+    for key, path in LAYER_LINEARS.items():
+        w = layer.get_submodule(path).weight
+        bound = None
+        if clip:
+            x = _evenly(xs[key], clip_tokens)
+            if key in scales:
+                x = x / scales[key].to(x.device)
+            bound = _clip_bounds(layer, key, w, x, group_size, grid)
+        out[key] = awq_quantize(w, group_size, bound)
+    return out
+
+
+def _clip_bounds(layer, key, w, x, group_size, grid) -> torch.Tensor:
+    """AWQ's clip values for one linear; q and k rows of qkv are left unclipped (as AutoAWQ:
+    their error shows only through the attention softmax)."""
+    if key != "qkv":
+        return awq_clip_search(w, x, group_size=group_size, grid=grid)
+    attn = layer.self_attn
+    v0 = attn.q_size + attn.kv_size
+    n, k = w.shape
+    bound = w.float().abs().reshape(n, k // group_size, group_size).amax(dim=-1)  # no clamping
+    bound[v0:] = awq_clip_search(w[v0:], x, group_size=group_size, grid=grid)
+    return bound
