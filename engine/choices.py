@@ -310,9 +310,9 @@ register(Choice("quantization", "int8", "int8 (weight-only, per channel)",
                 bytes_per_param=1.0, check=_quant_kernel_reasons))
 register(Choice("quantization", "int4", "int4 (weight-only, groups of 128)",
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
-register(Choice("quantization", "awq", "AWQ (int4, activation-aware)",
+register(Choice("quantization", "awq", "AWQ (int4, activation-aware; a float model calibrates once)",
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
-register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated)",
+register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated; a float model calibrates once)",
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 register(Choice("quantization", "compressed-tensors", "compressed-tensors W4A16/W8A16 (pre-quantized)",
                 ("ct", "llm-compressor"), bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))

@@ -76,6 +76,31 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
                       str(resolved.path / "config.json"))
 
 
+def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], None],
+               should_stop: Callable[[], bool] | None) -> FoundModel:
+    """``found``'s float weights quantized with GPTQ or AWQ on the bundled calibration text,
+    as a checkpoint in the models cache (made on the first such load, on the load's device;
+    reused while the source's files are unchanged)."""
+    import hashlib
+
+    from engine.paths import models_cache_dir
+    from engine.quant.export import (CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, GPTQ_DAMP, calibrated_model)
+
+    mc = config.model
+    stamp = [str(found.path)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                 for p in sorted(Path(found.path).glob("*")) if p.is_file()]
+    stamp += [mc.quantization, str(mc.quant_group_size), str(CALIBRATION_SEQ_LEN), str(CALIBRATION_SEQUENCES),
+              str(GPTQ_DAMP), "v1"]
+    key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:12]
+    safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in found.name)[:60]
+    out = models_cache_dir() / "calibrated" / f"{safe}-{mc.quantization}-{key}"
+    if not (out / "config.json").is_file():
+        say(f"{mc.quantization}: quantizing {found.name} with calibration (once; later loads reuse it)")
+        calibrated_model(str(found.path), out, method=mc.quantization, group_size=mc.quant_group_size,
+                         device=mc.device, progress=say, should_stop=should_stop)
+    return FoundModel(found.name, out, found.source, read_config(out), str(out / "config.json"))
+
+
 def auto_keeps_gguf(device: str) -> bool:
     """Whether quantization ``auto`` runs a GGUF file on its own quantized weights on
     ``device``: where a fast kernel runs them (the Triton kernels on an Ampere+ GPU, the C
@@ -146,6 +171,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     if spec is None and found.path is not None and checkpoint_quant_method(found.path) == "gguf":
         # The transformers fallback reads float weights: the GGUF's float conversion.
         found = find_model(config, say, keep_quantized=False)
+        path = found.path
+    if mc.quantization in ("awq", "gptq") and spec is not None and checkpoint_quant_method(found.path) == "none":
+        found = calibrated(found, config, say, should_stop)  # GPTQ/AWQ of float weights: calibrate once
         path = found.path
     quantization = loaded_quantization(config, found.path, spec is not None)
     max_model_len = context_length(cfg, mc.max_model_len)

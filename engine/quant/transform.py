@@ -132,8 +132,8 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
                          head=head, group_size=group_size)
     if method in ("awq", "gptq"):
         raise InvalidRequestError(
-            f"{method} of an unquantized model needs calibration, which is not built yet: load a "
-            f"pre-quantized {method.upper()} checkpoint, or use int4.", options=("quantization",))
+            f"{method} of an unquantized model calibrates it first (hearth quantize --quant {method}, or a "
+            f"native load): this one can't be calibrated here.", options=("quantization",))
     raise InvalidRequestError(f"quantization {method!r} is not implemented yet: use int8, int4, gguf or none.",
                               options=("quantization",))
 

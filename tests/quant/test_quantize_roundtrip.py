@@ -62,3 +62,30 @@ def test_a_prequantized_checkpoint_refuses_another_quantization(tiny_models, tmp
     result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq")
     with pytest.raises(InvalidRequestError, match="already quantized with gptq"):
         load(result.out_dir, quantization="int8")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_and_awq_of_a_float_model_calibrate_once_then_load_the_checkpoint(tiny_models, method):
+    from engine.config import load_config
+    from engine.loader.engine_loader import load_model
+
+    def load_with(said):
+        config = load_config(str(tiny_models["llama-tied"]), device="cpu", dtype="float32", attention="torch",
+                             num_blocks=8, max_model_len=128, quantization=method)
+        return load_model(config, progress=said.append)
+
+    first: list[str] = []
+    loaded = load_with(first)
+    try:
+        assert loaded.info.quantization == method and loaded.info.quant_detail == "8 x int4 g32"
+        assert f"{method}: layer 2 of 2 quantized" in first
+        logits = hearth_logits(loaded.runner)
+    finally:
+        release_runner(loaded.runner)
+    again: list[str] = []
+    loaded = load_with(again)
+    try:
+        assert not any("calibrat" in m for m in again)  # the cached checkpoint loads as it is
+        assert torch.equal(hearth_logits(loaded.runner), logits)
+    finally:
+        release_runner(loaded.runner)
