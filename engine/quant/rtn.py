@@ -30,6 +30,27 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.float().reshape(n, k // group_size, group_size)
 
 
+#: Rows quantized at a time: the float temporaries stay near this many elements (a few
+#: times 16 MB), however large the matrix (an 8B model's head is 525M weights).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunked(quantize):
+    """Apply a row-wise quantizer to row chunks of ``w`` and join the results."""
+    def run(w: torch.Tensor, *args, **kwargs) -> QuantizedWeight:
+        rows = max(1, CHUNK_ELEMENTS // max(1, w.shape[1]))
+        if w.shape[0] <= rows:
+            return quantize(w, *args, **kwargs)
+        parts = [quantize(w[i:i + rows], *args, **kwargs) for i in range(0, w.shape[0], rows)]
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+        first = parts[0]
+        return QuantizedWeight(first.bits, first.group_size, cat([p.qweight for p in parts]),
+                               cat([p.scales for p in parts]), cat([p.mins for p in parts]))
+    run.__doc__ = quantize.__doc__
+    return run
+
+
+@_chunked
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWeight:
     """Symmetric int8 of ``w`` [N, K]; ``group_size`` None (per output channel) or a divisor of K."""
     g = w.shape[1] if group_size is None else group_size
@@ -39,6 +60,7 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedWe
     return QuantizedWeight(8, g, q.reshape(w.shape), scale)
 
 
+@_chunked
 def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     """Asymmetric int4 of ``w`` [N, K] in groups of ``group_size`` inputs (integer zero points)."""
     n, k = w.shape
