@@ -77,4 +77,3 @@ for k in list(out):
     if isinstance(out[k], float) and not k.endswith("_s"):
         out[k + "_ppl"] = math.exp(out[k])
 print(json.dumps(out, indent=1))
-print(json.dumps(out, indent=1))
