@@ -51,6 +51,7 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         self.load_info: dict = {}  # what bring-up measured (weight_bytes, batch1_matmul, ...)
         self.graphs = None  # DecodeGraphs once captured
         self.prompt_graphs = None  # PromptGraphs once captured (and some bucket pays)
+        self.cpu_step = None  # CpuDecodeStep: batch-1 decode in one C call (CPU loads)
         self._ahead = None  # a decode step launched ahead (greedy pipelining)
         self._pinned = None
         self._ring = 0
