@@ -31,6 +31,9 @@ from kernels import cpu_quant
 from kernels.cpu_quant import PreparedWeight
 
 _FLOAT32 = 32  # hq_weight.bits of an fp32 matrix (HD_FLOAT32)
+#: Attention's keys are split over the threads (flash-decoding) once context x query heads
+#: reaches this: below it attention is a few µs, less than waking a helper thread.
+SPLIT_MIN = 4096
 
 
 class _Layer(ctypes.Structure):
@@ -52,7 +55,7 @@ class _Model(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int32) for name in (
         "layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size",
-        "num_blocks", "window", "max_positions", "isa")] + [
+        "num_blocks", "window", "max_positions", "isa", "split_min")] + [
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("cos", ctypes.c_void_p),
@@ -160,7 +163,7 @@ class DecodeModel:
         if final_norm.numel() != hidden:
             raise ValueError(f"the final norm has {final_norm.numel()} elements, expected {hidden}")
         self._model = _Model(len(layers), hidden, heads, kv_heads, head_dim, inter, vocab, shape[2], shape[1],
-                             window or 0, cos.shape[0], cpu_quant._isa_code(isa), eps, scale,
+                             window or 0, cos.shape[0], cpu_quant._isa_code(isa), SPLIT_MIN, eps, scale,
                              cos.data_ptr(), sin.data_ptr(), final_norm.data_ptr(),
                              _desc(embed, "embedding", vocab, hidden, keep),
                              _desc(head, "head", vocab, hidden, keep), ctypes.addressof(arr))
@@ -173,17 +176,28 @@ class DecodeModel:
         self.max_positions = cos.shape[0]
         self._table = (ctypes.c_int32 * 64)()
 
-    def step(self, token: int, position: int, block_table: list[int], *,
-             threads: int | None = None) -> torch.Tensor:
+    def configure(self, *, isa: str | None = None, split_min: int | None = None) -> None:
+        """Change the code path (``isa``: "avx2" or "scalar"; None leaves it) or the size
+        from which attention splits its keys over threads (tests exercise both paths)."""
+        if isa is not None:
+            self._model.isa = cpu_quant._isa_code(isa)
+        if split_min is not None:
+            self._model.split_min = split_min
+
+    def step(self, token: int, position: int, block_table: list[int], *, threads: int | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits fp32 [1, vocab] for ``token`` at ``position`` of the sequence whose KV
-        blocks are ``block_table`` (its K/V for this position is written into the caches).
-        ``threads`` defaults to torch.get_num_threads()."""
+        blocks are ``block_table`` (its K/V for this position is written into the caches),
+        into ``out`` when given (contiguous fp32, vocab elements: a fresh 200 KB buffer
+        per step costs page faults). ``threads`` defaults to torch.get_num_threads()."""
         n = len(block_table)
         if n > len(self._table):
             self._table = (ctypes.c_int32 * max(n, 2 * len(self._table)))()
         table = self._table
         table[:n] = block_table
-        logits = torch.empty(1, self.vocab, dtype=torch.float32)
+        logits = torch.empty(1, self.vocab, dtype=torch.float32) if out is None else out
+        if logits.dtype != torch.float32 or not logits.is_contiguous() or logits.numel() != self.vocab:
+            raise ValueError(f"out must be a contiguous float32 tensor of {self.vocab} elements")
         nthreads = torch.get_num_threads() if threads is None else threads
         rc = self._step(self._addr, token, position, table, n, logits.data_ptr(), nthreads)
         if rc:

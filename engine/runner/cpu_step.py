@@ -77,6 +77,8 @@ class CpuDecodeStep:
 
     def __init__(self, decode_model) -> None:
         self._model = decode_model
+        # One logits buffer for every step: the sampler reads it before the next step.
+        self._logits = torch.empty(1, decode_model.vocab, dtype=torch.float32)
 
     @classmethod
     def build(cls, runner) -> tuple["CpuDecodeStep | None", str | None]:
@@ -123,4 +125,4 @@ class CpuDecodeStep:
     def run(self, token: int, position: int, block_table: list[int]) -> torch.Tensor:
         """Logits fp32 [1, vocab] for ``token`` at ``position`` (its K/V written into the
         cache at the slot ``block_table`` gives)."""
-        return self._model.step(token, position, block_table)
+        return self._model.step(token, position, block_table, out=self._logits)

@@ -35,6 +35,7 @@ typedef struct {
 typedef struct {
     int32_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, block_size;
     int32_t num_blocks, window, max_positions, isa; /* window 0: none; isa as hq_matmul's */
+    int32_t split_min; /* split attention's keys over threads from context x heads this large */
     float eps, scale;
     const float *cos, *sin; /* [max_positions, head_dim] */
     const float *final_norm;
@@ -55,13 +56,6 @@ HQ_AVX2 static float hd_dot_avx2(const float *a, const float *b, int n) {
     float s = hq_hsum_avx2(_mm256_add_ps(s0, s1));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
-}
-
-HQ_AVX2 static void hd_axpy_avx2(float *y, float a, const float *x, int n) {
-    const __m256 va = _mm256_set1_ps(a);
-    int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
 }
 
 /* out[r - r0] = W[r] . x for fp32 W [n, k]: four rows share each load of x. */
@@ -102,17 +96,6 @@ static float hd_dot(const float *a, const float *b, int n, int isa) {
     float s = 0.0f;
     for (int i = 0; i < n; i++) s += a[i] * b[i];
     return s;
-}
-
-static void hd_axpy(float *y, float a, const float *x, int n, int isa) {
-#if defined(HQ_HAVE_AVX2_PATH)
-    if (isa == HQ_ISA_AVX2) {
-        hd_axpy_avx2(y, a, x, n);
-        return;
-    }
-#endif
-    (void)isa;
-    for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
 /* ---- GEMV: out [n] = W . x (+ bias), rows shared between threads --------------------- */
@@ -182,51 +165,196 @@ static void hd_gemv(const hq_weight *w, const float *x, float *out, hd_act_buf *
     hq_parallel(hd_gemv_worker, &t, nthreads < t.nchunks ? nthreads : t.nchunks);
 }
 
-/* ---- attention over the paged cache, heads shared between threads ------------------ */
+/* ---- attention over the paged cache ----------------------------------------------------
+ * Work units are (KV head, chunk of keys): each reads its keys and values once for all the
+ * query heads of its group (GQA), computes the chunk's scores, their max m and the sum l
+ * of exp(score - m), and the unnormalised sum of exp(score - m) * v; the units' partials
+ * are merged per head afterwards (flash-decoding). Threads take units from a counter. */
 typedef struct {
     const hd_model *m;
     const float *q; /* [heads, head_dim], rotated */
     const float *kv;
     const int32_t *table;
-    float *out;    /* [heads, head_dim] */
-    float *scores; /* [threads, pos + 1] */
-    int pos, lo, isa;
+    float *partial; /* [units, group, head_dim + 2]: acc, then m, l */
+    float *scores;  /* [threads, group * chunk] */
+    int lo, len, chunk, nchunks, nunits, isa;
     atomic_int next;
 } hd_attn_task;
 
-static void hd_attn_worker(void *p, int worker) {
-    hd_attn_task *t = (hd_attn_task *)p;
+#if defined(HQ_HAVE_AVX2_PATH)
+/* e^x for x <= 0 (softmax) or any x (SiLU), Cephes' polynomial: ~1e-7 relative. */
+HQ_AVX2_INLINE __m256 hd_exp_avx2(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* The sums of 8 vectors, as one vector (element i: the sum of v[i]'s lanes). */
+HQ_AVX2_INLINE __m256 hd_hsum8_avx2(const __m256 *v) {
+    const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 c = _mm256_hadd_ps(v[4], v[5]), d = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    /* lanes: ab = [s0lo s1lo s2lo s3lo | s0hi s1hi s2hi s3hi], cd likewise for 4..7 */
+    const __m256 lo = _mm256_permute2f128_ps(ab, cd, 0x20), hi = _mm256_permute2f128_ps(ab, cd, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
+HQ_AVX2 static void hd_attn_unit_avx2(hd_attn_task *t, int unit, float *s) {
     const hd_model *m = t->m;
     const int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
-    const size_t plane = (size_t)m->num_blocks * bs * m->kv_heads * hd; /* K -> V */
-    const int len = t->pos - t->lo + 1;
-    float *s = t->scores + (size_t)worker * (t->pos + 1);
-    for (;;) {
-        const int h = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
-        if (h >= m->heads) return;
-        const int kvh = h / group;
-        const float *qh = t->q + (size_t)h * hd;
-        float mx = -INFINITY;
-        for (int j = 0; j < len; j++) {
-            const int tok = t->lo + j;
-            const float *k = t->kv + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
-            const float v = hd_dot(qh, k, hd, t->isa) * m->scale;
-            s[j] = v;
-            mx = v > mx ? v : mx;
+    const int kvh = unit / t->nchunks, c = unit % t->nchunks;
+    const int j0 = c * t->chunk, n = t->len - j0 < t->chunk ? t->len - j0 : t->chunk;
+    const size_t plane = (size_t)m->num_blocks * bs * m->kv_heads * hd;
+    const float *q0 = t->q + (size_t)kvh * group * hd;
+    const __m256 scale = _mm256_set1_ps(m->scale);
+    const float *krow[8];
+    int j = 0;
+    for (; j < n; j += 8) { /* scores of 8 keys at a time, for every head of the group */
+        const int nk = n - j < 8 ? n - j : 8;
+        for (int i = 0; i < 8; i++) {
+            const int tok = t->lo + j0 + j + (i < nk ? i : 0);
+            krow[i] = t->kv + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
         }
-        float sum = 0.0f;
-        for (int j = 0; j < len; j++) {
-            s[j] = expf(s[j] - mx);
-            sum += s[j];
+        if (j + 8 < n) /* the next 8 keys' rows: strided by the KV heads, scattered by blocks */
+            for (int i = 0; i < 8 && j + 8 + i < n; i++) {
+                const int tok = t->lo + j0 + j + 8 + i;
+                const char *nx = (const char *)(t->kv + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd);
+                for (int b = 0; b < hd * 4; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+            }
+        for (int g = 0; g < group; g++) {
+            const float *qg = q0 + (size_t)g * hd;
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(qg + d);
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(krow[i] + d), acc[i]);
+            }
+            float tmp[8];
+            _mm256_storeu_ps(tmp, _mm256_mul_ps(hd_hsum8_avx2(acc), scale));
+            for (int i = 0; i < nk; i++) s[(size_t)g * t->chunk + j + i] = tmp[i];
+        }
+    }
+    float *part = t->partial + (size_t)unit * group * (hd + 2);
+    for (int g = 0; g < group; g++) { /* exp(score - max) in place, and their sum */
+        float *sg = s + (size_t)g * t->chunk;
+        float mx = -INFINITY;
+        for (int i = 0; i < n; i++) mx = sg[i] > mx ? sg[i] : mx;
+        const __m256 vmx = _mm256_set1_ps(mx);
+        __m256 vsum = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 e = hd_exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sg + i), vmx));
+            _mm256_storeu_ps(sg + i, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hq_hsum_avx2(vsum);
+        for (; i < n; i++) {
+            sg[i] = expf(sg[i] - mx);
+            sum += sg[i];
+        }
+        float *pg = part + (size_t)g * (hd + 2);
+        for (int d = 0; d < hd; d++) pg[d] = 0.0f;
+        pg[hd] = mx;
+        pg[hd + 1] = sum;
+    }
+    for (j = 0; j < n; j++) { /* acc += p * v, each value row read once for the group */
+        const int tok = t->lo + j0 + j;
+        const float *v = t->kv + plane + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
+        if (j + 4 < n) {
+            const int nt = tok + 4;
+            const char *nx = (const char *)(t->kv + plane + (((size_t)t->table[nt / bs] * bs + nt % bs) * m->kv_heads + kvh) * hd);
+            for (int b = 0; b < hd * 4; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+        }
+        for (int g = 0; g < group; g++) {
+            const __m256 p = _mm256_set1_ps(s[(size_t)g * t->chunk + j]);
+            float *pg = part + (size_t)g * (hd + 2);
+            for (int d = 0; d < hd; d += 8)
+                _mm256_storeu_ps(pg + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(pg + d)));
+        }
+    }
+}
+#endif
+
+static void hd_attn_unit_scalar(hd_attn_task *t, int unit, float *s) {
+    const hd_model *m = t->m;
+    const int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
+    const int kvh = unit / t->nchunks, c = unit % t->nchunks;
+    const int j0 = c * t->chunk, n = t->len - j0 < t->chunk ? t->len - j0 : t->chunk;
+    const size_t plane = (size_t)m->num_blocks * bs * m->kv_heads * hd;
+    float *part = t->partial + (size_t)unit * group * (hd + 2);
+    for (int g = 0; g < group; g++) {
+        const float *qg = t->q + ((size_t)kvh * group + g) * hd;
+        float *sg = s + (size_t)g * t->chunk, *pg = part + (size_t)g * (hd + 2);
+        float mx = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const int tok = t->lo + j0 + j;
+            const float *k = t->kv + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
+            float dot = 0.0f;
+            for (int d = 0; d < hd; d++) dot += qg[d] * k[d];
+            sg[j] = dot * m->scale;
+            mx = sg[j] > mx ? sg[j] : mx;
+        }
+        for (int d = 0; d < hd; d++) pg[d] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const int tok = t->lo + j0 + j;
+            const float *v = t->kv + plane + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
+            const float p = expf(sg[j] - mx);
+            sum += p;
+            for (int d = 0; d < hd; d++) pg[d] += p * v[d];
+        }
+        pg[hd] = mx;
+        pg[hd + 1] = sum;
+    }
+}
+
+static void hd_attn_worker(void *p, int worker) {
+    hd_attn_task *t = (hd_attn_task *)p;
+    const int group = t->m->heads / t->m->kv_heads;
+    float *s = t->scores + (size_t)worker * group * t->chunk;
+    for (;;) {
+        const int unit = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (unit >= t->nunits) return;
+#if defined(HQ_HAVE_AVX2_PATH)
+        if (t->isa == HQ_ISA_AVX2 && t->m->head_dim % 8 == 0) {
+            hd_attn_unit_avx2(t, unit, s);
+            continue;
+        }
+#endif
+        hd_attn_unit_scalar(t, unit, s);
+    }
+}
+
+/* Merge the chunks' partials of every head into out [heads, head_dim]. */
+static void hd_attn_merge(const hd_attn_task *t, float *out) {
+    const hd_model *m = t->m;
+    const int hd = m->head_dim, group = m->heads / m->kv_heads;
+    for (int h = 0; h < m->heads; h++) {
+        const int kvh = h / group, g = h % group;
+        float mx = -INFINITY;
+        for (int c = 0; c < t->nchunks; c++) {
+            const float *pg = t->partial + ((size_t)(kvh * t->nchunks + c) * group + g) * (hd + 2);
+            mx = pg[hd] > mx ? pg[hd] : mx;
+        }
+        float *o = out + (size_t)h * hd, sum = 0.0f;
+        for (int d = 0; d < hd; d++) o[d] = 0.0f;
+        for (int c = 0; c < t->nchunks; c++) {
+            const float *pg = t->partial + ((size_t)(kvh * t->nchunks + c) * group + g) * (hd + 2);
+            const float w = expf(pg[hd] - mx);
+            sum += w * pg[hd + 1];
+            for (int d = 0; d < hd; d++) o[d] += w * pg[d];
         }
         const float inv = 1.0f / sum;
-        float *o = t->out + (size_t)h * hd;
-        for (int i = 0; i < hd; i++) o[i] = 0.0f;
-        for (int j = 0; j < len; j++) {
-            const int tok = t->lo + j;
-            const float *v = t->kv + plane + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
-            hd_axpy(o, s[j] * inv, v, hd, t->isa);
-        }
+        for (int d = 0; d < hd; d++) o[d] *= inv;
     }
 }
 
@@ -268,6 +396,31 @@ static void hd_embed(const hq_weight *e, int token, int isa, float *out) {
     hq_dequant_rows_scalar(e, token, token + 1, out);
 }
 
+/* act [n] = silu(gu[i]) * gu[n + i] (SwiGLU over [gate | up]) */
+#if defined(HQ_HAVE_AVX2_PATH)
+HQ_AVX2 static void hd_silu_mul_avx2(const float *gu, int n, float *act) {
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gu + i);
+        const __m256 e = hd_exp_avx2(_mm256_xor_ps(g, neg));
+        _mm256_storeu_ps(act + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(gu + n + i)));
+    }
+    for (; i < n; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[n + i];
+}
+#endif
+
+static void hd_silu_mul(const float *gu, int n, float *act, int isa) {
+#if defined(HQ_HAVE_AVX2_PATH)
+    if (isa == HQ_ISA_AVX2) {
+        hd_silu_mul_avx2(gu, n, act);
+        return;
+    }
+#endif
+    (void)isa;
+    for (int i = 0; i < n; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[n + i];
+}
+
 /* One decode step of one sequence: token `token` at position `pos` (its K/V written at
  * block table[pos / block_size], offset pos % block_size; attention over positions
  * 0..pos, or the last `window`), logits [vocab] fp32 out. `threads` <= 1: the calling
@@ -282,17 +435,31 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
     if (isa < 0) return HQ_ERR_ISA;
     if (threads < 1) threads = 1;
     const int H = m->hidden, hd = m->head_dim, qsize = m->heads * hd, kvsize = m->kv_heads * hd;
+    const int group = m->heads / m->kv_heads;
+    const int lo = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0, len = pos - lo + 1;
+    /* Attention's split: short contexts one unit per KV head on this thread (µs of work,
+       less than waking a helper); long ones about 4 units per thread. */
+    int at_threads = 1, nchunks = 1, chunk = len;
+    if ((size_t)len * m->heads >= (size_t)m->split_min && threads > 1) {
+        at_threads = threads;
+        nchunks = (4 * threads + m->kv_heads - 1) / m->kv_heads;
+        chunk = (len + nchunks - 1) / nchunks;
+        chunk = (chunk + 7) & ~7;
+        nchunks = (len + chunk - 1) / chunk;
+    }
+    const int nunits = m->kv_heads * nchunks;
     int widest = H > 2 * m->inter ? H : 2 * m->inter;
     widest = (widest > qsize ? widest : qsize) + 64;
-    const size_t floats = (size_t)4 * H + (qsize + 2 * kvsize) + qsize + 2 * (size_t)m->inter + m->inter +
-                          (size_t)threads * (pos + 1) + 2 * (size_t)widest / HQ_BLOCK + 2 * (size_t)widest + 64;
+    const size_t n_scores = (size_t)at_threads * group * (chunk + 8), n_partial = (size_t)nunits * group * (hd + 2);
+    const size_t floats = (size_t)4 * H + (qsize + 2 * kvsize) + qsize + 2 * (size_t)m->inter + m->inter + n_scores +
+                          n_partial + 3 * ((size_t)widest / HQ_BLOCK + 1) + 64;
     char *mem = (char *)malloc(sizeof(float) * floats + (size_t)widest + 64);
     if (!mem) return HQ_ERR_NOMEM;
     float *res = (float *)mem, *h = res + H, *tmp = h + H, *qkv = tmp + 2 * H;
     float *attn = qkv + qsize + 2 * kvsize, *gu = attn + qsize, *act = gu + 2 * m->inter;
-    float *scores = act + m->inter;
+    float *scores = act + m->inter, *partial = scores + n_scores;
     hd_act_buf ab;
-    ab.d = scores + (size_t)threads * (pos + 1);
+    ab.d = partial + n_partial;
     ab.gs = ab.d + widest / HQ_BLOCK + 1;
     ab.isum = (int32_t *)(ab.gs + widest / HQ_BLOCK + 1);
     ab.q = (int8_t *)(ab.isum + widest / HQ_BLOCK + 1);
@@ -300,7 +467,6 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
     const float *cos = m->cos + (size_t)pos * hd, *sin = m->sin + (size_t)pos * hd;
     const int slot_block = table[pos / m->block_size], slot_off = pos % m->block_size;
     const size_t plane = (size_t)m->num_blocks * m->block_size * kvsize;
-    const int lo = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0;
 
     hd_embed(&m->embed, token, isa, res);
     for (int l = 0; l < m->layers; l++) {
@@ -319,24 +485,23 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
         at.q = q;
         at.kv = L->kv;
         at.table = table;
-        at.out = attn;
+        at.partial = partial;
         at.scores = scores;
-        at.pos = pos;
         at.lo = lo;
+        at.len = len;
+        at.chunk = chunk;
+        at.nchunks = nchunks;
+        at.nunits = nunits;
         at.isa = isa;
         atomic_init(&at.next, 0);
-        /* Short contexts: attention is µs of work, less than waking a helper. */
-        const int at_threads = (pos - lo + 1) * m->heads >= 2048 ? threads : 1;
-        hq_parallel(hd_attn_worker, &at, at_threads < m->heads ? at_threads : m->heads);
+        hq_parallel(hd_attn_worker, &at, at_threads < nunits ? at_threads : nunits);
+        hd_attn_merge(&at, attn);
 
         hd_gemv(&L->o, attn, tmp, &ab, isa, threads);
         for (int i = 0; i < H; i++) res[i] = tmp[i] + res[i];
         hd_rmsnorm(res, L->post_norm, m->eps, H, h);
         hd_gemv(&L->gate_up, h, gu, &ab, isa, threads);
-        for (int i = 0; i < m->inter; i++) {
-            const float g = gu[i];
-            act[i] = g / (1.0f + expf(-g)) * gu[m->inter + i];
-        }
+        hd_silu_mul(gu, m->inter, act, isa);
         hd_gemv(&L->down, act, tmp, &ab, isa, threads);
         for (int i = 0; i < H; i++) res[i] = tmp[i] + res[i];
     }

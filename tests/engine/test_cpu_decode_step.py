@@ -102,3 +102,29 @@ def test_what_it_cannot_run_is_refused_with_the_reason(tiny_models):
         assert step is None and "Qwen3" in reason
     finally:
         release_runner(loaded.runner)
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+@pytest.mark.parametrize("isa,split_min", [("avx2", 0), ("scalar", 0), ("scalar", 1 << 30)])
+def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_models, quant, isa, split_min):
+    """Long contexts split attention's keys over 2 threads (here forced at any length), and
+    CPUs without AVX2 run the portable C: both give the eager step's logits."""
+    from kernels import cpu_quant
+
+    if isa == "avx2" and cpu_quant.isa() != "avx2":
+        pytest.skip("this CPU has no AVX2")
+    loaded = _load(tiny_models["mistral"], quant)
+    runner = loaded.runner
+    try:
+        runner.cpu_step._model.configure(isa=isa, split_min=split_min)
+        with torch.inference_mode():
+            _eager_step(runner, PROMPT, 0)
+            pos = len(PROMPT)
+            for token in STEPS[:3]:
+                want = _eager_step(runner, [token], pos)
+                got = runner.cpu_step._model.step(token, pos, TABLE, threads=2)
+                tol = 1e-4 if quant == "none" else 2e-3
+                assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+                pos += 1
+    finally:
+        release_runner(runner)
