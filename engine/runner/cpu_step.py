@@ -109,6 +109,12 @@ class CpuDecodeStep:
             embed_c = _projection(embed, "the embedding")
             # A tied head (float or quantized) shares the embedding's tensors: one descriptor.
             head_c = embed_c if isinstance(head, (TiedLMHead, QuantizedTiedHead)) else _projection(head, "the LM head")
+            from kernels import cpu_quant
+
+            projections = [embed_c, head_c] + [p for lt in layers for p in (lt.qkv, lt.o, lt.gate_up, lt.down)]
+            if cpu_quant.isa() != "avx2" and any(isinstance(p, tuple) for p in projections):
+                # The portable C's fp32 GEMV is not vectorised: torch's (MKL, NEON) is faster.
+                return None, "this CPU has no AVX2, and the portable C step is slower than torch on float32 weights"
             eps = {layer.input_layernorm.eps for layer in model.model.layers}
             eps |= {layer.post_attention_layernorm.eps for layer in model.model.layers} | {model.model.norm.eps}
             if len(eps) != 1:
