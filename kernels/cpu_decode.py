@@ -6,7 +6,8 @@ token on a 2-core CPU, more than streaming a 4-bit model's weights. ``DecodeMode
 runs the same step (kernels/cpu/hq_decode.h) as one ctypes call: the quantized
 projections through the int4/int8 block-dot rows of ``kernels.cpu_quant`` (the same
 arithmetic as its ``matmul``: int8 activation blocks), float32 ones through an AVX2 fp32
-GEMV, rows of each matmul and heads of attention shared over the C thread pool.
+GEMV, rows of each matmul (and chunks of attention's keys at long contexts) shared over
+the C thread pool.
 
 It takes plain tensors (kernels never import engine): per layer its norms' weights, its
 four projections (each a float32 [N, K] tensor with an optional bias, or a

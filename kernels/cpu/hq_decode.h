@@ -4,7 +4,8 @@
  * of overhead per token on a 2-core CPU, more than the weights' streaming itself; here
  * the same step is one loop over the layers, with the int4/int8 block-dot rows of
  * hq_avx2.h/hq_scalar.h for quantized projections, an fp32 GEMV for float ones, and the
- * pool of hq_pool.h sharing each GEMV's rows (and attention's heads) between threads.
+ * pool of hq_pool.h sharing each GEMV's rows (and, at long contexts, attention's chunks of
+ * keys: flash-decoding) between threads.
  *
  * The model is the Llama family as engine/models/llama.py runs it (kernels/cpu_decode.py
  * fills the descriptor from plain tensors and mirrors these structs with ctypes: keep
