@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
     """Runs Hearth's native model on the paged KV cache."""
 
+    cpu_step = None  # CpuDecodeStep: batch-1 decode in one C call (CPU loads; set at bring-up)
+
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                  block_size: int, attention: str, plan: KernelPlan, enforce_eager: bool = False,
                  kv_dtype: torch.dtype | None = None) -> None:
@@ -51,7 +53,6 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         self.load_info: dict = {}  # what bring-up measured (weight_bytes, batch1_matmul, ...)
         self.graphs = None  # DecodeGraphs once captured
         self.prompt_graphs = None  # PromptGraphs once captured (and some bucket pays)
-        self.cpu_step = None  # CpuDecodeStep: batch-1 decode in one C call (CPU loads)
         self._ahead = None  # a decode step launched ahead (greedy pipelining)
         self._pinned = None
         self._ring = 0

@@ -78,18 +78,23 @@ def test_greedy_tokens_are_the_same_with_and_without_the_c_step(tiny_models, mon
     from engine.api import Engine, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    outputs, infos = [], []
+    outputs, infos, calls = [], [], []
     for switch in ("0", "1"):
         monkeypatch.setenv("HEARTH_CPU_DECODE", switch)
         engine = Engine.load(str(tiny_models["mistral"]), device="cpu", dtype="float32", attention="torch",
                              quantization="int4", max_model_len=128, block_size=4)
         try:
+            step = engine.runner.cpu_step
+            if step is not None:  # count the steps it runs
+                run = step.run
+                step.run = lambda *a: calls.append(a) or run(*a)
             outputs.append(engine.generate(["The quick brown fox jumps over the lazy dog and runs"], params)[0])
             infos.append(engine.model_info.cpu_decode)
         finally:
             engine.shutdown()
     assert infos == ["turned off (HEARTH_CPU_DECODE=0)", True]
     assert outputs[0].token_ids == outputs[1].token_ids
+    assert len(calls) == 23  # every decode step (the prompt step sampled the first token)
     assert len(outputs[1].token_ids) == 24
 
 
