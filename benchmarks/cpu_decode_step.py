@@ -148,7 +148,7 @@ def ttft_row(threads: int, ttft_tokens: int) -> dict:
         params = SamplingParams(temperature=0.0, max_tokens=1)
         runs = []
         for r in range(2):  # a different first token each time: no prefix-cache hit
-            c = engine.generate([Request(prompt_token_ids=[ids[0] + 1 + r] + ids[1:])], params)[0]
+            c = engine.generate([Request(prompt_token_ids=[ids[0] + 1 + r] + ids[1:], params=params)])[0]
             runs.append(c.timings.ttft_ms)
     finally:
         engine.shutdown()
