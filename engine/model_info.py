@@ -50,6 +50,7 @@ class ModelInfo:
     cuda_graph_routes: dict[int, int] | None = None  # batch bucket -> the larger graph that runs it
     cuda_graphs_off: str | None = None  # why decode runs without CUDA graphs
     prompt_attention_lengths: int | None = None  # prompt lengths whose attention work was prepared
+    cpu_decode: bool | str | None = None  # CPU loads: True if batch-1 decode runs in one C call, else why not
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: every field, less optional ones that are ``None``."""

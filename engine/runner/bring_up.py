@@ -10,7 +10,8 @@ The steps, in order:
 4. materialize, then fill every parameter through its own loader, streaming the
    checkpoint one tensor at a time (``should_stop`` is asked before each);
 5. the kernel plan (``engine.layers.kernel_plan``): attention backend, fused kernels;
-6. size the KV cache and allocate it (``engine.runner.memory``);
+6. size the KV cache and allocate it (``engine.runner.memory``); on a CPU, hand the model
+   and the cache to the C decode step (``engine.runner.cpu_step``);
 7. tune the batch-1 GEMV (``engine.runner.gemv_tuning``);
 8. capture CUDA graphs, which so hold the final kernel choices.
 
@@ -194,6 +195,12 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
                       peak_bytes=lambda n: activation_peak_bytes(runner, n),
                       graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p)) if graphs else None)
         stop()
+        if device.type == "cpu":  # batch-1 decode in one C call, over the cache just allocated
+            from engine.runner.cpu_step import CpuDecodeStep
+
+            runner.cpu_step, reason = CpuDecodeStep.build(runner)
+            info["cpu_decode"] = True if reason is None else reason
+            say("decode steps: one C call per token" if reason is None else f"decode steps run eagerly: {reason}")
         if runner.gemv_reason() is None:
             info["batch1_matmul"] = runner.tune_gemv(say)
         stop()

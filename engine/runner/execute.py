@@ -1,8 +1,9 @@
 """The native runner's step: a ``RunnerInput`` in, the sampled tokens out.
 
-Three ways to run a step, tried in order: a pure decode step by CUDA-graph replay (greedy
-batches pipelined: the next step is launched before the host sees this one's tokens), one
-prompt or chunk by prompt-graph replay, else eagerly with decode rows first.
+Four ways to run a step, tried in order: a pure decode step by CUDA-graph replay (greedy
+batches pipelined: the next step is launched before the host sees this one's tokens), or
+on a CPU one sequence's decode step by one C call (``engine.runner.cpu_step``); one
+prompt or chunk by prompt-graph replay; else eagerly with decode rows first.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class NativeExecuteMixin(RequestStateMixin):
             graph_out = self._execute_graph(inp)
             if graph_out is not None:
                 return graph_out
+        elif self.cpu_step is not None and len(rows) == 1 and len(rows[0].token_ids) == 1 and rows[0].sample:
+            row = rows[0]
+            self._ahead = None
+            return self.sample(self.cpu_step.run(row.token_ids[0], row.start, row.block_table), rows)
         if self.prompt_graphs is not None and len(rows) == 1:
             graph_out = self._execute_prompt_graph(rows[0])
             if graph_out is not None:

@@ -49,6 +49,8 @@ def release_runner(runner) -> None:
     objects themselves, rather than by dropping references to those objects. The runner
     can't run afterwards.
     """
+    if getattr(runner, "cpu_step", None) is not None:
+        runner.cpu_step = None  # it holds the weights and cache (and C pointers into them)
     release_module(getattr(runner, "model", None))
     caches = getattr(runner, "kv_caches", None)
     if isinstance(caches, list):

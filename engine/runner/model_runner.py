@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
     """Runs Hearth's native model on the paged KV cache."""
 
+    cpu_step = None  # CpuDecodeStep: batch-1 decode in one C call (CPU loads; set at bring-up)
+
     def __init__(self, model, spec: ModelSpec, device: torch.device, dtype: torch.dtype,
                  block_size: int, attention: str, plan: KernelPlan, enforce_eager: bool = False,
                  kv_dtype: torch.dtype | None = None) -> None:

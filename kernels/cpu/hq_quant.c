@@ -223,3 +223,7 @@ int hq_dequantize(const hq_weight *w, float *out, int nthreads, int isa) {
     hq_parallel(hq_dequant_worker, &t, nthreads < t.nchunks ? nthreads : t.nchunks);
     return HQ_OK;
 }
+
+/* The whole batch-1 decode step (kernels/cpu_decode.py), in this translation unit so it
+   shares the one thread pool and the block-dot kernels above. */
+#include "hq_decode.h"

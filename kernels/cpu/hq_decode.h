@@ -1,0 +1,324 @@
+/* Hearth's whole batch-1 decode step in C: one call per token (the CPU analogue of the
+ * CUDA decode graphs). A decode step of a small model eagerly in torch is ~900 tiny ops
+ * (norms, RoPE, paged-attention gather/softmax, KV write, module calls) costing 20+ ms
+ * of overhead per token on a 2-core CPU, more than the weights' streaming itself; here
+ * the same step is one loop over the layers, with the int4/int8 block-dot rows of
+ * hq_avx2.h/hq_scalar.h for quantized projections, an fp32 GEMV for float ones, and the
+ * pool of hq_pool.h sharing each GEMV's rows (and, at long contexts, attention's chunks of
+ * keys: flash-decoding) between threads.
+ *
+ * The model is the Llama family as engine/models/llama.py runs it (kernels/cpu_decode.py
+ * fills the descriptor from plain tensors and mirrors these structs with ctypes: keep
+ * them in step):
+ *   res = embed[token]
+ *   per layer: h = rmsnorm(res) -> qkv (+bias) -> RoPE(q, k) (rotate-half, the runner's
+ *     cos/sin tables) -> K/V written at the slot of `pos` in the layer's paged cache
+ *     [2, num_blocks, block_size, kv_heads, head_dim] -> causal GQA attention over the
+ *     sequence's blocks (optional sliding window) -> o -> res += ...;
+ *     h = rmsnorm(res) -> gate_up -> silu(gate) * up -> down -> res += ...
+ *   logits = head(rmsnorm(res))
+ * Included at the end of hq_quant.c (one translation unit: one thread pool).
+ */
+#ifndef HQ_DECODE_H
+#define HQ_DECODE_H
+
+#include <math.h>
+
+#define HD_FLOAT32 32 /* hq_weight.bits for an fp32 [n, k] matrix (q points at the floats) */
+
+typedef struct {
+    const float *input_norm;
+    const float *post_norm;
+    hq_weight qkv, o, gate_up, down;
+    float *kv; /* [2, num_blocks, block_size, kv_heads, head_dim] fp32 */
+} hd_layer;
+
+typedef struct {
+    int32_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, block_size;
+    int32_t num_blocks, window, max_positions, isa; /* window 0: none; isa as hq_matmul's */
+    int32_t split_min; /* split attention's keys over threads from context x heads this large */
+    float eps, scale;
+    const float *cos, *sin; /* [max_positions, head_dim] */
+    const float *final_norm;
+    hq_weight embed, head;
+    const hd_layer *layer;
+} hd_model;
+
+/* ---- small vector helpers (AVX2 where the CPU has it) ---------------------------- */
+#if defined(HQ_HAVE_AVX2_PATH)
+HQ_AVX2 static float hd_dot_avx2(const float *a, const float *b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hq_hsum_avx2(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out[r - r0] = W[r] . x for fp32 W [n, k]: four rows share each load of x. */
+HQ_AVX2 static void hd_f32_rows_avx2(const float *W, int k, const float *x, int r0, int r1, float *out) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = W + (size_t)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int i = 0;
+        for (; i + 8 <= k; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + i);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+        }
+        float s0 = hq_hsum_avx2(a0), s1 = hq_hsum_avx2(a1), s2 = hq_hsum_avx2(a2), s3 = hq_hsum_avx2(a3);
+        for (; i < k; i++) {
+            s0 += w0[i] * x[i];
+            s1 += w1[i] * x[i];
+            s2 += w2[i] * x[i];
+            s3 += w3[i] * x[i];
+        }
+        out[r - r0] = s0;
+        out[r - r0 + 1] = s1;
+        out[r - r0 + 2] = s2;
+        out[r - r0 + 3] = s3;
+    }
+    for (; r < r1; r++) out[r - r0] = hd_dot_avx2(W + (size_t)r * k, x, k);
+}
+#endif
+
+static float hd_dot(const float *a, const float *b, int n, int isa) {
+#if defined(HQ_HAVE_AVX2_PATH)
+    if (isa == HQ_ISA_AVX2) return hd_dot_avx2(a, b, n);
+#endif
+    (void)isa;
+    float s = 0.0f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* ---- GEMV: out [n] = W . x (+ bias), rows shared between threads --------------------- */
+typedef struct {
+    const hq_weight *w;
+    const hq_acts *a; /* the quantized x (quantized weights) */
+    const float *x;   /* the float x (fp32 weights) */
+    float *out;
+    int isa, chunk_rows, nchunks;
+    atomic_int next;
+} hd_gemv_task;
+
+static void hd_gemv_worker(void *p, int worker) {
+    (void)worker;
+    hd_gemv_task *t = (hd_gemv_task *)p;
+    const hq_weight *w = t->w;
+    for (;;) {
+        const int c = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (c >= t->nchunks) return;
+        const int r0 = c * t->chunk_rows;
+        const int r1 = r0 + t->chunk_rows < w->n ? r0 + t->chunk_rows : w->n;
+        float *o = t->out + r0;
+        if (w->bits == HD_FLOAT32) {
+            const float *W = (const float *)w->q;
+#if defined(HQ_HAVE_AVX2_PATH)
+            if (t->isa == HQ_ISA_AVX2)
+                hd_f32_rows_avx2(W, w->k, t->x, r0, r1, o);
+            else
+#endif
+                for (int r = r0; r < r1; r++) o[r - r0] = hd_dot(W + (size_t)r * w->k, t->x, w->k, t->isa);
+        } else {
+#if defined(HQ_HAVE_AVX2_PATH)
+            if (t->isa == HQ_ISA_AVX2)
+                hq_rows_avx2(w, t->a, 0, r0, r1, o);
+            else
+#endif
+                hq_rows_scalar(w, t->a, 0, r0, r1, o);
+        }
+        if (w->bias)
+            for (int r = r0; r < r1; r++) o[r - r0] += w->bias[r];
+    }
+}
+
+typedef struct {
+    int8_t *q;
+    float *d, *gs;
+    int32_t *isum;
+} hd_act_buf;
+
+static void hd_gemv(const hq_weight *w, const float *x, float *out, hd_act_buf *buf, int isa, int nthreads) {
+    hq_acts a = {1, w->kp, 1, buf->q, buf->d, buf->gs};
+    if (w->bits != HD_FLOAT32) {
+        a.ngroups = w->kp / w->group;
+        hq_quantize_acts(x, 1, w->k, w->kp, w->group, isa, buf->q, buf->d, buf->gs, buf->isum);
+    }
+    hd_gemv_task t;
+    t.w = w;
+    t.a = &a;
+    t.x = x;
+    t.out = out;
+    t.isa = isa;
+    int rows = w->n / (8 * (nthreads > 0 ? nthreads : 1));
+    rows = rows < 16 ? 16 : rows > 256 ? 256 : rows;
+    t.chunk_rows = rows & ~3;
+    t.nchunks = (w->n + t.chunk_rows - 1) / t.chunk_rows;
+    atomic_init(&t.next, 0);
+    hq_parallel(hd_gemv_worker, &t, nthreads < t.nchunks ? nthreads : t.nchunks);
+}
+
+#include "hq_decode_attn.h"
+
+/* ---- the rest: norms, RoPE, SiLU ---------------------------------------------------- */
+/* out = x / sqrt(mean(x^2) + eps) * weight (fp32, as engine/layers/norm.py) */
+static void hd_rmsnorm(const float *x, const float *weight, float eps, int n, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
+}
+
+/* rotate-half RoPE of `heads` vectors of head_dim at one position (engine/layers/rotary.py) */
+static void hd_rope(float *x, int heads, int hd, const float *cos, const float *sin) {
+    const int half = hd / 2;
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (size_t)h * hd;
+        for (int i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cos[i] - b * sin[i];
+            v[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+}
+
+/* Row `token` of the embedding as fp32 into out [hidden]. */
+static void hd_embed(const hq_weight *e, int token, int isa, float *out) {
+    if (e->bits == HD_FLOAT32) {
+        memcpy(out, (const float *)e->q + (size_t)token * e->k, sizeof(float) * (size_t)e->k);
+        return;
+    }
+#if defined(HQ_HAVE_AVX2_PATH)
+    if (isa == HQ_ISA_AVX2) {
+        hq_dequant_rows_avx2(e, token, token + 1, out);
+        return;
+    }
+#endif
+    (void)isa;
+    hq_dequant_rows_scalar(e, token, token + 1, out);
+}
+
+/* act [n] = silu(gu[i]) * gu[n + i] (SwiGLU over [gate | up]) */
+#if defined(HQ_HAVE_AVX2_PATH)
+HQ_AVX2 static void hd_silu_mul_avx2(const float *gu, int n, float *act) {
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gu + i);
+        const __m256 e = hd_exp_avx2(_mm256_xor_ps(g, neg));
+        _mm256_storeu_ps(act + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(gu + n + i)));
+    }
+    for (; i < n; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[n + i];
+}
+#endif
+
+static void hd_silu_mul(const float *gu, int n, float *act, int isa) {
+#if defined(HQ_HAVE_AVX2_PATH)
+    if (isa == HQ_ISA_AVX2) {
+        hd_silu_mul_avx2(gu, n, act);
+        return;
+    }
+#endif
+    (void)isa;
+    for (int i = 0; i < n; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[n + i];
+}
+
+/* One decode step of one sequence: token `token` at position `pos` (its K/V written at
+ * block table[pos / block_size], offset pos % block_size; attention over positions
+ * 0..pos, or the last `window`), logits [vocab] fp32 out. `threads` <= 1: the calling
+ * thread only. Returns HQ_OK, HQ_ERR_SHAPE (bad token, position or table) or HQ_ERR_NOMEM. */
+int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, int ntable, float *logits,
+                   int threads) {
+    if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_positions || pos / m->block_size >= ntable)
+        return HQ_ERR_SHAPE;
+    for (int b = 0; b <= pos / m->block_size; b++)
+        if (table[b] < 0 || table[b] >= m->num_blocks) return HQ_ERR_SHAPE;
+    int isa = hq_pick_isa(m->isa);
+    if (isa < 0) return HQ_ERR_ISA;
+    if (threads < 1) threads = 1;
+    const int H = m->hidden, hd = m->head_dim, qsize = m->heads * hd, kvsize = m->kv_heads * hd;
+    const int group = m->heads / m->kv_heads;
+    const int lo = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0, len = pos - lo + 1;
+    /* Attention's split: short contexts one unit per KV head on this thread (µs of work,
+       less than waking a helper); long ones about 4 units per thread. */
+    int at_threads = 1, nchunks = 1, chunk = len;
+    if ((size_t)len * m->heads >= (size_t)m->split_min && threads > 1) {
+        at_threads = threads;
+        nchunks = (4 * threads + m->kv_heads - 1) / m->kv_heads;
+        chunk = (len + nchunks - 1) / nchunks;
+        chunk = (chunk + 7) & ~7;
+        nchunks = (len + chunk - 1) / chunk;
+    }
+    const int nunits = m->kv_heads * nchunks;
+    int widest = H > 2 * m->inter ? H : 2 * m->inter;
+    widest = (widest > qsize ? widest : qsize) + 64;
+    const size_t n_scores = (size_t)at_threads * group * (chunk + 8), n_partial = (size_t)nunits * group * (hd + 2);
+    const size_t floats = (size_t)4 * H + (qsize + 2 * kvsize) + qsize + 2 * (size_t)m->inter + m->inter + n_scores +
+                          n_partial + 3 * ((size_t)widest / HQ_BLOCK + 1) + 64;
+    char *mem = (char *)malloc(sizeof(float) * floats + (size_t)widest + 64);
+    if (!mem) return HQ_ERR_NOMEM;
+    float *res = (float *)mem, *h = res + H, *tmp = h + H, *qkv = tmp + 2 * H;
+    float *attn = qkv + qsize + 2 * kvsize, *gu = attn + qsize, *act = gu + 2 * m->inter;
+    float *scores = act + m->inter, *partial = scores + n_scores;
+    hd_act_buf ab;
+    ab.d = partial + n_partial;
+    ab.gs = ab.d + widest / HQ_BLOCK + 1;
+    ab.isum = (int32_t *)(ab.gs + widest / HQ_BLOCK + 1);
+    ab.q = (int8_t *)(ab.isum + widest / HQ_BLOCK + 1);
+
+    const float *cos = m->cos + (size_t)pos * hd, *sin = m->sin + (size_t)pos * hd;
+    const int slot_block = table[pos / m->block_size], slot_off = pos % m->block_size;
+    const size_t plane = (size_t)m->num_blocks * m->block_size * kvsize;
+
+    hd_embed(&m->embed, token, isa, res);
+    for (int l = 0; l < m->layers; l++) {
+        const hd_layer *L = &m->layer[l];
+        hd_rmsnorm(res, L->input_norm, m->eps, H, h);
+        hd_gemv(&L->qkv, h, qkv, &ab, isa, threads);
+        float *q = qkv, *k = qkv + qsize, *v = k + kvsize;
+        hd_rope(q, m->heads, hd, cos, sin);
+        hd_rope(k, m->kv_heads, hd, cos, sin);
+        float *slot = L->kv + ((size_t)slot_block * m->block_size + slot_off) * kvsize;
+        memcpy(slot, k, sizeof(float) * kvsize);
+        memcpy(slot + plane, v, sizeof(float) * kvsize);
+
+        hd_attn_task at;
+        at.m = m;
+        at.q = q;
+        at.kv = L->kv;
+        at.table = table;
+        at.partial = partial;
+        at.scores = scores;
+        at.lo = lo;
+        at.len = len;
+        at.chunk = chunk;
+        at.nchunks = nchunks;
+        at.nunits = nunits;
+        at.isa = isa;
+        atomic_init(&at.next, 0);
+        hq_parallel(hd_attn_worker, &at, at_threads < nunits ? at_threads : nunits);
+        hd_attn_merge(&at, attn);
+
+        hd_gemv(&L->o, attn, tmp, &ab, isa, threads);
+        for (int i = 0; i < H; i++) res[i] = tmp[i] + res[i];
+        hd_rmsnorm(res, L->post_norm, m->eps, H, h);
+        hd_gemv(&L->gate_up, h, gu, &ab, isa, threads);
+        hd_silu_mul(gu, m->inter, act, isa);
+        hd_gemv(&L->down, act, tmp, &ab, isa, threads);
+        for (int i = 0; i < H; i++) res[i] = tmp[i] + res[i];
+    }
+    hd_rmsnorm(res, m->final_norm, m->eps, H, h);
+    hd_gemv(&m->head, h, logits, &ab, isa, threads);
+    free(mem);
+    return HQ_OK;
+}
+
+#endif

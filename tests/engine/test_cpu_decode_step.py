@@ -1,0 +1,135 @@
+"""The CPU decode step (one C call per token, engine/runner/cpu_step.py): its logits equal
+the eager model's for the same step on every family it takes (untied + Llama 3 RoPE
+scaling, tied GQA, a sliding window shorter than the context, q/k/v biases), float32 and
+quantized, past several KV blocks; the engine's greedy tokens are the same with it on and
+off; what it can't run is refused with the reason and runs eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.loader.engine_loader import load_model
+from engine.runner.cpu_step import CpuDecodeStep
+from engine.runner.lifecycle import release_runner
+
+PROMPT = [5, 17, 99, 3, 1024, 7, 42, 8, 300, 11, 12, 13, 2048, 77, 19, 23, 4000, 31, 37, 41, 43, 47, 53, 59,
+          61, 67, 71, 73]  # 28 tokens: past the mistral model's window of 24
+TABLE = [6, 2, 9, 0, 4, 11, 3, 8, 1]  # out of order: the step must follow the table (blocks of 4)
+STEPS = [500, 9, 1234, 88, 7, 6]  # decode inputs: positions 28..33, the 8th and 9th blocks
+
+
+def _load(path, quant, **options):
+    config = load_config(str(path), device="cpu", dtype="float32", attention="torch", num_blocks=12,
+                         block_size=4, max_model_len=128, quantization=quant, **options)
+    return load_model(config)
+
+
+def _eager_step(runner, ids, start):
+    meta = runner._metadata([TABLE], [start], [len(ids)])
+    hidden = runner.model(torch.tensor(ids), torch.arange(start, start + len(ids)), runner.kv_caches, meta)
+    return runner.model.compute_logits(hidden[-1:]).float().clone()
+
+
+@pytest.mark.parametrize("family,quant", [("llama3", "none"), ("llama3", "int4"), ("llama-tied", "none"),
+                                          ("llama-tied", "int8"), ("mistral", "int4"), ("qwen2", "none"),
+                                          ("qwen2", "int8")])
+def test_the_c_step_gives_the_eager_steps_logits(tiny_models, family, quant):
+    loaded = _load(tiny_models[family], quant, quant_head=family == "llama-tied")
+    runner = loaded.runner
+    try:
+        assert loaded.info.cpu_decode is True and runner.cpu_step is not None
+        with torch.inference_mode():
+            _eager_step(runner, PROMPT, 0)
+            pos = len(PROMPT)
+            for token in STEPS:
+                want = _eager_step(runner, [token], pos)
+                # the C step writes this position's K/V again (the same values, up to rounding)
+                got = runner.cpu_step.run(token, pos, TABLE)
+                assert got.shape == want.shape
+                err = (got - want).abs().max().item()
+                # fp32 rounding; quantized: an int8 activation code may round the other way
+                tol = 1e-4 if quant == "none" else 2e-3
+                assert err <= tol * max(1.0, want.abs().max().item()), (pos, err)
+                assert got.argmax() == want.argmax()
+                pos += 1
+    finally:
+        release_runner(runner)
+
+
+def test_it_reads_the_cache_it_was_given(tiny_models):
+    """A wrong context (a cleared cache) changes the logits: the step attends to the cache."""
+    loaded = _load(tiny_models["llama-tied"], "none")
+    runner = loaded.runner
+    try:
+        with torch.inference_mode():
+            _eager_step(runner, PROMPT, 0)
+            want = _eager_step(runner, [STEPS[0]], len(PROMPT))
+            for cache in runner.kv_caches:
+                cache[:, TABLE[0]].zero_()
+            got = runner.cpu_step.run(STEPS[0], len(PROMPT), TABLE)
+        assert (got - want).abs().max() > 1e-3
+    finally:
+        release_runner(runner)
+
+
+def test_greedy_tokens_are_the_same_with_and_without_the_c_step(tiny_models, monkeypatch):
+    from engine.api import Engine, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outputs, infos, calls = [], [], []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("HEARTH_CPU_DECODE", switch)
+        engine = Engine.load(str(tiny_models["mistral"]), device="cpu", dtype="float32", attention="torch",
+                             quantization="int4", max_model_len=128, block_size=4)
+        try:
+            step = engine.runner.cpu_step
+            if step is not None:  # count the steps it runs
+                run = step.run
+                step.run = lambda *a: calls.append(a) or run(*a)
+            outputs.append(engine.generate(["The quick brown fox jumps over the lazy dog and runs"], params)[0])
+            infos.append(engine.model_info.cpu_decode)
+        finally:
+            engine.shutdown()
+    assert infos == ["turned off (HEARTH_CPU_DECODE=0)", True]
+    assert outputs[0].token_ids == outputs[1].token_ids
+    assert len(calls) == 23  # every decode step (the prompt step sampled the first token)
+    assert len(outputs[1].token_ids) == 24
+
+
+def test_what_it_cannot_run_is_refused_with_the_reason(tiny_models):
+    loaded = _load(tiny_models["qwen3"], "none")
+    try:
+        assert loaded.runner.cpu_step is None
+        assert "q/k norms" in loaded.info.cpu_decode
+        step, reason = CpuDecodeStep.build(loaded.runner)
+        assert step is None and "Qwen3" in reason
+    finally:
+        release_runner(loaded.runner)
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+@pytest.mark.parametrize("isa,split_min", [("avx2", 0), ("scalar", 0), ("scalar", 1 << 30)])
+def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_models, quant, isa, split_min):
+    """Long contexts split attention's keys over 2 threads (here forced at any length), and
+    CPUs without AVX2 run the portable C: both give the eager step's logits."""
+    from kernels import cpu_quant
+
+    if isa == "avx2" and cpu_quant.isa() != "avx2":
+        pytest.skip("this CPU has no AVX2")
+    loaded = _load(tiny_models["mistral"], quant)
+    runner = loaded.runner
+    try:
+        runner.cpu_step._model.configure(isa=isa, split_min=split_min)
+        with torch.inference_mode():
+            _eager_step(runner, PROMPT, 0)
+            pos = len(PROMPT)
+            for token in STEPS[:3]:
+                want = _eager_step(runner, [token], pos)
+                got = runner.cpu_step._model.step(token, pos, TABLE, threads=2)
+                tol = 1e-4 if quant == "none" else 2e-3
+                assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+                pos += 1
+    finally:
+        release_runner(runner)
