@@ -25,6 +25,8 @@ A kernel receives the module's raw input: for a SwiGLU-down projection that is
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from engine.layers.linear_kernels import matmul
@@ -153,7 +155,11 @@ def cpu_kernel_problem(layer) -> str | None:
 
 def kernel_for(layer) -> QuantKernel:
     """The kernel ``layer`` runs on its device before any timing: the fastest one that
-    runs there (Triton on a CUDA GPU, the C kernel on an AVX2 CPU, else the reference)."""
+    runs there (Triton on a CUDA GPU, the C kernel on an AVX2 CPU, else the reference).
+    ``HEARTH_QUANT_KERNEL=reference`` forces the reference: exact float activations (the
+    CPU kernel rounds them to int8 blocks, as llama.cpp does), to measure what that costs."""
+    if os.environ.get("HEARTH_QUANT_KERNEL") == "reference":
+        return DequantMatmul()
     if layer.qweight.device.type == "cuda":
         return TritonQuant()
     if layer.qweight.device.type == "cpu" and cpu_kernel_problem(layer) is None:

@@ -29,7 +29,7 @@ from engine.loader.gguf_check import truncation_problem
 #: Marker written last into a converted folder; describes the source GGUF file.
 SOURCE_FILE = "hearth_source.json"
 # Bump when the converted layout changes so old conversions are redone.
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 _GGUF_MAGIC = b"GGUF"
 
 

@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from engine.errors import InvalidRequestError, ModelLoadError
 
 LAYOUTS = ("compressed-tensors", "gptq", "awq")

@@ -67,6 +67,11 @@ def _reason(runner) -> str | None:
         return "q/k norms (Qwen3) are not in the C step"
     if not runner.kv_caches:
         return "no KV cache"
+    from engine.layers.quant_kernels import CpuQuant
+
+    if any(hasattr(m, "qweight") and getattr(m, "checkpoint_params", ()) and not isinstance(m.kernel, CpuQuant)
+           for m in runner.model.modules() if hasattr(m, "kernel")):
+        return "some quantized layers don't run Hearth's CPU kernel (HEARTH_QUANT_KERNEL=reference, or no AVX2)"
     from kernels import cpu_decode
 
     return cpu_decode.available()

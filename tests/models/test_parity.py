@@ -105,10 +105,11 @@ def _req(ids, params):
 
 
 def test_default_model_matches_transformers(default_model):
-    """The real SmolLM2 (converted from the bundled GGUF): logits and 32 greedy tokens."""
+    """The real SmolLM2 (converted from the bundled GGUF to floats): logits and 32 greedy tokens."""
     from engine.api import Request
 
-    eng = Engine.load(None, device=engine_device(), dtype="float32", num_blocks=64, max_model_len=1024)
+    eng = Engine.load(None, device=engine_device(), dtype="float32", num_blocks=64, max_model_len=1024,
+                      quantization="none")
     try:
         ref_model = hf_model(default_model.path)
         ids = eng.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
@@ -125,3 +126,46 @@ def test_default_model_matches_transformers(default_model):
         assert res.token_ids == ref_ids
     finally:
         eng.shutdown()
+
+
+def gguf_reference_model(path):
+    """transformers' own model of a GGUF file with its exact dequantized weights (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    model.tie_weights()
+    return model.eval().to(engine_device())
+
+
+def test_default_model_on_its_own_gguf_weights_matches_transformers(default_model, monkeypatch):
+    """The default load keeps the GGUF's Q4_1/Q8_0 weights: with exact float activations
+    (the reference kernel) its logits are transformers' for the file's dequantized weights;
+    Hearth's CPU kernel rounds activations to int8 blocks (as llama.cpp does), which moves
+    logits a little but not the top token."""
+    from engine.loader.resolve import default_gguf_path
+
+    ref_model = gguf_reference_model(default_gguf_path())
+    kernels = ["reference"] + (["fast"] if engine_device() == "cpu" else [])
+    for kernel in kernels:
+        if kernel == "reference":
+            monkeypatch.setenv("HEARTH_QUANT_KERNEL", "reference")
+        else:
+            monkeypatch.delenv("HEARTH_QUANT_KERNEL", raising=False)
+        eng = Engine.load(None, device=engine_device(), dtype="float32", num_blocks=64, max_model_len=1024)
+        try:
+            assert eng.model_info.quantization == "gguf" and "210 Q4_1 tensors kept" in eng.model_info.quant_detail
+            ids = eng.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+            with torch.no_grad():
+                ref = ref_model(torch.tensor([ids], device=engine_device())).logits[0].float()
+            got = native_logits(eng, ids, [len(ids)])
+            if kernel == "reference":
+                torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-4)
+            else:
+                assert torch.equal(got.argmax(-1), ref.argmax(-1))
+                assert (got - ref).abs().mean() < 0.05 * ref.abs().max()
+        finally:
+            eng.shutdown()
