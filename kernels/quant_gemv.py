@@ -123,6 +123,11 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
 _PAIRED: dict[int, tuple] = {}
 
 
+def forget_paired(qweight: torch.Tensor) -> None:
+    """Drop the cached pair-order copy of ``qweight`` (its owner now holds that copy)."""
+    _PAIRED.pop(id(qweight), None)
+
+
 def _paired(qweight: torch.Tensor) -> torch.Tensor:
     """``pair_nibbles(qweight)``, made once per tensor (and again after an in-place change)."""
     key = id(qweight)

@@ -13,11 +13,13 @@ from engine.api import QUANTIZE_LAYOUTS, quantize_model
 def add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="write a quantized copy of a model (int4/int8) for fast loads")
     p.add_argument("--model", default=None, help="default | Hub repo id | local folder | .gguf file")
-    p.add_argument("--quant", "--quantization", default="int4", metavar="NAME", help="int4 | int8 (default int4)")
+    p.add_argument("--quant", "--quantization", default="int4", metavar="NAME",
+                   help="int4 | int8 (round-to-nearest) | awq | gptq (calibrated on the bundled text); default int4")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="int4's group: 32, 64, 128 or 256 (default: 128, or the largest of 64/32 that fits)")
-    p.add_argument("--format", dest="layout", default="compressed-tensors", choices=QUANTIZE_LAYOUTS,
-                   help="the layout written (default compressed-tensors, what llm-compressor writes)")
+    p.add_argument("--format", dest="layout", default=None, choices=QUANTIZE_LAYOUTS,
+                   help="the layout written (default: awq/gptq's own, else compressed-tensors, what llm-compressor "
+                        "writes)")
     p.add_argument("--device", default="cpu", help="where to quantize (cpu, cuda, cuda:N)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist)")
     p.add_argument("--json", action="store_true", help="print one JSON object describing the result")

@@ -92,9 +92,12 @@ class TritonQuant(QuantKernel):
             bound.prepared = PreparedQuant(4, layer.group_size, layer.qweight.data, layer.scales.contiguous(),
                                            layer.mins.contiguous())
         else:
+            from kernels.quant_gemv import forget_paired
+
             bound.prepared = prepare_int4(layer.qweight, layer.scales, layer.mins, layer.group_size)
             # One copy of the codes on the GPU: the module keeps the kernels' pair order
             # from now on (``quantized_weight`` turns it back into the canonical order).
+            forget_paired(layer.qweight)
             layer.qweight.data = bound.prepared.qweight
             layer.qweight.int4_layout = "pairs"
         from kernels.quant_gemm import quant_gemm

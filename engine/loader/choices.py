@@ -61,6 +61,9 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
         raise InvalidRequestError(
             f"quantization {quantization.name!r} can't be used here: {'; '.join(quantization.reasons)}. "
             "Load the weights unquantized (--quant none).", options=("quantization",))
+    from engine.quant.transform import check_quant_flags
+
+    check_quant_flags(quantization.name, mc.quant_group_size, mc.quant_head)
     return LoadChoices(device, dtype, attention)
 
 

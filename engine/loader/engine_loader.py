@@ -69,7 +69,8 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
         return FoundModel(name, None, "shape", cfg, f"engine.shapes[{shape!r}]", SHAPE_SEED)
     say(f"resolving model {mc.model or 'default'}")
     if keep_quantized is None:
-        keep_quantized = not mc.force_fallback and (
+        maybe_gguf = mc.model is None or mc.model.strip() == "default" or mc.model.strip().lower().endswith(".gguf")
+        keep_quantized = not mc.force_fallback and maybe_gguf and (
             mc.quantization == "gguf" or (mc.quantization == "auto" and auto_keeps_gguf(mc.device)))
     resolved = resolve_model(mc.model, mc.revision, progress=say, keep_quantized=keep_quantized)
     return FoundModel(resolved.name, resolved.path, resolved.source, resolved.config or read_config(resolved.path),
@@ -84,20 +85,27 @@ def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], Non
     import hashlib
 
     from engine.paths import models_cache_dir
-    from engine.quant.export import (CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, GPTQ_DAMP, calibrated_model)
+    from engine.quant.export import (CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, CALIBRATION_VERSION, GPTQ_DAMP,
+                                     calibrated_model)
+    from resources.texts import calibration_text_path
 
     mc = config.model
     stamp = [str(found.path)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                                  for p in sorted(Path(found.path).glob("*")) if p.is_file()]
     stamp += [mc.quantization, str(mc.quant_group_size), str(CALIBRATION_SEQ_LEN), str(CALIBRATION_SEQUENCES),
-              str(GPTQ_DAMP), "v1"]
+              str(GPTQ_DAMP), CALIBRATION_VERSION,
+              hashlib.sha256(calibration_text_path().read_bytes()).hexdigest()]
     key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in found.name)[:60]
     out = models_cache_dir() / "calibrated" / f"{safe}-{mc.quantization}-{key}"
     if not (out / "config.json").is_file():
         say(f"{mc.quantization}: quantizing {found.name} with calibration (once; later loads reuse it)")
-        calibrated_model(str(found.path), out, method=mc.quantization, group_size=mc.quant_group_size,
-                         device=mc.device, progress=say, should_stop=should_stop)
+        try:
+            calibrated_model(str(found.path), out, method=mc.quantization, group_size=mc.quant_group_size,
+                             device=mc.device, progress=say, should_stop=should_stop)
+        except InvalidRequestError:
+            if not (out / "config.json").is_file():  # not another process finishing it first
+                raise
     return FoundModel(found.name, out, found.source, read_config(out), str(out / "config.json"))
 
 

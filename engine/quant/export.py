@@ -47,7 +47,7 @@ def _refuse_existing(out_dir: str | Path) -> None:
                                   options=("out",))
 
 
-def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4", layout: str = "compressed-tensors",
+def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4", layout: str | None = None,
                    group_size: int | None = None, device: str = "cpu",
                    progress: Callable[[str], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> QuantizeResult:
@@ -59,6 +59,8 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
 
     say = progress or (lambda _msg: None)
     _refuse_existing(out_dir)
+    if layout is None:  # the method's own layout (AWQ, GPTQ), else what llm-compressor writes
+        layout = quantization if quantization in ("awq", "gptq") else "compressed-tensors"
     if layout not in LAYOUTS:
         raise InvalidRequestError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.",
                                   options=("layout",))
@@ -67,8 +69,7 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
                                   f"{quantization!r}.", options=("quantization",))
     if quantization in ("awq", "gptq"):
         return calibrated_model(model, out_dir, method=quantization, group_size=group_size, device=device,
-                                progress=progress, should_stop=should_stop, layout=None if layout == LAYOUTS[0]
-                                else layout)
+                                progress=progress, should_stop=should_stop, layout=layout)
     if layout == "awq" and quantization != "int4":
         raise InvalidRequestError("AWQ checkpoints hold 4-bit weights: use --quant int4, or another layout.",
                                   options=("layout",))
@@ -172,6 +173,9 @@ CALIBRATION_SEQUENCES = 64
 #: SmolLM2 it overfit the calibration text (down_proj worse than round-to-nearest on other
 #: text) and 0.1 generalised better.
 GPTQ_DAMP = 0.1
+#: Bump when calibration's results change (the algorithms, their options): cached
+#: calibrated checkpoints made by an older Hearth are then made again.
+CALIBRATION_VERSION = "calibration-1"
 
 
 def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, group_size: int | None = None,

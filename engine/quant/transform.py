@@ -91,7 +91,16 @@ def checkpoint_quant_method(path: Path | None, names: dict | None = None) -> str
         from engine.loader.weights import read_metadata
 
         names = read_metadata(path)
-    return "gguf" if any(n.endswith(".qweight") and ".qzeros" not in n for n in names) else "none"
+    quantized = [n.removesuffix(".qweight") for n in names if n.endswith(".qweight")]
+    if not quantized:
+        return "none"
+    base = quantized[0]
+    if names[f"{base}.qweight"][1] in ("U8", "I8") and f"{base}.scales" in names and f"{base}.qzeros" not in names:
+        return "gguf"  # Hearth's own layout: a GGUF converted with its quantized tensors kept
+    raise UnsupportedModelError(
+        f"{path}: tensor {base}.qweight is quantized but config.json has no quantization_config saying how "
+        "(AWQ, GPTQ or compressed-tensors); add the checkpoint's quantization_config, or load its "
+        "unquantized original.")
 
 
 def quantization_plan(method: str, path: Path | None, *, group_size: int | None = None,
@@ -102,6 +111,7 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
         from engine.loader.weights import read_metadata
 
         names = read_metadata(path)
+    check_quant_flags(method, group_size, head)
     found = checkpoint_quant_method(path, names)
     if method == "auto":
         method = found
@@ -136,6 +146,17 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
             f"native load): this one can't be calibrated here.", options=("quantization",))
     raise InvalidRequestError(f"quantization {method!r} is not implemented yet: use int8, int4, gguf or none.",
                               options=("quantization",))
+
+
+def check_quant_flags(method: str, group_size: int | None, head: bool) -> None:
+    """Refuse ``--group-size`` / ``--quant-head`` with a method they don't apply to."""
+    if head and method not in ("int8", "int4"):
+        raise InvalidRequestError(f"--quant-head applies to int8 and int4; {method} keeps the embedding and head "
+                                  "as the checkpoint has them.", options=("quant_head",))
+    if group_size is not None and method not in ("int4", "awq", "gptq"):
+        what = "int8 is per output channel" if method == "int8" else f"{method} has no group size to choose"
+        raise InvalidRequestError(f"{what}: --group-size applies to int4, awq and gptq.",
+                                  options=("quant_group_size",))
 
 
 def _canonical_sources(names: dict) -> dict[str, QuantSource]:

@@ -31,6 +31,11 @@ def release_module(model) -> None:
         for key, value in list(vars(module).items()):
             if isinstance(value, torch.Tensor):
                 setattr(module, key, None)
+        if getattr(module, "kernel", None) is not None and hasattr(module, "qweight"):
+            # A bound quantized kernel holds the weight's tensors (or a repacked copy).
+            from engine.layers.quant_kernels import DequantMatmul
+
+            module.kernel = DequantMatmul()
     try:
         model.to("meta")
     except Exception:  # pragma: no cover - freeing must never fail a shutdown

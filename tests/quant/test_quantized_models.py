@@ -177,3 +177,38 @@ def test_model_info_says_what_the_quantization_holds(tiny_models):
         assert loaded.info.to_dict()["quant_detail"] == loaded.info.quant_detail
     finally:
         release_runner(loaded.runner)
+
+
+def test_releasing_a_runner_drops_what_its_quantized_kernels_hold(tiny_models):
+    from engine.layers.quant_kernels import DequantMatmul
+
+    loaded = load(tiny_models["llama3"], quantization="int4")
+    layer = loaded.runner.model.model.layers[0].mlp.gate_up_proj  # kept by the test, as a cycle might
+    release_runner(loaded.runner)
+    assert isinstance(layer.kernel, DequantMatmul) and not hasattr(layer.kernel, "prepared")
+    assert layer.qweight.device.type == "meta"
+
+
+def test_flags_that_do_not_apply_are_refused(tiny_models):
+    with pytest.raises(InvalidRequestError, match="int8 is per output channel: --group-size applies to int4"):
+        load(tiny_models["llama3"], quantization="int8", quant_group_size=64)
+    with pytest.raises(InvalidRequestError, match="--quant-head applies to int8 and int4"):
+        load(tiny_models["llama3"], quantization="gptq", quant_head=True)
+
+
+def test_quantized_tensors_without_a_quantization_config_are_refused(tiny_models, tmp_path):
+    import shutil
+
+    from engine.errors import UnsupportedModelError
+    from engine.quant.export import quantize_model
+
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq")
+    cfg = (result.out_dir / "config.json").read_text()
+    import json
+
+    data = json.loads(cfg)
+    del data["quantization_config"]
+    (result.out_dir / "config.json").write_text(json.dumps(data))
+    with pytest.raises(UnsupportedModelError, match=r"qweight is quantized but config\.json has no quantization_config"):
+        load(result.out_dir)
+    shutil.rmtree(result.out_dir)
