@@ -36,7 +36,7 @@ def _eager_step(runner, ids, start):
                                           ("llama-tied", "int8"), ("mistral", "int4"), ("qwen2", "none"),
                                           ("qwen2", "int8")])
 def test_the_c_step_gives_the_eager_steps_logits(tiny_models, family, quant):
-    loaded = _load(tiny_models[family], quant, quant_head=family == "llama-tied")
+    loaded = _load(tiny_models[family], quant, quant_head=family == "llama-tied" and quant in ("int8", "int4"))
     runner = loaded.runner
     try:
         assert loaded.info.cpu_decode is True and runner.cpu_step is not None
