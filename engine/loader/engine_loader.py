@@ -176,11 +176,12 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         tokenizer = Tokenizer.from_pretrained(path)
 
     spec, native_error = native_spec(found, mc.force_fallback)
-    if spec is None and found.path is not None and checkpoint_quant_method(found.path) == "gguf":
+    stored = checkpoint_quant_method(found.path)  # how the checkpoint's weights are stored
+    if spec is None and stored == "gguf":
         # The transformers fallback reads float weights: the GGUF's float conversion.
         found = find_model(config, say, keep_quantized=False)
         path = found.path
-    if mc.quantization in ("awq", "gptq") and spec is not None and checkpoint_quant_method(found.path) == "none":
+    if mc.quantization in ("awq", "gptq") and spec is not None and stored == "none":
         found = calibrated(found, config, say, should_stop)  # GPTQ/AWQ of float weights: calibrate once
         path = found.path
     quantization = loaded_quantization(config, found.path, spec is not None)

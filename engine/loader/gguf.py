@@ -169,8 +169,7 @@ def convert_gguf(
     try:
         tmp.mkdir()
         cfg.save_pretrained(tmp)
-        kept = kept_quantized(gguf_path, cfg, tensors) if keep_quantized else {}
-        types = _tensor_types(gguf_path, cfg, tensors, kept) if keep_quantized else {}
+        kept, types = kept_quantized(gguf_path, cfg, tensors) if keep_quantized else ({}, {})
         weights = {name: t.to(dtype).contiguous() for name, t in tensors.items() if name not in kept}
         for name, qw in kept.items():
             base = name.removesuffix(".weight")
@@ -203,31 +202,44 @@ def convert_gguf(
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> dict:
-    """HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0 or
-    Q4_1, repacked from the file's own blocks with the rows in the order transformers'
-    reader gives (``tensors``: its dequantized, un-permuted ones). A tensor whose rows
-    can't be matched exactly, or a fused group (q/k/v, gate/up) of mixed types, stays float."""
+def _gguf_tensors(gguf_path: Path, cfg, names) -> dict:
+    """HF tensor name -> the file's own ``ReaderTensor`` for it (through gguf's name map of
+    the file's architecture; empty for an architecture gguf doesn't map)."""
     import gguf
     from gguf import GGUFReader
 
-    from engine.quant.gguf_blocks import KEPT_TYPES, blocks_to_weight, permute_rows, row_permutation
-
     reader = GGUFReader(str(gguf_path))
     field = reader.fields["general.architecture"]
-    arch_name = bytes(field.parts[field.data[0]]).decode()
-    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(bytes(field.parts[field.data[0]]).decode())
     if arch is None:
         return {}
     name_map = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers))
     raw = {t.name: t for t in reader.tensors}
+    found = {}
+    for name in names:
+        rt = raw.get(name_map.get_name(name, try_suffixes=(".weight", ".bias")) or "")
+        if rt is not None:
+            found[name] = rt
+    return found
+
+
+def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0 or
+    Q4_1, repacked from the file's own blocks with the rows in the order transformers'
+    reader gives (``tensors``: its dequantized, un-permuted ones); the file's quantized
+    types by what happened to them, ``{"kept": {"Q4_1": 210}, "dequantized": {"Q6_K": 4}}``).
+    A tensor whose rows can't be matched exactly, or a fused group (q/k/v, gate/up) of
+    mixed types, stays float."""
+    from engine.quant.gguf_blocks import KEPT_TYPES, blocks_to_weight, permute_rows, row_permutation
+
+    raw = _gguf_tensors(gguf_path, cfg, tensors)
     kept = {}
     for name, tensor in tensors.items():
-        rt = raw.get(name_map.get_name(name, try_suffixes=(".weight", ".bias")) or "")
+        rt = raw.get(name)
         if rt is None or rt.tensor_type.name not in KEPT_TYPES or tensor.dim() != 2:
             continue
         qw = blocks_to_weight(rt.data, rt.tensor_type.name)
-        # Hearth's dequantization equals gguf's bit for bit (tests/loader/test_gguf_quantized.py).
+        # Hearth's dequantization equals gguf's bit for bit (tests/quant/test_quant_layout.py).
         perm = row_permutation(tensor.float(), qw.dequantize(torch.float32))
         if perm is not None:
             kept[name] = permute_rows(qw, perm)
@@ -242,29 +254,14 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> di
             if len(forms) > 1:
                 for m in members:
                     kept.pop(m, None)
-    return kept
-
-
-def _tensor_types(gguf_path: Path, cfg, tensors: dict, kept: dict) -> dict:
-    """``{"kept": {"Q4_1": 210, ...}, "dequantized": {"Q6_K": 4}}``: the file's quantized
-    types by what the conversion did with them (float types, F32/F16/BF16, are neither)."""
-    import gguf
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(gguf_path))
-    field = reader.fields["general.architecture"]
-    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(bytes(field.parts[field.data[0]]).decode())
-    name_map = gguf.get_tensor_name_map(arch, int(cfg.num_hidden_layers)) if arch is not None else None
-    by_gguf = {t.name: t.tensor_type.name for t in reader.tensors}
-    out: dict[str, dict[str, int]] = {"kept": {}, "dequantized": {}}
-    for name in tensors:
-        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias")) if name_map else None
-        kind = by_gguf.get(gname or "")
-        if kind is None or kind in ("F32", "F16", "BF16", "F64"):
+    types: dict[str, dict[str, int]] = {"kept": {}, "dequantized": {}}
+    for name, rt in raw.items():
+        kind = rt.tensor_type.name
+        if kind in ("F32", "F16", "BF16", "F64"):
             continue
-        bucket = out["kept" if name in kept else "dequantized"]
+        bucket = types["kept" if name in kept else "dequantized"]
         bucket[kind] = bucket.get(kind, 0) + 1
-    return out
+    return kept, types
 
 
 def quant_detail(folder: Path) -> str | None:
