@@ -1,7 +1,10 @@
 """Weight-only int8/int4 matrix product for prefill and batched decode: ``y = x W^T (+ b)``
 with ``W`` a ``PreparedQuant`` (``kernels/quant_gemv.py``; int4 codes in pair order).
 
-Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
+Three paths, chosen by the number of rows M:
+
+- weight-stationary (int4, M <= ``SWAP_ROWS``; batched decode): ``kernels/quant_mma.py``,
+  the weight tile as the dot's tall side and x as the narrow one (see there).
 
 - fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
   ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps that lie inside one
@@ -43,6 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
+from kernels.quant_mma import MAX_ROWS, quant_mma
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as if their bits were another
 # type (garbage results); under TRITON_INTERPRET=1 bf16 dots run in fp32 instead. The GPU
@@ -51,6 +55,8 @@ _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "Tr
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (see the docstring)
 DEQUANT_ROWS = 1024
+#: up to this many rows int4 runs kernels/quant_mma.py's weight-stationary kernel
+SWAP_ROWS = 64
 
 
 @triton.jit
@@ -335,7 +341,7 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple:
 
 def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None,
-               dequant_rows: int | None = None) -> torch.Tensor:
+               dequant_rows: int | None = None, swap_rows: int | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x [M, K] (bf16/fp16; fp32 for tests) and the ``prepared``
     int4/int8 weight; returns [M, N] in x's dtype (into ``out`` when given). M below
     ``dequant_rows`` (default ``DEQUANT_ROWS``) runs the fused kernel with ``config``
@@ -343,7 +349,9 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     omitted; a sixth element ``True`` (SCALE_B) dequantizes each weight tile to x's dtype in
     registers before the dot: one accumulator, so 128-row tiles of grouped int4 fit, at
     the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
-    K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS."""
+    K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS.
+    Without a ``config``, int4 with up to ``swap_rows`` rows (default ``SWAP_ROWS``) runs
+    ``kernels/quant_mma.py`` instead of the fused kernel."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemm", x, k, False)
     rows = x.shape[0]
@@ -352,6 +360,9 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    if config is None and prepared.bits == 4 and k % 16 == 0 and rows <= min(
+            MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
+        return quant_mma(x, prepared, bias=bias, out=out)
     if rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows):
         w = dequantize_weight(prepared, x.dtype)
         if bias is None:

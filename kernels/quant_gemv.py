@@ -344,7 +344,7 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-KLOOP, MMA, ROWS = 0, 1, 2  # GemvConfig.kind
+KLOOP, MMA, ROWS, SWAP, SWAP_SCALED = 0, 1, 2, 3, 4  # GemvConfig.kind
 
 
 class GemvConfig(NamedTuple):
@@ -363,7 +363,15 @@ class GemvConfig(NamedTuple):
     padded with masked rows) and a ``block_n``-column weight tile on the tensor cores, K
     steps of ``block_k``: about 5.1 per int4 weight (3.6 per int8) with 128 columns but 4-6x
     that with 16 (its per-step x work is fixed), so only for large N (gate_up, lm_head).
-    Which wins is for the GPU to say: ``quant_gemv_configs`` lists all three kinds.
+    ``kind=SWAP`` (3, int4): ``kernels/quant_mma.py``'s weight-stationary tensor-core kernel
+    (the weight tile is the dot's tall side, x padded to 16 columns the narrow one; codes
+    decoded two per LOP3), ``block_n`` weight rows per program, ``block_k``-input steps,
+    ``stages`` in flight, K split over ``split`` programs per tile (a last-arriving fixup,
+    no extra kernel). About 4.4 instructions per int4 weight in the sm_90 build, but each
+    step waits for its dot (the group's scale is applied to the product). ``kind=SWAP_SCALED``
+    (4): the same kernel dequantizing the weight tile in registers (about 6.8 instructions
+    per weight, rounded to bf16 like the dequantize path), its dots left in flight.
+    Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
     block_n: int
@@ -371,6 +379,7 @@ class GemvConfig(NamedTuple):
     warps: int
     kind: int = KLOOP
     stages: int = 3  # software-pipelining depth (steps in flight per program)
+    split: int = 1  # SWAP: programs per output tile along K
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
@@ -391,17 +400,18 @@ _ROWS_MAX_K = 32768  # x-stationary: 1024 threads x one block of 32 inputs each
 #: program all loaded in one step (the most bytes in flight per program, the most
 #: programs), its earlier winners, one K-loop, and the tensor-core kernel (pair-order codes
 #: now give it full-width dots) with wide column tiles and deep pipelines for large N.
-_QUANT_CONFIGS = (GemvConfig(4, 4, 4, ROWS, 1), GemvConfig(8, 8, 4, ROWS, 1), GemvConfig(8, 4, 4, ROWS, 2),
-                  GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(32, 4, 4, ROWS, 3),
+#: The second H200 profile (...-v2.json) never picked 4- or 8-row x-stationary programs
+#: nor the widest tensor-core tiles: those are gone; the weight-stationary int4 kernel
+#: (SWAP) comes in with its split-K variants for the narrow layers.
+_QUANT_CONFIGS = (GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), GemvConfig(32, 4, 4, ROWS, 3),
                   GemvConfig(8, 512, 4, KLOOP, 3),
-                  GemvConfig(128, 128, 4, MMA, 4), GemvConfig(64, 128, 4, MMA, 5), GemvConfig(256, 128, 8, MMA, 3),
-                  GemvConfig(128, 128, 4, MMA, 6))
+                  GemvConfig(128, 128, 4, MMA, 4), GemvConfig(64, 128, 4, MMA, 5))
 
 
-def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
-    """The configs worth timing for an [n, k] weight of ``bits`` bits, in timing order:
-    ``default_quant_config`` first, then the others (no repeats, K steps no wider than
-    the row)."""
+def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:
+    """The configs worth timing for an [n, k] weight of ``bits`` bits (int4: ``group``
+    inputs per scale, default 128), in timing order: ``default_quant_config`` first, then the
+    others (no repeats, K steps no wider than the row), int4's weight-stationary ones last."""
     widest = triton.next_power_of_2(max(k, BLOCK))
     out = []
     for cfg in (default_quant_config(n, k, bits), *_QUANT_CONFIGS):
@@ -411,6 +421,13 @@ def quant_gemv_configs(n: int, k: int, bits: int) -> list[GemvConfig]:
             cfg = cfg._replace(block_k=min(cfg.block_k, widest))
         if cfg not in out:
             out.append(cfg)
+    if bits == 4 and k % 16 == 0:
+        from kernels.quant_mma import mma_configs
+
+        group = group or min(k, 128)
+        for c in mma_configs(1, n, k, bits, group)[:8]:
+            out.append(GemvConfig(c.block_n, c.block_k, c.warps, SWAP_SCALED if c.scale_w else SWAP, c.stages,
+                                  c.split_k))
     return out
 
 
@@ -462,7 +479,12 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
-    if cfg.kind == MMA or k % BLOCK:  # the CUDA-core kernels read whole blocks of 32 inputs
+    if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
+        from kernels.quant_mma import MmaConfig, quant_mma
+
+        return quant_mma(x, prepared, config=MmaConfig(cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.split,
+                                                       cfg.kind == SWAP_SCALED), swiglu=swiglu, bias=bias, out=out)
+    if cfg.kind in (MMA, SWAP, SWAP_SCALED) or k % BLOCK:  # the CUDA-core kernels read whole blocks of 32 inputs
         from kernels.quant_gemm import _launch_fused
 
         # tl.dot tiles are at least 16 wide; a CUDA-core config sent here gets usual mma steps

@@ -80,7 +80,7 @@ class TritonQuant(QuantKernel):
     def __init__(self, config=None) -> None:
         self.config = config
         self.prepared = None
-        self.name = "triton quant gemv" if config is None else "triton quant gemv %dx%d/%dw k%d s%d" % tuple(config)
+        self.name = "triton quant gemv" if config is None else _config_name(config)
 
     def bind(self, layer) -> "TritonQuant":
         from kernels.quant_gemv import PreparedQuant, prepare_int4, prepare_int8
@@ -102,7 +102,9 @@ class TritonQuant(QuantKernel):
             layer.qweight.int4_layout = "pairs"
         from kernels.quant_gemm import quant_gemm
         from kernels.quant_gemv import quant_gemv
+        from kernels.quant_mma import make_counters
 
+        make_counters(layer.qweight.device)  # split-K launches get captured in CUDA graphs later
         bound._gemv, bound._gemm = quant_gemv, quant_gemm
         return bound
 
@@ -176,4 +178,15 @@ def kernel_candidates(layer) -> list[QuantKernel]:
         return [layer.kernel]
     from kernels.quant_gemv import quant_gemv_configs
 
-    return [TritonQuant(c) for c in quant_gemv_configs(layer.out_features, layer.in_features, layer.bits)]
+    return [TritonQuant(c) for c in quant_gemv_configs(layer.out_features, layer.in_features, layer.bits,
+                                                        layer.group_size)]
+
+
+def _config_name(config) -> str:
+    """A GEMV config as ``ModelInfo.batch1_matmul`` shows it (rows x step / warps, kind,
+    stages, and the K split when there is one)."""
+    from kernels.quant_gemv import GemvConfig
+
+    c = GemvConfig(*config)
+    name = "triton quant gemv %dx%d/%dw k%d s%d" % c[:5]
+    return name + (f" split{c.split}" if c.split > 1 else "")

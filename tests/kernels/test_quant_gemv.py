@@ -302,11 +302,13 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     prep = (prepare_int4 if bits == 4 else prepare_int8)(qw.qweight, qw.scales, qw.mins, qw.group_size)
     x = torch.randn(1, 2 * k if swiglu else k, device="cuda", generator=g).bfloat16()
     x_eff = silu_and_mul(x) if swiglu else x
-    for config in quant_gemv_configs(n, k, bits):
-        check(quant_gemv(x, prep, config=config, swiglu=swiglu), x_eff, qw)
+    for config in quant_gemv_configs(n, k, bits, group):
+        # SWAP_SCALED dequantizes the weight tile to bf16 in registers, like the dequantize path
+        check(quant_gemv(x, prep, config=config, swiglu=swiglu), x_eff, qw, weight_rounding=config.kind == 4)
     for rows in (2, 64, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
-        check(quant_gemm(xm, prep), xm, qw)
+        # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default
+        check(quant_gemm(xm, prep), xm, qw, weight_rounding=bits == 4 and rows <= 64)
         check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw)  # no split
     # SCALE_B 128-row tiles (weight rounded to bf16 in registers, like the dequantize path)
     check(quant_gemm(xm, prep, config=(128, 128, 64, 8, 3, True, 1)), xm, qw, weight_rounding=True)
