@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import threading
 import time
+from threading import Event, Thread
 from pathlib import Path
 
 from app.commands.load_options import choice_help
@@ -111,7 +111,7 @@ def run_compare(args) -> int:
         raise InvalidRequestError(f"cannot write --json {out_path}: the folder {out_path.parent} does not exist; "
                                   "create it or pick another path.")
     printer = _ProgressPrinter(plan, quiet=args.quiet)
-    cancel = threading.Event()
+    cancel = Event()
     box: dict = {}
 
     def work() -> None:
@@ -122,7 +122,7 @@ def run_compare(args) -> int:
 
     # The comparison runs on a worker so that Ctrl-C here cancels it cleanly: the answer
     # in flight is aborted, the engine shut down, the finished configurations kept.
-    worker = threading.Thread(target=work, name="hearth-compare", daemon=True)
+    worker = Thread(target=work, name="hearth-compare", daemon=True)
     worker.start()
     interrupted = False
     while worker.is_alive():

@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 from app.services.compare_events import (CompareEvent, ConfigFinished, ConfigProgress, ConfigStarted, PromptFinished,
@@ -113,19 +114,21 @@ def score_agreement(result: ConfigResult, reference: ConfigResult | None) -> Non
     reference."""
     if reference is None:
         return
-    for p in result.prompts:
-        _score_prompt(p, reference)
+    # New PromptResults, not changed in place: the ones already sent in PromptFinished
+    # events may be in another thread's hands.
+    result.prompts = [_scored(p, reference) for p in result.prompts]
     result.agreement = mean(p.agreement for p in result.prompts)
     result.prefix_agreement = mean(p.prefix_agreement for p in result.prompts)
 
 
-def _score_prompt(prompt: PromptResult, reference: ConfigResult) -> None:
+def _scored(prompt: PromptResult, reference: ConfigResult) -> PromptResult:
+    """``prompt`` with its agreement with the reference's answer to the same prompt (None
+    unless both are complete)."""
     ref = reference.prompts[prompt.prompt_index] if prompt.prompt_index < len(reference.prompts) else None
     if ref is None or not (prompt.complete and ref.complete):
-        prompt.agreement = prompt.prefix_agreement = None
-        return
-    prompt.agreement = agreement(ref.token_ids, prompt.token_ids)
-    prompt.prefix_agreement = prefix_agreement(ref.token_ids, prompt.token_ids)
+        return replace(prompt, agreement=None, prefix_agreement=None)
+    return replace(prompt, agreement=agreement(ref.token_ids, prompt.token_ids),
+                   prefix_agreement=prefix_agreement(ref.token_ids, prompt.token_ids))
 
 
 class _ConfigRun:
@@ -152,8 +155,8 @@ class _ConfigRun:
             raise
         except HearthError as e:
             res.status, res.error = ERROR, str(e)
-        except Exception as e:  # not translated by the engine: recorded, logged with its traceback
-            log.exception("configuration %s failed", self.config.label)
+        except Exception as e:  # not translated by the engine: recorded; its traceback logged (hearth -v)
+            log.info("configuration %s failed", self.config.label, exc_info=True)
             res.status, res.error = ERROR, f"unexpected error ({type(e).__name__}): {e}"
         finally:
             try:
@@ -194,7 +197,7 @@ class _ConfigRun:
             self._progress("prompt", f"prompt {p + 1} of {len(plan.prompts)}", p, len(plan.prompts))
             answer = self._answer(self._request(prompt, chat, params), p)
             if self.reference is not None:
-                _score_prompt(answer, self.reference)
+                answer = _scored(answer, self.reference)
             res.prompts.append(answer)
             self.emit(PromptFinished(self.index, p, answer))
             self._check_stop()

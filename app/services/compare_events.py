@@ -7,6 +7,9 @@ while it loads, warms up and scores perplexity; for each prompt ``p``, ``TokenDe
 ...)`` as the answer streams, then ``PromptFinished(i, p)``; last ``ConfigFinished(i)``
 with its result. A configuration that a cancel reached before it started gets only its
 ``ConfigFinished`` (status "cancelled"). The run ends with one ``RunFinished``.
+
+The objects an event carries are never changed by the runner once the event is sent, so
+they may be handed to another thread as they are.
 """
 
 from __future__ import annotations
