@@ -51,7 +51,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                    help=choice_help("quantization", "comma-separated; the first configuration is the reference"))
     p.add_argument("--attention", type=_names, default=("auto",), metavar="A[,A...]",
                    help=choice_help("attention", "comma-separated (default auto)"))
-    p.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype", type=_names, default=("auto",), metavar="D[,D...]",
+    p.add_argument("--kv-dtype", "--kv-cache-dtype", dest="kv_dtype", type=_names, default=("auto",),
+                   metavar="D[,D...]",
                    help=choice_help("kv_cache_dtype", "comma-separated (default auto)"))
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts file: plain text, one prompt per block of lines, blocks separated by a blank line; or "
@@ -83,7 +84,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--quant-head", action="store_true", help="quantize the embedding and LM head too (int8/int4)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context in tokens; the KV cache holds one sequence of it (default: the model's)")
-    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default: one full context)")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache size, e.g. 2GiB (default: one full context, as memory allows)")
     g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     return p
 

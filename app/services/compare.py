@@ -165,7 +165,9 @@ class _ConfigRun:
                     self.engine = None
                 release_memory(collect=self.collect_garbage)
             finally:
-                res.peak_vram_bytes = meter.stop(res.device)
+                # A load that failed has no device: the plan's, unless it left the choice to auto.
+                device = res.device or (None if self.plan.device == "auto" else self.plan.device)
+                res.peak_vram_bytes = meter.stop(device)
                 res.peak_memory_source = meter.source if res.peak_vram_bytes is not None else None
                 res.seconds = time.perf_counter() - t0
         return res

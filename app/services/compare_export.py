@@ -43,8 +43,11 @@ def cells(r: ConfigResult) -> dict[str, str]:
     def num(value, fmt: str) -> str:
         return "" if value is None else fmt.format(value)
 
+    label = r.label
+    if r.config.quant == "auto" and r.quant_used:  # say what auto picked: "auto (gguf)"
+        label = label.replace("auto", f"auto ({r.quant_used})", 1)
     return {
-        "config": r.label + (" (ref)" if r.is_reference else ""),
+        "config": label + (" (ref)" if r.is_reference else ""),
         "ttft": num(r.ttft_ms, "{:.1f}"),
         "decode": num(r.decode_tok_s, "{:.1f}"),
         "weights": "" if r.weight_bytes is None else format_bytes(r.weight_bytes),
@@ -77,8 +80,10 @@ def summary_line(result: ComparisonResult) -> str:
     plan = result.plan
     sampling = "greedy" if plan.seed is None else f"sampled, seed {plan.seed}"
     where = next((r.device for r in result.results if r.device), plan.device)
-    ppl = "no perplexity" if not plan.perplexity else (
-        "perplexity on the bundled evaluation text" + (f" (first {plan.eval_tokens:,} tokens)" if plan.eval_tokens else ""))
+    ppl = "no perplexity"
+    if plan.perplexity:
+        cap = f" (first {plan.eval_tokens:,} tokens)" if plan.eval_tokens else ""
+        ppl = f"perplexity on the bundled evaluation text{cap}"
     return (f"{result.model or 'model'} on {where}: {len(plan.prompts)} prompt(s), {sampling}, up to {plan.max_tokens} "
             f"tokens each; TTFT and decode tok/s are means over the prompts; {ppl}"
             + ("; CANCELLED" if result.cancelled else ""))

@@ -33,8 +33,8 @@ def compare_args(model, prompts, *extra) -> list[str]:
 
 def test_json_lists_every_configuration_with_the_issue_fields(capsys, tiny, prompts_file, tmp_path):
     out_path = tmp_path / "out.json"
-    rc, out, err = run_cli(capsys, *compare_args(tiny, prompts_file, "--quants", "bf16,int8,int4", "--eval-tokens", "48",
-                                                 "--json", out_path))
+    rc, out, err = run_cli(capsys, *compare_args(tiny, prompts_file, "--quants", "bf16,int8,int4",
+                                                 "--eval-tokens", "48", "--json", out_path))
     assert rc == 0, err
     rows = json.loads(out_path.read_text(encoding="utf-8"))
     assert isinstance(rows, list) and [r["quant"] for r in rows] == ["bf16", "int8", "int4"]

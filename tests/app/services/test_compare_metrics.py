@@ -97,3 +97,26 @@ def test_peak_memory_on_a_cuda_device_is_none_without_cuda(monkeypatch):
     meter = PeakMemoryMeter()
     meter.start()
     assert meter.stop("cuda:0") is None
+
+
+def test_engine_peak_device_memory_is_none_off_cuda():
+    from engine.api import peak_device_memory_bytes, reset_peak_device_memory
+
+    reset_peak_device_memory()  # a no-op without CUDA
+    assert peak_device_memory_bytes("cpu") is None
+
+
+@pytest.mark.gpu
+def test_engine_peak_device_memory_is_the_spans_own_peak_on_cuda():
+    import torch
+
+    from engine.api import peak_device_memory_bytes, reset_peak_device_memory
+
+    torch.zeros(1, device="cuda")  # set CUDA up
+    reset_peak_device_memory()
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    peak = peak_device_memory_bytes("cuda:0")
+    del block
+    assert peak >= 256 * 2**20
+    reset_peak_device_memory()
+    assert peak_device_memory_bytes("cuda:0") < peak

@@ -129,6 +129,16 @@ def test_text_table_names_the_columns_and_says_speeds_are_means():
     assert rows[0].startswith("bf16 (ref)") and "75.0%" in rows[1] and "can't be used here" in rows[2]
 
 
+def test_table_says_what_auto_picked():
+    from app.services.compare_export import cells
+
+    result = sample()
+    result.results[0].config = CompareConfig("auto")
+    result.results[0].quant_used = "gguf"
+    assert cells(result.results[0])["config"] == "auto (gguf) (ref)"
+    assert cells(result.results[1])["config"] == "int4 · torch"
+
+
 def test_export_by_suffix_and_unknown_suffix(tmp_path):
     for suffix in (".csv", ".json", ".md"):
         path = export_comparison(sample(), tmp_path / f"out{suffix}")
