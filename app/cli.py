@@ -5,6 +5,7 @@
     hearth doctor                         what can run here, and why not
     hearth bench --shape llama-8b [...]   decode / prefill / throughput, --baseline hf
     hearth eval [--quant Q] [--text FILE] perplexity, weight bytes, load time
+    hearth compare --quants bf16,int8,int4 the same prompts across configurations, side by side
     hearth  |  hearth gui                 the desktop app
 """
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.commands.eval import add_eval_parser
 
     add_eval_parser(sub)
+    from app.commands.compare import add_compare_parser
+
+    add_compare_parser(sub)
     gui = sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
     gui.add_argument("--quit-after-start", action="store_true",
                      help="open the window, then close it at once (checks that the app starts here)")
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             from app.commands.eval import run_eval
 
             return run_eval(args)
+        if args.command == "compare":
+            from app.commands.compare import run_compare
+
+            return run_compare(args)
         if args.command == "doctor":
             from app.commands.doctor import run_doctor
 

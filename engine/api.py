@@ -34,6 +34,8 @@ from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgre
 from engine.memory_plan import (DTYPE_BYTES, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
                                 format_bytes, kv_pool_blocks)
 from engine.llm_engine import Engine
+# Peak allocator memory on a CUDA device, per measured span (``hearth compare``).
+from engine.metrics import peak_device_memory_bytes, reset_peak_device_memory
 # Engine.perplexity's result and its default sliding window (engine/evaluate.py).
 from engine.evaluate import DEFAULT_STRIDE as PERPLEXITY_STRIDE
 from engine.evaluate import DEFAULT_WINDOW as PERPLEXITY_WINDOW
@@ -124,5 +126,6 @@ __all__ = [
     "UnsupportedModelError", "EngineEvent", "TokenLogprob", "StepInfo",
     "QUANTIZE_LAYOUTS", "QuantizeResult", "quantize_model",
     "PerplexityResult", "PERPLEXITY_WINDOW", "PERPLEXITY_STRIDE",
+    "reset_peak_device_memory", "peak_device_memory_bytes",
 ]
 

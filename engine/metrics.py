@@ -29,3 +29,28 @@ def memory_snapshot(engine) -> dict:
         snap.update(device_total_bytes=total, device_used_bytes=total - free,
                     torch_allocated_bytes=torch.cuda.memory_allocated(dev))
     return snap
+
+
+def reset_peak_device_memory() -> None:
+    """Start a new peak for ``peak_device_memory_bytes`` on every CUDA device torch has
+    set up (none set up yet: their peaks start at zero anyway). A no-op without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(index)
+
+
+def peak_device_memory_bytes(device: str) -> int | None:
+    """The most bytes torch's allocator held on CUDA ``device`` ("cuda", "cuda:N") since
+    ``reset_peak_device_memory`` (weights, KV pool, activations, CUDA graphs' pools; not
+    the CUDA context or the allocator's unused cache). None for a non-CUDA device or
+    where CUDA isn't set up."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated(torch.device(device)))
