@@ -24,7 +24,7 @@ class ModelInfo:
 
     name: str  # what Hearth shows: a repo id, a .gguf file's name, a folder's name, "shape:<name>"
     ref: str  # what was asked for ("default", a repo id, a path): loading it again gives this model
-    path: str | None  # the local folder loaded (None: a benchmark shape, no files)
+    path: str | None  # the local folder loaded (None: a benchmark shape, no files; a calibrated shape: its checkpoint)
     source: str  # "default" | "hub" | "local" | "gguf" | "shape"
     model_type: str | None  # config.json's model_type
     vocab_size: int

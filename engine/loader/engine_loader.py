@@ -15,8 +15,8 @@ import torch
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.loader.choices import check_load_choices
-from engine.loader.shape_model import (SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer, is_shape_model,
-                                       shape_model_config)
+from engine.loader.shape_model import (SHAPE_CALIBRATION_NOTE, SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer,
+                                       is_shape_model, shape_model_config, shape_of_config)
 from engine.model_info import ModelInfo
 from engine.quant.transform import checkpoint_quant_method
 from engine.models.spec import ModelSpec, read_config
@@ -73,16 +73,21 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
         keep_quantized = not mc.force_fallback and maybe_gguf and (
             mc.quantization == "gguf" or (mc.quantization == "auto" and auto_keeps_gguf(mc.device)))
     resolved = resolve_model(mc.model, mc.revision, progress=say, keep_quantized=keep_quantized)
-    return FoundModel(resolved.name, resolved.path, resolved.source, resolved.config or read_config(resolved.path),
-                      str(resolved.path / "config.json"))
+    cfg = resolved.config or read_config(resolved.path)
+    shape = shape_of_config(cfg)
+    if shape is not None:  # a folder written from a shape (calibrated): random weights, no tokenizer
+        return FoundModel(f"{SHAPE_PREFIX}{shape}", resolved.path, "shape", cfg, str(resolved.path / "config.json"))
+    return FoundModel(resolved.name, resolved.path, resolved.source, cfg, str(resolved.path / "config.json"))
 
 
 def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], None],
                should_stop: Callable[[], bool] | None) -> FoundModel:
     """``found``'s float weights quantized with GPTQ or AWQ on the bundled calibration text,
     as a checkpoint in the models cache (made on the first such load, on the load's device;
-    reused while the source's files are unchanged)."""
+    reused while the source's files are unchanged). A random-weight shape (no files) is
+    keyed on its name, config and seed, and calibrated on the text's bytes (no tokenizer)."""
     import hashlib
+    import json
 
     from engine.paths import models_cache_dir
     from engine.quant.export import (CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, CALIBRATION_VERSION, GPTQ_DAMP,
@@ -90,18 +95,23 @@ def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], Non
     from resources.texts import calibration_text_path
 
     mc = config.model
-    stamp = [str(found.path)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                 for p in sorted(Path(found.path).glob("*")) if p.is_file()]
+    if found.path is None:  # a shape: what it is, is its name, its config and its weights' seed
+        source = found.name
+        stamp = [found.name, json.dumps(found.cfg, sort_keys=True), f"seed {found.random_seed}"]
+    else:
+        source = str(found.path)
+        stamp = [source] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                            for p in sorted(Path(found.path).glob("*")) if p.is_file()]
     stamp += [mc.quantization, str(mc.quant_group_size), str(CALIBRATION_SEQ_LEN), str(CALIBRATION_SEQUENCES),
               str(GPTQ_DAMP), CALIBRATION_VERSION,
               hashlib.sha256(calibration_text_path().read_bytes()).hexdigest()]
     key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:12]
-    safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in found.name)[:60]
+    safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in found.name)[:60]  # "shape:x" -> "shape-x"
     out = models_cache_dir() / "calibrated" / f"{safe}-{mc.quantization}-{key}"
     if not (out / "config.json").is_file():
         say(f"{mc.quantization}: quantizing {found.name} with calibration (once; later loads reuse it)")
         try:
-            calibrated_model(str(found.path), out, method=mc.quantization, group_size=mc.quant_group_size,
+            calibrated_model(source, out, method=mc.quantization, group_size=mc.quant_group_size,
                              device=mc.device, progress=say, should_stop=should_stop)
         except InvalidRequestError:
             if not (out / "config.json").is_file():  # not another process finishing it first
@@ -170,7 +180,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     found = find_model(config, say)
     stop()
     name, path, source, cfg = found.name, found.path, found.source, found.cfg
-    if path is None:
+    if path is None or source == "shape":  # a shape, or a folder written from one: no tokenizer
         tokenizer = TokenIdsOnlyTokenizer(cfg["vocab_size"], name)
     else:
         tokenizer = Tokenizer.from_pretrained(path)
@@ -230,8 +240,10 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
                                     progress=say, should_stop=should_stop)
         prefix = cc.enable_prefix_caching
     try:  # strictly: a field name the runner misspelt is an error here, not a silent drop
-        model_info = ModelInfo(**{**info, **runner.load_info, "quantization": quantization,
-                                  "quant_detail": quantization_detail(quantization, runner, found.path)})
+        detail = quantization_detail(quantization, runner, found.path)
+        if source == "shape" and (found.cfg.get("hearth_quantized") or {}).get("method") in ("awq", "gptq"):
+            detail = f"{detail} ({SHAPE_CALIBRATION_NOTE})"  # nobody should read quality into it
+        model_info = ModelInfo(**{**info, **runner.load_info, "quantization": quantization, "quant_detail": detail})
     except BaseException:
         release_runner(runner)
         raise

@@ -22,6 +22,7 @@ import torch
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from engine.loader.gguf import convert_gguf, is_up_to_date
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
+from engine.loader.shape_model import shape_of_config
 from engine.loader.weights import weight_files
 from engine.paths import models_cache_dir
 
@@ -94,7 +95,8 @@ def validate_model_folder(path: Path) -> dict[str, Any]:
     returns its config.json (the one time a load parses it).
 
     Requires ``config.json`` (valid JSON with a ``model_type``), safetensors weights
-    (``model.safetensors``, or an index whose shards all exist) and tokenizer files.
+    (``model.safetensors``, or an index whose shards all exist) and tokenizer files (but
+    for a folder written from a random-weight shape, which has none).
 
     Raises:
         UnsupportedModelError: only pickle ``.bin`` weights are present.
@@ -119,7 +121,8 @@ def validate_model_folder(path: Path) -> dict[str, Any]:
 
     weight_files(path)  # raises with the missing file named
 
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    # A folder written from a random-weight shape has no tokenizer: it loads as the shape does.
+    if shape_of_config(data) is None and not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model / vocab files). "
             "Save the tokenizer beside the model with tokenizer.save_pretrained(folder)."

@@ -9,6 +9,11 @@ noise anyway. Requests pass ``prompt_token_ids``; the generated ids come back an
 text of every token event is empty. ``TokenIdsOnlyTokenizer`` stands in for the real
 tokenizer so the engine needs no special case: text prompts and chat messages are
 rejected with a message that says what to do, and no id is ever an end-of-sequence.
+
+A shape quantized with calibration (``--quant awq``/``gptq``) is written as a checkpoint
+folder (``engine.quant.export``) whose config.json names the shape (``SHAPE_CONFIG_KEY``):
+it has no tokenizer either, and loads as a shape (``shape_of_config``), so the bench and
+``hearth compare`` feed it token ids as they do the shape itself.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from engine.errors import InvalidRequestError
 SHAPE_PREFIX = "shape:"
 #: Random weights are drawn with this seed, so every load of a shape is identical.
 SHAPE_SEED = 0
+#: config.json key of a checkpoint folder written from a shape: the shape's name.
+SHAPE_CONFIG_KEY = "hearth_shape"
+#: What ``ModelInfo.quant_detail`` adds for a calibrated shape, so that nobody reads
+#: quality into its numbers: random weights calibrated on bytes, not on tokens.
+SHAPE_CALIBRATION_NOTE = "random-weight shape: calibrated on the calibration text's bytes; speed only"
 
 
 def is_shape_model(model: str | None) -> bool:
@@ -43,6 +53,20 @@ def shape_model_config(model: str, revision: str | None = None) -> tuple[str, di
             f"shape {name!r}; drop the revision."
         )
     return name, shape_config(name)
+
+
+def shape_of_config(cfg: dict[str, Any]) -> str | None:
+    """The shape a checkpoint folder was written from (its config.json ``cfg``), or None
+    for a real model."""
+    shape = cfg.get(SHAPE_CONFIG_KEY)
+    return shape if isinstance(shape, str) and shape else None
+
+
+def byte_token_ids(text: str, vocab_size: int) -> list[int]:
+    """Token ids for a model without a tokenizer: ``text``'s UTF-8 bytes modulo the
+    vocabulary (about four per real token), the stand-in ``hearth compare`` uses for its
+    prompts on a shape too."""
+    return [b % vocab_size for b in text.encode("utf-8")]
 
 
 class _EveryId:

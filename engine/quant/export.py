@@ -8,6 +8,11 @@ split back into its checkpoint modules (q/k/v, gate/up) and written through
 ``engine.quant.formats``; every other tensor (norms, embedding, a float head) is copied from
 the source checkpoint unchanged. The folder is written beside its target and renamed into
 place, so a cancelled or failed run leaves nothing half-written.
+
+A random-weight shape (``shape:llama-8b``) has no checkpoint and no tokenizer: its other
+tensors come from the loaded model itself, its config.json is the shape's (naming it, so
+the folder loads as a shape again), and calibration reads the text's UTF-8 bytes as token
+ids. Such a checkpoint is for speed runs only.
 """
 
 from __future__ import annotations
@@ -87,10 +92,11 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
         release_runner(loaded.runner)
 
 
-def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization: str, say, should_stop
-           ) -> QuantizeResult:
+def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization: str, say, should_stop,
+           note: dict | None = None) -> QuantizeResult:
     """Write ``parts`` ((checkpoint module, QuantizedWeight)) in ``layout``, the float
-    parameters ``floats`` overrides, and every other tensor of the loaded model's checkpoint."""
+    parameters ``floats`` overrides, and every other tensor of the loaded model's checkpoint
+    (a shape's: of the loaded model). ``note`` goes into config.json's ``hearth_quantized``."""
     from safetensors.torch import save_file
 
     from engine.errors import LoadCancelledError
@@ -98,7 +104,7 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
     from engine.quant.formats import is_symmetric, quantization_config, write_checkpoint_weight, write_gptq
 
     out_dir = Path(out_dir).expanduser()
-    path = Path(loaded.info.path)
+    path = None if loaded.info.path is None else Path(loaded.info.path)  # None: a shape, no files
     tensors: dict[str, torch.Tensor] = {}
     written = set()
     bits = group = None
@@ -120,24 +126,25 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
         for key, t in out.items():
             tensors[f"{ckpt}.{key}"] = t.contiguous()
         written.add(ckpt)
-    for name, t in iter_weights(path):
+    others = iter_weights(path) if path is not None else _shape_tensors(loaded, written)
+    for name, t in others:
         if name.rpartition(".")[0] not in written:
             tensors[name] = floats[name].cpu().to(t.dtype).contiguous() if name in floats else t.contiguous()
-    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8")) if path is not None else _shape_config(loaded)
     per_channel = all(qw.group_size == qw.in_features for _ckpt, qw in parts)
     qc = quantization_config(layout, bits, None if per_channel else group, sym, desc_act,
                              not_converted=("lm_head",))
     if layout == "gptq":
         qc["checkpoint_format"] = gptq_format
     cfg["quantization_config"] = qc
-    cfg["hearth_quantized"] = {"method": quantization, "by": "hearth quantize"}
+    cfg["hearth_quantized"] = {"method": quantization, "by": "hearth quantize", **(note or {})}
     _refuse_existing(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        for pattern in _TOKENIZER_GLOBS:
+        for pattern in _TOKENIZER_GLOBS if path is not None else ():  # a shape has no tokenizer
             for f in path.glob(pattern):
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
@@ -149,6 +156,44 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
     size = (out_dir / "model.safetensors").stat().st_size
     say(f"wrote {len(written)} quantized layers ({layout}) into {out_dir}")
     return QuantizeResult(out_dir, layout, quantization, len(written), size)
+
+
+def _shape_config(loaded) -> dict:
+    """config.json of a folder written from the random-weight shape ``loaded``: the shape's
+    own config, naming the shape (so the folder loads as a shape: token ids, no tokenizer)."""
+    from engine.loader.shape_model import SHAPE_CONFIG_KEY, shape_model_config
+
+    shape, cfg = shape_model_config(loaded.info.name)  # "shape:<name>": only a shape loads without files
+    return {**cfg, SHAPE_CONFIG_KEY: shape}
+
+
+def _shape_tensors(loaded, written: set[str]):
+    """(checkpoint name, tensor) of every tensor of the random-weight shape ``loaded`` (it
+    has no checkpoint to copy them from): its parameters under the names its loader takes,
+    a fused projection's rows split into its shards, a quantized module not written as such
+    (an embedding quantized with the head) dequantized; modules in ``written`` skipped."""
+    import torch
+
+    from engine.layers.weight_loader import checkpoint_targets
+
+    net = loaded.runner.model
+    dtype = getattr(torch, loaded.info.dtype)
+    targets, _aliases = checkpoint_targets(net)  # a tied head's alias isn't stored, as in a checkpoint
+    for name, target in targets.items():
+        if name.rpartition(".")[0] in written:
+            continue
+        owner = target.module if target.module is not None else net.get_submodule(target.param_name.rpartition(".")[0])
+        if target.param is not None:
+            t = target.param.detach()
+        elif target.key == "weight" and hasattr(owner, "quantized_weight"):
+            t = owner.quantized_weight().dequantize(dtype)
+        else:  # pragma: no cover - every quantized module's float source is one "weight"
+            raise InvalidRequestError(f"cannot write {name} of {loaded.info.name}: quantize it with "
+                                      "another method (--quant int4).", options=("quantization",))
+        if target.shard_id is not None:
+            start, rows = owner.shard_offsets[target.shard_id]
+            t = t.narrow(0, start, rows)
+        yield name, t.cpu()
 
 
 def _cpu(qw):
@@ -186,7 +231,8 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
     from engine.config import load_config
     from engine.layers.linear import Linear
     from engine.loader.engine_loader import load_model
-    from engine.quant.calibrate import calibrate, split_calibration_ids
+    from engine.loader.shape_model import TokenIdsOnlyTokenizer, byte_token_ids
+    from engine.quant.calibrate import calibrate, check_calibration, split_calibration_ids
     from engine.quant.transform import auto_group
     from engine.runner.lifecycle import release_runner
     from resources.texts import calibration_text_path
@@ -202,9 +248,25 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
     try:
         net = loaded.runner.model
         g = group_size or auto_group(net)
-        ids = loaded.tokenizer.encode(calibration_text_path().read_text(encoding="utf-8"), add_special_tokens=False)
+        try:
+            check_calibration(net, method, 4, g)
+        except ValueError as e:  # a group size that doesn't divide some layer: the user's choice
+            raise InvalidRequestError(f"{method}: {e} (--group-size), or leave it on auto.",
+                                      options=("quant_group_size",)) from None
+        text = calibration_text_path().read_text(encoding="utf-8")
+        note = None
+        if isinstance(loaded.tokenizer, TokenIdsOnlyTokenizer):
+            # A random-weight shape has no tokenizer: the text's bytes stand in for tokens,
+            # as in `hearth compare`'s prompts. The weights are noise anyway: speed only.
+            ids = byte_token_ids(text, loaded.info.vocab_size)
+            what = "token ids made of the bundled text's UTF-8 bytes (a random-weight shape has no tokenizer)"
+            note = {"calibration": "the bundled calibration text's UTF-8 bytes as token ids (random-weight "
+                                   "shape, no tokenizer): for speed runs only"}
+        else:
+            ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+            what = "tokens of the bundled text"
         seqs = split_calibration_ids(ids, CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES)
-        say(f"{method}: calibrating on {len(seqs)} x {CALIBRATION_SEQ_LEN} tokens of the bundled text")
+        say(f"{method}: calibrating on {len(seqs)} x {CALIBRATION_SEQ_LEN} {what}")
         options = {"group_size": g, "damp": GPTQ_DAMP} if method == "gptq" else {"group_size": g}
         result = calibrate(net, seqs, method=method, should_stop=should_stop,
                            progress=lambda done, total: say(f"{method}: layer {done} of {total} quantized"),
@@ -223,7 +285,7 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
                 for ckpt, shard in module.checkpoint_shards.items():
                     start, rows = module.shard_offsets[shard]
                     floats[f"{parent}.{ckpt}.bias"] = value[start:start + rows]
-        return _write(loaded, parts, floats, out_dir, layout, method, say, should_stop)
+        return _write(loaded, parts, floats, out_dir, layout, method, say, should_stop, note)
     finally:
         release_runner(loaded.runner)
 
