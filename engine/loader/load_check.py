@@ -58,7 +58,8 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
         block_size = kv_block_size(choices.attention, cc.block_size)
         # What the load will hold: the meta model after the load's transforms (quantized
         # weights count as what they are), the count bring-up checks before materializing.
-        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(config, found.path))
+        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(_sizing(config, found),
+                                                                                        found.path))
         block_bytes = spec.kv_bytes_per_token(kv_dtype.itemsize) * block_size
     else:  # the transformers fallback: its weights in the load dtype, its cache by config
         block_size = cc.block_size
@@ -112,6 +113,20 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
         beside_ok = False  # the pool takes the rest of the card: never beside another model
     fits_beside = reclaim == 0 or (device.type == "cpu" and beside_ok)
     return ModelCheck(found.name, str(device), int(weights), int(kv), int(free), fits_beside)
+
+
+def _sizing(config: EngineConfig, found) -> EngineConfig:
+    """The config whose transforms size the load: awq/gptq of float weights are calibrated
+    into an int4 checkpoint of the same group size when the load starts (engine_loader's
+    ``calibrated``), so they weigh what int4 does; everything else as asked."""
+    from dataclasses import replace
+
+    from engine.quant.transform import PUBLISHED, checkpoint_quant_method
+
+    mc = config.model
+    if mc.quantization not in ("awq", "gptq") or checkpoint_quant_method(found.path) in PUBLISHED:
+        return config
+    return replace(config, model=replace(mc, quantization="int4"))
 
 
 def _no_room_for_context(blocks: int, block_size: int, max_model_len: int, weights: int,

@@ -212,3 +212,13 @@ def test_on_a_gpu_a_full_context_that_does_not_fit_beside_what_is_used_is_refuse
     finally:
         del hog
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_awq_and_gptq_of_float_weights_are_checked_as_the_int4_they_become(model, method):
+    """The GUI checks every load first: calibrating float weights happens at the load, into
+    int4 of the same group size, so the check passes and sizes it as int4 (it used to refuse)."""
+    check = check_model(model, quantization=method, **OPTIONS)
+    int4 = check_model(model, quantization="int4", **OPTIONS)
+    plain = check_model(model, **OPTIONS)
+    assert check.weights_bytes == int4.weights_bytes < plain.weights_bytes
