@@ -41,13 +41,15 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,8,16,32,64")
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu,lm_head")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--extra", default="", help="more quant_mma configs to time at rows > 1: "
+                    "'BN,BK,WARPS,STAGES,SPLIT,SCALE_W;...'")
     args = ap.parse_args()
 
     from engine.quant.rtn import quantize_int4
     from kernels.activation import silu_and_mul
     from kernels.quant_gemm import quant_gemm
     from kernels.quant_gemv import prepare_int4, quant_gemv, quant_gemv_configs
-    from kernels.quant_mma import default_mma_config, mma_configs, quant_mma
+    from kernels.quant_mma import MmaConfig, default_mma_config, mma_configs, quant_mma
 
     torch.manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "group": args.group, "rows": []}
@@ -100,7 +102,9 @@ def main() -> None:
                         lambda p, c=cfg: quant_gemv(x, p, config=c, swiglu=swiglu, out=y))
             else:
                 add("fused", None, lambda p: quant_gemm(xin, p, out=y, swap_rows=0))
-                for cfg in mma_configs(m, n, k, 4, args.group):
+                extra = [MmaConfig(*(int(v) for v in c.split(","))) for c in args.extra.split(";") if c]
+                extra = [c._replace(scale_w=bool(c.scale_w)) for c in extra]
+                for cfg in mma_configs(m, n, k, 4, args.group) + extra:
                     add("swapw" if cfg.scale_w else "swap", cfg,
                         lambda p, c=cfg: quant_mma(xin, p, config=c, out=y))
             timed.sort(key=lambda t: t[0])

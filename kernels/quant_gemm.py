@@ -360,10 +360,11 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is None and prepared.bits == 4 and k % 16 == 0 and rows <= min(
+    dequant = rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows)
+    if not dequant and config is None and prepared.bits == 4 and k % 16 == 0 and rows <= min(
             MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
         return quant_mma(x, prepared, bias=bias, out=out)
-    if rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows):
+    if dequant:
         w = dequantize_weight(prepared, x.dtype)
         if bias is None:
             return torch.mm(x, w.t(), out=out)

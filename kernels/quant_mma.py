@@ -180,6 +180,8 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 off = -OFFSET * s
             wt = c.to(tl.float32) * s[:, None] + off[:, None]
             if DOT_FP32:
+                if dt != tl.float32:  # the interpreter: round the weights as the GPU build does
+                    wt = wt.to(dt).to(tl.float32)
                 acc = tl.dot(wt, xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(wt.to(dt), xt, acc)

@@ -119,9 +119,9 @@ def test_every_listed_config_computes_the_same_product():
     configs = quant_gemv_configs(n, k, 4)
     first = default_quant_config(n, k, 4)
     assert configs[0] == first._replace(block_k=min(first.block_k, k)) and len(set(configs)) == len(configs)
-    assert all(c.block_k <= 256 for c in configs if c.kind != 2) and {c.kind for c in configs} == {0, 1, 2}
-    for config in configs:
-        check(quant_gemv(x, prep, config=config), x, qw)
+    assert all(c.block_k <= 256 for c in configs if c.kind != 2) and {c.kind for c in configs} == {0, 1, 2, 4}
+    for config in configs:  # kind 4 dequantizes weight tiles to x's dtype in registers
+        check(quant_gemv(x, prep, config=config), x, qw, weight_rounding=config.kind == 4)
 
 
 @pytest.mark.parametrize("rows", [3, 17])
@@ -134,7 +134,7 @@ def test_gemm_fused(rows, bits, group, mins, dtype):
     n = 72 if rows == 17 else 40
     qw, prep = make_weight(bits, n, k, group, mins=mins, seed=rows)
     x = rand_x(rows, k, dtype)
-    check(quant_gemm(x, prep), x, qw)
+    check(quant_gemm(x, prep, swap_rows=0), x, qw)  # the fused kernel (int4 would run quant_mma)
 
 
 def test_gemm_fused_bias_out_and_strided_rows():

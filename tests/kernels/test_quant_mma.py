@@ -33,8 +33,10 @@ SPLIT = MmaConfig(16, 32, 1, 1, 2)  # K split over two programs per tile
 def test_int4(rows, n, k, group, dtype):
     qw, prep = make_weight(4, n, k, group)
     x = rand_x(rows, k, dtype)
-    for config in (None, SMALL, SPLIT if (k // 32) % 2 == 0 else SMALL):
+    for config in (SMALL, SPLIT if (k // 32) % 2 == 0 else SMALL):
         check(quant_mma(x, prep, config=config), x, qw)
+    # the default dequantizes grouped weight tiles to x's dtype in registers (scale_w)
+    check(quant_mma(x, prep), x, qw, weight_rounding=dtype != torch.float32)
     # the weight tile dequantized in registers: rounded to x's dtype like the dequantize path
     for config in (SMALL._replace(scale_w=True), SPLIT._replace(scale_w=True) if (k // 32) % 2 == 0 else None):
         if config is not None:
@@ -101,7 +103,7 @@ def test_gemv_and_gemm_reach_it():
     x = rand_x(1, k, torch.bfloat16)
     check(quant_gemv(x, prep, config=GemvConfig(32, 32, 2, SWAP, 2, 2)), x, qw)
     xm = rand_x(9, k, torch.bfloat16)
-    check(quant_gemm(xm, prep), xm, qw)  # 9 rows of int4: the weight-stationary kernel
+    check(quant_gemm(xm, prep), xm, qw, weight_rounding=True)  # 9 rows of int4: the weight-stationary kernel
 
 
 def test_configs_and_errors():
