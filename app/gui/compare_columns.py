@@ -37,6 +37,10 @@ from app.services.compare_results import CANCELLED, ERROR, ComparisonResult, Con
 CONFIG_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2")
 #: The highlight behind divergent words: a light amber under dark text, a dark one under light text.
 HIGHLIGHT = {"light": "#ffd966", "dark": "#7a5a00"}
+#: Style sheets with every colour given (none taken from the palette, which a style sheet
+#: would not follow when the theme changes).
+BADGE_STYLE = "color: #ffffff; background: #5f6368; border-radius: 3px; padding: 1px 5px"
+ERROR_STYLE = "color: #d93025; border: 1px solid #d93025; border-radius: 3px; padding: 4px"
 #: (key, caption) of the numbers under each column; the keys are ``metric_texts``'.
 METRICS = (("ttft", "TTFT"), ("decode", "Decode"), ("weights", "Weights"), ("kv", "KV cache"),
            ("peak", "Peak memory"), ("load", "Load"), ("ppl", "Perplexity"), ("agree", "Agreement"),
@@ -107,7 +111,7 @@ class ColumnState:
     texts: list[str]
     prompts: list[PromptResult | None]
     result: ConfigResult | None = None
-    status: str = "waiting"
+    status: str = "Waiting"
     progress: tuple[int, int] | None = None  # (done, total) of the stage running
     running: bool = False
     extra: dict = field(default_factory=dict)
@@ -140,7 +144,9 @@ class ConfigColumn(QFrame):
         self.badge = QLabel("reference")
         self.badge.setObjectName("compareReferenceBadge")
         self.badge.setToolTip("The others' agreement and highlighted words are measured against this one")
-        self.badge.setStyleSheet("border: 1px solid palette(mid); border-radius: 3px; padding: 0 4px")
+        # Colours of its own (a style sheet's palette() colours stay those of the theme it
+        # was first drawn in): white on grey reads on light and dark pages alike.
+        self.badge.setStyleSheet(BADGE_STYLE)
         head.addWidget(self.title, 1)
         head.addWidget(self.badge)
         lay.addLayout(head)
@@ -148,16 +154,20 @@ class ConfigColumn(QFrame):
         self.detail.setObjectName("compareColumnDetail")
         self.detail.setEnabled(False)  # muted
         lay.addWidget(self.detail)
-        self.status = QProgressBar()
+        # What it is doing in words, over a thin bar (a busy bar draws no text in every style).
+        self.status = ElidedLabel("", mode=Qt.TextElideMode.ElideRight)
         self.status.setObjectName("compareColumnStatus")
-        self.status.setTextVisible(True)
-        self.status.setMaximumHeight(20)
+        self.progress = QProgressBar()
+        self.progress.setObjectName("compareColumnProgress")
+        self.progress.setTextVisible(False)
+        self.progress.setFixedHeight(6)
         lay.addWidget(self.status)
+        lay.addWidget(self.progress)
         self.error = QLabel()
         self.error.setObjectName("compareColumnError")
         self.error.setWordWrap(True)
         self.error.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.error.setStyleSheet("border: 1px solid #d93025; border-radius: 3px; padding: 4px")
+        self.error.setStyleSheet(ERROR_STYLE)
         self.error.hide()
         lay.addWidget(self.error)
         self.output = QTextBrowser()
@@ -215,7 +225,7 @@ class ConfigColumn(QFrame):
                                           "is better")
 
     def _show_status(self, state: ColumnState) -> None:
-        bar = self.status
+        bar = self.progress
         if state.progress is not None and state.progress[1] > 0:
             bar.setRange(0, state.progress[1])
             bar.setValue(min(state.progress[0], state.progress[1]))
@@ -224,8 +234,7 @@ class ConfigColumn(QFrame):
         else:
             bar.setRange(0, 1)
             bar.setValue(1 if state.result is not None and state.result.ok else 0)
-        bar.setFormat(state.status.replace("%", "%%"))
-        bar.setToolTip(state.status)
+        self.status.setText(state.status)
 
     def show_text(self, text: str, spans: list[tuple[int, int]], highlight: QColor, info: str,
                   placeholder: str) -> None:
@@ -452,5 +461,5 @@ def _placeholder(state: ColumnState, p: int) -> str:
     if state.prompts[p] is not None and state.prompts[p].error:
         return state.prompts[p].error
     if state.running:
-        return "Waiting for its turn…"
+        return "The answer appears here as it is written."
     return "Waiting for its turn…" if r is None else "No answer."

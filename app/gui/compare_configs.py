@@ -174,7 +174,9 @@ class ConfigList(QWidget):
                 self.grid.addWidget(w, r, col)
             row.number.setText(f"{r}")
             row.number.setToolTip("the reference: the others' agreement is measured against it" if r == 1 else "")
-            row.number.setStyleSheet("font-weight: bold" if r == 1 else "")
+            font = row.number.font()
+            font.setBold(r == 1)
+            row.number.setFont(font)
         self.add_button.setEnabled(len(self.rows) < MAX_CONFIGS)
         self.add_button.setToolTip("" if len(self.rows) < MAX_CONFIGS else
                                    f"A comparison runs at most {MAX_CONFIGS} configurations.")

@@ -406,8 +406,9 @@ class ComparePage(QWidget):
     def _ask_unload(self, name: str) -> str | None:
         box = QMessageBox(QMessageBox.Icon.Question, "Unload the chat's model?",
                           f"{name} is loaded for the chat. A comparison loads its configurations one after "
-                          "another; with the chat's model still in memory they may not fit, and they measure "
-                          "slower.\n\nUnload it for the comparison? It is loaded again when the comparison ends.",
+                          "another; with the chat's model still in memory they may not fit, they measure slower, "
+                          "and on the CPU its memory counts in every configuration's peak.\n\nUnload it for "
+                          "the comparison? It is loaded again when the comparison ends.",
                           QMessageBox.StandardButton.Cancel, self)
         unload = box.addButton("Unload and compare", QMessageBox.ButtonRole.AcceptRole)
         keep = box.addButton("Keep it loaded", QMessageBox.ButtonRole.ActionRole)

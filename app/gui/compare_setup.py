@@ -160,7 +160,8 @@ class CompareSetup(QWidget):
             self.bundled.addItem(item)
         self.bundled.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.bundled.setTextElideMode(Qt.TextElideMode.ElideRight)
-        self.bundled.setFixedHeight(self.bundled.sizeHintForRow(0) * self.bundled.count() + 2 * self.bundled.frameWidth() + 2)
+        rows = self.bundled.sizeHintForRow(0) * self.bundled.count()
+        self.bundled.setFixedHeight(rows + 2 * self.bundled.frameWidth() + 2)  # every prompt shown, no scrolling
         self.bundled.itemChanged.connect(lambda *_: self.changed.emit())
         lay.addWidget(self.bundled)
         self.typed = QPlainTextEdit()

@@ -49,19 +49,25 @@ def test_a_full_run_streams_into_the_columns_and_is_saved(qtbot, bridge, gui_env
     loaded, shut, _ = engines
     page = make_page(qtbot, bridge, gui_env)
     set_up_tiny(page, chat_model)
-    events = []
+    events, statuses = [], []
     assert page.run()
     page.worker.event.connect(events.append)
+    # connected after the page: what the column says once the page has handled the event
+    page.worker.event.connect(lambda ev: statuses.append(page.columns.columns[1].status.text())
+                              if getattr(ev, "index", None) == 1 else None)
     assert page.running and not page.setup.isEnabled() and page.cancel_button.isVisibleTo(page)
     assert not page.run_button.isEnabled()
     wait_idle(qtbot, page)
     result = page.result
     assert [r.status for r in result.results] == ["ok", "ok", "ok"]
     assert any(isinstance(e, TokenDelta) for e in events)  # the answers streamed in
+    for said in ("Loading…", "Loading: ", "Warming up (untimed)", "Prompt 1 of 2", "Prompt 2 of 2", "Perplexity: ",
+                 "Done in "):
+        assert any(s.startswith(said) for s in statuses), (said, statuses)
     for i, column in enumerate(page.columns.columns):
         r = result.results[i]
         assert column.output.toPlainText() == r.prompts[0].text != ""
-        assert column.status.format().startswith("Done in")
+        assert column.status.text().startswith("Done in")
         for key in ("ttft", "decode", "weights", "kv", "peak", "load", "ppl", "agree", "prefix"):
             assert column.values[key].text() != "—", (i, key)
         assert column.badge.isVisibleTo(page) == (i == 0)
@@ -90,7 +96,7 @@ def test_a_failing_configuration_shows_why_and_the_others_complete(qtbot, bridge
     failed = page.columns.columns[1]
     assert failed.error.isVisibleTo(page)
     assert "not enough memory for the weights: 9 GiB needed, 2 free" in failed.error.text()
-    assert failed.status.format() == "Failed" and failed.output.toPlainText() == ""
+    assert failed.status.text() == "Failed" and failed.output.toPlainText() == ""
     done = page.columns.columns[2]
     assert done.output.toPlainText() and done.values["agree"].text().endswith("%")
     assert chart_text(page.charts, "ttft")[1] == "failed"
@@ -112,9 +118,9 @@ def test_cancel_mid_run_keeps_the_finished_columns_and_marks_the_rest(qtbot, bri
     result = page.result
     assert [r.status for r in result.results] == ["ok", "cancelled", "cancelled"] and result.cancelled
     first, second, third = page.columns.columns
-    assert first.status.format().startswith("Done") and first.output.toPlainText()
-    assert second.status.format() == "Cancelled" and second.output.toPlainText()  # what it wrote is kept
-    assert third.status.format() == "Cancelled before it ran"
+    assert first.status.text().startswith("Done") and first.output.toPlainText()
+    assert second.status.text() == "Cancelled" and second.output.toPlainText()  # what it wrote is kept
+    assert third.status.text() == "Cancelled before it ran"
     assert "cancelled" in page.message.text() and page.run_button.isEnabled()
     assert page.cancel_button.text() == "Cancel" and page.cancel_button.isEnabled()
     assert list_comparisons()[0].cancelled

@@ -60,14 +60,52 @@ def test_columns_show_outputs_with_divergent_words_highlighted_and_the_numbers(p
     assert "agreement 75% (prefix 50%)" in int8.prompt_info.text()
     # the failed configuration says why in its column; its numbers are empty
     assert awq.error.isVisibleTo(page) and "not enough memory for the weights" in awq.error.text()
-    assert awq.status.format() == "Failed" and awq.values["ttft"].text() == "—"
+    assert awq.status.text() == "Failed" and awq.values["ttft"].text() == "—"
     assert page.columns.states[2].result.status == "error"
+
+
+def test_a_runs_events_land_in_their_columns_as_they_come(page):
+    from app.services.compare_events import ConfigFinished, ConfigProgress, ConfigStarted, PromptFinished, TokenDelta
+
+    done = built_result()
+    cols = page.columns
+    page.results_stack.setCurrentWidget(page.results_tabs)  # as a run starting shows them
+    cols.begin(done.plan)
+    first, second, third = cols.columns
+    assert [c.status.text() for c in cols.columns] == ["Waiting"] * 3
+    assert first.badge.isVisibleTo(page)  # the first is the reference until it fails
+    steps = [(ConfigStarted(0, done.plan.configs[0], 3), "Loading…"),
+             (ConfigProgress(0, "load", "loading weights: layer 1 of 2"), "Loading: loading weights: layer 1 of 2"),
+             (ConfigProgress(0, "warmup", "warming up (untimed)"), "Warming up (untimed)"),
+             (ConfigProgress(0, "prompt", "prompt 2 of 2", 1, 2), "Prompt 2 of 2"),
+             (ConfigProgress(0, "perplexity", "perplexity: scored 10 of 47 tokens", 10, 47),
+              "Perplexity: 10 of 47 tokens")]
+    for ev, status in steps:
+        cols.on_event(ev)
+        assert first.status.text() == status
+    assert (first.progress.value(), first.progress.maximum()) == (10, 47)
+    for p, text in enumerate(REF):
+        cols.on_event(PromptFinished(0, p, done.results[0].prompts[p]))
+    cols.on_event(ConfigFinished(0, done.results[0]))
+    assert first.status.text() == "Done in 3.0 s" and first.values["ttft"].text() == "40.0 ms"
+    # the second streams word by word into its own column, the divergence marked as it comes
+    cols.on_event(ConfigStarted(1, done.plan.configs[1], 3))
+    for word in OTHER[0].split(" "):
+        cols.on_event(TokenDelta(1, 0, word + " "))
+    assert cols.tabs.currentIndex() == 0 and second.output.toPlainText() == OTHER[0] + " "
+    assert OTHER[0][slice(*highlighted(second)[0])] == "a red"
+    assert third.output.toPlainText() == "" and "Waiting" in third.output.placeholderText()
+    # a prompt the user picked stays picked while another streams
+    cols.tabs.tabBarClicked.emit(1)
+    cols.tabs.setCurrentIndex(1)
+    cols.on_event(TokenDelta(1, 0, "more"))
+    assert cols.tabs.currentIndex() == 1 and second.output.toPlainText() == ""
 
 
 def test_a_cancelled_configuration_says_so_in_its_column(page):
     page.show_result(built_result(cancelled_last=True))
     last = page.columns.columns[2]
-    assert last.status.format() == "Cancelled before it ran" and not last.error.isVisibleTo(page)
+    assert last.status.text() == "Cancelled before it ran" and not last.error.isVisibleTo(page)
     assert "Cancelled" in last.output.placeholderText()
     assert "CANCELLED" in page.summary.text()
 
@@ -155,7 +193,8 @@ def test_setup_refuses_fewer_than_two_configurations_or_two_alike_inline(qtbot, 
     assert not page.run_button.isEnabled() and page.run() is False and not page.running
     setup.configs.add_row(CompareConfig("bf16"))  # the same as the first
     assert "configuration 2 (bf16) is the same as configuration 1" in setup.problem
-    setup.configs.rows[1].combos["attention"].setCurrentIndex(setup.configs.rows[1].combos["attention"].findData("torch"))
+    attention = setup.configs.rows[1].combos["attention"]
+    attention.setCurrentIndex(attention.findData("torch"))
     assert setup.problem is None and page.run_button.isEnabled()
     for _ in range(4):
         setup.configs.add_row()
@@ -209,3 +248,26 @@ def test_the_main_window_has_a_compare_page(qtbot, gui_env, bridge):
     win.show_page("Compare")
     assert win.stack.currentWidget() is win.compare
     assert win.compare.objectName() == "comparePage" and win.unfinished_work() is None
+
+
+def test_the_page_follows_a_switch_to_the_dark_theme(qtbot, page, qapp):
+    from PySide6.QtWidgets import QWidget
+
+    from app.gui.app import dark_palette
+    from app.gui.compare_columns import HIGHLIGHT
+
+    page.show_result(built_result())
+    before = qapp.palette()
+    try:
+        qapp.setPalette(dark_palette())
+        qtbot.waitUntil(lambda: page.charts.plots["ttft"].backgroundBrush().color().name() == "#17181a")
+        int8 = page.columns.columns[1]
+        cursor = QTextCursor(int8.output.document())
+        start, _end = highlighted(int8)[0]
+        cursor.setPosition(start + 1)
+        assert cursor.charFormat().background().color().name() == HIGHLIGHT["dark"]  # dark amber under light text
+        # a style sheet taking palette() colours keeps the old theme's (dark text on a dark page)
+        sheets = [w.styleSheet() for w in page.findChildren(QWidget) if w.styleSheet()]
+        assert sheets and not any("palette(" in s for s in sheets)
+    finally:
+        qapp.setPalette(before)
