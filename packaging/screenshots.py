@@ -127,10 +127,10 @@ def main() -> int:
 
 
 def run_comparison(win, wait):
-    """A short comparison of the loaded model on the Compare page (the chat's model stays
-    loaded: it is small, and reloading it would only make this slower), left showing the
-    prompt whose int4 answer departs most from the reference's."""
-    from app.gui.compare_page import KEEP
+    """A short comparison of the loaded model on the Compare page (the chat's model unloaded
+    for it, as the page's question suggests, and loaded again after), left showing the
+    prompt whose answers depart most from the reference's."""
+    from app.gui.compare_page import UNLOAD
     from app.services.compare_metrics import divergent_spans
     from app.services.compare_plan import CompareConfig
 
@@ -145,10 +145,11 @@ def run_comparison(win, wait):
         item.setCheckState(Qt.CheckState.Unchecked if i == setup.bundled.count() - 1 else Qt.CheckState.Checked)
     setup.max_tokens.setValue(64)
     setup.eval_tokens.setValue(1024)
-    page.ask_unload = lambda _name: KEEP
+    page.ask_unload = lambda _name: UNLOAD
     if not page.run():
         raise SystemExit(f"the comparison did not start: {setup.problem or page.message.text()}")
     wait(lambda: not page.running, 900)
+    wait(lambda: win.bridge.model_info is not None)  # the chat's model, back
     result = page.result
     ref = result.reference
 
