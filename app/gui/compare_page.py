@@ -8,10 +8,9 @@ service ``app.services.compare`` on a worker thread (``compare_worker``): config
 run one after another, each loaded, measured and unloaded; every event reaches the page
 on the GUI thread and lands in its column as it happens.
 
-Memory: the chat's model stays loaded unless told otherwise, and two models at once may
-not fit. So Run asks first when one is loaded (or loading): unload it for the comparison
-(the default) or keep it. One unloaded is loaded again by itself when the comparison ends
-(finished, failed or cancelled), so the chat is back as it was; the page says so.
+Memory: Run asks first when the chat's model is loaded (or loading): unload it for the
+comparison (the default) or keep it; one unloaded is loaded again by itself when the
+comparison ends, and the page says so (``compare_chat_model``).
 
 Cancel works at any moment: the answer in flight is aborted, the engine shut down, the
 finished columns kept and the rest marked cancelled; the page is idle again when the
@@ -27,17 +26,17 @@ from pathlib import Path
 
 from PySide6.QtCore import QEvent, QSettings, Qt
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QMessageBox,
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
                                QPushButton, QScrollArea, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem,
                                QTabWidget, QToolButton, QVBoxLayout, QWidget)
 
 from app.gui.compare_charts import CompareCharts
+from app.gui.compare_chat_model import KEEP, UNLOAD, ChatModelHandoff
 from app.gui.compare_columns import CompareColumns
 from app.gui.compare_saved import SavedComparisons
 from app.gui.compare_setup import CompareSetup
 from app.gui.compare_worker import CompareWorker
 from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
-from app.gui.load_dialog import saved_load_options
 from app.gui.models_workers import TaskRunner
 from app.services.compare_events import ConfigFinished, ConfigStarted, RunFinished
 from app.services.compare_export import COLUMNS, cells, export_comparison, summary_line
@@ -45,14 +44,12 @@ from app.services.compare_plan import ComparePlan
 from app.services.compare_results import ComparisonResult
 from app.services.compare_store import ComparisonFileError, save_comparison
 from app.services.library import Library
-from engine.api import HearthError, ModelInfo, model_display_name
+from engine.api import HearthError, model_display_name
 
 log = logging.getLogger("hearth.gui.compare")
 
 __all__ = ["ComparePage", "UNLOAD", "KEEP"]
 
-#: Answers of ``ask_unload``: unload the chat's model for the comparison, or keep it loaded.
-UNLOAD, KEEP = "unload", "keep"
 #: Export formats: suffix, dialog caption, name filter.
 EXPORTS = {"csv": ("Export the comparison as CSV", "CSV file (*.csv)"),
            "json": ("Export the comparison as JSON", "JSON file (*.json)"),
@@ -84,11 +81,9 @@ class ComparePage(QWidget):
         self.result: ComparisonResult | None = None
         self.worker: CompareWorker | None = None
         self.saved_path: Path | None = None
-        self.ask_unload = self._ask_unload
+        self.chat_model = ChatModelHandoff(bridge, settings, self)
         self.choose_save_path = self._dialog_save_path
         self.confirm_overwrite = ask_overwrite(self)
-        self._pending: ComparePlan | None = None  # waiting for the chat model to unload
-        self._reload: dict | None = None  # the chat model's load options, to load it again after
         self._live: list = []  # ConfigResults finished in this run, for the charts
         self._models_listed = False
         self._closed = False
@@ -103,7 +98,7 @@ class ComparePage(QWidget):
         self.setup.changed.connect(self._update_buttons)
         self.saved.openRequested.connect(self.show_result)
         if self.setup.model_ref() is None:
-            self.setup.set_model(self._chat_model_ref())
+            self.setup.set_model(self.chat_model.ref())
         self.saved.refresh()
         self._update_buttons()
 
@@ -207,7 +202,7 @@ class ComparePage(QWidget):
     @property
     def running(self) -> bool:
         """A comparison runs (or waits for the chat model to unload first)."""
-        return self.worker is not None or self._pending is not None
+        return self.worker is not None or self.chat_model.waiting
 
     def _update_buttons(self) -> None:
         running = self.running
@@ -236,31 +231,19 @@ class ComparePage(QWidget):
             self.message.setText(str(e))
             return False
         self.setup.save_settings()
-        chat = self._chat_model_name()
+        chat = self.chat_model.name()
         if chat is not None:
             answer = self.ask_unload(chat)
             if answer is None:
                 return False
             if answer == UNLOAD:
-                self._reload = self._chat_reload_options()
-                self._pending = plan
                 self.message.setText(f"Unloading {chat} for the comparison; it is loaded again when the "
                                      "comparison ends.")
-                self.bridge.modelUnloaded.connect(self._chat_unloaded)
+                self.chat_model.release(lambda: self._start(plan))
                 self._update_buttons()
-                self.bridge.unload()
                 return True
         self._start(plan)
         return True
-
-    def _chat_unloaded(self) -> None:
-        try:
-            self.bridge.modelUnloaded.disconnect(self._chat_unloaded)
-        except (RuntimeError, TypeError):
-            pass
-        plan, self._pending = self._pending, None
-        if plan is not None:
-            self._start(plan)
 
     def _start(self, plan: ComparePlan) -> None:
         self.result = None
@@ -273,7 +256,7 @@ class ComparePage(QWidget):
         self.results_tabs.setCurrentIndex(TAB_COLUMNS)
         self.summary.setText(f"Comparing {len(plan.configs)} configurations of {_model_name(plan.model)} on "
                              f"{len(plan.prompts)} prompt{'s' if len(plan.prompts) != 1 else ''}…")
-        keep = self.message.text() if self._reload else ""
+        keep = self.message.text() if self.chat_model.released else ""
         self.message.setText(keep)
         worker = CompareWorker(plan, self)
         worker.event.connect(self._on_event)
@@ -285,24 +268,15 @@ class ComparePage(QWidget):
 
     def cancel(self) -> None:
         """Stop the comparison now (the page is idle again when its last event arrives)."""
-        if self._pending is not None:  # still waiting for the chat model to unload: nothing ran
-            self._chat_unloaded_cancelled()
+        if self.chat_model.waiting:  # still waiting for the chat model to unload: nothing ran
+            self.message.setText("Comparison cancelled before it started." + self.chat_model.restore())
+            self._update_buttons()
             return
         if self.worker is None:
             return
         self.worker.cancel()
         self.cancel_button.setEnabled(False)
         self.cancel_button.setText("Cancelling…")
-
-    def _chat_unloaded_cancelled(self) -> None:
-        try:
-            self.bridge.modelUnloaded.disconnect(self._chat_unloaded)
-        except (RuntimeError, TypeError):
-            pass
-        self._pending = None
-        self.message.setText("Comparison cancelled before it started.")
-        self._reload_chat_model()
-        self._update_buttons()
 
     def _on_event(self, ev) -> None:
         if self._closed:  # queued before the window closed: shutdown saved the result
@@ -333,13 +307,13 @@ class ComparePage(QWidget):
         self.summary.setText(_summary(result))
         done = "Comparison cancelled; the finished configurations are kept." if result.cancelled else \
             "Comparison finished."
-        self.message.setText(f"{done} {saved}{self._reload_chat_model()}")
+        self.message.setText(f"{done} {saved}{self.chat_model.restore()}")
         self.saved.refresh()
         if self.saved_path is not None:
             self.saved.select_path(self.saved_path)
 
     def _on_failed(self, message: str) -> None:
-        self.message.setText(f"The comparison could not run: {message}{self._reload_chat_model()}")
+        self.message.setText(f"The comparison could not run: {message}{self.chat_model.restore()}")
 
     def _worker_done(self) -> None:
         worker, self.worker = self.worker, None
@@ -351,8 +325,7 @@ class ComparePage(QWidget):
         """Stop a running comparison and wait for its engine to shut down (the window is
         closing): what finished is saved; the chat model is not loaded again."""
         self._closed = True
-        self._reload = None
-        self._pending = None
+        self.chat_model.abandon()
         self.runner.shutdown()
         worker = self.worker
         if worker is None:
@@ -367,55 +340,15 @@ class ComparePage(QWidget):
                 log.warning("%s", e)
 
     # -- the chat's model ----------------------------------------------------------------
-    def _chat_model_name(self) -> str | None:
-        info: ModelInfo | None = getattr(self.bridge, "model_info", None)
-        if info is not None:
-            return info.name
-        if getattr(self.bridge, "is_loading", False):
-            return getattr(self.bridge, "loading_name", None) or "The chat's model"
-        return None
+    @property
+    def ask_unload(self):
+        """``(name) -> UNLOAD | KEEP | None``: what to do with the chat's model (a question
+        box; tests replace it)."""
+        return self.chat_model.ask
 
-    def _chat_model_ref(self) -> str:
-        info = getattr(self.bridge, "model_info", None)
-        if info is not None:
-            return info.ref or info.path or "default"
-        if self.settings is not None:
-            return str(self.settings.value("load/model", "default") or "default")
-        return "default"
-
-    def _chat_reload_options(self) -> dict | None:
-        """How to load the chat's model again: the options it was loaded with (the saved
-        ones, when they name it), else what its ModelInfo says."""
-        saved = saved_load_options(self.settings, self.setup.choices) if self.settings is not None else None
-        info = getattr(self.bridge, "model_info", None)
-        if info is None:
-            return saved if getattr(self.bridge, "is_loading", False) else None
-        if saved is not None and saved.get("model") in (info.ref, info.path):
-            return saved
-        return {"model": info.ref or info.path, "device": info.device, "attention": info.attention,
-                "dtype": info.dtype, "max_model_len": info.max_model_len, "quantization": info.quantization}
-
-    def _reload_chat_model(self) -> str:
-        """Load the chat's model again if the comparison unloaded it; the sentence to say."""
-        options, self._reload = self._reload, None
-        if not options:
-            return ""
-        self.bridge.load(options)
-        return f" Loading {_model_name(options.get('model'))} again for the chat."
-
-    def _ask_unload(self, name: str) -> str | None:
-        box = QMessageBox(QMessageBox.Icon.Question, "Unload the chat's model?",
-                          f"{name} is loaded for the chat. A comparison loads its configurations one after "
-                          "another; with the chat's model still in memory they may not fit, they measure slower, "
-                          "and on the CPU its memory counts in every configuration's peak.\n\nUnload it for "
-                          "the comparison? It is loaded again when the comparison ends.",
-                          QMessageBox.StandardButton.Cancel, self)
-        unload = box.addButton("Unload and compare", QMessageBox.ButtonRole.AcceptRole)
-        keep = box.addButton("Keep it loaded", QMessageBox.ButtonRole.ActionRole)
-        box.setDefaultButton(unload)
-        box.exec()
-        clicked = box.clickedButton()
-        return UNLOAD if clicked is unload else KEEP if clicked is keep else None
+    @ask_unload.setter
+    def ask_unload(self, ask) -> None:
+        self.chat_model.ask = ask
 
     # -- results -------------------------------------------------------------------------
     def show_result(self, result: ComparisonResult) -> None:
@@ -440,7 +373,7 @@ class ComparePage(QWidget):
 
     def _models_scanned(self, models) -> None:
         listed = [(m.ref, m.name) for m in models if m.complete]
-        self.setup.set_models(listed, self.setup.model_ref() or self._chat_model_ref())
+        self.setup.set_models(listed, self.setup.model_ref() or self.chat_model.ref())
 
     # -- export --------------------------------------------------------------------------
     def export(self, kind: str) -> bool:

@@ -162,8 +162,30 @@ def test_the_chat_model_is_unloaded_for_the_run_and_loaded_again(qtbot, bridge, 
     assert len(asked) == 1 and asked[0].startswith("tiny-llama-tied") and seen_during == [None]
     assert reloaded.args[0].path == chat_model and reloaded.args[0].attention == "torch"
     assert "again for the chat" in page.message.text()
+    # cancelled while the chat's model is still being unloaded: nothing runs, the model comes back
+    page.ask_unload = lambda name: UNLOAD
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        assert page.run() and page.running and page.worker is None
+        page.cancel()
+        assert not page.running and "cancelled before it started" in page.message.text()
+    assert page.worker is None and bridge.model_info is not None
     # keeping it loaded runs beside it: nothing unloaded, nothing reloaded
     page.ask_unload = lambda name: KEEP
     page.run()
     wait_idle(qtbot, page)
     assert bridge.model_info is not None and all(r.ok for r in page.result.results)
+
+
+def test_closing_the_window_mid_run_stops_the_run_and_saves_what_finished(qtbot, bridge, gui_env, chat_model,
+                                                                         engines):
+    loaded, shut, _ = engines
+    page = make_page(qtbot, bridge, gui_env)
+    set_up_tiny(page, chat_model, quants=("int8", "int4"), max_tokens=200, eval_tokens=0)
+    page.run()
+    worker = page.worker
+    with qtbot.waitSignal(worker.event, check_params_cb=lambda ev: isinstance(ev, TokenDelta), timeout=60_000):
+        pass
+    page.shutdown()
+    assert worker.isFinished() and shut == loaded and loaded
+    (saved,) = list_comparisons()
+    assert saved.cancelled and load_comparison(saved.path).results[0].status == "cancelled"
