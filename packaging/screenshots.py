@@ -6,8 +6,10 @@ Run under a virtual X server (packaging/screenshots.sh does the set-up):
 
 It loads the model (default: the bundled SmolLM2), sends a chat message and waits for the
 streamed answer, opens the load dialog, the Models page (library), and the Performance
-panel after the answer, saving one PNG per step (the whole screen, so window decorations
-and dialogs are in the picture). Data and settings go to a temporary folder.
+panel after the answer, runs a short comparison on the Compare page (bf16, int8, int4 of
+the same model: four bundled prompts, 64 tokens each, perplexity over 1,024 tokens),
+saving one PNG per step (the whole screen, so window decorations and dialogs are in the
+picture). Data and settings go to a temporary folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from PySide6.QtCore import Qt  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -32,7 +36,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hearth-shots-"))
     os.environ["HEARTH_DATA_DIR"] = str(tmp / "data")
 
-    from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer
+    from PySide6.QtCore import QEventLoop, QSettings, QTimer
     from PySide6.QtWidgets import QApplication
 
     from app.gui.app import apply_system_theme
@@ -103,14 +107,58 @@ def main() -> int:
         print("note: the answer ended before the Performance shot")
     shot("06-performance-mid-answer")
     wait(lambda: not win.chat.is_answering)
+    compare = run_comparison(win, wait)
+    shot("09-compare")
+    compare.results_tabs.setCurrentIndex(1)
+    shot("10-compare-charts")
     # The same window in the dark palette (what a dark system scheme switches to).
     app.styleHints().colorSchemeChanged.emit(Qt.ColorScheme.Dark)
     win.show_page("Chat")
     shot("07-chat-dark")
     win.show_page("Performance")
     shot("08-performance-dark")
+    win.show_page("Compare")
+    compare.results_tabs.setCurrentIndex(0)
+    shot("11-compare-dark")
+    compare.results_tabs.setCurrentIndex(1)
+    shot("12-compare-charts-dark")
     win.close()
     return 0
+
+
+def run_comparison(win, wait):
+    """A short comparison of the loaded model on the Compare page (the chat's model unloaded
+    for it, as the page's question suggests, and loaded again after), left showing the
+    prompt whose answers depart most from the reference's."""
+    from app.gui.compare_page import UNLOAD
+    from app.services.compare_metrics import divergent_spans
+    from app.services.compare_plan import CompareConfig
+
+    page = win.compare
+    win.show_page("Compare")
+    setup = page.setup
+    setup.set_model(win.bridge.model_info.ref)
+    setup.configs.set_configs([CompareConfig("bf16"), CompareConfig("int8"), CompareConfig("int4")])
+    setup.sources["bundled"].setChecked(True)
+    for i in range(setup.bundled.count()):  # the long-context recall prompt: minutes on a CPU
+        item = setup.bundled.item(i)
+        item.setCheckState(Qt.CheckState.Unchecked if i == setup.bundled.count() - 1 else Qt.CheckState.Checked)
+    setup.max_tokens.setValue(64)
+    setup.eval_tokens.setValue(1024)
+    page.ask_unload = lambda _name: UNLOAD
+    if not page.run():
+        raise SystemExit(f"the comparison did not start: {setup.problem or page.message.text()}")
+    wait(lambda: not page.running, 900)
+    wait(lambda: win.bridge.model_info is not None)  # the chat's model, back
+    result = page.result
+    ref = result.reference
+
+    def departures(p: int) -> int:
+        return sum(len(divergent_spans(ref.prompts[p].text, r.prompts[p].text))
+                   for r in result.results if r.ok and r is not ref and p < len(r.prompts))
+    if ref is not None:
+        page.columns.tabs.setCurrentIndex(max(range(len(result.plan.prompts)), key=departures))
+    return page
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The main window: navigation (Chat, Models, Performance), the status bar, loading.
+"""The main window: navigation (Chat, Models, Performance, Compare), the status bar, loading.
 
 On start it shows the chat page with the input focused and starts loading the last used
 model (the bundled default the first time), so a new user can type at once; a message
@@ -27,7 +27,7 @@ from app.services.host_loading import load_failure_text
 
 from engine.api import ModelInfo
 
-PAGES = ("Chat", "Models", "Performance")
+PAGES = ("Chat", "Models", "Performance", "Compare")
 SERVER_REASON = ("The local OpenAI-compatible server is not part of this build yet; this "
                  "toggle will start and stop it.")
 THEME_KEY = "ui/theme"
@@ -49,12 +49,14 @@ class MainWindow(QMainWindow):
         # chat page's banner says how it stands), so the window always comes up.
         self.store = store or ChatStore.open()
 
+        from app.gui.compare_page import ComparePage
         from app.gui.models_page import ModelsPage
         from app.gui.perf_panel import PerfPanel
 
         self.chat = ChatPage(self.bridge, self.store, self.settings)
         self.models = ModelsPage(self.bridge)
         self.perf = PerfPanel(self.bridge, telemetry=telemetry, settings=self.settings)
+        self.compare = ComparePage(self.bridge, self.settings)
         self.models.loadRequested.connect(self.ask_load)
 
         self.nav = QListWidget()
@@ -62,7 +64,7 @@ class MainWindow(QMainWindow):
         self.nav.addItems(PAGES)
         self.nav.setFixedWidth(130)
         self.stack = QStackedWidget()
-        for page in (self.chat, self.models, self.perf):
+        for page in (self.chat, self.models, self.perf, self.compare):
             self.stack.addWidget(page)
         self.nav.currentRowChanged.connect(self.stack.setCurrentIndex)
         central = QWidget()
@@ -261,6 +263,9 @@ class MainWindow(QMainWindow):
         if getattr(self.bridge, "is_loading", False):
             name = getattr(self.bridge, "loading_name", None) or "A model"
             parts.append(f"{name} is still loading; quitting stops it.")
+        if self.compare.running:
+            parts.append("A comparison is running; quitting cancels it (the finished configurations "
+                         "are saved).")
         running = sum(1 for d in self.models.downloads.list() if d.active)
         if running:
             parts.append(f"{running} download{'s are' if running > 1 else ' is'} still running; "
@@ -295,7 +300,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.hide()  # gone at once, even if the engine takes a moment to stop
         self.chat.shutdown()
-        for page in (self.models, self.perf):
+        for page in (self.compare, self.models, self.perf):
             stop = getattr(page, "shutdown", None)
             if stop is not None:
                 stop()

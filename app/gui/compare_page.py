@@ -1,0 +1,465 @@
+"""The Compare page: one model's quantizations x attention backends x KV-cache dtypes on the
+same prompts, side by side: speed, memory and quality in one view.
+
+Left, the setup (``compare_setup``) and the saved comparisons (``compare_saved``); right,
+the results: the columns (``compare_columns``), the bar charts (``compare_charts``) and a
+table, with CSV / JSON / Markdown / PNG export. The comparison itself is the Qt-free
+service ``app.services.compare`` on a worker thread (``compare_worker``): configurations
+run one after another, each loaded, measured and unloaded; every event reaches the page
+on the GUI thread and lands in its column as it happens.
+
+Memory: Run asks first when the chat's model is loaded (or loading): unload it for the
+comparison (the default) or keep it; one unloaded is loaded again by itself when the
+comparison ends, and the page says so (``compare_chat_model``).
+
+Cancel works at any moment: the answer in flight is aborted, the engine shut down, the
+finished columns kept and the rest marked cancelled; the page is idle again when the
+run's last event arrives. Every comparison that ends is saved (``compare_store``) and
+listed under Saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from PySide6.QtCore import QEvent, QSettings, Qt
+from PySide6.QtGui import QPalette
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
+                               QPushButton, QScrollArea, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem,
+                               QTabWidget, QToolButton, QVBoxLayout, QWidget)
+
+from app.gui.compare_charts import CompareCharts
+from app.gui.compare_chat_model import KEEP, UNLOAD, ChatModelHandoff
+from app.gui.compare_columns import CompareColumns
+from app.gui.compare_saved import SavedComparisons
+from app.gui.compare_setup import CompareSetup
+from app.gui.compare_worker import CompareWorker
+from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
+from app.gui.models_workers import TaskRunner
+from app.services.compare_events import ConfigFinished, ConfigStarted, RunFinished
+from app.services.compare_export import COLUMNS, cells, export_comparison, summary_line
+from app.services.compare_plan import ComparePlan
+from app.services.compare_results import ComparisonResult
+from app.services.compare_store import ComparisonFileError, save_comparison
+from app.services.library import Library
+from engine.api import HearthError, model_display_name
+
+log = logging.getLogger("hearth.gui.compare")
+
+__all__ = ["ComparePage", "UNLOAD", "KEEP"]
+
+#: Export formats: suffix, dialog caption, name filter.
+EXPORTS = {"csv": ("Export the comparison as CSV", "CSV file (*.csv)"),
+           "json": ("Export the comparison as JSON", "JSON file (*.json)"),
+           "md": ("Export the comparison as Markdown", "Markdown (*.md)"),
+           "png": ("Export a picture of the results", "PNG image (*.png)")}
+TAB_COLUMNS, TAB_CHARTS, TAB_TABLE = 0, 1, 2
+#: How long closing the window waits for a comparison to stop (it stops within a token
+#: or a weight tensor; a first-time AWQ calibration checks less often).
+SHUTDOWN_WAIT_MS = 30_000
+
+
+class ComparePage(QWidget):
+    """The Compare page over an ``EngineBridge`` (for the chat model: unload, reload).
+
+    For tests: ``ask_unload(name) -> UNLOAD | KEEP | None`` (None: don't run) and
+    ``choose_save_path(caption, suggested, filter) -> path | None`` replace the dialogs;
+    ``setup``, ``columns``, ``charts``, ``table``, ``saved`` are the parts; ``result`` the
+    comparison shown; ``running`` whether one runs. ``choices`` / ``library`` /
+    ``saved_folder`` default to this machine's, the user's library and data folder."""
+
+    def __init__(self, bridge, settings: QSettings | None = None, parent: QWidget | None = None, *,
+                 choices=None, library: Library | None = None, saved_folder: str | Path | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("comparePage")
+        self.bridge = bridge
+        self.settings = settings
+        self.library = library or Library()
+        self.runner = TaskRunner(self, max_threads=1)
+        self.result: ComparisonResult | None = None
+        self.worker: CompareWorker | None = None
+        self.saved_path: Path | None = None
+        self.chat_model = ChatModelHandoff(bridge, settings, self)
+        self.choose_save_path = self._dialog_save_path
+        self.confirm_overwrite = ask_overwrite(self)
+        self._live: list = []  # ConfigResults finished in this run, for the charts
+        self._models_listed = False
+        self._closed = False
+
+        self.setup = CompareSetup(settings, choices)
+        self.saved = SavedComparisons(saved_folder)
+        self.columns = CompareColumns()
+        self.charts = CompareCharts()
+        self.table = _results_table()
+        self._build()
+        self._apply_palette()
+        self.setup.changed.connect(self._update_buttons)
+        self.saved.openRequested.connect(self.show_result)
+        if self.setup.model_ref() is None:
+            self.setup.set_model(self.chat_model.ref())
+        self.saved.refresh()
+        self._update_buttons()
+
+    # -- construction --------------------------------------------------------------------
+    def _build(self) -> None:
+        left = QTabWidget()
+        left.setObjectName("compareLeftTabs")
+        setup_tab = QWidget()
+        setup_lay = QVBoxLayout(setup_tab)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(self.setup)
+        # Wide enough for the setup beside its scroll bar: nothing of it is ever cut off.
+        scroll.setMinimumWidth(self.setup.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width()
+                               + 6)
+        setup_lay.addWidget(scroll, 1)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run comparison")
+        self.run_button.setObjectName("compareRunButton")
+        self.run_button.setDefault(True)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setObjectName("compareCancelButton")
+        self.cancel_button.setToolTip("Stop now: the finished configurations are kept, the rest marked cancelled")
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons.addWidget(self.run_button, 1)
+        buttons.addWidget(self.cancel_button)
+        setup_lay.addLayout(buttons)
+        left.addTab(setup_tab, "Setup")
+        left.addTab(self.saved, "Saved")
+        left.currentChanged.connect(lambda i: self.saved.refresh() if left.widget(i) is self.saved else None)
+        self.left_tabs = left
+
+        right = QWidget()
+        rlay = QVBoxLayout(right)
+        rlay.setContentsMargins(0, 0, 0, 0)
+        head = QHBoxLayout()
+        self.setup_toggle = QToolButton()
+        self.setup_toggle.setObjectName("compareSetupToggle")
+        self.setup_toggle.setText("◂ Setup")
+        self.setup_toggle.setCheckable(True)
+        self.setup_toggle.setToolTip("Hide or show the setup, to give the results the whole page")
+        self.setup_toggle.toggled.connect(self._toggle_setup)
+        head.addWidget(self.setup_toggle, 0, Qt.AlignmentFlag.AlignTop)
+        self.summary = QLabel("")
+        self.summary.setObjectName("compareSummary")
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        head.addWidget(self.summary, 1)
+        self.export_buttons: dict[str, QPushButton] = {}
+        for kind, text in (("csv", "CSV…"), ("json", "JSON…"), ("md", "Markdown…"), ("png", "PNG…")):
+            b = QPushButton(text)
+            b.setObjectName(f"compareExport_{kind}")
+            b.setToolTip(EXPORTS[kind][0] + (" (the view shown: columns, charts or table)" if kind == "png" else ""))
+            b.clicked.connect(lambda _=False, k=kind: self.export(k))
+            head.addWidget(b, 0, Qt.AlignmentFlag.AlignTop)
+            self.export_buttons[kind] = b
+        rlay.addLayout(head)
+        self.message = QLabel("")
+        self.message.setObjectName("compareMessage")
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        rlay.addWidget(self.message)
+        self.results_tabs = QTabWidget()
+        self.results_tabs.setObjectName("compareResultsTabs")
+        self.results_tabs.addTab(self.columns, "Side by side")
+        self.results_tabs.addTab(self.charts, "Charts")
+        self.results_tabs.addTab(self.table, "Table")
+        self.placeholder = QLabel("Pick a model and 2 to 6 configurations, then Run comparison.\n\nEach "
+                                  "configuration is loaded, warmed up, asked every prompt, scored for perplexity "
+                                  "and unloaded, one after another; the first is the reference the others' "
+                                  "outputs are compared with. Finished comparisons are saved under Saved.")
+        self.placeholder.setObjectName("comparePlaceholder")
+        self.placeholder.setWordWrap(True)
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setEnabled(False)
+        self.results_stack = QStackedWidget()
+        self.results_stack.addWidget(self.placeholder)
+        self.results_stack.addWidget(self.results_tabs)
+        rlay.addWidget(self.results_stack, 1)
+
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.setObjectName("compareSplitter")
+        split.addWidget(left)
+        split.addWidget(right)
+        split.setStretchFactor(1, 1)
+        split.setSizes([400, 900])
+        split.setCollapsible(1, False)
+        self.splitter = split
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(split)
+
+    def _toggle_setup(self, hidden: bool) -> None:
+        self.left_tabs.setVisible(not hidden)
+        self.setup_toggle.setText("▸ Setup" if hidden else "◂ Setup")
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """A comparison runs (or waits for the chat model to unload first)."""
+        return self.worker is not None or self.chat_model.waiting
+
+    def _update_buttons(self) -> None:
+        running = self.running
+        self.setup.setEnabled(not running)
+        self.run_button.setEnabled(not running and self.setup.problem is None)
+        self.run_button.setToolTip(self.setup.problem or "Run every configuration on the prompts, one after another")
+        self.cancel_button.setVisible(running)
+        if not running:
+            self.cancel_button.setEnabled(True)
+            self.cancel_button.setText("Cancel")
+        has_result = self.result is not None and not running
+        for b in self.export_buttons.values():
+            b.setEnabled(has_result)
+        self.saved.set_busy(running)
+
+    # -- running -------------------------------------------------------------------------
+    def run(self) -> bool:
+        """Start a comparison of the setup (asking first about a loaded chat model).
+        Returns whether it started (or waits for the chat model to unload)."""
+        if self.running:
+            return False
+        try:
+            plan = self.setup.plan()
+        except HearthError as e:
+            self.setup.validate()  # the same message, under the setup
+            self.message.setText(str(e))
+            return False
+        self.setup.save_settings()
+        chat = self.chat_model.name()
+        if chat is not None:
+            answer = self.ask_unload(chat)
+            if answer is None:
+                return False
+            if answer == UNLOAD:
+                self.message.setText(f"Unloading {chat} for the comparison; it is loaded again when the "
+                                     "comparison ends.")
+                self.chat_model.release(lambda: self._start(plan))
+                self._update_buttons()
+                return True
+        self._start(plan)
+        return True
+
+    def _start(self, plan: ComparePlan) -> None:
+        self.result = None
+        self.saved_path = None
+        self._live = []
+        self.columns.begin(plan)
+        self.charts.show_results([])
+        self.table.setRowCount(0)
+        self.results_stack.setCurrentWidget(self.results_tabs)
+        self.results_tabs.setCurrentIndex(TAB_COLUMNS)
+        self.summary.setText(f"Comparing {len(plan.configs)} configurations of {_model_name(plan.model)} on "
+                             f"{len(plan.prompts)} prompt{'s' if len(plan.prompts) != 1 else ''}…")
+        keep = self.message.text() if self.chat_model.released else ""
+        self.message.setText(keep)
+        worker = CompareWorker(plan, self)
+        worker.event.connect(self._on_event)
+        worker.failed.connect(self._on_failed)
+        worker.finished.connect(self._worker_done)
+        self.worker = worker
+        self._update_buttons()
+        worker.start()
+
+    def cancel(self) -> None:
+        """Stop the comparison now (the page is idle again when its last event arrives)."""
+        if self.chat_model.waiting:  # still waiting for the chat model to unload: nothing ran
+            self.message.setText("Comparison cancelled before it started." + self.chat_model.restore())
+            self._update_buttons()
+            return
+        if self.worker is None:
+            return
+        self.worker.cancel()
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setText("Cancelling…")
+
+    def _on_event(self, ev) -> None:
+        if self._closed:  # queued before the window closed: shutdown saved the result
+            return
+        if isinstance(ev, RunFinished):
+            self._finished(ev.result)
+            return
+        self.columns.on_event(ev)
+        if isinstance(ev, ConfigStarted):
+            self.summary.setText(f"Running {ev.index + 1} of {ev.total}: {ev.config.label} · "
+                                 f"{_model_name(self.worker.plan.model if self.worker else None)}")
+        elif isinstance(ev, ConfigFinished):
+            self._live.append(ev.result)
+            self.charts.show_results(self._live)
+            fill_table(self.table, self._live)
+
+    def _finished(self, result: ComparisonResult) -> None:
+        """The run's last event: show everything, save it, load the chat model again."""
+        self.result = result
+        self.columns.show_result(result)
+        self.charts.show_result(result)
+        fill_table(self.table, result.results)
+        try:
+            self.saved_path = save_comparison(result)  # names it
+            saved = f"Saved as “{result.name}” (under Saved)."
+        except ComparisonFileError as e:
+            saved = f"Not saved: {e}"
+        self.summary.setText(_summary(result))
+        done = "Comparison cancelled; the finished configurations are kept." if result.cancelled else \
+            "Comparison finished."
+        self.message.setText(f"{done} {saved}{self.chat_model.restore()}")
+        self.saved.refresh()
+        if self.saved_path is not None:
+            self.saved.select_path(self.saved_path)
+
+    def _on_failed(self, message: str) -> None:
+        self.message.setText(f"The comparison could not run: {message}{self.chat_model.restore()}")
+
+    def _worker_done(self) -> None:
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.deleteLater()
+        self._update_buttons()
+
+    def shutdown(self, timeout_ms: int = SHUTDOWN_WAIT_MS) -> None:
+        """Stop a running comparison and wait for its engine to shut down (the window is
+        closing): what finished is saved; the chat model is not loaded again."""
+        self._closed = True
+        self.chat_model.abandon()
+        self.runner.shutdown()
+        worker = self.worker
+        if worker is None:
+            return
+        worker.cancel()
+        if not worker.wait(timeout_ms):
+            log.warning("the comparison did not stop within %d ms", timeout_ms)
+        elif worker.outcome is not None and self.result is not worker.outcome:
+            try:
+                save_comparison(worker.outcome)
+            except ComparisonFileError as e:
+                log.warning("%s", e)
+
+    # -- the chat's model ----------------------------------------------------------------
+    @property
+    def ask_unload(self):
+        """``(name) -> UNLOAD | KEEP | None``: what to do with the chat's model (a question
+        box; tests replace it)."""
+        return self.chat_model.ask
+
+    @ask_unload.setter
+    def ask_unload(self, ask) -> None:
+        self.chat_model.ask = ask
+
+    # -- results -------------------------------------------------------------------------
+    def show_result(self, result: ComparisonResult) -> None:
+        """Show a finished comparison (a reopened one: not while one runs)."""
+        if self.running:
+            return
+        self.result = result
+        self.saved_path = None
+        self.columns.show_result(result)
+        self.charts.show_result(result)
+        fill_table(self.table, result.results)
+        self.summary.setText(_summary(result))
+        self.message.setText("")
+        self.results_stack.setCurrentWidget(self.results_tabs)
+        self._update_buttons()
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        super().showEvent(event)
+        if not self._models_listed:  # the library is scanned once, when the page is first seen
+            self._models_listed = True
+            self.runner.run("library", self.library.scan, self._models_scanned, lambda _e: None)
+
+    def _models_scanned(self, models) -> None:
+        listed = [(m.ref, m.name) for m in models if m.complete]
+        self.setup.set_models(listed, self.setup.model_ref() or self.chat_model.ref())
+
+    # -- export --------------------------------------------------------------------------
+    def export(self, kind: str) -> bool:
+        """Export the comparison shown as ``kind`` (csv, json, md, png) to a file chosen
+        in a dialog; returns whether a file was written."""
+        if self.result is None:
+            return False
+        caption, name_filter = EXPORTS[kind]
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        chosen = self.choose_save_path(caption, f"hearth-comparison-{stamp}.{kind}", name_filter)
+        path = export_target(chosen, kind, self.confirm_overwrite) if chosen else None
+        if path is None:
+            return False
+
+        def write(target: Path) -> str:
+            if kind == "png":
+                self.export_png(target)
+                return "a picture of the results"
+            try:
+                export_comparison(self.result, target)
+            except ComparisonFileError as e:
+                raise OSError(str(e)) from None
+            return f"the comparison ({kind.upper() if kind != 'md' else 'Markdown'})"
+        outcome = write_export(path, write, self.settings)
+        self.message.setText(outcome.message)
+        return outcome.saved
+
+    def export_png(self, path: str | Path) -> None:
+        """A picture of the results view shown (columns, charts or table). OSError on failure."""
+        shown = self.results_tabs.currentWidget()
+        if isinstance(shown, QScrollArea) and shown.widget() is not None:
+            shown = shown.widget()  # every chart, also those scrolled out of view
+        if shown.layout() is not None:
+            shown.layout().activate()  # what changed since the last event loop pass is laid out
+        if not shown.grab().save(str(path), "PNG"):
+            raise OSError(f"could not write a PNG image to {path}")
+
+    def _dialog_save_path(self, caption: str, suggested: str, name_filter: str) -> str | None:
+        kind = "pictures" if suggested.endswith(".png") else "documents"
+        start = Path(export_start_dir(self.settings, kind)) / suggested
+        path, _ = QFileDialog.getSaveFileName(self, caption, str(start), name_filter)
+        return path or None
+
+    # -- look ----------------------------------------------------------------------------
+    def _apply_palette(self) -> None:
+        pal = self.palette()
+        self.charts.apply_palette(pal.color(QPalette.ColorRole.Base), pal.color(QPalette.ColorRole.Text))
+
+    def changeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.ApplicationPaletteChange,
+                            QEvent.Type.StyleChange):
+            self._apply_palette()
+        super().changeEvent(event)
+
+
+def _results_table() -> QTableWidget:
+    table = QTableWidget(0, len(COLUMNS))
+    table.setObjectName("compareTable")
+    table.setHorizontalHeaderLabels([title for _key, title, _right in COLUMNS])
+    table.verticalHeader().hide()
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.setWordWrap(True)
+    header = table.horizontalHeader()
+    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    header.setSectionResizeMode(len(COLUMNS) - 1, QHeaderView.ResizeMode.Stretch)
+    return table
+
+
+def fill_table(table: QTableWidget, results) -> None:
+    """One row per configuration: ``compare_export.cells`` (the CLI's table)."""
+    table.setRowCount(len(results))
+    for row, r in enumerate(results):
+        c = cells(r)
+        for col, (key, _title, right) in enumerate(COLUMNS):
+            item = QTableWidgetItem(c[key])
+            item.setToolTip(c[key] if key == "error" else "")
+            if right:
+                item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            table.setItem(row, col, item)
+    table.resizeRowsToContents()  # an error's reason wraps in its cell
+
+
+def _model_name(ref: str | None) -> str:
+    return model_display_name(ref)
+
+
+def _summary(result: ComparisonResult) -> str:
+    name = f"{result.name}\n" if result.name else ""
+    return name + summary_line(result) + "."
