@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul
 from kernels.quant_gemm import quant_gemm
-from kernels.quant_gemv import SWAP, GemvConfig, quant_gemv, quant_gemv_configs
+from kernels.quant_gemv import SWAP, SWAP_SCALED, GemvConfig, quant_gemv, quant_gemv_configs
 from kernels.quant_mma import _COUNTERS, MmaConfig, _decode_int4, default_mma_config, mma_configs, quant_mma
 from tests.kernels.reference import DEVICE
 from tests.kernels.test_quant_gemv import check, make_weight, rand_x
@@ -98,8 +98,8 @@ def test_gemv_and_gemm_reach_it():
     n, k = 40, 256
     qw, prep = make_weight(4, n, k, 128)
     configs = quant_gemv_configs(n, k, 4, 128)
-    swap = [c for c in configs if c.kind == SWAP]
-    assert swap and not [c for c in quant_gemv_configs(n, k, 8) if c.kind == SWAP]  # int4 only
+    swap = [c for c in configs if c.kind in (SWAP, SWAP_SCALED)]
+    assert swap and not [c for c in quant_gemv_configs(n, k, 8) if c.kind in (SWAP, SWAP_SCALED)]  # int4 only
     x = rand_x(1, k, torch.bfloat16)
     check(quant_gemv(x, prep, config=GemvConfig(32, 32, 2, SWAP, 2, 2)), x, qw)
     xm = rand_x(9, k, torch.bfloat16)
