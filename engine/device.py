@@ -60,6 +60,32 @@ def free_memory_bytes(device: torch.device) -> tuple[int, int]:
         return available_ram_bytes(), available_ram_bytes()
 
 
+#: CUDA device index -> the highest ``max_memory_allocated`` seen before a peak restart
+#: inside the engine (``restart_cuda_peak``), so that a caller's own peak measurement
+#: (``engine.metrics.peak_device_memory_bytes``) does not lose what a load held before the
+#: KV sizing restarted torch's peak counter
+_CARRIED_PEAK: dict[int, int] = {}
+
+
+def restart_cuda_peak(device: torch.device) -> None:
+    """``torch.cuda.reset_peak_memory_stats(device)``, keeping the peak so far for
+    ``carried_cuda_peak``: the engine restarts the counter to measure one forward pass."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    _CARRIED_PEAK[index] = max(_CARRIED_PEAK.get(index, 0), int(torch.cuda.max_memory_allocated(index)))
+    torch.cuda.reset_peak_memory_stats(index)
+
+
+def carried_cuda_peak(index: int) -> int:
+    """The peak ``restart_cuda_peak`` kept for CUDA device ``index`` (0: none)."""
+    return _CARRIED_PEAK.get(index, 0)
+
+
+def forget_cuda_peak(index: int) -> None:
+    """Drop the kept peak of CUDA device ``index`` (a caller starting its own measurement)."""
+    _CARRIED_PEAK.pop(index, None)
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 

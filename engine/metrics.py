@@ -38,19 +38,27 @@ def reset_peak_device_memory() -> None:
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return
+    from engine.device import forget_cuda_peak
+
     for index in range(torch.cuda.device_count()):
+        forget_cuda_peak(index)
         torch.cuda.reset_peak_memory_stats(index)
 
 
 def peak_device_memory_bytes(device: str) -> int | None:
     """The most bytes torch's allocator held on CUDA ``device`` ("cuda", "cuda:N") since
     ``reset_peak_device_memory`` (weights, KV pool, activations, CUDA graphs' pools; not
-    the CUDA context or the allocator's unused cache). None for a non-CUDA device or
-    where CUDA isn't set up."""
+    the CUDA context or the allocator's unused cache), including what a load held before
+    the engine restarted torch's counter to size the KV cache (``restart_cuda_peak``).
+    None for a non-CUDA device or where CUDA isn't set up."""
     if not device.startswith("cuda"):
         return None
     import torch
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
-    return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    from engine.device import carried_cuda_peak
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return max(int(torch.cuda.max_memory_allocated(index)), carried_cuda_peak(index))

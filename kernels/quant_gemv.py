@@ -473,7 +473,8 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     ``swiglu``) in bf16/fp16 (fp32 for tests), W the ``prepared`` int4/int8 weight;
     returns [1, N] in x's dtype (into ``out`` when given). ``config`` is a ``GemvConfig``
     (or a plain (BLOCK_N, BLOCK_K, num_warps[, kind[, stages]]) tuple), ``default_quant_config`` when
-    omitted. No host sync, and no allocation with ``out``: safe to capture in a CUDA graph."""
+    omitted. No host sync, and no allocation with ``out`` (but a split-K SWAP config takes a
+    small fp32 workspace from torch's allocator): safe to capture in a CUDA graph."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemv", x, k, swiglu)
     if x.shape[0] != 1:

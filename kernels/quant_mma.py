@@ -242,6 +242,9 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 #: device -> zeroed int32 tile counters of the split-K fixup (each launch leaves them zero
 #: again). One fixed-size tensor per device, never replaced: CUDA graphs keep its address.
+#: Shared by every launch on the device, which is safe because launches on one device are
+#: serialized (the engine runs on one stream); two streams running split-K launches at
+#: once would need counters of their own.
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
 

@@ -82,6 +82,9 @@ class ChatModelHandoff(QObject):
         options, self._reload = self._reload, None
         if not options:
             return ""
+        if self.bridge.model_info is not None or self.bridge.is_loading:
+            # the user loaded a model for the chat during the comparison: that one stays
+            return f" {model_display_name(options.get('model'))} is not loaded again: the chat has another model now."
         self.bridge.load(options)
         return f" Loading {model_display_name(options.get('model'))} again for the chat."
 

@@ -24,7 +24,7 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from PySide6.QtCore import QEvent, QSettings, Qt
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, Slot
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
                                QPushButton, QScrollArea, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem,
@@ -59,6 +59,35 @@ TAB_COLUMNS, TAB_CHARTS, TAB_TABLE = 0, 1, 2
 #: How long closing the window waits for a comparison to stop (it stops within a token
 #: or a weight tensor; a first-time AWQ calibration checks less often).
 SHUTDOWN_WAIT_MS = 30_000
+
+
+#: workers still running when their page closed (see ComparePage.shutdown)
+_DETACHED: set = set()
+
+
+class _Reaper(QObject):
+    """Lets go of a detached worker once it has finished, on the GUI thread (its
+    ``finished`` arrives queued here): the last reference dropped from the worker's own
+    thread would destroy a QThread that is still running."""
+
+    @Slot()
+    def reap(self) -> None:
+        worker = self.sender()
+        if worker is not None:
+            worker.wait()  # returns at once: it has finished
+            _DETACHED.discard(worker)
+
+
+_REAPER: _Reaper | None = None
+
+
+def _detach(worker) -> None:
+    global _REAPER
+    if _REAPER is None:
+        _REAPER = _Reaper()
+    worker.setParent(None)
+    _DETACHED.add(worker)
+    worker.finished.connect(_REAPER.reap)
 
 
 class ComparePage(QWidget):
@@ -332,7 +361,17 @@ class ComparePage(QWidget):
             return
         worker.cancel()
         if not worker.wait(timeout_ms):
+            # Still running (a step that can't be interrupted): it must not be destroyed
+            # with the page (Qt aborts on a running QThread's destruction). Detached and kept
+            # alive until it finishes; the process exits around it.
             log.warning("the comparison did not stop within %d ms", timeout_ms)
+            for signal in (worker.event, worker.failed, worker.finished):
+                try:
+                    signal.disconnect()
+                except (RuntimeError, TypeError):
+                    pass
+            _detach(worker)
+            self.worker = None
         elif worker.outcome is not None and self.result is not worker.outcome:
             try:
                 save_comparison(worker.outcome)

@@ -183,8 +183,13 @@ class _ConfigRun:
         plan, res = self.plan, self.result
         config = plan.engine_config(self.config)
         t0 = time.perf_counter()
-        self.engine = engine = Engine.from_config(config, progress=lambda msg: self._progress("load", msg),
-                                                  should_stop=self.should_stop)
+        def progress(msg: str) -> None:
+            # also a cancel point: kernel tuning, graph capture and a first calibration only
+            # report progress, they don't ask should_stop (the app's loads stop the same way)
+            self._check_stop()
+            self._progress("load", msg)
+
+        self.engine = engine = Engine.from_config(config, progress=progress, should_stop=self.should_stop)
         res.load_s = time.perf_counter() - t0
         _record_info(res, engine.model_info)
         chat = self._chat_mode(engine)

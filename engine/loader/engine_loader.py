@@ -80,18 +80,15 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
     return FoundModel(resolved.name, resolved.path, resolved.source, cfg, str(resolved.path / "config.json"))
 
 
-def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], None],
-               should_stop: Callable[[], bool] | None) -> FoundModel:
-    """``found``'s float weights quantized with GPTQ or AWQ on the bundled calibration text,
-    as a checkpoint in the models cache (made on the first such load, on the load's device;
-    reused while the source's files are unchanged). A random-weight shape (no files) is
-    keyed on its name, config and seed, and calibrated on the text's bytes (no tokenizer)."""
+def calibrated_path(found: FoundModel, config: EngineConfig) -> tuple[str, Path]:
+    """(the source ``calibrated_model`` reads, the cache folder of its GPTQ/AWQ checkpoint)
+    for ``found`` and the load's method and group size: keyed on the source's files (a
+    random-weight shape: its name, config and seed), the calibration settings and text."""
     import hashlib
     import json
 
     from engine.paths import models_cache_dir
-    from engine.quant.export import (CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, CALIBRATION_VERSION, GPTQ_DAMP,
-                                     calibrated_model)
+    from engine.quant.export import CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, CALIBRATION_VERSION, GPTQ_DAMP
     from resources.texts import calibration_text_path
 
     mc = config.model
@@ -107,7 +104,19 @@ def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], Non
               hashlib.sha256(calibration_text_path().read_bytes()).hexdigest()]
     key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in found.name)[:60]  # "shape:x" -> "shape-x"
-    out = models_cache_dir() / "calibrated" / f"{safe}-{mc.quantization}-{key}"
+    return source, models_cache_dir() / "calibrated" / f"{safe}-{mc.quantization}-{key}"
+
+
+def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], None],
+               should_stop: Callable[[], bool] | None) -> FoundModel:
+    """``found``'s float weights quantized with GPTQ or AWQ on the bundled calibration text,
+    as a checkpoint in the models cache (made on the first such load, on the load's device;
+    reused while the source's files are unchanged). A random-weight shape (no files) is
+    keyed on its name, config and seed, and calibrated on the text's bytes (no tokenizer)."""
+    from engine.quant.export import calibrated_model
+
+    mc = config.model
+    source, out = calibrated_path(found, config)
     if not (out / "config.json").is_file():
         say(f"{mc.quantization}: quantizing {found.name} with calibration (once; later loads reuse it)")
         try:

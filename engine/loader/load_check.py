@@ -48,6 +48,7 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
     spec, _ = native_spec(found, mc.force_fallback)
     max_model_len = context_length(found.cfg, mc.max_model_len)
     kv_dtype = kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)
+    calibration = 0  # bytes a first awq/gptq load holds while it calibrates
     if spec is not None:
         if found.path is not None:
             # Only the headers are read: a truncated or corrupt file (an interrupted
@@ -58,8 +59,11 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
         block_size = kv_block_size(choices.attention, cc.block_size)
         # What the load will hold: the meta model after the load's transforms (quantized
         # weights count as what they are), the count bring-up checks before materializing.
-        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(_sizing(config, found),
-                                                                                        found.path))
+        sizing, calibrating = _sizing(config, found)
+        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(sizing, found.path))
+        if calibrating:  # the first awq/gptq load holds the float model on the device while it calibrates
+            calibration = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(
+                _with_quant(config, "none"), found.path))
         block_bytes = spec.kv_bytes_per_token(kv_dtype.itemsize) * block_size
     else:  # the transformers fallback: its weights in the load dtype, its cache by config
         block_size = cc.block_size
@@ -71,6 +75,11 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
     free, total = free_memory_bytes(device)
     reclaim = loaded_bytes if _same_device(loaded_device, device) else 0
     where = f"GPU {device}" if device.type == "cuda" else "RAM"
+    if calibration > free + reclaim:
+        raise OutOfMemoryError(
+            f"{mc.quantization} calibrates the float weights first, once ({gib(calibration)} in "
+            f"{str(dtype).removeprefix('torch.')}), but the {where} has {gib(free)} free: quantize it on a larger "
+            f"device with hearth quantize --quant {mc.quantization}, or free memory.", options=("quantization",))
     if weights > free + reclaim:  # bring-up's weights check, counting what unloading gives back
         alone = f" ({gib(free + reclaim)} with the loaded model unloaded)" if reclaim else ""
         raise OutOfMemoryError(
@@ -111,22 +120,29 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
             raise _no_room_for_context(max(0, room) // block_bytes, block_size, max_model_len, weights, where,
                                        bool(reclaim))
         beside_ok = False  # the pool takes the rest of the card: never beside another model
-    fits_beside = reclaim == 0 or (device.type == "cpu" and beside_ok)
+    fits_beside = reclaim == 0 or (device.type == "cpu" and beside_ok and calibration + headroom <= free)
     return ModelCheck(found.name, str(device), int(weights), int(kv), int(free), fits_beside)
 
 
-def _sizing(config: EngineConfig, found) -> EngineConfig:
-    """The config whose transforms size the load: awq/gptq of float weights are calibrated
-    into an int4 checkpoint of the same group size when the load starts (engine_loader's
-    ``calibrated``), so they weigh what int4 does; everything else as asked."""
-    from dataclasses import replace
-
+def _sizing(config: EngineConfig, found) -> tuple[EngineConfig, bool]:
+    """(the config whose transforms size the load, whether the load calibrates first):
+    awq/gptq of float weights are calibrated into an int4 checkpoint of the same group size
+    when the load starts (engine_loader's ``calibrated``), so they weigh what int4 does; the
+    first such load (nothing cached) holds the float model while it calibrates."""
+    from engine.loader.engine_loader import calibrated_path
     from engine.quant.transform import PUBLISHED, checkpoint_quant_method
 
     mc = config.model
     if mc.quantization not in ("awq", "gptq") or checkpoint_quant_method(found.path) in PUBLISHED:
-        return config
-    return replace(config, model=replace(mc, quantization="int4"))
+        return config, False
+    cached = (calibrated_path(found, config)[1] / "config.json").is_file()
+    return _with_quant(config, "int4"), not cached
+
+
+def _with_quant(config: EngineConfig, method: str) -> EngineConfig:
+    from dataclasses import replace
+
+    return replace(config, model=replace(config.model, quantization=method))
 
 
 def _no_room_for_context(blocks: int, block_size: int, max_model_len: int, weights: int,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from engine.device import available_ram_bytes, free_memory_bytes, gib
+from engine.device import available_ram_bytes, free_memory_bytes, gib, restart_cuda_peak
 from engine.errors import OutOfMemoryError
 from engine.memory_plan import context_blocks, cpu_kv_budget, explicit_kv_problem, kv_pool_blocks
 
@@ -153,7 +153,7 @@ def activation_peak_bytes(runner, num_tokens: int) -> int:
     saved = runner.kv_caches
     runner.allocate_kv_cache(blocks)
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    restart_cuda_peak(device)  # keeps the load's peak so far for whoever measures the whole load
     before = torch.cuda.memory_allocated(device)
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     # The token budget may exceed the context (long prefill budgets, short contexts):

@@ -222,3 +222,12 @@ def test_awq_and_gptq_of_float_weights_are_checked_as_the_int4_they_become(model
     int4 = check_model(model, quantization="int4", **OPTIONS)
     plain = check_model(model, **OPTIONS)
     assert check.weights_bytes == int4.weights_bytes < plain.weights_bytes
+
+
+def test_a_first_awq_load_is_refused_when_the_float_model_it_calibrates_does_not_fit(model, fake_ram):
+    """Nothing calibrated yet: the load holds the float model first; int4's room is not enough."""
+    int4 = check_model(model, quantization="int4", **OPTIONS)
+    plain = check_model(model, **OPTIONS)
+    fake_ram["free"] = (int4.weights_bytes + plain.weights_bytes) // 2  # int4 fits, the float model doesn't
+    with pytest.raises(OutOfMemoryError, match="calibrates the float weights first"):
+        check_model(model, quantization="awq", **OPTIONS)

@@ -189,3 +189,22 @@ def test_closing_the_window_mid_run_stops_the_run_and_saves_what_finished(qtbot,
     assert worker.isFinished() and shut == loaded and loaded
     (saved,) = list_comparisons()
     assert saved.cancelled and load_comparison(saved.path).results[0].status == "cancelled"
+
+
+def test_a_run_that_outlasts_the_close_is_detached_not_destroyed(qtbot, bridge, gui_env, chat_model, engines,
+                                                                  monkeypatch):
+    """A step that can't be interrupted outlasts the close: the worker must not die with its
+    page (Qt aborts on destroying a running QThread); it is detached and kept until it ends."""
+    from app.gui import compare_page
+
+    page = make_page(qtbot, bridge, gui_env)
+    set_up_tiny(page, chat_model, quants=("int8", "int4"), max_tokens=200, eval_tokens=0)
+    page.run()
+    worker = page.worker
+    with qtbot.waitSignal(worker.event, check_params_cb=lambda ev: isinstance(ev, TokenDelta), timeout=60_000):
+        pass
+    monkeypatch.setattr(worker, "wait", lambda *a: False)  # as if it were stuck in a long step
+    page.shutdown()
+    assert worker.parent() is None and worker in compare_page._DETACHED and page.worker is None
+    qtbot.waitUntil(worker.isFinished, timeout=60_000)  # the cancel still reaches it
+    qtbot.waitUntil(lambda: worker not in compare_page._DETACHED, timeout=10_000)

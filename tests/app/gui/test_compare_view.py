@@ -271,3 +271,37 @@ def test_the_page_follows_a_switch_to_the_dark_theme(qtbot, page, qapp):
         assert sheets and not any("palette(" in s for s in sheets)
     finally:
         qapp.setPalette(before)
+
+
+def test_a_model_loaded_for_the_chat_during_the_run_is_not_replaced_afterwards(qtbot):
+    """The chat's model was unloaded for the comparison; the user then loaded another one:
+    the end of the run must not load the old one over it."""
+    from PySide6.QtCore import QObject, Signal
+
+    from app.gui.compare_chat_model import ChatModelHandoff
+
+    class FakeBridge(QObject):
+        modelUnloaded = Signal()
+
+        def __init__(self):
+            super().__init__()
+            self.model_info, self.is_loading, self.loads = None, False, []
+
+        def unload(self):
+            self.modelUnloaded.emit()
+
+        def load(self, options):
+            self.loads.append(options)
+
+    bridge = FakeBridge()
+    handoff = ChatModelHandoff(bridge, None)
+    handoff._reload_options = lambda: {"model": "old-model"}
+    ran = []
+    handoff.release(lambda: ran.append(True))
+    assert ran and handoff.released
+    bridge.is_loading = True  # the user picked another model while the comparison ran
+    said = handoff.restore()
+    assert bridge.loads == [] and "not loaded again" in said
+    handoff.release(lambda: None)
+    bridge.is_loading = False  # nothing loaded meanwhile: the old model comes back
+    assert "again for the chat" in handoff.restore() and bridge.loads == [{"model": "old-model"}]

@@ -120,3 +120,43 @@ def test_engine_peak_device_memory_is_the_spans_own_peak_on_cuda():
     assert peak >= 256 * 2**20
     reset_peak_device_memory()
     assert peak_device_memory_bytes("cuda:0") < peak
+
+
+def test_engine_peak_device_memory_keeps_what_a_load_held_before_the_engine_restarted_the_counter(monkeypatch):
+    """The KV sizing restarts torch's peak counter (engine.device.restart_cuda_peak) to
+    measure one forward pass; a comparison's peak must still see the load's earlier peak
+    (e.g. the float model held while AWQ calibrates). torch.cuda faked: this runs on CPU."""
+    import torch
+
+    from engine import device as engine_device
+    from engine.api import peak_device_memory_bytes, reset_peak_device_memory
+
+    counter = {"peak": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index=None: counter["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda index=None: counter.update(peak=0))
+    reset_peak_device_memory()
+    counter["peak"] = 16 * 2**30  # calibration holds the float model
+    engine_device.restart_cuda_peak(torch.device("cuda", 0))  # the KV sizing's restart
+    counter["peak"] = 6 * 2**30  # the quantized model's own peak afterwards
+    assert peak_device_memory_bytes("cuda:0") == 16 * 2**30
+    reset_peak_device_memory()  # the next configuration starts from nothing
+    assert peak_device_memory_bytes("cuda") == 0
+
+
+@pytest.mark.gpu
+def test_engine_peak_device_memory_survives_the_engines_own_restart_on_cuda():
+    import torch
+
+    from engine.api import peak_device_memory_bytes, reset_peak_device_memory
+    from engine.device import restart_cuda_peak
+
+    torch.zeros(1, device="cuda")
+    reset_peak_device_memory()
+    block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    del block
+    restart_cuda_peak(torch.device("cuda", 0))
+    assert peak_device_memory_bytes("cuda:0") >= 256 * 2**20
