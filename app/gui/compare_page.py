@@ -25,10 +25,10 @@ from datetime import datetime
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, QObject, QSettings, Qt, Slot
-from PySide6.QtGui import QPalette
+from PySide6.QtGui import QAction, QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
-                               QPushButton, QScrollArea, QSplitter, QStackedWidget, QTableWidget, QTableWidgetItem,
-                               QTabWidget, QToolButton, QVBoxLayout, QWidget)
+                               QMenu, QPushButton, QScrollArea, QSplitter, QStackedWidget, QTableWidget,
+                               QTableWidgetItem, QTabWidget, QToolButton, QVBoxLayout, QWidget)
 
 from app.gui.compare_charts import CompareCharts
 from app.gui.compare_chat_model import KEEP, UNLOAD, ChatModelHandoff
@@ -63,6 +63,8 @@ SHUTDOWN_WAIT_MS = 30_000
 
 #: workers still running when their page closed (see ComparePage.shutdown)
 _DETACHED: set = set()
+#: the setup panel's narrowest (it scrolls sideways below its own width)
+SETUP_MIN_WIDTH = 240
 
 
 class _Reaper(QObject):
@@ -140,11 +142,10 @@ class ComparePage(QWidget):
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(self.setup)
-        # Wide enough for the setup beside its scroll bar: nothing of it is ever cut off.
-        scroll.setMinimumWidth(self.setup.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width()
-                               + 6)
+        # The setup scrolls sideways in a narrow window rather than forcing the window wider
+        # than the other pages need (640 x 480 must work): its splitter share starts wide.
+        scroll.setMinimumWidth(SETUP_MIN_WIDTH)
         setup_lay.addWidget(scroll, 1)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run comparison")
@@ -179,14 +180,24 @@ class ComparePage(QWidget):
         self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         head.addWidget(self.summary, 1)
-        self.export_buttons: dict[str, QPushButton] = {}
+        # One Export button with a menu: four buttons made the page wider than a 640-pixel window
+        self.export_button = QToolButton()
+        self.export_button.setObjectName("compareExport")
+        self.export_button.setText("Export")
+        self.export_button.setToolTip("Export this comparison as CSV, JSON, Markdown or a PNG picture")
+        self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        menu = QMenu(self.export_button)
+        self.export_buttons: dict[str, QAction] = {}
         for kind, text in (("csv", "CSV…"), ("json", "JSON…"), ("md", "Markdown…"), ("png", "PNG…")):
-            b = QPushButton(text)
-            b.setObjectName(f"compareExport_{kind}")
-            b.setToolTip(EXPORTS[kind][0] + (" (the view shown: columns, charts or table)" if kind == "png" else ""))
-            b.clicked.connect(lambda _=False, k=kind: self.export(k))
-            head.addWidget(b, 0, Qt.AlignmentFlag.AlignTop)
-            self.export_buttons[kind] = b
+            action = menu.addAction(text)
+            action.setObjectName(f"compareExport_{kind}")
+            action.setToolTip(EXPORTS[kind][0] + (" (the view shown: columns, charts or table)"
+                                                  if kind == "png" else ""))
+            action.triggered.connect(lambda _=False, k=kind: self.export(k))
+            self.export_buttons[kind] = action
+        menu.setToolTipsVisible(True)
+        self.export_button.setMenu(menu)
+        head.addWidget(self.export_button, 0, Qt.AlignmentFlag.AlignTop)
         rlay.addLayout(head)
         self.message = QLabel("")
         self.message.setObjectName("compareMessage")
@@ -245,6 +256,7 @@ class ComparePage(QWidget):
         has_result = self.result is not None and not running
         for b in self.export_buttons.values():
             b.setEnabled(has_result)
+        self.export_button.setEnabled(has_result)
         self.saved.set_busy(running)
 
     # -- running -------------------------------------------------------------------------
