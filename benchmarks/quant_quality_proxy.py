@@ -65,11 +65,13 @@ if "rtn" in methods:
             lin.weight.copy_(quantize_int4(lin.weight, G).dequantize())
   out["rtn"] = nll(); print("rtn", out["rtn"], flush=True); restore()
 for m in [m for m in methods if m not in ("float", "rtn")]:
-    # a method and its options: gptq[-act][-d<damp>] (damp 0.01 unless given), awq[-noclip]
+    # a method and its options: gptq[-act][-ts][-d<damp>] (damp 0.01 unless given; ts: true
+    # sequential), awq[-noclip]
     opts = dict(method=m.split("-")[0], group_size=G)
     for part in m.split("-")[1:]:
         if part == "act": opts["act_order"] = True
         elif part == "noclip": opts["awq_clip"] = False
+        elif part == "ts": opts["true_sequential"] = True
         elif part.startswith("d"): opts["damp"] = float(part[1:])
         else: raise SystemExit(f"unknown option {part!r} in {m!r}")
     if m.startswith("awq"): opts.update(awq_max_tokens=1024, clip_tokens=256)

@@ -26,7 +26,8 @@ changed (the RMSNorm weights, and the v / up rows of a qkv / gate_up bias), whic
 replace the model's own when the quantized weights are used.
 
 Choices: GPTQ's Hessians for all four linears come from one float forward of the layer
-(not "true sequential", where o_proj's inputs would come from the quantized qkv). They are
+unless ``true_sequential`` (then o_proj's inputs come from the quantized qkv, and so on:
+four forwards of the layer). They are
 weighted per token (``_gptq_statistics``): a token's error counts relative to its residual
 stream, and a key/value's by the attention it receives. Plain GPTQ (one vote per token)
 was no better than round-to-nearest on SmolLM2-135M: the first token of every sequence is
@@ -184,7 +185,9 @@ def check_calibration(model, method: str, bits: int, group_size: int) -> None:
 class CalibrationOptions:
     """How ``calibrate``/``calibrate_layer`` quantize. ``bits``/``sym``/``act_order``/``damp``/
     ``block_size``: GPTQ's (``gptq_quantize``; AWQ is 4-bit asymmetric only);
-    ``awq_grid``: AWQ's alpha grid (and its clip grid); ``awq_clip``: AWQ's clipping search;
+    ``true_sequential``: GPTQ quantizes qkv, then o, then gate_up, then down, each on the
+    inputs the layer gives with the linears before it already quantized (a forward of the
+    layer per step) instead of all four on one float forward; ``awq_grid``: AWQ's alpha grid (and its clip grid); ``awq_clip``: AWQ's clipping search;
     ``awq_max_tokens``: input rows sampled per linear for AWQ's search; ``clip_tokens``:
     rows of those its clip search uses."""
 
@@ -195,6 +198,7 @@ class CalibrationOptions:
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    true_sequential: bool = False
     awq_grid: int = 20
     awq_clip: bool = True
     awq_max_tokens: int = 4096
@@ -229,31 +233,25 @@ def calibrate_layer(model, index: int, hs: list[torch.Tensor], options: Calibrat
     weights, float_params = {}, {}
     with calibration_attention([layer]):
         run = lambda: [run_layer(model, layer, h) for h in hs]  # noqa: E731
-        if options.method == "gptq":
-            stats = _gptq_statistics(model, layer, hs)
-        else:
-            total = sum(h.shape[0] for h in hs)
-            rows = max(1, math.ceil(min(options.awq_max_tokens, total) / len(hs)))
-            stats = _collect(layer, run, lambda: _SampleHook(rows))
-        check_stop()
         saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
         try:
             if options.method == "gptq":
-                quantized = _gptq_layer(layer, stats, bits=options.bits, group_size=options.group_size,
-                                        sym=options.sym, act_order=options.act_order, damp=options.damp,
-                                        block_size=options.block_size)
+                quantized = _gptq_steps(model, layer, hs, options, check_stop)
             else:
+                total = sum(h.shape[0] for h in hs)
+                rows = max(1, math.ceil(min(options.awq_max_tokens, total) / len(hs)))
+                stats = _collect(layer, run, lambda: _SampleHook(rows))
+                check_stop()
                 quantized = _awq_layer(layer, stats, group_size=options.group_size, grid=options.awq_grid,
                                        clip=options.awq_clip, clip_tokens=options.clip_tokens)
+                del stats
                 for name, p in layer.named_parameters():
                     if not any(name == path + ".weight" for path in LAYER_LINEARS.values()) \
                             and not torch.equal(p, saved[name]):
                         float_params[prefix + name] = p.detach().clone()
-            del stats
             check_stop()
             for key, qw in quantized.items():
-                lin = layer.get_submodule(LAYER_LINEARS[key])
-                lin.weight.copy_(qw.dequantize(unpermute=True).to(lin.weight.dtype))
+                _use_quantized(layer, key, qw)
                 weights[prefix + LAYER_LINEARS[key]] = qw
             next_hs = run()
         finally:
@@ -313,9 +311,10 @@ def _add_weighted(hessians: dict, key: str, x: torch.Tensor, weights: torch.Tens
 GPTQ_HESSIANS = ("q", "kv", "o", "gate_up", "down")
 
 
-def _gptq_statistics(model, layer, hs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _gptq_statistics(model, layer, hs: list[torch.Tensor], keys=tuple(LAYER_LINEARS)) -> dict[str, torch.Tensor]:
     """GPTQ's Hessians ``sum_t w_t x_t x_t^T`` of the layer's linears over the sequences
-    ``hs`` (the float layer run on each, inside ``calibration_attention``), with per-token
+    ``hs`` (the layer run on each, inside ``calibration_attention``; of the linears ``keys``
+    only, "qkv" giving "q" and "kv"), with per-token
     weights ``w_t`` for how much an error in that token's output matters:
 
     - q rows, o_proj (their errors land in the token's residual stream, read next through
@@ -340,14 +339,18 @@ def _gptq_statistics(model, layer, hs: list[torch.Tensor]) -> dict[str, torch.Te
     try:
         for h in hs:
             attn_w = _inverse_mean_square(h, eps)
-            backend.query_weights = attn_w
+            backend.query_weights = attn_w if "qkv" in keys else None  # recording costs a slower attention
             out = run_layer(model, layer, h)
             mlp_w = _inverse_mean_square(out, eps)
-            _add_weighted(hessians, "q", seen["qkv"], attn_w)
-            _add_weighted(hessians, "kv", seen["qkv"], backend.received)
-            _add_weighted(hessians, "o", seen["o"], attn_w)
-            _add_weighted(hessians, "gate_up", seen["gate_up"], mlp_w)
-            _add_weighted(hessians, "down", silu_and_mul_reference(seen["down"]), mlp_w)
+            if "qkv" in keys:
+                _add_weighted(hessians, "q", seen["qkv"], attn_w)
+                _add_weighted(hessians, "kv", seen["qkv"], backend.received)
+            if "o" in keys:
+                _add_weighted(hessians, "o", seen["o"], attn_w)
+            if "gate_up" in keys:
+                _add_weighted(hessians, "gate_up", seen["gate_up"], mlp_w)
+            if "down" in keys:
+                _add_weighted(hessians, "down", silu_and_mul_reference(seen["down"]), mlp_w)
             seen.clear()
     finally:
         backend.query_weights = backend.received = None
@@ -398,11 +401,37 @@ def _collect(layer, run: Callable[[], object], make_hook) -> dict[str, object]:
     return hooks
 
 
-def _gptq_layer(layer, hessians, *, act_order: bool, **options) -> dict[str, QuantizedWeight]:
-    """GPTQ of the layer's four linears; qkv's q rows and k/v rows with their own Hessians
-    (one act-order for both: the fused weight has one column order)."""
-    out = {key: gptq_quantize(layer.get_submodule(path).weight, hessians[key], act_order=act_order, **options)
-           for key, path in LAYER_LINEARS.items() if key != "qkv"}
+def _use_quantized(layer, key: str, qw: QuantizedWeight) -> None:
+    """The layer's ``key`` linear computes with ``qw``'s (dequantized) weight."""
+    lin = layer.get_submodule(LAYER_LINEARS[key])
+    lin.weight.copy_(qw.dequantize(unpermute=True).to(lin.weight.dtype))
+
+
+def _gptq_steps(model, layer, hs, options: CalibrationOptions, check_stop) -> dict[str, QuantizedWeight]:
+    """GPTQ of the layer's linears: all four on one float forward, or (``true_sequential``)
+    one at a time, each on the inputs of the layer with the ones before it quantized (they
+    are left quantized in the layer; the caller puts the float weights back)."""
+    steps = [[key] for key in LAYER_LINEARS] if options.true_sequential else [list(LAYER_LINEARS)]
+    quantized: dict[str, QuantizedWeight] = {}
+    for keys in steps:
+        hessians = _gptq_statistics(model, layer, hs, keys)
+        check_stop()
+        step = _gptq_layer(layer, hessians, keys, bits=options.bits, group_size=options.group_size, sym=options.sym,
+                           act_order=options.act_order, damp=options.damp, block_size=options.block_size)
+        del hessians
+        for key, qw in step.items():
+            _use_quantized(layer, key, qw)
+        quantized.update(step)
+    return quantized
+
+
+def _gptq_layer(layer, hessians, keys, *, act_order: bool, **options) -> dict[str, QuantizedWeight]:
+    """GPTQ of the layer's linears ``keys``; qkv's q rows and k/v rows with their own
+    Hessians (one act-order for both: the fused weight has one column order)."""
+    out = {key: gptq_quantize(layer.get_submodule(LAYER_LINEARS[key]).weight, hessians[key], act_order=act_order,
+                              **options) for key in keys if key != "qkv"}
+    if "qkv" not in keys:
+        return out
     w = layer.self_attn.qkv_proj.weight
     rows = layer.self_attn.q_size
     hq, hkv = hessians["q"], hessians["kv"]

@@ -168,3 +168,29 @@ def test_the_hessians_weigh_each_token_as_documented():
         torch.testing.assert_close(hessians[key].double(), h, rtol=1e-4, atol=1e-6 * h.abs().max().item())
     # the sink gets most of the attention: its k/v weight dwarfs the others'
     assert received[0][0] > 20 * received[0][1:].median()
+
+
+def test_true_sequential_quantizes_each_linear_on_the_inputs_of_the_ones_before_it_quantized():
+    from engine.quant.calibrate import CalibrationOptions, calibrate_layer, calibration_inputs
+    from engine.quant.gptq import gptq_quantize
+
+    model = sink_model(1)
+    layer = model.model.layers[0]
+    hs = calibration_inputs(model, sequences(4, 7))
+    one = CalibrationOptions("gptq", group_size=32)
+    plain, _, _ = calibrate_layer(model, 0, hs, one)
+    seq, _, _ = calibrate_layer(model, 0, hs, CalibrationOptions("gptq", group_size=32, true_sequential=True))
+    name = "model.layers.0."
+    qkv = name + LAYER_LINEARS["qkv"]
+    assert torch.equal(seq[qkv].qweight, plain[qkv].qweight)  # the first step is the same
+    # o_proj: on the inputs the layer gives with qkv quantized
+    saved = layer.self_attn.qkv_proj.weight.detach().clone()
+    with torch.no_grad(), calibration_attention([layer]):
+        layer.self_attn.qkv_proj.weight.copy_(seq[qkv].dequantize())
+        hessians = _gptq_statistics(model, layer, hs, ["o"])
+        layer.self_attn.qkv_proj.weight.copy_(saved)
+    assert set(hessians) == {"o"}
+    o = gptq_quantize(layer.self_attn.o_proj.weight, hessians["o"], group_size=32)
+    assert torch.equal(seq[name + LAYER_LINEARS["o"]].qweight, o.qweight)
+    assert not torch.equal(seq[name + LAYER_LINEARS["o"]].qweight, plain[name + LAYER_LINEARS["o"]].qweight)
+    assert torch.equal(layer.self_attn.qkv_proj.weight, saved)  # the layer is left as it was
