@@ -1,7 +1,7 @@
 """Perplexity proxy on SmolLM2-135M (float weights expanded from the bundled Q4_1 GGUF):
 float vs RTN int4 vs GPTQ vs AWQ at one group size (argv: G, calibration sequences, methods).
 Reads the default model's float conversion and the bundled texts. Run from the repo root:
-PYTHONPATH=. python benchmarks/quant_quality_proxy.py 64 16 gptq,awq"""
+PYTHONPATH=. python benchmarks/quant_quality_proxy.py 64 16 float,rtn,gptq-d0.1,gptq-act-d0.1,awq"""
 import json, math, sys, time
 from pathlib import Path
 import torch
@@ -65,9 +65,15 @@ if "rtn" in methods:
             lin.weight.copy_(quantize_int4(lin.weight, G).dequantize())
   out["rtn"] = nll(); print("rtn", out["rtn"], flush=True); restore()
 for m in [m for m in methods if m not in ("float", "rtn")]:
+    # a method and its options: gptq[-act][-ts][-d<damp>] (damp 0.01 unless given; ts: true
+    # sequential), awq[-noclip]
     opts = dict(method=m.split("-")[0], group_size=G)
-    if m == "gptq-act": opts["act_order"] = True
-    if m == "awq-noclip": opts["awq_clip"] = False
+    for part in m.split("-")[1:]:
+        if part == "act": opts["act_order"] = True
+        elif part == "noclip": opts["awq_clip"] = False
+        elif part == "ts": opts["true_sequential"] = True
+        elif part.startswith("d"): opts["damp"] = float(part[1:])
+        else: raise SystemExit(f"unknown option {part!r} in {m!r}")
     if m.startswith("awq"): opts.update(awq_max_tokens=1024, clip_tokens=256)
     t = time.time()
     r = calibrate(model, cal, **opts, progress=lambda d, n: print(f"  {m} layer {d}/{n} {time.time()-t:.0f}s", flush=True) if d % 10 == 0 else None)

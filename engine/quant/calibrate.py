@@ -8,11 +8,11 @@ Given a float ``LlamaForCausalLM`` already in memory and calibration token seque
 2. for each layer: run the float layer on every sequence (a whole causal sequence at a
    time, without the paged KV cache: a calibration-only attention, ``CausalAttention``, is
    put in the layer's backend slot, so the model's own layer code runs), collecting each
-   linear's inputs through forward hooks: GPTQ keeps ``H = sum x x^T`` per linear, AWQ a
-   sample of input rows;
-3. quantize the layer's four linears (the fused ones whole: q, k and v share their input,
-   so one GPTQ over the fused ``[q; k; v]`` rows is the same as three, and likewise gate
-   and up); AWQ first searches and folds its scales;
+   linear's inputs through forward hooks: GPTQ keeps ``H = sum w_t x_t x_t^T`` per linear
+   (per-token weights ``w_t``, see ``_gptq_statistics``), AWQ a sample of input rows;
+3. quantize the layer's four linears (the fused ones whole, except that GPTQ quantizes the
+   q rows and the k/v rows of the fused qkv with their own Hessians); AWQ first searches
+   and folds its scales;
 4. run the *quantized* layer (its weights replaced by their dequantized values) on every
    sequence to get the next layer's inputs, so later layers calibrate against the errors
    of earlier ones (as GPTQ does);
@@ -26,7 +26,13 @@ changed (the RMSNorm weights, and the v / up rows of a qkv / gate_up bias), whic
 replace the model's own when the quantized weights are used.
 
 Choices: GPTQ's Hessians for all four linears come from one float forward of the layer
-(not "true sequential", where o_proj's inputs would come from the quantized qkv). AWQ
+unless ``true_sequential`` (then o_proj's inputs come from the quantized qkv, and so on:
+four forwards of the layer). They are
+weighted per token (``_gptq_statistics``): a token's error counts relative to its residual
+stream, and a key/value's by the attention it receives. Plain GPTQ (one vote per token)
+was no better than round-to-nearest on SmolLM2-135M: the first token of every sequence is
+an attention sink with massive activations, and GPTQ traded its error (which every later
+query reads) and every other token's (for the sink's massive down_proj inputs) away. AWQ
 searches the scales of each linear's own output error (not the whole attention block's),
 on at most ``awq_max_tokens`` input rows sampled evenly from the sequences, and clips on
 at most ``clip_tokens`` of them.
@@ -73,20 +79,44 @@ class CausalAttention:
         self.group = num_heads // num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        #: Set (float [L], one weight per query) to record ``received``: the attention each
+        #: key gets, summed over the queries with these weights and averaged over the heads.
+        self.query_weights: torch.Tensor | None = None
+        self.received: torch.Tensor | None = None
+
+    def _mask(self, n: int, device) -> torch.Tensor:
+        pos = torch.arange(n, device=device)
+        diff = pos[:, None] - pos[None, :]
+        mask = diff >= 0
+        return mask if self.sliding_window is None else mask & (diff < self.sliding_window)
 
     def forward(self, q, k, v, kv_cache=None, meta=None):
         if self.group > 1:
             k = k.repeat_interleave(self.group, dim=1)
             v = v.repeat_interleave(self.group, dim=1)
         q, k, v = q.transpose(0, 1), k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)
-        if self.sliding_window is None:
+        if self.query_weights is not None:
+            o = self._forward_recording(q, k, v)
+        elif self.sliding_window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            pos = torch.arange(q.shape[1], device=q.device)
-            diff = pos[:, None] - pos[None, :]
-            mask = (diff >= 0) & (diff < self.sliding_window)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(q.shape[1], q.device), scale=self.scale)
         return o.transpose(0, 1)
+
+    def _forward_recording(self, q, k, v) -> torch.Tensor:
+        """The attention written out one head at a time (its probabilities are needed, and
+        one head's [L, L] is all that is held), recording ``received``."""
+        heads, n = q.shape[0], q.shape[1]
+        blocked = ~self._mask(n, q.device)
+        u = self.query_weights.to(device=q.device, dtype=torch.float32)
+        received = torch.zeros(n, dtype=torch.float32, device=q.device)
+        out = torch.empty_like(q)
+        for h in range(heads):
+            p = ((q[h].float() @ k[h].float().T) * self.scale).masked_fill_(blocked, float("-inf")).softmax(-1)
+            out[h] = (p @ v[h].float()).to(out.dtype)
+            received += u @ p
+        self.received = received / heads
+        return out
 
 
 @contextmanager
@@ -155,7 +185,9 @@ def check_calibration(model, method: str, bits: int, group_size: int) -> None:
 class CalibrationOptions:
     """How ``calibrate``/``calibrate_layer`` quantize. ``bits``/``sym``/``act_order``/``damp``/
     ``block_size``: GPTQ's (``gptq_quantize``; AWQ is 4-bit asymmetric only);
-    ``awq_grid``: AWQ's alpha grid (and its clip grid); ``awq_clip``: AWQ's clipping search;
+    ``true_sequential``: GPTQ quantizes qkv, then o, then gate_up, then down, each on the
+    inputs the layer gives with the linears before it already quantized (a forward of the
+    layer per step) instead of all four on one float forward; ``awq_grid``: AWQ's alpha grid (and its clip grid); ``awq_clip``: AWQ's clipping search;
     ``awq_max_tokens``: input rows sampled per linear for AWQ's search; ``clip_tokens``:
     rows of those its clip search uses."""
 
@@ -166,6 +198,7 @@ class CalibrationOptions:
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    true_sequential: bool = False
     awq_grid: int = 20
     awq_clip: bool = True
     awq_max_tokens: int = 4096
@@ -200,31 +233,25 @@ def calibrate_layer(model, index: int, hs: list[torch.Tensor], options: Calibrat
     weights, float_params = {}, {}
     with calibration_attention([layer]):
         run = lambda: [run_layer(model, layer, h) for h in hs]  # noqa: E731
-        if options.method == "gptq":
-            stats = _collect(layer, run, _HessianHook)
-        else:
-            total = sum(h.shape[0] for h in hs)
-            rows = max(1, math.ceil(min(options.awq_max_tokens, total) / len(hs)))
-            stats = _collect(layer, run, lambda: _SampleHook(rows))
-        check_stop()
         saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
         try:
             if options.method == "gptq":
-                quantized = _gptq_layer(layer, stats, bits=options.bits, group_size=options.group_size,
-                                        sym=options.sym, act_order=options.act_order, damp=options.damp,
-                                        block_size=options.block_size)
+                quantized = _gptq_steps(model, layer, hs, options, check_stop)
             else:
+                total = sum(h.shape[0] for h in hs)
+                rows = max(1, math.ceil(min(options.awq_max_tokens, total) / len(hs)))
+                stats = _collect(layer, run, lambda: _SampleHook(rows))
+                check_stop()
                 quantized = _awq_layer(layer, stats, group_size=options.group_size, grid=options.awq_grid,
                                        clip=options.awq_clip, clip_tokens=options.clip_tokens)
+                del stats
                 for name, p in layer.named_parameters():
                     if not any(name == path + ".weight" for path in LAYER_LINEARS.values()) \
                             and not torch.equal(p, saved[name]):
                         float_params[prefix + name] = p.detach().clone()
-            del stats
             check_stop()
             for key, qw in quantized.items():
-                lin = layer.get_submodule(LAYER_LINEARS[key])
-                lin.weight.copy_(qw.dequantize(unpermute=True).to(lin.weight.dtype))
+                _use_quantized(layer, key, qw)
                 weights[prefix + LAYER_LINEARS[key]] = qw
             next_hs = run()
         finally:
@@ -266,17 +293,70 @@ def calibrate(model, sequences: Sequence[torch.Tensor] | torch.Tensor, *, method
 # -- collecting a layer's linear inputs --------------------------------------------------------------
 
 
-class _HessianHook:
-    """Accumulates ``sum x x^T`` (float32) of the inputs a linear sees."""
+def _inverse_mean_square(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / (mean(h^2) + eps)`` per row of a residual stream ``h`` [L, hidden] (float32
+    [L]): what the next RMSNorm's scaling does to an error added to that row, squared."""
+    return 1.0 / (h.float().pow(2).mean(-1) + eps)
 
-    def __init__(self) -> None:
-        self.h: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        if self.h is None:
-            self.h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        self.h.addmm_(x.T, x)
+def _add_weighted(hessians: dict, key: str, x: torch.Tensor, weights: torch.Tensor) -> None:
+    """``hessians[key] += sum_t weights_t x_t x_t^T`` (float32)."""
+    x = x.reshape(-1, x.shape[-1]).float() * weights.float().sqrt().unsqueeze(1)
+    if key not in hessians:
+        hessians[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    hessians[key].addmm_(x.T, x)
+
+
+#: GPTQ's Hessians of one layer: the q rows of qkv, its k and v rows, and the other three linears.
+GPTQ_HESSIANS = ("q", "kv", "o", "gate_up", "down")
+
+
+def _gptq_statistics(model, layer, hs: list[torch.Tensor], keys=tuple(LAYER_LINEARS)) -> dict[str, torch.Tensor]:
+    """GPTQ's Hessians ``sum_t w_t x_t x_t^T`` of the layer's linears over the sequences
+    ``hs`` (the layer run on each, inside ``calibration_attention``; of the linears ``keys``
+    only, "qkv" giving "q" and "kv"), with per-token
+    weights ``w_t`` for how much an error in that token's output matters:
+
+    - q rows, o_proj (their errors land in the token's residual stream, read next through
+      an RMSNorm): ``1 / mean(h_t^2)`` of the layer's input residual ``h_t``; gate_up and
+      down_proj likewise, of the layer's output residual. An error matters relative to the
+      residual it is added to. Without this, the few tokens whose residual carries a
+      massive activation (the first token of every sequence, an attention sink, whose down
+      projection input is 1000x the others' in some layers) own the whole Hessian, and
+      GPTQ trades every other token's error for theirs.
+    - k and v rows: the attention the token receives, summed over the queries (each
+      weighted as above) and averaged over the heads. A key or value's error reaches every
+      query that attends to it: a sink that half the queries attend to matters hundreds of
+      times more than one token, and plain GPTQ (one vote per token) pushes the rounding
+      error into exactly the inputs that only the sink uses.
+    """
+    backend = layer.self_attn.attn
+    eps = float(getattr(layer.input_layernorm, "eps", 1e-6))
+    seen: dict[str, torch.Tensor] = {}
+    handles = [layer.get_submodule(path).register_forward_hook(
+        lambda module, args, out, key=key: seen.__setitem__(key, args[0])) for key, path in LAYER_LINEARS.items()]
+    hessians: dict[str, torch.Tensor] = {}
+    try:
+        for h in hs:
+            attn_w = _inverse_mean_square(h, eps)
+            backend.query_weights = attn_w if "qkv" in keys else None  # recording costs a slower attention
+            out = run_layer(model, layer, h)
+            mlp_w = _inverse_mean_square(out, eps)
+            if "qkv" in keys:
+                _add_weighted(hessians, "q", seen["qkv"], attn_w)
+                _add_weighted(hessians, "kv", seen["qkv"], backend.received)
+            if "o" in keys:
+                _add_weighted(hessians, "o", seen["o"], attn_w)
+            if "gate_up" in keys:
+                _add_weighted(hessians, "gate_up", seen["gate_up"], mlp_w)
+            if "down" in keys:
+                _add_weighted(hessians, "down", silu_and_mul_reference(seen["down"]), mlp_w)
+            seen.clear()
+    finally:
+        backend.query_weights = backend.received = None
+        for handle in handles:
+            handle.remove()
+    return hessians
 
 
 def _evenly(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -321,9 +401,56 @@ def _collect(layer, run: Callable[[], object], make_hook) -> dict[str, object]:
     return hooks
 
 
-def _gptq_layer(layer, stats, **options) -> dict[str, QuantizedWeight]:
-    return {key: gptq_quantize(layer.get_submodule(path).weight, stats[key].h, **options)
-            for key, path in LAYER_LINEARS.items()}
+def _use_quantized(layer, key: str, qw: QuantizedWeight) -> None:
+    """The layer's ``key`` linear computes with ``qw``'s (dequantized) weight."""
+    lin = layer.get_submodule(LAYER_LINEARS[key])
+    lin.weight.copy_(qw.dequantize(unpermute=True).to(lin.weight.dtype))
+
+
+def _gptq_steps(model, layer, hs, options: CalibrationOptions, check_stop) -> dict[str, QuantizedWeight]:
+    """GPTQ of the layer's linears: all four on one float forward, or (``true_sequential``)
+    one at a time, each on the inputs of the layer with the ones before it quantized (they
+    are left quantized in the layer; the caller puts the float weights back)."""
+    steps = [[key] for key in LAYER_LINEARS] if options.true_sequential else [list(LAYER_LINEARS)]
+    quantized: dict[str, QuantizedWeight] = {}
+    for keys in steps:
+        hessians = _gptq_statistics(model, layer, hs, keys)
+        check_stop()
+        step = _gptq_layer(layer, hessians, keys, bits=options.bits, group_size=options.group_size, sym=options.sym,
+                           act_order=options.act_order, damp=options.damp, block_size=options.block_size)
+        del hessians
+        for key, qw in step.items():
+            _use_quantized(layer, key, qw)
+        quantized.update(step)
+    return quantized
+
+
+def _gptq_layer(layer, hessians, keys, *, act_order: bool, **options) -> dict[str, QuantizedWeight]:
+    """GPTQ of the layer's linears ``keys``; qkv's q rows and k/v rows with their own
+    Hessians (one act-order for both: the fused weight has one column order)."""
+    out = {key: gptq_quantize(layer.get_submodule(LAYER_LINEARS[key]).weight, hessians[key], act_order=act_order,
+                              **options) for key in keys if key != "qkv"}
+    if "qkv" not in keys:
+        return out
+    w = layer.self_attn.qkv_proj.weight
+    rows = layer.self_attn.q_size
+    hq, hkv = hessians["q"], hessians["kv"]
+    order = None
+    if act_order:  # each Hessian's diagonal relative to its mean: neither's scale wins
+        both = torch.diagonal(hq) / torch.diagonal(hq).mean().clamp_min(1e-30) \
+            + torch.diagonal(hkv) / torch.diagonal(hkv).mean().clamp_min(1e-30)
+        order = torch.argsort(both, descending=True, stable=True)
+    q = gptq_quantize(w[:rows], hq, order=order, **options)
+    kv = gptq_quantize(w[rows:], hkv, order=order, **options)
+    out["qkv"] = _stack_rows(q, kv)
+    return out
+
+
+def _stack_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
+    """One QuantizedWeight of ``a``'s rows then ``b``'s (same bits, group and column order)."""
+    cat = lambda x, y: None if x is None else torch.cat((x, y))  # noqa: E731
+    return QuantizedWeight(a.bits, a.group_size, cat(a.qweight, b.qweight), cat(a.scales, b.scales),
+                           cat(a.mins, b.mins), a.perm)
 
 
 def _awq_layer(layer, stats, *, group_size: int, grid: int, clip: bool, clip_tokens: int,

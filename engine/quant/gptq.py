@@ -85,6 +85,11 @@ def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, mi
     return q, stored * scale + minv
 
 
+def act_order_of(hessian: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act-order: the inputs by descending ``H_jj`` (ties in input order)."""
+    return torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+
+
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` in float64; the
     damping grows tenfold per retry while the factorisation fails."""
@@ -106,13 +111,16 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, group_size: int = 128,
                   sym: bool = False, act_order: bool = False, damp: float = 0.01,
-                  block_size: int = 128) -> QuantizedWeight:
+                  block_size: int = 128, order: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ of ``w`` [N, K] (any float dtype) given ``hessian`` [K, K] = sum of ``x x^T``
     over the calibration inputs of this linear (float32 or float64; its scale doesn't
-    matter). ``bits`` 4 (the canonical GGUF-packed int4, fp16 scales and mins with integer
-    zero points) or 8 (int8 codes; ``sym`` gives ``mins`` None); ``group_size`` divides K
-    (``K`` for per-output-channel). Returns a ``QuantizedWeight`` whose ``perm`` is the
-    act-order column order when ``act_order`` (else None)."""
+    matter; the rows ``x`` may carry per-token weights). ``bits`` 4 (the canonical
+    GGUF-packed int4, fp16 scales and mins with integer zero points) or 8 (int8 codes;
+    ``sym`` gives ``mins`` None); ``group_size`` divides K (``K`` for per-output-channel).
+    Returns a ``QuantizedWeight`` whose ``perm`` is the act-order column order when
+    ``act_order`` (else None). ``order`` (int64 [K], a permutation) is an act-order the
+    caller chose instead of this Hessian's own (row blocks of one fused weight quantized
+    with different Hessians must share one order); it implies ``act_order``."""
     n, k = w.shape
     problem = check_shape(bits, group_size, n, k)
     if problem:
@@ -126,8 +134,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, grou
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    if order is not None:
+        perm = torch.as_tensor(order, dtype=torch.long, device=device)
+        if not torch.equal(torch.sort(perm).values, torch.arange(k, device=device)):
+            raise ValueError(f"GPTQ: order must be a permutation of the weight's {k} inputs")
+    elif act_order:
+        perm = act_order_of(H)
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
     hinv = _inverse_hessian_factor(H, damp).to(torch.float32)
