@@ -220,7 +220,7 @@ CALIBRATION_SEQUENCES = 64
 GPTQ_DAMP = 0.1
 #: Bump when calibration's results change (the algorithms, their options): cached
 #: calibrated checkpoints made by an older Hearth are then made again.
-CALIBRATION_VERSION = "calibration-1"
+CALIBRATION_VERSION = "calibration-2"  # 2: GPTQ weighs tokens in its Hessians (cached GPTQ checkpoints are remade)
 
 
 def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, group_size: int | None = None,
