@@ -78,11 +78,12 @@ class ChatModelHandoff(QObject):
     def restore(self) -> str:
         """Load the chat's model again if it was released, and stop waiting for the unload;
         returns the sentence that says so ("" when there was nothing to do)."""
+        unloading = self._then is not None  # cancelled before the unload finished: the model is still there
         self._disconnect()
         options, self._reload = self._reload, None
         if not options:
             return ""
-        if self.bridge.model_info is not None or self.bridge.is_loading:
+        if not unloading and (self.bridge.model_info is not None or self.bridge.is_loading):
             # the user loaded a model for the chat during the comparison: that one stays
             return f" {model_display_name(options.get('model'))} is not loaded again: the chat has another model now."
         self.bridge.load(options)
