@@ -27,12 +27,12 @@ replace the model's own when the quantized weights are used.
 
 Choices: GPTQ's Hessians for all four linears come from one float forward of the layer
 unless ``true_sequential`` (then o_proj's inputs come from the quantized qkv, and so on:
-four forwards of the layer). They are
-weighted per token (``_gptq_statistics``): a token's error counts relative to its residual
-stream, and a key/value's by the attention it receives. Plain GPTQ (one vote per token)
-was no better than round-to-nearest on SmolLM2-135M: the first token of every sequence is
-an attention sink with massive activations, and GPTQ traded its error (which every later
-query reads) and every other token's (for the sink's massive down_proj inputs) away. AWQ
+four forwards of the layer). They are weighted per token (``_gptq_statistics``): a
+token's error counts relative to its residual stream, and a key/value's by the attention
+it receives. Plain GPTQ (one vote per token) was no better than round-to-nearest on
+SmolLM2-135M: the first token of every sequence is an attention sink with massive
+activations, and GPTQ traded away its key/value error (which every later query reads) and
+every other token's down_proj error (for the sink's massive inputs). AWQ
 searches the scales of each linear's own output error (not the whole attention block's),
 on at most ``awq_max_tokens`` input rows sampled evenly from the sequences, and clips on
 at most ``clip_tokens`` of them.
@@ -187,9 +187,10 @@ class CalibrationOptions:
     ``block_size``: GPTQ's (``gptq_quantize``; AWQ is 4-bit asymmetric only);
     ``true_sequential``: GPTQ quantizes qkv, then o, then gate_up, then down, each on the
     inputs the layer gives with the linears before it already quantized (a forward of the
-    layer per step) instead of all four on one float forward; ``awq_grid``: AWQ's alpha grid (and its clip grid); ``awq_clip``: AWQ's clipping search;
-    ``awq_max_tokens``: input rows sampled per linear for AWQ's search; ``clip_tokens``:
-    rows of those its clip search uses."""
+    layer per step) instead of all four on one float forward; ``awq_grid``: AWQ's alpha
+    grid (and its clip grid); ``awq_clip``: AWQ's clipping search; ``awq_max_tokens``:
+    input rows sampled per linear for AWQ's search; ``clip_tokens``: rows of those its clip
+    search uses."""
 
     method: str
     bits: int = 4
@@ -307,15 +308,11 @@ def _add_weighted(hessians: dict, key: str, x: torch.Tensor, weights: torch.Tens
     hessians[key].addmm_(x.T, x)
 
 
-#: GPTQ's Hessians of one layer: the q rows of qkv, its k and v rows, and the other three linears.
-GPTQ_HESSIANS = ("q", "kv", "o", "gate_up", "down")
-
-
 def _gptq_statistics(model, layer, hs: list[torch.Tensor], keys=tuple(LAYER_LINEARS)) -> dict[str, torch.Tensor]:
     """GPTQ's Hessians ``sum_t w_t x_t x_t^T`` of the layer's linears over the sequences
     ``hs`` (the layer run on each, inside ``calibration_attention``; of the linears ``keys``
-    only, "qkv" giving "q" and "kv"), with per-token
-    weights ``w_t`` for how much an error in that token's output matters:
+    only, "qkv" giving "q" and "kv"), with per-token weights ``w_t`` for how much an error
+    in that token's output matters:
 
     - q rows, o_proj (their errors land in the token's residual stream, read next through
       an RMSNorm): ``1 / mean(h_t^2)`` of the layer's input residual ``h_t``; gate_up and

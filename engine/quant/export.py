@@ -214,13 +214,18 @@ def _zero_points(parts):
 #: tokens of SmolLM2's tokenizer), at most this many of them.
 CALIBRATION_SEQ_LEN = 512
 CALIBRATION_SEQUENCES = 64
-#: GPTQ's damping (a fraction of the Hessian's mean diagonal). 0.01 is the paper's; on
-#: SmolLM2 it overfit the calibration text (down_proj worse than round-to-nearest on other
-#: text) and 0.1 generalised better.
+#: GPTQ's damping (a fraction of the Hessian's mean diagonal) and true-sequential order
+#: (each linear of a layer quantized on the inputs of the ones before it already quantized:
+#: about 2.5x the calibration time). On SmolLM2-135M at group 64 (64 x 512 tokens; perplexity
+#: on 4k held-out tokens, reference 24.53, round-to-nearest 30.22): damp 0.01 26.46, 0.1
+#: 26.10, 0.3 26.12; act-order 26.21; true-sequential 25.83
+#: (benchmarks/results/2026-12-01-i14-quality-proxy-smollm2-g64-v2.json).
 GPTQ_DAMP = 0.1
+GPTQ_TRUE_SEQUENTIAL = True
 #: Bump when calibration's results change (the algorithms, their options): cached
-#: calibrated checkpoints made by an older Hearth are then made again.
-CALIBRATION_VERSION = "calibration-2"  # 2: GPTQ weighs tokens in its Hessians (cached GPTQ checkpoints are remade)
+#: calibrated checkpoints made by an older Hearth are then made again. 2: GPTQ's per-token
+#: weighted Hessians, true-sequential.
+CALIBRATION_VERSION = "calibration-2"
 
 
 def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, group_size: int | None = None,
@@ -267,7 +272,9 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
             what = "tokens of the bundled text"
         seqs = split_calibration_ids(ids, CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES)
         say(f"{method}: calibrating on {len(seqs)} x {CALIBRATION_SEQ_LEN} {what}")
-        options = {"group_size": g, "damp": GPTQ_DAMP} if method == "gptq" else {"group_size": g}
+        options = {"group_size": g}
+        if method == "gptq":
+            options.update(damp=GPTQ_DAMP, true_sequential=GPTQ_TRUE_SEQUENTIAL)
         result = calibrate(net, seqs, method=method, should_stop=should_stop,
                            progress=lambda done, total: say(f"{method}: layer {done} of {total} quantized"),
                            **options)

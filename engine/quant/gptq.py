@@ -13,7 +13,8 @@ earlier choices (Optimal Brain Quantization applied column by column). Choices h
   1%), ten times more on each retry if the Cholesky factorisation still fails. With few
   calibration tokens per input (a few thousand for K=1536) GPTQ overfits them: on
   SmolLM2's down_proj, held-out error against RTN was 1.41x at damp 0.01, 1.10x at 0.1,
-  0.98x at 0.3 (3k calibration tokens). Use plenty of text, or a larger ``damp``.
+  0.98x at 0.3 (3k calibration tokens, one vote per token: see the per-token weights of
+  ``engine.quant.calibrate._gptq_statistics``). Use plenty of text, or a larger ``damp``.
 - Dead inputs (``H_jj == 0``: never non-zero in the calibration data) get ``H_jj = 1`` and
   weight 0; nothing reads them, so their zero costs nothing.
 - Groups: a group's scale and zero point are found when the quantizer reaches its first
