@@ -354,6 +354,8 @@ class ComparePage(QWidget):
             self.saved.select_path(self.saved_path)
 
     def _on_failed(self, message: str) -> None:
+        if self._closed:
+            return
         self.message.setText(f"The comparison could not run: {message}{self.chat_model.restore()}")
 
     def _worker_done(self) -> None:
@@ -376,12 +378,10 @@ class ComparePage(QWidget):
             # Still running (a step that can't be interrupted): it must not be destroyed
             # with the page (Qt aborts on a running QThread's destruction). Detached and kept
             # alive until it finishes; the process exits around it.
+            # Its connections to this page stay: the slots ignore what comes after the
+            # close (``_closed``). Disconnecting here raced the events already queued to them
+            # (PySide freed the slot a queued call was about to run: a crash).
             log.warning("the comparison did not stop within %d ms", timeout_ms)
-            for signal in (worker.event, worker.failed, worker.finished):
-                try:
-                    signal.disconnect()
-                except (RuntimeError, TypeError):
-                    pass
             _detach(worker)
             self.worker = None
         elif worker.outcome is not None and self.result is not worker.outcome:

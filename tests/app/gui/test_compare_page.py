@@ -40,6 +40,15 @@ def engines(monkeypatch):
     return loaded, shut, failing
 
 
+def wait_for_a_token(qtbot, worker) -> None:
+    """Until the run has streamed a token. Not ``qtbot.waitSignal``: its blocker disconnects
+    from the worker's signal while the worker thread goes on emitting it, and PySide can
+    then run a queued call into the freed slot (a segfault, seen on CI)."""
+    seen = []
+    worker.event.connect(seen.append)  # stays connected for the worker's life
+    qtbot.waitUntil(lambda: any(isinstance(ev, TokenDelta) for ev in seen), timeout=60_000)
+
+
 def wait_idle(qtbot, page) -> None:
     qtbot.waitUntil(lambda: not page.running, timeout=RUN_TIMEOUT_MS)
 
@@ -183,8 +192,7 @@ def test_closing_the_window_mid_run_stops_the_run_and_saves_what_finished(qtbot,
     set_up_tiny(page, chat_model, quants=("int8", "int4"), max_tokens=200, eval_tokens=0)
     page.run()
     worker = page.worker
-    with qtbot.waitSignal(worker.event, check_params_cb=lambda ev: isinstance(ev, TokenDelta), timeout=60_000):
-        pass
+    wait_for_a_token(qtbot, worker)
     page.shutdown()
     assert worker.isFinished() and shut == loaded and loaded
     (saved,) = list_comparisons()
@@ -201,8 +209,7 @@ def test_a_run_that_outlasts_the_close_is_detached_not_destroyed(qtbot, bridge, 
     set_up_tiny(page, chat_model, quants=("int8", "int4"), max_tokens=200, eval_tokens=0)
     page.run()
     worker = page.worker
-    with qtbot.waitSignal(worker.event, check_params_cb=lambda ev: isinstance(ev, TokenDelta), timeout=60_000):
-        pass
+    wait_for_a_token(qtbot, worker)
     monkeypatch.setattr(worker, "wait", lambda *a: False)  # as if it were stuck in a long step
     page.shutdown()
     assert worker.parent() is None and worker in compare_page._DETACHED and page.worker is None
