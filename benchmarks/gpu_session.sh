@@ -5,7 +5,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|quant-bench|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|quant-bench|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|all [extra bench args]
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -66,6 +66,12 @@ case "$what" in mma)  # the weight-stationary int4 kernel: its tests on the GPU,
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 tests/kernels/test_quant_gemv.py -m gpu \
     2>&1 | tee -a "$OUT/gpu_mma_tests.log" | tail -4
   python benchmarks/profile_quant_mma.py --json "$OUT/profile-quant-mma-8b.json" "$@" 2>&1 | grep -v "^  " | tail -40 ;;
+esac
+case "$what" in dp4a)  # the dp4a batch-1 GEMV: its GPU tests, then its profile against the float kernels
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 tests/kernels/test_quant_dp4a.py \
+    tests/kernels/test_quant_gemv.py -m gpu 2>&1 | tee "$OUT/gpu_dp4a_tests.log" | tail -4
+  timeout -s INT 420 python benchmarks/profile_quant_dp4a.py --json "$OUT/profile-quant-dp4a-8b.json" "$@" \
+    2>&1 | grep -v "^  " | tail -12 ;;
 esac
 case "$what" in quant-bench)  # bf16, int8 and int4 of the 8B shape in one session
   for q in bf16 int8 int4; do

@@ -344,7 +344,7 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-KLOOP, MMA, ROWS, SWAP, SWAP_SCALED = 0, 1, 2, 3, 4  # GemvConfig.kind
+KLOOP, MMA, ROWS, SWAP, SWAP_SCALED, DP4A = 0, 1, 2, 3, 4, 5  # GemvConfig.kind
 
 
 class GemvConfig(NamedTuple):
@@ -371,6 +371,11 @@ class GemvConfig(NamedTuple):
     step waits for its dot (the group's scale is applied to the product). ``kind=SWAP_SCALED``
     (4): the same kernel dequantizing the weight tile in registers (about 6.8 instructions
     per weight, rounded to bf16 like the dequantize path), its dots left in flight.
+    ``kind=DP4A`` (5): ``kernels/quant_dp4a.py``, x-stationary like ROWS but with x
+    quantized to int8 per block of 32 and the codes multiplied by it with ``dp4a`` (about 1
+    instruction per int4 weight instead of 4.4-5; the activations' rounding to 8 bits is the
+    price, as in llama.cpp's CUDA decode): ``block_n`` rows per program, ``block_k`` rows per
+    step, ``warps`` (fewer: more blocks of x per thread, fewer reductions).
     Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
@@ -408,6 +413,12 @@ _QUANT_CONFIGS = (GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), G
                   GemvConfig(128, 128, 4, MMA, 4), GemvConfig(64, 128, 4, MMA, 5))
 
 
+#: the dp4a kernel's configs worth timing (kernels/quant_dp4a.py; provisional until the
+#: H200 profile picks them) and the longest row it takes (quant_dp4a.DP4A_MAX_K)
+_DP4A_CONFIGS = (GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3))
+_DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
+
+
 def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:
     """The configs worth timing for an [n, k] weight of ``bits`` bits (int4: ``group``
     inputs per scale, default 128), in timing order: ``default_quant_config`` first, then the
@@ -421,6 +432,10 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             cfg = cfg._replace(block_k=min(cfg.block_k, widest))
         if cfg not in out:
             out.append(cfg)
+    if k % BLOCK == 0 and k <= _DP4A_MAX_K:
+        for cfg in _DP4A_CONFIGS:
+            if cfg not in out:
+                out.append(cfg)
     if bits == 4 and k % 16 == 0:
         from kernels.quant_mma import mma_configs
 
@@ -483,6 +498,12 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
+    if cfg.kind == DP4A and k % BLOCK == 0:
+        from kernels.quant_dp4a import DP4A_MAX_K, quant_gemv_dp4a
+
+        if k <= DP4A_MAX_K:
+            return quant_gemv_dp4a(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
+                                   max(1, cfg.stages))
     if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
         from kernels.quant_mma import MmaConfig, quant_mma
 

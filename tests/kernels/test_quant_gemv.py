@@ -119,9 +119,15 @@ def test_every_listed_config_computes_the_same_product():
     configs = quant_gemv_configs(n, k, 4)
     first = default_quant_config(n, k, 4)
     assert configs[0] == first._replace(block_k=min(first.block_k, k)) and len(set(configs)) == len(configs)
-    assert all(c.block_k <= 256 for c in configs if c.kind != 2) and {c.kind for c in configs} == {0, 1, 2, 4}
+    assert all(c.block_k <= 256 for c in configs if c.kind not in (2, 5))
+    assert {c.kind for c in configs} == {0, 1, 2, 4, 5}
     for config in configs:  # kind 4 dequantizes weight tiles to x's dtype in registers
-        check(quant_gemv(x, prep, config=config), x, qw, weight_rounding=config.kind == 4)
+        if config.kind == 5:  # dp4a: x rounded to int8 (its own tests' exact reference)
+            from tests.kernels.test_quant_dp4a import check_exact
+
+            check_exact(quant_gemv(x, prep, config=config), x, prep)
+        else:
+            check(quant_gemv(x, prep, config=config), x, qw, weight_rounding=config.kind == 4)
 
 
 @pytest.mark.parametrize("rows", [3, 17])

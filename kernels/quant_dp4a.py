@@ -1,0 +1,249 @@
+"""Batch-1 int4/int8 GEMV with integer dot products (``GemvConfig.kind == DP4A``).
+
+Why another GEMV: streaming int4 weights at an H200's 4.8 TB/s means about 37 weights per
+SM per clock, and an SM issues at most 128 thread-instructions per clock. The float kernels
+of ``kernels/quant_gemv.py`` spend 4.4-7 instructions per weight (decode each code to an
+exact float, one FFMA with x), so they are bound by instruction issue at about 1-1.2 TB/s
+(the H200 profiles: int4 no faster than int8 for the same number of weights). Here the
+activations are quantized to int8 the way llama.cpp's CUDA matrix-vector kernels do
+(per block of 32 inputs, ``xq = round(x * 127 / max|x|)``), and the codes are multiplied
+by them four at a time with ``dp4a`` (a 4-way int8 dot product with an int32 accumulator,
+one instruction):
+
+- int4, pair order (``kernels/quant_gemv.py``: word j of a block holds inputs 8j..8j+7,
+  input 8j + i at bits 4i): ``w & 0x0F0F0F0F`` holds the even inputs' codes as four
+  unsigned bytes and ``w & 0xF0F0F0F0`` the odd ones' times 16, so one word of 8 weights
+  costs two LOP3s and two dp4a against x packed the same way (even and odd inputs in two
+  words); the odd sum is divided by 16 once per block (exact: every term is a multiple of 16);
+- int8: one dp4a per word of 4 signed codes.
+
+Per block of 32 inputs and row the integer sum is scaled once. int4 codes are centred
+first, ``w = (q - 8) s + (m + 8 s)``: ``y += s[g] * sx[b] * sum((q - 8) * xq) + (m[g] + 8
+s[g]) * sum(x)`` (``sum((q - 8) xq) = sum(q xq) - 8 sum(xq)``, one integer multiply-add per
+block; the mins' term uses the exact float sum of the block's x). With mins near -8 s (any
+group whose values straddle 0), ``m + 8 s`` is small and the rounding of x is weighted by
+about |w|; uncentred, by |q s|, about 3 times more (measured: 2% vs 0.6% RMS error). About 0.8-1.1 instructions per int4 weight instead of 4.4-5, so
+the kernel can stream at memory speed.
+
+What it costs: the activations are rounded to 8 bits (relative error at most 1/254 of the
+block's largest value per input), so the result differs from dequantize-then-matmul by
+about that much more than the float kernels do; llama.cpp's CUDA decode and Hearth's own
+CPU kernels (``kernels/cpu_quant.py``) make the same trade. Longer batches (prompts) keep
+the float kernels.
+
+Structure: x-stationary like ``_quant_gemv_rows_kernel``: each thread quantizes its own
+block(s) of x once per program (a block's 32 inputs live in one thread, so its scale needs
+no reduction), then the program streams ``ROWS`` rows, ``R`` per step; each row's partial
+sums are reduced across the program. ``warps`` sets how many blocks each thread holds
+(K / (1024 * warps), a power of 2): fewer warps, fewer reductions per weight but more
+registers of x. Under ``TRITON_INTERPRET=1`` dp4a is emulated with the same integer
+arithmetic (exact), so the interpreter tests check the algorithm bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
+from kernels.quant_gemv import _load_x, _split4
+
+#: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
+_HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
+    """c + the dot product of the four bytes of int32 ``a`` (unsigned, or signed with
+    ``SIGNED_A``) with the four signed bytes of ``b``, elementwise: PTX ``dp4a`` (one
+    instruction), or the same integer arithmetic where inline PTX can't run (interpreter)."""
+    if ASM:
+        c = tl.zeros_like(a) + c  # a tensor (the first link of a chain passes 0)
+        if SIGNED_A:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        acc = c
+        for i in tl.static_range(4):
+            if SIGNED_A:
+                ab = (a << (24 - 8 * i)) >> 24
+            else:
+                ab = (a >> (8 * i)) & 0xFF
+            acc += ab * ((b << (24 - 8 * i)) >> 24)
+        return acc
+
+
+@triton.jit
+def _pack4(q0, q1, q2, q3):
+    """Four int32 tensors of values in [-128, 127] as the bytes 0..3 of int32 words."""
+    return (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (q3 << 24)
+
+
+@triton.jit
+def _split4_last(x):
+    """[A, 4] -> its four [A] columns (register moves only)."""
+    A: tl.constexpr = x.shape[0]
+    even, odd = tl.split(tl.reshape(x, [A, 2, 2]))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _quantize(v, inv):
+    return tl.floor(v * inv[:, None] + 0.5).to(tl.int32)
+
+
+@triton.jit
+def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn,
+                            GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
+                            R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    # q_ptr: the codes as int32 words (stride_qn in words); KP: K rounded up to a power of 2.
+    NB: tl.constexpr = KP // 32  # blocks of 32 inputs
+    WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
+    blk = tl.arange(0, NB)
+    j = tl.arange(0, WPB)
+    b4 = tl.arange(0, 4)
+    kb = blk * 32
+    blk_ok = kb < K
+    grp = tl.where(blk_ok, kb // GROUP, 0)
+    # x, quantized per block to int8 and packed like the codes
+    if BITS == 4:  # word j: inputs 8j..8j+7; the even ones pair with the low nibbles
+        xk = kb[:, None, None] + 8 * j[None, :, None] + 2 * b4[None, None, :]  # [NB, WPB, 4]
+    else:  # word j: inputs 4j..4j+3, byte b = input 4j + b
+        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]
+    x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False))  # [NB, WPB] each
+    amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+    xsum = x0 + x1 + x2 + x3
+    if BITS == 4:
+        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 1, K, xk < K, SWIGLU, False))  # the odd inputs
+        amax = tl.maximum(amax, tl.maximum(tl.maximum(tl.abs(h0), tl.abs(h1)), tl.maximum(tl.abs(h2), tl.abs(h3))))
+        xsum += h0 + h1 + h2 + h3
+    amax = tl.max(amax, axis=1)  # [NB]
+    xsum = tl.sum(xsum, axis=1)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    sx = amax / 127.0
+    q0, q1, q2, q3 = _quantize(x0, inv), _quantize(x1, inv), _quantize(x2, inv), _quantize(x3, inv)
+    xe = _pack4(q0, q1, q2, q3)  # [NB, WPB]
+    if BITS == 4:
+        p0, p1, p2, p3 = _quantize(h0, inv), _quantize(h1, inv), _quantize(h2, inv), _quantize(h3, inv)
+        xo = _pack4(p0, p1, p2, p3)
+        # the block's sum of xq, for the codes' centre 8 (see below)
+        xqsum = tl.sum(q0 + q1 + q2 + q3 + p0 + p1 + p2 + p3, axis=1)
+    r = tl.arange(0, R)
+    first = tl.program_id(0) * ROWS
+    if BITS == 4:
+        e0, e1, e2, e3 = _split4_last(xe)
+        o0, o1, o2, o3 = _split4_last(xo)
+        word = (kb // 8)[None, :, None] + j[None, None, :]  # [1, NB, 4]
+    else:
+        word = (kb // 4)[None, :, None] + j[None, None, :]  # [1, NB, 8]
+    for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+        rows = first + r0 + r
+        row_ok = rows < N
+        rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
+        w = tl.load(q_ptr + rows_safe[:, None, None] * stride_qn + word, mask=blk_ok[None, :, None], other=0,
+                    eviction_policy="evict_first")
+        if BITS == 4:
+            w0, w1, w2, w3 = _split4(w)  # [R, NB] each: words 0..3 of each block
+            lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
+                w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
+                False, ASM), False, ASM)
+            hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
+                w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
+                False, ASM), False, ASM)
+            # [R, NB]: sum((q - 8) * xq) per block (hi's terms are multiples of 16). Centred
+            # codes: w = (q - 8) s + (m + 8 s), and m + 8 s is about the group's midpoint, so
+            # x's rounding errors are weighted by about |w|, not by |q s| (about 3x more)
+            dot = lo + (hi >> 4) - 8 * xqsum[None, :]
+        else:
+            dot = tl.sum(_dp4a(w, xe[None, :, :], 0, True, ASM), axis=2)  # [R, NB]
+        sg = rows_safe[:, None] * stride_sn + grp[None, :]
+        scale = tl.load(s_ptr + sg).to(tl.float32)
+        t = dot.to(tl.float32) * (scale * sx[None, :])
+        if HAS_MIN:
+            if BITS == 4:
+                t += (tl.load(m_ptr + sg).to(tl.float32) + 8.0 * scale) * xsum[None, :]
+            else:
+                t += tl.load(m_ptr + sg).to(tl.float32) * xsum[None, :]
+        y = tl.sum(t, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows_safe).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def dp4a_launch(block_n: int, block_k: int, warps: int, k: int) -> tuple[int, int, int]:
+    """(KP, R, num_warps) for a DP4A config and K: K rounded up to a power of 2 (at least
+    one block per thread of one warp); warps at most KP/1024 (every thread holds at least
+    one block of x) and at least KP/4096 (at most 4 blocks, 32-64 registers of x); rows per
+    step at most the rows per program."""
+    kp = max(1024, triton.next_power_of_2(k))
+    num_warps = max(kp // 4096, min(warps, kp // 1024, 32), 1)
+    return kp, min(block_k, block_n), num_warps
+
+
+def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+                    block_n: int, block_k: int, warps: int, stages: int) -> torch.Tensor:
+    """Launch the dp4a kernel for one row (``kernels.quant_gemv.quant_gemv`` checks the
+    arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
+    ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` steps in flight."""
+    n, k = prepared.out_features, prepared.in_features
+    if k > DP4A_MAX_K or k % 32:
+        raise ValueError(f"quant_gemv: the dp4a kernel needs K a multiple of 32 and at most {DP4A_MAX_K}, got {k}")
+    kp, rows_per_step, num_warps = dp4a_launch(block_n, block_k, warps, k)
+    q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
+    _quant_gemv_dp4a_kernel[(triton.cdiv(n, block_n),)](
+        x, q, s, m if m is not None else s, bias if bias is not None else s, out, n, k, q.stride(0), s.stride(0),
+        GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None, HAS_BIAS=bias is not None,
+        SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp, STAGES=stages, ASM=not _interpreting(),
+        num_warps=num_warps)
+    return out
+
+
+def dp4a_reference(x: torch.Tensor, prepared, bias: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """The dp4a kernel's result computed in float64 on the host's terms (for tests): x
+    quantized per block of 32 exactly as the kernel does (in float32), the integer dots
+    exact, the scaling in float64. [1, N] float64."""
+    if swiglu:  # rounded like the unfused activation kernel (the float GEMVs' tests do the same)
+        from kernels.activation import silu_and_mul
+
+        x = silu_and_mul(x)
+    xf = x.float()
+    k = xf.shape[1]
+    blocks = xf.reshape(-1, 32)
+    amax = blocks.abs().amax(dim=1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.floor(blocks * inv[:, None] + 0.5)
+    sx = (amax / 127.0).double()
+    centre = 8 if prepared.bits == 4 else 0  # int4 codes are centred (the kernel's docstring)
+    codes = _codes(prepared).double() - centre  # [N, K]
+    n = codes.shape[0]
+    dots = (codes.reshape(n, -1, 32) * xq.double()[None]).sum(dim=2)  # [N, blocks]
+    g = torch.arange(k // 32, device=x.device) * 32 // prepared.group_size
+    s = prepared.scales.double()[:, g]
+    y = (dots * s * sx[None]).sum(dim=1)
+    if prepared.mins is not None:
+        y += ((prepared.mins.double()[:, g] + centre * s) * blocks.double().sum(dim=1)[None]).sum(dim=1)
+    if bias is not None:
+        y += bias.double()
+    return y[None]
+
+
+def _codes(prepared) -> torch.Tensor:
+    """The integer codes [N, K] in natural input order (int4: 0..15; int8: signed)."""
+    q = prepared.qweight
+    if prepared.bits == 8:
+        return q.to(torch.int32)
+    # pair order: byte j holds input 2j (low nibble) and 2j + 1 (high)
+    return torch.stack(((q & 15).to(torch.int32), (q >> 4).to(torch.int32)), dim=-1).reshape(q.shape[0], -1)

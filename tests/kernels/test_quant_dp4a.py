@@ -1,0 +1,132 @@
+"""The dp4a batch-1 GEMV (kernels/quant_dp4a.py), checked two ways:
+
+- against ``dp4a_reference``: x quantized per block of 32 as the kernel does, integer dots
+  exact, scaling in float64. The kernel sums each block's integer dot exactly, so the only
+  differences are its fp32 scaling and block sums and one rounding to the output dtype:
+  ``u * |y| + 2^-20 * S`` (S: the sum of the scaled terms' magnitudes);
+- against the float64 product of the dequantized weights and the unquantized x: the
+  activations' 8-bit rounding adds at most ``max|x_block| / 254`` per input, so the error is
+  bounded by ``sum_k |w_k| * amax(block(k)) / 254`` (plus the output rounding).
+
+On CPU it runs in the Triton interpreter, where dp4a is the same integer arithmetic in
+Triton ops; the GPU test runs the inline PTX at a Llama shape.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.activation import silu_and_mul
+from kernels.quant_dp4a import dp4a_launch, dp4a_reference
+from kernels.quant_gemv import DP4A, GemvConfig, quant_gemv, quant_gemv_configs
+from tests.kernels.reference import DEVICE
+from tests.kernels.test_quant_gemv import UNIT, make_weight, rand_x
+
+SMALL = GemvConfig(16, 2, 1, DP4A, 2)  # 16 rows per program in steps of 2 (N=40: a partial program)
+
+
+def check_exact(y, x, prep, bias=None, swiglu=False):
+    ref = dp4a_reference(x, prep, bias=bias, swiglu=swiglu)
+    assert y.shape == ref.shape
+    scale = _term_sizes(x, prep, bias, swiglu)
+    tol = UNIT[y.dtype] * ref.abs() + 2.0 ** -20 * scale + 1e-30
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max err {err.max().item():.3g}, worst err/tol {(err / tol).max().item():.3g}"
+    return ref
+
+
+def _term_sizes(x, prep, bias, swiglu):
+    xe = silu_and_mul(x) if swiglu else x
+    w = _dequantized(prep)
+    s = xe.double().abs() @ w.abs().T
+    return s + (0 if bias is None else bias.double().abs())
+
+
+def _dequantized(prep) -> torch.Tensor:
+    from kernels.quant_dp4a import _codes
+
+    codes = _codes(prep).double()
+    g = torch.arange(codes.shape[1], device=codes.device) // prep.group_size
+    w = codes * prep.scales.double()[:, g]
+    if prep.mins is not None:
+        w += prep.mins.double()[:, g]
+    return w
+
+
+def check_against_float(y, x_eff, prep, typical=True):
+    """Within the activation-rounding bound of the float64 product of the unquantized x
+    (and, with ``typical``, x without outliers: the bound and the error are small)."""
+    w = _dequantized(prep)
+    xd = x_eff.double()
+    ref = xd @ w.T
+    amax = xd.abs().reshape(-1, 32).amax(dim=1).repeat_interleave(32)[None]  # [1, K]: each input's block max
+    bound = (w.abs() * amax).sum(dim=1)[None] / 254 + UNIT[y.dtype] * ref.abs() + 2.0 ** -20 * (xd.abs() @ w.abs().T)
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"worst err/bound {(err / bound).max().item():.3g}"
+    if not typical:
+        return
+    # not vacuous: the worst case is about 1% of the terms' magnitudes, and the typical
+    # error (rounding errors of random sign) far below the result's size
+    assert float(bound.mean()) < 0.02 * float((xd.abs() @ w.abs().T).mean())
+    assert float(err.pow(2).mean().sqrt()) < 0.01 * float(ref.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("bits,n,k,group,mins,dtype", [
+    (4, 40, 64, 32, True, torch.bfloat16), (4, 72, 192, 64, True, torch.float16),
+    (4, 40, 96, 96, True, torch.float32), (8, 40, 96, 96, False, torch.bfloat16),
+    (8, 72, 192, 32, True, torch.bfloat16)])
+def test_dp4a_gemv_matches_the_exact_integer_reference(bits, n, k, group, mins, dtype):
+    _, prep = make_weight(bits, n, k, group, mins=mins, seed=n + k + bits)
+    x = 3 * rand_x(1, k, dtype)
+    y = quant_gemv(x, prep, config=SMALL)
+    check_exact(y, x, prep)
+    check_against_float(y, x, prep)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 192)])
+def test_dp4a_gemv_swiglu_bias_and_out(bits, group):
+    n, k = 72, 192
+    _, prep = make_weight(bits, n, k, group)
+    gate_up = 3 * rand_x(1, 2 * k, torch.bfloat16)
+    bias = rand_x(1, n, torch.bfloat16, seed=5)[0]
+    out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert quant_gemv(gate_up, prep, config=SMALL, swiglu=True, out=out, bias=bias) is out
+    check_exact(out, gate_up, prep, bias=bias, swiglu=True)
+
+
+def test_blocks_of_zeros_outliers_and_partial_rows():
+    """A block of x that is all zero (its scale would divide by zero), one with an outlier
+    (the others round to few levels but stay within the bound), and K not a power of 2."""
+    n, k = 40, 160
+    _, prep = make_weight(4, n, k, 32, seed=3)
+    x = rand_x(1, k, torch.bfloat16)
+    x[0, 32:64] = 0
+    x[0, 70] = 60.0
+    y = quant_gemv(x, prep, config=GemvConfig(8, 4, 1, DP4A, 1))
+    check_exact(y, x, prep)
+    check_against_float(y, x, prep, typical=False)
+
+
+def test_the_tuner_lists_dp4a_configs_and_the_launch_shape():
+    kinds = {c.kind for c in quant_gemv_configs(4096, 4096, 4)}
+    assert DP4A in kinds and DP4A in {c.kind for c in quant_gemv_configs(4096, 4096, 8)}
+    assert DP4A not in {c.kind for c in quant_gemv_configs(64, 40000, 4)}  # longer rows than it holds
+    assert dp4a_launch(16, 4, 4, 4096) == (4096, 4, 4)
+    assert dp4a_launch(16, 4, 1, 14336) == (16384, 4, 4)  # at most 4 blocks of x per thread
+    assert dp4a_launch(16, 32, 8, 1000) == (1024, 16, 1)  # rows per step <= rows per program
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,swiglu", [(6144, 4096, False), (4096, 14336, True)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 4096)])
+def test_gpu_dp4a_llama_shapes(n, k, swiglu, bits, group):
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    if bits == 8 and swiglu:
+        group = k
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4)
+    x = rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
+    for c in quant_gemv_configs(n, k, bits, group):
+        if c.kind == DP4A:
+            check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu)
