@@ -50,6 +50,7 @@ weights of other widths run the tensor-core kernel whatever the config says).
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import NamedTuple
 
@@ -419,6 +420,13 @@ _DP4A_CONFIGS = (GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 
+def dp4a_enabled() -> bool:
+    """Whether the load-time tuner times the dp4a kernel: only with ``HEARTH_QUANT_DP4A=1``
+    until it has run on a GPU (it is checked in the interpreter and compiled for sm_90
+    here; its inline PTX has not yet run on a card)."""
+    return os.environ.get("HEARTH_QUANT_DP4A", "0") == "1"
+
+
 def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:
     """The configs worth timing for an [n, k] weight of ``bits`` bits (int4: ``group``
     inputs per scale, default 128), in timing order: ``default_quant_config`` first, then the
@@ -432,7 +440,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             cfg = cfg._replace(block_k=min(cfg.block_k, widest))
         if cfg not in out:
             out.append(cfg)
-    if k % BLOCK == 0 and k <= _DP4A_MAX_K:
+    if k % BLOCK == 0 and k <= _DP4A_MAX_K and dp4a_enabled():
         for cfg in _DP4A_CONFIGS:
             if cfg not in out:
                 out.append(cfg)

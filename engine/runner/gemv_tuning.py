@@ -95,6 +95,25 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     return choices
 
 
+#: how far a candidate's result may be from the baseline's (RMS of the difference over the
+#: RMS of the result): the kernels differ in rounding (bf16 weights, fp32 sums, the dp4a
+#: kernel's 8-bit activations: about 1%), a broken one by far more
+AGREEMENT_RMS = 0.05
+
+
+def disagreement(got: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """Why ``got`` is not the same product as ``expected`` (None when it is, within
+    ``AGREEMENT_RMS``): the tuner's sanity check of each candidate on this GPU."""
+    if got.shape != expected.shape:
+        return f"shape {list(got.shape)}, expected {list(expected.shape)}"
+    got = got.float()
+    if not bool(torch.isfinite(got).all()):
+        return "not finite"
+    scale = expected.pow(2).mean().sqrt()
+    rel = float((got - expected).pow(2).mean().sqrt() / scale.clamp_min(1e-30))
+    return None if rel <= AGREEMENT_RMS else f"{rel:.1%} RMS from the baseline's result"
+
+
 def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graphed: bool):
     """(the best kernel, its ms per call): every candidate timed the same way, through the
     modules, the baseline (cuBLAS) first."""
@@ -107,13 +126,18 @@ def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graph
 
     baseline, *others = kernels
     use(baseline)
+    expected = mods[0](x).float()
     best, best_ms = baseline, _time(run, len(mods), graphed)
     for kernel in others:
         use(kernel)
         try:
-            mods[0](x)  # compiles, or can't
+            got = mods[0](x)  # compiles, or can't
         except Exception as e:  # noqa: BLE001 - a config this GPU can't compile is skipped
             log.debug("%s %s skipped: %s", kind, kernel.name, e)
+            continue
+        problem = disagreement(got, expected)
+        if problem:  # a kernel that is wrong on this GPU must never win on speed
+            log.warning("batch-1 %s: %s left out: %s", kind, kernel.name, problem)
             continue
         ms = _time(run, len(mods), graphed)
         # A clear margin before switching (cuBLAS first, then the earlier candidate):

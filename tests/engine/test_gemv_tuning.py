@@ -10,6 +10,8 @@ import torch
 import engine.runner.gemv_tuning as tuning
 from engine.api import Engine
 
+disagreement = tuning.disagreement  # the real one (a fixture stubs it for the timing tests)
+
 
 @pytest.fixture(autouse=True)
 def no_kernel_runs(monkeypatch):
@@ -17,6 +19,8 @@ def no_kernel_runs(monkeypatch):
     import kernels.gemv
 
     monkeypatch.setattr(kernels.gemv, "gemv", lambda *a, **k: None)
+    # (so no candidate computes anything: their agreement check is tested on its own below)
+    monkeypatch.setattr(tuning, "disagreement", lambda got, expected: None)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +82,24 @@ def test_a_failed_capture_times_the_whole_kind_eagerly(model, monkeypatch):
     assert len(calls) == 5 * per_kind
     for k in range(5):
         assert calls[k * per_kind:(k + 1) * per_kind] == [True] + [False] * (per_kind - 1)
+
+
+def test_a_candidate_whose_result_disagrees_is_left_out_however_fast(model, monkeypatch):
+    """The tuner checks each candidate's product against cuBLAS's on this GPU first: a
+    kernel that is wrong here (a miscompile, an instruction this card lacks) never wins."""
+    calls = []
+    monkeypatch.setattr(tuning, "_time", _fake_time([1.0, 0.5, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995], calls))
+    verdicts = iter(["12.0% RMS from the baseline's result"] + [None] * 100)  # the first candidate is wrong
+    monkeypatch.setattr(tuning, "disagreement", lambda got, expected: next(verdicts))
+    choices = tuning.tune_gemv(model, torch.device("cpu"))
+    mods = tuning._kinds(model)["qkv"]
+    assert choices["qkv"] == "triton gemv %dx%d/%dw" % tuning.candidates(*mods[0].weight.shape)[1]  # the 0.9 one
+
+
+def test_disagreement_tolerates_rounding_and_catches_wrong_products():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(1, 256, generator=g)
+    assert disagreement(y * (1 + 0.01 * torch.randn(1, 256, generator=g)), y) is None  # 1% noise: rounding
+    assert "RMS" in disagreement(y.flip(1), y)
+    assert disagreement(torch.full_like(y, float("nan")), y) == "not finite"
+    assert "shape" in disagreement(y[:, :8], y)

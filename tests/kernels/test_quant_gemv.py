@@ -112,7 +112,8 @@ def test_gemv_float32_activations_are_exact_to_fp32():
 
 
 @pytest.mark.slow
-def test_every_listed_config_computes_the_same_product():
+def test_every_listed_config_computes_the_same_product(monkeypatch):
+    monkeypatch.setenv("HEARTH_QUANT_DP4A", "1")
     n, k = 40, 256
     qw, prep = make_weight(4, n, k, 128)
     x = rand_x(1, k, torch.float16)
