@@ -52,10 +52,11 @@ class _Group:
 
 
 def arrange(plan: ComparePlan, should_stop: Callable[[], bool] = lambda: False,
-            check: Callable[[EngineConfig], ModelCheck] = check_model) -> Arrangement:
+            check: Callable[[EngineConfig], ModelCheck] | None = None) -> Arrangement:
     """The groups of ``plan`` (checked) by the rules in the module docstring. ``check``
-    sizes one load (``engine.api.check_model``). Once ``should_stop()`` is true the rest
+    sizes one load (default: ``engine.api.check_model``). Once ``should_stop()`` is true the rest
     are not checked (each alone: the run marks them cancelled)."""
+    check = check or check_model
     groups: list[list[int]] = []
     notes: list[str] = []
     current: _Group | None = None
