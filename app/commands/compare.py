@@ -46,10 +46,10 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="the same prompts across quantizations / attention backends: speed, memory, quality",
         description="Run the same prompts on one model in several configurations, one after another (each loaded, "
-                    "measured and unloaded; or, with --side-by-side, those that fit together at once), and print TTFT, decode tokens/s, weight, KV-cache and peak memory, load "
-                    "time, perplexity on the bundled evaluation text and token agreement with the first configuration "
-                    f"that ran. The configurations are every combination of --quants, --attention and --kv-dtype "
-                    f"(at most {MAX_CONFIGS}).")
+                    "measured and unloaded; or, with --side-by-side, those that fit together at once), and print "
+                    "TTFT, decode tokens/s, weight, KV-cache and peak memory, load time, perplexity on the bundled "
+                    "evaluation text and token agreement with the first configuration that ran. The configurations "
+                    f"are every combination of --quants, --attention and --kv-dtype (at most {MAX_CONFIGS}).")
     p.add_argument("--quants", type=_names, required=True, metavar="Q[,Q...]",
                    help=choice_help("quantization", "comma-separated; the first configuration is the reference"))
     p.add_argument("--attention", type=_names, default=("auto",), metavar="A[,A...]",
