@@ -73,8 +73,8 @@ def arrange(plan: ComparePlan, should_stop: Callable[[], bool] = lambda: False,
             close()
             groups.append([index])
             continue
-        engine_config = plan.engine_config(config)
         try:
+            engine_config = plan.engine_config(config)
             sized = check(engine_config)
         except HearthError as e:  # its load will fail the same way, alone, and say so
             close()
