@@ -93,9 +93,9 @@ class ComparePlan:
     - ``warmup``: one short untimed request after each load, so the first prompt's TTFT
       doesn't carry one-off start-up work (kernel compilation, autotuning).
     - ``side_by_side``: load the configurations that fit in memory together (checked
-      before anything loads, ``compare_side_by_side``) and send each prompt to all of them
-      at once, so their answers stream together; the rest run one after another. Their
-      speeds then share the device (each result's ``ran_with`` says with which).
+      before anything loads, ``compare_fit``; run by ``compare_group``) and send each
+      prompt to all of them at once, so their answers stream together; the rest run one
+      after another. Their speeds then share the device (each result's ``ran_with``).
     """
 
     configs: tuple[CompareConfig, ...]

@@ -15,6 +15,7 @@ from app.services.compare import run_comparison
 from app.services.compare_events import (ConfigFinished, ConfigProgress, ConfigStarted, PromptFinished, RunFinished,
                                          SideBySidePlanned, TokenDelta)
 from app.services.compare_fit import arrange
+from app.services.compare_results import ConfigResult
 from engine.api import InvalidRequestError, ModelCheck, OutOfMemoryError
 from tests.app.services.test_compare_run import engines, fail_quant, tiny, tiny_plan  # noqa: F401 (fixtures)
 
@@ -117,6 +118,7 @@ def test_side_by_side_gives_the_same_tokens_and_says_it_shared_the_device(togeth
     assert bf16.ran_with == [1] and int8.ran_with == [0] and bf16.is_reference and bf16.agreement == 1.0
     row = int8.row()
     assert row["side_by_side"] is True and row["ran_with"] == [0]
+    assert ConfigResult.from_row(row).ran_with == [0]  # a saved comparison reopens with it
     assert bf16.peak_vram_bytes == int8.peak_vram_bytes  # the group's peak, said so
     assert int8.peak_memory_source.endswith("the side-by-side group's peak")
     assert int8.ttft_ms > 0 and int8.decode_tok_s > 0 and int8.load_s > 0
