@@ -32,7 +32,7 @@ from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgre
                            Timings, TokenEvent, TokenLogprob, Usage)
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
 from engine.memory_plan import (DTYPE_BYTES, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
-                                format_bytes, kv_pool_blocks)
+                                format_bytes, kv_headroom, kv_pool_blocks)
 from engine.llm_engine import Engine
 # Peak allocator memory on a CUDA device, per measured span (``hearth compare``).
 from engine.metrics import peak_device_memory_bytes, reset_peak_device_memory
@@ -122,7 +122,7 @@ __all__ = [
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
     "LoadCancelledError", "ModelCheck",
     "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
-    "cpu_kv_budget", "kv_pool_blocks", "check_text", "EngineDeadError",
+    "cpu_kv_budget", "kv_pool_blocks", "kv_headroom", "check_text", "EngineDeadError",
     "UnsupportedModelError", "EngineEvent", "TokenLogprob", "StepInfo",
     "QUANTIZE_LAYOUTS", "QuantizeResult", "quantize_model",
     "PerplexityResult", "PERPLEXITY_WINDOW", "PERPLEXITY_STRIDE",

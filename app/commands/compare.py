@@ -3,10 +3,12 @@ same prompts, side by side: speed, memory and quality in one table.
 
     hearth compare [--model M] --quants bf16,int8,int4,awq,gptq [--attention A[,A]] [--kv-dtype D[,D]]
                    [--prompts FILE] [--max-tokens N] [--seed S] [--eval-tokens N | --no-perplexity]
-                   [--json OUT] [--save [NAME]]
+                   [--side-by-side] [--json OUT] [--save [NAME]]
 
 The configurations are every combination of the lists (quantization first), at most six;
-they run one after another (``app.services.compare.run_comparison``). The table goes to
+they run one after another (``app.services.compare.run_comparison``), or with
+``--side-by-side`` those that fit in memory together load together and answer each prompt
+at the same time (their speeds then share the device: the table says so). The table goes to
 stdout (to stderr with ``--json -``), progress lines to stderr. Exit code: 0 when at least
 one configuration ran, 1 when none did (each row's ``error`` says why), 2 for bad
 arguments, 130 when interrupted (Ctrl-C cancels: the finished configurations are still
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from app.commands.load_options import choice_help
 from app.services.compare import CompareConfig, ComparePlan, run_comparison
-from app.services.compare_events import ConfigFinished, ConfigProgress, ConfigStarted, PromptFinished
+from app.services.compare_events import (ConfigFinished, ConfigProgress, ConfigStarted, PromptFinished,
+                                         SideBySidePlanned)
 from app.services.compare_export import to_json, to_text_table
 from app.services.compare_plan import MAX_CONFIGS
 from app.services.compare_prompts import bundled_prompt_texts, read_prompts_file
@@ -43,10 +46,10 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="the same prompts across quantizations / attention backends: speed, memory, quality",
         description="Run the same prompts on one model in several configurations, one after another (each loaded, "
-                    "measured and unloaded), and print TTFT, decode tokens/s, weight, KV-cache and peak memory, load "
-                    "time, perplexity on the bundled evaluation text and token agreement with the first configuration "
-                    f"that ran. The configurations are every combination of --quants, --attention and --kv-dtype "
-                    f"(at most {MAX_CONFIGS}).")
+                    "measured and unloaded; or, with --side-by-side, those that fit together at once), and print "
+                    "TTFT, decode tokens/s, weight, KV-cache and peak memory, load time, perplexity on the bundled "
+                    "evaluation text and token agreement with the first configuration that ran. The configurations "
+                    f"are every combination of --quants, --attention and --kv-dtype (at most {MAX_CONFIGS}).")
     p.add_argument("--quants", type=_names, required=True, metavar="Q[,Q...]",
                    help=choice_help("quantization", "comma-separated; the first configuration is the reference"))
     p.add_argument("--attention", type=_names, default=("auto",), metavar="A[,A...]",
@@ -68,6 +71,10 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     ppl.add_argument("--eval-tokens", type=int, default=None, metavar="N",
                      help="score only the first N tokens of the evaluation text (default: all of it, ~37k tokens)")
     ppl.add_argument("--no-perplexity", action="store_true", help="skip the perplexity measurement")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="load the configurations that fit in memory together and send each prompt to all of them "
+                        "at once (checked before loading; the rest run one after another). Their speeds then share "
+                        "the device: each JSON object's side_by_side / ran_with say so")
     p.add_argument("--json", default=None, metavar="OUT",
                    help='write the results to OUT as a JSON list, one object per configuration ("-": stdout; '
                         "the table then goes to stderr)")
@@ -100,7 +107,8 @@ def plan_from_args(args) -> ComparePlan:
     plan = ComparePlan(configs=configs, prompts=tuple(prompts), model=args.model, max_tokens=args.max_tokens,
                        seed=args.seed, temperature=args.temperature, perplexity=not args.no_perplexity,
                        eval_tokens=args.eval_tokens, device=args.device, chat=False if args.no_chat else None,
-                       load_options={k: v for k, v in load.items() if v is not None and v is not False})
+                       load_options={k: v for k, v in load.items() if v is not None and v is not False},
+                       side_by_side=args.side_by_side)
     if args.temperature is not None and args.seed is None:
         raise InvalidRequestError("--temperature needs --seed (without one, every configuration decodes greedily).")
     return plan.checked()
@@ -177,7 +185,13 @@ class _ProgressPrinter:
             print(f"[hearth] {msg}", file=sys.stderr, flush=True)
 
     def __call__(self, ev) -> None:
-        if isinstance(ev, ConfigStarted):
+        if isinstance(ev, SideBySidePlanned):
+            for group in ev.groups:
+                names = " + ".join(self.labels[i] for i in group)
+                self.say(f"side by side: {names} (loaded together)" if len(group) > 1 else f"{names}: runs alone")
+            for note in ev.notes:
+                self.say(note)
+        elif isinstance(ev, ConfigStarted):
             self.say(f"{ev.config.label} ({ev.index + 1} of {ev.total}): loading")
         elif isinstance(ev, ConfigProgress):
             if ev.stage == "perplexity" and ev.done not in (0, ev.total):

@@ -123,6 +123,7 @@ class ConfigColumn(QFrame):
     def __init__(self, index: int, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.index = index
+        self.labels: list[str] = []  # every configuration's label, for "side by side with …"
         self.setObjectName(f"compareColumn_{index}")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.setMinimumWidth(210)
@@ -219,6 +220,9 @@ class ConfigColumn(QFrame):
                 self.values[key].setText(value)
         self.captions["peak"].setText(peak_caption(r))
         self.values["peak"].setToolTip(f"measured as {r.peak_memory_source}" if r and r.peak_memory_source else "")
+        shared = side_by_side_text(r, self.labels)
+        for key in ("ttft", "decode"):
+            self.values[key].setToolTip(shared)
         if r is not None and r.perplexity_tokens:
             self.values["ppl"].setToolTip(f"over {r.perplexity_tokens:,} tokens of the bundled evaluation text "
                                           f"(window {r.perplexity_window}, stride {r.perplexity_stride}); lower "
@@ -393,6 +397,7 @@ class CompareColumns(QWidget):
             column.deleteLater()
         self.columns = [ConfigColumn(i) for i in range(len(states))]
         for column in self.columns:
+            column.labels = [state.config.label for state in states]
             self.row_layout.addWidget(column, 1)
             column.show()  # (a layout shows a new child of a visible widget only later)
         self.states = states
@@ -446,10 +451,19 @@ def _final_status(r: ConfigResult) -> str:
 
 
 def _resolved(r: ConfigResult) -> str:
-    """What the load resolved: device, weights dtype, attention, KV dtype."""
+    """What the load resolved: device, weights dtype, attention, KV dtype; "side by side"
+    where it ran beside others."""
     parts = [x for x in (r.device, r.dtype, r.attention_used,
-                         r.kv_dtype_used and f"KV {r.kv_dtype_used}") if x]
+                         r.kv_dtype_used and f"KV {r.kv_dtype_used}", r.side_by_side and "side by side") if x]
     return " · ".join(parts)
+
+
+def side_by_side_text(r: ConfigResult | None, labels: list[str]) -> str:
+    """The speeds' caveat for a configuration measured side by side (else "")."""
+    if r is None or not r.side_by_side:
+        return ""
+    others = " + ".join(labels[i] if 0 <= i < len(labels) else f"configuration {i + 1}" for i in r.ran_with)
+    return f"Measured side by side with {others}: speeds share the device, peak memory is the group's"
 
 
 def _placeholder(state: ColumnState, p: int) -> str:

@@ -5,8 +5,9 @@ Left, the setup (``compare_setup``) and the saved comparisons (``compare_saved``
 the results: the columns (``compare_columns``), the bar charts (``compare_charts``) and a
 table, with CSV / JSON / Markdown / PNG export. The comparison itself is the Qt-free
 service ``app.services.compare`` on a worker thread (``compare_worker``): configurations
-run one after another, each loaded, measured and unloaded; every event reaches the page
-on the GUI thread and lands in its column as it happens.
+run one after another, each loaded, measured and unloaded, or side by side (the setup's
+option) when they fit in memory together, their answers streaming at once; every event
+reaches the page on the GUI thread and lands in its column as it happens.
 
 Memory: Run asks first when the chat's model is loaded (or loading): unload it for the
 comparison (the default) or keep it; one unloaded is loaded again by itself when the
@@ -34,11 +35,11 @@ from app.gui.compare_charts import CompareCharts
 from app.gui.compare_chat_model import KEEP, UNLOAD, ChatModelHandoff
 from app.gui.compare_columns import CompareColumns
 from app.gui.compare_saved import SavedComparisons
-from app.gui.compare_setup import CompareSetup
+from app.gui.compare_setup import CompareSetup, _sentence
 from app.gui.compare_worker import CompareWorker
 from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
 from app.gui.models_workers import TaskRunner
-from app.services.compare_events import ConfigFinished, ConfigStarted, RunFinished
+from app.services.compare_events import ConfigFinished, ConfigStarted, RunFinished, SideBySidePlanned
 from app.services.compare_export import COLUMNS, cells, export_comparison, summary_line
 from app.services.compare_plan import ComparePlan
 from app.services.compare_results import ComparisonResult
@@ -116,6 +117,7 @@ class ComparePage(QWidget):
         self.choose_save_path = self._dialog_save_path
         self.confirm_overwrite = ask_overwrite(self)
         self._live: list = []  # ConfigResults finished in this run, for the charts
+        self._groups: dict[int, tuple[int, ...]] = {}  # side by side: each configuration's group
         self._models_listed = False
         self._closed = False
 
@@ -211,7 +213,8 @@ class ComparePage(QWidget):
         self.results_tabs.addTab(self.table, "Table")
         self.placeholder = QLabel("Pick a model and 2 to 6 configurations, then Run comparison.\n\nEach "
                                   "configuration is loaded, warmed up, asked every prompt, scored for perplexity "
-                                  "and unloaded, one after another; the first is the reference the others' "
+                                  "and unloaded, one after another (or side by side, when they fit in memory "
+                                  "together and the setup asks for it); the first is the reference the others' "
                                   "outputs are compared with. Finished comparisons are saved under Saved.")
         self.placeholder.setObjectName("comparePlaceholder")
         self.placeholder.setWordWrap(True)
@@ -290,6 +293,7 @@ class ComparePage(QWidget):
         self.result = None
         self.saved_path = None
         self._live = []
+        self._groups = {}
         self.columns.begin(plan)
         self.charts.show_results([])
         self.table.setRowCount(0)
@@ -326,9 +330,17 @@ class ComparePage(QWidget):
             self._finished(ev.result)
             return
         self.columns.on_event(ev)
-        if isinstance(ev, ConfigStarted):
-            self.summary.setText(f"Running {ev.index + 1} of {ev.total}: {ev.config.label} · "
-                                 f"{_model_name(self.worker.plan.model if self.worker else None)}")
+        if isinstance(ev, SideBySidePlanned):
+            self._groups = {i: group for group in ev.groups for i in group}
+            if ev.notes:
+                keep = self.message.text()
+                self.message.setText((keep + " " if keep else "") + " ".join(_sentence(n) for n in ev.notes))
+        elif isinstance(ev, ConfigStarted):
+            group = self._groups.get(ev.index, ())
+            plan = self.worker.plan if self.worker else None
+            what = (f"{' + '.join(plan.configs[i].label for i in group)} side by side" if plan and len(group) > 1
+                    else f"{ev.index + 1} of {ev.total}: {ev.config.label}")
+            self.summary.setText(f"Running {what} · {_model_name(plan.model if plan else None)}")
         elif isinstance(ev, ConfigFinished):
             self._live.append(ev.result)
             self.charts.show_results(self._live)

@@ -5,7 +5,8 @@ What is wrong with the setup is said under it as it is edited (``problem``), in 
 page's words (never a command-line flag), and Run stays off until it is fixed. The
 setup is remembered in the settings (``save_settings``) when a comparison runs.
 
-Choices where the service leaves the GUI free: perplexity scores the first 4,096 tokens
+Choices where the service leaves the GUI free: side by side is off by default (one
+after another measures each configuration's speed alone); perplexity scores the first 4,096 tokens
 of the bundled evaluation text by default (the whole text, ~37,000 tokens, takes minutes
 per configuration on a CPU; the spin box's lowest value picks it), and greedy decoding
 is the default (a shared seed samples every configuration the same way).
@@ -251,6 +252,14 @@ class CompareSetup(QWidget):
         note.setWordWrap(True)
         note.setEnabled(False)  # muted
         form.addRow("", note)
+        self.side_by_side = QCheckBox("Side by side when they fit in memory")
+        self.side_by_side.setObjectName("compareSideBySide")
+        self.side_by_side.setToolTip(
+            "Load the configurations that fit in memory together (checked before loading) and send each prompt to "
+            "all of them at once, so their answers stream together; the rest run one after another. Their speeds "
+            "then share the device, and their peak memory is the group's.")
+        self.side_by_side.toggled.connect(self.changed)
+        form.addRow("Run", self.side_by_side)
         self._sampling_changed()
         return box
 
@@ -371,7 +380,8 @@ class CompareSetup(QWidget):
                            seed=self.seed.value() if self.seeded.isChecked() else None,
                            temperature=self.temperature.value() if self.seeded.isChecked() else None,
                            perplexity=self.perplexity.isChecked(), eval_tokens=eval_tokens,
-                           device=self.device.currentData() or "auto", load_options=load)
+                           device=self.device.currentData() or "auto", load_options=load,
+                           side_by_side=self.side_by_side.isChecked())
         try:
             return plan.checked()
         except InvalidRequestError as e:
@@ -414,6 +424,7 @@ class CompareSetup(QWidget):
         s.setValue("compare/temperature", self.temperature.value())
         s.setValue("compare/perplexity", self.perplexity.isChecked())
         s.setValue("compare/eval_tokens", self.eval_tokens.value())
+        s.setValue("compare/side_by_side", self.side_by_side.isChecked())
 
     def restore_settings(self) -> None:
         s = self.settings
@@ -453,6 +464,7 @@ class CompareSetup(QWidget):
             pass
         self.perplexity.setChecked(s.value("compare/perplexity", True) in (True, "true"))
         self.eval_tokens.setValue(_int(s.value("compare/eval_tokens"), DEFAULT_EVAL_TOKENS))
+        self.side_by_side.setChecked(s.value("compare/side_by_side", False) in (True, "true"))
 
 
 def _first_line(text: str, limit: int = 60) -> str:

@@ -12,6 +12,8 @@ Configurations run one after another, never two at once: each is loaded
 (batch 1), scored for perplexity, shut down and its memory given back
 (``release_memory``) before the next loads. The first configuration that runs without an
 error is the reference the others' agreement is measured against (normally the first).
+With ``ComparePlan.side_by_side``, those that fit in memory together run as a group
+instead, each prompt answered by all of them at once (``compare_fit``, ``compare_group``).
 
 The rest of the service: ``compare_plan`` (what runs, checked up front), ``compare_results``
 (what was measured), ``compare_events`` (the events ``on_event`` hears), ``compare_metrics``
@@ -89,23 +91,41 @@ def _run(plan: ComparePlan, emit, should_stop, collect_garbage: bool) -> Compari
     run = ComparisonResult(plan=plan, results=[], started=datetime.now().astimezone().isoformat(timespec="seconds"),
                            model=model_display_name(plan.model))
     eval_text = _evaluation_text() if plan.perplexity else None
-    for index, config in enumerate(plan.configs):
-        if should_stop():
-            result = ConfigResult(index, config, status=CANCELLED, error="cancelled before it ran")
-        else:
-            emit(ConfigStarted(index, config, len(plan.configs)))
-            result = _ConfigRun(plan, index, config, emit, should_stop, run.reference, eval_text,
-                                collect_garbage).run()
-        run.results.append(result)
-        if run.reference_index is None and result.ok:
-            run.reference_index = index
-            result.is_reference = True
-        score_agreement(result, run.reference)
-        emit(ConfigFinished(index, result))
+    if plan.side_by_side:
+        # Imported here: compare_group drives this module's _ConfigRun (a cycle at import time).
+        from app.services.compare_group import run_side_by_side
+
+        run_side_by_side(run, emit, should_stop, eval_text, collect_garbage)
+    else:
+        for index, config in enumerate(plan.configs):
+            if should_stop():
+                result = ConfigResult(index, config, status=CANCELLED, error="cancelled before it ran")
+            else:
+                emit(ConfigStarted(index, config, len(plan.configs)))
+                result = _ConfigRun(plan, index, config, emit, should_stop, current_reference(run), eval_text,
+                                    collect_garbage).run()
+            finish_config(run, result, emit)
+    run.results.sort(key=lambda r: r.index)  # side by side, one re-run alone may finish after a later one
     run.cancelled = any(r.status == CANCELLED for r in run.results)
     run.seconds = time.perf_counter() - t0
     emit(RunFinished(run, run.cancelled))
     return run
+
+
+def current_reference(run: ComparisonResult) -> ConfigResult | None:
+    """The reference so far: the first configuration that finished without an error."""
+    return next((r for r in run.results if r.index == run.reference_index), None)
+
+
+def finish_config(run: ComparisonResult, result: ConfigResult, emit) -> None:
+    """``result`` is final: kept in ``run``, made the reference if it is the first that
+    ran, scored against the reference, and announced (ConfigFinished)."""
+    run.results.append(result)
+    if run.reference_index is None and result.ok:
+        run.reference_index = result.index
+        result.is_reference = True
+    score_agreement(result, current_reference(run))
+    emit(ConfigFinished(result.index, result))
 
 
 def score_agreement(result: ConfigResult, reference: ConfigResult | None) -> None:
@@ -132,7 +152,8 @@ def _scored(prompt: PromptResult, reference: ConfigResult) -> PromptResult:
 
 
 class _ConfigRun:
-    """One configuration: load, warm up, answer, score, unload (``run``)."""
+    """One configuration: load, warm up, answer, score, unload (``run``). A side-by-side
+    group (``compare_group``) drives the same steps itself, for several at once."""
 
     def __init__(self, plan: ComparePlan, index: int, config: CompareConfig, emit, should_stop,
                  reference: ConfigResult | None, eval_text: str | None, collect_garbage: bool) -> None:
@@ -141,6 +162,7 @@ class _ConfigRun:
         self.reference, self.eval_text, self.collect_garbage = reference, eval_text, collect_garbage
         self.result = ConfigResult(index, config)
         self.engine: Engine | None = None
+        self.chat = False
 
     def run(self) -> ConfigResult:
         res = self.result
@@ -149,21 +171,13 @@ class _ConfigRun:
         t0 = time.perf_counter()
         try:
             self._measure()
-        except (_Cancelled, LoadCancelledError):
-            res.status, res.error = CANCELLED, "cancelled"
         except _CallbackFailed:
             raise
-        except HearthError as e:
-            res.status, res.error = ERROR, str(e)
-        except Exception as e:  # not translated by the engine: recorded; its traceback logged (hearth -v)
-            log.info("configuration %s failed", self.config.label, exc_info=True)
-            res.status, res.error = ERROR, f"unexpected error ({type(e).__name__}): {e}"
+        except Exception as e:
+            self.fail(e)
         finally:
             try:
-                if self.engine is not None:
-                    self.engine.shutdown()
-                    self.engine = None
-                release_memory(collect=self.collect_garbage)
+                self.unload()
             finally:
                 # A load that failed has no device: the plan's, unless it left the choice to auto.
                 device = res.device or (None if self.plan.device == "auto" else self.plan.device)
@@ -171,6 +185,28 @@ class _ConfigRun:
                 res.peak_memory_source = meter.source if res.peak_vram_bytes is not None else None
                 res.seconds = time.perf_counter() - t0
         return res
+
+    def fail(self, error: Exception) -> None:
+        """Record why this configuration stopped: a cancel, the engine's own error, or an
+        unexpected one (its traceback logged, for hearth -v)."""
+        res = self.result
+        if isinstance(error, (_Cancelled, LoadCancelledError)):
+            res.status, res.error = CANCELLED, "cancelled"
+        elif isinstance(error, HearthError):
+            res.status, res.error = ERROR, str(error)
+        else:
+            log.info("configuration %s failed", self.config.label, exc_info=error)
+            res.status, res.error = ERROR, f"unexpected error ({type(error).__name__}): {error}"
+
+    def unload(self, release: bool = True) -> None:
+        """Shut the engine down (if it loaded) and, with ``release``, give its memory back."""
+        try:
+            if self.engine is not None:
+                engine, self.engine = self.engine, None
+                engine.shutdown()
+        finally:
+            if release:
+                release_memory(collect=self.collect_garbage)
 
     def _progress(self, stage: str, message: str, done: int | None = None, total: int | None = None) -> None:
         self.emit(ConfigProgress(self.index, stage, message, done, total))
@@ -180,8 +216,24 @@ class _ConfigRun:
             raise _Cancelled
 
     def _measure(self) -> None:
-        plan, res = self.plan, self.result
-        config = plan.engine_config(self.config)
+        plan = self.plan
+        self.load()
+        if plan.warmup:
+            self._check_stop()
+            self.progress_warmup()
+            self._answer(self.warmup_request(), None)
+        for p in range(len(plan.prompts)):
+            self._check_stop()
+            self.progress_prompt(p)
+            self.record_answer(p, self._answer(self.prompt_request(p), p))
+            self._check_stop()
+        if self.eval_text is not None:
+            self.perplexity()
+
+    def load(self) -> None:
+        """Load the engine (timed), record what it resolved, settle chat or raw prompts."""
+        res = self.result
+        config = self.plan.engine_config(self.config)
         t0 = time.perf_counter()
         def progress(msg: str) -> None:
             # also a cancel point: kernel tuning, graph capture and a first calibration only
@@ -192,24 +244,29 @@ class _ConfigRun:
         self.engine = engine = Engine.from_config(config, progress=progress, should_stop=self.should_stop)
         res.load_s = time.perf_counter() - t0
         _record_info(res, engine.model_info)
-        chat = self._chat_mode(engine)
-        params = plan.sampling()
-        if plan.warmup:
-            self._check_stop()
-            self._progress("warmup", "warming up (untimed)")
-            self._answer(self._request(WARMUP_PROMPT, chat, SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0)),
-                         None)
-        for p, prompt in enumerate(plan.prompts):
-            self._check_stop()
-            self._progress("prompt", f"prompt {p + 1} of {len(plan.prompts)}", p, len(plan.prompts))
-            answer = self._answer(self._request(prompt, chat, params), p)
-            if self.reference is not None:
-                answer = _scored(answer, self.reference)
-            res.prompts.append(answer)
-            self.emit(PromptFinished(self.index, p, answer))
-            self._check_stop()
-        if self.eval_text is not None:
-            self._perplexity(engine)
+        self.chat = self._chat_mode(engine)
+
+    def progress_warmup(self) -> None:
+        self._progress("warmup", "warming up (untimed)")
+
+    def progress_prompt(self, p: int) -> None:
+        self._progress("prompt", f"prompt {p + 1} of {len(self.plan.prompts)}", p, len(self.plan.prompts))
+
+    def warmup_request(self) -> Request:
+        return self._request(WARMUP_PROMPT, self.chat, SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0))
+
+    def prompt_request(self, p: int) -> Request:
+        return self._request(self.plan.prompts[p], self.chat, self.plan.sampling())
+
+    def record_answer(self, p: int, answer: PromptResult) -> None:
+        """Keep prompt ``p``'s answer (scored against a reference that already ran) and say so."""
+        if self.reference is not None:
+            answer = _scored(answer, self.reference)
+        self.result.prompts.append(answer)
+        self.emit(PromptFinished(self.index, p, answer))
+
+    def perplexity(self) -> None:
+        self._perplexity(self.engine)
 
     def _chat_mode(self, engine: Engine) -> bool:
         has_template = bool(getattr(engine.tokenizer, "has_chat_template", False))
@@ -229,32 +286,10 @@ class _ConfigRun:
     def _answer(self, request: Request, prompt_index: int | None) -> PromptResult:
         """Send ``request`` alone and wait for its answer, streaming it as TokenDeltas
         (``prompt_index`` None: the warm-up, not streamed); aborted on cancel."""
-        answer = PromptResult(prompt_index if prompt_index is not None else -1)
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        try:
-            handle = self.engine.submit(request, on_event=events.put)
-        except EngineDeadError:
-            raise
-        except InvalidRequestError as e:  # this prompt only (too long for the context, ...)
-            answer.error = str(e)
-            return answer
-        text: list[str] = []
-        aborted = False
-        while True:
-            try:
-                ev = events.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                ev = None
-            if not aborted and self.should_stop():
-                handle.abort()  # its FinishedEvent (reason "abort") still comes
-                aborted = True
-            if isinstance(ev, TokenEvent):
-                text.append(ev.text)
-                answer.token_ids.extend(ev.token_ids)
-                if prompt_index is not None:
-                    self.emit(TokenDelta(self.index, prompt_index, ev.text, tuple(ev.token_ids)))
-            elif isinstance(ev, FinishedEvent):
-                return _finished(answer, "".join(text), ev)
+        (answer,) = answer_together([(self, request)], prompt_index, self.should_stop)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def _perplexity(self, engine: Engine) -> None:
         res, plan = self.result, self.plan
@@ -273,6 +308,55 @@ class _ConfigRun:
         scored = engine.perplexity(ids, progress=progress)
         res.perplexity, res.perplexity_tokens = scored.perplexity, scored.tokens
         res.perplexity_window, res.perplexity_stride = scored.window, scored.stride
+
+
+def answer_together(jobs, prompt_index: int | None, should_stop) -> list:
+    """Send each ``(config_run, request)`` of ``jobs`` to that run's engine at once and wait
+    for every answer, streaming each as its run's TokenDeltas (``prompt_index`` None: the
+    warm-up, not streamed). Each engine answers on its own thread, so two answers' tokens
+    interleave; the events are handed to ``emit`` here, on the calling thread. On cancel
+    every answer in flight is aborted (their FinishedEvents still come).
+
+    Returns one item per job, in order: its PromptResult (``error`` set where the engine
+    refused the request: this prompt only, e.g. too long for the context), or the
+    EngineDeadError its engine raised (the caller fails that configuration)."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    answers: list = []
+    pending: dict[int, tuple] = {}  # job -> (its handle, its text so far)
+    for k, (run, request) in enumerate(jobs):
+        answer = PromptResult(prompt_index if prompt_index is not None else -1)
+        answers.append(answer)
+        try:
+            handle = run.engine.submit(request, on_event=lambda ev, k=k: events.put((k, ev)))
+        except EngineDeadError as e:
+            answers[k] = e
+            continue
+        except InvalidRequestError as e:  # this prompt only (too long for the context, ...)
+            answer.error = str(e)
+            continue
+        pending[k] = (handle, [])
+    aborted = False
+    while pending:
+        try:
+            k, ev = events.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            k, ev = -1, None
+        if not aborted and should_stop():
+            for handle, _text in pending.values():
+                handle.abort()  # its FinishedEvent (reason "abort") still comes
+            aborted = True
+        if k not in pending:
+            continue
+        run, text, answer = jobs[k][0], pending[k][1], answers[k]
+        if isinstance(ev, TokenEvent):
+            text.append(ev.text)
+            answer.token_ids.extend(ev.token_ids)
+            if prompt_index is not None:
+                run.emit(TokenDelta(run.index, prompt_index, ev.text, tuple(ev.token_ids)))
+        elif isinstance(ev, FinishedEvent):
+            _finished(answer, "".join(text), ev)
+            del pending[k]
+    return answers
 
 
 def _finished(answer: PromptResult, text: str, fin: FinishedEvent) -> PromptResult:

@@ -8,6 +8,13 @@ while it loads, warms up and scores perplexity; for each prompt ``p``, ``TokenDe
 with its result. A configuration that a cancel reached before it started gets only its
 ``ConfigFinished`` (status "cancelled"). The run ends with one ``RunFinished``.
 
+Side by side (``ComparePlan.side_by_side``): first one ``SideBySidePlanned`` (which
+configurations load together); the configurations of a group start (load) one after
+another, then answer each prompt at the same time, so their ``TokenDelta``s interleave
+(each keeps its configuration's index); their ``ConfigFinished`` come when the whole group
+is done and unloaded. One that turns out not to fit beside the others when it loads (out
+of memory) says so in a ``ConfigProgress`` and starts again, alone, after its group.
+
 The objects an event carries are never changed by the runner once the event is sent, so
 they may be handed to another thread as they are.
 """
@@ -19,6 +26,17 @@ from typing import Union
 
 from app.services.compare_plan import CompareConfig
 from app.services.compare_results import ComparisonResult, ConfigResult, PromptResult
+
+
+@dataclass(frozen=True, slots=True)
+class SideBySidePlanned:
+    """How a side-by-side comparison runs, decided before anything loads: ``groups`` of
+    configuration indexes in the order they run (two or more: loaded together, every
+    prompt answered by all of them at once; one: alone). ``notes``: why configurations
+    that could have shared a group don't, in words."""
+
+    groups: tuple[tuple[int, ...], ...]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,4 +100,5 @@ class RunFinished:
     cancelled: bool
 
 
-CompareEvent = Union[ConfigStarted, ConfigProgress, TokenDelta, PromptFinished, ConfigFinished, RunFinished]
+CompareEvent = Union[SideBySidePlanned, ConfigStarted, ConfigProgress, TokenDelta, PromptFinished, ConfigFinished,
+                     RunFinished]

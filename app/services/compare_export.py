@@ -16,7 +16,7 @@ from engine.api import format_bytes
 #: CSV columns: the row's scalar fields (``outputs`` and per-prompt details are in the JSON).
 CSV_FIELDS = ("label", "quant", "attention", "kv_dtype", "status", "error", "ttft_ms", "decode_tok_s", "weight_bytes",
               "kv_bytes", "peak_vram_bytes", "load_s", "perplexity", "agreement", "prefix_agreement", "reference",
-              "device", "dtype", "attention_used", "quant_used", "kv_dtype_used", "output")
+              "device", "dtype", "attention_used", "quant_used", "kv_dtype_used", "output", "side_by_side")
 #: Formats ``export_comparison`` writes, by file suffix.
 FORMATS = {".csv": "csv", ".json": "json", ".md": "markdown", ".markdown": "markdown"}
 
@@ -85,8 +85,29 @@ def summary_line(result: ComparisonResult) -> str:
         cap = f" (first {plan.eval_tokens:,} tokens)" if plan.eval_tokens else ""
         ppl = f"perplexity on the bundled evaluation text{cap}"
     return (f"{result.model or 'model'} on {where}: {len(plan.prompts)} prompt(s), {sampling}, up to {plan.max_tokens} "
-            f"tokens each; TTFT and decode tok/s are means over the prompts; {ppl}"
+            f"tokens each; TTFT and decode tok/s are means over the prompts; {ppl}" + side_by_side_note(result)
             + ("; CANCELLED" if result.cancelled else ""))
+
+
+def side_by_side_groups(result: ComparisonResult) -> list[list[int]]:
+    """The configurations measured side by side, as groups of indexes (``ran_with``)."""
+    groups: list[list[int]] = []
+    for r in result.results:
+        group = sorted({r.index, *r.ran_with})
+        if r.ran_with and group not in groups:
+            groups.append(group)
+    return groups
+
+
+def side_by_side_note(result: ComparisonResult) -> str:
+    """"; measured side by side: speeds share the device (bf16 + int8) ..." where any
+    configurations ran together, so nobody reads their speeds as each one's alone."""
+    groups = side_by_side_groups(result)
+    if not groups:
+        return ""
+    labels = {r.index: r.label for r in result.results}
+    named = "; ".join(" + ".join(labels[i] for i in g) for g in groups)
+    return f"; measured side by side: speeds share the device ({named}), peak memory is each group's"
 
 
 def to_text_table(result: ComparisonResult) -> str:

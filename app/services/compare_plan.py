@@ -92,6 +92,10 @@ class ComparePlan:
       / False force it.
     - ``warmup``: one short untimed request after each load, so the first prompt's TTFT
       doesn't carry one-off start-up work (kernel compilation, autotuning).
+    - ``side_by_side``: load the configurations that fit in memory together (checked
+      before anything loads, ``compare_fit``; run by ``compare_group``) and send each
+      prompt to all of them at once, so their answers stream together; the rest run one
+      after another. Their speeds then share the device (each result's ``ran_with``).
     """
 
     configs: tuple[CompareConfig, ...]
@@ -106,6 +110,7 @@ class ComparePlan:
     load_options: Mapping[str, Any] = field(default_factory=dict)
     chat: bool | None = None
     warmup: bool = True
+    side_by_side: bool = False
 
     @property
     def labels(self) -> list[str]:
@@ -159,6 +164,8 @@ class ComparePlan:
                                              or self.eval_tokens < 2):
             raise InvalidRequestError(f"eval_tokens must be at least 2 (perplexity scores the tokens after the "
                                       f"first), got {self.eval_tokens!r}; leave it out to score the whole text.")
+        if not isinstance(self.side_by_side, bool):
+            raise InvalidRequestError(f"side_by_side must be true or false, got {self.side_by_side!r}.")
         misplaced = [name for name in self.load_options if name in _PER_CONFIG]
         if misplaced:
             raise InvalidRequestError(f"the load option {misplaced[0]!r} is set by {_PER_CONFIG[misplaced[0]]}, "
@@ -173,7 +180,8 @@ class ComparePlan:
         return {"model": self.model, "configs": [c.to_dict() for c in self.configs], "prompts": list(self.prompts),
                 "max_tokens": self.max_tokens, "seed": self.seed, "temperature": self.temperature,
                 "perplexity": self.perplexity, "eval_tokens": self.eval_tokens, "device": self.device,
-                "load_options": dict(self.load_options), "chat": self.chat, "warmup": self.warmup}
+                "load_options": dict(self.load_options), "chat": self.chat, "warmup": self.warmup,
+                "side_by_side": self.side_by_side}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ComparePlan":

@@ -85,7 +85,13 @@ class ConfigResult:
     ``perplexity_tokens`` tokens at ``perplexity_window`` / ``perplexity_stride``.
     ``ttft_ms`` / ``decode_tok_s``: means over the prompts that have one. ``agreement`` /
     ``prefix_agreement``: means over the prompts both this configuration and the
-    reference answered completely; the reference has 1.0."""
+    reference answered completely; the reference has 1.0.
+
+    ``ran_with``: the indexes of the configurations that were loaded and answering at the
+    same time as this one (a side-by-side plan, ``ComparePlan.side_by_side``); empty when
+    it ran alone. Side by side, the speeds share the device with those, and
+    ``peak_vram_bytes`` is the whole group's peak (``peak_memory_source`` says so); load
+    time, weights, KV cache, perplexity and agreement are this configuration's own."""
 
     index: int
     config: CompareConfig
@@ -114,6 +120,12 @@ class ConfigResult:
     quant_used: str | None = None
     kv_dtype_used: str | None = None
     quant_detail: str | None = None
+    ran_with: list[int] = field(default_factory=list)
+
+    @property
+    def side_by_side(self) -> bool:
+        """Measured side by side with other configurations: its speeds shared the device."""
+        return bool(self.ran_with)
 
     @property
     def label(self) -> str:
@@ -158,6 +170,7 @@ class ConfigResult:
             "device": self.device, "dtype": self.dtype, "attention_used": self.attention_used,
             "quant_used": self.quant_used, "kv_dtype_used": self.kv_dtype_used, "quant_detail": self.quant_detail,
             "prompts": [p.to_dict() for p in self.prompts], "index": self.index,
+            "side_by_side": self.side_by_side, "ran_with": list(self.ran_with),
         }
 
     @classmethod
@@ -173,7 +186,8 @@ class ConfigResult:
             raise ValueError(f"unknown status {values['status']!r}")
         return cls(index=int(data["index"]), config=CompareConfig.from_dict(data),
                    prompts=[PromptResult.from_dict(p) for p in data.get("prompts") or ()],
-                   is_reference=bool(data.get("reference", False)), **values)
+                   is_reference=bool(data.get("reference", False)),
+                   ran_with=[int(i) for i in data.get("ran_with") or ()], **values)
 
 
 @dataclass(slots=True)

@@ -61,6 +61,18 @@ def test_json_dash_writes_only_json_to_stdout(capsys, tiny, prompts_file):
     assert "decode tok/s" in err and "[hearth]" not in err  # the table moved to stderr, no progress
 
 
+def test_side_by_side_is_in_the_json_and_the_table_says_speeds_share_the_device(capsys, tiny, prompts_file):
+    rc, out, err = run_cli(capsys, *compare_args(tiny, prompts_file, "--quants", "bf16,int8", "--no-perplexity",
+                                                 "--side-by-side", "--json", "-"))
+    assert rc == 0, err
+    rows = json.loads(out)
+    assert [r["side_by_side"] for r in rows] == [True, True] and [r["ran_with"] for r in rows] == [[1], [0]]
+    for row in rows:
+        assert ISSUE_FIELDS <= set(row) and row["error"] is None and 0.0 <= row["agreement"] <= 1.0
+    assert "[hearth] side by side: bf16 + int8 (loaded together)" in err
+    assert "measured side by side: speeds share the device (bf16 + int8)" in err  # the table's summary
+
+
 def test_a_failing_configuration_is_reported_and_the_exit_code_is_zero(capsys, tiny, prompts_file, monkeypatch):
     from engine.api import Engine, OutOfMemoryError
 

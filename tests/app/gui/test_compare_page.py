@@ -215,3 +215,27 @@ def test_a_run_that_outlasts_the_close_is_detached_not_destroyed(qtbot, bridge, 
     assert worker.parent() is None and worker in compare_page._DETACHED and page.worker is None
     qtbot.waitUntil(worker.isFinished, timeout=60_000)  # the cancel still reaches it
     qtbot.waitUntil(lambda: worker not in compare_page._DETACHED, timeout=10_000)
+
+
+def test_side_by_side_is_a_remembered_option_and_fills_both_columns(qtbot, bridge, gui_env, chat_model, engines):
+    from app.gui.compare_setup import CompareSetup
+
+    loaded, shut, _ = engines
+    page = make_page(qtbot, bridge, gui_env)
+    set_up_tiny(page, chat_model, quants=("bf16", "int8"), eval_tokens=0)
+    box = page.setup.findChild(type(page.setup.perplexity), "compareSideBySide")
+    assert box is page.setup.side_by_side and not box.isChecked()  # off by default: speeds measured alone
+    box.setChecked(True)
+    assert page.run()
+    wait_idle(qtbot, page)
+    result = page.result
+    assert result.plan.side_by_side and [r.ran_with for r in result.results] == [[1], [0]]
+    for i, column in enumerate(page.columns.columns):
+        assert column.output.toPlainText() == result.results[i].prompts[0].text != ""
+        assert column.status.text().startswith("Done in") and column.detail.text().endswith("side by side")
+        assert "speeds share the device" in column.values["decode"].toolTip()
+    assert "measured side by side: speeds share the device (bf16 + int8)" in page.summary.text()
+    assert len(loaded) == 2 and shut == loaded
+    again = CompareSetup(gui_env["settings"])  # the setup is remembered when a comparison runs
+    qtbot.addWidget(again)
+    assert again.side_by_side.isChecked()
