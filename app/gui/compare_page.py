@@ -118,6 +118,7 @@ class ComparePage(QWidget):
         self.confirm_overwrite = ask_overwrite(self)
         self._live: list = []  # ConfigResults finished in this run, for the charts
         self._groups: dict[int, tuple[int, ...]] = {}  # side by side: each configuration's group
+        self._started: set[int] = set()  # configurations that have started (a deferred one starts twice)
         self._models_listed = False
         self._closed = False
 
@@ -294,6 +295,7 @@ class ComparePage(QWidget):
         self.saved_path = None
         self._live = []
         self._groups = {}
+        self._started: set[int] = set()
         self.columns.begin(plan)
         self.charts.show_results([])
         self.table.setRowCount(0)
@@ -336,6 +338,9 @@ class ComparePage(QWidget):
                 keep = self.message.text()
                 self.message.setText((keep + " " if keep else "") + " ".join(_sentence(n) for n in ev.notes))
         elif isinstance(ev, ConfigStarted):
+            if ev.index in self._started:  # started again: deferred out of its group, it runs alone now
+                self._groups.pop(ev.index, None)
+            self._started.add(ev.index)
             group = self._groups.get(ev.index, ())
             plan = self.worker.plan if self.worker else None
             what = (f"{' + '.join(plan.configs[i].label for i in group)} side by side" if plan and len(group) > 1

@@ -319,7 +319,8 @@ def answer_together(jobs, prompt_index: int | None, should_stop) -> list:
 
     Returns one item per job, in order: its PromptResult (``error`` set where the engine
     refused the request: this prompt only, e.g. too long for the context), or the
-    EngineDeadError its engine raised (the caller fails that configuration)."""
+    exception its engine raised (EngineDeadError, or anything unexpected: the caller fails
+    that configuration)."""
     events: queue.SimpleQueue = queue.SimpleQueue()
     answers: list = []
     pending: dict[int, tuple] = {}  # job -> (its handle, its text so far)
@@ -328,11 +329,11 @@ def answer_together(jobs, prompt_index: int | None, should_stop) -> list:
         answers.append(answer)
         try:
             handle = run.engine.submit(request, on_event=lambda ev, k=k: events.put((k, ev)))
-        except EngineDeadError as e:
-            answers[k] = e
-            continue
         except InvalidRequestError as e:  # this prompt only (too long for the context, ...)
             answer.error = str(e)
+            continue
+        except Exception as e:  # noqa: BLE001 - EngineDeadError or any other: that configuration fails, not the run
+            answers[k] = e
             continue
         pending[k] = (handle, [])
     aborted = False

@@ -26,6 +26,7 @@ before it ran", the finished groups kept.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from app.services.compare import (_CallbackFailed, _Cancelled, _ConfigRun, answer_together, current_reference,
@@ -38,6 +39,8 @@ from engine.api import LoadCancelledError, OutOfMemoryError, release_memory
 
 #: Appended to a group's ``peak_memory_source``: the number is the group's, not one configuration's.
 GROUP_PEAK = "the side-by-side group's peak"
+
+log = logging.getLogger("hearth.compare")
 
 
 def run_side_by_side(run: ComparisonResult, emit, should_stop, eval_text: str | None,
@@ -102,8 +105,15 @@ class _Group:
                     member.result.status, member.result.error = CANCELLED, "cancelled"
         finally:
             try:
-                for member in self.members:
-                    member.unload(release=False)  # every engine, even if another's shutdown raised
+                failed = None
+                for member in self.members:  # every engine, even if another's shutdown raised
+                    try:
+                        member.unload(release=False)
+                    except Exception as e:  # noqa: BLE001 - the others still shut down; the first re-raised
+                        log.warning("configuration %s did not shut down cleanly", member.index, exc_info=True)
+                        failed = failed or e
+                if failed is not None:
+                    raise failed
             finally:
                 release_memory(collect=self.collect_garbage)
                 self._record_peak(meter)

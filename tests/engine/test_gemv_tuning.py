@@ -93,7 +93,8 @@ def test_a_candidate_whose_result_disagrees_is_left_out_however_fast(model, monk
     monkeypatch.setattr(tuning, "disagreement", lambda got, expected: next(verdicts))
     choices = tuning.tune_gemv(model, torch.device("cpu"))
     mods = tuning._kinds(model)["qkv"]
-    assert choices["qkv"] == "triton gemv %dx%d/%dw" % tuning.candidates(*mods[0].weight.shape)[1]  # the 0.9 one
+    # candidate 0 was timed at 0.5 but disagreed; candidate 1 (0.9) is the best that agreed
+    assert choices["qkv"] == "triton gemv %dx%d/%dw" % tuning.candidates(*mods[0].weight.shape)[1]
 
 
 def test_disagreement_tolerates_rounding_and_catches_wrong_products():
@@ -101,5 +102,43 @@ def test_disagreement_tolerates_rounding_and_catches_wrong_products():
     y = torch.randn(1, 256, generator=g)
     assert disagreement(y * (1 + 0.01 * torch.randn(1, 256, generator=g)), y) is None  # 1% noise: rounding
     assert "RMS" in disagreement(y.flip(1), y)
+    few_wrong = y.clone()
+    few_wrong[0, 0] += 0.5 * y.pow(2).mean().sqrt()  # one output: 3% in the RMS, but half the RMS itself
+    assert "of the RMS away" in disagreement(few_wrong, y)
     assert disagreement(torch.full_like(y, float("nan")), y) == "not finite"
     assert "shape" in disagreement(y[:, :8], y)
+
+
+class _FakeQuantModule:
+    """A quantized module's tuning surface: its kernels' products are scripted by name."""
+
+    qweight = True  # what marks a quantized module
+
+    def __init__(self, outputs):
+        self.outputs, self.kernel = outputs, None
+
+    def use_kernel(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, x):
+        return self.outputs[self.kernel.name]
+
+
+class _K:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_a_quantized_layer_checks_its_first_config_too_and_falls_back_to_the_reference(monkeypatch):
+    """A quantized layer's candidates are all Triton configs: each, the first included, must
+    agree with dequantize+matmul; if none does, the reference kernel itself runs."""
+    y = torch.randn(1, 64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(tuning, "disagreement", disagreement)  # the real check
+    monkeypatch.setattr(tuning, "_reference", lambda mod, x: y)
+    monkeypatch.setattr(tuning, "_time", lambda fn, count, graphed=True, reps=3: 1.0)
+    wrong = {"first": -y, "second": y + 1.0, "dequantize+matmul": y}
+    best, _ = tuning._choose([_FakeQuantModule(wrong)], [_K("first"), _K("second")], torch.zeros(1, 8), "qkv", True)
+    assert best.name == "dequantize+matmul"
+    right = {"first": -y, "second": y.clone()}
+    best, _ = tuning._choose([_FakeQuantModule(right)], [_K("first"), _K("second")], torch.zeros(1, 8), "qkv", True)
+    assert best.name == "second"  # the first config disagreed: left out, though it came first

@@ -16,7 +16,10 @@ from tests.app.gui.conftest import load_options
 
 TIMEOUT = 60_000
 TOKENS = 50
-LIMIT_MS = 2.0
+#: The median delay allowed: a polling timer of 15 ms gives a median near 7.5 ms; a pushed
+#: token takes well under 1 ms on an idle machine, and measured 2.8 ms on 2 cores with two
+#: other test runs and a calibration competing (2 ms failed there).
+LIMIT_MS = 5.0
 #: A pause before each engine step, as on a GPU, where the engine's thread waits for the
 #: device with the GIL released. The tiny CPU model's steps are pure Python work back to
 #: back instead, which keeps the GUI thread from the GIL for a few ms at a time: that
@@ -24,7 +27,7 @@ LIMIT_MS = 2.0
 STEP_PAUSE_S = 0.003
 
 
-def test_a_token_reaches_the_gui_thread_within_2_ms_of_leaving_the_engine(qtbot, chat_model):
+def test_a_token_reaches_the_gui_thread_within_5_ms_of_leaving_the_engine(qtbot, chat_model):
     host = EngineHost(error_text=gui_error)
     pushed: list[float] = []  # when each token with text left the engine (its thread)
     received: list[float] = []  # when the GUI thread's slot got it
