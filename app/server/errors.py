@@ -51,18 +51,40 @@ def param_of(message: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _split_loc(loc) -> tuple[str | None, str | None]:
+    """A pydantic error's location as (the parameter, the union member it was tried as):
+    ``("body", "stop", "list[str]", 0)`` -> ``("stop", "list[str]")``."""
+    names = []
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS):
+            return ".".join(names) or None, part
+        names.append(str(part))
+    return ".".join(names) or None, None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart"}
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """One sentence (and the parameter) for pydantic's/FastAPI's validation errors."""
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
         return ("the request body is not valid JSON: send a JSON object (Content-Type: application/json).",
                 None)
-    if kind == "missing" and not loc:
+    param, tag = _split_loc(first.get("loc", ()))
+    if kind == "missing" and param is None:
         return "the request has no body: send a JSON object.", None
-    msg = first.get("msg", "is not valid")
     where = f"'{param}'" if param else "the request body"
+    if tag is not None:  # a union (stop: a string or a list of them): say what it may be
+        tags = []
+        for e in errors:
+            p, t = _split_loc(e.get("loc", ()))
+            if p == param and t is not None and t not in tags:
+                tags.append(t)
+        return f"{where} is not valid: it should be {' or '.join(tags)}.", param
+    msg = first.get("msg", "is not valid")
     extra = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return f"{where}: {msg}{extra}.", param

@@ -59,6 +59,7 @@ class _Sampling(_Body):
     top_k: Optional[Int] = None
     min_p: Optional[Float] = None
     repetition_penalty: Optional[Float] = None
+    ignore_eos: Optional[Bool] = None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -63,7 +63,8 @@ def sampling(body, max_tokens: int = 1, seed: int | None = None) -> SamplingPara
             top_k=given(body.top_k, 0), min_p=given(body.min_p, 0.0),
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0),
-            frequency_penalty=given(body.frequency_penalty, 0.0), seed=seed, stop=stops)
+            frequency_penalty=given(body.frequency_penalty, 0.0), seed=seed, stop=stops,
+            ignore_eos=given(body.ignore_eos, False))
     except InvalidRequestError as e:
         raise ApiError(400, str(e), param_of(str(e))) from None
 
