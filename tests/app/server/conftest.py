@@ -52,7 +52,7 @@ class LiveServer:
         self.sock.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def host(tiny_models):
     h = EngineHost()
     loaded = Recorder()
@@ -65,13 +65,13 @@ def host(tiny_models):
     assert h.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def live(host):
     with LiveServer(create_app(host, api_key=API_KEY, max_body_bytes=64 * 1024)) as server:
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def client(live):
     import openai
 
@@ -79,6 +79,6 @@ def client(live):
         yield c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def model_name(host) -> str:
     return host.model_info.name

@@ -154,3 +154,20 @@ def test_no_model_loaded_is_503_and_health_says_so():
                 assert error["code"] == "model_not_loaded"
     finally:
         assert host.shutdown()
+
+
+def test_cors_lets_in_only_the_allowed_origins(host):
+    app = create_app(host, api_key=API_KEY, allowed_origins=["http://localhost:3000"])
+
+    async def preflight(origin: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.options("/v1/chat/completions", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})
+
+    import asyncio
+
+    ok = asyncio.run(preflight("http://localhost:3000"))
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in asyncio.run(preflight("http://evil.example")).headers
