@@ -6,6 +6,7 @@
     hearth bench --shape llama-8b [...]   decode / prefill / throughput, --baseline hf
     hearth eval [--quant Q] [--text FILE] perplexity, weight bytes, load time
     hearth compare --quants bf16,int8,int4 the same prompts across configurations, side by side
+    hearth serve [--model M] [--port 8000] an OpenAI-compatible API server
     hearth  |  hearth gui                 the desktop app
 """
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.commands.compare import add_compare_parser
 
     add_compare_parser(sub)
+    from app.commands.serve import add_serve_parser
+
+    add_serve_parser(sub)
     gui = sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
     gui.add_argument("--quit-after-start", action="store_true",
                      help="open the window, then close it at once (checks that the app starts here)")
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from app.commands.compare import run_compare
 
             return run_compare(args)
+        if args.command == "serve":
+            from app.commands.serve import run_serve
+
+            return run_serve(args)
         if args.command == "doctor":
             from app.commands.doctor import run_doctor
 

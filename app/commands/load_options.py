@@ -58,12 +58,19 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
 
 
-def config_from_args(args) -> EngineConfig:
-    """The one validated EngineConfig of ``add_load_args``' flags (InvalidRequestError for
-    a bad value, before anything loads)."""
-    return load_config(
-        args.model, revision=args.revision, device=args.device, dtype=args.dtype, attention=args.attention,
+def options_from_args(args) -> dict:
+    """The load options (``Engine.load``'s keywords, with ``model``) of ``add_load_args``'
+    flags: what ``load_config`` and the engine host's ``load`` take."""
+    return dict(
+        model=args.model, revision=args.revision, device=args.device, dtype=args.dtype, attention=args.attention,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quant, quant_group_size=args.group_size,
         quant_head=args.quant_head)
+
+
+def config_from_args(args) -> EngineConfig:
+    """The one validated EngineConfig of ``add_load_args``' flags (InvalidRequestError for
+    a bad value, before anything loads)."""
+    options = options_from_args(args)
+    return load_config(options.pop("model"), **options)

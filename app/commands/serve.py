@@ -1,0 +1,160 @@
+"""``hearth serve``: the OpenAI-compatible server (``app.server``) on one loaded model, with
+uvicorn, in this process. Imports no Qt.
+
+Safe by default: it listens on 127.0.0.1 only; any other address lets other machines in,
+so it needs an API key, and says so when it starts. Ctrl+C aborts the answers being
+written (their clients hear why), stops the server and shuts the engine down."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from app.commands.load_options import add_load_args, config_from_args, options_from_args
+from app.services.engine_host import EngineHost
+from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded
+from engine.api import InvalidRequestError, ModelLoadError
+
+LOOPBACK_NAMES = {"localhost"}
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible API server (chat and completions) on a model")
+    add_load_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="the address to listen on (default 127.0.0.1: this machine only); any other "
+                        "(0.0.0.0: every network) needs an API key")
+    g.add_argument("--port", type=int, default=8000, help="the port (default 8000)")
+    key = g.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=None, metavar="KEY",
+                     help="clients must send 'Authorization: Bearer KEY' (every route but /health)")
+    key.add_argument("--api-key-file", default=None, metavar="FILE",
+                     help="read the API key from FILE (keeps it out of the process list and shell history)")
+    g.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="web pages (origins, e.g. http://localhost:3000) whose scripts may call the server "
+                        "(CORS); none by default")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may reach the network
+
+
+def api_key_of(args) -> str | None:
+    """The key of --api-key or --api-key-file (its first line), or None; refuses an empty one."""
+    if args.api_key_file:
+        try:
+            text = Path(args.api_key_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidRequestError(f"cannot read --api-key-file: {e}") from None
+        key = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not key:
+            raise InvalidRequestError(f"--api-key-file {args.api_key_file} is empty: put the key on its first line.")
+        return key
+    if args.api_key is not None and not args.api_key.strip():
+        raise InvalidRequestError("--api-key is empty: give a key, or leave the flag out.")
+    return args.api_key.strip() if args.api_key else None
+
+
+def check_serve_args(args) -> str | None:
+    """Everything refused before a model loads; returns the API key."""
+    key = api_key_of(args)
+    if not is_loopback(args.host) and key is None:
+        raise InvalidRequestError(
+            f"--host {args.host} lets other machines on the network use the model: it needs an API key "
+            "(--api-key KEY or --api-key-file FILE), or listen on 127.0.0.1 (the default) only.")
+    if not 0 <= args.port <= 65535:
+        raise InvalidRequestError(f"--port must be from 0 to 65535, got {args.port}.")
+    config_from_args(args)  # a bad load flag: one line, before anything loads
+    return key
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, made here so that a port in use is one clear line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise InvalidRequestError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may use "
+                                  "that port; choose another with --port.") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def load_model(host: EngineHost, options: dict) -> None:
+    """Load the model on the host, printing its progress; raises ModelLoadError if it fails."""
+    done = threading.Event()
+    outcome: list = []
+
+    def listen(ev) -> None:
+        if isinstance(ev, LoadProgress):
+            print(f"[hearth] {ev.message}", file=sys.stderr, flush=True)
+        elif isinstance(ev, (ModelLoaded, LoadFailed)):
+            outcome.append(ev)
+            done.set()
+
+    unsubscribe = host.subscribe(listen)
+    try:
+        host.load(options)
+        while not done.wait(0.2):  # short waits: Ctrl+C gets through
+            pass
+    finally:
+        unsubscribe()
+    if isinstance(outcome[0], LoadFailed):
+        raise ModelLoadError(outcome[0].message)
+
+
+def run_serve(args) -> int:
+    key = check_serve_args(args)
+    sock = bind(args.host, args.port)
+    host = EngineHost()
+    try:
+        load_model(host, options_from_args(args))
+        return _serve(host, sock, args, key)
+    finally:
+        sock.close()
+        host.shutdown()
+        print("[hearth] server stopped; the model is unloaded.", file=sys.stderr, flush=True)
+
+
+def _serve(host: EngineHost, sock: socket.socket, args, key: str | None) -> int:
+    import uvicorn
+
+    from app.server import create_app
+
+    app = create_app(host, api_key=key, allowed_origins=args.allowed_origins)
+    service = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Ctrl+C: the answers being written end now (their clients hear why), so the
+            # graceful shutdown has no stream to wait for.
+            service.abort_all()
+            super().handle_exit(sig, frame)
+
+    port = sock.getsockname()[1]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    info = host.model_info
+    print(f"[hearth] serving {info.name} ({info.device}, context {info.max_model_len}) at "
+          f"http://{shown}:{port}/v1", file=sys.stderr, flush=True)
+    if not is_loopback(args.host):
+        print(f"[hearth] listening on {args.host}: other machines on the network can reach this server; "
+              "every request but /health needs the API key.", file=sys.stderr, flush=True)
+    elif key:
+        print("[hearth] every request but /health needs the API key.", file=sys.stderr, flush=True)
+    print("[hearth] press Ctrl+C to stop.", file=sys.stderr, flush=True)
+    server = Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning",
+                                   timeout_graceful_shutdown=5, access_log=args.verbose))
+    server.run(sockets=[sock])
+    return 0

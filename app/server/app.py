@@ -1,0 +1,155 @@
+"""The FastAPI app of Hearth's OpenAI-compatible server, over an ``EngineHost``:
+``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``.
+
+Every refusal is OpenAI's error JSON with OpenAI's status (``app.server.errors``): bad
+input is a 400 (never a 422 or a 500), a missing key a 401, another model a 404, a body
+too large a 413, no model loaded a 503."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse
+
+from app.server.errors import ApiError, error_body, validation_message
+from app.server.guard import MAX_BODY_BYTES, Guard
+from app.server.schemas import ChatCompletionRequest, CompletionRequest
+from app.server.service import OpenAIService, failure
+from app.server.shapes import Chunks, response
+from app.server.stream import EventStream, sse
+from app.services.engine_host import EngineHost
+
+log = logging.getLogger("hearth.server")
+
+
+def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins: Sequence[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The server's app. ``api_key``: every route but /health needs it (``Authorization:
+    Bearer``); ``allowed_origins``: the browser origins CORS lets in (none by default);
+    the host is not shut down with the app (its owner does that). ``app.state.service``
+    is the ``OpenAIService`` (``abort_all`` for a quick shutdown)."""
+    service = OpenAIService(host)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = FastAPI(title="Hearth", description="Hearth's OpenAI-compatible API", lifespan=lifespan)
+    app.state.service = service
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        info = host.model_info
+        return {"status": "ok" if info is not None else "no_model", "model": info.name if info else None}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        info = host.model_info
+        data = [] if info is None else [{
+            "id": info.name, "object": "model", "created": 0, "owned_by": "hearth",
+            "max_model_len": info.max_model_len, "device": info.device, "quantization": info.quantization}]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        name = service.model_name(model_id)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "hearth"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _answer(service, body, request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _answer(service, body, request, chat=False)
+
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if allowed_origins:  # outermost: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+async def _answer(service: OpenAIService, body, request: Request, chat: bool):
+    model, job = await service.prepare(body, chat)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    created = int(time.time())
+    choices = service.submit(job)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage), job.n))
+    try:
+        answered = await _collect(choices, request)
+    finally:
+        service.done(choices)
+    if not answered:  # the client left: nobody reads this
+        return JSONResponse(error_body(400, "the client closed the connection."), status_code=400)
+    for choice in choices:
+        error = failure(choice)
+        if error is not None:
+            raise error
+    return response(chat, rid, created, model, [c.text for c in choices], [c.finish for c in choices], job.n)
+
+
+async def _collect(choices, request: Request) -> bool:
+    """Read every choice to its end (True); False when the client left first (the
+    caller's ``done`` then aborts them)."""
+    async def read(choice) -> None:
+        async for ev in choice.events:
+            choice.take(ev)
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    readers = asyncio.ensure_future(asyncio.gather(*(read(c) for c in choices)))
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({readers, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not readers.done():
+            readers.cancel()
+    if not readers.done() or readers.cancelled():
+        return False
+    readers.result()
+    return True
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request, exc: RequestValidationError):
+        message, param = validation_message(list(exc.errors()))
+        return JSONResponse(error_body(400, message, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        status = exc.status_code
+        message = {404: f"there is no route {request.method} {request.url.path}: the API is under /v1 "
+                        "(GET /v1/models, POST /v1/chat/completions, POST /v1/completions).",
+                   405: f"{request.method} is not allowed on {request.url.path}."}.get(status, str(exc.detail))
+        return JSONResponse(error_body(status, message), status_code=status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):  # a bug: said as OpenAI would, logged for us
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body(500, f"the server failed unexpectedly: {type(exc).__name__}: {exc}"),
+                            status_code=500)

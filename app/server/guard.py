@@ -1,0 +1,89 @@
+"""The server's gate, before any route runs: the API key and the request body's size.
+
+A pure ASGI middleware (not a FastAPI dependency) so that a request without the key is
+refused before its body is read or parsed: a 401 whatever the body holds. Keys are
+compared in constant time (``hmac.compare_digest``) and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from app.server.errors import ApiError
+
+#: Paths anyone may read without the key (load balancers, the GUI's status light).
+OPEN_PATHS = frozenset({"/health"})
+#: The default limit on a request body (a long chat fits many times over).
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class Guard:
+    """ASGI middleware: 401 without the right ``Authorization: Bearer <key>`` (when a key
+    is set; every path but ``OPEN_PATHS``), 413 for a body over ``max_body_bytes``
+    (by its Content-Length, or counted as it arrives when it has none)."""
+
+    def __init__(self, app, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self._key = api_key.encode() if api_key else None
+        self._max = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        if self._key is not None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            if not self._authorized(headers.get(b"authorization", b"")):
+                await _send(ApiError(401, "a valid API key is needed: send it as 'Authorization: Bearer "
+                                     "<key>' (the key `hearth serve` was started with).",
+                                     code="invalid_api_key"), scope, receive, send)
+                return
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self._max
+            except ValueError:
+                await _send(ApiError(400, "the Content-Length header is not a number."), scope, receive, send)
+                return
+            if too_large:
+                await _send(self._too_large(), scope, receive, send)
+                return
+        # The body is read here, whole (it is small: a chat), so that one too large is
+        # refused before any route sees it, with or without a Content-Length.
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max:
+                await _send(self._too_large(), scope, receive, send)
+                return
+            body.append(chunk)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()  # after the body: the client's disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, given = header.partition(b" ")
+        # compare_digest on both branches' lengths costs the same whatever the key given.
+        ok = hmac.compare_digest(given.strip(), self._key)
+        return ok and scheme.lower() == b"bearer"
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is larger than the server's limit of {self._max} bytes: "
+                        "send a shorter prompt.", code="request_too_large")
+
+
+async def _send(error: ApiError, scope, receive, send) -> None:
+    await error.response()(scope, receive, send)

@@ -1,0 +1,130 @@
+"""The server's side of the engine host: a request's checks against the model loaded now,
+its choices submitted as engine requests, their events read on the event loop (through
+``AsyncEngineHost``: pushed by the host's threads with ``loop.call_soon_threadsafe`` into
+a queue per request), and every request still running aborted when asked (shutdown, a
+client gone)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.concurrency import run_in_threadpool
+
+from app.server.errors import ApiError
+from app.server.translate import Job, build_job
+from app.services.engine_host import NO_MODEL, EngineHost
+from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
+from app.services.host_events import RequestStarted
+from engine.api import FinishedEvent, Request, TokenEvent
+
+NO_MODEL_503 = "no model is loaded: load one (hearth serve --model M, or the Models page) and try again."
+SHUTTING_DOWN = "the server is shutting down: this answer was stopped before it was finished."
+
+
+class Choice:
+    """One choice's engine request, read on the loop: its text so far and how it ended."""
+
+    def __init__(self, events: AsyncRequestEvents) -> None:
+        self.events = events
+        self.started = False
+        self.finish: FinishedEvent | None = None
+        self.texts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    def take(self, ev) -> str | None:
+        """Note one event; returns its new text, if any."""
+        if isinstance(ev, RequestStarted):
+            self.started = True
+        elif isinstance(ev, TokenEvent):
+            if ev.text:
+                self.texts.append(ev.text)
+                return ev.text
+        elif isinstance(ev, FinishedEvent):
+            self.finish = ev
+        return None
+
+
+class OpenAIService:
+    """Made by the app factory; ``start`` on the event loop (the app's lifespan)."""
+
+    def __init__(self, host: EngineHost) -> None:
+        self.host = host
+        self._async: AsyncEngineHost | None = None
+        self._live: set[Choice] = set()
+        self.closing = False
+
+    def start(self) -> None:
+        self._async = AsyncEngineHost(self.host, asyncio.get_running_loop())
+
+    def close(self) -> None:
+        self.abort_all()
+        if self._async is not None:
+            self._async.close()
+
+    def abort_all(self) -> None:
+        """End every request this server started (from any thread: host.abort posts)."""
+        self.closing = True
+        for choice in list(self._live):
+            choice.events.abort()
+
+    # -- a request ---------------------------------------------------------------------
+    def model_name(self, asked: str | None) -> str:
+        """The loaded model's name, or a 503 (none loaded) / 404 (another one asked for)."""
+        info = self.host.model_info
+        if info is None:
+            raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        if asked is not None and asked not in _names(info):
+            raise ApiError(404, f"the model {asked!r} is not loaded here: this server answers with "
+                           f"{info.name!r} (GET /v1/models lists it).", "model", "model_not_found")
+        return info.name
+
+    async def prepare(self, body, chat: bool) -> tuple[str, Job]:
+        model = self.model_name(body.model)
+        engine = self.host.engine  # the tokenizer of the model that answers now
+        info = self.host.model_info
+        if engine is None or info is None:
+            raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        # Tokenizing takes a while for a long chat: off the event loop.
+        job = await run_in_threadpool(build_job, body, chat, engine.tokenizer, info.max_model_len,
+                                      info.vocab_size)
+        return model, job
+
+    def submit(self, job: Job) -> list[Choice]:
+        if self.closing:
+            raise ApiError(503, "the server is shutting down: try again once it is back.")
+        choices = []
+        for k, params in enumerate(job.params):
+            ids = job.prompts[k // job.n]
+            choice = Choice(self._async.submit(Request(prompt_token_ids=ids, params=params)))
+            self._live.add(choice)
+            choices.append(choice)
+        return choices
+
+    def done(self, choices: list[Choice]) -> None:
+        """Abort the choices still running (a client gone, a failed sibling) and forget them."""
+        for choice in choices:
+            if choice.finish is None:
+                choice.events.abort()
+            self._live.discard(choice)
+
+
+def failure(choice: Choice) -> ApiError | None:
+    """The error of a choice that ended without an answer (None: it has one)."""
+    fin = choice.finish
+    if fin.reason in ("stop", "length"):
+        return None
+    if fin.reason == "abort":
+        return ApiError(503, SHUTTING_DOWN, code="aborted")
+    message = fin.error or "the engine failed while answering."
+    if not choice.started:  # refused before it reached the engine
+        if message == NO_MODEL:
+            return ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        return ApiError(400, message)
+    return ApiError(500, message)
+
+
+def _names(info) -> set[str]:
+    return {n for n in (info.name, info.ref, info.path) if n}

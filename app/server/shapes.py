@@ -1,0 +1,87 @@
+"""OpenAI's response and stream-chunk shapes, filled from the engine's events, plus
+Hearth's timings as an extra ``hearth`` field (SDKs keep unknown fields: in the openai
+package, ``response.model_extra["hearth"]`` or ``response.hearth``)."""
+
+from __future__ import annotations
+
+import json
+
+from engine.api import FinishedEvent
+
+
+def timings(fin: FinishedEvent) -> dict:
+    """Hearth's timings of one choice: time to first token, decode speed, and the rest."""
+    t = fin.timings
+    return {"ttft_ms": round(t.ttft_ms, 3), "tokens_per_s": round(t.decode_tok_s, 3),
+            "itl_ms": round(t.itl_ms, 3), "queue_ms": round(t.queue_ms, 3), "total_ms": round(t.total_ms, 3)}
+
+
+def hearth_field(finishes: list[FinishedEvent]) -> dict:
+    """The ``hearth`` field: the first choice's timings; with several choices, each one's."""
+    out = timings(finishes[0])
+    if len(finishes) > 1:
+        out["choices"] = [timings(f) for f in finishes]
+    return out
+
+
+def usage(finishes: list[FinishedEvent], n: int) -> dict:
+    """OpenAI's usage: each prompt counted once (its ``n`` choices share it), every choice's
+    completion tokens, the prompt tokens the prefix cache served."""
+    firsts = finishes[::n]
+    prompt = sum(f.usage.prompt_tokens for f in firsts)
+    completion = sum(f.usage.completion_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(f.usage.cached_prompt_tokens for f in firsts)}}
+
+
+def response(chat: bool, rid: str, created: int, model: str, texts: list[str],
+             finishes: list[FinishedEvent], n: int) -> dict:
+    """The whole answer of a non-streaming request."""
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                    "finish_reason": f.reason, "logprobs": None}
+                   for i, (text, f) in enumerate(zip(texts, finishes))]
+    else:
+        choices = [{"index": i, "text": text, "finish_reason": f.reason, "logprobs": None}
+                   for i, (text, f) in enumerate(zip(texts, finishes))]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "system_fingerprint": None, "choices": choices, "usage": usage(finishes, n),
+            "hearth": hearth_field(finishes)}
+
+
+class Chunks:
+    """The stream's chunks of one request, as SSE ``data:`` lines."""
+
+    def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool) -> None:
+        self.chat = chat
+        self._head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                      "created": created, "model": model, "system_fingerprint": None}
+        self.include_usage = include_usage
+
+    def _line(self, choices: list, **extra) -> bytes:
+        body = {**self._head, "choices": choices, **extra}
+        if self.include_usage and "usage" not in body:
+            body["usage"] = None  # OpenAI's shape: null on every chunk but the last
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+    def _choice(self, index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    def opening(self, index: int) -> bytes | None:
+        """Chat's first chunk of a choice says the role (completions have none)."""
+        return self._line([self._choice(index, None, None, role=True)]) if self.chat else None
+
+    def text(self, index: int, text: str) -> bytes:
+        return self._line([self._choice(index, text, None)])
+
+    def finish(self, index: int, fin: FinishedEvent) -> bytes:
+        return self._line([self._choice(index, None, fin.reason)], hearth=timings(fin))
+
+    def usage(self, finishes: list[FinishedEvent], n: int) -> bytes:
+        return self._line([], usage=usage(finishes, n), hearth=hearth_field(finishes))
+
+
+DONE = b"data: [DONE]\n\n"

@@ -1,0 +1,85 @@
+"""The SSE side of a streaming request: the choices' events merged in the order they come,
+written as OpenAI's chunks, ending with ``data: [DONE]``; a client that goes away mid-stream
+aborts its requests at once (not at the next token)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.responses import StreamingResponse
+
+from app.server.errors import sse_error
+from app.server.service import Choice, OpenAIService, failure
+from app.server.shapes import DONE, Chunks
+
+
+async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: int):
+    """The stream's bytes. Whatever ends it (the last choice, a failure, the client
+    leaving: then ``aclose``), every choice still running is aborted."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, choice: Choice) -> None:
+        async for ev in choice.events:
+            merged.put_nowait((index, ev))
+
+    pumps = [asyncio.ensure_future(pump(i, c)) for i, c in enumerate(choices)]
+    try:
+        for i in range(len(choices)):
+            opening = chunks.opening(i)
+            if opening:
+                yield opening
+        left = len(choices)
+        while left:
+            index, ev = await merged.get()
+            choice = choices[index]
+            text = choice.take(ev)
+            if text:
+                yield chunks.text(index, text)
+            elif choice.finish is not None and choice.finish is ev:
+                left -= 1
+                error = failure(choice)
+                if error is not None:  # the 200 has gone: say it in the stream (SDKs raise it)
+                    yield sse_error(error.status, error.message, error.code)
+                    yield DONE
+                    return
+                yield chunks.finish(index, ev)
+        if chunks.include_usage:
+            yield chunks.usage([c.finish for c in choices], n)
+        yield DONE
+    finally:
+        for p in pumps:
+            p.cancel()
+        service.done(choices)
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse that watches for the client leaving while it waits for tokens
+    (starlette only notices on the next write) and always closes its iterator, so the
+    iterator's clean-up (aborting the requests) runs as soon as the client is gone."""
+
+    def __init__(self, content) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def write() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        writer, watcher = asyncio.ensure_future(write()), asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (writer, watcher):
+                task.cancel()
+            await asyncio.gather(writer, watcher, return_exceptions=True)
+            await self.body_iterator.aclose()
+        error = writer.exception() if writer.done() and not writer.cancelled() else None
+        if error is not None and not isinstance(error, OSError):  # OSError: the client left mid-write
+            raise error

@@ -1,0 +1,159 @@
+"""From an OpenAI request to the engine's: the prompts as token ids (tokenized here, so the
+context check can count them), and each choice's SamplingParams.
+
+Tokenizing in the server rather than the engine lets it refuse, with a 400, a prompt
+whose ``max_tokens`` would run past the context (the engine would stop it at the context's
+end with ``length``, which a client can't tell from a short ``max_tokens``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.server.errors import ApiError, param_of
+from app.server.schemas import ChatCompletionRequest, CompletionRequest
+from engine.api import InvalidRequestError, SamplingParams, check_text
+
+#: The most choices one request may ask for (each is a request on the engine).
+MAX_N = 64
+#: OpenAI's default max_tokens for /v1/completions (chat's default is the rest of the context).
+COMPLETIONS_MAX_TOKENS = 16
+#: How many seeds SamplingParams takes (0 .. 2**64 - 1): choice j of a seeded request uses seed + j.
+SEED_SPAN = 2**64
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What the engine runs for one OpenAI request: ``n`` choices per prompt, choice
+    ``p * n + j`` being prompt ``p``'s ``j``th (OpenAI's order for several prompts)."""
+
+    prompts: list[list[int]]
+    params: list[SamplingParams]  # one per choice
+    n: int
+
+
+def not_supported(body, chat: bool) -> None:
+    """Refuse parameters the server can't honour yet, when they ask for something."""
+    asked = {"logit_bias": bool(body.logit_bias)}
+    if chat:
+        asked.update(logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs is not None,
+                     tools=bool(body.tools), tool_choice=body.tool_choice not in (None, "none", "auto"),
+                     response_format=(body.response_format or {}).get("type", "text") != "text")
+    else:
+        asked.update(logprobs=body.logprobs is not None, echo=bool(body.echo), suffix=bool(body.suffix),
+                     best_of=body.best_of is not None and body.best_of != (body.n or 1))
+    for name, on in asked.items():
+        if on:
+            raise ApiError(400, f"'{name}' is not supported by Hearth's server yet: leave it out.", name,
+                           "unsupported_parameter")
+
+
+def sampling(body, max_tokens: int = 1, seed: int | None = None) -> SamplingParams:
+    """The request's SamplingParams (OpenAI's defaults where it says nothing); a bad
+    value is a 400 naming the parameter."""
+    def given(value, default):
+        return default if value is None else value
+
+    stop = body.stop
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    try:
+        for s in stops:
+            check_text(s, "a stop string")
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=given(body.temperature, 1.0), top_p=given(body.top_p, 1.0),
+            top_k=given(body.top_k, 0), min_p=given(body.min_p, 0.0),
+            repetition_penalty=given(body.repetition_penalty, 1.0),
+            presence_penalty=given(body.presence_penalty, 0.0),
+            frequency_penalty=given(body.frequency_penalty, 0.0), seed=seed, stop=stops,
+            ignore_eos=given(body.ignore_eos, False))
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), param_of(str(e))) from None
+
+
+def check_request(body, chat: bool) -> int:
+    """Checks that need no tokenizer (done before any work); returns ``n``."""
+    not_supported(body, chat)
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be an integer from 1 to {MAX_N}, got {n}.", "n")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, name, None)
+        if value is not None and value <= 0:
+            raise ApiError(400, f"{name} must be a positive integer, got {value}: ask for at least 1 token.", name)
+    if chat and not body.messages:
+        raise ApiError(400, "messages is empty: send at least one message.", "messages")
+    sampling(body, seed=body.seed)  # every sampling value checked before tokenizing
+    return n
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """The messages as the chat template takes them: text content (parts joined)."""
+    out = []
+    for i, m in enumerate(body.messages):
+        content = m.content
+        if isinstance(content, list):
+            kinds = {p.type for p in content} - {"text"}
+            if kinds:
+                raise ApiError(400, f"messages[{i}] has {sorted(kinds)[0]!r} content: this server reads text "
+                               "only.", f"messages.{i}.content")
+            content = "".join(p.text or "" for p in content)
+        role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for it
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+def prompt_ids(body, chat: bool, tokenizer) -> list[list[int]]:
+    """The prompts as token ids (chat: one, rendered with the model's template)."""
+    try:
+        if chat:
+            return [tokenizer.apply_chat_template(chat_messages(body))]
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        else:
+            prompts = list(prompt)
+        if not prompts:
+            raise ApiError(400, "prompt is empty: send some text.", "prompt")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if not p:
+                    raise ApiError(400, "prompt is empty: send some text.", "prompt")
+                out.append(tokenizer.encode(p))
+            else:
+                out.append(list(p))
+        return out
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), "messages" if chat else "prompt") from None
+
+
+def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) -> Job:
+    """The engine's work for ``body``, or a 400 saying what is wrong with it."""
+    n = check_request(body, chat)
+    prompts = prompt_ids(body, chat, tokenizer)
+    asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    params = []
+    for ids in prompts:
+        if not ids:
+            raise ApiError(400, "the prompt is empty after tokenization.", "prompt")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).", "prompt")
+        room = max_model_len - len(ids)
+        if room <= 0:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds "
+                           f"{max_model_len}: shorten it.", "messages" if chat else "prompt",
+                           "context_length_exceeded")
+        max_tokens = asked if asked is not None else (room if chat else min(COMPLETIONS_MAX_TOKENS, room))
+        if max_tokens > room:
+            name = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
+            raise ApiError(400, f"the prompt has {len(ids)} tokens and {name} asks for {max_tokens} more, but "
+                           f"the model's context holds {max_model_len} in all: ask for at most {room}, or "
+                           "shorten the prompt.", name, "context_length_exceeded")
+        for j in range(n):
+            # Several choices of a seeded request differ (each its own seed), and the same
+            # request gives the same choices again.
+            seed = None if body.seed is None else (body.seed + j) % SEED_SPAN
+            params.append(sampling(body, max_tokens, seed))
+    return Job(prompts, params, n)

@@ -1,0 +1,173 @@
+"""Refusals in OpenAI's error shape with OpenAI's status: bad JSON, wrong types and
+out-of-range values (400, never 422 or 500), the API key (401), another model (404), a
+body too large (413), no model loaded (503)."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from app.server import create_app
+from app.services.engine_host import EngineHost
+from tests.app.server.conftest import API_KEY, LiveServer
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def post(live, path: str, body=None, headers=AUTH, **kw) -> httpx.Response:
+    return httpx.post(f"{live.base_url}{path}", json=body, headers=headers, timeout=30, **kw)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param != "any":
+        assert error["param"] == param, error
+    return error
+
+
+BAD_CHAT = {
+    "temperature-negative": ({"temperature": -0.5}, "temperature"),
+    "temperature-a-string": ({"temperature": "0.5"}, "temperature"),
+    "max-tokens-zero": ({"max_tokens": 0}, "max_tokens"),
+    "max-tokens-negative": ({"max_tokens": -3}, "max_tokens"),
+    "max-completion-tokens-zero": ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    "max-tokens-a-float": ({"max_tokens": 2.5}, "max_tokens"),
+    "n-zero": ({"n": 0}, "n"),
+    "n-a-bool": ({"n": True}, "n"),
+    "top-p-zero": ({"top_p": 0}, "top_p"),
+    "presence-penalty-out-of-range": ({"presence_penalty": 3}, "presence_penalty"),
+    "stop-a-number": ({"stop": 5}, "stop"),
+    "stop-empty-string": ({"stop": [""]}, None),
+    "seed-negative": ({"seed": -1}, "seed"),
+    "stream-a-string": ({"stream": "yes"}, "stream"),
+    "empty-messages": ({"messages": []}, "messages"),
+    "messages-not-a-list": ({"messages": "hi"}, "messages"),
+    "unknown-role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "any"),
+    "max-tokens-over-the-context": ({"max_tokens": 10_000}, "max_tokens"),
+    "logprobs-not-yet": ({"logprobs": True}, "logprobs"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CHAT)
+def test_bad_chat_parameters_are_400(live, model_name, name):
+    extra, param = BAD_CHAT[name]
+    error = assert_error(post(live, "/v1/chat/completions", {"model": model_name, "messages": MESSAGES, **extra}),
+                         400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_context_overflow_says_how_much_room_is_left(live, model_name):
+    error = assert_error(post(live, "/v1/chat/completions", {"model": model_name, "messages": MESSAGES,
+                                                             "max_tokens": 10_000}), 400)
+    assert error["code"] == "context_length_exceeded" and "at most" in error["message"]
+    long_prompt = "word " * 400  # over the 256-token context by itself
+    error = assert_error(post(live, "/v1/completions", {"model": model_name, "prompt": long_prompt}), 400, "prompt")
+    assert error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b'{"messages": [{"role": "user"'])
+def test_bad_json_is_400(live, body):
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", content=body,
+                   headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert_error(r, 400)
+
+
+@pytest.mark.parametrize("body", [
+    rb'{"messages": [{"role": "user", "content": "\ud800"}]}',  # a lone surrogate: JSON allows it
+    rb'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+    rb'{"messages": [{"role": "user", "content": "Hi"}], "stop": ["\udfff"]}',
+    rb'{"prompt": "\ud800 hi"}'])
+def test_text_and_numbers_json_allows_but_the_model_cant_take_are_400(live, body):
+    path = "/v1/completions" if b"prompt" in body else "/v1/chat/completions"
+    r = httpx.post(f"{live.base_url}{path}", content=body, headers={**AUTH, "Content-Type": "application/json"},
+                   timeout=30)
+    assert_error(r, 400)
+
+
+def test_bad_completion_prompts_are_400(live, model_name):
+    for prompt in ("", [], [10**9], {"a": 1}):
+        assert_error(post(live, "/v1/completions", {"model": model_name, "prompt": prompt}), 400)
+
+
+def test_unknown_model_is_404_for_the_openai_client(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=2)
+    assert e.value.body["param"] == "model" and "GET /v1/models" in e.value.body["message"]
+
+
+def test_bad_request_reaches_the_openai_client_as_bad_request_error(client, model_name):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=MESSAGES, temperature=-1)
+    assert "temperature" in e.value.message
+
+
+def test_api_key_is_needed_everywhere_but_health(live, model_name):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/docs")):
+            r = httpx.request(method, f"{live.base_url}{path}", headers=headers, timeout=30,
+                              json={"messages": MESSAGES} if method == "POST" else None)
+            error = assert_error(r, 401)
+            assert API_KEY not in r.text and error["code"] == "invalid_api_key"
+    # Refused before the body is read: bad JSON without the key is a 401 too.
+    r = httpx.post(f"{live.base_url}/v1/completions", content=b"{oops", timeout=30)
+    assert_error(r, 401)
+    assert httpx.get(f"{live.base_url}/health", timeout=30).json() == {"status": "ok", "model": model_name}
+
+
+def test_openai_client_with_a_wrong_key_gets_authentication_error(live):
+    with openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="sk-wrong", max_retries=0) as c:
+        with pytest.raises(openai.AuthenticationError):
+            c.models.list()
+
+
+def test_body_over_the_limit_is_413(live, model_name):
+    big = {"model": model_name, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    assert_error(post(live, "/v1/chat/completions", big), 413)
+
+    def chunked():  # no Content-Length: counted as it arrives
+        for _ in range(20):
+            yield b" " * 8192
+
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", content=chunked(),
+                   headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert_error(r, 413)
+
+
+def test_unknown_route_is_404_in_openai_shape(live):
+    r = httpx.get(f"{live.base_url}/v1/nothing-here", headers=AUTH, timeout=30)
+    assert "/v1" in assert_error(r, 404)["message"]
+
+
+def test_no_model_loaded_is_503_and_health_says_so():
+    host = EngineHost()
+    try:
+        with LiveServer(create_app(host)) as server:  # no key set: none needed
+            assert httpx.get(f"{server.base_url}/health", timeout=30).json()["status"] == "no_model"
+            assert httpx.get(f"{server.base_url}/v1/models", timeout=30).json()["data"] == []
+            for path, body in (("/v1/chat/completions", {"messages": MESSAGES}),
+                               ("/v1/completions", {"prompt": "Hi"})):
+                error = assert_error(httpx.post(f"{server.base_url}{path}", json=body, timeout=30), 503)
+                assert error["code"] == "model_not_loaded"
+    finally:
+        assert host.shutdown()
+
+
+def test_cors_lets_in_only_the_allowed_origins(host):
+    app = create_app(host, api_key=API_KEY, allowed_origins=["http://localhost:3000"])
+
+    async def preflight(origin: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.options("/v1/chat/completions", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})
+
+    import asyncio
+
+    ok = asyncio.run(preflight("http://localhost:3000"))
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in asyncio.run(preflight("http://evil.example")).headers
