@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from PySide6.QtCore import QEvent, Qt, Signal
+from PySide6.QtCore import QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QScrollArea, QSizePolicy,
                                QTabBar, QTextBrowser, QVBoxLayout, QWidget)
@@ -32,6 +32,8 @@ from app.services.compare_plan import CompareConfig, ComparePlan
 from app.services.compare_prompts import bundled_prompt_names, bundled_prompt_texts
 from app.services.compare_results import CANCELLED, ERROR, ComparisonResult, ConfigResult, PromptResult
 
+#: how often a streaming column's text is redrawn at most (see CompareColumns.__init__)
+REDRAW_MS = 50
 #: One colour per configuration, in order (Tableau 10: mid-luminance hues that read on
 #: light and dark backgrounds); the charts use the same ones.
 CONFIG_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2")
@@ -276,6 +278,15 @@ class CompareColumns(QWidget):
         self.prompts: list[str] = []
         self.reference: int | None = None
         self.follow = True  # during a run, show the prompt being written (until one is picked)
+        # Streaming text is redrawn at most every REDRAW_MS per column: each redraw diffs the
+        # whole answer against the reference's and sets it again, so one redraw per token
+        # (six columns side by side at hundreds of tokens/s on a GPU) would stall the window.
+        # The first token after a pause is drawn at once.
+        self._dirty: set[int] = set()
+        self._redraw = QTimer(self)
+        self._redraw.setSingleShot(True)
+        self._redraw.setInterval(REDRAW_MS)
+        self._redraw.timeout.connect(self._flush)
         self.tabs = QTabBar()
         self.tabs.setObjectName("comparePromptTabs")
         self.tabs.setExpanding(False)
@@ -339,7 +350,7 @@ class CompareColumns(QWidget):
             if self.follow and self.tabs.currentIndex() != ev.prompt_index:
                 self.tabs.setCurrentIndex(ev.prompt_index)  # redraws every column
             elif ev.prompt_index == self.tabs.currentIndex():
-                self._draw_text(ev.index)
+                self._draw_soon(ev.index)
             return
         elif isinstance(ev, PromptFinished):
             state.prompts[ev.prompt_index] = ev.result
@@ -372,6 +383,23 @@ class CompareColumns(QWidget):
         # Before any configuration finished: the first that hasn't failed will be.
         first = next((j for j, s in enumerate(self.states) if s.result is None or s.result.ok), None)
         return i == first
+
+    def _draw_soon(self, i: int) -> None:
+        """Redraw column ``i``'s streaming text now, or with the next batch if one was
+        drawn less than REDRAW_MS ago."""
+        if self._redraw.isActive():
+            self._dirty.add(i)
+        else:
+            self._draw_text(i)
+            self._redraw.start()
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for i in sorted(dirty):
+            if i < len(self.states):
+                self._draw_text(i)
+        if dirty:
+            self._redraw.start()
 
     def _draw_text(self, i: int) -> None:
         p = self.tabs.currentIndex()
