@@ -40,6 +40,7 @@ from engine.metrics import peak_device_memory_bytes, reset_peak_device_memory
 from engine.evaluate import DEFAULT_STRIDE as PERPLEXITY_STRIDE
 from engine.evaluate import DEFAULT_WINDOW as PERPLEXITY_WINDOW
 from engine.evaluate import PerplexityResult
+from engine.loader.shape_model import byte_token_ids
 from engine.model_info import ModelInfo
 # config.json read once, into the model spec: the fit estimate sizes memory from it too.
 from engine.models.summary import SpecSummary, model_summary
@@ -114,6 +115,7 @@ def release_memory(collect: bool = True) -> None:
 
 
 __all__ = [
+    "byte_token_ids",
     "CHOICE_KINDS", "Choice", "choice_names", "choice_name", "get_choice", "list_choices", "kv_bytes_per_value",
     "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",
     "doctor_info", "load_choices", "model_display_name", "check_model", "release_memory",

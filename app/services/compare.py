@@ -36,8 +36,9 @@ from app.services.compare_events import (CompareEvent, ConfigFinished, ConfigPro
 from app.services.compare_metrics import PeakMemoryMeter, agreement, mean, prefix_agreement
 from app.services.compare_plan import MAX_CONFIGS, CompareConfig, ComparePlan
 from app.services.compare_results import CANCELLED, ERROR, OK, ComparisonResult, ConfigResult, PromptResult
-from engine.api import (Engine, EngineDeadError, FinishedEvent, HearthError, InvalidRequestError, LoadCancelledError,
-                        ModelInfo, Request, SamplingParams, TokenEvent, model_display_name, release_memory)
+from engine.api import (Engine, FinishedEvent, HearthError, InvalidRequestError, LoadCancelledError,
+                        ModelInfo, Request, SamplingParams, TokenEvent, byte_token_ids, model_display_name,
+                        release_memory)
 
 __all__ = ["run_comparison", "CompareConfig", "ComparePlan", "ComparisonResult", "ConfigResult", "PromptResult",
            "CompareEvent", "MAX_CONFIGS", "OK", "ERROR", "CANCELLED"]
@@ -278,7 +279,7 @@ class _ConfigRun:
     def _request(self, prompt: str, chat: bool, params: SamplingParams) -> Request:
         info = self.engine.model_info
         if info.source == "shape":  # random weights, no tokenizer: the text's bytes stand in for tokens
-            return Request(prompt_token_ids=_byte_ids(prompt, info.vocab_size), params=params)
+            return Request(prompt_token_ids=byte_token_ids(prompt, info.vocab_size), params=params)
         if chat:
             return Request(messages=[{"role": "user", "content": prompt}], params=params)
         return Request(prompt=prompt, params=params)
@@ -294,7 +295,7 @@ class _ConfigRun:
     def _perplexity(self, engine: Engine) -> None:
         res, plan = self.result, self.plan
         info = engine.model_info
-        ids = (_byte_ids(self.eval_text, info.vocab_size) if info.source == "shape"
+        ids = (byte_token_ids(self.eval_text, info.vocab_size) if info.source == "shape"
                else engine.tokenizer.encode(self.eval_text))
         if plan.eval_tokens is not None:
             ids = ids[:plan.eval_tokens]
@@ -380,13 +381,6 @@ def _record_info(res: ConfigResult, info: ModelInfo) -> None:
     res.model, res.device, res.dtype = info.name, info.device, info.dtype
     res.attention_used, res.quant_used = info.attention, info.quantization
     res.kv_dtype_used, res.quant_detail = info.kv_cache_dtype, info.quant_detail
-
-
-def _byte_ids(text: str, vocab_size: int) -> list[int]:
-    """Token ids for a model without a tokenizer (a ``shape:`` benchmark model): the
-    text's UTF-8 bytes (about four per real token), so every configuration gets the same
-    ids and a long prompt stays long."""
-    return [b % vocab_size for b in text.encode("utf-8")]
 
 
 def _evaluation_text() -> str:
