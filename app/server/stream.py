@@ -49,7 +49,7 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
     finally:
         for p in pumps:
             p.cancel()
-        service.done(choices)
+        service.done(choices, n)
 
 
 class EventStream(StreamingResponse):
