@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.server.errors import ApiError, error_body, validation_message
 from app.server.guard import MAX_BODY_BYTES, Guard
+from app.server.logprobs import Logprobs
 from app.server.metrics import CountRequests, ServerMetrics
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
 from app.server.limits import MAX_QUEUE
@@ -99,13 +100,14 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
 
 
 async def _answer(service: OpenAIService, body, request: Request, chat: bool):
-    model, job = await service.prepare(body, chat)
+    model, job, tokenizer = await service.prepare(body, chat)
+    logprobs = Logprobs(chat, tokenizer) if job.logprobs else None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     choices = service.submit(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage), job.n))
+        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage, logprobs), job.n))
     try:
         answered = await _collect(choices, request)
     finally:
@@ -116,7 +118,9 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
         error = failure(choice)
         if error is not None:
             raise error
-    return response(chat, rid, created, model, [c.text for c in choices], [c.finish for c in choices], job.n)
+    lps = None if logprobs is None else [logprobs.format(c.logprobs) for c in choices]
+    return response(chat, rid, created, model, [c.text for c in choices], [c.finish for c in choices], job.n,
+                    lps)
 
 
 async def _collect(choices, request: Request) -> bool:

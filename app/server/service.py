@@ -33,6 +33,8 @@ class Choice:
         self.scheduled = False  # the engine has begun reading its prompt (it no longer waits)
         self.finish: FinishedEvent | None = None
         self.texts: list[str] = []
+        self.logprobs: list = []  # every token's TokenLogprob, when asked for
+        self.pending_logprobs: list = []  # those not yet sent in a stream chunk
         self._metrics = metrics
         self._last_token_at: float | None = None  # when the latest token arrived (perf_counter)
 
@@ -49,6 +51,9 @@ class Choice:
         elif isinstance(ev, TokenEvent):
             self.scheduled = True
             self._timed(len(ev.token_ids))
+            if ev.logprobs:
+                self.logprobs.extend(ev.logprobs)
+                self.pending_logprobs.extend(ev.logprobs)
             if ev.text:
                 self.texts.append(ev.text)
                 return ev.text
@@ -56,6 +61,11 @@ class Choice:
             self.scheduled = True
             self.finish = ev
         return None
+
+    def take_logprobs(self) -> list:
+        """The logprobs not yet sent (a stream's chunk takes them with its text)."""
+        out, self.pending_logprobs = self.pending_logprobs, []
+        return out
 
     def _timed(self, tokens: int) -> None:
         """The inter-token latency histogram: the gap since the previous token."""
@@ -107,7 +117,8 @@ class OpenAIService:
                            f"{info.name!r} (GET /v1/models lists it).", "model", "model_not_found")
         return info.name
 
-    async def prepare(self, body, chat: bool) -> tuple[str, Job]:
+    async def prepare(self, body, chat: bool) -> tuple[str, Job, object]:
+        """The model's name, the engine's work, and the tokenizer that made it."""
         model = self.model_name(body.model)
         engine = self.host.engine  # the tokenizer of the model that answers now
         info = self.host.model_info
@@ -116,7 +127,7 @@ class OpenAIService:
         # Tokenizing takes a while for a long chat: off the event loop.
         job = await run_in_threadpool(build_job, body, chat, engine.tokenizer, info.max_model_len,
                                       info.vocab_size)
-        return model, job
+        return model, job, engine.tokenizer
 
     def submit(self, job: Job) -> list[Choice]:
         if self.closing:
