@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from app.commands.load_options import add_load_args, config_from_args, options_from_args
+from app.server.limits import MAX_QUEUE
 from app.services.engine_host import EngineHost
 from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded
 from engine.api import InvalidRequestError, ModelLoadError
@@ -34,6 +35,10 @@ def add_serve_parser(sub) -> None:
                      help="clients must send 'Authorization: Bearer KEY' (every route but /health)")
     key.add_argument("--api-key-file", default=None, metavar="FILE",
                      help="read the API key from FILE (keeps it out of the process list and shell history)")
+    g.add_argument("--max-queue", type=int, default=MAX_QUEUE, metavar="N",
+                   help=f"when N answers already wait for the model, new requests are refused with 429 "
+                        f"and Retry-After (default {MAX_QUEUE}: a burst of a few hundred streams waits; "
+                        "past that, clients do better to retry than to hold a connection for minutes)")
     g.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="web pages (origins, e.g. http://localhost:3000) whose scripts may call the server "
                         "(CORS); none by default")
@@ -71,6 +76,8 @@ def check_serve_args(args) -> str | None:
         raise InvalidRequestError(
             f"--host {args.host} lets other machines on the network use the model: it needs an API key "
             "(--api-key KEY or --api-key-file FILE), or listen on 127.0.0.1 (the default) only.")
+    if args.max_queue < 1:
+        raise InvalidRequestError(f"--max-queue must be at least 1, got {args.max_queue}.")
     if not 0 <= args.port <= 65535:
         raise InvalidRequestError(f"--port must be from 0 to 65535, got {args.port}.")
     config_from_args(args)  # a bad load flag: one line, before anything loads
@@ -133,7 +140,7 @@ def _serve(host: EngineHost, sock: socket.socket, args, key: str | None) -> int:
 
     from app.server import create_app
 
-    app = create_app(host, api_key=key, allowed_origins=args.allowed_origins)
+    app = create_app(host, api_key=key, allowed_origins=args.allowed_origins, max_queue=args.max_queue)
     service = app.state.service
 
     class Server(uvicorn.Server):

@@ -1,9 +1,10 @@
 """The FastAPI app of Hearth's OpenAI-compatible server, over an ``EngineHost``:
-``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``.
+``GET /health``, ``GET /metrics`` (Prometheus: ``app.server.metrics``), ``GET /v1/models``,
+``POST /v1/chat/completions``, ``POST /v1/completions``.
 
 Every refusal is OpenAI's error JSON with OpenAI's status (``app.server.errors``): bad
 input is a 400 (never a 422 or a 500), a missing key a 401, another model a 404, a body
-too large a 413, no model loaded a 503."""
+too large a 413, a full queue a 429 (with Retry-After), no model loaded a 503."""
 
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ from contextlib import asynccontextmanager
 from typing import Sequence
 
 from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
 
 from app.server.errors import ApiError, error_body, validation_message
 from app.server.guard import MAX_BODY_BYTES, Guard
+from app.server.logprobs import Logprobs
+from app.server.metrics import CountRequests, ServerMetrics
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
+from app.server.limits import MAX_QUEUE
 from app.server.service import OpenAIService, failure
 from app.server.shapes import Chunks, response
 from app.server.stream import EventStream, sse
@@ -32,12 +38,14 @@ log = logging.getLogger("hearth.server")
 
 
 def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins: Sequence[str] = (),
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE) -> FastAPI:
     """The server's app. ``api_key``: every route but /health needs it (``Authorization:
     Bearer``); ``allowed_origins``: the browser origins CORS lets in (none by default);
+    ``max_queue``: answers that may wait for the engine before new requests get a 429;
     the host is not shut down with the app (its owner does that). ``app.state.service``
     is the ``OpenAIService`` (``abort_all`` for a quick shutdown)."""
-    service = OpenAIService(host)
+    metrics = ServerMetrics(host)
+    service = OpenAIService(host, metrics, max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -55,6 +63,12 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     async def health() -> dict:
         info = host.model_info
         return {"status": "ok" if info is not None else "no_model", "model": info.name if info else None}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        # The engine's stats take its lock (and read device memory): off the event loop.
+        body = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -81,28 +95,32 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     if allowed_origins:  # outermost: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: refusals count too
     return app
 
 
 async def _answer(service: OpenAIService, body, request: Request, chat: bool):
-    model, job = await service.prepare(body, chat)
+    model, job, tokenizer = await service.prepare(body, chat)
+    logprobs = Logprobs(chat, tokenizer) if job.logprobs else None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     choices = service.submit(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage), job.n))
+        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage, logprobs), job.n))
     try:
         answered = await _collect(choices, request)
     finally:
-        service.done(choices)
+        service.done(choices, job.n)
     if not answered:  # the client left: nobody reads this
         return JSONResponse(error_body(400, "the client closed the connection."), status_code=400)
     for choice in choices:
         error = failure(choice)
         if error is not None:
             raise error
-    return response(chat, rid, created, model, [c.text for c in choices], [c.finish for c in choices], job.n)
+    lps = None if logprobs is None else [logprobs.format(c.logprobs) for c in choices]
+    return response(chat, rid, created, model, [c.text for c in choices], [c.finish for c in choices], job.n,
+                    lps)
 
 
 async def _collect(choices, request: Request) -> bool:

@@ -18,18 +18,20 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
 class ApiError(Exception):
     """A request the server refuses (or can't answer), said as OpenAI would say it."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. a 429's Retry-After
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:

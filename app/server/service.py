@@ -7,15 +7,18 @@ client gone)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.concurrency import run_in_threadpool
 
 from app.server.errors import ApiError
+from app.server.limits import MAX_QUEUE, RETRY_AFTER_S
+from app.server.metrics import ServerMetrics
 from app.server.translate import Job, build_job
 from app.services.engine_host import NO_MODEL, EngineHost
 from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
 from app.services.host_events import RequestStarted
-from engine.api import FinishedEvent, Request, TokenEvent
+from engine.api import FinishedEvent, PromptProgressEvent, Request, TokenEvent
 
 NO_MODEL_503 = "no model is loaded: load one (hearth serve --model M, or the Models page) and try again."
 SHUTTING_DOWN = "the server is shutting down: this answer was stopped before it was finished."
@@ -24,11 +27,16 @@ SHUTTING_DOWN = "the server is shutting down: this answer was stopped before it 
 class Choice:
     """One choice's engine request, read on the loop: its text so far and how it ended."""
 
-    def __init__(self, events: AsyncRequestEvents) -> None:
+    def __init__(self, events: AsyncRequestEvents, metrics: ServerMetrics | None = None) -> None:
         self.events = events
         self.started = False
+        self.scheduled = False  # the engine has begun reading its prompt (it no longer waits)
         self.finish: FinishedEvent | None = None
         self.texts: list[str] = []
+        self.logprobs: list = []  # every token's TokenLogprob, when asked for
+        self.pending_logprobs: list = []  # those not yet sent in a stream chunk
+        self._metrics = metrics
+        self._last_token_at: float | None = None  # when the latest token arrived (perf_counter)
 
     @property
     def text(self) -> str:
@@ -38,20 +46,48 @@ class Choice:
         """Note one event; returns its new text, if any."""
         if isinstance(ev, RequestStarted):
             self.started = True
+        elif isinstance(ev, PromptProgressEvent):
+            self.scheduled = True
         elif isinstance(ev, TokenEvent):
+            self.scheduled = True
+            self._timed(len(ev.token_ids))
+            if ev.logprobs:
+                self.logprobs.extend(ev.logprobs)
+                self.pending_logprobs.extend(ev.logprobs)
             if ev.text:
                 self.texts.append(ev.text)
                 return ev.text
         elif isinstance(ev, FinishedEvent):
+            self.scheduled = True
             self.finish = ev
         return None
 
+    def take_logprobs(self) -> list:
+        """The logprobs not yet sent (a stream's chunk takes them with its text)."""
+        out, self.pending_logprobs = self.pending_logprobs, []
+        return out
+
+    def _timed(self, tokens: int) -> None:
+        """The inter-token latency histogram: the gap since the previous token."""
+        now = time.perf_counter()
+        if self._metrics is not None and self._last_token_at is not None and tokens:
+            gap = (now - self._last_token_at) / tokens
+            for _ in range(tokens):
+                self._metrics.itl.observe(gap)
+        self._last_token_at = now
+
 
 class OpenAIService:
-    """Made by the app factory; ``start`` on the event loop (the app's lifespan)."""
+    """Made by the app factory; ``start`` on the event loop (the app's lifespan).
+    ``max_queue``: how many of this server's answers may wait for the engine (not yet
+    running) before a new request is refused with a 429."""
 
-    def __init__(self, host: EngineHost) -> None:
+    def __init__(self, host: EngineHost, metrics: ServerMetrics | None = None, max_queue: int = MAX_QUEUE) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.host = host
+        self.metrics = metrics
+        self.max_queue = max_queue
         self._async: AsyncEngineHost | None = None
         self._live: set[Choice] = set()
         self.closing = False
@@ -81,7 +117,8 @@ class OpenAIService:
                            f"{info.name!r} (GET /v1/models lists it).", "model", "model_not_found")
         return info.name
 
-    async def prepare(self, body, chat: bool) -> tuple[str, Job]:
+    async def prepare(self, body, chat: bool) -> tuple[str, Job, object]:
+        """The model's name, the engine's work, and the tokenizer that made it."""
         model = self.model_name(body.model)
         engine = self.host.engine  # the tokenizer of the model that answers now
         info = self.host.model_info
@@ -90,21 +127,33 @@ class OpenAIService:
         # Tokenizing takes a while for a long chat: off the event loop.
         job = await run_in_threadpool(build_job, body, chat, engine.tokenizer, info.max_model_len,
                                       info.vocab_size)
-        return model, job
+        return model, job, engine.tokenizer
 
     def submit(self, job: Job) -> list[Choice]:
         if self.closing:
             raise ApiError(503, "the server is shutting down: try again once it is back.")
+        # Counted here, on the loop, where choices are added: no race between two checks.
+        # Only answers not yet running count, so a refusal never touches a running one.
+        waiting = sum(1 for c in self._live if not c.scheduled)
+        if waiting >= self.max_queue:
+            raise ApiError(429, f"the server is busy: {waiting} answers are already waiting for the model "
+                           f"(the limit is {self.max_queue}, hearth serve --max-queue). Try again in a moment.",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         choices = []
         for k, params in enumerate(job.params):
             ids = job.prompts[k // job.n]
-            choice = Choice(self._async.submit(Request(prompt_token_ids=ids, params=params)))
+            # prompt_progress: its first PromptProgressEvent says it left the queue.
+            request = Request(prompt_token_ids=ids, params=params, prompt_progress=True)
+            choice = Choice(self._async.submit(request), self.metrics)
             self._live.add(choice)
             choices.append(choice)
         return choices
 
-    def done(self, choices: list[Choice]) -> None:
-        """Abort the choices still running (a client gone, a failed sibling) and forget them."""
+    def done(self, choices: list[Choice], n: int = 1) -> None:
+        """Abort the choices still running (a client gone, a failed sibling), count the
+        finished ones' tokens (``n`` choices per prompt) and forget them."""
+        if self.metrics is not None:
+            self.metrics.answered([c.finish for c in choices], n)
         for choice in choices:
             if choice.finish is None:
                 choice.events.abort()

@@ -35,15 +35,16 @@ def usage(finishes: list[FinishedEvent], n: int) -> dict:
 
 
 def response(chat: bool, rid: str, created: int, model: str, texts: list[str],
-             finishes: list[FinishedEvent], n: int) -> dict:
-    """The whole answer of a non-streaming request."""
+             finishes: list[FinishedEvent], n: int, logprobs: list[dict] | None = None) -> dict:
+    """The whole answer of a non-streaming request (``logprobs``: each choice's, formatted)."""
+    lps = logprobs or [None] * len(texts)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "finish_reason": f.reason, "logprobs": None}
-                   for i, (text, f) in enumerate(zip(texts, finishes))]
+                    "finish_reason": f.reason, "logprobs": lp}
+                   for i, (text, f, lp) in enumerate(zip(texts, finishes, lps))]
     else:
-        choices = [{"index": i, "text": text, "finish_reason": f.reason, "logprobs": None}
-                   for i, (text, f) in enumerate(zip(texts, finishes))]
+        choices = [{"index": i, "text": text, "finish_reason": f.reason, "logprobs": lp}
+                   for i, (text, f, lp) in enumerate(zip(texts, finishes, lps))]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "system_fingerprint": None, "choices": choices, "usage": usage(finishes, n),
             "hearth": hearth_field(finishes)}
@@ -52,8 +53,11 @@ def response(chat: bool, rid: str, created: int, model: str, texts: list[str],
 class Chunks:
     """The stream's chunks of one request, as SSE ``data:`` lines."""
 
-    def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool,
+                 logprobs=None) -> None:
         self.chat = chat
+        self.logprobs = logprobs  # a Logprobs formatter, when the request asked for them
+        self._offsets: dict[int, int] = {}  # completions: each choice's text length so far
         self._head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                       "created": created, "model": model, "system_fingerprint": None}
         self.include_usage = include_usage
@@ -64,21 +68,28 @@ class Chunks:
             body["usage"] = None  # OpenAI's shape: null on every chunk but the last
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
-    def _choice(self, index: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+    def _choice(self, index: int, text: str | None, finish: str | None, role: bool = False,
+                lps: list | None = None) -> dict:
+        formatted = None
+        if self.logprobs is not None and lps is not None:
+            offset = self._offsets.get(index, 0)
+            formatted = self.logprobs.format(lps, offset)
+            self._offsets[index] = offset + len(text or "")
         if not self.chat:
-            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": formatted}
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": formatted}
 
     def opening(self, index: int) -> bytes | None:
         """Chat's first chunk of a choice says the role (completions have none)."""
         return self._line([self._choice(index, None, None, role=True)]) if self.chat else None
 
-    def text(self, index: int, text: str) -> bytes:
-        return self._line([self._choice(index, text, None)])
+    def text(self, index: int, text: str, lps: list | None = None) -> bytes:
+        return self._line([self._choice(index, text, None, lps=lps)])
 
-    def finish(self, index: int, fin: FinishedEvent) -> bytes:
-        return self._line([self._choice(index, None, fin.reason)], hearth=timings(fin))
+    def finish(self, index: int, fin: FinishedEvent, lps: list | None = None) -> bytes:
+        """The choice's last chunk (``lps``: logprobs of tokens that added no text, e.g. the EOS)."""
+        return self._line([self._choice(index, None, fin.reason, lps=lps)], hearth=timings(fin))
 
     def usage(self, finishes: list[FinishedEvent], n: int) -> bytes:
         return self._line([], usage=usage(finishes, n), hearth=hearth_field(finishes))

@@ -34,7 +34,7 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
             choice = choices[index]
             text = choice.take(ev)
             if text:
-                yield chunks.text(index, text)
+                yield chunks.text(index, text, choice.take_logprobs())
             elif choice.finish is not None and choice.finish is ev:
                 left -= 1
                 error = failure(choice)
@@ -42,14 +42,14 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
                     yield sse_error(error.status, error.message, error.code)
                     yield DONE
                     return
-                yield chunks.finish(index, ev)
+                yield chunks.finish(index, ev, choice.take_logprobs())
         if chunks.include_usage:
             yield chunks.usage([c.finish for c in choices], n)
         yield DONE
     finally:
         for p in pumps:
             p.cancel()
-        service.done(choices)
+        service.done(choices, n)
 
 
 class EventStream(StreamingResponse):

@@ -29,17 +29,17 @@ class Job:
     prompts: list[list[int]]
     params: list[SamplingParams]  # one per choice
     n: int
+    logprobs: bool = False  # the answer carries logprobs
 
 
 def not_supported(body, chat: bool) -> None:
     """Refuse parameters the server can't honour yet, when they ask for something."""
     asked = {"logit_bias": bool(body.logit_bias)}
     if chat:
-        asked.update(logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs is not None,
-                     tools=bool(body.tools), tool_choice=body.tool_choice not in (None, "none", "auto"),
+        asked.update(tools=bool(body.tools), tool_choice=body.tool_choice not in (None, "none", "auto"),
                      response_format=(body.response_format or {}).get("type", "text") != "text")
     else:
-        asked.update(logprobs=body.logprobs is not None, echo=bool(body.echo), suffix=bool(body.suffix),
+        asked.update(echo=bool(body.echo), suffix=bool(body.suffix),
                      best_of=body.best_of is not None and body.best_of != (body.n or 1))
     for name, on in asked.items():
         if on:
@@ -47,7 +47,26 @@ def not_supported(body, chat: bool) -> None:
                            "unsupported_parameter")
 
 
-def sampling(body, max_tokens: int = 1, seed: int | None = None) -> SamplingParams:
+MAX_TOP_LOGPROBS = 20
+
+
+def top_logprobs(body, chat: bool) -> int | None:
+    """How many most-likely tokens each step reports (None: no logprobs asked for)."""
+    if chat:
+        if body.top_logprobs is not None:
+            if not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
+            if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise ApiError(400, f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got "
+                               f"{body.top_logprobs}.", "top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {body.logprobs}.",
+                       "logprobs")
+    return body.logprobs
+
+
+def sampling(body, max_tokens: int = 1, seed: int | None = None, chat: bool = True) -> SamplingParams:
     """The request's SamplingParams (OpenAI's defaults where it says nothing); a bad
     value is a 400 naming the parameter."""
     def given(value, default):
@@ -64,7 +83,7 @@ def sampling(body, max_tokens: int = 1, seed: int | None = None) -> SamplingPara
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0),
             frequency_penalty=given(body.frequency_penalty, 0.0), seed=seed, stop=stops,
-            ignore_eos=given(body.ignore_eos, False))
+            ignore_eos=given(body.ignore_eos, False), logprobs=top_logprobs(body, chat))
     except InvalidRequestError as e:
         raise ApiError(400, str(e), param_of(str(e))) from None
 
@@ -81,7 +100,7 @@ def check_request(body, chat: bool) -> int:
             raise ApiError(400, f"{name} must be a positive integer, got {value}: ask for at least 1 token.", name)
     if chat and not body.messages:
         raise ApiError(400, "messages is empty: send at least one message.", "messages")
-    sampling(body, seed=body.seed)  # every sampling value checked before tokenizing
+    sampling(body, seed=body.seed, chat=chat)  # every sampling value checked before tokenizing
     return n
 
 
@@ -155,5 +174,5 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
             # Several choices of a seeded request differ (each its own seed), and the same
             # request gives the same choices again.
             seed = None if body.seed is None else (body.seed + j) % SEED_SPAN
-            params.append(sampling(body, max_tokens, seed))
-    return Job(prompts, params, n)
+            params.append(sampling(body, max_tokens, seed, chat))
+    return Job(prompts, params, n, logprobs=top_logprobs(body, chat) is not None)

@@ -48,7 +48,8 @@ BAD_CHAT = {
     "messages-not-a-list": ({"messages": "hi"}, "messages"),
     "unknown-role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "any"),
     "max-tokens-over-the-context": ({"max_tokens": 10_000}, "max_tokens"),
-    "logprobs-not-yet": ({"logprobs": True}, "logprobs"),
+    "top-logprobs-without-logprobs": ({"top_logprobs": 2}, "top_logprobs"),
+    "top-logprobs-over-20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 }
 
 

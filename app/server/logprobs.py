@@ -1,0 +1,44 @@
+"""Log-probabilities in OpenAI's shapes, from the engine's ``TokenLogprob``s (the chosen
+token's log-probability under the model's raw distribution, and the ``top`` most likely).
+
+Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal"}``;
+completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``.
+A token's text is its own decoding; one that holds part of a multi-byte character decodes
+to U+FFFD, and its ``bytes`` are that text's UTF-8 (not the raw byte)."""
+
+from __future__ import annotations
+
+
+class Logprobs:
+    """Formats one request's logprobs (``tokenizer`` names the tokens; cached per id)."""
+
+    def __init__(self, chat: bool, tokenizer) -> None:
+        self.chat = chat
+        self._tokenizer = tokenizer
+        self._names: dict[int, str] = {}
+
+    def name(self, token_id: int) -> str:
+        text = self._names.get(token_id)
+        if text is None:
+            text = self._names[token_id] = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.name(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def format(self, lps: list, offset: int = 0) -> dict:
+        """The ``logprobs`` of a choice (or of one chunk's tokens); ``offset``: completions'
+        text offset of the first token (the length of the text before it)."""
+        if self.chat:
+            content = [{**self._entry(lp.token_id, lp.logprob),
+                        "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in lps]
+            return {"content": content, "refusal": None}
+        tokens, offsets = [], []
+        for lp in lps:
+            text = self.name(lp.token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.name(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}

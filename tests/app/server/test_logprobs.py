@@ -1,0 +1,53 @@
+"""logprobs in OpenAI's shapes through the official client: chat (``logprobs`` +
+``top_logprobs``) and completions (``logprobs`` = N), streamed and not. Under greedy
+decoding the chosen token is the most likely one, every value is <= 0, and a token's
+``bytes`` are its text's UTF-8."""
+
+from __future__ import annotations
+
+import math
+
+MESSAGES = [{"role": "user", "content": "Tell me a story."}]
+GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+
+
+def check_chat_entries(content, top: int) -> None:
+    assert len(content) == 6
+    for entry in content:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode("utf-8"))
+        assert len(entry.top_logprobs) == top
+        best = max(t.logprob for t in entry.top_logprobs)
+        assert math.isclose(entry.logprob, best, abs_tol=1e-5)  # greedy: the chosen one is the top
+        assert entry.top_logprobs[0].token == entry.token
+        assert all(t.logprob <= 0 and t.bytes == list(t.token.encode("utf-8")) for t in entry.top_logprobs)
+
+
+def test_chat_logprobs_streamed_and_not(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=MESSAGES, logprobs=True, top_logprobs=3, **GREEDY)
+    content = r.choices[0].logprobs.content
+    check_chat_entries(content, 3)
+    chunks = list(client.chat.completions.create(model=model_name, messages=MESSAGES, logprobs=True, top_logprobs=3,
+                                                 stream=True, **GREEDY))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_chat_logprobs_without_top(client, model_name):
+    r = client.chat.completions.create(model=model_name, messages=MESSAGES, logprobs=True, **GREEDY)
+    assert all(e.top_logprobs == [] and e.logprob <= 0 for e in r.choices[0].logprobs.content)
+    plain = client.chat.completions.create(model=model_name, messages=MESSAGES, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_streamed_and_not(client, model_name):
+    r = client.completions.create(model=model_name, prompt="Once upon a time", logprobs=2, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and len(top) <= 2 and math.isclose(value, max(top.values()), abs_tol=1e-5)
+        assert top[token] == value
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    chunks = list(client.completions.create(model=model_name, prompt="Once upon a time", logprobs=2, stream=True,
+                                            **GREEDY))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
