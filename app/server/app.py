@@ -94,7 +94,7 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     if allowed_origins:  # outermost: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])  # the SDKs send their own x-stainless-* headers; no credentials
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: refusals count too
     return app
 
@@ -107,7 +107,8 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     choices = service.submit(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage, logprobs), job.n))
+        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage, logprobs), job.n),
+                           on_close=lambda: service.done(choices, job.n))
     try:
         answered = await _collect(choices, request)
     finally:

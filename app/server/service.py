@@ -135,7 +135,8 @@ class OpenAIService:
         # Counted here, on the loop, where choices are added: no race between two checks.
         # Only answers not yet running count, so a refusal never touches a running one.
         waiting = sum(1 for c in self._live if not c.scheduled)
-        if waiting >= self.max_queue:
+        # a request of several answers counts them all (one alone may still run when none wait)
+        if waiting >= self.max_queue or (waiting and waiting + len(job.params) > self.max_queue):
             raise ApiError(429, f"the server is busy: {waiting} answers are already waiting for the model "
                            f"(the limit is {self.max_queue}, hearth serve --max-queue). Try again in a moment.",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -151,7 +152,10 @@ class OpenAIService:
 
     def done(self, choices: list[Choice], n: int = 1) -> None:
         """Abort the choices still running (a client gone, a failed sibling), count the
-        finished ones' tokens (``n`` choices per prompt) and forget them."""
+        finished ones' tokens (``n`` choices per prompt) and forget them. Once: a second
+        call for the same choices does nothing."""
+        if not any(c in self._live for c in choices):
+            return
         if self.metrics is not None:
             self.metrics.answered([c.finish for c in choices], n)
         for choice in choices:

@@ -57,9 +57,12 @@ class EventStream(StreamingResponse):
     (starlette only notices on the next write) and always closes its iterator, so the
     iterator's clean-up (aborting the requests) runs as soon as the client is gone."""
 
-    def __init__(self, content) -> None:
+    def __init__(self, content, on_close=None) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # Also run when the iterator never started (the client left before the response
+        # began): closing an unstarted generator skips its ``finally``.
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         async def write() -> None:
@@ -79,7 +82,11 @@ class EventStream(StreamingResponse):
             for task in (writer, watcher):
                 task.cancel()
             await asyncio.gather(writer, watcher, return_exceptions=True)
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
         error = writer.exception() if writer.done() and not writer.cancelled() else None
         if error is not None and not isinstance(error, OSError):  # OSError: the client left mid-write
             raise error

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2.exceptions import TemplateError
+
 from app.server.errors import ApiError, param_of
-from app.server.schemas import ChatCompletionRequest, CompletionRequest
+from app.server.schemas import ChatCompletionRequest
 from engine.api import InvalidRequestError, SamplingParams, check_text
 
 #: The most choices one request may ask for (each is a request on the engine).
 MAX_N = 64
+#: stop strings per request (OpenAI's limit) and their length (the matcher's work grows
+#: with the square of it: a 100 KB stop string cost gigabytes)
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 #: OpenAI's default max_tokens for /v1/completions (chat's default is the rest of the context).
 COMPLETIONS_MAX_TOKENS = 16
 #: How many seeds SamplingParams takes (0 .. 2**64 - 1): choice j of a seeded request uses seed + j.
@@ -74,6 +80,11 @@ def sampling(body, max_tokens: int = 1, seed: int | None = None, chat: bool = Tr
 
     stop = body.stop
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    # OpenAI's limits: matching costs grow with the square of a stop string's length
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"stop may hold at most {MAX_STOPS} strings, got {len(stops)}.", "stop")
+    if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters long.", "stop")
     try:
         for s in stops:
             check_text(s, "a stop string")
@@ -94,6 +105,11 @@ def check_request(body, chat: bool) -> int:
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n must be an integer from 1 to {MAX_N}, got {n}.", "n")
+    if not chat and isinstance(body.prompt, list) and not all(isinstance(p, int) for p in body.prompt):
+        # a batch of prompts: n answers each, and every answer is an engine request
+        if len(body.prompt) * n > MAX_N:
+            raise ApiError(400, f"{len(body.prompt)} prompts x n={n} asks for {len(body.prompt) * n} answers; "
+                           f"one request may ask for at most {MAX_N}: send fewer prompts per request.", "prompt")
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(body, name, None)
         if value is not None and value <= 0:
@@ -124,7 +140,10 @@ def prompt_ids(body, chat: bool, tokenizer) -> list[list[int]]:
     """The prompts as token ids (chat: one, rendered with the model's template)."""
     try:
         if chat:
-            return [tokenizer.apply_chat_template(chat_messages(body))]
+            try:
+                return [tokenizer.apply_chat_template(chat_messages(body))]
+            except TemplateError as e:  # the template refuses these messages (roles must alternate, ...)
+                raise ApiError(400, f"the model's chat template refuses these messages: {e}", "messages") from None
         prompt = body.prompt
         if isinstance(prompt, str):
             prompts = [prompt]

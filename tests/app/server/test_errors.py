@@ -50,6 +50,9 @@ BAD_CHAT = {
     "max-tokens-over-the-context": ({"max_tokens": 10_000}, "max_tokens"),
     "top-logprobs-without-logprobs": ({"top_logprobs": 2}, "top_logprobs"),
     "top-logprobs-over-20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    "five-stop-strings": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    # the stop matcher's work grows with the square of a stop's length (100 KB cost gigabytes)
+    "stop-string-too-long": ({"stop": "a" * 1_000}, "stop"),
 }
 
 
@@ -92,6 +95,29 @@ def test_text_and_numbers_json_allows_but_the_model_cant_take_are_400(live, body
 def test_bad_completion_prompts_are_400(live, model_name):
     for prompt in ("", [], [10**9], {"a": 1}):
         assert_error(post(live, "/v1/completions", {"model": model_name, "prompt": prompt}), 400)
+
+
+def test_a_batch_of_prompts_may_not_ask_for_more_answers_than_n_allows(live, model_name):
+    """12,000 prompts x n=64 in a 60 KB body once became 768,000 engine requests."""
+    error = assert_error(post(live, "/v1/completions", {"model": model_name, "prompt": [[1]] * 5_000, "n": 64,
+                                                        "max_tokens": 1}), 400, "prompt")
+    assert "at most 64" in error["message"]
+    assert post(live, "/v1/completions", {"model": model_name, "prompt": [[1], [2]], "n": 2,
+                                          "max_tokens": 1}).status_code == 200
+
+
+def test_a_chat_template_that_refuses_the_messages_is_400(live, host, model_name, monkeypatch):
+    from jinja2.exceptions import TemplateError
+
+    tokenizer = host.engine.tokenizer
+
+    def refuse(*a, **k):
+        raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", refuse)
+    error = assert_error(post(live, "/v1/chat/completions", {"model": model_name, "messages": MESSAGES}),
+                         400, "messages")
+    assert "roles must alternate" in error["message"]
 
 
 def test_unknown_model_is_404_for_the_openai_client(client):
@@ -165,7 +191,7 @@ def test_cors_lets_in_only_the_allowed_origins(host):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             return await c.options("/v1/chat/completions", headers={
                 "Origin": origin, "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization,content-type"})
+                "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang"})
 
     import asyncio
 
