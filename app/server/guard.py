@@ -1,4 +1,5 @@
-"""The server's gate, before any route runs: the API key and the request body's size.
+"""The server's gate, before any route runs: the API key (or, without one, a loopback
+Host), and the request body's size.
 
 A pure ASGI middleware (not a FastAPI dependency) so that a request without the key is
 refused before its body is read or parsed: a 401 whatever the body holds. Keys are
@@ -17,6 +18,23 @@ OPEN_PATHS = frozenset({"/health"})
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
+def loopback_host(host: bytes) -> bool:
+    """Whether a request's Host header names this machine's loopback (``localhost``,
+    ``127.x.x.x``, ``[::1]``, with or without a port); an absent header (HTTP/1.0, ASGI
+    test clients without one) counts as local."""
+    text = host.decode("latin-1").strip().lower()
+    if not text:
+        return True
+    if text.startswith("["):  # [IPv6]:port
+        name = text[1:text.find("]")] if "]" in text else text
+    else:
+        name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    if name in ("localhost", "::1") or name.endswith(".localhost"):
+        return True
+    parts = name.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() and int(p) < 256 for p in parts)
+
+
 class Guard:
     """ASGI middleware: 401 without the right ``Authorization: Bearer <key>`` (when a key
     is set; every path but ``OPEN_PATHS``), 413 for a body over ``max_body_bytes``
@@ -32,6 +50,13 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
+        if self._key is None and not loopback_host(headers.get(b"host", b"")):
+            # No key: only this machine may call, so a web page whose domain re-resolves to
+            # 127.0.0.1 (DNS rebinding) must not: its requests carry its own Host name.
+            await _send(ApiError(403, "this server has no API key, so it only answers requests addressed to "
+                                 "localhost or 127.0.0.1: start hearth serve with --api-key to allow others.",
+                                 code="host_not_allowed"), scope, receive, send)
+            return
         if self._key is not None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             if not self._authorized(headers.get(b"authorization", b"")):
                 await _send(ApiError(401, "a valid API key is needed: send it as 'Authorization: Bearer "

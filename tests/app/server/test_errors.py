@@ -198,3 +198,19 @@ def test_cors_lets_in_only_the_allowed_origins(host):
     ok = asyncio.run(preflight("http://localhost:3000"))
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert "access-control-allow-origin" not in asyncio.run(preflight("http://evil.example")).headers
+
+
+def test_without_a_key_only_requests_addressed_to_this_machine_are_answered(host):
+    """DNS rebinding: a web page whose own domain re-resolves to 127.0.0.1 sends its Host
+    name; without a key the server answers only loopback names."""
+    from app.server.guard import loopback_host
+
+    with LiveServer(create_app(host)) as server:
+        assert httpx.get(f"{server.base_url}/v1/models", timeout=30).status_code == 200
+        r = httpx.get(f"{server.base_url}/v1/models", headers={"Host": "attacker.example:8000"}, timeout=30)
+        assert_error(r, 403)
+        assert "--api-key" in r.json()["error"]["message"]
+    for ok in (b"localhost:8000", b"127.0.0.1", b"127.1.2.3:80", b"[::1]:8000", b"LOCALHOST", b""):
+        assert loopback_host(ok), ok
+    for bad in (b"attacker.example", b"127.0.0.1.nip.io", b"10.0.0.1:8000", b"[::2]", b"localhost.evil.com"):
+        assert not loopback_host(bad), bad
