@@ -1,6 +1,6 @@
 """Requests that overlap: a client leaving mid-stream (or mid-wait) aborts its request and
-frees the engine; 16 concurrent streams all complete, with every token, while /health
-answers."""
+frees its KV blocks; 128 simultaneous streams all complete, with every token, while
+/health answers throughout, and leave no KV block behind."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def engine_idle(host) -> bool:
     return stats.num_running == 0 and stats.num_waiting == 0
 
 
+def no_kv_block_held(host) -> bool:
+    """Every KV block is back on the free list (prefix-cached ones included: free, reusable)."""
+    stats = host.engine.stats()
+    return stats.kv_blocks_used == 0 and stats.kv_blocks_free == stats.kv_blocks_total
+
+
 def one_finish(recorder: Recorder) -> FinishedEvent:
     started = recorder.wait_for(RequestStarted)[0]
     return recorder.finished(started.request_id)
@@ -45,6 +51,7 @@ def test_client_leaving_mid_stream_aborts_its_request(live, host):
         unsubscribe()
     assert fin.reason == "abort" and fin.usage.completion_tokens < 200
     recorder.wait(lambda _: engine_idle(host))
+    assert no_kv_block_held(host)
 
 
 def test_client_leaving_before_a_whole_answer_aborts_it(live, host):
@@ -61,30 +68,47 @@ def test_client_leaving_before_a_whole_answer_aborts_it(live, host):
         unsubscribe()
     assert fin.reason == "abort" and fin.usage.completion_tokens < 200
     recorder.wait(lambda _: engine_idle(host))
+    assert no_kv_block_held(host)
 
 
-def test_sixteen_concurrent_streams_all_complete(live, host, model_name):
+def test_128_simultaneous_streams_all_complete_and_leave_no_kv_block(live, host, model_name):
+    """More streams than the engine's batch (32 here): the rest wait their turn, every
+    stream gets every token, /health answers all the while, and afterwards the KV cache
+    is whole again."""
+    n, tokens = 128, 8
+
     async def main():
         async with openai.AsyncOpenAI(base_url=f"{live.base_url}/v1", api_key=API_KEY, max_retries=0,
-                                      timeout=120) as client:
+                                      timeout=300) as client:
             async def one(i: int):
                 stream = await client.chat.completions.create(
-                    model=model_name, messages=[{"role": "user", "content": f"Story number {i}"}], max_tokens=12,
-                    temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True},
-                    extra_body={"ignore_eos": True})
+                    model=model_name, messages=[{"role": "user", "content": f"Story number {i}"}],
+                    max_tokens=tokens, temperature=0.8, seed=i, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
                 chunks = [c async for c in stream]
-                return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                return text, finish, chunks[-1].usage
 
-            async def health():
+            async def health(done: asyncio.Event):
+                codes = []
                 async with httpx.AsyncClient(timeout=30) as h:
-                    return (await h.get(f"{live.base_url}/health")).status_code
+                    while not done.is_set() or not codes:
+                        codes.append((await h.get(f"{live.base_url}/health")).status_code)
+                        await asyncio.sleep(0.05)
+                return codes
 
-            streams = asyncio.gather(*(one(i) for i in range(16)))
-            checks = await asyncio.gather(*(health() for _ in range(4)))
-            return await streams, checks
+            done = asyncio.Event()
+            checks = asyncio.create_task(health(done))
+            try:
+                results = await asyncio.gather(*(one(i) for i in range(n)))
+            finally:
+                done.set()
+            return results, await checks
 
     results, checks = asyncio.run(main())
-    assert checks == [200] * 4
-    assert [u.completion_tokens for _, u in results] == [12] * 16
-    assert all(text for text, _ in results)
-    assert engine_idle(host)
+    assert checks and set(checks) == {200}
+    assert [u.completion_tokens for _, _, u in results] == [tokens] * n
+    assert [f for _, f, _ in results] == [["length"]] * n
+    assert all(text for text, _, _ in results)
+    assert engine_idle(host) and no_kv_block_held(host)
