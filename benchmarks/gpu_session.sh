@@ -87,3 +87,7 @@ case "$what" in fp32match)
   hearth bench --shape llama-1b --suite decode --batch 1 --baseline hf --dtype float32 --output-len 32 \
     --repeats 1 --max-model-len 512 --json "$OUT/bench-1b-fp32-match.json" "$@" 2>&1 | tail -4 ;;
 esac
+case "$what" in serve)  # the server over HTTP beside the engine offline (needs fastapi, uvicorn, httpx
+  # and prometheus-client on the box: put their wheels in .carry/whl)
+  hearth bench --shape llama-8b --suite serve --concurrency 1,16,64 --json "$OUT/serve-8b.json" "$@" 2>&1 | tail -8 ;;
+esac

@@ -19,7 +19,7 @@ from app.commands.load_options import add_choice_flags
 from engine.api import InvalidRequestError
 from engine.bench import BenchOptions, run_bench
 
-SUITE_NAMES = ("decode", "prefill", "throughput")
+SUITE_NAMES = ("decode", "prefill", "throughput", "serve")
 # The engine group's flags, by their Engine.load keyword.
 _LOAD_FLAGS = ("device", "dtype", "attention", "kv_cache_dtype", "quantization", "enforce_eager", "max_model_len",
                "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size", "quant_group_size",
@@ -78,6 +78,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--hf-num-requests", type=int, default=None,
                    help="throughput requests the baseline runs, the first N (64 / 6)")
     s.add_argument("--repeats", type=int, default=None, help="timed repeats after a warm-up, median (3 / 2)")
+    s.add_argument("--concurrency", type=_int_list, default=None,
+                   help="serve: requests in flight over HTTP, each level a run (1,16,64 / 1,4); "
+                        "--num-requests is then per level (default 4x / 2x the level)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     return p
 
@@ -86,17 +89,26 @@ def run_bench_command(args) -> int:
     suites = []
     for item in args.suite or ["decode"]:
         suites.extend(x.strip() for x in item.split(",") if x.strip())
+    serve = "serve" in suites  # over HTTP (app/commands/serve_bench.py); the rest in engine.bench
+    suites = [s for s in suites if s != "serve"]
+    if args.concurrency is not None and not serve:
+        raise InvalidRequestError("--concurrency applies to --suite serve; add it or drop the flag.")
     # The engine's load options: Engine.load's keywords, the sizes left out (None) for the
     # bench to fit to its suites.
     load = {name: getattr(args, _FLAG_DEST.get(name, name)) for name in _LOAD_FLAGS
             if getattr(args, _FLAG_DEST.get(name, name)) is not None}
-    opts = BenchOptions(
-        suites=tuple(suites), shape=args.shape, model=args.model, revision=args.revision,
-        baseline=args.baseline, load=load, batch=args.batch, prompt_len=args.prompt_len,
-        output_len=args.output_len, prefill_lens=args.prefill_lens, num_requests=args.num_requests,
-        min_len=args.min_len, max_len=args.max_len, hf_num_requests=args.hf_num_requests,
-        repeats=args.repeats, seed=args.seed,
-    )
+    opts = None
+    if suites:
+        opts = BenchOptions(
+            suites=tuple(suites), shape=args.shape, model=args.model, revision=args.revision,
+            baseline=args.baseline, load=load, batch=args.batch, prompt_len=args.prompt_len,
+            output_len=args.output_len, prefill_lens=args.prefill_lens, num_requests=args.num_requests,
+            min_len=args.min_len, max_len=args.max_len, hf_num_requests=args.hf_num_requests,
+            repeats=args.repeats, seed=args.seed,
+        )
+    elif args.baseline:
+        raise InvalidRequestError("--suite serve has no --baseline: it compares the server with the engine "
+                                  "itself (offline, same requests); drop --baseline.")
     out_path = Path(args.json) if args.json else None
     if out_path is not None and not out_path.parent.is_dir():  # fail before minutes of measuring
         raise InvalidRequestError(f"cannot write --json {out_path}: the folder {out_path.parent} "
@@ -106,8 +118,15 @@ def run_bench_command(args) -> int:
         if not args.quiet:
             print(f"[hearth] {msg}", file=sys.stderr, flush=True)
 
-    rows = run_bench(opts, progress=progress)
-    print(format_table(rows))
+    rows = run_bench(opts, progress=progress) if opts is not None else []
+    if rows:
+        print(format_table(rows))
+    if serve:
+        from app.commands.serve_bench import format_serve_table, run_serve_suite
+
+        served = run_serve_suite(args, progress)
+        print(format_serve_table(served))
+        rows += served
     if out_path is not None:
         try:
             out_path.write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")

@@ -43,7 +43,8 @@ class Choice:
         return "".join(self.texts)
 
     def take(self, ev) -> str | None:
-        """Note one event; returns its new text, if any."""
+        """Note one event; returns its new text ("" for tokens that add none), None for
+        events that carry no token."""
         if isinstance(ev, RequestStarted):
             self.started = True
         elif isinstance(ev, PromptProgressEvent):
@@ -57,6 +58,8 @@ class Choice:
             if ev.text:
                 self.texts.append(ev.text)
                 return ev.text
+            if ev.token_ids:
+                return ""  # tokens that add no text yet (half a character, a skipped special token)
         elif isinstance(ev, FinishedEvent):
             self.scheduled = True
             self.finish = ev

@@ -33,7 +33,8 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
             index, ev = await merged.get()
             choice = choices[index]
             text = choice.take(ev)
-            if text:
+            if text is not None:  # every token step is a chunk, as OpenAI streams (even one
+                # that adds no text yet): a client sees, and can time, each token
                 yield chunks.text(index, text, choice.take_logprobs())
             elif choice.finish is not None and choice.finish is ev:
                 left -= 1

@@ -37,13 +37,16 @@ import statistics
 from typing import TYPE_CHECKING, Callable
 
 from engine.bench.options import SUITES, BenchOptions
+# The serve suite's engine side (hearth bench --suite serve drives the HTTP side from app/).
+from engine.bench.serving import RequestTiming, latency_summary, run_offline_serving, serve_prompts
 
 if TYPE_CHECKING:  # torch and numpy load when a run starts, not when `hearth` parses its command
     from engine.api import ModelInfo
     from engine.bench.rows import RowMaker
     from engine.bench.workload import Workload
 
-__all__ = ["BenchOptions", "run_bench", "SUITES"]
+__all__ = ["BenchOptions", "run_bench", "SUITES", "RequestTiming", "latency_summary", "run_offline_serving",
+           "serve_prompts"]
 
 log = logging.getLogger("hearth.bench")
 
