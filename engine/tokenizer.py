@@ -78,6 +78,7 @@ class Tokenizer:
         added = getattr(hf_tokenizer, "added_tokens_decoder", None) or {}
         special.update(int(i) for i, tok in added.items() if getattr(tok, "special", False))
         self._special_ids = frozenset(special)
+        self._token_bytes = None  # built on first use (logprobs' raw bytes)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
@@ -163,6 +164,16 @@ class Tokenizer:
                 skip_special_tokens=skip_special_tokens,
                 clean_up_tokenization_spaces=False,
             )
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (``engine.token_bytes``): a token holding part of a
+        multi-byte character gives those bytes, where ``decode`` gives U+FFFD."""
+        with self._lock:
+            if self._token_bytes is None:
+                from engine.token_bytes import TokenBytes
+
+                self._token_bytes = TokenBytes(self._tok, self._special_ids)
+            return self._token_bytes(token_id)
 
     # ------------------------------------------------------------------ chat
 

@@ -3,8 +3,10 @@ token's log-probability under the model's raw distribution, and the ``top`` most
 
 Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal"}``;
 completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``.
-A token's text is its own decoding; one that holds part of a multi-byte character decodes
-to U+FFFD, and its ``bytes`` are that text's UTF-8 (not the raw byte)."""
+A token's text is its own decoding (one that holds part of a multi-byte character decodes
+to U+FFFD); its ``bytes`` are the token's raw bytes, where the tokenizer can say them
+(``Tokenizer.token_bytes``), so joining consecutive tokens' bytes rebuilds such a
+character, as OpenAI's field promises; else its text's UTF-8."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ class Logprobs:
         self.chat = chat
         self._tokenizer = tokenizer
         self._names: dict[int, str] = {}
+        self._bytes = getattr(tokenizer, "token_bytes", None)
 
     def name(self, token_id: int) -> str:
         text = self._names.get(token_id)
@@ -25,7 +28,8 @@ class Logprobs:
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         text = self.name(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        raw = self._bytes(token_id) if self._bytes is not None else text.encode("utf-8")
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     def format(self, lps: list, offset: int = 0) -> dict:
         """The ``logprobs`` of a choice (or of one chunk's tokens); ``offset``: completions'
