@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from app.server.errors import ApiError, error_body, validation_message
-from app.server.guard import MAX_BODY_BYTES, Guard
+from app.server.guard import BODY_READ_S, MAX_BODY_BYTES, Guard
 from app.server.logprobs import Logprobs
 from app.server.metrics import CountRequests, ServerMetrics
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -38,7 +38,8 @@ log = logging.getLogger("hearth.server")
 
 
 def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins: Sequence[str] = (),
-               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE,
+               body_read_s: float = BODY_READ_S) -> FastAPI:
     """The server's app. ``api_key``: every route but /health needs it (``Authorization:
     Bearer``); ``allowed_origins``: the browser origins CORS lets in (none by default);
     ``max_queue``: answers that may wait for the engine before new requests get a 429;
@@ -91,7 +92,7 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(service, body, request, chat=False)
 
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_read_s=body_read_s)
     if allowed_origins:  # outermost: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])  # the SDKs send their own x-stainless-* headers; no credentials

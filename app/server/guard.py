@@ -8,6 +8,7 @@ compared in constant time (``hmac.compare_digest``) and never logged or echoed.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from app.server.errors import ApiError
@@ -16,6 +17,11 @@ from app.server.errors import ApiError
 OPEN_PATHS = frozenset({"/health"})
 #: The default limit on a request body (a long chat fits many times over).
 MAX_BODY_BYTES = 8 * 1024 * 1024
+#: How long a request's body may take to arrive, whole: a client that sends its headers and
+#: then trickles the body (or nothing) would otherwise hold a connection and its memory for
+#: ever (uvicorn times out idle keep-alive connections, not a body in progress). 8 MiB over
+#: a slow 10 Mbit/s link takes about 7 s.
+BODY_READ_S = 30.0
 
 
 def loopback_host(host: bytes) -> bool:
@@ -38,12 +44,15 @@ def loopback_host(host: bytes) -> bool:
 class Guard:
     """ASGI middleware: 401 without the right ``Authorization: Bearer <key>`` (when a key
     is set; every path but ``OPEN_PATHS``), 413 for a body over ``max_body_bytes``
-    (by its Content-Length, or counted as it arrives when it has none)."""
+    (by its Content-Length, or counted as it arrives when it has none), 408 for a body
+    still incomplete after ``body_read_s``."""
 
-    def __init__(self, app, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 body_read_s: float = BODY_READ_S) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self._max = max_body_bytes
+        self._body_read_s = body_read_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -77,17 +86,23 @@ class Guard:
         # refused before any route sees it, with or without a Content-Length.
         body, more = [], True
         size = 0
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left before sending it all
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max:
-                await _send(self._too_large(), scope, receive, send)
-                return
-            body.append(chunk)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self._body_read_s):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client left before sending it all
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self._max:
+                        await _send(self._too_large(), scope, receive, send)
+                        return
+                    body.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            await _send(ApiError(408, f"the request body did not arrive within {self._body_read_s:g} s: "
+                                 "send it whole, at once.", code="request_timeout"), scope, receive, send)
+            return
         replayed = False
 
         async def replay():

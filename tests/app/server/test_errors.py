@@ -1,6 +1,6 @@
 """Refusals in OpenAI's error shape with OpenAI's status: bad JSON, wrong types and
 out-of-range values (400, never 422 or 500), the API key (401), another model (404), a
-body too large (413), no model loaded (503)."""
+body too large (413), a body that never arrives (408), no model loaded (503)."""
 
 from __future__ import annotations
 
@@ -162,6 +162,26 @@ def test_body_over_the_limit_is_413(live, model_name):
     r = httpx.post(f"{live.base_url}/v1/chat/completions", content=chunked(),
                    headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
     assert_error(r, 413)
+
+
+def test_a_body_that_never_arrives_whole_is_408_not_a_held_connection(host):
+    import json
+    import socket
+
+    with LiveServer(create_app(host, api_key=API_KEY, body_read_s=0.5)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      + f"Authorization: Bearer {API_KEY}\r\nContent-Length: 1000\r\n\r\n".encode()
+                      + b'{"messages": [')  # ... and nothing more
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                data = s.recv(65536)
+                if not data:
+                    break
+                answer += data
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert json.loads(body)["error"]["code"] == "request_timeout"
 
 
 def test_unknown_route_is_404_in_openai_shape(live):
