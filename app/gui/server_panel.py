@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from PySide6.QtCore import QEvent, Qt, Signal
-from PySide6.QtGui import QColor, QGuiApplication
+from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView,
                                QLabel, QLineEdit, QPushButton, QSpinBox, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
@@ -103,7 +103,6 @@ class ServerPanel(QWidget):
         self.error = QLabel()
         self.error.setObjectName("serverError")
         self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #d93025")
         self.error.hide()
         root.addWidget(self.error)
 
@@ -114,7 +113,11 @@ class ServerPanel(QWidget):
         self.port.setRange(1, 65535)
         self.port.setValue(DEFAULT_PORT)
         self.port.setToolTip("The TCP port to listen on (default 8000)")
-        form.addRow("Port", self.port)
+        self.port.setMinimumWidth(110)
+        port_row = QHBoxLayout()
+        port_row.addWidget(self.port)
+        port_row.addStretch(1)
+        form.addRow("Port", port_row)
         key_row = QHBoxLayout()
         self.api_key = QLineEdit()
         self.api_key.setObjectName("serverApiKey")
@@ -141,11 +144,15 @@ class ServerPanel(QWidget):
         self.network = QCheckBox("Allow other machines on my network")
         self.network.setObjectName("serverNetwork")
         self.network.setToolTip(NETWORK_WHY)
-        form.addRow("", self.network)
         self.network_why = QLabel(NETWORK_WHY)
         self.network_why.setObjectName("serverNetworkWhy")
         self.network_why.setWordWrap(True)
-        form.addRow("", self.network_why)
+        self.network_why.setForegroundRole(QPalette.ColorRole.PlaceholderText)  # muted, in both themes
+        network_box = QVBoxLayout()
+        network_box.setSpacing(2)
+        network_box.addWidget(self.network)
+        network_box.addWidget(self.network_why)
+        form.addRow("Network", network_box)
         self.origins = QLineEdit()
         self.origins.setObjectName("serverOrigins")
         self.origins.setPlaceholderText("none: web pages may not call the server")
@@ -271,6 +278,7 @@ class ServerPanel(QWidget):
             self.state_label.setText("Stopping…" if state == STOPPING else "○ Stopped")
             self.url_label.setText(f"Base URL when running: {self._url_to_be()}")
             self.lan_label.hide()
+        self._apply_colours()
 
     def _show_model(self) -> None:
         info = self.bridge.model_info
@@ -287,15 +295,29 @@ class ServerPanel(QWidget):
                   if record.prompt_tokens or record.completion_tokens else "—")
         cells = (time.strftime("%H:%M:%S", time.localtime(record.started)), record.method, record.path,
                  str(record.status), tokens, _duration(record.duration_s))
-        error = None if record.ok else QColor("#f28b82" if is_dark(self.palette()) else "#d93025")
         for col, text in enumerate(cells):
             item = QTableWidgetItem(text)
             if col >= 3:
                 item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-            if error is not None:
-                item.setForeground(error)
+            if not record.ok:
+                item.setForeground(QColor(self._colours()["error"]))
             log.setItem(0, col, item)
         self._show_counts()
+
+    def _colours(self) -> dict[str, str]:
+        """Red for errors and green for "running", readable on the light and dark palettes."""
+        dark = is_dark(self.palette())
+        return {"error": "#f28b82" if dark else "#d93025", "ok": "#81c995" if dark else "#188038"}
+
+    def _apply_colours(self) -> None:
+        c = self._colours()
+        self.error.setStyleSheet(f"color: {c['error']}")
+        self.state_label.setStyleSheet(f"color: {c['ok']}" if self.controller.state == ON else "")
+        for row in range(self.log.rowCount()):
+            status = self.log.item(row, 3)
+            if status is not None and int(status.text()) >= 400:
+                for col in range(self.log.columnCount()):
+                    self.log.item(row, col).setForeground(QColor(c["error"]))
 
     def _show_counts(self) -> None:
         c = self.controller
@@ -303,8 +325,7 @@ class ServerPanel(QWidget):
 
     def changeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
         if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.ApplicationPaletteChange):
-            dark = is_dark(self.palette())
-            self.error.setStyleSheet(f"color: {'#f28b82' if dark else '#d93025'}")
+            self._apply_colours()
         super().changeEvent(event)
 
 
