@@ -114,6 +114,7 @@ class ServerPanel(QWidget):
         self.port.setValue(DEFAULT_PORT)
         self.port.setToolTip("The TCP port to listen on (default 8000)")
         self.port.setMinimumWidth(110)
+        self.port.valueChanged.connect(lambda _: self._show_state(self.controller.state))
         port_row = QHBoxLayout()
         port_row.addWidget(self.port)
         port_row.addStretch(1)

@@ -7,6 +7,7 @@ Imports no web framework: the CLI's parser and the GUI read it without loading F
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 
@@ -55,6 +56,9 @@ def bind(host: str, port: int, advice: str = "choose another with --port") -> so
         sock.listen(2048)
     except OSError as e:
         sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(f"cannot listen on {host}:{port}: port {port} is already in use (another program, "
+                            f"or another server, listens on it); {advice}.") from None
         raise PortInUse(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may use "
                         f"that port; {advice}.") from None
     sock.set_inheritable(True)

@@ -140,11 +140,13 @@ def test_refused_starts_say_why_and_leave_the_toggle_off(qtbot, gui_env, bridge)
         assert not win.server.running and not win.server_toggle.isChecked()
         assert win.server_toggle.text() == "Server: off"
         assert panel.error.isVisible() and f"{port}" in panel.error.text()
-        assert "another program may use that port" in panel.error.text()
+        error = panel.error.text()
+        assert f"port {port} is already in use" in error and "choose another port" in error
         assert win.stack.currentWidget() is panel  # the toggle's failure shows the page that says why
 
     # Other machines need a key: refused without one, served with one.
     panel.port.setValue(_free_port())
+    assert panel.url_label.text() == f"Base URL when running: http://127.0.0.1:{panel.port.value()}/v1"
     panel.network.setChecked(True)
     panel.api_key.setText("")
     qtbot.mouseClick(panel.start_button, Qt.MouseButton.LeftButton)
