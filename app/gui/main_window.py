@@ -337,6 +337,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.hide()  # gone at once, even if the engine takes a moment to stop
         self.server.shutdown()  # before the engine: its answers end, its port closes
+        self.server_panel.save_settings()  # also what was typed but never started
         self.chat.shutdown()
         for page in (self.compare, self.models, self.perf):
             stop = getattr(page, "shutdown", None)

@@ -16,6 +16,7 @@ import time
 import httpx
 import openai
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QGuiApplication
 
 from app.services.chat_store import ChatStore
 from tests.app.gui.conftest import load_options
@@ -54,12 +55,20 @@ def _click_toggle(qtbot, win) -> None:
     qtbot.mouseClick(win.server_toggle, Qt.MouseButton.LeftButton)
 
 
-def _slow_steps(bridge, seconds: float = 0.03) -> None:
+def _slow_steps(bridge, seconds: float = 0.03) -> list[int]:
     """Each engine step takes a while, so the chat's answer is surely still being written
-    while the HTTP request runs (the tiny model answers in well under a second)."""
+    while the HTTP request runs (the tiny model answers in well under a second). Returns
+    the list of how many requests each step ran (read on the engine's thread)."""
     engine = bridge.host.engine
     real_step = engine.step
-    engine.step = lambda: (time.sleep(seconds), real_step())[1]
+    batch: list[int] = []
+
+    def step() -> None:
+        time.sleep(seconds)
+        real_step()
+        batch.append(engine.scheduler.num_running)
+    engine.step = step
+    return batch
 
 
 def test_the_toggle_serves_the_apps_model_while_the_chat_answers(qtbot, gui_env, bridge, chat_model, tiny_models):
@@ -71,10 +80,12 @@ def test_the_toggle_serves_the_apps_model_while_the_chat_answers(qtbot, gui_env,
     assert win.server.running and win.server_toggle.isChecked()
     assert win.server_toggle.text() == f"Server: on · :{port}"
     assert win.server_panel.url_label.text() == f"Base URL: http://127.0.0.1:{port}/v1"
+    qtbot.mouseClick(win.server_panel.copy_url_button, Qt.MouseButton.LeftButton)
+    assert QGuiApplication.clipboard().text() == f"http://127.0.0.1:{port}/v1"
     assert not win.server_panel.form_box.isEnabled()  # settings locked while it runs
 
     # A chat answer in the window, and meanwhile an HTTP request on the same engine.
-    _slow_steps(bridge)
+    batch = _slow_steps(bridge)
     finished: list = []
     win.chat.answerFinished.connect(lambda rid, ev: finished.append(ev))
     win.chat.params.temperature.setValue(0.0)
@@ -97,7 +108,8 @@ def test_the_toggle_serves_the_apps_model_while_the_chat_answers(qtbot, gui_env,
     reply = answers[0]
     assert not isinstance(reply, Exception), reply
     assert reply.usage.completion_tokens == 4 and reply.model == bridge.model_info.name
-    assert win.chat.is_answering and not finished  # both ran at once, on one engine
+    assert win.chat.is_answering and not finished  # both ran at once, on one engine,
+    assert max(batch) == 2  # in the same batch
     win.chat.stop()
     qtbot.waitUntil(lambda: bool(finished), timeout=TIMEOUT_MS)
 
@@ -174,4 +186,6 @@ def test_refused_starts_say_why_and_leave_the_toggle_off(qtbot, gui_env, bridge)
     again = ServerPanel(win.server, bridge, gui_env["settings"])
     qtbot.addWidget(again)
     assert (again.port.value(), again.api_key.text(), again.network.isChecked()) == (panel.port.value(), key, True)
+    panel.origins.setText("http://localhost:3000")  # typed, never started: kept when the window closes
     win.close()
+    assert gui_env["settings"].value("server/origins") == "http://localhost:3000"
