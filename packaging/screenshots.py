@@ -8,8 +8,10 @@ It loads the model (default: the bundled SmolLM2), sends a chat message and wait
 streamed answer, opens the load dialog, the Models page (library), and the Performance
 panel after the answer, runs a short comparison on the Compare page (bf16, int8, int4 of
 the same model: four bundled prompts, 64 tokens each, perplexity over 1,024 tokens),
-saving one PNG per step (the whole screen, so window decorations and dialogs are in the
-picture). Data and settings go to a temporary folder.
+starts the Server page's OpenAI-compatible server and sends it a few requests (the live
+log), saving one PNG per step (the whole screen, so window decorations and dialogs are in the
+picture). Data and settings go to a temporary folder. ``--quick`` leaves the comparison
+out (minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--model", default="default")
     ap.add_argument("--prompt", default="Write a Python function that adds two numbers.")
+    ap.add_argument("--quick", action="store_true", help="leave the comparison out (minutes on a CPU)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="hearth-shots-"))
@@ -107,23 +111,73 @@ def main() -> int:
         print("note: the answer ended before the Performance shot")
     shot("06-performance-mid-answer")
     wait(lambda: not win.chat.is_answering)
-    compare = run_comparison(win, wait)
-    shot("09-compare")
-    compare.results_tabs.setCurrentIndex(1)
-    shot("10-compare-charts")
+    compare = None if args.quick else run_comparison(win, wait)
+    if compare is not None:
+        shot("09-compare")
+        compare.results_tabs.setCurrentIndex(1)
+        shot("10-compare-charts")
+    serve_a_few_requests(win, wait)
+    shot("13-server")
     # The same window in the dark palette (what a dark system scheme switches to).
     app.styleHints().colorSchemeChanged.emit(Qt.ColorScheme.Dark)
     win.show_page("Chat")
     shot("07-chat-dark")
     win.show_page("Performance")
     shot("08-performance-dark")
-    win.show_page("Compare")
-    compare.results_tabs.setCurrentIndex(0)
-    shot("11-compare-dark")
-    compare.results_tabs.setCurrentIndex(1)
-    shot("12-compare-charts-dark")
+    if compare is not None:
+        win.show_page("Compare")
+        compare.results_tabs.setCurrentIndex(0)
+        shot("11-compare-dark")
+        compare.results_tabs.setCurrentIndex(1)
+        shot("12-compare-charts-dark")
+    win.show_page("Server")
+    shot("14-server-dark")
     win.close()
     return 0
+
+
+def serve_a_few_requests(win, wait) -> None:
+    """Start the Server page's server (port 8000, or a free one when that is taken) and
+    send it what a client would: the model list, a chat completion, a stream, and one for a
+    model that is not loaded (a 404), so the log shows both kinds of line."""
+    import socket
+
+    import httpx
+
+    panel = win.server_panel
+    win.show_page("Server")
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8000))
+            port = 8000
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    panel.port.setValue(port)
+    panel.api_key.setText("sk-hearth-screenshot-key-0123456789")
+    panel.origins.setText("http://localhost:3000")
+    if not panel.start():
+        raise SystemExit(f"the server did not start: {panel.error.text()}")
+    base, name = win.server.url, win.bridge.model_info.name
+    headers = {"Authorization": "Bearer sk-hearth-screenshot-key-0123456789"}
+    done = threading.Event()
+
+    def client() -> None:
+        try:
+            with httpx.Client(base_url=base, headers=headers, timeout=120) as c:
+                c.get("/models")
+                chat = {"model": name, "max_tokens": 24, "temperature": 0,
+                        "messages": [{"role": "user", "content": "Say hello in French."}]}
+                c.post("/chat/completions", json=chat)
+                with c.stream("POST", "/chat/completions", json=dict(chat, stream=True)) as r:
+                    for _ in r.iter_bytes():
+                        pass
+                c.post("/completions", json={"model": "gpt-4o", "prompt": "Hi", "max_tokens": 4})
+        finally:
+            done.set()
+    threading.Thread(target=client, daemon=True).start()
+    wait(done.is_set)
+    wait(lambda: panel.log.rowCount() >= 4, 10)
 
 
 def run_comparison(win, wait):

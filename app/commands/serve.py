@@ -7,7 +7,6 @@ written (their clients hear why), stops the server and shuts the engine down."""
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import sys
 import threading
@@ -15,11 +14,12 @@ from pathlib import Path
 
 from app.commands.load_options import add_load_args, config_from_args, options_from_args
 from app.server.limits import MAX_QUEUE
+from app.server.listen import bind, is_loopback
 from app.services.engine_host import EngineHost
 from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded
 from engine.api import InvalidRequestError, ModelLoadError
 
-LOOPBACK_NAMES = {"localhost"}
+__all__ = ["add_serve_parser", "check_serve_args", "is_loopback", "run_serve"]
 
 
 def add_serve_parser(sub) -> None:
@@ -42,15 +42,6 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
                    help="web pages (origins, e.g. http://localhost:3000) whose scripts may call the server "
                         "(CORS); none by default")
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may reach the network
 
 
 def api_key_of(args) -> str | None:
@@ -82,21 +73,6 @@ def check_serve_args(args) -> str | None:
         raise InvalidRequestError(f"--port must be from 0 to 65535, got {args.port}.")
     config_from_args(args)  # a bad load flag: one line, before anything loads
     return key
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, made here so that a port in use is one clear line."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as e:
-        raise InvalidRequestError(f"cannot listen on {host}:{port} ({e.strerror or e}): another program may use "
-                                  "that port; choose another with --port.") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def load_model(host: EngineHost, options: dict) -> None:
@@ -136,20 +112,10 @@ def run_serve(args) -> int:
 
 
 def _serve(host: EngineHost, sock: socket.socket, args, key: str | None) -> int:
-    import uvicorn
-
     from app.server import create_app
+    from app.server.background import uvicorn_server
 
     app = create_app(host, api_key=key, allowed_origins=args.allowed_origins, max_queue=args.max_queue)
-    service = app.state.service
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            # Ctrl+C: the answers being written end now (their clients hear why), so the
-            # graceful shutdown has no stream to wait for.
-            service.abort_all()
-            super().handle_exit(sig, frame)
-
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
     info = host.model_info
@@ -161,7 +127,7 @@ def _serve(host: EngineHost, sock: socket.socket, args, key: str | None) -> int:
     elif key:
         print("[hearth] every request but /health needs the API key.", file=sys.stderr, flush=True)
     print("[hearth] press Ctrl+C to stop.", file=sys.stderr, flush=True)
-    server = Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning",
-                                   timeout_graceful_shutdown=5, access_log=args.verbose))
-    server.run(sockets=[sock])
+    # Ctrl+C: the answers being written end now (their clients hear why), so the graceful
+    # shutdown has no stream to wait for.
+    uvicorn_server(app, verbose=args.verbose).run(sockets=[sock])
     return 0

@@ -1,4 +1,5 @@
-"""The main window: navigation (Chat, Models, Performance, Compare), the status bar, loading.
+"""The main window: navigation (Chat, Models, Performance, Compare, Server), the status bar,
+loading.
 
 On start it shows the chat page with the input focused and starts loading the last used
 model (the bundled default the first time), so a new user can type at once; a message
@@ -8,6 +9,10 @@ While another model loads, the loaded one keeps answering (the bridge swaps them
 the new one is ready); the status bar says both. Quitting while an answer is being
 written, a model loads or a download runs asks first (``confirm_quit``, replaceable in
 tests).
+
+The status bar's "Server" toggle starts and stops the OpenAI-compatible server (the
+Server page holds its settings and log) on the window's own engine host: HTTP clients and
+the chat share the loaded model. Closing the window stops the server first.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from app.services.host_loading import load_failure_text
 
 from engine.api import ModelInfo
 
-PAGES = ("Chat", "Models", "Performance", "Compare")
-SERVER_REASON = ("The local OpenAI-compatible server is not part of this build yet; this "
-                 "toggle will start and stop it.")
+PAGES = ("Chat", "Models", "Performance", "Compare", "Server")
+SERVER_TIP = ("Start or stop the local OpenAI-compatible server on the loaded model (settings and the "
+              "request log: the Server page)")
 THEME_KEY = "ui/theme"
 
 
@@ -52,11 +57,15 @@ class MainWindow(QMainWindow):
         from app.gui.compare_page import ComparePage
         from app.gui.models_page import ModelsPage
         from app.gui.perf_panel import PerfPanel
+        from app.gui.server_control import ServerController
+        from app.gui.server_panel import ServerPanel
 
         self.chat = ChatPage(self.bridge, self.store, self.settings)
         self.models = ModelsPage(self.bridge)
         self.perf = PerfPanel(self.bridge, telemetry=telemetry, settings=self.settings)
         self.compare = ComparePage(self.bridge, self.settings)
+        self.server = ServerController(getattr(self.bridge, "host", None), self)
+        self.server_panel = ServerPanel(self.server, self.bridge, self.settings)
         self.models.loadRequested.connect(self.ask_load)
 
         self.nav = QListWidget()
@@ -64,7 +73,7 @@ class MainWindow(QMainWindow):
         self.nav.addItems(PAGES)
         self.nav.setFixedWidth(130)
         self.stack = QStackedWidget()
-        for page in (self.chat, self.models, self.perf, self.compare):
+        for page in (self.chat, self.models, self.perf, self.compare, self.server_panel):
             self.stack.addWidget(page)
         self.nav.currentRowChanged.connect(self.stack.setCurrentIndex)
         central = QWidget()
@@ -113,11 +122,13 @@ class MainWindow(QMainWindow):
         self.server_toggle.setObjectName("serverToggle")
         self.server_toggle.setText("Server: off")
         self.server_toggle.setCheckable(True)
-        self.server_toggle.setEnabled(False)
-        self.server_toggle.setToolTip(SERVER_REASON)
-        self.server_toggle.setAccessibleDescription(SERVER_REASON)
-        # Qt shows tooltips only in the active window unless told otherwise, so hovering the
-        # greyed toggle (or anything) while another window has the focus said nothing.
+        self.server_toggle.setToolTip(SERVER_TIP)
+        self.server_toggle.setAccessibleDescription(SERVER_TIP)
+        self.server_toggle.clicked.connect(self.toggle_server)
+        self.server.stateChanged.connect(self._on_server_state)
+        self.server_panel.messageChanged.connect(self._on_server_message)
+        # Qt shows tooltips only in the active window unless told otherwise, so hovering
+        # anything while another window has the focus said nothing.
         self.setAttribute(Qt.WidgetAttribute.WA_AlwaysShowToolTips)
         sb.addWidget(self.status_model)
         sb.addWidget(self.status_progress, 1)
@@ -178,6 +189,32 @@ class MainWindow(QMainWindow):
 
     def show_page(self, name: str) -> None:
         self.nav.setCurrentRow(PAGES.index(name))
+
+    # -- the server --------------------------------------------------------------------
+    def toggle_server(self) -> None:
+        """The status bar's toggle: start the server with the Server page's settings, or
+        stop it. A start that fails shows the Server page, which says why."""
+        self.server_panel.toggle()
+        self._on_server_state(self.server.state)  # a refused start: back to off at once
+
+    def _on_server_state(self, state: str) -> None:
+        from app.gui.server_control import ON, STOPPING
+
+        t = self.server_toggle
+        t.setChecked(state == ON)
+        t.setEnabled(state != STOPPING)
+        if state == ON:
+            t.setText(f"Server: on · :{self.server.port}")
+            t.setToolTip(f"Serving at {self.server.url}: click to stop (the Server page shows each request)")
+        else:
+            t.setText("Server: stopping…" if state == STOPPING else "Server: off")
+            t.setToolTip(SERVER_TIP)
+
+    def _on_server_message(self, message: str) -> None:
+        """The server could not start (or stopped by itself): show the page that says why."""
+        if message:
+            self.show_page("Server")
+            self.statusBar().showMessage(f"Server: {message}", 15000)
 
     # -- loading -----------------------------------------------------------------------
     def ask_load(self, model_ref: str) -> None:
@@ -299,6 +336,8 @@ class MainWindow(QMainWindow):
                 return
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.hide()  # gone at once, even if the engine takes a moment to stop
+        self.server.shutdown()  # before the engine: its answers end, its port closes
+        self.server_panel.save_settings()  # also what was typed but never started
         self.chat.shutdown()
         for page in (self.compare, self.models, self.perf):
             stop = getattr(page, "shutdown", None)

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Sequence
+from typing import Callable, Sequence
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,6 +27,7 @@ from app.server.errors import ApiError, error_body, validation_message
 from app.server.guard import BODY_READ_S, MAX_BODY_BYTES, Guard
 from app.server.logprobs import Logprobs
 from app.server.metrics import CountRequests, ServerMetrics
+from app.server.observe import RequestLog, RequestRecord
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
 from app.server.limits import MAX_QUEUE
 from app.server.service import OpenAIService, failure
@@ -39,12 +40,15 @@ log = logging.getLogger("hearth.server")
 
 def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins: Sequence[str] = (),
                max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE,
-               body_read_s: float = BODY_READ_S) -> FastAPI:
+               body_read_s: float = BODY_READ_S,
+               on_request: Callable[[RequestRecord], None] | None = None) -> FastAPI:
     """The server's app. ``api_key``: every route but /health needs it (``Authorization:
     Bearer``); ``allowed_origins``: the browser origins CORS lets in (none by default);
     ``max_queue``: answers that may wait for the engine before new requests get a 429;
     the host is not shut down with the app (its owner does that). ``app.state.service``
-    is the ``OpenAIService`` (``abort_all`` for a quick shutdown)."""
+    is the ``OpenAIService`` (``abort_all`` for a quick shutdown). ``on_request``: called
+    with a ``RequestRecord`` after each request is answered (``app.server.observe``), on
+    the event loop's thread."""
     metrics = ServerMetrics(host)
     service = OpenAIService(host, metrics, max_queue)
 
@@ -97,6 +101,8 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])  # the SDKs send their own x-stainless-* headers; no credentials
     app.add_middleware(CountRequests, metrics=metrics)  # outermost: refusals count too
+    if on_request is not None:
+        app.add_middleware(RequestLog, observer=on_request)  # outermost too: it sees every refusal
     return app
 
 

@@ -63,13 +63,14 @@ class Guard:
             # No key: only this machine may call, so a web page whose domain re-resolves to
             # 127.0.0.1 (DNS rebinding) must not: its requests carry its own Host name.
             await _send(ApiError(403, "this server has no API key, so it only answers requests addressed to "
-                                 "localhost or 127.0.0.1: start hearth serve with --api-key to allow others.",
+                                 "localhost or 127.0.0.1: give it a key (hearth serve --api-key, or the app's "
+                                 "Server page) to allow others.",
                                  code="host_not_allowed"), scope, receive, send)
             return
         if self._key is not None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             if not self._authorized(headers.get(b"authorization", b"")):
                 await _send(ApiError(401, "a valid API key is needed: send it as 'Authorization: Bearer "
-                                     "<key>' (the key `hearth serve` was started with).",
+                                     "<key>' (the key of `hearth serve --api-key`, or of the app's Server page).",
                                      code="invalid_api_key"), scope, receive, send)
                 return
         length = headers.get(b"content-length")

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.server.errors import ApiError
 from app.server.limits import MAX_QUEUE, RETRY_AFTER_S
 from app.server.metrics import ServerMetrics
+from app.server.observe import note_usage
 from app.server.translate import Job, build_job
 from app.services.engine_host import NO_MODEL, EngineHost
 from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
@@ -159,8 +160,10 @@ class OpenAIService:
         call for the same choices does nothing."""
         if not any(c in self._live for c in choices):
             return
+        finishes = [c.finish for c in choices]
         if self.metrics is not None:
-            self.metrics.answered([c.finish for c in choices], n)
+            self.metrics.answered(finishes, n)
+        note_usage(finishes, n)  # the request log's tokens (when one watches)
         for choice in choices:
             if choice.finish is None:
                 choice.events.abort()

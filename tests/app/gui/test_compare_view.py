@@ -249,7 +249,7 @@ def test_the_main_window_has_a_compare_page(qtbot, gui_env, bridge):
     win = MainWindow(bridge=bridge, store=ChatStore(gui_env["data"] / "chats.sqlite3"), settings=gui_env["settings"],
                      autoload=False)
     qtbot.addWidget(win)
-    assert PAGES[-1] == "Compare" and win.nav.item(3).text() == "Compare"
+    assert PAGES[3] == "Compare" and win.nav.item(3).text() == "Compare"
     win.show_page("Compare")
     assert win.stack.currentWidget() is win.compare
     assert win.compare.objectName() == "comparePage" and win.unfinished_work() is None

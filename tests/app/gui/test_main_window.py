@@ -221,14 +221,14 @@ def test_a_failed_load_that_brought_the_old_model_back_says_so_in_the_status_bar
         bridge.shutdown()
 
 
-def test_the_greyed_server_toggle_explains_itself_on_hover(qtbot, gui_env, bridge):
-    """Item 11: hovering shows why it is greyed, also while another window has the focus
+def test_the_server_toggle_explains_itself_on_hover(qtbot, gui_env, bridge):
+    """Item 11: hovering says what it does, also while another window has the focus
     (under Xvfb without a window manager the main window is never "active", and Qt showed
     no tooltip at all there)."""
     from PySide6.QtCore import QPoint
     from PySide6.QtWidgets import QLabel, QToolTip
 
-    from app.gui.main_window import SERVER_REASON
+    from app.gui.main_window import SERVER_TIP
 
     win = _bare_window(qtbot, gui_env, bridge)
     other = QLabel("another window")
@@ -236,11 +236,11 @@ def test_the_greyed_server_toggle_explains_itself_on_hover(qtbot, gui_env, bridg
     other.show()
     other.activateWindow()
     qtbot.waitUntil(lambda: other.isActiveWindow(), timeout=5000)
-    assert not win.isActiveWindow() and not win.server_toggle.isEnabled()
+    assert not win.isActiveWindow() and win.server_toggle.isEnabled()
     qtbot.mouseMove(win, QPoint(5, 5))
     qtbot.mouseMove(win.server_toggle, QPoint(4, 4))
     qtbot.mouseMove(win.server_toggle, QPoint(6, 6))
-    qtbot.waitUntil(lambda: QToolTip.isVisible() and QToolTip.text() == SERVER_REASON, timeout=5000)
+    qtbot.waitUntil(lambda: QToolTip.isVisible() and QToolTip.text() == SERVER_TIP, timeout=5000)
     QToolTip.hideText()
 
 

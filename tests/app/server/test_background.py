@@ -1,0 +1,83 @@
+"""The server in a thread of a process that goes on (what the desktop app's toggle runs):
+its request log (method, path, status, tokens, time), a stop that ends a stream in flight
+and closes the port, and the refusals made before anything runs."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import openai
+import pytest
+
+from app.server.background import BackgroundServer, ServeOptions
+from app.server.listen import PortInUse, base_url, parse_origins
+from engine.api import InvalidRequestError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_requests_are_logged_and_stop_ends_a_stream_and_closes_the_port(host, model_name):
+    records, stopped = [], threading.Event()
+    errors: list = []
+    server = BackgroundServer(host, ServeOptions(port=0), on_request=records.append,
+                              on_stopped=lambda e: (errors.append(e), stopped.set()))
+    server.start()
+    assert server.port and _port_open(server.port)
+    assert server.url == f"http://127.0.0.1:{server.port}/v1"
+    with openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60) as client:
+        r = client.chat.completions.create(model=model_name, max_tokens=5, temperature=0,
+                                           messages=[{"role": "user", "content": "Hello"}])
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("no-such-model")
+        stream = client.completions.create(model=model_name, prompt="Once", max_tokens=200, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))  # a stream in flight, then stop
+        server.stop()
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+    assert server.join(30) and stopped.wait(5) and errors == [None]
+    assert not _port_open(server.port)
+    chat = next(x for x in records if x.path == "/v1/chat/completions")
+    assert (chat.method, chat.status, chat.ok) == ("POST", 200, True)
+    assert chat.prompt_tokens == r.usage.prompt_tokens and chat.completion_tokens == r.usage.completion_tokens == 5
+    assert 0 < chat.duration_s < 60 and chat.client == "127.0.0.1"
+    missing = next(x for x in records if x.path == "/v1/models/no-such-model")
+    assert missing.status == 404 and not missing.ok and missing.completion_tokens == 0
+    streamed = next(x for x in records if x.path == "/v1/completions")
+    assert streamed.status == 200 and streamed.completion_tokens >= 1  # counted up to the stop
+
+
+def test_a_port_in_use_or_the_network_without_a_key_is_refused_before_anything_runs(host):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        server = BackgroundServer(host, ServeOptions(port=port))
+        with pytest.raises(PortInUse, match=f"port {port} is already in use.*; choose another port"):
+            server.start()
+        assert not server.running
+    with pytest.raises(InvalidRequestError, match="needs an API key"):
+        BackgroundServer(host, ServeOptions(host="0.0.0.0", port=_free_port())).start()
+
+
+def test_origins_are_parsed_and_a_path_is_refused():
+    assert parse_origins("http://localhost:3000, https://a.example.com/  http://localhost:3000") == (
+        "http://localhost:3000", "https://a.example.com")
+    assert parse_origins("") == () and parse_origins("*") == ("*",)
+    for bad in ("localhost:3000", "http://a.example.com/app", "ftp://x"):
+        with pytest.raises(InvalidRequestError, match="not a web origin"):
+            parse_origins(bad)
+    assert base_url("0.0.0.0", 8000) == "http://127.0.0.1:8000/v1"
+    assert base_url("::1", 9) == "http://[::1]:9/v1"
