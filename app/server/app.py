@@ -107,8 +107,8 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     choices = service.submit(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage, logprobs), job.n),
-                           on_close=lambda: service.done(choices, job.n))
+        chunks = Chunks(chat, rid, created, model, include_usage, logprobs, job.tools, job.echo, job.n)
+        return EventStream(sse(service, choices, chunks, job.n), on_close=lambda: service.done(choices, job.n))
     try:
         answered = await _collect(choices, request)
     finally:
@@ -120,8 +120,8 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
         if error is not None:
             raise error
     lps = None if logprobs is None else [logprobs.format(c.logprobs) for c in choices]
-    return response(chat, rid, created, model, [c.text for c in choices], [c.finish for c in choices], job.n,
-                    lps)
+    texts = [c.text if job.echo is None else job.echo[k // job.n] + c.text for k, c in enumerate(choices)]
+    return response(chat, rid, created, model, texts, [c.finish for c in choices], job.n, lps, job.tools)
 
 
 async def _collect(choices, request: Request) -> bool:

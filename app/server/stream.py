@@ -34,7 +34,9 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
             choice = choices[index]
             text = choice.take(ev)
             if text:
-                yield chunks.text(index, text, choice.take_logprobs())
+                out = chunks.text(index, text, choice.take_logprobs())
+                if out:  # None: a tool call's text, held until the call is whole
+                    yield out
             elif choice.finish is not None and choice.finish is ev:
                 left -= 1
                 error = failure(choice)
