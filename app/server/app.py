@@ -1,6 +1,7 @@
 """The FastAPI app of Hearth's OpenAI-compatible server, over an ``EngineHost``:
 ``GET /health``, ``GET /metrics`` (Prometheus: ``app.server.metrics``), ``GET /v1/models``,
-``POST /v1/chat/completions``, ``POST /v1/completions``.
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
+(``app.server.responses``).
 
 Every refusal is OpenAI's error JSON with OpenAI's status (``app.server.errors``): bad
 input is a 400 (never a 422 or a 500), a missing key a 401, another model a 404, a body
@@ -8,7 +9,6 @@ too large a 413, a full queue a 429 (with Retry-After), no model loaded a 503.""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -29,7 +29,8 @@ from app.server.logprobs import Logprobs
 from app.server.metrics import CountRequests, ServerMetrics
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
 from app.server.limits import MAX_QUEUE
-from app.server.service import OpenAIService, failure
+from app.server.responses import ResponsesRequest, create_response
+from app.server.service import OpenAIService, collect, failure
 from app.server.shapes import Chunks, response
 from app.server.stream import EventStream, sse
 from app.services.engine_host import EngineHost
@@ -91,6 +92,10 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(service, body, request, chat=False)
 
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        return await create_response(service, body, request)
+
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     if allowed_origins:  # outermost: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
@@ -110,7 +115,7 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
         chunks = Chunks(chat, rid, created, model, include_usage, logprobs, job.tools, job.echo, job.n)
         return EventStream(sse(service, choices, chunks, job.n), on_close=lambda: service.done(choices, job.n))
     try:
-        answered = await _collect(choices, request)
+        answered = await collect(choices, request)
     finally:
         service.done(choices, job.n)
     if not answered:  # the client left: nobody reads this
@@ -122,31 +127,6 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     lps = None if logprobs is None else [logprobs.format(c.logprobs) for c in choices]
     texts = [c.text if job.echo is None else job.echo[k // job.n] + c.text for k, c in enumerate(choices)]
     return response(chat, rid, created, model, texts, [c.finish for c in choices], job.n, lps, job.tools)
-
-
-async def _collect(choices, request: Request) -> bool:
-    """Read every choice to its end (True); False when the client left first (the
-    caller's ``done`` then aborts them)."""
-    async def read(choice) -> None:
-        async for ev in choice.events:
-            choice.take(ev)
-
-    async def client_gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    readers = asyncio.ensure_future(asyncio.gather(*(read(c) for c in choices)))
-    watcher = asyncio.ensure_future(client_gone())
-    try:
-        await asyncio.wait({readers, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not readers.done():
-            readers.cancel()
-    if not readers.done() or readers.cancelled():
-        return False
-    readers.result()
-    return True
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -163,7 +143,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request, exc: StarletteHTTPException):
         status = exc.status_code
         message = {404: f"there is no route {request.method} {request.url.path}: the API is under /v1 "
-                        "(GET /v1/models, POST /v1/chat/completions, POST /v1/completions).",
+                        "(GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses).",
                    405: f"{request.method} is not allowed on {request.url.path}."}.get(status, str(exc.detail))
         return JSONResponse(error_body(status, message), status_code=status, headers=exc.headers)
 

@@ -10,6 +10,7 @@ import asyncio
 import time
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HttpRequest
 
 from app.server.errors import ApiError
 from app.server.limits import MAX_QUEUE, RETRY_AFTER_S
@@ -177,6 +178,31 @@ def failure(choice: Choice) -> ApiError | None:
             return ApiError(503, NO_MODEL_503, code="model_not_loaded")
         return ApiError(400, message)
     return ApiError(500, message)
+
+
+async def collect(choices, request: HttpRequest) -> bool:
+    """Read every choice to its end (True); False when the client left first (the
+    caller's ``done`` then aborts them)."""
+    async def read(choice) -> None:
+        async for ev in choice.events:
+            choice.take(ev)
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    readers = asyncio.ensure_future(asyncio.gather(*(read(c) for c in choices)))
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({readers, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not readers.done():
+            readers.cancel()
+    if not readers.done() or readers.cancelled():
+        return False
+    readers.result()
+    return True
 
 
 def _names(info) -> set[str]:

@@ -43,7 +43,8 @@ HERMES = [
     ('<tool_call>\n{"name": "a", "arguments": {"x": 1}\n</tool_call>',
      Parsed('<tool_call>\n{"name": "a", "arguments": {"x": 1}\n</tool_call>', [])),
     # a malformed call after text: its whitespace is given back too
-    ('Sure.\n<tool_call>\n{"name": "a"\n</tool_call>\n', Parsed('Sure.\n<tool_call>\n{"name": "a"\n</tool_call>\n', [])),
+    ('Sure.\n<tool_call>\n{"name": "a"\n</tool_call>\n',
+     Parsed('Sure.\n<tool_call>\n{"name": "a"\n</tool_call>\n', [])),
     # no calls: the text as it is, whitespace and a '<' that starts no tag included
     ("  a < b <tool and\n", Parsed("  a < b <tool and\n", [])),
     # an answer cut inside a call (no closing tag): a call if its JSON is whole...
