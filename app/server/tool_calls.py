@@ -29,6 +29,7 @@ from jinja2.exceptions import TemplateError
 
 from app.server.errors import ApiError
 from app.server.tool_parsers import PARSERS, Delta, ToolParser, parse, parser_name_for
+from engine.api import InvalidRequestError
 
 #: OpenAI's rule for function names.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -165,7 +166,9 @@ def chat_prompt_ids(tokenizer, messages: list[dict], setup: ToolSetup | None) ->
         return tokenizer.apply_chat_template(messages)
     try:
         text = tokenizer.render_chat(messages, tools=setup.tools)
-    except TemplateError as e:
+    except InvalidRequestError:
+        raise  # said well already (the caller makes it a 400)
+    except (TemplateError, TypeError, ValueError) as e:  # a template may trip on a client's odd values
         raise ApiError(400, f"the model's chat template refuses these messages or tools: {e}", "messages") from None
     return tokenizer.encode(text + setup.prefix, add_special_tokens=False)
 

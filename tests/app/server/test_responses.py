@@ -104,3 +104,5 @@ def test_raw_stream_is_event_and_data_lines(live, model_name):
         blocks = r.read().decode().strip().split("\n\n")
     assert blocks[0].startswith("event: response.created\ndata: {")
     assert all(b.split("\n")[0].startswith("event: ") and b.split("\n")[1].startswith("data: ") for b in blocks)
+    metrics = httpx.get(f"{live.base_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    assert 'hearth_requests_total{endpoint="/v1/responses",status="200"}' in metrics
