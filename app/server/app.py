@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from app.server.errors import ApiError, error_body, validation_message
 from app.server.guard import MAX_BODY_BYTES, Guard
-from app.server.logprobs import Logprobs
+from app.server.logprobs import Logprobs, joined
 from app.server.metrics import CountRequests, ServerMetrics
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
 from app.server.limits import MAX_QUEUE
@@ -109,10 +109,14 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     logprobs = Logprobs(chat, tokenizer) if job.logprobs else None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    echo_lps = None
+    if job.echo is not None and logprobs is not None:  # the prompt's own tokens scored first
+        scored = await service.prompt_logprobs(job, body.logprobs)
+        echo_lps = [logprobs.prompt(ids, lps) for ids, lps in zip(job.prompts, scored)]
     choices = service.submit(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = Chunks(chat, rid, created, model, include_usage, logprobs, job.tools, job.echo, job.n)
+        chunks = Chunks(chat, rid, created, model, include_usage, logprobs, job.tools, job.echo, job.n, echo_lps)
         return EventStream(sse(service, choices, chunks, job.n), on_close=lambda: service.done(choices, job.n))
     try:
         answered = await collect(choices, request)
@@ -124,8 +128,11 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
         error = failure(choice)
         if error is not None:
             raise error
-    lps = None if logprobs is None else [logprobs.format(c.logprobs) for c in choices]
-    texts = [c.text if job.echo is None else job.echo[k // job.n] + c.text for k, c in enumerate(choices)]
+    echoed = [None if job.echo is None else job.echo[k // job.n] for k in range(len(choices))]
+    lps = None if logprobs is None else [logprobs.format(c.logprobs, len(e or "")) for c, e in zip(choices, echoed)]
+    if echo_lps is not None:
+        lps = [joined(echo_lps[k // job.n], lp) for k, lp in enumerate(lps)]
+    texts = [c.text if e is None else e + c.text for c, e in zip(choices, echoed)]
     return response(chat, rid, created, model, texts, [c.finish for c in choices], job.n, lps, job.tools)
 
 

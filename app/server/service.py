@@ -19,7 +19,7 @@ from app.server.translate import Job, build_job
 from app.services.engine_host import NO_MODEL, EngineHost
 from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
 from app.services.host_events import RequestStarted
-from engine.api import FinishedEvent, PromptProgressEvent, Request, TokenEvent
+from engine.api import FinishedEvent, HearthError, PromptProgressEvent, Request, TokenEvent, prompt_logprobs
 
 NO_MODEL_503 = "no model is loaded: load one (hearth serve --model M, or the Models page) and try again."
 SHUTTING_DOWN = "the server is shutting down: this answer was stopped before it was finished."
@@ -129,6 +129,18 @@ class OpenAIService:
         job = await run_in_threadpool(build_job, body, chat, engine.tokenizer, info.max_model_len,
                                       info.vocab_size)
         return model, job, engine.tokenizer
+
+    async def prompt_logprobs(self, job: Job, top: int) -> list[list]:
+        """Each prompt's own tokens scored (completions' echo with logprobs): one prefill
+        per prompt on the engine's thread, between its steps."""
+        engine = self.host.engine
+        if engine is None:
+            raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        try:
+            return await run_in_threadpool(lambda: [prompt_logprobs(engine, ids, top) for ids in job.prompts])
+        except HearthError as e:  # no room in the KV cache now, the engine gone
+            raise ApiError(503, f"the prompt could not be scored for echo with logprobs now ({e}): try again in "
+                           "a moment, or leave out logprobs.") from None
 
     def submit(self, job: Job) -> list[Choice]:
         if self.closing:

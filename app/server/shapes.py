@@ -58,13 +58,15 @@ class Chunks:
     """The stream's chunks of one request, as SSE ``data:`` lines."""
 
     def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool,
-                 logprobs=None, tools: ToolSetup | None = None, echo: list[str] | None = None, n: int = 1) -> None:
+                 logprobs=None, tools: ToolSetup | None = None, echo: list[str] | None = None, n: int = 1,
+                 echo_logprobs: list[dict] | None = None) -> None:
         self.chat = chat
         self.logprobs = logprobs  # a Logprobs formatter, when the request asked for them
         self.tools = tools
         self._tool_streams: dict[int, ToolStream] = {}  # chat with tools: each choice's parser
         self._held_lps: dict[int, list] = {}  # logprobs of text the parser holds back
         self._echo, self._n = echo, n  # completions' echo: prompt p's text opens choices p*n..
+        self._echo_lps = echo_logprobs  # ... with its tokens' logprobs, when asked for
         self._offsets: dict[int, int] = {}  # completions: each choice's text length so far
         self._head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                       "created": created, "model": model, "system_fingerprint": None}
@@ -95,7 +97,12 @@ class Chunks:
                 self._tool_streams[index] = ToolStream(self.tools)
             return self._line([self._choice(index, None, None, role=True)])
         if self._echo:
-            return self._line([self._choice(index, self._echo[index // self._n], None)])
+            text = self._echo[index // self._n]
+            choice = self._choice(index, text, None)
+            if self._echo_lps is not None:
+                choice["logprobs"] = self._echo_lps[index // self._n]
+                self._offsets[index] = len(text)  # the answer's offsets follow the prompt's
+            return self._line([choice])
         return None
 
     def text(self, index: int, text: str, lps: list | None = None) -> bytes | None:

@@ -116,9 +116,6 @@ def check_request(body, chat: bool) -> int:
         value = getattr(body, name, None)
         if value is not None and value <= 0:
             raise ApiError(400, f"{name} must be a positive integer, got {value}: ask for at least 1 token.", name)
-    if not chat and body.echo and body.logprobs is not None:
-        raise ApiError(400, "echo with logprobs is not supported: the engine does not score prompt tokens while "
-                       "it answers. Send echo or logprobs, not both.", "echo")
     if chat and not body.messages:
         raise ApiError(400, "messages is empty: send at least one message.", "messages")
     sampling(body, seed=body.seed, chat=chat)  # every sampling value checked before tokenizing
