@@ -4,6 +4,8 @@ stateless (previous_response_id / store: 400)."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -106,3 +108,16 @@ def test_raw_stream_is_event_and_data_lines(live, model_name):
     assert all(b.split("\n")[0].startswith("event: ") and b.split("\n")[1].startswith("data: ") for b in blocks)
     metrics = httpx.get(f"{live.base_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     assert 'hearth_requests_total{endpoint="/v1/responses",status="200"}' in metrics
+
+
+@pytest.mark.parametrize("body", [
+    {"input": 5}, {"input": [5]}, {"input": [{"role": "user"}]}, {"input": [{"role": "user", "content": [5]}]},
+    {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+    {"input": [{"role": "tool", "content": "x"}]}, {"input": "x", "text": "plain"},
+    {"input": "x", "instructions": 5}, {"input": "x", "top_k": "5"}, {"input": "\ud800"},
+    {"input": "x", "max_output_tokens": "5"}, {}, {"input": "x", "stream": "yes"},
+])
+def test_odd_requests_are_a_400_never_a_500(live, body):
+    r = httpx.post(f"{live.base_url}/v1/responses", content=json.dumps(body),  # ASCII: a lone surrogate escaped
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text

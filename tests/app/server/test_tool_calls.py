@@ -179,3 +179,32 @@ def test_a_template_without_tools_is_a_400(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=ASK, tools=[WEATHER], tool_choice="none",
                                        max_tokens=2)
     assert r.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [None]}, {"tools": [{"type": "function", "function": {"name": "f", "description": 5}}]},
+    {"tool_choice": 5}, {"tool_choice": ["auto"]}, {"tool_choice": {"type": "function", "function": "f"}},
+    {"messages": [{"role": "user", "content": "hi", "tool_calls": [{"function": {"name": "f"}}]}]},
+    {"messages": [{"role": "assistant", "content": "x", "tool_calls": [5]}]},
+    {"messages": [{"role": "assistant", "content": "x", "tool_calls": "f"}]},
+    {"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]},
+    {"tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]},
+])
+def test_odd_tool_values_are_a_400_never_a_500(scripted, extra):
+    import httpx
+
+    _, client = scripted
+    body = {"messages": ASK, "tools": [WEATHER], "max_tokens": 4, **extra}
+    r = httpx.post(f"{client.base_url}chat/completions", content=json.dumps(body),  # ASCII: surrogates escaped
+                   headers={"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text
+
+
+def test_odd_but_valid_fed_back_values_are_answered(scripted):
+    engine, client = scripted
+    r = ask(client, engine, "ok", messages=[*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "12:00"}]}])
+    assert r.choices[0].message.content == "ok"
+    assert '{"name": "get_time", "arguments": {}}' in engine.prompt_text()
+    assert "12:00" in engine.prompt_text()
