@@ -67,15 +67,16 @@ def _finished(rid: str, reason: str, prompt: int, completion: int) -> FinishedEv
 
 class ScriptedEngine:
     """Just enough of Engine for the host and the server. ``answers``: the texts the next
-    requests write (one each, in order; "Hello." when none is left); ``prompts``: the
-    token ids of every prompt submitted."""
+    requests write (one each, in order; "Hello." when none is left; ``(text, error)``:
+    write ``text``, then fail with ``error``); ``prompts``: the token ids of every prompt
+    submitted."""
 
     def __init__(self, folder: str) -> None:
         self.tokenizer = Tokenizer.from_pretrained(folder)
         self.model_info = fake_info("scripted", path=folder, vocab_size=self.tokenizer.vocab_size,
                                     weight_bytes=1000, kv_cache_bytes=100)
         self.max_model_len = 4096
-        self.answers: list[str] = []
+        self.answers: list = []
         self.prompts: list[list[int]] = []
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
@@ -87,7 +88,8 @@ class ScriptedEngine:
         thread.start()
         return _Handle(request.request_id)
 
-    def _write(self, request, answer: str, on_event) -> None:
+    def _write(self, request, answer, on_event) -> None:
+        answer, error = answer if isinstance(answer, tuple) else (answer, None)
         rid, ids = request.request_id, self.tokenizer.encode(answer, add_special_tokens=False)
         limit = request.params.max_tokens
         written = ""
@@ -99,8 +101,9 @@ class ScriptedEngine:
             on_event(TokenEvent(rid, text[len(written):], (token,)))
             written = text
             time.sleep(0.001)
-        reason = "length" if len(ids) > limit else "stop"
-        on_event(_finished(rid, reason, len(request.prompt_token_ids), min(len(ids), limit)))
+        reason = "error" if error else "length" if len(ids) > limit else "stop"
+        fin = _finished(rid, reason, len(request.prompt_token_ids), min(len(ids), limit))
+        on_event(FinishedEvent(fin.request_id, fin.reason, fin.usage, fin.timings, error=error) if error else fin)
 
     def prompt_text(self, k: int = -1) -> str:
         return self.tokenizer.decode(self.prompts[k], skip_special_tokens=False)

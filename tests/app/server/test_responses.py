@@ -66,14 +66,14 @@ def test_stream_events_in_order_and_text_matches(client, model_name):
 def test_stream_helper_completes(scripted):
     """client.responses.stream: the SDK's own accumulation accepts the events."""
     engine, client = scripted
-    engine.answers.append("Hello from Hearth.")
+    engine.answers[:] = ["Hello from Hearth."]
     with client.responses.stream(model="scripted", input="Say hello") as stream:
         texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert "".join(texts) == final.output_text == "Hello from Hearth."
     assert final.status == "completed" and final.incomplete_details is None
     assert "Say hello" in engine.prompt_text()
-    engine.answers.append("Whole.")
+    engine.answers[:] = ["Whole."]
     r = client.responses.create(model="scripted", input="Again", max_output_tokens=50)
     assert r.status == "completed" and r.output_text == "Whole." and r.usage.output_tokens > 0
 
@@ -121,3 +121,16 @@ def test_odd_requests_are_a_400_never_a_500(live, body):
     r = httpx.post(f"{live.base_url}/v1/responses", content=json.dumps(body),  # ASCII: a lone surrogate escaped
                    headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"], r.text
+
+
+def test_a_failure_mid_stream_is_raised_by_the_sdk(scripted):
+    engine, client = scripted
+    engine.answers[:] = [("Half an ans", "the engine failed: out of memory")]
+    seen = []
+    with pytest.raises(openai.APIError, match="out of memory"):
+        for event in client.responses.create(model="scripted", input="Hi", stream=True):
+            seen.append(event.type)
+    assert seen[:4] == EVENTS[:4] and "response.output_text.delta" in seen and "response.completed" not in seen
+    engine.answers[:] = [("Half", "the engine failed: out of memory")]
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(model="scripted", input="Hi")

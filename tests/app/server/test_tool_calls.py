@@ -23,7 +23,7 @@ MALFORMED = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\
 
 
 def ask(client, engine, answer: str, **kwargs):
-    engine.answers.append(answer)
+    engine.answers[:] = [answer]  # a refused request leaves none behind
     kwargs.setdefault("messages", ASK)
     kwargs.setdefault("tools", [WEATHER, TIME])
     return client.chat.completions.create(model="scripted", **kwargs)
