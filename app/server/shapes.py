@@ -55,7 +55,9 @@ def response(chat: bool, rid: str, created: int, model: str, texts: list[str],
 
 
 class Chunks:
-    """The stream's chunks of one request, as SSE ``data:`` lines."""
+    """The stream's chunks of one request, as SSE ``data:`` lines. With ``tools`` each
+    chat choice's text goes through a tool-call parser (``ToolStream``): content and call
+    deltas as they become sure; with ``echo`` each completions choice opens with its prompt."""
 
     def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool,
                  logprobs=None, tools: ToolSetup | None = None, echo: list[str] | None = None, n: int = 1,
@@ -131,7 +133,7 @@ class Chunks:
         lines = []
         for delta in deltas:
             lps, self._held_lps[index] = self._held_lps[index], []
-            choice = self._choice(index, None, None, lps=lps if self.logprobs is not None else None)
+            choice = self._choice(index, None, None, lps=lps)
             choice["delta"] = delta
             lines.append(self._line([choice]))
         return b"".join(lines)

@@ -111,17 +111,20 @@ class HermesParser(ToolParser):
         self._in_call = False
         self._after_call = False  # drop whitespace right after a call
         self._gap = ""  # the whitespace before the open call (given back if it is not one)
+        self._searched = 0  # how much of an open call's text holds no closing tag
 
     def feed(self, text: str) -> list[Delta]:
         self._buf += text
         out: list[Delta] = []
         while True:
             if self._in_call:
-                end = self._buf.find(self.CLOSE)
+                # searched from where the last search left off: a long call costs linear time
+                end = self._buf.find(self.CLOSE, max(0, self._searched - len(self.CLOSE) + 1))
                 if end < 0:
+                    self._searched = len(self._buf)
                     return out
                 inner, self._buf = self._buf[:end], self._buf[end + len(self.CLOSE):]
-                self._in_call = False
+                self._in_call, self._searched = False, 0
                 out += self._ended(inner, closed=True)
                 continue
             if self._after_call:
