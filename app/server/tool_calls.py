@@ -17,6 +17,8 @@ or as stream deltas.
   parse comes back as plain content (the forced opening included) with the engine's
   ``finish_reason`` (``stop``), exactly as a malformed call under ``auto`` does. With
   ``"required"`` the name is the model's choice and is not checked against ``tools``.
+
+``parallel_tool_calls: false`` keeps only the first call of an answer that writes several.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ToolSetup:
     parser: str
     prefix: str = ""
     names: frozenset[str] = field(default_factory=frozenset)
+    parallel: bool = True  # parallel_tool_calls: false keeps only the answer's first call
 
     def new_parser(self) -> ToolParser:
         return PARSERS[self.parser]()
@@ -123,7 +126,10 @@ def tool_setup(body, tokenizer) -> ToolSetup | None:
         prefix = _FORCED[parser][0]
     elif choice != "auto":
         prefix = _FORCED[parser][1].format(name=json.dumps(choice))
-    return ToolSetup(tools, parser, prefix, frozenset(names))
+    parallel = getattr(body, "parallel_tool_calls", None)  # a field OpenAI defines; kept as an extra
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, "parallel_tool_calls must be true or false.", "parallel_tool_calls")
+    return ToolSetup(tools, parser, prefix, frozenset(names), parallel is not False)
 
 
 def tool_fields(message, i: int) -> dict:
@@ -183,10 +189,11 @@ def chat_message(text: str, reason: str, setup: ToolSetup | None) -> tuple[dict,
     if setup is None:
         return {"role": "assistant", "content": text, "refusal": None}, reason
     parsed = parse(setup.new_parser(), setup.prefix + text)
-    if not parsed.calls:
+    calls = parsed.calls if setup.parallel else parsed.calls[:1]
+    if not calls:
         return {"role": "assistant", "content": parsed.content or "", "refusal": None}, reason
     message = {"role": "assistant", "content": parsed.content, "refusal": None,
-               "tool_calls": [_call_json(c) for c in parsed.calls]}
+               "tool_calls": [_call_json(c) for c in calls]}
     return message, "tool_calls" if reason == "stop" else reason
 
 
@@ -196,6 +203,7 @@ class ToolStream:
 
     def __init__(self, setup: ToolSetup) -> None:
         self._parser = setup.new_parser()
+        self._most = None if setup.parallel else 1  # the calls streamed (parallel_tool_calls)
         self._early = self._parser.feed(setup.prefix)
 
     @property
@@ -204,11 +212,14 @@ class ToolStream:
 
     def feed(self, text: str) -> list[dict]:
         early, self._early = self._early, []
-        return [_delta(d) for d in early + self._parser.feed(text)]
+        return self._out(early + self._parser.feed(text))
 
     def finish(self) -> list[dict]:
         early, self._early = self._early, []
-        return [_delta(d) for d in early + self._parser.finish()]
+        return self._out(early + self._parser.finish())
+
+    def _out(self, deltas: list[Delta]) -> list[dict]:
+        return [_delta(d) for d in deltas if self._most is None or d.index is None or d.index < self._most]
 
 
 def _delta(d: Delta) -> dict:

@@ -208,3 +208,13 @@ def test_odd_but_valid_fed_back_values_are_answered(scripted):
     assert r.choices[0].message.content == "ok"
     assert '{"name": "get_time", "arguments": {}}' in engine.prompt_text()
     assert "12:00" in engine.prompt_text()
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(scripted):
+    engine, client = scripted
+    r = ask(client, engine, TWO_CALLS, parallel_tool_calls=False)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
+    _, content, calls, finish = streamed(client, engine, TWO_CALLS, parallel_tool_calls=False)
+    assert [c[1] for c in calls] == ["get_weather"] and finish == "tool_calls"
+    with pytest.raises(openai.BadRequestError):
+        ask(client, engine, TWO_CALLS, extra_body={"parallel_tool_calls": "no"})
