@@ -218,3 +218,52 @@ def test_parallel_tool_calls_false_keeps_the_first_call(scripted):
     assert [c[1] for c in calls] == ["get_weather"] and finish == "tool_calls"
     with pytest.raises(openai.BadRequestError):
         ask(client, engine, TWO_CALLS, extra_body={"parallel_tool_calls": "no"})
+
+
+@pytest.fixture(scope="module")
+def real_tool_client(tiny_models, tool_model, tmp_path_factory):
+    """The real engine on a tiny random-weight model whose tokenizer has the tool template."""
+    import shutil
+
+    from app.server import create_app
+    from app.services.engine_host import EngineHost
+    from app.services.host_events import LoadFailed, ModelLoaded
+    from tests.app.server.conftest import API_KEY, LiveServer, tiny_options
+    from tests.app.services.host_recorder import Recorder
+
+    folder = tmp_path_factory.mktemp("tiny-tools") / "model"
+    shutil.copytree(tiny_models["llama-tied"], folder)
+    shutil.copy(tool_model / "chat_template.jinja", folder / "chat_template.jinja")
+    host = EngineHost()
+    loaded = Recorder()
+    unsubscribe = host.subscribe(loaded)
+    host.load(tiny_options(folder))
+    ev = loaded.wait_for((ModelLoaded, LoadFailed))[0]
+    unsubscribe()
+    assert isinstance(ev, ModelLoaded), ev
+    try:
+        with LiveServer(create_app(host, api_key=API_KEY)) as live:
+            with openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+                yield host, c
+    finally:
+        assert host.shutdown()
+
+
+def test_the_real_engine_answers_a_forced_call(real_tool_client):
+    """The whole rendered prompt (tools, the forced opening) reaches the engine; a random
+    model's continuation is a call if it happens to parse, else content that begins with
+    the forced opening."""
+    host, client = real_tool_client
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=host.model_info.name, messages=ASK, tools=[WEATHER, TIME],
+                                       tool_choice=choice, temperature=0, max_tokens=6)
+    tok = host.engine.tokenizer
+    text = tok.render_chat(ASK, tools=[WEATHER, TIME]) + '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
+    message = r.choices[0].message
+    if message.tool_calls is None:
+        assert message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+        assert r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model=host.model_info.name, messages=ASK, tools=[WEATHER, TIME],
+                                                 tool_choice=choice, temperature=0, max_tokens=6, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (message.content or "")
