@@ -40,6 +40,8 @@ from engine.metrics import peak_device_memory_bytes, reset_peak_device_memory
 from engine.evaluate import DEFAULT_STRIDE as PERPLEXITY_STRIDE
 from engine.evaluate import DEFAULT_WINDOW as PERPLEXITY_WINDOW
 from engine.evaluate import PerplexityResult
+# A prompt's own tokens scored (completions' echo with logprobs): prompt_logprobs(engine, ids, top).
+from engine.evaluate import prompt_logprobs
 from engine.loader.shape_model import byte_token_ids
 from engine.model_info import ModelInfo
 # config.json read once, into the model spec: the fit estimate sizes memory from it too.

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine.errors import InvalidRequestError, OutOfMemoryError
+from engine.events import TokenLogprob
 
 if TYPE_CHECKING:
     from engine.llm_engine import Engine
@@ -125,9 +126,34 @@ def _window_and_stride(engine: Engine, window: int | None, stride: int | None) -
     return window, stride
 
 
-def _score(engine: Engine, ids: list[int]):
-    """On the engine thread: borrow free KV blocks for ``ids``, score them, give the blocks
-    back (their content is not registered in the prefix cache)."""
+def prompt_logprobs(engine: Engine, ids: list[int], top: int = 0) -> list[TokenLogprob]:
+    """Each token of ``ids`` after the first (``len - 1`` ``TokenLogprob``s) scored after
+    the tokens before it, with its rank and the ``top`` most likely tokens there, under the
+    model's raw distribution (as the sampler reports an answer's logprobs): completions'
+    ``echo`` with ``logprobs``. One prefill of ``ids`` into KV blocks borrowed from the
+    pool, on the engine thread between two steps (not kept in the prefix cache)."""
+    ids = [int(t) for t in ids]
+    vocab = engine.model_info.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+    if len(ids) > engine.max_model_len:
+        raise InvalidRequestError(f"the prompt has {len(ids)} tokens but the model's context holds "
+                                  f"{engine.max_model_len}: shorten it.")
+    if len(ids) < 2:
+        return []
+    scores = engine.run_on_engine_thread(lambda: _score(engine, ids, max(top, 1)))
+    out = []
+    for k in range(len(ids) - 1):
+        best = tuple(zip(scores.top_ids[k, :top].tolist(), scores.top_logprobs[k, :top].tolist()))
+        out.append(TokenLogprob(ids[k + 1], float(scores.logprobs[k]), int(scores.ranks[k]), best))
+    return out
+
+
+def _score(engine: Engine, ids: list[int], top: int = 0):
+    """On the engine thread: borrow free KV blocks for ``ids``, score them (``top`` > 0:
+    with ranks and the most likely tokens), give the blocks back (their content is not
+    registered in the prefix cache)."""
     import torch
 
     from engine.core.sequence import Sequence
@@ -140,7 +166,9 @@ def _score(engine: Engine, ids: list[int]):
             f"{bm.num_blocks} blocks free, the rest serving requests): try again when they finish, or use a "
             "smaller window.")
     try:
-        return engine.runner.score(ids, scratch.block_table, engine.config.scheduler.max_num_batched_tokens)
+        chunk = engine.config.scheduler.max_num_batched_tokens
+        return engine.runner.score(ids, scratch.block_table, chunk, top) if top else \
+            engine.runner.score(ids, scratch.block_table, chunk)
     except torch.OutOfMemoryError:
         raise OutOfMemoryError(f"out of memory scoring a {len(ids)}-token window: use a smaller window "
                                "(--window), or load with a smaller KV cache (--kv-cache-memory) to leave room.",

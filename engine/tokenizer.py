@@ -177,8 +177,10 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
 
-    def render_chat(self, messages: list[dict[str, Any]], system: str | None = None) -> str:
-        """The chat prompt as text, ending with the assistant's generation prompt."""
+    def render_chat(self, messages: list[dict[str, Any]], system: str | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat prompt as text, ending with the assistant's generation prompt;
+        ``tools``: function definitions (OpenAI's JSON-schema shape) the template renders."""
         if not self.has_chat_template:
             raise InvalidRequestError(
                 "This model's tokenizer has no chat template, so chat messages cannot be "
@@ -186,7 +188,8 @@ class Tokenizer:
             )
         msgs = _with_system(messages, system)
         with self._lock:
-            return self._tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return self._tok.apply_chat_template(msgs, tools=tools or None, tokenize=False,
+                                                 add_generation_prompt=True)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], system: str | None = None

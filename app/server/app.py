@@ -1,6 +1,7 @@
 """The FastAPI app of Hearth's OpenAI-compatible server, over an ``EngineHost``:
 ``GET /health``, ``GET /metrics`` (Prometheus: ``app.server.metrics``), ``GET /v1/models``,
-``POST /v1/chat/completions``, ``POST /v1/completions``.
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``
+(``app.server.responses``).
 
 Every refusal is OpenAI's error JSON with OpenAI's status (``app.server.errors``): bad
 input is a 400 (never a 422 or a 500), a missing key a 401, another model a 404, a body
@@ -8,7 +9,6 @@ too large a 413, a full queue a 429 (with Retry-After), no model loaded a 503.""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -25,12 +25,13 @@ from starlette.responses import JSONResponse, Response
 
 from app.server.errors import ApiError, error_body, validation_message
 from app.server.guard import BODY_READ_S, MAX_BODY_BYTES, Guard
-from app.server.logprobs import Logprobs
+from app.server.logprobs import Logprobs, joined
 from app.server.metrics import CountRequests, ServerMetrics
 from app.server.observe import RequestLog, RequestRecord
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
 from app.server.limits import MAX_QUEUE
-from app.server.service import OpenAIService, failure
+from app.server.responses import ResponsesRequest, create_response
+from app.server.service import OpenAIService, collect, failure
 from app.server.shapes import Chunks, response
 from app.server.stream import EventStream, sse
 from app.services.engine_host import EngineHost
@@ -96,6 +97,10 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     async def completions(body: CompletionRequest, request: Request):
         return await _answer(service, body, request, chat=False)
 
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        return await create_response(service, body, request)
+
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_read_s=body_read_s)
     if allowed_origins:  # outermost: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
@@ -111,13 +116,17 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     logprobs = Logprobs(chat, tokenizer) if job.logprobs else None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    echo_lps = None
+    if job.echo is not None and logprobs is not None:  # the prompt's own tokens scored first
+        scored = await service.prompt_logprobs(job, body.logprobs)
+        echo_lps = [logprobs.prompt(ids, lps) for ids, lps in zip(job.prompts, scored)]
     choices = service.submit(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(sse(service, choices, Chunks(chat, rid, created, model, include_usage, logprobs), job.n),
-                           on_close=lambda: service.done(choices, job.n))
+        chunks = Chunks(chat, rid, created, model, include_usage, logprobs, job.tools, job.echo, job.n, echo_lps)
+        return EventStream(sse(service, choices, chunks, job.n), on_close=lambda: service.done(choices, job.n))
     try:
-        answered = await _collect(choices, request)
+        answered = await collect(choices, request)
     finally:
         service.done(choices, job.n)
     if not answered:  # the client left: nobody reads this
@@ -126,34 +135,12 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
         error = failure(choice)
         if error is not None:
             raise error
-    lps = None if logprobs is None else [logprobs.format(c.logprobs) for c in choices]
-    return response(chat, rid, created, model, [c.text for c in choices], [c.finish for c in choices], job.n,
-                    lps)
-
-
-async def _collect(choices, request: Request) -> bool:
-    """Read every choice to its end (True); False when the client left first (the
-    caller's ``done`` then aborts them)."""
-    async def read(choice) -> None:
-        async for ev in choice.events:
-            choice.take(ev)
-
-    async def client_gone() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    readers = asyncio.ensure_future(asyncio.gather(*(read(c) for c in choices)))
-    watcher = asyncio.ensure_future(client_gone())
-    try:
-        await asyncio.wait({readers, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not readers.done():
-            readers.cancel()
-    if not readers.done() or readers.cancelled():
-        return False
-    readers.result()
-    return True
+    echoed = [None if job.echo is None else job.echo[k // job.n] for k in range(len(choices))]
+    lps = None if logprobs is None else [logprobs.format(c.logprobs, len(e or "")) for c, e in zip(choices, echoed)]
+    if echo_lps is not None:
+        lps = [joined(echo_lps[k // job.n], lp) for k, lp in enumerate(lps)]
+    texts = [c.text if e is None else e + c.text for c, e in zip(choices, echoed)]
+    return response(chat, rid, created, model, texts, [c.finish for c in choices], job.n, lps, job.tools)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -170,7 +157,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request, exc: StarletteHTTPException):
         status = exc.status_code
         message = {404: f"there is no route {request.method} {request.url.path}: the API is under /v1 "
-                        "(GET /v1/models, POST /v1/chat/completions, POST /v1/completions).",
+                        "(GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses).",
                    405: f"{request.method} is not allowed on {request.url.path}."}.get(status, str(exc.detail))
         return JSONResponse(error_body(status, message), status_code=status, headers=exc.headers)
 

@@ -46,3 +46,17 @@ class Logprobs:
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
                 "top_logprobs": [{self.name(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+
+    def prompt(self, ids: list[int], scored: list) -> dict:
+        """Completions' ``echo`` with logprobs: the prompt's tokens, the first unscored
+        (``None``, as OpenAI gives it), the rest from ``engine.api.prompt_logprobs``."""
+        first = self.format([]) if not ids else {
+            "tokens": [self.name(ids[0])], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+        rest = self.format(scored, len(first["tokens"][0]) if ids else 0)
+        return joined(first, rest)
+
+
+def joined(head: dict, tail: dict) -> dict:
+    """Two completions ``logprobs`` one after the other (the prompt's, then the answer's)."""
+    return {key: head[key] + tail[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+

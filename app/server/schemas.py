@@ -33,6 +33,8 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[Str, list[TextPart], None] = None
     name: Optional[Str] = None
+    tool_calls: Optional[list[Any]] = None  # an assistant's calls, fed back (app.server.tool_calls)
+    tool_call_id: Optional[Str] = None  # a tool message: the call it answers
 
 
 class StreamOptions(_Body):

@@ -10,6 +10,7 @@ import asyncio
 import time
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HttpRequest
 
 from app.server.errors import ApiError
 from app.server.limits import MAX_QUEUE, RETRY_AFTER_S
@@ -19,7 +20,7 @@ from app.server.translate import Job, build_job
 from app.services.engine_host import NO_MODEL, EngineHost
 from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
 from app.services.host_events import RequestStarted
-from engine.api import FinishedEvent, PromptProgressEvent, Request, TokenEvent
+from engine.api import FinishedEvent, HearthError, PromptProgressEvent, Request, TokenEvent, prompt_logprobs
 
 NO_MODEL_503 = "no model is loaded: load one (hearth serve --model M, or the Models page) and try again."
 SHUTTING_DOWN = "the server is shutting down: this answer was stopped before it was finished."
@@ -133,6 +134,18 @@ class OpenAIService:
                                       info.vocab_size)
         return model, job, engine.tokenizer
 
+    async def prompt_logprobs(self, job: Job, top: int) -> list[list]:
+        """Each prompt's own tokens scored (completions' echo with logprobs): one prefill
+        per prompt on the engine's thread, between its steps."""
+        engine = self.host.engine
+        if engine is None:
+            raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        try:
+            return await run_in_threadpool(lambda: [prompt_logprobs(engine, ids, top) for ids in job.prompts])
+        except HearthError as e:  # no room in the KV cache now, the engine gone
+            raise ApiError(503, f"the prompt could not be scored for echo with logprobs now ({e}): try again in "
+                           "a moment, or leave out logprobs.") from None
+
     def submit(self, job: Job) -> list[Choice]:
         if self.closing:
             raise ApiError(503, "the server is shutting down: try again once it is back.")
@@ -183,6 +196,31 @@ def failure(choice: Choice) -> ApiError | None:
             return ApiError(503, NO_MODEL_503, code="model_not_loaded")
         return ApiError(400, message)
     return ApiError(500, message)
+
+
+async def collect(choices, request: HttpRequest) -> bool:
+    """Read every choice to its end (True); False when the client left first (the
+    caller's ``done`` then aborts them)."""
+    async def read(choice) -> None:
+        async for ev in choice.events:
+            choice.take(ev)
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    readers = asyncio.ensure_future(asyncio.gather(*(read(c) for c in choices)))
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({readers, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not readers.done():
+            readers.cancel()
+    if not readers.done() or readers.cancelled():
+        return False
+    readers.result()
+    return True
 
 
 def _names(info) -> set[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from app.server.tool_calls import ToolSetup, ToolStream, chat_message
 from engine.api import FinishedEvent
 
 
@@ -35,13 +36,16 @@ def usage(finishes: list[FinishedEvent], n: int) -> dict:
 
 
 def response(chat: bool, rid: str, created: int, model: str, texts: list[str],
-             finishes: list[FinishedEvent], n: int, logprobs: list[dict] | None = None) -> dict:
-    """The whole answer of a non-streaming request (``logprobs``: each choice's, formatted)."""
+             finishes: list[FinishedEvent], n: int, logprobs: list[dict] | None = None,
+             tools: ToolSetup | None = None) -> dict:
+    """The whole answer of a non-streaming request (``logprobs``: each choice's, formatted;
+    ``tools``: the chat's tools, whose calls are parsed out of the text)."""
     lps = logprobs or [None] * len(texts)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "finish_reason": f.reason, "logprobs": lp}
-                   for i, (text, f, lp) in enumerate(zip(texts, finishes, lps))]
+        choices = []
+        for i, (text, f, lp) in enumerate(zip(texts, finishes, lps)):
+            message, reason = chat_message(text, f.reason, tools)
+            choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": lp})
     else:
         choices = [{"index": i, "text": text, "finish_reason": f.reason, "logprobs": lp}
                    for i, (text, f, lp) in enumerate(zip(texts, finishes, lps))]
@@ -51,12 +55,20 @@ def response(chat: bool, rid: str, created: int, model: str, texts: list[str],
 
 
 class Chunks:
-    """The stream's chunks of one request, as SSE ``data:`` lines."""
+    """The stream's chunks of one request, as SSE ``data:`` lines. With ``tools`` each
+    chat choice's text goes through a tool-call parser (``ToolStream``): content and call
+    deltas as they become sure; with ``echo`` each completions choice opens with its prompt."""
 
     def __init__(self, chat: bool, rid: str, created: int, model: str, include_usage: bool,
-                 logprobs=None) -> None:
+                 logprobs=None, tools: ToolSetup | None = None, echo: list[str] | None = None, n: int = 1,
+                 echo_logprobs: list[dict] | None = None) -> None:
         self.chat = chat
         self.logprobs = logprobs  # a Logprobs formatter, when the request asked for them
+        self.tools = tools
+        self._tool_streams: dict[int, ToolStream] = {}  # chat with tools: each choice's parser
+        self._held_lps: dict[int, list] = {}  # logprobs of text the parser holds back
+        self._echo, self._n = echo, n  # completions' echo: prompt p's text opens choices p*n..
+        self._echo_lps = echo_logprobs  # ... with its tokens' logprobs, when asked for
         self._offsets: dict[int, int] = {}  # completions: each choice's text length so far
         self._head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                       "created": created, "model": model, "system_fingerprint": None}
@@ -81,15 +93,50 @@ class Chunks:
         return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": formatted}
 
     def opening(self, index: int) -> bytes | None:
-        """Chat's first chunk of a choice says the role (completions have none)."""
-        return self._line([self._choice(index, None, None, role=True)]) if self.chat else None
+        """Chat's first chunk of a choice says the role; completions' is the echoed prompt."""
+        if self.chat:
+            if self.tools is not None:
+                self._tool_streams[index] = ToolStream(self.tools)
+            return self._line([self._choice(index, None, None, role=True)])
+        if self._echo:
+            text = self._echo[index // self._n]
+            choice = self._choice(index, text, None)
+            if self._echo_lps is not None:
+                choice["logprobs"] = self._echo_lps[index // self._n]
+                self._offsets[index] = len(text)  # the answer's offsets follow the prompt's
+            return self._line([choice])
+        return None
 
-    def text(self, index: int, text: str, lps: list | None = None) -> bytes:
-        return self._line([self._choice(index, text, None, lps=lps)])
+    def text(self, index: int, text: str, lps: list | None = None) -> bytes | None:
+        """The chunk(s) of new text (None: the tool-call parser holds it back for now)."""
+        stream = self._tool_streams.get(index)
+        if stream is None:
+            return self._line([self._choice(index, text, None, lps=lps)])
+        return self._deltas(index, stream.feed(text), lps)
 
     def finish(self, index: int, fin: FinishedEvent, lps: list | None = None) -> bytes:
         """The choice's last chunk (``lps``: logprobs of tokens that added no text, e.g. the EOS)."""
-        return self._line([self._choice(index, None, fin.reason, lps=lps)], hearth=timings(fin))
+        stream = self._tool_streams.get(index)
+        if stream is None:
+            return self._line([self._choice(index, None, fin.reason, lps=lps)], hearth=timings(fin))
+        rest = self._deltas(index, stream.finish(), lps) or b""
+        reason = "tool_calls" if stream.called and fin.reason == "stop" else fin.reason
+        return rest + self._line([self._choice(index, None, reason, lps=self._held_lps.pop(index, None))],
+                                 hearth=timings(fin))
+
+    def _deltas(self, index: int, deltas: list[dict], lps: list | None) -> bytes | None:
+        """Chat chunks of a tool parser's deltas; logprobs go with the first one out."""
+        held = self._held_lps.setdefault(index, [])
+        held.extend(lps or ())
+        if not deltas:
+            return None
+        lines = []
+        for delta in deltas:
+            lps, self._held_lps[index] = self._held_lps[index], []
+            choice = self._choice(index, None, None, lps=lps)
+            choice["delta"] = delta
+            lines.append(self._line([choice]))
+        return b"".join(lines)
 
     def usage(self, finishes: list[FinishedEvent], n: int) -> bytes:
         return self._line([], usage=usage(finishes, n), hearth=hearth_field(finishes))

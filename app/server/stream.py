@@ -35,7 +35,9 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
             text = choice.take(ev)
             if text is not None:  # every token step is a chunk, as OpenAI streams (even one
                 # that adds no text yet): a client sees, and can time, each token
-                yield chunks.text(index, text, choice.take_logprobs())
+                out = chunks.text(index, text, choice.take_logprobs())
+                if out:  # None: a tool call's text, held until the call is whole
+                    yield out
             elif choice.finish is not None and choice.finish is ev:
                 left -= 1
                 error = failure(choice)

@@ -13,6 +13,7 @@ from jinja2.exceptions import TemplateError
 
 from app.server.errors import ApiError, param_of
 from app.server.schemas import ChatCompletionRequest
+from app.server.tool_calls import ToolSetup, chat_prompt_ids, tool_fields, tool_setup
 from engine.api import InvalidRequestError, SamplingParams, check_text
 
 #: The most choices one request may ask for (each is a request on the engine).
@@ -36,16 +37,17 @@ class Job:
     params: list[SamplingParams]  # one per choice
     n: int
     logprobs: bool = False  # the answer carries logprobs
+    tools: ToolSetup | None = None  # chat: the tools in play (their calls are parsed out)
+    echo: list[str] | None = None  # completions' echo: each prompt's text, put before its answers
 
 
 def not_supported(body, chat: bool) -> None:
     """Refuse parameters the server can't honour yet, when they ask for something."""
     asked = {"logit_bias": bool(body.logit_bias)}
     if chat:
-        asked.update(tools=bool(body.tools), tool_choice=body.tool_choice not in (None, "none", "auto"),
-                     response_format=(body.response_format or {}).get("type", "text") != "text")
+        asked.update(response_format=(body.response_format or {}).get("type", "text") != "text")
     else:
-        asked.update(echo=bool(body.echo), suffix=bool(body.suffix),
+        asked.update(suffix=bool(body.suffix),
                      best_of=body.best_of is not None and body.best_of != (body.n or 1))
     for name, on in asked.items():
         if on:
@@ -132,16 +134,16 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
                                "only.", f"messages.{i}.content")
             content = "".join(p.text or "" for p in content)
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for it
-        out.append({"role": role, "content": content or ""})
+        out.append({"role": role, "content": content or "", **tool_fields(m, i)})
     return out
 
 
-def prompt_ids(body, chat: bool, tokenizer) -> list[list[int]]:
+def prompt_ids(body, chat: bool, tokenizer, tools: ToolSetup | None = None) -> list[list[int]]:
     """The prompts as token ids (chat: one, rendered with the model's template)."""
     try:
         if chat:
             try:
-                return [tokenizer.apply_chat_template(chat_messages(body))]
+                return [chat_prompt_ids(tokenizer, chat_messages(body), tools)]
             except TemplateError as e:  # the template refuses these messages (roles must alternate, ...)
                 raise ApiError(400, f"the model's chat template refuses these messages: {e}", "messages") from None
         prompt = body.prompt
@@ -169,7 +171,8 @@ def prompt_ids(body, chat: bool, tokenizer) -> list[list[int]]:
 def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) -> Job:
     """The engine's work for ``body``, or a 400 saying what is wrong with it."""
     n = check_request(body, chat)
-    prompts = prompt_ids(body, chat, tokenizer)
+    tools = tool_setup(body, tokenizer) if chat else None
+    prompts = prompt_ids(body, chat, tokenizer, tools)
     asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     params = []
     for ids in prompts:
@@ -194,4 +197,16 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
             # request gives the same choices again.
             seed = None if body.seed is None else (body.seed + j) % SEED_SPAN
             params.append(sampling(body, max_tokens, seed, chat))
-    return Job(prompts, params, n, logprobs=top_logprobs(body, chat) is not None)
+    echo = echo_texts(body, prompts, tokenizer) if not chat else None
+    return Job(prompts, params, n, logprobs=top_logprobs(body, chat) is not None, tools=tools, echo=echo)
+
+
+def echo_texts(body, prompts: list[list[int]], tokenizer) -> list[str] | None:
+    """Completions' ``echo``: each prompt's text, put before its answers (a token-id prompt
+    decoded as the engine decodes its answers)."""
+    if not body.echo:
+        return None
+    prompt = body.prompt
+    single = isinstance(prompt, str) or all(isinstance(t, int) for t in prompt)
+    given = [prompt] if single else prompt
+    return [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(given, prompts)]

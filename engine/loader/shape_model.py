@@ -124,7 +124,7 @@ class TokenIdsOnlyTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return ""
 
-    def render_chat(self, messages, system: str | None = None) -> str:
+    def render_chat(self, messages, system: str | None = None, tools=None) -> str:
         raise InvalidRequestError(
             f"{self._model_name} has random weights and no tokenizer or chat template: "
             "send token ids instead (Request(prompt_token_ids=[...]))."

@@ -1,0 +1,152 @@
+"""``POST /v1/responses``: OpenAI's Responses API, stateless — text in (``input`` as a
+string or a list of message items, ``instructions``), text out, whole or as the API's
+stream of typed events (``app.server.response_events``).
+
+A Responses request becomes a chat request (``instructions`` as the system message, each
+input item as a message) and runs through the same checks, chat template and engine as
+/v1/chat/completions; its errors name the Responses parameters (``input``,
+``max_output_tokens``). The server keeps nothing: ``previous_response_id`` and
+``store: true`` are a 400 that says so (send the whole conversation in ``input``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Optional, Union
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from app.server.errors import ApiError, validation_message
+from app.server.response_events import ResponseShapes, response_events
+from app.server.schemas import Bool, ChatCompletionRequest, Float, Int, Str, _Body
+from app.server.service import OpenAIService, collect, failure
+from app.server.stream import EventStream
+
+STATELESS = ("this server is stateless: it keeps no responses, so {what}. Send the whole conversation in "
+             "'input' (earlier answers as assistant messages) instead.")
+#: Content part types that carry text (a client's own and a previous answer's, sent back).
+TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+#: Chat parameter -> the Responses parameter it comes from (for error messages).
+RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input"}
+#: Hearth's sampling extensions, passed on as they are.
+EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "ignore_eos")
+
+
+class ResponsesRequest(_Body):
+    """The Responses API's request (the fields Hearth reads; others are kept and ignored)."""
+
+    model: Optional[Str] = None
+    input: Union[Str, list[Any]]
+    instructions: Optional[Str] = None
+    max_output_tokens: Optional[Int] = None
+    temperature: Optional[Float] = None
+    top_p: Optional[Float] = None
+    stream: Optional[Bool] = None
+    previous_response_id: Optional[Str] = None
+    store: Optional[Bool] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Any = None
+    text: Optional[dict[str, Any]] = None
+    metadata: Optional[dict[str, Any]] = None
+    user: Optional[Str] = None
+
+
+def _text_of(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or a list of input_text parts.", where)
+    texts = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{where}.{k} is a {kind!r} part: this server reads text only "
+                           "({'type': 'input_text', 'text': ...}).", f"{where}.{k}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def messages_of(body: ResponsesRequest) -> list[dict]:
+    """``instructions`` and ``input`` as chat messages; a 400 for what isn't text."""
+    messages = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
+    if isinstance(body.input, str):
+        return messages + [{"role": "user", "content": body.input}]
+    for i, item in enumerate(body.input):
+        where = f"input.{i}"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind != "message":
+            raise ApiError(400, f"{where} is a {kind!r} item: this server takes message items only "
+                           "({'role': 'user', 'content': ...}).", where)
+        role = item.get("role")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise ApiError(400, f"{where}.role must be user, assistant, system or developer, got {role!r}.",
+                           f"{where}.role")
+        messages.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+    if len(messages) == (body.instructions is not None):
+        raise ApiError(400, "input is empty: send some text, or at least one message.", "input")
+    return messages
+
+
+def _refuse(body: ResponsesRequest) -> None:
+    if body.previous_response_id is not None:
+        raise ApiError(400, STATELESS.format(what="previous_response_id can't name an earlier one"),
+                       "previous_response_id", "unsupported_parameter")
+    if body.store:
+        raise ApiError(400, STATELESS.format(what="store must be false (or left out)"), "store",
+                       "unsupported_parameter")
+    if body.tools:
+        raise ApiError(400, "tools are not supported on /v1/responses yet: use /v1/chat/completions for tool "
+                       "calling.", "tools", "unsupported_parameter")
+    fmt = (body.text or {}).get("format") or {}
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        raise ApiError(400, "text.format other than 'text' is not supported on /v1/responses yet.",
+                       "text.format", "unsupported_parameter")
+    if body.max_output_tokens is not None and body.max_output_tokens <= 0:
+        raise ApiError(400, f"max_output_tokens must be a positive integer, got {body.max_output_tokens}.",
+                       "max_output_tokens")
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request a Responses request runs as."""
+    _refuse(body)
+    extra = {k: v for k, v in (body.model_extra or {}).items() if k in EXTRAS}
+    try:
+        return ChatCompletionRequest(model=body.model, messages=messages_of(body), temperature=body.temperature,
+                                     top_p=body.top_p, max_completion_tokens=body.max_output_tokens, **extra)
+    except ValidationError as e:
+        message, param = validation_message(list(e.errors()))
+        raise ApiError(400, message, param) from None
+
+
+def _renamed(e: ApiError) -> ApiError:
+    """A chat check's error, naming the Responses parameter."""
+    message, param = e.message, e.param
+    for chat, responses in RENAMED.items():
+        message = message.replace(chat, responses)
+        if param is not None and (param == chat or param.startswith(chat + ".")):
+            param = responses + param[len(chat):]
+    return ApiError(e.status, message, param, e.code, e.headers)
+
+
+async def create_response(service: OpenAIService, body: ResponsesRequest, request: Request):
+    try:
+        chat = chat_request(body)
+        model, job, _ = await service.prepare(chat, chat=True)
+    except ApiError as e:
+        raise _renamed(e) from None
+    shapes = ResponseShapes(f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time()), model, body)
+    (choice,) = choices = service.submit(job)
+    if body.stream:
+        return EventStream(response_events(service, choice, shapes), on_close=lambda: service.done(choices))
+    try:
+        answered = await collect(choices, request)
+    finally:
+        service.done(choices)
+    if not answered:
+        raise ApiError(400, "the client closed the connection.")
+    error = failure(choice)
+    if error is not None:
+        raise error
+    return shapes.response(choice.text, choice.finish)

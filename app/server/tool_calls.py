@@ -1,0 +1,231 @@
+"""Tool calling on /v1/chat/completions: ``tools`` and ``tool_choice`` checked and rendered
+through the model's chat template (transformers' ``apply_chat_template(tools=...)``),
+assistant ``tool_calls`` and ``tool`` messages fed back to it, and the calls the model
+writes parsed out of its answer (``app.server.tool_parsers``) into OpenAI's shapes, whole
+or as stream deltas.
+
+``tool_choice``:
+
+- ``"auto"`` (the default with tools): the tools are in the prompt; the model may call them.
+- ``"none"``: the tools are left out of the prompt and the answer is not parsed for calls
+  (OpenAI: "the model will not call any tool").
+- ``"required"`` or a named function: the answer is *made* to start a call by writing the
+  call's opening into the prompt after the generation prompt (Hermes/Qwen:
+  ``<tool_call>\\n{"name": "`` or, named, ``... "get_weather", "arguments": ``; Llama 3.1:
+  ``{"name": ...``), so the model can only go on writing a call. This needs no grammar
+  engine; what it can't do is make the model's JSON valid: a call that still doesn't
+  parse comes back as plain content (the forced opening included) with the engine's
+  ``finish_reason`` (``stop``), exactly as a malformed call under ``auto`` does. With
+  ``"required"`` the name is the model's choice and is not checked against ``tools``.
+
+``parallel_tool_calls: false`` keeps only the first call of an answer that writes several.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from jinja2.exceptions import TemplateError
+
+from app.server.errors import ApiError
+from app.server.tool_parsers import PARSERS, Delta, ToolParser, parse, parser_name_for
+from engine.api import InvalidRequestError
+
+#: OpenAI's rule for function names.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: How a forced call opens, per parser: (any function, the named one's format).
+_FORCED = {"hermes": ('<tool_call>\n{"name": "', '<tool_call>\n{{"name": {name}, "arguments": '),
+           "llama3_json": ('{"name": "', '{{"name": {name}, "parameters": ')}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSetup:
+    """One chat request's tools: what the template renders, which parser reads the answer,
+    and the text forced at the answer's start (``tool_choice`` required / named)."""
+
+    tools: list[dict]
+    parser: str
+    prefix: str = ""
+    names: frozenset[str] = field(default_factory=frozenset)
+    parallel: bool = True  # parallel_tool_calls: false keeps only the answer's first call
+
+    def new_parser(self) -> ToolParser:
+        return PARSERS[self.parser]()
+
+
+def _template_text(tokenizer) -> str:
+    template = getattr(getattr(tokenizer, "hf_tokenizer", None), "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates (default, tool_use, ...)
+        return "\n".join(str(t) for t in template.values())
+    return str(template)
+
+
+def check_tools(tools) -> list[dict]:
+    """``tools`` as OpenAI defines them (a list of ``{type: function, function: {name,
+    description?, parameters?}}``), or a 400 naming the entry that is not."""
+    out = []
+    for i, tool in enumerate(tools or []):
+        where = f"tools.{i}"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise ApiError(400, f"{where} must be {{'type': 'function', 'function': {{...}}}}: only function "
+                           "tools are supported.", f"{where}.type")
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise ApiError(400, f"{where}.function must be an object with a name (and parameters).",
+                           f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ApiError(400, f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', got "
+                           f"{name!r}.", f"{where}.function.name")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise ApiError(400, f"{where}.function.parameters must be a JSON Schema object.",
+                           f"{where}.function.parameters")
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise ApiError(400, f"{where}.function.description must be a string.", f"{where}.function.description")
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _choice(tool_choice, names: set[str]) -> str | None:
+    """``tool_choice`` as "none" / "auto" / "required" or the named function's name."""
+    if tool_choice is None:
+        return "auto"
+    if tool_choice in ("none", "auto", "required"):
+        return tool_choice
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
+        raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                       "{'name': ...}}.", "tool_choice")
+    if name not in names:
+        raise ApiError(400, f"tool_choice names the function {name!r}, which is not among tools "
+                       f"({', '.join(sorted(names)) or 'none given'}).", "tool_choice")
+    return name
+
+
+def tool_setup(body, tokenizer) -> ToolSetup | None:
+    """The request's tools, checked (None: no tools in play); a 400 for bad ``tools`` or
+    ``tool_choice``, or a model whose chat template can't take tools."""
+    tools = check_tools(body.tools)
+    names = {t["function"]["name"] for t in tools}
+    choice = _choice(body.tool_choice, names)
+    if choice == "none" or not tools:
+        if choice not in ("none", "auto"):
+            raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools: send the functions to call.",
+                           "tool_choice")
+        return None
+    parser = parser_name_for(_template_text(tokenizer))
+    if parser is None:
+        raise ApiError(400, "this model's chat template does not write tool calls in a format Hearth reads "
+                       "(Hermes/Qwen '<tool_call>' JSON or Llama 3.1 JSON): leave out tools, or load a model "
+                       "made for tool calling (Qwen2.5/Qwen3 Instruct, Llama 3.1 Instruct, Hermes).", "tools")
+    prefix = ""
+    if choice == "required":
+        prefix = _FORCED[parser][0]
+    elif choice != "auto":
+        prefix = _FORCED[parser][1].format(name=json.dumps(choice))
+    parallel = getattr(body, "parallel_tool_calls", None)  # a field OpenAI defines; kept as an extra
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, "parallel_tool_calls must be true or false.", "parallel_tool_calls")
+    return ToolSetup(tools, parser, prefix, frozenset(names), parallel is not False)
+
+
+def tool_fields(message, i: int) -> dict:
+    """An assistant message's ``tool_calls`` (arguments decoded: chat templates write them
+    as objects) and a tool message's ``tool_call_id``, as the chat template takes them."""
+    out = {}
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    if not message.tool_calls:
+        return out
+    if message.role != "assistant":
+        raise ApiError(400, f"messages[{i}] has tool_calls but is a {message.role} message: only assistant "
+                       "messages make calls.", f"messages.{i}.tool_calls")
+    calls = []
+    for j, call in enumerate(message.tool_calls):
+        where = f"messages.{i}.tool_calls.{j}"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"{where} must be {{'id', 'type': 'function', 'function': {{'name', "
+                           "'arguments'}}}.", where)
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise ApiError(400, f"{where}.function.arguments is not valid JSON: send the arguments the "
+                               "call was answered with, as a JSON object in a string.",
+                               f"{where}.function.arguments") from None
+        calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    out["tool_calls"] = calls
+    return out
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], setup: ToolSetup | None) -> list[int]:
+    """The chat prompt's token ids: the tools rendered by the template, then the forced
+    opening of a call (``tool_choice`` required / named)."""
+    if setup is None:
+        return tokenizer.apply_chat_template(messages)
+    try:
+        text = tokenizer.render_chat(messages, tools=setup.tools)
+    except InvalidRequestError:
+        raise  # said well already (the caller makes it a 400)
+    except (TemplateError, TypeError, ValueError) as e:  # a template may trip on a client's odd values
+        raise ApiError(400, f"the model's chat template refuses these messages or tools: {e}", "messages") from None
+    return tokenizer.encode(text + setup.prefix, add_special_tokens=False)
+
+
+def _call_json(call) -> dict:
+    return {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def chat_message(text: str, reason: str, setup: ToolSetup | None) -> tuple[dict, str]:
+    """A whole answer's ``message`` and its ``finish_reason`` (``tool_calls`` when the
+    model ended after writing calls)."""
+    if setup is None:
+        return {"role": "assistant", "content": text, "refusal": None}, reason
+    parsed = parse(setup.new_parser(), setup.prefix + text)
+    calls = parsed.calls if setup.parallel else parsed.calls[:1]
+    if not calls:
+        return {"role": "assistant", "content": parsed.content or "", "refusal": None}, reason
+    message = {"role": "assistant", "content": parsed.content, "refusal": None,
+               "tool_calls": [_call_json(c) for c in calls]}
+    return message, "tool_calls" if reason == "stop" else reason
+
+
+class ToolStream:
+    """One streamed choice's deltas (OpenAI's chat chunk ``delta``s): content as it is sure,
+    and each call as its start (index, id, type, ``function.name``) then its arguments."""
+
+    def __init__(self, setup: ToolSetup) -> None:
+        self._parser = setup.new_parser()
+        self._most = None if setup.parallel else 1  # the calls streamed (parallel_tool_calls)
+        self._early = self._parser.feed(setup.prefix)
+
+    @property
+    def called(self) -> bool:
+        return self._parser.calls > 0
+
+    def feed(self, text: str) -> list[dict]:
+        early, self._early = self._early, []
+        return self._out(early + self._parser.feed(text))
+
+    def finish(self) -> list[dict]:
+        early, self._early = self._early, []
+        return self._out(early + self._parser.finish())
+
+    def _out(self, deltas: list[Delta]) -> list[dict]:
+        return [_delta(d) for d in deltas if self._most is None or d.index is None or d.index < self._most]
+
+
+def _delta(d: Delta) -> dict:
+    if d.content is not None:
+        return {"content": d.content}
+    if d.name is not None:
+        return {"tool_calls": [{"index": d.index, "id": d.call_id, "type": "function",
+                                "function": {"name": d.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": d.index, "function": {"arguments": d.arguments}}]}

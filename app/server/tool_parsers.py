@@ -1,0 +1,275 @@
+"""Tool calls parsed out of a model's text, for the families whose chat templates Hearth
+knows: Hermes / Qwen2.5 / Qwen3 (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``,
+several per answer) and Llama 3.1 (a bare JSON object ``{"name": ..., "parameters": ...}``,
+optionally after ``<|python_tag|>``). Plain Python, no web framework: tested on its own.
+
+A parser reads text incrementally (``feed`` as tokens arrive, ``finish`` at the end) and
+returns ``Delta``s: content text, a call's start (its id and name), its arguments. Parsing
+a whole answer is the same parser fed once, so a stream and a whole answer always agree.
+
+Each call is held back until it is complete (its closing tag, or the end of the answer for
+Llama's bare JSON), then parsed: a call whose JSON does not parse, or has no name, is given
+back as plain content (the client sees what the model wrote, and ``finish_reason`` is not
+``tool_calls``), never half-streamed as a call. So a call's ``name`` and ``arguments``
+arrive together, once the call is written, rather than token by token.
+
+Whitespace around a call (the newline between two ``<tool_call>`` blocks) is dropped: it
+is layout, not an answer; other text is content, as the model wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One piece of a parsed answer: ``content`` text, or a call's ``name`` (its start,
+    with ``call_id``) or ``arguments`` (a JSON string), the call numbered ``index``."""
+
+    content: str | None = None
+    index: int | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    call_id: str
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A whole answer: its content (None when only calls were written) and its calls."""
+
+    content: str | None
+    calls: list[ToolCall]
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def call_of(text: str) -> tuple[str, str] | None:
+    """``(name, arguments as JSON text)`` of one call's JSON, or None when it is not one."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return call_from(obj)
+
+
+def call_from(obj, args_keys: tuple[str, ...] = ("arguments", "parameters")) -> tuple[str, str] | None:
+    """``(name, arguments as JSON text)`` of a decoded call object, or None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = next((obj[k] for k in args_keys if k in obj), {})
+    if isinstance(args, str):  # some models write the arguments as a JSON string already
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return obj["name"], json.dumps(args, ensure_ascii=False)
+
+
+class ToolParser:
+    """Reads one answer. ``feed(text)`` and ``finish()`` return the deltas that are sure
+    by then; ``prefix``: text the prompt forced the answer to begin with (read first)."""
+
+    def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
+        self._new_id = new_id
+        self.calls = 0
+
+    def feed(self, text: str) -> list[Delta]:
+        raise NotImplementedError
+
+    def finish(self) -> list[Delta]:
+        raise NotImplementedError
+
+    def _call(self, name: str, arguments: str) -> list[Delta]:
+        index, self.calls = self.calls, self.calls + 1
+        return [Delta(index=index, call_id=self._new_id(), name=name), Delta(index=index, arguments=arguments)]
+
+
+class HermesParser(ToolParser):
+    """``<tool_call>{json}</tool_call>`` blocks anywhere in the answer (Hermes, Qwen2.5,
+    Qwen3); text outside them is content."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
+        super().__init__(new_id)
+        self._buf = ""  # text not yet given out
+        self._in_call = False
+        self._after_call = False  # drop whitespace right after a call
+        self._gap = ""  # the whitespace before the open call (given back if it is not one)
+        self._searched = 0  # how much of an open call's text holds no closing tag
+
+    def feed(self, text: str) -> list[Delta]:
+        self._buf += text
+        out: list[Delta] = []
+        while True:
+            if self._in_call:
+                # searched from where the last search left off: a long call costs linear time
+                end = self._buf.find(self.CLOSE, max(0, self._searched - len(self.CLOSE) + 1))
+                if end < 0:
+                    self._searched = len(self._buf)
+                    return out
+                inner, self._buf = self._buf[:end], self._buf[end + len(self.CLOSE):]
+                self._in_call, self._searched = False, 0
+                out += self._ended(inner, closed=True)
+                continue
+            if self._after_call:
+                stripped = self._buf.lstrip()
+                if not stripped:
+                    self._buf = ""
+                    return out
+                self._buf, self._after_call = stripped, False
+            start = self._buf.find(self.OPEN)
+            if start >= 0:
+                before = self._buf[:start]
+                text = before.rstrip()  # whitespace just before a call is layout
+                if text:
+                    out.append(Delta(content=text))
+                self._gap = before[len(text):]
+                self._buf = self._buf[start + len(self.OPEN):]
+                self._in_call = True
+                continue
+            # No tag yet: give out all but what may begin one (and trailing whitespace,
+            # which a call may follow).
+            keep = _tag_prefix_len(self._buf, self.OPEN)
+            head = self._buf[:len(self._buf) - keep]
+            sure = head.rstrip()
+            if sure:
+                out.append(Delta(content=sure))
+            self._buf = self._buf[len(sure):]
+            return out
+
+    def finish(self) -> list[Delta]:
+        if self._in_call:  # the answer ended inside a call (no closing tag): a call if it parses
+            inner, self._buf, self._in_call = self._buf, "", False
+            return self._ended(inner, closed=False)
+        rest, self._buf = self._buf, ""
+        if self._after_call:
+            rest = rest.strip()
+        return [Delta(content=rest)] if rest else []
+
+    def _ended(self, inner: str, closed: bool) -> list[Delta]:
+        call = call_of(inner.strip())
+        if call is None:
+            return [Delta(content=self._gap + self.OPEN + inner + (self.CLOSE if closed else ""))]
+        self._after_call = True
+        return self._call(*call)
+
+
+class Llama3JsonParser(ToolParser):
+    """Llama 3.1's JSON tool calls: the whole answer is ``{"name": ..., "parameters":
+    ...}`` (``<|python_tag|>`` may come first when special tokens are kept; several calls
+    may be separated by ``;``). An answer that starts with ``{`` is held to its end, then
+    given as calls if it parses as them, else as content; any other answer streams as
+    content."""
+
+    TAG = "<|python_tag|>"
+
+    def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
+        super().__init__(new_id)
+        self._buf = ""
+        self._mode: str | None = None  # None: undecided; "json": held; "text": streamed
+
+    def feed(self, text: str) -> list[Delta]:
+        if self._mode == "text":
+            return [Delta(content=text)] if text else []
+        self._buf += text
+        if self._mode == "json":
+            return []
+        head = self._buf.lstrip()
+        if head.startswith(self.TAG):
+            head = head[len(self.TAG):].lstrip()
+        elif self.TAG.startswith(head):
+            head = ""  # what may become the tag
+        if not head:
+            return []  # undecided yet
+        if head.startswith("{"):
+            self._mode = "json"
+            return []
+        self._mode, rest, self._buf = "text", self._buf, ""
+        return [Delta(content=rest)]
+
+    def finish(self) -> list[Delta]:
+        text, self._buf = self._buf, ""
+        if self._mode != "json":
+            return [Delta(content=text)] if text else []
+        body = text.lstrip()
+        body = body[len(self.TAG):] if body.startswith(self.TAG) else body
+        calls = _json_calls(body)
+        if calls is None:
+            return [Delta(content=text)]
+        out: list[Delta] = []
+        for call in calls:
+            out += self._call(*call)
+        return out
+
+
+def _json_calls(text: str) -> list[tuple[str, str]] | None:
+    """One or more call objects, separated by ``;`` or whitespace, and nothing else."""
+    decoder = json.JSONDecoder()
+    calls, pos, text = [], 0, text.strip()
+    while pos < len(text):
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            return None
+        call = call_from(obj, ("parameters", "arguments"))
+        if call is None:
+            return None
+        calls.append(call)
+        pos = end
+        while pos < len(text) and (text[pos].isspace() or text[pos] == ";"):
+            pos += 1
+    return calls or None
+
+
+def _tag_prefix_len(text: str, tag: str) -> int:
+    """The length of the longest end of ``text`` that is a proper start of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+#: The parsers by name (``parser_name_for`` picks one from a chat template).
+PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+
+
+def parser_name_for(template: str) -> str | None:
+    """The parser for a chat template, from what its text writes (None: no format known)."""
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|python_tag|>" in template or ('"parameters"' in template and "<|eot_id|>" in template):
+        return "llama3_json"
+    return None
+
+
+def parse(parser: ToolParser, text: str) -> Parsed:
+    """A whole answer through ``parser`` (fed once, as a stream of one piece)."""
+    return collect(parser.feed(text) + parser.finish())
+
+
+def collect(deltas: list[Delta]) -> Parsed:
+    """The content and calls that ``deltas`` add up to."""
+    content = "".join(d.content for d in deltas if d.content is not None)
+    calls: dict[int, list[str]] = {}
+    for d in deltas:
+        if d.name is not None:
+            calls[d.index] = [d.call_id, d.name, ""]
+        elif d.arguments is not None:
+            calls[d.index][2] += d.arguments
+    return Parsed(content or None, [ToolCall(*calls[i]) for i in sorted(calls)])

@@ -1,0 +1,269 @@
+"""Tool calling through the official openai client against a live server: the tools and
+the fed-back calls and results rendered by the model's chat template (a Hermes/Qwen-style
+fixture template), and the calls a (scripted) model writes parsed into ``tool_calls``,
+whole and streamed."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.app.server.scripted import scripted, tool_model  # noqa: F401  (fixtures)
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+ASK = [{"role": "user", "content": "Weather in Paris and the time?"}]
+TWO_CALLS = ('I will look both up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+             '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+MALFORMED = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
+
+
+def ask(client, engine, answer: str, **kwargs):
+    engine.answers[:] = [answer]  # a refused request leaves none behind
+    kwargs.setdefault("messages", ASK)
+    kwargs.setdefault("tools", [WEATHER, TIME])
+    return client.chat.completions.create(model="scripted", **kwargs)
+
+
+def streamed(client, engine, answer: str, **kwargs):
+    """The stream's chunks, and what its deltas add up to: (content, calls, finish)."""
+    chunks = list(ask(client, engine, answer, stream=True, **kwargs))
+    content, calls, finish = "", {}, None
+    for chunk in chunks:
+        (choice,) = chunk.choices
+        content += choice.delta.content or ""
+        for tc in choice.delta.tool_calls or []:
+            if tc.id is not None:  # a call's first delta: id, type and name, before any arguments
+                assert tc.index not in calls and tc.type == "function" and tc.function.name
+                calls[tc.index] = [tc.id, tc.function.name, tc.function.arguments or ""]
+            else:
+                calls[tc.index][2] += tc.function.arguments
+        finish = choice.finish_reason or finish
+    return chunks, content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_tools_and_fed_back_results_are_in_the_prompt(scripted):
+    engine, client = scripted
+    messages = [
+        {"role": "system", "content": "Be brief."}, *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_abc", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "Sunny, 21 C"},
+    ]
+    r = ask(client, engine, "It is sunny.", messages=messages)
+    assert r.choices[0].message.content == "It is sunny." and r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason == "stop"
+    prompt = engine.prompt_text()
+    assert json.dumps(WEATHER["function"]["parameters"]) in prompt  # the tools, rendered by the template
+    assert '"name": "get_time"' in prompt and "Be brief." in prompt
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert '<tool_response id="call_abc">\nSunny, 21 C\n</tool_response>' in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_tool_choice_none_leaves_the_tools_out(scripted):
+    engine, client = scripted
+    r = ask(client, engine, TWO_CALLS, tool_choice="none")
+    assert "get_time" not in engine.prompt_text()
+    assert r.choices[0].message.content == TWO_CALLS and r.choices[0].finish_reason == "stop"
+
+
+def test_two_calls_in_one_answer(scripted):
+    engine, client = scripted
+    r = ask(client, engine, TWO_CALLS)
+    (choice,) = r.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "I will look both up."
+    calls = choice.message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Paris"}, {}]
+    assert all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    assert len({c.id for c in calls}) == 2
+
+
+def test_two_calls_streamed(scripted):
+    engine, client = scripted
+    chunks, content, calls, finish = streamed(client, engine, TWO_CALLS)
+    assert content == "I will look both up." and finish == "tool_calls"
+    assert [(name, json.loads(args)) for _, name, args in calls] == [("get_weather", {"city": "Paris"}),
+                                                                    ("get_time", {})]
+    assert all(cid.startswith("call_") for cid, _, _ in calls)
+    # the text before the calls streamed as content before any call
+    first_call = next(i for i, c in enumerate(chunks) if c.choices[0].delta.tool_calls)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:first_call]) == content
+    # no chunk ever showed a piece of the tags
+    assert all("<tool" not in (c.choices[0].delta.content or "") for c in chunks)
+
+
+def test_malformed_call_comes_back_as_content(scripted):
+    engine, client = scripted
+    r = ask(client, engine, MALFORMED)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == MALFORMED
+    _, content, calls, finish = streamed(client, engine, MALFORMED)
+    assert (content, calls, finish) == (MALFORMED, [], "stop")
+
+
+def test_plain_answer_with_tools_streams_unchanged(scripted):
+    engine, client = scripted
+    text = "No tool needed: 2 < 3 <b>bold</b>."
+    _, content, calls, finish = streamed(client, engine, text)
+    assert (content, calls, finish) == (text, [], "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_tool_choice_forces_that_call(scripted, stream):
+    engine, client = scripted
+    # The prompt ends with the call's opening: the model only writes its arguments.
+    answer = '{"city": "Oslo"}}\n</tool_call>'
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    if stream:
+        _, content, calls, finish = streamed(client, engine, answer, tool_choice=choice)
+        assert content == "" and [c[1:] for c in calls] == [["get_weather", '{"city": "Oslo"}']]
+    else:
+        r = ask(client, engine, answer, tool_choice=choice)
+        finish = r.choices[0].finish_reason
+        (call,) = r.choices[0].message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
+        assert r.choices[0].message.content is None
+    assert finish == "tool_calls"
+    assert engine.prompt_text().endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+
+
+def test_required_tool_choice_opens_a_call(scripted):
+    engine, client = scripted
+    r = ask(client, engine, 'get_time", "arguments": {}}\n</tool_call>', tool_choice="required")
+    assert engine.prompt_text().endswith('<|im_start|>assistant\n<tool_call>\n{"name": "')
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and r.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_call_cut_by_max_tokens_is_content_with_length(scripted):
+    engine, client = scripted
+    r = ask(client, engine, TWO_CALLS, max_tokens=12)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
+    assert TWO_CALLS.startswith(r.choices[0].message.content)
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}, "tools.0.function.parameters"),
+    ({"tools": "get_weather"}, "tools"),
+    ({"tool_choice": "always"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [*ASK, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
+])
+def test_bad_tools_are_a_400_naming_the_parameter(scripted, kwargs, param):
+    engine, client = scripted
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, engine, "unused", **kwargs)
+    assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+
+
+def test_a_template_without_tools_is_a_400(client, model_name):
+    """The main fixture model's template (SmolLM2's) writes no tool calls."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=ASK, tools=[WEATHER], max_tokens=2)
+    assert e.value.body["param"] == "tools" and "tool" in e.value.body["message"]
+    # tool_choice "none" needs nothing of the template
+    r = client.chat.completions.create(model=model_name, messages=ASK, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=2)
+    assert r.choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [None]}, {"tools": [{"type": "function", "function": {"name": "f", "description": 5}}]},
+    {"tool_choice": 5}, {"tool_choice": ["auto"]}, {"tool_choice": {"type": "function", "function": "f"}},
+    {"messages": [{"role": "user", "content": "hi", "tool_calls": [{"function": {"name": "f"}}]}]},
+    {"messages": [{"role": "assistant", "content": "x", "tool_calls": [5]}]},
+    {"messages": [{"role": "assistant", "content": "x", "tool_calls": "f"}]},
+    {"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]},
+    {"tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}]},
+])
+def test_odd_tool_values_are_a_400_never_a_500(scripted, extra):
+    import httpx
+
+    _, client = scripted
+    body = {"messages": ASK, "tools": [WEATHER], "max_tokens": 4, **extra}
+    r = httpx.post(f"{client.base_url}chat/completions", content=json.dumps(body),  # ASCII: surrogates escaped
+                   headers={"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"], r.text
+
+
+def test_odd_but_valid_fed_back_values_are_answered(scripted):
+    engine, client = scripted
+    r = ask(client, engine, "ok", messages=[*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "12:00"}]}])
+    assert r.choices[0].message.content == "ok"
+    assert '{"name": "get_time", "arguments": {}}' in engine.prompt_text()
+    assert "12:00" in engine.prompt_text()
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(scripted):
+    engine, client = scripted
+    r = ask(client, engine, TWO_CALLS, parallel_tool_calls=False)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
+    _, content, calls, finish = streamed(client, engine, TWO_CALLS, parallel_tool_calls=False)
+    assert [c[1] for c in calls] == ["get_weather"] and finish == "tool_calls"
+    with pytest.raises(openai.BadRequestError):
+        ask(client, engine, TWO_CALLS, extra_body={"parallel_tool_calls": "no"})
+
+
+@pytest.fixture(scope="module")
+def real_tool_client(tiny_models, tool_model, tmp_path_factory):
+    """The real engine on a tiny random-weight model whose tokenizer has the tool template."""
+    import shutil
+
+    from app.server import create_app
+    from app.services.engine_host import EngineHost
+    from app.services.host_events import LoadFailed, ModelLoaded
+    from tests.app.server.conftest import API_KEY, LiveServer, tiny_options
+    from tests.app.services.host_recorder import Recorder
+
+    folder = tmp_path_factory.mktemp("tiny-tools") / "model"
+    shutil.copytree(tiny_models["llama-tied"], folder)
+    shutil.copy(tool_model / "chat_template.jinja", folder / "chat_template.jinja")
+    host = EngineHost()
+    loaded = Recorder()
+    unsubscribe = host.subscribe(loaded)
+    host.load(tiny_options(folder))
+    ev = loaded.wait_for((ModelLoaded, LoadFailed))[0]
+    unsubscribe()
+    assert isinstance(ev, ModelLoaded), ev
+    try:
+        with LiveServer(create_app(host, api_key=API_KEY)) as live:
+            with openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+                yield host, c
+    finally:
+        assert host.shutdown()
+
+
+def test_the_real_engine_answers_a_forced_call(real_tool_client):
+    """The whole rendered prompt (tools, the forced opening) reaches the engine; a random
+    model's continuation is a call if it happens to parse, else content that begins with
+    the forced opening."""
+    host, client = real_tool_client
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=host.model_info.name, messages=ASK, tools=[WEATHER, TIME],
+                                       tool_choice=choice, temperature=0, max_tokens=6)
+    tok = host.engine.tokenizer
+    text = tok.render_chat(ASK, tools=[WEATHER, TIME]) + '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
+    message = r.choices[0].message
+    if message.tool_calls is None:
+        assert message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+        assert r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(model=host.model_info.name, messages=ASK, tools=[WEATHER, TIME],
+                                                 tool_choice=choice, temperature=0, max_tokens=6, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (message.content or "")
