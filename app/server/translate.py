@@ -7,13 +7,15 @@ end with ``length``, which a client can't tell from a short ``max_tokens``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 
 from jinja2.exceptions import TemplateError
 
 from app.server.errors import ApiError, param_of
 from app.server.schemas import ChatCompletionRequest
-from engine.api import InvalidRequestError, SamplingParams, check_text
+from engine.api import InvalidRequestError, SamplingParams, StructuredOutput, check_text
 
 #: The most choices one request may ask for (each is a request on the engine).
 MAX_N = 64
@@ -40,10 +42,9 @@ class Job:
 
 def not_supported(body, chat: bool) -> None:
     """Refuse parameters the server can't honour yet, when they ask for something."""
-    asked = {"logit_bias": bool(body.logit_bias)}
+    asked = {}
     if chat:
-        asked.update(tools=bool(body.tools), tool_choice=body.tool_choice not in (None, "none", "auto"),
-                     response_format=(body.response_format or {}).get("type", "text") != "text")
+        asked.update(tools=bool(body.tools), tool_choice=body.tool_choice not in (None, "none", "auto"))
     else:
         asked.update(echo=bool(body.echo), suffix=bool(body.suffix),
                      best_of=body.best_of is not None and body.best_of != (body.n or 1))
@@ -94,9 +95,57 @@ def sampling(body, max_tokens: int = 1, seed: int | None = None, chat: bool = Tr
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0),
             frequency_penalty=given(body.frequency_penalty, 0.0), seed=seed, stop=stops,
-            ignore_eos=given(body.ignore_eos, False), logprobs=top_logprobs(body, chat))
+            ignore_eos=given(body.ignore_eos, False), logprobs=top_logprobs(body, chat),
+            logit_bias=logit_bias(body), structured=structured_output(body) if chat else None)
     except InvalidRequestError as e:
         raise ApiError(400, str(e), param_of(str(e))) from None
+
+
+def logit_bias(body) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; SamplingParams checks the
+    count and the range, ``build_job`` the ids against the vocabulary."""
+    pairs = []
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias keys must be token ids (strings of digits), got {key!r}.", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(400, f"logit_bias values must be numbers from -100 to 100, got {value!r} for token "
+                           f"{key}.", "logit_bias")
+        pairs.append((int(key), value))
+    return tuple(pairs)
+
+
+def structured_output(body) -> StructuredOutput | None:
+    """``response_format`` as the engine's constraint (None for text or none); a 400
+    naming response_format when it is malformed or its schema can't be enforced."""
+    fmt = body.response_format
+    kind = "text" if fmt is None else fmt.get("type")
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return _compiled("json_object", None)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise InvalidRequestError("response_format json_schema needs a 'json_schema' object with "
+                                          "'name' and 'schema'.")
+            name = spec.get("name")
+            if name is not None and not (isinstance(name, str) and 0 < len(name) <= 64):
+                raise InvalidRequestError("response_format's json_schema.name must be a string of 1 to 64 "
+                                          "characters.")
+            schema = spec.get("schema")
+            return _compiled("json_schema", None if schema is None else json.dumps(schema))
+        raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}.")
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), "response_format") from None
+
+
+@lru_cache(maxsize=64)
+def _compiled(kind: str, schema: str | None) -> StructuredOutput:
+    """Compiled once per schema: clients send the same one again and again, and n > 1
+    asks for it once per choice."""
+    return StructuredOutput(kind, schema)
 
 
 def check_request(body, chat: bool) -> int:
@@ -178,6 +227,10 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).", "prompt")
+        bad = [t for t, _ in logit_bias(body) if t >= vocab_size]
+        if bad:
+            raise ApiError(400, f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1}).",
+                           "logit_bias")
         room = max_model_len - len(ids)
         if room <= 0:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds "

@@ -69,8 +69,9 @@ def test_grammar_ends_the_answer_even_with_ignore_eos(engine):
 def test_json_object_parses(engine):
     # Random weights would write one endless key: a bias towards "}" closes the object as
     # soon as the grammar allows (it also shows the bias and the mask working together).
-    close = token_of(engine, "}")
-    c = run(engine, max_tokens=16, structured=StructuredOutput("json_object"), logit_bias={close: 100})
+    # ("{}" is one token of this vocabulary, "}" another: either closes it at once.)
+    close = {token_of(engine, "}"): 100, token_of(engine, "{}"): 100}
+    c = run(engine, max_tokens=16, structured=StructuredOutput("json_object"), logit_bias=close)
     assert c.finish_reason == "stop"
     assert json.loads(c.text) == {}
     # Unbiased it runs to the length limit, still inside one JSON object.
