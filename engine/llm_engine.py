@@ -181,7 +181,12 @@ class Engine:
                 raise InvalidRequestError(
                     "response_format needs the model's tokenizer with an end-of-sequence token, and this model "
                     "has none (a benchmark shape, or a tokenizer without EOS): drop response_format.")
-            vocabulary.get()
+            try:
+                vocabulary.get()
+            except Exception as e:  # a tokenizer llguidance can't read: say so, once per request
+                raise InvalidRequestError(f"response_format can't be used with this model: the grammar engine "
+                                          f"could not read its tokenizer ({type(e).__name__}: {e}). Drop "
+                                          "response_format.") from e
 
     def _check_alive(self) -> None:
         if self._dead or self._stop:
