@@ -61,12 +61,14 @@ class TokenVocabulary:
 class RowGrammar:
     """One request's matcher (see the module docstring)."""
 
-    __slots__ = ("matcher", "request_id", "eos_ids", "_warned")
+    __slots__ = ("matcher", "request_id", "eos_ids", "words", "_warned")
 
     def __init__(self, vocabulary: TokenVocabulary, grammar: str, request_id: str) -> None:
         import llguidance
 
-        self.matcher = llguidance.LLMatcher(vocabulary.get(), grammar, log_level=0)
+        tokenizer = vocabulary.get()
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self.words = (tokenizer.vocab_size + 31) // 32  # the int32 words its mask fills
         self.request_id = request_id
         self.eos_ids = vocabulary.eos_ids
         self._warned = False
@@ -100,12 +102,15 @@ def _bit(i: int) -> int:
 
 
 def grammar_masks(grammars: Sequence[RowGrammar | None], vocab: int) -> tuple[torch.Tensor, list[int]] | None:
-    """(an int32 [k, ceil(vocab / 32)] host bitmask, the k rows with a grammar it is for)
+    """(an int32 [k, ceil(vocab / 32) or wider] host bitmask, the k rows with a grammar it is for)
     for a batch, or None when no row has a grammar."""
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return None
-    mask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)
+    # A tokenizer with more tokens than the logits (rare) fills a wider mask; the extra
+    # bits are never applied.
+    words = max([(vocab + 31) // 32] + [grammars[i].words for i in rows])
+    mask = torch.full((len(rows), words), -1, dtype=torch.int32)
     for j, i in enumerate(rows):
         grammars[i].fill(mask, j)
     return mask, rows
