@@ -52,6 +52,24 @@ def test_json_schema_output_parses_and_validates(engine):
         assert c.token_ids[-1] in engine.tokenizer.eos_token_ids
 
 
+@pytest.mark.parametrize("path", ["eager", "fallback"])
+def test_every_decode_path_honours_the_schema(tiny_models, path):
+    """On a CPU with AVX2 the module's engine decodes batch 1 by the C step; here a batch of
+    two decodes eagerly, and the transformers fallback runner has its own loop."""
+    e = Engine.load(str(tiny_models["llama-tied"]), device=engine_device(), dtype="float32",
+                    max_model_len=256, num_blocks=64, force_fallback=path == "fallback")
+    try:
+        so = StructuredOutput("json_schema", json.dumps(SCHEMA))
+        handles = [e.submit(Request(prompt_token_ids=p, params=SamplingParams(
+            max_tokens=64, temperature=0.0, structured=so))) for p in (PROMPT, [100, 200, 300])]
+        for h in handles:
+            c = h.result()
+            assert c.finish_reason == "stop", c.text
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+    finally:
+        e.shutdown()
+
+
 def test_unconstrained_output_is_not_json(engine):
     """The check above can fail: this model's own greedy answer is not the schema's JSON."""
     c = run(engine, max_tokens=20)
