@@ -76,7 +76,7 @@ class StructuredOutput:
             if not isinstance(schema, str):
                 try:
                     schema = json.dumps(schema)
-                except (TypeError, ValueError) as e:
+                except (TypeError, ValueError, RecursionError) as e:
                     raise InvalidRequestError(f"response_format's schema is not JSON: {e}.") from None
                 object.__setattr__(self, "schema", schema)
             if len(schema) > MAX_SCHEMA_CHARS:
@@ -84,7 +84,7 @@ class StructuredOutput:
                                           f"{MAX_SCHEMA_CHARS} are taken: simplify it.")
             try:
                 parsed = json.loads(schema)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise InvalidRequestError(f"response_format's schema is not valid JSON: {e}.") from None
             if not isinstance(parsed, (dict, bool)):
                 raise InvalidRequestError("response_format's schema must be a JSON Schema (a JSON object), got "

@@ -135,7 +135,11 @@ def structured_output(body) -> StructuredOutput | None:
                 raise InvalidRequestError("response_format's json_schema.name must be a string of 1 to 64 "
                                           "characters.")
             schema = spec.get("schema")
-            return _compiled("json_schema", None if schema is None else json.dumps(schema))
+            try:
+                text = None if schema is None else json.dumps(schema)
+            except RecursionError:
+                raise InvalidRequestError("response_format's schema is nested too deeply: simplify it.") from None
+            return _compiled("json_schema", text)
         raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}.")
     except InvalidRequestError as e:
         raise ApiError(400, str(e), "response_format") from None

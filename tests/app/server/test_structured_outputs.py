@@ -121,6 +121,13 @@ def test_logit_bias_forces_and_bans(client, host):
     assert r.choices[0].message.content == host.engine.tokenizer.decode([forced] * 2)
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 BAD = {
     "unknown-type": ({"response_format": {"type": "xml"}}, "response_format"),
     "schema-missing": ({"response_format": {"type": "json_schema"}}, "response_format"),
@@ -134,6 +141,8 @@ BAD = {
         "name": "x", "schema": {"type": "string", "pattern": "(a"}}}}, "response_format"),
     "schema-a-list": ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": [1, 2]}}}, "response_format"),
+    "schema-too-deep": ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": _nested(300)}}}, "response_format"),
     "format-a-string": ({"response_format": "json"}, "response_format"),
     "bias-key-not-an-id": ({"logit_bias": {"hello": 1}}, "logit_bias"),
     "bias-out-of-range": ({"logit_bias": {"5": 101}}, "logit_bias"),
