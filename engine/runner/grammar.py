@@ -14,8 +14,10 @@ The matcher's state follows the request's tokens, not its KV cache: a preempted 
 keeps it (its tokens stay; only K/V is recomputed), a finished one drops it.
 
 The masks are computed on the host between steps, so constrained rows never take the
-pipelined greedy decode (``engine.runner.io.plain_greedy``); on a GPU the mask is copied
-to the device and applied to the graph's logits after replay, like any sampler step.
+pipelined greedy decode (``engine.runner.io.plain_greedy``: the next step's mask needs
+this step's token). On a GPU the mask is copied to the device and applied to the graph's
+logits after replay, like any sampler step; ``RequestStateMixin.sample`` fills the masks
+before anything waits for the device, so that host work overlaps the step's kernels.
 """
 
 from __future__ import annotations

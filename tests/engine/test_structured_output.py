@@ -213,3 +213,26 @@ def test_grammar_walk_decodes_to_valid_json(which, smol_tok, tiny_tok):
     else:
         pytest.fail("the walk never reached the end of the grammar")
     jsonschema.validate(json.loads(tok.decode(ids)), SCHEMA)
+
+
+def test_grammar_state_survives_preemption(tiny_models, engine):
+    """Six constrained requests in a KV cache too small for them all: preempted ones are
+    recomputed, and their matchers (which follow the tokens, not the cache) carry on: the
+    tokens are those each request gets alone."""
+    long_string = {"type": "object", "properties": {"s": {"type": "string", "minLength": 500}},
+                   "required": ["s"]}
+    params = SamplingParams(max_tokens=40, temperature=0.0,
+                            structured=StructuredOutput("json_schema", json.dumps(long_string)))
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 49152, (30 + 7 * i,), generator=g).tolist() for i in range(6)]
+    ref = [run(engine, p, max_tokens=40, structured=params.structured).token_ids for p in prompts]
+    tight = Engine.load(str(tiny_models["llama-tied"]), device=engine_device(), dtype="float32",
+                        max_model_len=128, num_blocks=12)
+    try:
+        got = [h.result().token_ids for h in [tight.submit(Request(prompt_token_ids=p, params=params))
+                                              for p in prompts]]
+        assert tight.stats().num_preemptions > 0
+        assert got == ref
+        assert all(tight.tokenizer.decode(t).startswith('{"s": "') for t in got)
+    finally:
+        tight.shutdown()
