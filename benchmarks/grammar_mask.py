@@ -103,8 +103,19 @@ def grown_tokenizer(base, size: int = 128_256):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=base.eos_token)
 
 
-def walk_tokens(hf) -> list[int]:
-    return hf.encode(json.dumps(ANSWER), add_special_tokens=False)
+#: A free-text field: inside a string nearly every token is allowed, the mask's costly case.
+STRING_SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"],
+                 "additionalProperties": False}
+STRING_ANSWER = {"story": (
+    "The lighthouse keeper found the bottle wedged between two rocks at low tide. Inside was a "
+    "letter, written in a careful hand, from a sailor who had passed the island forty years "
+    "before. He read it twice by the lamp, then climbed the stairs, counting each of the one "
+    "hundred and twelve steps, and wondered whether anyone had ever answered it.")}
+CASES = {"object": (SCHEMA, ANSWER), "long-string": (STRING_SCHEMA, STRING_ANSWER)}
+
+
+def walk_tokens(hf, answer=ANSWER) -> list[int]:
+    return hf.encode(json.dumps(answer), add_special_tokens=False)
 
 
 def _summary(samples_us: list[float]) -> dict:
@@ -113,7 +124,7 @@ def _summary(samples_us: list[float]) -> dict:
             "p99_us": round(s[min(len(s) - 1, int(len(s) * 0.99))], 1), "steps": len(s)}
 
 
-def bench_llguidance(hf, vocab: int, reps: int) -> dict:
+def bench_llguidance(hf, vocab: int, reps: int, case: str) -> dict:
     import llguidance
     import llguidance.hf
     import llguidance.torch as llt
@@ -121,8 +132,8 @@ def bench_llguidance(hf, vocab: int, reps: int) -> dict:
     t0 = time.perf_counter()
     lltok = llguidance.hf.from_tokenizer(hf, n_vocab=vocab)
     prep = time.perf_counter() - t0
-    tokens = walk_tokens(hf)
-    schema = json.dumps(SCHEMA)
+    tokens = walk_tokens(hf, CASES[case][1])
+    schema = json.dumps(CASES[case][0])
     compiles, mask_us, step_us = [], [], []
     logits = torch.randn(1, vocab)
     mask = llt.allocate_token_bitmask(1, vocab)
@@ -152,15 +163,15 @@ def bench_llguidance(hf, vocab: int, reps: int) -> dict:
             "mask": _summary(mask_us), "mask_apply_advance": _summary(step_us)}
 
 
-def bench_xgrammar(hf, vocab: int, reps: int) -> dict:
+def bench_xgrammar(hf, vocab: int, reps: int, case: str) -> dict:
     import xgrammar as xgr
 
     t0 = time.perf_counter()
     info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab)
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
     prep = time.perf_counter() - t0
-    tokens = walk_tokens(hf)
-    schema = json.dumps(SCHEMA)
+    tokens = walk_tokens(hf, CASES[case][1])
+    schema = json.dumps(CASES[case][0])
     compiles, mask_us, step_us = [], [], []
     logits = torch.randn(1, vocab)
     mask = xgr.allocate_token_bitmask(1, vocab)
@@ -206,17 +217,18 @@ def main() -> None:
     vocabs["bpe-128256"] = (grown, len(grown))
     rows = []
     for name, (hf, vocab) in vocabs.items():
-        print(f"{name}: {len(walk_tokens(hf))} answer tokens", flush=True)
-        for bench in (bench_llguidance, bench_xgrammar):
-            try:
-                row = bench(hf, vocab, args.reps)
-            except ImportError as e:
-                row = {"engine": bench.__name__.removeprefix("bench_"), "skipped": str(e)}
-            row = {"vocab": name, "vocab_size": vocab, **row}
-            print(row, flush=True)
-            rows.append(row)
+        for case in CASES:
+            for bench in (bench_llguidance, bench_xgrammar):
+                try:
+                    row = bench(hf, vocab, args.reps, case)
+                except ImportError as e:
+                    row = {"engine": bench.__name__.removeprefix("bench_"), "skipped": str(e)}
+                row = {"vocab": name, "vocab_size": vocab, "case": case, **row}
+                print(row, flush=True)
+                rows.append(row)
     out = {"what": "grammar engines' per-step mask cost and schema compile time, CPU, 1 thread",
-           "schema": SCHEMA, "answer_tokens": {n: len(walk_tokens(v[0])) for n, v in vocabs.items()},
+           "cases": {c: {"schema": sch, "answer_tokens": {n: len(walk_tokens(v[0], ans)) for n, v in vocabs.items()}}
+                     for c, (sch, ans) in CASES.items()},
            "cpu": os.uname().machine, "load_avg": os.getloadavg()[0], "torch": torch.__version__,
            "rows": rows}
     if args.out:

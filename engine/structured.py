@@ -10,24 +10,27 @@ what is enforced, so nothing is silently ignored.
 
 The grammar engine is llguidance (pip ``llguidance``), chosen by measurement against
 xgrammar 0.2.9 (``benchmarks/grammar_mask.py``; results in
-``benchmarks/results/2026-12-02-i16-grammar-mask-cpu.json``, CPU, one thread, a
-realistic 8-field schema walked token by token):
+``benchmarks/results/2026-12-02-i16-grammar-mask-cpu.json``: CPU, one thread, an
+8-field object schema and a free-text one, each answer walked token by token, at
+SmolLM2's 49k vocabulary and at a 128k one, Llama 3's size):
 
-- per step, xgrammar's mask is faster (p50 4 us against llguidance's 37 us at SmolLM2's
-  49k vocabulary, 11 against 78 us at 128k), but both are at most 2% of a decode step
-  (10 ms for SmolLM2 on this CPU, 4.3 ms for the 8B in bf16 on an H200 at batch 1), and
-  the apply and the sampler's own work, the same for both, cost more than either mask;
-- per schema, llguidance compiles in 1.5 ms, xgrammar in 35 ms (49k) to 73 ms (128k)
-  with its cache off. An API server sees a new schema per client, and the compile sits
-  in the request's time to first token: xgrammar would add 6-12 times the 8B's 6 ms
-  H200 TTFT for every new schema (its cache helps only repeats);
+- per step, xgrammar's mask is faster: p50 5 us against llguidance's 35 us (49k) and 16
+  against 80 us (128k) on the object, 9 against 12 and 18 against 31 us inside free
+  text. Both are at most 2% of a decode step (12 ms for SmolLM2 on this CPU, 4.3 ms for
+  the 8B in bf16 on an H200 at batch 1), and on a GPU the mask is filled while the step
+  runs (``engine/runner/grammar.py``);
+- per schema, llguidance compiles in 0.7-1.9 ms, xgrammar in 4-16 ms (49k) and 12-37 ms
+  (128k) with its cache off. An API server sees a new schema per client, and the compile
+  sits in the request's time to first token: xgrammar would add 2-6 times the 8B's 6 ms
+  H200 TTFT for each new schema (its cache only helps repeats);
 - llguidance refuses a schema keyword it can't enforce (``not``, ``if``/``then``,
   ``uniqueItems``...) with a message, which the 400 passes on; it is one abi3 wheel with
   no dependencies, where xgrammar adds a C++ FFI runtime and depends on torch and
   transformers (ours satisfy it: no second torch).
 
-Preparing the tokenizer (llguidance's token trie) takes 0.6-1 s at 49k and 1.4-3.4 s
-at 128k: it is done once per model, for its first structured request.
+Preparing the tokenizer (llguidance's token trie) takes about 0.5 s at 49k and 2 s at
+128k (xgrammar: 0.2 and 0.7 s): once per model, on the thread that submits its first
+structured request.
 
 Output layout is fixed: compact JSON with ``", "`` and ``": "`` separators and no other
 whitespace. Free whitespace would let a model pad forever (a small or confused model
