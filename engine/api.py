@@ -50,6 +50,7 @@ from engine.quant.export import LAYOUTS as QUANTIZE_LAYOUTS
 from engine.quant.export import QuantizeResult, quantize_model
 from engine.requests import Completion, Request, RequestHandle
 from engine.sampling_params import SamplingParams
+from engine.structured import StructuredOutput
 # Front ends check their text arguments with it before loading a model.
 from engine.tokenizer import check_text
 
@@ -117,6 +118,7 @@ def release_memory(collect: bool = True) -> None:
 
 
 __all__ = [
+    "StructuredOutput",
     "byte_token_ids",
     "CHOICE_KINDS", "Choice", "choice_names", "choice_name", "get_choice", "list_choices", "kv_bytes_per_value",
     "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",

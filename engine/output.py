@@ -51,7 +51,8 @@ class RequestState:
             detok=IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
                                          skip_special_tokens=params.skip_special_tokens),
             matcher=StopStringMatcher(params.stop, params.include_stop_str_in_output),
-            eos_ids=frozenset() if params.ignore_eos else tokenizer.eos_token_ids,
+            # A grammar ends a complete answer with EOS, ignore_eos or not (nothing may follow).
+            eos_ids=frozenset() if params.ignore_eos and params.structured is None else tokenizer.eos_token_ids,
             max_model_len=max_model_len,
             implementation=implementation,
             report_progress=report_progress,

@@ -7,12 +7,16 @@ import numbers
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
+from engine.structured import StructuredOutput
 
 #: The largest seed a request may use: torch.Generator.manual_seed takes 64-bit unsigned
 #: values (negative ones wrap around to the same streams, so they are refused as ambiguous).
 MAX_SEED = 2**64 - 1
 #: Fields that must be whole numbers (``None`` allowed for ``logprobs`` and ``seed``).
 _INT_FIELDS = ("max_tokens", "top_k", "logprobs", "seed")
+#: logit_bias: at most this many entries (OpenAI's limit), each in [-100, 100].
+MAX_LOGIT_BIAS = 300
+LOGIT_BIAS_RANGE = 100.0
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -29,6 +33,12 @@ class SamplingParams:
     ``seed`` makes the request's sampling reproducible whatever else is in the batch.
     ``logprobs`` = N returns the N most likely tokens' log-probabilities at each step
     (of the model's raw distribution) plus the chosen token's.
+    ``logit_bias`` adds a bias in [-100, 100] to the logits of the token ids it names
+    before penalties and sampling, greedy included (a dict ``{id: bias}`` or pairs; stored
+    as sorted ``(id, bias)`` pairs); the engine checks the ids against the vocabulary.
+    ``structured`` constrains the output to JSON or a JSON Schema during decoding
+    (``engine.structured``); the request then ends with "stop" when the grammar is
+    complete, ``ignore_eos`` or not (nothing may follow a complete answer).
     """
 
     max_tokens: int = 256
@@ -46,6 +56,8 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience but store tuples (frozen + hashable).
@@ -91,6 +103,9 @@ class SamplingParams:
             raise InvalidRequestError(f"logprobs must be an integer in [0, 20], got {self.logprobs}.")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty.")
+        object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidRequestError(f"structured must be a StructuredOutput, got {self.structured!r}.")
         if self.seed is not None and not (0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(
                 f"seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {self.seed}: "
@@ -120,3 +135,27 @@ def _check_number(params: SamplingParams, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidRequestError(f"{name} must be a number, got {value!r}.")
     object.__setattr__(params, name, float(value))
+
+
+def _checked_logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """``bias`` (a dict or (id, bias) pairs) as sorted pairs, each checked."""
+    items = list(bias.items()) if isinstance(bias, dict) else list(bias)
+    if len(items) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries, got {len(items)}.")
+    out: dict[int, float] = {}
+    for item in items:
+        try:
+            token, value = item
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias must map token ids to biases, got the entry {item!r}.") from None
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise InvalidRequestError(f"logit_bias must map token ids (integers >= 0) to biases, got the key "
+                                      f"{token!r}.")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+            raise InvalidRequestError(f"logit_bias must map token ids to biases from -100 to 100, got {value!r} "
+                                      f"for token {token}.")
+        if int(token) in out:
+            raise InvalidRequestError(f"logit_bias must name each token once; token {token} appears twice.")
+        out[int(token)] = float(value)
+    return tuple(sorted(out.items()))

@@ -7,14 +7,16 @@ end with ``length``, which a client can't tell from a short ``max_tokens``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 
 from jinja2.exceptions import TemplateError
 
 from app.server.errors import ApiError, param_of
 from app.server.schemas import ChatCompletionRequest
 from app.server.tool_calls import ToolSetup, chat_prompt_ids, tool_fields, tool_setup
-from engine.api import InvalidRequestError, SamplingParams, check_text
+from engine.api import InvalidRequestError, SamplingParams, StructuredOutput, check_text
 
 #: The most choices one request may ask for (each is a request on the engine).
 MAX_N = 64
@@ -43,10 +45,8 @@ class Job:
 
 def not_supported(body, chat: bool) -> None:
     """Refuse parameters the server can't honour yet, when they ask for something."""
-    asked = {"logit_bias": bool(body.logit_bias)}
-    if chat:
-        asked.update(response_format=(body.response_format or {}).get("type", "text") != "text")
-    else:
+    asked = {}
+    if not chat:
         asked.update(suffix=bool(body.suffix),
                      best_of=body.best_of is not None and body.best_of != (body.n or 1))
     for name, on in asked.items():
@@ -96,9 +96,61 @@ def sampling(body, max_tokens: int = 1, seed: int | None = None, chat: bool = Tr
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0),
             frequency_penalty=given(body.frequency_penalty, 0.0), seed=seed, stop=stops,
-            ignore_eos=given(body.ignore_eos, False), logprobs=top_logprobs(body, chat))
+            ignore_eos=given(body.ignore_eos, False), logprobs=top_logprobs(body, chat),
+            logit_bias=logit_bias(body), structured=structured_output(body) if chat else None)
     except InvalidRequestError as e:
         raise ApiError(400, str(e), param_of(str(e))) from None
+
+
+def logit_bias(body) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}`` as (id, bias) pairs; SamplingParams checks the
+    count and the range, ``build_job`` the ids against the vocabulary."""
+    pairs = []
+    for key, value in (body.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias keys must be token ids (strings of digits), got {key!r}.", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(400, f"logit_bias values must be numbers from -100 to 100, got {value!r} for token "
+                           f"{key}.", "logit_bias")
+        pairs.append((int(key), value))
+    return tuple(pairs)
+
+
+def structured_output(body) -> StructuredOutput | None:
+    """``response_format`` as the engine's constraint (None for text or none); a 400
+    naming response_format when it is malformed or its schema can't be enforced."""
+    fmt = body.response_format
+    kind = "text" if fmt is None else fmt.get("type")
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return _compiled("json_object", None)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise InvalidRequestError("response_format json_schema needs a 'json_schema' object with "
+                                          "'name' and 'schema'.")
+            name = spec.get("name")
+            if name is not None and not (isinstance(name, str) and 0 < len(name) <= 64):
+                raise InvalidRequestError("response_format's json_schema.name must be a string of 1 to 64 "
+                                          "characters.")
+            schema = spec.get("schema")
+            try:
+                text = None if schema is None else json.dumps(schema)
+            except RecursionError:
+                raise InvalidRequestError("response_format's schema is nested too deeply: simplify it.") from None
+            return _compiled("json_schema", text)
+        raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}.")
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), "response_format") from None
+
+
+@lru_cache(maxsize=64)
+def _compiled(kind: str, schema: str | None) -> StructuredOutput:
+    """Compiled once per schema: clients send the same one again and again, and n > 1
+    asks for it once per choice."""
+    return StructuredOutput(kind, schema)
 
 
 def check_request(body, chat: bool) -> int:
@@ -172,6 +224,11 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
     """The engine's work for ``body``, or a 400 saying what is wrong with it."""
     n = check_request(body, chat)
     tools = tool_setup(body, tokenizer) if chat else None
+    if tools is not None and tools.prefix and (body.response_format or {}).get("type", "text") != "text":
+        # The forced call's opening is in the prompt; a JSON grammar would start a new
+        # document after it and never let the call close.
+        raise ApiError(400, "response_format can't be combined with a tool_choice that forces a call "
+                       "(required or a named function): drop one of them.", "response_format")
     prompts = prompt_ids(body, chat, tokenizer, tools)
     asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     params = []
@@ -181,6 +238,10 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).", "prompt")
+        bad = [t for t, _ in logit_bias(body) if t >= vocab_size]
+        if bad:
+            raise ApiError(400, f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1}).",
+                           "logit_bias")
         room = max_model_len - len(ids)
         if room <= 0:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds "

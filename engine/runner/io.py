@@ -76,6 +76,8 @@ def needs_token_context(params: SamplingParams) -> bool:
 
 
 def plain_greedy(params: SamplingParams) -> bool:
-    """Greedy with nothing that needs the host between steps (penalties, logprobs): such
-    requests' decode steps can be launched ahead."""
-    return params.greedy and params.logprobs is None and not needs_token_context(params)
+    """Greedy with nothing that needs the host between steps (penalties, logprobs, a
+    grammar's mask) or between the logits and the argmax (logit_bias): such requests'
+    decode steps can be launched ahead."""
+    return (params.greedy and params.logprobs is None and not needs_token_context(params)
+            and not params.logit_bias and params.structured is None)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.runner.grammar import RowGrammar, TokenVocabulary, grammar_masks
 from engine.runner.io import RunnerInput, RunnerOutput, StepRow, needs_token_context, plain_greedy
 from engine.runner.sampler import Sampler, make_generator
 from engine.sampling_params import SamplingParams
@@ -24,17 +25,21 @@ class KeptRequest:
     # prompt_len + max_tokens: once a decode step samples at position max_len - 2, the
     # request holds max_len tokens and ends by length.
     max_len: int
+    grammar: RowGrammar | None = None  # its output's constraint (SamplingParams.structured)
 
 
 class RequestStateMixin:
     """Per-request state (``_requests``: id -> KeptRequest) and the device sampler.
 
     A runner using it creates ``self._requests = {}``, ``self.sampler`` and ``self.device``,
-    and calls ``_update_requests`` first thing in ``execute``."""
+    and calls ``_update_requests`` first thing in ``execute``. Requests with structured
+    outputs need ``token_vocabulary`` (the engine sets it after the load: the grammar
+    engine's view of the tokenizer)."""
 
     sampler: Sampler
     device: torch.device
     _requests: dict[str, KeptRequest]
+    token_vocabulary: TokenVocabulary | None = None
 
     def _update_requests(self, inp: RunnerInput) -> None:
         """Forget finished requests, then take in the new ones (a finished id may return)."""
@@ -42,9 +47,15 @@ class RequestStateMixin:
             self._drop_request(rid)
         for new in inp.new_requests:
             p = new.params
+            grammar = None
+            if p.structured is not None:
+                if self.token_vocabulary is None:
+                    raise ValueError(f"request {new.request_id!r} has structured output, but the runner "
+                                     "was given no token vocabulary (token_vocabulary)")
+                grammar = RowGrammar(self.token_vocabulary, p.structured.grammar, new.request_id)
             self._requests[new.request_id] = KeptRequest(
                 p, new.prompt_len, make_generator(p.seed, self.device), plain_greedy(p),
-                needs_token_context(p), new.prompt_len + p.max_tokens)
+                needs_token_context(p), new.prompt_len + p.max_tokens, grammar)
 
     def _drop_request(self, request_id: str) -> None:
         """Drop everything kept for a finished request (runners extend it)."""
@@ -68,8 +79,12 @@ class RequestStateMixin:
             else:
                 prompts.append(ctx[:k.prompt_len])
                 outputs.append(ctx[k.prompt_len:])
+        allowed = grammar_masks([k.grammar for k in kept], logits.shape[1])
         res = self.sampler(logits, [k.params for k in kept], prompts, outputs,
-                           [k.generator for k in kept])
+                           [k.generator for k in kept], allowed)
+        if allowed is not None:  # the sampled tokens move the grammars on
+            for i in allowed[1]:
+                kept[i].grammar.advance(res.token_ids[i])
         return RunnerOutput(res.token_ids, res.logprobs)
 
     def _kept(self, rows: list[StepRow]) -> list[KeptRequest]:

@@ -1,4 +1,5 @@
-"""Batched token sampling: penalties, temperature, top-k / top-p / min-p, logprobs.
+"""Batched token sampling: logit bias, penalties, grammar masks, temperature, top-k /
+top-p / min-p, logprobs.
 
 Everything is done with batched tensor operations on the logits' device; Python loops
 run over rows (and only where a row has its own random generator), never over the vocab.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.runner.grammar import apply_token_bitmask
 from engine.sampling_params import SamplingParams
 
 
@@ -56,8 +58,9 @@ def _padded_ids(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -
 class Sampler:
     """Picks the next token of every row of a batch of logits.
 
-    Per row, in order: repetition penalty (prompt + output tokens), presence and
-    frequency penalties (output tokens); greedy rows (temperature 0) then take the argmax.
+    Per row, in order: logit bias, repetition penalty (prompt + output tokens), presence
+    and frequency penalties (output tokens), the grammar's mask (``allowed``: refused
+    tokens go to -inf); greedy rows (temperature 0) then take the argmax.
     Other rows: temperature, top-k, top-p, min-p, then a draw by the exponential race
     (argmax of probs / Exp(1) noise), where the noise comes from the row's own generator
     so a seeded request samples the same tokens whatever else is in the batch.
@@ -70,7 +73,10 @@ class Sampler:
         prompt_ids: Sequence[Sequence[int]],
         output_ids: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator | None],
+        allowed: tuple[torch.Tensor, Sequence[int]] | None = None,
     ) -> SamplerOutput:
+        """``allowed``: (an int32 host bitmask, the rows it is for), one bitmask row per
+        listed row (``engine.runner.grammar``); None when no row is constrained."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [n, vocab], got shape {tuple(logits.shape)}")
         n, vocab = logits.shape
@@ -80,8 +86,9 @@ class Sampler:
                 f"{len(output_ids)} outputs and {len(generators)} generators"
             )
         device = logits.device
-        if all(p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
-               and not p.presence_penalty and not p.frequency_penalty for p in params):
+        if allowed is None and all(p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
+                                   and not p.presence_penalty and not p.frequency_penalty
+                                   and not p.logit_bias for p in params):
             # The common benchmark / deterministic case: one argmax, one copy to the host.
             return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=None)
         # float32 copy: penalties and filters edit it in place, the caller's tensor stays.
@@ -90,8 +97,11 @@ class Sampler:
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(x[want_lp], dim=-1) if want_lp else None
 
+        self._apply_logit_bias(x, params)
         self._apply_repetition_penalty(x, params, prompt_ids, output_ids)
         self._apply_presence_frequency(x, params, output_ids)
+        if allowed is not None:
+            apply_token_bitmask(x, allowed[0], allowed[1])
 
         tokens = torch.empty(n, dtype=torch.long, device=device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -115,6 +125,20 @@ class Sampler:
         )
 
     # ------------------------------------------------------------------ penalties
+
+    @staticmethod
+    def _apply_logit_bias(x, params) -> None:
+        rows, ids, values = [], [], []
+        for i, p in enumerate(params):
+            for token, bias in p.logit_bias:
+                if token < x.shape[1]:  # the engine checked the ids against the vocabulary
+                    rows.append(i)
+                    ids.append(token)
+                    values.append(bias)
+        if rows:
+            device = x.device
+            x.index_put_((torch.tensor(rows, device=device), torch.tensor(ids, device=device)),
+                         torch.tensor(values, dtype=x.dtype, device=device), accumulate=True)
 
     @staticmethod
     def _apply_repetition_penalty(x, params, prompt_ids, output_ids) -> None:
