@@ -1,0 +1,1 @@
+import engine  # noqa: F401  (first: it sets OpenMP's idle policy before anything loads torch)

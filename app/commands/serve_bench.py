@@ -12,6 +12,9 @@ engine's own rate on the same work.
 3. One row per concurrency: the server's output tokens/s and requests/s, TTFT and ITL
    p50 / p99 as the client saw them, the offline rate, and ``serve_vs_offline`` (the
    share of the engine's rate the server delivers; the issue's target on the H200: 0.9).
+4. A ``serve-json`` row (models with a tokenizer): one chat at a time with
+   ``response_format`` json_schema against the same chat plain, each request's own
+   decode rate (median), and ``json_vs_plain`` (the target: 0.9 or more).
 
 Every request: ``prompt_len`` random token ids (no shared prefixes), ``output_len``
 tokens with EOS ignored, greedy. A warm-up of ``concurrency`` requests precedes each
@@ -35,6 +38,7 @@ from engine.api import InvalidRequestError, ModelLoadError
 DEFAULT_CONCURRENCY = ((1, 16, 64), (1, 4))
 DEFAULT_PROMPT_LEN = (128, 32)
 DEFAULT_OUTPUT_LEN = (128, 16)
+CHAT_PROMPT_ROOM = 192  # the JSON-schema run's chat prompt: a template and one line
 SERVER_START_S = 900  # an 8B load with CUDA graphs takes minutes on a cold disk
 ROW_ORDER = ("suite", "engine", "card", "model", "quant", "attention", "batch", "prompt_len", "output_len",
              "date", "commit", "torch")
@@ -131,7 +135,7 @@ class ServerProcess:
 
 def run_serve_suite(args, say) -> list[dict]:
     """The serve suite's rows, one per concurrency."""
-    from app.services.serve_load import drive
+    from app.services.serve_load import completion_bodies, drive
     from engine.bench import latency_summary, run_offline_serving, serve_prompts
 
     cuda = _on_cuda(args.device)
@@ -144,10 +148,12 @@ def run_serve_suite(args, say) -> list[dict]:
     if output_len < 2:
         raise InvalidRequestError("--output-len must be at least 2 (inter-token latency needs two tokens).")
     counts = {c: args.num_requests or max((4 if cuda else 2) * c, 8 if cuda else 4) for c in levels}
-    need = prompt_len + output_len
+    # The JSON-schema run's chat prompt is its template plus a line (under 200 tokens).
+    need = max(prompt_len, CHAT_PROMPT_ROOM) + output_len
     if args.max_model_len is not None and args.max_model_len < need:
-        raise InvalidRequestError(f"--max-model-len {args.max_model_len} is too short for {prompt_len}-token "
-                                  f"prompts and {output_len} new tokens; give at least {need}.")
+        raise InvalidRequestError(f"--max-model-len {args.max_model_len} is too short for the serve suite: it "
+                                  f"needs {need} tokens (the longer of {prompt_len}-token prompts and the "
+                                  f"JSON-schema run's {CHAT_PROMPT_ROOM}-token chat, plus {output_len} new).")
     load = load_options(args, args.max_num_seqs or max(levels), args.max_model_len or need)
 
     common, offline, vocab = run_offline_serving(load, prompt_len, output_len, levels, counts, args.seed, say)
@@ -159,10 +165,10 @@ def run_serve_suite(args, say) -> list[dict]:
     try:
         model = server.wait_ready()
         for c in levels:
-            drive(server.base_url, None, model, serve_prompts(vocab, c, prompt_len, args.seed, stream=1),
-                  output_len, c)  # warm-up
-            timings, wall = drive(server.base_url, None, model,
-                                  serve_prompts(vocab, counts[c], prompt_len, args.seed), output_len, c)
+            warm = serve_prompts(vocab, c, prompt_len, args.seed, stream=1)
+            drive(server.base_url, None, completion_bodies(model, warm, output_len), c)
+            prompts = serve_prompts(vocab, counts[c], prompt_len, args.seed)
+            timings, wall = drive(server.base_url, None, completion_bodies(model, prompts, output_len), c)
             served = latency_summary(timings, wall)
             failed = [t.error for t in timings if t.error]
             if failed:
@@ -174,17 +180,69 @@ def run_serve_suite(args, say) -> list[dict]:
                    "output_len": output_len, "concurrency": c, **served,
                    "offline_output_tok_s": off["output_tok_s"], "offline_ttft_p50_ms": off["ttft_p50_ms"],
                    "offline_itl_p50_ms": off["itl_p50_ms"], "serve_vs_offline": ratio}
-            rows.append({k: row[k] for k in (*ROW_ORDER, *[k for k in row if k not in ROW_ORDER])})
+            rows.append(_ordered(row))
+        json_row = _json_schema_row(server.base_url, model, common, output_len, counts[levels[0]], say)
+        if json_row is not None:
+            rows.append(_ordered(json_row))
     finally:
         server.stop()
     return rows
 
 
-_COLUMNS = (("in flight", "concurrency", "{}"), ("requests", "num_requests", "{}"), ("req/s", "request_s", "{:.2f}"),
-            ("output tok/s", "output_tok_s", "{:.1f}"), ("offline tok/s", "offline_output_tok_s", "{:.1f}"),
-            ("served/offline", "serve_vs_offline", "{:.2f}"), ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"),
-            ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}"), ("ITL p50 ms", "itl_p50_ms", "{:.2f}"),
-            ("ITL p99 ms", "itl_p99_ms", "{:.2f}"), ("failed", "failed_requests", "{}"))
+def _ordered(row: dict) -> dict:
+    return {k: row[k] for k in (*ROW_ORDER, *[k for k in row if k not in ROW_ORDER])}
+
+
+#: The JSON-schema run's schema: two free strings, so the answer runs to max_tokens like
+#: the plain one (a schema that closes early would time a handful of tokens).
+STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+                "required": ["title", "story"], "additionalProperties": False}
+
+
+def _json_schema_row(base_url: str, model: str, common: dict, output_len: int, count: int, say) -> dict | None:
+    """One request at a time, the same chat twice: plain, then with ``response_format``
+    json_schema; the median request's decode rate of each (the issue's target: JSON within
+    10% of plain). None for a model without a tokenizer (a random-weight shape)."""
+    from app.services.serve_load import drive
+    from engine.bench import latency_summary
+
+    def bodies(fmt: dict | None) -> list[dict]:
+        out = []
+        for i in range(count):
+            body = {"model": model, "messages": [{"role": "user", "content": f"Write story number {i} as JSON."}],
+                    "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            if fmt is not None:
+                body["response_format"] = fmt
+            out.append(body)
+        return out
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
+    probe, _ = drive(base_url, None, bodies(fmt)[:1], 1, path="/v1/chat/completions")  # warm-up, and can it?
+    if probe[0].error is not None:
+        say(f"JSON-schema run skipped: {probe[0].error}")
+        return None
+    drive(base_url, None, bodies(None)[:1], 1, path="/v1/chat/completions")
+    figures = {}
+    for name, f in (("plain", None), ("json", fmt)):
+        timings, wall = drive(base_url, None, bodies(f), 1, path="/v1/chat/completions")
+        figures[name] = latency_summary(timings, wall)
+    plain, js = figures["plain"], figures["json"]
+    ratio = js["decode_tok_s"] / plain["decode_tok_s"] if js["decode_tok_s"] and plain["decode_tok_s"] else None
+    if ratio is not None:
+        say(f"JSON-schema decode at batch 1: {js['decode_tok_s']:.1f} tok/s, {ratio:.2f} of plain")
+    return {"suite": "serve-json", "engine": "hearth", **common, "batch": 1, "prompt_len": None,
+            "output_len": output_len, "concurrency": 1, **js, "plain_decode_tok_s": plain["decode_tok_s"],
+            "plain_ttft_p50_ms": plain["ttft_p50_ms"], "json_vs_plain": ratio}
+
+
+_COLUMNS = (("run", "suite", "{}"), ("in flight", "concurrency", "{}"), ("requests", "num_requests", "{}"),
+            ("req/s", "request_s", "{:.2f}"), ("output tok/s", "output_tok_s", "{:.1f}"),
+            ("decode tok/s", "decode_tok_s", "{:.1f}"), ("offline tok/s", "offline_output_tok_s", "{:.1f}"),
+            ("served/offline", "serve_vs_offline", "{:.2f}"), ("JSON/plain", "json_vs_plain", "{:.2f}"),
+            ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"), ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}"),
+            ("ITL p50 ms", "itl_p50_ms", "{:.2f}"), ("ITL p99 ms", "itl_p99_ms", "{:.2f}"),
+            ("failed", "failed_requests", "{}"))
 
 
 def format_serve_table(rows: list[dict]) -> str:

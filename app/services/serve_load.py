@@ -1,9 +1,10 @@
 """HTTP load on an OpenAI-compatible server, for ``hearth bench --suite serve``.
 
-``concurrency`` clients, each with its own connection, send streaming
-``/v1/completions`` requests one after another (a closed loop) until ``prompts`` are all
-answered: token-id prompts (exact lengths, any model), ``max_tokens`` with EOS ignored
-(Hearth's ``ignore_eos``), greedy. Every SSE chunk that carries a token is timed on
+``concurrency`` clients, each with its own connection, send streaming requests one after
+another (a closed loop) until all are answered: ``completion_bodies`` makes
+``/v1/completions`` ones with token-id prompts (exact lengths, any model), ``max_tokens``
+with EOS ignored (Hearth's ``ignore_eos``), greedy; any other body (a chat request with a
+``response_format``) goes the same way. Every SSE chunk that carries a token is timed on
 arrival (Hearth streams one chunk per token step); the usage chunk gives the token
 count. Raw httpx and a minimal SSE reader rather than the openai SDK: the client must
 cost as little as it can, since it shares the machine with the server it measures.
@@ -36,40 +37,53 @@ async def _one(client, url: str, body: dict, timing: RequestTiming) -> None:
                 if chunk.get("usage"):
                     timing.tokens = chunk["usage"]["completion_tokens"]
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("finish_reason") is None:
+                if choices and choices[0].get("finish_reason") is None and _carries_token(choices[0]):
                     timing.token(now)
     except Exception as e:  # noqa: BLE001 - one failed request is a figure, not the end of the run
         timing.error = f"{type(e).__name__}: {e}"
 
 
-async def _drive(base_url: str, api_key: str | None, model: str, prompts: list[list[int]], output_len: int,
+def _carries_token(choice: dict) -> bool:
+    """A completions chunk, or a chat chunk with content (chat's opening chunk, which
+    announces the role, carries no token)."""
+    if "text" in choice:
+        return True
+    delta = choice.get("delta") or {}
+    return "content" in delta and "role" not in delta
+
+
+def completion_bodies(model: str, prompts: list[list[int]], output_len: int) -> list[dict]:
+    """Streaming /v1/completions bodies: each prompt's ids, ``output_len`` tokens, EOS ignored."""
+    return [{"model": model, "prompt": p, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+             "stream": True, "stream_options": {"include_usage": True}} for p in prompts]
+
+
+async def _drive(base_url: str, api_key: str | None, path: str, bodies: list[dict],
                  concurrency: int) -> tuple[list[RequestTiming], float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timings = [RequestTiming(sent=0.0) for _ in prompts]
+    timings = [RequestTiming(sent=0.0) for _ in bodies]
     queue: asyncio.Queue = asyncio.Queue()
-    for i in range(len(prompts)):
+    for i in range(len(bodies)):
         queue.put_nowait(i)
-    url = f"{base_url}/v1/completions"
+    url = f"{base_url}{path}"
 
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=httpx.Timeout(600.0)) as client:
         async def worker() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
-                body = {"model": model, "prompt": prompts[i], "max_tokens": output_len, "temperature": 0,
-                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-                await _one(client, url, body, timings[i])
+                await _one(client, url, bodies[i], timings[i])
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
         wall = time.perf_counter() - start
     return timings, wall
 
 
-def drive(base_url: str, api_key: str | None, model: str, prompts: list[list[int]], output_len: int,
-          concurrency: int) -> tuple[list[RequestTiming], float]:
-    """Answer every prompt with ``concurrency`` in flight; each request's timing, and the
-    wall time of the whole run."""
-    return asyncio.run(_drive(base_url, api_key, model, prompts, output_len, concurrency))
+def drive(base_url: str, api_key: str | None, bodies: list[dict], concurrency: int,
+          path: str = "/v1/completions") -> tuple[list[RequestTiming], float]:
+    """Send every body (streaming) with ``concurrency`` in flight; each request's timing,
+    and the wall time of the whole run."""
+    return asyncio.run(_drive(base_url, api_key, path, bodies, concurrency))

@@ -36,6 +36,13 @@ class RequestTiming:
     def ttft_s(self) -> float | None:
         return self.arrivals[0][0] - self.sent if self.arrivals else None
 
+    def decode_tok_s(self) -> float | None:
+        """Tokens after the first over the time since the first (the request's own rate)."""
+        if len(self.arrivals) < 2:
+            return None
+        span = self.arrivals[-1][0] - self.arrivals[0][0]
+        return sum(k for _, k in self.arrivals[1:]) / span if span > 0 else None
+
     def itls_s(self) -> list[float]:
         out = []
         for (t0, _), (t1, k) in zip(self.arrivals, self.arrivals[1:]):
@@ -61,7 +68,9 @@ def latency_summary(timings: list[RequestTiming], wall_s: float) -> dict:
     ttfts = [t.ttft_s * 1e3 for t in ok if t.ttft_s is not None]
     itls = [g * 1e3 for t in ok for g in t.itls_s()]
     tokens = sum(t.tokens for t in ok)
+    rates = [r for r in (t.decode_tok_s() for t in ok) if r is not None]
     return {
+        "decode_tok_s": percentile(rates, 50),  # the median request's own decode rate
         "output_tok_s": tokens / wall_s if wall_s > 0 else None,
         "request_s": len(ok) / wall_s if wall_s > 0 else None,
         "ttft_ms": percentile(ttfts, 50),
