@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests (kernels, fast path, bench) and `hearth bench` suites.
-# Prepare here (both folders are git-ignored via .git/info/exclude and travel with `carry`):
+# Prepare here with `bash benchmarks/prepare_carry.sh` (git-ignored via .git/info/exclude;
+# travels with `carry`):
 #   .carry/tok  the SmolLM2 tokenizer files (copy them from the converted default model in
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
