@@ -12,4 +12,7 @@ costs the bench's main-thread loads nothing measurable.
 
 import os
 
+#: The policy the environment had before this (None: unset). ``hearth bench`` restores it
+#: for llama.cpp's own OpenMP runtime, so the baseline runs as it would on its own.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

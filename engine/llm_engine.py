@@ -51,10 +51,12 @@ class Engine:
             raise
 
     def _start(self, config: EngineConfig, loaded, progress, should_stop) -> None:
+        from engine.runner.grammar import token_vocabulary
+
         self.model_info = loaded.info
         self.tokenizer = loaded.tokenizer
         self.runner = loaded.runner
-        self.runner.token_vocabulary = _token_vocabulary(loaded.tokenizer, loaded.info.vocab_size)
+        self.runner.token_vocabulary = token_vocabulary(loaded.tokenizer, loaded.info.vocab_size)
         self.max_model_len = loaded.max_model_len
         self.config = config = loaded.config  # as it ran: a backend may need its own KV block size
         self.block_manager = BlockManager(loaded.num_blocks, config.cache.block_size,
@@ -166,27 +168,9 @@ class Engine:
         return RequestHandle(rid, state.events, self, dropped_messages=dropped)
 
     def _check_params(self, params: SamplingParams) -> None:
-        """What SamplingParams can't check alone: logit_bias's ids against the vocabulary,
-        and that structured output has a tokenizer to work with. The grammar engine's view
-        of the tokenizer is built here, on the caller's thread, for the first structured
-        request (a fraction of a second), not on the engine's loop between two steps."""
-        vocab = self.model_info.vocab_size
-        bad = [t for t, _ in params.logit_bias if t >= vocab]
-        if bad:
-            raise InvalidRequestError(f"logit_bias must name token ids in the vocabulary (0..{vocab - 1}), "
-                                      f"got {bad[0]}.")
-        if params.structured is not None:
-            vocabulary = self.runner.token_vocabulary
-            if vocabulary is None:
-                raise InvalidRequestError(
-                    "response_format needs the model's tokenizer with an end-of-sequence token, and this model "
-                    "has none (a benchmark shape, or a tokenizer without EOS): drop response_format.")
-            try:
-                vocabulary.get()
-            except Exception as e:  # a tokenizer llguidance can't read: say so, once per request
-                raise InvalidRequestError(f"response_format can't be used with this model: the grammar engine "
-                                          f"could not read its tokenizer ({type(e).__name__}: {e}). Drop "
-                                          "response_format.") from e
+        from engine.runner.grammar import check_request
+
+        check_request(params, self.model_info.vocab_size, self.runner.token_vocabulary)
 
     def _check_alive(self) -> None:
         if self._dead or self._stop:
@@ -521,18 +505,6 @@ class Engine:
             self._num_finished += 1
         with self._cv:
             self._states.pop(state.seq.request_id, None)
-
-
-def _token_vocabulary(tokenizer, vocab_size: int):
-    """The grammar engine's view of ``tokenizer`` (built on first use), or None when
-    structured output can't work: no Hugging Face tokenizer (benchmark shapes), or no
-    end-of-sequence token to end a complete answer with."""
-    from engine.runner.grammar import TokenVocabulary
-
-    hf = getattr(tokenizer, "hf_tokenizer", None)
-    if hf is None or not getattr(hf, "backend_tokenizer", None) or not tokenizer.eos_token_ids:
-        return None
-    return TokenVocabulary(hf, vocab_size, tokenizer.eos_token_ids)
 
 
 def _warm_up_failure(e: BaseException) -> HearthError:

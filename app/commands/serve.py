@@ -67,6 +67,10 @@ def check_serve_args(args) -> str | None:
         raise InvalidRequestError(
             f"--host {args.host} lets other machines on the network use the model: it needs an API key "
             "(--api-key KEY or --api-key-file FILE), or listen on 127.0.0.1 (the default) only.")
+    if "*" in args.allowed_origins and key is None:
+        raise InvalidRequestError(
+            "--allowed-origins '*' lets every web page you open use the model and read its answers: it "
+            "needs an API key (--api-key KEY or --api-key-file FILE), or name the pages' origins instead.")
     if args.max_queue < 1:
         raise InvalidRequestError(f"--max-queue must be at least 1, got {args.max_queue}.")
     if not 0 <= args.port <= 65535:

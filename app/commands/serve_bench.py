@@ -175,7 +175,8 @@ def run_serve_suite(args, say) -> list[dict]:
                 say(f"{len(failed)} of {len(timings)} requests failed at concurrency {c}, e.g. {failed[0]}")
             off = offline[c]
             ratio = served["output_tok_s"] / off["output_tok_s"] if off["output_tok_s"] else None
-            say(f"served, {c} in flight: {served['output_tok_s']:.1f} tok/s ({ratio:.2f} of offline)")
+            share = f"{ratio:.2f} of offline" if ratio is not None else "no offline rate to compare"
+            say(f"served, {c} in flight: {served['output_tok_s'] or 0:.1f} tok/s ({share})")
             row = {"suite": "serve", "engine": "hearth", **common, "batch": c, "prompt_len": prompt_len,
                    "output_len": output_len, "concurrency": c, **served,
                    "offline_output_tok_s": off["output_tok_s"], "offline_ttft_p50_ms": off["ttft_p50_ms"],

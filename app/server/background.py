@@ -111,7 +111,7 @@ class BackgroundServer:
         if self._thread is not None:
             raise RuntimeError("a BackgroundServer starts once; make another")
         o = self.options
-        problem = exposure_problem(o.host, o.api_key)
+        problem = exposure_problem(o.host, o.api_key, o.allowed_origins)
         if problem:
             raise InvalidRequestError(problem)
         self._sock = bind(o.host, o.port, self._port_advice)

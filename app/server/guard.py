@@ -85,24 +85,32 @@ class Guard:
                 return
         # The body is read here, whole (it is small: a chat), so that one too large is
         # refused before any route sees it, with or without a Content-Length.
-        body, more = [], True
-        size = 0
-        try:
-            async with asyncio.timeout(self._body_read_s):
-                while more:
-                    message = await receive()
-                    if message["type"] != "http.request":  # the client left before sending it all
-                        return
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self._max:
-                        await _send(self._too_large(), scope, receive, send)
-                        return
-                    body.append(chunk)
-                    more = message.get("more_body", False)
-        except TimeoutError:
+        body: list[bytes] = []
+
+        async def read() -> str | None:  # None: read whole; else why not
+            more, size = True, 0
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left before sending it all
+                    return "gone"
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self._max:
+                    return "too large"
+                body.append(chunk)
+                more = message.get("more_body", False)
+            return None
+
+        try:  # wait_for, not asyncio.timeout: Python 3.10 has no asyncio.timeout
+            problem = await asyncio.wait_for(read(), self._body_read_s)
+        except asyncio.TimeoutError:
             await _send(ApiError(408, f"the request body did not arrive within {self._body_read_s:g} s: "
                                  "send it whole, at once.", code="request_timeout"), scope, receive, send)
+            return
+        if problem == "gone":
+            return
+        if problem == "too large":
+            await _send(self._too_large(), scope, receive, send)
             return
         replayed = False
 

@@ -33,13 +33,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_problem(host: str, api_key: str | None) -> str | None:
-    """Why the server must not listen on ``host`` with this key (None: it may): any address
-    but loopback lets other machines use the model, so it needs a key."""
-    if is_loopback(host) or api_key:
+def exposure_problem(host: str, api_key: str | None, allowed_origins=()) -> str | None:
+    """Why the server must not listen on ``host`` with this key and these CORS origins
+    (None: it may): any address but loopback lets other machines use the model, and the
+    origin ``*`` lets every web page the user opens use it (and read its answers), so
+    either needs a key."""
+    if api_key:
         return None
-    return (f"listening on {host} lets other machines on the network use the model, so it needs an "
-            "API key (without one, anyone who can reach this machine could run it).")
+    if not is_loopback(host):
+        return (f"listening on {host} lets other machines on the network use the model, so it needs an "
+                "API key (without one, anyone who can reach this machine could run it).")
+    if "*" in allowed_origins:
+        return ("the CORS origin * lets every web page you open use the model and read its answers, so it "
+                "needs an API key; or name the pages' origins instead (e.g. http://localhost:3000).")
+    return None
 
 
 def bind(host: str, port: int, advice: str = "choose another with --port") -> socket.socket:

@@ -19,6 +19,9 @@ class Logprobs:
         self._tokenizer = tokenizer
         self._names: dict[int, str] = {}
         self._bytes = getattr(tokenizer, "token_bytes", None)
+        # Tokens the answer's (and echo's) text leaves out: BOS, chat markers. They take no
+        # room there, so text_offset must not advance over them.
+        self._unseen = getattr(tokenizer, "special_token_ids", frozenset())
 
     def name(self, token_id: int) -> str:
         text = self._names.get(token_id)
@@ -43,7 +46,7 @@ class Logprobs:
             text = self.name(lp.token_id)
             tokens.append(text)
             offsets.append(offset)
-            offset += len(text)
+            offset += 0 if lp.token_id in self._unseen else len(text)
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
                 "top_logprobs": [{self.name(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
 
@@ -52,7 +55,7 @@ class Logprobs:
         (``None``, as OpenAI gives it), the rest from ``engine.api.prompt_logprobs``."""
         first = self.format([]) if not ids else {
             "tokens": [self.name(ids[0])], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
-        rest = self.format(scored, len(first["tokens"][0]) if ids else 0)
+        rest = self.format(scored, 0 if not ids or ids[0] in self._unseen else len(first["tokens"][0]))
         return joined(first, rest)
 
 

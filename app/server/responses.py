@@ -29,7 +29,7 @@ STATELESS = ("this server is stateless: it keeps no responses, so {what}. Send t
 #: Content part types that carry text (a client's own and a previous answer's, sent back).
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 #: Chat parameter -> the Responses parameter it comes from (for error messages).
-RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input"}
+RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 #: Hearth's sampling extensions, passed on as they are.
 EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "ignore_eos")
 
@@ -99,19 +99,43 @@ def _refuse(body: ResponsesRequest) -> None:
     if body.tools:
         raise ApiError(400, "tools are not supported on /v1/responses yet: use /v1/chat/completions for tool "
                        "calling.", "tools", "unsupported_parameter")
-    fmt = (body.text or {}).get("format") or {}
-    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
-        raise ApiError(400, "text.format other than 'text' is not supported on /v1/responses yet.",
-                       "text.format", "unsupported_parameter")
+    text_format(body)  # a bad one: a 400 now, before anything else
     if body.max_output_tokens is not None and body.max_output_tokens <= 0:
         raise ApiError(400, f"max_output_tokens must be a positive integer, got {body.max_output_tokens}.",
                        "max_output_tokens")
+
+
+def text_format(body: ResponsesRequest) -> dict | None:
+    """``text.format`` as chat's ``response_format`` (None: plain text). The Responses API
+    flattens json_schema's fields (``{"type": "json_schema", "name", "schema", "strict"}``)
+    where chat nests them under ``json_schema``."""
+    text = body.text if body.text is not None else {}
+    if not isinstance(text, dict):
+        raise ApiError(400, "text must be an object, e.g. {\"format\": {\"type\": \"json_object\"}}.", "text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type", "text"), str):
+        raise ApiError(400, "text.format must be an object with a type: text, json_object or json_schema.",
+                       "text.format")
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict", "description")
+                                                       if k in fmt}}
+    raise ApiError(400, f"text.format type must be text, json_object or json_schema, got {kind!r}.", "text.format")
 
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat request a Responses request runs as."""
     _refuse(body)
     extra = {k: v for k, v in (body.model_extra or {}).items() if k in EXTRAS}
+    fmt = text_format(body)
+    if fmt is not None:
+        extra["response_format"] = fmt
     try:
         return ChatCompletionRequest(model=body.model, messages=messages_of(body), temperature=body.temperature,
                                      top_p=body.top_p, max_completion_tokens=body.max_output_tokens, **extra)

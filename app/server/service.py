@@ -22,6 +22,9 @@ from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
 from app.services.host_events import RequestStarted
 from engine.api import FinishedEvent, HearthError, PromptProgressEvent, Request, TokenEvent, prompt_logprobs
 
+#: Echo-with-logprobs requests scored at once (each holds a worker thread while its prompts
+#: wait for the engine's thread; the rest get a 429 rather than starving the pool).
+MAX_SCORING = 4
 NO_MODEL_503 = "no model is loaded: load one (hearth serve --model M, or the Models page) and try again."
 SHUTTING_DOWN = "the server is shutting down: this answer was stopped before it was finished."
 
@@ -95,6 +98,7 @@ class OpenAIService:
         self.max_queue = max_queue
         self._async: AsyncEngineHost | None = None
         self._live: set[Choice] = set()
+        self._scoring = 0  # echo-with-logprobs prompts being scored now
         self.closing = False
 
     def start(self) -> None:
@@ -140,13 +144,35 @@ class OpenAIService:
         engine = self.host.engine
         if engine is None:
             raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        # Refused as the answers would be (shutting down, queue full), before the prefill;
+        # and a few at a time: each holds a worker thread while it waits for the engine.
+        self._check_room(job)
+        if self._scoring >= MAX_SCORING:
+            raise ApiError(429, f"the server is busy scoring {self._scoring} prompts for echo with logprobs: try "
+                           "again in a moment.", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self._scoring += 1
         try:
             return await run_in_threadpool(lambda: [prompt_logprobs(engine, ids, top) for ids in job.prompts])
         except HearthError as e:  # no room in the KV cache now, the engine gone
             raise ApiError(503, f"the prompt could not be scored for echo with logprobs now ({e}): try again in "
                            "a moment, or leave out logprobs.") from None
+        finally:
+            self._scoring -= 1
 
     def submit(self, job: Job) -> list[Choice]:
+        self._check_room(job)
+        choices = []
+        for k, params in enumerate(job.params):
+            ids = job.prompts[k // job.n]
+            # prompt_progress: its first PromptProgressEvent says it left the queue.
+            request = Request(prompt_token_ids=ids, params=params, prompt_progress=True)
+            choice = Choice(self._async.submit(request), self.metrics)
+            self._live.add(choice)
+            choices.append(choice)
+        return choices
+
+    def _check_room(self, job: Job) -> None:
+        """A 503 while shutting down; a 429 when the job's answers would overfill the queue."""
         if self.closing:
             raise ApiError(503, "the server is shutting down: try again once it is back.")
         # Counted here, on the loop, where choices are added: no race between two checks.
@@ -157,15 +183,6 @@ class OpenAIService:
             raise ApiError(429, f"the server is busy: {waiting} answers are already waiting for the model "
                            f"(the limit is {self.max_queue}, hearth serve --max-queue). Try again in a moment.",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
-        choices = []
-        for k, params in enumerate(job.params):
-            ids = job.prompts[k // job.n]
-            # prompt_progress: its first PromptProgressEvent says it left the queue.
-            request = Request(prompt_token_ids=ids, params=params, prompt_progress=True)
-            choice = Choice(self._async.submit(request), self.metrics)
-            self._live.add(choice)
-            choices.append(choice)
-        return choices
 
     def done(self, choices: list[Choice], n: int = 1) -> None:
         """Abort the choices still running (a client gone, a failed sibling), count the

@@ -36,8 +36,8 @@ from engine.api import InvalidRequestError
 #: OpenAI's rule for function names.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: How a forced call opens, per parser: (any function, the named one's format).
-_FORCED = {"hermes": ('<tool_call>\n{"name": "', '<tool_call>\n{{"name": {name}, "arguments": '),
-           "llama3_json": ('{"name": "', '{{"name": {name}, "parameters": ')}
+_FORCED = {"hermes": ('<tool_call>\n{"name": "', '<tool_call>\n{{"name": {name}, "arguments":'),
+           "llama3_json": ('{"name": "', '{{"name": {name}, "parameters":')}
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +156,7 @@ def tool_fields(message, i: int) -> dict:
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ApiError(400, f"{where}.function.arguments is not valid JSON: send the arguments the "
                                "call was answered with, as a JSON object in a string.",
                                f"{where}.function.arguments") from None
@@ -174,7 +174,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict], setup: ToolSetup | None) ->
         text = tokenizer.render_chat(messages, tools=setup.tools)
     except InvalidRequestError:
         raise  # said well already (the caller makes it a 400)
-    except (TemplateError, TypeError, ValueError) as e:  # a template may trip on a client's odd values
+    except (TemplateError, TypeError, ValueError, RecursionError) as e:  # a template may trip on a client's odd values
         raise ApiError(400, f"the model's chat template refuses these messages or tools: {e}", "messages") from None
     return tokenizer.encode(text + setup.prefix, add_special_tokens=False)
 

@@ -60,7 +60,7 @@ def call_of(text: str) -> tuple[str, str] | None:
     """``(name, arguments as JSON text)`` of one call's JSON, or None when it is not one."""
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested past Python's limit
         return None
     return call_from(obj)
 
@@ -73,7 +73,7 @@ def call_from(obj, args_keys: tuple[str, ...] = ("arguments", "parameters")) -> 
     if isinstance(args, str):  # some models write the arguments as a JSON string already
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None
@@ -225,7 +225,7 @@ def _json_calls(text: str) -> list[tuple[str, str]] | None:
     while pos < len(text):
         try:
             obj, end = decoder.raw_decode(text, pos)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         call = call_from(obj, ("parameters", "arguments"))
         if call is None:

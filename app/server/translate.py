@@ -7,6 +7,7 @@ end with ``length``, which a client can't tell from a short ``max_tokens``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,6 +48,10 @@ def not_supported(body, chat: bool) -> None:
     """Refuse parameters the server can't honour yet, when they ask for something."""
     asked = {}
     if not chat:
+        # response_format is chat's: a completions request asking for one would get
+        # unconstrained text without a word.
+        fmt = getattr(body, "response_format", None)
+        asked.update(response_format=isinstance(fmt, dict) and fmt.get("type", "text") != "text")
         asked.update(suffix=bool(body.suffix),
                      best_of=body.best_of is not None and body.best_of != (body.n or 1))
     for name, on in asked.items():
@@ -258,6 +263,10 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
             # request gives the same choices again.
             seed = None if body.seed is None else (body.seed + j) % SEED_SPAN
             params.append(sampling(body, max_tokens, seed, chat))
+    if tools is not None:
+        # Some models mark <tool_call> as a special token: decoded with special tokens
+        # skipped, the tags would vanish and the call come back as bare JSON content.
+        params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
     echo = echo_texts(body, prompts, tokenizer) if not chat else None
     return Job(prompts, params, n, logprobs=top_logprobs(body, chat) is not None, tools=tools, echo=echo)
 

@@ -25,12 +25,27 @@ from engine.errors import InvalidRequestError
 
 
 def _llama_module():
+    import os
+
+    import engine
+
+    # llama.cpp's OpenMP runtime (its own libgomp, read when the library loads) runs with the
+    # policy the user had, not the passive one Hearth sets for torch's (engine/__init__.py):
+    # the baseline runs as it would on its own.
+    ours = os.environ.get("OMP_WAIT_POLICY")
+    if engine.USER_OMP_WAIT_POLICY is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = engine.USER_OMP_WAIT_POLICY
     try:
         import llama_cpp
     except ImportError:
         raise InvalidRequestError(
             "the llamacpp baseline needs llama-cpp-python: pip install llama-cpp-python "
             "(it builds llama.cpp; a few minutes).", options=("baseline",)) from None
+    finally:
+        if ours is not None:
+            os.environ["OMP_WAIT_POLICY"] = ours
     return llama_cpp
 
 

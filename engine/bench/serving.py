@@ -77,6 +77,7 @@ def latency_summary(timings: list[RequestTiming], wall_s: float) -> dict:
         "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
         "itl_p50_ms": percentile(itls, 50), "itl_p99_ms": percentile(itls, 99),
         "num_requests": len(timings), "failed_requests": len(timings) - len(ok),
+        "client_tokens": sum(k for t in ok for _, k in t.arrivals),  # tokens the client saw arrive
         "wall_s": wall_s,
     }
 

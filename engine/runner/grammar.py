@@ -47,17 +47,59 @@ class TokenVocabulary:
         self.n_vocab = int(n_vocab)
         self.eos_ids = sorted(int(i) for i in eos_ids)
         self._built = None
+        self._error: Exception | None = None  # a tokenizer llguidance can't read: remembered
         self._lock = threading.Lock()
 
     def get(self):
-        """The llguidance ``LLTokenizer`` (built once, on the first call)."""
+        """The llguidance ``LLTokenizer`` (built once, on the first call); a build that
+        failed raises the same error again at once rather than retrying for seconds."""
         with self._lock:
+            if self._error is not None:
+                raise self._error
             if self._built is None:
                 import llguidance.hf
 
                 n_vocab = max(self.n_vocab, len(self._hf))
-                self._built = llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab, eos_token=self.eos_ids)
+                try:
+                    self._built = llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab, eos_token=self.eos_ids)
+                except Exception as e:
+                    self._error = e
+                    raise
             return self._built
+
+
+def token_vocabulary(tokenizer, vocab_size: int) -> TokenVocabulary | None:
+    """The grammar engine's view of ``tokenizer`` (built on first use), or None when
+    structured output can't work: no Hugging Face tokenizer (benchmark shapes), or no
+    end-of-sequence token to end a complete answer with."""
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    if hf is None or not getattr(hf, "backend_tokenizer", None) or not tokenizer.eos_token_ids:
+        return None
+    return TokenVocabulary(hf, vocab_size, tokenizer.eos_token_ids)
+
+
+def check_request(params, vocab_size: int, vocabulary: TokenVocabulary | None) -> None:
+    """What SamplingParams can't check alone: logit_bias's ids against the vocabulary, and
+    that structured output has a tokenizer to work with. Called on the submitting thread,
+    so the grammar engine's view of the tokenizer is built there for the first structured
+    request (a fraction of a second), not on the engine's loop between two steps."""
+    from engine.errors import InvalidRequestError
+
+    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise InvalidRequestError(f"logit_bias must name token ids in the vocabulary (0..{vocab_size - 1}), "
+                                  f"got {bad[0]}.")
+    if params.structured is None:
+        return
+    if vocabulary is None:
+        raise InvalidRequestError(
+            "response_format needs the model's tokenizer with an end-of-sequence token, and this model "
+            "has none (a benchmark shape, or a tokenizer without EOS): drop response_format.")
+    try:
+        vocabulary.get()
+    except Exception as e:  # a tokenizer llguidance can't read
+        raise InvalidRequestError(f"response_format can't be used with this model: the grammar engine could not "
+                                  f"read its tokenizer ({type(e).__name__}: {e}). Drop response_format.") from e
 
 
 class RowGrammar:

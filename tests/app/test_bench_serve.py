@@ -45,8 +45,8 @@ def test_serve_suite_drives_a_real_server_and_its_offline_twin(tmp_path, capsys)
     for r in rows:
         assert r["suite"] == "serve" and r["model"] == "shape:tiny" and r["card"] == "cpu"
         assert r["num_requests"] == 4 and r["failed_requests"] == 0
-        # every token of every request arrived: 4 x 6 tokens over the run's wall time
-        assert r["output_tok_s"] == pytest.approx(24 / r["wall_s"])
+        # every token of every request arrived, as the client counted them: 4 x 6
+        assert r["client_tokens"] == 24 and r["output_tok_s"] == pytest.approx(24 / r["wall_s"])
         assert r["offline_output_tok_s"] > 0 and r["serve_vs_offline"] == pytest.approx(
             r["output_tok_s"] / r["offline_output_tok_s"])
         # a model without text still streams one chunk per token: ITLs exist on the HTTP side

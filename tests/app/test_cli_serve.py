@@ -32,6 +32,11 @@ def test_another_address_needs_an_api_key(capsys, host):
     assert rc == 2 and "needs an API key" in err and "--api-key" in err and "Traceback" not in err
 
 
+def test_any_web_page_needs_an_api_key(capsys):
+    rc, err = run(capsys, "serve", "--allowed-origins", "*")
+    assert rc == 2 and "every web page" in err and "--api-key" in err
+
+
 def test_loopback_names_need_no_key():
     from app.commands.serve import is_loopback
 

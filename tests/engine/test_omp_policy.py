@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
-CHECK = ("import os; import engine.api, torch; "
-         "print(os.environ['OMP_WAIT_POLICY'])")
+# engine's own __init__ runs before anything of the engine imports torch (the policy is
+# read once, when torch's OpenMP runtime loads)
+CHECK = ("import os, sys; import engine; assert 'torch' not in sys.modules, 'torch loaded first'; "
+         "import engine.api, torch; print(os.environ['OMP_WAIT_POLICY'])")
 
 
 def _policy(env_value: str | None) -> str:

@@ -78,11 +78,13 @@ class ScriptedEngine:
         self.max_model_len = 4096
         self.answers: list = []
         self.prompts: list[list[int]] = []
+        self.params: list = []  # every request's SamplingParams
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
 
     def submit(self, request, on_event=None):
         self.prompts.append(list(request.prompt_token_ids))
+        self.params.append(request.params)
         answer = self.answers.pop(0) if self.answers else "Hello."
         thread = threading.Thread(target=self._write, args=(request, answer, on_event), daemon=True)
         thread.start()

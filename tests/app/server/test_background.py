@@ -70,6 +70,8 @@ def test_a_port_in_use_or_the_network_without_a_key_is_refused_before_anything_r
         assert not server.running
     with pytest.raises(InvalidRequestError, match="needs an API key"):
         BackgroundServer(host, ServeOptions(host="0.0.0.0", port=_free_port())).start()
+    with pytest.raises(InvalidRequestError, match="every web page.*needs an API key"):
+        BackgroundServer(host, ServeOptions(port=_free_port(), allowed_origins=("*",))).start()
 
 
 def test_origins_are_parsed_and_a_path_is_refused():

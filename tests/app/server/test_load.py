@@ -88,6 +88,10 @@ def test_128_simultaneous_streams_all_complete_and_leave_no_kv_block(live, host,
                 chunks = [c async for c in stream]
                 text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
                 finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                # one chunk per token step (the first announces the role, the last the finish)
+                token_chunks = sum(1 for c in chunks if c.choices and c.choices[0].finish_reason is None
+                                   and c.choices[0].delta.role is None)
+                assert token_chunks == tokens, (i, token_chunks)
                 return text, finish, chunks[-1].usage
 
             async def health(done: asyncio.Event):

@@ -51,3 +51,23 @@ def test_completion_logprobs_streamed_and_not(client, model_name):
                                             **GREEDY))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert streamed == lp.tokens
+
+
+def test_text_offsets_skip_tokens_the_text_leaves_out():
+    """A BOS (special: not in the echoed or answered text) takes no room: offsets index the
+    text as the client gets it."""
+    from app.server.logprobs import Logprobs
+    from engine.api import TokenLogprob
+
+    class BosTokenizer:
+        special_token_ids = frozenset({0})
+        pieces = {0: "<s>", 1: "Once", 2: " upon", 3: " a", 4: " time"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.pieces[i] for i in ids)
+
+    lp = Logprobs(chat=False, tokenizer=BosTokenizer())
+    echoed = lp.prompt([0, 1, 2], [TokenLogprob(1, -1.0, 1), TokenLogprob(2, -2.0, 1)])
+    assert echoed["tokens"] == ["<s>", "Once", " upon"] and echoed["text_offset"] == [0, 0, 4]
+    answer = lp.format([TokenLogprob(3, -0.5, 1), TokenLogprob(4, -0.5, 1)], offset=len("Once upon"))
+    assert answer["text_offset"] == [9, 11]

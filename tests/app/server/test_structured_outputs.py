@@ -167,3 +167,26 @@ def test_bad_bias_on_completions_is_400(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logit_bias={"1": -200})
     assert "logit_bias" in str(info.value)
+
+
+def test_responses_text_format_json_schema_validates(client):
+    r = client.responses.create(model=MODEL, input="Describe a thing as JSON.", temperature=0, max_output_tokens=60,
+                                text={"format": {"type": "json_schema", "name": "thing", "schema": SCHEMA,
+                                                 "strict": True}})
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), SCHEMA)
+
+
+@pytest.mark.parametrize("text", [{"format": "json"}, {"format": {"type": "xml"}}, "json"])
+def test_a_responses_text_format_it_cannot_honour_is_a_400(live, text):
+    r = httpx.post(f"{live.base_url}/v1/responses", json={"model": MODEL, "input": "Hi", "text": text},
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] in ("text", "text.format")
+
+
+def test_completions_with_a_response_format_is_a_400_not_ignored(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"response_format": {
+            "type": "json_object"}})
+    assert e.value.body["param"] == "response_format"

@@ -132,7 +132,7 @@ def test_named_tool_choice_forces_that_call(scripted, stream):
         assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
         assert r.choices[0].message.content is None
     assert finish == "tool_calls"
-    assert engine.prompt_text().endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+    assert engine.prompt_text().endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments":')
 
 
 def test_required_tool_choice_opens_a_call(scripted):
@@ -259,12 +259,43 @@ def test_the_real_engine_answers_a_forced_call(real_tool_client):
     r = client.chat.completions.create(model=host.model_info.name, messages=ASK, tools=[WEATHER, TIME],
                                        tool_choice=choice, temperature=0, max_tokens=6)
     tok = host.engine.tokenizer
-    text = tok.render_chat(ASK, tools=[WEATHER, TIME]) + '<tool_call>\n{"name": "get_weather", "arguments": '
+    text = tok.render_chat(ASK, tools=[WEATHER, TIME]) + '<tool_call>\n{"name": "get_weather", "arguments":'
     assert r.usage.prompt_tokens == len(tok.encode(text, add_special_tokens=False))
     message = r.choices[0].message
     if message.tool_calls is None:
-        assert message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+        assert message.content.startswith('<tool_call>\n{"name": "get_weather", "arguments":')
         assert r.choices[0].finish_reason in ("stop", "length")
     chunks = list(client.chat.completions.create(model=host.model_info.name, messages=ASK, tools=[WEATHER, TIME],
                                                  tool_choice=choice, temperature=0, max_tokens=6, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == (message.content or "")
+
+
+def test_deeply_nested_tool_values_are_a_400_not_a_500(scripted):
+    """JSON nested past Python's recursion limit (a 200 KB body) in a fed-back call's
+    arguments or a tool's parameters: a 400, never a 500. Sent as raw text: the client's
+    own JSON encoder would hit the limit first."""
+    import httpx
+
+    engine, client = scripted
+    deep = "[" * 100_000 + "]" * 100_000
+    fed_back = json.dumps({"model": "scripted", "tools": [WEATHER], "messages": [*ASK, {
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "get_weather", "arguments": deep}}]}]})
+    nested = '{"type": "object", "properties": {"x": ' * 600 + '{"type": "object"}' + "}}" * 600
+    deep_tool = ('{"model": "scripted", "messages": ' + json.dumps(ASK) + ', "tools": [{"type": "function", '
+                 '"function": {"name": "deep", "parameters": ' + nested + "}}]}")
+    for body in (fed_back, deep_tool):
+        engine.answers[:] = ["unused"]
+        r = httpx.post(f"{client.base_url}chat/completions", content=body.encode(), timeout=60,
+                       headers={"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text[:300]
+
+
+def test_tool_requests_keep_special_tokens_so_tags_marked_special_survive(scripted):
+    """Some models' tokenizers mark <tool_call> special: decoded with special tokens skipped,
+    the tags would vanish and the call come back as bare JSON."""
+    engine, client = scripted
+    ask(client, engine, "Plain.")
+    assert engine.params[-1].skip_special_tokens is False
+    ask(client, engine, "Plain.", tool_choice="none")
+    assert engine.params[-1].skip_special_tokens is True

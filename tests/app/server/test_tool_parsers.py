@@ -105,3 +105,11 @@ def test_llama_plain_text_streams_at_once():
 ])
 def test_parser_from_template(template, name):
     assert parser_name_for(template) == name
+
+
+def test_json_nested_past_pythons_recursion_limit_is_content_not_a_crash():
+    deep = "[" * 5000 + "]" * 5000
+    hermes = f"<tool_call>\n{deep}\n</tool_call>"
+    assert whole(HermesParser, hermes) == Parsed(hermes, [])
+    llama = '{"name": "a", "parameters": ' + deep + "}"
+    assert whole(Llama3JsonParser, llama) == Parsed(llama, [])
