@@ -199,16 +199,18 @@ def chat_message(text: str, reason: str, setup: ToolSetup | None) -> tuple[dict,
 
 class ToolStream:
     """One streamed choice's deltas (OpenAI's chat chunk ``delta``s): content as it is sure,
-    and each call as its start (index, id, type, ``function.name``) then its arguments."""
+    and each call as its start (index, id, type, ``function.name``, empty arguments) then
+    its arguments in fragments as they are written (Hermes/Qwen; Llama 3.1's whole)."""
 
     def __init__(self, setup: ToolSetup) -> None:
         self._parser = setup.new_parser()
-        self._most = None if setup.parallel else 1  # the calls streamed (parallel_tool_calls)
+        self._parallel = setup.parallel
         self._early = self._parser.feed(setup.prefix)
 
     @property
     def called(self) -> bool:
-        return self._parser.calls > 0
+        """A call ended well (``finish_reason`` ``tool_calls``, as for the whole answer)."""
+        return bool(self._parser.made)
 
     def feed(self, text: str) -> list[dict]:
         early, self._early = self._early, []
@@ -219,7 +221,11 @@ class ToolStream:
         return self._out(early + self._parser.finish())
 
     def _out(self, deltas: list[Delta]) -> list[dict]:
-        return [_delta(d) for d in deltas if self._most is None or d.index is None or d.index < self._most]
+        # parallel_tool_calls false: no call after the first one made (a call that broke
+        # after its start went out doesn't count, as the whole answer doesn't count it)
+        made = self._parser.made
+        return [_delta(d) for d in deltas
+                if self._parallel or d.index is None or not made or d.index <= made[0]]
 
 
 def _delta(d: Delta) -> dict:
