@@ -29,13 +29,15 @@ _SPACE = frozenset(" \t\n\r")
 
 
 class CallScanner:
-    """Give it a call's text as it grows (``read``, or ``feed`` a piece); read ``name``, ``args_start``,
-    ``args_end`` (offsets in ``text``), ``args_is_object``, ``pos`` (how far the text is
-    read and found valid) and ``failed`` (a syntax error at ``pos``: reading stops)."""
+    """Give it a call's text as it grows (``read``, or ``feed`` a piece); read ``name``,
+    ``args_start``, ``args_end`` (offsets in ``text``), ``args_is_object``, ``pos`` (how
+    far the text is read and found valid), ``closed`` (the object ended at ``pos``:
+    reading stops there) and ``failed`` (a syntax error at ``pos``: reading stops)."""
 
-    def __init__(self) -> None:
+    def __init__(self, args_keys: tuple[str, ...] = ("arguments",), start: int = 0) -> None:
+        self.args_keys = args_keys  # the keys whose (first) value is the arguments
         self.text = ""
-        self.pos = 0
+        self.pos = start  # where the object (or whitespace before it) begins in the text
         self.failed = False
         self.closed = False  # the outer object's closing brace was read
         self.name: str | None = None
@@ -52,10 +54,10 @@ class CallScanner:
 
     def read(self, text: str, end: int | None = None) -> None:
         """Read on in ``text``, the call's text so far (what was read before unchanged: it
-        only grows), up to ``end``. No copy is kept but this reference, so a long call
-        costs linear time."""
+        only grows), up to ``end`` or the object's end. No copy is kept but this reference,
+        so a long call costs linear time."""
         self.text, end = text, len(text) if end is None else end
-        while not self.failed and self.pos < end:
+        while not self.failed and not self.closed and self.pos < end:
             if not self._step(end):
                 self.failed = True
 
@@ -160,7 +162,7 @@ class CallScanner:
                 return True
             else:
                 return False
-        else:  # done: only whitespace may follow the call's object
+        else:  # done (not reached: reading stops at the object's end)
             return False
         self.pos = i + 1
         return True
@@ -182,7 +184,7 @@ class CallScanner:
         return True
 
     def _value_started(self, c: str, i: int) -> None:
-        if len(self._stack) == 1 and self._key == "arguments" and self.args_start is None:
+        if len(self._stack) == 1 and self._key in self.args_keys and self.args_start is None:
             self.args_start, self.args_is_object = i, c == "{"
 
     def _string_ended(self, raw: str) -> None:
@@ -200,7 +202,7 @@ class CallScanner:
         """A value just ended (``pos`` is just past it); at the outer object's level, note
         where the arguments end."""
         if len(self._stack) == 1:
-            if self._key == "arguments" and self.args_end is None and self.args_start is not None:
+            if self._key in self.args_keys and self.args_end is None and self.args_start is not None:
                 self.args_end = self.pos
             self._key = None
         self._expect = "comma_or_end"

@@ -7,13 +7,13 @@ A parser reads text incrementally (``feed`` as tokens arrive, ``finish`` at the 
 returns ``Delta``s: content text, a call's start (its id and name), its arguments. Parsing
 a whole answer is the same parser fed once (``parse``), giving out nothing early.
 
-Hermes/Qwen calls stream: a call's start goes out once its name is known and its
-``"arguments"`` object has begun (arguments written before the name are held until the
-name comes), then the arguments as the model's raw JSON text, in fragments, as they are
+Calls stream: a call's start goes out once its name is known and its ``"arguments"``
+(Llama: ``"parameters"``) object has begun (arguments written before the name are held
+until the name comes), then the arguments as the model's raw JSON text, in fragments, as they are
 written (``app.server.call_scanner`` finds them and checks their syntax): the fragments add
 up to text that ``json.loads`` reads as the whole answer's arguments; the call's own
-closing brace and the tags are never part of them. Arguments written as a JSON string, a
-call without arguments, and Llama's calls go out whole when the call ends.
+closing brace and the tags are never part of them. Arguments written as a JSON string, or
+a call without arguments, go out whole when the call ends.
 
 A call that does not parse, or has no name, is given back as plain content (the client
 sees what the model wrote, and ``finish_reason`` is not ``tool_calls``) as long as nothing
@@ -24,8 +24,8 @@ no streaming) and not to make up a closing for it (a client would act on argumen
 model never finished); instead it ends as sent, its arguments stopping at the last
 character that was valid JSON (so they may not parse), and:
 
-- its whole block is given out as content too, so a stream's content is always the whole
-  answer's content;
+- its whole block (Llama: the whole answer, which is calls only if all of it is) is given
+  out as content too, so a stream's content is always the whole answer's content;
 - it is not *made* (``made``): ``finish_reason`` is ``tool_calls`` only if some call ended
   well, as for the whole answer, so a client that acts on ``finish_reason`` never acts on
   a broken call (the whole answer has the same made calls, numbered without the broken);
@@ -108,14 +108,15 @@ def call_from(obj, args_keys: tuple[str, ...] = ("arguments", "parameters")) -> 
 
 class ToolParser:
     """Reads one answer. ``feed(text)`` and ``finish()`` return the deltas that are sure
-    by then. ``made``: the indices of the calls that ended well (a call whose start went
-    out and then broke is not one). ``stream``: False gives out nothing of a call before
+    by then. ``made``: the indices of the calls that ended well; ``broken``: of those
+    whose start went out and then broke (see the module's doc). ``stream``: False gives out nothing of a call before
     it ends (``parse``: a whole answer)."""
 
     def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
         self._new_id = new_id
         self._next = 0  # the next call's index
         self.made: list[int] = []
+        self.broken: list[int] = []
         self.stream = True
 
     def feed(self, text: str) -> list[Delta]:
@@ -229,8 +230,9 @@ class HermesParser(ToolParser):
             self._after_call = True
             return self._call(*call)
         index, self._index = self._index, None
-        rest = self._rest(inner, call)
+        rest = _rest(inner, self._scan, self._sent, call)
         if rest is None:  # broken after its start went out: it ends as sent (see the module's doc)
+            self.broken.append(index)
             if call is None:
                 return block
             self._after_call = True  # a call after all (a key written twice): given anew
@@ -239,40 +241,34 @@ class HermesParser(ToolParser):
         self._after_call = True
         return [Delta(index=index, arguments=rest)] if rest else []
 
-    def _rest(self, inner: str, call: tuple[str, str] | None) -> str | None:
-        """The arguments' text not yet sent, if the whole call is the call whose start and
-        arguments went out; None if it is not (malformed, or keys written twice)."""
-        if call is None or call[0] != self._scan.name:
-            return None
-        try:
-            args, end = json.JSONDecoder().raw_decode(inner, self._scan.args_start)
-        except ValueError:
-            return None
-        if end < self._sent or json.dumps(args, ensure_ascii=False) != call[1]:
-            return None
-        return inner[self._sent:end]
 
 
 class Llama3JsonParser(ToolParser):
     """Llama 3.1's JSON tool calls: the whole answer is ``{"name": ..., "parameters":
     ...}`` (``<|python_tag|>`` may come first when special tokens are kept; several calls
     may be separated by ``;``). An answer that starts with ``{`` is held to its end, then
-    given as calls if it parses as them, else as content; any other answer streams as
-    content."""
+    given as calls if it all parses as them, else as content; any other answer streams as
+    content. Its calls stream as Hermes calls do (the start once the name is known and the
+    ``"parameters"`` object has begun, then their fragments), one object after another
+    while each is one; none is *made* before the answer's end, as the answer is calls only
+    if all of it is."""
 
     TAG = "<|python_tag|>"
+    KEYS = ("parameters", "arguments")
 
     def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
         super().__init__(new_id)
         self._buf = ""
         self._mode: str | None = None  # None: undecided; "json": held; "text": streamed
+        self._scan: CallScanner | None = None  # the object being read (None: streaming stopped)
+        self._open: list[list] = []  # the calls whose start went out: [index, scanner, sent]
 
     def feed(self, text: str) -> list[Delta]:
         if self._mode == "text":
             return [Delta(content=text)] if text else []
         self._buf += text
         if self._mode == "json":
-            return []
+            return self._streamed()
         head = self._buf.lstrip()
         if head.startswith(self.TAG):
             head = head[len(self.TAG):].lstrip()
@@ -281,10 +277,38 @@ class Llama3JsonParser(ToolParser):
         if not head:
             return []  # undecided yet
         if head.startswith("{"):
-            self._mode = "json"
-            return []
+            self._mode, self._scan = "json", CallScanner(self.KEYS, len(self._buf) - len(head))
+            return self._streamed()
         self._mode, rest, self._buf = "text", self._buf, ""
         return [Delta(content=rest)]
+
+    def _streamed(self) -> list[Delta]:
+        """Each object's start and fragments as far as read; the next object once one ends
+        (streaming stops at anything but a call object, or a call not streamed)."""
+        out: list[Delta] = []
+        while self.stream and self._scan is not None:
+            scan = self._scan
+            scan.read(self._buf)
+            if scan.name is not None and scan.args_start is not None and scan.args_is_object:
+                if not self._open or self._open[-1][1] is not scan:
+                    out.append(self._start(scan.name))
+                    self._open.append([out[-1].index, scan, scan.args_start])
+                call = self._open[-1]
+                upto = scan.args_end if scan.args_end is not None else scan.pos
+                if upto > call[2]:
+                    out.append(Delta(index=call[0], arguments=self._buf[call[2]:upto]))
+                    call[2] = upto
+            if not scan.closed or not self._open or self._open[-1][1] is not scan:
+                if scan.closed or scan.failed:
+                    self._scan = None  # not a streamed call: the rest waits for the end
+                return out
+            i = scan.pos
+            while i < len(self._buf) and (self._buf[i].isspace() or self._buf[i] == ";"):
+                i += 1
+            if i == len(self._buf):
+                return out  # read again from the object's end next time
+            self._scan = CallScanner(self.KEYS, i) if self._buf[i] == "{" else None
+        return out
 
     def finish(self) -> list[Delta]:
         text, self._buf = self._buf, ""
@@ -293,12 +317,32 @@ class Llama3JsonParser(ToolParser):
         body = text.lstrip()
         body = body[len(self.TAG):] if body.startswith(self.TAG) else body
         calls = _json_calls(body)
-        if calls is None:
+        if calls is None:  # not calls: the streamed ones end as sent (see the module's doc)
+            self.broken += [index for index, _, _ in self._open]
             return [Delta(content=text)]
-        out: list[Delta] = []
-        for call in calls:
+        rests = [_rest(text, scan, sent, call) for (_, scan, sent), call in zip(self._open, calls)]
+        if any(r is None for r in rests):  # calls, but not the ones streamed: given anew
+            self.broken += [index for index, _, _ in self._open]
+            rests = []
+        out = [Delta(index=index, arguments=r) for (index, _, _), r in zip(self._open, rests) if r]
+        self.made += [index for index, _, _ in self._open[:len(rests)]]
+        for call in calls[len(rests):]:
             out += self._call(*call)
         return out
+
+
+def _rest(text: str, scan: CallScanner, sent: int, call: tuple[str, str] | None) -> str | None:
+    """The arguments' text not yet sent (``text[sent:]`` on), if the whole call is the call
+    whose start and arguments went out; None if it is not (malformed, a key written twice)."""
+    if call is None or call[0] != scan.name:
+        return None
+    try:
+        args, end = json.JSONDecoder().raw_decode(text, scan.args_start)
+    except ValueError:
+        return None
+    if end < sent or json.dumps(args, ensure_ascii=False) != call[1]:
+        return None
+    return text[sent:end]
 
 
 def _json_calls(text: str) -> list[tuple[str, str]] | None:

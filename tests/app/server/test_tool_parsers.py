@@ -25,7 +25,12 @@ def whole(cls, text: str) -> Parsed:
 
 
 def char_by_char(cls, text: str) -> Parsed:
-    return normal(collect(deltas_of(cls, list(text))))
+    """What the answer streamed one character at a time adds up to: its content and the
+    calls made (a call whose start went out before it broke is not one)."""
+    parser = cls(new_id=ids())
+    streamed = collect([d for ch in text for d in parser.feed(ch)] + parser.finish())
+    calls = [c for i, c in enumerate(streamed.calls) if i in parser.made]
+    return normal(Parsed(streamed.content, calls))
 
 
 def deltas_of(cls, pieces: list[str]) -> list[Delta]:
@@ -301,7 +306,7 @@ def test_the_scanner_is_as_strict_as_json_loads(text):
         valid = text.lstrip().startswith("{")
     except ValueError:
         valid = False
-    assert (scan.closed and not scan.failed) == valid
+    assert (scan.closed and not scan.failed and not text[scan.pos:].strip(" \t\n\r")) == valid
 
 
 @given(a_call())
@@ -312,3 +317,84 @@ def test_the_scanner_finds_the_name_and_the_arguments(case):
     scan.read(inner)
     assert scan.closed and not scan.failed and scan.name == name and scan.args_is_object
     assert json.loads(inner[scan.args_start:scan.args_end]) == args
+
+
+# -- Llama 3.1 JSON calls stream the same way ---------------------------------------------------
+
+def test_llama_parameters_stream_and_calls_are_made_at_the_end():
+    parser = Llama3JsonParser(new_id=ids())
+    assert parser.feed('<|python_tag|>{"name": "a", "parameters": {"x": "lo') == [
+        Delta(index=0, call_id="call_0", name="a"), Delta(index=0, arguments='{"x": "lo')]
+    assert args_of(parser.feed('ng"}}; {"name"')) == ['ng"}']
+    assert parser.feed(': "b", "parameters": {}}') == [Delta(index=1, call_id="call_1", name="b"),
+                                                      Delta(index=1, arguments="{}")]
+    assert parser.made == [] and parser.finish() == [] and parser.made == [0, 1]
+
+
+def test_llama_answer_broken_after_a_call_went_out_is_content():
+    text = '{"name": "a", "parameters": {"x": 1}} and then some words'
+    parser = Llama3JsonParser(new_id=ids())
+    deltas = [d for ch in text for d in parser.feed(ch)] + parser.finish()
+    assert "".join(args_of(deltas)) == '{"x": 1}' and parser.made == []
+    assert collect(deltas).content == text == whole(Llama3JsonParser, text).content
+
+
+@pytest.mark.parametrize("text", ['{"name": "a", "parameters": {"x": 1}, "parameters": {"y": 2}}',
+                                  '{"name": "a", "arguments": {"x": 1}, "parameters": {"y": 2}}'])
+def test_llama_call_not_the_one_streamed_is_given_anew(text):
+    parser = Llama3JsonParser(new_id=ids())
+    deltas = [d for ch in text for d in parser.feed(ch)] + parser.finish()
+    assert [(d.index, d.name) for d in deltas if d.name] == [(0, "a"), (1, "a")] and parser.made == [1]
+    assert "".join(args_of(deltas, 1)) == '{"y": 2}' and collect(deltas).content is None
+
+
+@st.composite
+def llama_answer(draw):
+    calls = draw(st.lists(a_call(), min_size=1, max_size=3))
+    bodies = []
+    for _, name, args in calls:
+        key = draw(st.sampled_from(["parameters", "arguments"]))
+        a = json.dumps(args, **draw(LAYOUT))
+        bodies.append(f'{{"name": {json.dumps(name)}, "{key}": {a}}}' if draw(st.booleans())
+                      else f'{{"{key}": {a}, "name": {json.dumps(name)}}}')
+    text = draw(st.sampled_from(["", " ", "<|python_tag|>"])) + draw(st.sampled_from(["; ", ";", "\n"])).join(bodies)
+    return text, [(c[1], c[2]) for c in calls]
+
+
+@settings(max_examples=150, deadline=None)
+@given(llama_answer() | broken_answer().map(lambda t: (t.replace("<tool_call>", "").replace("</tool_call>", ";"),
+                                                       None)), st.data())
+def test_llama_any_split_streams_the_whole_answers_result(case, data):
+    text, expected = case
+    result = whole(Llama3JsonParser, text)
+    if expected is not None:
+        assert [(c.name, json.loads(c.arguments)) for c in result.calls] == expected
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=10)))
+    for split in ([text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])], list(text)):
+        parser = Llama3JsonParser(new_id=ids())
+        deltas = [d for piece in split for d in parser.feed(piece)] + parser.finish()
+        streamed = collect(deltas)
+        assert streamed.content == result.content
+        made = [c for i, c in enumerate(streamed.calls) if i in parser.made]
+        assert [(c.name, json.loads(c.arguments)) for c in made] == [(c.name, json.loads(c.arguments))
+                                                                     for c in result.calls]
+        if expected is not None:  # well-formed: exactly the whole answer's calls, indices and ids
+            assert normal(streamed) == normal(result)
+
+
+@pytest.mark.parametrize(("parser", "text", "names"), [
+    ("llama3_json", '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": 1}}', ["a"]),
+    ("hermes", '<tool_call>{"name": "a", "arguments": {"x": 1}</tool_call>\n'
+               '<tool_call>{"name": "b", "arguments": {}}</tool_call><tool_call>{"name": "c"}</tool_call>', ["a", "b"]),
+])
+def test_parallel_tool_calls_false_streams_the_whole_answers_one_call(parser, text, names):
+    """Streamed, the calls given out are the first one made and any that broke before it."""
+    from app.server.tool_calls import ToolSetup, ToolStream, chat_message
+
+    setup = ToolSetup([], parser, parallel=False)
+    stream = ToolStream(setup)
+    deltas = [d for ch in text for d in stream.feed(ch)] + stream.finish()
+    starts = [tc["function"]["name"] for d in deltas for tc in d.get("tool_calls", []) if "id" in tc]
+    assert starts == names and stream.called
+    message, _ = chat_message(text, "stop", setup)
+    assert [c["function"]["name"] for c in message["tool_calls"]] == names[-1:]
