@@ -321,7 +321,7 @@ class Llama3JsonParser(ToolParser):
             self.broken += [index for index, _, _ in self._open]
             return [Delta(content=text)]
         rests = [_rest(text, scan, sent, call) for (_, scan, sent), call in zip(self._open, calls)]
-        if any(r is None for r in rests):  # calls, but not the ones streamed: given anew
+        if len(rests) < len(self._open) or None in rests:  # calls, but not the ones streamed: anew
             self.broken += [index for index, _, _ in self._open]
             rests = []
         out = [Delta(index=index, arguments=r) for (index, _, _), r in zip(self._open, rests) if r]
