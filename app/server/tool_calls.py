@@ -199,16 +199,19 @@ def chat_message(text: str, reason: str, setup: ToolSetup | None) -> tuple[dict,
 
 class ToolStream:
     """One streamed choice's deltas (OpenAI's chat chunk ``delta``s): content as it is sure,
-    and each call as its start (index, id, type, ``function.name``) then its arguments."""
+    and each call as its start (index, id, type, ``function.name``, empty arguments) then
+    its arguments in fragments as they are written."""
 
     def __init__(self, setup: ToolSetup) -> None:
         self._parser = setup.new_parser()
-        self._most = None if setup.parallel else 1  # the calls streamed (parallel_tool_calls)
+        self._parallel = setup.parallel
+        self._shown: set[int] = set()  # the calls given out (parallel_tool_calls false: one)
         self._early = self._parser.feed(setup.prefix)
 
     @property
     def called(self) -> bool:
-        return self._parser.calls > 0
+        """A call given out ended well (``finish_reason`` ``tool_calls``, as for the whole answer)."""
+        return any(i in self._shown for i in self._parser.made)
 
     def feed(self, text: str) -> list[dict]:
         early, self._early = self._early, []
@@ -219,7 +222,18 @@ class ToolStream:
         return self._out(early + self._parser.finish())
 
     def _out(self, deltas: list[Delta]) -> list[dict]:
-        return [_delta(d) for d in deltas if self._most is None or d.index is None or d.index < self._most]
+        return [_delta(d) for d in deltas if d.index is None or self._shows(d.index)]
+
+    def _shows(self, index: int) -> bool:
+        """parallel_tool_calls false: a call is given out while no call given out before it
+        was made or may still be (a call that broke after its start went out doesn't count,
+        as the whole answer doesn't count it), so the one call made is the whole answer's."""
+        if index not in self._shown:
+            parser = self._parser
+            if not self._parallel and any(i not in parser.broken for i in self._shown):
+                return False
+            self._shown.add(index)
+        return True
 
 
 def _delta(d: Delta) -> dict:

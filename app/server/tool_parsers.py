@@ -5,13 +5,36 @@ optionally after ``<|python_tag|>``). Plain Python, no web framework: tested on 
 
 A parser reads text incrementally (``feed`` as tokens arrive, ``finish`` at the end) and
 returns ``Delta``s: content text, a call's start (its id and name), its arguments. Parsing
-a whole answer is the same parser fed once, so a stream and a whole answer always agree.
+a whole answer is the same parser fed once (``parse``), giving out nothing early.
 
-Each call is held back until it is complete (its closing tag, or the end of the answer for
-Llama's bare JSON), then parsed: a call whose JSON does not parse, or has no name, is given
-back as plain content (the client sees what the model wrote, and ``finish_reason`` is not
-``tool_calls``), never half-streamed as a call. So a call's ``name`` and ``arguments``
-arrive together, once the call is written, rather than token by token.
+Calls stream: a call's start goes out once its name is known and its ``"arguments"``
+(Llama: ``"parameters"``) object has begun (arguments written before the name are held
+until the name comes), then the arguments as the model's raw JSON text, in fragments, as they are
+written (``app.server.call_scanner`` finds them and checks their syntax): the fragments add
+up to text that ``json.loads`` reads as the whole answer's arguments; the call's own
+closing brace and the tags are never part of them. Arguments written as a JSON string, or
+a call without arguments, go out whole when the call ends.
+
+A call that does not parse, or has no name, is given back as plain content (the client
+sees what the model wrote, and ``finish_reason`` is not ``tool_calls``) as long as nothing
+of it went out. A call found malformed *after* its start went out (a syntax error in its
+arguments, text after them that breaks the object, an answer cut off inside it by
+``max_tokens``) can't be taken back. We chose not to hold every call to its end (that is
+no streaming) and not to make up a closing for it (a client would act on arguments the
+model never finished); instead it ends as sent, its arguments stopping at the last
+character that was valid JSON (so they may not parse), and:
+
+- its whole block (Llama: the whole answer, which is calls only if all of it is) is given
+  out as content too, so a stream's content is always the whole answer's content;
+- it is not *made* (``made``): ``finish_reason`` is ``tool_calls`` only if some call ended
+  well, as for the whole answer, so a client that acts on ``finish_reason`` never acts on
+  a broken call (the whole answer has the same made calls, numbered without the broken);
+- a block that is a call after all but not the one streamed (a key written twice:
+  ``json.loads`` keeps the last) is given anew, as the next call, with the whole answer's
+  value.
+
+So for well-formed calls any split of an answer gives the whole answer's content and calls
+(indices, ids' order, names, arguments' values), and for any text the same content.
 
 Whitespace around a call (the newline between two ``<tool_call>`` blocks) is dropped: it
 is layout, not an answer; other text is content, as the model wrote it.
@@ -24,11 +47,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from app.server.call_scanner import CallScanner
+
 
 @dataclass(frozen=True, slots=True)
 class Delta:
     """One piece of a parsed answer: ``content`` text, or a call's ``name`` (its start,
-    with ``call_id``) or ``arguments`` (a JSON string), the call numbered ``index``."""
+    with ``call_id``) or ``arguments`` (JSON text, or a fragment of it: a call's fragments
+    add up to its arguments), the call numbered ``index``."""
 
     content: str | None = None
     index: int | None = None
@@ -82,11 +108,16 @@ def call_from(obj, args_keys: tuple[str, ...] = ("arguments", "parameters")) -> 
 
 class ToolParser:
     """Reads one answer. ``feed(text)`` and ``finish()`` return the deltas that are sure
-    by then; ``prefix``: text the prompt forced the answer to begin with (read first)."""
+    by then. ``made``: the indices of the calls that ended well; ``broken``: of those
+    whose start went out and then broke (see the module's doc). ``stream``: False gives out nothing of a call before
+    it ends (``parse``: a whole answer)."""
 
     def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
         self._new_id = new_id
-        self.calls = 0
+        self._next = 0  # the next call's index
+        self.made: list[int] = []
+        self.broken: list[int] = []
+        self.stream = True
 
     def feed(self, text: str) -> list[Delta]:
         raise NotImplementedError
@@ -94,9 +125,14 @@ class ToolParser:
     def finish(self) -> list[Delta]:
         raise NotImplementedError
 
+    def _start(self, name: str) -> Delta:
+        index, self._next = self._next, self._next + 1
+        return Delta(index=index, call_id=self._new_id(), name=name)
+
     def _call(self, name: str, arguments: str) -> list[Delta]:
-        index, self.calls = self.calls, self.calls + 1
-        return [Delta(index=index, call_id=self._new_id(), name=name), Delta(index=index, arguments=arguments)]
+        start = self._start(name)
+        self.made.append(start.index)
+        return [start, Delta(index=start.index, arguments=arguments)]
 
 
 class HermesParser(ToolParser):
@@ -112,6 +148,9 @@ class HermesParser(ToolParser):
         self._after_call = False  # drop whitespace right after a call
         self._gap = ""  # the whitespace before the open call (given back if it is not one)
         self._searched = 0  # how much of an open call's text holds no closing tag
+        self._scan = CallScanner()  # the open call's JSON, read as it comes
+        self._index: int | None = None  # the open call's index, once its start went out
+        self._sent = 0  # how far into the open call's text its arguments went out
 
     def feed(self, text: str) -> list[Delta]:
         self._buf += text
@@ -122,7 +161,7 @@ class HermesParser(ToolParser):
                 end = self._buf.find(self.CLOSE, max(0, self._searched - len(self.CLOSE) + 1))
                 if end < 0:
                     self._searched = len(self._buf)
-                    return out
+                    return out + self._streamed()
                 inner, self._buf = self._buf[:end], self._buf[end + len(self.CLOSE):]
                 self._in_call, self._searched = False, 0
                 out += self._ended(inner, closed=True)
@@ -141,7 +180,7 @@ class HermesParser(ToolParser):
                     out.append(Delta(content=text))
                 self._gap = before[len(text):]
                 self._buf = self._buf[start + len(self.OPEN):]
-                self._in_call = True
+                self._in_call, self._scan, self._index = True, CallScanner(), None
                 continue
             # No tag yet: give out all but what may begin one (and trailing whitespace,
             # which a call may follow).
@@ -162,34 +201,74 @@ class HermesParser(ToolParser):
             rest = rest.strip()
         return [Delta(content=rest)] if rest else []
 
+    def _streamed(self) -> list[Delta]:
+        """What the open call can give out now (only at the end of a ``feed``: what a feed
+        still holds can be given back as content): its start once its name is known and
+        its arguments object has begun, then its arguments as far as they are read."""
+        if not self.stream:
+            return []
+        scan = self._scan
+        scan.read(self._buf, len(self._buf) - _tag_prefix_len(self._buf, self.CLOSE))  # not the tag's start
+        if scan.name is None or scan.args_start is None or not scan.args_is_object:
+            return []
+        out = []
+        if self._index is None:
+            out.append(self._start(scan.name))
+            self._index, self._sent = out[0].index, scan.args_start
+        upto = scan.args_end if scan.args_end is not None else scan.pos
+        if upto > self._sent:
+            out.append(Delta(index=self._index, arguments=scan.text[self._sent:upto]))
+            self._sent = upto
+        return out
+
     def _ended(self, inner: str, closed: bool) -> list[Delta]:
         call = call_of(inner.strip())
-        if call is None:
-            return [Delta(content=self._gap + self.OPEN + inner + (self.CLOSE if closed else ""))]
+        block = [Delta(content=self._gap + self.OPEN + inner + (self.CLOSE if closed else ""))]
+        if self._index is None:  # nothing of it went out: a call, or content
+            if call is None:
+                return block
+            self._after_call = True
+            return self._call(*call)
+        index, self._index = self._index, None
+        rest = _rest(inner, self._scan, self._sent, call)
+        if rest is None:  # broken after its start went out: it ends as sent (see the module's doc)
+            self.broken.append(index)
+            if call is None:
+                return block
+            self._after_call = True  # a call after all (a key written twice): given anew
+            return self._call(*call)
+        self.made.append(index)
         self._after_call = True
-        return self._call(*call)
+        return [Delta(index=index, arguments=rest)] if rest else []
+
 
 
 class Llama3JsonParser(ToolParser):
     """Llama 3.1's JSON tool calls: the whole answer is ``{"name": ..., "parameters":
     ...}`` (``<|python_tag|>`` may come first when special tokens are kept; several calls
     may be separated by ``;``). An answer that starts with ``{`` is held to its end, then
-    given as calls if it parses as them, else as content; any other answer streams as
-    content."""
+    given as calls if it all parses as them, else as content; any other answer streams as
+    content. Its calls stream as Hermes calls do (the start once the name is known and the
+    ``"parameters"`` object has begun, then their fragments), one object after another
+    while each is one; none is *made* before the answer's end, as the answer is calls only
+    if all of it is."""
 
     TAG = "<|python_tag|>"
+    KEYS = ("parameters", "arguments")
 
     def __init__(self, new_id: Callable[[], str] = new_call_id) -> None:
         super().__init__(new_id)
         self._buf = ""
         self._mode: str | None = None  # None: undecided; "json": held; "text": streamed
+        self._scan: CallScanner | None = None  # the object being read (None: streaming stopped)
+        self._open: list[list] = []  # the calls whose start went out: [index, scanner, sent]
 
     def feed(self, text: str) -> list[Delta]:
         if self._mode == "text":
             return [Delta(content=text)] if text else []
         self._buf += text
         if self._mode == "json":
-            return []
+            return self._streamed()
         head = self._buf.lstrip()
         if head.startswith(self.TAG):
             head = head[len(self.TAG):].lstrip()
@@ -198,10 +277,38 @@ class Llama3JsonParser(ToolParser):
         if not head:
             return []  # undecided yet
         if head.startswith("{"):
-            self._mode = "json"
-            return []
+            self._mode, self._scan = "json", CallScanner(self.KEYS, len(self._buf) - len(head))
+            return self._streamed()
         self._mode, rest, self._buf = "text", self._buf, ""
         return [Delta(content=rest)]
+
+    def _streamed(self) -> list[Delta]:
+        """Each object's start and fragments as far as read; the next object once one ends
+        (streaming stops at anything but a call object, or a call not streamed)."""
+        out: list[Delta] = []
+        while self.stream and self._scan is not None:
+            scan = self._scan
+            scan.read(self._buf)
+            if scan.name is not None and scan.args_start is not None and scan.args_is_object:
+                if not self._open or self._open[-1][1] is not scan:
+                    out.append(self._start(scan.name))
+                    self._open.append([out[-1].index, scan, scan.args_start])
+                call = self._open[-1]
+                upto = scan.args_end if scan.args_end is not None else scan.pos
+                if upto > call[2]:
+                    out.append(Delta(index=call[0], arguments=self._buf[call[2]:upto]))
+                    call[2] = upto
+            if not scan.closed or not self._open or self._open[-1][1] is not scan:
+                if scan.closed or scan.failed:
+                    self._scan = None  # not a streamed call: the rest waits for the end
+                return out
+            i = scan.pos
+            while i < len(self._buf) and (self._buf[i].isspace() or self._buf[i] == ";"):
+                i += 1
+            if i == len(self._buf):
+                return out  # read again from the object's end next time
+            self._scan = CallScanner(self.KEYS, i) if self._buf[i] == "{" else None
+        return out
 
     def finish(self) -> list[Delta]:
         text, self._buf = self._buf, ""
@@ -210,12 +317,32 @@ class Llama3JsonParser(ToolParser):
         body = text.lstrip()
         body = body[len(self.TAG):] if body.startswith(self.TAG) else body
         calls = _json_calls(body)
-        if calls is None:
+        if calls is None:  # not calls: the streamed ones end as sent (see the module's doc)
+            self.broken += [index for index, _, _ in self._open]
             return [Delta(content=text)]
-        out: list[Delta] = []
-        for call in calls:
+        rests = [_rest(text, scan, sent, call) for (_, scan, sent), call in zip(self._open, calls)]
+        if len(rests) < len(self._open) or None in rests:  # calls, but not the ones streamed: anew
+            self.broken += [index for index, _, _ in self._open]
+            rests = []
+        out = [Delta(index=index, arguments=r) for (index, _, _), r in zip(self._open, rests) if r]
+        self.made += [index for index, _, _ in self._open[:len(rests)]]
+        for call in calls[len(rests):]:
             out += self._call(*call)
         return out
+
+
+def _rest(text: str, scan: CallScanner, sent: int, call: tuple[str, str] | None) -> str | None:
+    """The arguments' text not yet sent (``text[sent:]`` on), if the whole call is the call
+    whose start and arguments went out; None if it is not (malformed, a key written twice)."""
+    if call is None or call[0] != scan.name:
+        return None
+    try:
+        args, end = json.JSONDecoder().raw_decode(text, scan.args_start)
+    except ValueError:
+        return None
+    if end < sent or json.dumps(args, ensure_ascii=False) != call[1]:
+        return None
+    return text[sent:end]
 
 
 def _json_calls(text: str) -> list[tuple[str, str]] | None:
@@ -259,7 +386,8 @@ def parser_name_for(template: str) -> str | None:
 
 
 def parse(parser: ToolParser, text: str) -> Parsed:
-    """A whole answer through ``parser`` (fed once, as a stream of one piece)."""
+    """A whole answer through ``parser`` (fed once, nothing given out early)."""
+    parser.stream = False
     return collect(parser.feed(text) + parser.finish())
 
 

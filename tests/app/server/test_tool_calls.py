@@ -100,13 +100,57 @@ def test_two_calls_streamed(scripted):
     assert all("<tool" not in (c.choices[0].delta.content or "") for c in chunks)
 
 
+def test_a_long_call_streams_its_arguments_in_fragments(scripted):
+    """The arguments stream as the model writes them, after the call's start; the SDK's
+    stream helper adds them up to JSON that parses to the whole answer's arguments."""
+    engine, client = scripted
+    args = {"city": "Paris", "note": 'a "quoted" {brace}, a \\ and é ' * 3, "days": [1, 2.5, None],
+            "opts": {"units": "metric", "deep": {"x": []}}}
+    answer = f'Checking.\n<tool_call>\n{{"name": "get_weather", "arguments": {json.dumps(args)}}}\n</tool_call>'
+    engine.answers[:] = [answer]
+    with client.chat.completions.stream(model="scripted", messages=ASK, tools=[WEATHER, TIME]) as stream:
+        events = [e for e in stream if e.type in ("tool_calls.function.arguments.delta", "content.delta")]
+        final = stream.get_final_completion()
+    fragments = [e.arguments_delta for e in events if e.type != "content.delta" and e.arguments_delta]
+    assert len(fragments) > 1, fragments
+    assert json.loads("".join(fragments)) == args
+    assert all("</tool_call>" not in f and "<tool_call>" not in f for f in fragments)
+    assert events[0].type == "content.delta"  # the text before the call streamed first
+    (choice,) = final.choices
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == args
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+    r = ask(client, engine, answer)  # the whole answer: the same call
+    assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == args
+
+
+def test_a_call_cut_inside_its_arguments_streams_as_far_as_written(scripted):
+    """max_tokens cuts the call after its start went out: it ends as sent (arguments
+    incomplete), the stream's content is the whole answer's, and finish_reason is length."""
+    engine, client = scripted
+    answer = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "note": "a long note"}}\n</tool_call>'
+    r = ask(client, engine, answer, max_tokens=20)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
+    _, content, calls, finish = streamed(client, engine, answer, max_tokens=20)
+    assert content == r.choices[0].message.content and finish == "length"
+    assert [c[1] for c in calls] == ["get_weather"] and answer.startswith(
+        '<tool_call>\n{"name": "get_weather", "arguments": ' + calls[0][2])
+
+
 def test_malformed_call_comes_back_as_content(scripted):
     engine, client = scripted
     r = ask(client, engine, MALFORMED)
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == MALFORMED
+    # streamed, its start and arguments went out before it broke: the call ends as sent
+    # (its arguments don't parse), the content is the whole answer's, finish_reason stop
     _, content, calls, finish = streamed(client, engine, MALFORMED)
-    assert (content, calls, finish) == (MALFORMED, [], "stop")
+    assert (content, finish) == (MALFORMED, "stop")
+    assert [c[1:] for c in calls] == [["get_weather", '{"city": "Paris"\n']]
+    # broken before its arguments began: nothing of it went out, it is content only
+    early = '<tool_call>\n{"name": "get_weather" "arguments": {}}\n</tool_call>'
+    _, content, calls, finish = streamed(client, engine, early)
+    assert (content, calls, finish) == (early, [], "stop")
 
 
 def test_plain_answer_with_tools_streams_unchanged(scripted):
@@ -219,6 +263,14 @@ def test_parallel_tool_calls_false_keeps_the_first_call(scripted):
     assert [c[1] for c in calls] == ["get_weather"] and finish == "tool_calls"
     with pytest.raises(openai.BadRequestError):
         ask(client, engine, TWO_CALLS, extra_body={"parallel_tool_calls": "no"})
+    # a call broken after its start went out is not the first call made: the next one is
+    answer = MALFORMED + "\n" + TWO_CALLS.split("\n", 1)[1]
+    r = ask(client, engine, answer, parallel_tool_calls=False)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_weather"]
+    _, content, calls, finish = streamed(client, engine, answer, parallel_tool_calls=False)
+    assert [(c[1], c[2]) for c in calls] == [("get_weather", '{"city": "Paris"\n'),
+                                             ("get_weather", '{"city": "Paris"}')]
+    assert finish == "tool_calls" and content == r.choices[0].message.content
 
 
 @pytest.fixture(scope="module")
