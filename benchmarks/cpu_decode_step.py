@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine as _hearth_engine  # noqa: E402,F401  (first: it sets OpenMP's idle policy before torch loads)
+import torch  # noqa: E402
 
 from benchmarks.cpu_quant_gemv import _cpu_description  # noqa: E402
 
@@ -167,7 +168,11 @@ def main() -> None:
     args = ap.parse_args()
     result = {"what": "default model (SmolLM2-135M Q4_1 GGUF, own weights) batch-1 greedy decode on CPU",
               "cpu": _cpu_description(), "load_avg_start": os.getloadavg(),
-              "note": "shared 2-core machine (other agents running): best of reps; 2-thread rows pessimistic"}
+              "note": "shared 2-core machine (other agents running): best of reps; 2-thread rows pessimistic",
+              # Hearth's torch runs with this OpenMP idle policy (engine/__init__.py); llama.cpp's
+              # own OpenMP runtime with the user's (unset: its default)
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "user_omp_wait_policy": _hearth_engine.USER_OMP_WAIT_POLICY}
     engine = _load("1")
     try:
         result["model_info_cpu_decode"] = engine.model_info.cpu_decode
