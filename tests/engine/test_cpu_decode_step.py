@@ -133,3 +133,30 @@ def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_mod
                 pos += 1
     finally:
         release_runner(runner)
+
+
+def test_a_batch_of_sequences_decodes_one_c_call_each_with_the_eager_batchs_tokens(tiny_models, monkeypatch):
+    """Several sequences decoding together: one C call per sequence per step (faster on a
+    CPU than one eager batched step, engine/runner/execute.py), the same greedy tokens as
+    the eager batch, every decode step of every sequence through the C step."""
+    from engine.api import Engine, SamplingParams
+
+    prompts = ["The quick brown fox jumps over", "Once upon a time there was", "In 1492 Columbus", "Hello"]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs, calls = [], []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("HEARTH_CPU_DECODE", switch)
+        engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32", attention="torch",
+                             quantization="int8", max_model_len=128, block_size=4)
+        try:
+            step = engine.runner.cpu_step
+            if step is not None:
+                run = step.run
+                step.run = lambda *a: calls.append(a) or run(*a)
+            outputs.append([c.token_ids for c in engine.generate(prompts, params)])
+        finally:
+            engine.shutdown()
+    assert outputs[0] == outputs[1]
+    # the prompts are read first (sampling each one's first token); the 15 later tokens of
+    # each are decoded by C calls (a step that also reads a prompt runs eagerly: allow one)
+    assert 4 * 14 <= len(calls) <= 4 * 15
