@@ -125,7 +125,9 @@ class ServerPanel(QWidget):
         self.api_key.setEchoMode(QLineEdit.EchoMode.Password)
         self.api_key.setPlaceholderText("none: any program on this machine may call")
         self.api_key.setToolTip("Clients send it as 'Authorization: Bearer <key>' (the api_key of the "
-                                "OpenAI SDKs); every route but /health needs it")
+                                "OpenAI SDKs); every route but /health needs it. Hearth keeps it in its "
+                                "settings file on this computer, as plain text: use a key made for this "
+                                "server only")
         key_row.addWidget(self.api_key, 1)
         self.show_key = QPushButton("Show")
         self.show_key.setObjectName("serverShowKey")
