@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.commands.load_options import add_load_args, config_from_args, options_from_args
 from app.server.limits import MAX_QUEUE
-from app.server.listen import bind, is_loopback
+from app.server.listen import bind, exposure_problem, is_loopback
 from app.services.engine_host import EngineHost
 from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded
 from engine.api import InvalidRequestError, ModelLoadError
@@ -63,14 +63,10 @@ def api_key_of(args) -> str | None:
 def check_serve_args(args) -> str | None:
     """Everything refused before a model loads; returns the API key."""
     key = api_key_of(args)
-    if not is_loopback(args.host) and key is None:
-        raise InvalidRequestError(
-            f"--host {args.host} lets other machines on the network use the model: it needs an API key "
-            "(--api-key KEY or --api-key-file FILE), or listen on 127.0.0.1 (the default) only.")
-    if "*" in args.allowed_origins and key is None:
-        raise InvalidRequestError(
-            "--allowed-origins '*' lets every web page you open use the model and read its answers: it "
-            "needs an API key (--api-key KEY or --api-key-file FILE), or name the pages' origins instead.")
+    problem = exposure_problem(args.host, key, args.allowed_origins)  # the app's Server page's rule too
+    if problem:
+        raise InvalidRequestError(f"{problem} Give one with --api-key KEY or --api-key-file FILE (or keep "
+                                  "the default --host 127.0.0.1 and name the pages' origins).")
     if args.max_queue < 1:
         raise InvalidRequestError(f"--max-queue must be at least 1, got {args.max_queue}.")
     if not 0 <= args.port <= 65535:

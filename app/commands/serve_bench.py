@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from app.server.listen import free_port
 from engine.api import InvalidRequestError, ModelLoadError
 
 # CUDA / CPU defaults
@@ -80,12 +80,6 @@ def serve_command(load: dict, port: int, max_queue: int) -> list[str]:
         if load.get(key):
             cmd.append(flag)
     return cmd
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -158,7 +152,7 @@ def run_serve_suite(args, say) -> list[dict]:
 
     common, offline, vocab = run_offline_serving(load, prompt_len, output_len, levels, counts, args.seed, say)
 
-    port = _free_port()
+    port = free_port()
     say(f"starting hearth serve on 127.0.0.1:{port}")
     server = ServerProcess(serve_command(load, port, max_queue=max(levels) * 4 + 64), port)
     rows = []

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 
 from app.server.errors import ApiError
+from app.server.listen import is_loopback
 
 #: Paths anyone may read without the key (load balancers, the GUI's status light).
 OPEN_PATHS = frozenset({"/health"})
@@ -35,10 +36,7 @@ def loopback_host(host: bytes) -> bool:
         name = text[1:text.find("]")] if "]" in text else text
     else:
         name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
-    if name in ("localhost", "::1") or name.endswith(".localhost"):
-        return True
-    parts = name.split(".")
-    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() and int(p) < 256 for p in parts)
+    return is_loopback(name) or name.endswith(".localhost")
 
 
 class Guard:

@@ -72,6 +72,14 @@ def bind(host: str, port: int, advice: str = "choose another with --port") -> so
     return sock
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for a server started a moment later: another
+    program may take it meanwhile, so that server's bind still checks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def base_url(host: str, port: int) -> str:
     """The URL clients on this machine use (``http://127.0.0.1:8000/v1``); an all-interfaces
     bind is reached locally through the loopback."""

@@ -18,22 +18,12 @@ import openai
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
 
+from app.server.listen import free_port
 from app.services.chat_store import ChatStore
 from tests.app.gui.conftest import load_options
+from tests.app.server.conftest import port_open
 
 TIMEOUT_MS = 60_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _window(qtbot, gui_env, bridge, model=None):
@@ -74,7 +64,7 @@ def _slow_steps(bridge, seconds: float = 0.03) -> list[int]:
 def test_the_toggle_serves_the_apps_model_while_the_chat_answers(qtbot, gui_env, bridge, chat_model, tiny_models):
     win = _window(qtbot, gui_env, bridge, chat_model)
     qtbot.waitUntil(lambda: bridge.model_info is not None, timeout=TIMEOUT_MS)
-    port = _free_port()
+    port = free_port()
     win.server_panel.port.setValue(port)
     _click_toggle(qtbot, win)
     assert win.server.running and win.server_toggle.isChecked()
@@ -133,11 +123,11 @@ def test_the_toggle_serves_the_apps_model_while_the_chat_answers(qtbot, gui_env,
     _click_toggle(qtbot, win)
     qtbot.waitUntil(lambda: win.server.state == "off", timeout=TIMEOUT_MS)
     assert not win.server_toggle.isChecked() and win.server_toggle.text() == "Server: off"
-    assert not _port_open(port) and win.server_panel.form_box.isEnabled()
+    assert not port_open(port) and win.server_panel.form_box.isEnabled()
     _click_toggle(qtbot, win)
-    assert win.server.running and _port_open(port)
+    assert win.server.running and port_open(port)
     win.close()
-    assert not _port_open(port)
+    assert not port_open(port)
 
 
 def test_refused_starts_say_why_and_leave_the_toggle_off(qtbot, gui_env, bridge):
@@ -157,7 +147,7 @@ def test_refused_starts_say_why_and_leave_the_toggle_off(qtbot, gui_env, bridge)
         assert win.stack.currentWidget() is panel  # the toggle's failure shows the page that says why
 
     # Other machines need a key: refused without one, served with one.
-    panel.port.setValue(_free_port())
+    panel.port.setValue(free_port())
     assert panel.url_label.text() == f"Base URL when running: http://127.0.0.1:{panel.port.value()}/v1"
     panel.network.setChecked(True)
     panel.api_key.setText("")

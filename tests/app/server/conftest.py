@@ -23,6 +23,13 @@ def tiny_options(model) -> dict:
             "max_model_len": 256, "kv_cache_memory": "16MiB", "quantization": "none", "max_num_seqs": 32}
 
 
+def port_open(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 class LiveServer:
     """uvicorn serving ``app`` on 127.0.0.1:<free port> in a thread."""
 

@@ -11,20 +11,9 @@ import openai
 import pytest
 
 from app.server.background import BackgroundServer, ServeOptions
-from app.server.listen import PortInUse, base_url, parse_origins
+from app.server.listen import PortInUse, base_url, free_port, parse_origins
 from engine.api import InvalidRequestError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+from tests.app.server.conftest import port_open
 
 
 def test_requests_are_logged_and_stop_ends_a_stream_and_closes_the_port(host, model_name):
@@ -33,7 +22,7 @@ def test_requests_are_logged_and_stop_ends_a_stream_and_closes_the_port(host, mo
     server = BackgroundServer(host, ServeOptions(port=0), on_request=records.append,
                               on_stopped=lambda e: (errors.append(e), stopped.set()))
     server.start()
-    assert server.port and _port_open(server.port)
+    assert server.port and port_open(server.port)
     assert server.url == f"http://127.0.0.1:{server.port}/v1"
     with openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60) as client:
         r = client.chat.completions.create(model=model_name, max_tokens=5, temperature=0,
@@ -48,7 +37,7 @@ def test_requests_are_logged_and_stop_ends_a_stream_and_closes_the_port(host, mo
             for _ in stream:
                 pass
     assert server.join(30) and stopped.wait(5) and errors == [None]
-    assert not _port_open(server.port)
+    assert not port_open(server.port)
     chat = next(x for x in records if x.path == "/v1/chat/completions")
     assert (chat.method, chat.status, chat.ok) == ("POST", 200, True)
     assert chat.prompt_tokens == r.usage.prompt_tokens and chat.completion_tokens == r.usage.completion_tokens == 5
@@ -69,9 +58,9 @@ def test_a_port_in_use_or_the_network_without_a_key_is_refused_before_anything_r
             server.start()
         assert not server.running
     with pytest.raises(InvalidRequestError, match="needs an API key"):
-        BackgroundServer(host, ServeOptions(host="0.0.0.0", port=_free_port())).start()
+        BackgroundServer(host, ServeOptions(host="0.0.0.0", port=free_port())).start()
     with pytest.raises(InvalidRequestError, match="every web page.*needs an API key"):
-        BackgroundServer(host, ServeOptions(port=_free_port(), allowed_origins=("*",))).start()
+        BackgroundServer(host, ServeOptions(port=free_port(), allowed_origins=("*",))).start()
 
 
 def test_origins_are_parsed_and_a_path_is_refused():
