@@ -53,8 +53,12 @@ class NativeExecuteMixin(RequestStateMixin):
             if len(rows) == 1:
                 row = rows[0]
                 return self.sample(self.cpu_step.run(row.token_ids[0], row.start, row.block_table), rows)
-            logits = torch.cat([self.cpu_step.run(row.token_ids[0], row.start, row.block_table).clone()
-                                for row in rows])  # (the C step reuses one logits buffer)
+            logits = None
+            for i, row in enumerate(rows):  # the C step reuses one logits buffer: copy each out
+                one = self.cpu_step.run(row.token_ids[0], row.start, row.block_table)
+                if logits is None:
+                    logits = one.new_empty((len(rows), one.shape[-1]))
+                logits[i] = one[0]
             return self.sample(logits, rows)
         if self.prompt_graphs is not None and len(rows) == 1:
             graph_out = self._execute_prompt_graph(rows[0])

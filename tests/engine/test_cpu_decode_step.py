@@ -138,7 +138,9 @@ def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_mod
 def test_a_batch_of_sequences_decodes_one_c_call_each_with_the_eager_batchs_tokens(tiny_models, monkeypatch):
     """Several sequences decoding together: one C call per sequence per step (faster on a
     CPU than one eager batched step, engine/runner/execute.py), the same greedy tokens as
-    the eager batch, every decode step of every sequence through the C step."""
+    the eager batch, every decode step of every sequence through the C step. In float32:
+    with int8 activations a near-tie may round the other way depending on which prompts an
+    eager step happened to read together, and that made token equality flaky."""
     from engine.api import Engine, SamplingParams
 
     prompts = ["The quick brown fox jumps over", "Once upon a time there was", "In 1492 Columbus", "Hello"]
@@ -147,7 +149,7 @@ def test_a_batch_of_sequences_decodes_one_c_call_each_with_the_eager_batchs_toke
     for switch in ("0", "1"):
         monkeypatch.setenv("HEARTH_CPU_DECODE", switch)
         engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32", attention="torch",
-                             quantization="int8", max_model_len=128, block_size=4)
+                             quantization="none", max_model_len=128, block_size=4)
         try:
             step = engine.runner.cpu_step
             if step is not None:
