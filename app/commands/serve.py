@@ -14,7 +14,7 @@ from pathlib import Path
 
 from app.commands.load_options import add_load_args, config_from_args, options_from_args
 from app.server.limits import MAX_QUEUE
-from app.server.listen import bind, exposure_problem, is_loopback
+from app.server.listen import bind, exposure_problem, is_loopback, parse_origins
 from app.services.engine_host import EngineHost
 from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded
 from engine.api import InvalidRequestError, ModelLoadError
@@ -63,6 +63,10 @@ def api_key_of(args) -> str | None:
 def check_serve_args(args) -> str | None:
     """Everything refused before a model loads; returns the API key."""
     key = api_key_of(args)
+    try:  # the app's Server page reads its origins the same way
+        args.allowed_origins = list(parse_origins(" ".join(args.allowed_origins)))
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"--allowed-origins: {e}") from None
     problem = exposure_problem(args.host, key, args.allowed_origins)  # the app's Server page's rule too
     if problem:
         raise InvalidRequestError(f"{problem} Give one with --api-key KEY or --api-key-file FILE (or keep "

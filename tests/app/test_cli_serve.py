@@ -37,6 +37,11 @@ def test_any_web_page_needs_an_api_key(capsys):
     assert rc == 2 and "every web page" in err and "--api-key" in err
 
 
+def test_an_origin_that_is_not_one_is_refused(capsys):
+    rc, err = run(capsys, "serve", "--allowed-origins", "localhost:3000")
+    assert rc == 2 and "--allowed-origins" in err and "not a web origin" in err
+
+
 def test_loopback_names_need_no_key():
     from app.commands.serve import is_loopback
 
