@@ -414,17 +414,22 @@ _QUANT_CONFIGS = (GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), G
                   GemvConfig(128, 128, 4, MMA, 4), GemvConfig(64, 128, 4, MMA, 5))
 
 
-#: the dp4a kernel's configs worth timing (kernels/quant_dp4a.py; provisional until the
-#: H200 profile picks them) and the longest row it takes (quant_dp4a.DP4A_MAX_K)
-_DP4A_CONFIGS = (GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3))
+#: the dp4a kernel's configs worth timing (kernels/quant_dp4a.py) and the longest row it
+#: takes (quant_dp4a.DP4A_MAX_K). The first H200 profile (benchmarks/results/2026-12-02-i14-
+#: profile-quant-dp4a-8b-h200.json) had dp4a fastest at every Llama-8B layer, int4 and int8,
+#: 1.0-1.6x the best float kernel; these are the winners and runners-up there: 16 rows per
+#: program for the narrow layers (qkv, o), 32-64 for gate_up and the head, 8 warps for the
+#: long rows of down.
+_DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 2, 4, DP4A, 3), GemvConfig(32, 2, 4, DP4A, 3),
+                 GemvConfig(64, 4, 4, DP4A, 3), GemvConfig(32, 2, 8, DP4A, 3), GemvConfig(32, 4, 8, DP4A, 3))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 
 def dp4a_enabled() -> bool:
-    """Whether the load-time tuner times the dp4a kernel: only with ``HEARTH_QUANT_DP4A=1``
-    until it has run on a GPU (it is checked in the interpreter and compiled for sm_90
-    here; its inline PTX has not yet run on a card)."""
-    return os.environ.get("HEARTH_QUANT_DP4A", "0") == "1"
+    """Whether the load-time tuner times the dp4a kernel: yes unless ``HEARTH_QUANT_DP4A=0``
+    (it rounds x to 8 bits per block of 32; the tuner still checks its product against the
+    reference on the card before timing it)."""
+    return os.environ.get("HEARTH_QUANT_DP4A", "1") != "0"
 
 
 def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:

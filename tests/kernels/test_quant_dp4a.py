@@ -129,8 +129,9 @@ def test_blocks_of_zeros_outliers_and_partial_rows():
 
 
 def test_the_tuner_lists_dp4a_configs_and_the_launch_shape(monkeypatch):
-    assert DP4A not in {c.kind for c in quant_gemv_configs(4096, 4096, 4)}  # opt-in until run on a GPU
-    monkeypatch.setenv("HEARTH_QUANT_DP4A", "1")
+    monkeypatch.setenv("HEARTH_QUANT_DP4A", "0")  # the opt-out
+    assert DP4A not in {c.kind for c in quant_gemv_configs(4096, 4096, 4)}
+    monkeypatch.delenv("HEARTH_QUANT_DP4A")
     kinds = {c.kind for c in quant_gemv_configs(4096, 4096, 4)}
     assert DP4A in kinds and DP4A in {c.kind for c in quant_gemv_configs(4096, 4096, 8)}
     assert DP4A not in {c.kind for c in quant_gemv_configs(64, 40000, 4)}  # longer rows than it holds
