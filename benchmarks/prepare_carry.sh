@@ -13,7 +13,7 @@ PY=${PYTHON:-.venv/bin/python}
 src="${HOME}/.cache/hearth/models/default-SmolLM2-135M-Instruct"
 [ -d "$src" ] || "$PY" -c "from engine.api import check_model; check_model('default')" >/dev/null
 mkdir -p .carry/tok .carry/whl
-for f in tokenizer.json tokenizer_config.json special_tokens_map.json config.json generation_config.json; do
+for f in tokenizer.json tokenizer_config.json chat_template.jinja special_tokens_map.json config.json generation_config.json; do
   [ -f "$src/$f" ] && cp "$src/$f" .carry/tok/
 done
 pkgs=()

@@ -31,6 +31,9 @@ class ModelConfig:
     quantization: str = "auto"
     quant_group_size: int | None = None  # int4's group; None: 128, or the largest of 64/32 that fits
     quant_head: bool = False  # quantize the embedding / LM head too (int8, int4)
+    # A local folder of tokenizer files used instead of the model's own (vLLM's --tokenizer).
+    # A random-weight benchmark shape gets text this way: its vocabulary becomes the tokenizer's.
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         # Names (aliases resolved) from the one registry of choices; whether a choice can
@@ -73,8 +76,15 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill splits prompts)
+    # Admission batching (engine.core.scheduler): while every running sequence decodes,
+    # new prompts wait until they are this share of the running ones (or fill the free
+    # places), at most max_hold_steps steps. 0 admits each at once.
+    admit_ratio: float = 0.3
+    max_hold_steps: int = 16
 
     def __post_init__(self) -> None:
+        if self.admit_ratio < 0 or self.max_hold_steps < 0:
+            raise InvalidRequestError("admit_ratio and max_hold_steps must be >= 0")
         if self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
@@ -131,14 +141,15 @@ def load_config(model: str | None = None, *, device: str = "auto", dtype: str = 
                 enable_prefix_caching: bool = True, revision: str | None = None,
                 force_fallback: bool = False, enforce_eager: bool = False,
                 kv_cache_dtype: str = "auto", quantization: str = "auto",
-                quant_group_size: int | None = None, quant_head: bool = False) -> EngineConfig:
+                quant_group_size: int | None = None, quant_head: bool = False,
+                tokenizer: str | None = None) -> EngineConfig:
     """The one validated EngineConfig of the load options (``Engine.load``'s keywords, the
     CLI's flags, the load dialog's fields, ``hearth bench``'s engine flags)."""
     return EngineConfig(
         model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
                           max_model_len=max_model_len, force_fallback=force_fallback,
                           quantization=quantization, quant_group_size=quant_group_size,
-                          quant_head=quant_head),
+                          quant_head=quant_head, tokenizer=tokenizer or None),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching,

@@ -66,7 +66,9 @@ class Engine:
         pipelined = self.runner.graphs is not None
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens,
-                                   lookahead_slots=1 if pipelined else 0)
+                                   lookahead_slots=1 if pipelined else 0,
+                                   admit_ratio=config.scheduler.admit_ratio,
+                                   max_hold_steps=config.scheduler.max_hold_steps)
         self._cv = threading.Condition()
         self._inbox: list[RequestState] = []
         self._aborts: list[str] = []

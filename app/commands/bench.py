@@ -23,7 +23,7 @@ SUITE_NAMES = ("decode", "prefill", "throughput", "serve")
 # The engine group's flags, by their Engine.load keyword.
 _LOAD_FLAGS = ("device", "dtype", "attention", "kv_cache_dtype", "quantization", "enforce_eager", "max_model_len",
                "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size", "quant_group_size",
-               "quant_head")
+               "quant_head", "tokenizer")
 # Load keywords whose flag is spelt otherwise (--quant, --group-size).
 _FLAG_DEST = {"quantization": "quant", "quant_group_size": "group_size"}
 
@@ -66,6 +66,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step (default 8192 on CUDA, 2048 on CPU, at least the longest prefill)")
     g.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a local folder of tokenizer files instead of the model's own; with --shape, gives "
+                        "the random weights text (the serve suite's JSON-schema run needs it)")
     s = p.add_argument_group("sizes (defaults: CUDA / CPU)")
     s.add_argument("--batch", type=_int_list, default=None, help="decode batch sizes (1,64 / 1,4)")
     s.add_argument("--prompt-len", type=int, default=None, help="decode prompt tokens (128 / 32)")

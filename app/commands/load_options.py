@@ -56,6 +56,9 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a local folder of tokenizer files to use instead of the model's own (gives a "
+                        "random-weight shape:NAME text: its vocabulary becomes the tokenizer's)")
 
 
 def options_from_args(args) -> dict:
@@ -66,7 +69,7 @@ def options_from_args(args) -> dict:
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quant, quant_group_size=args.group_size,
-        quant_head=args.quant_head)
+        quant_head=args.quant_head, tokenizer=args.tokenizer)
 
 
 def config_from_args(args) -> EngineConfig:

@@ -62,7 +62,7 @@ def load_options(args, max_num_seqs: int, max_model_len: int) -> dict:
             "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quant,
             "quant_group_size": args.group_size, "quant_head": args.quant_head,
             "enforce_eager": args.enforce_eager, "kv_cache_memory": args.kv_cache_memory,
-            "max_num_seqs": max_num_seqs, "max_model_len": max_model_len}
+            "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "tokenizer": args.tokenizer}
 
 
 def serve_command(load: dict, port: int, max_queue: int) -> list[str]:
@@ -73,7 +73,7 @@ def serve_command(load: dict, port: int, max_queue: int) -> list[str]:
            load["quantization"], "--max-num-seqs", str(load["max_num_seqs"]),
            "--max-model-len", str(load["max_model_len"])]
     for flag, key in (("--revision", "revision"), ("--group-size", "quant_group_size"),
-                      ("--kv-cache-memory", "kv_cache_memory")):
+                      ("--kv-cache-memory", "kv_cache_memory"), ("--tokenizer", "tokenizer")):
         if load.get(key) is not None:
             cmd += [flag, str(load[key])]
     for flag, key in (("--quant-head", "quant_head"), ("--enforce-eager", "enforce_eager")):
@@ -171,7 +171,7 @@ def run_serve_suite(args, say) -> list[dict]:
             ratio = served["output_tok_s"] / off["output_tok_s"] if off["output_tok_s"] else None
             share = f"{ratio:.2f} of offline" if ratio is not None else "no offline rate to compare"
             say(f"served, {c} in flight: {served['output_tok_s'] or 0:.1f} tok/s ({share})")
-            row = {"suite": "serve", "engine": "hearth", **common, "batch": c, "prompt_len": prompt_len,
+            row = {"suite": "serve", "engine": "hearth", **common, **_tokenizer_fields(load, vocab), "batch": c, "prompt_len": prompt_len,
                    "output_len": output_len, "concurrency": c, **served,
                    "offline_output_tok_s": off["output_tok_s"], "offline_ttft_p50_ms": off["ttft_p50_ms"],
                    "offline_itl_p50_ms": off["itl_p50_ms"], "serve_vs_offline": ratio}
@@ -182,6 +182,11 @@ def run_serve_suite(args, say) -> list[dict]:
     finally:
         server.stop()
     return rows
+
+
+def _tokenizer_fields(load: dict, vocab: int) -> dict:
+    """A row's note of a ``--tokenizer`` given: the folder, and the vocabulary the model took."""
+    return {"tokenizer": load["tokenizer"], "vocab_size": vocab} if load.get("tokenizer") else {}
 
 
 def _ordered(row: dict) -> dict:

@@ -91,8 +91,11 @@ def serve_prompts(vocab_size: int, n: int, prompt_len: int, seed: int, stream: i
     return rng.integers(0, vocab_size, size=(n, prompt_len)).tolist()
 
 
-def closed_loop(engine, prompts: list[list[int]], output_len: int, concurrency: int) -> dict:
-    """Run ``prompts`` through ``engine`` with ``concurrency`` in flight; the summary."""
+def closed_loop(engine, prompts: list[list[int]], output_len: int, concurrency: int,
+                turnaround=None) -> dict:
+    """Run ``prompts`` through ``engine`` with ``concurrency`` in flight; the summary.
+    ``turnaround`` (a function returning seconds): each finished request's successor is
+    sent that long after it ends, as an HTTP client's would be (default: at once)."""
     from engine.api import FinishedEvent, Request, SamplingParams, TokenEvent
 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -122,8 +125,14 @@ def closed_loop(engine, prompts: list[list[int]], output_len: int, concurrency: 
                 state["finished"] += 1
                 if state["finished"] == len(prompts):
                     all_done.set()
-                else:
+                elif turnaround is None:
                     submit_next()
+                else:
+                    threading.Timer(turnaround(), locked_submit).start()
+
+    def locked_submit() -> None:
+        with lock:
+            submit_next()
 
     start = time.perf_counter()
     with lock:

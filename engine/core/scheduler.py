@@ -48,6 +48,8 @@ class Scheduler:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         lookahead_slots: int = 0,
+        admit_ratio: float = 0.0,
+        max_hold_steps: int = 0,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
@@ -62,6 +64,15 @@ class Scheduler:
         # decode step before this one's tokens reach the host (pipelined decode). Taken
         # last, only from blocks nobody scheduled this step needs.
         self.lookahead_slots = lookahead_slots
+        # Admission batching (as TGI's waiting_served_ratio / max_waiting_tokens): while
+        # every running sequence is decoding, a step that admits a prompt runs eagerly
+        # (no decode graph, no pipelined step), so prompts that trickle in one at a time
+        # (a server's closed loop) would make one such step each. With ``admit_ratio`` > 0
+        # they are held until they are at least that share of the running sequences (or
+        # fill every free place), or the oldest has been held ``max_hold_steps`` steps.
+        self.admit_ratio = admit_ratio
+        self.max_hold_steps = max_hold_steps
+        self._held_steps = 0
         self.waiting: deque[Sequence] = deque()
         # Kept sorted by arrival: preemption victims are taken from the end (newest), and
         # the oldest running request is never a victim, which guarantees progress.
@@ -195,7 +206,7 @@ class Scheduler:
 
         # 2. Admit waiting sequences, strictly FCFS, only if nobody was preempted (else
         #    we would evict one request just to admit another).
-        if not out.preempted:
+        if not out.preempted and not self._hold(out):
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if not seq.block_table and seq.num_computed_tokens == 0:
@@ -229,6 +240,20 @@ class Scheduler:
         out.num_batched_tokens = self.max_num_batched_tokens - budget
         out.num_waiting = len(self.waiting)
         return out
+
+    def _hold(self, out: SchedulerOutput) -> bool:
+        """Whether this step leaves the waiting sequences waiting (admission batching)."""
+        if not self.waiting or self.admit_ratio <= 0 or not out.scheduled:
+            self._held_steps = 0
+            return False
+        free = self.max_num_seqs - len(self.running)
+        enough = min(free, max(1, int(self.admit_ratio * len(self.running))))
+        decoding = all(item.num_new_tokens == 1 and item.sample for item in out.scheduled)
+        if not decoding or len(self.waiting) >= enough or self._held_steps >= self.max_hold_steps:
+            self._held_steps = 0
+            return False
+        self._held_steps += 1
+        return True
 
     def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> None:
         """Apply a step's results: advance computed tokens and append sampled tokens.

@@ -154,6 +154,22 @@ def native_spec(found: FoundModel, force_fallback: bool) -> tuple[ModelSpec | No
         return None, str(e)
 
 
+def own_tokenizer(folder: str, found: FoundModel) -> Tokenizer:
+    """The tokenizer in ``folder`` (the ``tokenizer`` load option) for ``found``: a
+    random-weight shape takes its vocabulary size (``found.cfg`` is updated), a real model
+    must have a row for every token it can make."""
+    tokenizer = Tokenizer.from_pretrained(Path(folder).expanduser())
+    size = tokenizer.vocab_size
+    if found.source == "shape":
+        found.cfg = {**found.cfg, "vocab_size": size}
+    elif size > int(found.cfg.get("vocab_size") or size):
+        raise InvalidRequestError(
+            f"the tokenizer in {folder!r} has {size:,} tokens but {found.name} has {found.cfg['vocab_size']:,} "
+            "rows of embeddings: use that model's own tokenizer (leave out --tokenizer) or one of the same "
+            "vocabulary.", options=("tokenizer",))
+    return tokenizer
+
+
 def context_length(cfg: dict[str, Any], max_model_len: int | None) -> int:
     """The load's context: ``max_model_len``, or the model's own maximum; refused when
     longer than the model's."""
@@ -189,7 +205,10 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     found = find_model(config, say)
     stop()
     name, path, source, cfg = found.name, found.path, found.source, found.cfg
-    if path is None or source == "shape":  # a shape, or a folder written from one: no tokenizer
+    if mc.tokenizer:
+        tokenizer = own_tokenizer(mc.tokenizer, found)
+        cfg = found.cfg
+    elif path is None or source == "shape":  # a shape, or a folder written from one: no tokenizer
         tokenizer = TokenIdsOnlyTokenizer(cfg["vocab_size"], name)
     else:
         tokenizer = Tokenizer.from_pretrained(path)
