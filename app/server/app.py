@@ -31,7 +31,7 @@ from app.server.observe import RequestLog, RequestRecord
 from app.server.schemas import ChatCompletionRequest, CompletionRequest
 from app.server.limits import MAX_QUEUE
 from app.server.responses import ResponsesRequest, create_response
-from app.server.service import OpenAIService, collect, failure
+from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.shapes import Chunks, response
 from app.server.stream import EventStream, sse
 from app.services.engine_host import EngineHost
@@ -112,7 +112,7 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
 
 
 async def _answer(service: OpenAIService, body, request: Request, chat: bool):
-    model, job, tokenizer = await service.prepare(body, chat)
+    model, job, tokenizer = await service.prepare(body, chat, body_size(request))
     logprobs = Logprobs(chat, tokenizer) if job.logprobs else None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())

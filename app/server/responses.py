@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from app.server.errors import ApiError, validation_message
 from app.server.response_events import ResponseShapes, response_events
 from app.server.schemas import Bool, ChatCompletionRequest, Float, Int, Str, _Body
-from app.server.service import OpenAIService, collect, failure
+from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.stream import EventStream
 
 STATELESS = ("this server is stateless: it keeps no responses, so {what}. Send the whole conversation in "
@@ -157,7 +157,7 @@ def _renamed(e: ApiError) -> ApiError:
 async def create_response(service: OpenAIService, body: ResponsesRequest, request: Request):
     try:
         chat = chat_request(body)
-        model, job, _ = await service.prepare(chat, chat=True)
+        model, job, _ = await service.prepare(chat, chat=True, body_bytes=body_size(request))
     except ApiError as e:
         raise _renamed(e) from None
     shapes = ResponseShapes(f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time()), model, body)

@@ -22,6 +22,8 @@ from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
 from app.services.host_events import RequestStarted
 from engine.api import FinishedEvent, HearthError, PromptProgressEvent, Request, TokenEvent, prompt_logprobs
 
+#: Request bodies up to this many bytes are turned into engine work on the event loop itself.
+INLINE_BODY_BYTES = 8192
 #: Echo-with-logprobs requests scored at once (each holds a worker thread while its prompts
 #: wait for the engine's thread; the rest get a 429 rather than starving the pool).
 MAX_SCORING = 4
@@ -126,16 +128,22 @@ class OpenAIService:
                            f"{info.name!r} (GET /v1/models lists it).", "model", "model_not_found")
         return info.name
 
-    async def prepare(self, body, chat: bool) -> tuple[str, Job, object]:
-        """The model's name, the engine's work, and the tokenizer that made it."""
+    async def prepare(self, body, chat: bool, body_bytes: int = 0) -> tuple[str, Job, object]:
+        """The model's name, the engine's work, and the tokenizer that made it.
+        ``body_bytes``: the request body's size (0: unknown)."""
         model = self.model_name(body.model)
         engine = self.host.engine  # the tokenizer of the model that answers now
         info = self.host.model_info
         if engine is None or info is None:
             raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
-        # Tokenizing takes a while for a long chat: off the event loop.
-        job = await run_in_threadpool(build_job, body, chat, engine.tokenizer, info.max_model_len,
-                                      info.vocab_size)
+        args = (body, chat, engine.tokenizer, info.max_model_len, info.vocab_size)
+        if 0 < body_bytes <= INLINE_BODY_BYTES:
+            # A short request is tokenized here: well under a millisecond, where the hop to a
+            # worker thread and back cost 25-60 ms under load (each side waits for the GIL
+            # behind the engine's thread and the streams: benchmarks/serve_overhead.py).
+            job = build_job(*args)
+        else:  # a long chat takes a while to tokenize: off the event loop
+            job = await run_in_threadpool(build_job, *args)
         return model, job, engine.tokenizer
 
     async def prompt_logprobs(self, job: Job, top: int) -> list[list]:
@@ -238,6 +246,14 @@ async def collect(choices, request: HttpRequest) -> bool:
         return False
     readers.result()
     return True
+
+
+def body_size(request: HttpRequest) -> int:
+    """The request body's declared size in bytes (0: not declared, a chunked upload)."""
+    try:
+        return max(0, int(request.headers.get("content-length") or 0))
+    except ValueError:
+        return 0
 
 
 def _names(info) -> set[str]:

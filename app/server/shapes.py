@@ -73,8 +73,14 @@ class Chunks:
         self._head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                       "created": created, "model": model, "system_fingerprint": None}
         self.include_usage = include_usage
+        # A token's chunk is the same object but its choices: the rest is encoded once.
+        head = json.dumps({**self._head, "choices": None}, ensure_ascii=False)
+        self._prefix = "data: " + head[:-len('null}')]
+        self._suffix = (', "usage": null}' if include_usage else "}") + "\n\n"
 
     def _line(self, choices: list, **extra) -> bytes:
+        if not extra:
+            return (self._prefix + json.dumps(choices, ensure_ascii=False) + self._suffix).encode()
         body = {**self._head, "choices": choices, **extra}
         if self.include_usage and "usage" not in body:
             body["usage"] = None  # OpenAI's shape: null on every chunk but the last

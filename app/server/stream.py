@@ -15,14 +15,28 @@ from app.server.shapes import DONE, Chunks
 
 async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: int):
     """The stream's bytes. Whatever ends it (the last choice, a failure, the client
-    leaving: then ``aclose``), every choice still running is aborted."""
+    leaving: then ``aclose``), every choice still running is aborted. Events that arrive
+    together (a busy server's backlog) go out in one write, still one SSE chunk per token
+    step: fewer trips through the middleware and the socket when the loop is behind."""
+    single = len(choices) == 1
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, choice: Choice) -> None:
         async for ev in choice.events:
             merged.put_nowait((index, ev))
 
-    pumps = [asyncio.ensure_future(pump(i, c)) for i, c in enumerate(choices)]
+    async def burst() -> list[tuple[int, object]]:
+        """The next event, and every other one already here."""
+        if single:  # read the choice's own queue: no pump task in between
+            events = choices[0].events
+            first = await events.__anext__()
+            return [(0, first), *((0, ev) for ev in events.ready())]
+        out = [await merged.get()]
+        while not merged.empty():
+            out.append(merged.get_nowait())
+        return out
+
+    pumps = [] if single else [asyncio.ensure_future(pump(i, c)) for i, c in enumerate(choices)]
     try:
         for i in range(len(choices)):
             opening = chunks.opening(i)
@@ -30,22 +44,24 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
                 yield opening
         left = len(choices)
         while left:
-            index, ev = await merged.get()
-            choice = choices[index]
-            text = choice.take(ev)
-            if text is not None:  # every token step is a chunk, as OpenAI streams (even one
-                # that adds no text yet): a client sees, and can time, each token
-                out = chunks.text(index, text, choice.take_logprobs())
-                if out:  # None: a tool call's text, held until the call is whole
-                    yield out
-            elif choice.finish is not None and choice.finish is ev:
-                left -= 1
-                error = failure(choice)
-                if error is not None:  # the 200 has gone: say it in the stream (SDKs raise it)
-                    yield sse_error(error.status, error.message, error.code)
-                    yield DONE
-                    return
-                yield chunks.finish(index, ev, choice.take_logprobs())
+            out = []
+            for index, ev in await burst():
+                choice = choices[index]
+                text = choice.take(ev)
+                if text is not None:  # every token step is a chunk, as OpenAI streams (even one
+                    # that adds no text yet): a client sees, and can time, each token
+                    piece = chunks.text(index, text, choice.take_logprobs())
+                    if piece:  # None: a tool call's text, held until the call is whole
+                        out.append(piece)
+                elif choice.finish is not None and choice.finish is ev:
+                    left -= 1
+                    error = failure(choice)
+                    if error is not None:  # the 200 has gone: say it in the stream (SDKs raise it)
+                        yield b"".join([*out, sse_error(error.status, error.message, error.code), DONE])
+                        return
+                    out.append(chunks.finish(index, ev, choice.take_logprobs()))
+            if out:
+                yield b"".join(out)
         if chunks.include_usage:
             yield chunks.usage([c.finish for c in choices], n)
         yield DONE

@@ -1,9 +1,10 @@
 """The engine host's asyncio face, for the OpenAI-compatible server to come: submit a
 request and ``async for`` its events on the event loop.
 
-The host pushes events on its own threads; ``AsyncEngineHost`` hands each one to the event
-loop with ``loop.call_soon_threadsafe`` (never waiting there), where it lands in the
-request's ``asyncio.Queue``. Only requests submitted through it are routed (a dict
+The host pushes events on its own threads; ``AsyncEngineHost`` hands them to the event
+loop with ``loop.call_soon_threadsafe`` (never waiting there), where each lands in its
+request's ``asyncio.Queue``: one wake-up of the loop for a burst of events (an engine step
+gives every running request a token at once), not one each. Only requests submitted through it are routed (a dict
 lookup on the engine's thread per event); other requests' events are ignored.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections import deque
 
 from app.services.engine_host import EngineHost
 from app.services.host_events import RequestStarted
@@ -31,6 +33,9 @@ class AsyncEngineHost:
         # submitted, removed on the host's threads with its FinishedEvent (dict operations
         # are atomic), so a request nobody reads to the end leaves nothing behind.
         self._queues: dict[str, asyncio.Queue] = {}
+        # Events on their way to the loop, and whether a delivery is scheduled there.
+        self._pending: deque = deque()
+        self._scheduled = False
         self._unsubscribe = host.subscribe(self._on_event)
 
     def submit(self, request: Request) -> "AsyncRequestEvents":
@@ -63,7 +68,20 @@ class AsyncEngineHost:
             else:
                 queue = self._queues.get(ev.request_id)
             if queue is not None:
-                self._loop.call_soon_threadsafe(queue.put_nowait, ev)
+                # Appended before the flag is read: a delivery that already cleared the flag
+                # takes it, or this call schedules the next one (a spare delivery is harmless).
+                self._pending.append((queue, ev))
+                if not self._scheduled:
+                    self._scheduled = True
+                    self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        """On the loop: every pending event into its request's queue, in order."""
+        self._scheduled = False
+        pending = self._pending
+        while pending:
+            queue, ev = pending.popleft()
+            queue.put_nowait(ev)
 
 
 class AsyncRequestEvents:
@@ -84,6 +102,17 @@ class AsyncRequestEvents:
         ev = await self._queue.get()
         self._done = isinstance(ev, FinishedEvent)
         return ev
+
+    def ready(self) -> list:
+        """The events that have arrived and not been read, without waiting (the rest of a
+        burst: a stream writes them together)."""
+        out = []
+        queue = self._queue
+        while not self._done and not queue.empty():
+            ev = queue.get_nowait()
+            self._done = isinstance(ev, FinishedEvent)
+            out.append(ev)
+        return out
 
     def abort(self) -> None:
         """End the request (its FinishedEvent, reason "abort", still comes)."""
