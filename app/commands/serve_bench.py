@@ -129,7 +129,7 @@ class ServerProcess:
 
 def run_serve_suite(args, say) -> list[dict]:
     """The serve suite's rows, one per concurrency."""
-    from app.services.serve_load import completion_bodies, drive
+    from app.services.serve_load import client_processes, completion_bodies, drive
     from engine.bench import latency_summary, run_offline_serving, serve_prompts
 
     cuda = _on_cuda(args.device)
@@ -174,7 +174,8 @@ def run_serve_suite(args, say) -> list[dict]:
             row = {"suite": "serve", "engine": "hearth", **common, **_tokenizer_fields(load, vocab), "batch": c, "prompt_len": prompt_len,
                    "output_len": output_len, "concurrency": c, **served,
                    "offline_output_tok_s": off["output_tok_s"], "offline_ttft_p50_ms": off["ttft_p50_ms"],
-                   "offline_itl_p50_ms": off["itl_p50_ms"], "serve_vs_offline": ratio}
+                   "offline_itl_p50_ms": off["itl_p50_ms"], "serve_vs_offline": ratio,
+                   "client_processes": client_processes(c)}
             rows.append(_ordered(row))
         json_row = _json_schema_row(server.base_url, model, common, output_len, counts[levels[0]], say)
         if json_row is not None:

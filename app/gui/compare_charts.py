@@ -1,11 +1,12 @@
-"""The Compare page's bar charts: TTFT, decode speed, weight memory, peak memory,
-perplexity and agreement, one horizontal bar per configuration.
+"""The Compare page's bar charts: TTFT, decode speed, load time, weight memory, KV-cache
+memory, peak memory, perplexity and agreement with the reference (before the first
+divergence, and over the whole output), one horizontal bar per configuration.
 
 Horizontal bars, so each configuration's label reads whole on the left axis, in the
 order of the columns (the reference on top) and in its column's colour; each bar carries
 its value at its end, so nobody needs to read the axis. A configuration without a value
 (it failed, was cancelled, or the measurement was off) gets no bar and a "—" in its row.
-Mouse zoom and pan are off (nothing to explore in six bars). Background and text follow
+Mouse zoom and pan are off (nothing to explore in a few bars). Background and text follow
 the palette (light / dark), as on the Performance page.
 """
 
@@ -37,21 +38,27 @@ def _percent(v: float | None) -> float | None:
 CHARTS: tuple[tuple[str, str, str, Callable[[ConfigResult], float | None]], ...] = (
     ("ttft", "Time to first token", "lower is better", lambda r: r.ttft_ms),
     ("decode", "Decode speed", "higher is better", lambda r: r.decode_tok_s),
+    ("load", "Load time", "lower is better", lambda r: r.load_s),
     ("weights", "Weight memory", "lower is better", lambda r: r.weight_bytes),
+    ("kv", "KV-cache memory", "lower is better", lambda r: r.kv_bytes),
     ("peak", "Peak memory", "lower is better", lambda r: r.peak_vram_bytes),
     ("ppl", "Perplexity", "lower is better", lambda r: r.perplexity),
-    ("agree", "Agreement with the reference", "higher is better", lambda r: _percent(r.agreement)),
+    ("prefix", "Agreement before the first divergence", "higher is better",
+     lambda r: _percent(r.prefix_agreement)),
+    ("agree", "Agreement over the whole output", "higher is better", lambda r: _percent(r.agreement)),
 )
-UNITS = {"ttft": "ms", "decode": "tok/s", "ppl": "", "agree": "%"}
+UNITS = {"ttft": "ms", "decode": "tok/s", "load": "s", "ppl": "", "prefix": "%", "agree": "%"}
+BYTES = ("weights", "kv", "peak")
+PERCENT = ("prefix", "agree")
 BAR_HEIGHT = 0.62
 
 
 def _fmt(value: float, key: str) -> str:
     if key == "ppl":
         return f"{value:.3f}" if value < 100 else f"{value:,.1f}"
-    if key == "agree":
+    if key in PERCENT:
         return f"{value:.1f}%"
-    if key in ("weights", "peak"):
+    if key in BYTES:
         return f"{value:.2f}" if value < 10 else f"{value:.1f}"
     return f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
 
@@ -62,7 +69,7 @@ def _missing(r: ConfigResult) -> str:
 
 
 class CompareCharts(QScrollArea):
-    """Six bar charts in a grid (three by two, scrolling where the page is short).
+    """Nine bar charts in a grid (three by three, scrolling where the page is short).
     ``plots`` / ``bars`` / ``values`` by chart key (``values``: what each bar shows)."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -106,7 +113,7 @@ class CompareCharts(QScrollArea):
         peak_name = next((peak_caption(r) for r in results if r.peak_memory_source), "Peak memory")
         for key, title, reading, value_of in CHARTS:
             raw = [value_of(r) for r in results]
-            if key in ("weights", "peak"):
+            if key in BYTES:
                 scale, unit = _bytes_unit(raw)
                 values = [None if v is None else v / scale for v in raw]
             else:
@@ -138,7 +145,7 @@ class CompareCharts(QScrollArea):
             self.bars[key] = bars
         top = max((v for v in values if v is not None), default=0.0)
         span = top * 1.3 if top > 0 else 1.0  # room for the value after the longest bar
-        if key == "agree":
+        if key in PERCENT:
             span = 125.0
         texts = []
         font = QFont()

@@ -7,13 +7,20 @@ with EOS ignored (Hearth's ``ignore_eos``), greedy; any other body (a chat reque
 ``response_format``) goes the same way. Every SSE chunk that carries a token is timed on
 arrival (Hearth streams one chunk per token step); the usage chunk gives the token
 count. Raw httpx and a minimal SSE reader rather than the openai SDK: the client must
-cost as little as it can, since it shares the machine with the server it measures.
+cost as little as it can, since it shares the machine with the server it measures. Even
+so one client process reads at most about 10k chunks a second (a whole core on the H200
+box: ``benchmarks/results/2026-12-02-i16-serve-overhead-standin-h200.json``), so many
+streams are spread over several processes (``client_processes``), each a closed loop of
+its share, started together; the run's wall time spans them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import multiprocessing as mp
+import os
 import time
 
 from engine.bench import RequestTiming
@@ -59,7 +66,7 @@ def completion_bodies(model: str, prompts: list[list[int]], output_len: int) -> 
 
 
 async def _drive(base_url: str, api_key: str | None, path: str, bodies: list[dict],
-                 concurrency: int) -> tuple[list[RequestTiming], float]:
+                 concurrency: int) -> tuple[list[RequestTiming], float, float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -78,12 +85,56 @@ async def _drive(base_url: str, api_key: str | None, path: str, bodies: list[dic
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
-        wall = time.perf_counter() - start
-    return timings, wall
+        end = time.perf_counter()
+    return timings, start, end
+
+
+def client_processes(concurrency: int) -> int:
+    """How many client processes carry ``concurrency`` streams: one per 16, at most a
+    quarter of the CPUs (the rest are the server's)."""
+    return max(1, min(math.ceil(concurrency / 16), (os.cpu_count() or 1) // 4))
 
 
 def drive(base_url: str, api_key: str | None, bodies: list[dict], concurrency: int,
-          path: str = "/v1/completions") -> tuple[list[RequestTiming], float]:
+          path: str = "/v1/completions", processes: int | None = None) -> tuple[list[RequestTiming], float]:
     """Send every body (streaming) with ``concurrency`` in flight; each request's timing,
-    and the wall time of the whole run."""
-    return asyncio.run(_drive(base_url, api_key, path, bodies, concurrency))
+    and the wall time of the whole run. ``processes`` (default ``client_processes``): how
+    many processes share the streams."""
+    procs = min(processes if processes is not None else client_processes(concurrency), concurrency, len(bodies))
+    if procs <= 1:
+        timings, start, end = asyncio.run(_drive(base_url, api_key, path, bodies, concurrency))
+        return timings, end - start
+    ctx = mp.get_context("spawn")  # the parent may hold a CUDA context and a model: no fork
+    barrier, results = ctx.Barrier(procs + 1), ctx.Queue()
+    shares = [concurrency // procs + (1 if g < concurrency % procs else 0) for g in range(procs)]
+    workers = [ctx.Process(target=_client_process, daemon=True,
+                           args=(g, base_url, api_key, path, bodies[g::procs], shares[g], barrier, results))
+               for g in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        barrier.wait(timeout=120)  # every process imported and ready: they start together
+        got = [results.get(timeout=3600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(10)
+            if w.is_alive():
+                w.terminate()
+    timings: list = [None] * len(bodies)
+    for g, share, start, end in got:
+        timings[g::procs] = share
+    return timings, max(r[3] for r in got) - min(r[2] for r in got)
+
+
+def _client_process(g: int, base_url: str, api_key: str | None, path: str, bodies: list[dict], concurrency: int,
+                    barrier, results) -> None:
+    """One client process: wait for the others, run its share, send back (g, timings,
+    start, end); a failure is every request's error rather than a hang."""
+    barrier.wait(timeout=120)
+    try:
+        timings, start, end = asyncio.run(_drive(base_url, api_key, path, bodies, concurrency))
+    except BaseException as e:  # noqa: BLE001 - reported as the requests' error
+        now = time.perf_counter()
+        timings = [RequestTiming(sent=now, error=f"client process: {type(e).__name__}: {e}") for _ in bodies]
+        start = end = now
+    results.put((g, timings, start, end))

@@ -269,9 +269,10 @@ op_strategy = st.one_of(
 class Harness:
     """A fake engine: runs the scheduler and a shadow KV cache that checks block contents."""
 
-    def __init__(self, num_blocks, block_size, max_num_seqs, budget, caching, seed, lookahead=0):
+    def __init__(self, num_blocks, block_size, max_num_seqs, budget, caching, seed, lookahead=0, hold=(0.0, 0)):
         self.bm = BlockManager(num_blocks, block_size, caching)
-        self.sched = Scheduler(self.bm, max_num_seqs, budget, lookahead_slots=lookahead)
+        self.sched = Scheduler(self.bm, max_num_seqs, budget, lookahead_slots=lookahead, admit_ratio=hold[0],
+                               max_hold_steps=hold[1])
         self.rng = random.Random(seed)
         self.max_tokens: dict[str, int] = {}
         self.all: list[Sequence] = []
@@ -391,13 +392,14 @@ class Harness:
     budget=st.integers(1, 32),
     caching=st.booleans(),
     lookahead=st.sampled_from([0, 0, 1]),  # the engine uses 1 with CUDA-graph decode
+    hold=st.sampled_from([(0.0, 0), (0.3, 16), (1.0, 3)]),  # admission batching (the engine's default: 0.3, 16)
     seed=st.integers(0, 2**16),
     ops=st.lists(op_strategy, min_size=20, max_size=80),
 )
 def test_random_operations_keep_invariants(
-    num_blocks, block_size, max_num_seqs, budget, caching, lookahead, seed, ops
+    num_blocks, block_size, max_num_seqs, budget, caching, lookahead, hold, seed, ops
 ):
-    h = Harness(num_blocks, block_size, max_num_seqs, budget, caching, seed, lookahead)
+    h = Harness(num_blocks, block_size, max_num_seqs, budget, caching, seed, lookahead, hold)
     for op in ops:
         if op[0] == "submit":
             _, base, k, tail, max_tokens = op
@@ -409,6 +411,63 @@ def test_random_operations_keep_invariants(
             h.abort(op[1])
         h.check()
     h.drain()
+
+
+def _decoding(sched, n):
+    """``n`` sequences prefilled and decoding."""
+    seqs = [make_seq(f"d{i}", 3, start=10 * i) for i in range(n)]
+    for s in seqs:
+        sched.add(s)
+    while any(s.num_output_tokens == 0 for s in seqs):
+        step(sched)
+    return seqs
+
+
+def test_admission_batching_holds_a_trickle_until_enough_wait():
+    """While every running sequence decodes, one new prompt waits (it would make an eager
+    mixed step of its own) until admit_ratio x running have come, then all go in at once."""
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=10, admit_ratio=0.5, max_hold_steps=8)
+    _decoding(sched, 4)  # enough = max(1, int(0.5 * 4)) = 2
+    sched.add(make_seq("x", 5, start=100))
+    for _ in range(3):
+        out = step(sched)
+        assert [s.seq.request_id for s in out.scheduled] == ["d0", "d1", "d2", "d3"]
+        assert out.num_waiting == 1
+    sched.add(make_seq("y", 5, start=200))
+    out = step(sched)
+    assert [s.seq.request_id for s in out.scheduled][4:] == ["x", "y"] and out.num_waiting == 0
+
+
+def test_admission_batching_waits_at_most_max_hold_steps():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=10, admit_ratio=1.0, max_hold_steps=3)
+    _decoding(sched, 4)
+    sched.add(make_seq("x", 5, start=100))
+    admitted_at = next(k for k in range(1, 10) if any(s.seq.request_id == "x" for s in step(sched).scheduled))
+    assert admitted_at == 4  # held 3 steps, admitted on the 4th
+
+
+def test_admission_batching_never_holds_when_it_saves_nothing():
+    # nothing runs: admitted at once
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=10, admit_ratio=1.0, max_hold_steps=50)
+    sched.add(make_seq("a", 5))
+    assert [s.seq.request_id for s in step(sched).scheduled] == ["a"]
+    # a prompt is being read (the step is mixed anyway): another joins it
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=10, max_num_batched_tokens=64, admit_ratio=1.0,
+                      max_hold_steps=50)
+    _decoding(sched, 2)
+    sched.add(make_seq("long", 100, start=100))
+    for _ in range(51):  # held at most max_hold_steps, then read in chunks (62, then 38)
+        out = step(sched)
+        if any(s.seq.request_id == "long" for s in out.scheduled):
+            break
+    sched.add(make_seq("b", 3, start=300))
+    out = step(sched)
+    assert {"long", "b"} <= {s.seq.request_id for s in out.scheduled}
+    # the free places are fewer than the share: as many as fit are enough
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=5, admit_ratio=1.0, max_hold_steps=50)
+    _decoding(sched, 4)
+    sched.add(make_seq("z", 3, start=400))
+    assert "z" in [s.seq.request_id for s in step(sched).scheduled]
 
 
 def test_lookahead_slot_for_decoding_sequences():

@@ -122,6 +122,11 @@ def test_charts_have_a_labelled_bar_per_configuration_that_ran(page):
     assert chart_text(charts, "weights") == ["512.0", "256.0", "failed"]
     assert chart_text(charts, "agree") == ["100.0%", "75.0%", "failed"]
     assert chart_text(charts, "ppl") == ["12.250", "13.250", "failed"]
+    # every number of the columns has its chart: load time, KV memory, agreement before the
+    # first divergence too
+    assert list(charts.plots) == ["ttft", "decode", "load", "weights", "kv", "peak", "ppl", "prefix", "agree"]
+    assert chart_text(charts, "load")[:2] == ["1.5", "2.5"] and chart_text(charts, "prefix")[:2] == ["100.0%", "50.0%"]
+    assert chart_text(charts, "kv")[2] == "failed" and charts.titles()["kv"] == "KV-cache memory"
     assert charts.titles()["peak"] == "Peak RAM"
     assert "MiB" in charts.plots["weights"].getPlotItem().getAxis("bottom").labelText
     ticks = charts.plots["decode"].getPlotItem().getAxis("left")._tickLevels[0]

@@ -116,3 +116,23 @@ def test_128_simultaneous_streams_all_complete_and_leave_no_kv_block(live, host,
     assert [f for _, f, _ in results] == [["length"]] * n
     assert all(text for text, _, _ in results)
     assert engine_idle(host) and no_kv_block_held(host)
+
+
+def test_the_serve_bench_load_spreads_its_streams_over_client_processes(live, host, model_name, monkeypatch):
+    """``serve_load.drive`` with several client processes (the serve suite's, for many
+    streams): every request is answered in full, its timing back in its body's place, and
+    the run's wall time spans the processes."""
+    from app.services import serve_load
+
+    bodies = serve_load.completion_bodies(model_name, [[5, 6, 7, 8 + i] for i in range(6)], 4)
+    for i, body in enumerate(bodies):
+        body["max_tokens"] = 2 + i  # tells each timing's body apart
+    timings, wall = serve_load.drive(live.base_url, API_KEY, bodies, concurrency=4, processes=2)
+    assert [t.error for t in timings] == [None] * 6
+    assert [t.tokens for t in timings] == [2, 3, 4, 5, 6, 7]
+    assert [sum(k for _, k in t.arrivals) for t in timings] == [2, 3, 4, 5, 6, 7]
+    assert wall >= max(t.arrivals[-1][0] - t.sent for t in timings) > 0
+    monkeypatch.setattr(serve_load.os, "cpu_count", lambda: 16)
+    assert [serve_load.client_processes(c) for c in (1, 16, 17, 64, 128)] == [1, 1, 2, 4, 4]
+    monkeypatch.setattr(serve_load.os, "cpu_count", lambda: 2)
+    assert serve_load.client_processes(64) == 1

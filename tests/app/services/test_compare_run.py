@@ -192,3 +192,33 @@ def test_an_exception_in_on_event_stops_the_run_and_is_raised(tiny, engines):
     with pytest.raises(ValueError, match="a bug in the page"):
         run_comparison(tiny_plan(tiny, "int8", "int4"), on_event=on_event)
     assert len(loaded) == 1 and shut == loaded
+
+
+def test_one_after_another_each_is_unloaded_and_its_memory_given_back_before_the_next_loads(tiny, monkeypatch):
+    """The sequential run: load, measure, shut down, release memory, then the next load:
+    two configurations are never in memory at once (side by side is opt-in)."""
+    import app.services.compare as compare
+
+    log: list[str] = []
+    real_load, real_shutdown = Engine.from_config.__func__, Engine.shutdown
+    real_release = compare.release_memory
+
+    def from_config(cls, config, **kw):
+        log.append(f"load {config.model.quantization}")
+        return real_load(cls, config, **kw)
+
+    def shutdown(self):
+        log.append("shutdown")
+        real_shutdown(self)
+
+    def release(**kw):
+        log.append("release")
+        real_release(**kw)
+
+    monkeypatch.setattr(Engine, "from_config", classmethod(from_config))
+    monkeypatch.setattr(Engine, "shutdown", shutdown)
+    monkeypatch.setattr(compare, "release_memory", release)
+    result = run_comparison(tiny_plan(tiny, "bf16", "int8", "int4", perplexity=False))
+    assert [r.status for r in result.results] == ["ok"] * 3
+    assert log == ["load bf16", "shutdown", "release", "load int8", "shutdown", "release",
+                   "load int4", "shutdown", "release"]
