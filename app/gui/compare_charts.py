@@ -43,7 +43,7 @@ CHARTS: tuple[tuple[str, str, str, Callable[[ConfigResult], float | None]], ...]
     ("kv", "KV-cache memory", "lower is better", lambda r: r.kv_bytes),
     ("peak", "Peak memory", "lower is better", lambda r: r.peak_vram_bytes),
     ("ppl", "Perplexity", "lower is better", lambda r: r.perplexity),
-    ("prefix", "Agreement before the first divergence", "higher is better",
+    ("prefix", "Agreement before divergence", "higher is better",
      lambda r: _percent(r.prefix_agreement)),
     ("agree", "Agreement over the whole output", "higher is better", lambda r: _percent(r.agreement)),
 )
