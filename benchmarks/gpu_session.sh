@@ -6,7 +6,8 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|quant-bench|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|quant-bench|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
+# (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -88,7 +89,9 @@ case "$what" in fp32match)
   hearth bench --shape llama-1b --suite decode --batch 1 --baseline hf --dtype float32 --output-len 32 \
     --repeats 1 --max-model-len 512 --json "$OUT/bench-1b-fp32-match.json" "$@" 2>&1 | tail -4 ;;
 esac
-case "$what" in serve)  # the server over HTTP beside the engine offline (needs fastapi, uvicorn, httpx
-  # and prometheus-client on the box: put their wheels in .carry/whl)
-  hearth bench --shape llama-8b --suite serve --concurrency 1,16,64 --json "$OUT/serve-8b.json" "$@" 2>&1 | tail -8 ;;
+case "$what" in serve)  # the server over HTTP beside the engine offline (the wheels of prepare_carry.sh);
+  # the SmolLM2 tokenizer gives the 8B shape text, for the JSON-schema row
+  hearth bench --shape llama-8b --suite serve --concurrency 1,16,64 --tokenizer .carry/tok \
+    --json "$OUT/serve-8b.json" "$@" 2>&1 | tail -8
+  python benchmarks/serve_overhead.py --requests 1024 --json "$OUT/serve-overhead.json" 2>&1 | tail -1 ;;
 esac
