@@ -224,23 +224,31 @@ def _gguf_tensors(gguf_path: Path, cfg, names) -> dict:
 
 
 def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0 or
-    Q4_1, repacked from the file's own blocks with the rows in the order transformers'
+    """(HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0,
+    Q4_1, Q4_K or Q5_K, repacked from the file's own blocks with the rows in the order transformers'
     reader gives (``tensors``: its dequantized, un-permuted ones); the file's quantized
     types by what happened to them, ``{"kept": {"Q4_1": 210}, "dequantized": {"Q6_K": 4}}``).
     A tensor whose rows can't be matched exactly, or a fused group (q/k/v, gate/up) of
     mixed types, stays float."""
     from engine.quant.gguf_blocks import KEPT_TYPES, blocks_to_weight, permute_rows, row_permutation
+    from engine.quant.gguf_kquants import KEPT_KQUANT_TYPES, read_kquant, to_weight
 
     raw = _gguf_tensors(gguf_path, cfg, tensors)
     kept = {}
     for name, tensor in tensors.items():
         rt = raw.get(name)
-        if rt is None or rt.tensor_type.name not in KEPT_TYPES or tensor.dim() != 2:
+        kind = None if rt is None else rt.tensor_type.name
+        if kind not in KEPT_TYPES + KEPT_KQUANT_TYPES or tensor.dim() != 2:
             continue
-        qw = blocks_to_weight(rt.data, rt.tensor_type.name)
-        # Hearth's dequantization equals gguf's bit for bit (tests/quant/test_quant_layout.py).
-        perm = row_permutation(tensor.float(), qw.dequantize(torch.float32))
+        if kind in KEPT_TYPES:
+            qw = blocks_to_weight(rt.data, kind)
+            exact = qw.dequantize(torch.float32)
+        else:  # the rows are matched on the file's exact values, before the scales go to fp16
+            blocks = read_kquant(rt.data, kind)
+            qw, exact = to_weight(blocks), blocks.dequantize(torch.float32)
+        # Hearth's dequantization equals gguf's bit for bit (tests/quant/test_quant_layout.py,
+        # tests/quant/test_gguf_kquants.py).
+        perm = row_permutation(tensor.float(), exact)
         if perm is not None:
             kept[name] = permute_rows(qw, perm)
     for name in list(kept):

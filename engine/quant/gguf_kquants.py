@@ -26,6 +26,12 @@ Scales and mins come out in float32, where they are exact (an fp16 ``d`` times a
 8-bit integer needs at most 19 significant bits), so ``dequantize`` here equals
 ``gguf.quants.dequantize`` bit for bit (the tests hold it to that). Codes: Q4_K 0..15,
 Q5_K 0..31 (uint8), Q6_K -32..31 (int8).
+
+Kept quantized (``to_weight``): Q4_K as Hearth's int4 in groups of 32, Q5_K as int8 codes
+0..31 in groups of 32 with mins, both with their scales and mins rounded once to float16
+(Hearth's canonical layout: at most 2^-11 of a scale, under 1% of one quantization step).
+Q6_K's groups of 16 inputs have no Hearth kernel yet (the CPU kernel works in blocks of
+32): its tensors are still dequantized at load.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from engine.quant.qweight import QuantizedWeight, pack_int4
 
 QK_K = 256
 #: bytes per super-block of each K-quant type read here
@@ -120,3 +128,17 @@ def read_kquant(raw: np.ndarray, type_name: str) -> KQuantBlocks:
     d = _fp16(b, 208)
     scales = (d.unsqueeze(-1) * sc).reshape(rows, nb * 16)
     return KQuantBlocks(type_name, 16, codes, scales, None)
+
+
+#: K-quant types kept quantized (the rest of ``KQUANT_TYPES`` dequantize at load)
+KEPT_KQUANT_TYPES = ("Q4_K", "Q5_K")
+
+
+def to_weight(blocks: KQuantBlocks) -> QuantizedWeight | None:
+    """``blocks`` in Hearth's canonical layout (None for a type kept as float for now)."""
+    if blocks.type_name not in KEPT_KQUANT_TYPES:
+        return None
+    scales, mins = blocks.scales.to(torch.float16), blocks.mins.to(torch.float16)
+    if blocks.type_name == "Q4_K":
+        return QuantizedWeight(4, 32, pack_int4(blocks.codes), scales, mins)
+    return QuantizedWeight(8, 32, blocks.codes.to(torch.int8), scales, mins)
