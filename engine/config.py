@@ -76,15 +76,16 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill splits prompts)
-    # Admission batching (engine.core.scheduler): while every running sequence decodes,
-    # new prompts wait until they are this share of the running ones (or fill the free
-    # places), at most max_hold_steps steps. 0 admits each at once.
+    # Admission batching (engine.core.scheduler), with CUDA-graph decode only: while every
+    # running sequence decodes, new prompts wait until they are this share of the running
+    # ones (or fill the free places), at most max_hold_steps steps. 0 admits each at once.
     admit_ratio: float = 0.3
     max_hold_steps: int = 16
 
     def __post_init__(self) -> None:
-        if self.admit_ratio < 0 or self.max_hold_steps < 0:
-            raise InvalidRequestError("admit_ratio and max_hold_steps must be >= 0")
+        if not 0 <= self.admit_ratio <= 64 or self.max_hold_steps < 0:  # (a NaN fails the first)
+            raise InvalidRequestError(f"admit_ratio must be in [0, 64] and max_hold_steps >= 0, got "
+                                      f"{self.admit_ratio!r} and {self.max_hold_steps!r}")
         if self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:

@@ -67,7 +67,9 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens,
                                    lookahead_slots=1 if pipelined else 0,
-                                   admit_ratio=config.scheduler.admit_ratio,
+                                   # holding prompts back only pays where a mixed step costs the
+                                   # decode graphs (and the step launched ahead)
+                                   admit_ratio=config.scheduler.admit_ratio if pipelined else 0.0,
                                    max_hold_steps=config.scheduler.max_hold_steps)
         self._cv = threading.Condition()
         self._inbox: list[RequestState] = []

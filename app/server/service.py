@@ -22,8 +22,9 @@ from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
 from app.services.host_events import RequestStarted
 from engine.api import FinishedEvent, HearthError, PromptProgressEvent, Request, TokenEvent, prompt_logprobs
 
-#: Request bodies up to this many bytes are turned into engine work on the event loop itself.
-INLINE_BODY_BYTES = 8192
+#: Request bodies up to this many bytes (without tools or a response format: their template
+#: or grammar may take milliseconds) are turned into engine work on the event loop itself.
+INLINE_BODY_BYTES = 2048
 #: Echo-with-logprobs requests scored at once (each holds a worker thread while its prompts
 #: wait for the engine's thread; the rest get a 429 rather than starving the pool).
 MAX_SCORING = 4
@@ -137,10 +138,11 @@ class OpenAIService:
         if engine is None or info is None:
             raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
         args = (body, chat, engine.tokenizer, info.max_model_len, info.vocab_size)
-        if 0 < body_bytes <= INLINE_BODY_BYTES:
-            # A short request is tokenized here: well under a millisecond, where the hop to a
-            # worker thread and back cost 25-60 ms under load (each side waits for the GIL
-            # behind the engine's thread and the streams: benchmarks/serve_overhead.py).
+        if 0 < body_bytes <= INLINE_BODY_BYTES and not getattr(body, "tools", None) \
+                and getattr(body, "response_format", None) is None:
+            # A short plain request is tokenized here (a few hundred µs at most), where the
+            # hop to a worker thread and back cost 25-60 ms under load (each side waits for
+            # the GIL behind the engine's thread and the streams: benchmarks/serve_overhead.py).
             job = build_job(*args)
         else:  # a long chat takes a while to tokenize: off the event loop
             job = await run_in_threadpool(build_job, *args)

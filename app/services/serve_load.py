@@ -21,6 +21,8 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
+import threading
 import time
 
 from engine.bench import RequestTiming
@@ -113,8 +115,21 @@ def drive(base_url: str, api_key: str | None, bodies: list[dict], concurrency: i
     for w in workers:
         w.start()
     try:
-        barrier.wait(timeout=120)  # every process imported and ready: they start together
-        got = [results.get(timeout=3600) for _ in workers]
+        try:
+            barrier.wait(timeout=120)  # every process imported and ready: they start together
+        except threading.BrokenBarrierError:
+            dead = [f"{w.name} (exit {w.exitcode})" for w in workers if w.exitcode is not None]
+            raise RuntimeError("the serve bench's client processes did not start: "
+                               + (", ".join(dead) + " ended" if dead else "none was ready within 120 s")) from None
+        got = []
+        while len(got) < len(workers):
+            try:
+                got.append(results.get(timeout=1.0))
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode is not None and w.exitcode != 0]
+                if dead:  # killed (out of memory, a signal) before it could report
+                    raise RuntimeError(f"a client process of the serve bench died (exit {dead[0].exitcode}) "
+                                       "before it reported its requests") from None
     finally:
         for w in workers:
             w.join(10)

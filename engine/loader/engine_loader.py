@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, UnsupportedModelError
+from engine.errors import HearthError, InvalidRequestError, UnsupportedModelError
 from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_CALIBRATION_NOTE, SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer,
                                        is_shape_model, shape_model_config, shape_of_config)
@@ -156,11 +156,15 @@ def native_spec(found: FoundModel, force_fallback: bool) -> tuple[ModelSpec | No
 
 def own_tokenizer(folder: str, found: FoundModel) -> Tokenizer:
     """The tokenizer in ``folder`` (the ``tokenizer`` load option) for ``found``: a
-    random-weight shape takes its vocabulary size (``found.cfg`` is updated), a real model
-    must have a row for every token it can make."""
-    tokenizer = Tokenizer.from_pretrained(Path(folder).expanduser())
+    random-weight shape (no files) takes its vocabulary size (``found.cfg`` is updated);
+    a model with weights, a folder written from a shape too, must have an embedding row
+    for every token the tokenizer makes."""
+    try:
+        tokenizer = Tokenizer.from_pretrained(Path(folder).expanduser())
+    except HearthError as e:
+        raise InvalidRequestError(f"--tokenizer {folder!r}: {e}", options=("tokenizer",)) from None
     size = tokenizer.vocab_size
-    if found.source == "shape":
+    if found.path is None:
         found.cfg = {**found.cfg, "vocab_size": size}
     elif size > int(found.cfg.get("vocab_size") or size):
         raise InvalidRequestError(

@@ -26,7 +26,8 @@ from engine.config import EngineConfig
 from engine.device import free_memory_bytes, gib
 from engine.errors import OutOfMemoryError
 from engine.loader.choices import check_load_choices
-from engine.loader.engine_loader import context_length, find_model, kv_block_size, kv_cache_dtype, native_spec
+from engine.loader.engine_loader import (context_length, find_model, kv_block_size, kv_cache_dtype, native_spec,
+                                         own_tokenizer)
 from engine.loader.weights import read_metadata
 from engine.memory_plan import (ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
                                 kv_pool_blocks)
@@ -45,6 +46,8 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
     choices = check_load_choices(config)
     device, dtype = choices.device, choices.dtype
     found = find_model(config, say)
+    if mc.tokenizer:  # refused now if the load would refuse it; a shape takes its vocabulary
+        own_tokenizer(mc.tokenizer, found)
     spec, _ = native_spec(found, mc.force_fallback)
     max_model_len = context_length(found.cfg, mc.max_model_len)
     kv_dtype = kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)

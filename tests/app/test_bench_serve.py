@@ -58,3 +58,15 @@ def test_serve_suite_drives_a_real_server_and_its_offline_twin(tmp_path, capsys)
 def test_concurrency_without_the_serve_suite_is_refused(capsys):
     assert main(["bench", "--shape", "tiny", "--suite", "decode", "--concurrency", "4"]) != 0
     assert "--concurrency applies to --suite serve" in capsys.readouterr().err
+
+
+def test_the_server_child_gets_the_benchs_load_options_tokenizer_included():
+    from app.commands.serve_bench import serve_command
+
+    load = {"model": "shape:llama-8b", "device": "cuda", "dtype": "auto", "attention": "auto",
+            "kv_cache_dtype": "auto", "quantization": "auto", "max_num_seqs": 64, "max_model_len": 512,
+            "tokenizer": "/carry/tok", "quant_head": False, "enforce_eager": True}
+    cmd = serve_command(load, 8123, max_queue=320)
+    assert cmd[cmd.index("--tokenizer") + 1] == "/carry/tok" and "--enforce-eager" in cmd
+    assert cmd[cmd.index("--port") + 1] == "8123" and "--quant-head" not in cmd
+    assert "--tokenizer" not in serve_command({**load, "tokenizer": None}, 8123, max_queue=320)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.api import Engine, HearthError, InvalidRequestError, Request, SamplingParams
+from engine.api import Engine, InvalidRequestError, Request, SamplingParams
 from tests.conftest import save_tiny
 from tests.engine.conftest import build_tiny_tokenizer
 
@@ -45,6 +45,28 @@ def test_a_model_refuses_a_tokenizer_with_more_tokens_than_its_rows(tmp_path, sm
         engine.shutdown()
 
 
-def test_a_missing_tokenizer_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(HearthError, match="nowhere' does not exist"):
-        Engine.load("shape:tiny", device="cpu", tokenizer=str(tmp_path / "nowhere"))
+def test_a_missing_tokenizer_folder_is_refused_before_the_load_naming_the_option(tmp_path, smol_dir):
+    from engine.api import check_model
+
+    bad = str(tmp_path / "nowhere")
+    for attempt in (lambda: check_model("shape:tiny", device="cpu", tokenizer=bad),
+                    lambda: Engine.load("shape:tiny", device="cpu", tokenizer=bad)):
+        with pytest.raises(InvalidRequestError, match="--tokenizer .*nowhere.* does not exist") as e:
+            attempt()
+        assert e.value.options == ("tokenizer",)
+    # the pre-flight sizes the shape with the tokenizer's vocabulary (49,152 rows, not 32,000)
+    plain = check_model("shape:tiny", device="cpu")
+    wider = check_model("shape:tiny", device="cpu", tokenizer=str(smol_dir))
+    assert wider.weights_bytes - plain.weights_bytes == (49152 - 32000) * 128 * 4
+
+
+def test_a_folder_written_from_a_shape_keeps_its_own_vocabulary(tmp_path, smol_dir):
+    """Its weights are files with the shape's rows: a bigger tokenizer is refused as for
+    any model, not given rows the checkpoint lacks."""
+    from engine.loader.engine_loader import FoundModel, own_tokenizer
+    from engine.shapes import shape_config
+
+    found = FoundModel("shape:tiny", tmp_path, "shape", shape_config("tiny"), str(tmp_path / "config.json"))
+    with pytest.raises(InvalidRequestError, match="49,152 tokens but shape:tiny has 32,000"):
+        own_tokenizer(str(smol_dir), found)
+    assert found.cfg["vocab_size"] == 32000
