@@ -89,7 +89,7 @@ async def response_events(service: OpenAIService, choice: Choice, shapes: Respon
         yield event("response.output_item.added", output_index=0, item=shapes.item(None, "in_progress"))
         yield event("response.content_part.added", **where, content_index=0, part=shapes.part(""))
         async for ev in choice.events:
-            text = choice.take(ev)
+            text = choice.take(ev, choice.events.at)
             if text:
                 yield event("response.output_text.delta", **where, content_index=0, delta=text, logprobs=[])
         error = failure(choice)

@@ -50,16 +50,17 @@ class Choice:
     def text(self) -> str:
         return "".join(self.texts)
 
-    def take(self, ev) -> str | None:
-        """Note one event; returns its new text ("" for tokens that add none), None for
-        events that carry no token."""
+    def take(self, ev, at: float | None = None) -> str | None:
+        """Note one event (``at``: when it left the engine, for the inter-token latency;
+        default now); returns its new text ("" for tokens that add none), None for events
+        that carry no token."""
         if isinstance(ev, RequestStarted):
             self.started = True
         elif isinstance(ev, PromptProgressEvent):
             self.scheduled = True
         elif isinstance(ev, TokenEvent):
             self.scheduled = True
-            self._timed(len(ev.token_ids))
+            self._timed(len(ev.token_ids), at)
             if ev.logprobs:
                 self.logprobs.extend(ev.logprobs)
                 self.pending_logprobs.extend(ev.logprobs)
@@ -78,9 +79,10 @@ class Choice:
         out, self.pending_logprobs = self.pending_logprobs, []
         return out
 
-    def _timed(self, tokens: int) -> None:
-        """The inter-token latency histogram: the gap since the previous token."""
-        now = time.perf_counter()
+    def _timed(self, tokens: int, at: float | None = None) -> None:
+        """The inter-token latency histogram: the gap since the previous token (as the
+        engine made them: a busy loop that reads a burst late must not record zeros)."""
+        now = time.perf_counter() if at is None else at
         if self._metrics is not None and self._last_token_at is not None and tokens:
             gap = (now - self._last_token_at) / tokens
             for _ in range(tokens):
@@ -230,7 +232,7 @@ async def collect(choices, request: HttpRequest) -> bool:
     caller's ``done`` then aborts them)."""
     async def read(choice) -> None:
         async for ev in choice.events:
-            choice.take(ev)
+            choice.take(ev, choice.events.at)
 
     async def client_gone() -> None:
         while (await request.receive())["type"] != "http.disconnect":

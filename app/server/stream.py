@@ -23,14 +23,15 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
 
     async def pump(index: int, choice: Choice) -> None:
         async for ev in choice.events:
-            merged.put_nowait((index, ev))
+            merged.put_nowait((index, ev, choice.events.at))
 
-    async def burst() -> list[tuple[int, object]]:
-        """The next event, and every other one already here."""
+    async def burst() -> list[tuple[int, object, float]]:
+        """(choice, event, when it left the engine): the next event, and every other one
+        already here."""
         if single:  # read the choice's own queue: no pump task in between
             events = choices[0].events
             first = await events.__anext__()
-            return [(0, first), *((0, ev) for ev in events.ready())]
+            return [(0, first, events.at), *((0, ev, at) for ev, at in events.ready())]
         out = [await merged.get()]
         while not merged.empty():
             out.append(merged.get_nowait())
@@ -45,9 +46,9 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
         left = len(choices)
         while left:
             out = []
-            for index, ev in await burst():
+            for index, ev, at in await burst():
                 choice = choices[index]
-                text = choice.take(ev)
+                text = choice.take(ev, at)
                 if text is not None:  # every token step is a chunk, as OpenAI streams (even one
                     # that adds no text yet): a client sees, and can time, each token
                     piece = chunks.text(index, text, choice.take_logprobs())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections import deque
 
@@ -70,28 +71,32 @@ class AsyncEngineHost:
             if queue is not None:
                 # Appended before the flag is read: a delivery that already cleared the flag
                 # takes it, or this call schedules the next one (a spare delivery is harmless).
-                self._pending.append((queue, ev))
+                self._pending.append((queue, ev, time.perf_counter()))
                 if not self._scheduled:
                     self._scheduled = True
                     self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
-        """On the loop: every pending event into its request's queue, in order."""
+        """On the loop: every pending event into its request's queue, in order, with when
+        it left the engine (``perf_counter``)."""
         self._scheduled = False
         pending = self._pending
         while pending:
-            queue, ev = pending.popleft()
-            queue.put_nowait(ev)
+            queue, ev, at = pending.popleft()
+            queue.put_nowait((ev, at))
 
 
 class AsyncRequestEvents:
-    """One request's events, as an async iterator that ends after its FinishedEvent."""
+    """One request's events, as an async iterator that ends after its FinishedEvent.
+    ``at``: when the event just returned left the engine (``time.perf_counter``), which
+    the loop may see later, several at once, when it is busy."""
 
     def __init__(self, owner: AsyncEngineHost, request_id: str, queue: asyncio.Queue) -> None:
         self.request_id = request_id
         self._owner = owner
         self._queue = queue
         self._done = False
+        self.at: float | None = None
 
     def __aiter__(self) -> "AsyncRequestEvents":
         return self
@@ -99,19 +104,19 @@ class AsyncRequestEvents:
     async def __anext__(self):
         if self._done:
             raise StopAsyncIteration
-        ev = await self._queue.get()
+        ev, self.at = await self._queue.get()
         self._done = isinstance(ev, FinishedEvent)
         return ev
 
-    def ready(self) -> list:
-        """The events that have arrived and not been read, without waiting (the rest of a
-        burst: a stream writes them together)."""
+    def ready(self) -> list[tuple[object, float]]:
+        """(event, when it left the engine) for the events that have arrived and not been
+        read, without waiting (the rest of a burst: a stream writes them together)."""
         out = []
         queue = self._queue
         while not self._done and not queue.empty():
-            ev = queue.get_nowait()
+            ev, at = queue.get_nowait()
             self._done = isinstance(ev, FinishedEvent)
-            out.append(ev)
+            out.append((ev, at))
         return out
 
     def abort(self) -> None:

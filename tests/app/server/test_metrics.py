@@ -69,3 +69,19 @@ def test_unknown_paths_share_one_label(live):
     samples = scrape(live)
     assert value(samples, "hearth_requests_total", endpoint="other", status="404") >= 3
     assert not any(dict(labels).get("endpoint") == "/nope" for _, labels in samples)
+
+
+def test_inter_token_latency_is_timed_as_the_engine_made_the_tokens():
+    """A loop that reads a burst late must not record gaps of zero: each token's gap is
+    taken from when it left the engine (``AsyncRequestEvents.at``)."""
+    from app.server.metrics import ServerMetrics
+    from app.server.service import Choice
+    from engine.api import TokenEvent
+
+    metrics = ServerMetrics(host=None)
+    choice = Choice(events=None, metrics=metrics)
+    for at, ids in ((10.0, (1,)), (10.5, (2,)), (11.5, (3, 4))):
+        choice.take(TokenEvent("r", "x", ids), at)
+    total = metrics.registry.get_sample_value("hearth_inter_token_latency_seconds_sum")
+    count = metrics.registry.get_sample_value("hearth_inter_token_latency_seconds_count")
+    assert count == 3 and total == 0.5 + 0.5 + 0.5  # the last delivery: two tokens over 1 s
