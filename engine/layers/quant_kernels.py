@@ -155,7 +155,7 @@ def cpu_kernel_problem(layer) -> str | None:
     problem = cpu_quant.available()
     if problem is None and cpu_quant.isa() != "avx2":
         problem = "this CPU has no AVX2 (the portable C path is slower than torch's float matmul)"
-    return problem or cpu_quant.supports(layer.bits, layer.group_size, layer.in_features)
+    return problem or cpu_quant.supports(layer.bits, layer.group_size, layer.in_features, layer.mins is not None)
 
 
 def kernel_for(layer) -> QuantKernel:

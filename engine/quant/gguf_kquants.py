@@ -30,8 +30,9 @@ Q5_K 0..31 (uint8), Q6_K -32..31 (int8).
 Kept quantized (``to_weight``): Q4_K as Hearth's int4 in groups of 32, Q5_K as int8 codes
 0..31 in groups of 32 with mins, both with their scales and mins rounded once to float16
 (Hearth's canonical layout: at most 2^-11 of a scale, under 1% of one quantization step).
-Q6_K's groups of 16 inputs have no Hearth kernel yet (the CPU kernel works in blocks of
-32): its tensors are still dequantized at load.
+Q6_K would be int8 codes in groups of 16 inputs: Hearth's CPU kernel takes those (two
+scales per block of 32), but the GPU kernels read whole blocks of 32, and a GGUF's kept
+conversion is one folder for both devices, so its tensors are still dequantized at load.
 """
 
 from __future__ import annotations

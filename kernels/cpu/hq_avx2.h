@@ -15,6 +15,7 @@
 #define HQ_HAVE_AVX2_PATH 1
 
 #include <immintrin.h>
+#include <string.h>
 
 #include "hq_common.h"
 
@@ -193,7 +194,52 @@ HQ_DEFINE_ROWS(4, 0, hq_rows_q4_avx2)
 HQ_DEFINE_ROWS(8, 1, hq_rows_q8_g32_avx2)
 HQ_DEFINE_ROWS(8, 0, hq_rows_q8_avx2)
 
+/* int8 in groups of 16 (GGUF Q6_K): per block of 32, the block dot's low lane (inputs
+   0..15) takes the first scale and its high lane (16..31) the second. Four rows share each
+   activation block load. */
+HQ_AVX2_INLINE void hq_rows_q8_g16_impl(const hq_weight *w, const hq_acts *a, int mi, int r0, float *out, const int R) {
+    const int nb = w->kp / HQ_BLOCK, ng = w->kp / 16;
+    const int8_t *xq = a->q + (size_t)mi * a->kp;
+    const float *xd = a->d + (size_t)mi * nb;
+    const uint8_t *q[4];
+    const uint16_t *sc[4];
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) {
+        q[r] = w->q + (size_t)(r0 + r) * w->kp;
+        sc[r] = w->scales + (size_t)(r0 + r) * ng;
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * HQ_BLOCK));
+        if (HQ_PREFETCH_ROWS && ((b * HQ_BLOCK) & 63) == 0)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(q[r] + (size_t)b * HQ_BLOCK + HQ_PREFETCH_ROWS * (size_t)w->kp),
+                             _MM_HINT_T0);
+        const __m128 dx = _mm_set1_ps(xd[b]);
+        for (int r = 0; r < R; r++) {
+            /* the two fp16 scales, as [s0 s0 s0 s0 | s1 s1 s1 s1] times the block's x scale */
+            int32_t two;
+            memcpy(&two, sc[r] + 2 * b, sizeof two);
+            const __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+            const __m256 sv = _mm256_set_m128(_mm_mul_ps(_mm_shuffle_ps(s2, s2, 0x55), dx),
+                                              _mm_mul_ps(_mm_shuffle_ps(s2, s2, 0x00), dx));
+            acc[r] = _mm256_fmadd_ps(sv, hq_block_dot_avx2(q[r] + (size_t)b * HQ_BLOCK, 8, y), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hq_hsum_avx2(acc[r]);
+}
+
+HQ_AVX2 static void hq_rows_q8_g16_avx2(const hq_weight *w, const hq_acts *a, int mi, int r0, int r1, float *out) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) hq_rows_q8_g16_impl(w, a, mi, r, out + (r - r0), 4);
+    for (; r < r1; r++) hq_rows_q8_g16_impl(w, a, mi, r, out + (r - r0), 1);
+}
+
 HQ_AVX2 static void hq_rows_avx2(const hq_weight *w, const hq_acts *a, int mi, int r0, int r1, float *out) {
+    if (HQ_G16(w)) {
+        hq_rows_q8_g16_avx2(w, a, mi, r0, r1, out);
+        return;
+    }
     const int g32 = w->group == HQ_BLOCK;
     if (w->bits == 4)
         (g32 ? hq_rows_q4_g32_avx2 : hq_rows_q4_avx2)(w, a, mi, r0, r1, out);
@@ -302,15 +348,16 @@ HQ_AVX2 static void hq_rows_multi_avx2(const hq_weight *w, const hq_acts *a, int
 
 /* Rows [r0, r1) of W as fp32 into out [(r1 - r0), k] (row stride k). */
 HQ_AVX2 static void hq_dequant_rows_avx2(const hq_weight *w, int r0, int r1, float *out) {
-    const int ng = w->kp / w->group, bpg = w->group / HQ_BLOCK;
+    const int ng = w->kp / w->group, bpg = w->group / HQ_BLOCK, g16 = HQ_G16(w);
     const size_t row_bytes = w->bits == 4 ? (size_t)w->kp / 2 : (size_t)w->kp;
     float tmp[HQ_BLOCK];
     for (int r = r0; r < r1; r++) {
         const uint8_t *qr = w->q + (size_t)r * row_bytes;
         float *o = out + (size_t)(r - r0) * w->k;
         for (int b = 0; b < w->kp / HQ_BLOCK; b++) {
-            const int g = b / bpg;
+            const int g = g16 ? 2 * b : b / bpg; /* groups of 16: the second half takes g + 1 */
             const __m256 s = _mm256_set1_ps(hq_h2f_avx2(w->scales[(size_t)r * ng + g]));
+            const __m256 s_hi = g16 ? _mm256_set1_ps(hq_h2f_avx2(w->scales[(size_t)r * ng + g + 1])) : s;
             const __m256 m = _mm256_set1_ps(w->mins ? hq_h2f_avx2(w->mins[(size_t)r * ng + g]) : 0.0f);
             __m256i codes; /* 32 codes as bytes, input order */
             if (w->bits == 4) {
@@ -324,7 +371,7 @@ HQ_AVX2 static void hq_dequant_rows_avx2(const hq_weight *w, int r0, int r1, flo
                 for (int e = 0; e < 2; e++) {
                     const __m128i c8 = e ? _mm_srli_si128(c16[h], 8) : c16[h];
                     const __m256i c32 = w->bits == 4 ? _mm256_cvtepu8_epi32(c8) : _mm256_cvtepi8_epi32(c8);
-                    _mm256_storeu_ps(dst + h * 16 + e * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c32), s, m));
+                    _mm256_storeu_ps(dst + h * 16 + e * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c32), h ? s_hi : s, m));
                 }
             }
             if (dst == tmp)

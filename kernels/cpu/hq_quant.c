@@ -59,7 +59,7 @@ static int hq_pick_isa(int isa) {
 
 static int hq_check(const hq_weight *w) {
     if ((w->bits != 4 && w->bits != 8) || w->n <= 0 || w->k <= 0 || w->kp % HQ_BLOCK || w->kp < w->k ||
-        w->group <= 0 || w->group % HQ_BLOCK || w->kp % w->group || !w->q || !w->scales)
+        w->group <= 0 || (w->group % HQ_BLOCK && !HQ_G16(w)) || w->kp % w->group || !w->q || !w->scales)
         return HQ_ERR_SHAPE;
     return HQ_OK;
 }
@@ -86,7 +86,7 @@ int hq_quantize_acts(const float *x, int m, int k, int kp, int group, int isa, i
         else
 #endif
             hq_quantize_row_scalar(x + (size_t)i * k, k, kp, qi, di, si);
-        for (int g = 0; g < ng; g++) {
+        for (int g = 0; bpg && g < ng; g++) { /* (groups of 16 have no mins: no group sums) */
             float s = 0.0f;
             for (int j = 0; j < bpg; j++) s += di[g * bpg + j] * (float)si[g * bpg + j];
             gs[(size_t)i * ng + g] = s;
@@ -116,7 +116,7 @@ static void hq_matmul_worker(void *p, int worker) {
         const int r0 = c * t->chunk_rows;
         const int r1 = r0 + t->chunk_rows < n ? r0 + t->chunk_rows : n;
 #if defined(HQ_HAVE_AVX2_PATH)
-        if (t->isa == HQ_ISA_AVX2 && t->a->m > 1) { /* tiles: each weight block read once for 4 rows */
+        if (t->isa == HQ_ISA_AVX2 && t->a->m > 1 && !HQ_G16(t->w)) { /* tiles: each weight block read once for 4 rows */
             hq_rows_multi_avx2(t->w, t->a, r0, r1, t->out, (size_t)n);
             if (t->w->bias)
                 for (int mi = 0; mi < t->a->m; mi++)

@@ -55,6 +55,17 @@ static void hq_rows_scalar(const hq_weight *w, const hq_acts *a, int mi, int r0,
         const uint8_t *qr = w->q + (size_t)r * row_bytes;
         const uint16_t *sr = w->scales + (size_t)r * ng;
         float acc = 0.0f;
+        if (HQ_G16(w)) { /* two halves of each block, each with its scale */
+            for (int b = 0; b < w->kp / HQ_BLOCK; b++) {
+                const int8_t *wq = (const int8_t *)qr + (size_t)b * HQ_BLOCK, *y = xq + (size_t)b * HQ_BLOCK;
+                int32_t lo = 0, hi = 0;
+                for (int j = 0; j < 16; j++) lo += wq[j] * y[j];
+                for (int j = 16; j < 32; j++) hi += wq[j] * y[j];
+                acc += xd[b] * (hq_half_to_float(sr[2 * b]) * (float)lo + hq_half_to_float(sr[2 * b + 1]) * (float)hi);
+            }
+            out[r - r0] = acc;
+            continue;
+        }
         for (int g = 0; g < ng; g++) {
             float gacc = 0.0f;
             for (int j = 0; j < bpg; j++) {

@@ -126,6 +126,28 @@ def test_int8_matches_float64(isa, with_mins, n, k, g):
         _check(cpu_quant.matmul(x, prepared, isa=isa, threads=2), qw, x)
 
 
+def _int8_g16(n: int, k: int, seed: int) -> QuantizedWeight:
+    """GGUF Q6_K's shape: codes -32..31, one signed scale per 16 inputs (d * int8 sub-scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-32, 32, (n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.randint(-128, 128, (n, k // 16), generator=gen).float() * 0.0007).half()
+    return QuantizedWeight(8, 16, codes, scales)
+
+
+@ISAS
+@pytest.mark.parametrize("n,k", [(37, 96), (5, 32), (13, 256), (6, 1536)])
+def test_int8_in_groups_of_16_matches_float64(isa, n, k):
+    """Two scales per activation block (its halves): decode (one row, 4-row unroll and the
+    rest) and several rows (the per-row path: the tiles take groups of 32 and up)."""
+    qw = _int8_g16(n, k, seed=n + k)
+    prepared = cpu_quant.prepare_int8(qw.qweight, qw.scales, None, 16)
+    for m in (1, 2, 3, 5):
+        x = _x(m, k, seed=m)
+        _check(cpu_quant.matmul(x, prepared, isa=isa, threads=2), qw, x)
+    w = cpu_quant.dequantize(prepared, torch.full((n, k), float("nan")), isa=isa)
+    assert torch.equal(w.double(), qw.dequantize(torch.float64))
+
+
 @ISAS
 @pytest.mark.parametrize("k", [96, 100, 7])
 def test_activation_quantization_is_the_documented_one(isa, k):
@@ -235,12 +257,16 @@ def test_refusals_name_the_problem():
     assert cpu_quant.supports(4, 32, 576) is None
     assert cpu_quant.supports(8, 576, 576) is None
     assert "128" in cpu_quant.supports(4, 128, 576)  # SmolLM2's 576 inputs don't divide by 128
-    assert "multiple of 32" in cpu_quant.supports(8, 16, 64)
+    assert cpu_quant.supports(8, 16, 64) is None  # GGUF Q6_K: int8 in groups of 16, no mins
+    assert "multiple of 32" in cpu_quant.supports(8, 16, 64, has_mins=True)
+    assert "multiple of 32" in cpu_quant.supports(8, 16, 48)  # whole blocks of 32 only
+    assert "multiple of 32" in cpu_quant.supports(4, 16, 64)
     qw = _int4(4, 64, 32, "rtn", seed=1)
     with pytest.raises(ValueError, match="float16"):
         cpu_quant.prepare_int4(qw.qweight, qw.scales.float(), qw.mins, 32)
     with pytest.raises(ValueError, match="multiple of 32"):
-        cpu_quant.prepare_int8(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 4).half(), None, 16)
+        cpu_quant.prepare_int8(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 4).half(), torch.ones(4, 4).half(),
+                               16)
     prepared = cpu_quant.prepare_int4(qw.qweight, qw.scales, qw.mins, 32)
     with pytest.raises(ValueError, match="float32"):
         cpu_quant.matmul(torch.zeros(1, 64, dtype=torch.float64), prepared)
