@@ -121,24 +121,39 @@ def drive(base_url: str, api_key: str | None, bodies: list[dict], concurrency: i
             dead = [f"{w.name} (exit {w.exitcode})" for w in workers if w.exitcode is not None]
             raise RuntimeError("the serve bench's client processes did not start: "
                                + (", ".join(dead) + " ended" if dead else "none was ready within 120 s")) from None
-        got = []
+        got: dict[int, tuple] = {}
+        deadline = time.monotonic() + 4 * 3600
         while len(got) < len(workers):
             try:
-                got.append(results.get(timeout=1.0))
+                g, *rest = results.get(timeout=1.0)
+                got[g] = (g, *rest)
+                continue
             except queue.Empty:
-                dead = [w for w in workers if w.exitcode is not None and w.exitcode != 0]
-                if dead:  # killed (out of memory, a signal) before it could report
-                    raise RuntimeError(f"a client process of the serve bench died (exit {dead[0].exitcode}) "
-                                       "before it reported its requests") from None
+                pass
+            # a process that ended without reporting (killed: out of memory, a signal) is
+            # said at once; one that reported may end as it likes
+            gone = [(g, w) for g, w in enumerate(workers) if g not in got and w.exitcode is not None]
+            if gone:
+                try:  # its result may still be in the pipe: an ended process has flushed it
+                    g, *rest = results.get(timeout=5.0)
+                    got[g] = (g, *rest)
+                    continue
+                except queue.Empty:
+                    pass
+                g, w = gone[0]
+                raise RuntimeError(f"client process {g} of the serve bench ended (exit {w.exitcode}) before it "
+                                   "reported its requests") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError("the serve bench's client processes did not finish within 4 hours")
     finally:
         for w in workers:
             w.join(10)
             if w.is_alive():
                 w.terminate()
     timings: list = [None] * len(bodies)
-    for g, share, start, end in got:
+    for g, share, start, end in got.values():
         timings[g::procs] = share
-    return timings, max(r[3] for r in got) - min(r[2] for r in got)
+    return timings, max(r[3] for r in got.values()) - min(r[2] for r in got.values())
 
 
 def _client_process(g: int, base_url: str, api_key: str | None, path: str, bodies: list[dict], concurrency: int,

@@ -47,7 +47,16 @@ def source_record(gguf_path: Path, dtype: torch.dtype, keep_quantized: bool = Fa
         "mtime_ns": st.st_mtime_ns,
         "dtype": _dtype_name(dtype),
         "keep_quantized": keep_quantized,
+        # which types a kept conversion keeps: a conversion made when fewer were kept is redone
+        "kept_types": _kept_types() if keep_quantized else None,
     }
+
+
+def _kept_types() -> list[str]:
+    from engine.quant.gguf_blocks import KEPT_TYPES
+    from engine.quant.gguf_kquants import KEPT_KQUANT_TYPES
+
+    return [*KEPT_TYPES, *KEPT_KQUANT_TYPES]
 
 
 def is_up_to_date(out_dir: Path, gguf_path: Path, dtype: torch.dtype = torch.bfloat16,
@@ -61,7 +70,7 @@ def is_up_to_date(out_dir: Path, gguf_path: Path, dtype: torch.dtype = torch.bfl
         current = source_record(gguf_path, dtype, keep_quantized)
     except (OSError, ValueError):
         return False
-    keys = ("format_version", "size", "mtime_ns", "dtype", "keep_quantized")
+    keys = ("format_version", "size", "mtime_ns", "dtype", "keep_quantized", "kept_types")
     return isinstance(recorded, dict) and all(recorded.get(k) == current[k] for k in keys)
 
 
@@ -251,25 +260,45 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tu
         perm = row_permutation(tensor.float(), exact)
         if perm is not None:
             kept[name] = permute_rows(qw, perm)
+    fused_float = set()  # kept alone, but fused with a member that stays float
     for name in list(kept):
         for group in _FUSED:
             proj = next((p for p in group if f".{p}." in name), None)
-            if proj is None:
+            if proj is None or name not in kept:
                 continue
             members = [name.replace(f".{proj}.", f".{p}.") for p in group]
             forms = {(kept[m].bits, kept[m].group_size, kept[m].mins is None) if m in kept else None
                      for m in members}
-            if len(forms) > 1:
+            if len(forms) == 1:
+                continue
+            if None not in forms and {f[1] for f in forms} == {32}:
+                # all kept in groups of 32, of different forms (Q4_K q/k beside a Q5_K v, say):
+                # int8 codes with mins hold each of them without loss
                 for m in members:
-                    kept.pop(m, None)
-    types: dict[str, dict[str, int]] = {"kept": {}, "dequantized": {}}
+                    kept[m] = _as_int8_with_mins(kept[m])
+            else:
+                for m in members:
+                    if kept.pop(m, None) is not None:
+                        fused_float.add(m)
+    types: dict[str, dict[str, int]] = {"kept": {}, "dequantized": {}, "fused_float": {}}
     for name, rt in raw.items():
         kind = rt.tensor_type.name
         if kind in ("F32", "F16", "BF16", "F64"):
             continue
-        bucket = types["kept" if name in kept else "dequantized"]
+        bucket = types["kept" if name in kept else "fused_float" if name in fused_float else "dequantized"]
         bucket[kind] = bucket.get(kind, 0) + 1
     return kept, types
+
+
+def _as_int8_with_mins(qw):
+    """``qw`` (groups of 32) as int8 codes with mins: int4's codes 0..15 as they are, a
+    symmetric weight's mins zero. Exact."""
+    from engine.quant.qweight import QuantizedWeight
+
+    if qw.bits == 8 and qw.mins is not None:
+        return qw
+    mins = qw.mins if qw.mins is not None else torch.zeros_like(qw.scales)
+    return QuantizedWeight(8, qw.group_size, qw.codes().to(torch.int8), qw.scales, mins, qw.perm)
 
 
 def quant_detail(folder: Path) -> str | None:
@@ -282,8 +311,11 @@ def quant_detail(folder: Path) -> str | None:
         return None
     kept = record.get("kept") or {}
     dequantized = record.get("dequantized") or {}
+    fused_float = record.get("fused_float") or {}
     words = [f"{n} {t} tensors kept quantized" for t, n in sorted(kept.items())]
     words += [f"{n} {t} tensors dequantized (no Hearth kernel for {t} yet)" for t, n in sorted(dequantized.items())]
+    words += [f"{n} {t} tensors dequantized (run fused with a dequantized one: q/k/v or gate/up)"
+              for t, n in sorted(fused_float.items())]
     return "GGUF: " + "; ".join(words) if words else None
 
 

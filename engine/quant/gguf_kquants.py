@@ -111,10 +111,9 @@ def read_kquant(raw: np.ndarray, type_name: str) -> KQuantBlocks:
         if type_name == "Q4_K":
             codes = _nibbles_k4(b[..., 16:144])
         else:
-            qh = b[..., 16:48].to(torch.int32)  # bit j of qh[l]: sub-block j's input l gets +16
+            qh = b[..., 16:48]  # bit j of qh[l]: sub-block j's input l gets +16 (uint8 throughout)
             bits = torch.stack([(qh >> j) & 1 for j in range(8)], dim=-2)  # [rows, nb, 8, 32]
-            codes = (_nibbles_k4(b[..., 48:176]).view(rows, nb, 8, 32) + 16 * bits.to(torch.uint8)).view(
-                rows, nb, QK_K)
+            codes = (_nibbles_k4(b[..., 48:176]).view(rows, nb, 8, 32) + (bits << 4)).view(rows, nb, QK_K)
         scales = (d.unsqueeze(-1) * sc.to(torch.float32)).reshape(rows, nb * 8)
         mins = (-(dmin.unsqueeze(-1) * m.to(torch.float32))).reshape(rows, nb * 8)
         return KQuantBlocks(type_name, 32, codes.reshape(rows, nb * QK_K), scales, mins)
@@ -136,10 +135,13 @@ KEPT_KQUANT_TYPES = ("Q4_K", "Q5_K")
 
 
 def to_weight(blocks: KQuantBlocks) -> QuantizedWeight | None:
-    """``blocks`` in Hearth's canonical layout (None for a type kept as float for now)."""
+    """``blocks`` in Hearth's canonical layout (None for a type kept as float for now, or a
+    scale or min beyond float16's range: d above ~1040)."""
     if blocks.type_name not in KEPT_KQUANT_TYPES:
         return None
     scales, mins = blocks.scales.to(torch.float16), blocks.mins.to(torch.float16)
+    if not (bool(torch.isfinite(scales).all()) and bool(torch.isfinite(mins).all())):
+        return None
     if blocks.type_name == "Q4_K":
         return QuantizedWeight(4, 32, pack_int4(blocks.codes), scales, mins)
     return QuantizedWeight(8, 32, blocks.codes.to(torch.int8), scales, mins)

@@ -12,7 +12,7 @@ import torch
 
 from engine.api import Engine
 from tests.models.test_parity import gguf_reference_model, native_logits
-from tests.quant.test_gguf_kquants import random_blocks
+from tests.quant.test_gguf_kquants import dequantize, random_blocks
 
 gguf = pytest.importorskip("gguf")
 
@@ -81,3 +81,45 @@ def test_q4_k_and_q5_k_are_kept_quantized_and_match_the_files_weights(kquant_ggu
             assert (got - ref).abs().mean() < 0.01 * top and (got - ref).abs().max() < 0.05 * top
     finally:
         eng.shutdown()
+
+
+def test_mixed_fused_groups_widen_or_say_why_they_stay_float():
+    """q/k/v (and gate/up) run as one matmul, so their kept forms must agree: kept members
+    of different forms in groups of 32 become int8 codes with mins (exactly), and a group
+    with a member that stays float stays float, counted as such in the model's info."""
+    from types import SimpleNamespace
+
+    import engine.loader.gguf as g
+    from engine.quant.gguf_kquants import read_kquant, to_weight
+
+    q4k = read_kquant(random_blocks("Q4_K", 8, 1, seed=1), "Q4_K")
+    q5k = read_kquant(random_blocks("Q5_K", 8, 1, seed=2), "Q5_K")
+    w4, w5 = to_weight(q4k), to_weight(q5k)
+    widened = g._as_int8_with_mins(w4)
+    assert (widened.bits, widened.group_size) == (8, 32) and torch.equal(widened.dequantize(), w4.dequantize())
+    assert g._as_int8_with_mins(w5) is w5
+    raw = {}
+    tensors = {}
+    layers = {0: ("Q4_K", "Q4_K", "Q5_K"), 1: ("Q4_K", "Q4_K", "Q6_K")}
+    for layer, kinds in layers.items():
+        for proj, kind, seed in zip(("q_proj", "k_proj", "v_proj"), kinds, (3, 4, 5)):
+            blocks = random_blocks(kind, 8, 1, seed=seed + 10 * layer)
+            name = f"model.layers.{layer}.self_attn.{proj}.weight"
+            raw[name] = SimpleNamespace(tensor_type=getattr(gguf.GGMLQuantizationType, kind), data=blocks)
+            tensors[name] = torch.from_numpy(dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)))
+
+    def fake_tensors(path, cfg, names):
+        return raw
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(g, "_gguf_tensors", fake_tensors)
+        kept, types = g.kept_quantized(None, None, tensors)
+    layer0 = [kept[f"model.layers.0.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
+    assert {(w.bits, w.group_size, w.mins is not None) for w in layer0} == {(8, 32, True)}
+    for w, name in zip(layer0, ("q_proj", "k_proj", "v_proj")):
+        torch.testing.assert_close(w.dequantize(), tensors[f"model.layers.0.self_attn.{name}.weight"],
+                                   rtol=2e-3, atol=2e-3 * w.dequantize().abs().max().item())
+    assert not any(n.startswith("model.layers.1.") for n in kept)
+    assert types == {"kept": {"Q4_K": 2, "Q5_K": 1}, "dequantized": {"Q6_K": 1}, "fused_float": {"Q4_K": 2}}

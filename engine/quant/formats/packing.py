@@ -128,7 +128,7 @@ def from_canonical(qw: QuantizedWeight, what: str) -> tuple[torch.Tensor, torch.
     except ValueError:
         raise ValueError(
             f"{what}: this weight's offsets are not integer zero points (an asymmetric GGUF "
-            f"Q4_1 weight?), so it can't be written in this layout without loss; requantize "
+            f"Q4_1, Q4_K or Q5_K weight?), so it can't be written in this layout without loss; requantize "
             f"it from the float checkpoint instead") from None
     if qw.bits == 4:
         codes = unpack_int4(qw.qweight).to(torch.int32)
