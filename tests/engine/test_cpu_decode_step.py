@@ -74,24 +74,35 @@ def test_it_reads_the_cache_it_was_given(tiny_models):
         release_runner(runner)
 
 
-def test_greedy_tokens_are_the_same_with_and_without_the_c_step(tiny_models, monkeypatch):
-    from engine.api import Engine, SamplingParams
+def _both_ways(monkeypatch, model, quantization, prompts, params):
+    """``prompts`` generated with the C decode step off, then on: (each run's completions,
+    each run's ``model_info.cpu_decode``, the C step's calls in the second run)."""
+    from engine.api import Engine
 
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     outputs, infos, calls = [], [], []
     for switch in ("0", "1"):
         monkeypatch.setenv("HEARTH_CPU_DECODE", switch)
-        engine = Engine.load(str(tiny_models["mistral"]), device="cpu", dtype="float32", attention="torch",
-                             quantization="int4", max_model_len=128, block_size=4)
+        engine = Engine.load(str(model), device="cpu", dtype="float32", attention="torch",
+                             quantization=quantization, max_model_len=128, block_size=4)
         try:
             step = engine.runner.cpu_step
             if step is not None:  # count the steps it runs
                 run = step.run
                 step.run = lambda *a: calls.append(a) or run(*a)
-            outputs.append(engine.generate(["The quick brown fox jumps over the lazy dog and runs"], params)[0])
+            outputs.append(engine.generate(prompts, params))
             infos.append(engine.model_info.cpu_decode)
         finally:
             engine.shutdown()
+    return outputs, infos, calls
+
+
+def test_greedy_tokens_are_the_same_with_and_without_the_c_step(tiny_models, monkeypatch):
+    from engine.api import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    runs, infos, calls = _both_ways(monkeypatch, tiny_models["mistral"], "int4",
+                                    ["The quick brown fox jumps over the lazy dog and runs"], params)
+    outputs = [run[0] for run in runs]
     assert infos == ["turned off (HEARTH_CPU_DECODE=0)", True]
     assert outputs[0].token_ids == outputs[1].token_ids
     assert len(calls) == 23  # every decode step (the prompt step sampled the first token)
@@ -141,23 +152,12 @@ def test_a_batch_of_sequences_decodes_one_c_call_each_with_the_eager_batchs_toke
     the eager batch, every decode step of every sequence through the C step. In float32:
     with int8 activations a near-tie may round the other way depending on which prompts an
     eager step happened to read together, and that made token equality flaky."""
-    from engine.api import Engine, SamplingParams
+    from engine.api import SamplingParams
 
     prompts = ["The quick brown fox jumps over", "Once upon a time there was", "In 1492 Columbus", "Hello"]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    outputs, calls = [], []
-    for switch in ("0", "1"):
-        monkeypatch.setenv("HEARTH_CPU_DECODE", switch)
-        engine = Engine.load(str(tiny_models["llama-tied"]), device="cpu", dtype="float32", attention="torch",
-                             quantization="none", max_model_len=128, block_size=4)
-        try:
-            step = engine.runner.cpu_step
-            if step is not None:
-                run = step.run
-                step.run = lambda *a: calls.append(a) or run(*a)
-            outputs.append([c.token_ids for c in engine.generate(prompts, params)])
-        finally:
-            engine.shutdown()
+    runs, _, calls = _both_ways(monkeypatch, tiny_models["llama-tied"], "none", prompts, params)
+    outputs = [[c.token_ids for c in run] for run in runs]
     assert outputs[0] == outputs[1]
     # the prompts are read first (sampling each one's first token); the 15 later tokens of
     # each are decoded by C calls (a step that also reads a prompt runs eagerly: allow one)
