@@ -11,9 +11,8 @@ import time
 import pytest
 
 from app.server import create_app
+from app.commands.serve import load_model
 from app.services.engine_host import EngineHost
-from app.services.host_events import LoadFailed, ModelLoaded
-from tests.app.services.host_recorder import Recorder
 
 API_KEY = "sk-test-hearth-0123456789"
 
@@ -62,12 +61,7 @@ class LiveServer:
 @pytest.fixture(scope="package")
 def host(tiny_models):
     h = EngineHost()
-    loaded = Recorder()
-    unsubscribe = h.subscribe(loaded)
-    h.load(tiny_options(tiny_models["llama-tied"]))
-    ev = loaded.wait_for((ModelLoaded, LoadFailed))[0]
-    unsubscribe()
-    assert isinstance(ev, ModelLoaded), ev
+    load_model(h, tiny_options(tiny_models["llama-tied"]))  # raises with the reason if it fails
     yield h
     assert h.shutdown()
 

@@ -142,9 +142,8 @@ def scripted(tool_model):
     import openai
 
     from app.server import create_app
+    from app.commands.serve import load_model
     from app.services.engine_host import EngineHost
-    from app.services.host_events import LoadFailed, ModelLoaded
-    from tests.app.services.host_recorder import Recorder
 
     made = []
     _, check = fake_loads({})
@@ -154,12 +153,7 @@ def scripted(tool_model):
         return made[-1]
 
     host = EngineHost(engine_factory=factory, model_check=check)
-    loaded = Recorder()
-    unsubscribe = host.subscribe(loaded)
-    host.load({"model": str(tool_model), "device": "cpu"})
-    ev = loaded.wait_for((ModelLoaded, LoadFailed))[0]
-    unsubscribe()
-    assert isinstance(ev, ModelLoaded), ev
+    load_model(host, {"model": str(tool_model), "device": "cpu"})
     try:
         with LiveServer(create_app(host, api_key=API_KEY)) as live:
             with openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:

@@ -279,21 +279,15 @@ def real_tool_client(tiny_models, tool_model, tmp_path_factory):
     import shutil
 
     from app.server import create_app
+    from app.commands.serve import load_model
     from app.services.engine_host import EngineHost
-    from app.services.host_events import LoadFailed, ModelLoaded
     from tests.app.server.conftest import API_KEY, LiveServer, tiny_options
-    from tests.app.services.host_recorder import Recorder
 
     folder = tmp_path_factory.mktemp("tiny-tools") / "model"
     shutil.copytree(tiny_models["llama-tied"], folder)
     shutil.copy(tool_model / "chat_template.jinja", folder / "chat_template.jinja")
     host = EngineHost()
-    loaded = Recorder()
-    unsubscribe = host.subscribe(loaded)
-    host.load(tiny_options(folder))
-    ev = loaded.wait_for((ModelLoaded, LoadFailed))[0]
-    unsubscribe()
-    assert isinstance(ev, ModelLoaded), ev
+    load_model(host, tiny_options(folder))
     try:
         with LiveServer(create_app(host, api_key=API_KEY)) as live:
             with openai.OpenAI(base_url=f"{live.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
