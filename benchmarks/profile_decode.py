@@ -1,12 +1,17 @@
 """Where a batch-1 decode step's time goes: GPU graph time vs host work per phase.
 
     PYTHONPATH=. python benchmarks/profile_decode.py --shape llama-1b [--batch 1] [--json F]
+        [--quant int4] [--kernels 20]
 
 Loads ``shape:<name>`` through the real Engine (triton + CUDA graphs), streams one greedy
 request, and wraps the engine's phases with host timers: schedule, the runner's input
 building + graph launch, sampling (which waits for the GPU), scheduler update and
 output processing. Then replays the captured graph alone in a loop with CUDA events to
 get the pure GPU time of a step. Prints one table; writes JSON with --json.
+
+``--kernels N`` also records N graph replays with torch.profiler and sums each kernel's
+GPU time per step by name (the rest of the step's time is the gaps between kernels):
+which projections and which other kernels the step spends its time on.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quant", default="auto")
+    ap.add_argument("--kernels", type=int, default=0, help="profile this many graph replays by kernel")
     args = ap.parse_args()
 
     from engine.api import Engine, Request, SamplingParams
 
     engine = Engine.load(f"shape:{args.shape}", device="cuda", max_model_len=2048,
-                         max_num_seqs=max(args.batch, 1))
+                         max_num_seqs=max(args.batch, 1), quantization=args.quant)
     runner, sched = engine.runner, engine.scheduler
     acc: dict[str, list[float]] = defaultdict(list)
 
@@ -75,6 +82,8 @@ def main() -> None:
     torch.cuda.synchronize()
     gpu_ms = start.elapsed_time(end) / n
 
+    kernels = by_kernel(graph, args.kernels, gpu_ms) if args.kernels else None
+
     rows = {k: {"calls": len(v), "mean_ms": 1e3 * statistics.mean(v), "median_ms": 1e3 * statistics.median(v)}
             for k, v in acc.items() if v}
     weight_bytes = engine.model_info.weight_bytes
@@ -89,10 +98,34 @@ def main() -> None:
     print("prompt graphs (tokens: replay ms, eager ms):", chosen["prompt_graph_ms"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "batch": args.batch, "decode_tok_s": rate, "graph_ms": gpu_ms,
+            json.dump({"shape": args.shape, "quant": args.quant, "kernels": kernels, "batch": args.batch, "decode_tok_s": rate, "graph_ms": gpu_ms,
                        "weight_bytes": weight_bytes, "phases": rows, "load": chosen,
                        "card": torch.cuda.get_device_name()}, f, indent=1)
     engine.shutdown()
+
+
+def by_kernel(graph, n: int, step_ms: float) -> list[dict]:
+    """Each kernel's GPU microseconds per step over ``n`` profiled replays (largest first),
+    printed with its share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            graph.replay()
+        torch.cuda.synchronize()
+    total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            t = total[ev.name]
+            t[0] += ev.device_time / n  # microseconds per step
+            t[1] += 1
+    out = sorted(({"kernel": k, "us_per_step": v[0], "calls_per_step": v[1] / n} for k, v in total.items()),
+                 key=lambda r: -r["us_per_step"])
+    busy = sum(r["us_per_step"] for r in out)
+    print(f"kernels: {busy:.0f} us busy of a {1e3 * step_ms:.0f} us step ({len(out)} kinds)")
+    for r in out[:16]:
+        print(f"  {r['us_per_step']:8.1f} us  {r['calls_per_step']:5.0f}/step  {r['kernel'][:90]}")
+    return out
 
 
 if __name__ == "__main__":

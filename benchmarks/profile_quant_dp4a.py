@@ -2,7 +2,7 @@
 per Llama-8B projection, int4 (group 128) and int8 (per channel), on the GPU.
 
     PYTHONPATH=. python benchmarks/profile_quant_dp4a.py [--json F] [--layers qkv,o,...]
-        [--bits 4,8] [--sweep small|full]
+        [--bits 4,8] [--sweep small|full|wide] [--warm-only I/N]
 
 For each projection: bf16 cuBLAS; every config ``quant_gemv_configs`` lists (what the
 load-time tuner times), the best of each kind; and a sweep of dp4a configs (rows per
@@ -37,13 +37,16 @@ def sweep(k: int, full: bool):
     from kernels.quant_dp4a import dp4a_launch
     from kernels.quant_gemv import DP4A, GemvConfig
 
-    rows = (8, 16, 32, 64, 128) if full else (16, 32, 64)
-    steps = (1, 2, 4, 8) if full else (2, 4)
-    warps = (1, 2, 4, 8, 16) if full else (1, 2, 4, 8)
-    stages = (2, 3, 4) if full else (3,)
+    if full == "wide":
+        rows, steps, warps, stages = (2, 4, 8, 16, 32), (2, 4, 128), (1, 2, 4, 8), (1, 2, 3)
+    elif full == "full":
+        rows, steps, warps, stages = (8, 16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 4, 8, 16), (2, 3, 4)
+    else:
+        rows, steps, warps, stages = (16, 32, 64), (2, 4), (1, 2, 4, 8), (3,)
     seen, out = set(), []
     for bn, r, w, st in itertools.product(rows, steps, warps, stages):
-        if r > bn:
+        r = min(r, bn)  # 128: all the program's rows in one step
+        if full == "wide" and (st > 1) == (r == bn):  # one step: nothing to pipeline; else 2-3 in flight
             continue
         launch = (bn, *dp4a_launch(bn, r, w, k), st)
         if launch in seen:
@@ -58,13 +61,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu,lm_head")
     ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--sweep", default="small", choices=("small", "full"))
+    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide"))
+    ap.add_argument("--warm-only", default=None, help="I/N: compile the I-th of N shares of the configs, time nothing")
     args = ap.parse_args()
+    share = tuple(map(int, args.warm_only.split("/"))) if args.warm_only else None
 
     from engine.quant.rtn import quantize_int4, quantize_int8
     from kernels.activation import silu_and_mul
     from kernels.quant_dp4a import dp4a_reference
-    from kernels.quant_gemv import DP4A, prepare_int4, prepare_int8, quant_gemv, quant_gemv_configs
+    from kernels.quant_gemv import DP4A, GemvConfig, prepare_int4, prepare_int8, quant_gemv, quant_gemv_configs
 
     torch.manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "rows": []}
@@ -85,6 +90,17 @@ def main() -> None:
             else:
                 qw = quantize_int8(0.02 * torch.randn(n, k, device="cuda"))
                 prep = prepare_int8(qw.qweight, qw.scales, qw.mins, qw.group_size)
+            if share is not None:  # compile only
+                x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
+                configs = quant_gemv_configs(n, k, bits, prep.group_size)
+                configs += [c for c in sweep(k, args.sweep) if c not in configs]
+                for cfg in configs[share[0]::share[1]]:
+                    try:
+                        quant_gemv(x, prep, config=cfg, swiglu=swiglu)
+                    except Exception:  # noqa: BLE001 - the timed run reports it
+                        pass
+                torch.cuda.synchronize()
+                continue
             parts = [t for t in (prep.qweight, prep.scales, prep.mins) if t is not None]
             nb = sum(t.numel() * t.element_size() for t in parts)
             copies = max(2, math.ceil(400e6 / nb))
@@ -104,7 +120,8 @@ def main() -> None:
                                bf_copies)
             timed = []  # (us, kind, config, err vs bf16 / rms, err vs exact / |exact|max)
             tuner = quant_gemv_configs(n, k, bits, prep.group_size)
-            for cfg in tuner + [c for c in sweep(k, args.sweep == "full") if c not in tuner]:
+            configs = tuner + [c for c in sweep(k, args.sweep) if c not in tuner]
+            for cfg in configs:
                 try:
                     us = time_graph(lambda i, c=cfg: quant_gemv(x, preps[i], config=c, swiglu=swiglu, out=y), copies)
                     out = quant_gemv(x, prep, config=cfg, swiglu=swiglu).double()
@@ -126,6 +143,19 @@ def main() -> None:
                    "max_err_vs_bf16_over_rms": max(t[3] for t in timed),
                    "max_dp4a_err_vs_exact": max((t[4] for t in timed if t[4] is not None), default=None),
                    "all": [list(t) for t in timed]}
+            if args.sweep == "wide":  # fixed cost vs bandwidth: the best config on fewer rows
+                cfg = GemvConfig(*timed[0][2])
+                row["best_at_fewer_rows"] = {}
+                for div in (8, 4, 2, 1):
+                    m = n // div
+                    part = [type(p)(bits, p.group_size, *(None if t is None else t[:m] for t in p[2:]))
+                            for p in preps]
+                    ym = torch.empty(1, m, device="cuda", dtype=torch.bfloat16)
+                    row["best_at_fewer_rows"][m] = time_graph(
+                        lambda i, c=cfg: quant_gemv(x, part[i], config=c, swiglu=swiglu, out=ym), copies)
+                row["empty_kernel_us"] = time_graph(lambda i: y.zero_(), copies)
+                print(f"  fewer rows {row['best_at_fewer_rows']}, empty kernel {row['empty_kernel_us']:.1f} us",
+                      flush=True)
             result["rows"].append(row)
             save()
             print(f"[{time.time() - T0:5.0f} s] {name:<12} int{bits} bf16 {bf_us:6.1f} us | best {timed[0][1]} "
