@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
-from kernels.quant_gemv import _load_x, _split4
+from kernels.quant_gemv import _load_x, _split4, _steps_next, _steps_start
 
 #: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
 _HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
@@ -149,12 +149,16 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
         word = (kb // 8)[None, :, None] + j[None, None, :]  # [1, NB, 4]
     else:
         word = (kb // 4)[None, :, None] + j[None, None, :]  # [1, NB, 8]
-    for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+    LEAD: tl.constexpr = min(STAGES - 1, 2)  # steps loaded ahead (``_steps_start``)
+    w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
+                                                blk_ok, HAS_MIN, ROWS, R, LEAD)
+    for r0 in range(0, ROWS, R):
         rows = first + r0 + r
         row_ok = rows < N
         rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
-        w = tl.load(q_ptr + rows_safe[:, None, None] * stride_qn + word, mask=blk_ok[None, :, None], other=0,
-                    eviction_policy="evict_first")
+        w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
+            q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b, s_b,
+            m_b, HAS_MIN, ROWS, R, LEAD)
         if BITS == 4:
             w0, w1, w2, w3 = _split4(w)  # [R, NB] each: words 0..3 of each block
             lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
@@ -169,14 +173,12 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
             dot = lo + (hi >> 4) - 8 * xqsum[None, :]
         else:
             dot = tl.sum(_dp4a(w, xe[None, :, :], 0, True, ASM), axis=2)  # [R, NB]
-        sg = rows_safe[:, None] * stride_sn + grp[None, :]
-        scale = tl.load(s_ptr + sg).to(tl.float32)
         t = dot.to(tl.float32) * (scale * sx[None, :])
         if HAS_MIN:
             if BITS == 4:
-                t += (tl.load(m_ptr + sg).to(tl.float32) + 8.0 * scale) * xsum[None, :]
+                t += (mins + 8.0 * scale) * xsum[None, :]
             else:
-                t += tl.load(m_ptr + sg).to(tl.float32) * xsum[None, :]
+                t += mins * xsum[None, :]
         y = tl.sum(t, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows_safe).to(tl.float32)

@@ -221,6 +221,58 @@ def _load_x(x_ptr, k, K, mask, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _step_load(q_ptr, s_ptr, m_ptr, rows, ok, N, stride_qn, stride_sn, word, grp, blk_ok, HAS_MIN: tl.constexpr):
+    """One step's codes [R, blocks, words], scales and mins [R, blocks] (the scales again
+    without mins) for ``rows``; rows beyond N or not ``ok`` load nothing (zeros)."""
+    ok = ok & (rows < N)
+    rows = tl.where(ok, rows, 0).to(tl.int64)
+    w = tl.load(q_ptr + rows[:, None, None] * stride_qn + word, mask=ok[:, None, None] & blk_ok[None, :, None],
+                other=0, eviction_policy="evict_first")
+    sg = rows[:, None] * stride_sn + grp[None, :]
+    scale = tl.load(s_ptr + sg, mask=ok[:, None], other=0.0)
+    return w, scale, (tl.load(m_ptr + sg, mask=ok[:, None], other=0.0) if HAS_MIN else scale)
+
+
+@triton.jit
+def _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp, blk_ok, HAS_MIN: tl.constexpr,
+                 ROWS: tl.constexpr, R: tl.constexpr, LEAD: tl.constexpr):
+    """The x-stationary kernels' software pipeline, written out in registers: each step's
+    codes, scales and mins are loaded ``LEAD`` (0-2) steps ahead of their use. Triton's own
+    pipeliner copies the codes asynchronously but leaves the fp16 scale gathers (2 bytes,
+    too narrow for its copies) synchronous, so every step waited a whole memory round trip
+    for its scales: most of a narrow layer's time in the H200 profile. This loads the
+    first ``LEAD`` steps: (a, b) state for ``_steps_next``."""
+    w_a, s_a, m_a = _step_load(q_ptr, s_ptr, m_ptr, first + r, (r < ROWS) & (LEAD > 0), N, stride_qn, stride_sn,
+                               word, grp, blk_ok, HAS_MIN)
+    if LEAD > 1:
+        w_b, s_b, m_b = _step_load(q_ptr, s_ptr, m_ptr, first + R + r, R + r < ROWS, N, stride_qn, stride_sn, word,
+                                   grp, blk_ok, HAS_MIN)
+    else:
+        w_b, s_b, m_b = w_a, s_a, m_a
+    return w_a, s_a, m_a, w_b, s_b, m_b
+
+
+@triton.jit
+def _steps_next(q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a,
+                w_b, s_b, m_b, HAS_MIN: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr, LEAD: tl.constexpr):
+    """The step at ``rows`` (its codes, float32 scales and mins) and the state after it,
+    loading the step ``LEAD`` ahead (see ``_steps_start``)."""
+    if LEAD == 0:
+        w, s, m = _step_load(q_ptr, s_ptr, m_ptr, rows, r0 + r < ROWS, N, stride_qn, stride_sn, word, grp, blk_ok,
+                             HAS_MIN)
+    elif LEAD == 1:
+        w, s, m = w_a, s_a, m_a
+        w_a, s_a, m_a = _step_load(q_ptr, s_ptr, m_ptr, rows + R, r0 + R + r < ROWS, N, stride_qn, stride_sn, word,
+                                   grp, blk_ok, HAS_MIN)
+    else:
+        w, s, m = w_a, s_a, m_a
+        w_a, s_a, m_a = w_b, s_b, m_b
+        w_b, s_b, m_b = _step_load(q_ptr, s_ptr, m_ptr, rows + 2 * R, r0 + 2 * R + r < ROWS, N, stride_qn,
+                                   stride_sn, word, grp, blk_ok, HAS_MIN)
+    return w, s.to(tl.float32), m.to(tl.float32), w_a, s_a, m_a, w_b, s_b, m_b
+
+
+@triton.jit
 def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn, magic,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
@@ -317,12 +369,17 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     r = tl.arange(0, R)
     word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]
     first = tl.program_id(0) * ROWS
-    for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+    # steps loaded ahead (``_steps_start``): one from 16 warps on (128 registers a thread)
+    LEAD: tl.constexpr = min(STAGES - 1, 1 if KP >= 16384 else 2)
+    w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
+                                                blk_ok, HAS_MIN, ROWS, R, LEAD)
+    for r0 in range(0, ROWS, R):
         rows = first + r0 + r
         row_ok = rows < N
         rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
-        w = tl.load(q_ptr + rows_safe[:, None, None] * stride_qn + word, mask=blk_ok[None, :, None], other=0,
-                    eviction_policy="evict_first")
+        w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
+            q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b, s_b,
+            m_b, HAS_MIN, ROWS, R, LEAD)
         if BITS == 4:
             w2 = w >> 12
             p3 = (_code_at(w, magic, 0, 4, 0) * x0[None] + _code_at(w, magic, 4, 4, 0) * h0[None]
@@ -334,11 +391,9 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
             u2 = u >> 16
             p3 = (_code_at(u, magic, 0, 8, 128) * x0[None] + _code_at(u, magic, 8, 8, 128) * x1[None]
                   + _code_at(u2, magic, 0, 8, 128) * x2[None] + _code_at(u2, magic, 8, 8, 128) * x3[None])
-        part = tl.sum(p3, axis=2)  # [R, NB]
-        sg = rows_safe[:, None] * stride_sn + grp[None, :]
-        t = part * tl.load(s_ptr + sg).to(tl.float32)
+        t = tl.sum(p3, axis=2) * scale  # [R, NB]
         if HAS_MIN:
-            t += tl.load(m_ptr + sg).to(tl.float32) * xsum[None, :]
+            t += mins * xsum[None, :]
         y = tl.sum(t, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows_safe).to(tl.float32)
