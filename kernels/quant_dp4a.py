@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
-from kernels.quant_gemv import _load_x, _split4, _steps_next, _steps_start
+from kernels.quant_gemv import _load_x_blocks, _split4, _steps_next, _steps_start
 
 #: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
 _HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
@@ -119,15 +119,12 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
     # x, quantized per block to int8 and packed like the codes
-    if BITS == 4:  # word j: inputs 8j..8j+7; the even ones pair with the low nibbles
-        xk = kb[:, None, None] + 8 * j[None, :, None] + 2 * b4[None, None, :]  # [NB, WPB, 4]
-    else:  # word j: inputs 4j..4j+3, byte b = input 4j + b
-        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]
-    x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False))  # [NB, WPB] each
+    # int4 word j: inputs 8j..8j+7, the even ones (x) pair with the low nibbles, the odd (h)
+    # with the high; int8 word j: inputs 4j..4j+3, byte b = input 4j + b
+    x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
     amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
     xsum = x0 + x1 + x2 + x3
     if BITS == 4:
-        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 1, K, xk < K, SWIGLU, False))  # the odd inputs
         amax = tl.maximum(amax, tl.maximum(tl.maximum(tl.abs(h0), tl.abs(h1)), tl.maximum(tl.abs(h2), tl.abs(h3))))
         xsum += h0 + h1 + h2 + h3
     amax = tl.max(amax, axis=1)  # [NB]

@@ -201,6 +201,28 @@ def _split4(x):
 
 
 @triton.jit
+def _load_x_blocks(x_ptr, kb, K, BITS: tl.constexpr, SWIGLU: tl.constexpr):
+    """x (float32, SwiGLU applied) for the blocks of 32 inputs starting at ``kb`` [NB], in
+    the codes' word order: int4 (word j: inputs 8j..8j+7) the even inputs' [NB, 4] x0..x3
+    (x0[:, j] = x[kb + 8j], x1 = x[kb + 8j + 2], ...) and the odd ones' h0..h3; int8 (word
+    j: inputs 4j..4j+3) x0..x3 with x_b[:, j] = x[kb + 4j + b] (h0..h3 = x0..x3). Each
+    block is loaded whole (contiguous, so the loads are 16-byte vectors) and split in
+    registers: strided per-input loads made the prologue a long chain of 2-byte loads (half
+    of a long-row layer's time in the H200 profile)."""
+    NB: tl.constexpr = kb.shape[0]
+    xk = kb[:, None] + tl.arange(0, 32)[None, :]
+    xv = _load_x(x_ptr, xk, K, xk < K, SWIGLU, False)  # [NB, 32]
+    if BITS == 4:
+        even, odd = tl.split(tl.reshape(xv, [NB, 4, 4, 2]))  # [NB, word, pair]
+        x0, x1, x2, x3 = _split4(even)
+        h0, h1, h2, h3 = _split4(odd)
+        return x0, x1, x2, x3, h0, h1, h2, h3
+    else:
+        x0, x1, x2, x3 = _split4(tl.reshape(xv, [NB, 8, 4]))
+        return x0, x1, x2, x3, x0, x1, x2, x3
+
+
+@triton.jit
 def _load_x(x_ptr, k, K, mask, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
     """x[k] as float32 (with SWIGLU: silu(x[k]) * x[K + k], rounded like the eager ops)."""
     dt = x_ptr.dtype.element_ty
@@ -356,13 +378,9 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     kb = blk * 32
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
-    if BITS == 4:  # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i
-        xk = kb[:, None, None] + 8 * j[None, :, None] + 2 * b4[None, None, :]  # [NB, WPB, 4] even inputs
-    else:
-        xk = kb[:, None, None] + 4 * j[None, :, None] + b4[None, None, :]  # [NB, WPB, 4]
-    x0, x1, x2, x3 = _split4(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False))
+    # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i (even inputs x, odd h)
+    x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)
     if BITS == 4:
-        h0, h1, h2, h3 = _split4(_load_x(x_ptr, xk + 1, K, xk < K, SWIGLU, False))  # the odd inputs
         xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
     else:
         xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)

@@ -27,7 +27,7 @@ from engine.quant.qweight import QuantizedWeight
 from engine.quant.rtn import quantize_int4, quantize_int8
 from kernels.activation import silu_and_mul
 from kernels.quant_gemm import dequantize_weight, quant_gemm
-from kernels.quant_gemv import (GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
+from kernels.quant_gemv import (DP4A, GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
                                 quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
 
@@ -311,8 +311,13 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     x = torch.randn(1, 2 * k if swiglu else k, device="cuda", generator=g).bfloat16()
     x_eff = silu_and_mul(x) if swiglu else x
     for config in quant_gemv_configs(n, k, bits, group):
-        # SWAP_SCALED dequantizes the weight tile to bf16 in registers, like the dequantize path
-        check(quant_gemv(x, prep, config=config, swiglu=swiglu), x_eff, qw, weight_rounding=config.kind == 4)
+        y = quant_gemv(x, prep, config=config, swiglu=swiglu)
+        if config.kind == DP4A:  # x rounded to 8 bits: against the same integer arithmetic in float64
+            from tests.kernels.test_quant_dp4a import check_exact
+
+            check_exact(y, x, prep, swiglu=swiglu, levels=1)
+        else:  # SWAP_SCALED dequantizes the weight tile to bf16 in registers, like the dequantize path
+            check(y, x_eff, qw, weight_rounding=config.kind == 4)
     for rows in (2, 64, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
         # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default
