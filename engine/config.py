@@ -31,6 +31,10 @@ class ModelConfig:
     quantization: str = "auto"
     quant_group_size: int | None = None  # int4's group; None: 128, or the largest of 64/32 that fits
     quant_head: bool = False  # quantize the embedding / LM head too (int8, int4)
+    # int8/int4 quantize an untied LM head to int8 per channel by default (gpt-fast and
+    # llama.cpp's K-quant mixes quantize the output layer too; it is up to 6% of a bf16
+    # decode step); this keeps it in the model's dtype instead.
+    float_head: bool = False
     # A local folder of tokenizer files used instead of the model's own (vLLM's --tokenizer).
     # A random-weight benchmark shape gets text this way: its vocabulary becomes the tokenizer's.
     tokenizer: str | None = None
@@ -142,7 +146,7 @@ def load_config(model: str | None = None, *, device: str = "auto", dtype: str = 
                 enable_prefix_caching: bool = True, revision: str | None = None,
                 force_fallback: bool = False, enforce_eager: bool = False,
                 kv_cache_dtype: str = "auto", quantization: str = "auto",
-                quant_group_size: int | None = None, quant_head: bool = False,
+                quant_group_size: int | None = None, quant_head: bool = False, float_head: bool = False,
                 tokenizer: str | None = None) -> EngineConfig:
     """The one validated EngineConfig of the load options (``Engine.load``'s keywords, the
     CLI's flags, the load dialog's fields, ``hearth bench``'s engine flags)."""
@@ -150,7 +154,7 @@ def load_config(model: str | None = None, *, device: str = "auto", dtype: str = 
         model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
                           max_model_len=max_model_len, force_fallback=force_fallback,
                           quantization=quantization, quant_group_size=quant_group_size,
-                          quant_head=quant_head, tokenizer=tokenizer or None),
+                          quant_head=quant_head, float_head=float_head, tokenizer=tokenizer or None),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching,

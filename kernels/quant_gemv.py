@@ -488,13 +488,15 @@ _QUANT_CONFIGS = (GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), G
 
 
 #: the dp4a kernel's configs worth timing (kernels/quant_dp4a.py) and the longest row it
-#: takes (quant_dp4a.DP4A_MAX_K). The first H200 profile (benchmarks/results/2026-12-02-i14-
-#: profile-quant-dp4a-8b-h200.json) had dp4a fastest at every Llama-8B layer, int4 and int8,
-#: 1.0-1.6x the best float kernel; these are the winners and runners-up there: 16 rows per
-#: program for the narrow layers (qkv, o), 32-64 for gate_up and the head, 8 warps for the
-#: long rows of down.
-_DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 2, 4, DP4A, 3), GemvConfig(32, 2, 4, DP4A, 3),
-                 GemvConfig(64, 4, 4, DP4A, 3), GemvConfig(32, 2, 8, DP4A, 3), GemvConfig(32, 4, 8, DP4A, 3))
+#: takes (quant_dp4a.DP4A_MAX_K). The H200 profiles (benchmarks/results/2026-12-02-i14-
+#: profile-quant-dp4a-8b-h200.json; ...-dp4a-wide-...json after the steps were loaded ahead in
+#: registers) had dp4a fastest at every Llama-8B layer, int4 and int8; these are the winners
+#: and runners-up of the wide sweep: 8-16 rows per program for the narrow layers (qkv, o),
+#: 16-32 for gate_up and the head, 8 warps for the long rows of down; one step ahead
+#: (stages 2) mostly, two for int4's narrow layers.
+_DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), GemvConfig(8, 4, 4, DP4A, 2),
+                 GemvConfig(16, 2, 4, DP4A, 2), GemvConfig(32, 2, 4, DP4A, 2), GemvConfig(32, 4, 8, DP4A, 2),
+                 GemvConfig(32, 2, 8, DP4A, 2))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 

@@ -23,7 +23,7 @@ SUITE_NAMES = ("decode", "prefill", "throughput", "serve")
 # The engine group's flags, by their Engine.load keyword.
 _LOAD_FLAGS = ("device", "dtype", "attention", "kv_cache_dtype", "quantization", "enforce_eager", "max_model_len",
                "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size", "quant_group_size",
-               "quant_head", "tokenizer")
+               "quant_head", "float_head", "tokenizer")
 # Load keywords whose flag is spelt otherwise (--quant, --group-size).
 _FLAG_DEST = {"quantization": "quant", "quant_group_size": "group_size"}
 

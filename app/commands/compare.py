@@ -89,6 +89,8 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
                    help=choice_help("dtype", "the weights dtype; auto: bfloat16 on a GPU, float32 on the CPU"))
     g.add_argument("--group-size", type=int, default=None, metavar="G", help="int4's group size: 32, 64, 128 or 256")
     g.add_argument("--quant-head", action="store_true", help="quantize the embedding and LM head too (int8/int4)")
+    g.add_argument("--float-head", action="store_true",
+                   help="keep an untied LM head in the model's dtype (int8/int4 make it int8 by default)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context in tokens; the KV cache holds one sequence of it (default: the model's)")
     g.add_argument("--kv-cache-memory", default=None,
@@ -102,7 +104,7 @@ def plan_from_args(args) -> ComparePlan:
     configs = tuple(CompareConfig(q, a, k) for q, a, k in itertools.product(args.quants, args.attention, args.kv_dtype))
     prompts = read_prompts_file(args.prompts) if args.prompts else bundled_prompt_texts()
     load = {"revision": args.revision, "dtype": args.dtype, "quant_group_size": args.group_size,
-            "quant_head": args.quant_head, "max_model_len": args.max_model_len,
+            "quant_head": args.quant_head, "float_head": args.float_head, "max_model_len": args.max_model_len,
             "kv_cache_memory": args.kv_cache_memory, "enforce_eager": args.enforce_eager}
     plan = ComparePlan(configs=configs, prompts=tuple(prompts), model=args.model, max_tokens=args.max_tokens,
                        seed=args.seed, temperature=args.temperature, perplexity=not args.no_perplexity,

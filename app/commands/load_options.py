@@ -41,8 +41,12 @@ def add_choice_flags(group, extra_help: dict[str, str] | None = None) -> None:
                        help="int4's group of inputs sharing a scale: 32, 64, 128 or 256 (default: 128, or "
                             "the largest of 64/32 dividing every layer)")
     group.add_argument("--quant-head", action="store_true",
-                       help="quantize the embedding and LM head too (int8/int4; kept in the model's dtype "
-                            "by default, since it costs the most quality)")
+                       help="quantize the embedding and LM head too, in the method's own format (int8/int4; "
+                            "the embedding and a tied head are kept in the model's dtype by default, since "
+                            "they cost the most quality; an untied head becomes int8 per channel)")
+    group.add_argument("--float-head", action="store_true",
+                       help="keep an untied LM head in the model's dtype (int8/int4 make it int8 per "
+                            "channel by default: it is up to a fifth of a quantized decode step)")
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +73,7 @@ def options_from_args(args) -> dict:
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quant, quant_group_size=args.group_size,
-        quant_head=args.quant_head, tokenizer=args.tokenizer)
+        quant_head=args.quant_head, float_head=args.float_head, tokenizer=args.tokenizer)
 
 
 def config_from_args(args) -> EngineConfig:

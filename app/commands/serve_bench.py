@@ -61,6 +61,7 @@ def load_options(args, max_num_seqs: int, max_model_len: int) -> dict:
             "device": args.device, "dtype": args.dtype, "attention": args.attention,
             "kv_cache_dtype": args.kv_cache_dtype, "quantization": args.quant,
             "quant_group_size": args.group_size, "quant_head": args.quant_head,
+            "float_head": args.float_head,
             "enforce_eager": args.enforce_eager, "kv_cache_memory": args.kv_cache_memory,
             "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "tokenizer": args.tokenizer}
 
@@ -76,7 +77,8 @@ def serve_command(load: dict, port: int, max_queue: int) -> list[str]:
                       ("--kv-cache-memory", "kv_cache_memory"), ("--tokenizer", "tokenizer")):
         if load.get(key) is not None:
             cmd += [flag, str(load[key])]
-    for flag, key in (("--quant-head", "quant_head"), ("--enforce-eager", "enforce_eager")):
+    for flag, key in (("--quant-head", "quant_head"), ("--float-head", "float_head"),
+                      ("--enforce-eager", "enforce_eager")):
         if load.get(key):
             cmd.append(flag)
     return cmd

@@ -63,7 +63,7 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
             "Load the weights unquantized (--quant none).", options=("quantization",))
     from engine.quant.transform import check_quant_flags
 
-    check_quant_flags(quantization.name, mc.quant_group_size, mc.quant_head)
+    check_quant_flags(quantization.name, mc.quant_group_size, mc.quant_head, mc.float_head)
     return LoadChoices(device, dtype, attention)
 
 

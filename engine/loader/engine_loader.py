@@ -294,7 +294,8 @@ def loaded_quantization(config: EngineConfig, path: Path | None, native: bool) -
                 f"quantization {mc.quantization!r} needs Hearth's native model code; this model runs on the "
                 "transformers fallback: load it unquantized (--quant none).", options=("quantization",))
         return "none"
-    return quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head).method
+    return quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head,
+                             float_head=mc.float_head).method
 
 
 def quantization_detail(quantization: str, runner, path: Path | None) -> str | None:

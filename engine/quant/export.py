@@ -81,6 +81,7 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
     out_dir = Path(out_dir).expanduser()
     config = load_config(model, device=device, dtype="float32" if device == "cpu" else "auto",
                          quantization=quantization, quant_group_size=group_size, attention="torch",
+                         float_head=True,  # one format in the file: the head stays as the checkpoint has it
                          num_blocks=4, max_model_len=64, enforce_eager=True)
     loaded = load_model(config, progress=say, should_stop=should_stop)
     try:

@@ -72,7 +72,8 @@ def model_transforms(config: EngineConfig, weights: "WeightsSource | None" = Non
 
     mc = config.model
     path = weights if isinstance(weights, Path) else None
-    plan = quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head)
+    plan = quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head,
+                             float_head=mc.float_head)
     return [plan.transform()] if plan.quantizes else []
 
 

@@ -20,7 +20,8 @@ from tests.quant.test_quantized_models import hearth_logits, load
 def direct(tiny_models):
     out = {}
     for quant in ("int4", "int8"):
-        loaded = load(tiny_models["llama3"], quantization=quant)
+        # hearth quantize writes the untied head as the checkpoint has it (one format per file)
+        loaded = load(tiny_models["llama3"], quantization=quant, float_head=True)
         out[quant] = hearth_logits(loaded.runner)
         release_runner(loaded.runner)
     return out

@@ -11,6 +11,7 @@ import torch
 
 from engine.config import load_config
 from engine.errors import InvalidRequestError
+from engine.layers.linear import TiedLMHead
 from engine.layers.quant_linear import QuantizedLinear, QuantizedTiedHead, QuantizedVocabEmbedding
 from engine.loader.engine_loader import load_model
 from engine.runner.lifecycle import release_runner
@@ -61,18 +62,28 @@ def load(path, **options):
     return load_model(config)
 
 
-@pytest.mark.parametrize("family,quant,head", [("llama3", "int8", False), ("llama3", "int4", False),
-                                               ("llama-tied", "int4", True), ("qwen2", "int8", True)])
+@pytest.mark.parametrize("family,quant,head", [("llama3", "int8", "auto"), ("llama3", "int4", "auto"),
+                                               ("llama3", "int4", "float"), ("llama-tied", "int4", "quant"),
+                                               ("llama-tied", "int8", "auto"), ("qwen2", "int8", "quant")])
 def test_a_quantized_tiny_model_gives_the_logits_of_its_dequantized_weights(tiny_models, family, quant, head):
-    loaded = load(tiny_models[family], quantization=quant, quant_head=head)
+    """``head``: auto (an untied head becomes int8 per channel, a tied one stays float),
+    float (--float-head) or quant (--quant-head: embedding and head in the method's format)."""
+    loaded = load(tiny_models[family], quantization=quant, quant_head=head == "quant", float_head=head == "float")
     try:
         runner = loaded.runner
-        layers = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
-        assert len(layers) == 4 * 2 + (1 if head else 0)
-        assert all(m.bits == (8 if quant == "int8" else 4) for m in layers)
-        if quant == "int4":
-            assert {m.group_size for m in layers} == {32}  # auto: 96 inputs of down fit only 32
-        assert isinstance(runner.model.model.embed_tokens, QuantizedVocabEmbedding) == head
+        untied = not isinstance(runner.model.lm_head, (TiedLMHead, QuantizedTiedHead))
+        layers = {n: m for n, m in runner.model.named_modules() if isinstance(m, QuantizedLinear)}
+        head_quantized = head == "quant" or (head == "auto" and untied)
+        assert len(layers) == 4 * 2 + (1 if head_quantized else 0)
+        assert ("lm_head" in layers) == head_quantized
+        bits = 8 if quant == "int8" else 4
+        for name, m in layers.items():
+            assert m.bits == (8 if name == "lm_head" and head == "auto" else bits), name
+            if name == "lm_head" and head == "auto":
+                assert m.group_size == m.in_features and m.mins is None  # int8 per output channel
+        if quant == "int4":  # auto: 96 inputs of down fit only 32
+            assert {m.group_size for n, m in layers.items() if m.bits == 4} == {32}
+        assert isinstance(runner.model.model.embed_tokens, QuantizedVocabEmbedding) == (head == "quant")
         assert loaded.info.quantization == quant
         got, want = hearth_logits(runner), reference_logits(tiny_models[family], runner)
         assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
@@ -85,6 +96,12 @@ def test_a_quantized_tiny_model_gives_the_logits_of_its_dequantized_weights(tiny
             release_runner(float_loaded.runner)
     finally:
         release_runner(loaded.runner)
+
+
+def test_quant_head_and_float_head_together_are_refused(tiny_models):
+    with pytest.raises(InvalidRequestError, match="choose one") as err:
+        load(tiny_models["llama3"], quantization="int4", quant_head=True, float_head=True)
+    assert err.value.options == ("quant_head", "float_head")
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(tiny_models):
