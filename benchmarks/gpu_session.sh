@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|quant-bench|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -81,6 +81,13 @@ case "$what" in dp4a-wide)  # the wide dp4a sweep: compile in 12 processes, then
   done; wait
   timeout -s INT ${DP4A_TIMEOUT:-300} python benchmarks/profile_quant_dp4a.py --sweep wide \
     --json "$OUT/profile-quant-dp4a-wide-8b.json" "$@" 2>&1 | grep -v "^  [a-z]" | tail -24 ;;
+esac
+case "$what" in dp4a-split)  # the dp4a kernel with K split among programs
+  for i in $(seq 0 11); do
+    python benchmarks/profile_quant_dp4a.py --sweep split --warm-only $i/12 "$@" >/dev/null 2>&1 &
+  done; wait
+  timeout -s INT ${DP4A_TIMEOUT:-300} python benchmarks/profile_quant_dp4a.py --sweep split \
+    --json "$OUT/profile-quant-dp4a-split-8b.json" "$@" 2>&1 | grep -v "^  [a-z]" | tail -24 ;;
 esac
 case "$what" in quant-bench)  # bf16, int8 and int4 of the 8B shape in one session
   for q in bf16 int8 int4; do

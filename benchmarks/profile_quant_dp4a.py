@@ -2,7 +2,7 @@
 per Llama-8B projection, int4 (group 128) and int8 (per channel), on the GPU.
 
     PYTHONPATH=. python benchmarks/profile_quant_dp4a.py [--json F] [--layers qkv,o,...]
-        [--bits 4,8] [--sweep small|full|wide] [--warm-only I/N]
+        [--bits 4,8] [--sweep small|full|wide|split] [--warm-only I/N]
 
 For each projection: bf16 cuBLAS; every config ``quant_gemv_configs`` lists (what the
 load-time tuner times), the best of each kind; and a sweep of dp4a configs (rows per
@@ -41,18 +41,21 @@ def sweep(k: int, full: bool):
         rows, steps, warps, stages = (2, 4, 8, 16, 32), (2, 4, 128), (1, 2, 4, 8), (1, 2, 3)
     elif full == "full":
         rows, steps, warps, stages = (8, 16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 4, 8, 16), (2, 3, 4)
+    elif full == "split":  # K split among programs (for the long rows of down, and the narrow layers)
+        rows, steps, warps, stages = (8, 16, 32), (2, 4), (4, 8), (2,)
     else:
         rows, steps, warps, stages = (16, 32, 64), (2, 4), (1, 2, 4, 8), (3,)
+    splits = (1, 2, 4, 8) if full == "split" else (1,)
     seen, out = set(), []
-    for bn, r, w, st in itertools.product(rows, steps, warps, stages):
+    for bn, r, w, st, sp in itertools.product(rows, steps, warps, stages, splits):
         r = min(r, bn)  # 128: all the program's rows in one step
         if full == "wide" and (st > 1) == (r == bn):  # one step: nothing to pipeline; else 2-3 in flight
             continue
-        launch = (bn, *dp4a_launch(bn, r, w, k), st)
+        launch = (bn, *dp4a_launch(bn, r, w, k, sp), st)
         if launch in seen:
             continue
         seen.add(launch)
-        out.append(GemvConfig(bn, r, launch[3], DP4A, st))
+        out.append(GemvConfig(bn, r, launch[3], DP4A, st, launch[4]))
     return out
 
 
@@ -61,7 +64,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu,lm_head")
     ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide"))
+    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide", "split"))
     ap.add_argument("--warm-only", default=None, help="I/N: compile the I-th of N shares of the configs, time nothing")
     args = ap.parse_args()
     share = tuple(map(int, args.warm_only.split("/"))) if args.warm_only else None
@@ -143,7 +146,7 @@ def main() -> None:
                    "max_err_vs_bf16_over_rms": max(t[3] for t in timed),
                    "max_dp4a_err_vs_exact": max((t[4] for t in timed if t[4] is not None), default=None),
                    "all": [list(t) for t in timed]}
-            if args.sweep == "wide":  # fixed cost vs bandwidth: the best config on fewer rows
+            if args.sweep in ("wide", "split"):  # fixed cost vs bandwidth: the best config on fewer rows
                 cfg = GemvConfig(*timed[0][2])
                 row["best_at_fewer_rows"] = {}
                 for div in (8, 4, 2, 1):

@@ -105,17 +105,22 @@ def _quantize(v, inv):
 
 
 @triton.jit
-def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn,
+def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_qn, stride_sn,
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
-                            R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
-    # q_ptr: the codes as int32 words (stride_qn in words); KP: K rounded up to a power of 2.
+                            R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
+                            ASM: tl.constexpr):
+    # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
+    # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
+    # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
+    # [programs, SPLIT, ROWS] and the last of a row block to arrive (cnt_ptr, zeroed, left
+    # zeroed) adds them in split order (the same bits every run) and writes y.
     NB: tl.constexpr = KP // 32  # blocks of 32 inputs
     WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
     blk = tl.arange(0, NB)
     j = tl.arange(0, WPB)
     b4 = tl.arange(0, 4)
-    kb = blk * 32
+    kb = (tl.program_id(1) * NB + blk) * 32
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
     # x, quantized per block to int8 and packed like the codes
@@ -177,36 +182,66 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
             else:
                 t += mins * xsum[None, :]
         y = tl.sum(t, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows_safe).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+        if SPLIT > 1:
+            tl.store(ws_ptr + (tl.program_id(0) * SPLIT + tl.program_id(1)) * ROWS + r0 + r, y, cache_modifier=".cg")
+        else:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rows_safe).to(tl.float32)
+            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    if SPLIT > 1:
+        tl.debug_barrier()  # every thread's partials are written before the block's count goes up
+        done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            rr = tl.arange(0, ROWS)
+            part = ws_ptr + tl.program_id(0) * SPLIT * ROWS + rr
+            y = tl.load(part, cache_modifier=".cg")
+            for sp in tl.static_range(1, SPLIT):
+                y += tl.load(part + sp * ROWS, cache_modifier=".cg")
+            rows = first + rr
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+            tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
-def dp4a_launch(block_n: int, block_k: int, warps: int, k: int) -> tuple[int, int, int]:
-    """(KP, R, num_warps) for a DP4A config and K: K rounded up to a power of 2 (at least
-    one block per thread of one warp); warps at most KP/1024 (every thread holds at least
-    one block of x) and at least KP/4096 (at most 4 blocks, 32-64 registers of x); rows per
-    step at most the rows per program."""
+def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) -> tuple[int, int, int, int]:
+    """(KP, R, num_warps, split) for a DP4A config and K: K rounded up to a power of 2 (at
+    least one block per thread of one warp) and divided among ``split`` programs (each at
+    least 1024 inputs); warps at most KP/1024 (every thread holds at least one block of x)
+    and at least KP/4096 (at most 4 blocks, 32-64 registers of x); rows per step at most the
+    rows per program."""
     kp = max(1024, triton.next_power_of_2(k))
+    split = max(1, min(split, kp // 1024))
+    kp //= split
     num_warps = max(kp // 4096, min(warps, kp // 1024, 32), 1)
-    return kp, min(block_k, block_n), num_warps
+    return kp, min(block_k, block_n), num_warps, split
 
 
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
-                    block_n: int, block_k: int, warps: int, stages: int) -> torch.Tensor:
+                    block_n: int, block_k: int, warps: int, stages: int, split: int = 1) -> torch.Tensor:
     """Launch the dp4a kernel for one row (``kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
-    ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` steps in flight."""
+    ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
+    ahead, K split among ``split`` programs per row block (a small fp32 workspace from
+    torch's allocator; the counters are made outside graph capture, as ``quant_mma``'s)."""
     n, k = prepared.out_features, prepared.in_features
     if k > DP4A_MAX_K or k % 32:
         raise ValueError(f"quant_gemv: the dp4a kernel needs K a multiple of 32 and at most {DP4A_MAX_K}, got {k}")
-    kp, rows_per_step, num_warps = dp4a_launch(block_n, block_k, warps, k)
+    kp, rows_per_step, num_warps, split = dp4a_launch(block_n, block_k, warps, k, split)
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
-    _quant_gemv_dp4a_kernel[(triton.cdiv(n, block_n),)](
-        x, q, s, m if m is not None else s, bias if bias is not None else s, out, n, k, q.stride(0), s.stride(0),
-        GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None, HAS_BIAS=bias is not None,
-        SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp, STAGES=stages, ASM=not _interpreting(),
-        num_warps=num_warps)
+    programs = triton.cdiv(n, block_n)
+    if split > 1:
+        from kernels.quant_mma import _counters
+
+        ws = torch.empty(programs * split * block_n, dtype=torch.float32, device=x.device)
+        cnt = _counters(x.device, programs)
+    else:
+        ws = cnt = s
+    _quant_gemv_dp4a_kernel[(programs, split)](
+        x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
+        s.stride(0), GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp, STAGES=stages, SPLIT=split,
+        ASM=not _interpreting(), num_warps=num_warps)
     return out
 
 

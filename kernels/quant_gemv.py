@@ -449,7 +449,8 @@ class GemvConfig(NamedTuple):
     quantized to int8 per block of 32 and the codes multiplied by it with ``dp4a`` (about 1
     instruction per int4 weight instead of 4.4-5; the activations' rounding to 8 bits is the
     price, as in llama.cpp's CUDA decode): ``block_n`` rows per program, ``block_k`` rows per
-    step, ``warps`` (fewer: more blocks of x per thread, fewer reductions).
+    step, ``warps`` (fewer: more blocks of x per thread, fewer reductions), ``split``
+    programs per row block along K (the last to arrive adds the partial sums).
     Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
@@ -496,7 +497,10 @@ _QUANT_CONFIGS = (GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), G
 #: (stages 2) mostly, two for int4's narrow layers.
 _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), GemvConfig(8, 4, 4, DP4A, 2),
                  GemvConfig(16, 2, 4, DP4A, 2), GemvConfig(32, 2, 4, DP4A, 2), GemvConfig(32, 4, 8, DP4A, 2),
-                 GemvConfig(32, 2, 8, DP4A, 2))
+                 GemvConfig(32, 2, 8, DP4A, 2),
+                 # K split among 2-4 programs per row block: a long row's (down) fixed cost was
+                 # most of its time with one program per 32 rows (~1 per SM)
+                 GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 2, 4, DP4A, 2, 4))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 
@@ -591,7 +595,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
 
         if k <= DP4A_MAX_K:
             return quant_gemv_dp4a(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
-                                   max(1, cfg.stages))
+                                   max(1, cfg.stages), cfg.split)
     if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
         from kernels.quant_mma import MmaConfig, quant_mma
 

@@ -115,6 +115,23 @@ def test_dp4a_gemv_swiglu_bias_and_out(bits, group):
     check_exact(out, gate_up, prep, bias=bias, swiglu=True)
 
 
+@pytest.mark.parametrize("bits,group,swiglu", [(4, 32, False), (4, 128, True), (8, 2560, True), (8, 32, False)])
+def test_dp4a_split_k_sums_the_splits_in_order(bits, group, swiglu):
+    """K split among programs (the last to arrive adds the partial sums in split order):
+    the exact integer reference, with K not a power of 2 (a split past the end reads
+    nothing), N not a multiple of the rows per program, a bias; a second call gives the
+    same bits (the counters were left zeroed)."""
+    n, k = 44, 2560
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4, seed=7)
+    x = 3 * rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
+    bias = rand_x(1, n, torch.bfloat16, seed=8)[0]
+    for split in (2, 4):
+        cfg = GemvConfig(8, 4, 1, DP4A, 2, split)
+        y = quant_gemv(x, prep, config=cfg, swiglu=swiglu, bias=bias)
+        check_exact(y, x, prep, bias=bias, swiglu=swiglu)
+        assert torch.equal(quant_gemv(x, prep, config=cfg, swiglu=swiglu, bias=bias), y)
+
+
 def test_blocks_of_zeros_outliers_and_partial_rows():
     """A block of x that is all zero (its scale would divide by zero), one with an outlier
     (the others round to few levels but stay within the bound), and K not a power of 2."""
@@ -135,9 +152,11 @@ def test_the_tuner_lists_dp4a_configs_and_the_launch_shape(monkeypatch):
     kinds = {c.kind for c in quant_gemv_configs(4096, 4096, 4)}
     assert DP4A in kinds and DP4A in {c.kind for c in quant_gemv_configs(4096, 4096, 8)}
     assert DP4A not in {c.kind for c in quant_gemv_configs(64, 40000, 4)}  # longer rows than it holds
-    assert dp4a_launch(16, 4, 4, 4096) == (4096, 4, 4)
-    assert dp4a_launch(16, 4, 1, 14336) == (16384, 4, 4)  # at most 4 blocks of x per thread
-    assert dp4a_launch(16, 32, 8, 1000) == (1024, 16, 1)  # rows per step <= rows per program
+    assert dp4a_launch(16, 4, 4, 4096) == (4096, 4, 4, 1)
+    assert dp4a_launch(16, 4, 1, 14336) == (16384, 4, 4, 1)  # at most 4 blocks of x per thread
+    assert dp4a_launch(16, 32, 8, 1000) == (1024, 16, 1, 1)  # rows per step <= rows per program
+    assert dp4a_launch(32, 4, 8, 14336, 4) == (4096, 4, 4, 4)  # K split 4 ways: 4096 inputs a program
+    assert dp4a_launch(16, 4, 4, 2048, 4) == (1024, 4, 1, 2)  # at least 1024 inputs a program
 
 
 @pytest.mark.gpu
@@ -150,6 +169,7 @@ def test_gpu_dp4a_llama_shapes(n, k, swiglu, bits, group):
         group = k
     _, prep = make_weight(bits, n, k, group, mins=bits == 4)
     x = rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
-    for c in {GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3), GemvConfig(16, 2, 1, DP4A, 2)}:
+    for c in (GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3), GemvConfig(16, 2, 1, DP4A, 2),
+              GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 4, 4, DP4A, 2, 2)):
         if c.kind == DP4A:
             check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu, levels=1)
