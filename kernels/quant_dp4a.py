@@ -123,6 +123,14 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     kb = (tl.program_id(1) * NB + blk) * 32
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
+    r = tl.arange(0, R)
+    first = tl.program_id(0) * ROWS
+    word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]  # [1, NB, WPB]
+    # the first steps' weights are requested before x, so that their memory round trip
+    # overlaps x's load and quantizing (a narrow layer's fixed cost)
+    LEAD: tl.constexpr = min(STAGES - 1, 2)  # steps loaded ahead (``_steps_start``)
+    w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
+                                                blk_ok, HAS_MIN, ROWS, R, LEAD)
     # x, quantized per block to int8 and packed like the codes
     # int4 word j: inputs 8j..8j+7, the even ones (x) pair with the low nibbles, the odd (h)
     # with the high; int8 word j: inputs 4j..4j+3, byte b = input 4j + b
@@ -143,17 +151,9 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         xo = _pack4(p0, p1, p2, p3)
         # the block's sum of xq, for the codes' centre 8 (see below)
         xqsum = tl.sum(q0 + q1 + q2 + q3 + p0 + p1 + p2 + p3, axis=1)
-    r = tl.arange(0, R)
-    first = tl.program_id(0) * ROWS
     if BITS == 4:
         e0, e1, e2, e3 = _split4_last(xe)
         o0, o1, o2, o3 = _split4_last(xo)
-        word = (kb // 8)[None, :, None] + j[None, None, :]  # [1, NB, 4]
-    else:
-        word = (kb // 4)[None, :, None] + j[None, None, :]  # [1, NB, 8]
-    LEAD: tl.constexpr = min(STAGES - 1, 2)  # steps loaded ahead (``_steps_start``)
-    w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
-                                                blk_ok, HAS_MIN, ROWS, R, LEAD)
     for r0 in range(0, ROWS, R):
         rows = first + r0 + r
         row_ok = rows < N
