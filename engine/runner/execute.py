@@ -1,7 +1,8 @@
 """The native runner's step: a ``RunnerInput`` in, the sampled tokens out.
 
 Four ways to run a step, tried in order: a pure decode step by CUDA-graph replay (greedy
-batches pipelined: the next step is launched before the host sees this one's tokens), or
+batches pipelined: the next step is launched before the host sees this one's tokens, from
+this step's argmax on the device; with a grammar's mask applied first where a row has one), or
 on a CPU by one C call per sequence (``engine.runner.cpu_step``; up to ``CPU_STEP_ROWS``);
 one prompt or chunk by prompt-graph replay; else eagerly with decode rows first.
 """
@@ -101,8 +102,12 @@ class NativeExecuteMixin(RequestStateMixin):
         Greedy batches are pipelined: the next step is launched on the GPU (its input ids
         copied there from this step's argmax) *before* the host waits for this step's
         tokens, so the host's bookkeeping (scheduler, detokenizer, events) overlaps the
-        GPU's work. The launched-ahead step is used only if the engine then asks for
-        exactly it (same requests, positions and tokens); otherwise it is dropped, which
+        GPU's work. Rows with a grammar (structured output) too: this step's logits are
+        masked first (the grammars took the previous step's tokens), and the launched step
+        keeps its logits; its masks are filled when the engine asks for it, once the
+        grammars have this step's tokens, while it still runs. The launched-ahead step is
+        used only if the engine then asks for exactly it (same requests, positions and
+        tokens); otherwise it is dropped, which
         is harmless: it only wrote K/V, at slots that the real step rewrites with the same
         values or that belong to no committed token.
         """
@@ -124,35 +129,54 @@ class NativeExecuteMixin(RequestStateMixin):
             seq_lens.append(p + 1)
             tables.append(table)
         kept = self._kept(rows)
-        greedy = all(k.plain_greedy for k in kept)
+        ahead_ok = all(k.launch_ahead for k in kept)
+        grammars = [k.grammar for k in kept]
+        masked = any(g is not None for g in grammars)
         rids = [row.request_id for row in rows]
-        hits = ahead.rows_for(rids, positions, ids) if greedy and ahead is not None else None
+        hits = ahead.rows_for(rids, positions, ids) if ahead_ok and ahead is not None else None
+        tokens = logits = None
         if hits is not None:
             # This step was launched ahead (for these requests, perhaps among others that
-            # have finished since): take its rows.
+            # have finished since): take its rows (its tokens, or its logits to mask).
             self.steps_ahead_used += 1
-            host, event = ahead.host, ahead.event
-            if hits == list(range(len(ahead.request_ids))):
-                tokens = ahead.tokens
+            every = hits == list(range(len(ahead.request_ids)))
+            pick = None if every else torch.tensor(hits, device=self.device)
+            if ahead.logits is None:
+                host, event = ahead.host, ahead.event
+                tokens = ahead.tokens if every else ahead.tokens[pick]
             else:
-                tokens = ahead.tokens[torch.tensor(hits, device=self.device)]
+                logits = ahead.logits if every else ahead.logits[pick]
         else:
             logits = self.graphs.run(ids, positions, slots, seq_lens, tables)
-            if not greedy:
+            if not ahead_ok:
                 return self.sample(logits, rows, kept)
+        allowed = None
+        if tokens is None:
+            if masked:  # the grammars have taken the previous step's tokens: their masks now
+                from engine.runner.grammar import apply_token_bitmask, grammar_masks
+
+                allowed = grammar_masks(grammars, logits.shape[1])
+                logits = logits.to(torch.float32, copy=True)
+                apply_token_bitmask(logits, allowed[0], allowed[1])
             tokens = logits.argmax(dim=-1)
             host, event = self._stage(tokens)
-        nxt = self._next_positions(kept, tables, positions, inp.num_waiting) if greedy else None
+        nxt = self._next_positions(kept, tables, positions, inp.num_waiting) if ahead_ok else None
         launched = None
         if nxt is not None:
             nslots = [t[q // bs] * bs + q % bs for t, q in zip(tables, nxt)]
             logits2 = self.graphs.run(tokens, nxt, nslots, [q + 1 for q in nxt], tables)
-            tokens2 = logits2.argmax(dim=-1)
-            host2, event2 = self._stage(tokens2)
-            launched = _Ahead(rids, nxt, tokens2, host2, event2)
+            if masked:  # argmax once the host has the next masks (the next step)
+                launched = _Ahead(rids, nxt, None, None, None, logits=logits2.clone())
+            else:
+                tokens2 = logits2.argmax(dim=-1)
+                host2, event2 = self._stage(tokens2)
+                launched = _Ahead(rids, nxt, tokens2, host2, event2)
         event.synchronize()
         values = host.tolist()
-        token_list = values if hits is None else [values[r] for r in hits]
+        token_list = values if hits is None or logits is not None else [values[r] for r in hits]
+        if allowed is not None:  # this step's tokens move the grammars on
+            for i in allowed[1]:
+                grammars[i].advance(token_list[i])
         if launched is not None:
             launched.inputs = token_list
             self._ahead = launched
@@ -210,10 +234,11 @@ class _Ahead:
 
     request_ids: list[str]
     positions: list[int]
-    tokens: torch.Tensor
-    host: torch.Tensor
+    tokens: torch.Tensor | None  # its argmax (None: a grammar's mask comes first, from ``logits``)
+    host: torch.Tensor | None
     event: object
     inputs: list[int] | None = None  # its input ids: the previous step's tokens
+    logits: torch.Tensor | None = None  # kept for masking when a row has a grammar
 
     def rows_for(self, request_ids: list[str], positions: list[int], ids: list[int]) -> list[int] | None:
         """Row of each requested sequence in this launched step, if it computed exactly

@@ -13,11 +13,14 @@ are all ones and, when no row is constrained, no mask is made at all).
 The matcher's state follows the request's tokens, not its KV cache: a preempted request
 keeps it (its tokens stay; only K/V is recomputed), a finished one drops it.
 
-The masks are computed on the host between steps, so constrained rows never take the
-pipelined greedy decode (``engine.runner.io.plain_greedy``: the next step's mask needs
-this step's token). On a GPU the mask is copied to the device and applied to the graph's
-logits after replay, like any sampler step; ``RequestStateMixin.sample`` fills the masks
-before anything waits for the device, so that host work overlaps the step's kernels.
+The masks are computed on the host between steps. On a GPU the mask is copied to the
+device and applied to the graph's logits after replay, like any sampler step;
+``RequestStateMixin.sample`` fills the masks before anything waits for the device, so that
+host work overlaps the step's kernels. Greedy constrained rows also take the pipelined
+decode (``engine.runner.execute``): the step after this one is launched from this step's
+masked argmax, still on the device, and keeps its logits; the host advances the grammar
+with this step's token and fills the next mask while that step runs, and applies it to
+those logits when the engine asks for the step.
 """
 
 from __future__ import annotations

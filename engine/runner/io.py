@@ -75,9 +75,10 @@ def needs_token_context(params: SamplingParams) -> bool:
             or params.frequency_penalty != 0.0)
 
 
-def plain_greedy(params: SamplingParams) -> bool:
-    """Greedy with nothing that needs the host between steps (penalties, logprobs, a
-    grammar's mask) or between the logits and the argmax (logit_bias): such requests'
-    decode steps can be launched ahead."""
+def launch_ahead_ok(params: SamplingParams) -> bool:
+    """Greedy with nothing that needs the host between steps (penalties, logprobs) or
+    between the logits and the argmax (logit_bias): such requests' decode steps can be
+    launched ahead. A grammar's mask may (``engine.runner.execute``: the step launched ahead
+    keeps its logits, masked when the host has the mask)."""
     return (params.greedy and params.logprobs is None and not needs_token_context(params)
-            and not params.logit_bias and params.structured is None)
+            and not params.logit_bias)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.runner.grammar import RowGrammar, TokenVocabulary, grammar_masks
-from engine.runner.io import RunnerInput, RunnerOutput, StepRow, needs_token_context, plain_greedy
+from engine.runner.io import RunnerInput, RunnerOutput, StepRow, launch_ahead_ok, needs_token_context
 from engine.runner.sampler import Sampler, make_generator
 from engine.sampling_params import SamplingParams
 
@@ -20,7 +20,7 @@ class KeptRequest:
     params: SamplingParams
     prompt_len: int
     generator: torch.Generator | None  # its own RNG when seeded (None: the shared one)
-    plain_greedy: bool  # its decode steps may be launched ahead
+    launch_ahead: bool  # its decode steps may be launched ahead (io.launch_ahead_ok)
     needs_context: bool  # its rows must carry their token context (penalties)
     # prompt_len + max_tokens: once a decode step samples at position max_len - 2, the
     # request holds max_len tokens and ends by length.
@@ -54,7 +54,7 @@ class RequestStateMixin:
                                      "was given no token vocabulary (token_vocabulary)")
                 grammar = RowGrammar(self.token_vocabulary, p.structured.grammar, new.request_id)
             self._requests[new.request_id] = KeptRequest(
-                p, new.prompt_len, make_generator(p.seed, self.device), plain_greedy(p),
+                p, new.prompt_len, make_generator(p.seed, self.device), launch_ahead_ok(p),
                 needs_token_context(p), new.prompt_len + p.max_tokens, grammar)
 
     def _drop_request(self, request_id: str) -> None:

@@ -244,3 +244,53 @@ def test_the_fallback_drops_a_preempted_requests_cache(tiny_models):
         runner.execute = real
         roomy.shutdown()
         tight.shutdown()
+
+
+def test_pipelined_decode_with_a_grammar_masks_the_step_launched_ahead(tiny_models):
+    """Greedy rows with a JSON schema take the pipelined decode too (the launched step's
+    logits are masked when the engine asks for it): beside plain greedy rows and alone,
+    the same tokens as the eager steps, valid JSON, and every launched step used."""
+    import json
+    import types
+
+    import jsonschema
+
+    from engine.api import StructuredOutput
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["color", "n"], "additionalProperties": False}
+    so = StructuredOutput("json_schema", json.dumps(schema))
+    eng = load(tiny_models["llama-tied"], max_num_seqs=3, enable_prefix_caching=False, enforce_eager=True)
+    try:
+        prompts = [ids_of(n, seed=n) for n in (5, 11, 8)]
+        params = [SamplingParams(max_tokens=64, temperature=0.0, structured=so),
+                  SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True),
+                  SamplingParams(max_tokens=64, temperature=0.0, structured=so)]
+
+        def run_all():
+            with eng._cv:
+                handles = [eng.submit(Request(prompt_token_ids=p, params=q)) for p, q in zip(prompts, params)]
+            return [h.result() for h in handles]
+
+        eager = run_all()
+        runner = eng.runner
+        runner.graphs = graphs = _EagerGraphs(runner, max_batch=4, max_model_len=256)
+        runner._stage = lambda t: (t.clone(), types.SimpleNamespace(synchronize=lambda: None))
+        eng.scheduler.lookahead_slots = 1
+        piped = run_all()
+        assert [c.token_ids for c in piped] == [c.token_ids for c in eager]
+        for c in (piped[0], piped[2]):
+            assert c.finish_reason == "stop", c.text
+            jsonschema.validate(json.loads(c.text), schema)
+        # a step launched after the last one's EOS (the end by "stop" isn't foreseen) is the
+        # only one dropped
+        assert graphs.launched > 0 and runner.steps_ahead_used == graphs.launched - 1
+        launched, used = graphs.launched, runner.steps_ahead_used
+        alone = eng.submit(Request(prompt_token_ids=prompts[0], params=params[0])).result()
+        assert alone.token_ids == eager[0].token_ids and alone.finish_reason == "stop"
+        # decode steps sample tokens 2..n, each launching the next; all but the one after EOS used
+        assert graphs.launched - launched == len(alone.token_ids) - 1
+        assert runner.steps_ahead_used - used == len(alone.token_ids) - 2
+    finally:
+        eng.shutdown()
