@@ -33,7 +33,7 @@ T0 = time.time()
 KIND_NAMES = ["kloop", "mma", "rows", "swap", "swapw", "dp4a"]
 
 
-def sweep(k: int, full: bool):
+def sweep(k: int, full: str):
     from kernels.quant_dp4a import dp4a_launch
     from kernels.quant_gemv import DP4A, GemvConfig
 

@@ -119,7 +119,6 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
     blk = tl.arange(0, NB)
     j = tl.arange(0, WPB)
-    b4 = tl.arange(0, 4)
     kb = (tl.program_id(1) * NB + blk) * 32
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
@@ -128,7 +127,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]  # [1, NB, WPB]
     # the first steps' weights are requested before x, so that their memory round trip
     # overlaps x's load and quantizing (a narrow layer's fixed cost)
-    LEAD: tl.constexpr = min(STAGES - 1, 2)  # steps loaded ahead (``_steps_start``)
+    LEAD: tl.constexpr = max(0, min(STAGES - 1, 2))  # steps loaded ahead (``_steps_start``)
     w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
                                                 blk_ok, HAS_MIN, ROWS, R, LEAD)
     # x, quantized per block to int8 and packed like the codes
@@ -156,7 +155,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         o0, o1, o2, o3 = _split4_last(xo)
     for r0 in range(0, ROWS, R):
         rows = first + r0 + r
-        row_ok = rows < N
+        row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
         rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
         w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
             q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b, s_b,
@@ -183,7 +182,8 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                 t += mins * xsum[None, :]
         y = tl.sum(t, axis=1)
         if SPLIT > 1:
-            tl.store(ws_ptr + (tl.program_id(0) * SPLIT + tl.program_id(1)) * ROWS + r0 + r, y, cache_modifier=".cg")
+            tl.store(ws_ptr + (tl.program_id(0) * SPLIT + tl.program_id(1)) * ROWS + r0 + r, y, mask=r0 + r < ROWS,
+                     cache_modifier=".cg")
         else:
             if HAS_BIAS:
                 y += tl.load(b_ptr + rows_safe).to(tl.float32)
@@ -228,6 +228,8 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     if k > DP4A_MAX_K or k % 32:
         raise ValueError(f"quant_gemv: the dp4a kernel needs K a multiple of 32 and at most {DP4A_MAX_K}, got {k}")
     kp, rows_per_step, num_warps, split = dp4a_launch(block_n, block_k, warps, k, split)
+    if split > 1 and block_n & (block_n - 1):
+        raise ValueError(f"quant_gemv: a dp4a config with K split needs a power of 2 of rows per program, got {block_n}")
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
     programs = triton.cdiv(n, block_n)
     if split > 1:

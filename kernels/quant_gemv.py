@@ -374,7 +374,6 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     WPB: tl.constexpr = 4 if BITS == 4 else 8
     blk = tl.arange(0, NB)
     j = tl.arange(0, WPB)
-    b4 = tl.arange(0, 4)
     kb = blk * 32
     blk_ok = kb < K
     grp = tl.where(blk_ok, kb // GROUP, 0)
@@ -388,12 +387,12 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]
     first = tl.program_id(0) * ROWS
     # steps loaded ahead (``_steps_start``): one from 16 warps on (128 registers a thread)
-    LEAD: tl.constexpr = min(STAGES - 1, 1 if KP >= 16384 else 2)
+    LEAD: tl.constexpr = max(0, min(STAGES - 1, 1 if KP >= 16384 else 2))
     w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
                                                 blk_ok, HAS_MIN, ROWS, R, LEAD)
     for r0 in range(0, ROWS, R):
         rows = first + r0 + r
-        row_ok = rows < N
+        row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
         rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
         w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
             q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b, s_b,
@@ -473,7 +472,7 @@ def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
 
 _ROWS_MAX_K = 32768  # x-stationary: 1024 threads x one block of 32 inputs each
 
-#: Configs worth timing at real shapes, after the default (12 at most: the load-time tuner
+#: Configs worth timing at real shapes, after the default (few: the load-time tuner
 #: compiles each). The first H200 profile (benchmarks/results/2026-12-01-i14-profile-quant-
 #: gemv-8b-h200.json) had the x-stationary kernel best everywhere but the large-N int8
 #: layers (tensor-core kernel) and looked latency-bound, so: x-stationary with few rows per
@@ -525,8 +524,13 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
         if cfg not in out:
             out.append(cfg)
     if k % BLOCK == 0 and k <= _DP4A_MAX_K and dp4a_enabled():
-        for cfg in _DP4A_CONFIGS:
-            if cfg not in out:
+        from kernels.quant_dp4a import dp4a_launch
+
+        launches = set()
+        for cfg in _DP4A_CONFIGS:  # configs that launch the same kernel the same way are timed once
+            launch = (cfg.block_n, cfg.stages, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
+            if launch not in launches:
+                launches.add(launch)
                 out.append(cfg)
     if bits == 4 and k % 16 == 0:
         from kernels.quant_mma import mma_configs

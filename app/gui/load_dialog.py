@@ -107,6 +107,16 @@ class LoadDialog(QDialog):
         self.quant_head.setObjectName("loadQuantHead")
         self.quant_head.setChecked(settings.value("load/quant_head", "false") in (True, "true"))
         form.addRow("", self.quant_head)
+        self.float_head = QCheckBox("Keep a separate output head in full precision (slower, a little more exact)")
+        self.float_head.setObjectName("loadFloatHead")
+        self.float_head.setToolTip("int8 and int4 store a model's separate output head (Llama 3, larger Qwen) "
+                                   "as int8 by default: it is up to a fifth of a quantized decode step.")
+        self.float_head.setChecked(settings.value("load/float_head", "false") in (True, "true")
+                                   and not self.quant_head.isChecked())
+        form.addRow("", self.float_head)
+        # one or the other: the head quantized in the method's format, or kept float
+        self.quant_head.toggled.connect(lambda on: on and self.float_head.setChecked(False))
+        self.float_head.toggled.connect(lambda on: on and self.quant_head.setChecked(False))
         self.quantization.currentIndexChanged.connect(self._update_quant_fields)
         self._update_quant_fields()
         self.attention = self._combo("loadAttention", "attention", "load/attention", "auto")
@@ -184,6 +194,7 @@ class LoadDialog(QDialog):
         method = self.quantization.currentData()
         self.group_size.setEnabled(method == "int4")
         self.quant_head.setEnabled(method in ("int4", "int8"))
+        self.float_head.setEnabled(method in ("int4", "int8"))
 
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""
@@ -213,6 +224,7 @@ class LoadDialog(QDialog):
             "quantization": self.quantization.currentData(),
             "quant_group_size": self.group_size.currentData() if self.group_size.isEnabled() else None,
             "quant_head": self.quant_head.isChecked() and self.quant_head.isEnabled(),
+            "float_head": self.float_head.isChecked() and self.float_head.isEnabled(),
             "attention": self.attention.currentData(),
             "device": self.device.currentData(),
             "dtype": self.dtype.currentData(),
@@ -248,7 +260,7 @@ def _has_gpu(choices: ChoiceTable) -> bool:
 
 def save_load_options(settings: QSettings, opts: dict) -> None:
     defaults = {"quantization": "auto", "attention": "auto", "device": "auto", "dtype": "auto",
-                "kv_cache_dtype": "auto", "enforce_eager": False, "quant_head": False}
+                "kv_cache_dtype": "auto", "enforce_eager": False, "quant_head": False, "float_head": False}
     for key, default in defaults.items():
         settings.setValue(_SETTING_KEYS.get(key, f"load/{key}"), opts.get(key, default))
     settings.setValue("load/quant_group_size", opts.get("quant_group_size") or 0)
@@ -276,6 +288,8 @@ def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) 
         "quantization": usable("quantization", "load/quant", "auto"),
         "quant_group_size": int(settings.value("load/quant_group_size", 0) or 0) or None,
         "quant_head": settings.value("load/quant_head", "false") in (True, "true"),
+        "float_head": (settings.value("load/float_head", "false") in (True, "true")
+                       and settings.value("load/quant_head", "false") not in (True, "true")),
         "attention": attention,
         "device": usable("device", "load/device", "auto"),
         "dtype": usable("dtype", "load/dtype", "auto"),

@@ -156,12 +156,15 @@ def load_dtype(weights: str, device_type: str) -> str:
     return weights if weights in DTYPE_BYTES else auto_dtype(device_type)
 
 
-def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, embedding_rate: float = 2.0) -> int:
+def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, embedding_rate: float = 2.0,
+                 head_params: int = 0) -> int:
     """Bytes of ``num_params`` weights stored as ``weights`` (a key of ``bytes_per_param()``
     or an alias such as ``"bf16"``; resolve ``AUTO`` with ``load_dtype`` first).
 
     Below 16 bit, ``embedding_params`` (embeddings + untied LM head) stay in the load's
-    dtype: ``embedding_rate`` bytes each (2 on a GPU, 4 for float32 on the CPU).
+    dtype: ``embedding_rate`` bytes each (2 on a GPU, 4 for float32 on the CPU); but int8 and
+    int4 store an untied head (``head_params`` of them) as int8, a byte each (the default;
+    ``--float-head`` keeps it float).
 
     Raises:
         ValueError: unknown weights choice.
@@ -175,7 +178,8 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, em
     if rate >= 2.0 or embedding_params <= 0:
         return int(round(num_params * rate))
     embed = min(embedding_params, num_params)
-    return int(round(embed * embedding_rate + (num_params - embed) * rate))
+    head = min(head_params, embed) if name in ("int8", "int4") else 0
+    return int(round((embed - head) * embedding_rate + head * 1.0 + (num_params - embed) * rate))
 
 
 def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget, weights: str = AUTO,
@@ -205,7 +209,8 @@ def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget
                 notes.append("parameter count unknown: weights counted at their file size")
     else:
         weights_total = weight_bytes(num_params, dtype if weights == AUTO else weights,
-                                     embedding_params=shape.embedding_params, embedding_rate=DTYPE_BYTES[dtype])
+                                     embedding_params=shape.embedding_params, embedding_rate=DTYPE_BYTES[dtype],
+                                     head_params=shape.head_params)
     context = context_len or shape.max_context or FALLBACK_CONTEXT
     if shape.max_context and context > shape.max_context:
         notes.append(f"the model takes at most {shape.max_context} tokens of context: a load with more is refused")

@@ -139,13 +139,14 @@ def _sizing(config: EngineConfig, found) -> tuple[EngineConfig, bool]:
     if mc.quantization not in ("awq", "gptq") or checkpoint_quant_method(found.path) in PUBLISHED:
         return config, False
     cached = (calibrated_path(found, config)[1] / "config.json").is_file()
-    return _with_quant(config, "int4"), not cached
+    # the calibrated checkpoint keeps the head as the float model has it (export: not_converted)
+    return _with_quant(config, "int4", float_head=True), not cached
 
 
-def _with_quant(config: EngineConfig, method: str) -> EngineConfig:
+def _with_quant(config: EngineConfig, method: str, **model_options) -> EngineConfig:
     from dataclasses import replace
 
-    return replace(config, model=replace(config.model, quantization=method))
+    return replace(config, model=replace(config.model, quantization=method, **model_options))
 
 
 def _no_room_for_context(blocks: int, block_size: int, max_model_len: int, weights: int,

@@ -23,7 +23,7 @@ class SpecSummary:
     """What a load of the model would size (``None`` where the config is silent).
 
     ``embedding_params``: the embedding plus an untied LM head (the weights a quantized load
-    keeps in 16 bit). ``max_context``: the model's longest context. ``num_params``: the
+    keeps in 16 bit; but int8/int4 store an untied head, ``head_params``, as int8). ``max_context``: the model's longest context. ``num_params``: the
     native spec's parameter count (``None`` off the native path: count the checkpoint).
     """
 
@@ -38,6 +38,7 @@ class SpecSummary:
     num_params: int | None = None
     vocab_size: int | None = None
     hidden_size: int | None = None
+    head_params: int = 0  # an untied LM head's weights (native models; 0 when tied)
 
     @property
     def has_kv_shape(self) -> bool:
@@ -57,7 +58,8 @@ class SpecSummary:
         """The native spec's numbers."""
         embed = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
         return cls(spec.num_layers, spec.num_kv_heads, spec.head_dim, embed, spec.max_position_embeddings,
-                   spec.model_type, True, None, spec.num_params(), spec.vocab_size, spec.hidden_size)
+                   spec.model_type, True, None, spec.num_params(), spec.vocab_size, spec.hidden_size,
+                   0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], source: str = "config.json") -> "SpecSummary":
@@ -85,7 +87,7 @@ class SpecSummary:
         ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions")
         return cls(_int(layers), _int(kv_heads), _int(head_dim), embed, _int(ctx),
                    config.get("model_type") or cfg.get("model_type"), False, reason, None, _int(vocab) or None,
-                   _int(hidden))
+                   _int(hidden), 0 if tied or not embed else embed // 2)
 
 
 def model_summary(model: dict[str, Any] | str | Path) -> SpecSummary:

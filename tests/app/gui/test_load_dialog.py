@@ -109,6 +109,17 @@ def test_int4_group_size_and_head_options_follow_the_method_and_are_saved(qtbot,
     # int8 has no groups: the field is off and sends nothing
     dlg.quantization.setCurrentIndex(dlg.quantization.findData("int8"))
     assert not dlg.group_size.isEnabled() and dlg.options()["quant_group_size"] is None
+    # keeping an untied head float is the other choice: ticking one clears the other, and it saves
+    assert dlg.float_head.isEnabled() and not dlg.float_head.isChecked()
+    dlg.float_head.setChecked(True)
+    assert not dlg.quant_head.isChecked()
+    assert (dlg.options()["float_head"], dlg.options()["quant_head"]) == (True, False)
+    dlg.config()  # a valid load configuration (both together are refused)
+    dlg._accept()
+    saved = saved_load_options(gui_env["settings"], choices)
+    assert (saved["float_head"], saved["quant_head"]) == (True, False)
+    dlg.quant_head.setChecked(True)
+    assert not dlg.float_head.isChecked()
 
 
 def test_an_old_saved_none_does_not_pin_the_default_gguf_to_floats(qtbot, gui_env):

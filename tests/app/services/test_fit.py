@@ -82,13 +82,15 @@ def test_verdicts_and_numbers():
     assert nofit.verdict == "won't fit" and nofit.kv_cache_bytes == 1 * GIB and not nofit.kv_fills_device
     assert nofit.summary().startswith("won't fit: needs 17.6 GiB (weights 15.0 bfloat16 + KV cache 1.0 + "
                                       "overhead 1.6), RAM has 17.0 GiB free: pick a smaller dtype")
-    # int4 (embeddings kept in 16 bit): 1.05e9 * 2 + 6.98e9 * 0.53125 = 5.81e9 B = 5.41 GiB,
-    # + 1 GiB KV (one bf16 context: a GPU computes in bf16), + 10% = 7.05 GiB: fits in 19 GiB.
+    # int4: the embedding kept in 16 bit, the untied head int8 (525M weights each):
+    # 5.25e8 * 2 + 5.25e8 * 1 + 6.98e9 * 0.53125 = 5.28e9 B = 4.92 GiB, + 1 GiB KV (one bf16
+    # context: a GPU computes in bf16), + 10% = 6.51 GiB: fits in 19 GiB.
+    assert shape.head_params == 1_050_673_152 // 2
     q = fit.estimate(num_params=n, shape=shape, weights="int4", context_len=8192,
                      target=MemoryTarget("cuda:1", "GPU 1", 19 * GIB, 24 * GIB))
-    assert q.weights_bytes == round(1_050_673_152 * 2 + (n - 1_050_673_152) * 0.53125)
-    assert q.total_bytes / GIB == pytest.approx(7.05, abs=0.01) and q.verdict == "fits"
-    assert "weights 5.4 int4 + " in q.summary()
+    assert q.weights_bytes == round(525_336_576 * 2 + 525_336_576 * 1 + (n - 1_050_673_152) * 0.53125)
+    assert q.total_bytes / GIB == pytest.approx(6.51, abs=0.01) and q.verdict == "fits"
+    assert "weights 4.9 int4 + " in q.summary()
 
 
 def test_auto_weights_follow_the_engine_rule_for_the_device():
@@ -160,8 +162,8 @@ def test_estimate_for_a_hub_repo(fake_hub):
     t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
     est = fit.estimate_for_repo(TINY, weights="int8", context_len=1024, target=t)
     embed = 2 * 1000 * 64                                  # untied 1000 x 64 embeddings
-    # int8 layers; the embedding and head stay float32, the CPU's dtype (4 bytes each)
-    assert est.weights_bytes == round(embed * 4 + (n - embed) * 1.0)
+    # int8 layers and head; the embedding stays float32, the CPU's dtype (4 bytes each)
+    assert est.weights_bytes == round(embed // 2 * 4 + (n - embed // 2) * 1.0)
     head_dim = TINY_CONFIG["hidden_size"] // TINY_CONFIG["num_attention_heads"]
     # One 1024-token context of K and V in float32 (an int8 model computes in the CPU's dtype).
     assert est.kv_context_bytes == 2 * 2 * 2 * head_dim * 4 * 1024
