@@ -74,6 +74,31 @@ class DequantMatmul(QuantKernel):
         return matmul(permuted(gated(x, layer), layer), w, layer.bias, out)
 
 
+class DequantizedOnce(QuantKernel):
+    """The weight dequantized once, when bound, then torch's matmul: a GPU layer in a form
+    the Triton kernels don't read (int8 in groups of 16, GGUF Q6_K's; they read whole
+    blocks of 32). It keeps its float copy beside the codes, so it saves no memory there."""
+
+    name = "dequantized at load+matmul"
+
+    def bind(self, layer) -> "DequantizedOnce":
+        bound = DequantizedOnce()
+        bound.weight = layer.quantized_weight().dequantize(_float_dtype(layer))
+        return bound
+
+    def __call__(self, x, layer, out=None):
+        return matmul(permuted(gated(x, layer), layer), self.weight.to(x.dtype), layer.bias, out)
+
+
+def _float_dtype(layer) -> torch.dtype:
+    return getattr(layer, "dtype", None) or torch.bfloat16
+
+
+def triton_reads(layer) -> bool:
+    """Whether the GPU kernels take ``layer``'s layout: groups of a multiple of 32 inputs."""
+    return layer.group_size % 32 == 0
+
+
 class TritonQuant(QuantKernel):
     """The Triton dequantize-GEMV (``config``) for one row, the dequantize-GEMM for more."""
 
@@ -166,7 +191,7 @@ def kernel_for(layer) -> QuantKernel:
     if os.environ.get("HEARTH_QUANT_KERNEL") == "reference":
         return DequantMatmul()
     if layer.qweight.device.type == "cuda":
-        return TritonQuant()
+        return TritonQuant() if triton_reads(layer) else DequantizedOnce()
     if layer.qweight.device.type == "cpu" and cpu_kernel_problem(layer) is None:
         return CpuQuant()
     return DequantMatmul()
@@ -174,7 +199,7 @@ def kernel_for(layer) -> QuantKernel:
 
 def kernel_candidates(layer) -> list[QuantKernel]:
     """The batch-1 kernels worth timing for ``layer``, the one it runs first first."""
-    if layer.qweight.device.type != "cuda":
+    if layer.qweight.device.type != "cuda" or not triton_reads(layer):
         return [layer.kernel]
     from kernels.quant_gemv import quant_gemv_configs
 

@@ -28,11 +28,11 @@ Scales and mins come out in float32, where they are exact (an fp16 ``d`` times a
 Q5_K 0..31 (uint8), Q6_K -32..31 (int8).
 
 Kept quantized (``to_weight``): Q4_K as Hearth's int4 in groups of 32, Q5_K as int8 codes
-0..31 in groups of 32 with mins, both with their scales and mins rounded once to float16
-(Hearth's canonical layout: at most 2^-11 of a scale, under 1% of one quantization step).
-Q6_K would be int8 codes in groups of 16 inputs: Hearth's CPU kernel takes those (two
-scales per block of 32), but the GPU kernels read whole blocks of 32, and a GGUF's kept
-conversion is one folder for both devices, so its tensors are still dequantized at load.
+0..31 in groups of 32 with mins, Q6_K as int8 codes in groups of 16 (no mins), all with their
+scales and mins rounded once to float16 (Hearth's canonical layout: at most 2^-11 of a
+scale, under 1% of one quantization step). The CPU kernel runs groups of 16 (two scales per
+block of 32); the GPU kernels read whole blocks of 32, so on a GPU such a layer is
+dequantized once when it binds its kernel (``engine.layers.quant_kernels.DequantizedOnce``).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def read_kquant(raw: np.ndarray, type_name: str) -> KQuantBlocks:
 
 
 #: K-quant types kept quantized (the rest of ``KQUANT_TYPES`` dequantize at load)
-KEPT_KQUANT_TYPES = ("Q4_K", "Q5_K")
+KEPT_KQUANT_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 
 
 def to_weight(blocks: KQuantBlocks) -> QuantizedWeight | None:
@@ -139,7 +139,10 @@ def to_weight(blocks: KQuantBlocks) -> QuantizedWeight | None:
     scale or min beyond float16's range: d above ~1040)."""
     if blocks.type_name not in KEPT_KQUANT_TYPES:
         return None
-    scales, mins = blocks.scales.to(torch.float16), blocks.mins.to(torch.float16)
+    scales = blocks.scales.to(torch.float16)
+    if blocks.type_name == "Q6_K":
+        return QuantizedWeight(8, 16, blocks.codes, scales, None) if bool(torch.isfinite(scales).all()) else None
+    mins = blocks.mins.to(torch.float16)
     if not (bool(torch.isfinite(scales).all()) and bool(torch.isfinite(mins).all())):
         return None
     if blocks.type_name == "Q4_K":

@@ -1,8 +1,9 @@
-"""A GGUF file with Q4_K and Q5_K tensors (a 2-layer cut of the bundled SmolLM2 whose
+"""A GGUF file with Q4_K, Q5_K and Q6_K tensors (a 3-layer cut of the bundled SmolLM2 whose
 down projections are rewritten as random K-quant super-blocks with the gguf writer): the
 default load keeps them quantized (Q4_K as int4, Q5_K as int8 codes with mins, groups of
-32) and, with exact float activations, its logits are transformers' for the file's own
-dequantized weights (tolerance: the scales and mins rounded once to float16)."""
+32; Q6_K as int8 in groups of 16) and, with exact float activations, its logits are
+transformers' for the file's own dequantized weights (tolerance: the scales and mins
+rounded once to float16); the C kernel, per layer and in the whole-model decode step, too."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from tests.quant.test_gguf_kquants import dequantize, random_blocks
 
 gguf = pytest.importorskip("gguf")
 
-LAYERS = 2
-DOWN_TYPES = {0: "Q4_K", 1: "Q5_K"}
+LAYERS = 3
+DOWN_TYPES = {0: "Q4_K", 1: "Q5_K", 2: "Q6_K"}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +67,11 @@ def test_q4_k_and_q5_k_are_kept_quantized_and_match_the_files_weights(kquant_ggu
     try:
         info = eng.model_info
         assert info.quantization == "gguf"
-        assert "1 Q4_K tensors kept" in info.quant_detail and "1 Q5_K tensors kept" in info.quant_detail
+        for kind in ("Q4_K", "Q5_K", "Q6_K"):
+            assert f"1 {kind} tensors kept" in info.quant_detail, info.quant_detail
         downs = [layer.mlp.down_proj for layer in eng.runner.model.model.layers]
-        assert [(m.bits, m.group_size, m.mins is not None) for m in downs] == [(4, 32, True), (8, 32, True)]
+        assert [(m.bits, m.group_size, m.mins is not None) for m in downs] == [(4, 32, True), (8, 32, True),
+                                                                               (8, 16, False)]
         ids = eng.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
         with torch.no_grad():
             ref = ref_model(torch.tensor([ids])).logits[0].float()
@@ -122,4 +125,39 @@ def test_mixed_fused_groups_widen_or_say_why_they_stay_float():
         torch.testing.assert_close(w.dequantize(), tensors[f"model.layers.0.self_attn.{name}.weight"],
                                    rtol=2e-3, atol=2e-3 * w.dequantize().abs().max().item())
     assert not any(n.startswith("model.layers.1.") for n in kept)
-    assert types == {"kept": {"Q4_K": 2, "Q5_K": 1}, "dequantized": {"Q6_K": 1}, "fused_float": {"Q4_K": 2}}
+    # a Q6_K v (int8 in groups of 16, no mins) beside Q4_K q/k: no one form holds them all
+    # that the kernels take (the C kernel's groups of 16 have no mins), so the group is float
+    assert types == {"kept": {"Q4_K": 2, "Q5_K": 1}, "dequantized": {}, "fused_float": {"Q4_K": 2, "Q6_K": 1}}
+
+
+def test_the_c_decode_step_runs_the_kept_k_quants(kquant_gguf, monkeypatch):
+    """The whole-model C decode step takes every kept form here (int4 g32, int8 g32 with
+    mins, int8 g16): the same greedy tokens as the eager steps, and it ran."""
+    from engine.api import SamplingParams
+    from tests.engine.test_cpu_decode_step import _both_ways
+
+    monkeypatch.delenv("HEARTH_QUANT_KERNEL", raising=False)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    runs, infos, calls = _both_ways(monkeypatch, kquant_gguf, "auto", ["The capital of France is"], params)
+    if infos[1] is not True:
+        pytest.skip(f"the C decode step can't run here: {infos[1]}")
+    assert runs[0][0].token_ids == runs[1][0].token_ids
+    assert len(calls) >= 10
+
+
+def test_a_gpu_dequantizes_groups_of_16_once(kquant_gguf):
+    """The GPU kernels read whole blocks of 32: a Q6_K layer (int8 in groups of 16) binds
+    the dequantize-once kernel there (the same products as dequantize+matmul), and its
+    batch-1 tuning has nothing else to time."""
+    from engine.layers.quant_kernels import DequantizedOnce, DequantMatmul, triton_reads
+
+    eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
+    try:
+        down = eng.runner.model.model.layers[2].mlp.down_proj
+        assert (down.bits, down.group_size) == (8, 16) and not triton_reads(down)
+        assert triton_reads(eng.runner.model.model.layers[0].mlp.down_proj)
+        x = torch.randn(3, 2 * down.in_features)  # [gate | up]: the down projection applies SwiGLU
+        once = DequantizedOnce().bind(down)
+        torch.testing.assert_close(once(x, down), DequantMatmul().bind(down)(x, down))
+    finally:
+        eng.shutdown()
