@@ -93,6 +93,22 @@ def _check_readable(gguf_path: Path) -> None:
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {problem}")
 
 
+def unsupported_tensor_types(gguf_path: Path) -> list[tuple[str, str]]:
+    """(tensor name, type) of each tensor stored in a type the gguf package can't
+    dequantize (read from the header; the data is not touched). Empty when the header
+    can't be read (the reader's own error says why then)."""
+    try:
+        import gguf
+        from gguf import quants
+
+        reader = gguf.GGUFReader(str(gguf_path))
+    except Exception:  # noqa: BLE001 - damaged files are reported by the caller's error
+        return []
+    readable = set(getattr(quants, "_type_traits", {})) | {gguf.GGMLQuantizationType.F32,
+                                                            gguf.GGMLQuantizationType.F16}
+    return [(t.name, t.tensor_type.name) for t in reader.tensors if t.tensor_type not in readable]
+
+
 def _read_gguf(gguf_path: Path):
     """Return ``(config, tokenizer, state_dict)`` read by transformers' GGUF reader."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -126,6 +142,15 @@ def _read_gguf(gguf_path: Path):
             model = AutoModelForCausalLM.from_config(cfg)
         tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
     except Exception as exc:
+        unsupported = unsupported_tensor_types(gguf_path)
+        if unsupported:
+            shown = ", ".join(f"{name} ({kind})" for name, kind in unsupported[:3])
+            more = f" and {len(unsupported) - 3} more" if len(unsupported) > 3 else ""
+            kinds = sorted({kind for _name, kind in unsupported})
+            raise UnsupportedModelError(
+                f"cannot convert GGUF file {gguf_path}: tensor {shown}{more} is stored as {'/'.join(kinds)}, a "
+                f"type Hearth's GGUF reader (the gguf package) cannot read. Use another quantization of the "
+                f"model (Q4_K_M, Q5_K_M, Q8_0 or F16 files are read), or its Hugging Face repo.") from exc
         raise ModelLoadError(
             f"cannot convert GGUF file {gguf_path}: {type(exc).__name__}: {exc}. The file may be "
             f"truncated, corrupt or use an unsupported quantization. {hint}"

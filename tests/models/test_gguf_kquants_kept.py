@@ -21,12 +21,12 @@ LAYERS = 3
 DOWN_TYPES = {0: "Q4_K", 1: "Q5_K", 2: "Q6_K"}
 
 
-@pytest.fixture(scope="module")
-def kquant_gguf(default_model, tmp_path_factory):
+def write_cut(path, down_types: dict[int, str]):
+    """The bundled SmolLM2 cut to LAYERS layers, with each listed layer's down projection
+    rewritten as random blocks of its type; returns ``path``."""
     from engine.loader.resolve import default_gguf_path
 
     reader = gguf.GGUFReader(str(default_gguf_path()))
-    path = tmp_path_factory.mktemp("kquant") / "smol-2layer-kquants.gguf"
     writer = gguf.GGUFWriter(str(path), arch="llama")
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
@@ -37,11 +37,17 @@ def kquant_gguf(default_model, tmp_path_factory):
     for t in reader.tensors:
         if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= LAYERS:
             continue
-        kind = DOWN_TYPES.get(int(t.name.split(".")[1])) if t.name.endswith("ffn_down.weight") else None
-        if kind is not None:  # [576 rows, 1536 inputs]: 6 super-blocks a row
+        kind = down_types.get(int(t.name.split(".")[1])) if t.name.endswith("ffn_down.weight") else None
+        if kind in ("Q4_K", "Q5_K", "Q6_K"):  # [576 rows, 1536 inputs]: 6 super-blocks a row
             rows = int(t.shape[1])
             data = random_blocks(kind, rows, int(t.shape[0]) // 256, seed=len(kind) + rows)
             writer.add_tensor(t.name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+        elif kind is not None:  # any other type: random bytes of its size
+            qtype = getattr(gguf.GGMLQuantizationType, kind)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            data = np.random.default_rng(0).integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+            writer.add_tensor(t.name, data, raw_dtype=qtype)
         else:
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
@@ -49,6 +55,11 @@ def kquant_gguf(default_model, tmp_path_factory):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def kquant_gguf(default_model, tmp_path_factory):
+    return write_cut(tmp_path_factory.mktemp("kquant") / "smol-3layer-kquants.gguf", DOWN_TYPES)
 
 
 @pytest.mark.parametrize("kernel", ["reference", "fast"])
@@ -161,3 +172,14 @@ def test_a_gpu_dequantizes_groups_of_16_once(kquant_gguf):
         torch.testing.assert_close(once(x, down), DequantMatmul().bind(down)(x, down))
     finally:
         eng.shutdown()
+
+
+def test_a_tensor_type_gguf_cannot_read_is_named_with_its_type(default_model, tmp_path):
+    """A file with a tensor in a type the reader has no dequantization for: refused before
+    anything loads, naming the tensor and the type, and what to use instead."""
+    from engine.errors import UnsupportedModelError
+
+    path = write_cut(tmp_path / "smol-q1_0.gguf", {1: "Q1_0"})
+    with pytest.raises(UnsupportedModelError, match=r"blk\.1\.ffn_down\.weight.*\(Q1_0\).*Q4_K_M") as err:
+        Engine.load(str(path), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
+    assert "cannot read" in str(err.value)
