@@ -4,7 +4,8 @@
 #   .carry/whl  wheels the GPU box's image lacks, for its Python 3.12 / manylinux x86_64, at
 #               this venv's versions: platformdirs; the server's fastapi, starlette,
 #               uvicorn, pydantic (+ core, annotated-types, typing-inspection), fastapi's
-#               annotated-doc and opentelemetry-api; llguidance.
+#               annotated-doc and opentelemetry-api; llguidance; jsonschema (+ its
+#               specifications, referencing, rpds-py, attrs) for the structured-output tests.
 #               (anyio, click, h11, httpx, prometheus-client, psutil are already there.)
 # Then on the device: OUT=$OUT bash benchmarks/gpu_session.sh <what>.
 set -euo pipefail
@@ -17,7 +18,7 @@ for f in tokenizer.json tokenizer_config.json chat_template.jinja special_tokens
   [ -f "$src/$f" ] && cp "$src/$f" .carry/tok/
 done
 pkgs=()
-for name in platformdirs fastapi annotated-doc opentelemetry-api starlette uvicorn pydantic pydantic-core annotated-types typing-inspection llguidance; do
+for name in platformdirs fastapi annotated-doc opentelemetry-api starlette uvicorn pydantic pydantic-core annotated-types typing-inspection llguidance jsonschema jsonschema-specifications referencing rpds-py attrs; do
   version=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))")
   pkgs+=("$name==$version")
 done
