@@ -107,9 +107,9 @@ class NativeExecuteMixin(RequestStateMixin):
         keeps its logits; its masks are filled when the engine asks for it, once the
         grammars have this step's tokens, while it still runs. The launched-ahead step is
         used only if the engine then asks for exactly it (same requests, positions and
-        tokens); otherwise it is dropped, which
-        is harmless: it only wrote K/V, at slots that the real step rewrites with the same
-        values or that belong to no committed token.
+        tokens); otherwise it is dropped, which is harmless: it only wrote K/V, at slots
+        that the real step rewrites with the same values or that belong to no committed
+        token (and a grammar only takes the tokens of steps that were used).
         """
         rows = inp.rows
         ahead, self._ahead = self._ahead, None
