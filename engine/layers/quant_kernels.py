@@ -77,7 +77,9 @@ class DequantMatmul(QuantKernel):
 class DequantizedOnce(QuantKernel):
     """The weight dequantized once, when bound, then torch's matmul: a GPU layer in a form
     the Triton kernels don't read (int8 in groups of 16, GGUF Q6_K's; they read whole
-    blocks of 32). It keeps its float copy beside the codes, so it saves no memory there."""
+    blocks of 32) that wasn't swapped for a float projection at load
+    (``QuantizedLinear.choose_kernels`` swaps every one without an act-order permutation).
+    Its float copy sits beside the codes: more memory than either alone."""
 
     name = "dequantized at load+matmul"
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from engine.layers.linear import Linear, SwiGLUDownLinear
 from engine.layers.linear_kernels import silu_and_mul_reference, silu_and_mul_triton
-from engine.layers.quant_kernels import DequantMatmul, QuantKernel, kernel_candidates, kernel_for
+from engine.layers.quant_kernels import DequantMatmul, QuantKernel, kernel_candidates, kernel_for, triton_reads
 from engine.layers.weight_loader import WeightShapeError
 from engine.quant.qweight import QuantizedWeight
 from engine.quant.sources import QuantSource
@@ -183,8 +183,13 @@ class QuantizedLinear(QuantizedStore):
         or fuses SwiGLU) -> [rows, out_features]."""
         return self.kernel(x, self, out)
 
-    def choose_kernels(self, plan) -> "QuantizedLinear":
-        """The plan's SwiGLU activation, and the kernel that runs on this device."""
+    def choose_kernels(self, plan) -> "QuantizedLinear | Linear":
+        """The plan's SwiGLU activation, and the kernel that runs on this device. On a GPU a
+        layout its kernels don't read (int8 in groups of 16: GGUF Q6_K) becomes a float
+        projection here (its codes are dropped; ``gpu_float_extra`` counts the difference
+        before the load)."""
+        if self.qweight.device.type == "cuda" and not triton_reads(self) and self.perm is None:
+            return self.as_float().choose_kernels(plan)
         if self.gated:
             self.act = silu_and_mul_triton() if plan.fused else silu_and_mul_reference
         self.use_kernel(kernel_for(self))
@@ -192,6 +197,17 @@ class QuantizedLinear(QuantizedStore):
 
     def use_kernel(self, kernel: QuantKernel) -> None:
         self.kernel = kernel.bind(self)
+
+    def as_float(self) -> Linear:
+        """This projection dequantized into a float ``Linear`` (``SwiGLUDownLinear`` for a
+        down projection over ``[gate | up]``) in the model's dtype, sharing the bias."""
+        dtype = self.dtype or torch.bfloat16
+        cls = SwiGLUDownLinear if self.gated else Linear
+        with torch.device("meta"):
+            lin = cls(self.in_features, self.out_features, dtype=dtype)
+        lin.weight = nn.Parameter(self.quantized_weight().dequantize(dtype), requires_grad=False)
+        lin.bias = self.bias
+        return lin
 
     def kernel_candidates(self) -> list[QuantKernel]:
         return kernel_candidates(self)
@@ -265,3 +281,15 @@ def dequantized_linear(module: QuantizedStore, dtype: torch.dtype) -> torch.Tens
 
 
 
+
+
+def gpu_float_extra(model: nn.Module) -> int:
+    """Bytes a CUDA load of ``model`` (on the meta device, transformed) holds beyond what
+    its modules count: each quantized projection the GPU kernels don't read becomes a float
+    one at load (``QuantizedLinear.choose_kernels``)."""
+    extra = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear) and not triton_reads(m) and m.perm is None:
+            quantized = sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.mins) if t is not None)
+            extra += m.out_features * m.in_features * (m.dtype or torch.bfloat16).itemsize - quantized
+    return extra

@@ -283,7 +283,7 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tu
         # Hearth's dequantization equals gguf's bit for bit (tests/quant/test_quant_layout.py,
         # tests/quant/test_gguf_kquants.py).
         perm = row_permutation(tensor.float(), exact)
-        if perm is not None:
+        if qw is not None and perm is not None:  # None: a scale beyond float16 (stays float)
             kept[name] = permute_rows(qw, perm)
     fused_float = set()  # kept alone, but fused with a member that stays float
     for name in list(kept):

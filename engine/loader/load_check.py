@@ -63,7 +63,8 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
         # What the load will hold: the meta model after the load's transforms (quantized
         # weights count as what they are), the count bring-up checks before materializing.
         sizing, calibrating = _sizing(config, found)
-        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(sizing, found.path))
+        weights = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(sizing, found.path),
+                                           device_type=torch.device(device).type)
         if calibrating:  # the first awq/gptq load holds the float model on the device while it calibrates
             calibration = transformed_weight_bytes(spec, dtype, max_model_len, model_transforms(
                 _with_quant(config, "none"), found.path))

@@ -37,6 +37,7 @@ from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryEr
 from engine.layers.attention import AttentionBackend, get_backend
 from engine.layers.kernel_plan import KernelPlan, apply_kernel_plan
 from engine.layers.modules import module_bytes
+from engine.layers.quant_linear import gpu_float_extra
 from engine.loader.weights import iter_weights
 from engine.models.llama import LlamaForCausalLM
 from engine.models.spec import ModelSpec
@@ -89,10 +90,11 @@ def build_on_meta(spec: ModelSpec, dtype: torch.dtype, max_model_len: int,
 
 
 def transformed_weight_bytes(spec: ModelSpec, dtype: torch.dtype, max_model_len: int,
-                             transforms: Sequence[Transform] = ()) -> int:
-    """Bytes the model's weights will take once loaded with ``transforms`` (the load
-    pre-flight, ``engine.loader.load_check``, counts them so)."""
-    return module_bytes(build_on_meta(spec, dtype, max_model_len, transforms))
+                             transforms: Sequence[Transform] = (), device_type: str = "cpu") -> int:
+    """Bytes the model's weights will take once loaded with ``transforms`` on a device of
+    ``device_type`` (the load pre-flight, ``engine.loader.load_check``, counts them so)."""
+    model = build_on_meta(spec, dtype, max_model_len, transforms)
+    return module_bytes(model) + (gpu_float_extra(model) if device_type == "cuda" else 0)
 
 
 def usable_backend(attention: str, device: torch.device) -> type[AttentionBackend]:
@@ -175,7 +177,7 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     if transforms is None:
         transforms = model_transforms(config, weights, rank, world_size)
     model = build_on_meta(spec, dtype, max_model_len, transforms)
-    need = module_bytes(model)
+    need = module_bytes(model) + (gpu_float_extra(model) if device.type == "cuda" else 0)
     # An explicit KV size that can't fit is refused now, not after the weights load.
     check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
                       max_model_len, weights_bytes=need)

@@ -70,29 +70,49 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     choices: dict[str, str] = {}
     if progress:
         progress("choosing batch-1 matmul kernels (cuBLAS or Triton GEMV)")
-    for kind, mods in _kinds(model).items():
-        if not mods:
-            continue
-        first = mods[0]
-        kernels = first.kernel_candidates()
-        if len(kernels) < 2:  # one kernel (or none, a module that picks its own): nothing to time
-            continue
-        gen = torch.Generator(device=device).manual_seed(0)
-        dtype = first.weight.dtype if isinstance(first, Linear) else first.dtype
-        x = torch.randn(1, first.input_width, device=device, generator=gen).to(dtype)
-        try:
-            best, best_ms = _choose(mods, kernels, x, kind, graphed=True)
-        except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
-            log.warning("batch-1 %s timed eagerly (graph capture failed: %s)", kind, e)
-            best, best_ms = _choose(mods, kernels, x, kind, graphed=False)
-        for m in mods:
-            m.use_kernel(best)
-        choices[kind] = best.name
-        n, k = first.out_features, first.in_features
-        log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, n, k, choices[kind], 1e3 * best_ms)
+    for kind, all_mods in _kinds(model).items():
+        # Modules of one kind may be stored differently (a GGUF's Q4_K_M keeps some layers'
+        # q/k/v float and gives some down projections Q6_K, int8 in groups of 16): each form
+        # is tuned apart, with its own candidates.
+        groups: dict[tuple, list] = {}
+        for m in all_mods:
+            groups.setdefault(_form(m), []).append(m)
+        names = [name for mods in groups.values() if (name := _tune_group(kind, mods, device)) is not None]
+        if names:
+            choices[kind] = " / ".join(names)
     if progress:
         progress("batch-1 matmuls: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
     return choices
+
+
+def _form(module) -> tuple:
+    """How ``module`` stores its weight, as far as its kernels care: float, or quantized
+    bits / group size / with mins."""
+    if not hasattr(module, "qweight"):
+        return ("float",)
+    return ("quantized", module.bits, module.group_size, module.mins is not None)
+
+
+def _tune_group(kind: str, mods: list, device: torch.device) -> str | None:
+    """Time the candidates of ``mods`` (modules of one kind and form), give them all the
+    fastest; its name (None: nothing to choose)."""
+    first = mods[0]
+    kernels = first.kernel_candidates()
+    if len(kernels) < 2:  # one kernel (or none, a module that picks its own): nothing to time
+        return None
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = first.weight.dtype if isinstance(first, Linear) else first.dtype
+    x = torch.randn(1, first.input_width, device=device, generator=gen).to(dtype)
+    try:
+        best, best_ms = _choose(mods, kernels, x, kind, graphed=True)
+    except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
+        log.warning("batch-1 %s timed eagerly (graph capture failed: %s)", kind, e)
+        best, best_ms = _choose(mods, kernels, x, kind, graphed=False)
+    for m in mods:
+        m.use_kernel(best)
+    log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, first.out_features, first.in_features, best.name,
+             1e3 * best_ms)
+    return best.name
 
 
 #: how far a candidate's result may be from the baseline's (RMS of the difference over the

@@ -42,6 +42,9 @@ def write_cut(path, down_types: dict[int, str]):
             rows = int(t.shape[1])
             data = random_blocks(kind, rows, int(t.shape[0]) // 256, seed=len(kind) + rows)
             writer.add_tensor(t.name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+        elif kind == "F16":
+            data = np.random.default_rng(1).normal(0, 0.02, size=(int(t.shape[1]), int(t.shape[0])))
+            writer.add_tensor(t.name, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
         elif kind is not None:  # any other type: random bytes of its size
             qtype = getattr(gguf.GGMLQuantizationType, kind)
             block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -183,3 +186,104 @@ def test_a_tensor_type_gguf_cannot_read_is_named_with_its_type(default_model, tm
     with pytest.raises(UnsupportedModelError, match=r"blk\.1\.ffn_down\.weight.*\(Q1_0\).*Q4_K_M") as err:
         Engine.load(str(path), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
     assert "cannot read" in str(err.value)
+
+
+def _stub_timing(monkeypatch):
+    import engine.runner.gemv_tuning as gt
+
+    monkeypatch.setattr(gt, "_time", lambda fn, count, graphed=True, reps=3: (fn(0), 1.0)[1])
+    return gt
+
+
+def test_the_batch1_tuner_tunes_each_form_of_a_kind_apart(kquant_gguf, monkeypatch):
+    """Down projections stored as Q4_K, Q5_K and Q6_K: each form gets its own candidates
+    (a GPU's Triton configs bound to a group-of-16 layer raised). CUDA's candidate lists
+    stood in for on the CPU, timing stubbed."""
+    import engine.layers.quant_linear as ql
+    from engine.layers.quant_kernels import TritonQuant, triton_reads
+    from kernels.quant_gemv import quant_gemv_configs
+
+    gt = _stub_timing(monkeypatch)
+    eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
+    try:
+        model = eng.runner.model
+
+        def cuda_like_candidates(layer):
+            if not triton_reads(layer) or layer.in_features != 1536:  # only the down kind is timed here
+                return [layer.kernel]
+            return [TritonQuant(c) for c in quant_gemv_configs(layer.out_features, layer.in_features, layer.bits,
+                                                                layer.group_size)[:2]]
+
+        monkeypatch.setattr(ql, "kernel_candidates", cuda_like_candidates)
+        choices = gt.tune_gemv(model, torch.device("cpu"))
+        downs = [layer.mlp.down_proj for layer in model.model.layers]
+        assert [isinstance(d.kernel, TritonQuant) for d in downs] == [True, True, False]
+        assert choices["down"].count("triton quant gemv") == 2  # Q4_K's and Q5_K's, each its own
+    finally:
+        eng.shutdown()
+
+
+def test_the_batch1_tuner_with_float_and_quantized_modules_of_one_kind(default_model, tmp_path, monkeypatch):
+    """Q4_K_M keeps some layers' q/k/v float (their v is Q6_K): a kind of float and
+    quantized modules tunes each apart (float candidates bound to a quantized one raised)."""
+    path = write_cut(tmp_path / "smol-float-first.gguf", {0: "F16", 1: "Q4_K", 2: "Q4_K"})
+    gt = _stub_timing(monkeypatch)
+    eng = Engine.load(str(path), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
+    try:
+        model = eng.runner.model
+        downs = [layer.mlp.down_proj for layer in model.model.layers]
+        assert not hasattr(downs[0], "qweight") and all(hasattr(d, "qweight") for d in downs[1:])
+        gt.tune_gemv(model, torch.device("cpu"))
+    finally:
+        eng.shutdown()
+
+
+def test_a_gpu_load_swaps_groups_of_16_for_float_and_counts_them(kquant_gguf):
+    """On a GPU a Q6_K layer becomes a float projection at load (its codes dropped): the
+    same products as dequantize+matmul, and the bytes the load is sized with count it so."""
+    from engine.layers.linear import SwiGLUDownLinear
+    from engine.layers.quant_kernels import DequantMatmul
+    from engine.layers.quant_linear import gpu_float_extra
+
+    eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
+    try:
+        down = eng.runner.model.model.layers[2].mlp.down_proj
+        lin = down.as_float()
+        assert isinstance(lin, SwiGLUDownLinear) and lin.weight.dtype == torch.float32
+        x = torch.randn(2, 2 * down.in_features)
+        torch.testing.assert_close(lin(x), DequantMatmul().bind(down)(x, down))
+        codes = sum(t.numel() * t.element_size() for t in (down.qweight, down.scales))
+        assert gpu_float_extra(eng.runner.model) == down.out_features * down.in_features * 4 - codes
+    finally:
+        eng.shutdown()
+
+
+def test_a_k_quant_whose_scales_overflow_float16_stays_float(monkeypatch):
+    from types import SimpleNamespace
+
+    import engine.loader.gguf as g
+    from engine.quant.gguf_kquants import read_kquant
+
+    raw = random_blocks("Q6_K", 4, 1, seed=3)
+    raw[:, 192:208] = 127  # int8 sub-scales
+    raw[:, 208:210] = np.array([60000.0], dtype=np.float16).view(np.uint8)  # d * 127 > 65504
+    exact = read_kquant(raw, "Q6_K").dequantize(torch.float32)
+    name = "model.layers.0.mlp.down_proj.weight"
+    monkeypatch.setattr(g, "_gguf_tensors", lambda path, cfg, names: {
+        name: SimpleNamespace(tensor_type=gguf.GGMLQuantizationType.Q6_K, data=raw)})
+    kept, types = g.kept_quantized(None, None, {name: exact})
+    assert name not in kept and types["dequantized"] == {"Q6_K": 1}
+
+
+@pytest.mark.gpu
+def test_gpu_a_k_quant_gguf_with_mixed_down_projections_loads_and_decodes(kquant_gguf):
+    eng = Engine.load(str(kquant_gguf), device="cuda", num_blocks=64, max_model_len=256)
+    try:
+        from engine.api import Request, SamplingParams
+
+        out = eng.submit(Request(prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=4, temperature=0.0)))
+        assert len(out.result().token_ids) == 4
+        downs = [layer.mlp.down_proj for layer in eng.runner.model.model.layers]
+        assert [hasattr(d, "qweight") for d in downs] == [True, True, False]  # Q6_K: float on the GPU
+    finally:
+        eng.shutdown()
