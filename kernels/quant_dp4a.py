@@ -150,7 +150,6 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         xo = _pack4(p0, p1, p2, p3)
         # the block's sum of xq, for the codes' centre 8 (see below)
         xqsum = tl.sum(q0 + q1 + q2 + q3 + p0 + p1 + p2 + p3, axis=1)
-    if BITS == 4:
         e0, e1, e2, e3 = _split4_last(xe)
         o0, o1, o2, o3 = _split4_last(xo)
     for r0 in range(0, ROWS, R):
