@@ -133,5 +133,9 @@ def _serve(host: EngineHost, sock: socket.socket, args, key: str | None) -> int:
     print("[hearth] press Ctrl+C to stop.", file=sys.stderr, flush=True)
     # Ctrl+C: the answers being written end now (their clients hear why), so the graceful
     # shutdown has no stream to wait for.
-    uvicorn_server(app, verbose=args.verbose).run(sockets=[sock])
-    return 0
+    server = uvicorn_server(app, verbose=args.verbose)
+    server.run(sockets=[sock])
+    # uvicorn raises the signal again once stopped (KeyboardInterrupt: the CLI's 130), but a
+    # process started with SIGINT ignored (a background job, some launchers) gets no
+    # exception: the exit status says the signal all the same (128 + its number).
+    return 0 if server.exit_signal is None else 128 + int(server.exit_signal)

@@ -36,8 +36,10 @@ class HearthUvicorn(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.service = config.app.state.service
+        self.exit_signal: int | None = None  # the signal that stopped it (Ctrl+C: SIGINT)
 
     def handle_exit(self, sig, frame) -> None:
+        self.exit_signal = sig
         self.service.abort_all()
         super().handle_exit(sig, frame)
 

@@ -110,3 +110,36 @@ def test_serve_answers_and_ctrl_c_stops_it_cleanly(tiny_models, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_exits_130_even_when_started_with_sigint_ignored(tmp_path):
+    """A process started with SIGINT ignored (a background job, some launchers and test
+    runners) gets no KeyboardInterrupt from uvicorn's re-raised signal: the exit status
+    still says Ctrl+C stopped it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--model", "shape:tiny", "--device", "cpu", "--attention", "torch",
+         "--max-model-len", "128", "--port", str(port)],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["status"] == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        assert "server stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
