@@ -75,19 +75,14 @@ case "$what" in dp4a)  # the dp4a batch-1 GEMV: its GPU tests, then its profile 
   timeout -s INT 420 python benchmarks/profile_quant_dp4a.py --json "$OUT/profile-quant-dp4a-8b.json" "$@" \
     2>&1 | grep -v "^  " | tail -12 ;;
 esac
-case "$what" in dp4a-wide)  # the wide dp4a sweep: compile in 12 processes, then time in one
+case "$what" in dp4a-wide|dp4a-split)  # a dp4a sweep (wide: small and all-rows programs; split:
+  # K split among programs): compile in 12 processes, then time in one
+  sweep=${what#dp4a-}
   for i in $(seq 0 11); do
-    python benchmarks/profile_quant_dp4a.py --sweep wide --warm-only $i/12 "$@" >/dev/null 2>&1 &
+    python benchmarks/profile_quant_dp4a.py --sweep "$sweep" --warm-only $i/12 "$@" >/dev/null 2>&1 &
   done; wait
-  timeout -s INT ${DP4A_TIMEOUT:-300} python benchmarks/profile_quant_dp4a.py --sweep wide \
-    --json "$OUT/profile-quant-dp4a-wide-8b.json" "$@" 2>&1 | grep -v "^  [a-z]" | tail -24 ;;
-esac
-case "$what" in dp4a-split)  # the dp4a kernel with K split among programs
-  for i in $(seq 0 11); do
-    python benchmarks/profile_quant_dp4a.py --sweep split --warm-only $i/12 "$@" >/dev/null 2>&1 &
-  done; wait
-  timeout -s INT ${DP4A_TIMEOUT:-300} python benchmarks/profile_quant_dp4a.py --sweep split \
-    --json "$OUT/profile-quant-dp4a-split-8b.json" "$@" 2>&1 | grep -v "^  [a-z]" | tail -24 ;;
+  timeout -s INT ${DP4A_TIMEOUT:-300} python benchmarks/profile_quant_dp4a.py --sweep "$sweep" \
+    --json "$OUT/profile-quant-dp4a-$sweep-8b.json" "$@" 2>&1 | grep -v "^  [a-z]" | tail -24 ;;
 esac
 case "$what" in quant-bench)  # bf16, int8 and int4 of the 8B shape in one session
   for q in bf16 int8 int4; do

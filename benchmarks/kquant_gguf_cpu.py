@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,15 +112,11 @@ def run_hearth(path: str, threads: int, tokens: int) -> dict:
 def run_llamacpp(path: str, threads: int, tokens: int) -> dict:
     import llama_cpp
 
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.llamacpp_standalone import decode_runs
+
     llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
-    runs = []
-    for _ in range(3):
-        llm.reset()
-        llm.eval(llm.tokenize(PROMPT.encode()))
-        t = time.perf_counter()
-        for _ in range(tokens):
-            llm.eval([llm.sample(temp=0.0)])
-        runs.append(tokens / (time.perf_counter() - t))
+    runs = decode_runs(llm, PROMPT.encode(), tokens)
     return {"path": f"llama.cpp {llama_cpp.__version__}", "threads": threads, "decode_tok_s_best": round(max(runs), 1),
             "decode_tok_s_runs": [round(r, 1) for r in runs], "load_avg": os.getloadavg()[0]}
 

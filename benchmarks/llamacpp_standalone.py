@@ -19,6 +19,20 @@ from pathlib import Path
 PROMPT = b"Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
+def decode_runs(llm, prompt: bytes, tokens: int, reps: int = 3) -> list[float]:
+    """Greedy decode tok/s of ``llm`` (a ``llama_cpp.Llama``) after ``prompt``, ``reps``
+    times from a fresh context (the prompt's reading not timed)."""
+    runs = []
+    for _ in range(reps):
+        llm.reset()
+        llm.eval(llm.tokenize(prompt))
+        t = time.perf_counter()
+        for _ in range(tokens):
+            llm.eval([llm.sample(temp=0.0)])
+        runs.append(tokens / (time.perf_counter() - t))
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
@@ -36,14 +50,7 @@ def main() -> None:
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_start": os.getloadavg(), "rows": []}
     for threads in (1, 2):
         llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
-        runs = []
-        for _ in range(3):
-            llm.reset()
-            llm.eval(llm.tokenize(PROMPT))
-            t = time.perf_counter()
-            for _ in range(args.tokens):
-                llm.eval([llm.sample(temp=0.0)])
-            runs.append(args.tokens / (time.perf_counter() - t))
+        runs = decode_runs(llm, PROMPT, args.tokens)
         prompt = (llm.tokenize(PROMPT) * 100)[:1000]
         prefill = []
         for _ in range(2):

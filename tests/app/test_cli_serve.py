@@ -66,6 +66,21 @@ def test_port_in_use_is_one_line(capsys, tiny_models):
 
 
 @pytest.mark.slow
+def wait_until_up(proc: subprocess.Popen, base: str) -> None:
+    """Until ``hearth serve`` at ``base`` answers /health (two minutes at most; the
+    process must not have ended)."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(f"{base}/health", timeout=2).json()["status"] == "ok":
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
 def test_serve_answers_and_ctrl_c_stops_it_cleanly(tiny_models, tmp_path):
     import openai
 
@@ -81,16 +96,7 @@ def test_serve_answers_and_ctrl_c_stops_it_cleanly(tiny_models, tmp_path):
         cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).json()["status"] == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_until_up(proc, base)
         with openai.OpenAI(base_url=f"{base}/v1", api_key="sk-from-a-file", max_retries=0) as client:
             r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=4,
                                                messages=[{"role": "user", "content": "Hi"}])
@@ -126,16 +132,7 @@ def test_ctrl_c_exits_130_even_when_started_with_sigint_ignored(tmp_path):
         cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["status"] == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_until_up(proc, f"http://127.0.0.1:{port}")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
         assert "server stopped" in proc.stderr.read()
