@@ -188,7 +188,7 @@ class QuantizedLinear(QuantizedStore):
         layout its kernels don't read (int8 in groups of 16: GGUF Q6_K) becomes a float
         projection here (its codes are dropped; ``gpu_float_extra`` counts the difference
         before the load)."""
-        if self.qweight.device.type == "cuda" and not triton_reads(self) and self.perm is None:
+        if self.qweight.device.type == "cuda" and self.float_on_gpu:
             return self.as_float().choose_kernels(plan)
         if self.gated:
             self.act = silu_and_mul_triton() if plan.fused else silu_and_mul_reference
@@ -197,6 +197,12 @@ class QuantizedLinear(QuantizedStore):
 
     def use_kernel(self, kernel: QuantKernel) -> None:
         self.kernel = kernel.bind(self)
+
+    @property
+    def float_on_gpu(self) -> bool:
+        """Whether a GPU load runs this projection as a float one (a layout its kernels
+        don't read, and no act-order permutation to carry)."""
+        return not triton_reads(self) and self.perm is None
 
     def as_float(self) -> Linear:
         """This projection dequantized into a float ``Linear`` (``SwiGLUDownLinear`` for a
@@ -289,7 +295,7 @@ def gpu_float_extra(model: nn.Module) -> int:
     one at load (``QuantizedLinear.choose_kernels``)."""
     extra = 0
     for m in model.modules():
-        if isinstance(m, QuantizedLinear) and not triton_reads(m) and m.perm is None:
+        if isinstance(m, QuantizedLinear) and m.float_on_gpu:
             quantized = sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.mins) if t is not None)
             extra += m.out_features * m.in_features * (m.dtype or torch.bfloat16).itemsize - quantized
     return extra

@@ -259,7 +259,7 @@ def _gguf_tensors(gguf_path: Path, cfg, names) -> dict:
 
 def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0,
-    Q4_1, Q4_K or Q5_K, repacked from the file's own blocks with the rows in the order transformers'
+    Q4_1, Q4_K, Q5_K or Q6_K, repacked from the file's own blocks with the rows in the order transformers'
     reader gives (``tensors``: its dequantized, un-permuted ones); the file's quantized
     types by what happened to them, ``{"kept": {"Q4_1": 210}, "dequantized": {"Q6_K": 4}}``).
     A tensor whose rows can't be matched exactly, or a fused group (q/k/v, gate/up) of

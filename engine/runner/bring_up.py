@@ -93,7 +93,13 @@ def transformed_weight_bytes(spec: ModelSpec, dtype: torch.dtype, max_model_len:
                              transforms: Sequence[Transform] = (), device_type: str = "cpu") -> int:
     """Bytes the model's weights will take once loaded with ``transforms`` on a device of
     ``device_type`` (the load pre-flight, ``engine.loader.load_check``, counts them so)."""
-    model = build_on_meta(spec, dtype, max_model_len, transforms)
+    return load_bytes(build_on_meta(spec, dtype, max_model_len, transforms), device_type)
+
+
+def load_bytes(model: nn.Module, device_type: str) -> int:
+    """Bytes ``model`` (on the meta device, transformed) holds once loaded on a device of
+    ``device_type``: its tensors, plus on a GPU the float copies of projections its kernels
+    don't read (``gpu_float_extra``)."""
     return module_bytes(model) + (gpu_float_extra(model) if device_type == "cuda" else 0)
 
 
@@ -177,7 +183,7 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     if transforms is None:
         transforms = model_transforms(config, weights, rank, world_size)
     model = build_on_meta(spec, dtype, max_model_len, transforms)
-    need = module_bytes(model) + (gpu_float_extra(model) if device.type == "cuda" else 0)
+    need = load_bytes(model, device.type)
     # An explicit KV size that can't fit is refused now, not after the weights load.
     check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
                       max_model_len, weights_bytes=need)
