@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -88,6 +88,29 @@ case "$what" in quant-bench)  # bf16, int8 and int4 of the 8B shape in one sessi
   for q in bf16 int8 int4; do
     hearth bench --shape llama-8b --suite decode,prefill --batch 1,64 --prefill-lens 2048 --max-model-len 4096 \
       --quant $q --json "$OUT/bench-8b-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^suite|^decode|^prefill"
+  done ;;
+esac
+case "$what" in fp8-tests)  # fp8's GPU tests (and the int ones beside them)
+  [ -f .gguf_a/part ] && cp .gguf_a/part /tmp/smollm2.part-a  # the first half for smollm2-quality, next call
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_gemm.py \
+    tests/kernels/test_gemv.py tests/quant -m gpu 2>&1 | tee "$OUT/gpu_fp8_tests.log" | tail -8 ;;
+esac
+case "$what" in fp8)  # bf16 vs fp8 on the 8B shape: batch-1 and 64 decode, TTFT at 2,048 and 8,192
+  for q in bf16 fp8; do
+    hearth bench --shape llama-8b --suite decode,prefill --batch 1,64 --prefill-lens 2048,8192 --max-model-len 8448 \
+      --quant $q --json "$OUT/bench-8b-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^suite|^decode|^prefill"
+  done ;;
+esac
+case "$what" in smollm2-quality)  # (.gguf_b carried; .gguf_a came with the call before) perplexity on the GPU
+  mkdir -p /tmp/smollm2 && cat /tmp/smollm2.part-a .gguf_b/part > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ "$(sha256sum /tmp/smollm2/*.gguf | cut -c1-64)" = "$(cat .gguf_b/sha256)" ] || { echo "GGUF halves don't match"; exit 1; }
+  for q in bf16 fp8 int8; do
+    hearth eval --model /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda --quant $q --json -q \
+      > "$OUT/eval-smollm2-cuda-$q.json" && tail -c 400 "$OUT/eval-smollm2-cuda-$q.json"
+  done
+  for q in bf16 fp8; do
+    hearth bench --shape llama-8b --suite throughput --quant $q --json "$OUT/bench-8b-throughput-$q.json" "$@" \
+      2>&1 | tail -3
   done ;;
 esac
 case "$what" in chat-turns)

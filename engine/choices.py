@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
@@ -296,8 +298,42 @@ def _quant_kernel_reasons(device: str) -> list[str]:
     return []
 
 
+_FP8_ON_CPU: ContextVar[bool] = ContextVar("hearth_fp8_on_cpu", default=False)
+
+
+@contextmanager
+def fp8_on_cpu():
+    """Within it, ``fp8`` loads on the CPU: its weights cast and its products run through
+    torch's CPU ``_scaled_mm``, correct but slower than int8 there. ``hearth quantize
+    --quant fp8`` writes checkpoints this way, and the tests check the arithmetic; a chat
+    load on the CPU is refused (``_fp8_weight_reasons``)."""
+    token = _FP8_ON_CPU.set(True)
+    try:
+        yield
+    finally:
+        _FP8_ON_CPU.reset(token)
+
+
+def _fp8_weight_reasons(device: str) -> list[str]:
+    """Why fp8 weights can't run on ``device``: they need fp8 tensor cores."""
+    if not device.startswith("cuda"):
+        if _FP8_ON_CPU.get():
+            return []
+        return ["fp8 runs on the fp8 tensor cores of an NVIDIA Ada or Hopper GPU (compute capability 8.9+); "
+                "on the CPU choose int8 (the same size, Hearth's CPU kernel) or int4"]
+    import torch
+
+    if not torch.cuda.is_available() or _cuda_reasons(device):
+        return []  # the device's own reason says it
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    if (major, minor) < (8, 9):
+        return [f"fp8 needs an Ada or Hopper GPU (compute capability 8.9+), this one is {major}.{minor}: "
+                "choose int8 (the same size) or int4"]
+    return []
+
+
 #: The methods whose weights Hearth runs quantized (the kernels of ``engine.layers.quant_kernels``).
-QUANTIZED_METHODS = ("gguf", "int8", "int4", "awq", "gptq", "compressed-tensors")
+QUANTIZED_METHODS = ("gguf", "int8", "int4", "awq", "gptq", "compressed-tensors", "fp8")
 
 register(Choice("quantization", "auto", "auto (a GGUF file's or pre-quantized checkpoint's own; else none)"))
 register(Choice("quantization", "none", "none (the weights dtype)"))
@@ -314,12 +350,13 @@ register(Choice("quantization", "awq", "AWQ (int4, activation-aware; a float mod
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated; a float model calibrates once)",
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
+register(Choice("quantization", "fp8", "fp8 (e4m3 weights and activations, Ada/Hopper GPUs)", ("e4m3",),
+                bytes_per_param=1.0, check=_fp8_weight_reasons))
 register(Choice("quantization", "compressed-tensors", "compressed-tensors W4A16/W8A16 (pre-quantized)",
                 ("ct", "llm-compressor"), bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 # Planned: listed (greyed out with the reason) with the bytes the fit estimate counts; each
 # gets its own check when its kernels land.
 for _name, _label, _aliases, _bytes in (
-        ("fp8", "fp8 (e4m3 weights)", (), 1.0),
         ("bnb-nf4", "bitsandbytes NF4", ("nf4",), 0.5 + 4 / 64),  # an fp32 absmax per block of 64
         ("bnb-int8", "bitsandbytes int8", (), 1.0)):
     register(Choice("quantization", _name, _label, _aliases, bytes_per_param=_bytes, check=_not_yet))

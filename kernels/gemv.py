@@ -18,6 +18,10 @@ activation of the MLP (``silu(gate) * up``, rounded like the eager reference, se
 ``kernels/activation.py``) is computed on the fly from the gate_up output, so the
 ``[I]`` intermediate never goes through memory and its kernel disappears.
 
+With ``scale`` the weight is stored in fewer bits (float8 e4m3: ``kernels/fp8.py``) with one
+float32 scale per output row: the kernel widens each weight to fp32 and multiplies the row's
+sum by its scale, ``y[n] = s[n] * sum_k W8[n, k] * x[k]``.
+
 Summation order differs from cuBLAS (fp32 accumulation in both): results agree to fp32
 rounding of the dot products, then to one rounding to the output dtype.
 """
@@ -30,8 +34,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,
-                 HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,6 +67,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_wn,
             xk = (act * u).to(dt)
         acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(s_ptr + rows_safe).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -79,9 +85,11 @@ def default_config(n: int, k: int) -> tuple[int, int, int]:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          swiglu: bool = False, out: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for one row: x [1, K] (or [1, 2K] with ``swiglu``),
-    weight [N, K] with a contiguous last axis; returns [1, N] in x's dtype.
+    weight [N, K] with a contiguous last axis; returns [1, N] in x's dtype. With ``scale``
+    (float32, one per row) the weight may be float8 and row n's product is multiplied by
+    ``scale[n]``.
 
     ``config`` is (BLOCK_N, BLOCK_K, num_warps); ``default_config`` when omitted.
     """
@@ -96,8 +104,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[1] != want:
         raise ValueError(f"gemv: x has {x.shape[1]} columns, the weight needs {want}"
                          + (" ([gate | up] of the MLP)" if swiglu else ""))
-    if x.dtype != weight.dtype:
+    if scale is None and x.dtype != weight.dtype:
         raise ValueError(f"gemv: x is {x.dtype} but the weight is {weight.dtype}")
+    if scale is not None and (scale.numel() != n or scale.dtype != torch.float32 or not scale.is_contiguous()):
+        raise ValueError(f"gemv: scale must be a contiguous float32 tensor of {n} row scales, got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
     if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError(f"gemv: bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
     x = x.contiguous()
@@ -108,7 +119,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, warps = config or default_config(n, k)
     block_k = min(block_k, triton.next_power_of_2(max(k, 16)))  # no wider than the row
     grid = (triton.cdiv(n, block_n),)
-    _gemv_kernel[grid](x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-                       HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
+    _gemv_kernel[grid](x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
+                       out, n, k, weight.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
                        EVEN_K=k % block_k == 0, num_warps=warps)
     return out

@@ -46,7 +46,7 @@ def add_choice_flags(group, extra_help: dict[str, str] | None = None) -> None:
                             "they cost the most quality; an untied head becomes int8 per channel)")
     group.add_argument("--float-head", action="store_true",
                        help="keep an untied LM head in the model's dtype (int8/int4 make it int8 per "
-                            "channel by default: it is up to a fifth of a quantized decode step)")
+                            "channel by default, fp8 e4m3: it is up to a fifth of a quantized decode step)")
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:

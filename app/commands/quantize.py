@@ -11,10 +11,11 @@ from engine.api import QUANTIZE_LAYOUTS, quantize_model
 
 
 def add_quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="write a quantized copy of a model (int4/int8) for fast loads")
+    p = sub.add_parser("quantize", help="write a quantized copy of a model (int4/int8/fp8) for fast loads")
     p.add_argument("--model", default=None, help="default | Hub repo id | local folder | .gguf file")
     p.add_argument("--quant", "--quantization", default="int4", metavar="NAME",
-                   help="int4 | int8 (round-to-nearest) | awq | gptq (calibrated on the bundled text); default int4")
+                   help="int4 | int8 (round-to-nearest) | awq | gptq (calibrated on the bundled text) | fp8 "
+                        "(e4m3 per channel, written as compressed-tensors FP8_DYNAMIC); default int4")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="int4's group: 32, 64, 128 or 256 (default: 128, or the largest of 64/32 that fits)")
     p.add_argument("--format", dest="layout", default=None, choices=QUANTIZE_LAYOUTS,

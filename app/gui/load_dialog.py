@@ -190,11 +190,12 @@ class LoadDialog(QDialog):
         return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
 
     def _update_quant_fields(self, *_args) -> None:
-        """Group size and head only mean something for int4 / int8 quantizing here."""
+        """Group size and head only mean something for int4 / int8 (/ fp8: its untied head)
+        quantizing here."""
         method = self.quantization.currentData()
         self.group_size.setEnabled(method == "int4")
         self.quant_head.setEnabled(method in ("int4", "int8"))
-        self.float_head.setEnabled(method in ("int4", "int8"))
+        self.float_head.setEnabled(method in ("int4", "int8", "fp8"))
 
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""

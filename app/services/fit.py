@@ -163,8 +163,8 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, em
 
     Below 16 bit, ``embedding_params`` (embeddings + untied LM head) stay in the load's
     dtype: ``embedding_rate`` bytes each (2 on a GPU, 4 for float32 on the CPU); but int8 and
-    int4 store an untied head (``head_params`` of them) as int8, a byte each (the default;
-    ``--float-head`` keeps it float).
+    int4 store an untied head (``head_params`` of them) as int8, and fp8 as e4m3, a byte each
+    (the default; ``--float-head`` keeps it float).
 
     Raises:
         ValueError: unknown weights choice.
@@ -178,7 +178,7 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, em
     if rate >= 2.0 or embedding_params <= 0:
         return int(round(num_params * rate))
     embed = min(embedding_params, num_params)
-    head = min(head_params, embed) if name in ("int8", "int4") else 0
+    head = min(head_params, embed) if name in ("int8", "int4", "fp8") else 0  # an untied head at 1 byte
     return int(round((embed - head) * embedding_rate + head * 1.0 + (num_params - embed) * rate))
 
 

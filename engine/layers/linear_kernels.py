@@ -36,6 +36,18 @@ def gemv_configs(n: int, k: int) -> list[tuple[int, int, int]]:
     return [first] + [c for c in GEMV_CONFIGS if c != first]
 
 
+#: The fp8-weight GEMV's extra candidates: a row of e4m3 weights is half a bf16 row's bytes,
+#: so wider steps along K (untimed yet: the tuner picks among them at load).
+FP8_GEMV_CONFIGS = ((1, 2048, 4), (2, 2048, 8), (4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (1, 1024, 4),
+                    (2, 1024, 4))
+
+
+def fp8_gemv_configs(n: int, k: int) -> list[tuple[int, int, int]]:
+    """``gemv_configs`` for an e4m3 weight: the shape's default first, then the wider steps."""
+    first, *_ = gemv_configs(n, k)
+    return [first] + [c for c in FP8_GEMV_CONFIGS if c != first]
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` through torch (cuBLAS on a GPU); into ``out`` when given."""

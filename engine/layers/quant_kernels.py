@@ -14,6 +14,10 @@ at load) and holds it.
   projection) and the dequantize-GEMM of ``kernels/quant_gemm.py`` for more rows (prefill,
   batched decode).
 
+- ``Fp8Kernel`` (``--quant fp8``, e4m3 weights): the fp8-weight GEMV of ``kernels/gemv.py``
+  for one row (a config the tuner picks; the activations stay unrounded there), and for
+  more rows the activations rounded to e4m3 per token, then ``torch._scaled_mm`` on the fp8
+  tensor cores (``kernels/fp8.py``).
 - ``CpuQuant`` (CPU, AVX2): Hearth's C int4/int8 matmul (``kernels/cpu_quant.py``:
   activations quantized to int8 blocks, integer block dots, memory speed) for up to
   ``CPU_KERNEL_ROWS`` rows; longer prompts dequantize the weight once per call into a
@@ -142,6 +146,33 @@ class TritonQuant(QuantKernel):
         return self._gemm(permuted(gated(x, layer), layer), self.prepared, bias=layer.bias, out=out)
 
 
+class Fp8Kernel(QuantKernel):
+    """An e4m3 layer: the row-scaled GEMV (``config``) for one row on a GPU, else the
+    activations rounded to e4m3 per token and ``torch._scaled_mm`` (on the CPU too: there
+    only to write checkpoints and to test, see ``engine.choices.fp8_on_cpu``)."""
+
+    def __init__(self, config: tuple[int, int, int] | None = None) -> None:
+        self.config = config
+        self.name = "fp8 scaled_mm" if config is None else "fp8 gemv %dx%d/%dw" % tuple(config)
+
+    def __call__(self, x, layer, out=None):
+        from kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
+
+        w, s = layer.qweight, layer.scales
+        if x.shape[0] == 1 and w.device.type == "cuda":
+            from kernels.gemv import gemv
+
+            return gemv(x, w, layer.bias, swiglu=layer.act is not None, out=out, config=self.config, scale=s)
+        # A down projection's SwiGLU is computed inside the rounding pass (same arithmetic as layer.act).
+        quantize = quantize_rows if x.device.type == "cuda" else quantize_rows_reference
+        xq, xs = quantize(x, swiglu=layer.act is not None)
+        out_dtype = torch.bfloat16 if x.device.type == "cuda" else x.dtype  # sm90's row-wise kernel writes bf16
+        y = scaled_mm(xq, xs, w, s, out_dtype, layer.bias)
+        if out is not None:
+            return out.copy_(y)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 #: Up to this many rows the CPU kernel beats dequantize + sgemm (measured on gate_up).
 CPU_KERNEL_ROWS = 12
 
@@ -192,6 +223,8 @@ def kernel_for(layer) -> QuantKernel:
     CPU kernel rounds them to int8 blocks, as llama.cpp does), to measure what that costs."""
     if os.environ.get("HEARTH_QUANT_KERNEL") == "reference":
         return DequantMatmul()
+    if layer.fmt == "e4m3":
+        return Fp8Kernel()
     if layer.qweight.device.type == "cuda":
         return TritonQuant() if triton_reads(layer) else DequantizedOnce()
     if layer.qweight.device.type == "cpu" and cpu_kernel_problem(layer) is None:
@@ -201,7 +234,11 @@ def kernel_for(layer) -> QuantKernel:
 
 def kernel_candidates(layer) -> list[QuantKernel]:
     """The batch-1 kernels worth timing for ``layer``, the one it runs first first."""
-    if layer.qweight.device.type != "cuda" or not triton_reads(layer):
+    if layer.fmt == "e4m3" and layer.qweight.device.type == "cuda":
+        from engine.layers.linear_kernels import fp8_gemv_configs
+
+        return [Fp8Kernel(c) for c in fp8_gemv_configs(layer.out_features, layer.in_features)]
+    if layer.qweight.device.type != "cuda" or not triton_reads(layer) or layer.fmt != "int":
         return [layer.kernel]
     from kernels.quant_gemv import quant_gemv_configs
 

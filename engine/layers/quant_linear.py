@@ -49,10 +49,16 @@ class QuantizedStore(nn.Module):
         self.out_features, self.in_features = out_features, in_features
         self.source = source
         self.bits = source.bits
+        self.fmt = source.fmt
         self.group_size = source.group_for(in_features)
         n, k, g = out_features, in_features, self.group_size
-        self.qweight = _param((n, k // 2) if self.bits == 4 else (n, k), torch.uint8 if self.bits == 4 else torch.int8)
-        self.scales = _param((n, k // g), torch.float16)
+        if self.fmt == "e4m3":  # fp8: the weights themselves, one float32 scale per row
+            self.qweight = _param((n, k), torch.float8_e4m3fn)
+            self.scales = _param((n, 1), torch.float32)
+        else:
+            self.qweight = _param((n, k // 2) if self.bits == 4 else (n, k),
+                                  torch.uint8 if self.bits == 4 else torch.int8)
+            self.scales = _param((n, k // g), torch.float16)
         if source.has_mins:
             self.mins = _param((n, k // g), torch.float16)
         else:
@@ -97,9 +103,9 @@ class QuantizedStore(nn.Module):
         self._copy_rows(qw, start, rows)
 
     def _copy_rows(self, qw: QuantizedWeight, start: int, rows: int) -> None:
-        if (qw.bits, qw.group_size) != (self.bits, self.group_size):
-            raise ValueError(f"expected {self.bits}-bit weights in groups of {self.group_size}, got "
-                             f"{qw.bits}-bit in groups of {qw.group_size}")
+        if (qw.bits, qw.group_size, qw.fmt) != (self.bits, self.group_size, self.fmt):
+            raise ValueError(f"expected {self.bits}-bit {self.fmt} weights in groups of {self.group_size}, got "
+                             f"{qw.bits}-bit {qw.fmt} in groups of {qw.group_size}")
         pairs = [(self.qweight, qw.qweight), (self.scales, qw.scales)]
         if self.mins is not None:
             if qw.mins is None and qw.bits == 4:
@@ -125,7 +131,7 @@ class QuantizedStore(nn.Module):
         round-to-nearest into this layout."""
         from engine.quant.sources import rtn
 
-        maker = rtn("int8" if self.bits == 8 else "int4", self.group_size)
+        maker = rtn("fp8" if self.fmt == "e4m3" else "int8" if self.bits == 8 else "int4", self.group_size)
         for shard_id, (start, rows) in self.shard_offsets.items():
             w = torch.empty(rows, self.in_features, device=self.qweight.device).normal_(0.0, std, generator=generator)
             self._copy_rows(maker.to_weight({"weight": w}, rows, self.in_features), start, rows)
@@ -133,7 +139,8 @@ class QuantizedStore(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """This module's weight as a ``QuantizedWeight`` (the tensors themselves, no copy;
         int4 codes a CUDA kernel keeps in its own order are turned back into canonical ones)."""
-        return QuantizedWeight(self.bits, self.group_size, self._canonical_codes(), self.scales, self.mins, self.perm)
+        return QuantizedWeight(self.bits, self.group_size, self._canonical_codes(), self.scales, self.mins, self.perm,
+                               fmt=self.fmt)
 
     def _canonical_codes(self) -> torch.Tensor:
         from engine.layers.quant_kernels import int4_layout
@@ -200,9 +207,9 @@ class QuantizedLinear(QuantizedStore):
 
     @property
     def float_on_gpu(self) -> bool:
-        """Whether a GPU load runs this projection as a float one (a layout its kernels
-        don't read, and no act-order permutation to carry)."""
-        return not triton_reads(self) and self.perm is None
+        """Whether a GPU load runs this projection as a float one (an integer layout its
+        kernels don't read, and no act-order permutation to carry)."""
+        return self.fmt == "int" and not triton_reads(self) and self.perm is None
 
     def as_float(self) -> Linear:
         """This projection dequantized into a float ``Linear`` (``SwiGLUDownLinear`` for a
@@ -219,8 +226,9 @@ class QuantizedLinear(QuantizedStore):
         return kernel_candidates(self)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, source={self.source.label}, kernel={self.kernel!r}")
+        form = "fp8 e4m3" if self.fmt == "e4m3" else f"bits={self.bits}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {form}, "
+                f"source={self.source.label}, kernel={self.kernel!r}")
 
 
 class QuantizedVocabEmbedding(QuantizedStore):
@@ -266,6 +274,7 @@ class QuantizedTiedHead(QuantizedLinear):
         nn.Module.__init__(self)
         self.out_features, self.in_features = embedding.num_embeddings, embedding.embedding_dim
         self.source, self.bits, self.group_size = embedding.source, embedding.bits, embedding.group_size
+        self.fmt = embedding.fmt
         self.qweight, self.scales = embedding.qweight, embedding.scales
         if embedding.mins is not None:
             self.mins = embedding.mins

@@ -307,7 +307,7 @@ def quantization_detail(quantization: str, runner, path: Path | None) -> str | N
     for module in runner.model.modules():
         if hasattr(module, "qweight") and getattr(module, "checkpoint_params", ()):  # a tied head: its embedding
             g = "channel" if module.group_size == module.in_features else f"g{module.group_size}"
-            key = f"int{module.bits} {g}"
+            key = f"fp8 e4m3 {g}" if module.fmt == "e4m3" else f"int{module.bits} {g}"
             forms[key] = forms.get(key, 0) + 1
     text = ", ".join(f"{n} x {k}" for k, n in sorted(forms.items()))
     if quantization == "gguf" and path is not None:

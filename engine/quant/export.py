@@ -1,5 +1,6 @@
 """``hearth quantize``: a model quantized by Hearth, written in a published layout that
-vLLM and transformers load too (compressed-tensors pack-quantized by default, GPTQ or AWQ),
+vLLM and transformers load too (compressed-tensors pack-quantized by default, GPTQ or AWQ;
+fp8 as compressed-tensors float-quantized, llm-compressor's FP8_DYNAMIC scheme),
 so the next load reads the quantized weights instead of quantizing again.
 
 The model is loaded on ``device`` with the chosen quantization exactly as a chat load does
@@ -69,9 +70,12 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
     if layout not in LAYOUTS:
         raise InvalidRequestError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.",
                                   options=("layout",))
-    if quantization not in ("int4", "int8", "awq", "gptq"):
-        raise InvalidRequestError(f"hearth quantize writes int4, int8 (round-to-nearest), awq or gptq, not "
+    if quantization not in ("int4", "int8", "awq", "gptq", "fp8"):
+        raise InvalidRequestError(f"hearth quantize writes int4, int8 (round-to-nearest), awq, gptq or fp8, not "
                                   f"{quantization!r}.", options=("quantization",))
+    if quantization == "fp8" and layout != "compressed-tensors":
+        raise InvalidRequestError("fp8 checkpoints are written as compressed-tensors (float-quantized): drop "
+                                  "--layout, or pick that one.", options=("layout",))
     if quantization in ("awq", "gptq"):
         return calibrated_model(model, out_dir, method=quantization, group_size=group_size, device=device,
                                 progress=progress, should_stop=should_stop, layout=layout)
@@ -83,7 +87,13 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
                          quantization=quantization, quant_group_size=group_size, attention="torch",
                          float_head=True,  # one format in the file: the head stays as the checkpoint has it
                          num_blocks=4, max_model_len=64, enforce_eager=True)
-    loaded = load_model(config, progress=say, should_stop=should_stop)
+    if quantization == "fp8":  # casting needs no fp8 tensor cores: the CPU writes fp8 checkpoints too
+        from engine.choices import fp8_on_cpu
+
+        with fp8_on_cpu():
+            loaded = load_model(config, progress=say, should_stop=should_stop)
+    else:
+        loaded = load_model(config, progress=say, should_stop=should_stop)
     try:
         modules = [(n, m) for n, m in loaded.runner.model.named_modules()
                    if isinstance(m, QuantizedLinear) and not isinstance(m, QuantizedTiedHead)]
@@ -133,7 +143,8 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
             tensors[name] = floats[name].cpu().to(t.dtype).contiguous() if name in floats else t.contiguous()
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8")) if path is not None else _shape_config(loaded)
     per_channel = all(qw.group_size == qw.in_features for _ckpt, qw in parts)
-    qc = quantization_config(layout, bits, None if per_channel else group, sym, desc_act,
+    fp8 = any(qw.fmt == "e4m3" for _ckpt, qw in parts)
+    qc = quantization_config("fp8" if fp8 else layout, bits, None if per_channel else group, sym, desc_act,
                              not_converted=("lm_head",))
     if layout == "gptq":
         qc["checkpoint_format"] = gptq_format
@@ -201,7 +212,7 @@ def _cpu(qw):
     from engine.quant.qweight import QuantizedWeight
 
     c = lambda t: None if t is None else t.cpu()  # noqa: E731
-    return QuantizedWeight(qw.bits, qw.group_size, c(qw.qweight), c(qw.scales), c(qw.mins), c(qw.perm))
+    return QuantizedWeight(qw.bits, qw.group_size, c(qw.qweight), c(qw.scales), c(qw.mins), c(qw.perm), fmt=qw.fmt)
 
 
 def _zero_points(parts):
@@ -311,5 +322,6 @@ def _split_weight(module, name: str, qw) -> list[tuple[str, object]]:
         start, rows = module.shard_offsets[shard_id]
         cut = lambda t: None if t is None else t.narrow(0, start, rows).contiguous()  # noqa: E731
         out.append((f"{parent}.{ckpt}" if parent else ckpt,
-                    QuantizedWeight(qw.bits, qw.group_size, cut(qw.qweight), cut(qw.scales), cut(qw.mins), qw.perm)))
+                    QuantizedWeight(qw.bits, qw.group_size, cut(qw.qweight), cut(qw.scales), cut(qw.mins), qw.perm,
+                                    fmt=qw.fmt)))
     return out

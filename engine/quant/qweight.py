@@ -22,6 +22,11 @@ K) of one output row, each group with a float ``scale`` and, optionally, a float
   inputs in the order ``perm`` (``W_stored[:, j] = W[:, perm[j]]``), so groups are
   contiguous again; a kernel multiplies ``x[:, perm]`` by the stored weight.
 
+- ``fmt == "e4m3"`` (``--quant fp8``): ``qweight`` is float8 e4m3 [N, K], the weights
+  themselves rather than integer codes, and ``scales`` float32 [N, 1], one per output row
+  (``w = float(qweight) * scale``); ``bits`` 8, ``group_size`` K, no mins. Its kernels
+  (``kernels/fp8.py``) also round the activations to e4m3, per token.
+
 ``G`` divides K; ``G == K`` is per-output-channel. Kernel objects may repack these tensors
 into their own layout once at load; every kernel is tested against ``dequantize`` here,
 in float64.
@@ -45,6 +50,7 @@ class QuantizedWeight:
     scales: torch.Tensor
     mins: torch.Tensor | None = None
     perm: torch.Tensor | None = None
+    fmt: str = "int"  # "int": integer codes; "e4m3": float8 weights (see the module docstring)
 
     @property
     def out_features(self) -> int:
@@ -56,6 +62,8 @@ class QuantizedWeight:
 
     def codes(self) -> torch.Tensor:
         """The integer codes [N, K] as int16 (int4: 0..15, int8: -128..127)."""
+        if self.fmt != "int":
+            raise ValueError(f"an {self.fmt} weight has no integer codes")
         if self.bits == 8:
             return self.qweight.to(torch.int16)
         return unpack_int4(self.qweight).to(torch.int16)
@@ -64,6 +72,8 @@ class QuantizedWeight:
         """``W`` [N, K] in ``dtype`` (computed in float64 when ``dtype`` is float64, else in
         float32); in stored column order unless ``unpermute`` (then the checkpoint's)."""
         work = torch.float64 if dtype == torch.float64 else torch.float32
+        if self.fmt == "e4m3":
+            return (self.qweight.to(work) * self.scales.to(work)).to(dtype)
         n, k = self.out_features, self.in_features
         g = self.group_size
         w = self.codes().to(work).view(n, k // g, g) * self.scales.to(work).unsqueeze(-1)

@@ -9,6 +9,10 @@
 
 Both work in float32 from the rounded float16 scale, so the codes are the nearest ones
 for the scale actually stored.
+
+- ``quantize_fp8``: per output channel, float8 e4m3: ``scale = absmax / 448`` (float32, so
+  the row's largest weight lands on e4m3's largest finite value), ``q = e4m3(w / scale)``
+  (round to nearest even, torch's cast).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def _chunked(quantize):
         cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
         first = parts[0]
         return QuantizedWeight(first.bits, first.group_size, cat([p.qweight for p in parts]),
-                               cat([p.scales for p in parts]), cat([p.mins for p in parts]))
+                               cat([p.scales for p in parts]), cat([p.mins for p in parts]), fmt=first.fmt)
     run.__doc__ = quantize.__doc__
     return run
 
@@ -76,6 +80,17 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     q = (torch.round(x / s.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, 15)
     mins = (-zero * s).to(SCALE_DTYPE)
     return QuantizedWeight(4, group_size, pack_int4(q.reshape(n, k)), scale, mins)
+
+
+@_chunked
+def quantize_fp8(w: torch.Tensor) -> QuantizedWeight:
+    """float8 e4m3 of ``w`` [N, K] with one float32 scale per output row."""
+    from kernels.fp8 import FP8_MAX
+
+    x = w.float()
+    scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(2.0 ** -126)
+    q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return QuantizedWeight(8, w.shape[1], q, scale, fmt="e4m3")
 
 
 def zero_points(qw: QuantizedWeight) -> torch.Tensor:

@@ -12,6 +12,10 @@ meta device, each float projection with a ``QuantizedLinear`` whose source fills
   per output channel unless ``float_head`` (or ``quant_head``: the method's own format):
   it is 6% of a Llama-8B bf16 decode step and 20% of an int4 one, int8 per channel costs
   least in quality (gpt-fast quantizes it too; llama.cpp's Q4_K_M keeps it at 6 bits).
+- ``fp8``: every decoder projection cast to float8 e4m3 with a scale per output channel as
+  it streams in, an untied LM head too (unless ``float_head``); the embedding stays float.
+  A checkpoint already in fp8 (compressed-tensors float-quantized, vLLM's ``fp8``) loads
+  as it is.
 - ``gguf``: exactly the projections (and embedding) the converted GGUF folder stores in
   Hearth's layout (Q8_0/Q4_0/Q4_1, repacked without loss); the rest stay float.
 
@@ -31,7 +35,7 @@ from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.quant.sources import Canonical, QuantSource, rtn
 
 #: Pre-quantized checkpoint formats (``engine.quant.formats``).
-PUBLISHED = ("awq", "gptq", "compressed-tensors")
+PUBLISHED = ("awq", "gptq", "compressed-tensors", "fp8")
 #: int4 group sizes, in the order ``auto`` tries them.
 INT4_GROUPS = (128, 64, 32)
 
@@ -53,6 +57,13 @@ class QuantPlan:
     @property
     def quantizes(self) -> bool:
         return self.method not in ("none", "bf16", "fp16")
+
+    @property
+    def published(self) -> bool:
+        """Whether the weights come quantized in the checkpoint (a published format)."""
+        from engine.quant.sources import Published
+
+        return isinstance(self.default, Published)
 
     def transform(self) -> Callable[[nn.Module], None]:
         return lambda model: apply_plan(model, self)
@@ -84,7 +95,7 @@ def checkpoint_quantization(path: Path | None):
 
 def checkpoint_quant_method(path: Path | None, names: dict | None = None) -> str:
     """``gguf`` when the checkpoint holds Hearth-layout quantized tensors (a GGUF converted
-    with its own weights kept); ``awq``, ``gptq`` or ``compressed-tensors`` for a
+    with its own weights kept); ``awq``, ``gptq``, ``compressed-tensors`` or ``fp8`` for a
     pre-quantized checkpoint; else ``none``."""
     if path is None:
         return "none"
@@ -145,6 +156,10 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
         return QuantPlan(method, default=rtn(method, group_size) if method == "int8" or group_size else None,
                          head=head, group_size=group_size,
                          untied_head=None if head or float_head else rtn("int8"))
+    if method == "fp8":
+        if found == "gguf":
+            raise UnsupportedModelError("internal: fp8 of a GGUF load must read its float conversion")
+        return QuantPlan("fp8", default=rtn("fp8"), untied_head=None if float_head else rtn("fp8"))
     if method in ("awq", "gptq"):
         raise InvalidRequestError(
             f"{method} of an unquantized model calibrates it first (hearth quantize --quant {method}, or a "
@@ -237,7 +252,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
             continue
         if not isinstance(module, Linear):
             continue
-        if plan.method in PUBLISHED:
+        if plan.published:
             # Quantized exactly where the checkpoint stores quantized tensors (its ignore
             # list, a float head): the first shard's first tensor tells.
             first = _checkpoint_modules(name, module)[0]

@@ -87,10 +87,10 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
 
 def _form(module) -> tuple:
     """How ``module`` stores its weight, as far as its kernels care: float, or quantized
-    bits / group size / with mins."""
+    format / bits / group size / with mins."""
     if not hasattr(module, "qweight"):
         return ("float",)
-    return ("quantized", module.bits, module.group_size, module.mins is not None)
+    return ("quantized", module.fmt, module.bits, module.group_size, module.mins is not None)
 
 
 def _tune_group(kind: str, mods: list, device: torch.device) -> str | None:

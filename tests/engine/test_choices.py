@@ -40,7 +40,8 @@ def test_every_kind_lists_its_choices_with_reasons_on_this_machine(monkeypatch):
     assert {"bf16", "fp16", "gguf", "int8", "int4", "awq", "gptq", "fp8", "bnb-nf4", "bnb-int8"} <= set(quant)
     runs = {"auto", "none", "bf16", "fp16", "gguf", "int8", "int4", "awq", "gptq", "compressed-tensors"}
     assert all(quant[q].available for q in runs)
-    assert all("not implemented yet" in quant[q].reasons[0] for q in quant if q not in runs)
+    assert "Ada or Hopper" in quant["fp8"].reasons[0] and "int8" in quant["fp8"].reasons[0]  # fp8 tensor cores
+    assert all("not implemented yet" in quant[q].reasons[0] for q in quant if q not in runs | {"fp8"})
     assert quant["int4"].bytes_per_param == pytest.approx(0.5 + 4 / 128)
     assert quant["int8"].to_dict()["reasons"] == list(quant["int8"].reasons)
 
@@ -93,7 +94,8 @@ def test_a_registered_choice_can_be_loaded_when_its_check_passes(monkeypatch, no
     with pytest.raises(AssertionError, match="resolved before"):  # the choices passed, the load went on
         Engine.load("/nonexistent/model", device="cpu", quantization="int3")
     # A choice that can't run here is refused before the model is looked for, with its reason.
-    with pytest.raises(InvalidRequestError, match=r"quantization 'fp8' can't be used here: not implemented yet"):
+    with pytest.raises(InvalidRequestError, match=r"quantization 'fp8' can't be used here: fp8 runs on the fp8 "
+                                                  r"tensor cores"):
         Engine.load("/nonexistent/model", device="cpu", quantization="fp8")
 
 

@@ -77,7 +77,8 @@ def test_ignore_patterns():
 
 @pytest.mark.parametrize("qc,field,words", [
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method", "awq, gptq, compressed-tensors"),
-    ({"quant_method": "fp8"}, "quant_method", "'fp8'"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "weight_block_size", "block-wise"),
+    ({"quant_method": "exl2"}, "quant_method", "'exl2'"),
     ({**AWQ, "version": "gemv"}, "version", "'gemv'"),
     ({**AWQ, "version": "gemv_fast"}, "version", "'gemv_fast'"),
     ({**AWQ, "version": "marlin"}, "version", "'marlin'"),
@@ -91,7 +92,7 @@ def test_ignore_patterns():
     ({**GPTQ, "group_size": 0}, "group_size", "0"),
     ({**_ct(), "format": "marlin-24"}, "format", "'marlin-24'"),
     ({**_ct(), "format": "naive-quantized"}, "format", "'naive-quantized'"),
-    ({**_ct(), "format": "float-quantized"}, "format", "'float-quantized'"),
+    ({**_ct(), "format": "float-quantized"}, "config_groups.group_0.weights", "8-bit float weights"),
     ({**_ct(), "quantization_status": "frozen"}, "quantization_status", "not stored compressed"),
     ({**_ct(), "sparsity_config": {"format": "sparse-24"}}, "sparsity_config", "sparsity"),
     ({**_ct(), "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme", "kv cache"),
@@ -151,4 +152,4 @@ def test_written_gptq_config_is_v1_with_minus_one():
     with pytest.raises(ValueError):
         quantization_config("awq", 8, 128, False)
     with pytest.raises(ValueError):
-        quantization_config("fp8", 8, 128, False)
+        quantization_config("exl2", 8, 128, False)

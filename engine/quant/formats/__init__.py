@@ -1,5 +1,5 @@
 """Readers and writers of the published pre-quantized checkpoint layouts (AWQ GEMM,
-GPTQ v1/v2, compressed-tensors pack-quantized), converting one linear layer's tensors
+GPTQ v1/v2, compressed-tensors pack-quantized and float-quantized, vLLM's fp8), converting one linear layer's tensors
 to and from Hearth's canonical ``QuantizedWeight``. Pure tensor functions: the loaders
 decide which tensors belong to which layer.
 """
@@ -16,6 +16,7 @@ from engine.quant.formats.config import (
     parse_quantization_config,
     quantization_config,
 )
+from engine.quant.formats.fp8 import read_fp8, write_fp8
 from engine.quant.formats.gptq import read_gptq, write_gptq
 from engine.quant.formats.packing import is_symmetric
 from engine.quant.qweight import QuantizedWeight
@@ -23,10 +24,11 @@ from engine.quant.qweight import QuantizedWeight
 __all__ = [
     "SUPPORTED_METHODS", "CheckpointQuant", "is_symmetric", "parse_quantization_config",
     "quantization_config", "read_awq", "read_checkpoint_weight", "read_compressed_tensors",
-    "read_gptq", "write_awq", "write_checkpoint_weight", "write_compressed_tensors", "write_gptq",
+    "read_fp8", "read_gptq", "write_awq", "write_checkpoint_weight", "write_compressed_tensors", "write_fp8",
+    "write_gptq",
 ]
 
-_READERS = {"awq": read_awq, "gptq": read_gptq, "compressed-tensors": read_compressed_tensors}
+_READERS = {"awq": read_awq, "gptq": read_gptq, "compressed-tensors": read_compressed_tensors, "fp8": read_fp8}
 
 
 def read_checkpoint_weight(tensors: dict[str, torch.Tensor], q: CheckpointQuant, *, name: str = "",
@@ -45,5 +47,7 @@ def write_checkpoint_weight(qw: QuantizedWeight, method: str, *, sym: bool | Non
     if method == "gptq":
         return write_gptq(qw, name=name)
     if method == "compressed-tensors":
+        if qw.fmt == "e4m3":
+            return write_fp8(qw, name=name)
         return write_compressed_tensors(qw, sym=sym, name=name)
     raise ValueError(f"unknown method {method!r} ({', '.join(SUPPORTED_METHODS)})")

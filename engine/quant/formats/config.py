@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.errors import UnsupportedModelError
 
-SUPPORTED_METHODS = ("awq", "gptq", "compressed-tensors")
+SUPPORTED_METHODS = ("awq", "gptq", "compressed-tensors", "fp8")
 _WHAT_TO_DO = ("load the model's unquantized checkpoint and quantize it with --quant "
                "(int4, int8, awq or gptq) instead")
 
@@ -30,13 +30,13 @@ class CheckpointQuant:
     ``skips`` matches a module name against it.
     """
 
-    method: str  # "awq" | "gptq" | "compressed-tensors"
+    method: str  # "awq" | "gptq" | "compressed-tensors" | "fp8" (e4m3 weights, either layout)
     bits: int
     group_size: int | None
     sym: bool
     desc_act: bool  # inputs in act-order groups: GPTQ desc_act, compressed-tensors actorder "group"
     actorder: str | None  # compressed-tensors "group" | "weight"; GPTQ "group" when desc_act
-    checkpoint_format: str  # "gemm" (AWQ), "gptq" | "gptq_v2", "pack-quantized"
+    checkpoint_format: str  # "gemm" (AWQ), "gptq" | "gptq_v2", "pack-quantized", "float-quantized", "fp8"
     version: str | None  # AWQ's "version", the compressed-tensors version, else None
     not_converted: tuple[str, ...]
     tensor_names: tuple[str, ...]
@@ -110,7 +110,11 @@ def parse_quantization_config(cfg: Mapping[str, Any], source: str = "",
     if method == "gptq":
         return _parse_gptq(qc, source)
     if method == "compressed-tensors":
+        if qc.get("format") == "float-quantized":
+            return _parse_ct_fp8(qc, source)
         return _parse_compressed_tensors(qc, source)
+    if method == "fp8":
+        return _parse_fp8(qc, source)
     raise _refuse(source, "quant_method",
                   f"{qc.get('quant_method')!r} checkpoints are not supported (Hearth reads "
                   f"{', '.join(SUPPORTED_METHODS)})")
@@ -171,8 +175,8 @@ def _parse_compressed_tensors(qc: Mapping[str, Any], source: str) -> CheckpointQ
     if fmt != "pack-quantized":
         raise _refuse(source, "format",
                       f"compressed-tensors {fmt!r} checkpoints are not supported (only "
-                      f"\"pack-quantized\", the W4A16/W8A16 layout; \"marlin-24\", "
-                      f"\"naive-quantized\", \"int-quantized\" and \"float-quantized\" are not)")
+                      f"\"pack-quantized\", the W4A16/W8A16 layout, and \"float-quantized\", FP8; "
+                      f"\"marlin-24\", \"naive-quantized\" and \"int-quantized\" are not)")
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
         raise _refuse(source, "quantization_status",
@@ -212,6 +216,69 @@ def _parse_compressed_tensors(qc: Mapping[str, Any], source: str) -> CheckpointQ
         version=qc.get("version"), not_converted=tuple(qc.get("ignore") or ()),
         tensor_names=required,
         optional_tensor_names=("weight_zero_point",) if sym else (), source=source)
+
+
+_FP8_TENSORS = ("weight_scale", "weight")  # the scale first: it marks a quantized layer (floats have "weight")
+
+
+def _fp8(checkpoint_format: str, version, not_converted, source: str) -> CheckpointQuant:
+    return CheckpointQuant(
+        method="fp8", bits=8, group_size=None, sym=True, desc_act=False, actorder=None,
+        checkpoint_format=checkpoint_format, version=version, not_converted=tuple(not_converted or ()),
+        tensor_names=_FP8_TENSORS, optional_tensor_names=("input_scale",), source=source)
+
+
+def _parse_fp8(qc: Mapping[str, Any], source: str) -> CheckpointQuant:
+    """vLLM's / AutoFP8's ``quant_method: "fp8"``: e4m3 weights, a scale per tensor (or channel)."""
+    if qc.get("weight_block_size"):
+        raise _refuse(source, "weight_block_size",
+                      f"block-wise fp8 scales {qc.get('weight_block_size')!r} are not supported (Hearth reads one "
+                      "scale per tensor or per output channel)",
+                      "load the model's bf16 checkpoint with --quant fp8 instead")
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise _refuse(source, "fmt", f"{fmt!r} fp8 weights are not supported (only e4m3)")
+    if qc.get("kv_cache_scheme"):
+        raise _refuse(source, "kv_cache_scheme", "fp8 KV-cache scales are not supported",
+                      "use --kv-cache-dtype fp8 with the weights' checkpoint instead")
+    ignored = tuple(qc.get("modules_to_not_convert") or ()) + tuple(qc.get("ignored_layers") or ())
+    return _fp8("fp8", None, tuple(ignored), source)
+
+
+def _parse_ct_fp8(qc: Mapping[str, Any], source: str) -> CheckpointQuant:
+    """compressed-tensors ``float-quantized`` (llm-compressor FP8 / FP8_DYNAMIC): e4m3 weights
+    per channel or tensor; activations per token (dynamic) or per tensor (static)."""
+    status = qc.get("quantization_status", "compressed")
+    if status not in ("compressed", "frozen"):
+        raise _refuse(source, "quantization_status", f"{status!r}: the weights are not stored quantized")
+    for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+        if qc.get(field):
+            raise _refuse(source, field, f"compressed-tensors {field.replace('_', ' ')} is not supported")
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, Mapping) or not groups:
+        raise _refuse(source, "config_groups", "no quantization scheme found")
+    for name, group in groups.items():
+        field = f"config_groups.{name}"
+        if "Linear" not in (group.get("targets") or []):
+            raise _refuse(source, f"{field}.targets",
+                          f"schemes that target {group.get('targets')!r} instead of every \"Linear\" are not "
+                          "supported")
+        w = group.get("weights")
+        if not isinstance(w, Mapping) or w.get("type") != "float" or w.get("num_bits") != 8:
+            raise _refuse(source, f"{field}.weights", "a float-quantized checkpoint needs 8-bit float weights")
+        if w.get("strategy") not in ("channel", "tensor"):
+            raise _refuse(source, f"{field}.weights.strategy",
+                          f"{w.get('strategy')!r} fp8 scales are not supported (\"channel\" or \"tensor\")",
+                          "load the model's bf16 checkpoint with --quant fp8 instead")
+        if not w.get("symmetric", True) or w.get("dynamic"):
+            raise _refuse(source, f"{field}.weights", "asymmetric or dynamic fp8 weights are not supported")
+        a = group.get("input_activations")
+        if a is not None and (a.get("type") != "float" or a.get("num_bits") != 8):
+            raise _refuse(source, f"{field}.input_activations",
+                          "only 8-bit float activations (or none) go with fp8 weights")
+        if group.get("output_activations") is not None:
+            raise _refuse(source, f"{field}.output_activations", "output quantization is not supported")
+    return _fp8("float-quantized", qc.get("version"), qc.get("ignore"), source)
 
 
 def _ct_weights(w: Any, source: str, field: str) -> tuple[int, int | None, bool, str | None]:
@@ -266,5 +333,17 @@ def quantization_config(method: str, bits: int, group_size: int | None, sym: boo
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                               "input_activations": None, "output_activations": None,
                                               "format": "pack-quantized"}},
+                "ignore": list(not_converted), "kv_cache_scheme": None}
+    if method == "fp8":  # llm-compressor's FP8_DYNAMIC scheme, in compressed-tensors' float-quantized format
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "group_size": None,
+                   "block_structure": None, "dynamic": False, "actorder": None, "observer": "minmax",
+                   "observer_kwargs": {}}
+        acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "group_size": None,
+                "block_structure": None, "dynamic": True, "actorder": None, "observer": None,
+                "observer_kwargs": {}}
+        return {"quant_method": "compressed-tensors", "format": "float-quantized",
+                "quantization_status": "compressed", "global_compression_ratio": None,
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                              "output_activations": None, "format": "float-quantized"}},
                 "ignore": list(not_converted), "kv_cache_scheme": None}
     raise ValueError(f"unknown method {method!r} ({', '.join(SUPPORTED_METHODS)})")

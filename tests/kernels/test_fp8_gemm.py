@@ -1,0 +1,79 @@
+"""fp8 (e4m3) products: the per-token activation rounding kernel against the torch
+reference, the row-scaled fp8-weight GEMV against float64, and ``torch._scaled_mm`` on the
+GPU against float64 of the rounded operands (on the CPU through Triton's interpreter where a
+kernel is Triton's, at small odd shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.quant.rtn import quantize_fp8
+from kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
+from kernels.gemv import gemv
+from tests.kernels.reference import DEVICE
+
+
+@pytest.mark.parametrize("m,k,swiglu", [(1, 48, False), (3, 300, False), (4, 5000, False), (2, 96, True),
+                                        (3, 4100, True)])
+def test_the_rounding_kernel_matches_the_reference_bit_for_bit(m, k, swiglu):
+    g = torch.Generator(device=DEVICE).manual_seed(k)
+    x = torch.randn(m, 2 * k if swiglu else k, device=DEVICE, generator=g) * 3
+    x[0, :] *= 1e-3  # rows of very different sizes
+    q, s = quantize_rows(x, swiglu=swiglu)
+    rq, rs = quantize_rows_reference(x, swiglu=swiglu)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (m, 1)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    # the same values (a tiny negative may round to +0 or -0), except where x / scale sits
+    # within float32 rounding of a tie (a scale computed in another order)
+    same = (q.float() == rq.float()).float().mean().item()
+    assert same > 0.999, same
+
+
+def test_the_rounding_kernel_takes_bf16_and_a_strided_row():
+    x = torch.randn(3, 200, device=DEVICE).to(torch.bfloat16)[:, :128]
+    q, s = quantize_rows(x)
+    rq, rs = quantize_rows_reference(x)
+    torch.testing.assert_close(s, rs)
+    assert (q.float() == rq.float()).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("n,k,config", [(37, 100, None), (300, 1000, None), (9, 530, (8, 128, 2)),
+                                        (64, 2048, (2, 2048, 8))])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_the_fp8_weight_gemv_matches_float64(n, k, config, swiglu):
+    g = torch.Generator(device=DEVICE).manual_seed(n + k)
+    x = torch.randn(1, 2 * k if swiglu else k, device=DEVICE, generator=g)
+    qw = quantize_fp8(torch.randn(n, k, device=DEVICE, generator=g) * 0.02)
+    bias = torch.randn(n, device=DEVICE, generator=g)
+    y = gemv(x, qw.qweight, bias, swiglu=swiglu, config=config, scale=qw.scales)
+    xin = x.double() if not swiglu else F.silu(x.double()[:, :k]) * x.double()[:, k:]
+    ref = F.linear(xin, qw.dequantize(torch.float64), bias.double())
+    torch.testing.assert_close(y.double(), ref, atol=1e-4 * k ** 0.5, rtol=1e-4)
+
+
+def test_the_gemv_refuses_a_bad_scale():
+    qw = quantize_fp8(torch.randn(8, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="row scales"):
+        gemv(torch.randn(1, 32, device=DEVICE), qw.qweight, scale=qw.scales.half())
+    with pytest.raises(ValueError, match="x is"):
+        gemv(torch.randn(1, 32, device=DEVICE), qw.qweight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp8 tensor cores)")
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (7, 1024, 4096), (64, 4096, 4096), (300, 6144, 4096),
+                                   (33, 4096, 14336)])
+def test_scaled_mm_on_the_gpu_matches_float64_of_the_rounded_operands(m, n, k):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need compute capability 8.9+")
+    g = torch.Generator(device="cuda").manual_seed(m + n)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    qw = quantize_fp8(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+    xq, xs = quantize_rows(x)
+    y = scaled_mm(xq, xs, qw.qweight, qw.scales, torch.bfloat16)
+    ref = (xq.double() * xs.double()) @ qw.dequantize(torch.float64).t()
+    assert y.dtype == torch.bfloat16
+    # fp32 accumulation in the tensor cores (their partial sums promoted to fp32), one bf16 rounding
+    torch.testing.assert_close(y.double(), ref, atol=1e-3 * ref.abs().max().item(), rtol=8e-3)
