@@ -7,6 +7,8 @@ times one [1, K] x [K, N] product, rotating over enough copies of the weight tha
 cannot stay in the 50 MB L2 (as in a real step, where each layer has its own weights),
 inside a CUDA graph (no launch gaps), and reports microseconds per call and TB/s of
 weight read. ``--sweep`` tries a grid of (BLOCK_N, BLOCK_K, warps) for the Triton kernel.
+``--fp8``: e4m3 weights with a scale per row (``--quant fp8``): the row-scaled GEMV against
+the activations rounded to e4m3 and ``torch._scaled_mm`` (in the "cublas" column).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-8b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--fp8", action="store_true", help="e4m3 weights: the fp8 GEMV against _scaled_mm")
     ap.add_argument("--prefill-m", type=int, default=0, help="only time prefill GEMMs with this many rows")
     args = ap.parse_args()
     if args.prefill_m:
@@ -98,25 +101,39 @@ def main() -> None:
     dt = torch.bfloat16
     rows = []
     for name, (n, k, swiglu) in shapes_of(args.shape).items():
-        nbytes = n * k * 2
+        nbytes = n * k * (1 if args.fp8 else 2)
         copies = max(2, math.ceil(400e6 / nbytes))
-        ws = [(0.02 * torch.randn(n, k, device="cuda")).to(dt) for _ in range(copies)]
+        scales = [None] * copies
+        if args.fp8:
+            from engine.quant.rtn import quantize_fp8
+            from kernels.fp8 import quantize_rows, scaled_mm
+
+            qws = [quantize_fp8(0.02 * torch.randn(n, k, device="cuda")) for _ in range(copies)]
+            ws, scales = [q.qweight for q in qws], [q.scales for q in qws]
+        else:
+            ws = [(0.02 * torch.randn(n, k, device="cuda")).to(dt) for _ in range(copies)]
         x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=dt)
         y = torch.empty(1, n, device="cuda", dtype=dt)
         act = torch.empty(1, k, device="cuda", dtype=dt)
 
         def cublas(i):
+            if args.fp8:  # the activations rounded per token, then the fp8 tensor-core GEMM
+                xq, xs = quantize_rows(x, swiglu=swiglu)
+                y.copy_(scaled_mm(xq, xs, ws[i], scales[i], dt))
+                return
             xin = silu_and_mul(x, out=act) if swiglu else x
             torch.matmul(xin, ws[i].t(), out=y)
 
         results = {"cublas": time_graph(cublas, copies)}
         configs = [default_config(n, k)]
         if args.sweep:
-            configs += list(itertools.product((1, 2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)))
+            grid = (((2, 4, 8, 16), (512, 1024, 2048), (4, 8)) if args.fp8 else
+                    ((1, 2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)))
+            configs += list(itertools.product(*grid))
         best = None
         for cfg in configs:
             try:
-                us = time_graph(lambda i: gemv(x, ws[i], swiglu=swiglu, out=y, config=cfg), copies)
+                us = time_graph(lambda i: gemv(x, ws[i], swiglu=swiglu, out=y, config=cfg, scale=scales[i]), copies)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"  {name} {cfg}: {type(e).__name__}")
                 continue
@@ -126,7 +143,9 @@ def main() -> None:
                 best = (cfg, us)
         results["triton_best"] = best[1]
         xin = silu_and_mul(x) if swiglu else x
-        err = (gemv(x, ws[0], swiglu=swiglu, config=best[0]).float() - F.linear(xin, ws[0]).float()).abs().max()
+        w0 = ws[0].float() * scales[0] if args.fp8 else ws[0]
+        err = (gemv(x, ws[0], swiglu=swiglu, config=best[0], scale=scales[0]).float()
+               - F.linear(xin.float(), w0.float())).abs().max()
         row = {"layer": name, "n": n, "k": k, "weight_mb": nbytes / 1e6, "best_config": list(best[0]),
                "max_abs_diff_vs_cublas": err.item()}
         for key, us in results.items():
@@ -141,7 +160,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "shape": args.shape, "rows": rows}, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "shape": args.shape, "fp8": args.fp8, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
