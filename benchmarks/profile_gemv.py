@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="e4m3 weights: the fp8 GEMV against _scaled_mm")
+    ap.add_argument("--rows", action="store_true",
+                    help="with --fp8: sweep the x-stationary kernel (kernels/fp8.fp8_gemv_rows) instead of the K-loop")
     ap.add_argument("--prefill-m", type=int, default=0, help="only time prefill GEMMs with this many rows")
     args = ap.parse_args()
     if args.prefill_m:
@@ -126,14 +129,23 @@ def main() -> None:
 
         results = {"cublas": time_graph(cublas, copies)}
         configs = [default_config(n, k)]
-        if args.sweep:
+        if args.rows:  # 4-tuples: (rows per program, rows per step, warps, stages)
+            configs += list(itertools.product((16, 32, 64), (2, 4, 8), (8, 16), (3,)))
+        elif args.sweep:
             grid = (((2, 4, 8, 16), (512, 1024, 2048), (4, 8)) if args.fp8 else
                     ((1, 2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)))
             configs += list(itertools.product(*grid))
         best = None
         for cfg in configs:
             try:
-                us = time_graph(lambda i: gemv(x, ws[i], swiglu=swiglu, out=y, config=cfg, scale=scales[i]), copies)
+                if len(cfg) == 4:
+                    from kernels.fp8 import fp8_gemv_rows
+
+                    us = time_graph(lambda i: fp8_gemv_rows(x, ws[i], scales[i], swiglu=swiglu, out=y, config=cfg),
+                                    copies)
+                else:
+                    us = time_graph(lambda i: gemv(x, ws[i], swiglu=swiglu, out=y, config=cfg, scale=scales[i]),
+                                    copies)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"  {name} {cfg}: {type(e).__name__}")
                 continue
@@ -144,8 +156,13 @@ def main() -> None:
         results["triton_best"] = best[1]
         xin = silu_and_mul(x) if swiglu else x
         w0 = ws[0].float() * scales[0] if args.fp8 else ws[0]
-        err = (gemv(x, ws[0], swiglu=swiglu, config=best[0], scale=scales[0]).float()
-               - F.linear(xin.float(), w0.float())).abs().max()
+        if len(best[0]) == 4:
+            from kernels.fp8 import fp8_gemv_rows
+
+            got = fp8_gemv_rows(x, ws[0], scales[0], swiglu=swiglu, config=best[0])
+        else:
+            got = gemv(x, ws[0], swiglu=swiglu, config=best[0], scale=scales[0])
+        err = (got.float() - F.linear(xin.float(), w0.float())).abs().max()
         row = {"layer": name, "n": n, "k": k, "weight_mb": nbytes / 1e6, "best_config": list(best[0]),
                "max_abs_diff_vs_cublas": err.item()}
         for key, us in results.items():
@@ -160,8 +177,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "shape": args.shape, "fp8": args.fp8, "rows": rows}, f,
-                      indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "commit": os.environ.get("HEARTH_COMMIT"),
+                       "shape": args.shape, "fp8": args.fp8, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ computed on the way, rounded like the eager reference, so the [M, I] intermediat
 written in bf16); ``quantize_rows_reference`` is the same arithmetic in torch, the CPU path
 and the tests' reference.
 
-Batch-1 decode does not come here: it runs the fp8-weight GEMV (``kernels/gemv.py`` with a
-row scale) on the unrounded activations, one kernel per projection inside the CUDA graph.
+Batch-1 decode does not round the activations: one kernel per projection inside the CUDA
+graph multiplies the e4m3 weights by x as it is, either the K-loop GEMV of
+``kernels/gemv.py`` with a row scale or ``fp8_gemv_rows`` here, x-stationary (each program
+loads x once into registers, then streams its rows ``R`` at a time, 16-byte vectors of
+weights per thread, steps pipelined by Triton: no x traffic per step, and the row scales
+are 4-byte loads its asynchronous copies take). The load-time tuner picks per layer.
 """
 
 from __future__ import annotations
@@ -112,3 +116,56 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_s
     if bias is not None:
         y += bias.to(y.dtype)
     return y
+
+
+@triton.jit
+def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
+                          HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr,
+                          KP: tl.constexpr, STAGES: tl.constexpr):
+    k = tl.arange(0, KP)
+    k_ok = k < K
+    x = _act(x_ptr, k, K, k_ok, SWIGLU)  # [KP] fp32, in registers for every row
+    r = tl.arange(0, R)
+    first = tl.program_id(0) * ROWS
+    for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+        rows = first + r0 + r
+        ok = (rows < N) & (r0 + r < ROWS)
+        safe = tl.where(ok, rows, 0).to(tl.int64)
+        w = tl.load(w_ptr + safe[:, None] * stride_wn + k[None, :], mask=k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * tl.load(s_ptr + safe)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + safe).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+#: x-stationary needs x in registers: at most this many inputs (1024 threads x 32).
+ROWS_MAX_K = 32768
+
+
+def fp8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                  *, swiglu: bool = False, out: torch.Tensor | None = None,
+                  config: tuple[int, int, int, int] = (16, 2, 8, 3)) -> torch.Tensor:
+    """``x @ (weight * scale).T (+ bias)`` for one row, x-stationary (module docstring):
+    x [1, K] (or [1, 2K] ``[gate | up]`` with ``swiglu``), weight e4m3 [N, K] with a
+    contiguous last axis, scale float32 [N] or [N, 1]; [1, N] in x's dtype. ``config`` is
+    (rows per program, rows per step, warps, steps in flight). No host sync, no allocation
+    with ``out``: safe in a CUDA graph."""
+    n, k = weight.shape
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
+        raise ValueError(f"fp8_gemv_rows: x must be one row of {2 * k if swiglu else k}, got {tuple(x.shape)}")
+    if weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1 or scale.numel() != n \
+            or scale.dtype != torch.float32 or k > ROWS_MAX_K:
+        raise ValueError(f"fp8_gemv_rows: needs an e4m3 [N, K <= {ROWS_MAX_K}] weight with a contiguous last axis "
+                         f"and {n} float32 row scales, got {weight.dtype} {tuple(weight.shape)}, {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if out is None:
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    rows, per_step, warps, stages = config
+    per_step = 1 << (min(per_step, rows).bit_length() - 1)  # a power of 2 (tl.arange), at most rows
+    x = x.contiguous()
+    _fp8_gemv_rows_kernel[(triton.cdiv(n, rows),)](
+        x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=rows, R=per_step,
+        KP=triton.next_power_of_2(max(k, 16)), STAGES=stages, num_warps=warps)
+    return out

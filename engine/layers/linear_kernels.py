@@ -36,16 +36,22 @@ def gemv_configs(n: int, k: int) -> list[tuple[int, int, int]]:
     return [first] + [c for c in GEMV_CONFIGS if c != first]
 
 
-#: The fp8-weight GEMV's extra candidates: a row of e4m3 weights is half a bf16 row's bytes,
-#: so wider steps along K (untimed yet: the tuner picks among them at load).
-FP8_GEMV_CONFIGS = ((1, 2048, 4), (2, 2048, 8), (4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (1, 1024, 4),
-                    (2, 1024, 4))
+#: The fp8-weight GEMV's candidates besides the shape's default: the K-loop kernel's best per
+#: 8B layer on the H200 (benchmarks/results/2026-12-02-i17-profile-gemv-fp8-8b-h200.json:
+#: 16x512/8w qkv, 8x1024/4w o and down, 8x512/4w gate_up, 16x512/4w lm_head) and, as
+#: 4-tuples (rows per program, rows per step, warps, steps in flight), the x-stationary
+#: kernel of kernels/fp8.py.
+FP8_GEMV_CONFIGS = ((16, 512, 8), (8, 1024, 4), (16, 512, 4), (16, 2, 8, 3), (32, 4, 8, 3), (32, 2, 16, 3),
+                    (64, 4, 8, 3), (16, 4, 16, 3))
 
 
-def fp8_gemv_configs(n: int, k: int) -> list[tuple[int, int, int]]:
-    """``gemv_configs`` for an e4m3 weight: the shape's default first, then the wider steps."""
+def fp8_gemv_configs(n: int, k: int) -> list[tuple[int, ...]]:
+    """The fp8 batch-1 configs for an [n, k] e4m3 weight: the shape's default first (the
+    x-stationary ones only where x fits in registers)."""
+    from kernels.fp8 import ROWS_MAX_K
+
     first, *_ = gemv_configs(n, k)
-    return [first] + [c for c in FP8_GEMV_CONFIGS if c != first]
+    return [first] + [c for c in FP8_GEMV_CONFIGS if c != first and (len(c) == 3 or k <= ROWS_MAX_K)]
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -147,19 +147,30 @@ class TritonQuant(QuantKernel):
 
 
 class Fp8Kernel(QuantKernel):
-    """An e4m3 layer: the row-scaled GEMV (``config``) for one row on a GPU, else the
-    activations rounded to e4m3 per token and ``torch._scaled_mm`` (on the CPU too: there
-    only to write checkpoints and to test, see ``engine.choices.fp8_on_cpu``)."""
+    """An e4m3 layer: for one row on a GPU the row-scaled GEMV of ``config`` (a 3-tuple:
+    ``kernels/gemv.py``'s K-loop kernel; a 4-tuple: ``kernels/fp8.fp8_gemv_rows``,
+    x-stationary), else the activations rounded to e4m3 per token and ``torch._scaled_mm``
+    (on the CPU too: there only to write checkpoints and to test, see
+    ``engine.choices.fp8_on_cpu``)."""
 
-    def __init__(self, config: tuple[int, int, int] | None = None) -> None:
+    def __init__(self, config: tuple[int, ...] | None = None) -> None:
         self.config = config
-        self.name = "fp8 scaled_mm" if config is None else "fp8 gemv %dx%d/%dw" % tuple(config)
+        if config is None:
+            self.name = "fp8 scaled_mm"
+        elif len(config) == 4:
+            self.name = "fp8 gemv x-stationary %dx%d/%dw s%d" % tuple(config)
+        else:
+            self.name = "fp8 gemv %dx%d/%dw" % tuple(config)
 
     def __call__(self, x, layer, out=None):
         from kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
 
         w, s = layer.qweight, layer.scales
         if x.shape[0] == 1 and w.device.type == "cuda":
+            if self.config is not None and len(self.config) == 4:
+                from kernels.fp8 import fp8_gemv_rows
+
+                return fp8_gemv_rows(x, w, s, layer.bias, swiglu=layer.act is not None, out=out, config=self.config)
             from kernels.gemv import gemv
 
             return gemv(x, w, layer.bias, swiglu=layer.act is not None, out=out, config=self.config, scale=s)

@@ -77,3 +77,21 @@ def test_scaled_mm_on_the_gpu_matches_float64_of_the_rounded_operands(m, n, k):
     assert y.dtype == torch.bfloat16
     # fp32 accumulation in the tensor cores (their partial sums promoted to fp32), one bf16 rounding
     torch.testing.assert_close(y.double(), ref, atol=1e-3 * ref.abs().max().item(), rtol=8e-3)
+
+
+@pytest.mark.parametrize("n,k,config", [(37, 100, (16, 2, 4, 3)), (300, 1000, (8, 4, 2, 2)), (64, 2048, (64, 8, 8, 1)),
+                                        (9, 530, (4, 3, 1, 3))])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_the_x_stationary_fp8_gemv_matches_float64(n, k, config, swiglu):
+    from kernels.fp8 import fp8_gemv_rows
+
+    g = torch.Generator(device=DEVICE).manual_seed(3 * n + k)
+    x = torch.randn(1, 2 * k if swiglu else k, device=DEVICE, generator=g)
+    qw = quantize_fp8(torch.randn(n, k, device=DEVICE, generator=g) * 0.02)
+    bias = torch.randn(n, device=DEVICE, generator=g)
+    out = torch.full((1, n), float("nan"), device=DEVICE)
+    y = fp8_gemv_rows(x, qw.qweight, qw.scales, bias, swiglu=swiglu, config=config, out=out)
+    assert y is out
+    xin = x.double() if not swiglu else F.silu(x.double()[:, :k]) * x.double()[:, k:]
+    ref = F.linear(xin, qw.dequantize(torch.float64), bias.double())
+    torch.testing.assert_close(y.double(), ref, atol=1e-4 * k ** 0.5, rtol=1e-4)
