@@ -31,7 +31,8 @@ from collections import defaultdict
 
 CATEGORIES = (("gemv", ("_gemv",)), ("decode attention", ("_decode_",)),
               ("prefill attention", ("_prefill_kernel", "flash", "fmha", "attention")),
-              ("gemm", ("nvjet", "cutlass", "gemm", "xmma", "splitK", "sm90_")),
+              ("fp8 rounding", ("_quantize_rows",)),
+              ("gemm", ("nvjet", "cutlass", "gemm", "xmma", "splitK", "sm90_", "f8f8")),
               ("norm", ("_rms",)), ("rotary", ("_rotary",)), ("kv write", ("_write_kv",)),
               ("activation", ("_silu",)), ("copies", ("Memcpy", "Memset")))
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--kernel-samples", type=int, default=0)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"))
+    ap.add_argument("--quant", default="auto", help="the weights' quantization (fp8, int8, int4, ...)")
     ap.add_argument("--kernel-steps", default="", help="comma-separated step numbers to profile")
     args = ap.parse_args()
 
@@ -66,7 +68,7 @@ def main() -> None:
     engine = Engine.load(f"shape:{args.shape}", device=args.device,
                          max_model_len=2 * args.max_len + 16, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,
-                         kv_cache_dtype=args.kv_cache_dtype)
+                         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quant)
     runner = engine.runner
     stats: dict[str, dict] = defaultdict(lambda: {"steps": 0, "execute_s": 0.0, "step_s": 0.0,
                                                   "tokens": 0, "seqs": 0})
