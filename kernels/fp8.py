@@ -10,10 +10,10 @@ token lands on e4m3's largest finite value and nothing saturates. ``torch._scale
 multiplies the two on the fp8 tensor cores (Ada, Hopper: twice bf16's rate) with fp32
 accumulation and applies both scales in its epilogue (CUTLASS's row-wise scaling on sm90).
 
-``quantize_rows`` is one Triton pass per row (the GPU path; the row read twice from L2: its
-absolute maximum, then the rounding; with ``swiglu`` the MLP's ``silu(gate) * up`` is
-computed on the way, rounded like the eager reference, so the [M, I] intermediate is never
-written in bf16); ``quantize_rows_reference`` is the same arithmetic in torch, the CPU path
+``quantize_rows`` is one Triton program per row (the GPU path; a row of up to 16,384
+inputs read once into registers, a longer one twice: its absolute maximum, then the
+rounding; with ``swiglu`` the MLP's ``silu(gate) * up`` is computed on the way, rounded like
+the eager reference, so the [M, I] intermediate is never written in bf16); ``quantize_rows_reference`` is the same arithmetic in torch, the CPU path
 and the tests' reference.
 
 Batch-1 decode does not round the activations: one kernel per projection inside the CUDA
@@ -76,18 +76,31 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
                           SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
     cols = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + cols
-        amax = tl.maximum(amax, tl.abs(_act(x_row, k, K, k < K, SWIGLU)))
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + cols
-        ok = k < K
-        v = _to_e4m3_grid(tl.clamp(_act(x_row, k, K, ok, SWIGLU) / scale, -448.0, 448.0))
-        tl.store(q_ptr + row * stride_qm + k, v.to(q_ptr.dtype.element_ty), mask=ok)
+    if BLOCK >= K:  # the whole row in registers: one read
+        ok = cols < K
+        v = _act(x_row, cols, K, ok, SWIGLU)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=0) / 448.0, 1e-12)
+        tl.store(s_ptr + row, scale)
+        q = _to_e4m3_grid(tl.clamp(v / scale, -448.0, 448.0))
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+    else:  # longer rows: the absolute maximum first, then the rounding (the row read again, from L2)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + cols
+            amax = tl.maximum(amax, tl.abs(_act(x_row, k, K, k < K, SWIGLU)))
+        scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + cols
+            ok = k < K
+            q = _to_e4m3_grid(tl.clamp(_act(x_row, k, K, ok, SWIGLU) / scale, -448.0, 448.0))
+            tl.store(q_row + k, q.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+#: Rows up to this long are rounded from registers in one read (fp32: 64 values a thread at 8 warps).
+ONE_PASS_K = 16384
 
 
 def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,9 +115,9 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, 
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        block = min(4096, triton.next_power_of_2(max(k, 16)))
+        block = min(ONE_PASS_K, triton.next_power_of_2(max(k, 16)))
         _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), SWIGLU=swiglu, BLOCK=block,
-                                    num_warps=8 if block >= 2048 else 4)
+                                    num_warps=8 if block >= 4096 else 4)
     return q, s
 
 
