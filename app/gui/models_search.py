@@ -276,8 +276,8 @@ class SearchPanel(QWidget):
             self.files.setItem(row, 1, size)
         self._show_targets()
         self.weights.blockSignals(True)
-        # Pre-quantized AWQ/GPTQ weights are only known by their files' size.
-        select_choice(self.weights, fit.AS_PUBLISHED if d.quant_format in ("awq", "gptq") else fit.AUTO)
+        # Pre-quantized AWQ/GPTQ/fp8 weights: the files' size is what loads.
+        select_choice(self.weights, fit.AS_PUBLISHED if d.quant_format in ("awq", "gptq", "fp8") else fit.AUTO)
         self.weights.blockSignals(False)
         most = self._shape.max_context
         self.context.setSpecialValueText(f"model's maximum ({most:,})" if most else "model's maximum")

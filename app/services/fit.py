@@ -328,9 +328,7 @@ def estimate_for_details(details, shape: SpecSummary, *, target: MemoryTarget, w
     num_params = details.num_params
     extra: list[str] = []
     if details.quant_format in ("awq", "gptq"):
-        num_params = None  # the Hub counts packed int32 elements, not parameters
-        extra.append(f"Hearth can't load {details.quant_format.upper()} weights yet: look for a "
-                     "safetensors (bf16) or GGUF version of this model")
+        num_params = None  # the Hub counts packed int32 elements, not parameters: the files' size says it
     est = estimate(num_params=num_params, shape=shape, target=target, weights=weights, context_len=context_len,
                    kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype, published_weight_bytes=published)
     if gguf_file is not None and num_params is not None and est.weights != AS_PUBLISHED:

@@ -106,9 +106,10 @@ class ModelDetails:
 
     @property
     def quant_format(self) -> str | None:
-        """``awq`` / ``gptq`` / ``gguf`` when the repo ships pre-quantized weights, else ``None``."""
+        """``awq`` / ``gptq`` / ``fp8`` / ``gguf`` when the repo ships pre-quantized weights
+        (its tags or name say so), else ``None``."""
         tags = {t.lower() for t in self.tags}
-        for fmt in ("awq", "gptq"):
+        for fmt in ("awq", "gptq", "fp8"):
             if fmt in tags or fmt in self.repo_id.lower():
                 return fmt
         if self.gguf_files and not self.safetensors_bytes:

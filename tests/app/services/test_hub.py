@@ -80,6 +80,10 @@ def test_details_of_gguf_awq_and_gated_repos(fake_hub):
     assert g.quant_format == "gguf" and g.license == "mit"
     assert [f.path for f in g.gguf_files] == ["tiny-chat.Q4_K_M.gguf", "tiny-chat.Q8_0.gguf"]
     assert hub.model_details(AWQ_REPO).quant_format == "awq"
+    from dataclasses import replace
+
+    # llm-compressor's FP8 checkpoints are named so (RedHatAI/...-FP8-dynamic): shown as published
+    assert replace(hub.model_details(TINY), repo_id="acme/tiny-chat-FP8-dynamic").quant_format == "fp8"
     gated = hub.model_details(GATED)
     # Details and the card stay readable without a token; only the files are gated.
     assert gated.gated is True and gated.license == "llama3"
