@@ -1,5 +1,6 @@
 """Time the fp8 activation rounding (``kernels/fp8.quantize_rows``) at a decode batch's rows:
-one read of each row into registers vs two reads in blocks (GPU only).
+one read of each row into registers vs two reads in blocks, 20 launches captured in a CUDA
+graph (GPU only).
 
     PYTHONPATH=. python benchmarks/profile_fp8_rounding.py [--rows 274] [--json F]
 """
@@ -21,7 +22,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=274)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from _timing import cuda_ms
+    from profile_gemv import time_graph
 
     out = []
     for k, swiglu in ((4096, False), (14336, True)):
@@ -30,10 +31,10 @@ def main() -> None:
         s = torch.empty(args.rows, 1, device="cuda", dtype=torch.float32)
         for block, warps in ((4096, 8), (triton.next_power_of_2(k), 8), (triton.next_power_of_2(k), 16),
                              (triton.next_power_of_2(k), 32)):
-            def run():
+            def run(_i):
                 fp8._quantize_rows_kernel[(args.rows,)](x, q, s, k, x.stride(0), q.stride(0), SWIGLU=swiglu,
                                                         BLOCK=block, num_warps=warps)
-            us = 1e3 * cuda_ms(run)
+            us = time_graph(run, 20)  # in a CUDA graph, as a decode step runs it
             row = {"k": k, "swiglu": swiglu, "block": block, "warps": warps, "us": us,
                    "read_tb_s": x.numel() * 2 / us / 1e6}
             out.append(row)
