@@ -17,7 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-grep -qxF ".carry/" .git/info/exclude 2>/dev/null || printf '.carry/\n.carry_lite/\n.gguf_a/\n.gguf_b/\n' >> .git/info/exclude
+for ignored in .carry/ .carry_lite/ .gguf_a/ .gguf_b/; do
+  grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
+done
 if [ "${1:-}" = gguf ]; then
   [ -d .carry/whl ] || { echo "run prepare_carry.sh (no argument) first" >&2; exit 1; }
   rm -rf .carry_lite && mkdir -p .carry_lite/whl && cp -r .carry/tok .carry_lite/

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
@@ -298,27 +296,16 @@ def _quant_kernel_reasons(device: str) -> list[str]:
     return []
 
 
-_FP8_ON_CPU: ContextVar[bool] = ContextVar("hearth_fp8_on_cpu", default=False)
-
-
-@contextmanager
-def fp8_on_cpu():
-    """Within it, ``fp8`` loads on the CPU: its weights cast and its products run through
-    torch's CPU ``_scaled_mm``, correct but slower than int8 there. ``hearth quantize
-    --quant fp8`` writes checkpoints this way, and the tests check the arithmetic; a chat
-    load on the CPU is refused (``_fp8_weight_reasons``)."""
-    token = _FP8_ON_CPU.set(True)
-    try:
-        yield
-    finally:
-        _FP8_ON_CPU.reset(token)
+#: Quantizations a checkpoint can be written in on any device, though they can't run there:
+#: casting to fp8 needs no fp8 tensor cores (``hearth quantize --quant fp8`` on the CPU loads
+#: with ``load_model(..., writing=True)``; the tests check fp8's arithmetic the same way,
+#: through torch's CPU ``_scaled_mm``).
+WRITABLE_ANYWHERE = ("fp8",)
 
 
 def _fp8_weight_reasons(device: str) -> list[str]:
     """Why fp8 weights can't run on ``device``: they need fp8 tensor cores."""
     if not device.startswith("cuda"):
-        if _FP8_ON_CPU.get():
-            return []
         return ["fp8 runs on the fp8 tensor cores of an NVIDIA Ada or Hopper GPU (compute capability 8.9+); "
                 "on the CPU choose int8 (the same size, Hearth's CPU kernel) or int4"]
     import torch

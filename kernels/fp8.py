@@ -152,7 +152,8 @@ def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-#: x-stationary needs x in registers: at most this many inputs (1024 threads x 32).
+#: x-stationary needs x in registers: at most this many inputs (the tuner's candidates use up
+#: to 16 warps: 64 fp32 values of x a thread at 32,768).
 ROWS_MAX_K = 32768
 
 
@@ -167,13 +168,18 @@ def fp8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
     n, k = weight.shape
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
         raise ValueError(f"fp8_gemv_rows: x must be one row of {2 * k if swiglu else k}, got {tuple(x.shape)}")
-    if weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1 or scale.numel() != n \
-            or scale.dtype != torch.float32 or k > ROWS_MAX_K:
-        raise ValueError(f"fp8_gemv_rows: needs an e4m3 [N, K <= {ROWS_MAX_K}] weight with a contiguous last axis "
-                         f"and {n} float32 row scales, got {weight.dtype} {tuple(weight.shape)}, {scale.dtype} "
+    if weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1 or k > ROWS_MAX_K:
+        raise ValueError(f"fp8_gemv_rows: needs an e4m3 [N, K <= {ROWS_MAX_K}] weight with a contiguous last axis, "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    if scale.numel() != n or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"fp8_gemv_rows: scale must be {n} contiguous float32 row scales, got {scale.dtype} "
                          f"{tuple(scale.shape)}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"fp8_gemv_rows: bias must be a contiguous [{n}] tensor, got {tuple(bias.shape)}")
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (1, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"fp8_gemv_rows: out must be a contiguous {x.dtype} [1, {n}] tensor")
     rows, per_step, warps, stages = config
     per_step = 1 << (min(per_step, rows).bit_length() - 1)  # a power of 2 (tl.arange), at most rows
     x = x.contiguous()

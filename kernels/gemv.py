@@ -119,7 +119,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, warps = config or default_config(n, k)
     block_k = min(block_k, triton.next_power_of_2(max(k, 16)))  # no wider than the row
     grid = (triton.cdiv(n, block_n),)
-    _gemv_kernel[grid](x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
-                       out, n, k, weight.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
+    s_arg = scale if scale is not None else weight
+    b_arg = bias if bias is not None else weight
+    _gemv_kernel[grid](x, weight, s_arg, b_arg, out, n, k, weight.stride(0), HAS_SCALE=scale is not None,
+                       HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
                        EVEN_K=k % block_k == 0, num_warps=warps)
     return out

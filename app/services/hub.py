@@ -108,12 +108,12 @@ class ModelDetails:
     def quant_format(self) -> str | None:
         """``awq`` / ``gptq`` / ``fp8`` / ``gguf`` when the repo ships pre-quantized weights
         (its tags or name say so), else ``None``."""
+        if self.gguf_files and not self.safetensors_bytes:
+            return "gguf"
         tags = {t.lower() for t in self.tags}
         for fmt in ("awq", "gptq", "fp8"):
             if fmt in tags or fmt in self.repo_id.lower():
                 return fmt
-        if self.gguf_files and not self.safetensors_bytes:
-            return "gguf"
         return None
 
 

@@ -151,12 +151,13 @@ class Fp8Kernel(QuantKernel):
     ``kernels/gemv.py``'s K-loop kernel; a 4-tuple: ``kernels/fp8.fp8_gemv_rows``,
     x-stationary), else the activations rounded to e4m3 per token and ``torch._scaled_mm``
     (on the CPU too: there only to write checkpoints and to test, see
-    ``engine.choices.fp8_on_cpu``)."""
+    ``engine.choices.WRITABLE_ANYWHERE``)."""
 
     def __init__(self, config: tuple[int, ...] | None = None) -> None:
         self.config = config
-        if config is None:
-            self.name = "fp8 scaled_mm"
+        self.out_dtype_ok: dict[torch.dtype, bool] = {}  # whether _scaled_mm writes that dtype here
+        if config is None:  # one row on a GPU: the K-loop GEMV's default config
+            self.name = "fp8 scaled_mm (gemv for one row)"
         elif len(config) == 4:
             self.name = "fp8 gemv x-stationary %dx%d/%dw s%d" % tuple(config)
         else:
@@ -177,11 +178,14 @@ class Fp8Kernel(QuantKernel):
         # A down projection's SwiGLU is computed inside the rounding pass (same arithmetic as layer.act).
         quantize = quantize_rows if x.device.type == "cuda" else quantize_rows_reference
         xq, xs = quantize(x, swiglu=layer.act is not None)
-        out_dtype = torch.bfloat16 if x.device.type == "cuda" else x.dtype  # sm90's row-wise kernel writes bf16
-        y = scaled_mm(xq, xs, w, s, out_dtype, layer.bias)
-        if out is not None:
-            return out.copy_(y)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        if self.out_dtype_ok.get(x.dtype, True):
+            try:
+                y = scaled_mm(xq, xs, w, s, x.dtype, layer.bias)
+            except RuntimeError:  # a torch whose row-wise fp8 GEMM writes only bf16 (checked once, at warm-up)
+                self.out_dtype_ok[x.dtype] = False
+        if not self.out_dtype_ok.get(x.dtype, True):
+            y = scaled_mm(xq, xs, w, s, torch.bfloat16, layer.bias).to(x.dtype)
+        return y if out is None else out.copy_(y)
 
 
 #: Up to this many rows the CPU kernel beats dequantize + sgemm (measured on gate_up).

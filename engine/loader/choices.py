@@ -28,14 +28,15 @@ class LoadChoices:
     attention: str
 
 
-def check_load_choices(config: EngineConfig) -> LoadChoices:
+def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadChoices:
     """Resolve and check the device, dtype, attention backend, KV-cache dtype and
     quantization of ``config`` against the choices registry (``engine.choices``): a choice
     that can't run here raises InvalidRequestError naming it, the registry's reasons, and
     what to use instead.
 
     Only what depends on the model (its native support, for an fp8 KV cache) is left to
-    the load itself.
+    the load itself. ``writing``: the load only writes the weights out (``hearth quantize``),
+    so a quantization that can be cast anywhere (``choices.WRITABLE_ANYWHERE``) passes.
     """
     mc, cc = config.model, config.cache
     device = resolve_device(mc.device)
@@ -57,7 +58,7 @@ def check_load_choices(config: EngineConfig) -> LoadChoices:
                 f"attention backend {attention!r} can't run here: {'; '.join(reasons)}. "
                 "Use auto, or torch, which runs everywhere (--attention auto).", options=("attention",))
     quantization = choices.get("quantization", mc.quantization, where)
-    if quantization.reasons:
+    if quantization.reasons and not (writing and quantization.name in choices.WRITABLE_ANYWHERE):
         raise InvalidRequestError(
             f"quantization {quantization.name!r} can't be used here: {'; '.join(quantization.reasons)}. "
             "Load the weights unquantized (--quant none).", options=("quantization",))

@@ -195,16 +195,17 @@ def kv_block_size(attention: str, block_size: int) -> int:
 
 
 def load_model(config: EngineConfig, progress: Callable[[str], None] | None = None,
-               should_stop: Callable[[], bool] | None = None) -> LoadedModel:
+               should_stop: Callable[[], bool] | None = None, *, writing: bool = False) -> LoadedModel:
     """Load ``config``'s model: check the choices, resolve the model, read its tokenizer,
     then bring its runner up in one call (``ModelRunner.create``, or ``HFRunner.create``
     for the transformers fallback: weights, KV pool, CUDA graphs). ``should_stop`` is asked
     between the stages and before each weight tensor; True stops the load
-    (``LoadCancelledError``) and frees what it had taken."""
+    (``LoadCancelledError``) and frees what it had taken. ``writing``: the load is only to
+    write the weights out (``hearth quantize``; see ``check_load_choices``)."""
     say = progress or (lambda msg: log.info(msg))
     stop = stop_check(should_stop)
     mc, cc = config.model, config.cache
-    choices = check_load_choices(config)  # before anything is resolved, read or loaded
+    choices = check_load_choices(config, writing=writing)  # before anything is resolved, read or loaded
     device, dtype = choices.device, choices.dtype
     found = find_model(config, say)
     stop()
@@ -226,7 +227,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     if mc.quantization in ("awq", "gptq") and spec is not None and stored == "none":
         found = calibrated(found, config, say, should_stop)  # GPTQ/AWQ of float weights: calibrate once
         path = found.path
-    quantization = loaded_quantization(config, found.path, spec is not None)
+    quantization = loaded_quantization(config, found.path, spec is not None, device, writing)
     max_model_len = context_length(cfg, mc.max_model_len)
 
     info: dict[str, Any] = {
@@ -282,9 +283,13 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix, config)
 
 
-def loaded_quantization(config: EngineConfig, path: Path | None, native: bool) -> str:
+def loaded_quantization(config: EngineConfig, path: Path | None, native: bool, device: torch.device | None = None,
+                        writing: bool = False) -> str:
     """The quantization a load of ``config`` runs (``auto`` resolved: ``gguf`` for a GGUF
-    file's kept weights, else ``none``); refused where the model runs on the fallback."""
+    file's kept weights, a pre-quantized checkpoint's own, else ``none``); refused where the
+    model runs on the fallback, and, when ``auto`` resolved to a quantization that can't run
+    on ``device`` (an fp8 checkpoint on the CPU), with what to load instead."""
+    from engine import choices
     from engine.quant.transform import quantization_plan
 
     mc = config.model
@@ -294,8 +299,16 @@ def loaded_quantization(config: EngineConfig, path: Path | None, native: bool) -
                 f"quantization {mc.quantization!r} needs Hearth's native model code; this model runs on the "
                 "transformers fallback: load it unquantized (--quant none).", options=("quantization",))
         return "none"
-    return quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head,
-                             float_head=mc.float_head).method
+    method = quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head,
+                               float_head=mc.float_head).method
+    if device is not None and method != mc.quantization and not (writing and method in choices.WRITABLE_ANYWHERE):
+        reasons = choices.get("quantization", method, str(device)).reasons
+        if reasons:
+            raise InvalidRequestError(
+                f"this checkpoint stores its weights as {method}, which can't run here: {'; '.join(reasons)}. Load "
+                "the model's unquantized original and pick a quantization that runs here (--quant).",
+                options=("quantization",))
+    return method
 
 
 def quantization_detail(quantization: str, runner, path: Path | None) -> str | None:

@@ -75,7 +75,7 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
                                   f"{quantization!r}.", options=("quantization",))
     if quantization == "fp8" and layout != "compressed-tensors":
         raise InvalidRequestError("fp8 checkpoints are written as compressed-tensors (float-quantized): drop "
-                                  "--layout, or pick that one.", options=("layout",))
+                                  "--format, or pick that one.", options=("layout",))
     if quantization in ("awq", "gptq"):
         return calibrated_model(model, out_dir, method=quantization, group_size=group_size, device=device,
                                 progress=progress, should_stop=should_stop, layout=layout)
@@ -87,13 +87,8 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
                          quantization=quantization, quant_group_size=group_size, attention="torch",
                          float_head=True,  # one format in the file: the head stays as the checkpoint has it
                          num_blocks=4, max_model_len=64, enforce_eager=True)
-    if quantization == "fp8":  # casting needs no fp8 tensor cores: the CPU writes fp8 checkpoints too
-        from engine.choices import fp8_on_cpu
-
-        with fp8_on_cpu():
-            loaded = load_model(config, progress=say, should_stop=should_stop)
-    else:
-        loaded = load_model(config, progress=say, should_stop=should_stop)
+    # writing: casting to fp8 needs no fp8 tensor cores, so the CPU writes fp8 checkpoints too
+    loaded = load_model(config, progress=say, should_stop=should_stop, writing=True)
     try:
         modules = [(n, m) for n, m in loaded.runner.model.named_modules()
                    if isinstance(m, QuantizedLinear) and not isinstance(m, QuantizedTiedHead)]

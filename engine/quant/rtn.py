@@ -82,11 +82,13 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     return QuantizedWeight(4, group_size, pack_int4(q.reshape(n, k)), scale, mins)
 
 
+#: e4m3's largest finite value (448).
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
 @_chunked
 def quantize_fp8(w: torch.Tensor) -> QuantizedWeight:
     """float8 e4m3 of ``w`` [N, K] with one float32 scale per output row."""
-    from kernels.fp8 import FP8_MAX
-
     x = w.float()
     scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(2.0 ** -126)
     q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

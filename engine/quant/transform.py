@@ -135,10 +135,16 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
             raise InvalidRequestError(
                 f"this checkpoint is already quantized with {found}: load it as it is (--quant auto or "
                 f"{found}), or load its unquantized original to use {method}.", options=("quantization",))
+        from dataclasses import replace
+
         from engine.quant.sources import published
 
-        q = checkpoint_quantization(path)
-        return QuantPlan(found, default=published(q), names=frozenset(names))
+        source = published(q := checkpoint_quantization(path))
+        # Optional tensors this checkpoint doesn't hold are not waited for: each layer is then
+        # converted as soon as its required tensors arrive, as the checkpoint streams in.
+        held = {n.rpartition(".")[2] for n in names}
+        source = replace(source, optional=tuple(o for o in source.optional if o in held))
+        return QuantPlan(found, default=source, names=frozenset(names))
     if method in ("none", "bf16", "fp16"):
         if found == "gguf":  # loads of a kept-quantized folder always keep it (the loader picks the folder)
             method = "gguf"
@@ -175,8 +181,9 @@ def check_quant_flags(method: str, group_size: int | None, head: bool, float_hea
         raise InvalidRequestError("--quant-head quantizes the LM head and --float-head keeps it in the model's "
                                   "dtype: choose one.", options=("quant_head", "float_head"))
     if head and method not in ("int8", "int4"):
-        raise InvalidRequestError(f"--quant-head applies to int8 and int4; {method} keeps the embedding and head "
-                                  "as the checkpoint has them.", options=("quant_head",))
+        what = ("fp8 keeps the embedding in the model's dtype and casts an untied head (--float-head keeps it)"
+                if method == "fp8" else f"{method} keeps the embedding and head as the checkpoint has them")
+        raise InvalidRequestError(f"--quant-head applies to int8 and int4; {what}.", options=("quant_head",))
     if group_size is not None and method not in ("int4", "awq", "gptq"):
         what = "int8 is per output channel" if method == "int8" else f"{method} has no group size to choose"
         raise InvalidRequestError(f"{what}: --group-size applies to int4, awq and gptq.",
@@ -269,8 +276,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
         else:
             source = default
             if name == "lm_head" and not plan.head:
-                if plan.untied_head is None:
-                    continue
+                if plan.untied_head is None or _fp8_misfit(plan.untied_head, module.out_features, module.in_features):
+                    continue  # kept float (an fp8 head of 32,001 rows can't go through the fp8 GEMM)
                 source = plan.untied_head
         _refuse_shape(source, name, module.out_features, module.in_features, check_shape)
         replace_module(model, name, QuantizedLinear.replacing(module, source))
@@ -285,7 +292,19 @@ def _embedding_name(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if isinstance(m, QuantizedVocabEmbedding))
 
 
+#: fp8's products on the tensor cores (``torch._scaled_mm``) need both sizes in multiples of this.
+FP8_ALIGN = 16
+
+
+def _fp8_misfit(source: QuantSource, n: int, k: int) -> bool:
+    return source.fmt == "e4m3" and bool(n % FP8_ALIGN or k % FP8_ALIGN)
+
+
 def _refuse_shape(source: QuantSource, name: str, n: int, k: int, check_shape) -> None:
+    if _fp8_misfit(source, n, k):
+        raise InvalidRequestError(
+            f"layer {name} ([{n} x {k}]): fp8's tensor-core products need both sizes in multiples of {FP8_ALIGN}: "
+            "use int8 (the same size) instead.", options=("quantization",))
     problem = check_shape(source.bits, source.group_for(k), n, k)
     if problem:
         fits = [g for g in INT4_GROUPS if k % g == 0]

@@ -5,8 +5,9 @@ e4m3's grid, the products against float64 matmuls of the dequantized operands, a
 tiny model against transformers' model holding the dequantized weights (to within the
 activations' rounding), and the checkpoint layouts (compressed-tensors float-quantized,
 vLLM's ``fp8``) against hand-built tensors and a round trip. fp8 is refused on the CPU for
-chat loads (it needs fp8 tensor cores); ``fp8_on_cpu`` runs the same arithmetic through
-torch's CPU ``_scaled_mm`` for these tests and for ``hearth quantize``.
+chat loads (it needs fp8 tensor cores); a load for writing (``load_model(writing=True)``,
+what ``hearth quantize`` does) runs the same arithmetic through torch's CPU ``_scaled_mm``,
+and these tests load that way.
 """
 
 from __future__ import annotations
@@ -17,16 +18,25 @@ import pytest
 import torch
 
 from app.cli import main
-from engine.choices import fp8_on_cpu, get
+from engine.choices import get
+from engine.config import load_config
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from engine.layers.quant_kernels import Fp8Kernel
 from engine.layers.quant_linear import QuantizedLinear
+from engine.loader.engine_loader import load_model
 from engine.quant.export import quantize_model
 from engine.quant.formats import parse_quantization_config, read_fp8
 from engine.quant.rtn import quantize_fp8
 from engine.runner.lifecycle import release_runner
 from kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
 from tests.quant.test_quantized_models import hearth_logits, load, reference_logits
+
+
+def load_cpu(path, **options):
+    """A CPU load of fp8 weights, as ``hearth quantize`` makes one (``writing``)."""
+    config = load_config(str(path), device="cpu", dtype="float32", attention="torch", num_blocks=8,
+                         max_model_len=128, **options)
+    return load_model(config, writing=True)
 
 E4M3 = torch.float8_e4m3fn
 
@@ -95,15 +105,12 @@ def test_fp8_is_refused_on_the_cpu_with_what_to_pick_instead(tiny_models):
     assert reasons and "int8" in reasons[0] and "8.9" in reasons[0]
     with pytest.raises(InvalidRequestError, match="fp8.*can't be used here"):
         load(tiny_models["llama3"], quantization="fp8")
-    with fp8_on_cpu():
-        assert get("quantization", "fp8", "cpu").reasons == ()
     assert get("quantization", "e4m3").name == "fp8"
 
 
 @pytest.fixture(scope="module")
 def fp8_model(tiny_models):
-    with fp8_on_cpu():
-        loaded = load(tiny_models["llama3"], quantization="fp8")
+    loaded = load_cpu(tiny_models["llama3"], quantization="fp8")
     yield loaded
     release_runner(loaded.runner)
 
@@ -125,8 +132,7 @@ def test_a_tiny_model_in_fp8_gives_the_logits_of_its_dequantized_weights(tiny_mo
 
 
 def test_float_head_keeps_the_untied_head_float(tiny_models):
-    with fp8_on_cpu():
-        loaded = load(tiny_models["llama3"], quantization="fp8", float_head=True)
+    loaded = load_cpu(tiny_models["llama3"], quantization="fp8", float_head=True)
     try:
         assert not isinstance(loaded.runner.model.lm_head, QuantizedLinear)
     finally:
@@ -139,6 +145,10 @@ def test_hearth_quantize_fp8_writes_compressed_tensors_that_load_back_bit_for_bi
                  "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["layout"] == "compressed-tensors" and row["quant"] == "fp8" and row["layers"] == 2 * 7
+    from engine.quant.transform import quantization_plan
+
+    # no input_scale in this layout: nothing optional is waited for, each layer converts as it streams in
+    assert quantization_plan("auto", out).default.optional == ()
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "float-quantized"
     group = qc["config_groups"]["group_0"]
@@ -151,17 +161,40 @@ def test_hearth_quantize_fp8_writes_compressed_tensors_that_load_back_bit_for_bi
         s = f.get_tensor("model.layers.0.self_attn.q_proj.weight_scale")
         assert w.dtype == E4M3 and s.shape == (w.shape[0], 1)
         assert f.get_tensor("lm_head.weight").dtype == torch.float32  # the head as the checkpoint has it
-    with fp8_on_cpu():
-        direct = load(tiny_models["llama3"], quantization="fp8", float_head=True)
-        back = load(out)
+    direct = load_cpu(tiny_models["llama3"], quantization="fp8", float_head=True)
+    back = load_cpu(out)
     try:
         assert back.info.quantization == "fp8"
         assert torch.equal(hearth_logits(back.runner), hearth_logits(direct.runner))
     finally:
         release_runner(back.runner)
         release_runner(direct.runner)
-    with fp8_on_cpu(), pytest.raises(InvalidRequestError, match="already quantized with fp8"):
+    with pytest.raises(InvalidRequestError, match="already quantized with fp8"):
         load(out, quantization="int8")
+    # a chat load of the fp8 checkpoint (quantization auto) on the CPU: refused, saying what to do
+    with pytest.raises(InvalidRequestError, match="stores its weights as fp8, which can't run here.*unquantized"):
+        load(out)
+
+
+def test_sizes_the_fp8_gemm_cannot_take_keep_the_head_float_and_refuse_a_projection(tmp_path, tokenizer_files):
+    from transformers import LlamaConfig
+
+    from tests.conftest import save_tiny
+
+    def tiny(name, vocab, inter):
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
+                          tie_word_embeddings=False)
+        return save_tiny(cfg, tmp_path / name, tokenizer_files)
+
+    loaded = load_cpu(tiny("odd-vocab", 1001, 96), quantization="fp8")  # a 1,001-row head: float
+    try:
+        layers = {n for n, m in loaded.runner.model.named_modules() if isinstance(m, QuantizedLinear)}
+        assert "lm_head" not in layers and len(layers) == 4
+    finally:
+        release_runner(loaded.runner)
+    with pytest.raises(InvalidRequestError, match=r"layer model\.layers\.0\.mlp\.\w+ \(\[.*multiples of 16.*int8"):
+        load_cpu(tiny("odd-mlp", 1024, 72), quantization="fp8")
 
 
 def test_hearth_quantize_fp8_refuses_another_layout(tiny_models, tmp_path):
@@ -201,8 +234,10 @@ def _vllm_fp8_folder(tiny, folder, per_tensor: bool):
 @pytest.mark.parametrize("per_tensor", [True, False])
 def test_a_vllm_fp8_checkpoint_loads_its_own_weights_and_scales(tiny_models, tmp_path, per_tensor):
     tensors = _vllm_fp8_folder(tiny_models["llama3"], tmp_path / "v", per_tensor)
-    with fp8_on_cpu():
-        loaded = load(tmp_path / "v")
+    from engine.quant.transform import quantization_plan
+
+    assert quantization_plan("auto", tmp_path / "v").default.optional == ("input_scale",)
+    loaded = load_cpu(tmp_path / "v")
     try:
         assert loaded.info.quantization == "fp8"
         qkv = loaded.runner.model.model.layers[0].self_attn.qkv_proj
@@ -240,8 +275,8 @@ def test_a_checkpoint_missing_a_scale_is_refused(tiny_models, tmp_path):
     tensors = load_file(str(tmp_path / "v" / "model.safetensors"))
     del tensors["model.layers.1.mlp.down_proj.weight_scale"]
     save_file(tensors, str(tmp_path / "v" / "model.safetensors"))
-    with fp8_on_cpu(), pytest.raises((ModelLoadError, UnsupportedModelError), match="down_proj"):
-        load(tmp_path / "v")
+    with pytest.raises((ModelLoadError, UnsupportedModelError), match="down_proj"):
+        load_cpu(tmp_path / "v")
 
 
 # -- on the GPU (fp8 tensor cores) ----------------------------------------------------------
