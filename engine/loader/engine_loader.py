@@ -227,6 +227,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         found = calibrated(found, config, say, should_stop)  # GPTQ/AWQ of float weights: calibrate once
         path = found.path
     quantization = loaded_quantization(config, found.path, spec is not None)
+    if quantization != mc.quantization:  # auto found a bitsandbytes checkpoint: can it run here?
+        check_found_quantization(quantization, device)
     max_model_len = context_length(cfg, mc.max_model_len)
 
     info: dict[str, Any] = {
@@ -282,6 +284,20 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix, config)
 
 
+def check_found_quantization(quantization: str, device: torch.device) -> None:
+    """Refuse, before anything loads, a checkpoint stored in a bitsandbytes format (found by
+    ``auto``) where bitsandbytes can't run, with the registry's reasons."""
+    from engine import choices as registry
+    from engine.quant.bnb import BNB_METHODS
+
+    if quantization not in BNB_METHODS:
+        return
+    reasons = registry.get("quantization", quantization, str(device)).reasons
+    if reasons:
+        raise InvalidRequestError(f"this checkpoint is quantized with bitsandbytes ({quantization}), which can't run "
+                                  f"here: {'; '.join(reasons)}.", options=("quantization",))
+
+
 def loaded_quantization(config: EngineConfig, path: Path | None, native: bool) -> str:
     """The quantization a load of ``config`` runs (``auto`` resolved: ``gguf`` for a GGUF
     file's kept weights, else ``none``); refused where the model runs on the fallback."""
@@ -305,9 +321,11 @@ def quantization_detail(quantization: str, runner, path: Path | None) -> str | N
         return None
     forms: dict[str, int] = {}
     for module in runner.model.modules():
-        if hasattr(module, "qweight") and getattr(module, "checkpoint_params", ()):  # a tied head: its embedding
-            g = "channel" if module.group_size == module.in_features else f"g{module.group_size}"
-            key = f"fp8 e4m3 {g}" if module.fmt == "e4m3" else f"int{module.bits} {g}"
+        key = getattr(module, "quant_form", None)  # a bitsandbytes projection names its own
+        if key is None and hasattr(module, "qweight") and getattr(module, "checkpoint_params", ()):
+            g = "channel" if module.group_size == module.in_features else f"g{module.group_size}"  # a tied head:
+            key = f"fp8 e4m3 {g}" if module.fmt == "e4m3" else f"int{module.bits} {g}"  # its embedding
+        if key is not None:
             forms[key] = forms.get(key, 0) + 1
     text = ", ".join(f"{n} x {k}" for k, n in sorted(forms.items()))
     if quantization == "gguf" and path is not None:
