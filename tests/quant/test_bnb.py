@@ -140,7 +140,7 @@ def hf_quantized(tiny_models, tmp_path_factory):
     out = {}
     for method in ("bnb-nf4", "bnb-nf4-dq", "bnb-int8"):
         model = AutoModelForCausalLM.from_pretrained(str(src), quantization_config=_bnb_config(method),
-                                                     dtype=torch.float32).eval()
+                                                     dtype=torch.float32, device_map="cpu").eval()
         folder = tmp_path_factory.mktemp(f"tiny-llama3-{method}")
         model.save_pretrained(str(folder))
         for f in src.iterdir():
@@ -368,7 +368,7 @@ def test_the_kernels_name_clash_is_quiet_and_harmless():
         ref = x @ bnb.functional.dequantize_4bit(packed, state).t()
         print("ok", float((y - ref).abs().max()) < 1e-4, sys.modules["kernels"].__file__)
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     runs = {how: subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, env=env,
                                 cwd=str(REPO), timeout=300) for how in ("plain", "hearth")}
     for how, run in runs.items():
