@@ -115,7 +115,7 @@ class BnbLinear(nn.Module):
     def quant_form(self) -> str:
         """What ``ModelInfo.quant_detail`` counts it as."""
         if self.bits == 8:
-            return f"bnb int8 (outliers > {self.threshold:g} in fp16)" if self.threshold > 0 else "bnb int8"
+            return f"bnb int8 (outliers >= {self.threshold:g} in fp16)" if self.threshold > 0 else "bnb int8"
         return "bnb nf4 b64" + (" double-quant" if self.nested else "")
 
     def kernel_candidates(self) -> list:

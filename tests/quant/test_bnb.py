@@ -115,12 +115,13 @@ def _logits(runner, ids=PROMPT) -> torch.Tensor:
         return runner.model.compute_logits(hidden).float().clone()
 
 
-def _bnb_config(method: str):
+def _bnb_config(method: str, compute: torch.dtype = torch.float32):
+    """transformers' BitsAndBytesConfig of ``method``, its 4-bit layers computing in ``compute``."""
     from transformers import BitsAndBytesConfig
 
     if method == "bnb-int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                               bnb_4bit_use_double_quant=method == "bnb-nf4-dq")
 
 
@@ -264,6 +265,24 @@ def test_without_bitsandbytes_a_bitsandbytes_checkpoint_is_refused_before_its_we
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(InvalidRequestError, match=r"bitsandbytes is not installed: pip install hearth\[bnb\]"):
         _load(folder, quantization="auto")
+
+
+@pytest.mark.slow
+def test_a_bitsandbytes_checkpoint_whose_kernels_fail_here_is_refused_before_its_weights_load(hf_quantized,
+                                                                                              monkeypatch):
+    """bitsandbytes imports, but its kernels don't work on this device: ``auto`` still
+    refuses the checkpoint with the registry's reason before any weight is read."""
+    from engine.quant import bnb as support
+    from engine.runner import bring_up
+
+    def materialize_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(bring_up, "materialize_weights", materialize_weights)
+    monkeypatch.setattr(support, "_ops_problem", lambda kind, device: f"its {kind} kernels are broken on {device}")
+    with pytest.raises(InvalidRequestError, match=r"quantized with bitsandbytes \(bnb-int8\), which can't run here: "
+                                                  r"its int8 kernels are broken on cpu"):
+        _load(hf_quantized["bnb-int8"][1], quantization="auto")
 
 
 def test_doctor_lists_bitsandbytes_with_its_status(capsys, monkeypatch):

@@ -43,11 +43,8 @@ def test_bitsandbytes_logits_on_cuda_match_transformers(tiny_models, method):
             got = runner.model.compute_logits(hidden).float().cpu()
     finally:
         release_runner(loaded.runner)
-    config = _bnb_config(method)
-    if method != "bnb-int8":
-        config.bnb_4bit_compute_dtype = torch.bfloat16
-    hf = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=config, dtype=torch.bfloat16,
-                                              device_map="cuda").eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=_bnb_config(method, torch.bfloat16),
+                                              dtype=torch.bfloat16, device_map="cuda").eval()
     with torch.inference_mode():
         want = hf(torch.tensor([PROMPT], device="cuda")).logits[0].float().cpu()
     err = (got - want).abs().max().item()
