@@ -129,7 +129,7 @@ case "$what" in gguf)  # only the GGUF halves above: [".carry_lite", ".gguf_a"],
 esac
 # bitsandbytes (issue 17) beside bf16 and Hearth's int8/int4, for one table (benchmarks/quant_table.py):
 # carry [".carry", ".carry_bnb"]; bnb-quality also needs the GGUF put together by two gguf calls before.
-BNB_QUANTS=${BNB_QUANTS:-bf16 int8 int4 bnb-int8 bnb-nf4 bnb-nf4-dq}
+BNB_QUANTS=${BNB_QUANTS:-bf16 int8 int4 bnb-int8 bnb-nf4}  # add bnb-nf4-dq in a call of its own (10 min a call)
 case "$what" in bnb-tests)  # against transformers' bitsandbytes on the GPU; CUDA graphs or a stated reason
   python -c "import bitsandbytes" || { echo "no bitsandbytes: carry .carry_bnb (prepare_carry.sh)"; exit 1; }
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/quant/test_bnb_cuda.py \
@@ -138,7 +138,7 @@ esac
 case "$what" in bnb)  # the 8B shape's batch-1 decode (tok/s, weight bytes, CUDA graphs or not), one load each
   python -c "import bitsandbytes" || { echo "no bitsandbytes: carry .carry_bnb (prepare_carry.sh)"; exit 1; }
   for q in $BNB_QUANTS; do
-    timeout 240 python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" bench \
+    timeout 170 python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" bench \
       --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 --quant $q \
       --json "$OUT/bench-8b-bs1-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|eagerly|graphs|^suite|^decode"
   done
