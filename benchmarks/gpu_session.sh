@@ -6,15 +6,27 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CARRY=${CARRY:-.carry}  # .carry_lite beside a GGUF half (prepare_carry.sh gguf)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $CARRY/whl/*.whl || exit 1
+if [ -d .carry_bnb ]; then  # bitsandbytes (prepare_carry.sh), for the bnb cases
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry_bnb/*.whl || exit 1
+fi
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 HEARTH_TEST_DEVICE=cuda HEARTH_TEST_TOKENIZER_DIR=$CARRY/tok
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+# The bundled SmolLM2 GGUF comes in two halves (prepare_carry.sh gguf), one per call, back to
+# back: a call carrying .gguf_a keeps it in /tmp; the next, carrying .gguf_b, puts the file
+# together there for the quality runs (smollm2-quality, bnb-quality) of that call and later ones.
+SMOLLM2=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f .gguf_a/part ] && cp .gguf_a/part /tmp/smollm2.part-a
+if [ -f .gguf_b/part ] && [ -f /tmp/smollm2.part-a ]; then
+  mkdir -p /tmp/smollm2 && cat /tmp/smollm2.part-a .gguf_b/part > $SMOLLM2
+  [ "$(sha256sum $SMOLLM2 | cut -c1-64)" = "$(cat .gguf_b/sha256)" ] || { echo "GGUF halves don't match"; rm -f $SMOLLM2; }
+fi
 hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
 case "$what" in ceilings|all)
   python benchmarks/ceilings.py --json "$OUT/ceilings.json" 2>&1 | tail -4 ;;
@@ -91,8 +103,7 @@ case "$what" in quant-bench)  # bf16, int8 and int4 of the 8B shape in one sessi
       --quant $q --json "$OUT/bench-8b-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^suite|^decode|^prefill"
   done ;;
 esac
-case "$what" in fp8-tests)  # fp8's GPU tests (and the int ones beside them)
-  [ -f .gguf_a/part ] && cp .gguf_a/part /tmp/smollm2.part-a  # the first half for smollm2-quality, next call
+case "$what" in fp8-tests)  # fp8's GPU tests (and the int ones beside them); carry .gguf_a for smollm2-quality next
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_gemm.py \
     tests/kernels/test_gemv.py tests/quant -m gpu 2>&1 | tee "$OUT/gpu_fp8_tests.log" | tail -8 ;;
 esac
@@ -103,16 +114,43 @@ case "$what" in fp8)  # bf16 vs fp8 on the 8B shape: batch-1 and 64 decode, TTFT
   done ;;
 esac
 case "$what" in smollm2-quality)  # (.gguf_b carried; .gguf_a came with the call before) perplexity on the GPU
-  mkdir -p /tmp/smollm2 && cat /tmp/smollm2.part-a .gguf_b/part > /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  [ "$(sha256sum /tmp/smollm2/*.gguf | cut -c1-64)" = "$(cat .gguf_b/sha256)" ] || { echo "GGUF halves don't match"; exit 1; }
+  [ -f $SMOLLM2 ] || { echo "no $SMOLLM2: carry .gguf_a in the call before and .gguf_b in this one"; exit 1; }
   for q in bf16 fp8 int8; do
-    hearth eval --model /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda --quant $q --json -q \
+    hearth eval --model $SMOLLM2 --device cuda --quant $q --json -q \
       > "$OUT/eval-smollm2-cuda-$q.json" && tail -c 400 "$OUT/eval-smollm2-cuda-$q.json"
   done
   for q in bf16 fp8; do
     hearth bench --shape llama-8b --suite throughput --quant $q --json "$OUT/bench-8b-throughput-$q.json" "$@" \
       2>&1 | tail -3
   done ;;
+esac
+case "$what" in gguf)  # only the GGUF halves above: [".carry_lite", ".gguf_a"], then [".carry_lite", ".gguf_b"]
+  ls -l /tmp/smollm2.part-a $SMOLLM2 2>&1 ;;
+esac
+# bitsandbytes (issue 17) beside bf16 and Hearth's int8/int4, for one table (benchmarks/quant_table.py):
+# carry [".carry", ".carry_bnb"]; bnb-quality also needs the GGUF put together by two gguf calls before.
+BNB_QUANTS=${BNB_QUANTS:-bf16 int8 int4 bnb-int8 bnb-nf4}  # add bnb-nf4-dq in a call of its own (10 min a call)
+case "$what" in bnb-tests)  # against transformers' bitsandbytes on the GPU; CUDA graphs or a stated reason
+  python -c "import bitsandbytes" || { echo "no bitsandbytes: carry .carry_bnb (prepare_carry.sh)"; exit 1; }
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/quant/test_bnb_cuda.py \
+    tests/quant/test_bnb.py 2>&1 | tee "$OUT/gpu_bnb_tests.log" | tail -8 ;;
+esac
+case "$what" in bnb)  # the 8B shape's batch-1 decode (tok/s, weight bytes, CUDA graphs or not), one load each
+  python -c "import bitsandbytes" || { echo "no bitsandbytes: carry .carry_bnb (prepare_carry.sh)"; exit 1; }
+  for q in $BNB_QUANTS; do
+    timeout 170 python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" bench \
+      --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 --quant $q \
+      --json "$OUT/bench-8b-bs1-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|eagerly|graphs|^suite|^decode"
+  done
+  python benchmarks/quant_table.py "$OUT" ;;
+esac
+case "$what" in bnb-quality)  # perplexity of the bundled SmolLM2, windows of 1,024 (as the README's CPU table)
+  [ -f $SMOLLM2 ] || { echo "no $SMOLLM2: carry .gguf_a, then .gguf_b, in two gguf calls before"; exit 1; }
+  for q in $BNB_QUANTS; do
+    hearth eval --model $SMOLLM2 --device cuda --quant $q --window 1024 --stride 1024 --json -q \
+      > "$OUT/eval-smollm2-cuda-$q.json" && tail -c 200 "$OUT/eval-smollm2-cuda-$q.json"
+  done
+  python benchmarks/quant_table.py "$OUT" ;;
 esac
 case "$what" in chat-turns)
   python benchmarks/chat_turns_latency.py --shape llama-8b --json "$OUT/chat-turns-8b.json" 2>&1 | tail -10 ;;

@@ -12,12 +12,16 @@
 #               (98 MB) in two halves, each under one call's 64 MiB with .carry_lite (the
 #               tokenizer, platformdirs and gguf only): carry [".carry_lite", ".gguf_a"] in one
 #               call and [".carry_lite", ".gguf_b"] in the next, back to back, with
-#               CARRY=.carry_lite (gpu_session.sh fp8-tests / smollm2-quality).
+#               CARRY=.carry_lite (gpu_session.sh fp8-tests / smollm2-quality; gguf).
+#   .carry_bnb/ bitsandbytes (--quant bnb-*) at this venv's version: one manylinux wheel for
+#               Python 3.12 with its CUDA libraries, about 43 MB, so it travels apart from
+#               .carry (which it would nearly fill): carry [".carry", ".carry_bnb"] for
+#               gpu_session.sh bnb-tests / bnb / bnb-quality, which installs it when present.
 # Then on the device: OUT=$OUT bash benchmarks/gpu_session.sh <what>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-for ignored in .carry/ .carry_lite/ .gguf_a/ .gguf_b/; do
+for ignored in .carry/ .carry_lite/ .gguf_a/ .gguf_b/ .carry_bnb/; do
   grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
 done
 if [ "${1:-}" = gguf ]; then
@@ -49,4 +53,10 @@ done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
   -d .carry/whl "${pkgs[@]}"
-du -sh .carry
+# bitsandbytes' wheel is tagged manylinux_2_24 only (pip takes each --platform as given).
+bnb=$("$PY" -c "import importlib.metadata as m; print('bitsandbytes==' + m.version('bitsandbytes'))" 2>/dev/null \
+      || echo "bitsandbytes>=0.45")
+rm -rf .carry_bnb && mkdir -p .carry_bnb
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_24_x86_64 -d .carry_bnb "$bnb"
+du -sh .carry .carry_bnb

@@ -341,9 +341,20 @@ register(Choice("quantization", "fp8", "fp8 (e4m3 weights and activations, Ada/H
                 bytes_per_param=1.0, check=_fp8_weight_reasons))
 register(Choice("quantization", "compressed-tensors", "compressed-tensors W4A16/W8A16 (pre-quantized)",
                 ("ct", "llm-compressor"), bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
-# Planned: listed (greyed out with the reason) with the bytes the fit estimate counts; each
-# gets its own check when its kernels land.
+# bitsandbytes (an optional extra, ``engine.quant.bnb``): listed where it isn't installed,
+# with the reason and what to pick instead.
+def _bnb_reasons(name: str) -> Check:
+    def check(device: str) -> list[str]:
+        from engine.quant.bnb import reasons
+
+        return reasons(name, device)
+    return check
+
+
 for _name, _label, _aliases, _bytes in (
-        ("bnb-nf4", "bitsandbytes NF4", ("nf4",), 0.5 + 4 / 64),  # an fp32 absmax per block of 64
-        ("bnb-int8", "bitsandbytes int8", (), 1.0)):
-    register(Choice("quantization", _name, _label, _aliases, bytes_per_param=_bytes, check=_not_yet))
+        ("bnb-nf4", "bitsandbytes NF4 (4-bit, blocks of 64: smaller, not faster)", ("nf4",),
+         0.5 + 4 / 64),  # an fp32 absmax per block of 64
+        ("bnb-nf4-dq", "bitsandbytes NF4, double quantization (a little smaller again)", ("nf4-dq",),
+         0.5 + (1 + 4 / 256) / 64),  # the absmaxes as 8-bit codes, an fp32 scale per 256 of them
+        ("bnb-int8", "bitsandbytes int8 (LLM.int8(): outlier columns in fp16)", (), 1.0)):
+    register(Choice("quantization", _name, _label, _aliases, bytes_per_param=_bytes, check=_bnb_reasons(_name)))

@@ -211,7 +211,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
             extra["match_tokens"] = min(leading_match(ids, hf_tokens[k]) for k, ids in h.tokens.items())
         rows.append(maker.row("decode", "hearth", b, opts.prompt_len, opts.output_len,
                               decode_tok_s=h.decode_tok_s, ttft_ms=h.ttft_ms, weight_bytes=wb,
-                              **extra, implementation=impl, kv_cache_dtype=kvd))
+                              **extra, implementation=impl, kv_cache_dtype=kvd, cuda_graphs=info.cuda_graphs))
         if hf is not None:
             rate, ttft, _ = hf["decode"][b]
             rows.append(maker.row("decode", baseline, b, opts.prompt_len, opts.output_len, decode_tok_s=rate,

@@ -304,10 +304,11 @@ def loaded_quantization(config: EngineConfig, path: Path | None, native: bool, d
     if device is not None and method != mc.quantization and not (writing and method in choices.WRITABLE_ANYWHERE):
         reasons = choices.get("quantization", method, str(device)).reasons
         if reasons:
+            what = f"is quantized with bitsandbytes ({method})" if method.startswith("bnb-") else \
+                f"stores its weights as {method}"
             raise InvalidRequestError(
-                f"this checkpoint stores its weights as {method}, which can't run here: {'; '.join(reasons)}. Load "
-                "the model's unquantized original and pick a quantization that runs here (--quant).",
-                options=("quantization",))
+                f"this checkpoint {what}, which can't run here: {'; '.join(reasons)}. Load the model's "
+                "unquantized original and pick a quantization that runs here (--quant).", options=("quantization",))
     return method
 
 
@@ -318,9 +319,11 @@ def quantization_detail(quantization: str, runner, path: Path | None) -> str | N
         return None
     forms: dict[str, int] = {}
     for module in runner.model.modules():
-        if hasattr(module, "qweight") and getattr(module, "checkpoint_params", ()):  # a tied head: its embedding
-            g = "channel" if module.group_size == module.in_features else f"g{module.group_size}"
-            key = f"fp8 e4m3 {g}" if module.fmt == "e4m3" else f"int{module.bits} {g}"
+        key = getattr(module, "quant_form", None)  # a bitsandbytes projection names its own
+        if key is None and hasattr(module, "qweight") and getattr(module, "checkpoint_params", ()):
+            g = "channel" if module.group_size == module.in_features else f"g{module.group_size}"  # a tied head:
+            key = f"fp8 e4m3 {g}" if module.fmt == "e4m3" else f"int{module.bits} {g}"  # its embedding
+        if key is not None:
             forms[key] = forms.get(key, 0) + 1
     text = ", ".join(f"{n} x {k}" for k, n in sorted(forms.items()))
     if quantization == "gguf" and path is not None:

@@ -157,9 +157,11 @@ class LlamaForCausalLM(nn.Module):
         with torch.no_grad():
             quantized = set()
             for module in self.modules():
-                if hasattr(module, "qweight") and module.checkpoint_params:  # a tied head shares its embedding's
+                # Quantized modules draw their own (a tied head shares its embedding's).
+                if module is not self and getattr(module, "checkpoint_params", None) and hasattr(module, "init_random"):
                     module.init_random(gen, std)
-                    quantized.update(id(p) for p in (module.qweight, module.scales, module.mins) if p is not None)
+                    quantized.update(id(getattr(module, n)) for n in module.filled_by_parts
+                                     if getattr(module, n, None) is not None)
             for name, p in self.named_parameters():
                 if id(p) in quantized:
                     continue

@@ -32,6 +32,7 @@ from pathlib import Path
 from torch import nn
 
 from engine.errors import InvalidRequestError, UnsupportedModelError
+from engine.quant.bnb import BNB_METHODS
 from engine.quant.sources import Canonical, QuantSource, rtn
 
 #: Pre-quantized checkpoint formats (``engine.quant.formats``).
@@ -71,7 +72,8 @@ class QuantPlan:
 
 def checkpoint_quantization(path: Path | None):
     """The ``CheckpointQuant`` of a pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors:
-    its config.json's ``quantization_config``, or GPTQ's quantize_config.json), or None;
+    its config.json's ``quantization_config``, or GPTQ's quantize_config.json; a
+    ``BnbCheckpoint`` for bitsandbytes), or None;
     anything Hearth can't read is refused naming the field."""
     import json
 
@@ -95,8 +97,9 @@ def checkpoint_quantization(path: Path | None):
 
 def checkpoint_quant_method(path: Path | None, names: dict | None = None) -> str:
     """``gguf`` when the checkpoint holds Hearth-layout quantized tensors (a GGUF converted
-    with its own weights kept); ``awq``, ``gptq``, ``compressed-tensors`` or ``fp8`` for a
-    pre-quantized checkpoint; else ``none``."""
+    with its own weights kept); ``awq``, ``gptq``, ``compressed-tensors``, ``fp8`` or a
+    bitsandbytes method (``bnb-nf4``, ``bnb-nf4-dq``, ``bnb-int8``) for a pre-quantized
+    checkpoint; else ``none``."""
     if path is None:
         return "none"
     q = checkpoint_quantization(path)
@@ -145,6 +148,11 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
         held = {n.rpartition(".")[2] for n in names}
         source = replace(source, optional=tuple(o for o in source.optional if o in held))
         return QuantPlan(found, default=source, names=frozenset(names))
+    if method in BNB_METHODS or found in BNB_METHODS:  # bitsandbytes' own modules (engine.quant.bnb)
+        from engine.quant.bnb import source_for
+
+        source = source_for(method, found, checkpoint_quantization(path) if found in BNB_METHODS else None)
+        return QuantPlan(method, default=source, names=frozenset(names or ()))
     if method in ("none", "bf16", "fp16"):
         if found == "gguf":  # loads of a kept-quantized folder always keep it (the loader picks the folder)
             method = "gguf"
@@ -240,6 +248,10 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
 
     if not plan.quantizes:
         return
+    if plan.method in BNB_METHODS:
+        from engine.quant.bnb import apply
+
+        return apply(model, plan.default, plan.names)
     default = plan.default
     if plan.method == "int4" and default is None:
         default = rtn("int4", auto_group(model))

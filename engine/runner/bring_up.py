@@ -144,7 +144,7 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 def _quantizing(model: nn.Module) -> str:
     """" (quantizing to int4)" when the load quantizes float tensors as they stream in."""
     labels = {m.source.label for m in model.modules() if getattr(m, "checkpoint_params", None)
-              and "weight" in m.checkpoint_params}
+              and "weight" in m.checkpoint_params and getattr(m.source, "quantizes_on_load", True)}
     return f" (quantizing to {', '.join(sorted(labels))})" if labels else ""
 
 
@@ -188,7 +188,7 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
                       max_model_len, weights_bytes=need)
     say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')})")
-    quantized = any(hasattr(m, "qweight") for m in model.modules())
+    quantized = any(hasattr(m, "qweight") or hasattr(m, "quant_form") for m in model.modules())
     check_weights_fit(need, device, "quantized" if quantized else str(dtype).removeprefix("torch."))
     runner = None
     try:

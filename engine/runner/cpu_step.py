@@ -67,6 +67,10 @@ def _reason(runner) -> str | None:
         return "q/k norms (Qwen3) are not in the C step"
     if not runner.kv_caches:
         return "no KV cache"
+    # A module a transform put in that the C step has no form of says so (bitsandbytes').
+    other = next((m.cpu_decode_reason for m in runner.model.modules() if getattr(m, "cpu_decode_reason", None)), None)
+    if other is not None:
+        return other
     from engine.layers.quant_kernels import CpuQuant
 
     if any(hasattr(m, "qweight") and getattr(m, "checkpoint_params", ()) and not isinstance(m.kernel, CpuQuant)

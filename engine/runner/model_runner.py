@@ -91,7 +91,8 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
             return "turned off (enforce_eager)"
         if not self.backend_cls.cuda_graphs:
             return f"the {self.attention!r} attention backend can't be captured in a graph"
-        return None
+        # A module a transform put in (bitsandbytes' LLM.int8()) may say why it can't be captured.
+        return next((m.cuda_graphs_off for m in self.model.modules() if getattr(m, "cuda_graphs_off", None)), None)
 
     def gemv_reason(self) -> str | None:
         """Why batch-1 matmuls stay on cuBLAS without even trying the Triton GEMV."""

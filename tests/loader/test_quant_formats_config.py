@@ -76,7 +76,8 @@ def test_ignore_patterns():
 
 
 @pytest.mark.parametrize("qc,field,words", [
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method", "awq, gptq, compressed-tensors"),
+    ({"quant_method": "hqq", "nbits": 4}, "quant_method", "and bitsandbytes"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bnb_4bit_quant_type", "'fp4' weights"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "weight_block_size", "block-wise"),
     ({"quant_method": "exl2"}, "quant_method", "'exl2'"),
     ({**AWQ, "version": "gemv"}, "version", "'gemv'"),

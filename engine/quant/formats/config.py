@@ -85,14 +85,15 @@ def _bits(value: Any, allowed: tuple[int, ...], source: str, field: str, method:
 
 
 def parse_quantization_config(cfg: Mapping[str, Any], source: str = "",
-                              quantize_config: Mapping[str, Any] | None = None) -> CheckpointQuant | None:
+                              quantize_config: Mapping[str, Any] | None = None):
     """Parse a checkpoint's quantization settings.
 
     ``cfg`` is the checkpoint's config.json (its ``quantization_config`` is read) or that
     ``quantization_config`` dict itself; ``quantize_config`` is a GPTQ ``quantize_config.json``
-    used when config.json has none. ``source`` names the checkpoint in messages. Returns None
-    for an unquantized checkpoint; raises ``UnsupportedModelError`` naming the field for
-    anything Hearth can't load.
+    used when config.json has none. ``source`` names the checkpoint in messages. Returns a
+    ``CheckpointQuant`` (a ``BnbCheckpoint`` for bitsandbytes:
+    ``engine.quant.formats.bitsandbytes``), or None for an unquantized checkpoint; raises
+    ``UnsupportedModelError`` naming the field for anything Hearth can't load.
     """
     if "quant_method" in cfg and "quantization_config" not in cfg:
         qc: Mapping[str, Any] | None = cfg
@@ -115,9 +116,13 @@ def parse_quantization_config(cfg: Mapping[str, Any], source: str = "",
         return _parse_compressed_tensors(qc, source)
     if method == "fp8":
         return _parse_fp8(qc, source)
+    if method == "bitsandbytes":
+        from engine.quant.formats.bitsandbytes import parse_bitsandbytes
+
+        return parse_bitsandbytes(qc, source)
     raise _refuse(source, "quant_method",
                   f"{qc.get('quant_method')!r} checkpoints are not supported (Hearth reads "
-                  f"{', '.join(SUPPORTED_METHODS)})")
+                  f"{', '.join(SUPPORTED_METHODS)} and bitsandbytes)")
 
 
 def _parse_awq(qc: Mapping[str, Any], source: str) -> CheckpointQuant:

@@ -123,14 +123,14 @@ def test_device_box_is_filled_before_a_model_is_picked(qtbot, page):
     assert ram.startswith("RAM: ") and ram.endswith(" free")
     assert "Pick a model" in panel.fit_result.text()
     # The weights choices are the load dialog's; quantizations that can't run are greyed
-    # out with the reason (int4 runs; fp8 weights come with a later release).
+    # out with the reason (int4 runs; fp8 weights need an Ada or Hopper GPU).
     weights = panel.weights
     assert [weights.itemData(i) for i in range(4)] == ["auto", "bfloat16", "float16", "float32"]
     qtbot.waitUntil(lambda: weights.findData("int4") >= 0, timeout=WAIT_MS)
     int4 = weights.model().item(weights.findData("int4"))
     assert int4.isEnabled()
     fp8 = weights.model().item(weights.findData("fp8"))
-    assert not fp8.isEnabled() and "not implemented" in fp8.toolTip()
+    assert not fp8.isEnabled() and "Ada or Hopper" in fp8.toolTip()
 
 
 def test_fit_estimate_uses_the_engine_rules_for_the_device(qtbot, page, monkeypatch):

@@ -218,10 +218,16 @@ def test_a_load_that_dies_of_a_base_exception_still_ends(fake_host):
     assert load(fake_host, "acme/next").name == "acme/next"
 
 
-def test_a_quantization_that_is_not_there_yet_is_refused(fake_host):
-    fake_host.load(dict(model="acme/a", quantization="nf4"))
+def test_a_quantization_that_is_not_there_yet_is_refused(fake_host, monkeypatch):
+    """A planned choice (listed with the reason it can't run) is refused with that reason."""
+    from engine import choices
+
+    monkeypatch.setitem(choices._REGISTRY, "quantization", dict(choices._REGISTRY["quantization"]))
+    choices.register(choices.Choice("quantization", "planned-q", "a planned quantization", ("pq",),
+                                    bytes_per_param=1, check=choices._not_yet))
+    fake_host.load(dict(model="acme/a", quantization="pq"))
     message = fake_host.rec.wait_for(LoadFailed)[0].message
-    assert "'bnb-nf4' can't be used here" in message and "not implemented yet" in message
+    assert "'planned-q' can't be used here" in message and "not implemented yet" in message
 
 
 def test_the_host_asks_the_choices_registry_not_a_list_of_its_own(fake_host, monkeypatch):
