@@ -28,9 +28,9 @@ from engine.layers.linear import Linear, QKVLinear, SwiGLUDownLinear  # noqa: E4
 from engine.loader.engine_loader import load_model  # noqa: E402
 from engine.quant.bnb import BnbSource, import_problem  # noqa: E402
 from engine.runner.lifecycle import release_runner  # noqa: E402
+from tests.quant.test_quantized_models import PROMPT, hearth_logits  # noqa: E402
 
 F = bnb.functional
-PROMPT = [5, 17, 99, 3, 1024, 7, 42, 8, 300, 11, 12, 13, 2048]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -107,14 +107,6 @@ def _load(path, **options):
     return load_model(config)
 
 
-def _logits(runner, ids=PROMPT) -> torch.Tensor:
-    n = len(ids)
-    with torch.inference_mode():
-        meta = runner._metadata([[0, 1, 2]], [0], [n])
-        hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, meta)
-        return runner.model.compute_logits(hidden).float().clone()
-
-
 def _bnb_config(method: str, compute: torch.dtype = torch.float32):
     """transformers' BitsAndBytesConfig of ``method``, its 4-bit layers computing in ``compute``."""
     from transformers import BitsAndBytesConfig
@@ -164,11 +156,11 @@ def test_a_tiny_model_quantized_as_it_loads_gives_transformers_bitsandbytes_logi
         layers = [m for m in runner.model.modules() if isinstance(m, BnbLinear)]
         assert len(layers) == 4 * 2 and isinstance(runner.model.lm_head, Linear)  # the head stays float
         assert "bnb" in info.quant_detail and info.cpu_decode is not True  # the C step says why not
-        got, want = _logits(runner), _hf_logits(hf_quantized[method][0])
+        got, want = hearth_logits(runner), _hf_logits(hf_quantized[method][0])
         diff = float((got - want).abs().max())
         float_loaded = _load(tiny_models["llama3"], quantization="none")
         try:
-            quantizing = float((_logits(float_loaded.runner) - got).abs().max())
+            quantizing = float((hearth_logits(float_loaded.runner) - got).abs().max())
             assert info.weight_bytes < float_loaded.info.weight_bytes
         finally:
             release_runner(float_loaded.runner)
@@ -191,7 +183,7 @@ def test_a_bitsandbytes_checkpoint_saved_by_transformers_loads_as_it_is(hf_quant
     loaded = _load(folder, quantization="auto")
     try:
         assert loaded.info.quantization == method
-        got, want = _logits(loaded.runner), _hf_logits(model)
+        got, want = hearth_logits(loaded.runner), _hf_logits(model)
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
     finally:
         release_runner(loaded.runner)

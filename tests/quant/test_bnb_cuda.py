@@ -15,6 +15,8 @@ from engine.layers.bnb_linear import BnbLinear  # noqa: E402
 from engine.loader.engine_loader import load_model  # noqa: E402
 from engine.runner.lifecycle import release_runner  # noqa: E402
 from tests.quant.test_bnb import PROMPT, _bnb_config  # noqa: E402
+from tests.quant.test_quantized_cuda import greedy_with_and_without_graphs  # noqa: E402
+from tests.quant.test_quantized_models import hearth_logits  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -35,12 +37,7 @@ def test_bitsandbytes_logits_on_cuda_match_transformers(tiny_models, method):
             assert not info.cuda_graphs and "LLM.int8()" in info.cuda_graphs_off
         else:
             assert info.cuda_graphs or "capture failed" in (info.cuda_graphs_off or ""), info.cuda_graphs_off
-        n = len(PROMPT)
-        with torch.inference_mode():
-            meta = runner._metadata([[0, 1, 2]], [0], [n])
-            hidden = runner.model(torch.tensor(PROMPT, device="cuda"), torch.arange(n, device="cuda"),
-                                  runner.kv_caches, meta)
-            got = runner.model.compute_logits(hidden).float().cpu()
+        got = hearth_logits(runner)
     finally:
         release_runner(loaded.runner)
     hf = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=_bnb_config(method, torch.bfloat16),
@@ -53,15 +50,5 @@ def test_bitsandbytes_logits_on_cuda_match_transformers(tiny_models, method):
 
 @pytest.mark.parametrize("method", ["bnb-nf4", "bnb-int8"])
 def test_greedy_tokens_with_and_without_cuda_graphs_agree(tiny_models, method):
-    from engine.api import Engine, Request, SamplingParams
-
-    outs = []
-    for eager in (False, True):
-        eng = Engine.load(str(tiny_models["llama3"]), device="cuda", quantization=method, max_model_len=256,
-                          enforce_eager=eager)
-        try:
-            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-            outs.append(eng.generate([Request(prompt_token_ids=PROMPT, params=params)])[0].token_ids)
-        finally:
-            eng.shutdown()
-    assert outs[0] == outs[1]
+    graphs, eager = greedy_with_and_without_graphs(tiny_models["llama3"], method)
+    assert graphs == eager

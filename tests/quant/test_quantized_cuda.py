@@ -13,7 +13,7 @@ from engine.layers.quant_kernels import TritonQuant
 from engine.layers.quant_linear import QuantizedLinear
 from engine.loader.engine_loader import load_model
 from engine.runner.lifecycle import release_runner
-from tests.quant.test_quantized_models import PROMPT, reference_logits
+from tests.quant.test_quantized_models import PROMPT, hearth_logits, reference_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -27,12 +27,7 @@ def test_quantized_logits_on_cuda_match_the_dequantized_reference(tiny_models, q
         runner = loaded.runner
         layers = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
         assert layers and all(isinstance(m.kernel, TritonQuant) for m in layers)
-        n = len(PROMPT)
-        with torch.inference_mode():
-            meta = runner._metadata([[0, 1, 2]], [0], [n])
-            hidden = runner.model(torch.tensor(PROMPT, device="cuda"), torch.arange(n, device="cuda"),
-                                  runner.kv_caches, meta)
-            got = runner.model.compute_logits(hidden).float().cpu()
+        got = hearth_logits(runner)
         want = reference_logits(tiny_models["llama3"], _cpu_copy(runner))
         err = (got - want).abs().max().item()
         assert err < 0.05 * want.abs().max().item(), err
@@ -47,19 +42,25 @@ class _cpu_copy:
         self.model = runner.model
 
 
-def test_greedy_tokens_with_and_without_cuda_graphs_agree(tiny_models):
+def greedy_with_and_without_graphs(path, quantization: str) -> list[list[int]]:
+    """24 greedy tokens of PROMPT through the engine on CUDA: with CUDA graphs, then eagerly."""
     from engine.api import Engine, Request, SamplingParams
 
     outs = []
     for eager in (False, True):
-        eng = Engine.load(str(tiny_models["llama3"]), device="cuda", quantization="int4", max_model_len=256,
+        eng = Engine.load(str(path), device="cuda", quantization=quantization, max_model_len=256,
                           enforce_eager=eager)
         try:
             params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
             outs.append(eng.generate([Request(prompt_token_ids=PROMPT, params=params)])[0].token_ids)
         finally:
             eng.shutdown()
-    assert outs[0] == outs[1]
+    return outs
+
+
+def test_greedy_tokens_with_and_without_cuda_graphs_agree(tiny_models):
+    graphs, eager = greedy_with_and_without_graphs(tiny_models["llama3"], "int4")
+    assert graphs == eager
 
 
 def test_quantizing_on_the_gpu_never_holds_the_float_model(tmp_path, tokenizer_files):

@@ -20,11 +20,13 @@ PROMPT = [5, 17, 99, 3, 1024, 7, 42, 8, 300, 11, 12, 13, 2048]
 
 
 def hearth_logits(runner, ids=PROMPT) -> torch.Tensor:
+    """The runner's logits for ``ids`` as one prompt (on its device), float32 on the CPU."""
     n = len(ids)
+    dev = runner.device
     with torch.inference_mode():
         meta = runner._metadata([[0, 1, 2]], [0], [n])
-        hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, meta)
-        return runner.model.compute_logits(hidden).float().clone()
+        hidden = runner.model(torch.tensor(ids, device=dev), torch.arange(n, device=dev), runner.kv_caches, meta)
+        return runner.model.compute_logits(hidden).float().cpu().clone()
 
 
 def reference_logits(path, runner, ids=PROMPT) -> torch.Tensor:

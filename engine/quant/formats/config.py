@@ -175,6 +175,23 @@ _CT_ACTORDER = {None: None, False: None, "weight": "weight", "static": "weight",
                 True: "group", "group": "group", "dynamic": "group"}
 
 
+def _ct_config_groups(qc: Mapping[str, Any], source: str, statuses: tuple[str, ...],
+                      stored: str) -> Mapping[str, Any]:
+    """A compressed-tensors config's ``config_groups``, after refusing what neither of its
+    formats Hearth reads supports: a status other than ``statuses`` (the weights not stored
+    ``stored``), KV-cache schemes, sparsity, transforms, no scheme at all."""
+    status = qc.get("quantization_status", "compressed")
+    if status not in statuses:
+        raise _refuse(source, "quantization_status", f"{status!r}: the weights are not stored {stored}")
+    for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+        if qc.get(field):
+            raise _refuse(source, field, f"compressed-tensors {field.replace('_', ' ')} is not supported")
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, Mapping) or not groups:
+        raise _refuse(source, "config_groups", "no quantization scheme found")
+    return groups
+
+
 def _parse_compressed_tensors(qc: Mapping[str, Any], source: str) -> CheckpointQuant:
     fmt = qc.get("format")
     if fmt != "pack-quantized":
@@ -182,16 +199,7 @@ def _parse_compressed_tensors(qc: Mapping[str, Any], source: str) -> CheckpointQ
                       f"compressed-tensors {fmt!r} checkpoints are not supported (only "
                       f"\"pack-quantized\", the W4A16/W8A16 layout, and \"float-quantized\", FP8; "
                       f"\"marlin-24\", \"naive-quantized\" and \"int-quantized\" are not)")
-    status = qc.get("quantization_status", "compressed")
-    if status != "compressed":
-        raise _refuse(source, "quantization_status",
-                      f"{status!r}: the weights are not stored compressed")
-    for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
-        if qc.get(field):
-            raise _refuse(source, field, f"compressed-tensors {field.replace('_', ' ')} is not supported")
-    groups = qc.get("config_groups") or {}
-    if not isinstance(groups, Mapping) or not groups:
-        raise _refuse(source, "config_groups", "no quantization scheme found")
+    groups = _ct_config_groups(qc, source, ("compressed",), "compressed")
     schemes = []
     for name, group in groups.items():
         field = f"config_groups.{name}"
@@ -253,15 +261,7 @@ def _parse_fp8(qc: Mapping[str, Any], source: str) -> CheckpointQuant:
 def _parse_ct_fp8(qc: Mapping[str, Any], source: str) -> CheckpointQuant:
     """compressed-tensors ``float-quantized`` (llm-compressor FP8 / FP8_DYNAMIC): e4m3 weights
     per channel or tensor; activations per token (dynamic) or per tensor (static)."""
-    status = qc.get("quantization_status", "compressed")
-    if status not in ("compressed", "frozen"):
-        raise _refuse(source, "quantization_status", f"{status!r}: the weights are not stored quantized")
-    for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
-        if qc.get(field):
-            raise _refuse(source, field, f"compressed-tensors {field.replace('_', ' ')} is not supported")
-    groups = qc.get("config_groups") or {}
-    if not isinstance(groups, Mapping) or not groups:
-        raise _refuse(source, "config_groups", "no quantization scheme found")
+    groups = _ct_config_groups(qc, source, ("compressed", "frozen"), "quantized")
     for name, group in groups.items():
         field = f"config_groups.{name}"
         if "Linear" not in (group.get("targets") or []):
