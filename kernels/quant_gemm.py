@@ -129,12 +129,21 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
             # x's dtype) and accumulate the dot straight into acc: one accumulator instead
             # of acc + part (the int4 128-row tile spills otherwise), the weight rounded
             # like the dequantize + cuBLAS path
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
-            if HAS_MIN:
-                mn = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
+            if GROUP < BLOCK_K:  # int8 in groups of 16 (GGUF Q6_K): each weight its own group's scale
+                gk = tl.where(k0 + kk < K, (k0 + kk) // GROUP, 0)
+                sg = rn_safe[:, None] * stride_sn + gk[None, :]
+                s = tl.load(s_ptr + sg).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+                if HAS_MIN:
+                    mn = tl.load(m_ptr + sg).to(tl.float32)
+                else:
+                    mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
             else:
-                mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
+                g = k0 // GROUP
+                s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
+                if HAS_MIN:
+                    mn = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
+                else:
+                    mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
             if BITS == 4:
                 HALF_B: tl.constexpr = BLOCK_K // 2
                 b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF_B))[None, :]).to(tl.int32)
@@ -257,9 +266,16 @@ def _dequantize_kernel(q_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_qn, stride_sn, s
         else:
             q = tl.load(q_rows + kk[None, :, :], mask=n_ok[:, None, None] & (kk < K)[None, :, :], other=0,
                         eviction_policy="evict_first")
-        w = q.to(tl.float32) * s
-        if HAS_MIN:
-            w += m
+        if GROUP < 32:  # int8 in groups of 16: each input its own group's scale (and min)
+            gk = tl.where(kk < K, kk // GROUP, 0)  # [NB, 32]
+            sk = rn_safe[:, None, None] * stride_sn + gk[None, :, :]
+            w = q.to(tl.float32) * tl.load(s_ptr + sk).to(tl.float32)
+            if HAS_MIN:
+                w += tl.load(m_ptr + sk).to(tl.float32)
+        else:
+            w = q.to(tl.float32) * s
+            if HAS_MIN:
+                w += m
         w = w.to(dt)
     k_all = kb[:, None] + tl.arange(0, 32)[None, :]  # [NB, 32]
     if EVEN:
@@ -386,7 +402,12 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
     summed in a fixed order and rounded into ``out`` (two small extra kernels; no atomics,
     so every run gives the same bits)."""
     rows, n, k = x.shape[0], prepared.out_features, prepared.in_features
-    block_k = _step(prepared.group_size, max(32, block_k))
+    if prepared.group_size < 32 and prepared.group_size != k:
+        # int8 in groups of 16 (GGUF Q6_K): no step fits inside a group; every weight of
+        # the tile is scaled in registers before the dot (SCALE_B) by its own group's scale
+        block_k, scale_b = max(32, min(block_k, 128)), True
+    else:
+        block_k = _step(prepared.group_size, max(32, block_k))
     offset = 0
     if prepared.bits == 4:
         offset = {torch.bfloat16: 128, torch.float16: 1024}.get(x.dtype, 0)

@@ -19,7 +19,11 @@ the codes as int32 words:
   inputs with the high ones, as cheap as GGUF order.
 - int8: int8 ``[N, K]`` signed codes, 32 bytes (two 16-byte vectors) per block of 32 inputs.
 - scales and mins: float16 ``[N, K/G]`` (row-major: a program reads its own rows' groups;
-  they are 1/16 of the int4 bytes at G=128, so their layout hardly matters).
+  they are 1/16 of the int4 bytes at G=128, so their layout hardly matters). G is a
+  multiple of 32 or the whole row, or (int8 only) 16: GGUF Q6_K's sub-blocks. A block of 32
+  inputs then holds two groups; the CUDA-core kernels sum each half block's products apart
+  (words 0-3 and 4-7) and scale them with their own group's scale (``GPB`` groups per
+  block), the GEMM scales each weight of its tile (``SCALE_B``).
 
 The CUDA-core kernel (``_quant_gemv_kernel``). At batch 1 every weight byte is read once,
 so the figure of merit is memory bandwidth; at 4.8 TB/s an H200 streams ~30 int4 weights
@@ -81,12 +85,17 @@ class PreparedQuant(NamedTuple):
         return self.qweight.shape[1] * (2 if self.bits == 4 else 1)
 
 
+#: the one group size below a block the kernels take (int8 only): GGUF Q6_K's sub-blocks
+SUB_GROUP = 16
+
+
 def _check_groups(op: str, n: int, k: int, group_size: int, scales: torch.Tensor,
-                  mins: torch.Tensor | None) -> None:
+                  mins: torch.Tensor | None, sub_ok: bool = False) -> None:
     if group_size <= 0 or k % group_size:
         raise ValueError(f"{op}: group size {group_size} does not divide the {k} input features")
-    if group_size % BLOCK and group_size != k:
-        raise ValueError(f"{op}: group size {group_size} is not a multiple of {BLOCK} (nor the whole row); "
+    if group_size % BLOCK and group_size != k and not (sub_ok and group_size == SUB_GROUP):
+        raise ValueError(f"{op}: group size {group_size} is not a multiple of {BLOCK} (nor the whole row"
+                         + (f", nor {SUB_GROUP}" if sub_ok else "") + "); "
                          "the GPU kernels read whole blocks of 32 inputs: pick 32, 64 or 128")
     want = (n, k // group_size)
     for name, t in (("scales", scales), ("mins", mins)):
@@ -167,12 +176,12 @@ def pair_nibbles(qweight: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Ten
 
 def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  group_size: int) -> PreparedQuant:
-    """An int8 weight (int8 [N, K] codes, float16 scales [N, K/G], optional float16 mins)
-    for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
+    """An int8 weight (int8 [N, K] codes, float16 scales [N, K/G], optional float16 mins;
+    G may be ``SUB_GROUP``) for ``quant_gemv`` / ``quant_gemm``. Nothing is repacked."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"prepare_int8: qweight must be int8 [N, K], got {qweight.dtype} {list(qweight.shape)}")
     n, k = qweight.shape
-    _check_groups("prepare_int8", n, k, group_size, scales, mins)
+    _check_groups("prepare_int8", n, k, group_size, scales, mins, sub_ok=True)
     return PreparedQuant(8, group_size, _aligned(qweight), scales.contiguous(),
                          None if mins is None else mins.contiguous())
 
@@ -187,6 +196,31 @@ def _code_at(w, magic, SH: tl.constexpr, WIDTH: tl.constexpr, OFFSET: tl.constex
     a register operand lets ptxas do mask-and-or in one."""
     MASK: tl.constexpr = ((1 << WIDTH) - 1) << SH
     return ((w & MASK) | (magic - (SH << 23))).to(tl.float32, bitcast=True) - (2.0 ** (23 - SH) + OFFSET)
+
+
+@triton.jit
+def _block_groups(kb, blk_ok, GROUP: tl.constexpr, GPB: tl.constexpr):
+    """The group of each of the ``GPB`` groups of each block of 32 inputs starting at ``kb``
+    [NB]: [NB * GPB] (0 for blocks beyond K)."""
+    if GPB == 1:
+        return tl.where(blk_ok, kb // GROUP, 0)
+    else:
+        NB: tl.constexpr = kb.shape[0]
+        g = kb[:, None] // GROUP + tl.arange(0, GPB)[None, :]
+        return tl.reshape(tl.where(blk_ok[:, None], g, 0), [NB * GPB])
+
+
+@triton.jit
+def _group_sums(p, GPB: tl.constexpr):
+    """Per-word values [A, NB, WPB] summed per group: [A, NB * GPB] (a block's words split
+    into ``GPB`` runs of consecutive words, one group each)."""
+    A: tl.constexpr = p.shape[0]
+    NB: tl.constexpr = p.shape[1]
+    WPB: tl.constexpr = p.shape[2]
+    if GPB == 1:
+        return tl.sum(p, axis=2)
+    else:
+        return tl.reshape(tl.sum(tl.reshape(p, [A, NB, GPB, WPB // GPB]), axis=3), [A, NB * GPB])
 
 
 @triton.jit
@@ -305,6 +339,7 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
     # and 16+4j..16+4j+3 in the high ones, (int8) inputs 4j..4j+3.
     NB: tl.constexpr = BLOCK_K // 32  # blocks per step
     WPB: tl.constexpr = 4 if BITS == 4 else 8
+    GPB: tl.constexpr = 32 // GROUP if GROUP < 32 else 1  # groups per block (2: int8 in groups of 16)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -315,11 +350,11 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
     q_rows = q_ptr + rows_safe[:, None, None] * stride_qn
     s_rows = s_ptr + rows_safe[:, None] * stride_sn
     m_rows = m_ptr + rows_safe[:, None] * stride_sn
-    acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, NB * GPB], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # STAGES > 1: cp.async ring of steps in flight
         kb = k0 + blk * 32  # first input of each block [NB]
         blk_ok = kb < K  # K is a multiple of 32: a block is all in or all out
-        grp = tl.where(blk_ok, kb // GROUP, 0)
+        grp = _block_groups(kb, blk_ok, GROUP, GPB)  # [NB * GPB]
         w_ptrs = q_rows + (kb // (32 // WPB))[None, :, None] + j[None, None, :]
         if EVEN_K:
             w = tl.load(w_ptrs, eviction_policy="evict_first")
@@ -347,9 +382,9 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
             p3 = (_code_at(u, magic, 0, 8, 128) * x0[None] + _code_at(u, magic, 8, 8, 128) * x1[None]
                   + _code_at(u2, magic, 0, 8, 128) * x2[None] + _code_at(u2, magic, 8, 8, 128) * x3[None])
             if HAS_MIN:
-                xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
-        part = tl.sum(p3, axis=2)  # [BLOCK_N, NB]: sum(q x) per block
-        # a block never straddles two groups (G is a multiple of 32, or the whole row)
+                xsum = tl.reshape(_group_sums((x0 + x1 + x2 + x3)[None], GPB), [NB * GPB])
+        part = _group_sums(p3, GPB)  # [BLOCK_N, NB * GPB]: sum(q x) per group of each block
+        # a group never straddles two blocks (G is a multiple of 32, the whole row, or 16)
         s = tl.load(s_rows + grp[None, :]).to(tl.float32)
         acc += part * s
         if HAS_MIN:
@@ -372,17 +407,18 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     # Codes are decoded as in _quant_gemv_kernel. KP: K rounded up to a power of 2.
     NB: tl.constexpr = KP // 32
     WPB: tl.constexpr = 4 if BITS == 4 else 8
+    GPB: tl.constexpr = 32 // GROUP if GROUP < 32 else 1  # groups per block (2: int8 in groups of 16)
     blk = tl.arange(0, NB)
     j = tl.arange(0, WPB)
     kb = blk * 32
     blk_ok = kb < K
-    grp = tl.where(blk_ok, kb // GROUP, 0)
+    grp = _block_groups(kb, blk_ok, GROUP, GPB)  # [NB * GPB]
     # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i (even inputs x, odd h)
     x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)
     if BITS == 4:
         xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
     else:
-        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)
+        xsum = tl.reshape(_group_sums((x0 + x1 + x2 + x3)[None], GPB), [NB * GPB])
     r = tl.arange(0, R)
     word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]
     first = tl.program_id(0) * ROWS
@@ -408,7 +444,7 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
             u2 = u >> 16
             p3 = (_code_at(u, magic, 0, 8, 128) * x0[None] + _code_at(u, magic, 8, 8, 128) * x1[None]
                   + _code_at(u2, magic, 0, 8, 128) * x2[None] + _code_at(u2, magic, 8, 8, 128) * x3[None])
-        t = tl.sum(p3, axis=2) * scale  # [R, NB]
+        t = _group_sums(p3, GPB) * scale  # [R, NB * GPB]
         if HAS_MIN:
             t += mins * xsum[None, :]
         y = tl.sum(t, axis=1)
@@ -511,18 +547,25 @@ def dp4a_enabled() -> bool:
 
 
 def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:
-    """The configs worth timing for an [n, k] weight of ``bits`` bits (int4: ``group``
-    inputs per scale, default 128), in timing order: ``default_quant_config`` first, then the
-    others (no repeats, K steps no wider than the row), int4's weight-stationary ones last."""
+    """The configs worth timing for an [n, k] weight of ``bits`` bits (``group`` inputs per
+    scale; int4's default 128), in timing order: ``default_quant_config`` first, then the
+    others (no repeats, K steps no wider than the row), int4's weight-stationary ones last.
+    Groups of 16 (int8) get the two CUDA-core kernels only (the dp4a and tensor-core ones
+    scale whole blocks of 32)."""
     widest = triton.next_power_of_2(max(k, BLOCK))
+    sub = group is not None and group < BLOCK and k % BLOCK == 0  # int8 in groups of 16: the CUDA-core kernels
     out = []
     for cfg in (default_quant_config(n, k, bits), *_QUANT_CONFIGS):
         if cfg.kind == ROWS and (k > _ROWS_MAX_K or k % BLOCK):
+            continue
+        if sub and cfg.kind not in (KLOOP, ROWS):
             continue
         if cfg.kind != ROWS:
             cfg = cfg._replace(block_k=min(cfg.block_k, widest))
         if cfg not in out:
             out.append(cfg)
+    if sub:
+        return out
     if k % BLOCK == 0 and k <= _DP4A_MAX_K and dp4a_enabled():
         from kernels.quant_dp4a import dp4a_launch
 
@@ -592,6 +635,8 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
         raise ValueError(f"quant_gemv: x must be one row [1, K], got {list(x.shape)}; use quant_gemm for more rows")
     out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
     cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
+    if prepared.group_size < BLOCK and k % BLOCK == 0 and cfg.kind not in (KLOOP, ROWS):
+        cfg = default_quant_config(n, k, prepared.bits)  # groups of 16: the CUDA-core kernels only
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     if cfg.kind == DP4A and k % BLOCK == 0:

@@ -80,8 +80,8 @@ class DequantMatmul(QuantKernel):
 
 class DequantizedOnce(QuantKernel):
     """The weight dequantized once, when bound, then torch's matmul: a GPU layer in a form
-    the Triton kernels don't read (int8 in groups of 16, GGUF Q6_K's; they read whole
-    blocks of 32) that wasn't swapped for a float projection at load
+    the Triton kernels don't read (groups that neither are a multiple of 32 inputs nor
+    int8's 16) that wasn't swapped for a float projection at load
     (``QuantizedLinear.choose_kernels`` swaps every one without an act-order permutation).
     Its float copy sits beside the codes: more memory than either alone."""
 
@@ -101,8 +101,11 @@ def _float_dtype(layer) -> torch.dtype:
 
 
 def triton_reads(layer) -> bool:
-    """Whether the GPU kernels take ``layer``'s layout: groups of a multiple of 32 inputs."""
-    return layer.group_size % 32 == 0
+    """Whether the GPU kernels take ``layer``'s layout: groups of a multiple of 32 inputs,
+    or int8 in groups of 16 (GGUF Q6_K's sub-blocks)."""
+    from kernels.quant_gemv import SUB_GROUP
+
+    return layer.group_size % 32 == 0 or (layer.bits == 8 and layer.group_size == SUB_GROUP)
 
 
 class TritonQuant(QuantKernel):

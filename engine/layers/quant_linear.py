@@ -192,8 +192,8 @@ class QuantizedLinear(QuantizedStore):
 
     def choose_kernels(self, plan) -> "QuantizedLinear | Linear":
         """The plan's SwiGLU activation, and the kernel that runs on this device. On a GPU a
-        layout its kernels don't read (int8 in groups of 16: GGUF Q6_K) becomes a float
-        projection here (its codes are dropped; ``gpu_float_extra`` counts the difference
+        layout its kernels don't read (groups neither a multiple of 32 nor int8's 16)
+        becomes a float projection here (its codes are dropped; ``gpu_float_extra`` counts the difference
         before the load)."""
         if self.qweight.device.type == "cuda" and self.float_on_gpu:
             return self.as_float().choose_kernels(plan)

@@ -30,9 +30,8 @@ Q5_K 0..31 (uint8), Q6_K -32..31 (int8).
 Kept quantized (``to_weight``): Q4_K as Hearth's int4 in groups of 32, Q5_K as int8 codes
 0..31 in groups of 32 with mins, Q6_K as int8 codes in groups of 16 (no mins), all with their
 scales and mins rounded once to float16 (Hearth's canonical layout: at most 2^-11 of a
-scale, under 1% of one quantization step). The CPU kernel runs groups of 16 (two scales per
-block of 32); the GPU kernels read whole blocks of 32, so on a GPU such a layer is
-dequantized once when it binds its kernel (``engine.layers.quant_kernels.DequantizedOnce``).
+scale, under 1% of one quantization step). The CPU kernel and the GPU's Triton kernels run
+int8 in groups of 16 (two scales per block of 32), so a Q6_K layer stays quantized on both.
 """
 
 from __future__ import annotations

@@ -91,8 +91,25 @@ def test_gemv_int8(n, k, group, mins, config):
     check(quant_gemv(x, prep, config=config), x, qw)
 
 
+@pytest.mark.parametrize("config", [FMA, ROWS, MMA, GemvConfig(16, 4, 4, DP4A, 2, 2)],
+                         ids=["kloop", "rows", "mma", "dp4a"])
+@pytest.mark.parametrize("mins", [False, True])
+def test_gemv_int8_in_groups_of_16(config, mins):
+    """int8 in groups of 16 (GGUF Q6_K's sub-blocks): each half of a block of 32 scaled by
+    its own group's scale (and min). Configs of the kernels that scale whole blocks (mma,
+    dp4a) run the default CUDA-core kernel instead; only those two are offered to time."""
+    n, k = 40, 192
+    qw, prep = make_weight(8, n, k, 16, mins=mins, seed=3)
+    assert prep.group_size == 16 and prep.scales.shape == (n, k // 16)
+    # the two halves of a block have different scales (a kernel using one of them fails)
+    assert (qw.scales[:, 0::2] != qw.scales[:, 1::2]).float().mean() > 0.9
+    x = rand_x(1, k, torch.bfloat16)
+    check(quant_gemv(x, prep, config=config), x, qw)
+    assert {c.kind for c in quant_gemv_configs(4096, 14336, 8, 16)} == {0, 2}
+
+
 @KINDS
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, 192)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 192), (8, 16)])
 def test_gemv_swiglu_bias_and_out(bits, group, config):
     n, k = 72, 192
     qw, prep = make_weight(bits, n, k, group)
@@ -165,6 +182,17 @@ def test_gemm_fused_scale_b(bits, group, mins, dtype):
     check(quant_gemm(x, prep, config=(16, 32, 32, 2, 2, True)), x, qw, weight_rounding=True)
 
 
+@pytest.mark.parametrize("rows,mins,dtype", [(3, True, torch.bfloat16), (17, False, torch.float16)])
+def test_gemm_int8_in_groups_of_16(rows, mins, dtype):
+    """More rows, groups of 16: every config runs the SCALE_B tile (each weight scaled by
+    its own group's scale in registers, rounded to x's dtype), with or without split-K."""
+    k = 192
+    qw, prep = make_weight(8, 72, k, 16, mins=mins, seed=rows)
+    x = rand_x(rows, k, dtype)
+    check(quant_gemm(x, prep), x, qw, weight_rounding=True)
+    check(quant_gemm(x, prep, config=(16, 32, 64, 2, 2, False, 3)), x, qw, weight_rounding=True)
+
+
 @pytest.mark.parametrize("bits,group,mins,scale_b", [(4, 32, True, False), (4, 64, True, True),
                                                     (8, 192, False, False), (8, 32, True, True)])
 def test_gemm_fused_split_k(bits, group, mins, scale_b):
@@ -203,7 +231,7 @@ def test_pair_order_round_trips_and_is_made_once_per_weight():
     assert changed.qweight is not prep.qweight and torch.equal(unpair_nibbles(changed.qweight), qw.qweight)
 
 
-@pytest.mark.parametrize("bits,group,mins", [(4, 64, True), (8, 100, True), (8, 32, False)])
+@pytest.mark.parametrize("bits,group,mins", [(4, 64, True), (8, 100, True), (8, 32, False), (8, 16, True)])
 def test_gemm_dequantize_path(bits, group, mins):
     k = 100 if group == 100 else 128
     qw, prep = make_weight(bits, 40, k, group, mins=mins)
@@ -219,6 +247,8 @@ def test_bad_arguments_are_clear_errors():
     qw, prep = make_weight(4, 8, 64, 32)
     with pytest.raises(ValueError, match="group size 48"):
         prepare_int8(torch.zeros(8, 96, dtype=torch.int8), torch.ones(8, 2, dtype=torch.float16), None, 48)
+    with pytest.raises(ValueError, match="group size 16 is not a multiple of 32"):  # int8 only
+        prepare_int4(qw.qweight, torch.ones(8, 4, dtype=torch.float16), torch.ones(8, 4, dtype=torch.float16), 16)
     with pytest.raises(ValueError, match="uint8"):
         prepare_int4(qw.qweight.to(torch.int8), qw.scales, qw.mins, 32)
     with pytest.raises(ValueError, match="mins"):
@@ -302,7 +332,7 @@ def test_quant_kernels_compile_for_sm90_without_spills():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,swiglu", [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
                                         (4096, 14336, True)])
-@pytest.mark.parametrize("bits,group", [(4, 128), (8, None)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, None), (8, 16)])
 def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     g = torch.Generator(device="cuda").manual_seed(0)
     w = 0.02 * torch.randn(n, k, device="cuda", generator=g)
@@ -321,8 +351,9 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     for rows in (2, 64, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
         # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default
-        check(quant_gemm(xm, prep), xm, qw, weight_rounding=bits == 4 and rows <= 64)
-        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw)  # no split
+        # (groups of 16 always scale the weight tile in registers)
+        check(quant_gemm(xm, prep), xm, qw, weight_rounding=(bits == 4 and rows <= 64) or group == 16)
+        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw, weight_rounding=group == 16)
     # SCALE_B 128-row tiles (weight rounded to bf16 in registers, like the dequantize path)
     check(quant_gemm(xm, prep, config=(128, 128, 64, 8, 3, True, 1)), xm, qw, weight_rounding=True)
     xm = torch.randn(1100, k, device="cuda", generator=g).bfloat16()

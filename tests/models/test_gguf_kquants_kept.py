@@ -159,24 +159,6 @@ def test_the_c_decode_step_runs_the_kept_k_quants(kquant_gguf, monkeypatch):
     assert len(calls) >= 10
 
 
-def test_a_gpu_dequantizes_groups_of_16_once(kquant_gguf):
-    """The GPU kernels read whole blocks of 32: a Q6_K layer (int8 in groups of 16) binds
-    the dequantize-once kernel there (the same products as dequantize+matmul), and its
-    batch-1 tuning has nothing else to time."""
-    from engine.layers.quant_kernels import DequantizedOnce, DequantMatmul, triton_reads
-
-    eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
-    try:
-        down = eng.runner.model.model.layers[2].mlp.down_proj
-        assert (down.bits, down.group_size) == (8, 16) and not triton_reads(down)
-        assert triton_reads(eng.runner.model.model.layers[0].mlp.down_proj)
-        x = torch.randn(3, 2 * down.in_features)  # [gate | up]: the down projection applies SwiGLU
-        once = DequantizedOnce().bind(down)
-        torch.testing.assert_close(once(x, down), DequantMatmul().bind(down)(x, down))
-    finally:
-        eng.shutdown()
-
-
 def test_a_tensor_type_gguf_cannot_read_is_named_with_its_type(default_model, tmp_path):
     """A file with a tensor in a type the reader has no dequantization for: refused before
     anything loads, naming the tensor and the type, and what to use instead."""
@@ -197,8 +179,8 @@ def _stub_timing(monkeypatch):
 
 def test_the_batch1_tuner_tunes_each_form_of_a_kind_apart(kquant_gguf, monkeypatch):
     """Down projections stored as Q4_K, Q5_K and Q6_K: each form gets its own candidates
-    (a GPU's Triton configs bound to a group-of-16 layer raised). CUDA's candidate lists
-    stood in for on the CPU, timing stubbed."""
+    (Q6_K's groups of 16 only the CUDA-core kernels). CUDA's candidate lists stood in for
+    on the CPU, timing stubbed."""
     import engine.layers.quant_linear as ql
     from engine.layers.quant_kernels import TritonQuant, triton_reads
     from kernels.quant_gemv import quant_gemv_configs
@@ -217,8 +199,8 @@ def test_the_batch1_tuner_tunes_each_form_of_a_kind_apart(kquant_gguf, monkeypat
         monkeypatch.setattr(ql, "kernel_candidates", cuda_like_candidates)
         choices = gt.tune_gemv(model, torch.device("cpu"))
         downs = [layer.mlp.down_proj for layer in model.model.layers]
-        assert [isinstance(d.kernel, TritonQuant) for d in downs] == [True, True, False]
-        assert choices["down"].count("triton quant gemv") == 2  # Q4_K's and Q5_K's, each its own
+        assert [isinstance(d.kernel, TritonQuant) for d in downs] == [True, True, True]
+        assert choices["down"].count("triton quant gemv") == 3  # Q4_K's, Q5_K's and Q6_K's, each its own
     finally:
         eng.shutdown()
 
@@ -238,16 +220,38 @@ def test_the_batch1_tuner_with_float_and_quantized_modules_of_one_kind(default_m
         eng.shutdown()
 
 
-def test_a_gpu_load_swaps_groups_of_16_for_float_and_counts_them(kquant_gguf):
-    """On a GPU a Q6_K layer becomes a float projection at load (its codes dropped): the
-    same products as dequantize+matmul, and the bytes the load is sized with count it so."""
+def test_the_gpu_kernels_keep_groups_of_16_and_a_layout_no_kernel_reads_becomes_float(kquant_gguf):
+    """A Q6_K layer (int8 in groups of 16) stays quantized on a GPU: the Triton kernels
+    (here under the interpreter) give dequantize+matmul's products for one row (the
+    default GEMV; the tuner is offered the two CUDA-core kernels) and for more (the SCALE_B
+    GEMM), SwiGLU applied to ``[gate | up]``, and nothing extra sizes the load. A layout the
+    GPU kernels don't read (int8 in groups of 48, say) becomes a float projection at load:
+    the same products as dequantize+matmul, and counted so in the load's bytes. (One test:
+    the load is most of its time.)"""
     from engine.layers.linear import SwiGLUDownLinear
-    from engine.layers.quant_kernels import DequantMatmul
+    from engine.layers.quant_kernels import DequantMatmul, TritonQuant, triton_reads
     from engine.layers.quant_linear import gpu_float_extra
+    from kernels.quant_gemv import KLOOP, ROWS, quant_gemv_configs
 
     eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
     try:
         down = eng.runner.model.model.layers[2].mlp.down_proj
+        assert (down.bits, down.group_size) == (8, 16) and triton_reads(down) and not down.float_on_gpu
+        assert gpu_float_extra(eng.runner.model) == 0
+        ref = DequantMatmul().bind(down)
+        for rows in (1, 3):
+            x = torch.randn(rows, 2 * down.in_features)
+            want = ref(x, down)
+            # the default kernel (the interpreter is slow; tests/kernels checks every kind)
+            got = TritonQuant().bind(down)(x, down)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        assert {c.kind for c in quant_gemv_configs(down.out_features, down.in_features, 8, 16)} == {KLOOP, ROWS}
+
+        # regroup its codes in threes (48 inputs share the first sub-block's scale: another
+        # weight, a layout no GPU kernel reads)
+        down.scales = torch.nn.Parameter(down.scales[:, ::3].contiguous(), requires_grad=False)
+        down.group_size = 48
+        assert down.float_on_gpu
         lin = down.as_float()
         assert isinstance(lin, SwiGLUDownLinear) and lin.weight.dtype == torch.float32
         x = torch.randn(2, 2 * down.in_features)
@@ -284,6 +288,15 @@ def test_gpu_a_k_quant_gguf_with_mixed_down_projections_loads_and_decodes(kquant
         out = eng.submit(Request(prompt_token_ids=[1, 2, 3], params=SamplingParams(max_tokens=4, temperature=0.0)))
         assert len(out.result().token_ids) == 4
         downs = [layer.mlp.down_proj for layer in eng.runner.model.model.layers]
-        assert [hasattr(d, "qweight") for d in downs] == [True, True, False]  # Q6_K: float on the GPU
+        assert [hasattr(d, "qweight") for d in downs] == [True, True, True]  # Q6_K too: int8 in groups of 16
+        from engine.layers.quant_kernels import DequantMatmul, TritonQuant
+
+        q6 = downs[2]
+        assert q6.group_size == 16 and isinstance(q6.kernel, TritonQuant)
+        for rows in (1, 5, 1100):  # the batch-1 kernel the tuner picked, the fused GEMM, dequantize + cuBLAS
+            x = torch.randn(rows, 2 * q6.in_features, device="cuda", dtype=q6.dtype)
+            want = DequantMatmul()(x.float(), q6).float()
+            got = q6(x).float()
+            torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2 ** -6 * want.abs().max().item())
     finally:
         eng.shutdown()
