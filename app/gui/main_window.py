@@ -10,12 +10,18 @@ the new one is ready); the status bar says both. Quitting while an answer is bei
 written, a model loads or a download runs asks first (``confirm_quit``, replaceable in
 tests).
 
+The load dialog lists every choice with the reason it can't run here; the first listing
+imports the checks' libraries (bitsandbytes alone takes seconds), so the window makes it
+once in the background as it opens (``warm_choices``) and the dialog opens at once.
+
 The status bar's "Server" toggle starts and stops the OpenAI-compatible server (the
 Server page holds its settings and log) on the window's own engine host: HTTP clients and
 the chat share the loaded model. Closing the window stops the server first.
 """
 
 from __future__ import annotations
+
+import threading
 
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
@@ -26,7 +32,7 @@ from app.gui.app import THEMES, apply_theme
 from app.gui.bridge import LOAD_CANCELLED, EngineBridge
 from app.gui.chat_page import ChatPage
 from app.gui.elided_label import ElidedLabel
-from app.gui.load_dialog import LoadDialog, save_load_options, saved_load_options
+from app.gui.load_dialog import LoadDialog, machine_choices, save_load_options, saved_load_options
 from app.services.chat_store import ChatStore
 from app.services.host_loading import load_failure_text
 
@@ -36,6 +42,21 @@ PAGES = ("Chat", "Models", "Performance", "Compare", "Server")
 SERVER_TIP = ("Start or stop the local OpenAI-compatible server on the loaded model (settings and the "
               "request log: the Server page)")
 THEME_KEY = "ui/theme"
+
+
+def warm_choices() -> threading.Thread:
+    """List the load choices once on a background thread (the dialog's later listings are
+    then quick: the imports and the bitsandbytes kernel checks are cached per process)."""
+
+    def run() -> None:
+        try:
+            machine_choices("auto")
+        except Exception:  # noqa: BLE001 - the dialog lists them again and shows what went wrong
+            pass
+
+    thread = threading.Thread(target=run, name="hearth-warm-choices", daemon=True)
+    thread.start()
+    return thread
 
 
 def _gib(n) -> str:
@@ -102,6 +123,7 @@ class MainWindow(QMainWindow):
         self.chat.input.setFocus()
         if autoload:
             self.bridge.load(saved_load_options(self.settings))
+        self.choices_warmed = warm_choices()
 
     # -- layout pieces -----------------------------------------------------------------
     def _build_status_bar(self) -> None:

@@ -350,3 +350,20 @@ def test_while_a_model_loads_the_status_bar_names_both_and_cancel_answers_at_onc
     finally:
         gate.set()
         bridge.shutdown()
+
+
+def test_the_window_lists_the_load_choices_once_in_the_background(qtbot, gui_env, bridge, monkeypatch):
+    """The first listing imports the checks' libraries (seconds for bitsandbytes): the
+    window makes it on a thread of its own as it opens, not when the dialog opens."""
+    import threading
+
+    import app.gui.main_window as mw
+    from app.gui.main_window import MainWindow
+
+    calls = []
+    monkeypatch.setattr(mw, "machine_choices", lambda device: calls.append((device, threading.current_thread())))
+    win = MainWindow(bridge=bridge, store=ChatStore(gui_env["data"] / "chats.sqlite3"), settings=gui_env["settings"],
+                     autoload=False)
+    qtbot.addWidget(win)
+    win.choices_warmed.join(10)
+    assert calls == [("auto", win.choices_warmed)] and win.choices_warmed is not threading.main_thread()
