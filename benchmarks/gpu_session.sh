@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|q4km-8b|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -163,6 +163,14 @@ case "$what" in bnb-quality)  # perplexity of the bundled SmolLM2, windows of 1,
       > "$OUT/eval-smollm2-cuda-$q.json" && tail -c 200 "$OUT/eval-smollm2-cuda-$q.json"
   done
   python benchmarks/quant_table.py "$OUT" ;;
+esac
+case "$what" in q4km-8b)  # issue 17: a Q4_K_M GGUF of the 8B shape, written here, --quant gguf vs bf16 at batch 1.
+  # CARRY=.carry_lite (prepare_carry.sh gguf: the tokenizer GGUF); resumes what an earlier call on the same
+  # machine left (the file, Hearth's conversions, rows in /tmp/hearth-q4km-bench): if one call can't
+  # hold both conversions, pass --quants gguf in one call and --quants bf16 in the next.
+  [ -f $CARRY/tok/smollm2-tokenizer.gguf ] || { echo "no $CARRY/tok/smollm2-tokenizer.gguf: prepare_carry.sh gguf"; exit 1; }
+  python benchmarks/kquant_gguf_gpu.py --tokenizer-from $CARRY/tok/smollm2-tokenizer.gguf --json-dir "$OUT" \
+    --out "$OUT/q4km-8b-summary.json" "$@" 2>&1 ;;
 esac
 case "$what" in chat-turns)
   python benchmarks/chat_turns_latency.py --shape llama-8b --json "$OUT/chat-turns-8b.json" 2>&1 | tail -10 ;;

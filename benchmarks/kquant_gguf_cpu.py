@@ -1,12 +1,10 @@
 """Batch-1 greedy decode on the CPU of a GGUF file in llama.cpp's Q4_K_M mix, Hearth against
 llama.cpp (llama-cpp-python) on the same file, each alone in its own process, best of 3.
 
-The file is written here with the gguf writer: a Llama shape whose widths are multiples of
-256 (K-quant super-blocks; SmolLM2's 576 are not, so its own Q4_K_M falls back to other
-types), random super-blocks, SmolLM2's tokenizer and metadata. Types as llama.cpp's
-``Q4_K_M`` chooses them: Q4_K everywhere but ``attn_v`` and ``ffn_down`` in the layers its
-``use_more_bits`` picks (the first and last eighth and every third between: Q6_K) and the
-output head (Q6_K). Random weights: speed only (the text is noise).
+The file is written by ``benchmarks/kquant_gguf.py``: a Llama shape whose widths are
+multiples of 256 (K-quant super-blocks; SmolLM2's 576 are not, so its own Q4_K_M falls back
+to other types), random super-blocks, SmolLM2's tokenizer and metadata, the types as
+llama.cpp's ``Q4_K_M`` chooses them. Random weights: speed only (the text is noise).
 
     python benchmarks/kquant_gguf_cpu.py [--hidden 1024 --layers 8 --ffn 2816] [--threads 2]
         [--tokens 64] [--out FILE.json]
@@ -23,67 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-def use_more_bits(i: int, n: int) -> bool:
-    """llama.cpp's choice of the layers whose attn_v / ffn_down get Q6_K in Q4_K_M."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def write_q4_k_m(path: Path, hidden: int, layers: int, ffn: int, heads: int, kv_heads: int) -> dict:
-    """Write the file; returns its tensor types by count."""
-    import gguf
-    import numpy as np
-
-    sys.path.insert(0, str(ROOT))
-    from engine.loader.resolve import default_gguf_path
-    from tests.quant.test_gguf_kquants import random_blocks
-
-    reader = gguf.GGUFReader(str(default_gguf_path()))
-    vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
-    head_dim = hidden // heads
-    meta = {"llama.embedding_length": hidden, "llama.block_count": layers, "llama.feed_forward_length": ffn,
-            "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
-            "llama.rope.dimension_count": head_dim, "llama.context_length": 4096}
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        value = meta.get(name, field.contents())
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, value, field.types[0], sub_type=sub)
-    types: dict[str, int] = {}
-    seed = [0]
-
-    def quant(name: str, rows: int, cols: int, kind: str) -> None:
-        seed[0] += 1
-        writer.add_tensor(name, random_blocks(kind, rows, cols // 256, seed=seed[0]),
-                          raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-        types[kind] = types.get(kind, 0) + 1
-
-    def norm(name: str) -> None:
-        writer.add_tensor(name, np.ones(hidden, dtype=np.float32))
-        types["F32"] = types.get("F32", 0) + 1
-
-    quant("token_embd.weight", vocab, hidden, "Q4_K")
-    norm("output_norm.weight")
-    quant("output.weight", vocab, hidden, "Q6_K")
-    for i in range(layers):
-        more = use_more_bits(i, layers)
-        norm(f"blk.{i}.attn_norm.weight")
-        norm(f"blk.{i}.ffn_norm.weight")
-        quant(f"blk.{i}.attn_q.weight", hidden, hidden, "Q4_K")
-        quant(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden, "Q4_K")
-        quant(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden, "Q6_K" if more else "Q4_K")
-        quant(f"blk.{i}.attn_output.weight", hidden, hidden, "Q4_K")
-        quant(f"blk.{i}.ffn_gate.weight", ffn, hidden, "Q4_K")
-        quant(f"blk.{i}.ffn_up.weight", ffn, hidden, "Q4_K")
-        quant(f"blk.{i}.ffn_down.weight", hidden, ffn, "Q6_K" if more else "Q4_K")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return types
 
 
 def run_hearth(path: str, threads: int, tokens: int) -> dict:
@@ -141,7 +78,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks.cpu_quant_gemv import _cpu_description
 
-    types = write_q4_k_m(args.file, args.hidden, args.layers, args.ffn, args.heads, args.kv_heads)
+    from benchmarks.kquant_gguf import KQuantShape, write_q4_k_m
+
+    types = write_q4_k_m(args.file, KQuantShape(args.hidden, args.layers, args.ffn, args.heads, args.kv_heads))
     result = {"what": "Q4_K_M-mix GGUF (random super-blocks), batch-1 greedy decode on the CPU, each engine "
                       "alone in its own process, best of 3",
               "shape": {"hidden": args.hidden, "layers": args.layers, "ffn": args.ffn, "heads": args.heads,

