@@ -129,10 +129,14 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
             # x's dtype) and accumulate the dot straight into acc: one accumulator instead
             # of acc + part (the int4 128-row tile spills otherwise), the weight rounded
             # like the dequantize + cuBLAS path
-            if GROUP < BLOCK_K:  # int8 in groups of 16 (GGUF Q6_K): each weight its own group's scale
-                gk = tl.where(k0 + kk < K, (k0 + kk) // GROUP, 0)
+            if GROUP < BLOCK_K:  # steps span groups: each weight (int4: each byte) its own group's scale
+                if BITS == 4:  # pair order: byte j holds inputs 2j and 2j + 1, one group
+                    kg = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+                else:
+                    kg = k0 + kk
+                gk = tl.where(kg < K, kg // GROUP, 0)
                 sg = rn_safe[:, None] * stride_sn + gk[None, :]
-                s = tl.load(s_ptr + sg).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+                s = tl.load(s_ptr + sg).to(tl.float32)  # [BLOCK_N, BLOCK_K] (int4: [BLOCK_N, BLOCK_K / 2])
                 if HAS_MIN:
                     mn = tl.load(m_ptr + sg).to(tl.float32)
                 else:
@@ -318,6 +322,19 @@ def _step(group: int, want: int) -> int:
     return step
 
 
+def fused_step(bits: int, group: int, k: int, block_k: int, scale_b: bool) -> tuple[int, bool]:
+    """(BLOCK_K, SCALE_B) the fused kernel runs for a config's ``block_k`` and ``scale_b``:
+    K steps inside one group (``_step``), except where those would be too narrow: int8 in
+    groups of 16 (GGUF Q6_K) has none of 32, and int4 in groups of 32 (GGUF Q4_0/Q4_1/Q4_K)
+    would load 16-byte rows of codes, a shared-memory tile Triton 3.6 can't build for its
+    pipelined loads on Hopper ("Illegal shared layout": the compile aborts). Those steps
+    span groups and every weight of the tile is scaled in registers by its own group's
+    scale (SCALE_B)."""
+    if group != k and group < (64 if bits == 4 else 32):
+        return max(64, min(block_k, 128)), True
+    return _step(group, max(32, block_k)), scale_b
+
+
 #: programs below which the fused path narrows its column tile (about one per SM of an H100/H200)
 _MIN_PROGRAMS = 120
 
@@ -402,12 +419,7 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
     summed in a fixed order and rounded into ``out`` (two small extra kernels; no atomics,
     so every run gives the same bits)."""
     rows, n, k = x.shape[0], prepared.out_features, prepared.in_features
-    if prepared.group_size < 32 and prepared.group_size != k:
-        # int8 in groups of 16 (GGUF Q6_K): no step fits inside a group; every weight of
-        # the tile is scaled in registers before the dot (SCALE_B) by its own group's scale
-        block_k, scale_b = max(32, min(block_k, 128)), True
-    else:
-        block_k = _step(prepared.group_size, max(32, block_k))
+    block_k, scale_b = fused_step(prepared.bits, prepared.group_size, k, block_k, scale_b)
     offset = 0
     if prepared.bits == 4:
         offset = {torch.bfloat16: 128, torch.float16: 1024}.get(x.dtype, 0)

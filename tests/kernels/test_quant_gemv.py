@@ -68,6 +68,12 @@ def check(y: torch.Tensor, x_eff: torch.Tensor, qw: QuantizedWeight, bias=None, 
     assert bool((err <= tol).all()), f"max err {err.max().item():.3g}, worst err/tol {(err / tol).max().item():.3g}"
 
 
+def narrow_fused(config, bits: int, group: int) -> bool:
+    """Whether the tensor-core path runs this weight with its tile rounded to x's dtype in
+    registers (SCALE_B): int4 in groups of 32, int8 in groups of 16 (``fused_step``)."""
+    return (config is None or GemvConfig(*config).kind == 1) and (bits, group) in ((4, 32), (8, 16))
+
+
 def rand_x(rows: int, cols: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, cols, generator=g).to(device=DEVICE, dtype=dtype)
@@ -79,7 +85,7 @@ def rand_x(rows: int, cols: int, dtype: torch.dtype, seed: int = 1) -> torch.Ten
 def test_gemv_int4(n, k, group, dtype, config):
     qw, prep = make_weight(4, n, k, group, seed=n + k)
     x = rand_x(1, k, dtype)
-    check(quant_gemv(x, prep, config=config), x, qw)
+    check(quant_gemv(x, prep, config=config), x, qw, weight_rounding=narrow_fused(config, 4, group))
 
 
 @KINDS
@@ -118,7 +124,7 @@ def test_gemv_swiglu_bias_and_out(bits, group, config):
     out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     assert quant_gemv(gate_up, prep, config=config, swiglu=True, out=out, bias=bias) is out
     # the activation is rounded like the unfused kernel's; the rest is checked in float64
-    check(out, silu_and_mul(gate_up), qw, bias=bias)
+    check(out, silu_and_mul(gate_up), qw, bias=bias, weight_rounding=narrow_fused(config, bits, group))
 
 
 def test_gemv_float32_activations_are_exact_to_fp32():
@@ -158,7 +164,8 @@ def test_gemm_fused(rows, bits, group, mins, dtype):
     n = 72 if rows == 17 else 40
     qw, prep = make_weight(bits, n, k, group, mins=mins, seed=rows)
     x = rand_x(rows, k, dtype)
-    check(quant_gemm(x, prep, swap_rows=0), x, qw)  # the fused kernel (int4 would run quant_mma)
+    # the fused kernel (int4 would run quant_mma)
+    check(quant_gemm(x, prep, swap_rows=0), x, qw, weight_rounding=narrow_fused(None, bits, group))
 
 
 def test_gemm_fused_bias_out_and_strided_rows():
@@ -168,7 +175,7 @@ def test_gemm_fused_bias_out_and_strided_rows():
     bias = rand_x(1, 40, torch.bfloat16, seed=3)[0]
     out = torch.empty(5, 40, dtype=torch.bfloat16, device=DEVICE)
     assert quant_gemm(x, prep, bias=bias, out=out, config=(16, 32, 32, 2, 1)) is out
-    check(out, x, qw, bias=bias)
+    check(out, x, qw, bias=bias, weight_rounding=True)  # int4 in groups of 32: SCALE_B
 
 
 @pytest.mark.parametrize("bits,group,mins,dtype", [(4, 32, True, torch.bfloat16), (4, 64, True, torch.float16),
@@ -203,7 +210,7 @@ def test_gemm_fused_split_k(bits, group, mins, scale_b):
     bias = rand_x(1, 40, torch.bfloat16, seed=3)[0]
     out = torch.full((5, 40), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     assert quant_gemm(x, prep, bias=bias, out=out, config=(16, 32, 32, 2, 2, scale_b, 3)) is out
-    check(out, x, qw, bias=bias, weight_rounding=scale_b)
+    check(out, x, qw, bias=bias, weight_rounding=scale_b or narrow_fused(None, bits, group))
 
 
 def test_int4_codes_are_repacked_into_pair_order():
@@ -297,6 +304,15 @@ for bits, group in ((4, 128), (8, 4096)):
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=sb, SPLIT_K=sk)
         types = {**q(bits), "y_ptr": "*fp32" if sk > 1 else bf}  # split-K writes fp32 partial sums
         cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, types, consts, w, st)
+    # GGUF's narrow groups (int4 Q4_K/Q4_0/Q4_1: 32; int8 Q6_K: 16) at a prompt of 768
+    # tokens, as the launcher runs them (int4 in steps of 32 aborted the compile on Hopper)
+    narrow = 32 if bits == 4 else 16
+    bm, bn, bk, w, st, sb, sk = qm.default_gemm_config(768, 4096, 4096, bits, narrow)
+    bk, sb = qm.fused_step(bits, narrow, 4096, bk, sb)
+    consts = dict(GROUP=narrow, BITS=bits, HAS_MIN=True, HAS_BIAS=False, SWIGLU=False, OFFSET=128 if bits == 4 else 0,
+                  DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=False,
+                  SCALE_B=sb, SPLIT_K=sk)
+    cases[f"gemm768_{bits}_g{narrow}"] = (qm._quant_gemm_kernel, q(bits), consts, w, st)
     cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
                                   "m_ptr": "*fp16", "w_ptr": bf},
                                   dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, BLOCK_N=8, BLOCK_K=512, EVEN=True), 4, 1)
@@ -319,10 +335,11 @@ def test_quant_kernels_compile_for_sm90_without_spills():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = {r.pop("kernel"): r for r in map(json.loads, filter(None, res.stdout.splitlines()))}
-    assert len(rows) == 14
+    assert len(rows) == 16
     for name, row in rows.items():
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, (name, row)
-    for name in ("gemv_kloop4", "gemv_kloop8", "gemv_mma4", "gemv_mma8", "gemm64_4", "gemm512_4", "gemm512_8"):
+    for name in ("gemv_kloop4", "gemv_kloop8", "gemv_mma4", "gemv_mma8", "gemm64_4", "gemm512_4", "gemm512_8",
+                 "gemm768_4_g32", "gemm768_8_g16"):
         assert rows[name]["pipelined"], (name, rows[name])  # cp.async: K steps in flight
     for name in ("gemv_rows4", "gemv_rows8"):  # steps loaded ahead in registers (_steps_start), not cp.async
         assert not rows[name]["pipelined"], (name, rows[name])
@@ -332,7 +349,7 @@ def test_quant_kernels_compile_for_sm90_without_spills():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,swiglu", [(6144, 4096, False), (4096, 4096, False), (28672, 4096, False),
                                         (4096, 14336, True)])
-@pytest.mark.parametrize("bits,group", [(4, 128), (8, None), (8, 16)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, None), (8, 16)])
 def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     g = torch.Generator(device="cuda").manual_seed(0)
     w = 0.02 * torch.randn(n, k, device="cuda", generator=g)
@@ -351,9 +368,10 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     for rows in (2, 64, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
         # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default
-        # (groups of 16 always scale the weight tile in registers)
-        check(quant_gemm(xm, prep), xm, qw, weight_rounding=(bits == 4 and rows <= 64) or group == 16)
-        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw, weight_rounding=group == 16)
+        # (narrow groups always scale the weight tile in registers: kernels/quant_gemm.fused_step)
+        narrow = group in (16, 32)
+        check(quant_gemm(xm, prep), xm, qw, weight_rounding=(bits == 4 and rows <= 64) or narrow)
+        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw, weight_rounding=narrow)
     # SCALE_B 128-row tiles (weight rounded to bf16 in registers, like the dequantize path)
     check(quant_gemm(xm, prep, config=(128, 128, 64, 8, 3, True, 1)), xm, qw, weight_rounding=True)
     xm = torch.randn(1100, k, device="cuda", generator=g).bfloat16()
