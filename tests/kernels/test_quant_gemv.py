@@ -364,7 +364,7 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
 
             check_exact(y, x, prep, swiglu=swiglu, levels=1)
         else:  # SWAP_SCALED dequantizes the weight tile to bf16 in registers, like the dequantize path
-            check(y, x_eff, qw, weight_rounding=config.kind == 4)
+            check(y, x_eff, qw, weight_rounding=config.kind == 4 or narrow_fused(config, bits, group))
     for rows in (2, 64, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
         # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default
