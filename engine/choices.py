@@ -327,7 +327,7 @@ register(Choice("quantization", "none", "none (the weights dtype)"))
 register(Choice("quantization", "bf16", "bf16 (unquantized; float32 on the CPU)", ("bfloat16",), bytes_per_param=2))
 register(Choice("quantization", "fp16", "fp16 (unquantized; float32 on the CPU)", ("float16", "half"),
                 bytes_per_param=2))
-register(Choice("quantization", "gguf", "GGUF's own (Q8_0/Q4_0/Q4_1 kept quantized)",
+register(Choice("quantization", "gguf", "GGUF's own (Q8_0/Q4_x/K-quants kept quantized)",
                 bytes_per_param=20 / 32, check=_quant_kernel_reasons))
 register(Choice("quantization", "int8", "int8 (weight-only, per channel)",
                 bytes_per_param=1.0, check=_quant_kernel_reasons))

@@ -8,7 +8,8 @@ Three paths, chosen by the number of rows M:
 
 - fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
   ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps that lie inside one
-  quantization group. A step loads the packed codes, turns them into exact small integers
+  quantization group (narrow groups excepted: ``fused_step``). A step loads the packed
+  codes, turns them into exact small integers
   in the activation dtype (int4: the magic-number trick, ``0x4300 | q`` is the bf16
   ``128 + q``; int8: a plain conversion, -128..127 are exact in bf16/fp16), multiplies them
   with the x tile on the tensor cores (``tl.dot``, fp32 accumulation), and only then applies
@@ -150,11 +151,17 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                     mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
             if BITS == 4:
                 HALF_B: tl.constexpr = BLOCK_K // 2
-                b = tl.load(q_rows + (k0 // 2 + tl.arange(0, HALF_B))[None, :]).to(tl.int32)
+                jb = k0 // 2 + tl.arange(0, HALF_B)
+                if EVEN_K:
+                    b = tl.load(q_rows + jb[None, :]).to(tl.int32)
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
+                else:  # a step spanning groups may run past K (int4 in groups of 32, K = 32 x odd)
+                    b = tl.load(q_rows + jb[None, :], mask=(jb < K // 2)[None, :], other=0).to(tl.int32)
+                    xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & ((k0 + kk) < K)[None, :],
+                                      SWIGLU)
                 lo = ((b & 15).to(tl.float32) * s + mn).to(dt)
                 hi = ((b >> 4).to(tl.float32) * s + mn).to(dt)
                 w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
-                xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None], SWIGLU)
             else:
                 if EVEN_K:
                     c = tl.load(q_rows + (k0 + kk)[None, :])
@@ -233,7 +240,7 @@ def _dequantize_kernel(q_ptr, s_ptr, m_ptr, w_ptr, N, K, stride_qn, stride_sn, s
     """w[n, k] = q * s + m (fp32 math, one rounding to w's dtype), [BLOCK_N, BLOCK_K] per
     program: int4 reads a [BLOCK_N, BLOCK_K/2] byte tile (pair order) and writes the
     [BLOCK_N, BLOCK_K] tile contiguously (tl.join of the low and high nibbles); the scale
-    and min are loaded once per block of 32 inputs."""
+    and min are loaded once per block of 32 inputs (int8 in groups of 16: per input)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     NB: tl.constexpr = BLOCK_K // 32
     kb = tl.program_id(1) * BLOCK_K + tl.arange(0, NB) * 32  # first input of each block
@@ -331,7 +338,10 @@ def fused_step(bits: int, group: int, k: int, block_k: int, scale_b: bool) -> tu
     span groups and every weight of the tile is scaled in registers by its own group's
     scale (SCALE_B)."""
     if group != k and group < (64 if bits == 4 else 32):
-        return max(64, min(block_k, 128)), True
+        step = max(64, min(block_k, 128))
+        while step > 64 and k % step:  # a step that divides K where one does (no masked tail)
+            step //= 2
+        return step, True
     return _step(group, max(32, block_k)), scale_b
 
 

@@ -62,7 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-#: inputs per packing block (GGUF's QK4_0); every group size is a multiple of it or K
+#: inputs per packing block (GGUF's QK4_0); every group size is a multiple of it or K, or
+#: (int8) ``SUB_GROUP``
 BLOCK = 32
 _MAGIC = 0x4B000000  # float32 bit pattern of 2**23: OR-ing q < 2**23 into it gives 2**23 + q
 

@@ -12,7 +12,8 @@ tests).
 
 The load dialog lists every choice with the reason it can't run here; the first listing
 imports the checks' libraries (bitsandbytes alone takes seconds), so the window makes it
-once in the background as it opens (``warm_choices``) and the dialog opens at once.
+once in the background (``warm_choices``: as it opens, or after the first load when it
+starts one) and the dialog opens at once.
 
 The status bar's "Server" toggle starts and stops the OpenAI-compatible server (the
 Server page holds its settings and log) on the window's own engine host: HTTP clients and
@@ -121,9 +122,17 @@ class MainWindow(QMainWindow):
             self.resize(1200, 780)
         self.show_page("Chat")
         self.chat.input.setFocus()
+        # the load choices, listed once in the background: after the first load, whose
+        # batch-1 tuner times kernels on the GPU (nothing else should run there meanwhile)
+        self.choices_warmed: threading.Thread | None = None
         if autoload:
             self.bridge.load(saved_load_options(self.settings))
-        self.choices_warmed = warm_choices()
+        else:
+            self._warm_choices()
+
+    def _warm_choices(self, *_args) -> None:
+        if self.choices_warmed is None:
+            self.choices_warmed = warm_choices()
 
     # -- layout pieces -----------------------------------------------------------------
     def _build_status_bar(self) -> None:
@@ -276,6 +285,7 @@ class MainWindow(QMainWindow):
     def _on_loaded(self, info: ModelInfo, reloaded: bool = False) -> None:
         self.cancel_load_button.hide()
         self.status_progress.setText("")
+        self._warm_choices()
         self._show_model(info)
         if not reloaded:  # back after a failed load: that failure's message stays
             self.statusBar().showMessage("Model ready", 4000)
@@ -292,6 +302,7 @@ class MainWindow(QMainWindow):
     def _on_failed(self, message: str) -> None:
         self.cancel_load_button.hide()
         self.status_progress.setText("")
+        self._warm_choices()
         info = self.bridge.model_info  # the model that was loaded before, if any, still is
         if info:
             self._show_model(info)

@@ -103,9 +103,8 @@ def _float_dtype(layer) -> torch.dtype:
 def triton_reads(layer) -> bool:
     """Whether the GPU kernels take ``layer``'s layout: groups of a multiple of 32 inputs,
     or int8 in groups of 16 (GGUF Q6_K's sub-blocks)."""
-    from kernels.quant_gemv import SUB_GROUP
-
-    return layer.group_size % 32 == 0 or (layer.bits == 8 and layer.group_size == SUB_GROUP)
+    # (16: kernels.quant_gemv.SUB_GROUP, not imported: that imports Triton)
+    return layer.group_size % 32 == 0 or (layer.bits == 8 and layer.group_size == 16)
 
 
 class TritonQuant(QuantKernel):

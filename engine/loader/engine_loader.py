@@ -54,7 +54,7 @@ class FoundModel:
 def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized: bool | None = None) -> FoundModel:
     """Resolve ``config.model`` (download, convert, validate) and read its config.
     ``keep_quantized`` (default: the load asks for ``auto`` or ``gguf``): a GGUF file's
-    Q8_0/Q4_0/Q4_1 weights are kept in Hearth's quantized layout."""
+    Q8_0/Q4_0/Q4_1 and Q4_K/Q5_K/Q6_K weights are kept in Hearth's quantized layout."""
     from engine.loader.resolve import resolve_model
 
     mc = config.model

@@ -5,6 +5,7 @@ Hearth's loader reads one format (config.json + safetensors + tokenizer files). 
 transformers' GGUF reader, which dequantizes the weights and un-permutes q/k projections.
 With ``keep_quantized`` (the ``gguf`` quantization, the default for GGUF files) the
 Q8_0/Q4_0/Q4_1 tensors are instead repacked without loss into Hearth's canonical layout
+(Q4_K/Q5_K/Q6_K too, their scales and mins rounded once to float16: ``engine.quant.gguf_kquants``)
 (``<module>.qweight``/``.scales``/``.mins``; ``engine.quant.gguf_blocks``), their rows
 reordered exactly as transformers' reader reorders the dequantized ones; other types
 (K-quants, F16) are written as floats. The result is cached; ``hearth_source.json`` records

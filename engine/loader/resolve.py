@@ -139,7 +139,7 @@ def resolve_model(
 ) -> ResolvedModel:
     """Find or fetch ``model`` and return it as a validated local folder.
 
-    ``keep_quantized``: a GGUF file is converted with its Q8_0/Q4_0/Q4_1 tensors kept in
+    ``keep_quantized``: a GGUF file is converted with its Q8_0/Q4_0/Q4_1 (and K-quant) tensors kept in
     Hearth's quantized layout (the ``gguf`` quantization), into a folder of its own.
 
     Args:

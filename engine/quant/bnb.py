@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +73,12 @@ def import_bitsandbytes():
     dropped, and only while bitsandbytes imports; so is LLM.int8()'s per-call fp16 notice
     (``_NoFp16CastNotice``).
     """
-    bitsandbytes = sys.modules.get("bitsandbytes")
-    if bitsandbytes is None:
+    # Always the import statement (not a look in sys.modules, where a module sits from the
+    # start of its import): another thread's half-done import of bitsandbytes (the window
+    # lists the load choices on a thread of its own while a load may check them) is waited
+    # for, never read without its __version__ ("bitsandbytes 0 is too old"). The lock keeps
+    # the log filter's add and remove to one thread at a time.
+    with _IMPORTING:
         logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
         quiet = _NoKernelsHubLookup()
         logger.addFilter(quiet)
@@ -82,10 +86,13 @@ def import_bitsandbytes():
             import bitsandbytes
         finally:
             logger.removeFilter(quiet)
-    matmul_log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _NoFp16CastNotice) for f in matmul_log.filters):
-        matmul_log.addFilter(_NoFp16CastNotice())
+        matmul_log = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _NoFp16CastNotice) for f in matmul_log.filters):
+            matmul_log.addFilter(_NoFp16CastNotice())
     return bitsandbytes
+
+
+_IMPORTING = threading.Lock()
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

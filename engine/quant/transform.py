@@ -17,7 +17,8 @@ meta device, each float projection with a ``QuantizedLinear`` whose source fills
   A checkpoint already in fp8 (compressed-tensors float-quantized, vLLM's ``fp8``) loads
   as it is.
 - ``gguf``: exactly the projections (and embedding) the converted GGUF folder stores in
-  Hearth's layout (Q8_0/Q4_0/Q4_1, repacked without loss); the rest stay float.
+  Hearth's layout (Q8_0/Q4_0/Q4_1 repacked without loss; Q4_K/Q5_K/Q6_K with float16
+  scales); the rest stay float.
 
 A group size that doesn't divide a layer's inputs is refused here, before any weight
 loads, naming the layer and the group sizes that fit.

@@ -200,6 +200,25 @@ def test_gemm_int8_in_groups_of_16(rows, mins, dtype):
     check(quant_gemm(x, prep, config=(16, 32, 64, 2, 2, False, 3)), x, qw, weight_rounding=True)
 
 
+@pytest.mark.parametrize("k,config", [(96, None), (192, (16, 32, 128, 2, 1)), (160, (16, 64, 128, 2, 2, False, 2))])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_int4_in_groups_of_32_with_steps_past_k(k, config, swiglu):
+    """int4 in groups of 32: the fused kernel's steps span groups (64-128 inputs), so the
+    last one may run past K (K = 32 x odd; the bundled SmolLM2's 576 with steps of 128):
+    codes and x beyond K are masked (the next row's codes and x, or [gate | up]'s up half,
+    must not leak in). Also the tensor-core GEMV config of the tuner's list, and SwiGLU."""
+    n = 40
+    qw, prep = make_weight(4, n, k, 32, seed=k)
+    if swiglu:  # the one-row tensor-core GEMV over [gate | up] (the fused kernel applies SwiGLU)
+        gate_up = 3 * rand_x(1, 2 * k, torch.bfloat16)
+        y = quant_gemv(gate_up, prep, config=GemvConfig(16, 128, 2, 1, 2), swiglu=True)
+        check(y, silu_and_mul(gate_up), qw, weight_rounding=True)
+        return
+    big = rand_x(6, k + 64, torch.bfloat16)
+    x = big[:, :k]  # rows strided: what lies past K in memory is the next row's x
+    check(quant_gemm(x, prep, swap_rows=0, config=config), x, qw, weight_rounding=True)
+
+
 @pytest.mark.parametrize("bits,group,mins,scale_b", [(4, 32, True, False), (4, 64, True, True),
                                                     (8, 192, False, False), (8, 32, True, True)])
 def test_gemm_fused_split_k(bits, group, mins, scale_b):

@@ -387,3 +387,28 @@ def test_the_kernels_name_clash_is_quiet_and_harmless():
         assert run.stdout.startswith("ok True") and str(REPO / "kernels") in run.stdout, (how, run.stdout)
     assert "kernels-community" in runs["plain"].stderr and "get_kernel" in runs["plain"].stderr
     assert "kernels-community" not in runs["hearth"].stderr, runs["hearth"].stderr
+
+
+def test_a_thread_checking_bitsandbytes_while_another_imports_it_waits_for_the_import():
+    """The window lists the load choices on a thread of its own as it opens while a load
+    (or the dialog) may check bitsandbytes too: a second checker must wait for the first
+    one's import, never read the half-imported module (no __version__ yet: 'bitsandbytes 0
+    is too old'). In a fresh process: one thread starts the import, the main thread checks
+    0.2 s later."""
+    script = textwrap.dedent("""
+        import sys, threading, time
+        from engine.quant.bnb import import_problem
+        first = []
+        t = threading.Thread(target=lambda: first.append(import_problem()))
+        t.start()
+        time.sleep(0.2)
+        assert "bitsandbytes" in sys.modules and t.is_alive(), "the import ended before the second check"
+        second = import_problem()
+        t.join()
+        print("problems", first, [second])
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(REPO),
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "problems [None] [None]" in run.stdout, run.stdout + run.stderr[-1000:]

@@ -37,6 +37,8 @@ def test_start_up_shows_chat_loading_the_last_model_with_input_focused(qtbot, gu
         qtbot.waitUntil(lambda: QApplication.focusWidget() is win.chat.input, timeout=5000)
     info = blocker.args[0]
     assert info.path == chat_model and info.attention == "torch"
+    # the load choices are listed in the background once that first load has ended
+    qtbot.waitUntil(lambda: win.choices_warmed is not None, timeout=5000)
     for name in OBJECT_NAMES:
         assert win.findChild(QWidget, name) is not None, f"no widget named {name!r}"
     assert win.perf.objectName() == "perfPanel"
@@ -354,7 +356,8 @@ def test_while_a_model_loads_the_status_bar_names_both_and_cancel_answers_at_onc
 
 def test_the_window_lists_the_load_choices_once_in_the_background(qtbot, gui_env, bridge, monkeypatch):
     """The first listing imports the checks' libraries (seconds for bitsandbytes): the
-    window makes it on a thread of its own as it opens, not when the dialog opens."""
+    window makes it on a thread of its own (here, with no load to wait for, as it opens),
+    not when the dialog opens."""
     import threading
 
     import app.gui.main_window as mw
@@ -366,4 +369,4 @@ def test_the_window_lists_the_load_choices_once_in_the_background(qtbot, gui_env
                      autoload=False)
     qtbot.addWidget(win)
     win.choices_warmed.join(10)
-    assert calls == [("auto", win.choices_warmed)] and win.choices_warmed is not threading.main_thread()
+    assert calls == [("auto", win.choices_warmed)]
