@@ -135,20 +135,15 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                     kg = k0 + 2 * tl.arange(0, BLOCK_K // 2)
                 else:
                     kg = k0 + kk
-                gk = tl.where(kg < K, kg // GROUP, 0)
-                sg = rn_safe[:, None] * stride_sn + gk[None, :]
-                s = tl.load(s_ptr + sg).to(tl.float32)  # [BLOCK_N, BLOCK_K] (int4: [BLOCK_N, BLOCK_K / 2])
-                if HAS_MIN:
-                    mn = tl.load(m_ptr + sg).to(tl.float32)
-                else:
-                    mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
+                # [BLOCK_N, BLOCK_K] (int4: [BLOCK_N, BLOCK_K / 2])
+                sg = rn_safe[:, None] * stride_sn + tl.where(kg < K, kg // GROUP, 0)[None, :]
             else:
-                g = k0 // GROUP
-                s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
-                if HAS_MIN:
-                    mn = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32)[:, None]
-                else:
-                    mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
+                sg = (rn_safe * stride_sn + k0 // GROUP)[:, None]  # one group per step: [BLOCK_N, 1]
+            s = tl.load(s_ptr + sg).to(tl.float32)
+            if HAS_MIN:
+                mn = tl.load(m_ptr + sg).to(tl.float32)
+            else:
+                mn = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
             if BITS == 4:
                 HALF_B: tl.constexpr = BLOCK_K // 2
                 jb = k0 // 2 + tl.arange(0, HALF_B)

@@ -130,7 +130,7 @@ class MainWindow(QMainWindow):
         else:
             self._warm_choices()
 
-    def _warm_choices(self, *_args) -> None:
+    def _warm_choices(self) -> None:
         if self.choices_warmed is None:
             self.choices_warmed = warm_choices()
 
