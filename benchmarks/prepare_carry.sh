@@ -41,7 +41,7 @@ if [ "${1:-}" = gguf ]; then
   du -sh .carry_lite .gguf_a .gguf_b; exit 0
 fi
 # the converted default model (any of its conversions) holds the tokenizer files
-src=$(ls -d "${HOME}"/.cache/hearth/models/default-SmolLM2-135M-Instruct* 2>/dev/null | head -1)
+src=$(ls -d "${HOME}"/.cache/hearth/models/default-SmolLM2-135M-Instruct* 2>/dev/null | head -1 || true)  # none yet on a fresh machine
 if [ -z "$src" ]; then
   "$PY" -c "from engine.api import check_model; check_model('default')" >/dev/null
   src=$(ls -d "${HOME}"/.cache/hearth/models/default-SmolLM2-135M-Instruct* | head -1)
