@@ -3,7 +3,7 @@
 #   .carry/tok  the SmolLM2 tokenizer files (the GPU box has no GGUF reader)
 #   .carry/whl  wheels the GPU box's image lacks, for its Python 3.12 / manylinux x86_64, at
 #               this venv's versions: platformdirs; the server's fastapi, starlette,
-#               uvicorn, pydantic (+ core, annotated-types, typing-inspection), fastapi's
+#               uvicorn (+ uvloop, httptools), pydantic (+ core, annotated-types, typing-inspection), fastapi's
 #               annotated-doc and opentelemetry-api; llguidance; jsonschema (+ its
 #               specifications, referencing, rpds-py, attrs) for the structured-output tests;
 #               gguf (the GGUF reader, for the SmolLM2 quality runs).
@@ -51,7 +51,7 @@ for f in tokenizer.json tokenizer_config.json chat_template.jinja special_tokens
   [ -f "$src/$f" ] && cp "$src/$f" .carry/tok/
 done
 pkgs=()
-for name in platformdirs fastapi annotated-doc opentelemetry-api starlette uvicorn pydantic pydantic-core annotated-types typing-inspection llguidance jsonschema jsonschema-specifications referencing rpds-py attrs gguf; do
+for name in platformdirs fastapi annotated-doc opentelemetry-api starlette uvicorn uvloop httptools pydantic pydantic-core annotated-types typing-inspection llguidance jsonschema jsonschema-specifications referencing rpds-py attrs gguf; do
   version=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))")
   pkgs+=("$name==$version")
 done

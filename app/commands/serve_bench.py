@@ -244,14 +244,22 @@ _COLUMNS = (("run", "suite", "{}"), ("in flight", "concurrency", "{}"), ("reques
             ("decode tok/s", "decode_tok_s", "{:.1f}"), ("offline tok/s", "offline_output_tok_s", "{:.1f}"),
             ("served/offline", "serve_vs_offline", "{:.2f}"), ("JSON/plain", "json_vs_plain", "{:.2f}"),
             ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"), ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}"),
+            ("of it engine / HTTP ms", "ttft_split", "{}"), ("offline TTFT ms", "offline_ttft_p50_ms", "{:.1f}"),
             ("ITL p50 ms", "itl_p50_ms", "{:.2f}"), ("ITL p99 ms", "itl_p99_ms", "{:.2f}"),
             ("failed", "failed_requests", "{}"))
+
+
+def _split(row: dict) -> str | None:
+    """The TTFT p50's engine and HTTP parts (each its own median), when the server said."""
+    engine, http = row.get("engine_ttft_p50_ms"), row.get("http_ttft_p50_ms")
+    return None if engine is None or http is None else f"{engine:.1f} / {http:.1f}"
 
 
 def format_serve_table(rows: list[dict]) -> str:
     """The serve rows as an aligned table under a line naming the model and card."""
     if not rows:
         return "(no rows)"
+    rows = [{**r, "ttft_split": _split(r)} for r in rows]
     cells = [[fmt.format(r[k]) if r.get(k) is not None else "" for _, k, fmt in _COLUMNS] for r in rows]
     titles = [t for t, _, _ in _COLUMNS]
     widths = [max(len(t), *(len(c[i]) for c in cells)) for i, t in enumerate(titles)]

@@ -45,6 +45,9 @@ async def _one(client, url: str, body: dict, timing: RequestTiming) -> None:
                     return
                 if chunk.get("usage"):
                     timing.tokens = chunk["usage"]["completion_tokens"]
+                engine = chunk.get("hearth")  # Hearth's own timings, with the answer's last chunks
+                if isinstance(engine, dict) and isinstance(engine.get("ttft_ms"), (int, float)):
+                    timing.engine_ttft_ms = float(engine["ttft_ms"])
                 choices = chunk.get("choices") or []
                 if choices and choices[0].get("finish_reason") is None and _carries_token(choices[0]):
                     timing.token(now)

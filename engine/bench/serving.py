@@ -27,6 +27,9 @@ class RequestTiming:
     arrivals: list[tuple[float, int]] = field(default_factory=list)  # (when, tokens in that delivery)
     tokens: int = 0  # the answer's token count (usage)
     error: str | None = None
+    # The engine's own part of the TTFT (from its submit to its first token: a server's
+    # ``hearth`` timings), when known: the rest of ``ttft_s`` is the HTTP path both ways.
+    engine_ttft_ms: float | None = None
 
     def token(self, when: float, count: int = 1) -> None:
         if count > 0:
@@ -79,7 +82,18 @@ def latency_summary(timings: list[RequestTiming], wall_s: float) -> dict:
         "num_requests": len(timings), "failed_requests": len(timings) - len(ok),
         "client_tokens": sum(k for t in ok for _, k in t.arrivals),  # tokens the client saw arrive
         "wall_s": wall_s,
+        **_engine_ttft(ok),
     }
+
+
+def _engine_ttft(ok: list[RequestTiming]) -> dict:
+    """The engine's share of the TTFT (p50) and the HTTP path's (each request's TTFT less
+    its engine part, p50), when the server reported its timings."""
+    pairs = [(t.engine_ttft_ms, t.ttft_s * 1e3) for t in ok if t.engine_ttft_ms is not None and t.ttft_s is not None]
+    if not pairs:
+        return {}
+    return {"engine_ttft_p50_ms": percentile([e for e, _ in pairs], 50),
+            "http_ttft_p50_ms": percentile([c - e for e, c in pairs], 50)}
 
 
 def serve_prompts(vocab_size: int, n: int, prompt_len: int, seed: int, stream: int = 0) -> list[list[int]]:
