@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 
@@ -41,6 +42,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--switch-intervals", default="",
+                    help="also serve with these sys.setswitchinterval values (ms, comma-separated)")
+    ap.add_argument("--burst-arrivals", default="",
+                    help="also serve with the scheduler's BURST_ARRIVALS at these values (0: no burst hold)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -72,10 +77,24 @@ def main() -> None:
     warm = serve_prompts(vocab, c, args.prompt_len, 0, stream=1)
 
     drive(base, None, completion_bodies(name, warm, args.output_len), c)
-    t0 = time.perf_counter()
-    timings, wall = drive(base, None, completion_bodies(name, prompts, args.output_len), c)
-    served = {**latency_summary(timings, wall), **ramps(timeline(engine, t0))}
-    served_steps = timeline(engine, t0)
+    runs = {}
+    default = sys.getswitchinterval()
+    from engine.core import scheduler
+
+    burst = scheduler.BURST_ARRIVALS
+    variants = [("served", None, None), *((f"served, switch interval {x} ms", float(x), None)
+                                          for x in args.switch_intervals.split(",") if x),
+                *((f"served, burst arrivals {x}", None, int(x)) for x in args.burst_arrivals.split(",") if x)]
+    for label, ms, arrivals in variants:
+        sys.setswitchinterval(default if ms is None else ms / 1e3)
+        scheduler.BURST_ARRIVALS = burst if arrivals is None else (arrivals or 10**9)
+        t0 = time.perf_counter()
+        timings, wall = drive(base, None, completion_bodies(name, prompts, args.output_len), c)
+        steps = timeline(engine, t0)
+        label = label if label not in runs else f"{label} (again, {len(runs)})"
+        runs[label] = ({**latency_summary(timings, wall), **ramps(steps)}, steps)
+    scheduler.BURST_ARRIVALS = burst
+    sys.setswitchinterval(default)
     server.should_exit = True
     thread.join(10)
 
@@ -85,18 +104,20 @@ def main() -> None:
     offline_steps = timeline(engine, t0)
     offline.update(ramps(offline_steps))
     host.shutdown()
-    for label, fig in (("served", served), ("offline", offline)):
-        print(f"{label:8} {fig['output_tok_s']:8.0f} tok/s  TTFT p50 {fig['ttft_p50_ms']:6.1f} ms  steps "
+    for label, fig in (*((k, v[0]) for k, v in runs.items()), ("offline", offline)):
+        print(f"{label}: {fig['output_tok_s']:8.0f} tok/s  TTFT p50 {fig['ttft_p50_ms']:6.1f} ms  steps "
               f"{fig['steps']} (median {fig['median_step_ms']:.2f} ms, {fig['prompt_steps']} read prompts)  "
               f"long gaps {fig['time_in_long_gaps_ms']:.0f} ms in all"
               + (f"  engine TTFT p50 {fig['engine_ttft_p50_ms']:.1f} / HTTP {fig['http_ttft_p50_ms']:.1f} ms"
                  if fig.get("engine_ttft_p50_ms") is not None else ""))
-    print(f"served/offline {served['output_tok_s'] / offline['output_tok_s']:.3f}")
+    for label, (fig, _) in runs.items():
+        print(f"{label} / offline: {fig['output_tok_s'] / offline['output_tok_s']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "concurrency": c, "requests": args.requests,
-                       "prompt_len": args.prompt_len, "output_len": args.output_len, "served": served,
-                       "offline": offline, "served_steps": served_steps, "offline_steps": offline_steps}, f)
+                       "prompt_len": args.prompt_len, "output_len": args.output_len,
+                       "runs": {k: v[0] for k, v in runs.items()}, "offline": offline,
+                       "steps": {**{k: v[1] for k, v in runs.items()}, "offline": offline_steps}}, f)
 
 
 if __name__ == "__main__":
