@@ -44,8 +44,6 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--switch-intervals", default="",
                     help="also serve with these sys.setswitchinterval values (ms, comma-separated)")
-    ap.add_argument("--burst-arrivals", default="",
-                    help="also serve with the scheduler's BURST_ARRIVALS at these values (0: no burst hold)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -79,21 +77,15 @@ def main() -> None:
     drive(base, None, completion_bodies(name, warm, args.output_len), c)
     runs = {}
     default = sys.getswitchinterval()
-    from engine.core import scheduler
-
-    burst = scheduler.BURST_ARRIVALS
-    variants = [("served", None, None), *((f"served, switch interval {x} ms", float(x), None)
-                                          for x in args.switch_intervals.split(",") if x),
-                *((f"served, burst arrivals {x}", None, int(x)) for x in args.burst_arrivals.split(",") if x)]
-    for label, ms, arrivals in variants:
+    variants = [("served", None), *((f"served, switch interval {x} ms", float(x))
+                                    for x in args.switch_intervals.split(",") if x)]
+    for label, ms in variants:
         sys.setswitchinterval(default if ms is None else ms / 1e3)
-        scheduler.BURST_ARRIVALS = burst if arrivals is None else (arrivals or 10**9)
         t0 = time.perf_counter()
         timings, wall = drive(base, None, completion_bodies(name, prompts, args.output_len), c)
         steps = timeline(engine, t0)
         label = label if label not in runs else f"{label} (again, {len(runs)})"
         runs[label] = ({**latency_summary(timings, wall), **ramps(steps)}, steps)
-    scheduler.BURST_ARRIVALS = burst
     sys.setswitchinterval(default)
     server.should_exit = True
     thread.join(10)

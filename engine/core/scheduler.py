@@ -14,9 +14,6 @@ from dataclasses import dataclass, field
 from engine.core.block_manager import BlockManager
 from engine.core.sequence import Sequence, SequenceStatus
 
-#: Arrivals during one step that make a burst (admission batching holds it while it lasts).
-BURST_ARRIVALS = 2
-
 
 @dataclass(slots=True)
 class ScheduledSeq:
@@ -73,17 +70,9 @@ class Scheduler:
         # (a server's closed loop) would make one such step each. With ``admit_ratio`` > 0
         # they are held until they are at least that share of the running sequences (or
         # fill every free place), or the oldest has been held ``max_hold_steps`` steps.
-        # Prompts that come in a burst (BURST_ARRIVALS or more during the last step: a
-        # server's clients sending their next requests as a wave of answers ends) are held
-        # while it lasts, so they are read together once it is over, as an offline batch's
-        # would be, rather than a few per eager step while the HTTP side still parses the
-        # rest (on the H200, those steps took 70-220 ms instead of ~15: the engine's
-        # thread waits for the GIL behind the server's; benchmarks/serve_waves.py).
         self.admit_ratio = admit_ratio
         self.max_hold_steps = max_hold_steps
         self._held_steps = 0
-        self._arrivals = 0  # sequences ever added
-        self._arrivals_seen = 0  # ... as of the last schedule
         self.waiting: deque[Sequence] = deque()
         # Kept sorted by arrival: preemption victims are taken from the end (newest), and
         # the oldest running request is never a victim, which guarantees progress.
@@ -120,7 +109,6 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r} is {seq.status.value}, not waiting")
         self._seqs[seq.request_id] = seq
         self.waiting.append(seq)
-        self._arrivals += 1
 
     def finish(self, request_id_or_seq: str | Sequence, reason: str) -> Sequence | None:
         """Remove a live sequence, free its blocks and mark it finished with ``reason``.
@@ -255,15 +243,13 @@ class Scheduler:
 
     def _hold(self, out: SchedulerOutput) -> bool:
         """Whether this step leaves the waiting sequences waiting (admission batching)."""
-        arrived, self._arrivals_seen = self._arrivals - self._arrivals_seen, self._arrivals
         if not self.waiting or self.admit_ratio <= 0 or not out.scheduled:
             self._held_steps = 0
             return False
         free = self.max_num_seqs - len(self.running)
         enough = min(free, max(1, int(self.admit_ratio * len(self.running))))
         decoding = all(item.num_new_tokens == 1 and item.sample for item in out.scheduled)
-        if not decoding or len(self.waiting) >= free or self._held_steps >= self.max_hold_steps \
-                or (len(self.waiting) >= enough and arrived < BURST_ARRIVALS):
+        if not decoding or len(self.waiting) >= enough or self._held_steps >= self.max_hold_steps:
             self._held_steps = 0
             return False
         self._held_steps += 1
