@@ -80,6 +80,17 @@ class Tokenizer:
         self._special_ids = frozenset(special)
         self._token_bytes = None  # built on first use (logprobs' raw bytes)
 
+    def __getstate__(self) -> dict:
+        """Pickled without its lock (``hearth serve`` sends the tokenizer from the engine's
+        process to the server's); the copy gets a lock of its own."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
         """Load the tokenizer stored in the local folder ``path`` (never the network).

@@ -1,5 +1,6 @@
 """``hearth serve``: the OpenAI-compatible server (``app.server``) on one loaded model, with
-uvicorn, in this process. Imports no Qt.
+uvicorn in this process and the engine in a process of its own (``EngineProcess``). Imports
+no Qt.
 
 Safe by default: it listens on 127.0.0.1 only; any other address lets other machines in,
 so it needs an API key, and says so when it starts. Ctrl+C aborts the answers being
@@ -9,15 +10,14 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
 from pathlib import Path
 
 from app.commands.load_options import add_load_args, config_from_args, options_from_args
 from app.server.limits import MAX_QUEUE
 from app.server.listen import bind, exposure_problem, is_loopback, parse_origins
 from app.services.engine_host import EngineHost
-from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded
-from engine.api import InvalidRequestError, ModelLoadError
+from app.services.engine_process import EngineProcess, load_and_wait
+from engine.api import InvalidRequestError
 
 __all__ = ["add_serve_parser", "check_serve_args", "is_loopback", "run_serve"]
 
@@ -81,33 +81,19 @@ def check_serve_args(args) -> str | None:
 
 def load_model(host: EngineHost, options: dict) -> None:
     """Load the model on the host, printing its progress; raises ModelLoadError if it fails."""
-    done = threading.Event()
-    outcome: list = []
-
-    def listen(ev) -> None:
-        if isinstance(ev, LoadProgress):
-            print(f"[hearth] {ev.message}", file=sys.stderr, flush=True)
-        elif isinstance(ev, (ModelLoaded, LoadFailed)):
-            outcome.append(ev)
-            done.set()
-
-    unsubscribe = host.subscribe(listen)
-    try:
-        host.load(options)
-        while not done.wait(0.2):  # short waits: Ctrl+C gets through
-            pass
-    finally:
-        unsubscribe()
-    if isinstance(outcome[0], LoadFailed):
-        raise ModelLoadError(outcome[0].message)
+    load_and_wait(host, options, lambda message: print(f"[hearth] {message}", file=sys.stderr, flush=True))
 
 
 def run_serve(args) -> int:
     key = check_serve_args(args)
     sock = bind(args.host, args.port)
-    host = EngineHost()
     try:
-        load_model(host, options_from_args(args))
+        # The engine runs in a process of its own (app/services/engine_process.py says why)
+        host = EngineProcess.start(options_from_args(args))
+    except BaseException:
+        sock.close()
+        raise
+    try:
         return _serve(host, sock, args, key)
     finally:
         sock.close()
@@ -115,7 +101,7 @@ def run_serve(args) -> int:
         print("[hearth] server stopped; the model is unloaded.", file=sys.stderr, flush=True)
 
 
-def _serve(host: EngineHost, sock: socket.socket, args, key: str | None) -> int:
+def _serve(host, sock: socket.socket, args, key: str | None) -> int:
     from app.server import create_app
     from app.server.background import uvicorn_server
 
@@ -134,7 +120,18 @@ def _serve(host: EngineHost, sock: socket.socket, args, key: str | None) -> int:
     # Ctrl+C: the answers being written end now (their clients hear why), so the graceful
     # shutdown has no stream to wait for.
     server = uvicorn_server(app, verbose=args.verbose)
+    gone: list[str] = []
+
+    def engine_gone(why: str) -> None:  # the answers in flight have ended with an error: stop
+        gone.append(why)
+        print(f"[hearth] {why}: stopping the server (restart it to serve again).", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    if isinstance(host, EngineProcess):
+        host.on_gone = engine_gone
     server.run(sockets=[sock])
+    if gone:
+        return 1
     # uvicorn raises the signal again once stopped (KeyboardInterrupt: the CLI's 130), but a
     # process started with SIGINT ignored (a background job, some launchers) gets no
     # exception: the exit status says the signal all the same (128 + its number).

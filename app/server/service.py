@@ -124,8 +124,8 @@ class OpenAIService:
     def model_name(self, asked: str | None) -> str:
         """The loaded model's name, or a 503 (none loaded) / 404 (another one asked for)."""
         info = self.host.model_info
-        if info is None:
-            raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        if info is None:  # (an engine process that ended says so: EngineProcess.unavailable)
+            raise ApiError(503, getattr(self.host, "unavailable", None) or NO_MODEL_503, code="model_not_loaded")
         if asked is not None and asked not in _names(info):
             raise ApiError(404, f"the model {asked!r} is not loaded here: this server answers with "
                            f"{info.name!r} (GET /v1/models lists it).", "model", "model_not_found")
@@ -164,7 +164,9 @@ class OpenAIService:
                            "again in a moment.", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
         self._scoring += 1
         try:
-            return await run_in_threadpool(lambda: [prompt_logprobs(engine, ids, top) for ids in job.prompts])
+            # (an engine in another process scores there: ``EngineProcess``)
+            score = getattr(engine, "score_prompt", None) or (lambda ids, top: prompt_logprobs(engine, ids, top))
+            return await run_in_threadpool(lambda: [score(ids, top) for ids in job.prompts])
         except HearthError as e:  # no room in the KV cache now, the engine gone
             raise ApiError(503, f"the prompt could not be scored for echo with logprobs now ({e}): try again in "
                            "a moment, or leave out logprobs.") from None
