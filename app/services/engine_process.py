@@ -25,6 +25,7 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable
@@ -39,6 +40,8 @@ _REQUEST_EVENTS = (TokenEvent, PromptProgressEvent, FinishedEvent, RequestStarte
 CALL_TIMEOUT_S = 120.0
 #: How long shutdown waits for the engine's process to end before it is killed.
 STOP_TIMEOUT_S = 60.0
+#: The child's sender waits this long for more of a step's events before it sends them.
+COALESCE_S = 0.0002
 ENGINE_GONE = "the engine's process ended unexpectedly: restart hearth serve (its log says why)."
 
 
@@ -291,12 +294,20 @@ def _child_main(conn, options: dict) -> None:
     def on_event(ev) -> None:  # on the engine's and the host's threads: hand it on
         if isinstance(ev, _REQUEST_EVENTS):
             out.append(("event", ev))
-            wake.set()
+            if not wake.is_set():
+                wake.set()
 
     def sender() -> None:
         while not (stop.is_set() and not out):
             wake.wait(0.5)
             wake.clear()
+            # A step hands out its events one by one: wait (the GIL free) until it is done,
+            # so they go in one message and this thread doesn't take the GIL from the
+            # engine's between them (that cost batch-1 decode ~3% on the H200).
+            seen = -1
+            while len(out) != seen and not stop.is_set():
+                seen = len(out)
+                time.sleep(COALESCE_S)
             batch = []
             while out:
                 batch.append(out.popleft())
