@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--step-ms", type=float, default=5.0)
     ap.add_argument("--busy-ms", type=float, default=2.0)
+    ap.add_argument("--asyncio-h11", action="store_true",
+                    help="serve on asyncio's loop and h11 (what uvicorn uses without uvloop and httptools)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -148,6 +150,8 @@ def main() -> None:
     port = free_port()
     server = uvicorn_server(create_app(host, max_queue=4 * args.concurrency + 64))
     server.config.port = port
+    if args.asyncio_h11:
+        server.config.loop, server.config.http = "asyncio", "h11"
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     while not server.started:
@@ -167,7 +171,7 @@ def main() -> None:
     thread.join(10)
     host.shutdown()
     ideal = args.concurrency / (args.step_ms / 1e3)
-    result = {"concurrency": args.concurrency, "step_ms": args.step_ms, "busy_ms": args.busy_ms,
+    result = {"loop_http": "asyncio/h11" if args.asyncio_h11 else "auto", "concurrency": args.concurrency, "step_ms": args.step_ms, "busy_ms": args.busy_ms,
               "requests": args.requests, "output_len": args.output_len, "cpus": os.cpu_count(),
               "ideal_tok_s": ideal, "served": fig, "served_vs_ideal": fig["output_tok_s"] / ideal,
               "server_cpu_s_per_s": (time.process_time() - cpu0) / wall,

@@ -20,8 +20,16 @@ import threading
 import time
 
 
+#: The engine keeps its recent steps (``Engine._gen_window``, for its token rates) this long.
+WINDOW_S = 10.0
+
+
 def timeline(engine, since: float) -> list[tuple[float, int, int]]:
-    """(ms after ``since``, sampled rows, prompt tokens) per step since then."""
+    """(ms after ``since``, sampled rows, prompt tokens) per step since then; refused for a
+    run longer than the engine keeps (its first steps would be gone)."""
+    if time.perf_counter() - since > WINDOW_S * 0.95:
+        raise SystemExit(f"a run took over {WINDOW_S * 0.95:.1f} s: the engine keeps only its last {WINDOW_S:g} s "
+                         "of steps. Use fewer --requests.")
     return [(round((t - since) * 1e3, 3), n, p) for t, n, p in list(engine._gen_window) if t >= since]
 
 

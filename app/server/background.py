@@ -150,7 +150,7 @@ class BackgroundServer:
     def _run(self) -> None:
         error = None
         try:
-            asyncio.run(self._serve())
+            _run_on_loop(self._serve(), self._server.config)
             if not self._server.started and not self._stop_asked:
                 error = "the server could not start (see the log for why)."
         except BaseException as e:  # noqa: BLE001 (uvicorn may sys.exit: never out of this thread)
@@ -172,3 +172,17 @@ class BackgroundServer:
             if self._stop_asked:  # stopped before it began
                 return
         await self._server.serve(sockets=[self._sock])
+
+
+
+def _run_on_loop(main, config) -> None:
+    """Run ``main`` to its end on a new event loop of the kind uvicorn picks for ``config``
+    (uvloop where it is installed: ``uvicorn.Server.run`` does the same on the main thread;
+    this is its counterpart for the app's server thread). Python 3.10 has no
+    ``asyncio.Runner``: asyncio's own loop serves there."""
+    factory = config.get_loop_factory() if hasattr(config, "get_loop_factory") else None
+    if factory is None or not hasattr(asyncio, "Runner"):
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)

@@ -182,6 +182,7 @@ class EngineProcess:
             unexpected = not self._stopping
         self._gone(ENGINE_GONE if unexpected else "the server is shutting down")
         if unexpected and self.on_gone is not None:
+            self._proc.join(5)  # reaped: its exit code is known
             self.on_gone(f"the engine's process ended (exit code {self._proc.exitcode})")
 
     def _gone(self, why: str) -> None:

@@ -45,14 +45,23 @@ async def _one(client, url: str, body: dict, timing: RequestTiming) -> None:
                     return
                 if chunk.get("usage"):
                     timing.tokens = chunk["usage"]["completion_tokens"]
-                engine = chunk.get("hearth")  # Hearth's own timings, with the answer's last chunks
-                if isinstance(engine, dict) and isinstance(engine.get("ttft_ms"), (int, float)):
-                    timing.engine_ttft_ms = float(engine["ttft_ms"])
+                timing.engine_ttft_ms = _engine_ttft(chunk.get("hearth"), timing.engine_ttft_ms)
                 choices = chunk.get("choices") or []
                 if choices and choices[0].get("finish_reason") is None and _carries_token(choices[0]):
                     timing.token(now)
     except Exception as e:  # noqa: BLE001 - one failed request is a figure, not the end of the run
         timing.error = f"{type(e).__name__}: {e}"
+
+
+def _engine_ttft(field, known: float | None) -> float | None:
+    """The engine's TTFT (ms) from a chunk's ``hearth`` timings (each choice's finish chunk
+    and the usage chunk carry them): the earliest choice's, as the client's TTFT is its
+    earliest token; ``known`` so far otherwise."""
+    if not isinstance(field, dict):
+        return known
+    values = [c.get("ttft_ms") for c in field.get("choices", ())] + [field.get("ttft_ms")]
+    values = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return min(values + ([known] if known is not None else []), default=known)
 
 
 def _carries_token(choice: dict) -> bool:

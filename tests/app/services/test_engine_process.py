@@ -1,0 +1,126 @@
+"""``hearth serve``'s engine in a process of its own (``EngineProcess``): the same tokens as
+the engine in this process, events in order, aborts, stats and prompt scoring through the
+pipe; a failed load says why; an engine process that dies ends the requests in flight
+with an error that says so, and nothing answers from it afterwards."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.services.engine_process import ENGINE_GONE, EngineProcess
+from app.services.host_events import RequestStarted
+from engine.api import Engine, FinishedEvent, ModelLoadError, Request, SamplingParams, TokenEvent
+from tests.app.server.conftest import tiny_options
+
+PROMPT = [5, 17, 42, 99, 7, 3]
+
+
+class Collector:
+    """Each request's events, as a subscriber hears them (on the reader thread)."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list] = {}
+        self.done: dict[str, threading.Event] = {}
+        self.first_token: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+
+    def watch(self, rid: str) -> None:
+        self.events[rid], self.done[rid], self.first_token[rid] = [], threading.Event(), threading.Event()
+
+    def __call__(self, ev) -> None:
+        rid = getattr(ev, "request_id", None)
+        if rid not in self.events:
+            return
+        with self.lock:
+            self.events[rid].append(ev)
+        if isinstance(ev, TokenEvent):
+            self.first_token[rid].set()
+        if isinstance(ev, FinishedEvent):
+            self.done[rid].set()
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for ev in self.events[rid] if isinstance(ev, TokenEvent) for t in ev.token_ids]
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_models):
+    proc = EngineProcess.start(tiny_options(tiny_models["llama-tied"]))
+    yield proc
+    assert proc.shutdown(30)
+
+
+def _request(rid: str, max_tokens: int) -> Request:
+    return Request(prompt_token_ids=PROMPT, request_id=rid,
+                   params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def test_same_tokens_as_the_engine_in_this_process(remote, tiny_models):
+    heard = Collector()
+    unsubscribe = remote.subscribe(heard)
+    try:
+        heard.watch("r1")
+        remote.submit(_request("r1", 12))
+        assert heard.done["r1"].wait(60)
+    finally:
+        unsubscribe()
+    events = heard.events["r1"]
+    assert isinstance(events[0], RequestStarted) and isinstance(events[-1], FinishedEvent)
+    assert events[-1].reason == "length" and sum(isinstance(e, FinishedEvent) for e in events) == 1
+    options = dict(tiny_options(tiny_models["llama-tied"]))
+    model = options.pop("model")
+    options.pop("quantization")
+    with Engine.load(model, quantization="none", **options) as engine:
+        local = engine.generate([_request("local", 12)])[0]
+        here = engine.tokenizer.encode("hello")
+    assert heard.tokens("r1") == list(local.token_ids) and len(local.token_ids) == 12
+    assert remote.model_info.name and remote.engine.max_model_len == 256
+    assert remote.engine.tokenizer.encode("hello") == here
+
+
+def test_abort_stats_and_scoring_go_through_the_pipe(remote):
+    heard = Collector()
+    unsubscribe = remote.subscribe(heard)
+    try:
+        heard.watch("long")
+        remote.submit(_request("long", 200))
+        assert heard.first_token["long"].wait(60)
+        assert remote.engine.stats().kv_blocks_total > 0
+        remote.abort("long")
+        assert heard.done["long"].wait(60)
+    finally:
+        unsubscribe()
+    assert heard.events["long"][-1].reason == "abort"
+    scored = remote.engine.score_prompt(PROMPT, 2)
+    assert len(scored) == len(PROMPT) - 1 and all(len(lp.top) == 2 for lp in scored)
+
+
+def test_a_failed_load_says_why(tmp_path):
+    with pytest.raises(ModelLoadError) as e:
+        EngineProcess.start({"model": str(tmp_path / "no-such-model"), "device": "cpu"})
+    assert "no-such-model" in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_dead_engine_process_ends_the_answers_and_says_so(tiny_models):
+    remote = EngineProcess.start(tiny_options(tiny_models["llama-tied"]))
+    gone: list[str] = []
+    said = threading.Event()
+    remote.on_gone = lambda why: (gone.append(why), said.set())
+    heard = Collector()
+    remote.subscribe(heard)
+    heard.watch("cut")
+    remote.submit(_request("cut", 200))
+    assert heard.first_token["cut"].wait(60)
+    remote._proc.kill()  # as if the engine crashed (out of memory, a driver fault)
+    assert heard.done["cut"].wait(30)
+    end = heard.events["cut"][-1]
+    assert end.reason == "error" and end.error == ENGINE_GONE
+    assert remote.model_info is None and remote.engine is None and remote.unavailable == ENGINE_GONE
+    assert said.wait(10) and gone[0] == "the engine's process ended (exit code -9)"
+    heard.watch("later")
+    remote.submit(_request("later", 4))  # ends at once, with the reason
+    assert heard.done["later"].wait(5) and heard.events["later"][-1].error == ENGINE_GONE
+    remote.shutdown(5)  # already gone: returns at once
+    assert not remote._proc.is_alive()
