@@ -8,8 +8,10 @@ written (their clients hear why), stops the server and shuts the engine down."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from app.commands.load_options import add_load_args, config_from_args, options_from_args
@@ -101,6 +103,10 @@ def run_serve(args) -> int:
         print("[hearth] server stopped; the model is unloaded.", file=sys.stderr, flush=True)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _serve(host, sock: socket.socket, args, key: str | None) -> int:
     from app.server import create_app
     from app.server.background import uvicorn_server
@@ -129,6 +135,13 @@ def _serve(host, sock: socket.socket, args, key: str | None) -> int:
 
     if isinstance(host, EngineProcess):
         host.on_gone = engine_gone
+        if host.unavailable is not None:  # it ended before anyone listened
+            engine_gone(host.unavailable)
+            return 1
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn stops gracefully on SIGTERM, then raises it again: a Python handler (not the
+        # default, which kills at once) lets ``run_serve`` shut the engine's process down.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server.run(sockets=[sock])
     if gone:
         return 1

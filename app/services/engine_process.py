@@ -23,11 +23,13 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
+import pickle
 import signal
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded, RequestStarted, ended
@@ -80,6 +82,10 @@ class EngineProcess:
             proc.join(5)
             raise ModelLoadError(f"the engine's process ended while loading the model (exit code "
                                  f"{proc.exitcode}): its log above says why.") from None
+        except BaseException:  # Ctrl+C during the load: the child (which ignores it) goes too
+            proc.kill()
+            proc.join(10)
+            raise
         if msg[0] == "failed":
             proc.join(30)
             raise ModelLoadError(msg[1])
@@ -110,6 +116,8 @@ class EngineProcess:
             if not gone:
                 self._live.add(request.request_id)
                 gone = not self._send(("submit", request))
+                if gone:  # ended here: the reader's end of everything must not end it again
+                    self._live.discard(request.request_id)
         if gone:
             self._publish(ended(request.request_id, "error", ENGINE_GONE))
         return request.request_id
@@ -143,7 +151,8 @@ class EngineProcess:
         try:
             self._conn.send(msg)
             return True
-        except (OSError, EOFError, ValueError):
+        except Exception:  # noqa: BLE001 - a closed pipe, or a message that can't be pickled
+            log.exception("could not send to the engine's process")
             return False
 
     def call(self, name: str, *args, timeout_s: float = CALL_TIMEOUT_S):
@@ -157,7 +166,13 @@ class EngineProcess:
             with self._lock:
                 self._calls.pop(cid, None)
             raise ModelLoadError(ENGINE_GONE)
-        return future.result(timeout_s)
+        try:
+            return future.result(timeout_s)
+        except FutureTimeout:
+            with self._lock:
+                self._calls.pop(cid, None)
+            raise ModelLoadError(f"the engine did not answer within {timeout_s:g} s (it may be busy): try "
+                                 "again in a moment.") from None
 
     def _read(self) -> None:
         """The reader thread: each message is a batch of events and call replies."""
@@ -165,6 +180,10 @@ class EngineProcess:
             try:
                 batch = self._conn.recv()
             except (EOFError, OSError):
+                break
+            except Exception:  # noqa: BLE001 - a message that can't be read: the pipe is no good now
+                log.exception("a message from the engine's process could not be read: stopping it")
+                self._proc.kill()
                 break
             for item in batch:
                 if item[0] == "event":
@@ -232,9 +251,11 @@ class _RemoteEngine:
         return self._owner.call("score_prompt", list(ids), top)
 
 
-def load_and_wait(host, options: dict, say: Callable[[str], None]) -> None:
+def load_and_wait(host, options: dict, say: Callable[[str], None],
+                  abandoned: Callable[[], bool] | None = None) -> None:
     """Load a model on ``host`` (an EngineHost), saying its progress; raises ModelLoadError
-    if it fails."""
+    if it fails, or if ``abandoned()`` says nobody waits for it any more (the load is
+    cancelled first)."""
     done = threading.Event()
     outcome: list = []
 
@@ -249,7 +270,9 @@ def load_and_wait(host, options: dict, say: Callable[[str], None]) -> None:
     try:
         host.load(options)
         while not done.wait(0.2):  # short waits: Ctrl+C gets through
-            pass
+            if abandoned is not None and abandoned():
+                host.cancel_load()
+                raise ModelLoadError("the load was abandoned: the server that asked for it is gone.")
     finally:
         unsubscribe()
     if isinstance(outcome[0], LoadFailed):
@@ -270,23 +293,41 @@ def _score_prompt(host, ids, top):
 _CALLS = {"stats": _stats, "score_prompt": _score_prompt}
 
 
+def _portable(e: BaseException) -> BaseException:
+    """``e`` if it survives the pipe (pickled here, rebuilt there: some exceptions'
+    constructors don't take their own ``args``), else a RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
 def _child_main(conn, options: dict) -> None:
     """The engine's process: load, then serve the pipe until told to stop or the parent
     goes (its end of the pipe closes)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the server's to handle: it says stop
+    # Ctrl+C and a stop for the whole process group (systemd's default) are the server's to
+    # handle: it ends the answers, then says stop here (or its end of the pipe closes).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import sys
 
     from app.services.engine_host import EngineHost
 
     host = EngineHost()
     try:
-        load_and_wait(host, options, lambda message: print(f"[hearth] {message}", file=sys.stderr, flush=True))
-    except Exception as e:  # noqa: BLE001 - told to the parent, which says it
-        conn.send(("failed", str(e)))
+        # (the server only reads the pipe once loaded: a closed end, readable, means it is gone)
+        load_and_wait(host, options, lambda message: print(f"[hearth] {message}", file=sys.stderr, flush=True),
+                      abandoned=conn.poll)
+        engine = host.engine
+        conn.send(("loaded", host.model_info, engine.tokenizer, engine.max_model_len))
+    except Exception as e:  # noqa: BLE001 - told to the parent (if it still listens), which says it
+        try:
+            conn.send(("failed", str(e)))
+        except Exception:  # noqa: BLE001 - it is gone
+            pass
         host.shutdown()
         return
-    engine = host.engine
-    conn.send(("loaded", host.model_info, engine.tokenizer, engine.max_model_len))
 
     out: deque = deque()
     wake = threading.Event()
@@ -315,14 +356,23 @@ def _child_main(conn, options: dict) -> None:
             if batch:
                 try:
                     conn.send(batch)
-                except (OSError, EOFError, ValueError):
-                    return
+                except (OSError, EOFError):
+                    return  # the server is gone
+                except Exception:  # noqa: BLE001 - one item that can't be pickled: the rest go
+                    log.exception("an engine event could not be sent; sending the others one by one")
+                    for item in batch:
+                        try:
+                            conn.send([item])
+                        except (OSError, EOFError):
+                            return
+                        except Exception:  # noqa: BLE001
+                            log.exception("dropped an engine message that can't be pickled: %r", item[:2])
 
     def run_call(cid, name, args) -> None:
         try:
             out.append(("reply", cid, True, _CALLS[name](host, *args)))
         except BaseException as e:  # noqa: BLE001 - the caller's to handle
-            out.append(("reply", cid, False, e))
+            out.append(("reply", cid, False, _portable(e)))
         wake.set()
 
     unsubscribe = host.subscribe(on_event)
@@ -336,7 +386,10 @@ def _child_main(conn, options: dict) -> None:
                 break  # the server is gone
             kind = msg[0]
             if kind == "submit":
-                host.submit(msg[1])
+                try:
+                    host.submit(msg[1])
+                except Exception as e:  # noqa: BLE001 - that request ends; the engine goes on
+                    on_event(ended(msg[1].request_id, "error", str(e)))
             elif kind == "abort":
                 host.abort(msg[1])
             elif kind == "call":

@@ -118,6 +118,14 @@ def _bnb_config(method: str, compute: torch.dtype = torch.float32):
 
 
 def _hf_logits(model, ids=PROMPT) -> torch.Tensor:
+    # On CPUs with AVX512-BF16 bitsandbytes' Linear4bit repacks its weight on the first
+    # forward for a CPU kernel, assuming the inputs are a multiple of the block size (64): the
+    # tiny models' 96 inputs fail there ("shape '[64, 1]' is invalid for input of size 96",
+    # bitsandbytes 0.50.2). The reference takes bitsandbytes' generic path instead (the one
+    # Hearth's bnb modules call, bnb.matmul_4bit), on every CPU.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     with torch.inference_mode():
         return model(torch.tensor([ids])).logits[0].float()
 

@@ -124,3 +124,57 @@ def test_a_dead_engine_process_ends_the_answers_and_says_so(tiny_models):
     assert heard.done["later"].wait(5) and heard.events["later"][-1].error == ENGINE_GONE
     remote.shutdown(5)  # already gone: returns at once
     assert not remote._proc.is_alive()
+
+
+def test_an_error_that_cannot_cross_the_pipe_is_said_as_text():
+    from app.services.engine_process import _portable
+
+    class Odd(Exception):  # its constructor doesn't take its own args (as Triton's CompilationError)
+        def __init__(self, a, b):
+            super().__init__(f"{a} and {b}")
+
+    e = _portable(Odd(1, 2))
+    assert isinstance(e, RuntimeError) and str(e) == "Odd: 1 and 2"
+    assert _portable(ValueError("x")).args == ("x",)
+
+
+class _DeadPipe:
+    """The server's end of a pipe whose child has just died: sends fail, reads end once
+    released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def send(self, msg) -> None:
+        raise BrokenPipeError("gone")
+
+    def recv(self):
+        self.release.wait(10)
+        raise EOFError
+
+
+class _Proc:
+    exitcode = -9
+
+    def join(self, timeout=None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+    def kill(self) -> None:
+        pass
+
+
+def test_a_submit_the_pipe_refuses_ends_once():
+    pipe = _DeadPipe()
+    remote = EngineProcess(_Proc(), pipe, info=object(), tokenizer=None, max_model_len=16)
+    heard = Collector()
+    remote.subscribe(heard)
+    heard.watch("x")
+    remote.submit(_request("x", 4))  # the send fails: ended here, with the reason
+    pipe.release.set()  # then the reader finds the pipe closed and ends what is left
+    remote._reader.join(10)
+    finishes = [ev for ev in heard.events["x"] if isinstance(ev, FinishedEvent)]
+    assert [f.error for f in finishes] == [ENGINE_GONE]
+    assert remote.unavailable == ENGINE_GONE and remote.model_info is None
