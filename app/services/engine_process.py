@@ -44,6 +44,8 @@ CALL_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
 #: The child's sender waits this long for more of a step's events before it sends them.
 COALESCE_S = 0.0002
+#: ... and at most this long in all (events that never pause still go out).
+COALESCE_MAX_S = 0.005
 ENGINE_GONE = "the engine's process ended unexpectedly: restart hearth serve (its log says why)."
 
 
@@ -346,8 +348,8 @@ def _child_main(conn, options: dict) -> None:
             # A step hands out its events one by one: wait (the GIL free) until it is done,
             # so they go in one message and this thread doesn't take the GIL from the
             # engine's between them (that cost batch-1 decode ~3% on the H200).
-            seen = -1
-            while len(out) != seen and not stop.is_set():
+            seen, until = -1, time.monotonic() + COALESCE_MAX_S
+            while len(out) != seen and not stop.is_set() and time.monotonic() < until:
                 seen = len(out)
                 time.sleep(COALESCE_S)
             batch = []
