@@ -106,6 +106,26 @@ class _Handle:
         self.dropped_messages = 0
 
 
+def serve_in_thread(host, max_queue: int, asyncio_h11: bool = False):
+    """The server's app on ``host`` under uvicorn in a thread of this process, on a free
+    loopback port, started; returns (server, thread, base URL). Stop it with
+    ``server.should_exit = True`` and ``thread.join``."""
+    from app.server import create_app
+    from app.server.background import uvicorn_server
+    from app.server.listen import free_port
+
+    port = free_port()
+    server = uvicorn_server(create_app(host, max_queue=max_queue))
+    server.config.port = port
+    if asyncio_h11:
+        server.config.loop, server.config.http = "asyncio", "h11"
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
 def _clients(base_url: str, concurrency: int, requests: int, output_len: int, out) -> None:
     from app.services.serve_load import completion_bodies, drive
     from engine.bench import latency_summary
@@ -130,9 +150,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from app.commands.serve import load_model
-    from app.server import create_app
-    from app.server.background import uvicorn_server
-    from app.server.listen import free_port
     from app.services.engine_host import EngineHost
     from engine.api import ModelCheck
 
@@ -147,21 +164,13 @@ def main() -> None:
 
     host = EngineHost(engine_factory=factory, model_check=check)
     load_model(host, {"model": "shape:stand-in", "device": "cpu"})
-    port = free_port()
-    server = uvicorn_server(create_app(host, max_queue=4 * args.concurrency + 64))
-    server.config.port = port
-    if args.asyncio_h11:
-        server.config.loop, server.config.http = "asyncio", "h11"
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
+    server, thread, base = serve_in_thread(host, 4 * args.concurrency + 64, args.asyncio_h11)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     engine = made[0]
     cpu0, steps0, late0 = time.process_time(), engine.steps, engine.late_s
     t0 = time.perf_counter()
-    proc = ctx.Process(target=_clients, args=(f"http://127.0.0.1:{port}", args.concurrency, args.requests,
+    proc = ctx.Process(target=_clients, args=(base, args.concurrency, args.requests,
                                               args.output_len, out))
     proc.start()
     fig = out.get()

@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 import time
 
 
@@ -56,10 +55,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from app.commands.serve import load_model
-    from app.server import create_app
-    from app.server.background import uvicorn_server
-    from app.server.listen import free_port
     from app.services.engine_host import EngineHost
+    from benchmarks.serve_overhead import serve_in_thread
     from app.services.serve_load import completion_bodies, drive
     from engine.bench import latency_summary, serve_prompts
     from engine.bench.serving import closed_loop
@@ -70,14 +67,7 @@ def main() -> None:
                       "max_model_len": args.prompt_len + args.output_len + 64})
     engine = host.engine
     vocab = engine.model_info.vocab_size
-    port = free_port()
-    server = uvicorn_server(create_app(host, max_queue=4 * c + 64))
-    server.config.port = port
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    base = f"http://127.0.0.1:{port}"
+    server, thread, base = serve_in_thread(host, 4 * c + 64)
     name = engine.model_info.name
     prompts = serve_prompts(vocab, args.requests, args.prompt_len, 0)
     warm = serve_prompts(vocab, c, args.prompt_len, 0, stream=1)

@@ -18,7 +18,7 @@ from app.commands.load_options import add_load_args, config_from_args, options_f
 from app.server.limits import MAX_QUEUE
 from app.server.listen import bind, exposure_problem, is_loopback, parse_origins
 from app.services.engine_host import EngineHost
-from app.services.engine_process import EngineProcess, load_and_wait
+from app.services.engine_process import EngineProcess, load_and_wait, say_on_stderr
 from engine.api import InvalidRequestError
 
 __all__ = ["add_serve_parser", "check_serve_args", "is_loopback", "run_serve"]
@@ -83,7 +83,7 @@ def check_serve_args(args) -> str | None:
 
 def load_model(host: EngineHost, options: dict) -> None:
     """Load the model on the host, printing its progress; raises ModelLoadError if it fails."""
-    load_and_wait(host, options, lambda message: print(f"[hearth] {message}", file=sys.stderr, flush=True))
+    load_and_wait(host, options, say_on_stderr)
 
 
 def run_serve(args) -> int:
@@ -107,7 +107,7 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _serve(host, sock: socket.socket, args, key: str | None) -> int:
+def _serve(host: EngineProcess, sock: socket.socket, args, key: str | None) -> int:
     from app.server import create_app
     from app.server.background import uvicorn_server
 
@@ -133,11 +133,10 @@ def _serve(host, sock: socket.socket, args, key: str | None) -> int:
         print(f"[hearth] {why}: stopping the server (restart it to serve again).", file=sys.stderr, flush=True)
         server.should_exit = True
 
-    if isinstance(host, EngineProcess):
-        host.on_gone = engine_gone
-        if host.unavailable is not None:  # it ended before anyone listened
-            engine_gone(host.unavailable)
-            return 1
+    host.on_gone = engine_gone
+    if host.unavailable is not None:  # it ended before anyone listened
+        engine_gone(host.unavailable)
+        return 1
     if threading.current_thread() is threading.main_thread():
         # uvicorn stops gracefully on SIGTERM, then raises it again: a Python handler (not the
         # default, which kills at once) lets ``run_serve`` shut the engine's process down.

@@ -25,6 +25,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -241,16 +242,17 @@ class _RemoteEngine:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
 
-    @property
-    def model_info(self):
-        return self._owner.model_info
-
     def stats(self):
         return self._owner.call("stats", timeout_s=5.0)
 
     def score_prompt(self, ids: list[int], top: int):
         """``engine.api.prompt_logprobs`` on the child's engine."""
         return self._owner.call("score_prompt", list(ids), top)
+
+
+def say_on_stderr(message: str) -> None:
+    """A load's progress as ``hearth serve`` prints it."""
+    print(f"[hearth] {message}", file=sys.stderr, flush=True)
 
 
 def load_and_wait(host, options: dict, say: Callable[[str], None],
@@ -312,15 +314,12 @@ def _child_main(conn, options: dict) -> None:
     # handle: it ends the answers, then says stop here (or its end of the pipe closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import sys
-
     from app.services.engine_host import EngineHost
 
     host = EngineHost()
     try:
         # (the server only reads the pipe once loaded: a closed end, readable, means it is gone)
-        load_and_wait(host, options, lambda message: print(f"[hearth] {message}", file=sys.stderr, flush=True),
-                      abandoned=conn.poll)
+        load_and_wait(host, options, say_on_stderr, abandoned=conn.poll)
         engine = host.engine
         conn.send(("loaded", host.model_info, engine.tokenizer, engine.max_model_len))
     except Exception as e:  # noqa: BLE001 - told to the parent (if it still listens), which says it

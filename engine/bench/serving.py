@@ -82,11 +82,11 @@ def latency_summary(timings: list[RequestTiming], wall_s: float) -> dict:
         "num_requests": len(timings), "failed_requests": len(timings) - len(ok),
         "client_tokens": sum(k for t in ok for _, k in t.arrivals),  # tokens the client saw arrive
         "wall_s": wall_s,
-        **_engine_ttft(ok),
+        **_ttft_split(ok),
     }
 
 
-def _engine_ttft(ok: list[RequestTiming]) -> dict:
+def _ttft_split(ok: list[RequestTiming]) -> dict:
     """The engine's share of the TTFT (p50) and the HTTP path's (each request's TTFT less
     its engine part, p50), when the server reported its timings."""
     pairs = [(t.engine_ttft_ms, t.ttft_s * 1e3) for t in ok if t.engine_ttft_ms is not None and t.ttft_s is not None]

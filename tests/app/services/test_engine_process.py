@@ -6,6 +6,7 @@ with an error that says so, and nothing answers from it afterwards."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -51,20 +52,27 @@ def remote(tiny_models):
     assert proc.shutdown(30)
 
 
+@contextmanager
+def listening(remote):
+    """A Collector subscribed to ``remote`` for the block."""
+    heard = Collector()
+    unsubscribe = remote.subscribe(heard)
+    try:
+        yield heard
+    finally:
+        unsubscribe()
+
+
 def _request(rid: str, max_tokens: int) -> Request:
     return Request(prompt_token_ids=PROMPT, request_id=rid,
                    params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
 
 
 def test_same_tokens_as_the_engine_in_this_process(remote, tiny_models):
-    heard = Collector()
-    unsubscribe = remote.subscribe(heard)
-    try:
+    with listening(remote) as heard:
         heard.watch("r1")
         remote.submit(_request("r1", 12))
         assert heard.done["r1"].wait(60)
-    finally:
-        unsubscribe()
     events = heard.events["r1"]
     assert isinstance(events[0], RequestStarted) and isinstance(events[-1], FinishedEvent)
     assert events[-1].reason == "length" and sum(isinstance(e, FinishedEvent) for e in events) == 1
@@ -80,17 +88,13 @@ def test_same_tokens_as_the_engine_in_this_process(remote, tiny_models):
 
 
 def test_abort_stats_and_scoring_go_through_the_pipe(remote):
-    heard = Collector()
-    unsubscribe = remote.subscribe(heard)
-    try:
+    with listening(remote) as heard:
         heard.watch("long")
         remote.submit(_request("long", 200))
         assert heard.first_token["long"].wait(60)
         assert remote.engine.stats().kv_blocks_total > 0
         remote.abort("long")
         assert heard.done["long"].wait(60)
-    finally:
-        unsubscribe()
     assert heard.events["long"][-1].reason == "abort"
     scored = remote.engine.score_prompt(PROMPT, 2)
     assert len(scored) == len(PROMPT) - 1 and all(len(lp.top) == 2 for lp in scored)
