@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|q4km-8b|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -185,4 +185,7 @@ case "$what" in serve)  # the server over HTTP beside the engine offline (the wh
   hearth bench --shape llama-8b --suite serve --concurrency 1,16,64 --tokenizer $CARRY/tok \
     --json "$OUT/serve-8b.json" "$@" 2>&1 | tail -8
   python benchmarks/serve_overhead.py --requests 1024 --json "$OUT/serve-overhead.json" 2>&1 | tail -1 ;;
+esac
+case "$what" in serve-clients)  # is the serve suite's single client process part of what it measures?
+  python benchmarks/serve_clients.py --shape llama-8b --json "$OUT/serve-clients-8b.json" "$@" 2>&1 | tail -8 ;;
 esac

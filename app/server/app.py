@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Callable, Sequence
 
@@ -35,6 +34,7 @@ from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.shapes import Chunks, response
 from app.server.stream import EventStream, sse
 from app.services.engine_host import EngineHost
+from app.services.ids import unique_hex
 
 log = logging.getLogger("hearth.server")
 
@@ -114,7 +114,7 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
 async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     model, job, tokenizer = await service.prepare(body, chat, body_size(request))
     logprobs = Logprobs(chat, tokenizer) if job.logprobs else None
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{unique_hex()}"
     created = int(time.time())
     echo_lps = None
     if job.echo is not None and logprobs is not None:  # the prompt's own tokens scored first

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from functools import lru_cache
 
 from app.server.errors import ApiError
 from app.server.listen import is_loopback
@@ -25,6 +26,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 BODY_READ_S = 30.0
 
 
+@lru_cache(maxsize=256)  # every request asks, nearly always with the same one or two
 def loopback_host(host: bytes) -> bool:
     """Whether a request's Host header names this machine's loopback (``localhost``,
     ``127.x.x.x``, ``[::1]``, with or without a port); an absent header (HTTP/1.0, ASGI

@@ -12,7 +12,6 @@ input item as a message) and runs through the same checks, chat template and eng
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Optional, Union
 
 from fastapi import Request
@@ -23,6 +22,7 @@ from app.server.response_events import ResponseShapes, response_events
 from app.server.schemas import Bool, ChatCompletionRequest, Float, Int, Str, _Body
 from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.stream import EventStream
+from app.services.ids import unique_hex
 
 STATELESS = ("this server is stateless: it keeps no responses, so {what}. Send the whole conversation in "
              "'input' (earlier answers as assistant messages) instead.")
@@ -160,7 +160,7 @@ async def create_response(service: OpenAIService, body: ResponsesRequest, reques
         model, job, _ = await service.prepare(chat, chat=True, body_bytes=body_size(request))
     except ApiError as e:
         raise _renamed(e) from None
-    shapes = ResponseShapes(f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time()), model, body)
+    shapes = ResponseShapes(f"resp_{unique_hex(32)}", f"msg_{unique_hex(32)}", int(time.time()), model, body)
     (choice,) = choices = service.submit(job)
     if body.stream:
         return EventStream(response_events(service, choice, shapes), on_close=lambda: service.done(choices))

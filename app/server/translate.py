@@ -164,7 +164,7 @@ def check_request(body, chat: bool) -> int:
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n must be an integer from 1 to {MAX_N}, got {n}.", "n")
-    if not chat and isinstance(body.prompt, list) and not all(isinstance(p, int) for p in body.prompt):
+    if not chat and isinstance(body.prompt, list) and not is_token_ids(body.prompt):
         # a batch of prompts: n answers each, and every answer is an engine request
         if len(body.prompt) * n > MAX_N:
             raise ApiError(400, f"{len(body.prompt)} prompts x n={n} asks for {len(body.prompt) * n} answers; "
@@ -177,6 +177,13 @@ def check_request(body, chat: bool) -> int:
         raise ApiError(400, "messages is empty: send at least one message.", "messages")
     sampling(body, seed=body.seed, chat=chat)  # every sampling value checked before tokenizing
     return n
+
+
+def is_token_ids(prompt: list) -> bool:
+    """Whether a completions ``prompt`` list is one prompt's token ids (else a batch of
+    prompts; an empty list counts as ids). The schema's union holds lists of one kind
+    only, so the first item says which: no pass over a long prompt's ids."""
+    return not prompt or isinstance(prompt[0], int)
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:
@@ -206,7 +213,7 @@ def prompt_ids(body, chat: bool, tokenizer, tools: ToolSetup | None = None) -> l
         prompt = body.prompt
         if isinstance(prompt, str):
             prompts = [prompt]
-        elif prompt and all(isinstance(p, int) for p in prompt):
+        elif prompt and is_token_ids(prompt):
             return [list(prompt)]
         else:
             prompts = list(prompt)
@@ -240,8 +247,8 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
     for ids in prompts:
         if not ids:
             raise ApiError(400, "the prompt is empty after tokenization.", "prompt")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
+        if min(ids) < 0 or max(ids) >= vocab_size:  # (in C: a long prompt's ids are many)
+            bad = [t for t in ids if not 0 <= t < vocab_size]
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).", "prompt")
         bad = [t for t, _ in logit_bias(body) if t >= vocab_size]
         if bad:
@@ -277,6 +284,6 @@ def echo_texts(body, prompts: list[list[int]], tokenizer) -> list[str] | None:
     if not body.echo:
         return None
     prompt = body.prompt
-    single = isinstance(prompt, str) or all(isinstance(t, int) for t in prompt)
+    single = isinstance(prompt, str) or is_token_ids(prompt)
     given = [prompt] if single else prompt
     return [p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(given, prompts)]

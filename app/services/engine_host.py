@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import threading
 import traceback
-import uuid
 from functools import partial
 from typing import Callable
 
@@ -34,6 +33,7 @@ from app.services.host_events import (EngineError, LoadFailed, ModelLoaded, Requ
                                       ended)
 from app.services.host_loading import LOAD_JOIN_TIMEOUT_S, SWAP_WAIT_S, LoadTicket, reload_outcome, user_options
 from app.services.host_thread import HostThread
+from app.services.ids import unique_hex
 from engine.api import Engine, FinishedEvent, HearthError, InvalidRequestError, Request, check_model
 
 log = logging.getLogger("hearth.host")
@@ -139,7 +139,7 @@ class EngineHost(EngineSwaps):
         subscribers: ``RequestStarted``, then the engine's; a request that fails before it
         reaches the engine (no model, a prompt too long) ends with a FinishedEvent too."""
         if request.request_id is None:
-            request = dataclasses.replace(request, request_id=f"host-{uuid.uuid4().hex[:12]}")
+            request = dataclasses.replace(request, request_id=f"host-{unique_hex(16)}")
         elif self._in_use(request.request_id):
             # Its events would be taken for the live request's (and end it for subscribers).
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use: give each "

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import uuid
 from collections import deque
 
 from app.services.engine_host import EngineHost
 from app.services.host_events import RequestStarted
+from app.services.ids import unique_hex
 from engine.api import Completion, FinishedEvent, InvalidRequestError, PromptProgressEvent, Request, TokenEvent
 
 _REQUEST_EVENTS = (TokenEvent, PromptProgressEvent, FinishedEvent, RequestStarted)
@@ -43,7 +43,7 @@ class AsyncEngineHost:
         """Submit ``request`` to the host; returns the async iterator of its events
         (``RequestStarted``, then the engine's, ending with its one FinishedEvent)."""
         if request.request_id is None:
-            request = dataclasses.replace(request, request_id=f"async-{uuid.uuid4().hex[:12]}")
+            request = dataclasses.replace(request, request_id=f"async-{unique_hex(16)}")
         elif request.request_id in self._queues:  # its stream would take the live one's events
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use: give each "
                                       "request its own id, or none (one is made).")
