@@ -9,7 +9,8 @@ arrival (Hearth streams one chunk per token step); the usage chunk gives the tok
 count. Raw httpx and a minimal SSE reader rather than the openai SDK: the client must
 cost as little as it can, since it shares the machine with the server it measures. Even
 so one client process reads at most about 10k chunks a second (a whole core on the H200
-box: ``benchmarks/results/2026-12-02-i16-serve-overhead-standin-h200.json``), so many
+box: ``benchmarks/results/2026-12-02-i16-serve-overhead-standin-h200.json``), and at a
+wave's end it sends the requests and reads their first tokens one after another; so the
 streams are spread over several processes (``client_processes``), each a closed loop of
 its share, started together; the run's wall time spans them all.
 """
@@ -103,10 +104,19 @@ async def _drive(base_url: str, api_key: str | None, path: str, bodies: list[dic
     return timings, start, end
 
 
+#: Streams per client process. One process per 16 made the client part of what the suite
+#: measured: at 16 streams on the H200 box one process gave 0.88-0.89 of the offline rate
+#: (23-27 ms of each TTFT outside the engine), two 0.94 (12 ms), four 0.92-0.94 (7 ms),
+#: against the same server (benchmarks/results/2026-12-03-i16-serve-clients-8b-16-h200-6c6a602.json):
+#: at a wave's end one process sends a request and reads a first token after another.
+STREAMS_PER_CLIENT = 8
+
+
 def client_processes(concurrency: int) -> int:
-    """How many client processes carry ``concurrency`` streams: one per 16, at most a
-    quarter of the CPUs (the rest are the server's)."""
-    return max(1, min(math.ceil(concurrency / 16), (os.cpu_count() or 1) // 4))
+    """How many client processes carry ``concurrency`` streams: one per
+    ``STREAMS_PER_CLIENT``, at most half the CPUs (the rest are the server's and the
+    engine's)."""
+    return max(1, min(math.ceil(concurrency / STREAMS_PER_CLIENT), (os.cpu_count() or 1) // 2))
 
 
 def drive(base_url: str, api_key: str | None, bodies: list[dict], concurrency: int,
