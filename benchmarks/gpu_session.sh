@@ -187,5 +187,5 @@ case "$what" in serve)  # the server over HTTP beside the engine offline (the wh
   python benchmarks/serve_overhead.py --requests 1024 --json "$OUT/serve-overhead.json" 2>&1 | tail -1 ;;
 esac
 case "$what" in serve-clients)  # is the serve suite's single client process part of what it measures?
-  python benchmarks/serve_clients.py --shape llama-8b --json "$OUT/serve-clients-8b.json" "$@" 2>&1 | tail -8 ;;
+  python benchmarks/serve_clients.py --shape llama-8b --tokenizer $CARRY/tok --json "$OUT/serve-clients-8b.json" "$@" 2>&1 | tail -8 ;;
 esac

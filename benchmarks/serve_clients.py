@@ -5,13 +5,14 @@ the engine's own closed loop (the suite's offline figure, run twice). If the ser
 rises with the client processes, the single client was a bottleneck of the measurement.
 
     PYTHONPATH=. python benchmarks/serve_clients.py [--shape llama-8b] [--concurrency 16]
-        [--requests 128] [--processes 1,2,4] [--repeats 2] [--json F]
+        [--requests 128] [--processes 1,2,4] [--repeats 2] [--tokenizer DIR] [--max-num-seqs 64] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -26,6 +27,10 @@ def main() -> None:
     ap.add_argument("--processes", default="1,2,4")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="a folder of tokenizer files (the suite's: the shape takes "
+                    "its vocabulary)")
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="the engine's batch limit (the suite's: its "
+                    "largest concurrency, 64 by default)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -38,8 +43,8 @@ def main() -> None:
 
     c = args.concurrency
     load = {"model": f"shape:{args.shape}", "device": args.device, "dtype": "auto", "attention": "auto",
-            "kv_cache_dtype": "auto", "quantization": "none", "max_num_seqs": c,
-            "max_model_len": args.prompt_len + args.output_len + 64}
+            "kv_cache_dtype": "auto", "quantization": "none", "max_num_seqs": args.max_num_seqs,
+            "max_model_len": args.prompt_len + args.output_len + 64, "tokenizer": args.tokenizer}
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     options = {k: v for k, v in load.items() if k != "model"}
     engine = Engine.load(load["model"], **options)
@@ -76,7 +81,16 @@ def main() -> None:
                     f"{s.get('http_ttft_p50_ms')}); failed {s['failed_requests']}")
     finally:
         server.stop()
-    result = {"shape": args.shape, "concurrency": c, "requests": args.requests, "prompt_len": args.prompt_len,
+    import datetime
+    import subprocess
+
+    import torch
+
+    commit = os.environ.get("HEARTH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                               capture_output=True, text=True).stdout.strip()
+    result = {"shape": args.shape, "vocab_size": vocab, "tokenizer": args.tokenizer,
+              "max_num_seqs": args.max_num_seqs, "card": torch.cuda.get_device_name() if torch.cuda.is_available()
+              else "cpu", "commit": commit, "date": datetime.date.today().isoformat(), "concurrency": c, "requests": args.requests, "prompt_len": args.prompt_len,
               "output_len": args.output_len, "offline": offline, "runs": runs}
     if args.json:
         with open(args.json, "w") as f:

@@ -43,11 +43,11 @@ is layout, not an answer; other text is content, as the model wrote it.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 from app.server.call_scanner import CallScanner
+from app.services.ids import unique_hex
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,7 @@ class Parsed:
 
 
 def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+    return f"call_{unique_hex()}"
 
 
 def call_of(text: str) -> tuple[str, str] | None:

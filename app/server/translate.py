@@ -247,7 +247,7 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
     for ids in prompts:
         if not ids:
             raise ApiError(400, "the prompt is empty after tokenization.", "prompt")
-        if min(ids) < 0 or max(ids) >= vocab_size:  # (in C: a long prompt's ids are many)
+        if min(ids) < 0 or max(ids) >= vocab_size:  # builtins, not a Python loop: prompts run long
             bad = [t for t in ids if not 0 <= t < vocab_size]
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1}).", "prompt")
         bad = [t for t, _ in logit_bias(body) if t >= vocab_size]
