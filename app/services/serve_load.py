@@ -104,11 +104,10 @@ async def _drive(base_url: str, api_key: str | None, path: str, bodies: list[dic
     return timings, start, end
 
 
-#: Streams per client process. One process per 16 made the client part of what the suite
-#: measured: at 16 streams on the H200 box one process gave 0.88-0.89 of the offline rate
-#: (23-27 ms of each TTFT outside the engine), two 0.94 (12 ms), four 0.92-0.94 (7 ms),
-#: against the same server (benchmarks/results/2026-12-03-i16-serve-clients-8b-16-h200-6c6a602.json):
-#: at a wave's end one process sends a request and reads a first token after another.
+#: Streams per client process. With one process per 16, the client was part of the TTFT the
+#: suite measured: at a wave's end one process sends the requests and reads their first
+#: tokens one after another. At 16 streams on the H200 box, one process left 16-27 ms of each
+#: TTFT outside the engine, two 8-12 ms (benchmarks/results/2026-12-03-i16-serve-clients-*).
 STREAMS_PER_CLIENT = 8
 
 
