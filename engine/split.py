@@ -160,8 +160,8 @@ def _spread(total: int, weights: list[float], caps: list[int]) -> list[int]:
         open_ = [i for i, c in enumerate(counts) if c < caps[i]]
         if not open_:
             raise ValueError("the caps hold fewer items than the total")
-        wsum = sum(weights[i] for i in open_) or float(len(open_))
-        shares = {i: left * (weights[i] if wsum else 1.0) / wsum for i in open_}
+        w = {i: weights[i] for i in open_} if any(weights[i] for i in open_) else dict.fromkeys(open_, 1.0)
+        shares = {i: left * w[i] / sum(w.values()) for i in open_}
         given = 0
         for i in open_:
             add = min(int(shares[i]), caps[i] - counts[i])
