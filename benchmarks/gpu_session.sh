@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -179,6 +179,18 @@ case "$what" in fp32match)
   # greedy tokens of the fast path against transformers in float32 (bf16 near-ties aside)
   hearth bench --shape llama-1b --suite decode --batch 1 --baseline hf --dtype float32 --output-len 32 \
     --repeats 1 --max-model-len 512 --json "$OUT/bench-1b-fp32-match.json" "$@" 2>&1 | tail -4 ;;
+esac
+case "$what" in split)  # issue 18 on one GPU: its tests, then the 8B shape plain, plain without graphs, and
+  # layer-split onto GPU + CPU (the CPU takes the one layer the GPU leaves it), same sizes
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/engine/test_layer_split.py \
+    2>&1 | tee "$OUT/split_tests.log" | tail -6
+  for mode in ${SPLIT_MODES:-plain eager split}; do
+    case $mode in plain) flags="";; eager) flags="--enforce-eager";; split) flags="--devices cuda:0,cpu";;
+      split-eager) flags="--devices cuda:0,cpu --enforce-eager";; esac
+    hearth bench --shape llama-8b --suite decode,throughput --batch 1,16 --output-len 128 --num-requests 64 \
+      --max-len 512 --max-model-len 2048 $flags --json "$OUT/bench-8b-split-$mode.json" "$@" 2>&1 \
+      | grep -E "layer split|expected|^suite|^decode|^throughput|rror"
+  done ;;
 esac
 case "$what" in serve)  # the server over HTTP beside the engine offline (the wheels of prepare_carry.sh);
   # the SmolLM2 tokenizer gives the 8B shape text, for the JSON-schema row

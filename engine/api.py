@@ -62,6 +62,14 @@ def doctor_info() -> dict:
     return _info()
 
 
+def gpu_memory() -> list[dict]:
+    """Each CUDA GPU: ``{"index", "name", "free_bytes", "total_bytes"}`` (the load dialog's
+    device picker; empty without one)."""
+    from engine.doctor import gpus
+
+    return gpus()
+
+
 def load_choices(device: str = "auto") -> dict:
     """Devices, attention backends, dtypes, KV-cache dtypes and quantizations a load can
     use, with the reasons (from each backend's ``available()``) why a choice can't be used
@@ -122,7 +130,7 @@ __all__ = [
     "byte_token_ids",
     "CHOICE_KINDS", "Choice", "choice_names", "choice_name", "get_choice", "list_choices", "kv_bytes_per_value",
     "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",
-    "doctor_info", "load_choices", "model_display_name", "check_model", "release_memory",
+    "doctor_info", "gpu_memory", "load_choices", "model_display_name", "check_model", "release_memory",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
     "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",

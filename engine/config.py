@@ -38,11 +38,18 @@ class ModelConfig:
     # A local folder of tokenizer files used instead of the model's own (vLLM's --tokenizer).
     # A random-weight benchmark shape gets text this way: its vocabulary becomes the tokenizer's.
     tokenizer: str | None = None
+    # A load over several devices (``--devices cuda:0,cpu``; engine.split): None loads on
+    # ``device`` alone. ``split``: layer (contiguous layer ranges per device, one process)
+    # or tensor; ``split_ratio``: the layer shares per device (None: by what each holds).
+    devices: tuple[str, ...] | None = None
+    split: str = "layer"
+    split_ratio: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Names (aliases resolved) from the one registry of choices; whether a choice can
         # run on this machine is checked at load (engine.loader.choices).
         self.device = choices.canonical("device", self.device)
+        self._check_devices()
         self.dtype = choices.canonical("dtype", self.dtype)
         self.quantization = choices.canonical("quantization", self.quantization)
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -50,6 +57,39 @@ class ModelConfig:
         if self.quant_group_size is not None and self.quant_group_size not in (32, 64, 128, 256):
             raise InvalidRequestError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size!r}",
                                       options=("quant_group_size",))
+
+    def _check_devices(self) -> None:
+        """Read ``devices``/``split``/``split_ratio`` (text or sequences) into their
+        canonical forms; one device named is a plain load on it."""
+        from engine.split import check_mode, parse_devices, parse_split_ratio
+
+        if self.devices is None or self.devices == "" or self.devices == ():
+            if self.split_ratio is not None and self.split_ratio != "":
+                raise InvalidRequestError("--split-ratio needs --devices: name the devices the shares are for.",
+                                          options=("split_ratio",))
+            self.devices, self.split_ratio = None, None
+            check_mode(self.split, ("cpu",))
+            return
+        text = self.devices if isinstance(self.devices, str) else ",".join(map(str, self.devices))
+        devices = parse_devices(text)
+        if self.device not in ("auto", devices[0]) and (self.device, devices[0]) != ("cuda", "cuda:0"):
+            raise InvalidRequestError(f"--device {self.device} and --devices {text} both given: give one of them "
+                                      "(--devices lists every device of the load, the first one first).",
+                                      options=("device", "devices"))
+        self.split = check_mode(self.split, devices)
+        ratio = self.split_ratio
+        if ratio is not None and ratio != "":
+            text_ratio = ratio if isinstance(ratio, str) else ",".join(map(str, ratio))
+            if self.split != "layer":
+                raise InvalidRequestError("--split-ratio sizes a layer split; tensor parallel splits every layer "
+                                          "evenly across its ranks.", options=("split_ratio",))
+            self.split_ratio = parse_split_ratio(text_ratio, len(devices))
+        else:
+            self.split_ratio = None
+        self.device = devices[0]
+        self.devices = devices if len(devices) > 1 else None
+        if self.devices is None:
+            self.split_ratio = None
 
 
 @dataclass(slots=True)
@@ -147,14 +187,16 @@ def load_config(model: str | None = None, *, device: str = "auto", dtype: str = 
                 force_fallback: bool = False, enforce_eager: bool = False,
                 kv_cache_dtype: str = "auto", quantization: str = "auto",
                 quant_group_size: int | None = None, quant_head: bool = False, float_head: bool = False,
-                tokenizer: str | None = None) -> EngineConfig:
+                tokenizer: str | None = None, devices: str | tuple[str, ...] | None = None,
+                split: str = "layer", split_ratio: str | tuple[float, ...] | None = None) -> EngineConfig:
     """The one validated EngineConfig of the load options (``Engine.load``'s keywords, the
     CLI's flags, the load dialog's fields, ``hearth bench``'s engine flags)."""
     return EngineConfig(
         model=ModelConfig(model=model, revision=revision, device=device, dtype=dtype,
                           max_model_len=max_model_len, force_fallback=force_fallback,
                           quantization=quantization, quant_group_size=quant_group_size,
-                          quant_head=quant_head, float_head=float_head, tokenizer=tokenizer or None),
+                          quant_head=quant_head, float_head=float_head, tokenizer=tokenizer or None,
+                          devices=devices, split=split, split_ratio=split_ratio),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           kv_cache_memory=None if kv_cache_memory is None else parse_bytes(kv_cache_memory),
                           enable_prefix_caching=enable_prefix_caching,

@@ -18,6 +18,19 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def gpus() -> list[dict]:
+    """The CUDA GPUs torch sees: ``[{"index", "name", "free_bytes", "total_bytes"}]``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append({"index": i, "name": torch.cuda.get_device_name(i), "free_bytes": free, "total_bytes": total})
+    return out
+
+
 def doctor_info() -> dict:
     import torch
 
@@ -33,12 +46,8 @@ def doctor_info() -> dict:
         "cuda": [],
         "cuda_note": None,
     }
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            info["cuda"].append({"index": i, "name": torch.cuda.get_device_name(i),
-                                 "free_bytes": free, "total_bytes": total})
-    else:
+    info["cuda"] = gpus()
+    if not info["cuda"]:
         info["cuda_note"] = f"none (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
     device = "cuda" if info["cuda"] else "cpu"
     info["attention_device"] = device
@@ -53,7 +62,79 @@ def doctor_info() -> dict:
     except Exception as e:  # report, don't crash: doctor is for broken set-ups
         info["default_model"] = f"unavailable: {e}"
     info["cache_dir"] = str(cache_dir())
+    info["gpu_links"], info["gpu_links_note"] = gpu_links(len(info["cuda"]))
+    info["split_modes"] = split_modes(len(info["cuda"]))
     return info
+
+
+#: NVML's topology levels (nvmlGpuTopologyLevel_t) as Hearth says them.
+_TOPOLOGY = {0: "the same board", 10: "PCIe, one switch", 20: "PCIe, several switches",
+             30: "PCIe, one host bridge", 40: "PCIe, one NUMA node", 50: "PCIe across CPU sockets"}
+_NVLINK_MAX = 18  # NVML_NVLINK_MAX_LINKS
+
+
+def gpu_links(count: int, nvml=None) -> tuple[list[dict], str | None]:
+    """How each pair of the ``count`` GPUs is linked, from NVML: ``[{"a": 0, "b": 1,
+    "link": "NVLink x18" | "PCIe, one switch" | ...}]``, and a note when NVML can't say
+    (not installed, no driver). ``nvml``: a pynvml-like module (tests)."""
+    if count < 2:
+        return [], None
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001 - doctor reports a broken set-up, it doesn't crash on it
+        return [], f"NVML unavailable ({e}): how the GPUs are linked is unknown"
+    try:
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        buses = [_bus_id(nvml.nvmlDeviceGetPciInfo(h)) for h in handles]
+        out = []
+        for a in range(count):
+            for b in range(a + 1, count):
+                out.append({"a": a, "b": b, "link": _link(nvml, handles[a], handles[b], buses[b])})
+        return out, None
+    except Exception as e:  # noqa: BLE001
+        return [], f"NVML could not read the topology ({e})"
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _bus_id(pci) -> str:
+    bus = pci.busId
+    return (bus.decode() if isinstance(bus, bytes) else str(bus)).lower()
+
+
+def _link(nvml, a, b, b_bus: str) -> str:
+    """NVLink with its link count where GPU ``a``'s active links reach ``b``; else the PCIe
+    path NVML's common ancestor names."""
+    links = 0
+    for link in range(_NVLINK_MAX):
+        try:
+            if not nvml.nvmlDeviceGetNvLinkState(a, link):
+                continue
+            if _bus_id(nvml.nvmlDeviceGetNvLinkRemotePciInfo(a, link)) == b_bus:
+                links += 1
+        except Exception:  # noqa: BLE001 - a link index this GPU doesn't have (or NVLink at all)
+            break
+    if links:
+        return f"NVLink x{links}"
+    try:
+        level = int(nvml.nvmlDeviceGetTopologyCommonAncestor(a, b))
+    except Exception:  # noqa: BLE001
+        return "unknown"
+    return _TOPOLOGY.get(level, f"topology level {level}")
+
+
+def split_modes(gpus: int) -> dict[str, list[str]]:
+    """The multi-device modes and why each can't run here (empty: it can)."""
+    return {
+        # Two CPU "devices" always can (to try it); GPU + CPU needs a GPU, GPU + GPU two.
+        "layer": [],
+        "tensor": ["tensor parallel is not built yet (--split layer runs)"],
+    }
 
 
 def load_choices(device: str = "auto") -> dict:

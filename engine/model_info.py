@@ -51,6 +51,9 @@ class ModelInfo:
     cuda_graphs_off: str | None = None  # why decode runs without CUDA graphs
     prompt_attention_lengths: int | None = None  # prompt lengths whose attention work was prepared
     cpu_decode: bool | str | None = None  # CPU loads: True if batch-1 decode runs in one C call, else why not
+    # A layer split (--devices a,b --split layer): {"devices": [...], "layers": [[start, stop], ...],
+    # "attention": [...], "embedding": device, "head": device}; ``device`` is then the first one.
+    layer_split: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: every field, less optional ones that are ``None``."""

@@ -84,7 +84,8 @@ def check_mode(mode: str, devices: tuple[str, ...]) -> str:
 @dataclass(frozen=True, slots=True)
 class LayerSplit:
     """Device ``devices[i]`` holds layers ``ranges[i]`` (contiguous, in order, every layer
-    once); the first also holds the embedding, the last the final norm and the LM head."""
+    once); the first also holds the embedding, ``head_device_index``'s the final norm and
+    the LM head."""
 
     devices: tuple[str, ...]
     ranges: tuple[range, ...]
@@ -100,12 +101,30 @@ class LayerSplit:
         return ", ".join(f"{d}: layers {r.start}-{r.stop - 1}" for d, r in zip(self.devices, self.ranges))
 
 
+def head_device_index(devices: tuple[str, ...]) -> int:
+    """Which device holds the final norm and the LM head: the last GPU (a partial offload's
+    CPU layers hand their hidden states back to it: the head is the largest matrix of a
+    decode step, up to a fifth of its bytes), else the last device."""
+    gpus = [i for i, d in enumerate(devices) if d != "cpu"]
+    return gpus[-1] if gpus else len(devices) - 1
+
+
+def expected_decode_tok_s(weight_bytes: dict[str, int], bandwidth: dict[str, float]) -> float:
+    """Batch-1 decode speed a split can reach at best: each token reads every device's
+    weights (``weight_bytes``: device -> bytes) once, at that device's memory bandwidth
+    (``bandwidth``: device -> bytes/s). What a user sees before the load (llama.cpp's and
+    LM Studio's offload sliders leave them to guess); the real speed lands below it by the
+    kernels' efficiency, the KV reads and the hops."""
+    seconds = sum(b / bandwidth[d] for d, b in weight_bytes.items())
+    return 1.0 / seconds if seconds > 0 else float("inf")
+
+
 def plan_layer_split(devices: tuple[str, ...], num_layers: int, layer_bytes: int, first_bytes: int,
                      last_bytes: int, room: tuple[int, ...] | None = None,
                      ratio: tuple[float, ...] | None = None) -> LayerSplit:
     """Contiguous layer ranges for ``devices``, in their order. ``layer_bytes``: what one
     layer costs its device (weights and its KV share); ``first_bytes`` / ``last_bytes``: the
-    embedding (first device) and the norm and LM head (last device). With ``ratio``, layers
+    embedding (first device) and the norm and LM head (``head_device_index``). With ``ratio``, layers
     go by it. Else by ``room`` (the bytes each device may use): the GPUs take layers in
     proportion to their room, each as many as it holds at most, and the CPUs only what the
     GPUs can't hold (partial offload; at least one layer each, since they were named).
@@ -116,7 +135,8 @@ def plan_layer_split(devices: tuple[str, ...], num_layers: int, layer_bytes: int
     if num_layers < n:
         raise InvalidRequestError(f"the model has {num_layers} layers, fewer than the {n} devices of --devices: "
                                   "name fewer devices.", options=("devices",))
-    extras = [(first_bytes if i == 0 else 0) + (last_bytes if i == n - 1 else 0) for i in range(n)]
+    head = head_device_index(devices)
+    extras = [(first_bytes if i == 0 else 0) + (last_bytes if i == head else 0) for i in range(n)]
     if ratio is not None:
         if len(ratio) != n:
             raise InvalidRequestError(f"--split-ratio has {len(ratio)} shares for {n} devices.",

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from app.commands.load_options import add_choice_flags
+from app.commands.load_options import add_choice_flags, add_device_flags
 from engine.api import InvalidRequestError
 from engine.bench import BenchOptions, run_bench
 
@@ -23,7 +23,7 @@ SUITE_NAMES = ("decode", "prefill", "throughput", "serve")
 # The engine group's flags, by their Engine.load keyword.
 _LOAD_FLAGS = ("device", "dtype", "attention", "kv_cache_dtype", "quantization", "enforce_eager", "max_model_len",
                "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "block_size", "quant_group_size",
-               "quant_head", "float_head", "tokenizer")
+               "quant_head", "float_head", "tokenizer", "devices", "split", "split_ratio")
 # Load keywords whose flag is spelt otherwise (--quant, --group-size).
 _FLAG_DEST = {"quantization": "quant", "quant_group_size": "group_size"}
 
@@ -57,6 +57,7 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     g = p.add_argument_group("engine")
     add_choice_flags(g, {"--kv-cache-dtype": "auto: the model's dtype; fp8: e4m3 (rows then carry kv_cache_dtype)"})
+    add_device_flags(g)
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     g.add_argument("--max-model-len", type=int, default=None, help="context (default: what the suites need)")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 20GiB")

@@ -25,6 +25,15 @@ def run_doctor(args) -> int:
         print(f"  cuda:{d['index']}        {d['name']}, {_gib(d['free_bytes'])} free of {_gib(d['total_bytes'])}")
     if not info["cuda"]:
         print(f"  cuda          {info['cuda_note']}")
+    for link in info.get("gpu_links", []):
+        print(f"  cuda:{link['a']} <-> cuda:{link['b']}  {link['link']}")
+    if info.get("gpu_links_note"):
+        print(f"  links         {info['gpu_links_note']}")
+    print("multi-device (--devices ... --split MODE)")
+    layer = "layer         ok: " + ("GPUs then the CPU (the CPU last takes what the GPUs can't hold)"
+                                   if info["cuda"] else "two CPU segments (cpu,cpu) to try it; GPUs when there are some")
+    print(f"  {layer}" if not info["split_modes"]["layer"] else f"  layer         {_status(info['split_modes']['layer'])}")
+    print(f"  tensor        {_status(info['split_modes']['tensor'])}")
     print(f"attention backends (on {info['attention_device']})")
     for name, reasons in info["attention"].items():
         print(f"  {name:<13} {_status(reasons)}")

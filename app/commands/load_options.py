@@ -49,12 +49,26 @@ def add_choice_flags(group, extra_help: dict[str, str] | None = None) -> None:
                             "channel by default, fp8 e4m3: it is up to a fifth of a quantized decode step)")
 
 
+def add_device_flags(group) -> None:
+    """``--devices``, ``--split``, ``--split-ratio``: a load over several devices (engine.split)."""
+    group.add_argument("--devices", default=None, metavar="LIST",
+                       help="load over several devices, in order, e.g. cuda:0,cuda:1 or cuda:0,cpu (the CPU "
+                            "last takes the layers the GPUs can't hold); `hearth doctor` lists the GPUs")
+    group.add_argument("--split", default="layer", metavar="MODE",
+                       help="layer (default): contiguous layer ranges per device, in one process; tensor: "
+                            "tensor parallel, one rank per device")
+    group.add_argument("--split-ratio", default=None, metavar="SHARES",
+                       help="the layer split's share per device, e.g. 0.6,0.4 (default: by each device's free "
+                            "memory, the CPU only taking what the GPUs can't hold)")
+
+
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """The load flags of ``hearth generate`` and ``hearth chat``."""
     g = p.add_argument_group("model loading")
     g.add_argument("--model", default=None, help="default | Hub repo id | local folder | .gguf file")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     add_choice_flags(g)
+    add_device_flags(g)
     g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
@@ -73,7 +87,8 @@ def options_from_args(args) -> dict:
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quant, quant_group_size=args.group_size,
-        quant_head=args.quant_head, float_head=args.float_head, tokenizer=args.tokenizer)
+        quant_head=args.quant_head, float_head=args.float_head, tokenizer=args.tokenizer, devices=args.devices,
+        split=args.split, split_ratio=args.split_ratio)
 
 
 def config_from_args(args) -> EngineConfig:

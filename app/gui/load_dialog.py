@@ -24,8 +24,8 @@ from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QLabel, QLineEdit, QSpinBox, QVBoxLayout)
 
-from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, config_from_options, list_choices,
-                        model_display_name)
+from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, config_from_options, format_bytes,
+                        gpu_memory, list_choices, model_display_name)
 
 #: kind -> its choices on this machine (``engine.api.list_choices``), what the dialog lists.
 ChoiceTable = Mapping[str, Sequence[Choice]]
@@ -37,7 +37,8 @@ WINDOW_TITLE = "Load model"
 # The form's field labels, by Engine.load keyword (error messages name these fields too).
 FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "quant_group_size": "int4 group size", "attention": "Attention backend",
                 "device": "Device", "dtype": "Weights dtype", "max_model_len": "Context length",
-                "kv_cache_memory": "KV-cache memory", "kv_cache_dtype": "KV-cache precision"}
+                "kv_cache_memory": "KV-cache memory", "kv_cache_dtype": "KV-cache precision",
+                "devices": "Split over devices", "split_ratio": "Split ratio"}
 
 
 def fill_choices(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
@@ -75,7 +76,8 @@ class LoadDialog(QDialog):
     """Ask how to load ``model_ref``; ``options()`` gives the dict for ``EngineBridge.load``
     (the load options: ``Engine.load``'s keywords), ``config()`` the validated EngineConfig."""
 
-    def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: ChoiceTable | None = None) -> None:
+    def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: ChoiceTable | None = None,
+                 gpus: list[dict] | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle(WINDOW_TITLE)
         self.setObjectName("loadDialog")
@@ -129,6 +131,25 @@ class LoadDialog(QDialog):
         form.addRow("", self.reasons)
         self.device = self._combo("loadDevice", "device", "load/device", "auto")
         form.addRow(FIELD_LABELS["device"], self.device)
+        # A layer split (--devices / --split-ratio): contiguous layer ranges per device.
+        self.devices = QLineEdit(str(settings.value("load/devices", "") or ""))
+        self.devices.setObjectName("loadDevices")
+        self.devices.setPlaceholderText("one device (above); or a list, e.g. cuda:0,cuda:1 or cuda:0,cpu")
+        self.devices.setToolTip("Contiguous layer ranges on each device, in order, sized by free memory. The CPU "
+                                "last takes the layers the GPUs can't hold (slower: each token reads its layers "
+                                "from RAM).")
+        form.addRow(FIELD_LABELS["devices"], self.devices)
+        self.split_ratio = QLineEdit(str(settings.value("load/split_ratio", "") or ""))
+        self.split_ratio.setObjectName("loadSplitRatio")
+        self.split_ratio.setPlaceholderText("by free memory (or one share per device, e.g. 0.6,0.4)")
+        form.addRow(FIELD_LABELS["split_ratio"], self.split_ratio)
+        self.gpu_list = QLabel(gpu_summary(gpus if gpus is not None else gpu_memory()))
+        self.gpu_list.setObjectName("loadGpuList")
+        self.gpu_list.setWordWrap(True)
+        self.gpu_list.setEnabled(False)
+        form.addRow("", self.gpu_list)
+        self.devices.textChanged.connect(self._update_device_fields)
+        self._update_device_fields()
         self.dtype = self._combo("loadDtype", "dtype", "load/dtype", "auto")
         form.addRow(FIELD_LABELS["dtype"], self.dtype)
 
@@ -197,6 +218,12 @@ class LoadDialog(QDialog):
         self.quant_head.setEnabled(method in ("int4", "int8"))
         self.float_head.setEnabled(method in ("int4", "int8", "fp8"))
 
+    def _update_device_fields(self, *_args) -> None:
+        """A device list replaces the single device; a ratio only means something with one."""
+        split = bool(self.devices.text().strip())
+        self.device.setEnabled(not split)
+        self.split_ratio.setEnabled(split)
+
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""
         if not _has_gpu(self.choices):
@@ -233,7 +260,15 @@ class LoadDialog(QDialog):
             "kv_cache_memory": kv or None,
             "kv_cache_dtype": self.kv_dtype.currentData(),
             "enforce_eager": self.eager.isChecked(),
+            **self._split_options(),
         }
+
+    def _split_options(self) -> dict:
+        devices = self.devices.text().strip()
+        if not devices:
+            return {}
+        # The device list names the first device itself.
+        return {"device": "auto", "devices": devices, "split_ratio": self.split_ratio.text().strip() or None}
 
     def config(self) -> EngineConfig:
         """The one validated EngineConfig of the options; raises InvalidRequestError."""
@@ -268,6 +303,16 @@ def save_load_options(settings: QSettings, opts: dict) -> None:
     settings.setValue("load/max_model_len", opts.get("max_model_len") or 0)
     settings.setValue("load/kv_cache_memory", opts.get("kv_cache_memory") or "")
     settings.setValue("load/model", opts.get("model") or "default")
+    settings.setValue("load/devices", opts.get("devices") or "")
+    settings.setValue("load/split_ratio", opts.get("split_ratio") or "")
+
+
+def gpu_summary(gpus: list[dict]) -> str:
+    """One line per GPU with its free memory (the device picker's list)."""
+    if not gpus:
+        return "No CUDA GPU here: cpu,cpu tries the layer split on the CPU."
+    return "\n".join(f"cuda:{g['index']} — {g['name']}: {format_bytes(g['free_bytes'])} free of "
+                     f"{format_bytes(g['total_bytes'])}" for g in gpus)
 
 
 def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) -> dict:
@@ -298,4 +343,19 @@ def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) 
         "kv_cache_memory": settings.value("load/kv_cache_memory", "") or None,
         "kv_cache_dtype": kv_dtype,
         "enforce_eager": settings.value("load/enforce_eager", "false") in (True, "true"),
+        **_saved_split(settings, choices),
     }
+
+
+def _saved_split(settings: QSettings, choices: ChoiceTable) -> dict:
+    """The saved layer split, if every device it names is here (a start-up load must not
+    fail on a GPU that left)."""
+    devices = str(settings.value("load/devices", "") or "").strip()
+    if not devices:
+        return {}
+    here = {c.name for c in choices.get("device", ()) if c.available} | {"cpu"}
+    named = [d.strip().lower() for d in devices.split(",")]
+    if not all(d in here or (d == "cuda" and "cuda:0" in here) for d in named):
+        return {}
+    return {"device": "auto", "devices": devices, "split_ratio": str(settings.value("load/split_ratio", "") or "")
+            or None}

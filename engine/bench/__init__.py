@@ -215,7 +215,8 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
                               decode_tok_s=h.decode_tok_s, ttft_ms=h.ttft_ms, weight_bytes=wb,
                               **extra, implementation=impl, kv_cache_dtype=kvd, cuda_graphs=info.cuda_graphs,
                               cuda_graphs_off=info.cuda_graphs_off, quant_detail=info.quant_detail,
-                              batch1_matmul=info.batch1_matmul if b == 1 else None))
+                              batch1_matmul=info.batch1_matmul if b == 1 else None,
+                              layer_split=info.layer_split))
         if hf is not None:
             rate, ttft, _ = hf["decode"][b]
             rows.append(maker.row("decode", baseline, b, opts.prompt_len, opts.output_len, decode_tok_s=rate,
@@ -233,7 +234,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
                               output_tok_s=t.output_tok_s, kv_waste_pct=t.kv_waste_pct,
                               weight_bytes=wb, num_requests=opts.num_requests, min_len=opts.min_len,
                               max_len=opts.max_len, num_preemptions=t.num_preemptions,
-                              implementation=impl, kv_cache_dtype=kvd))
+                              implementation=impl, kv_cache_dtype=kvd, layer_split=info.layer_split))
         if hf is not None:
             from engine.bench.hf_baseline import STATIC_BATCH
 

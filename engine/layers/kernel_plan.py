@@ -11,6 +11,7 @@ holds the final choice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -35,13 +36,15 @@ class KernelPlan:
         return cls(attention=backend, fused=backend.fused_kernels)
 
 
-def apply_kernel_plan(model: nn.Module, plan: KernelPlan) -> None:
+def apply_kernel_plan(model: nn.Module, plan: KernelPlan | Callable[[str], KernelPlan]) -> None:
     """Give every module of ``model`` with a load-time choice its choice under ``plan``
-    (after the weights are loaded and RoPE's tables built: replacements share them)."""
+    (after the weights are loaded and RoPE's tables built: replacements share them).
+    ``plan`` may be a function of the module's name: a layer split's plan per device."""
+    plan_of = plan if callable(plan) else (lambda name: plan)
     for name, module in list(model.named_modules()):
         choose = getattr(module, "choose_kernels", None)
         if choose is None:
             continue
-        chosen = choose(plan)
+        chosen = choose(plan_of(name))
         if chosen is not module:
             replace_module(model, name, chosen)

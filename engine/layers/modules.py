@@ -7,6 +7,8 @@ then given storage (``materialize``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -42,8 +44,15 @@ def materialize(module: nn.Module, device: torch.device) -> None:
     Unlike ``Module.to_empty``, a parameter shared by two modules (a tied head) stays one
     parameter, and what its module attached to it (``weight_loader``) stays with it.
     """
+    materialize_placed(module, lambda name: device)
+
+
+def materialize_placed(module: nn.Module, device_of: Callable[[str], torch.device]) -> None:
+    """``materialize`` with each submodule's own tensors on ``device_of(its name)`` (a
+    layer split); a tensor shared by two modules goes where the first one named puts it."""
     made: dict[int, torch.Tensor] = {}
-    for mod in module.modules():
+    for name, mod in module.named_modules():
+        device = device_of(name)
         for key, param in mod._parameters.items():
             if param is None:
                 continue

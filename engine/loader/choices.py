@@ -40,6 +40,8 @@ def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadCh
     """
     mc, cc = config.model, config.cache
     device = resolve_device(mc.device)
+    if mc.devices is not None:
+        check_devices(config)
     dtype = resolve_dtype(_quantization_dtype(mc.quantization, mc.dtype, device), device)
     where = str(device)
     if dtype == torch.bfloat16:
@@ -66,6 +68,21 @@ def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadCh
 
     check_quant_flags(quantization.name, mc.quant_group_size, mc.quant_head, mc.float_head)
     return LoadChoices(device, dtype, attention)
+
+
+def check_devices(config: EngineConfig) -> None:
+    """A multi-device load's devices exist here and its mode can run (``engine.split``)."""
+    from engine.split import check_available
+
+    mc = config.model
+    check_available(mc.devices, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if mc.split == "tensor":
+        raise InvalidRequestError(
+            "--split tensor (tensor parallel) is not available in this build of Hearth yet: use --split layer, "
+            "which puts contiguous layer ranges on each device.", options=("split",))
+    if config.model.force_fallback:
+        raise InvalidRequestError("a layer split runs Hearth's native models only, not the transformers fallback "
+                                  "(drop --devices, or force_fallback).", options=("devices",))
 
 
 # quantization "bf16"/"fp16": unquantized weights in that dtype (float32 on the CPU, where

@@ -247,6 +247,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     kv_dtype = kv_cache_dtype(cc.kv_cache_dtype, dtype, spec is not None)
     info["kv_cache_dtype"] = str(kv_dtype).removeprefix("torch.")
     stop()
+    if spec is None and mc.devices is not None:
+        raise UnsupportedModelError(f"{name} has no native Hearth implementation ({native_error}), and a layer "
+                                    "split runs native models only: load it on one device (drop --devices).")
     if spec is None:
         info["fallback_reason"] = native_error or "forced with force_fallback"
         info["attention"] = "transformers"

@@ -153,13 +153,20 @@ class LlamaForCausalLM(nn.Module):
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights (benchmarks, tests): normal(0, std) matrices, unit norms."""
-        gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        gens: dict[torch.device, torch.Generator] = {}  # one per device (a layer split has several)
+
+        def gen_on(t: torch.Tensor) -> torch.Generator:
+            if t.device not in gens:
+                gens[t.device] = torch.Generator(device=t.device).manual_seed(seed)
+            return gens[t.device]
+
         with torch.no_grad():
             quantized = set()
             for module in self.modules():
                 # Quantized modules draw their own (a tied head shares its embedding's).
                 if module is not self and getattr(module, "checkpoint_params", None) and hasattr(module, "init_random"):
-                    module.init_random(gen, std)
+                    held = next(iter((*module.parameters(), *module.buffers())), None)
+                    module.init_random(gen_on(held) if held is not None else gen_on(next(self.parameters())), std)
                     quantized.update(id(getattr(module, n)) for n in module.filled_by_parts
                                      if getattr(module, n, None) is not None)
             for name, p in self.named_parameters():
@@ -170,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.normal_(0.0, std, generator=gen)
+                    p.normal_(0.0, std, generator=gen_on(p))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str = "checkpoint") -> None:
         """Copy checkpoint tensors (HF names) into the materialised parameters, one at a

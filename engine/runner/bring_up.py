@@ -114,12 +114,18 @@ def usable_backend(attention: str, device: torch.device) -> type[AttentionBacken
 
 def materialize_weights(model: LlamaForCausalLM, weights: WeightsSource, device: torch.device, need: int,
                         should_stop: Callable[[], bool] | None = None,
-                        progress: Callable[[str], None] | None = None) -> None:
-    """Allocate ``model`` on ``device`` and fill it: random, or streamed from the
-    checkpoint one tensor at a time (mmap'd, so RAM never holds a second full copy),
-    each through its parameter's loader. ``should_stop`` is asked before each tensor."""
+                        progress: Callable[[str], None] | None = None, placement=None) -> None:
+    """Allocate ``model`` on ``device`` (or where a layer split's ``placement`` puts each
+    part) and fill it: random, or streamed from the checkpoint one tensor at a time
+    (mmap'd, so RAM never holds a second full copy), each through its parameter's loader.
+    ``should_stop`` is asked before each tensor."""
     try:
-        model.materialize(device)
+        if placement is None:
+            model.materialize(device)
+        else:
+            from engine.runner.layer_split import materialize_placed_model
+
+            materialize_placed_model(model, placement)
         if isinstance(weights, RandomWeights):
             model.init_random(weights.seed)
         else:
@@ -178,11 +184,15 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     stop = stop_check(should_stop)
     if (rank, world_size) != (0, 1):
         raise InvalidRequestError(f"rank {rank} of {world_size}: Hearth runs a model on one device only.")
-    backend = usable_backend(attention, device)
     cc = config.cache
     if transforms is None:
         transforms = model_transforms(config, weights, rank, world_size)
     model = build_on_meta(spec, dtype, max_model_len, transforms)
+    if config.model.devices is not None:
+        return _bring_up_split(runner_cls, config, spec, model, weights, dtype=dtype, kv_dtype=kv_dtype,
+                               attention=attention, max_model_len=max_model_len, say=say, stop=stop,
+                               should_stop=should_stop)
+    backend = usable_backend(attention, device)
     need = load_bytes(model, device.type)
     # An explicit KV size that can't fit is refused now, not after the weights load.
     check_explicit_kv(config, device, spec.kv_bytes_per_token(kv_dtype.itemsize) * cc.block_size,
@@ -223,6 +233,64 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
         else:
             release_module(model)
         empty_device_cache(device)
+        raise
+
+
+def _bring_up_split(runner_cls, config: EngineConfig, spec: ModelSpec, model: LlamaForCausalLM,
+                    weights: WeightsSource, *, dtype: torch.dtype, kv_dtype: torch.dtype, attention: str,
+                    max_model_len: int, say: Callable[[str], None], stop: Callable[[], None],
+                    should_stop: Callable[[], bool] | None):
+    """``bring_up`` for a layer split over ``config.model.devices``
+    (``engine.runner.layer_split``): the same steps, each per device."""
+    from engine.runner import layer_split as ls
+
+    cc = config.cache
+    from engine.loader.choices import resolve_attention
+
+    # The CPU's layers run the torch reference; the GPUs' the backend asked for (auto: Triton).
+    gpu = next((torch.device(d) for d in config.model.devices if d != "cpu"), None)
+    kinds = {"cpu": "torch", "cuda": resolve_attention(config.attention, gpu) if gpu is not None else "torch"}
+    placement = ls.plan_placement(model, config, kv_token_bytes=spec.kv_bytes_per_token(kv_dtype.itemsize),
+                                  max_model_len=max_model_len, attention=kinds)
+    say(f"layer split: {placement.describe()}")
+    need = ls.weight_bytes_per_device(model, placement)
+    ls.check_split_fits(need)
+    expected = ls.expected_speed(need)
+    say(f"expected batch-1 decode at best: about {expected:.0f} tok/s (each device's weights read once per "
+        "token at its measured bandwidth)")
+    plans = {d: KernelPlan.for_backend(usable_backend(placement.attention[d], d)) for d in placement.devices}
+    say(f"loading weights ({spec.num_params() / 1e6:.0f}M parameters, {str(dtype).removeprefix('torch.')})")
+    runner = None
+    try:
+        materialize_weights(model, weights, placement.embed, load_bytes(model, "cuda"), should_stop, say,
+                            placement=placement)
+        apply_kernel_plan(model, lambda name: plans[placement.device_of(name)])
+        ls.install_hops(model, placement, plans)
+        first = placement.layer_devices[0]
+        runner = runner_cls(model, spec, placement.embed, dtype, cc.block_size, placement.attention[first],
+                            plans[first], enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
+        runner.placement = placement
+        runner.logits_device = placement.head
+        info = runner.load_info
+        info["layer_split"] = {**placement.info(), "expected_decode_tok_s": round(expected, 1)}
+        layer_block = runner.kv_block_bytes() // spec.num_layers
+        peaks = ls.split_activation_peaks(runner, config.scheduler.max_num_batched_tokens)
+        size_kv_cache(runner, config, placement.embed, runner.kv_block_bytes(), max_model_len, info, say, stop,
+                      count=lambda: ls.split_kv_blocks(runner, config, max_model_len, layer_block, peaks,
+                                                       graphs=runner.graphs_reason() is None))
+        stop()
+        if runner.gemv_reason() is None:
+            info["batch1_matmul"] = runner.tune_gemv(say)
+        stop()
+        capture_graphs(runner, config, max_model_len, info, say)
+        return runner
+    except BaseException:
+        if runner is not None:
+            release_runner(runner)
+        else:
+            release_module(model)
+        for d in placement.devices:
+            empty_device_cache(d)
         raise
 
 

@@ -140,7 +140,7 @@ class NativeExecuteMixin(RequestStateMixin):
             # have finished since): take its rows (its tokens, or its logits to mask).
             self.steps_ahead_used += 1
             every = hits == list(range(len(ahead.request_ids)))
-            pick = None if every else torch.tensor(hits, device=self.device)
+            pick = None if every else torch.tensor(hits, device=self.logits_device)
             if ahead.logits is None:
                 host, event = ahead.host, ahead.event
                 tokens = ahead.tokens if every else ahead.tokens[pick]
@@ -224,7 +224,8 @@ class NativeExecuteMixin(RequestStateMixin):
         self._ring ^= 1
         buf.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        with torch.cuda.device(tokens.device):  # (a layer split's logits may be on another GPU)
+            event.record()
         return buf, event
 
 

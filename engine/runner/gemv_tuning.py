@@ -66,11 +66,13 @@ def _time(fn, count: int, graphed: bool = True, reps: int = 3) -> float:
 
 @torch.inference_mode()
 def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
-    """Fix the batch-1 kernel of every linear module (and the head); returns kind -> choice."""
+    """Fix the batch-1 kernel of every linear module (and the head) on ``device`` (a layer
+    split tunes each GPU's modules apart); returns kind -> choice."""
     choices: dict[str, str] = {}
     if progress:
         progress("choosing batch-1 matmul kernels (cuBLAS or Triton GEMV)")
     for kind, all_mods in _kinds(model).items():
+        all_mods = [m for m in all_mods if _device_of(m) == device]
         # Modules of one kind may be stored differently (a GGUF's Q4_K_M keeps some layers'
         # q/k/v float and gives some down projections Q6_K, int8 in groups of 16): each form
         # is tuned apart, with its own candidates.
@@ -83,6 +85,14 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     if progress:
         progress("batch-1 matmuls: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
     return choices
+
+
+def _device_of(module) -> torch.device | None:
+    """Where ``module``'s tensors are (None: it holds none)."""
+    t = next(module.parameters(), None)
+    if t is None:
+        t = next(module.buffers(), None)
+    return None if t is None else t.device
 
 
 def _form(module) -> tuple:

@@ -36,6 +36,7 @@ class HFRunner(RequestStateMixin, FallbackScoreMixin):
     def __init__(self, model, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.device = device
+        self.logits_device = device
         self.dtype = dtype
         self.sampler = Sampler()
         self._caches: dict[str, object] = {}  # request id -> its transformers DynamicCache

@@ -104,14 +104,16 @@ def kv_blocks(config: EngineConfig, device: torch.device, block_bytes: int, max_
 def size_kv_cache(runner, config: EngineConfig, device: torch.device, block_bytes: int, max_model_len: int,
                   info: dict[str, Any], say: Callable[[str], None], stop: Callable[[], None], *,
                   peak_bytes: Callable[[int], int] = lambda num_tokens: 0,
-                  graph_bytes: Callable[[int, int], int] | None = None) -> int:
-    """Size the KV pool (``kv_blocks``) and allocate it on ``runner``; records
-    ``weight_bytes``, ``kv_cache_bytes`` and ``num_kv_blocks`` in ``info``; returns the blocks."""
+                  graph_bytes: Callable[[int, int], int] | None = None,
+                  count: Callable[[], int] | None = None) -> int:
+    """Size the KV pool (``kv_blocks``, or ``count()``: a layer split's own count) and
+    allocate it on ``runner``; records ``weight_bytes``, ``kv_cache_bytes`` and
+    ``num_kv_blocks`` in ``info``; returns the blocks."""
     cc = config.cache
     info["weight_bytes"] = runner.weight_bytes()
     stop()
-    num_blocks = kv_blocks(config, device, block_bytes, max_model_len, peak_bytes=peak_bytes,
-                           graph_bytes=graph_bytes)
+    num_blocks = count() if count is not None else kv_blocks(config, device, block_bytes, max_model_len,
+                                                             peak_bytes=peak_bytes, graph_bytes=graph_bytes)
     if num_blocks < context_blocks(max_model_len, cc.block_size) and cc.num_blocks is None:
         raise kv_too_small(num_blocks, cc.block_size, max_model_len)
     say(f"allocating KV cache: {num_blocks} blocks of {cc.block_size} tokens ({gib(num_blocks * block_bytes)})")

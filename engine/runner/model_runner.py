@@ -58,6 +58,10 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         self._ring = 0
         self.steps_ahead_used = 0
         self.kv_caches: list[torch.Tensor] = []
+        # A layer split (engine.runner.layer_split): where each layer and the logits are.
+        # ``device`` is where a step's inputs go (the embedding's device).
+        self.placement = None
+        self.logits_device = device
         self.sampler = Sampler()
         self._requests: dict[str, KeptRequest] = {}  # request id -> its params and RNG
 
@@ -96,16 +100,28 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
 
     def gemv_reason(self) -> str | None:
         """Why batch-1 matmuls stay on cuBLAS without even trying the Triton GEMV."""
-        if self.device.type != "cuda":
+        if not self._gpus():
             return "the Triton GEMV is tuned on CUDA GPUs only"
         if not self.plan.fused:
             return f"the {self.attention!r} backend runs the plain torch reference path"
         return None
 
     def tune_gemv(self, progress=None) -> dict[str, str]:
+        """Fix the batch-1 kernels on each GPU that holds layers; kind -> choice (a split
+        over GPUs: each GPU's choice, by device, where they differ)."""
         from engine.runner.gemv_tuning import tune_gemv
 
-        return tune_gemv(self.model, self.device, progress)
+        chosen: dict[str, list[str]] = {}
+        for d in self._gpus():
+            for kind, name in tune_gemv(self.model, d, progress).items():
+                if name not in chosen.setdefault(kind, []):
+                    chosen[kind].append(name)
+        return {kind: " | ".join(names) for kind, names in chosen.items()}
+
+    def _gpus(self) -> list[torch.device]:
+        if self.placement is None:
+            return [self.device] if self.device.type == "cuda" else []
+        return [d for d in self.placement.devices if d.type == "cuda"]
 
     def attention_warmup_tokens(self, max_tokens: int) -> int:
         """Prompt length up to which ``warm_attention`` would prepare work (0: nothing to do)."""
@@ -130,7 +146,10 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         check()
         lengths = _guarded("prompt-attention", lambda: warm(max_tokens, self.device, self.dtype))
         check()
-        _guarded("mixed-step", lambda: self._warm_steps(check))
+        if self.placement is None or all(d.type == "cuda" for d in self.placement.devices):
+            # (a CPU segment's torch reference can't take the synthetic steps' slot -1 writes,
+            # and has nothing to compile)
+            _guarded("mixed-step", lambda: self._warm_steps(check))
         check()  # a cancel during the last step: the load must not go on to serve
         return lengths or 0
 
@@ -170,6 +189,14 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         from engine.runner.cuda_graphs import DecodeGraphs
         from engine.runner.prompt_graphs import PromptGraphs, prompt_buckets
 
+        if self.placement is not None:  # a layer split: decode graphs per GPU segment, prompts eagerly
+            from engine.runner.split_graphs import SplitDecodeGraphs
+
+            graphs = SplitDecodeGraphs(self.model, self.kv_caches, self.placement, self.block_size, max_batch,
+                                       max_model_len)
+            graphs.capture(progress)
+            self.graphs = graphs
+            return graphs.pool_bytes + graphs.logits_out.numel() * graphs.logits_out.element_size()
         before = torch.cuda.memory_reserved(self.device)
         pool = None
         if prompt_buckets(prompt_tokens):
@@ -203,8 +230,8 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
     def allocate_kv_cache(self, num_blocks: int) -> None:
         s = self.spec
         shape = (2, num_blocks, self.block_size, s.num_kv_heads, s.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-                          for _ in range(s.num_layers)]
+        where = self.placement.layer_devices if self.placement is not None else [self.device] * s.num_layers
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=d) for d in where]
         self.num_blocks = num_blocks
 
     # -- a step ------------------------------------------------------------------------

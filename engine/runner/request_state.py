@@ -31,13 +31,13 @@ class KeptRequest:
 class RequestStateMixin:
     """Per-request state (``_requests``: id -> KeptRequest) and the device sampler.
 
-    A runner using it creates ``self._requests = {}``, ``self.sampler`` and ``self.device``,
+    A runner using it creates ``self._requests = {}``, ``self.sampler`` and ``self.logits_device``,
     and calls ``_update_requests`` first thing in ``execute``. Requests with structured
     outputs need ``token_vocabulary`` (the engine sets it after the load: the grammar
     engine's view of the tokenizer)."""
 
     sampler: Sampler
-    device: torch.device
+    logits_device: torch.device
     _requests: dict[str, KeptRequest]
     token_vocabulary: TokenVocabulary | None = None
 
@@ -54,7 +54,7 @@ class RequestStateMixin:
                                      "was given no token vocabulary (token_vocabulary)")
                 grammar = RowGrammar(self.token_vocabulary, p.structured.grammar, new.request_id)
             self._requests[new.request_id] = KeptRequest(
-                p, new.prompt_len, make_generator(p.seed, self.device), launch_ahead_ok(p),
+                p, new.prompt_len, make_generator(p.seed, self.logits_device), launch_ahead_ok(p),
                 needs_token_context(p), new.prompt_len + p.max_tokens, grammar)
 
     def _drop_request(self, request_id: str) -> None:

@@ -67,7 +67,8 @@ def test_a_gpu_takes_no_more_than_it_holds():
 
 def test_a_trailing_cpu_takes_only_what_the_gpus_cannot_hold():
     plan = plan_layer_split(("cuda:0", "cpu"), 32, 100 * MB, 50 * MB, 60 * MB, room=(2000 * MB, 64 * 2**30))
-    assert plan.ranges == (range(0, 19), range(19, 32))  # (2000 - 50) // 100 = 19 on the GPU
+    # The head stays on the GPU beside the embedding: (2000 - 50 - 60) // 100 = 18 layers there.
+    assert plan.ranges == (range(0, 18), range(18, 32))
     plan = plan_layer_split(("cuda:0", "cpu"), 32, 100 * MB, 50 * MB, 60 * MB, room=(80 * 2**30, 64 * 2**30))
     assert plan.ranges == (range(0, 31), range(31, 32))  # named, so it holds one
 

@@ -334,7 +334,8 @@ def test_the_gemv_tuner_and_cuda_graphs_leave_bitsandbytes_alone_with_a_reason(t
             assert not any(isinstance(m, BnbLinear) for mods in kinds.values() for m in mods)
             assert kinds["lm_head"] == [model.lm_head]  # the float head is still tuned
             on_a_gpu = SimpleNamespace(device=torch.device("cuda"), enforce_eager=False, attention="triton",
-                                       backend_cls=SimpleNamespace(cuda_graphs=True), model=model)
+                                       backend_cls=SimpleNamespace(cuda_graphs=True), model=model,
+                                       placement=None)
             reason = ModelRunner.graphs_reason(on_a_gpu)
             if method == "bnb-int8":
                 assert "LLM.int8()" in reason and "run eagerly" in reason

@@ -20,8 +20,11 @@ def _choices(gpu: bool) -> dict:
             "kv_cache_dtype": (Choice("kv_cache_dtype", "auto", "auto"),)}
 
 
+H200 = {"index": 0, "name": "NVIDIA H200", "free_bytes": 120 * 2**30, "total_bytes": 140 * 2**30}
+
+
 def _dialog(qtbot, gui_env, ref, gpu):
-    dlg = LoadDialog(ref, gui_env["settings"], choices=_choices(gpu))
+    dlg = LoadDialog(ref, gui_env["settings"], choices=_choices(gpu), gpus=[H200] if gpu else [])
     qtbot.addWidget(dlg)
     return dlg
 
@@ -129,3 +132,27 @@ def test_an_old_saved_none_does_not_pin_the_default_gguf_to_floats(qtbot, gui_en
     gui_env["settings"].setValue("load/quantization", "none")  # what every earlier release saved
     choices = {**_choices(gpu=False), "quantization": tuple(list_choices("quantization", "cpu"))}
     assert saved_load_options(gui_env["settings"], choices)["quantization"] == "auto"
+
+
+def test_the_device_picker_lists_the_gpus_and_takes_a_layer_split(qtbot, gui_env):
+    from app.gui.load_dialog import saved_load_options
+
+    dlg = _dialog(qtbot, gui_env, "acme/tiny-chat", gpu=True)
+    assert dlg.gpu_list.text() == "cuda:0 — NVIDIA H200: 120.0 GiB free of 140.0 GiB"
+    assert dlg.device.isEnabled() and not dlg.split_ratio.isEnabled()
+    assert "devices" not in dlg.options()  # one device: no split
+    dlg.devices.setText("cuda:0,cpu")
+    assert not dlg.device.isEnabled() and dlg.split_ratio.isEnabled()
+    dlg.split_ratio.setText("0.7,0.3")
+    opts = dlg.options()
+    assert (opts["device"], opts["devices"], opts["split_ratio"]) == ("auto", "cuda:0,cpu", "0.7,0.3")
+    assert dlg.config().model.split_ratio == (0.7, 0.3)
+    dlg.split_ratio.setText("1,2,3")
+    dlg._accept()  # the engine's own message, in the dialog
+    assert "3 shares for 2 devices" in dlg.error.text()
+    dlg.split_ratio.setText("")
+    dlg._accept()
+    assert saved_load_options(gui_env["settings"], _choices(True))["devices"] == "cuda:0,cpu"
+    # The saved split names a GPU this machine doesn't have: the start-up load leaves it out.
+    assert "devices" not in saved_load_options(gui_env["settings"], _choices(False))
+    assert "No CUDA GPU here" in _dialog(qtbot, gui_env, "acme/tiny-chat", gpu=False).gpu_list.text()
