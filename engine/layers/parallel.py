@@ -1,0 +1,211 @@
+"""Tensor-parallel projections and embeddings (issue 18, ``--split tensor``): each rank
+holds a slice of every matrix and the ranks meet in collectives.
+
+Megatron-LM's layout (Shoeybi et al., 2019): q/k/v and gate/up are split by output rows
+(whole heads, whole MLP columns per rank: no communication), ``o_proj`` and ``down_proj``
+by input columns (each rank's partial product summed by one all-reduce after attention and
+one after the MLP), the embedding and the LM head by vocabulary rows (the embedding's
+lookups summed by an all-reduce, the logits gathered). KV heads split with the query
+heads; where there are fewer KV heads than ranks, each is replicated on the ranks whose
+query heads read it.
+
+Each module loads its own slice of the full checkpoint tensors (loaders that narrow the
+tensor before copying), so a rank never holds more than its share. ``TPGroup`` is the
+one place that calls ``torch.distributed``; modules keep a reference to it, never to
+another module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.embedding import VocabEmbedding
+from engine.layers.linear import Linear, MergedLinear, QKVLinear, SwiGLUDownLinear
+from engine.layers.weight_loader import WeightShapeError, set_weight_loader
+
+
+class TPGroup:
+    """Rank ``rank`` of ``world`` in process group ``group`` (None: the default group)."""
+
+    def __init__(self, rank: int, world: int, group=None) -> None:
+        self.rank, self.world, self.group = rank, world, group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` [rows, cols] side by side: [rows, world * cols]."""
+        if self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def split_even(total: int, world: int, what: str) -> int:
+    """``total / world``, refusing a split that doesn't divide (named in the message)."""
+    if total % world:
+        from engine.errors import InvalidRequestError
+
+        raise InvalidRequestError(f"tensor parallel over {world} ranks needs {what} divisible by {world}, and "
+                                  f"the model has {total}: use {_divisors(total)} ranks, or --split layer.",
+                                  options=("devices", "split"))
+    return total // world
+
+
+def _divisors(n: int) -> str:
+    return " or ".join(str(d) for d in range(1, min(n, 8) + 1) if n % d == 0)
+
+
+def kv_heads_of_rank(num_kv_heads: int, rank: int, world: int) -> tuple[int, int]:
+    """(first KV head, how many) rank ``rank`` holds: an even share, or, with fewer KV
+    heads than ranks, the one KV head its query heads read (replicated)."""
+    if num_kv_heads >= world:
+        per = split_even(num_kv_heads, world, "the KV heads")
+        return rank * per, per
+    split_even(world, num_kv_heads, "ranks a multiple of the KV heads:")  # each KV head on world/kv ranks
+    return rank * num_kv_heads // world, 1
+
+
+# -- loaders: a slice of the full checkpoint tensor into this rank's parameter ----------------
+def _sliced_rows_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: Hashable, *,
+                        offsets: dict, sources: dict) -> None:
+    """Rows ``sources[shard]`` of ``tensor`` into rows ``offsets[shard]`` of ``param``."""
+    start, size = offsets[shard_id]
+    src, rows = sources[shard_id]
+    if tensor.shape[0] < src + rows or tensor.shape[1:] != param.shape[1:]:
+        raise WeightShapeError(tuple(tensor.shape), (src + rows, *param.shape[1:]))
+    param.data.narrow(0, start, size).copy_(tensor.narrow(0, src, rows))
+
+
+def _columns_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: Hashable = None, *,
+                    start: int) -> None:
+    """Columns ``[start, start + param's columns)`` of a weight; a bias (1-D) whole."""
+    if param.dim() == 1:
+        if tensor.shape != param.shape:
+            raise WeightShapeError(tuple(tensor.shape), tuple(param.shape))
+        param.data.copy_(tensor)
+        return
+    cols = param.shape[1]
+    if tensor.shape[0] != param.shape[0] or tensor.shape[1] < start + cols:
+        raise WeightShapeError(tuple(tensor.shape), (param.shape[0], start + cols))
+    param.data.copy_(tensor.narrow(1, start, cols))
+
+
+def _vocab_rows_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: Hashable = None, *,
+                       start: int, vocab: int) -> None:
+    """Vocabulary rows ``[start, start + rows)`` (fewer on the last rank; the rest zero)."""
+    if tensor.shape != (vocab, param.shape[1]):
+        raise WeightShapeError(tuple(tensor.shape), (vocab, param.shape[1]))
+    rows = max(0, min(param.shape[0], vocab - start))
+    param.data.zero_()
+    param.data.narrow(0, 0, rows).copy_(tensor.narrow(0, start, rows))
+
+
+def slice_rows(module: MergedLinear, sources: dict[Hashable, tuple[int, int]]) -> MergedLinear:
+    """Make a fused projection built with this rank's sizes load rows ``sources[shard]``
+    (first row, rows) of each full checkpoint tensor."""
+    loader = partial(_sliced_rows_loader, offsets=dict(module.shard_offsets), sources=dict(sources))
+    for param in module.parameters(recurse=False):
+        set_weight_loader(param, loader)
+    return module
+
+
+# -- modules ----------------------------------------------------------------------------------
+class RowParallelLinear(Linear):
+    """``o_proj``: this rank's input columns ``[start, start + in_features)``; the partial
+    products summed over the ranks, then the bias."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, start: int, bias: bool = False, *,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, dtype=dtype)
+        self.tp = tp
+        loader = partial(_columns_loader, start=start)
+        for param in self.parameters(recurse=False):
+            set_weight_loader(param, loader)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.tp.all_reduce(self.kernel(x, self.weight, None, None))
+        return y if self.bias is None else y + self.bias
+
+
+class RowParallelSwiGLUDown(SwiGLUDownLinear):
+    """``down_proj`` over this rank's ``[gate | up]`` columns; summed over the ranks."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, start: int, bias: bool = False, *,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, dtype=dtype)
+        self.tp = tp
+        loader = partial(_columns_loader, start=start)
+        for param in self.parameters(recurse=False):
+            set_weight_loader(param, loader)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.tp.all_reduce(self.kernel(x, self.weight, None, None))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(VocabEmbedding):
+    """Vocabulary rows ``[start, start + rows)``; ids outside them look up zeros, and the
+    ranks' lookups are summed."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TPGroup, *,
+                 dtype: torch.dtype | None = None) -> None:
+        per = -(-num_embeddings // tp.world)
+        super().__init__(per, embedding_dim, dtype=dtype)
+        self.vocab = num_embeddings
+        self.start = tp.rank * per
+        self.tp = tp
+        set_weight_loader(self.weight, partial(_vocab_rows_loader, start=self.start, vocab=num_embeddings))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = x.masked_fill(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(x)
+
+
+class VocabParallelLMHead(Linear):
+    """The LM head's vocabulary rows of this rank; the logits gathered from every rank."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, tp: TPGroup, *, dtype: torch.dtype | None = None,
+                 weight: nn.Parameter | None = None) -> None:
+        per = -(-vocab_size // tp.world)
+        super().__init__(hidden_size, per, False, dtype=dtype)
+        self.vocab, self.tp = vocab_size, tp
+        if weight is not None:  # tied: the (sharded) embedding's matrix
+            self.weight = weight
+        else:
+            set_weight_loader(self.weight, partial(_vocab_rows_loader, start=tp.rank * per, vocab=vocab_size))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.tp.all_gather_columns(self.kernel(x, self.weight, None, None))[:, :self.vocab]
+        if out is None:
+            return logits
+        out.copy_(logits)
+        return out
+
+
+def sharded_qkv(hidden: int, heads: int, kv_heads: int, head_dim: int, rank: int, kv_first: int,
+                bias: bool, dtype) -> QKVLinear:
+    """q/k/v with this rank's ``heads`` query heads (rank's block) and ``kv_heads`` KV heads
+    from ``kv_first``."""
+    qkv = QKVLinear(hidden, heads, kv_heads, head_dim, bias, dtype=dtype)
+    q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+    return slice_rows(qkv, {"q": (rank * q_rows, q_rows), "k": (kv_first * head_dim, kv_rows),
+                            "v": (kv_first * head_dim, kv_rows)})
+
+
+def sharded_gate_up(hidden: int, intermediate: int, rank: int, bias: bool, dtype,
+                    names: Sequence[str] = ("gate_proj", "up_proj")) -> MergedLinear:
+    """gate and up, rows ``[rank * intermediate, (rank + 1) * intermediate)`` of each."""
+    m = MergedLinear(hidden, [intermediate, intermediate], names, bias, dtype=dtype)
+    return slice_rows(m, {0: (rank * intermediate, intermediate), 1: (rank * intermediate, intermediate)})
