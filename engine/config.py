@@ -68,7 +68,9 @@ class ModelConfig:
                 raise InvalidRequestError("--split-ratio needs --devices: name the devices the shares are for.",
                                           options=("split_ratio",))
             self.devices, self.split_ratio = None, None
-            check_mode(self.split, ("cpu",))
+            if check_mode(self.split, ("cpu",)) == "tensor":
+                raise InvalidRequestError("--split tensor needs --devices: name the devices of the ranks, e.g. "
+                                          "--devices cuda:0,cuda:1.", options=("split", "devices"))
             return
         text = self.devices if isinstance(self.devices, str) else ",".join(map(str, self.devices))
         devices = parse_devices(text)
@@ -77,6 +79,10 @@ class ModelConfig:
                                       "(--devices lists every device of the load, the first one first).",
                                       options=("device", "devices"))
         self.split = check_mode(self.split, devices)
+        if "cpu" in devices and any(d != "cpu" for d in devices[devices.index("cpu"):]):
+            raise InvalidRequestError(f"--devices {text}: put the GPUs first and the CPU last (the CPU takes the "
+                                      "layers the GPUs can't hold; the load's dtype and kernels follow the first "
+                                      "device).", options=("devices",))
         ratio = self.split_ratio
         if ratio is not None and ratio != "":
             text_ratio = ratio if isinstance(ratio, str) else ",".join(map(str, ratio))

@@ -75,8 +75,10 @@ _NVLINK_MAX = 18  # NVML_NVLINK_MAX_LINKS
 
 def gpu_links(count: int, nvml=None) -> tuple[list[dict], str | None]:
     """How each pair of the ``count`` GPUs is linked, from NVML: ``[{"a": 0, "b": 1,
-    "link": "NVLink x18" | "PCIe, one switch" | ...}]``, and a note when NVML can't say
-    (not installed, no driver). ``nvml``: a pynvml-like module (tests)."""
+    "link": "NVLink x18" | "NVLink (through NVSwitch)" | "PCIe, one switch" | ...}]``, and a
+    note when NVML can't say (not installed, no driver). ``nvml``: a pynvml-like module
+    (tests). NVML numbers the GPUs by PCI order; with ``CUDA_VISIBLE_DEVICES`` or
+    ``CUDA_DEVICE_ORDER`` set, torch's may differ (the note says so)."""
     if count < 2:
         return [], None
     try:
@@ -92,7 +94,12 @@ def gpu_links(count: int, nvml=None) -> tuple[list[dict], str | None]:
         for a in range(count):
             for b in range(a + 1, count):
                 out.append({"a": a, "b": b, "link": _link(nvml, handles[a], handles[b], buses[b])})
-        return out, None
+        import os
+
+        reordered = os.environ.get("CUDA_VISIBLE_DEVICES") is not None or \
+            os.environ.get("CUDA_DEVICE_ORDER", "") not in ("", "PCI_BUS_ID")
+        return out, ("NVML's GPU numbers (PCI order) may differ from torch's here: CUDA_VISIBLE_DEVICES or "
+                     "CUDA_DEVICE_ORDER is set" if reordered else None)
     except Exception as e:  # noqa: BLE001
         return [], f"NVML could not read the topology ({e})"
     finally:
@@ -121,6 +128,11 @@ def _link(nvml, a, b, b_bus: str) -> str:
             break
     if links:
         return f"NVLink x{links}"
+    try:  # through an NVSwitch (HGX boards) the links' far end is the switch: ask NVML's P2P view
+        if nvml.nvmlDeviceGetP2PStatus(a, b, nvml.NVML_P2P_CAPS_INDEX_NVLINK) == nvml.NVML_P2P_STATUS_OK:
+            return "NVLink (through NVSwitch)"
+    except Exception:  # noqa: BLE001 - older NVML, or no NVLink
+        pass
     try:
         level = int(nvml.nvmlDeviceGetTopologyCommonAncestor(a, b))
     except Exception:  # noqa: BLE001

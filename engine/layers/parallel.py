@@ -70,7 +70,13 @@ def kv_heads_of_rank(num_kv_heads: int, rank: int, world: int) -> tuple[int, int
     if num_kv_heads >= world:
         per = split_even(num_kv_heads, world, "the KV heads")
         return rank * per, per
-    split_even(world, num_kv_heads, "ranks a multiple of the KV heads:")  # each KV head on world/kv ranks
+    if world % num_kv_heads:  # each KV head is copied to world / kv ranks
+        from engine.errors import InvalidRequestError
+
+        fits = [w for w in range(1, 9) if (w <= num_kv_heads and num_kv_heads % w == 0) or w % num_kv_heads == 0]
+        raise InvalidRequestError(f"tensor parallel over {world} ranks of a model with {num_kv_heads} KV heads: "
+                                  f"the ranks must divide the KV heads or be a multiple of them; use "
+                                  f"{' or '.join(map(str, fits))} ranks, or --split layer.", options=("devices", "split"))
     return rank * num_kv_heads // world, 1
 
 

@@ -39,9 +39,9 @@ def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadCh
     so a quantization that can be cast anywhere (``choices.WRITABLE_ANYWHERE``) passes.
     """
     mc, cc = config.model, config.cache
-    device = resolve_device(mc.device)
-    if mc.devices is not None:
+    if mc.devices is not None:  # (before the first device alone is checked: the message names --devices)
         check_devices(config)
+    device = resolve_device(mc.device)
     dtype = resolve_dtype(_quantization_dtype(mc.quantization, mc.dtype, device), device)
     where = str(device)
     if dtype == torch.bfloat16:

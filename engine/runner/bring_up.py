@@ -252,10 +252,10 @@ def _bring_up_split(runner_cls, config: EngineConfig, spec: ModelSpec, model: Ll
     kinds = {"cpu": "torch", "cuda": resolve_attention(config.attention, gpu) if gpu is not None else "torch"}
     placement = ls.plan_placement(model, config, kv_token_bytes=spec.kv_bytes_per_token(kv_dtype.itemsize),
                                   max_model_len=max_model_len, attention=kinds)
-    say(f"layer split: {placement.describe()}")
     need = ls.weight_bytes_per_device(model, placement)
-    ls.check_split_fits(need)
-    expected = ls.expected_speed(need)
+    say(f"layer split: {placement.describe(need)}")
+    ls.check_split_fits(need, ratio=config.model.split_ratio is not None)
+    expected = ls.expected_speed(model, placement, need)
     say(f"expected batch-1 decode at best: about {expected:.0f} tok/s (each device's weights read once per "
         "token at its measured bandwidth)")
     plans = {d: KernelPlan.for_backend(usable_backend(placement.attention[d], d)) for d in placement.devices}
@@ -271,6 +271,9 @@ def _bring_up_split(runner_cls, config: EngineConfig, spec: ModelSpec, model: Ll
                             plans[first], enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
         runner.placement = placement
         runner.logits_device = placement.head
+        # A CPU segment would make a step launched ahead block the host until it ran: the
+        # tokens of each step would arrive one step late.
+        runner.launch_ahead = all(d.type == "cuda" for d in placement.devices)
         info = runner.load_info
         info["layer_split"] = {**placement.info(), "expected_decode_tok_s": round(expected, 1)}
         layer_block = runner.kv_block_bytes() // spec.num_layers

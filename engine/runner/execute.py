@@ -129,7 +129,7 @@ class NativeExecuteMixin(RequestStateMixin):
             seq_lens.append(p + 1)
             tables.append(table)
         kept = self._kept(rows)
-        ahead_ok = all(k.launch_ahead for k in kept)
+        ahead_ok = self.launch_ahead and all(k.launch_ahead for k in kept)
         grammars = [k.grammar for k in kept]
         masked = any(g is not None for g in grammars)
         rids = [row.request_id for row in rows]

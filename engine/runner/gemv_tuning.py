@@ -72,7 +72,7 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     if progress:
         progress("choosing batch-1 matmul kernels (cuBLAS or Triton GEMV)")
     for kind, all_mods in _kinds(model).items():
-        all_mods = [m for m in all_mods if _device_of(m) == device]
+        all_mods = [m for m in all_mods if same_device(_device_of(m), device)]
         # Modules of one kind may be stored differently (a GGUF's Q4_K_M keeps some layers'
         # q/k/v float and gives some down projections Q6_K, int8 in groups of 16): each form
         # is tuned apart, with its own candidates.
@@ -85,6 +85,11 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     if progress:
         progress("batch-1 matmuls: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
     return choices
+
+
+def same_device(a: torch.device | None, b: torch.device) -> bool:
+    """``cuda`` (the load's ``auto``) is ``cuda:0``: compare type and index."""
+    return a is not None and a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def _device_of(module) -> torch.device | None:

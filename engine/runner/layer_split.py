@@ -81,10 +81,16 @@ class Placement:
     def layers_on(self, device: torch.device) -> int:
         return sum(d == device for d in self.layer_devices)
 
-    def describe(self) -> str:
-        """"cuda:0: layers 0-27 (triton), cpu: layers 28-31 (torch)"."""
-        return ", ".join(f"{d}: layers {r.start}-{r.stop - 1} ({self.attention[torch.device(d)]})"
-                         for d, r in zip(self.split.devices, self.split.ranges))
+    def describe(self, weights: dict[torch.device, int] | None = None) -> str:
+        """"cuda:0: layers 0-27 (triton), cpu: layers 28-31 (torch)"; with ``weights``
+        (device -> bytes), each device's weights too (once per device)."""
+        parts, said = [], set()
+        for d, r in zip(self.split.devices, self.split.ranges):
+            dev = torch.device(d)
+            size = f", {gib(weights[dev])} of weights" if weights and dev not in said else ""
+            said.add(dev)
+            parts.append(f"{d}: layers {r.start}-{r.stop - 1} ({self.attention[dev]}{size})")
+        return ", ".join(parts)
 
     def info(self) -> dict[str, Any]:
         """The JSON form ``ModelInfo.layer_split`` carries."""
@@ -130,13 +136,16 @@ def plan_placement(model: nn.Module, config: EngineConfig, *, kv_token_bytes: in
                      {d: attention["cuda" if d.type == "cuda" else "cpu"] for d in devices})
 
 
-def expected_speed(need: dict[torch.device, int]) -> float:
-    """``engine.split.expected_decode_tok_s`` of the weights each device holds (``need``),
-    each device's read bandwidth measured now."""
+def expected_speed(model: nn.Module, placement: Placement, need: dict[torch.device, int]) -> float:
+    """``engine.split.expected_decode_tok_s`` of the weights each device holds (``need``;
+    an untied embedding less: a token reads one row of it), each device's read bandwidth
+    measured now."""
     from engine.split import expected_decode_tok_s
 
-    return expected_decode_tok_s({str(d): n for d, n in need.items()},
-                                 {str(d): read_bandwidth(d) for d in need})
+    read = dict(need)
+    if not model.spec.tie_word_embeddings:
+        read[placement.embed] -= module_bytes(model.model.embed_tokens)
+    return expected_decode_tok_s({str(d): n for d, n in read.items()}, {str(d): read_bandwidth(d) for d in read})
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
@@ -194,17 +203,18 @@ def weight_bytes_per_device(model: nn.Module, placement: Placement) -> dict[torc
     return need
 
 
-def check_split_fits(need: dict[torch.device, int]) -> None:
-    """Refuse a placement (a ratio's, most likely) whose weights (``need``: device ->
-    bytes) don't fit a device's free memory, naming the device, before anything is allocated."""
+def check_split_fits(need: dict[torch.device, int], ratio: bool) -> None:
+    """Refuse a placement whose weights (``need``: device -> bytes) don't fit a device's
+    free memory, naming the device, before anything is allocated (``ratio``: the layers
+    were placed by --split-ratio)."""
     for d, n in need.items():
         free, _ = free_memory_bytes(d)
         if n > free:
             where = "RAM" if d.type == "cpu" else f"GPU {d}"
-            raise OutOfMemoryError(
-                f"the layers placed on {d} need {gib(n)} but the {where} has {gib(free)} free: give it "
-                "a smaller share (--split-ratio), or leave the ratio out to size the split by free memory.",
-                options=("split_ratio",))
+            what = ("give it a smaller share (--split-ratio), or leave the ratio out to size the split by free "
+                    "memory" if ratio else "free memory there, add a device, or pick a smaller quantization")
+            raise OutOfMemoryError(f"the layers placed on {d} need {gib(n)} but the {where} has {gib(free)} "
+                                   f"free: {what}.", options=("split_ratio",) if ratio else ("devices",))
 
 
 def materialize_placed_model(model: nn.Module, placement: Placement) -> None:
@@ -217,22 +227,21 @@ def materialize_placed_model(model: nn.Module, placement: Placement) -> None:
 
 
 def install_hops(model: nn.Module, placement: Placement, plans: dict[torch.device, Any]) -> None:
-    """Put a ``_Hop`` on the first layer of each device's range (after the kernel plan,
-    so that each hop's RoPE is that device's kernel)."""
-    for hop in placement.hops:
-        hop.handle.remove()
-    placement.hops.clear()
+    """Put a ``_Hop`` on every layer (after the kernel plan, so that each hop's RoPE is
+    its device's kernel): the model's loop hands every layer the first device's
+    positions, metadata and RoPE; each layer gets its own device's instead (moved once
+    per step and device), and the hidden states follow at a range's first layer."""
+    remove_hops(placement)
     rotaries = {placement.layer_devices[0]: model.rotary}
-    layers = model.model.layers
-    for i, device in enumerate(placement.layer_devices):
-        if i > 0 and placement.layer_devices[i - 1] == device:
-            continue
+    movers: dict[torch.device, _Mover] = {}
+    for layer, device in zip(model.model.layers, placement.layer_devices):
         if device not in rotaries:
             rope = RotaryEmbedding(model.rotary.head_dim, model.rotary.rope, model.rotary.max_positions)
             rope.build(device, model.dtype)
             rotaries[device] = rope.choose_kernels(plans[device])
-        hop = _Hop(device, rotaries[device])
-        hop.handle = layers[i].register_forward_pre_hook(hop)
+        mover = movers.setdefault(device, _Mover(device, rotaries[device]))
+        hop = _Hop(mover)
+        hop.handle = layer.register_forward_pre_hook(hop)
         placement.hops.append(hop)
     if placement.head != placement.layer_devices[-1]:  # back from a partial offload's CPU layers
         hop = _NormHop(placement.head)
@@ -240,24 +249,48 @@ def install_hops(model: nn.Module, placement: Placement, plans: dict[torch.devic
         placement.hops.append(hop)
 
 
-class _Hop:
-    """A forward pre-hook on the first layer of a device's range: moves the layer's
-    inputs to the device (the step's metadata once per step) and gives it the device's RoPE."""
+def remove_hops(placement: Placement) -> None:
+    """Take the hooks off (and drop their per-device RoPE tables and cached metadata)."""
+    for hop in placement.hops:
+        if hop.handle is not None:
+            hop.handle.remove()
+    placement.hops.clear()
+
+
+class _Mover:
+    """One device's view of a step: the positions and metadata moved there (once per
+    step: the first layer of the device's range moves them, the others reuse them), its
+    RoPE tables, and the CUDA device made current for the kernels that launch on it."""
 
     def __init__(self, device: torch.device, rotary: nn.Module) -> None:
         self.device = device
         self.rotary = rotary
+        self.cuda = device.type == "cuda"
+        self._from: tuple | None = None
+        self._to: tuple | None = None
+
+    def __call__(self, positions: torch.Tensor, meta: AttentionMetadata) -> tuple:
+        if self.cuda and torch.cuda.current_device() != self.device.index:
+            torch.cuda.set_device(self.device)  # Triton launches on the current device
+        if self._from is None or self._from[0] is not positions or self._from[1] is not meta:
+            self._from = (positions, meta)
+            self._to = (positions.to(self.device), metadata_on(meta, self.device))
+        return self._to
+
+
+class _Hop:
+    """A forward pre-hook on a layer: its device's positions, metadata and RoPE, and the
+    hidden states and residual moved there (a no-op after the first layer of a range)."""
+
+    def __init__(self, mover: _Mover) -> None:
+        self.mover = mover
         self.handle = None
-        self._from: AttentionMetadata | None = None
-        self._meta: AttentionMetadata | None = None
 
     def __call__(self, module, args):
         positions, x, residual, cache, meta, _ = args
-        d = self.device
-        if meta is not self._from:
-            self._from, self._meta = meta, metadata_on(meta, d)
-        return (positions.to(d), x.to(d), None if residual is None else residual.to(d), cache, self._meta,
-                self.rotary)
+        d = self.mover.device
+        pos, moved = self.mover(positions, meta)
+        return (pos, x.to(d), None if residual is None else residual.to(d), cache, moved, self.mover.rotary)
 
 
 class _NormHop:
@@ -269,6 +302,8 @@ class _NormHop:
         self.handle = None
 
     def __call__(self, module, args):
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            torch.cuda.set_device(self.device)
         return tuple(None if a is None else a.to(self.device) for a in args)
 
 

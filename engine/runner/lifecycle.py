@@ -56,6 +56,11 @@ def release_runner(runner) -> None:
     """
     if getattr(runner, "cpu_step", None) is not None:
         runner.cpu_step = None  # it holds the weights and cache (and C pointers into them)
+    placement = getattr(runner, "placement", None)
+    if placement is not None:  # a layer split's hooks hold each device's RoPE tables
+        from engine.runner.layer_split import remove_hops
+
+        remove_hops(placement)
     release_module(getattr(runner, "model", None))
     caches = getattr(runner, "kv_caches", None)
     if isinstance(caches, list):

@@ -62,6 +62,7 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         # ``device`` is where a step's inputs go (the embedding's device).
         self.placement = None
         self.logits_device = device
+        self.launch_ahead = True  # pipelined greedy decode (off for a split with a CPU segment)
         self.sampler = Sampler()
         self._requests: dict[str, KeptRequest] = {}  # request id -> its params and RNG
 

@@ -29,7 +29,7 @@ def next_token_logprobs(logits_of: Callable[[torch.Tensor], torch.Tensor], hidde
     for s in range(0, targets.shape[0], LOGIT_ROWS):
         e = min(s + LOGIT_ROWS, targets.shape[0])
         logp = torch.log_softmax(logits_of(hidden[s:e]).float(), dim=-1)
-        chosen = logp.gather(1, targets[s:e, None])
+        chosen = logp.gather(1, targets[s:e, None].to(logp.device))  # (a layer split's head: another device)
         out.append(chosen.squeeze(1))
         if top:
             ranks.append((logp > chosen).sum(dim=1) + 1)  # 1 + the tokens more likely than it

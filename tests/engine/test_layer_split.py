@@ -148,29 +148,115 @@ def test_unknown_gpu_and_too_many_devices_are_refused(tiny_models):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(InvalidRequestError, match="no CUDA GPU"):
-        load(tiny_models["llama3"], devices="cpu,cuda:1")
+        load(tiny_models["llama3"], devices="cuda:1,cpu")
     with pytest.raises(HearthError, match="fewer than the 3 devices"):
         load(tiny_models["llama3"], devices="cpu,cpu,cpu")
 
 
+def test_every_layer_gets_its_own_devices_inputs(tiny_models):
+    """Four layers over two distinct device objects (``cpu`` and ``cpu:0``: one memory, so
+    the test runs anywhere, but the hops can't tell): the model's loop hands every layer the
+    first device's positions, metadata and RoPE, and every layer of the second range must
+    get its device's instead; the logits are those of the model without hops."""
+    from types import SimpleNamespace
+
+    from engine.layers.attention import get_backend
+    from engine.layers.kernel_plan import KernelPlan, apply_kernel_plan
+    from engine.models.spec import ModelSpec
+    from engine.runner.bring_up import build_on_meta
+    from engine.runner.layer_split import Placement, install_hops, materialize_placed_model, remove_hops
+    from engine.runner.model_runner import ModelRunner
+    from engine.split import LayerSplit
+    import json
+
+    cfg = json.loads((tiny_models["llama3"] / "config.json").read_text())
+    cfg["num_hidden_layers"] = 4
+    spec = ModelSpec.from_config(cfg)
+    a, b = torch.device("cpu"), torch.device("cpu:0")
+    placement = Placement(LayerSplit(("cpu", "cpu:0"), (range(0, 2), range(2, 4)), (0, 0)), (a, a, b, b), a, b,
+                          {a: "torch", b: "torch"})
+    model = build_on_meta(spec, torch.float32, 128)
+    materialize_placed_model(model, placement)
+    model.init_random(0, std=0.1)
+    plan = KernelPlan.for_backend(get_backend("torch"))
+    apply_kernel_plan(model, plan)
+    install_hops(model, placement, {a: plan, b: plan})
+    seen = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append((args[0], args[4], args[5])))
+    fake = SimpleNamespace(block_size=16, device=a, graphs=None)
+
+    def forward():
+        caches = [torch.zeros(2, 2, 16, spec.num_kv_heads, spec.head_dim) for _ in range(4)]
+        meta = ModelRunner._metadata(fake, [[0]], [0], [9])
+        with torch.inference_mode():
+            return meta, model.compute_logits(model(torch.arange(3, 12), torch.arange(9), caches, meta))
+
+    meta, split_logits = forward()
+    first, second = seen[:2], seen[2:4]
+    assert all(m is meta and r is model.rotary for _, m, r in first)
+    assert second[0][1] is not meta and second[0][2] is not model.rotary
+    assert all(m is second[0][1] and r is second[0][2] for _, m, r in second)  # layer 3 too
+    remove_hops(placement)
+    seen.clear()
+    _, plain_logits = forward()
+    assert all(m is not None and r is model.rotary for _, m, r in seen)  # no hops left
+    torch.testing.assert_close(split_logits, plain_logits, rtol=0, atol=0)
+
+
+def test_bad_device_orders_and_modes_are_refused():
+    with pytest.raises(InvalidRequestError, match="GPUs first and the CPU last"):
+        load_config("default", devices="cpu,cuda:0")
+    with pytest.raises(InvalidRequestError, match="--split tensor needs --devices"):
+        load_config("default", split="tensor")
+
+
+def test_the_gemv_tuner_takes_auto_cuda_for_cuda0():
+    from engine.runner.gemv_tuning import same_device
+
+    assert same_device(torch.device("cuda:0"), torch.device("cuda"))
+    assert not same_device(torch.device("cuda:1"), torch.device("cuda"))
+    assert not same_device(None, torch.device("cpu")) and same_device(torch.device("cpu"), torch.device("cpu"))
+
+
+def _four_layers(tmp_path, tokenizer_files, family):
+    from tests.conftest import family_configs, save_tiny
+
+    cfg = family_configs()[family]
+    cfg.num_hidden_layers = 4
+    return save_tiny(cfg, tmp_path / family, tokenizer_files)
+
+
 @pytest.mark.gpu
-def test_gpu_and_cpu_segments_match_one_device(tiny_models):
-    """The hop between real devices: layer 0 (and the embedding) on the GPU, layer 1, the
-    norm and the head on the CPU, against the GPU alone (float32, same tokens)."""
+def test_gpu_and_cpu_segments_match_one_device(tiny_models, tmp_path, tokenizer_files):
+    """The hop between real devices: the first half of the layers (and the embedding) on
+    the GPU, the rest on the CPU, the norm and the head back on the GPU, against the GPU
+    alone (float32, same tokens), with the segment graphs; 2-layer and 4-layer models."""
     prompts = [ids_of(n, seed=n) for n in (5, 37, 70)]
     for family in ("llama3", "llama-tied"):
-        one = load(tiny_models[family], device="cuda", enforce_eager=True)
+        for path in (tiny_models[family], _four_layers(tmp_path, tokenizer_files, family)):
+            _check_gpu_cpu(path, prompts)
+
+
+def _check_gpu_cpu(path, prompts):
+    from engine.api import prompt_logprobs
+
+    if True:
+        one = load(path, device="cuda", enforce_eager=True)
         try:
             want = run(one, prompts, LOGPROBS)
+            want_score = [t.logprob for t in prompt_logprobs(one, prompts[1])]
         finally:
             one.shutdown()
-        split = load(tiny_models[family], devices="cuda:0,cpu")
+        split = load(path, devices="cuda:0,cpu", split_ratio="1,1")
         try:
             assert split.model_info.layer_split["attention"] == ["triton", "torch"]
             assert split.model_info.layer_split["head"] == "cuda:0"  # back from the CPU's layer
             assert split.model_info.cuda_graphs, split.model_info.cuda_graphs_off
             got = run(split, prompts, LOGPROBS)
             assert split.runner.graphs.replays > 0  # decode steps replayed the segment graphs
+            got_score = [t.logprob for t in prompt_logprobs(split, prompts[1])]  # the head's device
+            assert got_score == pytest.approx(want_score, abs=2e-3)
         finally:
             split.shutdown()
         for a, b in zip(want, got):
@@ -210,10 +296,17 @@ class _FakeNvml:
     def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
         return 30
 
+    NVML_P2P_CAPS_INDEX_NVLINK, NVML_P2P_STATUS_OK = 3, 0
 
-def test_doctor_names_each_gpu_pairs_link():
+    def nvmlDeviceGetP2PStatus(self, a, b, index):
+        return 4  # NVML_P2P_STATUS_NOT_SUPPORTED
+
+
+def test_doctor_names_each_gpu_pairs_link(monkeypatch):
     from engine.doctor import gpu_links
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     links, note = gpu_links(3, nvml=_FakeNvml())
     assert note is None
     assert links == [{"a": 0, "b": 1, "link": "NVLink x4"}, {"a": 0, "b": 2, "link": "PCIe, one host bridge"},
@@ -226,6 +319,19 @@ def test_doctor_names_each_gpu_pairs_link():
     links, note = gpu_links(2, nvml=Broken())
     assert links == [] and "NVML unavailable" in note and "libnvidia-ml" in note
     assert gpu_links(1, nvml=_FakeNvml()) == ([], None)
+
+    class Switched(_FakeNvml):  # HGX: every link ends at the NVSwitch
+        def nvmlDeviceGetNvLinkRemotePciInfo(self, h, link):
+            return self._Pci("0000:ff:00.0")
+
+        def nvmlDeviceGetP2PStatus(self, a, b, index):
+            return 0 if {a, b} == {0, 1} else 4
+
+    links, _ = gpu_links(3, nvml=Switched())
+    assert [link["link"] for link in links] == ["NVLink (through NVSwitch)", "PCIe, one host bridge",
+                                                 "PCIe, one host bridge"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert "may differ" in gpu_links(2, nvml=_FakeNvml())[1]
 
 
 def test_expected_speed_reads_each_devices_weights_at_its_bandwidth():
@@ -244,7 +350,10 @@ def test_a_split_load_says_where_the_layers_go_and_how_fast_it_can_be(tiny_model
         info = e.model_info.to_dict()
     finally:
         e.shutdown()
-    assert "layer split: cpu: layers 0-0 (torch), cpu: layers 1-1 (torch)" in said
+    import re
+
+    assert any(re.fullmatch(r"layer split: cpu: layers 0-0 \(torch, 0\.\d\d GiB of weights\), "
+                            r"cpu: layers 1-1 \(torch\)", line) for line in said), said
     assert any(line.startswith("expected batch-1 decode at best: about ") for line in said)
     assert info["layer_split"]["expected_decode_tok_s"] > 0
     assert info["device"] == "cpu"
