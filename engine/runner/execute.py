@@ -224,8 +224,11 @@ class NativeExecuteMixin(RequestStateMixin):
         self._ring ^= 1
         buf.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
-        with torch.cuda.device(tokens.device):  # (a layer split's logits may be on another GPU)
+        if self.placement is None:
             event.record()
+        else:
+            with torch.cuda.device(tokens.device):  # a layer split's logits may be on another GPU
+                event.record()
         return buf, event
 
 
