@@ -18,17 +18,52 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def gpus() -> list[dict]:
-    """The CUDA GPUs torch sees: ``[{"index", "name", "free_bytes", "total_bytes"}]``."""
+def gpus(nvml=None) -> list[dict]:
+    """The CUDA GPUs torch sees: ``[{"index", "name", "free_bytes", "total_bytes"}]``.
+    Memory comes from NVML where it can (matched by PCI address, so torch's numbering
+    holds): asking torch (``mem_get_info``) would create a CUDA context on every GPU, some
+    hundreds of MB each in the asking process (the app's load dialog). ``nvml``: a
+    pynvml-like module (tests)."""
     import torch
 
     if not torch.cuda.is_available():
         return []
+    handle = _nvml_open(nvml)
     out = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        out.append({"index": i, "name": torch.cuda.get_device_name(i), "free_bytes": free, "total_bytes": total})
+    try:
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            memory = _nvml_memory(handle, props) if handle is not None else None
+            free, total = memory if memory is not None else torch.cuda.mem_get_info(i)
+            out.append({"index": i, "name": torch.cuda.get_device_name(i), "free_bytes": int(free),
+                        "total_bytes": int(total)})
+    finally:
+        if handle is not None:
+            try:
+                handle.nvmlShutdown()
+            except Exception:  # noqa: BLE001
+                pass
     return out
+
+
+def _nvml_open(nvml):
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+        return nvml
+    except Exception:  # noqa: BLE001 - no NVML: torch answers instead
+        return None
+
+
+def _nvml_memory(nvml, props) -> tuple[int, int] | None:
+    """(free, total) of the GPU at ``props``' PCI address, or None where NVML can't say."""
+    try:
+        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByPciBusId(bus))
+        return int(info.free), int(info.total)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def doctor_info() -> dict:

@@ -255,6 +255,9 @@ def _bring_up_split(runner_cls, config: EngineConfig, spec: ModelSpec, model: Ll
     need = ls.weight_bytes_per_device(model, placement)
     say(f"layer split: {placement.describe(need)}")
     ls.check_split_fits(need, ratio=config.model.split_ratio is not None)
+    if cc.kv_cache_memory is not None and cc.num_blocks is None:  # refused now, not after the weights load
+        ls.check_split_kv(config, placement, max_model_len,
+                          spec.kv_bytes_per_token(kv_dtype.itemsize) // spec.num_layers * cc.block_size, need)
     expected = ls.expected_speed(model, placement, need)
     say(f"expected batch-1 decode at best: about {expected:.0f} tok/s (each device's weights read once per "
         "token at its measured bandwidth)")

@@ -323,25 +323,14 @@ def split_kv_blocks(runner, config: EngineConfig, max_model_len: int, layer_bloc
     shared), so the fewest any device can hold for its layers (``kv_blocks`` on each
     device with the block bytes of its layers; ``peaks``: one step's activations per GPU).
     An explicit ``kv_cache_memory`` is the whole pool, over all layers."""
-    from engine.memory_plan import kv_pool_blocks
     from engine.runner.memory import kv_blocks
 
     placement: Placement = runner.placement
-    cc, sc = config.cache, config.scheduler
+    cc = config.cache
     if cc.num_blocks is not None:
         return cc.num_blocks
-    total_bytes = layer_block_bytes * len(placement.layer_devices)
     if cc.kv_cache_memory is not None:
-        blocks = kv_pool_blocks(cc.kv_cache_memory, total_bytes, max_model_len, cc.block_size, sc.max_num_seqs)
-        for d in placement.devices:
-            share = blocks * layer_block_bytes * placement.layers_on(d)
-            free, total = free_memory_bytes(d)
-            if share > free - kv_headroom(total):
-                where = "RAM" if d.type == "cpu" else f"GPU {d}"
-                raise OutOfMemoryError(f"--kv-cache-memory: the layers on {d} would take {gib(share)} of it, but "
-                                       f"the {where} has {gib(free)} free: ask for less.",
-                                       options=("kv_cache_memory",))
-        return blocks
+        return check_split_kv(config, placement, max_model_len, layer_block_bytes)
     counts = []
     for d in placement.devices:
         n = placement.layers_on(d)
@@ -352,6 +341,29 @@ def split_kv_blocks(runner, config: EngineConfig, max_model_len: int, layer_bloc
             counts.append(kv_blocks(config, d, layer_block_bytes * n, max_model_len,
                                     peak_bytes=lambda tokens, p=peak: p, graph_bytes=reserve))
     return min(counts)
+
+
+def check_split_kv(config: EngineConfig, placement: Placement, max_model_len: int, layer_block_bytes: int,
+                   weights: dict[torch.device, int] | None = None) -> int:
+    """The blocks of an explicit ``kv_cache_memory`` (the whole pool, over all layers),
+    refused where a device's share of it, beside ``weights`` still to load there, does not
+    fit its free memory with the headroom an explicit size must leave."""
+    from engine.memory_plan import kv_pool_blocks
+
+    cc, sc = config.cache, config.scheduler
+    total_bytes = layer_block_bytes * len(placement.layer_devices)
+    blocks = kv_pool_blocks(cc.kv_cache_memory, total_bytes, max_model_len, cc.block_size, sc.max_num_seqs)
+    for d in placement.devices:
+        share = blocks * layer_block_bytes * placement.layers_on(d)
+        free, total = free_memory_bytes(d)
+        pending = (weights or {}).get(d, 0)
+        if share + pending > free - kv_headroom(total):
+            where = "RAM" if d.type == "cpu" else f"GPU {d}"
+            beside = f" beside {gib(pending)} of weights" if pending else ""
+            raise OutOfMemoryError(f"--kv-cache-memory: the layers on {d} would take {gib(share)} of it{beside}, "
+                                   f"but the {where} has {gib(free)} free: ask for less.",
+                                   options=("kv_cache_memory",))
+    return blocks
 
 
 def _graph_reserve(runner):

@@ -376,3 +376,55 @@ def test_segments_follow_the_placement():
     segs = segments_of(p, 2)
     assert [(str(s.device), s.start, s.stop, s.embeds, s.tail) for s in segs] == [
         ("cuda:1", 0, 0, True, False), ("cuda:0", 0, 1, False, False), ("cuda:1", 1, 2, False, True)]
+
+
+def test_the_gpu_list_reads_memory_from_nvml_by_pci_address(monkeypatch):
+    """No CUDA context on every GPU for the load dialog's list: NVML answers, matched by PCI
+    address (torch's cuda:1 may be NVML's 0); where NVML can't, torch does."""
+    from types import SimpleNamespace
+
+    from engine import doctor
+
+    props = [SimpleNamespace(pci_domain_id=0, pci_bus_id=0x41, pci_device_id=0),
+             SimpleNamespace(pci_domain_id=0, pci_bus_id=0x01, pci_device_id=0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU {i}")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (1, 2))
+
+    class Nvml:
+        def nvmlInit(self):
+            pass
+
+        def nvmlShutdown(self):
+            pass
+
+        def nvmlDeviceGetHandleByPciBusId(self, bus):
+            if bus == "00000000:01:00.0":
+                raise RuntimeError("NVML_ERROR_NOT_FOUND")
+            return bus
+
+        def nvmlDeviceGetMemoryInfo(self, handle):
+            assert handle == "00000000:41:00.0"
+            return SimpleNamespace(free=10, total=20)
+
+    got = doctor.gpus(nvml=Nvml())
+    assert got == [{"index": 0, "name": "GPU 0", "free_bytes": 10, "total_bytes": 20},
+                   {"index": 1, "name": "GPU 1", "free_bytes": 1, "total_bytes": 2}]
+    assert asked == [1]  # torch only for the GPU NVML couldn't find
+
+
+def test_an_explicit_kv_size_that_cannot_fit_is_refused_before_the_weights_load(tiny_models):
+    said = []
+    with pytest.raises(HearthError, match=r"--kv-cache-memory: the layers on cpu would take .* ask for less"):
+        Engine.load(str(tiny_models["llama3"]), devices="cpu,cpu", dtype="float32", max_model_len=512,
+                    max_num_seqs=10**6, kv_cache_memory="100TiB", progress=said.append)
+    assert not any(line.startswith("loading weights") for line in said)
+    e = Engine.load(str(tiny_models["llama3"]), devices="cpu,cpu", dtype="float32", max_model_len=128,
+                    kv_cache_memory="2MiB")
+    try:
+        assert 0 < e.model_info.kv_cache_bytes <= 2 * 2**20
+    finally:
+        e.shutdown()
