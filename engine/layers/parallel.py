@@ -125,13 +125,11 @@ def slice_rows(module: MergedLinear, sources: dict[Hashable, tuple[int, int]]) -
 
 
 # -- modules ----------------------------------------------------------------------------------
-class RowParallelLinear(Linear):
-    """``o_proj``: this rank's input columns ``[start, start + in_features)``; the partial
-    products summed over the ranks, then the bias."""
+class _RowParallel:
+    """What the row-parallel projections share: this rank's input columns from ``start``
+    loaded, the partial products summed over the ranks, then the bias."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup, start: int, bias: bool = False, *,
-                 dtype: torch.dtype | None = None) -> None:
-        super().__init__(in_features, out_features, bias, dtype=dtype)
+    def _row_parallel(self, tp: TPGroup, start: int) -> None:
         self.tp = tp
         loader = partial(_columns_loader, start=start)
         for param in self.parameters(recurse=False):
@@ -142,20 +140,22 @@ class RowParallelLinear(Linear):
         return y if self.bias is None else y + self.bias
 
 
-class RowParallelSwiGLUDown(SwiGLUDownLinear):
-    """``down_proj`` over this rank's ``[gate | up]`` columns; summed over the ranks."""
+class RowParallelLinear(_RowParallel, Linear):
+    """``o_proj`` over this rank's columns ``[start, start + in_features)``."""
 
     def __init__(self, in_features: int, out_features: int, tp: TPGroup, start: int, bias: bool = False, *,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(in_features, out_features, bias, dtype=dtype)
-        self.tp = tp
-        loader = partial(_columns_loader, start=start)
-        for param in self.parameters(recurse=False):
-            set_weight_loader(param, loader)
+        self._row_parallel(tp, start)
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.tp.all_reduce(self.kernel(x, self.weight, None, None))
-        return y if self.bias is None else y + self.bias
+
+class RowParallelSwiGLUDown(_RowParallel, SwiGLUDownLinear):
+    """``down_proj`` over this rank's ``[gate | up]`` columns."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, start: int, bias: bool = False, *,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, dtype=dtype)
+        self._row_parallel(tp, start)
 
 
 class VocabParallelEmbedding(VocabEmbedding):

@@ -220,19 +220,10 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
             runner.cpu_step, reason = CpuDecodeStep.build(runner)
             info["cpu_decode"] = True if reason is None else reason
             say("decode steps: one C call per token" if reason is None else f"decode steps run eagerly: {reason}")
-        if runner.gemv_reason() is None:
-            info["batch1_matmul"] = runner.tune_gemv(say)
-        stop()
-        capture_graphs(runner, config, max_model_len, info, say)
+        _tune_and_capture(runner, config, max_model_len, info, say, stop)
         return runner
     except BaseException:
-        # The traceback being raised still references the half-loaded model (load_weights'
-        # frame holds it), so dropping our name for it frees nothing: let go of its tensors.
-        if runner is not None:
-            release_runner(runner)
-        else:
-            release_module(model)
-        empty_device_cache(device)
+        _free_failed_load(runner, model, [device])
         raise
 
 
@@ -242,11 +233,10 @@ def _bring_up_split(runner_cls, config: EngineConfig, spec: ModelSpec, model: Ll
                     should_stop: Callable[[], bool] | None):
     """``bring_up`` for a layer split over ``config.model.devices``
     (``engine.runner.layer_split``): the same steps, each per device."""
+    from engine.loader.choices import resolve_attention
     from engine.runner import layer_split as ls
 
     cc = config.cache
-    from engine.loader.choices import resolve_attention
-
     # The CPU's layers run the torch reference; the GPUs' the backend asked for (auto: Triton).
     gpu = next((torch.device(d) for d in config.model.devices if d != "cpu"), None)
     kinds = {"cpu": "torch", "cuda": resolve_attention(config.attention, gpu) if gpu is not None else "torch"}
@@ -285,19 +275,32 @@ def _bring_up_split(runner_cls, config: EngineConfig, spec: ModelSpec, model: Ll
                       count=lambda: ls.split_kv_blocks(runner, config, max_model_len, layer_block, peaks,
                                                        graphs=runner.graphs_reason() is None))
         stop()
-        if runner.gemv_reason() is None:
-            info["batch1_matmul"] = runner.tune_gemv(say)
-        stop()
-        capture_graphs(runner, config, max_model_len, info, say)
+        _tune_and_capture(runner, config, max_model_len, info, say, stop)
         return runner
     except BaseException:
-        if runner is not None:
-            release_runner(runner)
-        else:
-            release_module(model)
-        for d in placement.devices:
-            empty_device_cache(d)
+        _free_failed_load(runner, model, placement.devices)
         raise
+
+
+def _tune_and_capture(runner, config: EngineConfig, max_model_len: int, info: dict[str, Any],
+                      say: Callable[[str], None], stop: Callable[[], None]) -> None:
+    """Bring-up's last steps: the batch-1 GEMV choice, then the CUDA graphs (which so hold it)."""
+    if runner.gemv_reason() is None:
+        info["batch1_matmul"] = runner.tune_gemv(say)
+    stop()
+    capture_graphs(runner, config, max_model_len, info, say)
+
+
+def _free_failed_load(runner, model: nn.Module, devices: Iterable[torch.device]) -> None:
+    """Let go of what a cancelled or failed load took. The traceback being raised still
+    references the half-loaded model (load_weights' frame holds it), so dropping our name
+    for it frees nothing: its tensors are released directly."""
+    if runner is not None:
+        release_runner(runner)
+    else:
+        release_module(model)
+    for d in devices:
+        empty_device_cache(d)
 
 
 def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[str, Any],

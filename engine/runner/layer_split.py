@@ -203,6 +203,11 @@ def weight_bytes_per_device(model: nn.Module, placement: Placement) -> dict[torc
     return need
 
 
+def _memory_of(d: torch.device) -> str:
+    """What "free memory" means on ``d`` in a message: "RAM" or "GPU cuda:1"."""
+    return "RAM" if d.type == "cpu" else f"GPU {d}"
+
+
 def check_split_fits(need: dict[torch.device, int], ratio: bool) -> None:
     """Refuse a placement whose weights (``need``: device -> bytes) don't fit a device's
     free memory, naming the device, before anything is allocated (``ratio``: the layers
@@ -210,7 +215,7 @@ def check_split_fits(need: dict[torch.device, int], ratio: bool) -> None:
     for d, n in need.items():
         free, _ = free_memory_bytes(d)
         if n > free:
-            where = "RAM" if d.type == "cpu" else f"GPU {d}"
+            where = _memory_of(d)
             what = ("give it a smaller share (--split-ratio), or leave the ratio out to size the split by free "
                     "memory" if ratio else "free memory there, add a device, or pick a smaller quantization")
             raise OutOfMemoryError(f"the layers placed on {d} need {gib(n)} but the {where} has {gib(free)} "
@@ -358,7 +363,7 @@ def check_split_kv(config: EngineConfig, placement: Placement, max_model_len: in
         free, total = free_memory_bytes(d)
         pending = (weights or {}).get(d, 0)
         if share + pending > free - kv_headroom(total):
-            where = "RAM" if d.type == "cpu" else f"GPU {d}"
+            where = _memory_of(d)
             beside = f" beside {gib(pending)} of weights" if pending else ""
             raise OutOfMemoryError(f"--kv-cache-memory: the layers on {d} would take {gib(share)} of it{beside}, "
                                    f"but the {where} has {gib(free)} free: ask for less.",
