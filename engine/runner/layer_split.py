@@ -191,11 +191,12 @@ def weight_bytes_per_device(model: nn.Module, placement: Placement) -> dict[torc
     from engine.runner.bring_up import load_bytes
 
     need: dict[torch.device, int] = dict.fromkeys(placement.devices, 0)
+    seen: set[int] = set()  # a tied head's matrix is the embedding's: counted once
     for name, module in model.named_modules():
-        own = sum(t.numel() * t.element_size() for t in (*module._parameters.values(), *module._buffers.values())
-                  if t is not None)
-        if own:
-            need[placement.device_of(name)] += own
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                need[placement.device_of(name)] += t.numel() * t.element_size()
     for i, layer in enumerate(model.model.layers):
         d = placement.layer_devices[i]
         if d.type == "cuda":

@@ -428,3 +428,20 @@ def test_an_explicit_kv_size_that_cannot_fit_is_refused_before_the_weights_load(
         assert 0 < e.model_info.kv_cache_bytes <= 2 * 2**20
     finally:
         e.shutdown()
+
+
+def test_weights_per_device_count_a_tied_matrix_once(tiny_models):
+    """Two CPU segments of the tied model hold exactly what the model holds (the head's
+    matrix is the embedding's), which the fit check and the expected speed read."""
+    from engine.layers.modules import module_bytes
+    from engine.runner.bring_up import build_on_meta
+    from engine.runner.layer_split import plan_placement, weight_bytes_per_device
+    from engine.models.spec import ModelSpec
+    import json
+
+    spec = ModelSpec.from_config(json.loads((tiny_models["llama-tied"] / "config.json").read_text()))
+    model = build_on_meta(spec, torch.float32, 128)
+    p = plan_placement(model, load_config("x", devices="cpu,cpu", split_ratio="1,1"),
+                       kv_token_bytes=spec.kv_bytes_per_token(4), max_model_len=128,
+                       attention={"cpu": "torch", "cuda": "triton"})
+    assert weight_bytes_per_device(model, p) == {torch.device("cpu"): module_bytes(model)}
