@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -190,6 +190,16 @@ case "$what" in split)  # issue 18 on one GPU: its tests, then the 8B shape plai
     hearth bench --shape llama-8b --suite decode,throughput --batch 1,16 --output-len 128 --num-requests 64 \
       --max-len 512 --max-model-len 2048 $flags --json "$OUT/bench-8b-split-$mode.json" "$@" 2>&1 \
       | grep -E "layer split|expected|^suite|^decode|^throughput|rror"
+  done ;;
+esac
+case "$what" in tp)  # issue 18 on one GPU: the tensor-parallel tests, then the 8B shape plain and as
+  # tensor parallel at world size 1 (its code path without peers), batch-1 decode and the throughput run
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/engine/test_tp_engine.py \
+    tests/engine/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -6
+  for mode in ${TP_MODES:-plain tp1}; do
+    case $mode in plain) flags="";; tp1) flags="--devices cuda:0 --split tensor";; esac
+    hearth bench --shape llama-8b --suite decode,throughput --batch 1 --output-len 256 $flags \
+      --json "$OUT/bench-8b-tp-$mode.json" "$@" 2>&1 | grep -E "tensor parallel|^suite|^decode|^throughput|rror"
   done ;;
 esac
 case "$what" in serve)  # the server over HTTP beside the engine offline (the wheels of prepare_carry.sh);

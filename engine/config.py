@@ -60,7 +60,8 @@ class ModelConfig:
 
     def _check_devices(self) -> None:
         """Read ``devices``/``split``/``split_ratio`` (text or sequences) into their
-        canonical forms; one device named is a plain load on it."""
+        canonical forms; one device named is a plain load on it (tensor parallel: world
+        size 1)."""
         from engine.split import check_mode, parse_devices, parse_split_ratio
 
         if self.devices is None or self.devices == "" or self.devices == ():
@@ -93,7 +94,9 @@ class ModelConfig:
         else:
             self.split_ratio = None
         self.device = devices[0]
-        self.devices = devices if len(devices) > 1 else None
+        # One device: a plain load; with --split tensor, tensor parallel at world size 1
+        # (its code path without peers: what it costs, measured against the plain load).
+        self.devices = devices if len(devices) > 1 or self.split == "tensor" else None
         if self.devices is None:
             self.split_ratio = None
 

@@ -180,7 +180,8 @@ def split_modes(gpus: int) -> dict[str, list[str]]:
     return {
         # Two CPU "devices" always can (to try it); GPU + CPU needs a GPU, GPU + GPU two.
         "layer": [],
-        "tensor": ["tensor parallel is not built yet (--split layer runs)"],
+        # One rank per GPU over NCCL (or two CPU ranks over gloo, to try it); unquantized weights.
+        "tensor": [] if gpus >= 2 else ["one rank per GPU: needs two GPUs (--devices cpu,cpu tries it on the CPU)"],
     }
 
 

@@ -529,6 +529,8 @@ def _describe_failure(e: Exception) -> tuple[str, tuple[str, ...]]:
     ``HearthError.options``)."""
     import torch
 
+    if isinstance(e, HearthError):  # worded for a user already (a tensor-parallel rank that ended)
+        return str(e), e.options
     if isinstance(e, torch.OutOfMemoryError):
         return ("out of GPU memory during a step: run fewer requests at once (--max-num-seqs), "
                 "give the KV cache less memory (--kv-cache-memory), or use a smaller / "

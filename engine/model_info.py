@@ -54,6 +54,8 @@ class ModelInfo:
     # A layer split (--devices a,b --split layer): {"devices": [...], "layers": [[start, stop], ...],
     # "attention": [...], "embedding": device, "head": device}; ``device`` is then the first one.
     layer_split: dict[str, Any] | None = None
+    # Tensor parallel (--split tensor): world (ranks), devices (one per rank), backend (gloo, nccl; None at world 1).
+    tensor_parallel: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: every field, less optional ones that are ``None``."""

@@ -38,7 +38,11 @@ WINDOW_TITLE = "Load model"
 FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "quant_group_size": "int4 group size", "attention": "Attention backend",
                 "device": "Device", "dtype": "Weights dtype", "max_model_len": "Context length",
                 "kv_cache_memory": "KV-cache memory", "kv_cache_dtype": "KV-cache precision",
-                "devices": "Split over devices", "split_ratio": "Split ratio"}
+                "devices": "Split over devices", "split": "Split mode", "split_ratio": "Split ratio"}
+
+#: --split's modes as the dialog names them.
+SPLIT_MODES = (("layer", "Layer split: layer ranges per device, one process"),
+               ("tensor", "Tensor parallel: every layer across the devices, one process each"))
 
 
 def fill_choices(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
@@ -139,6 +143,18 @@ class LoadDialog(QDialog):
                                 "last takes the layers the GPUs can't hold (slower: each token reads its layers "
                                 "from RAM).")
         form.addRow(FIELD_LABELS["devices"], self.devices)
+        self.split_mode = QComboBox()
+        self.split_mode.setObjectName("loadSplitMode")
+        for value, label in SPLIT_MODES:
+            self.split_mode.addItem(label, value)
+        saved_mode = str(settings.value("load/split", "layer") or "layer")
+        self.split_mode.setCurrentIndex(max(0, self.split_mode.findData(saved_mode)))
+        self.split_mode.setToolTip("Layer split: each device runs its own layers in turn (any devices, the CPU "
+                                   "last included). Tensor parallel: each GPU holds a slice of every layer and "
+                                   "they meet in an all-reduce twice per layer (GPUs of one kind, fast links; "
+                                   "unquantized weights).")
+        form.addRow(FIELD_LABELS["split"], self.split_mode)
+        self.split_mode.currentIndexChanged.connect(self._update_device_fields)
         self.split_ratio = QLineEdit(str(settings.value("load/split_ratio", "") or ""))
         self.split_ratio.setObjectName("loadSplitRatio")
         self.split_ratio.setPlaceholderText("by free memory (or one share per device, e.g. 0.6,0.4)")
@@ -222,7 +238,8 @@ class LoadDialog(QDialog):
         """A device list replaces the single device; a ratio only means something with one."""
         split = bool(self.devices.text().strip())
         self.device.setEnabled(not split)
-        self.split_ratio.setEnabled(split)
+        self.split_mode.setEnabled(split)
+        self.split_ratio.setEnabled(split and self.split_mode.currentData() == "layer")
 
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""
@@ -268,7 +285,9 @@ class LoadDialog(QDialog):
         if not devices:
             return {}
         # The device list names the first device itself.
-        return {"device": "auto", "devices": devices, "split_ratio": self.split_ratio.text().strip() or None}
+        mode = self.split_mode.currentData()
+        return {"device": "auto", "devices": devices, "split": mode,
+                "split_ratio": (self.split_ratio.text().strip() or None) if mode == "layer" else None}
 
     def config(self) -> EngineConfig:
         """The one validated EngineConfig of the options; raises InvalidRequestError."""
@@ -305,12 +324,13 @@ def save_load_options(settings: QSettings, opts: dict) -> None:
     settings.setValue("load/model", opts.get("model") or "default")
     settings.setValue("load/devices", opts.get("devices") or "")
     settings.setValue("load/split_ratio", opts.get("split_ratio") or "")
+    settings.setValue("load/split", opts.get("split") or "layer")
 
 
 def gpu_summary(gpus: list[dict]) -> str:
     """One line per GPU with its free memory (the device picker's list)."""
     if not gpus:
-        return "No CUDA GPU here: cpu,cpu tries the layer split on the CPU."
+        return "No CUDA GPU here: cpu,cpu tries either split mode on the CPU."
     return "\n".join(f"cuda:{g['index']} — {g['name']}: {format_bytes(g['free_bytes'])} free of "
                      f"{format_bytes(g['total_bytes'])}" for g in gpus)
 
@@ -357,5 +377,7 @@ def _saved_split(settings: QSettings, choices: ChoiceTable) -> dict:
     named = [d.strip().lower() for d in devices.split(",")]
     if not all(d in here or (d == "cuda" and "cuda:0" in here) for d in named):
         return {}
-    return {"device": "auto", "devices": devices, "split_ratio": str(settings.value("load/split_ratio", "") or "")
-            or None}
+    mode = str(settings.value("load/split", "layer") or "layer")
+    mode = mode if mode in ("layer", "tensor") else "layer"
+    ratio = str(settings.value("load/split_ratio", "") or "") or None
+    return {"device": "auto", "devices": devices, "split": mode, "split_ratio": ratio if mode == "layer" else None}

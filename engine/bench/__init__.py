@@ -102,6 +102,15 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
     return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes, baseline=opts.baseline or "hf")
 
 
+def split_columns(info) -> dict:
+    """``split`` (none, layer, tensor) and ``num_devices`` of a load's ``ModelInfo``."""
+    if info.tensor_parallel:
+        return {"split": "tensor", "num_devices": info.tensor_parallel["world"]}
+    if info.layer_split:
+        return {"split": "layer", "num_devices": len(info.layer_split["devices"])}
+    return {"split": "none", "num_devices": 1}
+
+
 def _gguf_vocab(opts: BenchOptions) -> int:
     """The vocabulary of the GGUF file the llama.cpp baseline reads (its token ids)."""
     from gguf import GGUFReader
@@ -202,6 +211,8 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
 
     rows = []
     wb = info.weight_bytes
+    # How many devices ran the model, and how (issue 19's columns): none, layer or tensor.
+    where = split_columns(info)
     impl = info.implementation
     kvd = info.kv_cache_dtype
     for b, h in hearth["decode"].items():
@@ -216,14 +227,14 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
                               **extra, implementation=impl, kv_cache_dtype=kvd, cuda_graphs=info.cuda_graphs,
                               cuda_graphs_off=info.cuda_graphs_off, quant_detail=info.quant_detail,
                               batch1_matmul=info.batch1_matmul if b == 1 else None,
-                              layer_split=info.layer_split))
+                              layer_split=info.layer_split, **where))
         if hf is not None:
             rate, ttft, _ = hf["decode"][b]
             rows.append(maker.row("decode", baseline, b, opts.prompt_len, opts.output_len, decode_tok_s=rate,
                                   ttft_ms=ttft, weight_bytes=hf_bytes, **extra, **_threads(hf)))
     for n, ms in hearth["prefill"].items():
         rows.append(maker.row("prefill", "hearth", 1, n, 1, ttft_ms=ms, weight_bytes=wb, implementation=impl,
-                              kv_cache_dtype=kvd))
+                              kv_cache_dtype=kvd, **where))
         if hf is not None:
             rows.append(maker.row("prefill", baseline, 1, n, 1, ttft_ms=hf["prefill"][n], weight_bytes=hf_bytes,
                                   **_threads(hf)))
@@ -234,7 +245,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
                               output_tok_s=t.output_tok_s, kv_waste_pct=t.kv_waste_pct,
                               weight_bytes=wb, num_requests=opts.num_requests, min_len=opts.min_len,
                               max_len=opts.max_len, num_preemptions=t.num_preemptions,
-                              implementation=impl, kv_cache_dtype=kvd, layer_split=info.layer_split))
+                              implementation=impl, kv_cache_dtype=kvd, layer_split=info.layer_split, **where))
         if hf is not None:
             from engine.bench.hf_baseline import STATIC_BATCH
 

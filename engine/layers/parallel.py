@@ -30,14 +30,20 @@ from engine.layers.weight_loader import WeightShapeError, set_weight_loader
 
 
 class TPGroup:
-    """Rank ``rank`` of ``world`` in process group ``group`` (None: the default group)."""
+    """Rank ``rank`` of ``world`` in process group ``pg`` (a ``torch.distributed``
+    ``ProcessGroup`` object, gloo or NCCL, used directly: a process may hold several
+    groups, one per tensor-parallel load; None only at world size 1, where every
+    collective is the identity)."""
 
-    def __init__(self, rank: int, world: int, group=None) -> None:
-        self.rank, self.world, self.group = rank, world, group
+    def __init__(self, rank: int, world: int, pg=None) -> None:
+        if world > 1 and pg is None:
+            raise ValueError("a tensor-parallel group of several ranks needs its process group")
+        self.rank, self.world, self.pg = rank, world, pg
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks, in place."""
         if self.world > 1:
-            torch.distributed.all_reduce(x, group=self.group)
+            self.pg.allreduce([x]).wait()
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +51,27 @@ class TPGroup:
         if self.world == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        self.pg.allgather([parts], [x.contiguous()]).wait()
         return torch.cat(parts, dim=-1)
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` on every rank, in place."""
+        if self.world > 1:
+            opts = torch.distributed.BroadcastOptions()
+            opts.rootRank = 0
+            self.pg.broadcast([x], opts).wait()
+        return x
+
+    def agree_min(self, values: list[int], device: torch.device) -> list[int]:
+        """The smallest of each value over the ranks (what every rank can do: KV blocks,
+        whether its graphs captured)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=device)
+        opts = torch.distributed.AllreduceOptions()
+        opts.reduceOp = torch.distributed.ReduceOp.MIN
+        self.pg.allreduce([t], opts).wait()
+        return t.tolist()
 
 
 def split_even(total: int, world: int, what: str) -> int:

@@ -76,13 +76,9 @@ def check_devices(config: EngineConfig) -> None:
 
     mc = config.model
     check_available(mc.devices, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    if mc.split == "tensor":
-        raise InvalidRequestError(
-            "--split tensor (tensor parallel) is not available in this build of Hearth yet: use --split layer, "
-            "which puts contiguous layer ranges on each device.", options=("split",))
     if config.model.force_fallback:
-        raise InvalidRequestError("a layer split runs Hearth's native models only, not the transformers fallback "
-                                  "(drop --devices, or force_fallback).", options=("devices",))
+        raise InvalidRequestError(f"a {mc.split} split runs Hearth's native models only, not the transformers "
+                                  "fallback (drop --devices, or force_fallback).", options=("devices",))
 
 
 # quantization "bf16"/"fp16": unquantized weights in that dtype (float32 on the CPU, where

@@ -248,8 +248,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     info["kv_cache_dtype"] = str(kv_dtype).removeprefix("torch.")
     stop()
     if spec is None and mc.devices is not None:
-        raise UnsupportedModelError(f"{name} has no native Hearth implementation ({native_error}), and a layer "
-                                    "split runs native models only: load it on one device (drop --devices).")
+        raise UnsupportedModelError(f"{name} has no native Hearth implementation ({native_error}), and a "
+                                    f"{mc.split} split runs native models only: load it on one device "
+                                    "(drop --devices).")
     if spec is None:
         info["fallback_reason"] = native_error or "forced with force_fallback"
         info["attention"] = "transformers"
@@ -271,9 +272,21 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             config = replace(config, cache=replace(cc, block_size=block_size))
             cc = config.cache
         weights = path if found.random_seed is None else RandomWeights(found.random_seed)
-        runner = ModelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
-                                    attention=info["attention"], max_model_len=max_model_len,
-                                    progress=say, should_stop=should_stop)
+        if mc.devices is not None and mc.split == "tensor":
+            if quantization not in ("none", "bf16", "fp16"):
+                raise InvalidRequestError(
+                    f"tensor parallel shards unquantized weights only in this build, and this load is {quantization}: "
+                    "load it with --quant none (a GGUF file's weights then expand to float), or use --split layer.",
+                    options=("quantization", "split"))
+            from engine.runner.tp_host import bring_up_ranks
+
+            runner = bring_up_ranks(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
+                                    attention=info["attention"], max_model_len=max_model_len, progress=say,
+                                    should_stop=should_stop)
+        else:
+            runner = ModelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
+                                        attention=info["attention"], max_model_len=max_model_len,
+                                        progress=say, should_stop=should_stop)
         prefix = cc.enable_prefix_caching
     try:  # strictly: a field name the runner misspelt is an error here, not a silent drop
         detail = quantization_detail(quantization, runner, found.path)

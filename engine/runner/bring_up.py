@@ -36,6 +36,7 @@ from engine.device import gib
 from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryError
 from engine.layers.attention import AttentionBackend, get_backend
 from engine.layers.kernel_plan import KernelPlan, apply_kernel_plan
+from engine.layers.parallel import TPGroup
 from engine.layers.modules import module_bytes
 from engine.layers.quant_linear import gpu_float_extra
 from engine.loader.weights import iter_weights
@@ -43,7 +44,7 @@ from engine.models.llama import LlamaForCausalLM
 from engine.models.spec import ModelSpec
 from engine.runner.lifecycle import empty_device_cache, release_module, release_runner, stop_check
 from engine.runner.memory import (activation_peak_bytes, check_explicit_kv, check_weights_fit, graph_reserve_bytes,
-                                  prompt_tokens, size_kv_cache)
+                                  kv_blocks, prompt_tokens, size_kv_cache)
 
 log = logging.getLogger("hearth.loader")
 
@@ -64,18 +65,23 @@ class RandomWeights:
 WeightsSource = Path | RandomWeights
 
 
-def model_transforms(config: EngineConfig, weights: "WeightsSource | None" = None, rank: int = 0,
-                     world_size: int = 1) -> list[Transform]:
-    """The model transforms a load of ``config`` from ``weights`` applies, in order, on
-    shard ``rank`` of ``world_size``: weight quantization (``engine.quant.transform``);
-    tensor-parallel sharding will plug in here too."""
+def model_transforms(config: EngineConfig, weights: "WeightsSource | None" = None,
+                     tp: TPGroup | None = None) -> list[Transform]:
+    """The model transforms a load of ``config`` from ``weights`` applies, in order:
+    tensor-parallel sharding for rank ``tp.rank`` (``engine.runner.tensor_parallel``),
+    then weight quantization (``engine.quant.transform``)."""
     from engine.quant.transform import quantization_plan
 
     mc = config.model
     path = weights if isinstance(weights, Path) else None
     plan = quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head,
                              float_head=mc.float_head)
-    return [plan.transform()] if plan.quantizes else []
+    out: list[Transform] = []
+    if tp is not None:
+        from engine.runner.tensor_parallel import shard_transform
+
+        out.append(shard_transform(tp))
+    return out + [plan.transform()] if plan.quantizes else out
 
 
 def build_on_meta(spec: ModelSpec, dtype: torch.dtype, max_model_len: int,
@@ -176,19 +182,20 @@ def _stoppable(weights: Iterable[tuple[str, torch.Tensor]],
 
 def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: WeightsSource, *,
              device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, attention: str,
-             max_model_len: int, rank: int = 0, world_size: int = 1,
+             max_model_len: int, tp: TPGroup | None = None,
              progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
              transforms: Sequence[Transform] | None = None):
-    """``ModelRunner.create``'s steps (see the module docstring); returns the runner."""
+    """``ModelRunner.create``'s steps (see the module docstring); returns the runner.
+    ``tp``: this process is rank ``tp.rank`` of a tensor-parallel load (every rank runs
+    these steps in the same order: their collectives pair up)."""
     say = progress or (lambda msg: log.info(msg))
     stop = stop_check(should_stop)
-    if (rank, world_size) != (0, 1):
-        raise InvalidRequestError(f"rank {rank} of {world_size}: Hearth runs a model on one device only.")
     cc = config.cache
     if transforms is None:
-        transforms = model_transforms(config, weights, rank, world_size)
+        transforms = model_transforms(config, weights, tp)
     model = build_on_meta(spec, dtype, max_model_len, transforms)
-    if config.model.devices is not None:
+    spec = model.spec  # a tensor-parallel rank's own heads and MLP width
+    if config.model.devices is not None and tp is None:
         return _bring_up_split(runner_cls, config, spec, model, weights, dtype=dtype, kv_dtype=kv_dtype,
                                attention=attention, max_model_len=max_model_len, say=say, stop=stop,
                                should_stop=should_stop)
@@ -207,14 +214,23 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
         apply_kernel_plan(model, plan)
         runner = runner_cls(model, spec, device, dtype, cc.block_size, attention, plan,
                             enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
+        runner.tp = tp
         info = runner.load_info
         # From here on a failure or a cancel frees the runner's weights and cache at once.
         graphs = runner.graphs_reason() is None
+        count = None
+        if tp is not None and tp.world > 1:  # every rank holds the same blocks: the fewest any can
+            def count() -> int:
+                return tp.agree_min([kv_blocks(config, device, runner.kv_block_bytes(), max_model_len,
+                                               peak_bytes=lambda n: activation_peak_bytes(runner, n),
+                                               graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p))
+                                               if graphs else None)], device)[0]
         size_kv_cache(runner, config, device, runner.kv_block_bytes(), max_model_len, info, say, stop,
                       peak_bytes=lambda n: activation_peak_bytes(runner, n),
-                      graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p)) if graphs else None)
+                      graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p)) if graphs else None,
+                      count=count)
         stop()
-        if device.type == "cpu":  # batch-1 decode in one C call, over the cache just allocated
+        if device.type == "cpu" and tp is None:  # (the C step has no collectives)  # batch-1 decode in one C call, over the cache just allocated
             from engine.runner.cpu_step import CpuDecodeStep
 
             runner.cpu_step, reason = CpuDecodeStep.build(runner)
@@ -309,10 +325,14 @@ def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[
     leaves the runner eager rather than failing the load. Records what happened in ``info``."""
     graphs_reason = runner.graphs_reason()
     info["cuda_graphs"] = graphs_reason is None
+    tp = getattr(runner, "tp", None)
+    ranks = tp is not None and tp.world > 1
     if graphs_reason is None:
         try:
+            # Tensor parallel: no prompt graphs (a bucket kept on one rank and dropped on
+            # another would pad a prompt's all-reduces on one side only).
             info["cuda_graph_bytes"] = runner.capture_graphs(
-                config.scheduler.max_num_seqs, max_model_len, say, prompt_tokens(config, max_model_len))
+                config.scheduler.max_num_seqs, max_model_len, say, 0 if ranks else prompt_tokens(config, max_model_len))
             # One sequence's prompt (or chunk) up to this many tokens replays a graph.
             pg = runner.prompt_graphs
             info["prompt_graph_tokens"] = top = pg.max_tokens if pg else 0
@@ -332,5 +352,22 @@ def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[
             torch.cuda.empty_cache()
             graphs_reason = f"capture failed: {e}"
             info["cuda_graphs"] = False
+    if ranks and runner.device.type == "cuda":
+        graphs_reason = _agree_graphs(runner, tp, graphs_reason)
+        info["cuda_graphs"] = graphs_reason is None
     if graphs_reason is not None:
         info["cuda_graphs_off"] = graphs_reason
+
+
+def _agree_graphs(runner, tp: TPGroup, reason: str | None) -> str | None:
+    """Tensor parallel: every rank replays the same graphs or none does (a decode step
+    padded to a bucket on one rank and not on another would pair all-reduces of different
+    sizes), and every rank serves a batch in rank 0's bucket (the timed routes may differ)."""
+    if tp.agree_min([int(reason is None)], runner.device)[0] == 0:
+        runner.graphs = runner.prompt_graphs = None
+        return reason or "capture failed on another tensor-parallel rank"
+    graphs = runner.graphs
+    buckets = sorted(graphs.routes)
+    routes = torch.tensor([graphs.routes[b] for b in buckets], dtype=torch.int64, device=runner.device)
+    graphs.routes = dict(zip(buckets, tp.broadcast(routes).tolist()))
+    return None

@@ -131,7 +131,7 @@ class NativeExecuteMixin(RequestStateMixin):
         kept = self._kept(rows)
         ahead_ok = self.launch_ahead and all(k.launch_ahead for k in kept)
         grammars = [k.grammar for k in kept]
-        masked = any(g is not None for g in grammars)
+        masked = any(k.params.structured is not None for k in kept)  # (a rank other than 0 keeps no grammar)
         rids = [row.request_id for row in rows]
         hits = ahead.rows_for(rids, positions, ids) if ahead_ok and ahead is not None else None
         tokens = logits = None
@@ -152,13 +152,15 @@ class NativeExecuteMixin(RequestStateMixin):
                 return self.sample(logits, rows, kept)
         allowed = None
         if tokens is None:
-            if masked:  # the grammars have taken the previous step's tokens: their masks now
+            if masked and self.samples:  # the grammars have taken the previous step's tokens: their masks now
                 from engine.runner.grammar import apply_token_bitmask, grammar_masks
 
                 allowed = grammar_masks(grammars, logits.shape[1])
                 logits = logits.to(torch.float32, copy=True)
                 apply_token_bitmask(logits, allowed[0], allowed[1])
             tokens = logits.argmax(dim=-1)
+            if self.tp is not None:  # the step launched from them: rank 0's (its masks) on every rank
+                self.tp.broadcast(tokens)
             host, event = self._stage(tokens)
         nxt = self._next_positions(kept, tables, positions, inp.num_waiting) if ahead_ok else None
         launched = None

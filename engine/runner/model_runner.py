@@ -24,6 +24,7 @@ from engine.runner.sampler import Sampler
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
+    from engine.layers.parallel import TPGroup
     from engine.runner.bring_up import Transform, WeightsSource
 
 
@@ -63,13 +64,14 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         self.placement = None
         self.logits_device = device
         self.launch_ahead = True  # pipelined greedy decode (off for a split with a CPU segment)
+        self.tp = None  # TPGroup: this runner is one rank of a tensor-parallel load
         self.sampler = Sampler()
         self._requests: dict[str, KeptRequest] = {}  # request id -> its params and RNG
 
     @classmethod
     def create(cls, config: EngineConfig, spec: ModelSpec, weights: WeightsSource, *, device: torch.device,
                dtype: torch.dtype, kv_dtype: torch.dtype | None = None, attention: str, max_model_len: int,
-               rank: int = 0, world_size: int = 1, progress: Callable[[str], None] | None = None,
+               tp: TPGroup | None = None, progress: Callable[[str], None] | None = None,
                should_stop: Callable[[], bool] | None = None,
                transforms: Sequence[Transform] | None = None) -> "ModelRunner":
         """Bring a native model up, ready to serve: build it on the meta device, apply
@@ -80,11 +82,12 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         batch-1 GEMV, capture CUDA graphs (``engine/runner/bring_up.py``).
 
         ``should_stop`` is asked before each weight tensor and between the steps: True
-        raises LoadCancelledError. A cancel or failure frees everything taken so far."""
+        raises LoadCancelledError. A cancel or failure frees everything taken so far.
+        ``tp``: this process's rank of a tensor-parallel load (``engine.runner.tp_host``)."""
         from engine.runner.bring_up import bring_up
 
         return bring_up(cls, config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype or dtype,
-                        attention=attention, max_model_len=max_model_len, rank=rank, world_size=world_size,
+                        attention=attention, max_model_len=max_model_len, tp=tp,
                         progress=progress, should_stop=should_stop, transforms=transforms)
 
     # -- CUDA graphs -------------------------------------------------------------------
@@ -145,12 +148,15 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
 
         warm = self.model.model.layers[0].self_attn.attn.warm_fresh_prefill
         check()
-        lengths = _guarded("prompt-attention", lambda: warm(max_tokens, self.device, self.dtype))
+        # Tensor parallel: a rank that skipped a warm-up step would leave the others
+        # waiting in its collectives: a failure fails them all.
+        ranks = self.tp is not None and self.tp.world > 1
+        lengths = _guarded("prompt-attention", lambda: warm(max_tokens, self.device, self.dtype), ranks)
         check()
         if self.placement is None or all(d.type == "cuda" for d in self.placement.devices):
             # (a CPU segment's torch reference can't take the synthetic steps' slot -1 writes,
             # and has nothing to compile)
-            _guarded("mixed-step", lambda: self._warm_steps(check))
+            _guarded("mixed-step", lambda: self._warm_steps(check), ranks)
         check()  # a cancel during the last step: the load must not go on to serve
         return lengths or 0
 
@@ -267,13 +273,15 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         )
 
 
-def _guarded(what: str, job):
+def _guarded(what: str, job, strict: bool = False):
     """job() under inference mode; a warm-up that fails (a full GPU) is logged and skipped:
-    what it would have prepared is then built on first use."""
+    what it would have prepared is then built on first use (``strict``: raised)."""
     try:
         with torch.inference_mode():
             return job()
     except (torch.OutOfMemoryError, RuntimeError) as e:
+        if strict:
+            raise
         log.warning("%s warm-up skipped: %s", what, e)
         torch.cuda.empty_cache()
         return None

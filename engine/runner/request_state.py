@@ -40,6 +40,9 @@ class RequestStateMixin:
     logits_device: torch.device
     _requests: dict[str, KeptRequest]
     token_vocabulary: TokenVocabulary | None = None
+    #: False on a tensor-parallel rank other than 0 (``engine.runner.tp_worker``): rank 0
+    #: samples; this one runs the same steps for its collectives and keeps no RNG or grammar.
+    samples = True
 
     def _update_requests(self, inp: RunnerInput) -> None:
         """Forget finished requests, then take in the new ones (a finished id may return)."""
@@ -48,13 +51,14 @@ class RequestStateMixin:
         for new in inp.new_requests:
             p = new.params
             grammar = None
-            if p.structured is not None:
+            if p.structured is not None and self.samples:
                 if self.token_vocabulary is None:
                     raise ValueError(f"request {new.request_id!r} has structured output, but the runner "
                                      "was given no token vocabulary (token_vocabulary)")
                 grammar = RowGrammar(self.token_vocabulary, p.structured.grammar, new.request_id)
             self._requests[new.request_id] = KeptRequest(
-                p, new.prompt_len, make_generator(p.seed, self.logits_device), launch_ahead_ok(p),
+                p, new.prompt_len, make_generator(p.seed, self.logits_device) if self.samples else None,
+                launch_ahead_ok(p),
                 needs_token_context(p), new.prompt_len + p.max_tokens, grammar)
 
     def _drop_request(self, request_id: str) -> None:
@@ -65,6 +69,8 @@ class RequestStateMixin:
                kept: list[KeptRequest] | None = None) -> RunnerOutput:
         """Sample one token per row of ``logits`` for ``rows`` (the sampled rows, in order;
         ``kept``: their requests' state, when the caller has looked it up already)."""
+        if not self.samples:
+            return RunnerOutput([], None)
         if kept is None:
             kept = self._kept(rows)
         prompts, outputs = [], []

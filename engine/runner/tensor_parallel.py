@@ -4,9 +4,9 @@ its slice (``engine.layers.parallel``) before anything is allocated, so it loads
 only its share. ``rank_spec`` is the model as one rank sees it (its heads, KV heads and
 MLP width; the vocabulary stays whole: the logits are gathered), which sizes its KV cache.
 
-The process side (one runner per rank, rank 0 scheduling and sampling, each step's
-``RunnerInput`` broadcast) builds on this; the transform itself runs anywhere a process
-group is set up, gloo on CPUs included.
+The processes (one runner per rank, rank 0 scheduling and sampling, each step's
+``RunnerInput`` sent to the others) are ``engine.runner.tp_host`` (rank 0) and
+``engine.runner.tp_worker`` (the others).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ def rank_spec(spec: ModelSpec, rank: int, world: int) -> ModelSpec:
     return dataclasses.replace(spec, num_heads=heads, num_kv_heads=kv, intermediate_size=inter)
 
 
-def shard_transform(rank: int, world: int, group=None):
+def shard_transform(tp: TPGroup):
     """The transform that shards a ``LlamaForCausalLM`` (on the meta device) for rank
-    ``rank`` of ``world`` in process group ``group`` (None: the default one)."""
-    tp = TPGroup(rank, world, group)
+    ``tp.rank`` of ``tp.world``."""
+    rank, world = tp.rank, tp.world
 
     def transform(model: nn.Module) -> None:
         from engine.models.llama import LlamaAttention

@@ -80,6 +80,8 @@ def test_decode_with_hf_baseline_writes_rows(capsys, tmp_path):
         assert isinstance(r["ttft_ms"], float) and r["ttft_ms"] > 0
         # Same float32 weights, same prompts, greedy: every token must agree.
         assert r["match_tokens"] == r["output_len"]
+        if r["engine"] == "hearth":  # one device, no split
+            assert (r["split"], r["num_devices"]) == ("none", 1)
     # The table: a title, a header, one line per row, with the speed-up on Hearth's lines.
     lines = out.strip().splitlines()
     assert lines[0].startswith("shape:tiny on cpu")
@@ -262,3 +264,13 @@ def test_throughput_with_an_fp8_kv_cache_names_it_in_the_row(capsys, tmp_path):
     assert rc == 0, err
     (row,) = json.loads(out_file.read_text())["rows"]
     assert row["kv_cache_dtype"] == "float8_e4m3fn" and row["output_tok_s"] > 0
+
+
+def test_tensor_parallel_rows_say_how_many_ranks_ran(capsys, tmp_path):
+    out_file = tmp_path / "tp.json"
+    rc, _, err = run_cli(capsys, "bench", "--shape", "tiny", "--devices", "cpu,cpu", "--split", "tensor",
+                         "--suite", "decode", "--batch", "1", "--output-len", "4", "--json", out_file, "--quiet")
+    assert rc == 0, err
+    (row,) = json.loads(out_file.read_text())["rows"]
+    assert (row["engine"], row["split"], row["num_devices"]) == ("hearth", "tensor", 2)
+    assert row["decode_tok_s"] > 0

@@ -24,6 +24,7 @@ def forward(path: str, rank: int, world: int, init_file: str | None, out_file: s
     from engine.models.spec import ModelSpec
     from engine.runner.bring_up import build_on_meta, materialize_weights
     from engine.runner.model_runner import ModelRunner
+    from engine.layers.parallel import TPGroup
     from engine.runner.tensor_parallel import shard_transform
 
     torch.set_num_threads(1)
@@ -34,7 +35,8 @@ def forward(path: str, rank: int, world: int, init_file: str | None, out_file: s
         from pathlib import Path
 
         spec = ModelSpec.from_config(json.loads((Path(path) / "config.json").read_text()))
-        transforms = [shard_transform(rank, world)] if world > 1 or shard_world_one else []
+        tp = TPGroup(rank, world, torch.distributed.group.WORLD if world > 1 else None)
+        transforms = [shard_transform(tp)] if world > 1 or shard_world_one else []
         model = build_on_meta(spec, torch.float32, 256, transforms)
         materialize_weights(model, Path(path), torch.device("cpu"), 0)
         apply_kernel_plan(model, KernelPlan.for_backend(get_backend("torch")))

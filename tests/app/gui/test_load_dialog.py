@@ -156,3 +156,21 @@ def test_the_device_picker_lists_the_gpus_and_takes_a_layer_split(qtbot, gui_env
     # The saved split names a GPU this machine doesn't have: the start-up load leaves it out.
     assert "devices" not in saved_load_options(gui_env["settings"], _choices(False))
     assert "No CUDA GPU here" in _dialog(qtbot, gui_env, "acme/tiny-chat", gpu=False).gpu_list.text()
+
+
+def test_the_split_mode_picks_tensor_parallel_and_is_saved(qtbot, gui_env):
+    from app.gui.load_dialog import saved_load_options
+
+    dlg = _dialog(qtbot, gui_env, "acme/tiny-chat", gpu=True)
+    assert not dlg.split_mode.isEnabled()  # one device: nothing to split
+    dlg.devices.setText("cpu,cpu")
+    assert dlg.split_mode.isEnabled() and dlg.split_mode.currentData() == "layer"
+    dlg.split_ratio.setText("1,3")
+    dlg.split_mode.setCurrentIndex(dlg.split_mode.findData("tensor"))
+    assert not dlg.split_ratio.isEnabled()  # tensor parallel splits every layer evenly
+    opts = dlg.options()
+    assert (opts["devices"], opts["split"], opts["split_ratio"]) == ("cpu,cpu", "tensor", None)
+    assert dlg.config().model.split == "tensor"
+    dlg._accept()
+    saved = saved_load_options(gui_env["settings"], _choices(True))
+    assert (saved["devices"], saved["split"], saved["split_ratio"]) == ("cpu,cpu", "tensor", None)

@@ -1,0 +1,312 @@
+"""Tensor parallel's processes, rank 0's side (issue 18, ``--split tensor``).
+
+Rank 0 is the engine's own process: the scheduler, the sampler and its shard of the
+model (``TensorParallelRunner``, a ``ModelRunner`` whose steps are sent to the other
+ranks first). Every other rank is a worker process started for the load
+(``engine.runner.tp_worker``: a plain subprocess, so the desktop app's engine process,
+itself a daemonic child, can start it), holding its shard on its device and running the
+same steps in the same order: their collectives (gloo on CPUs, NCCL on GPUs, through
+``ProcessGroup`` objects of this load only, so a second tensor-parallel load in the same
+process gets its own group) pair up.
+
+The wire: each worker connects back to a ``multiprocessing.connection`` listener on
+127.0.0.1 (a random key), says hello, gets the load's arguments, brings its runner up,
+then says ready (or the error that stopped it) and takes calls: each step's
+``RunnerInput`` (``execute``), scores and warm-ups, then ``exit``. Nothing is sent back
+per step: the steps wait on each other inside the collectives only.
+
+A rank that dies (killed, out of memory, a failed step) fails the step it was in on every
+rank: gloo raises at once when a peer's socket closes; rank 0 then names the rank and why
+it ended (``EngineDeadError``: reload the model), and every later step is refused at once.
+Releasing the runner (an unload, a reload, a failed load, the engine's shutdown) ends
+every worker: asked first, killed after ``EXIT_WAIT_S``. A worker whose parent is gone
+exits on its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, Listener
+
+import torch
+
+from engine.errors import EngineDeadError, HearthError, ModelLoadError
+from engine.layers.parallel import TPGroup
+from engine.runner.model_runner import ModelRunner
+
+log = logging.getLogger("hearth.loader")
+
+#: How long a collective may wait for a rank that is alive but stuck (a hung GPU), and
+#: how long the workers have to start and connect.
+COLLECTIVE_TIMEOUT_S = 600
+CONNECT_TIMEOUT_S = 180
+#: How long a worker has to exit when asked before it is killed.
+EXIT_WAIT_S = 10
+
+
+def process_group(backend: str, store, rank: int, world: int, device: torch.device):
+    """This load's process group (not torch's default one): gloo or NCCL."""
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    if backend == "gloo":
+        return torch.distributed.ProcessGroupGloo(store, rank, world, timeout)
+    torch.cuda.set_device(device)
+    opts = torch.distributed.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return torch.distributed.ProcessGroupNCCL(store, rank, world, opts)
+
+
+class Ranks:
+    """Rank 0's handles on the worker processes: their connections, and why one ended."""
+
+    def __init__(self, devices: tuple[str, ...]) -> None:
+        self.devices = devices
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.conns: dict[int, Connection] = {}
+        self.failure: str | None = None  # set once a rank is known dead: every step refused
+        self._listener: Listener | None = None
+        self._key = secrets.token_bytes(16)
+        self.store = None
+
+    # -- start -------------------------------------------------------------------------
+    def start(self, store_port: int) -> None:
+        """Start ranks 1.. and wait until each has connected (CONNECT_TIMEOUT_S)."""
+        self._listener = Listener(("127.0.0.1", 0), authkey=self._key)
+        host, port = self._listener.address
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+               "HEARTH_TP_CONNECT": f"{host}:{port}", "HEARTH_TP_KEY": self._key.hex()}
+        for rank in range(1, len(self.devices)):
+            self.procs[rank] = subprocess.Popen([sys.executable, "-m", "engine.runner.tp_worker", str(rank)],
+                                                env=env, stdin=subprocess.DEVNULL)
+        accepted: list[Connection] = []
+        errors: list[BaseException] = []
+
+        def accept() -> None:
+            try:
+                for _ in self.procs:
+                    accepted.append(self._listener.accept())
+            except BaseException as e:  # the listener closed under it (a failed start)
+                errors.append(e)
+
+        thread = threading.Thread(target=accept, name="hearth-tp-accept", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while thread.is_alive():
+            thread.join(0.1)
+            gone = self._gone()
+            if gone is not None:
+                raise ModelLoadError(f"tensor parallel: {gone} before it connected; its log above says why.")
+            if time.monotonic() > deadline:
+                raise ModelLoadError(f"tensor parallel: the worker processes did not connect within "
+                                     f"{CONNECT_TIMEOUT_S} s.")
+        if errors:
+            raise ModelLoadError(f"tensor parallel: could not accept the worker processes: {errors[0]}")
+        for conn in accepted:
+            hello = conn.recv()  # ("hello", rank)
+            self.conns[hello[1]] = conn
+
+    def send_load(self, args: dict) -> None:
+        for rank, conn in self.conns.items():
+            conn.send(("load", {**args, "rank": rank}))
+
+    def wait_ready(self, should_stop: Callable[[], bool] | None) -> None:
+        """Wait for every worker's bring-up to end; raise the first one's error."""
+        for rank, conn in sorted(self.conns.items()):
+            while not conn.poll(0.1):
+                if should_stop is not None and should_stop():
+                    from engine.errors import LoadCancelledError
+
+                    raise LoadCancelledError("loading cancelled")
+                gone = self._gone()
+                if gone is not None:
+                    raise ModelLoadError(f"tensor parallel: {gone} while loading; its log above says why.")
+            msg = self._recv(rank)
+            if msg[0] != "ready":
+                raise _worker_error(rank, self.devices[rank], msg)
+
+    # -- steps -------------------------------------------------------------------------
+    def call(self, name: str, *args, **kwargs) -> None:
+        """Have every worker run ``runner.<name>(*args, **kwargs)`` (no reply)."""
+        if self.failure is not None:
+            raise EngineDeadError(self.failure)
+        msg = ("call", name, args, kwargs)
+        for rank, conn in self.conns.items():
+            try:
+                conn.send(msg)
+            except (OSError, EOFError):
+                raise self.dead(None) from None
+
+    def why(self, error: BaseException | None) -> HearthError:
+        """What ended a rank, after rank 0 saw ``error`` (a collective a peer left, or
+        None): the worker's own report if it sent one (a user-worded error keeps its
+        type), else which rank ended and how."""
+        deadline = time.monotonic() + 2  # a peer's exit may lag its closed socket a little
+        while time.monotonic() < deadline:
+            reported = self._reported()
+            if reported is not None:
+                return reported
+            gone = self._gone()
+            if gone is not None:
+                return ModelLoadError(f"tensor parallel: {gone}; its log above says why")
+            time.sleep(0.05)
+        what = f"{type(error).__name__}: {error}" if error is not None else "a worker's connection closed"
+        return ModelLoadError(f"tensor parallel: a collective failed on rank 0 ({what})")
+
+    def dead(self, error: BaseException | None) -> EngineDeadError:
+        """The error for a step that failed, naming the rank and why; every later step
+        is refused at once."""
+        self.failure = f"{self.why(error).args[0]}. The model can't run on: reload it."
+        return EngineDeadError(self.failure)
+
+    def _reported(self) -> HearthError | None:
+        """A worker's own report of the error that ended it, if one came."""
+        for rank, conn in self.conns.items():
+            try:
+                if conn.poll(0):
+                    msg = conn.recv()
+                    if msg[0] == "error":
+                        return _worker_error(rank, self.devices[rank], msg)
+            except (OSError, EOFError):
+                continue
+        return None
+
+    def _gone(self) -> str | None:
+        for rank, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                return f"rank {rank} ({self.devices[rank]}) ended ({how})"
+        return None
+
+    def _recv(self, rank: int):
+        try:
+            return self.conns[rank].recv()
+        except (OSError, EOFError):
+            gone = self._gone() or f"rank {rank}'s connection closed"
+            raise ModelLoadError(f"tensor parallel: {gone}; its log above says why.") from None
+
+    # -- end ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """End every worker (asked, then killed after EXIT_WAIT_S) and the listener."""
+        for conn in self.conns.values():
+            try:
+                conn.send(("exit",))
+            except (OSError, EOFError, ValueError):
+                pass
+        deadline = time.monotonic() + EXIT_WAIT_S
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self.store = None
+
+
+def _worker_error(rank: int, device: str, msg) -> HearthError:
+    """A worker's ("error", kind, text) as the error rank 0 raises (a user-worded one
+    keeps its type)."""
+    from engine import errors
+
+    kind, text = msg[1], msg[2]
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, HearthError):
+        return cls(f"{text} (on tensor-parallel rank {rank}, {device})")
+    return ModelLoadError(f"tensor-parallel rank {rank} ({device}) failed: {kind}: {text}")
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's runner: each call that runs the model is sent to the other ranks first."""
+
+    ranks: Ranks | None = None
+
+    def execute(self, inp):
+        if not inp.rows and self.ranks is not None and self.ranks.failure is not None:
+            return super().execute(inp)  # only rank 0's bookkeeping (finished requests): nothing to refuse
+        return self._on_every_rank("execute", inp)
+
+    def score(self, token_ids, block_table, chunk: int, top: int = 0):
+        return self._on_every_rank("score", list(token_ids), list(block_table), chunk, top)
+
+    def warm_attention(self, max_tokens: int, should_stop=None) -> int:
+        return self._on_every_rank("warm_attention", max_tokens, should_stop=should_stop)
+
+    def _on_every_rank(self, name: str, *args, should_stop=None, **kwargs):
+        mine = getattr(super(), name)
+        if self.ranks is None:  # world size 1
+            return mine(*args, **kwargs) if should_stop is None else mine(*args, should_stop=should_stop)
+        self.ranks.call(name, *args, **kwargs)
+        try:
+            return mine(*args, **kwargs) if should_stop is None else mine(*args, should_stop=should_stop)
+        except HearthError:
+            raise
+        except Exception as e:  # a peer that left fails the collective: say which and why
+            raise self.ranks.dead(e) from e
+
+    def close_ranks(self) -> None:
+        if self.ranks is not None:
+            self.ranks.close()
+
+
+def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype,
+                   attention: str, max_model_len: int, progress=None, should_stop=None) -> TensorParallelRunner:
+    """A tensor-parallel load over ``config.model.devices``: check that the model divides,
+    start the other ranks, bring every rank up at once; returns rank 0's runner."""
+    from engine.runner.tensor_parallel import rank_spec
+
+    devices = config.model.devices
+    world = len(devices)
+    for rank in range(world):  # heads, KV heads, MLP width: refused before anything starts
+        rank_spec(spec, rank, world)
+    say = progress or (lambda msg: log.info(msg))
+    if world == 1:
+        runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
+                                             attention=attention, max_model_len=max_model_len,
+                                             tp=TPGroup(0, 1), progress=say, should_stop=should_stop)
+        runner.load_info["tensor_parallel"] = {"world": 1, "devices": list(devices), "backend": None}
+        return runner
+    backend = "gloo" if devices[0] == "cpu" else "nccl"
+    say(f"tensor parallel: starting {world - 1} more rank(s) ({', '.join(devices[1:])}, {backend})")
+    ranks = Ranks(devices)
+    runner = None
+    try:
+        ranks.store = store = torch.distributed.TCPStore("127.0.0.1", 0, world, is_master=True,
+                                                         wait_for_workers=False)
+        ranks.start(store.port)
+        ranks.send_load(dict(config=config, spec=spec, weights=weights, dtype=dtype, kv_dtype=kv_dtype,
+                             attention=attention, max_model_len=max_model_len, store_port=store.port,
+                             world=world, backend=backend, device=devices))
+        pg = process_group(backend, store, 0, world, device)
+        try:
+            runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype,
+                                                 kv_dtype=kv_dtype, attention=attention, max_model_len=max_model_len,
+                                                 tp=TPGroup(0, world, pg), progress=say, should_stop=should_stop)
+        except HearthError:
+            raise
+        except Exception as e:  # a collective a failed rank left: its own error says more
+            raise ranks.why(e) from e
+        ranks.wait_ready(should_stop)
+        runner.ranks = ranks
+        runner.load_info["tensor_parallel"] = {"world": world, "devices": list(devices), "backend": backend}
+        say(f"tensor parallel: {world} ranks ready")
+        return runner
+    except BaseException:
+        if runner is not None:
+            from engine.runner.lifecycle import release_runner
+
+            release_runner(runner)
+        ranks.close()
+        raise

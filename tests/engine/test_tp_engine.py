@@ -1,0 +1,180 @@
+"""Tensor parallel in the engine (issue 18, ``--split tensor``): rank 0 in the test's own
+process, rank 1 a worker process, over gloo on the CPU. Two ranks give one process's tokens
+and logprobs on every fixture family (GQA with one KV head replicated included), batched,
+with prefix-cache hits and preemption; world size 1 runs the same code path; a rank that
+dies fails the requests in flight with an error naming it, leaves no process behind, and
+the model loads again; what tensor parallel can't do is refused before anything starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine.api import Engine, InvalidRequestError, Request, SamplingParams
+from engine.errors import HearthError
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+LOGPROBS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5)
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 49152, (n,), generator=g).tolist()
+
+
+def load(path, **kw) -> Engine:
+    kw.setdefault("num_blocks", 96)
+    kw.setdefault("max_model_len", 256)
+    return Engine.load(str(path), dtype="float32", **kw)
+
+
+def run(engine: Engine, prompts, params=GREEDY):
+    handles = [engine.submit(Request(prompt_token_ids=p, params=params)) for p in prompts]
+    return [h.result() for h in handles]
+
+
+def workers(engine: Engine):
+    return list(engine.runner.ranks.procs.values())
+
+
+def assert_same(want, got, tol=1e-4):
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs or (), b.logprobs or ()):
+            assert la.token_id == lb.token_id
+            assert la.logprob == pytest.approx(lb.logprob, abs=tol)
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama-tied", "mistral", "qwen2", "qwen3"])
+def test_two_gloo_ranks_match_one_process(tiny_models, family):
+    prompts = [ids_of(n, seed=n) for n in (5, 37, 70)]
+    one = load(tiny_models[family], device="cpu")
+    try:
+        want = run(one, prompts, LOGPROBS)
+    finally:
+        one.shutdown()
+    tp = load(tiny_models[family], devices="cpu,cpu", split="tensor")
+    try:
+        assert tp.model_info.tensor_parallel == {"world": 2, "devices": ["cpu", "cpu"], "backend": "gloo"}
+        got = run(tp, prompts, LOGPROBS)
+        procs = workers(tp)
+    finally:
+        tp.shutdown()
+    assert_same(want, got)
+    assert all(p.poll() is not None for p in procs)  # the worker ended with the engine
+
+
+def test_tensor_parallel_batches_prefix_hits_preemption_sampling_and_scores(tiny_models):
+    from engine.evaluate import perplexity
+
+    path = tiny_models["llama3"]  # GQA
+    shared = ids_of(40, seed=1)
+    prompts = [shared + ids_of(n, seed=n) for n in (3, 9, 21)] + [ids_of(60, seed=7)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)
+    text = ids_of(150, seed=11)
+    one = load(path, device="cpu", num_blocks=128, block_size=8)
+    try:
+        want = [r.token_ids for r in run(one, prompts, params)]
+        want_sampled = run(one, prompts[:1], seeded)[0].token_ids
+        want_ppl = perplexity(one, text, window=64, stride=32).perplexity
+    finally:
+        one.shutdown()
+    # Few blocks: four sequences of 100 tokens can't all be held, so some are preempted.
+    tp = load(path, devices="cpu,cpu", split="tensor", num_blocks=30, block_size=8)
+    try:
+        got = [r.token_ids for r in run(tp, prompts, params)]
+        again = run(tp, prompts[:2], params)  # prefix-cache hits
+        stats = tp.stats()
+        sampled = run(tp, prompts[:1], seeded)[0].token_ids  # rank 0's sampler and RNG
+        ppl = perplexity(tp, text, window=64, stride=32).perplexity  # scores run on both ranks
+    finally:
+        tp.shutdown()
+    assert got == want
+    assert [r.token_ids for r in again] == want[:2]
+    assert all(r.cached_prompt_tokens > 0 for r in again)
+    assert stats.num_preemptions > 0
+    assert sampled == want_sampled
+    assert ppl == pytest.approx(want_ppl, rel=1e-4)
+
+
+def test_world_size_one_runs_the_tensor_parallel_path(tiny_models):
+    path = tiny_models["qwen2"]
+    prompts = [ids_of(n, seed=n) for n in (5, 37)]
+    one = load(path, device="cpu")
+    try:
+        want = run(one, prompts, LOGPROBS)
+    finally:
+        one.shutdown()
+    tp = load(path, devices="cpu", split="tensor")
+    try:
+        assert tp.model_info.tensor_parallel == {"world": 1, "devices": ["cpu"], "backend": None}
+        assert tp.runner.ranks is None and tp.runner.tp.world == 1
+        got = run(tp, prompts, LOGPROBS)
+    finally:
+        tp.shutdown()
+    assert_same(want, got)
+
+
+def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_models):
+    path = tiny_models["llama-tied"]
+    tp = load(path, devices="cpu,cpu", split="tensor")
+    try:
+        assert run(tp, [ids_of(8, seed=1)])[0].token_ids
+        (proc,) = workers(tp)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        r = run(tp, [ids_of(8, seed=2)])[0]
+        assert r.finish_reason == "error"
+        assert "rank 1 (cpu) ended (killed by signal 9)" in r.error and "reload" in r.error
+        later = run(tp, [ids_of(5, seed=3)])[0]  # refused at once: no step waits on the dead rank
+        assert later.finish_reason == "error" and "reload" in later.error
+    finally:
+        tp.shutdown()
+    again = load(path, devices="cpu,cpu", split="tensor")
+    try:
+        assert len(run(again, [ids_of(8, seed=1)])[0].token_ids) == GREEDY.max_tokens
+        procs = workers(again)
+    finally:
+        again.shutdown()
+    assert all(p.poll() is not None for p in procs)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(devices="cpu,cpu", split="tensor", quantization="int8"), "unquantized weights only"),
+    (dict(devices="cpu,cpu,cpu", split="tensor"), "divisible by 3"),
+    (dict(devices="cpu,cpu", split="tensor", split_ratio="1,2"), "--split-ratio sizes a layer split"),
+    (dict(devices="cpu,cpu", split="tensor", force_fallback=True), "native models only"),
+])
+def test_what_tensor_parallel_cannot_do_is_refused_before_it_starts(tiny_models, options, words):
+    before = time.monotonic()
+    with pytest.raises(HearthError) as e:
+        load(tiny_models["llama3"], **options)
+    assert words in str(e.value)
+    assert time.monotonic() - before < 30
+
+
+@pytest.mark.gpu
+def test_world_size_one_on_a_gpu_matches_the_plain_load_with_graphs(tiny_models):
+    """On a GPU: the tensor-parallel path at world size 1 captures its decode graphs,
+    launches greedy steps ahead (the broadcast of their tokens is the identity) and gives
+    the plain load's tokens (float32)."""
+    prompts = [ids_of(n, seed=n) for n in (5, 37, 70)]
+    path = tiny_models["llama3"]
+    one = load(path, device="cuda")
+    try:
+        want = run(one, prompts) + run(one, prompts[:1], LOGPROBS)
+    finally:
+        one.shutdown()
+    tp = load(path, devices="cuda:0", split="tensor")
+    try:
+        assert tp.model_info.cuda_graphs, tp.model_info.cuda_graphs_off
+        got = run(tp, prompts) + run(tp, prompts[:1], LOGPROBS)
+        assert tp.runner.graphs.replays > 0 and tp.runner.steps_ahead_used > 0
+    finally:
+        tp.shutdown()
+    assert_same(want, got, tol=2e-3)
