@@ -146,6 +146,7 @@ def slice_rows(module: MergedLinear, sources: dict[Hashable, tuple[int, int]]) -
     loader = partial(_sliced_rows_loader, offsets=dict(module.shard_offsets), sources=dict(sources))
     for param in module.parameters(recurse=False):
         set_weight_loader(param, loader)
+    module.tp_sources = dict(sources)  # (a quantized twin narrows its float tensors the same way)
     return module
 
 
@@ -205,7 +206,10 @@ class VocabParallelEmbedding(VocabEmbedding):
 
 
 class VocabParallelLMHead(Linear):
-    """The LM head's vocabulary rows of this rank; the logits gathered from every rank."""
+    """The LM head's vocabulary rows of this rank; the logits gathered from every rank
+    (kept in the model's dtype: weight quantization leaves it alone)."""
+
+    vocab_parallel = True
 
     def __init__(self, hidden_size: int, vocab_size: int, tp: TPGroup, *, dtype: torch.dtype | None = None,
                  weight: nn.Parameter | None = None) -> None:

@@ -273,11 +273,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             cc = config.cache
         weights = path if found.random_seed is None else RandomWeights(found.random_seed)
         if mc.devices is not None and mc.split == "tensor":
-            if quantization not in ("none", "bf16", "fp16"):
-                raise InvalidRequestError(
-                    f"tensor parallel shards unquantized weights only in this build, and this load is {quantization}: "
-                    "load it with --quant none (a GGUF file's weights then expand to float), or use --split layer.",
-                    options=("quantization", "split"))
+            check_tensor_parallel_quant(quantization, mc.quant_head)
             from engine.runner.tp_host import bring_up_ranks
 
             runner = bring_up_ranks(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
@@ -297,6 +293,19 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         release_runner(runner)
         raise
     return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix, config)
+
+
+def check_tensor_parallel_quant(quantization: str, quant_head: bool) -> None:
+    """Tensor parallel shards float weights, quantized to int8 or int4 as each rank's slice
+    streams in; pre-quantized formats (a GGUF's own blocks, AWQ/GPTQ packing, fp8,
+    bitsandbytes) and a quantized embedding are refused with what to load instead."""
+    if quantization in ("none", "bf16", "fp16", "int8", "int4") and not quant_head:
+        return
+    what = "a quantized embedding (--quant-head)" if quantization in ("int8", "int4") else quantization
+    raise InvalidRequestError(
+        f"tensor parallel shards float weights, quantized to int8 or int4 as they load; it can't shard {what} in "
+        "this build: load with --quant none, int8 or int4 (a GGUF file's weights then expand to float), or use "
+        "--split layer.", options=("quantization", "split"))
 
 
 def loaded_quantization(config: EngineConfig, path: Path | None, native: bool, device: torch.device | None = None,

@@ -270,8 +270,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
                 replace_module(model, name, QuantizedVocabEmbedding(
                     module.num_embeddings, module.embedding_dim, embed_source, module.weight.dtype))
             continue
-        if not isinstance(module, Linear):
-            continue
+        if not isinstance(module, Linear) or getattr(module, "vocab_parallel", False):
+            continue  # (a tensor-parallel rank's slice of the LM head stays float)
         if plan.published:
             # Quantized exactly where the checkpoint stores quantized tensors (its ignore
             # list, a float head): the first shard's first tensor tells.

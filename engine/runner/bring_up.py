@@ -76,12 +76,11 @@ def model_transforms(config: EngineConfig, weights: "WeightsSource | None" = Non
     path = weights if isinstance(weights, Path) else None
     plan = quantization_plan(mc.quantization, path, group_size=mc.quant_group_size, head=mc.quant_head,
                              float_head=mc.float_head)
-    out: list[Transform] = []
-    if tp is not None:
-        from engine.runner.tensor_parallel import shard_transform
+    if tp is None:
+        return [plan.transform()] if plan.quantizes else []
+    from engine.runner.tensor_parallel import shard_quantized, shard_transform
 
-        out.append(shard_transform(tp))
-    return out + [plan.transform()] if plan.quantizes else out
+    return [shard_transform(tp), plan.transform(), shard_quantized(tp)] if plan.quantizes else [shard_transform(tp)]
 
 
 def build_on_meta(spec: ModelSpec, dtype: torch.dtype, max_model_len: int,

@@ -102,6 +102,48 @@ def test_tensor_parallel_batches_prefix_hits_preemption_sampling_and_scores(tiny
     assert ppl == pytest.approx(want_ppl, rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def wide_mlp_models(tmp_path_factory, tokenizer_files):
+    """llama3 and qwen3 fixtures with an MLP of 128 (each rank's 64 columns: two int4 groups of 32)."""
+    import copy
+
+    from tests.conftest import family_configs, save_tiny
+
+    out = {}
+    for i, family in enumerate(("llama3", "qwen3")):
+        cfg = copy.deepcopy(family_configs()[family])
+        cfg.intermediate_size = 128
+        out[family] = save_tiny(cfg, tmp_path_factory.mktemp(f"wide-{family}"), tokenizer_files, seed=40 + i)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_int4_and_int8_weights_shard(wide_mlp_models, family, monkeypatch):
+    """Each rank quantizes its slice as it streams in and holds what one process would:
+    int4's groups fall on the same columns, int8's per-row scale is the whole row's (same
+    tokens and logprobs as one process, with the reference kernel's float activations: the
+    CPU kernel rounds them to int8 blocks, where the all-reduce's own rounding can flip a
+    code)."""
+    monkeypatch.setenv("HEARTH_QUANT_KERNEL", "reference")  # (the worker inherits it)
+    path = wide_mlp_models[family]
+    prompts = [ids_of(n, seed=n) for n in (5, 37)]
+    for quant in ("int4", "int8"):
+        group = dict(quant_group_size=32) if quant == "int4" else {}
+        # (float_head: a rank's slice of the LM head stays float; one process would make it int8)
+        one = load(path, device="cpu", quantization=quant, float_head=True, **group)
+        try:
+            want = run(one, prompts, LOGPROBS)
+        finally:
+            one.shutdown()
+        tp = load(path, devices="cpu,cpu", split="tensor", quantization=quant, **group)
+        try:
+            assert tp.model_info.quantization == quant and "int" in tp.model_info.quant_detail
+            got = run(tp, prompts, LOGPROBS)
+        finally:
+            tp.shutdown()
+        assert_same(want, got)
+
+
 def test_world_size_one_runs_the_tensor_parallel_path(tiny_models):
     path = tiny_models["qwen2"]
     prompts = [ids_of(n, seed=n) for n in (5, 37)]
@@ -145,7 +187,10 @@ def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_mode
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(devices="cpu,cpu", split="tensor", quantization="int8"), "unquantized weights only"),
+    (dict(devices="cpu,cpu", split="tensor", quantization="int8", quant_head=True), "can't shard a quantized embedding"),
+    (dict(devices="cpu,cpu", split="tensor", quantization="awq"), "can't shard awq"),
+    # each rank's 48 MLP columns: int4 groups of 32 don't fit (refused on the rank's slice)
+    (dict(devices="cpu,cpu", split="tensor", quantization="int4", quant_group_size=32), "its 48 input features"),
     (dict(devices="cpu,cpu,cpu", split="tensor"), "divisible by 3"),
     (dict(devices="cpu,cpu", split="tensor", split_ratio="1,2"), "--split-ratio sizes a layer split"),
     (dict(devices="cpu,cpu", split="tensor", force_fallback=True), "native models only"),
