@@ -31,7 +31,7 @@ from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, Lo
 from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, StepInfo,
                            Timings, TokenEvent, TokenLogprob, Usage)
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
-from engine.memory_plan import (DTYPE_BYTES, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
+from engine.memory_plan import (DTYPE_BYTES, DeviceShare, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
                                 format_bytes, kv_headroom, kv_pool_blocks)
 from engine.llm_engine import Engine
 # Peak allocator memory on a CUDA device, per measured span (``hearth compare``).
@@ -129,7 +129,7 @@ __all__ = [
     "StructuredOutput",
     "byte_token_ids",
     "CHOICE_KINDS", "Choice", "choice_names", "choice_name", "get_choice", "list_choices", "kv_bytes_per_value",
-    "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",
+    "DeviceShare", "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",
     "doctor_info", "gpu_memory", "load_choices", "model_display_name", "check_model", "release_memory",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",

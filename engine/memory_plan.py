@@ -105,6 +105,24 @@ def _size_arg(n: int) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceShare:
+    """One device's part of a load over several devices (``ModelCheck.devices``): what it
+    holds in words ("layers 0-15, embedding", "rank 1 of 2"), its weights, one full
+    context of its KV cache (the least the load accepts), and its free memory now (RAM
+    for a CPU; CPU entries share it)."""
+
+    device: str
+    holds: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    free_bytes: int
+
+    @property
+    def need_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ModelCheck:
     """What a load would take, found without loading it (``engine.api.check_model``,
     which sizes it by the rules above).
@@ -124,6 +142,8 @@ class ModelCheck:
     kv_cache_bytes: int
     free_bytes: int
     fits_beside: bool
+    # A load over several devices (--devices): each one's share (the sums above cover them all).
+    devices: tuple[DeviceShare, ...] = ()
 
     @property
     def need_bytes(self) -> int:

@@ -17,15 +17,17 @@ types another one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from PySide6.QtCore import QSettings
+import threading
+
+from PySide6.QtCore import QSettings, Signal
 from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
-                               QLabel, QLineEdit, QSpinBox, QVBoxLayout)
+                               QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout)
 
-from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, config_from_options, format_bytes,
-                        gpu_memory, list_choices, model_display_name)
+from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, ModelCheck, check_model,
+                        config_from_options, format_bytes, gpu_memory, list_choices, model_display_name)
 
 #: kind -> its choices on this machine (``engine.api.list_choices``), what the dialog lists.
 ChoiceTable = Mapping[str, Sequence[Choice]]
@@ -80,9 +82,15 @@ class LoadDialog(QDialog):
     """Ask how to load ``model_ref``; ``options()`` gives the dict for ``EngineBridge.load``
     (the load options: ``Engine.load``'s keywords), ``config()`` the validated EngineConfig."""
 
+    #: (the options' per-device estimate, as text) from the thread that sized it
+    splitFitReady = Signal(str)
+
     def __init__(self, model_ref: str, settings: QSettings, parent=None, choices: ChoiceTable | None = None,
-                 gpus: list[dict] | None = None) -> None:
+                 gpus: list[dict] | None = None, model_check: Callable[..., ModelCheck] | None = None) -> None:
+        """``model_check``: how the per-device estimate sizes a load (default
+        ``engine.api.check_model``: the load's own plan, without loading)."""
         super().__init__(parent)
+        self._model_check = model_check or check_model
         self.setWindowTitle(WINDOW_TITLE)
         self.setObjectName("loadDialog")
         self.settings = settings
@@ -164,6 +172,18 @@ class LoadDialog(QDialog):
         self.gpu_list.setWordWrap(True)
         self.gpu_list.setEnabled(False)
         form.addRow("", self.gpu_list)
+        # What each device would hold of this model with these options, and whether it fits.
+        self.split_fit = QPushButton("Estimate per device")
+        self.split_fit.setObjectName("loadSplitFit")
+        self.split_fit.setToolTip("Size the load over the devices above as it would run (each device's layers "
+                                  "or slice, weights and one full context of KV cache) against each one's free "
+                                  "memory, without loading it.")
+        self.split_fit.clicked.connect(self.estimate_split)
+        self.split_fit_result = QLabel()
+        self.split_fit_result.setObjectName("loadSplitFitResult")
+        self.split_fit_result.setWordWrap(True)
+        self.splitFitReady.connect(self.split_fit_result.setText)
+        form.addRow(self.split_fit, self.split_fit_result)
         self.devices.textChanged.connect(self._update_device_fields)
         self._update_device_fields()
         self.dtype = self._combo("loadDtype", "dtype", "load/dtype", "auto")
@@ -239,7 +259,38 @@ class LoadDialog(QDialog):
         split = bool(self.devices.text().strip())
         self.device.setEnabled(not split)
         self.split_mode.setEnabled(split)
+        if hasattr(self, "split_fit"):
+            self.split_fit.setEnabled(split)
+            self.split_fit_result.clear()  # an estimate of other options
         self.split_ratio.setEnabled(split and self.split_mode.currentData() == "layer")
+
+    def estimate_split(self) -> threading.Thread | None:
+        """Size the chosen split on a worker thread (finding the model may read the disk or
+        the Hub); its per-device lines replace the result label when done."""
+        try:
+            opts = self.options()
+            config_from_options(**opts)  # a bad field is said at once, in the same words as on accept
+        except HearthError as e:
+            self.split_fit_result.setText(str(e))
+            return None
+        self.split_fit_result.setText("estimating...")
+        model = opts.pop("model")
+
+        def work() -> None:
+            try:
+                text = split_fit_text(self._model_check(model, **opts))
+            except HearthError as e:
+                text = str(e)
+            except Exception as e:  # noqa: BLE001 - said in the dialog, never raised on a worker thread
+                text = f"could not estimate: {type(e).__name__}: {e}"
+            try:
+                self.splitFitReady.emit(text)
+            except RuntimeError:  # the dialog closed meanwhile
+                pass
+
+        thread = threading.Thread(target=work, name="hearth-split-fit", daemon=True)
+        thread.start()
+        return thread
 
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""
@@ -325,6 +376,21 @@ def save_load_options(settings: QSettings, opts: dict) -> None:
     settings.setValue("load/devices", opts.get("devices") or "")
     settings.setValue("load/split_ratio", opts.get("split_ratio") or "")
     settings.setValue("load/split", opts.get("split") or "layer")
+
+
+def split_fit_text(check: ModelCheck) -> str:
+    """One line per device of a split load's check: what it holds, what that takes against
+    its free memory, and whether it fits (CPU entries share the RAM)."""
+    lines = []
+    for share in check.devices:
+        need, free = share.need_bytes, share.free_bytes
+        if share.device == "cpu":
+            need = sum(s.need_bytes for s in check.devices if s.device == "cpu")
+        verdict = "won't fit" if need > free else "tight" if need > 0.9 * free else "fits"
+        lines.append(f"{share.device} ({share.holds}): {format_bytes(share.need_bytes)} (weights "
+                     f"{format_bytes(share.weights_bytes)} + KV {format_bytes(share.kv_cache_bytes)}) of "
+                     f"{format_bytes(share.free_bytes)} free: {verdict}")
+    return "\n".join(lines) or "one device: nothing to split"
 
 
 def gpu_summary(gpus: list[dict]) -> str:

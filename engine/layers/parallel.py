@@ -35,8 +35,10 @@ class TPGroup:
     groups, one per tensor-parallel load; None only at world size 1, where every
     collective is the identity)."""
 
-    def __init__(self, rank: int, world: int, pg=None) -> None:
-        if world > 1 and pg is None:
+    def __init__(self, rank: int, world: int, pg=None, *, sizing: bool = False) -> None:
+        """``sizing``: a group for building a rank's model on the meta device only, to
+        count what it holds (no process group; its collectives can't run)."""
+        if world > 1 and pg is None and not sizing:
             raise ValueError("a tensor-parallel group of several ranks needs its process group")
         self.rank, self.world, self.pg = rank, world, pg
 

@@ -29,7 +29,7 @@ from engine.loader.choices import check_load_choices
 from engine.loader.engine_loader import (context_length, find_model, kv_block_size, kv_cache_dtype, native_spec,
                                          own_tokenizer)
 from engine.loader.weights import read_metadata
-from engine.memory_plan import (ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
+from engine.memory_plan import (DeviceShare, ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
                                 kv_pool_blocks)
 from engine.models.summary import SpecSummary
 from engine.runner.memory import kv_too_small
@@ -57,6 +57,8 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
             # Only the headers are read: a truncated or corrupt file (an interrupted
             # download) is refused now, not after the loaded model was given up for it.
             read_metadata(found.path)
+        if mc.devices is not None:
+            return _check_split(config, found, spec, dtype, kv_dtype, max_model_len, loaded_device)
         from engine.runner.bring_up import model_transforms, transformed_weight_bytes
 
         block_size = kv_block_size(choices.attention, cc.block_size)
@@ -126,6 +128,71 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
         beside_ok = False  # the pool takes the rest of the card: never beside another model
     fits_beside = reclaim == 0 or (device.type == "cpu" and beside_ok and calibration + headroom <= free)
     return ModelCheck(found.name, str(device), int(weights), int(kv), int(free), fits_beside)
+
+
+def _check_split(config: EngineConfig, found, spec, dtype: torch.dtype, kv_dtype: torch.dtype, max_model_len: int,
+                 loaded_device: str | None) -> ModelCheck:
+    """``check_model`` of a load over several devices: each device's share as the load
+    plans it (a layer split: ``plan_placement``'s ranges, weights and one full context of
+    KV per layer; tensor parallel: each rank's sharded model), refused as the load would
+    refuse it when a device can't hold its share."""
+    from engine.runner.bring_up import build_on_meta, load_bytes, model_transforms
+
+    mc = config.model
+    sizing, _ = _sizing(config, found)
+    kv_token = spec.kv_bytes_per_token(kv_dtype.itemsize)
+    shares = []
+    if mc.split == "tensor":
+        from engine.layers.parallel import TPGroup
+        from engine.loader.engine_loader import check_tensor_parallel_quant, loaded_quantization
+
+        check_tensor_parallel_quant(loaded_quantization(config, found.path, True), mc.quant_head)
+        world = len(mc.devices)
+        for rank, name in enumerate(mc.devices):
+            model = build_on_meta(spec, dtype, max_model_len,
+                                  model_transforms(sizing, found.path, TPGroup(rank, world, sizing=True)))
+            d = torch.device(name)
+            shares.append(DeviceShare(name, f"rank {rank} of {world}: 1/{world} of every layer",
+                                      load_bytes(model, d.type),
+                                      model.spec.kv_bytes_per_token(kv_dtype.itemsize) * max_model_len,
+                                      free_memory_bytes(d)[0]))
+    else:
+        from engine.runner.layer_split import plan_placement
+        from engine.split import head_device_index
+
+        model = build_on_meta(spec, dtype, max_model_len, model_transforms(sizing, found.path))
+        placement = plan_placement(model, config, kv_token_bytes=kv_token, max_model_len=max_model_len,
+                                   attention={"cuda": "auto", "cpu": "torch"})
+        plan = placement.split
+        kv_layer = kv_token // spec.num_layers * max_model_len
+        head = head_device_index(plan.devices)
+        for i, (name, r, total) in enumerate(zip(plan.devices, plan.ranges, plan.bytes_per_device)):
+            holds = [f"layers {r.start}-{r.stop - 1}"]
+            if i == 0 and not spec.tie_word_embeddings:
+                holds.append("embedding")
+            if i == head:
+                holds.append("LM head" + (" and embedding" if spec.tie_word_embeddings else ""))
+            kv = len(r) * kv_layer
+            shares.append(DeviceShare(name, ", ".join(holds), total - kv, kv, free_memory_bytes(torch.device(name))[0]))
+    _refuse_short_devices(shares)
+    gpus = {s.device: s.free_bytes for s in shares}
+    return ModelCheck(found.name, ",".join(mc.devices), sum(s.weights_bytes for s in shares),
+                      sum(s.kv_cache_bytes for s in shares), sum(gpus.values()),
+                      not any(_same_device(loaded_device, torch.device(d)) for d in mc.devices), tuple(shares))
+
+
+def _refuse_short_devices(shares: list[DeviceShare]) -> None:
+    """A GPU whose share (weights and one context of KV) exceeds its free memory, or CPU
+    entries whose shares together exceed the RAM available, refused naming the device."""
+    cpu = [s for s in shares if s.device == "cpu"]
+    short = [(s.device, s.need_bytes, s.free_bytes) for s in shares if s.device != "cpu" and s.need_bytes > s.free_bytes]
+    if cpu and sum(s.need_bytes for s in cpu) > cpu[0].free_bytes:
+        short.append(("cpu", sum(s.need_bytes for s in cpu), cpu[0].free_bytes))
+    if short:
+        what = "; ".join(f"{d} needs {gib(n)} (weights and one full context of KV cache) but has {gib(f)} free"
+                         for d, n, f in short)
+        raise OutOfMemoryError(f"the model does not fit its devices: {what}. Add a device, pick a smaller "
+                               "quantization or a shorter context, or free memory.", options=("devices",))
 
 
 def _sizing(config: EngineConfig, found) -> tuple[EngineConfig, bool]:

@@ -223,3 +223,27 @@ def test_world_size_one_on_a_gpu_matches_the_plain_load_with_graphs(tiny_models)
     finally:
         tp.shutdown()
     assert_same(want, got, tol=2e-3)
+
+
+def test_the_pre_flight_sizes_each_device_of_a_split(tiny_models, monkeypatch):
+    """``check_model`` of a split sizes each device as the load plans it, and refuses a
+    device that can't hold its share, naming it (the single-device check would have
+    compared the whole model with the first device)."""
+    from engine.api import OutOfMemoryError, check_model
+
+    path = str(tiny_models["llama3"])
+    one = check_model(path, device="cpu", dtype="float32", max_model_len=256)
+    tp = check_model(path, devices="cpu,cpu", split="tensor", dtype="float32", max_model_len=256)
+    assert [s.holds for s in tp.devices] == ["rank 0 of 2: 1/2 of every layer", "rank 1 of 2: 1/2 of every layer"]
+    # each rank: half of every layer and of the vocabulary, half the KV heads
+    assert tp.weights_bytes == pytest.approx(one.weights_bytes, rel=0.01)
+    assert tp.devices[0].weights_bytes == tp.devices[1].weights_bytes
+    assert tp.devices[0].kv_cache_bytes == 256 * 2 * 2 * 2 * 16 * 4  # tokens x K,V x layers x heads x dim x fp32
+    layer = check_model(path, devices="cpu,cpu", split_ratio="1,1", dtype="float32", max_model_len=256)
+    assert [s.holds for s in layer.devices] == ["layers 0-0, embedding", "layers 1-1, LM head"]
+    assert layer.weights_bytes == one.weights_bytes
+    import engine.loader.load_check as load_check
+
+    monkeypatch.setattr(load_check, "free_memory_bytes", lambda d: (100_000, 200_000))
+    with pytest.raises(OutOfMemoryError, match=r"cpu needs .* but has"):
+        check_model(path, devices="cpu,cpu", split="tensor", dtype="float32", max_model_len=256)

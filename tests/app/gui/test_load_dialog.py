@@ -174,3 +174,30 @@ def test_the_split_mode_picks_tensor_parallel_and_is_saved(qtbot, gui_env):
     dlg._accept()
     saved = saved_load_options(gui_env["settings"], _choices(True))
     assert (saved["devices"], saved["split"], saved["split_ratio"]) == ("cpu,cpu", "tensor", None)
+
+
+def test_the_per_device_estimate_sizes_the_chosen_split(qtbot, gui_env):
+    from engine.api import DeviceShare, ModelCheck
+
+    asked = []
+
+    def check(model, **opts):
+        asked.append((model, opts["devices"], opts["split"]))
+        gib = 2**30
+        return ModelCheck("tiny", "cuda:0,cpu", 30 * gib, 2 * gib, 150 * gib, False, (
+            DeviceShare("cuda:0", "layers 0-29, embedding, LM head", 28 * gib, 2 * gib, 120 * gib),
+            DeviceShare("cpu", "layers 30-31", 2 * gib, gib // 8, 2 * gib)))
+
+    dlg = LoadDialog("acme/tiny-chat", gui_env["settings"], choices=_choices(True), gpus=[H200], model_check=check)
+    qtbot.addWidget(dlg)
+    assert not dlg.split_fit.isEnabled()  # one device: nothing to estimate
+    dlg.devices.setText("cuda:0,cpu")
+    assert dlg.split_fit.isEnabled()
+    dlg.estimate_split().join(10)
+    qtbot.waitUntil(lambda: "cpu (" in dlg.split_fit_result.text(), timeout=5000)
+    lines = dlg.split_fit_result.text().splitlines()
+    assert lines[0].startswith("cuda:0 (layers 0-29, embedding, LM head): 30.0 GiB") and lines[0].endswith("fits")
+    assert lines[1].startswith("cpu (layers 30-31)") and lines[1].endswith("won't fit")
+    assert asked == [("acme/tiny-chat", "cuda:0,cpu", "layer")]
+    dlg.split_ratio.setText("1,2,3")  # a bad option is said at once, without sizing anything
+    assert dlg.estimate_split() is None and "3 shares for 2 devices" in dlg.split_fit_result.text()
