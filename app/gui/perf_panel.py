@@ -17,8 +17,8 @@ machine the page competes with the engine for the same cores:
 Time on every chart is seconds since the panel started or was cleared.
 
 With an NVIDIA GPU the memory chart stacks weights, KV cache and "other" on the GPU that
-holds the model, under that GPU's used and total lines (other GPUs: used and total only).
-Without one (NVML missing, no driver) it shows process RSS (split the same way when the
+holds the model, under that GPU's used and total lines (other GPUs: used and total only);
+the numbers row gives each GPU's VRAM and how busy it is (NVML's utilisation). Without one (NVML missing, no driver) it shows process RSS (split the same way when the
 model is on the CPU) and system RAM, adds a CPU chart, and a label says why.
 
 Pause freezes the charts and the numbers row, but recording goes on: on resume the charts
@@ -275,8 +275,10 @@ class PerfPanel(QWidget):
         if last is None:
             memory = "—"
         elif gpu_mode:
+            # Each GPU's VRAM and how busy NVML says it is (a split load: every GPU it uses).
             memory = "  ".join(f"{'GPU%d ' % g.index if len(last.gpus) > 1 else ''}"
                                f"{g.used_bytes / GIB:.1f} / {g.total_bytes / GIB:.1f} GiB"
+                               + ("" if g.util_pct is None else f", {g.util_pct:.0f} % busy")
                                for g in last.gpus)
         else:
             memory = (f"RSS {last.process_rss_bytes / GIB:.2f} GiB · RAM "

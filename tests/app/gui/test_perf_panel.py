@@ -97,11 +97,12 @@ def test_a_tick_puts_every_value_on_its_curve(qtbot):
     assert not panel.curves["rss"].isVisible() and panel.curves["weights"].isVisible()
     texts = {k: v.text() for k, v in panel.values.items()}
     assert texts == {"ttft": "120 ms", "decode": "55.5 tok/s", "aggregate": "123.5 tok/s",
-                     "kv": "25 %", "memory": "30.0 / 80.0 GiB"}
+                     "kv": "25 %", "memory": "30.0 / 80.0 GiB, 50 % busy"}
 
 
 def test_two_ticks_append_and_the_split_follows_the_model(qtbot):
-    nvml = FakeNvml([dict(name="A", used=5 * GIB, total=24 * GIB), dict(name="B", used=20 * GIB, total=48 * GIB)])
+    nvml = FakeNvml([dict(name="A", used=5 * GIB, total=24 * GIB, util=7),
+                     dict(name="B", used=20 * GIB, total=48 * GIB, util=93)])
     panel, bridge = make_panel(qtbot, nvml)
     panel.tick()  # no model yet: GPU lines only, no bands
     bridge.modelLoaded.emit(fake_info(device="cuda:1"))
@@ -115,7 +116,7 @@ def test_two_ticks_append_and_the_split_follows_the_model(qtbot):
     bridge.modelUnloaded.emit()
     panel.tick()
     assert ydata(panel, "weights")[-1] == 0.0 and math.isnan(ydata(panel, "kv_pct")[-1])
-    assert panel.values["memory"].text() == "GPU0 5.0 / 24.0 GiB  GPU1 22.0 / 48.0 GiB"
+    assert panel.values["memory"].text() == "GPU0 5.0 / 24.0 GiB, 7 % busy  GPU1 22.0 / 48.0 GiB, 93 % busy"
 
 
 def test_the_timer_samples_on_its_own(qtbot):
