@@ -38,6 +38,6 @@ def test_gpu_fields_round_trip_with_their_integer_keys():
     back = ModelInfo.from_dict(json.loads(json.dumps(info.to_dict())))
     assert back == info and back.prompt_graph_ms[128] == [0.5, 0.7] and back.cuda_graph_routes == {24: 32}
     # A newer Hearth's extra key is ignored; a missing field every load sets is not.
-    assert ModelInfo.from_dict({**info.to_dict(), "tensor_parallel": 2}) == info
+    assert ModelInfo.from_dict({**info.to_dict(), "pipeline_stages": 2}) == info
     with pytest.raises(ValueError, match="weight_bytes"):
         ModelInfo.from_dict({k: v for k, v in info.to_dict().items() if k != "weight_bytes"})
