@@ -188,7 +188,9 @@ class RowParallelSwiGLUDown(_RowParallel, SwiGLUDownLinear):
 
 class VocabParallelEmbedding(VocabEmbedding):
     """Vocabulary rows ``[start, start + rows)``; ids outside them look up zeros, and the
-    ranks' lookups are summed."""
+    ranks' lookups are summed (kept in the model's dtype: weight quantization leaves it alone)."""
+
+    vocab_parallel = True
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp: TPGroup, *,
                  dtype: torch.dtype | None = None) -> None:

@@ -296,16 +296,18 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
 
 
 def check_tensor_parallel_quant(quantization: str, quant_head: bool) -> None:
-    """Tensor parallel shards float weights, quantized to int8 or int4 as each rank's slice
-    streams in; pre-quantized formats (a GGUF's own blocks, AWQ/GPTQ packing, fp8,
-    bitsandbytes) and a quantized embedding are refused with what to load instead."""
-    if quantization in ("none", "bf16", "fp16", "int8", "int4") and not quant_head:
-        return
-    what = "a quantized embedding (--quant-head)" if quantization in ("int8", "int4") else quantization
-    raise InvalidRequestError(
-        f"tensor parallel shards float weights, quantized to int8 or int4 as they load; it can't shard {what} in "
-        "this build: load with --quant none, int8 or int4 (a GGUF file's weights then expand to float), or use "
-        "--split layer.", options=("quantization", "split"))
+    """Tensor parallel shards every quantization Hearth reads into its canonical layout
+    (int8/int4/fp8 on load, AWQ/GPTQ/compressed-tensors/fp8 checkpoints, a GGUF's
+    projections: ``engine.runner.tensor_parallel.shard_quantized``); bitsandbytes (its own
+    modules) and a quantized embedding (``quant_head``) are refused with what to load instead."""
+    if quantization.startswith("bnb-"):
+        raise InvalidRequestError(
+            f"tensor parallel can't shard bitsandbytes' {quantization} layers (they are bitsandbytes' own "
+            "modules): load with --quant none, int8 or int4, or use --split layer.", options=("quantization", "split"))
+    if quant_head:
+        raise InvalidRequestError(
+            "tensor parallel splits the embedding and LM head by vocabulary rows in float: drop --quant-head, or "
+            "use --split layer.", options=("quant_head", "split"))
 
 
 def loaded_quantization(config: EngineConfig, path: Path | None, native: bool, device: torch.device | None = None,

@@ -260,6 +260,9 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, TiedLMHead):
             continue  # follows its embedding, below
+        if getattr(module, "vocab_parallel", False):  # a tensor-parallel rank's slice of the vocabulary
+            _refuse_quantized_vocab(plan, default, name)
+            continue
         if isinstance(module, VocabEmbedding):
             if plan.method == "gguf":
                 embed_source = plan.sources.get(name)
@@ -270,8 +273,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
                 replace_module(model, name, QuantizedVocabEmbedding(
                     module.num_embeddings, module.embedding_dim, embed_source, module.weight.dtype))
             continue
-        if not isinstance(module, Linear) or getattr(module, "vocab_parallel", False):
-            continue  # (a tensor-parallel rank's slice of the LM head stays float)
+        if not isinstance(module, Linear):
+            continue
         if plan.published:
             # Quantized exactly where the checkpoint stores quantized tensors (its ignore
             # list, a float head): the first shard's first tensor tells.
@@ -297,6 +300,23 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
     head = getattr(model, "lm_head", None)
     if isinstance(head, TiedLMHead) and embed_source is not None:
         replace_module(model, "lm_head", QuantizedTiedHead(model.get_submodule(_embedding_name(model))))
+
+
+def _refuse_quantized_vocab(plan: QuantPlan, default: QuantSource | None, name: str) -> None:
+    """Tensor parallel splits the embedding and LM head by vocabulary rows in float: a
+    checkpoint that stores them quantized (a GGUF's token embedding, a published format's
+    head) is refused, naming the tensor (quantizing them on load: ``quant_head``, refused
+    by the loader)."""
+    if plan.method == "gguf":
+        stored = plan.sources.get(name)
+    elif plan.published and default is not None:
+        stored = default if f"{name}.{default.parts[0]}" in plan.names else None
+    else:
+        stored = None
+    if stored is not None:
+        raise InvalidRequestError(f"{name} is stored quantized ({stored.label}), and tensor parallel splits the "
+                                  "embedding and LM head in float only: load with --quant none, or use --split layer.",
+                                  options=("quantization", "split"))
 
 
 def _embedding_name(model: nn.Module) -> str:

@@ -12,13 +12,16 @@ The processes (one runner per rank, rank 0 scheduling and sampling, each step's
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from functools import partial
 
 from torch import nn
 
+from engine.errors import InvalidRequestError
 from engine.layers.parallel import (RowParallelLinear, RowParallelSwiGLUDown, TPGroup, VocabParallelEmbedding,
                                     VocabParallelLMHead, kv_heads_of_rank, sharded_gate_up, sharded_qkv, split_even)
-from engine.errors import InvalidRequestError
 from engine.models.spec import ModelSpec
+from engine.quant.qweight import PACK_BLOCK, QuantizedWeight
 
 
 def rank_spec(spec: ModelSpec, rank: int, world: int) -> ModelSpec:
@@ -56,11 +59,19 @@ def shard_transform(tp: TPGroup):
                                                      dtype)
             layer.mlp.down_proj = RowParallelSwiGLUDown(mine.intermediate_size, spec.hidden_size, tp,
                                                         rank * mine.intermediate_size, spec.mlp_bias, dtype=dtype)
+            # (what a quantized twin of each loads: ``shard_quantized``)
             prefix = f"model.layers.{i}"
-            slices[f"{prefix}.self_attn.qkv_proj"] = ("rows", attn.qkv_proj.tp_sources)
-            slices[f"{prefix}.mlp.gate_up_proj"] = ("rows", layer.mlp.gate_up_proj.tp_sources)
-            slices[f"{prefix}.self_attn.o_proj"] = ("columns", rank * mine.q_size, spec.o_bias)
-            slices[f"{prefix}.mlp.down_proj"] = ("columns", rank * mine.intermediate_size, spec.mlp_bias)
+            kv_rows = spec.num_kv_heads * spec.head_dim
+            slices[f"{prefix}.self_attn.qkv_proj"] = _Slice(
+                "rows", spec.hidden_size, sources=attn.qkv_proj.tp_sources,
+                full_rows={"q": spec.num_heads * spec.head_dim, "k": kv_rows, "v": kv_rows})
+            slices[f"{prefix}.mlp.gate_up_proj"] = _Slice(
+                "rows", spec.hidden_size, sources=layer.mlp.gate_up_proj.tp_sources,
+                full_rows={0: spec.intermediate_size, 1: spec.intermediate_size})
+            slices[f"{prefix}.self_attn.o_proj"] = _Slice("columns", spec.num_heads * spec.head_dim,
+                                                          start=rank * mine.q_size, bias=spec.o_bias)
+            slices[f"{prefix}.mlp.down_proj"] = _Slice("columns", spec.intermediate_size,
+                                                       start=rank * mine.intermediate_size, bias=spec.mlp_bias)
         embed = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp, dtype=dtype)
         model.model.embed_tokens = embed
         model.lm_head = VocabParallelLMHead(spec.hidden_size, spec.vocab_size, tp, dtype=dtype,
@@ -72,59 +83,92 @@ def shard_transform(tp: TPGroup):
     return transform
 
 
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    """What of each full checkpoint tensor a sharded projection holds: ``rows`` (by
+    shard: ``sources[shard]`` = (first row, rows) of the ``full_rows[shard]`` the
+    checkpoint has) or ``columns`` (``start`` on, as many as the module has, of
+    ``full_in``); ``bias``: a row-parallel projection's."""
+
+    how: str
+    full_in: int
+    sources: dict | None = None
+    full_rows: dict | None = None
+    start: int = 0
+    bias: bool = False
+
+
 def shard_quantized(tp: TPGroup):
     """The transform after weight quantization (``engine.quant.transform``) on a sharded
     model: each projection it replaced with a ``QuantizedLinear`` (built with this rank's
-    sizes) gets this rank's rows or columns of the full float tensor before quantizing it
-    as it streams in, and a row-parallel one its all-reduce back. Each rank so holds what
-    one process would: int4's groups along the inputs fall on the same columns (a rank's
-    column range is whole groups), and int8's one scale per output channel is the whole
-    row's (the full row quantized, this rank's codes kept)."""
+    sizes) reads each full checkpoint tensor into Hearth's canonical quantized layout as
+    one process would (quantizing a float tensor, or converting a published format's or a
+    GGUF's blocks) and keeps this rank's rows or columns of it
+    (``engine.quant.qweight.QuantizedWeight``: rows are whole, columns whole groups and
+    int4 packing blocks); a row-parallel one gets its all-reduce back. Each rank so holds
+    exactly its slice of the one-process weights (int8's per-row scale is the whole row's)."""
     def transform(model: nn.Module) -> None:
         from engine.layers.quant_linear import QuantizedLinear
 
-        for name, how in getattr(model, "tp_slices", {}).items():
+        for name, where in getattr(model, "tp_slices", {}).items():
             module = model.get_submodule(name)
             if not isinstance(module, QuantizedLinear):
                 continue
-            if how[0] == "rows":
-                module.load_part = _narrowed(module.load_part, lambda t, shard, src=how[1]: t.narrow(0, *src[shard]))
-                continue
-            _, start, bias = how
-            if bias:
-                raise InvalidRequestError(f"{name} has a bias: tensor parallel with quantized weights can't add it "
-                                          "once after the all-reduce yet; load with --quant none.",
-                                          options=("quantization",))
-            cols = module.in_features
-            if getattr(module.source, "group_size", None) == 0:  # one scale per output row: the whole row's, as in one process
-                module.load_part = _per_channel_slice(module, start)
-            else:
-                module.load_part = _narrowed(module.load_part, lambda t, shard, a=start, n=cols: t.narrow(1, a, n))
-            module.register_forward_hook(lambda _m, _args, out: tp.all_reduce(out))
+            if where.how == "columns":
+                if where.bias:
+                    raise InvalidRequestError(f"{name} has a bias: tensor parallel with quantized weights can't "
+                                              "add it once after the all-reduce yet; load with --quant none.",
+                                              options=("quantization",))
+                module.register_forward_hook(lambda _m, _args, out: tp.all_reduce(out))
+            module._write_shard = partial(_write_slice, module, where, name)
 
     return transform
 
 
-def _per_channel_slice(module, start: int):
-    """``load_part`` of a row-parallel projection with one scale per output row: quantize
-    the full float rows (their scales), keep this rank's columns of the codes."""
-    from engine.quant.qweight import QuantizedWeight
+def _write_slice(module, where: _Slice, name: str, shard_id) -> None:
+    """``QuantizedLinear._write_shard`` of a tensor-parallel rank: the full tensor into the
+    canonical layout, then this rank's part of it into the module."""
+    parts = module._pending.pop(shard_id)
+    start, rows = module.shard_offsets[shard_id]
+    dev = module.qweight.device
+    parts = {k: v.to(dev) for k, v in parts.items()}
+    if where.how == "rows":
+        first, n = where.sources[shard_id]
+        qw = slice_rows(module.source.to_weight(parts, where.full_rows[shard_id], where.full_in), first, n)
+    else:
+        qw = slice_columns(module.source.to_weight(parts, rows, where.full_in), where.start, module.in_features)
+    if qw.perm is not None:
+        raise InvalidRequestError(f"{name}: a GPTQ act-order (desc_act) checkpoint can't be split by tensor "
+                                  "parallel (its input permutation spans the ranks): use --split layer.",
+                                  options=("split",))
+    module._copy_rows(qw, start, rows)
 
-    load_part, cols = module.load_part, module.in_features
 
-    def load(key, tensor, shard_id):
-        if key != "weight":
-            return load_part(key, tensor, shard_id)
-        rows = tensor.shape[0]
-        full = module.source.to_weight({"weight": tensor.to(module.qweight.device)}, rows, tensor.shape[1])
-        mine = QuantizedWeight(full.bits, cols, full.qweight.narrow(1, start, cols).contiguous(), full.scales,
-                               full.mins, None, fmt=full.fmt)
-        module._copy_rows(mine, 0, rows)
-    return load
+def slice_rows(qw: QuantizedWeight, first: int, n: int) -> QuantizedWeight:
+    """Output rows ``[first, first + n)`` of a canonical quantized weight."""
+    def rows(t):
+        return None if t is None else t.narrow(0, first, n).contiguous()
+    return QuantizedWeight(qw.bits, qw.group_size, rows(qw.qweight), rows(qw.scales), rows(qw.mins), qw.perm,
+                           fmt=qw.fmt)
 
 
-def _narrowed(load_part, narrow):
-    """``load_part`` that takes this rank's part of a float ``weight`` first."""
-    def load(key, tensor, shard_id):
-        return load_part(key, narrow(tensor, shard_id) if key == "weight" else tensor, shard_id)
-    return load
+def slice_columns(qw: QuantizedWeight, start: int, cols: int) -> QuantizedWeight:
+    """Inputs ``[start, start + cols)`` of a canonical quantized weight: whole groups (one
+    scale per row stays the row's, now for ``cols`` inputs), int4's packed bytes by their
+    blocks of 32 inputs."""
+    k, g = qw.in_features, qw.group_size
+    per_row = g == k
+    if not per_row and (start % g or cols % g):
+        raise InvalidRequestError(f"tensor parallel: a rank's inputs [{start}, {start + cols}) don't fall on whole "
+                                  f"groups of {g}: use another group size or rank count, or --split layer.",
+                                  options=("devices", "split"))
+    if qw.bits == 4 and qw.fmt == "int" and (start % PACK_BLOCK or cols % PACK_BLOCK):
+        raise InvalidRequestError(f"tensor parallel: int4 needs each rank's inputs in blocks of {PACK_BLOCK}: "
+                                  "use another rank count, or --split layer.", options=("devices", "split"))
+    packed = 2 if qw.bits == 4 and qw.fmt == "int" else 1
+    codes = qw.qweight.narrow(1, start // packed, cols // packed).contiguous()
+
+    def groups(t):
+        return None if t is None else t if per_row else t.narrow(1, start // g, cols // g).contiguous()
+    return QuantizedWeight(qw.bits, cols if per_row else g, codes, groups(qw.scales), groups(qw.mins), qw.perm,
+                           fmt=qw.fmt)

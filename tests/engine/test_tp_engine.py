@@ -104,13 +104,14 @@ def test_tensor_parallel_batches_prefix_hits_preemption_sampling_and_scores(tiny
 
 @pytest.fixture(scope="module")
 def wide_mlp_models(tmp_path_factory, tokenizer_files):
-    """llama3 and qwen3 fixtures with an MLP of 128 (each rank's 64 columns: two int4 groups of 32)."""
+    """llama3, qwen3 and llama-tied fixtures with an MLP of 128 (each rank's 64 columns: two
+    int4 groups of 32)."""
     import copy
 
     from tests.conftest import family_configs, save_tiny
 
     out = {}
-    for i, family in enumerate(("llama3", "qwen3")):
+    for i, family in enumerate(("llama3", "qwen3", "llama-tied")):
         cfg = copy.deepcopy(family_configs()[family])
         cfg.intermediate_size = 128
         out[family] = save_tiny(cfg, tmp_path_factory.mktemp(f"wide-{family}"), tokenizer_files, seed=40 + i)
@@ -138,6 +139,32 @@ def test_int4_and_int8_weights_shard(wide_mlp_models, family, monkeypatch):
         tp = load(path, devices="cpu,cpu", split="tensor", quantization=quant, **group)
         try:
             assert tp.model_info.quantization == quant and "int" in tp.model_info.quant_detail
+            got = run(tp, prompts, LOGPROBS)
+        finally:
+            tp.shutdown()
+        assert_same(want, got)
+
+
+def test_published_checkpoints_shard_as_written(wide_mlp_models, tmp_path, monkeypatch):
+    """A GPTQ (int4, groups of 32) and a compressed-tensors (int8 per channel) checkpoint
+    written by ``hearth quantize``: each rank reads every tensor into the canonical layout
+    and keeps its slice, giving one process's tokens and logprobs."""
+    from engine.api import quantize_model
+
+    monkeypatch.setenv("HEARTH_QUANT_KERNEL", "reference")  # float activations (see above)
+    prompts = [ids_of(n, seed=n) for n in (5, 37)]
+    for quant, layout, group in (("int4", "gptq", 32), ("int8", "compressed-tensors", None)):
+        out = tmp_path / layout
+        quantize_model(str(wide_mlp_models["llama-tied"]), out, quantization=quant, layout=layout, group_size=group)
+        one = load(out, device="cpu")
+        try:
+            want = run(one, prompts, LOGPROBS)
+            method = one.model_info.quantization
+        finally:
+            one.shutdown()
+        tp = load(out, devices="cpu,cpu", split="tensor")
+        try:
+            assert tp.model_info.quantization == method != "none"
             got = run(tp, prompts, LOGPROBS)
         finally:
             tp.shutdown()
@@ -187,8 +214,8 @@ def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_mode
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(devices="cpu,cpu", split="tensor", quantization="int8", quant_head=True), "can't shard a quantized embedding"),
-    (dict(devices="cpu,cpu", split="tensor", quantization="awq"), "can't shard awq"),
+    (dict(devices="cpu,cpu", split="tensor", quantization="int8", quant_head=True), "drop --quant-head"),
+    (dict(devices="cpu,cpu", split="tensor", quantization="int4", quant_head=True), "drop --quant-head"),
     # each rank's 48 MLP columns: int4 groups of 32 don't fit (refused on the rank's slice)
     (dict(devices="cpu,cpu", split="tensor", quantization="int4", quant_group_size=32), "its 48 input features"),
     (dict(devices="cpu,cpu,cpu", split="tensor"), "divisible by 3"),
