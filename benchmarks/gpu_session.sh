@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -201,6 +201,11 @@ case "$what" in tp)  # issue 18 on one GPU: the tensor-parallel tests, then the 
     hearth bench --shape llama-8b --suite decode,throughput --batch 1 --output-len 256 $flags \
       --json "$OUT/bench-8b-tp-$mode.json" "$@" 2>&1 | grep -E "tensor parallel|^suite|^decode|^throughput|rror"
   done ;;
+esac
+case "$what" in regress)  # after runner changes: the GPU tests of kernels, fast path, splits, TP and quantization
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 tests/kernels tests/engine/test_gpu_fast_path.py \
+    tests/engine/test_tp_engine.py tests/engine/test_layer_split.py tests/quant -m gpu 2>&1 \
+    | tee "$OUT/gpu_regress_tests.log" | tail -12 ;;
 esac
 case "$what" in serve)  # the server over HTTP beside the engine offline (the wheels of prepare_carry.sh);
   # the SmolLM2 tokenizer gives the 8B shape text, for the JSON-schema row
