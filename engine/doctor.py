@@ -180,8 +180,9 @@ def split_modes(gpus: int) -> dict[str, list[str]]:
     return {
         # Two CPU "devices" always can (to try it); GPU + CPU needs a GPU, GPU + GPU two.
         "layer": [],
-        # One rank per GPU over NCCL (or two CPU ranks over gloo, to try it); unquantized weights.
-        "tensor": [] if gpus >= 2 else ["one rank per GPU: needs two GPUs (--devices cpu,cpu tries it on the CPU)"],
+        # One rank per GPU over NCCL (or CPU ranks over gloo, to try it).
+        "tensor": [] if gpus >= 2 else ["one rank per GPU: splitting needs two GPUs (one runs the same path at "
+                                        "world size 1; --devices cpu,cpu tries it on the CPU)"],
     }
 
 

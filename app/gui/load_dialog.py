@@ -159,8 +159,7 @@ class LoadDialog(QDialog):
         self.split_mode.setCurrentIndex(max(0, self.split_mode.findData(saved_mode)))
         self.split_mode.setToolTip("Layer split: each device runs its own layers in turn (any devices, the CPU "
                                    "last included). Tensor parallel: each GPU holds a slice of every layer and "
-                                   "they meet in an all-reduce twice per layer (GPUs of one kind, fast links; "
-                                   "unquantized weights).")
+                                   "they meet in an all-reduce twice per layer (GPUs of one kind, fast links).")
         form.addRow(FIELD_LABELS["split"], self.split_mode)
         self.split_mode.currentIndexChanged.connect(self._update_device_fields)
         self.split_ratio = QLineEdit(str(settings.value("load/split_ratio", "") or ""))

@@ -18,7 +18,8 @@ Time on every chart is seconds since the panel started or was cleared.
 
 With an NVIDIA GPU the memory chart stacks weights, KV cache and "other" on the GPU that
 holds the model, under that GPU's used and total lines (other GPUs: used and total only);
-the numbers row gives each GPU's VRAM and how busy it is (NVML's utilisation). Without one (NVML missing, no driver) it shows process RSS (split the same way when the
+the numbers row gives each GPU's VRAM and how busy it is (NVML's utilisation). Without one
+(NVML missing, no driver) it shows process RSS (split the same way when the
 model is on the CPU) and system RAM, adds a CPU chart, and a label says why.
 
 Pause freezes the charts and the numbers row, but recording goes on: on resume the charts

@@ -18,6 +18,7 @@ another module.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -41,16 +42,27 @@ class TPGroup:
         if world > 1 and pg is None and not sizing:
             raise ValueError("a tensor-parallel group of several ranks needs its process group")
         self.rank, self.world, self.pg = rank, world, pg
+        self._local = False
+
+    @contextmanager
+    def local(self):
+        """Within it the projections skip their collectives and give this rank's partial
+        results: for work each rank does on its own, in its own order (timing kernels)."""
+        self._local = True
+        try:
+            yield
+        finally:
+            self._local = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks, in place."""
-        if self.world > 1:
+        if self.world > 1 and not self._local:
             self.pg.allreduce([x]).wait()
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` [rows, cols] side by side: [rows, world * cols]."""
-        if self.world == 1:
+        if self.world == 1 or self._local:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world)]
         self.pg.allgather([parts], [x.contiguous()]).wait()

@@ -29,8 +29,8 @@ from engine.loader.choices import check_load_choices
 from engine.loader.engine_loader import (context_length, find_model, kv_block_size, kv_cache_dtype, native_spec,
                                          own_tokenizer)
 from engine.loader.weights import read_metadata
-from engine.memory_plan import (DeviceShare, ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem, kv_headroom,
-                                kv_pool_blocks)
+from engine.memory_plan import (DeviceShare, ModelCheck, context_blocks, cpu_kv_budget, explicit_kv_problem,
+                                kv_headroom, kv_pool_blocks)
 from engine.models.summary import SpecSummary
 from engine.runner.memory import kv_too_small
 
@@ -142,6 +142,19 @@ def _check_split(config: EngineConfig, found, spec, dtype: torch.dtype, kv_dtype
     sizing, _ = _sizing(config, found)
     kv_token = spec.kv_bytes_per_token(kv_dtype.itemsize)
     shares = []
+    if any(d != "cpu" for d in mc.devices):  # from NVML: asking torch would make a CUDA context on each GPU here
+        from engine.doctor import gpus
+
+        gpu_mem = {f"cuda:{g['index']}": (g["free_bytes"], g["total_bytes"]) for g in gpus()}
+    else:
+        gpu_mem = {}
+
+    def memory_of(name: str) -> tuple[int, int]:
+        return gpu_mem[name] if name in gpu_mem else free_memory_bytes(torch.device(name))
+
+    def free_of(name: str) -> int:
+        return memory_of(name)[0]
+
     if mc.split == "tensor":
         from engine.layers.parallel import TPGroup
         from engine.loader.engine_loader import check_tensor_parallel_quant, loaded_quantization
@@ -155,14 +168,14 @@ def _check_split(config: EngineConfig, found, spec, dtype: torch.dtype, kv_dtype
             shares.append(DeviceShare(name, f"rank {rank} of {world}: 1/{world} of every layer",
                                       load_bytes(model, d.type),
                                       model.spec.kv_bytes_per_token(kv_dtype.itemsize) * max_model_len,
-                                      free_memory_bytes(d)[0]))
+                                      free_of(name)))
     else:
         from engine.runner.layer_split import plan_placement
         from engine.split import head_device_index
 
         model = build_on_meta(spec, dtype, max_model_len, model_transforms(sizing, found.path))
         placement = plan_placement(model, config, kv_token_bytes=kv_token, max_model_len=max_model_len,
-                                   attention={"cuda": "auto", "cpu": "torch"})
+                                   attention={"cuda": "auto", "cpu": "torch"}, gpu_memory=memory_of)
         plan = placement.split
         kv_layer = kv_token // spec.num_layers * max_model_len
         head = head_device_index(plan.devices)
@@ -173,7 +186,7 @@ def _check_split(config: EngineConfig, found, spec, dtype: torch.dtype, kv_dtype
             if i == head:
                 holds.append("LM head" + (" and embedding" if spec.tie_word_embeddings else ""))
             kv = len(r) * kv_layer
-            shares.append(DeviceShare(name, ", ".join(holds), total - kv, kv, free_memory_bytes(torch.device(name))[0]))
+            shares.append(DeviceShare(name, ", ".join(holds), total - kv, kv, free_of(name)))
     _refuse_short_devices(shares)
     gpus = {s.device: s.free_bytes for s in shares}
     return ModelCheck(found.name, ",".join(mc.devices), sum(s.weights_bytes for s in shares),
@@ -185,7 +198,8 @@ def _refuse_short_devices(shares: list[DeviceShare]) -> None:
     """A GPU whose share (weights and one context of KV) exceeds its free memory, or CPU
     entries whose shares together exceed the RAM available, refused naming the device."""
     cpu = [s for s in shares if s.device == "cpu"]
-    short = [(s.device, s.need_bytes, s.free_bytes) for s in shares if s.device != "cpu" and s.need_bytes > s.free_bytes]
+    short = [(s.device, s.need_bytes, s.free_bytes) for s in shares
+             if s.device != "cpu" and s.need_bytes > s.free_bytes]
     if cpu and sum(s.need_bytes for s in cpu) > cpu[0].free_bytes:
         short.append(("cpu", sum(s.need_bytes for s in cpu), cpu[0].free_bytes))
     if short:

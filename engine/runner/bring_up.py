@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,10 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
         materialize_weights(model, weights, device, need, should_stop, say)
         plan = KernelPlan.for_backend(backend)
         apply_kernel_plan(model, plan)
+        if tp is not None:
+            from engine.runner.tensor_parallel import reduce_row_parallel
+
+            reduce_row_parallel(model, tp)
         runner = runner_cls(model, spec, device, dtype, cc.block_size, attention, plan,
                             enforce_eager=config.enforce_eager, kv_dtype=kv_dtype)
         runner.tp = tp
@@ -219,17 +223,21 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
         graphs = runner.graphs_reason() is None
         count = None
         if tp is not None and tp.world > 1:  # every rank holds the same blocks: the fewest any can
+            # CPU ranks share the RAM; no rank captures prompt graphs (capture_graphs)
+            ranks_config = replace(config, cache=replace(
+                cc, cpu_memory_fraction=cc.cpu_memory_fraction / tp.world))
+
             def count() -> int:
-                return tp.agree_min([kv_blocks(config, device, runner.kv_block_bytes(), max_model_len,
+                return tp.agree_min([kv_blocks(ranks_config, device, runner.kv_block_bytes(), max_model_len,
                                                peak_bytes=lambda n: activation_peak_bytes(runner, n),
-                                               graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p))
+                                               graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, 0))
                                                if graphs else None)], device)[0]
         size_kv_cache(runner, config, device, runner.kv_block_bytes(), max_model_len, info, say, stop,
                       peak_bytes=lambda n: activation_peak_bytes(runner, n),
                       graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p)) if graphs else None,
                       count=count)
         stop()
-        if device.type == "cpu" and tp is None:  # (the C step has no collectives)  # batch-1 decode in one C call, over the cache just allocated
+        if device.type == "cpu" and tp is None:  # batch-1 decode in one C call (no collectives), over the new cache
             from engine.runner.cpu_step import CpuDecodeStep
 
             runner.cpu_step, reason = CpuDecodeStep.build(runner)
@@ -346,6 +354,8 @@ def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[
                 say("decode graphs timed: " + ", ".join(f"batches up to {b} run in the {r} graph"
                                                         for b, r in sorted(routes.items())))
         except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
+            if ranks:  # the other ranks are in this capture's collectives: they can't carry on alone
+                raise
             log.warning("CUDA graph capture failed, running eagerly: %s", e)
             runner.graphs = runner.prompt_graphs = None
             torch.cuda.empty_cache()

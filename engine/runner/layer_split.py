@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,10 +105,11 @@ class Placement:
 
 
 def plan_placement(model: nn.Module, config: EngineConfig, *, kv_token_bytes: int, max_model_len: int,
-                   attention: dict[str, str]) -> Placement:
+                   attention: dict[str, str], gpu_memory: Callable[[str], tuple[int, int]] | None = None) -> Placement:
     """The placement of ``model`` (built and transformed on the meta device) over
     ``config.model.devices``. ``kv_token_bytes``: one token's K/V over all layers;
-    ``attention``: the backend for each device type ("cuda", "cpu").
+    ``attention``: the backend for each device type ("cuda", "cpu"); ``gpu_memory``: as
+    ``device_room`` takes it.
 
     Raises:
         InvalidRequestError: the devices can't hold the model (by how much), or fewer
@@ -126,7 +128,7 @@ def plan_placement(model: nn.Module, config: EngineConfig, *, kv_token_bytes: in
     embed_bytes = module_bytes(model.model.embed_tokens)
     tail = module_bytes(model.model.norm) + (embed_bytes if tied else load_bytes(model.lm_head, worst_type))
     first, last = (0, tail) if tied else (embed_bytes, tail)
-    room = None if mc.split_ratio is not None else device_room(names, config.cache.memory_fraction)
+    room = None if mc.split_ratio is not None else device_room(names, config.cache.memory_fraction, gpu_memory)
     split = plan_layer_split(names, spec.num_layers, layer_bytes, first, last, room=room, ratio=mc.split_ratio)
     devices = tuple(torch.device(d) for d in names)
     layer_devices = tuple(torch.device(split.device_of(i)) for i in range(spec.num_layers))
@@ -167,11 +169,13 @@ def read_bandwidth(device: torch.device, nbytes: int = 256 * 2**20) -> float:
     return nbytes / best
 
 
-def device_room(names: tuple[str, ...], memory_fraction: float) -> tuple[int, ...]:
+def device_room(names: tuple[str, ...], memory_fraction: float,
+                gpu_memory: Callable[[str], tuple[int, int]] | None = None) -> tuple[int, ...]:
     """Bytes each device of a split may fill with weights and KV cache: a GPU's free
     memory within ``memory_fraction`` of it, less the headroom an explicit KV size must
     leave (activations, the runtime); the CPU's available RAM less that headroom, shared
-    by the ``cpu`` entries."""
+    by the ``cpu`` entries. ``gpu_memory``: a GPU's (free, total) by name (default: torch's,
+    which makes a CUDA context on it)."""
     out = []
     cpus = sum(n == "cpu" for n in names)
     for name in names:
@@ -180,7 +184,7 @@ def device_room(names: tuple[str, ...], memory_fraction: float) -> tuple[int, ..
             total = free_memory_bytes(torch.device("cpu"))[1]
             out.append(max(0, free - kv_headroom(total)) // cpus)
         else:
-            free, total = free_memory_bytes(torch.device(name))
+            free, total = gpu_memory(name) if gpu_memory is not None else free_memory_bytes(torch.device(name))
             out.append(max(0, min(free, int(total * memory_fraction)) - kv_headroom(total)))
     return tuple(out)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -116,10 +117,13 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         from engine.runner.gemv_tuning import tune_gemv
 
         chosen: dict[str, list[str]] = {}
-        for d in self._gpus():
-            for kind, name in tune_gemv(self.model, d, progress).items():
-                if name not in chosen.setdefault(kind, []):
-                    chosen[kind].append(name)
+        # Tensor parallel: each rank times its own slices, without collectives (the ranks'
+        # timings, retries and choices differ; a collective would pair them out of step).
+        with self.tp.local() if self.tp is not None else nullcontext():
+            for d in self._gpus():
+                for kind, name in tune_gemv(self.model, d, progress).items():
+                    if name not in chosen.setdefault(kind, []):
+                        chosen[kind].append(name)
         return {kind: " | ".join(names) for kind, names in chosen.items()}
 
     def _gpus(self) -> list[torch.device]:

@@ -105,8 +105,10 @@ def shard_quantized(tp: TPGroup):
     one process would (quantizing a float tensor, or converting a published format's or a
     GGUF's blocks) and keeps this rank's rows or columns of it
     (``engine.quant.qweight.QuantizedWeight``: rows are whole, columns whole groups and
-    int4 packing blocks); a row-parallel one gets its all-reduce back. Each rank so holds
-    exactly its slice of the one-process weights (int8's per-row scale is the whole row's)."""
+    int4 packing blocks). Each rank so holds
+    exactly its slice of the one-process weights (int8's per-row scale is the whole row's;
+    int4's groups, auto: the largest of 128/64/32 dividing each rank's inputs, are one
+    process's where that size divides them too). Their all-reduce: ``reduce_row_parallel``."""
     def transform(model: nn.Module) -> None:
         from engine.layers.quant_linear import QuantizedLinear
 
@@ -119,10 +121,21 @@ def shard_quantized(tp: TPGroup):
                     raise InvalidRequestError(f"{name} has a bias: tensor parallel with quantized weights can't "
                                               "add it once after the all-reduce yet; load with --quant none.",
                                               options=("quantization",))
-                module.register_forward_hook(lambda _m, _args, out: tp.all_reduce(out))
             module._write_shard = partial(_write_slice, module, where, name)
 
     return transform
+
+
+def reduce_row_parallel(model: nn.Module, tp: TPGroup) -> None:
+    """After the kernel plan (which may swap a quantized projection for a float one): every
+    row-parallel projection that isn't one of ``engine.layers.parallel``'s own (a quantized
+    one, or its float stand-in) sums its output over the ranks."""
+    from engine.layers.parallel import _RowParallel
+
+    for name, where in getattr(model, "tp_slices", {}).items():
+        module = model.get_submodule(name)
+        if where.how == "columns" and not isinstance(module, _RowParallel):
+            module.register_forward_hook(lambda _m, _args, out: tp.all_reduce(out))
 
 
 def _write_slice(module, where: _Slice, name: str, shard_id) -> None:

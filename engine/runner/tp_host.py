@@ -16,8 +16,12 @@ then says ready (or the error that stopped it) and takes calls: each step's
 per step: the steps wait on each other inside the collectives only.
 
 A rank that dies (killed, out of memory, a failed step) fails the step it was in on every
-rank: gloo raises at once when a peer's socket closes; rank 0 then names the rank and why
-it ended (``EngineDeadError``: reload the model), and every later step is refused at once.
+rank: a watch thread on rank 0 sees the process end and aborts the process group (NCCL
+would otherwise wait out its timeout; gloo also raises when a peer's socket closes); rank
+0 then names the rank and why it ended (``EngineDeadError``: reload the model), and every
+later step is refused at once. Any error of a step on rank 0 is fatal the same way (the
+others would wait in a collective it never reaches). The workers ignore Ctrl+C (their own
+session): a terminal's interrupt stops an answer, not the model.
 Releasing the runner (an unload, a reload, a failed load, the engine's shutdown) ends
 every worker: asked first, killed after ``EXIT_WAIT_S``. A worker whose parent is gone
 exits on its own.
@@ -38,7 +42,7 @@ from multiprocessing.connection import Connection, Listener
 
 import torch
 
-from engine.errors import EngineDeadError, HearthError, ModelLoadError
+from engine.errors import EngineDeadError, HearthError, LoadCancelledError, ModelLoadError
 from engine.layers.parallel import TPGroup
 from engine.runner.model_runner import ModelRunner
 
@@ -74,6 +78,8 @@ class Ranks:
         self._listener: Listener | None = None
         self._key = secrets.token_bytes(16)
         self.store = None
+        self.pg = None  # rank 0's process group, once made (aborted when a rank dies)
+        self._closing = threading.Event()
 
     # -- start -------------------------------------------------------------------------
     def start(self, store_port: int) -> None:
@@ -83,8 +89,10 @@ class Ranks:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                "HEARTH_TP_CONNECT": f"{host}:{port}", "HEARTH_TP_KEY": self._key.hex()}
         for rank in range(1, len(self.devices)):
+            # A session of its own: the terminal's Ctrl+C is for rank 0 (stop an answer), not them.
             self.procs[rank] = subprocess.Popen([sys.executable, "-m", "engine.runner.tp_worker", str(rank)],
-                                                env=env, stdin=subprocess.DEVNULL)
+                                                env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        threading.Thread(target=self._watch, name="hearth-tp-watch", daemon=True).start()
         accepted: list[Connection] = []
         errors: list[BaseException] = []
 
@@ -112,6 +120,44 @@ class Ranks:
             hello = conn.recv()  # ("hello", rank)
             self.conns[hello[1]] = conn
 
+    def _watch(self) -> None:
+        """Abort the process group as soon as a worker ends unasked: a collective waiting
+        for it then fails at once instead of after the timeout (NCCL never notices)."""
+        while not self._closing.wait(0.2):
+            if self._gone() is not None:
+                pg = self.pg
+                if pg is not None:
+                    try:
+                        pg.abort()
+                    except Exception:  # noqa: BLE001 - best effort: the step still fails by its timeout
+                        log.debug("could not abort the process group", exc_info=True)
+                return
+
+    def make_group(self, backend: str, device: torch.device, should_stop: Callable[[], bool] | None):
+        """Rank 0's process group, made on a thread while the workers are watched: one that
+        failed before making its own would otherwise hold rank 0 in the rendezvous until
+        the timeout."""
+        made: list = []
+
+        def make() -> None:
+            try:
+                made.append(process_group(backend, self.store, 0, len(self.devices), device))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                made.append(e)
+
+        thread = threading.Thread(target=make, name="hearth-tp-group", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if should_stop is not None and should_stop():
+                raise LoadCancelledError("loading cancelled")
+            if self._gone() is not None:
+                raise self.why(None)
+        if isinstance(made[0], BaseException):
+            raise self.why(made[0])
+        self.pg = made[0]
+        return self.pg
+
     def send_load(self, args: dict) -> None:
         for rank, conn in self.conns.items():
             conn.send(("load", {**args, "rank": rank}))
@@ -121,8 +167,6 @@ class Ranks:
         for rank, conn in sorted(self.conns.items()):
             while not conn.poll(0.1):
                 if should_stop is not None and should_stop():
-                    from engine.errors import LoadCancelledError
-
                     raise LoadCancelledError("loading cancelled")
                 gone = self._gone()
                 if gone is not None:
@@ -157,7 +201,7 @@ class Ranks:
                 return ModelLoadError(f"tensor parallel: {gone}; its log above says why")
             time.sleep(0.05)
         what = f"{type(error).__name__}: {error}" if error is not None else "a worker's connection closed"
-        return ModelLoadError(f"tensor parallel: a collective failed on rank 0 ({what})")
+        return ModelLoadError(f"tensor parallel: rank 0 ({self.devices[0]}) failed: {what}")
 
     def dead(self, error: BaseException | None) -> EngineDeadError:
         """The error for a step that failed, naming the rank and why; every later step
@@ -195,6 +239,7 @@ class Ranks:
     # -- end ---------------------------------------------------------------------------
     def close(self) -> None:
         """End every worker (asked, then killed after EXIT_WAIT_S) and the listener."""
+        self._closing.set()
         for conn in self.conns.values():
             try:
                 conn.send(("exit",))
@@ -213,7 +258,7 @@ class Ranks:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        self.store = None
+        self.store = self.pg = None
 
 
 def _worker_error(rank: int, device: str, msg) -> HearthError:
@@ -222,9 +267,10 @@ def _worker_error(rank: int, device: str, msg) -> HearthError:
     from engine import errors
 
     kind, text = msg[1], msg[2]
+    options = tuple(msg[3]) if len(msg) > 3 else ()
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, HearthError):
-        return cls(f"{text} (on tensor-parallel rank {rank}, {device})")
+        return cls(f"{text} (on tensor-parallel rank {rank}, {device})", options=options)
     return ModelLoadError(f"tensor-parallel rank {rank} ({device}) failed: {kind}: {text}")
 
 
@@ -251,10 +297,8 @@ class TensorParallelRunner(ModelRunner):
         self.ranks.call(name, *args, **kwargs)
         try:
             return mine(*args, **kwargs) if should_stop is None else mine(*args, should_stop=should_stop)
-        except HearthError:
-            raise
-        except Exception as e:  # a peer that left fails the collective: say which and why
-            raise self.ranks.dead(e) from e
+        except Exception as e:  # a peer that left fails the collective (say which and why); an
+            raise self.ranks.dead(e) from e  # error here leaves the peers in one: fatal either way
 
     def close_ranks(self) -> None:
         if self.ranks is not None:
@@ -289,7 +333,7 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
         ranks.send_load(dict(config=config, spec=spec, weights=weights, dtype=dtype, kv_dtype=kv_dtype,
                              attention=attention, max_model_len=max_model_len, store_port=store.port,
                              world=world, backend=backend, device=devices))
-        pg = process_group(backend, store, 0, world, device)
+        pg = ranks.make_group(backend, device, should_stop)
         try:
             runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype,
                                                  kv_dtype=kv_dtype, attention=attention, max_model_len=max_model_len,

@@ -15,6 +15,7 @@ error, which it reports first (rank 0 names it).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -43,6 +44,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def main(rank: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is rank 0's (stop an answer)
     host, port = os.environ["HEARTH_TP_CONNECT"].rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ["HEARTH_TP_KEY"]))
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="hearth-tp-parent", daemon=True).start()
@@ -73,7 +75,7 @@ def main(rank: int) -> int:
     except BaseException as e:
         traceback.print_exc()
         try:
-            conn.send(("error", type(e).__name__, str(e)))
+            conn.send(("error", type(e).__name__, str(e), tuple(getattr(e, "options", ()))))
         except (OSError, EOFError):
             pass
         return 1

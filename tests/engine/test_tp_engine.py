@@ -195,6 +195,7 @@ def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_mode
     try:
         assert run(tp, [ids_of(8, seed=1)])[0].token_ids
         (proc,) = workers(tp)
+        assert os.getsid(proc.pid) != os.getsid(0)  # a terminal's Ctrl+C doesn't reach it
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         r = run(tp, [ids_of(8, seed=2)])[0]
@@ -211,6 +212,38 @@ def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_mode
     finally:
         again.shutdown()
     assert all(p.poll() is not None for p in procs)
+
+
+@pytest.mark.parametrize("delay", [0.0, 2.0])
+def test_a_rank_that_dies_while_loading_fails_the_load_at_once(tiny_models, monkeypatch, delay):
+    """Killed before it connects, or while it loads: the load fails naming it (not after a
+    collective's timeout), and nothing is left running."""
+    import subprocess
+    import threading
+
+    import engine.runner.tp_host as tp_host
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(tp_host.subprocess, "Popen", Recorded)
+
+    def kill_soon() -> None:
+        while not started:
+            time.sleep(0.01)
+        time.sleep(delay)
+        started[0].kill()
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    before = time.monotonic()
+    with pytest.raises(HearthError, match=r"rank 1 \(cpu\)"):
+        load(tiny_models["llama3"], devices="cpu,cpu", split="tensor")
+    assert time.monotonic() - before < 60
+    assert started[0].wait(10) is not None
 
 
 @pytest.mark.parametrize("options, words", [
