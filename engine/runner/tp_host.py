@@ -311,10 +311,15 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
     start the other ranks, bring every rank up at once; returns rank 0's runner."""
     from engine.runner.tensor_parallel import rank_spec
 
+    from engine.runner.bring_up import build_on_meta, model_transforms
+
     devices = config.model.devices
     world = len(devices)
     for rank in range(world):  # heads, KV heads, MLP width: refused before anything starts
         rank_spec(spec, rank, world)
+        # and what the transforms refuse (a group size a rank's slice can't take, a quantized
+        # embedding): on the meta device, before any process starts
+        build_on_meta(spec, dtype, max_model_len, model_transforms(config, weights, TPGroup(rank, world, sizing=True)))
     say = progress or (lambda msg: log.info(msg))
     if world == 1:
         runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,

@@ -24,6 +24,7 @@ from multiprocessing.connection import Client
 
 import torch
 
+from engine.errors import HearthError
 from engine.layers.parallel import TPGroup
 from engine.runner.model_runner import ModelRunner
 from engine.runner.tp_host import process_group
@@ -73,7 +74,8 @@ def main(rank: int) -> int:
     except (EOFError, OSError):  # rank 0 is gone
         return 1
     except BaseException as e:
-        traceback.print_exc()
+        if not isinstance(e, HearthError):  # (a user-worded error: rank 0 says it)
+            traceback.print_exc()
         try:
             conn.send(("error", type(e).__name__, str(e), tuple(getattr(e, "options", ()))))
         except (OSError, EOFError):
