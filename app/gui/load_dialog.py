@@ -180,8 +180,8 @@ class LoadDialog(QDialog):
         self.split_fit.clicked.connect(self.estimate_split)
         self.split_fit_result = QLabel()
         self.split_fit_result.setObjectName("loadSplitFitResult")
-        self.split_fit_result.setWordWrap(True)
-        self.splitFitReady.connect(self.split_fit_result.setText)
+        self.split_fit_result.setWordWrap(False)  # one line per device (its details in the tooltip)
+        self.splitFitReady.connect(self._show_split_fit)
         form.addRow(self.split_fit, self.split_fit_result)
         self.devices.textChanged.connect(self._update_device_fields)
         self._update_device_fields()
@@ -270,7 +270,7 @@ class LoadDialog(QDialog):
             opts = self.options()
             config_from_options(**opts)  # a bad field is said at once, in the same words as on accept
         except HearthError as e:
-            self.split_fit_result.setText(str(e))
+            self._show_split_fit(str(e))
             return None
         self.split_fit_result.setText("estimating...")
         model = opts.pop("model")
@@ -290,6 +290,14 @@ class LoadDialog(QDialog):
         thread = threading.Thread(target=work, name="hearth-split-fit", daemon=True)
         thread.start()
         return thread
+
+    def _show_split_fit(self, text: str) -> None:
+        """The estimate's lines, all of them in view (the form would squeeze a wrapped label)."""
+        lines = text.split("\n\n", 1)  # the lines, then their details (the tooltip)
+        self.split_fit_result.setWordWrap(len(lines) == 1)  # a message rather than the devices' lines
+        self.split_fit_result.setText(lines[0])
+        self.split_fit_result.setToolTip(lines[1] if len(lines) > 1 else "")
+        self.adjustSize()
 
     def graphs_reason(self) -> str | None:
         """Why CUDA graphs can't be used with the chosen device (None: they can)."""
@@ -378,18 +386,23 @@ def save_load_options(settings: QSettings, opts: dict) -> None:
 
 
 def split_fit_text(check: ModelCheck) -> str:
-    """One line per device of a split load's check: what it holds, what that takes against
-    its free memory, and whether it fits (CPU entries share the RAM)."""
-    lines = []
+    """One line per device of a split load's check: what it holds, whether it fits and what
+    it takes against its free memory (CPU entries share the RAM); then, after a blank line,
+    each one's weights and KV cache."""
+    lines, details = [], []
     for share in check.devices:
         need, free = share.need_bytes, share.free_bytes
         if share.device == "cpu":
             need = sum(s.need_bytes for s in check.devices if s.device == "cpu")
         verdict = "won't fit" if need > free else "tight" if need > 0.9 * free else "fits"
-        lines.append(f"{share.device} ({share.holds}): {format_bytes(share.need_bytes)} (weights "
-                     f"{format_bytes(share.weights_bytes)} + KV {format_bytes(share.kv_cache_bytes)}) of "
-                     f"{format_bytes(share.free_bytes)} free: {verdict}")
-    return "\n".join(lines) or "one device: nothing to split"
+        lines.append(f"{share.device} ({share.holds}): {verdict}, {format_bytes(share.need_bytes)} of "
+                     f"{format_bytes(share.free_bytes)} free")
+        details.append(f"{share.device}: weights {format_bytes(share.weights_bytes)}, KV cache "
+                       f"{format_bytes(share.kv_cache_bytes)} (one full context)")
+    if not lines:
+        return "one device: nothing to split"
+    # (the dialog shows the lines, the details as their tooltip)
+    return "\n".join(lines) + "\n\n" + "\n".join(details)
 
 
 def gpu_summary(gpus: list[dict]) -> str:

@@ -165,7 +165,7 @@ def _check_split(config: EngineConfig, found, spec, dtype: torch.dtype, kv_dtype
             model = build_on_meta(spec, dtype, max_model_len,
                                   model_transforms(sizing, found.path, TPGroup(rank, world, sizing=True)))
             d = torch.device(name)
-            shares.append(DeviceShare(name, f"rank {rank} of {world}: 1/{world} of every layer",
+            shares.append(DeviceShare(name, f"rank {rank} of {world}",
                                       load_bytes(model, d.type),
                                       model.spec.kv_bytes_per_token(kv_dtype.itemsize) * max_model_len,
                                       free_of(name)))

@@ -196,8 +196,9 @@ def test_the_per_device_estimate_sizes_the_chosen_split(qtbot, gui_env):
     dlg.estimate_split().join(10)
     qtbot.waitUntil(lambda: "cpu (" in dlg.split_fit_result.text(), timeout=5000)
     lines = dlg.split_fit_result.text().splitlines()
-    assert lines[0].startswith("cuda:0 (layers 0-29, embedding, LM head): 30.0 GiB") and lines[0].endswith("fits")
-    assert lines[1].startswith("cpu (layers 30-31)") and lines[1].endswith("won't fit")
+    assert lines == ["cuda:0 (layers 0-29, embedding, LM head): fits, 30.0 GiB of 120.0 GiB free",
+                     "cpu (layers 30-31): won't fit, 2.1 GiB of 2.0 GiB free"]
+    assert "cuda:0: weights 28.0 GiB, KV cache 2.0 GiB" in dlg.split_fit_result.toolTip()
     assert asked == [("acme/tiny-chat", "cuda:0,cpu", "layer")]
     dlg.split_ratio.setText("1,2,3")  # a bad option is said at once, without sizing anything
     assert dlg.estimate_split() is None and "3 shares for 2 devices" in dlg.split_fit_result.text()
