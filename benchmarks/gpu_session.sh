@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -200,6 +200,22 @@ case "$what" in tp)  # issue 18 on one GPU: the tensor-parallel tests, then the 
     case $mode in plain) flags="";; tp1) flags="--devices cuda:0 --split tensor";; esac
     hearth bench --shape llama-8b --suite decode,throughput --batch 1 --output-len 256 $flags \
       --json "$OUT/bench-8b-tp-$mode.json" "$@" 2>&1 | grep -E "tensor parallel|^suite|^decode|^throughput|rror"
+  done ;;
+esac
+case "$what" in multi)  # issue 19 (nvidia-h200-x2 or larger): the two-GPU tests, then the 8B shape at TP=1, TP=N
+  # and a layer split over N GPUs (N = MULTI_GPUS, default 2), then the 70B shape split both ways
+  n=${MULTI_GPUS:-2}; devs=$(seq -s, -f "cuda:%g" 0 $((n - 1)))
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/engine/test_tp_engine.py \
+    tests/engine/test_layer_split.py -m gpu 2>&1 | tee "$OUT/multi_tests.log" | tail -6
+  for mode in tp1 tpN layerN; do
+    case $mode in tp1) flags="";; tpN) flags="--devices $devs --split tensor";; layerN) flags="--devices $devs";; esac
+    hearth bench --shape llama-8b --suite decode,throughput --batch 1 --output-len 256 $flags \
+      --json "$OUT/bench-8b-$mode.json" "$@" 2>&1 | grep -E "tensor parallel|layer split|^suite|^decode|^throughput|rror"
+  done
+  for mode in tensor layer; do
+    hearth bench --shape llama-70b --suite decode,throughput --batch 1 --output-len 128 --num-requests 128 \
+      --max-model-len 4096 --devices $devs --split $mode --json "$OUT/bench-70b-$mode.json" "$@" 2>&1 \
+      | grep -E "tensor parallel|layer split|^suite|^decode|^throughput|rror"
   done ;;
 esac
 case "$what" in regress)  # after runner changes: the GPU tests of kernels, fast path, splits, TP and quantization

@@ -19,6 +19,11 @@ SHAPES: dict[str, dict] = {
                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                      max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
                      rope_scaling=_LLAMA3_ROPE, rope_theta=500000.0),
+    # Llama 3 70B: about 141 GB in bf16, more than one H200 holds (split it: --devices, issue 19)
+    "llama-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                      max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                      rope_scaling=_LLAMA3_ROPE, rope_theta=500000.0),
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=32768, tie_word_embeddings=False, rms_norm_eps=1e-6,

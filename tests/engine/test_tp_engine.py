@@ -307,3 +307,31 @@ def test_the_pre_flight_sizes_each_device_of_a_split(tiny_models, monkeypatch):
     monkeypatch.setattr(load_check, "free_memory_bytes", lambda d: (100_000, 200_000))
     with pytest.raises(OutOfMemoryError, match=r"cpu needs .* but has"):
         check_model(path, devices="cpu,cpu", split="tensor", dtype="float32", max_model_len=256)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("family", ["llama3", "llama-tied", "mistral", "qwen2", "qwen3"])
+def test_two_gpus_match_one_in_float32(tiny_models, family):
+    """Issue 19 on a machine with two GPUs: tensor parallel over NCCL (its decode graphs
+    holding the all-reduces, greedy steps launched ahead) and a layer split over both give
+    one GPU's tokens and logprobs (float32)."""
+    prompts = [ids_of(n, seed=n) for n in (5, 37, 70)]
+    path = tiny_models[family]
+    one = load(path, device="cuda")
+    try:
+        want = run(one, prompts) + run(one, prompts[:1], LOGPROBS)
+    finally:
+        one.shutdown()
+    for options in (dict(split="tensor"), dict(split="layer")):
+        two = load(path, devices="cuda:0,cuda:1", **options)
+        try:
+            assert two.model_info.cuda_graphs, two.model_info.cuda_graphs_off
+            if options["split"] == "tensor":
+                assert two.model_info.tensor_parallel["backend"] == "nccl"
+            got = run(two, prompts) + run(two, prompts[:1], LOGPROBS)
+            assert two.runner.graphs.replays > 0
+        finally:
+            two.shutdown()
+        assert_same(want, got, tol=2e-3)
