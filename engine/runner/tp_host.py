@@ -176,11 +176,11 @@ class Ranks:
                 raise _worker_error(rank, self.devices[rank], msg)
 
     # -- steps -------------------------------------------------------------------------
-    def call(self, name: str, *args, **kwargs) -> None:
-        """Have every worker run ``runner.<name>(*args, **kwargs)`` (no reply)."""
+    def call(self, name: str, *args) -> None:
+        """Have every worker run ``runner.<name>(*args)`` (no reply)."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
-        msg = ("call", name, args, kwargs)
+        msg = ("call", name, args, {})
         for rank, conn in self.conns.items():
             try:
                 conn.send(msg)
@@ -258,6 +258,11 @@ class Ranks:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self.pg is not None:  # the peers are gone: let go of the group without waiting on them
+            try:
+                self.pg.abort()
+            except Exception:  # noqa: BLE001 - freeing must not fail an unload
+                log.debug("could not abort the process group", exc_info=True)
         self.store = self.pg = None
 
 
@@ -288,15 +293,17 @@ class TensorParallelRunner(ModelRunner):
         return self._on_every_rank("score", list(token_ids), list(block_table), chunk, top)
 
     def warm_attention(self, max_tokens: int, should_stop=None) -> int:
-        return self._on_every_rank("warm_attention", max_tokens, should_stop=should_stop)
+        # (the cancel check is rank 0's: a cancelled load ends the workers with it)
+        return self._on_every_rank("warm_attention", max_tokens, here={"should_stop": should_stop})
 
-    def _on_every_rank(self, name: str, *args, should_stop=None, **kwargs):
+    def _on_every_rank(self, name: str, *args, here: dict | None = None):
+        """``name(*args)`` on every rank (``here``: keywords for rank 0's call only)."""
         mine = getattr(super(), name)
         if self.ranks is None:  # world size 1
-            return mine(*args, **kwargs) if should_stop is None else mine(*args, should_stop=should_stop)
-        self.ranks.call(name, *args, **kwargs)
+            return mine(*args, **(here or {}))
+        self.ranks.call(name, *args)
         try:
-            return mine(*args, **kwargs) if should_stop is None else mine(*args, should_stop=should_stop)
+            return mine(*args, **(here or {}))
         except Exception as e:  # a peer that left fails the collective (say which and why); an
             raise self.ranks.dead(e) from e  # error here leaves the peers in one: fatal either way
 
@@ -309,9 +316,8 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
                    attention: str, max_model_len: int, progress=None, should_stop=None) -> TensorParallelRunner:
     """A tensor-parallel load over ``config.model.devices``: check that the model divides,
     start the other ranks, bring every rank up at once; returns rank 0's runner."""
-    from engine.runner.tensor_parallel import rank_spec
-
     from engine.runner.bring_up import build_on_meta, model_transforms
+    from engine.runner.tensor_parallel import rank_spec
 
     devices = config.model.devices
     world = len(devices)
@@ -319,7 +325,8 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
         rank_spec(spec, rank, world)
         # and what the transforms refuse (a group size a rank's slice can't take, a quantized
         # embedding): on the meta device, before any process starts
-        build_on_meta(spec, dtype, max_model_len, model_transforms(config, weights, TPGroup(rank, world, sizing=True)))
+        sizing = TPGroup(rank, world, sizing=True)
+        build_on_meta(spec, dtype, max_model_len, model_transforms(config, weights, sizing))
     say = progress or (lambda msg: log.info(msg))
     if world == 1:
         runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
