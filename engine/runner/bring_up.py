@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,15 +223,12 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
         graphs = runner.graphs_reason() is None
         count = None
         if tp is not None and tp.world > 1:  # every rank holds the same blocks: the fewest any can
-            # CPU ranks share the RAM; no rank captures prompt graphs (capture_graphs)
-            ranks_config = replace(config, cache=replace(
-                cc, cpu_memory_fraction=cc.cpu_memory_fraction / tp.world))
-
+            # CPU ranks share the RAM's budget; no rank captures prompt graphs (capture_graphs)
             def count() -> int:
-                return tp.agree_min([kv_blocks(ranks_config, device, runner.kv_block_bytes(), max_model_len,
+                return tp.agree_min([kv_blocks(config, device, runner.kv_block_bytes(), max_model_len,
                                                peak_bytes=lambda n: activation_peak_bytes(runner, n),
                                                graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, 0))
-                                               if graphs else None)], device)[0]
+                                               if graphs else None, cpu_share=tp.world)], device)[0]
         size_kv_cache(runner, config, device, runner.kv_block_bytes(), max_model_len, info, say, stop,
                       peak_bytes=lambda n: activation_peak_bytes(runner, n),
                       graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p)) if graphs else None,

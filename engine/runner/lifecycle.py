@@ -54,12 +54,6 @@ def release_runner(runner) -> None:
     objects themselves, rather than by dropping references to those objects. The runner
     can't run afterwards.
     """
-    close_ranks = getattr(runner, "close_ranks", None)
-    if close_ranks is not None:  # tensor parallel: the other ranks' processes end first
-        try:
-            close_ranks()
-        except Exception:  # pragma: no cover - freeing must never fail a shutdown
-            log.exception("could not end the tensor-parallel ranks")
     if getattr(runner, "cpu_step", None) is not None:
         runner.cpu_step = None  # it holds the weights and cache (and C pointers into them)
     placement = getattr(runner, "placement", None)
@@ -78,6 +72,12 @@ def release_runner(runner) -> None:
     for name in ("_ahead", "model", "graphs", "prompt_graphs", "_pinned"):  # a step's output first
         if hasattr(runner, name):
             setattr(runner, name, None)
+    close_ranks = getattr(runner, "close_ranks", None)
+    if close_ranks is not None:  # tensor parallel: the other ranks end, then the group (after the graphs)
+        try:
+            close_ranks()
+        except Exception:  # pragma: no cover - freeing must never fail a shutdown
+            log.exception("could not end the tensor-parallel ranks")
 
 
 def empty_device_cache(device: torch.device) -> None:

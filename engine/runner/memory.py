@@ -66,7 +66,7 @@ def prompt_tokens(config: EngineConfig, max_model_len: int) -> int:
 
 def kv_blocks(config: EngineConfig, device: torch.device, block_bytes: int, max_model_len: int, *,
               peak_bytes: Callable[[int], int] = lambda num_tokens: 0,
-              graph_bytes: Callable[[int, int], int] | None = None) -> int:
+              graph_bytes: Callable[[int, int], int] | None = None, cpu_share: int = 1) -> int:
     """KV blocks to allocate, with the weights in memory: exactly ``num_blocks``, what fits
     in an explicit ``kv_cache_memory``, or what the device has left (a GPU: within
     ``memory_fraction`` of it, after one step's activations, ``peak_bytes(tokens)``, and
@@ -94,8 +94,8 @@ def kv_blocks(config: EngineConfig, device: torch.device, block_bytes: int, max_
                 f"no GPU memory left for the KV cache after the weights ({gib(used)}) and "
                 f"activations ({gib(peak)}): use a smaller or quantized model."
             )
-    else:
-        budget = cpu_kv_budget(available_ram_bytes(), cc.cpu_memory_fraction)
+    else:  # (``cpu_share`` processes share this budget: tensor-parallel CPU ranks)
+        budget = cpu_kv_budget(available_ram_bytes(), cc.cpu_memory_fraction) // cpu_share
     # No more blocks than every allowed sequence at full length could use (memory_plan:
     # the app's fit estimate sizes the pool with the same function).
     return kv_pool_blocks(budget, block_bytes, max_model_len, cc.block_size, sc.max_num_seqs)

@@ -44,6 +44,7 @@ import torch
 
 from engine.errors import EngineDeadError, HearthError, LoadCancelledError, ModelLoadError
 from engine.layers.parallel import TPGroup
+from engine.runner.lifecycle import release_runner
 from engine.runner.model_runner import ModelRunner
 
 log = logging.getLogger("hearth.loader")
@@ -67,6 +68,15 @@ def process_group(backend: str, store, rank: int, world: int, device: torch.devi
     return torch.distributed.ProcessGroupNCCL(store, rank, world, opts)
 
 
+def connect(pg, device: torch.device) -> None:
+    """The group's first collective, at once (NCCL connects lazily: a rank that failed
+    early would otherwise hold the others in their first real collective, unwatched)."""
+    one = torch.zeros(1, device=device)
+    pg.allreduce([one]).wait()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Ranks:
     """Rank 0's handles on the worker processes: their connections, and why one ended."""
 
@@ -79,6 +89,7 @@ class Ranks:
         self._key = secrets.token_bytes(16)
         self.store = None
         self.pg = None  # rank 0's process group, once made (aborted when a rank dies)
+        self.aborted = False  # the watch aborted the group: what a step returns since is void
         self._closing = threading.Event()
 
     # -- start -------------------------------------------------------------------------
@@ -124,14 +135,14 @@ class Ranks:
         """Abort the process group as soon as a worker ends unasked: a collective waiting
         for it then fails at once instead of after the timeout (NCCL never notices)."""
         while not self._closing.wait(0.2):
-            if self._gone() is not None:
-                pg = self.pg
-                if pg is not None:
-                    try:
-                        pg.abort()
-                    except Exception:  # noqa: BLE001 - best effort: the step still fails by its timeout
-                        log.debug("could not abort the process group", exc_info=True)
-                return
+            pg = self.pg
+            if pg is not None and self._gone() is not None:
+                self.aborted = True  # first: an aborted NCCL collective returns without an error
+                try:
+                    pg.abort()
+                except Exception:  # noqa: BLE001 - best effort: the step still fails by its timeout
+                    log.debug("could not abort the process group", exc_info=True)
+                return  # (before the group exists, make_group watches the workers itself)
 
     def make_group(self, backend: str, device: torch.device, should_stop: Callable[[], bool] | None):
         """Rank 0's process group, made on a thread while the workers are watched: one that
@@ -141,7 +152,11 @@ class Ranks:
 
         def make() -> None:
             try:
-                made.append(process_group(backend, self.store, 0, len(self.devices), device))
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # (per thread: the caller sets it too)
+                pg = process_group(backend, self.store, 0, len(self.devices), device)
+                connect(pg, device)
+                made.append(pg)
             except BaseException as e:  # noqa: BLE001 - reported below
                 made.append(e)
 
@@ -303,9 +318,15 @@ class TensorParallelRunner(ModelRunner):
             return mine(*args, **(here or {}))
         self.ranks.call(name, *args)
         try:
-            return mine(*args, **(here or {}))
+            out = mine(*args, **(here or {}))
+        except LoadCancelledError:  # a cancelled warm-up: the load fails quietly (the ranks end with it)
+            self.ranks.failure = "loading cancelled"
+            raise
         except Exception as e:  # a peer that left fails the collective (say which and why); an
             raise self.ranks.dead(e) from e  # error here leaves the peers in one: fatal either way
+        if self.ranks.aborted:  # a rank died during the step: its collectives returned half-summed
+            raise self.ranks.dead(None)
+        return out
 
     def close_ranks(self) -> None:
         if self.ranks is not None:
@@ -345,15 +366,27 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
         ranks.send_load(dict(config=config, spec=spec, weights=weights, dtype=dtype, kv_dtype=kv_dtype,
                              attention=attention, max_model_len=max_model_len, store_port=store.port,
                              world=world, backend=backend, device=devices))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # this thread's current device: rank 0's (Triton launches follow it)
         pg = ranks.make_group(backend, device, should_stop)
+
+        def stop() -> bool:  # a rank that died ends rank 0's bring-up at its next check
+            return ranks.aborted or ranks._gone() is not None or (should_stop is not None and should_stop())
+
         try:
             runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype,
                                                  kv_dtype=kv_dtype, attention=attention, max_model_len=max_model_len,
-                                                 tp=TPGroup(0, world, pg), progress=say, should_stop=should_stop)
+                                                 tp=TPGroup(0, world, pg), progress=say, should_stop=stop)
+        except LoadCancelledError:
+            if should_stop is not None and should_stop():
+                raise
+            raise ranks.why(None) from None
         except HearthError:
             raise
         except Exception as e:  # a collective a failed rank left: its own error says more
             raise ranks.why(e) from e
+        if ranks.aborted:  # (an aborted collective may have returned without an error)
+            raise ranks.why(None)
         ranks.wait_ready(should_stop)
         runner.ranks = ranks
         runner.load_info["tensor_parallel"] = {"world": world, "devices": list(devices), "backend": backend}
@@ -361,8 +394,6 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
         return runner
     except BaseException:
         if runner is not None:
-            from engine.runner.lifecycle import release_runner
-
             release_runner(runner)
         ranks.close()
         raise

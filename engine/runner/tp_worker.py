@@ -27,7 +27,7 @@ import torch
 from engine.errors import HearthError
 from engine.layers.parallel import TPGroup
 from engine.runner.model_runner import ModelRunner
-from engine.runner.tp_host import process_group
+from engine.runner.tp_host import connect, process_group
 
 
 class FollowerRunner(ModelRunner):
@@ -59,6 +59,7 @@ def main(rank: int) -> int:
         device = torch.device(a["device"][rank])
         store = torch.distributed.TCPStore("127.0.0.1", a["store_port"], a["world"], is_master=False)
         pg = process_group(a["backend"], store, rank, a["world"], device)
+        connect(pg, device)
         if device.type == "cpu":  # ranks share the cores (torch would give each all of them)
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // a["world"]))
         runner = FollowerRunner.create(a["config"], a["spec"], a["weights"], device=device, dtype=a["dtype"],
