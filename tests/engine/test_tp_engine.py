@@ -14,27 +14,10 @@ import time
 import pytest
 import torch
 
-from engine.api import Engine, InvalidRequestError, Request, SamplingParams
+from engine.api import Engine, SamplingParams
 from engine.errors import HearthError
-
-GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-LOGPROBS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=5)
-
-
-def ids_of(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 49152, (n,), generator=g).tolist()
-
-
-def load(path, **kw) -> Engine:
-    kw.setdefault("num_blocks", 96)
-    kw.setdefault("max_model_len", 256)
-    return Engine.load(str(path), dtype="float32", **kw)
-
-
-def run(engine: Engine, prompts, params=GREEDY):
-    handles = [engine.submit(Request(prompt_token_ids=p, params=params)) for p in prompts]
-    return [h.result() for h in handles]
+# the layer split's helpers: the same tiny models, prompts and engine settings
+from tests.engine.test_layer_split import GREEDY, LOGPROBS, ids_of, load, run
 
 
 def workers(engine: Engine):
