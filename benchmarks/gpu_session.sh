@@ -195,10 +195,12 @@ esac
 case "$what" in tp)  # issue 18 on one GPU: the tensor-parallel tests, then the 8B shape plain and as
   # tensor parallel at world size 1 (its code path without peers), batch-1 decode and the throughput run
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/engine/test_tp_engine.py \
-    tests/engine/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -6
-  for mode in ${TP_MODES:-plain tp1}; do
-    case $mode in plain) flags="";; tp1) flags="--devices cuda:0 --split tensor";; esac
-    hearth bench --shape llama-8b --suite decode,throughput --batch 1 --output-len 256 $flags \
+    tests/engine/test_tensor_parallel.py ${TP_TESTS:-} 2>&1 | tee "$OUT/tp_tests.log" | tail -6
+  for mode in ${TP_MODES:-plain tp1}; do  # tp1g: world size 1 in an NCCL group of its own (collectives run)
+    group=""
+    case $mode in plain) flags="";; tp1) flags="--devices cuda:0 --split tensor";;
+      tp1g) flags="--devices cuda:0 --split tensor"; group=1;; esac
+    HEARTH_TP_ONE_RANK_GROUP=$group hearth bench --shape llama-8b --suite decode,throughput --batch 1 --output-len 256 $flags \
       --json "$OUT/bench-8b-tp-$mode.json" "$@" 2>&1 | grep -E "tensor parallel|^suite|^decode|^throughput|rror"
   done ;;
 esac

@@ -44,6 +44,14 @@ class TPGroup:
         self.rank, self.world, self.pg = rank, world, pg
         self._local = False
 
+    @property
+    def collective(self) -> bool:
+        """Whether the ranks meet in collectives: several ranks, or one rank given a real
+        group (``HEARTH_TP_ONE_RANK_GROUP``: the collectives and their graphs checked on one
+        device); the steps are then kept in lock-step (agreed KV blocks, no prompt graphs,
+        strict warm-ups)."""
+        return self.pg is not None
+
     @contextmanager
     def local(self):
         """Within it the projections skip their collectives and give this rank's partial
@@ -56,13 +64,13 @@ class TPGroup:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks, in place."""
-        if self.world > 1 and not self._local:
+        if self.pg is not None and not self._local:
             self.pg.allreduce([x]).wait()
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` [rows, cols] side by side: [rows, world * cols]."""
-        if self.world == 1 or self._local:
+        if self.pg is None or self._local:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world)]
         self.pg.allgather([parts], [x.contiguous()]).wait()
@@ -70,7 +78,7 @@ class TPGroup:
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``x`` on every rank, in place."""
-        if self.world > 1:
+        if self.pg is not None:
             opts = torch.distributed.BroadcastOptions()
             opts.rootRank = 0
             self.pg.broadcast([x], opts).wait()
@@ -79,7 +87,7 @@ class TPGroup:
     def agree_min(self, values: list[int], device: torch.device) -> list[int]:
         """The smallest of each value over the ranks (what every rank can do: KV blocks,
         whether its graphs captured)."""
-        if self.world == 1:
+        if self.pg is None:
             return list(values)
         t = torch.tensor(values, dtype=torch.int64, device=device)
         opts = torch.distributed.AllreduceOptions()
@@ -200,7 +208,7 @@ class RowParallelSwiGLUDown(_RowParallel, SwiGLUDownLinear):
 
 class VocabParallelEmbedding(VocabEmbedding):
     """Vocabulary rows ``[start, start + rows)``; ids outside them look up zeros, and the
-    ranks' lookups are summed (kept in the model's dtype: weight quantization leaves it alone)."""
+    ranks' lookups are summed (a quantized one: ``engine.layers.quant_parallel``)."""
 
     vocab_parallel = True
 
@@ -223,7 +231,7 @@ class VocabParallelEmbedding(VocabEmbedding):
 
 class VocabParallelLMHead(Linear):
     """The LM head's vocabulary rows of this rank; the logits gathered from every rank
-    (kept in the model's dtype: weight quantization leaves it alone)."""
+    (a quantized one: ``engine.layers.quant_parallel``)."""
 
     vocab_parallel = True
 
@@ -232,6 +240,7 @@ class VocabParallelLMHead(Linear):
         per = -(-vocab_size // tp.world)
         super().__init__(hidden_size, per, False, dtype=dtype)
         self.vocab, self.tp = vocab_size, tp
+        self.tied = weight is not None
         if weight is not None:  # tied: the (sharded) embedding's matrix
             self.weight = weight
         else:

@@ -273,7 +273,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
             cc = config.cache
         weights = path if found.random_seed is None else RandomWeights(found.random_seed)
         if mc.devices is not None and mc.split == "tensor":
-            check_tensor_parallel_quant(quantization, mc.quant_head)
+            check_tensor_parallel_quant(quantization)
             from engine.runner.tp_host import bring_up_ranks
 
             runner = bring_up_ranks(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
@@ -295,19 +295,16 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix, config)
 
 
-def check_tensor_parallel_quant(quantization: str, quant_head: bool) -> None:
+def check_tensor_parallel_quant(quantization: str) -> None:
     """Tensor parallel shards every quantization Hearth reads into its canonical layout
     (int8/int4/fp8 on load, AWQ/GPTQ/compressed-tensors/fp8 checkpoints, a GGUF's
-    projections: ``engine.runner.tensor_parallel.shard_quantized``); bitsandbytes (its own
-    modules) and a quantized embedding (``quant_head``) are refused with what to load instead."""
+    projections, a quantized embedding and LM head by vocabulary rows:
+    ``engine.runner.tensor_parallel.shard_quantized``, ``engine.layers.quant_parallel``);
+    bitsandbytes (its own modules) is refused with what to load instead."""
     if quantization.startswith("bnb-"):
         raise InvalidRequestError(
             f"tensor parallel can't shard bitsandbytes' {quantization} layers (they are bitsandbytes' own "
             "modules): load with --quant none, int8 or int4, or use --split layer.", options=("quantization", "split"))
-    if quant_head:
-        raise InvalidRequestError(
-            "tensor parallel splits the embedding and LM head by vocabulary rows in float: drop --quant-head, or "
-            "use --split layer.", options=("quant_head", "split"))
 
 
 def loaded_quantization(config: EngineConfig, path: Path | None, native: bool, device: torch.device | None = None,

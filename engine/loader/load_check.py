@@ -159,7 +159,7 @@ def _check_split(config: EngineConfig, found, spec, dtype: torch.dtype, kv_dtype
         from engine.layers.parallel import TPGroup
         from engine.loader.engine_loader import check_tensor_parallel_quant, loaded_quantization
 
-        check_tensor_parallel_quant(loaded_quantization(config, found.path, True), mc.quant_head)
+        check_tensor_parallel_quant(loaded_quantization(config, found.path, True))
         world = len(mc.devices)
         for rank, name in enumerate(mc.devices):
             model = build_on_meta(spec, dtype, max_model_len,

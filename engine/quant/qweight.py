@@ -86,6 +86,14 @@ class QuantizedWeight:
             w = out
         return w.to(dtype)
 
+    def rows(self, first: int, n: int) -> "QuantizedWeight":
+        """Output rows ``[first, first + n)`` (a tensor-parallel rank's; every layout's
+        scales are per row, so rows slice without touching a group)."""
+        def part(t):
+            return None if t is None else t.narrow(0, first, n).contiguous()
+        return QuantizedWeight(self.bits, self.group_size, part(self.qweight), part(self.scales), part(self.mins),
+                               self.perm, fmt=self.fmt)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins, self.perm)
                    if t is not None)

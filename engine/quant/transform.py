@@ -260,8 +260,16 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, TiedLMHead):
             continue  # follows its embedding, below
-        if getattr(module, "vocab_parallel", False):  # a tensor-parallel rank's slice of the vocabulary
-            _refuse_quantized_vocab(plan, default, name)
+        if getattr(module, "vocab_parallel", False):  # a tensor-parallel rank's rows of the vocabulary
+            if not getattr(module, "tied", False):  # (a tied head follows its embedding, below)
+                source = _vocab_parallel_source(plan, default, name, module)
+                if source is not None:
+                    rows, cols = ((module.num_embeddings, module.embedding_dim) if isinstance(module, VocabEmbedding)
+                                  else (module.out_features, module.in_features))
+                    _refuse_shape(source, name, rows, cols, check_shape)
+                    replace_module(model, name, quantized_vocab_rows(module, source))
+                    if isinstance(module, VocabEmbedding):
+                        embed_source = source
             continue
         if isinstance(module, VocabEmbedding):
             if plan.method == "gguf":
@@ -298,25 +306,43 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
         _refuse_shape(source, name, module.out_features, module.in_features, check_shape)
         replace_module(model, name, QuantizedLinear.replacing(module, source))
     head = getattr(model, "lm_head", None)
-    if isinstance(head, TiedLMHead) and embed_source is not None:
+    if embed_source is not None and isinstance(head, TiedLMHead):
         replace_module(model, "lm_head", QuantizedTiedHead(model.get_submodule(_embedding_name(model))))
+    elif embed_source is not None and getattr(head, "tied", False):  # tensor parallel's
+        from engine.layers.quant_parallel import QuantizedVocabParallelTiedHead
+
+        replace_module(model, "lm_head", QuantizedVocabParallelTiedHead(model.get_submodule(_embedding_name(model))))
 
 
-def _refuse_quantized_vocab(plan: QuantPlan, default: QuantSource | None, name: str) -> None:
-    """Tensor parallel splits the embedding and LM head by vocabulary rows in float: a
-    checkpoint that stores them quantized (a GGUF's token embedding, a published format's
-    head) is refused, naming the tensor (quantizing them on load: ``quant_head``, refused
-    by the loader)."""
+def _vocab_parallel_source(plan: QuantPlan, default: QuantSource | None, name: str,
+                           module: nn.Module) -> QuantSource | None:
+    """What a tensor-parallel rank's embedding or untied LM head (``module``, vocabulary
+    rows) is quantized with: what one process would quantize the whole matrix with
+    (None: float). Its rows are then one process's rows (``engine.layers.quant_parallel``)."""
+    from engine.layers.embedding import VocabEmbedding
+
+    if isinstance(module, VocabEmbedding):
+        return plan.sources.get(name) if plan.method == "gguf" else default if plan.head else None
+    if plan.published:
+        return default if f"{name}.{default.parts[0]}" in plan.names else None
     if plan.method == "gguf":
-        stored = plan.sources.get(name)
-    elif plan.published and default is not None:
-        stored = default if f"{name}.{default.parts[0]}" in plan.names else None
-    else:
-        stored = None
-    if stored is not None:
-        raise InvalidRequestError(f"{name} is stored quantized ({stored.label}), and tensor parallel splits the "
-                                  "embedding and LM head in float only: load with --quant none, or use --split layer.",
-                                  options=("quantization", "split"))
+        return plan.sources.get(name)
+    if plan.head:
+        return default
+    source = plan.untied_head
+    if source is None or any(_fp8_misfit(source, n, module.in_features) for n in (module.out_features, module.vocab)):
+        return None  # kept float, as one process keeps it (fp8: rows a multiple of 16)
+    return source
+
+
+def quantized_vocab_rows(module: nn.Module, source: QuantSource) -> nn.Module:
+    """The quantized twin of a tensor-parallel embedding or untied head."""
+    from engine.layers.embedding import VocabEmbedding
+    from engine.layers.quant_parallel import QuantizedVocabParallelEmbedding, QuantizedVocabParallelHead
+
+    if isinstance(module, VocabEmbedding):
+        return QuantizedVocabParallelEmbedding(module, source)
+    return QuantizedVocabParallelHead(module, source)
 
 
 def _embedding_name(model: nn.Module) -> str:

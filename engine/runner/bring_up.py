@@ -222,7 +222,7 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
         # From here on a failure or a cancel frees the runner's weights and cache at once.
         graphs = runner.graphs_reason() is None
         count = None
-        if tp is not None and tp.world > 1:  # every rank holds the same blocks: the fewest any can
+        if tp is not None and tp.collective:  # every rank holds the same blocks: the fewest any can
             # CPU ranks share the RAM's budget; no rank captures prompt graphs (capture_graphs)
             def count() -> int:
                 return tp.agree_min([kv_blocks(config, device, runner.kv_block_bytes(), max_model_len,
@@ -330,7 +330,7 @@ def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[
     graphs_reason = runner.graphs_reason()
     info["cuda_graphs"] = graphs_reason is None
     tp = getattr(runner, "tp", None)
-    ranks = tp is not None and tp.world > 1
+    ranks = tp is not None and tp.collective
     if graphs_reason is None:
         try:
             # Tensor parallel: no prompt graphs (a bucket kept on one rank and dropped on

@@ -154,7 +154,7 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         check()
         # Tensor parallel: a rank that skipped a warm-up step would leave the others
         # waiting in its collectives: a failure fails them all.
-        ranks = self.tp is not None and self.tp.world > 1
+        ranks = self.tp is not None and self.tp.collective
         lengths = _guarded("prompt-attention", lambda: warm(max_tokens, self.device, self.dtype), ranks)
         check()
         if self.placement is None or all(d.type == "cuda" for d in self.placement.devices):

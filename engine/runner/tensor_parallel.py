@@ -147,7 +147,7 @@ def _write_slice(module, where: _Slice, name: str, shard_id) -> None:
     parts = {k: v.to(dev) for k, v in parts.items()}
     if where.how == "rows":
         first, n = where.sources[shard_id]
-        qw = slice_rows(module.source.to_weight(parts, where.full_rows[shard_id], where.full_in), first, n)
+        qw = module.source.to_weight(parts, where.full_rows[shard_id], where.full_in).rows(first, n)
     else:
         qw = slice_columns(module.source.to_weight(parts, rows, where.full_in), where.start, module.in_features)
     if qw.perm is not None:
@@ -155,14 +155,6 @@ def _write_slice(module, where: _Slice, name: str, shard_id) -> None:
                                   "parallel (its input permutation spans the ranks): use --split layer.",
                                   options=("split",))
     module._copy_rows(qw, start, rows)
-
-
-def slice_rows(qw: QuantizedWeight, first: int, n: int) -> QuantizedWeight:
-    """Output rows ``[first, first + n)`` of a canonical quantized weight."""
-    def rows(t):
-        return None if t is None else t.narrow(0, first, n).contiguous()
-    return QuantizedWeight(qw.bits, qw.group_size, rows(qw.qweight), rows(qw.scales), rows(qw.mins), qw.perm,
-                           fmt=qw.fmt)
 
 
 def slice_columns(qw: QuantizedWeight, start: int, cols: int) -> QuantizedWeight:

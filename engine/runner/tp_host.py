@@ -349,14 +349,17 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
         sizing = TPGroup(rank, world, sizing=True)
         build_on_meta(spec, dtype, max_model_len, model_transforms(config, weights, sizing))
     say = progress or (lambda msg: log.info(msg))
-    if world == 1:
+    if world == 1 and not os.environ.get("HEARTH_TP_ONE_RANK_GROUP"):
         runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
                                              attention=attention, max_model_len=max_model_len,
                                              tp=TPGroup(0, 1), progress=say, should_stop=should_stop)
         runner.load_info["tensor_parallel"] = {"world": 1, "devices": list(devices), "backend": None}
         return runner
     backend = "gloo" if devices[0] == "cpu" else "nccl"
-    say(f"tensor parallel: starting {world - 1} more rank(s) ({', '.join(devices[1:])}, {backend})")
+    # (HEARTH_TP_ONE_RANK_GROUP=1 at world size 1: a group of one rank, so that the
+    # collectives, their CUDA graphs and the lock-step of several ranks run on one device)
+    say(f"tensor parallel: starting {world - 1} more rank(s) ({', '.join(devices[1:])}, {backend})" if world > 1
+        else f"tensor parallel: one rank in a {backend} group of its own")
     ranks = Ranks(devices)
     runner = None
     try:

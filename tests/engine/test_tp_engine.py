@@ -101,31 +101,73 @@ def wide_mlp_models(tmp_path_factory, tokenizer_files):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3"])
-def test_int4_and_int8_weights_shard(wide_mlp_models, family, monkeypatch):
+@pytest.mark.parametrize("family, head", [("llama3", {}), ("qwen3", {}), ("llama-tied", dict(quant_head=True))])
+def test_int4_and_int8_weights_shard(wide_mlp_models, family, head, monkeypatch):
     """Each rank quantizes its slice as it streams in and holds what one process would:
-    int4's groups fall on the same columns, int8's per-row scale is the whole row's (same
-    tokens and logprobs as one process, with the reference kernel's float activations: the
-    CPU kernel rounds them to int8 blocks, where the all-reduce's own rounding can flip a
-    code)."""
+    int4's groups fall on the same columns, int8's per-row scale is the whole row's, an
+    untied LM head's int8 rows (and with ``--quant-head`` a tied embedding's and head's,
+    by vocabulary rows) are one process's rows (same tokens and logprobs as one process,
+    with the reference kernel's float activations: the CPU kernel rounds them to int8
+    blocks, where the all-reduce's own rounding can flip a code)."""
+    from engine.layers.parallel import VocabParallelLMHead
+    from engine.layers.quant_parallel import (QuantizedVocabParallelEmbedding, QuantizedVocabParallelHead,
+                                              QuantizedVocabParallelTiedHead)
+
     monkeypatch.setenv("HEARTH_QUANT_KERNEL", "reference")  # (the worker inherits it)
     path = wide_mlp_models[family]
     prompts = [ids_of(n, seed=n) for n in (5, 37)]
-    for quant in ("int4", "int8"):
+    for quant in ("int8",) if head else ("int4", "int8"):
         group = dict(quant_group_size=32) if quant == "int4" else {}
-        # (float_head: a rank's slice of the LM head stays float; one process would make it int8)
-        one = load(path, device="cpu", quantization=quant, float_head=True, **group)
+        one = load(path, device="cpu", quantization=quant, **group, **head)
         try:
             want = run(one, prompts, LOGPROBS)
         finally:
             one.shutdown()
-        tp = load(path, devices="cpu,cpu", split="tensor", quantization=quant, **group)
+        tp = load(path, devices="cpu,cpu", split="tensor", quantization=quant, **group, **head)
         try:
             assert tp.model_info.quantization == quant and "int" in tp.model_info.quant_detail
+            model = tp.runner.model
+            if head:  # the embedding and its tied head quantized, by vocabulary rows
+                assert isinstance(model.model.embed_tokens, QuantizedVocabParallelEmbedding)
+                assert isinstance(model.lm_head, QuantizedVocabParallelTiedHead)
+            elif model.lm_head.tied:  # a tied head stays float with its embedding
+                assert type(model.lm_head) is VocabParallelLMHead
+            else:  # an untied head int8, as one process makes it
+                assert isinstance(model.lm_head, QuantizedVocabParallelHead) and model.lm_head.bits == 8
             got = run(tp, prompts, LOGPROBS)
         finally:
             tp.shutdown()
         assert_same(want, got)
+
+
+@pytest.mark.slow
+def test_a_gguf_runs_on_its_own_quantized_weights_over_three_ranks(default_model, tmp_path, monkeypatch):
+    """The bundled GGUF's layout (Q4_1 projections, a Q8_0 token embedding tied to the
+    head; 9 heads, 3 KV heads), cut to three layers, over three CPU ranks: every tensor
+    kept in its own quantized form, split by rows, columns and vocabulary rows; one
+    process's tokens and logprobs."""
+    from engine.layers.quant_parallel import QuantizedVocabParallelEmbedding, QuantizedVocabParallelTiedHead
+    from tests.models.test_gguf_kquants_kept import write_cut
+
+    monkeypatch.setenv("HEARTH_QUANT_KERNEL", "reference")
+    path = write_cut(tmp_path / "smol-3layer.gguf", {})
+    prompts = [ids_of(n, seed=n) for n in (5, 37)]
+    one = load(path, device="cpu")
+    try:
+        want = run(one, prompts, LOGPROBS)
+    finally:
+        one.shutdown()
+    tp = load(path, devices="cpu,cpu,cpu", split="tensor")
+    try:
+        assert tp.model_info.quantization == "gguf"
+        embed = tp.runner.model.model.embed_tokens
+        assert isinstance(embed, QuantizedVocabParallelEmbedding) and embed.bits == 8
+        assert (embed.vocab, embed.num_embeddings, embed.start) == (49152, 16384, 0)
+        assert isinstance(tp.runner.model.lm_head, QuantizedVocabParallelTiedHead)
+        got = run(tp, prompts, LOGPROBS)
+    finally:
+        tp.shutdown()
+    assert_same(want, got)
 
 
 def test_published_checkpoints_shard_as_written(wide_mlp_models, tmp_path, monkeypatch):
@@ -154,7 +196,11 @@ def test_published_checkpoints_shard_as_written(wide_mlp_models, tmp_path, monke
         assert_same(want, got)
 
 
-def test_world_size_one_runs_the_tensor_parallel_path(tiny_models):
+@pytest.mark.parametrize("group", [False, True])
+def test_world_size_one_runs_the_tensor_parallel_path(tiny_models, group, monkeypatch):
+    """World size 1: no group (every collective the identity), or with
+    ``HEARTH_TP_ONE_RANK_GROUP`` a gloo group of one rank whose collectives run and whose
+    steps keep the lock-step of several ranks."""
     path = tiny_models["qwen2"]
     prompts = [ids_of(n, seed=n) for n in (5, 37)]
     one = load(path, device="cpu")
@@ -162,10 +208,13 @@ def test_world_size_one_runs_the_tensor_parallel_path(tiny_models):
         want = run(one, prompts, LOGPROBS)
     finally:
         one.shutdown()
+    if group:
+        monkeypatch.setenv("HEARTH_TP_ONE_RANK_GROUP", "1")
     tp = load(path, devices="cpu", split="tensor")
     try:
-        assert tp.model_info.tensor_parallel == {"world": 1, "devices": ["cpu"], "backend": None}
-        assert tp.runner.ranks is None and tp.runner.tp.world == 1
+        assert tp.model_info.tensor_parallel == {"world": 1, "devices": ["cpu"], "backend": "gloo" if group else None}
+        assert tp.runner.tp.world == 1 and tp.runner.tp.collective == group
+        assert (tp.runner.ranks is not None) == group
         got = run(tp, prompts, LOGPROBS)
     finally:
         tp.shutdown()
@@ -230,8 +279,7 @@ def test_a_rank_that_dies_while_loading_fails_the_load_at_once(tiny_models, monk
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(devices="cpu,cpu", split="tensor", quantization="int8", quant_head=True), "drop --quant-head"),
-    (dict(devices="cpu,cpu", split="tensor", quantization="int4", quant_head=True), "drop --quant-head"),
+    (dict(devices="cpu,cpu", split="tensor", quantization="bnb-int8"), "can't shard bitsandbytes"),
     # each rank's 48 MLP columns: int4 groups of 32 don't fit (refused on the rank's slice)
     (dict(devices="cpu,cpu", split="tensor", quantization="int4", quant_group_size=32), "its 48 input features"),
     (dict(devices="cpu,cpu,cpu", split="tensor"), "divisible by 3"),
@@ -247,10 +295,13 @@ def test_what_tensor_parallel_cannot_do_is_refused_before_it_starts(tiny_models,
 
 
 @pytest.mark.gpu
-def test_world_size_one_on_a_gpu_matches_the_plain_load_with_graphs(tiny_models):
+@pytest.mark.parametrize("group", [False, True])
+def test_world_size_one_on_a_gpu_matches_the_plain_load_with_graphs(tiny_models, group, monkeypatch):
     """On a GPU: the tensor-parallel path at world size 1 captures its decode graphs,
     launches greedy steps ahead (the broadcast of their tokens is the identity) and gives
-    the plain load's tokens (float32)."""
+    the plain load's tokens (float32). With ``HEARTH_TP_ONE_RANK_GROUP`` it does so in an
+    NCCL group of one rank: the decode graphs hold NCCL's all-reduces, all-gathers of the
+    logits and broadcasts of the tokens launched ahead, as on several GPUs."""
     prompts = [ids_of(n, seed=n) for n in (5, 37, 70)]
     path = tiny_models["llama3"]
     one = load(path, device="cuda")
@@ -258,9 +309,12 @@ def test_world_size_one_on_a_gpu_matches_the_plain_load_with_graphs(tiny_models)
         want = run(one, prompts) + run(one, prompts[:1], LOGPROBS)
     finally:
         one.shutdown()
+    if group:
+        monkeypatch.setenv("HEARTH_TP_ONE_RANK_GROUP", "1")
     tp = load(path, devices="cuda:0", split="tensor")
     try:
         assert tp.model_info.cuda_graphs, tp.model_info.cuda_graphs_off
+        assert tp.model_info.tensor_parallel["backend"] == ("nccl" if group else None)
         got = run(tp, prompts) + run(tp, prompts[:1], LOGPROBS)
         assert tp.runner.graphs.replays > 0 and tp.runner.steps_ahead_used > 0
     finally:
