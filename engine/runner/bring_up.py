@@ -223,11 +223,11 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
         graphs = runner.graphs_reason() is None
         count = None
         if tp is not None and tp.collective:  # every rank holds the same blocks: the fewest any can
-            # CPU ranks share the RAM's budget; no rank captures prompt graphs (capture_graphs)
+            # CPU ranks share the RAM's budget
             def count() -> int:
                 return tp.agree_min([kv_blocks(config, device, runner.kv_block_bytes(), max_model_len,
                                                peak_bytes=lambda n: activation_peak_bytes(runner, n),
-                                               graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, 0))
+                                               graph_bytes=(lambda b, p: graph_reserve_bytes(runner, b, p))
                                                if graphs else None, cpu_share=tp.world)], device)[0]
         size_kv_cache(runner, config, device, runner.kv_block_bytes(), max_model_len, info, say, stop,
                       peak_bytes=lambda n: activation_peak_bytes(runner, n),
@@ -333,10 +333,19 @@ def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[
     ranks = tp is not None and tp.collective
     if graphs_reason is None:
         try:
-            # Tensor parallel: no prompt graphs (a bucket kept on one rank and dropped on
-            # another would pad a prompt's all-reduces on one side only).
             info["cuda_graph_bytes"] = runner.capture_graphs(
-                config.scheduler.max_num_seqs, max_model_len, say, 0 if ranks else prompt_tokens(config, max_model_len))
+                config.scheduler.max_num_seqs, max_model_len, say, prompt_tokens(config, max_model_len),
+                strict=ranks)
+            if ranks:  # every rank keeps the same graphs, or none does
+                graphs_reason = _agree_graphs(runner, tp, graphs_reason)
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
+            if ranks:  # the other ranks are in this capture's collectives: they can't carry on alone
+                raise
+            log.warning("CUDA graph capture failed, running eagerly: %s", e)
+            runner.graphs = runner.prompt_graphs = None
+            torch.cuda.empty_cache()
+            graphs_reason = f"capture failed: {e}"
+        if graphs_reason is None:
             # One sequence's prompt (or chunk) up to this many tokens replays a graph.
             pg = runner.prompt_graphs
             info["prompt_graph_tokens"] = top = pg.max_tokens if pg else 0
@@ -350,30 +359,29 @@ def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[
             if routes:
                 say("decode graphs timed: " + ", ".join(f"batches up to {b} run in the {r} graph"
                                                         for b, r in sorted(routes.items())))
-        except (RuntimeError, torch.OutOfMemoryError) as e:  # run eagerly rather than not at all
-            if ranks:  # the other ranks are in this capture's collectives: they can't carry on alone
-                raise
-            log.warning("CUDA graph capture failed, running eagerly: %s", e)
-            runner.graphs = runner.prompt_graphs = None
-            torch.cuda.empty_cache()
-            graphs_reason = f"capture failed: {e}"
-            info["cuda_graphs"] = False
-    if ranks and runner.device.type == "cuda":
+    elif ranks and runner.device.type == "cuda":  # (a rank whose graphs can't run: none does)
         graphs_reason = _agree_graphs(runner, tp, graphs_reason)
-        info["cuda_graphs"] = graphs_reason is None
+    info["cuda_graphs"] = graphs_reason is None
     if graphs_reason is not None:
         info["cuda_graphs_off"] = graphs_reason
 
 
 def _agree_graphs(runner, tp: TPGroup, reason: str | None) -> str | None:
-    """Tensor parallel: every rank replays the same graphs or none does (a decode step
-    padded to a bucket on one rank and not on another would pair all-reduces of different
-    sizes), and every rank serves a batch in rank 0's bucket (the timed routes may differ)."""
-    if tp.agree_min([int(reason is None)], runner.device)[0] == 0:
+    """Tensor parallel: every rank replays the same graphs or none does (a step padded to a
+    bucket on one rank and not on another would pair all-reduces of different sizes): every
+    rank serves a batch in rank 0's decode bucket (the timed routes may differ) and keeps
+    the prompt buckets every rank kept (each keeps its smallest ones, timed in lock-step)."""
+    kept = len(runner.prompt_graphs.graphs) if reason is None and runner.prompt_graphs is not None else 0
+    ok, kept = tp.agree_min([int(reason is None), kept], runner.device)
+    if ok == 0:
         runner.graphs = runner.prompt_graphs = None
         return reason or "capture failed on another tensor-parallel rank"
     graphs = runner.graphs
     buckets = sorted(graphs.routes)
     routes = torch.tensor([graphs.routes[b] for b in buckets], dtype=torch.int64, device=runner.device)
     graphs.routes = dict(zip(buckets, tp.broadcast(routes).tolist()))
+    if runner.prompt_graphs is not None:
+        runner.prompt_graphs.keep(kept)
+        if kept == 0:
+            runner.prompt_graphs = None
     return None

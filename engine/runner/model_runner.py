@@ -193,10 +193,11 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
             torch.cuda.synchronize(self.device)
 
     def capture_graphs(self, max_batch: int, max_model_len: int, progress=None,
-                       prompt_tokens: int = 0) -> int:
+                       prompt_tokens: int = 0, strict: bool = False) -> int:
         """Capture prompt graphs for prompts (or chunks) of up to ``prompt_tokens`` tokens
         (0: leave them as they are), then decode graphs, all in one memory pool (after the
-        KV cache exists); returns the bytes the captures took."""
+        KV cache exists); returns the bytes the captures took. ``strict`` (tensor parallel:
+        the ranks time their prompt graphs in lock-step): a failed prompt capture fails."""
         from engine.runner.cuda_graphs import DecodeGraphs
         from engine.runner.prompt_graphs import PromptGraphs, prompt_buckets
 
@@ -216,6 +217,8 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
             try:
                 prompts.capture(progress)
             except (RuntimeError, torch.OutOfMemoryError) as e:  # decode graphs still help
+                if strict:
+                    raise
                 log.warning("prompt graph capture failed, prompts run eagerly: %s", e)
                 prompts = None
                 torch.cuda.empty_cache()

@@ -145,6 +145,11 @@ class PromptGraphs:
                  time.perf_counter() - t0, self.max_tokens,
                  {q: (round(self.graph_ms[q], 2), round(self.eager_ms[q], 2)) for q in self.buckets})
 
+    def keep(self, n: int) -> None:
+        """Keep only the ``n`` smallest buckets (what every tensor-parallel rank kept)."""
+        for q in sorted(self.graphs)[n:]:
+            del self.graphs[q], self.logits[q]
+
     def time_buckets(self, rounds: int = 3) -> None:
         """Fastest of ``rounds`` for each bucket: the graph's replay (CUDA events) and the
         same forward launched eagerly (host clock around a synchronised run: launch time is

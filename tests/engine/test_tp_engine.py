@@ -301,7 +301,8 @@ def test_world_size_one_on_a_gpu_matches_the_plain_load_with_graphs(tiny_models,
     launches greedy steps ahead (the broadcast of their tokens is the identity) and gives
     the plain load's tokens (float32). With ``HEARTH_TP_ONE_RANK_GROUP`` it does so in an
     NCCL group of one rank: the decode graphs hold NCCL's all-reduces, all-gathers of the
-    logits and broadcasts of the tokens launched ahead, as on several GPUs."""
+    logits and broadcasts of the tokens launched ahead, as on several GPUs; its prompt
+    graphs too (timed in lock-step, the buckets every rank kept)."""
     prompts = [ids_of(n, seed=n) for n in (5, 37, 70)]
     path = tiny_models["llama3"]
     one = load(path, device="cuda")
@@ -317,6 +318,7 @@ def test_world_size_one_on_a_gpu_matches_the_plain_load_with_graphs(tiny_models,
         assert tp.model_info.tensor_parallel["backend"] == ("nccl" if group else None)
         got = run(tp, prompts) + run(tp, prompts[:1], LOGPROBS)
         assert tp.runner.graphs.replays > 0 and tp.runner.steps_ahead_used > 0
+        assert tp.runner.prompt_graphs.replays > 0  # (the ranks keep the same prompt buckets)
     finally:
         tp.shutdown()
     assert_same(want, got, tol=2e-3)
