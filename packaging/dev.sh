@@ -46,6 +46,24 @@ if [ "$mode" = test ] && ! command -v Xvfb >/dev/null 2>&1 && [ "$(id -u)" = 0 ]
          echo "[hearth] could not install Xvfb: the soak test will skip (CI requires it and fails)" >&2; }
 fi
 
+# The Prometheus config test runs `promtool check config`: promtool alone, taken from Debian's
+# prometheus package into the venv (installing the package would also enable a Prometheus
+# server on a machine with systemd). 19 MB fetched once, ~10 s; without it that test skips.
+if [ "$mode" = test ] && [ ! -x "$VENV/bin/promtool" ] && command -v apt-get >/dev/null 2>&1 \
+    && command -v dpkg-deb >/dev/null 2>&1; then
+  echo "[hearth] fetching promtool for the Prometheus config test (once)…" >&2
+  debs=$(mktemp -d)
+  fetch_promtool() {
+    (cd "$debs" && apt-get download -q prometheus) >>/tmp/hearth-apt.log 2>&1 \
+      && dpkg-deb --fsys-tarfile "$debs"/prometheus_*.deb | tar -x -O ./usr/bin/promtool >"$VENV/bin/promtool.part" \
+      && chmod +x "$VENV/bin/promtool.part" && mv "$VENV/bin/promtool.part" "$VENV/bin/promtool"
+  }
+  fetch_promtool || { [ "$(id -u)" = 0 ] && apt-get update -q >>/tmp/hearth-apt.log 2>&1 && fetch_promtool; } \
+    || { rm -f "$VENV/bin/promtool.part"
+         echo "[hearth] could not fetch promtool: the Prometheus config test will skip" >&2; }
+  rm -rf "$debs"
+fi
+
 case "$mode" in
   app)
     exec "$VENV/bin/hearth" "$@" ;;
