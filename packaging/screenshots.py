@@ -118,6 +118,10 @@ def main() -> int:
         shot("10-compare-charts")
     serve_a_few_requests(win, wait)
     shot("13-server")
+    about = win.show_about()
+    wait(lambda: about.engine_checked)
+    shot("15-about")
+    about.close()
     # The same window in the dark palette (what a dark system scheme switches to).
     app.styleHints().colorSchemeChanged.emit(Qt.ColorScheme.Dark)
     win.show_page("Chat")
@@ -132,6 +136,10 @@ def main() -> int:
         shot("12-compare-charts-dark")
     win.show_page("Server")
     shot("14-server-dark")
+    about = win.show_about()
+    wait(lambda: about.engine_checked)
+    shot("16-about-dark")
+    about.close()
     win.close()
     return 0
 

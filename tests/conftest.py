@@ -8,6 +8,8 @@ real SmolLM2 tokenizer taken from the bundled default model.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,33 @@ if not torch.cuda.is_available():
 needs_triton_on_cpu = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="runs Triton kernels on the CPU: needs TRITON_INTERPRET=1, which the CPU test run sets")
+
+
+@pytest.fixture
+def xvfb_display():
+    """A private Xvfb server; its DISPLAY string (the GUI soak test, the installed wheel's
+    GUI). Skips without Xvfb, but fails where CI requires it (HEARTH_REQUIRE_XVFB=1)."""
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        message = ("Xvfb is not installed (apt-get install xvfb; the README's test command "
+                   "installs it when run as root)")
+        if os.environ.get("HEARTH_REQUIRE_XVFB") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    read, write = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"], pass_fds=(write,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as f:
+        number = f.readline().strip()  # written once the server accepts clients
+    try:
+        assert number.isdigit(), "Xvfb did not start"
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")

@@ -103,8 +103,15 @@ def run_gui(argv: list[str] | None = None, quit_after_start: bool = False) -> in
     from app.gui import binding_guard
 
     binding_guard.install()  # before any redraw: a binding that drops references would abort
-    app.setApplicationName("Hearth")
+    app.setApplicationName("Hearth")  # also the window's WM_CLASS: the .desktop file's StartupWMClass
     app.setOrganizationName("Hearth")
+    # The launcher entry's ID (hearth desktop-entry): Wayland shells match the window to it.
+    app.setDesktopFileName("hearth")
+    from PySide6.QtGui import QIcon
+
+    from resources.icons import svg_icon
+
+    app.setWindowIcon(QIcon(str(svg_icon())))
     apply_system_theme(app)  # the window applies the saved View > Theme choice
     from app.gui.gc_guard import GuiThreadGC
 

