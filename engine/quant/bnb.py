@@ -2,7 +2,7 @@
 through bitsandbytes' own quantizers and matmuls (``engine.layers.bnb_linear``), for what
 they are.
 
-bitsandbytes is an optional extra (``pip install hearth[bnb]``): these choices are offered
+bitsandbytes is an optional extra (``pip install 'bitsandbytes>=0.45'``, Hearth's ``bnb`` extra): these choices are offered
 where it is installed and its ops work on the device (``reasons``: a tiny quantize and
 matmul checked against the dequantized weight, once per device), and refused otherwise,
 before anything loads, with the reason and what to pick instead. Published measurements
@@ -40,7 +40,7 @@ NESTED_BLOCKSIZE = 256
 #: LLM.int8()'s outlier threshold (transformers' default ``llm_int8_threshold``)
 INT8_THRESHOLD = 6.0
 MIN_VERSION = (0, 45)
-INSTALL = "pip install hearth[bnb]"
+INSTALL = "pip install 'bitsandbytes>=0.45'"
 INSTEAD = "or pick int4 or int8 (Hearth's own kernels, faster)"
 
 

@@ -35,6 +35,10 @@ def ray_server(tiny_models):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     # Ray's sockets live under its temp folder and their paths may not pass 107 bytes: a short one.
     temp = tempfile.mkdtemp(prefix="hearth-ray-")
+    # Ray keeps its auth token under ~/.ray, and RAY_ADDRESS would join another cluster
+    env = pytest.MonkeyPatch()
+    env.setenv("HOME", temp)
+    env.delenv("RAY_ADDRESS", raising=False)
     started = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, _temp_dir=temp,
              log_to_driver=False)
@@ -51,6 +55,7 @@ def ray_server(tiny_models):
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        env.undo()
         shutil.rmtree(temp, ignore_errors=True)
 
 

