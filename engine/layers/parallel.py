@@ -48,8 +48,8 @@ class TPGroup:
     def collective(self) -> bool:
         """Whether the ranks meet in collectives: several ranks, or one rank given a real
         group (``HEARTH_TP_ONE_RANK_GROUP``: the collectives and their graphs checked on one
-        device); the steps are then kept in lock-step (agreed KV blocks, no prompt graphs,
-        strict warm-ups)."""
+        device); the steps are then kept in lock-step (agreed KV blocks and graph buckets,
+        strict warm-ups and captures)."""
         return self.pg is not None
 
     @contextmanager

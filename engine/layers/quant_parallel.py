@@ -34,12 +34,20 @@ class _VocabRows:
 
     def _write_shard(self, shard_id: Hashable) -> None:
         parts = self._pending.pop(shard_id)
-        if "weight" in parts and tuple(parts["weight"].shape) != (self.vocab, self.in_features):
-            raise WeightShapeError(tuple(parts["weight"].shape), (self.vocab, self.in_features))
-        dev = self.qweight.device
-        full = self.source.to_weight({k: v.to(dev) for k, v in parts.items()}, self.vocab, self.in_features)
         rows = max(0, min(self.out_features, self.vocab - self.start))
-        self._copy_rows(full.rows(self.start, rows), 0, rows)
+        dev = self.qweight.device
+        if set(parts) == {"weight"}:  # a float matrix, quantized row by row: only this rank's rows
+            weight = parts["weight"]
+            if tuple(weight.shape) != (self.vocab, self.in_features):
+                raise WeightShapeError(tuple(weight.shape), (self.vocab, self.in_features))
+            mine = self.source.to_weight({"weight": weight.narrow(0, self.start, rows).to(dev)}, rows,
+                                         self.in_features)
+        else:  # a stored format (GGUF blocks, a published packing): read whole, as one process does
+            full = self.source.to_weight({k: v.to(dev) for k, v in parts.items()}, self.vocab, self.in_features)
+            if full.out_features != self.vocab:
+                raise WeightShapeError((full.out_features, self.in_features), (self.vocab, self.in_features))
+            mine = full.rows(self.start, rows)
+        self._copy_rows(mine, 0, rows)
         for t in (self.qweight, self.scales, self.mins):  # the last rank's rows past the vocabulary
             if t is not None:
                 t.data[rows:].zero_()

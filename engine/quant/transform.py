@@ -266,6 +266,11 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
                 if source is not None:
                     rows, cols = ((module.num_embeddings, module.embedding_dim) if isinstance(module, VocabEmbedding)
                                   else (module.out_features, module.in_features))
+                    if _fp8_misfit(source, rows, cols):  # (only a checkpoint's own fp8 head gets here)
+                        raise InvalidRequestError(
+                            f"{name} is stored in fp8, whose products need rows in multiples of {FP8_ALIGN}, and "
+                            f"tensor parallel gives each rank {rows} of its rows: use a rank count that gives "
+                            "multiples of 16, or --split layer.", options=("devices", "split"))
                     _refuse_shape(source, name, rows, cols, check_shape)
                     replace_module(model, name, quantized_vocab_rows(module, source))
                     if isinstance(module, VocabEmbedding):

@@ -326,7 +326,8 @@ def _free_failed_load(runner, model: nn.Module, devices: Iterable[torch.device])
 def capture_graphs(runner, config: EngineConfig, max_model_len: int, info: dict[str, Any],
                    say: Callable[[str], None]) -> None:
     """Capture the prompt and decode CUDA graphs where they can run; a capture that fails
-    leaves the runner eager rather than failing the load. Records what happened in ``info``."""
+    leaves the runner eager rather than failing the load (tensor parallel: fails it on
+    every rank, whose collectives are paired with this one's). Records what happened in ``info``."""
     graphs_reason = runner.graphs_reason()
     info["cuda_graphs"] = graphs_reason is None
     tp = getattr(runner, "tp", None)

@@ -349,7 +349,7 @@ def bring_up_ranks(config, spec, weights, *, device: torch.device, dtype: torch.
         sizing = TPGroup(rank, world, sizing=True)
         build_on_meta(spec, dtype, max_model_len, model_transforms(config, weights, sizing))
     say = progress or (lambda msg: log.info(msg))
-    if world == 1 and not os.environ.get("HEARTH_TP_ONE_RANK_GROUP"):
+    if world == 1 and os.environ.get("HEARTH_TP_ONE_RANK_GROUP", "") in ("", "0"):
         runner = TensorParallelRunner.create(config, spec, weights, device=device, dtype=dtype, kv_dtype=kv_dtype,
                                              attention=attention, max_model_len=max_model_len,
                                              tp=TPGroup(0, 1), progress=say, should_stop=should_stop)
