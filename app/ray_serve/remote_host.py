@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from app.ray_serve.calls import EngineCall, routing_key
 from app.ray_serve.engine_replica import combined
+from app.services.subscribers import Subscribers
 from app.services.host_events import RequestStarted, ended
 from engine.api import EngineStats, FinishedEvent, InvalidRequestError, Request
 
@@ -44,8 +45,8 @@ class RayEngineHost:
         self._info = described["info"]
         self.engine = _RemoteEngine(self, described["tokenizer"], described["max_model_len"])
         self.unavailable: str | None = None  # (EngineProcess's attribute: the server reads it)
-        self._subscribers: tuple[Callable, ...] = ()
-        self._lock = threading.Lock()  # subscribers, the board's cache
+        self._subscribers = Subscribers("a Ray engine host")
+        self._lock = threading.Lock()  # the board's cache
         self._tasks: dict[str, asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Answers streamed from each engine replica, by its label (the per-replica metrics).
@@ -63,13 +64,7 @@ class RayEngineHost:
         return self._info
 
     def subscribe(self, callback: Callable) -> Callable[[], None]:
-        with self._lock:
-            self._subscribers = (*self._subscribers, callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._subscribers = tuple(s for s in self._subscribers if s is not callback)
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     def submit(self, request: Request) -> str:
         """Start streaming ``request`` from a replica (on the running event loop)."""
@@ -123,13 +118,7 @@ class RayEngineHost:
             self._tasks.pop(rid, None)
 
     def _publish(self, ev) -> None:
-        for callback in self._subscribers:
-            try:
-                callback(ev)
-            except Exception:  # noqa: BLE001 - as EngineHost: one bad subscriber stops only itself
-                log.exception("a subscriber failed; unsubscribing it")
-                with self._lock:
-                    self._subscribers = tuple(s for s in self._subscribers if s is not callback)
+        self._subscribers.publish(ev)
 
     # -- the replicas' stats -----------------------------------------------------------
     def replica_stats(self) -> dict[str, EngineStats]:

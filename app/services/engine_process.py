@@ -33,6 +33,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
+from app.services.subscribers import Subscribers
 from app.services.host_events import LoadFailed, LoadProgress, ModelLoaded, RequestStarted, ended
 from engine.api import FinishedEvent, InvalidRequestError, ModelLoadError, PromptProgressEvent, Request, TokenEvent
 
@@ -58,8 +59,8 @@ class EngineProcess:
         self._proc, self._conn = proc, conn
         self._info = info
         self.engine: _RemoteEngine | None = _RemoteEngine(self, tokenizer, max_model_len)
-        self._subscribers: tuple[Callable, ...] = ()
-        self._lock = threading.Lock()  # subscribers, sends, calls, live requests
+        self._subscribers = Subscribers("an engine process")
+        self._lock = threading.Lock()  # sends, calls, live requests
         self._live: set[str] = set()  # requests submitted and not yet finished
         self._calls: dict[int, Future] = {}
         self._ids = itertools.count()
@@ -101,13 +102,7 @@ class EngineProcess:
         return self._info
 
     def subscribe(self, callback: Callable) -> Callable[[], None]:
-        with self._lock:
-            self._subscribers = (*self._subscribers, callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                self._subscribers = tuple(s for s in self._subscribers if s is not callback)
-        return unsubscribe
+        return self._subscribers.add(callback)
 
     def submit(self, request: Request) -> str:
         if request.request_id is None:
@@ -224,13 +219,7 @@ class EngineProcess:
             future.set_exception(ModelLoadError(why))
 
     def _publish(self, ev) -> None:
-        for callback in self._subscribers:
-            try:
-                callback(ev)
-            except Exception:
-                log.exception("an engine process subscriber failed; it is unsubscribed")
-                with self._lock:
-                    self._subscribers = tuple(s for s in self._subscribers if s is not callback)
+        self._subscribers.publish(ev)
 
 
 class _RemoteEngine:
