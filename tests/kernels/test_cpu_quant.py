@@ -1,4 +1,4 @@
-"""kernels.cpu_quant (the C int4/int8 matmul) against float64 references.
+"""hearth_kernels.cpu_quant (the C int4/int8 matmul) against float64 references.
 
 The kernel quantizes activations to int8 blocks of 32 (d = max|x|/127, code = round(x/d))
 and returns W . x_hat. So it is checked two ways:
@@ -19,7 +19,7 @@ import torch
 
 from engine.quant.qweight import QuantizedWeight, pack_int4
 from engine.quant.rtn import quantize_int4, quantize_int8
-from kernels import cpu_quant
+from hearth_kernels import cpu_quant
 
 pytestmark = pytest.mark.skipif(cpu_quant.available() is not None,
                                 reason=f"CPU quantized kernel unavailable: {cpu_quant.available()}")
@@ -294,4 +294,4 @@ def test_a_failed_build_is_a_reason(monkeypatch, tmp_path):
                                               "-include", "/nonexistent/header.h"))
     reason = cpu_quant.available()
     assert reason and "compiling" in reason
-    assert not list((tmp_path / "kernels").glob("*.so"))  # no half-written library left behind
+    assert not list((tmp_path / "hearth_kernels").glob("*.so"))  # no half-written library left behind

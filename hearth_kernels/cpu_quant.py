@@ -10,7 +10,7 @@ activations) up to fp32 rounding, so its error against ``W . x`` is at most
 ``|W| . |x - x_hat|`` <= ``|W| . (d / 2)`` per block. That is llama.cpp's Q8 activation
 scheme; it is what makes the kernel memory-bound instead of compute-bound on AVX2.
 
-The C source (kernels/cpu/) is compiled with the system C compiler on first use into
+The C source (hearth_kernels/cpu/) is compiled with the system C compiler on first use into
 ``$HEARTH_CACHE_DIR/kernels`` (else the user cache folder), keyed by a hash of the source,
 flags and compiler, written atomically so concurrent processes don't clash, and loaded
 with ctypes (which releases the GIL during a call). Without a compiler, ``available()``
@@ -73,7 +73,7 @@ _loaded = False
 
 
 class _WeightDesc(ctypes.Structure):
-    """Mirror of ``hq_weight`` in kernels/cpu/hq_common.h."""
+    """Mirror of ``hq_weight`` in hearth_kernels/cpu/hq_common.h."""
 
     _fields_ = [
         ("bits", ctypes.c_int32),
@@ -97,7 +97,7 @@ def _cache_dir() -> Path:
         import platformdirs
 
         base = Path(platformdirs.user_cache_dir("hearth"))
-    return base / "kernels"
+    return base / "hearth_kernels"
 
 
 def _compiler() -> str | None:
