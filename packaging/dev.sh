@@ -33,12 +33,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# The GUI soak test runs the real window under Xvfb (with the xcb libraries Qt needs):
-# installed here when missing and we may (root with apt-get); otherwise that test skips.
-if [ "$mode" = test ] && ! command -v Xvfb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
-    && command -v apt-get >/dev/null 2>&1; then
-  echo "[hearth] installing Xvfb for the GUI soak test (once)…" >&2
-  xpkgs=(xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0)
+# The GUI soak test and the bundle's test run the real window under Xvfb (with the xcb
+# libraries Qt needs; xwininfo, of x11-utils, sees the bundle's window): installed here
+# when missing and we may (root with apt-get); otherwise those tests skip.
+if [ "$mode" = test ] && ! { command -v Xvfb && command -v xwininfo; } >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[hearth] installing Xvfb for the GUI tests (once)…" >&2
+  xpkgs=(xvfb x11-utils libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0)
   # A fresh container may have no package lists yet: update once if the first try fails.
   apt-get install -y -q "${xpkgs[@]}" >/tmp/hearth-apt.log 2>&1 \
     || { apt-get update -q >>/tmp/hearth-apt.log 2>&1 && apt-get install -y -q "${xpkgs[@]}" >>/tmp/hearth-apt.log 2>&1; } \

@@ -8,6 +8,8 @@ real SmolLM2 tokenizer taken from the bundled default model.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def xvfb_display():
+    """A private Xvfb server; its DISPLAY string. Skips without Xvfb, but fails under
+    HEARTH_REQUIRE_XVFB=1 (CI: the GUI tests that need it must run there)."""
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        message = ("Xvfb is not installed (apt-get install xvfb; the README's test command "
+                   "installs it when run as root)")
+        if os.environ.get("HEARTH_REQUIRE_XVFB") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    read, write = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x800x24",
+                             "-nolisten", "tcp"], pass_fds=(write,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as f:
+        number = f.readline().strip()  # written once the server accepts clients
+    try:
+        assert number.isdigit(), "Xvfb did not start"
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,31 +22,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 SOAK_S = float(os.environ.get("HEARTH_SOAK_S", "120"))
-
-
-@pytest.fixture
-def xvfb_display():
-    """A private Xvfb server; its DISPLAY string."""
-    xvfb = shutil.which("Xvfb")
-    if xvfb is None:
-        message = ("Xvfb is not installed (apt-get install xvfb; the README's test command "
-                   "installs it when run as root)")
-        if os.environ.get("HEARTH_REQUIRE_XVFB") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    read, write = os.pipe()
-    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x800x24",
-                             "-nolisten", "tcp"], pass_fds=(write,),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(write)
-    with os.fdopen(read) as f:
-        number = f.readline().strip()  # written once the server accepts clients
-    try:
-        assert number.isdigit(), "Xvfb did not start"
-        yield f":{number}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.mark.slow
