@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Before/after benchmark of a change on one GPU, in one device session, side by side
 # (issue 13's protocol): each figure is run at the old commit, then at the new one.
-# Prepare here: .carry/old = `git archive OLD engine kernels app resources benchmarks`
+# Prepare here: .carry/old = `git archive OLD engine hearth_kernels app resources benchmarks`
 # unpacked, plus .carry/whl (see gpu_session.sh). On the device, from the repo root:
 #   OLD=<sha> NEW=<sha> bash benchmarks/ab_bench.sh 1b|8b|throughput [round]
 set -u

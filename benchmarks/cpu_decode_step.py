@@ -75,7 +75,7 @@ def _best(fn, reps: int, inner: int) -> float:
 
 def step_rows(engine, reps: int) -> list[dict]:
     """The C step alone, and its matmuls alone."""
-    from kernels.cpu_quant import PreparedWeight
+    from hearth_kernels.cpu_quant import PreparedWeight
 
     step = engine.runner.cpu_step
     model = step._model

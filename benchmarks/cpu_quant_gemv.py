@@ -1,4 +1,4 @@
-"""Batch-1 (decode) speed of Hearth's CPU quantized matmul (kernels.cpu_quant) at the
+"""Batch-1 (decode) speed of Hearth's CPU quantized matmul (hearth_kernels.cpu_quant) at the
 default model's real shapes (SmolLM2-135M: int4 G=32 layers, int8 G=32 tied head), against
 torch F.linear in float32 and torch's packed weight-only ops (bf16 activations, their fast
 case), on 1 and 2 threads; plus one whole token's weight stream (30 layers with distinct
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import cpu_quant  # noqa: E402
+from hearth_kernels import cpu_quant  # noqa: E402
 
 LAYERS = 30
 HIDDEN = 576

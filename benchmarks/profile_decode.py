@@ -98,7 +98,7 @@ def main() -> None:
     print("prompt graphs (tokens: replay ms, eager ms):", chosen["prompt_graph_ms"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "quant": args.quant, "kernels": kernels, "batch": args.batch, "decode_tok_s": rate, "graph_ms": gpu_ms,
+            json.dump({"shape": args.shape, "quant": args.quant, "hearth_kernels": kernels, "batch": args.batch, "decode_tok_s": rate, "graph_ms": gpu_ms,
                        "weight_bytes": weight_bytes, "phases": rows, "load": chosen,
                        "card": torch.cuda.get_device_name()}, f, indent=1)
     engine.shutdown()

@@ -8,7 +8,7 @@ scattered at random over the pool, as after a while of serving. Times Hearth's d
 kernel at its default (block_n, warps, stages) and over a grid of them, and reports TB/s
 of K/V read; as a ceiling, torch's sum over the same number of cache bytes. With
 ``--kv-dtype fp8`` the cache is e4m3 and each config runs with both ways of widening it
-for bf16 queries (``kernels._checks.FP8_WIDEN``: fp16 dots or bf16 dots).
+for bf16 queries (``hearth_kernels._checks.FP8_WIDEN``: fp16 dots or bf16 dots).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from _timing import cuda_ms
 
 
 def main() -> None:
-    import kernels._checks as checks
-    import kernels.paged_decode as pd
+    import hearth_kernels._checks as checks
+    import hearth_kernels.paged_decode as pd
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=512)

@@ -1,4 +1,4 @@
-"""Time the fp8 activation rounding (``kernels/fp8.quantize_rows``) at a decode batch's rows:
+"""Time the fp8 activation rounding (``hearth_kernels/fp8.quantize_rows``) at a decode batch's rows:
 one read of each row into registers vs two reads in blocks, 20 launches captured in a CUDA
 graph (GPU only).
 
@@ -14,7 +14,7 @@ import os
 import torch
 import triton
 
-from kernels import fp8
+from hearth_kernels import fp8
 
 
 def main() -> None:

@@ -82,8 +82,8 @@ def prefill_gemms(shape: str, m: int) -> list[dict]:
 
 
 def main() -> None:
-    from kernels.activation import silu_and_mul
-    from kernels.gemv import default_config, gemv
+    from hearth_kernels.activation import silu_and_mul
+    from hearth_kernels.gemv import default_config, gemv
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-8b")
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--fp8", action="store_true", help="e4m3 weights: the fp8 GEMV against _scaled_mm")
     ap.add_argument("--rows", action="store_true",
-                    help="with --fp8: sweep the x-stationary kernel (kernels/fp8.fp8_gemv_rows) instead of the K-loop")
+                    help="with --fp8: sweep the x-stationary kernel (hearth_kernels/fp8.fp8_gemv_rows) instead of the K-loop")
     ap.add_argument("--prefill-m", type=int, default=0, help="only time prefill GEMMs with this many rows")
     args = ap.parse_args()
     if args.prefill_m:
@@ -109,7 +109,7 @@ def main() -> None:
         scales = [None] * copies
         if args.fp8:
             from engine.quant.rtn import quantize_fp8
-            from kernels.fp8 import quantize_rows, scaled_mm
+            from hearth_kernels.fp8 import quantize_rows, scaled_mm
 
             qws = [quantize_fp8(0.02 * torch.randn(n, k, device="cuda")) for _ in range(copies)]
             ws, scales = [q.qweight for q in qws], [q.scales for q in qws]
@@ -139,7 +139,7 @@ def main() -> None:
         for cfg in configs:
             try:
                 if len(cfg) == 4:
-                    from kernels.fp8 import fp8_gemv_rows
+                    from hearth_kernels.fp8 import fp8_gemv_rows
 
                     us = time_graph(lambda i: fp8_gemv_rows(x, ws[i], scales[i], swiglu=swiglu, out=y, config=cfg),
                                     copies)
@@ -157,7 +157,7 @@ def main() -> None:
         xin = silu_and_mul(x) if swiglu else x
         w0 = ws[0].float() * scales[0] if args.fp8 else ws[0]
         if len(best[0]) == 4:
-            from kernels.fp8 import fp8_gemv_rows
+            from hearth_kernels.fp8 import fp8_gemv_rows
 
             got = fp8_gemv_rows(x, ws[0], scales[0], swiglu=swiglu, config=best[0])
         else:

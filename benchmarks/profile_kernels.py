@@ -56,7 +56,7 @@ def prefill_profile(shape: str, tokens: int) -> dict:
         engine.submit(Request(prompt_token_ids=prompts[4], params=params)).result()
     engine.shutdown()
     rows = _kernel_table(prof, f"prefill {tokens} tokens (wall {sorted(walls)[1]:.1f} ms median of 4)", 24)
-    return {"tokens": tokens, "wall_ms": walls, "kernels": rows}
+    return {"tokens": tokens, "wall_ms": walls, "hearth_kernels": rows}
 
 
 def decode_step_profile(shape: str) -> list[dict]:
@@ -76,7 +76,7 @@ def decode_step_profile(shape: str) -> list[dict]:
 
 
 def prefill_attention(tokens: int) -> dict:
-    from kernels.paged_prefill import paged_prefill_attention
+    from hearth_kernels.paged_prefill import paged_prefill_attention
 
     h, kvh, d, bs = 32, 8, 128, 16
     dt = torch.bfloat16

@@ -1,4 +1,4 @@
-"""The dp4a batch-1 GEMV (kernels/quant_dp4a.py) against the float quantized GEMVs and bf16,
+"""The dp4a batch-1 GEMV (hearth_kernels/quant_dp4a.py) against the float quantized GEMVs and bf16,
 per Llama-8B projection, int4 (group 128) and int8 (per channel), on the GPU.
 
     PYTHONPATH=. python benchmarks/profile_quant_dp4a.py [--json F] [--layers qkv,o,...]
@@ -34,8 +34,8 @@ KIND_NAMES = ["kloop", "mma", "rows", "swap", "swapw", "dp4a"]
 
 
 def sweep(k: int, full: str):
-    from kernels.quant_dp4a import dp4a_launch
-    from kernels.quant_gemv import DP4A, GemvConfig
+    from hearth_kernels.quant_dp4a import dp4a_launch
+    from hearth_kernels.quant_gemv import DP4A, GemvConfig
 
     if full == "wide":
         rows, steps, warps, stages = (2, 4, 8, 16, 32), (2, 4, 128), (1, 2, 4, 8), (1, 2, 3)
@@ -70,9 +70,9 @@ def main() -> None:
     share = tuple(map(int, args.warm_only.split("/"))) if args.warm_only else None
 
     from engine.quant.rtn import quantize_int4, quantize_int8
-    from kernels.activation import silu_and_mul
-    from kernels.quant_dp4a import dp4a_reference
-    from kernels.quant_gemv import DP4A, GemvConfig, prepare_int4, prepare_int8, quant_gemv, quant_gemv_configs
+    from hearth_kernels.activation import silu_and_mul
+    from hearth_kernels.quant_dp4a import dp4a_reference
+    from hearth_kernels.quant_gemv import DP4A, GemvConfig, prepare_int4, prepare_int8, quant_gemv, quant_gemv_configs
 
     torch.manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "rows": []}

@@ -67,7 +67,7 @@ def quantize(bits: int, group: int | None, n: int, k: int):
     from quant_old_gemv import prepare_int4 as old4, prepare_int8 as old8
 
     from engine.quant.rtn import quantize_int4, quantize_int8
-    from kernels.quant_gemv import prepare_int4, prepare_int8
+    from hearth_kernels.quant_gemv import prepare_int4, prepare_int8
 
     w = 0.02 * torch.randn(n, k, device="cuda")
     qw = quantize_int4(w, group) if bits == 4 else quantize_int8(w, group)
@@ -96,8 +96,8 @@ def n_copies(nb: int, total: float = 400e6) -> int:
 
 def bf16_rows(shape: str, layers: set[str]) -> dict[str, dict]:
     """Best bf16 batch-1 time per layer (us): cuBLAS and the Triton GEMV's best config."""
-    from kernels.activation import silu_and_mul
-    from kernels.gemv import default_config, gemv
+    from hearth_kernels.activation import silu_and_mul
+    from hearth_kernels.gemv import default_config, gemv
 
     from engine.layers.linear_kernels import gemv_configs
 
@@ -147,8 +147,8 @@ def gemv_rows(shape: str, bf16: dict[str, dict], formats: list[str], layers: set
               rows: list[dict]) -> list[dict]:
     import quant_old_gemv
 
-    from kernels.activation import silu_and_mul
-    from kernels.quant_gemv import default_quant_config, quant_gemv, quant_gemv_configs
+    from hearth_kernels.activation import silu_and_mul
+    from hearth_kernels.quant_gemv import default_quant_config, quant_gemv, quant_gemv_configs
 
     for fmt in formats:
         bits, group = FORMATS[fmt]
@@ -200,7 +200,7 @@ def gemv_rows(shape: str, bf16: dict[str, dict], formats: list[str], layers: set
 #: fused-GEMM configs timed beside the default, per M bucket:
 #: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SCALE_B, SPLIT_K)
 def gemm_candidates(m: int, n: int, k: int, bits: int, group: int) -> list[tuple]:
-    from kernels.quant_gemm import default_gemm_config
+    from hearth_kernels.quant_gemm import default_gemm_config
 
     d = tuple(default_gemm_config(m, n, k, bits, group))
     bm, split = d[0], d[6]
@@ -222,7 +222,7 @@ def gemm_rows(shape: str, ms: list[int], formats: list[str], layers: set[str], o
               rows: list[dict]) -> list[dict]:
     import quant_old_gemm
 
-    from kernels.quant_gemm import quant_gemm
+    from hearth_kernels.quant_gemm import quant_gemm
 
     for fmt in formats:
         bits, group = FORMATS[fmt]

@@ -1,4 +1,4 @@
-"""The weight-stationary int4 kernel (kernels/quant_mma.py) against the other quantized
+"""The weight-stationary int4 kernel (hearth_kernels/quant_mma.py) against the other quantized
 kernels and bf16, per Llama-8B projection, on the GPU (about 3 minutes on an H200).
 
     PYTHONPATH=. python benchmarks/profile_quant_mma.py [--json F] [--rows 1,2,8,16,32,64]
@@ -46,10 +46,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from engine.quant.rtn import quantize_int4
-    from kernels.activation import silu_and_mul
-    from kernels.quant_gemm import quant_gemm
-    from kernels.quant_gemv import prepare_int4, quant_gemv, quant_gemv_configs
-    from kernels.quant_mma import MmaConfig, default_mma_config, mma_configs, quant_mma
+    from hearth_kernels.activation import silu_and_mul
+    from hearth_kernels.quant_gemm import quant_gemm
+    from hearth_kernels.quant_gemv import prepare_int4, quant_gemv, quant_gemv_configs
+    from hearth_kernels.quant_mma import MmaConfig, default_mma_config, mma_configs, quant_mma
 
     torch.manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "group": args.group, "rows": []}

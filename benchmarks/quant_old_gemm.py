@@ -1,5 +1,5 @@
 """Weight-only int8/int4 matrix product for prefill and batched decode: ``y = x W^T (+ b)``
-with ``W`` a ``PreparedQuant`` (``kernels/quant_gemv.py``: canonical layout, nothing repacked).
+with ``W`` a ``PreparedQuant`` (``hearth_kernels/quant_gemv.py``: canonical layout, nothing repacked).
 
 Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
 

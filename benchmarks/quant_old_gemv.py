@@ -4,7 +4,7 @@
     w[n, k] = q[n, k] * s[n, k // G] + m[n, k // G]        (m = 0 without mins)
 
 and, with ``swiglu``, ``x = round(round(silu(g)) * u)`` for an input ``[g | u]`` of 2K
-columns (rounded like ``kernels/gemv.py`` and ``kernels/activation.py``).
+columns (rounded like ``hearth_kernels/gemv.py`` and ``hearth_kernels/activation.py``).
 
 Layout (``prepare_int4`` / ``prepare_int8``). Hearth's canonical layout
 (``engine/quant/qweight.py``) is already what a row-streaming GEMV wants, so preparing only
@@ -36,10 +36,10 @@ per SM per clock, which leaves only ~4 instructions per weight. So:
 Accumulation is fp32; the result is rounded once to the activation dtype. The
 x-stationary kernel (``_quant_gemv_rows_kernel``) decodes the same way but converts x once
 per program and loops over rows instead of K; ``kind=MMA`` runs the product through
-``kernels/quant_gemm.py``'s tensor-core kernel (see ``GemvConfig``).
+``hearth_kernels/quant_gemm.py``'s tensor-core kernel (see ``GemvConfig``).
 
 Configs are ``GemvConfig(block_n, block_k, warps, kind, stages)`` (a 3-tuple like
-``kernels/gemv.py``'s also works); ``quant_gemv_configs`` lists those worth timing and the
+``hearth_kernels/gemv.py``'s also works); ``quant_gemv_configs`` lists those worth timing and the
 engine's load-time tuner picks one per shape. The CUDA-core kernel needs K % 32 == 0 (int8
 weights of other widths run the tensor-core kernel whatever the config says).
 """
@@ -301,7 +301,7 @@ class GemvConfig(NamedTuple):
     ``kind=KLOOP`` (0): ``_quant_gemv_kernel``, ``block_n`` rows per program streamed in
     ``block_k``-input steps (x re-read per step). About 5.4 (4 rows per thread), 6.4 (2) or
     7.3 (1) per int4 weight, 6-7 per int8 weight.
-    ``kind=MMA`` (1): the fused kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x
+    ``kind=MMA`` (1): the fused kernel of ``hearth_kernels/quant_gemm.py`` with one 16-row tile (x
     padded with masked rows) and a ``block_n``-column weight tile on the tensor cores, K
     steps of ``block_k``: about 5.1 per int4 weight (3.6 per int8) with 128 columns but 4-6x
     that with 16 (its per-step x work is fixed), so only for large N (gate_up, lm_head).
@@ -401,7 +401,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     if cfg.kind == MMA or k % BLOCK:  # the CUDA-core kernels read whole blocks of 32 inputs
-        from kernels.quant_gemm import _launch_fused
+        from hearth_kernels.quant_gemm import _launch_fused
 
         # tl.dot tiles are at least 16 wide; a CUDA-core config sent here gets usual mma steps
         block_n, block_k = (cfg.block_n, cfg.block_k) if cfg.kind == MMA else (cfg.block_n, 128)

@@ -37,12 +37,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # The tests' system tools, installed here when missing and we may (root with apt-get):
-# Xvfb and the xcb libraries Qt needs (the GUI soak test runs the real window under it),
-# desktop-file-validate (checks `hearth desktop-entry`'s file). Otherwise those tests skip.
+# Xvfb and the xcb libraries Qt needs (the GUI soak test and the bundle's test run the real
+# window under it; xwininfo, of x11-utils, sees the bundle's window), desktop-file-validate
+# (checks `hearth desktop-entry`'s file). Otherwise those tests skip.
 if [ "$mode" = test ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   xpkgs=()
   command -v Xvfb >/dev/null 2>&1 \
     || xpkgs+=(xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxkbcommon-x11-0)
+  command -v xwininfo >/dev/null 2>&1 || xpkgs+=(x11-utils)
   command -v desktop-file-validate >/dev/null 2>&1 || xpkgs+=(desktop-file-utils)
   if [ ${#xpkgs[@]} -gt 0 ]; then
     echo "[hearth] installing ${xpkgs[*]} for the tests (once)…" >&2

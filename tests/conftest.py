@@ -16,7 +16,7 @@ import pytest
 import torch
 
 # Triton picks interpreter or compiler when a kernel is decorated: set this before any test
-# imports kernels/ (pytest and torch don't), so the Triton kernels and the "triton" backend
+# imports hearth_kernels/ (pytest and torch don't), so the Triton kernels and the "triton" backend
 # run on CPU-only machines.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -67,7 +67,7 @@ class FlashAttnBackend(AttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-        from kernels.kv_cache import write_kv_cache
+        from hearth_kernels.kv_cache import write_kv_cache
 
         self._decode = flash_attn_with_kvcache
         self._varlen = flash_attn_varlen_func

@@ -24,7 +24,7 @@ from engine.layers.modules import replace_module
 class KernelPlan:
     """``attention``: the backend class every attention module builds its own instance of
     (with its own head counts). ``fused``: RMSNorm (+ residual add), RoPE and SiLU-and-mul
-    run as Triton kernels (``kernels/``) instead of the plain torch reference."""
+    run as Triton kernels (``hearth_kernels/``) instead of the plain torch reference."""
 
     attention: type[AttentionBackend]
     fused: bool

@@ -7,7 +7,7 @@ GEMV config per kind of layer), never by a flag read while running. A quantized 
 linear module brings kernel objects of its own.
 
 A batch-1 decode step is a stream over the weights, and on an H100 the Triton GEMV in
-``kernels/gemv.py`` read them 10-30% faster than cuBLAS for every Llama-8B projection
+``hearth_kernels/gemv.py`` read them 10-30% faster than cuBLAS for every Llama-8B projection
 (benchmarks/results/*-profile-gemv-8b-h100.json). Only single-row inputs take the GEMV;
 everything else (prefill, batched decode) is a plain matmul.
 """
@@ -30,7 +30,7 @@ GEMV_CONFIGS = ((1, 1024, 2), (1, 1024, 4), (1, 1024, 8), (1, 512, 4), (16, 1024
 def gemv_configs(n: int, k: int) -> list[tuple[int, int, int]]:
     """The Triton GEMV configs worth timing for an [n, k] weight, in timing order: the
     shape's default first, then ``GEMV_CONFIGS`` (without repeating it)."""
-    from kernels.gemv import default_config
+    from hearth_kernels.gemv import default_config
 
     first = default_config(n, k)
     return [first] + [c for c in GEMV_CONFIGS if c != first]
@@ -40,7 +40,7 @@ def gemv_configs(n: int, k: int) -> list[tuple[int, int, int]]:
 #: 8B layer on the H200 (benchmarks/results/2026-12-02-i17-profile-gemv-fp8-8b-h200.json:
 #: 16x512/8w qkv, 8x1024/4w o and down, 8x512/4w gate_up, 16x512/4w lm_head) and, as
 #: 4-tuples (rows per program, rows per step, warps, steps in flight), the x-stationary
-#: kernel of kernels/fp8.py.
+#: kernel of hearth_kernels/fp8.py.
 FP8_GEMV_CONFIGS = ((16, 512, 8), (8, 1024, 4), (16, 512, 4), (16, 2, 8, 3), (32, 4, 8, 3), (32, 2, 16, 3),
                     (64, 4, 8, 3), (16, 4, 16, 3))
 
@@ -48,7 +48,7 @@ FP8_GEMV_CONFIGS = ((16, 512, 8), (8, 1024, 4), (16, 512, 4), (16, 2, 8, 3), (32
 def fp8_gemv_configs(n: int, k: int) -> list[tuple[int, ...]]:
     """The fp8 batch-1 configs for an [n, k] e4m3 weight: the shape's default first (the
     x-stationary ones only where x fits in registers)."""
-    from kernels.fp8 import ROWS_MAX_K
+    from hearth_kernels.fp8 import ROWS_MAX_K
 
     first, *_ = gemv_configs(n, k)
     return [first] + [c for c in FP8_GEMV_CONFIGS if c != first and (len(c) == 3 or k <= ROWS_MAX_K)]
@@ -71,8 +71,8 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul_triton() -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same gate in one Triton kernel (``kernels/activation.py``), rounded alike."""
-    from kernels.activation import silu_and_mul
+    """The same gate in one Triton kernel (``hearth_kernels/activation.py``), rounded alike."""
+    from hearth_kernels.activation import silu_and_mul
 
     return silu_and_mul
 
@@ -103,7 +103,7 @@ class GemvForOneRow(LinearKernel):
     a matmul for more rows."""
 
     def __init__(self, config: tuple[int, int, int]) -> None:
-        from kernels.gemv import gemv
+        from hearth_kernels.gemv import gemv
 
         self.config = tuple(config)
         self.name = "triton gemv %dx%d/%dw" % self.config
@@ -137,7 +137,7 @@ class GatedGemvForOneRow(LinearKernel):
     through memory); ``act`` then a matmul for more rows."""
 
     def __init__(self, config: tuple[int, int, int], act: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        from kernels.gemv import gemv
+        from hearth_kernels.gemv import gemv
 
         self.config = tuple(config)
         self.name = "triton gemv %dx%d/%dw" % self.config

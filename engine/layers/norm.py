@@ -39,11 +39,11 @@ class RMSNorm(nn.Module):
 
 
 class TritonRMSNorm(RMSNorm):
-    """The same norm (and residual add) in one pass over memory: ``kernels/rmsnorm.py``."""
+    """The same norm (and residual add) in one pass over memory: ``hearth_kernels/rmsnorm.py``."""
 
     def __init__(self, norm: RMSNorm) -> None:
         nn.Module.__init__(self)
-        from kernels.rmsnorm import fused_add_rms_norm, rms_norm
+        from hearth_kernels.rmsnorm import fused_add_rms_norm, rms_norm
 
         self.eps = norm.eps
         self.weight = norm.weight  # the same parameter: nothing is copied

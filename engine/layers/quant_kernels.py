@@ -9,16 +9,16 @@ at load) and holds it.
   arithmetic, in float32) into the activation dtype, then a matmul. Exact and portable,
   the reference every other kernel is tested against; slow, since every call expands the
   whole weight.
-- ``TritonQuant`` (CUDA): the dequantize-GEMV of ``kernels/quant_gemv.py`` for one row
+- ``TritonQuant`` (CUDA): the dequantize-GEMV of ``hearth_kernels/quant_gemv.py`` for one row
   (with a config the load-time tuner picks by timing, SwiGLU fused for the down
-  projection) and the dequantize-GEMM of ``kernels/quant_gemm.py`` for more rows (prefill,
+  projection) and the dequantize-GEMM of ``hearth_kernels/quant_gemm.py`` for more rows (prefill,
   batched decode).
 
-- ``Fp8Kernel`` (``--quant fp8``, e4m3 weights): the fp8-weight GEMV of ``kernels/gemv.py``
+- ``Fp8Kernel`` (``--quant fp8``, e4m3 weights): the fp8-weight GEMV of ``hearth_kernels/gemv.py``
   for one row (a config the tuner picks; the activations stay unrounded there), and for
   more rows the activations rounded to e4m3 per token, then ``torch._scaled_mm`` on the fp8
-  tensor cores (``kernels/fp8.py``).
-- ``CpuQuant`` (CPU, AVX2): Hearth's C int4/int8 matmul (``kernels/cpu_quant.py``:
+  tensor cores (``hearth_kernels/fp8.py``).
+- ``CpuQuant`` (CPU, AVX2): Hearth's C int4/int8 matmul (``hearth_kernels/cpu_quant.py``:
   activations quantized to int8 blocks, integer block dots, memory speed) for up to
   ``CPU_KERNEL_ROWS`` rows; longer prompts dequantize the weight once per call into a
   buffer and run torch's sgemm, about twice as fast per row there.
@@ -103,7 +103,7 @@ def _float_dtype(layer) -> torch.dtype:
 def triton_reads(layer) -> bool:
     """Whether the GPU kernels take ``layer``'s layout: groups of a multiple of 32 inputs,
     or int8 in groups of 16 (GGUF Q6_K's sub-blocks)."""
-    # (16: kernels.quant_gemv.SUB_GROUP, not imported: that imports Triton)
+    # (16: hearth_kernels.quant_gemv.SUB_GROUP, not imported: that imports Triton)
     return layer.group_size % 32 == 0 or (layer.bits == 8 and layer.group_size == 16)
 
 
@@ -116,7 +116,7 @@ class TritonQuant(QuantKernel):
         self.name = "triton quant gemv" if config is None else _config_name(config)
 
     def bind(self, layer) -> "TritonQuant":
-        from kernels.quant_gemv import PreparedQuant, prepare_int4, prepare_int8
+        from hearth_kernels.quant_gemv import PreparedQuant, prepare_int4, prepare_int8
 
         bound = TritonQuant(self.config)
         if layer.bits == 8:
@@ -125,7 +125,7 @@ class TritonQuant(QuantKernel):
             bound.prepared = PreparedQuant(4, layer.group_size, layer.qweight.data, layer.scales.contiguous(),
                                            layer.mins.contiguous())
         else:
-            from kernels.quant_gemv import forget_paired
+            from hearth_kernels.quant_gemv import forget_paired
 
             bound.prepared = prepare_int4(layer.qweight, layer.scales, layer.mins, layer.group_size)
             # One copy of the codes on the GPU: the module keeps the kernels' pair order
@@ -133,9 +133,9 @@ class TritonQuant(QuantKernel):
             forget_paired(layer.qweight)
             layer.qweight.data = bound.prepared.qweight
             layer.qweight.int4_layout = "pairs"
-        from kernels.quant_gemm import quant_gemm
-        from kernels.quant_gemv import quant_gemv
-        from kernels.quant_mma import make_counters
+        from hearth_kernels.quant_gemm import quant_gemm
+        from hearth_kernels.quant_gemv import quant_gemv
+        from hearth_kernels.quant_mma import make_counters
 
         make_counters(layer.qweight.device)  # split-K launches get captured in CUDA graphs later
         bound._gemv, bound._gemm = quant_gemv, quant_gemm
@@ -150,7 +150,7 @@ class TritonQuant(QuantKernel):
 
 class Fp8Kernel(QuantKernel):
     """An e4m3 layer: for one row on a GPU the row-scaled GEMV of ``config`` (a 3-tuple:
-    ``kernels/gemv.py``'s K-loop kernel; a 4-tuple: ``kernels/fp8.fp8_gemv_rows``,
+    ``hearth_kernels/gemv.py``'s K-loop kernel; a 4-tuple: ``hearth_kernels/fp8.fp8_gemv_rows``,
     x-stationary), else the activations rounded to e4m3 per token and ``torch._scaled_mm``
     (on the CPU too: there only to write checkpoints and to test, see
     ``engine.choices.WRITABLE_ANYWHERE``)."""
@@ -166,15 +166,15 @@ class Fp8Kernel(QuantKernel):
             self.name = "fp8 gemv %dx%d/%dw" % tuple(config)
 
     def __call__(self, x, layer, out=None):
-        from kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
+        from hearth_kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
 
         w, s = layer.qweight, layer.scales
         if x.shape[0] == 1 and w.device.type == "cuda":
             if self.config is not None and len(self.config) == 4:
-                from kernels.fp8 import fp8_gemv_rows
+                from hearth_kernels.fp8 import fp8_gemv_rows
 
                 return fp8_gemv_rows(x, w, s, layer.bias, swiglu=layer.act is not None, out=out, config=self.config)
-            from kernels.gemv import gemv
+            from hearth_kernels.gemv import gemv
 
             return gemv(x, w, layer.bias, swiglu=layer.act is not None, out=out, config=self.config, scale=s)
         # A down projection's SwiGLU is computed inside the rounding pass (same arithmetic as layer.act).
@@ -203,7 +203,7 @@ class CpuQuant(QuantKernel):
         self.prepared = None
 
     def bind(self, layer) -> "CpuQuant":
-        from kernels import cpu_quant
+        from hearth_kernels import cpu_quant
 
         bound = CpuQuant()
         prepare = cpu_quant.prepare_int4 if layer.bits == 4 else cpu_quant.prepare_int8
@@ -225,7 +225,7 @@ class CpuQuant(QuantKernel):
 
 def cpu_kernel_problem(layer) -> str | None:
     """Why the C kernel can't run ``layer`` here (None: it can, at full speed)."""
-    from kernels import cpu_quant
+    from hearth_kernels import cpu_quant
 
     problem = cpu_quant.available()
     if problem is None and cpu_quant.isa() != "avx2":
@@ -257,7 +257,7 @@ def kernel_candidates(layer) -> list[QuantKernel]:
         return [Fp8Kernel(c) for c in fp8_gemv_configs(layer.out_features, layer.in_features)]
     if layer.qweight.device.type != "cuda" or not triton_reads(layer) or layer.fmt != "int":
         return [layer.kernel]
-    from kernels.quant_gemv import quant_gemv_configs
+    from hearth_kernels.quant_gemv import quant_gemv_configs
 
     return [TritonQuant(c) for c in quant_gemv_configs(layer.out_features, layer.in_features, layer.bits,
                                                         layer.group_size)]
@@ -266,7 +266,7 @@ def kernel_candidates(layer) -> list[QuantKernel]:
 def _config_name(config) -> str:
     """A GEMV config as ``ModelInfo.batch1_matmul`` shows it (rows x step / warps, kind,
     stages, and the K split when there is one)."""
-    from kernels.quant_gemv import GemvConfig
+    from hearth_kernels.quant_gemv import GemvConfig
 
     c = GemvConfig(*config)
     name = "triton quant gemv %dx%d/%dw k%d s%d" % c[:5]

@@ -146,7 +146,7 @@ class QuantizedStore(nn.Module):
         from engine.layers.quant_kernels import int4_layout
 
         if self.bits == 4 and int4_layout(self.qweight) == "pairs":
-            from kernels.quant_gemv import unpair_nibbles
+            from hearth_kernels.quant_gemv import unpair_nibbles
 
             return unpair_nibbles(self.qweight.data)
         return self.qweight
@@ -248,7 +248,7 @@ class QuantizedVocabEmbedding(QuantizedStore):
             from engine.layers.quant_kernels import int4_layout
 
             if int4_layout(self.qweight) == "pairs":  # a tied head's kernel repacked the shared codes
-                from kernels.quant_gemv import unpair_nibbles
+                from hearth_kernels.quant_gemv import unpair_nibbles
 
                 rows = unpair_nibbles(rows)
         codes = rows.to(torch.float32) if self.bits == 8 else _unpack_rows(rows)

@@ -71,12 +71,12 @@ class RotaryEmbedding(nn.Module):
 
 
 class TritonRotaryEmbedding(RotaryEmbedding):
-    """Rotates q and k in place with ``kernels/rotary.py`` (they are views of this step's
+    """Rotates q and k in place with ``hearth_kernels/rotary.py`` (they are views of this step's
     fresh qkv projection), reading the same cos/sin tables."""
 
     def __init__(self, rotary: RotaryEmbedding) -> None:
         nn.Module.__init__(self)
-        from kernels.rotary import apply_rotary
+        from hearth_kernels.rotary import apply_rotary
 
         self.head_dim, self.rope, self.max_positions = rotary.head_dim, rotary.rope, rotary.max_positions
         self.cos, self.sin = rotary.cos, rotary.sin

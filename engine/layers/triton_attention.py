@@ -1,4 +1,4 @@
-"""The ``triton`` attention backend: Hearth's paged Triton kernels (``kernels/``).
+"""The ``triton`` attention backend: Hearth's paged Triton kernels (``hearth_kernels/``).
 
 Per layer and step: one kernel scatters this step's K/V into the paged cache, then a
 decode-only step runs the split-K decode kernel (one query per sequence, GQA groups
@@ -68,9 +68,9 @@ class TritonAttention(AttentionBackend):
                  sliding_window: int | None = None) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         # Imported here so that merely listing backends never imports Triton.
-        from kernels.kv_cache import write_kv_cache
-        from kernels.paged_decode import paged_decode_attention
-        from kernels.paged_prefill import paged_prefill_attention
+        from hearth_kernels.kv_cache import write_kv_cache
+        from hearth_kernels.paged_decode import paged_decode_attention
+        from hearth_kernels.paged_prefill import paged_prefill_attention
 
         self._write = write_kv_cache
         self._decode = paged_decode_attention

@@ -139,7 +139,7 @@ def auto_keeps_gguf(device: str) -> bool:
     target = resolve_device(device)
     if target.type == "cuda":
         return not choices.get("quantization", "gguf", str(target)).reasons
-    from kernels import cpu_quant
+    from hearth_kernels import cpu_quant
 
     return cpu_quant.available() is None and cpu_quant.isa() == "avx2"
 

@@ -23,8 +23,10 @@ model on the device); a bitsandbytes checkpoint saved by transformers (config.js
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -45,14 +47,6 @@ INSTEAD = "or pick int4 or int8 (Hearth's own kernels, faster)"
 
 
 # -- importing it ----------------------------------------------------------------------------
-class _NoKernelsHubLookup(logging.Filter):
-    """Drops bitsandbytes' warning that it could not take a CPU kernel from the Hugging
-    Face ``kernels`` package (see ``import_bitsandbytes``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
-
-
 class _NoFp16CastNotice(logging.Filter):
     """Drops LLM.int8()'s notice, logged at *every* matmul whose input isn't fp16, that it
     quantizes the activations from fp16: that is how it works (and what transformers'
@@ -66,30 +60,56 @@ def import_bitsandbytes():
     """bitsandbytes, imported (ImportError when it isn't installed).
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50 asks the Hugging Face ``kernels`` package
-    for a faster CPU kernel (``from kernels import get_kernel``, which downloads it from the
-    Hub). That name finds Hearth's own top-level ``kernels`` package, whose import is
-    harmless; the lookup fails, bitsandbytes warns and keeps its bundled C kernel, which is
-    what Hearth wants anyway (nothing is downloaded at run time). Only that warning is
-    dropped, and only while bitsandbytes imports; so is LLM.int8()'s per-call fp16 notice
-    (``_NoFp16CastNotice``).
+    for a faster CPU kernel as it imports (``from kernels import get_kernel``, which
+    downloads compiled code from the Hub and runs it). Hearth runs nothing fetched at run
+    time (and has no network where it is often used), so the import runs with that
+    package hidden (``_hub_kernels_hidden``): bitsandbytes keeps its bundled C kernel, as
+    it does wherever ``kernels`` isn't installed, and its warning about the failed lookup
+    is dropped. LLM.int8()'s per-call fp16 notice is dropped too (``_NoFp16CastNotice``).
     """
     # Always the import statement (not a look in sys.modules, where a module sits from the
     # start of its import): another thread's half-done import of bitsandbytes (the window
     # lists the load choices on a thread of its own while a load may check them) is waited
     # for, never read without its __version__ ("bitsandbytes 0 is too old"). The lock keeps
-    # the log filter's add and remove to one thread at a time.
+    # the hiding and the log filters to one thread at a time.
     with _IMPORTING:
-        logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-        quiet = _NoKernelsHubLookup()
-        logger.addFilter(quiet)
-        try:
+        hide = _hub_kernels_hidden() if "bitsandbytes" not in sys.modules else contextlib.nullcontext()
+        with hide:
             import bitsandbytes
-        finally:
-            logger.removeFilter(quiet)
         matmul_log = logging.getLogger("bitsandbytes.autograd._functions")
         if not any(isinstance(f, _NoFp16CastNotice) for f in matmul_log.filters):
             matmul_log.addFilter(_NoFp16CastNotice())
     return bitsandbytes
+
+
+class _NoKernelsHubLookup(logging.Filter):
+    """Drops bitsandbytes' warning that it could not take a CPU kernel from the Hugging
+    Face ``kernels`` package (it can't: ``_hub_kernels_hidden``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _hub_kernels_hidden():
+    """While bitsandbytes imports: ``import kernels`` fails (a ``None`` in sys.modules is
+    how Python marks a module as not importable), whether or not the package is installed
+    or already imported; its entry is put back after. bitsandbytes' warning about it is
+    filtered out meanwhile."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    quiet = _NoKernelsHubLookup()
+    missing = object()
+    before = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+        if before is missing:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = before
 
 
 _IMPORTING = threading.Lock()

@@ -25,7 +25,7 @@ K) of one output row, each group with a float ``scale`` and, optionally, a float
 - ``fmt == "e4m3"`` (``--quant fp8``): ``qweight`` is float8 e4m3 [N, K], the weights
   themselves rather than integer codes, and ``scales`` float32 [N, 1], one per output row
   (``w = float(qweight) * scale``); ``bits`` 8, ``group_size`` K, no mins. Its kernels
-  (``kernels/fp8.py``) also round the activations to e4m3, per token.
+  (``hearth_kernels/fp8.py``) also round the activations to e4m3, per token.
 
 ``G`` divides K; ``G == K`` is per-output-channel. Kernel objects may repack these tensors
 into their own layout once at load; every kernel is tested against ``dequantize`` here,

@@ -1,9 +1,9 @@
-"""The CPU decode step: one sequence's next token by one C call (``kernels.cpu_decode``).
+"""The CPU decode step: one sequence's next token by one C call (``hearth_kernels.cpu_decode``).
 
 On a CPU a decode step run eagerly is ~900 small torch ops (20+ ms of overhead per token
 on 2 cores, more than the 4-bit weights take to stream). ``CpuDecodeStep`` hands the
 loaded model's own tensors (float32 projections, or the quantized ones' codes, scales
-and mins through ``kernels.cpu_quant``) to the C step once at load, and the runner's
+and mins through ``hearth_kernels.cpu_quant``) to the C step once at load, and the runner's
 ``execute`` sends a batch-1 decode step (one row, one token, sampled) there: the CPU
 analogue of the CUDA decode graphs. Everything else (prefill, batches) runs eagerly.
 
@@ -30,7 +30,7 @@ ENV_SWITCH = "HEARTH_CPU_DECODE"
 def _projection(module, name: str):
     """The C form of one projection: (weight, bias) float32 tensors, or a prepared
     quantized weight. Raises ValueError when the C step can't run it."""
-    from kernels import cpu_quant
+    from hearth_kernels import cpu_quant
 
     bias = getattr(module, "bias", None)
     if bias is not None:
@@ -76,7 +76,7 @@ def _reason(runner) -> str | None:
     if any(hasattr(m, "qweight") and getattr(m, "checkpoint_params", ()) and not isinstance(m.kernel, CpuQuant)
            for m in runner.model.modules() if hasattr(m, "kernel")):
         return "some quantized layers don't run Hearth's CPU kernel (HEARTH_QUANT_KERNEL=reference, or no AVX2)"
-    from kernels import cpu_decode
+    from hearth_kernels import cpu_decode
 
     return cpu_decode.available()
 
@@ -95,7 +95,7 @@ class CpuDecodeStep:
         reason = _reason(runner)
         if reason is not None:
             return None, reason
-        from kernels.cpu_decode import DecodeLayer, DecodeModel
+        from hearth_kernels.cpu_decode import DecodeLayer, DecodeModel
 
         model, spec = runner.model, runner.spec
         try:
@@ -118,7 +118,7 @@ class CpuDecodeStep:
             embed_c = _projection(embed, "the embedding")
             # A tied head (float or quantized) shares the embedding's tensors: one descriptor.
             head_c = embed_c if isinstance(head, (TiedLMHead, QuantizedTiedHead)) else _projection(head, "the LM head")
-            from kernels import cpu_quant
+            from hearth_kernels import cpu_quant
 
             projections = [embed_c, head_c] + [p for lt in layers for p in (lt.qkv, lt.o, lt.gate_up, lt.down)]
             if cpu_quant.isa() != "avx2" and any(isinstance(p, tuple) for p in projections):

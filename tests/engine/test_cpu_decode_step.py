@@ -125,7 +125,7 @@ def test_what_it_cannot_run_is_refused_with_the_reason(tiny_models):
 def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_models, quant, isa, split_min):
     """Long contexts split attention's keys over 2 threads (here forced at any length), and
     CPUs without AVX2 run the portable C: both give the eager step's logits."""
-    from kernels import cpu_quant
+    from hearth_kernels import cpu_quant
 
     if isa == "avx2" and cpu_quant.isa() != "avx2":
         pytest.skip("this CPU has no AVX2")

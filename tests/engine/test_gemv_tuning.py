@@ -16,9 +16,9 @@ disagreement = tuning.disagreement  # the real one (a fixture stubs it for the t
 @pytest.fixture(autouse=True)
 def no_kernel_runs(monkeypatch):
     """The compile probe would run each candidate through the (slow) interpreter."""
-    import kernels.gemv
+    import hearth_kernels.gemv
 
-    monkeypatch.setattr(kernels.gemv, "gemv", lambda *a, **k: None)
+    monkeypatch.setattr(hearth_kernels.gemv, "gemv", lambda *a, **k: None)
     # (so no candidate computes anything: their agreement check is tested on its own below)
     monkeypatch.setattr(tuning, "disagreement", lambda got, expected: None)
 
@@ -58,7 +58,7 @@ def test_the_fastest_by_a_margin_wins_and_is_set_on_every_layer(model, monkeypat
 
 
 def test_each_shape_tries_its_default_config_first():
-    from kernels.gemv import default_config
+    from hearth_kernels.gemv import default_config
 
     for n, k in ((28672, 4096), (128256, 4096), (64, 96)):
         got = tuning.candidates(n, k)

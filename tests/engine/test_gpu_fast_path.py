@@ -82,13 +82,13 @@ def _assert_bf16_triton_close_to_torch(path, prompt, **load):
 
 
 def _compiled_variants() -> int:
-    import kernels.activation as act
-    import kernels.gemv as gemv
-    import kernels.kv_cache as kv
-    import kernels.paged_decode as dec
-    import kernels.paged_prefill as pre
-    import kernels.rmsnorm as rms
-    import kernels.rotary as rot
+    import hearth_kernels.activation as act
+    import hearth_kernels.gemv as gemv
+    import hearth_kernels.kv_cache as kv
+    import hearth_kernels.paged_decode as dec
+    import hearth_kernels.paged_prefill as pre
+    import hearth_kernels.rmsnorm as rms
+    import hearth_kernels.rotary as rot
 
     total = 0
     for mod in (act, gemv, kv, dec, pre, rms, rot):

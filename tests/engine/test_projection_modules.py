@@ -101,7 +101,7 @@ def test_the_kernel_plan_replaces_modules_on_the_same_parameters():
     assert all(type(m) is TritonRMSNorm for m in model.modules() if isinstance(m, RMSNorm))
     assert len([m for m in model.modules() if isinstance(m, RMSNorm)]) == len(norms)
     assert isinstance(model.rotary, TritonRotaryEmbedding) and model.rotary.cos is not None
-    from kernels.activation import silu_and_mul
+    from hearth_kernels.activation import silu_and_mul
 
     downs = [m for m in model.modules() if isinstance(m, SwiGLUDownLinear)]
     assert downs and all(m.kernel.act is silu_and_mul for m in downs)

@@ -54,7 +54,7 @@ def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_
 def main() -> None:
     import torch
 
-    from kernels import activation, kv_cache, paged_decode, paged_prefill, rmsnorm, rotary
+    from hearth_kernels import activation, kv_cache, paged_decode, paged_prefill, rmsnorm, rotary
 
     # Llama-3-8B: 32 q heads, 8 kv heads, d=128, bf16, block 16; hidden 4096.
     bf, d, bs = "*bf16", 128, 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul
+from hearth_kernels.activation import silu_and_mul
 from tests.kernels.reference import DEVICE, ulp_distance
 
 

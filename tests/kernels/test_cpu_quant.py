@@ -1,4 +1,4 @@
-"""kernels.cpu_quant (the C int4/int8 matmul) against float64 references.
+"""hearth_kernels.cpu_quant (the C int4/int8 matmul) against float64 references.
 
 The kernel quantizes activations to int8 blocks of 32 (d = max|x|/127, code = round(x/d))
 and returns W . x_hat. So it is checked two ways:
@@ -19,7 +19,7 @@ import torch
 
 from engine.quant.qweight import QuantizedWeight, pack_int4
 from engine.quant.rtn import quantize_int4, quantize_int8
-from kernels import cpu_quant
+from hearth_kernels import cpu_quant
 
 pytestmark = pytest.mark.skipif(cpu_quant.available() is not None,
                                 reason=f"CPU quantized kernel unavailable: {cpu_quant.available()}")
@@ -294,4 +294,31 @@ def test_a_failed_build_is_a_reason(monkeypatch, tmp_path):
                                               "-include", "/nonexistent/header.h"))
     reason = cpu_quant.available()
     assert reason and "compiling" in reason
-    assert not list((tmp_path / "kernels").glob("*.so"))  # no half-written library left behind
+    assert not list((tmp_path / "hearth_kernels").glob("*.so"))  # no half-written library left behind
+
+
+def test_a_prebuilt_library_loads_without_a_compiler(monkeypatch, tmp_path):
+    # What the PyInstaller bundle relies on: the library packaging/bundle.sh builds ahead
+    # of time is found beside the sources and computes, with no compiler on the machine.
+    path = cpu_quant.build_prebuilt(tmp_path)
+    assert path.name == cpu_quant.prebuilt_name()
+    monkeypatch.setattr(cpu_quant, "_PREBUILT_DIR", tmp_path)
+    monkeypatch.setattr(cpu_quant, "_lib", None)
+    monkeypatch.setattr(cpu_quant, "_loaded", False)
+    monkeypatch.setattr(cpu_quant, "_problem", None)
+    monkeypatch.setattr(cpu_quant, "_compiler", lambda: None)
+    assert cpu_quant.available() is None
+    qw, x = _int4(13, 64, 32, "q4_1", 7), _x(2, 64, 7)
+    _check(cpu_quant.matmul(x, cpu_quant.prepare_int4(qw.qweight, qw.scales, qw.mins, 32)), qw, x)
+
+
+def test_a_prebuilt_library_of_other_sources_is_ignored(monkeypatch, tmp_path):
+    # A library built from older sources must not be loaded: its name carries their hash.
+    cpu_quant.build_prebuilt(tmp_path)
+    monkeypatch.setattr(cpu_quant, "_PREBUILT_DIR", tmp_path)
+    monkeypatch.setattr(cpu_quant, "_FLAGS", (*cpu_quant._FLAGS, "-DHQ_OTHER_SOURCES=1"))
+    monkeypatch.setattr(cpu_quant, "_lib", None)
+    monkeypatch.setattr(cpu_quant, "_loaded", False)
+    monkeypatch.setattr(cpu_quant, "_problem", None)
+    monkeypatch.setattr(cpu_quant, "_compiler", lambda: None)
+    assert "compiler" in (cpu_quant.available() or "")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.quant.rtn import quantize_fp8
-from kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
-from kernels.gemv import gemv
+from hearth_kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
+from hearth_kernels.gemv import gemv
 from tests.kernels.reference import DEVICE
 
 
@@ -113,7 +113,7 @@ def test_scaled_mm_on_the_gpu_matches_float64_of_the_rounded_operands(m, n, k):
                                         (9, 530, (4, 3, 1, 3))])
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_the_x_stationary_fp8_gemv_matches_float64(n, k, config, swiglu):
-    from kernels.fp8 import fp8_gemv_rows
+    from hearth_kernels.fp8 import fp8_gemv_rows
 
     g = torch.Generator(device=DEVICE).manual_seed(3 * n + k)
     x = torch.randn(1, 2 * k if swiglu else k, device=DEVICE, generator=g)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from engine.layers.attention import write_kv
-from kernels.kv_cache import write_kv_cache
-from kernels.paged_decode import paged_decode_attention
-from kernels.paged_prefill import paged_prefill_attention
+from hearth_kernels.kv_cache import write_kv_cache
+from hearth_kernels.paged_decode import paged_decode_attention
+from hearth_kernels.paged_prefill import paged_prefill_attention
 from tests.kernels.reference import DEVICE, make_paged_cache, reference_attention
 
 FP8 = torch.float8_e4m3fn
@@ -85,7 +85,7 @@ def _fp8_case(seq_lens, kv_heads, head_dim, block_size, seed=0):
 
 @pytest.mark.parametrize("qdtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3), (torch.bfloat16, 3e-2)])
 def test_decode_reads_the_fp8_cache_exactly(qdtype, tol):
-    """bf16 queries run their dots in fp16 over an fp8 cache (kernels._checks.fp8_as_fp16);
+    """bf16 queries run their dots in fp16 over an fp8 cache (hearth_kernels._checks.fp8_as_fp16);
     the tolerance is the bf16 output's rounding."""
     lens = [1, 15, 16, 17, 40]
     cache, tables = _fp8_case(lens, 2, 32, 8)

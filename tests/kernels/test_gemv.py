@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul
-from kernels.gemv import gemv
+from hearth_kernels.activation import silu_and_mul
+from hearth_kernels.gemv import gemv
 from tests.kernels.reference import DEVICE
 
 

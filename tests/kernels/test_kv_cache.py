@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_cache import write_kv_cache
+from hearth_kernels.kv_cache import write_kv_cache
 from tests.kernels.reference import DEVICE
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_prefill import paged_prefill_attention
+from hearth_kernels.paged_prefill import paged_prefill_attention
 from tests.kernels.reference import DEVICE, make_paged_cache, reference_attention
 
 

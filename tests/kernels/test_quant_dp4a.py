@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul
-from kernels.quant_dp4a import dp4a_launch, dp4a_reference
-from kernels.quant_gemv import DP4A, GemvConfig, quant_gemv, quant_gemv_configs
+from hearth_kernels.activation import silu_and_mul
+from hearth_kernels.quant_dp4a import dp4a_launch, dp4a_reference
+from hearth_kernels.quant_gemv import DP4A, GemvConfig, quant_gemv, quant_gemv_configs
 from tests.kernels.reference import DEVICE
 from tests.kernels.test_quant_gemv import UNIT, make_weight, rand_x
 
@@ -63,7 +63,7 @@ def _mins(prep) -> torch.Tensor:
 
 
 def _dequantized(prep) -> torch.Tensor:
-    from kernels.quant_dp4a import _codes
+    from hearth_kernels.quant_dp4a import _codes
 
     codes = _codes(prep).double()
     g = torch.arange(codes.shape[1], device=codes.device) // prep.group_size

@@ -25,9 +25,9 @@ import torch
 
 from engine.quant.qweight import QuantizedWeight
 from engine.quant.rtn import quantize_int4, quantize_int8
-from kernels.activation import silu_and_mul
-from kernels.quant_gemm import dequantize_weight, quant_gemm
-from kernels.quant_gemv import (DP4A, GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
+from hearth_kernels.activation import silu_and_mul
+from hearth_kernels.quant_gemm import dequantize_weight, quant_gemm
+from hearth_kernels.quant_gemv import (DP4A, GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
                                 quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
 
@@ -296,7 +296,7 @@ def test_bad_arguments_are_clear_errors():
 _COMPILE = r"""
 import json, sys
 from tests.kernels.sm90_compile import compile_kernel
-from kernels import quant_gemm as qm, quant_gemv as qv
+from hearth_kernels import quant_gemm as qm, quant_gemv as qv
 bf = "*bf16"
 ptrs = {"x_ptr": bf, "s_ptr": "*fp16", "m_ptr": "*fp16", "b_ptr": bf, "y_ptr": bf}
 def q(bits): return {**ptrs, "q_ptr": "*u8" if bits == 4 else "*i8"}

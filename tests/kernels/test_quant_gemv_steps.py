@@ -1,5 +1,5 @@
 """The x-stationary and dp4a batch-1 GEMVs' written-out software pipeline (each step's
-codes, scales and mins loaded 0-2 steps ahead, ``kernels.quant_gemv._steps_start``) and
+codes, scales and mins loaded 0-2 steps ahead, ``hearth_kernels.quant_gemv._steps_start``) and
 their whole-block x loads, at the edges the Llama-shape tests don't reach: N not a multiple
 of the rows per program, K not a power of 2, rows per step not dividing rows per program,
 no steps ahead (stages 0 or 1), SwiGLU with a bias; programs run last to first too (a GPU
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul
-from kernels.quant_gemv import DP4A, ROWS, GemvConfig, quant_gemv
+from hearth_kernels.activation import silu_and_mul
+from hearth_kernels.quant_gemv import DP4A, ROWS, GemvConfig, quant_gemv
 from tests.kernels.reference import DEVICE
 from tests.kernels.test_quant_dp4a import check_exact
 from tests.kernels.test_quant_gemv import check, make_weight, rand_x

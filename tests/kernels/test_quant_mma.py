@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.activation import silu_and_mul
-from kernels.quant_gemm import quant_gemm
-from kernels.quant_gemv import SWAP, SWAP_SCALED, GemvConfig, quant_gemv, quant_gemv_configs
-from kernels.quant_mma import _COUNTERS, MmaConfig, _decode_int4, default_mma_config, mma_configs, quant_mma
+from hearth_kernels.activation import silu_and_mul
+from hearth_kernels.quant_gemm import quant_gemm
+from hearth_kernels.quant_gemv import SWAP, SWAP_SCALED, GemvConfig, quant_gemv, quant_gemv_configs
+from hearth_kernels.quant_mma import _COUNTERS, MmaConfig, _decode_int4, default_mma_config, mma_configs, quant_mma
 from tests.kernels.reference import DEVICE
 from tests.kernels.test_quant_gemv import check, make_weight, rand_x
 
@@ -124,7 +124,7 @@ def test_configs_and_errors():
 _COMPILE = r"""
 import json
 from tests.kernels.sm90_compile import compile_kernel
-from kernels import quant_mma as qm
+from hearth_kernels import quant_mma as qm
 types = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "b_ptr": "*bf16", "y_ptr": "*bf16",
          "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):

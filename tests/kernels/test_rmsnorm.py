@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.layers.norm import RMSNorm
-from kernels.rmsnorm import fused_add_rms_norm, rms_norm
+from hearth_kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from tests.kernels.reference import DEVICE, ulp_distance
 
 EPS = 1e-5

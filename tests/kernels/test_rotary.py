@@ -7,7 +7,7 @@ import torch
 
 from engine.layers.rope_spec import RopeSpec
 from engine.layers.rotary import RotaryEmbedding
-from kernels.rotary import apply_rotary
+from hearth_kernels.rotary import apply_rotary
 from tests.kernels.reference import DEVICE, ulp_distance
 
 

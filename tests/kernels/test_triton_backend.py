@@ -125,7 +125,7 @@ def test_fresh_prompt_sdpa_padded_to_a_bucket_matches_reference(fused_layout, mo
 
 def test_static_decode_bound_is_read_from_metadata(monkeypatch):
     # The lead's CUDA-graph path will carry a static bound; the backend must pass it on.
-    import kernels.paged_decode as decode_mod
+    import hearth_kernels.paged_decode as decode_mod
 
     seen = {}
     real = decode_mod.paged_decode_attention
@@ -229,7 +229,7 @@ def test_load_time_warm_steps_write_nothing_and_reach_both_prefill_tiles(tiny_mo
     block 0 as a prefix, must leave the KV cache as it was, and must reach both tile
     shapes of the paged prefill kernel (short chunks and long ones)."""
     from engine.api import Engine
-    from kernels.paged_prefill import SHORT_Q
+    from hearth_kernels.paged_prefill import SHORT_Q
 
     if engine_device() != DEVICE and DEVICE == "cuda":
         pytest.skip("the engine tests run on CPU in this pass")

@@ -183,7 +183,7 @@ def test_the_batch1_tuner_tunes_each_form_of_a_kind_apart(kquant_gguf, monkeypat
     on the CPU, timing stubbed."""
     import engine.layers.quant_linear as ql
     from engine.layers.quant_kernels import TritonQuant, triton_reads
-    from kernels.quant_gemv import quant_gemv_configs
+    from hearth_kernels.quant_gemv import quant_gemv_configs
 
     gt = _stub_timing(monkeypatch)
     eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
@@ -231,7 +231,7 @@ def test_the_gpu_kernels_keep_groups_of_16_and_a_layout_no_kernel_reads_becomes_
     from engine.layers.linear import SwiGLUDownLinear
     from engine.layers.quant_kernels import DequantMatmul, TritonQuant, triton_reads
     from engine.layers.quant_linear import gpu_float_extra
-    from kernels.quant_gemv import KLOOP, ROWS, quant_gemv_configs
+    from hearth_kernels.quant_gemv import KLOOP, ROWS, quant_gemv_configs
 
     eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
     try:

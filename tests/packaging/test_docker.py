@@ -175,7 +175,7 @@ def test_the_build_context_has_what_the_wheel_and_the_copies_need_and_no_more():
     kept = [f for f in files if in_context(f, rules)]
     # What the wheel is built from (pyproject.toml's packages and readme) and what the images copy.
     needed = ["pyproject.toml", "README.md"] + [f for f in files if f.split("/")[0] in
-                                                ("app", "engine", "kernels", "resources")]
+                                                ("app", "engine", "hearth_kernels", "resources")]
     for path in DOCKERFILES:
         needed += [src for c in instructions(path) if c.cmd == "COPY" and not any(f.startswith("--from")
                    for f in c.flags) for src in c.value[:-1] if src != "."]

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("app", "engine", "kernels", "resources")
+PACKAGES = ("app", "engine", "hearth_kernels", "resources")
 # Files the code opens at run time (importlib.resources, Path(__file__)): named here as
 # well as found through git, so the check holds without a .git folder too.
 RUNTIME_FILES = ("resources/icons/hearth.svg", "resources/icons/hearth-256.png", "resources/icons/hearth-48.png",
                  "resources/text/calibration.txt", "resources/text/evaluation.txt",
-                 "resources/prompts/compare.json", "kernels/cpu/hq_quant.c", "kernels/cpu/hq_common.h")
+                 "resources/prompts/compare.json", "hearth_kernels/cpu/hq_quant.c", "hearth_kernels/cpu/hq_common.h")
 
 
 def _package_files() -> list[str]:
@@ -121,7 +121,7 @@ def test_a_fresh_environment_installs_the_wheel_and_runs_hearth(dists, tmp_path,
     hearth = str(bin_ / "hearth")
     version = importlib.metadata.version("hearth")
 
-    done = _run([str(bin_ / "python"), "-c", "import app, engine, kernels, resources; print(app.__file__)"],
+    done = _run([str(bin_ / "python"), "-c", "import app, engine, hearth_kernels, resources; print(app.__file__)"],
                 env, tmp_path)
     assert done.stdout.strip().startswith(str(venv)), done.stdout + done.stderr  # the installed copy
     done = _run([hearth, "--version"], env, tmp_path)

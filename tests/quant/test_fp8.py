@@ -28,7 +28,7 @@ from engine.quant.export import quantize_model
 from engine.quant.formats import parse_quantization_config, read_fp8
 from engine.quant.rtn import quantize_fp8
 from engine.runner.lifecycle import release_runner
-from kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
+from hearth_kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
 from tests.quant.test_quantized_models import hearth_logits, load, reference_logits
 
 

@@ -15,10 +15,10 @@ weights in ``BLOCK_K`` chunks (contiguous along K, so loads coalesce), keeps a
 end, so there is no split-K pass and no atomics; the result is the same for every launch.
 The vector chunk is re-read by every program from L2 (it is tiny). With ``SWIGLU`` the
 activation of the MLP (``silu(gate) * up``, rounded like the eager reference, see
-``kernels/activation.py``) is computed on the fly from the gate_up output, so the
+``hearth_kernels/activation.py``) is computed on the fly from the gate_up output, so the
 ``[I]`` intermediate never goes through memory and its kernel disappears.
 
-With ``scale`` the weight is stored in fewer bits (float8 e4m3: ``kernels/fp8.py``) with one
+With ``scale`` the weight is stored in fewer bits (float8 e4m3: ``hearth_kernels/fp8.py``) with one
 float32 scale per output row: the kernel widens each weight to fp32 and multiplies the row's
 sum by its scale, ``y[n] = s[n] * sum_k W8[n, k] * x[k]``.
 

@@ -18,7 +18,7 @@ and the tests' reference.
 
 Batch-1 decode does not round the activations: one kernel per projection inside the CUDA
 graph multiplies the e4m3 weights by x as it is, either the K-loop GEMV of
-``kernels/gemv.py`` with a row scale or ``fp8_gemv_rows`` here, x-stationary (each program
+``hearth_kernels/gemv.py`` with a row scale or ``fp8_gemv_rows`` here, x-stationary (each program
 loads x once into registers, then streams its rows ``R`` at a time, 16-byte vectors of
 weights per thread, steps pipelined by Triton: no x traffic per step, and the row scales
 are 4-byte loads its asynchronous copies take). The load-time tuner picks per layer.

@@ -4,7 +4,7 @@
     w[n, k] = q[n, k] * s[n, k // G] + m[n, k // G]        (m = 0 without mins)
 
 and, with ``swiglu``, ``x = round(round(silu(g)) * u)`` for an input ``[g | u]`` of 2K
-columns (rounded like ``kernels/gemv.py`` and ``kernels/activation.py``).
+columns (rounded like ``hearth_kernels/gemv.py`` and ``hearth_kernels/activation.py``).
 
 Layout (``prepare_int4`` / ``prepare_int8``). Preparing checks Hearth's canonical layout
 (``engine/quant/qweight.py``) and makes it contiguous; int4 codes are also repacked once,
@@ -44,10 +44,10 @@ per SM per clock, which leaves only ~4 instructions per weight. So:
 Accumulation is fp32; the result is rounded once to the activation dtype. The
 x-stationary kernel (``_quant_gemv_rows_kernel``) decodes the same way but converts x once
 per program and loops over rows instead of K; ``kind=MMA`` runs the product through
-``kernels/quant_gemm.py``'s tensor-core kernel (see ``GemvConfig``).
+``hearth_kernels/quant_gemm.py``'s tensor-core kernel (see ``GemvConfig``).
 
 Configs are ``GemvConfig(block_n, block_k, warps, kind, stages)`` (a 3-tuple like
-``kernels/gemv.py``'s also works); ``quant_gemv_configs`` lists those worth timing and the
+``hearth_kernels/gemv.py``'s also works); ``quant_gemv_configs`` lists those worth timing and the
 engine's load-time tuner picks one per shape. The CUDA-core kernel needs K % 32 == 0 (int8
 weights of other widths run the tensor-core kernel whatever the config says).
 """
@@ -469,11 +469,11 @@ class GemvConfig(NamedTuple):
     ``kind=KLOOP`` (0): ``_quant_gemv_kernel``, ``block_n`` rows per program streamed in
     ``block_k``-input steps (x re-read per step). About 5.4 (4 rows per thread), 6.4 (2) or
     7.3 (1) per int4 weight, 6-7 per int8 weight.
-    ``kind=MMA`` (1): the fused kernel of ``kernels/quant_gemm.py`` with one 16-row tile (x
+    ``kind=MMA`` (1): the fused kernel of ``hearth_kernels/quant_gemm.py`` with one 16-row tile (x
     padded with masked rows) and a ``block_n``-column weight tile on the tensor cores, K
     steps of ``block_k``: about 5.1 per int4 weight (3.6 per int8) with 128 columns but 4-6x
     that with 16 (its per-step x work is fixed), so only for large N (gate_up, lm_head).
-    ``kind=SWAP`` (3, int4): ``kernels/quant_mma.py``'s weight-stationary tensor-core kernel
+    ``kind=SWAP`` (3, int4): ``hearth_kernels/quant_mma.py``'s weight-stationary tensor-core kernel
     (the weight tile is the dot's tall side, x padded to 16 columns the narrow one; codes
     decoded two per LOP3), ``block_n`` weight rows per program, ``block_k``-input steps,
     ``stages`` in flight, K split over ``split`` programs per tile (a last-arriving fixup,
@@ -481,7 +481,7 @@ class GemvConfig(NamedTuple):
     step waits for its dot (the group's scale is applied to the product). ``kind=SWAP_SCALED``
     (4): the same kernel dequantizing the weight tile in registers (about 6.8 instructions
     per weight, rounded to bf16 like the dequantize path), its dots left in flight.
-    ``kind=DP4A`` (5): ``kernels/quant_dp4a.py``, x-stationary like ROWS but with x
+    ``kind=DP4A`` (5): ``hearth_kernels/quant_dp4a.py``, x-stationary like ROWS but with x
     quantized to int8 per block of 32 and the codes multiplied by it with ``dp4a`` (about 1
     instruction per int4 weight instead of 4.4-5; the activations' rounding to 8 bits is the
     price, as in llama.cpp's CUDA decode): ``block_n`` rows per program, ``block_k`` rows per
@@ -524,7 +524,7 @@ _QUANT_CONFIGS = (GemvConfig(8, 2, 4, ROWS, 3), GemvConfig(32, 2, 4, ROWS, 4), G
                   GemvConfig(128, 128, 4, MMA, 4), GemvConfig(64, 128, 4, MMA, 5))
 
 
-#: the dp4a kernel's configs worth timing (kernels/quant_dp4a.py) and the longest row it
+#: the dp4a kernel's configs worth timing (hearth_kernels/quant_dp4a.py) and the longest row it
 #: takes (quant_dp4a.DP4A_MAX_K). The H200 profiles (benchmarks/results/2026-12-02-i14-
 #: profile-quant-dp4a-8b-h200.json; ...-dp4a-wide-...json after the steps were loaded ahead in
 #: registers) had dp4a fastest at every Llama-8B layer, int4 and int8; these are the winners
@@ -568,7 +568,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
     if sub:
         return out
     if k % BLOCK == 0 and k <= _DP4A_MAX_K and dp4a_enabled():
-        from kernels.quant_dp4a import dp4a_launch
+        from hearth_kernels.quant_dp4a import dp4a_launch
 
         launches = set()
         for cfg in _DP4A_CONFIGS:  # configs that launch the same kernel the same way are timed once
@@ -577,7 +577,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
                 launches.add(launch)
                 out.append(cfg)
     if bits == 4 and k % 16 == 0:
-        from kernels.quant_mma import mma_configs
+        from hearth_kernels.quant_mma import mma_configs
 
         group = group or min(k, 128)
         # two: the default for the shape and the next best in the H200 profiles; they came
@@ -641,18 +641,18 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     if cfg.kind == DP4A and k % BLOCK == 0:
-        from kernels.quant_dp4a import DP4A_MAX_K, quant_gemv_dp4a
+        from hearth_kernels.quant_dp4a import DP4A_MAX_K, quant_gemv_dp4a
 
         if k <= DP4A_MAX_K:
             return quant_gemv_dp4a(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
                                    max(1, cfg.stages), cfg.split)
     if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
-        from kernels.quant_mma import MmaConfig, quant_mma
+        from hearth_kernels.quant_mma import MmaConfig, quant_mma
 
         return quant_mma(x, prepared, config=MmaConfig(cfg.block_n, cfg.block_k, cfg.warps, cfg.stages, cfg.split,
                                                        cfg.kind == SWAP_SCALED), swiglu=swiglu, bias=bias, out=out)
     if cfg.kind in (MMA, SWAP, SWAP_SCALED) or k % BLOCK:  # the CUDA-core kernels read whole blocks of 32 inputs
-        from kernels.quant_gemm import _launch_fused
+        from hearth_kernels.quant_gemm import _launch_fused
 
         # tl.dot tiles are at least 16 wide; a CUDA-core config sent here gets usual mma steps
         block_n, block_k = (cfg.block_n, cfg.block_k) if cfg.kind == MMA else (cfg.block_n, 128)

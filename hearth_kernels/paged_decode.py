@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_paged_cache, fp8_as_fp16
+from hearth_kernels._checks import check_paged_cache, fp8_as_fp16
 
 _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked so far

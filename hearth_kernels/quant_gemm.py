@@ -1,9 +1,9 @@
 """Weight-only int8/int4 matrix product for prefill and batched decode: ``y = x W^T (+ b)``
-with ``W`` a ``PreparedQuant`` (``kernels/quant_gemv.py``; int4 codes in pair order).
+with ``W`` a ``PreparedQuant`` (``hearth_kernels/quant_gemv.py``; int4 codes in pair order).
 
 Three paths, chosen by the number of rows M:
 
-- weight-stationary (int4, M <= ``SWAP_ROWS``; batched decode): ``kernels/quant_mma.py``,
+- weight-stationary (int4, M <= ``SWAP_ROWS``; batched decode): ``hearth_kernels/quant_mma.py``,
   the weight tile as the dot's tall side and x as the narrow one (see there).
 
 - fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
@@ -46,8 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
-from kernels.quant_mma import MAX_ROWS, quant_mma
+from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
+from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as if their bits were another
 # type (garbage results); under TRITON_INTERPRET=1 bf16 dots run in fp32 instead. The GPU
@@ -56,7 +56,7 @@ _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "Tr
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (see the docstring)
 DEQUANT_ROWS = 1024
-#: up to this many rows int4 runs kernels/quant_mma.py's weight-stationary kernel
+#: up to this many rows int4 runs hearth_kernels/quant_mma.py's weight-stationary kernel
 SWAP_ROWS = 64
 
 
@@ -389,7 +389,7 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
     K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS.
     Without a ``config``, int4 with up to ``swap_rows`` rows (default ``SWAP_ROWS``) runs
-    ``kernels/quant_mma.py`` instead of the fused kernel."""
+    ``hearth_kernels/quant_mma.py`` instead of the fused kernel."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemm", x, k, False)
     rows = x.shape[0]

@@ -7,7 +7,7 @@
  * pool of hq_pool.h sharing each GEMV's rows (and, at long contexts, attention's chunks of
  * keys: flash-decoding) between threads.
  *
- * The model is the Llama family as engine/models/llama.py runs it (kernels/cpu_decode.py
+ * The model is the Llama family as engine/models/llama.py runs it (hearth_kernels/cpu_decode.py
  * fills the descriptor from plain tensors and mirrors these structs with ctypes: keep
  * them in step):
  *   res = embed[token]

@@ -2,7 +2,7 @@
 
 Why another GEMV: streaming int4 weights at an H200's 4.8 TB/s means about 37 weights per
 SM per clock, and an SM issues at most 128 thread-instructions per clock. The float kernels
-of ``kernels/quant_gemv.py`` spend 4.4-7 instructions per weight (decode each code to an
+of ``hearth_kernels/quant_gemv.py`` spend 4.4-7 instructions per weight (decode each code to an
 exact float, one FFMA with x), so they are bound by instruction issue at about 1-1.2 TB/s
 (the H200 profiles: int4 no faster than int8 for the same number of weights). Here the
 activations are quantized to int8 the way llama.cpp's CUDA matrix-vector kernels do
@@ -10,7 +10,7 @@ activations are quantized to int8 the way llama.cpp's CUDA matrix-vector kernels
 by them four at a time with ``dp4a`` (a 4-way int8 dot product with an int32 accumulator,
 one instruction):
 
-- int4, pair order (``kernels/quant_gemv.py``: word j of a block holds inputs 8j..8j+7,
+- int4, pair order (``hearth_kernels/quant_gemv.py``: word j of a block holds inputs 8j..8j+7,
   input 8j + i at bits 4i): ``w & 0x0F0F0F0F`` holds the even inputs' codes as four
   unsigned bytes and ``w & 0xF0F0F0F0`` the odd ones' times 16, so one word of 8 weights
   costs two LOP3s and two dp4a against x packed the same way (even and odd inputs in two
@@ -28,7 +28,7 @@ the kernel can stream at memory speed.
 What it costs: the activations are rounded to 8 bits (relative error at most 1/254 of the
 block's largest value per input), so the result differs from dequantize-then-matmul by
 about that much more than the float kernels do; llama.cpp's CUDA decode and Hearth's own
-CPU kernels (``kernels/cpu_quant.py``) make the same trade. Longer batches (prompts) keep
+CPU kernels (``hearth_kernels/cpu_quant.py``) make the same trade. Longer batches (prompts) keep
 the float kernels.
 
 Structure: x-stationary like ``_quant_gemv_rows_kernel``: each thread quantizes its own
@@ -48,8 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
-from kernels.quant_gemv import _load_x_blocks, _split4, _steps_next, _steps_start
+from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
+from hearth_kernels.quant_gemv import _load_x_blocks, _split4, _steps_next, _steps_start
 
 #: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
 _HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
@@ -218,7 +218,7 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
 
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                     block_n: int, block_k: int, warps: int, stages: int, split: int = 1) -> torch.Tensor:
-    """Launch the dp4a kernel for one row (``kernels.quant_gemv.quant_gemv`` checks the
+    """Launch the dp4a kernel for one row (``hearth_kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
     ahead, K split among ``split`` programs per row block (a small fp32 workspace from
@@ -232,7 +232,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
     programs = triton.cdiv(n, block_n)
     if split > 1:
-        from kernels.quant_mma import _counters
+        from hearth_kernels.quant_mma import _counters
 
         ws = torch.empty(programs * split * block_n, dtype=torch.float32, device=x.device)
         cnt = _counters(x.device, programs)
@@ -251,7 +251,7 @@ def dp4a_reference(x: torch.Tensor, prepared, bias: torch.Tensor | None = None, 
     quantized per block of 32 exactly as the kernel does (in float32), the integer dots
     exact, the scaling in float64. [1, N] float64."""
     if swiglu:  # rounded like the unfused activation kernel (the float GEMVs' tests do the same)
-        from kernels.activation import silu_and_mul
+        from hearth_kernels.activation import silu_and_mul
 
         x = silu_and_mul(x)
     xf = x.float()

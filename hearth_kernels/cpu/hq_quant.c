@@ -1,7 +1,7 @@
 /* Hearth's CPU quantized matmul: out [m, n] = x [m, k] . W^T for W in Hearth's canonical
  * int4/int8 group layout (see hq_common.h), fast at batch 1 (decode).
  *
- * Built by kernels/cpu_quant.py with the system C compiler on first use and loaded with
+ * Built by hearth_kernels/cpu_quant.py with the system C compiler on first use and loaded with
  * ctypes: plain C, no Python or torch headers, so no ABI coupling. One shared object
  * holds a portable scalar path and an AVX2+FMA+F16C path; hq_best_isa() picks at run time.
  *
@@ -224,6 +224,6 @@ int hq_dequantize(const hq_weight *w, float *out, int nthreads, int isa) {
     return HQ_OK;
 }
 
-/* The whole batch-1 decode step (kernels/cpu_decode.py), in this translation unit so it
+/* The whole batch-1 decode step (hearth_kernels/cpu_decode.py), in this translation unit so it
    shares the one thread pool and the block-dot kernels above. */
 #include "hq_decode.h"

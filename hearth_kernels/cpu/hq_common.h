@@ -1,4 +1,4 @@
-/* Shared definitions: the weight descriptor Python fills (kernels/cpu_quant.py mirrors it
+/* Shared definitions: the weight descriptor Python fills (hearth_kernels/cpu_quant.py mirrors it
  * with ctypes; keep the two in step), and the quantized-activation scratch. */
 #ifndef HQ_COMMON_H
 #define HQ_COMMON_H

@@ -3,8 +3,8 @@
 Eager torch spends ~900 small ops per decode step of a 30-layer model (norms, RoPE, the
 paged-attention gather, einsum and softmax, the KV write, module calls): 20+ ms per
 token on a 2-core CPU, more than streaming a 4-bit model's weights. ``DecodeModel.step``
-runs the same step (kernels/cpu/hq_decode.h) as one ctypes call: the quantized
-projections through the int4/int8 block-dot rows of ``kernels.cpu_quant`` (the same
+runs the same step (hearth_kernels/cpu/hq_decode.h) as one ctypes call: the quantized
+projections through the int4/int8 block-dot rows of ``hearth_kernels.cpu_quant`` (the same
 arithmetic as its ``matmul``: int8 activation blocks), float32 ones through an AVX2 fp32
 GEMV, rows of each matmul (and chunks of attention's keys at long contexts) shared over
 the C thread pool.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_quant
-from kernels.cpu_quant import PreparedWeight
+from hearth_kernels import cpu_quant
+from hearth_kernels.cpu_quant import PreparedWeight
 
 _FLOAT32 = 32  # hq_weight.bits of an fp32 matrix (HD_FLOAT32)
 #: Attention's keys are split over the threads (flash-decoding) once context x query heads
@@ -38,7 +38,7 @@ SPLIT_MIN = 4096
 
 
 class _Layer(ctypes.Structure):
-    """Mirror of ``hd_layer`` in kernels/cpu/hq_decode.h."""
+    """Mirror of ``hd_layer`` in hearth_kernels/cpu/hq_decode.h."""
 
     _fields_ = [
         ("input_norm", ctypes.c_void_p),
@@ -52,7 +52,7 @@ class _Layer(ctypes.Structure):
 
 
 class _Model(ctypes.Structure):
-    """Mirror of ``hd_model`` in kernels/cpu/hq_decode.h."""
+    """Mirror of ``hd_model`` in hearth_kernels/cpu/hq_decode.h."""
 
     _fields_ = [(name, ctypes.c_int32) for name in (
         "layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size",

@@ -1,13 +1,13 @@
 """Weight-stationary tensor-core int4/int8 matmul for few rows (batch-1 and batched decode,
 short prompts): ``y = x W^T (+ b)`` computed as ``y^T = W x^T``, with ``W`` a
-``PreparedQuant`` (``kernels/quant_gemv.py``; int4 codes in pair order).
+``PreparedQuant`` (``hearth_kernels/quant_gemv.py``; int4 codes in pair order).
 
 Why the operands are swapped. With few rows of x (M = 1..64) the weight is what streams
 from memory and what has to be decoded; a tile of it is ``[BLOCK_N, BLOCK_K]``. As the dot's
 *first* operand, the weight rows fill the tensor core's tall side (wgmma needs 64 rows per
 warpgroup) and the M rows of x (padded to 16) its narrow side, so a single row of x costs
 no more than 16 and the decode work per weight is the same whatever M is. The other way
-round (``kernels/quant_gemm.py``'s fused kernel), the x tile is the tall side: 16 rows waste
+round (``hearth_kernels/quant_gemm.py``'s fused kernel), the x tile is the tall side: 16 rows waste
 3/4 of a wgmma and the decode sits on the B side.
 
 Decoding int4 without conversion instructions. A pair-order int32 word holds inputs
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
+from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1
 # bf16/fp16 dots run in fp32 (the GPU build never takes this branch).

@@ -10,11 +10,14 @@ activations) up to fp32 rounding, so its error against ``W . x`` is at most
 ``|W| . |x - x_hat|`` <= ``|W| . (d / 2)`` per block. That is llama.cpp's Q8 activation
 scheme; it is what makes the kernel memory-bound instead of compute-bound on AVX2.
 
-The C source (kernels/cpu/) is compiled with the system C compiler on first use into
+The C source (hearth_kernels/cpu/) is compiled with the system C compiler on first use into
 ``$HEARTH_CACHE_DIR/kernels`` (else the user cache folder), keyed by a hash of the source,
 flags and compiler, written atomically so concurrent processes don't clash, and loaded
 with ctypes (which releases the GIL during a call). Without a compiler, ``available()``
-returns the reason and the caller falls back to a torch dequantize-matmul.
+returns the reason and the caller falls back to a torch dequantize-matmul. A library
+built ahead of time (``build_prebuilt``, which packaging/bundle.sh ships in the bundle,
+where no compiler may be) is loaded instead of compiling when it was built from these
+exact sources and flags (its name carries their hash; any other is ignored).
 
 Use:
     if available() is None:
@@ -57,6 +60,8 @@ from pathlib import Path
 import torch
 
 _SOURCE_DIR = Path(__file__).with_name("cpu")
+#: Where ``_build`` looks for a library built ahead of time (``build_prebuilt``).
+_PREBUILT_DIR = _SOURCE_DIR
 _MAIN_SOURCE = "hq_quant.c"
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno")
 _BLOCK = 32
@@ -73,7 +78,7 @@ _loaded = False
 
 
 class _WeightDesc(ctypes.Structure):
-    """Mirror of ``hq_weight`` in kernels/cpu/hq_common.h."""
+    """Mirror of ``hq_weight`` in hearth_kernels/cpu/hq_common.h."""
 
     _fields_ = [
         ("bits", ctypes.c_int32),
@@ -97,7 +102,7 @@ def _cache_dir() -> Path:
         import platformdirs
 
         base = Path(platformdirs.user_cache_dir("hearth"))
-    return base / "kernels"
+    return base / "hearth_kernels"
 
 
 def _compiler() -> str | None:
@@ -107,20 +112,44 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (once per source/flags/compiler) and load the shared library; raises OSError
-    or RuntimeError with a readable reason."""
+def _source_digest():
+    """A hash of the flags and the C sources (the compiler is added by ``_build``)."""
+    digest = hashlib.sha256(" ".join(_FLAGS).encode() + b"\0")
+    for src in sorted(_SOURCE_DIR.glob("*.[ch]")):
+        digest.update(src.name.encode() + b"\0" + src.read_bytes())
+    return digest
+
+
+def prebuilt_name() -> str:
+    """The file name a library built ahead of time from these sources and flags has (its
+    folder is ``_PREBUILT_DIR``, beside the sources)."""
+    return f"hq_quant-prebuilt-{_source_digest().hexdigest()[:16]}.so"
+
+
+def build_prebuilt(folder: Path) -> Path:
+    """Compile the library (or take the cached one) and copy it into ``folder`` under
+    ``prebuilt_name()``, for a package with no compiler at run time (the PyInstaller
+    bundle puts it beside the sources). Returns its path; raises RuntimeError or OSError
+    with the reason when it cannot be built here."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / prebuilt_name()
+    shutil.copyfile(_compile(), target)
+    return target
+
+
+def _compile() -> Path:
+    """Compile (once per source/flags/compiler) into the cache; the library's path.
+    Raises OSError or RuntimeError with a readable reason."""
     if sys.platform == "win32":
         raise RuntimeError("the CPU quantized kernel is not built on Windows yet")
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256()
-    for part in (cc, version, " ".join(_FLAGS)):
+    digest = _source_digest()
+    for part in (cc, version):
         digest.update(part.encode() + b"\0")
-    for src in sorted(_SOURCE_DIR.glob("*.[ch]")):
-        digest.update(src.name.encode() + b"\0" + src.read_bytes())
     folder = _cache_dir()
     target = folder / f"hq_quant-{digest.hexdigest()[:16]}.so"
     if not target.exists():
@@ -136,6 +165,14 @@ def _build() -> ctypes.CDLL:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return target
+
+
+def _build() -> ctypes.CDLL:
+    """Load the prebuilt library if one matches the sources, else compile (``_compile``);
+    raises OSError or RuntimeError with a readable reason."""
+    prebuilt = _PREBUILT_DIR / prebuilt_name()
+    target = prebuilt if prebuilt.is_file() else _compile()
     lib = ctypes.CDLL(str(target))
     p, i32 = ctypes.c_void_p, ctypes.c_int
     lib.hq_best_isa.argtypes, lib.hq_best_isa.restype = [], i32
