@@ -21,7 +21,7 @@ Rows > 1 (prefill, batched decode): for M in ``--rows`` it times, also in CUDA g
 rotating weight copies: bf16 cuBLAS, the new fused GEMM (default config and a few others,
 SCALE_B among them), the new dequantize + cuBLAS path, and the first cut's fused and
 dequantize paths; and says which quantized path wins per M (``DEQUANT_ROWS`` in
-kernels/quant_gemm.py belongs at the crossover).
+hearth_kernels/quant_gemm.py belongs at the crossover).
 
 Every timed result of the new kernels is checked against bf16 F.linear on the dequantized
 weight (max abs difference printed and stored).

@@ -11,7 +11,7 @@ activations) up to fp32 rounding, so its error against ``W . x`` is at most
 scheme; it is what makes the kernel memory-bound instead of compute-bound on AVX2.
 
 The C source (hearth_kernels/cpu/) is compiled with the system C compiler on first use into
-``$HEARTH_CACHE_DIR/kernels`` (else the user cache folder), keyed by a hash of the source,
+``$HEARTH_CACHE_DIR/hearth_kernels`` (else the user cache folder), keyed by a hash of the source,
 flags and compiler, written atomically so concurrent processes don't clash, and loaded
 with ctypes (which releases the GIL during a call). Without a compiler, ``available()``
 returns the reason and the caller falls back to a torch dequantize-matmul. A library

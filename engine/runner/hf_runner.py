@@ -78,6 +78,7 @@ class HFRunner(RequestStateMixin, FallbackScoreMixin):
         model and raises LoadCancelledError."""
         from transformers import AutoModelForCausalLM
 
+        _import_bitsandbytes_first(path)
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         except ValueError as e:
@@ -150,3 +151,25 @@ class HFRunner(RequestStateMixin, FallbackScoreMixin):
     def _drop_request(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
         super()._drop_request(request_id)
+
+
+def _import_bitsandbytes_first(path) -> None:
+    """A checkpoint that transformers quantizes with bitsandbytes: bitsandbytes is imported
+    Hearth's way first (``engine.quant.bnb.import_bitsandbytes``: nothing fetched from the
+    Hub as it imports), so transformers' own import of it finds it done. Nothing to do for
+    other checkpoints, or where bitsandbytes isn't installed (transformers says so)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes":
+        from engine.quant.bnb import import_bitsandbytes
+
+        try:
+            import_bitsandbytes()
+        except ImportError:
+            pass

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-HEARTH = ROOT / "build/bundle/dist/hearth/hearth"
+HEARTH = (ROOT / os.environ.get("HEARTH_BUNDLE_DIR", "build/bundle")).resolve() / "dist/hearth/hearth"
 BUILD_TIMEOUT_S = 1800
 WINDOW_TIMEOUT_S = 120
 SERVE_TIMEOUT_S = 180

@@ -9,6 +9,7 @@ Refusals: without bitsandbytes the choices say why and what to do, before anythi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -361,9 +362,10 @@ def test_bitsandbytes_never_fetches_a_kernel_from_the_hub(tmp_path):
     """On a CPU with AVX512-BF16 bitsandbytes 0.50 runs ``from kernels import get_kernel``
     (the Hugging Face package, which downloads code from the Hub) as it imports. Such a CPU
     is simulated (its check answers yes while bitsandbytes imports) and a stand-in
-    ``kernels`` package records the call: the plain import calls it, Hearth's doesn't (and
-    says nothing about it), ``kernels`` stays importable afterwards, and bitsandbytes works
-    either way."""
+    ``kernels`` package records the call. The plain import calls it; Hearth's doesn't (and
+    says nothing about it) whether ``kernels`` was imported before or not, while another
+    thread imports and uses ``kernels`` throughout without a failure; afterwards ``kernels``
+    is the real module again. bitsandbytes works every way."""
     fake = tmp_path / "site" / "kernels"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(textwrap.dedent("""
@@ -373,7 +375,7 @@ def test_bitsandbytes_never_fetches_a_kernel_from_the_hub(tmp_path):
             raise RuntimeError("no network in this test")
     """))
     script = textwrap.dedent("""
-        import importlib.abc, importlib.machinery, sys
+        import importlib, importlib.abc, importlib.machinery, sys, threading
         class Hook(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
                 if name != "bitsandbytes.functional":
@@ -386,14 +388,34 @@ def test_bitsandbytes_never_fetches_a_kernel_from_the_hub(tmp_path):
                 spec.loader.exec_module = exec_module
                 return spec
         sys.meta_path.insert(0, Hook())
-        if sys.argv[1] == "hearth":
+        how = sys.argv[1]
+        if how == "before":
+            import kernels as first
+        failures, lookups, done = [], [0], threading.Event()
+        def other_thread():  # another thread using kernels all along
+            while not done.is_set():
+                try:
+                    from kernels import get_kernel
+                    lookups[0] += 1
+                except Exception as e:
+                    failures.append(repr(e))
+        other = threading.Thread(target=other_thread) if how in ("threads", "before") else None
+        if other is not None:
+            other.start()
+        if how == "plain":
+            import bitsandbytes as bnb
+        else:
             from engine.quant.bnb import import_bitsandbytes
             bnb = import_bitsandbytes()
             assert bnb is import_bitsandbytes()  # a second call: the module, nothing hidden
-        else:
-            import bitsandbytes as bnb
+        done.set()
+        if other is not None:
+            other.join()
+            assert not failures and lookups[0] > 0, (failures[:3], lookups)
         import kernels
-        assert hasattr(kernels, "get_kernel"), "kernels is importable again"
+        assert hasattr(kernels, "get_kernel") and type(kernels).__name__ == "module", "the real kernels again"
+        if how == "before":
+            assert kernels is first
         import torch
         w, x = torch.randn(64, 64), torch.randn(2, 64)
         packed, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
@@ -404,13 +426,14 @@ def test_bitsandbytes_never_fetches_a_kernel_from_the_hub(tmp_path):
     path = [str(REPO), str(fake.parent), os.environ.get("PYTHONPATH")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     runs = {how: subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, env=env,
-                                cwd=str(REPO), timeout=300) for how in ("plain", "hearth")}
+                                cwd=str(REPO), timeout=300) for how in ("plain", "hearth", "before", "threads")}
     for how, run in runs.items():
         assert run.returncode == 0, (how, run.stderr[-2000:])
         assert run.stdout.startswith("ok True"), (how, run.stdout)
     assert "get_kernel called kernels-community" in runs["plain"].stderr, runs["plain"].stderr
-    assert "get_kernel called" not in runs["hearth"].stderr, runs["hearth"].stderr
-    assert "kernels-community" not in runs["hearth"].stderr, runs["hearth"].stderr
+    for how in ("hearth", "before", "threads"):
+        assert "get_kernel called" not in runs[how].stderr, (how, runs[how].stderr)
+        assert "kernels-community" not in runs[how].stderr, (how, runs[how].stderr)
 
 
 def test_a_thread_checking_bitsandbytes_while_another_imports_it_waits_for_the_import():
@@ -436,3 +459,23 @@ def test_a_thread_checking_bitsandbytes_while_another_imports_it_waits_for_the_i
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "problems [None] [None]" in run.stdout, run.stdout + run.stderr[-1000:]
+
+
+def test_the_transformers_fallback_imports_bitsandbytes_the_hearth_way_first(monkeypatch, tmp_path):
+    """A bitsandbytes checkpoint that transformers builds (the fallback runner) would have
+    transformers import bitsandbytes, unguarded: Hearth's import (no Hub fetch) comes first;
+    any other checkpoint, or none readable, doesn't import it."""
+    from engine.quant import bnb
+    from engine.runner import hf_runner
+
+    calls = []
+    monkeypatch.setattr(bnb, "import_bitsandbytes", lambda: calls.append(1))
+    for quant, expected in (({"quant_method": "bitsandbytes", "load_in_4bit": True}, [1]),
+                            ({"quant_method": "gptq"}, []), (None, [])):
+        calls.clear()
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quant}))
+        hf_runner._import_bitsandbytes_first(tmp_path)
+        assert calls == expected, quant
+    calls.clear()
+    hf_runner._import_bitsandbytes_first(tmp_path / "missing")
+    assert calls == []
