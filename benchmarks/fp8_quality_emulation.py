@@ -21,10 +21,12 @@ then options:
 Run from the repo root (the default model converted once, e.g. by `hearth generate`):
   PYTHONPATH=. python benchmarks/fp8_quality_emulation.py wa,g [eval tokens] [calibration tokens]
 It prints one JSON object. Single-threaded; the whole evaluation text takes ~10 min per mode
-on this project's 2-core machine.
+on this project's 2-core machine. HEARTH_EMULATION_DEVICE=cuda runs the same float32
+arithmetic on a GPU (seconds; TF32 off), several modes in one process: `ref wa w,g wa,g`.
 """
 import json
 import math
+import os
 import sys
 import time
 
@@ -66,7 +68,9 @@ def gptq_e4m3(w, hessian, damp=0.01, block=128):
         err = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = W1[:, i]
-            q = (col / s).to(torch.float8_e4m3fn).float() * s
+            # clamped: the updates can push a column past its row's max, and e4m3fn has no
+            # infinity (a cast past 448 gives NaN on the GPU); the kernels' grid saturates too
+            q = (col / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s
             Q[:, i1 + i] = q
             e = (col - q) / h1[i, i]
             W1[:, i:] -= e[:, None] * h1[i, i:][None]
@@ -77,15 +81,21 @@ def gptq_e4m3(w, hessian, damp=0.01, block=128):
 
 def main():
     torch.set_num_threads(1)
-    mode = sys.argv[1]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    modes = sys.argv[1].split()
     n_eval = int(sys.argv[2]) if len(sys.argv) > 2 else 10**9
     n_cal = int(sys.argv[3]) if len(sys.argv) > 3 else 8192
+    for mode in modes:
+        run(mode, n_eval, n_cal, torch.device(os.environ.get("HEARTH_EMULATION_DEVICE", "cpu")))
+
+
+def run(mode, n_eval, n_cal, device):
     base, *opts = mode.split(",")
     path = resolve_model(None).path
     tok = AutoTokenizer.from_pretrained(path)
-    ev = tok(evaluation_text_path().read_text(), return_tensors="pt").input_ids[0][:n_eval]
-    cal = tok(calibration_text_path().read_text(), return_tensors="pt").input_ids[0][:n_cal]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ev = tok(evaluation_text_path().read_text(), return_tensors="pt").input_ids[0][:n_eval].to(device)
+    cal = tok(calibration_text_path().read_text(), return_tensors="pt").input_ids[0][:n_cal].to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
@@ -95,8 +105,8 @@ def main():
     gptq = "g" in opts and base in ("w", "wa")
     hessians, amax = {}, {}
     if gptq or alphas:
-        hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lin}
-        amax = {n: torch.zeros(m.in_features) for n, m in lin}
+        hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in lin}
+        amax = {n: torch.zeros(m.in_features, device=device) for n, m in lin}
 
         def collect(module, args, output, name):
             x = args[0].reshape(-1, args[0].shape[-1])
@@ -153,7 +163,8 @@ def main():
                 break
     print(json.dumps({"mode": mode, "perplexity": math.exp(nll / count), "tokens_scored": count,
                       "calibration_tokens": len(cal) if (gptq or alphas) else 0,
-                      "window": WINDOW, "stride": STRIDE, "seconds": round(time.time() - start, 1)}))
+                      "window": WINDOW, "stride": STRIDE, "device": str(device),
+                      "seconds": round(time.time() - start, 1)}), flush=True)
 
 
 if __name__ == "__main__":
