@@ -441,14 +441,17 @@ def test_a_thread_checking_bitsandbytes_while_another_imports_it_waits_for_the_i
     (or the dialog) may check bitsandbytes too: a second checker must wait for the first
     one's import, never read the half-imported module (no __version__ yet: 'bitsandbytes 0
     is too old'). In a fresh process: one thread starts the import, the main thread checks
-    0.2 s later."""
+    while it runs."""
     script = textwrap.dedent("""
         import sys, threading, time
         from engine.quant.bnb import import_problem
         first = []
         t = threading.Thread(target=lambda: first.append(import_problem()))
         t.start()
-        time.sleep(0.2)
+        # (where Hugging Face's kernels is installed, it is imported first: wait for bitsandbytes)
+        while "bitsandbytes" not in sys.modules and t.is_alive():
+            time.sleep(0.002)
+        time.sleep(0.05)
         assert "bitsandbytes" in sys.modules and t.is_alive(), "the import ended before the second check"
         second = import_problem()
         t.join()
