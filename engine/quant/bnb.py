@@ -130,8 +130,8 @@ class _KernelsForOthers(types.ModuleType):
 
 @contextlib.contextmanager
 def _hub_kernels_hidden():
-    """While this thread imports bitsandbytes, ``kernels`` is out of *its* reach and no other
-    thread's. Installed, it is imported first (as transformers would) and sys.modules holds
+    """While this thread imports bitsandbytes, ``kernels`` is out of this thread's reach
+    only. Installed, it is imported first (as transformers would) and sys.modules holds
     a stand-in for the duration (``_KernelsForOthers``: this thread finds nothing in it,
     others the real module), the real module after; not installed, a meta-path finder
     refuses it to this thread alone (others find nothing anyway). bitsandbytes' warning
