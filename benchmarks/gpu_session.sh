@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -77,6 +77,21 @@ esac
 case "$what" in profile|profile-all|decode-profile)
   python benchmarks/profile_decode.py --shape llama-8b --json "$OUT/profile-decode-8b.json" 2>&1 | tail -9
   [ "$what" = decode-profile ] || python benchmarks/profile_throughput.py --shape llama-8b --kernel-samples 12 --json "$OUT/profile-throughput-8b.json" 2>&1 | tail -10 ;;
+esac
+case "$what" in pdl)  # programmatic dependent launch on and off (HEARTH_PDL): its GPU test, then the 8B
+  # shape's batch-1 decode, one load each, and a by-kernel profile of the graph replays with it on
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_pdl.py -m gpu \
+    2>&1 | tee "$OUT/gpu_pdl_tests.log" | tail -4
+  for q in ${PDL_QUANTS:-int4 bf16}; do
+    for p in 1 0; do
+      HEARTH_PDL=$p hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
+        --quant $q --json "$OUT/bench-8b-bs1-$q-pdl$p.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^suite|^decode|rror"
+    done
+  done
+  for q in ${PDL_PROFILE:-}; do
+    python benchmarks/profile_decode.py --shape llama-8b --quant $q --kernels 20 \
+      --json "$OUT/decode-kernels-8b-$q-pdl.json" 2>&1 | tail -14
+  done ;;
 esac
 case "$what" in quant-tests)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \

@@ -14,12 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 _BLOCK = 1024
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, inter,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -52,5 +56,5 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     block = min(_BLOCK, triton.next_power_of_2(inter))
     grid = (t, triton.cdiv(inter, block))
     _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=block,
-                               num_warps=4 if block >= 512 else 1)
+                               num_warps=4 if block >= 512 else 1, **pdl_args(x.device))
     return out

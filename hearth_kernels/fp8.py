@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 #: e4m3's largest finite value.
 FP8_MAX = 448.0
 #: The least activation scale: an all-zero row quantizes to zeros instead of NaN.
@@ -134,7 +136,9 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_s
 @triton.jit
 def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
                           HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr,
-                          KP: tl.constexpr, STAGES: tl.constexpr):
+                          KP: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     k = tl.arange(0, KP)
     k_ok = k < K
     x = _act(x_ptr, k, K, k_ok, SWIGLU)  # [KP] fp32, in registers for every row
@@ -186,5 +190,5 @@ def fp8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
     _fp8_gemv_rows_kernel[(triton.cdiv(n, rows),)](
         x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=rows, R=per_step,
-        KP=triton.next_power_of_2(max(k, 16)), STAGES=stages, num_warps=warps)
+        KP=triton.next_power_of_2(max(k, 16)), STAGES=stages, num_warps=warps, **pdl_args(x.device))
     return out

@@ -32,11 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -123,5 +127,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     b_arg = bias if bias is not None else weight
     _gemv_kernel[grid](x, weight, s_arg, b_arg, out, n, k, weight.stride(0), HAS_SCALE=scale is not None,
                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
-                       EVEN_K=k % block_k == 0, num_warps=warps)
+                       EVEN_K=k % block_k == 0, num_warps=warps, **pdl_args(x.device))
     return out

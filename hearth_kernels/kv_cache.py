@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 # The largest finite float8_e4m3fn value; fp8 caches saturate there.
 FP8_MAX = tl.constexpr(448.0)
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -53,8 +55,10 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head,
     NUM_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    H_PAD: tl.constexpr, D_PAD: tl.constexpr, FP8: tl.constexpr,
+    H_PAD: tl.constexpr, D_PAD: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     tok = tl.program_id(0)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     offs_h = tl.arange(0, H_PAD)
@@ -103,5 +107,5 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_HEADS=h, BLOCK_SIZE=kv_cache.shape[2], HEAD_DIM=d, H_PAD=h_pad, D_PAD=d_pad,
-        FP8=kv_cache.dtype in FP8_DTYPES, num_warps=4 if h_pad * d_pad >= 1024 else 1,
+        FP8=kv_cache.dtype in FP8_DTYPES, num_warps=4 if h_pad * d_pad >= 1024 else 1, **pdl_args(k.device),
     )

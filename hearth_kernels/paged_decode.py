@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 from hearth_kernels._checks import check_paged_cache, fp8_as_fp16
 
 _LOG2E = 1.4426950408889634
@@ -73,8 +75,10 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    AS_FP16: tl.constexpr,
+    AS_FP16: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # before any load or early return (hearth_kernels/pdl.py)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -144,8 +148,10 @@ def _decode_merge_kernel(
     part_out_ptr, part_ml_ptr, seq_lens_ptr, out_ptr, window, num_splits,
     stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NP_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -285,7 +291,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     if split:
         np_pad = triton.next_power_of_2(splits)
@@ -293,6 +299,6 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
             part_out, part_ml, seq_lens, out, window, splits, *pstrides, out.stride(0), out.stride(1),
             HEAD_DIM=dim, D_PAD=d_pad, BLOCK_N=block_n, NP_PAD=np_pad,
             CHUNK=min(np_pad, 16),
-            HAS_WINDOW=sliding_window is not None, num_warps=4 if d_pad >= 128 else 1,
+            HAS_WINDOW=sliding_window is not None, num_warps=4 if d_pad >= 128 else 1, **pdl_args(q.device),
         )
     return out

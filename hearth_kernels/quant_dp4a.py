@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
 from hearth_kernels.quant_gemv import _load_x_blocks, _split4, _steps_next, _steps_start
 
@@ -109,12 +110,13 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            ASM: tl.constexpr):
+                            ASM: tl.constexpr, PDL: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
     # [programs, SPLIT, ROWS] and the last of a row block to arrive (cnt_ptr, zeroed, left
     # zeroed) adds them in split order (the same bits every run) and writes y.
+    pdl_start(PDL)
     NB: tl.constexpr = KP // 32  # blocks of 32 inputs
     WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
     blk = tl.arange(0, NB)
@@ -130,6 +132,9 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     LEAD: tl.constexpr = max(0, min(STAGES - 1, 2))  # steps loaded ahead (``_steps_start``)
     w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
                                                 blk_ok, HAS_MIN, ROWS, R, LEAD)
+    # with PDL this kernel started while the one before it (which writes x) was finishing:
+    # wait for it here, after requesting the weights (hearth_kernels/pdl.py)
+    pdl_wait(PDL)
     # x, quantized per block to int8 and packed like the codes
     # int4 word j: inputs 8j..8j+7, the even ones (x) pair with the low nibbles, the odd (h)
     # with the high; int8 word j: inputs 4j..4j+3, byte b = input 4j + b
@@ -242,7 +247,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
         s.stride(0), GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
         HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp, STAGES=stages, SPLIT=split,
-        ASM=not _interpreting(), num_warps=num_warps)
+        ASM=not _interpreting(), num_warps=num_warps, **pdl_args(x.device))
     return out
 
 

@@ -62,6 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 #: inputs per packing block (GGUF's QK4_0); every group size is a multiple of it or K, or
 #: (int8) ``SUB_GROUP``
 BLOCK = 32
@@ -334,7 +336,9 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       STAGES: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     # q_ptr: the codes as int32 words (stride_qn in words). A block of 32 inputs is WPB
     # words; word j of a block holds (int4) inputs 4j..4j+3 in the low nibbles of its bytes
     # and 16+4j..16+4j+3 in the high ones, (int8) inputs 4j..4j+3.
@@ -401,7 +405,9 @@ def _quant_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn
 def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_sn, magic,
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
-                            R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr):
+                            R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     # x-stationary: the program loads (and converts, and sums per block) the whole x once,
     # keeps it in registers (K / threads values each), then streams its ROWS rows R at a
     # time, each thread one 16-byte vector per row, and reduces each row across the program.
@@ -661,7 +667,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
     q = q.view(torch.int32)  # 8 int4 or 4 int8 codes per word
     m_arg, b_arg = (m if m is not None else s), (bias if bias is not None else s)
     common = dict(GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None, HAS_BIAS=bias is not None,
-                  SWIGLU=swiglu, STAGES=cfg.stages)
+                  SWIGLU=swiglu, STAGES=cfg.stages, **pdl_args(x.device))
     if cfg.kind == ROWS and k <= _ROWS_MAX_K:
         kp, rows_per_step, warps = rows_launch(cfg, k)
         _quant_gemv_rows_kernel[(triton.cdiv(n, cfg.block_n),)](

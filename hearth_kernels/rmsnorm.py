@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 # Beyond this a row no longer fits in one program's registers.
 _MAX_ROW = 65536
 
@@ -31,8 +33,10 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     inner, stride_x0, stride_x1, stride_r0, stride_r1,
     stride_o0, stride_o1, stride_ro0, stride_ro1,
-    eps, N: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    eps, N: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     pid = tl.program_id(0)
     # Rows are indexed by up to two leading axes ([T, H, D] views are not one-stride).
     i0 = (pid // inner).to(tl.int64)
@@ -99,7 +103,7 @@ def _launch(x, residual, weight, eps, out, res_out) -> None:
     warps = min(max(block // 256, 1), 16)
     _rms_norm_kernel[(outer * inner,)](
         x, residual, weight, out, res_out, inner, sx0, sx1, sr0, sr1, so0, so1, sro0, sro1,
-        eps, N=n, BLOCK_N=block, HAS_RESIDUAL=has_residual, num_warps=warps,
+        eps, N=n, BLOCK_N=block, HAS_RESIDUAL=has_residual, num_warps=warps, **pdl_args(x.device),
     )
 
 

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+
 
 @triton.jit
 def _rotate_heads(x_ptr, stride_h, c, s, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
@@ -46,8 +48,10 @@ def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-    QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     tok = tl.program_id(0)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     offs_d = tl.arange(0, HALF_PAD)
@@ -96,6 +100,6 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         q, k, positions, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HALF=half,
-        QH_PAD=qh_pad, KH_PAD=kh_pad, HALF_PAD=half_pad, num_warps=warps,
+        QH_PAD=qh_pad, KH_PAD=kh_pad, HALF_PAD=half_pad, num_warps=warps, **pdl_args(q.device),
     )
     return q, k
