@@ -134,26 +134,43 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_s
 
 
 @triton.jit
+def _fp8_rows_ahead(w_ptr, rows, ok, k, k_ok, stride_wn):
+    """One step's weights [R, KP] (rows not ``ok`` read row 0, unused)."""
+    safe = tl.where(ok, rows, 0).to(tl.int64)
+    return tl.load(w_ptr + safe[:, None] * stride_wn + k[None, :], mask=k_ok[None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _fp8_rows_step(w, x, s_ptr, b_ptr, y_ptr, rows, ok, HAS_BIAS: tl.constexpr):
+    safe = tl.where(ok, rows, 0).to(tl.int64)
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * tl.load(s_ptr + safe)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + safe).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
                           HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr,
                           KP: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
-    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     k = tl.arange(0, KP)
     k_ok = k < K
-    x = _act(x_ptr, k, K, k_ok, SWIGLU)  # [KP] fp32, in registers for every row
     r = tl.arange(0, R)
     first = tl.program_id(0) * ROWS
-    for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+    # the first step's weights are requested before x (with PDL, before waiting for the
+    # kernel that writes x: hearth_kernels/pdl.py), then the other steps are pipelined
+    ok0 = (first + r < N) & (r < ROWS)
+    w0 = _fp8_rows_ahead(w_ptr, first + r, ok0, k, k_ok, stride_wn)
+    pdl_wait(PDL)
+    x = _act(x_ptr, k, K, k_ok, SWIGLU)  # [KP] fp32, in registers for every row
+    _fp8_rows_step(w0, x, s_ptr, b_ptr, y_ptr, first + r, ok0, HAS_BIAS)
+    for r0 in tl.range(R, ROWS, R, num_stages=STAGES):
         rows = first + r0 + r
         ok = (rows < N) & (r0 + r < ROWS)
-        safe = tl.where(ok, rows, 0).to(tl.int64)
-        w = tl.load(w_ptr + safe[:, None] * stride_wn + k[None, :], mask=k_ok[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * tl.load(s_ptr + safe)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + safe).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
+        w = _fp8_rows_ahead(w_ptr, rows, ok, k, k_ok, stride_wn)
+        _fp8_rows_step(w, x, s_ptr, b_ptr, y_ptr, rows, ok, HAS_BIAS)
 
 
 #: x-stationary needs x in registers: at most this many inputs (the tuner's candidates use up

@@ -407,7 +407,6 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
-    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     # x-stationary: the program loads (and converts, and sums per block) the whole x once,
     # keeps it in registers (K / threads values each), then streams its ROWS rows R at a
     # time, each thread one 16-byte vector per row, and reduces each row across the program.
@@ -420,19 +419,21 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
     kb = blk * 32
     blk_ok = kb < K
     grp = _block_groups(kb, blk_ok, GROUP, GPB)  # [NB * GPB]
+    r = tl.arange(0, R)
+    word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]
+    first = tl.program_id(0) * ROWS
+    # steps loaded ahead (``_steps_start``): one from 16 warps on (128 registers a thread);
+    # requested before x, whose kernel PDL waits for only now (hearth_kernels/pdl.py)
+    LEAD: tl.constexpr = max(0, min(STAGES - 1, 1 if KP >= 16384 else 2))
+    w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
+                                                blk_ok, HAS_MIN, ROWS, R, LEAD)
+    pdl_wait(PDL)
     # pair order: word j holds inputs 8j..8j+7, nibble i at bits 4i (even inputs x, odd h)
     x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)
     if BITS == 4:
         xsum = tl.sum(x0 + x1 + x2 + x3 + h0 + h1 + h2 + h3, axis=1)
     else:
         xsum = tl.reshape(_group_sums((x0 + x1 + x2 + x3)[None], GPB), [NB * GPB])
-    r = tl.arange(0, R)
-    word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]
-    first = tl.program_id(0) * ROWS
-    # steps loaded ahead (``_steps_start``): one from 16 warps on (128 registers a thread)
-    LEAD: tl.constexpr = max(0, min(STAGES - 1, 1 if KP >= 16384 else 2))
-    w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
-                                                blk_ok, HAS_MIN, ROWS, R, LEAD)
     for r0 in range(0, ROWS, R):
         rows = first + r0 + r
         row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
