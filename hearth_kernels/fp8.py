@@ -74,6 +74,14 @@ def _to_e4m3_grid(v):
 
 
 @triton.jit
+def _div(v, scale):
+    """``v / scale`` rounded as IEEE division (torch's): a compiled ``/`` is approximate
+    (``div.full.f32``, up to 2 ulp), which moved a quotient near an e4m3 rounding boundary to
+    the other side of it (the reference's bytes differed on the H200, now and then)."""
+    return tl.math.div_rn(v, scale + tl.zeros_like(v))
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
                           SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -83,21 +91,21 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
     if BLOCK >= K:  # the whole row in registers: one read
         ok = cols < K
         v = _act(x_row, cols, K, ok, SWIGLU)
-        scale = tl.maximum(tl.max(tl.abs(v), axis=0) / 448.0, 1e-12)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), 448.0), 1e-12)
         tl.store(s_ptr + row, scale)
-        q = _to_e4m3_grid(tl.clamp(v / scale, -448.0, 448.0))
+        q = _to_e4m3_grid(tl.clamp(_div(v, scale), -448.0, 448.0))
         tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
     else:  # longer rows: the absolute maximum first, then the rounding (the row read again, from L2)
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             k = k0 + cols
             amax = tl.maximum(amax, tl.abs(_act(x_row, k, K, k < K, SWIGLU)))
-        scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             k = k0 + cols
             ok = k < K
-            q = _to_e4m3_grid(tl.clamp(_act(x_row, k, K, ok, SWIGLU) / scale, -448.0, 448.0))
+            q = _to_e4m3_grid(tl.clamp(_div(_act(x_row, k, K, ok, SWIGLU), scale), -448.0, 448.0))
             tl.store(q_row + k, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
