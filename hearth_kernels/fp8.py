@@ -45,7 +45,9 @@ def quantize_rows_reference(x: torch.Tensor, swiglu: bool = False) -> tuple[torc
         gate, up = x.chunk(2, dim=-1)
         x = torch.nn.functional.silu(gate) * up
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
+    # times the float32 reciprocal, not divided: torch's CUDA division by a Python number is a
+    # multiplication by its reciprocal, its CPU one a division; a product rounds alike everywhere
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * (1.0 / FP8_MAX)).clamp_min(MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
@@ -91,7 +93,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
     if BLOCK >= K:  # the whole row in registers: one read
         ok = cols < K
         v = _act(x_row, cols, K, ok, SWIGLU)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), 448.0), 1e-12)
+        scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)  # as the reference
         tl.store(s_ptr + row, scale)
         q = _to_e4m3_grid(tl.clamp(_div(v, scale), -448.0, 448.0))
         tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
@@ -100,7 +102,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
         for k0 in range(0, K, BLOCK):
             k = k0 + cols
             amax = tl.maximum(amax, tl.abs(_act(x_row, k, K, k < K, SWIGLU)))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+        scale = tl.maximum(tl.max(amax, axis=0) * (1.0 / 448.0), 1e-12)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             k = k0 + cols
