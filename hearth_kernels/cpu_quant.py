@@ -105,6 +105,20 @@ def _cache_dir() -> Path:
     return base / "hearth_kernels"
 
 
+def _forget_old_cache() -> None:
+    """Delete the libraries earlier versions compiled into ``<cache>/kernels`` (this package
+    was called ``kernels`` until the rename to ``hearth_kernels``): only their ``hq_quant-*``
+    files, and the folder if nothing else is left in it. Quietly does nothing it can't do."""
+    old = _cache_dir().parent / "kernels"
+    try:
+        for f in [*old.glob("hq_quant-*.so"), *old.glob(".hq_quant-*.so")]:
+            f.unlink(missing_ok=True)
+        if old.is_dir() and not any(old.iterdir()):
+            old.rmdir()
+    except OSError:
+        pass
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -171,6 +185,7 @@ def _compile() -> Path:
 def _build() -> ctypes.CDLL:
     """Load the prebuilt library if one matches the sources, else compile (``_compile``);
     raises OSError or RuntimeError with a readable reason."""
+    _forget_old_cache()
     prebuilt = _PREBUILT_DIR / prebuilt_name()
     target = prebuilt if prebuilt.is_file() else _compile()
     lib = ctypes.CDLL(str(target))

@@ -322,3 +322,20 @@ def test_a_prebuilt_library_of_other_sources_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_quant, "_problem", None)
     monkeypatch.setattr(cpu_quant, "_compiler", lambda: None)
     assert "compiler" in (cpu_quant.available() or "")
+
+
+def test_the_libraries_of_the_old_cache_folder_are_deleted_and_nothing_else(monkeypatch, tmp_path):
+    # before the rename to hearth_kernels, compiled libraries went to <cache>/kernels
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
+    old = tmp_path / "kernels"
+    old.mkdir()
+    for name in ("hq_quant-0123456789abcdef.so", ".hq_quant-tmp1.so"):
+        (old / name).write_bytes(b"\x7fELF")
+    cpu_quant._forget_old_cache()
+    assert not old.exists()  # emptied: gone
+    old.mkdir()
+    (old / "hq_quant-fedcba9876543210.so").write_bytes(b"\x7fELF")
+    (old / "notes.txt").write_text("someone else's")
+    cpu_quant._forget_old_cache()
+    assert [p.name for p in old.iterdir()] == ["notes.txt"]
+    cpu_quant._forget_old_cache()  # nothing to do: no error
