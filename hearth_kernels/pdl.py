@@ -16,7 +16,9 @@ The contract of a kernel with a ``PDL`` parameter (``pdl_start`` / ``pdl_wait`` 
   kernel of the stream writes and before its first store. The wait covers transitively the
   kernels before the previous one (each of them waited for its own predecessor before it
   could finish), so a program that skipped it could let a later kernel read stale data;
-- loads before it read only what nothing in the stream writes (weights, their scales);
+- loads before it read only what nothing in the stream writes (weights, their scales: no
+  kernel of a step writes them; repacking them at load runs plain torch kernels, which
+  PDL never overlaps);
 - it may call ``pdl_start(PDL)`` anywhere (first thing, here): the next kernel then launches
   once every program of this one has called it, and waits for this one to finish anyway.
 
@@ -67,7 +69,8 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 def pdl_wanted() -> bool:
-    """PDL unless ``HEARTH_PDL=0`` or Triton's interpreter runs the kernels."""
+    """PDL unless ``HEARTH_PDL=0`` or Triton's interpreter runs the kernels (read at each
+    launch; set ``TRITON_INTERPRET`` before importing the kernels, as Triton itself needs)."""
     return (_HAVE_GDC and os.environ.get("HEARTH_PDL", "1") != "0"
             and os.environ.get("TRITON_INTERPRET", "0") != "1")
 

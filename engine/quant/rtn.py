@@ -90,7 +90,8 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 def quantize_fp8(w: torch.Tensor) -> QuantizedWeight:
     """float8 e4m3 of ``w`` [N, K] with one float32 scale per output row."""
     x = w.float()
-    scale = (x.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(2.0 ** -126)
+    # times the float32 reciprocal (as hearth_kernels/fp8.py): the same bits on CPU and CUDA
+    scale = (x.abs().amax(dim=1, keepdim=True) * (1.0 / FP8_MAX)).clamp_min(2.0 ** -126)
     q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return QuantizedWeight(8, w.shape[1], q, scale, fmt="e4m3")
 

@@ -307,10 +307,10 @@ def _tune_and_capture(runner, config: EngineConfig, max_model_len: int, info: di
     """Bring-up's last steps: the batch-1 GEMV choice, then the CUDA graphs (which so hold it)."""
     if runner.gemv_reason() is None:
         info["batch1_matmul"] = runner.tune_gemv(say)
-    if runner.device.type == "cuda":
+    if runner.device.type == "cuda":  # (PDL applies to Hearth's fused Triton kernels only)
         from hearth_kernels.pdl import pdl_on
 
-        info["pdl"] = pdl_on(runner.device)
+        info["pdl"] = runner.gemv_reason() is None and pdl_on(runner.device)
     stop()
     capture_graphs(runner, config, max_model_len, info, say)
 

@@ -53,8 +53,10 @@ def _called(node) -> set[str]:
 
 
 # what a kernel may do before it waits: compute indices, and request weights (never written by a kernel)
-_BEFORE_WAIT_OK = {"pdl_start", "program_id", "arange", "where", "to", "min", "max", "zeros", "_block_groups",
-                   "_steps_start", "_fp8_rows_ahead"}  # (the weights' loads)
+_BEFORE_WAIT_OK = {"pdl_start", "program_id", "arange", "where", "to", "min", "max", "zeros", "_block_groups"}
+# the helpers that load weights, and the pointer arguments they may be given (weights, scales, mins)
+_WEIGHT_LOADERS = {"_steps_start", "_fp8_rows_ahead"}
+_WEIGHT_POINTERS = {"q_ptr", "s_ptr", "m_ptr", "w_ptr"}
 
 
 @pytest.mark.parametrize("name,kernel", KERNELS, ids=[n for n, _ in KERNELS])
@@ -66,10 +68,16 @@ def test_every_pdl_kernel_waits_first_on_every_path(name, kernel):
     waits = [i for i, st in enumerate(body) if isinstance(st, ast.Expr) and "pdl_wait" in _called(st)]
     assert len(waits) == 1, f"{name}: wants one top-level pdl_wait(PDL), found at statements {waits}"
     assert sum("pdl_wait" in _called(st) for st in body) == 1, f"{name}: pdl_wait nested in a statement"
+    call = body[waits[0]].value
+    assert [ast.unparse(a) for a in call.args] == ["PDL"], f"{name}: waits on {ast.unparse(call)}, not pdl_wait(PDL)"
     for st in body[:waits[0]]:
         assert not any(isinstance(n, ast.Return) for n in ast.walk(st)), f"{name}: returns before waiting"
-        extra = _called(st) - _BEFORE_WAIT_OK
+        extra = _called(st) - _BEFORE_WAIT_OK - _WEIGHT_LOADERS
         assert not extra, f"{name}: calls {sorted(extra)} before pdl_wait (reads or writes before the wait)"
+        for n in ast.walk(st):  # a weight loader given anything but weight pointers reads too early
+            if isinstance(n, ast.Call) and getattr(n.func, "id", "") in _WEIGHT_LOADERS:
+                pointers = {a.id for a in n.args if isinstance(a, ast.Name) and a.id.endswith("_ptr")}
+                assert pointers <= _WEIGHT_POINTERS, f"{name}: {n.func.id} reads {sorted(pointers)} before the wait"
 
 
 def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
@@ -139,6 +147,7 @@ def test_a_graph_of_pdl_kernels_gives_the_same_bits_as_without(monkeypatch):
     results = {}
     for pdl in ("0", "1"):
         monkeypatch.setenv("HEARTH_PDL", pdl)
+        assert _pdl.pdl_on(torch.device("cuda")) is (pdl == "1")  # (else the comparison proves nothing)
         cache, res = cache0.clone(), res0.clone()
         outs = {name: torch.empty(1, n, device=dev, dtype=dt)
                 for name, n in (("xn", 256), ("res", 256), ("qkv", 512), ("o", 256), ("up", 1024), ("down", 256))}
