@@ -13,6 +13,13 @@ then options:
            columns rounded in order with the rounding error pushed onto the columns still to
            come through the inverse Hessian of the layer's calibration inputs (collected on
            the float model, not layer by layer);
+  ga       GPTQ against the rounded inputs: minimise ||X W^T - round(X) Q^T|| (X the float
+           model's inputs, round() the per-token e4m3 rounding after bf16): the least-squares
+           weight W* = (W C + l W)(H~ + l I)^-1 (C = X^T round(X), H~ = round(X)^T round(X),
+           l the damping, regularised towards W), then GPTQ's sweep of W* with H~;
+  ckpt=DIR the weights of an fp8 checkpoint Hearth wrote (`hearth quantize --quant fp8
+           [--calibrate gptq] --out DIR`: e4m3 weights times their scales) instead of
+           rounding them here (with base `a`: the activations rounded too, as the GPU runs it);
   sq=A     SmoothQuant with alpha A: input channel j divided by s_j = amax_j^A / wmax_j^(1-A)
            and the weight column multiplied by it (foldable into the RMSNorm weights, v_proj
            and up_proj rows);
@@ -79,6 +86,16 @@ def gptq_e4m3(w, hessian, damp=0.01, block=128):
     return Q
 
 
+def aware_target(w, cross, rhess, damp=0.01):
+    """W* = (W C + l W)(H~ + l I)^-1: the weight that best maps the rounded inputs onto the
+    float outputs, pulled towards W by the damping l (damp times H~'s mean diagonal)."""
+    lam = damp * torch.diagonal(rhess).mean()
+    eye = torch.eye(rhess.shape[0], dtype=rhess.dtype, device=rhess.device)
+    wd = w.double()
+    rhs = wd @ cross + lam * wd
+    return torch.linalg.solve(rhess + lam * eye, rhs.T).T.float()
+
+
 def main():
     torch.set_num_threads(1)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -102,15 +119,23 @@ def run(mode, n_eval, n_cal, device):
     lin = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     start = time.time()
     alphas = [float(o[3:]) for o in opts if o.startswith("sq=")]
-    gptq = "g" in opts and base in ("w", "wa")
-    hessians, amax = {}, {}
+    aware = "ga" in opts and base in ("w", "wa")
+    gptq = ("g" in opts or aware) and base in ("w", "wa")
+    hessians, amax, cross, rhess = {}, {}, {}, {}
     if gptq or alphas:
         hessians = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in lin}
         amax = {n: torch.zeros(m.in_features, device=device) for n, m in lin}
+        if aware:
+            cross = {n: torch.zeros_like(h) for n, h in hessians.items()}
+            rhess = {n: torch.zeros_like(h) for n, h in hessians.items()}
 
         def collect(module, args, output, name):
             x = args[0].reshape(-1, args[0].shape[-1])
             hessians[name].add_(x.double().T @ x.double())
+            if aware:
+                xr = e4m3_rows(x.to(torch.bfloat16).float()).double()
+                cross[name].add_(x.double().T @ xr)
+                rhess[name].add_(xr.T @ xr)
             amax[name] = torch.maximum(amax[name], x.abs().amax(0))
 
         hooks = [m.register_forward_hook(lambda mod, a, o, n=n: collect(mod, a, o, n)) for n, m in lin]
@@ -132,7 +157,18 @@ def run(mode, n_eval, n_cal, device):
                 if hessians:
                     hessians[n] = hessians[n] / sv.double()[:, None] / sv.double()[None]
             if base in ("w", "wa"):
-                m.weight.data = gptq_e4m3(m.weight.data, hessians[n]) if gptq else e4m3_rows(m.weight.data)
+                if aware:
+                    m.weight.data = gptq_e4m3(aware_target(m.weight.data, cross[n], rhess[n]), rhess[n])
+                else:
+                    m.weight.data = gptq_e4m3(m.weight.data, hessians[n]) if gptq else e4m3_rows(m.weight.data)
+    ckpt = [o[5:] for o in opts if o.startswith("ckpt=")]
+    if ckpt:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(ckpt[0], "model.safetensors"), "pt") as f, torch.no_grad():
+            for n, m in lin:
+                m.weight.data = (f.get_tensor(n + ".weight").float() * f.get_tensor(n + ".weight_scale").float()
+                                 ).to(device)
     no_act = [o[4:] for o in opts if o.startswith("noa=")]
     for n, m in lin:
         sv = smooth.get(n)

@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|fp8-tests|fp8|smollm2-quality|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -146,6 +146,23 @@ case "$what" in smollm2-quality)  # (.gguf_b carried; .gguf_a came with the call
     hearth bench --shape llama-8b --suite throughput --quant $q --json "$OUT/bench-8b-throughput-$q.json" "$@" \
       2>&1 | tail -3
   done ;;
+esac
+case "$what" in fp8-gptq)  # (.gguf_b carried; .gguf_a came with the call before) fp8 weights rounded by GPTQ
+  # (hearth quantize --quant fp8 --calibrate gptq) against round-to-nearest fp8 and bf16: perplexity on the GPU,
+  # and the float32 emulation of the same checkpoint beside its ref / wa / wa,g rows
+  [ -f $SMOLLM2 ] || { echo "no $SMOLLM2: carry .gguf_a in the call before and .gguf_b in this one"; exit 1; }
+  rm -rf /tmp/fp8gptq
+  hearth quantize --model $SMOLLM2 --quant fp8 --calibrate gptq --device cuda --out /tmp/fp8gptq --json \
+    > "$OUT/quantize-smollm2-fp8-gptq.json"; cat "$OUT/quantize-smollm2-fp8-gptq.json"
+  cp /tmp/fp8gptq/config.json "$OUT/fp8-gptq-config.json"
+  for q in bf16 fp8; do
+    hearth eval --model $SMOLLM2 --device cuda --quant $q --json -q \
+      > "$OUT/eval-smollm2-cuda-$q.json" && tail -c 300 "$OUT/eval-smollm2-cuda-$q.json"; echo
+  done
+  hearth eval --model /tmp/fp8gptq --device cuda --json -q > "$OUT/eval-smollm2-cuda-fp8-gptq.json" \
+    && tail -c 300 "$OUT/eval-smollm2-cuda-fp8-gptq.json"; echo
+  HEARTH_EMULATION_DEVICE=cuda python benchmarks/fp8_quality_emulation.py "ref wa wa,g a,ckpt=/tmp/fp8gptq" \
+    2>/dev/null | tee "$OUT/fp8-emulation-gptq-ckpt.jsonl" ;;
 esac
 case "$what" in kquant-tests)  # (after .gguf_a, carrying .gguf_b) K-quant GGUFs and int8 groups of 16 on the GPU
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/models/test_gguf_kquants_kept.py \

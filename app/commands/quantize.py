@@ -21,6 +21,9 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--format", dest="layout", default=None, choices=QUANTIZE_LAYOUTS,
                    help="the layout written (default: awq/gptq's own, else compressed-tensors, what llm-compressor "
                         "writes)")
+    p.add_argument("--calibrate", default=None, choices=("gptq",),
+                   help="fp8 only: round the weights by GPTQ on the bundled calibration text (slower to write, "
+                        "closer to the model) instead of to the nearest fp8 value")
     p.add_argument("--device", default="cpu", help="where to quantize (cpu, cuda, cuda:N)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist)")
     p.add_argument("--json", action="store_true", help="print one JSON object describing the result")
@@ -29,7 +32,8 @@ def add_quantize_parser(sub) -> None:
 def run_quantize(args) -> int:
     say = (lambda _m: None) if args.json else (lambda m: print(f"hearth: {m}", file=sys.stderr))
     result = quantize_model(args.model, args.out, quantization=args.quant, layout=args.layout,
-                            group_size=args.group_size, device=args.device, progress=say)
+                            group_size=args.group_size, device=args.device, calibrate=args.calibrate,
+                            progress=say)
     if args.json:
         print(json.dumps({"out": str(result.out_dir), "layout": result.layout, "quant": result.quantization,
                           "layers": result.layers, "file_bytes": result.weight_bytes}))

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from engine.errors import LoadCancelledError
 from engine.layers.linear_kernels import silu_and_mul_reference
 from engine.quant.awq import awq_clip_search, awq_quantize, awq_search, fold_layer_scales, o_proj_scalable
-from engine.quant.gptq import gptq_quantize
+from engine.quant.gptq import gptq_quantize as _gptq_int
+from engine.quant.gptq import gptq_quantize_fp8
 from engine.quant.qweight import QuantizedWeight, check_shape
 
 #: Each decoder layer's linears, by their short key and their module path inside the layer.
@@ -166,17 +167,25 @@ def split_calibration_ids(ids: Sequence[int] | torch.Tensor, seq_len: int, max_s
     return list(t[:n * seq_len].view(n, seq_len))
 
 
-def check_calibration(model, method: str, bits: int, group_size: int) -> None:
-    """Raise ValueError (naming the module) when ``method``/``bits``/``group_size`` can't
-    quantize some linear of ``model``; nothing has run yet."""
+def check_calibration(model, method: str, bits: int, group_size: int, fp8: bool = False) -> None:
+    """Raise ValueError (naming the module) when ``method``/``bits``/``group_size`` (or
+    ``fp8``: GPTQ onto e4m3) can't quantize some linear of ``model``; nothing has run yet."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of: {', '.join(METHODS)}")
-    if method == "awq" and bits != 4:
-        raise ValueError("AWQ quantizes to 4 bits only; use gptq for 8-bit")
+    if method == "awq" and (bits != 4 or fp8):
+        raise ValueError("AWQ quantizes to 4 bits only; use gptq for 8-bit or fp8")
+    from engine.quant.transform import FP8_ALIGN
+
     for i, layer in enumerate(model.model.layers):
         for path in LAYER_LINEARS.values():
             lin = layer.get_submodule(path)
-            problem = check_shape(bits, group_size, lin.out_features, lin.in_features)
+            n, k = lin.out_features, lin.in_features
+            if fp8:
+                if n % FP8_ALIGN or k % FP8_ALIGN:
+                    raise ValueError(f"model.layers.{i}.{path} ([{n} x {k}]): fp8's tensor-core products need both "
+                                     f"sizes in multiples of {FP8_ALIGN}; use int8 (the same size) instead")
+                continue
+            problem = check_shape(bits, group_size, n, k)
             if problem:
                 raise ValueError(f"model.layers.{i}.{path}: {problem}; pick another group size")
 
@@ -190,7 +199,9 @@ class CalibrationOptions:
     layer per step) instead of all four on one float forward; ``awq_grid``: AWQ's alpha
     grid (and its clip grid); ``awq_clip``: AWQ's clipping search; ``awq_max_tokens``:
     input rows sampled per linear for AWQ's search; ``clip_tokens``: rows of those its clip
-    search uses."""
+    search uses. ``fp8``: GPTQ rounds onto float8 e4m3 with per-output-row scales (the
+    layout of ``--quant fp8``; ``bits``, ``group_size`` and ``sym`` don't apply) instead of
+    the integer grid."""
 
     method: str
     bits: int = 4
@@ -204,6 +215,7 @@ class CalibrationOptions:
     awq_clip: bool = True
     awq_max_tokens: int = 4096
     clip_tokens: int = 512
+    fp8: bool = False
 
 
 def calibration_inputs(model, sequences: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
@@ -271,7 +283,7 @@ def calibrate(model, sequences: Sequence[torch.Tensor] | torch.Tensor, *, method
     ``should_stop()`` is asked before each layer and between its steps, and a True stops
     with ``LoadCancelledError``. The model is left as it was either way."""
     opts = CalibrationOptions(method=method, **options)
-    check_calibration(model, opts.method, opts.bits, opts.group_size)
+    check_calibration(model, opts.method, opts.bits, opts.group_size, opts.fp8)
 
     def check_stop():
         if should_stop is not None and should_stop():
@@ -413,8 +425,10 @@ def _gptq_steps(model, layer, hs, options: CalibrationOptions, check_stop) -> di
     for keys in steps:
         hessians = _gptq_statistics(model, layer, hs, keys)
         check_stop()
-        step = _gptq_layer(layer, hessians, keys, bits=options.bits, group_size=options.group_size, sym=options.sym,
-                           act_order=options.act_order, damp=options.damp, block_size=options.block_size)
+        grid = {"fp8": True} if options.fp8 else {"bits": options.bits, "group_size": options.group_size,
+                                                   "sym": options.sym}
+        step = _gptq_layer(layer, hessians, keys, act_order=options.act_order, damp=options.damp,
+                           block_size=options.block_size, **grid)
         del hessians
         for key, qw in step.items():
             _use_quantized(layer, key, qw)
@@ -422,9 +436,11 @@ def _gptq_steps(model, layer, hs, options: CalibrationOptions, check_stop) -> di
     return quantized
 
 
-def _gptq_layer(layer, hessians, keys, *, act_order: bool, **options) -> dict[str, QuantizedWeight]:
+def _gptq_layer(layer, hessians, keys, *, act_order: bool, fp8: bool = False, **options) -> dict[str, QuantizedWeight]:
     """GPTQ of the layer's linears ``keys``; qkv's q rows and k/v rows with their own
-    Hessians (one act-order for both: the fused weight has one column order)."""
+    Hessians (one act-order for both: the fused weight has one column order). ``fp8``: onto
+    e4m3 (``gptq_quantize_fp8``) rather than the integer grid ``options`` describe."""
+    gptq_quantize = gptq_quantize_fp8 if fp8 else _gptq_int
     out = {key: gptq_quantize(layer.get_submodule(LAYER_LINEARS[key]).weight, hessians[key], act_order=act_order,
                               **options) for key in keys if key != "qkv"}
     if "qkv" not in keys:
@@ -447,7 +463,7 @@ def _stack_rows(a: QuantizedWeight, b: QuantizedWeight) -> QuantizedWeight:
     """One QuantizedWeight of ``a``'s rows then ``b``'s (same bits, group and column order)."""
     cat = lambda x, y: None if x is None else torch.cat((x, y))  # noqa: E731
     return QuantizedWeight(a.bits, a.group_size, cat(a.qweight, b.qweight), cat(a.scales, b.scales),
-                           cat(a.mins, b.mins), a.perm)
+                           cat(a.mins, b.mins), a.perm, fmt=a.fmt)
 
 
 def _awq_layer(layer, stats, *, group_size: int, grid: int, clip: bool, clip_tokens: int,

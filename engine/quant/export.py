@@ -54,10 +54,13 @@ def _refuse_existing(out_dir: str | Path) -> None:
 
 
 def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4", layout: str | None = None,
-                   group_size: int | None = None, device: str = "cpu",
+                   group_size: int | None = None, device: str = "cpu", calibrate: str | None = None,
                    progress: Callable[[str], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> QuantizeResult:
-    """Quantize ``model`` (a folder, Hub id or the default) and write it to ``out_dir``."""
+    """Quantize ``model`` (a folder, Hub id or the default) and write it to ``out_dir``.
+    ``calibrate="gptq"`` (fp8 only) rounds the fp8 weights by GPTQ on the bundled
+    calibration text instead of to the nearest value (int4 names its calibrated methods:
+    ``quantization="gptq"`` or ``"awq"``)."""
     from engine.config import load_config
     from engine.layers.quant_linear import QuantizedLinear, QuantizedTiedHead
     from engine.loader.engine_loader import load_model
@@ -76,6 +79,19 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
     if quantization == "fp8" and layout != "compressed-tensors":
         raise InvalidRequestError("fp8 checkpoints are written as compressed-tensors (float-quantized): drop "
                                   "--format, or pick that one.", options=("layout",))
+    if calibrate is not None:
+        if calibrate != "gptq":
+            raise InvalidRequestError(f"unknown calibration {calibrate!r}: the one there is, is gptq.",
+                                      options=("calibrate",))
+        if quantization != "fp8":
+            raise InvalidRequestError(f"--calibrate gptq applies to fp8; for 4-bit weights pick --quant gptq or "
+                                      f"--quant awq (calibrated), not --quant {quantization} --calibrate gptq.",
+                                      options=("calibrate",))
+        if group_size is not None:
+            raise InvalidRequestError("fp8 has one scale per output channel: drop --group-size.",
+                                      options=("quant_group_size",))
+        return calibrated_model(model, out_dir, method="gptq", fp8=True, device=device, progress=progress,
+                                should_stop=should_stop, layout=layout)
     if quantization in ("awq", "gptq"):
         return calibrated_model(model, out_dir, method=quantization, group_size=group_size, device=device,
                                 progress=progress, should_stop=should_stop, layout=layout)
@@ -229,6 +245,8 @@ CALIBRATION_SEQUENCES = 64
 #: (benchmarks/results/2026-12-01-i14-quality-proxy-smollm2-g64-v2.json).
 GPTQ_DAMP = 0.1
 GPTQ_TRUE_SEQUENTIAL = True
+#: GPTQ's damping for fp8 weights (``hearth quantize --quant fp8 --calibrate gptq``).
+GPTQ_FP8_DAMP = 0.01
 #: Bump when calibration's results change (the algorithms, their options): cached
 #: calibrated checkpoints made by an older Hearth are then made again. 2: GPTQ's per-token
 #: weighted Hessians, true-sequential.
@@ -237,9 +255,12 @@ CALIBRATION_VERSION = "calibration-2"
 
 def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, group_size: int | None = None,
                      device: str = "cpu", progress: Callable[[str], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None, layout: str | None = None) -> QuantizeResult:
+                     should_stop: Callable[[], bool] | None = None, layout: str | None = None,
+                     fp8: bool = False) -> QuantizeResult:
     """GPTQ or AWQ of ``model`` (float weights) on the bundled calibration text, written as
-    a GPTQ or AWQ checkpoint (``layout``: the method's own by default) into ``out_dir``."""
+    a GPTQ or AWQ checkpoint (``layout``: the method's own by default) into ``out_dir``.
+    ``fp8`` (GPTQ only): GPTQ onto float8 e4m3 with per-channel scales, written as
+    ``--quant fp8``'s compressed-tensors checkpoint."""
     from engine.config import load_config
     from engine.layers.linear import Linear
     from engine.loader.engine_loader import load_model
@@ -251,7 +272,7 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
 
     say = progress or (lambda _msg: None)
     _refuse_existing(out_dir)
-    layout = layout or method
+    layout = layout or ("compressed-tensors" if fp8 else method)
     if layout not in ("gptq", "awq", "compressed-tensors"):
         raise InvalidRequestError(f"unknown layout {layout!r}", options=("layout",))
     config = load_config(model, device=device, dtype="float32" if device == "cpu" else "auto", quantization="none",
@@ -259,12 +280,15 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
     loaded = load_model(config, progress=say, should_stop=should_stop)
     try:
         net = loaded.runner.model
-        g = group_size or auto_group(net)
+        g = None if fp8 else group_size or auto_group(net)
         try:
-            check_calibration(net, method, 4, g)
+            check_calibration(net, method, 4, g, fp8)
         except ValueError as e:  # a group size that doesn't divide some layer: the user's choice
+            if fp8:  # a layer fp8's products can't take
+                raise InvalidRequestError(f"fp8: {e}.", options=("quantization",)) from None
             raise InvalidRequestError(f"{method}: {e} (--group-size), or leave it on auto.",
                                       options=("quant_group_size",)) from None
+        label = "fp8 (GPTQ)" if fp8 else method
         text = calibration_text_path().read_text(encoding="utf-8")
         note = None
         if isinstance(loaded.tokenizer, TokenIdsOnlyTokenizer):
@@ -278,12 +302,12 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
             ids = loaded.tokenizer.encode(text, add_special_tokens=False)
             what = "tokens of the bundled text"
         seqs = split_calibration_ids(ids, CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES)
-        say(f"{method}: calibrating on {len(seqs)} x {CALIBRATION_SEQ_LEN} {what}")
-        options = {"group_size": g}
+        say(f"{label}: calibrating on {len(seqs)} x {CALIBRATION_SEQ_LEN} {what}")
+        options = {"fp8": True} if fp8 else {"group_size": g}
         if method == "gptq":
-            options.update(damp=GPTQ_DAMP, true_sequential=GPTQ_TRUE_SEQUENTIAL)
+            options.update(damp=GPTQ_FP8_DAMP if fp8 else GPTQ_DAMP, true_sequential=GPTQ_TRUE_SEQUENTIAL)
         result = calibrate(net, seqs, method=method, should_stop=should_stop,
-                           progress=lambda done, total: say(f"{method}: layer {done} of {total} quantized"),
+                           progress=lambda done, total: say(f"{label}: layer {done} of {total} quantized"),
                            **options)
         parts = []
         for name, qw in result.weights.items():
@@ -299,7 +323,10 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
                 for ckpt, shard in module.checkpoint_shards.items():
                     start, rows = module.shard_offsets[shard]
                     floats[f"{parent}.{ckpt}.bias"] = value[start:start + rows]
-        return _write(loaded, parts, floats, out_dir, layout, method, say, should_stop, note)
+        if fp8:
+            note = {**(note or {}), "rounding": "gptq", "damp": GPTQ_FP8_DAMP,
+                    "calibration_tokens": len(seqs) * CALIBRATION_SEQ_LEN}
+        return _write(loaded, parts, floats, out_dir, layout, "fp8" if fp8 else method, say, should_stop, note)
     finally:
         release_runner(loaded.runner)
 

@@ -129,7 +129,70 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, grou
     if hessian.shape != (k, k):
         raise ValueError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match the weight's {k} inputs")
     device = w.device
-    W = w.detach().to(torch.float32).clone()
+    W, H, perm = _prepared(w.detach().to(torch.float32), hessian, act_order, order)
+    hinv = _inverse_hessian_factor(H, damp).to(torch.float32)
+    del H
+
+    G = group_size
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=device)
+    scales = torch.empty(n, k // G, dtype=torch.float32, device=device)
+    zeros = torch.empty_like(scales)
+    mins = torch.empty_like(scales)
+    params = [None, None, None]  # the current group's scale, zero, min
+
+    def column(col, wcol, group):
+        if col % G == 0:
+            params[:] = group_params(group(G), bits, sym)
+            g = col // G
+            scales[:, g], zeros[:, g], mins[:, g] = params
+        q, value = quantize_column(wcol, *params, bits)
+        codes[:, col] = q.to(torch.uint8)
+        return value
+
+    _sweep(W, hinv, block_size, column)
+    return _result(codes, scales, zeros, mins, bits, sym, G, perm)
+
+
+def gptq_quantize_fp8(w: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block_size: int = 128,
+                      act_order: bool = False, order: torch.Tensor | None = None) -> QuantizedWeight:
+    """GPTQ of ``w`` [N, K] onto float8 e4m3 with ``rtn.quantize_fp8``'s per-output-row
+    float32 scales (``absmax(row) / 448``, from the weight before any update): the result
+    is a ``QuantizedWeight`` of that layout (``fmt="e4m3"``, one group of K), readable by
+    everything that reads ``--quant fp8``'s weights. A column pushed past its row's range
+    by earlier errors saturates at +-448 (e4m3fn has no infinity: an unclamped cast gives
+    NaN). With a diagonal Hessian it is ``rtn.quantize_fp8`` bit for bit. ``act_order``
+    and ``order`` as ``gptq_quantize`` (no groups to keep together, so the stored columns
+    are put back in input order: ``perm`` is None)."""
+    from engine.quant.rtn import FP8_MAX
+
+    n, k = w.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match the weight's {k} inputs")
+    device = w.device
+    x = w.detach().float()
+    scale = (x.abs().amax(dim=1, keepdim=True) * (1.0 / FP8_MAX)).clamp_min(2.0 ** -126)  # as rtn.quantize_fp8
+    W, H, perm = _prepared(x, hessian, act_order, order)
+    hinv = _inverse_hessian_factor(H, damp).to(torch.float32)
+    del H
+    codes = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=device)
+
+    def column(col, wcol, _group):
+        q = (wcol / scale[:, 0]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        codes[:, col] = q
+        return q.float() * scale[:, 0]
+
+    _sweep(W, hinv, block_size, column)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return QuantizedWeight(8, k, codes.contiguous(), scale, fmt="e4m3")
+
+
+def _prepared(W: torch.Tensor, hessian: torch.Tensor, act_order: bool, order: torch.Tensor | None):
+    """(W, H, perm): a float32 copy of W with dead inputs zeroed, float64 H with their
+    diagonal 1, both in the column order ``perm`` (None: input order)."""
+    k = W.shape[1]
+    device = W.device
+    W = W.clone()
     H = hessian.detach().to(device=device, dtype=torch.float64).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
@@ -144,15 +207,16 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, grou
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    hinv = _inverse_hessian_factor(H, damp).to(torch.float32)
-    del H
+    return W, H, perm
 
-    G = group_size
-    codes = torch.zeros(n, k, dtype=torch.uint8, device=device)
-    scales = torch.empty(n, k // G, dtype=torch.float32, device=device)
-    zeros = torch.empty_like(scales)
-    mins = torch.empty_like(scales)
-    scale = zero = minv = None
+
+def _sweep(W: torch.Tensor, hinv: torch.Tensor, block_size: int, column) -> None:
+    """GPTQ's column sweep over ``W`` [N, K] (float32, updated in place) with the upper
+    Cholesky factor ``hinv`` of the inverse Hessian, in lazy blocks of ``block_size``.
+    ``column(col, w_col, group)`` rounds column ``col`` (its current values ``w_col``) and
+    returns the values stored; ``group(G)`` gives columns ``col .. col+G`` with every update
+    so far (for a grid whose parameters are set per group)."""
+    k = W.shape[1]
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
@@ -160,19 +224,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, *, bits: int = 4, grou
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % G == 0:
-                group = _current_group(W, W1, err, hinv, i1, i2, i, G)
-                scale, zero, minv = group_params(group, bits, sym)
-                g = col // G
-                scales[:, g], zeros[:, g], mins[:, g] = scale, zero, minv
             wcol = W1[:, i]
-            q, value = quantize_column(wcol, scale, zero, minv, bits)
-            codes[:, col] = q.to(torch.uint8)
+            value = column(col, wcol, lambda G, i=i: _current_group(W, W1, err, hinv, i1, i2, i, G))
             e = (wcol - value) / hinv1[i, i]
             W1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err[:, i] = e
         W[:, i2:] -= err @ hinv[i1:i2, i2:]
-    return _result(codes, scales, zeros, mins, bits, sym, G, perm)
 
 
 def _current_group(W, W1, err, hinv, i1, i2, i, G) -> torch.Tensor:
