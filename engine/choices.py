@@ -300,7 +300,7 @@ def _quant_kernel_reasons(device: str) -> list[str]:
 #: casting to fp8 needs no fp8 tensor cores (``hearth quantize --quant fp8`` on the CPU loads
 #: with ``load_model(..., writing=True)``; the tests check fp8's arithmetic the same way,
 #: through torch's CPU ``_scaled_mm``).
-WRITABLE_ANYWHERE = ("fp8",)
+WRITABLE_ANYWHERE = ("fp8", "fp8-gptq")
 
 
 def _fp8_weight_reasons(device: str) -> list[str]:
@@ -320,7 +320,7 @@ def _fp8_weight_reasons(device: str) -> list[str]:
 
 
 #: The methods whose weights Hearth runs quantized (the kernels of ``engine.layers.quant_kernels``).
-QUANTIZED_METHODS = ("gguf", "int8", "int4", "awq", "gptq", "compressed-tensors", "fp8")
+QUANTIZED_METHODS = ("gguf", "int8", "int4", "awq", "gptq", "compressed-tensors", "fp8", "fp8-gptq")
 
 register(Choice("quantization", "auto", "auto (a GGUF file's or pre-quantized checkpoint's own; else none)"))
 register(Choice("quantization", "none", "none (the weights dtype)"))
@@ -339,6 +339,8 @@ register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated; a float 
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 register(Choice("quantization", "fp8", "fp8 (e4m3 weights and activations, Ada/Hopper GPUs)", ("e4m3",),
                 bytes_per_param=1.0, check=_fp8_weight_reasons))
+register(Choice("quantization", "fp8-gptq", "fp8, GPTQ-rounded (closer to the model; a float model calibrates once)",
+                ("fp8-calibrated",), bytes_per_param=1.0, check=_fp8_weight_reasons))
 register(Choice("quantization", "compressed-tensors", "compressed-tensors W4A16/W8A16 (pre-quantized)",
                 ("ct", "llm-compressor"), bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 # bitsandbytes (an optional extra, ``engine.quant.bnb``): listed where it isn't installed,

@@ -15,7 +15,8 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--model", default=None, help="default | Hub repo id | local folder | .gguf file")
     p.add_argument("--quant", "--quantization", default="int4", metavar="NAME",
                    help="int4 | int8 (round-to-nearest) | awq | gptq (calibrated on the bundled text) | fp8 "
-                        "(e4m3 per channel, written as compressed-tensors FP8_DYNAMIC); default int4")
+                        "(e4m3 per channel, written as compressed-tensors FP8_DYNAMIC) | fp8-gptq (fp8 rounded by "
+                        "GPTQ: the same as fp8 --calibrate gptq); default int4")
     p.add_argument("--group-size", type=int, default=None, metavar="G",
                    help="int4's group: 32, 64, 128 or 256 (default: 128, or the largest of 64/32 that fits)")
     p.add_argument("--format", dest="layout", default=None, choices=QUANTIZE_LAYOUTS,

@@ -22,7 +22,7 @@ from engine.api import Choice
 ROW_KINDS = (("quantization", "Quantization", "quant"), ("attention", "Attention", "attention"),
              ("kv_cache_dtype", "KV cache", "kv_dtype"))
 #: What a new row offers first: the next of these not yet used (then the first usable choice).
-PREFERRED_QUANTS = ("bf16", "int8", "int4", "fp8", "awq", "gptq", "none", "fp16")
+PREFERRED_QUANTS = ("bf16", "int8", "int4", "fp8", "awq", "gptq", "fp8-gptq", "none", "fp16")
 #: The rows a first visit shows: full precision against the two weight-only quantizations.
 DEFAULT_CONFIGS = (CompareConfig("bf16"), CompareConfig("int8"), CompareConfig("int4"))
 

@@ -18,6 +18,7 @@ from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_CALIBRATION_NOTE, SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer,
                                        is_shape_model, shape_model_config, shape_of_config)
 from engine.model_info import ModelInfo
+from engine.quant.export import CALIBRATED
 from engine.quant.transform import checkpoint_quant_method
 from engine.models.spec import ModelSpec, read_config
 # Freeing a runner (an unload, a failed warm-up: llm_engine) lives with the runner.
@@ -88,7 +89,8 @@ def calibrated_path(found: FoundModel, config: EngineConfig) -> tuple[str, Path]
     import json
 
     from engine.paths import models_cache_dir
-    from engine.quant.export import CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, CALIBRATION_VERSION, GPTQ_DAMP
+    from engine.quant.export import (CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES, CALIBRATION_VERSION, GPTQ_DAMP,
+                                     GPTQ_FP8_DAMP)
     from resources.texts import calibration_text_path
 
     mc = config.model
@@ -102,6 +104,8 @@ def calibrated_path(found: FoundModel, config: EngineConfig) -> tuple[str, Path]
     stamp += [mc.quantization, str(mc.quant_group_size), str(CALIBRATION_SEQ_LEN), str(CALIBRATION_SEQUENCES),
               str(GPTQ_DAMP), CALIBRATION_VERSION,
               hashlib.sha256(calibration_text_path().read_bytes()).hexdigest()]
+    if mc.quantization == "fp8-gptq":
+        stamp.append(str(GPTQ_FP8_DAMP))
     key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in found.name)[:60]  # "shape:x" -> "shape-x"
     return source, models_cache_dir() / "calibrated" / f"{safe}-{mc.quantization}-{key}"
@@ -109,19 +113,20 @@ def calibrated_path(found: FoundModel, config: EngineConfig) -> tuple[str, Path]
 
 def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], None],
                should_stop: Callable[[], bool] | None) -> FoundModel:
-    """``found``'s float weights quantized with GPTQ or AWQ on the bundled calibration text,
-    as a checkpoint in the models cache (made on the first such load, on the load's device;
+    """``found``'s float weights quantized with GPTQ or AWQ (``fp8-gptq``: GPTQ onto fp8) on
+    the bundled calibration text, as a checkpoint in the models cache (made on the first such load, on the load's device;
     reused while the source's files are unchanged). A random-weight shape (no files) is
     keyed on its name, config and seed, and calibrated on the text's bytes (no tokenizer)."""
     from engine.quant.export import calibrated_model
 
     mc = config.model
+    method, fp8 = CALIBRATED[mc.quantization]
     source, out = calibrated_path(found, config)
     if not (out / "config.json").is_file():
         say(f"{mc.quantization}: quantizing {found.name} with calibration (once; later loads reuse it)")
         try:
-            calibrated_model(source, out, method=mc.quantization, group_size=mc.quant_group_size,
-                             device=mc.device, progress=say, should_stop=should_stop)
+            calibrated_model(source, out, method=method, group_size=mc.quant_group_size, device=mc.device,
+                             progress=say, should_stop=should_stop, fp8=fp8)
         except InvalidRequestError:
             if not (out / "config.json").is_file():  # not another process finishing it first
                 raise
@@ -224,9 +229,13 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         # The transformers fallback reads float weights: the GGUF's float conversion.
         found = find_model(config, say, keep_quantized=False)
         path = found.path
-    if mc.quantization in ("awq", "gptq") and spec is not None and stored == "none":
+    asked = config  # what LoadedModel keeps (loading it again gives this model)
+    if mc.quantization in CALIBRATED and spec is not None and stored == "none":
         found = calibrated(found, config, say, should_stop)  # GPTQ/AWQ of float weights: calibrate once
         path = found.path
+        if mc.quantization == "fp8-gptq":  # from here on a load of that fp8 checkpoint
+            config = replace(config, model=replace(mc, quantization="fp8"))
+            mc = config.model
     quantization = loaded_quantization(config, found.path, spec is not None, device, writing)
     max_model_len = context_length(cfg, mc.max_model_len)
 
@@ -288,11 +297,14 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         detail = quantization_detail(quantization, runner, found.path)
         if source == "shape" and (found.cfg.get("hearth_quantized") or {}).get("method") in ("awq", "gptq"):
             detail = f"{detail} ({SHAPE_CALIBRATION_NOTE})"  # nobody should read quality into it
+        if asked.model.quantization == "fp8-gptq" and quantization == "fp8":
+            quantization, detail = "fp8-gptq", f"{detail}, GPTQ-rounded"
         model_info = ModelInfo(**{**info, **runner.load_info, "quantization": quantization, "quant_detail": detail})
     except BaseException:
         release_runner(runner)
         raise
-    return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix, config)
+    return LoadedModel(model_info, tokenizer, runner, max_model_len, runner.num_blocks, prefix,
+                       replace(config, model=asked.model))
 
 
 def check_tensor_parallel_quant(quantization: str) -> None:

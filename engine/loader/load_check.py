@@ -212,17 +212,21 @@ def _refuse_short_devices(shares: list[DeviceShare]) -> None:
 def _sizing(config: EngineConfig, found) -> tuple[EngineConfig, bool]:
     """(the config whose transforms size the load, whether the load calibrates first):
     awq/gptq of float weights are calibrated into an int4 checkpoint of the same group size
-    when the load starts (engine_loader's ``calibrated``), so they weigh what int4 does; the
+    when the load starts (engine_loader's ``calibrated``), so they weigh what int4 does
+    (fp8-gptq: what fp8 does); the
     first such load (nothing cached) holds the float model while it calibrates."""
     from engine.loader.engine_loader import calibrated_path
     from engine.quant.transform import PUBLISHED, checkpoint_quant_method
 
+    from engine.quant.export import CALIBRATED
+
     mc = config.model
-    if mc.quantization not in ("awq", "gptq") or checkpoint_quant_method(found.path) in PUBLISHED:
+    if mc.quantization not in CALIBRATED or checkpoint_quant_method(found.path) in PUBLISHED:
         return config, False
     cached = (calibrated_path(found, config)[1] / "config.json").is_file()
     # the calibrated checkpoint keeps the head as the float model has it (export: not_converted)
-    return _with_quant(config, "int4", float_head=True), not cached
+    fmt = "fp8" if CALIBRATED[mc.quantization][1] else "int4"
+    return _with_quant(config, fmt, float_head=True), not cached
 
 
 def _with_quant(config: EngineConfig, method: str, **model_options) -> EngineConfig:

@@ -68,13 +68,15 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
 
     say = progress or (lambda _msg: None)
     _refuse_existing(out_dir)
+    if quantization == "fp8-gptq":  # the registry's name for fp8 --calibrate gptq
+        quantization, calibrate = "fp8", calibrate or "gptq"
     if layout is None:  # the method's own layout (AWQ, GPTQ), else what llm-compressor writes
         layout = quantization if quantization in ("awq", "gptq") else "compressed-tensors"
     if layout not in LAYOUTS:
         raise InvalidRequestError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.",
                                   options=("layout",))
     if quantization not in ("int4", "int8", "awq", "gptq", "fp8"):
-        raise InvalidRequestError(f"hearth quantize writes int4, int8 (round-to-nearest), awq, gptq or fp8, not "
+        raise InvalidRequestError(f"hearth quantize writes int4, int8 (round-to-nearest), awq, gptq, fp8 or fp8-gptq, not "
                                   f"{quantization!r}.", options=("quantization",))
     if quantization == "fp8" and layout != "compressed-tensors":
         raise InvalidRequestError("fp8 checkpoints are written as compressed-tensors (float-quantized): drop "
@@ -245,6 +247,9 @@ CALIBRATION_SEQUENCES = 64
 #: (benchmarks/results/2026-12-01-i14-quality-proxy-smollm2-g64-v2.json).
 GPTQ_DAMP = 0.1
 GPTQ_TRUE_SEQUENTIAL = True
+#: The methods a float model is calibrated for (into a checkpoint of the models cache at its
+#: first load): the calibration method and whether it rounds onto fp8.
+CALIBRATED = {"awq": ("awq", False), "gptq": ("gptq", False), "fp8-gptq": ("gptq", True)}
 #: GPTQ's damping for fp8 weights (``hearth quantize --quant fp8 --calibrate gptq``).
 GPTQ_FP8_DAMP = 0.01
 #: Bump when calibration's results change (the algorithms, their options): cached

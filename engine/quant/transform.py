@@ -175,7 +175,7 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
         if found == "gguf":
             raise UnsupportedModelError("internal: fp8 of a GGUF load must read its float conversion")
         return QuantPlan("fp8", default=rtn("fp8"), untied_head=None if float_head else rtn("fp8"))
-    if method in ("awq", "gptq"):
+    if method in ("awq", "gptq", "fp8-gptq"):
         raise InvalidRequestError(
             f"{method} of an unquantized model calibrates it first (hearth quantize --quant {method}, or a "
             f"native load): this one can't be calibrated here.", options=("quantization",))
@@ -191,7 +191,7 @@ def check_quant_flags(method: str, group_size: int | None, head: bool, float_hea
                                   "dtype: choose one.", options=("quant_head", "float_head"))
     if head and method not in ("int8", "int4"):
         what = ("fp8 keeps the embedding in the model's dtype and casts an untied head (--float-head keeps it)"
-                if method == "fp8" else f"{method} keeps the embedding and head as the checkpoint has them")
+                if method in ("fp8", "fp8-gptq") else f"{method} keeps the embedding and head as the checkpoint has them")
         raise InvalidRequestError(f"--quant-head applies to int8 and int4; {what}.", options=("quant_head",))
     if group_size is not None and method not in ("int4", "awq", "gptq"):
         what = "int8 is per output channel" if method == "int8" else f"{method} has no group size to choose"

@@ -37,16 +37,17 @@ def test_every_kind_lists_its_choices_with_reasons_on_this_machine(monkeypatch):
     assert list(on_cpu["kv_cache_dtype"]) == ["auto", "fp8"] and on_cpu["kv_cache_dtype"]["fp8"].available
     quant = on_cpu["quantization"]
     assert list(quant)[:2] == ["auto", "none"] and quant["none"].available and quant["none"].bytes_per_param is None
-    assert {"bf16", "fp16", "gguf", "int8", "int4", "awq", "gptq", "fp8", "bnb-nf4", "bnb-nf4-dq",
+    assert {"bf16", "fp16", "gguf", "int8", "int4", "awq", "gptq", "fp8", "fp8-gptq", "bnb-nf4", "bnb-nf4-dq",
             "bnb-int8"} <= set(quant)
     runs = {"auto", "none", "bf16", "fp16", "gguf", "int8", "int4", "awq", "gptq", "compressed-tensors"}
     assert all(quant[q].available for q in runs)
-    assert "Ada or Hopper" in quant["fp8"].reasons[0] and "int8" in quant["fp8"].reasons[0]  # fp8 tensor cores
+    for fp8 in ("fp8", "fp8-gptq"):  # fp8 tensor cores
+        assert "Ada or Hopper" in quant[fp8].reasons[0] and "int8" in quant[fp8].reasons[0]
     # bitsandbytes is an optional extra: available where it is installed, else it says what to install
     bnb = {"bnb-nf4", "bnb-nf4-dq", "bnb-int8"}
     for q in bnb:
         assert quant[q].available or "pip install 'bitsandbytes>=0.45'" in quant[q].reasons[0]
-    assert all("not implemented yet" in quant[q].reasons[0] for q in quant if q not in runs | bnb | {"fp8"})
+    assert all("not implemented yet" in quant[q].reasons[0] for q in quant if q not in runs | bnb | {"fp8", "fp8-gptq"})
     assert quant["int4"].bytes_per_param == pytest.approx(0.5 + 4 / 128)
     assert quant["int8"].to_dict()["reasons"] == list(quant["int8"].reasons)
 

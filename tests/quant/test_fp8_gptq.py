@@ -111,3 +111,54 @@ def test_calibrated_fp8_refuses_what_it_cannot_write_before_loading(tiny_models,
     with pytest.raises(InvalidRequestError, match=match):
         quantize_model(str(tiny_models["llama3"]), tmp_path / "x", **options)
     assert not (tmp_path / "x").exists()
+
+
+def test_fp8_gptq_is_a_quantization_refused_on_the_cpu_like_fp8(tiny_models):
+    from engine.choices import get
+    from tests.quant.test_quantized_models import load
+
+    choice = get("quantization", "fp8-gptq", "cpu")
+    assert choice.name == "fp8-gptq" and choice.bytes_per_param == 1.0
+    assert choice.reasons == get("quantization", "fp8", "cpu").reasons != []
+    with pytest.raises(InvalidRequestError, match="fp8-gptq.*can't be used here"):
+        load(tiny_models["llama3"], quantization="fp8-gptq")
+
+
+def test_a_load_asking_fp8_gptq_calibrates_once_then_loads_what_hearth_quantize_writes(tiny_models, tmp_path):
+    """(On the CPU as ``hearth quantize`` loads: ``writing``; the GPU runs the same plan.)"""
+    from engine.config import load_config
+    from engine.loader.engine_loader import load_model
+    from tests.quant.test_quantized_models import hearth_logits
+
+    def load_with(said):
+        config = load_config(str(tiny_models["llama3"]), device="cpu", dtype="float32", attention="torch",
+                             num_blocks=8, max_model_len=128, quantization="fp8-gptq")
+        return load_model(config, progress=said.append, writing=True)
+
+    first: list[str] = []
+    loaded = load_with(first)
+    try:
+        assert loaded.info.quantization == "fp8-gptq"
+        assert loaded.info.quant_detail == "8 x fp8 e4m3 channel, GPTQ-rounded"
+        assert loaded.config.model.quantization == "fp8-gptq"  # loading it again asks the same
+        assert "fp8 (GPTQ): layer 2 of 2 quantized" in first
+        logits = hearth_logits(loaded.runner)
+    finally:
+        release_runner(loaded.runner)
+    again: list[str] = []
+    loaded = load_with(again)
+    try:
+        assert not any("calibrat" in m for m in again)  # the cached checkpoint loads as it is
+        assert torch.equal(hearth_logits(loaded.runner), logits)
+    finally:
+        release_runner(loaded.runner)
+    # the same as `hearth quantize --quant fp8-gptq` (fp8 --calibrate gptq) writes and loads back
+    out = quantize_model(str(tiny_models["llama3"]), tmp_path / "q", quantization="fp8-gptq").out_dir
+    written = load_cpu(out)
+    try:
+        assert written.info.quantization == "fp8"  # anyone's fp8 checkpoint: as it is
+        assert torch.equal(hearth_logits(written.runner), logits)
+    finally:
+        release_runner(written.runner)
+    with pytest.raises(InvalidRequestError, match="already quantized with fp8: load it as it is"):
+        load_cpu(out, quantization="fp8-gptq")
