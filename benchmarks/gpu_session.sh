@@ -161,13 +161,14 @@ case "$what" in fp8-gptq)  # (.gguf_b carried; .gguf_a came with the call before
   done
   hearth eval --model /tmp/fp8gptq --device cuda --json -q > "$OUT/eval-smollm2-cuda-fp8-gptq.json" \
     && tail -c 300 "$OUT/eval-smollm2-cuda-fp8-gptq.json"; echo
-  [ -n "${FP8_GPTQ_EMULATE:-1}" ] && HEARTH_EMULATION_DEVICE=cuda python benchmarks/fp8_quality_emulation.py \
+  [ -n "${FP8_GPTQ_EMULATE-1}" ] && HEARTH_EMULATION_DEVICE=cuda python benchmarks/fp8_quality_emulation.py \
     "ref wa wa,g a,ckpt=/tmp/fp8gptq" 2>/dev/null | tee "$OUT/fp8-emulation-gptq-ckpt.jsonl"
   # --quant fp8-gptq: the load calibrates once into the models cache (timed), then the cached load
   for run in first cached; do
-    /usr/bin/time -f "$run load+eval %e s" python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" \
-      eval --model $SMOLLM2 --device cuda --quant fp8-gptq --json -q > "$OUT/eval-smollm2-cuda-fp8-gptq-load-$run.json" \
-      && tail -c 300 "$OUT/eval-smollm2-cuda-fp8-gptq-load-$run.json"; echo
+    t0=$(date +%s.%N)
+    hearth eval --model $SMOLLM2 --device cuda --quant fp8-gptq --json -q > "$OUT/eval-smollm2-cuda-fp8-gptq-load-$run.json" \
+      && tail -c 300 "$OUT/eval-smollm2-cuda-fp8-gptq-load-$run.json"
+    echo; echo "$run: load + eval $(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 1))") s"
   done ;;
 esac
 case "$what" in kquant-tests)  # (after .gguf_a, carrying .gguf_b) K-quant GGUFs and int8 groups of 16 on the GPU
