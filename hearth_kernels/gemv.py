@@ -36,40 +36,58 @@ from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 
 
 @triton.jit
+def _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K: tl.constexpr):
+    """One K step's weight tile [BLOCK_N, BLOCK_K] (columns past K read as 0)."""
+    w_rows = w_ptr + rows_safe[:, None] * stride_wn
+    if EVEN_K:
+        w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+    else:
+        w = tl.load(w_rows + k[None, :], mask=(k < K)[None, :], other=0.0, eviction_policy="evict_first")
+    return w
+
+
+@triton.jit
+def _kloop_step(acc, w, x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
+    """``acc`` plus one K step's products: the weight tile ``w`` times x[k] (SWIGLU: times
+    silu(x[k]) * x[K + k], rounded to x's dtype as the unfused MLP rounds it)."""
+    dt = x_ptr.dtype.element_ty
+    if EVEN_K:
+        if SWIGLU:
+            g = tl.load(x_ptr + k).to(tl.float32)
+            u = tl.load(x_ptr + K + k).to(tl.float32)
+        else:
+            xk = tl.load(x_ptr + k)
+    else:
+        k_ok = k < K
+        if SWIGLU:
+            g = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
+        else:
+            xk = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+    if SWIGLU:
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        xk = (act * u).to(dt)
+    return acc + w.to(tl.float32) * xk.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
-    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)  # clamp: loads stay in bounds unmasked
     cols = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rows_safe[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    dt = x_ptr.dtype.element_ty
-    for k0 in range(0, K, BLOCK_K):
+    # the first step's weights are requested before the wait, so that their memory round
+    # trip overlaps the end of the kernel before (which writes x; hearth_kernels/pdl.py)
+    w = _kloop_ahead(w_ptr, rows_safe, stride_wn, cols, K, EVEN_K)
+    pdl_wait(PDL)
+    acc = _kloop_step(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), w, x_ptr, cols, K, SWIGLU, EVEN_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
-        if EVEN_K:
-            w = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-            if SWIGLU:
-                g = tl.load(x_ptr + k).to(tl.float32)
-                u = tl.load(x_ptr + K + k).to(tl.float32)
-            else:
-                xk = tl.load(x_ptr + k)
-        else:
-            k_ok = k < K
-            w = tl.load(w_rows + k[None, :], mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            if SWIGLU:
-                g = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                u = tl.load(x_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
-            else:
-                xk = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-        if SWIGLU:
-            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-            xk = (act * u).to(dt)
-        acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+        acc = _kloop_step(acc, _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K), x_ptr, k, K, SWIGLU, EVEN_K)
     y = tl.sum(acc, axis=1)
     if HAS_SCALE:
         y *= tl.load(s_ptr + rows_safe).to(tl.float32)
