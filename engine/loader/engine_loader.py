@@ -114,8 +114,8 @@ def calibrated_path(found: FoundModel, config: EngineConfig) -> tuple[str, Path]
 def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], None],
                should_stop: Callable[[], bool] | None) -> FoundModel:
     """``found``'s float weights quantized with GPTQ or AWQ (``fp8-gptq``: GPTQ onto fp8) on
-    the bundled calibration text, as a checkpoint in the models cache (made on the first such load, on the load's device;
-    reused while the source's files are unchanged). A random-weight shape (no files) is
+    the bundled calibration text, as a checkpoint in the models cache (made on the first such
+    load, on the load's device; reused while the source's files are unchanged). A random-weight shape (no files) is
     keyed on its name, config and seed, and calibrated on the text's bytes (no tokenizer)."""
     from engine.quant.export import calibrated_model
 
@@ -295,10 +295,11 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         prefix = cc.enable_prefix_caching
     try:  # strictly: a field name the runner misspelt is an error here, not a silent drop
         detail = quantization_detail(quantization, runner, found.path)
-        if source == "shape" and (found.cfg.get("hearth_quantized") or {}).get("method") in ("awq", "gptq"):
-            detail = f"{detail} ({SHAPE_CALIBRATION_NOTE})"  # nobody should read quality into it
         if asked.model.quantization == "fp8-gptq" and quantization == "fp8":
             quantization, detail = "fp8-gptq", f"{detail}, GPTQ-rounded"
+        made_by = found.cfg.get("hearth_quantized") or {}
+        if source == "shape" and (made_by.get("method") in ("awq", "gptq") or made_by.get("rounding") == "gptq"):
+            detail = f"{detail} ({SHAPE_CALIBRATION_NOTE})"  # nobody should read quality into it
         model_info = ModelInfo(**{**info, **runner.load_info, "quantization": quantization, "quant_detail": detail})
     except BaseException:
         release_runner(runner)

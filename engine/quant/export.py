@@ -76,8 +76,8 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
         raise InvalidRequestError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.",
                                   options=("layout",))
     if quantization not in ("int4", "int8", "awq", "gptq", "fp8"):
-        raise InvalidRequestError(f"hearth quantize writes int4, int8 (round-to-nearest), awq, gptq, fp8 or fp8-gptq, not "
-                                  f"{quantization!r}.", options=("quantization",))
+        raise InvalidRequestError(f"hearth quantize writes int4, int8 (round-to-nearest), awq, gptq, fp8 or "
+                                  f"fp8-gptq, not {quantization!r}.", options=("quantization",))
     if quantization == "fp8" and layout != "compressed-tensors":
         raise InvalidRequestError("fp8 checkpoints are written as compressed-tensors (float-quantized): drop "
                                   "--format, or pick that one.", options=("layout",))
@@ -86,8 +86,8 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
             raise InvalidRequestError(f"unknown calibration {calibrate!r}: the one there is, is gptq.",
                                       options=("calibrate",))
         if quantization != "fp8":
-            raise InvalidRequestError(f"--calibrate gptq applies to fp8; for 4-bit weights pick --quant gptq or "
-                                      f"--quant awq (calibrated), not --quant {quantization} --calibrate gptq.",
+            raise InvalidRequestError(f"--calibrate gptq applies to fp8; integer weights calibrate as --quant gptq "
+                                      f"or --quant awq (int4), not --quant {quantization} --calibrate gptq.",
                                       options=("calibrate",))
         if group_size is not None:
             raise InvalidRequestError("fp8 has one scale per output channel: drop --group-size.",

@@ -191,7 +191,8 @@ def check_quant_flags(method: str, group_size: int | None, head: bool, float_hea
                                   "dtype: choose one.", options=("quant_head", "float_head"))
     if head and method not in ("int8", "int4"):
         what = ("fp8 keeps the embedding in the model's dtype and casts an untied head (--float-head keeps it)"
-                if method in ("fp8", "fp8-gptq") else f"{method} keeps the embedding and head as the checkpoint has them")
+                if method == "fp8" else "fp8-gptq keeps the embedding and head in the model's dtype"
+                if method == "fp8-gptq" else f"{method} keeps the embedding and head as the checkpoint has them")
         raise InvalidRequestError(f"--quant-head applies to int8 and int4; {what}.", options=("quant_head",))
     if group_size is not None and method not in ("int4", "awq", "gptq"):
         what = "int8 is per output channel" if method == "int8" else f"{method} has no group size to choose"
