@@ -115,8 +115,9 @@ def calibrated(found: FoundModel, config: EngineConfig, say: Callable[[str], Non
                should_stop: Callable[[], bool] | None) -> FoundModel:
     """``found``'s float weights quantized with GPTQ or AWQ (``fp8-gptq``: GPTQ onto fp8) on
     the bundled calibration text, as a checkpoint in the models cache (made on the first such
-    load, on the load's device; reused while the source's files are unchanged). A random-weight shape (no files) is
-    keyed on its name, config and seed, and calibrated on the text's bytes (no tokenizer)."""
+    load, on the load's device; reused while the source's files are unchanged). A
+    random-weight shape (no files) is keyed on its name, config and seed, and calibrated on
+    the text's bytes (no tokenizer)."""
     from engine.quant.export import calibrated_model
 
     mc = config.model

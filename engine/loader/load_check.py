@@ -213,12 +213,11 @@ def _sizing(config: EngineConfig, found) -> tuple[EngineConfig, bool]:
     """(the config whose transforms size the load, whether the load calibrates first):
     awq/gptq of float weights are calibrated into an int4 checkpoint of the same group size
     when the load starts (engine_loader's ``calibrated``), so they weigh what int4 does
-    (fp8-gptq: what fp8 does); the
-    first such load (nothing cached) holds the float model while it calibrates."""
+    (fp8-gptq: into an fp8 checkpoint, so what fp8 does); the first such load (nothing
+    cached) holds the float model while it calibrates."""
     from engine.loader.engine_loader import calibrated_path
-    from engine.quant.transform import PUBLISHED, checkpoint_quant_method
-
     from engine.quant.export import CALIBRATED
+    from engine.quant.transform import PUBLISHED, checkpoint_quant_method
 
     mc = config.model
     if mc.quantization not in CALIBRATED or checkpoint_quant_method(found.path) in PUBLISHED:
