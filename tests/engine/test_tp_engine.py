@@ -246,16 +246,18 @@ def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_mode
     assert all(p.poll() is not None for p in procs)
 
 
-@pytest.mark.parametrize("delay", [0.0, 2.0])
-def test_a_rank_that_dies_while_loading_fails_the_load_at_once(tiny_models, monkeypatch, delay):
+@pytest.mark.parametrize("when", ["at start", "while loading"])
+def test_a_rank_that_dies_while_loading_fails_the_load_at_once(tiny_models, monkeypatch, when):
     """Killed before it connects, or while it loads: the load fails naming it (not after a
-    collective's timeout), and nothing is left running."""
+    collective's timeout), and nothing is left running. "while loading" kills it from rank
+    0's first progress line after the ranks' group is made (both connected, rank 0 loading):
+    a fixed delay raced a fast load."""
     import subprocess
     import threading
 
     import engine.runner.tp_host as tp_host
 
-    started = []
+    started, said, killed = [], [], []
 
     class Recorded(subprocess.Popen):
         def __init__(self, *args, **kwargs):
@@ -264,18 +266,25 @@ def test_a_rank_that_dies_while_loading_fails_the_load_at_once(tiny_models, monk
 
     monkeypatch.setattr(tp_host.subprocess, "Popen", Recorded)
 
-    def kill_soon() -> None:
+    def kill_at_start() -> None:
         while not started:
             time.sleep(0.01)
-        time.sleep(delay)
         started[0].kill()
 
-    threading.Thread(target=kill_soon, daemon=True).start()
+    def progress(message: str) -> None:
+        if when == "while loading" and not killed and any(m.startswith("tensor parallel: starting") for m in said):
+            started[0].kill()
+            killed.append(message)
+        said.append(message)
+
+    if when == "at start":
+        threading.Thread(target=kill_at_start, daemon=True).start()
     before = time.monotonic()
     with pytest.raises(HearthError, match=r"rank 1 \(cpu\)"):
-        load(tiny_models["llama3"], devices="cpu,cpu", split="tensor")
+        load(tiny_models["llama3"], devices="cpu,cpu", split="tensor", progress=progress)
     assert time.monotonic() - before < 60
     assert started[0].wait(10) is not None
+    assert when == "at start" or killed, said  # (killed while rank 0 was loading)
 
 
 @pytest.mark.parametrize("options, words", [

@@ -224,8 +224,11 @@ def test_awq_and_gptq_of_float_weights_are_checked_as_the_int4_they_become(model
     assert check.weights_bytes == int4.weights_bytes < plain.weights_bytes
 
 
-def test_a_first_awq_load_is_refused_when_the_float_model_it_calibrates_does_not_fit(model, fake_ram):
-    """Nothing calibrated yet: the load holds the float model first; int4's room is not enough."""
+def test_a_first_awq_load_is_refused_when_the_float_model_it_calibrates_does_not_fit(model, fake_ram, monkeypatch,
+                                                                                     tmp_path):
+    """Nothing calibrated yet: the load holds the float model first; int4's room is not enough.
+    (A models cache of its own: another test's cached awq checkpoint would make it no first load.)"""
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path / "cache"))
     int4 = check_model(model, quantization="int4", **OPTIONS)
     plain = check_model(model, **OPTIONS)
     fake_ram["free"] = (int4.weights_bytes + plain.weights_bytes) // 2  # int4 fits, the float model doesn't
