@@ -96,16 +96,16 @@ esac
 case "$what" in l2)  # weights prefetched into L2 ahead of their projection (HEARTH_L2_PREFETCH) on and
   # off: the GPU tests of the kernel and PDL, then the 8B shape's batch-1 decode, one load each
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_l2_prefetch.py \
-    tests/kernels/test_pdl.py -m gpu 2>&1 | tee "$OUT/gpu_l2_tests.log" | tail -4
+    tests/engine/test_l2_prefetch_plan.py tests/kernels/test_pdl.py -m gpu 2>&1 | tee "$OUT/gpu_l2_tests.log" | tail -4
   for q in ${L2_QUANTS:-int4 bf16}; do
     for p in 1 0; do
       HEARTH_L2_PREFETCH=$p hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
         --quant $q --json "$OUT/bench-8b-bs1-$q-l2$p.json" "$@" 2>&1 | grep -E "^decode|rror"
     done
   done
-  for f in ${L2_FRACTIONS:-}; do  # bf16 with a larger share of L2 (its o_proj is 33.5 MB)
-    HEARTH_L2_PREFETCH_FRACTION=$f hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 \
-      --max-model-len 4096 --quant bf16 --json "$OUT/bench-8b-bs1-bf16-l2f$f.json" "$@" 2>&1 | grep -E "^decode|rror"
+  for qf in ${L2_FRACTIONS:-}; do  # quant:fraction, another share of L2 (HEARTH_L2_PREFETCH_FRACTION)
+    HEARTH_L2_PREFETCH_FRACTION=${qf#*:} hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 \
+      --max-model-len 4096 --quant ${qf%:*} --json "$OUT/bench-8b-bs1-${qf%:*}-l2f${qf#*:}.json" "$@" 2>&1 | grep -E "^decode|rror"
   done
   python - "$OUT" <<'PY'
 import json, pathlib, sys

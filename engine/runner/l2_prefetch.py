@@ -12,9 +12,14 @@ larger than L2 can hold beside the stream that runs meanwhile, and are left alon
 streaming projections load their weights with an evict-first policy, so they don't push a
 prefetched weight out.
 
-Prefetches are issued only while a CUDA graph is captured and only for one row (batch-1
-decode): an eager step would pay a Python launch for each, and at more rows the GEMMs are
-bound by their arithmetic, not by their first bytes. Off with ``HEARTH_L2_PREFETCH=0``, and
+Each prefetch runs on a stream of its own, forked from the step's stream where the trigger
+projection starts and joined back only when the model's forward ends: the step's chain of
+kernels never waits for one (a prefetch kernel finishes when its bytes have landed; see
+``hearth_kernels/l2_prefetch.py`` for what waiting on it cost). Prefetches are issued only
+while a CUDA graph is captured (the graph holds the fork and the join) and only for one
+row (batch-1 decode): an eager step would pay a Python launch for each, and at more rows
+the GEMMs are bound by their arithmetic, not by their first bytes. Not planned for a layer
+split (its graphs are captured per GPU segment, not through the model's forward). Off with ``HEARTH_L2_PREFETCH=0``, and
 wherever ``l2_prefetch_on`` says no (CPU, before sm_90, PDL off). The results are the same
 bits either way. ``HEARTH_L2_PREFETCH_FRACTION`` overrides ``FRACTION`` (to measure).
 """
@@ -65,9 +70,10 @@ def read_tensors(module: nn.Module) -> list[torch.Tensor] | None:
 
 
 def plan_l2_prefetch(model: nn.Module) -> list[str] | None:
-    """Install the prefetches (forward pre-hooks on the projections that issue them; a
-    second call replaces the first's); returns the kinds of projection prefetched ("o_proj",
-    "qkv_proj"; [] when none qualifies), or None where prefetching is off."""
+    """Install the prefetches (forward pre-hooks on the projections that issue them, a
+    forward hook on ``model`` that joins their stream; a second call replaces the first's);
+    returns the kinds of projection prefetched ("o_proj", "qkv_proj"; [] when none
+    qualifies), or None where prefetching is off."""
     from hearth_kernels.l2_prefetch import MAX_RANGES, L2Prefetch, byte_ranges, l2_bytes, l2_prefetch_on
 
     for handle in getattr(model, "_l2_prefetch_hooks", []):
@@ -80,6 +86,7 @@ def plan_l2_prefetch(model: nn.Module) -> list[str] | None:
     if not devices or not all(l2_prefetch_on(d) for d in devices):
         return None
     fraction = float(os.environ.get("HEARTH_L2_PREFETCH_FRACTION", FRACTION))
+    streams = _Streams(devices)
     kinds: list[str] = []
     for (_, before), (name, target) in zip(order, order[1:]):
         tensors, ahead = read_tensors(target), read_tensors(before)
@@ -89,10 +96,12 @@ def plan_l2_prefetch(model: nn.Module) -> list[str] | None:
         ranges = byte_ranges(tensors)
         if len(ranges) > MAX_RANGES or sum(n for _, n in ranges) > fraction * l2_bytes(device.index):
             continue
-        model._l2_prefetch_hooks.append(before.register_forward_pre_hook(_issuer(L2Prefetch(ranges, device))))
+        model._l2_prefetch_hooks.append(before.register_forward_pre_hook(streams.issuer(L2Prefetch(ranges, device))))
         kind = name.rsplit(".", 1)[-1]
         if kind not in kinds:
             kinds.append(kind)
+    if kinds:
+        model._l2_prefetch_hooks.append(model.register_forward_hook(lambda m, args, out: streams.join()))
     return kinds
 
 
@@ -101,8 +110,33 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _issuer(prefetch):
-    def issue(module: nn.Module, args: tuple) -> None:
-        if args and args[0].shape[0] == 1 and _capturing(args[0]):
+class _Streams:
+    """The prefetch stream of each device (made at load, not during a capture), and the
+    devices whose step forked to it since the last join."""
+
+    def __init__(self, devices) -> None:
+        self.side = {d: torch.cuda.Stream(d) if d.type == "cuda" else None for d in devices}
+        self.forked: set[torch.device] = set()
+
+    def issuer(self, prefetch):
+        def issue(module: nn.Module, args: tuple) -> None:
+            if args and args[0].shape[0] == 1 and _capturing(args[0]):
+                self.fork(args[0].device, prefetch)
+        return issue
+
+    def fork(self, device: torch.device, prefetch) -> None:
+        """Launch ``prefetch`` on the side stream once the step's kernels so far are done."""
+        side = self.side[device]
+        if side is None:  # (tests: a CPU model with the GPU checks stood in for)
             prefetch()
-    return issue
+            return
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            prefetch()
+        self.forked.add(device)
+
+    def join(self) -> None:
+        """The step's stream waits for the prefetches (at the forward's end: long landed)."""
+        for device in self.forked:
+            torch.cuda.current_stream(device).wait_stream(self.side[device])
+        self.forked.clear()

@@ -97,7 +97,7 @@ def test_a_second_plan_replaces_the_first_and_the_switch_turns_it_off(runner, gp
     model = runner.model
     plan.plan_l2_prefetch(model)
     plan.plan_l2_prefetch(model)
-    assert len(model._l2_prefetch_hooks) == 5
+    assert len(model._l2_prefetch_hooks) == 6  # five prefetches and the join
     monkeypatch.setattr(plan, "_capturing", lambda x: True)
     _forward(runner, 1)
     assert len(gpu_like) == 5  # once each, not twice
@@ -111,3 +111,28 @@ def test_a_second_plan_replaces_the_first_and_the_switch_turns_it_off(runner, gp
 def test_a_tight_l2_prefetches_nothing(runner, gpu_like, monkeypatch):
     monkeypatch.setattr(kernel, "l2_bytes", lambda index: 10_000 / plan.FRACTION)  # under o's 16 kB
     assert plan.plan_l2_prefetch(runner.model) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the bulk L2 prefetch needs a Hopper (sm_90) or newer GPU")
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+def test_graphs_with_prefetches_give_the_same_tokens_as_without(tiny_models, monkeypatch, quant):
+    """A real load on the GPU: the decode graphs hold the forked prefetches and their join,
+    and batch-1 decode gives the same tokens as with prefetching off."""
+    from engine.api import Engine, Request, SamplingParams
+
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    out = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("HEARTH_L2_PREFETCH", on)
+        e = Engine.load(str(tiny_models["llama3"]), device="cuda", dtype="bfloat16", attention="triton",
+                        quantization=quant, max_model_len=256, kv_cache_memory="64MiB", max_num_seqs=4)
+        try:
+            assert e.model_info.cuda_graphs is True, e.model_info.cuda_graphs_off
+            out[on] = (e.model_info.l2_prefetch,
+                       e.submit(Request(prompt_token_ids=[5, 17, 99, 3, 1024], params=params)).result().token_ids)
+        finally:
+            e.shutdown()
+    assert out["1"][0] and "o_proj" in out["1"][0] and out["0"][0] is None
+    assert out["1"][1] == out["0"][1]

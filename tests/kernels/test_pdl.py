@@ -40,7 +40,7 @@ def test_the_decode_step_kernels_take_pdl():
     names = {n.split(".")[1] for n, _ in KERNELS}
     assert {"_rms_norm_kernel", "_rotary_kernel", "_write_kv_kernel", "_decode_split_kernel",
             "_decode_merge_kernel", "_quant_gemv_dp4a_kernel", "_quant_gemv_rows_kernel", "_quant_gemv_kernel",
-            "_gemv_kernel", "_fp8_gemv_rows_kernel", "_silu_and_mul_kernel", "_l2_prefetch_kernel"} <= names, names
+            "_gemv_kernel", "_fp8_gemv_rows_kernel", "_silu_and_mul_kernel"} <= names, names
 
 
 def _called(node) -> set[str]:
@@ -53,11 +53,7 @@ def _called(node) -> set[str]:
 
 
 # what a kernel may do before it waits: compute indices, and request weights (never written by a kernel)
-_BEFORE_WAIT_OK = {"pdl_start", "program_id", "arange", "where", "to", "min", "max", "zeros", "_block_groups",
-                   "_lane_range",
-                   # a bulk L2 prefetch of weights (hearth_kernels/l2_prefetch.py): a hint, it
-                   # loads nothing into the program
-                   "_prefetch_l2"}
+_BEFORE_WAIT_OK = {"pdl_start", "program_id", "arange", "where", "to", "min", "max", "zeros", "_block_groups"}
 # the helpers that load weights, and the pointer arguments they may be given (weights, scales, mins)
 _WEIGHT_LOADERS = {"_steps_start", "_fp8_rows_ahead", "_kloop_ahead"}
 _WEIGHT_POINTERS = {"q_ptr", "s_ptr", "m_ptr", "w_ptr"}
