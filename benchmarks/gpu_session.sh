@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|l2|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|l2|l2-probe|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -116,6 +116,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-8b-bs1-*l2*.json")):
 PY
   [ -n "${L2_FASTPATH:-}" ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 \
     tests/engine/test_gpu_fast_path.py -m gpu 2>&1 | tee -a "$OUT/gpu_l2_tests.log" | tail -4 ;;
+esac
+case "$what" in l2-probe)  # a GEMV's time with its weight cold, hot (in L2), and prefetched behind a spin
+  python benchmarks/l2_prefetch_probe.py --json "$OUT/l2-prefetch-probe.json" "$@" 2>&1 | tail -8 ;;
 esac
 case "$what" in quant-tests)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \
