@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|l2|l2-probe|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -92,33 +92,6 @@ case "$what" in pdl)  # programmatic dependent launch on and off (HEARTH_PDL): i
     python benchmarks/profile_decode.py --shape llama-8b --quant $q --kernels 20 \
       --json "$OUT/decode-kernels-8b-$q-pdl.json" 2>&1 | tail -14
   done ;;
-esac
-case "$what" in l2)  # weights prefetched into L2 ahead of their projection (HEARTH_L2_PREFETCH) on and
-  # off: the GPU tests of the kernel and PDL, then the 8B shape's batch-1 decode, one load each
-  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_l2_prefetch.py \
-    tests/engine/test_l2_prefetch_plan.py tests/kernels/test_pdl.py -m gpu 2>&1 | tee "$OUT/gpu_l2_tests.log" | tail -4
-  for q in ${L2_QUANTS:-int4 bf16}; do
-    for p in 1 0; do
-      HEARTH_L2_PREFETCH=$p hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
-        --quant $q --json "$OUT/bench-8b-bs1-$q-l2$p.json" "$@" 2>&1 | grep -E "^decode|rror"
-    done
-  done
-  for qf in ${L2_FRACTIONS:-}; do  # quant:fraction, another share of L2 (HEARTH_L2_PREFETCH_FRACTION)
-    HEARTH_L2_PREFETCH_FRACTION=${qf#*:} hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 \
-      --max-model-len 4096 --quant ${qf%:*} --json "$OUT/bench-8b-bs1-${qf%:*}-l2f${qf#*:}.json" "$@" 2>&1 | grep -E "^decode|rror"
-  done
-  python - "$OUT" <<'PY'
-import json, pathlib, sys
-for f in sorted(pathlib.Path(sys.argv[1]).glob("bench-8b-bs1-*l2*.json")):
-    for r in json.loads(f.read_text())["rows"]:
-        if r.get("engine") == "hearth":
-            print(f.name, r["quant"], r.get("l2_prefetch"), round(r["decode_tok_s"], 1), r.get("batch1_matmul"))
-PY
-  [ -n "${L2_FASTPATH:-}" ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 \
-    tests/engine/test_gpu_fast_path.py -m gpu 2>&1 | tee -a "$OUT/gpu_l2_tests.log" | tail -4 ;;
-esac
-case "$what" in l2-probe)  # a GEMV's time with its weight cold, hot (in L2), and prefetched behind a spin
-  python benchmarks/l2_prefetch_probe.py --json "$OUT/l2-prefetch-probe.json" "$@" 2>&1 | tail -8 ;;
 esac
 case "$what" in quant-tests)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \

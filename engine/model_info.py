@@ -51,9 +51,6 @@ class ModelInfo:
     cuda_graphs_off: str | None = None  # why decode runs without CUDA graphs
     prompt_attention_lengths: int | None = None  # prompt lengths whose attention work was prepared
     pdl: bool | None = None  # GPU loads: the decode step's Triton kernels launch with PDL (hearth_kernels/pdl.py)
-    # GPU loads: the projections whose weights batch-1 decode requests into L2 ahead of them
-    # (engine/runner/l2_prefetch.py; [] none qualifies; None off)
-    l2_prefetch: list[str] | None = None
     cpu_decode: bool | str | None = None  # CPU loads: True if batch-1 decode runs in one C call, else why not
     # A layer split (--devices a,b --split layer): {"devices": [...], "layers": [[start, stop], ...],
     # "attention": [...], "embedding": device, "head": device}; ``device`` is then the first one.

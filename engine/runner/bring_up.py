@@ -311,10 +311,6 @@ def _tune_and_capture(runner, config: EngineConfig, max_model_len: int, info: di
         from hearth_kernels.pdl import pdl_on
 
         info["pdl"] = runner.gemv_reason() is None and pdl_on(runner.device)
-        if runner.gemv_reason() is None and runner.placement is None:  # (before the capture: the graphs hold them)
-            from engine.runner.l2_prefetch import plan_l2_prefetch
-
-            info["l2_prefetch"] = plan_l2_prefetch(runner.model)
     stop()
     capture_graphs(runner, config, max_model_len, info, say)
 
