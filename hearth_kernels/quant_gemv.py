@@ -543,11 +543,7 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  GemvConfig(32, 2, 8, DP4A, 2),
                  # K split among 2-4 programs per row block: a long row's (down) fixed cost was
                  # most of its time with one program per 32 rows (~1 per SM)
-                 GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 2, 4, DP4A, 2, 4),
-                 # the H200 split sweep's best for the 8B int8 o (6.44 us against 6.72 for this
-                 # list's best) and down (K split 8 on 2 warps: 18.1 against 19.2 us;
-                 # benchmarks/results/2026-12-02-i14-profile-quant-dp4a-split-8b-h200-2088be5.json)
-                 GemvConfig(8, 2, 4, DP4A, 2), GemvConfig(32, 4, 2, DP4A, 2, 8))
+                 GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 2, 4, DP4A, 2, 4))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 
