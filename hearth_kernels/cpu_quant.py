@@ -241,16 +241,16 @@ def set_spin_us(microseconds: int) -> None:
 
 def supports(bits: int, group_size: int, in_features: int, has_mins: bool = False) -> str | None:
     """Why ``prepare_int4``/``prepare_int8`` would refuse this shape (None: it takes it):
-    groups of a multiple of 32 inputs, per-channel int8, or int8 in groups of 16 without
-    mins (GGUF Q6_K) over a multiple of 32 inputs."""
+    groups of a multiple of 32 inputs, per-channel int8, or int8 in groups of 16 (GGUF
+    Q6_K; with mins too) over a multiple of 32 inputs."""
     if bits not in (4, 8):
         return f"{bits}-bit weights are not supported (4 or 8)"
     if group_size <= 0 or in_features % group_size:
         return f"group size {group_size} does not divide the {in_features} input features"
-    g16 = bits == 8 and group_size == 16 and not has_mins and in_features % _BLOCK == 0
+    g16 = bits == 8 and group_size == 16 and in_features % _BLOCK == 0
     if group_size % _BLOCK and not g16 and not (bits == 8 and group_size == in_features):
         return (f"the CPU kernel needs groups of a multiple of {_BLOCK} inputs (or per-channel int8, or int8 "
-                f"in groups of 16 without mins), not {group_size}")
+                f"in groups of 16), not {group_size}")
     return None
 
 
@@ -326,8 +326,8 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
 def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  group_size: int, bias: torch.Tensor | None = None) -> PreparedWeight:
     """int8 signed codes [N, K]; fp16 scales [N, K/G] and optional fp16 mins
-    (w = code * scale (+ min)). G a multiple of 32 dividing K (GGUF Q8_0: 32), 16 without
-    mins (GGUF Q6_K), or G = K (per-channel; rows are zero-padded to a multiple of 32 in a
+    (w = code * scale (+ min)). G a multiple of 32 dividing K (GGUF Q8_0: 32), 16 (GGUF
+    Q6_K), or G = K (per-channel; rows are zero-padded to a multiple of 32 in a
     copy when K is not).
     Optional bias [N] (kept as fp32)."""
     if qweight.dtype != torch.int8 or qweight.dim() != 2:

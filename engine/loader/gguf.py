@@ -29,8 +29,9 @@ from engine.loader.gguf_check import truncation_problem
 
 #: Marker written last into a converted folder; describes the source GGUF file.
 SOURCE_FILE = "hearth_source.json"
-# Bump when the converted layout changes so old conversions are redone.
-_FORMAT_VERSION = 3
+# Bump when the converted layout changes so old conversions are redone (4: a q/k/v of Q4_K
+# and Q6_K members is kept, as int8 in groups of 16 with mins, instead of float).
+_FORMAT_VERSION = 4
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -263,8 +264,11 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tu
     Q4_1, Q4_K, Q5_K or Q6_K, repacked from the file's own blocks with the rows in the order transformers'
     reader gives (``tensors``: its dequantized, un-permuted ones); the file's quantized
     types by what happened to them, ``{"kept": {"Q4_1": 210}, "dequantized": {"Q6_K": 4}}``).
-    A tensor whose rows can't be matched exactly, or a fused group (q/k/v, gate/up) of
-    mixed types, stays float."""
+    A tensor whose rows can't be matched exactly stays float, and so does a fused group
+    (q/k/v, gate/up) with such a member. A fused group of kept members in different forms
+    takes one that holds each without loss: int8 codes with mins, in groups of 32 (Q4_K
+    q/k beside a Q5_K v) or of 16 when a member has groups of 16 (Q4_K q/k beside a Q6_K
+    v: llama.cpp's Q4_K_M gives half the layers that q/k/v)."""
     from engine.quant.gguf_blocks import KEPT_TYPES, blocks_to_weight, permute_rows, row_permutation
     from engine.quant.gguf_kquants import KEPT_KQUANT_TYPES, read_kquant, to_weight
 
@@ -302,6 +306,12 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tu
                 # int8 codes with mins hold each of them without loss
                 for m in members:
                     kept[m] = _as_int8_with_mins(kept[m])
+            elif None not in forms and {f[1] for f in forms} == {16, 32} and all(
+                    f[0] == 8 for f in forms if f[1] == 16):
+                # groups of 16 beside groups of 32 (a Q6_K v beside Q4_K q/k): the same in
+                # groups of 16, a group of 32's scale and min taken twice
+                for m in members:
+                    kept[m] = _as_int8_g16_with_mins(kept[m])
             else:
                 for m in members:
                     if kept.pop(m, None) is not None:
@@ -325,6 +335,18 @@ def _as_int8_with_mins(qw):
         return qw
     mins = qw.mins if qw.mins is not None else torch.zeros_like(qw.scales)
     return QuantizedWeight(8, qw.group_size, qw.codes().to(torch.int8), qw.scales, mins, qw.perm)
+
+
+def _as_int8_g16_with_mins(qw):
+    """``qw`` (groups of 16 or 32) as int8 codes with mins in groups of 16: int4's codes
+    0..15 as they are, each group of 32's scale and min for both its halves, a symmetric
+    weight's mins zero. Exact."""
+    from engine.quant.qweight import QuantizedWeight
+
+    scales, mins = qw.scales, qw.mins if qw.mins is not None else torch.zeros_like(qw.scales)
+    if qw.group_size == 32:
+        scales, mins = scales.repeat_interleave(2, dim=1), mins.repeat_interleave(2, dim=1)
+    return QuantizedWeight(8, 16, qw.codes().to(torch.int8), scales.contiguous(), mins.contiguous(), qw.perm)
 
 
 def quant_detail(folder: Path) -> str | None:

@@ -195,8 +195,8 @@ HQ_DEFINE_ROWS(8, 1, hq_rows_q8_g32_avx2)
 HQ_DEFINE_ROWS(8, 0, hq_rows_q8_avx2)
 
 /* int8 in groups of 16 (GGUF Q6_K): per block of 32, the block dot's low lane (inputs
-   0..15) takes the first scale and its high lane (16..31) the second. Four rows share each
-   activation block load. */
+   0..15) takes the first scale and its high lane (16..31) the second; mins multiply the
+   half-block sums. Four rows share each activation block load. */
 HQ_AVX2_INLINE void hq_rows_q8_g16_impl(const hq_weight *w, const hq_acts *a, int mi, int r0, float *out, const int R) {
     const int nb = w->kp / HQ_BLOCK, ng = w->kp / 16;
     const int8_t *xq = a->q + (size_t)mi * a->kp;
@@ -226,7 +226,11 @@ HQ_AVX2_INLINE void hq_rows_q8_g16_impl(const hq_weight *w, const hq_acts *a, in
             acc[r] = _mm256_fmadd_ps(sv, hq_block_dot_avx2(q[r] + (size_t)b * HQ_BLOCK, 8, y), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) out[r] = hq_hsum_avx2(acc[r]);
+    for (int r = 0; r < R; r++) {
+        out[r] = hq_hsum_avx2(acc[r]);
+        if (w->mins)
+            out[r] += hq_dot_f16_avx2(w->mins + (size_t)(r0 + r) * ng, a->gs + (size_t)mi * a->ngroups, ng);
+    }
 }
 
 HQ_AVX2 static void hq_rows_q8_g16_avx2(const hq_weight *w, const hq_acts *a, int mi, int r0, int r1, float *out) {
@@ -359,6 +363,7 @@ HQ_AVX2 static void hq_dequant_rows_avx2(const hq_weight *w, int r0, int r1, flo
             const __m256 s = _mm256_set1_ps(hq_h2f_avx2(w->scales[(size_t)r * ng + g]));
             const __m256 s_hi = g16 ? _mm256_set1_ps(hq_h2f_avx2(w->scales[(size_t)r * ng + g + 1])) : s;
             const __m256 m = _mm256_set1_ps(w->mins ? hq_h2f_avx2(w->mins[(size_t)r * ng + g]) : 0.0f);
+            const __m256 m_hi = g16 && w->mins ? _mm256_set1_ps(hq_h2f_avx2(w->mins[(size_t)r * ng + g + 1])) : m;
             __m256i codes; /* 32 codes as bytes, input order */
             if (w->bits == 4) {
                 codes = hq_unpack_q4_avx2(qr + (size_t)b * 16);
@@ -371,7 +376,8 @@ HQ_AVX2 static void hq_dequant_rows_avx2(const hq_weight *w, int r0, int r1, flo
                 for (int e = 0; e < 2; e++) {
                     const __m128i c8 = e ? _mm_srli_si128(c16[h], 8) : c16[h];
                     const __m256i c32 = w->bits == 4 ? _mm256_cvtepu8_epi32(c8) : _mm256_cvtepi8_epi32(c8);
-                    _mm256_storeu_ps(dst + h * 16 + e * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c32), h ? s_hi : s, m));
+                    _mm256_storeu_ps(dst + h * 16 + e * 8,
+                                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(c32), h ? s_hi : s, h ? m_hi : m));
                 }
             }
             if (dst == tmp)

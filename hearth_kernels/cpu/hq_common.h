@@ -15,8 +15,9 @@
  * bits 8: q is int8 [n, kp], signed codes.
  * kp is k rounded up to a multiple of 32: rows are zero-padded by the binding when k is
  * not (int8 per-channel only); group is then kp (a single group). scales and mins are
- * fp16 bit patterns [n, kp / group]; group is a multiple of 32, or 16 for int8 without
- * mins (GGUF Q6_K's sub-blocks: two scales per block of 32). The layer's bias, if any,
+ * fp16 bit patterns [n, kp / group]; group is a multiple of 32, or 16 for int8 (GGUF
+ * Q6_K's sub-blocks: two scales per block of 32; with mins, a fused q/k/v of Q4_K and Q6_K
+ * tensors held in one form, engine/loader/gguf.py). The layer's bias, if any,
  * travels here too (one pointer less per call: every ctypes argument costs ~0.4 µs). */
 typedef struct {
     int32_t bits;
@@ -31,12 +32,13 @@ typedef struct {
     const float *bias; /* fp32 [n] added to every output row, or NULL */
 } hq_weight;
 
-/* int8 in groups of 16 inputs (no mins): two scales per block of 32 */
-#define HQ_G16(w) ((w)->group == 16 && (w)->bits == 8 && !(w)->mins)
+/* int8 in groups of 16 inputs: two scales (and mins) per block of 32 */
+#define HQ_G16(w) ((w)->group == 16 && (w)->bits == 8)
 
 /* The activations x [m, k] quantized once per call: per block of 32 inputs an fp32 scale
  * d and int8 codes (x ~= d * code, code = round(x / d), d = max|x| / 127); per group the
- * sum of the dequantized block values (d * sum(code)), which the mins multiply. Using
+ * sum of the dequantized block values (d * sum(code); groups of 16: each half block's),
+ * which the mins multiply. Using
  * the quantized sum (not the float one) makes the result exactly W . x_hat (x_hat the
  * dequantized activations), whose error is bounded by |W| . |x - x_hat|. */
 typedef struct {

@@ -262,7 +262,7 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
     widest = (widest > qsize ? widest : qsize) + 64;
     const size_t n_scores = (size_t)at_threads * group * (chunk + 8), n_partial = (size_t)nunits * group * (hd + 2);
     const size_t floats = (size_t)4 * H + (qsize + 2 * kvsize) + qsize + 2 * (size_t)m->inter + m->inter + n_scores +
-                          n_partial + 3 * ((size_t)widest / HQ_BLOCK + 1) + 64;
+                          n_partial + 4 * ((size_t)widest / HQ_BLOCK + 1) + 64;
     char *mem = (char *)malloc(sizeof(float) * floats + (size_t)widest + 64);
     if (!mem) return HQ_ERR_NOMEM;
     float *res = (float *)mem, *h = res + H, *tmp = h + H, *qkv = tmp + 2 * H;
@@ -271,7 +271,7 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
     hd_act_buf ab;
     ab.d = partial + n_partial;
     ab.gs = ab.d + widest / HQ_BLOCK + 1;
-    ab.isum = (int32_t *)(ab.gs + widest / HQ_BLOCK + 1);
+    ab.isum = (int32_t *)(ab.gs + 2 * (widest / HQ_BLOCK + 1)); /* (groups of 16: two sums a block) */
     ab.q = (int8_t *)(ab.isum + widest / HQ_BLOCK + 1);
 
     const float *cos = m->cos + (size_t)pos * hd, *sin = m->sin + (size_t)pos * hd;

@@ -86,11 +86,18 @@ int hq_quantize_acts(const float *x, int m, int k, int kp, int group, int isa, i
         else
 #endif
             hq_quantize_row_scalar(x + (size_t)i * k, k, kp, qi, di, si);
-        for (int g = 0; bpg && g < ng; g++) { /* (groups of 16 have no mins: no group sums) */
+        for (int g = 0; bpg && g < ng; g++) {
             float s = 0.0f;
             for (int j = 0; j < bpg; j++) s += di[g * bpg + j] * (float)si[g * bpg + j];
             gs[(size_t)i * ng + g] = s;
         }
+        if (group == 16) /* each half block's sum (for int8 in groups of 16 with mins) */
+            for (int b = 0; b < nb; b++) {
+                int32_t lo = 0;
+                for (int j = 0; j < 16; j++) lo += qi[(size_t)b * HQ_BLOCK + j];
+                gs[(size_t)i * ng + 2 * b] = di[b] * (float)lo;
+                gs[(size_t)i * ng + 2 * b + 1] = di[b] * (float)(si[b] - lo);
+            }
     }
     return HQ_OK;
 }

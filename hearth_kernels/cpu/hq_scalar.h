@@ -63,10 +63,8 @@ static void hq_rows_scalar(const hq_weight *w, const hq_acts *a, int mi, int r0,
                 for (int j = 16; j < 32; j++) hi += wq[j] * y[j];
                 acc += xd[b] * (hq_half_to_float(sr[2 * b]) * (float)lo + hq_half_to_float(sr[2 * b + 1]) * (float)hi);
             }
-            out[r - r0] = acc;
-            continue;
         }
-        for (int g = 0; g < ng; g++) {
+        for (int g = 0; !HQ_G16(w) && g < ng; g++) {
             float gacc = 0.0f;
             for (int j = 0; j < bpg; j++) {
                 const int b = g * bpg + j;

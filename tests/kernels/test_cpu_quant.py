@@ -126,26 +126,34 @@ def test_int8_matches_float64(isa, with_mins, n, k, g):
         _check(cpu_quant.matmul(x, prepared, isa=isa, threads=2), qw, x)
 
 
-def _int8_g16(n: int, k: int, seed: int) -> QuantizedWeight:
-    """GGUF Q6_K's shape: codes -32..31, one signed scale per 16 inputs (d * int8 sub-scale)."""
+def _int8_g16(n: int, k: int, seed: int, with_mins: bool = False) -> QuantizedWeight:
+    """GGUF Q6_K's shape: codes -32..31, one signed scale per 16 inputs (d * int8 sub-scale);
+    with mins, a different min per 16 inputs (a Q4_K/Q6_K q/k/v in one form: Q4_K's codes
+    0..15 with its mins, engine/loader/gguf.py)."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-32, 32, (n, k), generator=gen, dtype=torch.int8)
     scales = (torch.randint(-128, 128, (n, k // 16), generator=gen).float() * 0.0007).half()
-    return QuantizedWeight(8, 16, codes, scales)
+    mins = (torch.randn(n, k // 16, generator=gen) * 0.05).half() if with_mins else None
+    return QuantizedWeight(8, 16, codes, scales, mins)
 
 
 @ISAS
+@pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("n,k", [(37, 96), (5, 32), (13, 256), (6, 1536)])
-def test_int8_in_groups_of_16_matches_float64(isa, n, k):
-    """Two scales per activation block (its halves): decode (one row, 4-row unroll and the
-    rest) and several rows (the per-row path: the tiles take groups of 32 and up)."""
-    qw = _int8_g16(n, k, seed=n + k)
-    prepared = cpu_quant.prepare_int8(qw.qweight, qw.scales, None, 16)
+def test_int8_in_groups_of_16_matches_float64(isa, n, k, with_mins):
+    """Two scales (and mins) per activation block (its halves): decode (one row, 4-row
+    unroll and the rest) and several rows (the per-row path: the tiles take groups of 32
+    and up)."""
+    qw = _int8_g16(n, k, seed=n + k, with_mins=with_mins)
+    prepared = cpu_quant.prepare_int8(qw.qweight, qw.scales, qw.mins, 16)
     for m in (1, 2, 3, 5):
         x = _x(m, k, seed=m)
         _check(cpu_quant.matmul(x, prepared, isa=isa, threads=2), qw, x)
     w = cpu_quant.dequantize(prepared, torch.full((n, k), float("nan")), isa=isa)
-    assert torch.equal(w.double(), qw.dequantize(torch.float64))
+    if with_mins:  # (code * scale + min: one fp32 rounding, the fused multiply-add's)
+        assert torch.allclose(w.double(), qw.dequantize(torch.float64), rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(w.double(), qw.dequantize(torch.float64))
 
 
 @ISAS
@@ -257,15 +265,15 @@ def test_refusals_name_the_problem():
     assert cpu_quant.supports(4, 32, 576) is None
     assert cpu_quant.supports(8, 576, 576) is None
     assert "128" in cpu_quant.supports(4, 128, 576)  # SmolLM2's 576 inputs don't divide by 128
-    assert cpu_quant.supports(8, 16, 64) is None  # GGUF Q6_K: int8 in groups of 16, no mins
-    assert "multiple of 32" in cpu_quant.supports(8, 16, 64, has_mins=True)
+    assert cpu_quant.supports(8, 16, 64) is None  # GGUF Q6_K: int8 in groups of 16
+    assert cpu_quant.supports(8, 16, 64, has_mins=True) is None  # (and Q4_K beside it, in one form)
     assert "multiple of 32" in cpu_quant.supports(8, 16, 48)  # whole blocks of 32 only
     assert "multiple of 32" in cpu_quant.supports(4, 16, 64)
     qw = _int4(4, 64, 32, "rtn", seed=1)
     with pytest.raises(ValueError, match="float16"):
         cpu_quant.prepare_int4(qw.qweight, qw.scales.float(), qw.mins, 32)
     with pytest.raises(ValueError, match="multiple of 32"):
-        cpu_quant.prepare_int8(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 4).half(), torch.ones(4, 4).half(),
+        cpu_quant.prepare_int8(torch.zeros(4, 48, dtype=torch.int8), torch.ones(4, 3).half(), torch.ones(4, 3).half(),
                                16)
     prepared = cpu_quant.prepare_int4(qw.qweight, qw.scales, qw.mins, 32)
     with pytest.raises(ValueError, match="float32"):

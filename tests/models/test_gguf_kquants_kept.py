@@ -102,8 +102,9 @@ def test_q4_k_and_q5_k_are_kept_quantized_and_match_the_files_weights(kquant_ggu
 
 def test_mixed_fused_groups_widen_or_say_why_they_stay_float():
     """q/k/v (and gate/up) run as one matmul, so their kept forms must agree: kept members
-    of different forms in groups of 32 become int8 codes with mins (exactly), and a group
-    with a member that stays float stays float, counted as such in the model's info."""
+    of different forms in groups of 32 become int8 codes with mins (exactly), with a member
+    in groups of 16 (Q4_K_M's Q6_K v) int8 codes with mins in groups of 16 (exactly), and a
+    group with a member that stays float stays float, counted as such in the model's info."""
     from types import SimpleNamespace
 
     import engine.loader.gguf as g
@@ -115,15 +116,25 @@ def test_mixed_fused_groups_widen_or_say_why_they_stay_float():
     widened = g._as_int8_with_mins(w4)
     assert (widened.bits, widened.group_size) == (8, 32) and torch.equal(widened.dequantize(), w4.dequantize())
     assert g._as_int8_with_mins(w5) is w5
+    w6 = to_weight(read_kquant(random_blocks("Q6_K", 8, 1, seed=6), "Q6_K"))
+    for w in (w4, w5, w6):
+        g16 = g._as_int8_g16_with_mins(w)
+        assert (g16.bits, g16.group_size, g16.mins is not None) == (8, 16, True)
+        assert torch.equal(g16.dequantize(torch.float64), w.dequantize(torch.float64))
     raw = {}
     tensors = {}
-    layers = {0: ("Q4_K", "Q4_K", "Q5_K"), 1: ("Q4_K", "Q4_K", "Q6_K")}
+    layers = {0: ("Q4_K", "Q4_K", "Q5_K"), 1: ("Q4_K", "Q4_K", "Q6_K"), 2: ("Q4_K", "Q4_K", "Q6_K")}
     for layer, kinds in layers.items():
         for proj, kind, seed in zip(("q_proj", "k_proj", "v_proj"), kinds, (3, 4, 5)):
             blocks = random_blocks(kind, 8, 1, seed=seed + 10 * layer)
             name = f"model.layers.{layer}.self_attn.{proj}.weight"
             raw[name] = SimpleNamespace(tensor_type=getattr(gguf.GGMLQuantizationType, kind), data=blocks)
             tensors[name] = torch.from_numpy(dequantize(blocks, getattr(gguf.GGMLQuantizationType, kind)))
+
+    # layer 2's v has rows the reader gives in another order than the file's blocks hold
+    # (no exact match: it stays float), so the whole group does
+    v2 = "model.layers.2.self_attn.v_proj.weight"
+    tensors[v2] = tensors[v2] + 1.0
 
     def fake_tensors(path, cfg, names):
         return raw
@@ -138,10 +149,14 @@ def test_mixed_fused_groups_widen_or_say_why_they_stay_float():
     for w, name in zip(layer0, ("q_proj", "k_proj", "v_proj")):
         torch.testing.assert_close(w.dequantize(), tensors[f"model.layers.0.self_attn.{name}.weight"],
                                    rtol=2e-3, atol=2e-3 * w.dequantize().abs().max().item())
-    assert not any(n.startswith("model.layers.1.") for n in kept)
-    # a Q6_K v (int8 in groups of 16, no mins) beside Q4_K q/k: no one form holds them all
-    # that the kernels take (the C kernel's groups of 16 have no mins), so the group is float
-    assert types == {"kept": {"Q4_K": 2, "Q5_K": 1}, "dequantized": {}, "fused_float": {"Q4_K": 2, "Q6_K": 1}}
+    layer1 = [kept[f"model.layers.1.self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
+    assert {(w.bits, w.group_size, w.mins is not None) for w in layer1} == {(8, 16, True)}
+    for w, name in zip(layer1, ("q_proj", "k_proj", "v_proj")):
+        torch.testing.assert_close(w.dequantize(), tensors[f"model.layers.1.self_attn.{name}.weight"],
+                                   rtol=2e-3, atol=2e-3 * w.dequantize().abs().max().item())
+    assert not any(n.startswith("model.layers.2.") for n in kept)
+    assert types == {"kept": {"Q4_K": 4, "Q5_K": 1, "Q6_K": 1}, "dequantized": {"Q6_K": 1},
+                     "fused_float": {"Q4_K": 2}}
 
 
 def test_the_c_decode_step_runs_the_kept_k_quants(kquant_gguf, monkeypatch):
