@@ -174,6 +174,60 @@ def test_the_c_decode_step_runs_the_kept_k_quants(kquant_gguf, monkeypatch):
     assert len(calls) >= 10
 
 
+@pytest.fixture(scope="module")
+def q4_k_m_gguf(default_model, tmp_path_factory):
+    """A 2-layer file in llama.cpp's Q4_K_M mix (random super-blocks, SmolLM2's tokenizer):
+    layer 1's attn_v is Q6_K beside Q4_K q and k (``use_more_bits``), layer 0's all Q4_K."""
+    from benchmarks.kquant_gguf import KQuantShape, write_metadata_only, write_q4_k_m
+    from engine.loader.resolve import default_gguf_path
+
+    folder = tmp_path_factory.mktemp("q4km")
+    write_metadata_only(default_gguf_path(), folder / "meta.gguf")
+    shape = KQuantShape(hidden=256, layers=2, ffn=512, heads=4, kv_heads=2, context=512)
+    write_q4_k_m(folder / "tiny-q4_k_m.gguf", shape, folder / "meta.gguf", seed=5)
+    return folder / "tiny-q4_k_m.gguf"
+
+
+@pytest.mark.slow
+def test_a_q4_k_m_q_k_v_with_a_q6_k_v_runs_kept_quantized(q4_k_m_gguf, monkeypatch):
+    """The q/k/v of Q4_K q/k and a Q6_K v loads as one int8 projection in groups of 16 with
+    mins (not float), so nothing of the file is dequantized at load. With exact float
+    activations (the reference kernel) the logits are transformers' for the file's own
+    dequantized weights (up to the float16 scales); the C kernel's int8 activation blocks
+    move them a little (all weights random here: a mean bound), and the whole-model C
+    decode step gives the eager steps' tokens."""
+    from engine.api import SamplingParams
+    from tests.engine.test_cpu_decode_step import _both_ways
+
+    logits = {}
+    for kernel in ("reference", "fast"):
+        if kernel == "reference":
+            monkeypatch.setenv("HEARTH_QUANT_KERNEL", "reference")
+        else:
+            monkeypatch.delenv("HEARTH_QUANT_KERNEL", raising=False)
+        eng = Engine.load(str(q4_k_m_gguf), device="cpu", dtype="float32", num_blocks=64, max_model_len=256)
+        try:
+            detail = eng.model_info.quant_detail
+            assert "dequantized" not in detail and "Q6_K tensors kept" in detail, detail
+            qkv = [layer.self_attn.qkv_proj for layer in eng.runner.model.model.layers]
+            assert [(m.bits, m.group_size, m.mins is not None) for m in qkv] == [(4, 32, True), (8, 16, True)]
+            ids = eng.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+            logits[kernel] = native_logits(eng, ids, [len(ids)])
+        finally:
+            eng.shutdown()
+    with torch.no_grad():
+        want = gguf_reference_model(q4_k_m_gguf)(torch.tensor([ids])).logits[0].float()
+    top = want.abs().max().item()
+    torch.testing.assert_close(logits["reference"], want, atol=2e-3 * top, rtol=0)
+    assert (logits["fast"] - want).abs().mean() < 0.01 * top
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    runs, infos, calls = _both_ways(monkeypatch, q4_k_m_gguf, "auto", ["The capital of France is"], params)
+    if infos[1] is not True:
+        pytest.skip(f"the C decode step can't run here: {infos[1]}")
+    assert runs[0][0].token_ids == runs[1][0].token_ids
+    assert len(calls) >= 10
+
+
 def test_a_tensor_type_gguf_cannot_read_is_named_with_its_type(default_model, tmp_path):
     """A file with a tensor in a type the reader has no dequantization for: refused before
     anything loads, naming the tensor and the type, and what to use instead."""
