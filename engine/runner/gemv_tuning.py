@@ -73,9 +73,10 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
         progress("choosing batch-1 matmul kernels (cuBLAS or Triton GEMV)")
     for kind, all_mods in _kinds(model).items():
         all_mods = [m for m in all_mods if same_device(_device_of(m), device)]
-        # Modules of one kind may be stored differently (a GGUF's Q4_K_M keeps some layers'
-        # q/k/v float and gives some down projections Q6_K, int8 in groups of 16): each form
-        # is tuned apart, with its own candidates.
+        # Modules of one kind may be stored differently (a GGUF's Q4_K_M gives half its
+        # layers' q/k/v int8 in groups of 16 with mins and some down projections Q6_K; a
+        # group with a member left float stays float): each form is tuned apart, with its
+        # own candidates.
         groups: dict[tuple, list] = {}
         for m in all_mods:
             groups.setdefault(_form(m), []).append(m)

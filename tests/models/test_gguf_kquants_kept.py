@@ -211,6 +211,15 @@ def test_a_q4_k_m_q_k_v_with_a_q6_k_v_runs_kept_quantized(q4_k_m_gguf, monkeypat
             assert "dequantized" not in detail and "Q6_K tensors kept" in detail, detail
             qkv = [layer.self_attn.qkv_proj for layer in eng.runner.model.model.layers]
             assert [(m.bits, m.group_size, m.mins is not None) for m in qkv] == [(4, 32, True), (8, 16, True)]
+            if kernel == "fast" and type(qkv[1].kernel).__name__ == "CpuQuant":
+                # the C kernel on this layer (one row: decode; 12: a prompt's rows) against
+                # float64, within its documented bound (int8 activation blocks)
+                from tests.kernels.test_cpu_quant import _check
+
+                for rows in (1, 12):
+                    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+                    with torch.no_grad():
+                        _check(qkv[1](x), qkv[1].quantized_weight(), x)
             ids = eng.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
             logits[kernel] = native_logits(eng, ids, [len(ids)])
         finally:
@@ -275,8 +284,8 @@ def test_the_batch1_tuner_tunes_each_form_of_a_kind_apart(kquant_gguf, monkeypat
 
 
 def test_the_batch1_tuner_with_float_and_quantized_modules_of_one_kind(default_model, tmp_path, monkeypatch):
-    """Q4_K_M keeps some layers' q/k/v float (their v is Q6_K): a kind of float and
-    quantized modules tunes each apart (float candidates bound to a quantized one raised)."""
+    """A kind of float and quantized modules (a GGUF with some projections float, as an F16
+    one here) tunes each apart (float candidates bound to a quantized one raised)."""
     path = write_cut(tmp_path / "smol-float-first.gguf", {0: "F16", 1: "Q4_K", 2: "Q4_K"})
     gt = _stub_timing(monkeypatch)
     eng = Engine.load(str(path), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
