@@ -159,19 +159,24 @@ def test_mixed_fused_groups_widen_or_say_why_they_stay_float():
                      "fused_float": {"Q4_K": 2}}
 
 
-def test_the_c_decode_step_runs_the_kept_k_quants(kquant_gguf, monkeypatch):
-    """The whole-model C decode step takes every kept form here (int4 g32, int8 g32 with
-    mins, int8 g16): the same greedy tokens as the eager steps, and it ran."""
+def _c_step_gives_the_eager_tokens(monkeypatch, path):
+    """The whole-model C decode step on ``path`` gives the eager steps' greedy tokens, and it ran."""
     from engine.api import SamplingParams
     from tests.engine.test_cpu_decode_step import _both_ways
 
-    monkeypatch.delenv("HEARTH_QUANT_KERNEL", raising=False)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    runs, infos, calls = _both_ways(monkeypatch, kquant_gguf, "auto", ["The capital of France is"], params)
+    runs, infos, calls = _both_ways(monkeypatch, path, "auto", ["The capital of France is"], params)
     if infos[1] is not True:
         pytest.skip(f"the C decode step can't run here: {infos[1]}")
     assert runs[0][0].token_ids == runs[1][0].token_ids
     assert len(calls) >= 10
+
+
+def test_the_c_decode_step_runs_the_kept_k_quants(kquant_gguf, monkeypatch):
+    """The whole-model C decode step takes every kept form here (int4 g32, int8 g32 with
+    mins, int8 g16): the same greedy tokens as the eager steps, and it ran."""
+    monkeypatch.delenv("HEARTH_QUANT_KERNEL", raising=False)
+    _c_step_gives_the_eager_tokens(monkeypatch, kquant_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +201,6 @@ def test_a_q4_k_m_q_k_v_with_a_q6_k_v_runs_kept_quantized(q4_k_m_gguf, monkeypat
     dequantized weights (up to the float16 scales); the C kernel's int8 activation blocks
     move them a little (all weights random here: a mean bound), and the whole-model C
     decode step gives the eager steps' tokens."""
-    from engine.api import SamplingParams
-    from tests.engine.test_cpu_decode_step import _both_ways
-
     logits = {}
     for kernel in ("reference", "fast"):
         if kernel == "reference":
@@ -229,12 +231,7 @@ def test_a_q4_k_m_q_k_v_with_a_q6_k_v_runs_kept_quantized(q4_k_m_gguf, monkeypat
     top = want.abs().max().item()
     torch.testing.assert_close(logits["reference"], want, atol=2e-3 * top, rtol=0)
     assert (logits["fast"] - want).abs().mean() < 0.01 * top
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    runs, infos, calls = _both_ways(monkeypatch, q4_k_m_gguf, "auto", ["The capital of France is"], params)
-    if infos[1] is not True:
-        pytest.skip(f"the C decode step can't run here: {infos[1]}")
-    assert runs[0][0].token_ids == runs[1][0].token_ids
-    assert len(calls) >= 10
+    _c_step_gives_the_eager_tokens(monkeypatch, q4_k_m_gguf)
 
 
 def test_a_tensor_type_gguf_cannot_read_is_named_with_its_type(default_model, tmp_path):
