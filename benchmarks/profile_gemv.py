@@ -9,9 +9,6 @@ inside a CUDA graph (no launch gaps), and reports microseconds per call and TB/s
 weight read. ``--sweep`` tries a grid of (BLOCK_N, BLOCK_K, warps) for the Triton kernel.
 ``--fp8``: e4m3 weights with a scale per row (``--quant fp8``): the row-scaled GEMV against
 the activations rounded to e4m3 and ``torch._scaled_mm`` (in the "cublas" column).
-``--words`` (with ``--fp8``): every config twice, its weights read as bytes and as int32 words
-(``hearth_kernels/fp8._e4m3_byte``), each config's time in ``all``, the best of each in
-``best_bytes`` / ``best_words``.
 """
 
 from __future__ import annotations
@@ -95,8 +92,6 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="e4m3 weights: the fp8 GEMV against _scaled_mm")
     ap.add_argument("--rows", action="store_true",
                     help="with --fp8: sweep the x-stationary kernel (hearth_kernels/fp8.fp8_gemv_rows) instead of the K-loop")
-    ap.add_argument("--words", action="store_true",
-                    help="with --fp8: every config with its weights read as bytes and as int32 words")
     ap.add_argument("--prefill-m", type=int, default=0, help="only time prefill GEMMs with this many rows")
     args = ap.parse_args()
     if args.prefill_m:
@@ -136,54 +131,40 @@ def main() -> None:
         configs = [default_config(n, k)]
         if args.rows:  # 4-tuples: (rows per program, rows per step, warps, stages)
             configs += list(itertools.product((16, 32, 64), (2, 4, 8), (8, 16), (3,)))
-        if args.words:
-            from engine.layers.linear_kernels import FP8_GEMV_CONFIGS
-
-            configs += [c for c in FP8_GEMV_CONFIGS if c not in configs]
-        modes = (False, True) if args.words else (None,)
-        timed = []
         elif args.sweep:
             grid = (((2, 4, 8, 16), (512, 1024, 2048), (4, 8)) if args.fp8 else
                     ((1, 2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)))
             configs += list(itertools.product(*grid))
         best = None
-        for cfg, words in itertools.product(configs, modes):
-            kw = {} if words is None else {"words": words}
+        for cfg in configs:
             try:
                 if len(cfg) == 4:
                     from hearth_kernels.fp8 import fp8_gemv_rows
 
-                    us = time_graph(lambda i: fp8_gemv_rows(x, ws[i], scales[i], swiglu=swiglu, out=y, config=cfg,
-                                                            **kw), copies)
+                    us = time_graph(lambda i: fp8_gemv_rows(x, ws[i], scales[i], swiglu=swiglu, out=y, config=cfg),
+                                    copies)
                 else:
-                    us = time_graph(lambda i: gemv(x, ws[i], swiglu=swiglu, out=y, config=cfg, scale=scales[i], **kw),
+                    us = time_graph(lambda i: gemv(x, ws[i], swiglu=swiglu, out=y, config=cfg, scale=scales[i]),
                                     copies)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is skipped
                 print(f"  {name} {cfg}: {type(e).__name__}")
                 continue
-            timed.append((list(cfg), words, us))
-            if cfg == configs[0] and words is not True:
+            if cfg == configs[0]:
                 results["triton_default"] = us
             if best is None or us < best[1]:
-                best = (cfg, us, kw)
+                best = (cfg, us)
         results["triton_best"] = best[1]
         xin = silu_and_mul(x) if swiglu else x
         w0 = ws[0].float() * scales[0] if args.fp8 else ws[0]
         if len(best[0]) == 4:
             from hearth_kernels.fp8 import fp8_gemv_rows
 
-            got = fp8_gemv_rows(x, ws[0], scales[0], swiglu=swiglu, config=best[0], **best[2])
+            got = fp8_gemv_rows(x, ws[0], scales[0], swiglu=swiglu, config=best[0])
         else:
-            got = gemv(x, ws[0], swiglu=swiglu, config=best[0], scale=scales[0], **best[2])
+            got = gemv(x, ws[0], swiglu=swiglu, config=best[0], scale=scales[0])
         err = (got.float() - F.linear(xin.float(), w0.float())).abs().max()
         row = {"layer": name, "n": n, "k": k, "weight_mb": nbytes / 1e6, "best_config": list(best[0]),
                "max_abs_diff_vs_cublas": err.item()}
-        if args.words:
-            row["best_reads_words"] = best[2]["words"]
-            row["all"] = timed
-            for mode in (False, True):
-                cfg, _, us = min((t for t in timed if t[1] is mode), key=lambda t: t[2])
-                row["best_words" if mode else "best_bytes"] = {"config": cfg, "us": us, "tb_s": nbytes / us / 1e6}
         for key, us in results.items():
             row[f"{key}_us"] = us
             row[f"{key}_tb_s"] = nbytes / us / 1e6

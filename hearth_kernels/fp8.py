@@ -145,54 +145,16 @@ def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_s
 
 @triton.jit
 def _fp8_rows_ahead(w_ptr, rows, ok, k, k_ok, stride_wn):
-    """One step's weights [R, KP] (rows not ``ok`` read row 0, unused); with WORDS, [R, KP / 4]
-    int32 words of four e4m3 bytes each."""
+    """One step's weights [R, KP] (rows not ``ok`` read row 0, unused)."""
     safe = tl.where(ok, rows, 0).to(tl.int64)
     return tl.load(w_ptr + safe[:, None] * stride_wn + k[None, :], mask=k_ok[None, :], other=0.0,
                    eviction_policy="evict_first")
 
 
 @triton.jit
-def _e4m3_byte(word, I: tl.constexpr):
-    """Byte ``I`` of each int32 word, an e4m3 value v, as the float32 ``v * 2**-120`` by
-    integer operations alone: the byte shifted to bits 27..20 (its sign copied above it by
-    the arithmetic shift), then the sign kept at bit 31 and exponent and mantissa at 26..20,
-    so float32's exponent field is e4m3's (bias 127 instead of 7). Exact for every finite
-    value, subnormals included (e4m3's land on float32's). The compiled ``.to(tl.float32)``
-    is two conversion instructions a weight, and fp8 GEMVs ran out of conversion throughput
-    before memory bandwidth."""
-    if I == 3:
-        t = word >> 4
-    else:
-        t = (word << (24 - 8 * I)) >> 4
-    return (t & -2014314496).to(tl.float32, bitcast=True)  # 0x87F00000
-
-
-#: ``_e4m3_byte``'s values are v * 2**-120; x is taken times 2**64 and the sum times 2**56
-#: (powers of 2: exact), so the products stay far from float32's subnormals.
-X_UP = tl.constexpr(18446744073709551616.0)  # 2**64
-SUM_UP = tl.constexpr(72057594037927936.0)  # 2**56
-
-
-@triton.jit
 def _fp8_rows_step(w, x, s_ptr, b_ptr, y_ptr, rows, ok, HAS_BIAS: tl.constexpr):
     safe = tl.where(ok, rows, 0).to(tl.int64)
     y = tl.sum(w.to(tl.float32) * x[None, :], axis=1) * tl.load(s_ptr + safe)
-    _fp8_rows_out(y, b_ptr, y_ptr, rows, ok, safe, HAS_BIAS)
-
-
-@triton.jit
-def _fp8_words_step(w, x0, x1, x2, x3, s_ptr, b_ptr, y_ptr, rows, ok, HAS_BIAS: tl.constexpr):
-    """``_fp8_rows_step`` for a tile of words: input 4j + i is byte i of word j."""
-    safe = tl.where(ok, rows, 0).to(tl.int64)
-    p = (_e4m3_byte(w, 0) * x0[None, :] + _e4m3_byte(w, 1) * x1[None, :]
-         + _e4m3_byte(w, 2) * x2[None, :] + _e4m3_byte(w, 3) * x3[None, :])
-    y = tl.sum(p, axis=1) * (tl.load(s_ptr + safe) * SUM_UP)
-    _fp8_rows_out(y, b_ptr, y_ptr, rows, ok, safe, HAS_BIAS)
-
-
-@triton.jit
-def _fp8_rows_out(y, b_ptr, y_ptr, rows, ok, safe, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         y += tl.load(b_ptr + safe).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=ok)
@@ -201,40 +163,24 @@ def _fp8_rows_out(y, b_ptr, y_ptr, rows, ok, safe, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _fp8_gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
                           HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr, R: tl.constexpr,
-                          KP: tl.constexpr, STAGES: tl.constexpr, WORDS: tl.constexpr, PDL: tl.constexpr):
+                          KP: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
+    k = tl.arange(0, KP)
+    k_ok = k < K
     r = tl.arange(0, R)
     first = tl.program_id(0) * ROWS
+    # the first step's weights are requested before x (with PDL, before waiting for the
+    # kernel that writes x: hearth_kernels/pdl.py), then the other steps are pipelined
     ok0 = (first + r < N) & (r < ROWS)
-    if WORDS:  # w_ptr: int32 words [N, K / 4], stride_wn in words
-        j = tl.arange(0, KP // 4)
-        j_ok = j < K // 4
-        w0 = _fp8_rows_ahead(w_ptr, first + r, ok0, j, j_ok, stride_wn)
-        pdl_wait(PDL)
-        x0 = _act(x_ptr, 4 * j, K, j_ok, SWIGLU) * X_UP
-        x1 = _act(x_ptr, 4 * j + 1, K, j_ok, SWIGLU) * X_UP
-        x2 = _act(x_ptr, 4 * j + 2, K, j_ok, SWIGLU) * X_UP
-        x3 = _act(x_ptr, 4 * j + 3, K, j_ok, SWIGLU) * X_UP
-        _fp8_words_step(w0, x0, x1, x2, x3, s_ptr, b_ptr, y_ptr, first + r, ok0, HAS_BIAS)
-        for r0 in tl.range(R, ROWS, R, num_stages=STAGES):
-            rows = first + r0 + r
-            ok = (rows < N) & (r0 + r < ROWS)
-            w = _fp8_rows_ahead(w_ptr, rows, ok, j, j_ok, stride_wn)
-            _fp8_words_step(w, x0, x1, x2, x3, s_ptr, b_ptr, y_ptr, rows, ok, HAS_BIAS)
-    else:
-        k = tl.arange(0, KP)
-        k_ok = k < K
-        # the first step's weights are requested before x (with PDL, before waiting for the
-        # kernel that writes x: hearth_kernels/pdl.py), then the other steps are pipelined
-        w0 = _fp8_rows_ahead(w_ptr, first + r, ok0, k, k_ok, stride_wn)
-        pdl_wait(PDL)
-        x = _act(x_ptr, k, K, k_ok, SWIGLU)  # [KP] fp32, in registers for every row
-        _fp8_rows_step(w0, x, s_ptr, b_ptr, y_ptr, first + r, ok0, HAS_BIAS)
-        for r0 in tl.range(R, ROWS, R, num_stages=STAGES):
-            rows = first + r0 + r
-            ok = (rows < N) & (r0 + r < ROWS)
-            w = _fp8_rows_ahead(w_ptr, rows, ok, k, k_ok, stride_wn)
-            _fp8_rows_step(w, x, s_ptr, b_ptr, y_ptr, rows, ok, HAS_BIAS)
+    w0 = _fp8_rows_ahead(w_ptr, first + r, ok0, k, k_ok, stride_wn)
+    pdl_wait(PDL)
+    x = _act(x_ptr, k, K, k_ok, SWIGLU)  # [KP] fp32, in registers for every row
+    _fp8_rows_step(w0, x, s_ptr, b_ptr, y_ptr, first + r, ok0, HAS_BIAS)
+    for r0 in tl.range(R, ROWS, R, num_stages=STAGES):
+        rows = first + r0 + r
+        ok = (rows < N) & (r0 + r < ROWS)
+        w = _fp8_rows_ahead(w_ptr, rows, ok, k, k_ok, stride_wn)
+        _fp8_rows_step(w, x, s_ptr, b_ptr, y_ptr, rows, ok, HAS_BIAS)
 
 
 #: x-stationary needs x in registers: at most this many inputs (the tuner's candidates use up
@@ -244,14 +190,12 @@ ROWS_MAX_K = 32768
 
 def fp8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                   *, swiglu: bool = False, out: torch.Tensor | None = None,
-                  config: tuple[int, int, int, int] = (16, 2, 8, 3), words: bool | None = None) -> torch.Tensor:
+                  config: tuple[int, int, int, int] = (16, 2, 8, 3)) -> torch.Tensor:
     """``x @ (weight * scale).T (+ bias)`` for one row, x-stationary (module docstring):
     x [1, K] (or [1, 2K] ``[gate | up]`` with ``swiglu``), weight e4m3 [N, K] with a
     contiguous last axis, scale float32 [N] or [N, 1]; [1, N] in x's dtype. ``config`` is
-    (rows per program, rows per step, warps, steps in flight). ``words``: read the weights as
-    int32 words and widen them by integer operations (``_e4m3_byte``); by default whenever
-    the weight allows (``words_fit``). No host sync, no allocation with ``out``: safe in a
-    CUDA graph."""
+    (rows per program, rows per step, warps, steps in flight). No host sync, no allocation
+    with ``out``: safe in a CUDA graph."""
     n, k = weight.shape
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != (2 * k if swiglu else k):
         raise ValueError(f"fp8_gemv_rows: x must be one row of {2 * k if swiglu else k}, got {tuple(x.shape)}")
@@ -268,23 +212,10 @@ def fp8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
     elif out.shape != (1, n) or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"fp8_gemv_rows: out must be a contiguous {x.dtype} [1, {n}] tensor")
     rows, per_step, warps, stages = config
-    if words is None:
-        words = words_fit(weight)
-    elif words and not words_fit(weight):
-        raise ValueError(f"fp8_gemv_rows: reading int32 words needs K and the row stride multiples of 4 and a "
-                         f"4-byte aligned weight, got {tuple(weight.shape)} stride {weight.stride(0)}; "
-                         "pass words=False")
     per_step = 1 << (min(per_step, rows).bit_length() - 1)  # a power of 2 (tl.arange), at most rows
     x = x.contiguous()
-    w = weight.view(torch.int32) if words else weight
     _fp8_gemv_rows_kernel[(triton.cdiv(n, rows),)](
-        x, w, scale, bias if bias is not None else scale, out, n, k, w.stride(0),
+        x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=rows, R=per_step,
-        KP=triton.next_power_of_2(max(k, 16)), STAGES=stages, WORDS=words, num_warps=warps, **pdl_args(x.device))
+        KP=triton.next_power_of_2(max(k, 16)), STAGES=stages, num_warps=warps, **pdl_args(x.device))
     return out
-
-
-def words_fit(weight: torch.Tensor) -> bool:
-    """Whether an e4m3 [N, K] weight can be read as int32 words (``fp8_gemv_rows``' words)."""
-    return (weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and weight.stride(1) == 1
-            and weight.data_ptr() % 4 == 0)

@@ -32,7 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth_kernels.fp8 import SUM_UP, X_UP, _e4m3_byte, words_fit
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 
 
@@ -48,8 +47,9 @@ def _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _kloop_x(x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
-    """x[k] in x's dtype (SWIGLU: silu(x[k]) * x[K + k], rounded as the unfused MLP rounds it)."""
+def _kloop_step(acc, w, x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
+    """``acc`` plus one K step's products: the weight tile ``w`` times x[k] (SWIGLU: times
+    silu(x[k]) * x[K + k], rounded to x's dtype as the unfused MLP rounds it)."""
     dt = x_ptr.dtype.element_ty
     if EVEN_K:
         if SWIGLU:
@@ -67,64 +67,30 @@ def _kloop_x(x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
     if SWIGLU:
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         xk = (act * u).to(dt)
-    return xk
-
-
-@triton.jit
-def _kloop_step(acc, w, x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
-    """``acc`` plus one K step's products: the weight tile ``w`` times x[k]."""
-    return acc + w.to(tl.float32) * _kloop_x(x_ptr, k, K, SWIGLU, EVEN_K).to(tl.float32)[None, :]
-
-
-@triton.jit
-def _kloop_words_step(acc, w, x_ptr, j, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
-    """``_kloop_step`` for a tile of int32 words of four e4m3 weights (input 4j + i is byte i
-    of word j), widened by ``hearth_kernels/fp8._e4m3_byte`` (values times 2**-120; x times
-    2**64 here)."""
-    for i in tl.static_range(4):
-        xk = _kloop_x(x_ptr, 4 * j + i, K, SWIGLU, EVEN_K).to(tl.float32) * X_UP
-        acc += _e4m3_byte(w, i) * xk[None, :]
-    return acc
+    return acc + w.to(tl.float32) * xk.to(tl.float32)[None, :]
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WORDS: tl.constexpr,
-                 PDL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)  # clamp: loads stay in bounds unmasked
-    if WORDS:  # w_ptr: int32 words [N, K / 4] of e4m3 weights, stride_wn in words
-        KW = K // 4
-        cols = tl.arange(0, BLOCK_K // 4)
-        w = _kloop_ahead(w_ptr, rows_safe, stride_wn, cols, KW, EVEN_K)
-        pdl_wait(PDL)
-        acc = _kloop_words_step(tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32), w, x_ptr, cols, K,
-                                SWIGLU, EVEN_K)
-        for k0 in range(BLOCK_K // 4, KW, BLOCK_K // 4):
-            j = k0 + cols
-            acc = _kloop_words_step(acc, _kloop_ahead(w_ptr, rows_safe, stride_wn, j, KW, EVEN_K), x_ptr, j, K,
-                                    SWIGLU, EVEN_K)
-    else:
-        cols = tl.arange(0, BLOCK_K)
-        # the first step's weights are requested before the wait, so that their memory round
-        # trip overlaps the end of the kernel before (which writes x; hearth_kernels/pdl.py)
-        w = _kloop_ahead(w_ptr, rows_safe, stride_wn, cols, K, EVEN_K)
-        pdl_wait(PDL)
-        acc = _kloop_step(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), w, x_ptr, cols, K, SWIGLU, EVEN_K)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k = k0 + cols
-            acc = _kloop_step(acc, _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K), x_ptr, k, K, SWIGLU,
-                              EVEN_K)
+    cols = tl.arange(0, BLOCK_K)
+    # the first step's weights are requested before the wait, so that their memory round
+    # trip overlaps the end of the kernel before (which writes x; hearth_kernels/pdl.py)
+    w = _kloop_ahead(w_ptr, rows_safe, stride_wn, cols, K, EVEN_K)
+    pdl_wait(PDL)
+    acc = _kloop_step(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), w, x_ptr, cols, K, SWIGLU, EVEN_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + cols
+        acc = _kloop_step(acc, _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K), x_ptr, k, K, SWIGLU, EVEN_K)
     y = tl.sum(acc, axis=1)
     if HAS_SCALE:
-        s = tl.load(s_ptr + rows_safe).to(tl.float32)
-        if WORDS:
-            s *= SUM_UP
-        y *= s
+        y *= tl.load(s_ptr + rows_safe).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -141,17 +107,13 @@ def default_config(n: int, k: int) -> tuple[int, int, int]:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          swiglu: bool = False, out: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None, scale: torch.Tensor | None = None,
-         words: bool | None = None) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for one row: x [1, K] (or [1, 2K] with ``swiglu``),
     weight [N, K] with a contiguous last axis; returns [1, N] in x's dtype. With ``scale``
     (float32, one per row) the weight may be float8 and row n's product is multiplied by
     ``scale[n]``.
 
     ``config`` is (BLOCK_N, BLOCK_K, num_warps); ``default_config`` when omitted.
-    ``words`` (float8 e4m3 weights): read the weights as int32 words and widen them by
-    integer operations (``hearth_kernels/fp8._e4m3_byte``); by default whenever the weight
-    allows (``words_fit``).
     """
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv: x must be one row [1, K], got shape {tuple(x.shape)}; "
@@ -178,19 +140,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: out must be a contiguous {x.dtype} [1, {n}] tensor")
     block_n, block_k, warps = config or default_config(n, k)
     block_k = min(block_k, triton.next_power_of_2(max(k, 16)))  # no wider than the row
-    fp8 = weight.dtype == torch.float8_e4m3fn and scale is not None
-    if words is None:
-        words = fp8 and words_fit(weight)
-    elif words and not (fp8 and words_fit(weight)):
-        raise ValueError(f"gemv: reading int32 words needs a scaled e4m3 weight with K and the row stride multiples "
-                         f"of 4, got {weight.dtype} {tuple(weight.shape)} stride {weight.stride(0)}; pass "
-                         "words=False")
     grid = (triton.cdiv(n, block_n),)
-    if words:
-        weight = weight.view(torch.int32)
     s_arg = scale if scale is not None else weight
     b_arg = bias if bias is not None else weight
     _gemv_kernel[grid](x, weight, s_arg, b_arg, out, n, k, weight.stride(0), HAS_SCALE=scale is not None,
                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
-                       EVEN_K=k % block_k == 0, WORDS=words, num_warps=warps, **pdl_args(x.device))
+                       EVEN_K=k % block_k == 0, num_warps=warps, **pdl_args(x.device))
     return out
