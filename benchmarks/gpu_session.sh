@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -91,6 +91,12 @@ case "$what" in pdl)  # programmatic dependent launch on and off (HEARTH_PDL): i
   for q in ${PDL_PROFILE:-}; do
     python benchmarks/profile_decode.py --shape llama-8b --quant $q --kernels 20 \
       --json "$OUT/decode-kernels-8b-$q-pdl.json" 2>&1 | tail -14
+  done ;;
+esac
+case "$what" in bs1)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call
+  for q in ${BS1_QUANTS:-bf16 int8 int4 fp8}; do
+    hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
+      --quant $q --json "$OUT/bench-8b-bs1-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror"
   done ;;
 esac
 case "$what" in quant-tests)
