@@ -81,6 +81,10 @@ class AttentionBackend:
     fused_kernels = False
     # KV block sizes must be a multiple of this (flash-attn's pages: 256 tokens).
     required_block_multiple = 1
+    # May ``forward`` be given ``rope`` = (positions, cos, sin)? Then the kernel that writes
+    # this step's k and v into the cache rotates q and k first (in place), one kernel for the
+    # two (hearth_kernels/rotary.apply_rotary_and_write_kv): the caller skips its RoPE.
+    rotates = False
 
     @classmethod
     def available(cls, device: torch.device | str | None = None) -> list[str]:
@@ -96,7 +100,7 @@ class AttentionBackend:
         self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, meta: AttentionMetadata, rope=None) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -58,6 +58,10 @@ class RotaryEmbedding(nn.Module):
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
 
+    #: rotates q and k in place with Triton (then an attention backend that ``rotates`` may do
+    #: it instead, in its cache write, from the same tables)
+    in_place = False
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] int64. Returns the rotated (q, k)."""
         cos = self.cos.index_select(0, positions).unsqueeze(1)
@@ -73,6 +77,8 @@ class RotaryEmbedding(nn.Module):
 class TritonRotaryEmbedding(RotaryEmbedding):
     """Rotates q and k in place with ``hearth_kernels/rotary.py`` (they are views of this step's
     fresh qkv projection), reading the same cos/sin tables."""
+
+    in_place = True
 
     def __init__(self, rotary: RotaryEmbedding) -> None:
         nn.Module.__init__(self)

@@ -42,6 +42,7 @@ class TritonAttention(AttentionBackend):
     name = "triton"
     cuda_graphs = True
     fused_kernels = True
+    rotates = True
 
     @classmethod
     def available(cls, device: torch.device | str | None = None) -> list[str]:
@@ -71,8 +72,10 @@ class TritonAttention(AttentionBackend):
         from hearth_kernels.kv_cache import write_kv_cache
         from hearth_kernels.paged_decode import paged_decode_attention
         from hearth_kernels.paged_prefill import paged_prefill_attention
+        from hearth_kernels.rotary import apply_rotary_and_write_kv
 
         self._write = write_kv_cache
+        self._rotate_and_write = apply_rotary_and_write_kv
         self._decode = paged_decode_attention
         self._prefill = paged_prefill_attention
 
@@ -133,9 +136,14 @@ class TritonAttention(AttentionBackend):
         return len(buckets)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache``; returns [T, H, D]."""
-        self._write(k, v, kv_cache, meta.slot_mapping)
+                kv_cache: torch.Tensor, meta: AttentionMetadata, rope=None) -> torch.Tensor:
+        """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache``; returns [T, H, D].
+        With ``rope`` (positions, cos, sin) q and k are rotated first, by the same kernel."""
+        if rope is None:
+            self._write(k, v, kv_cache, meta.slot_mapping)
+        else:
+            positions, cos, sin = rope
+            self._rotate_and_write(q, k, v, positions, cos, sin, kv_cache, meta.slot_mapping)
         if meta.decode_only:
             bound = getattr(meta, "max_seq_len_bound", None) or meta.max_seq_len
             return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,

@@ -47,6 +47,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(head_dim, rms_norm_eps, dtype=dtype)
         self.attn: AttentionBackend | None = None  # the kernel plan's backend (choose_kernels)
+        self.rope_in_kv_write = False  # RoPE done by the backend's cache write (choose_kernels)
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, dtype: torch.dtype) -> "LlamaAttention":
@@ -58,6 +59,7 @@ class LlamaAttention(nn.Module):
         """Build this layer's instance of the plan's attention backend, with its own sizes."""
         self.attn = plan.attention(self.num_heads, self.num_kv_heads, self.head_dim, self.scale,
                                    self.sliding_window)
+        self.rope_in_kv_write = plan.fused and self.attn.rotates
         return self
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary: RotaryEmbedding):
@@ -69,8 +71,11 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        o = self.attn.forward(q, k, v, kv_cache, meta)
+        if self.rope_in_kv_write and rotary.in_place:  # one kernel rotates q, k and writes k, v
+            o = self.attn.forward(q, k, v, kv_cache, meta, rope=(positions, rotary.cos, rotary.sin))
+        else:
+            q, k = rotary(positions, q, k)
+            o = self.attn.forward(q, k, v, kv_cache, meta)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 

@@ -98,6 +98,12 @@ def main() -> None:
     cases["rotary"] = (rotary._rotary_kernel,
                        {"q_ptr": bf, "k_ptr": bf, "pos_ptr": "*i64", "cos_ptr": bf, "sin_ptr": bf},
                        dict(NUM_Q_HEADS=32, NUM_K_HEADS=8, HALF=64, QH_PAD=32, KH_PAD=8, HALF_PAD=64), 8, 1)
+    for name, cache in (("rotary_write_kv", bf), ("rotary_write_kv_fp8", f8)):
+        cases[name] = (rotary._rotary_write_kv_kernel,
+                       {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_ptr": bf, "sin_ptr": bf,
+                        "cache_ptr": cache, "slot_ptr": "*i64"},
+                       dict(NUM_Q_HEADS=32, NUM_K_HEADS=8, HALF=64, BLOCK_SIZE=bs, QH_PAD=32, KH_PAD=8, HALF_PAD=64,
+                            FP8=cache == f8), 8, 1)
     cases["silu_and_mul"] = (activation._silu_and_mul_kernel, {"x_ptr": bf, "out_ptr": bf},
                              dict(BLOCK=1024), 4, 1)
     only = set(sys.argv[1:])

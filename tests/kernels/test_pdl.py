@@ -38,7 +38,7 @@ KERNELS = _pdl_kernels()
 
 def test_the_decode_step_kernels_take_pdl():
     names = {n.split(".")[1] for n, _ in KERNELS}
-    assert {"_rms_norm_kernel", "_rotary_kernel", "_write_kv_kernel", "_decode_split_kernel",
+    assert {"_rms_norm_kernel", "_rotary_kernel", "_write_kv_kernel", "_rotary_write_kv_kernel", "_decode_split_kernel",
             "_decode_merge_kernel", "_quant_gemv_dp4a_kernel", "_quant_gemv_rows_kernel", "_quant_gemv_kernel",
             "_gemv_kernel", "_fp8_gemv_rows_kernel", "_silu_and_mul_kernel"} <= names, names
 
