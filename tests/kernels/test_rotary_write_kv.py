@@ -15,7 +15,8 @@ from tests.kernels.reference import DEVICE
 
 def _step(heads, kv_heads, head_dim, dtype, t, seed):
     """A fused qkv output of ``t`` tokens as the model splits it, positions, slots (two of
-    them padding), the rotary tables and a cache of random contents."""
+    them padding when there are three or more), the rotary tables and the cache's size
+    (blocks, block size)."""
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
     q = qkv[:, :heads * head_dim].view(t, heads, head_dim)
@@ -25,9 +26,11 @@ def _step(heads, kv_heads, head_dim, dtype, t, seed):
     emb = RotaryEmbedding(head_dim, RopeSpec(theta=500000.0, type="llama3", factor=8.0, low_freq_factor=1.0,
                                               high_freq_factor=4.0, original_max_position=64), 128)
     emb.build(torch.device(DEVICE), dtype)
-    block_size, blocks = 8, 5
+    block_size = 8
+    blocks = max(5, -(-t // block_size) + 1)
     slots = torch.randperm(blocks * block_size, generator=g)[:t]
-    slots[[1, t - 2]] = -1  # padding rows of a CUDA-graph batch
+    if t >= 3:
+        slots[[1, t - 2]] = -1  # padding rows of a CUDA-graph batch
     return qkv, (q, k, v), pos, emb, slots.to(DEVICE), (blocks, block_size)
 
 
@@ -72,9 +75,7 @@ def test_bad_arguments_are_clear_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tokens", [1, 64, 3000])
 def test_gpu_llama8b_shapes(tokens):
-    qkv, _, pos, emb, _, _ = _step(32, 8, 128, torch.bfloat16, tokens, 3)
-    blocks, block_size = -(-tokens // 16) + 1, 16
-    slots = torch.randperm(blocks * block_size, device=DEVICE)[:tokens]
+    qkv, _, pos, emb, slots, (blocks, block_size) = _step(32, 8, 128, torch.bfloat16, tokens, 3)
     cache = torch.randn(2, blocks, block_size, 8, 128, device=DEVICE, dtype=torch.bfloat16)
     want_qkv, want_cache = qkv.clone(), cache.clone()
     q, k, v = _views(want_qkv, 32, 8, 128)
