@@ -319,9 +319,6 @@ def _fp8_weight_reasons(device: str) -> list[str]:
     return []
 
 
-#: The methods whose weights Hearth runs quantized (the kernels of ``engine.layers.quant_kernels``).
-QUANTIZED_METHODS = ("gguf", "int8", "int4", "awq", "gptq", "compressed-tensors", "fp8", "fp8-gptq")
-
 register(Choice("quantization", "auto", "auto (a GGUF file's or pre-quantized checkpoint's own; else none)"))
 register(Choice("quantization", "none", "none (the weights dtype)"))
 register(Choice("quantization", "bf16", "bf16 (unquantized; float32 on the CPU)", ("bfloat16",), bytes_per_param=2))
