@@ -128,13 +128,14 @@ def calibration_attention(layers):
     saved = []
     for layer in layers:
         attn = layer.self_attn
-        saved.append(attn.attn)
+        saved.append((attn.attn, attn.rope_in_kv_write))
         attn.attn = CausalAttention(attn.num_heads, attn.num_kv_heads, attn.scale, attn.sliding_window)
+        attn.rope_in_kv_write = False  # RoPE by the layer's rotary: this backend writes no cache
     try:
         yield
     finally:
-        for layer, backend in zip(layers, saved):
-            layer.self_attn.attn = backend
+        for layer, (backend, rope_in_kv_write) in zip(layers, saved):
+            layer.self_attn.attn, layer.self_attn.rope_in_kv_write = backend, rope_in_kv_write
 
 
 def run_layer(model, layer, h: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,25 @@ def test_the_kernel_plan_replaces_modules_on_the_same_parameters():
             (attn.num_heads, attn.num_kv_heads, attn.head_dim)
 
 
+def test_rope_goes_into_the_kv_write_under_the_triton_plan_only():
+    """With the Triton backend the cache write rotates q and k (one kernel); the torch
+    backend and calibration's attention (which writes no cache) leave RoPE to the rotary."""
+    from engine.layers.triton_attention import TritonAttention
+    from engine.quant.calibrate import calibration_attention
+
+    model = _tiny_model()
+    apply_kernel_plan(model, KernelPlan(attention=TritonAttention, fused=True))
+    layers = list(model.model.layers)
+    assert model.rotary.in_place and all(layer.self_attn.rope_in_kv_write for layer in layers)
+    with calibration_attention(layers):
+        assert not any(layer.self_attn.rope_in_kv_write for layer in layers)
+    assert all(layer.self_attn.rope_in_kv_write for layer in layers)
+    for plan in (KernelPlan(attention=TorchAttention, fused=True), KernelPlan(attention=TorchAttention, fused=False)):
+        model = _tiny_model()
+        apply_kernel_plan(model, plan)
+        assert not any(layer.self_attn.rope_in_kv_write for layer in model.model.layers)
+
+
 def test_the_reference_plan_keeps_plain_torch():
     model = _tiny_model()
     apply_kernel_plan(model, KernelPlan(attention=TorchAttention, fused=False))

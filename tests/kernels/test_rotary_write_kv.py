@@ -50,7 +50,19 @@ def test_one_kernel_gives_the_bits_of_the_two(heads, kv_heads, head_dim, dtype, 
     assert torch.equal(qkv.view(torch.uint8 if dtype != torch.float32 else torch.int32),
                        want_qkv.view(torch.uint8 if dtype != torch.float32 else torch.int32))
     assert torch.equal(cache.view(torch.uint8), want_cache.view(torch.uint8))
-    assert not torch.equal(qkv, _step(heads, kv_heads, head_dim, dtype, 9, heads + head_dim)[0])  # it did rotate
+
+
+def test_separate_q_and_k_beside_a_view_of_v_and_other_index_dtypes():
+    """As after Qwen3's per-head q/k norms: q and k new contiguous tensors, v still a view of
+    the qkv output (three different strides); int32 positions with int64 slots."""
+    qkv, (q, k, v), pos, emb, slots, (blocks, block_size) = _step(6, 2, 32, torch.bfloat16, 7, 5)
+    q, k = q.contiguous() * 1.5, k.contiguous() * 0.5
+    cache = torch.zeros(2, blocks, block_size, 2, 32, dtype=torch.bfloat16, device=DEVICE)
+    want_q, want_k, want_cache = q.clone(), k.clone(), cache.clone()
+    apply_rotary(want_q, want_k, pos, emb.cos, emb.sin)
+    write_kv_cache(want_k, v, want_cache, slots)
+    apply_rotary_and_write_kv(q, k, v, pos.int(), emb.cos, emb.sin, cache, slots.long())
+    assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(cache, want_cache)
 
 
 def _views(qkv, heads, kv_heads, head_dim):
