@@ -5,10 +5,10 @@ SiLU-and-mul run); ``apply_kernel_plan`` turns it into module choices. Every mod
 a load-time choice has ``choose_kernels(plan)``, which returns the module to run (itself,
 with a kernel object fixed, or a replacement sharing its parameters); nothing reads a
 flag in ``forward`` (one exception, fixed at load all the same: an attention layer whose
-backend ``rotates`` leaves RoPE to the cache write, ``rope_in_kv_write``, when the rotary it is
-handed is the in-place one: a layer split hands each device's). Batch-1 GEMV choices are made after this, by timing
-(``engine/runner/gemv_tuning.py``), and CUDA graphs are captured after that, so a graph
-holds the final choice.
+backend ``rotates`` leaves RoPE to the cache write, ``rope_in_kv_write``, when the rotary it
+is handed is the in-place one: a layer split hands each device's). Batch-1 GEMV choices are
+made after this, by timing (``engine/runner/gemv_tuning.py``), and CUDA graphs are captured
+after that, so a graph holds the final choice.
 """
 
 from __future__ import annotations
