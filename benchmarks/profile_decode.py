@@ -11,7 +11,10 @@ get the pure GPU time of a step. Prints one table; writes JSON with --json.
 
 ``--kernels N`` also records N graph replays with torch.profiler and sums each kernel's
 GPU time per step by name (the rest of the step's time is the gaps between kernels):
-which projections and which other kernels the step spends its time on.
+which projections and which other kernels the step spends its time on. With PDL on (the
+default on Hopper, ``hearth_kernels/pdl.py``) a kernel starts while the one before it runs and
+its profiled time includes that wait, so the per-kernel times overlap and sum past the step:
+run with ``HEARTH_PDL=0`` to attribute time (the JSON records ``pdl``).
 """
 
 from __future__ import annotations
@@ -83,6 +86,12 @@ def main() -> None:
     gpu_ms = start.elapsed_time(end) / n
 
     kernels = by_kernel(graph, args.kernels, gpu_ms) if args.kernels else None
+    from hearth_kernels.pdl import pdl_on
+
+    pdl = pdl_on(torch.device("cuda"))
+    if kernels and pdl:
+        print("PDL is on: each kernel's time includes its wait for the one before (they overlap and sum past "
+              "the step); HEARTH_PDL=0 attributes time")
 
     rows = {k: {"calls": len(v), "mean_ms": 1e3 * statistics.mean(v), "median_ms": 1e3 * statistics.median(v)}
             for k, v in acc.items() if v}
@@ -99,7 +108,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": args.shape, "quant": args.quant, "hearth_kernels": kernels, "batch": args.batch, "decode_tok_s": rate, "graph_ms": gpu_ms,
-                       "weight_bytes": weight_bytes, "phases": rows, "load": chosen,
+                       "weight_bytes": weight_bytes, "phases": rows, "load": chosen, "pdl": pdl,
                        "card": torch.cuda.get_device_name()}, f, indent=1)
     engine.shutdown()
 
