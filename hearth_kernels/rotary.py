@@ -66,6 +66,18 @@ def _to_cache(x, cache_ptr, FP8: tl.constexpr):
 
 
 @triton.jit
+def _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, tok, stride_cos, stride_sin, HALF: tl.constexpr,
+                   HALF_PAD: tl.constexpr):
+    """Token ``tok``'s cos and sin rows (first halves, fp32, [1, HALF_PAD])."""
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    offs_d = tl.arange(0, HALF_PAD)
+    dmask = offs_d < HALF
+    c = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    return c, s
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
@@ -75,11 +87,7 @@ def _rotary_kernel(
     pdl_start(PDL)
     pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     tok = tl.program_id(0)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
-    offs_d = tl.arange(0, HALF_PAD)
-    dmask = offs_d < HALF
-    c = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, tok, stride_cos, stride_sin, HALF, HALF_PAD)
     tok64 = tok.to(tl.int64)
     _rotate_heads(q_ptr + tok64 * stride_qt, stride_qh, c, s, NUM_Q_HEADS, HALF, QH_PAD, HALF_PAD)
     _rotate_heads(k_ptr + tok64 * stride_kt, stride_kh, c, s, NUM_K_HEADS, HALF, KH_PAD, HALF_PAD)
@@ -97,11 +105,8 @@ def _rotary_write_kv_kernel(
     pdl_wait(PDL)  # (hearth_kernels/pdl.py)
     tok = tl.program_id(0)
     tok64 = tok.to(tl.int64)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    c, s = _token_cos_sin(pos_ptr, cos_ptr, sin_ptr, tok, stride_cos, stride_sin, HALF, HALF_PAD)
     offs_d = tl.arange(0, HALF_PAD)
-    dmask = offs_d < HALF
-    c = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     _rotate_heads(q_ptr + tok64 * stride_qt, stride_qh, c, s, NUM_Q_HEADS, HALF, QH_PAD, HALF_PAD)
     p1, mask, k1, k2 = _rotated(k_ptr + tok64 * stride_kt, stride_kh, c, s, NUM_K_HEADS, HALF, KH_PAD, HALF_PAD)
     tl.store(p1, k1, mask=mask)  # k rotated in place too: a fresh prompt's attention reads it there
@@ -121,6 +126,20 @@ def _rotary_write_kv_kernel(
     tl.store(dst + stride_c_kv + HALF, _to_cache(v2, cache_ptr, FP8), mask=cmask)
 
 
+def _check_rope(who: str, t: int, d: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The checks ``apply_rotary`` and ``apply_rotary_and_write_kv`` share: an even head_dim,
+    ``positions`` [t] of int32/int64, cos/sin [max_pos, d] tables with a contiguous last axis."""
+    if d % 2:
+        raise ValueError(f"{who}: head_dim must be even, got {d}")
+    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{who}: positions must be int32/int64 of shape [{t}], got "
+                         f"{positions.dtype} {tuple(positions.shape)}")
+    for name, tab in (("cos", cos), ("sin", sin)):
+        if tab.dim() != 2 or tab.shape[1] != d or tab.stride(1) != 1:
+            raise ValueError(f"{who}: {name} must be a [max_pos, {d}] table with a contiguous "
+                             f"last axis, got {tuple(tab.shape)}")
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` [T, H, D] and ``k`` [T, KVH, D] IN PLACE by their token's position.
@@ -135,15 +154,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     t, hq, d = q.shape
     hk = k.shape[1]
-    if d % 2:
-        raise ValueError(f"apply_rotary: head_dim must be even, got {d}")
-    if positions.shape != (t,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"apply_rotary: positions must be int32/int64 of shape [{t}], got "
-                         f"{positions.dtype} {tuple(positions.shape)}")
-    for name, tab in (("cos", cos), ("sin", sin)):
-        if tab.dim() != 2 or tab.shape[1] != d or tab.stride(1) != 1:
-            raise ValueError(f"apply_rotary: {name} must be a [max_pos, {d}] table with a contiguous "
-                             f"last axis, got {tuple(tab.shape)}")
+    _check_rope("apply_rotary", t, d, positions, cos, sin)
     if q.dtype != k.dtype:
         raise ValueError(f"apply_rotary: q is {q.dtype} but k is {k.dtype}")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
@@ -176,16 +187,10 @@ def apply_rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
     t, hq, d = q.shape
     hk = k.shape[1]
-    if d % 2:
-        raise ValueError(f"apply_rotary_and_write_kv: head_dim must be even, got {d}")
-    for name, ids in (("positions", positions), ("slot_mapping", slot_mapping)):
-        if ids.shape != (t,) or ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"apply_rotary_and_write_kv: {name} must be int32/int64 of shape [{t}], got "
-                             f"{ids.dtype} {tuple(ids.shape)}")
-    for name, tab in (("cos", cos), ("sin", sin)):
-        if tab.dim() != 2 or tab.shape[1] != d or tab.stride(1) != 1:
-            raise ValueError(f"apply_rotary_and_write_kv: {name} must be a [max_pos, {d}] table with a contiguous "
-                             f"last axis, got {tuple(tab.shape)}")
+    _check_rope("apply_rotary_and_write_kv", t, d, positions, cos, sin)
+    if slot_mapping.shape != (t,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"apply_rotary_and_write_kv: slot_mapping must be int32/int64 of shape [{t}], got "
+                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"apply_rotary_and_write_kv: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
