@@ -123,13 +123,21 @@ def by_kernel(graph, n: int, step_ms: float) -> list[dict]:
             graph.replay()
         torch.cuda.synchronize()
     total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            t = total[ev.name]
-            t[0] += ev.device_time / n  # microseconds per step
-            t[1] += 1
-    out = sorted(({"kernel": k, "us_per_step": v[0], "calls_per_step": v[1] / n} for k, v in total.items()),
-                 key=lambda r: -r["us_per_step"])
+    order: dict[str, list[float]] = defaultdict(list)  # each kernel's times in launch order
+    events = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    for ev in sorted(events, key=lambda e: e.time_range.start):
+        t = total[ev.name]
+        t[0] += ev.device_time / n  # microseconds per step
+        t[1] += 1
+        order[ev.name].append(ev.device_time)
+    out = []
+    for k, v in total.items():
+        row = {"kernel": k, "us_per_step": v[0], "calls_per_step": v[1] / n}
+        per = len(order[k]) // n
+        if per * n == len(order[k]):  # the i-th call of each step, averaged over the steps
+            row["us_by_call"] = [sum(order[k][s * per + i] for s in range(n)) / n for i in range(per)]
+        out.append(row)
+    out.sort(key=lambda r: -r["us_per_step"])
     busy = sum(r["us_per_step"] for r in out)
     print(f"kernels: {busy:.0f} us busy of a {1e3 * step_ms:.0f} us step ({len(out)} kinds)")
     for r in out[:16]:

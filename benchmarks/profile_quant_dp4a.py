@@ -84,7 +84,9 @@ def main() -> None:
                 json.dump(result, f, indent=1)
 
     for bits in (int(b) for b in args.bits.split(",")):
-        for name, (n, k, swiglu) in shapes_of("llama-8b").items():
+        shapes = shapes_of("llama-8b")
+        shapes["down"] = (shapes["down+swiglu"][0], shapes["down+swiglu"][1], False)  # x given, no SwiGLU
+        for name, (n, k, swiglu) in shapes.items():
             if name not in args.layers.split(","):
                 continue
             if bits == 4:
