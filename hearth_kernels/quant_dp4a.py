@@ -50,7 +50,7 @@ import triton.language as tl
 
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
-from hearth_kernels.quant_gemv import _load_x_blocks, _split4, _steps_next, _steps_start
+from hearth_kernels.quant_gemv import _load_x_blocks, _split4, _split_x_blocks, _steps_next, _steps_start
 
 #: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
 _HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
@@ -106,16 +106,41 @@ def _quantize(v, inv):
 
 
 @triton.jit
+def _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, eps, ADD: tl.constexpr):
+    """[NB, 32] float32: RMSNorm of the blocks of x starting at ``kb`` (of x + r with
+    ``ADD``; program (0, 0) then stores that sum, rounded to x's dtype, at ro_ptr), rounded
+    step for step like ``hearth_kernels/rmsnorm.py``: the sum and the normalised value to the
+    dtype, then the weight's product. The program holds all of x (one program along K), so
+    the mean of squares is its own sum; only its order differs from the norm kernel's."""
+    dt = x_ptr.dtype.element_ty
+    xk = kb[:, None] + tl.arange(0, 32)[None, :]
+    ok = xk < K
+    h = tl.load(x_ptr + xk, mask=ok, other=0.0)
+    if ADD:
+        h = (h.to(tl.float32) + tl.load(r_ptr + xk, mask=ok, other=0.0).to(tl.float32)).to(dt)
+        tl.store(ro_ptr + xk, h, mask=ok & (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
+    hf = h.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(tl.sum(hf * hf, axis=1), axis=0) / K + eps)
+    hn = (hf * inv_rms).to(dt).to(tl.float32)
+    w = tl.load(nw_ptr + xk, mask=ok, other=0.0).to(tl.float32)
+    return (w * hn).to(dt).to(tl.float32)
+
+
+@triton.jit
 def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_qn, stride_sn,
+                            r_ptr, nw_ptr, ro_ptr, eps,
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            ASM: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
     # [programs, SPLIT, ROWS] and the last of a row block to arrive (cnt_ptr, zeroed, left
-    # zeroed) adds them in split order (the same bits every run) and writes y.
+    # zeroed) adds them in split order (the same bits every run) and writes y. NORM (one
+    # program along K): x is the RMSNorm of x (NORM 1) or of x + r (NORM 2; program 0
+    # writes that sum, the new residual stream, to ro_ptr) with weight nw_ptr, as
+    # hearth_kernels/rmsnorm.py rounds it (see ``quant_gemv_normed``).
     pdl_start(PDL)
     NB: tl.constexpr = KP // 32  # blocks of 32 inputs
     WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
@@ -138,7 +163,11 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     # x, quantized per block to int8 and packed like the codes
     # int4 word j: inputs 8j..8j+7, the even ones (x) pair with the low nibbles, the odd (h)
     # with the high; int8 word j: inputs 4j..4j+3, byte b = input 4j + b
-    x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
+    if NORM:
+        x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(
+            _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, eps, NORM == 2), BITS)
+    else:
+        x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
     amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
     xsum = x0 + x1 + x2 + x3
     if BITS == 4:
@@ -222,16 +251,22 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
 
 
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
-                    block_n: int, block_k: int, warps: int, stages: int, split: int = 1) -> torch.Tensor:
+                    block_n: int, block_k: int, warps: int, stages: int, split: int = 1,
+                    norm: tuple | None = None) -> torch.Tensor:
     """Launch the dp4a kernel for one row (``hearth_kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
     ahead, K split among ``split`` programs per row block (a small fp32 workspace from
-    torch's allocator; the counters are made outside graph capture, as ``quant_mma``'s)."""
+    torch's allocator; the counters are made outside graph capture, as ``quant_mma``'s).
+    ``norm``: ``(residual or None, weight, eps, residual_out)``, checked by
+    ``quant_gemv_normed``: x is RMS-normalised (after adding the residual) in the prologue;
+    needs ``split == 1`` and no SwiGLU."""
     n, k = prepared.out_features, prepared.in_features
     if k > DP4A_MAX_K or k % 32:
         raise ValueError(f"quant_gemv: the dp4a kernel needs K a multiple of 32 and at most {DP4A_MAX_K}, got {k}")
     kp, rows_per_step, num_warps, split = dp4a_launch(block_n, block_k, warps, k, split)
+    if norm is not None and (split > 1 or swiglu):
+        raise ValueError("quant_gemv: the RMSNorm prologue needs the whole row in one program (split 1), no SwiGLU")
     if split > 1 and block_n & (block_n - 1):
         raise ValueError(f"quant_gemv: a dp4a config with K split needs a power of 2 of rows per program, got {block_n}")
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
@@ -243,11 +278,19 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         cnt = _counters(x.device, programs)
     else:
         ws = cnt = s
+    if norm is not None:
+        residual, weight, eps, residual_out = norm
+        norm_mode = 1 if residual is None else 2
+        r_arg, ro_arg = (x, x) if residual is None else (residual, residual_out)
+    else:
+        r_arg = weight = ro_arg = x
+        eps, norm_mode = 0.0, 0
     _quant_gemv_dp4a_kernel[(programs, split)](
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
-        s.stride(0), GROUP=prepared.group_size, BITS=prepared.bits, HAS_MIN=m is not None,
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp, STAGES=stages, SPLIT=split,
-        ASM=not _interpreting(), num_warps=num_warps, **pdl_args(x.device))
+        s.stride(0), r_arg, weight, ro_arg, eps, GROUP=prepared.group_size, BITS=prepared.bits,
+        HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
+        STAGES=stages, SPLIT=split, NORM=norm_mode, ASM=not _interpreting(), num_warps=num_warps,
+        **pdl_args(x.device))
     return out
 
 

@@ -246,9 +246,14 @@ def _load_x_blocks(x_ptr, kb, K, BITS: tl.constexpr, SWIGLU: tl.constexpr):
     block is loaded whole (contiguous, so the loads are 16-byte vectors) and split in
     registers: strided per-input loads made the prologue a long chain of 2-byte loads (half
     of a long-row layer's time in the H200 profile)."""
-    NB: tl.constexpr = kb.shape[0]
     xk = kb[:, None] + tl.arange(0, 32)[None, :]
-    xv = _load_x(x_ptr, xk, K, xk < K, SWIGLU, False)  # [NB, 32]
+    return _split_x_blocks(_load_x(x_ptr, xk, K, xk < K, SWIGLU, False), BITS)
+
+
+@triton.jit
+def _split_x_blocks(xv, BITS: tl.constexpr):
+    """Blocks of x [NB, 32] split as ``_load_x_blocks`` returns them."""
+    NB: tl.constexpr = xv.shape[0]
     if BITS == 4:
         even, odd = tl.split(tl.reshape(xv, [NB, 4, 4, 2]))  # [NB, word, pair]
         x0, x1, x2, x3 = _split4(even)
@@ -594,6 +599,61 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             out.append(GemvConfig(c.block_n, c.block_k, c.warps, SWAP_SCALED if c.scale_w else SWAP, c.stages,
                                   c.split_k))
     return out
+
+
+def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
+    """Whether ``quant_gemv_normed`` runs ``config`` as one kernel with the RMSNorm in its
+    prologue (a dp4a config with the row in one program); otherwise it runs the norm kernel
+    first."""
+    if config is None:
+        return False
+    cfg = GemvConfig(*config)
+    k = prepared.in_features
+    return (cfg.kind == DP4A and cfg.split <= 1 and k % BLOCK == 0 and k <= _DP4A_MAX_K
+            and prepared.group_size >= BLOCK)
+
+
+def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Tensor, eps: float, *,
+                      residual: torch.Tensor | None = None, config: tuple | None = None,
+                      out: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quant_gemv(rms_norm(s)), s)`` for one row, where ``s = x + residual`` rounded to x's
+    dtype (``s = x`` without a residual): the norm before a projection
+    (``hearth_kernels/rmsnorm.fused_add_rms_norm``, then ``quant_gemv``) in one kernel when
+    ``norm_fusable``. The dp4a kernel's programs each hold the whole row of x, so each
+    computes the mean of squares itself and program 0 writes ``s`` (a new tensor, never
+    ``residual``: other programs still read it). That saves the norm's launch and its
+    round trip through memory; the result equals the two kernels' up to the order of the
+    mean's sum (an ulp of the norm's scale, now and then one of a normalised input)."""
+    k = prepared.in_features
+    _check_x("quant_gemv_normed", x, k, False)
+    if x.shape[0] != 1:
+        raise ValueError(f"quant_gemv_normed: x must be one row [1, K], got {list(x.shape)}")
+    if tuple(weight.shape) != (k,) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(f"quant_gemv_normed: the norm's weight must be a contiguous {x.dtype} [{k}] tensor, "
+                         f"got {weight.dtype} {list(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"quant_gemv_normed: residual must be {x.dtype} {list(x.shape)}, "
+                         f"got {residual.dtype} {list(residual.shape)}")
+    if not norm_fusable(prepared, config):
+        from hearth_kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+        if residual is None:
+            h, s = rms_norm(x, weight, eps), x
+        else:
+            h, s = fused_add_rms_norm(x, residual, weight, eps)
+        return quant_gemv(h, prepared, config=config, out=out, bias=bias), s
+    from hearth_kernels.quant_dp4a import quant_gemv_dp4a
+
+    n = prepared.out_features
+    out = _check_bias_out("quant_gemv_normed", x, 1, n, bias, out)
+    x = x.contiguous()
+    s = x if residual is None else torch.empty_like(x)
+    residual = None if residual is None else residual.contiguous()
+    cfg = GemvConfig(*config)
+    quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages), 1,
+                    norm=(residual, weight, float(eps), s))
+    return out, s
 
 
 def _check_x(op: str, x: torch.Tensor, k: int, swiglu: bool) -> None:

@@ -53,6 +53,12 @@ class Linear(nn.Module):
         given (the CUDA graphs write every bucket's logits into one buffer)."""
         return self.kernel(x, self.weight, self.bias, out)
 
+    def normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        """``(self(norm(s)), s)`` with ``s = x + residual`` (``x`` without one): the
+        RMSNorm before a projection (``norm_then_project``; a quantized projection may run
+        both in one kernel, see ``QuantizedLinear.normed``)."""
+        return norm_then_project(self, x, residual, norm)
+
     def use_kernel(self, kernel: LinearKernel) -> None:
         """Fix the kernel this module runs (the GEMV tuner, at load)."""
         self.kernel = kernel
@@ -68,6 +74,16 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, kernel={self.kernel!r}")
+
+
+def norm_then_project(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+    """``(proj(norm(s)), s)``, ``s = x + residual`` (the norm's fused add) or ``x``: the norm
+    and the projection as two calls (hooks on ``proj`` see its normalised input)."""
+    if residual is None:
+        h, residual = norm(x), x
+    else:
+        h, residual = norm(x, residual)
+    return proj(h), residual
 
 
 class MergedLinear(Linear):

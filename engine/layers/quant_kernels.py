@@ -49,6 +49,14 @@ class QuantKernel:
     def __call__(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def fuses_norm(self, layer, norm) -> bool:
+        """Whether ``normed`` runs ``norm`` and this projection of one row in one kernel."""
+        return False
+
+    def normed(self, x: torch.Tensor, layer, residual: torch.Tensor | None, norm):
+        """``(layer(norm(x + residual)), x + residual)`` in one kernel (when ``fuses_norm``)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
 
@@ -146,6 +154,21 @@ class TritonQuant(QuantKernel):
             return self._gemv(x, self.prepared, config=self.config, swiglu=layer.act is not None, out=out,
                               bias=layer.bias)
         return self._gemm(permuted(gated(x, layer), layer), self.prepared, bias=layer.bias, out=out)
+
+    def fuses_norm(self, layer, norm) -> bool:
+        """A dp4a config holding the whole row in one program, no act-order permutation,
+        and the fused plan's norm (the Triton one: the reference plan keeps torch's)."""
+        from engine.layers.norm import TritonRMSNorm
+        from hearth_kernels.quant_gemv import norm_fusable
+
+        return (isinstance(norm, TritonRMSNorm) and layer.perm is None and self.prepared is not None
+                and norm.weight.dtype == getattr(layer, "dtype", None) and norm_fusable(self.prepared, self.config))
+
+    def normed(self, x, layer, residual, norm):
+        from hearth_kernels.quant_gemv import quant_gemv_normed
+
+        return quant_gemv_normed(x, self.prepared, norm.weight, norm.eps, residual=residual, config=self.config,
+                                 bias=layer.bias)
 
 
 class Fp8Kernel(QuantKernel):

@@ -24,7 +24,7 @@ import torch
 
 from torch import nn
 
-from engine.layers.linear import Linear, SwiGLUDownLinear
+from engine.layers.linear import Linear, SwiGLUDownLinear, norm_then_project
 from engine.layers.linear_kernels import silu_and_mul_reference, silu_and_mul_triton
 from engine.layers.quant_kernels import DequantMatmul, QuantKernel, kernel_candidates, kernel_for, triton_reads
 from engine.layers.weight_loader import WeightShapeError
@@ -189,6 +189,14 @@ class QuantizedLinear(QuantizedStore):
         """``x`` [rows, input_width] (a down projection's ``[gate | up]``: the kernel applies
         or fuses SwiGLU) -> [rows, out_features]."""
         return self.kernel(x, self, out)
+
+    def normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        """``(self(norm(s)), s)``, ``s = x + residual`` (or ``x``): in one kernel where this
+        projection's kernel takes the norm into its prologue (``TritonQuant.fuses_norm``:
+        one row, a dp4a config, the fused plan's norm), else as two calls."""
+        if x.shape[0] == 1 and self.act is None and self.kernel.fuses_norm(self, norm):
+            return self.kernel.normed(x, self, residual, norm)
+        return norm_then_project(self, x, residual, norm)
 
     def choose_kernels(self, plan) -> "QuantizedLinear | Linear":
         """The plan's SwiGLU activation, and the kernel that runs on this device. On a GPU a

@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
-from engine.layers.linear import Linear, MergedLinear, QKVLinear, SwiGLUDownLinear, TiedLMHead
+from engine.layers.linear import Linear, MergedLinear, QKVLinear, SwiGLUDownLinear, TiedLMHead, norm_then_project
 from engine.layers.modules import materialize
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -63,7 +63,11 @@ class LlamaAttention(nn.Module):
         return self
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary: RotaryEmbedding):
-        qkv = self.qkv_proj(x)
+        return self.attend(positions, self.qkv_proj(x), kv_cache, meta, rotary)
+
+    def attend(self, positions, qkv, kv_cache, meta: AttentionMetadata, rotary: RotaryEmbedding):
+        """The layer after its q/k/v projection (``qkv``: [T, q + 2 kv]): RoPE, the cache
+        write, attention and the output projection."""
         q, k, v = qkv.split(self._split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -102,14 +106,20 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, dtype=dtype)
 
     def forward(self, positions, x, residual, kv_cache, meta, rotary):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta, rotary)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        # Each norm goes with the projection after it (``normed``): a quantized batch-1
+        # projection runs the two in one kernel, any other as two calls.
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = _normed(attn.qkv_proj, x, residual, self.input_layernorm)
+        x = attn.attend(positions, qkv, kv_cache, meta, rotary)
+        h, residual = _normed(mlp.gate_up_proj, x, residual, self.post_attention_layernorm)
+        return mlp.down_proj(h), residual
+
+
+def _normed(proj: nn.Module, x, residual, norm):
+    """``proj.normed`` where the projection has one (Hearth's), else the two calls (a module
+    swapped in by a test or a transform)."""
+    normed = getattr(proj, "normed", None)
+    return normed(x, residual, norm) if normed is not None else norm_then_project(proj, x, residual, norm)
 
 
 class LlamaModel(nn.Module):

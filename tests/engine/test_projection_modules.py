@@ -82,6 +82,48 @@ def test_a_wrong_reference_projection_changes_the_logits(tiny_models, reference,
     assert (logits - reference).abs().max() > 1e-3
 
 
+class RecordingNormed(nn.Module):
+    """A projection that takes its norm (``normed``) and records each call, then does the
+    two calls itself."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.normed_rows: list[int] = []
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def normed(self, x, residual, norm):
+        from engine.layers.linear import norm_then_project
+
+        self.normed_rows.append(x.shape[0])
+        return norm_then_project(self, x, residual, norm)
+
+
+def test_each_norm_goes_with_the_projection_after_it(tiny_models, reference):
+    """The decoder layer hands q/k/v and gate_up their norm (``normed``; the first layer
+    without a residual), and a projection without ``normed`` gets the norm then itself:
+    the logits don't change either way."""
+    _, runner = prompt_logits(tiny_models["llama3"])
+    model = runner.model
+    qkv, gate_up, plain = ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj",
+                           "model.layers.1.self_attn.qkv_proj")
+    for name in (qkv, gate_up):
+        replace_module(model, name, RecordingNormed(model.get_submodule(name)))
+    old = model.get_submodule(plain)
+    f64 = Float64Linear(old.in_features, old.out_features)
+    f64.weight.data = old.weight.data
+    replace_module(model, plain, f64)
+    n = len(PROMPT)
+    with torch.inference_mode():
+        meta = runner._metadata([[0]], [0], [n])
+        logits = model.compute_logits(model(torch.tensor(PROMPT), torch.arange(n), runner.kv_caches, meta))
+    assert model.get_submodule(qkv).normed_rows == [n] and model.get_submodule(gate_up).normed_rows == [n]
+    assert f64.calls == 1
+    torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-5)
+
+
 def _tiny_model():
     from engine.runner.bring_up import build_on_meta
     from engine.shapes import shape_config

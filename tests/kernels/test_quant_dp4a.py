@@ -132,6 +132,78 @@ def test_dp4a_split_k_sums_the_splits_in_order(bits, group, swiglu):
         assert torch.equal(quant_gemv(x, prep, config=cfg, swiglu=swiglu, bias=bias), y)
 
 
+def _rel_rms(a, b) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt())
+
+
+def _norm_reference(x, residual, weight, eps):
+    """(RMSNorm(x + residual), x + residual) by Hearth's reference norm (torch ops)."""
+    from engine.layers.norm import RMSNorm
+
+    norm = RMSNorm(x.shape[1], eps, dtype=x.dtype, device=x.device)
+    norm.weight.data.copy_(weight)
+    return (norm(x), x) if residual is None else norm(x, residual)
+
+
+@pytest.mark.parametrize("bits,n,k,group,dtype", [(4, 40, 192, 64, torch.bfloat16), (8, 72, 160, 160, torch.bfloat16),
+                                                  (4, 40, 96, 32, torch.float32), (8, 40, 64, 32, torch.float16)])
+@pytest.mark.parametrize("add", [False, True], ids=["norm", "add+norm"])
+def test_dp4a_rmsnorm_prologue(bits, n, k, group, dtype, add):
+    """The RMSNorm (after the residual add) in the dp4a kernel's prologue: the product is the
+    exact integer reference's for the reference norm's output (within one activation level
+    of it: the mean of squares is summed in another order), the new residual stream is the
+    rounded sum bit for bit (a new tensor; the inputs untouched), and K not a power of 2
+    pads nothing into the mean."""
+    from hearth_kernels.quant_gemv import quant_gemv_normed
+
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4, seed=k + bits)
+    x = 3 * rand_x(1, k, dtype)
+    residual = rand_x(1, k, dtype, seed=2) if add else None
+    weight = (1 + 0.2 * rand_x(1, k, torch.float32, seed=3)[0]).to(dtype)
+    bias = rand_x(1, n, dtype, seed=4)[0]
+    keep = (x.clone(), None if residual is None else residual.clone())
+    from hearth_kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+    y, s = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=SMALL, bias=bias)
+    h2, s2 = (rms_norm(x, weight, 1e-5), x) if residual is None else fused_add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(s, s2)  # the norm kernel's residual stream, bit for bit
+    if dtype != torch.bfloat16 or DEVICE == "cuda":  # (Triton's interpreter truncates to bf16)
+        assert torch.equal(s, _norm_reference(x, residual, weight, 1e-5)[1])
+    h = _norm_reference(s, None, weight, 1e-5)[0]
+    check_exact(y, h, prep, bias=bias, levels=1)
+    assert torch.equal(x, keep[0]) and (residual is None or torch.equal(residual, keep[1]))
+    if add:
+        assert s.data_ptr() not in (x.data_ptr(), residual.data_ptr())
+    # and the two kernels it replaces give the same within the same bound, and closely (the
+    # bound allows a level per input; a wrong mean, e.g. over the padded K, is caught here)
+    y2 = quant_gemv(h2, prep, config=SMALL, bias=bias)
+    check_exact(y2, h, prep, bias=bias, levels=1)
+    assert _rel_rms(y, y2) < 1e-3
+
+
+def test_dp4a_rmsnorm_prologue_other_configs_run_the_norm_first():
+    """A config that can't hold the row in one program (K split), or another kernel kind,
+    runs the norm kernel and then the GEMV: bit for bit the two calls; bad arguments say
+    what is wrong."""
+    from hearth_kernels.quant_gemv import norm_fusable, quant_gemv_normed
+    from hearth_kernels.rmsnorm import fused_add_rms_norm
+
+    n, k = 40, 2048
+    _, prep = make_weight(8, n, k, 64, mins=False, seed=9)
+    x, residual = rand_x(1, k, torch.bfloat16), rand_x(1, k, torch.bfloat16, seed=2)
+    weight = torch.ones(k, dtype=torch.bfloat16, device=DEVICE)
+    assert norm_fusable(prep, SMALL) and not norm_fusable(prep, None)
+    for cfg in (GemvConfig(8, 4, 1, DP4A, 2, 2), GemvConfig(8, 64, 2, 0, 1)):
+        assert not norm_fusable(prep, cfg)
+        y, s = quant_gemv_normed(x, prep, weight, 1e-6, residual=residual, config=cfg)
+        h, s2 = fused_add_rms_norm(x, residual, weight, 1e-6)
+        assert torch.equal(s, s2) and torch.equal(y, quant_gemv(h, prep, config=cfg))
+    with pytest.raises(ValueError, match="norm's weight"):
+        quant_gemv_normed(x, prep, weight[:-32], 1e-6, config=SMALL)
+    with pytest.raises(ValueError, match="residual must be"):
+        quant_gemv_normed(x, prep, weight, 1e-6, residual=residual.float(), config=SMALL)
+
+
 def test_blocks_of_zeros_outliers_and_partial_rows():
     """A block of x that is all zero (its scale would divide by zero), one with an outlier
     (the others round to few levels but stay within the bound), and K not a power of 2."""
@@ -157,6 +229,28 @@ def test_the_tuner_lists_dp4a_configs_and_the_launch_shape(monkeypatch):
     assert dp4a_launch(16, 32, 8, 1000) == (1024, 16, 1, 1)  # rows per step <= rows per program
     assert dp4a_launch(32, 4, 8, 14336, 4) == (4096, 4, 4, 4)  # K split 4 ways: 4096 inputs a program
     assert dp4a_launch(16, 4, 4, 2048, 4) == (1024, 4, 1, 2)  # at least 1024 inputs a program
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 4096)])
+def test_gpu_dp4a_rmsnorm_prologue_llama_shapes(bits, group):
+    """The norm in the prologue at the 8B q/k/v and gate_up shapes, against the reference norm
+    then the exact integer product (one activation level: the GPU's mean of squares is summed
+    in another order than torch's)."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    from hearth_kernels.quant_gemv import quant_gemv_normed
+
+    for n in (6144, 28672):
+        _, prep = make_weight(bits, n, 4096, group, mins=bits == 4, seed=n)
+        x, residual = 4 * rand_x(1, 4096, torch.bfloat16), rand_x(1, 4096, torch.bfloat16, seed=2)
+        weight = (1 + 0.2 * rand_x(1, 4096, torch.float32, seed=3)[0]).to(torch.bfloat16)
+        h, s_ref = _norm_reference(x, residual, weight, 1e-5)
+        for c in (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(32, 2, 4, DP4A, 2), GemvConfig(8, 4, 4, DP4A, 2)):
+            y, s = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=c)
+            check_exact(y, h, prep, levels=1)
+            assert torch.equal(s, s_ref)
+            assert _rel_rms(y, quant_gemv(h, prep, config=c)) < 1e-3
 
 
 @pytest.mark.gpu
