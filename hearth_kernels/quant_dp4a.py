@@ -106,12 +106,13 @@ def _quantize(v, inv):
 
 
 @triton.jit
-def _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, eps, ADD: tl.constexpr):
-    """[NB, 32] float32: RMSNorm of the blocks of x starting at ``kb`` (of x + r with
-    ``ADD``; program (0, 0) then stores that sum, rounded to x's dtype, at ro_ptr), rounded
-    step for step like ``hearth_kernels/rmsnorm.py``: the sum and the normalised value to the
-    dtype, then the weight's product. The program holds all of x (one program along K), so
-    the mean of squares is its own sum; only its order differs from the norm kernel's."""
+def _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, ADD: tl.constexpr):
+    """For the blocks of x starting at ``kb``: ``(w * s, sum(s^2) per block)`` in float32,
+    [NB, 32] and [NB], where ``s`` is x (x + r rounded to x's dtype with ``ADD``; program
+    (0, 0) then stores it at ro_ptr: the new residual stream) and ``w`` the norm's weight.
+    RMSNorm's ``w * s * rsqrt(mean(s^2) + eps)`` is this times one scalar, which the kernel
+    applies to each block's scale after quantizing (quantizing per block is scale-free), so
+    no register holds x across the program-wide sum."""
     dt = x_ptr.dtype.element_ty
     xk = kb[:, None] + tl.arange(0, 32)[None, :]
     ok = xk < K
@@ -120,10 +121,8 @@ def _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, eps, ADD: tl.constexpr
         h = (h.to(tl.float32) + tl.load(r_ptr + xk, mask=ok, other=0.0).to(tl.float32)).to(dt)
         tl.store(ro_ptr + xk, h, mask=ok & (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
     hf = h.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(tl.sum(hf * hf, axis=1), axis=0) / K + eps)
-    hn = (hf * inv_rms).to(dt).to(tl.float32)
     w = tl.load(nw_ptr + xk, mask=ok, other=0.0).to(tl.float32)
-    return (w * hn).to(dt).to(tl.float32)
+    return w * hf, tl.sum(hf * hf, axis=1)
 
 
 @triton.jit
@@ -139,8 +138,8 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     # [programs, SPLIT, ROWS] and the last of a row block to arrive (cnt_ptr, zeroed, left
     # zeroed) adds them in split order (the same bits every run) and writes y. NORM (one
     # program along K): x is the RMSNorm of x (NORM 1) or of x + r (NORM 2; program 0
-    # writes that sum, the new residual stream, to ro_ptr) with weight nw_ptr, as
-    # hearth_kernels/rmsnorm.py rounds it (see ``quant_gemv_normed``).
+    # writes that sum, the new residual stream, to ro_ptr) with weight nw_ptr (see
+    # ``quant_gemv_normed``).
     pdl_start(PDL)
     NB: tl.constexpr = KP // 32  # blocks of 32 inputs
     WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
@@ -164,8 +163,8 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     # int4 word j: inputs 8j..8j+7, the even ones (x) pair with the low nibbles, the odd (h)
     # with the high; int8 word j: inputs 4j..4j+3, byte b = input 4j + b
     if NORM:
-        x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(
-            _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, eps, NORM == 2), BITS)
+        xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
+        x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
     else:
         x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
     amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
@@ -177,6 +176,10 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     xsum = tl.sum(xsum, axis=1)
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
     sx = amax / 127.0
+    if NORM:  # the norm's scalar, on each block's scale and sum (``_normed_x_blocks``)
+        inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        sx = sx * inv_rms
+        xsum = xsum * inv_rms
     q0, q1, q2, q3 = _quantize(x0, inv), _quantize(x1, inv), _quantize(x2, inv), _quantize(x3, inv)
     xe = _pack4(q0, q1, q2, q3)  # [NB, WPB]
     if BITS == 4:

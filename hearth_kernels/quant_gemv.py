@@ -623,8 +623,11 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
     ``norm_fusable``. The dp4a kernel's programs each hold the whole row of x, so each
     computes the mean of squares itself and program 0 writes ``s`` (a new tensor, never
     ``residual``: other programs still read it). That saves the norm's launch and its
-    round trip through memory; the result equals the two kernels' up to the order of the
-    mean's sum (an ulp of the norm's scale, now and then one of a normalised input)."""
+    round trip through memory. The kernel quantizes ``weight * s`` per block and puts the
+    norm's scalar on each block's scale, so the normalised input is never rounded to the
+    activation dtype: closer to the float norm than the two kernels, which differ from it
+    by those roundings (at most one of the 8-bit levels per input, and 2^-8 of a block's
+    scale)."""
     k = prepared.in_features
     _check_x("quant_gemv_normed", x, k, False)
     if x.shape[0] != 1:

@@ -71,6 +71,7 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
     choices: dict[str, str] = {}
     if progress:
         progress("choosing batch-1 matmul kernels (cuBLAS or Triton GEMV)")
+    norms = _norms_before(model)
     for kind, all_mods in _kinds(model).items():
         all_mods = [m for m in all_mods if same_device(_device_of(m), device)]
         # Modules of one kind may be stored differently (a GGUF's Q4_K_M gives half its
@@ -80,12 +81,23 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
         groups: dict[tuple, list] = {}
         for m in all_mods:
             groups.setdefault(_form(m), []).append(m)
-        names = [name for mods in groups.values() if (name := _tune_group(kind, mods, device)) is not None]
+        names = [name for mods in groups.values()
+                 if (name := _tune_group(kind, mods, device, norms)) is not None]
         if names:
             choices[kind] = " / ".join(names)
     if progress:
         progress("batch-1 matmuls: " + ", ".join(f"{k} {v}" for k, v in choices.items()))
     return choices
+
+
+def _norms_before(model) -> dict[int, torch.nn.Module]:
+    """id(projection) -> the RMSNorm right before it in the layer (q/k/v's and gate_up's),
+    which its ``normed`` may run inside its own kernel."""
+    out = {}
+    for layer in model.model.layers:
+        out[id(layer.self_attn.qkv_proj)] = layer.input_layernorm
+        out[id(layer.mlp.gate_up_proj)] = layer.post_attention_layernorm
+    return out
 
 
 def same_device(a: torch.device | None, b: torch.device) -> bool:
@@ -109,9 +121,12 @@ def _form(module) -> tuple:
     return ("quantized", module.fmt, module.bits, module.group_size, module.mins is not None)
 
 
-def _tune_group(kind: str, mods: list, device: torch.device) -> str | None:
+def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None = None) -> str | None:
     """Time the candidates of ``mods`` (modules of one kind and form), give them all the
-    fastest; its name (None: nothing to choose)."""
+    fastest; its name (None: nothing to choose). A quantized projection after an RMSNorm
+    of the fused plan (``norms``) is timed with that norm, through ``normed``: a config
+    whose kernel takes the norm in (and so holds more registers) competes against the
+    others plus the norm kernel, as the decode step runs them."""
     first = mods[0]
     kernels = first.kernel_candidates()
     if len(kernels) < 2:  # one kernel (or none, a module that picks its own): nothing to time
@@ -119,11 +134,14 @@ def _tune_group(kind: str, mods: list, device: torch.device) -> str | None:
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = first.weight.dtype if isinstance(first, Linear) else first.dtype
     x = torch.randn(1, first.input_width, device=device, generator=gen).to(dtype)
+    before = [(norms or {}).get(id(m)) for m in mods]
+    if not (hasattr(first, "qweight") and hasattr(first, "normed") and all(_fused_norm(n) for n in before)):
+        before = None
     try:
-        best, best_ms = _choose(mods, kernels, x, kind, graphed=True)
+        best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before)
     except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
         log.warning("batch-1 %s timed eagerly (graph capture failed: %s)", kind, e)
-        best, best_ms = _choose(mods, kernels, x, kind, graphed=False)
+        best, best_ms = _choose(mods, kernels, x, kind, graphed=False, norms=before)
     for m in mods:
         m.use_kernel(best)
     log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, first.out_features, first.in_features, best.name,
@@ -157,11 +175,25 @@ def disagreement(got: torch.Tensor, expected: torch.Tensor) -> str | None:
     return None if worst <= AGREEMENT_MAX else f"an output {worst:.0%} of the RMS away from the reference's"
 
 
-def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graphed: bool):
+def _fused_norm(norm) -> bool:
+    from engine.layers.norm import TritonRMSNorm
+
+    return isinstance(norm, TritonRMSNorm)
+
+
+def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graphed: bool,
+            norms: list | None = None):
     """(the best kernel, its ms per call): every candidate timed the same way, through the
-    modules, the baseline (cuBLAS) first."""
-    def run(i):
-        return mods[i](x)
+    modules, the baseline (cuBLAS) first; with ``norms`` (one per module), each call is
+    ``normed`` (the norm and the projection, one kernel or two)."""
+    if norms is None:
+        def run(i):
+            return mods[i](x)
+    else:
+        residual = torch.randn_like(x)
+
+        def run(i):
+            return mods[i].normed(x, residual, norms[i])[0]
 
     def use(kernel) -> None:
         for m in mods:

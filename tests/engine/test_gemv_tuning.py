@@ -142,3 +142,40 @@ def test_a_quantized_layer_checks_its_first_config_too_and_falls_back_to_the_ref
     right = {"first": -y, "second": y.clone()}
     best, _ = tuning._choose([_FakeQuantModule(right)], [_K("first"), _K("second")], torch.zeros(1, 8), "qkv", True)
     assert best.name == "second"  # the first config disagreed: left out, though it came first
+
+
+def test_a_projection_after_a_fused_norm_is_timed_with_it(monkeypatch):
+    """q/k/v and gate_up of a quantized model under the fused plan are timed through
+    ``normed`` (the norm inside their kernel, or the norm kernel first), so a config that
+    takes the norm in competes as the decode step runs it; float projections and those
+    after the reference norm are timed alone."""
+    from engine.layers.norm import RMSNorm, TritonRMSNorm
+
+    class Normed(_FakeQuantModule):
+        first = None
+        in_features = out_features = input_width = 8
+        dtype = torch.float32
+
+        def kernel_candidates(self):
+            return [_K("first"), _K("second")]
+
+        def normed(self, x, residual, norm):
+            self.calls.append(norm)
+            return self(x), x + residual
+
+    y = torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(tuning, "_reference", lambda mod, x: y)
+    timed = []
+
+    def fake_time(fn, count, graphed=True, reps=3):
+        fn(0)
+        timed.append(count)
+        return 1.0
+
+    monkeypatch.setattr(tuning, "_time", fake_time)
+    fused = TritonRMSNorm(RMSNorm(8, 1e-6))
+    for norm, want in ((fused, [fused, fused]), (RMSNorm(8, 1e-6), [])):
+        mod = Normed({"first": y, "second": y})
+        mod.calls = []
+        tuning._tune_group("qkv", [mod], torch.device("cpu"), {id(mod): norm})
+        assert mod.calls == want  # each candidate timed with the norm, or none
