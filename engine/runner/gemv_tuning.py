@@ -91,13 +91,9 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
 
 
 def _norms_before(model) -> dict[int, torch.nn.Module]:
-    """id(projection) -> the RMSNorm right before it in the layer (q/k/v's and gate_up's),
-    which its ``normed`` may run inside its own kernel."""
-    out = {}
-    for layer in model.model.layers:
-        out[id(layer.self_attn.qkv_proj)] = layer.input_layernorm
-        out[id(layer.mlp.gate_up_proj)] = layer.post_attention_layernorm
-    return out
+    """id(projection) -> the RMSNorm the decoder layer hands it (``normed``: q/k/v's), which
+    its kernel may run inside its own."""
+    return {id(layer.self_attn.qkv_proj): layer.input_layernorm for layer in model.model.layers}
 
 
 def same_device(a: torch.device | None, b: torch.device) -> bool:
@@ -123,7 +119,7 @@ def _form(module) -> tuple:
 
 def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None = None) -> str | None:
     """Time the candidates of ``mods`` (modules of one kind and form), give them all the
-    fastest; its name (None: nothing to choose). A quantized projection after an RMSNorm
+    fastest; its name (None: nothing to choose). A quantized projection handed an RMSNorm
     of the fused plan (``norms``) is timed with that norm, through ``normed``: a config
     whose kernel takes the norm in (and so holds more registers) competes against the
     others plus the norm kernel, as the decode step runs them."""

@@ -145,7 +145,7 @@ def test_a_quantized_layer_checks_its_first_config_too_and_falls_back_to_the_ref
 
 
 def test_a_projection_after_a_fused_norm_is_timed_with_it(monkeypatch):
-    """q/k/v and gate_up of a quantized model under the fused plan are timed through
+    """q/k/v of a quantized model under the fused plan is timed through
     ``normed`` (the norm inside their kernel, or the norm kernel first), so a config that
     takes the norm in competes as the decode step runs it; float projections and those
     after the reference norm are timed alone."""

@@ -37,10 +37,10 @@ def test_quantized_logits_on_cuda_match_the_dequantized_reference(tiny_models, q
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, monkeypatch):
-    """With dp4a configs on q/k/v and gate_up, a one-row forward runs each layer's two
-    norms inside those GEMVs (``quant_gemv_normed``, no norm kernel): the logits match the
-    norm-then-GEMV path closely and the dequantized reference within the quantization's
-    error; more rows (a prompt) keep the norm kernel."""
+    """With dp4a configs on q/k/v, a one-row forward runs each layer's first norm inside
+    that GEMV (``quant_gemv_normed``, no norm kernel): the logits are as close to the
+    dequantized reference as the norm-then-GEMV path's (closer to the float norm, which
+    that path rounds first); more rows (a prompt) keep the norm kernel."""
     from engine.layers.norm import TritonRMSNorm
     from hearth_kernels import quant_gemv as qg
 
@@ -51,22 +51,26 @@ def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, monke
         runner = loaded.runner
         cfg = qg.GemvConfig(16, 4, 4, qg.DP4A, 2)
         for layer in runner.model.model.layers:
-            for proj, norm in ((layer.self_attn.qkv_proj, layer.input_layernorm),
-                               (layer.mlp.gate_up_proj, layer.post_attention_layernorm)):
-                proj.use_kernel(TritonQuant(cfg))
-                assert isinstance(norm, TritonRMSNorm) and proj.kernel.fuses_norm(proj, norm)
+            proj, norm = layer.self_attn.qkv_proj, layer.input_layernorm
+            proj.use_kernel(TritonQuant(cfg))
+            assert isinstance(norm, TritonRMSNorm) and proj.kernel.fuses_norm(proj, norm)
         calls = []
         real = qg.quant_gemv_normed
         monkeypatch.setattr(qg, "quant_gemv_normed", lambda *a, **k: calls.append(1) or real(*a, **k))
         ids = [PROMPT[0]]
         fused = hearth_logits(runner, ids)
-        assert len(calls) == 2 * len(runner.model.model.layers)
+        assert len(calls) == len(runner.model.model.layers)
         hearth_logits(runner)  # a prompt: the norm kernel, then the GEMM
-        assert len(calls) == 2 * len(runner.model.model.layers)
+        assert len(calls) == len(runner.model.model.layers)
         monkeypatch.setattr(TritonQuant, "fuses_norm", lambda self, layer, norm: False)
         two_calls = hearth_logits(runner, ids)
-        assert float((fused - two_calls).norm() / two_calls.norm()) < 1e-2
         want = reference_logits(tiny_models["llama3"], _cpu_copy(runner), ids)
+
+        def err(got):
+            return float((got - want).norm() / want.norm())
+
+        assert err(fused) <= 1.25 * err(two_calls) + 1e-3, (err(fused), err(two_calls))
+        assert float((fused - two_calls).norm() / two_calls.norm()) < 0.05
         assert (fused - want).abs().max().item() < 0.05 * want.abs().max().item()
     finally:
         release_runner(loaded.runner)
