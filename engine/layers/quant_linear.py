@@ -194,7 +194,7 @@ class QuantizedLinear(QuantizedStore):
         """``(self(norm(s)), s)``, ``s = x + residual`` (or ``x``): in one kernel where this
         projection's kernel takes the norm into its prologue (``TritonQuant.fuses_norm``:
         one row, a dp4a config, the fused plan's norm), else as two calls."""
-        if x.shape[0] == 1 and self.act is None and self.kernel.fuses_norm(self, norm):
+        if x.shape[0] == 1 and self.act is None and x.dtype == norm.weight.dtype and self.kernel.fuses_norm(self, norm):
             return self.kernel.normed(x, self, residual, norm)
         return norm_then_project(self, x, residual, norm)
 

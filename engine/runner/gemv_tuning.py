@@ -18,7 +18,7 @@ import logging
 import torch
 
 from engine.device import cuda_ms
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, norm_then_project
 from engine.layers.linear_kernels import GEMV_CONFIGS as CANDIDATES
 from engine.layers.linear_kernels import gemv_configs as candidates
 
@@ -182,12 +182,11 @@ def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graph
     """(the best kernel, its ms per call): every candidate timed the same way, through the
     modules, the baseline (cuBLAS) first; with ``norms`` (one per module), each call is
     ``normed`` (the norm and the projection, one kernel or two)."""
+    residual = torch.randn_like(x)
     if norms is None:
         def run(i):
             return mods[i](x)
     else:
-        residual = torch.randn_like(x)
-
         def run(i):
             return mods[i].normed(x, residual, norms[i])[0]
 
@@ -200,7 +199,22 @@ def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graph
     got = mods[0](x)
     reference = _reference(mods[0], x)
     expected = got.float() if reference is None else reference
-    problem = None if reference is None else disagreement(got, expected)
+    # with its norm, the product must also agree as the step runs it (the norm inside the
+    # kernel, or the norm kernel first) with the norm then the reference product
+    normed_expected = None
+    if norms is not None and reference is not None:
+        h, _ = norm_then_project(lambda t: t, x, residual, norms[0])
+        normed_expected = _reference(mods[0], h)
+
+    def normed_problem() -> str | None:
+        if normed_expected is None:
+            return None
+        try:
+            return disagreement(run(0), normed_expected)  # compiles the fused kernel, or can't
+        except Exception as e:  # noqa: BLE001 - OutOfResources, CompilationError...: not a candidate
+            return f"with its norm: {type(e).__name__}: {str(e)[:200]}"
+
+    problem = None if reference is None else (disagreement(got, expected) or normed_problem())
     if problem:  # a quantized layer's first Triton config is a candidate like the others
         log.warning("batch-1 %s: %s left out: %s", kind, baseline.name, problem)
         best, best_ms = None, float("inf")
@@ -213,7 +227,7 @@ def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graph
         except Exception as e:  # noqa: BLE001 - a config this GPU can't compile is skipped
             log.debug("%s %s skipped: %s", kind, kernel.name, e)
             continue
-        problem = disagreement(got, expected)
+        problem = disagreement(got, expected) or normed_problem()
         if problem:  # a kernel that is wrong on this GPU must never win on speed
             log.warning("batch-1 %s: %s left out: %s", kind, kernel.name, problem)
             continue

@@ -164,6 +164,7 @@ def test_a_projection_after_a_fused_norm_is_timed_with_it(monkeypatch):
             return self(x), x + residual
 
     y = torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(tuning, "disagreement", disagreement)  # the real check
     monkeypatch.setattr(tuning, "_reference", lambda mod, x: y)
     timed = []
 
@@ -174,8 +175,28 @@ def test_a_projection_after_a_fused_norm_is_timed_with_it(monkeypatch):
 
     monkeypatch.setattr(tuning, "_time", fake_time)
     fused = TritonRMSNorm(RMSNorm(8, 1e-6))
-    for norm, want in ((fused, [fused, fused]), (RMSNorm(8, 1e-6), [])):
+    for norm, want in ((fused, [fused] * 4), (RMSNorm(8, 1e-6), [])):
         mod = Normed({"first": y, "second": y})
         mod.calls = []
         tuning._tune_group("qkv", [mod], torch.device("cpu"), {id(mod): norm})
-        assert mod.calls == want  # each candidate timed with the norm, or none
+        assert mod.calls == want  # each candidate checked and timed with the norm, or neither
+
+    class Broken(Normed):
+        """The second config: right alone, but its fused kernel fails or is wrong."""
+
+        def __init__(self, outputs, how):
+            super().__init__(outputs)
+            self.how, self.calls = how, []
+
+        def normed(self, x, residual, norm):
+            if self.kernel.name == "second":
+                if self.how == "raises":
+                    raise RuntimeError("out of resources")
+                return -self(x), x + residual
+            return super().normed(x, residual, norm)
+
+    for how in ("raises", "wrong"):
+        mod = Broken({"first": y, "second": y}, how)
+        monkeypatch.setattr(tuning, "_time", lambda fn, count, graphed=True, reps=3: 2.0 if mod.kernel.name ==
+                            "first" else 1.0)  # the second would win on speed
+        assert tuning._tune_group("qkv", [mod], torch.device("cpu"), {id(mod): fused}) == "first"

@@ -191,6 +191,56 @@ def test_dp4a_rmsnorm_prologue(bits, n, k, group, dtype, add):
     assert _rel_rms(y, exact) <= 1.25 * _rel_rms(y2, exact) + 1e-4
 
 
+def test_dp4a_rmsnorm_prologue_small_inputs_feel_eps():
+    """Inputs so small that eps is most of the mean of squares: the norm's eps is in the
+    kernel's scale (without it the product is several times larger)."""
+    from hearth_kernels.quant_gemv import quant_gemv_normed
+
+    n, k = 40, 128
+    _, prep = make_weight(8, n, k, 32, mins=False, seed=11)
+    x = 1e-3 * rand_x(1, k, torch.float32)
+    weight = torch.ones(k, device=DEVICE)
+    y, s = quant_gemv_normed(x, prep, weight, 1e-5, config=SMALL)
+    exact = _exact_product(s, weight, 1e-5, prep)
+    assert _rel_rms(y, exact) < 0.02
+    assert _rel_rms(y, _exact_product(s, weight, 0.0, prep)) > 0.5
+
+
+def test_the_engine_kernel_takes_the_norm_with_the_projection_bias():
+    """``TritonQuant`` as the engine binds it (here by hand, on the interpreter): it takes
+    the fused plan's norm for a dp4a config, not for another config or the reference norm,
+    and ``normed`` gives the two calls' product, bias included, with and without a residual."""
+    from types import SimpleNamespace
+
+    from engine.layers.linear import norm_then_project
+    from engine.layers.norm import RMSNorm, TritonRMSNorm
+    from engine.layers.quant_kernels import TritonQuant
+
+    n, k = 40, 160
+    _, prep = make_weight(4, n, k, 32, seed=12)
+    layer = SimpleNamespace(bias=rand_x(1, n, torch.bfloat16, seed=6)[0], perm=None, act=None, dtype=torch.bfloat16)
+    plain = RMSNorm(k, 1e-5, dtype=torch.bfloat16, device=DEVICE)
+    plain.weight.data.copy_((1 + 0.2 * rand_x(1, k, torch.float32, seed=7)[0]).to(torch.bfloat16))
+    fused = TritonRMSNorm(plain)
+
+    def bound(config):
+        kernel = TritonQuant(config)
+        kernel.prepared, kernel._gemv = prep, quant_gemv
+        return kernel
+
+    kernel = bound(SMALL)
+    assert kernel.fuses_norm(layer, fused) and not kernel.fuses_norm(layer, plain)
+    assert not bound(GemvConfig(8, 64, 2, 0, 1)).fuses_norm(layer, fused)
+    x = 3 * rand_x(1, k, torch.bfloat16)
+    for residual in (None, rand_x(1, k, torch.bfloat16, seed=8)):
+        y, s = kernel.normed(x, layer, residual, fused)
+        y2, s2 = norm_then_project(lambda h: kernel(h, layer), x, residual, fused)
+        assert torch.equal(s, s2)
+        exact = _exact_product(s, plain.weight, 1e-5, prep, layer.bias)
+        assert _rel_rms(y, exact) <= 1.25 * _rel_rms(y2, exact) + 1e-4
+        assert _rel_rms(y, exact) < 0.02
+
+
 def test_dp4a_rmsnorm_prologue_other_configs_run_the_norm_first():
     """A config that can't hold the row in one program (K split), or another kernel kind,
     runs the norm kernel and then the GEMV: bit for bit the two calls; bad arguments say
