@@ -162,7 +162,7 @@ class TritonQuant(QuantKernel):
         from hearth_kernels.quant_gemv import norm_fusable
 
         return (isinstance(norm, TritonRMSNorm) and layer.perm is None and self.prepared is not None
-                and norm.weight.dtype == getattr(layer, "dtype", None) and norm_fusable(self.prepared, self.config))
+                and norm_fusable(self.prepared, self.config))
 
     def normed(self, x, layer, residual, norm):
         from hearth_kernels.quant_gemv import quant_gemv_normed

@@ -112,11 +112,16 @@ class LlamaDecoderLayer(nn.Module):
         # norm kernel: its 900-1800 programs each repeating the norm cost more than the
         # launch saved (8B int8 on an H200: 362 tok/s with it fused too, 383 with q/k/v's
         # only; int4 501-505 against 498, within the loads' spread).
-        attn = self.self_attn
-        qkv, residual = _normed(attn.qkv_proj, x, residual, self.input_layernorm)
-        x = attn.attend(positions, qkv, kv_cache, meta, rotary)
+        (qkv_proj, input_norm), = self.normed_projections()
+        qkv, residual = _normed(qkv_proj, x, residual, input_norm)
+        x = self.self_attn.attend(positions, qkv, kv_cache, meta, rotary)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def normed_projections(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
+        """(projection, the norm ``forward`` hands it through ``normed``): what the GEMV
+        tuner times together (``engine/runner/gemv_tuning.py``)."""
+        return ((self.self_attn.qkv_proj, self.input_layernorm),)
 
 
 def _normed(proj: nn.Module, x, residual, norm):

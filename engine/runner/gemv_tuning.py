@@ -91,9 +91,9 @@ def tune_gemv(model, device: torch.device, progress=None) -> dict[str, str]:
 
 
 def _norms_before(model) -> dict[int, torch.nn.Module]:
-    """id(projection) -> the RMSNorm the decoder layer hands it (``normed``: q/k/v's), which
-    its kernel may run inside its own."""
-    return {id(layer.self_attn.qkv_proj): layer.input_layernorm for layer in model.model.layers}
+    """id(projection) -> the RMSNorm the decoder layer hands it (``normed_projections``),
+    which its kernel may run inside its own."""
+    return {id(proj): norm for layer in model.model.layers for proj, norm in layer.normed_projections()}
 
 
 def same_device(a: torch.device | None, b: torch.device) -> bool:
