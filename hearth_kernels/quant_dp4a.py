@@ -85,31 +85,6 @@ def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptrs, ok, ASM: tl.constexpr):
-    """Ask L2 for the line at each of ``ptrs`` where ``ok`` (PTX ``prefetch.global.L2``: no
-    register waits for it, nothing to do under the interpreter)."""
-    if ASM:
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                                  "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_step(q_ptr, s_ptr, m_ptr, rows, ok, N, stride_qn, stride_sn, wordb, grp, first_of_group, blk_ok,
-                   HAS_MIN: tl.constexpr, ASM: tl.constexpr):
-    """L2 prefetches of one step's codes (one per row and block of 32 inputs: its 16 or 32
-    bytes), scales and mins (one per row and group) for ``rows`` [R]."""
-    ok = ok & (rows < N)
-    rows64 = tl.where(ok, rows, 0).to(tl.int64)
-    okb = ok[:, None] & blk_ok[None, :]
-    _prefetch_l2(q_ptr + rows64[:, None] * stride_qn + wordb[None, :], okb, ASM)
-    oks = okb & first_of_group[None, :]
-    sg = rows64[:, None] * stride_sn + grp[None, :]
-    _prefetch_l2(s_ptr + sg, oks, ASM)
-    if HAS_MIN:
-        _prefetch_l2(m_ptr + sg, oks, ASM)
-
-
-@triton.jit
 def _pack4(q0, q1, q2, q3):
     """Four int32 tensors of values in [-128, 127] as the bytes 0..3 of int32 words."""
     return (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (q3 << 24)
@@ -156,7 +131,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            NORM: tl.constexpr, PF: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
@@ -181,14 +156,6 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     LEAD: tl.constexpr = max(0, min(STAGES - 1, 2))  # steps loaded ahead (``_steps_start``)
     w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
                                                 blk_ok, HAS_MIN, ROWS, R, LEAD)
-    # PF > LEAD: the steps after those are asked of L2 ahead (no registers held for them),
-    # PF steps ahead of their use: more of the stream in flight than registers can hold
-    wordb = kb // (32 // WPB)
-    first_of_group = (kb % GROUP) == 0
-    if PF > LEAD:
-        for st in tl.static_range(LEAD + 1, PF):
-            _prefetch_step(q_ptr, s_ptr, m_ptr, first + st * R + r, st * R + r < ROWS, N, stride_qn, stride_sn,
-                           wordb, grp, first_of_group, blk_ok, HAS_MIN, ASM)
     # with PDL this kernel started while the one before it (which writes x) was finishing:
     # wait for it here, after requesting the weights (hearth_kernels/pdl.py)
     pdl_wait(PDL)
@@ -229,9 +196,6 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
             q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b, s_b,
             m_b, HAS_MIN, ROWS, R, LEAD)
-        if PF > LEAD:
-            _prefetch_step(q_ptr, s_ptr, m_ptr, rows + PF * R, r0 + PF * R + r < ROWS, N, stride_qn, stride_sn,
-                           wordb, grp, first_of_group, blk_ok, HAS_MIN, ASM)
         if BITS == 4:
             w0, w1, w2, w3 = _split4(w)  # [R, NB] each: words 0..3 of each block
             lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
@@ -291,7 +255,7 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
 
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                     block_n: int, block_k: int, warps: int, stages: int, split: int = 1,
-                    norm: tuple | None = None, prefetch: int = 0) -> torch.Tensor:
+                    norm: tuple | None = None) -> torch.Tensor:
     """Launch the dp4a kernel for one row (``hearth_kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
@@ -328,7 +292,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
         s.stride(0), r_arg, weight, ro_arg, eps, GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, PF=prefetch, ASM=not _interpreting(), num_warps=num_warps,
+        STAGES=stages, SPLIT=split, NORM=norm_mode, ASM=not _interpreting(), num_warps=num_warps,
         **pdl_args(x.device))
     return out
 
