@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|dp4a-smem|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -117,7 +117,7 @@ case "$what" in dp4a)  # the dp4a batch-1 GEMV: its GPU tests, then its profile 
   timeout -s INT 420 python benchmarks/profile_quant_dp4a.py --json "$OUT/profile-quant-dp4a-8b.json" "$@" \
     2>&1 | grep -v "^  " | tail -12 ;;
 esac
-case "$what" in dp4a-wide|dp4a-split|dp4a-smem)  # a dp4a sweep (wide: small and all-rows programs; split:
+case "$what" in dp4a-wide|dp4a-split)  # a dp4a sweep (wide: small and all-rows programs; split:
   # K split among programs): compile in 12 processes, then time in one
   sweep=${what#dp4a-}
   for i in $(seq 0 11); do

@@ -2,7 +2,7 @@
 per Llama-8B projection, int4 (group 128) and int8 (per channel), on the GPU.
 
     PYTHONPATH=. python benchmarks/profile_quant_dp4a.py [--json F] [--layers qkv,o,...]
-        [--bits 4,8] [--sweep small|full|wide|split|smem] [--warm-only I/N]
+        [--bits 4,8] [--sweep small|full|wide|split] [--warm-only I/N]
 
 For each projection: bf16 cuBLAS; every config ``quant_gemv_configs`` lists (what the
 load-time tuner times), the best of each kind; and a sweep of dp4a configs (rows per
@@ -35,18 +35,7 @@ KIND_NAMES = ["kloop", "mma", "rows", "swap", "swapw", "dp4a"]
 
 def sweep(k: int, full: str):
     from hearth_kernels.quant_dp4a import dp4a_launch
-    from hearth_kernels.quant_gemv import _DP4A_CONFIGS, DP4A, GemvConfig
-
-    if full == "smem":  # the tuner's dp4a configs with the codes through shared memory (2-6 steps in flight)
-        seen, out = set(), []
-        longer = (GemvConfig(64, 2, 4, DP4A, 2), GemvConfig(64, 4, 4, DP4A, 2), GemvConfig(128, 2, 4, DP4A, 2))
-        for cfg, st, cp in itertools.product(_DP4A_CONFIGS + longer, (2, 3), (0, 2, 3, 4, 6)):
-            cfg = cfg._replace(stages=2 if cp else st, smem_stages=cp)
-            launch = (cfg.block_n, cfg.stages, cp, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
-            if launch not in seen:
-                seen.add(launch)
-                out.append(cfg)
-        return out
+    from hearth_kernels.quant_gemv import DP4A, GemvConfig
 
     if full == "wide":
         rows, steps, warps, stages = (2, 4, 8, 16, 32), (2, 4, 128), (1, 2, 4, 8), (1, 2, 3)
@@ -75,7 +64,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu,lm_head")
     ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide", "split", "smem"))
+    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide", "split"))
     ap.add_argument("--warm-only", default=None, help="I/N: compile the I-th of N shares of the configs, time nothing")
     args = ap.parse_args()
     share = tuple(map(int, args.warm_only.split("/"))) if args.warm_only else None

@@ -85,16 +85,6 @@ def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _scales_load(s_ptr, m_ptr, rows, ok, N, stride_sn, grp, HAS_MIN: tl.constexpr):
-    """One step's scales and mins [R, blocks] for ``rows`` (zeros where not ``ok``)."""
-    ok = ok & (rows < N)
-    rows = tl.where(ok, rows, 0).to(tl.int64)
-    sg = rows[:, None] * stride_sn + grp[None, :]
-    scale = tl.load(s_ptr + sg, mask=ok[:, None], other=0.0)
-    return scale, (tl.load(m_ptr + sg, mask=ok[:, None], other=0.0) if HAS_MIN else scale)
-
-
-@triton.jit
 def _pack4(q0, q1, q2, q3):
     """Four int32 tensors of values in [-128, 127] as the bytes 0..3 of int32 words."""
     return (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (q3 << 24)
@@ -141,7 +131,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            NORM: tl.constexpr, CP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
@@ -164,11 +154,8 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     # the first steps' weights are requested before x, so that their memory round trip
     # overlaps x's load and quantizing (a narrow layer's fixed cost)
     LEAD: tl.constexpr = max(0, min(STAGES - 1, 2))  # steps loaded ahead (``_steps_start``)
-    if CP:  # codes: Triton's pipeliner (CP steps in flight through shared memory); scales: one step ahead
-        s_a, m_a = _scales_load(s_ptr, m_ptr, first + r, r < ROWS, N, stride_sn, grp, HAS_MIN)
-    else:
-        w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word,
-                                                    grp, blk_ok, HAS_MIN, ROWS, R, LEAD)
+    w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
+                                                blk_ok, HAS_MIN, ROWS, R, LEAD)
     # with PDL this kernel started while the one before it (which writes x) was finishing:
     # wait for it here, after requesting the weights (hearth_kernels/pdl.py)
     pdl_wait(PDL)
@@ -202,19 +189,13 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         xqsum = tl.sum(q0 + q1 + q2 + q3 + p0 + p1 + p2 + p3, axis=1)
         e0, e1, e2, e3 = _split4_last(xe)
         o0, o1, o2, o3 = _split4_last(xo)
-    for r0 in tl.range(0, ROWS, R, num_stages=max(CP, 1)):
+    for r0 in range(0, ROWS, R):
         rows = first + r0 + r
         row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
         rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
-        if CP:
-            w = tl.load(q_ptr + rows_safe[:, None, None] * stride_qn + word,
-                        mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0, eviction_policy="evict_first")
-            scale, mins = s_a.to(tl.float32), m_a.to(tl.float32)
-            s_a, m_a = _scales_load(s_ptr, m_ptr, rows + R, r0 + R + r < ROWS, N, stride_sn, grp, HAS_MIN)
-        else:
-            w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
-                q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b,
-                s_b, m_b, HAS_MIN, ROWS, R, LEAD)
+        w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
+            q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b, s_b,
+            m_b, HAS_MIN, ROWS, R, LEAD)
         if BITS == 4:
             w0, w1, w2, w3 = _split4(w)  # [R, NB] each: words 0..3 of each block
             lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
@@ -274,7 +255,7 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
 
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                     block_n: int, block_k: int, warps: int, stages: int, split: int = 1,
-                    norm: tuple | None = None, cp: int = 0) -> torch.Tensor:
+                    norm: tuple | None = None) -> torch.Tensor:
     """Launch the dp4a kernel for one row (``hearth_kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
@@ -311,7 +292,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
         s.stride(0), r_arg, weight, ro_arg, eps, GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, CP=cp, ASM=not _interpreting(), num_warps=num_warps,
+        STAGES=stages, SPLIT=split, NORM=norm_mode, ASM=not _interpreting(), num_warps=num_warps,
         **pdl_args(x.device))
     return out
 

@@ -508,7 +508,6 @@ class GemvConfig(NamedTuple):
     kind: int = KLOOP
     stages: int = 3  # software-pipelining depth (steps in flight per program)
     split: int = 1  # SWAP: programs per output tile along K
-    smem_stages: int = 0  # DP4A: codes through shared memory, this many steps in flight (0: registers, ``stages``)
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
@@ -585,8 +584,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
 
         launches = set()
         for cfg in _DP4A_CONFIGS:  # configs that launch the same kernel the same way are timed once
-            launch = (cfg.block_n, cfg.stages, cfg.smem_stages,
-                      *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
+            launch = (cfg.block_n, cfg.stages, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
             if launch not in launches:
                 launches.add(launch)
                 out.append(cfg)
@@ -657,7 +655,7 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
     residual = None if residual is None else residual.contiguous()
     cfg = GemvConfig(*config)
     quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages), 1,
-                    norm=(residual, weight, float(eps), s), cp=cfg.smem_stages)
+                    norm=(residual, weight, float(eps), s))
     return out, s
 
 
@@ -717,7 +715,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
 
         if k <= DP4A_MAX_K:
             return quant_gemv_dp4a(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
-                                   max(1, cfg.stages), cfg.split, cp=cfg.smem_stages)
+                                   max(1, cfg.stages), cfg.split)
     if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
         from hearth_kernels.quant_mma import MmaConfig, quant_mma
 
