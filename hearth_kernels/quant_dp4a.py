@@ -126,12 +126,75 @@ def _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, ADD: tl.constexpr):
 
 
 @triton.jit
+def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr):
+    """Blocks of x (as ``_load_x_blocks`` splits them) quantized to int8 per block of 32:
+    ``(xe, xo, sx, xsum, xqsum)``: the codes packed like the weights' words ([NB, WPB] int32;
+    int4: xe the even inputs', xo the odd ones'), each block's scale, float sum and (int4)
+    sum of codes."""
+    amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+    xsum = x0 + x1 + x2 + x3
+    if BITS == 4:
+        amax = tl.maximum(amax, tl.maximum(tl.maximum(tl.abs(h0), tl.abs(h1)), tl.maximum(tl.abs(h2), tl.abs(h3))))
+        xsum += h0 + h1 + h2 + h3
+    amax = tl.max(amax, axis=1)  # [NB]
+    xsum = tl.sum(xsum, axis=1)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    sx = amax / 127.0
+    q0, q1, q2, q3 = _quantize(x0, inv), _quantize(x1, inv), _quantize(x2, inv), _quantize(x3, inv)
+    xe = _pack4(q0, q1, q2, q3)  # [NB, WPB]
+    if BITS == 4:
+        p0, p1, p2, p3 = _quantize(h0, inv), _quantize(h1, inv), _quantize(h2, inv), _quantize(h3, inv)
+        xo = _pack4(p0, p1, p2, p3)
+        # the block's sum of xq, for the codes' centre 8 (see the GEMV kernel)
+        xqsum = tl.sum(q0 + q1 + q2 + q3 + p0 + p1 + p2 + p3, axis=1)
+    else:
+        xo = xe
+        xqsum = sx.to(tl.int32)  # unused
+    return xe, xo, sx, xsum, xqsum
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, K, NBP: tl.constexpr, BITS: tl.constexpr, SWIGLU: tl.constexpr,
+                       PDL: tl.constexpr):
+    # NBP blocks of 32 inputs per program: block b's 8 words at xq_ptr[8b..] (int4: the
+    # even inputs' 4 then the odd ones'), its scale, float sum and code sum at xf_ptr[4b..]
+    pdl_start(PDL)
+    pdl_wait(PDL)
+    WPB: tl.constexpr = 4 if BITS == 4 else 8
+    blk = tl.program_id(0) * NBP + tl.arange(0, NBP)
+    kb = blk * 32
+    ok = kb < K
+    j = tl.arange(0, WPB)
+    x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)
+    xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS)
+    tl.store(xq_ptr + blk[:, None] * 8 + j[None, :], xe, mask=ok[:, None])
+    if BITS == 4:
+        tl.store(xq_ptr + blk[:, None] * 8 + 4 + j[None, :], xo, mask=ok[:, None])
+        tl.store(xf_ptr + blk * 4 + 2, xqsum.to(tl.float32), mask=ok)
+    tl.store(xf_ptr + blk * 4, sx, mask=ok)
+    tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
+
+
+def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [1, K] (or [1, 2K] with ``swiglu``) quantized for the dp4a kernel once:
+    ``(words [K/32, 8] int32, terms [K/32, 4] float32)``."""
+    k = x.shape[1] // 2 if swiglu else x.shape[1]
+    nb = k // 32
+    xq = torch.empty(nb, 8, dtype=torch.int32, device=x.device)
+    xf = torch.empty(nb, 4, dtype=torch.float32, device=x.device)
+    nbp = 32
+    _quantize_x_kernel[(triton.cdiv(nb, nbp),)](x, xq, xf, k, NBP=nbp, BITS=bits, SWIGLU=swiglu, num_warps=1,
+                                                  **pdl_args(x.device))
+    return xq, xf
+
+
+@triton.jit
 def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_qn, stride_sn,
-                            r_ptr, nw_ptr, ro_ptr, eps,
+                            r_ptr, nw_ptr, ro_ptr, eps, xf_ptr,
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            NORM: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, QX: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
@@ -162,31 +225,27 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     # x, quantized per block to int8 and packed like the codes
     # int4 word j: inputs 8j..8j+7, the even ones (x) pair with the low nibbles, the odd (h)
     # with the high; int8 word j: inputs 4j..4j+3, byte b = input 4j + b
-    if NORM:
-        xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
-        x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
+    if QX:  # x quantized beforehand (``quantize_x_blocks``): its words and per-block terms
+        bidx = tl.where(blk_ok, kb // 32, 0)
+        xe = tl.load(x_ptr + bidx[:, None] * 8 + j[None, :], mask=blk_ok[:, None], other=0)
+        meta = xf_ptr + bidx * 4
+        sx = tl.load(meta, mask=blk_ok, other=0.0)
+        xsum = tl.load(meta + 1, mask=blk_ok, other=0.0)
+        if BITS == 4:
+            xo = tl.load(x_ptr + bidx[:, None] * 8 + 4 + j[None, :], mask=blk_ok[:, None], other=0)
+            xqsum = tl.load(meta + 2, mask=blk_ok, other=0.0).to(tl.int32)
     else:
-        x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
-    amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
-    xsum = x0 + x1 + x2 + x3
+        if NORM:
+            xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
+            x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
+        else:
+            x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
+        xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS)
+        if NORM:  # the norm's scalar, on each block's scale and sum (``_normed_x_blocks``)
+            inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+            sx = sx * inv_rms
+            xsum = xsum * inv_rms
     if BITS == 4:
-        amax = tl.maximum(amax, tl.maximum(tl.maximum(tl.abs(h0), tl.abs(h1)), tl.maximum(tl.abs(h2), tl.abs(h3))))
-        xsum += h0 + h1 + h2 + h3
-    amax = tl.max(amax, axis=1)  # [NB]
-    xsum = tl.sum(xsum, axis=1)
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    sx = amax / 127.0
-    if NORM:  # the norm's scalar, on each block's scale and sum (``_normed_x_blocks``)
-        inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-        sx = sx * inv_rms
-        xsum = xsum * inv_rms
-    q0, q1, q2, q3 = _quantize(x0, inv), _quantize(x1, inv), _quantize(x2, inv), _quantize(x3, inv)
-    xe = _pack4(q0, q1, q2, q3)  # [NB, WPB]
-    if BITS == 4:
-        p0, p1, p2, p3 = _quantize(h0, inv), _quantize(h1, inv), _quantize(h2, inv), _quantize(h3, inv)
-        xo = _pack4(p0, p1, p2, p3)
-        # the block's sum of xq, for the codes' centre 8 (see below)
-        xqsum = tl.sum(q0 + q1 + q2 + q3 + p0 + p1 + p2 + p3, axis=1)
         e0, e1, e2, e3 = _split4_last(xe)
         o0, o1, o2, o3 = _split4_last(xo)
     for r0 in range(0, ROWS, R):
@@ -255,7 +314,7 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
 
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                     block_n: int, block_k: int, warps: int, stages: int, split: int = 1,
-                    norm: tuple | None = None) -> torch.Tensor:
+                    norm: tuple | None = None, qx: tuple | None = None) -> torch.Tensor:
     """Launch the dp4a kernel for one row (``hearth_kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
@@ -289,10 +348,11 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         r_arg = weight = ro_arg = x
         eps, norm_mode = 0.0, 0
     _quant_gemv_dp4a_kernel[(programs, split)](
-        x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
-        s.stride(0), r_arg, weight, ro_arg, eps, GROUP=prepared.group_size, BITS=prepared.bits,
+        x if qx is None else qx[0], q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
+        s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not None else s, GROUP=prepared.group_size,
+        BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, ASM=not _interpreting(), num_warps=num_warps,
+        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not None, ASM=not _interpreting(), num_warps=num_warps,
         **pdl_args(x.device))
     return out
 
