@@ -154,10 +154,12 @@ def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, K, NBP: tl.constexpr, BITS: tl.constexpr, SWIGLU: tl.constexpr,
-                       PDL: tl.constexpr):
+def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP: tl.constexpr, BITS: tl.constexpr,
+                       SWIGLU: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     # NBP blocks of 32 inputs per program: block b's 8 words at xq_ptr[8b..] (int4: the
-    # even inputs' 4 then the odd ones'), its scale, float sum and code sum at xf_ptr[4b..]
+    # even inputs' 4 then the odd ones'), its scale, float sum and (int4) code sum at
+    # xf_ptr[4b..]. NORM (one program, the whole row): x is RMS-normalised first, as the
+    # GEMV's own prologue does it (NORM 2: of x + r, written to ro_ptr)
     pdl_start(PDL)
     pdl_wait(PDL)
     WPB: tl.constexpr = 4 if BITS == 4 else 8
@@ -165,8 +167,16 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, K, NBP: tl.constexpr, BITS: tl.con
     kb = blk * 32
     ok = kb < K
     j = tl.arange(0, WPB)
-    x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)
+    if NORM:
+        xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
+        x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
+    else:
+        x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)
     xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS)
+    if NORM:
+        inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        sx = sx * inv_rms
+        xsum = xsum * inv_rms
     tl.store(xq_ptr + blk[:, None] * 8 + j[None, :], xe, mask=ok[:, None])
     if BITS == 4:
         tl.store(xq_ptr + blk[:, None] * 8 + 4 + j[None, :], xo, mask=ok[:, None])
@@ -175,15 +185,28 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, K, NBP: tl.constexpr, BITS: tl.con
     tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
 
 
-def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [1, K] (or [1, 2K] with ``swiglu``) quantized for the dp4a kernel once:
-    ``(words [K/32, 8] int32, terms [K/32, 4] float32)``."""
+def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
+                      norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [1, K] (or [1, 2K] ``[gate | up]`` with ``swiglu``: SwiGLU first) quantized once for
+    the dp4a kernel's ``qx`` mode, exactly as each of its programs would: ``(words [K/32, 8]
+    int32, terms [K/32, 4] float32)``. ``norm``: ``(residual or None, weight, eps,
+    residual_out)`` as ``quant_gemv_dp4a`` takes it: x is RMS-normalised first (one program
+    holds the row; ``residual_out`` gets x + residual)."""
     k = x.shape[1] // 2 if swiglu else x.shape[1]
     nb = k // 32
     xq = torch.empty(nb, 8, dtype=torch.int32, device=x.device)
     xf = torch.empty(nb, 4, dtype=torch.float32, device=x.device)
-    nbp = 32
-    _quantize_x_kernel[(triton.cdiv(nb, nbp),)](x, xq, xf, k, NBP=nbp, BITS=bits, SWIGLU=swiglu, num_warps=1,
+    if norm is not None:
+        residual, weight, eps, residual_out = norm
+        norm_mode = 1 if residual is None else 2
+        r_arg, ro_arg = (x, x) if residual is None else (residual, residual_out)
+        nbp = triton.next_power_of_2(nb)
+        warps = max(1, min(16, nbp // 32))
+    else:
+        r_arg = weight = ro_arg = x
+        eps, norm_mode, nbp, warps = 0.0, 0, 32, 1
+    _quantize_x_kernel[(triton.cdiv(nb, nbp),)](x, xq, xf, r_arg, weight, ro_arg, eps, k, NBP=nbp, BITS=bits,
+                                                  SWIGLU=swiglu, NORM=norm_mode, num_warps=warps,
                                                   **pdl_args(x.device))
     return xq, xf
 
@@ -314,7 +337,7 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
 
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                     block_n: int, block_k: int, warps: int, stages: int, split: int = 1,
-                    norm: tuple | None = None, qx: tuple | None = None) -> torch.Tensor:
+                    norm: tuple | None = None, qx: bool | tuple = False) -> torch.Tensor:
     """Launch the dp4a kernel for one row (``hearth_kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
@@ -322,12 +345,16 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     torch's allocator; the counters are made outside graph capture, as ``quant_mma``'s).
     ``norm``: ``(residual or None, weight, eps, residual_out)``, checked by
     ``quant_gemv_normed``: x is RMS-normalised (after adding the residual) in the prologue;
-    needs ``split == 1`` and no SwiGLU."""
+    needs ``split == 1`` and no SwiGLU. ``qx``: True quantizes x (after SwiGLU or the norm)
+    with one kernel first (``quantize_x_blocks``) and every program reads it, instead of each
+    program quantizing the whole row itself (a wide layer's 1,000-2,000 programs repeat
+    that); the result is the same up to the order of float sums (the interpreter: bit for
+    bit). Or ``quantize_x_blocks``'s output itself."""
     n, k = prepared.out_features, prepared.in_features
     if k > DP4A_MAX_K or k % 32:
         raise ValueError(f"quant_gemv: the dp4a kernel needs K a multiple of 32 and at most {DP4A_MAX_K}, got {k}")
     kp, rows_per_step, num_warps, split = dp4a_launch(block_n, block_k, warps, k, split)
-    if norm is not None and (split > 1 or swiglu):
+    if norm is not None and (swiglu or (split > 1 and qx is False)):
         raise ValueError("quant_gemv: the RMSNorm prologue needs the whole row in one program (split 1), no SwiGLU")
     if split > 1 and block_n & (block_n - 1):
         raise ValueError(f"quant_gemv: a dp4a config with K split needs a power of 2 of rows per program, got {block_n}")
@@ -340,6 +367,9 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         cnt = _counters(x.device, programs)
     else:
         ws = cnt = s
+    if qx is True:  # x (SwiGLU, the norm) quantized by one kernel first, read by every program
+        qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm), False
+        norm = None
     if norm is not None:
         residual, weight, eps, residual_out = norm
         norm_mode = 1 if residual is None else 2
@@ -348,11 +378,11 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         r_arg = weight = ro_arg = x
         eps, norm_mode = 0.0, 0
     _quant_gemv_dp4a_kernel[(programs, split)](
-        x if qx is None else qx[0], q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
-        s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not None else s, GROUP=prepared.group_size,
+        x if qx is False else qx[0], q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
+        s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not False else s, GROUP=prepared.group_size,
         BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not None, ASM=not _interpreting(), num_warps=num_warps,
+        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not _interpreting(), num_warps=num_warps,
         **pdl_args(x.device))
     return out
 

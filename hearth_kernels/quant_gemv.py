@@ -508,6 +508,7 @@ class GemvConfig(NamedTuple):
     kind: int = KLOOP
     stages: int = 3  # software-pipelining depth (steps in flight per program)
     split: int = 1  # SWAP: programs per output tile along K
+    qx: int = 0  # DP4A: 1 quantizes x (and the norm, SwiGLU) in one kernel first, not in every program
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
@@ -548,7 +549,12 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  GemvConfig(32, 2, 8, DP4A, 2),
                  # K split among 2-4 programs per row block: a long row's (down) fixed cost was
                  # most of its time with one program per 32 rows (~1 per SM)
-                 GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 2, 4, DP4A, 2, 4))
+                 GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 2, 4, DP4A, 2, 4),
+                 # x quantized once by a kernel of its own: the best in the H200 profile of gate_up and
+                 # down (2-3 us less than quantizing in each program, the quantizing kernel outside;
+                 # benchmarks/results/2026-12-04-i14-profile-dp4a-qx-8b-h200-4e5d0f8.json)
+                 GemvConfig(8, 2, 4, DP4A, 2, 1, 1), GemvConfig(16, 2, 4, DP4A, 2, 4, 1),
+                 GemvConfig(16, 2, 4, DP4A, 2, 1, 1), GemvConfig(8, 2, 4, DP4A, 3, 1, 1))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 
@@ -584,7 +590,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
 
         launches = set()
         for cfg in _DP4A_CONFIGS:  # configs that launch the same kernel the same way are timed once
-            launch = (cfg.block_n, cfg.stages, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
+            launch = (cfg.block_n, cfg.stages, cfg.qx, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
             if launch not in launches:
                 launches.add(launch)
                 out.append(cfg)
@@ -602,14 +608,14 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
 
 
 def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
-    """Whether ``quant_gemv_normed`` runs ``config`` as one kernel with the RMSNorm in its
-    prologue (a dp4a config with the row in one program); otherwise it runs the norm kernel
-    first."""
+    """Whether ``quant_gemv_normed`` runs the RMSNorm inside ``config``'s kernels: in the GEMV's
+    prologue (a dp4a config with the row in one program) or in the kernel that quantizes x
+    for it (``qx``); otherwise it runs the norm kernel first."""
     if config is None:
         return False
     cfg = GemvConfig(*config)
     k = prepared.in_features
-    return (cfg.kind == DP4A and cfg.split <= 1 and k % BLOCK == 0 and k <= _DP4A_MAX_K
+    return (cfg.kind == DP4A and (cfg.split <= 1 or cfg.qx) and k % BLOCK == 0 and k <= _DP4A_MAX_K
             and prepared.group_size >= BLOCK)
 
 
@@ -654,8 +660,8 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
     s = x if residual is None else torch.empty_like(x)
     residual = None if residual is None else residual.contiguous()
     cfg = GemvConfig(*config)
-    quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages), 1,
-                    norm=(residual, weight, float(eps), s))
+    quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages),
+                    cfg.split if cfg.qx else 1, norm=(residual, weight, float(eps), s), qx=bool(cfg.qx))
     return out, s
 
 
@@ -715,7 +721,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
 
         if k <= DP4A_MAX_K:
             return quant_gemv_dp4a(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
-                                   max(1, cfg.stages), cfg.split)
+                                   max(1, cfg.stages), cfg.split, qx=bool(cfg.qx))
     if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
         from hearth_kernels.quant_mma import MmaConfig, quant_mma
 

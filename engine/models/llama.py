@@ -85,7 +85,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU MLP: gate and up in one matmul, the activation in the down projection's kernel."""
+    """SwiGLU MLP: gate and up in one matmul, the activation in the down projection's kernel.
+    (The decoder layer calls the projections itself: gate_up takes its norm along.)"""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, *,
                  dtype: torch.dtype | None = None) -> None:
@@ -107,21 +108,22 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, dtype=dtype)
 
     def forward(self, positions, x, residual, kv_cache, meta, rotary):
-        # The first norm goes with the q/k/v projection (``normed``): a quantized batch-1
-        # projection runs the two in one kernel, any other as two calls. gate_up keeps the
-        # norm kernel: its 900-1800 programs each repeating the norm cost more than the
-        # launch saved (8B int8 on an H200: 362 tok/s with it fused too, 383 with q/k/v's
-        # only; int4 501-505 against 498, within the loads' spread).
-        (qkv_proj, input_norm), = self.normed_projections()
+        # Each norm goes with the projection after it (``normed``): a quantized batch-1
+        # projection runs the two in its kernels, any other as two calls. Whether q/k/v's
+        # GEMV repeats the norm in every program or a kernel of its own normalises and
+        # quantizes x once for all of them is the GEMV tuner's choice (the ``qx`` configs);
+        # for gate_up's 900-1800 programs repeating it cost more than the norm's launch
+        # (8B int8 on an H200: 362 tok/s against 383).
+        (qkv_proj, input_norm), (gate_up_proj, post_norm) = self.normed_projections()
         qkv, residual = _normed(qkv_proj, x, residual, input_norm)
         x = self.self_attn.attend(positions, qkv, kv_cache, meta, rotary)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x, residual = _normed(gate_up_proj, x, residual, post_norm)
+        return self.mlp.down_proj(x), residual
 
     def normed_projections(self) -> tuple[tuple[nn.Module, nn.Module], ...]:
-        """(projection, the norm ``forward`` hands it through ``normed``): what the GEMV
-        tuner times together (``engine/runner/gemv_tuning.py``)."""
-        return ((self.self_attn.qkv_proj, self.input_layernorm),)
+        """(projection, the norm ``forward`` hands it through ``normed``), in order: what the
+        GEMV tuner times together (``engine/runner/gemv_tuning.py``)."""
+        return ((self.self_attn.qkv_proj, self.input_layernorm), (self.mlp.gate_up_proj, self.post_attention_layernorm))
 
 
 def _normed(proj: nn.Module, x, residual, norm):

@@ -102,9 +102,9 @@ class RecordingNormed(nn.Module):
 
 
 def test_each_norm_goes_with_the_projection_after_it(tiny_models, reference):
-    """The decoder layer hands q/k/v its norm (``normed``; the first layer without a
-    residual; gate_up is called after the norm kernel), and a projection without ``normed``
-    gets the norm then itself: the logits don't change either way."""
+    """The decoder layer hands q/k/v and gate_up their norms (``normed``; the first layer's
+    q/k/v without a residual), and a projection without ``normed`` gets the norm then
+    itself: the logits don't change either way."""
     _, runner = prompt_logits(tiny_models["llama3"])
     model = runner.model
     qkv, gate_up, plain = ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj",
@@ -119,7 +119,7 @@ def test_each_norm_goes_with_the_projection_after_it(tiny_models, reference):
     with torch.inference_mode():
         meta = runner._metadata([[0]], [0], [n])
         logits = model.compute_logits(model(torch.tensor(PROMPT), torch.arange(n), runner.kv_caches, meta))
-    assert model.get_submodule(qkv).normed_rows == [n] and model.get_submodule(gate_up).normed_rows == []
+    assert model.get_submodule(qkv).normed_rows == [n] and model.get_submodule(gate_up).normed_rows == [n]
     assert f64.calls == 1
     torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-5)
 

@@ -264,6 +264,64 @@ def test_dp4a_rmsnorm_prologue_other_configs_run_the_norm_first():
         quant_gemv_normed(x, prep, weight, 1e-6, residual=residual.float(), config=SMALL)
 
 
+@pytest.mark.parametrize("bits,group,swiglu,split", [(4, 32, False, 1), (4, 128, True, 2), (8, 2560, True, 1),
+                                                     (8, 32, False, 4)])
+def test_dp4a_x_quantized_once_is_the_same_product(bits, group, swiglu, split):
+    """``qx`` configs: one kernel quantizes x (SwiGLU first) and every program reads it. The
+    product is the exact integer reference's, and (on the interpreter, the same float32
+    arithmetic) the per-program path's bit for bit; K not a power of 2, a bias, K split."""
+    from hearth_kernels.quant_dp4a import quantize_x_blocks
+
+    n, k = 44, 2560
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4, seed=17)
+    x = 3 * rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
+    bias = rand_x(1, n, torch.bfloat16, seed=8)[0]
+    cfg = GemvConfig(8, 4, 1, DP4A, 2, split, 1)
+    y = quant_gemv(x, prep, config=cfg, swiglu=swiglu, bias=bias)
+    check_exact(y, x, prep, bias=bias, swiglu=swiglu, levels=1 if DEVICE == "cuda" else 0)
+    if DEVICE != "cuda":
+        assert torch.equal(y, quant_gemv(x, prep, config=cfg._replace(qx=0), swiglu=swiglu, bias=bias))
+    # the quantized blocks themselves: dp4a_reference's levels and scales
+    words, terms = quantize_x_blocks(x, bits, swiglu)
+    xe = (silu_and_mul(x) if swiglu else x).float().reshape(-1, 32)
+    amax = xe.abs().amax(dim=1)
+    xq = torch.floor(xe * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))[:, None] + 0.5)
+    assert torch.equal(terms[:, 0], amax / 127.0)
+    codes = words.view(torch.int8).reshape(-1, 32).float()  # bytes of the words, little-endian
+    order = list(range(32))  # int8: byte b of word j is input 4j + b
+    if bits == 4:  # byte b of word j: input 8j + 2b (the even inputs' 4 words), then the odd ones'
+        order = [8 * (b // 4) + 2 * (b % 4) if b < 16 else 8 * ((b - 16) // 4) + 2 * (b % 4) + 1 for b in range(32)]
+    assert torch.equal(codes, xq[:, order])
+    if bits == 4:
+        assert torch.equal(terms[:, 2], xq.sum(dim=1))
+
+
+@pytest.mark.parametrize("bits,split", [(4, 1), (8, 2)])
+@pytest.mark.parametrize("add", [False, True], ids=["norm", "add+norm"])
+def test_dp4a_norm_in_the_quantizing_kernel(bits, split, add):
+    """``qx`` configs take the norm into the kernel that quantizes x: the same product as
+    the norm in the GEMV's prologue (bit for bit on the interpreter, one activation level
+    on a GPU), the residual stream bit for bit, K split allowed."""
+    from hearth_kernels.quant_gemv import norm_fusable, quant_gemv_normed
+
+    n, k = 40, 2080
+    _, prep = make_weight(bits, n, k, 32, mins=bits == 4, seed=21)
+    x = 3 * rand_x(1, k, torch.bfloat16)
+    residual = rand_x(1, k, torch.bfloat16, seed=2) if add else None
+    weight = (1 + 0.2 * rand_x(1, k, torch.float32, seed=3)[0]).to(torch.bfloat16)
+    cfg = GemvConfig(8, 4, 1, DP4A, 2, split, 1)
+    assert norm_fusable(prep, cfg) and (split == 1 or not norm_fusable(prep, cfg._replace(qx=0)))
+    y, s = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=cfg)
+    y1, s1 = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=SMALL)
+    assert torch.equal(s, s1)
+    h = _norm_reference(s, None, weight, 1e-5)[0]
+    check_exact(y, h, prep, levels=1)
+    if DEVICE != "cuda":
+        assert torch.equal(y, y1)
+    exact = _exact_product(s, weight, 1e-5, prep)
+    assert _rel_rms(y, exact) <= 1.25 * _rel_rms(quant_gemv(h, prep, config=cfg), exact) + 1e-4
+
+
 def test_blocks_of_zeros_outliers_and_partial_rows():
     """A block of x that is all zero (its scale would divide by zero), one with an outlier
     (the others round to few levels but stay within the bound), and K not a power of 2."""
@@ -294,7 +352,8 @@ def test_the_tuner_lists_dp4a_configs_and_the_launch_shape(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,group", [(4, 128), (8, 4096)])
 def test_gpu_dp4a_rmsnorm_prologue_llama_shapes(bits, group):
-    """The norm in the prologue at the 8B q/k/v and gate_up shapes, against the reference norm
+    """The norm in the prologue (or in the kernel quantizing x: ``qx``) at the 8B q/k/v and
+    gate_up shapes, against the reference norm
     then the exact integer product (one activation level: the GPU's mean of squares is summed
     in another order than torch's)."""
     if DEVICE != "cuda":
@@ -306,7 +365,8 @@ def test_gpu_dp4a_rmsnorm_prologue_llama_shapes(bits, group):
         x, residual = 4 * rand_x(1, 4096, torch.bfloat16), rand_x(1, 4096, torch.bfloat16, seed=2)
         weight = (1 + 0.2 * rand_x(1, 4096, torch.float32, seed=3)[0]).to(torch.bfloat16)
         h, s_ref = _norm_reference(x, residual, weight, 1e-5)
-        for c in (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(32, 2, 4, DP4A, 2), GemvConfig(8, 4, 4, DP4A, 2)):
+        for c in (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(32, 2, 4, DP4A, 2), GemvConfig(8, 4, 4, DP4A, 2),
+                  GemvConfig(8, 2, 4, DP4A, 2, 1, 1), GemvConfig(16, 2, 4, DP4A, 2, 4, 1)):
             y, s = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=c)
             check_exact(y, h, prep, levels=1)
             assert torch.equal(s, s_ref)
@@ -325,6 +385,7 @@ def test_gpu_dp4a_llama_shapes(n, k, swiglu, bits, group):
     _, prep = make_weight(bits, n, k, group, mins=bits == 4)
     x = rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
     for c in (GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3), GemvConfig(16, 2, 1, DP4A, 2),
-              GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 4, 4, DP4A, 2, 2)):
+              GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(8, 2, 4, DP4A, 2, 1, 1),
+              GemvConfig(16, 2, 4, DP4A, 2, 4, 1)):
         if c.kind == DP4A:
             check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu, levels=1)

@@ -37,8 +37,8 @@ def test_quantized_logits_on_cuda_match_the_dequantized_reference(tiny_models, q
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, monkeypatch):
-    """With dp4a configs on q/k/v, a one-row forward runs each layer's first norm inside
-    that GEMV (``quant_gemv_normed``, no norm kernel): the logits are as close to the
+    """With dp4a configs on q/k/v and gate_up, a one-row forward runs each layer's norms inside
+    those GEMVs' kernels (``quant_gemv_normed``, no norm kernel): the logits are as close to the
     dequantized reference as the norm-then-GEMV path's (closer to the float norm, which
     that path rounds first); more rows (a prompt) keep the norm kernel."""
     from engine.layers.norm import TritonRMSNorm
@@ -50,18 +50,19 @@ def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, monke
     try:
         runner = loaded.runner
         cfg = qg.GemvConfig(16, 4, 4, qg.DP4A, 2)
-        for layer in runner.model.model.layers:
-            proj, norm = layer.self_attn.qkv_proj, layer.input_layernorm
-            proj.use_kernel(TritonQuant(cfg))
-            assert isinstance(norm, TritonRMSNorm) and proj.kernel.fuses_norm(proj, norm)
+        for layer in runner.model.model.layers:  # q/k/v: the norm in the prologue; gate_up: in x's quantizing
+            for proj, norm, c in ((layer.self_attn.qkv_proj, layer.input_layernorm, cfg),
+                                  (layer.mlp.gate_up_proj, layer.post_attention_layernorm, cfg._replace(qx=1))):
+                proj.use_kernel(TritonQuant(c))
+                assert isinstance(norm, TritonRMSNorm) and proj.kernel.fuses_norm(proj, norm)
         calls = []
         real = qg.quant_gemv_normed
         monkeypatch.setattr(qg, "quant_gemv_normed", lambda *a, **k: calls.append(1) or real(*a, **k))
         ids = [PROMPT[0]]
         fused = hearth_logits(runner, ids)
-        assert len(calls) == len(runner.model.model.layers)
+        assert len(calls) == 2 * len(runner.model.model.layers)
         hearth_logits(runner)  # a prompt: the norm kernel, then the GEMM
-        assert len(calls) == len(runner.model.model.layers)
+        assert len(calls) == 2 * len(runner.model.model.layers)
         monkeypatch.setattr(TritonQuant, "fuses_norm", lambda self, layer, norm: False)
         two_calls = hearth_logits(runner, ids)
         want = reference_logits(tiny_models["llama3"], _cpu_copy(runner), ids)
