@@ -128,7 +128,7 @@ def test_dp4a_split_k_sums_the_splits_in_order(bits, group, swiglu):
     for split in (2, 4):
         cfg = GemvConfig(8, 4, 1, DP4A, 2, split)
         y = quant_gemv(x, prep, config=cfg, swiglu=swiglu, bias=bias)
-        check_exact(y, x, prep, bias=bias, swiglu=swiglu)
+        check_exact(y, x, prep, bias=bias, swiglu=swiglu, levels=1 if DEVICE == "cuda" else 0)
         assert torch.equal(quant_gemv(x, prep, config=cfg, swiglu=swiglu, bias=bias), y)
 
 
