@@ -51,7 +51,7 @@ def test_split_and_merge(splits, block_n):
 
     out, ref = run_case(LENS, 8, 2, 32, 8, num_splits=splits, block_n=block_n)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
-    counters = quant_mma._COUNTERS[torch.device(DEVICE)][paged_decode._COUNTER_BASE:]
+    counters = quant_mma._COUNTERS[out.device][paged_decode._COUNTER_BASE:]
     assert not counters[:64].any()
     again, _ = run_case(LENS, 8, 2, 32, 8, num_splits=splits, block_n=block_n)
     assert torch.equal(again, out)
