@@ -16,29 +16,20 @@ up to whole tiles), and handles ALL the query heads of that kv head at once (GQA
 K/V tile is loaded once and used by the whole group, which is padded to 16 rows for the
 tensor-core dot). Within its slice it runs the online softmax of FlashAttention
 (Milakov & Gimelshein 2018; Dao 2023) over tiles of ``block_n`` keys, accumulating in
-fp32. With several splits each writes a normalised partial output plus its row max m_p
-and sum l_p, and the last of a (sequence, kv head)'s splits to finish (a counter per pair,
-as the split-K GEMVs keep theirs) merges them with the log-sum-exp rule
+fp32. With several splits it writes a normalised partial output plus its row max m_p and
+sum l_p, and a second kernel merges them with the log-sum-exp rule
 
     M = max_p m_p,   w_p = l_p * 2^(m_p - M),   out = sum_p w_p o_p / sum_p w_p
 
-so a single long sequence at batch 1 still spreads over the whole GPU, in one kernel (a
-second merge kernel cost its launch, 2.3 us a layer at batch 1 on an H200). Where only one
-split runs (one split, or a context shorter than a slice) it writes the output itself.
-Under a sliding window only the window's keys are sliced, so no program is spent on keys
-nobody sees.
-
-With PDL (hearth_kernels/pdl.py) a program reads its sequence length and its block table
-before waiting for the kernel before it, and its first tile of keys and values, all but the
-newest key (which that kernel writes this step) of it asked of L2 (``prefetch``), so that
-its loads after the wait find them there.
+so a single long sequence at batch 1 still spreads over the whole GPU. With one split
+the first kernel writes the output itself. Under a sliding window only the window's keys
+are sliced, so no program is spent on keys nobody sees.
 
 CUDA-graph safe: the grid depends only on B, the head counts and ``num_splits`` (chosen
 from B, the heads and the static bound ``max_seq_len``, never from device data), and the
 slicing is computed on the device, so a graph captured at a large bound (the model's
 context length) does not waste programs on short contexts. Slices past a short
-sequence's end exit at once and the merge ignores them (the counters must exist before a
-capture: ``quant_mma.make_counters``; ``capture_graph``'s eager run makes them). No host sync, no ``.item()``.
+sequence's end exit at once and the merge ignores them. No host sync, no ``.item()``.
 A sequence with ``seq_len == 0`` (batch padding) gets zeros.
 """
 
@@ -55,12 +46,6 @@ from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels._checks import check_paged_cache, fp8_as_fp16
 
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Scores start here rather than at -inf so that a row whose keys are all masked so far
 # stays NaN-free (2^(-inf - -inf) is NaN; 2^(-inf - NEG_BIG) is 0).
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -82,25 +67,28 @@ def _visible_span(seq_len, window, num_splits, HAS_WINDOW: tl.constexpr, BLOCK_N
 # window and num_splits change with eager batches: not specialised (no recompiles for them).
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(
-    q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr, cnt_ptr,
-    qk_scale, window, num_splits, num_kv_heads,
+    q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr,
+    qk_scale, window, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, stride_tb,
     stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    AS_FP16: tl.constexpr, ROW_BYTES: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    AS_FP16: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
+    pdl_wait(PDL)  # before any load or early return (hearth_kernels/pdl.py)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    # seq_lens and the block tables are the step's inputs, written before its first kernel
-    # (never by a kernel of the step): read before the wait (hearth_kernels/pdl.py)
     seq_len = tl.load(seq_lens_ptr + b)
     lo, base, slice_len = _visible_span(seq_len, window, num_splits, HAS_WINDOW, BLOCK_N)
     start = base + split * slice_len
+    if SPLIT:
+        if start >= seq_len:
+            return  # past this sequence's end: the merge ignores this split
+    # (Unsplit, the lone program always runs: a padding row, seq_len 0, must write zeros.)
     end = tl.minimum(start + slice_len, seq_len)
 
     offs_g = tl.arange(0, G_PAD)
@@ -110,28 +98,6 @@ def _decode_split_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
-    table = tables_ptr + b64 * stride_tb
-    head_off = kvh.to(tl.int64) * stride_c_head
-    # The first tile's keys and values are asked of L2 before the wait too (no register
-    # holds them): every key but the newest, which the kernel before this one writes this
-    # step (earlier steps wrote the others). A split's first tile is most of a short
-    # context's work; its memory round trip now overlaps the kernel before.
-    pos = start + offs_n
-    older = (pos < end) & (pos < seq_len - 1)
-    blk = tl.load(table + pos // BLOCK_SIZE, mask=older, other=0).to(tl.int64)
-    row = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + head_off
-    _prefetch_rows(cache_ptr + row, older, ROW_BYTES, PREFETCH)
-    _prefetch_rows(cache_ptr + stride_c_kv + row, older, ROW_BYTES, PREFETCH)
-    pdl_wait(PDL)  # before any other load, store or return (hearth_kernels/pdl.py)
-    if SPLIT:
-        if start >= seq_len:  # past this sequence's end: the merge ignores this split
-            if (split == 0) & (seq_len <= 0):  # an empty context (batch padding): zeros
-                tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                         tl.zeros([G_PAD, D_PAD], tl.float32).to(out_ptr.dtype.element_ty),
-                         mask=g_mask[:, None] & d_mask[None, :])
-            return
-    # (Unsplit, the lone program always runs: a padding row, seq_len 0, must write zeros.)
-
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if AS_FP16:  # bf16 queries over an fp8 cache: the dots run in fp16 (see fp8_as_fp16)
@@ -140,6 +106,8 @@ def _decode_split_kernel(
     m_i = tl.full([G_PAD], _NEG_BIG, tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    table = tables_ptr + b64 * stride_tb
+    head_off = kvh.to(tl.int64) * stride_c_head
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         k_mask = pos < end
@@ -164,64 +132,58 @@ def _decode_split_kernel(
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only for an empty context
     st_mask = g_mask[:, None] & d_mask[None, :]
-    n_parts = tl.cdiv(seq_len - base, slice_len)  # splits that ran
-    if SPLIT and n_parts > 1:
+    if SPLIT:
         p_base = b64 * stride_pb + split * stride_pp
         tl.store(part_out_ptr + p_base + heads[:, None] * stride_ph + offs_d[None, :], o, mask=st_mask)
         ml = part_ml_ptr + b64 * stride_mlb + heads * stride_mlh + split * 2
         tl.store(ml, m_i, mask=g_mask)
         tl.store(ml + 1, l_i, mask=g_mask)
-        # the last split of this (sequence, kv head) to finish merges them all (no second
-        # kernel): the counter goes back to zero for the next launch
-        tl.debug_barrier()  # every thread's partials are written before the count goes up
-        cnt = cnt_ptr + b * num_kv_heads + kvh
-        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-        if done == n_parts - 1:
-            _merge_splits(part_out_ptr, part_ml_ptr, out_ptr, b64, heads, g_mask, offs_d, d_mask, n_parts,
-                          stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh, stride_ob, stride_oh, G_PAD, D_PAD)
-            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-    else:  # one split (or the only one of a short context that ran): the output itself
+    else:
         tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
-@triton.jit
-def _prefetch_rows(ptrs, ok, ROW_BYTES: tl.constexpr, ASM: tl.constexpr):
-    """Ask L2 for the ``ROW_BYTES`` bytes at each of ``ptrs`` [rows] where ``ok`` (PTX
-    ``prefetch.global.L2``, one per 128-byte line: nothing waits for it, no register holds
-    the data; nothing to do under the interpreter)."""
-    if ASM:
-        for line in tl.static_range(0, ROW_BYTES, 128):
-            addr = (ptrs.to(tl.pointer_type(tl.int8)) + line)
-            tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; "
-                                      "mov.b32 $0, 0; }", "=r,l,r", [addr, ok.to(tl.int32)], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+@triton.jit(do_not_specialize=["window", "num_splits"])
+def _decode_merge_kernel(
+    part_out_ptr, part_ml_ptr, seq_lens_ptr, out_ptr, window, num_splits,
+    stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NP_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl_start(PDL)
+    pdl_wait(PDL)  # (hearth_kernels/pdl.py)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    lo, base, slice_len = _visible_span(seq_len, window, num_splits, HAS_WINDOW, BLOCK_N)
+    n_parts = tl.cdiv(seq_len - base, slice_len)  # splits that ran (0 for seq_len 0)
+    ml = part_ml_ptr + b * stride_mlb + h * stride_mlh
+    offs_p = tl.arange(0, NP_PAD)
+    p_mask = offs_p < n_parts
+    m = tl.load(ml + offs_p * 2, mask=p_mask, other=float("-inf"))
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # seq_len 0: nothing to merge
+    l = tl.load(ml + offs_p * 2 + 1, mask=p_mask, other=0.0)
+    total = tl.sum(l * tl.exp2(m - m_max), axis=0)
 
-
-@triton.jit
-def _merge_splits(part_out_ptr, part_ml_ptr, out_ptr, b64, heads, g_mask, offs_d, d_mask, n_parts,
-                  stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh, stride_ob, stride_oh,
-                  G_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """The log-sum-exp merge of the ``n_parts`` splits' partial outputs of ``heads`` (the
-    module docstring), in split order (the same bits every run); read past L1 (other
-    programs wrote them)."""
-    ml = part_ml_ptr + b64 * stride_mlb + heads * stride_mlh
-    m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-    for p in range(0, n_parts):
-        m_max = tl.maximum(m_max, tl.load(ml + p * 2, mask=g_mask, other=float("-inf"), cache_modifier=".cg"))
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
-    total = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    o_base = part_out_ptr + b64 * stride_pb + heads[:, None] * stride_ph + offs_d[None, :]
-    mask = g_mask[:, None] & d_mask[None, :]
-    for p in range(0, n_parts):
-        w = tl.load(ml + p * 2 + 1, mask=g_mask, other=0.0, cache_modifier=".cg") * tl.exp2(
-            tl.load(ml + p * 2, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - m_max)
-        total += w
-        acc += w[:, None] * tl.load(o_base + p * stride_pp, mask=mask, other=0.0, cache_modifier=".cg")
-    res = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             res.to(out_ptr.dtype.element_ty), mask=mask)
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+    offs_c = tl.arange(0, CHUNK)
+    acc = tl.zeros([D_PAD], tl.float32)
+    o_base = part_out_ptr + b * stride_pb + h * stride_ph
+    # Chunks of splits keep registers bounded however many splits there are.
+    for c0 in range(0, n_parts, CHUNK):
+        pc = c0 + offs_c
+        c_mask = pc < n_parts
+        mc = tl.load(ml + pc * 2, mask=c_mask, other=float("-inf"))
+        lc = tl.load(ml + pc * 2 + 1, mask=c_mask, other=0.0)
+        w = lc * tl.exp2(mc - m_max)
+        o = tl.load(o_base + pc[:, None] * stride_pp + offs_d[None, :],
+                    mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * o, axis=0)
+    res = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,11 +214,6 @@ def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 128  # interpreter: any plausible number
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-#: where this kernel's split counters start in ``quant_mma``'s per-device counter tensor (one
-#: per sequence and kv head; the GEMVs' split-K launches use the slots from 0)
-_COUNTER_BASE = 1 << 15
 
 
 def _auto_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
@@ -323,15 +280,9 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         part_out = part_ml = out  # unused (SPLIT=False)
         pstrides = (0, 0, 0, 0, 0)
     window = sliding_window or 0
-    if split:
-        from hearth_kernels.quant_mma import _counters
-
-        cnt = _counters(q.device, _COUNTER_BASE + bsz * kv_heads)[_COUNTER_BASE:]
-    else:
-        cnt = seq_lens  # unused
     _decode_split_kernel[(bsz, kv_heads, splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_ml, cnt,
-        scale * _LOG2E, window, splits, kv_heads,
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_ml,
+        scale * _LOG2E, window, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), *pstrides,
@@ -339,8 +290,15 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), ROW_BYTES=dim * kv_cache.element_size(),
-        PREFETCH=q.is_cuda and not _interpreting(),
+        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
+    if split:
+        np_pad = triton.next_power_of_2(splits)
+        _decode_merge_kernel[(bsz, heads)](
+            part_out, part_ml, seq_lens, out, window, splits, *pstrides, out.stride(0), out.stride(1),
+            HEAD_DIM=dim, D_PAD=d_pad, BLOCK_N=block_n, NP_PAD=np_pad,
+            CHUNK=min(np_pad, 16),
+            HAS_WINDOW=sliding_window is not None, num_warps=4 if d_pad >= 128 else 1, **pdl_args(q.device),
+        )
     return out

@@ -62,11 +62,13 @@ def main() -> None:
     cases = {
         "decode": (paged_decode._decode_split_kernel,
                    {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "cnt_ptr": "*i32",
-                    "qk_scale": "fp32"},
+                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
-                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False, ROW_BYTES=2 * d, PREFETCH=True),
-                   warps, stages),
+                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False), warps, stages),
+        "decode_merge": (paged_decode._decode_merge_kernel,
+                         {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
+                          "out_ptr": bf},
+                         dict(HEAD_DIM=d, D_PAD=d, BLOCK_N=n, NP_PAD=64, CHUNK=16, HAS_WINDOW=True), 4, 1),
     }
     m, n, warps, stages = paged_prefill._config(d, torch.bfloat16)
     cases["prefill"] = (

@@ -45,16 +45,8 @@ def test_split_and_merge(splits, block_n):
     # 40 tokens in 3 splits of 16-key tiles: slices of 16, the last one partial; with 2
     # splits, slices of two tiles; with 8, five splits have nothing to do (they must exit
     # and be ignored by the merge), as do the later splits of the short sequences.
-    # The last split of a (sequence, kv head) to finish merges (a counter each, left zero for
-    # the next launch): a second call gives the same bits.
-    from hearth_kernels import paged_decode, quant_mma
-
     out, ref = run_case(LENS, 8, 2, 32, 8, num_splits=splits, block_n=block_n)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
-    counters = quant_mma._COUNTERS[out.device][paged_decode._COUNTER_BASE:]
-    assert not counters[:64].any()
-    again, _ = run_case(LENS, 8, 2, 32, 8, num_splits=splits, block_n=block_n)
-    assert torch.equal(again, out)
 
 
 @pytest.mark.parametrize("seq_lens,bound", [([300], 300), ([300, 5, 130], 1000)])
