@@ -192,6 +192,8 @@ def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
     int32, terms [K/32, 4] float32)``. ``norm``: ``(residual or None, weight, eps,
     residual_out)`` as ``quant_gemv_dp4a`` takes it: x is RMS-normalised first (one program
     holds the row; ``residual_out`` gets x + residual)."""
+    if swiglu and norm is not None:
+        raise ValueError("quantize_x_blocks: SwiGLU or the norm, not both")
     k = x.shape[1] // 2 if swiglu else x.shape[1]
     nb = k // 32
     xq = torch.empty(nb, 8, dtype=torch.int32, device=x.device)
@@ -345,7 +347,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     torch's allocator; the counters are made outside graph capture, as ``quant_mma``'s).
     ``norm``: ``(residual or None, weight, eps, residual_out)``, checked by
     ``quant_gemv_normed``: x is RMS-normalised (after adding the residual) in the prologue;
-    needs ``split == 1`` and no SwiGLU. ``qx``: True quantizes x (after SwiGLU or the norm)
+    needs ``split == 1`` (or ``qx``) and no SwiGLU. ``qx``: True quantizes x (after SwiGLU or the norm)
     with one kernel first (``quantize_x_blocks``) and every program reads it, instead of each
     program quantizing the whole row itself (a wide layer's 1,000-2,000 programs repeat
     that); the result is the same up to the order of float sums (the interpreter: bit for
@@ -367,6 +369,9 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         cnt = _counters(x.device, programs)
     else:
         ws = cnt = s
+    if qx is not False and qx is not True and (norm is not None or swiglu or qx[0].shape != (k // 32, 8)):
+        raise ValueError(f"quant_gemv: x quantized beforehand (quantize_x_blocks) comes with no norm or SwiGLU "
+                         f"and as [{k // 32}, 8] words, got {list(qx[0].shape)}")
     if qx is True:  # x (SwiGLU, the norm) quantized by one kernel first, read by every program
         qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm), False
         norm = None

@@ -625,15 +625,16 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(quant_gemv(rms_norm(s)), s)`` for one row, where ``s = x + residual`` rounded to x's
     dtype (``s = x`` without a residual): the norm before a projection
-    (``hearth_kernels/rmsnorm.fused_add_rms_norm``, then ``quant_gemv``) in one kernel when
-    ``norm_fusable``. The dp4a kernel's programs each hold the whole row of x, so each
-    computes the mean of squares itself and program 0 writes ``s`` (a new tensor, never
-    ``residual``: other programs still read it). That saves the norm's launch and its
-    round trip through memory. The kernel quantizes ``weight * s`` per block and puts the
-    norm's scalar on each block's scale, so the normalised input is never rounded to the
-    activation dtype: closer to the float norm than the two kernels, which differ from it
-    by those roundings (at most one of the 8-bit levels per input, and 2^-8 of a block's
-    scale)."""
+    (``hearth_kernels/rmsnorm.fused_add_rms_norm``, then ``quant_gemv``) inside the GEMV's
+    kernels when ``norm_fusable``. A dp4a config with the row in one program: each program
+    holds the whole row of x, so each computes the mean of squares itself and program 0
+    writes ``s`` (a new tensor, never ``residual``: other programs still read it); that
+    saves the norm's launch and its round trip through memory. A ``qx`` config (K split or
+    not): the kernel that quantizes x once for all the programs does the same, in one
+    program. Either way ``weight * s`` is quantized per block and the norm's scalar put on
+    each block's scale, so the normalised input is never rounded to the activation dtype:
+    closer to the float norm than the two kernels, which differ from it by those roundings
+    (at most one of the 8-bit levels per input, and 2^-8 of a block's scale)."""
     k = prepared.in_features
     _check_x("quant_gemv_normed", x, k, False)
     if x.shape[0] != 1:

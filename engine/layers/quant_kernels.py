@@ -118,15 +118,20 @@ def triton_reads(layer) -> bool:
 class TritonQuant(QuantKernel):
     """The Triton dequantize-GEMV (``config``) for one row, the dequantize-GEMM for more."""
 
-    def __init__(self, config=None) -> None:
+    def __init__(self, config=None, norm_first: bool = False) -> None:
         self.config = config
         self.prepared = None
-        self.name = "triton quant gemv" if config is None else _config_name(config)
+        # norm_first: the norm kernel, then this GEMV, even where its kernel could take the
+        # norm in (the tuner times both: a wide layer's many programs repeating the norm
+        # may cost more than the norm's launch)
+        self.norm_first = norm_first
+        self.name = ("triton quant gemv" if config is None else _config_name(config)) + (
+            " norm first" if norm_first else "")
 
     def bind(self, layer) -> "TritonQuant":
         from hearth_kernels.quant_gemv import PreparedQuant, prepare_int4, prepare_int8
 
-        bound = TritonQuant(self.config)
+        bound = TritonQuant(self.config, self.norm_first)
         if layer.bits == 8:
             bound.prepared = prepare_int8(layer.qweight, layer.scales, layer.mins, layer.group_size)
         elif int4_layout(layer.qweight) == "pairs":  # repacked by an earlier bind (the tuner's)
@@ -156,13 +161,25 @@ class TritonQuant(QuantKernel):
         return self._gemm(permuted(gated(x, layer), layer), self.prepared, bias=layer.bias, out=out)
 
     def fuses_norm(self, layer, norm) -> bool:
-        """A dp4a config holding the whole row in one program, no act-order permutation,
-        and the fused plan's norm (the Triton one: the reference plan keeps torch's)."""
+        """A dp4a config taking the norm in (``norm_fusable``: the row in one program, or x
+        quantized beforehand), not ``norm_first``, no act-order permutation, and the fused
+        plan's norm (the Triton one: the reference plan keeps torch's)."""
         from engine.layers.norm import TritonRMSNorm
         from hearth_kernels.quant_gemv import norm_fusable
 
-        return (isinstance(norm, TritonRMSNorm) and layer.perm is None and self.prepared is not None
-                and norm_fusable(self.prepared, self.config))
+        return (not self.norm_first and isinstance(norm, TritonRMSNorm) and layer.perm is None
+                and self.prepared is not None and norm_fusable(self.prepared, self.config))
+
+    def with_norm_first(self) -> "TritonQuant | None":
+        """This config with the norm kernel first, where its GEMV would repeat the norm in
+        each program's prologue (a dp4a config with the row in one program, x not quantized
+        beforehand); None for any other."""
+        from hearth_kernels.quant_gemv import DP4A, GemvConfig
+
+        if self.norm_first or self.config is None:
+            return None
+        c = GemvConfig(*self.config)
+        return TritonQuant(self.config, norm_first=True) if c.kind == DP4A and c.split <= 1 and not c.qx else None
 
     def normed(self, x, layer, residual, norm):
         from hearth_kernels.quant_gemv import quant_gemv_normed

@@ -109,11 +109,12 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual, kv_cache, meta, rotary):
         # Each norm goes with the projection after it (``normed``): a quantized batch-1
-        # projection runs the two in its kernels, any other as two calls. Whether q/k/v's
-        # GEMV repeats the norm in every program or a kernel of its own normalises and
-        # quantizes x once for all of them is the GEMV tuner's choice (the ``qx`` configs);
-        # for gate_up's 900-1800 programs repeating it cost more than the norm's launch
-        # (8B int8 on an H200: 362 tok/s against 383).
+        # projection may run the two in its kernels, any other runs two calls. How is the
+        # GEMV tuner's choice, timed through ``normed``: the norm repeated in each GEMV
+        # program's prologue, in a kernel that normalises and quantizes x once for all of
+        # them (``qx`` configs), or the norm kernel first (``TritonQuant.norm_first``): for
+        # gate_up's 900-1800 programs the prologue cost more than the norm's launch on an
+        # H200 (8B int8: 362 tok/s against 383).
         (qkv_proj, input_norm), (gate_up_proj, post_norm) = self.normed_projections()
         qkv, residual = _normed(qkv_proj, x, residual, input_norm)
         x = self.self_attn.attend(positions, qkv, kv_cache, meta, rotary)

@@ -195,6 +195,26 @@ def test_a_projection_after_a_fused_norm_is_timed_with_it(monkeypatch):
                 return -self(x), x + residual
             return super().normed(x, residual, norm)
 
+    class NormFirst(_K):
+        """A config whose kernel takes the norm in its prologue: the tuner also times it
+        with the norm kernel first (``TritonQuant.with_norm_first``)."""
+
+        def with_norm_first(self):
+            return None if self.name.endswith("norm first") else _K(self.name + " norm first")
+
+    class Wide(Normed):
+        def kernel_candidates(self):
+            return [_K("first"), NormFirst("second")]
+
+    mod = Wide({"first": y, "second": y, "second norm first": y})
+    mod.calls = []
+    monkeypatch.setattr(tuning, "_time", lambda fn, count, graphed=True, reps=3: (
+        fn(0), 0.5 if mod.kernel.name == "second norm first" else 1.0)[1])
+    assert tuning._tune_group("gate_up", [mod], torch.device("cpu"), {id(mod): fused}) == "second norm first"
+    mod.calls = []  # and not for a projection timed alone (no fused norm before it)
+    tuning._tune_group("gate_up", [mod], torch.device("cpu"), {id(mod): RMSNorm(8, 1e-6)})
+    assert mod.kernel.name != "second norm first"
+
     for how in ("raises", "wrong"):
         mod = Broken({"first": y, "second": y}, how)
         monkeypatch.setattr(tuning, "_time", lambda fn, count, graphed=True, reps=3: 2.0 if mod.kernel.name ==

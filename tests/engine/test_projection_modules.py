@@ -107,6 +107,9 @@ def test_each_norm_goes_with_the_projection_after_it(tiny_models, reference):
     itself: the logits don't change either way."""
     _, runner = prompt_logits(tiny_models["llama3"])
     model = runner.model
+    layer = model.model.layers[1]  # the pairs the GEMV tuner times together
+    assert layer.normed_projections() == ((layer.self_attn.qkv_proj, layer.input_layernorm),
+                                          (layer.mlp.gate_up_proj, layer.post_attention_layernorm))
     qkv, gate_up, plain = ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj",
                            "model.layers.1.self_attn.qkv_proj")
     for name in (qkv, gate_up):

@@ -97,10 +97,11 @@ def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
 
 def _chain(x, res, norm_w, preps, cos, sin, pos, cache, slots, tables, seq_lens, outs):
     """One decode-step-like chain, each kernel reading what the one before wrote: norm (with
-    the residual), int4 GEMV (dp4a), rotary, KV write, attention (split + merge), GEMVs."""
+    the residual), int4 GEMV (dp4a), rotary, KV write, attention (split + merge), GEMVs
+    (the last two with x quantized by a kernel of its own, one with the norm in it)."""
     from hearth_kernels.kv_cache import write_kv_cache
     from hearth_kernels.paged_decode import paged_decode_attention
-    from hearth_kernels.quant_gemv import DP4A, GemvConfig, ROWS, quant_gemv
+    from hearth_kernels.quant_gemv import DP4A, GemvConfig, ROWS, quant_gemv, quant_gemv_normed
     from hearth_kernels.rmsnorm import fused_add_rms_norm
     from hearth_kernels.rotary import apply_rotary
 
@@ -119,6 +120,9 @@ def _chain(x, res, norm_w, preps, cos, sin, pos, cache, slots, tables, seq_lens,
         xn, r = fused_add_rms_norm(h, r, norm_w, 1e-5, out=outs["xn"], residual_out=outs["res"])
         g = quant_gemv(xn, up, config=GemvConfig(16, 4, 4, DP4A, 3), out=outs["up"])
         h = quant_gemv(g, down, config=GemvConfig(16, 4, 4, DP4A, 3, 2), swiglu=True, out=outs["down"])
+        # x quantized once by a kernel of its own (with the norm; with SwiGLU) before the GEMV
+        g, r = quant_gemv_normed(h, up, norm_w, 1e-5, residual=r, config=GemvConfig(8, 2, 4, DP4A, 2, 1, 1))
+        h = quant_gemv(g, down, config=GemvConfig(16, 2, 4, DP4A, 2, 2, 1), swiglu=True, out=outs["down"])
     return h
 
 

@@ -231,6 +231,12 @@ def test_the_engine_kernel_takes_the_norm_with_the_projection_bias():
     kernel = bound(SMALL)
     assert kernel.fuses_norm(layer, fused) and not kernel.fuses_norm(layer, plain)
     assert not bound(GemvConfig(8, 64, 2, 0, 1)).fuses_norm(layer, fused)
+    # the tuner's other way to run a prologue-norm config: the norm kernel first
+    first = kernel.with_norm_first()
+    first.prepared = prep
+    assert first.norm_first and not first.fuses_norm(layer, fused) and first.name.endswith("norm first")
+    assert first.with_norm_first() is None and TritonQuant(SMALL._replace(qx=1)).with_norm_first() is None
+    assert TritonQuant(GemvConfig(8, 4, 1, DP4A, 2, 2)).with_norm_first() is None  # K split: never in the prologue
     x = 3 * rand_x(1, k, torch.bfloat16)
     for residual in (None, rand_x(1, k, torch.bfloat16, seed=8)):
         y, s = kernel.normed(x, layer, residual, fused)
@@ -264,16 +270,16 @@ def test_dp4a_rmsnorm_prologue_other_configs_run_the_norm_first():
         quant_gemv_normed(x, prep, weight, 1e-6, residual=residual.float(), config=SMALL)
 
 
-@pytest.mark.parametrize("bits,group,swiglu,split", [(4, 32, False, 1), (4, 128, True, 2), (8, 2560, True, 1),
-                                                     (8, 32, False, 4)])
-def test_dp4a_x_quantized_once_is_the_same_product(bits, group, swiglu, split):
+@pytest.mark.parametrize("bits,group,swiglu,split,mins", [(4, 32, False, 1, True), (4, 128, True, 2, True),
+                                                          (8, 2560, True, 1, False), (8, 32, False, 4, True)])
+def test_dp4a_x_quantized_once_is_the_same_product(bits, group, swiglu, split, mins):
     """``qx`` configs: one kernel quantizes x (SwiGLU first) and every program reads it. The
     product is the exact integer reference's, and (on the interpreter, the same float32
     arithmetic) the per-program path's bit for bit; K not a power of 2, a bias, K split."""
     from hearth_kernels.quant_dp4a import quantize_x_blocks
 
     n, k = 44, 2560
-    _, prep = make_weight(bits, n, k, group, mins=bits == 4, seed=17)
+    _, prep = make_weight(bits, n, k, group, mins=mins, seed=17)
     x = 3 * rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
     bias = rand_x(1, n, torch.bfloat16, seed=8)[0]
     cfg = GemvConfig(8, 4, 1, DP4A, 2, split, 1)
@@ -295,8 +301,11 @@ def test_dp4a_x_quantized_once_is_the_same_product(bits, group, swiglu, split):
         order = [8 * (b // 4) + 2 * (b % 4) if b < 16 else 8 * ((b - 16) // 4) + 2 * (b % 4) + 1 for b in range(32)]
     off = (codes - xq[:, order]).abs()
     assert bool((off <= (1 if DEVICE == "cuda" else 0)).all()) and float(off.mean()) < 0.01
+    assert torch.allclose(terms[:, 1], xe.double().sum(dim=1).float(), rtol=1e-5, atol=1e-5 * float(xe.abs().max()))
     if bits == 4:
         assert torch.equal(terms[:, 2], codes.sum(dim=1))
+    with pytest.raises(ValueError, match="not both"):
+        quantize_x_blocks(x, bits, True, (None, torch.ones(k, device=DEVICE), 1e-5, None))
 
 
 @pytest.mark.parametrize("bits,split", [(4, 1), (8, 2)])
@@ -345,6 +354,7 @@ def test_the_tuner_lists_dp4a_configs_and_the_launch_shape(monkeypatch):
     kinds = {c.kind for c in quant_gemv_configs(4096, 4096, 4)}
     assert DP4A in kinds and DP4A in {c.kind for c in quant_gemv_configs(4096, 4096, 8)}
     assert DP4A not in {c.kind for c in quant_gemv_configs(64, 40000, 4)}  # longer rows than it holds
+    assert {c for c in quant_gemv_configs(4096, 4096, 4) if c.kind == DP4A and c.qx}  # x quantized once, too
     assert dp4a_launch(16, 4, 4, 4096) == (4096, 4, 4, 1)
     assert dp4a_launch(16, 4, 1, 14336) == (16384, 4, 4, 1)  # at most 4 blocks of x per thread
     assert dp4a_launch(16, 32, 8, 1000) == (1024, 16, 1, 1)  # rows per step <= rows per program
