@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_gemv import shapes_of, time_graph  # noqa: E402
+from profile_quant_dp4a import random_prepared, rotated_copies  # noqa: E402
 
 
 def main() -> None:
@@ -30,9 +30,8 @@ def main() -> None:
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu")
     ap.add_argument("--bits", default="4,8")
     args = ap.parse_args()
-    from engine.quant.rtn import quantize_int4, quantize_int8
     from hearth_kernels.quant_dp4a import dp4a_launch, quant_gemv_dp4a, quantize_x_blocks
-    from hearth_kernels.quant_gemv import _DP4A_CONFIGS, DP4A, GemvConfig, prepare_int4, prepare_int8
+    from hearth_kernels.quant_gemv import _DP4A_CONFIGS, DP4A, GemvConfig
 
     t0 = time.time()
     torch.manual_seed(0)
@@ -42,16 +41,8 @@ def main() -> None:
         for name, (n, k, swiglu) in shapes_of("llama-8b").items():
             if name not in args.layers.split(","):
                 continue
-            if bits == 4:
-                qw = quantize_int4(0.02 * torch.randn(n, k, device="cuda"), 128)
-                prep = prepare_int4(qw.qweight, qw.scales, qw.mins, 128)
-            else:
-                qw = quantize_int8(0.02 * torch.randn(n, k, device="cuda"))
-                prep = prepare_int8(qw.qweight, qw.scales, qw.mins, qw.group_size)
-            nb = sum(t.numel() * t.element_size() for t in (prep.qweight, prep.scales, prep.mins) if t is not None)
-            copies = max(2, math.ceil(400e6 / nb))
-            preps = [prep] + [type(prep)(bits, prep.group_size, *(None if t is None else t.clone()
-                                                                   for t in prep[2:])) for _ in range(copies - 1)]
+            _, prep = random_prepared(bits, n, k)
+            nb, copies, preps = rotated_copies(prep)
             x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
             y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
             qx = quantize_x_blocks(x, bits, swiglu)
@@ -91,7 +82,7 @@ def main() -> None:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(result, f, indent=1)
-            preps = prep = qw = None
+            preps = prep = None
             torch.cuda.empty_cache()
 
 

@@ -33,6 +33,29 @@ T0 = time.time()
 KIND_NAMES = ["kloop", "mma", "rows", "swap", "swapw", "dp4a"]
 
 
+def random_prepared(bits: int, n: int, k: int):
+    """(the quantized weight, its prepared form) of a random [n, k] weight on the GPU: int4 in
+    groups of 128, or int8 per channel."""
+    from engine.quant.rtn import quantize_int4, quantize_int8
+    from hearth_kernels.quant_gemv import prepare_int4, prepare_int8
+
+    if bits == 4:
+        qw = quantize_int4(0.02 * torch.randn(n, k, device="cuda"), 128)
+        return qw, prepare_int4(qw.qweight, qw.scales, qw.mins, 128)
+    qw = quantize_int8(0.02 * torch.randn(n, k, device="cuda"))
+    return qw, prepare_int8(qw.qweight, qw.scales, qw.mins, qw.group_size)
+
+
+def rotated_copies(prep):
+    """(its bytes, how many copies, the copies: ``prep`` first): enough that a graph timing
+    one call per copy reads every weight from HBM, none left in L2."""
+    nb = sum(t.numel() * t.element_size() for t in (prep.qweight, prep.scales, prep.mins) if t is not None)
+    copies = max(2, math.ceil(400e6 / nb))
+    return nb, copies, [prep] + [type(prep)(prep.bits, prep.group_size, *(None if t is None else t.clone()
+                                                                          for t in prep[2:]))
+                                 for _ in range(copies - 1)]
+
+
 def sweep(k: int, full: str):
     from hearth_kernels.quant_dp4a import dp4a_launch
     from hearth_kernels.quant_gemv import DP4A, GemvConfig
@@ -69,10 +92,9 @@ def main() -> None:
     args = ap.parse_args()
     share = tuple(map(int, args.warm_only.split("/"))) if args.warm_only else None
 
-    from engine.quant.rtn import quantize_int4, quantize_int8
     from hearth_kernels.activation import silu_and_mul
     from hearth_kernels.quant_dp4a import dp4a_reference
-    from hearth_kernels.quant_gemv import DP4A, GemvConfig, prepare_int4, prepare_int8, quant_gemv, quant_gemv_configs
+    from hearth_kernels.quant_gemv import DP4A, GemvConfig, quant_gemv, quant_gemv_configs
 
     torch.manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "rows": []}
@@ -89,12 +111,7 @@ def main() -> None:
         for name, (n, k, swiglu) in shapes.items():
             if name not in args.layers.split(","):
                 continue
-            if bits == 4:
-                qw = quantize_int4(0.02 * torch.randn(n, k, device="cuda"), 128)
-                prep = prepare_int4(qw.qweight, qw.scales, qw.mins, 128)
-            else:
-                qw = quantize_int8(0.02 * torch.randn(n, k, device="cuda"))
-                prep = prepare_int8(qw.qweight, qw.scales, qw.mins, qw.group_size)
+            qw, prep = random_prepared(bits, n, k)
             if share is not None:  # compile only
                 x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
                 configs = quant_gemv_configs(n, k, bits, prep.group_size)
@@ -106,11 +123,7 @@ def main() -> None:
                         pass
                 torch.cuda.synchronize()
                 continue
-            parts = [t for t in (prep.qweight, prep.scales, prep.mins) if t is not None]
-            nb = sum(t.numel() * t.element_size() for t in parts)
-            copies = max(2, math.ceil(400e6 / nb))
-            preps = [prep] + [type(prep)(bits, prep.group_size, *(None if t is None else t.clone()
-                                                                   for t in prep[2:])) for _ in range(copies - 1)]
+            nb, copies, preps = rotated_copies(prep)
             wbf = qw.dequantize(torch.bfloat16)
             bf_copies = max(2, math.ceil(400e6 / (n * k * 2)))
             wbfs = [wbf] + [wbf.clone() for _ in range(bf_copies - 1)]

@@ -154,6 +154,26 @@ def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr):
 
 
 @triton.jit
+def _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS: tl.constexpr, SWIGLU: tl.constexpr,
+                 NORM: tl.constexpr):
+    """The blocks of x at ``kb`` [NB] loaded (SwiGLU applied, or RMS-normalised: NORM 1 of x,
+    NORM 2 of x + r, written to ro_ptr by program (0, 0); every block of the row in this
+    program) and quantized: ``_quantize_blocks``' five, the norm's scalar on each block's
+    scale and sum (``_normed_x_blocks``)."""
+    if NORM:
+        xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
+        x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
+    else:
+        x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
+    xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS)
+    if NORM:
+        inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        sx = sx * inv_rms
+        xsum = xsum * inv_rms
+    return xe, xo, sx, xsum, xqsum
+
+
+@triton.jit
 def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP: tl.constexpr, BITS: tl.constexpr,
                        SWIGLU: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     # NBP blocks of 32 inputs per program: block b's 8 words at xq_ptr[8b..] (int4: the
@@ -167,22 +187,24 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP
     kb = blk * 32
     ok = kb < K
     j = tl.arange(0, WPB)
-    if NORM:
-        xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
-        x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
-    else:
-        x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)
-    xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS)
-    if NORM:
-        inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-        sx = sx * inv_rms
-        xsum = xsum * inv_rms
+    xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM)
     tl.store(xq_ptr + blk[:, None] * 8 + j[None, :], xe, mask=ok[:, None])
     if BITS == 4:
         tl.store(xq_ptr + blk[:, None] * 8 + 4 + j[None, :], xo, mask=ok[:, None])
         tl.store(xf_ptr + blk * 4 + 2, xqsum.to(tl.float32), mask=ok)
     tl.store(xf_ptr + blk * 4, sx, mask=ok)
     tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
+
+
+def _norm_args(x: torch.Tensor, norm: tuple | None) -> tuple:
+    """The kernels' NORM mode and (r, norm weight, residual out, eps) arguments for ``norm``
+    (``(residual or None, weight, eps, residual_out)``; x stands in for what is unused)."""
+    if norm is None:
+        return 0, x, x, x, 0.0
+    residual, weight, eps, residual_out = norm
+    if residual is None:
+        return 1, x, weight, x, eps
+    return 2, residual, weight, residual_out, eps
 
 
 def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
@@ -198,17 +220,10 @@ def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
     nb = k // 32
     xq = torch.empty(nb, 8, dtype=torch.int32, device=x.device)
     xf = torch.empty(nb, 4, dtype=torch.float32, device=x.device)
-    if norm is not None:
-        residual, weight, eps, residual_out = norm
-        norm_mode = 1 if residual is None else 2
-        r_arg, ro_arg = (x, x) if residual is None else (residual, residual_out)
-        nbp = triton.next_power_of_2(nb)
-        warps = max(1, min(16, nbp // 32))
-    else:
-        r_arg = weight = ro_arg = x
-        eps, norm_mode, nbp, warps = 0.0, 0, 32, 1
+    norm_mode, r_arg, weight, ro_arg, eps = _norm_args(x, norm)
+    nbp = 32 if norm is None else triton.next_power_of_2(nb)  # the norm: the whole row in one program
     _quantize_x_kernel[(triton.cdiv(nb, nbp),)](x, xq, xf, r_arg, weight, ro_arg, eps, k, NBP=nbp, BITS=bits,
-                                                  SWIGLU=swiglu, NORM=norm_mode, num_warps=warps,
+                                                  SWIGLU=swiglu, NORM=norm_mode, num_warps=max(1, min(16, nbp // 32)),
                                                   **pdl_args(x.device))
     return xq, xf
 
@@ -260,16 +275,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
             xo = tl.load(x_ptr + bidx[:, None] * 8 + 4 + j[None, :], mask=blk_ok[:, None], other=0)
             xqsum = tl.load(meta + 2, mask=blk_ok, other=0.0).to(tl.int32)
     else:
-        if NORM:
-            xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
-            x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
-        else:
-            x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
-        xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS)
-        if NORM:  # the norm's scalar, on each block's scale and sum (``_normed_x_blocks``)
-            inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
-            sx = sx * inv_rms
-            xsum = xsum * inv_rms
+        xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM)
     if BITS == 4:
         e0, e1, e2, e3 = _split4_last(xe)
         o0, o1, o2, o3 = _split4_last(xo)
@@ -375,20 +381,14 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     if qx is True:  # x (SwiGLU, the norm) quantized by one kernel first, read by every program
         qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm), False
         norm = None
-    if norm is not None:
-        residual, weight, eps, residual_out = norm
-        norm_mode = 1 if residual is None else 2
-        r_arg, ro_arg = (x, x) if residual is None else (residual, residual_out)
-    else:
-        r_arg = weight = ro_arg = x
-        eps, norm_mode = 0.0, 0
+    norm_mode, r_arg, weight, ro_arg, eps = _norm_args(x, norm)
     _quant_gemv_dp4a_kernel[(programs, split)](
-        x if qx is False else qx[0], q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, n, k, q.stride(0),
-        s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not False else s, GROUP=prepared.group_size,
-        BITS=prepared.bits,
+        x if qx is False else qx[0], q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt,
+        n, k, q.stride(0), s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not False else s,
+        GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not _interpreting(), num_warps=num_warps,
-        **pdl_args(x.device))
+        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not _interpreting(),
+        num_warps=num_warps, **pdl_args(x.device))
     return out
 
 

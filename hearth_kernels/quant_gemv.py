@@ -615,8 +615,15 @@ def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
         return False
     cfg = GemvConfig(*config)
     k = prepared.in_features
-    return (cfg.kind == DP4A and (cfg.split <= 1 or cfg.qx) and k % BLOCK == 0 and k <= _DP4A_MAX_K
+    return ((norm_in_prologue(cfg) or (cfg.kind == DP4A and cfg.qx)) and k % BLOCK == 0 and k <= _DP4A_MAX_K
             and prepared.group_size >= BLOCK)
+
+
+def norm_in_prologue(config: tuple) -> bool:
+    """Whether ``config``'s GEMV would repeat the norm in each program's prologue (a dp4a
+    config with the row in one program, x not quantized beforehand), shapes permitting."""
+    cfg = GemvConfig(*config)
+    return cfg.kind == DP4A and cfg.split <= 1 and not cfg.qx
 
 
 def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Tensor, eps: float, *,

@@ -57,6 +57,11 @@ class QuantKernel:
         """``(layer(norm(x + residual)), x + residual)`` in one kernel (when ``fuses_norm``)."""
         raise NotImplementedError
 
+    def with_norm_first(self) -> "QuantKernel | None":
+        """This kernel running the norm kernel first where it would take the norm in (a
+        candidate the GEMV tuner times beside it); None where there is no such choice."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
 
@@ -172,14 +177,12 @@ class TritonQuant(QuantKernel):
 
     def with_norm_first(self) -> "TritonQuant | None":
         """This config with the norm kernel first, where its GEMV would repeat the norm in
-        each program's prologue (a dp4a config with the row in one program, x not quantized
-        beforehand); None for any other."""
-        from hearth_kernels.quant_gemv import DP4A, GemvConfig
+        each program's prologue (``norm_in_prologue``); None for any other."""
+        from hearth_kernels.quant_gemv import norm_in_prologue
 
-        if self.norm_first or self.config is None:
+        if self.norm_first or self.config is None or not norm_in_prologue(self.config):
             return None
-        c = GemvConfig(*self.config)
-        return TritonQuant(self.config, norm_first=True) if c.kind == DP4A and c.split <= 1 and not c.qx else None
+        return TritonQuant(self.config, norm_first=True)
 
     def normed(self, x, layer, residual, norm):
         from hearth_kernels.quant_gemv import quant_gemv_normed

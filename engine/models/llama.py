@@ -109,8 +109,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual, kv_cache, meta, rotary):
         # Each norm goes with the projection after it (``normed``): a quantized batch-1
-        # projection may run the two in its kernels, any other runs two calls. How is the
-        # GEMV tuner's choice, timed through ``normed``: the norm repeated in each GEMV
+        # projection may run the two in its kernels, any other runs two calls. Which way is
+        # the GEMV tuner's choice, timed through ``normed``: the norm repeated in each GEMV
         # program's prologue, in a kernel that normalises and quantizes x once for all of
         # them (``qx`` configs), or the norm kernel first (``TritonQuant.norm_first``): for
         # gate_up's 900-1800 programs the prologue cost more than the norm's launch on an

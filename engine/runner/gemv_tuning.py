@@ -134,7 +134,7 @@ def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None 
     if not (hasattr(first, "qweight") and hasattr(first, "normed") and all(_fused_norm(n) for n in before)):
         before = None
     if before is not None:  # each prologue-norm config also with the norm kernel first
-        kernels = kernels + [v for k in kernels if (v := getattr(k, "with_norm_first", lambda: None)()) is not None]
+        kernels = kernels + [v for k in kernels if (v := k.with_norm_first()) is not None]
     try:
         best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before)
     except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly

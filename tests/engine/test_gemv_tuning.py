@@ -128,6 +128,9 @@ class _K:
     def __init__(self, name):
         self.name = name
 
+    def with_norm_first(self):  # (QuantKernel's: no such choice)
+        return None
+
 
 def test_a_quantized_layer_checks_its_first_config_too_and_falls_back_to_the_reference(monkeypatch):
     """A quantized layer's candidates are all Triton configs: each, the first included, must
