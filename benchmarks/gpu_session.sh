@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -110,6 +110,24 @@ case "$what" in mma)  # the weight-stationary int4 kernel: its tests on the GPU,
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 tests/kernels/test_quant_gemv.py -m gpu \
     2>&1 | tee -a "$OUT/gpu_mma_tests.log" | tail -4
   python benchmarks/profile_quant_mma.py --json "$OUT/profile-quant-mma-8b.json" "$@" 2>&1 | grep -v "^  " | tail -40 ;;
+esac
+case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary kernel's GPU tests (the
+  # permuted-x kernel's inline assembly runs only there), its profile at BS64_ROWS rows (int4:
+  # natural-order against permuted-x; int8 per channel: the fused kernel against it), then
+  # hearth bench at batch 64 for each of BS64_RUNS ("quant" or "quant:KNOB=V,KNOB=V"; rows record the knobs)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_quant_mma.py \
+    2>&1 | tee "$OUT/gpu_mma_tests.log" | tail -4
+  for b in ${BS64_PROFILE_BITS:-4 8}; do
+    timeout -s INT ${BS64_PROFILE_TIMEOUT:-240} python benchmarks/profile_quant_mma.py --bits $b \
+      --rows ${BS64_ROWS:-16,64} --json "$OUT/profile-quant-mma-int$b-8b.json" 2>&1 | grep -v "^  " | tail -12
+  done
+  for run in ${BS64_RUNS:-bf16 int4 int4:HEARTH_QUANT_MMA_XP=1 int4:HEARTH_QUANT_MMA_XP=1,HEARTH_QUANT_SWAP_INT8=1}; do
+    q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
+    tag=$(echo "$run" | sed 's/HEARTH_QUANT_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
+    ( [ -n "$knobs" ] && export $knobs
+      hearth bench --shape llama-8b --suite decode --batch 64 --output-len 128 --max-model-len 4096 \
+        --quant $q --json "$OUT/bench-8b-bs64-$tag.json" "$@" 2>&1 | grep -E "^decode|rror" )
+  done ;;
 esac
 case "$what" in dp4a)  # the dp4a batch-1 GEMV: its GPU tests, then its profile against the float kernels
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 tests/kernels/test_quant_dp4a.py \

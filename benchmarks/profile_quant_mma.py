@@ -1,8 +1,12 @@
-"""The weight-stationary int4 kernel (hearth_kernels/quant_mma.py) against the other quantized
-kernels and bf16, per Llama-8B projection, on the GPU (about 3 minutes on an H200).
+"""The weight-stationary int4/int8 kernel (hearth_kernels/quant_mma.py) against the other
+quantized kernels and bf16, per Llama-8B projection, on the GPU (about 3 minutes on an H200).
 
     PYTHONPATH=. python benchmarks/profile_quant_mma.py [--json F] [--rows 1,2,8,16,32,64]
-        [--layers qkv,o,gate_up,down+swiglu,lm_head]
+        [--layers qkv,o,gate_up,down+swiglu,lm_head] [--bits 4|8] [--group G]
+
+``--bits 8`` quantizes per output channel (``--group 0``, int8's default) or in groups of G.
+Kinds: ``swap``/``swapw`` the natural-order kernel (``scale_w``), ``xp`` the permuted-x one
+(its time includes ``permute_x``), ``fused`` ``quant_gemm``'s kernel.
 
 Rows = 1: every config ``quant_gemv_configs`` lists (what the load-time tuner times: the
 CUDA-core kernels, the first tensor-core kernel and the weight-stationary SWAP configs),
@@ -40,19 +44,23 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--rows", default="1,2,8,16,32,64")
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu,lm_head")
-    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--group", type=int, default=None, help="inputs per scale (int4: 128; int8: 0, per channel)")
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--extra", default="", help="more quant_mma configs to time at rows > 1: "
-                    "'BN,BK,WARPS,STAGES,SPLIT,SCALE_W;...'")
+                    "'BN,BK,WARPS,STAGES,SPLIT,SCALE_W[,XP];...'")
     args = ap.parse_args()
 
-    from engine.quant.rtn import quantize_int4
+    from engine.quant.rtn import quantize_int4, quantize_int8
     from hearth_kernels.activation import silu_and_mul
     from hearth_kernels.quant_gemm import quant_gemm
-    from hearth_kernels.quant_gemv import prepare_int4, quant_gemv, quant_gemv_configs
+    from hearth_kernels.quant_gemv import prepare_int4, prepare_int8, quant_gemv, quant_gemv_configs
     from hearth_kernels.quant_mma import MmaConfig, default_mma_config, mma_configs, quant_mma
 
     torch.manual_seed(0)
-    result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "group": args.group, "rows": []}
+    bits = args.bits
+    group_arg = args.group if args.group is not None else (128 if bits == 4 else 0)
+    result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "bits": bits, "group": group_arg,
+              "env": {k: v for k, v in os.environ.items() if k.startswith("HEARTH_")}, "rows": []}
     layers = args.layers.split(",")
     row_counts = [int(r) for r in args.rows.split(",")]
 
@@ -65,12 +73,15 @@ def main() -> None:
     for name, (n, k, swiglu) in shapes_of("llama-8b").items():
         if name not in layers:
             continue
-        qw = quantize_int4(0.02 * torch.randn(n, k, device="cuda"), args.group)
-        prep = prepare_int4(qw.qweight, qw.scales, qw.mins, qw.group_size)
-        nb = sum(t.numel() * t.element_size() for t in (prep.qweight, prep.scales, prep.mins))
+        group = group_arg or k
+        w = 0.02 * torch.randn(n, k, device="cuda")
+        qw = quantize_int4(w, group) if bits == 4 else quantize_int8(w, group)
+        prep = (prepare_int4 if bits == 4 else prepare_int8)(qw.qweight, qw.scales, qw.mins, qw.group_size)
+        parts = [t for t in (prep.qweight, prep.scales, prep.mins) if t is not None]
+        nb = sum(t.numel() * t.element_size() for t in parts)
         copies = max(2, math.ceil(400e6 / nb))
-        preps = [prep] + [type(prep)(4, prep.group_size, prep.qweight.clone(), prep.scales.clone(),
-                                     prep.mins.clone()) for _ in range(copies - 1)]
+        preps = [prep] + [type(prep)(bits, prep.group_size, prep.qweight.clone(), prep.scales.clone(),
+                                     None if prep.mins is None else prep.mins.clone()) for _ in range(copies - 1)]
         wbf = qw.dequantize(torch.bfloat16)
         bf_copies = max(2, math.ceil(400e6 / (n * k * 2)))
         wbfs = [wbf] + [wbf.clone() for _ in range(bf_copies - 1)]
@@ -97,21 +108,21 @@ def main() -> None:
                 timed.append((us, label, list(cfg) if cfg is not None else None, diff))
 
             if m == 1:
-                for cfg in quant_gemv_configs(n, k, 4, args.group):
+                for cfg in quant_gemv_configs(n, k, bits, group):
                     add(["kloop", "mma", "rows", "swap", "swapw"][cfg.kind], cfg,
                         lambda p, c=cfg: quant_gemv(x, p, config=c, swiglu=swiglu, out=y))
             else:
                 add("fused", None, lambda p: quant_gemm(xin, p, out=y, swap_rows=0))
                 extra = [MmaConfig(*(int(v) for v in c.split(","))) for c in args.extra.split(";") if c]
-                extra = [c._replace(scale_w=bool(c.scale_w)) for c in extra]
-                for cfg in mma_configs(m, n, k, 4, args.group) + extra:
-                    add("swapw" if cfg.scale_w else "swap", cfg,
+                extra = [c._replace(scale_w=bool(c.scale_w), xp=bool(c.xp)) for c in extra]
+                for cfg in mma_configs(m, n, k, bits, group) + extra:
+                    add("xp" if cfg.xp else "swapw" if cfg.scale_w else "swap", cfg,
                         lambda p, c=cfg: quant_mma(xin, p, config=c, out=y))
             timed.sort(key=lambda t: t[0])
             best_by_kind = {}
             for us, label, cfg, diff in timed:
                 best_by_kind.setdefault(label, (us, cfg))
-            default = list(default_mma_config(m, n, k, 4, args.group))
+            default = list(default_mma_config(m, n, k, bits, group))
             default_us = next((us for us, label, cfg, _ in timed if label.startswith("swap") and cfg == default), None)
             row = {"layer": name, "n": n, "k": k, "m": m, "weight_mb": nb / 1e6, "bf16_us": bf_us,
                    "best": timed[0][:3] if timed else None, "best_by_kind": best_by_kind,

@@ -60,6 +60,17 @@ DEQUANT_ROWS = 1024
 SWAP_ROWS = 64
 
 
+def swap_bits() -> tuple[int, ...]:
+    """The code widths that run the weight-stationary kernel up to ``SWAP_ROWS`` rows: int4,
+    and int8 too with ``HEARTH_QUANT_SWAP_INT8=1``. int8 (and the int8 head of an int4 model)
+    runs the fused kernel by default, where the x tile is the tall side and the converted
+    codes, the B operand, go through shared memory every step; the weight-stationary kernel
+    keeps them in registers (sm_90 build), as it does for int4, which ran 2.5x faster there
+    than the fused kernel at 64 rows (benchmarks/results/2026-12-01-i14-profile-quant-mma-8b-h200-m64.json).
+    Not yet timed for int8 on a GPU; the default follows the measurement."""
+    return (4, 8) if os.environ.get("HEARTH_QUANT_SWAP_INT8", "0") == "1" else (4,)
+
+
 @triton.jit
 def _int4_as_dtype(q, dt: tl.constexpr):
     """int32 nibbles 0..15 -> (OFFSET + q) exactly in dt, by bit pattern (no conversion
@@ -389,7 +400,7 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
     K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS.
     Without a ``config``, int4 with up to ``swap_rows`` rows (default ``SWAP_ROWS``) runs
-    ``hearth_kernels/quant_mma.py`` instead of the fused kernel."""
+    ``hearth_kernels/quant_mma.py`` instead of the fused kernel (int8 too: ``swap_bits``)."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemm", x, k, False)
     rows = x.shape[0]
@@ -399,7 +410,7 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     if x.stride(1) != 1:
         x = x.contiguous()
     dequant = rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows)
-    if not dequant and config is None and prepared.bits == 4 and k % 16 == 0 and rows <= min(
+    if not dequant and config is None and prepared.bits in swap_bits() and k % 16 == 0 and rows <= min(
             MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
         return quant_mma(x, prepared, bias=bias, out=out)
     if dequant:

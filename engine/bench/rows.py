@@ -49,6 +49,17 @@ def commit_id() -> str:
     return "unknown"
 
 
+#: environment switches that change which kernels run (recorded in rows when set, so an A/B
+#: pair of runs in one session says which side each row is)
+KERNEL_KNOBS = ("HEARTH_PDL", "HEARTH_QUANT_DP4A", "HEARTH_QUANT_KERNEL", "HEARTH_QUANT_MMA_XP",
+                "HEARTH_QUANT_SWAP_INT8")
+
+
+def kernel_knobs() -> dict[str, str]:
+    """The ``KERNEL_KNOBS`` set in this process's environment."""
+    return {k: os.environ[k] for k in KERNEL_KNOBS if k in os.environ}
+
+
 class RowMaker:
     """Fills in the fields every row of one run shares."""
 
@@ -62,6 +73,9 @@ class RowMaker:
             "commit": commit_id(),
             "torch": torch.__version__,
         }
+        knobs = kernel_knobs()
+        if knobs:
+            self.common["knobs"] = knobs
         self.attention = attention
 
     def row(self, suite: str, engine: str, batch: int, prompt_len: int, output_len: int,

@@ -274,3 +274,19 @@ def test_tensor_parallel_rows_say_how_many_ranks_ran(capsys, tmp_path):
     (row,) = json.loads(out_file.read_text())["rows"]
     assert (row["engine"], row["split"], row["num_devices"]) == ("hearth", "tensor", 2)
     assert row["decode_tok_s"] > 0
+
+
+def test_rows_name_the_kernel_switches_set(monkeypatch):
+    """An A/B pair of runs in one session (``HEARTH_QUANT_MMA_XP=1`` against the default, say)
+    says in each row which side it was."""
+    import torch
+
+    from engine.bench.rows import KERNEL_KNOBS, RowMaker
+
+    for knob in KERNEL_KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+    assert "knobs" not in RowMaker("m", torch.device("cpu"), torch.float32, "torch").row("decode", "hearth", 1, 8, 4)
+    monkeypatch.setenv("HEARTH_QUANT_MMA_XP", "1")
+    monkeypatch.setenv("HEARTH_UNRELATED", "1")
+    row = RowMaker("m", torch.device("cpu"), torch.float32, "torch").row("decode", "hearth", 1, 8, 4)
+    assert row["knobs"] == {"HEARTH_QUANT_MMA_XP": "1"}

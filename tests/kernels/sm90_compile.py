@@ -28,27 +28,74 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int) -> dict:
+NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
+
+
+def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int):
+    """The sm_90 build of ``fn`` (Triton's compiled kernel; ``.asm["ptx"]`` its PTX)."""
     sig = {name: types.get(name, "i32") for name in fn.arg_names}
     sig.update({name: "constexpr" for name in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if sig[name].startswith("*") or (name.startswith("stride_") and name not in ("stride_tb",))}
     src = ASTSource(fn=fn, signature=sig, attrs=aligned,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
-    ptx = kernel.asm["ptx"]
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _ptxas(ptx: str, out: str) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        res = subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
+        return subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", f.name, "-o", out],
+                              capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", res.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", res.stderr)
+
+
+def loop_instructions(kernel) -> dict:
+    """The SASS of the kernel's longest loop (the main K loop of a matmul): instructions a
+    thread issues per iteration, by opcode. For a kernel that issue slots bound, fewer is
+    faster; not a timing."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        cubin = f.name
+    try:
+        _ptxas(kernel.asm["ptx"], cubin)
+        sass = subprocess.run([NVDISASM, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(cubin)
+    code, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            labels.update((p, addr) for p in pending)
+            pending = []
+            code.append((addr, ins.group(2).strip()))
+    loops = [(labels[m.group(1)], addr) for addr, ins in code
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", ins)) and labels.get(m.group(1), addr) < addr]
+    first, last = max(loops, key=lambda ab: ab[1] - ab[0]) if loops else (0, -1)
+    ops: dict[str, int] = {}
+    for addr, ins in code:
+        if first <= addr <= last:
+            op = re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0]
+            ops[op] = ops.get(op, 0) + 1
+    return {"instructions": sum(ops.values()), "by_opcode": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+
+
+def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int) -> dict:
+    kernel = build(fn, types, consts, num_warps, num_stages)
+    ptx = kernel.asm["ptx"]
+    log = _ptxas(ptx, os.devnull)
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
     return {"shared": kernel.metadata.shared, "registers": int(regs.group(1)) if regs else -1,
             "spill_bytes": int(spills.group(1)) if spills else -1,
-            "pipelined": "cp.async" in ptx, "wgmma": "wgmma" in ptx}
+            "pipelined": "cp.async" in ptx, "wgmma": "wgmma" in ptx,
+            "ldmatrix": "ldmatrix" in ptx}  # a register operand of a dot rebuilt through shared memory
 
 
 def main() -> None:
@@ -113,5 +160,38 @@ def main() -> None:
         print(json.dumps({"kernel": name, **compile_kernel(fn, types, consts, warps, stages)}), flush=True)
 
 
+def mma_loops() -> None:
+    """The weight-stationary int4/int8 kernels' K loops at the 8B shape's 64-row tiles: the
+    natural-order kernel against the permuted-x one (``python -m tests.kernels.sm90_compile
+    mma-loops``; one JSON line per kernel)."""
+    from hearth_kernels import quant_mma as qm
+
+    types = {"x_ptr": "*bf16", "xp_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16",
+             "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    int8 = dict(types, q_ptr="*i8")
+    # (what, bits, group, config): gate_up/lm_head's 128-row tile and qkv/o/down's 64-row one split 4
+    # (default_mma_config at 64 rows), and the int8 per-channel head on the 128-row tile
+    cases = [("gate_up", 4, 128, qm.MmaConfig(128, 128, 8, 3, 1, True)),
+             ("qkv", 4, 128, qm.MmaConfig(64, 128, 4, 3, 4, True)),
+             ("int8 head", 8, 4096, qm.MmaConfig(128, 128, 8, 3, 1))]
+    for what, bits, group, cfg in cases:
+        for xp in (False, True) if bits == 4 else (False,):
+            if xp:
+                consts = dict(GROUP=group, HAS_BIAS=False, DOT_FP32=False, BLOCK_N=cfg.block_n, BLOCK_M=64,
+                              SPLIT_K=cfg.split_k, STAGES=cfg.stages)
+                fn, t = qm._quant_mma_xp_kernel, types
+            else:
+                consts = dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, HAS_BIAS=False, SWIGLU=False,
+                              OFFSET=128 if bits == 4 else 0, DOT_FP32=False, BLOCK_N=cfg.block_n,
+                              BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=group == 4096, SPLIT_K=cfg.split_k,
+                              STAGES=cfg.stages, ONE_ROW=False, SCALE_W=bool(cfg.scale_w))
+                fn, t = qm._quant_mma_kernel, types if bits == 4 else int8
+            row = {"tile": what, "bits": bits, "rows": 64, "config": list(cfg._replace(xp=xp)),
+                   "weights_per_thread_step": cfg.block_n * 128 // (32 * cfg.warps),
+                   **compile_kernel(fn, t, consts, cfg.warps, cfg.stages),
+                   **loop_instructions(build(fn, t, consts, cfg.warps, cfg.stages))}
+            print(json.dumps(row), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    mma_loops() if sys.argv[1:] == ["mma-loops"] else main()

@@ -5,6 +5,7 @@ since under the interpreter the dot runs on plainly converted codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ import triton.language as tl
 from hearth_kernels.activation import silu_and_mul
 from hearth_kernels.quant_gemm import quant_gemm
 from hearth_kernels.quant_gemv import SWAP, SWAP_SCALED, GemvConfig, quant_gemv, quant_gemv_configs
-from hearth_kernels.quant_mma import _COUNTERS, MmaConfig, _decode_int4, default_mma_config, mma_configs, quant_mma
+from hearth_kernels.quant_mma import (_COUNTERS, XP_STEP, MmaConfig, _decode_int4, default_mma_config, mma_configs,
+                                      permute_x, quant_mma, xp_fits)
 from tests.kernels.reference import DEVICE
 from tests.kernels.test_quant_gemv import check, make_weight, rand_x
 
@@ -74,6 +76,81 @@ def test_split_k_is_deterministic_and_leaves_its_counters_zero():
     check(first, x, qw)
     assert torch.equal(quant_mma(x, prep, config=cfg), first)  # same bits: partials summed in split order
     assert not bool(_COUNTERS[x.device].any())  # reset by the last program of each tile
+
+
+XP = MmaConfig(32, 128, 2, 2, 1, True, True)  # the permuted-x kernel
+
+
+def pair_rounded(qw, dtype: torch.dtype):
+    """``qw`` with its scale and min rounded to ``dtype`` as the permuted-x kernel's pair
+    arithmetic takes them (bf16 rounds the float16 values; fp16 and fp32 keep them)."""
+    if dtype != torch.bfloat16:
+        return qw
+    return dataclasses.replace(qw, scales=qw.scales.to(dtype).float(), mins=qw.mins.to(dtype).float())
+
+
+def test_permute_x_puts_each_input_where_the_pairs_want_it():
+    x = torch.arange(2 * 256, dtype=torch.float32, device=DEVICE).view(2, 256)
+    xp = permute_x(x, 256)
+    k0, s, j, e = torch.meshgrid(torch.arange(0, 256, 128), torch.arange(4), torch.arange(16), torch.arange(2),
+                                 indexing="ij")
+    dst = (k0 + 32 * s + 2 * j + e).flatten()
+    src = (k0 + 8 * j + s + 4 * e).flatten()
+    assert torch.equal(xp[:, dst.to(DEVICE)], x[:, src.to(DEVICE)])
+    assert sorted(src.tolist()) == list(range(256))  # a permutation
+    g = rand_x(3, 512, torch.bfloat16)
+    assert torch.equal(permute_x(g, 256, swiglu=True), permute_x(silu_and_mul(g), 256))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 17, 40])
+@pytest.mark.parametrize("n,k,group,dtype", [(72, 256, 128, torch.bfloat16), (40, 384, 384, torch.float16),
+                                             (24, 256, 256, torch.float32)])
+def test_int4_permuted_x(rows, n, k, group, dtype):
+    """The permuted-x kernel against float64, its weights rounded once to x's dtype from the
+    pair-rounded scale and min; K split, SwiGLU and a bias too."""
+    qw, prep = make_weight(4, n, k, group, seed=rows)
+    assert xp_fits(k, 4, group) and k % XP_STEP == 0
+    ref = pair_rounded(qw, dtype)
+    x = rand_x(rows, k, dtype)
+    rounding = dtype != torch.float32
+    check(quant_mma(x, prep, config=XP), x, ref, weight_rounding=rounding)
+    check(quant_mma(x, prep, config=XP._replace(split_k=2)), x, ref, weight_rounding=rounding)
+    xg = rand_x(rows, 2 * k, dtype, seed=4)
+    bias = rand_x(1, n, dtype, seed=5)[0]
+    y = quant_mma(xg, prep, config=XP._replace(block_n=16, warps=1), swiglu=True, bias=bias)
+    check(y, silu_and_mul(xg), ref, bias=bias, weight_rounding=rounding)
+
+
+def test_permuted_x_needs_whole_groups_of_128():
+    assert not xp_fits(256, 4, 64) and not xp_fits(192, 4, 192) and not xp_fits(256, 8, 128)
+    qw, prep = make_weight(4, 40, 256, 64)  # falls back to the natural-order kernel (scale_w)
+    x = rand_x(3, 256, torch.bfloat16)
+    check(quant_mma(x, prep, config=XP), x, qw, weight_rounding=True)
+
+
+def test_the_knobs_route_the_defaults(monkeypatch):
+    """``HEARTH_QUANT_MMA_XP=1`` makes the permuted-x kernel the default where it fits;
+    ``HEARTH_QUANT_SWAP_INT8=1`` sends int8 with few rows to the weight-stationary kernel."""
+    import hearth_kernels.quant_gemm as qg
+
+    assert not default_mma_config(64, 4096, 4096, 4, 128).xp
+    monkeypatch.setenv("HEARTH_QUANT_MMA_XP", "1")
+    assert default_mma_config(64, 4096, 4096, 4, 128).xp and default_mma_config(8, 4096, 4096, 4, 4096).xp
+    assert not default_mma_config(64, 4096, 4096, 4, 64).xp and not default_mma_config(64, 4096, 4096, 8, 4096).xp
+    qw, prep = make_weight(4, 40, 256, 128)
+    x = rand_x(3, 256, torch.bfloat16)
+    check(quant_mma(x, prep), x, pair_rounded(qw, torch.bfloat16), weight_rounding=True)
+
+    calls = []
+    real = qg.quant_mma
+    monkeypatch.setattr(qg, "quant_mma", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    qw8, prep8 = make_weight(8, 40, 128, 128)
+    x8 = rand_x(5, 128, torch.bfloat16)
+    check(qg.quant_gemm(x8, prep8), x8, qw8)
+    assert not calls  # int8: the fused kernel by default
+    monkeypatch.setenv("HEARTH_QUANT_SWAP_INT8", "1")
+    check(qg.quant_gemm(x8, prep8), x8, qw8)
+    assert len(calls) == 1
 
 
 @triton.jit
@@ -135,6 +212,13 @@ for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):
                       STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=cfg.scale_w)
         row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
         print(json.dumps({"rows": rows, "swiglu": swiglu, "config": list(cfg), **row}), flush=True)
+xtypes = {k: v for k, v in types.items() if k != "x_ptr"} | {"xp_ptr": "*bf16"}
+for rows in (16, 64):
+    for cfg in [c for c in qm.mma_configs(rows, 4096, 4096, 4, 128) if c.xp]:
+        consts = dict(GROUP=128, HAS_BIAS=False, DOT_FP32=False, BLOCK_N=cfg.block_n, BLOCK_M=qm.block_m_for(rows),
+                      SPLIT_K=cfg.split_k, STAGES=cfg.stages)
+        row = compile_kernel(qm._quant_mma_xp_kernel, xtypes, consts, cfg.warps, cfg.stages)
+        print(json.dumps({"rows": rows, "swiglu": False, "config": list(cfg), **row}), flush=True)
 """
 
 
@@ -156,3 +240,7 @@ def test_compiles_for_sm90_on_wgmma_without_spills():
         assert row["pipelined"], row
         if row["config"][0] >= 64:
             assert row["wgmma"], row
+    xp = [row for row in rows if row["config"][6]]
+    assert len(xp) >= 12
+    for row in xp:  # the permuted-x kernel's point: its decoded weights go to the wgmma from registers
+        assert not row["ldmatrix"], row
