@@ -239,10 +239,10 @@ def set_spin_us(microseconds: int) -> None:
     _library().hq_set_spin_us(int(microseconds))
 
 
-def supports(bits: int, group_size: int, in_features: int, has_mins: bool = False) -> str | None:
+def supports(bits: int, group_size: int, in_features: int) -> str | None:
     """Why ``prepare_int4``/``prepare_int8`` would refuse this shape (None: it takes it):
     groups of a multiple of 32 inputs, per-channel int8, or int8 in groups of 16 (GGUF
-    Q6_K; with mins too) over a multiple of 32 inputs."""
+    Q6_K) over a multiple of 32 inputs; mins or not, alike."""
     if bits not in (4, 8):
         return f"{bits}-bit weights are not supported (4 or 8)"
     if group_size <= 0 or in_features % group_size:
@@ -333,7 +333,7 @@ def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"int8 qweight must be int8 [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
     n, k = qweight.shape
-    problem = supports(8, group_size, k, mins is not None)
+    problem = supports(8, group_size, k)
     if problem:
         raise ValueError(problem)
     ng = k // group_size

@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
-from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
+from hearth_kernels.activation import silu_and_mul
+from hearth_kernels.quant_mma import MAX_ROWS, default_mma_config, quant_mma
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as if their bits were another
 # type (garbage results); under TRITON_INTERPRET=1 bf16 dots run in fp32 instead. The GPU
@@ -390,7 +391,7 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple:
 
 def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None,
-               dequant_rows: int | None = None, swap_rows: int | None = None) -> torch.Tensor:
+               dequant_rows: int | None = None, swap_rows: int | None = None, swiglu: bool = False) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x [M, K] (bf16/fp16; fp32 for tests) and the ``prepared``
     int4/int8 weight; returns [M, N] in x's dtype (into ``out`` when given). M below
     ``dequant_rows`` (default ``DEQUANT_ROWS``) runs the fused kernel with ``config``
@@ -400,9 +401,12 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
     K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS.
     Without a ``config``, int4 with up to ``swap_rows`` rows (default ``SWAP_ROWS``) runs
-    ``hearth_kernels/quant_mma.py`` instead of the fused kernel (int8 too: ``swap_bits``)."""
+    ``hearth_kernels/quant_mma.py`` instead of the fused kernel (int8 too: ``swap_bits``).
+    ``swiglu``: x is ``[gate | up]`` [M, 2K] and the product is of silu(gate) * up, rounded
+    like ``hearth_kernels/activation.silu_and_mul``: inside the permuted-x kernel's x pass
+    when that runs, else by that kernel first."""
     n, k = prepared.out_features, prepared.in_features
-    _check_x("quant_gemm", x, k, False)
+    _check_x("quant_gemm", x, k, swiglu)
     rows = x.shape[0]
     out = _check_bias_out("quant_gemm", x, rows, n, bias, out)
     if rows == 0:
@@ -412,7 +416,11 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     dequant = rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows)
     if not dequant and config is None and prepared.bits in swap_bits() and k % 16 == 0 and rows <= min(
             MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
-        return quant_mma(x, prepared, bias=bias, out=out)
+        if swiglu and default_mma_config(rows, n, k, prepared.bits, prepared.group_size).xp:
+            return quant_mma(x, prepared, bias=bias, out=out, swiglu=True)
+        return quant_mma(silu_and_mul(x) if swiglu else x, prepared, bias=bias, out=out)
+    if swiglu:
+        x = silu_and_mul(x)
     if dequant:
         w = dequantize_weight(prepared, x.dtype)
         if bias is None:

@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from engine.layers.linear_kernels import matmul
+from engine.layers.linear_kernels import matmul, silu_and_mul_reference
 
 
 class QuantKernel:
@@ -163,6 +163,9 @@ class TritonQuant(QuantKernel):
         if x.shape[0] == 1 and layer.perm is None:
             return self._gemv(x, self.prepared, config=self.config, swiglu=layer.act is not None, out=out,
                               bias=layer.bias)
+        if layer.gated and layer.perm is None and layer.act is not silu_and_mul_reference:
+            # the fused plan's SwiGLU (the Triton kernel's rounding), inside the GEMM's x pass where it has one
+            return self._gemm(x, self.prepared, bias=layer.bias, out=out, swiglu=True)
         return self._gemm(permuted(gated(x, layer), layer), self.prepared, bias=layer.bias, out=out)
 
     def fuses_norm(self, layer, norm) -> bool:
@@ -273,7 +276,7 @@ def cpu_kernel_problem(layer) -> str | None:
     problem = cpu_quant.available()
     if problem is None and cpu_quant.isa() != "avx2":
         problem = "this CPU has no AVX2 (the portable C path is slower than torch's float matmul)"
-    return problem or cpu_quant.supports(layer.bits, layer.group_size, layer.in_features, layer.mins is not None)
+    return problem or cpu_quant.supports(layer.bits, layer.group_size, layer.in_features)
 
 
 def kernel_for(layer) -> QuantKernel:

@@ -38,7 +38,7 @@ def _projection(module, name: str):
     if isinstance(module, QuantizedStore):
         if module.perm is not None:
             raise ValueError(f"{name} has act-order weights (a permutation)")
-        problem = cpu_quant.supports(module.bits, module.group_size, module.in_features, module.mins is not None)
+        problem = cpu_quant.supports(module.bits, module.group_size, module.in_features)
         if problem:
             raise ValueError(f"{name}: {problem}")
         prepare = cpu_quant.prepare_int4 if module.bits == 4 else cpu_quant.prepare_int8

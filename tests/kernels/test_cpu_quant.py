@@ -266,7 +266,6 @@ def test_refusals_name_the_problem():
     assert cpu_quant.supports(8, 576, 576) is None
     assert "128" in cpu_quant.supports(4, 128, 576)  # SmolLM2's 576 inputs don't divide by 128
     assert cpu_quant.supports(8, 16, 64) is None  # GGUF Q6_K: int8 in groups of 16
-    assert cpu_quant.supports(8, 16, 64, has_mins=True) is None  # (and Q4_K beside it, in one form)
     assert "multiple of 32" in cpu_quant.supports(8, 16, 48)  # whole blocks of 32 only
     assert "multiple of 32" in cpu_quant.supports(4, 16, 64)
     qw = _int4(4, 64, 32, "rtn", seed=1)

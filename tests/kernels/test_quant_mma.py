@@ -153,6 +153,27 @@ def test_the_knobs_route_the_defaults(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("xp", ["0", "1"])
+def test_quant_gemm_takes_the_swiglu(monkeypatch, xp):
+    """``quant_gemm(..., swiglu=True)`` multiplies silu(gate) * up on every path: the
+    weight-stationary kernel (in the permuted-x pass with ``HEARTH_QUANT_MMA_XP=1``), the
+    fused kernel (int8) and dequantize + matmul (many rows)."""
+    import hearth_kernels.quant_gemm as qg
+
+    monkeypatch.setenv("HEARTH_QUANT_MMA_XP", xp)
+    seen = []
+    real = qg.quant_mma
+    monkeypatch.setattr(qg, "quant_mma", lambda x, *a, **kw: seen.append(kw.get("swiglu", False)) or real(x, *a, **kw))
+    for bits, rows, dequant_rows in ((4, 5, None), (8, 5, None), (4, 6, 4)):
+        qw, prep = make_weight(bits, 40, 256, 128)
+        xg = rand_x(rows, 512, torch.bfloat16, seed=rows)
+        bias = rand_x(1, 40, torch.bfloat16, seed=9)[0]
+        y = qg.quant_gemm(xg, prep, bias=bias, swiglu=True, dequant_rows=dequant_rows)
+        ref = pair_rounded(qw, torch.bfloat16) if (bits, dequant_rows, xp) == (4, None, "1") else qw
+        check(y, silu_and_mul(xg), ref, bias=bias, weight_rounding=bits == 4)
+    assert seen == [xp == "1"]  # int4 with 5 rows only: SwiGLU inside the permuted-x pass, else first
+
+
 @triton.jit
 def _decode_probe(q_ptr, out_ptr, magic, BN: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr):
     w = tl.load(q_ptr + tl.arange(0, BN)[:, None] * W + tl.arange(0, W)[None, :])

@@ -35,8 +35,9 @@ def test_quantized_logits_on_cuda_match_the_dequantized_reference(tiny_models, q
         release_runner(loaded.runner)
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])  # qwen2: q/k/v with a bias after the fused norm
 @pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, monkeypatch):
+def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, family, monkeypatch):
     """With dp4a configs on q/k/v and gate_up, a one-row forward runs each layer's norms inside
     those GEMVs' kernels (``quant_gemv_normed``, no norm kernel): the logits are as close to the
     dequantized reference as the norm-then-GEMV path's (closer to the float norm, which
@@ -44,7 +45,7 @@ def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, monke
     from engine.layers.norm import TritonRMSNorm
     from hearth_kernels import quant_gemv as qg
 
-    config = load_config(str(tiny_models["llama3"]), device="cuda", dtype="bfloat16", quantization=quant,
+    config = load_config(str(tiny_models[family]), device="cuda", dtype="bfloat16", quantization=quant,
                          max_model_len=256, num_blocks=64)
     loaded = load_model(config)
     try:
@@ -65,7 +66,7 @@ def test_one_row_takes_the_norm_into_the_dp4a_prologue(tiny_models, quant, monke
         assert len(calls) == 2 * len(runner.model.model.layers)
         monkeypatch.setattr(TritonQuant, "fuses_norm", lambda self, layer, norm: False)
         two_calls = hearth_logits(runner, ids)
-        want = reference_logits(tiny_models["llama3"], _cpu_copy(runner), ids)
+        want = reference_logits(tiny_models[family], _cpu_copy(runner), ids)
 
         def err(got):
             return float((got - want).norm() / want.norm())
