@@ -97,6 +97,34 @@ def _decode_int4(w, magic, dt: tl.constexpr, OFFSET: tl.constexpr):
         return c.to(dt, bitcast=True)
 
 
+#: int8 codes to exact bf16 / fp16 two at a time (the pair of neighbouring K columns a thread
+#: holds of the wgmma's register operand): the bytes into the low bytes of the two halves (one
+#: PRMT), then bf16 (7 mantissa bits): (128 + the low 7 bits) - (128, or 256 for a negative
+#: code: its sign bit lands on the exponent's lowest bit), two LOP3s and a SUB.x2; fp16 (10):
+#: 1024 + (q + 128) by one LOP3 (flip the sign bit, OR the exponent), minus 1152. Triton's own
+#: conversion took 4.5 PRMTs, 2 LOP3s and a HADD2 a pair (sm_90 build).
+_INT8_ASM = tl.constexpr((
+    "{ .reg .b32 t, u, c; cvt.u32.u16 u, $1; prmt.b32 t, u, 0, 0x4140; "
+    "lop3.b32 u, t, 0x007F007F, 0x43004300, 0xEA; lop3.b32 c, t, 0x00800080, 0x43004300, 0xEA; "
+    "sub.rn.bf16x2 $0, u, c; }",
+    "{ .reg .b32 t, u, c; cvt.u32.u16 u, $1; prmt.b32 t, u, 0, 0x4140; "
+    "lop3.b32 u, t, 0x00800080, 0x64006400, 0xBE; mov.b32 c, 0x64806480; sub.rn.f16x2 $0, u, c; }"))
+
+
+@triton.jit
+def _int8_codes(c, FP16: tl.constexpr):
+    """int8 codes [.., 2W] -> the same values in fp16 (FP16) or bf16, exactly (``_INT8_ASM``)."""
+    if FP16:
+        asm16: tl.constexpr = _INT8_ASM[1]
+        v = tl.inline_asm_elementwise(asm=asm16, constraints="=r,h", args=[c], dtype=tl.float16, is_pure=True,
+                                      pack=2)
+    else:
+        asm: tl.constexpr = _INT8_ASM[0]
+        v = tl.inline_asm_elementwise(asm=asm, constraints="=r,h", args=[c], dtype=tl.bfloat16, is_pure=True,
+                                      pack=2)
+    return v
+
+
 @triton.jit
 def _x_values(ptrs, mask, K, SWIGLU: tl.constexpr):
     """x at ``ptrs`` in x's dtype; with SWIGLU, silu(gate) * up for gate at ``ptrs`` and up
@@ -203,7 +231,7 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             c = _decode_int4(w, magic, tl.float32 if DOT_FP32 else dt, OFFSET)
         else:
             c = tl.load(q_ptr + rn_safe[:, None] * stride_qn + (k0 + kk)[None, :])
-            c = c.to(tl.float32 if DOT_FP32 else dt)
+            c = c.to(tl.float32) if DOT_FP32 else _int8_codes(c, dt == tl.float16)
         xt = _x_tile_t(x_ptr, rm_safe, m_ok, k0 + kk, K, stride_xm, SWIGLU, ONE_ROW)  # [BLOCK_K, BLOCK_M]
         if SCALE_W:
             # the weight tile dequantized in registers (exact q*s + m in fp32, one rounding to

@@ -233,6 +233,15 @@ for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):
                       STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=cfg.scale_w)
         row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
         print(json.dumps({"rows": rows, "swiglu": swiglu, "config": list(cfg), **row}), flush=True)
+for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes converted by _INT8_ASM
+    t8 = types | {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "q_ptr": "*i8"}
+    for rows in (1, 64):
+        for cfg in qm.mma_configs(rows, 4096, 4096, 8, 4096)[:3]:
+            consts = dict(GROUP=4096, BITS=8, HAS_MIN=False, HAS_BIAS=False, SWIGLU=False, OFFSET=0, DOT_FP32=False,
+                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=qm.block_m_for(rows), PER_ROW=True,
+                          SPLIT_K=cfg.split_k, STAGES=cfg.stages, ONE_ROW=False, SCALE_W=False)
+            row = compile_kernel(qm._quant_mma_kernel, t8, consts, cfg.warps, cfg.stages)
+            print(json.dumps({"rows": rows, "swiglu": False, "config": list(cfg), "int8": dt, **row}), flush=True)
 xtypes = {k: v for k, v in types.items() if k != "x_ptr"} | {"xp_ptr": "*bf16"}
 for rows in (16, 64):
     for cfg in [c for c in qm.mma_configs(rows, 4096, 4096, 4, 128) if c.xp]:
