@@ -174,6 +174,41 @@ def test_quant_gemm_takes_the_swiglu(monkeypatch, xp):
     assert seen == [xp == "1"]  # int4 with 5 rows only: SwiGLU inside the permuted-x pass, else first
 
 
+def test_the_int8_assembly_converts_every_pair_of_codes_exactly():
+    """``_INT8_ASM`` run by a model of the PTX ISA (tests/kernels/ptx_model.py; the interpreter
+    runs no assembly): every pair of int8 codes, as bf16 and as fp16, is the pair of values."""
+    from hearth_kernels.quant_mma import _INT8_ASM
+    from tests.kernels.ptx_model import run, unpair
+
+    for asm, ty in zip(_INT8_ASM.value, ("bf16", "f16")):
+        for lo in range(-128, 128):
+            for hi in range(-128, 128, 5):
+                got = run(asm, {"$1": (lo & 0xFF) | ((hi & 0xFF) << 8)})["$0"]
+                assert unpair(got, ty) == (lo, hi), (ty, lo, hi)
+
+
+def test_the_int4_pair_assembly_is_q_times_s_plus_m_rounded_once():
+    """``_PAIR_ASM`` (the permuted-x kernel's decode) on the PTX model: for each shift s, the
+    pair (nibble s, nibble s + 4) of a word as round(q * s + m), for random words, scales, mins."""
+    from hearth_kernels.quant_mma import _PAIR_ASM
+    from tests.kernels.ptx_model import pair, run, unpair
+
+    g = torch.Generator().manual_seed(7)
+    for i, asm in enumerate(_PAIR_ASM.value):
+        ty, shift = ("bf16", i) if i < 4 else ("f16", i - 4)
+        dt = torch.bfloat16 if ty == "bf16" else torch.float16
+        for _ in range(40):
+            word = int(torch.randint(0, 1 << 32, (1,), generator=g, dtype=torch.int64))
+            s = float(torch.rand(1, generator=g) * 0.1 + 1e-3)
+            m = float(-8 * s * torch.rand(1, generator=g))
+            sp, mp = pair(s, s, ty), pair(m, m, ty)
+            s16, m16 = unpair(sp, ty)[0], unpair(mp, ty)[0]
+            got = unpair(run(asm, {"$1": word, "$2": word, "$3": sp, "$4": mp})["$0"], ty)
+            q = ((word >> (4 * shift)) & 15, (word >> (4 * shift + 16)) & 15)
+            want = tuple(float(torch.tensor(qi * s16 + m16, dtype=torch.float64).to(dt)) for qi in q)
+            assert got == want, (ty, shift, hex(word), got, want)
+
+
 @triton.jit
 def _decode_probe(q_ptr, out_ptr, magic, BN: tl.constexpr, W: tl.constexpr, OFFSET: tl.constexpr):
     w = tl.load(q_ptr + tl.arange(0, BN)[:, None] * W + tl.arange(0, W)[None, :])
