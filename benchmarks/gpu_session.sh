@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -127,6 +127,18 @@ case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary k
     ( [ -n "$knobs" ] && export $knobs
       hearth bench --shape llama-8b --suite decode --batch 64 --output-len 128 --max-model-len 4096 \
         --quant $q --json "$OUT/bench-8b-bs64-$tag.json" "$@" 2>&1 | grep -E "^decode|rror" )
+  done ;;
+esac
+case "$what" in fp8-mma)  # the weight-stationary fp8 tensor-core kernel: its GPU tests, its profile per 8B
+  # projection beside the fp8 GEMVs (FP8_MMA_SWEEP=1: a grid of configs), then batch-1 decode bf16 vs fp8
+  # (the load-time tuner now times it too; the rows' batch1_matmul say what it chose)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_fp8_gemm.py tests/quant/test_fp8.py \
+    2>&1 | tee "$OUT/gpu_fp8_mma_tests.log" | tail -4
+  timeout -s INT ${FP8_MMA_TIMEOUT:-300} python benchmarks/profile_gemv.py --fp8 --mma ${FP8_MMA_SWEEP:+--sweep} \
+    --json "$OUT/profile-gemv-fp8-mma-8b.json" 2>&1 | grep -v "^  " | tail -8
+  for q in ${FP8_MMA_QUANTS:-bf16 fp8}; do
+    hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
+      --quant $q --json "$OUT/bench-8b-bs1-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror"
   done ;;
 esac
 case "$what" in dp4a)  # the dp4a batch-1 GEMV: its GPU tests, then its profile against the float kernels

@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="e4m3 weights: the fp8 GEMV against _scaled_mm")
     ap.add_argument("--rows", action="store_true",
                     help="with --fp8: sweep the x-stationary kernel (hearth_kernels/fp8.fp8_gemv_rows) instead of the K-loop")
+    ap.add_argument("--mma", action="store_true",
+                    help="with --fp8: also time the weight-stationary tensor-core kernel (hearth_kernels/fp8.fp8_mma, "
+                         "x rounded per token first: its time includes the rounding kernel); with --sweep, a grid of it")
     ap.add_argument("--prefill-m", type=int, default=0, help="only time prefill GEMMs with this many rows")
     args = ap.parse_args()
     if args.prefill_m:
@@ -165,6 +168,30 @@ def main() -> None:
         err = (got.float() - F.linear(xin.float(), w0.float())).abs().max()
         row = {"layer": name, "n": n, "k": k, "weight_mb": nbytes / 1e6, "best_config": list(best[0]),
                "max_abs_diff_vs_cublas": err.item()}
+        if args.fp8 and args.mma:
+            from hearth_kernels.fp8 import FP8_MMA_CONFIGS, fp8_mma, fp8_mma_fits
+
+            grid = (list(itertools.product((64, 128), (128, 256, 512), (3, 4, 6), (1, 2, 4, 8))) if args.sweep
+                    else FP8_MMA_CONFIGS)
+            mma = []
+            for bn, bk, *rest in grid:
+                cfg = (bn, bk, 4 if bn == 64 else 8, *rest) if len(rest) == 2 else (bn, bk, *rest)
+                if not fp8_mma_fits(k, cfg):
+                    continue
+                try:
+                    mma.append((time_graph(lambda i, c=cfg: fp8_mma(x, ws[i], scales[i], swiglu=swiglu, out=y,
+                                                                     config=c), copies), cfg))
+                except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is skipped
+                    print(f"  {name} mma {cfg}: {type(e).__name__}: {str(e)[:120]}")
+            if mma:
+                us, cfg = min(mma)
+                results["mma_best"] = us
+                row["mma_best_config"] = list(cfg)
+                row["mma_all"] = [[u, list(c)] for u, c in sorted(mma)]
+                xq, xs = quantize_rows(x, swiglu=swiglu)  # its product is scaled_mm's of the rounded x
+                want = scaled_mm(xq, xs, ws[0], scales[0], dt).float()
+                row["mma_max_abs_diff_vs_scaled_mm"] = (fp8_mma(x, ws[0], scales[0], swiglu=swiglu, config=cfg)
+                                                        .float() - want).abs().max().item()
         for key, us in results.items():
             row[f"{key}_us"] = us
             row[f"{key}_tb_s"] = nbytes / us / 1e6
@@ -172,7 +199,9 @@ def main() -> None:
         print(f"{name:<12} N={n:<6} K={k:<6} cublas {results['cublas']:7.1f} us "
               f"({row['cublas_tb_s']:.2f} TB/s)  triton default {results['triton_default']:7.1f} "
               f"({row['triton_default_tb_s']:.2f})  best {best[1]:7.1f} ({row['triton_best_tb_s']:.2f}) "
-              f"{best[0]}  diff {err.item():.2g}")
+              f"{best[0]}  diff {err.item():.2g}"
+              + (f"  mma {results['mma_best']:7.1f} ({row['mma_best_tb_s']:.2f}) {row['mma_best_config']}"
+                 if "mma_best" in results else ""))
         del ws
         torch.cuda.empty_cache()
     if args.json:

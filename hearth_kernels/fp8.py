@@ -26,11 +26,14 @@ are 4-byte loads its asynchronous copies take). The load-time tuner picks per la
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+from hearth_kernels.quant_mma import MAX_ROWS, MmaConfig, _split, _tile_rows, _write_tile, block_m_for
 
 #: e4m3's largest finite value.
 FP8_MAX = 448.0
@@ -218,4 +221,85 @@ def fp8_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bi
         x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=rows, R=per_step,
         KP=triton.next_power_of_2(max(k, 16)), STAGES=stages, num_warps=warps, **pdl_args(x.device))
+    return out
+
+
+# The weight-stationary fp8 tensor-core product for few rows (batch-1 decode: a candidate of
+# the load-time tuner beside the GEMVs above). x is rounded to e4m3 per token first
+# (``quantize_rows``, as for prefill), so both operands are e4m3 and the weight tile goes from
+# the cp.async ring straight into the wgmma: no conversion instruction per weight, only the
+# loads and one dot a step, so the kernel can stream at the memory's speed where the GEMVs,
+# which convert every weight on the CUDA cores, stall (2.4-3.8 TB/s on the 8B projections,
+# benchmarks/results/2026-12-02-i17-profile-gemv-fp8-8b-h200.json). The weight rows are the
+# dot's tall side, the (up to 64) x rows its narrow one, as in hearth_kernels/quant_mma.py,
+# whose tile, split-K and store helpers it shares.
+
+@triton.jit
+def _fp8_mma_kernel(xq_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS,
+                    stride_xm, stride_wn, stride_ym,
+                    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr):
+    tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    kk = tl.arange(0, BLOCK_K)
+    step0 = tl.program_id(1) * K_STEPS
+    for i in tl.range(0, K_STEPS, num_stages=STAGES):
+        k0 = (step0 + i) * BLOCK_K
+        w = tl.load(w_ptr + rn_safe[:, None] * stride_wn + (k0 + kk)[None, :], eviction_policy="evict_first")
+        xq = tl.load(xq_ptr + rm_safe[:, None] * stride_xm + (k0 + kk)[None, :])  # [BLOCK_M, BLOCK_K]
+        if DOT_FP32:  # the interpreter: the same e4m3 values, multiplied in fp32
+            acc = tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, tl.trans(xq), acc)
+    acc = acc * tl.load(s_ptr + rn_safe)[:, None] * tl.load(xs_ptr + rm_safe)[None, :]
+    _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
+                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
+
+
+#: fp8_mma's configs the tuner times: (weight rows a program, inputs a step, warps, steps in
+#: flight, K split), from 64-row wgmma tiles (4 warps) to 128 (8 warps); K split so that
+#: the narrow layers (N = 4096-6144) put a program on every SM
+FP8_MMA_CONFIGS = ((64, 256, 4, 4, 4), (64, 256, 4, 4, 2), (128, 256, 8, 4, 1), (64, 128, 4, 6, 4))
+
+
+def fp8_mma_fits(k: int, config: tuple[int, ...]) -> bool:
+    """Whether ``fp8_mma`` takes a K of ``k`` with ``config``: whole steps, split evenly."""
+    block_k, split = config[1], config[4]
+    return k % block_k == 0 and (k // block_k) % split == 0
+
+
+def fp8_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+            swiglu: bool = False, out: torch.Tensor | None = None,
+            config: tuple[int, int, int, int, int] = FP8_MMA_CONFIGS[0]) -> torch.Tensor:
+    """``a * s * (round_e4m3(x / a) @ W8.T) (+ bias)`` for up to 64 rows of x (``[gate | up]``
+    with ``swiglu``) on the tensor cores, x rounded per token by ``quantize_rows`` (so the
+    product is ``scaled_mm``'s); weight e4m3 [N, K] (last axis contiguous), scale float32 [N]
+    or [N, 1]; [M, N] in x's dtype, into ``out`` when given. ``config``: (BLOCK_N, BLOCK_K,
+    warps, stages, split_k), ``fp8_mma_fits``. Capturable in a CUDA graph once a split-K
+    launch has run outside capture (hearth_kernels/quant_mma.py's counters)."""
+    n, k = weight.shape
+    rows = x.shape[0]
+    if x.dim() != 2 or not 1 <= rows <= MAX_ROWS or x.shape[1] != (2 * k if swiglu else k):
+        raise ValueError(f"fp8_mma: x must be 1 to {MAX_ROWS} rows of {2 * k if swiglu else k}, got {tuple(x.shape)}")
+    if weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
+        raise ValueError(f"fp8_mma: needs an e4m3 weight with a contiguous last axis, got {weight.dtype}")
+    if scale.numel() != n or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"fp8_mma: scale must be {n} contiguous float32 row scales, got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if not fp8_mma_fits(k, config):
+        raise ValueError(f"fp8_mma: config {tuple(config)} does not step evenly through K = {k}")
+    if out is None:
+        out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (rows, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        raise ValueError(f"fp8_mma: out must be a {x.dtype} [{rows}, {n}] tensor with a contiguous last axis")
+    xq, xs = quantize_rows(x, swiglu)
+    block_n, block_k, warps, stages, split = config
+    block_m = block_m_for(rows)
+    tiles, split, ws, cnt = _split(MmaConfig(block_n, block_k, warps, stages, split), k // block_k, n, rows,
+                                   block_m, scale)
+    _fp8_mma_kernel[(tiles, split)](
+        xq, xs, weight, scale, bias if bias is not None else scale, out, ws, cnt, rows, n, k // block_k // split,
+        xq.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        DOT_FP32=os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"), BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_M=block_m, SPLIT_K=split, STAGES=stages, num_warps=warps)
     return out

@@ -197,9 +197,10 @@ class TritonQuant(QuantKernel):
 class Fp8Kernel(QuantKernel):
     """An e4m3 layer: for one row on a GPU the row-scaled GEMV of ``config`` (a 3-tuple:
     ``hearth_kernels/gemv.py``'s K-loop kernel; a 4-tuple: ``hearth_kernels/fp8.fp8_gemv_rows``,
-    x-stationary), else the activations rounded to e4m3 per token and ``torch._scaled_mm``
-    (on the CPU too: there only to write checkpoints and to test, see
-    ``engine.choices.WRITABLE_ANYWHERE``)."""
+    x-stationary) or, a 5-tuple, ``hearth_kernels/fp8.fp8_mma`` (the activations rounded to
+    e4m3 per token like the prompt path's, then the tensor cores), else the activations
+    rounded to e4m3 per token and ``torch._scaled_mm`` (on the CPU too: there only to write
+    checkpoints and to test, see ``engine.choices.WRITABLE_ANYWHERE``)."""
 
     def __init__(self, config: tuple[int, ...] | None = None) -> None:
         self.config = config
@@ -208,14 +209,27 @@ class Fp8Kernel(QuantKernel):
             self.name = "fp8 scaled_mm (gemv for one row)"
         elif len(config) == 4:
             self.name = "fp8 gemv x-stationary %dx%d/%dw s%d" % tuple(config)
+        elif len(config) == 5:
+            self.name = "fp8 mma %dx%d/%dw s%d split%d" % tuple(config)
         else:
             self.name = "fp8 gemv %dx%d/%dw" % tuple(config)
+
+    def bind(self, layer) -> "Fp8Kernel":
+        if self.config is not None and len(self.config) == 5 and layer.qweight.device.type == "cuda":
+            from hearth_kernels.quant_mma import make_counters
+
+            make_counters(layer.qweight.device)  # its split-K launches get captured in CUDA graphs later
+        return self
 
     def __call__(self, x, layer, out=None):
         from hearth_kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
 
         w, s = layer.qweight, layer.scales
         if x.shape[0] == 1 and w.device.type == "cuda":
+            if self.config is not None and len(self.config) == 5:
+                from hearth_kernels.fp8 import fp8_mma
+
+                return fp8_mma(x, w, s, layer.bias, swiglu=layer.act is not None, out=out, config=self.config)
             if self.config is not None and len(self.config) == 4:
                 from hearth_kernels.fp8 import fp8_gemv_rows
 

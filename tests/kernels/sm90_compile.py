@@ -153,6 +153,15 @@ def main() -> None:
                             FP8=cache == f8), 8, 1)
     cases["silu_and_mul"] = (activation._silu_and_mul_kernel, {"x_ptr": bf, "out_ptr": bf},
                              dict(BLOCK=1024), 4, 1)
+    from hearth_kernels import fp8
+
+    for rows, cfg in ((1, fp8.FP8_MMA_CONFIGS[0]), (64, fp8.FP8_MMA_CONFIGS[2])):  # batch-1 tile; 64 rows, 128 weight rows
+        bn, bk, warps, stages, split = cfg
+        cases[f"fp8_mma_{rows}"] = (fp8._fp8_mma_kernel,
+                                    {"xq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                     "b_ptr": bf, "y_ptr": bf, "ws_ptr": "*fp32", "cnt_ptr": "*i32"},
+                                    dict(HAS_BIAS=False, DOT_FP32=False, BLOCK_N=bn, BLOCK_K=bk,
+                                         BLOCK_M=16 if rows == 1 else 64, SPLIT_K=split, STAGES=stages), warps, stages)
     only = set(sys.argv[1:])
     for name, (fn, types, consts, warps, stages) in cases.items():
         if only and name not in only:

@@ -53,7 +53,7 @@ def report() -> dict[str, dict]:
 def test_every_kernel_compiles_without_spills(report):
     assert set(report) == {"decode", "decode_merge", "prefill", "write_kv", "fused_add_rms_norm",
                            "rotary", "silu_and_mul", "decode_fp8", "prefill_fp8", "write_kv_fp8", "rotary_write_kv",
-                           "rotary_write_kv_fp8"}
+                           "rotary_write_kv_fp8", "fp8_mma_1", "fp8_mma_64"}
     for name, row in report.items():
         assert row["spill_bytes"] == 0, f"{name} spills registers: {row}"
         assert 0 < row["registers"] <= 255, (name, row)
@@ -66,3 +66,9 @@ def test_attention_loops_are_pipelined_and_prefill_uses_wgmma(report):
         assert report["prefill" + suffix]["wgmma"]
     # Several decode programs must fit on one SM to keep enough loads in flight.
     assert report["decode"]["shared"] * 3 <= H100_SHARED_PER_BLOCK
+
+
+def test_the_fp8_weight_stationary_kernel_streams_into_wgmma(report):
+    """Its weight tiles go from the cp.async ring to the e4m3 wgmma, untouched by the CUDA cores."""
+    for name in ("fp8_mma_1", "fp8_mma_64"):
+        assert report[name]["pipelined"] and report[name]["wgmma"] and not report[name]["ldmatrix"], report[name]

@@ -125,3 +125,37 @@ def test_the_x_stationary_fp8_gemv_matches_float64(n, k, config, swiglu):
     xin = x.double() if not swiglu else F.silu(x.double()[:, :k]) * x.double()[:, k:]
     ref = F.linear(xin, qw.dequantize(torch.float64), bias.double())
     torch.testing.assert_close(y.double(), ref, atol=1e-4 * k ** 0.5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m,n,k,config", [(1, 72, 512, (16, 128, 1, 1, 1)), (3, 40, 256, (32, 128, 2, 2, 2)),
+                                          (17, 24, 512, (16, 256, 1, 2, 2)), (40, 64, 256, (64, 128, 4, 2, 1))])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_the_weight_stationary_fp8_product_is_scaled_mms(m, n, k, config, swiglu):
+    """``fp8_mma``: x rounded per token by ``quantize_rows``, then the e4m3 product on the
+    tensor cores, scaled (the interpreter multiplies the same e4m3 values in fp32)."""
+    from hearth_kernels.fp8 import fp8_mma
+
+    g = torch.Generator(device=DEVICE).manual_seed(m + n + k)
+    x = torch.randn(m, 2 * k if swiglu else k, device=DEVICE, generator=g).to(torch.bfloat16)
+    qw = quantize_fp8(torch.randn(n, k, device=DEVICE, generator=g) * 0.02)
+    bias = torch.randn(n, device=DEVICE, generator=g).to(torch.bfloat16)
+    y = fp8_mma(x, qw.qweight, qw.scales, bias, swiglu=swiglu, config=config)
+    xq, xs = quantize_rows(x, swiglu=swiglu)
+    ref = (xq.double() * xs.double()) @ qw.dequantize(torch.float64).t() + bias.double()
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref, atol=1e-3 * ref.abs().max().item(), rtol=8e-3)
+
+
+def test_fp8_mma_refuses_what_it_cannot_run():
+    from hearth_kernels.fp8 import FP8_MMA_CONFIGS, fp8_mma, fp8_mma_fits
+
+    qw = quantize_fp8(torch.randn(16, 256, device=DEVICE) * 0.02)
+    x = torch.randn(1, 256, device=DEVICE).to(torch.bfloat16)
+    assert fp8_mma_fits(4096, FP8_MMA_CONFIGS[0]) and fp8_mma_fits(14336, FP8_MMA_CONFIGS[0])
+    assert not fp8_mma_fits(4096 + 128, FP8_MMA_CONFIGS[0])  # 17 steps of 256: not even
+    with pytest.raises(ValueError, match="step evenly"):
+        fp8_mma(x, qw.qweight, qw.scales, config=(16, 256, 1, 1, 2))
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        fp8_mma(torch.zeros(65, 256, device=DEVICE).to(torch.bfloat16), qw.qweight, qw.scales)
+    with pytest.raises(ValueError, match="float32 row scales"):
+        fp8_mma(x, qw.qweight, qw.scales.half())

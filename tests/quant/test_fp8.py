@@ -318,7 +318,8 @@ def test_fp8_greedy_tokens_with_and_without_cuda_graphs_agree_and_batch_one_is_t
                           enforce_eager=eager)
         try:
             info = eng.model_info
-            assert "fp8 gemv" in str(info.batch1_matmul) or eager, info.batch1_matmul
+            assert "fp8 gemv" in str(info.batch1_matmul) or "fp8 mma" in str(info.batch1_matmul) or eager, \
+                info.batch1_matmul
             params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
             reqs = [Request(prompt_token_ids=[5, 17, 99, 3, 1024, 7], params=params),
                     Request(prompt_token_ids=[8, 300, 11, 12], params=params)]
@@ -328,3 +329,17 @@ def test_fp8_greedy_tokens_with_and_without_cuda_graphs_agree_and_batch_one_is_t
             eng.shutdown()
     assert outs[0] == outs[2] and outs[1] == outs[3]
     assert all(len(t) == 24 for t in outs[0])
+
+
+def test_the_batch_one_tuner_times_the_tensor_core_kernel_where_k_steps_evenly():
+    """fp8's batch-1 candidates: the GEMVs, then ``fp8_mma``'s configs (5-tuples) for the 8B
+    shapes' K (4096, 14336), none for a K no step divides."""
+    from engine.layers.linear_kernels import fp8_gemv_configs
+    from engine.layers.quant_kernels import Fp8Kernel
+    from hearth_kernels.fp8 import FP8_MMA_CONFIGS
+
+    for k in (4096, 14336):
+        mma = [c for c in fp8_gemv_configs(4096, k) if len(c) == 5]
+        assert mma and set(mma) <= set(FP8_MMA_CONFIGS)
+    assert not [c for c in fp8_gemv_configs(64, 96) if len(c) == 5]
+    assert Fp8Kernel((64, 256, 4, 4, 4)).name == "fp8 mma 64x256/4w s4 split4"
