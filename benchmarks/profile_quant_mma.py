@@ -123,7 +123,7 @@ def main() -> None:
             for us, label, cfg, diff in timed:
                 best_by_kind.setdefault(label, (us, cfg))
             default = list(default_mma_config(m, n, k, bits, group))
-            default_us = next((us for us, label, cfg, _ in timed if label.startswith("swap") and cfg == default), None)
+            default_us = next((us for us, label, cfg, _ in timed if label != "fused" and cfg == default), None)
             row = {"layer": name, "n": n, "k": k, "m": m, "weight_mb": nb / 1e6, "bf16_us": bf_us,
                    "best": timed[0][:3] if timed else None, "best_by_kind": best_by_kind,
                    "swap_default": default, "swap_default_us": default_us,

@@ -249,8 +249,8 @@ def _fp8_mma_kernel(xq_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         xq = tl.load(xq_ptr + rm_safe[:, None] * stride_xm + (k0 + kk)[None, :])  # [BLOCK_M, BLOCK_K]
         if DOT_FP32:  # the interpreter: the same e4m3 values, multiplied in fp32
             acc = tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, tl.trans(xq), acc)
+        else:  # full fp32 accumulation (Hopper's fp8 wgmma otherwise keeps fewer bits across K), as scaled_mm
+            acc = tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=BLOCK_K)
     acc = acc * tl.load(s_ptr + rn_safe)[:, None] * tl.load(xs_ptr + rm_safe)[None, :]
     _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                 HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
@@ -260,6 +260,12 @@ def _fp8_mma_kernel(xq_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 #: flight, K split), from 64-row wgmma tiles (4 warps) to 128 (8 warps); K split so that
 #: the narrow layers (N = 4096-6144) put a program on every SM
 FP8_MMA_CONFIGS = ((64, 256, 4, 4, 4), (64, 256, 4, 4, 2), (128, 256, 8, 4, 1), (64, 128, 4, 6, 4))
+
+
+def fp8_mma_enabled() -> bool:
+    """Whether the batch-1 tuner times ``fp8_mma``: yes unless ``HEARTH_FP8_MMA=0`` (where it
+    wins, batch-1 steps round their activations to e4m3 like prompt steps; the GEMVs don't)."""
+    return os.environ.get("HEARTH_FP8_MMA", "1") != "0"
 
 
 def fp8_mma_fits(k: int, config: tuple[int, ...]) -> bool:

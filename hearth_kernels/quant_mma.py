@@ -100,16 +100,18 @@ def _decode_int4(w, magic, dt: tl.constexpr, OFFSET: tl.constexpr):
 #: int8 codes to exact bf16 / fp16 two at a time (the pair of neighbouring K columns a thread
 #: holds of the wgmma's register operand): the bytes into the low bytes of the two halves (one
 #: PRMT), then bf16 (7 mantissa bits): (128 + the low 7 bits) - (128, or 256 for a negative
-#: code: its sign bit lands on the exponent's lowest bit), two LOP3s and a SUB.x2; fp16 (10):
-#: 1024 + (q + 128) by one LOP3 (flip the sign bit, OR the exponent), minus 1152. Triton's own
-#: conversion took 4.5 PRMTs, 2 LOP3s and a HADD2 a pair (sm_90 build).
+#: code: its sign bit lands on the exponent's lowest bit), two LOP3s and an FMA.x2 by 1;
+#: fp16 (10): 1024 + (q + 128) by one LOP3 (flip the sign bit, OR the exponent), minus 1152.
+#: The offsets come off by ``fma.rn`` with 1 (exact), which sm_80 has for bf16x2 where
+#: ``sub`` needs sm_90. Triton's own conversion took 4.5 PRMTs, 2 LOP3s and a HADD2 a pair
+#: (sm_90 build).
 _INT8_ASM = tl.constexpr((
-    "{ .reg .b32 t, u, c; cvt.u32.u16 u, $1; prmt.b32 t, u, 0, 0x4140; "
-    "lop3.b32 u, t, 0x007F007F, 0x43004300, 0xEA; lop3.b32 c, t, 0x00800080, 0x43004300, 0xEA; "
-    "sub.rn.bf16x2 $0, u, c; }",
-    "{ .reg .b32 t, u, c; cvt.u32.u16 u, $1; prmt.b32 t, u, 0, 0x4140; "
-    "lop3.b32 u, t, 0x00800080, 0x64006400, 0xBE; mov.b32 c, 0x64806480; sub.rn.f16x2 $0, u, c; }"))
-
+    "{ .reg .b32 t, u, c, one; cvt.u32.u16 u, $1; prmt.b32 t, u, 0, 0x4140; "
+    "lop3.b32 u, t, 0x007F007F, 0x43004300, 0xEA; lop3.b32 c, t, 0x00800080, 0xC300C300, 0xEA; "
+    "mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, u, one, c; }",
+    "{ .reg .b32 t, u, c, one; cvt.u32.u16 u, $1; prmt.b32 t, u, 0, 0x4140; "
+    "lop3.b32 u, t, 0x00800080, 0x64006400, 0xBE; mov.b32 c, 0xE480E480; mov.b32 one, 0x3C003C00; "
+    "fma.rn.f16x2 $0, u, one, c; }"))
 
 @triton.jit
 def _int8_codes(c, FP16: tl.constexpr):
@@ -295,7 +297,7 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 # as one bf16/fp16 pair, and a pair of neighbouring K columns is exactly what a thread holds
 # of the wgmma's register operand. So chunk s (s = 0..3) of a 128-input step is the [BN, 32]
 # tile whose column 2j + e is input 8j + s + 4e, decoded, offset and scaled pairwise
-# (``_pairs``: one inline-asm LOP3, SUB.x2, FMA.x2 per pair, no conversions) straight into
+# (``_pairs``: one inline-asm LOP3 and two FMA.x2 per pair, no conversions) straight into
 # registers. The four chunks are set side by side (``_cat``, register renaming in the sm_90
 # build) into one [BN, 128] operand, so each step is one dot whose wgmmas stay in flight
 # while the next step decodes (four dots a step were each waited on). x is permuted to
@@ -308,20 +310,22 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 # rounded to bf16 first (an error of at most 2**-9 (q s + |m|) per weight, a few percent
 # of a quantization step; fp16 x keeps them exact).
 
-def _pair_asm_text(shift: int, magic: str, ty: str) -> str:
+def _pair_asm_text(shift: int, magic: str, minus: str, one: str, ty: str) -> str:
     """Decode the pair of nibbles (shift, shift + 4) of each word into the 16-bit float pair
-    ``magic + q`` (one LOP3), take the magic offset out exactly (SUB.x2), then ``fma.rn``
-    with the scale and min pairs: ``q * s + m`` rounded once."""
+    ``magic + q`` (one LOP3), take the magic offset out exactly (``fma.rn`` by 1 plus
+    ``minus``: sm_80 has it for bf16x2, ``sub`` needs sm_90), then ``fma.rn`` with the scale
+    and min pairs: ``q * s + m`` rounded once."""
     decode = (f"shr.u32 t, $1, {4 * shift}; lop3.b32 t, t, 0x000F000F, {magic}, 0xEA; " if shift else
               f"lop3.b32 t, $1, 0x000F000F, {magic}, 0xEA; ")
-    return ("{ .reg .b32 t, c; " + decode + f"mov.b32 c, {magic}; sub.rn.{ty} t, t, c; "
-            f"fma.rn.{ty} $0, t, $3, $4; }}")
+    return ("{ .reg .b32 t, c, one; " + decode + f"mov.b32 c, {minus}; mov.b32 one, {one}; "
+            f"fma.rn.{ty} t, t, one, c; fma.rn.{ty} $0, t, $3, $4; }}")
 
 
 #: ``_pairs``' inline assembly: bf16 for shifts 0-3, then fp16 (magic 128 and 1024: the
 #: exponents whose mantissa step is 1)
-_PAIR_ASM = tl.constexpr(tuple(_pair_asm_text(sh, magic, ty) for magic, ty in (("0x43004300", "bf16x2"),
-                                                                                ("0x64006400", "f16x2"))
+_PAIR_ASM = tl.constexpr(tuple(_pair_asm_text(sh, magic, minus, one, ty)
+                               for magic, minus, one, ty in (("0x43004300", "0xC300C300", "0x3F803F80", "bf16x2"),
+                                                             ("0x64006400", "0xE400E400", "0x3C003C00", "f16x2"))
                                for sh in range(4)))
 
 
@@ -486,7 +490,8 @@ def xp_default() -> bool:
     ``HEARTH_QUANT_MMA_XP=1`` for now. It compiles to about 285 instead of 452 instructions
     a thread a K step with no layout trip through shared memory (sm_90 build of the 8B
     gate_up tile), but it has not been timed on a GPU yet; the default follows the
-    measurement."""
+    measurement. Batched steps only: batch 1 keeps its own tuner's choice (where the
+    weight-stationary kernel is a candidate, it runs in natural order)."""
     return os.environ.get("HEARTH_QUANT_MMA_XP", "0") == "1"
 
 

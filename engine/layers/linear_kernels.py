@@ -49,12 +49,12 @@ def fp8_gemv_configs(n: int, k: int) -> list[tuple[int, ...]]:
     """The fp8 batch-1 configs for an [n, k] e4m3 weight: the shape's default first (the
     x-stationary ones only where x fits in registers), then, as 5-tuples, the weight-stationary
     tensor-core kernel's (``hearth_kernels/fp8.fp8_mma``: x rounded to e4m3 per token, as the
-    prompt path does) where K steps evenly."""
-    from hearth_kernels.fp8 import FP8_MMA_CONFIGS, ROWS_MAX_K, fp8_mma_fits
+    prompt path does) where K steps evenly, unless ``HEARTH_FP8_MMA=0``."""
+    from hearth_kernels.fp8 import FP8_MMA_CONFIGS, ROWS_MAX_K, fp8_mma_enabled, fp8_mma_fits
 
     first, *_ = gemv_configs(n, k)
-    return ([first] + [c for c in FP8_GEMV_CONFIGS if c != first and (len(c) == 3 or k <= ROWS_MAX_K)]
-            + [c for c in FP8_MMA_CONFIGS if fp8_mma_fits(k, c)])
+    mma = [c for c in FP8_MMA_CONFIGS if fp8_mma_fits(k, c)] if fp8_mma_enabled() else []
+    return [first] + [c for c in FP8_GEMV_CONFIGS if c != first and (len(c) == 3 or k <= ROWS_MAX_K)] + mma
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -12,6 +12,7 @@ Supported: ``mov.b32``, ``cvt.u32.u16``, ``shr.u32``, ``prmt.b32`` (default mode
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import torch
 
@@ -27,17 +28,22 @@ def _to_float(bits: int, ty: str) -> float:
     return float(t.view(torch.bfloat16 if ty == "bf16" else torch.float16)[0])
 
 
-def _round(value: float, ty: str) -> int:
-    """Round-to-nearest-even of a float64 value to the 16-bit type's bit pattern."""
-    t = torch.tensor([value], dtype=torch.float64)
+def _round(value, ty: str) -> int:
+    """Round-to-nearest-even of an exact value (a Fraction or float) to the 16-bit type's bit
+    pattern: one rounding, so the value must be exact in float64 (it is for products and sums
+    of 16-bit floats of near exponents; the model refuses otherwise rather than round twice)."""
+    if Fraction(float(value)) != Fraction(value):
+        raise NotImplementedError(f"{value} is not exact in float64: the model would round twice")
+    t = torch.tensor([float(value)], dtype=torch.float64)
     out = t.to(torch.bfloat16 if ty == "bf16" else torch.float16)
     return int(out.view(torch.int16)[0]) & 0xFFFF
 
 
 def _pairwise(fn, ty: str, *regs: int) -> int:
+    """``fn`` on each half, computed exactly (Fractions), rounded once (``.rn``)."""
     parts = [_halves(r) for r in regs]
-    lo = _round(fn(*(_to_float(p[0], ty) for p in parts)), ty)
-    hi = _round(fn(*(_to_float(p[1], ty) for p in parts)), ty)
+    lo = _round(fn(*(Fraction(_to_float(p[0], ty)) for p in parts)), ty)
+    hi = _round(fn(*(Fraction(_to_float(p[1], ty)) for p in parts)), ty)
     return lo | (hi << 16)
 
 

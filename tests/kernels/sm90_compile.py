@@ -31,22 +31,23 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
 
 
-def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int):
-    """The sm_90 build of ``fn`` (Triton's compiled kernel; ``.asm["ptx"]`` its PTX)."""
+def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90):
+    """The sm_90 (or sm_``cc``) build of ``fn`` (Triton's compiled kernel; ``.asm["ptx"]`` its PTX)."""
     sig = {name: types.get(name, "i32") for name in fn.arg_names}
     sig.update({name: "constexpr" for name in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if sig[name].startswith("*") or (name.startswith("stride_") and name not in ("stride_tb",))}
     src = ASTSource(fn=fn, signature=sig, attrs=aligned,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    target = TARGET if cc == 90 else GPUTarget("cuda", cc, 32)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def _ptxas(ptx: str, out: str) -> str:
+def _ptxas(ptx: str, out: str, cc: int = 90) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        return subprocess.run([PTXAS, "--gpu-name", "sm_90a", "-v", f.name, "-o", out],
+        return subprocess.run([PTXAS, "--gpu-name", "sm_90a" if cc == 90 else f"sm_{cc}", "-v", f.name, "-o", out],
                               capture_output=True, text=True, check=True).stderr
     finally:
         os.unlink(f.name)
@@ -86,16 +87,42 @@ def loop_instructions(kernel) -> dict:
     return {"instructions": sum(ops.values()), "by_opcode": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
 
 
-def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int) -> dict:
-    kernel = build(fn, types, consts, num_warps, num_stages)
+def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90) -> dict:
+    kernel = build(fn, types, consts, num_warps, num_stages, cc)
     ptx = kernel.asm["ptx"]
-    log = _ptxas(ptx, os.devnull)
+    log = _ptxas(ptx, os.devnull, cc)
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores", log)
     return {"shared": kernel.metadata.shared, "registers": int(regs.group(1)) if regs else -1,
             "spill_bytes": int(spills.group(1)) if spills else -1,
             "pipelined": "cp.async" in ptx, "wgmma": "wgmma" in ptx,
-            "ldmatrix": "ldmatrix" in ptx}  # a register operand of a dot rebuilt through shared memory
+            "ldmatrix": "ldmatrix" in ptx,  # a register operand of a dot rebuilt through shared memory
+            "asm_pairs": asm_pairs(kernel.asm["ttgir"])}
+
+
+def asm_pairs(ttgir: str) -> bool | None:
+    """Whether every two-element inline assembly (``packed_element = 2``) gets neighbouring
+    elements of the last axis, the even one first: its result layout's first register basis
+    is a step of 1 along that axis. Triton leaves the grouping unspecified; Hearth's pair
+    decodes depend on it. None when there is no such assembly."""
+    layouts = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, flags=re.M))
+    found = None
+    for line in ttgir.splitlines():
+        if "elementwise_inline_asm" not in line or "packed_element = 2" not in line:
+            continue
+        enc = re.search(r"-> tensor<([0-9x]+)x\w+, (.+?)>(?: loc|$)", line)
+        if enc is None:
+            return False
+        rank = enc.group(1).count("x") + 1
+        text = layouts.get(enc.group(2), enc.group(2))  # an alias (#linear3), or the layout written out
+        dot = re.search(r"kWidth = (\d+)", text)
+        basis = re.search(r"register = \[\[([0-9, ]+)\]", text)
+        if dot:  # a dot's first operand: runs of kWidth neighbours along K, its last axis
+            ok = "opIdx = 0" in text and int(dot.group(1)) % 2 == 0
+        else:
+            ok = basis is not None and [int(v) for v in basis.group(1).split(",")] == [0] * (rank - 1) + [1]
+        found = ok if found is None else found and ok
+    return found
 
 
 def main() -> None:

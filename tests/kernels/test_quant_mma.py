@@ -121,6 +121,17 @@ def test_int4_permuted_x(rows, n, k, group, dtype):
     check(y, silu_and_mul(xg), ref, bias=bias, weight_rounding=rounding)
 
 
+@pytest.mark.parametrize("config,rows,dtype", [(MmaConfig(64, 128, 4, 3, 2, True, True), 40, torch.float16),
+                                               (MmaConfig(128, 128, 8, 3, 1, True, True), 64, torch.bfloat16)])
+def test_int4_permuted_x_at_the_shipped_tiles(config, rows, dtype):
+    """The tiles ``mma_configs`` lists (wgmma-sized on a GPU: 64 rows on 4 warps, 128 on 8), fp16
+    with K split."""
+    qw, prep = make_weight(4, 136, 512, 128, seed=rows)
+    x = rand_x(rows, 512, dtype)
+    assert config in mma_configs(rows, 4096, 4096, 4, 128)
+    check(quant_mma(x, prep, config=config), x, pair_rounded(qw, dtype), weight_rounding=True)
+
+
 def test_permuted_x_needs_whole_groups_of_128():
     assert not xp_fits(256, 4, 64) and not xp_fits(192, 4, 192) and not xp_fits(256, 8, 128)
     qw, prep = make_weight(4, 40, 256, 64)  # falls back to the natural-order kernel (scale_w)
@@ -278,6 +289,17 @@ for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes 
             row = compile_kernel(qm._quant_mma_kernel, t8, consts, cfg.warps, cfg.stages)
             print(json.dumps({"rows": rows, "swiglu": False, "config": list(cfg), "int8": dt, **row}), flush=True)
 xtypes = {k: v for k, v in types.items() if k != "x_ptr"} | {"xp_ptr": "*bf16"}
+for cc, dt in ((80, "bf16"), (80, "fp16"), (89, "bf16")):  # the inline assembly on Ampere and Ada too
+    consts = dict(GROUP=128, HAS_BIAS=False, DOT_FP32=False, BLOCK_N=64, BLOCK_M=64, SPLIT_K=1, STAGES=3)
+    t = {k: v for k, v in types.items() if k != "x_ptr"} | {"xp_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt}
+    row = compile_kernel(qm._quant_mma_xp_kernel, t, consts, 4, 3, cc)
+    print(json.dumps({"rows": 64, "swiglu": False, "config": [64, 128, 4, 3, 1, True, True], "cc": cc, **row}))
+    t8 = types | {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "q_ptr": "*i8"}
+    consts = dict(GROUP=4096, BITS=8, HAS_MIN=False, HAS_BIAS=False, SWIGLU=False, OFFSET=0, DOT_FP32=False,
+                  BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, PER_ROW=True, SPLIT_K=1, STAGES=3, ONE_ROW=False, SCALE_W=False)
+    row = compile_kernel(qm._quant_mma_kernel, t8, consts, 4, 3, cc)
+    print(json.dumps({"rows": 64, "swiglu": False, "config": [64, 128, 4, 3, 1, False, False], "int8": dt, "cc": cc,
+                      **row}))
 for rows in (16, 64):
     for cfg in [c for c in qm.mma_configs(rows, 4096, 4096, 4, 128) if c.xp]:
         consts = dict(GROUP=128, HAS_BIAS=False, DOT_FP32=False, BLOCK_N=cfg.block_n, BLOCK_M=qm.block_m_for(rows),
@@ -303,9 +325,13 @@ def test_compiles_for_sm90_on_wgmma_without_spills():
     for row in rows:
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, row
         assert row["pipelined"], row
-        if row["config"][0] >= 64:
+        if row["config"][0] >= 64 and not row.get("cc"):  # sm_80/89 have no wgmma
             assert row["wgmma"], row
-    xp = [row for row in rows if row["config"][6]]
+    assert len([row for row in rows if row.get("cc")]) == 6  # compiled for sm_80/89 too
+    xp = [row for row in rows if row["config"][6] and not row.get("cc")]
     assert len(xp) >= 12
     for row in xp:  # the permuted-x kernel's point: its decoded weights go to the wgmma from registers
         assert not row["ldmatrix"], row
+    for row in rows:  # its pair decode (and the int8 one) gets neighbouring K columns, even first
+        if row["config"][6] or row.get("int8"):
+            assert row["asm_pairs"] is True, row

@@ -331,7 +331,7 @@ def test_fp8_greedy_tokens_with_and_without_cuda_graphs_agree_and_batch_one_is_t
     assert all(len(t) == 24 for t in outs[0])
 
 
-def test_the_batch_one_tuner_times_the_tensor_core_kernel_where_k_steps_evenly():
+def test_the_batch_one_tuner_times_the_tensor_core_kernel_where_k_steps_evenly(monkeypatch):
     """fp8's batch-1 candidates: the GEMVs, then ``fp8_mma``'s configs (5-tuples) for the 8B
     shapes' K (4096, 14336), none for a K no step divides."""
     from engine.layers.linear_kernels import fp8_gemv_configs
@@ -343,3 +343,5 @@ def test_the_batch_one_tuner_times_the_tensor_core_kernel_where_k_steps_evenly()
         assert mma and set(mma) <= set(FP8_MMA_CONFIGS)
     assert not [c for c in fp8_gemv_configs(64, 96) if len(c) == 5]
     assert Fp8Kernel((64, 256, 4, 4, 4)).name == "fp8 mma 64x256/4w s4 split4"
+    monkeypatch.setenv("HEARTH_FP8_MMA", "0")  # left out: batch-1 steps keep x exact
+    assert not [c for c in fp8_gemv_configs(4096, 4096) if len(c) == 5]
