@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
-from hearth_kernels.quant_mma import MAX_ROWS, MmaConfig, _split, _tile_rows, _write_tile, block_m_for
+from hearth_kernels.quant_mma import _DOT_IN_FP32, MAX_ROWS, _split, _tile_rows, _write_tile, block_m_for
 
 #: e4m3's largest finite value.
 FP8_MAX = 448.0
@@ -301,11 +301,10 @@ def fp8_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
     xq, xs = quantize_rows(x, swiglu)
     block_n, block_k, warps, stages, split = config
     block_m = block_m_for(rows)
-    tiles, split, ws, cnt = _split(MmaConfig(block_n, block_k, warps, stages, split), k // block_k, n, rows,
-                                   block_m, scale)
+    tiles, split, ws, cnt = _split(block_n, split, k // block_k, n, rows, block_m, scale)
     _fp8_mma_kernel[(tiles, split)](
         xq, xs, weight, scale, bias if bias is not None else scale, out, ws, cnt, rows, n, k // block_k // split,
         xq.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True"), BLOCK_N=block_n,
+        DOT_FP32=_DOT_IN_FP32, BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_M=block_m, SPLIT_K=split, STAGES=stages, num_warps=warps)
     return out

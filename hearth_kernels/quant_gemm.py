@@ -416,9 +416,10 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     dequant = rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows)
     if not dequant and config is None and prepared.bits in swap_bits() and k % 16 == 0 and rows <= min(
             MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
-        if swiglu and default_mma_config(rows, n, k, prepared.bits, prepared.group_size).xp:
-            return quant_mma(x, prepared, bias=bias, out=out, swiglu=True)
-        return quant_mma(silu_and_mul(x) if swiglu else x, prepared, bias=bias, out=out)
+        cfg = default_mma_config(rows, n, k, prepared.bits, prepared.group_size)
+        if swiglu and not cfg.xp:  # the natural-order kernel would repeat the SwiGLU in every program
+            x, swiglu = silu_and_mul(x), False
+        return quant_mma(x, prepared, config=cfg, bias=bias, out=out, swiglu=swiglu)
     if swiglu:
         x = silu_and_mul(x)
     if dequant:

@@ -556,7 +556,7 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     if bits == 4:
         q = q.view(torch.int32)
-    tiles, split, ws, cnt = _split(cfg, steps, n, rows, block_m, s)
+    tiles, split, ws, cnt = _split(cfg.block_n, cfg.split_k, steps, n, rows, block_m, s)
     _quant_mma_kernel[(tiles, split)](
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, rows, n, k,
         steps // split, x.stride(0), q.stride(0), s.stride(0), out.stride(0), magic,
@@ -568,16 +568,16 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     return out
 
 
-def _split(cfg: MmaConfig, steps: int, n: int, rows: int, block_m: int, dummy: torch.Tensor):
-    """(output tiles, K split (the config's, or the largest divisor of ``steps`` below it),
+def _split(block_n: int, split_k: int, steps: int, n: int, rows: int, block_m: int, dummy: torch.Tensor):
+    """(output tiles, K split (``split_k``, or the largest divisor of ``steps`` below it),
     the split-K workspace, the tile counters); without a split both are ``dummy``."""
-    split = max(1, min(cfg.split_k, steps))
+    split = max(1, min(split_k, steps))
     while steps % split:
         split -= 1
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(rows, block_m)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(rows, block_m)
     if split == 1:
         return tiles, 1, dummy, dummy
-    ws = torch.empty(tiles * split * cfg.block_n * block_m, dtype=torch.float32, device=dummy.device)
+    ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=dummy.device)
     return tiles, split, ws, _counters(dummy.device, tiles)
 
 
@@ -587,11 +587,11 @@ def _quant_mma_xp(x: torch.Tensor, prepared: PreparedQuant, cfg: MmaConfig, bloc
     n, k, rows = prepared.out_features, prepared.in_features, x.shape[0]
     xp = permute_x(x, k, swiglu)
     steps = k // XP_STEP
-    s = prepared.scales
-    tiles, split, ws, cnt = _split(cfg, steps, n, rows, block_m, s)
+    q, s = prepared.qweight.view(torch.int32), prepared.scales
+    tiles, split, ws, cnt = _split(cfg.block_n, cfg.split_k, steps, n, rows, block_m, s)
     _quant_mma_xp_kernel[(tiles, split)](
-        xp, prepared.qweight.view(torch.int32), s, prepared.mins, bias if bias is not None else s, out, ws, cnt,
-        rows, n, steps // split, xp.stride(0), prepared.qweight.view(torch.int32).stride(0), s.stride(0),
+        xp, q, s, prepared.mins, bias if bias is not None else s, out, ws, cnt,
+        rows, n, steps // split, xp.stride(0), q.stride(0), s.stride(0),
         out.stride(0), GROUP=prepared.group_size, HAS_BIAS=bias is not None,
         DOT_FP32=_DOT_IN_FP32 or x.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_M=block_m,
         SPLIT_K=split, STAGES=cfg.stages, num_warps=cfg.warps)
