@@ -111,17 +111,17 @@ case "$what" in mma)  # the weight-stationary int4 kernel: its tests on the GPU,
     2>&1 | tee -a "$OUT/gpu_mma_tests.log" | tail -4
   python benchmarks/profile_quant_mma.py --json "$OUT/profile-quant-mma-8b.json" "$@" 2>&1 | grep -v "^  " | tail -40 ;;
 esac
-case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary kernel's GPU tests (the
-  # permuted-x kernel's inline assembly runs only there), its profile at BS64_ROWS rows (int4:
-  # natural-order against permuted-x; int8 per channel: the fused kernel against it), then
-  # hearth bench at batch 64 for each of BS64_RUNS ("quant" or "quant:KNOB=V,KNOB=V"; rows record the knobs)
-  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_quant_mma.py \
-    2>&1 | tee "$OUT/gpu_mma_tests.log" | tail -4
+case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary kernel's GPU tests
+  # (BS64_TESTS=0 skips them), its profile at BS64_ROWS rows (int4: scales in the step against a
+  # step ahead; int8 per channel: the fused kernel against it), then hearth bench at batch 64 for
+  # each of BS64_RUNS ("quant" or "quant:KNOB=V,KNOB=V"; rows record the knobs)
+  [ "${BS64_TESTS:-1}" = 0 ] || python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 \
+    tests/kernels/test_quant_mma.py 2>&1 | tee "$OUT/gpu_mma_tests.log" | tail -4
   for b in ${BS64_PROFILE_BITS:-4 8}; do
     timeout -s INT ${BS64_PROFILE_TIMEOUT:-240} python benchmarks/profile_quant_mma.py --bits $b \
       --rows ${BS64_ROWS:-16,64} --json "$OUT/profile-quant-mma-int$b-8b.json" 2>&1 | grep -v "^  " | tail -12
   done
-  for run in ${BS64_RUNS:-bf16 int4 int4:HEARTH_QUANT_MMA_XP=1 int4:HEARTH_QUANT_MMA_XP=1,HEARTH_QUANT_SWAP_INT8=1}; do
+  for run in ${BS64_RUNS:-bf16 int4 int4:HEARTH_QUANT_MMA_AHEAD=1 int8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     tag=$(echo "$run" | sed 's/HEARTH_QUANT_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
     ( [ -n "$knobs" ] && export $knobs

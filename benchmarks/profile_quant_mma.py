@@ -5,8 +5,8 @@ quantized kernels and bf16, per Llama-8B projection, on the GPU (about 3 minutes
         [--layers qkv,o,gate_up,down+swiglu,lm_head] [--bits 4|8] [--group G]
 
 ``--bits 8`` quantizes per output channel (``--group 0``, int8's default) or in groups of G.
-Kinds: ``swap``/``swapw`` the natural-order kernel (``scale_w``), ``xp`` the permuted-x one
-(its time includes ``permute_x``), ``fused`` ``quant_gemm``'s kernel.
+Kinds: ``swap``/``swapw`` the weight-stationary kernel (``scale_w``), ``+a`` with its scales
+loaded a step ahead (``ahead``), ``fused`` ``quant_gemm``'s kernel.
 
 Rows = 1: every config ``quant_gemv_configs`` lists (what the load-time tuner times: the
 CUDA-core kernels, the first tensor-core kernel and the weight-stationary SWAP configs),
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=None, help="inputs per scale (int4: 128; int8: 0, per channel)")
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--extra", default="", help="more quant_mma configs to time at rows > 1: "
-                    "'BN,BK,WARPS,STAGES,SPLIT,SCALE_W[,XP];...'")
+                    "'BN,BK,WARPS,STAGES,SPLIT,SCALE_W[,AHEAD];...'")
     args = ap.parse_args()
 
     from engine.quant.rtn import quantize_int4, quantize_int8
@@ -114,9 +114,9 @@ def main() -> None:
             else:
                 add("fused", None, lambda p: quant_gemm(xin, p, out=y, swap_rows=0))
                 extra = [MmaConfig(*(int(v) for v in c.split(","))) for c in args.extra.split(";") if c]
-                extra = [c._replace(scale_w=bool(c.scale_w), xp=bool(c.xp)) for c in extra]
+                extra = [c._replace(scale_w=bool(c.scale_w), ahead=bool(c.ahead)) for c in extra]
                 for cfg in mma_configs(m, n, k, bits, group) + extra:
-                    add("xp" if cfg.xp else "swapw" if cfg.scale_w else "swap", cfg,
+                    add(("swapw" if cfg.scale_w else "swap") + ("+a" if cfg.ahead else ""), cfg,
                         lambda p, c=cfg: quant_mma(xin, p, config=c, out=y))
             timed.sort(key=lambda t: t[0])
             best_by_kind = {}

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 from hearth_kernels.activation import silu_and_mul
-from hearth_kernels.quant_mma import MAX_ROWS, default_mma_config, quant_mma
+from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as if their bits were another
 # type (garbage results); under TRITON_INTERPRET=1 bf16 dots run in fp32 instead. The GPU
@@ -61,15 +61,20 @@ DEQUANT_ROWS = 1024
 SWAP_ROWS = 64
 
 
-def swap_bits() -> tuple[int, ...]:
-    """The code widths that run the weight-stationary kernel up to ``SWAP_ROWS`` rows: int4,
-    and int8 too with ``HEARTH_QUANT_SWAP_INT8=1``. int8 (and the int8 head of an int4 model)
-    runs the fused kernel by default, where the x tile is the tall side and the converted
-    codes, the B operand, go through shared memory every step; the weight-stationary kernel
-    keeps them in registers (sm_90 build), as it does for int4, which ran 2.5x faster there
-    than the fused kernel at 64 rows (benchmarks/results/2026-12-01-i14-profile-quant-mma-8b-h200-m64.json).
-    Not yet timed for int8 on a GPU; the default follows the measurement."""
-    return (4, 8) if os.environ.get("HEARTH_QUANT_SWAP_INT8", "0") == "1" else (4,)
+def swaps(bits: int, group: int, k: int) -> bool:
+    """Whether a weight of these codes runs the weight-stationary kernel up to ``SWAP_ROWS``
+    rows: int4 (any group), and int8 per channel or in groups of a multiple of 128 (smaller
+    int8 groups, GGUF's Q8_0 and Q6_K, would cut its K steps to the group: they keep the
+    fused kernel, whose steps span groups). On the H200 at 16 and 64 rows the int8 8B
+    projections ran 1.0-1.9x faster on it than on the fused kernel (where the x tile is the
+    tall side and the converted codes go through shared memory every step), 1.9-2.0x at 64
+    rows (gate_up 51.9 against 102.6 us, the head 199 against 387;
+    benchmarks/results/2026-12-05-i14-profile-quant-mma-int8-8b-h200-23cc299.json).
+    ``HEARTH_QUANT_SWAP_INT8=0`` keeps int8 on the fused kernel."""
+    if bits == 4:
+        return True
+    return (bits == 8 and (group == k or group % 128 == 0)
+            and os.environ.get("HEARTH_QUANT_SWAP_INT8", "1") != "0")
 
 
 @triton.jit
@@ -401,10 +406,9 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
     K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS.
     Without a ``config``, int4 with up to ``swap_rows`` rows (default ``SWAP_ROWS``) runs
-    ``hearth_kernels/quant_mma.py`` instead of the fused kernel (int8 too: ``swap_bits``).
+    ``hearth_kernels/quant_mma.py`` instead of the fused kernel (int8 too: ``swaps``).
     ``swiglu``: x is ``[gate | up]`` [M, 2K] and the product is of silu(gate) * up, rounded
-    like ``hearth_kernels/activation.silu_and_mul``: inside the permuted-x kernel's x pass
-    when that runs, else by that kernel first."""
+    like ``hearth_kernels/activation.silu_and_mul`` (that kernel runs first)."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_gemm", x, k, swiglu)
     rows = x.shape[0]
@@ -414,12 +418,11 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
     if x.stride(1) != 1:
         x = x.contiguous()
     dequant = rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows)
-    if not dequant and config is None and prepared.bits in swap_bits() and k % 16 == 0 and rows <= min(
-            MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
-        cfg = default_mma_config(rows, n, k, prepared.bits, prepared.group_size)
-        if swiglu and not cfg.xp:  # the natural-order kernel would repeat the SwiGLU in every program
-            x, swiglu = silu_and_mul(x), False
-        return quant_mma(x, prepared, config=cfg, bias=bias, out=out, swiglu=swiglu)
+    if not dequant and config is None and swaps(prepared.bits, prepared.group_size, k) and k % 16 == 0 \
+            and rows <= min(MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
+        if swiglu:  # (inside quant_mma every program would repeat the SwiGLU)
+            x = silu_and_mul(x)
+        return quant_mma(x, prepared, bias=bias, out=out)
     if swiglu:
         x = silu_and_mul(x)
     if dequant:

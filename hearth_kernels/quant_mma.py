@@ -30,8 +30,16 @@ partial tile to a workspace and bumps the tile's counter; the last to arrive sum
 partials in split order (the same bits on every run), writes y and resets the counter for
 the next launch (no extra kernel, capturable in a CUDA graph).
 
-Configs are ``MmaConfig(block_n, block_k, warps, stages, split_k)``; ``mma_configs`` lists
-those worth timing, ``default_mma_config`` picks one from the shape without timing.
+Scales ahead (``MmaConfig.ahead``, grouped weights). The codes and x stream through
+Triton's cp.async ring ``stages`` steps ahead, but a step's scales and mins (one 2-byte
+value a row, too narrow for cp.async) are plain loads, issued in the step that uses them:
+every step then waits a memory round trip before its decode. With ``ahead`` the loop
+carries the next step's scales and mins in registers, loaded one step early (the last
+step's load clamped to the row's last group), so that wait overlaps a whole step's work.
+
+Configs are ``MmaConfig(block_n, block_k, warps, stages, split_k, scale_w, ahead)``;
+``mma_configs`` lists those worth timing, ``default_mma_config`` picks one from the shape
+without timing.
 """
 
 from __future__ import annotations
@@ -59,9 +67,9 @@ class MmaConfig(NamedTuple):
     """``block_n`` weight rows per program (64/128 run wgmma, fewer mma.sync), ``block_k``
     inputs per K step (a divisor of the group), ``warps``, ``stages`` (K steps in flight),
     ``split_k`` programs per output tile along K; ``scale_w``: dequantize the weight tile in
-    registers and accumulate in place (grouped weights; see the kernel); ``xp``: the
-    permuted-x kernel (int4 in groups of a multiple of 128; ``block_k`` is then 128; see
-    "The permuted-x kernel" below)."""
+    registers and accumulate in place (grouped weights; see the kernel); ``ahead``: load
+    each K step's scales and mins one step ahead (grouped weights; "Scales ahead" in the
+    kernel)."""
 
     block_n: int
     block_k: int
@@ -69,7 +77,7 @@ class MmaConfig(NamedTuple):
     stages: int
     split_k: int = 1
     scale_w: bool = False
-    xp: bool = False
+    ahead: bool = False
 
 
 @triton.jit
@@ -217,7 +225,7 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       SWIGLU: tl.constexpr, OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                       PER_ROW: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-                      ONE_ROW: tl.constexpr, SCALE_W: tl.constexpr):
+                      ONE_ROW: tl.constexpr, SCALE_W: tl.constexpr, AHEAD: tl.constexpr):
     # q_ptr: int4 codes as int32 words (stride_qn in words), int8 codes as int8.
     tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
     dt = x_ptr.dtype.element_ty
@@ -225,8 +233,33 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
     step0 = tl.program_id(1) * K_STEPS
+    s_rows = s_ptr + rn_safe * stride_sn
+    m_rows = m_ptr + rn_safe * stride_sn
+    if AHEAD:  # the first step's scales and mins, before the loop (see "Scales ahead" below)
+        g_last = (K - 1) // GROUP
+        s_next = tl.load(s_rows + (step0 * BLOCK_K) // GROUP)
+        if HAS_MIN:
+            m_next = tl.load(m_rows + (step0 * BLOCK_K) // GROUP)
+        else:
+            m_next = s_next
     for i in tl.range(0, K_STEPS, num_stages=STAGES):
         k0 = (step0 + i) * BLOCK_K  # a multiple of BLOCK_K: the compiler knows the alignment
+        if not PER_ROW:
+            if AHEAD:
+                s_raw = s_next
+                m_raw = m_next
+                g_next = tl.minimum((k0 + BLOCK_K) // GROUP, g_last)
+                s_next = tl.load(s_rows + g_next)
+                if HAS_MIN:
+                    m_next = tl.load(m_rows + g_next)
+                else:
+                    m_next = s_next
+            else:
+                s_raw = tl.load(s_rows + k0 // GROUP)
+                if HAS_MIN:
+                    m_raw = tl.load(m_rows + k0 // GROUP)
+                else:
+                    m_raw = s_raw
         if BITS == 4:
             WORDS: tl.constexpr = BLOCK_K // 8
             w = tl.load(q_ptr + rn_safe[:, None] * stride_qn + (k0 // 8 + tl.arange(0, WORDS))[None, :])
@@ -239,10 +272,9 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             # the weight tile dequantized in registers (exact q*s + m in fp32, one rounding to
             # x's dtype, like the dequantize + cuBLAS path) and accumulated in place: no
             # per-step epilogue, so the tensor cores run asynchronously across steps
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+            s = s_raw.to(tl.float32)
             if HAS_MIN:
-                off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
+                off = m_raw.to(tl.float32) - OFFSET * s
             else:
                 off = -OFFSET * s
             wt = c.to(tl.float32) * s[:, None] + off[:, None]
@@ -264,11 +296,10 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 if HAS_MIN or OFFSET != 0:
                     xsum_all += xsum
             else:
-                g = k0 // GROUP  # BLOCK_K divides GROUP: one group per step
-                s = tl.load(s_ptr + rn_safe * stride_sn + g).to(tl.float32)
+                s = s_raw.to(tl.float32)  # BLOCK_K divides GROUP: one group per step
                 if HAS_MIN or OFFSET != 0:
                     if HAS_MIN:
-                        off = tl.load(m_ptr + rn_safe * stride_sn + g).to(tl.float32) - OFFSET * s
+                        off = m_raw.to(tl.float32) - OFFSET * s
                     else:
                         off = -OFFSET * s
                     acc += part * s[:, None] + off[:, None] * xsum[None, :]
@@ -285,142 +316,6 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             acc += off[:, None] * xsum_all[None, :]
     _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
                 HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
-
-
-# The permuted-x kernel (``MmaConfig.xp``; int4, groups a multiple of 128).
-#
-# The kernel above decodes the weight tile in natural K order: the half-words of its magic
-# decode are rearranged by ``tl.join``/``tl.reshape``, which the sm_90 build can only turn
-# into the wgmma's register layout through shared memory (a store, barriers and ldmatrix
-# every K step, with the wgmma waited on in between). Here the K order is the decode's own
-# instead: ``((w >> 4s) & 0x000F000F) | magic`` holds inputs 8j + s and 8j + s + 4 of word j
-# as one bf16/fp16 pair, and a pair of neighbouring K columns is exactly what a thread holds
-# of the wgmma's register operand. So chunk s (s = 0..3) of a 128-input step is the [BN, 32]
-# tile whose column 2j + e is input 8j + s + 4e, decoded, offset and scaled pairwise
-# (``_pairs``: one inline-asm LOP3 and two FMA.x2 per pair, no conversions) straight into
-# registers. The four chunks are set side by side (``_cat``, register renaming in the sm_90
-# build) into one [BN, 128] operand, so each step is one dot whose wgmmas stay in flight
-# while the next step decodes (four dots a step were each waited on). x is permuted to
-# match once per call (``permute_x``, with the SwiGLU when there is one): row m of ``xp``
-# holds, at k0 + 32s + 2j + e, x[m, k0 + 8j + s + 4e], so each step's x tile is contiguous
-# and streams through the cp.async ring like the codes.
-#
-# Numerics: the weight is ``q * s + m`` rounded once to x's dtype, as in ``scale_w``, but
-# computed in the pair arithmetic of x's dtype, so for bf16 x the fp16 scale and min are
-# rounded to bf16 first (an error of at most 2**-9 (q s + |m|) per weight, a few percent
-# of a quantization step; fp16 x keeps them exact).
-
-def _pair_asm_text(shift: int, magic: str, minus: str, one: str, ty: str) -> str:
-    """Decode the pair of nibbles (shift, shift + 4) of each word into the 16-bit float pair
-    ``magic + q`` (one LOP3), take the magic offset out exactly (``fma.rn`` by 1 plus
-    ``minus``: sm_80 has it for bf16x2, ``sub`` needs sm_90), then ``fma.rn`` with the scale
-    and min pairs: ``q * s + m`` rounded once."""
-    decode = (f"shr.u32 t, $1, {4 * shift}; lop3.b32 t, t, 0x000F000F, {magic}, 0xEA; " if shift else
-              f"lop3.b32 t, $1, 0x000F000F, {magic}, 0xEA; ")
-    return ("{ .reg .b32 t, c, one; " + decode + f"mov.b32 c, {minus}; mov.b32 one, {one}; "
-            f"fma.rn.{ty} t, t, one, c; fma.rn.{ty} $0, t, $3, $4; }}")
-
-
-#: ``_pairs``' inline assembly: bf16 for shifts 0-3, then fp16 (magic 128 and 1024: the
-#: exponents whose mantissa step is 1)
-_PAIR_ASM = tl.constexpr(tuple(_pair_asm_text(sh, magic, minus, one, ty)
-                               for magic, minus, one, ty in (("0x43004300", "0xC300C300", "0x3F803F80", "bf16x2"),
-                                                             ("0x64006400", "0xE400E400", "0x3C003C00", "f16x2"))
-                               for sh in range(4)))
-
-
-@triton.jit
-def _pair_asm(wd, s2, m2, asm: tl.constexpr):
-    return tl.inline_asm_elementwise(asm=asm, constraints="=r,r,r,r,r", args=[wd, s2, m2], dtype=s2.dtype,
-                                     is_pure=True, pack=2)
-
-
-@triton.jit
-def _pairs(wd, s2, m2, SHIFT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Chunk SHIFT of a step: ``wd`` int32 [BN, 2W] pair-order words, each twice (column
-    2j + e holds word j), ``s2``/``m2`` the rows' scale and min [BN, 2W] in x's dtype ->
-    column 2j + e is ``q * s + m`` of input 8j + SHIFT + 4e, rounded once to x's dtype (fp32
-    under the interpreter, which runs no assembly: the same values, computed plainly)."""
-    if DOT_FP32:
-        e = tl.arange(0, wd.shape[1]) % 2
-        q = ((wd >> (4 * SHIFT + 16 * e)[None, :]) & 15).to(tl.float32)
-        a = (q * s2.to(tl.float32) + m2.to(tl.float32)).to(s2.dtype).to(tl.float32)
-    elif s2.dtype == tl.float16:
-        asm16: tl.constexpr = _PAIR_ASM[SHIFT + 4]
-        a = _pair_asm(wd, s2, m2, asm16)
-    else:
-        asm: tl.constexpr = _PAIR_ASM[SHIFT]
-        a = _pair_asm(wd, s2, m2, asm)
-    return a
-
-
-@triton.jit
-def _cat(a, b):
-    """[R, C] and [R, C] -> [R, 2C] side by side (in registers: the sm_90 build keeps each
-    thread's values where they are, so the four chunks feed one dot without a layout trip
-    through shared memory)."""
-    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [a.shape[0], 2 * a.shape[1]])
-
-
-#: inputs per step of the permuted-x kernel (16 words, four chunks of 32)
-XP_STEP = 128
-
-
-@triton.jit
-def _permute_x_kernel(x_ptr, xp_ptr, K, stride_xm, stride_pm, SWIGLU: tl.constexpr):
-    """xp[m, k0 + 32s + 2j + e] = x[m, k0 + 8j + s + 4e] for one row and one step (with
-    SWIGLU, x is ``[gate | up]`` and this writes silu(gate) * up, rounded as eagerly)."""
-    row = tl.program_id(0).to(tl.int64)
-    k0 = tl.program_id(1) * 128
-    p = tl.arange(0, 128)
-    src = k0 + 8 * ((p % 32) // 2) + p // 32 + 4 * (p % 2)
-    v = _x_values(x_ptr + row * stride_xm + src, src < K, K, SWIGLU)
-    tl.store(xp_ptr + row * stride_pm + k0 + p, v)
-
-
-def permute_x(x: torch.Tensor, k: int, swiglu: bool = False) -> torch.Tensor:
-    """x [M, K] (``[M, 2K]`` ``[gate | up]`` with ``swiglu``) in the permuted-x kernel's K
-    order, [M, K] (K a multiple of 128)."""
-    rows = x.shape[0]
-    xp = torch.empty(rows, k, dtype=x.dtype, device=x.device)
-    _permute_x_kernel[(rows, k // XP_STEP)](x, xp, k, x.stride(0), xp.stride(0), SWIGLU=swiglu)
-    return xp
-
-
-@triton.jit
-def _quant_mma_xp_kernel(xp_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS,
-                         stride_xm, stride_qn, stride_sn, stride_ym,
-                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
-                         STAGES: tl.constexpr):
-    # q_ptr: int4 pair-order codes as int32 words (stride_qn in words); xp from permute_x
-    tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
-    dt = xp_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    c32 = tl.arange(0, 32)
-    kk = tl.arange(0, 128)
-    step0 = tl.program_id(1) * K_STEPS
-    for i in tl.range(0, K_STEPS, num_stages=STAGES):
-        k0 = (step0 + i) * 128
-        wd = tl.load(q_ptr + rn_safe[:, None] * stride_qn + (k0 // 8 + c32 // 2)[None, :])  # each word twice
-        g = k0 // GROUP
-        s2 = tl.broadcast_to(tl.load(s_ptr + rn_safe * stride_sn + g).to(dt)[:, None], [BLOCK_N, 32])
-        m2 = tl.broadcast_to(tl.load(m_ptr + rn_safe * stride_sn + g).to(dt)[:, None], [BLOCK_N, 32])
-        a = _cat(_cat(_pairs(wd, s2, m2, 0, DOT_FP32), _pairs(wd, s2, m2, 1, DOT_FP32)),
-                 _cat(_pairs(wd, s2, m2, 2, DOT_FP32), _pairs(wd, s2, m2, 3, DOT_FP32)))  # column 32s + 2j + e
-        xt = tl.load(xp_ptr + rm_safe[None, :] * stride_xm + (k0 + kk)[:, None], mask=m_ok[None, :], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(a, xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, xt, acc)  # one dot a step: its wgmmas stay in flight across steps
-    _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
-
-
-def xp_fits(k: int, bits: int, group: int) -> bool:
-    """Whether the permuted-x kernel takes this weight: int4, whole steps of 128 inputs in
-    one group each."""
-    return bits == 4 and k % XP_STEP == 0 and group % XP_STEP == 0
 
 
 #: device -> zeroed int32 tile counters of the split-K fixup (each launch leaves them zero
@@ -462,6 +357,9 @@ def block_m_for(rows: int) -> int:
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
+#: how many of ``mma_configs``' first configs it lists again with ``ahead``
+AHEAD_CONFIGS = 8
+
 #: programs below which a launch splits K (about one per SM of an H100/H200)
 _MIN_PROGRAMS = 128
 
@@ -472,8 +370,8 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     on 4 warps (128 on 8 warps for wide layers at 33+ rows), K steps of 128 inside a group,
     3 in flight, grouped weights dequantized in registers (``scale_w``), and K split until
     there are about 512 programs (384 and at most 4 ways from 33 rows on): qkv, o and down
-    (N = 4096-6144) ran 1.5-2.5x faster split 4 ways than not at all. The same tiles through
-    the permuted-x kernel where it fits, with ``HEARTH_QUANT_MMA_XP=1`` (``xp_default``)."""
+    (N = 4096-6144) ran 1.5-2.5x faster split 4 ways than not at all. Scales ahead
+    (``ahead``) with ``HEARTH_QUANT_MMA_AHEAD=1``."""
     block_n, warps = (128, 8) if rows > 32 and n >= 16384 else (64, 4)
     block_k = _step(group, 128)
     tiles = -(-n // block_n) * -(-rows // block_m_for(rows))
@@ -482,23 +380,18 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     split = 1
     while tiles * split * 2 <= want and split < most and steps % (2 * split) == 0:
         split *= 2
-    return MmaConfig(block_n, block_k, warps, 3, split, group < k, xp_default() and xp_fits(k, bits, group))
+    return MmaConfig(block_n, block_k, warps, 3, split, group < k, group < k and ahead_default())
 
 
-def xp_default() -> bool:
-    """Whether ``default_mma_config`` takes the permuted-x kernel where it fits: only with
-    ``HEARTH_QUANT_MMA_XP=1`` for now. It compiles to about 285 instead of 452 instructions
-    a thread a K step with no layout trip through shared memory (sm_90 build of the 8B
-    gate_up tile), but it has not been timed on a GPU yet; the default follows the
-    measurement. Batched steps only: batch 1 keeps its own tuner's choice (where the
-    weight-stationary kernel is a candidate, it runs in natural order)."""
-    return os.environ.get("HEARTH_QUANT_MMA_XP", "0") == "1"
+def ahead_default() -> bool:
+    """Whether ``default_mma_config`` loads grouped scales a step ahead."""
+    return os.environ.get("HEARTH_QUANT_MMA_AHEAD", "0") == "1"
 
 
 def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaConfig]:
     """Configs worth timing for this shape, ``default_mma_config`` first; the in-register
-    dequantizing ones (``scale_w``) first among the rest (grouped weights only); the
-    permuted-x ones (``xp``) last, where they fit."""
+    dequantizing ones (``scale_w``) first among the rest (grouped weights only); last, for
+    grouped weights, the first few again with their scales loaded a step ahead (``ahead``)."""
     out = [default_mma_config(rows, n, k, bits, group)]
     bk = _step(group, 128)
     scaled = group < k
@@ -513,13 +406,8 @@ def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaCon
             continue  # 64 columns: other tiles spill in the sm_90 build (128 rows on 4 warps, 32 on 2)
         if -(-k // cand.block_k) % cand.split_k == 0 and cand not in out:
             out.append(cand)
-    if xp_fits(k, bits, group):  # last: what the batch-1 tuner takes from the front stays as it was
-        for bn, warps, stages, split in ((64, 4, 3, 4), (64, 4, 4, 4), (64, 4, 3, 2), (64, 4, 3, 8), (64, 4, 3, 1),
-                                         (128, 8, 3, 1), (128, 8, 4, 1), (128, 8, 3, 2), (128, 4, 3, 1)):
-            if block_m_for(rows) == 64 and (bn, warps) == (128, 4):
-                continue
-            if (k // XP_STEP) % split == 0:
-                out.append(MmaConfig(bn, XP_STEP, warps, stages, split, True, True))
+    if group < k:  # last: what the batch-1 tuner takes from the front stays as it was
+        out += [c._replace(ahead=True) for c in out[:AHEAD_CONFIGS]]
     return out
 
 
@@ -540,8 +428,6 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     bits, group = prepared.bits, prepared.group_size
     cfg = MmaConfig(*config) if config is not None else default_mma_config(rows, n, k, bits, group)
     block_m = block_m_for(rows)
-    if cfg.xp and xp_fits(k, bits, group):
-        return _quant_mma_xp(x, prepared, cfg, block_m, swiglu, bias, out)
     block_k = _step(group, cfg.block_k) if group < k or bits == 4 else cfg.block_k
     if k % block_k:
         if bits == 4 or group < k:
@@ -564,6 +450,7 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
         DOT_FP32=_DOT_IN_FP32 and x.dtype != torch.float32 or x.dtype == torch.float32,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_M=block_m, PER_ROW=group == k, SPLIT_K=split,
         STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=bool(cfg.scale_w) and group < k,
+        AHEAD=bool(cfg.ahead) and group < k,
         num_warps=cfg.warps)
     return out
 
@@ -579,20 +466,3 @@ def _split(block_n: int, split_k: int, steps: int, n: int, rows: int, block_m: i
         return tiles, 1, dummy, dummy
     ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=dummy.device)
     return tiles, split, ws, _counters(dummy.device, tiles)
-
-
-def _quant_mma_xp(x: torch.Tensor, prepared: PreparedQuant, cfg: MmaConfig, block_m: int, swiglu: bool,
-                  bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """``quant_mma`` through the permuted-x kernel (``xp_fits`` holds)."""
-    n, k, rows = prepared.out_features, prepared.in_features, x.shape[0]
-    xp = permute_x(x, k, swiglu)
-    steps = k // XP_STEP
-    q, s = prepared.qweight.view(torch.int32), prepared.scales
-    tiles, split, ws, cnt = _split(cfg.block_n, cfg.split_k, steps, n, rows, block_m, s)
-    _quant_mma_xp_kernel[(tiles, split)](
-        xp, q, s, prepared.mins, bias if bias is not None else s, out, ws, cnt,
-        rows, n, steps // split, xp.stride(0), q.stride(0), s.stride(0),
-        out.stride(0), GROUP=prepared.group_size, HAS_BIAS=bias is not None,
-        DOT_FP32=_DOT_IN_FP32 or x.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_M=block_m,
-        SPLIT_K=split, STAGES=cfg.stages, num_warps=cfg.warps)
-    return out

@@ -277,7 +277,7 @@ def test_tensor_parallel_rows_say_how_many_ranks_ran(capsys, tmp_path):
 
 
 def test_rows_name_the_kernel_switches_set(monkeypatch):
-    """An A/B pair of runs in one session (``HEARTH_QUANT_MMA_XP=1`` against the default, say)
+    """An A/B pair of runs in one session (``HEARTH_QUANT_SWAP_INT8=0`` against the default, say)
     says in each row which side it was."""
     import torch
 
@@ -286,7 +286,7 @@ def test_rows_name_the_kernel_switches_set(monkeypatch):
     for knob in KERNEL_KNOBS:
         monkeypatch.delenv(knob, raising=False)
     assert "knobs" not in RowMaker("m", torch.device("cpu"), torch.float32, "torch").row("decode", "hearth", 1, 8, 4)
-    monkeypatch.setenv("HEARTH_QUANT_MMA_XP", "1")
+    monkeypatch.setenv("HEARTH_QUANT_SWAP_INT8", "1")
     monkeypatch.setenv("HEARTH_UNRELATED", "1")
     row = RowMaker("m", torch.device("cpu"), torch.float32, "torch").row("decode", "hearth", 1, 8, 4)
-    assert row["knobs"] == {"HEARTH_QUANT_MMA_XP": "1"}
+    assert row["knobs"] == {"HEARTH_QUANT_SWAP_INT8": "1"}

@@ -197,12 +197,12 @@ def main() -> None:
 
 
 def mma_loops() -> None:
-    """The weight-stationary int4/int8 kernels' K loops at the 8B shape's 64-row tiles: the
-    natural-order kernel against the permuted-x one (``python -m tests.kernels.sm90_compile
+    """The weight-stationary int4/int8 kernel's K loop at the 8B shape's 64-row tiles, int4
+    with its scales loaded in the step and a step ahead (``python -m tests.kernels.sm90_compile
     mma-loops``; one JSON line per kernel)."""
     from hearth_kernels import quant_mma as qm
 
-    types = {"x_ptr": "*bf16", "xp_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16",
+    types = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16",
              "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     int8 = dict(types, q_ptr="*i8")
     # (what, bits, group, config): gate_up/lm_head's 128-row tile and qkv/o/down's 64-row one split 4
@@ -211,18 +211,13 @@ def mma_loops() -> None:
              ("qkv", 4, 128, qm.MmaConfig(64, 128, 4, 3, 4, True)),
              ("int8 head", 8, 4096, qm.MmaConfig(128, 128, 8, 3, 1))]
     for what, bits, group, cfg in cases:
-        for xp in (False, True) if bits == 4 else (False,):
-            if xp:
-                consts = dict(GROUP=group, HAS_BIAS=False, DOT_FP32=False, BLOCK_N=cfg.block_n, BLOCK_M=64,
-                              SPLIT_K=cfg.split_k, STAGES=cfg.stages)
-                fn, t = qm._quant_mma_xp_kernel, types
-            else:
-                consts = dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, HAS_BIAS=False, SWIGLU=False,
-                              OFFSET=128 if bits == 4 else 0, DOT_FP32=False, BLOCK_N=cfg.block_n,
-                              BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=group == 4096, SPLIT_K=cfg.split_k,
-                              STAGES=cfg.stages, ONE_ROW=False, SCALE_W=bool(cfg.scale_w))
-                fn, t = qm._quant_mma_kernel, types if bits == 4 else int8
-            row = {"tile": what, "bits": bits, "rows": 64, "config": list(cfg._replace(xp=xp)),
+        for ahead in (False, True) if bits == 4 else (False,):
+            consts = dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, HAS_BIAS=False, SWIGLU=False,
+                          OFFSET=128 if bits == 4 else 0, DOT_FP32=False, BLOCK_N=cfg.block_n,
+                          BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=group == 4096, SPLIT_K=cfg.split_k,
+                          STAGES=cfg.stages, ONE_ROW=False, SCALE_W=bool(cfg.scale_w), AHEAD=ahead)
+            fn, t = qm._quant_mma_kernel, types if bits == 4 else int8
+            row = {"tile": what, "bits": bits, "rows": 64, "config": list(cfg._replace(ahead=ahead)),
                    "weights_per_thread_step": cfg.block_n * 128 // (32 * cfg.warps),
                    **compile_kernel(fn, t, consts, cfg.warps, cfg.stages),
                    **loop_instructions(build(fn, t, consts, cfg.warps, cfg.stages))}
