@@ -299,7 +299,7 @@ def _quant_kernel_reasons(device: str) -> list[str]:
 #: Quantizations a checkpoint can be written in on any device, though they can't run there:
 #: casting to fp8 needs no fp8 tensor cores (``hearth quantize --quant fp8`` on the CPU loads
 #: with ``load_model(..., writing=True)``; the tests check fp8's arithmetic the same way,
-#: through torch's CPU ``_scaled_mm``).
+#: ``hearth_kernels.fp8.scaled_mm`` computing it in float32 there).
 WRITABLE_ANYWHERE = ("fp8", "fp8-gptq")
 
 

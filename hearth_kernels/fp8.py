@@ -139,8 +139,14 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, 
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
               out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a * s * (X8 @ W8.T) (+ bias)``: xq e4m3 [M, K] with x_scale [M, 1], weight e4m3
-    [N, K] with w_scale float32 [N, 1]; [M, N] in ``out_dtype``."""
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
+    [N, K] with w_scale float32 [N, 1]; [M, N] in ``out_dtype``. On the CPU (writing and
+    testing checkpoints only) the same arithmetic in float32: e4m3 values and their
+    products are exact there, and torch's CPU ``_scaled_mm`` takes row-wise scales only
+    from torch 2.12 on (2.11's asserts per-tensor scaling)."""
+    if xq.device.type == "cpu":
+        y = (xq.float() @ weight.float().t() * x_scale * w_scale.view(1, -1)).to(out_dtype)
+    else:
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
     if bias is not None:
         y += bias.to(y.dtype)
     return y

@@ -199,8 +199,9 @@ class Fp8Kernel(QuantKernel):
     ``hearth_kernels/gemv.py``'s K-loop kernel; a 4-tuple: ``hearth_kernels/fp8.fp8_gemv_rows``,
     x-stationary) or, a 5-tuple, ``hearth_kernels/fp8.fp8_mma`` (the activations rounded to
     e4m3 per token like the prompt path's, then the tensor cores), else the activations
-    rounded to e4m3 per token and ``torch._scaled_mm`` (on the CPU too: there only to write
-    checkpoints and to test, see ``engine.choices.WRITABLE_ANYWHERE``)."""
+    rounded to e4m3 per token and ``torch._scaled_mm`` (on the CPU the same arithmetic in
+    float32: there only to write checkpoints and to test, see
+    ``engine.choices.WRITABLE_ANYWHERE``)."""
 
     def __init__(self, config: tuple[int, ...] | None = None) -> None:
         self.config = config
