@@ -6,7 +6,7 @@ quantized kernels and bf16, per Llama-8B projection, on the GPU (about 3 minutes
 
 ``--bits 8`` quantizes per output channel (``--group 0``, int8's default) or in groups of G.
 Kinds: ``swap``/``swapw`` the weight-stationary kernel (``scale_w``), ``+a`` with its scales
-loaded a step ahead (``ahead``), ``eo`` the even/odd int4 kernel, ``fused`` ``quant_gemm``'s kernel.
+loaded a step ahead (``ahead``), ``fused`` ``quant_gemm``'s kernel.
 
 Rows = 1: every config ``quant_gemv_configs`` lists (what the load-time tuner times: the
 CUDA-core kernels, the first tensor-core kernel and the weight-stationary SWAP configs),
@@ -116,7 +116,7 @@ def main() -> None:
                 extra = [MmaConfig(*(int(v) for v in c.split(","))) for c in args.extra.split(";") if c]
                 extra = [c._replace(scale_w=bool(c.scale_w), ahead=bool(c.ahead)) for c in extra]
                 for cfg in mma_configs(m, n, k, bits, group) + extra:
-                    add("eo" if cfg.eo else ("swapw" if cfg.scale_w else "swap") + ("+a" if cfg.ahead else ""), cfg,
+                    add(("swapw" if cfg.scale_w else "swap") + ("+a" if cfg.ahead else ""), cfg,
                         lambda p, c=cfg: quant_mma(xin, p, config=c, out=y))
             timed.sort(key=lambda t: t[0])
             best_by_kind = {}

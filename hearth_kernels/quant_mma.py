@@ -69,8 +69,7 @@ class MmaConfig(NamedTuple):
     ``split_k`` programs per output tile along K; ``scale_w``: dequantize the weight tile in
     registers and accumulate in place (grouped weights; see the kernel); ``ahead``: load
     each K step's scales and mins one step ahead (grouped weights; "Scales ahead" in the
-    kernel); ``eo``: int4 as two dots a step, the low nibbles (even inputs) and the high
-    ones (odd inputs), each against its half of x (``_quant_mma_eo_kernel``)."""
+    kernel)."""
 
     block_n: int
     block_k: int
@@ -79,7 +78,6 @@ class MmaConfig(NamedTuple):
     split_k: int = 1
     scale_w: bool = False
     ahead: bool = False
-    eo: bool = False
 
 
 @triton.jit
@@ -320,54 +318,6 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
 
 
-@triton.jit
-def _quant_mma_eo_kernel(xe_ptr, xo_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_STEPS,
-                         stride_xm, stride_qn, stride_sn, stride_ym,
-                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                         SPLIT_K: tl.constexpr, STAGES: tl.constexpr, AHEAD: tl.constexpr):
-    # q_ptr: int4 pair-order codes as bytes (byte j: input 2j low, 2j + 1 high; stride_qn in
-    # bytes); xe/xo: x's even and odd inputs, [M, K/2] each (stride_xm)
-    tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
-    dt = xe_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    HALF: tl.constexpr = BLOCK_K // 2
-    hh = tl.arange(0, HALF)
-    step0 = tl.program_id(1) * K_STEPS
-    s_rows = s_ptr + rn_safe * stride_sn
-    m_rows = m_ptr + rn_safe * stride_sn
-    if AHEAD:
-        g_last = (K - 1) // GROUP
-        s_next = tl.load(s_rows + (step0 * BLOCK_K) // GROUP)
-        m_next = tl.load(m_rows + (step0 * BLOCK_K) // GROUP)
-    for i in tl.range(0, K_STEPS, num_stages=STAGES):
-        k0 = (step0 + i) * BLOCK_K
-        if AHEAD:
-            s_raw = s_next
-            m_raw = m_next
-            g_next = tl.minimum((k0 + BLOCK_K) // GROUP, g_last)
-            s_next = tl.load(s_rows + g_next)
-            m_next = tl.load(m_rows + g_next)
-        else:
-            s_raw = tl.load(s_rows + k0 // GROUP)
-            m_raw = tl.load(m_rows + k0 // GROUP)
-        b = tl.load(q_ptr + rn_safe[:, None] * stride_qn + (k0 // 2 + hh)[None, :])  # [BN, HALF] bytes
-        sc = s_raw.to(tl.float32)[:, None]
-        mn = m_raw.to(tl.float32)[:, None]
-        lo = ((b & 15).to(tl.float32) * sc + mn).to(dt)  # q * s + m rounded once, as scale_w
-        hi = ((b >> 4).to(tl.float32) * sc + mn).to(dt)
-        xe = tl.load(xe_ptr + rm_safe[None, :] * stride_xm + (k0 // 2 + hh)[:, None], mask=m_ok[None, :], other=0.0)
-        xo = tl.load(xo_ptr + rm_safe[None, :] * stride_xm + (k0 // 2 + hh)[:, None], mask=m_ok[None, :], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(lo.to(tl.float32), xe.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(hi.to(tl.float32), xo.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(lo, xe, acc)
-            acc = tl.dot(hi, xo, acc)
-    _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
-
-
 #: device -> zeroed int32 tile counters of the split-K fixup (each launch leaves them zero
 #: again). One fixed-size tensor per device, never replaced: CUDA graphs keep its address.
 #: Shared by every launch on the device, which is safe because launches on one device are
@@ -430,8 +380,6 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     split = 1
     while tiles * split * 2 <= want and split < most and steps % (2 * split) == 0:
         split *= 2
-    if bits == 4 and group % block_k == 0 and os.environ.get("HEARTH_QUANT_MMA_EO", "0") == "1":
-        return MmaConfig(block_n, block_k, warps, 3, split, True, False, True)
     return MmaConfig(block_n, block_k, warps, 3, split, group < k, group < k and ahead_default())
 
 
@@ -463,10 +411,7 @@ def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaCon
         if -(-k // cand.block_k) % cand.split_k == 0 and cand not in out:
             out.append(cand)
     if group < k:  # last: what the batch-1 tuner takes from the front stays as it was
-        first = out[:AHEAD_CONFIGS]
-        out += [t for c in first if (t := c._replace(ahead=not c.ahead)) not in out]
-        if bits == 4:  # and through the even/odd kernel
-            out += [t for c in first if group % c.block_k == 0 and (t := c._replace(ahead=False, eo=True)) not in out]
+        out += [t for c in out[:AHEAD_CONFIGS] if (t := c._replace(ahead=not c.ahead)) not in out]
     return out
 
 
@@ -487,8 +432,6 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     bits, group = prepared.bits, prepared.group_size
     cfg = MmaConfig(*config) if config is not None else default_mma_config(rows, n, k, bits, group)
     block_m = block_m_for(rows)
-    if cfg.eo and bits == 4 and group % cfg.block_k == 0 and k % cfg.block_k == 0:
-        return _quant_mma_eo(x, prepared, cfg, block_m, swiglu, bias, out)
     block_k = _step(group, cfg.block_k) if group < k or bits == 4 else cfg.block_k
     if k % block_k:
         if bits == 4 or group < k:
@@ -527,24 +470,3 @@ def _split(block_n: int, split_k: int, steps: int, n: int, rows: int, block_m: i
         return tiles, 1, dummy, dummy
     ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=dummy.device)
     return tiles, split, ws, _counters(dummy.device, tiles)
-
-
-def _quant_mma_eo(x: torch.Tensor, prepared: PreparedQuant, cfg: MmaConfig, block_m: int, swiglu: bool,
-                  bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """``quant_mma`` through the even/odd kernel (int4, whole groups per step)."""
-    from hearth_kernels.activation import silu_and_mul
-
-    n, k, rows = prepared.out_features, prepared.in_features, x.shape[0]
-    if swiglu:
-        x = silu_and_mul(x)
-    xe, xo = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
-    steps = k // cfg.block_k
-    s = prepared.scales
-    tiles, split, ws, cnt = _split(cfg.block_n, cfg.split_k, steps, n, rows, block_m, s)
-    _quant_mma_eo_kernel[(tiles, split)](
-        xe, xo, prepared.qweight, s, prepared.mins, bias if bias is not None else s, out, ws, cnt,
-        rows, n, k, steps // split, xe.stride(0), prepared.qweight.stride(0), s.stride(0), out.stride(0),
-        GROUP=prepared.group_size, HAS_BIAS=bias is not None,
-        DOT_FP32=_DOT_IN_FP32 or x.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_M=block_m, SPLIT_K=split, STAGES=cfg.stages, AHEAD=bool(cfg.ahead), num_warps=cfg.warps)
-    return out
