@@ -57,7 +57,7 @@ _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "Tr
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (see the docstring)
 DEQUANT_ROWS = 1024
-#: up to this many rows int4 runs hearth_kernels/quant_mma.py's weight-stationary kernel
+#: up to this many rows int4 (and int8, see ``swaps``) runs hearth_kernels/quant_mma.py's weight-stationary kernel
 SWAP_ROWS = 64
 
 
@@ -65,9 +65,9 @@ def swaps(bits: int, group: int, k: int) -> bool:
     """Whether a weight of these codes runs the weight-stationary kernel up to ``SWAP_ROWS``
     rows: int4 (any group), and int8 per channel or in groups of a multiple of 128 (smaller
     int8 groups, GGUF's Q8_0 and Q6_K, would cut its K steps to the group: they keep the
-    fused kernel, whose steps span groups). On the H200 at 16 and 64 rows the int8 8B
-    projections ran 1.0-1.9x faster on it than on the fused kernel (where the x tile is the
-    tall side and the converted codes go through shared memory every step), 1.9-2.0x at 64
+    fused kernel, whose steps span groups). On the H200 the int8 8B projections ran 0.98x
+    (the head) to 1.5x as fast on it as on the fused kernel at 16 rows (where the x tile is the
+    tall side and the converted codes go through shared memory every step), 1.9-3.2x at 64
     rows (gate_up 51.9 against 102.6 us, the head 199 against 387;
     benchmarks/results/2026-12-05-i14-profile-quant-mma-int8-8b-h200-23cc299.json).
     ``HEARTH_QUANT_SWAP_INT8=0`` keeps int8 on the fused kernel."""

@@ -385,7 +385,7 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
 
 def ahead_default() -> bool:
     """Whether ``default_mma_config`` loads grouped scales a step ahead: yes, unless
-    ``HEARTH_QUANT_MMA_AHEAD=0``. On the H200 at 64 rows every 8B projection ran 2-8%
+    ``HEARTH_QUANT_MMA_AHEAD=0``. On the H200 at 64 rows every 8B projection ran 4-8%
     faster with it at the default tiles (gate_up 66.0 against 69.1 us, down 45.4 against
     49.3), at 16 rows within 3% either way, and batch-64 int4 decode 10,551 and 10,568 tok/s
     against 9,998 (benchmarks/results/2026-12-05-i14-*-h200-ad38898.json)."""
