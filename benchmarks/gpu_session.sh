@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-norm|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -63,6 +63,18 @@ esac
 case "$what" in throughput-nohf)
   hearth bench --shape llama-8b --suite throughput \
     --json "$OUT/bench-8b-throughput-nohf.json" "$@" 2>&1 | tail -6 ;;
+esac
+case "$what" in fp8-norm)  # fp8 with the RMSNorm rounding its rows itself (several rows) against the
+  # two kernels (HEARTH_FP8_NORM=0) and bf16: offline throughput, and the prompt suite (8,192 tokens)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_gemm.py \
+    tests/quant/test_fp8.py -m gpu 2>&1 | tee "$OUT/gpu_fp8_norm_tests.log" | tail -3
+  for run in ${FP8_NORM_RUNS:-fp8 fp8:HEARTH_FP8_NORM=0 bf16}; do
+    q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
+    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
+    ( [ -n "$knobs" ] && export $knobs
+      hearth bench --shape llama-8b --suite ${FP8_NORM_SUITES:-throughput} --quant $q \
+        --json "$OUT/bench-8b-fp8-norm-$tag.json" "$@" 2>&1 | grep -E "^throughput|^prefill|rror" )
+  done ;;
 esac
 case "$what" in throughput-fp8)
   hearth bench --shape llama-8b --suite throughput --kv-cache-dtype fp8 \

@@ -136,6 +136,63 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, 
     return q, s
 
 
+@triton.jit
+def _norm_quantize_rows_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, eps,
+                               stride_xm, stride_rm, stride_qm, stride_rom,
+                               N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                               PDL: tl.constexpr):
+    pdl_start(PDL)
+    pdl_wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:  # the residual add and the norm as hearth_kernels/rmsnorm.py rounds them
+        r = tl.load(res_ptr + row * stride_rm + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_rom + cols, x, mask=ok)
+    h = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    h = (h * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    v = (w * h).to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output in the model dtype
+    scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)  # then quantize_rows' rounding
+    tl.store(s_ptr + row, scale)
+    q = _to_e4m3_grid(tl.clamp(_div(v, scale), -448.0, 448.0))
+    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+def norm_quantize_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """``quantize_rows(rms_norm(s))`` with ``s = x + residual`` (or ``x``) in one pass: the
+    RMSNorm before an fp8 projection hands it e4m3 rows and their scales directly, the
+    normalised rows never written in the model dtype. The same bits as
+    ``hearth_kernels/rmsnorm.py`` then ``quantize_rows``. Returns ``(q [M, N] e4m3, scales
+    [M, 1] float32, s)`` (``s`` is ``x`` itself without a residual)."""
+    if x.dim() != 2 or weight.shape != (x.shape[1],) or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"norm_quantize_rows: x must be [M, N] with weight [N] and residual like x, got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}"
+                         + ("" if residual is None else f", {tuple(residual.shape)}"))
+    m, n = x.shape
+    if n > ONE_PASS_K:
+        raise ValueError(f"norm_quantize_rows: rows of at most {ONE_PASS_K} inputs, got {n}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if residual is None:
+        res, res_out = x, x
+    else:
+        res = residual if residual.stride(-1) == 1 else residual.contiguous()
+        res_out = torch.empty_like(x)
+    if m:
+        block = triton.next_power_of_2(max(n, 16))
+        _norm_quantize_rows_kernel[(m,)](x, res, weight, q, s, res_out, eps, x.stride(0), res.stride(0),
+                                         q.stride(0), res_out.stride(0), N=n, BLOCK=block,
+                                         HAS_RESIDUAL=residual is not None,
+                                         # rmsnorm.py's warps: its sum of squares in the same order
+                                         num_warps=min(max(block // 256, 1), 16), **pdl_args(x.device))
+    return q, s, res_out
+
+
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
               out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a * s * (X8 @ W8.T) (+ bias)``: xq e4m3 [M, K] with x_scale [M, 1], weight e4m3

@@ -62,6 +62,15 @@ class QuantKernel:
         candidate the GEMV tuner times beside it); None where there is no such choice."""
         return None
 
+    def fuses_norm_rows(self, layer, norm) -> bool:
+        """Whether ``normed_rows`` takes ``norm`` into this projection's pass over its input
+        for more than one row."""
+        return False
+
+    def normed_rows(self, x: torch.Tensor, layer, residual: torch.Tensor | None, norm):
+        """``(layer(norm(x + residual)), x + residual)`` for several rows (when ``fuses_norm_rows``)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
 
@@ -223,7 +232,7 @@ class Fp8Kernel(QuantKernel):
         return self
 
     def __call__(self, x, layer, out=None):
-        from hearth_kernels.fp8 import quantize_rows, quantize_rows_reference, scaled_mm
+        from hearth_kernels.fp8 import quantize_rows, quantize_rows_reference
 
         w, s = layer.qweight, layer.scales
         if x.shape[0] == 1 and w.device.type == "cuda":
@@ -241,14 +250,36 @@ class Fp8Kernel(QuantKernel):
         # A down projection's SwiGLU is computed inside the rounding pass (same arithmetic as layer.act).
         quantize = quantize_rows if x.device.type == "cuda" else quantize_rows_reference
         xq, xs = quantize(x, swiglu=layer.act is not None)
-        if self.out_dtype_ok.get(x.dtype, True):
+        return self._scaled(xq, xs, x.dtype, layer, out)
+
+    def _scaled(self, xq, xs, dtype, layer, out=None):
+        """The e4m3 product of the rounded rows ``xq`` (scales ``xs``), in ``dtype``."""
+        from hearth_kernels.fp8 import scaled_mm
+
+        w, s = layer.qweight, layer.scales
+        if self.out_dtype_ok.get(dtype, True):
             try:
-                y = scaled_mm(xq, xs, w, s, x.dtype, layer.bias)
+                y = scaled_mm(xq, xs, w, s, dtype, layer.bias)
             except RuntimeError:  # a torch whose row-wise fp8 GEMM writes only bf16 (checked once, at warm-up)
-                self.out_dtype_ok[x.dtype] = False
-        if not self.out_dtype_ok.get(x.dtype, True):
-            y = scaled_mm(xq, xs, w, s, torch.bfloat16, layer.bias).to(x.dtype)
+                self.out_dtype_ok[dtype] = False
+        if not self.out_dtype_ok.get(dtype, True):
+            y = scaled_mm(xq, xs, w, s, torch.bfloat16, layer.bias).to(dtype)
         return y if out is None else out.copy_(y)
+
+    def fuses_norm_rows(self, layer, norm) -> bool:
+        """Several rows on a GPU after the fused plan's RMSNorm: the norm writes e4m3 rows and
+        their scales itself (``hearth_kernels/fp8.norm_quantize_rows``), the same bits as the
+        norm kernel then ``quantize_rows``, one kernel and one pass over the rows instead of two."""
+        from engine.layers.norm import TritonRMSNorm
+
+        return (isinstance(norm, TritonRMSNorm) and layer.act is None and layer.qweight.device.type == "cuda"
+                and layer.in_features <= 16384)
+
+    def normed_rows(self, x, layer, residual, norm):
+        from hearth_kernels.fp8 import norm_quantize_rows
+
+        xq, xs, s = norm_quantize_rows(x, norm.weight, norm.eps, residual)
+        return self._scaled(xq, xs, x.dtype, layer), s
 
 
 #: Up to this many rows the CPU kernel beats dequantize + sgemm (measured on gate_up).

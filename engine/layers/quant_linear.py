@@ -193,9 +193,14 @@ class QuantizedLinear(QuantizedStore):
     def normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
         """``(self(norm(s)), s)``, ``s = x + residual`` (or ``x``): in one kernel where this
         projection's kernel takes the norm into its prologue (``TritonQuant.fuses_norm``:
-        one row, a dp4a config, the fused plan's norm), else as two calls."""
+        one row, a dp4a config, the fused plan's norm); for several rows of an fp8 layer the
+        norm writes the e4m3 rows its product takes (``Fp8Kernel.fuses_norm_rows``); else as
+        two calls."""
         if x.shape[0] == 1 and self.act is None and x.dtype == norm.weight.dtype and self.kernel.fuses_norm(self, norm):
             return self.kernel.normed(x, self, residual, norm)
+        if (x.shape[0] > 1 and x.dim() == 2 and x.dtype == norm.weight.dtype and x.device.type == "cuda"
+                and self.kernel.fuses_norm_rows(self, norm)):
+            return self.kernel.normed_rows(x, self, residual, norm)  # fp8: the norm rounds the rows itself
         return norm_then_project(self, x, residual, norm)
 
     def choose_kernels(self, plan) -> "QuantizedLinear | Linear":

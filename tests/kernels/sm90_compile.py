@@ -189,6 +189,10 @@ def main() -> None:
                                      "b_ptr": bf, "y_ptr": bf, "ws_ptr": "*fp32", "cnt_ptr": "*i32"},
                                     dict(HAS_BIAS=False, DOT_FP32=False, BLOCK_N=bn, BLOCK_K=bk,
                                          BLOCK_M=16 if rows == 1 else 64, SPLIT_K=split, STAGES=stages), warps, stages)
+    cases["norm_quantize_rows"] = (fp8._norm_quantize_rows_kernel,
+                                   {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                    "res_out_ptr": bf, "eps": "fp32"},
+                                   dict(N=4096, BLOCK=4096, HAS_RESIDUAL=True), 16, 1)
     only = set(sys.argv[1:])
     for name, (fn, types, consts, warps, stages) in cases.items():
         if only and name not in only:

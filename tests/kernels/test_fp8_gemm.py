@@ -55,6 +55,29 @@ def test_the_rounding_kernel_takes_bf16_and_a_strided_row():
     assert (q.float() == rq.float()).float().mean() > 0.99  # (Triton's interpreter widens bf16 inexactly)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [True, False])
+def test_the_norm_rounds_its_rows_like_the_norm_then_quantize_rows(dtype, residual):
+    """``norm_quantize_rows``: the same bytes, scales and residual stream as the RMSNorm kernel
+    (with its residual add) then ``quantize_rows``; a zero row stays zeros."""
+    from hearth_kernels.fp8 import norm_quantize_rows
+    from hearth_kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    mags = torch.tensor([[1e-3], [1.0], [30.0], [0.0], [5.0]], device=DEVICE)
+    x = (torch.randn(5, 200, device=DEVICE, generator=g) * mags).to(dtype)
+    r = (torch.randn(5, 200, device=DEVICE, generator=g) * mags).to(dtype) if residual else None
+    w = (1 + 0.1 * torch.randn(200, device=DEVICE, generator=g)).to(dtype)
+    q, s, stream = norm_quantize_rows(x, w, 1e-5, r)
+    h, want_stream = fused_add_rms_norm(x, r, w, 1e-5) if residual else (rms_norm(x, w, 1e-5), x)
+    want_q, want_s = quantize_rows(h)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+    assert torch.equal(stream, want_stream) and (residual or stream is x)
+    assert torch.equal(q[3].float(), torch.zeros(200, device=DEVICE))  # (its residual row is zero too)
+    with pytest.raises(ValueError, match="residual like x"):
+        norm_quantize_rows(x, w, 1e-5, x[:3])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_prompt_path_rounding_of_bf16_on_the_gpu():

@@ -309,6 +309,30 @@ def test_fp8_on_the_gpu_gives_the_logits_of_its_dequantized_weights(tiny_models,
 
 @pytest.mark.gpu
 @needs_fp8_gpu
+def test_fp8_prompts_take_the_norm_into_the_rounding_with_the_same_logits(tiny_models, monkeypatch):
+    """Several rows: the RMSNorm before q/k/v and gate_up writes the e4m3 rows itself
+    (``Fp8Kernel.normed_rows``), the same logits as the norm then the rounding pass."""
+    from engine.config import load_config
+    from engine.loader.engine_loader import load_model
+
+    config = load_config(str(tiny_models["llama3"]), device="cuda", quantization="fp8", max_model_len=256,
+                         num_blocks=64)
+    loaded = load_model(config)
+    try:
+        calls = []
+        real = Fp8Kernel.normed_rows
+        monkeypatch.setattr(Fp8Kernel, "normed_rows", lambda self, *a: calls.append(1) or real(self, *a))
+        fused = hearth_logits(loaded.runner)
+        layers = len(loaded.runner.model.model.layers)
+        assert len(calls) == 2 * layers  # q/k/v's norm and gate_up's, each layer
+        monkeypatch.setattr(Fp8Kernel, "fuses_norm_rows", lambda self, layer, norm: False)
+        assert torch.equal(hearth_logits(loaded.runner), fused)
+    finally:
+        release_runner(loaded.runner)
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
 def test_fp8_greedy_tokens_with_and_without_cuda_graphs_agree_and_batch_one_is_the_gemv(tiny_models):
     from engine.api import Engine, Request, SamplingParams
 
