@@ -133,7 +133,7 @@ case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary k
     timeout -s INT ${BS64_PROFILE_TIMEOUT:-240} python benchmarks/profile_quant_mma.py --bits $b \
       --rows ${BS64_ROWS:-16,64} --json "$OUT/profile-quant-mma-int$b-8b.json" 2>&1 | grep -v "^  " | tail -12
   done
-  for run in ${BS64_RUNS:-bf16 int4 int4:HEARTH_QUANT_MMA_AHEAD=1 int8}; do
+  for run in ${BS64_RUNS:-bf16 int4 int4:HEARTH_QUANT_MMA_AHEAD=0 int8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     tag=$(echo "$run" | sed 's/HEARTH_QUANT_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
     ( [ -n "$knobs" ] && export $knobs

@@ -3,7 +3,8 @@ with ``W`` a ``PreparedQuant`` (``hearth_kernels/quant_gemv.py``; int4 codes in 
 
 Three paths, chosen by the number of rows M:
 
-- weight-stationary (int4, M <= ``SWAP_ROWS``; batched decode): ``hearth_kernels/quant_mma.py``,
+- weight-stationary (int4, and int8 per channel: ``swaps``; M <= ``SWAP_ROWS``; batched decode):
+  ``hearth_kernels/quant_mma.py``,
   the weight tile as the dot's tall side and x as the narrow one (see there).
 
 - fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
@@ -63,9 +64,11 @@ SWAP_ROWS = 64
 
 def swaps(bits: int, group: int, k: int) -> bool:
     """Whether a weight of these codes runs the weight-stationary kernel up to ``SWAP_ROWS``
-    rows: int4 (any group), and int8 per channel or in groups of a multiple of 128 (smaller
-    int8 groups, GGUF's Q8_0 and Q6_K, would cut its K steps to the group: they keep the
-    fused kernel, whose steps span groups). On the H200 the int8 8B projections ran 0.98x
+    rows: int4 (any group), and int8 per output channel. Grouped int8 keeps the fused kernel:
+    GGUF's Q8_0 and Q6_K groups would cut the weight-stationary kernel's K steps to the group
+    (the fused kernel's steps span groups), and for groups of 128 or more it would dequantize
+    each tile to x's dtype in registers (rounding q * s + m, where the fused kernel keeps
+    int8 exact), not measured yet. On the H200 the per-channel int8 8B projections ran 0.98x
     (the head) to 1.5x as fast on it as on the fused kernel at 16 rows (where the x tile is the
     tall side and the converted codes go through shared memory every step), 1.9-3.2x at 64
     rows (gate_up 51.9 against 102.6 us, the head 199 against 387;
@@ -73,8 +76,7 @@ def swaps(bits: int, group: int, k: int) -> bool:
     ``HEARTH_QUANT_SWAP_INT8=0`` keeps int8 on the fused kernel."""
     if bits == 4:
         return True
-    return (bits == 8 and (group == k or group % 128 == 0)
-            and os.environ.get("HEARTH_QUANT_SWAP_INT8", "1") != "0")
+    return bits == 8 and group == k and os.environ.get("HEARTH_QUANT_SWAP_INT8", "1") != "0"
 
 
 @triton.jit

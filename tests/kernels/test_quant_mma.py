@@ -77,7 +77,8 @@ def test_split_k_is_deterministic_and_leaves_its_counters_zero():
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
-@pytest.mark.parametrize("n,k,group,dtype,mins", [(72, 256, 64, torch.bfloat16, True), (40, 384, 128, torch.float16, True),
+@pytest.mark.parametrize("n,k,group,dtype,mins", [(72, 256, 64, torch.bfloat16, True),
+                                                  (40, 384, 128, torch.float16, True),
                                                   (24, 256, 32, torch.float32, False)])
 def test_scales_ahead(rows, n, k, group, dtype, mins):
     """``ahead``: each step's scales and mins loaded a step early (the last step's load
@@ -98,6 +99,7 @@ def test_scales_ahead(rows, n, k, group, dtype, mins):
 def test_scales_ahead_by_default_and_among_the_configs(monkeypatch):
     """Grouped weights load their scales a step ahead by default (``HEARTH_QUANT_MMA_AHEAD=0``:
     not); ``mma_configs`` lists its first configs again with the other setting, last."""
+    monkeypatch.delenv("HEARTH_QUANT_MMA_AHEAD", raising=False)
     assert default_mma_config(64, 4096, 4096, 4, 128).ahead
     assert not default_mma_config(64, 4096, 4096, 8, 4096).ahead  # per channel: nothing to load ahead
     monkeypatch.setenv("HEARTH_QUANT_MMA_AHEAD", "0")
@@ -112,24 +114,24 @@ def test_scales_ahead_by_default_and_among_the_configs(monkeypatch):
 
 
 def test_int8_takes_the_weight_stationary_kernel_up_to_64_rows(monkeypatch):
-    """int8 per channel or in groups of a multiple of 128 runs ``quant_mma`` for 2-64 rows
-    (measured faster there than the fused kernel); Q8_0/Q6_K-sized groups and
+    """int8 per output channel runs ``quant_mma`` for 2-64 rows (measured faster there than
+    the fused kernel); grouped int8 (128, Q8_0's 32, Q6_K's 16), 65 rows and
     ``HEARTH_QUANT_SWAP_INT8=0`` keep the fused kernel."""
     import hearth_kernels.quant_gemm as qg
 
+    monkeypatch.delenv("HEARTH_QUANT_SWAP_INT8", raising=False)
     calls = []
     real = qg.quant_mma
     monkeypatch.setattr(qg, "quant_mma", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    x8 = rand_x(5, 128, torch.bfloat16)
-    for group, swapped in ((128, True), (32, False), (16, False)):
-        qw8, prep8 = make_weight(8, 40, 128, group)
-        check(qg.quant_gemm(x8, prep8), x8, qw8, weight_rounding=group == 16)  # (the fused kernel's groups of 16)
-        assert len(calls) == swapped, group
-        calls.clear()
-    qw8, prep8 = make_weight(8, 40, 128, 128)
-    x65 = rand_x(65, 128, torch.bfloat16)
-    check(qg.quant_gemm(x65, prep8), x65, qw8)
-    assert not calls  # more rows than the kernel takes
+    for group, swapped in ((256, True), (128, False), (32, False), (16, False)):
+        qw8, prep8 = make_weight(8, 40, 256, group)
+        for rows in (2, 64, 65):
+            x8 = rand_x(rows, 256, torch.bfloat16, seed=rows)
+            check(qg.quant_gemm(x8, prep8), x8, qw8, weight_rounding=group == 16)  # (the fused kernel's groups of 16)
+            assert len(calls) == (swapped and rows <= 64), (group, rows)
+            calls.clear()
+    qw8, prep8 = make_weight(8, 40, 256, 256)
+    x8 = rand_x(5, 256, torch.bfloat16)
     monkeypatch.setenv("HEARTH_QUANT_SWAP_INT8", "0")
     check(qg.quant_gemm(x8, prep8), x8, qw8)
     assert not calls
@@ -137,20 +139,22 @@ def test_int8_takes_the_weight_stationary_kernel_up_to_64_rows(monkeypatch):
 
 def test_quant_gemm_takes_the_swiglu(monkeypatch):
     """``quant_gemm(..., swiglu=True)`` multiplies silu(gate) * up on every path: the
-    weight-stationary kernel (int4 and int8, SwiGLU first), the fused kernel (int8 in
-    groups of 32) and dequantize + matmul (many rows)."""
+    weight-stationary kernel (int4 and int8 per channel, SwiGLU first), the fused kernel (int8
+    in groups of 32) and dequantize + matmul (many rows)."""
     import hearth_kernels.quant_gemm as qg
+
+    monkeypatch.delenv("HEARTH_QUANT_SWAP_INT8", raising=False)
 
     seen = []
     real = qg.quant_mma
     monkeypatch.setattr(qg, "quant_mma", lambda x, *a, **kw: seen.append(kw.get("swiglu", False)) or real(x, *a, **kw))
-    for bits, group, rows, dequant_rows in ((4, 128, 5, None), (8, 128, 5, None), (8, 32, 5, None), (4, 128, 6, 4)):
+    for bits, group, rows, dequant_rows in ((4, 128, 5, None), (8, 256, 5, None), (8, 32, 5, None), (4, 128, 6, 4)):
         qw, prep = make_weight(bits, 40, 256, group)
         xg = rand_x(rows, 512, torch.bfloat16, seed=rows)
         bias = rand_x(1, 40, torch.bfloat16, seed=9)[0]
         y = qg.quant_gemm(xg, prep, bias=bias, swiglu=True, dequant_rows=dequant_rows)
-        check(y, silu_and_mul(xg), qw, bias=bias, weight_rounding=True)  # grouped: rounded on every path
-    assert seen == [False, False]  # int4 and int8 (groups of 128) with 5 rows, the SwiGLU applied before
+        check(y, silu_and_mul(xg), qw, bias=bias, weight_rounding=bits == 4)  # (int8 in groups: the fused kernel, exact)
+    assert seen == [False, False]  # int4 and int8 per channel with 5 rows, the SwiGLU applied before
 
 
 def test_the_int8_assembly_converts_every_pair_of_codes_exactly():
@@ -219,7 +223,7 @@ types = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", 
          "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):
     configs = qm.mma_configs(rows, 4096, 4096, 4, 128)
-    for cfg in configs[:9] + [c for c in configs if c.ahead][:3]:
+    for cfg in configs[:9] + [c for c in configs[9:] if c.ahead][:3]:
         bm = qm.block_m_for(rows)
         consts = dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=swiglu, OFFSET=128, DOT_FP32=False,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=bm, PER_ROW=False, SPLIT_K=cfg.split_k,
@@ -265,7 +269,7 @@ def test_compiles_for_sm90_on_wgmma_without_spills():
         if row["config"][0] >= 64 and not row.get("cc"):  # sm_80/89 have no wgmma
             assert row["wgmma"], row
     assert len([row for row in rows if row.get("cc")]) == 3  # compiled for sm_80/89 too
-    assert len([row for row in rows if row["config"][6]]) >= 12  # scales ahead at each row count
+    assert len([row for row in rows if row["config"][6]]) == 16  # scales ahead: the default and three more, each row count
     for row in rows:  # the int8 decode gets neighbouring K columns, even first
         if row.get("int8"):
             assert row["asm_pairs"] is True, row

@@ -6,7 +6,7 @@ tiny model against transformers' model holding the dequantized weights (to withi
 activations' rounding), and the checkpoint layouts (compressed-tensors float-quantized,
 vLLM's ``fp8``) against hand-built tensors and a round trip. fp8 is refused on the CPU for
 chat loads (it needs fp8 tensor cores); a load for writing (``load_model(writing=True)``,
-what ``hearth quantize`` does) runs the same arithmetic through torch's CPU ``_scaled_mm``,
+what ``hearth quantize`` does) runs the same arithmetic in float32 (``hearth_kernels.fp8.scaled_mm``),
 and these tests load that way.
 """
 
