@@ -388,8 +388,9 @@ def ahead_default() -> bool:
     ``HEARTH_QUANT_MMA_AHEAD=0``. On the H200 at 64 rows every 8B projection ran 4-8%
     faster with it at the default tiles (gate_up 66.0 against 69.1 us, down 45.4 against
     49.3), at 16 rows from 2% slower (qkv) to 5% faster (down), and batch-64 int4 decode
-    10,551 and 10,568 tok/s against 9,998 (benchmarks/results/2026-12-05-i14-*-h200-ad38898.json). Batched steps only:
-    batch 1's weight-stationary GEMV configs (``quant_gemv_configs``) run without it."""
+    10,551 and 10,568 tok/s against 9,998 (benchmarks/results/2026-12-05-i14-*-h200-ad38898.json).
+    Batched steps only: batch 1's weight-stationary GEMV configs (``quant_gemv_configs``) run
+    without it."""
     return os.environ.get("HEARTH_QUANT_MMA_AHEAD", "1") != "0"
 
 
