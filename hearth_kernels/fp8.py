@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
+from hearth_kernels.rmsnorm import _rms_normalize
 from hearth_kernels.quant_mma import _DOT_IN_FP32, MAX_ROWS, _split, _tile_rows, _write_tile, block_m_for
 
 #: e4m3's largest finite value.
@@ -87,6 +88,16 @@ def _div(v, scale):
 
 
 @triton.jit
+def _round_row(v, q_row, s_ptr, row, k, ok):
+    """Row ``v`` (fp32, held whole) rounded to e4m3 at its own scale: the scale to ``s_ptr``,
+    the codes to ``q_row`` at ``k`` (as ``quantize_rows_reference``)."""
+    scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)  # as the reference
+    tl.store(s_ptr + row, scale)
+    q = _to_e4m3_grid(tl.clamp(_div(v, scale), -448.0, 448.0))
+    tl.store(q_row + k, q.to(q_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
                           SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -95,11 +106,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
     cols = tl.arange(0, BLOCK)
     if BLOCK >= K:  # the whole row in registers: one read
         ok = cols < K
-        v = _act(x_row, cols, K, ok, SWIGLU)
-        scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)  # as the reference
-        tl.store(s_ptr + row, scale)
-        q = _to_e4m3_grid(tl.clamp(_div(v, scale), -448.0, 448.0))
-        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+        _round_row(_act(x_row, cols, K, ok, SWIGLU), q_row, s_ptr, row, cols, ok)
     else:  # longer rows: the absolute maximum first, then the rounding (the row read again, from L2)
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -151,15 +158,9 @@ def _norm_quantize_rows_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr,
         r = tl.load(res_ptr + row * stride_rm + cols, mask=ok, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * stride_rom + cols, x, mask=ok)
-    h = x.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-    h = (h * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    v = (w * h).to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output in the model dtype
-    scale = tl.maximum(tl.max(tl.abs(v), axis=0) * (1.0 / 448.0), 1e-12)  # then quantize_rows' rounding
-    tl.store(s_ptr + row, scale)
-    q = _to_e4m3_grid(tl.clamp(_div(v, scale), -448.0, 448.0))
-    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+    v = _rms_normalize(x, w, eps, N).to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's output, model dtype
+    _round_row(v, q_ptr + row * stride_qm, s_ptr, row, cols, ok)  # then quantize_rows' rounding
 
 
 def norm_quantize_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

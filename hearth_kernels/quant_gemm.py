@@ -419,14 +419,12 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    if swiglu:  # first on every path (inside quant_mma every program would repeat it)
+        x = silu_and_mul(x)
     dequant = rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows)
     if not dequant and config is None and swaps(prepared.bits, prepared.group_size, k) and k % 16 == 0 \
             and rows <= min(MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
-        if swiglu:  # (inside quant_mma every program would repeat the SwiGLU)
-            x = silu_and_mul(x)
         return quant_mma(x, prepared, bias=bias, out=out)
-    if swiglu:
-        x = silu_and_mul(x)
     if dequant:
         w = dequantize_weight(prepared, x.dtype)
         if bias is None:

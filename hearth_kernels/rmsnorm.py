@@ -29,6 +29,16 @@ _MAX_ROW = 65536
 
 
 @triton.jit
+def _rms_normalize(x, w, eps, N: tl.constexpr):
+    """``w * x / rms(x)`` of one row ``x`` (the model dtype; ``w`` fp32), in fp32, before its
+    last rounding: the reference's steps (shared with ``hearth_kernels/fp8.py``'s norm)."""
+    h = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    h = (h * inv_rms).to(x.dtype).to(tl.float32)
+    return w * h
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     inner, stride_x0, stride_x1, stride_r0, stride_r1,
@@ -49,11 +59,8 @@ def _rms_norm_kernel(
         # Round the sum to the model dtype first: that rounded value is the residual stream.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(res_out_ptr + i0 * stride_ro0 + i1 * stride_ro1 + cols, x, mask=mask)
-    h = x.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-    h = (h * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (w * h).to(out_ptr.dtype.element_ty)
+    y = _rms_normalize(x, w, eps, N).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + i0 * stride_o0 + i1 * stride_o1 + cols, y, mask=mask)
 
 
