@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-norm|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-norm|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -74,6 +74,23 @@ case "$what" in fp8-norm)  # fp8 with the RMSNorm rounding its rows itself (seve
     ( [ -n "$knobs" ] && export $knobs
       hearth bench --shape llama-8b --suite ${FP8_NORM_SUITES:-throughput} --quant $q \
         --json "$OUT/bench-8b-fp8-norm-$tag.json" "$@" 2>&1 | grep -E "^throughput|^prefill|rror" )
+  done ;;
+esac
+case "$what" in fp8-kv)  # an fp8 KV cache's decode attention with its tiles staged as fp16 (the default)
+  # against Triton's placement (HEARTH_FP8_KV_STAGE=0): its GPU tests, the kernel alone at batch 512
+  # (FP8_KV_PROFILE=0 skips it), then offline throughput for each of FP8_KV_RUNS, entries
+  # QUANT[+fp8kv][:KNOB=V,...] (+fp8kv: --kv-cache-dtype fp8)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_kv_cache.py \
+    -m gpu 2>&1 | tee "$OUT/gpu_fp8_kv_tests.log" | tail -3
+  [ "${FP8_KV_PROFILE:-1}" = 1 ] && timeout -s INT ${FP8_KV_PROFILE_TIMEOUT:-200} python benchmarks/profile_decode_attention.py \
+    --kv-dtype fp8 --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | tail -9
+  for run in ${FP8_KV_RUNS:-fp8+fp8kv fp8+fp8kv:HEARTH_FP8_KV_STAGE=0 bf16}; do
+    spec=${run%%:*}; knobs=""; [ "$run" != "$spec" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
+    q=${spec%%+*}; kv=auto; [ "$spec" != "$q" ] && kv=fp8
+    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,+' '-' | tr 'A-Z_' 'a-z-')
+    ( [ -n "$knobs" ] && export $knobs
+      hearth bench --shape llama-8b --suite ${FP8_KV_SUITES:-throughput} --quant $q --kv-cache-dtype $kv \
+        --json "$OUT/bench-8b-fp8-kv-$tag.json" "$@" 2>&1 | grep -E "^throughput|^decode|rror" )
   done ;;
 esac
 case "$what" in throughput-fp8)

@@ -124,6 +124,28 @@ def test_a_cache_of_another_dtype_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run on the GPU")
+@pytest.mark.parametrize("block_n", [None, 64])
+def test_staged_and_unstaged_fp8_decode_agree(monkeypatch, block_n):
+    """The widened tiles staged as fp16 (paged_decode._widen, the default) and Triton's own
+    placement of the widening (HEARTH_FP8_KV_STAGE=0) feed the same fp16 values to the same
+    dots; both match the float64 reference."""
+    lens = [1, 16, 17, 300, 1000, 4100]
+    cache, tables = _fp8_case(lens, 8, 128, 16, seed=8)
+    q = torch.randn(len(lens), 32, 128, generator=torch.Generator(device=DEVICE).manual_seed(9),
+                    device=DEVICE).bfloat16()
+    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    ref = reference_attention(q, cache, tables, list(range(len(lens) + 1)), lens, 128 ** -0.5)
+    outs = []
+    for stage in ("1", "0"):
+        monkeypatch.setenv("HEARTH_FP8_KV_STAGE", stage)
+        outs.append(paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=4100,
+                                           block_n=block_n))
+        torch.testing.assert_close(outs[-1].double(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outs[0], outs[1], atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run on the GPU")
 def test_real_shapes_bf16_queries_over_an_fp8_cache():
     """The 8B shape's attention (32 q heads, 8 kv heads, d 128, blocks of 16) with bf16
     queries: decode (1 token to 8k of context) and a prefill chunk over a cached prefix."""
