@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-norm|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-norm|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -91,6 +91,17 @@ case "$what" in fp8-kv)  # an fp8 KV cache's decode attention with its tiles sta
     ( [ -n "$knobs" ] && export $knobs
       hearth bench --shape llama-8b --suite ${FP8_KV_SUITES:-throughput} --quant $q --kv-cache-dtype $kv \
         --json "$OUT/bench-8b-fp8-kv-$tag.json" "$@" 2>&1 | grep -E "^throughput|^decode|rror" )
+  done ;;
+esac
+case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on the fused kernel, the step's
+  # scales per group (the default) against each weight's own (HEARTH_QUANT_GATHER=1): GPU tests, then
+  # the 8B projections at NARROW_ROWS rows, each way (prompts below DEQUANT_ROWS and batches over 64)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_quant_gemv.py \
+    -m gpu -k "32 or 16" 2>&1 | tee "$OUT/gpu_narrow_tests.log" | tail -3
+  for gather in 0 1; do
+    HEARTH_QUANT_GATHER=$gather timeout -s INT ${NARROW_TIMEOUT:-200} python benchmarks/profile_quant_gemv.py \
+      --skip-gemv --skip-old --formats int4-g32,int8-g16 --rows ${NARROW_ROWS:-128,512} \
+      --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-gather$gather-8b.json" 2>&1 | grep -E "^M=|per layer"
   done ;;
 esac
 case "$what" in throughput-fp8)

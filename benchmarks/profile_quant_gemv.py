@@ -43,6 +43,8 @@ from profile_gemv import shapes_of, time_graph
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the first cut's kernels, for comparison
 
 FORMATS = {"int8": (8, None), "int4-g128": (4, 128)}
+#: GGUF's narrow groups (Q4_K/Q4_0/Q4_1 as int4 in 32s, Q6_K as int8 in 16s), by --formats only
+NARROW_FORMATS = {"int4-g32": (4, 32), "int8-g16": (8, 16)}
 #: the first cut's configs that won somewhere in its H200 profile (GemvConfig tuples)
 OLD_GEMV_CONFIGS = ((16, 2, 4, 2, 3), (32, 2, 4, 2, 4), (32, 4, 4, 2, 3), (8, 2, 4, 2, 3), (128, 128, 4, 1, 3))
 T0 = time.time()
@@ -74,7 +76,10 @@ def quantize(bits: int, group: int | None, n: int, k: int):
     del w
     args = (qw.qweight, qw.scales, qw.mins, qw.group_size)
     new = (prepare_int4 if bits == 4 else prepare_int8)(*args)
-    old = (old4 if bits == 4 else old8)(*args)
+    try:
+        old = (old4 if bits == 4 else old8)(*args)
+    except Exception:  # noqa: BLE001 - a layout the first cut never took (run with --skip-old)
+        old = None
     return qw, new, old
 
 
@@ -225,7 +230,7 @@ def gemm_rows(shape: str, ms: list[int], formats: list[str], layers: set[str], o
     from hearth_kernels.quant_gemm import quant_gemm
 
     for fmt in formats:
-        bits, group = FORMATS[fmt]
+        bits, group = {**FORMATS, **NARROW_FORMATS}[fmt]
         for name, (n, k, _) in shapes_of(shape).items():
             if name == "lm_head" or (layers and name not in layers):
                 continue
@@ -324,7 +329,7 @@ def main() -> None:
     ap.add_argument("--skip-gemv", action="store_true")
     ap.add_argument("--skip-gemm", action="store_true")
     ap.add_argument("--skip-old", action="store_true", help="leave out the first cut's kernels")
-    ap.add_argument("--formats", default=",".join(FORMATS), help="of " + ", ".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(FORMATS), help="of " + ", ".join({**FORMATS, **NARROW_FORMATS}))
     ap.add_argument("--layers", default="", help="only these (qkv,o,gate_up,down+swiglu,lm_head)")
     args = ap.parse_args()
     formats = args.formats.split(",")

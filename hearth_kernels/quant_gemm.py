@@ -35,6 +35,15 @@ Three paths, chosen by the number of rows M:
   beyond) would cost more there. The scratch buffer comes
   from torch's caching allocator (the largest layer's [N, K], reused layer after layer).
 
+Narrow groups (``fused_step``: int8 in groups of 16, GGUF's Q6_K; int4 in 32s, Q4_K/Q4_0/Q4_1):
+a K step spans several groups, so the weight tile is scaled in registers (SCALE_B). The step
+loads its ``BLOCK_K / GROUP`` scales and mins of each row and scales the code tile viewed as
+``[BLOCK_N, groups, GROUP]`` (``_scale_groups``). Until 2026-12-05 every weight loaded its own
+group's scale and min: 128 global loads a step per thread for int8 in 16s at the 64 x 128
+tile, 1,730 instructions a K step against 411 now (int4 in 32s: 1,073 against 450), and the
+16-row tile spilled (sm_90 builds). ``HEARTH_QUANT_GATHER=1`` runs that way, for A/B timing
+(``benchmarks/gpu_session.sh narrow``); not yet timed on a GPU.
+
 ``DEQUANT_ROWS`` is a first guess to be measured on the GPU
 (``benchmarks/profile_quant_gemv.py`` times both paths over M).
 """
@@ -107,6 +116,15 @@ def _load_x_tile(x_rows, k, K, mask, SWIGLU: tl.constexpr):
 
 
 @triton.jit
+def _scale_groups(c, s, mn, WIDTH: tl.constexpr):
+    """c [BN, NG * WIDTH] (fp32) * s + mn with s, mn [BN, NG]: column j takes group j // WIDTH's."""
+    BN: tl.constexpr = c.shape[0]
+    NG: tl.constexpr = s.shape[1]
+    v = tl.reshape(c, [BN, NG, WIDTH]) * s[:, :, None] + mn[:, :, None]
+    return tl.reshape(v, [BN, NG * WIDTH])
+
+
+@triton.jit
 def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEPS,
                        stride_xm, stride_qn, stride_sn, stride_ym, stride_ys,
                        GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
@@ -114,7 +132,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                        DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PER_ROW: tl.constexpr, SCALE_B: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
+                       SPLIT_K: tl.constexpr, GATHER: tl.constexpr):
     # int4 codes are in pair order (byte j of a row: inputs 2j low, 2j + 1 high), so the
     # [BLOCK_N, BLOCK_K / 2] byte tile becomes the [BLOCK_N, BLOCK_K] code tile in natural
     # K order by tl.join(lo, hi) (register moves), and x is one contiguous tile: one dot
@@ -149,13 +167,21 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
             # x's dtype) and accumulate the dot straight into acc: one accumulator instead
             # of acc + part (the int4 128-row tile spills otherwise), the weight rounded
             # like the dequantize + cuBLAS path
-            if GROUP < BLOCK_K:  # steps span groups: each weight (int4: each byte) its own group's scale
+            # Steps spanning groups (GROUP < BLOCK_K: GGUF's Q6_K int8 in 16s, int4 in 32s) load the
+            # step's NG = BLOCK_K / GROUP scales and mins of each row, [BLOCK_N, NG], and scale the
+            # code tile viewed as [BLOCK_N, NG, GROUP] (module docstring, "Narrow groups").
+            # GATHER (HEARTH_QUANT_GATHER=1, for A/B runs) loads each weight's own instead.
+            if GROUP < BLOCK_K and GATHER:
                 if BITS == 4:  # pair order: byte j holds inputs 2j and 2j + 1, one group
                     kg = k0 + 2 * tl.arange(0, BLOCK_K // 2)
                 else:
                     kg = k0 + kk
                 # [BLOCK_N, BLOCK_K] (int4: [BLOCK_N, BLOCK_K / 2])
                 sg = rn_safe[:, None] * stride_sn + tl.where(kg < K, kg // GROUP, 0)[None, :]
+            elif GROUP < BLOCK_K:
+                NG: tl.constexpr = BLOCK_K // GROUP
+                gi = k0 // GROUP + tl.arange(0, NG)  # (a group past K: index 0, its x is masked to 0)
+                sg = rn_safe[:, None] * stride_sn + tl.where(gi * GROUP < K, gi, 0)[None, :]
             else:
                 sg = (rn_safe * stride_sn + k0 // GROUP)[:, None]  # one group per step: [BLOCK_N, 1]
             s = tl.load(s_ptr + sg).to(tl.float32)
@@ -173,8 +199,12 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                     b = tl.load(q_rows + jb[None, :], mask=(jb < K // 2)[None, :], other=0).to(tl.int32)
                     xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & ((k0 + kk) < K)[None, :],
                                       SWIGLU)
-                lo = ((b & 15).to(tl.float32) * s + mn).to(dt)
-                hi = ((b >> 4).to(tl.float32) * s + mn).to(dt)
+                if GROUP < BLOCK_K and not GATHER:  # group g's GROUP / 2 bytes share s[:, g]
+                    lo = _scale_groups((b & 15).to(tl.float32), s, mn, GROUP // 2).to(dt)
+                    hi = _scale_groups((b >> 4).to(tl.float32), s, mn, GROUP // 2).to(dt)
+                else:
+                    lo = ((b & 15).to(tl.float32) * s + mn).to(dt)
+                    hi = ((b >> 4).to(tl.float32) * s + mn).to(dt)
                 w = tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
             else:
                 if EVEN_K:
@@ -184,7 +214,10 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                     k_ok = (k0 + kk) < K
                     c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
                     xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
-                w = (c.to(tl.float32) * s + mn).to(dt)
+                if GROUP < BLOCK_K and not GATHER:
+                    w = _scale_groups(c.to(tl.float32), s, mn, GROUP).to(dt)
+                else:
+                    w = (c.to(tl.float32) * s + mn).to(dt)
             if DOT_FP32:
                 acc = tl.dot(xk.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
             else:
@@ -467,6 +500,7 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PER_ROW=prepared.group_size == k, SCALE_B=scale_b, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+        PER_ROW=prepared.group_size == k, SCALE_B=scale_b, SPLIT_K=split_k,
+        GATHER=os.environ.get("HEARTH_QUANT_GATHER", "0") == "1", num_warps=warps, num_stages=stages)
     if split_k > 1:  # summed in a fixed order: the same result on every run (atomics would not be)
         out.copy_(y.sum(dim=0))

@@ -312,7 +312,7 @@ for bits, group in ((4, 128), (8, 4096)):
         elif cfg.kind == 1:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
                           BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096,
-                          SCALE_B=False, SPLIT_K=1)
+                          SCALE_B=False, SPLIT_K=1, GATHER=False)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
         else:
             consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
@@ -320,7 +320,8 @@ for bits, group in ((4, 128), (8, 4096)):
     for m in (64, 512):
         bm, bn, bk, w, st, sb, sk = qm.default_gemm_config(m, 4096, 4096, bits, group)
         consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=sb, SPLIT_K=sk)
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=sb, SPLIT_K=sk,
+                      GATHER=False)
         types = {**q(bits), "y_ptr": "*fp32" if sk > 1 else bf}  # split-K writes fp32 partial sums
         cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, types, consts, w, st)
     # GGUF's narrow groups (int4 Q4_K/Q4_0/Q4_1: 32; int8 Q6_K: 16) at a prompt of 768
@@ -330,7 +331,7 @@ for bits, group in ((4, 128), (8, 4096)):
     bk, sb = qm.fused_step(bits, narrow, 4096, bk, sb)
     consts = dict(GROUP=narrow, BITS=bits, HAS_MIN=True, HAS_BIAS=False, SWIGLU=False, OFFSET=128 if bits == 4 else 0,
                   DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=False,
-                  SCALE_B=sb, SPLIT_K=sk)
+                  SCALE_B=sb, SPLIT_K=sk, GATHER=False)
     cases[f"gemm768_{bits}_g{narrow}"] = (qm._quant_gemm_kernel, q(bits), consts, w, st)
     cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
                                   "m_ptr": "*fp16", "w_ptr": bf},
@@ -363,6 +364,10 @@ def test_quant_kernels_compile_for_sm90_without_spills():
     for name in ("gemv_rows4", "gemv_rows8"):  # steps loaded ahead in registers (_steps_start), not cp.async
         assert not rows[name]["pipelined"], (name, rows[name])
     assert rows["gemm64_4"]["wgmma"] and rows["gemm512_8"]["wgmma"]
+    # narrow groups scale the code tile group by group, not weight by weight (_scale_groups):
+    # no byte-wise shared-memory gather of the codes (the per-weight scale gather had 32-64)
+    for name in ("gemm768_4_g32", "gemm768_8_g16"):
+        assert rows[name]["byte_shared_loads"] == 0, (name, rows[name])
 
 
 @pytest.mark.gpu
