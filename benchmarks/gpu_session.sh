@@ -97,7 +97,7 @@ case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on th
   # scales per group (the default) against each weight's own (HEARTH_QUANT_GATHER=1): GPU tests, then
   # the 8B projections at NARROW_ROWS rows, each way (prompts below DEQUANT_ROWS and batches over 64)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_quant_gemv.py \
-    -m gpu -k "32 or 16" 2>&1 | tee "$OUT/gpu_narrow_tests.log" | tail -3
+    tests/kernels/test_quant_dp4a.py -m gpu -k "32 or 16" 2>&1 | tee "$OUT/gpu_narrow_tests.log" | tail -3
   for gather in 0 1; do
     HEARTH_QUANT_GATHER=$gather timeout -s INT ${NARROW_TIMEOUT:-200} python benchmarks/profile_quant_gemv.py \
       --skip-gemv --skip-old --formats int4-g32,int8-g16 --rows ${NARROW_ROWS:-128,512} \
@@ -249,7 +249,7 @@ case "$what" in fp8-gptq)  # (.gguf_b carried; .gguf_a came with the call before
 esac
 case "$what" in kquant-tests)  # (after .gguf_a, carrying .gguf_b) K-quant GGUFs and int8 groups of 16 on the GPU
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/models/test_gguf_kquants_kept.py \
-    tests/kernels/test_quant_gemv.py -m gpu 2>&1 | tee "$OUT/gpu_kquant_tests.log" | tail -8 ;;
+    tests/kernels/test_quant_gemv.py tests/kernels/test_quant_dp4a.py -m gpu 2>&1 | tee "$OUT/gpu_kquant_tests.log" | tail -8 ;;
 esac
 case "$what" in gguf)  # only the GGUF halves above: [".carry_lite", ".gguf_a"], then [".carry_lite", ".gguf_b"]
   ls -l /tmp/smollm2.part-a $SMOLLM2 2>&1 ;;

@@ -15,7 +15,9 @@ one instruction):
   unsigned bytes and ``w & 0xF0F0F0F0`` the odd ones' times 16, so one word of 8 weights
   costs two LOP3s and two dp4a against x packed the same way (even and odd inputs in two
   words); the odd sum is divided by 16 once per block (exact: every term is a multiple of 16);
-- int8: one dp4a per word of 4 signed codes.
+- int8: one dp4a per word of 4 signed codes; in groups of 16 (GGUF's Q6_K) the block's
+  two halves (words 0-3 and 4-7) are summed and scaled apart (``GPB`` = 2 groups per
+  block), as are x's sums for the mins.
 
 Per block of 32 inputs and row the integer sum is scaled once. int4 codes are centred
 first, ``w = (q - 8) s + (m + 8 s)``: ``y += s[g] * sx[b] * sum((q - 8) * xq) + (m[g] + 8
@@ -50,7 +52,8 @@ import triton.language as tl
 
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
-from hearth_kernels.quant_gemv import _load_x_blocks, _split4, _split_x_blocks, _steps_next, _steps_start
+from hearth_kernels.quant_gemv import (_block_groups, _group_sums, _load_x_blocks, _split4, _split_x_blocks, _steps_next,
+                                       _steps_start)
 
 #: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
 _HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
@@ -126,18 +129,22 @@ def _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, ADD: tl.constexpr):
 
 
 @triton.jit
-def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr):
+def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr, GPB: tl.constexpr):
     """Blocks of x (as ``_load_x_blocks`` splits them) quantized to int8 per block of 32:
     ``(xe, xo, sx, xsum, xqsum)``: the codes packed like the weights' words ([NB, WPB] int32;
-    int4: xe the even inputs', xo the odd ones'), each block's scale, float sum and (int4)
-    sum of codes."""
+    int4: xe the even inputs', xo the odd ones'), each block's scale, float sum ([NB * GPB]:
+    per group, int8 in groups of 16) and (int4) sum of codes."""
+    NB: tl.constexpr = x0.shape[0]
     amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
     xsum = x0 + x1 + x2 + x3
     if BITS == 4:
         amax = tl.maximum(amax, tl.maximum(tl.maximum(tl.abs(h0), tl.abs(h1)), tl.maximum(tl.abs(h2), tl.abs(h3))))
         xsum += h0 + h1 + h2 + h3
     amax = tl.max(amax, axis=1)  # [NB]
-    xsum = tl.sum(xsum, axis=1)
+    if GPB == 1:
+        xsum = tl.sum(xsum, axis=1)
+    else:  # int8 word j holds inputs 4j..4j+3: the halves are words 0-3 and 4-7
+        xsum = tl.reshape(_group_sums(xsum[None], GPB), [NB * GPB])
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
     sx = amax / 127.0
     q0, q1, q2, q3 = _quantize(x0, inv), _quantize(x1, inv), _quantize(x2, inv), _quantize(x3, inv)
@@ -155,7 +162,7 @@ def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr):
 
 @triton.jit
 def _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS: tl.constexpr, SWIGLU: tl.constexpr,
-                 NORM: tl.constexpr):
+                 NORM: tl.constexpr, GPB: tl.constexpr):
     """The blocks of x at ``kb`` [NB] loaded (SwiGLU applied, or RMS-normalised: NORM 1 of x,
     NORM 2 of x + r, written to ro_ptr by program (0, 0); every block of the row in this
     program) and quantized: ``_quantize_blocks``' five, the norm's scalar on each block's
@@ -165,7 +172,7 @@ def _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS: tl.constexpr, S
         x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
     else:
         x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
-    xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS)
+    xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS, GPB)
     if NORM:
         inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
         sx = sx * inv_rms
@@ -175,10 +182,10 @@ def _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS: tl.constexpr, S
 
 @triton.jit
 def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP: tl.constexpr, BITS: tl.constexpr,
-                       SWIGLU: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+                       SWIGLU: tl.constexpr, NORM: tl.constexpr, GPB: tl.constexpr, PDL: tl.constexpr):
     # NBP blocks of 32 inputs per program: block b's 8 words at xq_ptr[8b..] (int4: the
     # even inputs' 4 then the odd ones'), its scale, float sum and (int4) code sum at
-    # xf_ptr[4b..]. NORM (one program, the whole row): x is RMS-normalised first, as the
+    # xf_ptr[4b..] (int8 in groups of 16: the two halves' float sums at 4b + 1, 4b + 2). NORM (one program, the whole row): x is RMS-normalised first, as the
     # GEMV's own prologue does it (NORM 2: of x + r, written to ro_ptr)
     pdl_start(PDL)
     pdl_wait(PDL)
@@ -187,13 +194,24 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP
     kb = blk * 32
     ok = kb < K
     j = tl.arange(0, WPB)
-    xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM)
+    xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM, GPB)
     tl.store(xq_ptr + blk[:, None] * 8 + j[None, :], xe, mask=ok[:, None])
     if BITS == 4:
         tl.store(xq_ptr + blk[:, None] * 8 + 4 + j[None, :], xo, mask=ok[:, None])
         tl.store(xf_ptr + blk * 4 + 2, xqsum.to(tl.float32), mask=ok)
     tl.store(xf_ptr + blk * 4, sx, mask=ok)
-    tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
+    if GPB == 1:
+        tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
+    else:
+        lo, hi = tl.split(tl.reshape(xsum, [NBP, 2]))
+        tl.store(xf_ptr + blk * 4 + 1, lo, mask=ok)
+        tl.store(xf_ptr + blk * 4 + 2, hi, mask=ok)
+
+
+def _groups_per_block(bits: int, group: int | None) -> int:
+    """Scale groups per block of 32 inputs: 2 for int8 in groups of 16, else 1 (a group
+    of 32 or more; the launcher refuses others)."""
+    return 2 if bits == 8 and group == 16 else 1
 
 
 def _norm_args(x: torch.Tensor, norm: tuple | None) -> tuple:
@@ -208,12 +226,13 @@ def _norm_args(x: torch.Tensor, norm: tuple | None) -> tuple:
 
 
 def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
-                      norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      norm: tuple | None = None, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [1, K] (or [1, 2K] ``[gate | up]`` with ``swiglu``: SwiGLU first) quantized once for
     the dp4a kernel's ``qx`` mode, exactly as each of its programs would: ``(words [K/32, 8]
     int32, terms [K/32, 4] float32)``. ``norm``: ``(residual or None, weight, eps,
     residual_out)`` as ``quant_gemv_dp4a`` takes it: x is RMS-normalised first (one program
-    holds the row; ``residual_out`` gets x + residual)."""
+    holds the row; ``residual_out`` gets x + residual). ``group`` 16 (int8): x's float sums
+    per half block, for the weights' groups of 16."""
     if swiglu and norm is not None:
         raise ValueError("quantize_x_blocks: SwiGLU or the norm, not both")
     k = x.shape[1] // 2 if swiglu else x.shape[1]
@@ -223,7 +242,8 @@ def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
     norm_mode, r_arg, weight, ro_arg, eps = _norm_args(x, norm)
     nbp = 32 if norm is None else triton.next_power_of_2(nb)  # the norm: the whole row in one program
     _quantize_x_kernel[(triton.cdiv(nb, nbp),)](x, xq, xf, r_arg, weight, ro_arg, eps, k, NBP=nbp, BITS=bits,
-                                                  SWIGLU=swiglu, NORM=norm_mode, num_warps=max(1, min(16, nbp // 32)),
+                                                  SWIGLU=swiglu, NORM=norm_mode, GPB=_groups_per_block(bits, group),
+                                                  num_warps=max(1, min(16, nbp // 32)),
                                                   **pdl_args(x.device))
     return xq, xf
 
@@ -234,7 +254,8 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            NORM: tl.constexpr, QX: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                            NORM: tl.constexpr, QX: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                            GPB: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
@@ -250,7 +271,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     j = tl.arange(0, WPB)
     kb = (tl.program_id(1) * NB + blk) * 32
     blk_ok = kb < K
-    grp = tl.where(blk_ok, kb // GROUP, 0)
+    grp = _block_groups(kb, blk_ok, GROUP, GPB)  # [NB * GPB]
     r = tl.arange(0, R)
     first = tl.program_id(0) * ROWS
     word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]  # [1, NB, WPB]
@@ -271,11 +292,15 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         meta = xf_ptr + bidx * 4
         sx = tl.load(meta, mask=blk_ok, other=0.0)
         xsum = tl.load(meta + 1, mask=blk_ok, other=0.0)
+        if GPB == 2:  # the halves' sums (``_quantize_x_kernel``)
+            xsum = tl.reshape(tl.join(xsum, tl.load(meta + 2, mask=blk_ok, other=0.0)), [NB * 2])
         if BITS == 4:
             xo = tl.load(x_ptr + bidx[:, None] * 8 + 4 + j[None, :], mask=blk_ok[:, None], other=0)
             xqsum = tl.load(meta + 2, mask=blk_ok, other=0.0).to(tl.int32)
     else:
-        xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM)
+        xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM, GPB)
+    if GPB > 1:  # each group of a block takes the block's x scale
+        sx = tl.reshape(tl.broadcast_to(sx[:, None], [NB, GPB]), [NB * GPB])
     if BITS == 4:
         e0, e1, e2, e3 = _split4_last(xe)
         o0, o1, o2, o3 = _split4_last(xo)
@@ -299,7 +324,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
             # x's rounding errors are weighted by about |w|, not by |q s| (about 3x more)
             dot = lo + (hi >> 4) - 8 * xqsum[None, :]
         else:
-            dot = tl.sum(_dp4a(w, xe[None, :, :], 0, True, ASM), axis=2)  # [R, NB]
+            dot = _group_sums(_dp4a(w, xe[None, :, :], 0, True, ASM), GPB)  # [R, NB * GPB]
         t = dot.to(tl.float32) * (scale * sx[None, :])
         if HAS_MIN:
             if BITS == 4:
@@ -379,7 +404,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         raise ValueError(f"quant_gemv: x quantized beforehand (quantize_x_blocks) comes with no norm or SwiGLU "
                          f"and as [{k // 32}, 8] words, got {list(qx[0].shape)}")
     if qx is True:  # x (SwiGLU, the norm) quantized by one kernel first, read by every program
-        qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm), False
+        qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm, prepared.group_size), False
         norm = None
     norm_mode, r_arg, weight, ro_arg, eps = _norm_args(x, norm)
     _quant_gemv_dp4a_kernel[(programs, split)](
@@ -388,7 +413,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
         STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not _interpreting(),
-        num_warps=num_warps, **pdl_args(x.device))
+        GPB=_groups_per_block(prepared.bits, prepared.group_size), num_warps=num_warps, **pdl_args(x.device))
     return out
 
 
@@ -410,12 +435,14 @@ def dp4a_reference(x: torch.Tensor, prepared, bias: torch.Tensor | None = None, 
     centre = 8 if prepared.bits == 4 else 0  # int4 codes are centred (the kernel's docstring)
     codes = _codes(prepared).double() - centre  # [N, K]
     n = codes.shape[0]
-    dots = (codes.reshape(n, -1, 32) * xq.double()[None]).sum(dim=2)  # [N, blocks]
-    g = torch.arange(k // 32, device=x.device) * 32 // prepared.group_size
+    width = min(32, prepared.group_size)  # int8 in groups of 16: each half block scaled apart
+    dots = (codes.reshape(n, -1, width) * xq.double().reshape(-1, width)[None]).sum(dim=2)  # [N, groups]
+    g = torch.arange(k // width, device=x.device) * width // prepared.group_size
     s = prepared.scales.double()[:, g]
-    y = (dots * s * sx[None]).sum(dim=1)
+    y = (dots * s * sx.repeat_interleave(32 // width)[None]).sum(dim=1)
     if prepared.mins is not None:
-        y += ((prepared.mins.double()[:, g] + centre * s) * blocks.double().sum(dim=1)[None]).sum(dim=1)
+        xsums = xf.reshape(-1, width).double().sum(dim=1)
+        y += ((prepared.mins.double()[:, g] + centre * s) * xsums[None]).sum(dim=1)
     if bias is not None:
         y += bias.double()
     return y[None]

@@ -569,10 +569,10 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
     """The configs worth timing for an [n, k] weight of ``bits`` bits (``group`` inputs per
     scale; int4's default 128), in timing order: ``default_quant_config`` first, then the
     others (no repeats, K steps no wider than the row), int4's weight-stationary ones last.
-    Groups of 16 (int8) get the two CUDA-core kernels only (the dp4a and tensor-core ones
-    scale whole blocks of 32)."""
+    Groups of 16 (int8) get the two CUDA-core kernels and the dp4a one (which scales each
+    half block apart); not the tensor-core ones (they scale whole blocks of 32)."""
     widest = triton.next_power_of_2(max(k, BLOCK))
-    sub = group is not None and group < BLOCK and k % BLOCK == 0  # int8 in groups of 16: the CUDA-core kernels
+    sub = group is not None and group < BLOCK and k % BLOCK == 0  # int8 in groups of 16: no tensor-core kernels
     out = []
     for cfg in (default_quant_config(n, k, bits), *_QUANT_CONFIGS):
         if cfg.kind == ROWS and (k > _ROWS_MAX_K or k % BLOCK):
@@ -583,8 +583,6 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             cfg = cfg._replace(block_k=min(cfg.block_k, widest))
         if cfg not in out:
             out.append(cfg)
-    if sub:
-        return out
     if k % BLOCK == 0 and k <= _DP4A_MAX_K and dp4a_enabled():
         from hearth_kernels.quant_dp4a import dp4a_launch
 
@@ -594,6 +592,8 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             if launch not in launches:
                 launches.add(launch)
                 out.append(cfg)
+    if sub:
+        return out
     if bits == 4 and k % 16 == 0:
         from hearth_kernels.quant_mma import mma_configs
 
@@ -616,7 +616,7 @@ def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
     cfg = GemvConfig(*config)
     k = prepared.in_features
     return ((norm_in_prologue(cfg) or (cfg.kind == DP4A and cfg.qx)) and k % BLOCK == 0 and k <= _DP4A_MAX_K
-            and prepared.group_size >= BLOCK)
+            and (prepared.group_size >= BLOCK or prepared.group_size == SUB_GROUP))
 
 
 def norm_in_prologue(config: tuple) -> bool:
@@ -720,8 +720,8 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
         raise ValueError(f"quant_gemv: x must be one row [1, K], got {list(x.shape)}; use quant_gemm for more rows")
     out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
     cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
-    if prepared.group_size < BLOCK and k % BLOCK == 0 and cfg.kind not in (KLOOP, ROWS):
-        cfg = default_quant_config(n, k, prepared.bits)  # groups of 16: the CUDA-core kernels only
+    if prepared.group_size < BLOCK and k % BLOCK == 0 and cfg.kind not in (KLOOP, ROWS, DP4A):
+        cfg = default_quant_config(n, k, prepared.bits)  # groups of 16: no tensor-core kernels
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     if cfg.kind == DP4A and k % BLOCK == 0:

@@ -95,7 +95,8 @@ def check_against_float(y, x_eff, qw, typical=True):
 @pytest.mark.parametrize("bits,n,k,group,mins,dtype", [
     (4, 40, 64, 32, True, torch.bfloat16), (4, 72, 192, 64, True, torch.float16),
     (4, 40, 96, 96, True, torch.float32), (8, 40, 96, 96, False, torch.bfloat16),
-    (8, 72, 192, 32, True, torch.bfloat16)])
+    (8, 72, 192, 32, True, torch.bfloat16), (8, 72, 192, 16, True, torch.bfloat16),
+    (8, 40, 96, 16, False, torch.float16)])
 def test_dp4a_gemv_matches_the_exact_integer_reference(bits, n, k, group, mins, dtype):
     qw, prep = make_weight(bits, n, k, group, mins=mins, seed=n + k + bits)
     x = 3 * rand_x(1, k, dtype)
@@ -104,7 +105,7 @@ def test_dp4a_gemv_matches_the_exact_integer_reference(bits, n, k, group, mins, 
     check_against_float(y, x, qw)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, 192)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 192), (8, 16)])
 def test_dp4a_gemv_swiglu_bias_and_out(bits, group):
     n, k = 72, 192
     _, prep = make_weight(bits, n, k, group)
@@ -115,14 +116,15 @@ def test_dp4a_gemv_swiglu_bias_and_out(bits, group):
     check_exact(out, gate_up, prep, bias=bias, swiglu=True)
 
 
-@pytest.mark.parametrize("bits,group,swiglu", [(4, 32, False), (4, 128, True), (8, 2560, True), (8, 32, False)])
+@pytest.mark.parametrize("bits,group,swiglu", [(4, 32, False), (4, 128, True), (8, 2560, True), (8, 32, False),
+                                               (8, 16, True)])
 def test_dp4a_split_k_sums_the_splits_in_order(bits, group, swiglu):
     """K split among programs (the last to arrive adds the partial sums in split order):
     the exact integer reference, with K not a power of 2 (a split past the end reads
     nothing), N not a multiple of the rows per program, a bias; a second call gives the
     same bits (the counters were left zeroed)."""
     n, k = 44, 2560
-    _, prep = make_weight(bits, n, k, group, mins=bits == 4, seed=7)
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4 or group == 16, seed=7)
     x = 3 * rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
     bias = rand_x(1, n, torch.bfloat16, seed=8)[0]
     for split in (2, 4):
@@ -154,7 +156,8 @@ def _norm_reference(x, residual, weight, eps):
 
 
 @pytest.mark.parametrize("bits,n,k,group,dtype", [(4, 40, 192, 64, torch.bfloat16), (8, 72, 160, 160, torch.bfloat16),
-                                                  (4, 40, 96, 32, torch.float32), (8, 40, 64, 32, torch.float16)])
+                                                  (4, 40, 96, 32, torch.float32), (8, 40, 64, 32, torch.float16),
+                                                  (8, 40, 160, 16, torch.bfloat16)])
 @pytest.mark.parametrize("add", [False, True], ids=["norm", "add+norm"])
 def test_dp4a_rmsnorm_prologue(bits, n, k, group, dtype, add):
     """The RMSNorm (after the residual add) in the dp4a kernel's prologue: the product is the
@@ -164,7 +167,7 @@ def test_dp4a_rmsnorm_prologue(bits, n, k, group, dtype, add):
     pads nothing into the mean."""
     from hearth_kernels.quant_gemv import quant_gemv_normed
 
-    _, prep = make_weight(bits, n, k, group, mins=bits == 4, seed=k + bits)
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4 or group == 16, seed=k + bits)
     x = 3 * rand_x(1, k, dtype)
     residual = rand_x(1, k, dtype, seed=2) if add else None
     weight = (1 + 0.2 * rand_x(1, k, torch.float32, seed=3)[0]).to(dtype)
@@ -271,6 +274,7 @@ def test_dp4a_rmsnorm_prologue_other_configs_run_the_norm_first():
 
 
 @pytest.mark.parametrize("bits,group,swiglu,split,mins", [(4, 32, False, 1, True), (4, 128, True, 2, True),
+                                                          (8, 16, True, 2, True), (8, 16, False, 1, False),
                                                           (8, 2560, True, 1, False), (8, 32, False, 4, True)])
 def test_dp4a_x_quantized_once_is_the_same_product(bits, group, swiglu, split, mins):
     """``qx`` configs: one kernel quantizes x (SwiGLU first) and every program reads it. The
@@ -304,20 +308,25 @@ def test_dp4a_x_quantized_once_is_the_same_product(bits, group, swiglu, split, m
     assert torch.allclose(terms[:, 1], xe.double().sum(dim=1).float(), rtol=1e-5, atol=1e-5 * float(xe.abs().max()))
     if bits == 4:
         assert torch.equal(terms[:, 2], codes.sum(dim=1))
+    if group == 16:  # x's float sums per half block, for the weights' groups of 16
+        _, halves = quantize_x_blocks(x, bits, swiglu, group=16)
+        want = xe.double().reshape(-1, 2, 16).sum(dim=2).float()
+        tol = 1e-5 * float(xe.abs().max())
+        assert torch.allclose(halves[:, 1:3], want, rtol=1e-5, atol=tol) and torch.equal(halves[:, 0], terms[:, 0])
     with pytest.raises(ValueError, match="not both"):
         quantize_x_blocks(x, bits, True, (None, torch.ones(k, device=DEVICE), 1e-5, None))
 
 
-@pytest.mark.parametrize("bits,split", [(4, 1), (8, 2)])
+@pytest.mark.parametrize("bits,split,group", [(4, 1, 32), (8, 2, 32), (8, 1, 16)])
 @pytest.mark.parametrize("add", [False, True], ids=["norm", "add+norm"])
-def test_dp4a_norm_in_the_quantizing_kernel(bits, split, add):
+def test_dp4a_norm_in_the_quantizing_kernel(bits, split, group, add):
     """``qx`` configs take the norm into the kernel that quantizes x: the same product as
     the norm in the GEMV's prologue (bit for bit on the interpreter, one activation level
     on a GPU), the residual stream bit for bit, K split allowed."""
     from hearth_kernels.quant_gemv import norm_fusable, quant_gemv_normed
 
     n, k = 40, 2080
-    _, prep = make_weight(bits, n, k, 32, mins=bits == 4, seed=21)
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4 or group == 16, seed=21)
     x = 3 * rand_x(1, k, torch.bfloat16)
     residual = rand_x(1, k, torch.bfloat16, seed=2) if add else None
     weight = (1 + 0.2 * rand_x(1, k, torch.float32, seed=3)[0]).to(torch.bfloat16)
@@ -389,13 +398,13 @@ def test_gpu_dp4a_rmsnorm_prologue_llama_shapes(bits, group):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,swiglu", [(6144, 4096, False), (4096, 14336, True)])
-@pytest.mark.parametrize("bits,group", [(4, 128), (8, 4096)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 4096), (8, 16)])
 def test_gpu_dp4a_llama_shapes(n, k, swiglu, bits, group):
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA GPU")
-    if bits == 8 and swiglu:
+    if bits == 8 and swiglu and group != 16:
         group = k
-    _, prep = make_weight(bits, n, k, group, mins=bits == 4)
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4 or group == 16)
     x = rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
     for c in (GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3), GemvConfig(16, 2, 1, DP4A, 2),
               GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(8, 2, 4, DP4A, 2, 1, 1),
