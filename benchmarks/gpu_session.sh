@@ -83,7 +83,7 @@ case "$what" in fp8-kv)  # an fp8 KV cache's decode attention with its tiles sta
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_kv_cache.py \
     -m gpu 2>&1 | tee "$OUT/gpu_fp8_kv_tests.log" | tail -3
   [ "${FP8_KV_PROFILE:-1}" = 1 ] && timeout -s INT ${FP8_KV_PROFILE_TIMEOUT:-200} python benchmarks/profile_decode_attention.py \
-    --kv-dtype fp8 --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | tail -9
+    --kv-dtype fp8 --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -12
   for run in ${FP8_KV_RUNS:-fp8+fp8kv fp8+fp8kv:HEARTH_FP8_KV_STAGE=0 bf16}; do
     spec=${run%%:*}; knobs=""; [ "$run" != "$spec" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     q=${spec%%+*}; kv=auto; [ "$spec" != "$q" ] && kv=fp8

@@ -71,6 +71,26 @@ def main() -> None:
     # (widen, staged): the fp8 cache's ways to its dots; a bf16 cache has one
     modes = [("fp16", True), ("fp16", False)] + [("bf16", False)] * args.widen_bf16 if args.kv_dtype == "fp8" \
         else [(checks.FP8_WIDEN, False)]
+    try:
+        _sweep(modes, grid, pd, checks, run, ref, kv_bytes, real_config, rows)
+    except KeyboardInterrupt:  # a time limit's SIGINT: report and keep what was timed
+        print(f"  interrupted after {len(rows)} configs")
+    if not rows:
+        return
+    best = min(rows, key=lambda r: r["ms"])
+    for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:6]:
+        print(f"  {r['widen']}{' staged' if r['staged'] else ''} block_n {r['block_n']:>3} warps {r['warps']} stages "
+              f"{r['stages']}: {r['ms']:.3f} ms {r['tb_s']:.2f} TB/s  diff {r['max_abs_diff_vs_default']:.1e}"
+              f"{'  (default)' if r is rows[0] else ''}{'  (best)' if r is best else ''}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "batch": b, "kv_dtype": args.kv_dtype,
+                       "kv_bytes": kv_bytes,
+                       "ceiling_sum_ms": ceiling_ms, "rows": rows}, f, indent=1)
+
+
+def _sweep(modes, grid, pd, checks, run, ref, kv_bytes, real_config, rows) -> None:
+    """Time ``run`` at every (widen, staged) mode and config, appending rows."""
     for (widen, staged), cfg in itertools.product(modes, grid):
         pd._config = lambda *_a, cfg=cfg: cfg
         checks.FP8_WIDEN = widen
@@ -88,16 +108,7 @@ def main() -> None:
         rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "widen": widen,
                      "staged": staged, "ms": ms,
                      "tb_s": kv_bytes / ms / 1e9, "max_abs_diff_vs_default": err})
-    best = min(rows, key=lambda r: r["ms"])
-    for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:6]:
-        print(f"  {r['widen']}{' staged' if r['staged'] else ''} block_n {r['block_n']:>3} warps {r['warps']} stages {r['stages']}: {r['ms']:.3f} ms "
-              f"{r['tb_s']:.2f} TB/s  diff {r['max_abs_diff_vs_default']:.1e}"
-              f"{'  (default)' if r is rows[0] else ''}{'  (best)' if r is best else ''}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "batch": b, "kv_dtype": args.kv_dtype,
-                       "kv_bytes": kv_bytes,
-                       "ceiling_sum_ms": ceiling_ms, "rows": rows}, f, indent=1)
+        print(f"    {widen}{' staged' if staged else ''} {cfg}: {ms:.3f} ms {kv_bytes / ms / 1e9:.2f} TB/s", flush=True)
 
 
 if __name__ == "__main__":
