@@ -133,10 +133,14 @@ case "$what" in pdl)  # programmatic dependent launch on and off (HEARTH_PDL): i
       --json "$OUT/decode-kernels-8b-$q-pdl.json" 2>&1 | tail -14
   done ;;
 esac
-case "$what" in bs1)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call
-  for q in ${BS1_QUANTS:-bf16 int8 int4 fp8}; do
-    hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
-      --quant $q --json "$OUT/bench-8b-bs1-$q.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror"
+case "$what" in bs1)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
+  # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. fp8:HEARTH_GEMV_XROWS=0)
+  for run in ${BS1_QUANTS:-bf16 int8 int4 fp8}; do
+    q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
+    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
+    ( [ -n "$knobs" ] && export $knobs
+      hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
+        --quant $q --json "$OUT/bench-8b-bs1-$tag.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror" )
   done ;;
 esac
 case "$what" in quant-tests)
