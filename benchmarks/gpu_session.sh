@@ -77,11 +77,11 @@ case "$what" in fp8-norm)  # fp8 with the RMSNorm rounding its rows itself (seve
   done ;;
 esac
 case "$what" in fp8-kv)  # an fp8 KV cache's decode attention with its tiles staged as fp16 (the default)
-  # against Triton's placement (HEARTH_FP8_KV_STAGE=0): its GPU tests, the kernel alone at batch 512
-  # (FP8_KV_PROFILE=0 skips it), then offline throughput for each of FP8_KV_RUNS, entries
+  # against Triton's placement (HEARTH_FP8_KV_STAGE=0): its GPU tests (FP8_KV_TESTS=0 skips them), the
+  # kernel alone at batch 512 (FP8_KV_PROFILE=0 skips it), then offline throughput for each of FP8_KV_RUNS, entries
   # QUANT[+fp8kv][:KNOB=V,...] (+fp8kv: --kv-cache-dtype fp8)
-  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_kv_cache.py \
-    -m gpu 2>&1 | tee "$OUT/gpu_fp8_kv_tests.log" | tail -3
+  [ "${FP8_KV_TESTS:-1}" = 1 ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 \
+    tests/kernels/test_fp8_kv_cache.py -m gpu 2>&1 | tee "$OUT/gpu_fp8_kv_tests.log" | tail -3
   [ "${FP8_KV_PROFILE:-1}" = 1 ] && timeout -s INT ${FP8_KV_PROFILE_TIMEOUT:-200} python benchmarks/profile_decode_attention.py \
     --kv-dtype fp8 --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -12
   for run in ${FP8_KV_RUNS:-fp8+fp8kv fp8+fp8kv:HEARTH_FP8_KV_STAGE=0 bf16}; do
