@@ -63,8 +63,9 @@ def _widen(x, dtype: tl.constexpr, STAGE: tl.constexpr):
     dot's transposed operand, which ldmatrix can't transpose in 8-bit elements (128 LDS.U8 and
     ~300 more integer instructions a 128-key tile per thread; 1,324 in all against 726 so, and
     bf16's 781 for twice the bytes; sm_90 builds of Triton 3.6, ``tests/kernels/sm90_compile``).
-    The asm is a move, marked impure only so that no pass looks through it; the interpreter,
-    which runs no assembly, takes the plain widening (the same values).
+    The asm is a move of two 16-bit values (``stage_fp8_tiles`` takes 16-bit queries only),
+    marked impure only so that no pass looks through it; the interpreter, which runs no
+    assembly, takes the plain widening (the same values).
     """
     y = x.to(dtype)
     if STAGE:
@@ -234,11 +235,13 @@ def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None =
     return 128, 4, 2
 
 
-def stage_fp8_tiles(device: torch.device) -> bool:
-    """Whether an fp8 cache's K/V tiles reach the dots widened in registers and staged as fp16
-    (``_widen``'s STAGE): GPU builds, unless ``HEARTH_FP8_KV_STAGE=0`` (the Triton-placed
-    widening, for A/B runs). Read at each call, so a process can time both."""
-    return (device.type == "cuda" and os.environ.get("HEARTH_FP8_KV_STAGE", "1") != "0"
+def stage_fp8_tiles(device: torch.device, q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether the K/V tiles reach the dots widened in registers and staged (``_widen``'s
+    STAGE): an fp8 cache with 16-bit queries (the staging moves pairs of 16-bit values; fp32
+    queries keep Triton's placement) in a GPU build, unless ``HEARTH_FP8_KV_STAGE=0`` (for
+    A/B runs). Read at each call, so a process can time both."""
+    return (cache_dtype == torch.float8_e4m3fn and q_dtype in (torch.bfloat16, torch.float16)
+            and device.type == "cuda" and os.environ.get("HEARTH_FP8_KV_STAGE", "1") != "0"
             and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
 
 
@@ -324,7 +327,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
-        STAGE=kv_cache.dtype == torch.float8_e4m3fn and stage_fp8_tiles(q.device),
+        STAGE=stage_fp8_tiles(q.device, q.dtype, kv_cache.dtype),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     if split:

@@ -19,7 +19,8 @@ one instruction):
   two halves (words 0-3 and 4-7) are summed and scaled apart (``GPB`` = 2 groups per
   block), as are x's sums for the mins.
 
-Per block of 32 inputs and row the integer sum is scaled once. int4 codes are centred
+Per block of 32 inputs and row the integer sum is scaled once (each half apart for int8 in
+groups of 16). int4 codes are centred
 first, ``w = (q - 8) s + (m + 8 s)``: ``y += s[g] * sx[b] * sum((q - 8) * xq) + (m[g] + 8
 s[g]) * sum(x)`` (``sum((q - 8) xq) = sum(q xq) - 8 sum(xq)``, one integer multiply-add per
 block; the mins' term uses the exact float sum of the block's x). With mins near -8 s (any
@@ -52,8 +53,8 @@ import triton.language as tl
 
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
-from hearth_kernels.quant_gemv import (_block_groups, _group_sums, _load_x_blocks, _split4, _split_x_blocks, _steps_next,
-                                       _steps_start)
+from hearth_kernels.quant_gemv import (_block_groups, _group_sums, _load_x_blocks, _split4, _split_x_blocks,
+                                       _steps_next, _steps_start)
 
 #: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
 _HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
@@ -131,9 +132,10 @@ def _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, ADD: tl.constexpr):
 @triton.jit
 def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr, GPB: tl.constexpr):
     """Blocks of x (as ``_load_x_blocks`` splits them) quantized to int8 per block of 32:
-    ``(xe, xo, sx, xsum, xqsum)``: the codes packed like the weights' words ([NB, WPB] int32;
-    int4: xe the even inputs', xo the odd ones'), each block's scale, float sum ([NB * GPB]:
-    per group, int8 in groups of 16) and (int4) sum of codes."""
+    ``(xe, xo, sx, xsum, xqsum, xhalf)``: the codes packed like the weights' words ([NB, WPB]
+    int32; int4: xe the even inputs', xo the odd ones'), each block's scale, float sum ([NB *
+    GPB]: per group, int8 in groups of 16), (int4) sum of codes, and (int8) the float sums of
+    each block's halves ([NB * 2], what GPB = 2 takes as xsum; for ``_quantize_x_kernel``)."""
     NB: tl.constexpr = x0.shape[0]
     amax = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
     xsum = x0 + x1 + x2 + x3
@@ -141,10 +143,12 @@ def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr, GPB: tl
         amax = tl.maximum(amax, tl.maximum(tl.maximum(tl.abs(h0), tl.abs(h1)), tl.maximum(tl.abs(h2), tl.abs(h3))))
         xsum += h0 + h1 + h2 + h3
     amax = tl.max(amax, axis=1)  # [NB]
+    # int8 word j holds inputs 4j..4j+3: the halves are words 0-3 and 4-7
+    xhalf = tl.reshape(_group_sums(xsum[None], 2), [NB * 2])
     if GPB == 1:
         xsum = tl.sum(xsum, axis=1)
-    else:  # int8 word j holds inputs 4j..4j+3: the halves are words 0-3 and 4-7
-        xsum = tl.reshape(_group_sums(xsum[None], GPB), [NB * GPB])
+    else:
+        xsum = xhalf
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
     sx = amax / 127.0
     q0, q1, q2, q3 = _quantize(x0, inv), _quantize(x1, inv), _quantize(x2, inv), _quantize(x3, inv)
@@ -157,7 +161,7 @@ def _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS: tl.constexpr, GPB: tl
     else:
         xo = xe
         xqsum = sx.to(tl.int32)  # unused
-    return xe, xo, sx, xsum, xqsum
+    return xe, xo, sx, xsum, xqsum, xhalf
 
 
 @triton.jit
@@ -165,28 +169,31 @@ def _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS: tl.constexpr, S
                  NORM: tl.constexpr, GPB: tl.constexpr):
     """The blocks of x at ``kb`` [NB] loaded (SwiGLU applied, or RMS-normalised: NORM 1 of x,
     NORM 2 of x + r, written to ro_ptr by program (0, 0); every block of the row in this
-    program) and quantized: ``_quantize_blocks``' five, the norm's scalar on each block's
-    scale and sum (``_normed_x_blocks``)."""
+    program) and quantized: ``_quantize_blocks``' six, the norm's scalar on each block's
+    scale and sums (``_normed_x_blocks``)."""
     if NORM:
         xv, sq = _normed_x_blocks(x_ptr, r_ptr, nw_ptr, ro_ptr, kb, K, NORM == 2)
         x0, x1, x2, x3, h0, h1, h2, h3 = _split_x_blocks(xv, BITS)
     else:
         x0, x1, x2, x3, h0, h1, h2, h3 = _load_x_blocks(x_ptr, kb, K, BITS, SWIGLU)  # [NB, WPB] each
-    xe, xo, sx, xsum, xqsum = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS, GPB)
+    xe, xo, sx, xsum, xqsum, xhalf = _quantize_blocks(x0, x1, x2, x3, h0, h1, h2, h3, BITS, GPB)
     if NORM:
         inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
         sx = sx * inv_rms
         xsum = xsum * inv_rms
-    return xe, xo, sx, xsum, xqsum
+        xhalf = xhalf * inv_rms
+    return xe, xo, sx, xsum, xqsum, xhalf
 
 
 @triton.jit
 def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP: tl.constexpr, BITS: tl.constexpr,
-                       SWIGLU: tl.constexpr, NORM: tl.constexpr, GPB: tl.constexpr, PDL: tl.constexpr):
+                       SWIGLU: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     # NBP blocks of 32 inputs per program: block b's 8 words at xq_ptr[8b..] (int4: the
     # even inputs' 4 then the odd ones'), its scale, float sum and (int4) code sum at
-    # xf_ptr[4b..] (int8 in groups of 16: the two halves' float sums at 4b + 1, 4b + 2). NORM (one program, the whole row): x is RMS-normalised first, as the
-    # GEMV's own prologue does it (NORM 2: of x + r, written to ro_ptr)
+    # xf_ptr[4b..] (int8: its halves' float sums at 4b + 2 and 4b + 3, for weights in groups
+    # of 16; so one quantized x serves any int8 group). NORM (one program, the whole row): x
+    # is RMS-normalised first, as the GEMV's own prologue does it (NORM 2: of x + r, written
+    # to ro_ptr)
     pdl_start(PDL)
     pdl_wait(PDL)
     WPB: tl.constexpr = 4 if BITS == 4 else 8
@@ -194,18 +201,17 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP
     kb = blk * 32
     ok = kb < K
     j = tl.arange(0, WPB)
-    xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM, GPB)
+    xe, xo, sx, xsum, xqsum, xhalf = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM, 1)
     tl.store(xq_ptr + blk[:, None] * 8 + j[None, :], xe, mask=ok[:, None])
     if BITS == 4:
         tl.store(xq_ptr + blk[:, None] * 8 + 4 + j[None, :], xo, mask=ok[:, None])
         tl.store(xf_ptr + blk * 4 + 2, xqsum.to(tl.float32), mask=ok)
-    tl.store(xf_ptr + blk * 4, sx, mask=ok)
-    if GPB == 1:
-        tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
     else:
-        lo, hi = tl.split(tl.reshape(xsum, [NBP, 2]))
-        tl.store(xf_ptr + blk * 4 + 1, lo, mask=ok)
-        tl.store(xf_ptr + blk * 4 + 2, hi, mask=ok)
+        lo, hi = tl.split(tl.reshape(xhalf, [NBP, 2]))
+        tl.store(xf_ptr + blk * 4 + 2, lo, mask=ok)
+        tl.store(xf_ptr + blk * 4 + 3, hi, mask=ok)
+    tl.store(xf_ptr + blk * 4, sx, mask=ok)
+    tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
 
 
 def _groups_per_block(bits: int, group: int | None) -> int:
@@ -226,13 +232,14 @@ def _norm_args(x: torch.Tensor, norm: tuple | None) -> tuple:
 
 
 def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
-                      norm: tuple | None = None, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [1, K] (or [1, 2K] ``[gate | up]`` with ``swiglu``: SwiGLU first) quantized once for
     the dp4a kernel's ``qx`` mode, exactly as each of its programs would: ``(words [K/32, 8]
     int32, terms [K/32, 4] float32)``. ``norm``: ``(residual or None, weight, eps,
     residual_out)`` as ``quant_gemv_dp4a`` takes it: x is RMS-normalised first (one program
-    holds the row; ``residual_out`` gets x + residual). ``group`` 16 (int8): x's float sums
-    per half block, for the weights' groups of 16."""
+    holds the row; ``residual_out`` gets x + residual). The terms: per block its scale, float
+    sum, and (int4) sum of codes or (int8) the float sums of its two halves, for weights in
+    groups of 16."""
     if swiglu and norm is not None:
         raise ValueError("quantize_x_blocks: SwiGLU or the norm, not both")
     k = x.shape[1] // 2 if swiglu else x.shape[1]
@@ -242,8 +249,7 @@ def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
     norm_mode, r_arg, weight, ro_arg, eps = _norm_args(x, norm)
     nbp = 32 if norm is None else triton.next_power_of_2(nb)  # the norm: the whole row in one program
     _quantize_x_kernel[(triton.cdiv(nb, nbp),)](x, xq, xf, r_arg, weight, ro_arg, eps, k, NBP=nbp, BITS=bits,
-                                                  SWIGLU=swiglu, NORM=norm_mode, GPB=_groups_per_block(bits, group),
-                                                  num_warps=max(1, min(16, nbp // 32)),
+                                                  SWIGLU=swiglu, NORM=norm_mode, num_warps=max(1, min(16, nbp // 32)),
                                                   **pdl_args(x.device))
     return xq, xf
 
@@ -291,14 +297,16 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         xe = tl.load(x_ptr + bidx[:, None] * 8 + j[None, :], mask=blk_ok[:, None], other=0)
         meta = xf_ptr + bidx * 4
         sx = tl.load(meta, mask=blk_ok, other=0.0)
-        xsum = tl.load(meta + 1, mask=blk_ok, other=0.0)
         if GPB == 2:  # the halves' sums (``_quantize_x_kernel``)
-            xsum = tl.reshape(tl.join(xsum, tl.load(meta + 2, mask=blk_ok, other=0.0)), [NB * 2])
+            xsum = tl.reshape(tl.join(tl.load(meta + 2, mask=blk_ok, other=0.0),
+                                      tl.load(meta + 3, mask=blk_ok, other=0.0)), [NB * 2])
+        else:
+            xsum = tl.load(meta + 1, mask=blk_ok, other=0.0)
         if BITS == 4:
             xo = tl.load(x_ptr + bidx[:, None] * 8 + 4 + j[None, :], mask=blk_ok[:, None], other=0)
             xqsum = tl.load(meta + 2, mask=blk_ok, other=0.0).to(tl.int32)
     else:
-        xe, xo, sx, xsum, xqsum = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM, GPB)
+        xe, xo, sx, xsum, xqsum, _ = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM, GPB)
     if GPB > 1:  # each group of a block takes the block's x scale
         sx = tl.reshape(tl.broadcast_to(sx[:, None], [NB, GPB]), [NB * GPB])
     if BITS == 4:
@@ -404,7 +412,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         raise ValueError(f"quant_gemv: x quantized beforehand (quantize_x_blocks) comes with no norm or SwiGLU "
                          f"and as [{k // 32}, 8] words, got {list(qx[0].shape)}")
     if qx is True:  # x (SwiGLU, the norm) quantized by one kernel first, read by every program
-        qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm, prepared.group_size), False
+        qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm), False
         norm = None
     norm_mode, r_arg, weight, ro_arg, eps = _norm_args(x, norm)
     _quant_gemv_dp4a_kernel[(programs, split)](

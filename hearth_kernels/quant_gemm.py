@@ -382,8 +382,8 @@ def fused_step(bits: int, group: int, k: int, block_k: int, scale_b: bool) -> tu
     groups of 16 (GGUF Q6_K) has none of 32, and int4 in groups of 32 (GGUF Q4_0/Q4_1/Q4_K)
     would load 16-byte rows of codes, a shared-memory tile Triton 3.6 can't build for its
     pipelined loads on Hopper ("Illegal shared layout": the compile aborts). Those steps
-    span groups and every weight of the tile is scaled in registers by its own group's
-    scale (SCALE_B)."""
+    span groups and the tile is scaled in registers, each group's columns by that group's
+    scale (SCALE_B, ``_scale_groups``)."""
     if group != k and group < (64 if bits == 4 else 32):
         step = max(64, min(block_k, 128))
         while step > 64 and k % step:  # a step that divides K where one does (no masked tail)

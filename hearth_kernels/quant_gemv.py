@@ -570,7 +570,8 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
     scale; int4's default 128), in timing order: ``default_quant_config`` first, then the
     others (no repeats, K steps no wider than the row), int4's weight-stationary ones last.
     Groups of 16 (int8) get the two CUDA-core kernels and the dp4a one (which scales each
-    half block apart); not the tensor-core ones (they scale whole blocks of 32)."""
+    half block apart), not the tensor-core ones (never timed for them: their tile would be
+    scaled weight by weight in registers)."""
     widest = triton.next_power_of_2(max(k, BLOCK))
     sub = group is not None and group < BLOCK and k % BLOCK == 0  # int8 in groups of 16: no tensor-core kernels
     out = []

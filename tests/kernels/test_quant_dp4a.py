@@ -308,11 +308,18 @@ def test_dp4a_x_quantized_once_is_the_same_product(bits, group, swiglu, split, m
     assert torch.allclose(terms[:, 1], xe.double().sum(dim=1).float(), rtol=1e-5, atol=1e-5 * float(xe.abs().max()))
     if bits == 4:
         assert torch.equal(terms[:, 2], codes.sum(dim=1))
-    if group == 16:  # x's float sums per half block, for the weights' groups of 16
-        _, halves = quantize_x_blocks(x, bits, swiglu, group=16)
+    if bits == 8:  # x's float sums per half block too, for weights in groups of 16 (any int8 group reads it)
         want = xe.double().reshape(-1, 2, 16).sum(dim=2).float()
-        tol = 1e-5 * float(xe.abs().max())
-        assert torch.allclose(halves[:, 1:3], want, rtol=1e-5, atol=tol) and torch.equal(halves[:, 0], terms[:, 0])
+        assert torch.allclose(terms[:, 2:4], want, rtol=1e-5, atol=1e-5 * float(xe.abs().max()))
+        # so one quantized x serves an int8 weight of any group: per channel and in groups of 16
+        from hearth_kernels.quant_dp4a import quant_gemv_dp4a
+
+        xin = silu_and_mul(x) if swiglu else x
+        for g in (k, 16):
+            _, p8 = make_weight(8, n, k, g, mins=g == 16, seed=g)
+            out = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
+            quant_gemv_dp4a(xin, p8, out, None, False, 8, 4, 1, 2, qx=(words, terms))
+            check_exact(out, xin, p8, levels=1 if DEVICE == "cuda" else 0)
     with pytest.raises(ValueError, match="not both"):
         quantize_x_blocks(x, bits, True, (None, torch.ones(k, device=DEVICE), 1e-5, None))
 

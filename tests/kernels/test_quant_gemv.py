@@ -196,11 +196,12 @@ def test_gemm_fused_scale_b(bits, group, mins, dtype):
     check(quant_gemm(x, prep, config=(16, 32, 32, 2, 2, True)), x, qw, weight_rounding=True)
 
 
-@pytest.mark.parametrize("rows,mins,dtype", [(3, True, torch.bfloat16), (17, False, torch.float16)])
-def test_gemm_int8_in_groups_of_16(rows, mins, dtype):
-    """More rows, groups of 16: every config runs the SCALE_B tile (each weight scaled by
-    its own group's scale in registers, rounded to x's dtype), with or without split-K."""
-    k = 192
+@pytest.mark.parametrize("rows,mins,dtype,k", [(3, True, torch.bfloat16, 192), (17, False, torch.float16, 192),
+                                              (5, True, torch.bfloat16, 160)])
+def test_gemm_int8_in_groups_of_16(rows, mins, dtype, k):
+    """More rows, groups of 16: every config runs the SCALE_B tile (each group's columns
+    scaled by its scale in registers, rounded to x's dtype), with or without split-K; K = 160
+    leaves a last step past K (masked codes and x)."""
     qw, prep = make_weight(8, 72, k, 16, mins=mins, seed=rows)
     x = rand_x(rows, k, dtype)
     check(quant_gemm(x, prep), x, qw, weight_rounding=True)
