@@ -298,7 +298,7 @@ def test_the_batch1_tuner_with_float_and_quantized_modules_of_one_kind(default_m
 def test_the_gpu_kernels_keep_groups_of_16_and_a_layout_no_kernel_reads_becomes_float(kquant_gguf):
     """A Q6_K layer (int8 in groups of 16) stays quantized on a GPU: the Triton kernels
     (here under the interpreter) give dequantize+matmul's products for one row (the
-    default GEMV; the tuner is offered the two CUDA-core kernels) and for more (the SCALE_B
+    default GEMV; the tuner is offered the two CUDA-core kernels and dp4a) and for more (the SCALE_B
     GEMM), SwiGLU applied to ``[gate | up]``, and nothing extra sizes the load. A layout the
     GPU kernels don't read (int8 in groups of 48, say) becomes a float projection at load:
     the same products as dequantize+matmul, and counted so in the load's bytes. (One test:
@@ -306,7 +306,7 @@ def test_the_gpu_kernels_keep_groups_of_16_and_a_layout_no_kernel_reads_becomes_
     from engine.layers.linear import SwiGLUDownLinear
     from engine.layers.quant_kernels import DequantMatmul, TritonQuant, triton_reads
     from engine.layers.quant_linear import gpu_float_extra
-    from hearth_kernels.quant_gemv import KLOOP, ROWS, quant_gemv_configs
+    from hearth_kernels.quant_gemv import DP4A, KLOOP, ROWS, quant_gemv_configs
 
     eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
     try:
@@ -320,7 +320,8 @@ def test_the_gpu_kernels_keep_groups_of_16_and_a_layout_no_kernel_reads_becomes_
             # the default kernel (the interpreter is slow; tests/kernels checks every kind)
             got = TritonQuant().bind(down)(x, down)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-        assert {c.kind for c in quant_gemv_configs(down.out_features, down.in_features, 8, 16)} == {KLOOP, ROWS}
+        kinds = {c.kind for c in quant_gemv_configs(down.out_features, down.in_features, 8, 16)}
+        assert kinds == {KLOOP, ROWS, DP4A}  # not the tensor-core ones
 
         # regroup its codes in threes (48 inputs share the first sub-block's scale: another
         # weight, a layout no GPU kernel reads)
