@@ -214,12 +214,6 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xf_ptr, r_ptr, nw_ptr, ro_ptr, eps, K, NBP
     tl.store(xf_ptr + blk * 4 + 1, xsum, mask=ok)
 
 
-def _groups_per_block(bits: int, group: int | None) -> int:
-    """Scale groups per block of 32 inputs: 2 for int8 in groups of 16, else 1 (a group
-    of 32 or more; the launcher refuses others)."""
-    return 2 if bits == 8 and group == 16 else 1
-
-
 def _norm_args(x: torch.Tensor, norm: tuple | None) -> tuple:
     """The kernels' NORM mode and (r, norm weight, residual out, eps) arguments for ``norm``
     (``(residual or None, weight, eps, residual_out)``; x stands in for what is unused)."""
@@ -260,8 +254,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            NORM: tl.constexpr, QX: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                            GPB: tl.constexpr):
+                            NORM: tl.constexpr, QX: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
@@ -277,6 +270,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     j = tl.arange(0, WPB)
     kb = (tl.program_id(1) * NB + blk) * 32
     blk_ok = kb < K
+    GPB: tl.constexpr = 32 // GROUP if GROUP < 32 else 1  # groups per block (2: int8 in groups of 16)
     grp = _block_groups(kb, blk_ok, GROUP, GPB)  # [NB * GPB]
     r = tl.arange(0, R)
     first = tl.program_id(0) * ROWS
@@ -421,7 +415,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
         STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not _interpreting(),
-        GPB=_groups_per_block(prepared.bits, prepared.group_size), num_warps=num_warps, **pdl_args(x.device))
+        num_warps=num_warps, **pdl_args(x.device))
     return out
 
 
