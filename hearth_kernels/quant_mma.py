@@ -22,6 +22,12 @@ taken out after the dot, per group: ``acc += s * dot(c, x^T) + (m - 128 s) * sum
 throughout, so the weights are never rounded (the products of small integers and bf16 x
 are exact in the fp32 accumulator; the offset costs ~4 of its 24 bits).
 
+The in-register dequantization (``scale_w``, below) wants the codes in float32: there each code
+goes to the mantissa bit where float32 ``OFFSET + q`` counts ones (bit 16 of 128.0, 13 of
+1024.0) and is OR-ed into that pattern (``_decode_int4_f32``: a shift and a LOP3 a code), where
+widening the 16-bit pairs took a PRMT and two IMADs a pair more (sm_90 build: 436 -> 404
+instructions a K step of the 128x128 tile; ``HEARTH_MMA_DECODE32=0`` keeps the pairs).
+
 int8 codes are converted plainly (-128..127 are exact in bf16/fp16).
 
 Split-K (``SPLIT_K > 1``): K is divided among that many programs per output tile, so that
@@ -61,6 +67,15 @@ _DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 MAX_ROWS = 64
 
 _MAGIC = {torch.bfloat16: (0x43004300, 128), torch.float16: (0x64006400, 1024)}
+#: the same offsets as float32 bit patterns (128.0, 1024.0), for ``_decode_int4_f32``
+_MAGIC32 = {128: 0x43000000, 1024: 0x44800000}
+
+
+def decode32_enabled() -> bool:
+    """Whether the in-register dequantization (``scale_w``) decodes int4 straight to float32
+    (``_decode_int4_f32``; 436 -> 404 instructions a K step of the 128x128 tile at 64 rows, sm_90
+    build); ``HEARTH_MMA_DECODE32=0`` keeps the 16-bit decode widened to float32, for A/B."""
+    return os.environ.get("HEARTH_MMA_DECODE32", "1") != "0"
 
 
 class MmaConfig(NamedTuple):
@@ -103,6 +118,38 @@ def _decode_int4(w, magic, dt: tl.constexpr, OFFSET: tl.constexpr):
         a3 = tl.join(v3.to(tl.int16), (v3 >> 16).to(tl.int16))
         c = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [BN, 8 * W])  # [BN, W, h, s] -> 8w + 4h + s
         return c.to(dt, bitcast=True)
+
+
+@triton.jit
+def _decode_int4_f32(w, magic32, POS: tl.constexpr):
+    """int32 pair-order words [BN, W] -> the [BN, 8W] code tile in natural K order as float32
+    ``OFFSET + q`` (``magic32``: the float32 bit pattern of OFFSET, a power of 2 whose
+    mantissa step is 1 at bit ``POS``; run time, as ``_decode_int4``'s magic). Each code is
+    moved to bit POS and OR-ed into the pattern (a shift and a LOP3; input 4 needs no shift
+    at POS 16), where the 16-bit decode then widened to float32 costs a PRMT and two IMADs
+    per pair more: the in-register dequantization (``scale_w``) takes float32 codes."""
+    BN: tl.constexpr = w.shape[0]
+    W: tl.constexpr = w.shape[1]
+    MASK: tl.constexpr = 0xF << POS
+    # input s (bits 4s..4s+3) and input 4 + s (bits 16+4s..) of each word, at bit POS
+    t00 = ((w << POS) & MASK) | magic32
+    t01 = ((w << (POS - 4)) & MASK) | magic32
+    t02 = ((w << (POS - 8)) & MASK) | magic32
+    t03 = ((w << (POS - 12)) & MASK) | magic32
+    if POS == 16:
+        t10 = (w & MASK) | magic32
+    else:
+        t10 = ((w >> (16 - POS)) & MASK) | magic32
+    t11 = ((w >> (20 - POS)) & MASK) | magic32
+    t12 = ((w >> (24 - POS)) & MASK) | magic32
+    t13 = ((w >> (28 - POS)) & MASK) | magic32
+    # as _decode_int4: a_s[.., h] is input 4h + s; join over h, then over s
+    a0 = tl.join(t00, t10)
+    a1 = tl.join(t01, t11)
+    a2 = tl.join(t02, t12)
+    a3 = tl.join(t03, t13)
+    c = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [BN, 8 * W])
+    return c.to(tl.float32, bitcast=True)
 
 
 #: int8 codes to exact bf16 / fp16 two at a time (the pair of neighbouring K columns a thread
@@ -225,8 +272,10 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       SWIGLU: tl.constexpr, OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                       PER_ROW: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-                      ONE_ROW: tl.constexpr, SCALE_W: tl.constexpr, AHEAD: tl.constexpr):
-    # q_ptr: int4 codes as int32 words (stride_qn in words), int8 codes as int8.
+                      ONE_ROW: tl.constexpr, SCALE_W: tl.constexpr, AHEAD: tl.constexpr,
+                      DECODE32: tl.constexpr):
+    # q_ptr: int4 codes as int32 words (stride_qn in words), int8 codes as int8. magic: int4's
+    # bit pattern (_MAGIC; with SCALE_W and DECODE32, the float32 one, _MAGIC32).
     tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
     dt = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -263,7 +312,10 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         if BITS == 4:
             WORDS: tl.constexpr = BLOCK_K // 8
             w = tl.load(q_ptr + rn_safe[:, None] * stride_qn + (k0 // 8 + tl.arange(0, WORDS))[None, :])
-            c = _decode_int4(w, magic, tl.float32 if DOT_FP32 else dt, OFFSET)
+            if SCALE_W and not DOT_FP32 and DECODE32:  # float32 codes for the in-register dequantization
+                c = _decode_int4_f32(w, magic, 16 if OFFSET == 128 else 13)
+            else:
+                c = _decode_int4(w, magic, tl.float32 if DOT_FP32 else dt, OFFSET)
         else:
             c = tl.load(q_ptr + rn_safe[:, None] * stride_qn + (k0 + kk)[None, :])
             c = c.to(tl.float32) if DOT_FP32 else _int8_codes(c, dt == tl.float16)
@@ -443,6 +495,11 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
             raise ValueError(f"quant_mma: the tensor-core kernel needs K a multiple of 16, got {k}")
     steps = k // block_k
     magic, offset = _MAGIC.get(x.dtype, (0, 0)) if bits == 4 else (0, 0)
+    dot_fp32 = _DOT_IN_FP32 and x.dtype != torch.float32 or x.dtype == torch.float32
+    scale_w = bool(cfg.scale_w) and group < k
+    decode32 = bits == 4 and scale_w and not dot_fp32 and decode32_enabled()
+    if decode32:
+        magic = _MAGIC32[offset]
     if _DOT_IN_FP32 and x.dtype != torch.float32:
         offset = 0  # the interpreter's int4 decode is plain (_decode_int4's fp32 branch)
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
@@ -453,10 +510,10 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
         x, q, s, m if m is not None else s, bias if bias is not None else s, out, ws, cnt, rows, n, k,
         steps // split, x.stride(0), q.stride(0), s.stride(0), out.stride(0), magic,
         GROUP=group, BITS=bits, HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, OFFSET=offset,
-        DOT_FP32=_DOT_IN_FP32 and x.dtype != torch.float32 or x.dtype == torch.float32,
+        DOT_FP32=dot_fp32,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_M=block_m, PER_ROW=group == k, SPLIT_K=split,
-        STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=bool(cfg.scale_w) and group < k,
-        AHEAD=bool(cfg.ahead) and group < k,
+        STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=scale_w,
+        AHEAD=bool(cfg.ahead) and group < k, DECODE32=decode32,
         num_warps=cfg.warps)
     return out
 

@@ -223,7 +223,8 @@ def mma_loops() -> None:
             consts = dict(GROUP=group, BITS=bits, HAS_MIN=bits == 4, HAS_BIAS=False, SWIGLU=False,
                           OFFSET=128 if bits == 4 else 0, DOT_FP32=False, BLOCK_N=cfg.block_n,
                           BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=group == 4096, SPLIT_K=cfg.split_k,
-                          STAGES=cfg.stages, ONE_ROW=False, SCALE_W=bool(cfg.scale_w), AHEAD=ahead)
+                          STAGES=cfg.stages, ONE_ROW=False, SCALE_W=bool(cfg.scale_w), AHEAD=ahead,
+                          DECODE32=bits == 4 and bool(cfg.scale_w))
             fn, t = qm._quant_mma_kernel, types if bits == 4 else int8
             row = {"tile": what, "bits": bits, "rows": 64, "config": list(cfg._replace(ahead=ahead)),
                    "weights_per_thread_step": cfg.block_n * 128 // (32 * cfg.warps),

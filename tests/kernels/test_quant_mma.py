@@ -19,7 +19,8 @@ import triton.language as tl
 from hearth_kernels.activation import silu_and_mul
 from hearth_kernels.quant_gemm import quant_gemm
 from hearth_kernels.quant_gemv import SWAP, SWAP_SCALED, GemvConfig, quant_gemv, quant_gemv_configs
-from hearth_kernels.quant_mma import _COUNTERS, MmaConfig, _decode_int4, default_mma_config, mma_configs, quant_mma
+from hearth_kernels.quant_mma import (_COUNTERS, _MAGIC32, MmaConfig, _decode_int4, _decode_int4_f32, default_mma_config,
+                                    mma_configs, quant_mma)
 from tests.kernels.reference import DEVICE
 from tests.kernels.test_quant_gemv import check, make_weight, rand_x
 
@@ -188,6 +189,29 @@ def test_int4_decode_gives_offset_codes_in_natural_order(dtype, magic, offset):
     assert torch.equal(out.float().cpu(), codes.float() + offset)
 
 
+@triton.jit
+def _decode32_probe(q_ptr, out_ptr, magic32, BN: tl.constexpr, W: tl.constexpr, POS: tl.constexpr):
+    w = tl.load(q_ptr + tl.arange(0, BN)[:, None] * W + tl.arange(0, W)[None, :])
+    c = _decode_int4_f32(w, magic32, POS)
+    tl.store(out_ptr + tl.arange(0, BN)[:, None] * (8 * W) + tl.arange(0, 8 * W)[None, :], c)
+
+
+@pytest.mark.parametrize("offset", [128, 1024])
+def test_int4_float32_decode_gives_offset_codes_in_natural_order(offset):
+    """The in-register dequantization's decode (codes moved into float32 bit patterns): every
+    code at its input, plus the offset, as the 16-bit decode gives it (every nibble value in
+    every position, words with the sign bit set included)."""
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
+    codes[0, :16] = torch.arange(16, dtype=torch.uint8)  # every value ...
+    codes[1, :8] = 15  # ... and a word of all ones (negative as int32)
+    paired = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    out = torch.empty(16, 64, dtype=torch.float32, device=DEVICE)
+    _decode32_probe[(1,)](paired.to(DEVICE).view(torch.int32), out, _MAGIC32[offset], BN=16, W=8,
+                          POS=16 if offset == 128 else 13)
+    assert torch.equal(out.cpu(), codes.float() + offset)
+
+
 def test_gemv_and_gemm_reach_it():
     n, k = 40, 256
     qw, prep = make_weight(4, n, k, 128)
@@ -227,7 +251,8 @@ for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):
         bm = qm.block_m_for(rows)
         consts = dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=swiglu, OFFSET=128, DOT_FP32=False,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=bm, PER_ROW=False, SPLIT_K=cfg.split_k,
-                      STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=cfg.scale_w, AHEAD=cfg.ahead)
+                      STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=cfg.scale_w, AHEAD=cfg.ahead,
+                      DECODE32=cfg.scale_w)
         row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
         print(json.dumps({"rows": rows, "swiglu": swiglu, "config": list(cfg), **row}), flush=True)
 for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes converted by _INT8_ASM
@@ -236,14 +261,14 @@ for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes 
         for cfg in qm.mma_configs(rows, 4096, 4096, 8, 4096)[:3]:
             consts = dict(GROUP=4096, BITS=8, HAS_MIN=False, HAS_BIAS=False, SWIGLU=False, OFFSET=0, DOT_FP32=False,
                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=qm.block_m_for(rows), PER_ROW=True,
-                          SPLIT_K=cfg.split_k, STAGES=cfg.stages, ONE_ROW=False, SCALE_W=False, AHEAD=False)
+                          SPLIT_K=cfg.split_k, STAGES=cfg.stages, ONE_ROW=False, SCALE_W=False, AHEAD=False, DECODE32=False)
             row = compile_kernel(qm._quant_mma_kernel, t8, consts, cfg.warps, cfg.stages)
             print(json.dumps({"rows": rows, "swiglu": False, "config": list(cfg), "int8": dt, **row}), flush=True)
 for cc, dt in ((80, "bf16"), (80, "fp16"), (89, "bf16")):  # the int8 assembly on Ampere and Ada too
     t8 = types | {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "q_ptr": "*i8"}
     consts = dict(GROUP=4096, BITS=8, HAS_MIN=False, HAS_BIAS=False, SWIGLU=False, OFFSET=0, DOT_FP32=False,
                   BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, PER_ROW=True, SPLIT_K=1, STAGES=3, ONE_ROW=False, SCALE_W=False,
-                  AHEAD=False)
+                  AHEAD=False, DECODE32=False)
     row = compile_kernel(qm._quant_mma_kernel, t8, consts, 4, 3, cc)
     print(json.dumps({"rows": 64, "swiglu": False, "config": [64, 128, 4, 3, 1, False, False], "int8": dt, "cc": cc,
                       **row}))
