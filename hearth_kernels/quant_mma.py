@@ -23,10 +23,12 @@ throughout, so the weights are never rounded (the products of small integers and
 are exact in the fp32 accumulator; the offset costs ~4 of its 24 bits).
 
 The in-register dequantization (``scale_w``, below) wants the codes in float32: there each code
-goes to the mantissa bit where float32 ``OFFSET + q`` counts ones (bit 16 of 128.0, 13 of
-1024.0) and is OR-ed into that pattern (``_decode_int4_f32``: a shift and a LOP3 a code), where
-widening the 16-bit pairs took a PRMT and two IMADs a pair more (sm_90 build: 436 -> 404
-instructions a K step of the 128x128 tile; ``HEARTH_MMA_DECODE32=0`` keeps the pairs).
+goes to the mantissa bit where float32 ``OFFSET + q`` counts ones (bit 16 of 128.0) and is
+OR-ed into that pattern (``_decode_int4_f32``: a shift and a LOP3 a code), where widening the
+bf16 pairs took a PRMT and two IMADs a pair more (sm_90 build: 452 -> 420 instructions a K step
+of the 128x128 tile at 64 rows; ``HEARTH_MMA_DECODE32=0`` keeps the pairs). bf16 x only: fp16's
+pairs widen by HADD2, and its float32 decode (bit 13 of 1024.0) came out 8 instructions a step
+longer.
 
 int8 codes are converted plainly (-128..127 are exact in bf16/fp16).
 
@@ -72,9 +74,10 @@ _MAGIC32 = {128: 0x43000000, 1024: 0x44800000}
 
 
 def decode32_enabled() -> bool:
-    """Whether the in-register dequantization (``scale_w``) decodes int4 straight to float32
-    (``_decode_int4_f32``; 436 -> 404 instructions a K step of the 128x128 tile at 64 rows, sm_90
-    build); ``HEARTH_MMA_DECODE32=0`` keeps the 16-bit decode widened to float32, for A/B."""
+    """Whether the in-register dequantization (``scale_w``) of bf16 activations decodes int4
+    straight to float32 (``_decode_int4_f32``; 452 -> 420 instructions a K step of the 128x128
+    tile at 64 rows, 436 -> 404 at 16, sm_90 build); ``HEARTH_MMA_DECODE32=0`` keeps the 16-bit
+    decode widened to float32, for A/B."""
     return os.environ.get("HEARTH_MMA_DECODE32", "1") != "0"
 
 
@@ -136,10 +139,7 @@ def _decode_int4_f32(w, magic32, POS: tl.constexpr):
     t01 = ((w << (POS - 4)) & MASK) | magic32
     t02 = ((w << (POS - 8)) & MASK) | magic32
     t03 = ((w << (POS - 12)) & MASK) | magic32
-    if POS == 16:
-        t10 = (w & MASK) | magic32
-    else:
-        t10 = ((w >> (16 - POS)) & MASK) | magic32
+    t10 = ((w >> (16 - POS)) & MASK) | magic32
     t11 = ((w >> (20 - POS)) & MASK) | magic32
     t12 = ((w >> (24 - POS)) & MASK) | magic32
     t13 = ((w >> (28 - POS)) & MASK) | magic32
@@ -312,8 +312,9 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         if BITS == 4:
             WORDS: tl.constexpr = BLOCK_K // 8
             w = tl.load(q_ptr + rn_safe[:, None] * stride_qn + (k0 // 8 + tl.arange(0, WORDS))[None, :])
-            if SCALE_W and not DOT_FP32 and DECODE32:  # float32 codes for the in-register dequantization
-                c = _decode_int4_f32(w, magic, 16 if OFFSET == 128 else 13)
+            if DECODE32:  # float32 codes for the in-register dequantization (bf16 x)
+                tl.static_assert(SCALE_W and OFFSET == 128)
+                c = _decode_int4_f32(w, magic, 16)
             else:
                 c = _decode_int4(w, magic, tl.float32 if DOT_FP32 else dt, OFFSET)
         else:
@@ -497,10 +498,12 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     magic, offset = _MAGIC.get(x.dtype, (0, 0)) if bits == 4 else (0, 0)
     dot_fp32 = _DOT_IN_FP32 and x.dtype != torch.float32 or x.dtype == torch.float32
     scale_w = bool(cfg.scale_w) and group < k
-    decode32 = bits == 4 and scale_w and not dot_fp32 and decode32_enabled()
+    # bf16 x only (fp16's pairs widen by HADD2: the float32 decode was 8 instructions a step more);
+    # the interpreter takes it too, so that the CPU tests run it
+    decode32 = bits == 4 and scale_w and x.dtype == torch.bfloat16 and decode32_enabled()
     if decode32:
         magic = _MAGIC32[offset]
-    if _DOT_IN_FP32 and x.dtype != torch.float32:
+    elif _DOT_IN_FP32 and x.dtype != torch.float32:
         offset = 0  # the interpreter's int4 decode is plain (_decode_int4's fp32 branch)
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
     if bits == 4:

@@ -199,16 +199,16 @@ def _decode32_probe(q_ptr, out_ptr, magic32, BN: tl.constexpr, W: tl.constexpr, 
 @pytest.mark.parametrize("offset", [128, 1024])
 def test_int4_float32_decode_gives_offset_codes_in_natural_order(offset):
     """The in-register dequantization's decode (codes moved into float32 bit patterns): every
-    code at its input, plus the offset, as the 16-bit decode gives it (every nibble value in
-    every position, words with the sign bit set included)."""
-    g = torch.Generator().manual_seed(4)
-    codes = torch.randint(0, 16, (16, 64), generator=g, dtype=torch.uint8)
-    codes[0, :16] = torch.arange(16, dtype=torch.uint8)  # every value ...
-    codes[1, :8] = 15  # ... and a word of all ones (negative as int32)
+    code at its input plus the offset, for every value at every position of a word (row r
+    holds value (r + i) % 16 at input i of each word: all 16 values in all 8 positions, half
+    the words with the sign bit set)."""
+    rows = torch.arange(16)[:, None]
+    codes = ((rows + torch.arange(64)[None, :]) % 16).to(torch.uint8)  # [rows, inputs]
     paired = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    words = paired.view(torch.int32)
+    assert (words < 0).any() and (words >= 0).any()
     out = torch.empty(16, 64, dtype=torch.float32, device=DEVICE)
-    _decode32_probe[(1,)](paired.to(DEVICE).view(torch.int32), out, _MAGIC32[offset], BN=16, W=8,
-                          POS=16 if offset == 128 else 13)
+    _decode32_probe[(1,)](words.to(DEVICE), out, _MAGIC32[offset], BN=16, W=8, POS=16 if offset == 128 else 13)
     assert torch.equal(out.cpu(), codes.float() + offset)
 
 
