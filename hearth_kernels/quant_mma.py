@@ -113,14 +113,26 @@ def _decode_int4(w, magic, dt: tl.constexpr, OFFSET: tl.constexpr):
         v1 = ((w >> 4) & 0x000F000F) | magic  # 1 and 5
         v2 = ((w >> 8) & 0x000F000F) | magic  # 2 and 6
         v3 = ((w >> 12) & 0x000F000F) | magic  # 3 and 7
-        # t[h][s] is input 4h + s: join over h first (the outer new axis), then over s
-        # (join(join(a0, a2), join(a1, a3))[i, j] is a_{2i + j})
-        a0 = tl.join(v0.to(tl.int16), (v0 >> 16).to(tl.int16))
-        a1 = tl.join(v1.to(tl.int16), (v1 >> 16).to(tl.int16))
-        a2 = tl.join(v2.to(tl.int16), (v2 >> 16).to(tl.int16))
-        a3 = tl.join(v3.to(tl.int16), (v3 >> 16).to(tl.int16))
-        c = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [BN, 8 * W])  # [BN, W, h, s] -> 8w + 4h + s
+        # the low halves hold inputs 0-3, the high ones 4-7
+        c = _natural_order(v0.to(tl.int16), v1.to(tl.int16), v2.to(tl.int16), v3.to(tl.int16),
+                           (v0 >> 16).to(tl.int16), (v1 >> 16).to(tl.int16), (v2 >> 16).to(tl.int16),
+                           (v3 >> 16).to(tl.int16))
         return c.to(dt, bitcast=True)
+
+
+@triton.jit
+def _natural_order(t00, t01, t02, t03, t10, t11, t12, t13):
+    """Tiles [BN, W] where ``t{h}{s}`` holds input 4h + s of each word -> [BN, 8W] in natural K
+    order (input 8w + 4h + s)."""
+    BN: tl.constexpr = t00.shape[0]
+    W: tl.constexpr = t00.shape[1]
+    # join over h first (the outer new axis), then over s (join(join(a0, a2), join(a1, a3))[i, j]
+    # is a_{2i + j})
+    a0 = tl.join(t00, t10)
+    a1 = tl.join(t01, t11)
+    a2 = tl.join(t02, t12)
+    a3 = tl.join(t03, t13)
+    return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [BN, 8 * W])  # [BN, W, h, s] -> 8w + 4h + s
 
 
 @triton.jit
@@ -131,8 +143,6 @@ def _decode_int4_f32(w, magic32, POS: tl.constexpr):
     moved to bit POS and OR-ed into the pattern (a shift and a LOP3; input 4 needs no shift
     at POS 16), where the 16-bit decode then widened to float32 costs a PRMT and two IMADs
     per pair more: the in-register dequantization (``scale_w``) takes float32 codes."""
-    BN: tl.constexpr = w.shape[0]
-    W: tl.constexpr = w.shape[1]
     MASK: tl.constexpr = 0xF << POS
     # input s (bits 4s..4s+3) and input 4 + s (bits 16+4s..) of each word, at bit POS
     t00 = ((w << POS) & MASK) | magic32
@@ -143,13 +153,7 @@ def _decode_int4_f32(w, magic32, POS: tl.constexpr):
     t11 = ((w >> (20 - POS)) & MASK) | magic32
     t12 = ((w >> (24 - POS)) & MASK) | magic32
     t13 = ((w >> (28 - POS)) & MASK) | magic32
-    # as _decode_int4: a_s[.., h] is input 4h + s; join over h, then over s
-    a0 = tl.join(t00, t10)
-    a1 = tl.join(t01, t11)
-    a2 = tl.join(t02, t12)
-    a3 = tl.join(t03, t13)
-    c = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [BN, 8 * W])
-    return c.to(tl.float32, bitcast=True)
+    return _natural_order(t00, t01, t02, t03, t10, t11, t12, t13).to(tl.float32, bitcast=True)
 
 
 #: int8 codes to exact bf16 / fp16 two at a time (the pair of neighbouring K columns a thread
