@@ -7,10 +7,8 @@ with contexts uniform in [128, 1600] (a throughput run mid-way) whose 16-token b
 scattered at random over the pool, as after a while of serving. Times Hearth's decode
 kernel at its default (block_n, warps, stages) and over a grid of them, and reports TB/s
 of K/V read; as a ceiling, torch's sum over the same number of cache bytes. With
-``--kv-dtype fp8`` the cache is e4m3 and each config runs with its tiles widened in registers
-and staged as fp16 (``paged_decode._widen``, the default) and with Triton's own placement of the
-widening (``HEARTH_FP8_KV_STAGE=0``); ``--widen-bf16`` adds bf16 dots
-(``hearth_kernels._checks.FP8_WIDEN``), unstaged.
+``--kv-dtype fp8`` the cache is e4m3 and each config runs with both ways of widening it
+for bf16 queries (``hearth_kernels._checks.FP8_WIDEN``: fp16 dots or bf16 dots).
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 
 import torch
 from _timing import cuda_ms
@@ -32,7 +29,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"))
     ap.add_argument("--json", default=None)
-    ap.add_argument("--widen-bf16", action="store_true", help="fp8: also time bf16 dots (unstaged)")
     args = ap.parse_args()
     torch.manual_seed(0)
     b, h, kvh, d, bs = args.batch, 32, 8, 128, 16
@@ -66,20 +62,18 @@ def main() -> None:
     print(f"batch {b}, {kv_bytes / 1e9:.1f} GB of K/V; torch sum over as many bytes: "
           f"{ceiling_ms:.2f} ms = {kv_bytes / ceiling_ms / 1e9:.2f} TB/s")
     real_config = pd._config
-    space = ((64, 128, 256), (4, 8), (2, 3, 4)) if args.kv_dtype == "fp8" else ((32, 64, 128), (2, 4, 8), (2, 3, 4))
+    space = ((64, 128, 256), (2, 4, 8), (2, 3)) if args.kv_dtype == "fp8" else ((32, 64, 128), (2, 4, 8), (2, 3, 4))
     grid = [default] + [c for c in itertools.product(*space) if c != default]
-    # (widen, staged): the fp8 cache's ways to its dots; a bf16 cache has one
-    modes = [("fp16", True), ("fp16", False)] + [("bf16", False)] * args.widen_bf16 if args.kv_dtype == "fp8" \
-        else [(checks.FP8_WIDEN, False)]
+    widens = ("fp16", "bf16") if args.kv_dtype == "fp8" else (checks.FP8_WIDEN,)
     try:
-        _sweep(modes, grid, pd, checks, run, ref, kv_bytes, real_config, rows)
+        _sweep(widens, grid, pd, checks, run, ref, kv_bytes, real_config, rows)
     except KeyboardInterrupt:  # a time limit's SIGINT: report and keep what was timed
         print(f"  interrupted after {len(rows)} configs")
     if not rows:
         return
     best = min(rows, key=lambda r: r["ms"])
     for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:6]:
-        print(f"  {r['widen']}{' staged' if r['staged'] else ''} block_n {r['block_n']:>3} warps {r['warps']} stages "
+        print(f"  {r['widen']} block_n {r['block_n']:>3} warps {r['warps']} stages "
               f"{r['stages']}: {r['ms']:.3f} ms {r['tb_s']:.2f} TB/s  diff {r['max_abs_diff_vs_default']:.1e}"
               f"{'  (default)' if r is rows[0] else ''}{'  (best)' if r is best else ''}")
     if args.json:
@@ -89,12 +83,11 @@ def main() -> None:
                        "ceiling_sum_ms": ceiling_ms, "rows": rows}, f, indent=1)
 
 
-def _sweep(modes, grid, pd, checks, run, ref, kv_bytes, real_config, rows) -> None:
-    """Time ``run`` at every (widen, staged) mode and config, appending rows."""
-    for (widen, staged), cfg in itertools.product(modes, grid):
+def _sweep(widens, grid, pd, checks, run, ref, kv_bytes, real_config, rows) -> None:
+    """Time ``run`` at every widening and config, appending rows."""
+    for widen, cfg in itertools.product(widens, grid):
         pd._config = lambda *_a, cfg=cfg: cfg
         checks.FP8_WIDEN = widen
-        os.environ["HEARTH_FP8_KV_STAGE"] = "1" if staged else "0"
         try:
             ms = cuda_ms(run)
             err = (run().float() - ref).abs().max().item()
@@ -103,12 +96,10 @@ def _sweep(modes, grid, pd, checks, run, ref, kv_bytes, real_config, rows) -> No
             continue
         finally:
             pd._config = real_config
-            checks.FP8_WIDEN = modes[0][0]
-            os.environ.pop("HEARTH_FP8_KV_STAGE", None)
-        rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "widen": widen,
-                     "staged": staged, "ms": ms,
+            checks.FP8_WIDEN = widens[0]
+        rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "widen": widen, "ms": ms,
                      "tb_s": kv_bytes / ms / 1e9, "max_abs_diff_vs_default": err})
-        print(f"    {widen}{' staged' if staged else ''} {cfg}: {ms:.3f} ms {kv_bytes / ms / 1e9:.2f} TB/s", flush=True)
+        print(f"    {widen} {cfg}: {ms:.3f} ms {kv_bytes / ms / 1e9:.2f} TB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ A sequence with ``seq_len == 0`` (batch padding) gets zeros.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -50,28 +49,6 @@ _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked so far
 # stays NaN-free (2^(-inf - -inf) is NaN; 2^(-inf - NEG_BIG) is 0).
 _NEG_BIG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _widen(x, dtype: tl.constexpr, STAGE: tl.constexpr):
-    """A K or V tile in the dots' dtype (a no-op for a cache in q's dtype; fp8 widens exactly).
-
-    STAGE (an fp8 cache, GPU builds): the tile is widened in registers as loaded, 16 bytes a
-    row, and reaches the dot through shared memory as fp16 (128-bit stores, ldmatrix reads,
-    transposing for V). Without the opaque step after the widening, Triton moves it after its
-    read of the cp.async ring and gathers the fp8 operand there a byte at a time: V is the
-    dot's transposed operand, which ldmatrix can't transpose in 8-bit elements (128 LDS.U8 and
-    ~300 more integer instructions a 128-key tile per thread; 1,324 in all against 726 so, and
-    bf16's 781 for twice the bytes; sm_90 builds of Triton 3.6, ``tests/kernels/sm90_compile``).
-    The asm is a move of two 16-bit values (``stage_fp8_tiles`` takes 16-bit queries only),
-    marked impure only so that no pass looks through it; the interpreter, which runs no
-    assembly, takes the plain widening (the same values).
-    """
-    y = x.to(dtype)
-    if STAGE:
-        y = tl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r", args=[y], dtype=y.dtype,
-                                      is_pure=False, pack=2)
-    return y
 
 
 @triton.jit
@@ -98,7 +75,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    AS_FP16: tl.constexpr, PDL: tl.constexpr, STAGE: tl.constexpr,
+    AS_FP16: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     pdl_wait(PDL)  # before any load or early return (hearth_kernels/pdl.py)
@@ -137,8 +114,8 @@ def _decode_split_kernel(
         blk = tl.load(table + pos // BLOCK_SIZE, mask=k_mask, other=0).to(tl.int64)
         row = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + head_off
         kv_mask = k_mask[:, None] & d_mask[None, :]
-        # An fp8 cache is widened here (_widen); otherwise a no-op.
-        k = _widen(tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0), q.dtype, STAGE)
+        # .to(q.dtype): an fp8 cache is widened here; otherwise a no-op.
+        k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
         visible = k_mask
         if HAS_WINDOW:
@@ -148,8 +125,8 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _widen(tl.load(cache_ptr + stride_c_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
-                           other=0.0), q.dtype, STAGE)
+        v = tl.load(cache_ptr + stride_c_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
+                    other=0.0).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -222,10 +199,7 @@ def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None =
 
     An fp8 cache (half the bytes, plus a conversion per value) swept the same way
     (block_n {64, 128, 256} x warps {2, 4, 8} x stages {2, 3}): (128, 4, 3) reads at 2.00
-    TB/s at batch 512 and 1.61 at 128, within 2% of the best at each. That sweep predates
-    staging the widened tiles (``_widen``, 2026-12-05), which needs 72 KiB of shared memory at
-    (128, 4, 3) against 40 and issues about half the instructions; not yet timed on a GPU
-    (``benchmarks/profile_decode_attention.py --kv-dtype fp8`` sweeps both).
+    TB/s at batch 512 and 1.61 at 128, within 2% of the best at each.
     """
     d_pad = triton.next_power_of_2(head_dim)
     if dtype == torch.float32 or d_pad > 128:
@@ -233,16 +207,6 @@ def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None =
     if cache_dtype == torch.float8_e4m3fn:
         return 128, 4, 3
     return 128, 4, 2
-
-
-def stage_fp8_tiles(device: torch.device, q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
-    """Whether the K/V tiles reach the dots widened in registers and staged (``_widen``'s
-    STAGE): an fp8 cache with 16-bit queries (the staging moves pairs of 16-bit values; fp32
-    queries keep Triton's placement) in a GPU build, unless ``HEARTH_FP8_KV_STAGE=0`` (for
-    A/B runs). Read at each call, so a process can time both."""
-    return (cache_dtype == torch.float8_e4m3fn and q_dtype in (torch.bfloat16, torch.float16)
-            and device.type == "cuda" and os.environ.get("HEARTH_FP8_KV_STAGE", "1") != "0"
-            and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -327,7 +291,6 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
-        STAGE=stage_fp8_tiles(q.device, q.dtype, kv_cache.dtype),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     if split:

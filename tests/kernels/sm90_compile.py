@@ -140,7 +140,7 @@ def main() -> None:
                    {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                     "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
-                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False, STAGE=False), warps, stages),
+                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False), warps, stages),
         "decode_merge": (paged_decode._decode_merge_kernel,
                          {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                           "out_ptr": bf},
@@ -164,8 +164,6 @@ def main() -> None:
         if name == "decode":
             n8, w, st = paged_decode._config(d, torch.bfloat16, torch.float8_e4m3fn)
             consts = {**consts, "BLOCK_N": n8}
-        if name == "decode":  # the GPU build stages the widened tiles (paged_decode._widen)
-            consts = {**consts, "STAGE": True}
         cases[f"{name}_fp8"] = (fn, {**types, "cache_ptr": f8}, {**consts, "AS_FP16": True}, w, st)
     cases["write_kv_fp8"] = (kv_cache._write_kv_kernel,
                              {"k_ptr": bf, "v_ptr": bf, "cache_ptr": f8, "slot_ptr": "*i64"},

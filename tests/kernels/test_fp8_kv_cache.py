@@ -122,49 +122,6 @@ def test_a_cache_of_another_dtype_is_refused():
                                torch.ones(1, dtype=torch.int32, device=DEVICE), 1.0, max_seq_len=1)
 
 
-def test_staging_takes_fp8_caches_with_16_bit_queries_on_a_gpu_only(monkeypatch):
-    """paged_decode._widen's STAGE: fp8 cache, bf16/fp16 queries, a GPU build, not switched
-    off. fp32 queries can't take it (its assembly moves pairs of 16-bit values: LLVM aborts
-    the build), nor a bf16 cache (nothing to widen), nor the interpreter (no assembly)."""
-    from hearth_kernels.paged_decode import stage_fp8_tiles
-
-    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("HEARTH_FP8_KV_STAGE", raising=False)
-    assert stage_fp8_tiles(gpu, torch.bfloat16, FP8) and stage_fp8_tiles(gpu, torch.float16, FP8)
-    assert not stage_fp8_tiles(gpu, torch.float32, FP8)
-    assert not stage_fp8_tiles(gpu, torch.bfloat16, torch.bfloat16)
-    assert not stage_fp8_tiles(cpu, torch.bfloat16, FP8)
-    monkeypatch.setenv("HEARTH_FP8_KV_STAGE", "0")
-    assert not stage_fp8_tiles(gpu, torch.bfloat16, FP8)
-    monkeypatch.delenv("HEARTH_FP8_KV_STAGE")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not stage_fp8_tiles(gpu, torch.bfloat16, FP8)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run on the GPU")
-@pytest.mark.parametrize("block_n,qdtype", [(None, torch.bfloat16), (64, torch.bfloat16), (None, torch.float16),
-                                            (None, torch.float32)])
-def test_staged_and_unstaged_fp8_decode_agree(monkeypatch, block_n, qdtype):
-    """The widened tiles staged as fp16 (paged_decode._widen, the default) and Triton's own
-    placement of the widening (HEARTH_FP8_KV_STAGE=0) feed the same fp16 values to the same
-    dots; both match the float64 reference. fp32 queries run unstaged either way (and build)."""
-    lens = [1, 16, 17, 300, 1000, 4100]
-    cache, tables = _fp8_case(lens, 8, 128, 16, seed=8)
-    q = torch.randn(len(lens), 32, 128, generator=torch.Generator(device=DEVICE).manual_seed(9),
-                    device=DEVICE).to(qdtype)
-    seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    ref = reference_attention(q, cache, tables, list(range(len(lens) + 1)), lens, 128 ** -0.5)
-    outs = []
-    for stage in ("1", "0"):
-        monkeypatch.setenv("HEARTH_FP8_KV_STAGE", stage)
-        outs.append(paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=4100,
-                                           block_n=block_n))
-        torch.testing.assert_close(outs[-1].double(), ref, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(outs[0], outs[1], atol=4e-3, rtol=4e-3)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run on the GPU")
 def test_real_shapes_bf16_queries_over_an_fp8_cache():
