@@ -22,21 +22,11 @@ With ``scale`` the weight is stored in fewer bits (float8 e4m3: ``hearth_kernels
 float32 scale per output row: the kernel widens each weight to fp32 and multiplies the row's
 sum by its scale, ``y[n] = s[n] * sum_k W8[n, k] * x[k]``.
 
-Loading x (without SwiGLU): each thread loads the x values of its own tile columns once per
-row it holds (``XROWS``; a pointer tile of the weight tile's shape, so x takes the weight's
-layout), repeats served by L1. Loaded as one vector, x took a layout of its own and went
-through shared memory every K step to reach the tile's (two to four barriers a step in the
-sm_90 build of the fp8 configs, none now; instruction counts equal or lower).
-``HEARTH_GEMV_XROWS=0`` keeps that way, for A/B timing. With SwiGLU, x is one vector: each row
-would repeat the SiLU (4x the MUFU work at 8 rows).
-
 Summation order differs from cuBLAS (fp32 accumulation in both): results agree to fp32
 rounding of the dot products, then to one rounding to the output dtype.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -57,14 +47,10 @@ def _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _kloop_step(acc, w, x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr, XROWS: tl.constexpr):
+def _kloop_step(acc, w, x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr):
     """``acc`` plus one K step's products: the weight tile ``w`` times x[k] (SWIGLU: times
-    silu(x[k]) * x[K + k], rounded to x's dtype as the unfused MLP rounds it). XROWS: x
-    loaded as a tile of ``w``'s shape (module docstring)."""
+    silu(x[k]) * x[K + k], rounded to x's dtype as the unfused MLP rounds it)."""
     dt = x_ptr.dtype.element_ty
-    if XROWS:  # a row of pointers per weight row: x in the weight tile's layout
-        BN: tl.constexpr = w.shape[0]
-        k = k[None, :] + tl.zeros([BN, 1], dtype=tl.int32)
     if EVEN_K:
         if SWIGLU:
             g = tl.load(x_ptr + k).to(tl.float32)
@@ -81,17 +67,13 @@ def _kloop_step(acc, w, x_ptr, k, K, SWIGLU: tl.constexpr, EVEN_K: tl.constexpr,
     if SWIGLU:
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         xk = (act * u).to(dt)
-    xf = xk.to(tl.float32)
-    if not XROWS:
-        xf = xf[None, :]
-    return acc + w.to(tl.float32) * xf
+    return acc + w.to(tl.float32) * xk.to(tl.float32)[None, :]
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                 XROWS: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,11 +84,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn,
     # trip overlaps the end of the kernel before (which writes x; hearth_kernels/pdl.py)
     w = _kloop_ahead(w_ptr, rows_safe, stride_wn, cols, K, EVEN_K)
     pdl_wait(PDL)
-    acc = _kloop_step(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), w, x_ptr, cols, K, SWIGLU, EVEN_K, XROWS)
+    acc = _kloop_step(tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32), w, x_ptr, cols, K, SWIGLU, EVEN_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
-        acc = _kloop_step(acc, _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K), x_ptr, k, K, SWIGLU, EVEN_K,
-                          XROWS)
+        acc = _kloop_step(acc, _kloop_ahead(w_ptr, rows_safe, stride_wn, k, K, EVEN_K), x_ptr, k, K, SWIGLU, EVEN_K)
     y = tl.sum(acc, axis=1)
     if HAS_SCALE:
         y *= tl.load(s_ptr + rows_safe).to(tl.float32)
@@ -164,12 +145,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     b_arg = bias if bias is not None else weight
     _gemv_kernel[grid](x, weight, s_arg, b_arg, out, n, k, weight.stride(0), HAS_SCALE=scale is not None,
                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=block_n, BLOCK_K=block_k,
-                       EVEN_K=k % block_k == 0, XROWS=not swiglu and x_rows(), num_warps=warps,
-                       **pdl_args(x.device))
+                       EVEN_K=k % block_k == 0, num_warps=warps, **pdl_args(x.device))
     return out
-
-
-def x_rows() -> bool:
-    """Whether the GEMV loads x in the weight tile's layout (without SwiGLU): yes unless
-    ``HEARTH_GEMV_XROWS=0`` (module docstring). Read at each call, so one process can time both."""
-    return os.environ.get("HEARTH_GEMV_XROWS", "1") != "0"
