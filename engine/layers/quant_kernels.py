@@ -269,12 +269,13 @@ class Fp8Kernel(QuantKernel):
     def fuses_norm_rows(self, layer, norm) -> bool:
         """Several rows on a GPU after the fused plan's RMSNorm: the norm writes e4m3 rows and
         their scales itself (``hearth_kernels/fp8.norm_quantize_rows``), the same bits as the
-        norm kernel then ``quantize_rows``, one kernel and one pass over the rows instead of two.
-        ``HEARTH_FP8_NORM=0`` keeps the two kernels (to measure the difference)."""
+        norm kernel then ``quantize_rows``, one kernel and one pass over the rows instead of two
+        (on an H100, 8B offline throughput 10,601 against 10,524 tok/s with the two kernels:
+        benchmarks/results/2026-12-05-i17-fp8-norm-8b-throughput-*-h100-2927d5f.json)."""
         from engine.layers.norm import TritonRMSNorm
 
         return (isinstance(norm, TritonRMSNorm) and layer.act is None and layer.qweight.device.type == "cuda"
-                and layer.in_features <= 16384 and os.environ.get("HEARTH_FP8_NORM", "1") != "0")
+                and layer.in_features <= 16384)
 
     def normed_rows(self, x, layer, residual, norm):
         from hearth_kernels.fp8 import norm_quantize_rows

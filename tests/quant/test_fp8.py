@@ -319,14 +319,13 @@ def test_fp8_prompts_take_the_norm_into_the_rounding_with_the_same_logits(tiny_m
                          num_blocks=64)
     loaded = load_model(config)
     try:
-        monkeypatch.delenv("HEARTH_FP8_NORM", raising=False)
         calls = []
         real = Fp8Kernel.normed_rows
         monkeypatch.setattr(Fp8Kernel, "normed_rows", lambda self, *a: calls.append(1) or real(self, *a))
         fused = hearth_logits(loaded.runner)
         layers = len(loaded.runner.model.model.layers)
         assert len(calls) == 2 * layers  # q/k/v's norm and gate_up's, each layer
-        monkeypatch.setenv("HEARTH_FP8_NORM", "0")  # the norm kernel, then the rounding pass
+        monkeypatch.setattr(Fp8Kernel, "fuses_norm_rows", lambda self, layer, norm: False)  # the norm kernel, then the rounding
         calls.clear()
         assert torch.equal(hearth_logits(loaded.runner), fused) and not calls
     finally:
