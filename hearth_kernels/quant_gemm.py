@@ -7,7 +7,7 @@ Three paths, chosen by the number of rows M:
   ``hearth_kernels/quant_mma.py``,
   the weight tile as the dot's tall side and x as the narrow one (see there).
 
-- fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
+- fused (SWAP_ROWS < M < DEQUANT_ROWS, and grouped int8 from 2 rows): each program owns a
   ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps that lie inside one
   quantization group (narrow groups excepted: ``fused_step``). A step loads the packed
   codes, turns them into exact small integers
@@ -25,7 +25,7 @@ Three paths, chosen by the number of rows M:
   summed in a fixed order; the default up to 64 rows, where a few wide tiles would leave SMs
   idle and narrow ones re-read x and run thin dots) and SCALE_B (the weight tile
   dequantized to x's dtype in registers, one accumulator: 128-row int4 tiles fit).
-- dequantize (M >= DEQUANT_ROWS; long prompts): the weight is expanded into a scratch
+- dequantize (M >= DEQUANT_ROWS; prompts and large batches): the weight is expanded into a scratch
   ``[N, K]`` buffer of the activation dtype by one bandwidth-bound kernel (8 x 512 tiles,
   contiguous 16-byte stores; it should run near HBM speed), then multiplied
   by cuBLAS. At M=2048 a weight costs ~4096 FLOP of product (~6 ps at ~700 TFLOP/s) and
@@ -41,11 +41,18 @@ loads its ``BLOCK_K / GROUP`` scales and mins of each row and scales the code ti
 ``[BLOCK_N, groups, GROUP]`` (``_scale_groups``). Until 2026-12-05 every weight loaded its own
 group's scale and min: 128 global loads a step per thread for int8 in 16s at the 64 x 128
 tile, 1,730 instructions a K step against 411 now (int4 in 32s: 1,073 against 450), and the
-16-row tile spilled (sm_90 builds). ``HEARTH_QUANT_GATHER=1`` runs that way, for A/B timing
-(``benchmarks/gpu_session.sh narrow``); not yet timed on a GPU.
+16-row tile spilled (sm_90 builds). On an H100, the 8B projections at 128 rows took 575 us a
+layer (four projections, int4 in 32s) against 2,555 before, and 563 against 1,025 for int8 in
+16s (benchmarks/results/2026-12-05-i17-profile-narrow-gather{0,1}-8b-h100-2927d5f.json); the
+dequantize + cuBLAS path (371 and 421 us) still wins there.
 
-``DEQUANT_ROWS`` is a first guess to be measured on the GPU
-(``benchmarks/profile_quant_gemv.py`` times both paths over M).
+``DEQUANT_ROWS`` (128) from ``benchmarks/profile_quant_gemv.py``'s timings of both paths over
+M. On the H200 (8B projections, four a layer; 2026-12-01-i14-profile-quant-gemv-8b-h200-v2.json):
+at 64 rows the fused kernel's best config ran 284 us against dequantize's 289 (int4 in 128s)
+and 238 against 315 (int8 per channel), at 256 rows 665 against 335 and 524 against 363, at
+1,024 1,835 against 712 and 1,608 against 741. On an H100 at 128 rows (the narrow groups
+above) dequantize won or tied at every projection. Until 2026-12-05 it was 1,024, a first
+guess: prompts and batches of 128-1,023 rows ran the fused kernel 1.4-2.6x slower.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (see the docstring)
-DEQUANT_ROWS = 1024
+DEQUANT_ROWS = 128
 #: up to this many rows int4 (and int8, see ``swaps``) runs hearth_kernels/quant_mma.py's weight-stationary kernel
 SWAP_ROWS = 64
 
@@ -132,7 +139,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                        DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        EVEN_K: tl.constexpr, PER_ROW: tl.constexpr, SCALE_B: tl.constexpr,
-                       SPLIT_K: tl.constexpr, GATHER: tl.constexpr):
+                       SPLIT_K: tl.constexpr):
     # int4 codes are in pair order (byte j of a row: inputs 2j low, 2j + 1 high), so the
     # [BLOCK_N, BLOCK_K / 2] byte tile becomes the [BLOCK_N, BLOCK_K] code tile in natural
     # K order by tl.join(lo, hi) (register moves), and x is one contiguous tile: one dot
@@ -170,15 +177,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
             # Steps spanning groups (GROUP < BLOCK_K: GGUF's Q6_K int8 in 16s, int4 in 32s) load the
             # step's NG = BLOCK_K / GROUP scales and mins of each row, [BLOCK_N, NG], and scale the
             # code tile viewed as [BLOCK_N, NG, GROUP] (module docstring, "Narrow groups").
-            # GATHER (HEARTH_QUANT_GATHER=1, for A/B runs) loads each weight's own instead.
-            if GROUP < BLOCK_K and GATHER:
-                if BITS == 4:  # pair order: byte j holds inputs 2j and 2j + 1, one group
-                    kg = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-                else:
-                    kg = k0 + kk
-                # [BLOCK_N, BLOCK_K] (int4: [BLOCK_N, BLOCK_K / 2])
-                sg = rn_safe[:, None] * stride_sn + tl.where(kg < K, kg // GROUP, 0)[None, :]
-            elif GROUP < BLOCK_K:
+            if GROUP < BLOCK_K:
                 NG: tl.constexpr = BLOCK_K // GROUP
                 gi = k0 // GROUP + tl.arange(0, NG)  # (a group past K: index 0, its x is masked to 0)
                 sg = rn_safe[:, None] * stride_sn + tl.where(gi * GROUP < K, gi, 0)[None, :]
@@ -199,7 +198,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                     b = tl.load(q_rows + jb[None, :], mask=(jb < K // 2)[None, :], other=0).to(tl.int32)
                     xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & ((k0 + kk) < K)[None, :],
                                       SWIGLU)
-                if GROUP < BLOCK_K and not GATHER:  # group g's GROUP / 2 bytes share s[:, g]
+                if GROUP < BLOCK_K:  # group g's GROUP / 2 bytes share s[:, g]
                     lo = _scale_groups((b & 15).to(tl.float32), s, mn, GROUP // 2).to(dt)
                     hi = _scale_groups((b >> 4).to(tl.float32), s, mn, GROUP // 2).to(dt)
                 else:
@@ -214,7 +213,7 @@ def _quant_gemm_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, M, N, K, K_STEP
                     k_ok = (k0 + kk) < K
                     c = tl.load(q_rows + (k0 + kk)[None, :], mask=k_ok[None, :], other=0)
                     xk = _load_x_tile(x_rows, (k0 + kk)[None, :], K, m_ok[:, None] & k_ok[None, :], SWIGLU)
-                if GROUP < BLOCK_K and not GATHER:
+                if GROUP < BLOCK_K:
                     w = _scale_groups(c.to(tl.float32), s, mn, GROUP).to(dt)
                 else:
                     w = (c.to(tl.float32) * s + mn).to(dt)
@@ -501,6 +500,6 @@ def _launch_fused(x: torch.Tensor, prepared: PreparedQuant, bias: torch.Tensor |
         DOT_FP32=_BF16_DOT_IN_FP32 and x.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         PER_ROW=prepared.group_size == k, SCALE_B=scale_b, SPLIT_K=split_k,
-        GATHER=os.environ.get("HEARTH_QUANT_GATHER", "0") == "1", num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages)
     if split_k > 1:  # summed in a fixed order: the same result on every run (atomics would not be)
         out.copy_(y.sum(dim=0))

@@ -277,6 +277,25 @@ def test_gemm_dequantize_path(bits, group, mins):
     torch.testing.assert_close(w32, qw.dequantize(torch.float32), rtol=2 ** -23, atol=0)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 128), (8, 16)])
+def test_gemm_dequantizes_from_128_rows(monkeypatch, bits, group):
+    """From ``DEQUANT_ROWS`` (128) rows every layout takes dequantize + matmul (timed faster than
+    the fused kernel there on the H100 and the H200); below, above the weight-stationary
+    kernel's 64, the fused one."""
+    import hearth_kernels.quant_gemm as qg
+
+    assert qg.DEQUANT_ROWS == 128
+    qw, prep = make_weight(bits, 24, 128, group)
+    calls = []
+    real = qg.dequantize_weight
+    monkeypatch.setattr(qg, "dequantize_weight", lambda *a: calls.append(1) or real(*a))
+    for rows, dequantized in ((65, False), (127, False), (128, True)):
+        calls.clear()
+        x = rand_x(rows, 128, torch.bfloat16, seed=rows)
+        check(quant_gemm(x, prep), x, qw, weight_rounding=dequantized or bits == 4 or group < 128)
+        assert bool(calls) == dequantized, rows
+
+
 def test_bad_arguments_are_clear_errors():
     qw, prep = make_weight(4, 8, 64, 32)
     with pytest.raises(ValueError, match="group size 48"):
@@ -320,7 +339,7 @@ for bits, group in ((4, 128), (8, 4096)):
         elif cfg.kind == 1:
             consts = dict(common, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
                           BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, PER_ROW=group == 4096,
-                          SCALE_B=False, SPLIT_K=1, GATHER=False)
+                          SCALE_B=False, SPLIT_K=1)
             cases[f"{name}{bits}"] = (qm._quant_gemm_kernel, q(bits), consts, cfg.warps, cfg.stages)
         else:
             consts = dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=True, STAGES=cfg.stages)
@@ -329,7 +348,7 @@ for bits, group in ((4, 128), (8, 4096)):
         bm, bn, bk, w, st, sb, sk = qm.default_gemm_config(m, 4096, 4096, bits, group)
         consts = dict(common, SWIGLU=False, OFFSET=128 if bits == 4 else 0, DOT_PRECISION="tf32", DOT_FP32=False,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=group == 4096, SCALE_B=sb, SPLIT_K=sk,
-                      GATHER=False)
+                      )
         types = {**q(bits), "y_ptr": "*fp32" if sk > 1 else bf}  # split-K writes fp32 partial sums
         cases[f"gemm{m}_{bits}"] = (qm._quant_gemm_kernel, types, consts, w, st)
     # GGUF's narrow groups (int4 Q4_K/Q4_0/Q4_1: 32; int8 Q6_K: 16) at a prompt of 768
@@ -339,7 +358,7 @@ for bits, group in ((4, 128), (8, 4096)):
     bk, sb = qm.fused_step(bits, narrow, 4096, bk, sb)
     consts = dict(GROUP=narrow, BITS=bits, HAS_MIN=True, HAS_BIAS=False, SWIGLU=False, OFFSET=128 if bits == 4 else 0,
                   DOT_PRECISION="tf32", DOT_FP32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PER_ROW=False,
-                  SCALE_B=sb, SPLIT_K=sk, GATHER=False)
+                  SCALE_B=sb, SPLIT_K=sk)
     cases[f"gemm768_{bits}_g{narrow}"] = (qm._quant_gemm_kernel, q(bits), consts, w, st)
     cases[f"dequantize{bits}"] = (qm._dequantize_kernel, {"q_ptr": q(bits)["q_ptr"], "s_ptr": "*fp16",
                                   "m_ptr": "*fp16", "w_ptr": bf},
