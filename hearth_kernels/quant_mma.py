@@ -26,9 +26,10 @@ The in-register dequantization (``scale_w``, below) wants the codes in float32: 
 goes to the mantissa bit where float32 ``OFFSET + q`` counts ones (bit 16 of 128.0) and is
 OR-ed into that pattern (``_decode_int4_f32``: a shift and a LOP3 a code), where widening the
 bf16 pairs took a PRMT and two IMADs a pair more (sm_90 build: 452 -> 420 instructions a K step
-of the 128x128 tile at 64 rows; ``HEARTH_MMA_DECODE32=0`` keeps the pairs). bf16 x only: fp16's
-pairs widen by HADD2, and its float32 decode (bit 13 of 1024.0) came out 8 instructions a step
-longer.
+of the 128x128 tile at 64 rows; on an H100, batch-64 int4 decode of the 8B shape 10,378 against
+10,198 tok/s, benchmarks/results/2026-12-05-i14-decode32-8b-bs64-*-h100-2927d5f.json). bf16 x
+only: fp16's pairs widen by HADD2, and its float32 decode (bit 13 of 1024.0) came out 8
+instructions a step longer.
 
 int8 codes are converted plainly (-128..127 are exact in bf16/fp16).
 
@@ -71,14 +72,6 @@ MAX_ROWS = 64
 _MAGIC = {torch.bfloat16: (0x43004300, 128), torch.float16: (0x64006400, 1024)}
 #: the same offsets as float32 bit patterns (128.0, 1024.0), for ``_decode_int4_f32``
 _MAGIC32 = {128: 0x43000000, 1024: 0x44800000}
-
-
-def decode32_enabled() -> bool:
-    """Whether the in-register dequantization (``scale_w``) of bf16 activations decodes int4
-    straight to float32 (``_decode_int4_f32``; 452 -> 420 instructions a K step of the 128x128
-    tile at 64 rows, 436 -> 404 at 16, sm_90 build); ``HEARTH_MMA_DECODE32=0`` keeps the 16-bit
-    decode widened to float32, for A/B."""
-    return os.environ.get("HEARTH_MMA_DECODE32", "1") != "0"
 
 
 class MmaConfig(NamedTuple):
@@ -428,16 +421,24 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     3 in flight, grouped weights dequantized in registers (``scale_w``), and K split until
     there are about 512 programs (384 and at most 4 ways from 33 rows on): qkv, o and down
     (N = 4096-6144) ran 1.5-2.5x faster split 4 ways than not at all. Grouped scales a
-    step ahead (``ahead``; ``ahead_default``)."""
+    step ahead (``ahead``; ``ahead_default``).
+
+    From 33 rows, a down-shaped layer (64-row tiles, K at least 3N) of grouped weights takes K
+    steps of 64, 4 in flight: on an H100 the 8B down (with its SwiGLU) at 64 rows ran 40.1 and
+    40.4 us against 44.5 and 45.2 with steps of 128 (two profiles,
+    benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-decode32-*-bk64-8b-h100-2927d5f.json),
+    where q/k/v, o and gate_up ran 3-13% slower with 64 and stay at 128."""
     block_n, warps = (128, 8) if rows > 32 and n >= 16384 else (64, 4)
-    block_k = _step(group, 128)
+    block_k, stages = _step(group, 128), 3
+    if rows > 32 and block_n == 64 and k >= 3 * n and group < k and group % 64 == 0:
+        block_k, stages = 64, 4
     tiles = -(-n // block_n) * -(-rows // block_m_for(rows))
     want, most = (384, 4) if rows > 32 else (512, 8)
     steps = -(-k // block_k)
     split = 1
     while tiles * split * 2 <= want and split < most and steps % (2 * split) == 0:
         split *= 2
-    return MmaConfig(block_n, block_k, warps, 3, split, group < k, group < k and ahead_default())
+    return MmaConfig(block_n, block_k, warps, stages, split, group < k, group < k and ahead_default())
 
 
 def ahead_default() -> bool:
@@ -458,6 +459,8 @@ def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaCon
     out = [default_mma_config(rows, n, k, bits, group)]
     bk = _step(group, 128)
     scaled = group < k
+    if out[0].block_k != bk:  # the default's steps of 64 (a down-shaped layer): also the same with 128
+        out.append(out[0]._replace(block_k=bk, stages=3))
     for cand in (MmaConfig(64, bk, 4, 4, 4, scaled), MmaConfig(64, bk, 4, 4, 8, scaled),
                  MmaConfig(64, bk, 4, 6, 4, scaled), MmaConfig(64, _step(group, 256), 4, 3, 4, scaled),
                  MmaConfig(128, bk, 8, 4, 1, scaled), MmaConfig(64, bk, 4, 4, 2, scaled), MmaConfig(64, bk, 4, 4, 1, scaled),
@@ -504,7 +507,7 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     scale_w = bool(cfg.scale_w) and group < k
     # bf16 x only (fp16's pairs widen by HADD2: the float32 decode was 8 instructions a step more);
     # the interpreter takes it too, so that the CPU tests run it
-    decode32 = bits == 4 and scale_w and x.dtype == torch.bfloat16 and decode32_enabled()
+    decode32 = bits == 4 and scale_w and x.dtype == torch.bfloat16
     if decode32:
         magic = _MAGIC32[offset]
     elif _DOT_IN_FP32 and x.dtype != torch.float32:

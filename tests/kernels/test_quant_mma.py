@@ -231,6 +231,19 @@ def test_configs_and_errors():
     assert default_mma_config(1, 4096, 4096, 4, 32).block_k == 32  # a step inside one group
     for c in mma_configs(16, 4096, 14336, 4, 128):
         assert (14336 // c.block_k) % c.split_k == 0
+    # from 33 rows a down-shaped layer (K >= 3N) of grouped weights steps K by 64, 4 in flight
+    # (timed faster on an H100); the same config with steps of 128 is still among the configs
+    down = default_mma_config(64, 4096, 14336, 4, 128)
+    assert (down.block_n, down.block_k, down.stages, down.split_k, down.scale_w) == (64, 64, 4, 4, True)
+    assert down._replace(block_k=128, stages=3) in mma_configs(64, 4096, 14336, 4, 128)
+    for c in mma_configs(64, 4096, 14336, 4, 128):
+        assert (14336 // c.block_k) % c.split_k == 0
+    assert default_mma_config(33, 4096, 14336, 4, 128).block_k == 64
+    assert default_mma_config(32, 4096, 14336, 4, 128).block_k == 128  # 16/32-row tiles: as before
+    assert default_mma_config(64, 6144, 4096, 4, 128).block_k == 128  # q/k/v, o, gate_up: as before
+    assert default_mma_config(64, 28672, 4096, 4, 128).block_k == 128
+    assert default_mma_config(64, 4096, 14336, 4, 32).block_k == 32  # groups of 32: a step a group
+    assert default_mma_config(64, 4096, 14336, 8, 14336).block_k == 128  # per channel: as before
     qw, prep = make_weight(4, 40, 64, 32)
     with pytest.raises(ValueError, match="1 to 64 rows"):
         quant_mma(rand_x(65, 64, torch.bfloat16), prep)
