@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-norm|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -64,27 +64,14 @@ case "$what" in throughput-nohf)
   hearth bench --shape llama-8b --suite throughput \
     --json "$OUT/bench-8b-throughput-nohf.json" "$@" 2>&1 | tail -6 ;;
 esac
-case "$what" in fp8-norm)  # fp8 with the RMSNorm rounding its rows itself (several rows) against the
-  # two kernels (HEARTH_FP8_NORM=0) and bf16: offline throughput, and the prompt suite (8,192 tokens)
-  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_gemm.py \
-    tests/quant/test_fp8.py -m gpu 2>&1 | tee "$OUT/gpu_fp8_norm_tests.log" | tail -3
-  for run in ${FP8_NORM_RUNS:-fp8 fp8:HEARTH_FP8_NORM=0 bf16}; do
-    q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
-    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
-    ( [ -n "$knobs" ] && export $knobs
-      hearth bench --shape llama-8b --suite ${FP8_NORM_SUITES:-throughput} --quant $q \
-        --json "$OUT/bench-8b-fp8-norm-$tag.json" "$@" 2>&1 | grep -E "^throughput|^prefill|rror" )
-  done ;;
-esac
-case "$what" in fp8-kv)  # an fp8 KV cache's decode attention with its tiles staged as fp16 (the default)
-  # against Triton's placement (HEARTH_FP8_KV_STAGE=0): its GPU tests (FP8_KV_TESTS=0 skips them), the
+case "$what" in fp8-kv)  # an fp8 KV cache's decode attention: its GPU tests (FP8_KV_TESTS=0 skips them), the
   # kernel alone at batch 512 (FP8_KV_PROFILE=0 skips it), then offline throughput for each of FP8_KV_RUNS, entries
   # QUANT[+fp8kv][:KNOB=V,...] (+fp8kv: --kv-cache-dtype fp8)
   [ "${FP8_KV_TESTS:-1}" = 1 ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 \
     tests/kernels/test_fp8_kv_cache.py -m gpu 2>&1 | tee "$OUT/gpu_fp8_kv_tests.log" | tail -3
   [ "${FP8_KV_PROFILE:-1}" = 1 ] && timeout -s INT ${FP8_KV_PROFILE_TIMEOUT:-200} python benchmarks/profile_decode_attention.py \
     --kv-dtype fp8 --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -12
-  for run in ${FP8_KV_RUNS:-fp8+fp8kv fp8+fp8kv:HEARTH_FP8_KV_STAGE=0 bf16}; do
+  for run in ${FP8_KV_RUNS:-fp8+fp8kv fp8 bf16+fp8kv bf16}; do
     spec=${run%%:*}; knobs=""; [ "$run" != "$spec" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     q=${spec%%+*}; kv=auto; [ "$spec" != "$q" ] && kv=fp8
     tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,+' '-' | tr 'A-Z_' 'a-z-')
@@ -93,16 +80,13 @@ case "$what" in fp8-kv)  # an fp8 KV cache's decode attention with its tiles sta
         --json "$OUT/bench-8b-fp8-kv-$tag.json" "$@" 2>&1 | grep -E "^throughput|^decode|rror" )
   done ;;
 esac
-case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on the fused kernel, the step's
-  # scales per group (the default) against each weight's own (HEARTH_QUANT_GATHER=1): GPU tests, then
-  # the 8B projections at NARROW_ROWS rows, each way (prompts below DEQUANT_ROWS and batches over 64)
+case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on the fused kernel: GPU tests, then
+  # the 8B projections at NARROW_ROWS rows (prompts below DEQUANT_ROWS and batches over 64)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 tests/kernels/test_quant_gemv.py \
     tests/kernels/test_quant_dp4a.py -m gpu -k "32 or 16" 2>&1 | tee "$OUT/gpu_narrow_tests.log" | tail -3
-  for gather in 0 1; do
-    HEARTH_QUANT_GATHER=$gather timeout -s INT ${NARROW_TIMEOUT:-200} python benchmarks/profile_quant_gemv.py \
-      --skip-gemv --skip-old --formats int4-g32,int8-g16 --rows ${NARROW_ROWS:-128,512} \
-      --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-gather$gather-8b.json" 2>&1 | grep -E "^M=|per layer"
-  done ;;
+  timeout -s INT ${NARROW_TIMEOUT:-200} python benchmarks/profile_quant_gemv.py \
+    --skip-gemv --skip-old --formats int4-g32,int8-g16 --rows ${NARROW_ROWS:-128,512} \
+    --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-8b.json" 2>&1 | grep -E "^M=|per layer" ;;
 esac
 case "$what" in throughput-fp8)
   hearth bench --shape llama-8b --suite throughput --kv-cache-dtype fp8 \
@@ -134,7 +118,7 @@ case "$what" in pdl)  # programmatic dependent launch on and off (HEARTH_PDL): i
   done ;;
 esac
 case "$what" in bs1)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
-  # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. fp8:HEARTH_GEMV_XROWS=0)
+  # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. int4:HEARTH_PDL=0)
   for run in ${BS1_QUANTS:-bf16 int8 int4 fp8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')

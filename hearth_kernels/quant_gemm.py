@@ -52,7 +52,7 @@ at 64 rows the fused kernel's best config ran 284 us against dequantize's 289 (i
 and 238 against 315 (int8 per channel), at 256 rows 665 against 335 and 524 against 363, at
 1,024 1,835 against 712 and 1,608 against 741. On an H100 at 128 rows (the narrow groups
 above) dequantize won or tied at every projection. Until 2026-12-05 it was 1,024, a first
-guess: prompts and batches of 128-1,023 rows ran the fused kernel 1.4-2.6x slower.
+guess: prompts and batches of 128-1,023 rows ran the fused kernel 1.3-3.5x slower.
 """
 
 from __future__ import annotations
