@@ -7,7 +7,7 @@ Three paths, chosen by the number of rows M:
   ``hearth_kernels/quant_mma.py``,
   the weight tile as the dot's tall side and x as the narrow one (see there).
 
-- fused (SWAP_ROWS < M < DEQUANT_ROWS, and grouped int8 from 2 rows): each program owns a
+- fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
   ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps that lie inside one
   quantization group (narrow groups excepted: ``fused_step``). A step loads the packed
   codes, turns them into exact small integers
@@ -25,7 +25,7 @@ Three paths, chosen by the number of rows M:
   summed in a fixed order; the default up to 64 rows, where a few wide tiles would leave SMs
   idle and narrow ones re-read x and run thin dots) and SCALE_B (the weight tile
   dequantized to x's dtype in registers, one accumulator: 128-row int4 tiles fit).
-- dequantize (M >= DEQUANT_ROWS; prompts and large batches): the weight is expanded into a scratch
+- dequantize (M >= DEQUANT_ROWS; long prompts): the weight is expanded into a scratch
   ``[N, K]`` buffer of the activation dtype by one bandwidth-bound kernel (8 x 512 tiles,
   contiguous 16-byte stores; it should run near HBM speed), then multiplied
   by cuBLAS. At M=2048 a weight costs ~4096 FLOP of product (~6 ps at ~700 TFLOP/s) and
@@ -41,18 +41,24 @@ loads its ``BLOCK_K / GROUP`` scales and mins of each row and scales the code ti
 ``[BLOCK_N, groups, GROUP]`` (``_scale_groups``). Until 2026-12-05 every weight loaded its own
 group's scale and min: 128 global loads a step per thread for int8 in 16s at the 64 x 128
 tile, 1,730 instructions a K step against 411 now (int4 in 32s: 1,073 against 450), and the
-16-row tile spilled (sm_90 builds). On an H100, the 8B projections at 128 rows took 575 us a
-layer (four projections, int4 in 32s) against 2,555 before, and 563 against 1,025 for int8 in
+16-row tile spilled (sm_90 builds). On an H100, the 8B projections q/k/v, gate_up and down at 128
+rows took 575 us together (int4 in 32s) against 2,555 before, and 563 against 1,025 for int8 in
 16s (benchmarks/results/2026-12-05-i17-profile-narrow-gather{0,1}-8b-h100-2927d5f.json); the
-dequantize + cuBLAS path (371 and 421 us) still wins there.
+dequantize + cuBLAS path (371 and 421 us) is faster still there (below).
 
-``DEQUANT_ROWS`` (128) from ``benchmarks/profile_quant_gemv.py``'s timings of both paths over
-M. On the H200 (8B projections, four a layer; 2026-12-01-i14-profile-quant-gemv-8b-h200-v2.json):
-at 64 rows the fused kernel's best config ran 284 us against dequantize's 289 (int4 in 128s)
-and 238 against 315 (int8 per channel), at 256 rows 665 against 335 and 524 against 363, at
-1,024 1,835 against 712 and 1,608 against 741. On an H100 at 128 rows (the narrow groups
-above) dequantize won or tied at every projection. Until 2026-12-05 it was 1,024, a first
-guess: prompts and batches of 128-1,023 rows ran the fused kernel 1.3-3.5x slower.
+``DEQUANT_ROWS`` (1,024) was a first guess; ``benchmarks/profile_quant_gemv.py`` times both
+paths over M. On the H200 (8B projections q/k/v, o, gate_up, down;
+2026-12-01-i14-profile-quant-gemv-8b-h200-v2.json): at 64 rows the fused kernel's best config
+ran 284 us a layer against dequantize's 289 (int4 in 128s) and 238 against 315 (int8 per
+channel), at 256 rows 665 against 335 and 524 against 363, at 1,024 1,835 against 712 and
+1,608 against 741; on an H100 at 128 rows (the narrow groups above, q/k/v, gate_up and down)
+dequantize won or tied at each. So from somewhere between 64 and 256 rows dequantize is
+1.3-3.5x faster per projection, but the threshold stays until three things are done: timing
+int4 in 128s and int8 per channel at 128-192 rows, and the untied int8 head (not profiled: at
+128+ decode rows it would dequantize a 1 GB scratch every step for the 8B); and counting the
+scratch (the largest projection's [N, K]) in the decode graphs' reserved pool, which has no
+such term (``cuda_graphs.reserve_bytes``): a prompt's scratch is already in the measured
+activation peak, a decode batch's isn't.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (see the docstring)
-DEQUANT_ROWS = 128
+DEQUANT_ROWS = 1024
 #: up to this many rows int4 (and int8, see ``swaps``) runs hearth_kernels/quant_mma.py's weight-stationary kernel
 SWAP_ROWS = 64
 

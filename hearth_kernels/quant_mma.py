@@ -432,13 +432,20 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     block_k, stages = _step(group, 128), 3
     if rows > 32 and block_n == 64 and k >= 3 * n and group < k and group % 64 == 0:
         block_k, stages = 64, 4
+    split = _default_split(rows, n, k, block_n, block_k)
+    return MmaConfig(block_n, block_k, warps, stages, split, group < k, group < k and ahead_default())
+
+
+def _default_split(rows: int, n: int, k: int, block_n: int, block_k: int) -> int:
+    """``default_mma_config``'s K split: doubled while the programs stay under about 512
+    (384, and at most 4 ways, from 33 rows) and it divides the K steps."""
     tiles = -(-n // block_n) * -(-rows // block_m_for(rows))
     want, most = (384, 4) if rows > 32 else (512, 8)
     steps = -(-k // block_k)
     split = 1
     while tiles * split * 2 <= want and split < most and steps % (2 * split) == 0:
         split *= 2
-    return MmaConfig(block_n, block_k, warps, stages, split, group < k, group < k and ahead_default())
+    return split
 
 
 def ahead_default() -> bool:
@@ -459,8 +466,9 @@ def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaCon
     out = [default_mma_config(rows, n, k, bits, group)]
     bk = _step(group, 128)
     scaled = group < k
-    if out[0].block_k != bk:  # the default's steps of 64 (a down-shaped layer): also the same with 128
-        out.append(out[0]._replace(block_k=bk, stages=3))
+    if out[0].block_k != bk:  # the default's steps of 64 (a down-shaped layer): also the one with 128
+        out.append(out[0]._replace(block_k=bk, stages=3,
+                                   split_k=_default_split(rows, n, k, out[0].block_n, bk)))
     for cand in (MmaConfig(64, bk, 4, 4, 4, scaled), MmaConfig(64, bk, 4, 4, 8, scaled),
                  MmaConfig(64, bk, 4, 6, 4, scaled), MmaConfig(64, _step(group, 256), 4, 3, 4, scaled),
                  MmaConfig(128, bk, 8, 4, 1, scaled), MmaConfig(64, bk, 4, 4, 2, scaled), MmaConfig(64, bk, 4, 4, 1, scaled),

@@ -277,25 +277,6 @@ def test_gemm_dequantize_path(bits, group, mins):
     torch.testing.assert_close(w32, qw.dequantize(torch.float32), rtol=2 ** -23, atol=0)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (8, 128), (8, 16)])
-def test_gemm_dequantizes_from_128_rows(monkeypatch, bits, group):
-    """From ``DEQUANT_ROWS`` (128) rows every layout takes dequantize + matmul (timed faster than
-    the fused kernel there on the H100 and the H200); below, above the weight-stationary
-    kernel's 64, the fused one."""
-    import hearth_kernels.quant_gemm as qg
-
-    assert qg.DEQUANT_ROWS == 128
-    qw, prep = make_weight(bits, 24, 128, group)
-    calls = []
-    real = qg.dequantize_weight
-    monkeypatch.setattr(qg, "dequantize_weight", lambda *a: calls.append(1) or real(*a))
-    for rows, dequantized in ((65, False), (127, False), (128, True)):
-        calls.clear()
-        x = rand_x(rows, 128, torch.bfloat16, seed=rows)
-        check(quant_gemm(x, prep), x, qw, weight_rounding=dequantized or bits == 4 or group < 128)
-        assert bool(calls) == dequantized, rows
-
-
 def test_bad_arguments_are_clear_errors():
     qw, prep = make_weight(4, 8, 64, 32)
     with pytest.raises(ValueError, match="group size 48"):

@@ -236,8 +236,9 @@ def test_configs_and_errors():
     down = default_mma_config(64, 4096, 14336, 4, 128)
     assert (down.block_n, down.block_k, down.stages, down.split_k, down.scale_w) == (64, 64, 4, 4, True)
     assert down._replace(block_k=128, stages=3) in mma_configs(64, 4096, 14336, 4, 128)
-    for c in mma_configs(64, 4096, 14336, 4, 128):
-        assert (14336 // c.block_k) % c.split_k == 0
+    for k in (14336, 384, 640, 1920):  # every config's split divides its K steps (3, 5, 15 of 128)
+        for c in mma_configs(64, 128, k, 4, 128):
+            assert (k // c.block_k) % c.split_k == 0, (k, c)
     assert default_mma_config(33, 4096, 14336, 4, 128).block_k == 64
     assert default_mma_config(32, 4096, 14336, 4, 128).block_k == 128  # 16/32-row tiles: as before
     assert default_mma_config(64, 6144, 4096, 4, 128).block_k == 128  # q/k/v, o, gate_up: as before
@@ -268,6 +269,12 @@ for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):
                       DECODE32=cfg.scale_w)
         row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
         print(json.dumps({"rows": rows, "swiglu": swiglu, "config": list(cfg), **row}), flush=True)
+cfg = qm.default_mma_config(64, 4096, 14336, 4, 128)  # a down-shaped layer's default: K steps of 64
+consts = dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=False, OFFSET=128, DOT_FP32=False,
+              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=False, SPLIT_K=cfg.split_k,
+              STAGES=cfg.stages, ONE_ROW=False, SCALE_W=cfg.scale_w, AHEAD=cfg.ahead, DECODE32=cfg.scale_w)
+row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
+print(json.dumps({"rows": 64, "swiglu": False, "config": list(cfg), "down": True, **row}), flush=True)
 for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes converted by _INT8_ASM
     t8 = types | {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "q_ptr": "*i8"}
     for rows in (1, 64):
@@ -307,7 +314,8 @@ def test_compiles_for_sm90_on_wgmma_without_spills():
         if row["config"][0] >= 64 and not row.get("cc"):  # sm_80/89 have no wgmma
             assert row["wgmma"], row
     assert len([row for row in rows if row.get("cc")]) == 3  # compiled for sm_80/89 too
-    assert len([row for row in rows if row["config"][6]]) == 16  # scales ahead: the default and three more, each row count
+    assert len([row for row in rows if row["config"][6] and not row.get("down")]) == 16  # scales ahead: the default and three more, each row count
+    assert [row["config"][1] for row in rows if row.get("down")] == [64]  # the down-shaped default, compiled
     for row in rows:  # the int8 decode gets neighbouring K columns, even first
         if row.get("int8"):
             assert row["asm_pairs"] is True, row
