@@ -44,6 +44,19 @@ def test_int4(rows, n, k, group, dtype):
             check(quant_mma(x, prep, config=config), x, qw, weight_rounding=dtype != torch.float32)
 
 
+@pytest.mark.parametrize("rows,dtype", [(40, torch.bfloat16), (64, torch.float16)])
+def test_int4_down_shaped_default_steps_of_64(rows, dtype):
+    """From 33 rows a down-shaped layer (K >= 3N, groups of 128) runs its default with K steps
+    of 64, 4 in flight, scales ahead, K split: the products of the steps-of-128 config."""
+    qw, prep = make_weight(4, 40, 512, 128)
+    x = rand_x(rows, 512, dtype)
+    cfg = default_mma_config(rows, 40, 512, 4, 128)
+    assert (cfg.block_k, cfg.stages, cfg.scale_w, cfg.ahead) == (64, 4, True, True) and cfg.split_k > 1
+    y = quant_mma(x, prep)
+    check(y, x, qw, weight_rounding=True)
+    check(quant_mma(x, prep, config=cfg._replace(block_k=128, stages=3)), x, qw, weight_rounding=True)
+
+
 @pytest.mark.parametrize("n,k,group,mins", [(40, 96, 96, False), (72, 192, 64, True), (24, 256, 256, True)])
 def test_int8(n, k, group, mins):
     qw, prep = make_weight(8, n, k, group, mins)
@@ -244,6 +257,7 @@ def test_configs_and_errors():
     assert default_mma_config(64, 6144, 4096, 4, 128).block_k == 128  # q/k/v, o, gate_up: as before
     assert default_mma_config(64, 28672, 4096, 4, 128).block_k == 128
     assert default_mma_config(64, 4096, 14336, 4, 32).block_k == 32  # groups of 32: a step a group
+    assert default_mma_config(64, 4096, 14336, 4, 64)[1:4] == (64, 4, 3)  # groups of 64: as before
     assert default_mma_config(64, 4096, 14336, 8, 14336).block_k == 128  # per channel: as before
     qw, prep = make_weight(4, 40, 64, 32)
     with pytest.raises(ValueError, match="1 to 64 rows"):
