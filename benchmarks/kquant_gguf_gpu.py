@@ -165,6 +165,18 @@ def run_bench(quant: str, args, json_path: Path, log_path: Path, timeout: float)
     return out
 
 
+def copy_out(args, quants: list[str]) -> None:
+    """Copy these quants' bench JSON and log from ``--work`` into ``--json-dir`` (if given)."""
+    if not args.json_dir:
+        return
+    args.json_dir.mkdir(parents=True, exist_ok=True)
+    for quant in quants:
+        for suffix in (".json", ".log"):
+            kept_file = args.work / f"bench-{args.shape.removeprefix('llama-')}-q4_k_m-{quant}{suffix}"
+            if kept_file.is_file():
+                shutil.copy(kept_file, args.json_dir / kept_file.name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama-8b", help="a shape of engine.shapes (default llama-8b)")
@@ -240,6 +252,7 @@ def main() -> None:
         if "row" in res:
             kept.write_text(json.dumps(res, indent=1) + "\n")
         results[quant] = res
+        copy_out(args, [quant])  # now, so that a time limit during the next quant's load keeps this one's
     # Rows of quants not asked for this time but measured on this file earlier join the summary.
     for other in args.work.glob(f"bench-{args.shape.removeprefix('llama-')}-q4_k_m-*.result.json"):
         quant = other.name.split("-q4_k_m-")[1].removesuffix(".result.json")
@@ -247,13 +260,7 @@ def main() -> None:
             done = json.loads(other.read_text())
             if done.get("source") == source(quant):
                 results[quant] = done
-    if args.json_dir:  # each quant's bench JSON and log, this call's or an earlier one's
-        args.json_dir.mkdir(parents=True, exist_ok=True)
-        for quant in results:
-            for suffix in (".json", ".log"):
-                kept_file = args.work / f"bench-{args.shape.removeprefix('llama-')}-q4_k_m-{quant}{suffix}"
-                if kept_file.is_file():
-                    shutil.copy(kept_file, args.json_dir / kept_file.name)
+    copy_out(args, list(results))  # each quant's bench JSON and log, this call's or an earlier one's
 
     summary = summarize(args, shape, record, results)
     text = json.dumps(summary, indent=1)
