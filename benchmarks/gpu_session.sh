@@ -86,13 +86,13 @@ case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on th
     tests/kernels/test_quant_dp4a.py -m gpu -k "32 or 16" 2>&1 | tee "$OUT/gpu_narrow_tests.log" | tail -3
   timeout -s INT ${NARROW_TIMEOUT:-200} python benchmarks/profile_quant_gemv.py \
     --skip-gemv --skip-old --formats int4-g32,int8-g16 --rows ${NARROW_ROWS:-128,512} \
-    --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-8b.json" 2>&1 | grep -E "^M=|per layer" ;;
+    --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;
 esac
 case "$what" in dequant-rows)  # where dequantize + cuBLAS overtakes the fused kernel (quant_gemm.DEQUANT_ROWS,
   # 1,024): the 8B projections and the untied int8 head at DQ_ROWS rows, int4 in 128s and int8 per channel
   timeout -s INT ${DQ_TIMEOUT:-300} python benchmarks/profile_quant_gemv.py --skip-gemv --skip-old \
     --formats int4-g128,int8 --rows ${DQ_ROWS:-96,128,192} --layers qkv,o,gate_up,down+swiglu,lm_head \
-    --json "$OUT/profile-dequant-rows-8b.json" 2>&1 | grep -E "^M=|per layer" ;;
+    --json "$OUT/profile-dequant-rows-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;
 esac
 case "$what" in throughput-fp8)
   hearth bench --shape llama-8b --suite throughput --kv-cache-dtype fp8 \

@@ -238,6 +238,7 @@ def main() -> None:
         if done and done.get("source") == source(quant) and "row" in done and not args.rerun:
             print(f"\n== {quant}: measured by an earlier call ({done['row']['decode_tok_s']:.1f} tok/s)", flush=True)
             results[quant] = done
+            copy_out(args, [quant])
             continue
         left = args.budget - (time.perf_counter() - start)
         from_file = source(quant) is file_key
@@ -247,6 +248,7 @@ def main() -> None:
                   f"({'with' if need > LOAD_AND_DECODE_S else 'no'} conversion); run again for it "
                   "(or --force)", flush=True)
             continue
+        (args.work / f"{stem}.json").unlink(missing_ok=True)  # no earlier run's JSON beside this run's log
         res = run_bench(quant, args, args.work / f"{stem}.json", args.work / f"{stem}.log", left)
         res["source"] = source(quant)
         if "row" in res:

@@ -312,7 +312,12 @@ def summary(result: dict) -> None:
               f" dequant {r['dequant_us']:.1f}, bf16 {r['bf16_us']:.1f})")
     for fmt in {r["format"] for r in gem}:
         for m in sorted({r["m"] for r in gem}):
-            rs = [r for r in gem if r["format"] == fmt and r["m"] == m]
+            for r in (r for r in gem if r["format"] == fmt and r["m"] == m and r["layer"] == "lm_head"):
+                print(f"{fmt} M={m:<5} lm_head (once a step): bf16 {r['bf16_us']:.0f} us, fused default "
+                      f"{r['fused_us']:.0f}, fused best {r['fused_best_us']:.0f}, dequant {r['dequant_us']:.0f}")
+            rs = [r for r in gem if r["format"] == fmt and r["m"] == m and r["layer"] != "lm_head"]
+            if not rs:
+                continue
             bf = sum(r["bf16_us"] for r in rs)
             fused, deq = sum(r["fused_best_us"] for r in rs), sum(r["dequant_us"] for r in rs)
             fdef = sum(r["fused_us"] for r in rs)

@@ -53,7 +53,8 @@ ran 284 us a layer against dequantize's 289 (int4 in 128s) and 238 against 315 (
 channel), at 256 rows 665 against 335 and 524 against 363, at 1,024 1,835 against 712 and
 1,608 against 741; on an H100 at 128 rows (the narrow groups above, q/k/v, gate_up and down)
 dequantize won or tied at each. So from somewhere between 64 and 256 rows dequantize is
-1.3-3.5x faster per projection, but the threshold stays until three things are done: timing
+faster, up to ~3x per projection within 128-512 rows, but the threshold stays until three
+things are done: timing
 int4 in 128s and int8 per channel at 128-192 rows, and the untied int8 head (not profiled: at
 128+ decode rows it would dequantize a 1 GB scratch every step for the 8B); and counting the
 scratch (the largest projection's [N, K]) in the decode graphs' reserved pool, which has no

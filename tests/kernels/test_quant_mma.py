@@ -45,12 +45,14 @@ def test_int4(rows, n, k, group, dtype):
 
 
 @pytest.mark.parametrize("rows,dtype", [(40, torch.bfloat16), (64, torch.float16)])
-def test_int4_down_shaped_default_steps_of_64(rows, dtype):
+def test_int4_down_shaped_default_steps_of_64(monkeypatch, rows, dtype):
     """From 33 rows a down-shaped layer (K >= 3N, groups of 128) runs its default with K steps
-    of 64, 4 in flight, scales ahead, K split: the products of the steps-of-128 config."""
-    qw, prep = make_weight(4, 40, 512, 128)
-    x = rand_x(rows, 512, dtype)
-    cfg = default_mma_config(rows, 40, 512, 4, 128)
+    of 64, 4 in flight, scales ahead, K split (4 steps a program: two groups each, so the scales
+    ahead move on within a program): the products of the steps-of-128 config."""
+    monkeypatch.delenv("HEARTH_QUANT_MMA_AHEAD", raising=False)
+    qw, prep = make_weight(4, 40, 1024, 128)
+    x = rand_x(rows, 1024, dtype)
+    cfg = default_mma_config(rows, 40, 1024, 4, 128)
     assert (cfg.block_k, cfg.stages, cfg.scale_w, cfg.ahead) == (64, 4, True, True) and cfg.split_k > 1
     y = quant_mma(x, prep)
     check(y, x, qw, weight_rounding=True)
@@ -284,11 +286,12 @@ for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):
         row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
         print(json.dumps({"rows": rows, "swiglu": swiglu, "config": list(cfg), **row}), flush=True)
 cfg = qm.default_mma_config(64, 4096, 14336, 4, 128)  # a down-shaped layer's default: K steps of 64
-consts = dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=False, OFFSET=128, DOT_FP32=False,
-              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=False, SPLIT_K=cfg.split_k,
-              STAGES=cfg.stages, ONE_ROW=False, SCALE_W=cfg.scale_w, AHEAD=cfg.ahead, DECODE32=cfg.scale_w)
-row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
-print(json.dumps({"rows": 64, "swiglu": False, "config": list(cfg), "down": True, **row}), flush=True)
+for swiglu in (False, True):
+    consts = dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=swiglu, OFFSET=128, DOT_FP32=False,
+                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=False, SPLIT_K=cfg.split_k,
+                  STAGES=cfg.stages, ONE_ROW=False, SCALE_W=cfg.scale_w, AHEAD=cfg.ahead, DECODE32=cfg.scale_w)
+    row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
+    print(json.dumps({"rows": 64, "swiglu": swiglu, "config": list(cfg), "down": True, **row}), flush=True)
 for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes converted by _INT8_ASM
     t8 = types | {"x_ptr": "*" + dt, "b_ptr": "*" + dt, "y_ptr": "*" + dt, "q_ptr": "*i8"}
     for rows in (1, 64):
@@ -329,7 +332,7 @@ def test_compiles_for_sm90_on_wgmma_without_spills():
             assert row["wgmma"], row
     assert len([row for row in rows if row.get("cc")]) == 3  # compiled for sm_80/89 too
     assert len([row for row in rows if row["config"][6] and not row.get("down")]) == 16  # scales ahead: the default and three more, each row count
-    assert [row["config"][1] for row in rows if row.get("down")] == [64]  # the down-shaped default, compiled
+    assert [row["config"][1] for row in rows if row.get("down")] == [64, 64]  # the down-shaped default, compiled
     for row in rows:  # the int8 decode gets neighbouring K columns, even first
         if row.get("int8"):
             assert row["asm_pairs"] is True, row
