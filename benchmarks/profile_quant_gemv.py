@@ -321,7 +321,8 @@ def summary(result: dict) -> None:
             bf = sum(r["bf16_us"] for r in rs)
             fused, deq = sum(r["fused_best_us"] for r in rs), sum(r["dequant_us"] for r in rs)
             fdef = sum(r["fused_us"] for r in rs)
-            print(f"{fmt} M={m:<5} per layer ({len(rs)} projections: {', '.join(r['layer'] for r in rs)}): bf16 {bf:.0f} us, fused default {fdef:.0f} "
+            names = ", ".join(r["layer"] for r in rs)
+            print(f"{fmt} M={m:<5} per layer ({len(rs)} projections: {names}): bf16 {bf:.0f} us, fused default {fdef:.0f} "
                   f"(x{fdef / bf:.2f}), fused best {fused:.0f} (x{fused / bf:.2f}), "
                   f"dequant {deq:.0f} (x{deq / bf:.2f})")
 

@@ -54,10 +54,9 @@ channel), at 256 rows 665 against 335 and 524 against 363, at 1,024 1,835 agains
 1,608 against 741; on an H100 at 128 rows (the narrow groups above, q/k/v, gate_up and down)
 dequantize won or tied at each. So from somewhere between 64 and 256 rows dequantize is
 faster, up to ~3x per projection within 128-512 rows, but the threshold stays until three
-things are done: timing
-int4 in 128s and int8 per channel at 128-192 rows, and the untied int8 head (not profiled: at
-128+ decode rows it would dequantize a 1 GB scratch every step for the 8B); and counting the
-scratch (the largest projection's [N, K]) in the decode graphs' reserved pool, which has no
+things are done: timing int4 in 128s and int8 per channel at 128-192 rows, and the untied int8
+head (not profiled: at 128+ decode rows it would dequantize a 1 GB scratch every step for the
+8B); and counting the scratch (the largest projection's [N, K]) in the decode graphs' reserved pool, which has no
 such term (``cuda_graphs.reserve_bytes``): a prompt's scratch is already in the measured
 activation peak, a decode batch's isn't.
 """

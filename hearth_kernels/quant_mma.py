@@ -424,8 +424,8 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     step ahead (``ahead``; ``ahead_default``).
 
     From 33 rows, a down-shaped layer (64-row tiles, K at least 3N) of weights in groups of a
-    multiple of 128 takes K steps of 64, 4 in flight: on an H100 the 8B down (with its SwiGLU) at 64 rows ran 40.1 and
-    40.4 us against 44.5 and 45.2 with steps of 128 (two profiles,
+    multiple of 128 takes K steps of 64, 4 in flight: on an H100 the 8B down (with its SwiGLU)
+    at 64 rows ran 40.1 and 40.4 us against 44.5 and 45.2 with steps of 128 (two profiles,
     benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-decode32-*-bk64-8b-h100-2927d5f.json),
     where q/k/v, o and gate_up ran 3-13% slower with 64 and stay at 128."""
     block_n, warps = (128, 8) if rows > 32 and n >= 16384 else (64, 4)
