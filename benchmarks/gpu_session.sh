@@ -89,7 +89,9 @@ case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on th
     --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;
 esac
 case "$what" in dequant-rows)  # where dequantize + cuBLAS overtakes the fused kernel (quant_gemm.DEQUANT_ROWS,
-  # 1,024): the 8B projections and the untied int8 head at DQ_ROWS rows, int4 in 128s and int8 per channel
+  # int4 96, int8 192; 1,024 before 2026-12-05): the 8B projections and the untied int8 head at DQ_ROWS rows,
+  # int4 in 128s and int8 per channel. End to end, old against new (the runs' JSON record the knob):
+  #   FP8_KV_TESTS=0 FP8_KV_PROFILE=0 FP8_KV_RUNS="int4 int4:HEARTH_QUANT_DEQUANT_ROWS=1024 bf16" ... fp8-kv
   timeout -s INT ${DQ_TIMEOUT:-300} python benchmarks/profile_quant_gemv.py --skip-gemv --skip-old \
     --formats int4-g128,int8 --rows ${DQ_ROWS:-96,128,192} --layers qkv,o,gate_up,down+swiglu,lm_head \
     --json "$OUT/profile-dequant-rows-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;

@@ -46,19 +46,20 @@ rows took 575 us together (int4 in 32s) against 2,555 before, and 563 against 1,
 16s (benchmarks/results/2026-12-05-i17-profile-narrow-gather{0,1}-8b-h100-2927d5f.json); the
 dequantize + cuBLAS path (371 and 421 us) is faster still there (below).
 
-``DEQUANT_ROWS`` (1,024) was a first guess; ``benchmarks/profile_quant_gemv.py`` times both
-paths over M. On the H200 (8B projections q/k/v, o, gate_up, down;
-2026-12-01-i14-profile-quant-gemv-8b-h200-v2.json): at 64 rows the fused kernel's best config
-ran 284 us a layer against dequantize's 289 (int4 in 128s) and 238 against 315 (int8 per
-channel), at 256 rows 665 against 335 and 524 against 363, at 1,024 1,835 against 712 and
-1,608 against 741; on an H100 at 128 rows (the narrow groups above, q/k/v, gate_up and down)
-dequantize won or tied at each. So from somewhere between 64 and 256 rows dequantize is
-faster, up to ~3x per projection within 128-512 rows, but the threshold stays until three
-things are done: timing int4 in 128s and int8 per channel at 128-192 rows, and the untied int8
-head (not profiled: at 128+ decode rows it would dequantize a 1 GB scratch every step for the
-8B); and counting the scratch (the largest projection's [N, K]) in the decode graphs' reserved pool, which has no
-such term (``cuda_graphs.reserve_bytes``): a prompt's scratch is already in the measured
-activation peak, a decode batch's isn't.
+``DEQUANT_ROWS`` was 1,024 for both widths until 2026-12-05, a first guess; it is now 96 rows for
+int4 and 192 for int8 (any grouping), from the 8B projections (q/k/v, o, gate_up, down) timed both
+ways on an H100 (benchmarks/results/2026-12-05-i14-profile-dequant-rows-8b-h100-e376f8b.json): per
+layer, int4 in 128s ran 444/466/693 us fused (default configs) against 384/389/404 dequantized at
+96/128/192 rows; int8 per channel 314/343/510 against 423/426/439. On the H200 earlier
+(2026-12-01-i14-profile-quant-gemv-8b-h200-v2.json) the two were even at 64 rows and dequantize
+~2x ahead at 256; on the H100 the fused kernel on narrow groups (int4 in 32s, int8 in 16s) tied
+with it or lost at 128. End to end, offline throughput of the 8B (512 requests) went from
+5,456 to 7,551 tok/s for int4 and 6,151 to 7,400 for int8 (bf16 9,281; same H100 call,
+2026-12-05-i14-dequant-rows-8b-throughput-*-h100-e376f8b-dq.json). 65-95 rows of int4 stay fused
+(not timed there). The LM head keeps 1,024 (``engine.layers.quant_linear.HEAD_DEQUANT_ROWS``): the
+fused kernel ran the 8B's faster at 96 and 128 rows (int8 at 192 too; int4 at 192 dequantize led,
+932 against 1,189 us), and its scratch would be the whole [vocab, hidden] matrix. The scratch (the largest dequantizing projection's [N, K]) is counted in the
+graphs' reserved pool (``engine.runner.memory.scratch_bytes``).
 """
 
 from __future__ import annotations
@@ -78,8 +79,17 @@ from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 # build never takes this branch.
 _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
-#: from this many rows on, dequantize into scratch and use cuBLAS (see the docstring)
-DEQUANT_ROWS = 1024
+#: from this many rows on, dequantize into scratch and use cuBLAS, per code width (see the
+#: docstring); ``HEARTH_QUANT_DEQUANT_ROWS=N`` sets both (an A/B knob: 1024 was the old default)
+DEQUANT_ROWS = {4: 96, 8: 192}
+if os.environ.get("HEARTH_QUANT_DEQUANT_ROWS"):
+    DEQUANT_ROWS = dict.fromkeys(DEQUANT_ROWS, int(os.environ["HEARTH_QUANT_DEQUANT_ROWS"]))
+
+
+def dequant_rows_for(bits: int, dequant_rows: int | None = None) -> int:
+    """From how many rows a weight of ``bits``-bit codes takes the dequantize path
+    (``dequant_rows`` when given)."""
+    return DEQUANT_ROWS[bits] if dequant_rows is None else dequant_rows
 #: up to this many rows int4 (and int8, see ``swaps``) runs hearth_kernels/quant_mma.py's weight-stationary kernel
 SWAP_ROWS = 64
 
@@ -459,7 +469,7 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         x = x.contiguous()
     if swiglu:  # first on every path (inside quant_mma every program would repeat it)
         x = silu_and_mul(x)
-    dequant = rows >= (DEQUANT_ROWS if dequant_rows is None else dequant_rows)
+    dequant = rows >= dequant_rows_for(prepared.bits, dequant_rows)
     if not dequant and config is None and swaps(prepared.bits, prepared.group_size, k) and k % 16 == 0 \
             and rows <= min(MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
         return quant_mma(x, prepared, bias=bias, out=out)

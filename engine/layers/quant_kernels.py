@@ -71,6 +71,11 @@ class QuantKernel:
         """``(layer(norm(x + residual)), x + residual)`` for several rows (when ``fuses_norm_rows``)."""
         raise NotImplementedError
 
+    def scratch_bytes(self, layer, rows: int, itemsize: int) -> int:
+        """Temporary memory a call over ``rows`` rows allocates beyond its output (a decode
+        graph's pool must hold it: ``engine.runner.memory.graph_reserve_bytes``)."""
+        return 0
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
 
@@ -174,8 +179,19 @@ class TritonQuant(QuantKernel):
                               bias=layer.bias)
         if layer.gated and layer.perm is None and layer.act is not silu_and_mul_reference:
             # the fused plan's SwiGLU (the Triton kernel's rounding), inside the GEMM's x pass where it has one
-            return self._gemm(x, self.prepared, bias=layer.bias, out=out, swiglu=True)
-        return self._gemm(permuted(gated(x, layer), layer), self.prepared, bias=layer.bias, out=out)
+            return self._gemm(x, self.prepared, bias=layer.bias, out=out, swiglu=True,
+                              dequant_rows=layer.dequant_rows)
+        return self._gemm(permuted(gated(x, layer), layer), self.prepared, bias=layer.bias, out=out,
+                          dequant_rows=layer.dequant_rows)
+
+    def scratch_bytes(self, layer, rows: int, itemsize: int) -> int:
+        """The dequantize path's [N, K] weight in the activation dtype, from its row threshold
+        on (``hearth_kernels/quant_gemm.dequant_rows_for``)."""
+        from hearth_kernels.quant_gemm import dequant_rows_for
+
+        if self.prepared is None or rows < max(2, dequant_rows_for(self.prepared.bits, layer.dequant_rows)):
+            return 0
+        return self.prepared.out_features * self.prepared.in_features * itemsize
 
     def fuses_norm(self, layer, norm) -> bool:
         """A dp4a config taking the norm in (``norm_fusable``: the row in one program, or x

@@ -32,6 +32,13 @@ from engine.quant.qweight import QuantizedWeight
 from engine.quant.sources import QuantSource
 
 
+#: an LM head's dequantize threshold (``QuantizedStore.dequant_rows``; the old default for every
+#: projection): its scratch would be the whole [vocab, hidden] matrix (1 GB for Llama-3 8B in
+#: bf16) in every decode step from there, and the fused kernel ran the 8B's faster at 96 and 128
+#: rows on an H100, int8 at 192 too (benchmarks/results/2026-12-05-i14-profile-dequant-rows-8b-h100-e376f8b.json)
+HEAD_DEQUANT_ROWS = 1024
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
 
@@ -43,6 +50,11 @@ class QuantizedStore(nn.Module):
     for a plain one). ``checkpoint_params`` are the checkpoint tensor names (per shard)
     this module loads itself (``load_part``); ``weight_loader`` streams them here.
     """
+
+    #: from how many rows the GPU kernel dequantizes the weight into a scratch and runs cuBLAS
+    #: (None: ``hearth_kernels/quant_gemm.DEQUANT_ROWS`` of its code width; an LM head:
+    #: ``HEAD_DEQUANT_ROWS``)
+    dequant_rows: int | None = None
 
     def _init_store(self, out_features: int, in_features: int, source: QuantSource,
                     shard_offsets: dict[Hashable, tuple[int, int]] | None) -> None:
@@ -282,6 +294,8 @@ def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
 
 class QuantizedTiedHead(QuantizedLinear):
     """The LM head of a tied model whose embedding is quantized: the same parameters."""
+
+    dequant_rows = HEAD_DEQUANT_ROWS
 
     def __init__(self, embedding: QuantizedVocabEmbedding) -> None:
         nn.Module.__init__(self)

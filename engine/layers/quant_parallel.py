@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from engine.layers.parallel import TPGroup, VocabParallelEmbedding, VocabParallelLMHead
-from engine.layers.quant_linear import QuantizedLinear, QuantizedTiedHead, QuantizedVocabEmbedding
+from engine.layers.quant_linear import HEAD_DEQUANT_ROWS, QuantizedLinear, QuantizedTiedHead, QuantizedVocabEmbedding
 from engine.layers.weight_loader import WeightShapeError
 from engine.quant.sources import QuantSource
 
@@ -94,6 +94,7 @@ class QuantizedVocabParallelHead(_VocabRows, _GatheredLogits, QuantizedLinear):
     """An untied LM head's rows of this rank, quantized."""
 
     tied = False
+    dequant_rows = HEAD_DEQUANT_ROWS
 
     def __init__(self, head: VocabParallelLMHead, source: QuantSource) -> None:
         QuantizedLinear.__init__(self, head.in_features, head.out_features, source, dtype=head.weight.dtype)

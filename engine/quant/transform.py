@@ -245,7 +245,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
     from engine.layers.embedding import VocabEmbedding
     from engine.layers.linear import Linear, TiedLMHead
     from engine.layers.modules import replace_module
-    from engine.layers.quant_linear import QuantizedLinear, QuantizedTiedHead, QuantizedVocabEmbedding
+    from engine.layers.quant_linear import HEAD_DEQUANT_ROWS, QuantizedLinear, QuantizedTiedHead, QuantizedVocabEmbedding
     from engine.quant.qweight import check_shape
 
     if not plan.quantizes:
@@ -310,7 +310,10 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
                     continue  # kept float (an fp8 head of 32,001 rows can't go through the fp8 GEMM)
                 source = plan.untied_head
         _refuse_shape(source, name, module.out_features, module.in_features, check_shape)
-        replace_module(model, name, QuantizedLinear.replacing(module, source))
+        quantized = QuantizedLinear.replacing(module, source)
+        if name == "lm_head":  # its dequantize scratch would be the whole [vocab, hidden] matrix
+            quantized.dequant_rows = HEAD_DEQUANT_ROWS
+        replace_module(model, name, quantized)
     head = getattr(model, "lm_head", None)
     if embed_source is not None and isinstance(head, TiedLMHead):
         replace_module(model, "lm_head", QuantizedTiedHead(model.get_submodule(_embedding_name(model))))

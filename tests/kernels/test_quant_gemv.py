@@ -26,7 +26,7 @@ import torch
 from engine.quant.qweight import QuantizedWeight
 from engine.quant.rtn import quantize_int4, quantize_int8
 from hearth_kernels.activation import silu_and_mul
-from hearth_kernels.quant_gemm import dequantize_weight, quant_gemm
+from hearth_kernels.quant_gemm import dequant_rows_for, dequantize_weight, quant_gemm
 from hearth_kernels.quant_gemv import (DP4A, GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
                                 quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
@@ -397,14 +397,18 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
             check_exact(y, x, prep, swiglu=swiglu, levels=1)
         else:  # SWAP_SCALED dequantizes the weight tile to bf16 in registers, like the dequantize path
             check(y, x_eff, qw, weight_rounding=config.kind == 4 or narrow_fused(config, bits, group))
-    for rows in (2, 64, 300):
+    for rows in (2, 64, 80, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
-        # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default
+        # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default;
+        # from dequant_rows_for(bits) the weight dequantized to bf16 (80 rows: int4 and int8 fused)
         # (narrow groups always scale the weight tile in registers: kernels/quant_gemm.fused_step)
         narrow = group in (16, 32)
-        check(quant_gemm(xm, prep), xm, qw, weight_rounding=(bits == 4 and rows <= 64) or narrow)
-        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1)), xm, qw, weight_rounding=narrow)
+        rounded = (bits == 4 and rows <= 64) or rows >= dequant_rows_for(bits)
+        check(quant_gemm(xm, prep), xm, qw, weight_rounding=rounded or narrow)
+        check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1), dequant_rows=1 << 30), xm, qw,
+              weight_rounding=narrow)
     # SCALE_B 128-row tiles (weight rounded to bf16 in registers, like the dequantize path)
-    check(quant_gemm(xm, prep, config=(128, 128, 64, 8, 3, True, 1)), xm, qw, weight_rounding=True)
+    check(quant_gemm(xm, prep, config=(128, 128, 64, 8, 3, True, 1), dequant_rows=1 << 30), xm, qw,
+          weight_rounding=True)
     xm = torch.randn(1100, k, device="cuda", generator=g).bfloat16()
     check(quant_gemm(xm, prep), xm, qw, weight_rounding=True)
