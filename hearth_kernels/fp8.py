@@ -34,7 +34,10 @@ import triton.language as tl
 
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.rmsnorm import _rms_normalize
-from hearth_kernels.quant_mma import _DOT_IN_FP32, MAX_ROWS, _split, _tile_rows, _write_tile, block_m_for
+from hearth_kernels.quant_mma import _DOT_IN_FP32, _split, _tile_rows, _write_tile, block_m_for
+
+#: the most rows ``fp8_mma`` takes (one x tile; it runs batch 1)
+MAX_ROWS = 64
 
 #: e4m3's largest finite value.
 FP8_MAX = 448.0

@@ -3,9 +3,15 @@ with ``W`` a ``PreparedQuant`` (``hearth_kernels/quant_gemv.py``; int4 codes in 
 
 Three paths, chosen by the number of rows M:
 
-- weight-stationary (int4, and int8 per channel: ``swaps``; M <= ``SWAP_ROWS``; batched decode):
-  ``hearth_kernels/quant_mma.py``,
-  the weight tile as the dot's tall side and x as the narrow one (see there).
+- weight-stationary (int4, and int8 per channel: ``swaps``; M <= ``SWAP_ROWS``, 128; batched
+  decode, short prompts): ``hearth_kernels/quant_mma.py``, the weight tile as the dot's tall side
+  and x as the narrow one (see there); from 65 rows two x tiles per weight tile. 64 until
+  2026-12-05: on an H100 the four 8B projections took 136 us a layer on it at 64 rows
+  (benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-8b-h100-e376f8b.json), so two such
+  passes (at most 272) beat both other paths at 65-128 rows there (int4 in 128s: 384-389 us
+  dequantized, 444-466 fused; below); on the H200 (154 us at 64 rows, ad38898) against ~290-335
+  dequantized it is about even for int4 and ahead for int8 per channel (113 at 64 rows,
+  23cc299). Not timed end to end yet: ``HEARTH_QUANT_SWAP_ROWS=64`` gives the old routing.
 
 - fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
   ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps that lie inside one
@@ -46,20 +52,26 @@ rows took 575 us together (int4 in 32s) against 2,555 before, and 563 against 1,
 16s (benchmarks/results/2026-12-05-i17-profile-narrow-gather{0,1}-8b-h100-2927d5f.json); the
 dequantize + cuBLAS path (371 and 421 us) is faster still there (below).
 
-``DEQUANT_ROWS`` was 1,024 for both widths until 2026-12-05, a first guess; it is now 96 rows for
-int4 and 192 for int8 (any grouping), from the 8B projections (q/k/v, o, gate_up, down) timed both
-ways on an H100 (benchmarks/results/2026-12-05-i14-profile-dequant-rows-8b-h100-e376f8b.json): per
-layer, int4 in 128s ran 444/466/693 us fused (default configs) against 384/389/404 dequantized at
-96/128/192 rows; int8 per channel 314/343/510 against 423/426/439. On the H200 earlier
-(2026-12-01-i14-profile-quant-gemv-8b-h200-v2.json) the two were even at 64 rows and dequantize
-~2x ahead at 256; on the H100 the fused kernel on narrow groups (int4 in 32s, int8 in 16s) tied
-with it or lost at 128. End to end, offline throughput of the 8B (512 requests) went from
-5,456 to 7,551 tok/s for int4 and 6,151 to 7,400 for int8 (bf16 9,281; same H100 call,
-2026-12-05-i14-dequant-rows-8b-throughput-*-h100-e376f8b-dq.json). 65-95 rows of int4 stay fused
-(not timed there). The LM head keeps 1,024 (``engine.layers.quant_linear.HEAD_DEQUANT_ROWS``): the
-fused kernel ran the 8B's faster at 96 and 128 rows (int8 at 192 too; int4 at 192 dequantize led,
-932 against 1,189 us), and its scratch would be the whole [vocab, hidden] matrix. The scratch (the largest dequantizing projection's [N, K]) is counted in the
-graphs' reserved pool (``engine.runner.memory.scratch_bytes``).
+``DEQUANT_ROWS`` was 1,024 for every weight until 2026-12-05, a first guess; it is now 96 rows for
+int4, 192 for int8 per output channel and 128 for grouped int8 (where the weight-stationary
+kernel doesn't take the rows: above 128 for int4 and per-channel int8 since then). The 8B
+projections (q/k/v, o, gate_up, down) timed both ways on an H100
+(benchmarks/results/2026-12-05-i14-profile-dequant-rows-8b-h100-e376f8b.json), summed per layer
+(not every projection agrees: int4 gate_up ran fused as fast or faster at 96 and 128 rows): int4
+in 128s ran 444/466/693 us fused (default configs) against 384/389/404 dequantized at 96/128/192
+rows; int8 per channel 314/343/510 against 423/426/439. Grouped int8 was timed at 128 rows only,
+in GGUF Q6_K's groups of 16 (563 fused against 421; 2026-12-05-i17-profile-narrow-gather0-8b-h100-2927d5f.json).
+On the H200 earlier (2026-12-01-i14-profile-quant-gemv-8b-h200-v2.json) int4 in 128s was even at
+64 rows and dequantized ~2x faster at 256; int8 per channel ran fused ahead at 64 rows (238
+against 315 us) and dequantized 1.44x faster at 256 (363 against 524). End to end, offline
+throughput of the 8B (512 requests) went from 5,456 to 7,551 tok/s for int4 and 6,151 to 7,400
+for int8 (bf16 9,281; one run each, same H100 call,
+2026-12-05-i14-dequant-rows-8b-throughput-*-h100-e376f8b-dq.json). An LM head keeps 1,024
+(``engine.layers.quant_linear.HEAD_DEQUANT_ROWS``; the untied head of an int4 or int8 model is
+int8 per channel): fused, the 8B's ran faster at 96 and 128 rows (542 and 620 us against 974 and
+980 at the default config), dequantized slightly faster at 192 (989 against 1,029), and its scratch
+would be the whole [vocab, hidden] matrix. The scratch (the largest dequantizing projection's
+[N, K]) is counted in the graphs' reserved pool (``engine.runner.memory.scratch_bytes``).
 """
 
 from __future__ import annotations
@@ -79,19 +91,25 @@ from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 # build never takes this branch.
 _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
-#: from this many rows on, dequantize into scratch and use cuBLAS, per code width (see the
-#: docstring); ``HEARTH_QUANT_DEQUANT_ROWS=N`` sets both (an A/B knob: 1024 was the old default)
-DEQUANT_ROWS = {4: 96, 8: 192}
+#: from this many rows on, dequantize into scratch and use cuBLAS (where the weight-stationary
+#: kernel doesn't take the rows; see the docstring): int4, int8 per output channel, grouped int8;
+#: ``HEARTH_QUANT_DEQUANT_ROWS=N`` sets all three (an A/B knob: 1024 was the old default)
+DEQUANT_ROWS = {"int4": 96, "int8": 192, "int8 grouped": 128}
 if os.environ.get("HEARTH_QUANT_DEQUANT_ROWS"):
     DEQUANT_ROWS = dict.fromkeys(DEQUANT_ROWS, int(os.environ["HEARTH_QUANT_DEQUANT_ROWS"]))
 
 
-def dequant_rows_for(bits: int, dequant_rows: int | None = None) -> int:
-    """From how many rows a weight of ``bits``-bit codes takes the dequantize path
-    (``dequant_rows`` when given)."""
-    return DEQUANT_ROWS[bits] if dequant_rows is None else dequant_rows
+def dequant_rows_for(bits: int, group: int, k: int, dequant_rows: int | None = None) -> int:
+    """From how many rows a weight of ``bits``-bit codes in groups of ``group`` (``k``: per
+    channel) takes the dequantize path (``dequant_rows`` when given)."""
+    if dequant_rows is not None:
+        return dequant_rows
+    return DEQUANT_ROWS["int4" if bits == 4 else "int8" if group >= k else "int8 grouped"]
+
+
 #: up to this many rows int4 (and int8, see ``swaps``) runs hearth_kernels/quant_mma.py's weight-stationary kernel
-SWAP_ROWS = 64
+#: (64 until 2026-12-05; ``HEARTH_QUANT_SWAP_ROWS=64`` for an A/B: see ``quant_gemm``)
+SWAP_ROWS = int(os.environ.get("HEARTH_QUANT_SWAP_ROWS") or 128)
 
 
 def swaps(bits: int, group: int, k: int) -> bool:
@@ -444,19 +462,34 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, group: int) -> tuple:
     return block_m, block_n, block_k, warps, stages, False, 1
 
 
+def gemm_path(rows: int, prepared: PreparedQuant, *, config: tuple | None = None, dequant_rows: int | None = None,
+              swap_rows: int | None = None) -> str:
+    """Which kernel ``quant_gemm`` runs for ``rows`` rows (same arguments): ``"mma"`` (the
+    weight-stationary kernel: no ``config``, ``swaps``, up to ``swap_rows``, unless an explicit
+    ``dequant_rows`` is at most ``rows``), else ``"dequant"`` from ``dequant_rows_for``'s
+    threshold, else ``"fused"``."""
+    bits, group, k = prepared.bits, prepared.group_size, prepared.in_features
+    if config is None and swaps(bits, group, k) and k % 16 == 0 \
+            and rows <= min(MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows) \
+            and (dequant_rows is None or rows < dequant_rows):
+        return "mma"
+    return "dequant" if rows >= dequant_rows_for(bits, group, k, dequant_rows) else "fused"
+
+
 def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None,
                dequant_rows: int | None = None, swap_rows: int | None = None, swiglu: bool = False) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x [M, K] (bf16/fp16; fp32 for tests) and the ``prepared``
     int4/int8 weight; returns [M, N] in x's dtype (into ``out`` when given). M below
-    ``dequant_rows`` (default ``DEQUANT_ROWS``) runs the fused kernel with ``config``
+    ``dequant_rows`` (default ``dequant_rows_for``: int4, int8, grouped int8) runs the fused kernel with ``config``
     (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; ``default_gemm_config`` when
     omitted; a sixth element ``True`` (SCALE_B) dequantizes each weight tile to x's dtype in
     registers before the dot: one accumulator, so 128-row tiles of grouped int4 fit, at
     the cost of rounding the weight like the dequantize path; a seventh, SPLIT_K > 1, splits
     K over that many programs per tile, see ``_launch_fused``), otherwise dequantize + cuBLAS.
     Without a ``config``, int4 with up to ``swap_rows`` rows (default ``SWAP_ROWS``) runs
-    ``hearth_kernels/quant_mma.py`` instead of the fused kernel (int8 too: ``swaps``).
+    ``hearth_kernels/quant_mma.py`` instead of either (int8 per channel too: ``swaps``), unless
+    an explicit ``dequant_rows`` is at most M.
     ``swiglu``: x is ``[gate | up]`` [M, 2K] and the product is of silu(gate) * up, rounded
     like ``hearth_kernels/activation.silu_and_mul`` (that kernel runs first)."""
     n, k = prepared.out_features, prepared.in_features
@@ -469,11 +502,10 @@ def quant_gemm(x: torch.Tensor, prepared: PreparedQuant, *, bias: torch.Tensor |
         x = x.contiguous()
     if swiglu:  # first on every path (inside quant_mma every program would repeat it)
         x = silu_and_mul(x)
-    dequant = rows >= dequant_rows_for(prepared.bits, dequant_rows)
-    if not dequant and config is None and swaps(prepared.bits, prepared.group_size, k) and k % 16 == 0 \
-            and rows <= min(MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows):
+    path = gemm_path(rows, prepared, config=config, dequant_rows=dequant_rows, swap_rows=swap_rows)
+    if path == "mma":
         return quant_mma(x, prepared, bias=bias, out=out)
-    if dequant:
+    if path == "dequant":
         w = dequantize_weight(prepared, x.dtype)
         if bias is None:
             return torch.mm(x, w.t(), out=out)

@@ -66,8 +66,9 @@ from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 # bf16/fp16 dots run in fp32 (the GPU build never takes this branch).
 _DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
-#: the most rows of x this kernel takes (its x tile is at most 64 wide)
-MAX_ROWS = 64
+#: the most rows of x this kernel takes (its x tile is at most 64 wide: from 65 rows, two x tiles
+#: per weight tile, in neighbouring programs)
+MAX_ROWS = 128
 
 _MAGIC = {torch.bfloat16: (0x43004300, 128), torch.float16: (0x64006400, 1024)}
 #: the same offsets as float32 bit patterns (128.0, 1024.0), for ``_decode_int4_f32``
@@ -221,13 +222,14 @@ def _column_sums(xt, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _tile_rows(M, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's output tile (axis 0; neighbouring programs share the x tile) ->
-    (tile, weight rows, x rows, their masks); the rows clamped into range, so the weight
-    loads need no mask."""
+    """This program's output tile (axis 0) -> (tile, weight rows, x rows, their masks); the
+    rows clamped into range, so the weight loads need no mask. With more than one x tile (65+
+    rows) the programs of one weight tile are neighbours, so that the second reads the weight
+    from L2 while the first has just brought it (x is small and stays in L2 anyway)."""
     tile = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    rn = (tile % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (tile // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_m = tl.cdiv(M, BLOCK_M)
+    rn = (tile // num_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (tile % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok = rn < N
     m_ok = rm < M
     return tile, tl.where(n_ok, rn, 0).to(tl.int64), tl.where(m_ok, rm, 0).to(tl.int64), n_ok, m_ok
@@ -487,7 +489,7 @@ def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaCon
 
 def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None = None, swiglu: bool = False,
               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for x [M, K] (M <= 64; [M, 2K] ``[gate | up]`` with ``swiglu``)
+    """``x @ W.T (+ bias)`` for x [M, K] (M <= ``MAX_ROWS``; [M, 2K] ``[gate | up]`` with ``swiglu``)
     in bf16/fp16 (fp32 for tests), W the ``prepared`` weight; [M, N] in x's dtype, into
     ``out`` when given. No host sync; capturable in a CUDA graph once a split-K config has
     run for this size outside capture (its counters are made then)."""

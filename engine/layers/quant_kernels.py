@@ -185,11 +185,11 @@ class TritonQuant(QuantKernel):
                           dequant_rows=layer.dequant_rows)
 
     def scratch_bytes(self, layer, rows: int, itemsize: int) -> int:
-        """The dequantize path's [N, K] weight in the activation dtype, from its row threshold
-        on (``hearth_kernels/quant_gemm.dequant_rows_for``)."""
-        from hearth_kernels.quant_gemm import dequant_rows_for
+        """The dequantize path's [N, K] weight in the activation dtype where ``rows`` rows take
+        it (``hearth_kernels/quant_gemm.gemm_path``; fewer rows never do where ``rows`` doesn't)."""
+        from hearth_kernels.quant_gemm import gemm_path
 
-        if self.prepared is None or rows < max(2, dequant_rows_for(self.prepared.bits, layer.dequant_rows)):
+        if self.prepared is None or rows < 2 or gemm_path(rows, self.prepared, dequant_rows=layer.dequant_rows) != "dequant":
             return 0
         return self.prepared.out_features * self.prepared.in_features * itemsize
 

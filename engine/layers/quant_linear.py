@@ -34,8 +34,8 @@ from engine.quant.sources import QuantSource
 
 #: an LM head's dequantize threshold (``QuantizedStore.dequant_rows``; the old default for every
 #: projection): its scratch would be the whole [vocab, hidden] matrix (1 GB for Llama-3 8B in
-#: bf16) in every decode step from there, and the fused kernel ran the 8B's faster at 96 and 128
-#: rows on an H100, int8 at 192 too (benchmarks/results/2026-12-05-i14-profile-dequant-rows-8b-h100-e376f8b.json)
+#: bf16) in every decode step from there, and the fused kernel ran the 8B's int8 head faster at 96
+#: and 128 rows on an H100, about even at 192 (benchmarks/results/2026-12-05-i14-profile-dequant-rows-8b-h100-e376f8b.json)
 HEAD_DEQUANT_ROWS = 1024
 
 

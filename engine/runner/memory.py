@@ -140,20 +140,23 @@ def graph_reserve_bytes(runner, max_batch: int, prompt_tokens: int = 0) -> int:
                                        s.intermediate_size, size)
     top = max(prompt_graphs.prompt_buckets(prompt_tokens), default=0)
     prompt = prompt_graphs.reserve_bytes(top, s.hidden_size, s.intermediate_size, size)
+    # (a prompt graph's head takes one row: the last token's)
     return (cuda_graphs.POOL_SLACK + max(decode + scratch_bytes(runner.model, max_batch, size),
-                                         prompt + scratch_bytes(runner.model, top, size))
+                                         prompt + scratch_bytes(runner.model, top, size, head_rows=1))
             + cuda_graphs.logits_bytes(max_batch, s.vocab_size, size))
 
 
-def scratch_bytes(model, rows: int, itemsize: int) -> int:
-    """The largest temporary a projection's kernel allocates for ``rows`` rows (a quantized
-    one's dequantized weight, ``QuantKernel.scratch_bytes``): one at a time, reused layer
-    after layer."""
+def scratch_bytes(model, rows: int, itemsize: int, head_rows: int | None = None) -> int:
+    """The largest temporary a projection's kernel allocates for ``rows`` rows (``head_rows``
+    for the LM head, when given): a quantized one's dequantized weight
+    (``QuantKernel.scratch_bytes``), freed after its matmul, so one at a time."""
+    head = getattr(model, "lm_head", None)
     largest = 0
     for m in model.modules():
         kernel = getattr(m, "kernel", None)
         if hasattr(kernel, "scratch_bytes"):
-            largest = max(largest, kernel.scratch_bytes(m, rows, itemsize))
+            n = head_rows if m is head and head_rows is not None else rows
+            largest = max(largest, kernel.scratch_bytes(m, n, itemsize))
     return largest
 
 

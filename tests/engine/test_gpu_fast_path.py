@@ -226,16 +226,18 @@ def test_prompt_graphs_match_torch_token_for_token(tiny_models, kv):
     assert got == want
 
 
-@pytest.mark.parametrize("seqs", [64, 256])
-def test_graph_memory_stays_within_what_the_kv_pool_left_for_it(seqs):
+@pytest.mark.parametrize("seqs,quant", [(64, "none"), (256, "none"), (256, "int4"), (256, "int8")])
+def test_graph_memory_stays_within_what_the_kv_pool_left_for_it(seqs, quant):
     """The KV cache is sized after setting aside graph_reserve_bytes: the captured graphs
     (prompt and decode, one pool) must fit in it. Llama-1B shape (random weights), so the
     activations, not the slack, dominate the reserve; at 256 sequences there are 35 decode
-    buckets (a [bs, vocab] output kept per bucket would hold 4,231 rows of logits)."""
+    buckets (a [bs, vocab] output kept per bucket would hold 4,231 rows of logits). int4 and
+    int8: buckets over 128 rows and prompt buckets dequantize each weight into a scratch
+    (freed after its matmul) inside the graphs' pool."""
     from engine.runner.memory import graph_reserve_bytes
 
     e = Engine.load("shape:llama-1b", device="cuda", max_model_len=4096, max_num_seqs=seqs,
-                    max_num_batched_tokens=2048)
+                    max_num_batched_tokens=2048, quantization=quant)
     info, runner = e.model_info, e.runner
     reserve = graph_reserve_bytes(runner, seqs, 2048)
     e.shutdown()

@@ -26,7 +26,7 @@ import torch
 from engine.quant.qweight import QuantizedWeight
 from engine.quant.rtn import quantize_int4, quantize_int8
 from hearth_kernels.activation import silu_and_mul
-from hearth_kernels.quant_gemm import dequant_rows_for, dequantize_weight, quant_gemm
+from hearth_kernels.quant_gemm import dequantize_weight, gemm_path, quant_gemm
 from hearth_kernels.quant_gemv import (DP4A, GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
                                 quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
@@ -399,11 +399,12 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
             check(y, x_eff, qw, weight_rounding=config.kind == 4 or narrow_fused(config, bits, group))
     for rows in (2, 64, 80, 300):
         xm = torch.randn(rows, k, device="cuda", generator=g).bfloat16()
-        # int4 up to 64 rows: kernels/quant_mma.py, weight tiles dequantized to bf16 by default;
-        # from dequant_rows_for(bits) the weight dequantized to bf16 (80 rows: int4 and int8 fused)
+        # int4 up to SWAP_ROWS: kernels/quant_mma.py, weight tiles dequantized to bf16 by default;
+        # the dequantize path rounds the weight to bf16 too (gemm_path says which runs)
         # (narrow groups always scale the weight tile in registers: kernels/quant_gemm.fused_step)
         narrow = group in (16, 32)
-        rounded = (bits == 4 and rows <= 64) or rows >= dequant_rows_for(bits)
+        path = gemm_path(rows, prep)
+        rounded = (path == "mma" and bits == 4) or path == "dequant"
         check(quant_gemm(xm, prep), xm, qw, weight_rounding=rounded or narrow)
         check(quant_gemm(xm, prep, config=(64, 128, 128, 8, 4, False, 1), dequant_rows=1 << 30), xm, qw,
               weight_rounding=narrow)

@@ -82,6 +82,24 @@ def test_swiglu_bias_and_out(rows):
         check(y, silu_and_mul(x), qw, bias=bias, weight_rounding=config.scale_w)
 
 
+@pytest.mark.parametrize("rows", [65, 100, 128])
+def test_more_than_one_x_tile(rows):
+    """From 65 rows each weight tile has two x tiles (the second partly masked below 128), in
+    neighbouring programs: int4 and int8, K split or not, with a bias and ``out``."""
+    qw, prep = make_weight(4, 40, 128, 32, seed=rows)
+    x = rand_x(rows, 128, torch.bfloat16, seed=rows)
+    for config in (SMALL, SPLIT):
+        check(quant_mma(x, prep, config=config), x, qw)
+    check(quant_mma(x, prep), x, qw, weight_rounding=True)  # the default: scale_w
+    qw8, prep8 = make_weight(8, 24, 128, 128, seed=rows)
+    bias = rand_x(1, 24, torch.bfloat16, seed=1)[0]
+    out = torch.empty(rows, 24, dtype=torch.bfloat16, device=DEVICE)
+    assert quant_mma(x, prep8, config=SPLIT, bias=bias, out=out) is out
+    check(out, x, qw8, bias=bias)
+    with pytest.raises(ValueError, match="1 to 128 rows"):
+        quant_mma(rand_x(129, 128, torch.bfloat16), prep)
+
+
 def test_split_k_is_deterministic_and_leaves_its_counters_zero():
     qw, prep = make_weight(4, 40, 256, 32)
     x = rand_x(3, 256, torch.bfloat16)
@@ -129,10 +147,10 @@ def test_scales_ahead_by_default_and_among_the_configs(monkeypatch):
     assert not [c for c in mma_configs(64, 4096, 4096, 8, 4096) if c.ahead]
 
 
-def test_int8_takes_the_weight_stationary_kernel_up_to_64_rows(monkeypatch):
-    """int8 per output channel runs ``quant_mma`` for 2-64 rows (measured faster there than
-    the fused kernel); grouped int8 (128, Q8_0's 32, Q6_K's 16), 65 rows and
-    ``HEARTH_QUANT_SWAP_INT8=0`` keep the fused kernel."""
+def test_int8_takes_the_weight_stationary_kernel_up_to_swap_rows(monkeypatch):
+    """int8 per output channel runs ``quant_mma`` for 2-128 rows (``SWAP_ROWS``; measured faster
+    there than the fused kernel at up to 64); grouped int8 (128, Q8_0's 32, Q6_K's 16), 129 rows
+    and ``HEARTH_QUANT_SWAP_INT8=0`` keep the fused kernel."""
     import hearth_kernels.quant_gemm as qg
 
     monkeypatch.delenv("HEARTH_QUANT_SWAP_INT8", raising=False)
@@ -141,16 +159,37 @@ def test_int8_takes_the_weight_stationary_kernel_up_to_64_rows(monkeypatch):
     monkeypatch.setattr(qg, "quant_mma", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     for group, swapped in ((256, True), (128, False), (32, False), (16, False)):
         qw8, prep8 = make_weight(8, 40, 256, group)
-        for rows in (2, 64, 65):
+        for rows in (2, 64, 65, qg.SWAP_ROWS, qg.SWAP_ROWS + 1):
             x8 = rand_x(rows, 256, torch.bfloat16, seed=rows)
-            check(qg.quant_gemm(x8, prep8), x8, qw8, weight_rounding=group == 16)  # (the fused kernel's groups of 16)
-            assert len(calls) == (swapped and rows <= 64), (group, rows)
+            # (the fused kernel's groups of 16; the dequantize path from its threshold)
+            check(qg.quant_gemm(x8, prep8), x8, qw8,
+                  weight_rounding=group == 16 or qg.gemm_path(rows, prep8) == "dequant")
+            assert len(calls) == (swapped and rows <= qg.SWAP_ROWS), (group, rows)
             calls.clear()
     qw8, prep8 = make_weight(8, 40, 256, 256)
     x8 = rand_x(5, 256, torch.bfloat16)
     monkeypatch.setenv("HEARTH_QUANT_SWAP_INT8", "0")
     check(qg.quant_gemm(x8, prep8), x8, qw8)
     assert not calls
+
+
+def test_int4_routing_by_rows(monkeypatch):
+    """int4: the weight-stationary kernel up to ``SWAP_ROWS`` (128), dequantize + matmul beyond
+    (``DEQUANT_ROWS["int4"]`` is below it); an explicit ``dequant_rows`` at most M dequantizes."""
+    import hearth_kernels.quant_gemm as qg
+
+    taken = []
+    real_mma, real_dq = qg.quant_mma, qg.dequantize_weight
+    monkeypatch.setattr(qg, "quant_mma", lambda *a, **kw: taken.append("mma") or real_mma(*a, **kw))
+    monkeypatch.setattr(qg, "dequantize_weight", lambda *a, **kw: taken.append("dequant") or real_dq(*a, **kw))
+    assert qg.SWAP_ROWS == 128 and qg.DEQUANT_ROWS["int4"] < qg.SWAP_ROWS  # (no HEARTH_QUANT_SWAP_ROWS in the tests)
+    qw, prep = make_weight(4, 24, 128, 64)
+    for rows, dequant_rows, want in ((65, None, "mma"), (128, None, "mma"), (129, None, "dequant"),
+                                     (100, 100, "dequant"), (100, 101, "mma")):
+        x = rand_x(rows, 128, torch.bfloat16, seed=rows)
+        check(qg.quant_gemm(x, prep, dequant_rows=dequant_rows), x, qw, weight_rounding=True)
+        assert taken == [want], (rows, dequant_rows, taken)
+        taken.clear()
 
 
 def test_quant_gemm_takes_the_swiglu(monkeypatch):
@@ -262,8 +301,8 @@ def test_configs_and_errors():
     assert default_mma_config(64, 4096, 14336, 4, 64)[1:4] == (64, 4, 3)  # groups of 64: as before
     assert default_mma_config(64, 4096, 14336, 8, 14336).block_k == 128  # per channel: as before
     qw, prep = make_weight(4, 40, 64, 32)
-    with pytest.raises(ValueError, match="1 to 64 rows"):
-        quant_mma(rand_x(65, 64, torch.bfloat16), prep)
+    with pytest.raises(ValueError, match="1 to 128 rows"):
+        quant_mma(rand_x(129, 64, torch.bfloat16), prep)
     _, prep8 = make_weight(8, 40, 100, 100)
     with pytest.raises(ValueError, match="multiple of 16"):
         quant_mma(rand_x(1, 100, torch.bfloat16), prep8)
