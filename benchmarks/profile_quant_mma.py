@@ -112,7 +112,9 @@ def main() -> None:
                     add(["kloop", "mma", "rows", "swap", "swapw"][cfg.kind], cfg,
                         lambda p, c=cfg: quant_gemv(x, p, config=c, swiglu=swiglu, out=y))
             else:
-                add("fused", None, lambda p: quant_gemm(xin, p, out=y, swap_rows=0))
+                add("fused", None, lambda p: quant_gemm(xin, p, out=y, swap_rows=0, dequant_rows=1 << 30))
+                if m > 64:  # where the dequantize path is the rival too
+                    add("dequant", None, lambda p: quant_gemm(xin, p, out=y, dequant_rows=0))
                 extra = [MmaConfig(*(int(v) for v in c.split(","))) for c in args.extra.split(";") if c]
                 extra = [c._replace(scale_w=bool(c.scale_w), ahead=bool(c.ahead)) for c in extra]
                 for cfg in mma_configs(m, n, k, bits, group) + extra:
@@ -123,7 +125,7 @@ def main() -> None:
             for us, label, cfg, diff in timed:
                 best_by_kind.setdefault(label, (us, cfg))
             default = list(default_mma_config(m, n, k, bits, group))
-            default_us = next((us for us, label, cfg, _ in timed if label != "fused" and cfg == default), None)
+            default_us = next((us for us, label, cfg, _ in timed if label not in ("fused", "dequant") and cfg == default), None)
             row = {"layer": name, "n": n, "k": k, "m": m, "weight_mb": nb / 1e6, "bf16_us": bf_us,
                    "best": timed[0][:3] if timed else None, "best_by_kind": best_by_kind,
                    "swap_default": default, "swap_default_us": default_us,

@@ -6,13 +6,13 @@ Three paths, chosen by the number of rows M:
 - weight-stationary (int4, and int8 per channel: ``swaps``; M <= ``SWAP_ROWS``, 128; batched
   decode, short prompts): ``hearth_kernels/quant_mma.py``, the weight tile as the dot's tall side
   and x as the narrow one (see there); from 65 rows two x tiles per weight tile. 64 until
-  2026-12-05: on an H100 the four 8B projections took 136 us a layer on it at 64 rows
-  (benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-8b-h100-e376f8b.json), so two such
-  passes (at most 272) beat both other paths at 65-128 rows there (int4 in 128s: 384-389 us
-  dequantized, 444-466 fused; below); on the H200 (154 us at 64 rows, ad38898) against ~290-335
-  dequantized it is about even for int4 and ahead for int8 per channel (113 at 64 rows,
-  23cc299). Not timed end to end yet: ``HEARTH_QUANT_SWAP_ROWS=64`` gives the old routing.
-
+  2026-12-05. On an H100 the four 8B projections (q/k/v, o, gate_up, down with SwiGLU) at 96 and
+  128 rows took 268 and 272 us a layer on it (default configs) against 386 and 391 dequantized and
+  447 and 471 fused for int4 in 128s, and 191 and 193 against 318 and 341 fused for int8 per
+  channel; bf16 cuBLAS 182-185
+  (benchmarks/results/2026-12-05-i14-profile-quant-mma-int{4,8}-rows128-8b-h100-175d951.json).
+  Not timed end to end yet, nor on an H200 (there int4 ran 154 us a layer at 64 rows against
+  ~290-335 dequantized at 64-256): ``HEARTH_QUANT_SWAP_ROWS=64`` gives the old routing for that A/B.
 - fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
   ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps that lie inside one
   quantization group (narrow groups excepted: ``fused_step``). A step loads the packed
