@@ -5,7 +5,8 @@ Three paths, chosen by the number of rows M:
 
 - weight-stationary (int4, and int8 per channel: ``swaps``; M <= ``SWAP_ROWS``, 128; batched
   decode, short prompts): ``hearth_kernels/quant_mma.py``, the weight tile as the dot's tall side
-  and x as the narrow one (see there); from 65 rows two x tiles per weight tile. 64 until
+  and x as the narrow one (see there); from 65 rows two x tiles per weight tile (int4 in groups
+  of 128+ and per-channel int8 only: GGUF's int4 in 32s keeps 64, not timed there). 64 until
   2026-12-05. On an H100 the four 8B projections (q/k/v, o, gate_up, down with SwiGLU) at 96 and
   128 rows took 268 and 272 us a layer on it (default configs) against 386 and 391 dequantized and
   447 and 471 fused for int4 in 128s, and 191 and 193 against 318 and 341 fused for int8 per
@@ -70,8 +71,11 @@ for int8 (bf16 9,281; one run each, same H100 call,
 (``engine.layers.quant_linear.HEAD_DEQUANT_ROWS``; the untied head of an int4 or int8 model is
 int8 per channel): fused, the 8B's ran faster at 96 and 128 rows (542 and 620 us against 974 and
 980 at the default config), dequantized slightly faster at 192 (989 against 1,029), and its scratch
-would be the whole [vocab, hidden] matrix. The scratch (the largest dequantizing projection's
-[N, K]) is counted in the graphs' reserved pool (``engine.runner.memory.scratch_bytes``).
+would be the whole [vocab, hidden] matrix; since the weight-stationary kernel takes 128 rows
+the head runs there up to 128 (not timed above 64 rows for the head; at 64 on the H200 it ran
+199 us against 387 fused, 2026-12-05-i14-profile-quant-mma-int8-8b-h200-23cc299.json), fused to
+1,023. The scratch (the largest dequantizing projection's [N, K]) is counted in the graphs'
+reserved pool (``engine.runner.memory.scratch_bytes``).
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "Tr
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (where the weight-stationary
 #: kernel doesn't take the rows; see the docstring): int4, int8 per output channel, grouped int8;
-#: ``HEARTH_QUANT_DEQUANT_ROWS=N`` sets all three (an A/B knob: 1024 was the old default)
+#: ``HEARTH_QUANT_DEQUANT_ROWS=N`` sets all three (an A/B knob; the weight-stationary kernel still
+#: comes first up to ``SWAP_ROWS``: the routing before 2026-12-05 is that knob at 1024 with
+#: ``HEARTH_QUANT_SWAP_ROWS=64``)
 DEQUANT_ROWS = {"int4": 96, "int8": 192, "int8 grouped": 128}
 if os.environ.get("HEARTH_QUANT_DEQUANT_ROWS"):
     DEQUANT_ROWS = dict.fromkeys(DEQUANT_ROWS, int(os.environ["HEARTH_QUANT_DEQUANT_ROWS"]))
@@ -469,9 +475,11 @@ def gemm_path(rows: int, prepared: PreparedQuant, *, config: tuple | None = None
     ``dequant_rows`` is at most ``rows``), else ``"dequant"`` from ``dequant_rows_for``'s
     threshold, else ``"fused"``."""
     bits, group, k = prepared.bits, prepared.group_size, prepared.in_features
+    # above 64 rows (two x tiles) only the forms measured there: groups of 128+ and per channel
+    # (GGUF's int4 in 32s steps K by 32: not timed with two x tiles)
     if config is None and swaps(bits, group, k) and k % 16 == 0 \
             and rows <= min(MAX_ROWS, SWAP_ROWS if swap_rows is None else swap_rows) \
-            and (dequant_rows is None or rows < dequant_rows):
+            and (rows <= 64 or group >= 128) and (dequant_rows is None or rows < dequant_rows):
         return "mma"
     return "dequant" if rows >= dequant_rows_for(bits, group, k, dequant_rows) else "fused"
 

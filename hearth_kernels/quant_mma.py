@@ -423,7 +423,7 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     3 in flight, grouped weights dequantized in registers (``scale_w``), and K split until
     there are about 512 programs (384 and at most 4 ways from 33 rows on): qkv, o and down
     (N = 4096-6144) ran 1.5-2.5x faster split 4 ways than not at all. Grouped scales a
-    step ahead (``ahead``; ``ahead_default``).
+    step ahead (``ahead``; ``ahead_default``), except on 128-row weight tiles from 65 rows.
 
     From 33 rows, a down-shaped layer (64-row tiles, K at least 3N) of weights in groups of a
     multiple of 128 takes K steps of 64, 4 in flight: on an H100 the 8B down (with its SwiGLU)
@@ -435,7 +435,11 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     if rows > 32 and block_n == 64 and k >= 3 * n and group < k and block_k == 128:
         block_k, stages = 64, 4
     split = _default_split(rows, n, k, block_n, block_k)
-    return MmaConfig(block_n, block_k, warps, stages, split, group < k, group < k and ahead_default())
+    # two x tiles (65+ rows) on 128-row weight tiles: scales loaded in their step (the 8B gate_up
+    # at 96 / 128 rows on an H100: 122.7 / 122.3 us against 144.7 / 149.0 a step ahead;
+    # benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-rows128-8b-h100-175d951.json)
+    ahead = group < k and ahead_default() and not (rows > 64 and block_n == 128)
+    return MmaConfig(block_n, block_k, warps, stages, split, group < k, ahead)
 
 
 def _default_split(rows: int, n: int, k: int, block_n: int, block_k: int) -> int:

@@ -98,6 +98,9 @@ def test_more_than_one_x_tile(rows):
     check(out, x, qw8, bias=bias)
     with pytest.raises(ValueError, match="1 to 128 rows"):
         quant_mma(rand_x(129, 128, torch.bfloat16), prep)
+    # SwiGLU over [gate | up] inside the kernel, per-channel int8 without a split
+    xg = rand_x(rows, 256, torch.bfloat16, seed=rows + 1)
+    check(quant_mma(xg, prep8, config=SMALL, swiglu=True), silu_and_mul(xg), qw8)
 
 
 def test_split_k_is_deterministic_and_leaves_its_counters_zero():
@@ -182,13 +185,21 @@ def test_int4_routing_by_rows(monkeypatch):
     real_mma, real_dq = qg.quant_mma, qg.dequantize_weight
     monkeypatch.setattr(qg, "quant_mma", lambda *a, **kw: taken.append("mma") or real_mma(*a, **kw))
     monkeypatch.setattr(qg, "dequantize_weight", lambda *a, **kw: taken.append("dequant") or real_dq(*a, **kw))
-    assert qg.SWAP_ROWS == 128 and qg.DEQUANT_ROWS["int4"] < qg.SWAP_ROWS  # (no HEARTH_QUANT_SWAP_ROWS in the tests)
-    qw, prep = make_weight(4, 24, 128, 64)
+    monkeypatch.setattr(qg, "SWAP_ROWS", 128)  # the defaults, whatever the knobs say
+    monkeypatch.setattr(qg, "DEQUANT_ROWS", {"int4": 96, "int8": 192, "int8 grouped": 128})
+    qw, prep = make_weight(4, 24, 256, 128)
     for rows, dequant_rows, want in ((65, None, "mma"), (128, None, "mma"), (129, None, "dequant"),
                                      (100, 100, "dequant"), (100, 101, "mma")):
-        x = rand_x(rows, 128, torch.bfloat16, seed=rows)
+        x = rand_x(rows, 256, torch.bfloat16, seed=rows)
         check(qg.quant_gemm(x, prep, dequant_rows=dequant_rows), x, qw, weight_rounding=True)
         assert taken == [want], (rows, dequant_rows, taken)
+        taken.clear()
+    # int4 in groups of 32 (GGUF's Q4_K, Q4_0, Q4_1): two x tiles not timed, so only up to 64 rows
+    qw32, prep32 = make_weight(4, 24, 128, 32)
+    for rows, want in ((64, "mma"), (65, "fused"), (96, "dequant")):
+        x = rand_x(rows, 128, torch.bfloat16, seed=rows)
+        check(qg.quant_gemm(x, prep32), x, qw32, weight_rounding=True)
+        assert qg.gemm_path(rows, prep32) == want and taken == ([] if want == "fused" else [want]), (rows, taken)
         taken.clear()
 
 
@@ -278,7 +289,7 @@ def test_gemv_and_gemm_reach_it():
     check(quant_gemm(xm, prep), xm, qw, weight_rounding=True)  # 9 rows of int4: the weight-stationary kernel
 
 
-def test_configs_and_errors():
+def test_configs_and_errors(monkeypatch):
     cfg = default_mma_config(1, 4096, 4096, 4, 128)
     assert cfg.split_k > 1 and cfg.block_k == 128  # 64 tiles of N=4096: K split to fill the SMs
     assert default_mma_config(1, 28672, 4096, 4, 128).split_k == 1
@@ -297,6 +308,10 @@ def test_configs_and_errors():
     assert default_mma_config(32, 4096, 14336, 4, 128).block_k == 128  # 16/32-row tiles: as before
     assert default_mma_config(64, 6144, 4096, 4, 128).block_k == 128  # q/k/v, o, gate_up: as before
     assert default_mma_config(64, 28672, 4096, 4, 128).block_k == 128
+    # from 65 rows a 128-row weight tile loads its scales in their step (gate_up, the head)
+    monkeypatch.delenv("HEARTH_QUANT_MMA_AHEAD", raising=False)
+    assert default_mma_config(64, 28672, 4096, 4, 128).ahead and not default_mma_config(65, 28672, 4096, 4, 128).ahead
+    assert default_mma_config(128, 6144, 4096, 4, 128).ahead  # 64-row tiles keep it
     assert default_mma_config(64, 4096, 14336, 4, 32).block_k == 32  # groups of 32: a step a group
     assert default_mma_config(64, 4096, 14336, 4, 64)[1:4] == (64, 4, 3)  # groups of 64: as before
     assert default_mma_config(64, 4096, 14336, 8, 14336).block_k == 128  # per channel: as before

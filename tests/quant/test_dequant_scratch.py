@@ -8,6 +8,8 @@ as it is on a GPU (its GEMM under the interpreter is not called: the calls are r
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -26,13 +28,17 @@ def test_thresholds_are_per_code_form_and_an_explicit_one_wins():
     assert rows_for(8, 16, 4096) == rows_for(8, 32, 4096) == table["int8 grouped"]  # Q6_K, Q8_0
     assert rows_for(4, 128, 4096, 7) == 7 and rows_for(8, 4096, 4096, 1 << 30) == 1 << 30
     # a decode batch of 192 rows dequantizes now (the old 1,024 kept it fused up to 1,023)
-    assert max(table.values()) <= 192 < HEAD_DEQUANT_ROWS
+    if not os.environ.get("HEARTH_QUANT_DEQUANT_ROWS"):  # (the A/B knob)
+        assert max(table.values()) <= 192 < HEAD_DEQUANT_ROWS
 
 
-def test_the_path_by_rows():
+def test_the_path_by_rows(monkeypatch):
     """int4 and per-channel int8: the weight-stationary kernel up to ``SWAP_ROWS``; then the
     fused kernel below the threshold, dequantize from it; an explicit ``dequant_rows`` first."""
     from hearth_kernels.quant_gemv import PreparedQuant
+
+    monkeypatch.setattr(quant_gemm, "SWAP_ROWS", 128)  # the defaults, whatever the knobs say
+    monkeypatch.setattr(quant_gemm, "DEQUANT_ROWS", {"int4": 96, "int8": 192, "int8 grouped": 128})
 
     def prep(bits, group, k=4096):
         return PreparedQuant(bits, group, torch.zeros(8, k // 2 if bits == 4 else k, dtype=torch.uint8),
@@ -44,12 +50,16 @@ def test_the_path_by_rows():
     assert [path(r, int8) for r in (2, swap, swap + 1, 191, 192)] == ["mma", "mma", "fused", "fused", "dequant"]
     q6k = prep(8, 16)
     assert [path(r, q6k) for r in (2, 127, 128)] == ["fused", "fused", "dequant"]
+    q4k = prep(4, 32)  # int4 in 32s: two x tiles not measured
+    assert [path(r, q4k) for r in (64, 65, 96)] == ["mma", "fused", "dequant"]
     assert path(100, prep(4, 128), dequant_rows=100) == "dequant" and path(99, prep(4, 128), dequant_rows=100) == "mma"
     assert path(100, int8, config=(64, 64, 128, 4, 3)) == "fused"  # a config is the fused kernel's
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_the_head_keeps_its_threshold_and_the_largest_scratch_is_counted(tiny_models, quant):
+def test_the_head_keeps_its_threshold_and_the_largest_scratch_is_counted(tiny_models, quant, monkeypatch):
+    monkeypatch.setattr(quant_gemm, "SWAP_ROWS", 128)  # the defaults, whatever the knobs say
+    monkeypatch.setattr(quant_gemm, "DEQUANT_ROWS", {"int4": 96, "int8": 192, "int8 grouped": 128})
     loaded = load(tiny_models["llama3"], quantization=quant)  # untied head: int8 per channel
     try:
         model = loaded.runner.model
@@ -64,11 +74,9 @@ def test_the_head_keeps_its_threshold_and_the_largest_scratch_is_counted(tiny_mo
             m.use_kernel(TritonQuant())
             m.kernel._gemm = lambda x, prep, **kw: calls.append(kw.get("dequant_rows")) or torch.zeros(
                 x.shape[0], prep.out_features, dtype=x.dtype)
-        bits = layers[0].bits
-        # int4: the weight-stationary kernel up to SWAP_ROWS, then dequantize; int8 per channel
-        # the same, then fused below its threshold
-        threshold = max(quant_gemm.SWAP_ROWS + 1, quant_gemm.dequant_rows_for(bits, layers[0].group_size,
-                                                                                layers[0].in_features))
+        # the first row count that dequantizes (test_the_path_by_rows pins the routing itself)
+        assert len({(m.bits, m.group_size < m.in_features) for m in layers}) == 1  # one form here
+        threshold = next(r for r in range(2, 2048) if quant_gemm.gemm_path(r, layers[0].kernel.prepared) == "dequant")
         largest = max(m.out_features * m.in_features for m in layers) * 2
         assert scratch_bytes(model, threshold - 1, 2) == 0
         assert scratch_bytes(model, threshold, 2) == largest
