@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -88,10 +88,22 @@ case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on th
     --skip-gemv --skip-old --formats int4-g32,int8-g16 --rows ${NARROW_ROWS:-128,512} \
     --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;
 esac
+case "$what" in routing-ab)  # quant_gemm's routing end to end (2026-12-05: the weight-stationary kernel to 128
+  # rows, dequantize from 96/192/128): the graph-memory GPU test with int4/int8 (ROUTING_TESTS=0 skips it), then
+  # offline throughput (ROUTING_SUITES) for each of ROUTING_RUNS, entries QUANT[:KNOB=V,...] (rows record the knobs)
+  [ "${ROUTING_TESTS:-1}" = 1 ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 \
+    tests/engine/test_gpu_fast_path.py -m gpu -k graph_memory 2>&1 | tee "$OUT/gpu_graph_memory_tests.log" | tail -3
+  for run in ${ROUTING_RUNS:-int4 int4:HEARTH_QUANT_SWAP_ROWS=64 bf16 int8 int8:HEARTH_QUANT_SWAP_ROWS=64}; do
+    q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
+    tag=$(echo "$run" | sed 's/HEARTH_QUANT_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
+    ( [ -n "$knobs" ] && export $knobs
+      hearth bench --shape llama-8b --suite ${ROUTING_SUITES:-throughput} --quant $q \
+        --json "$OUT/bench-8b-routing-$tag.json" "$@" 2>&1 | grep -E "^throughput|^decode|^prefill|rror" )
+  done ;;
+esac
 case "$what" in dequant-rows)  # where dequantize + cuBLAS overtakes the fused kernel (quant_gemm.DEQUANT_ROWS,
   # int4 96, int8 192; 1,024 before 2026-12-05): the 8B projections and the untied int8 head at DQ_ROWS rows,
-  # int4 in 128s and int8 per channel. End to end, old against new (the runs' JSON record the knob):
-  #   FP8_KV_TESTS=0 FP8_KV_PROFILE=0 FP8_KV_RUNS="int4 int4:HEARTH_QUANT_DEQUANT_ROWS=1024 bf16" ... fp8-kv
+  # int4 in 128s and int8 per channel. End to end, old against new: routing-ab
   timeout -s INT ${DQ_TIMEOUT:-300} python benchmarks/profile_quant_gemv.py --skip-gemv --skip-old \
     --formats int4-g128,int8 --rows ${DQ_ROWS:-96,128,192} --layers qkv,o,gate_up,down+swiglu,lm_head \
     --json "$OUT/profile-dequant-rows-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;
