@@ -232,8 +232,10 @@ def gemm_rows(shape: str, ms: list[int], formats: list[str], layers: set[str], o
     for fmt in formats:
         bits, group = {**FORMATS, **NARROW_FORMATS}[fmt]
         for name, (n, k, _) in shapes_of(shape).items():
-            if name not in layers if layers else name == "lm_head":
-                continue  # the head only when --layers names it (int8: an int4/int8 model's untied head)
+            # the head only when --layers names it (int8: an int4/int8 model's untied head)
+            wanted = name in layers if layers else name != "lm_head"
+            if not wanted:
+                continue
             qw, prep, prep_old = quantize(bits, group, n, k)
             w16 = qw.dequantize(torch.bfloat16)
             c16 = n_copies(w16.numel() * 2, 300e6)

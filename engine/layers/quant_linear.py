@@ -52,7 +52,7 @@ class QuantizedStore(nn.Module):
     """
 
     #: from how many rows the GPU kernel dequantizes the weight into a scratch and runs cuBLAS
-    #: (None: ``hearth_kernels/quant_gemm.DEQUANT_ROWS`` of its code width; an LM head:
+    #: (None: ``hearth_kernels/quant_gemm.dequant_rows_for`` its codes; an LM head:
     #: ``HEAD_DEQUANT_ROWS``)
     dequant_rows: int | None = None
 
