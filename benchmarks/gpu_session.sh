@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -100,6 +100,33 @@ case "$what" in routing-ab)  # quant_gemm's routing end to end (2026-12-05: the 
       hearth bench --shape llama-8b --suite ${ROUTING_SUITES:-throughput} --quant $q \
         --json "$OUT/bench-8b-routing-$tag.json" "$@" 2>&1 | grep -E "^throughput|^decode|^prefill|rror" )
   done ;;
+esac
+case "$what" in dp4a-why)  # why the batch-1 int4 dp4a GEMV streams at 2-2.6 TB/s: Nsight Compute's stall reasons
+  # and occupancy for the 8B's projections (needs a Firecracker machine: gVisor's ncu reads no counters;
+  # DP4A_NCU=0 skips it), then the config sweeps of 2026-12-05 (rows per program fitted to whole waves,
+  # deeper register pipelines) timed in CUDA graphs (benchmarks/ncu_quant_dp4a.py)
+  if [ "${DP4A_NCU:-1}" = 1 ]; then
+    NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+    for spec in "int4-gate_up-16x2 gate_up 4 16,2,4,5,2" "int4-gate_up-32x4x8 gate_up 4 32,4,8,5,2" \
+                "int8-gate_up-16x2 gate_up 8 16,2,4,5,2" "int4-down-32x4-split4 down 4 32,4,4,5,2,4" \
+                "int4-qkv-16x4 qkv 4 16,4,4,5,3"; do
+      set -- $spec
+      timeout 100 $NCU --clock-control none --kernel-name regex:_quant_gemv_dp4a --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        --section Occupancy --section LaunchStats --section InstructionStats --print-details all \
+        python benchmarks/ncu_quant_dp4a.py --layer $2 --bits $3 --config $4 > "$OUT/ncu-$1.txt" 2>&1
+      echo "$1 rc=$?"; grep -E "Duration|DRAM Throughput|Achieved Occupancy|Stall Long" "$OUT/ncu-$1.txt" | head -4
+    done
+  fi
+  sweep() { timeout 90 python benchmarks/ncu_quant_dp4a.py --layer $2 --bits 4 --json "$OUT/$1-$2-int4.json" --sweep "$3" 2>&1 | grep -v Warning; }
+  sweep wavefit gate_up "16,2,4,5,2;32,4,8,5,2;25,2,4,5,2;24,2,4,5,2;28,2,4,5,2;22,2,4,5,2;25,4,4,5,2;50,2,4,5,2"
+  sweep wavefit qkv "16,4,4,5,3;8,4,4,5,2;6,2,4,5,2;12,4,4,5,2;5,4,4,5,2;8,4,4,5,2,2;4,4,4,5,2"
+  sweep wavefit o "8,4,4,5,2;6,2,4,5,2;4,4,4,5,2;4,4,4,5,2,2;8,4,4,5,2,2"
+  sweep wavefit down "32,4,4,5,2,4;16,4,4,5,2,4;16,2,4,5,2,8;8,4,4,5,2,4"
+  sweep depth gate_up "16,2,4,5,2;16,2,4,5,3;16,1,4,5,4;16,1,4,5,3;32,2,4,5,3;8,2,4,5,3;16,4,4,5,3"
+  sweep depth qkv "16,4,4,5,3;12,4,4,5,3;12,2,4,5,3;16,2,4,5,3;8,2,4,5,3;12,1,4,5,4"
+  sweep depth o "8,4,4,5,2;8,2,4,5,3;12,4,4,5,2;8,1,4,5,4"
+  sweep depth down "32,4,4,5,2,4;32,2,4,5,3,4;32,4,4,5,3,4;32,1,4,5,4,4" ;;
 esac
 case "$what" in dequant-rows)  # where dequantize + cuBLAS overtakes the fused kernel (quant_gemm.DEQUANT_ROWS,
   # int4 96, int8 192; 1,024 before 2026-12-05): the 8B projections and the untied int8 head at DQ_ROWS rows,

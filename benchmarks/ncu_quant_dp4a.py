@@ -1,0 +1,144 @@
+"""Drive the batch-1 dp4a GEMV (hearth_kernels/quant_dp4a.py) for Nsight Compute: where its
+cycles stall, per Llama-8B projection, int4 (group 128) and int8 (per channel).
+
+    PYTHONPATH=. ncu --clock-control none --kernel-name regex:_quant_gemv_dp4a \
+        --launch-skip 3 --launch-count 1 --section WarpStateStats ... \
+        python benchmarks/ncu_quant_dp4a.py --layer gate_up --bits 4 --config 16,2,4,5,2
+    PYTHONPATH=. python benchmarks/ncu_quant_dp4a.py --layer qkv --bits 4 \
+        --sweep "16,4,4,5,3;12,4,4,5,2" [--json F]
+
+(``benchmarks/gpu_session.sh dp4a-why`` runs both, for the 8B's projections.)
+
+Random codes, scales and mins of the layer's shape (what a quantized checkpoint holds; the
+timing doesn't depend on the values); x random bf16. Runs the kernel ``--calls`` times, plain
+launches (no CUDA graph: ncu replays one launch), so ``--launch-skip`` passes the warm-up and
+compile. The timing of record stays with profile_quant_dp4a.py (CUDA graphs, cold L2); this
+only says *why* a kernel takes what it takes (stall reasons, issue slots, bytes in flight).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hearth_kernels.quant_dp4a import quant_gemv_dp4a
+from hearth_kernels.quant_gemv import prepare_int4, prepare_int8
+
+#: Llama-8B's projections at batch 1: (N, K, SwiGLU on x)
+LAYERS = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
+          "down": (4096, 14336, True), "lm_head": (128256, 4096, False)}
+
+
+def make(n: int, k: int, bits: int, group: int, device: str):
+    g = k // group
+    scales = (torch.rand(n, g, device=device) * 0.01 + 0.001).half()
+    if bits == 4:
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
+        return prepare_int4(q, scales, (-8 * scales.float()).half(), group)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+    return prepare_int8(q, scales, None, group)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layer", default="gate_up", choices=sorted(LAYERS))
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    ap.add_argument("--group", type=int, default=None, help="int4: 128 (default); int8: the row (per channel)")
+    ap.add_argument("--config", default="16,2,4,5,2", help="block_n,block_k,warps,kind,stages[,split[,qx]]")
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--sweep", default=None,
+                    help="time these configs instead ('16,2,4,5,2;24,2,4,5,2;...'): CUDA graph, cold L2, "
+                         "with the programs' registers and waves; --json F writes them")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.sweep:
+        return sweep(args)
+    n, k, swiglu = LAYERS[args.layer]
+    group = args.group or (128 if args.bits == 4 else k)
+    cfg = [int(v) for v in args.config.split(",")]
+    block_n, block_k, warps, _kind, stages = cfg[:5]
+    split = cfg[5] if len(cfg) > 5 else 1
+    qx = bool(cfg[6]) if len(cfg) > 6 else False
+    prepared = make(n, k, args.bits, group, "cuda")
+    x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(args.calls):
+        quant_gemv_dp4a(x, prepared, out, None, swiglu, block_n, block_k, warps, stages, split, qx=qx)
+    torch.cuda.synchronize()
+    mb = (prepared.qweight.numel() * prepared.qweight.element_size() + prepared.scales.numel() * 2
+          + (prepared.mins.numel() * 2 if prepared.mins is not None else 0)) / 1e6
+    print(f"{args.layer} int{args.bits} g{group} config {cfg}: {mb:.1f} MB of weights, {args.calls} calls")
+
+
+def sweep(args) -> None:
+    """Time each config of ``--sweep`` for ``--layer``/``--bits`` in a CUDA graph over enough
+    weight copies that none stays in L2 (``profile_gemv.time_graph``), checked against the
+    first config's output; prints us, TB/s of weights, programs and registers a thread."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_gemv import time_graph
+
+    from hearth_kernels.quant_dp4a import _quant_gemv_dp4a_kernel
+
+    n, k, swiglu = LAYERS[args.layer]
+    group = args.group or (128 if args.bits == 4 else k)
+    first = make(n, k, args.bits, group, "cuda")
+    mb = (first.qweight.numel() * first.qweight.element_size() + first.scales.numel() * 2
+          + (first.mins.numel() * 2 if first.mins is not None else 0)) / 1e6
+    copies = max(2, int(400 / mb) + 1)  # past the L2 (50-60 MB) several times over
+    weights = [first] + [make(n, k, args.bits, group, "cuda") for _ in range(copies - 1)]
+    x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
+    outs = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows, ref = [], None
+    for spec in args.sweep.split(";"):
+        cfg = [int(v) for v in spec.split(",")]
+        block_n, block_k, warps, _kind, stages = cfg[:5]
+        split = cfg[5] if len(cfg) > 5 else 1
+        qx = bool(cfg[6]) if len(cfg) > 6 else False
+
+        def call(i, block_n=block_n, block_k=block_k, warps=warps, stages=stages, split=split, qx=qx):
+            quant_gemv_dp4a(x, weights[i], outs[i], None, swiglu, block_n, block_k, warps, stages, split, qx=qx)
+
+        try:
+            call(0)
+            torch.cuda.synchronize()
+            y = outs[0].float()
+            if ref is None:
+                ref = y.clone()
+            err = ((y - ref).abs().max() / ref.pow(2).mean().sqrt()).item()
+            us = min(time_graph(call, copies) for _ in range(3))
+        except Exception as e:  # a config that doesn't build or launch: say so, go on
+            print(f"{spec}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        regs = None
+        try:  # the last kernel compiled is this config's (Triton's per-device cache, in insertion order)
+            for c in _quant_gemv_dp4a_kernel.device_caches.values():
+                for kern in c[0].values():
+                    regs = getattr(kern, "n_regs", regs)
+        except Exception:  # another Triton: no register count
+            pass
+        programs = -(-n // block_n) * split
+        row = {"config": cfg, "us": us, "tb_s": mb / us, "programs": programs,
+               "programs_per_sm": programs / sms, "regs": regs, "max_rel_diff": err}
+        rows.append(row)
+        print(f"{args.layer} int{args.bits} {spec:>18}: {us:7.2f} us {row['tb_s']:5.2f} TB/s  "
+              f"{programs:5d} programs ({programs / sms:4.1f}/SM) regs {regs} diff {err:.1e}", flush=True)
+        if args.json:
+            save(args, group, n, k, mb, rows)
+
+
+def save(args, group: int, n: int, k: int, mb: float, rows: list) -> None:
+    import json
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "layer": args.layer, "bits": args.bits, "group": group,
+                       "n": n, "k": k, "weight_mb": mb, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
