@@ -419,7 +419,7 @@ _MIN_PROGRAMS = 128
 def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaConfig:
     """A config from the shape alone, from the H200 profile of the 8B projections
     (benchmarks/results/2026-12-01-i14-profile-quant-mma-8b-h200-v{2,3}.json): 64-row weight tiles
-    on 4 warps (128 on 8 warps for wide layers at 33+ rows), K steps of 128 inside a group,
+    on 4 warps (128 on 8 warps for wide layers at 33+ rows, but see below), K steps of 128 inside a group,
     3 in flight, grouped weights dequantized in registers (``scale_w``), and K split until
     there are about 512 programs (384 and at most 4 ways from 33 rows on): qkv, o and down
     (N = 4096-6144) ran 1.5-2.5x faster split 4 ways than not at all. Grouped scales a
@@ -429,15 +429,27 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     multiple of 128 takes K steps of 64, 4 in flight: on an H100 the 8B down (with its SwiGLU)
     at 64 rows ran 40.1 and 40.4 us against 44.5 and 45.2 with steps of 128 (two profiles,
     benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-decode32-*-bk64-8b-h100-2927d5f.json),
-    where q/k/v, o and gate_up ran 3-13% slower with 64 and stay at 128."""
+    where q/k/v, o and gate_up ran 3-13% slower with 64 and stay at 128.
+
+    A wide layer (gate_up, a head) of weights in groups of a multiple of 128 keeps 64-row tiles
+    on 4 warps from 33 rows too, 4 steps in flight, scales ahead: the 8B gate_up at 64 rows on
+    the H200 64.7 us against 75.9 on the 128-row tile with scales ahead (66.1 without; it ran
+    66.0 there before the float32 decode of 2026-12-05), on an H100 66.6 against 62.5; at 96 /
+    128 rows (H100) 122.1 / 122.5 against 122.7 / 122.3 on the 128-row tile without scales ahead
+    (benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-8b-h200-07fdb63.json,
+    ...-int4-8b-h100-e376f8b.json, ...-int4-rows128-8b-h100-175d951.json). Per-channel weights
+    (the int8 head) keep the 128-row tile on 8 warps."""
     block_n, warps = (128, 8) if rows > 32 and n >= 16384 else (64, 4)
     block_k, stages = _step(group, 128), 3
-    if rows > 32 and block_n == 64 and k >= 3 * n and group < k and block_k == 128:
-        block_k, stages = 64, 4
+    if rows > 32 and group < k and block_k == 128:
+        if block_n == 128:
+            block_n, warps, stages = 64, 4, 4
+        elif k >= 3 * n:
+            block_k, stages = 64, 4
     split = _default_split(rows, n, k, block_n, block_k)
-    # two x tiles (65+ rows) on 128-row weight tiles: scales loaded in their step (the 8B gate_up
-    # at 96 / 128 rows on an H100: 122.7 / 122.3 us against 144.7 / 149.0 a step ahead;
-    # benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-rows128-8b-h100-175d951.json)
+    # two x tiles (65+ rows) on 128-row weight tiles (grouped in 32s or 64s, here only when called
+    # directly: quant_gemm routes them elsewhere above 64 rows): scales loaded in their step, as
+    # gate_up ran faster so on an H100 (122.7 / 122.3 us at 96 / 128 rows against 144.7 / 149.0)
     ahead = group < k and ahead_default() and not (rows > 64 and block_n == 128)
     return MmaConfig(block_n, block_k, warps, stages, split, group < k, ahead)
 

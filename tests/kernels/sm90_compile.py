@@ -211,9 +211,11 @@ def mma_loops() -> None:
     types = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16",
              "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     int8 = dict(types, q_ptr="*i8")
-    # (what, bits, group, config): gate_up/lm_head's 128-row tile and qkv/o/down's 64-row one split 4
-    # (default_mma_config at 64 rows), and the int8 per-channel head on the 128-row tile
-    cases = [("gate_up", 4, 128, qm.MmaConfig(128, 128, 8, 3, 1, True)),
+    # (what, bits, group, config): gate_up's 64-row tile 4 in flight (default_mma_config at 64 rows
+    # since 2026-12-05; the 128-row tile it had before), qkv/o's 64-row one split 4, and the int8
+    # per-channel head on the 128-row tile
+    cases = [("gate_up", 4, 128, qm.MmaConfig(64, 128, 4, 4, 1, True)),
+             ("gate_up 128", 4, 128, qm.MmaConfig(128, 128, 8, 3, 1, True)),
              ("qkv", 4, 128, qm.MmaConfig(64, 128, 4, 3, 4, True)),
              ("int8 head", 8, 4096, qm.MmaConfig(128, 128, 8, 3, 1))]
     for what, bits, group, cfg in cases:

@@ -308,9 +308,18 @@ def test_configs_and_errors(monkeypatch):
     assert default_mma_config(32, 4096, 14336, 4, 128).block_k == 128  # 16/32-row tiles: as before
     assert default_mma_config(64, 6144, 4096, 4, 128).block_k == 128  # q/k/v, o, gate_up: as before
     assert default_mma_config(64, 28672, 4096, 4, 128).block_k == 128
-    # from 65 rows a 128-row weight tile loads its scales in their step (gate_up, the head)
+    # a wide layer in groups of 128 (gate_up, an int4 head) keeps 64-row tiles from 33 rows, 4 in
+    # flight, scales ahead (the H200's gate_up at 64 rows); per channel keeps the 128-row tile
     monkeypatch.delenv("HEARTH_QUANT_MMA_AHEAD", raising=False)
-    assert default_mma_config(64, 28672, 4096, 4, 128).ahead and not default_mma_config(65, 28672, 4096, 4, 128).ahead
+    for rows in (33, 64, 65, 128):
+        assert default_mma_config(rows, 28672, 4096, 4, 128) == MmaConfig(64, 128, 4, 4, 1, True, True), rows
+        assert default_mma_config(rows, 28672, 4096, 4, 256)[:4] == (64, 128, 4, 4)
+        assert default_mma_config(rows, 128256, 4096, 8, 4096)[:5] == (128, 128, 8, 3, 1), rows
+    assert default_mma_config(32, 28672, 4096, 4, 128)[:4] == (64, 128, 4, 3)  # 16/32-row tiles: as before
+    # groups of 32 (GGUF, reached directly: quant_gemm routes them elsewhere above 64 rows): the
+    # 128-row tile, its scales in their step from 65 rows
+    assert default_mma_config(64, 28672, 4096, 4, 32)[:2] == (128, 32)
+    assert default_mma_config(64, 28672, 4096, 4, 32).ahead and not default_mma_config(65, 28672, 4096, 4, 32).ahead
     assert default_mma_config(128, 6144, 4096, 4, 128).ahead  # 64-row tiles keep it
     assert default_mma_config(64, 4096, 14336, 4, 32).block_k == 32  # groups of 32: a step a group
     assert default_mma_config(64, 4096, 14336, 4, 64)[1:4] == (64, 4, 3)  # groups of 64: as before
