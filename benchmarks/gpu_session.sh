@@ -89,11 +89,12 @@ case "$what" in narrow)  # GGUF's narrow groups (int4 in 32s, int8 in 16s) on th
     --layers qkv,gate_up,down+swiglu --json "$OUT/profile-narrow-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;
 esac
 case "$what" in routing-ab)  # quant_gemm's routing end to end (2026-12-05: the weight-stationary kernel to 128
-  # rows, dequantize from 96/192/128): the graph-memory GPU test with int4/int8 (ROUTING_TESTS=0 skips it), then
-  # offline throughput (ROUTING_SUITES) for each of ROUTING_RUNS, entries QUANT[:KNOB=V,...] (rows record the knobs)
+  # rows, dequantize from 96/192/128; its A/B against the 64-row limit ran then, and that knob is gone): the
+  # graph-memory GPU test with int4/int8 (ROUTING_TESTS=0 skips it), then offline throughput (ROUTING_SUITES)
+  # for each of ROUTING_RUNS, entries QUANT[:KNOB=V,...] (engine/bench/rows.py's KERNEL_KNOBS; rows record them)
   [ "${ROUTING_TESTS:-1}" = 1 ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 \
     tests/engine/test_gpu_fast_path.py -m gpu -k graph_memory 2>&1 | tee "$OUT/gpu_graph_memory_tests.log" | tail -3
-  for run in ${ROUTING_RUNS:-int4 int4:HEARTH_QUANT_SWAP_ROWS=64 bf16 int8 int8:HEARTH_QUANT_SWAP_ROWS=64}; do
+  for run in ${ROUTING_RUNS:-int4 bf16 int8 int4:HEARTH_QUANT_MMA_AHEAD=0}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     tag=$(echo "$run" | sed 's/HEARTH_QUANT_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
     ( [ -n "$knobs" ] && export $knobs

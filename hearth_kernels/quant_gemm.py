@@ -12,8 +12,9 @@ Three paths, chosen by the number of rows M:
   447 and 471 fused for int4 in 128s, and 191 and 193 against 318 and 341 fused for int8 per
   channel; bf16 cuBLAS 182-185
   (benchmarks/results/2026-12-05-i14-profile-quant-mma-int{4,8}-rows128-8b-h100-175d951.json).
-  Not timed end to end yet, nor on an H200 (there int4 ran 154 us a layer at 64 rows against
-  ~290-335 dequantized at 64-256): ``HEARTH_QUANT_SWAP_ROWS=64`` gives the old routing for that A/B.
+  End to end on the H200 (offline throughput, 512 requests, one call): int4 9,218 tok/s against
+  9,184 with the 64-row limit, int8 9,000 against 8,805, bf16 11,165
+  (benchmarks/results/2026-12-05-i14-bench-8b-routing-*-h200-07fdb63.json).
 - fused (M < DEQUANT_ROWS; batched decode, short prompts): each program owns a
   ``[BLOCK_M, BLOCK_N]`` output tile and walks K in ``BLOCK_K`` steps that lie inside one
   quantization group (narrow groups excepted: ``fused_step``). A step loads the packed
@@ -96,13 +97,9 @@ from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 _BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (where the weight-stationary
-#: kernel doesn't take the rows; see the docstring): int4, int8 per output channel, grouped int8;
-#: ``HEARTH_QUANT_DEQUANT_ROWS=N`` sets all three (an A/B knob; the weight-stationary kernel still
-#: comes first up to ``SWAP_ROWS``: the routing before 2026-12-05 is that knob at 1024 with
-#: ``HEARTH_QUANT_SWAP_ROWS=64``)
+#: kernel doesn't take the rows; see the docstring): int4, int8 per output channel, grouped int8
+#: (1,024 for all three, and ``SWAP_ROWS`` 64, until 2026-12-05)
 DEQUANT_ROWS = {"int4": 96, "int8": 192, "int8 grouped": 128}
-if os.environ.get("HEARTH_QUANT_DEQUANT_ROWS"):
-    DEQUANT_ROWS = dict.fromkeys(DEQUANT_ROWS, int(os.environ["HEARTH_QUANT_DEQUANT_ROWS"]))
 
 
 def dequant_rows_for(bits: int, group: int, k: int, dequant_rows: int | None = None) -> int:
@@ -114,8 +111,8 @@ def dequant_rows_for(bits: int, group: int, k: int, dequant_rows: int | None = N
 
 
 #: up to this many rows int4 (and int8, see ``swaps``) runs hearth_kernels/quant_mma.py's weight-stationary kernel
-#: (64 until 2026-12-05; ``HEARTH_QUANT_SWAP_ROWS=64`` for an A/B: see ``quant_gemm``)
-SWAP_ROWS = int(os.environ.get("HEARTH_QUANT_SWAP_ROWS") or 128)
+#: (64 until 2026-12-05: see the module docstring)
+SWAP_ROWS = 128
 
 
 def swaps(bits: int, group: int, k: int) -> bool:

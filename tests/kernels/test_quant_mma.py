@@ -185,8 +185,8 @@ def test_int4_routing_by_rows(monkeypatch):
     real_mma, real_dq = qg.quant_mma, qg.dequantize_weight
     monkeypatch.setattr(qg, "quant_mma", lambda *a, **kw: taken.append("mma") or real_mma(*a, **kw))
     monkeypatch.setattr(qg, "dequantize_weight", lambda *a, **kw: taken.append("dequant") or real_dq(*a, **kw))
-    monkeypatch.setattr(qg, "SWAP_ROWS", 128)  # the defaults, whatever the knobs say
-    monkeypatch.setattr(qg, "DEQUANT_ROWS", {"int4": 96, "int8": 192, "int8 grouped": 128})
+    assert qg.SWAP_ROWS == 128
+    assert qg.DEQUANT_ROWS == {"int4": 96, "int8": 192, "int8 grouped": 128}
     qw, prep = make_weight(4, 24, 256, 128)
     for rows, dequant_rows, want in ((65, None, "mma"), (128, None, "mma"), (129, None, "dequant"),
                                      (100, 100, "dequant"), (100, 101, "mma")):

@@ -8,7 +8,6 @@ as it is on a GPU (its GEMM under the interpreter is not called: the calls are r
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -28,17 +27,16 @@ def test_thresholds_are_per_code_form_and_an_explicit_one_wins():
     assert rows_for(8, 16, 4096) == rows_for(8, 32, 4096) == table["int8 grouped"]  # Q6_K, Q8_0
     assert rows_for(4, 128, 4096, 7) == 7 and rows_for(8, 4096, 4096, 1 << 30) == 1 << 30
     # a decode batch of 192 rows dequantizes now (the old 1,024 kept it fused up to 1,023)
-    if not os.environ.get("HEARTH_QUANT_DEQUANT_ROWS"):  # (the A/B knob)
-        assert max(table.values()) <= 192 < HEAD_DEQUANT_ROWS
+    assert max(table.values()) <= 192 < HEAD_DEQUANT_ROWS
 
 
-def test_the_path_by_rows(monkeypatch):
+def test_the_path_by_rows():
     """int4 and per-channel int8: the weight-stationary kernel up to ``SWAP_ROWS``; then the
     fused kernel below the threshold, dequantize from it; an explicit ``dequant_rows`` first."""
     from hearth_kernels.quant_gemv import PreparedQuant
 
-    monkeypatch.setattr(quant_gemm, "SWAP_ROWS", 128)  # the defaults, whatever the knobs say
-    monkeypatch.setattr(quant_gemm, "DEQUANT_ROWS", {"int4": 96, "int8": 192, "int8 grouped": 128})
+    assert quant_gemm.SWAP_ROWS == 128
+    assert quant_gemm.DEQUANT_ROWS == {"int4": 96, "int8": 192, "int8 grouped": 128}
 
     def prep(bits, group, k=4096):
         return PreparedQuant(bits, group, torch.zeros(8, k // 2 if bits == 4 else k, dtype=torch.uint8),
@@ -57,9 +55,9 @@ def test_the_path_by_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_the_head_keeps_its_threshold_and_the_largest_scratch_is_counted(tiny_models, quant, monkeypatch):
-    monkeypatch.setattr(quant_gemm, "SWAP_ROWS", 128)  # the defaults, whatever the knobs say
-    monkeypatch.setattr(quant_gemm, "DEQUANT_ROWS", {"int4": 96, "int8": 192, "int8 grouped": 128})
+def test_the_head_keeps_its_threshold_and_the_largest_scratch_is_counted(tiny_models, quant):
+    assert quant_gemm.SWAP_ROWS == 128
+    assert quant_gemm.DEQUANT_ROWS == {"int4": 96, "int8": 192, "int8 grouped": 128}
     loaded = load(tiny_models["llama3"], quantization=quant)  # untied head: int8 per channel
     try:
         model = loaded.runner.model
