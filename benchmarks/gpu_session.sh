@@ -193,7 +193,8 @@ case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary k
   # each of BS64_RUNS ("quant" or "quant:KNOB=V,KNOB=V"; rows record the knobs)
   [ "${BS64_TESTS:-1}" = 0 ] || python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 \
     tests/kernels/test_quant_mma.py 2>&1 | tee "$OUT/gpu_mma_tests.log" | tail -4
-  for b in ${BS64_PROFILE_BITS:-4 8}; do
+  for b in ${BS64_PROFILE_BITS:-4 8}; do  # BS64_PROFILE_BITS=0: no profile
+    [ "$b" = 0 ] && continue
     timeout -s INT ${BS64_PROFILE_TIMEOUT:-240} python benchmarks/profile_quant_mma.py --bits $b \
       --rows ${BS64_ROWS:-16,64} --json "$OUT/profile-quant-mma-int$b-8b.json" 2>&1 | grep -v "^  " | tail -12
   done

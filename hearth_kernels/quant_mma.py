@@ -438,11 +438,12 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     128 rows (H100) 122.1 / 122.5 against 122.7 / 122.3 on the 128-row tile without scales ahead
     (benchmarks/results/2026-12-05-i14-profile-quant-mma-int4-8b-h200-07fdb63.json,
     ...-int4-8b-h100-e376f8b.json, ...-int4-rows128-8b-h100-175d951.json). Per-channel weights
-    (the int8 head) keep the 128-row tile on 8 warps."""
+    (the int8 head) keep the 128-row tile on 8 warps (as grouped ones do with
+    ``HEARTH_QUANT_MMA_WIDE128=1``, ``wide128``: not yet timed end to end on the H200)."""
     block_n, warps = (128, 8) if rows > 32 and n >= 16384 else (64, 4)
     block_k, stages = _step(group, 128), 3
     if rows > 32 and group < k and block_k == 128:
-        if block_n == 128:
+        if block_n == 128 and not wide128():
             block_n, warps, stages = 64, 4, 4
         elif k >= 3 * n:
             block_k, stages = 64, 4
@@ -464,6 +465,13 @@ def _default_split(rows: int, n: int, k: int, block_n: int, block_k: int) -> int
     while tiles * split * 2 <= want and split < most and steps % (2 * split) == 0:
         split *= 2
     return split
+
+
+def wide128() -> bool:
+    """``HEARTH_QUANT_MMA_WIDE128=1``: wide grouped layers keep the 128-row weight tile on 8 warps
+    from 33 rows (``default_mma_config`` before 2026-12-05's change), for the end-to-end A/B on
+    the H200 that the change still lacks; remove once it has run."""
+    return os.environ.get("HEARTH_QUANT_MMA_WIDE128", "0") == "1"
 
 
 def ahead_default() -> bool:

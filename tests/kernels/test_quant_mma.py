@@ -311,6 +311,10 @@ def test_configs_and_errors(monkeypatch):
     # a wide layer in groups of 128 (gate_up, an int4 head) keeps 64-row tiles from 33 rows, 4 in
     # flight, scales ahead (the H200's gate_up at 64 rows); per channel keeps the 128-row tile
     monkeypatch.delenv("HEARTH_QUANT_MMA_AHEAD", raising=False)
+    monkeypatch.setenv("HEARTH_QUANT_MMA_WIDE128", "1")  # the A/B knob: the 128-row tile as before
+    assert default_mma_config(64, 28672, 4096, 4, 128) == MmaConfig(128, 128, 8, 3, 1, True, True)
+    assert default_mma_config(65, 28672, 4096, 4, 128) == MmaConfig(128, 128, 8, 3, 1, True, False)
+    monkeypatch.delenv("HEARTH_QUANT_MMA_WIDE128")
     for rows in (33, 64, 65, 128):
         assert default_mma_config(rows, 28672, 4096, 4, 128) == MmaConfig(64, 128, 4, 4, 1, True, True), rows
         assert default_mma_config(rows, 28672, 4096, 4, 256)[:4] == (64, 128, 4, 4)
