@@ -94,7 +94,7 @@ case "$what" in routing-ab)  # quant_gemm's routing end to end (2026-12-05: the 
   # for each of ROUTING_RUNS, entries QUANT[:KNOB=V,...] (engine/bench/rows.py's KERNEL_KNOBS; rows record them)
   [ "${ROUTING_TESTS:-1}" = 1 ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 600 \
     tests/engine/test_gpu_fast_path.py -m gpu -k graph_memory 2>&1 | tee "$OUT/gpu_graph_memory_tests.log" | tail -3
-  for run in ${ROUTING_RUNS:-int4 bf16 int8 int4:HEARTH_QUANT_MMA_AHEAD=0}; do
+  for run in ${ROUTING_RUNS:-int4 bf16 int8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     tag=$(echo "$run" | sed 's/HEARTH_QUANT_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
     ( [ -n "$knobs" ] && export $knobs
@@ -111,12 +111,12 @@ case "$what" in dp4a-why)  # why the batch-1 int4 dp4a GEMV streams at 2-2.6 TB/
     for spec in "int4-gate_up-16x2 gate_up 4 16,2,4,5,2" "int4-gate_up-32x4x8 gate_up 4 32,4,8,5,2" \
                 "int8-gate_up-16x2 gate_up 8 16,2,4,5,2" "int4-down-32x4-split4 down 4 32,4,4,5,2,4" \
                 "int4-qkv-16x4 qkv 4 16,4,4,5,3"; do
-      set -- $spec
+      read -r name layer bits cfg <<< "$spec"
       timeout 100 $NCU --clock-control none --kernel-name regex:_quant_gemv_dp4a --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section LaunchStats --section InstructionStats --print-details all \
-        python benchmarks/ncu_quant_dp4a.py --layer $2 --bits $3 --config $4 > "$OUT/ncu-$1.txt" 2>&1
-      echo "$1 rc=$?"; grep -E "Duration|DRAM Throughput|Achieved Occupancy|Stall Long" "$OUT/ncu-$1.txt" | head -4
+        python benchmarks/ncu_quant_dp4a.py --layer $layer --bits $bits --config $cfg > "$OUT/ncu-$name.txt" 2>&1
+      echo "$name rc=$?"; grep -E "Duration|DRAM Throughput|Achieved Occupancy|Stall Long" "$OUT/ncu-$name.txt" | head -4
     done
   fi
   sweep() { timeout 90 python benchmarks/ncu_quant_dp4a.py --layer $2 --bits 4 --json "$OUT/$1-$2-int4.json" --sweep "$3" 2>&1 | grep -v Warning; }
@@ -131,7 +131,7 @@ case "$what" in dp4a-why)  # why the batch-1 int4 dp4a GEMV streams at 2-2.6 TB/
 esac
 case "$what" in dequant-rows)  # where dequantize + cuBLAS overtakes the fused kernel (quant_gemm.DEQUANT_ROWS,
   # int4 96, int8 192; 1,024 before 2026-12-05): the 8B projections and the untied int8 head at DQ_ROWS rows,
-  # int4 in 128s and int8 per channel. End to end, old against new: routing-ab
+  # int4 in 128s and int8 per channel
   timeout -s INT ${DQ_TIMEOUT:-300} python benchmarks/profile_quant_gemv.py --skip-gemv --skip-old \
     --formats int4-g128,int8 --rows ${DQ_ROWS:-96,128,192} --layers qkv,o,gate_up,down+swiglu,lm_head \
     --json "$OUT/profile-dequant-rows-8b.json" 2>&1 | grep -E "^M=|per layer|lm_head \(once" ;;
@@ -198,7 +198,7 @@ case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary k
     timeout -s INT ${BS64_PROFILE_TIMEOUT:-240} python benchmarks/profile_quant_mma.py --bits $b \
       --rows ${BS64_ROWS:-16,64} --json "$OUT/profile-quant-mma-int$b-8b.json" 2>&1 | grep -v "^  " | tail -12
   done
-  for run in ${BS64_RUNS:-bf16 int4 int4:HEARTH_QUANT_MMA_AHEAD=0 int8}; do
+  for run in ${BS64_RUNS:-bf16 int4 int4:HEARTH_QUANT_MMA_WIDE128=1 int8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     tag=$(echo "$run" | sed 's/HEARTH_QUANT_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
     ( [ -n "$knobs" ] && export $knobs

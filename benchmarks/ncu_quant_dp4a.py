@@ -12,8 +12,10 @@ cycles stall, per Llama-8B projection, int4 (group 128) and int8 (per channel).
 Random codes, scales and mins of the layer's shape (what a quantized checkpoint holds; the
 timing doesn't depend on the values); x random bf16. Runs the kernel ``--calls`` times, plain
 launches (no CUDA graph: ncu replays one launch), so ``--launch-skip`` passes the warm-up and
-compile. The timing of record stays with profile_quant_dp4a.py (CUDA graphs, cold L2); this
-only says *why* a kernel takes what it takes (stall reasons, issue slots, bytes in flight).
+compile: that says *why* a kernel takes what it takes (stall reasons, issue slots, bytes in
+flight). ``--sweep`` times explicit configs the way profile_quant_dp4a.py does (CUDA graphs,
+cold L2), configs outside its sweeps included (rows per program that aren't powers of 2), and
+leaves out any whose output is more than 5% of its RMS from the first config's.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ def sweep(args) -> None:
             if ref is None:
                 ref = y.clone()
             err = ((y - ref).abs().max() / ref.pow(2).mean().sqrt()).item()
+            if not err <= 0.05:  # a broken config must not be timed as if it were the same product
+                print(f"{spec}: left out: output {err:.1%} of the RMS from the first config's", flush=True)
+                continue
             us = min(time_graph(call, copies) for _ in range(3))
         except Exception as e:  # a config that doesn't build or launch: say so, go on
             print(f"{spec}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)

@@ -445,12 +445,12 @@ def default_mma_config(rows: int, n: int, k: int, bits: int, group: int) -> MmaC
     if rows > 32 and group < k and block_k == 128:
         if block_n == 128 and not wide128():
             block_n, warps, stages = 64, 4, 4
-        elif k >= 3 * n:
+        elif block_n == 64 and k >= 3 * n:
             block_k, stages = 64, 4
     split = _default_split(rows, n, k, block_n, block_k)
-    # two x tiles (65+ rows) on 128-row weight tiles (grouped in 32s or 64s, here only when called
-    # directly: quant_gemm routes them elsewhere above 64 rows): scales loaded in their step, as
-    # gate_up ran faster so on an H100 (122.7 / 122.3 us at 96 / 128 rows against 144.7 / 149.0)
+    # two x tiles (65+ rows) on 128-row weight tiles (grouped weights whose steps aren't 128, or
+    # with HEARTH_QUANT_MMA_WIDE128=1): scales loaded in their step, as gate_up ran faster so on
+    # an H100 (122.7 / 122.3 us at 96 / 128 rows against 144.7 / 149.0)
     ahead = group < k and ahead_default() and not (rows > 64 and block_n == 128)
     return MmaConfig(block_n, block_k, warps, stages, split, group < k, ahead)
 
@@ -498,6 +498,7 @@ def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaCon
     for cand in (MmaConfig(64, bk, 4, 4, 4, scaled), MmaConfig(64, bk, 4, 4, 8, scaled),
                  MmaConfig(64, bk, 4, 6, 4, scaled), MmaConfig(64, _step(group, 256), 4, 3, 4, scaled),
                  MmaConfig(128, bk, 8, 4, 1, scaled), MmaConfig(64, bk, 4, 4, 2, scaled), MmaConfig(64, bk, 4, 4, 1, scaled),
+                 MmaConfig(128, bk, 8, 3, 1, scaled),  # wide grouped layers' default before 2026-12-05 (wide128)
                  MmaConfig(64, bk, 4, 4, 1), MmaConfig(64, bk, 4, 4, 2), MmaConfig(64, bk, 4, 4, 4),
                  MmaConfig(128, bk, 8, 4, 1), MmaConfig(128, bk, 8, 4, 2), MmaConfig(128, bk, 4, 3, 1),
                  MmaConfig(32, bk, 2, 4, 1), MmaConfig(64, _step(group, 256), 4, 3, 1),

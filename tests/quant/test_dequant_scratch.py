@@ -8,7 +8,6 @@ as it is on a GPU (its GEMM under the interpreter is not called: the calls are r
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
