@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|targets|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -165,7 +165,10 @@ case "$what" in pdl)  # programmatic dependent launch on and off (HEARTH_PDL): i
       --json "$OUT/decode-kernels-8b-$q-pdl.json" 2>&1 | tail -14
   done ;;
 esac
-case "$what" in bs1)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
+# targets: issues 14/17's H200 speed targets in one call (~6 min): bs1 (bf16 int8 int4 fp8), then bs64 without its
+# tests and profiles (bf16, int4, int4 on the old wide tile, int8). Q4_K_M needs its own call (q4km-8b).
+if [ "$what" = targets ]; then BS64_TESTS=${BS64_TESTS:-0}; BS64_PROFILE_BITS=${BS64_PROFILE_BITS:-0}; fi
+case "$what" in bs1|targets)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
   # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. int4:HEARTH_PDL=0)
   for run in ${BS1_QUANTS:-bf16 int8 int4 fp8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
@@ -187,7 +190,7 @@ case "$what" in mma)  # the weight-stationary int4 kernel: its tests on the GPU,
     2>&1 | tee -a "$OUT/gpu_mma_tests.log" | tail -4
   python benchmarks/profile_quant_mma.py --json "$OUT/profile-quant-mma-8b.json" "$@" 2>&1 | grep -v "^  " | tail -40 ;;
 esac
-case "$what" in bs64)  # batched decode of the 8B shape: the weight-stationary kernel's GPU tests
+case "$what" in bs64|targets)  # batched decode of the 8B shape: the weight-stationary kernel's GPU tests
   # (BS64_TESTS=0 skips them), its profile at BS64_ROWS rows (int4: scales in the step against a
   # step ahead; int8 per channel: the fused kernel against it), then hearth bench at batch 64 for
   # each of BS64_RUNS ("quant" or "quant:KNOB=V,KNOB=V"; rows record the knobs)
