@@ -498,7 +498,8 @@ def mma_configs(rows: int, n: int, k: int, bits: int, group: int) -> list[MmaCon
     for cand in (MmaConfig(64, bk, 4, 4, 4, scaled), MmaConfig(64, bk, 4, 4, 8, scaled),
                  MmaConfig(64, bk, 4, 6, 4, scaled), MmaConfig(64, _step(group, 256), 4, 3, 4, scaled),
                  MmaConfig(128, bk, 8, 4, 1, scaled), MmaConfig(64, bk, 4, 4, 2, scaled), MmaConfig(64, bk, 4, 4, 1, scaled),
-                 MmaConfig(128, bk, 8, 3, 1, scaled),  # wide grouped layers' default before 2026-12-05 (wide128)
+                 # wide grouped layers' default before 2026-12-05 (wide128), both ways (past AHEAD_CONFIGS)
+                 MmaConfig(128, bk, 8, 3, 1, scaled), MmaConfig(128, bk, 8, 3, 1, scaled, scaled),
                  MmaConfig(64, bk, 4, 4, 1), MmaConfig(64, bk, 4, 4, 2), MmaConfig(64, bk, 4, 4, 4),
                  MmaConfig(128, bk, 8, 4, 1), MmaConfig(128, bk, 8, 4, 2), MmaConfig(128, bk, 4, 3, 1),
                  MmaConfig(32, bk, 2, 4, 1), MmaConfig(64, _step(group, 256), 4, 3, 1),
