@@ -146,7 +146,11 @@ def test_scales_ahead_by_default_and_among_the_configs(monkeypatch):
     assert len(set(configs)) == len(configs)
     for c in configs[:8]:
         assert c._replace(ahead=not c.ahead) in configs
-    assert not [c for c in configs[1:] if c.ahead and c._replace(ahead=False) not in configs[:8]]
+    # every other config with scales ahead comes with its twin without (the first eight's twins,
+    # last; the old wide default, listed both ways)
+    assert not [c for c in configs[1:] if c.ahead and c._replace(ahead=False) not in configs]
+    wide = mma_configs(64, 28672, 4096, 4, 128)
+    assert {MmaConfig(128, 128, 8, 3, 1, True, True), MmaConfig(128, 128, 8, 3, 1, True, False)} <= set(wide)
     assert not [c for c in mma_configs(64, 4096, 4096, 8, 4096) if c.ahead]
 
 
