@@ -169,10 +169,12 @@ esac
 # tests and profiles (bf16, int4, int4 on the old wide tile, int8). Q4_K_M needs its own call (q4km-8b).
 if [ "$what" = targets ]; then BS64_TESTS=${BS64_TESTS:-0}; BS64_PROFILE_BITS=${BS64_PROFILE_BITS:-0}; fi
 case "$what" in bs1|targets)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
-  # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. int4:HEARTH_PDL=0)
+  # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. int4:HEARTH_PDL=0, or
+  # int8:HEARTH_GEMV_PIN=gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first;down=triton_quant_gemv_16x2/4w_k5_s2_qx,
+  # quoted; values without spaces or commas)
   for run in ${BS1_QUANTS:-bf16 int8 int4 fp8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
-    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,' '-' | tr 'A-Z_' 'a-z-')
+    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr 'A-Z_' 'a-z-' | tr -c 'a-z0-9.\n-' '-' | cut -c1-90)
     ( [ -n "$knobs" ] && export $knobs
       hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
         --quant $q --json "$OUT/bench-8b-bs1-$tag.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror" )

@@ -14,6 +14,7 @@ that offers no candidates is left as it is.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -25,7 +26,23 @@ from engine.layers.linear_kernels import gemv_configs as candidates
 log = logging.getLogger(__name__)
 
 MARGIN = 0.03
-__all__ = ["CANDIDATES", "MARGIN", "candidates", "tune_gemv"]
+__all__ = ["CANDIDATES", "MARGIN", "candidates", "pinned", "tune_gemv"]
+
+#: ``HEARTH_GEMV_PIN="kind=name;kind=name"`` (names as the load prints them, "batch-1 matmuls:
+#: ...", with "_" for spaces so that the value has none): those kinds take that candidate
+#: instead of the fastest, after the same agreement check. For A/B runs of choices the tuner
+#: makes by timing each kind alone (e.g. with and without PDL); a name no candidate has is
+#: logged and the kind is tuned as usual.
+PIN_ENV = "HEARTH_GEMV_PIN"
+
+
+def pinned(kind: str) -> str | None:
+    """The candidate name ``HEARTH_GEMV_PIN`` gives ``kind`` (None: tune it)."""
+    for entry in os.environ.get(PIN_ENV, "").split(";"):
+        k, sep, name = entry.strip().partition("=")
+        if sep and k.strip() == kind:
+            return name.strip().replace("_", " ")
+    return None
 
 
 def _kinds(model) -> dict[str, list[Linear]]:
@@ -135,6 +152,14 @@ def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None 
         before = None
     if before is not None:  # each prologue-norm config also with the norm kernel first
         kernels = kernels + [v for k in kernels if (v := k.with_norm_first()) is not None]
+    pin = pinned(kind)
+    if pin is not None:
+        chosen = [k for k in kernels if k.name == pin]
+        if chosen:
+            kernels = chosen  # checked against the reference and timed alone (DequantMatmul if wrong)
+        else:
+            log.warning("%s: batch-1 %s has no candidate %r (its candidates: %s); tuning it", PIN_ENV, kind, pin,
+                        ", ".join(k.name for k in kernels))
     try:
         best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before)
     except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly

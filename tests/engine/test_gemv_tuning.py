@@ -223,3 +223,45 @@ def test_a_projection_after_a_fused_norm_is_timed_with_it(monkeypatch):
         monkeypatch.setattr(tuning, "_time", lambda fn, count, graphed=True, reps=3: 2.0 if mod.kernel.name ==
                             "first" else 1.0)  # the second would win on speed
         assert tuning._tune_group("qkv", [mod], torch.device("cpu"), {id(mod): fused}) == "first"
+
+
+def test_a_pinned_candidate_is_taken_instead_of_the_fastest(monkeypatch, caplog):
+    """``HEARTH_GEMV_PIN`` (A/B runs): a kind takes the named candidate, still checked against
+    the reference (a wrong one falls back to it); an unknown name is logged and the kind tuned."""
+    monkeypatch.setenv(tuning.PIN_ENV, "gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first; down = second")
+    assert tuning.pinned("gate_up") == "triton quant gemv 16x2/4w k5 s2 norm first"
+    assert tuning.pinned("down") == "second" and tuning.pinned("qkv") is None and tuning.pinned("o") is None
+
+    class Mod(_FakeQuantModule):
+        in_features = out_features = input_width = 8
+        dtype = torch.float32
+
+        def kernel_candidates(self):
+            return [_K("first"), _K("second"), _K("third")]
+
+    y = torch.randn(1, 8, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(tuning, "disagreement", disagreement)  # the real check
+    monkeypatch.setattr(tuning, "_reference", lambda mod, x: y)
+    cost = {"first": 1.0, "second": 2.0, "third": 0.5, "dequantize+matmul": 3.0}
+    timed = []
+
+    def fake_time(fn, count, graphed=True, reps=3):
+        name = mod.kernel.name
+        timed.append(name)
+        return cost[name]
+
+    monkeypatch.setattr(tuning, "_time", fake_time)
+    mod = Mod({"first": y, "second": y.clone(), "third": y.clone()})
+    assert tuning._tune_group("down", [mod], torch.device("cpu")) == "second"
+    assert timed == ["second"] and mod.kernel.name == "second"  # the others not even timed
+    timed.clear()
+    assert tuning._tune_group("qkv", [mod], torch.device("cpu")) == "third"  # not pinned: the fastest
+    assert timed == ["first", "second", "third"]
+    monkeypatch.setenv(tuning.PIN_ENV, "down=nonesuch")
+    timed.clear()
+    with caplog.at_level("WARNING", logger=tuning.log.name):
+        assert tuning._tune_group("down", [mod], torch.device("cpu")) == "third"
+    assert "no candidate 'nonesuch'" in caplog.text and "first, second, third" in caplog.text
+    monkeypatch.setenv(tuning.PIN_ENV, "down=second")
+    mod = Mod({"first": y, "second": -y, "third": y.clone(), "dequantize+matmul": y})  # the pinned one is wrong
+    assert tuning._tune_group("down", [mod], torch.device("cpu")) == "dequantize+matmul"
