@@ -165,9 +165,13 @@ case "$what" in pdl)  # programmatic dependent launch on and off (HEARTH_PDL): i
       --json "$OUT/decode-kernels-8b-$q-pdl.json" 2>&1 | tail -14
   done ;;
 esac
-# targets: issues 14/17's H200 speed targets in one call (~5 min): bs1 (bf16 int8 int4 fp8), then bs64 without its
+# targets: issues 14/17's H200 speed targets in one call (~6 min): bs1 (bf16 int8 int4 fp8), then bs64 without its
 # tests and profiles (bf16, int4, int4 on the old wide tile, int8). Q4_K_M needs its own call (q4km-8b).
-if [ "$what" = targets ]; then BS64_TESTS=${BS64_TESTS:-0}; BS64_PROFILE_BITS=${BS64_PROFILE_BITS:-0}; fi
+# (and int8 with its no-PDL picks of 07fdb63 pinned, PDL on: the A/B of int8's PDL lead)
+if [ "$what" = targets ]; then
+  BS64_TESTS=${BS64_TESTS:-0}; BS64_PROFILE_BITS=${BS64_PROFILE_BITS:-0}
+  BS1_QUANTS=${BS1_QUANTS:-"bf16 int8 int8:HEARTH_GEMV_PIN=gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first;down=triton_quant_gemv_16x2/4w_k5_s2_qx int4 fp8"}
+fi
 case "$what" in bs1|targets)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
   # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. int4:HEARTH_PDL=0, or
   # int8:HEARTH_GEMV_PIN=gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first;down=triton_quant_gemv_16x2/4w_k5_s2_qx,
