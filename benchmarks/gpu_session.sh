@@ -178,7 +178,7 @@ case "$what" in bs1|targets)  # the 8B shape's batch-1 decode for each of BS1_QU
   # quoted; values without spaces or commas)
   for run in ${BS1_QUANTS:-bf16 int8 int4 fp8}; do
     q=${run%%:*}; knobs=""; [ "$run" != "$q" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
-    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr 'A-Z_' 'a-z-' | tr -c 'a-z0-9.\n-' '-' | cut -c1-90)
+    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr 'A-Z_' 'a-z-' | tr -c 'a-z0-9.\n-' '-' | cut -c1-160)
     ( [ -n "$knobs" ] && export $knobs
       hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
         --quant $q --json "$OUT/bench-8b-bs1-$tag.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror" )

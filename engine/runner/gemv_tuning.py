@@ -29,10 +29,11 @@ MARGIN = 0.03
 __all__ = ["CANDIDATES", "MARGIN", "candidates", "pinned", "tune_gemv"]
 
 #: ``HEARTH_GEMV_PIN="kind=name;kind=name"`` (names as the load prints them, "batch-1 matmuls:
-#: ...", with "_" for spaces so that the value has none): those kinds take that candidate
-#: instead of the fastest, after the same agreement check. For A/B runs of choices the tuner
-#: makes by timing each kind alone (e.g. with and without PDL); a name no candidate has is
-#: logged and the kind is tuned as usual.
+#: ...", with "_" for spaces so that the value has none; no candidate name has a "_"): those
+#: kinds take that candidate instead of the fastest if it runs and agrees with the reference
+#: (``_choose``). For A/B runs of choices the tuner makes by timing each kind alone (e.g. with
+#: and without PDL). A name no candidate has, or a pinned kernel that fails, is logged and the
+#: kind tuned as usual; a kind stored two ways (``_form``) takes the pin in each form that has it.
 PIN_ENV = "HEARTH_GEMV_PIN"
 
 
@@ -153,18 +154,15 @@ def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None 
     if before is not None:  # each prologue-norm config also with the norm kernel first
         kernels = kernels + [v for k in kernels if (v := k.with_norm_first()) is not None]
     pin = pinned(kind)
-    if pin is not None:
-        chosen = [k for k in kernels if k.name == pin]
-        if chosen:
-            kernels = chosen  # checked against the reference and timed alone (DequantMatmul if wrong)
-        else:
-            log.warning("%s: batch-1 %s has no candidate %r (its candidates: %s); tuning it", PIN_ENV, kind, pin,
-                        ", ".join(k.name for k in kernels))
+    if pin is not None and not any(k.name == pin for k in kernels):
+        log.warning("%s: batch-1 %s has no candidate %r (its candidates: %s); tuning it", PIN_ENV, kind, pin,
+                    ", ".join(k.name for k in kernels))
+        pin = None
     try:
-        best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before)
+        best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before, pin=pin)
     except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
         log.warning("batch-1 %s timed eagerly (graph capture failed: %s)", kind, e)
-        best, best_ms = _choose(mods, kernels, x, kind, graphed=False, norms=before)
+        best, best_ms = _choose(mods, kernels, x, kind, graphed=False, norms=before, pin=pin)
     for m in mods:
         m.use_kernel(best)
     log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, first.out_features, first.in_features, best.name,
@@ -205,10 +203,12 @@ def _fused_norm(norm) -> bool:
 
 
 def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graphed: bool,
-            norms: list | None = None):
+            norms: list | None = None, pin: str | None = None):
     """(the best kernel, its ms per call): every candidate timed the same way, through the
     modules, the baseline (cuBLAS) first; with ``norms`` (one per module), each call is
-    ``normed`` (the norm and the projection, one kernel or two)."""
+    ``normed`` (the norm and the projection, one kernel or two). ``pin``: the candidate of that
+    name instead, if it runs and agrees with the reference (the baseline's product for a float
+    layer); if not, logged, and the fastest as usual."""
     residual = torch.randn_like(x)
     if norms is None:
         def run(i):
@@ -242,6 +242,19 @@ def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graph
             return f"with its norm: {type(e).__name__}: {str(e)[:200]}"
 
     problem = None if reference is None else (disagreement(got, expected) or normed_problem())
+    pinned_kernel = next((k for k in kernels if k.name == pin), None) if pin is not None else None
+    if pinned_kernel is not None:
+        why = problem
+        if pinned_kernel is not baseline:
+            use(pinned_kernel)
+            try:
+                why = disagreement(mods[0](x), expected) or normed_problem()
+            except Exception as e:  # noqa: BLE001 - a config this GPU can't compile
+                why = f"{type(e).__name__}: {str(e)[:200]}"
+        if why is None:
+            return pinned_kernel, _time(run, len(mods), graphed)
+        log.warning("%s: batch-1 %s: the pinned %s left out: %s; tuning it", PIN_ENV, kind, pin, why)
+        use(baseline)
     if problem:  # a quantized layer's first Triton config is a candidate like the others
         log.warning("batch-1 %s: %s left out: %s", kind, baseline.name, problem)
         best, best_ms = None, float("inf")

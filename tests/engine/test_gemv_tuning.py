@@ -262,6 +262,22 @@ def test_a_pinned_candidate_is_taken_instead_of_the_fastest(monkeypatch, caplog)
     with caplog.at_level("WARNING", logger=tuning.log.name):
         assert tuning._tune_group("down", [mod], torch.device("cpu")) == "third"
     assert "no candidate 'nonesuch'" in caplog.text and "first, second, third" in caplog.text
+    # a pinned candidate that is wrong, or can't compile, is left out (logged) and the kind tuned;
+    # a float layer (no reference but its baseline's product) is checked against the baseline
     monkeypatch.setenv(tuning.PIN_ENV, "down=second")
-    mod = Mod({"first": y, "second": -y, "third": y.clone(), "dequantize+matmul": y})  # the pinned one is wrong
-    assert tuning._tune_group("down", [mod], torch.device("cpu")) == "dequantize+matmul"
+    for reference in (y, None):
+        monkeypatch.setattr(tuning, "_reference", lambda mod, x, reference=reference: reference)
+        mod = Mod({"first": y, "second": -y, "third": y.clone()})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=tuning.log.name):
+            assert tuning._tune_group("down", [mod], torch.device("cpu")) == "third"
+        assert "the pinned second left out" in caplog.text
+
+    class NoCompile(Mod):
+        def __call__(self, x):
+            if self.kernel.name == "second":
+                raise RuntimeError("out of resources")  # (Triton's own errors aren't RuntimeErrors either)
+            return super().__call__(x)
+
+    mod = NoCompile({"first": y, "second": y, "third": y.clone()})
+    assert tuning._tune_group("down", [mod], torch.device("cpu")) == "third"
