@@ -23,15 +23,19 @@ output; the dp4a kernel's rounding of x to 8 bits a block of 32 costs about 1%).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
-from hearth_kernels.quant_dp4a import quant_gemv_dp4a
-from hearth_kernels.quant_gemv import prepare_int4, prepare_int8
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_gemv import shapes_of  # noqa: E402
 
-#: Llama-8B's projections at batch 1: (N, K, SwiGLU on x)
-LAYERS = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
-          "down": (4096, 14336, True), "lm_head": (128256, 4096, False)}
+from hearth_kernels.quant_dp4a import quant_gemv_dp4a  # noqa: E402
+from hearth_kernels.quant_gemv import prepare_int4, prepare_int8  # noqa: E402
+
+#: Llama-8B's projections at batch 1: (N, K, SwiGLU on x); down takes its SwiGLU
+LAYERS = {("down" if name == "down+swiglu" else name): shape for name, shape in shapes_of("llama-8b").items()}
 
 
 def make(n: int, k: int, bits: int, group: int, device: str):
@@ -42,6 +46,21 @@ def make(n: int, k: int, bits: int, group: int, device: str):
         return prepare_int4(q, scales, (-8 * scales.float()).half(), group)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
     return prepare_int8(q, scales, None, group)
+
+
+def weight_mb(prepared) -> float:
+    """Megabytes a call streams: codes, scales and mins."""
+    return (prepared.qweight.numel() * prepared.qweight.element_size() + prepared.scales.numel() * 2
+            + (prepared.mins.numel() * 2 if prepared.mins is not None else 0)) / 1e6
+
+
+def parse_config(spec: str) -> tuple[list[int], dict]:
+    """``block_n,block_k,warps,kind,stages[,split[,qx]]`` -> (the numbers, quant_gemv_dp4a's
+    keyword arguments for them)."""
+    cfg = [int(v) for v in spec.split(",")]
+    block_n, block_k, warps, _kind, stages = cfg[:5]
+    return cfg, dict(block_n=block_n, block_k=block_k, warps=warps, stages=stages,
+                     split=cfg[5] if len(cfg) > 5 else 1, qx=bool(cfg[6]) if len(cfg) > 6 else False)
 
 
 def main() -> None:
@@ -60,30 +79,23 @@ def main() -> None:
         return sweep(args)
     n, k, swiglu = LAYERS[args.layer]
     group = args.group or (128 if args.bits == 4 else k)
-    cfg = [int(v) for v in args.config.split(",")]
-    block_n, block_k, warps, _kind, stages = cfg[:5]
-    split = cfg[5] if len(cfg) > 5 else 1
-    qx = bool(cfg[6]) if len(cfg) > 6 else False
+    cfg, kw = parse_config(args.config)
     prepared = make(n, k, args.bits, group, "cuda")
     x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(args.calls):
-        quant_gemv_dp4a(x, prepared, out, None, swiglu, block_n, block_k, warps, stages, split, qx=qx)
+        quant_gemv_dp4a(x, prepared, out, None, swiglu, **kw)
     torch.cuda.synchronize()
-    mb = (prepared.qweight.numel() * prepared.qweight.element_size() + prepared.scales.numel() * 2
-          + (prepared.mins.numel() * 2 if prepared.mins is not None else 0)) / 1e6
-    print(f"{args.layer} int{args.bits} g{group} config {cfg}: {mb:.1f} MB of weights, {args.calls} calls")
+    print(f"{args.layer} int{args.bits} g{group} config {cfg}: {weight_mb(prepared):.1f} MB of weights, "
+          f"{args.calls} calls")
 
 
 def sweep(args) -> None:
     """Time each config of ``--sweep`` for ``--layer``/``--bits`` in a CUDA graph over enough
     weight copies that none stays in L2 (``profile_gemv.time_graph``), each checked against the
     dequantized weight's product; prints us, TB/s of weights, programs and registers a thread."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from profile_gemv import time_graph
+    from profile_quant_gemv import n_copies
 
     from hearth_kernels.activation import silu_and_mul
     from hearth_kernels.quant_dp4a import _quant_gemv_dp4a_kernel
@@ -93,9 +105,8 @@ def sweep(args) -> None:
     n, k, swiglu = LAYERS[args.layer]
     group = args.group or (128 if args.bits == 4 else k)
     first = make(n, k, args.bits, group, "cuda")
-    mb = (first.qweight.numel() * first.qweight.element_size() + first.scales.numel() * 2
-          + (first.mins.numel() * 2 if first.mins is not None else 0)) / 1e6
-    copies = max(2, int(400 / mb) + 1)  # past the L2 (50-60 MB) several times over
+    mb = weight_mb(first)
+    copies = n_copies(int(mb * 1e6))  # past the L2 (50-60 MB) several times over
     weights = [first] + [make(n, k, args.bits, group, "cuda") for _ in range(copies - 1)]
     x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
     outs = [torch.empty(1, n, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -105,13 +116,10 @@ def sweep(args) -> None:
     rms = ref.pow(2).mean().sqrt()
     rows = []
     for spec in args.sweep.split(";"):
-        cfg = [int(v) for v in spec.split(",")]
-        block_n, block_k, warps, _kind, stages = cfg[:5]
-        split = cfg[5] if len(cfg) > 5 else 1
-        qx = bool(cfg[6]) if len(cfg) > 6 else False
+        cfg, kw = parse_config(spec)
 
-        def call(i, block_n=block_n, block_k=block_k, warps=warps, stages=stages, split=split, qx=qx):
-            quant_gemv_dp4a(x, weights[i], outs[i], None, swiglu, block_n, block_k, warps, stages, split, qx=qx)
+        def call(i, kw=kw):
+            quant_gemv_dp4a(x, weights[i], outs[i], None, swiglu, **kw)
 
         try:
             call(0)
@@ -132,7 +140,7 @@ def sweep(args) -> None:
                     regs = getattr(kern, "n_regs", regs)
         except Exception:  # another Triton: no register count
             pass
-        programs = -(-n // block_n) * split
+        programs = -(-n // kw["block_n"]) * kw["split"]
         row = {"config": cfg, "us": us, "tb_s": mb / us, "programs": programs,
                "programs_per_sm": programs / sms, "regs": regs, "rms_rel_err": err}
         rows.append(row)
