@@ -153,11 +153,12 @@ def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None 
         before = None
     if before is not None:  # each prologue-norm config also with the norm kernel first
         kernels = kernels + [v for k in kernels if (v := k.with_norm_first()) is not None]
-    pin = pinned(kind)
-    if pin is not None and not any(k.name == pin for k in kernels):
-        log.warning("%s: batch-1 %s has no candidate %r (its candidates: %s); tuning it", PIN_ENV, kind, pin,
-                    ", ".join(k.name for k in kernels))
-        pin = None
+    pin, name = None, pinned(kind)
+    if name is not None:
+        pin = next((k for k in kernels if k.name == name), None)
+        if pin is None:
+            log.warning("%s: batch-1 %s has no candidate %r (its candidates: %s); tuning it", PIN_ENV, kind, name,
+                        ", ".join(k.name for k in kernels))
     try:
         best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before, pin=pin)
     except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
@@ -203,12 +204,12 @@ def _fused_norm(norm) -> bool:
 
 
 def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graphed: bool,
-            norms: list | None = None, pin: str | None = None):
+            norms: list | None = None, pin=None):
     """(the best kernel, its ms per call): every candidate timed the same way, through the
     modules, the baseline (cuBLAS) first; with ``norms`` (one per module), each call is
-    ``normed`` (the norm and the projection, one kernel or two). ``pin``: the candidate of that
-    name instead, if it runs and agrees with the reference (the baseline's product for a float
-    layer); if not, logged, and the fastest as usual."""
+    ``normed`` (the norm and the projection, one kernel or two). ``pin``: that candidate (one of
+    ``kernels``) instead, if it runs and agrees with the reference (the baseline's product for a
+    float layer); if not, logged, and the fastest as usual."""
     residual = torch.randn_like(x)
     if norms is None:
         def run(i):
@@ -241,19 +242,23 @@ def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graph
         except Exception as e:  # noqa: BLE001 - OutOfResources, CompilationError...: not a candidate
             return f"with its norm: {type(e).__name__}: {str(e)[:200]}"
 
+    def problem_of(kernel) -> str | None:
+        """Puts ``kernel`` in use: why its product is not the reference's (None: it is);
+        raises if it can't compile."""
+        use(kernel)
+        return disagreement(mods[0](x), expected) or normed_problem()
+
     problem = None if reference is None else (disagreement(got, expected) or normed_problem())
-    pinned_kernel = next((k for k in kernels if k.name == pin), None) if pin is not None else None
-    if pinned_kernel is not None:
+    if pin is not None:
         why = problem
-        if pinned_kernel is not baseline:
-            use(pinned_kernel)
+        if pin is not baseline:
             try:
-                why = disagreement(mods[0](x), expected) or normed_problem()
+                why = problem_of(pin)
             except Exception as e:  # noqa: BLE001 - a config this GPU can't compile
                 why = f"{type(e).__name__}: {str(e)[:200]}"
         if why is None:
-            return pinned_kernel, _time(run, len(mods), graphed)
-        log.warning("%s: batch-1 %s: the pinned %s left out: %s; tuning it", PIN_ENV, kind, pin, why)
+            return pin, _time(run, len(mods), graphed)
+        log.warning("%s: batch-1 %s: the pinned %s left out: %s; tuning it", PIN_ENV, kind, pin.name, why)
         use(baseline)
     if problem:  # a quantized layer's first Triton config is a candidate like the others
         log.warning("batch-1 %s: %s left out: %s", kind, baseline.name, problem)
@@ -261,13 +266,11 @@ def _choose(mods: list[Linear], kernels: list, x: torch.Tensor, kind: str, graph
     else:
         best, best_ms = baseline, _time(run, len(mods), graphed)
     for kernel in others:
-        use(kernel)
         try:
-            got = mods[0](x)  # compiles, or can't
+            problem = problem_of(kernel)  # compiles, or can't
         except Exception as e:  # noqa: BLE001 - a config this GPU can't compile is skipped
             log.debug("%s %s skipped: %s", kind, kernel.name, e)
             continue
-        problem = disagreement(got, expected) or normed_problem()
         if problem:  # a kernel that is wrong on this GPU must never win on speed
             log.warning("batch-1 %s: %s left out: %s", kind, kernel.name, problem)
             continue
