@@ -30,6 +30,10 @@ from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, Lo
                            ModelLoadError, OutOfMemoryError, UnsupportedModelError, option_flag)
 from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, StepInfo,
                            Timings, TokenEvent, TokenLogprob, Usage)
+# What a GGUF file takes in memory once loaded (its type from its name), for the fit estimate.
+from engine.gguf_memory import file_label as gguf_file_label
+from engine.gguf_memory import kept_on as gguf_kept_on
+from engine.gguf_memory import memory_ratio as gguf_memory_ratio
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
 from engine.memory_plan import (DTYPE_BYTES, DeviceShare, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
                                 format_bytes, kv_headroom, kv_pool_blocks)
@@ -153,6 +157,6 @@ __all__ = [
     "reset_peak_device_memory", "peak_device_memory_bytes",
     "DEFAULT_MODEL_REQUIREMENT", "DEFAULT_MODEL_VERSION", "DEFAULT_MODEL_DOWNLOAD_MB",
     "default_model_installed_version", "default_model_file", "default_model_install_command",
-    "default_model_install_hint", "cache_dir",
+    "default_model_install_hint", "cache_dir", "gguf_file_label", "gguf_memory_ratio", "gguf_kept_on",
 ]
 

@@ -280,6 +280,10 @@ def _not_yet(_device: str) -> list[str]:
     return [_NOT_YET]
 
 
+#: the oldest GPU Hearth's int4/int8 Triton kernels run on (Ampere)
+QUANT_MIN_CAPABILITY = (8, 0)
+
+
 def _quant_kernel_reasons(device: str) -> list[str]:
     """Why Hearth's int4/int8 kernels can't run on ``device`` (the CPU always can: its C
     kernel, or the dequantizing reference)."""
@@ -290,7 +294,7 @@ def _quant_kernel_reasons(device: str) -> list[str]:
     if not torch.cuda.is_available() or _cuda_reasons(device):
         return []  # the device's own reason says it
     major, minor = torch.cuda.get_device_capability(torch.device(device))
-    if (major, minor) < (8, 0):
+    if (major, minor) < QUANT_MIN_CAPABILITY:
         return [f"Hearth's int4/int8 GPU kernels need an Ampere or newer GPU (compute capability 8.0+), this one "
                 f"is {major}.{minor}: load it unquantized (bf16/fp16) or on the CPU"]
     return []

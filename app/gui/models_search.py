@@ -356,12 +356,29 @@ class SearchPanel(QWidget):
         self._label_auto()
 
     def _label_auto(self) -> None:
-        """Name the dtype ``auto`` stands for on the chosen device (float32 on the CPU)."""
+        """Name what ``auto`` stands for on the chosen device: a GGUF file's own quantized
+        weights where the engine keeps them there, else the dtype (float32 on the CPU)."""
         target = self._target()
         idx = self.weights.findData(fit.AUTO)
-        if idx >= 0:
-            self.weights.setItemText(idx, f"auto ({fit.load_dtype(fit.AUTO, target.device_type)} on this device)"
-                                     if target else "auto")
+        if idx < 0:
+            return
+        if target is None:
+            text = "auto"
+        elif self._gguf_file() is not None and fit.gguf_kept_on(target.device_type, target.capability):
+            text = "auto (the GGUF file's own weights)"
+        else:
+            text = f"auto ({fit.load_dtype(fit.AUTO, target.device_type)} on this device)"
+        self.weights.setItemText(idx, text)
+
+    def _gguf_file(self) -> str | None:
+        """The GGUF file the estimate is for: the one picked, else a GGUF-only repo's first."""
+        d = self.details
+        if d is None:
+            return None
+        picked = self.selected_file()
+        if picked and picked.endswith(".gguf"):
+            return picked
+        return d.gguf_files[0].path if not d.safetensors_bytes and d.gguf_files else None
 
     def _show_targets(self) -> None:
         """Fill the Device box, keeping the device the user chose."""
@@ -391,10 +408,8 @@ class SearchPanel(QWidget):
         target = self._target()
         if d is None or target is None:
             return
-        picked = self.selected_file()
-        gguf = picked if picked and picked.endswith(".gguf") else None
-        if gguf is None and not d.safetensors_bytes and d.gguf_files:
-            gguf = d.gguf_files[0].path  # the first quantization, until the user picks one
+        gguf = self._gguf_file()
+        self._label_auto()  # a picked GGUF file changes what auto loads
         est = fit.estimate_for_details(d, self._shape, weights=self.weights.currentData() or fit.AUTO,
                                        context_len=self.context.value() or None, target=target, gguf_file=gguf,
                                        kv_cache_dtype=self.kv_dtype.currentData() or "auto",

@@ -9,10 +9,14 @@ bytes come from the engine's registry of load choices: one vocabulary of dtypes 
 quantizations with the load dialog, the CLI and ``hearth doctor``.
 
 * weights: ``params x bytes/param`` of the weights dtype. ``"auto"`` is the engine's own
-  rule for the device (float32 on the CPU, bfloat16 on a GPU); GGUF files are converted
-  and then loaded in that dtype too. Quantizations (int8, int4, ...) take their packed
-  size plus group scales, with embeddings and LM head left in 16 bit; ``"as published"``
-  takes the weight files' size (pre-quantized AWQ/GPTQ repos).
+  rule for the device (float32 on the CPU, bfloat16 on a GPU). Quantizations (int8, int4,
+  ...) take their packed size plus group scales, with embeddings and LM head left in 16
+  bit; ``"as published"`` takes the weight files' size (pre-quantized AWQ/GPTQ repos). A
+  GGUF file with ``"gguf"``, or ``"auto"`` where its own quantized weights run
+  (``engine.api.gguf_kept_on``), takes its size times what Hearth's layout of its type
+  holds per byte of file (``engine.api.gguf_memory_ratio``: Q4_K_M about 1.22x); a type
+  Hearth dequantizes at load (IQ*, Q2_K, Q3_K, ...), or one its name doesn't give, the
+  load dtype's bytes per parameter.
 * KV cache: what the load sets aside, sized as the engine sizes it: blocks of 16 tokens
   of the model spec's K and V bytes per token (``SpecSummary.kv_bytes_per_token``) at the
   KV-cache choice's bytes per value (the weights dtype's for ``auto``, 1 for ``fp8``),
@@ -33,8 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from engine.api import (DTYPE_BYTES, CacheConfig, InvalidRequestError, SchedulerConfig, SpecSummary, auto_dtype,
-                        choice_name, choice_names, context_blocks, cpu_kv_budget, get_choice, kv_bytes_per_value,
-                        kv_pool_blocks, model_summary)
+                        choice_name, choice_names, context_blocks, cpu_kv_budget, get_choice, gguf_file_label,
+                        gguf_kept_on, gguf_memory_ratio, kv_bytes_per_value, kv_pool_blocks, model_summary)
 
 GIB = 1 << 30
 #: The engine's own choice of weights dtype for the device (float32 on CPU, bf16 on GPU).
@@ -51,12 +55,14 @@ FALLBACK_CONTEXT = 4096
 
 @dataclass(frozen=True, slots=True)
 class MemoryTarget:
-    """Where the model would run: ``key`` ``"cuda:N"`` or ``"cpu"``, with its free bytes."""
+    """Where the model would run: ``key`` ``"cuda:N"`` or ``"cpu"``, with its free bytes
+    (and a GPU's compute capability, where NVML gave it)."""
 
     key: str
     label: str
     free_bytes: int
     total_bytes: int
+    capability: tuple[int, int] | None = None
 
     @property
     def device_type(self) -> str:
@@ -182,16 +188,41 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, em
     return int(round((embed - head) * embedding_rate + head * 1.0 + (num_params - embed) * rate))
 
 
+def _gguf_weight_bytes(file_name: str, file_bytes: int, weights: str, target: MemoryTarget, dtype: str,
+                       num_params: int | None) -> tuple[int, str]:
+    """(bytes a load of the GGUF file ``file_name`` holds, the note that says why) for
+    ``weights`` ``"gguf"`` or ``AUTO`` on ``target``."""
+    label = gguf_file_label(file_name)
+    kept = weights == "gguf" or gguf_kept_on(target.device_type, target.capability)
+    ratio = gguf_memory_ratio(label) if kept else None
+    if ratio is not None:
+        return int(round(file_bytes * ratio)), (
+            f"its {label} weights load as they are, as Hearth's int4/int8 groups with 16-bit scales: "
+            f"about {ratio:.2f}x the file's size")
+    if not kept:
+        why = f"loads dequantized to {dtype} here (no fast int4/int8 kernel on this device)"
+    elif label is None:
+        why = f"has no GGUF type in its name: counted as dequantized to {dtype}"
+    else:
+        why = (f"is {label}, which Hearth dequantizes to {dtype} at load (it keeps Q8_0, Q4_0, Q4_1 and the "
+               "Q4_K, Q5_K and Q6_K mixes quantized)")
+    if num_params is None:
+        return file_bytes, f"this GGUF file {why}; its parameter count is unknown, so it is counted at its file size"
+    return int(round(num_params * DTYPE_BYTES[dtype])), f"this GGUF file {why}: it needs more memory than its size on disk"
+
+
 def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget, weights: str = AUTO,
              context_len: int | None = None, kv_cache_memory: int | None = None, kv_cache_dtype: str = "auto",
-             published_weight_bytes: int | None = None) -> FitEstimate:
+             published_weight_bytes: int | None = None, gguf_file: str | None = None) -> FitEstimate:
     """What a load with these options takes on ``target``, against its free bytes.
 
     ``shape``: the model's ``SpecSummary`` (``load_shape``; an empty one where config.json
     is out of reach). ``weights``, ``context_len`` (``max_model_len``), ``kv_cache_memory``
     (bytes) and ``kv_cache_dtype`` mean what the load options of the same names mean. Weights come
     from ``num_params``; ``published_weight_bytes`` is used for ``AS_PUBLISHED`` (and
-    when the parameter count is unknown). The verdict is ``"unknown"`` when neither is.
+    when the parameter count is unknown). ``gguf_file``: the name of the GGUF file those
+    bytes are (its llama.cpp type is in the name), sized as a load of it holds them. The
+    verdict is ``"unknown"`` when neither is.
     """
     notes: list[str] = []
     weights = weights_name(weights)
@@ -200,7 +231,14 @@ def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget
     # A checkpoint's own quantization (a GGUF's blocks, AWQ/GPTQ/compressed-tensors) loads
     # at the size it is published at.
     as_published = weights in (AS_PUBLISHED, *_OWN_QUANTIZATIONS) and published_weight_bytes is not None
-    if as_published or num_params is None:
+    gguf_bytes = None
+    if gguf_file is not None and weights in (AUTO, "gguf") and published_weight_bytes is not None:
+        gguf_bytes, note = _gguf_weight_bytes(gguf_file, int(published_weight_bytes), weights, target, dtype,
+                                              num_params)
+        notes.append(note)
+    if gguf_bytes is not None:
+        weights_total = gguf_bytes
+    elif as_published or num_params is None:
         if published_weight_bytes is None:
             weights_total = 0
         else:
@@ -277,7 +315,12 @@ def memory_targets(*, nvml=None, psutil_module=None) -> list[MemoryTarget]:
                     name = nvml.nvmlDeviceGetName(handle)
                     name = name.decode() if isinstance(name, bytes) else str(name)
                     mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-                    targets.append(MemoryTarget(f"cuda:{i}", f"GPU {i} ({name})", int(mem.free), int(mem.total)))
+                    try:  # which kernels run there (a GGUF's own weights need an Ampere or newer)
+                        capability = tuple(int(v) for v in nvml.nvmlDeviceGetCudaComputeCapability(handle))
+                    except Exception:
+                        capability = None
+                    targets.append(MemoryTarget(f"cuda:{i}", f"GPU {i} ({name})", int(mem.free), int(mem.total),
+                                                capability))
             except Exception:
                 pass  # a GPU that cannot be queried is left out rather than guessed
             finally:
@@ -317,25 +360,22 @@ def estimate_for_details(details, shape: SpecSummary, *, target: MemoryTarget, w
                          notes: tuple[str, ...] = ()) -> FitEstimate:
     """The estimate for a repo already described by ``details`` (a ``hub.ModelDetails``).
 
-    The parameter count is the Hub's (safetensors headers, or the GGUF metadata): a GGUF
-    file is converted and loaded in the load dtype like any checkpoint, so its size on
-    disk counts only for ``AS_PUBLISHED`` (``gguf_file`` says which file). Pure: no network.
+    The parameter count is the Hub's (safetensors headers, or the GGUF metadata). A GGUF
+    file (``gguf_file`` says which) is sized as ``estimate`` sizes it: as a load holds its
+    type, by its name. Pure: no network.
     """
     if gguf_file is not None:
         published = next((f.size for f in details.files if f.path == gguf_file), None)
     else:
         published = details.safetensors_bytes or None
     num_params = details.num_params
-    extra: list[str] = []
     if details.quant_format in ("awq", "gptq"):
         num_params = None  # the Hub counts packed int32 elements, not parameters: the files' size says it
     est = estimate(num_params=num_params, shape=shape, target=target, weights=weights, context_len=context_len,
-                   kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype, published_weight_bytes=published)
-    if gguf_file is not None and num_params is not None and est.weights != AS_PUBLISHED:
-        extra.append(f"a GGUF file is converted once and loads as {est.dtype}, so it needs more memory than "
-                     "its size on disk")
-    if extra or notes:
-        est = replace(est, notes=est.notes + tuple(extra) + tuple(notes))
+                   kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype, published_weight_bytes=published,
+                   gguf_file=gguf_file)
+    if notes:
+        est = replace(est, notes=est.notes + tuple(notes))
     return est
 
 

@@ -159,15 +159,24 @@ def test_fit_estimate_uses_the_engine_rules_for_the_device(qtbot, page, monkeypa
     assert "bfloat16 + KV 0.00 for one 2048-token context" in panel.fit_result.text()
 
 
-def test_gguf_file_download_and_fit_use_the_picked_file(qtbot, page, fake_hub):
+def test_gguf_file_download_and_fit_use_the_picked_file(qtbot, page, fake_hub, monkeypatch):
+    from app.services import fit
+
+    monkeypatch.setattr(fit, "gguf_kept_on", lambda device_type, capability: True)  # the C kernel runs here
     _search(qtbot, page, "GGUF")
     panel = _open(qtbot, page, GGUF_REPO)
     button = page.findChild(QPushButton, "downloadButton")
     assert not button.isEnabled()             # a GGUF repo: pick a file first
+    assert panel.weights.itemText(0) == "auto (the GGUF file's own weights)"
     names = [panel.files.item(r, 0).text() for r in range(panel.files.rowCount())]
     panel.files.selectRow(names.index("tiny-chat.Q8_0.gguf"))
     assert button.isEnabled() and "tiny-chat.Q8_0.gguf" in button.text()
+    # sized as the load holds it: Q8_0 at its file's bytes, Q4_K_M at about 1.22x
     assert panel.fit_result.text().startswith("tiny-chat.Q8_0.gguf: fits: needs 0.00 GiB")
+    assert "Q8_0 weights load as they are" in panel.fit_result.text()
+    panel.files.selectRow(names.index("tiny-chat.Q4_K_M.gguf"))
+    assert "about 1.22x the file's size" in panel.fit_result.text()
+    panel.files.selectRow(names.index("tiny-chat.Q8_0.gguf"))
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: [r.status.state for r in page.downloads_panel.rows.values()] == ["done"],
                     timeout=WAIT_MS)

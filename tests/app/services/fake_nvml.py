@@ -50,6 +50,10 @@ class FakeNvml:
         g = self.gpus[h[1]]
         return SimpleNamespace(used=g["used"], total=g["total"], free=g["total"] - g["used"])
 
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        self._call("nvmlDeviceGetCudaComputeCapability")
+        return self.gpus[h[1]]["capability"]  # a KeyError where a GPU has none: the call failed
+
     def nvmlDeviceGetUtilizationRates(self, h):
         self._call("nvmlDeviceGetUtilizationRates")
         return SimpleNamespace(gpu=self.gpus[h[1]].get("util", 0), memory=0)
@@ -60,7 +64,8 @@ GIB = 1 << 30
 
 def two_gpus() -> FakeNvml:
     return FakeNvml([
-        dict(name="NVIDIA H100 80GB HBM3", used=30 * GIB, total=80 * GIB, util=87, uuid="GPU-aaaa-0001"),
+        dict(name="NVIDIA H100 80GB HBM3", used=30 * GIB, total=80 * GIB, util=87, uuid="GPU-aaaa-0001",
+             capability=(9, 0)),
         dict(name="NVIDIA RTX 4090", used=1 * GIB, total=24 * GIB, util=3, uuid="GPU-bbbb-0002"),
     ])
 

@@ -10,6 +10,7 @@ import pytest
 
 from app.services import fit
 from app.services.fit import AS_PUBLISHED, GIB, MemoryTarget
+from engine import gguf_memory as gm
 from engine.api import SpecSummary
 from tests.app.hub_fixtures import GATED, GGUF_REPO, TINY, TINY_CONFIG, TINY_TENSORS, fake_hub
 from tests.app.services.fake_nvml import GIB as NVML_GIB
@@ -150,6 +151,8 @@ def test_memory_targets_from_nvml_and_psutil():
         ("cuda:0", 50 * NVML_GIB, 80 * NVML_GIB), ("cuda:1", 23 * NVML_GIB, 24 * NVML_GIB),
         ("cpu", 12 * GIB, 64 * GIB)]
     assert targets[0].label == "GPU 0 (NVIDIA H100 80GB HBM3)"
+    # the compute capability where NVML gives it; a GPU whose capability can't be read is still listed
+    assert [t.capability for t in targets] == [(9, 0), None, None]
     nvml = no_driver()
     only_ram = fit.memory_targets(nvml=nvml, psutil_module=SimpleNamespace(virtual_memory=lambda: vm))
     assert [t.key for t in only_ram] == ["cpu"]
@@ -211,7 +214,7 @@ def test_weights_choices_are_the_registrys(monkeypatch):
         c.name for c in choices.defined("quantization") if c.bytes_per_param}
 
 
-def test_estimate_for_gguf_and_gated_repos(fake_hub):
+def test_estimate_for_gguf_and_gated_repos(fake_hub, monkeypatch):
     from app.services.hub import model_details
 
     t = MemoryTarget("cpu", "RAM", 1 * GIB, 2 * GIB)
@@ -220,11 +223,49 @@ def test_estimate_for_gguf_and_gated_repos(fake_hub):
                                 gguf_file="tiny-chat.Q8_0.gguf")
     assert est.weights_bytes == 250_004 and est.kv_cache_bytes == 0
     assert any("KV cache not counted" in n for n in est.notes)
-    # Loaded, a GGUF file is converted and runs in the load dtype: 1M parameters x 4 B on CPU.
+    # auto where the engine keeps a GGUF's own weights (the C kernel runs here): Q8_0 takes
+    # its file's bytes, Q4_K_M more (its Q6_K tensors as int8, its scales as float16)
+    monkeypatch.setattr(fit, "gguf_kept_on", lambda device_type, capability: True)
+    kept = fit.estimate_for_repo(GGUF_REPO, context_len=512, target=t, details=d, gguf_file="tiny-chat.Q8_0.gguf")
+    assert kept.weights_bytes == 250_004 and any("Q8_0 weights load as they are" in n for n in kept.notes)
+    mixed = fit.estimate_for_repo(GGUF_REPO, context_len=512, target=t, details=d, gguf_file="tiny-chat.Q4_K_M.gguf")
+    assert mixed.weights_bytes == round(150_004 * gm.memory_ratio("Q4_K_M"))
+    assert any("about 1.22x the file's size" in n for n in mixed.notes)
+    # where it doesn't (no compiler): dequantized, 1M parameters x 4 B of float32
+    monkeypatch.setattr(fit, "gguf_kept_on", lambda device_type, capability: False)
     loaded = fit.estimate_for_repo(GGUF_REPO, context_len=512, target=t, details=d, gguf_file="tiny-chat.Q8_0.gguf")
-    assert loaded.weights_bytes == 4 * 1_000_000 and any("loads as float32" in n for n in loaded.notes)
+    assert loaded.weights_bytes == 4 * 1_000_000
+    assert any("loads dequantized to float32 here" in n for n in loaded.notes)
+    # quantization "gguf" keeps them whatever the device (the load dialog greys it out where it can't)
+    chosen = fit.estimate_for_repo(GGUF_REPO, weights="gguf", context_len=512, target=t, details=d,
+                                   gguf_file="tiny-chat.Q8_0.gguf")
+    assert chosen.weights_bytes == 250_004
     gated = fit.estimate_for_repo(GATED, weights="bf16", context_len=512, target=t)
     assert gated.weights_bytes == 2 * 64 and any("config.json unavailable (gated)" in n for n in gated.notes)
+
+
+def test_a_gguf_is_sized_as_a_load_holds_its_type():
+    """llama.cpp's type from the file's name: a kept mix at its ratio, a type Hearth
+    dequantizes (or no type) in the load dtype; on a GPU by its compute capability."""
+    def weights(name, *, weights="gguf", target=MemoryTarget("cuda:0", "GPU 0", 80 * GIB, 80 * GIB), params=8 * 10**9):
+        est = fit.estimate(num_params=params, shape=SpecSummary(), target=target, weights=weights,
+                           published_weight_bytes=4_916_730_464, gguf_file=name)
+        return est.weights_bytes, est.notes[0]
+
+    assert weights("Llama-3.1-8B-Q4_K_M.gguf")[0] == round(4_916_730_464 * gm.memory_ratio("Q4_K_M"))
+    size, note = weights("Llama-3.1-8B-Q3_K_M.gguf")
+    assert size == 16 * 10**9 and "is Q3_K_M, which Hearth dequantizes to bfloat16 at load" in note
+    size, note = weights("Llama-3.1-8B.gguf")
+    assert size == 16 * 10**9 and "has no GGUF type in its name" in note
+    size, note = weights("Llama-3.1-8B-IQ4_XS.gguf", params=None)
+    assert size == 4_916_730_464 and "counted at its file size" in note
+    turing = MemoryTarget("cuda:0", "GPU 0 (Tesla T4)", 15 * GIB, 16 * GIB, (7, 5))
+    ampere = MemoryTarget("cuda:0", "GPU 0 (RTX 3090)", 23 * GIB, 24 * GIB, (8, 6))
+    assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights="auto", target=turing)[0] == 16 * 10**9
+    assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights="auto", target=ampere)[0] < 6.1e9
+    # the file's size only for "as published"; int4 by its bits, whatever the file
+    assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights=AS_PUBLISHED)[0] == 4_916_730_464
+    assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights="int4")[0] == round(8 * 10**9 * (0.5 + 4 / 128))
 
 
 @pytest.mark.parametrize("options", [
