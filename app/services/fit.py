@@ -204,8 +204,8 @@ def _gguf_weight_bytes(file_name: str, file_bytes: int, weights: str, target: Me
     elif label is None:
         why = f"has no GGUF type in its name: counted as dequantized to {dtype}"
     else:
-        why = (f"is {label}, which Hearth dequantizes to {dtype} at load (it keeps Q8_0, Q4_0, Q4_1 and the "
-               "Q4_K, Q5_K and Q6_K mixes quantized)")
+        why = (f"is {label}: Hearth keeps only Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K tensors quantized, so "
+               f"(counted whole) it loads dequantized to {dtype}")
     if num_params is None:
         return file_bytes, f"this GGUF file {why}; its parameter count is unknown, so it is counted at its file size"
     return int(round(num_params * DTYPE_BYTES[dtype])), f"this GGUF file {why}: it needs more memory than its size on disk"

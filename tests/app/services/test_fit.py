@@ -254,7 +254,7 @@ def test_a_gguf_is_sized_as_a_load_holds_its_type():
 
     assert weights("Llama-3.1-8B-Q4_K_M.gguf")[0] == round(4_916_730_464 * gm.memory_ratio("Q4_K_M"))
     size, note = weights("Llama-3.1-8B-Q3_K_M.gguf")
-    assert size == 16 * 10**9 and "is Q3_K_M, which Hearth dequantizes to bfloat16 at load" in note
+    assert size == 16 * 10**9 and "is Q3_K_M: Hearth keeps only" in note and "loads dequantized to bfloat16" in note
     size, note = weights("Llama-3.1-8B.gguf")
     assert size == 16 * 10**9 and "has no GGUF type in its name" in note
     size, note = weights("Llama-3.1-8B-IQ4_XS.gguf", params=None)
