@@ -91,6 +91,7 @@ class FitEstimate:
     kv_context_bytes: int = 0
     kv_fills_device: bool = False
     notes: tuple[str, ...] = ()
+    held_as: str | None = None  # what the weights load as where no dtype or choice says it (a GGUF's "Q4_K_M")
 
     @property
     def kv_counted_bytes(self) -> int:
@@ -105,7 +106,7 @@ class FitEstimate:
         """One line for the UI, e.g. ``won't fit: needs 15.4 GiB (weights 13.0 bfloat16 +
         KV cache 1.0 + overhead 1.4), RAM has 8.0 GiB free: pick ...``."""
         # "auto" names the dtype it resolved to; a quantization or "as published" itself.
-        dtype = self.dtype if self.weights == AUTO or self.weights in DTYPE_BYTES else self.weights
+        dtype = self.held_as or (self.dtype if self.weights == AUTO or self.weights in DTYPE_BYTES else self.weights)
         kv = (f"KV {gib(self.kv_context_bytes)} for one {self.context_len}-token context" if self.kv_fills_device
               else f"KV cache {gib(self.kv_cache_bytes)}")
         need = (f"needs {gib(self.total_bytes)} GiB (weights {gib(self.weights_bytes)} {dtype} + {kv} + "
@@ -189,14 +190,15 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, em
 
 
 def _gguf_weight_bytes(file_name: str, file_bytes: int, weights: str, target: MemoryTarget, dtype: str,
-                       num_params: int | None) -> tuple[int, str]:
-    """(bytes a load of the GGUF file ``file_name`` holds, the note that says why) for
+                       num_params: int | None) -> tuple[int, str | None, str]:
+    """(bytes a load of the GGUF file ``file_name`` holds, what it holds them as: its
+    llama.cpp type where it is kept, else the load dtype; the note that says why) for
     ``weights`` ``"gguf"`` or ``AUTO`` on ``target``."""
     label = gguf_file_label(file_name)
     kept = weights == "gguf" or gguf_kept_on(target.device_type, target.capability)
     ratio = gguf_memory_ratio(label) if kept else None
     if ratio is not None:
-        return int(round(file_bytes * ratio)), (
+        return int(round(file_bytes * ratio)), label, (
             f"its {label} weights load as they are, as Hearth's int4/int8 groups with 16-bit scales: "
             f"about {ratio:.2f}x the file's size")
     if not kept:
@@ -207,8 +209,10 @@ def _gguf_weight_bytes(file_name: str, file_bytes: int, weights: str, target: Me
         why = (f"is {label}: Hearth keeps only Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K tensors quantized, so "
                f"(counted whole) it loads dequantized to {dtype}")
     if num_params is None:
-        return file_bytes, f"this GGUF file {why}; its parameter count is unknown, so it is counted at its file size"
-    return int(round(num_params * DTYPE_BYTES[dtype])), f"this GGUF file {why}: it needs more memory than its size on disk"
+        return (file_bytes, dtype,
+                f"this GGUF file {why}; its parameter count is unknown, so it is counted at its file size")
+    return (int(round(num_params * DTYPE_BYTES[dtype])), dtype,
+            f"this GGUF file {why}: it needs more memory than its size on disk")
 
 
 def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget, weights: str = AUTO,
@@ -231,10 +235,10 @@ def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget
     # A checkpoint's own quantization (a GGUF's blocks, AWQ/GPTQ/compressed-tensors) loads
     # at the size it is published at.
     as_published = weights in (AS_PUBLISHED, *_OWN_QUANTIZATIONS) and published_weight_bytes is not None
-    gguf_bytes = None
+    gguf_bytes = held_as = None
     if gguf_file is not None and weights in (AUTO, "gguf") and published_weight_bytes is not None:
-        gguf_bytes, note = _gguf_weight_bytes(gguf_file, int(published_weight_bytes), weights, target, dtype,
-                                              num_params)
+        gguf_bytes, held_as, note = _gguf_weight_bytes(gguf_file, int(published_weight_bytes), weights, target,
+                                                       dtype, num_params)
         notes.append(note)
     if gguf_bytes is not None:
         weights_total = gguf_bytes
@@ -288,7 +292,7 @@ def estimate(*, num_params: int | None, shape: SpecSummary, target: MemoryTarget
     else:
         verdict = "fits"
     return FitEstimate(verdict, weights_total, pool, overhead, target.free_bytes, target.label, weights, dtype,
-                       context, one_context, fills, tuple(notes))
+                       context, one_context, fills, tuple(notes), held_as=held_as)
 
 
 def memory_targets(*, nvml=None, psutil_module=None) -> list[MemoryTarget]:

@@ -231,6 +231,7 @@ def test_estimate_for_gguf_and_gated_repos(fake_hub, monkeypatch):
     mixed = fit.estimate_for_repo(GGUF_REPO, context_len=512, target=t, details=d, gguf_file="tiny-chat.Q4_K_M.gguf")
     assert mixed.weights_bytes == round(150_004 * gm.memory_ratio("Q4_K_M"))
     assert any("about 1.22x the file's size" in n for n in mixed.notes)
+    assert "(weights 0.00 Q4_K_M + " in mixed.summary()  # what it loads as, not the dtype
     # where it doesn't (no compiler): dequantized, 1M parameters x 4 B of float32
     monkeypatch.setattr(fit, "gguf_kept_on", lambda device_type, capability: False)
     loaded = fit.estimate_for_repo(GGUF_REPO, context_len=512, target=t, details=d, gguf_file="tiny-chat.Q8_0.gguf")
@@ -250,6 +251,9 @@ def test_a_gguf_is_sized_as_a_load_holds_its_type():
     def weights(name, *, weights="gguf", target=MemoryTarget("cuda:0", "GPU 0", 80 * GIB, 80 * GIB), params=8 * 10**9):
         est = fit.estimate(num_params=params, shape=SpecSummary(), target=target, weights=weights,
                            published_weight_bytes=4_916_730_464, gguf_file=name)
+        held = {"Q3_K_M": "bfloat16", "Q4_K_M": "Q4_K_M"}.get(gm.file_label(name) or "")
+        if held and weights == "gguf":
+            assert f"(weights {fit.gib(est.weights_bytes)} {held} + " in est.summary()
         return est.weights_bytes, est.notes[0]
 
     assert weights("Llama-3.1-8B-Q4_K_M.gguf")[0] == round(4_916_730_464 * gm.memory_ratio("Q4_K_M"))
