@@ -313,3 +313,22 @@ def test_a_checkpoints_own_quantization_is_counted_at_its_file_size():
     est = fit.estimate(num_params=135_000_000, shape=SpecSummary(), target=t, weights="int4",
                        published_weight_bytes=98_362_432)
     assert est.weights_bytes == round(135_000_000 * (0.5 + 4 / 128))
+
+
+def test_the_bundled_gguf_is_estimated_as_the_engine_loads_it(default_model):
+    """The real SmolLM2 Q4_1 file (Q8_0 tied embedding): the estimate from its name and size,
+    with the engine's own rule for this CPU (its weights kept where the C kernel runs, else
+    float32), against what Engine.load holds."""
+    import gguf
+    from engine.api import Engine, default_model_file
+
+    path = default_model_file()
+    params = sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
+    est = fit.estimate(num_params=params, shape=SpecSummary(), target=MemoryTarget("cpu", "RAM", 8 * GIB, 16 * GIB),
+                       published_weight_bytes=path.stat().st_size, gguf_file=path.name)
+    engine = Engine.load(None, device="cpu", max_model_len=256, num_blocks=16)
+    try:
+        held = engine.model_info.weight_bytes
+    finally:
+        engine.shutdown()
+    assert est.weights_bytes == pytest.approx(held, rel=0.10), (est.weights_bytes, held, est.notes)
