@@ -123,7 +123,7 @@ def run_compare(args) -> int:
         raise InvalidRequestError(f"cannot write --json {out_path}: the folder {out_path.parent} does not exist; "
                                   "create it or pick another path.")
     printer = _ProgressPrinter(plan, quiet=args.quiet)
-    cancel = Event()
+    cancel, done = Event(), Event()
     box: dict = {}
 
     def work() -> None:
@@ -131,15 +131,19 @@ def run_compare(args) -> int:
             box["result"] = run_comparison(plan, on_event=printer, cancel=cancel)
         except BaseException as e:  # handed to the main thread, raised there
             box["error"] = e
+        finally:
+            done.set()
 
     # The comparison runs on a worker so that Ctrl-C here cancels it cleanly: the answer
-    # in flight is aborted, the engine shut down, the finished configurations kept.
+    # in flight is aborted, the engine shut down, the finished configurations kept. The
+    # wait is a sleep, not Thread.join: a join that Ctrl-C interrupts marks the thread
+    # stopped while it still runs (Python 3.11, bpo-45274), and the result was then lost.
     worker = Thread(target=work, name="hearth-compare", daemon=True)
     worker.start()
     interrupted = False
-    while worker.is_alive():
+    while not done.is_set():
         try:
-            worker.join(0.2)
+            time.sleep(0.1)
         except KeyboardInterrupt:
             if interrupted:
                 raise
