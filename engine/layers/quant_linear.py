@@ -77,6 +77,7 @@ class QuantizedStore(nn.Module):
             self.register_parameter("mins", None)
         self.register_buffer("perm", torch.empty(k, dtype=torch.long) if getattr(source, "act_order", False)
                              else None)
+        self._perm_from: Hashable | None = None  # the shard whose act-order permutation ``perm`` holds
         self.shard_offsets = dict(shard_offsets or {None: (0, n)})
         self.checkpoint_params = tuple(source.parts) + tuple(source.optional)
         self.filled_by_parts = ("qweight", "scales", "mins")
@@ -112,9 +113,9 @@ class QuantizedStore(nn.Module):
             raise WeightShapeError(tuple(parts["weight"].shape), (rows, self.in_features))
         dev = self.qweight.device
         qw = self.source.to_weight({k: v.to(dev) for k, v in parts.items()}, rows, self.in_features)
-        self._copy_rows(qw, start, rows)
+        self._copy_rows(qw, start, rows, shard_id)
 
-    def _copy_rows(self, qw: QuantizedWeight, start: int, rows: int) -> None:
+    def _copy_rows(self, qw: QuantizedWeight, start: int, rows: int, shard_id: Hashable = None) -> None:
         if (qw.bits, qw.group_size, qw.fmt) != (self.bits, self.group_size, self.fmt):
             raise ValueError(f"expected {self.bits}-bit {self.fmt} weights in groups of {self.group_size}, got "
                              f"{qw.bits}-bit {qw.fmt} in groups of {qw.group_size}")
@@ -132,11 +133,17 @@ class QuantizedStore(nn.Module):
                 raise WeightShapeError(tuple(src.shape), tuple(part.shape))
             part.copy_(src)
         if self.perm is not None:
+            # the shards of a fused layer share one input, so one permutation: the first shard
+            # to arrive sets it (a checkpoint's tensors come in any order: safetensors sorts
+            # k_proj before q_proj), the others must match it
             perm = qw.perm if qw.perm is not None else torch.arange(self.in_features)
-            if start == 0:
+            first = getattr(self, "_perm_from", None)
+            if first is None:
                 self.perm.copy_(perm)
+                self._perm_from = shard_id if shard_id is not None else "the layer"
             elif not torch.equal(self.perm.cpu(), perm.cpu()):
-                raise ValueError("the fused shards of this layer have different act-order permutations")
+                raise ValueError(f"the fused shards of this layer have different act-order permutations (g_idx): "
+                                 f"shard {shard_id!r}'s differs from shard {first!r}'s")
 
     def init_random(self, generator: torch.Generator, std: float) -> None:
         """Random weights (benchmark shapes): a random float matrix per shard, quantized by
