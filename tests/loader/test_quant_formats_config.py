@@ -101,6 +101,12 @@ def test_ignore_patterns():
     (_ct(type="float", num_bits=8), "config_groups.group_0.weights.type", "floating-point"),
     (_ct(strategy="tensor"), "config_groups.group_0.weights.strategy", "'tensor'"),
     (_ct(dynamic=True), "config_groups.group_0.weights.dynamic", "dynamic"),
+    ({**_ct(), "config_groups": {"group_0": "W4A16"}}, "config_groups.group_0", "expected an object, found str"),
+    ({**_ct(), "format": "float-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
+        "input_activations": "dynamic"}}}, "config_groups.group_0.input_activations", "expected an object or null"),
+    ({**_ct(), "config_groups": {"group_0": {"targets": ["Linear"], "weights": [4]}}},
+     "config_groups.group_0.weights", "expected an object or null, found list"),
 ])
 def test_refusals_name_the_field(qc, field, words):
     with pytest.raises(UnsupportedModelError) as e:

@@ -189,6 +189,13 @@ def _ct_config_groups(qc: Mapping[str, Any], source: str, statuses: tuple[str, .
     groups = qc.get("config_groups") or {}
     if not isinstance(groups, Mapping) or not groups:
         raise _refuse(source, "config_groups", "no quantization scheme found")
+    for name, group in groups.items():
+        if not isinstance(group, Mapping):
+            raise _refuse(source, f"config_groups.{name}", f"expected an object, found {type(group).__name__}")
+        for part in ("weights", "input_activations", "output_activations"):
+            if group.get(part) is not None and not isinstance(group[part], Mapping):
+                raise _refuse(source, f"config_groups.{name}.{part}",
+                              f"expected an object or null, found {type(group[part]).__name__}")
     return groups
 
 
