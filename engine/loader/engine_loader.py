@@ -216,6 +216,9 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     found = find_model(config, say)
     stop()
     name, path, source, cfg = found.name, found.path, found.source, found.cfg
+    # how the checkpoint's weights are stored; a malformed quantization_config is refused here,
+    # naming its field, before transformers' tokenizer loading trips over it
+    stored = checkpoint_quant_method(found.path)
     if mc.tokenizer:
         tokenizer = own_tokenizer(mc.tokenizer, found)
         cfg = found.cfg
@@ -225,7 +228,6 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
         tokenizer = Tokenizer.from_pretrained(path)
 
     spec, native_error = native_spec(found, mc.force_fallback)
-    stored = checkpoint_quant_method(found.path)  # how the checkpoint's weights are stored
     if spec is None and stored == "gguf":
         # The transformers fallback reads float weights: the GGUF's float conversion.
         found = find_model(config, say, keep_quantized=False)

@@ -160,3 +160,19 @@ def test_written_gptq_config_is_v1_with_minus_one():
         quantization_config("awq", 8, 128, False)
     with pytest.raises(ValueError):
         quantization_config("exl2", 8, 128, False)
+
+
+@pytest.mark.parametrize("value", [[1, 2], "gptq"])
+def test_a_quantization_config_that_is_no_object_is_named_before_the_tokenizer_loads(tiny_models, tmp_path, value):
+    """(transformers' tokenizer loading used to trip over it first and blame the tokenizer)"""
+    import json
+    import shutil
+
+    from engine.api import Engine
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["llama-tied"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "quantization_config": value}))
+    with pytest.raises(UnsupportedModelError, match=r"^quantization_config in .*config.json: expected an object, "):
+        Engine.load(str(folder), device="cpu")

@@ -66,7 +66,7 @@ class CheckpointQuant:
 
 def _refuse(source: str, field: str, problem: str, todo: str = _WHAT_TO_DO) -> UnsupportedModelError:
     where = f" in {source}" if source else ""
-    return UnsupportedModelError(f"quantization_config.{field}{where}: {problem}; {todo}")
+    return UnsupportedModelError(f"quantization_config{'.' + field if field else ''}{where}: {problem}; {todo}")
 
 
 def _group(value: Any, source: str, field: str) -> int | None:
