@@ -357,8 +357,7 @@ class LoadDialog(QDialog):
         except HearthError as e:
             self.error.setText(str(e))
             return
-        save_load_options(self.settings, self.options())
-        self.accept()
+        self.accept()  # (the window saves the options once the load has succeeded)
 
 
 # int4 group sizes the dialog offers (None: auto).

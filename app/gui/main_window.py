@@ -128,6 +128,7 @@ class MainWindow(QMainWindow):
         self.choices_warmed: threading.Thread | None = None
         self.about_dialog = None  # Help > About Hearth, while open
         self.default_model_installer = None  # while the default model is being installed
+        self._loading_options: dict | None = None  # what load() asked for, saved once it has loaded
         options = saved_load_options(self.settings) if autoload else None
         if options is not None and needs_default_model(options):
             # An installed Hearth's first start: offer the default model once the window shows.
@@ -282,7 +283,9 @@ class MainWindow(QMainWindow):
             self.load(dialog.options())
 
     def load(self, options: dict) -> None:
-        save_load_options(self.settings, options)
+        # remembered for the next start once it has loaded: a load that fails or is cancelled
+        # must not become the model the app opens with (nor start an unasked calibration)
+        self._loading_options = dict(options)
         self.bridge.load(options)
         self.show_page("Chat")
 
@@ -311,6 +314,9 @@ class MainWindow(QMainWindow):
         self.status_progress.setText(message)
 
     def _on_loaded(self, info: ModelInfo, reloaded: bool = False) -> None:
+        asked, self._loading_options = self._loading_options, None
+        if asked is not None and not reloaded:  # (reloaded: the previous model, back after a failure)
+            save_load_options(self.settings, asked)
         self.cancel_load_button.hide()
         self.status_progress.setText("")
         self._warm_choices()
@@ -328,6 +334,7 @@ class MainWindow(QMainWindow):
                                    f"{_gib(info.weight_bytes)} · KV {_gib(info.kv_cache_bytes)}")
 
     def _on_failed(self, message: str) -> None:
+        self._loading_options = None
         self.cancel_load_button.hide()
         self.status_progress.setText("")
         self._warm_choices()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.gui.load_dialog import LoadDialog
+from app.gui.load_dialog import LoadDialog, save_load_options
 from engine.api import Choice
 
 SNAPSHOT = "/home/u/.cache/huggingface/hub/models--acme--tiny-chat/snapshots/f374231cc2e0a1b2c3d4e5f60718293a4b5c6d7e"
@@ -53,7 +53,8 @@ def test_model_field_shows_the_repo_id_and_loads_the_exact_path(qtbot, gui_env):
     assert dlg.model.text() == "acme/tiny-chat" and dlg.model.toolTip() == SNAPSHOT
     assert dlg.options()["model"] == SNAPSHOT
     dlg._accept()
-    assert gui_env["settings"].value("load/model") == SNAPSHOT
+    assert dlg.result() == LoadDialog.DialogCode.Accepted
+    assert gui_env["settings"].value("load/model") != SNAPSHOT  # saved by the window once it has loaded
     # A name typed over it is what loads.
     dlg.model.setText("acme/other-model")
     assert dlg.options()["model"] == "acme/other-model"
@@ -107,6 +108,7 @@ def test_int4_group_size_and_head_options_follow_the_method_and_are_saved(qtbot,
     assert (opts["quantization"], opts["quant_group_size"], opts["quant_head"]) == ("int4", 64, True)
     assert dlg.config().model.quant_group_size == 64
     dlg._accept()
+    save_load_options(gui_env["settings"], dlg.options())  # as the window does once it loaded
     saved = saved_load_options(gui_env["settings"], choices)
     assert (saved["quantization"], saved["quant_group_size"], saved["quant_head"]) == ("int4", 64, True)
     # int8 has no groups: the field is off and sends nothing
@@ -119,6 +121,7 @@ def test_int4_group_size_and_head_options_follow_the_method_and_are_saved(qtbot,
     assert (dlg.options()["float_head"], dlg.options()["quant_head"]) == (True, False)
     dlg.config()  # a valid load configuration (both together are refused)
     dlg._accept()
+    save_load_options(gui_env["settings"], dlg.options())  # as the window does once it loaded
     saved = saved_load_options(gui_env["settings"], choices)
     assert (saved["float_head"], saved["quant_head"]) == (True, False)
     dlg.quant_head.setChecked(True)
@@ -152,6 +155,7 @@ def test_the_device_picker_lists_the_gpus_and_takes_a_layer_split(qtbot, gui_env
     assert "3 shares for 2 devices" in dlg.error.text()
     dlg.split_ratio.setText("")
     dlg._accept()
+    save_load_options(gui_env["settings"], dlg.options())  # as the window does once it loaded
     assert saved_load_options(gui_env["settings"], _choices(True))["devices"] == "cuda:0,cpu"
     # The saved split names a GPU this machine doesn't have: the start-up load leaves it out.
     assert "devices" not in saved_load_options(gui_env["settings"], _choices(False))
@@ -172,6 +176,7 @@ def test_the_split_mode_picks_tensor_parallel_and_is_saved(qtbot, gui_env):
     assert (opts["devices"], opts["split"], opts["split_ratio"]) == ("cpu,cpu", "tensor", None)
     assert dlg.config().model.split == "tensor"
     dlg._accept()
+    save_load_options(gui_env["settings"], dlg.options())  # as the window does once it loaded
     saved = saved_load_options(gui_env["settings"], _choices(True))
     assert (saved["devices"], saved["split"], saved["split_ratio"]) == ("cpu,cpu", "tensor", None)
 

@@ -6,7 +6,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import QApplication, QWidget
 
-from app.gui.load_dialog import LoadDialog
+from app.gui.load_dialog import LoadDialog, save_load_options
 from app.services.chat_store import ChatStore
 from engine.api import Choice
 from tests.app.gui.conftest import load_options
@@ -95,6 +95,7 @@ def test_load_dialog_greys_out_what_cannot_run_here(qtbot, gui_env):
     assert dlg.kv_dtype.currentData() == "auto"
     dlg.kv_dtype.setCurrentIndex(dlg.kv_dtype.findData("fp8"))
     dlg._accept()
+    save_load_options(gui_env["settings"], dlg.options())  # as the window does once it loaded
     opts = dlg.options()
     assert opts["model"] == "some/model" and opts["max_model_len"] == 1024
     assert opts["kv_cache_memory"] == "2GiB" and opts["attention"] == "torch"
@@ -172,6 +173,27 @@ def test_library_models_show_their_repo_id_and_long_names_never_widen_the_window
     assert win.status_model.text() == long_name
     assert win.status_model.toolTip() == long_name  # shown elided, whole on hover
     assert win.width() == 1200
+
+
+def test_only_a_load_that_succeeded_is_what_the_next_start_loads(qtbot, gui_env, bridge, chat_model):
+    """A load that fails (or is cancelled) must not become the start-up model: the next start
+    would open with no model, or begin a calibration nobody asked for."""
+    from pathlib import Path
+
+    from app.gui.load_dialog import saved_load_options
+
+    settings = gui_env["settings"]
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        win = _window(qtbot, gui_env, bridge, chat_model)
+    broken = _linked_copy(Path(chat_model), gui_env["tmp"] / "no-tokenizer-2",
+                          skip=("tokenizer.json", "tokenizer_config.json"))
+    with qtbot.waitSignal(bridge.loadFailed, timeout=60_000):
+        win.load({**load_options(str(broken)), "quantization": "int8"})
+    assert saved_load_options(settings)["model"] == chat_model
+    assert settings.value("load/quant") != "int8"
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        win.load({**load_options(chat_model), "quantization": "int8"})
+    assert saved_load_options(settings)["model"] == chat_model and settings.value("load/quant") == "int8"
 
 
 def test_a_failed_load_keeps_the_working_model_serving(qtbot, gui_env, bridge, chat_model):
