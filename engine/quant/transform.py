@@ -179,6 +179,12 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
         raise InvalidRequestError(
             f"{method} of an unquantized model calibrates it first (hearth quantize --quant {method}, or a "
             f"native load): this one can't be calibrated here.", options=("quantization",))
+    if method == "compressed-tensors":
+        what = "a GGUF file" if found == "gguf" else "not pre-quantized"
+        raise InvalidRequestError(
+            "quantization 'compressed-tensors' loads a checkpoint stored that way (llm-compressor's W4A16/W8A16 "
+            f"pack-quantized): this model is {what}. Use int4 or int8 to quantize it as it loads (hearth quantize "
+            "--quant int4 writes it as a compressed-tensors checkpoint), or none.", options=("quantization",))
     raise InvalidRequestError(f"quantization {method!r} is not implemented yet: use int8, int4, gguf or none.",
                               options=("quantization",))
 

@@ -168,3 +168,12 @@ def test_chat_subprocess_survives_undecodable_stdin(tiny, hearth_cache):
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "not valid UTF-8" in err and "0xFF" in err, err
     assert err.count("[5 tokens") == 2, err
+
+
+def test_compressed_tensors_on_a_model_not_stored_that_way_says_what_it_is_for(capsys, tiny):
+    """(it said "not implemented yet", though it loads compressed-tensors checkpoints)"""
+    rc, _, err = run_cli(capsys, "generate", "--model", str(tiny), "--device", "cpu", "--quant", "compressed-tensors",
+                         "--prompt", "hi", "--max-tokens", "2")
+    assert rc == 2 and "not implemented" not in err
+    assert "loads a checkpoint stored that way" in err and "this model is not pre-quantized" in err
+    assert "Use int4 or int8" in err
