@@ -27,6 +27,11 @@ SAMPLED_TEMPERATURE = 0.7
 #: full-context sequence for every configuration, not whatever memory is left, so KV and
 #: peak memory compare) and no prefix cache (each prompt's TTFT is its whole prefill).
 DEFAULT_LOAD_OPTIONS: Mapping[str, Any] = MappingProxyType({"max_num_seqs": 1, "enable_prefix_caching": False})
+#: Load options for some quantizations only: each configuration of another gets them left out
+#: (``--group-size 64`` compares int4 in groups of 64 with bf16 and int8 as they are).
+_FOR_METHODS = {"quant_group_size": ("int4", "awq", "gptq"), "quant_head": ("int8", "int4"),
+                "float_head": ("int8", "int4", "fp8")}
+_FLAGS = {"quant_group_size": "--group-size", "quant_head": "--quant-head", "float_head": "--float-head"}
 #: Load options that a configuration sets, or the plan's own field: not in ``load_options``.
 _PER_CONFIG = {"quantization": "quant", "attention": "attention", "kv_cache_dtype": "kv_dtype",
                "device": "the plan's device"}
@@ -129,9 +134,14 @@ class ComparePlan:
 
     def engine_config(self, config: CompareConfig) -> EngineConfig:
         """The validated ``EngineConfig`` that loads ``config`` (InvalidRequestError for
-        a bad load option)."""
+        a bad load option). A load option for some quantizations only (the int4 group size,
+        the head's) goes to the configurations it applies to."""
+        options = self.options()
+        for name, methods in _FOR_METHODS.items():
+            if options.get(name) and config.quant not in methods:
+                del options[name]
         return config_from_options(self.model, quantization=config.quant, attention=config.attention,
-                                   kv_cache_dtype=config.kv_dtype, **self.options())
+                                   kv_cache_dtype=config.kv_dtype, **options)
 
     def checked(self) -> "ComparePlan":
         """This plan with canonical names, or InvalidRequestError saying what to change:
@@ -170,9 +180,14 @@ class ComparePlan:
         if misplaced:
             raise InvalidRequestError(f"the load option {misplaced[0]!r} is set by {_PER_CONFIG[misplaced[0]]}, "
                                       "not by the plan's load_options.")
+        for name, methods in _FOR_METHODS.items():
+            if self.load_options.get(name) and not any(c.quant in methods for c in configs):
+                raise InvalidRequestError(f"{_FLAGS[name]} applies to {', '.join(methods)}: none of the "
+                                          "configurations is one; drop it or add one.", options=(name,))
         plan = replace(self, configs=tuple(configs), prompts=prompts, load_options=dict(self.load_options))
         plan.sampling()  # a bad seed or temperature: SamplingParams says what is accepted
-        plan.engine_config(configs[0])  # a bad load option or device, before anything loads
+        for config in configs:  # a bad load option or device, before anything loads
+            plan.engine_config(config)
         return plan
 
     def to_dict(self) -> dict[str, Any]:

@@ -211,3 +211,18 @@ def test_compare_flags_list_the_registrys_choices():
                        ("--device", "device"), ("--dtype", "dtype")):
         help_text = next(a.help for a in compare._actions if flag in a.option_strings)
         assert help_text.split(":")[0].split(" | ") == list(choice_names(kind)), flag
+
+
+def test_group_size_goes_to_the_configurations_it_applies_to(capsys, tiny, prompts_file, tmp_path):
+    """--group-size 32 compares int4 in groups of 32 with bf16 and int8 as they are (it was
+    given to every configuration, and bf16 and int8 failed on it); with no configuration it
+    applies to, the command is refused before anything loads."""
+    out_path = tmp_path / "out.json"
+    rc, _, err = run_cli(capsys, *compare_args(tiny, prompts_file, "--quants", "bf16,int8,int4", "--group-size", "32",
+                                               "--no-perplexity", "--json", out_path))
+    assert rc == 0, err
+    rows = json.loads(out_path.read_text())
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("error") for r in rows]
+    assert "g32" in (rows[2]["quant_detail"] or ""), rows[2]["quant_detail"]
+    rc, _, err = run_cli(capsys, *compare_args(tiny, prompts_file, "--quants", "bf16,int8", "--group-size", "32"))
+    assert rc == 2 and "--group-size applies to int4, awq, gptq: none of the configurations is one" in err
