@@ -55,8 +55,8 @@ class ModelConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidRequestError("max_model_len must be positive")
         if self.quant_group_size is not None and self.quant_group_size not in (32, 64, 128, 256):
-            raise InvalidRequestError(f"quant_group_size must be 32, 64, 128 or 256, got {self.quant_group_size!r}",
-                                      options=("quant_group_size",))
+            raise InvalidRequestError(f"the int4 group size (--group-size) must be 32, 64, 128 or 256, got "
+                                      f"{self.quant_group_size!r}", options=("quant_group_size",))
 
     def _check_devices(self) -> None:
         """Read ``devices``/``split``/``split_ratio`` (text or sequences) into their

@@ -95,6 +95,7 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
         return calibrated_model(model, out_dir, method="gptq", fp8=True, device=device, progress=progress,
                                 should_stop=should_stop, layout=layout)
     if quantization in ("awq", "gptq"):
+        load_config(model, device=device, quantization=quantization, quant_group_size=group_size)  # before calibrating
         return calibrated_model(model, out_dir, method=quantization, group_size=group_size, device=device,
                                 progress=progress, should_stop=should_stop, layout=layout)
     if layout == "awq" and quantization != "int4":

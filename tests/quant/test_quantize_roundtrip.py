@@ -90,3 +90,14 @@ def test_gptq_and_awq_of_a_float_model_calibrate_once_then_load_the_checkpoint(t
         assert torch.equal(hearth_logits(loaded.runner), logits)
     finally:
         release_runner(loaded.runner)
+
+
+@pytest.mark.parametrize("method", ["int4", "gptq", "awq"])
+def test_a_group_size_not_offered_is_refused_before_anything_loads(tiny_models, tmp_path, monkeypatch, method):
+    """(gptq and awq found it out in their first layer's calibration)"""
+    import engine.quant.export as export
+
+    monkeypatch.setattr(export, "calibrated_model", lambda *a, **k: pytest.fail("calibrated before checking"))
+    with pytest.raises(InvalidRequestError, match=r"group size \(--group-size\) must be 32, 64, 128 or 256, got 48"):
+        quantize_model(str(tiny_models["llama3"]), tmp_path / "out", quantization=method, group_size=48)
+    assert not (tmp_path / "out").exists()
