@@ -230,10 +230,12 @@ def _cpu(qw):
 
 
 def _zero_points(parts):
-    from engine.quant.rtn import zero_points
+    """The unsigned zero points each weight is written with (int8's shifted by 128: a
+    symmetric int8 weight's are 128, which GPTQ v1 holds)."""
+    from engine.quant.formats.packing import from_canonical
 
-    for _ckpt, qw in parts:
-        yield zero_points(_cpu(qw))
+    for ckpt, qw in parts:
+        yield from_canonical(_cpu(qw), ckpt)[1]
 
 
 #: Calibration: sequences of this many tokens of the bundled calibration text (about 66k

@@ -101,3 +101,16 @@ def test_a_group_size_not_offered_is_refused_before_anything_loads(tiny_models, 
     with pytest.raises(InvalidRequestError, match=r"group size \(--group-size\) must be 32, 64, 128 or 256, got 48"):
         quantize_model(str(tiny_models["llama3"]), tmp_path / "out", quantization=method, group_size=48)
     assert not (tmp_path / "out").exists()
+
+
+def test_symmetric_int8_is_written_as_gptq_v1(tiny_models, tmp_path):
+    """Its unsigned zero points are 128, which v1 (stored minus one) holds: the layout every
+    GPTQ loader reads, not gptq_v2 (it was chosen on the signed zero points, 0)."""
+    from safetensors.torch import load_file
+
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g8", quantization="int8", layout="gptq")
+    qc = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
+    assert qc["sym"] is True and qc.get("checkpoint_format", "gptq") == "gptq"
+    tensors = load_file(str(next(result.out_dir.glob("*.safetensors"))))
+    zeros = [t for name, t in tensors.items() if name.endswith(".qzeros")]
+    assert zeros and all(bool(z.eq(0x7F7F7F7F).all()) for z in zeros)
