@@ -18,6 +18,8 @@ ids. Such a checkpoint is for speed runs only.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -107,7 +109,8 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
                          float_head=True,  # one format in the file: the head stays as the checkpoint has it
                          num_blocks=4, max_model_len=64, enforce_eager=True)
     # writing: casting to fp8 needs no fp8 tensor cores, so the CPU writes fp8 checkpoints too
-    loaded = load_model(config, progress=say, should_stop=should_stop, writing=True)
+    with _from_the_original(quantization):
+        loaded = load_model(config, progress=say, should_stop=should_stop, writing=True)
     try:
         modules = [(n, m) for n, m in loaded.runner.model.named_modules()
                    if isinstance(m, QuantizedLinear) and not isinstance(m, QuantizedTiedHead)]
@@ -229,6 +232,20 @@ def _cpu(qw):
     return QuantizedWeight(qw.bits, qw.group_size, c(qw.qweight), c(qw.scales), c(qw.mins), c(qw.perm), fmt=qw.fmt)
 
 
+@contextlib.contextmanager
+def _from_the_original(method: str):
+    """A pre-quantized source refused as ``hearth quantize`` would say it: it writes from the
+    unquantized original (a load's advice, ``--quant auto``, doesn't apply here)."""
+    from engine.quant.transform import AlreadyQuantizedError
+
+    try:
+        yield
+    except AlreadyQuantizedError as e:
+        raise InvalidRequestError(f"this checkpoint is already quantized with {e.found}: hearth quantize writes "
+                                  f"{method} from the model's unquantized original; point --model at that.",
+                                  options=("model",)) from None
+
+
 def _zero_points(parts):
     """The unsigned zero points each weight is written with (int8's shifted by 128: a
     symmetric int8 weight's are 128, which GPTQ v1 holds)."""
@@ -285,7 +302,8 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
         raise InvalidRequestError(f"unknown layout {layout!r}", options=("layout",))
     config = load_config(model, device=device, dtype="float32" if device == "cpu" else "auto", quantization="none",
                          attention="torch", num_blocks=4, max_model_len=CALIBRATION_SEQ_LEN, enforce_eager=True)
-    loaded = load_model(config, progress=say, should_stop=should_stop)
+    with _from_the_original("fp8 (GPTQ)" if fp8 else method):
+        loaded = load_model(config, progress=say, should_stop=should_stop)
     try:
         net = loaded.runner.model
         g = None if fp8 else group_size or auto_group(net)

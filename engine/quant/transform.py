@@ -122,6 +122,15 @@ def checkpoint_quant_method(path: Path | None, names: dict | None = None) -> str
         "unquantized original.")
 
 
+class AlreadyQuantizedError(InvalidRequestError):
+    """A load asked another quantization of a pre-quantized checkpoint (``found``: how it is
+    stored; ``hearth quantize`` says it its own way)."""
+
+    def __init__(self, message: str, found: str) -> None:
+        super().__init__(message, options=("quantization",))
+        self.found = found
+
+
 def quantization_plan(method: str, path: Path | None, *, group_size: int | None = None,
                       head: bool = False, float_head: bool = False, names: dict | None = None) -> QuantPlan:
     """The plan of a load asking for ``method`` (a canonical registry name) of the
@@ -136,9 +145,9 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
         method = found
     if found in PUBLISHED:
         if method != found:
-            raise InvalidRequestError(
+            raise AlreadyQuantizedError(
                 f"this checkpoint is already quantized with {found}: load it as it is (--quant auto or "
-                f"{found}), or load its unquantized original to use {method}.", options=("quantization",))
+                f"{found}), or load its unquantized original to use {method}.", found)
         from dataclasses import replace
 
         from engine.quant.sources import published

@@ -114,3 +114,15 @@ def test_symmetric_int8_is_written_as_gptq_v1(tiny_models, tmp_path):
     tensors = load_file(str(next(result.out_dir.glob("*.safetensors"))))
     zeros = [t for name, t in tensors.items() if name.endswith(".qzeros")]
     assert zeros and all(bool(z.eq(0x7F7F7F7F).all()) for z in zeros)
+
+
+@pytest.mark.parametrize("method", ["awq", "int8"])
+def test_quantize_of_a_prequantized_checkpoint_names_the_method_asked_for(tiny_models, tmp_path, method):
+    """(a calibrated method loaded the source as none, and the refusal said "to use none";
+    either said "--quant auto", which hearth quantize doesn't take)"""
+    source = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq")
+    with pytest.raises(InvalidRequestError) as e:
+        quantize_model(str(source.out_dir), tmp_path / "again", quantization=method)
+    assert str(e.value) == (f"this checkpoint is already quantized with gptq: hearth quantize writes {method} from "
+                            "the model's unquantized original; point --model at that.")
+    assert not (tmp_path / "again").exists()
