@@ -23,7 +23,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, UnsupportedModelError
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Hashable], None]
 
@@ -151,6 +151,11 @@ def load_checkpoint(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
                     "config.json; the checkpoint and config don't match.") from None
             except ValueError as e:  # a quantized layer's tensors that don't make a weight
                 raise ModelLoadError(f"{source}: tensor {name!r}: {e}.") from None
+            except UnsupportedModelError as e:  # a pre-quantized layer's tensors its format can't read
+                raise UnsupportedModelError(
+                    f"{source}: layer {name.rpartition('.')[0]!r}: {e}. The checkpoint may be damaged or written "
+                    "by a tool Hearth doesn't read: download it again, or load the model's unquantized "
+                    "original.") from None
             loaded.add(name)
     optional = set()
     for module in model.modules():

@@ -306,9 +306,12 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
             continue
         if plan.published:
             # Quantized exactly where the checkpoint stores quantized tensors (its ignore
-            # list, a float head): the first shard's first tensor tells.
-            first = _checkpoint_modules(name, module)[0]
-            if f"{first}.{default.parts[0]}" not in plan.names:
+            # list, a float head): any shard's quantized tensor tells (not only the first
+            # shard's first: one of them missing is then reported as missing, not the others as
+            # unexpected). A float layer has "weight" too, so that one doesn't.
+            markers = [part for part in default.parts if part != "weight"]
+            if not any(f"{shard}.{part}" in plan.names for shard in _checkpoint_modules(name, module)
+                       for part in markers):
                 continue
             source = default
         elif plan.method == "gguf":

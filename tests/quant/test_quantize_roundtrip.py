@@ -126,3 +126,25 @@ def test_quantize_of_a_prequantized_checkpoint_names_the_method_asked_for(tiny_m
     assert str(e.value) == (f"this checkpoint is already quantized with gptq: hearth quantize writes {method} from "
                             "the model's unquantized original; point --model at that.")
     assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("layout,part", [("compressed-tensors", "weight_packed"), ("gptq", "qweight")])
+def test_a_damaged_checkpoint_names_the_layer_that_is(tiny_models, tmp_path, layout, part):
+    """q_proj's packed weight missing: reported missing (it made k_proj's "unexpected", the
+    first shard deciding whether a fused layer is quantized); its scale of the wrong shape:
+    the error names the layer and what to do."""
+    from safetensors.torch import load_file, save_file
+
+    from engine.errors import ModelLoadError
+
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "q", quantization="int4", layout=layout)
+    (file,) = result.out_dir.glob("*.safetensors")
+    good = load_file(str(file))
+    q = "model.layers.0.self_attn.q_proj"
+    save_file({k: v for k, v in good.items() if k != f"{q}.{part}"}, str(file), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"tensors are missing from the checkpoint \(first: {q}\.{part}\)"):
+        load(result.out_dir)
+    scale = "weight_scale" if layout == "compressed-tensors" else "scales"
+    save_file({**good, f"{q}.{scale}": good[f"{q}.{scale}"][:1]}, str(file), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=rf"layer '{q}': .*{scale} has shape.*download it again"):
+        load(result.out_dir)
