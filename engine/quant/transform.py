@@ -34,7 +34,7 @@ from torch import nn
 
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.quant.bnb import BNB_METHODS
-from engine.quant.sources import Canonical, QuantSource, rtn
+from engine.quant.sources import Canonical, Published, QuantSource, rtn
 
 #: Pre-quantized checkpoint formats (``engine.quant.formats``).
 PUBLISHED = ("awq", "gptq", "compressed-tensors", "fp8")
@@ -144,6 +144,10 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
     if method == "auto":
         method = found
     if found in PUBLISHED:
+        if group_size is not None:
+            raise InvalidRequestError(
+                f"--group-size applies when Hearth quantizes the weights; this checkpoint is already quantized "
+                f"with {found} in its own groups: drop --group-size.", options=("quant_group_size",))
         if method != found:
             raise AlreadyQuantizedError(
                 f"this checkpoint is already quantized with {found}: load it as it is (--quant auto or "
@@ -392,6 +396,11 @@ def _refuse_shape(source: QuantSource, name: str, n: int, k: int, check_shape) -
             f"layer {name} ([{n} x {k}]): fp8's tensor-core products need both sizes in multiples of {FP8_ALIGN}: "
             "use int8 (the same size) instead.", options=("quantization",))
     problem = check_shape(source.bits, source.group_for(k), n, k)
+    if problem and isinstance(source, Published):  # the checkpoint's own groups: no flag changes them
+        raise UnsupportedModelError(
+            f"layer {name} ([{n} x {k}]): {problem}, as the checkpoint's quantization_config.group_size says: the "
+            "checkpoint doesn't fit the model's shape (a damaged or mismatched config.json?); download it again, "
+            "or load the model's unquantized original.")
     if problem:
         fits = [g for g in INT4_GROUPS if k % g == 0]
         hint = (f"pick a group size of {' or '.join(map(str, fits))} (--group-size), or leave it on auto"

@@ -148,3 +148,19 @@ def test_a_damaged_checkpoint_names_the_layer_that_is(tiny_models, tmp_path, lay
     save_file({**good, f"{q}.{scale}": good[f"{q}.{scale}"][:1]}, str(file), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=rf"layer '{q}': .*{scale} has shape.*download it again"):
         load(result.out_dir)
+
+
+def test_a_prequantized_checkpoints_groups_are_its_own(tiny_models, tmp_path):
+    """--group-size on it is refused (it was silently ignored); a group size in its config
+    that doesn't fit the model is named as the config's, not fixed by a flag it can't take."""
+    from engine.errors import UnsupportedModelError
+
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq")
+    with pytest.raises(InvalidRequestError, match="already quantized with gptq in its own groups: drop --group-size"):
+        load(result.out_dir, quantization="gptq", quant_group_size=64)
+    cfg_path = result.out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["group_size"] = 48
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"group size 48 does not divide .* quantization_config\.group_size"):
+        load(result.out_dir)
