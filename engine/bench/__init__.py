@@ -99,7 +99,11 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
         engine.shutdown()
     # model_info.name: "shape:<name>", the Hub repo id, or a local folder's / GGUF file's name.
     maker = RowMaker(info.name, device, dtype, info.attention, info.quantization)
-    return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes, baseline=opts.baseline or "hf")
+    from engine.bench.rows import quant_name
+
+    # the baseline's own weights: llama.cpp runs the GGUF file's, transformers the load dtype's
+    own = "gguf" if opts.baseline == "llamacpp" else quant_name(dtype)
+    return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes, baseline=opts.baseline or "hf", baseline_quant=own)
 
 
 def split_columns(info) -> dict:
@@ -206,7 +210,9 @@ def _mean_lens(reqs) -> tuple[int, int]:
 
 
 def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf: dict | None,
-          hf_bytes: int | None, baseline: str = "hf") -> list[dict]:
+          hf_bytes: int | None, baseline: str = "hf", baseline_quant: str | None = None) -> list[dict]:
+    """The rows, Hearth's and the baseline's; ``baseline_quant``: the number format of the
+    baseline's weights (its rows' ``quant``; Hearth's is the maker's)."""
     from engine.bench.rows import leading_match
 
     rows = []
@@ -232,13 +238,13 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
         if hf is not None:
             rate, ttft, _ = hf["decode"][b]
             rows.append(maker.row("decode", baseline, b, opts.prompt_len, opts.output_len, decode_tok_s=rate,
-                                  ttft_ms=ttft, weight_bytes=hf_bytes, **extra, **_threads(hf)))
+                                  ttft_ms=ttft, weight_bytes=hf_bytes, quant=baseline_quant, **extra, **_threads(hf)))
     for n, ms in hearth["prefill"].items():
         rows.append(maker.row("prefill", "hearth", 1, n, 1, ttft_ms=ms, weight_bytes=wb, implementation=impl,
                               kv_cache_dtype=kvd, **where))
         if hf is not None:
             rows.append(maker.row("prefill", baseline, 1, n, 1, ttft_ms=hf["prefill"][n], weight_bytes=hf_bytes,
-                                  **_threads(hf)))
+                                  quant=baseline_quant, **_threads(hf)))
     if hearth["throughput"] is not None:
         t = hearth["throughput"]
         hf = hf if hf is not None and hf["throughput"] is not None else None
@@ -253,7 +259,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
             rate, waste = hf["throughput"]
             n = min(opts.num_requests, opts.hf_num_requests)
             rows.append(maker.row("throughput", "hf", min(n, STATIC_BATCH), *hf["throughput_lens"],
-                                  output_tok_s=rate, kv_waste_pct=waste, weight_bytes=hf_bytes,
+                                  output_tok_s=rate, kv_waste_pct=waste, weight_bytes=hf_bytes, quant=baseline_quant,
                                   num_requests=n, min_len=opts.min_len, max_len=opts.max_len))
     return rows
 

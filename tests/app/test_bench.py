@@ -290,3 +290,15 @@ def test_rows_name_the_kernel_switches_set(monkeypatch):
     monkeypatch.setenv("HEARTH_UNRELATED", "1")
     row = RowMaker("m", torch.device("cpu"), torch.float32, "torch").row("decode", "hearth", 1, 8, 4)
     assert row["knobs"] == {"HEARTH_QUANT_SWAP_INT8": "1"}
+
+
+def test_the_baseline_rows_carry_the_baselines_own_weights(capsys, tmp_path):
+    """--quant int4 beside transformers: Hearth's rows say int4, the baseline's the dtype
+    transformers ran (they said int4 too)."""
+    out_file = tmp_path / "q.json"
+    rc, _, err = run_cli(capsys, "bench", "--shape", "tiny", "--device", "cpu", "--suite", "decode", "--batch", "1",
+                         "--output-len", "4", "--quant", "int4", "--baseline", "hf", "--json", out_file, "--quiet")
+    assert rc == 0, err
+    rows = json.loads(out_file.read_text())["rows"]
+    assert [(r["engine"], r["quant"]) for r in rows] == [("hearth", "int4"), ("hf", "fp32")]
+    assert rows[1]["weight_bytes"] > rows[0]["weight_bytes"]
