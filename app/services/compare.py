@@ -180,9 +180,11 @@ class _ConfigRun:
             try:
                 self.unload()
             finally:
-                # A load that failed has no device: the plan's, unless it left the choice to auto.
-                device = res.device or (None if self.plan.device == "auto" else self.plan.device)
-                res.peak_vram_bytes = meter.stop(device)
+                # A configuration that never loaded (res.device unset) has no peak of its own:
+                # the meter would give the process's (the app's, the model before it), shown
+                # beside the error as if it were this configuration's.
+                peak = meter.stop(res.device)
+                res.peak_vram_bytes = peak if res.device is not None else None
                 res.peak_memory_source = meter.source if res.peak_vram_bytes is not None else None
                 res.seconds = time.perf_counter() - t0
         return res

@@ -144,6 +144,9 @@ def test_a_choice_not_available_here_fails_alone(tiny):
     result = run_comparison(tiny_plan(tiny, "fp8", "int8", perplexity=False, prompts=PROMPTS[:1]))
     assert result.results[0].status == "error" and "can't be used here" in result.results[0].error
     assert result.results[1].ok and result.reference_index == 1
+    # it never loaded: no peak memory of its own (the process's was shown beside the error)
+    assert result.results[0].peak_vram_bytes is None and result.results[0].peak_memory_source is None
+    assert result.results[1].peak_vram_bytes > 0
 
 
 def test_a_prompt_too_long_for_the_context_fails_alone(tiny):
