@@ -495,13 +495,15 @@ def side_by_side_text(r: ConfigResult | None, labels: list[str]) -> str:
 
 
 def _placeholder(state: ColumnState, p: int) -> str:
+    """The empty answer box's one line: short, since a placeholder doesn't wrap in a narrow
+    column (why it failed is in the column's error box, a prompt's error in the line below)."""
     r = state.result
     if r is not None and r.status == ERROR:
-        return "No answer: this configuration failed (see above)."
+        return "No answer: it failed."
     if r is not None and r.status == CANCELLED:
-        return "Cancelled before this prompt."
+        return "Cancelled."
     if state.prompts[p] is not None and state.prompts[p].error:
-        return state.prompts[p].error
+        return "No answer: see below."
     if state.running:
         return "The answer appears here as it is written."
     return "Waiting for its turn…" if r is None else "No answer."
