@@ -37,7 +37,7 @@ _GRAPHS_TIP = ("CUDA graphs replay each decode step as one GPU launch: faster, f
 
 WINDOW_TITLE = "Load model"
 # The form's field labels, by Engine.load keyword (error messages name these fields too).
-FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "quant_group_size": "int4 group size", "attention": "Attention backend",
+FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "quant_group_size": "Group size (int4, AWQ, GPTQ)", "attention": "Attention backend",
                 "device": "Device", "dtype": "Weights dtype", "max_model_len": "Context length",
                 "kv_cache_memory": "KV-cache memory", "kv_cache_dtype": "KV-cache precision",
                 "devices": "Split over devices", "split": "Split mode", "split_ratio": "Split ratio"}
@@ -114,8 +114,9 @@ class LoadDialog(QDialog):
             self.group_size.addItem(label, value)
         saved_group = int(settings.value("load/quant_group_size", 0) or 0)
         self.group_size.setCurrentIndex(max(0, self.group_size.findData(saved_group or None)))
-        self.group_size.setToolTip("int4: how many weights share one scale. Smaller groups are more exact "
-                                   "and a little larger; auto takes 128, or the largest that fits the model.")
+        self.group_size.setToolTip("int4, AWQ and GPTQ: how many weights share one scale. Smaller groups are "
+                                   "more exact and a little larger; auto takes 128, or the largest that fits the "
+                                   "model. (A checkpoint quantized already keeps its own.)")
         form.addRow(FIELD_LABELS["quant_group_size"], self.group_size)
         self.quant_head = QCheckBox("Quantize the embedding and output head too (smaller, less exact)")
         self.quant_head.setObjectName("loadQuantHead")
@@ -246,10 +247,10 @@ class LoadDialog(QDialog):
         return "\n".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
 
     def _update_quant_fields(self, *_args) -> None:
-        """Group size and head only mean something for int4 / int8 (/ fp8: its untied head)
-        quantizing here."""
+        """Group size only means something for int4, AWQ and GPTQ quantizing here (as the
+        command line's --group-size), the head options for int4 / int8 (/ fp8: its untied head)."""
         method = self.quantization.currentData()
-        self.group_size.setEnabled(method == "int4")
+        self.group_size.setEnabled(method in ("int4", "awq", "gptq"))
         self.quant_head.setEnabled(method in ("int4", "int8"))
         self.float_head.setEnabled(method in ("int4", "int8", "fp8"))
 

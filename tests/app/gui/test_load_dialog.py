@@ -111,6 +111,11 @@ def test_int4_group_size_and_head_options_follow_the_method_and_are_saved(qtbot,
     save_load_options(gui_env["settings"], dlg.options())  # as the window does once it loaded
     saved = saved_load_options(gui_env["settings"], choices)
     assert (saved["quantization"], saved["quant_group_size"], saved["quant_head"]) == ("int4", 64, True)
+    # AWQ and GPTQ calibrate int4 in groups too (the command line's --group-size)
+    for method in ("awq", "gptq"):
+        dlg.quantization.setCurrentIndex(dlg.quantization.findData(method))
+        assert dlg.group_size.isEnabled() and dlg.options()["quant_group_size"] == 64
+        assert not dlg.quant_head.isEnabled()
     # int8 has no groups: the field is off and sends nothing
     dlg.quantization.setCurrentIndex(dlg.quantization.findData("int8"))
     assert not dlg.group_size.isEnabled() and dlg.options()["quant_group_size"] is None
