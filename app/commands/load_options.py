@@ -55,8 +55,9 @@ def add_device_flags(group) -> None:
                        help="load over several devices, in order, e.g. cuda:0,cuda:1 or cuda:0,cpu (the CPU "
                             "last takes the layers the GPUs can't hold); `hearth doctor` lists the GPUs")
     group.add_argument("--split", default="layer", metavar="MODE",
-                       help="layer (default): contiguous layer ranges per device, in one process; tensor "
-                            "(tensor parallel) is not available yet")
+                       help="layer (default): contiguous layer ranges per device, in one process; tensor: "
+                            "tensor parallel, a slice of every layer on each device, one process per device "
+                            "(GPUs of one kind, or CPU ranks)")
     group.add_argument("--split-ratio", default=None, metavar="SHARES",
                        help="the layer split's share per device, e.g. 0.6,0.4, or layer counts such as 31,1 "
                             "(default: by each device's free memory, the CPU only taking what the GPUs can't hold)")
