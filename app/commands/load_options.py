@@ -56,8 +56,9 @@ def add_device_flags(group) -> None:
                             "last takes the layers the GPUs can't hold); `hearth doctor` lists the GPUs")
     group.add_argument("--split", default="layer", metavar="MODE",
                        help="layer (default): contiguous layer ranges per device, in one process; tensor: "
-                            "tensor parallel, a slice of every layer on each device, one process per device "
-                            "(GPUs of one kind, or CPU ranks)")
+                            "tensor parallel, a slice of every layer on each device, a worker process for each "
+                            "device after the first (NCCL between GPUs, gloo between CPU ranks); the heads and "
+                            "MLP width must divide by the devices")
     group.add_argument("--split-ratio", default=None, metavar="SHARES",
                        help="the layer split's share per device, e.g. 0.6,0.4, or layer counts such as 31,1 "
                             "(default: by each device's free memory, the CPU only taking what the GPUs can't hold)")
