@@ -116,7 +116,7 @@ class LoadDialog(QDialog):
         self.group_size.setCurrentIndex(max(0, self.group_size.findData(saved_group or None)))
         self.group_size.setToolTip("int4, AWQ and GPTQ: how many weights share one scale. Smaller groups are "
                                    "more exact and a little larger; auto takes 128, or the largest that fits the "
-                                   "model. (A checkpoint quantized already keeps its own.)")
+                                   "model. A checkpoint quantized already has its own groups: leave this on auto for it.")
         form.addRow(FIELD_LABELS["quant_group_size"], self.group_size)
         self.quant_head = QCheckBox("Quantize the embedding and output head too (smaller, less exact)")
         self.quant_head.setObjectName("loadQuantHead")

@@ -236,9 +236,11 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     if mc.quantization in CALIBRATED and spec is not None and stored == "none":
         found = calibrated(found, config, say, should_stop)  # GPTQ/AWQ of float weights: calibrate once
         path = found.path
-        if mc.quantization == "fp8-gptq":  # from here on a load of that fp8 checkpoint
-            config = replace(config, model=replace(mc, quantization="fp8"))
-            mc = config.model
+        # from here on a load of that checkpoint, whose groups are its own (a group size asked
+        # for went into its calibration) and, for fp8-gptq, an fp8 checkpoint
+        config = replace(config, model=replace(mc, quant_group_size=None, quantization=(
+            "fp8" if mc.quantization == "fp8-gptq" else mc.quantization)))
+        mc = config.model
     quantization = loaded_quantization(config, found.path, spec is not None, device, writing)
     max_model_len = context_length(cfg, mc.max_model_len)
 

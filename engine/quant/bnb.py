@@ -287,9 +287,11 @@ def source_for(method: str, found: str, checkpoint=None) -> BnbSource:
     weights; ``checkpoint``: its ``BnbCheckpoint``). Refuses a bitsandbytes checkpoint
     asked for as anything else, and a load when bitsandbytes can't be imported."""
     if found in BNB_METHODS and method != found:
-        raise InvalidRequestError(
+        from engine.quant.transform import AlreadyQuantizedError
+
+        raise AlreadyQuantizedError(
             f"this checkpoint is already quantized with bitsandbytes ({found}): load it as it is (--quant auto or "
-            f"{found}), or load its unquantized original to use {method}.", options=("quantization",))
+            f"{found}), or load its unquantized original to use {method}.", found)
     if found not in BNB_METHODS and found != "none":
         raise InvalidRequestError(
             f"{method} quantizes float weights, but this checkpoint is stored as {found}: load its unquantized "

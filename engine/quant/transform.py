@@ -126,9 +126,12 @@ class AlreadyQuantizedError(InvalidRequestError):
     """A load asked another quantization of a pre-quantized checkpoint (``found``: how it is
     stored; ``hearth quantize`` says it its own way)."""
 
-    def __init__(self, message: str, found: str) -> None:
+    def __init__(self, message: str, found: str = "") -> None:
         super().__init__(message, options=("quantization",))
         self.found = found
+
+    def __reduce__(self):  # (pickled across the engine process: its two arguments)
+        return type(self), (str(self), self.found)
 
 
 def quantization_plan(method: str, path: Path | None, *, group_size: int | None = None,
@@ -144,10 +147,6 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
     if method == "auto":
         method = found
     if found in PUBLISHED:
-        if group_size is not None:
-            raise InvalidRequestError(
-                f"--group-size applies when Hearth quantizes the weights; this checkpoint is already quantized "
-                f"with {found} in its own groups: drop --group-size.", options=("quant_group_size",))
         if method != found:
             raise AlreadyQuantizedError(
                 f"this checkpoint is already quantized with {found}: load it as it is (--quant auto or "
@@ -156,7 +155,13 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
 
         from engine.quant.sources import published
 
-        source = published(q := checkpoint_quantization(path))
+        q = checkpoint_quantization(path)
+        if group_size is not None and group_size != q.group_size:
+            raise InvalidRequestError(
+                f"this checkpoint is already quantized with {found} in groups of {q.group_size or 'a whole row'}: "
+                "a group size applies when Hearth quantizes the weights; drop --group-size (auto in the load "
+                "dialog).", options=("quant_group_size",))
+        source = published(q)
         # Optional tensors this checkpoint doesn't hold are not waited for: each layer is then
         # converted as soon as its required tensors arrive, as the checkpoint streams in.
         held = {n.rpartition(".")[2] for n in names}

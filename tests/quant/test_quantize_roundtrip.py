@@ -155,9 +155,14 @@ def test_a_prequantized_checkpoints_groups_are_its_own(tiny_models, tmp_path):
     that doesn't fit the model is named as the config's, not fixed by a flag it can't take."""
     from engine.errors import UnsupportedModelError
 
-    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq")
-    with pytest.raises(InvalidRequestError, match="already quantized with gptq in its own groups: drop --group-size"):
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq",
+                            group_size=32)
+    with pytest.raises(InvalidRequestError, match="already quantized with gptq in groups of 32: .*drop --group-size"):
         load(result.out_dir, quantization="gptq", quant_group_size=64)
+    release_runner(load(result.out_dir, quantization="gptq", quant_group_size=32).runner)  # its own groups: fine
+    # asked for another method as well: that is what is wrong first
+    with pytest.raises(InvalidRequestError, match="already quantized with gptq: load it as it is"):
+        load(result.out_dir, quantization="int4", quant_group_size=64)
     cfg_path = result.out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["group_size"] = 48

@@ -127,6 +127,18 @@ def test_round_to_nearest_of_a_shape_written_and_read_back_gives_the_same_tokens
         back.shutdown()
 
 
+@pytest.mark.slow  # calibrates (about 5 s on 2 busy cores)
+def test_a_group_size_asked_for_goes_into_the_calibration_and_its_checkpoint_loads(small_calibration):
+    """The calibrated checkpoint's groups are its own: its load must not refuse the group size
+    that made them (a pre-quantized checkpoint refuses --group-size), first load or cached."""
+    for _ in range(2):
+        engine = load("shape:tiny", quantization="gptq", quant_group_size=32)
+        try:
+            assert "int4 g32" in engine.model_info.quant_detail
+        finally:
+            engine.shutdown()
+
+
 def test_a_group_size_that_does_not_fit_the_shape_is_refused_with_advice(small_calibration):
     with pytest.raises(InvalidRequestError, match=r"group size 256 does not divide.*--group-size"):
         load("shape:tiny", quantization="gptq", quant_group_size=256)
