@@ -314,8 +314,11 @@ class MainWindow(QMainWindow):
         self.status_progress.setText(message)
 
     def _on_loaded(self, info: ModelInfo, reloaded: bool = False) -> None:
-        asked, self._loading_options = self._loading_options, None
-        if asked is not None and not reloaded:  # (reloaded: the previous model, back after a failure)
+        asked = self._loading_options
+        # only the load the window asked for, once it has loaded (not the previous model back
+        # after a failure, nor a load started elsewhere that replaced the window's)
+        if asked is not None and not reloaded and (info.ref or "default") == (asked.get("model") or "default"):
+            self._loading_options = None
             save_load_options(self.settings, asked)
         self.cancel_load_button.hide()
         self.status_progress.setText("")
@@ -386,6 +389,7 @@ class MainWindow(QMainWindow):
             QMessageBox.warning(self, "The default model was not installed", result)
             return
         self.statusBar().showMessage("Default model installed", 4000)
+        self._loading_options = None  # a load the user asked for meanwhile is replaced by this one
         self.bridge.load(options)
 
     # -- closing -----------------------------------------------------------------------

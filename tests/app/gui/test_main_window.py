@@ -191,8 +191,13 @@ def test_only_a_load_that_succeeded_is_what_the_next_start_loads(qtbot, gui_env,
         win.load({**load_options(str(broken)), "quantization": "int8"})
     assert saved_load_options(settings)["model"] == chat_model
     assert settings.value("load/quant") != "int8"
-    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000) as loaded:
         win.load({**load_options(chat_model), "quantization": "int8"})
+    assert saved_load_options(settings)["model"] == chat_model and settings.value("load/quant") == "int8"
+    # a model that loads while the window waits for another (a load started elsewhere replaced
+    # the window's, or arrived before it) is not saved as the one the window asked for
+    win._loading_options = {**load_options(str(broken)), "quantization": "int4"}
+    win._on_loaded(loaded.args[0])
     assert saved_load_options(settings)["model"] == chat_model and settings.value("load/quant") == "int8"
 
 
