@@ -34,6 +34,7 @@ from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgre
 from engine.gguf_memory import file_label as gguf_file_label
 from engine.gguf_memory import kept_on as gguf_kept_on
 from engine.gguf_memory import memory_ratio as gguf_memory_ratio
+from engine.gguf_memory import split_part as gguf_split_part
 # The load's memory rules (auto dtype, KV pool size), for estimates made before a load.
 from engine.memory_plan import (DTYPE_BYTES, DeviceShare, ModelCheck, auto_dtype, context_blocks, cpu_kv_budget,
                                 format_bytes, kv_headroom, kv_pool_blocks)
@@ -158,5 +159,6 @@ __all__ = [
     "DEFAULT_MODEL_REQUIREMENT", "DEFAULT_MODEL_VERSION", "DEFAULT_MODEL_DOWNLOAD_MB",
     "default_model_installed_version", "default_model_file", "default_model_install_command",
     "default_model_install_hint", "cache_dir", "gguf_file_label", "gguf_memory_ratio", "gguf_kept_on",
+    "gguf_split_part",
 ]
 

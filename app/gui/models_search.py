@@ -364,7 +364,7 @@ class SearchPanel(QWidget):
             return
         if target is None:
             text = "auto"
-        elif self._gguf_file() is not None and fit.gguf_kept_on(target.device_type, target.capability):
+        elif self._gguf_file() is not None and fit.gguf_keeps_own(self._gguf_file(), target):
             text = "auto (the GGUF file's own weights)"
         else:
             text = f"auto ({fit.load_dtype(fit.AUTO, target.device_type)} on this device)"

@@ -38,7 +38,8 @@ from dataclasses import dataclass, replace
 
 from engine.api import (DTYPE_BYTES, CacheConfig, InvalidRequestError, SchedulerConfig, SpecSummary, auto_dtype,
                         choice_name, choice_names, context_blocks, cpu_kv_budget, get_choice, gguf_file_label,
-                        gguf_kept_on, gguf_memory_ratio, kv_bytes_per_value, kv_pool_blocks, model_summary)
+                        gguf_kept_on, gguf_memory_ratio, gguf_split_part, kv_bytes_per_value, kv_pool_blocks,
+                        model_summary)
 
 GIB = 1 << 30
 #: The engine's own choice of weights dtype for the device (float32 on CPU, bf16 on GPU).
@@ -56,13 +57,20 @@ FALLBACK_CONTEXT = 4096
 @dataclass(frozen=True, slots=True)
 class MemoryTarget:
     """Where the model would run: ``key`` ``"cuda:N"`` or ``"cpu"``, with its free bytes
-    (and a GPU's compute capability, where NVML gave it)."""
+    (and a GPU's compute capability, where NVML gave it). ``keeps_gguf``: whether ``auto``
+    loads a GGUF file's own quantized weights there (None: not asked yet; ``memory_targets``
+    asks, on its worker thread: on the CPU that builds the C kernel the first time)."""
 
     key: str
     label: str
     free_bytes: int
     total_bytes: int
     capability: tuple[int, int] | None = None
+    keeps_gguf: bool | None = None
+
+    def auto_keeps_gguf(self) -> bool:
+        """Whether ``auto`` loads a GGUF file's own quantized weights here (the engine's rule)."""
+        return self.keeps_gguf if self.keeps_gguf is not None else gguf_kept_on(self.device_type, self.capability)
 
     @property
     def device_type(self) -> str:
@@ -189,20 +197,30 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, em
     return int(round((embed - head) * embedding_rate + head * 1.0 + (num_params - embed) * rate))
 
 
+def gguf_keeps_own(file_name: str, target: MemoryTarget) -> bool:
+    """Whether ``auto`` loads the GGUF file ``file_name`` on its own quantized weights on
+    ``target``, as the estimate sizes it (its type, by name, one Hearth keeps)."""
+    return (target.auto_keeps_gguf() and gguf_split_part(file_name) is None
+            and gguf_memory_ratio(gguf_file_label(file_name)) is not None)
+
+
 def _gguf_weight_bytes(file_name: str, file_bytes: int, weights: str, target: MemoryTarget, dtype: str,
                        num_params: int | None) -> tuple[int, str | None, str]:
     """(bytes a load of the GGUF file ``file_name`` holds, what it holds them as: its
     llama.cpp type where it is kept, else the load dtype; the note that says why) for
     ``weights`` ``"gguf"`` or ``AUTO`` on ``target``."""
     label = gguf_file_label(file_name)
-    kept = weights == "gguf" or gguf_kept_on(target.device_type, target.capability)
-    ratio = gguf_memory_ratio(label) if kept else None
+    kept = weights == "gguf" or target.auto_keeps_gguf()
+    ratio = gguf_memory_ratio(label) if kept and gguf_split_part(file_name) is None else None
     if ratio is not None:
         return int(round(file_bytes * ratio)), label, (
             f"its {label} weights load as they are, as Hearth's int4/int8 groups with 16-bit scales: "
             f"about {ratio:.2f}x the file's size")
     if not kept:
         why = f"loads dequantized to {dtype} here (no fast int4/int8 kernel on this device)"
+    elif gguf_split_part(file_name) is not None:
+        part, parts = gguf_split_part(file_name)
+        why = f"is part {part} of {parts} of a split file: counted as dequantized to {dtype}"
     elif label is None:
         why = f"has no GGUF type in its name: counted as dequantized to {dtype}"
     else:
@@ -324,7 +342,7 @@ def memory_targets(*, nvml=None, psutil_module=None) -> list[MemoryTarget]:
                     except Exception:
                         capability = None
                     targets.append(MemoryTarget(f"cuda:{i}", f"GPU {i} ({name})", int(mem.free), int(mem.total),
-                                                capability))
+                                                capability, gguf_kept_on("cuda", capability)))
             except Exception:
                 pass  # a GPU that cannot be queried is left out rather than guessed
             finally:
@@ -335,7 +353,11 @@ def memory_targets(*, nvml=None, psutil_module=None) -> list[MemoryTarget]:
     if psutil_module is None:
         import psutil as psutil_module
     vm = psutil_module.virtual_memory()
-    targets.append(MemoryTarget("cpu", "RAM", int(vm.available), int(vm.total)))
+    try:
+        keeps = gguf_kept_on("cpu", None)
+    except Exception:  # noqa: BLE001 - asked again when an estimate needs it
+        keeps = None
+    targets.append(MemoryTarget("cpu", "RAM", int(vm.available), int(vm.total), keeps_gguf=keeps))
     return targets
 
 

@@ -41,6 +41,9 @@ def test_the_mixes_are_whole_files_of_kept_types():
         for part in mix:
             assert (part[0] if isinstance(part, tuple) else part) in gm.KEPT_BITS, (label, part)
     assert gm.memory_ratio("Q8_0") == 1.0 and gm.memory_ratio("Q4_1") > 1.0  # its Q6_K head
+    assert gm.memory_ratio("Q4_K") == gm.memory_ratio("Q4_K_M") > gm.memory_ratio("Q4_K_L") > 1.0
+    assert gm.split_part("qwen2.5-7b-instruct-q5_k_m-00001-of-00002.gguf") == (1, 2)
+    assert gm.split_part("qwen2.5-7b-instruct-q5_k_m.gguf") is None
     assert gm.memory_ratio("Q6_K") == pytest.approx(9 / 6.5625)
     assert gm.memory_ratio("Q5_K_M") > gm.memory_ratio("Q4_K_M") > gm.memory_ratio("Q4_0") > 1.0
     for not_kept in ("Q3_K_M", "Q2_K", "IQ4_XS", "Q5_0", "F16", "BF16", "TQ1_0", None, "Q4_K_XL"):
@@ -67,6 +70,11 @@ def test_the_q4_k_m_ratio_is_the_measured_one():
     ("gemma-2-9b-it-f16.gguf", "F16"),
     ("phi-3-mini-4k-instruct-bf16.gguf", "BF16"),
     ("model-q4_0-Q6_K.gguf", "Q6_K"),
+    ("Meta-Llama-3.1-8B-Instruct-Q4_K_L.gguf", "Q4_K_L"),  # bartowski's: Q8_0 embedding and head
+    ("llama-2-7b.Q4_K.gguf", "Q4_K"),  # llama.cpp's short name of Q4_K_M
+    ("Llama-3.2-3B-Instruct-Q4_K_M_imatrix.gguf", "Q4_K_M"),
+    ("Qwen3-8B-UD-Q4_K_XL.gguf", "Q4_K_XL"),  # unsloth's own mix: not taken for another
+    ("mistral-7b-fp16.gguf", "F16"),
     ("Qwen2-0.5B.gguf", None),
     ("my-model.gguf", None),
 ])

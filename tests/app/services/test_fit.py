@@ -153,6 +153,9 @@ def test_memory_targets_from_nvml_and_psutil():
     assert targets[0].label == "GPU 0 (NVIDIA H100 80GB HBM3)"
     # the compute capability where NVML gives it; a GPU whose capability can't be read is still listed
     assert [t.capability for t in targets] == [(9, 0), None, None]
+    # asked here, on the caller's worker thread, not by each estimate on the GUI's: whether auto
+    # keeps a GGUF's own weights (an unknown capability is taken as able; the CPU: the C kernel)
+    assert targets[0].keeps_gguf is True and targets[1].keeps_gguf is True and isinstance(targets[2].keeps_gguf, bool)
     nvml = no_driver()
     only_ram = fit.memory_targets(nvml=nvml, psutil_module=SimpleNamespace(virtual_memory=lambda: vm))
     assert [t.key for t in only_ram] == ["cpu"]
@@ -252,7 +255,7 @@ def test_a_gguf_is_sized_as_a_load_holds_its_type():
         est = fit.estimate(num_params=params, shape=SpecSummary(), target=target, weights=weights,
                            published_weight_bytes=4_916_730_464, gguf_file=name)
         held = {"Q3_K_M": "bfloat16", "Q4_K_M": "Q4_K_M"}.get(gm.file_label(name) or "")
-        if held and weights == "gguf":
+        if held and weights == "gguf" and gm.split_part(name) is None:
             assert f"(weights {fit.gib(est.weights_bytes)} {held} + " in est.summary()
         return est.weights_bytes, est.notes[0]
 
@@ -267,6 +270,11 @@ def test_a_gguf_is_sized_as_a_load_holds_its_type():
     ampere = MemoryTarget("cuda:0", "GPU 0 (RTX 3090)", 23 * GIB, 24 * GIB, (8, 6))
     assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights="auto", target=turing)[0] == 16 * 10**9
     assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights="auto", target=ampere)[0] < 6.1e9
+    # a split file's part: not the whole file's size (counted as floats, as before)
+    size, note = weights("Llama-3.1-70B-Q4_K_M-00001-of-00002.gguf")
+    assert size == 16 * 10**9 and "part 1 of 2 of a split file" in note
+    assert fit.gguf_keeps_own("x-Q4_K_M.gguf", ampere) and not fit.gguf_keeps_own("x-IQ4_XS.gguf", ampere)
+    assert not fit.gguf_keeps_own("x-Q4_K_M.gguf", turing)
     # the file's size only for "as published"; int4 by its bits, whatever the file
     assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights=AS_PUBLISHED)[0] == 4_916_730_464
     assert weights("Llama-3.1-8B-Q4_K_M.gguf", weights="int4")[0] == round(8 * 10**9 * (0.5 + 4 / 128))
