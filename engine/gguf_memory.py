@@ -1,6 +1,8 @@
 """What a GGUF file takes in memory once Hearth loads it, before it is downloaded.
 
-Torch-free, for the fit estimate (``app/services/fit.py``, through ``engine.api``). A load
+Torch-free (but ``kept_on("cpu")``, which asks the engine's own rule: the loader and the C
+kernel's check, a build the first time; the app asks it off the GUI thread), for the fit
+estimate (``app/services/fit.py``, through ``engine.api``). A load
 with quantization ``gguf``, or ``auto`` where a fast kernel runs them (``kept_on``), keeps
 the file's Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K tensors quantized, each as int8 or int4
 codes with a float16 scale (and min) per group (``engine/quant/gguf_blocks.py``,
