@@ -182,8 +182,11 @@ def test_a_real_ctrl_c_keeps_the_finished_configurations(tiny, prompts_file, tmp
     args = compare_args(tiny, prompts_file, "--quants", "int8,int4", "--no-perplexity", "--max-tokens", "400",
                         "--json", str(out_path))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # SIGINT as a terminal delivers it: a job started in the background (CI) inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+                            text=True, env=env, cwd=Path(__file__).resolve().parents[2],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stderr:
