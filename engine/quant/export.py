@@ -19,7 +19,6 @@ ids. Such a checkpoint is for speed runs only.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import shutil
@@ -249,10 +248,10 @@ def _from_the_original(method: str):
 def _zero_points(parts):
     """The unsigned zero points each weight is written with (int8's shifted by 128: a
     symmetric int8 weight's are 128, which GPTQ v1 holds)."""
-    from engine.quant.formats.packing import from_canonical
+    from engine.quant.formats.packing import unsigned_zero_points
 
     for ckpt, qw in parts:
-        yield from_canonical(_cpu(qw), ckpt)[1]
+        yield unsigned_zero_points(_cpu(qw), ckpt)
 
 
 #: Calibration: sequences of this many tokens of the bundled calibration text (about 66k

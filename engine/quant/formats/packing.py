@@ -115,9 +115,9 @@ def to_canonical(codes: torch.Tensor, zeros: torch.Tensor | None, scales: torch.
     return QuantizedWeight(8, group_size, q.contiguous(), scales, ((128 - z.float()) * s).to(SCALE_DTYPE), perm)
 
 
-def from_canonical(qw: QuantizedWeight, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``QuantizedWeight`` -> (unsigned codes [N, K] int32 in stored column order,
-    unsigned integer zero points [N, K/G] int32, float16 scales [N, K/G]).
+def unsigned_zero_points(qw: QuantizedWeight, what: str) -> torch.Tensor:
+    """The unsigned integer zero points [N, K/G] int32 ``qw`` is written with (int8's
+    shifted by 128, like its codes: a symmetric int8 weight's are 128).
 
     Raises ValueError when the weight's mins are not integer zero points (a GGUF Q4_1
     weight) or a zero point falls outside the code range."""
@@ -130,14 +130,23 @@ def from_canonical(qw: QuantizedWeight, what: str) -> tuple[torch.Tensor, torch.
             f"{what}: this weight's offsets are not integer zero points (an asymmetric GGUF "
             f"Q4_1, Q4_K or Q5_K weight?), so it can't be written in this layout without loss; requantize "
             f"it from the float checkpoint instead") from None
-    if qw.bits == 4:
-        codes = unpack_int4(qw.qweight).to(torch.int32)
-    else:
-        codes = qw.qweight.to(torch.int32) + 128
+    if qw.bits == 8:
         z = z + 128
     top = (1 << qw.bits) - 1
     if z.numel() and (int(z.min()) < 0 or int(z.max()) > top):
         raise ValueError(f"{what}: a zero point falls outside 0..{top}, which {qw.bits}-bit layouts can't store")
+    return z
+
+
+def from_canonical(qw: QuantizedWeight, what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``QuantizedWeight`` -> (unsigned codes [N, K] int32 in stored column order,
+    unsigned integer zero points [N, K/G] int32, float16 scales [N, K/G]); raises as
+    ``unsigned_zero_points``."""
+    z = unsigned_zero_points(qw, what)
+    if qw.bits == 4:
+        codes = unpack_int4(qw.qweight).to(torch.int32)
+    else:
+        codes = qw.qweight.to(torch.int32) + 128
     return codes, z, qw.scales.to(SCALE_DTYPE)
 
 
