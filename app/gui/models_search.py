@@ -362,9 +362,10 @@ class SearchPanel(QWidget):
         idx = self.weights.findData(fit.AUTO)
         if idx < 0:
             return
+        gguf = self._gguf_file()
         if target is None:
             text = "auto"
-        elif self._gguf_file() is not None and fit.gguf_keeps_own(self._gguf_file(), target):
+        elif gguf is not None and fit.gguf_keeps_own(gguf, target):
             text = "auto (the GGUF file's own weights)"
         else:
             text = f"auto ({fit.load_dtype(fit.AUTO, target.device_type)} on this device)"

@@ -197,11 +197,17 @@ def weight_bytes(num_params: int, weights: str, *, embedding_params: int = 0, em
     return int(round((embed - head) * embedding_rate + head * 1.0 + (num_params - embed) * rate))
 
 
+def _own_ratio(file_name: str) -> float | None:
+    """Bytes in memory per byte of the GGUF file ``file_name`` loaded on its own weights, or
+    None where the estimate counts it as floats (a type Hearth dequantizes, none in its name,
+    or one part of a split file)."""
+    return None if gguf_split_part(file_name) is not None else gguf_memory_ratio(gguf_file_label(file_name))
+
+
 def gguf_keeps_own(file_name: str, target: MemoryTarget) -> bool:
     """Whether ``auto`` loads the GGUF file ``file_name`` on its own quantized weights on
     ``target``, as the estimate sizes it (its type, by name, one Hearth keeps)."""
-    return (target.auto_keeps_gguf() and gguf_split_part(file_name) is None
-            and gguf_memory_ratio(gguf_file_label(file_name)) is not None)
+    return target.auto_keeps_gguf() and _own_ratio(file_name) is not None
 
 
 def _gguf_weight_bytes(file_name: str, file_bytes: int, weights: str, target: MemoryTarget, dtype: str,
@@ -211,16 +217,16 @@ def _gguf_weight_bytes(file_name: str, file_bytes: int, weights: str, target: Me
     ``weights`` ``"gguf"`` or ``AUTO`` on ``target``."""
     label = gguf_file_label(file_name)
     kept = weights == "gguf" or target.auto_keeps_gguf()
-    ratio = gguf_memory_ratio(label) if kept and gguf_split_part(file_name) is None else None
+    ratio = _own_ratio(file_name) if kept else None
     if ratio is not None:
         return int(round(file_bytes * ratio)), label, (
             f"its {label} weights load as they are, as Hearth's int4/int8 groups with 16-bit scales: "
             f"about {ratio:.2f}x the file's size")
+    split = gguf_split_part(file_name)
     if not kept:
         why = f"loads dequantized to {dtype} here (no fast int4/int8 kernel on this device)"
-    elif gguf_split_part(file_name) is not None:
-        part, parts = gguf_split_part(file_name)
-        why = f"is part {part} of {parts} of a split file: counted as dequantized to {dtype}"
+    elif split is not None:
+        why = f"is part {split[0]} of {split[1]} of a split file: counted as dequantized to {dtype}"
     elif label is None:
         why = f"has no GGUF type in its name: counted as dequantized to {dtype}"
     else:

@@ -54,7 +54,7 @@ log = logging.getLogger("hearth.bench")
 def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Run the chosen suites (and the baseline); return the rows, baseline beside Hearth."""
     from engine.api import Engine
-    from engine.bench.rows import RowMaker
+    from engine.bench.rows import RowMaker, quant_name
     from engine.bench.workload import Workload
     from engine.device import resolve_device, resolve_dtype
 
@@ -99,8 +99,6 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
         engine.shutdown()
     # model_info.name: "shape:<name>", the Hub repo id, or a local folder's / GGUF file's name.
     maker = RowMaker(info.name, device, dtype, info.attention, info.quantization)
-    from engine.bench.rows import quant_name
-
     # the baseline's own weights: llama.cpp runs the GGUF file's, transformers the load dtype's
     own = "gguf" if opts.baseline == "llamacpp" else quant_name(dtype)
     return _rows(maker, opts, info, hearth_res, hf_res, hf_bytes, baseline=opts.baseline or "hf", baseline_quant=own)

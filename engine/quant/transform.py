@@ -63,8 +63,6 @@ class QuantPlan:
     @property
     def published(self) -> bool:
         """Whether the weights come quantized in the checkpoint (a published format)."""
-        from engine.quant.sources import Published
-
         return isinstance(self.default, Published)
 
     def transform(self) -> Callable[[nn.Module], None]:
