@@ -554,7 +554,11 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  # down (2-3 us less than quantizing in each program, the quantizing kernel outside;
                  # benchmarks/results/2026-12-04-i14-profile-dp4a-qx-8b-h200-4e5d0f8.json)
                  GemvConfig(8, 2, 4, DP4A, 2, 1, 1), GemvConfig(16, 2, 4, DP4A, 2, 4, 1),
-                 GemvConfig(16, 2, 4, DP4A, 2, 1, 1), GemvConfig(8, 2, 4, DP4A, 3, 1, 1))
+                 GemvConfig(16, 2, 4, DP4A, 2, 1, 1), GemvConfig(8, 2, 4, DP4A, 3, 1, 1),
+                 # rows per program that aren't a power of 2: an H100 sweep had q/k/v at 12 rows
+                 # (5.81 us against 6.27) and gate_up at 28 (23.2 against 23.7) ahead of the
+                 # configs above (benchmarks/results/2026-12-05-i14-dp4a-wavefit-*-8b-h100-955f6d2.json)
+                 GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 

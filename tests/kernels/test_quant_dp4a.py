@@ -363,6 +363,18 @@ def test_blocks_of_zeros_outliers_and_partial_rows():
     check_against_float(y, x, qw, typical=False)
 
 
+@pytest.mark.parametrize("cfg", [GemvConfig(12, 4, 1, DP4A, 2), GemvConfig(28, 2, 1, DP4A, 2),
+                                 GemvConfig(12, 4, 1, DP4A, 2, 1, 1)], ids=["12rows", "28rows", "12rows-qx"])
+@pytest.mark.parametrize("bits,group,swiglu", [(4, 32, False), (4, 128, True), (8, 16, True)])
+def test_dp4a_rows_per_program_not_a_power_of_2(cfg, bits, group, swiglu):
+    """12 or 28 rows a program (tuner candidates): the steps of 2 or 4 rows stop at the
+    program's last row, and N=44 leaves a partial last program; exact integer reference."""
+    n, k = 44, 256
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4 or group == 16, seed=3)
+    x = 3 * rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
+    check_exact(quant_gemv(x, prep, config=cfg, swiglu=swiglu), x, prep, swiglu=swiglu)
+
+
 def test_the_tuner_lists_dp4a_configs_and_the_launch_shape(monkeypatch):
     monkeypatch.setenv("HEARTH_QUANT_DP4A", "0")  # the opt-out
     assert DP4A not in {c.kind for c in quant_gemv_configs(4096, 4096, 4)}
