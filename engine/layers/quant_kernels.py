@@ -228,8 +228,13 @@ class Fp8Kernel(QuantKernel):
     float32: there only to write checkpoints and to test, see
     ``engine.choices.WRITABLE_ANYWHERE``)."""
 
-    def __init__(self, config: tuple[int, ...] | None = None) -> None:
+    def __init__(self, config: tuple[int, ...] | None = None, act_first: bool = False) -> None:
         self.config = config
+        # act_first (a SwiGLU-down layer's GEMV configs): silu(gate) * up by the layer's act
+        # into a [1, I] row once, then the GEMV without SwiGLU, where the fused GEMV computes
+        # it again in every program (512 programs of 8 rows each take all 14,336 inputs of
+        # the 8B's down); the tuner times both
+        self.act_first = act_first
         self.out_dtype_ok: dict[torch.dtype, bool] = {}  # whether _scaled_mm writes that dtype here
         if config is None:  # one row on a GPU: the K-loop GEMV's default config
             self.name = "fp8 scaled_mm (gemv for one row)"
@@ -239,6 +244,10 @@ class Fp8Kernel(QuantKernel):
             self.name = "fp8 mma %dx%d/%dw s%d split%d" % tuple(config)
         else:
             self.name = "fp8 gemv %dx%d/%dw" % tuple(config)
+        if act_first:
+            if config is None or len(config) == 5:  # the mma path's rounding pass computes it once already
+                raise ValueError("act_first takes a GEMV config (3- or 4-tuple)")
+            self.name += " act first"
 
     def bind(self, layer) -> "Fp8Kernel":
         if self.config is not None and len(self.config) == 5 and layer.qweight.device.type == "cuda":
@@ -250,23 +259,34 @@ class Fp8Kernel(QuantKernel):
     def __call__(self, x, layer, out=None):
         from hearth_kernels.fp8 import quantize_rows, quantize_rows_reference
 
-        w, s = layer.qweight, layer.scales
-        if x.shape[0] == 1 and w.device.type == "cuda":
-            if self.config is not None and len(self.config) == 5:
-                from hearth_kernels.fp8 import fp8_mma
-
-                return fp8_mma(x, w, s, layer.bias, swiglu=layer.act is not None, out=out, config=self.config)
-            if self.config is not None and len(self.config) == 4:
-                from hearth_kernels.fp8 import fp8_gemv_rows
-
-                return fp8_gemv_rows(x, w, s, layer.bias, swiglu=layer.act is not None, out=out, config=self.config)
-            from hearth_kernels.gemv import gemv
-
-            return gemv(x, w, layer.bias, swiglu=layer.act is not None, out=out, config=self.config, scale=s)
+        if x.shape[0] == 1 and layer.qweight.device.type == "cuda":
+            return self.one_row(x, layer, out)
         # A down projection's SwiGLU is computed inside the rounding pass (same arithmetic as layer.act).
         quantize = quantize_rows if x.device.type == "cuda" else quantize_rows_reference
         xq, xs = quantize(x, swiglu=layer.act is not None)
         return self._scaled(xq, xs, x.dtype, layer, out)
+
+    def one_row(self, x, layer, out=None):
+        """The batch-1 product on the GPU (Triton's interpreter in the CPU tests)."""
+        w, s = layer.qweight, layer.scales
+        swiglu = layer.act is not None
+        if self.act_first and swiglu:
+            x, swiglu = layer.act(x), False
+        if self.config is not None and len(self.config) == 5:
+            from hearth_kernels.fp8 import fp8_mma
+
+            return fp8_mma(x, w, s, layer.bias, swiglu=swiglu, out=out, config=self.config)
+        if self.config is not None and len(self.config) == 4:
+            from hearth_kernels.fp8 import fp8_gemv_rows
+
+            return fp8_gemv_rows(x, w, s, layer.bias, swiglu=swiglu, out=out, config=self.config)
+        from hearth_kernels.gemv import gemv
+
+        return gemv(x, w, layer.bias, swiglu=swiglu, out=out, config=self.config, scale=s)
+
+    def scratch_bytes(self, layer, rows: int, itemsize: int) -> int:
+        """act_first's [1, I] row."""
+        return layer.in_features * itemsize if self.act_first and rows == 1 and layer.act is not None else 0
 
     def _scaled(self, xq, xs, dtype, layer, out=None):
         """The e4m3 product of the rounded rows ``xq`` (scales ``xs``), in ``dtype``."""
@@ -364,7 +384,10 @@ def kernel_candidates(layer) -> list[QuantKernel]:
     if layer.fmt == "e4m3" and layer.qweight.device.type == "cuda":
         from engine.layers.linear_kernels import fp8_gemv_configs
 
-        return [Fp8Kernel(c) for c in fp8_gemv_configs(layer.out_features, layer.in_features)]
+        configs = fp8_gemv_configs(layer.out_features, layer.in_features)
+        # a SwiGLU-down layer: each GEMV config also with the activation computed once first
+        twins = [Fp8Kernel(c, act_first=True) for c in configs if len(c) < 5] if layer.act is not None else []
+        return [Fp8Kernel(c) for c in configs] + twins
     if layer.qweight.device.type != "cuda" or not triton_reads(layer) or layer.fmt != "int":
         return [layer.kernel]
     from hearth_kernels.quant_gemv import quant_gemv_configs

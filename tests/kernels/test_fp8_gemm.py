@@ -182,3 +182,45 @@ def test_fp8_mma_refuses_what_it_cannot_run():
         fp8_mma(torch.zeros(65, 256, device=DEVICE).to(torch.bfloat16), qw.qweight, qw.scales)
     with pytest.raises(ValueError, match="float32 row scales"):
         fp8_mma(x, qw.qweight, qw.scales.half())
+
+
+@pytest.mark.parametrize("config", [(8, 128, 2), (4, 3, 1, 3)], ids=["k-loop", "x-stationary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_act_first_is_the_fused_swiglu_product(config, dtype):
+    """``Fp8Kernel(config, act_first=True)`` (the tuner's twin of a SwiGLU-down GEMV config):
+    the layer's act once, then the GEMV without SwiGLU; the product of the same rounded
+    activation as the fused kernel's, against float64 of that activation; a layer without
+    SwiGLU runs as the plain config; the twins are offered for gated layers only."""
+    from types import SimpleNamespace
+
+    from engine.layers.linear_kernels import silu_and_mul_reference
+    from engine.layers.quant_kernels import Fp8Kernel, kernel_candidates
+
+    n, k = 40, 384
+    g = torch.Generator(device=DEVICE).manual_seed(11)
+    x = torch.randn(1, 2 * k, device=DEVICE, generator=g).to(dtype)
+    qw = quantize_fp8(torch.randn(n, k, device=DEVICE, generator=g) * 0.02)
+    bias = torch.randn(n, device=DEVICE, generator=g).to(dtype)
+    layer = SimpleNamespace(qweight=qw.qweight, scales=qw.scales, bias=bias, act=silu_and_mul_reference,
+                            in_features=k, out_features=n, fmt="e4m3")
+    first = Fp8Kernel(config, act_first=True)
+    assert first.name.endswith(" act first") and first.scratch_bytes(layer, 1, 2) == 2 * k
+    y = first.one_row(x, layer)
+    fused = Fp8Kernel(config).one_row(x, layer)
+    xin = silu_and_mul_reference(x).double()  # rounded to dtype, like the fused kernel's activation
+    ref = F.linear(xin, qw.dequantize(torch.float64), bias.double())
+    tol = dict(atol=1e-4 * k ** 0.5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    torch.testing.assert_close(y.double(), fused.double(), **tol)
+    plain = SimpleNamespace(**{**vars(layer), "act": None})
+    torch.testing.assert_close(first.one_row(x[:, :k], plain), Fp8Kernel(config).one_row(x[:, :k], plain))
+    assert first.scratch_bytes(plain, 1, 2) == 0 and first.scratch_bytes(layer, 4, 2) == 0
+    with pytest.raises(ValueError, match="GEMV config"):
+        Fp8Kernel((64, 256, 4, 4, 4), act_first=True)
+    # the candidates (a layer on a GPU: only its device is read to decide)
+    on_gpu = SimpleNamespace(**{**vars(layer), "qweight": SimpleNamespace(device=torch.device("cuda"))})
+    names = [c.name for c in kernel_candidates(on_gpu)]
+    twins = [c for c in names if c.endswith(" act first")]
+    assert twins and all(c.removesuffix(" act first") in names and " mma " not in c for c in twins)
+    on_gpu.act = None
+    assert not [c for c in (c.name for c in kernel_candidates(on_gpu)) if c.endswith(" act first")]
