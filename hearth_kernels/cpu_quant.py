@@ -28,7 +28,9 @@ layers + int8 head) take about 9 ms of one core here, against about 41 ms for to
 float32 F.linear and 23 ms for its packed int4/int8 ops. Up to ~16 rows it still beats
 dequantize + sgemm; for prefill (more rows) dequantize once per chunk (``dequantize(w,
 buf)``, fp32 [N, K], threaded C) and use torch's matmul, about 2x faster per row at 1,000
-rows. The decode hot path can skip ``matmul``'s checks with ``PreparedWeight.bind``.
+rows, on ``round_activations(x)`` (the same int8 blocks: a row's product must not depend on
+how many rows share the call, or a prefix-cache hit or a busier batch would change the
+tokens of a greedy or seeded request). The decode hot path can skip ``matmul``'s checks with ``PreparedWeight.bind``.
 Act-order weights (``perm``): pass ``x[..., perm]``.
 
 The scalar path (CPUs without AVX2, ARM) is correct but about 8x slower than the AVX2
@@ -401,6 +403,15 @@ def dequantize(w: PreparedWeight, out: torch.Tensor | None = None, *, threads: i
     nthreads = torch.get_num_threads() if threads is None else threads
     _check_rc(lib.hq_dequantize(w._addr, out.data_ptr(), nthreads, _isa_code(isa)))
     return out
+
+
+def round_activations(x: torch.Tensor, *, isa: str | None = None) -> torch.Tensor:
+    """x fp32 [M, K] -> ``x_hat`` fp32 [M, K]: the int8 blocks ``matmul`` rounds x to,
+    dequantized (``code * d``), so that a dequantize + float matmul of many rows gives
+    each row the product ``matmul`` gives it alone, up to fp32 summation order."""
+    m, k = x.shape
+    q, d, _ = quantize_activations(x, k, isa=isa)
+    return (q.view(m, -1, _BLOCK).to(torch.float32) * d.unsqueeze(-1)).view(m, -1)[:, :k]
 
 
 def quantize_activations(x: torch.Tensor, group_size: int, *,

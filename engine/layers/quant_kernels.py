@@ -20,8 +20,11 @@ at load) and holds it.
   tensor cores (``hearth_kernels/fp8.py``).
 - ``CpuQuant`` (CPU, AVX2): Hearth's C int4/int8 matmul (``hearth_kernels/cpu_quant.py``:
   activations quantized to int8 blocks, integer block dots, memory speed) for up to
-  ``CPU_KERNEL_ROWS`` rows; longer prompts dequantize the weight once per call into a
-  buffer and run torch's sgemm, about twice as fast per row there.
+  ``CPU_KERNEL_ROWS`` rows; more rows (a prompt, a batched decode step) dequantize the
+  weight once per call and run torch's sgemm, about twice as fast per row there, on the
+  activations rounded to the same int8 blocks: a row's product is the same whichever path
+  it takes (up to fp32 summation order), so a prefix-cache hit (fewer prompt rows) or a
+  busier batch doesn't change the tokens of a greedy or seeded request.
 
 A kernel receives the module's raw input: for a SwiGLU-down projection that is
 ``[gate | up]``, and the kernel applies ``layer.act`` (or fuses it).
@@ -340,6 +343,7 @@ class CpuQuant(QuantKernel):
         bias = None if layer.bias is None else layer.bias.float()
         bound.prepared = prepare(layer.qweight, layer.scales, layer.mins, layer.group_size, bias=bias)
         bound._matmul, bound._dequantize = cpu_quant.matmul, cpu_quant.dequantize
+        bound._round = cpu_quant.round_activations
         return bound
 
     def __call__(self, x, layer, out=None):
@@ -349,8 +353,10 @@ class CpuQuant(QuantKernel):
                 return self._matmul(x.float(), self.prepared).to(x.dtype) if out is None else \
                     out.copy_(self._matmul(x.float(), self.prepared))
             return self._matmul(x, self.prepared, out)
+        # the C kernel's int8 activation blocks here too: the same product per row either way
+        x_hat = self._round(x.float()).to(x.dtype)
         w = self._dequantize(self.prepared).to(x.dtype)
-        return matmul(x, w, layer.bias, out)
+        return matmul(x_hat, w, layer.bias, out)
 
 
 def cpu_kernel_problem(layer) -> str | None:

@@ -199,3 +199,31 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match="no such"):
         Engine.load(str(tmp_path / "nope"), device="cpu")
+
+
+def test_a_quantized_cpu_model_gives_the_same_tokens_cold_cached_and_batched(tiny_models):
+    """int4 on the CPU: a prompt of a few rows takes the C kernel (int8 activation blocks), a
+    long one or a batched step the dequantized weight; a prefix-cache hit turns the second
+    into the first. The tokens (and their logprobs, to fp32 summation order) are the same cold,
+    after a hit, and beside other requests."""
+    if engine_device() != "cpu":
+        pytest.skip("the CPU kernel's paths")
+    shared = ids_of(64, seed=5)  # four whole blocks: a hit leaves one prompt row (C kernel), cold 65 rows
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
+    cold = load(tiny_models["llama-tied"], quantization="int4", quant_group_size=32, enable_prefix_caching=False)
+    warm = load(tiny_models["llama-tied"], quantization="int4", quant_group_size=32)
+    try:
+        ref = alone(cold, shared + [42], params)
+        alone(warm, shared + [7], params)
+        hit = alone(warm, shared + [42], params)
+        assert hit.cached_prompt_tokens == 64 and hit.token_ids == ref.token_ids
+        lp = lambda r: torch.tensor([t.logprob for t in r.logprobs])  # noqa: E731
+        torch.testing.assert_close(lp(hit), lp(ref), atol=1e-4, rtol=0)
+        others = [warm.submit(Request(prompt_token_ids=ids_of(20 + i, seed=70 + i), params=params)) for i in range(14)]
+        busy = warm.submit(Request(prompt_token_ids=shared + [42], params=params))
+        assert busy.result().token_ids == ref.token_ids
+        for h in others:
+            h.result()
+    finally:
+        cold.shutdown()
+        warm.shutdown()

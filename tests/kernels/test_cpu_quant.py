@@ -346,3 +346,46 @@ def test_the_libraries_of_the_old_cache_folder_are_deleted_and_nothing_else(monk
     cpu_quant._forget_old_cache()
     assert [p.name for p in old.iterdir()] == ["notes.txt"]
     cpu_quant._forget_old_cache()  # nothing to do: no error
+
+
+@pytest.mark.parametrize("k", [96, 100])
+def test_round_activations_are_the_kernels_blocks(k):
+    """``round_activations``: the int8 blocks ``matmul`` rounds x to, dequantized (bit for bit
+    the documented rounding; K not a multiple of 32 keeps K columns)."""
+    x = 3 * torch.randn(5, k, generator=torch.Generator().manual_seed(k))
+    got = cpu_quant.round_activations(x)
+    assert got.shape == (5, k) and got.dtype == torch.float32
+    codes, d = _emulate_acts(x)  # (each code times its block's scale, rounded to fp32 once)
+    assert torch.equal(got, (codes.float().view(5, -1, 32) * d.unsqueeze(-1)).view(5, -1)[:, :k])
+    torch.testing.assert_close(got.double(), _x_hat(x), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("bits,g,gated", [(4, 32, False), (8, 16, True)])
+def test_a_rows_product_does_not_depend_on_how_many_rows_share_the_call(bits, g, gated):
+    """``CpuQuant``: up to CPU_KERNEL_ROWS rows take the C kernel (int8 activation blocks), more
+    rows a dequantized weight and sgemm on the same rounded activations, so a row's product is
+    the same either way up to fp32 summation order (a prompt after a prefix-cache hit has fewer
+    rows than the same prompt cold: with float activations on one path greedy tokens changed)."""
+    from types import SimpleNamespace
+
+    from engine.layers.linear_kernels import silu_and_mul_reference
+    from engine.layers.quant_kernels import CPU_KERNEL_ROWS, CpuQuant
+
+    n, k = 48, 256
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    qw = quantize_int4(w, g) if bits == 4 else quantize_int8(w, g)
+    layer = SimpleNamespace(bits=bits, qweight=qw.qweight, scales=qw.scales, mins=qw.mins, group_size=g,
+                            bias=torch.randn(n, generator=gen), perm=None,
+                            act=silu_and_mul_reference if gated else None)
+    kernel = CpuQuant().bind(layer)
+    many = CPU_KERNEL_ROWS + 8
+    x = 2 * torch.randn(many, 2 * k if gated else k, generator=gen)
+    together = kernel(x, layer)
+    alone = torch.cat([kernel(x[i:i + 1], layer) for i in range(many)])
+    scale = together.abs().max().item()
+    assert (together - alone).abs().max().item() < 1e-5 * scale
+    # (float activations on the many-row path differ by the int8 rounding: ~1e-3 of the scale)
+    xin = silu_and_mul_reference(x) if gated else x
+    float_acts = xin @ qw.dequantize(torch.float32).T + layer.bias
+    assert (float_acts - alone).abs().max().item() > 1e-4 * scale
