@@ -197,7 +197,32 @@ class Tokenizer:
                 "This model's tokenizer has no chat template, so chat messages cannot be "
                 "formatted: send a raw text prompt instead (use completion mode, not chat)."
             )
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
         msgs = _with_system(messages, system)
+        try:
+            return self._render(msgs, tools)
+        except TemplateSyntaxError as e:
+            raise InvalidRequestError(
+                f"this model's chat template is not valid Jinja ({e}): fix the chat_template in its "
+                "tokenizer_config.json (or chat_template.jinja), or send a raw text prompt instead "
+                "(completion mode).") from None
+        except TemplateError as e:
+            # A template that takes no system role (Mistral Instruct v0.1/v0.2 raise "roles must
+            # alternate"): the system text goes first in the first user message, as LM Studio
+            # and Ollama do; anything else the template refuses is the request's problem.
+            folded = _system_folded(msgs)
+            if folded is not None:
+                try:
+                    return self._render(folded, tools)
+                except TemplateError:
+                    pass
+            raise InvalidRequestError(
+                f"this model's chat template refuses these messages: {e}. Check the roles' order (most "
+                "templates want user and assistant turns alternating, starting with the user's), or send a "
+                "raw text prompt instead (completion mode).") from None
+
+    def _render(self, msgs: list[dict[str, Any]], tools) -> str:
         with self._lock:
             return self._tok.apply_chat_template(msgs, tools=tools or None, tokenize=False,
                                                  add_generation_prompt=True)
@@ -214,6 +239,17 @@ class Tokenizer:
         # The template writes BOS and role markers itself; adding special tokens again
         # would duplicate BOS.
         return self.encode(text, add_special_tokens=False)
+
+
+def _system_folded(msgs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``msgs`` with a leading system message's text put before the first user message's
+    (None: no leading system message followed by a user one, both text)."""
+    if (len(msgs) < 2 or msgs[0].get("role") != "system" or msgs[1].get("role") != "user"
+            or not isinstance(msgs[0].get("content"), str) or not isinstance(msgs[1].get("content"), str)):
+        return None
+    system, user = msgs[0]["content"], msgs[1]["content"]
+    text = f"{system}\n\n{user}" if system else user
+    return [{**msgs[1], "content": text}, *msgs[2:]]
 
 
 def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
@@ -238,9 +274,20 @@ def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dic
 
 
 def _read_generation_eos_ids(folder: Path) -> list[int]:
-    """eos_token_id of generation_config.json (int or list), or [] if absent."""
+    """eos_token_id of generation_config.json (int or list); without that file, config.json's
+    (where transformers' generation takes it from then: a model may list several there); []
+    if neither has one."""
     path = folder / "generation_config.json"
     if not path.is_file():
+        try:
+            cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (the model's loader reports a bad config.json)
+            return []
+        eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            return [eos]
+        if isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+            return list(eos)
         return []
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))

@@ -56,6 +56,44 @@ def test_generation_config_eos_union(tmp_path, cfg, expected):
     assert tok.bos_token_id == 1
 
 
+@pytest.mark.parametrize("config_eos, generation, expected", [
+    ([2, 7], None, {2, 7}),  # no generation_config.json: config.json's list, as transformers' generate reads it
+    (9, None, {2, 9}),
+    ([2, 7], {"eos_token_id": 11}, {2, 11}),  # generation_config.json wins, as in transformers
+])
+def test_config_json_eos_ids_end_generation_without_a_generation_config(tmp_path, config_eos, generation, expected):
+    import json
+
+    folder = build_tiny_tokenizer(tmp_path / "t", generation_config=generation)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": config_eos}))
+    assert Tokenizer.from_pretrained(folder).eos_token_ids == frozenset(expected)
+
+
+MISTRAL_TEMPLATE = (  # Mistral Instruct v0.2's: no system role, user/assistant alternating
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_template_without_a_system_role_gets_it_in_the_first_user_turn(tmp_path):
+    """A template that raises on a system message (Mistral v0.1/v0.2): the system text goes
+    before the first user message's, as LM Studio and Ollama do; other refusals and a
+    template that isn't valid Jinja are clear request errors (no traceback)."""
+    tok = Tokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "m", chat_template=MISTRAL_TEMPLATE))
+    user = [{"role": "user", "content": "Hi"}]
+    assert tok.render_chat(user) == "<s>[INST] Hi [/INST]"
+    assert tok.render_chat(user, system="Be brief.") == "<s>[INST] Be brief.\n\nHi [/INST]"
+    turns = [{"role": "system", "content": "S"}, *user, {"role": "assistant", "content": "A"},
+             {"role": "user", "content": "B"}]
+    assert tok.render_chat(turns) == "<s>[INST] S\n\nHi [/INST]A</s>[INST] B [/INST]"
+    with pytest.raises(InvalidRequestError, match="refuses these messages: Conversation roles must alternate"):
+        tok.render_chat([{"role": "assistant", "content": "A"}])
+    broken = Tokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "b", chat_template="{% for m in messages %}}"))
+    with pytest.raises(InvalidRequestError, match="not valid Jinja"):
+        broken.render_chat(user)
+
+
 def test_bad_generation_config_is_reported(tmp_path):
     folder = build_tiny_tokenizer(tmp_path / "t", generation_config={"eos_token_id": "x"})
     with pytest.raises(ModelLoadError, match="eos_token_id"):
