@@ -30,8 +30,9 @@ from engine.loader.gguf_check import truncation_problem
 #: Marker written last into a converted folder; describes the source GGUF file.
 SOURCE_FILE = "hearth_source.json"
 # Bump when the converted layout changes so old conversions are redone (4: a q/k/v of Q4_K
-# and Q6_K members is kept, as int8 in groups of 16 with mins, instead of float).
-_FORMAT_VERSION = 4
+# and Q6_K members is kept, as int8 in groups of 16 with mins, instead of float; 5: the
+# file's RoPE scaling and end-of-turn tokens are carried over, which transformers' reader drops).
+_FORMAT_VERSION = 5
 _GGUF_MAGIC = b"GGUF"
 
 
@@ -170,6 +171,117 @@ def _read_gguf(gguf_path: Path):
     return cfg, tok, tensors
 
 
+def _field(reader, key: str):
+    """A GGUF metadata value (a number or a string), or None when the file has no such key."""
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    value = field.contents()
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _config_rope(cfg) -> dict:
+    """cfg's RoPE settings as one dict (transformers 5's ``rope_parameters``, else 4.x's
+    ``rope_theta`` + ``rope_scaling``)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    params.update(getattr(cfg, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    return params
+
+
+def _set_config_rope(cfg, scaling: dict) -> None:
+    if getattr(cfg, "rope_parameters", None) is not None:
+        cfg.rope_parameters = {**cfg.rope_parameters, **scaling}
+    else:
+        cfg.rope_scaling = scaling
+
+
+#: llama.cpp's Llama 3 factors are found among these (original context, low and high
+#: frequency factors); Llama 3.1, 3.2 and 3.3 use 8192, 1 and 4
+_LLAMA3_GRID = [(old, low, high) for old in (8192, *(2 ** p for p in range(8, 18) if p != 13))
+                for low in (1.0, 0.5, 2.0) for high in (4.0, 2.0, 8.0)]
+
+
+def _llama3_scaling(factors: torch.Tensor, theta: float, head_dim: int) -> dict | None:
+    """The ``llama3`` rope_scaling whose per-pair frequency divisors are ``factors`` (the
+    ``rope_freqs`` tensor llama.cpp's converter writes for Llama 3.1+ instead of metadata),
+    found by computing each candidate's frequencies as the model runs them; None if none
+    gives them (to float32 precision)."""
+    from engine.layers.rope_spec import RopeSpec
+    from engine.layers.rotary import inv_frequencies
+
+    want = inv_frequencies(RopeSpec(theta=theta), head_dim) / factors
+    factor = float(factors.max())
+    for old, low, high in _LLAMA3_GRID:
+        spec = RopeSpec(theta=theta, type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                        original_max_position=old)
+        if torch.allclose(inv_frequencies(spec, head_dim), want, rtol=2e-6, atol=0):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": old}
+    return None
+
+
+def _rope_scaling(reader, cfg, gguf_path: Path) -> dict | None:
+    """The RoPE scaling the file stores and transformers' GGUF reader leaves out of the
+    config: llama.cpp writes Llama 3.1+'s as a ``rope_freqs`` tensor of per-pair divisors,
+    others as ``{arch}.rope.scaling.*`` metadata. None: the file has none (or the config
+    already has it). Raises UnsupportedModelError for a scaling Hearth can't reproduce."""
+    have = _config_rope(cfg)
+    if (have.get("rope_type") or have.get("type") or "default") != "default":
+        return None
+    arch = _field(reader, "general.architecture") or ""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        factors = torch.from_numpy(freqs.data.astype("float32").reshape(-1).copy())
+        if factors.numel() != head_dim // 2:
+            raise UnsupportedModelError(
+                f"{gguf_path.name}: its rope_freqs tensor has {factors.numel()} factors where the model's "
+                f"heads have {head_dim // 2} frequency pairs: the file is damaged or of a layout Hearth "
+                "doesn't know. Use the model's Hugging Face repo instead.")
+        if bool((factors == 1).all()):
+            return None
+        found = _llama3_scaling(factors, float(have["rope_theta"]), head_dim)
+        if found is None:
+            raise UnsupportedModelError(
+                f"{gguf_path.name}: its rope_freqs tensor (per-pair RoPE frequency factors, up to "
+                f"{float(factors.max()):g}) doesn't follow Llama 3's scaling, the one Hearth reproduces, so "
+                "the model can't run as the file intends. Use the model's Hugging Face repo instead.")
+        return found
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind in (None, "none") or factor in (None, 0, 1):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":  # transformers runs it (Hearth's native models don't: the labelled fallback)
+        out = {"rope_type": "yarn", "factor": float(factor)}
+        old = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if old:
+            out["original_max_position_embeddings"] = int(old)
+        for key in ("beta_fast", "beta_slow"):
+            value = _field(reader, f"{arch}.rope.scaling.yarn_{key}")
+            if value:
+                out[key] = float(value)
+        return out
+    raise UnsupportedModelError(
+        f"{gguf_path.name}: its RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not one Hearth or "
+        "transformers' GGUF conversion runs (linear, yarn and Llama 3's are). Use the model's Hugging Face "
+        "repo instead.")
+
+
+def _end_ids(reader) -> list[int]:
+    """The tokens that end generation by the file's tokenizer metadata: end of sequence and
+    llama.cpp's end of turn / end of message (Llama 3's <|eot_id|>, <|eom_id|>), which
+    transformers' reader drops; each once, in that order."""
+    ids = []
+    for key in ("eos", "eot", "eom"):
+        value = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids
+
+
 def convert_gguf(
     gguf_path: Path,
     out_dir: Path,
@@ -199,6 +311,14 @@ def convert_gguf(
         progress(f"Converting {gguf_path.name} to {_dtype_name(dtype)} (one time only)…")
 
     cfg, tok, tensors = _read_gguf(gguf_path)
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    scaling = _rope_scaling(reader, cfg, gguf_path)
+    if scaling is not None:
+        _set_config_rope(cfg, scaling)
+    end_ids = _end_ids(reader)
+    del reader
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -216,6 +336,10 @@ def convert_gguf(
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights
         tok.save_pretrained(tmp)
+        if len(end_ids) > 1:  # the end-of-turn tokens beside end of sequence, where generation reads them
+            (tmp / "generation_config.json").write_text(
+                json.dumps({"eos_token_id": end_ids, "bos_token_id": getattr(cfg, "bos_token_id", None)},
+                           indent=2) + "\n", encoding="utf-8")
         # Written last: its presence marks a complete conversion.
         (tmp / SOURCE_FILE).write_text(
             json.dumps({**source_record(gguf_path, dtype, keep_quantized), **types}, indent=2) + "\n",
