@@ -41,22 +41,37 @@ class Logprobs:
             content = [{**self._entry(lp.token_id, lp.logprob),
                         "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in lps]
             return {"content": content, "refusal": None}
-        tokens, offsets = [], []
-        for lp in lps:
-            text = self.name(lp.token_id)
-            tokens.append(text)
-            offsets.append(offset)
-            offset += 0 if lp.token_id in self._unseen else len(text)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.name(t): v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+        ids = [lp.token_id for lp in lps]
+        return {"tokens": [self.name(i) for i in ids], "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.name(t): v for t, v in lp.top} for lp in lps],
+                "text_offset": self.offsets(ids, offset)}
+
+    def offsets(self, ids: list[int], offset: int = 0) -> list[int]:
+        """Each token's ``text_offset``: the characters of the text before it, from ``offset``.
+        The tokens' bytes go through one incremental UTF-8 decoder, so a character split
+        between tokens counts once, when complete (the text holds it whole; a token's own
+        decoding of half of it is U+FFFD), and tokens the text leaves out count nothing."""
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = []
+        for token_id in ids:
+            out.append(offset)
+            if token_id in self._unseen:
+                continue
+            raw = self._bytes(token_id) if self._bytes is not None else None
+            offset += len(decoder.decode(raw)) if raw is not None else len(self.name(token_id))
+        return out
 
     def prompt(self, ids: list[int], scored: list) -> dict:
         """Completions' ``echo`` with logprobs: the prompt's tokens, the first unscored
         (``None``, as OpenAI gives it), the rest from ``engine.api.prompt_logprobs``."""
-        first = self.format([]) if not ids else {
-            "tokens": [self.name(ids[0])], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
-        rest = self.format(scored, 0 if not ids or ids[0] in self._unseen else len(first["tokens"][0]))
-        return joined(first, rest)
+        if not ids:
+            return self.format([])
+        rest = self.format(scored)
+        return {"tokens": [self.name(ids[0]), *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"]],
+                "text_offset": self.offsets([ids[0], *(lp.token_id for lp in scored)])}
 
 
 def joined(head: dict, tail: dict) -> dict:

@@ -71,3 +71,31 @@ def test_text_offsets_skip_tokens_the_text_leaves_out():
     assert echoed["tokens"] == ["<s>", "Once", " upon"] and echoed["text_offset"] == [0, 0, 4]
     answer = lp.format([TokenLogprob(3, -0.5, 1), TokenLogprob(4, -0.5, 1)], offset=len("Once upon"))
     assert answer["text_offset"] == [9, 11]
+
+
+def test_text_offsets_count_a_character_split_between_tokens_once():
+    """Byte-level tokens each holding half of a character (their own decoding is U+FFFD): the
+    text has the character once, so the offsets after it advance by one, not by two (they ran
+    past the end of the text); the echoed prompt's offsets lead into the answer's."""
+    from app.server.logprobs import Logprobs
+    from engine.api import TokenLogprob
+
+    raw = {0: b"<s>", 1: b"I ", 2: "家".encode()[:2], 3: "家".encode()[2:], 4: b" x", 5: "🍕".encode()[:1],
+           6: "🍕".encode()[1:]}
+
+    class ByteTokenizer:
+        special_token_ids = frozenset({0})
+
+        def decode(self, ids, skip_special_tokens=True):
+            return b"".join(raw[i] for i in ids).decode("utf-8", errors="replace")
+
+        def token_bytes(self, token_id):
+            return raw[token_id]
+
+    lp = Logprobs(chat=False, tokenizer=ByteTokenizer())
+    answer = lp.format([TokenLogprob(i, -0.5, 1) for i in (2, 3, 4, 5, 6)], offset=10)
+    assert answer["tokens"][:2] == ["\ufffd", "\ufffd"]
+    assert answer["text_offset"] == [10, 10, 11, 13, 13]  # "家" at 10, " x" at 11, "🍕" at 13
+    echoed = lp.prompt([0, 1, 2, 3, 4], [TokenLogprob(i, -1.0, 1) for i in (1, 2, 3, 4)])
+    text = ByteTokenizer().decode([1, 2, 3, 4])
+    assert echoed["text_offset"] == [0, 0, 2, 2, 3] and len(text) == 5  # "I 家 x"
