@@ -58,6 +58,32 @@ def not_supported(body, chat: bool) -> None:
         if on:
             raise ApiError(400, f"'{name}' is not supported by Hearth's server yet: leave it out.", name,
                            "unsupported_parameter")
+    extra = getattr(body, "model_extra", None) or {}
+    for name, instead in VLLM_ONLY.items():
+        value = extra.get(name)
+        if value is None or (name == "guided_json" and chat) or (name in _VLLM_DEFAULTS and value == _VLLM_DEFAULTS[name]):
+            continue  # absent, or what the server does anyway (guided_json: response_format's json_schema)
+        raise ApiError(400, f"'{name}' is one of vLLM's extensions, which Hearth's server doesn't follow: "
+                       f"{instead}", name, "unsupported_parameter")
+
+
+#: vLLM's request extensions a client may send expecting them to be honoured (each would be
+#: ignored without a word, the output unconstrained or differently rendered), with what to do
+#: instead; ``guided_json`` on chat is taken as response_format json_schema.
+VLLM_ONLY = {
+    "guided_json": "on completions there is no constrained output: use chat completions with response_format.",
+    "guided_regex": "constrain the output with response_format json_schema (a string property's 'pattern').",
+    "guided_choice": "constrain the output with response_format json_schema (an 'enum').",
+    "guided_grammar": "constrain the output with response_format json_schema.",
+    "guided_whitespace_pattern": "leave it out.",
+    "structured_outputs": "use response_format json_schema.",
+    "continue_final_message": "leave it out (the answer always starts a new assistant turn).",
+    "add_generation_prompt": "leave it out (chat prompts always end with the assistant's turn opening).",
+    "chat_template": "leave it out (the model's own chat template is used).",
+    "chat_template_kwargs": "leave it out (the model's chat template is rendered with the messages and tools only).",
+    "guided_decoding_backend": "leave it out.",
+}
+_VLLM_DEFAULTS = {"continue_final_message": False, "add_generation_prompt": True, "chat_template_kwargs": {}}
 
 
 MAX_TOP_LOGPROBS = 20
@@ -125,6 +151,16 @@ def structured_output(body) -> StructuredOutput | None:
     """``response_format`` as the engine's constraint (None for text or none); a 400
     naming response_format when it is malformed or its schema can't be enforced."""
     fmt = body.response_format
+    guided = (getattr(body, "model_extra", None) or {}).get("guided_json")
+    if guided is not None:  # vLLM's spelling of a JSON schema (its JSON text, or the schema itself)
+        if fmt is not None and fmt.get("type", "text") != "text":
+            raise ApiError(400, "give either response_format or guided_json, not both.", "guided_json")
+        if isinstance(guided, str):
+            try:
+                guided = json.loads(guided)
+            except ValueError as e:
+                raise ApiError(400, f"guided_json is not JSON: {e}.", "guided_json") from None
+        fmt = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": guided}}
     kind = "text" if fmt is None else fmt.get("type")
     try:
         if kind == "text":

@@ -190,3 +190,32 @@ def test_completions_with_a_response_format_is_a_400_not_ignored(client):
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"response_format": {
             "type": "json_object"}})
     assert e.value.body["param"] == "response_format"
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["schema", "json-text"])
+def test_vllms_guided_json_on_chat_is_a_json_schema(client, as_text):
+    """vLLM's ``guided_json`` (the schema, or its JSON text) constrains the answer like
+    response_format json_schema; with response_format too it is a 400."""
+    r = chat(client, extra_body={"guided_json": json.dumps(SCHEMA) if as_text else SCHEMA})
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, response_format=JSON_SCHEMA, extra_body={"guided_json": SCHEMA})
+    assert e.value.body["param"] == "guided_json"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_regex": "[a-z]+"}, "guided_regex"), ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"continue_final_message": True}, "continue_final_message"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+])
+def test_vllms_other_extensions_are_a_400_not_ignored(client, extra, param):
+    """vLLM's extensions Hearth doesn't follow are refused naming them (the answer would
+    otherwise be unconstrained or rendered otherwise without a word); their defaults pass."""
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, max_tokens=2, extra_body=extra)
+    assert e.value.body["param"] == param and "vLLM" in e.value.body["message"]
+    chat(client, max_tokens=2, extra_body={"continue_final_message": False, "add_generation_prompt": True,
+                                           "chat_template_kwargs": {}})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"guided_json": SCHEMA})
+    assert e.value.body["param"] == "guided_json"
