@@ -36,12 +36,39 @@ _FORMAT_VERSION = 5
 _GGUF_MAGIC = b"GGUF"
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "as-file" if dtype is AS_FILE else str(dtype).removeprefix("torch.")
 
 
-def source_record(gguf_path: Path, dtype: torch.dtype, keep_quantized: bool = False) -> dict:
-    """Return what ``hearth_source.json`` should hold for ``gguf_path`` converted to ``dtype``."""
+_FP16_MAX = 65504.0
+
+
+def _stored_dtype(tensor: torch.Tensor, source_type: str | None) -> torch.dtype:
+    """The dtype a float (not kept quantized) tensor is written in: what loses nothing of the
+    file's values, in the fewest bytes. float32 for the file's F32 tensors and for 1-D ones
+    (norms, biases: tiny); bfloat16 / float16 for BF16 / F16 (exact); float16 for a quantized
+    type's dequantized values (its block scales are float16, so float16 holds them closer than
+    bfloat16 at the same size; float32 past float16's range); a tensor of unknown source by
+    its values (float16 where that is exact, float32 otherwise)."""
+    if tensor.dim() < 2 or source_type == "F32":
+        return torch.float32
+    if source_type == "BF16" or tensor.dtype == torch.bfloat16:
+        return torch.bfloat16
+    if source_type == "F16" or tensor.dtype == torch.float16:
+        return torch.float16
+    fits = bool(torch.isfinite(tensor).all()) and float(tensor.abs().max()) < _FP16_MAX
+    if source_type is not None:  # a quantized type, dequantized
+        return torch.float16 if fits else torch.float32
+    return torch.float16 if fits and torch.equal(tensor.to(torch.float16).to(tensor.dtype), tensor) else torch.float32
+
+
+#: ``convert_gguf``'s dtype that stores each tensor as the file holds it (``_stored_dtype``)
+AS_FILE = None
+
+
+def source_record(gguf_path: Path, dtype: torch.dtype | None, keep_quantized: bool = False) -> dict:
+    """Return what ``hearth_source.json`` should hold for ``gguf_path`` converted to ``dtype``
+    (``AS_FILE``: each tensor as the file holds it)."""
     st = gguf_path.stat()
     return {
         "format_version": _FORMAT_VERSION,
@@ -51,18 +78,18 @@ def source_record(gguf_path: Path, dtype: torch.dtype, keep_quantized: bool = Fa
         "dtype": _dtype_name(dtype),
         "keep_quantized": keep_quantized,
         # which types a kept conversion keeps: a conversion made when fewer were kept is redone
-        "kept_types": _kept_types() if keep_quantized else None,
+        "kept_types": kept_types() if keep_quantized else None,
     }
 
 
-def _kept_types() -> list[str]:
+def kept_types() -> list[str]:
     from engine.quant.gguf_blocks import KEPT_TYPES
     from engine.quant.gguf_kquants import KEPT_KQUANT_TYPES
 
     return [*KEPT_TYPES, *KEPT_KQUANT_TYPES]
 
 
-def is_up_to_date(out_dir: Path, gguf_path: Path, dtype: torch.dtype = torch.bfloat16,
+def is_up_to_date(out_dir: Path, gguf_path: Path, dtype: torch.dtype | None = AS_FILE,
                   keep_quantized: bool = False) -> bool:
     """Whether ``out_dir`` holds a finished conversion of the current ``gguf_path`` in ``dtype``.
 
@@ -285,14 +312,15 @@ def _end_ids(reader) -> list[int]:
 def convert_gguf(
     gguf_path: Path,
     out_dir: Path,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = AS_FILE,
     *,
     progress: Callable[[str], None] | None = None,
     keep_quantized: bool = False,
 ) -> Path:
     """Convert a GGUF file into a Hugging Face format folder at ``out_dir`` and return it.
 
-    Writes ``config.json``, ``model.safetensors`` (weights cast to ``dtype``), the tokenizer
+    Writes ``config.json``, ``model.safetensors`` (float weights cast to ``dtype``; by default
+    each in the dtype that holds the file's values, ``_stored_dtype``), the tokenizer
     files (with the chat template when the GGUF has one) and ``hearth_source.json``. The
     work happens in a temporary folder beside ``out_dir`` that is renamed into place at the
     end, so an interrupted conversion never leaves a half-written model; an existing
@@ -310,10 +338,16 @@ def convert_gguf(
     if progress:
         progress(f"Converting {gguf_path.name} to {_dtype_name(dtype)} (one time only)…")
 
-    cfg, tok, tensors = _read_gguf(gguf_path)
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_path))
+    parts = _field(reader, "split.count")
+    if parts is not None and int(parts) > 1:  # (its tensors are spread over the other parts)
+        raise UnsupportedModelError(
+            f"{gguf_path.name} is part {int(_field(reader, 'split.no') or 0) + 1} of a GGUF split into {int(parts)} "
+            "files, which Hearth can't load as parts: merge them into one file (llama.cpp's `llama-gguf-split "
+            "--merge FIRST-PART OUT.gguf`), or pick a quantization of the model published as a single file.")
+    cfg, tok, tensors = _read_gguf(gguf_path)
     scaling = _rope_scaling(reader, cfg, gguf_path)
     if scaling is not None:
         _set_config_rope(cfg, scaling)
@@ -326,7 +360,12 @@ def convert_gguf(
         tmp.mkdir()
         cfg.save_pretrained(tmp)
         kept, types = kept_quantized(gguf_path, cfg, tensors) if keep_quantized else ({}, {})
-        weights = {name: t.to(dtype).contiguous() for name, t in tensors.items() if name not in kept}
+        if dtype is AS_FILE:
+            sources = {name: rt.tensor_type.name for name, rt in _gguf_tensors(gguf_path, cfg, list(tensors)).items()}
+            weights = {name: t.to(_stored_dtype(t, sources.get(name))).contiguous()
+                       for name, t in tensors.items() if name not in kept}
+        else:
+            weights = {name: t.to(dtype).contiguous() for name, t in tensors.items() if name not in kept}
         for name, qw in kept.items():
             base = name.removesuffix(".weight")
             weights[f"{base}.qweight"], weights[f"{base}.scales"] = qw.qweight.contiguous(), qw.scales.contiguous()

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from engine.loader import default_package
-from engine.loader.gguf import convert_gguf, is_up_to_date
+from engine.loader.gguf import AS_FILE, convert_gguf, is_up_to_date
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
 from engine.loader.shape_model import shape_of_config
 from engine.loader.weights import weight_files
@@ -28,8 +26,10 @@ from engine.paths import models_cache_dir
 
 __all__ = ["DEFAULT_MODEL_NAME", "HUB_ALLOW_PATTERNS", "ResolvedModel", "default_gguf_path",
            "resolve_model", "validate_model_folder"]
-# Converted models are stored in this dtype: half the size of float32, and what the GPU runs.
-_CONVERTED_DTYPE = torch.bfloat16
+# Converted models store each float tensor as the file holds it (F32 norms in float32, F16 in
+# float16, dequantized blocks in float16: engine.loader.gguf._stored_dtype); each load casts
+# to its own dtype, so a CPU load in float32 runs the file's exact values.
+_CONVERTED_DTYPE = AS_FILE
 
 #: Files fetched from a Hub repo: enough to run it, never pickle weights or other formats.
 HUB_ALLOW_PATTERNS = [
