@@ -177,6 +177,16 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
             return QuantPlan(method)
     if method == "gguf":
         if found != "gguf":
+            from engine.loader.gguf import SOURCE_FILE
+
+            if path is not None and (Path(path) / SOURCE_FILE).is_file():  # a GGUF's conversion, nothing kept
+                from engine.loader.gguf import kept_types
+
+                raise InvalidRequestError(
+                    "quantization 'gguf' keeps a GGUF file's own quantized weights, and this file has none in a "
+                    f"type Hearth keeps ({', '.join(kept_types())}): its tensors are floats or a type that is "
+                    "expanded on load. Load it with none, or int8 or int4 to quantize it.",
+                    options=("quantization",))
             raise InvalidRequestError(
                 "quantization 'gguf' keeps a GGUF file's own quantized weights: this model is not a GGUF "
                 "file. Use int8 or int4 to quantize it, or none.", options=("quantization",))

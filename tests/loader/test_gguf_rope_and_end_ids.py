@@ -209,3 +209,15 @@ def test_end_ids_are_eos_then_end_of_turn_and_message_each_once(tmp_path):
           "tokenizer.ggml.eom_token_id": (2, U32)}
     assert _end_ids(_reader(tmp_path / "a.gguf", kv)) == [0, 2]
     assert _end_ids(_reader(tmp_path / "b.gguf", {"tokenizer.ggml.eos_token_id": (5, U32)})) == [5]
+
+
+def test_a_part_of_a_split_gguf_is_refused_as_such(tmp_path):
+    """``model-00001-of-00002.gguf`` alone: said to be part 1 of 2, with how to merge (it was
+    reported as lacking tensors)."""
+    from engine.loader.gguf import convert_gguf
+
+    path = tmp_path / "model-00001-of-00002.gguf"
+    _reader(path, {"split.no": (0, gguf.GGUFValueType.UINT16), "split.count": (2, gguf.GGUFValueType.UINT16)},
+            {"token_embd.weight": np.zeros((4, 8), np.float32)})
+    with pytest.raises(UnsupportedModelError, match="part 1 of a GGUF split into 2 files.*--merge"):
+        convert_gguf(path, tmp_path / "out")

@@ -113,9 +113,19 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(tiny_mod
     assert err.value.options == ("quant_group_size",)
 
 
-def test_gguf_is_refused_for_a_model_that_is_not_a_gguf_file(tiny_models):
+def test_gguf_is_refused_for_a_model_that_is_not_a_gguf_file(tiny_models, tmp_path):
     with pytest.raises(InvalidRequestError, match="not a GGUF file"):
         load(tiny_models["llama3"], quantization="gguf")
+    # a GGUF's conversion with nothing kept (an F16 file): said as such, not "not a GGUF file"
+    import shutil
+
+    from engine.loader.gguf import SOURCE_FILE
+    from engine.quant.transform import quantization_plan
+
+    folder = shutil.copytree(tiny_models["llama3"], tmp_path / "f16-gguf")
+    (folder / SOURCE_FILE).write_text("{}")
+    with pytest.raises(InvalidRequestError, match="has none in a type Hearth keeps .*Q4_K.*Load it with none"):
+        quantization_plan("gguf", folder)
 
 
 def test_unquantized_choices_set_the_dtype():
