@@ -248,10 +248,18 @@ async def collect(choices, request: HttpRequest) -> bool:
         watcher.cancel()
         if not readers.done():
             readers.cancel()
+            # its outcome (the readers' CancelledError) is taken when it settles: asyncio logged
+            # "exception was never retrieved" with a traceback at every disconnect
+            readers.add_done_callback(_settled)
     if not readers.done() or readers.cancelled():
         return False
     readers.result()
     return True
+
+
+def _settled(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def body_size(request: HttpRequest) -> int:
