@@ -52,12 +52,19 @@ class ResponseShapes:
                "max_output_tokens": body.max_output_tokens, "model": self.model, "output": output,
                "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None, "store": False,
                "temperature": 1.0 if body.temperature is None else body.temperature,
-               "top_p": 1.0 if body.top_p is None else body.top_p, "text": {"format": {"type": "text"}},
+               "top_p": 1.0 if body.top_p is None else body.top_p, "text": {"format": _format(body)},
                "tool_choice": "auto", "tools": [], "truncation": "disabled", "usage": usage, "user": body.user,
                "metadata": body.metadata or {}}
         if fin is not None:
             out["hearth"] = timings(fin)
         return out
+
+
+def _format(body) -> dict:
+    """The request's ``text.format`` as OpenAI echoes it (plain text where none was asked)."""
+    text = body.text if isinstance(body.text, dict) else {}
+    fmt = text.get("format")
+    return dict(fmt) if isinstance(fmt, dict) and fmt.get("type", "text") != "text" else {"type": "text"}
 
 
 def _usage(fin: FinishedEvent) -> dict:

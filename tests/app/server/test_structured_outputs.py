@@ -175,6 +175,7 @@ def test_responses_text_format_json_schema_validates(client):
                                                  "strict": True}})
     assert r.status == "completed"
     jsonschema.validate(json.loads(r.output_text), SCHEMA)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "thing"  # echoed as asked
 
 
 @pytest.mark.parametrize("text", [{"format": "json"}, {"format": {"type": "xml"}}, "json"])
