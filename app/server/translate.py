@@ -93,7 +93,7 @@ def top_logprobs(body, chat: bool) -> int | None:
     """How many most-likely tokens each step reports (None: no logprobs asked for)."""
     if chat:
         if body.top_logprobs is not None:
-            if not body.logprobs:
+            if body.top_logprobs and not body.logprobs:  # (0 asks for nothing: vLLM takes it too)
                 raise ApiError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
             if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
                 raise ApiError(400, f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got "

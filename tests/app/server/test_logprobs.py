@@ -39,6 +39,12 @@ def test_chat_logprobs_without_top(client, model_name):
     assert plain.choices[0].logprobs is None
 
 
+def test_top_logprobs_0_without_logprobs_asks_for_nothing(client, model_name):
+    """(vLLM takes it; a client may always send the field) - no logprobs, not a 400."""
+    r = client.chat.completions.create(model=model_name, messages=MESSAGES, top_logprobs=0, **GREEDY)
+    assert r.choices[0].logprobs is None
+
+
 def test_completion_logprobs_streamed_and_not(client, model_name):
     r = client.completions.create(model=model_name, prompt="Once upon a time", logprobs=2, **GREEDY)
     lp = r.choices[0].logprobs
