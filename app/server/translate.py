@@ -116,6 +116,8 @@ def sampling(body, max_tokens: int = 1, seed: int | None = None, chat: bool = Tr
     # OpenAI's limits: matching costs grow with the square of a stop string's length
     if len(stops) > MAX_STOPS:
         raise ApiError(400, f"stop may hold at most {MAX_STOPS} strings, got {len(stops)}.", "stop")
+    if any(s == "" for s in stops):
+        raise ApiError(400, "stop strings must be non-empty: leave the empty one out.", "stop")
     if any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stops):
         raise ApiError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters long.", "stop")
     try:

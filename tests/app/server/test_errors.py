@@ -49,6 +49,7 @@ BAD_CHAT = {
     "unknown-role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "any"),
     "max-tokens-over-the-context": ({"max_tokens": 10_000}, "max_tokens"),
     "top-logprobs-without-logprobs": ({"top_logprobs": 2}, "top_logprobs"),
+    "empty-stop": ({"stop": ["x", ""]}, "stop"),
     "top-logprobs-over-20": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     "five-stop-strings": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     # the stop matcher's work grows with the square of a stop's length (100 KB cost gigabytes)
