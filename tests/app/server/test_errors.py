@@ -41,7 +41,7 @@ BAD_CHAT = {
     "top-p-zero": ({"top_p": 0}, "top_p"),
     "presence-penalty-out-of-range": ({"presence_penalty": 3}, "presence_penalty"),
     "stop-a-number": ({"stop": 5}, "stop"),
-    "stop-empty-string": ({"stop": [""]}, None),
+    "stop-empty-string": ({"stop": [""]}, "stop"),
     "seed-negative": ({"seed": -1}, "seed"),
     "stream-a-string": ({"stream": "yes"}, "stream"),
     "empty-messages": ({"messages": []}, "messages"),
