@@ -258,12 +258,17 @@ def _checkpoint_modules(name: str, module: nn.Module) -> list[str]:
     return [f"{parent}.{ckpt}" if parent else ckpt for ckpt in shards]
 
 
-def auto_group(model: nn.Module) -> int:
-    """The largest of 128/64/32 that divides every decoder projection's inputs."""
+def _widths(model: nn.Module) -> set[int]:
+    """The decoder projections' input widths."""
     from engine.layers.linear import Linear, TiedLMHead
 
-    widths = {m.in_features for n, m in model.named_modules()
-              if isinstance(m, Linear) and not isinstance(m, TiedLMHead) and n != "lm_head"}
+    return {m.in_features for n, m in model.named_modules()
+            if isinstance(m, Linear) and not isinstance(m, TiedLMHead) and n != "lm_head"}
+
+
+def auto_group(model: nn.Module) -> int:
+    """The largest of 128/64/32 that divides every decoder projection's inputs."""
+    widths = _widths(model)
     for g in INT4_GROUPS:
         if all(k % g == 0 for k in widths):
             return g
@@ -290,6 +295,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
     if plan.method == "int4" and default is None:
         default = rtn("int4", auto_group(model))
     embed_source = None
+    widths = _widths(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, TiedLMHead):
             continue  # follows its embedding, below
@@ -344,7 +350,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> None:
                 if plan.untied_head is None or _fp8_misfit(plan.untied_head, module.out_features, module.in_features):
                     continue  # kept float (an fp8 head of 32,001 rows can't go through the fp8 GEMM)
                 source = plan.untied_head
-        _refuse_shape(source, name, module.out_features, module.in_features, check_shape)
+        _refuse_shape(source, name, module.out_features, module.in_features, check_shape, widths)
         quantized = QuantizedLinear.replacing(module, source)
         if name == "lm_head":  # its dequantize scratch would be the whole [vocab, hidden] matrix
             quantized.dequant_rows = HEAD_DEQUANT_ROWS
@@ -403,7 +409,8 @@ def _fp8_misfit(source: QuantSource, n: int, k: int) -> bool:
     return source.fmt == "e4m3" and bool(n % FP8_ALIGN or k % FP8_ALIGN)
 
 
-def _refuse_shape(source: QuantSource, name: str, n: int, k: int, check_shape) -> None:
+def _refuse_shape(source: QuantSource, name: str, n: int, k: int, check_shape,
+                  widths: set[int] | None = None) -> None:
     if _fp8_misfit(source, n, k):
         raise InvalidRequestError(
             f"layer {name} ([{n} x {k}]): fp8's tensor-core products need both sizes in multiples of {FP8_ALIGN}: "
@@ -415,7 +422,9 @@ def _refuse_shape(source: QuantSource, name: str, n: int, k: int, check_shape) -
             "checkpoint doesn't fit the model's shape (a damaged or mismatched config.json?); download it again, "
             "or load the model's unquantized original.")
     if problem:
-        fits = [g for g in INT4_GROUPS if k % g == 0]
+        # (a group size every projection takes: one that fits only this layer would be refused
+        # at the next)
+        fits = [g for g in INT4_GROUPS if k % g == 0 and all(w % g == 0 for w in (widths or ()))]
         hint = (f"pick a group size of {' or '.join(map(str, fits))} (--group-size), or leave it on auto"
                 if fits else "use int8")
         raise InvalidRequestError(f"layer {name} ([{n} x {k}]): {problem}: {hint}.",

@@ -113,6 +113,20 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(tiny_mod
     assert err.value.options == ("quant_group_size",)
 
 
+def test_the_group_size_advised_fits_every_layer():
+    """The advice for a group size that doesn't divide a layer names one every projection
+    takes (32 fits this layer's 96 inputs but not another's 200: int8 then)."""
+    from engine.quant.qweight import check_shape
+    from engine.quant.sources import rtn
+    from engine.quant.transform import _refuse_shape
+
+    with pytest.raises(InvalidRequestError, match="group size of 32"):
+        _refuse_shape(rtn("int4", 64), "layers.0.q", 96, 96, check_shape, {64, 96})
+    with pytest.raises(InvalidRequestError, match="use int8") as err:
+        _refuse_shape(rtn("int4", 64), "layers.0.q", 96, 96, check_shape, {96, 200})
+    assert "group size of" not in str(err.value)
+
+
 def test_gguf_is_refused_for_a_model_that_is_not_a_gguf_file(tiny_models, tmp_path):
     with pytest.raises(InvalidRequestError, match="not a GGUF file"):
         load(tiny_models["llama3"], quantization="gguf")
