@@ -411,7 +411,7 @@ def round_activations(x: torch.Tensor, *, isa: str | None = None) -> torch.Tenso
     each row the product ``matmul`` gives it alone, up to fp32 summation order."""
     m, k = x.shape
     q, d, _ = quantize_activations(x, k, isa=isa)
-    return (q.view(m, -1, _BLOCK).to(torch.float32) * d.unsqueeze(-1)).view(m, -1)[:, :k]
+    return q.to(torch.float32).view(m, -1, _BLOCK).mul_(d.unsqueeze(-1)).view(m, -1)[:, :k]
 
 
 def quantize_activations(x: torch.Tensor, group_size: int, *,
