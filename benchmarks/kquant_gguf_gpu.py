@@ -100,13 +100,11 @@ def _drop_old_conversions(path: Path) -> None:
 def converted(path: Path, quant: str) -> bool:
     """Whether Hearth's cache holds a finished conversion of ``path`` for ``quant`` (an earlier
     call's), which the bench then loads without converting."""
-    import torch
-
-    from engine.loader.gguf import is_up_to_date
+    from engine.loader.gguf import AS_FILE, is_up_to_date
     from engine.paths import models_cache_dir
 
     keep = quant == "gguf"
-    return any(d.name.endswith("-gguf-quant") == keep and is_up_to_date(d, path, torch.bfloat16, keep)
+    return any(d.name.endswith("-gguf-quant") == keep and is_up_to_date(d, path, AS_FILE, keep)
                for d in (models_cache_dir() / "gguf").glob(f"{path.stem}-*"))
 
 

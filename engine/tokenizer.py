@@ -218,9 +218,9 @@ class Tokenizer:
                 except TemplateError:
                     pass
             raise InvalidRequestError(
-                f"this model's chat template refuses these messages: {e}. Check the roles' order (most "
-                "templates want user and assistant turns alternating, starting with the user's), or send a "
-                "raw text prompt instead (completion mode).") from None
+                f"this model's chat template refuses these messages: {e}. Change what it names (most templates "
+                "want user and assistant turns alternating, starting with the user's), or send a raw text prompt "
+                "instead (completion mode).") from None
 
     def _render(self, msgs: list[dict[str, Any]], tools) -> str:
         with self._lock:

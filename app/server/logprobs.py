@@ -46,11 +46,13 @@ class Logprobs:
                 "top_logprobs": [{self.name(t): v for t, v in lp.top} for lp in lps],
                 "text_offset": self.offsets(ids, offset)}
 
-    def offsets(self, ids: list[int], offset: int = 0) -> list[int]:
+    def offsets(self, ids: list[int], offset: int = 0, text_start: bool = False) -> list[int]:
         """Each token's ``text_offset``: the characters of the text before it, from ``offset``.
         The tokens' bytes go through one incremental UTF-8 decoder, so a character split
         between tokens counts once, when complete (the text holds it whole; a token's own
-        decoding of half of it is U+FFFD), and tokens the text leaves out count nothing."""
+        decoding of half of it is U+FFFD), and tokens the text leaves out count nothing.
+        ``text_start``: ``ids`` begin the text, where a sentencepiece decoder drops the first
+        word's space ("▁Hello" is "Hello" there: its bytes' space takes no room)."""
         import codecs
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -60,7 +62,15 @@ class Logprobs:
             if token_id in self._unseen:
                 continue
             raw = self._bytes(token_id) if self._bytes is not None else None
-            offset += len(decoder.decode(raw)) if raw is not None else len(self.name(token_id))
+            if raw is None:
+                offset += len(self.name(token_id))
+                continue
+            chars = decoder.decode(raw)
+            if text_start and chars:
+                text_start = False
+                if chars.startswith(" ") and not self.name(token_id).startswith(" "):
+                    chars = chars[1:]
+            offset += len(chars)
         return out
 
     def prompt(self, ids: list[int], scored: list) -> dict:
@@ -71,7 +81,7 @@ class Logprobs:
         rest = self.format(scored)
         return {"tokens": [self.name(ids[0]), *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
                 "top_logprobs": [None, *rest["top_logprobs"]],
-                "text_offset": self.offsets([ids[0], *(lp.token_id for lp in scored)])}
+                "text_offset": self.offsets([ids[0], *(lp.token_id for lp in scored)], text_start=True)}
 
 
 def joined(head: dict, tail: dict) -> dict:

@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
-from jinja2.exceptions import TemplateError
-
 from app.server.errors import ApiError, param_of
 from app.server.schemas import ChatCompletionRequest
 from app.server.tool_calls import ToolSetup, chat_prompt_ids, tool_fields, tool_setup
@@ -61,7 +59,7 @@ def not_supported(body, chat: bool) -> None:
     extra = getattr(body, "model_extra", None) or {}
     for name, instead in VLLM_ONLY.items():
         value = extra.get(name)
-        if value is None or (name == "guided_json" and chat) or (name in _VLLM_DEFAULTS and value == _VLLM_DEFAULTS[name]):
+        if value is None or (name == "guided_json" and chat) or (name in VLLM_DEFAULTS and value == VLLM_DEFAULTS[name]):
             continue  # absent, or what the server does anyway (guided_json: response_format's json_schema)
         raise ApiError(400, f"'{name}' is one of vLLM's extensions, which Hearth's server doesn't follow: "
                        f"{instead}", name, "unsupported_parameter")
@@ -75,15 +73,14 @@ VLLM_ONLY = {
     "guided_regex": "constrain the output with response_format json_schema (a string property's 'pattern').",
     "guided_choice": "constrain the output with response_format json_schema (an 'enum').",
     "guided_grammar": "constrain the output with response_format json_schema.",
-    "guided_whitespace_pattern": "leave it out.",
     "structured_outputs": "use response_format json_schema.",
     "continue_final_message": "leave it out (the answer always starts a new assistant turn).",
     "add_generation_prompt": "leave it out (chat prompts always end with the assistant's turn opening).",
     "chat_template": "leave it out (the model's own chat template is used).",
     "chat_template_kwargs": "leave it out (the model's chat template is rendered with the messages and tools only).",
-    "guided_decoding_backend": "leave it out.",
 }
-_VLLM_DEFAULTS = {"continue_final_message": False, "add_generation_prompt": True, "chat_template_kwargs": {}}
+#: (their defaults, which ask for nothing)
+VLLM_DEFAULTS = {"continue_final_message": False, "add_generation_prompt": True, "chat_template_kwargs": {}}
 
 
 MAX_TOP_LOGPROBS = 20
@@ -162,6 +159,10 @@ def structured_output(body) -> StructuredOutput | None:
                 guided = json.loads(guided)
             except ValueError as e:
                 raise ApiError(400, f"guided_json is not JSON: {e}.", "guided_json") from None
+            except RecursionError:
+                raise ApiError(400, "guided_json is nested too deeply: simplify it.", "guided_json") from None
+        if not isinstance(guided, dict):
+            raise ApiError(400, "guided_json must be a JSON Schema (an object, or its JSON text).", "guided_json")
         fmt = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": guided}}
     kind = "text" if fmt is None else fmt.get("type")
     try:
@@ -186,6 +187,8 @@ def structured_output(body) -> StructuredOutput | None:
             return _compiled("json_schema", text)
         raise InvalidRequestError(f"response_format type must be text, json_object or json_schema, got {kind!r}.")
     except InvalidRequestError as e:
+        if guided is not None:  # (said of response_format, which the client didn't send)
+            raise ApiError(400, "guided_json: " + str(e).replace("response_format's ", "the "), "guided_json") from None
         raise ApiError(400, str(e), "response_format") from None
 
 
@@ -243,11 +246,8 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
 def prompt_ids(body, chat: bool, tokenizer, tools: ToolSetup | None = None) -> list[list[int]]:
     """The prompts as token ids (chat: one, rendered with the model's template)."""
     try:
-        if chat:
-            try:
-                return [chat_prompt_ids(tokenizer, chat_messages(body), tools)]
-            except TemplateError as e:  # the template refuses these messages (roles must alternate, ...)
-                raise ApiError(400, f"the model's chat template refuses these messages: {e}", "messages") from None
+        if chat:  # (a template's refusal is an InvalidRequestError: engine.tokenizer.render_chat)
+            return [chat_prompt_ids(tokenizer, chat_messages(body), tools)]
         prompt = body.prompt
         if isinstance(prompt, str):
             prompts = [prompt]
@@ -274,11 +274,13 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
     """The engine's work for ``body``, or a 400 saying what is wrong with it."""
     n = check_request(body, chat)
     tools = tool_setup(body, tokenizer) if chat else None
-    if tools is not None and tools.prefix and (body.response_format or {}).get("type", "text") != "text":
+    guided = (getattr(body, "model_extra", None) or {}).get("guided_json") is not None
+    if tools is not None and tools.prefix and (guided or (body.response_format or {}).get("type", "text") != "text"):
         # The forced call's opening is in the prompt; a JSON grammar would start a new
         # document after it and never let the call close.
-        raise ApiError(400, "response_format can't be combined with a tool_choice that forces a call "
-                       "(required or a named function): drop one of them.", "response_format")
+        name = "guided_json" if guided else "response_format"
+        raise ApiError(400, f"{name} can't be combined with a tool_choice that forces a call "
+                       "(required or a named function): drop one of them.", name)
     prompts = prompt_ids(body, chat, tokenizer, tools)
     asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     params = []

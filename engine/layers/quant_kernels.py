@@ -288,8 +288,9 @@ class Fp8Kernel(QuantKernel):
         return gemv(x, w, layer.bias, swiglu=swiglu, out=out, config=self.config, scale=s)
 
     def scratch_bytes(self, layer, rows: int, itemsize: int) -> int:
-        """act_first's [1, I] row."""
-        return layer.in_features * itemsize if self.act_first and rows == 1 and layer.act is not None else 0
+        """act_first's [1, I] row (batch 1's: held for any ``rows``, since the pool serves every
+        batch size's graph)."""
+        return layer.in_features * itemsize if self.act_first and layer.act is not None else 0
 
     def _scaled(self, xq, xs, dtype, layer, out=None):
         """The e4m3 product of the rounded rows ``xq`` (scales ``xs``), in ``dtype``."""

@@ -50,8 +50,8 @@ def _stored_dtype(tensor: torch.Tensor, source_type: str | None) -> torch.dtype:
     type's dequantized values (its block scales are float16, so float16 holds them closer than
     bfloat16 at the same size; float32 past float16's range); a tensor of unknown source by
     its values (float16 where that is exact, float32 otherwise)."""
-    if tensor.dim() < 2 or source_type == "F32":
-        return torch.float32
+    if tensor.dim() < 2 or source_type in ("F32", "F64") or (source_type or "").startswith("I"):
+        return torch.float32  # (F64 and integer tensors: nothing smaller holds them)
     if source_type == "BF16" or tensor.dtype == torch.bfloat16:
         return torch.bfloat16
     if source_type == "F16" or tensor.dtype == torch.float16:
@@ -264,8 +264,9 @@ def _rope_scaling(reader, cfg, gguf_path: Path) -> dict | None:
         if factors.numel() != head_dim // 2:
             raise UnsupportedModelError(
                 f"{gguf_path.name}: its rope_freqs tensor has {factors.numel()} factors where the model's "
-                f"heads have {head_dim // 2} frequency pairs: the file is damaged or of a layout Hearth "
-                "doesn't know. Use the model's Hugging Face repo instead.")
+                f"heads have {head_dim // 2} frequency pairs (a partial rotary embedding, or a layout Hearth "
+                "doesn't know), so the model can't run as the file intends. Use the model's Hugging Face repo "
+                "instead.")
         if bool((factors == 1).all()):
             return None
         found = _llama3_scaling(factors, float(have["rope_theta"]), head_dim)
@@ -336,11 +337,17 @@ def convert_gguf(
     out_dir = Path(out_dir)
     _check_readable(gguf_path)
     if progress:
-        progress(f"Converting {gguf_path.name} to {_dtype_name(dtype)} (one time only)…")
+        into = "Hearth's format" if dtype is AS_FILE else _dtype_name(dtype)
+        progress(f"Converting {gguf_path.name} to {into} (one time only)…")
 
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except Exception as exc:  # noqa: BLE001 - the reader fails in many ways on damaged or newer files
+        raise ModelLoadError(
+            f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {exc}. The file may be truncated, corrupt "
+            "or of a newer GGUF version; download it again, or use the model's Hugging Face repo.") from exc
     parts = _field(reader, "split.count")
     if parts is not None and int(parts) > 1:  # (its tensors are spread over the other parts)
         raise UnsupportedModelError(

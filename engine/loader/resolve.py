@@ -27,8 +27,8 @@ from engine.paths import models_cache_dir
 __all__ = ["DEFAULT_MODEL_NAME", "HUB_ALLOW_PATTERNS", "ResolvedModel", "default_gguf_path",
            "resolve_model", "validate_model_folder"]
 # Converted models store each float tensor as the file holds it (F32 norms in float32, F16 in
-# float16, dequantized blocks in float16: engine.loader.gguf._stored_dtype); each load casts
-# to its own dtype, so a CPU load in float32 runs the file's exact values.
+# float16; a quantized type's dequantized values in float16, closer to them than bfloat16:
+# engine.loader.gguf._stored_dtype); each load casts to its own dtype.
 _CONVERTED_DTYPE = AS_FILE
 
 #: Files fetched from a Hub repo: enough to run it, never pickle weights or other formats.

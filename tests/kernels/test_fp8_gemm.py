@@ -214,7 +214,8 @@ def test_fp8_act_first_is_the_fused_swiglu_product(config, dtype):
     torch.testing.assert_close(y.double(), fused.double(), **tol)
     plain = SimpleNamespace(**{**vars(layer), "act": None})
     torch.testing.assert_close(first.one_row(x[:, :k], plain), Fp8Kernel(config).one_row(x[:, :k], plain))
-    assert first.scratch_bytes(plain, 1, 2) == 0 and first.scratch_bytes(layer, 4, 2) == 0
+    assert first.scratch_bytes(plain, 1, 2) == 0 and first.scratch_bytes(layer, 4, 2) == 2 * k
+    assert Fp8Kernel(config).scratch_bytes(layer, 1, 2) == 0
     with pytest.raises(ValueError, match="GEMV config"):
         Fp8Kernel((64, 256, 4, 4, 4), act_first=True)
     # the candidates (a layer on a GPU: only its device is read to decide)

@@ -113,6 +113,16 @@ def test_not_a_gguf(hearth_cache, tmp_path):
         resolve_model(str(bad))
 
 
+def test_a_gguf_of_a_version_the_reader_does_not_know(hearth_cache, tmp_path):
+    """The magic, then version 99: a load error naming the file (it was the reader's ValueError)."""
+    import struct
+
+    bad = tmp_path / "future.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 99, 0, 0))
+    with pytest.raises(ModelLoadError, match="future.gguf.*download it again"):
+        resolve_model(str(bad))
+
+
 def test_truncated_gguf(hearth_cache, tmp_path):
     bad = tmp_path / "cut.gguf"
     with default_gguf_path().open("rb") as fh:

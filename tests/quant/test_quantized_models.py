@@ -67,9 +67,13 @@ def load(path, **options):
 @pytest.mark.parametrize("family,quant,head", [("llama3", "int8", "auto"), ("llama3", "int4", "auto"),
                                                ("llama3", "int4", "float"), ("llama-tied", "int4", "quant"),
                                                ("llama-tied", "int8", "auto"), ("qwen2", "int8", "quant")])
-def test_a_quantized_tiny_model_gives_the_logits_of_its_dequantized_weights(tiny_models, family, quant, head):
+def test_a_quantized_tiny_model_gives_the_logits_of_its_dequantized_weights(tiny_models, family, quant, head,
+                                                                            monkeypatch):
     """``head``: auto (an untied head becomes int8 per channel, a tied one stays float),
-    float (--float-head) or quant (--quant-head: embedding and head in the method's format)."""
+    float (--float-head) or quant (--quant-head: embedding and head in the method's format).
+    With exact float activations (the reference kernel): the CPU kernel rounds them to int8
+    blocks, checked against its own bound in tests/kernels/test_cpu_quant.py."""
+    monkeypatch.setenv("HEARTH_QUANT_KERNEL", "reference")
     loaded = load(tiny_models[family], quantization=quant, quant_head=head == "quant", float_head=head == "float")
     try:
         runner = loaded.runner

@@ -115,7 +115,7 @@ def test_a_chat_template_that_refuses_the_messages_is_400(live, host, model_name
     def refuse(*a, **k):
         raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
 
-    monkeypatch.setattr(tokenizer, "apply_chat_template", refuse)
+    monkeypatch.setattr(tokenizer.hf_tokenizer, "apply_chat_template", refuse)  # (the template itself)
     error = assert_error(post(live, "/v1/chat/completions", {"model": model_name, "messages": MESSAGES}),
                          400, "messages")
     assert "roles must alternate" in error["message"]

@@ -105,3 +105,22 @@ def test_text_offsets_count_a_character_split_between_tokens_once():
     echoed = lp.prompt([0, 1, 2, 3, 4], [TokenLogprob(i, -1.0, 1) for i in (1, 2, 3, 4)])
     text = ByteTokenizer().decode([1, 2, 3, 4])
     assert echoed["text_offset"] == [0, 0, 2, 2, 3] and len(text) == 5  # "I 家 x"
+
+
+def test_echo_offsets_of_a_sentencepiece_prompt_index_its_text(tmp_path):
+    """A sentencepiece tokenizer ("▁hello" is " hello" as bytes, but the prompt's text starts
+    "hello"): each echoed token's offset is where its text starts in the decoded prompt."""
+    from app.server.logprobs import Logprobs
+    from engine.api import TokenLogprob
+    from engine.tokenizer import Tokenizer
+    from tests.engine.conftest import build_tiny_tokenizer
+
+    tok = Tokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "sp"))
+    ids = tok.encode("Hello world the café", add_special_tokens=False)
+    text = tok.decode(ids)
+    assert text == "Hello world the café"
+    echoed = Logprobs(chat=False, tokenizer=tok).prompt(ids, [TokenLogprob(i, -1.0, 1) for i in ids[1:]])
+    starts = echoed["text_offset"]
+    assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(text)
+    for i, start in enumerate(starts):  # the text up to each token is the decoding of the tokens before it
+        assert text[:start] == tok.decode(ids[:i]).lstrip() or text[:start] == tok.decode(ids[:i]), (i, start)

@@ -202,6 +202,10 @@ def test_vllms_guided_json_on_chat_is_a_json_schema(client, as_text):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, response_format=JSON_SCHEMA, extra_body={"guided_json": SCHEMA})
     assert e.value.body["param"] == "guided_json"
+    for bad in (5, "[" * 5000 + "]" * 5000, {"type": "nonsense-type"}):  # not a schema; too deep; unenforceable
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, extra_body={"guided_json": bad})
+        assert e.value.body["param"] == "guided_json", e.value.body
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -220,3 +224,10 @@ def test_vllms_other_extensions_are_a_400_not_ignored(client, extra, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"guided_json": SCHEMA})
     assert e.value.body["param"] == "guided_json"
+
+
+def test_vllms_extensions_on_responses_are_a_400_too(client):
+    for extra in ({"guided_json": SCHEMA}, {"guided_regex": "[a-z]+"}, {"chat_template_kwargs": {"x": 1}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, extra_body=extra)
+        assert e.value.body["param"] == next(iter(extra)) and "vLLM" in e.value.body["message"]

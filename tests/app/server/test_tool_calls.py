@@ -204,6 +204,7 @@ def test_a_call_cut_by_max_tokens_is_content_with_length(scripted):
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "required", "extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]},
      "messages.1.tool_calls.0.function.arguments"),
