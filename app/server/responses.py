@@ -22,7 +22,7 @@ from app.server.response_events import ResponseShapes, response_events
 from app.server.schemas import Bool, ChatCompletionRequest, Float, Int, Str, _Body
 from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.stream import EventStream
-from app.server.translate import VLLM_DEFAULTS, VLLM_ONLY
+from app.server.translate import refuse_vllm_extensions
 from app.services.ids import unique_hex
 
 STATELESS = ("this server is stateless: it keeps no responses, so {what}. Send the whole conversation in "
@@ -91,11 +91,8 @@ def messages_of(body: ResponsesRequest) -> list[dict]:
 
 
 def _refuse(body: ResponsesRequest) -> None:
-    for name, value in (body.model_extra or {}).items():
-        if name in VLLM_ONLY and value is not None and VLLM_DEFAULTS.get(name, object()) != value:
-            instead = "give a JSON Schema as text.format instead." if name == "guided_json" else VLLM_ONLY[name]
-            raise ApiError(400, f"'{name}' is one of vLLM's extensions, which Hearth's server doesn't follow: "
-                           f"{instead}", name, "unsupported_parameter")
+    refuse_vllm_extensions(body.model_extra or {}, takes_guided_json=False,
+                           guided_json_instead="give a JSON Schema as text.format instead.")
     if body.previous_response_id is not None:
         raise ApiError(400, STATELESS.format(what="previous_response_id can't name an earlier one"),
                        "previous_response_id", "unsupported_parameter")

@@ -56,11 +56,24 @@ def not_supported(body, chat: bool) -> None:
         if on:
             raise ApiError(400, f"'{name}' is not supported by Hearth's server yet: leave it out.", name,
                            "unsupported_parameter")
-    extra = getattr(body, "model_extra", None) or {}
+    refuse_vllm_extensions(extra_fields(body), takes_guided_json=chat)
+
+
+def extra_fields(body) -> dict:
+    """The request's fields beyond the ones its schema names (vLLM's and other extensions)."""
+    return getattr(body, "model_extra", None) or {}
+
+
+def refuse_vllm_extensions(extra: dict, *, takes_guided_json: bool, guided_json_instead: str | None = None) -> None:
+    """A 400 for the first of vLLM's extensions in ``extra`` that asks for something (absent,
+    or its default, asks for nothing; ``takes_guided_json``: chat, where it is response_format's
+    json_schema), saying what to do instead (``guided_json_instead`` for that one)."""
     for name, instead in VLLM_ONLY.items():
         value = extra.get(name)
-        if value is None or (name == "guided_json" and chat) or (name in VLLM_DEFAULTS and value == VLLM_DEFAULTS[name]):
-            continue  # absent, or what the server does anyway (guided_json: response_format's json_schema)
+        if value is None or (name == "guided_json" and takes_guided_json) or VLLM_DEFAULTS.get(name, _NO) == value:
+            continue
+        if name == "guided_json" and guided_json_instead:
+            instead = guided_json_instead
         raise ApiError(400, f"'{name}' is one of vLLM's extensions, which Hearth's server doesn't follow: "
                        f"{instead}", name, "unsupported_parameter")
 
@@ -81,6 +94,7 @@ VLLM_ONLY = {
 }
 #: (their defaults, which ask for nothing)
 VLLM_DEFAULTS = {"continue_final_message": False, "add_generation_prompt": True, "chat_template_kwargs": {}}
+_NO = object()  # (no default)
 
 
 MAX_TOP_LOGPROBS = 20
@@ -150,7 +164,7 @@ def structured_output(body) -> StructuredOutput | None:
     """``response_format`` as the engine's constraint (None for text or none); a 400
     naming response_format when it is malformed or its schema can't be enforced."""
     fmt = body.response_format
-    guided = (getattr(body, "model_extra", None) or {}).get("guided_json")
+    guided = extra_fields(body).get("guided_json")
     if guided is not None:  # vLLM's spelling of a JSON schema (its JSON text, or the schema itself)
         if fmt is not None and fmt.get("type", "text") != "text":
             raise ApiError(400, "give either response_format or guided_json, not both.", "guided_json")
@@ -274,7 +288,7 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
     """The engine's work for ``body``, or a 400 saying what is wrong with it."""
     n = check_request(body, chat)
     tools = tool_setup(body, tokenizer) if chat else None
-    guided = (getattr(body, "model_extra", None) or {}).get("guided_json") is not None
+    guided = extra_fields(body).get("guided_json") is not None
     if tools is not None and tools.prefix and (guided or (body.response_format or {}).get("type", "text") != "text"):
         # The forced call's opening is in the prompt; a JSON grammar would start a new
         # document after it and never let the call close.

@@ -366,9 +366,10 @@ def convert_gguf(
     try:
         tmp.mkdir()
         cfg.save_pretrained(tmp)
-        kept, types = kept_quantized(gguf_path, cfg, tensors) if keep_quantized else ({}, {})
+        raw = _gguf_tensors(gguf_path, cfg, list(tensors)) if keep_quantized or dtype is AS_FILE else {}
+        kept, types = kept_quantized(gguf_path, cfg, tensors, raw) if keep_quantized else ({}, {})
         if dtype is AS_FILE:
-            sources = {name: rt.tensor_type.name for name, rt in _gguf_tensors(gguf_path, cfg, list(tensors)).items()}
+            sources = {name: rt.tensor_type.name for name, rt in raw.items()}
             weights = {name: t.to(_stored_dtype(t, sources.get(name))).contiguous()
                        for name, t in tensors.items() if name not in kept}
         else:
@@ -429,7 +430,8 @@ def _gguf_tensors(gguf_path: Path, cfg, names) -> dict:
     return found
 
 
-def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor],
+                   raw: dict | None = None) -> tuple[dict, dict]:
     """(HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0,
     Q4_1, Q4_K, Q5_K or Q6_K, repacked from the file's own blocks with the rows in the order transformers'
     reader gives (``tensors``: its dequantized, un-permuted ones); the file's quantized
@@ -438,11 +440,12 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor]) -> tu
     (q/k/v, gate/up) with such a member. A fused group of kept members in different forms
     takes one that holds each without loss: int8 codes with mins, in groups of 32 (Q4_K
     q/k beside a Q5_K v) or of 16 when a member has groups of 16 (Q4_K q/k beside a Q6_K
-    v: llama.cpp's Q4_K_M gives half the layers that q/k/v)."""
+    v: llama.cpp's Q4_K_M gives half the layers that q/k/v). ``raw``: ``_gguf_tensors`` of
+    these names, where the caller has it already."""
     from engine.quant.gguf_blocks import KEPT_TYPES, blocks_to_weight, permute_rows, row_permutation
     from engine.quant.gguf_kquants import KEPT_KQUANT_TYPES, read_kquant, to_weight
 
-    raw = _gguf_tensors(gguf_path, cfg, tensors)
+    raw = _gguf_tensors(gguf_path, cfg, tensors) if raw is None else raw
     kept = {}
     for name, tensor in tensors.items():
         rt = raw.get(name)

@@ -52,19 +52,25 @@ def write_cut(path, kv: dict | None = None, tensors: dict | None = None, layers:
         value = layers if name == "llama.block_count" else field.contents()
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, value, field.types[0], sub_type=sub)
-    for name, (value, vtype) in kv.items():
-        writer.add_key_value(name, value, vtype)
     for t in reader.tensors:
         if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= layers:
             continue
         writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    _finish(writer, kv, tensors)
+    return path
+
+
+def _finish(writer, kv: dict, tensors: dict | None) -> None:
+    """Add metadata ``kv`` (name -> (value, GGUFValueType)) and float32 ``tensors``, then write
+    the file."""
+    for name, (value, vtype) in kv.items():
+        writer.add_key_value(name, value, vtype)
     for name, data in (tensors or {}).items():
         writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def converted(path, tmp_path):
@@ -122,15 +128,7 @@ def test_a_llama31_file_converts_with_its_rope_scaling_and_end_of_turn_and_runs_
 
 def _reader(path, kv: dict, tensors: dict | None = None):
     """A GGUF of metadata ``kv`` (and float32 ``tensors``) only, read back."""
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    for name, (value, vtype) in kv.items():
-        writer.add_key_value(name, value, vtype)
-    for name, data in (tensors or {}).items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(gguf.GGUFWriter(str(path), arch="llama"), kv, tensors)
     return gguf.GGUFReader(str(path))
 
 
