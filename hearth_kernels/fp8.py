@@ -349,7 +349,7 @@ def fp8_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
     product is ``scaled_mm``'s); weight e4m3 [N, K] (last axis contiguous), scale float32 [N]
     or [N, 1]; [M, N] in x's dtype, into ``out`` when given. ``config``: (BLOCK_N, BLOCK_K,
     warps, stages, split_k), ``fp8_mma_fits``. Capturable in a CUDA graph once a split-K
-    launch has run outside capture (hearth_kernels/quant_mma.py's counters)."""
+    launch has run outside capture (hearth_kernels/counters.py)."""
     n, k = weight.shape
     rows = x.shape[0]
     if x.dim() != 2 or not 1 <= rows <= MAX_ROWS or x.shape[1] != (2 * k if swiglu else k):

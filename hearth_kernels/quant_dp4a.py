@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.counters import counters
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
 from hearth_kernels.quant_gemv import (_block_groups, _group_sums, _load_x_blocks, _split4, _split_x_blocks,
@@ -377,7 +378,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
     ahead, K split among ``split`` programs per row block (a small fp32 workspace from
-    torch's allocator; the counters are made outside graph capture, as ``quant_mma``'s).
+    torch's allocator; the counters are made outside graph capture, ``hearth_kernels.counters``).
     ``norm``: ``(residual or None, weight, eps, residual_out)``, checked by
     ``quant_gemv_normed``: x is RMS-normalised (after adding the residual) in the prologue;
     needs ``split == 1`` (or ``qx``) and no SwiGLU. ``qx``: True quantizes x (after SwiGLU or the norm)
@@ -396,10 +397,8 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
     programs = triton.cdiv(n, block_n)
     if split > 1:
-        from hearth_kernels.quant_mma import _counters
-
         ws = torch.empty(programs * split * block_n, dtype=torch.float32, device=x.device)
-        cnt = _counters(x.device, programs)
+        cnt = counters(x.device, programs)
     else:
         ws = cnt = s
     if qx is not False and qx is not True and (norm is not None or swiglu or qx[0].shape != (k // 32, 8)):

@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.counters import counters
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1
@@ -370,33 +371,6 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
 
 
-#: device -> zeroed int32 tile counters of the split-K fixup (each launch leaves them zero
-#: again). One fixed-size tensor per device, never replaced: CUDA graphs keep its address.
-#: Shared by every launch on the device, which is safe because launches on one device are
-#: serialized (the engine runs on one stream); two streams running split-K launches at
-#: once would need counters of their own.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
-
-
-def make_counters(device: torch.device) -> None:
-    """Allocate ``device``'s split-K counters now (at load: never inside graph capture)."""
-    _counters(torch.device(device), 0)
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    if n > _COUNTER_SLOTS:
-        raise ValueError(f"quant_mma: {n} output tiles in one split-K launch (at most {_COUNTER_SLOTS}); "
-                         "use wider tiles or no split")
-    have = _COUNTERS.get(device)
-    if have is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("quant_mma: the split-K counters must be made before CUDA graph capture "
-                               "(run a split-K launch once first)")
-        have = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return have
-
-
 def _step(group: int, want: int) -> int:
     step = want
     while step > 16 and group % step:
@@ -574,4 +548,4 @@ def _split(block_n: int, split_k: int, steps: int, n: int, rows: int, block_m: i
     if split == 1:
         return tiles, 1, dummy, dummy
     ws = torch.empty(tiles * split * block_n * block_m, dtype=torch.float32, device=dummy.device)
-    return tiles, split, ws, _counters(dummy.device, tiles)
+    return tiles, split, ws, counters(dummy.device, tiles)

@@ -170,7 +170,7 @@ class TritonQuant(QuantKernel):
             layer.qweight.int4_layout = "pairs"
         from hearth_kernels.quant_gemm import quant_gemm
         from hearth_kernels.quant_gemv import quant_gemv
-        from hearth_kernels.quant_mma import make_counters
+        from hearth_kernels.counters import make_counters
 
         make_counters(layer.qweight.device)  # split-K launches get captured in CUDA graphs later
         bound._gemv, bound._gemm = quant_gemv, quant_gemm
@@ -254,7 +254,7 @@ class Fp8Kernel(QuantKernel):
 
     def bind(self, layer) -> "Fp8Kernel":
         if self.config is not None and len(self.config) == 5 and layer.qweight.device.type == "cuda":
-            from hearth_kernels.quant_mma import make_counters
+            from hearth_kernels.counters import make_counters
 
             make_counters(layer.qweight.device)  # its split-K launches get captured in CUDA graphs later
         return self

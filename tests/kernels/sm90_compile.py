@@ -138,9 +138,12 @@ def main() -> None:
     cases = {
         "decode": (paged_decode._decode_split_kernel,
                    {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
+                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "cnt_ptr": "*i32",
+                    "qk_scale": "fp32"},
+                   # batch 1 at a 4,096-token bound: 32 splits, merged 8 at a time by the last
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
-                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False), warps, stages),
+                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False, FUSED=True, G_MERGE=4, NP_PAD=32,
+                        CHUNK=8), warps, stages),
         "decode_merge": (paged_decode._decode_merge_kernel,
                          {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                           "out_ptr": bf},

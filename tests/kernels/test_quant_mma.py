@@ -19,7 +19,8 @@ import triton.language as tl
 from hearth_kernels.activation import silu_and_mul
 from hearth_kernels.quant_gemm import quant_gemm
 from hearth_kernels.quant_gemv import SWAP, SWAP_SCALED, GemvConfig, quant_gemv, quant_gemv_configs
-from hearth_kernels.quant_mma import (_COUNTERS, _MAGIC32, MmaConfig, _decode_int4, _decode_int4_f32, default_mma_config,
+from hearth_kernels.counters import _COUNTERS
+from hearth_kernels.quant_mma import (_MAGIC32, MmaConfig, _decode_int4, _decode_int4_f32, default_mma_config,
                                     mma_configs, quant_mma)
 from tests.kernels.reference import DEVICE
 from tests.kernels.test_quant_gemv import check, make_weight, rand_x

@@ -1,0 +1,38 @@
+"""Zeroed int32 counters for kernels whose last program to arrive finishes the job.
+
+A split launch (split-K GEMV/GEMM fixups, split decode attention's merge) has each program
+write its partial result, then add one to its output tile's counter; the program that
+sees ``count == parts - 1`` adds the partials in a fixed order, writes the output and sets
+the counter back to zero for the next launch. One fixed-size tensor per device, never
+replaced (CUDA graphs keep its address), made outside graph capture: at load
+(``make_counters``) or by a launch's first eager run (``capture_graph`` runs the forward
+once before capturing it). Shared by every launch on the device, which is safe because
+launches on one device are serialized (the engine runs on one stream, and a PDL-launched
+kernel waits for the one before it to finish before touching memory); two streams
+running split launches at once would need counters of their own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
+
+
+def make_counters(device: torch.device) -> None:
+    """Allocate ``device``'s counters now (at load: never inside graph capture)."""
+    counters(torch.device(device), 0)
+
+
+def counters(device: torch.device, n: int, what: str = "split-K launch") -> torch.Tensor:
+    """The device's counters, for a launch with ``n`` output tiles."""
+    if n > COUNTER_SLOTS:
+        raise ValueError(f"{n} output tiles in one {what} (at most {COUNTER_SLOTS}); use wider tiles or no split")
+    have = _COUNTERS.get(device)
+    if have is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the {what}'s counters must be made before CUDA graph capture "
+                               "(hearth_kernels.counters.make_counters, or one launch outside capture first)")
+        have = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return have
