@@ -2,7 +2,7 @@
 per Llama-8B projection, int4 (group 128) and int8 (per channel), on the GPU.
 
     PYTHONPATH=. python benchmarks/profile_quant_dp4a.py [--json F] [--layers qkv,o,...]
-        [--bits 4,8] [--sweep small|full|wide|split] [--warm-only I/N]
+        [--bits 4,8] [--sweep small|full|wide|split|async] [--warm-only I/N]
 
 For each projection: bf16 cuBLAS; every config ``quant_gemv_configs`` lists (what the
 load-time tuner times), the best of each kind; and a sweep of dp4a configs (rows per
@@ -66,9 +66,12 @@ def sweep(k: int, full: str):
         rows, steps, warps, stages = (8, 16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 4, 8, 16), (2, 3, 4)
     elif full == "split":  # K split among programs (for the long rows of down, and the narrow layers)
         rows, steps, warps, stages = (8, 16, 32), (2, 4), (4, 8), (2,)
+    elif full == "async":  # the steps copied into shared memory (GemvConfig.cp), 2-4 ahead
+        rows, steps, warps, stages = (8, 16, 32, 64), (2, 4), (4, 8), (3, 4, 5)
     else:
         rows, steps, warps, stages = (16, 32, 64), (2, 4), (1, 2, 4, 8), (3,)
-    splits = (1, 2, 4, 8) if full == "split" else (1,)
+    splits = (1, 2, 4, 8) if full == "split" else (1, 4) if full == "async" and k > 8192 else (1,)
+    cp = int(full == "async")
     seen, out = set(), []
     for bn, r, w, st, sp in itertools.product(rows, steps, warps, stages, splits):
         r = min(r, bn)  # 128: all the program's rows in one step
@@ -78,7 +81,7 @@ def sweep(k: int, full: str):
         if launch in seen:
             continue
         seen.add(launch)
-        out.append(GemvConfig(bn, r, launch[3], DP4A, st, launch[4]))
+        out.append(GemvConfig(bn, r, launch[3], DP4A, st, launch[4], 0, cp))
     return out
 
 
@@ -87,7 +90,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu,lm_head")
     ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide", "split"))
+    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide", "split", "async"))
     ap.add_argument("--warm-only", default=None, help="I/N: compile the I-th of N shares of the configs, time nothing")
     args = ap.parse_args()
     share = tuple(map(int, args.warm_only.split("/"))) if args.warm_only else None

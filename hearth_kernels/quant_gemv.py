@@ -498,7 +498,12 @@ class GemvConfig(NamedTuple):
     instruction per int4 weight instead of 4.4-5; the activations' rounding to 8 bits is the
     price, as in llama.cpp's CUDA decode): ``block_n`` rows per program, ``block_k`` rows per
     step, ``warps`` (fewer: more blocks of x per thread, fewer reductions), ``split``
-    programs per row block along K (the last to arrive adds the partial sums).
+    programs per row block along K (the last to arrive adds the partial sums), ``cp``: the
+    steps' codes, scales and mins copied ``stages`` - 1 steps ahead into shared memory by
+    Triton's pipeliner (cp.async) instead of into registers (int4 and grouped int8 with an
+    even number of groups per row; the same bits). Nsight Compute found the register
+    pipeline latency-bound on the H100 (waiting on its loads, 0.5-1 eligible warps a
+    scheduler): the copies keep more bytes in flight per SM at fewer registers a thread.
     Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
@@ -509,6 +514,7 @@ class GemvConfig(NamedTuple):
     stages: int = 3  # software-pipelining depth (steps in flight per program)
     split: int = 1  # SWAP: programs per output tile along K
     qx: int = 0  # DP4A: 1 quantizes x (and the norm, SwiGLU) in one kernel first, not in every program
+    cp: int = 0  # DP4A: 1 copies the steps into shared memory asynchronously, ``stages`` - 1 ahead
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
@@ -558,7 +564,12 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  # rows per program that aren't a power of 2: an H100 sweep had q/k/v at 12 rows
                  # (5.81 us against 6.27) and gate_up at 28 (23.2 against 23.7) ahead of the
                  # configs above (benchmarks/results/2026-12-05-i14-dp4a-wavefit-*-8b-h100-955f6d2.json)
-                 GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2))
+                 GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2),
+                 # the steps copied into shared memory (cp.async) 3 ahead: 61-106 registers a thread
+                 # in the sm_90 build against 74-128 for the register pipeline, twice the bytes in flight
+                 GemvConfig(32, 4, 8, DP4A, 4, cp=1), GemvConfig(16, 4, 4, DP4A, 4, cp=1),
+                 GemvConfig(16, 2, 4, DP4A, 4, cp=1), GemvConfig(64, 4, 8, DP4A, 4, cp=1),
+                 GemvConfig(32, 4, 4, DP4A, 4, 4, cp=1), GemvConfig(8, 2, 4, DP4A, 4, 1, 1, cp=1))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 
@@ -567,6 +578,14 @@ def dp4a_enabled() -> bool:
     (it rounds x to 8 bits per block of 32; the tuner still checks its product against the
     reference on the card before timing it)."""
     return os.environ.get("HEARTH_QUANT_DP4A", "1") != "0"
+
+
+def pairs_fit(k: int, bits: int, group: int | None = None) -> bool:
+    """Whether a [*, k] weight's scales come two groups a word (an even number of groups per
+    row: what the dp4a kernel's ``cp`` steps read; int4's group defaults to 128, int8's to
+    the whole row)."""
+    group = group or (min(k, 128) if bits == 4 else k)
+    return k % group == 0 and (k // group) % 2 == 0
 
 
 def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:
@@ -593,7 +612,10 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
 
         launches = set()
         for cfg in _DP4A_CONFIGS:  # configs that launch the same kernel the same way are timed once
-            launch = (cfg.block_n, cfg.stages, cfg.qx, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
+            if cfg.cp and not pairs_fit(k, bits, group):
+                continue
+            launch = (cfg.block_n, cfg.stages, cfg.qx, cfg.cp,
+                      *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
             if launch not in launches:
                 launches.add(launch)
                 out.append(cfg)
@@ -610,6 +632,16 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             out.append(GemvConfig(c.block_n, c.block_k, c.warps, SWAP_SCALED if c.scale_w else SWAP, c.stages,
                                   c.split_k))
     return out
+
+
+def _async(cfg: GemvConfig, prepared: PreparedQuant) -> bool:
+    """A ``cp`` config's copies where the scales allow them (else the register pipeline: the
+    same result)."""
+    if not cfg.cp:
+        return False
+    from hearth_kernels.quant_dp4a import async_ok
+
+    return async_ok(prepared)
 
 
 def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
@@ -674,7 +706,8 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
     residual = None if residual is None else residual.contiguous()
     cfg = GemvConfig(*config)
     quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages),
-                    cfg.split if cfg.qx else 1, norm=(residual, weight, float(eps), s), qx=bool(cfg.qx))
+                    cfg.split if cfg.qx else 1, norm=(residual, weight, float(eps), s), qx=bool(cfg.qx),
+                    async_copy=_async(cfg, prepared))
     return out, s
 
 
@@ -734,7 +767,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
 
         if k <= DP4A_MAX_K:
             return quant_gemv_dp4a(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
-                                   max(1, cfg.stages), cfg.split, qx=bool(cfg.qx))
+                                   max(1, cfg.stages), cfg.split, qx=bool(cfg.qx), async_copy=_async(cfg, prepared))
     if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
         from hearth_kernels.quant_mma import MmaConfig, quant_mma
 

@@ -410,4 +410,4 @@ def _config_name(config) -> str:
 
     c = GemvConfig(*config)
     name = "triton quant gemv %dx%d/%dw k%d s%d" % c[:5]
-    return name + (f" split{c.split}" if c.split > 1 else "") + (" qx" if c.qx else "")
+    return name + (f" split{c.split}" if c.split > 1 else "") + (" qx" if c.qx else "") + (" cp" if c.cp else "")
