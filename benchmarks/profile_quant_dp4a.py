@@ -56,9 +56,12 @@ def rotated_copies(prep):
                                  for _ in range(copies - 1)]
 
 
-def sweep(k: int, full: str):
+def sweep(k: int, full: str, bits: int = 4, group: int | None = None):
     from hearth_kernels.quant_dp4a import dp4a_launch
-    from hearth_kernels.quant_gemv import DP4A, GemvConfig
+    from hearth_kernels.quant_gemv import ASYNC_SMEM, DP4A, GemvConfig, async_smem, pairs_fit
+
+    if full == "async" and not pairs_fit(k, bits, group):
+        return []  # (int8 per channel: one scale a row, no pairs to copy)
 
     if full == "wide":
         rows, steps, warps, stages = (2, 4, 8, 16, 32), (2, 4, 128), (1, 2, 4, 8), (1, 2, 3)
@@ -81,7 +84,9 @@ def sweep(k: int, full: str):
         if launch in seen:
             continue
         seen.add(launch)
-        out.append(GemvConfig(bn, r, launch[3], DP4A, st, launch[4], 0, cp))
+        cfg = GemvConfig(bn, r, launch[3], DP4A, st, launch[4], 0, cp)
+        if not cp or async_smem(cfg, k, bits, group) <= ASYNC_SMEM:
+            out.append(cfg)
     return out
 
 
@@ -118,7 +123,7 @@ def main() -> None:
             if share is not None:  # compile only
                 x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
                 configs = quant_gemv_configs(n, k, bits, prep.group_size)
-                configs += [c for c in sweep(k, args.sweep) if c not in configs]
+                configs += [c for c in sweep(k, args.sweep, bits, prep.group_size) if c not in configs]
                 for cfg in configs[share[0]::share[1]]:
                     try:
                         quant_gemv(x, prep, config=cfg, swiglu=swiglu)
@@ -141,7 +146,7 @@ def main() -> None:
                                bf_copies)
             timed = []  # (us, kind, config, err vs bf16 / rms, err vs exact / |exact|max)
             tuner = quant_gemv_configs(n, k, bits, prep.group_size)
-            configs = tuner + [c for c in sweep(k, args.sweep) if c not in tuner]
+            configs = tuner + [c for c in sweep(k, args.sweep, bits, prep.group_size) if c not in tuner]
             for cfg in configs:
                 try:
                     us = time_graph(lambda i, c=cfg: quant_gemv(x, preps[i], config=c, swiglu=swiglu, out=y), copies)

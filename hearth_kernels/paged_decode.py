@@ -27,7 +27,8 @@ kv head, ``hearth_kernels/counters.py``) and the last to finish merges the kv he
 heads (in split order: the same bits every run) and resets its counter, so a layer's
 decode attention is one kernel; at batch 1 a second, merging kernel cost about 2.3 us of
 a 5-8 us attention per layer on the H200 profiles. A context that fits one slice (slices
-are at least 128 keys: a short chat) skips the partials and writes its output directly.
+are at least one key tile, 128 keys at bf16 and head size 128: a short chat) skips the
+partials and writes its output directly.
 ``HEARTH_DECODE_MERGE=kernel`` runs the separate merge kernel instead. With one split the
 kernel writes the output itself. Under a sliding window only the window's keys
 are sliced, so no program is spent on keys nobody sees.
@@ -364,7 +365,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), FUSED=fused, G_MERGE=g_merge, NP_PAD=np_pad,
-        # the merge's [G_MERGE, CHUNK, D_PAD] fp32 tile: at most 32 values per thread of 4 warps
+        # the merge's [G_MERGE, CHUNK, D_PAD] fp32 tile: at most 32 values per thread of 4 warps (its
+        # [G_MERGE, NP_PAD] maxima and sums are loaded whole: a few more for wide MQA groups at long bounds)
         CHUNK=max(1, min(np_pad, 4096 // (g_merge * d_pad))),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )

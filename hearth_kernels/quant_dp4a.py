@@ -39,7 +39,12 @@ block(s) of x once per program (a block's 32 inputs live in one thread, so its s
 no reduction), then the program streams ``ROWS`` rows, ``R`` per step; each row's partial
 sums are reduced across the program. ``warps`` sets how many blocks each thread holds
 (K / (1024 * warps), a power of 2): fewer warps, fewer reductions per weight but more
-registers of x. Under ``TRITON_INTERPRET=1`` dp4a is emulated with the same integer
+registers of x. How the steps arrive: in registers, the first ``LEAD`` (1-2) requested
+before x is loaded and each next one a step ahead (``quant_gemv._steps_start``), or with
+``ASYNC`` (``GemvConfig.cp``) copied ``STAGES`` - 1 steps ahead into shared memory by Triton's
+pipeliner (cp.async; the fp16 scales and mins read as int32 words of two groups, since it
+leaves 2-byte loads synchronous), which holds more bytes in flight at fewer registers but
+starts only after x. Under ``TRITON_INTERPRET=1`` dp4a is emulated with the same integer
 arithmetic (exact), so the interpreter tests check the algorithm bit for bit.
 """
 

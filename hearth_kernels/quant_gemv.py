@@ -565,8 +565,9 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  # (5.81 us against 6.27) and gate_up at 28 (23.2 against 23.7) ahead of the
                  # configs above (benchmarks/results/2026-12-05-i14-dp4a-wavefit-*-8b-h100-955f6d2.json)
                  GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2),
-                 # the steps copied into shared memory (cp.async) 3 ahead: 61-106 registers a thread
-                 # in the sm_90 build against 74-128 for the register pipeline, twice the bytes in flight
+                 # the steps copied into shared memory (cp.async) 3 ahead: at K = 4096, 61-106 registers
+                 # a thread in the sm_90 build against 74-128 for the register pipeline, twice the bytes
+                 # in flight (listed where the copies fit ``ASYNC_SMEM``)
                  GemvConfig(32, 4, 8, DP4A, 4, cp=1), GemvConfig(16, 4, 4, DP4A, 4, cp=1),
                  GemvConfig(16, 2, 4, DP4A, 4, cp=1), GemvConfig(64, 4, 8, DP4A, 4, cp=1),
                  GemvConfig(32, 4, 4, DP4A, 4, 4, cp=1), GemvConfig(8, 2, 4, DP4A, 4, 1, 1, cp=1))
@@ -578,6 +579,25 @@ def dp4a_enabled() -> bool:
     (it rounds x to 8 bits per block of 32; the tuner still checks its product against the
     reference on the card before timing it)."""
     return os.environ.get("HEARTH_QUANT_DP4A", "1") != "0"
+
+
+#: shared memory a ``cp`` config's copies may take (at most ``async_smem`` bytes): two programs
+#: an SM within the H100/H200's 227 KiB
+ASYNC_SMEM = 96 * 1024
+
+
+def async_smem(cfg: GemvConfig, k: int, bits: int, group: int | None = None) -> int:
+    """The shared memory a ``cp`` config's copies take at ``k`` inputs: ``stages`` - 1 steps of
+    codes and of the scales' and mins' words, each step ``rows per step`` x the program's
+    inputs (what the sm_90 builds reserve, to 1 KB: 37 KB for (32, 4, 8) at K = 4096 int4,
+    295 KB for (32, 4, 8) at 14,336 int8 in groups of 16)."""
+    from hearth_kernels.quant_dp4a import dp4a_launch
+
+    kp, r, _, _ = dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split)
+    blocks = kp // 32
+    gpb = 2 if group is not None and group < 32 else 1
+    step = r * blocks * (4 if bits == 4 else 8) * 4 + 2 * r * blocks * gpb * 4
+    return (max(2, cfg.stages) - 1) * step + 1024
 
 
 def pairs_fit(k: int, bits: int, group: int | None = None) -> bool:
@@ -612,8 +632,8 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
 
         launches = set()
         for cfg in _DP4A_CONFIGS:  # configs that launch the same kernel the same way are timed once
-            if cfg.cp and not pairs_fit(k, bits, group):
-                continue
+            if cfg.cp and not (pairs_fit(k, bits, group) and async_smem(cfg, k, bits, group) <= ASYNC_SMEM):
+                continue  # (long rows: the copies of a step of 4 rows of 16,384 inputs take 128-300 KB)
             launch = (cfg.block_n, cfg.stages, cfg.qx, cfg.cp,
                       *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
             if launch not in launches:
@@ -635,13 +655,14 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
 
 
 def _async(cfg: GemvConfig, prepared: PreparedQuant) -> bool:
-    """A ``cp`` config's copies where the scales allow them (else the register pipeline: the
-    same result)."""
+    """A ``cp`` config's copies where the scales allow them and they fit shared memory (else
+    the register pipeline: the same result)."""
     if not cfg.cp:
         return False
     from hearth_kernels.quant_dp4a import async_ok
 
-    return async_ok(prepared)
+    k = prepared.in_features
+    return async_ok(prepared) and async_smem(cfg, k, prepared.bits, prepared.group_size) <= ASYNC_SMEM
 
 
 def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:

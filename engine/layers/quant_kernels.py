@@ -405,7 +405,8 @@ def kernel_candidates(layer) -> list[QuantKernel]:
 
 def _config_name(config) -> str:
     """A GEMV config as ``ModelInfo.batch1_matmul`` shows it (rows x step / warps, kind,
-    stages, and the K split when there is one)."""
+    stages, the K split when there is one, ``qx``: x quantized by a kernel first, ``cp``: the
+    steps copied into shared memory)."""
     from hearth_kernels.quant_gemv import GemvConfig
 
     c = GemvConfig(*config)

@@ -198,6 +198,16 @@ def main() -> None:
                                    {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                     "res_out_ptr": bf, "eps": "fp32"},
                                    dict(N=4096, BLOCK=4096, HAS_RESIDUAL=True), 16, 1)
+    from hearth_kernels import quant_dp4a
+
+    # the dp4a GEMV with its steps copied into shared memory (GemvConfig.cp), gate_up's shape:
+    # int4 in groups of 128, 32 rows a program in steps of 4, 8 warps, 3 steps ahead, the norm first
+    cases["dp4a_cp"] = (quant_dp4a._quant_gemv_dp4a_kernel,
+                        {"x_ptr": bf, "q_ptr": "*i32", "s_ptr": "*i32", "m_ptr": "*i32", "b_ptr": bf, "y_ptr": bf,
+                         "ws_ptr": "*fp32", "cnt_ptr": "*i32", "r_ptr": bf, "nw_ptr": bf, "ro_ptr": bf, "eps": "fp32",
+                         "xf_ptr": "*fp32"},
+                        dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=False, ROWS=32, R=4, KP=4096,
+                             STAGES=4, SPLIT=1, NORM=2, QX=False, ASYNC=True, ASM=True, PDL=True), 8, 4)
     only = set(sys.argv[1:])
     for name, (fn, types, consts, warps, stages) in cases.items():
         if only and name not in only:

@@ -414,6 +414,16 @@ def test_dp4a_async_needs_scales_in_pairs():
     assert not pairs_fit(96, 4, 32)  # 3 groups
     assert not any(c.cp for c in quant_gemv_configs(4096, 4096, 8, 4096))
     assert any(c.cp for c in quant_gemv_configs(4096, 4096, 4, 128))
+    # long rows: only the copies that fit ASYNC_SMEM (4 rows of 16,384 int8 inputs in groups of
+    # 16 a step, 3 ahead, would take 289 KB; the card has 227 KiB a program); the others run
+    # the register pipeline when given anyway
+    from hearth_kernels.quant_gemv import ASYNC_SMEM, async_smem
+
+    big = GemvConfig(32, 4, 8, DP4A, 4, cp=1)
+    assert async_smem(big, 14336, 8, 16) > 227 * 1024 and async_smem(big, 4096, 4, 128) <= ASYNC_SMEM
+    for k, bits, group in ((14336, 8, 16), (28672, 4, 128), (14336, 4, 128)):
+        listed = [c for c in quant_gemv_configs(4096, k, bits, group) if c.cp]
+        assert big not in listed and all(async_smem(c, k, bits, group) <= ASYNC_SMEM for c in listed)
     _, prep = make_weight(8, 40, 96, 96, mins=False, seed=1)
     assert not async_ok(prep)
     x = 3 * rand_x(1, 96, torch.bfloat16)
