@@ -61,7 +61,7 @@ def sweep(k: int, full: str, bits: int = 4, group: int | None = None):
     from hearth_kernels.quant_gemv import ASYNC_SMEM, DP4A, GemvConfig, async_smem, pairs_fit
 
     if full == "async" and not pairs_fit(k, bits, group):
-        return []  # (int8 per channel: one scale a row, no pairs to copy)
+        return []  # (an odd number of groups a row: no pairs to copy)
 
     if full == "wide":
         rows, steps, warps, stages = (2, 4, 8, 16, 32), (2, 4, 128), (1, 2, 4, 8), (1, 2, 3)

@@ -268,10 +268,9 @@ def _step_load_pairs(q_ptr, s_ptr, m_ptr, rows, ok, N, stride_qn, stride_sn, wor
     that hold two groups each (s_ptr, m_ptr: int32 views, stride_sn in words), 4-byte loads
     that Triton's pipeliner copies asynchronously like the codes (it leaves 2-byte ones
     synchronous). Returns the codes and float32 scales and mins."""
+    w = _step_codes(q_ptr, rows, ok, N, stride_qn, word, blk_ok)
     ok = ok & (rows < N)
     rows = tl.where(ok, rows, 0).to(tl.int64)
-    w = tl.load(q_ptr + rows[:, None, None] * stride_qn + word, mask=ok[:, None, None] & blk_ok[None, :, None],
-                other=0, eviction_policy="evict_first")
     sg = rows[:, None] * stride_sn + (grp // 2)[None, :]
     scale = _pair_halves(tl.load(s_ptr + sg, mask=ok[:, None], other=0), grp)
     if HAS_MIN:
@@ -279,6 +278,28 @@ def _step_load_pairs(q_ptr, s_ptr, m_ptr, rows, ok, N, stride_qn, stride_sn, wor
     else:
         mins = scale
     return w, scale, mins
+
+
+@triton.jit
+def _step_codes(q_ptr, rows, ok, N, stride_qn, word, blk_ok):
+    """One step's codes [R, blocks, words] (rows beyond N or not ``ok``: zeros)."""
+    ok = ok & (rows < N)
+    rows = tl.where(ok, rows, 0).to(tl.int64)
+    return tl.load(q_ptr + rows[:, None, None] * stride_qn + word, mask=ok[:, None, None] & blk_ok[None, :, None],
+                   other=0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _row_terms(s_ptr, m_ptr, rows, ok, N, stride_sn, HAS_MIN: tl.constexpr):
+    """Float32 scales and mins [R] of weights with one group a row."""
+    ok = ok & (rows < N)
+    at = tl.where(ok, rows, 0).to(tl.int64) * stride_sn
+    scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    if HAS_MIN:
+        mins = tl.load(m_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    else:
+        mins = scale
+    return scale, mins
 
 
 @triton.jit
@@ -337,10 +358,11 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     # zeroed) adds them in split order (the same bits every run) and writes y. NORM (one
     # program along K): x is the RMSNorm of x (NORM 1) or of x + r (NORM 2; program 0
     # writes that sum, the new residual stream, to ro_ptr) with weight nw_ptr (see
-    # ``quant_gemv_normed``). ASYNC: the steps' codes, scales and mins (s_ptr, m_ptr: int32
+    # ``quant_gemv_normed``). ASYNC 1: the steps' codes, scales and mins (s_ptr, m_ptr: int32
     # views of the fp16 pairs, stride_sn in words) are copied STAGES - 1 steps ahead into
     # shared memory by Triton's pipeliner (cp.async) instead of into registers: more bytes in
-    # flight per SM at fewer registers a thread.
+    # flight per SM at fewer registers a thread. ASYNC 2 (one group a row: int8 per channel):
+    # the codes copied so, each row's scale and min loaded a step ahead in registers.
     pdl_start(PDL)
     NB: tl.constexpr = KP // 32  # blocks of 32 inputs
     WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
@@ -389,7 +411,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         o0, o1, o2, o3 = _split4_last(xo)
     else:
         e0, e1, e2, e3, o0, o1, o2, o3 = xe, xe, xe, xe, xe, xe, xe, xe  # unused
-    if ASYNC:
+    if ASYNC == 1:
         for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
             rows = first + r0 + r
             row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
@@ -398,6 +420,17 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
             y = _dp4a_rows(w, scale, mins, xe, xo, e0, e1, e2, e3, o0, o1, o2, o3, sx, xsum, xqsum, BITS, HAS_MIN,
                            GPB, ASM)
             _put_rows(y, rows, row_ok, r0, r, b_ptr, y_ptr, ws_ptr, ROWS, SPLIT, HAS_BIAS)
+    elif ASYNC == 2:  # one scale (and min) a row: 2 bytes a row, loaded a step ahead in registers
+        s_cur, m_cur = _row_terms(s_ptr, m_ptr, first + r, r < ROWS, N, stride_sn, HAS_MIN)
+        for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
+            rows = first + r0 + r
+            row_ok = (rows < N) & (r0 + r < ROWS)
+            w = _step_codes(q_ptr, rows, r0 + r < ROWS, N, stride_qn, word, blk_ok)
+            s_nxt, m_nxt = _row_terms(s_ptr, m_ptr, rows + R, r0 + R + r < ROWS, N, stride_sn, HAS_MIN)
+            y = _dp4a_rows(w, s_cur[:, None], m_cur[:, None], xe, xo, e0, e1, e2, e3, o0, o1, o2, o3, sx, xsum,
+                           xqsum, BITS, HAS_MIN, GPB, ASM)
+            _put_rows(y, rows, row_ok, r0, r, b_ptr, y_ptr, ws_ptr, ROWS, SPLIT, HAS_BIAS)
+            s_cur, m_cur = s_nxt, m_nxt
     else:
         for r0 in range(0, ROWS, R):
             rows = first + r0 + r
@@ -448,9 +481,15 @@ def pairs_view(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.view(torch.int32)
 
 
+def _per_row(prepared) -> bool:
+    return prepared.scales.dim() == 2 and prepared.scales.shape[1] == 1
+
+
 def async_ok(prepared) -> bool:
-    """Whether the dp4a kernel's ASYNC steps can read ``prepared``'s scales (and mins) as
-    pairs (``pairs_view``)."""
+    """Whether the dp4a kernel's ASYNC steps can take ``prepared``'s scales (and mins): one a
+    row, or as pairs (``pairs_view``)."""
+    if _per_row(prepared):
+        return True
     return pairs_view(prepared.scales) is not None and (prepared.mins is None or pairs_view(prepared.mins) is not None)
 
 
@@ -480,11 +519,14 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     if split > 1 and block_n & (block_n - 1):
         raise ValueError(f"quant_gemv: a dp4a config with K split needs a power of 2 of rows per program, got {block_n}")
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
+    mode = 0
     if async_copy:
         if not async_ok(prepared):
             raise ValueError("quant_gemv: the dp4a kernel's async steps read the scales two groups a word: they "
-                             "need an even number of groups per row, contiguous")
-        s, m = pairs_view(s), pairs_view(m)
+                             "need one group a row or an even number of groups per row, contiguous")
+        mode = 2 if _per_row(prepared) else 1
+        if mode == 1:
+            s, m = pairs_view(s), pairs_view(m)
     programs = triton.cdiv(n, block_n)
     if split > 1:
         ws = torch.empty(programs * split * block_n, dtype=torch.float32, device=x.device)
@@ -503,7 +545,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         n, k, q.stride(0), s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not False else s,
         GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASYNC=async_copy, ASM=not _interpreting(),
+        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASYNC=mode, ASM=not _interpreting(),
         num_warps=num_warps, **pdl_args(x.device))
     return out
 

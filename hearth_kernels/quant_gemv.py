@@ -601,11 +601,11 @@ def async_smem(cfg: GemvConfig, k: int, bits: int, group: int | None = None) -> 
 
 
 def pairs_fit(k: int, bits: int, group: int | None = None) -> bool:
-    """Whether a [*, k] weight's scales come two groups a word (an even number of groups per
-    row: what the dp4a kernel's ``cp`` steps read; int4's group defaults to 128, int8's to
-    the whole row)."""
+    """Whether the dp4a kernel's ``cp`` steps take a [*, k] weight's scales: one group a row,
+    or two groups a word (an even number of groups per row; int4's group defaults to 128,
+    int8's to the whole row)."""
     group = group or (min(k, 128) if bits == 4 else k)
-    return k % group == 0 and (k // group) % 2 == 0
+    return k % group == 0 and (k // group == 1 or (k // group) % 2 == 0)
 
 
 def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:

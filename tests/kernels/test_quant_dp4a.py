@@ -403,17 +403,35 @@ def test_dp4a_async_steps_are_the_register_pipeline_bit_for_bit(bits, group, min
             assert torch.equal(y, y0) and torch.equal(s, s0)
 
 
+@pytest.mark.parametrize("mins", [False, True])
+@pytest.mark.parametrize("split,qx", [(1, 0), (2, 0), (1, 1)], ids=["one", "split2", "qx"])
+def test_dp4a_async_steps_with_one_scale_a_row(mins, split, qx):
+    """int8 per channel (one scale, and min, a row: nothing to pair): the codes copied ahead,
+    each row's scale loaded a step ahead; bit for bit the register pipeline, exact reference."""
+    from hearth_kernels.quant_dp4a import async_ok
+
+    n, k = 44, 256
+    _, prep = make_weight(8, n, k, k, mins=mins, seed=4)
+    assert async_ok(prep)
+    x = 3 * rand_x(1, k, torch.bfloat16)
+    for cfg in (GemvConfig(16, 2, 1, DP4A, 3, split, qx, 1), GemvConfig(12, 4, 1, DP4A, 4, split, qx, 1)):
+        y = quant_gemv(x, prep, config=cfg)
+        assert torch.equal(y, quant_gemv(x, prep, config=cfg._replace(cp=0)))
+        check_exact(y, x, prep, levels=1 if DEVICE == "cuda" else 0)
+
+
 def test_dp4a_async_needs_scales_in_pairs():
-    """An odd number of groups a row (int8 per channel: one) can't be read two a word: the
-    tuner doesn't list ``cp`` configs for it, a ``cp`` config given anyway runs the register
+    """An odd number of groups a row, but more than one, can't be read two a word: the tuner
+    doesn't list ``cp`` configs for it, a ``cp`` config given anyway runs the register
     pipeline (the same product), and the launcher asked for copies directly says why not."""
     from hearth_kernels.quant_dp4a import async_ok, quant_gemv_dp4a
     from hearth_kernels.quant_gemv import pairs_fit
 
-    assert pairs_fit(4096, 4) and pairs_fit(14336, 4) and not pairs_fit(4096, 8) and pairs_fit(4096, 8, 32)
+    assert pairs_fit(4096, 4) and pairs_fit(14336, 4) and pairs_fit(4096, 8) and pairs_fit(4096, 8, 32)
     assert not pairs_fit(96, 4, 32)  # 3 groups
-    assert not any(c.cp for c in quant_gemv_configs(4096, 4096, 8, 4096))
+    assert not any(c.cp for c in quant_gemv_configs(4096, 96, 4, 32))
     assert any(c.cp for c in quant_gemv_configs(4096, 4096, 4, 128))
+    assert any(c.cp for c in quant_gemv_configs(4096, 4096, 8, 4096))  # one group a row
     # long rows: only the copies that fit ASYNC_SMEM (4 rows of 16,384 int8 inputs in groups of
     # 16 a step, 3 ahead, would take 289 KB; the card has 227 KiB a program); the others run
     # the register pipeline when given anyway
@@ -424,7 +442,7 @@ def test_dp4a_async_needs_scales_in_pairs():
     for k, bits, group in ((14336, 8, 16), (28672, 4, 128), (14336, 4, 128)):
         listed = [c for c in quant_gemv_configs(4096, k, bits, group) if c.cp]
         assert big not in listed and all(async_smem(c, k, bits, group) <= ASYNC_SMEM for c in listed)
-    _, prep = make_weight(8, 40, 96, 96, mins=False, seed=1)
+    _, prep = make_weight(4, 40, 96, 32, mins=True, seed=1)
     assert not async_ok(prep)
     x = 3 * rand_x(1, 96, torch.bfloat16)
     cfg = GemvConfig(16, 2, 1, DP4A, 3, 1, 0, 1)
