@@ -49,8 +49,6 @@ def main() -> None:
             quant_us = time_graph(lambda i: quantize_x_blocks(x, bits, swiglu), copies)
             seen, rows = set(), []
             for cfg in list(_DP4A_CONFIGS) + extra:
-                if cfg.cp:  # (this compares x quantized once or per program, register pipeline only)
-                    continue
                 launch = (cfg.block_n, cfg.stages, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
                 if launch in seen:
                     continue

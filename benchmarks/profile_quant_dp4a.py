@@ -2,7 +2,7 @@
 per Llama-8B projection, int4 (group 128) and int8 (per channel), on the GPU.
 
     PYTHONPATH=. python benchmarks/profile_quant_dp4a.py [--json F] [--layers qkv,o,...]
-        [--bits 4,8] [--sweep small|full|wide|split|async] [--warm-only I/N]
+        [--bits 4,8] [--sweep small|full|wide|split] [--warm-only I/N]
 
 For each projection: bf16 cuBLAS; every config ``quant_gemv_configs`` lists (what the
 load-time tuner times), the best of each kind; and a sweep of dp4a configs (rows per
@@ -56,12 +56,9 @@ def rotated_copies(prep):
                                  for _ in range(copies - 1)]
 
 
-def sweep(k: int, full: str, bits: int = 4, group: int | None = None):
+def sweep(k: int, full: str):
     from hearth_kernels.quant_dp4a import dp4a_launch
-    from hearth_kernels.quant_gemv import ASYNC_SMEM, DP4A, GemvConfig, async_smem, pairs_fit
-
-    if full == "async" and not pairs_fit(k, bits, group):
-        return []  # (an odd number of groups a row: no pairs to copy)
+    from hearth_kernels.quant_gemv import DP4A, GemvConfig
 
     if full == "wide":
         rows, steps, warps, stages = (2, 4, 8, 16, 32), (2, 4, 128), (1, 2, 4, 8), (1, 2, 3)
@@ -69,12 +66,9 @@ def sweep(k: int, full: str, bits: int = 4, group: int | None = None):
         rows, steps, warps, stages = (8, 16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 4, 8, 16), (2, 3, 4)
     elif full == "split":  # K split among programs (for the long rows of down, and the narrow layers)
         rows, steps, warps, stages = (8, 16, 32), (2, 4), (4, 8), (2,)
-    elif full == "async":  # the steps copied into shared memory (GemvConfig.cp), 2-4 ahead
-        rows, steps, warps, stages = (8, 16, 32, 64), (2, 4), (4, 8), (3, 4, 5)
     else:
         rows, steps, warps, stages = (16, 32, 64), (2, 4), (1, 2, 4, 8), (3,)
-    splits = (1, 2, 4, 8) if full == "split" else (1, 4) if full == "async" and k > 8192 else (1,)
-    cp = int(full == "async")
+    splits = (1, 2, 4, 8) if full == "split" else (1,)
     seen, out = set(), []
     for bn, r, w, st, sp in itertools.product(rows, steps, warps, stages, splits):
         r = min(r, bn)  # 128: all the program's rows in one step
@@ -84,9 +78,7 @@ def sweep(k: int, full: str, bits: int = 4, group: int | None = None):
         if launch in seen:
             continue
         seen.add(launch)
-        cfg = GemvConfig(bn, r, launch[3], DP4A, st, launch[4], 0, cp)
-        if not cp or async_smem(cfg, k, bits, group) <= ASYNC_SMEM:
-            out.append(cfg)
+        out.append(GemvConfig(bn, r, launch[3], DP4A, st, launch[4]))
     return out
 
 
@@ -95,7 +87,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--layers", default="qkv,o,gate_up,down+swiglu,lm_head")
     ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide", "split", "async"))
+    ap.add_argument("--sweep", default="small", choices=("small", "full", "wide", "split"))
     ap.add_argument("--warm-only", default=None, help="I/N: compile the I-th of N shares of the configs, time nothing")
     args = ap.parse_args()
     share = tuple(map(int, args.warm_only.split("/"))) if args.warm_only else None
@@ -123,7 +115,7 @@ def main() -> None:
             if share is not None:  # compile only
                 x = torch.randn(1, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
                 configs = quant_gemv_configs(n, k, bits, prep.group_size)
-                configs += [c for c in sweep(k, args.sweep, bits, prep.group_size) if c not in configs]
+                configs += [c for c in sweep(k, args.sweep) if c not in configs]
                 for cfg in configs[share[0]::share[1]]:
                     try:
                         quant_gemv(x, prep, config=cfg, swiglu=swiglu)
@@ -146,7 +138,7 @@ def main() -> None:
                                bf_copies)
             timed = []  # (us, kind, config, err vs bf16 / rms, err vs exact / |exact|max)
             tuner = quant_gemv_configs(n, k, bits, prep.group_size)
-            configs = tuner + [c for c in sweep(k, args.sweep, bits, prep.group_size) if c not in tuner]
+            configs = tuner + [c for c in sweep(k, args.sweep) if c not in tuner]
             for cfg in configs:
                 try:
                     us = time_graph(lambda i, c=cfg: quant_gemv(x, preps[i], config=c, swiglu=swiglu, out=y), copies)

@@ -1,6 +1,6 @@
 """Zeroed int32 counters for kernels whose last program to arrive finishes the job.
 
-A split launch (split-K GEMV/GEMM fixups, split decode attention's merge) has each program
+A split launch (the split-K fixups of ``quant_mma``, ``quant_dp4a`` and ``fp8``) has each program
 write its partial result, then add one to its output tile's counter; the program that
 sees ``count == parts - 1`` adds the partials in a fixed order, writes the output and sets
 the counter back to zero for the next launch. One fixed-size tensor per device, never

@@ -17,20 +17,12 @@ K/V tile is loaded once and used by the whole group, which is padded to 16 rows 
 tensor-core dot). Within its slice it runs the online softmax of FlashAttention
 (Milakov & Gimelshein 2018; Dao 2023) over tiles of ``block_n`` keys, accumulating in
 fp32. With several splits it writes a normalised partial output plus its row max m_p and
-sum l_p, and they are merged with the log-sum-exp rule
+sum l_p, and a second kernel merges them with the log-sum-exp rule
 
     M = max_p m_p,   w_p = l_p * 2^(m_p - M),   out = sum_p w_p o_p / sum_p w_p
 
-so a single long sequence at batch 1 still spreads over the whole GPU. The merge runs in
-the split kernel itself: each split program counts itself in (an atomic per sequence and
-kv head, ``hearth_kernels/counters.py``) and the last to finish merges the kv head's query
-heads (in split order: the same bits every run) and resets its counter, so a layer's
-decode attention is one kernel; at batch 1 a second, merging kernel cost about 2.3 us of
-a 5-8 us attention per layer on the H200 profiles. A context that fits one slice (slices
-are at least one key tile, 128 keys at bf16 and head size 128: a short chat) skips the
-partials and writes its output directly.
-``HEARTH_DECODE_MERGE=kernel`` runs the separate merge kernel instead. With one split the
-kernel writes the output itself. Under a sliding window only the window's keys
+so a single long sequence at batch 1 still spreads over the whole GPU. With one split
+the first kernel writes the output itself. Under a sliding window only the window's keys
 are sliced, so no program is spent on keys nobody sees.
 
 CUDA-graph safe: the grid depends only on B, the head counts and ``num_splits`` (chosen
@@ -44,7 +36,6 @@ A sequence with ``seq_len == 0`` (batch padding) gets zeros.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -53,7 +44,6 @@ import triton.language as tl
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 
 from hearth_kernels._checks import check_paged_cache, fp8_as_fp16
-from hearth_kernels.counters import COUNTER_SLOTS, counters
 
 _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked so far
@@ -77,7 +67,7 @@ def _visible_span(seq_len, window, num_splits, HAS_WINDOW: tl.constexpr, BLOCK_N
 # window and num_splits change with eager batches: not specialised (no recompiles for them).
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(
-    q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr, cnt_ptr,
+    q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr,
     qk_scale, window, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, stride_tb,
@@ -85,8 +75,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    AS_FP16: tl.constexpr, FUSED: tl.constexpr, G_MERGE: tl.constexpr, NP_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, PDL: tl.constexpr,
+    AS_FP16: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     pdl_wait(PDL)  # before any load or early return (hearth_kernels/pdl.py)
@@ -96,12 +85,10 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     lo, base, slice_len = _visible_span(seq_len, window, num_splits, HAS_WINDOW, BLOCK_N)
     start = base + split * slice_len
-    n_parts = tl.cdiv(seq_len - base, slice_len)  # splits that run (0 for seq_len 0)
     if SPLIT:
-        if start >= seq_len and (split > 0 or not FUSED):
+        if start >= seq_len:
             return  # past this sequence's end: the merge ignores this split
-    # (Unsplit, or fused and the first split, the program always runs: a padding row, seq_len
-    # 0, must write zeros.)
+    # (Unsplit, the lone program always runs: a padding row, seq_len 0, must write zeros.)
     end = tl.minimum(start + slice_len, seq_len)
 
     offs_g = tl.arange(0, G_PAD)
@@ -145,65 +132,15 @@ def _decode_split_kernel(
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only for an empty context
     st_mask = g_mask[:, None] & d_mask[None, :]
-    out_rows = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if SPLIT:
-        if FUSED and n_parts <= 1:  # the context fit one slice: this program's output is the answer
-            tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=st_mask)
-        else:
-            p_base = b64 * stride_pb + split * stride_pp
-            tl.store(part_out_ptr + p_base + heads[:, None] * stride_ph + offs_d[None, :], o, mask=st_mask)
-            ml = part_ml_ptr + b64 * stride_mlb + heads * stride_mlh + split * 2
-            tl.store(ml, m_i, mask=g_mask)
-            tl.store(ml + 1, l_i, mask=g_mask)
-            if FUSED:
-                # the last of this kv head's splits to finish merges them (every thread's
-                # partials are written before the count goes up; the count is left at zero)
-                tl.debug_barrier()
-                cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-                done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-                if done == n_parts - 1:
-                    _merge_group(part_out_ptr, part_ml_ptr, out_ptr, b64, kvh, n_parts, stride_pb, stride_ph,
-                                 stride_pp, stride_mlb, stride_mlh, stride_ob, stride_oh, GROUP, G_MERGE,
-                                 HEAD_DIM, D_PAD, NP_PAD, CHUNK)
-                    tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        p_base = b64 * stride_pb + split * stride_pp
+        tl.store(part_out_ptr + p_base + heads[:, None] * stride_ph + offs_d[None, :], o, mask=st_mask)
+        ml = part_ml_ptr + b64 * stride_mlb + heads * stride_mlh + split * 2
+        tl.store(ml, m_i, mask=g_mask)
+        tl.store(ml + 1, l_i, mask=g_mask)
     else:
-        tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=st_mask)
-
-
-@triton.jit
-def _merge_group(part_out_ptr, part_ml_ptr, out_ptr, b64, kvh, n_parts, stride_pb, stride_ph, stride_pp,
-                 stride_mlb, stride_mlh, stride_ob, stride_oh, GROUP: tl.constexpr, G_MERGE: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NP_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """The fused merge: the log-sum-exp rule of ``_decode_merge_kernel`` for the GROUP query
-    heads of kv head ``kvh`` at once, over its ``n_parts`` (>= 2) partials (read through L2:
-    other programs wrote them)."""
-    offs_g = tl.arange(0, G_MERGE)
-    g_ok = offs_g < GROUP
-    heads = kvh * GROUP + offs_g
-    offs_p = tl.arange(0, NP_PAD)
-    ml = part_ml_ptr + b64 * stride_mlb + heads[:, None] * stride_mlh  # [G_MERGE, 1]
-    ok = g_ok[:, None] & (offs_p < n_parts)[None, :]
-    m = tl.load(ml + offs_p[None, :] * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    l = tl.load(ml + offs_p[None, :] * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, axis=1)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)  # padding heads
-    total = tl.sum(l * tl.exp2(m - m_max[:, None]), axis=1)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
-    offs_c = tl.arange(0, CHUNK)
-    acc = tl.zeros([G_MERGE, D_PAD], tl.float32)
-    o_rows = part_out_ptr + b64 * stride_pb + heads[:, None, None] * stride_ph + offs_d[None, None, :]
-    for c0 in range(0, n_parts, CHUNK):  # chunks of splits keep registers bounded
-        pc = c0 + offs_c
-        c_ok = g_ok[:, None] & (pc < n_parts)[None, :]  # [G_MERGE, CHUNK]
-        w = tl.load(ml + pc[None, :] * 2 + 1, mask=c_ok, other=0.0, cache_modifier=".cg") * tl.exp2(
-            tl.load(ml + pc[None, :] * 2, mask=c_ok, other=float("-inf"), cache_modifier=".cg") - m_max[:, None])
-        o = tl.load(o_rows + pc[None, :, None] * stride_pp, mask=c_ok[:, :, None] & d_ok[None, None, :],
-                    other=0.0, cache_modifier=".cg")
-        acc += tl.sum(w[:, :, None] * o, axis=1)
-    res = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             res.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit(do_not_specialize=["window", "num_splits"])
@@ -270,13 +207,6 @@ def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None =
     if cache_dtype == torch.float8_e4m3fn:
         return 128, 4, 3
     return 128, 4, 2
-
-
-def fused_merge() -> bool:
-    """Whether split decode attention merges its splits in the last split program of each kv
-    head to finish (one kernel per layer) rather than in a second kernel: yes unless
-    ``HEARTH_DECODE_MERGE=kernel`` (kept for the A/B on the GPU)."""
-    return os.environ.get("HEARTH_DECODE_MERGE", "fused") != "kernel"
 
 
 @functools.lru_cache(maxsize=16)
@@ -350,12 +280,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         part_out = part_ml = out  # unused (SPLIT=False)
         pstrides = (0, 0, 0, 0, 0)
     window = sliding_window or 0
-    np_pad = triton.next_power_of_2(splits)
-    fused = split and bsz * kv_heads <= COUNTER_SLOTS and fused_merge()
-    cnt = counters(q.device, bsz * kv_heads, "split decode attention") if fused else seq_lens
-    g_merge = triton.next_power_of_2(group)
     _decode_split_kernel[(bsz, kv_heads, splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_ml, cnt,
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_ml,
         scale * _LOG2E, window, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -364,13 +290,11 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), FUSED=fused, G_MERGE=g_merge, NP_PAD=np_pad,
-        # the merge's [G_MERGE, CHUNK, D_PAD] fp32 tile: at most 32 values per thread of 4 warps (its
-        # [G_MERGE, NP_PAD] maxima and sums are loaded whole: a few more for wide MQA groups at long bounds)
-        CHUNK=max(1, min(np_pad, 4096 // (g_merge * d_pad))),
+        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
-    if split and not fused:
+    if split:
+        np_pad = triton.next_power_of_2(splits)
         _decode_merge_kernel[(bsz, heads)](
             part_out, part_ml, seq_lens, out, window, splits, *pstrides, out.stride(0), out.stride(1),
             HEAD_DIM=dim, D_PAD=d_pad, BLOCK_N=block_n, NP_PAD=np_pad,

@@ -39,12 +39,7 @@ block(s) of x once per program (a block's 32 inputs live in one thread, so its s
 no reduction), then the program streams ``ROWS`` rows, ``R`` per step; each row's partial
 sums are reduced across the program. ``warps`` sets how many blocks each thread holds
 (K / (1024 * warps), a power of 2): fewer warps, fewer reductions per weight but more
-registers of x. How the steps arrive: in registers, the first ``LEAD`` (1-2) requested
-before x is loaded and each next one a step ahead (``quant_gemv._steps_start``), or with
-``ASYNC`` (``GemvConfig.cp``) copied ``STAGES`` - 1 steps ahead into shared memory by Triton's
-pipeliner (cp.async; the fp16 scales and mins read as int32 words of two groups, since it
-leaves 2-byte loads synchronous), which holds more bytes in flight at fewer registers but
-starts only after x. Under ``TRITON_INTERPRET=1`` dp4a is emulated with the same integer
+registers of x. Under ``TRITON_INTERPRET=1`` dp4a is emulated with the same integer
 arithmetic (exact), so the interpreter tests check the algorithm bit for bit.
 """
 
@@ -255,102 +250,12 @@ def quantize_x_blocks(x: torch.Tensor, bits: int, swiglu: bool = False,
 
 
 @triton.jit
-def _pair_halves(words, grp):
-    """fp16 values from int32 words holding two each (``grp`` even: the low half) -> float32."""
-    half = (words >> ((grp & 1) * 16)[None, :]) & 0xFFFF
-    return half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _step_load_pairs(q_ptr, s_ptr, m_ptr, rows, ok, N, stride_qn, stride_sn, word, grp, blk_ok,
-                     HAS_MIN: tl.constexpr):
-    """``_step_load`` for the ASYNC loop: the fp16 scales and mins read as the int32 words
-    that hold two groups each (s_ptr, m_ptr: int32 views, stride_sn in words), 4-byte loads
-    that Triton's pipeliner copies asynchronously like the codes (it leaves 2-byte ones
-    synchronous). Returns the codes and float32 scales and mins."""
-    w = _step_codes(q_ptr, rows, ok, N, stride_qn, word, blk_ok)
-    ok = ok & (rows < N)
-    rows = tl.where(ok, rows, 0).to(tl.int64)
-    sg = rows[:, None] * stride_sn + (grp // 2)[None, :]
-    scale = _pair_halves(tl.load(s_ptr + sg, mask=ok[:, None], other=0), grp)
-    if HAS_MIN:
-        mins = _pair_halves(tl.load(m_ptr + sg, mask=ok[:, None], other=0), grp)
-    else:
-        mins = scale
-    return w, scale, mins
-
-
-@triton.jit
-def _step_codes(q_ptr, rows, ok, N, stride_qn, word, blk_ok):
-    """One step's codes [R, blocks, words] (rows beyond N or not ``ok``: zeros)."""
-    ok = ok & (rows < N)
-    rows = tl.where(ok, rows, 0).to(tl.int64)
-    return tl.load(q_ptr + rows[:, None, None] * stride_qn + word, mask=ok[:, None, None] & blk_ok[None, :, None],
-                   other=0, eviction_policy="evict_first")
-
-
-@triton.jit
-def _row_terms(s_ptr, m_ptr, rows, ok, N, stride_sn, HAS_MIN: tl.constexpr):
-    """Float32 scales and mins [R] of weights with one group a row."""
-    ok = ok & (rows < N)
-    at = tl.where(ok, rows, 0).to(tl.int64) * stride_sn
-    scale = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    if HAS_MIN:
-        mins = tl.load(m_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    else:
-        mins = scale
-    return scale, mins
-
-
-@triton.jit
-def _dp4a_rows(w, scale, mins, xe, xo, e0, e1, e2, e3, o0, o1, o2, o3, sx, xsum, xqsum, BITS: tl.constexpr,
-               HAS_MIN: tl.constexpr, GPB: tl.constexpr, ASM: tl.constexpr):
-    """One step's rows: sum over the program's inputs of the codes ``w`` [R, NB, WPB] times
-    x, scaled per block (float32 ``scale``, ``mins`` [R, NB * GPB]): [R]."""
-    if BITS == 4:
-        w0, w1, w2, w3 = _split4(w)  # [R, NB] each: words 0..3 of each block
-        lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
-            w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
-            False, ASM), False, ASM)
-        hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
-            w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
-            False, ASM), False, ASM)
-        # [R, NB]: sum((q - 8) * xq) per block (hi's terms are multiples of 16). Centred
-        # codes: w = (q - 8) s + (m + 8 s), and m + 8 s is about the group's midpoint, so
-        # x's rounding errors are weighted by about |w|, not by |q s| (about 3x more)
-        dot = lo + (hi >> 4) - 8 * xqsum[None, :]
-    else:
-        dot = _group_sums(_dp4a(w, xe[None, :, :], 0, True, ASM), GPB)  # [R, NB * GPB]
-    t = dot.to(tl.float32) * (scale * sx[None, :])
-    if HAS_MIN:
-        if BITS == 4:
-            t += (mins + 8.0 * scale) * xsum[None, :]
-        else:
-            t += mins * xsum[None, :]
-    return tl.sum(t, axis=1)
-
-
-@triton.jit
-def _put_rows(y, rows, row_ok, r0, r, b_ptr, y_ptr, ws_ptr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-              HAS_BIAS: tl.constexpr):
-    """A step's row sums: to y (bias added), or with K split to this program's partials."""
-    if SPLIT > 1:
-        tl.store(ws_ptr + (tl.program_id(0) * SPLIT + tl.program_id(1)) * ROWS + r0 + r, y, mask=r0 + r < ROWS,
-                 cache_modifier=".cg")
-    else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + tl.where(row_ok, rows, 0).to(tl.int64)).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
 def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, stride_qn, stride_sn,
                             r_ptr, nw_ptr, ro_ptr, eps, xf_ptr,
                             GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                            NORM: tl.constexpr, QX: tl.constexpr, ASYNC: tl.constexpr, ASM: tl.constexpr,
-                            PDL: tl.constexpr):
+                            NORM: tl.constexpr, QX: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
@@ -358,11 +263,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     # zeroed) adds them in split order (the same bits every run) and writes y. NORM (one
     # program along K): x is the RMSNorm of x (NORM 1) or of x + r (NORM 2; program 0
     # writes that sum, the new residual stream, to ro_ptr) with weight nw_ptr (see
-    # ``quant_gemv_normed``). ASYNC 1: the steps' codes, scales and mins (s_ptr, m_ptr: int32
-    # views of the fp16 pairs, stride_sn in words) are copied STAGES - 1 steps ahead into
-    # shared memory by Triton's pipeliner (cp.async) instead of into registers: more bytes in
-    # flight per SM at fewer registers a thread. ASYNC 2 (one group a row: int8 per channel):
-    # the codes copied so, each row's scale and min loaded a step ahead in registers.
+    # ``quant_gemv_normed``).
     pdl_start(PDL)
     NB: tl.constexpr = KP // 32  # blocks of 32 inputs
     WPB: tl.constexpr = 4 if BITS == 4 else 8  # words per block
@@ -377,7 +278,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     word = (kb // (32 // WPB))[None, :, None] + j[None, None, :]  # [1, NB, WPB]
     # the first steps' weights are requested before x, so that their memory round trip
     # overlaps x's load and quantizing (a narrow layer's fixed cost)
-    LEAD: tl.constexpr = 0 if ASYNC else max(0, min(STAGES - 1, 2))  # steps loaded ahead (``_steps_start``)
+    LEAD: tl.constexpr = max(0, min(STAGES - 1, 2))  # steps loaded ahead (``_steps_start``)
     w_a, s_a, m_a, w_b, s_b, m_b = _steps_start(q_ptr, s_ptr, m_ptr, first, r, N, stride_qn, stride_sn, word, grp,
                                                 blk_ok, HAS_MIN, ROWS, R, LEAD)
     # with PDL this kernel started while the one before it (which writes x) was finishing:
@@ -399,9 +300,6 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
         if BITS == 4:
             xo = tl.load(x_ptr + bidx[:, None] * 8 + 4 + j[None, :], mask=blk_ok[:, None], other=0)
             xqsum = tl.load(meta + 2, mask=blk_ok, other=0.0).to(tl.int32)
-        else:
-            xo = xe
-            xqsum = sx.to(tl.int32)  # unused
     else:
         xe, xo, sx, xsum, xqsum, _ = _x_quantized(x_ptr, r_ptr, nw_ptr, ro_ptr, eps, kb, K, BITS, SWIGLU, NORM, GPB)
     if GPB > 1:  # each group of a block takes the block's x scale
@@ -409,38 +307,41 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
     if BITS == 4:
         e0, e1, e2, e3 = _split4_last(xe)
         o0, o1, o2, o3 = _split4_last(xo)
-    else:
-        e0, e1, e2, e3, o0, o1, o2, o3 = xe, xe, xe, xe, xe, xe, xe, xe  # unused
-    if ASYNC == 1:
-        for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
-            rows = first + r0 + r
-            row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
-            w, scale, mins = _step_load_pairs(q_ptr, s_ptr, m_ptr, rows, r0 + r < ROWS, N, stride_qn, stride_sn,
-                                              word, grp, blk_ok, HAS_MIN)
-            y = _dp4a_rows(w, scale, mins, xe, xo, e0, e1, e2, e3, o0, o1, o2, o3, sx, xsum, xqsum, BITS, HAS_MIN,
-                           GPB, ASM)
-            _put_rows(y, rows, row_ok, r0, r, b_ptr, y_ptr, ws_ptr, ROWS, SPLIT, HAS_BIAS)
-    elif ASYNC == 2:  # one scale (and min) a row: 2 bytes a row, loaded a step ahead in registers
-        s_cur, m_cur = _row_terms(s_ptr, m_ptr, first + r, r < ROWS, N, stride_sn, HAS_MIN)
-        for r0 in tl.range(0, ROWS, R, num_stages=STAGES):
-            rows = first + r0 + r
-            row_ok = (rows < N) & (r0 + r < ROWS)
-            w = _step_codes(q_ptr, rows, r0 + r < ROWS, N, stride_qn, word, blk_ok)
-            s_nxt, m_nxt = _row_terms(s_ptr, m_ptr, rows + R, r0 + R + r < ROWS, N, stride_sn, HAS_MIN)
-            y = _dp4a_rows(w, s_cur[:, None], m_cur[:, None], xe, xo, e0, e1, e2, e3, o0, o1, o2, o3, sx, xsum,
-                           xqsum, BITS, HAS_MIN, GPB, ASM)
-            _put_rows(y, rows, row_ok, r0, r, b_ptr, y_ptr, ws_ptr, ROWS, SPLIT, HAS_BIAS)
-            s_cur, m_cur = s_nxt, m_nxt
-    else:
-        for r0 in range(0, ROWS, R):
-            rows = first + r0 + r
-            row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
-            w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
-                q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b,
-                s_b, m_b, HAS_MIN, ROWS, R, LEAD)
-            y = _dp4a_rows(w, scale, mins, xe, xo, e0, e1, e2, e3, o0, o1, o2, o3, sx, xsum, xqsum, BITS, HAS_MIN,
-                           GPB, ASM)
-            _put_rows(y, rows, row_ok, r0, r, b_ptr, y_ptr, ws_ptr, ROWS, SPLIT, HAS_BIAS)
+    for r0 in range(0, ROWS, R):
+        rows = first + r0 + r
+        row_ok = (rows < N) & (r0 + r < ROWS)  # R need not divide ROWS
+        rows_safe = tl.where(row_ok, rows, 0).to(tl.int64)
+        w, scale, mins, w_a, s_a, m_a, w_b, s_b, m_b = _steps_next(
+            q_ptr, s_ptr, m_ptr, rows, r0, r, N, stride_qn, stride_sn, word, grp, blk_ok, w_a, s_a, m_a, w_b, s_b,
+            m_b, HAS_MIN, ROWS, R, LEAD)
+        if BITS == 4:
+            w0, w1, w2, w3 = _split4(w)  # [R, NB] each: words 0..3 of each block
+            lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
+                w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
+                False, ASM), False, ASM)
+            hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
+                w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
+                False, ASM), False, ASM)
+            # [R, NB]: sum((q - 8) * xq) per block (hi's terms are multiples of 16). Centred
+            # codes: w = (q - 8) s + (m + 8 s), and m + 8 s is about the group's midpoint, so
+            # x's rounding errors are weighted by about |w|, not by |q s| (about 3x more)
+            dot = lo + (hi >> 4) - 8 * xqsum[None, :]
+        else:
+            dot = _group_sums(_dp4a(w, xe[None, :, :], 0, True, ASM), GPB)  # [R, NB * GPB]
+        t = dot.to(tl.float32) * (scale * sx[None, :])
+        if HAS_MIN:
+            if BITS == 4:
+                t += (mins + 8.0 * scale) * xsum[None, :]
+            else:
+                t += mins * xsum[None, :]
+        y = tl.sum(t, axis=1)
+        if SPLIT > 1:
+            tl.store(ws_ptr + (tl.program_id(0) * SPLIT + tl.program_id(1)) * ROWS + r0 + r, y, mask=r0 + r < ROWS,
+                     cache_modifier=".cg")
+        else:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rows_safe).to(tl.float32)
+            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
     if SPLIT > 1:
         tl.debug_barrier()  # every thread's partials are written before the block's count goes up
         done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
@@ -470,46 +371,21 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
     return kp, min(block_k, block_n), num_warps, split
 
 
-def pairs_view(t: torch.Tensor | None) -> torch.Tensor | None:
-    """fp16 scales or mins [N, G] as int32 [N, G/2] (two groups a word), for the ASYNC
-    steps; None where the layout doesn't allow it (odd G or stride, not 4-byte aligned)."""
-    if t is None:
-        return None
-    if (t.dim() != 2 or t.dtype != torch.float16 or t.shape[1] % 2 or t.stride(1) != 1 or t.stride(0) % 2
-            or t.data_ptr() % 4):
-        return None
-    return t.view(torch.int32)
-
-
-def _per_row(prepared) -> bool:
-    return prepared.scales.dim() == 2 and prepared.scales.shape[1] == 1
-
-
-def async_ok(prepared) -> bool:
-    """Whether the dp4a kernel's ASYNC steps can take ``prepared``'s scales (and mins): one a
-    row, or as pairs (``pairs_view``)."""
-    if _per_row(prepared):
-        return True
-    return pairs_view(prepared.scales) is not None and (prepared.mins is None or pairs_view(prepared.mins) is not None)
-
-
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                     block_n: int, block_k: int, warps: int, stages: int, split: int = 1,
-                    norm: tuple | None = None, qx: bool | tuple = False, async_copy: bool = False) -> torch.Tensor:
+                    norm: tuple | None = None, qx: bool | tuple = False) -> torch.Tensor:
     """Launch the dp4a kernel for one row (``hearth_kernels.quant_gemv.quant_gemv`` checks the
     arguments and sends ``kind=DP4A`` configs here): ``block_n`` rows per program,
     ``block_k`` rows per step, ``warps`` (see ``dp4a_launch``), ``stages`` - 1 steps loaded
     ahead, K split among ``split`` programs per row block (a small fp32 workspace from
-    torch's allocator; the counters are made outside graph capture, ``hearth_kernels.counters``).
+    torch's allocator; the counters are made outside graph capture: ``hearth_kernels.counters``).
     ``norm``: ``(residual or None, weight, eps, residual_out)``, checked by
     ``quant_gemv_normed``: x is RMS-normalised (after adding the residual) in the prologue;
     needs ``split == 1`` (or ``qx``) and no SwiGLU. ``qx``: True quantizes x (after SwiGLU or the norm)
     with one kernel first (``quantize_x_blocks``) and every program reads it, instead of each
     program quantizing the whole row itself (a wide layer's 1,000-2,000 programs repeat
     that); the result is the same up to the order of float sums (the interpreter: bit for
-    bit). Or ``quantize_x_blocks``'s output itself. ``async_copy``: the steps are copied
-    ``stages`` - 1 ahead into shared memory by Triton's pipeliner rather than into registers
-    (``async_ok`` must hold; the same result bit for bit)."""
+    bit). Or ``quantize_x_blocks``'s output itself."""
     n, k = prepared.out_features, prepared.in_features
     if k > DP4A_MAX_K or k % 32:
         raise ValueError(f"quant_gemv: the dp4a kernel needs K a multiple of 32 and at most {DP4A_MAX_K}, got {k}")
@@ -519,14 +395,6 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
     if split > 1 and block_n & (block_n - 1):
         raise ValueError(f"quant_gemv: a dp4a config with K split needs a power of 2 of rows per program, got {block_n}")
     q, s, m = prepared.qweight.view(torch.int32), prepared.scales, prepared.mins
-    mode = 0
-    if async_copy:
-        if not async_ok(prepared):
-            raise ValueError("quant_gemv: the dp4a kernel's async steps read the scales two groups a word: they "
-                             "need one group a row or an even number of groups per row, contiguous")
-        mode = 2 if _per_row(prepared) else 1
-        if mode == 1:
-            s, m = pairs_view(s), pairs_view(m)
     programs = triton.cdiv(n, block_n)
     if split > 1:
         ws = torch.empty(programs * split * block_n, dtype=torch.float32, device=x.device)
@@ -545,7 +413,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         n, k, q.stride(0), s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not False else s,
         GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASYNC=mode, ASM=not _interpreting(),
+        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not _interpreting(),
         num_warps=num_warps, **pdl_args(x.device))
     return out
 

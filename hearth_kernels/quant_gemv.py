@@ -498,12 +498,7 @@ class GemvConfig(NamedTuple):
     instruction per int4 weight instead of 4.4-5; the activations' rounding to 8 bits is the
     price, as in llama.cpp's CUDA decode): ``block_n`` rows per program, ``block_k`` rows per
     step, ``warps`` (fewer: more blocks of x per thread, fewer reductions), ``split``
-    programs per row block along K (the last to arrive adds the partial sums), ``cp``: the
-    steps' codes, scales and mins copied ``stages`` - 1 steps ahead into shared memory by
-    Triton's pipeliner (cp.async) instead of into registers (int4 and grouped int8 with an
-    even number of groups per row; the same bits). Nsight Compute found the register
-    pipeline latency-bound on the H100 (waiting on its loads, 0.5-1 eligible warps a
-    scheduler): the copies keep more bytes in flight per SM at fewer registers a thread.
+    programs per row block along K (the last to arrive adds the partial sums).
     Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
@@ -514,7 +509,6 @@ class GemvConfig(NamedTuple):
     stages: int = 3  # software-pipelining depth (steps in flight per program)
     split: int = 1  # SWAP: programs per output tile along K
     qx: int = 0  # DP4A: 1 quantizes x (and the norm, SwiGLU) in one kernel first, not in every program
-    cp: int = 0  # DP4A: 1 copies the steps into shared memory asynchronously, ``stages`` - 1 ahead
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
@@ -564,13 +558,7 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  # rows per program that aren't a power of 2: an H100 sweep had q/k/v at 12 rows
                  # (5.81 us against 6.27) and gate_up at 28 (23.2 against 23.7) ahead of the
                  # configs above (benchmarks/results/2026-12-05-i14-dp4a-wavefit-*-8b-h100-955f6d2.json)
-                 GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2),
-                 # the steps copied into shared memory (cp.async) 3 ahead: at K = 4096, 61-106 registers
-                 # a thread in the sm_90 build against 74-128 for the register pipeline, twice the bytes
-                 # in flight (listed where the copies fit ``ASYNC_SMEM``)
-                 GemvConfig(32, 4, 8, DP4A, 4, cp=1), GemvConfig(16, 4, 4, DP4A, 4, cp=1),
-                 GemvConfig(16, 2, 4, DP4A, 4, cp=1), GemvConfig(64, 4, 8, DP4A, 4, cp=1),
-                 GemvConfig(32, 4, 4, DP4A, 4, 4, cp=1), GemvConfig(8, 2, 4, DP4A, 4, 1, 1, cp=1))
+                 GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 
 
@@ -579,33 +567,6 @@ def dp4a_enabled() -> bool:
     (it rounds x to 8 bits per block of 32; the tuner still checks its product against the
     reference on the card before timing it)."""
     return os.environ.get("HEARTH_QUANT_DP4A", "1") != "0"
-
-
-#: shared memory a ``cp`` config's copies may take (at most ``async_smem`` bytes): two programs
-#: an SM within the H100/H200's 227 KiB
-ASYNC_SMEM = 96 * 1024
-
-
-def async_smem(cfg: GemvConfig, k: int, bits: int, group: int | None = None) -> int:
-    """The shared memory a ``cp`` config's copies take at ``k`` inputs: ``stages`` - 1 steps of
-    codes and of the scales' and mins' words, each step ``rows per step`` x the program's
-    inputs (what the sm_90 builds reserve, to 1 KB: 37 KB for (32, 4, 8) at K = 4096 int4,
-    295 KB for (32, 4, 8) at 14,336 int8 in groups of 16)."""
-    from hearth_kernels.quant_dp4a import dp4a_launch
-
-    kp, r, _, _ = dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split)
-    blocks = kp // 32
-    gpb = 2 if group is not None and group < 32 else 1
-    step = r * blocks * (4 if bits == 4 else 8) * 4 + 2 * r * blocks * gpb * 4
-    return (max(2, cfg.stages) - 1) * step + 1024
-
-
-def pairs_fit(k: int, bits: int, group: int | None = None) -> bool:
-    """Whether the dp4a kernel's ``cp`` steps take a [*, k] weight's scales: one group a row,
-    or two groups a word (an even number of groups per row; int4's group defaults to 128,
-    int8's to the whole row)."""
-    group = group or (min(k, 128) if bits == 4 else k)
-    return k % group == 0 and (k // group == 1 or (k // group) % 2 == 0)
 
 
 def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> list[GemvConfig]:
@@ -632,10 +593,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
 
         launches = set()
         for cfg in _DP4A_CONFIGS:  # configs that launch the same kernel the same way are timed once
-            if cfg.cp and not (pairs_fit(k, bits, group) and async_smem(cfg, k, bits, group) <= ASYNC_SMEM):
-                continue  # (long rows: the copies of a step of 4 rows of 16,384 inputs take 128-300 KB)
-            launch = (cfg.block_n, cfg.stages, cfg.qx, cfg.cp,
-                      *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
+            launch = (cfg.block_n, cfg.stages, cfg.qx, *dp4a_launch(cfg.block_n, cfg.block_k, cfg.warps, k, cfg.split))
             if launch not in launches:
                 launches.add(launch)
                 out.append(cfg)
@@ -652,17 +610,6 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             out.append(GemvConfig(c.block_n, c.block_k, c.warps, SWAP_SCALED if c.scale_w else SWAP, c.stages,
                                   c.split_k))
     return out
-
-
-def _async(cfg: GemvConfig, prepared: PreparedQuant) -> bool:
-    """A ``cp`` config's copies where the scales allow them and they fit shared memory (else
-    the register pipeline: the same result)."""
-    if not cfg.cp:
-        return False
-    from hearth_kernels.quant_dp4a import async_ok
-
-    k = prepared.in_features
-    return async_ok(prepared) and async_smem(cfg, k, prepared.bits, prepared.group_size) <= ASYNC_SMEM
 
 
 def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
@@ -727,8 +674,7 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
     residual = None if residual is None else residual.contiguous()
     cfg = GemvConfig(*config)
     quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages),
-                    cfg.split if cfg.qx else 1, norm=(residual, weight, float(eps), s), qx=bool(cfg.qx),
-                    async_copy=_async(cfg, prepared))
+                    cfg.split if cfg.qx else 1, norm=(residual, weight, float(eps), s), qx=bool(cfg.qx))
     return out, s
 
 
@@ -788,7 +734,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
 
         if k <= DP4A_MAX_K:
             return quant_gemv_dp4a(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
-                                   max(1, cfg.stages), cfg.split, qx=bool(cfg.qx), async_copy=_async(cfg, prepared))
+                                   max(1, cfg.stages), cfg.split, qx=bool(cfg.qx))
     if cfg.kind in (SWAP, SWAP_SCALED) and k % 16 == 0:
         from hearth_kernels.quant_mma import MmaConfig, quant_mma
 

@@ -405,10 +405,9 @@ def kernel_candidates(layer) -> list[QuantKernel]:
 
 def _config_name(config) -> str:
     """A GEMV config as ``ModelInfo.batch1_matmul`` shows it (rows x step / warps, kind,
-    stages, the K split when there is one, ``qx``: x quantized by a kernel first, ``cp``: the
-    steps copied into shared memory)."""
+    stages, and the K split when there is one)."""
     from hearth_kernels.quant_gemv import GemvConfig
 
     c = GemvConfig(*config)
     name = "triton quant gemv %dx%d/%dw k%d s%d" % c[:5]
-    return name + (f" split{c.split}" if c.split > 1 else "") + (" qx" if c.qx else "") + (" cp" if c.cp else "")
+    return name + (f" split{c.split}" if c.split > 1 else "") + (" qx" if c.qx else "")

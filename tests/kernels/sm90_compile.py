@@ -138,12 +138,9 @@ def main() -> None:
     cases = {
         "decode": (paged_decode._decode_split_kernel,
                    {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "cnt_ptr": "*i32",
-                    "qk_scale": "fp32"},
-                   # batch 1 at a 4,096-token bound: 32 splits, merged 8 at a time by the last
+                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
-                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False, FUSED=True, G_MERGE=4, NP_PAD=32,
-                        CHUNK=8), warps, stages),
+                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False), warps, stages),
         "decode_merge": (paged_decode._decode_merge_kernel,
                          {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                           "out_ptr": bf},
@@ -198,16 +195,6 @@ def main() -> None:
                                    {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                     "res_out_ptr": bf, "eps": "fp32"},
                                    dict(N=4096, BLOCK=4096, HAS_RESIDUAL=True), 16, 1)
-    from hearth_kernels import quant_dp4a
-
-    # the dp4a GEMV with its steps copied into shared memory (GemvConfig.cp), gate_up's shape:
-    # int4 in groups of 128, 32 rows a program in steps of 4, 8 warps, 3 steps ahead, the norm first
-    cases["dp4a_cp"] = (quant_dp4a._quant_gemv_dp4a_kernel,
-                        {"x_ptr": bf, "q_ptr": "*i32", "s_ptr": "*i32", "m_ptr": "*i32", "b_ptr": bf, "y_ptr": bf,
-                         "ws_ptr": "*fp32", "cnt_ptr": "*i32", "r_ptr": bf, "nw_ptr": bf, "ro_ptr": bf, "eps": "fp32",
-                         "xf_ptr": "*fp32"},
-                        dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=False, ROWS=32, R=4, KP=4096,
-                             STAGES=4, SPLIT=1, NORM=2, QX=False, ASYNC=True, ASM=True, PDL=True), 8, 4)
     only = set(sys.argv[1:])
     for name, (fn, types, consts, warps, stages) in cases.items():
         if only and name not in only:

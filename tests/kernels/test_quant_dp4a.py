@@ -375,83 +375,6 @@ def test_dp4a_rows_per_program_not_a_power_of_2(cfg, bits, group, swiglu):
     check_exact(quant_gemv(x, prep, config=cfg, swiglu=swiglu), x, prep, swiglu=swiglu)
 
 
-@pytest.mark.parametrize("bits,group,mins,swiglu", [(4, 64, True, False), (4, 128, True, True), (4, 32, False, False),
-                                                    (8, 32, True, True), (8, 16, True, False)])
-@pytest.mark.parametrize("split,qx", [(1, 0), (2, 0), (1, 1)], ids=["one", "split2", "qx"])
-def test_dp4a_async_steps_are_the_register_pipeline_bit_for_bit(bits, group, mins, swiglu, split, qx):
-    """``cp`` configs copy each step (codes, and the scales and mins read two groups a word)
-    into shared memory ahead of its use: the same product as the register pipeline bit for
-    bit (N=44: a partial last program; 12 rows a program in steps of 4 stop at its last row),
-    on the exact integer reference; with the norm in the prologue too."""
-    from hearth_kernels.quant_dp4a import async_ok
-    from hearth_kernels.quant_gemv import quant_gemv_normed
-
-    n, k = 44, 512
-    _, prep = make_weight(bits, n, k, group, mins=mins, seed=group + bits)
-    assert async_ok(prep)
-    x = 3 * rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
-    bias = rand_x(1, n, torch.bfloat16, seed=6)[0]
-    for cfg in (GemvConfig(16, 2, 1, DP4A, 3, split, qx, 1), GemvConfig(12, 4, 1, DP4A, 4, split, qx, 1)):
-        y = quant_gemv(x, prep, config=cfg, swiglu=swiglu, bias=bias)
-        assert torch.equal(y, quant_gemv(x, prep, config=cfg._replace(cp=0), swiglu=swiglu, bias=bias))
-        check_exact(y, x, prep, bias=bias, swiglu=swiglu, levels=1 if DEVICE == "cuda" else 0)
-        if not swiglu and split == 1:
-            weight = (1 + 0.2 * rand_x(1, k, torch.float32, seed=3)[0]).to(torch.bfloat16)
-            residual = rand_x(1, k, torch.bfloat16, seed=2)
-            y, s = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=cfg)
-            y0, s0 = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=cfg._replace(cp=0))
-            assert torch.equal(y, y0) and torch.equal(s, s0)
-
-
-@pytest.mark.parametrize("mins", [False, True])
-@pytest.mark.parametrize("split,qx", [(1, 0), (2, 0), (1, 1)], ids=["one", "split2", "qx"])
-def test_dp4a_async_steps_with_one_scale_a_row(mins, split, qx):
-    """int8 per channel (one scale, and min, a row: nothing to pair): the codes copied ahead,
-    each row's scale loaded a step ahead; bit for bit the register pipeline, exact reference."""
-    from hearth_kernels.quant_dp4a import async_ok
-
-    n, k = 44, 256
-    _, prep = make_weight(8, n, k, k, mins=mins, seed=4)
-    assert async_ok(prep)
-    x = 3 * rand_x(1, k, torch.bfloat16)
-    for cfg in (GemvConfig(16, 2, 1, DP4A, 3, split, qx, 1), GemvConfig(12, 4, 1, DP4A, 4, split, qx, 1)):
-        y = quant_gemv(x, prep, config=cfg)
-        assert torch.equal(y, quant_gemv(x, prep, config=cfg._replace(cp=0)))
-        check_exact(y, x, prep, levels=1 if DEVICE == "cuda" else 0)
-
-
-def test_dp4a_async_needs_scales_in_pairs():
-    """An odd number of groups a row, but more than one, can't be read two a word: the tuner
-    doesn't list ``cp`` configs for it, a ``cp`` config given anyway runs the register
-    pipeline (the same product), and the launcher asked for copies directly says why not."""
-    from hearth_kernels.quant_dp4a import async_ok, quant_gemv_dp4a
-    from hearth_kernels.quant_gemv import pairs_fit
-
-    assert pairs_fit(4096, 4) and pairs_fit(14336, 4) and pairs_fit(4096, 8) and pairs_fit(4096, 8, 32)
-    assert not pairs_fit(96, 4, 32)  # 3 groups
-    assert not any(c.cp for c in quant_gemv_configs(4096, 96, 4, 32))
-    assert any(c.cp for c in quant_gemv_configs(4096, 4096, 4, 128))
-    assert any(c.cp for c in quant_gemv_configs(4096, 4096, 8, 4096))  # one group a row
-    # long rows: only the copies that fit ASYNC_SMEM (4 rows of 16,384 int8 inputs in groups of
-    # 16 a step, 3 ahead, would take 289 KB; the card has 227 KiB a program); the others run
-    # the register pipeline when given anyway
-    from hearth_kernels.quant_gemv import ASYNC_SMEM, async_smem
-
-    big = GemvConfig(32, 4, 8, DP4A, 4, cp=1)
-    assert async_smem(big, 14336, 8, 16) > 227 * 1024 and async_smem(big, 4096, 4, 128) <= ASYNC_SMEM
-    for k, bits, group in ((14336, 8, 16), (28672, 4, 128), (14336, 4, 128)):
-        listed = [c for c in quant_gemv_configs(4096, k, bits, group) if c.cp]
-        assert big not in listed and all(async_smem(c, k, bits, group) <= ASYNC_SMEM for c in listed)
-    _, prep = make_weight(4, 40, 96, 32, mins=True, seed=1)
-    assert not async_ok(prep)
-    x = 3 * rand_x(1, 96, torch.bfloat16)
-    cfg = GemvConfig(16, 2, 1, DP4A, 3, 1, 0, 1)
-    assert torch.equal(quant_gemv(x, prep, config=cfg), quant_gemv(x, prep, config=cfg._replace(cp=0)))
-    with pytest.raises(ValueError, match="two groups a word"):
-        quant_gemv_dp4a(x, prep, torch.empty(1, 40, dtype=x.dtype, device=DEVICE), None, False, 16, 2, 1, 3,
-                        async_copy=True)
-
-
 def test_the_tuner_lists_dp4a_configs_and_the_launch_shape(monkeypatch):
     monkeypatch.setenv("HEARTH_QUANT_DP4A", "0")  # the opt-out
     assert DP4A not in {c.kind for c in quant_gemv_configs(4096, 4096, 4)}
@@ -484,8 +407,7 @@ def test_gpu_dp4a_rmsnorm_prologue_llama_shapes(bits, group):
         weight = (1 + 0.2 * rand_x(1, 4096, torch.float32, seed=3)[0]).to(torch.bfloat16)
         h, s_ref = _norm_reference(x, residual, weight, 1e-5)
         for c in (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(32, 2, 4, DP4A, 2), GemvConfig(8, 4, 4, DP4A, 2),
-                  GemvConfig(8, 2, 4, DP4A, 2, 1, 1), GemvConfig(16, 2, 4, DP4A, 2, 4, 1),
-                  GemvConfig(32, 4, 8, DP4A, 4, cp=1), GemvConfig(8, 2, 4, DP4A, 4, 1, 1, cp=1)):
+                  GemvConfig(8, 2, 4, DP4A, 2, 1, 1), GemvConfig(16, 2, 4, DP4A, 2, 4, 1)):
             y, s = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=c)
             check_exact(y, h, prep, levels=1)
             assert torch.equal(s, s_ref)
@@ -505,7 +427,6 @@ def test_gpu_dp4a_llama_shapes(n, k, swiglu, bits, group):
     x = rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
     for c in (GemvConfig(32, 4, 4, DP4A, 3), GemvConfig(32, 4, 2, DP4A, 3), GemvConfig(16, 2, 1, DP4A, 2),
               GemvConfig(32, 4, 4, DP4A, 2, 4), GemvConfig(16, 4, 4, DP4A, 2, 2), GemvConfig(8, 2, 4, DP4A, 2, 1, 1),
-              GemvConfig(16, 2, 4, DP4A, 2, 4, 1), GemvConfig(32, 4, 8, DP4A, 4, cp=1),
-              GemvConfig(32, 4, 4, DP4A, 4, 4, cp=1), GemvConfig(8, 2, 4, DP4A, 4, 1, 1, cp=1)):
+              GemvConfig(16, 2, 4, DP4A, 2, 4, 1)):
         if c.kind == DP4A:
             check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu, levels=1)
