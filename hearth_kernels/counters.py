@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
+_COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
 
 
 def make_counters(device: torch.device) -> None:
@@ -25,14 +25,15 @@ def make_counters(device: torch.device) -> None:
     counters(torch.device(device), 0)
 
 
-def counters(device: torch.device, n: int, what: str = "split-K launch") -> torch.Tensor:
+def counters(device: torch.device, n: int) -> torch.Tensor:
     """The device's counters, for a launch with ``n`` output tiles."""
-    if n > COUNTER_SLOTS:
-        raise ValueError(f"{n} output tiles in one {what} (at most {COUNTER_SLOTS}); use wider tiles or no split")
+    if n > _COUNTER_SLOTS:
+        raise ValueError(f"{n} output tiles in one split-K launch (at most {_COUNTER_SLOTS}); "
+                         "use wider tiles or no split")
     have = _COUNTERS.get(device)
     if have is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the {what}'s counters must be made before CUDA graph capture "
-                               "(hearth_kernels.counters.make_counters, or one launch outside capture first)")
-        have = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+            raise RuntimeError("the split-K counters must be made before CUDA graph capture "
+                               "(hearth_kernels.counters.make_counters, or one split-K launch outside capture first)")
+        have = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
     return have
