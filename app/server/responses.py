@@ -22,7 +22,7 @@ from app.server.response_events import ResponseShapes, response_events
 from app.server.schemas import Bool, ChatCompletionRequest, Float, Int, Str, _Body
 from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.stream import EventStream
-from app.server.translate import refuse_vllm_extensions
+from app.server.translate import extra_fields, refuse_vllm_extensions
 from app.services.ids import unique_hex
 
 STATELESS = ("this server is stateless: it keeps no responses, so {what}. Send the whole conversation in "
@@ -91,7 +91,7 @@ def messages_of(body: ResponsesRequest) -> list[dict]:
 
 
 def _refuse(body: ResponsesRequest) -> None:
-    refuse_vllm_extensions(body.model_extra or {}, takes_guided_json=False,
+    refuse_vllm_extensions(extra_fields(body), takes_guided_json=False,
                            guided_json_instead="give a JSON Schema as text.format instead.")
     if body.previous_response_id is not None:
         raise ApiError(400, STATELESS.format(what="previous_response_id can't name an earlier one"),
@@ -135,7 +135,7 @@ def text_format(body: ResponsesRequest) -> dict | None:
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat request a Responses request runs as."""
     _refuse(body)
-    extra = {k: v for k, v in (body.model_extra or {}).items() if k in EXTRAS}
+    extra = {k: v for k, v in extra_fields(body).items() if k in EXTRAS}
     fmt = text_format(body)
     if fmt is not None:
         extra["response_format"] = fmt
