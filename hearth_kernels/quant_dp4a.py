@@ -456,3 +456,133 @@ def _codes(prepared) -> torch.Tensor:
         return q.to(torch.int32)
     # pair order: byte j holds input 2j (low nibble) and 2j + 1 (high)
     return torch.stack(((q & 15).to(torch.int32), (q >> 4).to(torch.int32)), dim=-1).reshape(q.shape[0], -1)
+
+
+# --- the K-loop kind (``GemvConfig.kind == DP4A_TMA``) ---------------------------------------
+#
+# The x-stationary kernel above keeps the whole row of x in registers and streams rows; how
+# many bytes it keeps in flight is bounded by its registers. With the weights in L2 (memory
+# faster than the kernel, the H200's situation), an H100 ran it at the same speed as from
+# HBM (down 13.4 us), where this kernel took 7.7
+# (benchmarks/results/2026-12-06-i14-proto-tma-l2-h100-fa91816.json). Here each program
+# takes ``BN`` rows and walks K in steps of ``BK`` inputs; the weight tile of each step comes
+# by TMA (one bulk copy into shared memory, ``STAGES`` steps in flight, issued by Triton's
+# pipeliner with mbarriers), so the bytes in flight don't cost registers. x is quantized
+# once beforehand (``quantize_x_blocks``, which also runs the norm or SwiGLU). Each thread
+# keeps a [rows, blocks] float accumulator, reduced once at the end.
+
+
+@triton.jit
+def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_sn,
+                                GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+                                PDL: tl.constexpr):
+    # w_desc: the int4 codes as int32 words [N, K/8], a [BN, BK/8] box; xq/xf: x quantized
+    # per block of 32 (``_quantize_x_kernel``: 8 words, then scale, float sum, code sum)
+    pdl_start(PDL)
+    NBK: tl.constexpr = BK // 32  # blocks of 32 inputs a step
+    GPS: tl.constexpr = BK // GROUP  # groups a step
+    n0 = tl.program_id(0) * BN
+    rows = n0 + tl.arange(0, BN)
+    row_ok = rows < N
+    rows_s = tl.where(row_ok, rows, 0)
+    blk = tl.arange(0, NBK)
+    j = tl.arange(0, 4)
+    gi = tl.arange(0, GPS)
+    nblk = K // 32
+    # Waiting here, before the loop, leaves the first tiles' copies to after the kernel
+    # before has finished (Triton's pipeliner issues them just before the loop); the
+    # x-stationary kernel requests its first steps before its wait
+    pdl_wait(PDL)
+    acc = tl.zeros([BN, NBK], tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+        w = w_desc.load([n0, k0 // 8])  # [BN, BK/8] int32 (zeros past N and K)
+        g = k0 // GROUP + gi
+        g_ok = row_ok[:, None] & (g < K // GROUP)[None, :]
+        sg = tl.load(s_ptr + rows_s[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        if HAS_MIN:
+            mg = tl.load(m_ptr + rows_s[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+        b = k0 // 32 + blk
+        b_ok = b < nblk
+        xe = tl.load(xq_ptr + b[:, None] * 8 + j[None, :], mask=b_ok[:, None], other=0)
+        xo = tl.load(xq_ptr + b[:, None] * 8 + 4 + j[None, :], mask=b_ok[:, None], other=0)
+        sx = tl.load(xf_ptr + b * 4, mask=b_ok, other=0.0)
+        xqsum = tl.load(xf_ptr + b * 4 + 2, mask=b_ok, other=0.0).to(tl.int32)
+        w0, w1, w2, w3 = _split4(tl.reshape(w, [BN, NBK, 4]))
+        e0, e1, e2, e3 = _split4_last(xe)
+        o0, o1, o2, o3 = _split4_last(xo)
+        lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
+            w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
+            False, ASM), False, ASM)
+        hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
+            w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
+            False, ASM), False, ASM)
+        # centred codes, as in _quant_gemv_dp4a_kernel: w = (q - 8) s + (m + 8 s)
+        dot = lo + (hi >> 4) - 8 * xqsum[None, :]  # [BN, NBK]
+        sb = tl.reshape(tl.broadcast_to(sg[:, :, None], [BN, GPS, NBK // GPS]), [BN, NBK])  # each block's group
+        acc += dot.to(tl.float32) * (sb * sx[None, :])
+        if HAS_MIN:
+            mb = tl.reshape(tl.broadcast_to((mg + 8.0 * sg)[:, :, None], [BN, GPS, NBK // GPS]), [BN, NBK])
+            acc += mb * tl.load(xf_ptr + b * 4 + 1, mask=b_ok, other=0.0)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows_s).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+#: the weights' box: TMA takes at most 256 elements a side, so K steps of at most 2048 inputs
+DP4A_TMA_MAX_BK = 2048
+
+
+def dp4a_tma_available(device: torch.device) -> bool:
+    """Whether the TMA kind runs on ``device``: a Hopper or newer GPU (TMA), or Triton's
+    interpreter (which emulates the descriptors; the tests)."""
+    if _interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def dp4a_tma_problem(prepared, block_n: int, block_k: int) -> str | None:
+    """Why a ``DP4A_TMA`` config can't run this weight (None: it can)."""
+    k = prepared.in_features
+    if prepared.bits != 4:
+        return f"the TMA dp4a kernel takes int4 weights, got int{prepared.bits}"
+    if k % 32:
+        return f"the TMA dp4a kernel needs K a multiple of 32, got {k}"
+    if block_k & (block_k - 1) or not 32 <= block_k <= DP4A_TMA_MAX_BK or block_n & (block_n - 1) or block_n < 8:
+        return (f"a TMA dp4a config needs K steps a power of 2 from 32 to {DP4A_TMA_MAX_BK} and rows a power of 2 "
+                f"from 8, got {block_n} rows, steps of {block_k}")
+    if block_k % prepared.group_size or k % prepared.group_size:
+        return (f"the TMA dp4a kernel needs groups that divide its K step ({block_k}) and K ({k}), "
+                f"got groups of {prepared.group_size}")
+    return None
+
+
+def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+                        block_n: int, block_k: int, warps: int, stages: int,
+                        norm: tuple | None = None, qx: tuple | None = None) -> torch.Tensor:
+    """The K-loop dp4a GEMV (``GemvConfig.kind == DP4A_TMA``, checked by ``quant_gemv``): x
+    (SwiGLU or the RMSNorm of ``norm`` applied) quantized by ``quantize_x_blocks``, then
+    ``block_n`` rows per program in K steps of ``block_k`` inputs, each step's weight tile
+    brought by TMA, ``stages`` steps in flight. The same integer dots as
+    ``quant_gemv_dp4a`` (``dp4a_reference``), summed in another order. ``qx``: x already
+    quantized (``quantize_x_blocks``' output; for profiles), no norm or SwiGLU then."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    problem = dp4a_tma_problem(prepared, block_n, block_k)
+    if problem is None and not dp4a_tma_available(x.device):
+        problem = "the TMA dp4a kernel needs a Hopper or newer GPU (TMA)"
+    if problem is not None:
+        raise ValueError(f"quant_gemv: {problem}")
+    n, k = prepared.out_features, prepared.in_features
+    q = prepared.qweight.view(torch.int32)
+    desc = TensorDescriptor(q, [n, k // 8], [q.stride(0), 1], [block_n, block_k // 8])
+    if qx is not None and (norm is not None or swiglu or tuple(qx[0].shape) != (k // 32, 8)):
+        raise ValueError(f"quant_gemv: x quantized beforehand comes as [{k // 32}, 8] words, without a norm or SwiGLU")
+    xq, xf = qx if qx is not None else quantize_x_blocks(x, 4, swiglu, norm)
+    s, m = prepared.scales, prepared.mins
+    _quant_gemv_dp4a_tma_kernel[(triton.cdiv(n, block_n),)](
+        desc, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, s.stride(0),
+        GROUP=prepared.group_size, HAS_MIN=m is not None, HAS_BIAS=bias is not None, BN=block_n, BK=block_k,
+        STAGES=stages, ASM=not _interpreting(), num_warps=warps, **pdl_args(x.device))
+    return out

@@ -466,7 +466,7 @@ def _quant_gemv_rows_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, N, K, stri
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-KLOOP, MMA, ROWS, SWAP, SWAP_SCALED, DP4A = 0, 1, 2, 3, 4, 5  # GemvConfig.kind
+KLOOP, MMA, ROWS, SWAP, SWAP_SCALED, DP4A, DP4A_TMA = 0, 1, 2, 3, 4, 5, 6  # GemvConfig.kind
 
 
 class GemvConfig(NamedTuple):
@@ -499,6 +499,10 @@ class GemvConfig(NamedTuple):
     price, as in llama.cpp's CUDA decode): ``block_n`` rows per program, ``block_k`` rows per
     step, ``warps`` (fewer: more blocks of x per thread, fewer reductions), ``split``
     programs per row block along K (the last to arrive adds the partial sums).
+    ``kind=DP4A_TMA`` (6, int4, Hopper and newer): the same integer dots in a K loop
+    (``quant_dp4a.quant_gemv_dp4a_tma``): x quantized once first, ``block_n`` rows per
+    program, K steps of ``block_k`` inputs whose weight tiles come by TMA, ``stages`` in
+    flight (bytes in flight that cost no registers).
     Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
@@ -560,6 +564,22 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  # configs above (benchmarks/results/2026-12-05-i14-dp4a-wavefit-*-8b-h100-955f6d2.json)
                  GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
+#: the TMA kind's configs worth timing: the best of an H100 sweep with the weights in L2
+#: (where memory outruns the kernels, as on an H200) and from HBM, per 8B layer
+#: (benchmarks/results/2026-12-06-i14-proto-tma-{,l2-}h100-fa91816.json): 32 rows in steps
+#: of 1,024 inputs for down and gate_up, 64 rows for gate_up, 16 rows in steps of 2,048
+_DP4A_TMA_CONFIGS = (GemvConfig(32, 1024, 4, DP4A_TMA, 8), GemvConfig(32, 1024, 4, DP4A_TMA, 4),
+                     GemvConfig(64, 1024, 4, DP4A_TMA, 4), GemvConfig(16, 2048, 4, DP4A_TMA, 6))
+
+
+def dp4a_tma_listed() -> bool:
+    """Whether ``quant_gemv_configs`` lists the TMA kind: where the current CUDA device has
+    TMA (Hopper and newer) or Triton's interpreter runs the kernels."""
+    from hearth_kernels.quant_dp4a import dp4a_tma_available
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return torch.cuda.is_available() and dp4a_tma_available(torch.device("cuda", torch.cuda.current_device()))
 
 
 def dp4a_enabled() -> bool:
@@ -599,6 +619,14 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
                 out.append(cfg)
     if sub:
         return out
+    if bits == 4 and k % BLOCK == 0 and dp4a_enabled() and dp4a_tma_listed():
+        from hearth_kernels.quant_dp4a import DP4A_TMA_MAX_BK
+
+        g = group or min(k, 128)
+        for cfg in _DP4A_TMA_CONFIGS:
+            bk = min(cfg.block_k, triton.next_power_of_2(k))
+            if bk % g == 0 and k % g == 0 and bk <= DP4A_TMA_MAX_BK and cfg._replace(block_k=bk) not in out:
+                out.append(cfg._replace(block_k=bk))
     if bits == 4 and k % 16 == 0:
         from hearth_kernels.quant_mma import mma_configs
 
@@ -620,6 +648,8 @@ def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
         return False
     cfg = GemvConfig(*config)
     k = prepared.in_features
+    if cfg.kind == DP4A_TMA:  # x is quantized (the norm with it) by a kernel of its own
+        return k % BLOCK == 0
     return ((norm_in_prologue(cfg) or (cfg.kind == DP4A and cfg.qx)) and k % BLOCK == 0 and k <= _DP4A_MAX_K
             and (prepared.group_size >= BLOCK or prepared.group_size == SUB_GROUP))
 
@@ -673,6 +703,12 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
     s = x if residual is None else torch.empty_like(x)
     residual = None if residual is None else residual.contiguous()
     cfg = GemvConfig(*config)
+    if cfg.kind == DP4A_TMA:
+        from hearth_kernels.quant_dp4a import quant_gemv_dp4a_tma
+
+        quant_gemv_dp4a_tma(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages),
+                            norm=(residual, weight, float(eps), s))
+        return out, s
     quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages),
                     cfg.split if cfg.qx else 1, norm=(residual, weight, float(eps), s), qx=bool(cfg.qx))
     return out, s
@@ -729,6 +765,11 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
         cfg = default_quant_config(n, k, prepared.bits)  # groups of 16: no tensor-core kernels
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins
+    if cfg.kind == DP4A_TMA:
+        from hearth_kernels.quant_dp4a import quant_gemv_dp4a_tma
+
+        return quant_gemv_dp4a_tma(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
+                                   max(1, cfg.stages))
     if cfg.kind == DP4A and k % BLOCK == 0:
         from hearth_kernels.quant_dp4a import DP4A_MAX_K, quant_gemv_dp4a
 

@@ -1,0 +1,113 @@
+"""The K-loop dp4a GEMV whose weight tiles come by TMA (``GemvConfig.kind == DP4A_TMA``,
+``hearth_kernels/quant_dp4a.quant_gemv_dp4a_tma``), against ``dp4a_reference`` (x quantized per
+block of 32 as the kernels do, integer dots exact, scaling in float64; ``check_exact`` of the
+x-stationary kernel's tests gives the bound). On CPU through Triton's interpreter, which
+emulates the tensor descriptors; the GPU test runs the TMA copies at Llama shapes (Hopper)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hearth_kernels.quant_gemv import DP4A, DP4A_TMA, GemvConfig, quant_gemv, quant_gemv_configs
+from tests.kernels.reference import DEVICE
+from tests.kernels.test_quant_dp4a import _exact_product, _norm_reference, _rel_rms, check_exact
+from tests.kernels.test_quant_gemv import make_weight, rand_x
+
+LEVELS = 1 if DEVICE == "cuda" else 0  # a GPU's fp32 division may put an input one level away
+
+
+@pytest.mark.parametrize("n,k,group,cfg", [
+    (40, 384, 128, GemvConfig(16, 256, 2, DP4A_TMA, 2)),  # a partial program, K not a multiple of the step
+    (72, 352, 32, GemvConfig(32, 64, 4, DP4A_TMA, 3)),  # 11 steps, more than in flight
+    (24, 512, 64, GemvConfig(8, 512, 1, DP4A_TMA, 1)),  # one step, one stage
+])
+@pytest.mark.parametrize("mins", [True, False], ids=["asym", "sym"])
+def test_tma_gemv_matches_the_exact_integer_product(n, k, group, cfg, mins):
+    _, prep = make_weight(4, n, k, group, seed=n + k)
+    if not mins:  # symmetric (GPTQ sym): w = (q - 8) s
+        prep = prep._replace(mins=None)
+    x = 3 * rand_x(1, k, torch.bfloat16)
+    bias = rand_x(1, n, torch.bfloat16, seed=5)[0]
+    y = quant_gemv(x, prep, config=cfg, bias=bias)
+    check_exact(y, x, prep, bias=bias, levels=LEVELS)
+    # the same dots as the x-stationary kernel with x quantized once (sums in another order)
+    y0 = quant_gemv(x, prep, config=GemvConfig(8, 4, 1, DP4A, 2, 1, 1), bias=bias)
+    assert torch.allclose(y.float(), y0.float(), rtol=2e-2, atol=1e-2 * float(y0.float().abs().max()))
+
+
+def test_tma_gemv_swiglu_and_zero_blocks():
+    """SwiGLU runs in the kernel that quantizes x; an all-zero block of x (its scale would
+    divide by zero) and an outlier."""
+    n, k = 40, 256
+    _, prep = make_weight(4, n, k, 32, seed=4)
+    x = rand_x(1, 2 * k, torch.bfloat16)
+    x[0, 32:64] = 0  # gate 0: silu(0) * up = 0 for that block
+    x[0, 70] = 30.0
+    y = quant_gemv(x, prep, config=GemvConfig(16, 128, 2, DP4A_TMA, 2), swiglu=True)
+    check_exact(y, x, prep, swiglu=True, levels=LEVELS)
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["norm", "add+norm"])
+def test_tma_gemv_takes_the_norm(add):
+    """The RMSNorm (after the residual add) runs in the kernel that quantizes x: the residual
+    stream bit for bit that of the x-stationary kernel's ``qx`` path (the same kernel writes
+    it; on a GPU also torch's sum in bf16), the product the exact one of the normalised x."""
+    from hearth_kernels.quant_gemv import norm_fusable, quant_gemv_normed
+
+    n, k = 40, 640
+    _, prep = make_weight(4, n, k, 64, seed=21)
+    x = 3 * rand_x(1, k, torch.bfloat16)
+    residual = rand_x(1, k, torch.bfloat16, seed=2) if add else None
+    weight = (1 + 0.2 * rand_x(1, k, torch.float32, seed=3)[0]).to(torch.bfloat16)
+    cfg = GemvConfig(16, 128, 2, DP4A_TMA, 2)
+    assert norm_fusable(prep, cfg)
+    y, s = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=cfg)
+    _, s1 = quant_gemv_normed(x, prep, weight, 1e-5, residual=residual, config=GemvConfig(8, 4, 1, DP4A, 2, 1, 1))
+    assert torch.equal(s, s1)
+    if DEVICE == "cuda":
+        assert torch.equal(s, _norm_reference(x, residual, weight, 1e-5)[1])
+    h = _norm_reference(s, None, weight, 1e-5)[0]
+    check_exact(y, h, prep, levels=1)
+    exact = _exact_product(s, weight, 1e-5, prep)
+    assert _rel_rms(y, exact) <= 1.25 * _rel_rms(quant_gemv(h, prep, config=cfg), exact) + 1e-4
+
+
+def test_tma_gemv_refuses_what_it_cannot_run():
+    x = rand_x(1, 256, torch.bfloat16)
+    _, p8 = make_weight(8, 16, 256, 256, mins=False)
+    with pytest.raises(ValueError, match="int4"):
+        quant_gemv(x, p8, config=GemvConfig(16, 128, 2, DP4A_TMA, 2))
+    _, p4 = make_weight(4, 16, 256, 128)
+    with pytest.raises(ValueError, match="divide its K step"):
+        quant_gemv(x, p4, config=GemvConfig(16, 64, 2, DP4A_TMA, 2))  # groups of 128, steps of 64
+    with pytest.raises(ValueError, match="power of 2"):
+        quant_gemv(x, p4, config=GemvConfig(12, 128, 2, DP4A_TMA, 2))
+    with pytest.raises(ValueError, match="power of 2"):
+        quant_gemv(x, p4, config=GemvConfig(16, 4096, 2, DP4A_TMA, 2))  # past TMA's 256-element box
+
+
+def test_tuner_lists_the_tma_kind_for_int4_only():
+    c4 = [c for c in quant_gemv_configs(4096, 14336, 4, 128) if c.kind == DP4A_TMA]
+    assert c4 and all(c.block_k % 128 == 0 and c.block_k <= 2048 for c in c4)
+    assert not [c for c in quant_gemv_configs(4096, 4096, 8) if c.kind == DP4A_TMA]
+    # a short row: the steps shrink to it, and only where the group divides them
+    short = [c for c in quant_gemv_configs(64, 256, 4, 128) if c.kind == DP4A_TMA]
+    assert short and all(c.block_k == 256 for c in short)
+    assert not [c for c in quant_gemv_configs(64, 96, 4, 96) if c.kind == DP4A_TMA]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,swiglu", [(28672, 4096, False), (4096, 14336, True), (6144, 4096, False)])
+def test_gpu_tma_gemv_llama_shapes(n, k, swiglu):
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    from hearth_kernels.quant_dp4a import dp4a_tma_available
+
+    if not dp4a_tma_available(torch.device(DEVICE)):
+        pytest.skip("needs TMA (Hopper or newer)")
+    _, prep = make_weight(4, n, k, 128)
+    x = rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
+    for c in quant_gemv_configs(n, k, 4, 128):
+        if c.kind == DP4A_TMA:
+            check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu, levels=1)
