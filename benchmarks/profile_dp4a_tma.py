@@ -2,9 +2,10 @@
 program x K step x stages x warps, against the x-stationary dp4a configs the load-time tuner
 lists, per Llama-8B projection (int4, groups of 128), on a Hopper GPU:
 
-    PYTHONPATH=. python benchmarks/profile_dp4a_tma.py OUT.json [LAYER ...] [--l2]
+    PYTHONPATH=. python benchmarks/profile_dp4a_tma.py OUT.json [LAYER ...] [--l2] [--int8]
 
-LAYERs: gate_up, down, qkv, o, gate_up/2 (half of gate_up's rows: fits an H100's L2). Each
+LAYERs: gate_up, down, qkv, o, gate_up/2, gate_up/4, down/2 (a half or a quarter of the rows:
+fits an H100's L2). ``--int8``: int8 per channel (K steps of half the inputs). Each
 time is one call in a CUDA graph rotating over weight copies that don't fit L2
 (``profile_gemv.time_graph``); ``--l2`` times one copy back to back instead, so the weights
 stay in L2 and memory outruns the kernels (as an H200's HBM does more than an H100's): the
@@ -35,15 +36,18 @@ def gemv_tma(x, prep, out, bn, bk, st, wp, qx=None):
 T0 = time.time()
 out_path = sys.argv[1]
 L2 = "--l2" in sys.argv  # one weight copy, timed back to back: it stays in L2 (SM-side speed)
+BITS = 8 if "--int8" in sys.argv else 4
 LAYERS = [a for a in sys.argv[2:] if not a.startswith("--")] or ["gate_up", "down", "qkv", "o"]
 torch.manual_seed(0)
-res = {"card": torch.cuda.get_device_name(), "l2_resident": L2, "rows": []}
+res = {"card": torch.cuda.get_device_name(), "l2_resident": L2, "bits": BITS, "rows": []}
 shapes = shapes_of("llama-8b")
 shapes["down"] = (shapes["down+swiglu"][0], shapes["down+swiglu"][1], False)
 shapes["gate_up/2"] = (shapes["gate_up"][0] // 2, shapes["gate_up"][1], False)
+shapes["gate_up/4"] = (shapes["gate_up"][0] // 4, shapes["gate_up"][1], False)
+shapes["down/2"] = (shapes["down"][0] // 2, shapes["down"][1], False)
 for name in LAYERS:
     n, k, _ = shapes[name]
-    qw, prep = random_prepared(4, n, k)
+    qw, prep = random_prepared(BITS, n, k)
     nb, copies, preps = rotated_copies(prep)
     if L2:
         preps = [prep] * 8; copies = 8
@@ -56,7 +60,7 @@ for name in LAYERS:
     bf_us = time_graph(lambda i: torch.mm(x, wbfs[i].t(), out=y), bfc)
     wbfs = wbf = None
     base = []
-    for cfg in quant_gemv_configs(n, k, 4, prep.group_size):
+    for cfg in quant_gemv_configs(n, k, BITS, prep.group_size):
         if cfg.kind != DP4A:
             continue
         try:
@@ -65,10 +69,12 @@ for name in LAYERS:
             print(name, cfg, type(e).__name__, str(e)[:120]); continue
         base.append((us, list(cfg)))
     base.sort()
-    qx = quantize_x_blocks(x, 4)
+    qx = quantize_x_blocks(x, BITS)
     tma = []
     for bn, bk, st, wp in itertools.product((16, 32, 64, 128), (512, 1024, 2048), (2, 3, 4, 6, 8), (4, 8)):
-        if bn * bk // 2 * st > 200_000 or (bn == 128 and wp == 4) or (bn <= 32 and wp == 8) or bk > k or (bn == 128 and bk == 2048):
+        bk = bk * 4 // BITS  # int8: 256-1024 inputs a step (the same bytes)
+        if (bn * bk * BITS // 8 * st > 200_000 or (bn == 128 and wp == 4) or (bn <= 32 and wp == 8) or bk > k
+                or (bn == 128 and bk * BITS == 8192)):
             continue
         try:
             out = gemv_tma(x, prep, torch.empty(1, n, device="cuda", dtype=torch.float32), bn, bk, st, wp, qx=qx)

@@ -468,70 +468,120 @@ def _codes(prepared) -> torch.Tensor:
 # takes ``BN`` rows and walks K in steps of ``BK`` inputs; the weight tile of each step comes
 # by TMA (one bulk copy into shared memory, ``STAGES`` steps in flight, issued by Triton's
 # pipeliner with mbarriers), so the bytes in flight don't cost registers. x is quantized
-# once beforehand (``quantize_x_blocks``, which also runs the norm or SwiGLU). Each thread
-# keeps a [rows, blocks] float accumulator, reduced once at the end.
+# once beforehand (``quantize_x_blocks``, which also runs the norm or SwiGLU). The codes are
+# taken in units of 4 words (int4: a block of 32 inputs; int8: half a block, 16), each
+# thread keeping a float accumulator per row and unit, reduced once at the end.
 
 
 @triton.jit
-def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_sn,
-                                GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                                PDL: tl.constexpr):
-    # w_desc: the int4 codes as int32 words [N, K/8], a [BN, BK/8] box; xq/xf: x quantized
-    # per block of 32 (``_quantize_x_kernel``: 8 words, then scale, float sum, code sum)
+def _tiles_to_l2(q_ptr, n0, N, stride_qn, BN: tl.constexpr, LINES: tl.constexpr):
+    """Ask L2 for the first ``LINES`` 128-byte lines of each of the program's rows (its first
+    tiles), before the PDL wait: the copies issued after it then find them there. Weights
+    only (no kernel writes them)."""
+    r = n0 + tl.arange(0, BN)
+    line = tl.arange(0, LINES)
+    addr = q_ptr + tl.where(r < N, r, 0).to(tl.int64)[:, None] * stride_qn + line[None, :] * 32
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _quant_gemv_dp4a_tma_kernel(w_desc, q_ptr, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_qn,
+                                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr,
+                                HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                STAGES: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box (q_ptr: the same
+    # words, for the L2 requests); xq/xf: x quantized per block of 32 (``_quantize_x_kernel``:
+    # 8 words, then scale, float sum and (int4) code sum or (int8) its halves' float sums).
+    # PER_ROW: one scale (and min) a row, applied at the end; else groups of GROUP inputs.
     pdl_start(PDL)
-    NBK: tl.constexpr = BK // 32  # blocks of 32 inputs a step
-    GPS: tl.constexpr = BK // GROUP  # groups a step
+    UNIT: tl.constexpr = 32 if BITS == 4 else 16  # inputs in 4 words
+    NU: tl.constexpr = BK // UNIT  # units a step
     n0 = tl.program_id(0) * BN
     rows = n0 + tl.arange(0, BN)
     row_ok = rows < N
     rows_s = tl.where(row_ok, rows, 0)
-    blk = tl.arange(0, NBK)
+    u = tl.arange(0, NU)
     j = tl.arange(0, 4)
-    gi = tl.arange(0, GPS)
-    nblk = K // 32
-    # Waiting here, before the loop, leaves the first tiles' copies to after the kernel
-    # before has finished (Triton's pipeliner issues them just before the loop); the
-    # x-stationary kernel requests its first steps before its wait
+    nunits = K // UNIT
+    if AHEAD > 0:  # AHEAD: 128-byte lines a row
+        _tiles_to_l2(q_ptr, n0, N, stride_qn, BN, AHEAD)
+    # the wait comes before the loop (the PDL contract: one wait, at the top level), so the
+    # pipeliner's first copies follow it; the L2 requests above went out before it
     pdl_wait(PDL)
-    acc = tl.zeros([BN, NBK], tl.float32)
+    acc = tl.zeros([BN, NU], tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
-        w = w_desc.load([n0, k0 // 8])  # [BN, BK/8] int32 (zeros past N and K)
-        g = k0 // GROUP + gi
-        g_ok = row_ok[:, None] & (g < K // GROUP)[None, :]
-        sg = tl.load(s_ptr + rows_s[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            mg = tl.load(m_ptr + rows_s[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-        b = k0 // 32 + blk
-        b_ok = b < nblk
-        xe = tl.load(xq_ptr + b[:, None] * 8 + j[None, :], mask=b_ok[:, None], other=0)
-        xo = tl.load(xq_ptr + b[:, None] * 8 + 4 + j[None, :], mask=b_ok[:, None], other=0)
-        sx = tl.load(xf_ptr + b * 4, mask=b_ok, other=0.0)
-        xqsum = tl.load(xf_ptr + b * 4 + 2, mask=b_ok, other=0.0).to(tl.int32)
-        w0, w1, w2, w3 = _split4(tl.reshape(w, [BN, NBK, 4]))
-        e0, e1, e2, e3 = _split4_last(xe)
-        o0, o1, o2, o3 = _split4_last(xo)
-        lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
-            w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
-            False, ASM), False, ASM)
-        hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
-            w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
-            False, ASM), False, ASM)
-        # centred codes, as in _quant_gemv_dp4a_kernel: w = (q - 8) s + (m + 8 s)
-        dot = lo + (hi >> 4) - 8 * xqsum[None, :]  # [BN, NBK]
-        sb = tl.reshape(tl.broadcast_to(sg[:, :, None], [BN, GPS, NBK // GPS]), [BN, NBK])  # each block's group
-        acc += dot.to(tl.float32) * (sb * sx[None, :])
-        if HAS_MIN:
-            mb = tl.reshape(tl.broadcast_to((mg + 8.0 * sg)[:, :, None], [BN, GPS, NBK // GPS]), [BN, NBK])
-            acc += mb * tl.load(xf_ptr + b * 4 + 1, mask=b_ok, other=0.0)[None, :]
+        w = w_desc.load([n0, k0 * BITS // 32])  # [BN, WORDS] int32 (zeros past N and K)
+        un = k0 // UNIT + u  # this step's units
+        u_ok = un < nunits
+        blk = un * UNIT // 32  # their blocks of x
+        w0, w1, w2, w3 = _split4(tl.reshape(w, [BN, NU, 4]))
+        if BITS == 4:
+            e0, e1, e2, e3 = _split4_last(tl.load(xq_ptr + blk[:, None] * 8 + j[None, :], mask=u_ok[:, None],
+                                                  other=0))
+            o0, o1, o2, o3 = _split4_last(tl.load(xq_ptr + blk[:, None] * 8 + 4 + j[None, :], mask=u_ok[:, None],
+                                                  other=0))
+            lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
+                w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
+                False, ASM), False, ASM)
+            hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
+                w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
+                False, ASM), False, ASM)
+            # centred codes, as in _quant_gemv_dp4a_kernel: w = (q - 8) s + (m + 8 s)
+            xqsum = tl.load(xf_ptr + blk * 4 + 2, mask=u_ok, other=0.0).to(tl.int32)
+            dot = lo + (hi >> 4) - 8 * xqsum[None, :]  # [BN, NU]
+            xsum = tl.load(xf_ptr + blk * 4 + 1, mask=u_ok, other=0.0)
+        else:  # words 4h..4h+3 of x's block h // 2: unit h's inputs, in the weights' byte order
+            e0, e1, e2, e3 = _split4_last(tl.load(xq_ptr + un[:, None] * 4 + j[None, :], mask=u_ok[:, None],
+                                                  other=0))
+            dot = _dp4a(w3, e3[None, :], _dp4a(w2, e2[None, :], _dp4a(w1, e1[None, :], _dp4a(
+                w0, e0[None, :], 0, True, ASM), True, ASM), True, ASM), True, ASM)
+            xsum = tl.load(xf_ptr + blk * 4 + 2 + un % 2, mask=u_ok, other=0.0)  # the half's float sum
+        sx = tl.load(xf_ptr + blk * 4, mask=u_ok, other=0.0)
+        if PER_ROW:
+            acc += dot.to(tl.float32) * sx[None, :]
+        else:  # each unit's group scale (and min): a [rows, groups] tile spread over the units
+            if GROUP <= BK:
+                GPS: tl.constexpr = BK // GROUP
+                g = k0 // GROUP + tl.arange(0, GPS)
+                g_ok = row_ok[:, None] & (g < K // GROUP)[None, :]
+                sg = tl.load(s_ptr + rows_s[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                su = tl.reshape(tl.broadcast_to(sg[:, :, None], [BN, GPS, NU // GPS]), [BN, NU])
+            else:  # the whole step in one group
+                sg = tl.load(s_ptr + rows_s * stride_sn + k0 // GROUP).to(tl.float32)
+                su = tl.broadcast_to(sg[:, None], [BN, NU])
+            acc += dot.to(tl.float32) * (su * sx[None, :])
+            if HAS_MIN:
+                if GROUP <= BK:
+                    mg = tl.load(m_ptr + rows_s[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0)
+                    mu = tl.reshape(tl.broadcast_to(mg.to(tl.float32)[:, :, None], [BN, GPS, NU // GPS]), [BN, NU])
+                else:
+                    mu = tl.broadcast_to(tl.load(m_ptr + rows_s * stride_sn + k0 // GROUP).to(tl.float32)[:, None],
+                                         [BN, NU])
+                if BITS == 4:
+                    mu += 8.0 * su
+                acc += mu * xsum[None, :]
     y = tl.sum(acc, axis=1)
+    if PER_ROW:  # one scale a row; its min (int4: centred, m + 8 s) times the sum of x
+        s_row = tl.load(s_ptr + rows_s * stride_sn).to(tl.float32)
+        y *= s_row
+        if HAS_MIN:
+            ub = tl.arange(0, 32)
+            tot = tl.zeros([32], tl.float32)
+            for b0 in range(0, K // 32, 32):
+                tot += tl.load(xf_ptr + (b0 + ub) * 4 + 1, mask=b0 + ub < K // 32, other=0.0)
+            m_row = tl.load(m_ptr + rows_s * stride_sn).to(tl.float32)
+            if BITS == 4:
+                m_row += 8.0 * s_row
+            y += m_row * tl.sum(tot, axis=0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows_s).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-#: the weights' box: TMA takes at most 256 elements a side, so K steps of at most 2048 inputs
-DP4A_TMA_MAX_BK = 2048
+#: TMA takes at most 256 elements a side: K steps of at most 256 words (int4 2,048 inputs, int8 1,024)
+DP4A_TMA_MAX_WORDS = 256
+#: shared memory the copies in flight may take (228 KB a Hopper SM, some left for the rest)
+DP4A_TMA_MAX_SMEM = 200_000
 
 
 def dp4a_tma_available(device: torch.device) -> bool:
@@ -542,19 +592,22 @@ def dp4a_tma_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def dp4a_tma_problem(prepared, block_n: int, block_k: int) -> str | None:
-    """Why a ``DP4A_TMA`` config can't run this weight (None: it can)."""
-    k = prepared.in_features
-    if prepared.bits != 4:
-        return f"the TMA dp4a kernel takes int4 weights, got int{prepared.bits}"
-    if k % 32:
-        return f"the TMA dp4a kernel needs K a multiple of 32, got {k}"
-    if block_k & (block_k - 1) or not 32 <= block_k <= DP4A_TMA_MAX_BK or block_n & (block_n - 1) or block_n < 8:
-        return (f"a TMA dp4a config needs K steps a power of 2 from 32 to {DP4A_TMA_MAX_BK} and rows a power of 2 "
-                f"from 8, got {block_n} rows, steps of {block_k}")
-    if block_k % prepared.group_size or k % prepared.group_size:
-        return (f"the TMA dp4a kernel needs groups that divide its K step ({block_k}) and K ({k}), "
-                f"got groups of {prepared.group_size}")
+def dp4a_tma_problem(k: int, bits: int, group: int, block_n: int, block_k: int, stages: int) -> str | None:
+    """Why a ``DP4A_TMA`` config can't run a [*, k] weight of ``bits`` in groups of ``group``
+    inputs (``k``: one scale a row) (None: it can)."""
+    unit = 32 if bits == 4 else 16
+    if k % 32 or k % group:
+        return f"the TMA dp4a kernel needs K a multiple of 32 and of the group, got K {k}, groups of {group}"
+    if (block_k & (block_k - 1) or not 4 <= block_k * bits // 32 <= DP4A_TMA_MAX_WORDS
+            or block_n & (block_n - 1) or block_n < 8):
+        return (f"a TMA dp4a config needs K steps a power of 2 of 4 to {DP4A_TMA_MAX_WORDS} words and rows a power "
+                f"of 2 from 8, got {block_n} rows, steps of {block_k} int{bits} inputs")
+    if stages * block_n * block_k * bits // 8 > DP4A_TMA_MAX_SMEM:
+        return (f"a TMA dp4a config's {stages} tiles of {block_n} x {block_k} int{bits} codes in flight pass "
+                f"{DP4A_TMA_MAX_SMEM // 1000} KB of shared memory")
+    if group != k and (group % unit or block_k % group and group % block_k):
+        return (f"the TMA dp4a kernel needs int{bits} groups a multiple of {unit} inputs that divide its K step "
+                f"({block_k}) or are divided by it, got groups of {group}")
     return None
 
 
@@ -564,25 +617,34 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     """The K-loop dp4a GEMV (``GemvConfig.kind == DP4A_TMA``, checked by ``quant_gemv``): x
     (SwiGLU or the RMSNorm of ``norm`` applied) quantized by ``quantize_x_blocks``, then
     ``block_n`` rows per program in K steps of ``block_k`` inputs, each step's weight tile
-    brought by TMA, ``stages`` steps in flight. The same integer dots as
-    ``quant_gemv_dp4a`` (``dp4a_reference``), summed in another order. ``qx``: x already
-    quantized (``quantize_x_blocks``' output; for profiles), no norm or SwiGLU then."""
+    brought by TMA, ``stages`` steps in flight (under PDL the first ``stages`` - 1 asked of L2
+    before the wait). The same integer dots as ``quant_gemv_dp4a`` (``dp4a_reference``),
+    summed in another order. ``qx``: x already quantized (``quantize_x_blocks``' output; for
+    profiles), no norm or SwiGLU then."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    problem = dp4a_tma_problem(prepared, block_n, block_k)
+    problem = dp4a_tma_problem(prepared.in_features, prepared.bits, prepared.group_size, block_n, block_k, stages)
     if problem is None and not dp4a_tma_available(x.device):
         problem = "the TMA dp4a kernel needs a Hopper or newer GPU (TMA)"
     if problem is not None:
         raise ValueError(f"quant_gemv: {problem}")
-    n, k = prepared.out_features, prepared.in_features
-    q = prepared.qweight.view(torch.int32)
-    desc = TensorDescriptor(q, [n, k // 8], [q.stride(0), 1], [block_n, block_k // 8])
+    n, k, bits = prepared.out_features, prepared.in_features, prepared.bits
     if qx is not None and (norm is not None or swiglu or tuple(qx[0].shape) != (k // 32, 8)):
         raise ValueError(f"quant_gemv: x quantized beforehand comes as [{k // 32}, 8] words, without a norm or SwiGLU")
-    xq, xf = qx if qx is not None else quantize_x_blocks(x, 4, swiglu, norm)
+    q = prepared.qweight.view(torch.int32)
+    words = block_k * bits // 32
+    desc = TensorDescriptor(q, [n, k * bits // 32], [q.stride(0), 1], [block_n, words])
+    xq, xf = qx if qx is not None else quantize_x_blocks(x, bits, swiglu, norm)
     s, m = prepared.scales, prepared.mins
+    pdl = pdl_args(x.device)
+    ahead = 0  # 128-byte lines a row asked of L2 before the wait: the first stages - 1 tiles' (a power of 2)
+    if pdl["PDL"] and stages > 1:
+        row_lines = k * bits // 1024
+        ahead = min(triton.next_power_of_2(triton.cdiv((stages - 1) * words, 32)), row_lines)
+        ahead = 1 << (ahead.bit_length() - 1) if ahead else 0
     _quant_gemv_dp4a_tma_kernel[(triton.cdiv(n, block_n),)](
-        desc, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, s.stride(0),
-        GROUP=prepared.group_size, HAS_MIN=m is not None, HAS_BIAS=bias is not None, BN=block_n, BK=block_k,
-        STAGES=stages, ASM=not _interpreting(), num_warps=warps, **pdl_args(x.device))
+        desc, q, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, q.stride(0),
+        s.stride(0), GROUP=prepared.group_size, BITS=bits, PER_ROW=prepared.group_size == k, HAS_MIN=m is not None,
+        HAS_BIAS=bias is not None, BN=block_n, BK=block_k, STAGES=stages, AHEAD=ahead, ASM=not _interpreting(),
+        num_warps=warps, **pdl)
     return out

@@ -499,7 +499,7 @@ class GemvConfig(NamedTuple):
     price, as in llama.cpp's CUDA decode): ``block_n`` rows per program, ``block_k`` rows per
     step, ``warps`` (fewer: more blocks of x per thread, fewer reductions), ``split``
     programs per row block along K (the last to arrive adds the partial sums).
-    ``kind=DP4A_TMA`` (6, int4, Hopper and newer): the same integer dots in a K loop
+    ``kind=DP4A_TMA`` (6, int4 and int8, Hopper and newer): the same integer dots in a K loop
     (``quant_dp4a.quant_gemv_dp4a_tma``): x quantized once first, ``block_n`` rows per
     program, K steps of ``block_k`` inputs whose weight tiles come by TMA, ``stages`` in
     flight (bytes in flight that cost no registers).
@@ -564,8 +564,9 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  # configs above (benchmarks/results/2026-12-05-i14-dp4a-wavefit-*-8b-h100-955f6d2.json)
                  GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
-#: the TMA kind's configs worth timing: the best of an H100 sweep with the weights in L2
-#: (where memory outruns the kernels, as on an H200) and from HBM, per 8B layer
+#: the TMA kind's configs worth timing (int4 K steps; int8 takes half as many inputs, the
+#: same bytes): the best of an H100 sweep with the weights in L2 (where memory outruns the
+#: kernels, as on an H200) and from HBM, per 8B layer
 #: (benchmarks/results/2026-12-06-i14-proto-tma-{,l2-}h100-fa91816.json): 32 rows in steps
 #: of 1,024 inputs for down and gate_up, 64 rows for gate_up, 16 rows in steps of 2,048
 _DP4A_TMA_CONFIGS = (GemvConfig(32, 1024, 4, DP4A_TMA, 8), GemvConfig(32, 1024, 4, DP4A_TMA, 4),
@@ -593,7 +594,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
     """The configs worth timing for an [n, k] weight of ``bits`` bits (``group`` inputs per
     scale; int4's default 128), in timing order: ``default_quant_config`` first, then the
     others (no repeats, K steps no wider than the row), int4's weight-stationary ones last.
-    Groups of 16 (int8) get the two CUDA-core kernels and the dp4a one (which scales each
+    Groups of 16 (int8) get the two CUDA-core kernels and the dp4a ones (which scale each
     half block apart), not the tensor-core ones (never timed for them: their tile would be
     scaled weight by weight in registers)."""
     widest = triton.next_power_of_2(max(k, BLOCK))
@@ -617,16 +618,16 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             if launch not in launches:
                 launches.add(launch)
                 out.append(cfg)
+    if k % BLOCK == 0 and dp4a_enabled() and dp4a_tma_listed():
+        from hearth_kernels.quant_dp4a import dp4a_tma_problem
+
+        g = group or (min(k, 128) if bits == 4 else k)
+        for cfg in _DP4A_TMA_CONFIGS:  # int8: steps of half the inputs (the same bytes)
+            cfg = cfg._replace(block_k=min(cfg.block_k * 4 // bits, triton.next_power_of_2(k)))
+            if cfg not in out and dp4a_tma_problem(k, bits, g, cfg.block_n, cfg.block_k, cfg.stages) is None:
+                out.append(cfg)
     if sub:
         return out
-    if bits == 4 and k % BLOCK == 0 and dp4a_enabled() and dp4a_tma_listed():
-        from hearth_kernels.quant_dp4a import DP4A_TMA_MAX_BK
-
-        g = group or min(k, 128)
-        for cfg in _DP4A_TMA_CONFIGS:
-            bk = min(cfg.block_k, triton.next_power_of_2(k))
-            if bk % g == 0 and k % g == 0 and bk <= DP4A_TMA_MAX_BK and cfg._replace(block_k=bk) not in out:
-                out.append(cfg._replace(block_k=bk))
     if bits == 4 and k % 16 == 0:
         from hearth_kernels.quant_mma import mma_configs
 
@@ -761,7 +762,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
         raise ValueError(f"quant_gemv: x must be one row [1, K], got {list(x.shape)}; use quant_gemm for more rows")
     out = _check_bias_out("quant_gemv", x, 1, n, bias, out)
     cfg = GemvConfig(*config) if config is not None else default_quant_config(n, k, prepared.bits)
-    if prepared.group_size < BLOCK and k % BLOCK == 0 and cfg.kind not in (KLOOP, ROWS, DP4A):
+    if prepared.group_size < BLOCK and k % BLOCK == 0 and cfg.kind not in (KLOOP, ROWS, DP4A, DP4A_TMA):
         cfg = default_quant_config(n, k, prepared.bits)  # groups of 16: no tensor-core kernels
     x = x.contiguous()
     q, s, m = prepared.qweight, prepared.scales, prepared.mins

@@ -21,6 +21,7 @@ LEVELS = 1 if DEVICE == "cuda" else 0  # a GPU's fp32 division may put an input 
     (40, 384, 128, GemvConfig(16, 256, 2, DP4A_TMA, 2)),  # a partial program, K not a multiple of the step
     (72, 352, 32, GemvConfig(32, 64, 4, DP4A_TMA, 3)),  # 11 steps, more than in flight
     (24, 512, 64, GemvConfig(8, 512, 1, DP4A_TMA, 1)),  # one step, one stage
+    (40, 320, 320, GemvConfig(16, 128, 2, DP4A_TMA, 3)),  # one group a row (GPTQ's group_size -1)
 ])
 @pytest.mark.parametrize("mins", [True, False], ids=["asym", "sym"])
 def test_tma_gemv_matches_the_exact_integer_product(n, k, group, cfg, mins):
@@ -34,6 +35,21 @@ def test_tma_gemv_matches_the_exact_integer_product(n, k, group, cfg, mins):
     # the same dots as the x-stationary kernel with x quantized once (sums in another order)
     y0 = quant_gemv(x, prep, config=GemvConfig(8, 4, 1, DP4A, 2, 1, 1), bias=bias)
     assert torch.allclose(y.float(), y0.float(), rtol=2e-2, atol=1e-2 * float(y0.float().abs().max()))
+
+
+@pytest.mark.parametrize("n,k,group,mins,cfg", [
+    (40, 384, 384, False, GemvConfig(16, 128, 2, DP4A_TMA, 2)),  # per channel (scales applied at the end)
+    (40, 384, 384, True, GemvConfig(16, 128, 2, DP4A_TMA, 3)),  # per channel with offsets: m * sum(x)
+    (24, 352, 32, False, GemvConfig(8, 64, 1, DP4A_TMA, 2)),  # GGUF Q8_0's groups; a K tail
+    (40, 256, 16, True, GemvConfig(16, 64, 2, DP4A_TMA, 2)),  # groups of 16 (Q6_K's), with offsets
+    (24, 512, 256, True, GemvConfig(8, 64, 1, DP4A_TMA, 3)),  # groups wider than a step
+])
+def test_tma_gemv_int8(n, k, group, mins, cfg):
+    _, prep = make_weight(8, n, k, group, mins=mins, seed=n + group)
+    assert (prep.mins is not None) == mins
+    x = 3 * rand_x(1, k, torch.bfloat16)
+    bias = rand_x(1, n, torch.bfloat16, seed=6)[0]
+    check_exact(quant_gemv(x, prep, config=cfg, bias=bias), x, prep, bias=bias, levels=LEVELS)
 
 
 def test_tma_gemv_swiglu_and_zero_blocks():
@@ -75,39 +91,45 @@ def test_tma_gemv_takes_the_norm(add):
 
 def test_tma_gemv_refuses_what_it_cannot_run():
     x = rand_x(1, 256, torch.bfloat16)
-    _, p8 = make_weight(8, 16, 256, 256, mins=False)
-    with pytest.raises(ValueError, match="int4"):
-        quant_gemv(x, p8, config=GemvConfig(16, 128, 2, DP4A_TMA, 2))
-    _, p4 = make_weight(4, 16, 256, 128)
-    with pytest.raises(ValueError, match="divide its K step"):
-        quant_gemv(x, p4, config=GemvConfig(16, 64, 2, DP4A_TMA, 2))  # groups of 128, steps of 64
+    _, p4 = make_weight(4, 16, 256, 64)
+    _, p96 = make_weight(4, 16, 288, 96)
+    with pytest.raises(ValueError, match="divide its K step"):  # groups of 96, steps of 64
+        quant_gemv(rand_x(1, 288, torch.bfloat16), p96, config=GemvConfig(16, 64, 2, DP4A_TMA, 2))
     with pytest.raises(ValueError, match="power of 2"):
         quant_gemv(x, p4, config=GemvConfig(12, 128, 2, DP4A_TMA, 2))
     with pytest.raises(ValueError, match="power of 2"):
         quant_gemv(x, p4, config=GemvConfig(16, 4096, 2, DP4A_TMA, 2))  # past TMA's 256-element box
+    with pytest.raises(ValueError, match="shared memory"):
+        quant_gemv(x, p4, config=GemvConfig(256, 2048, 4, DP4A_TMA, 8))  # 8 x 256 KB tiles in flight
 
 
-def test_tuner_lists_the_tma_kind_for_int4_only():
+def test_tuner_lists_the_tma_kind():
     c4 = [c for c in quant_gemv_configs(4096, 14336, 4, 128) if c.kind == DP4A_TMA]
     assert c4 and all(c.block_k % 128 == 0 and c.block_k <= 2048 for c in c4)
-    assert not [c for c in quant_gemv_configs(4096, 4096, 8) if c.kind == DP4A_TMA]
+    c8 = [c for c in quant_gemv_configs(4096, 4096, 8) if c.kind == DP4A_TMA]  # per channel: steps of half the inputs
+    assert [c.block_k for c in c8] == [c.block_k // 2 for c in c4]
     # a short row: the steps shrink to it, and only where the group divides them
     short = [c for c in quant_gemv_configs(64, 256, 4, 128) if c.kind == DP4A_TMA]
     assert short and all(c.block_k == 256 for c in short)
-    assert not [c for c in quant_gemv_configs(64, 96, 4, 96) if c.kind == DP4A_TMA]
+    assert not [c for c in quant_gemv_configs(64, 288, 4, 96) if c.kind == DP4A_TMA]  # 96 and steps of 512
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,swiglu", [(28672, 4096, False), (4096, 14336, True), (6144, 4096, False)])
-def test_gpu_tma_gemv_llama_shapes(n, k, swiglu):
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 0), (8, 16)], ids=["int4", "int8", "int8-g16"])
+def test_gpu_tma_gemv_llama_shapes(n, k, swiglu, bits, group):
+    """Every TMA config the tuner lists at the 8B shapes (under PDL where the card has it: the
+    first tiles asked of L2 before the wait), against the exact integer product."""
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA GPU")
     from hearth_kernels.quant_dp4a import dp4a_tma_available
 
     if not dp4a_tma_available(torch.device(DEVICE)):
         pytest.skip("needs TMA (Hopper or newer)")
-    _, prep = make_weight(4, n, k, 128)
+    group = group or k
+    _, prep = make_weight(bits, n, k, group, mins=bits == 4 or group == 16)
     x = rand_x(1, 2 * k if swiglu else k, torch.bfloat16)
-    for c in quant_gemv_configs(n, k, 4, 128):
-        if c.kind == DP4A_TMA:
-            check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu, levels=1)
+    configs = [c for c in quant_gemv_configs(n, k, bits, group) if c.kind == DP4A_TMA]
+    assert configs
+    for c in configs:
+        check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu, levels=1)
