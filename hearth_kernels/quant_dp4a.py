@@ -638,7 +638,7 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     s, m = prepared.scales, prepared.mins
     pdl = pdl_args(x.device)
     ahead = 0  # 128-byte lines a row asked of L2 before the wait: the first stages - 1 tiles' (a power of 2)
-    if pdl["PDL"] and stages > 1:
+    if pdl["PDL"] and stages > 1 and os.environ.get("HEARTH_QUANT_TMA_AHEAD", "1") != "0":
         row_lines = k * bits // 1024
         ahead = min(triton.next_power_of_2(triton.cdiv((stages - 1) * words, 32)), row_lines)
         ahead = 1 << (ahead.bit_length() - 1) if ahead else 0
