@@ -486,23 +486,30 @@ def _tiles_to_l2(q_ptr, n0, N, stride_qn, BN: tl.constexpr, LINES: tl.constexpr)
 
 @triton.jit
 def _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP: tl.constexpr, BK: tl.constexpr,
-                HAS_MIN: tl.constexpr):
+                HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr):
     """The float16 scales (and mins: the scales again without) of the K step at ``k0`` for
-    the rows: [rows, BK / GROUP], or [rows] where a group spans the step; zeros past K.
-    Loaded a step before they are used: Triton's pipeliner leaves such narrow loads
-    synchronous (a [32, 8] tile of 2-byte values was a plain load in the sm_90 build), and a
-    step waiting for them ran the H100's down at 11.5 us where 7.7 had been measured."""
+    the rows (``rows_s``: clamped into the weight): [rows, BK / GROUP], or [rows] where a
+    group spans the step. Unmasked where K is a whole number of steps (EVEN_K): Triton's
+    pipeliner copies a load of 2-byte values ahead only when its mask is the same for every
+    pair, and the H100's down ran 11.5 us with these loads left synchronous where 7.7 had
+    been measured with them copied ahead; past K (EVEN_K false) the masked lanes read 0."""
     if GROUP <= BK:
         g = k0 // GROUP + tl.arange(0, BK // GROUP)
-        ok = row_ok[:, None] & (g < K // GROUP)[None, :]
         off = rows_s[:, None] * stride_sn + g[None, :]
+        ok = row_ok[:, None] & (g < K // GROUP)[None, :]
     else:
-        ok = row_ok & (k0 < K)
         off = rows_s * stride_sn + k0 // GROUP
-    sg = tl.load(s_ptr + off, mask=ok, other=0.0)
-    mg = sg
-    if HAS_MIN:
-        mg = tl.load(m_ptr + off, mask=ok, other=0.0)
+        ok = row_ok & (k0 < K)
+    if EVEN_K:
+        sg = tl.load(s_ptr + off)
+        mg = sg
+        if HAS_MIN:
+            mg = tl.load(m_ptr + off)
+    else:
+        sg = tl.load(s_ptr + off, mask=ok, other=0.0)
+        mg = sg
+        if HAS_MIN:
+            mg = tl.load(m_ptr + off, mask=ok, other=0.0)
     return sg, mg
 
 
@@ -510,7 +517,8 @@ def _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP: tl.conste
 def _quant_gemv_dp4a_tma_kernel(w_desc, q_ptr, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_qn,
                                 stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr,
                                 HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                STAGES: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                                STAGES: tl.constexpr, AHEAD: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
+                                PDL: tl.constexpr):
     # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box (q_ptr: the same
     # words, for the L2 requests); xq/xf: x quantized per block of 32 (``_quantize_x_kernel``:
     # 8 words, then scale, float sum and (int4) code sum or (int8) its halves' float sums).
@@ -531,10 +539,10 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, q_ptr, s_ptr, m_ptr, b_ptr, xq_ptr, xf_p
     # pipeliner's first copies follow it; the L2 requests above went out before it
     pdl_wait(PDL)
     acc = tl.zeros([BN, NU], tl.float32)
-    if not PER_ROW:  # the first step's group scales (and mins); each step loads the next one's
-        sg_n, mg_n = _group_tile(s_ptr, m_ptr, rows_s, row_ok, 0, K, stride_sn, GROUP, BK, HAS_MIN)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         w = w_desc.load([n0, k0 * BITS // 32])  # [BN, WORDS] int32 (zeros past N and K)
+        if not PER_ROW:  # the step's group scales and mins (copied ahead with the tiles)
+            sg, mg = _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP, BK, HAS_MIN, EVEN_K)
         un = k0 // UNIT + u  # this step's units
         u_ok = un < nunits
         blk = un * UNIT // 32  # their blocks of x
@@ -563,9 +571,7 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, q_ptr, s_ptr, m_ptr, b_ptr, xq_ptr, xf_p
         sx = tl.load(xf_ptr + blk * 4, mask=u_ok, other=0.0)
         if PER_ROW:
             acc += dot.to(tl.float32) * sx[None, :]
-        else:  # each unit's group scale (and min), loaded a step ahead, spread over the units
-            sg, mg = sg_n, mg_n
-            sg_n, mg_n = _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0 + BK, K, stride_sn, GROUP, BK, HAS_MIN)
+        else:  # each unit's group scale (and min), spread over the units
             if GROUP <= BK:
                 GPS: tl.constexpr = BK // GROUP
                 su = tl.reshape(tl.broadcast_to(sg.to(tl.float32)[:, :, None], [BN, GPS, NU // GPS]), [BN, NU])
@@ -665,6 +671,7 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     _quant_gemv_dp4a_tma_kernel[(triton.cdiv(n, block_n),)](
         desc, q, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, q.stride(0),
         s.stride(0), GROUP=prepared.group_size, BITS=bits, PER_ROW=prepared.group_size == k, HAS_MIN=m is not None,
-        HAS_BIAS=bias is not None, BN=block_n, BK=block_k, STAGES=stages, AHEAD=ahead, ASM=not _interpreting(),
+        HAS_BIAS=bias is not None, BN=block_n, BK=block_k, STAGES=stages, AHEAD=ahead, EVEN_K=k % block_k == 0,
+        ASM=not _interpreting(),
         num_warps=warps, **pdl)
     return out
