@@ -474,17 +474,6 @@ def _codes(prepared) -> torch.Tensor:
 
 
 @triton.jit
-def _tiles_to_l2(q_ptr, n0, N, stride_qn, BN: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the first ``LINES`` 128-byte lines of each of the program's rows (its first
-    tiles), before the PDL wait: the copies issued after it then find them there. Weights
-    only (no kernel writes them)."""
-    r = n0 + tl.arange(0, BN)
-    line = tl.arange(0, LINES)
-    addr = q_ptr + tl.where(r < N, r, 0).to(tl.int64)[:, None] * stride_qn + line[None, :] * 32
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP: tl.constexpr, BK: tl.constexpr,
                 HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr):
     """The float16 scales (and mins: the scales again without) of the K step at ``k0`` for
@@ -514,13 +503,11 @@ def _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP: tl.conste
 
 
 @triton.jit
-def _quant_gemv_dp4a_tma_kernel(w_desc, q_ptr, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_qn,
-                                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr,
+def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_sn,
+                                GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr,
                                 HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                STAGES: tl.constexpr, AHEAD: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
-                                PDL: tl.constexpr):
-    # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box (q_ptr: the same
-    # words, for the L2 requests); xq/xf: x quantized per block of 32 (``_quantize_x_kernel``:
+                                STAGES: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box; xq/xf: x quantized per block of 32 (``_quantize_x_kernel``:
     # 8 words, then scale, float sum and (int4) code sum or (int8) its halves' float sums).
     # PER_ROW: one scale (and min) a row, applied at the end; else groups of GROUP inputs.
     pdl_start(PDL)
@@ -533,10 +520,9 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, q_ptr, s_ptr, m_ptr, b_ptr, xq_ptr, xf_p
     u = tl.arange(0, NU)
     j = tl.arange(0, 4)
     nunits = K // UNIT
-    if AHEAD > 0:  # AHEAD: 128-byte lines a row
-        _tiles_to_l2(q_ptr, n0, N, stride_qn, BN, AHEAD)
     # the wait comes before the loop (the PDL contract: one wait, at the top level), so the
-    # pipeliner's first copies follow it; the L2 requests above went out before it
+    # pipeliner's first copies follow it (asking L2 for the first tiles before it bought
+    # nothing measurable on an H100: benchmarks/QUANT_LOG.md)
     pdl_wait(PDL)
     acc = tl.zeros([BN, NU], tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
@@ -643,8 +629,7 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     """The K-loop dp4a GEMV (``GemvConfig.kind == DP4A_TMA``, checked by ``quant_gemv``): x
     (SwiGLU or the RMSNorm of ``norm`` applied) quantized by ``quantize_x_blocks``, then
     ``block_n`` rows per program in K steps of ``block_k`` inputs, each step's weight tile
-    brought by TMA, ``stages`` steps in flight (under PDL the first ``stages`` - 1 asked of L2
-    before the wait). The same integer dots as ``quant_gemv_dp4a`` (``dp4a_reference``),
+    brought by TMA, ``stages`` steps in flight. The same integer dots as ``quant_gemv_dp4a`` (``dp4a_reference``),
     summed in another order. ``qx``: x already quantized (``quantize_x_blocks``' output; for
     profiles), no norm or SwiGLU then."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -662,16 +647,9 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     desc = TensorDescriptor(q, [n, k * bits // 32], [q.stride(0), 1], [block_n, words])
     xq, xf = qx if qx is not None else quantize_x_blocks(x, bits, swiglu, norm)
     s, m = prepared.scales, prepared.mins
-    pdl = pdl_args(x.device)
-    ahead = 0  # 128-byte lines a row asked of L2 before the wait: the first stages - 1 tiles' (a power of 2)
-    if pdl["PDL"] and stages > 1 and os.environ.get("HEARTH_QUANT_TMA_AHEAD", "1") != "0":
-        row_lines = k * bits // 1024
-        ahead = min(triton.next_power_of_2(triton.cdiv((stages - 1) * words, 32)), row_lines)
-        ahead = 1 << (ahead.bit_length() - 1) if ahead else 0
     _quant_gemv_dp4a_tma_kernel[(triton.cdiv(n, block_n),)](
-        desc, q, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, q.stride(0),
-        s.stride(0), GROUP=prepared.group_size, BITS=bits, PER_ROW=prepared.group_size == k, HAS_MIN=m is not None,
-        HAS_BIAS=bias is not None, BN=block_n, BK=block_k, STAGES=stages, AHEAD=ahead, EVEN_K=k % block_k == 0,
-        ASM=not _interpreting(),
-        num_warps=warps, **pdl)
+        desc, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, s.stride(0),
+        GROUP=prepared.group_size, BITS=bits, PER_ROW=prepared.group_size == k, HAS_MIN=m is not None,
+        HAS_BIAS=bias is not None, BN=block_n, BK=block_k, STAGES=stages, EVEN_K=k % block_k == 0,
+        ASM=not _interpreting(), num_warps=warps, **pdl_args(x.device))
     return out

@@ -565,12 +565,14 @@ _DP4A_CONFIGS = (GemvConfig(16, 4, 4, DP4A, 3), GemvConfig(16, 4, 4, DP4A, 2), G
                  GemvConfig(12, 4, 4, DP4A, 2), GemvConfig(28, 2, 4, DP4A, 2))
 _DP4A_MAX_K = 32768  # 32 warps x 32 lanes x one block of 32 inputs each
 #: the TMA kind's configs worth timing (int4 K steps; int8 takes half as many inputs, the
-#: same bytes): the best of an H100 sweep with the weights in L2 (where memory outruns the
-#: kernels, as on an H200) and from HBM, per 8B layer
-#: (benchmarks/results/2026-12-06-i14-proto-tma-{,l2-}h100-fa91816.json): 32 rows in steps
-#: of 1,024 inputs for down and gate_up, 64 rows for gate_up, 16 rows in steps of 2,048
-_DP4A_TMA_CONFIGS = (GemvConfig(32, 1024, 4, DP4A_TMA, 8), GemvConfig(32, 1024, 4, DP4A_TMA, 4),
-                     GemvConfig(64, 1024, 4, DP4A_TMA, 4), GemvConfig(16, 2048, 4, DP4A_TMA, 6))
+#: same bytes): the best of H100 sweeps with the weights in L2 (where memory outruns the
+#: kernels, as on an H200; int4 down 8.2 us against the x-stationary kernel's 13.4, int8 half
+#: of down 7.2 against 12.1) and from HBM (gate_up's best at 2 steps in flight)
+#: (benchmarks/results/2026-12-06-i14-profile-dp4a-tma-l2-int{4,8}-h100-e6da456.json,
+#: ...-profile-dp4a-tma-int4-h100-f5d41f3.json)
+_DP4A_TMA_CONFIGS = (GemvConfig(16, 2048, 4, DP4A_TMA, 6), GemvConfig(32, 2048, 4, DP4A_TMA, 6),
+                     GemvConfig(32, 1024, 4, DP4A_TMA, 8), GemvConfig(16, 2048, 4, DP4A_TMA, 4),
+                     GemvConfig(16, 1024, 4, DP4A_TMA, 2))
 
 
 def dp4a_tma_listed() -> bool:

@@ -55,7 +55,7 @@ def _called(node) -> set[str]:
 # what a kernel may do before it waits: compute indices, and request weights (never written by a kernel)
 _BEFORE_WAIT_OK = {"pdl_start", "program_id", "arange", "where", "to", "min", "max", "zeros", "_block_groups"}
 # the helpers that load weights, and the pointer arguments they may be given (weights, scales, mins)
-_WEIGHT_LOADERS = {"_steps_start", "_fp8_rows_ahead", "_kloop_ahead", "_tiles_to_l2"}
+_WEIGHT_LOADERS = {"_steps_start", "_fp8_rows_ahead", "_kloop_ahead"}
 _WEIGHT_POINTERS = {"q_ptr", "s_ptr", "m_ptr", "w_ptr"}
 
 

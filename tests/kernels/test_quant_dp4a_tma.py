@@ -118,8 +118,8 @@ def test_tuner_lists_the_tma_kind():
 @pytest.mark.parametrize("n,k,swiglu", [(28672, 4096, False), (4096, 14336, True), (6144, 4096, False)])
 @pytest.mark.parametrize("bits,group", [(4, 128), (8, 0), (8, 16)], ids=["int4", "int8", "int8-g16"])
 def test_gpu_tma_gemv_llama_shapes(n, k, swiglu, bits, group):
-    """Every TMA config the tuner lists at the 8B shapes (under PDL where the card has it: the
-    first tiles asked of L2 before the wait), against the exact integer product."""
+    """Every TMA config the tuner lists at the 8B shapes (under PDL where the card has it),
+    against the exact integer product."""
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA GPU")
     from hearth_kernels.quant_dp4a import dp4a_tma_available

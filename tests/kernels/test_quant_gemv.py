@@ -104,7 +104,7 @@ def test_gemv_int8_in_groups_of_16(config, mins):
     """int8 in groups of 16 (GGUF Q6_K's sub-blocks): each half of a block of 32 scaled by
     its own group's scale (and min). A config of the tensor-core kernel (which scales whole
     blocks) runs the default CUDA-core kernel instead; the dp4a kernel sums and scales each
-    half of a block apart. Those three are offered to time."""
+    half of a block apart, as does the TMA dp4a kind (6). Those four are offered to time."""
     n, k = 40, 192
     qw, prep = make_weight(8, n, k, 16, mins=mins, seed=3)
     assert prep.group_size == 16 and prep.scales.shape == (n, k // 16)
@@ -118,7 +118,7 @@ def test_gemv_int8_in_groups_of_16(config, mins):
         check_exact(y, x, prep, levels=1)  # (this x has an input on a rounding edge: one level either way)
     else:
         check(y, x, qw)
-    assert {c.kind for c in quant_gemv_configs(4096, 14336, 8, 16)} == {0, 2, DP4A}
+    assert {c.kind for c in quant_gemv_configs(4096, 14336, 8, 16)} == {0, 2, DP4A, 6}
 
 
 @KINDS
