@@ -306,7 +306,7 @@ def test_the_gpu_kernels_keep_groups_of_16_and_a_layout_no_kernel_reads_becomes_
     from engine.layers.linear import SwiGLUDownLinear
     from engine.layers.quant_kernels import DequantMatmul, TritonQuant, triton_reads
     from engine.layers.quant_linear import gpu_float_extra
-    from hearth_kernels.quant_gemv import DP4A, KLOOP, ROWS, quant_gemv_configs
+    from hearth_kernels.quant_gemv import DP4A, DP4A_TMA, KLOOP, ROWS, quant_gemv_configs
 
     eng = Engine.load(str(kquant_gguf), device="cpu", dtype="float32", num_blocks=16, max_model_len=64)
     try:
@@ -321,7 +321,7 @@ def test_the_gpu_kernels_keep_groups_of_16_and_a_layout_no_kernel_reads_becomes_
             got = TritonQuant().bind(down)(x, down)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         kinds = {c.kind for c in quant_gemv_configs(down.out_features, down.in_features, 8, 16)}
-        assert kinds == {KLOOP, ROWS, DP4A}  # not the tensor-core ones
+        assert kinds == {KLOOP, ROWS, DP4A, DP4A_TMA}  # not the tensor-core ones (the dp4a kinds scale halves apart)
 
         # regroup its codes in threes (48 inputs share the first sub-block's scale: another
         # weight, a layout no GPU kernel reads)
