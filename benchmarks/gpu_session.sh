@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|targets|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|tma|targets|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -172,7 +172,9 @@ if [ "$what" = targets ]; then
   BS64_TESTS=${BS64_TESTS:-0}; BS64_PROFILE_BITS=${BS64_PROFILE_BITS:-0}
   BS1_QUANTS=${BS1_QUANTS:-"bf16 int8 int8:HEARTH_GEMV_PIN=gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first;down=triton_quant_gemv_16x2/4w_k5_s2_qx int4 fp8"}
 fi
-case "$what" in bs1|targets)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
+# tma: batch 1 with and without the TMA dp4a kind first (HEARTH_QUANT_TMA=0 leaves it out of the tuner's list)
+[ "$what" = tma ] && BS1_QUANTS=${BS1_QUANTS:-"bf16 int4 int4:HEARTH_QUANT_TMA=0 int8 int8:HEARTH_QUANT_TMA=0"}
+case "$what" in bs1|targets|tma)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
   # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. int4:HEARTH_PDL=0, or
   # int8:HEARTH_GEMV_PIN=gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first;down=triton_quant_gemv_16x2/4w_k5_s2_qx,
   # quoted; values without spaces or commas)
@@ -183,6 +185,16 @@ case "$what" in bs1|targets)  # the 8B shape's batch-1 decode for each of BS1_QU
       hearth bench --shape llama-8b --suite decode --batch 1 --output-len 128 --max-model-len 4096 \
         --quant $q --json "$OUT/bench-8b-bs1-$tag.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror" )
   done ;;
+esac
+case "$what" in tma)  # the TMA dp4a kind (quant_dp4a.quant_gemv_dp4a_tma), after batch 1 with and without it
+  # (the bs1 case above, one load each): its GPU tests, its sweep per 8B layer from HBM (int4; int8 per channel)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_quant_dp4a_tma.py -m gpu \
+    2>&1 | tee "$OUT/gpu_dp4a_tma_tests.log" | tail -3
+  timeout ${TMA_PROFILE_TIMEOUT:-240} python benchmarks/profile_dp4a_tma.py "$OUT/profile-dp4a-tma-int4.json" \
+    gate_up down qkv o 2>&1 | grep -v Warn | tail -4
+  timeout ${TMA_PROFILE_TIMEOUT:-240} python benchmarks/profile_dp4a_tma.py "$OUT/profile-dp4a-tma-int8.json" \
+    gate_up down --int8 2>&1 | grep -v Warn | tail -2
+  ;;
 esac
 case "$what" in quant-tests)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \

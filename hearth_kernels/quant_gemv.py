@@ -577,9 +577,12 @@ _DP4A_TMA_CONFIGS = (GemvConfig(16, 2048, 4, DP4A_TMA, 6), GemvConfig(32, 2048, 
 
 def dp4a_tma_listed() -> bool:
     """Whether ``quant_gemv_configs`` lists the TMA kind: where the current CUDA device has
-    TMA (Hopper and newer) or Triton's interpreter runs the kernels."""
+    TMA (Hopper and newer) or Triton's interpreter runs the kernels, unless
+    ``HEARTH_QUANT_TMA=0`` (for A/B runs)."""
     from hearth_kernels.quant_dp4a import dp4a_tma_available
 
+    if os.environ.get("HEARTH_QUANT_TMA", "1") == "0":
+        return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
     return torch.cuda.is_available() and dp4a_tma_available(torch.device("cuda", torch.cuda.current_device()))

@@ -109,7 +109,7 @@ def test_tma_gemv_refuses_what_it_cannot_run():
         quant_gemv(x, p4, config=GemvConfig(256, 2048, 4, DP4A_TMA, 8))  # 8 x 256 KB tiles in flight
 
 
-def test_tuner_lists_the_tma_kind():
+def test_tuner_lists_the_tma_kind(monkeypatch):
     c4 = [c for c in quant_gemv_configs(4096, 14336, 4, 128) if c.kind == DP4A_TMA]
     assert c4 and all(c.block_k % 128 == 0 and c.block_k <= 2048 for c in c4)
     c8 = [c for c in quant_gemv_configs(4096, 4096, 8) if c.kind == DP4A_TMA]  # per channel: steps of half the inputs
@@ -118,6 +118,8 @@ def test_tuner_lists_the_tma_kind():
     short = [c for c in quant_gemv_configs(64, 256, 4, 128) if c.kind == DP4A_TMA]
     assert short and all(c.block_k == 256 for c in short)
     assert not [c for c in quant_gemv_configs(64, 288, 4, 96) if c.kind == DP4A_TMA]  # 96 and steps of 512
+    monkeypatch.setenv("HEARTH_QUANT_TMA", "0")  # the A/B switch
+    assert not [c for c in quant_gemv_configs(4096, 14336, 4, 128) if c.kind == DP4A_TMA]
 
 
 @pytest.mark.gpu
