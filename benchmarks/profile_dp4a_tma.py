@@ -9,7 +9,7 @@ fits an H100's L2). ``--int8``: int8 per channel (K steps of half the inputs). E
 time is one call in a CUDA graph rotating over weight copies that don't fit L2
 (``profile_gemv.time_graph``); ``--l2`` times one copy back to back instead, so the weights
 stay in L2 and memory outruns the kernels (as an H200's HBM does more than an H100's): the
-kernels' own speed. TMA rows: (us with x quantized beforehand, us with the quantizing kernel
+kernels' own speed (bf16 is timed from HBM either way). TMA rows: (us with x quantized beforehand, us with the quantizing kernel
 in the graph, [rows, K step, stages, warps], max error against ``dp4a_reference`` / max|y|).
 (The 2026-12-06 H100 JSON came from this script's first form, with the kernel before it had a
 bias, masks for K tails and the first tile requested before the PDL wait.)"""
@@ -29,8 +29,6 @@ from hearth_kernels.quant_gemv import DP4A, quant_gemv, quant_gemv_configs  # no
 
 def gemv_tma(x, prep, out, bn, bk, st, wp, qx=None):
     """One TMA GEMV; with ``qx`` (``quantize_x_blocks``' output) x's quantizing kernel is left out."""
-    if qx is None:
-        return quant_gemv_dp4a_tma(x, prep, out, None, False, bn, bk, wp, st)
     return quant_gemv_dp4a_tma(x, prep, out, None, False, bn, bk, wp, st, qx=qx)
 
 T0 = time.time()

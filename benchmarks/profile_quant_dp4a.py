@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_gemv import shapes_of, time_graph  # noqa: E402
 
 T0 = time.time()
-KIND_NAMES = ["kloop", "mma", "rows", "swap", "swapw", "dp4a"]
+KIND_NAMES = ["kloop", "mma", "rows", "swap", "swapw", "dp4a", "dp4a_tma"]  # GemvConfig.kind
 
 
 def random_prepared(bits: int, n: int, k: int):
@@ -94,7 +94,7 @@ def main() -> None:
 
     from hearth_kernels.activation import silu_and_mul
     from hearth_kernels.quant_dp4a import dp4a_reference
-    from hearth_kernels.quant_gemv import DP4A, GemvConfig, quant_gemv, quant_gemv_configs
+    from hearth_kernels.quant_gemv import DP4A, DP4A_TMA, GemvConfig, quant_gemv, quant_gemv_configs
 
     torch.manual_seed(0)
     result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "rows": []}
@@ -147,14 +147,15 @@ def main() -> None:
                     print(f"  {name} int{bits} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
                 err = (out - ref.double()).abs().max().item() / ref_rms
-                err_exact = ((out - exact).abs().max() / exact.abs().max()).item() if cfg.kind == DP4A else None
+                err_exact = (((out - exact).abs().max() / exact.abs().max()).item() if cfg.kind in (DP4A, DP4A_TMA)
+                             else None)
                 timed.append((us, KIND_NAMES[cfg.kind], list(cfg), err, err_exact, cfg in tuner))
             timed.sort(key=lambda t: t[0])
             best = {}
             for t in timed:
                 best.setdefault(t[1], t[:3])
             best_tuned = next(t for t in timed if t[5])
-            best_float = next(t for t in timed if t[1] != "dp4a")
+            best_float = next(t for t in timed if not t[1].startswith("dp4a"))
             row = {"layer": name, "bits": bits, "n": n, "k": k, "weight_mb": nb / 1e6, "bf16_us": bf_us,
                    "best": timed[0][:3], "best_tuner_list": best_tuned[:3], "best_float": best_float[:3],
                    "best_by_kind": best, "dp4a_vs_float": best_float[0] / best["dp4a"][0] if "dp4a" in best else None,

@@ -90,6 +90,23 @@ def _dp4a(a, b, c, SIGNED_A: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _int4_dots(w0, w1, w2, w3, e0, e1, e2, e3, o0, o1, o2, o3, xqsum, ASM: tl.constexpr):
+    """[rows, blocks]: ``sum((q - 8) * xq)`` per row and block of 32 inputs, from the block's
+    four code words ``w0..w3`` (pair order) and x's even (``e``) and odd (``o``) codes per
+    word ([blocks] each) and code sum ``xqsum``: the low nibbles against the even inputs, the
+    high ones (times 16, exact) against the odd. Centred codes: w = (q - 8) s + (m + 8 s),
+    and m + 8 s is about the group's midpoint, so x's rounding errors are weighted by about
+    |w|, not by |q s| (about 3x more)."""
+    lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
+        w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
+        False, ASM), False, ASM)
+    hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
+        w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
+        False, ASM), False, ASM)
+    return lo + (hi >> 4) - 8 * xqsum[None, :]
+
+
+@triton.jit
 def _pack4(q0, q1, q2, q3):
     """Four int32 tensors of values in [-128, 127] as the bytes 0..3 of int32 words."""
     return (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | (q3 << 24)
@@ -316,16 +333,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
             m_b, HAS_MIN, ROWS, R, LEAD)
         if BITS == 4:
             w0, w1, w2, w3 = _split4(w)  # [R, NB] each: words 0..3 of each block
-            lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
-                w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
-                False, ASM), False, ASM)
-            hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
-                w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
-                False, ASM), False, ASM)
-            # [R, NB]: sum((q - 8) * xq) per block (hi's terms are multiples of 16). Centred
-            # codes: w = (q - 8) s + (m + 8 s), and m + 8 s is about the group's midpoint, so
-            # x's rounding errors are weighted by about |w|, not by |q s| (about 3x more)
-            dot = lo + (hi >> 4) - 8 * xqsum[None, :]
+            dot = _int4_dots(w0, w1, w2, w3, e0, e1, e2, e3, o0, o1, o2, o3, xqsum, ASM)  # [R, NB]
         else:
             dot = _group_sums(_dp4a(w, xe[None, :, :], 0, True, ASM), GPB)  # [R, NB * GPB]
         t = dot.to(tl.float32) * (scale * sx[None, :])
@@ -463,10 +471,10 @@ def _codes(prepared) -> torch.Tensor:
 # The x-stationary kernel above keeps the whole row of x in registers and streams rows; how
 # many bytes it keeps in flight is bounded by its registers. With the weights in L2 (memory
 # faster than the kernel, the H200's situation), an H100 ran it at the same speed as from
-# HBM (down 13.4 us), where this kernel took 7.7
-# (benchmarks/results/2026-12-06-i14-proto-tma-l2-h100-fa91816.json). Here each program
+# HBM (down 13.4 us), where this kernel took 8.2
+# (benchmarks/results/2026-12-06-i14-profile-dp4a-tma-l2-int4-h100-e6da456.json). Here each program
 # takes ``BN`` rows and walks K in steps of ``BK`` inputs; the weight tile of each step comes
-# by TMA (one bulk copy into shared memory, ``STAGES`` steps in flight, issued by Triton's
+# by TMA (one bulk copy into shared memory, ``STAGES`` - 1 steps ahead, issued by Triton's
 # pipeliner with mbarriers), so the bytes in flight don't cost registers. x is quantized
 # once beforehand (``quantize_x_blocks``, which also runs the norm or SwiGLU). The codes are
 # taken in units of 4 words (int4: a block of 32 inputs; int8: half a block, 16), each
@@ -474,32 +482,41 @@ def _codes(prepared) -> torch.Tensor:
 
 
 @triton.jit
-def _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP: tl.constexpr, BK: tl.constexpr,
-                HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr):
-    """The float16 scales (and mins: the scales again without) of the K step at ``k0`` for
-    the rows (``rows_s``: clamped into the weight): [rows, BK / GROUP], or [rows] where a
-    group spans the step. Unmasked where K is a whole number of steps (EVEN_K): Triton's
-    pipeliner copies a load of 2-byte values ahead only when its mask is the same for every
-    pair, and the H100's down ran 11.5 us with these loads left synchronous where 7.7 had
-    been measured with them copied ahead; past K (EVEN_K false) the masked lanes read 0."""
+def _unit_scales(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP: tl.constexpr, BK: tl.constexpr,
+                 NU: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr):
+    """The scale and the min term (int4: m + 8 s, for the centred codes; zeros without
+    mins) of each of the K step's ``NU`` units, float32 [rows, NU], from its groups' float16
+    values ([rows, BK / GROUP] loaded, or [rows] where a group spans the step). Unmasked
+    where K is a whole number of steps (EVEN_K): in the sm_90 build Triton's pipeliner copies
+    these 2-byte loads ahead only unmasked (with a per-group mask they stayed synchronous,
+    and the H100's down in L2 took 11.5 us instead of 8.2); past K the masked lanes read 0."""
     if GROUP <= BK:
-        g = k0 // GROUP + tl.arange(0, BK // GROUP)
+        GPS: tl.constexpr = BK // GROUP
+        g = k0 // GROUP + tl.arange(0, GPS)
         off = rows_s[:, None] * stride_sn + g[None, :]
         ok = row_ok[:, None] & (g < K // GROUP)[None, :]
     else:
         off = rows_s * stride_sn + k0 // GROUP
         ok = row_ok & (k0 < K)
     if EVEN_K:
-        sg = tl.load(s_ptr + off)
-        mg = sg
-        if HAS_MIN:
-            mg = tl.load(m_ptr + off)
+        sg = tl.load(s_ptr + off).to(tl.float32)
     else:
-        sg = tl.load(s_ptr + off, mask=ok, other=0.0)
-        mg = sg
-        if HAS_MIN:
-            mg = tl.load(m_ptr + off, mask=ok, other=0.0)
-    return sg, mg
+        sg = tl.load(s_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    mg = tl.zeros_like(sg)
+    if HAS_MIN:
+        if EVEN_K:
+            mg = tl.load(m_ptr + off).to(tl.float32)
+        else:
+            mg = tl.load(m_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if BITS == 4:
+            mg += 8.0 * sg
+    if GROUP <= BK:  # each group's values over its units
+        su = tl.reshape(tl.broadcast_to(sg[:, :, None], [sg.shape[0], GPS, NU // GPS]), [sg.shape[0], NU])
+        mu = tl.reshape(tl.broadcast_to(mg[:, :, None], [mg.shape[0], GPS, NU // GPS]), [mg.shape[0], NU])
+    else:
+        su = tl.broadcast_to(sg[:, None], [sg.shape[0], NU])
+        mu = tl.broadcast_to(mg[:, None], [mg.shape[0], NU])
+    return su, mu
 
 
 @triton.jit
@@ -507,9 +524,10 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_p
                                 GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr,
                                 HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                 STAGES: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box; xq/xf: x quantized per block of 32 (``_quantize_x_kernel``:
-    # 8 words, then scale, float sum and (int4) code sum or (int8) its halves' float sums).
-    # PER_ROW: one scale (and min) a row, applied at the end; else groups of GROUP inputs.
+    # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box; xq/xf: x
+    # quantized per block of 32 (``_quantize_x_kernel``: 8 words, then scale, float sum and
+    # (int4) code sum or (int8) its halves' float sums). PER_ROW: one scale (and min) a row,
+    # applied at the end; else groups of GROUP inputs.
     pdl_start(PDL)
     UNIT: tl.constexpr = 32 if BITS == 4 else 16  # inputs in 4 words
     NU: tl.constexpr = BK // UNIT  # units a step
@@ -528,7 +546,7 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_p
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         w = w_desc.load([n0, k0 * BITS // 32])  # [BN, WORDS] int32 (zeros past N and K)
         if not PER_ROW:  # the step's group scales and mins (copied ahead with the tiles)
-            sg, mg = _group_tile(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP, BK, HAS_MIN, EVEN_K)
+            su, mu = _unit_scales(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP, BK, NU, BITS, HAS_MIN, EVEN_K)
         un = k0 // UNIT + u  # this step's units
         u_ok = un < nunits
         blk = un * UNIT // 32  # their blocks of x
@@ -538,15 +556,8 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_p
                                                   other=0))
             o0, o1, o2, o3 = _split4_last(tl.load(xq_ptr + blk[:, None] * 8 + 4 + j[None, :], mask=u_ok[:, None],
                                                   other=0))
-            lo = _dp4a(w3 & 0x0F0F0F0F, e3[None, :], _dp4a(w2 & 0x0F0F0F0F, e2[None, :], _dp4a(
-                w1 & 0x0F0F0F0F, e1[None, :], _dp4a(w0 & 0x0F0F0F0F, e0[None, :], 0, False, ASM), False, ASM),
-                False, ASM), False, ASM)
-            hi = _dp4a(w3 & _HI_NIBBLES, o3[None, :], _dp4a(w2 & _HI_NIBBLES, o2[None, :], _dp4a(
-                w1 & _HI_NIBBLES, o1[None, :], _dp4a(w0 & _HI_NIBBLES, o0[None, :], 0, False, ASM), False, ASM),
-                False, ASM), False, ASM)
-            # centred codes, as in _quant_gemv_dp4a_kernel: w = (q - 8) s + (m + 8 s)
             xqsum = tl.load(xf_ptr + blk * 4 + 2, mask=u_ok, other=0.0).to(tl.int32)
-            dot = lo + (hi >> 4) - 8 * xqsum[None, :]  # [BN, NU]
+            dot = _int4_dots(w0, w1, w2, w3, e0, e1, e2, e3, o0, o1, o2, o3, xqsum, ASM)  # [BN, NU]
             xsum = tl.load(xf_ptr + blk * 4 + 1, mask=u_ok, other=0.0)
         else:  # words 4h..4h+3 of x's block h // 2: unit h's inputs, in the weights' byte order
             e0, e1, e2, e3 = _split4_last(tl.load(xq_ptr + un[:, None] * 4 + j[None, :], mask=u_ok[:, None],
@@ -557,20 +568,9 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_p
         sx = tl.load(xf_ptr + blk * 4, mask=u_ok, other=0.0)
         if PER_ROW:
             acc += dot.to(tl.float32) * sx[None, :]
-        else:  # each unit's group scale (and min), spread over the units
-            if GROUP <= BK:
-                GPS: tl.constexpr = BK // GROUP
-                su = tl.reshape(tl.broadcast_to(sg.to(tl.float32)[:, :, None], [BN, GPS, NU // GPS]), [BN, NU])
-            else:  # the whole step in one group
-                su = tl.broadcast_to(sg.to(tl.float32)[:, None], [BN, NU])
+        else:  # each unit's group scale and min term
             acc += dot.to(tl.float32) * (su * sx[None, :])
             if HAS_MIN:
-                if GROUP <= BK:
-                    mu = tl.reshape(tl.broadcast_to(mg.to(tl.float32)[:, :, None], [BN, GPS, NU // GPS]), [BN, NU])
-                else:
-                    mu = tl.broadcast_to(mg.to(tl.float32)[:, None], [BN, NU])
-                if BITS == 4:
-                    mu += 8.0 * su
                 acc += mu * xsum[None, :]
     y = tl.sum(acc, axis=1)
     if PER_ROW:  # one scale a row; its min (int4: centred, m + 8 s) times the sum of x
@@ -590,7 +590,7 @@ def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_p
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-#: TMA takes at most 256 elements a side: K steps of at most 256 words (int4 2,048 inputs, int8 1,024)
+#: K steps of at most 256 words a row (int4 2,048 inputs, int8 1,024): the widest swept
 DP4A_TMA_MAX_WORDS = 256
 #: shared memory the copies in flight may take (228 KB a Hopper SM, some left for the rest)
 DP4A_TMA_MAX_SMEM = 200_000
@@ -614,8 +614,8 @@ def dp4a_tma_problem(k: int, bits: int, group: int, block_n: int, block_k: int, 
             or block_n & (block_n - 1) or block_n < 8):
         return (f"a TMA dp4a config needs K steps a power of 2 of 4 to {DP4A_TMA_MAX_WORDS} words and rows a power "
                 f"of 2 from 8, got {block_n} rows, steps of {block_k} int{bits} inputs")
-    if stages * block_n * block_k * bits // 8 > DP4A_TMA_MAX_SMEM:
-        return (f"a TMA dp4a config's {stages} tiles of {block_n} x {block_k} int{bits} codes in flight pass "
+    if (stages - 1) * block_n * block_k * bits // 8 > DP4A_TMA_MAX_SMEM:  # Triton's ring: stages - 1 tiles
+        return (f"a TMA dp4a config's {stages - 1} tiles of {block_n} x {block_k} int{bits} codes in flight pass "
                 f"{DP4A_TMA_MAX_SMEM // 1000} KB of shared memory")
     if group != k and (group % unit or block_k % group and group % block_k):
         return (f"the TMA dp4a kernel needs int{bits} groups a multiple of {unit} inputs that divide its K step "
@@ -629,9 +629,9 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     """The K-loop dp4a GEMV (``GemvConfig.kind == DP4A_TMA``, checked by ``quant_gemv``): x
     (SwiGLU or the RMSNorm of ``norm`` applied) quantized by ``quantize_x_blocks``, then
     ``block_n`` rows per program in K steps of ``block_k`` inputs, each step's weight tile
-    brought by TMA, ``stages`` steps in flight. The same integer dots as ``quant_gemv_dp4a`` (``dp4a_reference``),
-    summed in another order. ``qx``: x already quantized (``quantize_x_blocks``' output; for
-    profiles), no norm or SwiGLU then."""
+    brought by TMA, ``stages`` - 1 steps ahead. The same integer dots as ``quant_gemv_dp4a``
+    (``dp4a_reference``), summed in another order. ``qx``: x already quantized
+    (``quantize_x_blocks``' output; for profiles), no norm or SwiGLU then."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     problem = dp4a_tma_problem(prepared.in_features, prepared.bits, prepared.group_size, block_n, block_k, stages)

@@ -501,8 +501,8 @@ class GemvConfig(NamedTuple):
     programs per row block along K (the last to arrive adds the partial sums).
     ``kind=DP4A_TMA`` (6, int4 and int8, Hopper and newer): the same integer dots in a K loop
     (``quant_dp4a.quant_gemv_dp4a_tma``): x quantized once first, ``block_n`` rows per
-    program, K steps of ``block_k`` inputs whose weight tiles come by TMA, ``stages`` in
-    flight (bytes in flight that cost no registers).
+    program, K steps of ``block_k`` inputs whose weight tiles come by TMA, ``stages`` - 1
+    ahead (bytes in flight that cost no registers).
     Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
@@ -579,13 +579,12 @@ def dp4a_tma_listed() -> bool:
     """Whether ``quant_gemv_configs`` lists the TMA kind: where the current CUDA device has
     TMA (Hopper and newer) or Triton's interpreter runs the kernels, unless
     ``HEARTH_QUANT_TMA=0`` (for A/B runs)."""
-    from hearth_kernels.quant_dp4a import dp4a_tma_available
+    from hearth_kernels.quant_dp4a import _interpreting, dp4a_tma_available
 
     if os.environ.get("HEARTH_QUANT_TMA", "1") == "0":
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    return torch.cuda.is_available() and dp4a_tma_available(torch.device("cuda", torch.cuda.current_device()))
+    return _interpreting() or (torch.cuda.is_available()
+                               and dp4a_tma_available(torch.device("cuda", torch.cuda.current_device())))
 
 
 def dp4a_enabled() -> bool:
@@ -654,8 +653,8 @@ def norm_fusable(prepared: PreparedQuant, config: tuple | None) -> bool:
         return False
     cfg = GemvConfig(*config)
     k = prepared.in_features
-    if cfg.kind == DP4A_TMA:  # x is quantized (the norm with it) by a kernel of its own
-        return k % BLOCK == 0
+    if cfg.kind == DP4A_TMA:  # x is quantized (the norm with it, one program holding the row) by a kernel of its own
+        return k % BLOCK == 0 and k <= _DP4A_MAX_K
     return ((norm_in_prologue(cfg) or (cfg.kind == DP4A and cfg.qx)) and k % BLOCK == 0 and k <= _DP4A_MAX_K
             and (prepared.group_size >= BLOCK or prepared.group_size == SUB_GROUP))
 

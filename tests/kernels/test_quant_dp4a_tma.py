@@ -120,6 +120,9 @@ def test_tuner_lists_the_tma_kind(monkeypatch):
     assert not [c for c in quant_gemv_configs(64, 288, 4, 96) if c.kind == DP4A_TMA]  # 96 and steps of 512
     monkeypatch.setenv("HEARTH_QUANT_TMA", "0")  # the A/B switch
     assert not [c for c in quant_gemv_configs(4096, 14336, 4, 128) if c.kind == DP4A_TMA]
+    monkeypatch.setenv("HEARTH_QUANT_TMA", "1")
+    monkeypatch.setenv("HEARTH_QUANT_DP4A", "0")  # no dp4a kind at all
+    assert not [c for c in quant_gemv_configs(4096, 14336, 4, 128) if c.kind == DP4A_TMA]
 
 
 @pytest.mark.gpu

@@ -27,8 +27,8 @@ from engine.quant.qweight import QuantizedWeight
 from engine.quant.rtn import quantize_int4, quantize_int8
 from hearth_kernels.activation import silu_and_mul
 from hearth_kernels.quant_gemm import dequantize_weight, gemm_path, quant_gemm
-from hearth_kernels.quant_gemv import (DP4A, GemvConfig, default_quant_config, prepare_int4, prepare_int8, quant_gemv,
-                                quant_gemv_configs, unpair_nibbles)
+from hearth_kernels.quant_gemv import (DP4A, DP4A_TMA, GemvConfig, default_quant_config, dp4a_tma_listed, prepare_int4,
+                                prepare_int8, quant_gemv, quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
 
 UNIT = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
@@ -104,7 +104,8 @@ def test_gemv_int8_in_groups_of_16(config, mins):
     """int8 in groups of 16 (GGUF Q6_K's sub-blocks): each half of a block of 32 scaled by
     its own group's scale (and min). A config of the tensor-core kernel (which scales whole
     blocks) runs the default CUDA-core kernel instead; the dp4a kernel sums and scales each
-    half of a block apart, as does the TMA dp4a kind (6). Those four are offered to time."""
+    half of a block apart. Those three, and where it runs the TMA dp4a kind (which scales
+    the halves apart too: tests/kernels/test_quant_dp4a_tma.py), are offered to time."""
     n, k = 40, 192
     qw, prep = make_weight(8, n, k, 16, mins=mins, seed=3)
     assert prep.group_size == 16 and prep.scales.shape == (n, k // 16)
@@ -118,7 +119,8 @@ def test_gemv_int8_in_groups_of_16(config, mins):
         check_exact(y, x, prep, levels=1)  # (this x has an input on a rounding edge: one level either way)
     else:
         check(y, x, qw)
-    assert {c.kind for c in quant_gemv_configs(4096, 14336, 8, 16)} == {0, 2, DP4A, 6}
+    tma = {DP4A_TMA} if dp4a_tma_listed() else set()  # Hopper or the interpreter
+    assert {c.kind for c in quant_gemv_configs(4096, 14336, 8, 16)} == {0, 2, DP4A} | tma
 
 
 @KINDS
@@ -151,7 +153,8 @@ def test_every_listed_config_computes_the_same_product(monkeypatch):
     first = default_quant_config(n, k, 4)
     assert configs[0] == first._replace(block_k=min(first.block_k, k)) and len(set(configs)) == len(configs)
     assert all(c.block_k <= 256 for c in configs if c.kind not in (2, 5))
-    assert {c.kind for c in configs} == {0, 1, 2, 4, 5, 6}  # 6: dp4a by TMA (the interpreter emulates it)
+    tma = {DP4A_TMA} if dp4a_tma_listed() else set()  # Hopper, or the interpreter (which emulates TMA)
+    assert {c.kind for c in configs} == {0, 1, 2, 4, 5} | tma
     for config in configs:  # kind 4 dequantizes weight tiles to x's dtype in registers
         if config.kind in (5, 6):  # dp4a: x rounded to int8 (its own tests' exact reference)
             from tests.kernels.test_quant_dp4a import check_exact
@@ -391,7 +394,7 @@ def test_gpu_llama_shapes(n, k, swiglu, bits, group):
     x_eff = silu_and_mul(x) if swiglu else x
     for config in quant_gemv_configs(n, k, bits, group):
         y = quant_gemv(x, prep, config=config, swiglu=swiglu)
-        if config.kind == DP4A:  # x rounded to 8 bits: against the same integer arithmetic in float64
+        if config.kind in (DP4A, DP4A_TMA):  # x rounded to 8 bits: against the same integer arithmetic in float64
             from tests.kernels.test_quant_dp4a import check_exact
 
             check_exact(y, x, prep, swiglu=swiglu, levels=1)
