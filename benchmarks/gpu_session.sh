@@ -172,8 +172,9 @@ if [ "$what" = targets ]; then
   BS64_TESTS=${BS64_TESTS:-0}; BS64_PROFILE_BITS=${BS64_PROFILE_BITS:-0}
   BS1_QUANTS=${BS1_QUANTS:-"bf16 int8 int8:HEARTH_GEMV_PIN=gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first;down=triton_quant_gemv_16x2/4w_k5_s2_qx int4 fp8"}
 fi
-# tma: batch 1 with and without the TMA dp4a kind first (HEARTH_QUANT_TMA=0 leaves it out of the tuner's list)
-[ "$what" = tma ] && BS1_QUANTS=${BS1_QUANTS:-"bf16 int4 int4:HEARTH_QUANT_TMA=0 int8 int8:HEARTH_QUANT_TMA=0"}
+# tma: batch 1 with and without the TMA GEMVs first (HEARTH_QUANT_TMA=0 leaves them out of the tuners' lists:
+# the dp4a kind for int4/int8, gemv_tma for fp8), seven loads, ~6 min
+[ "$what" = tma ] && BS1_QUANTS=${BS1_QUANTS:-"bf16 int4 int4:HEARTH_QUANT_TMA=0 int8 int8:HEARTH_QUANT_TMA=0 fp8 fp8:HEARTH_QUANT_TMA=0"}
 case "$what" in bs1|targets|tma)  # the 8B shape's batch-1 decode for each of BS1_QUANTS, one load each, in one call;
   # an entry QUANT:KNOB=V,... sets kernel knobs for that load (e.g. int4:HEARTH_PDL=0, or
   # int8:HEARTH_GEMV_PIN=gate_up=triton_quant_gemv_16x2/4w_k5_s2_norm_first;down=triton_quant_gemv_16x2/4w_k5_s2_qx,
@@ -186,15 +187,17 @@ case "$what" in bs1|targets|tma)  # the 8B shape's batch-1 decode for each of BS
         --quant $q --json "$OUT/bench-8b-bs1-$tag.json" "$@" 2>&1 | grep -E "batch-1 matmuls|^decode|rror" )
   done ;;
 esac
-case "$what" in tma)  # the TMA dp4a kind (quant_dp4a.quant_gemv_dp4a_tma), after batch 1 with and without it
-  # (the bs1 case above, one load each): its GPU tests, its sweep per 8B layer from HBM (int4; int8 per channel)
-  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_quant_dp4a_tma.py -m gpu \
-    2>&1 | tee "$OUT/gpu_dp4a_tma_tests.log" | tail -3
-  timeout ${TMA_PROFILE_TIMEOUT:-240} python benchmarks/profile_dp4a_tma.py "$OUT/profile-dp4a-tma-int4.json" \
-    gate_up down qkv o 2>&1 | grep -v Warn | tail -4
-  timeout ${TMA_PROFILE_TIMEOUT:-240} python benchmarks/profile_dp4a_tma.py "$OUT/profile-dp4a-tma-int8.json" \
-    gate_up down --int8 2>&1 | grep -v Warn | tail -2
-  ;;
+case "$what" in tma)  # the TMA GEMVs (quant_dp4a.quant_gemv_dp4a_tma, gemv.gemv_tma), after batch 1 with and without
+  # them (the bs1 case above, one load each): their GPU tests; with TMA_SWEEPS=1 (another ~4 min: a call of its own,
+  # BS1_QUANTS=" " to skip the loads) the dp4a kind's sweep per 8B layer from HBM (int4; int8 per channel)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_quant_dp4a_tma.py \
+    tests/kernels/test_gemv_tma.py -m gpu 2>&1 | tee "$OUT/gpu_tma_tests.log" | tail -3
+  if [ "${TMA_SWEEPS:-0}" = 1 ]; then
+    timeout ${TMA_PROFILE_TIMEOUT:-240} python benchmarks/profile_dp4a_tma.py "$OUT/profile-dp4a-tma-int4.json" \
+      gate_up down qkv o 2>&1 | grep -v Warn | tail -4
+    timeout ${TMA_PROFILE_TIMEOUT:-240} python benchmarks/profile_dp4a_tma.py "$OUT/profile-dp4a-tma-int8.json" \
+      gate_up down --int8 2>&1 | grep -v Warn | tail -2
+  fi ;;
 esac
 case "$what" in quant-tests)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \

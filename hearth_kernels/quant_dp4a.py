@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from hearth_kernels.counters import counters
+from hearth_kernels.gemv import tma_available
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
 from hearth_kernels.quant_gemv import (_block_groups, _group_sums, _load_x_blocks, _split4, _split_x_blocks,
@@ -596,14 +597,6 @@ DP4A_TMA_MAX_WORDS = 256
 DP4A_TMA_MAX_SMEM = 200_000
 
 
-def dp4a_tma_available(device: torch.device) -> bool:
-    """Whether the TMA kind runs on ``device``: a Hopper or newer GPU (TMA), or Triton's
-    interpreter (which emulates the descriptors; the tests)."""
-    if _interpreting():
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
 def dp4a_tma_problem(k: int, bits: int, group: int, block_n: int, block_k: int, stages: int) -> str | None:
     """Why a ``DP4A_TMA`` config can't run a [*, k] weight of ``bits`` in groups of ``group``
     inputs (``k``: one scale a row) (None: it can)."""
@@ -635,7 +628,7 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     problem = dp4a_tma_problem(prepared.in_features, prepared.bits, prepared.group_size, block_n, block_k, stages)
-    if problem is None and not dp4a_tma_available(x.device):
+    if problem is None and not tma_available(x.device):
         problem = "the TMA dp4a kernel needs a Hopper or newer GPU (TMA)"
     if problem is not None:
         raise ValueError(f"quant_gemv: {problem}")

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels.gemv import tma_listed
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 
 #: inputs per packing block (GGUF's QK4_0); every group size is a multiple of it or K, or
@@ -575,18 +576,6 @@ _DP4A_TMA_CONFIGS = (GemvConfig(16, 2048, 4, DP4A_TMA, 6), GemvConfig(32, 2048, 
                      GemvConfig(16, 1024, 4, DP4A_TMA, 2))
 
 
-def dp4a_tma_listed() -> bool:
-    """Whether ``quant_gemv_configs`` lists the TMA kind: where the current CUDA device has
-    TMA (Hopper and newer) or Triton's interpreter runs the kernels, unless
-    ``HEARTH_QUANT_TMA=0`` (for A/B runs)."""
-    from hearth_kernels.quant_dp4a import _interpreting, dp4a_tma_available
-
-    if os.environ.get("HEARTH_QUANT_TMA", "1") == "0":
-        return False
-    return _interpreting() or (torch.cuda.is_available()
-                               and dp4a_tma_available(torch.device("cuda", torch.cuda.current_device())))
-
-
 def dp4a_enabled() -> bool:
     """Whether the load-time tuner times the dp4a kernel: yes unless ``HEARTH_QUANT_DP4A=0``
     (it rounds x to 8 bits per block of 32; the tuner still checks its product against the
@@ -622,7 +611,7 @@ def quant_gemv_configs(n: int, k: int, bits: int, group: int | None = None) -> l
             if launch not in launches:
                 launches.add(launch)
                 out.append(cfg)
-    if k % BLOCK == 0 and dp4a_enabled() and dp4a_tma_listed():
+    if k % BLOCK == 0 and dp4a_enabled() and tma_listed():
         from hearth_kernels.quant_dp4a import dp4a_tma_problem
 
         g = group or (min(k, 128) if bits == 4 else k)

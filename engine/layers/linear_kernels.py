@@ -45,16 +45,33 @@ FP8_GEMV_CONFIGS = ((16, 512, 8), (8, 1024, 4), (16, 512, 4), (16, 2, 8, 3), (32
                     (64, 4, 8, 3), (16, 4, 16, 3))
 
 
+#: The TMA-fed K-loop GEMV's candidates for fp8 weights (``hearth_kernels/gemv.gemv_tma``,
+#: ``TmaConfig``: rows, K step, warps, stages): the int8 dp4a TMA kind's best tiles of the same
+#: bytes in an H100 sweep with the weights in L2 (16-32 rows x 1,024 bytes, 2-7 steps ahead; 8 warps
+#: for 32 rows: its [rows, step] float32 accumulator spills at 4;
+#: benchmarks/results/2026-12-06-i14-profile-dp4a-tma-l2-int8-h100-e6da456.json); not yet
+#: timed for fp8 on a GPU.
+FP8_TMA_CONFIGS = ((16, 1024, 4, 4), (16, 1024, 4, 8), (32, 1024, 8, 4), (16, 512, 4, 3))
+
+
 def fp8_gemv_configs(n: int, k: int) -> list[tuple[int, ...]]:
     """The fp8 batch-1 configs for an [n, k] e4m3 weight: the shape's default first (the
     x-stationary ones only where x fits in registers), then, as 5-tuples, the weight-stationary
     tensor-core kernel's (``hearth_kernels/fp8.fp8_mma``: x rounded to e4m3 per token, as the
-    prompt path does) where K steps evenly, unless ``HEARTH_FP8_MMA=0``."""
+    prompt path does) where K steps evenly, unless ``HEARTH_FP8_MMA=0``, then, as
+    ``TmaConfig``s, the TMA-fed GEMV's where the card has TMA (``gemv.tma_listed``)."""
     from hearth_kernels.fp8 import FP8_MMA_CONFIGS, ROWS_MAX_K, fp8_mma_enabled, fp8_mma_fits
+    from hearth_kernels.gemv import TmaConfig, tma_listed, tma_problem
 
     first, *_ = gemv_configs(n, k)
     mma = [c for c in FP8_MMA_CONFIGS if fp8_mma_fits(k, c)] if fp8_mma_enabled() else []
-    return [first] + [c for c in FP8_GEMV_CONFIGS if c != first and (len(c) == 3 or k <= ROWS_MAX_K)] + mma
+    tma = []
+    if tma_listed():
+        for bn, bk, warps, stages in FP8_TMA_CONFIGS:
+            c = TmaConfig(bn, min(bk, 1 << (k - 1).bit_length()), warps, stages)  # no wider than the row
+            if c not in tma and tma_problem(k, 1, c) is None:
+                tma.append(c)
+    return [first] + [c for c in FP8_GEMV_CONFIGS if c != first and (len(c) == 3 or k <= ROWS_MAX_K)] + mma + tma
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -226,7 +226,8 @@ class Fp8Kernel(QuantKernel):
     """An e4m3 layer: for one row on a GPU the row-scaled GEMV of ``config`` (a 3-tuple:
     ``hearth_kernels/gemv.py``'s K-loop kernel; a 4-tuple: ``hearth_kernels/fp8.fp8_gemv_rows``,
     x-stationary) or, a 5-tuple, ``hearth_kernels/fp8.fp8_mma`` (the activations rounded to
-    e4m3 per token like the prompt path's, then the tensor cores), else the activations
+    e4m3 per token like the prompt path's, then the tensor cores) or, a ``gemv.TmaConfig``,
+    ``hearth_kernels/gemv.gemv_tma`` (the K loop fed by TMA), else the activations
     rounded to e4m3 per token and ``torch._scaled_mm`` (on the CPU the same arithmetic in
     float32: there only to write checkpoints and to test, see
     ``engine.choices.WRITABLE_ANYWHERE``)."""
@@ -239,8 +240,12 @@ class Fp8Kernel(QuantKernel):
         # the 8B's down); the tuner times both
         self.act_first = act_first
         self.out_dtype_ok: dict[torch.dtype, bool] = {}  # whether _scaled_mm writes that dtype here
+        from hearth_kernels.gemv import TmaConfig
+
         if config is None:  # one row on a GPU: the K-loop GEMV's default config
             self.name = "fp8 scaled_mm (gemv for one row)"
+        elif isinstance(config, TmaConfig):
+            self.name = "fp8 gemv tma %dx%d/%dw s%d" % tuple(config)
         elif len(config) == 4:
             self.name = "fp8 gemv x-stationary %dx%d/%dw s%d" % tuple(config)
         elif len(config) == 5:
@@ -275,6 +280,12 @@ class Fp8Kernel(QuantKernel):
         swiglu = layer.act is not None
         if self.act_first and swiglu:
             x, swiglu = layer.act(x), False
+        from hearth_kernels.gemv import TmaConfig
+
+        if isinstance(self.config, TmaConfig):
+            from hearth_kernels.gemv import gemv_tma
+
+            return gemv_tma(x, w, layer.bias, swiglu=swiglu, out=out, config=self.config, scale=s)
         if self.config is not None and len(self.config) == 5:
             from hearth_kernels.fp8 import fp8_mma
 

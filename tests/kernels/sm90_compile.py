@@ -31,12 +31,16 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
 
 
-def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90):
-    """The sm_90 (or sm_``cc``) build of ``fn`` (Triton's compiled kernel; ``.asm["ptx"]`` its PTX)."""
+def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90,
+          divisible: tuple[str, ...] = ()):
+    """The sm_90 (or sm_``cc``) build of ``fn`` (Triton's compiled kernel; ``.asm["ptx"]`` its PTX).
+    ``divisible``: integer arguments besides the strides that the launcher would see as
+    multiples of 16 (it specialises on that), e.g. a K of 4,096 or 14,336."""
     sig = {name: types.get(name, "i32") for name in fn.arg_names}
     sig.update({name: "constexpr" for name in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if sig[name].startswith("*") or (name.startswith("stride_") and name not in ("stride_tb",))}
+               if sig[name].startswith("*") or (name.startswith("stride_") and name not in ("stride_tb",))
+               or name in divisible}
     src = ASTSource(fn=fn, signature=sig, attrs=aligned,
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     target = TARGET if cc == 90 else GPUTarget("cuda", cc, 32)
@@ -87,8 +91,9 @@ def loop_instructions(kernel) -> dict:
     return {"instructions": sum(ops.values()), "by_opcode": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
 
 
-def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90) -> dict:
-    kernel = build(fn, types, consts, num_warps, num_stages, cc)
+def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90,
+                   divisible: tuple[str, ...] = ()) -> dict:
+    kernel = build(fn, types, consts, num_warps, num_stages, cc, divisible)
     ptx = kernel.asm["ptx"]
     log = _ptxas(ptx, os.devnull, cc)
     regs = re.search(r"Used (\d+) registers", log)

@@ -133,9 +133,9 @@ def test_gpu_tma_gemv_llama_shapes(n, k, swiglu, bits, group):
     against the exact integer product."""
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA GPU")
-    from hearth_kernels.quant_dp4a import dp4a_tma_available
+    from hearth_kernels.gemv import tma_available
 
-    if not dp4a_tma_available(torch.device(DEVICE)):
+    if not tma_available(torch.device(DEVICE)):
         pytest.skip("needs TMA (Hopper or newer)")
     group = group or k
     _, prep = make_weight(bits, n, k, group, mins=bits == 4 or group == 16)

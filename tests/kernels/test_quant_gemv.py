@@ -27,8 +27,9 @@ from engine.quant.qweight import QuantizedWeight
 from engine.quant.rtn import quantize_int4, quantize_int8
 from hearth_kernels.activation import silu_and_mul
 from hearth_kernels.quant_gemm import dequantize_weight, gemm_path, quant_gemm
-from hearth_kernels.quant_gemv import (DP4A, DP4A_TMA, GemvConfig, default_quant_config, dp4a_tma_listed, prepare_int4,
-                                prepare_int8, quant_gemv, quant_gemv_configs, unpair_nibbles)
+from hearth_kernels.gemv import tma_listed
+from hearth_kernels.quant_gemv import (DP4A, DP4A_TMA, GemvConfig, default_quant_config, prepare_int4, prepare_int8,
+                                quant_gemv, quant_gemv_configs, unpair_nibbles)
 from tests.kernels.reference import DEVICE
 
 UNIT = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
@@ -119,7 +120,7 @@ def test_gemv_int8_in_groups_of_16(config, mins):
         check_exact(y, x, prep, levels=1)  # (this x has an input on a rounding edge: one level either way)
     else:
         check(y, x, qw)
-    tma = {DP4A_TMA} if dp4a_tma_listed() else set()  # Hopper or the interpreter
+    tma = {DP4A_TMA} if tma_listed() else set()  # Hopper or the interpreter
     assert {c.kind for c in quant_gemv_configs(4096, 14336, 8, 16)} == {0, 2, DP4A} | tma
 
 
@@ -153,7 +154,7 @@ def test_every_listed_config_computes_the_same_product(monkeypatch):
     first = default_quant_config(n, k, 4)
     assert configs[0] == first._replace(block_k=min(first.block_k, k)) and len(set(configs)) == len(configs)
     assert all(c.block_k <= 256 for c in configs if c.kind not in (2, 5))
-    tma = {DP4A_TMA} if dp4a_tma_listed() else set()  # Hopper, or the interpreter (which emulates TMA)
+    tma = {DP4A_TMA} if tma_listed() else set()  # Hopper, or the interpreter (which emulates TMA)
     assert {c.kind for c in configs} == {0, 1, 2, 4, 5} | tma
     for config in configs:  # kind 4 dequantizes weight tiles to x's dtype in registers
         if config.kind in (5, 6):  # dp4a: x rounded to int8 (its own tests' exact reference)
