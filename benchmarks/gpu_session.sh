@@ -189,7 +189,8 @@ case "$what" in bs1|targets|tma)  # the 8B shape's batch-1 decode for each of BS
 esac
 case "$what" in tma)  # the TMA GEMVs (quant_dp4a.quant_gemv_dp4a_tma, gemv.gemv_tma), after batch 1 with and without
   # them (the bs1 case above, one load each): their GPU tests; with TMA_SWEEPS=1 (another ~4 min: a call of its own,
-  # BS1_QUANTS=" " to skip the loads) the dp4a kind's sweep per 8B layer from HBM (int4; int8 per channel)
+  # BS1_QUANTS=" " to skip the loads; the GPU tests run again) the dp4a kind's sweep per 8B layer from HBM (int4;
+  # int8 per channel)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_quant_dp4a_tma.py \
     tests/kernels/test_gemv_tma.py -m gpu 2>&1 | tee "$OUT/gpu_tma_tests.log" | tail -3
   if [ "${TMA_SWEEPS:-0}" = 1 ]; then

@@ -207,7 +207,9 @@ def tma_problem(k: int, itemsize: int, config: TmaConfig) -> str | None:
                 f"{TMA_MAX_ROW_BYTES} bytes a row, got {bn} rows, steps of {bk}")
     if (k * itemsize) % 16:
         return f"a TMA GEMV needs rows of a multiple of 16 bytes, got K {k} of {itemsize}-byte weights"
-    if (stages - 1) * bn * bk * itemsize > TMA_MAX_SMEM or stages < 1:
+    if stages < 1:
+        return f"a TMA GEMV config needs at least 1 stage, got {stages}"
+    if (stages - 1) * (bn * bk * itemsize + 4 * bk) > TMA_MAX_SMEM:  # weight tiles, x's chunks (SwiGLU: two)
         return f"a TMA GEMV config's {stages - 1} tiles of {bn} x {bk} in flight pass {TMA_MAX_SMEM // 1000} KB"
     return None
 

@@ -46,11 +46,11 @@ FP8_GEMV_CONFIGS = ((16, 512, 8), (8, 1024, 4), (16, 512, 4), (16, 2, 8, 3), (32
 
 
 #: The TMA-fed K-loop GEMV's candidates for fp8 weights (``hearth_kernels/gemv.gemv_tma``,
-#: ``TmaConfig``: rows, K step, warps, stages): the int8 dp4a TMA kind's best tiles of the same
-#: bytes in an H100 sweep with the weights in L2 (16-32 rows x 1,024 bytes, 2-7 steps ahead; 8 warps
-#: for 32 rows: its [rows, step] float32 accumulator spills at 4;
-#: benchmarks/results/2026-12-06-i14-profile-dp4a-tma-l2-int8-h100-e6da456.json); not yet
-#: timed for fp8 on a GPU.
+#: ``TmaConfig``: rows, K step, warps, stages), by analogy with the int8 dp4a TMA kind's tiles of
+#: the same bytes in an H100 sweep with the weights in L2
+#: (benchmarks/results/2026-12-06-i14-profile-dp4a-tma-l2-int8-h100-e6da456.json): 16 rows x
+#: 1,024 bytes (its best) 3 and 7 steps ahead, 32 rows on 8 warps (this kernel's [rows, step]
+#: float32 accumulator spills at 4), and a narrower 16 x 512. Not yet timed for fp8 on a GPU.
 FP8_TMA_CONFIGS = ((16, 1024, 4, 4), (16, 1024, 4, 8), (32, 1024, 8, 4), (16, 512, 4, 3))
 
 

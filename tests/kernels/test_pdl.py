@@ -40,7 +40,7 @@ def test_the_decode_step_kernels_take_pdl():
     names = {n.split(".")[1] for n, _ in KERNELS}
     assert {"_rms_norm_kernel", "_rotary_kernel", "_write_kv_kernel", "_rotary_write_kv_kernel", "_decode_split_kernel",
             "_decode_merge_kernel", "_quantize_x_kernel", "_quant_gemv_dp4a_kernel", "_quant_gemv_rows_kernel", "_quant_gemv_kernel",
-            "_gemv_kernel", "_fp8_gemv_rows_kernel", "_silu_and_mul_kernel", "_quant_gemv_dp4a_tma_kernel"} <= names, names
+            "_gemv_kernel", "_fp8_gemv_rows_kernel", "_silu_and_mul_kernel", "_quant_gemv_dp4a_tma_kernel", "_gemv_tma_kernel"} <= names, names
 
 
 def _called(node) -> set[str]:
