@@ -194,9 +194,8 @@ def tma_listed() -> bool:
     interpreter, unless ``HEARTH_QUANT_TMA=0`` (for A/B runs)."""
     if os.environ.get("HEARTH_QUANT_TMA", "1") == "0":
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    return torch.cuda.is_available() and tma_available(torch.device("cuda", torch.cuda.current_device()))
+    cuda = torch.cuda.is_available()
+    return tma_available(torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
 
 
 def tma_problem(k: int, itemsize: int, config: TmaConfig) -> str | None:

@@ -380,6 +380,14 @@ def dp4a_launch(block_n: int, block_k: int, warps: int, k: int, split: int = 1) 
     return kp, min(block_k, block_n), num_warps, split
 
 
+def _check_qx(qx: tuple, k: int, norm: tuple | None, swiglu: bool) -> None:
+    """x quantized beforehand (``quantize_x_blocks``' output) comes with no norm or SwiGLU of
+    its own to apply, as [K/32, 8] words."""
+    if norm is not None or swiglu or tuple(qx[0].shape) != (k // 32, 8):
+        raise ValueError(f"quant_gemv: x quantized beforehand (quantize_x_blocks) comes with no norm or SwiGLU "
+                         f"and as [{k // 32}, 8] words, got {list(qx[0].shape)}")
+
+
 def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                     block_n: int, block_k: int, warps: int, stages: int, split: int = 1,
                     norm: tuple | None = None, qx: bool | tuple = False) -> torch.Tensor:
@@ -410,9 +418,8 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         cnt = counters(x.device, programs)
     else:
         ws = cnt = s
-    if qx is not False and qx is not True and (norm is not None or swiglu or qx[0].shape != (k // 32, 8)):
-        raise ValueError(f"quant_gemv: x quantized beforehand (quantize_x_blocks) comes with no norm or SwiGLU "
-                         f"and as [{k // 32}, 8] words, got {list(qx[0].shape)}")
+    if qx is not False and qx is not True:
+        _check_qx(qx, k, norm, swiglu)
     if qx is True:  # x (SwiGLU, the norm) quantized by one kernel first, read by every program
         qx, swiglu = quantize_x_blocks(x, prepared.bits, swiglu, norm), False
         norm = None
@@ -633,8 +640,8 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     if problem is not None:
         raise ValueError(f"quant_gemv: {problem}")
     n, k, bits = prepared.out_features, prepared.in_features, prepared.bits
-    if qx is not None and (norm is not None or swiglu or tuple(qx[0].shape) != (k // 32, 8)):
-        raise ValueError(f"quant_gemv: x quantized beforehand comes as [{k // 32}, 8] words, without a norm or SwiGLU")
+    if qx is not None:
+        _check_qx(qx, k, norm, swiglu)
     q = prepared.qweight.view(torch.int32)
     words = block_k * bits // 32
     desc = TensorDescriptor(q, [n, k * bits // 32], [q.stride(0), 1], [block_n, words])

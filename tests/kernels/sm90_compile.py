@@ -57,6 +57,23 @@ def _ptxas(ptx: str, out: str, cc: int = 90) -> str:
         os.unlink(f.name)
 
 
+def compiled_rows(script: str, timeout: int) -> list[dict]:
+    """For the slow sm_90 build tests: run ``script`` (Python printing one JSON object a line)
+    in a subprocess without TRITON_INTERPRET, from the repository root, and return the
+    objects; skips the test where Triton 3.6 and its bundled ptxas are missing (see
+    test_compile_sm90.py)."""
+    import pytest
+
+    if not os.path.isfile(PTXAS) or not triton.__version__.startswith("3.6."):
+        pytest.skip("needs Triton 3.6 with its bundled ptxas (see test_compile_sm90.py)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+
 def loop_instructions(kernel) -> dict:
     """The SASS of the kernel's longest loop (the main K loop of a matmul): instructions a
     thread issues per iteration, by opcode. For a kernel that issue slots bound, fewer is

@@ -6,12 +6,6 @@ on a Hopper GPU."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,17 +142,9 @@ for swiglu in (False, True):
 def test_fp8_tma_gemv_compiles_for_sm90():
     """The GPU build of each fp8 TMA candidate (with and without SwiGLU): TMA copies, x copied
     ahead with the tiles (no plain load in the loop), no spills, an H100's shared memory."""
-    import triton
+    from tests.kernels.sm90_compile import compiled_rows
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.is_file() or not triton.__version__.startswith("3.6."):
-        pytest.skip("needs Triton 3.6 with its bundled ptxas (see test_compile_sm90.py)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = {r.pop("kernel"): r for r in map(json.loads, filter(None, res.stdout.splitlines()))}
+    rows = {r.pop("kernel"): r for r in compiled_rows(_COMPILE, 900)}
     assert len(rows) == 8, rows
     for name, row in rows.items():
         assert row["tma"] and row["pipelined"], (name, row)

@@ -6,12 +6,6 @@ emulates the tensor descriptors; the GPU test runs the TMA copies at Llama shape
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -177,17 +171,9 @@ def test_tma_kind_compiles_for_sm90():
     tiles come by TMA, and from 3 stages no load of the loop stays plain (the step's x, scales
     and mins are copied ahead too: Triton's pipeliner left a masked load of 2-byte values
     synchronous, which cost int4 down 40% on an H100), no spills, the shared memory of an H100."""
-    import triton
+    from tests.kernels.sm90_compile import compiled_rows
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.is_file() or not triton.__version__.startswith("3.6."):
-        pytest.skip("needs Triton 3.6 with its bundled ptxas (see test_compile_sm90.py)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = {r.pop("kernel"): r for r in map(json.loads, filter(None, res.stdout.splitlines()))}
+    rows = {r.pop("kernel"): r for r in compiled_rows(_COMPILE, 900)}
     assert len(rows) >= 12, rows
     for name, row in rows.items():
         assert row["tma"] and row["pipelined"], (name, row)

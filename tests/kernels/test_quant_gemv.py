@@ -14,12 +14,6 @@ truncates fp32 -> bf16 where the GPU rounds to nearest):
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -356,17 +350,9 @@ for name, (fn, types, consts, warps, stages) in cases.items():
 @pytest.mark.slow
 def test_quant_kernels_compile_for_sm90_without_spills():
     """The GPU build (not the interpreter) of every kernel at Llama-8B settings."""
-    import triton
+    from tests.kernels.sm90_compile import compiled_rows
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.is_file() or not triton.__version__.startswith("3.6."):
-        pytest.skip("needs Triton 3.6 with its bundled ptxas (see test_compile_sm90.py)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = {r.pop("kernel"): r for r in map(json.loads, filter(None, res.stdout.splitlines()))}
+    rows = {r.pop("kernel"): r for r in compiled_rows(_COMPILE, 600)}
     assert len(rows) == 16
     for name, row in rows.items():
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, (name, row)

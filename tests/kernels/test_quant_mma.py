@@ -5,12 +5,6 @@ since under the interpreter the dot runs on plainly converted codes."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
@@ -387,15 +381,9 @@ for cc, dt in ((80, "bf16"), (80, "fp16"), (89, "bf16")):  # the int8 assembly o
 @pytest.mark.slow
 def test_compiles_for_sm90_on_wgmma_without_spills():
     """The GPU build (not the interpreter) at Llama-8B settings: the listed configs."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.is_file() or not triton.__version__.startswith("3.6."):
-        pytest.skip("needs Triton 3.6 with its bundled ptxas (see test_compile_sm90.py)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    from tests.kernels.sm90_compile import compiled_rows
+
+    rows = compiled_rows(_COMPILE, 900)
     assert len(rows) >= 12
     for row in rows:
         assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, row
