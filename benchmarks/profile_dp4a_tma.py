@@ -2,7 +2,7 @@
 program x K step x stages x warps, against the x-stationary dp4a configs the load-time tuner
 lists, per Llama-8B projection (int4, groups of 128), on a Hopper GPU:
 
-    PYTHONPATH=. python benchmarks/profile_dp4a_tma.py OUT.json [LAYER ...] [--l2] [--int8] [--persist]
+    PYTHONPATH=. python benchmarks/profile_dp4a_tma.py OUT.json [LAYER ...] [--l2] [--int8]
 
 LAYERs: gate_up, down, qkv, o, gate_up/2, gate_up/4, down/2 (a half or a quarter of the rows:
 fits an H100's L2). ``--int8``: int8 per channel (K steps of half the inputs). Each
@@ -10,7 +10,7 @@ time is one call in a CUDA graph rotating over weight copies that don't fit L2
 (``profile_gemv.time_graph``); ``--l2`` times one copy back to back instead, so the weights
 stay in L2 and memory outruns the kernels (as an H200's HBM does more than an H100's): the
 kernels' own speed (bf16 is timed from HBM either way). TMA rows: (us with x quantized beforehand, us with the quantizing kernel
-in the graph, [rows, K step, stages, warps(, programs an SM with --persist)], max error against ``dp4a_reference`` / max|y|).
+in the graph, [rows, K step, stages, warps], max error against ``dp4a_reference`` / max|y|).
 (The 2026-12-06 H100 JSON came from this script's first form, with the kernel before it had a
 bias, masks for K tails and the first tile requested before the PDL wait.)"""
 import itertools
@@ -27,17 +27,14 @@ from hearth_kernels.quant_dp4a import dp4a_reference, quant_gemv_dp4a_tma, quant
 from hearth_kernels.quant_gemv import DP4A, quant_gemv, quant_gemv_configs  # noqa: E402
 
 
-def gemv_tma(x, prep, out, bn, bk, st, wp, qx=None, persist=0):
+def gemv_tma(x, prep, out, bn, bk, st, wp, qx=None):
     """One TMA GEMV; with ``qx`` (``quantize_x_blocks``' output) x's quantizing kernel is left out."""
-    return quant_gemv_dp4a_tma(x, prep, out, None, False, bn, bk, wp, st, qx=qx, persist=persist)
+    return quant_gemv_dp4a_tma(x, prep, out, None, False, bn, bk, wp, st, qx=qx)
 
 T0 = time.time()
 out_path = sys.argv[1]
 L2 = "--l2" in sys.argv  # one weight copy, timed back to back: it stays in L2 (SM-side speed)
 BITS = 8 if "--int8" in sys.argv else 4
-# --persist: a compact sweep, each config also with 1-8 programs an SM walking the row tiles
-# in one pipelined loop (``persist``; 0: a program a tile)
-PERSIST = (0, 1, 2, 3, 4, 8) if "--persist" in sys.argv else (0,)
 LAYERS = [a for a in sys.argv[2:] if not a.startswith("--")] or ["gate_up", "down", "qkv", "o"]
 torch.manual_seed(0)
 res = {"card": torch.cuda.get_device_name(), "l2_resident": L2, "bits": BITS, "rows": []}
@@ -72,22 +69,19 @@ for name in LAYERS:
     base.sort()
     qx = quantize_x_blocks(x, BITS)
     tma = []
-    space = (itertools.product((16, 32), (1024, 2048), (2, 3, 4, 6), (4,)) if len(PERSIST) > 1 else
-             itertools.product((16, 32, 64, 128), (512, 1024, 2048), (2, 3, 4, 6, 8), (4, 8)))
-    for (bn, bk, st, wp), ps in itertools.product(space, PERSIST):
+    for bn, bk, st, wp in itertools.product((16, 32, 64, 128), (512, 1024, 2048), (2, 3, 4, 6, 8), (4, 8)):
         bk = bk * 4 // BITS  # int8: 256-1024 inputs a step (the same bytes)
         if (bn * bk * BITS // 8 * st > 200_000 or (bn == 128 and wp == 4) or (bn <= 32 and wp == 8) or bk > k
                 or (bn == 128 and bk * BITS == 8192)):
             continue
         try:
-            out = gemv_tma(x, prep, torch.empty(1, n, device="cuda", dtype=torch.float32), bn, bk, st, wp, qx=qx,
-                           persist=ps)
+            out = gemv_tma(x, prep, torch.empty(1, n, device="cuda", dtype=torch.float32), bn, bk, st, wp, qx=qx)
             err = ((out.double() - exact).abs().max() / exact.abs().max()).item()
-            us = time_graph(lambda i: gemv_tma(x, preps[i], y, bn, bk, st, wp, qx=qx, persist=ps), copies)
-            us_q = time_graph(lambda i: gemv_tma(x, preps[i], y, bn, bk, st, wp, persist=ps), copies)
+            us = time_graph(lambda i: gemv_tma(x, preps[i], y, bn, bk, st, wp, qx=qx), copies)
+            us_q = time_graph(lambda i: gemv_tma(x, preps[i], y, bn, bk, st, wp), copies)
         except Exception as e:  # noqa: BLE001
-            print(name, bn, bk, st, wp, ps, type(e).__name__, str(e)[:160]); continue
-        tma.append((us, us_q, [bn, bk, st, wp] + ([ps] if len(PERSIST) > 1 else []), err))
+            print(name, bn, bk, st, wp, type(e).__name__, str(e)[:160]); continue
+        tma.append((us, us_q, [bn, bk, st, wp], err))
     tma.sort()
     row = {"layer": name, "n": n, "k": k, "weight_mb": nb / 1e6, "bf16_us": bf_us, "dp4a_best": base[:3],
            "tma_best": tma[:5], "tma_all": tma, "tma_max_err": max(t[3] for t in tma)}
@@ -95,12 +89,6 @@ for name in LAYERS:
     print(f"[{time.time()-T0:4.0f}s] {name}: bf16 {bf_us:.1f} us | dp4a best {base[0][0]:.1f} {base[0][1]} "
           f"({nb/base[0][0]/1e3:.0f} GB/s) | tma best {tma[0][0]:.1f} (+qx {tma[0][1]:.1f}) {tma[0][2]} "
           f"({nb/tma[0][0]/1e3:.0f} GB/s) err {row['tma_max_err']:.2g}", flush=True)
-    if len(PERSIST) > 1:  # the best a tile a program against the best persistent, per programs an SM
-        for ps in PERSIST:
-            mine = [t for t in tma if t[2][4] == ps]
-            if mine:
-                print(f"    persist {ps}: {mine[0][0]:.1f} us (+qx {mine[0][1]:.1f}) {mine[0][2]} "
-                      f"({nb/mine[0][0]/1e3:.0f} GB/s)", flush=True)
     json.dump(res, open(out_path, "w"), indent=1)
     preps = prep = qw = None
     torch.cuda.empty_cache()

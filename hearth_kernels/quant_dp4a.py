@@ -45,7 +45,6 @@ arithmetic (exact), so the interpreter tests check the algorithm bit for bit.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -529,30 +528,28 @@ def _unit_scales(s_ptr, m_ptr, rows_s, row_ok, k0, K, stride_sn, GROUP: tl.const
 
 
 @triton.jit
-def _x_total(xf_ptr, K):
-    """The float sum of all of x (each block's is in ``xf``), for a per-row min."""
-    ub = tl.arange(0, 32)
-    tot = tl.zeros([32], tl.float32)
-    for b0 in range(0, K // 32, 32):
-        tot += tl.load(xf_ptr + (b0 + ub) * 4 + 1, mask=b0 + ub < K // 32, other=0.0)
-    return tl.sum(tot, axis=0)
-
-
-@triton.jit
-def _tma_tile(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, n0, x_total, N, K, stride_sn,
-              GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr, HAS_MIN: tl.constexpr,
-              HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-              EVEN_K: tl.constexpr, ASM: tl.constexpr):
-    """Rows ``n0`` .. ``n0 + BN`` of y: a K loop (``STAGES`` in flight; None where the caller's
-    flattened loop is the one pipelined)."""
+def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_sn,
+                                GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr,
+                                HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                STAGES: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box; xq/xf: x
+    # quantized per block of 32 (``_quantize_x_kernel``: 8 words, then scale, float sum and
+    # (int4) code sum or (int8) its halves' float sums). PER_ROW: one scale (and min) a row,
+    # applied at the end; else groups of GROUP inputs.
+    pdl_start(PDL)
     UNIT: tl.constexpr = 32 if BITS == 4 else 16  # inputs in 4 words
     NU: tl.constexpr = BK // UNIT  # units a step
+    n0 = tl.program_id(0) * BN
     rows = n0 + tl.arange(0, BN)
     row_ok = rows < N
     rows_s = tl.where(row_ok, rows, 0)
     u = tl.arange(0, NU)
     j = tl.arange(0, 4)
     nunits = K // UNIT
+    # the wait comes before the loop (the PDL contract: one wait, at the top level), so the
+    # pipeliner's first copies follow it (asking L2 for the first tiles before it bought
+    # nothing measurable on an H100: benchmarks/QUANT_LOG.md)
+    pdl_wait(PDL)
     acc = tl.zeros([BN, NU], tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=STAGES):
         w = w_desc.load([n0, k0 * BITS // 32])  # [BN, WORDS] int32 (zeros past N and K)
@@ -588,43 +585,17 @@ def _tma_tile(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, n0, x_total, N
         s_row = tl.load(s_ptr + rows_s * stride_sn).to(tl.float32)
         y *= s_row
         if HAS_MIN:
+            ub = tl.arange(0, 32)
+            tot = tl.zeros([32], tl.float32)
+            for b0 in range(0, K // 32, 32):
+                tot += tl.load(xf_ptr + (b0 + ub) * 4 + 1, mask=b0 + ub < K // 32, other=0.0)
             m_row = tl.load(m_ptr + rows_s * stride_sn).to(tl.float32)
             if BITS == 4:
                 m_row += 8.0 * s_row
-            y += m_row * x_total
+            y += m_row * tl.sum(tot, axis=0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows_s).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def _quant_gemv_dp4a_tma_kernel(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, N, K, stride_sn,
-                                GROUP: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr,
-                                HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                STAGES: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                                PERSIST: tl.constexpr = False):
-    # w_desc: the codes as int32 words [N, K*BITS/32], a [BN, BK*BITS/32] box; xq/xf: x
-    # quantized per block of 32 (``_quantize_x_kernel``: 8 words, then scale, float sum and
-    # (int4) code sum or (int8) its halves' float sums). PER_ROW: one scale (and min) a row,
-    # applied at the end; else groups of GROUP inputs. PERSIST: fewer programs than row
-    # tiles, each taking every num_programs-th tile, the tile and K loops flattened into one
-    # that Triton pipelines across tiles (the copies of the next tile's first steps are in
-    # flight while this one ends); else one tile a program.
-    pdl_start(PDL)
-    # the wait comes before the loop (the PDL contract: one wait, at the top level), so the
-    # pipeliner's first copies follow it (asking L2 for the first tiles before it bought
-    # nothing measurable on an H100: benchmarks/QUANT_LOG.md)
-    pdl_wait(PDL)
-    x_total = 0.0
-    if PER_ROW and HAS_MIN:
-        x_total = _x_total(xf_ptr, K)
-    if PERSIST:
-        for t in tl.range(tl.program_id(0), tl.cdiv(N, BN), tl.num_programs(0), flatten=True, num_stages=STAGES):
-            _tma_tile(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, t * BN, x_total, N, K, stride_sn, GROUP,
-                      BITS, PER_ROW, HAS_MIN, HAS_BIAS, BN, BK, None, EVEN_K, ASM)
-    else:
-        _tma_tile(w_desc, s_ptr, m_ptr, b_ptr, xq_ptr, xf_ptr, y_ptr, tl.program_id(0) * BN, x_total, N, K,
-                  stride_sn, GROUP, BITS, PER_ROW, HAS_MIN, HAS_BIAS, BN, BK, STAGES, EVEN_K, ASM)
 
 
 #: K steps of at most 256 words a row (int4 2,048 inputs, int8 1,024): the widest swept
@@ -652,26 +623,15 @@ def dp4a_tma_problem(k: int, bits: int, group: int, block_n: int, block_k: int, 
     return None
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    """The card's SMs (the interpreter's CPU: 2, so that tests walk several tiles a program)."""
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
                         block_n: int, block_k: int, warps: int, stages: int,
-                        norm: tuple | None = None, qx: tuple | None = None, persist: int = 0) -> torch.Tensor:
+                        norm: tuple | None = None, qx: tuple | None = None) -> torch.Tensor:
     """The K-loop dp4a GEMV (``GemvConfig.kind == DP4A_TMA``, checked by ``quant_gemv``): x
     (SwiGLU or the RMSNorm of ``norm`` applied) quantized by ``quantize_x_blocks``, then
     ``block_n`` rows per program in K steps of ``block_k`` inputs, each step's weight tile
     brought by TMA, ``stages`` - 1 steps ahead. The same integer dots as ``quant_gemv_dp4a``
     (``dp4a_reference``), summed in another order. ``qx``: x already quantized
-    (``quantize_x_blocks``' output; for profiles), no norm or SwiGLU then. ``persist`` > 0:
-    that many programs an SM (at most one a tile), each taking every so many tiles in one
-    loop that Triton pipelines across them (the next tile's first copies in flight while
-    this one finishes); 0: a program a tile."""
+    (``quantize_x_blocks``' output; for profiles), no norm or SwiGLU then."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     problem = dp4a_tma_problem(prepared.in_features, prepared.bits, prepared.group_size, block_n, block_k, stages)
@@ -687,11 +647,9 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
     desc = TensorDescriptor(q, [n, k * bits // 32], [q.stride(0), 1], [block_n, words])
     xq, xf = qx if qx is not None else quantize_x_blocks(x, bits, swiglu, norm)
     s, m = prepared.scales, prepared.mins
-    tiles = triton.cdiv(n, block_n)
-    programs = min(tiles, persist * _sm_count(x.device)) if persist > 0 else tiles
-    _quant_gemv_dp4a_tma_kernel[(programs,)](
+    _quant_gemv_dp4a_tma_kernel[(triton.cdiv(n, block_n),)](
         desc, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, s.stride(0),
         GROUP=prepared.group_size, BITS=bits, PER_ROW=prepared.group_size == k, HAS_MIN=m is not None,
         HAS_BIAS=bias is not None, BN=block_n, BK=block_k, STAGES=stages, EVEN_K=k % block_k == 0,
-        ASM=not _interpreting(), PERSIST=persist > 0, num_warps=warps, **pdl_args(x.device))
+        ASM=not _interpreting(), num_warps=warps, **pdl_args(x.device))
     return out

@@ -503,8 +503,7 @@ class GemvConfig(NamedTuple):
     ``kind=DP4A_TMA`` (6, int4 and int8, Hopper and newer): the same integer dots in a K loop
     (``quant_dp4a.quant_gemv_dp4a_tma``): x quantized once first, ``block_n`` rows per
     program, K steps of ``block_k`` inputs whose weight tiles come by TMA, ``stages`` - 1
-    ahead (bytes in flight that cost no registers); ``persist`` > 0: that many programs an
-    SM, each walking its row tiles in one loop pipelined across them.
+    ahead (bytes in flight that cost no registers).
     Which wins is for the GPU to say: ``quant_gemv_configs`` lists all the kinds.
     """
 
@@ -515,7 +514,6 @@ class GemvConfig(NamedTuple):
     stages: int = 3  # software-pipelining depth (steps in flight per program)
     split: int = 1  # SWAP: programs per output tile along K
     qx: int = 0  # DP4A: 1 quantizes x (and the norm, SwiGLU) in one kernel first, not in every program
-    persist: int = 0  # DP4A_TMA: programs per SM, each walking row tiles in one pipelined loop (0: a tile each)
 
 
 def default_quant_config(n: int, k: int, bits: int) -> GemvConfig:
@@ -703,7 +701,7 @@ def quant_gemv_normed(x: torch.Tensor, prepared: PreparedQuant, weight: torch.Te
         from hearth_kernels.quant_dp4a import quant_gemv_dp4a_tma
 
         quant_gemv_dp4a_tma(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages),
-                            norm=(residual, weight, float(eps), s), persist=cfg.persist)
+                            norm=(residual, weight, float(eps), s))
         return out, s
     quant_gemv_dp4a(x, prepared, out, bias, False, cfg.block_n, cfg.block_k, cfg.warps, max(1, cfg.stages),
                     cfg.split if cfg.qx else 1, norm=(residual, weight, float(eps), s), qx=bool(cfg.qx))
@@ -765,7 +763,7 @@ def quant_gemv(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None
         from hearth_kernels.quant_dp4a import quant_gemv_dp4a_tma
 
         return quant_gemv_dp4a_tma(x, prepared, out, bias, swiglu, cfg.block_n, cfg.block_k, cfg.warps,
-                                   max(1, cfg.stages), persist=cfg.persist)
+                                   max(1, cfg.stages))
     if cfg.kind == DP4A and k % BLOCK == 0:
         from hearth_kernels.quant_dp4a import DP4A_MAX_K, quant_gemv_dp4a
 

@@ -22,9 +22,6 @@ LEVELS = 1 if DEVICE == "cuda" else 0  # a GPU's fp32 division may put an input 
     (72, 352, 32, GemvConfig(32, 64, 4, DP4A_TMA, 3)),  # 11 steps, more than in flight
     (24, 512, 64, GemvConfig(8, 512, 1, DP4A_TMA, 1)),  # one step, one stage
     (40, 320, 320, GemvConfig(16, 128, 2, DP4A_TMA, 3)),  # one group a row (GPTQ's group_size -1)
-    # persistent: 2 programs (the interpreter counts 2 SMs) walking 3 and 5 row tiles
-    (72, 352, 32, GemvConfig(32, 64, 4, DP4A_TMA, 3, persist=1)),
-    (40, 320, 320, GemvConfig(8, 128, 2, DP4A_TMA, 3, persist=1)),
 ])
 @pytest.mark.parametrize("mins", [True, False], ids=["asym", "sym"])
 def test_tma_gemv_matches_the_exact_integer_product(n, k, group, cfg, mins):
@@ -46,9 +43,6 @@ def test_tma_gemv_matches_the_exact_integer_product(n, k, group, cfg, mins):
     (24, 352, 32, False, GemvConfig(8, 64, 1, DP4A_TMA, 2)),  # GGUF Q8_0's groups; a K tail
     (40, 256, 16, True, GemvConfig(16, 64, 2, DP4A_TMA, 2)),  # groups of 16 (Q6_K's), with offsets
     (24, 512, 256, True, GemvConfig(8, 64, 1, DP4A_TMA, 3)),  # groups wider than a step
-    # persistent: per channel with offsets (x's total taken once), 5 tiles on 2 programs; and on 4
-    (40, 384, 384, True, GemvConfig(8, 128, 2, DP4A_TMA, 3, persist=1)),
-    (40, 256, 16, True, GemvConfig(8, 64, 2, DP4A_TMA, 2, persist=2)),
 ])
 def test_tma_gemv_int8(n, k, group, mins, cfg):
     _, prep = make_weight(8, n, k, group, mins=mins, seed=n + group)
