@@ -46,12 +46,13 @@ FP8_GEMV_CONFIGS = ((16, 512, 8), (8, 1024, 4), (16, 512, 4), (16, 2, 8, 3), (32
 
 
 #: The TMA-fed K-loop GEMV's candidates for fp8 weights (``hearth_kernels/gemv.gemv_tma``,
-#: ``TmaConfig``: rows, K step, warps, stages), by analogy with the int8 dp4a TMA kind's tiles of
-#: the same bytes in an H100 sweep with the weights in L2
-#: (benchmarks/results/2026-12-06-i14-profile-dp4a-tma-l2-int8-h100-e6da456.json): 16 rows x
-#: 1,024 bytes (its best) 3 and 7 steps ahead, 32 rows on 8 warps (this kernel's [rows, step]
-#: float32 accumulator spills at 4), and a narrower 16 x 512. Not yet timed for fp8 on a GPU.
-FP8_TMA_CONFIGS = ((16, 1024, 4, 4), (16, 1024, 4, 8), (32, 1024, 8, 4), (16, 512, 4, 3))
+#: ``TmaConfig``: rows, K step, warps, stages): the four that came nearest the best of a 64-config
+#: grid over the 8B layers on an H100, from HBM and with the weights in L2 (where memory outruns
+#: the kernels, as an H200's does), within 4% of it at every layer
+#: (benchmarks/results/2026-12-06-i17-profile-gemv-fp8-tma-{hbm,l2}-h100-9e55e97.json). There the
+#: K-loop GEMV without TMA was as fast or faster except in L2 for down (10.4 against 11.7 us) and
+#: q/k/v (6.6 against 7.0): the tuner decides per card.
+FP8_TMA_CONFIGS = ((16, 512, 4, 3), (16, 512, 4, 8), (16, 1024, 4, 3), (16, 1024, 4, 8))
 
 
 def fp8_gemv_configs(n: int, k: int) -> list[tuple[int, ...]]:
