@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import os
 
+#: the values of TRITON_INTERPRET that Triton 3.6 takes as on (its getenv_bool: any case)
+_ON = ("1", "true", "on", "yes", "y")
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET`` read as Triton reads
+    it, without importing Triton): the one check for the kernels' CPU paths (no inline
+    assembly, no PDL launch, the TMA descriptors emulated)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _ON
+
 
 def fix_interpreter_scalar_index() -> None:
     """Make interpreted scalars usable as loop bounds (idempotent, interpreter mode only)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+    if not interpreting():
         return
     try:
         from triton.runtime import interpreter

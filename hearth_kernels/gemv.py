@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels._compat import interpreting
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 
 
@@ -183,7 +184,7 @@ TMA_MAX_SMEM = 200_000
 def tma_available(device: torch.device) -> bool:
     """Whether TMA GEMVs run on ``device``: a Hopper or newer GPU, or Triton's interpreter
     (which emulates the descriptors: the CPU tests)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 

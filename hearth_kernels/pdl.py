@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels._compat import interpreting
+
 try:  # Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     _HAVE_GDC = True
@@ -72,7 +74,7 @@ def pdl_wanted() -> bool:
     """PDL unless ``HEARTH_PDL=0`` or Triton's interpreter runs the kernels (read at each
     launch; set ``TRITON_INTERPRET`` before importing the kernels, as Triton itself needs)."""
     return (_HAVE_GDC and os.environ.get("HEARTH_PDL", "1") != "0"
-            and os.environ.get("TRITON_INTERPRET", "0") != "1")
+            and not interpreting())
 
 
 @functools.lru_cache(maxsize=16)

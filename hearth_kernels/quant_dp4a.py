@@ -45,12 +45,11 @@ arithmetic (exact), so the interpreter tests check the algorithm bit for bit.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels._compat import interpreting
 from hearth_kernels.counters import counters
 from hearth_kernels.gemv import tma_available
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
@@ -60,10 +59,6 @@ from hearth_kernels.quant_gemv import (_block_groups, _group_sums, _load_x_block
 
 #: 0xF0F0F0F0 as an int32 (a Python int above 2**31 would make Triton widen to int64)
 _HI_NIBBLES = tl.constexpr(0xF0F0F0F0 - (1 << 32))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -429,7 +424,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         n, k, q.stride(0), s.stride(0), r_arg, weight, ro_arg, eps, qx[1] if qx is not False else s,
         GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
-        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not _interpreting(),
+        STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not interpreting(),
         num_warps=num_warps, **pdl_args(x.device))
     return out
 
@@ -651,5 +646,5 @@ def quant_gemv_dp4a_tma(x: torch.Tensor, prepared, out: torch.Tensor, bias: torc
         desc, s, m if m is not None else s, bias if bias is not None else s, xq, xf, out, n, k, s.stride(0),
         GROUP=prepared.group_size, BITS=bits, PER_ROW=prepared.group_size == k, HAS_MIN=m is not None,
         HAS_BIAS=bias is not None, BN=block_n, BK=block_k, STAGES=stages, EVEN_K=k % block_k == 0,
-        ASM=not _interpreting(), num_warps=warps, **pdl_args(x.device))
+        ASM=not interpreting(), num_warps=warps, **pdl_args(x.device))
     return out

@@ -87,6 +87,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels._compat import interpreting
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 from hearth_kernels.activation import silu_and_mul
 from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
@@ -94,7 +95,7 @@ from hearth_kernels.quant_mma import MAX_ROWS, quant_mma
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as if their bits were another
 # type (garbage results); under TRITON_INTERPRET=1 bf16 dots run in fp32 instead. The GPU
 # build never takes this branch.
-_BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+_BF16_DOT_IN_FP32 = interpreting()
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (where the weight-stationary
 #: kernel doesn't take the rows; see the docstring): int4, int8 per output channel, grouped int8

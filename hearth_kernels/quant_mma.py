@@ -60,12 +60,13 @@ import torch
 import triton
 import triton.language as tl
 
+from hearth_kernels._compat import interpreting
 from hearth_kernels.counters import counters
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1
 # bf16/fp16 dots run in fp32 (the GPU build never takes this branch).
-_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+_DOT_IN_FP32 = interpreting()
 
 #: the most rows of x this kernel takes (its x tile is at most 64 wide: from 65 rows, two x tiles
 #: per weight tile, in neighbouring programs)

@@ -12,8 +12,6 @@ stored: the kernels widen the cache's bytes, the SDPA path rounds its k/v throug
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +19,9 @@ from engine.layers.attention import AttentionBackend, AttentionMetadata, to_fp8
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+    from hearth_kernels._compat import interpreting  # kernels import lazily: Triton loads with them
+
+    return interpreting()
 
 
 class TritonAttention(AttentionBackend):
