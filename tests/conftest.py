@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 #: For tests that run Triton kernels on CPU tensors (the interpreter): a GPU test run
 #: compiles them for CUDA instead, and such a test can't run there.
 needs_triton_on_cpu = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1",
+    os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes", "y"),  # as Triton reads it
     reason="runs Triton kernels on the CPU: needs TRITON_INTERPRET=1, which the CPU test run sets")
 
 
