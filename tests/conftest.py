@@ -21,10 +21,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hearth_kernels._compat import interpreting as _interpreting  # noqa: E402 (after the variable is set)
+
 #: For tests that run Triton kernels on CPU tensors (the interpreter): a GPU test run
 #: compiles them for CUDA instead, and such a test can't run there.
 needs_triton_on_cpu = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes", "y"),  # as Triton reads it
+    not _interpreting(),
     reason="runs Triton kernels on the CPU: needs TRITON_INTERPRET=1, which the CPU test run sets")
 
 
