@@ -44,6 +44,7 @@ class ModelInfo:
     quant_detail: str | None = None
     fallback_reason: str | None = None  # why the model runs on the transformers fallback
     batch1_matmul: dict[str, str] | None = None  # projection kind -> "cublas" | "triton gemv ..."
+    batch1_tune_s: float | None = None  # seconds the load spent choosing them (their compiles included)
     cuda_graph_bytes: int | None = None  # the graphs' private memory pool
     prompt_graph_tokens: int | None = None  # one prompt (chunk) up to this many tokens replays a graph
     prompt_graph_ms: dict[int, list[float]] | None = None  # bucket -> [replay ms, eager ms] at load

@@ -231,6 +231,7 @@ def _rows(maker: RowMaker, opts: BenchOptions, info: ModelInfo, hearth: dict, hf
                               **extra, implementation=impl, kv_cache_dtype=kvd, cuda_graphs=info.cuda_graphs,
                               cuda_graphs_off=info.cuda_graphs_off, quant_detail=info.quant_detail,
                               batch1_matmul=info.batch1_matmul if b == 1 else None,
+                              batch1_tune_s=info.batch1_tune_s if b == 1 else None,
                               pdl=info.pdl,
                               layer_split=info.layer_split, **where))
         if hf is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,7 +307,9 @@ def _tune_and_capture(runner, config: EngineConfig, max_model_len: int, info: di
                       say: Callable[[str], None], stop: Callable[[], None]) -> None:
     """Bring-up's last steps: the batch-1 GEMV choice, then the CUDA graphs (which so hold it)."""
     if runner.gemv_reason() is None:
+        t0 = time.perf_counter()
         info["batch1_matmul"] = runner.tune_gemv(say)
+        info["batch1_tune_s"] = round(time.perf_counter() - t0, 2)
     if runner.device.type == "cuda":  # (PDL applies to Hearth's fused Triton kernels only)
         from hearth_kernels.pdl import pdl_on
 

@@ -153,6 +153,7 @@ def test_batch1_gemv_matches_torch_token_for_token(tiny_models, family):
     fast = _engine(tiny_models[family], "triton", enforce_eager=True)
     choices = fast.model_info.batch1_matmul
     assert set(choices) == {"qkv", "o", "gate_up", "down", "lm_head"}, choices
+    assert 0 < fast.model_info.batch1_tune_s < 600  # the load's time choosing them, recorded
     for mods in _kinds(fast.runner.model).values():
         for m in mods:
             m.use_kernel(m.gemv_kernel((1, 1024, 4)))

@@ -32,7 +32,8 @@ def test_gpu_fields_round_trip_with_their_integer_keys():
     info = ModelInfo(name="m", ref="m", path="/m", source="local", model_type="llama", vocab_size=32000,
                      device="cuda:0", dtype="bfloat16", attention="triton", max_model_len=8192,
                      implementation="native", kv_cache_dtype="float8_e4m3fn", weight_bytes=10, kv_cache_bytes=20,
-                     num_kv_blocks=3, cuda_graphs=True, batch1_matmul={"qkv": "cublas"}, cuda_graph_bytes=5,
+                     num_kv_blocks=3, cuda_graphs=True, batch1_matmul={"qkv": "cublas"}, batch1_tune_s=1.25,
+                     cuda_graph_bytes=5,
                      prompt_graph_tokens=512, prompt_graph_ms={128: [0.5, 0.7], 512: [1.0, 1.2]},
                      cuda_graph_routes={24: 32}, prompt_attention_lengths=7)
     back = ModelInfo.from_dict(json.loads(json.dumps(info.to_dict())))
