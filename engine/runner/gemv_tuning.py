@@ -6,15 +6,26 @@ then the GEMV configs) and each candidate runs through the modules themselves, o
 layers in sequence, so no weight stays in L2 between calls, exactly as in a decode step
 (a lone head of under ~50 MB does stay in L2, for every candidate alike), captured in a
 CUDA graph; the fastest by a 3% margin wins and becomes each module's kernel
-(``use_kernel``). Takes about a second per kind, once per load; the chosen kernels are
-compiled here, so serving never compiles. A module a transform replaced with something
-that offers no candidates is left as it is.
+(``use_kernel``). Takes about a second per kind, once per load, once the candidates are
+compiled; the chosen kernels are compiled here, so serving never compiles. A module a
+transform replaced with something that offers no candidates is left as it is.
+
+Compiling is most of a first load's choosing: an 8B int4 load, about 146 candidates, spent
+54-72 s in it on an H100 with an empty Triton cache and 2.5 s with it filled
+(benchmarks/results/2026-12-06-i14-tune-time-int4-*-h100-5a09de2.json). So each kind's
+candidates first run once side by side on a pool of threads (``HEARTH_TUNE_THREADS``, default
+up to 8; 1 turns it off): Triton's compiles spend most of their time outside the GIL (its
+passes and ptxas), and each thread's compile lands in the caches the timing then hits. Their
+products are thrown away; a candidate that fails there fails again, and is skipped, in the
+timing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import torch
 
@@ -159,6 +170,7 @@ def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None 
         if pin is None:
             log.warning("%s: batch-1 %s has no candidate %r (its candidates: %s); tuning it", PIN_ENV, kind, name,
                         ", ".join(k.name for k in kernels))
+    compile_side_by_side(first, kernels, x, before[0] if before else None, device)
     try:
         best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before, pin=pin)
     except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
@@ -169,6 +181,79 @@ def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None 
     log.info("batch-1 %s [%d x %d]: %s, %.1f us", kind, first.out_features, first.in_features, best.name,
              1e3 * best_ms)
     return best.name
+
+
+#: ``HEARTH_TUNE_THREADS``: threads compiling a kind's candidates side by side (1: one by one)
+THREADS_ENV = "HEARTH_TUNE_THREADS"
+
+
+def compile_threads() -> int:
+    """How many threads compile candidates at once: ``HEARTH_TUNE_THREADS``, else the CPUs
+    up to 8 (a malformed value counts as 1, with a warning)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            log.warning("%s=%r is not a number of threads: compiling one by one", THREADS_ENV, value)
+            return 1
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def compile_side_by_side(module, kernels: list, x: torch.Tensor, norm, device: torch.device) -> int:
+    """Run each of ``module``'s candidate ``kernels`` once on ``x`` (and through ``norm`` where
+    the kernel takes it in) on ``compile_threads()`` threads, so that their Triton kernels
+    compile at once rather than one after another in the timing; the products are thrown
+    away, the modules' own kernels untouched (each candidate runs bound to the module, not put
+    in use). Returns how many ran; one that raises is left for the timing to meet again.
+    On a GPU, or the interpreter's CPU (the tests); never inside graph capture."""
+    from hearth_kernels._compat import interpreting
+
+    threads = min(compile_threads(), len(kernels))
+    if threads < 2 or not (device.type == "cuda" or interpreting()):
+        return 0
+    quantized = hasattr(module, "qweight")
+    runs = []
+    for k in kernels:  # bound here, one by one: a first int4 bind repacks the module's codes
+        if getattr(k, "norm_first", False):  # the same GEMV as its twin, after the norm's kernel
+            continue
+        if not quantized:
+            runs.append((k, None))
+            continue
+        try:
+            runs.append((k.bind(module), k))
+        except Exception as e:  # noqa: BLE001 - the timing meets it again
+            log.debug("%s: bind failed ahead of timing: %s", k.name, e)
+    residual = torch.randn_like(x)
+    # the caller's stream in every thread (a thread starts on the default one): the launches
+    # follow x's making, and each other, as the timing's will
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def run(item) -> bool:
+        bound, _ = item
+        try:
+            with ExitStack() as ctx:
+                ctx.enter_context(torch.inference_mode())
+                if stream is not None:  # the model's device and the caller's stream
+                    ctx.enter_context(torch.cuda.device(device))
+                    ctx.enter_context(torch.cuda.stream(stream))
+                if not quantized:
+                    bound(x, module.weight, module.bias)
+                    return True
+                bound(x, module)
+                if (norm is not None and module.act is None and x.dtype == norm.weight.dtype
+                        and bound.fuses_norm(module, norm)):  # as the module's ``normed`` decides
+                    bound.normed(x, module, residual, norm)
+            return True
+        except Exception as e:  # noqa: BLE001 - an OutOfResources, a refusal: the timing skips it
+            log.debug("%s: failed ahead of timing: %s", bound.name, e)
+            return False
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="hearth-compile") as pool:
+        ran = sum(pool.map(run, runs))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return ran
 
 
 #: how far a candidate's result may be from the baseline's (RMS of the difference over the

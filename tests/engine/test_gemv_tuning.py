@@ -281,3 +281,93 @@ def test_a_pinned_candidate_is_taken_instead_of_the_fastest(monkeypatch, caplog)
 
     mod = NoCompile({"first": y, "second": y, "third": y.clone()})
     assert tuning._tune_group("down", [mod], torch.device("cpu")) == "third"
+
+
+# --- compiling a kind's candidates side by side (compile_side_by_side) ----------------------
+
+
+def test_candidates_run_once_each_on_the_pool_and_the_modules_keep_their_kernel(model, monkeypatch):
+    """Every candidate of a float kind runs once, on the pool's threads (not the caller's), its
+    product thrown away; the module's own kernel is untouched (nothing is put in use)."""
+    import threading
+
+    import hearth_kernels.gemv
+
+    ran = []
+    monkeypatch.setattr(hearth_kernels.gemv, "gemv", lambda *a, config=None, **k: ran.append(
+        (config, threading.current_thread().name)))
+    monkeypatch.setenv(tuning.THREADS_ENV, "3")
+    mod = tuning._kinds(model)["gate_up"][0]
+    kernel = mod.kernel
+    cands = mod.kernel_candidates()
+    x = torch.randn(1, mod.in_features)
+    assert tuning.compile_side_by_side(mod, cands, x, None, torch.device("cpu")) == len(cands)
+    assert sorted(c for c, _ in ran) == sorted(k.config for k in cands[1:])  # the GEMVs (cuBLAS: torch's)
+    assert all(name.startswith("hearth-compile") for _, name in ran)
+    assert mod.kernel is kernel
+
+
+def test_one_thread_compiles_nothing_ahead_and_a_bad_value_is_one(model, monkeypatch, caplog):
+    mod = tuning._kinds(model)["o"][0]
+    x = torch.randn(1, mod.in_features)
+    monkeypatch.setenv(tuning.THREADS_ENV, "1")
+    assert tuning.compile_side_by_side(mod, mod.kernel_candidates(), x, None, torch.device("cpu")) == 0
+    monkeypatch.setenv(tuning.THREADS_ENV, "many")
+    assert tuning.compile_threads() == 1 and "not a number of threads" in caplog.text
+    monkeypatch.delenv(tuning.THREADS_ENV)
+    assert 1 <= tuning.compile_threads() <= 8
+
+
+def test_a_candidate_that_fails_ahead_is_left_for_the_timing(model, monkeypatch):
+    """One that raises while compiling ahead doesn't stop the others, nor the tuning: the
+    timing meets it again and skips it (as a config this GPU can't compile)."""
+    import hearth_kernels.gemv
+
+    bad = tuning._kinds(model)["qkv"][0].kernel_candidates()[2].config
+
+    def gemv(*a, config=None, **k):
+        if config == bad:
+            raise RuntimeError("out of resources")
+    monkeypatch.setattr(hearth_kernels.gemv, "gemv", gemv)
+    monkeypatch.setenv(tuning.THREADS_ENV, "2")
+    mod = tuning._kinds(model)["qkv"][0]
+    cands = mod.kernel_candidates()
+    assert tuning.compile_side_by_side(mod, cands, torch.randn(1, mod.in_features), None,
+                                       torch.device("cpu")) == len(cands) - 1
+    monkeypatch.setattr(tuning, "_time", lambda fn, count, graphed=True, reps=3: (fn(0), 1.0)[1])
+    choices = tuning.tune_gemv(model, torch.device("cpu"))
+    assert "qkv" in choices
+
+
+def test_quantized_candidates_are_bound_first_and_run_with_their_norm(monkeypatch):
+    """A quantized kind: each candidate bound to the module in the calling thread (an int4
+    bind repacks the module's codes once), then run on the pool, through ``normed`` where its
+    kernel takes the norm in; the module's kernel is untouched."""
+    import threading
+
+    import hearth_kernels.quant_gemv as qg
+    from engine.layers.quant_kernels import TritonQuant
+
+    eng = Engine.load("shape:tiny", device="cpu", quantization="int4", quant_group_size=32, num_blocks=8,
+                      max_model_len=64)
+    try:
+        layer = eng.runner.model.model.layers[0]
+        mod, norm = layer.self_attn.qkv_proj, layer.input_layernorm
+        configs = [c for c in qg.quant_gemv_configs(mod.out_features, mod.in_features, 4, 32)
+                   if c.kind in (qg.DP4A, qg.DP4A_TMA)][:4]
+        cands = [TritonQuant(c) for c in configs]
+        ran, normed = [], []
+        monkeypatch.setattr(qg, "quant_gemv", lambda x, p, config=None, **k: ran.append(
+            (config, threading.current_thread().name)))
+        monkeypatch.setattr(qg, "quant_gemv_normed", lambda x, p, w, eps, config=None, **k: normed.append(config))
+        monkeypatch.setattr(TritonQuant, "fuses_norm", lambda self, layer, n: n is norm)
+        monkeypatch.setenv(tuning.THREADS_ENV, "4")
+        kernel = mod.kernel
+        x = torch.randn(1, mod.in_features)
+        assert tuning.compile_side_by_side(mod, cands, x, norm, torch.device("cpu")) == len(cands)
+        assert sorted(map(tuple, (c for c, _ in ran))) == sorted(map(tuple, configs))
+        assert all(name.startswith("hearth-compile") for _, name in ran)
+        assert sorted(map(tuple, normed)) == sorted(map(tuple, configs))
+        assert mod.kernel is kernel
+    finally:
+        eng.shutdown()
