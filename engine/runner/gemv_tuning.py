@@ -17,7 +17,8 @@ candidates first run once side by side on a pool of threads (``HEARTH_TUNE_THREA
 up to 8; 1 turns it off): Triton's compiles spend most of their time outside the GIL (its
 passes and ptxas), and each thread's compile lands in the caches the timing then hits. Their
 products are thrown away; a candidate that fails there fails again, and is skipped, in the
-timing.
+timing. That load then chose in 24.0 s instead of 75.4, the same kernels
+(...-tune-time-int4-threads-{1,8}-h100-c698727.json).
 """
 
 from __future__ import annotations
