@@ -49,11 +49,12 @@ def commit_id() -> str:
     return "unknown"
 
 
-#: environment switches that change which kernels run (recorded in rows when set, so an A/B
+#: environment switches that change which kernels run, or how long choosing them takes
+#: (``HEARTH_TUNE_THREADS``: rows' ``batch1_tune_s``) (recorded in rows when set, so an A/B
 #: pair of runs in one session says which side each row is)
 KERNEL_KNOBS = ("HEARTH_PDL", "HEARTH_QUANT_DP4A", "HEARTH_QUANT_TMA", "HEARTH_QUANT_KERNEL", "HEARTH_QUANT_MMA_AHEAD",
                 "HEARTH_QUANT_SWAP_INT8", "HEARTH_FP8_MMA", "HEARTH_QUANT_MMA_WIDE128",
-                "HEARTH_GEMV_PIN")
+                "HEARTH_GEMV_PIN", "HEARTH_TUNE_THREADS")
 
 
 def kernel_knobs() -> dict[str, str]:
