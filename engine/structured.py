@@ -44,8 +44,10 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
-#: The kinds a request may ask for (OpenAI's ``response_format.type`` values beyond "text").
-KINDS = ("json_object", "json_schema")
+#: The kinds a request may ask for (OpenAI's ``response_format.type`` values beyond "text"),
+#: and "lark": a grammar in llguidance's Lark dialect (its ``%json`` rules take JSON Schemas),
+#: which the API server builds itself (a tool call forced by ``tool_choice``), never a client.
+KINDS = ("json_object", "json_schema", "lark")
 #: How the JSON is laid out (see the module docstring).
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 #: The largest schema text taken (compiling is linear in it, matching can be worse).
@@ -62,11 +64,22 @@ class StructuredOutput:
     schema: str | None = None
     grammar: str = field(default="", compare=False, repr=False)
 
+    @staticmethod
+    def json_rule(schema: dict) -> str:
+        """A Lark rule's body (``name: <this>``) for instances of the JSON Schema ``schema``,
+        laid out as every structured answer's JSON is (``JSON_LAYOUT``)."""
+        return "%json " + json.dumps({**schema, "x-guidance": dict(JSON_LAYOUT)})
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise InvalidRequestError(f"response_format type must be one of {', '.join(KINDS)} "
+            raise InvalidRequestError(f"response_format type must be one of {', '.join(KINDS[:2])} "
                                       f"(or text, for no constraint), got {self.kind!r}.")
         schema = self.schema
+        if self.kind == "lark":
+            if not isinstance(schema, str) or not schema.strip():
+                raise InvalidRequestError("a lark constraint needs its grammar's text.")
+            object.__setattr__(self, "grammar", compile_lark(schema))
+            return
         if self.kind == "json_object":
             if schema is not None:
                 raise InvalidRequestError("response_format json_object takes no schema: use json_schema "
@@ -93,6 +106,22 @@ class StructuredOutput:
                 raise InvalidRequestError("response_format's schema must be a JSON Schema (a JSON object), got "
                                           f"a {type(parsed).__name__}.")
         object.__setattr__(self, "grammar", compile_json_schema(parsed))
+
+
+def compile_lark(text: str) -> str:
+    """The llguidance grammar of ``text`` (its Lark dialect), checked; InvalidRequestError
+    saying why when it doesn't compile or can't be enforced (a ``%json`` schema's keyword)."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_lark(text)
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
+    except (ValueError, TypeError) as e:
+        failed, messages = True, [str(e)]
+    if failed:
+        detail = "; ".join(m.strip().replace("\n", " ") for m in messages)[:500] or "it does not compile"
+        raise InvalidRequestError(f"the grammar can't be enforced: {detail}.")
+    return grammar
 
 
 def compile_json_schema(schema: object) -> str:

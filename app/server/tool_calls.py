@@ -11,12 +11,16 @@ or as stream deltas.
   (OpenAI: "the model will not call any tool").
 - ``"required"`` or a named function: the answer is *made* to start a call by writing the
   call's opening into the prompt after the generation prompt (Hermes/Qwen:
-  ``<tool_call>\\n{"name": "`` or, named, ``... "get_weather", "arguments": ``; Llama 3.1:
-  ``{"name": ...``), so the model can only go on writing a call. This needs no grammar
-  engine; what it can't do is make the model's JSON valid: a call that still doesn't
-  parse comes back as plain content (the forced opening included) with the engine's
-  ``finish_reason`` (``stop``), exactly as a malformed call under ``auto`` does. With
-  ``"required"`` the name is the model's choice and is not checked against ``tools``.
+  ``<tool_call>\\n{"name": "`` or, named, ``... "get_weather", "arguments":``; Llama 3.1:
+  ``{"name": ...``), and the rest of it is held to a grammar (``forced_call_grammar``, the
+  engine's structured output): one of the tools' names (``"required"``), then arguments
+  valid under that tool's ``parameters`` JSON Schema, then the call's close, so the
+  answer is always a call of a listed tool with valid arguments (as vLLM's guided
+  decoding does). With ``"required"`` and parallel calls allowed, more calls may follow
+  (Hermes). A tool whose schema the grammar engine can't enforce (``not``, ``if``/``then``,
+  ``uniqueItems``...) gets the opening only, as before grammars: the model's JSON may
+  then fail to parse and come back as plain content with ``finish_reason`` ``stop``, as a
+  malformed call under ``auto`` does.
 
 ``parallel_tool_calls: false`` keeps only the first call of an answer that writes several.
 """
@@ -24,6 +28,7 @@ or as stream deltas.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -31,7 +36,9 @@ from jinja2.exceptions import TemplateError
 
 from app.server.errors import ApiError
 from app.server.tool_parsers import PARSERS, Delta, ToolParser, parse, parser_name_for
-from engine.api import InvalidRequestError
+from engine.api import InvalidRequestError, StructuredOutput
+
+log = logging.getLogger(__name__)
 
 #: OpenAI's rule for function names.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -50,6 +57,7 @@ class ToolSetup:
     prefix: str = ""
     names: frozenset[str] = field(default_factory=frozenset)
     parallel: bool = True  # parallel_tool_calls: false keeps only the answer's first call
+    grammar: StructuredOutput | None = None  # what the answer after ``prefix`` is held to
 
     def new_parser(self) -> ToolParser:
         return PARSERS[self.parser]()
@@ -129,7 +137,45 @@ def tool_setup(body, tokenizer) -> ToolSetup | None:
     parallel = getattr(body, "parallel_tool_calls", None)  # a field OpenAI defines; kept as an extra
     if parallel is not None and not isinstance(parallel, bool):
         raise ApiError(400, "parallel_tool_calls must be true or false.", "parallel_tool_calls")
-    return ToolSetup(tools, parser, prefix, frozenset(names), parallel is not False)
+    parallel = parallel is not False
+    grammar = forced_call_grammar(parser, tools, None if choice == "required" else choice, parallel) if prefix else None
+    return ToolSetup(tools, parser, prefix, frozenset(names), parallel, grammar)
+
+
+#: How a forced call goes on after its opening, per parser: between the name and the
+#: arguments, and after the arguments (the close of the call).
+_CALL_PARTS = {"hermes": ('", "arguments": ', "}\n</tool_call>"), "llama3_json": ('", "parameters": ', "}")}
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text)  # a Lark string literal: JSON's escapes are the dialect's
+
+
+def forced_call_grammar(parser: str, tools: list[dict], name: str | None, parallel: bool) -> StructuredOutput | None:
+    """The grammar (llguidance's Lark dialect) of the answer after a forced call's opening:
+    for ``name``, a space, its arguments and the close; for ``"required"`` (``name`` None),
+    one of the tools' names first, and with ``parallel`` (Hermes) more whole calls after it.
+    Arguments are an instance of the tool's ``parameters`` (any object when it has none), laid
+    out as structured output lays JSON out. None where a schema can't be enforced: the
+    opening alone then, as before grammars (logged)."""
+    between, close = _CALL_PARTS[parser]
+    rules, alternatives = [], []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        if name is not None and fn["name"] != name:
+            continue
+        rules.append(f"args{i}: " + StructuredOutput.json_rule(fn.get("parameters") or {"type": "object"}))
+        head = _lark_string(" " if name is not None else fn["name"] + between)
+        alternatives.append(f"{head} args{i} {_lark_string(close)}")
+    if parser == "hermes" and name is None and parallel:
+        start = "start: call (" + _lark_string("\n" + _FORCED["hermes"][0]) + " call)*\ncall: " + " | ".join(alternatives)
+    else:
+        start = "start: " + " | ".join(alternatives)
+    try:
+        return StructuredOutput("lark", start + "\n" + "\n".join(rules) + "\n")
+    except InvalidRequestError as e:
+        log.info("tool_choice: the call is forced by its opening only (no grammar): %s", e)
+        return None
 
 
 def tool_fields(message, i: int) -> dict:

@@ -326,8 +326,10 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
             params.append(sampling(body, max_tokens, seed, chat))
     if tools is not None:
         # Some models mark <tool_call> as a special token: decoded with special tokens
-        # skipped, the tags would vanish and the call come back as bare JSON content.
-        params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
+        # skipped, the tags would vanish and the call come back as bare JSON content. A
+        # forced call's rest is held to its grammar (tool_calls.forced_call_grammar).
+        extra = {} if tools.grammar is None else {"structured": tools.grammar}
+        params = [dataclasses.replace(p, skip_special_tokens=False, **extra) for p in params]
     echo = echo_texts(body, prompts, tokenizer) if not chat else None
     return Job(prompts, params, n, logprobs=top_logprobs(body, chat) is not None, tools=tools, echo=echo)
 

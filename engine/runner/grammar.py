@@ -94,15 +94,17 @@ def check_request(params, vocab_size: int, vocabulary: TokenVocabulary | None) -
                                   f"got {bad[0]}.")
     if params.structured is None:
         return
+    what, drop = (("response_format", "drop response_format") if params.structured.kind != "lark" else
+                  ("a tool_choice that forces a call (its grammar)", "use tool_choice auto"))
     if vocabulary is None:
         raise InvalidRequestError(
-            "response_format needs the model's tokenizer with an end-of-sequence token, and this model "
-            "has none (a benchmark shape, or a tokenizer without EOS): drop response_format.")
+            f"{what} needs the model's tokenizer with an end-of-sequence token, and this model "
+            f"has none (a benchmark shape, or a tokenizer without EOS): {drop}.")
     try:
         vocabulary.get()
     except Exception as e:  # a tokenizer llguidance can't read
-        raise InvalidRequestError(f"response_format can't be used with this model: the grammar engine could not "
-                                  f"read its tokenizer ({type(e).__name__}: {e}). Drop response_format.") from e
+        raise InvalidRequestError(f"{what} can't be used with this model: the grammar engine could not "
+                                  f"read its tokenizer ({type(e).__name__}: {e}); {drop}.") from e
 
 
 class RowGrammar:

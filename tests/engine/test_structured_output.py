@@ -236,3 +236,21 @@ def test_grammar_state_survives_preemption(tiny_models, engine):
         assert all(tight.tokenizer.decode(t).startswith('{"s": "') for t in got)
     finally:
         tight.shutdown()
+
+
+def test_a_lark_grammar_is_the_servers_own_kind_and_is_checked():
+    """"lark" (the API server's forced tool calls) compiles its text; a broken grammar or a
+    %json schema it can't enforce is refused with why; response_format's message names only
+    the kinds a client may send."""
+    from engine.api import InvalidRequestError, StructuredOutput
+
+    ok = StructuredOutput("lark", 'start: "a" args\nargs: ' + StructuredOutput.json_rule({"type": "object"}) + "\n")
+    assert ok.grammar and '"whitespace_flexible": false' in ok.schema
+    with pytest.raises(InvalidRequestError, match="can't be enforced"):
+        StructuredOutput("lark", "start: undefined_rule\n")
+    with pytest.raises(InvalidRequestError, match="can't be enforced"):
+        StructuredOutput("lark", "start: " + StructuredOutput.json_rule({"not": {"type": "string"}}) + "\n")
+    with pytest.raises(InvalidRequestError, match="needs its grammar"):
+        StructuredOutput("lark", "")
+    with pytest.raises(InvalidRequestError, match=r"one of json_object, json_schema \(or text"):
+        StructuredOutput("regex", "a+")

@@ -346,3 +346,90 @@ def test_tool_requests_keep_special_tokens_so_tags_marked_special_survive(script
     assert engine.params[-1].skip_special_tokens is False
     ask(client, engine, "Plain.", tool_choice="none")
     assert engine.params[-1].skip_special_tokens is True
+
+
+# --- a forced call's grammar (tool_calls.forced_call_grammar) ---------------------------------
+
+CITY = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                          "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+
+
+def _matcher(tool_model, grammar):
+    import llguidance
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tool_model))
+    return hf, llguidance.LLMatcher(llguidance.hf.from_tokenizer(hf), grammar.grammar, log_level=0)
+
+
+def _accepts(tool_model, grammar, text: str) -> bool:
+    """Whether the grammar takes ``text`` whole and is then complete."""
+    hf, m = _matcher(tool_model, grammar)
+    ids = hf.encode(text, add_special_tokens=False)
+    return m.validate_tokens(ids) == len(ids) and m.consume_tokens(ids) and m.is_accepting()
+
+
+@pytest.mark.parametrize(("name", "parallel", "text", "ok"), [
+    ("get_weather", True, ' {"city": "Paris"}}\n</tool_call>', True),
+    ("get_weather", True, ' {"city": "Rome"}}\n</tool_call>', False),  # not in the schema's enum
+    ("get_weather", True, ' {}}\n</tool_call>', False),  # a required argument missing
+    ("get_weather", True, ' {"city": "Paris"}}', False),  # the call not closed
+    (None, False, 'get_time", "arguments": {}}\n</tool_call>', True),
+    (None, False, 'get_clock", "arguments": {}}\n</tool_call>', False),  # no such tool
+    (None, True, 'get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": '
+                 '{"city": "Oslo"}}\n</tool_call>', True),  # a second call, parallel calls allowed
+    (None, False, 'get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": '
+                  '{"city": "Oslo"}}\n</tool_call>', False),  # ... and not
+])
+def test_the_forced_call_grammar_takes_valid_calls_of_listed_tools_only(tool_model, name, parallel, text, ok):
+    from app.server.tool_calls import forced_call_grammar
+
+    grammar = forced_call_grammar("hermes", [CITY, CLOCK], name, parallel)
+    assert grammar.kind == "lark"
+    assert _accepts(tool_model, grammar, text) is ok
+
+
+def test_llama3_json_calls_close_with_the_object(tool_model):
+    from app.server.tool_calls import forced_call_grammar
+
+    grammar = forced_call_grammar("llama3_json", [CITY, CLOCK], None, True)
+    assert _accepts(tool_model, grammar, 'get_weather", "parameters": {"city": "Oslo"}}')
+    assert not _accepts(tool_model, grammar, 'get_weather", "arguments": {"city": "Oslo"}}')
+
+
+def test_forced_calls_carry_their_grammar_and_a_schema_it_cant_enforce_falls_back(scripted, caplog):
+    engine, client = scripted
+    ask(client, engine, '{"city": "Oslo"}}\n</tool_call>', tool_choice={"type": "function", "function": {
+        "name": "get_weather"}})
+    assert engine.params[-1].structured.kind == "lark"
+    ask(client, engine, 'Hello.')  # auto: no grammar
+    assert engine.params[-1].structured is None
+    odd = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"not": {"type": "number"}}}}}}
+    r = ask(client, engine, '{"city": "Oslo"}}\n</tool_call>', tools=[odd], tool_choice="required")
+    assert engine.params[-1].structured is None  # "not" can't be enforced: the opening alone, as before
+    assert r.choices[0].message.tool_calls is None or r.choices[0].message.tool_calls[0].function.name
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_a_random_model_made_to_call_writes_a_valid_call(real_tool_client, choice):
+    """The real engine on random weights, held to the grammar: the answer is a call of a
+    listed tool with arguments valid under its schema, whole and streamed alike."""
+    host, client = real_tool_client
+    kwargs = dict(model=host.model_info.name, messages=ASK, tools=[CITY, CLOCK], tool_choice=choice, temperature=0,
+                  max_tokens=40, parallel_tool_calls=False)
+    r = client.chat.completions.create(**kwargs)
+    (call,) = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert (call.function.name, args) in [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Oslo"}),
+                                           ("get_time", {})]
+    if choice != "required":
+        assert call.function.name == "get_weather"
+    assert r.choices[0].finish_reason == "tool_calls"
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed_args = "".join(tc.function.arguments or "" for c in chunks for tc in (c.choices[0].delta.tool_calls or []))
+    assert json.loads(streamed_args) == args
