@@ -30,7 +30,6 @@ Two paths, chosen by the number of rows M (``DEQUANT_ROWS``):
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -38,10 +37,12 @@ import triton.language as tl
 
 from quant_old_gemv import PreparedQuant, _check_bias_out, _check_x
 
+from hearth_kernels._compat import interpreting
+
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands as if their bits were another
 # type (garbage results); under TRITON_INTERPRET=1 bf16 dots run in fp32 instead. The GPU
 # build never takes this branch.
-_BF16_DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+_BF16_DOT_IN_FP32 = interpreting()
 
 #: from this many rows on, dequantize into scratch and use cuBLAS (see the docstring)
 DEQUANT_ROWS = 1024

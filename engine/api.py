@@ -64,8 +64,10 @@ from engine.models.summary import SpecSummary, model_summary
 from engine.quant.export import LAYOUTS as QUANTIZE_LAYOUTS
 from engine.quant.export import QuantizeResult, quantize_model
 from engine.requests import Completion, Request, RequestHandle
+# Whether structured output can run for a tokenizer (the server's forced tool calls ask first).
+from engine.runner.grammar import grammar_unavailable
 from engine.sampling_params import SamplingParams
-from engine.structured import StructuredOutput
+from engine.structured import MAX_SCHEMA_CHARS, StructuredOutput
 # Front ends check their text arguments with it before loading a model.
 from engine.tokenizer import check_text
 
@@ -141,7 +143,7 @@ def release_memory(collect: bool = True) -> None:
 
 
 __all__ = [
-    "StructuredOutput",
+    "StructuredOutput", "MAX_SCHEMA_CHARS", "grammar_unavailable",
     "byte_token_ids",
     "CHOICE_KINDS", "Choice", "choice_names", "choice_name", "get_choice", "list_choices", "kv_bytes_per_value",
     "DeviceShare", "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",

@@ -10,17 +10,33 @@ once Triton ships the fix (the patched call is then equivalent).
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 
-#: the values of TRITON_INTERPRET that Triton 3.6 takes as on (its getenv_bool: any case)
+#: the values of TRITON_INTERPRET that Triton 3.4+ takes as on (its knobs' getenv_bool: any
+#: case); earlier Triton took "1" alone
 _ON = ("1", "true", "on", "yes", "y")
 
 
+@functools.cache
+def _reads_words() -> bool:
+    """Whether the installed Triton reads TRITON_INTERPRET through its knobs (3.4 and later)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = [int(n) for n in re.findall(r"\d+", version("triton"))[:2]]
+    except PackageNotFoundError:
+        return True
+    return len(found) < 2 or tuple(found) >= (3, 4)
+
+
 def interpreting() -> bool:
-    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET`` read as Triton reads
-    it, without importing Triton): the one check for the kernels' CPU paths (no inline
-    assembly, no PDL launch, the TMA descriptors emulated)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in _ON
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET`` read as the installed
+    Triton reads it, without importing Triton): the one check for the kernels' CPU paths (no
+    inline assembly, no PDL launch, the TMA descriptors emulated)."""
+    value = os.environ.get("TRITON_INTERPRET", "0")
+    return value.lower() in _ON if _reads_words() else value == "1"
 
 
 def fix_interpreter_scalar_index() -> None:

@@ -18,15 +18,19 @@ or as stream deltas.
   answer is always a call of a listed tool with valid arguments (as vLLM's guided
   decoding does). With ``"required"`` and parallel calls allowed, more calls may follow
   (Hermes). A tool whose schema the grammar engine can't enforce (``not``, ``if``/``then``,
-  ``uniqueItems``...) gets the opening only, as before grammars: the model's JSON may
-  then fail to parse and come back as plain content with ``finish_reason`` ``stop``, as a
-  malformed call under ``auto`` does.
+  ``uniqueItems``...) has its arguments held to any JSON object; a model whose tokenizer
+  the grammar engine can't read gets the opening only, as before grammars: the model's
+  JSON may then fail to parse and come back as plain content with ``finish_reason``
+  ``stop``, as a malformed call under ``auto`` does. Grammars are kept per tool set (an
+  agent sends the same tools every turn); a tokenizer that holds ``<tool_call>`` as one
+  special token gets that token taken where the tag is.
 
 ``parallel_tool_calls: false`` keeps only the first call of an answer that writes several.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -36,7 +40,7 @@ from jinja2.exceptions import TemplateError
 
 from app.server.errors import ApiError
 from app.server.tool_parsers import PARSERS, Delta, ToolParser, parse, parser_name_for
-from engine.api import InvalidRequestError, StructuredOutput
+from engine.api import MAX_SCHEMA_CHARS, InvalidRequestError, StructuredOutput, grammar_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -138,41 +142,114 @@ def tool_setup(body, tokenizer) -> ToolSetup | None:
     if parallel is not None and not isinstance(parallel, bool):
         raise ApiError(400, "parallel_tool_calls must be true or false.", "parallel_tool_calls")
     parallel = parallel is not False
-    grammar = forced_call_grammar(parser, tools, None if choice == "required" else choice, parallel) if prefix else None
+    grammar = None
+    if prefix:
+        problem = grammar_unavailable(tokenizer)
+        if problem is None:
+            grammar = forced_call_grammar(parser, tools, None if choice == "required" else choice, parallel,
+                                          tag_ids(tokenizer))
+        else:  # the opening alone, as for a schema the grammar can't enforce
+            log.info("tool_choice: the call is forced by its opening only (no grammar): %s", problem)
     return ToolSetup(tools, parser, prefix, frozenset(names), parallel, grammar)
 
 
 #: How a forced call goes on after its opening, per parser: between the name and the
 #: arguments, and after the arguments (the close of the call).
 _CALL_PARTS = {"hermes": ('", "arguments": ', "}\n</tool_call>"), "llama3_json": ('", "parameters": ', "}")}
+#: Hermes's tags: a tokenizer may hold each as one special token, which a grammar's string
+#: never matches (llguidance keeps special tokens out of text): the grammar takes its id too.
+_TAGS = ("<tool_call>", "</tool_call>")
+#: The largest forced-call grammar built (a request's tools' schemas, all of them); beyond
+#: it, the opening alone. A tool's own schema is held to structured output's limit.
+MAX_GRAMMAR_CHARS = 256 * 1024
+
+
+def tag_ids(tokenizer) -> tuple[tuple[str, int], ...]:
+    """The Hermes tags that ``tokenizer`` writes as one token each, with that token's id."""
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    out = []
+    for tag in _TAGS:
+        try:
+            ids = hf.encode(tag, add_special_tokens=False) if hf is not None else []
+        except Exception:  # noqa: BLE001 - an odd tokenizer: the tag as text only
+            ids = []
+        if len(ids) == 1:
+            out.append((tag, int(ids[0])))
+    return tuple(out)
 
 
 def _lark_string(text: str) -> str:
     return json.dumps(text)  # a Lark string literal: JSON's escapes are the dialect's
 
 
-def forced_call_grammar(parser: str, tools: list[dict], name: str | None, parallel: bool) -> StructuredOutput | None:
+def _lark_text(text: str, tags: tuple[tuple[str, int], ...] = ()) -> str:
+    """A Lark expression for ``text``, each of ``tags`` in it also taken as its token."""
+    for tag, token in tags:
+        if tag in text:
+            parts = [_lark_text(p, tags) if p else None for p in text.split(tag)]
+            either = f"({_lark_string(tag)} | <[{token}]>)"
+            return " ".join(x for i, p in enumerate(parts) for x in ((either,) if i else ()) + ((p,) if p else ()))
+    return _lark_string(text)
+
+
+@functools.lru_cache(maxsize=256)
+def _arguments_rule(schema_json: str) -> str:
+    """A tool's arguments rule: an instance of its ``parameters`` (``schema_json``), or any
+    object where the grammar engine can't enforce that schema (logged). Compiled once per
+    schema: an agent sends the same tools every turn."""
+    schema = json.loads(schema_json)
+    rule = StructuredOutput.json_rule(schema)
+    if len(schema_json) > MAX_SCHEMA_CHARS:
+        log.info("tool_choice: a tool's parameters schema is %d characters long (structured output takes at "
+                 "most %d): its arguments are held to any JSON object", len(schema_json), MAX_SCHEMA_CHARS)
+        return StructuredOutput.json_rule({"type": "object"})
+    try:
+        StructuredOutput("lark", f"start: {rule}\n")
+    except InvalidRequestError as e:
+        log.info("tool_choice: a tool's parameters schema can't be enforced (%s): its arguments are held to any "
+                 "JSON object", e)
+        return StructuredOutput.json_rule({"type": "object"})
+    return rule
+
+
+def forced_call_grammar(parser: str, tools: list[dict], name: str | None, parallel: bool,
+                        tags: tuple[tuple[str, int], ...] = ()) -> StructuredOutput | None:
     """The grammar (llguidance's Lark dialect) of the answer after a forced call's opening:
     for ``name``, a space, its arguments and the close; for ``"required"`` (``name`` None),
-    one of the tools' names first, and with ``parallel`` (Hermes) more whole calls after it.
-    Arguments are an instance of the tool's ``parameters`` (any object when it has none), laid
-    out as structured output lays JSON out. None where a schema can't be enforced: the
-    opening alone then, as before grammars (logged)."""
+    one of the tools' names first, and with ``parallel`` (Hermes) more whole calls after it,
+    and a last newline allowed. Arguments are an instance of the tool's ``parameters`` (any
+    object when it has none, or one the grammar engine can't enforce), laid out as
+    structured output lays JSON out; ``tags`` (``tag_ids``) are taken as their tokens too.
+    None where the whole can't be built (logged): the opening alone then, as before grammars."""
+    key = json.dumps([t["function"].get("parameters") for t in tools], sort_keys=True)
+    names = tuple(t["function"]["name"] for t in tools)
+    return _forced_call_grammar(parser, names, key, name, parallel, tags)
+
+
+@functools.lru_cache(maxsize=128)
+def _forced_call_grammar(parser, names, schemas_json, name, parallel, tags) -> StructuredOutput | None:
     between, close = _CALL_PARTS[parser]
+    tags = tags if parser == "hermes" else ()
     rules, alternatives = [], []
-    for i, tool in enumerate(tools):
-        fn = tool["function"]
-        if name is not None and fn["name"] != name:
+    for i, (tool_name, schema) in enumerate(zip(names, json.loads(schemas_json))):
+        if name is not None and tool_name != name:
             continue
-        rules.append(f"args{i}: " + StructuredOutput.json_rule(fn.get("parameters") or {"type": "object"}))
-        head = _lark_string(" " if name is not None else fn["name"] + between)
-        alternatives.append(f"{head} args{i} {_lark_string(close)}")
-    if parser == "hermes" and name is None and parallel:
-        start = "start: call (" + _lark_string("\n" + _FORCED["hermes"][0]) + " call)*\ncall: " + " | ".join(alternatives)
+        rules.append(f"args{i}: " + _arguments_rule(json.dumps(schema or {"type": "object"}, sort_keys=True)))
+        head = _lark_string(" " if name is not None else tool_name + between)
+        alternatives.append(f"{head} args{i} {_lark_text(close, tags)}")
+    if parser == "hermes":
+        # (one newline may end the answer: a model trained on these calls may write it)
+        more = f"({_lark_text(chr(10) + _FORCED['hermes'][0], tags)} call)*" if name is None and parallel else ""
+        start = f"start: call {more} {_lark_string(chr(10))}?\ncall: " + " | ".join(alternatives)
     else:
         start = "start: " + " | ".join(alternatives)
+    text = start + "\n" + "\n".join(rules) + "\n"
+    if len(text) > MAX_GRAMMAR_CHARS:
+        log.info("tool_choice: the call is forced by its opening only (no grammar): the tools' schemas make a "
+                 "grammar of %d characters (at most %d are built)", len(text), MAX_GRAMMAR_CHARS)
+        return None
     try:
-        return StructuredOutput("lark", start + "\n" + "\n".join(rules) + "\n")
+        return StructuredOutput("lark", text)
     except InvalidRequestError as e:
         log.info("tool_choice: the call is forced by its opening only (no grammar): %s", e)
         return None

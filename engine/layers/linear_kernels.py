@@ -50,8 +50,9 @@ FP8_GEMV_CONFIGS = ((16, 512, 8), (8, 1024, 4), (16, 512, 4), (16, 2, 8, 3), (32
 #: grid over the 8B layers on an H100, from HBM and with the weights in L2 (where memory outruns
 #: the kernels, as an H200's does), within 4% of it at every layer
 #: (benchmarks/results/2026-12-06-i17-profile-gemv-fp8-tma-{hbm,l2}-h100-9e55e97.json). There the
-#: K-loop GEMV without TMA was as fast or faster except in L2 for down (10.4 against 11.7 us) and
-#: q/k/v (6.6 against 7.0): the tuner decides per card.
+#: other fp8 GEMVs (no TMA) were as fast or faster from HBM; in L2 the TMA grid was ahead for
+#: down (10.4 against 11.7 us), q/k/v (6.6 against 7.0) and gate_up (7.1 against 7.3), behind
+#: for o: the tuner decides per card.
 FP8_TMA_CONFIGS = ((16, 512, 4, 3), (16, 512, 4, 8), (16, 1024, 4, 3), (16, 1024, 4, 8))
 
 

@@ -171,7 +171,8 @@ def _tune_group(kind: str, mods: list, device: torch.device, norms: dict | None 
         if pin is None:
             log.warning("%s: batch-1 %s has no candidate %r (its candidates: %s); tuning it", PIN_ENV, kind, name,
                         ", ".join(k.name for k in kernels))
-    compile_side_by_side(first, kernels, x, before[0] if before else None, device)
+    if pin is None:  # (a pinned kind runs its pin and the baseline only, unless the pin fails)
+        compile_side_by_side(first, kernels, x, before[0] if before else None, device)
     try:
         best, best_ms = _choose(mods, kernels, x, kind, graphed=True, norms=before, pin=pin)
     except RuntimeError as e:  # not capturable here: every candidate of this kind eagerly
@@ -198,7 +199,17 @@ def compile_threads() -> int:
         except ValueError:
             log.warning("%s=%r is not a number of threads: compiling one by one", THREADS_ENV, value)
             return 1
-    return max(1, min(8, os.cpu_count() or 1))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cpus or 1))
+
+
+def _side_by_side_here(device: torch.device) -> bool:
+    """Whether candidates may compile on threads here: on a GPU, not under Triton's
+    interpreter (it keeps the running program's ids in one global, and on the CPU split-K
+    launches would share their counters with no stream to order them)."""
+    from hearth_kernels._compat import interpreting
+
+    return device.type == "cuda" and not interpreting()
 
 
 def compile_side_by_side(module, kernels: list, x: torch.Tensor, norm, device: torch.device) -> int:
@@ -207,11 +218,9 @@ def compile_side_by_side(module, kernels: list, x: torch.Tensor, norm, device: t
     compile at once rather than one after another in the timing; the products are thrown
     away, the modules' own kernels untouched (each candidate runs bound to the module, not put
     in use). Returns how many ran; one that raises is left for the timing to meet again.
-    On a GPU, or the interpreter's CPU (the tests); never inside graph capture."""
-    from hearth_kernels._compat import interpreting
-
+    On a GPU only (``_side_by_side_here``); never inside graph capture."""
     threads = min(compile_threads(), len(kernels))
-    if threads < 2 or not (device.type == "cuda" or interpreting()):
+    if threads < 2 or not _side_by_side_here(device):
         return 0
     quantized = hasattr(module, "qweight")
     runs = []
@@ -225,7 +234,8 @@ def compile_side_by_side(module, kernels: list, x: torch.Tensor, norm, device: t
             runs.append((k.bind(module), k))
         except Exception as e:  # noqa: BLE001 - the timing meets it again
             log.debug("%s: bind failed ahead of timing: %s", k.name, e)
-    residual = torch.randn_like(x)
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    residual = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)  # (not the global RNG)
     # the caller's stream in every thread (a thread starts on the default one): the launches
     # follow x's making, and each other, as the timing's will
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None

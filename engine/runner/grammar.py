@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -79,6 +80,33 @@ def token_vocabulary(tokenizer, vocab_size: int) -> TokenVocabulary | None:
     if hf is None or not getattr(hf, "backend_tokenizer", None) or not tokenizer.eos_token_ids:
         return None
     return TokenVocabulary(hf, vocab_size, tokenizer.eos_token_ids)
+
+
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> why not (None: it can)
+_PROBE_LOCK = threading.Lock()
+
+
+def grammar_unavailable(tokenizer) -> str | None:
+    """Why the grammar engine can't constrain answers written with ``tokenizer`` (a Hearth
+    ``Tokenizer``), or None when it can: what ``check_request`` would refuse a structured
+    request for, asked ahead by a front end that can do without a grammar (the server's
+    forced tool calls). Built once per tokenizer and remembered (a fraction of a second)."""
+    with _PROBE_LOCK:
+        if tokenizer in _PROBED:
+            return _PROBED[tokenizer]
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    vocabulary = token_vocabulary(tokenizer, len(hf) if hf is not None else 0)
+    why = None
+    if vocabulary is None:
+        why = "the model's tokenizer has no end-of-sequence token, or is not a Hugging Face tokenizer"
+    else:
+        try:
+            vocabulary.get()
+        except Exception as e:  # a tokenizer llguidance can't read
+            why = f"the grammar engine could not read the model's tokenizer ({type(e).__name__}: {e})"
+    with _PROBE_LOCK:
+        _PROBED[tokenizer] = why
+    return why
 
 
 def check_request(params, vocab_size: int, vocabulary: TokenVocabulary | None) -> None:

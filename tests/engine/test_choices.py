@@ -4,7 +4,6 @@ validates against it; ``Engine.load`` refuses an option it doesn't know, naming 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import engine.loader.resolve as resolve_mod
 from engine import choices
 from engine.api import (CHOICE_KINDS, Engine, InvalidRequestError, SpecSummary, check_model, choice_name,
                         choice_names, config_from_options, get_choice, kv_bytes_per_value, list_choices, load_config)
+from hearth_kernels._compat import interpreting
 
 CPU_ONLY = not torch.cuda.is_available()
 
@@ -27,7 +27,7 @@ def test_every_kind_lists_its_choices_with_reasons_on_this_machine(monkeypatch):
     # The variable is never set to 1 here: kernels decorated meanwhile would stay
     # interpreted for the rest of a GPU test run.
     triton = on_cpu["attention"]["triton"]
-    assert triton.available == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert triton.available == interpreting()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CUDA" in get_choice("attention", "triton", "cpu").reasons[0]
     assert not on_cpu["attention"]["flash-attn"].available

@@ -251,12 +251,15 @@ def test_a_pinned_candidate_is_taken_instead_of_the_fastest(monkeypatch, caplog)
         return cost[name]
 
     monkeypatch.setattr(tuning, "_time", fake_time)
+    ahead = []
+    monkeypatch.setattr(tuning, "compile_side_by_side", lambda *a: ahead.append(a[0]) or 0)
     mod = Mod({"first": y, "second": y.clone(), "third": y.clone()})
     assert tuning._tune_group("down", [mod], torch.device("cpu")) == "second"
     assert timed == ["second"] and mod.kernel.name == "second"  # the others not even timed
+    assert ahead == []  # nor compiled ahead
     timed.clear()
     assert tuning._tune_group("qkv", [mod], torch.device("cpu")) == "third"  # not pinned: the fastest
-    assert timed == ["first", "second", "third"]
+    assert timed == ["first", "second", "third"] and ahead == [mod]
     monkeypatch.setenv(tuning.PIN_ENV, "down=nonesuch")
     timed.clear()
     with caplog.at_level("WARNING", logger=tuning.log.name):
@@ -284,18 +287,42 @@ def test_a_pinned_candidate_is_taken_instead_of_the_fastest(monkeypatch, caplog)
 
 
 # --- compiling a kind's candidates side by side (compile_side_by_side) ----------------------
+# (on the GPU only: the tests below let the CPU pass, with the kernels replaced by recorders)
 
 
-def test_candidates_run_once_each_on_the_pool_and_the_modules_keep_their_kernel(model, monkeypatch):
-    """Every candidate of a float kind runs once, on the pool's threads (not the caller's), its
-    product thrown away; the module's own kernel is untouched (nothing is put in use)."""
+@pytest.fixture
+def side_by_side(monkeypatch):
+    monkeypatch.setattr(tuning, "_side_by_side_here", lambda device: True)
+
+
+def test_nothing_compiles_side_by_side_on_the_cpu_or_under_the_interpreter(model, monkeypatch):
+    """Triton's interpreter is not thread-safe (one global program id): never on its threads."""
+    import hearth_kernels._compat
+
+    monkeypatch.setenv(tuning.THREADS_ENV, "3")
+    mod = tuning._kinds(model)["gate_up"][0]
+    x = torch.randn(1, mod.in_features)
+    assert tuning.compile_side_by_side(mod, mod.kernel_candidates(), x, None, torch.device("cpu")) == 0
+    assert not tuning._side_by_side_here(torch.device("cpu"))
+    monkeypatch.setattr(hearth_kernels._compat, "interpreting", lambda: True)
+    assert not tuning._side_by_side_here(torch.device("cuda"))
+    monkeypatch.setattr(hearth_kernels._compat, "interpreting", lambda: False)
+    assert tuning._side_by_side_here(torch.device("cuda"))
+
+
+def test_candidates_run_once_each_on_the_pool_and_the_modules_keep_their_kernel(model, monkeypatch,
+                                                                                 side_by_side):
+    """Every candidate of a float kind runs once, on the pool's threads (not the caller's) in
+    inference mode, its product thrown away; the module's own kernel is untouched (nothing is
+    put in use)."""
     import threading
 
     import hearth_kernels.gemv
 
     ran = []
     monkeypatch.setattr(hearth_kernels.gemv, "gemv", lambda *a, config=None, **k: ran.append(
-        (config, threading.current_thread().name)))
+        (config, threading.current_thread().name)) or ran_inference.append(torch.is_inference_mode_enabled()))
+    ran_inference = []
     monkeypatch.setenv(tuning.THREADS_ENV, "3")
     mod = tuning._kinds(model)["gate_up"][0]
     kernel = mod.kernel
@@ -303,7 +330,7 @@ def test_candidates_run_once_each_on_the_pool_and_the_modules_keep_their_kernel(
     x = torch.randn(1, mod.in_features)
     assert tuning.compile_side_by_side(mod, cands, x, None, torch.device("cpu")) == len(cands)
     assert sorted(c for c, _ in ran) == sorted(k.config for k in cands[1:])  # the GEMVs (cuBLAS: torch's)
-    assert all(name.startswith("hearth-compile") for _, name in ran)
+    assert all(name.startswith("hearth-compile") for _, name in ran) and all(ran_inference)
     assert mod.kernel is kernel
 
 
@@ -318,7 +345,7 @@ def test_one_thread_compiles_nothing_ahead_and_a_bad_value_is_one(model, monkeyp
     assert 1 <= tuning.compile_threads() <= 8
 
 
-def test_a_candidate_that_fails_ahead_is_left_for_the_timing(model, monkeypatch):
+def test_a_candidate_that_fails_ahead_is_left_for_the_timing(model, monkeypatch, side_by_side):
     """One that raises while compiling ahead doesn't stop the others, nor the tuning: the
     timing meets it again and skips it (as a config this GPU can't compile)."""
     import hearth_kernels.gemv
@@ -339,7 +366,7 @@ def test_a_candidate_that_fails_ahead_is_left_for_the_timing(model, monkeypatch)
     assert "qkv" in choices
 
 
-def test_quantized_candidates_are_bound_first_and_run_with_their_norm(monkeypatch):
+def test_quantized_candidates_are_bound_first_and_run_with_their_norm(monkeypatch, side_by_side):
     """A quantized kind: each candidate bound to the module in the calling thread (an int4
     bind repacks the module's codes once), then run on the pool, through ``normed`` where its
     kernel takes the norm in; the module's kernel is untouched."""
@@ -355,7 +382,11 @@ def test_quantized_candidates_are_bound_first_and_run_with_their_norm(monkeypatc
         mod, norm = layer.self_attn.qkv_proj, layer.input_layernorm
         configs = [c for c in qg.quant_gemv_configs(mod.out_features, mod.in_features, 4, 32)
                    if c.kind in (qg.DP4A, qg.DP4A_TMA)][:4]
-        cands = [TritonQuant(c) for c in configs]
+        # a norm-first twin is the same GEMV: not run twice
+        cands = [TritonQuant(c) for c in configs] + [TritonQuant(configs[0], norm_first=True)]
+        bound_on, bind = [], TritonQuant.bind
+        monkeypatch.setattr(TritonQuant, "bind", lambda self, layer: bound_on.append(
+            threading.current_thread().name) or bind(self, layer))
         ran, normed = [], []
         monkeypatch.setattr(qg, "quant_gemv", lambda x, p, config=None, **k: ran.append(
             (config, threading.current_thread().name)))
@@ -364,7 +395,8 @@ def test_quantized_candidates_are_bound_first_and_run_with_their_norm(monkeypatc
         monkeypatch.setenv(tuning.THREADS_ENV, "4")
         kernel = mod.kernel
         x = torch.randn(1, mod.in_features)
-        assert tuning.compile_side_by_side(mod, cands, x, norm, torch.device("cpu")) == len(cands)
+        assert tuning.compile_side_by_side(mod, cands, x, norm, torch.device("cpu")) == len(configs)
+        assert bound_on == [threading.current_thread().name] * len(configs)
         assert sorted(map(tuple, (c for c, _ in ran))) == sorted(map(tuple, configs))
         assert all(name.startswith("hearth-compile") for _, name in ran)
         assert sorted(map(tuple, normed)) == sorted(map(tuple, configs))

@@ -3,12 +3,12 @@ so the result must be the same as without ``out``, bias or not, on the GEMV path
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from engine.layers.linear import Linear
+from hearth_kernels._compat import interpreting
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -19,7 +19,7 @@ def test_out_matches_a_fresh_result(bias, rows, gemv):
     torch.manual_seed(0)
     # The GEMV is a Triton kernel: interpreted on CPU tensors in the CPU test run, compiled
     # for CUDA tensors in a GPU run.
-    interpret = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+    interpret = interpreting() or not torch.cuda.is_available()
     with torch.device("cpu" if interpret else "cuda"):
         _check_out(bias, rows, gemv)
 

@@ -37,3 +37,14 @@ def test_the_checks_that_depend_on_it(monkeypatch):
     assert tma_available(torch.device("cpu")) and not pdl_wanted()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not tma_available(torch.device("cpu"))
+
+
+def test_a_triton_before_its_knobs_took_1_alone(monkeypatch):
+    """Triton before 3.4 (pyproject allows 3.2) read TRITON_INTERPRET == "1" only."""
+    from hearth_kernels import _compat
+
+    assert _compat._reads_words()  # the Triton the tests run (3.6)
+    monkeypatch.setattr(_compat, "_reads_words", lambda: False)
+    for value, on in (("1", True), ("true", False), ("on", False), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert interpreting() is on, value

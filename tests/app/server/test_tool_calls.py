@@ -401,18 +401,90 @@ def test_llama3_json_calls_close_with_the_object(tool_model):
     assert not _accepts(tool_model, grammar, 'get_weather", "arguments": {"city": "Oslo"}}')
 
 
-def test_forced_calls_carry_their_grammar_and_a_schema_it_cant_enforce_falls_back(scripted, caplog):
+def test_forced_calls_carry_their_grammar_and_a_schema_it_cant_enforce_takes_any_object(scripted, tool_model,
+                                                                                         caplog):
     engine, client = scripted
     ask(client, engine, '{"city": "Oslo"}}\n</tool_call>', tool_choice={"type": "function", "function": {
         "name": "get_weather"}})
     assert engine.params[-1].structured.kind == "lark"
     ask(client, engine, 'Hello.')  # auto: no grammar
     assert engine.params[-1].structured is None
+    # "not" can't be enforced: that tool's arguments are any object; the names and the close still hold
     odd = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"not": {"type": "number"}}}}}}
-    r = ask(client, engine, '{"city": "Oslo"}}\n</tool_call>', tools=[odd], tool_choice="required")
-    assert engine.params[-1].structured is None  # "not" can't be enforced: the opening alone, as before
-    assert r.choices[0].message.tool_calls is None or r.choices[0].message.tool_calls[0].function.name
+    with caplog.at_level("INFO", logger="app.server.tool_calls"):
+        r = ask(client, engine, 'get_weather", "arguments": {"town": 3}}\n</tool_call>', tools=[odd, CLOCK],
+                tool_choice="required")
+    grammar = engine.params[-1].structured
+    assert grammar.kind == "lark" and "can't be enforced" in caplog.text
+    assert _accepts(tool_model, grammar, 'get_weather", "arguments": {"town": 3}}\n</tool_call>')
+    assert not _accepts(tool_model, grammar, 'get_weather", "arguments": [3]}\n</tool_call>')
+    assert not _accepts(tool_model, grammar, 'get_time", "arguments": {"town": 3}}\n</tool_call>')
+    assert not _accepts(tool_model, grammar, 'get_clock", "arguments": {}}\n</tool_call>')
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_forced_call_grammars_are_kept_per_tool_set_and_held_to_a_size():
+    from app.server import tool_calls
+
+    first = tool_calls.forced_call_grammar("hermes", [CITY, CLOCK], None, True)
+    assert tool_calls.forced_call_grammar("hermes", [json.loads(json.dumps(CITY)), CLOCK], None, True) is first
+    assert tool_calls.forced_call_grammar("hermes", [CITY, CLOCK], None, False) is not first
+
+    def wide(name, fields):
+        return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": {
+            f"field_{i}_{'x' * 40}": {"type": "string", "description": "y" * 200} for i in range(fields)}}}}
+
+    # a schema past structured output's limit: that tool's arguments are any object
+    grammar = tool_calls.forced_call_grammar("hermes", [wide("wide", 300), CLOCK], None, True)
+    assert len(json.dumps(wide("wide", 300))) > tool_calls.MAX_SCHEMA_CHARS and "field_0" not in grammar.schema
+    # tools whose schemas make a grammar past MAX_GRAMMAR_CHARS: the opening alone
+    many = [wide(f"wide{k}", 200) for k in range(6)]
+    assert tool_calls.forced_call_grammar("hermes", many[:2], None, True) is not None
+    assert tool_calls.forced_call_grammar("hermes", many, None, True) is None
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    (' {"city": "Paris"}}\n</tool_call>', True),
+    (' {"city": "Paris"}}\n</tool_call>\n', True),  # one newline may end the answer
+    (' {"city":"Paris"}}\n</tool_call>', False),  # the JSON layout is structured output's
+    (' {"city": "Paris"}}\n</tool_call>\n\n', False),
+])
+def test_the_layout_of_a_forced_call(tool_model, text, ok):
+    from app.server.tool_calls import forced_call_grammar
+
+    assert _accepts(tool_model, forced_call_grammar("hermes", [CITY, CLOCK], "get_weather", True), text) is ok
+
+
+def test_tags_held_as_special_tokens_are_taken_as_their_tokens(tool_model):
+    """A tokenizer that holds the tags as special tokens: a grammar's string never matches a
+    special token (llguidance), so without the ids the model could only spell the close in
+    pieces, and a second call could never open with its tag token."""
+    import llguidance
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    from app.server.tool_calls import forced_call_grammar, tag_ids
+    from engine.tokenizer import Tokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tool_model))
+    hf.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tags = tag_ids(Tokenizer(hf))
+    assert [t for t, _ in tags] == ["<tool_call>", "</tool_call>"]
+    open_id, close_id = (i for _, i in tags)
+    vocabulary = llguidance.hf.from_tokenizer(hf)
+    text = hf.encode('get_time", "arguments": {}}\n', add_special_tokens=False)
+    second = hf.encode('\n{"name": "get_time", "arguments": {}}\n', add_special_tokens=False)
+    answer = text + [close_id] + hf.encode("\n", add_special_tokens=False) + [open_id] + second + [close_id]
+    spelled = text + hf.encode("</", add_special_tokens=False) + hf.encode("tool_call>", add_special_tokens=False)
+
+    def accepts(grammar, ids):
+        m = llguidance.LLMatcher(vocabulary, grammar.grammar, log_level=0)
+        return m.validate_tokens(ids) == len(ids) and m.consume_tokens(ids) and m.is_accepting()
+
+    with_ids = forced_call_grammar("hermes", [CITY, CLOCK], None, True, tags)
+    assert accepts(with_ids, answer) and accepts(with_ids, spelled)
+    assert not accepts(forced_call_grammar("hermes", [CITY, CLOCK], None, True), answer)
 
 
 @pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
@@ -433,3 +505,31 @@ def test_a_random_model_made_to_call_writes_a_valid_call(real_tool_client, choic
     chunks = list(client.chat.completions.create(stream=True, **kwargs))
     streamed_args = "".join(tc.function.arguments or "" for c in chunks for tc in (c.choices[0].delta.tool_calls or []))
     assert json.loads(streamed_args) == args
+
+
+def test_a_tokenizer_the_grammar_engine_cant_read_keeps_the_opening_only(tool_model, monkeypatch, caplog):
+    """A forced call on a model whose tokenizer llguidance can't read is still answered,
+    held by its opening alone (the engine would refuse a grammar for it), and says why."""
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    from app.server.schemas import ChatCompletionRequest
+    from app.server.tool_calls import tool_setup
+    from engine.api import grammar_unavailable
+    from engine.tokenizer import Tokenizer
+
+    body = ChatCompletionRequest(model="m", messages=ASK, tools=[CITY, CLOCK], tool_choice="required")
+    readable = Tokenizer(AutoTokenizer.from_pretrained(str(tool_model)))
+    assert grammar_unavailable(readable) is None
+    assert tool_setup(body, readable).grammar.kind == "lark"
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("no byte-level vocabulary")
+
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", unreadable)
+    odd = Tokenizer(AutoTokenizer.from_pretrained(str(tool_model)))
+    with caplog.at_level("INFO", logger="app.server.tool_calls"):
+        setup = tool_setup(body, odd)
+    assert setup.prefix and setup.grammar is None
+    assert "no byte-level vocabulary" in grammar_unavailable(odd) and "opening only" in caplog.text
+    assert grammar_unavailable(readable) is None  # remembered per tokenizer
