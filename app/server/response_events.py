@@ -1,11 +1,22 @@
-"""The Responses API's shapes: the ``response`` object (one ``message`` output item with
-one ``output_text`` part), and its stream of typed SSE events (``event:`` + ``data:``),
-in OpenAI's order::
+"""The Responses API's shapes: the ``response`` object (its ``output`` items: a ``message``
+with one ``output_text`` part, and the answer's ``function_call`` items when tools are in
+play), and its stream of typed SSE events (``event:`` + ``data:``), in OpenAI's order::
 
-    response.created, response.in_progress, response.output_item.added,
-    response.content_part.added, response.output_text.delta ..., response.output_text.done,
-    response.content_part.done, response.output_item.done,
+    response.created, response.in_progress,
+    for each output item, one after the other:
+      a message:  response.output_item.added, response.content_part.added,
+                  response.output_text.delta ..., response.output_text.done,
+                  response.content_part.done, response.output_item.done
+      a call:     response.output_item.added, response.function_call_arguments.delta ...,
+                  response.function_call_arguments.done, response.output_item.done
     response.completed (or response.incomplete when max_output_tokens cut the answer)
+
+Without tools the message item opens at once (as before there were tools). With tools an
+item opens when its first piece is sure (``ToolStream``: content, or a call's start once
+its name is known), and a message item closes when a call starts; text after a call opens
+a new message item. A call closes when it ends well (``status: "completed"``), or, broken
+after its start went out, as sent (``"incomplete"``; its block comes as text too, as chat's
+stream gives it: ``app.server.tool_parsers``).
 
 An answer cut by ``max_output_tokens`` is ``status: "incomplete"`` with
 ``incomplete_details.reason: "max_output_tokens"``, as OpenAI says it. A failure after the
@@ -19,24 +30,34 @@ import json
 from app.server.errors import error_body
 from app.server.service import Choice, OpenAIService, failure
 from app.server.shapes import timings
+from app.server.tool_calls import ToolSetup, ToolStream, chat_message
+from app.services.ids import unique_hex
 from engine.api import FinishedEvent
 
 
 class ResponseShapes:
-    """One response's objects: its id, its message item's id, and what the request asked."""
+    """One response's objects: its id, and what the request asked (``tools``: the chat's
+    tools in play, whose calls become ``function_call`` items)."""
 
-    def __init__(self, rid: str, item_id: str, created: int, model: str, body) -> None:
-        self.rid, self.item_id, self.created, self.model, self.body = rid, item_id, created, model, body
+    def __init__(self, rid: str, created: int, model: str, body, tools: ToolSetup | None = None) -> None:
+        self.rid, self.created, self.model, self.body, self.tools = rid, created, model, body, tools
 
-    def part(self, text: str) -> dict:
+    @staticmethod
+    def part(text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def item(self, text: str | None, status: str) -> dict:
-        """The message output item (``text`` None: just added, no part yet)."""
-        content = [] if text is None else [self.part(text)]
-        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+    @staticmethod
+    def message(item_id: str, text: str | None, status: str) -> dict:
+        """A message output item (``text`` None: just added, no part yet)."""
+        content = [] if text is None else [ResponseShapes.part(text)]
+        return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
-    def response(self, text: str | None, fin: FinishedEvent | None) -> dict:
+    @staticmethod
+    def call(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+        return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id, "name": name,
+                "arguments": arguments}
+
+    def response(self, output: list[dict] | None, fin: FinishedEvent | None) -> dict:
         """The response object: in progress (``fin`` None), completed or incomplete."""
         body = self.body
         if fin is None:
@@ -44,20 +65,41 @@ class ResponseShapes:
         else:
             cut = fin.reason == "length"
             status = "incomplete" if cut else "completed"
-            output = [self.item(text, status)]
             usage = _usage(fin)
             incomplete = {"reason": "max_output_tokens"} if cut else None
         out = {"id": self.rid, "object": "response", "created_at": self.created, "status": status, "error": None,
                "incomplete_details": incomplete, "instructions": body.instructions,
                "max_output_tokens": body.max_output_tokens, "model": self.model, "output": output,
-               "parallel_tool_calls": True, "previous_response_id": None, "reasoning": None, "store": False,
+               "parallel_tool_calls": body.parallel_tool_calls is not False, "previous_response_id": None,
+               "reasoning": None, "store": False,
                "temperature": 1.0 if body.temperature is None else body.temperature,
                "top_p": 1.0 if body.top_p is None else body.top_p, "text": {"format": _format(body)},
-               "tool_choice": "auto", "tools": [], "truncation": "disabled", "usage": usage, "user": body.user,
-               "metadata": body.metadata or {}}
+               "tool_choice": _tool_choice(body), "tools": list(body.tools or []), "truncation": "disabled",
+               "usage": usage, "user": body.user, "metadata": body.metadata or {}}
         if fin is not None:
             out["hearth"] = timings(fin)
         return out
+
+
+def whole_output(shapes: ResponseShapes, text: str, fin: FinishedEvent) -> list[dict]:
+    """A whole answer's output items: its text as a message, then its calls (tools in play)."""
+    status = "incomplete" if fin.reason == "length" else "completed"
+    if shapes.tools is None:
+        return [shapes.message(f"msg_{unique_hex(32)}", text, status)]
+    message, _ = chat_message(text, fin.reason, shapes.tools)
+    items = []
+    if message.get("content") or not message.get("tool_calls"):
+        items.append(shapes.message(f"msg_{unique_hex(32)}", message.get("content") or "", status))
+    for call in message.get("tool_calls") or []:
+        fn = call["function"]
+        items.append(shapes.call(f"fc_{unique_hex(32)}", call["id"], fn["name"], fn["arguments"], "completed"))
+    return items
+
+
+def _tool_choice(body):
+    """``tool_choice`` as OpenAI echoes it ("auto" where none was sent)."""
+    choice = body.tool_choice
+    return "auto" if choice is None else choice
 
 
 def _format(body) -> dict:
@@ -86,30 +128,122 @@ class _Events:
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+class _Output:
+    """The stream's output items as they open, grow and close, and the events that say so."""
+
+    def __init__(self, shapes: ResponseShapes, event: _Events) -> None:
+        self.shapes, self.event = shapes, event
+        self.items: list[dict] = []  # closed ones and the open ones, in output order
+        self._message: tuple[int, list[str]] | None = None  # the open message: (output index, its text)
+        self._calls: dict[int, tuple[int, list[str]]] = {}  # the parser's call index -> (output index, arguments)
+
+    def text(self, piece: str) -> list[bytes]:
+        out = [] if self._message is not None else self.open_message()
+        index, texts = self._message
+        texts.append(piece)
+        return out + [self.event("response.output_text.delta", item_id=self.items[index]["id"], output_index=index,
+                                 content_index=0, delta=piece, logprobs=[])]
+
+    def open_message(self) -> list[bytes]:
+        index = len(self.items)
+        self.items.append(self.shapes.message(f"msg_{unique_hex(32)}", None, "in_progress"))
+        self._message = (index, [])
+        item_id = self.items[index]["id"]
+        return [self.event("response.output_item.added", output_index=index, item=self.items[index]),
+                self.event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
+                           part=self.shapes.part(""))]
+
+    def close_message(self, status: str) -> list[bytes]:
+        if self._message is None:
+            return []
+        (index, texts), self._message = self._message, None
+        text = "".join(texts)
+        item = self.items[index] = self.shapes.message(self.items[index]["id"], text, status)
+        where = {"item_id": item["id"], "output_index": index}
+        return [self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
+                self.event("response.content_part.done", **where, content_index=0, part=self.shapes.part(text)),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
+    def call_start(self, call: int, call_id: str, name: str) -> list[bytes]:
+        out = self.close_message("completed")
+        index = len(self.items)
+        self.items.append(self.shapes.call(f"fc_{unique_hex(32)}", call_id, name, "", "in_progress"))
+        self._calls[call] = (index, [])
+        return out + [self.event("response.output_item.added", output_index=index, item=self.items[index])]
+
+    def call_arguments(self, call: int, piece: str) -> list[bytes]:
+        index, parts = self._calls[call]
+        parts.append(piece)
+        return [self.event("response.function_call_arguments.delta", item_id=self.items[index]["id"],
+                           output_index=index, delta=piece)]
+
+    def close_calls(self, made: set[int], broken: set[int]) -> list[bytes]:
+        """Close the open calls that ended (well: ``made``; as sent: ``broken``)."""
+        out = []
+        for call in [c for c in self._calls if c in made or c in broken]:
+            out += self._close_call(call, "completed" if call in made else "incomplete")
+        return out
+
+    def close_all(self, status: str) -> list[bytes]:
+        out = []
+        for call in list(self._calls):
+            out += self._close_call(call, "incomplete")
+        return out + self.close_message(status)
+
+    def _close_call(self, call: int, status: str) -> list[bytes]:
+        index, parts = self._calls.pop(call)
+        old = self.items[index]
+        arguments = "".join(parts)
+        item = self.items[index] = self.shapes.call(old["id"], old["call_id"], old["name"], arguments, status)
+        return [self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                           arguments=arguments, name=item["name"]),
+                self.event("response.output_item.done", output_index=index, item=item)]
+
+    def feed(self, deltas: list[dict], tools: ToolStream) -> list[bytes]:
+        """Chat's deltas (``ToolStream``) as items and their events."""
+        out = []
+        for delta in deltas:
+            if "content" in delta:
+                out += self.text(delta["content"])
+                continue
+            for call in delta["tool_calls"]:
+                if "id" in call:
+                    out += self.call_start(call["index"], call["id"], call["function"]["name"])
+                if call["function"].get("arguments"):
+                    out += self.call_arguments(call["index"], call["function"]["arguments"])
+        return out + self.close_calls(set(tools.made), set(tools.broken))
+
+
 async def response_events(service: OpenAIService, choice: Choice, shapes: ResponseShapes):
     """The stream's bytes; the choice is aborted whatever ends it (``service.done``)."""
     event = _Events()
-    where = {"item_id": shapes.item_id, "output_index": 0}
+    output = _Output(shapes, event)
+    tools = None if shapes.tools is None else ToolStream(shapes.tools)
     try:
         yield event("response.created", response=shapes.response(None, None))
         yield event("response.in_progress", response=shapes.response(None, None))
-        yield event("response.output_item.added", output_index=0, item=shapes.item(None, "in_progress"))
-        yield event("response.content_part.added", **where, content_index=0, part=shapes.part(""))
+        if tools is None:
+            yield b"".join(output.open_message())
         async for ev in choice.events:
             text = choice.take(ev, choice.events.at)
             if text:
-                yield event("response.output_text.delta", **where, content_index=0, delta=text, logprobs=[])
+                pieces = output.text(text) if tools is None else output.feed(tools.feed(text), tools)
+                if pieces:
+                    yield b"".join(pieces)
         error = failure(choice)
         if error is not None:  # the 200 has gone: say it in the stream (the SDK raises it)
             body = json.dumps(error_body(error.status, error.message, code=error.code))
             yield f"event: error\ndata: {body}\n\n".encode()
             return
-        text, fin = choice.text, choice.finish
-        final = shapes.response(text, fin)
-        yield event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
-        yield event("response.content_part.done", **where, content_index=0, part=shapes.part(text))
-        yield event("response.output_item.done", output_index=0, item=final["output"][0])
-        yield event("response.completed" if final["status"] == "completed" else "response.incomplete",
-                    response=final)
+        fin = choice.finish
+        status = "incomplete" if fin.reason == "length" else "completed"
+        last = [] if tools is None else output.feed(tools.finish(), tools)
+        if not output.items:  # nothing written: one empty message, as a whole answer has
+            last += output.open_message()
+        final_events = output.close_all(status)
+        final = shapes.response(output.items, fin)
+        yield b"".join([*last, *final_events,
+                        event("response.completed" if final["status"] == "completed" else "response.incomplete",
+                              response=final)])
     finally:
         service.done([choice])

@@ -1,16 +1,26 @@
 """``POST /v1/responses``: OpenAI's Responses API, stateless — text in (``input`` as a
-string or a list of message items, ``instructions``), text out, whole or as the API's
-stream of typed events (``app.server.response_events``).
+string or a list of message items, ``instructions``), text and function calls out, whole
+or as the API's stream of typed events (``app.server.response_events``).
 
 A Responses request becomes a chat request (``instructions`` as the system message, each
 input item as a message) and runs through the same checks, chat template and engine as
 /v1/chat/completions; its errors name the Responses parameters (``input``,
 ``max_output_tokens``). The server keeps nothing: ``previous_response_id`` and
 ``store: true`` are a 400 that says so (send the whole conversation in ``input``).
+
+Function tools (``{"type": "function", "name", "parameters", ...}``, the Responses API's
+flat shape) become chat's tools, with ``tool_choice`` (a named one is
+``{"type": "function", "name": ...}``) and ``parallel_tool_calls``: the same parsers and,
+for a forced call, the same grammar as chat (``app.server.tool_calls``). The answer's calls
+are ``function_call`` output items (after a ``message`` item when the model also wrote
+text); a client sends them back as ``function_call`` input items with their results as
+``function_call_output`` items, which become the assistant's ``tool_calls`` and tool
+messages. Hosted tools (web search, file search, computer use...) are a 400.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Optional, Union
 
@@ -18,7 +28,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from app.server.errors import ApiError, validation_message
-from app.server.response_events import ResponseShapes, response_events
+from app.server.response_events import ResponseShapes, response_events, whole_output
 from app.server.schemas import Bool, ChatCompletionRequest, Float, Int, Str, _Body
 from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.stream import EventStream
@@ -49,6 +59,7 @@ class ResponsesRequest(_Body):
     store: Optional[Bool] = None
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
+    parallel_tool_calls: Optional[Bool] = None
     text: Optional[dict[str, Any]] = None
     metadata: Optional[dict[str, Any]] = None
     user: Optional[Str] = None
@@ -69,17 +80,54 @@ def _text_of(content, where: str) -> str:
     return "".join(texts)
 
 
+def _call_item(item: dict, where: str) -> dict:
+    """A ``function_call`` input item (a call the model made, sent back) as a chat tool call."""
+    for key in ("call_id", "name", "arguments"):
+        if not isinstance(item.get(key), str):
+            raise ApiError(400, f"{where}.{key} must be a string: send the function_call item as the response "
+                           "gave it ({'type': 'function_call', 'call_id', 'name', 'arguments'}).", f"{where}.{key}")
+    return {"id": item["call_id"], "type": "function", "function": {"name": item["name"],
+                                                                    "arguments": item["arguments"]}}
+
+
+def _output_item(item: dict, where: str, calls: set[str]) -> dict:
+    """A ``function_call_output`` input item (a call's result) as a chat tool message."""
+    if not isinstance(item.get("call_id"), str):
+        raise ApiError(400, f"{where}.call_id must be a string: the call_id of the function_call it answers.",
+                       f"{where}.call_id")
+    if item["call_id"] not in calls:
+        raise ApiError(400, f"{where} answers the call {item['call_id']!r}, but no function_call item before it "
+                       "has that call_id: send the call (as the response gave it) before its output.",
+                       f"{where}.call_id")
+    return {"role": "tool", "tool_call_id": item["call_id"], "content": _text_of(item.get("output"),
+                                                                                 f"{where}.output")}
+
+
 def messages_of(body: ResponsesRequest) -> list[dict]:
-    """``instructions`` and ``input`` as chat messages; a 400 for what isn't text."""
+    """``instructions`` and ``input`` as chat messages; a 400 for what isn't text or a
+    function call / its output. Calls that follow an assistant message (or each other) join
+    its ``tool_calls``, as the Responses API splits one assistant turn into items."""
     messages = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
     if isinstance(body.input, str):
         return messages + [{"role": "user", "content": body.input}]
+    calls: set[str] = set()
     for i, item in enumerate(body.input):
         where = f"input.{i}"
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "function_call":
+            call = _call_item(item, where)
+            calls.add(call["id"])
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            messages.append(_output_item(item, where, calls))
+            continue
         if kind != "message":
-            raise ApiError(400, f"{where} is a {kind!r} item: this server takes message items only "
-                           "({'role': 'user', 'content': ...}).", where)
+            raise ApiError(400, f"{where} is a {kind!r} item: this server takes message, function_call and "
+                           "function_call_output items ({'role': 'user', 'content': ...}).", where)
         role = item.get("role")
         if role not in ("user", "assistant", "system", "developer"):
             raise ApiError(400, f"{where}.role must be user, assistant, system or developer, got {role!r}.",
@@ -99,9 +147,6 @@ def _refuse(body: ResponsesRequest) -> None:
     if body.store:
         raise ApiError(400, STATELESS.format(what="store must be false (or left out)"), "store",
                        "unsupported_parameter")
-    if body.tools:
-        raise ApiError(400, "tools are not supported on /v1/responses yet: use /v1/chat/completions for tool "
-                       "calling.", "tools", "unsupported_parameter")
     text_format(body)  # a bad one: a 400 now, before anything else
     if body.max_output_tokens is not None and body.max_output_tokens <= 0:
         raise ApiError(400, f"max_output_tokens must be a positive integer, got {body.max_output_tokens}.",
@@ -132,10 +177,42 @@ def text_format(body: ResponsesRequest) -> dict | None:
     raise ApiError(400, f"text.format type must be text, json_object or json_schema, got {kind!r}.", "text.format")
 
 
+def chat_tools(body: ResponsesRequest) -> dict:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` in chat's shapes (chat checks
+    them further); a 400 for a tool that isn't a function."""
+    out: dict = {}
+    if body.tools is not None:
+        if not isinstance(body.tools, list):
+            raise ApiError(400, "tools must be a list of function tools.", "tools")
+        tools = []
+        for i, tool in enumerate(body.tools):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise ApiError(400, f"tools.{i} is a {kind!r} tool: this server calls functions only "
+                               "({'type': 'function', 'name': ..., 'parameters': {...}}); hosted tools (web_search, "
+                               "file_search, computer use...) are not available here.", f"tools.{i}",
+                               "unsupported_parameter")
+            tools.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
+                                                                                 "strict") if k in tool}})
+        out["tools"] = tools
+    choice = body.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'name': "
+                           "...}.", "tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    if choice is not None:
+        out["tool_choice"] = choice
+    if body.parallel_tool_calls is not None:
+        out["parallel_tool_calls"] = body.parallel_tool_calls
+    return out
+
+
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat request a Responses request runs as."""
     _refuse(body)
     extra = {k: v for k, v in extra_fields(body).items() if k in EXTRAS}
+    extra.update(chat_tools(body))
     fmt = text_format(body)
     if fmt is not None:
         extra["response_format"] = fmt
@@ -147,6 +224,10 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
         raise ApiError(400, message, param) from None
 
 
+#: chat's nested tool fields (``tools.0.function.name``) -> the Responses API's flat ones
+_TOOL_FIELD = re.compile(r"(tools\.\d+)\.function(?=\.|\b)")
+
+
 def _renamed(e: ApiError) -> ApiError:
     """A chat check's error, naming the Responses parameter."""
     message, param = e.message, e.param
@@ -154,6 +235,10 @@ def _renamed(e: ApiError) -> ApiError:
         message = message.replace(chat, responses)
         if param is not None and (param == chat or param.startswith(chat + ".")):
             param = responses + param[len(chat):]
+    message = _TOOL_FIELD.sub(r"\1", message.replace("{'type': 'function', 'function': {'name': ...}}",
+                                                       "{'type': 'function', 'name': ...}"))
+    if param is not None:
+        param = _TOOL_FIELD.sub(r"\1", param)
     return ApiError(e.status, message, param, e.code, e.headers)
 
 
@@ -163,7 +248,7 @@ async def create_response(service: OpenAIService, body: ResponsesRequest, reques
         model, job, _ = await service.prepare(chat, chat=True, body_bytes=body_size(request))
     except ApiError as e:
         raise _renamed(e) from None
-    shapes = ResponseShapes(f"resp_{unique_hex(32)}", f"msg_{unique_hex(32)}", int(time.time()), model, body)
+    shapes = ResponseShapes(f"resp_{unique_hex(32)}", int(time.time()), model, body, job.tools)
     (choice,) = choices = service.submit(job)
     if body.stream:
         return EventStream(response_events(service, choice, shapes), on_close=lambda: service.done(choices))
@@ -176,4 +261,4 @@ async def create_response(service: OpenAIService, body: ResponsesRequest, reques
     error = failure(choice)
     if error is not None:
         raise error
-    return shapes.response(choice.text, choice.finish)
+    return shapes.response(whole_output(shapes, choice.text, choice.finish), choice.finish)

@@ -336,6 +336,16 @@ class ToolStream:
         """A call given out ended well (``finish_reason`` ``tool_calls``, as for the whole answer)."""
         return any(i in self._shown for i in self._parser.made)
 
+    @property
+    def made(self) -> list[int]:
+        """The calls given out that ended well."""
+        return [i for i in self._parser.made if i in self._shown]
+
+    @property
+    def broken(self) -> list[int]:
+        """The calls given out that broke after their start went out (they end as sent)."""
+        return [i for i in self._parser.broken if i in self._shown]
+
     def feed(self, text: str) -> list[dict]:
         early, self._early = self._early, []
         return self._out(early + self._parser.feed(text))

@@ -533,3 +533,15 @@ def test_a_tokenizer_the_grammar_engine_cant_read_keeps_the_opening_only(tool_mo
     assert setup.prefix and setup.grammar is None
     assert "no byte-level vocabulary" in grammar_unavailable(odd) and "opening only" in caplog.text
     assert grammar_unavailable(readable) is None  # remembered per tokenizer
+
+
+def test_the_responses_api_forces_a_valid_call_too(real_tool_client):
+    """/v1/responses on the real engine: the same grammar, the call a function_call item."""
+    host, client = real_tool_client
+    flat = [{"type": "function", **t["function"]} for t in (CITY, CLOCK)]
+    r = client.responses.create(model=host.model_info.name, input=ASK[0]["content"], tools=flat,
+                                tool_choice="required", temperature=0, max_output_tokens=40, parallel_tool_calls=False)
+    (call,) = r.output
+    assert call.type == "function_call" and call.status == "completed"
+    assert (call.name, json.loads(call.arguments)) in [("get_weather", {"city": "Paris"}),
+                                                       ("get_weather", {"city": "Oslo"}), ("get_time", {})]

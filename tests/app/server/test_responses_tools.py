@@ -1,0 +1,146 @@
+"""Function tools on POST /v1/responses through the official client, over the scripted
+engine (answers whose format matters): calls come back as ``function_call`` items, whole
+and streamed as the Responses API's events, and go back in as ``function_call`` /
+``function_call_output`` items; a forced call carries chat's grammar."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.app.server.scripted import scripted, tool_model  # noqa: F401  (fixtures)
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city now.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+TIME = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+ASK = "Weather in Paris and the time?"
+TWO_CALLS = ('I will look both up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+             '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+MALFORMED = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
+
+
+def respond(client, engine, answer: str, **kwargs):
+    engine.answers[:] = [answer]  # a refused request leaves none behind
+    kwargs.setdefault("input", ASK)
+    kwargs.setdefault("tools", [WEATHER, TIME])
+    return client.responses.create(model="scripted", **kwargs)
+
+
+def streamed(client, engine, answer: str, **kwargs):
+    """The stream's events, and the output items they add up to."""
+    events = list(respond(client, engine, answer, stream=True, **kwargs))
+    items: dict[int, dict] = {}
+    for ev in events:
+        if ev.type == "response.output_item.added":
+            assert ev.output_index == len(items)  # items open one after another
+            items[ev.output_index] = {"type": ev.item.type, "text": "", "arguments": "", "id": ev.item.id,
+                                      "name": getattr(ev.item, "name", None)}
+        elif ev.type == "response.output_text.delta":
+            items[ev.output_index]["text"] += ev.delta
+        elif ev.type == "response.function_call_arguments.delta":
+            assert items[ev.output_index]["id"] == ev.item_id
+            items[ev.output_index]["arguments"] += ev.delta
+        elif ev.type == "response.function_call_arguments.done":
+            assert ev.arguments == items[ev.output_index]["arguments"]
+    return events, [items[i] for i in sorted(items)]
+
+
+def test_a_call_is_a_function_call_item_and_the_tools_are_in_the_prompt(scripted):
+    engine, client = scripted
+    r = respond(client, engine, TWO_CALLS)
+    assert '"name": "get_weather"' in engine.prompt_text() and "The weather in a city now." in engine.prompt_text()
+    message, weather, clock = r.output
+    assert message.type == "message" and r.output_text == "I will look both up."
+    assert [(c.type, c.name, json.loads(c.arguments), c.status) for c in (weather, clock)] == [
+        ("function_call", "get_weather", {"city": "Paris"}, "completed"), ("function_call", "get_time", {}, "completed")]
+    assert weather.call_id != clock.call_id and weather.id.startswith("fc_") and weather.call_id.startswith("call")
+    assert r.status == "completed" and [t.name for t in r.tools] == ["get_weather", "get_time"]
+    assert r.tool_choice == "auto" and r.parallel_tool_calls is True
+
+
+def test_a_plain_answer_with_tools_is_one_message(scripted):
+    engine, client = scripted
+    r = respond(client, engine, "It is sunny.")
+    (item,) = r.output
+    assert item.type == "message" and r.output_text == "It is sunny."
+
+
+def test_the_stream_gives_the_whole_answers_items(scripted):
+    engine, client = scripted
+    whole = respond(client, engine, TWO_CALLS)
+    events, items = streamed(client, engine, TWO_CALLS)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    # the message closes before the first call opens; each call closes before the next
+    assert kinds.index("response.output_text.done") < kinds.index("response.function_call_arguments.delta")
+    assert [(i["type"], i["name"]) for i in items] == [("message", None), ("function_call", "get_weather"),
+                                                       ("function_call", "get_time")]
+    assert items[0]["text"] == whole.output_text
+    assert [json.loads(i["arguments"]) for i in items[1:]] == [json.loads(c.arguments) for c in whole.output[1:]]
+    final = events[-1].response
+    assert [o.id for o in final.output] == [i["id"] for i in items]
+    assert [o.status for o in final.output] == ["completed"] * 3
+    assert sum(e.type == "response.output_item.done" for e in events) == 3
+
+
+def test_a_broken_call_streamed_ends_incomplete_and_its_text_comes_as_text(scripted):
+    engine, client = scripted
+    events, items = streamed(client, engine, MALFORMED)
+    final = events[-1].response
+    calls = [o for o in final.output if o.type == "function_call"]
+    assert all(c.status == "incomplete" for c in calls)
+    assert "get_weather" in "".join(i["text"] for i in items if i["type"] == "message")
+    whole = respond(client, engine, MALFORMED)
+    assert [o.type for o in whole.output] == ["message"] and "<tool_call>" in whole.output_text
+
+
+def test_calls_and_their_outputs_go_back_in_as_items(scripted):
+    """The response's items sent back with the call's result: the prompt has the call as
+    the assistant's and the result as a tool message, in order."""
+    engine, client = scripted
+    first = respond(client, engine, TWO_CALLS, parallel_tool_calls=False)
+    assert [o.type for o in first.output] == ["message", "function_call"]  # the first call only
+    call = first.output[1]
+    items = [{"role": "user", "content": ASK}, *[o.model_dump(exclude_none=True) for o in first.output],
+             {"type": "function_call_output", "call_id": call.call_id, "output": "18 C, sunny"}]
+    r = respond(client, engine, "It is 18 C and sunny in Paris.", input=items)
+    prompt = engine.prompt_text()
+    turn = prompt.index("I will look both up.")
+    assert turn < prompt.index('{"name": "get_weather", "arguments": {"city": "Paris"}}', turn) \
+        < prompt.index(f'<tool_response id="{call.call_id}">\n18 C, sunny')
+    assert prompt.count("<|im_start|>assistant") == 2  # the text and its call are one turn
+    assert r.output_text == "It is 18 C and sunny in Paris."
+
+
+def test_a_named_tool_choice_forces_that_call_under_its_grammar(scripted):
+    engine, client = scripted
+    r = respond(client, engine, ' {"city": "Oslo"}}\n</tool_call>',
+                tool_choice={"type": "function", "name": "get_weather"})
+    assert engine.prompt_text().endswith('<tool_call>\n{"name": "get_weather", "arguments":')
+    assert engine.params[-1].structured.kind == "lark"
+    (call,) = r.output
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
+    assert r.tool_choice.name == "get_weather"
+    respond(client, engine, 'get_time", "arguments": {}}\n</tool_call>', tool_choice="required")
+    assert engine.params[-1].structured.kind == "lark"
+    respond(client, engine, "Fine.", tool_choice="none")
+    assert "get_weather" not in engine.prompt_text()
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"tools": [{"type": "function", "name": "bad name!", "parameters": {}}]}, "tools.0.name"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": []}]}, "tools.0.parameters"),
+    ({"tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}, "tools.0"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "name": "nonesuch"}}, "tool_choice"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c2", "output": "1"}]}, "input.1.call_id"),
+])
+def test_bad_tools_are_a_400_naming_the_responses_parameter(scripted, kwargs, param):
+    engine, client = scripted
+    with pytest.raises(openai.BadRequestError) as e:
+        respond(client, engine, "x", **kwargs)
+    assert e.value.body["param"] == param, e.value.body
+    assert "function'" not in e.value.body["message"] or "'function': {" not in e.value.body["message"]
