@@ -42,8 +42,11 @@ def xvfb_display():
             pytest.fail(message)
         pytest.skip(message)
     read, write = os.pipe()
+    # -noreset: by default the server resets when its last client leaves, and a client that
+    # connects meanwhile is refused ("could not connect to display"): the bundle test's
+    # xwininfo polls, each a client that leaves, raced the app's own connection on a busy CI
     proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x800x24",
-                             "-nolisten", "tcp"], pass_fds=(write,),
+                             "-nolisten", "tcp", "-noreset"], pass_fds=(write,),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write)
     with os.fdopen(read) as f:

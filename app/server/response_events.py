@@ -16,7 +16,8 @@ item opens when its first piece is sure (``ToolStream``: content, or a call's st
 its name is known), and a message item closes when a call starts; text after a call opens
 a new message item. A call closes when it ends well (``status: "completed"``), or, broken
 after its start went out, as sent (``"incomplete"``; its block comes as text too, as chat's
-stream gives it: ``app.server.tool_parsers``).
+stream gives it: ``app.server.tool_parsers``); the final response leaves such a call out
+of its ``output``, as the whole answer has none.
 
 An answer cut by ``max_output_tokens`` is ``status: "incomplete"`` with
 ``incomplete_details.reason: "max_output_tokens"``, as OpenAI says it. A failure after the
@@ -89,7 +90,9 @@ def whole_output(shapes: ResponseShapes, text: str, fin: FinishedEvent) -> list[
     message, _ = chat_message(text, fin.reason, shapes.tools)
     items = []
     if message.get("content") or not message.get("tool_calls"):
-        items.append(shapes.message(f"msg_{unique_hex(32)}", message.get("content") or "", status))
+        # (text before calls was whole, as the stream closes it when a call starts)
+        items.append(shapes.message(f"msg_{unique_hex(32)}", message.get("content") or "",
+                                    "completed" if message.get("tool_calls") else status))
     for call in message.get("tool_calls") or []:
         fn = call["function"]
         items.append(shapes.call(f"fc_{unique_hex(32)}", call["id"], fn["name"], fn["arguments"], "completed"))
@@ -202,16 +205,25 @@ class _Output:
     def feed(self, deltas: list[dict], tools: ToolStream) -> list[bytes]:
         """Chat's deltas (``ToolStream``) as items and their events."""
         out = []
+        made, broken = set(tools.made), set(tools.broken)
         for delta in deltas:
-            if "content" in delta:
-                out += self.text(delta["content"])
+            if "content" in delta:  # a call that ended in this text closes before it
+                out += self.close_calls(made, broken) + self.text(delta["content"])
                 continue
             for call in delta["tool_calls"]:
                 if "id" in call:
+                    out += self.close_calls(made, broken)
                     out += self.call_start(call["index"], call["id"], call["function"]["name"])
                 if call["function"].get("arguments"):
                     out += self.call_arguments(call["index"], call["function"]["arguments"])
-        return out + self.close_calls(set(tools.made), set(tools.broken))
+        return out + self.close_calls(made, broken)
+
+    def final(self) -> list[dict]:
+        """The output items for the response object: a call broken after its start went out
+        is left out (its events went; its text came as text), as the whole answer has no
+        such call, and a client that runs every call never runs one with broken arguments."""
+        return [item for item in self.items if not (item["type"] == "function_call"
+                                                    and item["status"] == "incomplete")]
 
 
 async def response_events(service: OpenAIService, choice: Choice, shapes: ResponseShapes):
@@ -241,7 +253,7 @@ async def response_events(service: OpenAIService, choice: Choice, shapes: Respon
         if not output.items:  # nothing written: one empty message, as a whole answer has
             last += output.open_message()
         final_events = output.close_all(status)
-        final = shapes.response(output.items, fin)
+        final = shapes.response(output.final(), fin)
         yield b"".join([*last, *final_events,
                         event("response.completed" if final["status"] == "completed" else "response.incomplete",
                               response=final)])

@@ -20,6 +20,7 @@ messages. Hosted tools (web search, file search, computer use...) are a 400.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any, Optional, Union
@@ -86,6 +87,11 @@ def _call_item(item: dict, where: str) -> dict:
         if not isinstance(item.get(key), str):
             raise ApiError(400, f"{where}.{key} must be a string: send the function_call item as the response "
                            "gave it ({'type': 'function_call', 'call_id', 'name', 'arguments'}).", f"{where}.{key}")
+    try:
+        json.loads(item["arguments"] or "{}")
+    except (ValueError, RecursionError):
+        raise ApiError(400, f"{where}.arguments is not valid JSON: send the arguments the call was answered "
+                       "with, as the response gave them.", f"{where}.arguments") from None
     return {"id": item["call_id"], "type": "function", "function": {"name": item["name"],
                                                                     "arguments": item["arguments"]}}
 
@@ -192,8 +198,9 @@ def chat_tools(body: ResponsesRequest) -> dict:
                                "({'type': 'function', 'name': ..., 'parameters': {...}}); hosted tools (web_search, "
                                "file_search, computer use...) are not available here.", f"tools.{i}",
                                "unsupported_parameter")
-            tools.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
-                                                                                 "strict") if k in tool}})
+            # (the SDK's typed params send parameters, strict... as null when not given)
+            tools.append({"type": "function", "function": {
+                k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}})
         out["tools"] = tools
     choice = body.tool_choice
     if isinstance(choice, dict):

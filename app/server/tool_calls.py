@@ -192,17 +192,22 @@ def _lark_text(text: str, tags: tuple[tuple[str, int], ...] = ()) -> str:
     return _lark_string(text)
 
 
-@functools.lru_cache(maxsize=256)
-def _arguments_rule(schema_json: str) -> str:
-    """A tool's arguments rule: an instance of its ``parameters`` (``schema_json``), or any
-    object where the grammar engine can't enforce that schema (logged). Compiled once per
-    schema: an agent sends the same tools every turn."""
-    schema = json.loads(schema_json)
-    rule = StructuredOutput.json_rule(schema)
+def _arguments_rule(schema: dict) -> str:
+    """A tool's arguments rule: an instance of its ``parameters`` (``schema``), or any object
+    where the grammar engine can't enforce that schema or it is too long (logged)."""
+    schema_json = json.dumps(schema)  # (key order kept: llguidance holds properties to it)
     if len(schema_json) > MAX_SCHEMA_CHARS:
         log.info("tool_choice: a tool's parameters schema is %d characters long (structured output takes at "
                  "most %d): its arguments are held to any JSON object", len(schema_json), MAX_SCHEMA_CHARS)
         return StructuredOutput.json_rule({"type": "object"})
+    return _checked_rule(schema_json)
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_rule(schema_json: str) -> str:
+    """``_arguments_rule`` for a schema of at most ``MAX_SCHEMA_CHARS``, compiled once per
+    schema: an agent sends the same tools every turn."""
+    rule = StructuredOutput.json_rule(json.loads(schema_json))
     try:
         StructuredOutput("lark", f"start: {rule}\n")
     except InvalidRequestError as e:
@@ -219,9 +224,15 @@ def forced_call_grammar(parser: str, tools: list[dict], name: str | None, parall
     one of the tools' names first, and with ``parallel`` (Hermes) more whole calls after it,
     and a last newline allowed. Arguments are an instance of the tool's ``parameters`` (any
     object when it has none, or one the grammar engine can't enforce), laid out as
-    structured output lays JSON out; ``tags`` (``tag_ids``) are taken as their tokens too.
-    None where the whole can't be built (logged): the opening alone then, as before grammars."""
-    key = json.dumps([t["function"].get("parameters") for t in tools], sort_keys=True)
+    structured output lays JSON out, properties in the schema's order; ``tags``
+    (``tag_ids``) are taken as their tokens too. None where the whole can't be built
+    (logged): the opening alone then, as before grammars. Kept per tool set (at most
+    ``MAX_GRAMMAR_CHARS`` of schemas: no more is built, nor kept)."""
+    key = json.dumps([t["function"].get("parameters") for t in tools])
+    if len(key) > MAX_GRAMMAR_CHARS:
+        log.info("tool_choice: the call is forced by its opening only (no grammar): the tools' schemas are %d "
+                 "characters long (at most %d are built)", len(key), MAX_GRAMMAR_CHARS)
+        return None
     names = tuple(t["function"]["name"] for t in tools)
     return _forced_call_grammar(parser, names, key, name, parallel, tags)
 
@@ -234,7 +245,7 @@ def _forced_call_grammar(parser, names, schemas_json, name, parallel, tags) -> S
     for i, (tool_name, schema) in enumerate(zip(names, json.loads(schemas_json))):
         if name is not None and tool_name != name:
             continue
-        rules.append(f"args{i}: " + _arguments_rule(json.dumps(schema or {"type": "object"}, sort_keys=True)))
+        rules.append(f"args{i}: " + _arguments_rule(schema or {"type": "object"}))
         head = _lark_string(" " if name is not None else tool_name + between)
         alternatives.append(f"{head} args{i} {_lark_text(close, tags)}")
     if parser == "hermes":

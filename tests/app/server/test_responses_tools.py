@@ -32,9 +32,10 @@ def streamed(client, engine, answer: str, **kwargs):
     """The stream's events, and the output items they add up to."""
     events = list(respond(client, engine, answer, stream=True, **kwargs))
     items: dict[int, dict] = {}
+    done: set[int] = set()
     for ev in events:
         if ev.type == "response.output_item.added":
-            assert ev.output_index == len(items)  # items open one after another
+            assert ev.output_index == len(items) and done == set(items)  # one after another
             items[ev.output_index] = {"type": ev.item.type, "text": "", "arguments": "", "id": ev.item.id,
                                       "name": getattr(ev.item, "name", None)}
         elif ev.type == "response.output_text.delta":
@@ -44,6 +45,11 @@ def streamed(client, engine, answer: str, **kwargs):
             items[ev.output_index]["arguments"] += ev.delta
         elif ev.type == "response.function_call_arguments.done":
             assert ev.arguments == items[ev.output_index]["arguments"]
+        elif ev.type == "response.output_item.done":
+            assert ev.output_index not in done
+            done.add(ev.output_index)
+            items[ev.output_index]["status"] = ev.item.status
+    assert done == set(items)
     return events, [items[i] for i in sorted(items)]
 
 
@@ -86,14 +92,40 @@ def test_the_stream_gives_the_whole_answers_items(scripted):
 
 
 def test_a_broken_call_streamed_ends_incomplete_and_its_text_comes_as_text(scripted):
+    """Its item closes (incomplete) before the text item opens, and the final response leaves
+    it out, as the whole answer has no call: a client that runs every function_call in the
+    output (or parses a strict tool's arguments) never meets its broken arguments."""
     engine, client = scripted
     events, items = streamed(client, engine, MALFORMED)
+    assert [(i["type"], i["status"]) for i in items] == [("function_call", "incomplete"), ("message", "completed")]
+    assert "get_weather" in items[1]["text"]
     final = events[-1].response
-    calls = [o for o in final.output if o.type == "function_call"]
-    assert all(c.status == "incomplete" for c in calls)
-    assert "get_weather" in "".join(i["text"] for i in items if i["type"] == "message")
+    assert events[-1].type == "response.completed" and [o.type for o in final.output] == ["message"]
     whole = respond(client, engine, MALFORMED)
     assert [o.type for o in whole.output] == ["message"] and "<tool_call>" in whole.output_text
+    strict = {**WEATHER, "strict": True}
+    engine.answers[:] = [MALFORMED]
+    with client.responses.stream(model="scripted", input=ASK, tools=[strict]) as stream:
+        for _ in stream:
+            pass
+        assert [o.type for o in stream.get_final_response().output] == ["message"]
+
+
+def test_a_call_cut_by_max_output_tokens(scripted):
+    """The first call whole, the second cut: the response is incomplete, with the text and the
+    first call (whole and streamed alike); the cut call's text comes as text."""
+    engine, client = scripted
+    cut = dict(max_output_tokens=45)
+    whole = respond(client, engine, TWO_CALLS, **cut)
+    assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
+    assert [(o.type, getattr(o, "name", None)) for o in whole.output] == [("message", None),
+                                                                         ("function_call", "get_weather")]
+    events, items = streamed(client, engine, TWO_CALLS, **cut)
+    final = events[-1].response
+    assert events[-1].type == "response.incomplete"
+    assert [(o.type, getattr(o, "name", None)) for o in final.output if o.type == "function_call"] == [
+        ("function_call", "get_weather")]
+    assert json.loads(final.output[1].arguments) == json.loads(whole.output[1].arguments)
 
 
 def test_calls_and_their_outputs_go_back_in_as_items(scripted):
@@ -137,10 +169,22 @@ def test_a_named_tool_choice_forces_that_call_under_its_grammar(scripted):
     ({"tool_choice": {"type": "function", "name": "nonesuch"}}, "tool_choice"),
     ({"input": [{"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"},
                 {"type": "function_call_output", "call_id": "c2", "output": "1"}]}, "input.1.call_id"),
+    ({"instructions": "Be brief.", "input": [
+        {"role": "user", "content": "Hi"},
+        {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{not json"}]}, "input.1.arguments"),
 ])
 def test_bad_tools_are_a_400_naming_the_responses_parameter(scripted, kwargs, param):
     engine, client = scripted
     with pytest.raises(openai.BadRequestError) as e:
         respond(client, engine, "x", **kwargs)
     assert e.value.body["param"] == param, e.value.body
-    assert "function'" not in e.value.body["message"] or "'function': {" not in e.value.body["message"]
+    assert "'function': {" not in e.value.body["message"] and ".function." not in e.value.body["message"]
+
+
+def test_null_fields_of_a_typed_client_are_left_out(scripted):
+    """The SDK's FunctionToolParam sends parameters / strict / description as null."""
+    engine, client = scripted
+    bare = {"type": "function", "name": "get_time", "parameters": None, "strict": None, "description": None}
+    r = respond(client, engine, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', tools=[bare])
+    (call,) = r.output
+    assert call.name == "get_time" and json.loads(call.arguments) == {}

@@ -403,6 +403,10 @@ def test_llama3_json_calls_close_with_the_object(tool_model):
 
 def test_forced_calls_carry_their_grammar_and_a_schema_it_cant_enforce_takes_any_object(scripted, tool_model,
                                                                                          caplog):
+    from app.server import tool_calls
+
+    tool_calls._checked_rule.cache_clear()  # its log says it once per schema, in the process
+    tool_calls._forced_call_grammar.cache_clear()
     engine, client = scripted
     ask(client, engine, '{"city": "Oslo"}}\n</tool_call>', tool_choice={"type": "function", "function": {
         "name": "get_weather"}})
@@ -454,6 +458,19 @@ def test_the_layout_of_a_forced_call(tool_model, text, ok):
     from app.server.tool_calls import forced_call_grammar
 
     assert _accepts(tool_model, forced_call_grammar("hermes", [CITY, CLOCK], "get_weather", True), text) is ok
+
+
+def test_arguments_follow_the_schemas_property_order(tool_model):
+    """The grammar engine holds properties to the schema's order: the tools' own order (the
+    one the prompt shows), never a sorted one."""
+    from app.server.tool_calls import forced_call_grammar
+
+    tool = {"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "properties": {"zeta": {"type": "string"}, "alpha": {"type": "string"}},
+        "required": ["zeta", "alpha"], "additionalProperties": False}}}
+    grammar = forced_call_grammar("hermes", [tool], "book", True)
+    assert _accepts(tool_model, grammar, ' {"zeta": "a", "alpha": "b"}}\n</tool_call>')
+    assert not _accepts(tool_model, grammar, ' {"alpha": "b", "zeta": "a"}}\n</tool_call>')
 
 
 def test_tags_held_as_special_tokens_are_taken_as_their_tokens(tool_model):
