@@ -109,12 +109,41 @@ def _output_item(item: dict, where: str, calls: set[str]) -> dict:
                                                                                  f"{where}.output")}
 
 
-def messages_of(body: ResponsesRequest) -> list[dict]:
+class Origins:
+    """Where each chat message (and each of its tool calls) came from in the Responses
+    request: ``instructions``, ``input``, or ``input.N``, so that a chat check's error names
+    the item the client sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.calls: dict[tuple[int, int], str] = {}
+
+    def param(self, param: str) -> str:
+        """``messages.M...`` (``messages.M.tool_calls.K.function...``) as the Responses path."""
+        match = re.match(r"messages\.(\d+)(\.tool_calls\.(\d+)(\.function)?)?", param)
+        if match is None or int(match[1]) >= len(self.messages):
+            return param
+        m = int(match[1])
+        if match[3] is not None and (m, int(match[3])) in self.calls:
+            return self.calls[(m, int(match[3]))] + param[match.end():]
+        return self.messages[m] + param[len(f"messages.{m}"):]
+
+    def text(self, message: str) -> str:
+        """``messages[M]`` in an error's text as the Responses item."""
+        return re.sub(r"messages\[(\d+)\]", lambda g: self.messages[int(g[1])] if int(g[1]) < len(self.messages)
+                      else g[0], message)
+
+
+def messages_of(body: ResponsesRequest, origins: Origins | None = None) -> list[dict]:
     """``instructions`` and ``input`` as chat messages; a 400 for what isn't text or a
     function call / its output. Calls that follow an assistant message (or each other) join
-    its ``tool_calls``, as the Responses API splits one assistant turn into items."""
+    its ``tool_calls``, as the Responses API splits one assistant turn into items.
+    ``origins`` records where each message came from."""
+    origins = origins if origins is not None else Origins()
     messages = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
+    origins.messages[:] = ["instructions"] * len(messages)
     if isinstance(body.input, str):
+        origins.messages.append("input")
         return messages + [{"role": "user", "content": body.input}]
     calls: set[str] = set()
     for i, item in enumerate(body.input):
@@ -123,13 +152,16 @@ def messages_of(body: ResponsesRequest) -> list[dict]:
         if kind == "function_call":
             call = _call_item(item, where)
             calls.add(call["id"])
-            if messages and messages[-1]["role"] == "assistant":
-                messages[-1].setdefault("tool_calls", []).append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if not (messages and messages[-1]["role"] == "assistant"):
+                messages.append({"role": "assistant", "content": None})
+                origins.messages.append(where)
+            made = messages[-1].setdefault("tool_calls", [])
+            origins.calls[(len(messages) - 1, len(made))] = where
+            made.append(call)
             continue
         if kind == "function_call_output":
             messages.append(_output_item(item, where, calls))
+            origins.messages.append(where)
             continue
         if kind != "message":
             raise ApiError(400, f"{where} is a {kind!r} item: this server takes message, function_call and "
@@ -139,6 +171,7 @@ def messages_of(body: ResponsesRequest) -> list[dict]:
             raise ApiError(400, f"{where}.role must be user, assistant, system or developer, got {role!r}.",
                            f"{where}.role")
         messages.append({"role": role, "content": _text_of(item.get("content"), f"{where}.content")})
+        origins.messages.append(where)
     if len(messages) == (body.instructions is not None):
         raise ApiError(400, "input is empty: send some text, or at least one message.", "input")
     return messages
@@ -215,8 +248,8 @@ def chat_tools(body: ResponsesRequest) -> dict:
     return out
 
 
-def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request a Responses request runs as."""
+def chat_request(body: ResponsesRequest, origins: Origins | None = None) -> ChatCompletionRequest:
+    """The chat request a Responses request runs as (``origins``: where its messages came from)."""
     _refuse(body)
     extra = {k: v for k, v in extra_fields(body).items() if k in EXTRAS}
     extra.update(chat_tools(body))
@@ -224,8 +257,9 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if fmt is not None:
         extra["response_format"] = fmt
     try:
-        return ChatCompletionRequest(model=body.model, messages=messages_of(body), temperature=body.temperature,
-                                     top_p=body.top_p, max_completion_tokens=body.max_output_tokens, **extra)
+        return ChatCompletionRequest(model=body.model, messages=messages_of(body, origins),
+                                     temperature=body.temperature, top_p=body.top_p,
+                                     max_completion_tokens=body.max_output_tokens, **extra)
     except ValidationError as e:
         message, param = validation_message(list(e.errors()))
         raise ApiError(400, message, param) from None
@@ -235,9 +269,11 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
 _TOOL_FIELD = re.compile(r"(tools\.\d+)\.function(?=\.|\b)")
 
 
-def _renamed(e: ApiError) -> ApiError:
-    """A chat check's error, naming the Responses parameter."""
-    message, param = e.message, e.param
+def _renamed(e: ApiError, origins: Origins) -> ApiError:
+    """A chat check's error, naming the Responses parameter (a message: the item it came from)."""
+    message, param = origins.text(e.message), e.param
+    if param is not None:
+        param = origins.param(param)
     for chat, responses in RENAMED.items():
         message = message.replace(chat, responses)
         if param is not None and (param == chat or param.startswith(chat + ".")):
@@ -250,11 +286,12 @@ def _renamed(e: ApiError) -> ApiError:
 
 
 async def create_response(service: OpenAIService, body: ResponsesRequest, request: Request):
+    origins = Origins()
     try:
-        chat = chat_request(body)
+        chat = chat_request(body, origins)
         model, job, _ = await service.prepare(chat, chat=True, body_bytes=body_size(request))
     except ApiError as e:
-        raise _renamed(e) from None
+        raise _renamed(e, origins) from None
     shapes = ResponseShapes(f"resp_{unique_hex(32)}", int(time.time()), model, body, job.tools)
     (choice,) = choices = service.submit(job)
     if body.stream:

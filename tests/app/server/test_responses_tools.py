@@ -60,7 +60,8 @@ def test_a_call_is_a_function_call_item_and_the_tools_are_in_the_prompt(scripted
     message, weather, clock = r.output
     assert message.type == "message" and r.output_text == "I will look both up."
     assert [(c.type, c.name, json.loads(c.arguments), c.status) for c in (weather, clock)] == [
-        ("function_call", "get_weather", {"city": "Paris"}, "completed"), ("function_call", "get_time", {}, "completed")]
+        ("function_call", "get_weather", {"city": "Paris"}, "completed"),
+        ("function_call", "get_time", {}, "completed")]
     assert weather.call_id != clock.call_id and weather.id.startswith("fc_") and weather.call_id.startswith("call")
     assert r.status == "completed" and [t.name for t in r.tools] == ["get_weather", "get_time"]
     assert r.tool_choice == "auto" and r.parallel_tool_calls is True
@@ -171,7 +172,8 @@ def test_a_named_tool_choice_forces_that_call_under_its_grammar(scripted):
                 {"type": "function_call_output", "call_id": "c2", "output": "1"}]}, "input.1.call_id"),
     ({"instructions": "Be brief.", "input": [
         {"role": "user", "content": "Hi"},
-        {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{not json"}]}, "input.1.arguments"),
+        {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{not json"}]},
+     "input.1.arguments"),
 ])
 def test_bad_tools_are_a_400_naming_the_responses_parameter(scripted, kwargs, param):
     engine, client = scripted
@@ -188,3 +190,25 @@ def test_null_fields_of_a_typed_client_are_left_out(scripted):
     r = respond(client, engine, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', tools=[bare])
     (call,) = r.output
     assert call.name == "get_time" and json.loads(call.arguments) == {}
+
+
+def test_chat_errors_name_the_input_item_they_came_from():
+    """Chat's checks speak of messages; instructions and joined calls shift their numbers, so
+    the error names the Responses item instead."""
+    from app.server.responses import Origins, ResponsesRequest, messages_of
+
+    body = ResponsesRequest(instructions="Be brief.", input=[
+        {"role": "user", "content": "Hi"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Looking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call_output", "call_id": "c2", "output": "sunny"}])
+    origins = Origins()
+    messages = messages_of(body, origins)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert [c["id"] for c in messages[2]["tool_calls"]] == ["c1", "c2"]
+    assert origins.messages == ["instructions", "input.0", "input.1", "input.4"]
+    assert origins.param("messages.2.tool_calls.1.function.arguments") == "input.3.arguments"
+    assert origins.param("messages.2.content") == "input.1.content"
+    assert origins.param("messages.3.content") == "input.4.content" and origins.param("messages") == "messages"
+    assert origins.text("messages[1] has 'image_url' content") == "input.0 has 'image_url' content"
