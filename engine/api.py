@@ -64,12 +64,18 @@ from engine.models.summary import SpecSummary, model_summary
 from engine.quant.export import LAYOUTS as QUANTIZE_LAYOUTS
 from engine.quant.export import QuantizeResult, quantize_model
 from engine.requests import Completion, Request, RequestHandle
-# Whether structured output can run for a tokenizer (the server's forced tool calls ask first).
-from engine.runner.grammar import grammar_unavailable
 from engine.sampling_params import SamplingParams
 from engine.structured import MAX_SCHEMA_CHARS, StructuredOutput
 # Front ends check their text arguments with it before loading a model.
 from engine.tokenizer import check_text
+
+
+def grammar_unavailable(tokenizer) -> str | None:
+    """Why structured output can't run for ``tokenizer`` (None: it can); the server's forced
+    tool calls ask first (``engine.runner.grammar``, imported here: it loads torch)."""
+    from engine.runner.grammar import grammar_unavailable as probe
+
+    return probe(tokenizer)
 
 
 def doctor_info() -> dict:
