@@ -70,12 +70,13 @@ from engine.structured import MAX_SCHEMA_CHARS, StructuredOutput
 from engine.tokenizer import check_text
 
 
-def grammar_unavailable(tokenizer) -> str | None:
-    """Why structured output can't run for ``tokenizer`` (None: it can); the server's forced
-    tool calls ask first (``engine.runner.grammar``, imported here: it loads torch)."""
+def grammar_unavailable(tokenizer, vocab_size: int) -> str | None:
+    """Why structured output can't run for ``tokenizer`` and ``vocab_size`` logits (None: it
+    can); the server's forced tool calls ask first (``engine.runner.grammar``, imported here:
+    it loads torch)."""
     from engine.runner.grammar import grammar_unavailable as probe
 
-    return probe(tokenizer)
+    return probe(tokenizer, vocab_size)
 
 
 def doctor_info() -> dict:

@@ -117,9 +117,10 @@ def _choice(tool_choice, names: set[str]) -> str | None:
     return name
 
 
-def tool_setup(body, tokenizer) -> ToolSetup | None:
+def tool_setup(body, tokenizer, vocab_size: int) -> ToolSetup | None:
     """The request's tools, checked (None: no tools in play); a 400 for bad ``tools`` or
-    ``tool_choice``, or a model whose chat template can't take tools."""
+    ``tool_choice``, or a model whose chat template can't take tools. ``vocab_size``: the
+    model's logits width (a forced call's grammar runs on it)."""
     tools = check_tools(body.tools)
     names = {t["function"]["name"] for t in tools}
     choice = _choice(body.tool_choice, names)
@@ -144,7 +145,7 @@ def tool_setup(body, tokenizer) -> ToolSetup | None:
     parallel = parallel is not False
     grammar = None
     if prefix:
-        problem = grammar_unavailable(tokenizer)
+        problem = grammar_unavailable(tokenizer, vocab_size)
         if problem is None:
             grammar = forced_call_grammar(parser, tools, None if choice == "required" else choice, parallel,
                                           tag_ids(tokenizer))

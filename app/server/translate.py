@@ -287,7 +287,7 @@ def prompt_ids(body, chat: bool, tokenizer, tools: ToolSetup | None = None) -> l
 def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) -> Job:
     """The engine's work for ``body``, or a 400 saying what is wrong with it."""
     n = check_request(body, chat)
-    tools = tool_setup(body, tokenizer) if chat else None
+    tools = tool_setup(body, tokenizer, vocab_size) if chat else None
     guided = extra_fields(body).get("guided_json") is not None
     if tools is not None and tools.prefix and (guided or (body.response_format or {}).get("type", "text") != "text"):
         # The forced call's opening is in the prompt; a JSON grammar would start a new

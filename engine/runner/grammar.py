@@ -72,41 +72,46 @@ class TokenVocabulary:
             return self._built
 
 
+_VOCABULARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {width: vocabulary}
+_VOCABULARIES_LOCK = threading.Lock()
+
+
 def token_vocabulary(tokenizer, vocab_size: int) -> TokenVocabulary | None:
     """The grammar engine's view of ``tokenizer`` (built on first use), or None when
     structured output can't work: no Hugging Face tokenizer (benchmark shapes), or no
-    end-of-sequence token to end a complete answer with."""
+    end-of-sequence token to end a complete answer with. One per tokenizer and logits
+    width, shared: the engine's structured requests and the server's forced tool calls
+    (``grammar_unavailable``) build it, and meet a tokenizer it can't read, once."""
     hf = getattr(tokenizer, "hf_tokenizer", None)
     if hf is None or not getattr(hf, "backend_tokenizer", None) or not tokenizer.eos_token_ids:
         return None
-    return TokenVocabulary(hf, vocab_size, tokenizer.eos_token_ids)
+    with _VOCABULARIES_LOCK:
+        made = _VOCABULARIES.setdefault(tokenizer, {})
+        if vocab_size not in made:
+            made[vocab_size] = TokenVocabulary(hf, vocab_size, tokenizer.eos_token_ids)
+        return made[vocab_size]
 
 
-_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> why not (None: it can)
-_PROBE_LOCK = threading.Lock()
-
-
-def grammar_unavailable(tokenizer) -> str | None:
-    """Why the grammar engine can't constrain answers written with ``tokenizer`` (a Hearth
-    ``Tokenizer``), or None when it can: what ``check_request`` would refuse a structured
-    request for, asked ahead by a front end that can do without a grammar (the server's
-    forced tool calls). Built once per tokenizer and remembered (a fraction of a second)."""
-    with _PROBE_LOCK:
-        if tokenizer in _PROBED:
-            return _PROBED[tokenizer]
-    hf = getattr(tokenizer, "hf_tokenizer", None)
-    vocabulary = token_vocabulary(tokenizer, len(hf) if hf is not None else 0)
-    why = None
+def vocabulary_problem(vocabulary: TokenVocabulary | None) -> str | None:
+    """Why structured output can't run with ``vocabulary`` (``token_vocabulary``'s), or None
+    when it can (its first call builds it)."""
     if vocabulary is None:
-        why = "the model's tokenizer has no end-of-sequence token, or is not a Hugging Face tokenizer"
-    else:
-        try:
-            vocabulary.get()
-        except Exception as e:  # a tokenizer llguidance can't read
-            why = f"the grammar engine could not read the model's tokenizer ({type(e).__name__}: {e})"
-    with _PROBE_LOCK:
-        _PROBED[tokenizer] = why
-    return why
+        return ("it needs the model's tokenizer with an end-of-sequence token, and this model has none (a "
+                "benchmark shape, or a tokenizer without EOS)")
+    try:
+        vocabulary.get()
+    except Exception as e:  # a tokenizer llguidance can't read
+        return f"the grammar engine could not read the model's tokenizer ({type(e).__name__}: {e})"
+    return None
+
+
+def grammar_unavailable(tokenizer, vocab_size: int) -> str | None:
+    """Why the grammar engine can't constrain answers written with ``tokenizer`` (a Hearth
+    ``Tokenizer``) to ``vocab_size`` logits, or None when it can: what ``check_request``
+    would refuse a structured request for, asked ahead by a front end that can do without a
+    grammar (the server's forced tool calls). The engine's own view of the tokenizer where
+    it is the engine's (``token_vocabulary``)."""
+    return vocabulary_problem(token_vocabulary(tokenizer, vocab_size))
 
 
 def check_request(params, vocab_size: int, vocabulary: TokenVocabulary | None) -> None:
@@ -124,15 +129,9 @@ def check_request(params, vocab_size: int, vocabulary: TokenVocabulary | None) -
         return
     what, drop = (("response_format", "drop response_format") if params.structured.kind != "lark" else
                   ("a tool_choice that forces a call (its grammar)", "use tool_choice auto"))
-    if vocabulary is None:
-        raise InvalidRequestError(
-            f"{what} needs the model's tokenizer with an end-of-sequence token, and this model "
-            f"has none (a benchmark shape, or a tokenizer without EOS): {drop}.")
-    try:
-        vocabulary.get()
-    except Exception as e:  # a tokenizer llguidance can't read
-        raise InvalidRequestError(f"{what} can't be used with this model: the grammar engine could not "
-                                  f"read its tokenizer ({type(e).__name__}: {e}); {drop}.") from e
+    why = vocabulary_problem(vocabulary)
+    if why is not None:
+        raise InvalidRequestError(f"{what} can't be used with this model: {why}; {drop}.")
 
 
 class RowGrammar:

@@ -537,8 +537,9 @@ def test_a_tokenizer_the_grammar_engine_cant_read_keeps_the_opening_only(tool_mo
 
     body = ChatCompletionRequest(model="m", messages=ASK, tools=[CITY, CLOCK], tool_choice="required")
     readable = Tokenizer(AutoTokenizer.from_pretrained(str(tool_model)))
-    assert grammar_unavailable(readable) is None
-    assert tool_setup(body, readable).grammar.kind == "lark"
+    width = readable.vocab_size
+    assert grammar_unavailable(readable, width) is None
+    assert tool_setup(body, readable, width).grammar.kind == "lark"
 
     def unreadable(*args, **kwargs):
         raise ValueError("no byte-level vocabulary")
@@ -546,10 +547,10 @@ def test_a_tokenizer_the_grammar_engine_cant_read_keeps_the_opening_only(tool_mo
     monkeypatch.setattr(llguidance.hf, "from_tokenizer", unreadable)
     odd = Tokenizer(AutoTokenizer.from_pretrained(str(tool_model)))
     with caplog.at_level("INFO", logger="app.server.tool_calls"):
-        setup = tool_setup(body, odd)
+        setup = tool_setup(body, odd, width)
     assert setup.prefix and setup.grammar is None
-    assert "no byte-level vocabulary" in grammar_unavailable(odd) and "opening only" in caplog.text
-    assert grammar_unavailable(readable) is None  # remembered per tokenizer
+    assert "no byte-level vocabulary" in grammar_unavailable(odd, width) and "opening only" in caplog.text
+    assert grammar_unavailable(readable, width) is None  # remembered per tokenizer
 
 
 def test_the_responses_api_forces_a_valid_call_too(real_tool_client):
@@ -560,5 +561,9 @@ def test_the_responses_api_forces_a_valid_call_too(real_tool_client):
                                 tool_choice="required", temperature=0, max_output_tokens=40, parallel_tool_calls=False)
     (call,) = r.output
     assert call.type == "function_call" and call.status == "completed"
+    from engine.runner.grammar import token_vocabulary  # the server asked the engine's own, built once
+
+    engine = host.engine
+    assert token_vocabulary(engine.tokenizer, host.model_info.vocab_size) is engine.runner.token_vocabulary
     assert (call.name, json.loads(call.arguments)) in [("get_weather", {"city": "Paris"}),
                                                        ("get_weather", {"city": "Oslo"}), ("get_time", {})]
