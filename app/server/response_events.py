@@ -64,10 +64,9 @@ class ResponseShapes:
         if fin is None:
             status, output, usage, incomplete = "in_progress", [], None, None
         else:
-            cut = fin.reason == "length"
-            status = "incomplete" if cut else "completed"
+            status = _status(fin)
             usage = _usage(fin)
-            incomplete = {"reason": "max_output_tokens"} if cut else None
+            incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         out = {"id": self.rid, "object": "response", "created_at": self.created, "status": status, "error": None,
                "incomplete_details": incomplete, "instructions": body.instructions,
                "max_output_tokens": body.max_output_tokens, "model": self.model, "output": output,
@@ -75,16 +74,21 @@ class ResponseShapes:
                "reasoning": None, "store": False,
                "temperature": 1.0 if body.temperature is None else body.temperature,
                "top_p": 1.0 if body.top_p is None else body.top_p, "text": {"format": _format(body)},
-               "tool_choice": _tool_choice(body), "tools": list(body.tools or []), "truncation": "disabled",
-               "usage": usage, "user": body.user, "metadata": body.metadata or {}}
+               "tool_choice": "auto" if body.tool_choice is None else body.tool_choice,
+               "tools": list(body.tools or []), "truncation": "disabled", "usage": usage, "user": body.user, "metadata": body.metadata or {}}
         if fin is not None:
             out["hearth"] = timings(fin)
         return out
 
 
+def _status(fin: FinishedEvent) -> str:
+    """A finished answer's status: cut by max_output_tokens, or not."""
+    return "incomplete" if fin.reason == "length" else "completed"
+
+
 def whole_output(shapes: ResponseShapes, text: str, fin: FinishedEvent) -> list[dict]:
     """A whole answer's output items: its text as a message, then its calls (tools in play)."""
-    status = "incomplete" if fin.reason == "length" else "completed"
+    status = _status(fin)
     if shapes.tools is None:
         return [shapes.message(f"msg_{unique_hex(32)}", text, status)]
     message, _ = chat_message(text, fin.reason, shapes.tools)
@@ -97,12 +101,6 @@ def whole_output(shapes: ResponseShapes, text: str, fin: FinishedEvent) -> list[
         fn = call["function"]
         items.append(shapes.call(f"fc_{unique_hex(32)}", call["id"], fn["name"], fn["arguments"], "completed"))
     return items
-
-
-def _tool_choice(body):
-    """``tool_choice`` as OpenAI echoes it ("auto" where none was sent)."""
-    choice = body.tool_choice
-    return "auto" if choice is None else choice
 
 
 def _format(body) -> dict:
@@ -248,11 +246,10 @@ async def response_events(service: OpenAIService, choice: Choice, shapes: Respon
             yield f"event: error\ndata: {body}\n\n".encode()
             return
         fin = choice.finish
-        status = "incomplete" if fin.reason == "length" else "completed"
         last = [] if tools is None else output.feed(tools.finish(), tools)
         if not output.items:  # nothing written: one empty message, as a whole answer has
             last += output.open_message()
-        final_events = output.close_all(status)
+        final_events = output.close_all(_status(fin))
         final = shapes.response(output.final(), fin)
         yield b"".join([*last, *final_events,
                         event("response.completed" if final["status"] == "completed" else "response.incomplete",

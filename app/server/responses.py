@@ -20,7 +20,6 @@ messages. Hosted tools (web search, file search, computer use...) are a 400.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any, Optional, Union
@@ -87,11 +86,6 @@ def _call_item(item: dict, where: str) -> dict:
         if not isinstance(item.get(key), str):
             raise ApiError(400, f"{where}.{key} must be a string: send the function_call item as the response "
                            "gave it ({'type': 'function_call', 'call_id', 'name', 'arguments'}).", f"{where}.{key}")
-    try:
-        json.loads(item["arguments"] or "{}")
-    except (ValueError, RecursionError):
-        raise ApiError(400, f"{where}.arguments is not valid JSON: send the arguments the call was answered "
-                       "with, as the response gave them.", f"{where}.arguments") from None
     return {"id": item["call_id"], "type": "function", "function": {"name": item["name"],
                                                                     "arguments": item["arguments"]}}
 
@@ -129,9 +123,10 @@ class Origins:
         return self.messages[m] + param[len(f"messages.{m}"):]
 
     def text(self, message: str) -> str:
-        """``messages[M]`` in an error's text as the Responses item."""
-        return re.sub(r"messages\[(\d+)\]", lambda g: self.messages[int(g[1])] if int(g[1]) < len(self.messages)
-                      else g[0], message)
+        """``messages[M]`` and ``messages.M...`` paths in an error's text as the Responses item."""
+        message = re.sub(r"messages\[(\d+)\]", lambda g: self.messages[int(g[1])] if int(g[1]) < len(self.messages)
+                         else g[0], message)
+        return re.sub(r"messages\.\d+(?:\.[A-Za-z_0-9]+)*", lambda g: self.param(g[0]), message)
 
 
 def messages_of(body: ResponsesRequest, origins: Origins | None = None) -> list[dict]:

@@ -228,10 +228,10 @@ def compile_side_by_side(module, kernels: list, x: torch.Tensor, norm, device: t
         if getattr(k, "norm_first", False):  # the same GEMV as its twin, after the norm's kernel
             continue
         if not quantized:
-            runs.append((k, None))
+            runs.append(k)
             continue
         try:
-            runs.append((k.bind(module), k))
+            runs.append(k.bind(module))
         except Exception as e:  # noqa: BLE001 - the timing meets it again
             log.debug("%s: bind failed ahead of timing: %s", k.name, e)
     gen = torch.Generator(device=x.device).manual_seed(0)
@@ -240,8 +240,7 @@ def compile_side_by_side(module, kernels: list, x: torch.Tensor, norm, device: t
     # follow x's making, and each other, as the timing's will
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
-    def run(item) -> bool:
-        bound, _ = item
+    def run(bound) -> bool:
         try:
             with ExitStack() as ctx:
                 ctx.enter_context(torch.inference_mode())
