@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|tma|targets|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|tma|mma-why|targets|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -199,6 +199,22 @@ case "$what" in tma)  # the TMA GEMVs (quant_dp4a.quant_gemv_dp4a_tma, gemv.gemv
     timeout ${TMA_PROFILE_TIMEOUT:-240} python benchmarks/profile_dp4a_tma.py "$OUT/profile-dp4a-tma-int8.json" \
       gate_up down --int8 2>&1 | grep -v Warn | tail -2
   fi ;;
+esac
+case "$what" in mma-why)  # why the batched int4 kernel (quant_mma) runs a 64-row 8B projection at 0.6-1 TB/s of
+  # weights: Nsight Compute's stall reasons, pipe and shared-memory use, occupancy (benchmarks/ncu_quant_mma.py;
+  # needs a machine whose ncu reads counters). Entries NAME LAYER BITS ROWS [CONFIG] (MMA_WHY_SPECS, ";"-separated)
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  IFS=';' read -ra specs <<< "${MMA_WHY_SPECS:-int4-gate_up-64 gate_up 4 64;int4-gate_up-64-t128 gate_up 4 64 128,128,8,3,1,1,1;int4-o-64 o 4 64;int4-down-64 down 4 64;int8-gate_up-64 gate_up 8 64}"
+  for spec in "${specs[@]}"; do
+    read -r name layer bits rows cfg <<< "$spec"
+    timeout 120 $NCU --clock-control none --kernel-name regex:_quant_mma_kernel --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+      --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section LaunchStats --section InstructionStats --print-details all \
+      python benchmarks/ncu_quant_mma.py --layer $layer --bits $bits --rows $rows ${cfg:+--config $cfg} \
+      > "$OUT/ncu-mma-$name.txt" 2>&1
+    echo "$name rc=$?"; grep -E "^ *(Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit (Registers|Shared Mem)|Issue Slots Busy|Stall (Long|Short|Barrier|MIO|Wait|Math|Not Sel|Branch|LG|Dispatch))|Shared Memory .*%|config" "$OUT/ncu-mma-$name.txt" | head -22
+  done ;;
 esac
 case "$what" in quant-tests)
   python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 900 \
