@@ -35,11 +35,19 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--config", default=None, help="block_n,block_k,warps,stages,split_k,scale_w,ahead")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--xp", action="store_true", help="the permuted-x kernel taken out at ad38898 "
+                    "(benchmarks/quant_mma_xp_old.py; int4; config's 7th field is then xp)")
     args = ap.parse_args()
     n, k, swiglu = LAYERS[args.layer]
     group = 128 if args.bits == 4 else k
     prepared = make(n, k, args.bits, group, "cuda")
-    if args.config:
+    run = quant_mma
+    if args.xp:  # that day's MmaConfig: (..., split_k, scale_w, xp)
+        from quant_mma_xp_old import MmaConfig as XpConfig
+        from quant_mma_xp_old import quant_mma as run
+        v = [int(s) for s in (args.config or "64,128,4,3,1,1").split(",")]
+        cfg = XpConfig(*v[:5], bool(v[5]) if len(v) > 5 else True, True)
+    elif args.config:
         v = [int(s) for s in args.config.split(",")]
         cfg = MmaConfig(*v[:5], *(bool(b) for b in v[5:]))
     else:
@@ -47,7 +55,7 @@ def main() -> None:
     x = torch.randn(args.rows, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(args.rows, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(args.calls):
-        quant_mma(x, prepared, config=tuple(cfg), swiglu=swiglu, out=out)
+        run(x, prepared, config=tuple(cfg), swiglu=swiglu, out=out)
     torch.cuda.synchronize()
     print(f"{args.layer} int{args.bits} g{group} rows {args.rows} config {list(cfg)}: "
           f"{weight_mb(prepared):.1f} MB of weights, {args.calls} calls")
