@@ -203,12 +203,13 @@ esac
 case "$what" in mma-why)  # why the batched int4 kernel (quant_mma) runs a 64-row 8B projection at 0.6-1 TB/s of
   # weights: Nsight Compute's stall reasons, pipe and shared-memory use, occupancy (benchmarks/ncu_quant_mma.py;
   # needs a machine whose ncu reads counters). Entries NAME LAYER BITS ROWS [CONFIG [xp]] (MMA_WHY_SPECS, ";"-separated;
-  # xp: the permuted-x kernel taken out at ad38898, benchmarks/quant_mma_xp_old.py, config with its xp field)
+  # xp: the permuted-x kernel taken out at ad38898, benchmarks/quant_mma_xp_old.py, config with its xp field;
+  # gluon: benchmarks/gluon_int4_mma.py's prototype, config stages,exact)
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-  IFS=';' read -ra specs <<< "${MMA_WHY_SPECS:-int4-gate_up-64 gate_up 4 64;int4-gate_up-64-t128 gate_up 4 64 128,128,8,3,1,1,1;int4-o-64 o 4 64;int4-down-64 down 4 64;int8-gate_up-64 gate_up 8 64;int4-gate_up-64-xp gate_up 4 64 64,128,4,3,1,1 xp}"
+  IFS=';' read -ra specs <<< "${MMA_WHY_SPECS:-int4-gate_up-64 gate_up 4 64;int4-gate_up-64-t128 gate_up 4 64 128,128,8,3,1,1,1;int4-o-64 o 4 64;int4-down-64 down 4 64;int8-gate_up-64 gate_up 8 64;int4-gate_up-64-xp gate_up 4 64 64,128,4,3,1,1 xp;int4-gate_up-64-gluon gate_up 4 64 4,1 gluon}"
   for spec in "${specs[@]}"; do
     read -r name layer bits rows cfg xp <<< "$spec"
-    timeout 120 $NCU --clock-control none --kernel-name regex:_quant_mma --launch-skip 3 --launch-count 1 \
+    timeout 120 $NCU --clock-control none --kernel-name regex:"_quant_mma|_gluon_int4" --launch-skip 3 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
       --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
       --section LaunchStats --section InstructionStats --print-details all \

@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--config", default=None, help="block_n,block_k,warps,stages,split_k,scale_w,ahead")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--gluon", action="store_true", help="the Gluon prototype (benchmarks/gluon_int4_mma.py; int4; "
+                    "config: stages,exact)")
     ap.add_argument("--xp", action="store_true", help="the permuted-x kernel taken out at ad38898 "
                     "(benchmarks/quant_mma_xp_old.py; int4; config's 7th field is then xp)")
     args = ap.parse_args()
@@ -42,6 +44,16 @@ def main() -> None:
     group = 128 if args.bits == 4 else k
     prepared = make(n, k, args.bits, group, "cuda")
     run = quant_mma
+    if args.gluon:
+        from gluon_int4_mma import gluon_int4_mma
+        v = [int(s) for s in (args.config or "4,1").split(",")]
+        x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(args.rows, n, device="cuda", dtype=torch.bfloat16)
+        for _ in range(args.calls):
+            gluon_int4_mma(x, prepared, out, v[0], bool(v[1]))
+        torch.cuda.synchronize()
+        print(f"{args.layer} gluon int4 rows {args.rows} stages {v[0]} exact {v[1]}")
+        return
     if args.xp:  # that day's MmaConfig: (..., split_k, scale_w, xp)
         from quant_mma_xp_old import MmaConfig as XpConfig
         from quant_mma_xp_old import quant_mma as run
