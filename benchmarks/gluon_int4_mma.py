@@ -55,8 +55,12 @@ _PAIR32 = gl.constexpr(
 
 
 @gluon.jit
-def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, M, N, K_STEPS, stride_xm, stride_qn, stride_sn, stride_ym,
-            GROUP: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, EXACT: gl.constexpr):
+def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS, stride_xm, stride_qn,
+                           stride_sn, stride_ym, GROUP: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                           EXACT: gl.constexpr, SPLIT: gl.constexpr):
+    # program (tile, j) takes K steps j * K_STEPS.. of its 64 weight rows; with SPLIT > 1 the
+    # partial tiles meet in ws_ptr and the last to arrive (cnt_ptr, left zeroed) sums them in
+    # split order and writes y (as quant_mma's _write_tile)
     BLOCK_N: gl.constexpr = 64
     # [64 rows, 16 words, 4 bytes]: lane bits 0-1 the byte (t), 2-4 the row in 8 (g); registers the
     # words and row + 8; warps rows + 16, + 32: wgmma's register fragment, a byte per K pair
@@ -80,6 +84,9 @@ def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, M, N, K_STEPS, str
     wptr = q_ptr + rn_c[:, None].to(gl.int64) * stride_qn + gl.arange(0, 16, layout=gl.SliceLayout(0, CPW))[None, :]
     rm_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, CPX))
     xptr = x_ptr + rm_c[:, None] * stride_xm + gl.arange(0, 128, layout=gl.SliceLayout(0, CPX))[None, :]
+    step0 = gl.program_id(1) * K_STEPS
+    wptr = wptr + step0 * 16
+    xptr = xptr + step0 * 128
     xmask = (rm_c < M)[:, None]
     for s in gl.static_range(STAGES - 1):
         async_copy.async_copy_global_to_shared(ws.index(s), wptr + s * 16)
@@ -98,7 +105,7 @@ def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, M, N, K_STEPS, str
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of step i landed
         w = ws.index(slot).load(LW)
-        g = (i * 128) // GROUP
+        g = ((step0 + i) * 128) // GROUP
         if EXACT:
             sf = gl.load(s_rows + g).to(gl.float32)
             off = gl.load(m_rows + g).to(gl.float32) - 128.0 * sf
@@ -130,21 +137,48 @@ def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, M, N, K_STEPS, str
         async_copy.commit_group()
     acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_prev])
     async_copy.wait_group(0)
-    rn_o = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    rn_l = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    rn_o = pid * BLOCK_N + rn_l
     rm_o = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-    gl.store(y_ptr + rm_o[None, :] * stride_ym + rn_o[:, None], acc.to(gl.bfloat16),
-             mask=(rm_o < M)[None, :] & (rn_o < N)[:, None])
+    y_ptrs = y_ptr + rm_o[None, :] * stride_ym + rn_o[:, None]
+    y_mask = (rm_o < M)[None, :] & (rn_o < N)[:, None]
+    if SPLIT > 1:
+        inner = rn_l[:, None] * BLOCK_M + rm_o[None, :]
+        ws_tile = ws_ptr + pid.to(gl.int64) * (SPLIT * BLOCK_N * BLOCK_M)
+        gl.store(ws_tile + gl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
+        gl.thread_barrier()
+        done = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT - 1:
+            tot = gl.load(ws_tile + inner, cache_modifier=".cg")
+            for j in gl.static_range(1, SPLIT):
+                tot += gl.load(ws_tile + j * (BLOCK_N * BLOCK_M) + inner, cache_modifier=".cg")
+            gl.store(y_ptrs, tot.to(gl.bfloat16), mask=y_mask)
+            gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed", scope="gpu")
+    else:
+        gl.store(y_ptrs, acc.to(gl.bfloat16), mask=y_mask)
 
 
-def gluon_int4_mma(x: torch.Tensor, prepared, out: torch.Tensor, stages: int = 4, exact: bool = True) -> torch.Tensor:
-    """``x @ W.T`` for bf16 x [M <= 64, K] and an int4 ``PreparedQuant`` in groups of a multiple of 128."""
+def gluon_int4_mma(x: torch.Tensor, prepared, out: torch.Tensor, stages: int = 4, exact: bool = True,
+                   split: int = 1) -> torch.Tensor:
+    """``x @ W.T`` for bf16 x [M <= 64, K] and an int4 ``PreparedQuant`` in groups of a multiple of 128;
+    ``split`` programs per 64 weight rows along K (a divisor of K / 128)."""
+    from hearth_kernels.counters import counters
+
     n, k, rows = prepared.out_features, prepared.in_features, x.shape[0]
     assert prepared.bits == 4 and prepared.group_size % 128 == 0 and k % 128 == 0 and n % 64 == 0 and rows <= 64
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     q = prepared.qweight.view(torch.int32)
-    _gluon_int4_mma_kernel[(n // 64,)](x, q, prepared.scales, prepared.mins, out, rows, n, k // 128, x.stride(0), q.stride(0),
-                        prepared.scales.stride(0), out.stride(0), GROUP=prepared.group_size, BLOCK_M=block_m,
-                        STAGES=stages, EXACT=exact, num_warps=4)
+    steps, tiles = k // 128, n // 64
+    assert steps % split == 0
+    if split > 1:
+        ws = torch.empty(tiles * split * 64 * block_m, dtype=torch.float32, device=x.device)
+        cnt = counters(x.device, tiles)
+    else:
+        ws = cnt = prepared.scales
+    _gluon_int4_mma_kernel[(tiles, split)](
+        x, q, prepared.scales, prepared.mins, out, ws, cnt, rows, n, steps // split, x.stride(0), q.stride(0),
+        prepared.scales.stride(0), out.stride(0), GROUP=prepared.group_size, BLOCK_M=block_m, STAGES=stages,
+        EXACT=exact, SPLIT=split, num_warps=4)
     return out
 
 
@@ -160,6 +194,7 @@ def main() -> None:
     ap.add_argument("--rows", default="16,32,64")
     ap.add_argument("--layers", default="gate_up,qkv,o,down+swiglu")
     ap.add_argument("--stages", default="3,4")
+    ap.add_argument("--splits", default="1,2,4", help="K splits timed (those that divide the steps)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t0 = time.time()
@@ -196,18 +231,25 @@ def main() -> None:
             row["gluon"] = {}
             for exact in (True, False):
                 for st in [int(s) for s in args.stages.split(",")]:
-                    key = f"{'exact' if exact else 'bf16x2'}-s{st}"
-                    try:
-                        got = gluon_int4_mma(x, prep, y, st, exact).double()
-                        err = ((got - ref).abs().max() / scale).item()
-                        same = (got == tri).float().mean().item()
-                        us = time_graph(lambda i, st=st, ex=exact: gluon_int4_mma(x, preps[i], y, st, ex), copies)
-                        row["gluon"][key] = {"us": us, "err": err, "same_as_triton": same}
-                    except Exception as e:  # noqa: BLE001 - reported
-                        row["gluon"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    for sp in [int(s) for s in args.splits.split(",")]:
+                        if (k // 128) % sp or (sp > 1 and n // 64 * sp > 1024):
+                            continue
+                        key = f"{'exact' if exact else 'bf16x2'}-s{st}-k{sp}"
+                        try:
+                            got = gluon_int4_mma(x, prep, y, st, exact, sp).double()
+                            err = ((got - ref).abs().max() / scale).item()
+                            same = (got == tri).float().mean().item()
+                            us = time_graph(lambda i, st=st, ex=exact, sp=sp: gluon_int4_mma(x, preps[i], y, st, ex, sp),
+                                            copies)
+                            row["gluon"][key] = {"us": us, "err": err, "same_as_triton": same}
+                        except Exception as e:  # noqa: BLE001 - reported
+                            row["gluon"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             result["rows"].append(row)
-            g = "  ".join(f"{kk} {v['us']:.1f} (err {v['err']:.1e}, same {v['same_as_triton']:.3f})" if "us" in v
-                          else f"{kk} {v['error'][:120]}" for kk, v in row["gluon"].items())
+            ok = {kk: v for kk, v in row["gluon"].items() if "us" in v}
+            bestg = min(ok, key=lambda kk: ok[kk]["us"]) if ok else None
+            g = (f"best {bestg} {ok[bestg]['us']:.1f} (err {ok[bestg]['err']:.1e}, same {ok[bestg]['same_as_triton']:.3f})"
+                 if bestg else "") + "".join(f" | {kk} {v['error'][:150]}" for kk, v in row["gluon"].items()
+                                             if "error" in v)
             print(f"[{time.time() - t0:4.0f} s] {name:<12} m={m:<3} bf16 {row['bf16_us']:6.1f} | triton default "
                   f"{row['triton_default'][1]:6.1f} best {row['triton_best'][1]:6.1f} (err {row['triton_err']:.1e}) | "
                   f"gluon {g}", flush=True)
