@@ -98,6 +98,9 @@ def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, cnt_ptr, M
     rn_s = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=LN)
     s_rows = s_ptr + rn_s.to(gl.int64) * stride_sn
     m_rows = m_ptr + rn_s.to(gl.int64) * stride_sn
+    g_last = (step0 + K_STEPS) * 128 // GROUP - 1
+    s_cur = gl.load(s_rows + (step0 * 128) // GROUP)
+    m_cur = gl.load(m_rows + (step0 * 128) // GROUP)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
     a_prev = gl.zeros([BLOCK_N, 128], gl.bfloat16, layout=DOT_A)
     for i in range(K_STEPS):
@@ -105,18 +108,23 @@ def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, cnt_ptr, M
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()  # every thread's copies of step i landed
         w = ws.index(slot).load(LW)
-        g = ((step0 + i) * 128) // GROUP
+        s_raw = s_cur
+        m_raw = m_cur
+        # the next step's scale and min, a step ahead (the last step's clamped to its own group)
+        g_next = gl.minimum(((step0 + i + 1) * 128) // GROUP, g_last)
+        s_cur = gl.load(s_rows + g_next)
+        m_cur = gl.load(m_rows + g_next)
         if EXACT:
-            sf = gl.load(s_rows + g).to(gl.float32)
-            off = gl.load(m_rows + g).to(gl.float32) - 128.0 * sf
+            sf = s_raw.to(gl.float32)
+            off = m_raw.to(gl.float32) - 128.0 * sf
             wb, selb = gl.broadcast(w[:, :, None], sel32)
             wb, s2b = gl.broadcast(wb, sf[:, None, None])
             wb, m2b = gl.broadcast(wb, off[:, None, None])
             pairs = gl.inline_asm_elementwise(_PAIR32, "=r,r,r,f,f", [wb, selb, s2b, m2b], dtype=gl.int32,
                                               is_pure=True, pack=1)
         else:
-            sv = gl.load(s_rows + g).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            mv = gl.load(m_rows + g).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            sv = s_raw.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            mv = m_raw.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             wb, selb = gl.broadcast(w[:, :, None], sel)
             wb, s2b = gl.broadcast(wb, (sv | (sv << 16))[:, None, None])
             wb, m2b = gl.broadcast(wb, (mv | (mv << 16))[:, None, None])
