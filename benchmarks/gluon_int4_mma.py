@@ -203,11 +203,15 @@ def main() -> None:
     ap.add_argument("--layers", default="gate_up,qkv,o,down+swiglu")
     ap.add_argument("--stages", default="3,4")
     ap.add_argument("--splits", default="1,2,4", help="K splits timed (those that divide the steps)")
+    ap.add_argument("--numerics", default="exact,bf16x2")
+    ap.add_argument("--triton-configs", type=int, default=8, help="how many of mma_configs' first configs to time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
-    result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "rows": []}
+    result = {"card": torch.cuda.get_device_name(), "shape": "llama-8b", "commit": os.environ.get("HEARTH_COMMIT"),
+              "rows": []}
+    print(result["card"], flush=True)
     for name, (n, k, _swiglu) in shapes_of("llama-8b").items():
         if name not in args.layers.split(","):
             continue
@@ -234,10 +238,10 @@ def main() -> None:
             cfg = default_mma_config(m, n, k, 4, 128)
             row["triton_default"] = [list(cfg), time_graph(lambda i: quant_mma(x, preps[i], config=cfg, out=y), copies)]
             best = min((time_graph(lambda i, c=c: quant_mma(x, preps[i], config=c, out=y), copies), list(c))
-                       for c in mma_configs(m, n, k, 4, 128)[:8])
+                       for c in mma_configs(m, n, k, 4, 128)[:args.triton_configs])
             row["triton_best"] = [best[1], best[0]]
             row["gluon"] = {}
-            for exact in (True, False):
+            for exact in [v == "exact" for v in args.numerics.split(",")]:
                 for st in [int(s) for s in args.stages.split(",")]:
                     for sp in [int(s) for s in args.splits.split(",")]:
                         if (k // 128) % sp or (sp > 1 and n // 64 * sp > 1024):
