@@ -248,12 +248,24 @@ def main() -> None:
                             continue
                         key = f"{'exact' if exact else 'bf16x2'}-s{st}-k{sp}"
                         try:
-                            got = gluon_int4_mma(x, prep, y, st, exact, sp).double()
-                            err = ((got - ref).abs().max() / scale).item()
+                            runs = []
+                            for _ in range(3):  # y poisoned first: an output left unwritten is NaN
+                                y.fill_(float("nan"))
+                                runs.append(gluon_int4_mma(x, prep, y, st, exact, sp).double().clone())
+                            got = runs[0]
+                            unwritten = int(got.isnan().sum().item())
+                            repeatable = all(torch.equal(r, got) for r in runs[1:])
+                            err = ((got - ref).abs().nan_to_num(float("inf")).max() / scale).item()
                             same = (got == tri).float().mean().item()
+                            if unwritten or not repeatable or err > 0.05:
+                                bad = ((got - ref).abs().nan_to_num(float("inf")) > 0.05 * scale).nonzero()
+                                print(f"  {name} m={m} {exact=} stages {st} split {sp}: {unwritten} unwritten, "
+                                      f"repeatable {repeatable}, err {err:.2e}, {len(bad)} bad, first at "
+                                      f"{bad[:4].tolist()}", flush=True)
                             us = time_graph(lambda i, st=st, ex=exact, sp=sp: gluon_int4_mma(x, preps[i], y, st, ex, sp),
                                             copies)
-                            row["gluon"][key] = {"us": us, "err": err, "same_as_triton": same}
+                            row["gluon"][key] = {"us": us, "err": err, "same_as_triton": same, "unwritten": unwritten,
+                                                 "repeatable": repeatable}
                         except Exception as e:  # noqa: BLE001 - reported
                             row["gluon"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             result["rows"].append(row)

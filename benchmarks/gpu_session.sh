@@ -213,7 +213,7 @@ case "$what" in mma-why)  # why the batched int4 kernel (quant_mma) runs a 64-ro
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
       --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
       --section LaunchStats --section InstructionStats --print-details all \
-      python benchmarks/ncu_quant_mma.py --layer $layer --bits $bits --rows $rows ${cfg:+--config $cfg} \
+      python benchmarks/ncu_quant_mma.py --layer $layer --bits $bits --rows $rows ${cfg:+--config $cfg} ${xp:+--$xp} \
       > "$OUT/ncu-mma-$name.txt" 2>&1
     echo "$name rc=$?"; grep -E "^ *(Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit (Registers|Shared Mem)|Issue Slots Busy|Stall (Long|Short|Barrier|MIO|Wait|Math|Not Sel|Branch|LG|Dispatch))|Shared Memory .*%|config" "$OUT/ncu-mma-$name.txt" | head -22
   done ;;
