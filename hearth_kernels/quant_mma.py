@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from hearth_kernels._compat import interpreting
+from hearth_kernels import quant_mma_gluon
 from hearth_kernels.counters import counters
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
@@ -492,7 +493,10 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x [M, K] (M <= ``MAX_ROWS``; [M, 2K] ``[gate | up]`` with ``swiglu``)
     in bf16/fp16 (fp32 for tests), W the ``prepared`` weight; [M, N] in x's dtype, into
-    ``out`` when given. No host sync; capturable in a CUDA graph once a split-K config has
+    ``out`` when given. Without a ``config`` (and SwiGLU), a call that
+    ``hearth_kernels/quant_mma_gluon.fits`` (an sm_90 GPU, bf16 x of up to 64 rows, int4 in groups
+    of 128) runs the Gluon kernel there (the same values without a K split;
+    ``HEARTH_QUANT_MMA_GLUON=0`` keeps this one). No host sync; capturable in a CUDA graph once a split-K config has
     run for this size outside capture (its counters are made then)."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_mma", x, k, swiglu)
@@ -502,6 +506,8 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     out = _check_bias_out("quant_mma", x, rows, n, bias, out)
     if x.stride(1) != 1:
         x = x.contiguous()
+    if config is None and not swiglu and quant_mma_gluon.fits(x, prepared, bias):
+        return quant_mma_gluon.quant_gluon(x, prepared, out, bias)  # Hopper, bf16 x, int4 in 128s
     bits, group = prepared.bits, prepared.group_size
     cfg = MmaConfig(*config) if config is not None else default_mma_config(rows, n, k, bits, group)
     block_m = block_m_for(rows)

@@ -255,5 +255,40 @@ def mma_loops() -> None:
             print(json.dumps(row), flush=True)
 
 
+def gluon() -> None:
+    """The Gluon int4 kernel (``hearth_kernels/quant_mma_gluon.py``) at 16 and 64 rows, with and
+    without a K split (``python -m tests.kernels.sm90_compile gluon``; one JSON line each): its
+    resources and K loop. Its layout conversion asserts it is free, so a build at all says so."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from hearth_kernels import quant_mma_gluon as qg
+
+    fn = qg._gluon_int4_mma_kernel
+    types = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "b_ptr": "*bf16",
+             "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    for rows, split in ((16, 1), (16, 4), (64, 1), (64, 4)):
+        stages = qg.default_gluon_config(rows, 4096, 4096).stages
+        consts = dict(GROUP=128, BLOCK_M=rows, STAGES=stages, EXACT=True, SPLIT=split, HAS_BIAS=split > 1)
+        sig = {name: types.get(name, "i32") for name in fn.arg_names}
+        sig.update({name: "constexpr" for name in consts})
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                   if sig[name].startswith("*") or name.startswith("stride_")}
+        src = GluonASTSource(fn=fn, signature=sig, attrs=aligned,
+                             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=TARGET, options={"num_warps": 4})
+        log = _ptxas(kernel.asm["ptx"], os.devnull)
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = re.search(r"(\d+) bytes spill stores", log)
+        print(json.dumps({"rows": rows, "split": split, "stages": stages, "shared": kernel.metadata.shared,
+                          "registers": int(regs.group(1)) if regs else None,
+                          "spill_bytes": int(spills.group(1)) if spills else 0, **loop_instructions(kernel)}),
+              flush=True)
+
+
 if __name__ == "__main__":
-    mma_loops() if sys.argv[1:] == ["mma-loops"] else main()
+    if sys.argv[1:] == ["mma-loops"]:
+        mma_loops()
+    elif sys.argv[1:] == ["gluon"]:
+        gluon()
+    else:
+        main()
