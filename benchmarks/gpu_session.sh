@@ -202,18 +202,17 @@ case "$what" in tma)  # the TMA GEMVs (quant_dp4a.quant_gemv_dp4a_tma, gemv.gemv
 esac
 case "$what" in mma-why)  # why the batched int4 kernel (quant_mma) runs a 64-row 8B projection at 0.6-1 TB/s of
   # weights: Nsight Compute's stall reasons, pipe and shared-memory use, occupancy (benchmarks/ncu_quant_mma.py;
-  # needs a machine whose ncu reads counters). Entries NAME LAYER BITS ROWS [CONFIG [xp]] (MMA_WHY_SPECS, ";"-separated;
-  # xp: the permuted-x kernel taken out at ad38898, benchmarks/quant_mma_xp_old.py, config with its xp field;
-  # gluon: benchmarks/gluon_int4_mma.py's prototype, config stages,exact)
+  # needs a machine whose ncu reads counters). Entries NAME LAYER BITS ROWS [CONFIG [gluon]] (MMA_WHY_SPECS, ";"-separated;
+  # gluon: hearth_kernels/quant_mma_gluon.py's kernel, config stages,split; without, quant_mma's Triton kernel)
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-  IFS=';' read -ra specs <<< "${MMA_WHY_SPECS:-int4-gate_up-64 gate_up 4 64;int4-gate_up-64-t128 gate_up 4 64 128,128,8,3,1,1,1;int4-o-64 o 4 64;int4-down-64 down 4 64;int8-gate_up-64 gate_up 8 64;int4-gate_up-64-xp gate_up 4 64 64,128,4,3,1,1 xp;int4-gate_up-64-gluon gate_up 4 64 4,1 gluon}"
+  IFS=';' read -ra specs <<< "${MMA_WHY_SPECS:-int4-gate_up-64 gate_up 4 64;int4-gate_up-64-t128 gate_up 4 64 128,128,8,3,1,1,1;int4-o-64 o 4 64;int4-down-64 down 4 64;int8-gate_up-64 gate_up 8 64;int4-gate_up-64-gluon gate_up 4 64 3,1 gluon}"
   for spec in "${specs[@]}"; do
-    read -r name layer bits rows cfg xp <<< "$spec"
+    read -r name layer bits rows cfg kind <<< "$spec"
     timeout 120 $NCU --clock-control none --kernel-name regex:"_quant_mma|_gluon_int4" --launch-skip 3 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
       --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
       --section LaunchStats --section InstructionStats --print-details all \
-      python benchmarks/ncu_quant_mma.py --layer $layer --bits $bits --rows $rows ${cfg:+--config $cfg} ${xp:+--$xp} \
+      python benchmarks/ncu_quant_mma.py --layer $layer --bits $bits --rows $rows ${cfg:+--config $cfg} ${kind:+--$kind} \
       > "$OUT/ncu-mma-$name.txt" 2>&1
     echo "$name rc=$?"; grep -E "^ *(Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit (Registers|Shared Mem)|Issue Slots Busy|Stall (Long|Short|Barrier|MIO|Wait|Math|Not Sel|Branch|LG|Dispatch))|Shared Memory .*%|config" "$OUT/ncu-mma-$name.txt" | head -22
   done ;;

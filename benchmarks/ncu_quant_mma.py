@@ -35,31 +35,24 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
     ap.add_argument("--config", default=None, help="block_n,block_k,warps,stages,split_k,scale_w,ahead")
     ap.add_argument("--calls", type=int, default=5)
-    ap.add_argument("--gluon", action="store_true", help="the Gluon prototype (benchmarks/gluon_int4_mma.py; int4; "
-                    "config: stages,exact)")
-    ap.add_argument("--xp", action="store_true", help="the permuted-x kernel taken out at ad38898 "
-                    "(benchmarks/quant_mma_xp_old.py; int4; config's 7th field is then xp)")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon kernel (hearth_kernels/quant_mma_gluon.py; "
+                    "int4; config: stages,split)")
     args = ap.parse_args()
     n, k, swiglu = LAYERS[args.layer]
     group = 128 if args.bits == 4 else k
     prepared = make(n, k, args.bits, group, "cuda")
-    run = quant_mma
     if args.gluon:
-        from gluon_int4_mma import gluon_int4_mma
-        v = [int(s) for s in (args.config or "4,1").split(",")]
+        from hearth_kernels.quant_mma_gluon import GluonConfig, default_gluon_config, quant_gluon
+        cfg = (GluonConfig(*(int(s) for s in args.config.split(","))) if args.config
+               else default_gluon_config(args.rows, n, k))
         x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(args.rows, n, device="cuda", dtype=torch.bfloat16)
         for _ in range(args.calls):
-            gluon_int4_mma(x, prepared, out, v[0], bool(v[1]))
+            quant_gluon(x, prepared, out, config=cfg)
         torch.cuda.synchronize()
-        print(f"{args.layer} gluon int4 rows {args.rows} stages {v[0]} exact {v[1]}")
+        print(f"{args.layer} gluon int4 rows {args.rows} config {list(cfg)}")
         return
-    if args.xp:  # that day's MmaConfig: (..., split_k, scale_w, xp)
-        from quant_mma_xp_old import MmaConfig as XpConfig
-        from quant_mma_xp_old import quant_mma as run
-        v = [int(s) for s in (args.config or "64,128,4,3,1,1").split(",")]
-        cfg = XpConfig(*v[:5], bool(v[5]) if len(v) > 5 else True, True)
-    elif args.config:
+    if args.config:
         v = [int(s) for s in args.config.split(",")]
         cfg = MmaConfig(*v[:5], *(bool(b) for b in v[5:]))
     else:
@@ -67,7 +60,7 @@ def main() -> None:
     x = torch.randn(args.rows, 2 * k if swiglu else k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(args.rows, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(args.calls):
-        run(x, prepared, config=tuple(cfg), swiglu=swiglu, out=out)
+        quant_mma(x, prepared, config=tuple(cfg), swiglu=swiglu, out=out)
     torch.cuda.synchronize()
     print(f"{args.layer} int{args.bits} g{group} rows {args.rows} config {list(cfg)}: "
           f"{weight_mb(prepared):.1f} MB of weights, {args.calls} calls")
