@@ -209,13 +209,20 @@ def _sm90(index: int) -> bool:
 
 
 def fits(x: torch.Tensor, prepared, bias: torch.Tensor | None = None) -> bool:
-    """Whether ``quant_gluon`` takes this call: Gluon importable, not the interpreter, an sm_90
-    GPU, bf16 x of 1 to 64 rows, int4 in groups of a multiple of 128 with mins, K a multiple of
-    128, N of 64, a bf16 bias or none."""
+    """Whether ``quant_mma`` hands this call to ``quant_gluon``: Gluon importable, not the
+    interpreter, an sm_90 GPU, bf16 x of 1 to 64 rows, int4 in groups of a multiple of 128 with
+    mins, K a multiple of 128, N of 64, a bf16 bias or none, and a shape whose default needs no K
+    split (wide layers: the 8B's gate_up and head). Split launches are not taken yet: on an H100
+    the 8B gate_up at 64 rows, 3 steps in flight, split 2, gave different bits on each of three
+    calls and 638 outputs wrong by ~1e19 (tiles 418 on of 448; twice, on two machines;
+    ``benchmarks/results/2026-12-06-i14-gluon-int4-mma-8b-h100-*.json``), where every other split
+    timed was exact and repeatable, so the narrow layers keep the Triton kernel until that is
+    understood."""
     return (gluon is not None and enabled() and x.is_cuda and not interpreting() and x.dtype == torch.bfloat16
             and 1 <= x.shape[0] <= 64 and prepared.bits == 4 and prepared.mins is not None
             and prepared.group_size % 128 == 0 and prepared.in_features % 128 == 0
             and prepared.out_features % 64 == 0 and (bias is None or bias.dtype == torch.bfloat16)
+            and default_gluon_config(x.shape[0], prepared.out_features, prepared.in_features).split == 1
             and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 

@@ -54,13 +54,13 @@ def test_matches_reference_and_triton(rows, n, k, group):
 @pytest.mark.gpu
 @sm90
 def test_bias_default_path_and_graph():
-    """quant_mma without a config takes the Gluon kernel (bias too), and it captures in a CUDA
-    graph once its split has run outside (the counters exist)."""
-    n, k = 256, 2048
+    """quant_mma without a config takes the Gluon kernel for a wide layer (bias too), also inside
+    a CUDA graph."""
+    n, k = 16384, 256
     qw, prep = make_weight(4, n, k, 128, seed=3)
     bias = (0.1 * torch.randn(n, generator=torch.Generator().manual_seed(4))).to(DEVICE, torch.bfloat16)
     x = rand_x(24, k, torch.bfloat16)
-    assert qg.default_gluon_config(24, n, k).split > 1
+    assert qg.default_gluon_config(24, n, k).split == 1 and qg.fits(x, prep, bias)
     y = quant_mma(x, prep, bias=bias)
     check(y, x, qw, bias=bias, weight_rounding=True)
     out = torch.empty_like(y)
@@ -74,12 +74,14 @@ def test_bias_default_path_and_graph():
 
 
 def test_which_calls_it_takes(monkeypatch):
-    qw, prep = make_weight(4, 64, 256, 128)
+    qw, prep = make_weight(4, 16384, 256, 128)
     x = rand_x(4, 256, torch.bfloat16)
     if not x.is_cuda:
         assert not qg.fits(x, prep)  # a CPU tensor: the Triton kernel (the interpreter's)
         return
     assert qg.fits(x, prep) == (_sm90() and qg.gluon is not None)
+    if not qg.fits(x, prep):
+        return
     monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON", "0")
     assert not qg.fits(x, prep)
     monkeypatch.delenv("HEARTH_QUANT_MMA_GLUON")
@@ -87,6 +89,8 @@ def test_which_calls_it_takes(monkeypatch):
     assert not qg.fits(rand_x(65, 256, torch.bfloat16), prep)  # one x tile of at most 64 rows
     _, narrow = make_weight(4, 64, 256, 64)
     assert not qg.fits(x, narrow)  # groups of 64: a step holds two
+    _, split = make_weight(4, 64, 256, 128)
+    assert not qg.fits(x, split)  # a narrow layer's default splits K: the Triton kernel keeps it
 
 
 def test_default_configs():
