@@ -73,7 +73,8 @@ if gluon is not None:
     @gluon.jit
     def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS, stride_xm,
                                stride_qn, stride_sn, stride_ym, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                               STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
+                               STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                               FENCE: gl.constexpr = False):
         # program (tile, j) takes K steps j * K_STEPS.. of its 64 weight rows; with SPLIT > 1 the
         # partial tiles meet in ws_ptr and the last to arrive (cnt_ptr, left zeroed) sums them in
         # split order and writes y (as quant_mma's _write_tile)
@@ -170,9 +171,17 @@ if gluon is not None:
             inner = rn_l[:, None] * BLOCK_M + rm_o[None, :]
             ws_tile = ws_ptr + pid.to(gl.int64) * (SPLIT * BLOCK_N * BLOCK_M)
             gl.store(ws_tile + gl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
+            if FENCE:  # each thread's partial performed at GPU scope before the tile's count goes up
+                one = gl.full([128], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [4], [0]))
+                gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [one], dtype=gl.int32,
+                                          is_pure=False, pack=1)
             gl.thread_barrier()
             done = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if done == SPLIT - 1:
+                if FENCE:
+                    one = gl.full([128], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [4], [0]))
+                    gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [one], dtype=gl.int32,
+                                              is_pure=False, pack=1)
                 tot = gl.load(ws_tile + inner, cache_modifier=".cg")
                 for j in gl.static_range(1, SPLIT):
                     tot += gl.load(ws_tile + j * (BLOCK_N * BLOCK_M) + inner, cache_modifier=".cg")
@@ -249,5 +258,5 @@ def quant_gluon(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor
         x, q, prepared.scales, prepared.mins, bias if bias is not None else prepared.scales, out, ws, cnt, rows, n,
         steps // split, x.stride(0), q.stride(0), prepared.scales.stride(0), out.stride(0),
         GROUP=prepared.group_size, BLOCK_M=block_m, STAGES=cfg.stages, EXACT=exact, SPLIT=split,
-        HAS_BIAS=bias is not None, num_warps=4)
+        HAS_BIAS=bias is not None, FENCE=os.environ.get("HEARTH_GLUON_FENCE", "0") == "1", num_warps=4)
     return out
