@@ -71,10 +71,17 @@ if gluon is not None:
         "fma.rn.f32 f0, c0, $3, $4; fma.rn.f32 f1, c1, $3, $4; cvt.rn.bf16x2.f32 $0, f1, f0; }")
 
     @gluon.jit
+    def _fence_gpu():
+        """``fence.acq_rel.gpu`` once in each of the program's 128 threads (inline assembly over a
+        tensor of one element a thread)."""
+        one = gl.full([128], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [one], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
     def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS, stride_xm,
                                stride_qn, stride_sn, stride_ym, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                               STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                               FENCE: gl.constexpr = False):
+                               STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
         # program (tile, j) takes K steps j * K_STEPS.. of its 64 weight rows; with SPLIT > 1 the
         # partial tiles meet in ws_ptr and the last to arrive (cnt_ptr, left zeroed) sums them in
         # split order and writes y (as quant_mma's _write_tile)
@@ -171,17 +178,13 @@ if gluon is not None:
             inner = rn_l[:, None] * BLOCK_M + rm_o[None, :]
             ws_tile = ws_ptr + pid.to(gl.int64) * (SPLIT * BLOCK_N * BLOCK_M)
             gl.store(ws_tile + gl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
-            if FENCE:  # each thread's partial performed at GPU scope before the tile's count goes up
-                one = gl.full([128], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [4], [0]))
-                gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [one], dtype=gl.int32,
-                                          is_pure=False, pack=1)
+            # each thread's partial performed at GPU scope before the tile's count goes up (without
+            # these fences an H100 summed a partial not yet visible: see ``fits``)
+            _fence_gpu()
             gl.thread_barrier()
             done = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if done == SPLIT - 1:
-                if FENCE:
-                    one = gl.full([128], 0, gl.int32, layout=gl.BlockedLayout([1], [32], [4], [0]))
-                    gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [one], dtype=gl.int32,
-                                              is_pure=False, pack=1)
+                _fence_gpu()
                 tot = gl.load(ws_tile + inner, cache_modifier=".cg")
                 for j in gl.static_range(1, SPLIT):
                     tot += gl.load(ws_tile + j * (BLOCK_N * BLOCK_M) + inner, cache_modifier=".cg")
@@ -220,18 +223,19 @@ def _sm90(index: int) -> bool:
 def fits(x: torch.Tensor, prepared, bias: torch.Tensor | None = None) -> bool:
     """Whether ``quant_mma`` hands this call to ``quant_gluon``: Gluon importable, not the
     interpreter, an sm_90 GPU, bf16 x of 1 to 64 rows, int4 in groups of a multiple of 128 with
-    mins, K a multiple of 128, N of 64, a bf16 bias or none, and a shape whose default needs no K
-    split (wide layers: the 8B's gate_up and head). Split launches are not taken yet: on an H100
-    the 8B gate_up at 64 rows, 3 steps in flight, split 2, gave different bits on each of three
-    calls and 638 outputs wrong by ~1e19 (tiles 418 on of 448; twice, on two machines;
-    ``benchmarks/results/2026-12-06-i14-gluon-int4-mma-8b-h100-*.json``), where every other split
-    timed was exact and repeatable, so the narrow layers keep the Triton kernel until that is
-    understood."""
+    mins, K a multiple of 128, N of 64, a bf16 bias or none, and a layer where it was measured
+    faster (H100, 8B shape, 16 and 64 rows): one whose default needs no K split (gate_up, the
+    head) or a down-shaped one (K at least 3N: the 8B down 33.4 against 40.4 us at 64 rows).
+    q/k/v and o keep the Triton kernel (20.0 / 15.5 against 18.4 / 15.4 us at 64 rows split).
+    Split partials meet only after a GPU-scope fence in every thread: without it, the 8B gate_up
+    at 64 rows split 2 gave different bits on each call (828 outputs wrong by ~1e19; the Triton
+    kernel's split-K has the same pattern: see the note in ``benchmarks/QUANT_LOG.md``)."""
     return (gluon is not None and enabled() and x.is_cuda and not interpreting() and x.dtype == torch.bfloat16
             and 1 <= x.shape[0] <= 64 and prepared.bits == 4 and prepared.mins is not None
             and prepared.group_size % 128 == 0 and prepared.in_features % 128 == 0
             and prepared.out_features % 64 == 0 and (bias is None or bias.dtype == torch.bfloat16)
-            and default_gluon_config(x.shape[0], prepared.out_features, prepared.in_features).split == 1
+            and (default_gluon_config(x.shape[0], prepared.out_features, prepared.in_features).split == 1
+                 or prepared.in_features >= 3 * prepared.out_features)
             and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 
@@ -258,5 +262,5 @@ def quant_gluon(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor
         x, q, prepared.scales, prepared.mins, bias if bias is not None else prepared.scales, out, ws, cnt, rows, n,
         steps // split, x.stride(0), q.stride(0), prepared.scales.stride(0), out.stride(0),
         GROUP=prepared.group_size, BLOCK_M=block_m, STAGES=cfg.stages, EXACT=exact, SPLIT=split,
-        HAS_BIAS=bias is not None, FENCE=os.environ.get("HEARTH_GLUON_FENCE", "0") == "1", num_warps=4)
+        HAS_BIAS=bias is not None, num_warps=4)
     return out

@@ -268,7 +268,7 @@ def gluon() -> None:
              "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     for rows, split in ((16, 1), (16, 4), (64, 1), (64, 4)):
         stages = qg.default_gluon_config(rows, 4096, 4096).stages
-        consts = dict(GROUP=128, BLOCK_M=rows, STAGES=stages, EXACT=True, SPLIT=split, HAS_BIAS=split > 1, FENCE=split > 1)
+        consts = dict(GROUP=128, BLOCK_M=rows, STAGES=stages, EXACT=True, SPLIT=split, HAS_BIAS=split > 1)
         sig = {name: types.get(name, "i32") for name in fn.arg_names}
         sig.update({name: "constexpr" for name in consts})
         aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

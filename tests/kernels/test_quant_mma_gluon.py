@@ -89,8 +89,10 @@ def test_which_calls_it_takes(monkeypatch):
     assert not qg.fits(rand_x(65, 256, torch.bfloat16), prep)  # one x tile of at most 64 rows
     _, narrow = make_weight(4, 64, 256, 64)
     assert not qg.fits(x, narrow)  # groups of 64: a step holds two
-    _, split = make_weight(4, 64, 256, 128)
-    assert not qg.fits(x, split)  # a narrow layer's default splits K: the Triton kernel keeps it
+    _, square = make_weight(4, 256, 256, 128)
+    assert not qg.fits(x, square)  # q/k/v- and o-shaped (split by default): the Triton kernel keeps them
+    _, down = make_weight(4, 64, 256 * 3, 128)
+    assert qg.fits(rand_x(4, 768, torch.bfloat16), down)  # down-shaped: taken, split
 
 
 def test_default_configs():
