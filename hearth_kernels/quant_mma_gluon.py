@@ -20,13 +20,17 @@ wgmma runs while the next step decodes (its operand kept alive to the wait after
 wgmma); scales and mins are loaded a step ahead. sm_90 build: 342 instructions a thread a step,
 2 barriers, no shared-memory stores.
 
-On an H100 80GB HBM3 (8B shape, cold L2, each against ``quant_mma``'s default on the same card,
-``benchmarks/gluon_int4_mma.py``): gate_up 59.6 against 65.4 us at 64 rows, 43.8 against 49.1 at
-16; bf16x2 arithmetic 53.1 and 36.5 (``exact=False``, timing only).
+On an H100 80GB HBM3 (8B shape, cold L2, against ``quant_mma``'s default in the same call,
+``benchmarks/results/2026-12-06-i14-gluon-int4-mma-*-h100-*.json``): gate_up 59.7 against 64.9 us
+at 64 rows, 43.8 against 49.1 at 16; in bf16x2 arithmetic (``exact=False``, timing only) 53.1
+and 36.5. Batch-64 decode of the 8B shape with it on gate_up (that int4 model's head is int8): 10,786 tok/s against
+10,572 without (``HEARTH_QUANT_MMA_GLUON=0``) and bf16's 9,355, one machine
+(``2026-12-06-i14-bench-8b-bs64-*-h100-6b3adb9.json``).
 
-Split K as ``quant_mma``: each program of a tile writes its fp32 partial to a workspace and
-bumps the tile's counter (``hearth_kernels/counters.py``); the last to arrive sums them in split
-order (the same bits every run), adds the bias, writes y and resets the counter.
+Split K as ``quant_mma``: each program of a tile writes its fp32 partial to a workspace, fences
+(every thread, GPU scope: see ``fits``) and bumps the tile's counter (``hearth_kernels/counters.py``);
+the last to arrive fences, sums them in split order (the same bits every run), adds the bias,
+writes y and resets the counter.
 """
 
 from __future__ import annotations
@@ -215,6 +219,12 @@ def enabled() -> bool:
     return os.environ.get("HEARTH_QUANT_MMA_GLUON", "1") != "0"
 
 
+def split_enabled() -> bool:
+    """``HEARTH_QUANT_MMA_GLUON_SPLIT=1``: down-shaped layers take the Gluon kernel with a K split
+    too (``fits``)."""
+    return os.environ.get("HEARTH_QUANT_MMA_GLUON_SPLIT", "0") == "1"
+
+
 @functools.cache
 def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
@@ -223,19 +233,24 @@ def _sm90(index: int) -> bool:
 def fits(x: torch.Tensor, prepared, bias: torch.Tensor | None = None) -> bool:
     """Whether ``quant_mma`` hands this call to ``quant_gluon``: Gluon importable, not the
     interpreter, an sm_90 GPU, bf16 x of 1 to 64 rows, int4 in groups of a multiple of 128 with
-    mins, K a multiple of 128, N of 64, a bf16 bias or none, and a layer where it was measured
-    faster (H100, 8B shape, 16 and 64 rows): one whose default needs no K split (gate_up, the
-    head) or a down-shaped one (K at least 3N: the 8B down 33.4 against 40.4 us at 64 rows).
-    q/k/v and o keep the Triton kernel (20.0 / 15.5 against 18.4 / 15.4 us at 64 rows split).
+    mins, K a multiple of 128, N of 64, a bf16 bias or none, and a layer whose default needs no
+    K split (the 8B's gate_up and head). With ``HEARTH_QUANT_MMA_GLUON_SPLIT=1`` down-shaped
+    layers too (K at least 3N, split: on an H100 the 8B down ran 33.4 against the Triton kernel's
+    40.4 us at 64 rows), not yet the default: that routing has not run end to end nor through
+    the GPU tests since the fence below. q/k/v and o keep the Triton kernel either way (20.0 /
+    15.5 against 18.4 / 15.4 us at 64 rows, split).
+
     Split partials meet only after a GPU-scope fence in every thread: without it, the 8B gate_up
-    at 64 rows split 2 gave different bits on each call (828 outputs wrong by ~1e19; the Triton
-    kernel's split-K has the same pattern: see the note in ``benchmarks/QUANT_LOG.md``)."""
+    at 64 rows, split 2, gave different bits on each call on two H100s (638 and 828 outputs
+    wrong by ~1e19); with it every split timed was exact and repeatable
+    (``benchmarks/results/2026-12-06-i14-gluon-split-*-h100-030aea2.json``). The Triton kernel's
+    split-K (``quant_mma._write_tile``) has the same pattern without the fence."""
     return (gluon is not None and enabled() and x.is_cuda and not interpreting() and x.dtype == torch.bfloat16
             and 1 <= x.shape[0] <= 64 and prepared.bits == 4 and prepared.mins is not None
             and prepared.group_size % 128 == 0 and prepared.in_features % 128 == 0
             and prepared.out_features % 64 == 0 and (bias is None or bias.dtype == torch.bfloat16)
             and (default_gluon_config(x.shape[0], prepared.out_features, prepared.in_features).split == 1
-                 or prepared.in_features >= 3 * prepared.out_features)
+                 or (split_enabled() and prepared.in_features >= 3 * prepared.out_features))
             and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 

@@ -92,7 +92,10 @@ def test_which_calls_it_takes(monkeypatch):
     _, square = make_weight(4, 256, 256, 128)
     assert not qg.fits(x, square)  # q/k/v- and o-shaped (split by default): the Triton kernel keeps them
     _, down = make_weight(4, 64, 256 * 3, 128)
-    assert qg.fits(rand_x(4, 768, torch.bfloat16), down)  # down-shaped: taken, split
+    x_down = rand_x(4, 768, torch.bfloat16)
+    assert not qg.fits(x_down, down)  # down-shaped, split: only with HEARTH_QUANT_MMA_GLUON_SPLIT=1
+    monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON_SPLIT", "1")
+    assert qg.fits(x_down, down)
 
 
 def test_default_configs():
