@@ -9,8 +9,9 @@ use, occupancy), per Llama-8B projection and row count.
 (``benchmarks/gpu_session.sh mma-why`` runs it for the 8B's projections at 64 rows.)
 
 Random codes, scales and mins of the layer's shape (int4 in groups of 128, or int8 per
-channel with ``--bits 8``); x random bf16 (``down`` takes its SwiGLU in the kernel, as the
-engine runs it). Plain launches, no CUDA graph (ncu replays one launch): ``--launch-skip``
+channel with ``--bits 8``); x random bf16 (``down`` takes its SwiGLU in the Triton kernel, as the
+batch-1 GEMV path runs it; batched decode runs ``silu_and_mul`` first, and ``--gluon`` takes x
+after it). Plain launches, no CUDA graph (ncu replays one launch): ``--launch-skip``
 passes the compile and warm-up. Without ``--config``, ``default_mma_config``'s choice.
 """
 
@@ -42,6 +43,8 @@ def main() -> None:
     group = 128 if args.bits == 4 else k
     prepared = make(n, k, args.bits, group, "cuda")
     if args.gluon:
+        if args.bits != 4:
+            ap.error("--gluon runs int4 only")
         from hearth_kernels.quant_mma_gluon import GluonConfig, default_gluon_config, quant_gluon
         cfg = (GluonConfig(*(int(s) for s in args.config.split(","))) if args.config
                else default_gluon_config(args.rows, n, k))

@@ -493,10 +493,10 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
               bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x [M, K] (M <= ``MAX_ROWS``; [M, 2K] ``[gate | up]`` with ``swiglu``)
     in bf16/fp16 (fp32 for tests), W the ``prepared`` weight; [M, N] in x's dtype, into
-    ``out`` when given. Without a ``config`` (and SwiGLU), a call that
+    ``out`` when given. A call without a ``config`` or SwiGLU that
     ``hearth_kernels/quant_mma_gluon.fits`` (an sm_90 GPU, bf16 x of up to 64 rows, int4 in groups
-    of 128) runs the Gluon kernel there (the same values without a K split;
-    ``HEARTH_QUANT_MMA_GLUON=0`` keeps this one). No host sync; capturable in a CUDA graph once a split-K config has
+    of a multiple of 128, a layer that needs no K split) runs the Gluon kernel there (the same
+    values; ``HEARTH_QUANT_MMA_GLUON=0`` keeps this one). No host sync; capturable in a CUDA graph once a split-K config has
     run for this size outside capture (its counters are made then)."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_mma", x, k, swiglu)

@@ -44,11 +44,19 @@ import torch
 from hearth_kernels._compat import interpreting
 from hearth_kernels.counters import counters
 
-try:  # Triton 3.5+ ships Gluon; without it (or with another API) quant_mma keeps its Triton kernel
+#: the Triton release whose Gluon API (experimental, changing between releases) this is written
+#: and tested against: with another, quant_mma keeps its Triton kernel
+GLUON_TRITON = "3.6."
+
+try:
+    import triton
+
+    if not triton.__version__.startswith(GLUON_TRITON):
+        raise ImportError(f"Gluon kernel written for Triton {GLUON_TRITON}x, this is {triton.__version__}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import async_copy, warpgroup_mma, warpgroup_mma_wait
-except Exception:  # noqa: BLE001 - any import problem means no Gluon path
+except Exception:  # noqa: BLE001 - any import or version problem means no Gluon path
     gluon = None
 
 
@@ -116,9 +124,9 @@ if gluon is not None:
         wptr = wptr + step0 * 16
         xptr = xptr + step0 * 128
         xmask = (rm_c < M)[:, None]
-        for s in gl.static_range(STAGES - 1):
-            async_copy.async_copy_global_to_shared(ws.index(s), wptr + s * 16)
-            async_copy.async_copy_global_to_shared(xs.index(s), xptr + s * 128, mask=xmask)
+        for s in gl.static_range(STAGES - 1):  # steps past this program's last are not read
+            async_copy.async_copy_global_to_shared(ws.index(s), wptr + s * 16, mask=s < K_STEPS)
+            async_copy.async_copy_global_to_shared(xs.index(s), xptr + s * 128, mask=xmask & (s < K_STEPS))
             async_copy.commit_group()
         byte = gl.arange(0, 4, layout=LB)
         sel = gl.expand_dims(gl.expand_dims(byte + (byte + 4) * 256, 0), 0)
@@ -126,7 +134,7 @@ if gluon is not None:
         rn_s = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=LN)
         s_rows = s_ptr + rn_s.to(gl.int64) * stride_sn
         m_rows = m_ptr + rn_s.to(gl.int64) * stride_sn
-        g_last = (step0 + K_STEPS) * 128 // GROUP - 1
+        g_last = ((step0 + K_STEPS) * 128 - 1) // GROUP  # this program's last group
         s_cur = gl.load(s_rows + (step0 * 128) // GROUP)
         m_cur = gl.load(m_rows + (step0 * 128) // GROUP)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=MMA)
@@ -230,33 +238,45 @@ def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
+def takes(prepared, rows: int, bias_dtype: torch.dtype | None = None) -> bool:
+    """The shape rules of ``fits`` (any machine): 1 to 64 rows, int4 in groups of a multiple of 128
+    smaller than the row, with mins, K a multiple of 128, N of 64, a bf16 bias or none, and a layer
+    whose default needs no K split, or (``HEARTH_QUANT_MMA_GLUON_SPLIT=1``) a down-shaped one."""
+    n, k = prepared.out_features, prepared.in_features
+    return (1 <= rows <= 64 and prepared.bits == 4 and prepared.mins is not None and prepared.group_size % 128 == 0
+            and prepared.group_size < k and k % 128 == 0 and n % 64 == 0
+            and bias_dtype in (None, torch.bfloat16)
+            and (default_gluon_config(rows, n, k).split == 1 or (split_enabled() and k >= 3 * n)))
+
+
 def fits(x: torch.Tensor, prepared, bias: torch.Tensor | None = None) -> bool:
-    """Whether ``quant_mma`` hands this call to ``quant_gluon``: Gluon importable, not the
-    interpreter, an sm_90 GPU, bf16 x of 1 to 64 rows, int4 in groups of a multiple of 128 with
-    mins, K a multiple of 128, N of 64, a bf16 bias or none, and a layer whose default needs no
-    K split (the 8B's gate_up and head). With ``HEARTH_QUANT_MMA_GLUON_SPLIT=1`` down-shaped
-    layers too (K at least 3N, split: on an H100 the 8B down ran 33.4 against the Triton kernel's
-    40.4 us at 64 rows), not yet the default: that routing has not run end to end nor through
-    the GPU tests since the fence below. q/k/v and o keep the Triton kernel either way (20.0 /
-    15.5 against 18.4 / 15.4 us at 64 rows, split).
+    """Whether ``quant_mma`` hands this call to ``quant_gluon``: Gluon importable (Triton
+    ``GLUON_TRITON``), not the interpreter, an sm_90 GPU, bf16 x of 1 to 64 rows whose rows start
+    16-byte aligned (cp.async copies 16 bytes), int4 in groups of a multiple of 128 smaller than
+    the row (per-channel weights keep the Triton kernel's unrounded path) with mins, K a multiple
+    of 128, N of 64, a bf16 bias or none, and a layer whose default needs no K split (the 8B's
+    gate_up). With ``HEARTH_QUANT_MMA_GLUON_SPLIT=1`` down-shaped layers too (K at least 3N,
+    split: on an H100 the 8B down ran 33.4 us with 4 steps in flight and 34.8 with the 3 it takes
+    at 64 rows, against the Triton kernel's 40.4), not yet the default: that routing has not run
+    end to end nor through the GPU tests since the fence below. q/k/v and o keep the Triton kernel
+    either way (20.0 / 15.5 against 18.4 / 15.4 us at 64 rows, split).
 
     Split partials meet only after a GPU-scope fence in every thread: without it, the 8B gate_up
-    at 64 rows, split 2, gave different bits on each call on two H100s (638 and 828 outputs
-    wrong by ~1e19); with it every split timed was exact and repeatable
+    at 64 rows, split 2, gave different bits on each of three calls on two H100s (the harness
+    counted 638 and 828 outputs wrong by ~1e19; the JSON keeps ``repeatable: false`` and the
+    error); with it every split timed was exact and repeatable
     (``benchmarks/results/2026-12-06-i14-gluon-split-*-h100-030aea2.json``). The Triton kernel's
     split-K (``quant_mma._write_tile``) has the same pattern without the fence."""
     return (gluon is not None and enabled() and x.is_cuda and not interpreting() and x.dtype == torch.bfloat16
-            and 1 <= x.shape[0] <= 64 and prepared.bits == 4 and prepared.mins is not None
-            and prepared.group_size % 128 == 0 and prepared.in_features % 128 == 0
-            and prepared.out_features % 64 == 0 and (bias is None or bias.dtype == torch.bfloat16)
-            and (default_gluon_config(x.shape[0], prepared.out_features, prepared.in_features).split == 1
-                 or (split_enabled() and prepared.in_features >= 3 * prepared.out_features))
+            and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+            and takes(prepared, x.shape[0], None if bias is None else bias.dtype)
             and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 
 def quant_gluon(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor | None = None,
                 config: GluonConfig | None = None, exact: bool = True) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` into ``out`` [M, N] for a call ``fits`` takes (x contiguous along K).
+    """``x @ W.T (+ bias)`` into ``out`` [M, N] for a call ``fits`` takes (x contiguous along K; a
+    per-channel weight or any K split works too, for tests and timing).
     ``exact=False`` decodes in bf16x2 arithmetic instead (the scale and min rounded to bf16
     first: for timing only). No host sync; capturable in a CUDA graph once a split config has
     run outside capture (the counters are made then)."""

@@ -1,8 +1,10 @@
 """The Gluon int4 kernel (hearth_kernels/quant_mma_gluon.py): on an sm_90 GPU against the float64
 product of the dequantized weight (test_quant_gemv.py's ``check``) and bit for bit against the
 Triton kernel's in-register dequantization without a K split; every output written (poisoned with
-NaN first) and the same bits on every call with one; inside a CUDA graph. On any machine: which
-calls it takes, its configs, and its sm_90 build (no spills, the operand's layout conversion free)."""
+NaN first) and the same bits on every call with one; K ranges shorter than the copy ring, groups
+wider than a program's K range; inside a CUDA graph. On any machine: the shape rules of which
+calls it takes, its configs, and its sm_90 build (no spills, the operand's layout conversion free).
+Its values can't be checked on the CPU: the interpreter doesn't run Gluon."""
 
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ sm90 = pytest.mark.skipif(not _sm90() or qg.gluon is None, reason="needs an sm_9
 def test_matches_reference_and_triton(rows, n, k, group):
     qw, prep = make_weight(4, n, k, group, seed=rows + n)
     x = rand_x(rows, k, torch.bfloat16)
-    assert qg.fits(x, prep)
     triton_y = quant_mma(x, prep, config=MmaConfig(64, 128, 4, 3, 1, True, True))  # the Triton kernel, no split
     for stages in (3, 4):
         for split in (1, 2, 4):
@@ -49,6 +50,21 @@ def test_matches_reference_and_triton(rows, n, k, group):
                 again = torch.full_like(y, float("nan"))
                 qg.quant_gluon(x, prep, again, config=qg.GluonConfig(stages, split))
                 assert torch.equal(again, y), (stages, split)
+
+
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("n,k,group,split", [(64, 128, 128, 1), (64, 256, 128, 2), (128, 512, 512, 2),
+                                             (64, 1024, 1024, 4), (64, 768, 256, 2)])
+def test_short_ranges_and_wide_groups(n, k, group, split):
+    """One or two steps a program (fewer than the copy ring's), and groups wider than a program's
+    K range (a per-channel weight split 4: each program's steps all in its one group)."""
+    qw, prep = make_weight(4, n, k, group, seed=k + split)
+    x = rand_x(5, k, torch.bfloat16)
+    y = torch.full((5, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    qg.quant_gluon(x, prep, y, config=qg.GluonConfig(4, split))
+    assert not y.isnan().any()
+    check(y, x, qw, weight_rounding=True)
 
 
 @pytest.mark.gpu
@@ -74,28 +90,36 @@ def test_bias_default_path_and_graph():
 
 
 def test_which_calls_it_takes(monkeypatch):
-    qw, prep = make_weight(4, 16384, 256, 128)
+    """The shape rules (any machine), then the device's: a CPU tensor never, an sm_90 GPU's when
+    Gluon is there; the knobs."""
+    monkeypatch.delenv("HEARTH_QUANT_MMA_GLUON", raising=False)
+    monkeypatch.delenv("HEARTH_QUANT_MMA_GLUON_SPLIT", raising=False)
+    _, wide = make_weight(4, 16384, 256, 128)  # gate_up-like: no split by default
+    assert qg.takes(wide, 1) and qg.takes(wide, 64) and qg.takes(wide, 8, torch.bfloat16)
+    assert not qg.takes(wide, 65)  # one x tile of at most 64 rows
+    assert not qg.takes(wide, 8, torch.float16)  # a bf16 bias or none
+    _, narrow = make_weight(4, 16384, 256, 64)
+    assert not qg.takes(narrow, 8)  # groups of 64: a step holds two
+    _, per_channel = make_weight(4, 16384, 256, 256)
+    assert not qg.takes(per_channel, 8)  # one group a row: the Triton kernel's unrounded path
+    _, square = make_weight(4, 256, 256, 128)
+    assert not qg.takes(square, 8)  # q/k/v- and o-shaped (split by default): the Triton kernel keeps them
+    _, down = make_weight(4, 64, 256 * 3, 128)
+    assert not qg.takes(down, 8)  # down-shaped, split: only with HEARTH_QUANT_MMA_GLUON_SPLIT=1
+    monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON_SPLIT", "1")
+    assert qg.takes(down, 8) and not qg.takes(square, 8)
+    monkeypatch.delenv("HEARTH_QUANT_MMA_GLUON_SPLIT")
     x = rand_x(4, 256, torch.bfloat16)
     if not x.is_cuda:
-        assert not qg.fits(x, prep)  # a CPU tensor: the Triton kernel (the interpreter's)
+        assert not qg.fits(x, wide)  # a CPU tensor: the Triton kernel (the interpreter's)
         return
-    assert qg.fits(x, prep) == (_sm90() and qg.gluon is not None)
-    if not qg.fits(x, prep):
+    assert qg.fits(x, wide) == (_sm90() and qg.gluon is not None)
+    if not qg.fits(x, wide):
         return
+    assert not qg.fits(x.half(), wide)  # bf16 x only
+    assert not qg.fits(torch.empty(4, 260, dtype=torch.bfloat16, device=x.device)[:, :256], wide)  # rows unaligned
     monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON", "0")
-    assert not qg.fits(x, prep)
-    monkeypatch.delenv("HEARTH_QUANT_MMA_GLUON")
-    assert not qg.fits(x.half(), prep)  # bf16 x only
-    assert not qg.fits(rand_x(65, 256, torch.bfloat16), prep)  # one x tile of at most 64 rows
-    _, narrow = make_weight(4, 64, 256, 64)
-    assert not qg.fits(x, narrow)  # groups of 64: a step holds two
-    _, square = make_weight(4, 256, 256, 128)
-    assert not qg.fits(x, square)  # q/k/v- and o-shaped (split by default): the Triton kernel keeps them
-    _, down = make_weight(4, 64, 256 * 3, 128)
-    x_down = rand_x(4, 768, torch.bfloat16)
-    assert not qg.fits(x_down, down)  # down-shaped, split: only with HEARTH_QUANT_MMA_GLUON_SPLIT=1
-    monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON_SPLIT", "1")
-    assert qg.fits(x_down, down)
+    assert not qg.fits(x, wide)
 
 
 def test_default_configs():
@@ -116,10 +140,11 @@ def test_sm90_build():
         pytest.skip("no Triton")
     if qg.gluon is None:
         pytest.skip("this Triton has no Gluon")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
-        pytest.skip("Triton's NVIDIA backend (bundled ptxas) is not installed")
-    if not triton.__version__.startswith("3.6."):
-        pytest.skip(f"calibrated for Triton 3.6.x, this is {triton.__version__}")
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not ((bin_dir / "ptxas").is_file() and (bin_dir / "nvdisasm").is_file()):
+        pytest.skip("Triton's NVIDIA backend (bundled ptxas and nvdisasm) is not installed")
+    if qg.gluon is None:
+        pytest.skip(f"the Gluon kernel is written for Triton {qg.GLUON_TRITON}x, this is {triton.__version__}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "gluon"], cwd=root, env=env,
