@@ -108,6 +108,25 @@ def test_split_k_is_deterministic_and_leaves_its_counters_zero():
     assert not bool(_COUNTERS[x.device].any())  # reset by the last program of each tile
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 4])
+def test_split_k_at_a_wide_layer_writes_every_output_the_same_way(split):
+    """The split-K pattern that raced in the Gluon kernel without per-thread fences (its last
+    program summed a partial not yet visible: hearth_kernels/quant_mma_gluon.fits), at the shape
+    where it did (the 8B gate_up, 64 rows, 448 tiles): every output written (poisoned with NaN
+    first), the same bits on three calls, and right."""
+    qw, prep = make_weight(4, 28672, 4096, 128, seed=split)
+    x = rand_x(64, 4096, torch.bfloat16)
+    cfg = MmaConfig(64, 128, 4, 3, split, True, True)
+    runs = []
+    for _ in range(3):
+        y = torch.full((64, 28672), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        runs.append(quant_mma(x, prep, config=cfg, out=y))
+    assert not runs[0].isnan().any()
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    check(runs[0], x, qw, weight_rounding=True)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("n,k,group,dtype,mins", [(72, 256, 64, torch.bfloat16, True),
                                                   (40, 384, 128, torch.float16, True),
