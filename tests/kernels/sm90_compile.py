@@ -32,7 +32,7 @@ NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
 
 
 def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90,
-          divisible: tuple[str, ...] = ()):
+          divisible: tuple[str, ...] = (), source=ASTSource):
     """The sm_90 (or sm_``cc``) build of ``fn`` (Triton's compiled kernel; ``.asm["ptx"]`` its PTX).
     ``divisible``: integer arguments besides the strides that the launcher would see as
     multiples of 16 (it specialises on that), e.g. a K of 4,096 or 14,336."""
@@ -41,8 +41,8 @@ def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: i
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if sig[name].startswith("*") or (name.startswith("stride_") and name not in ("stride_tb",))
                or name in divisible}
-    src = ASTSource(fn=fn, signature=sig, attrs=aligned,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    src = source(fn=fn, signature=sig, attrs=aligned,
+                 constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     target = TARGET if cc == 90 else GPUTarget("cuda", cc, 32)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -109,8 +109,8 @@ def loop_instructions(kernel) -> dict:
 
 
 def compile_kernel(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: int, cc: int = 90,
-                   divisible: tuple[str, ...] = ()) -> dict:
-    kernel = build(fn, types, consts, num_warps, num_stages, cc, divisible)
+                   divisible: tuple[str, ...] = (), source=ASTSource) -> dict:
+    kernel = build(fn, types, consts, num_warps, num_stages, cc, divisible, source)
     ptx = kernel.asm["ptx"]
     log = _ptxas(ptx, os.devnull, cc)
     regs = re.search(r"Used (\d+) registers", log)
@@ -269,19 +269,9 @@ def gluon() -> None:
     for rows, split in ((16, 1), (16, 4), (64, 1), (64, 4)):
         stages = qg.default_gluon_config(rows, 4096, 4096).stages
         consts = dict(GROUP=128, BLOCK_M=rows, STAGES=stages, EXACT=True, SPLIT=split, HAS_BIAS=split > 1)
-        sig = {name: types.get(name, "i32") for name in fn.arg_names}
-        sig.update({name: "constexpr" for name in consts})
-        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                   if sig[name].startswith("*") or name.startswith("stride_")}
-        src = GluonASTSource(fn=fn, signature=sig, attrs=aligned,
-                             constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        kernel = triton.compile(src, target=TARGET, options={"num_warps": 4})
-        log = _ptxas(kernel.asm["ptx"], os.devnull)
-        regs = re.search(r"Used (\d+) registers", log)
-        spills = re.search(r"(\d+) bytes spill stores", log)
-        print(json.dumps({"rows": rows, "split": split, "stages": stages, "shared": kernel.metadata.shared,
-                          "registers": int(regs.group(1)) if regs else None,
-                          "spill_bytes": int(spills.group(1)) if spills else 0, **loop_instructions(kernel)}),
+        print(json.dumps({"rows": rows, "split": split, "stages": stages,
+                          **compile_kernel(fn, types, consts, 4, stages, source=GluonASTSource),
+                          **loop_instructions(build(fn, types, consts, 4, stages, source=GluonASTSource))}),
               flush=True)
 
 
