@@ -10,11 +10,23 @@ once before capturing it). Shared by every launch on the device, which is safe b
 launches on one device are serialized (the engine runs on one stream, and a PDL-launched
 kernel waits for the one before it to finish before touching memory); two streams
 running split launches at once would need counters of their own.
+
+Every thread of a program fences at GPU scope (``fence_gpu``) after writing its partial and
+before the count goes up, and the last program's threads again before they read the others'
+partials. A barrier and one thread's acquire-release atomic are not enough: a fence orders only
+its own warp's writes, and on H100s the Gluon int4 kernel summed partials not yet written
+(``quant_mma_gluon.fits``), the pattern of CUDA's threadFenceReduction sample: every writer fences.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
+
+from hearth_kernels._compat import interpreting
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
@@ -37,3 +49,21 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
                                "(hearth_kernels.counters.make_counters, or one split-K launch outside capture first)")
         have = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
     return have
+
+
+def fence_on() -> bool:
+    """Whether split launches fence (``fence_gpu``'s ``FENCE``): not in the interpreter, and not
+    with ``HEARTH_SPLIT_FENCE=0`` (an A/B switch for timing the fences' cost only: without them
+    a split may sum partials not yet written)."""
+    return not interpreting() and os.environ.get("HEARTH_SPLIT_FENCE", "1") != "0"
+
+
+@triton.jit
+def fence_gpu(FENCE: tl.constexpr):
+    """``fence.acq_rel.gpu`` in every thread of the program (a 32-element tensor is held by
+    every warp: Triton replicates it), when ``FENCE`` (off in the interpreter, which runs
+    programs one after another and has no inline assembly)."""
+    if FENCE:
+        zero = tl.full([32], 0, tl.int32)
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [zero], dtype=tl.int32,
+                                  is_pure=False, pack=1)

@@ -35,7 +35,8 @@ int8 codes are converted plainly (-128..127 are exact in bf16/fp16).
 
 Split-K (``SPLIT_K > 1``): K is divided among that many programs per output tile, so that
 layers with few rows (N = 4096) still put a program on every SM. Each writes its fp32
-partial tile to a workspace and bumps the tile's counter; the last to arrive sums the
+partial tile to a workspace, fences (every thread, GPU scope: ``hearth_kernels/counters.py``)
+and bumps the tile's counter; the last to arrive fences again, sums the
 partials in split order (the same bits on every run), writes y and resets the counter for
 the next launch (no extra kernel, capturable in a CUDA graph).
 
@@ -62,7 +63,7 @@ import triton.language as tl
 
 from hearth_kernels._compat import interpreting
 from hearth_kernels import quant_mma_gluon
-from hearth_kernels.counters import counters
+from hearth_kernels.counters import counters, fence_gpu, fence_on
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1
@@ -240,7 +241,8 @@ def _tile_rows(M, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                FENCE: tl.constexpr):
     """y^T tile ``acc`` [BLOCK_N, BLOCK_M] (fp32) -> y, with the bias; split K: through the
     workspace and the tile's counter (module docstring)."""
     if SPLIT_K > 1:
@@ -249,9 +251,11 @@ def _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, c
         inner = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_N * BLOCK_M)
         tl.store(ws_tile + tl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
-        tl.debug_barrier()  # every thread's partial is written before the tile's count goes up
+        fence_gpu(FENCE)  # every thread's partial performed at GPU scope (hearth_kernels/counters.py)
+        tl.debug_barrier()  # ... before the tile's count goes up
         done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:
+            fence_gpu(FENCE)
             acc = tl.load(ws_tile + inner, cache_modifier=".cg")
             for j in tl.static_range(1, SPLIT_K):
                 acc += tl.load(ws_tile + j * (BLOCK_N * BLOCK_M) + inner, cache_modifier=".cg")
@@ -275,7 +279,7 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                       PER_ROW: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
                       ONE_ROW: tl.constexpr, SCALE_W: tl.constexpr, AHEAD: tl.constexpr,
-                      DECODE32: tl.constexpr):
+                      DECODE32: tl.constexpr, FENCE: tl.constexpr = False):
     # q_ptr: int4 codes as int32 words (stride_qn in words), int8 codes as int8. magic: int4's
     # bit pattern (_MAGIC; with SCALE_W and DECODE32, the float32 one, _MAGIC32).
     tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
@@ -370,7 +374,7 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 off = -OFFSET * s
             acc += off[:, None] * xsum_all[None, :]
     _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, cnt_ptr, stride_ym,
-                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M)
+                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, FENCE)
 
 
 def _step(group: int, want: int) -> int:
@@ -540,7 +544,7 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
         DOT_FP32=dot_fp32,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_M=block_m, PER_ROW=group == k, SPLIT_K=split,
         STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=scale_w,
-        AHEAD=bool(cfg.ahead) and group < k, DECODE32=decode32,
+        AHEAD=bool(cfg.ahead) and group < k, DECODE32=decode32, FENCE=split > 1 and fence_on(),
         num_warps=cfg.warps)
     return out
 

@@ -265,8 +265,9 @@ def fits(x: torch.Tensor, prepared, bias: torch.Tensor | None = None) -> bool:
     at 64 rows, split 2, gave different bits on each of three calls on two H100s (the harness
     counted 638 and 828 outputs wrong by ~1e19; the JSON keeps ``repeatable: false`` and the
     error); with it every split timed was exact and repeatable
-    (``benchmarks/results/2026-12-06-i14-gluon-split-*-h100-030aea2.json``). The Triton kernel's
-    split-K (``quant_mma._write_tile``) has the same pattern without the fence."""
+    (``benchmarks/results/2026-12-06-i14-gluon-split-*-h100-030aea2.json``). The Triton kernels'
+    split-K (``quant_mma._write_tile``, the dp4a GEMV's) fence the same way since 2026-12-06
+    (``hearth_kernels/counters.py``)."""
     return (gluon is not None and enabled() and x.is_cuda and not interpreting() and x.dtype == torch.bfloat16
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
             and takes(prepared, x.shape[0], None if bias is None else bias.dtype)

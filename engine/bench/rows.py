@@ -54,7 +54,8 @@ def commit_id() -> str:
 #: pair of runs in one session says which side each row is)
 KERNEL_KNOBS = ("HEARTH_PDL", "HEARTH_QUANT_DP4A", "HEARTH_QUANT_TMA", "HEARTH_QUANT_KERNEL", "HEARTH_QUANT_MMA_AHEAD",
                 "HEARTH_QUANT_SWAP_INT8", "HEARTH_FP8_MMA", "HEARTH_QUANT_MMA_WIDE128",
-                "HEARTH_GEMV_PIN", "HEARTH_TUNE_THREADS")
+                "HEARTH_GEMV_PIN", "HEARTH_TUNE_THREADS", "HEARTH_QUANT_MMA_GLUON", "HEARTH_QUANT_MMA_GLUON_SPLIT",
+                "HEARTH_SPLIT_FENCE")
 
 
 def kernel_knobs() -> dict[str, str]:

@@ -430,3 +430,23 @@ def test_gpu_dp4a_llama_shapes(n, k, swiglu, bits, group):
               GemvConfig(16, 2, 4, DP4A, 2, 4, 1)):
         if c.kind == DP4A:
             check_exact(quant_gemv(x, prep, config=c, swiglu=swiglu), x, prep, swiglu=swiglu, levels=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [2, 4])
+def test_gpu_dp4a_split_writes_every_output_the_same_way(split):
+    """The split-K fixup at the 8B down shape (128 row blocks of 32, each split along K): every
+    output written (poisoned with NaN first), the same bits on three calls, and exact (the
+    pattern that raced in the Gluon kernel without per-thread fences: hearth_kernels/counters.py)."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    _, prep = make_weight(4, 4096, 14336, 128, mins=True, seed=split)
+    x = rand_x(1, 14336, torch.bfloat16)
+    c = GemvConfig(32, 4, 4, DP4A, 2, split)
+    runs = []
+    for _ in range(3):
+        out = torch.full((1, 4096), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        runs.append(quant_gemv(x, prep, config=c, out=out))
+    assert not runs[0].isnan().any()
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    check_exact(runs[0], x, prep, levels=1)
