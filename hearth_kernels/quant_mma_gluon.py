@@ -90,7 +90,9 @@ if gluon is not None:
         gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [one], dtype=gl.int32,
                                   is_pure=False, pack=1)
 
-    @gluon.jit
+    # K_STEPS not specialised: at 1 (a short row or a deep split) the prologue's ``s < K_STEPS``
+    # would be a Python bool, which a copy's mask can't take
+    @gluon.jit(do_not_specialize=["K_STEPS"])
     def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS, stride_xm,
                                stride_qn, stride_sn, stride_ym, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
                                STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
@@ -228,9 +230,9 @@ def enabled() -> bool:
 
 
 def split_enabled() -> bool:
-    """``HEARTH_QUANT_MMA_GLUON_SPLIT=1``: down-shaped layers take the Gluon kernel with a K split
-    too (``fits``)."""
-    return os.environ.get("HEARTH_QUANT_MMA_GLUON_SPLIT", "0") == "1"
+    """Down-shaped layers take the Gluon kernel with a K split too (``fits``), unless
+    ``HEARTH_QUANT_MMA_GLUON_SPLIT=0`` (the A/B switch)."""
+    return os.environ.get("HEARTH_QUANT_MMA_GLUON_SPLIT", "1") != "0"
 
 
 @functools.cache
@@ -241,7 +243,7 @@ def _sm90(index: int) -> bool:
 def takes(prepared, rows: int, bias_dtype: torch.dtype | None = None) -> bool:
     """The shape rules of ``fits`` (any machine): 1 to 64 rows, int4 in groups of a multiple of 128
     smaller than the row, with mins, K a multiple of 128, N of 64, a bf16 bias or none, and a layer
-    whose default needs no K split, or (``HEARTH_QUANT_MMA_GLUON_SPLIT=1``) a down-shaped one."""
+    whose default needs no K split or a down-shaped one (unless ``HEARTH_QUANT_MMA_GLUON_SPLIT=0``)."""
     n, k = prepared.out_features, prepared.in_features
     return (1 <= rows <= 64 and prepared.bits == 4 and prepared.mins is not None and prepared.group_size % 128 == 0
             and prepared.group_size < k and k % 128 == 0 and n % 64 == 0

@@ -105,9 +105,9 @@ def test_which_calls_it_takes(monkeypatch):
     _, square = make_weight(4, 256, 256, 128)
     assert not qg.takes(square, 8)  # q/k/v- and o-shaped (split by default): the Triton kernel keeps them
     _, down = make_weight(4, 64, 256 * 3, 128)
-    assert not qg.takes(down, 8)  # down-shaped, split: only with HEARTH_QUANT_MMA_GLUON_SPLIT=1
-    monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON_SPLIT", "1")
-    assert qg.takes(down, 8) and not qg.takes(square, 8)
+    assert qg.takes(down, 8)  # down-shaped (K at least 3N), split
+    monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON_SPLIT", "0")
+    assert not qg.takes(down, 8) and not qg.takes(square, 8) and qg.takes(wide, 8)
     monkeypatch.delenv("HEARTH_QUANT_MMA_GLUON_SPLIT")
     x = rand_x(4, 256, torch.bfloat16)
     if not x.is_cuda:
