@@ -51,18 +51,28 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     return have
 
 
-def fence_on() -> bool:
-    """Whether split launches fence (``fence_gpu``'s ``FENCE``): not in the interpreter, and not
-    with ``HEARTH_SPLIT_FENCE=0`` (an A/B switch for timing the fences' cost only: without them
-    a split may sum partials not yet written)."""
-    return not interpreting() and os.environ.get("HEARTH_SPLIT_FENCE", "1") != "0"
+#: ``fence_mode``'s bits: the writers' fence (after the partial, before the count), the last
+#: program's (after the count, before reading the others' partials)
+WRITER, READER = 1, 2
+
+
+def fence_mode() -> int:
+    """Which of the split launches' fences run (``WRITER | READER`` by default; a launch passes it
+    as its ``FENCE``): none in the interpreter (which runs programs one after another and has no
+    inline assembly). ``HEARTH_SPLIT_FENCE`` (A/B only, for timing the fences and finding which
+    one a race needs): ``0`` none (a split may then sum partials not yet written), ``writer``,
+    ``reader``, ``1`` both."""
+    if interpreting():
+        return 0
+    want = os.environ.get("HEARTH_SPLIT_FENCE", "1")
+    return {"0": 0, "writer": WRITER, "reader": READER}.get(want, WRITER | READER)
 
 
 @triton.jit
 def fence_gpu(FENCE: tl.constexpr):
     """``fence.acq_rel.gpu`` in every thread of the program (a 32-element tensor is held by
-    every warp: Triton replicates it), when ``FENCE`` (off in the interpreter, which runs
-    programs one after another and has no inline assembly)."""
+    every warp: Triton replicates it), when ``FENCE`` (a launch's ``FENCE & WRITER`` or
+    ``FENCE & READER``: ``fence_mode``)."""
     if FENCE:
         zero = tl.full([32], 0, tl.int32)
         tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [zero], dtype=tl.int32,

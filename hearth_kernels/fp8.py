@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth_kernels.counters import fence_on
+from hearth_kernels.counters import fence_mode
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.rmsnorm import _rms_normalize
 from hearth_kernels.quant_mma import _DOT_IN_FP32, _split, _tile_rows, _write_tile, block_m_for
@@ -307,7 +307,7 @@ def _fp8_mma_kernel(xq_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                     stride_xm, stride_wn, stride_ym,
                     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-                    FENCE: tl.constexpr = False):
+                    FENCE: tl.constexpr = 0):
     tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     kk = tl.arange(0, BLOCK_K)
@@ -375,6 +375,6 @@ def fp8_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
         xq, xs, weight, scale, bias if bias is not None else scale, out, ws, cnt, rows, n, k // block_k // split,
         xq.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
         DOT_FP32=_DOT_IN_FP32, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_M=block_m, SPLIT_K=split, STAGES=stages, FENCE=split > 1 and fence_on(),
+        BLOCK_K=block_k, BLOCK_M=block_m, SPLIT_K=split, STAGES=stages, FENCE=fence_mode() if split > 1 else 0,
         num_warps=warps)
     return out

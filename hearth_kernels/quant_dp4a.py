@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from hearth_kernels._compat import interpreting
-from hearth_kernels.counters import counters, fence_gpu, fence_on
+from hearth_kernels.counters import counters, fence_gpu, fence_mode
 from hearth_kernels.gemv import tma_available
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
@@ -269,7 +269,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                             HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
                             R: tl.constexpr, KP: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr,
                             NORM: tl.constexpr, QX: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
-                            FENCE: tl.constexpr = False):
+                            FENCE: tl.constexpr = 0):
     # q_ptr: the codes as int32 words (stride_qn in words); KP: the inputs of one program (K
     # rounded up to a power of 2, divided by SPLIT); program (i, s) takes rows i*ROWS.. and
     # the s-th KP inputs. SPLIT > 1: each program writes its rows' partial sums to ws_ptr
@@ -348,11 +348,11 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                 y += tl.load(b_ptr + rows_safe).to(tl.float32)
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
     if SPLIT > 1:
-        fence_gpu(FENCE)  # every thread's partials performed at GPU scope (hearth_kernels/counters.py)
+        fence_gpu(FENCE & 1)  # every thread's partials performed at GPU scope (hearth_kernels/counters.py)
         tl.debug_barrier()  # ... before the block's count goes up
         done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
         if done == SPLIT - 1:
-            fence_gpu(FENCE)
+            fence_gpu(FENCE & 2)
             rr = tl.arange(0, ROWS)
             part = ws_ptr + tl.program_id(0) * SPLIT * ROWS + rr
             y = tl.load(part, cache_modifier=".cg")
@@ -428,7 +428,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
         STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not interpreting(),
-        FENCE=split > 1 and fence_on(), num_warps=num_warps, **pdl_args(x.device))
+        FENCE=fence_mode() if split > 1 else 0, num_warps=num_warps, **pdl_args(x.device))
     return out
 
 

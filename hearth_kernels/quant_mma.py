@@ -63,7 +63,7 @@ import triton.language as tl
 
 from hearth_kernels._compat import interpreting
 from hearth_kernels import quant_mma_gluon
-from hearth_kernels.counters import counters, fence_gpu, fence_on
+from hearth_kernels.counters import counters, fence_gpu, fence_mode
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1
@@ -251,11 +251,11 @@ def _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, c
         inner = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_N * BLOCK_M)
         tl.store(ws_tile + tl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
-        fence_gpu(FENCE)  # every thread's partial performed at GPU scope (hearth_kernels/counters.py)
+        fence_gpu(FENCE & 1)  # every thread's partial performed at GPU scope (hearth_kernels/counters.py)
         tl.debug_barrier()  # ... before the tile's count goes up
         done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:
-            fence_gpu(FENCE)
+            fence_gpu(FENCE & 2)
             acc = tl.load(ws_tile + inner, cache_modifier=".cg")
             for j in tl.static_range(1, SPLIT_K):
                 acc += tl.load(ws_tile + j * (BLOCK_N * BLOCK_M) + inner, cache_modifier=".cg")
@@ -279,7 +279,7 @@ def _quant_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                       PER_ROW: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
                       ONE_ROW: tl.constexpr, SCALE_W: tl.constexpr, AHEAD: tl.constexpr,
-                      DECODE32: tl.constexpr, FENCE: tl.constexpr = False):
+                      DECODE32: tl.constexpr, FENCE: tl.constexpr = 0):
     # q_ptr: int4 codes as int32 words (stride_qn in words), int8 codes as int8. magic: int4's
     # bit pattern (_MAGIC; with SCALE_W and DECODE32, the float32 one, _MAGIC32).
     tile, rn_safe, rm_safe, n_ok, m_ok = _tile_rows(M, N, BLOCK_N, BLOCK_M)
@@ -544,7 +544,7 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
         DOT_FP32=dot_fp32,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_M=block_m, PER_ROW=group == k, SPLIT_K=split,
         STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=scale_w,
-        AHEAD=bool(cfg.ahead) and group < k, DECODE32=decode32, FENCE=split > 1 and fence_on(),
+        AHEAD=bool(cfg.ahead) and group < k, DECODE32=decode32, FENCE=fence_mode() if split > 1 else 0,
         num_warps=cfg.warps)
     return out
 

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from hearth_kernels._compat import interpreting
-from hearth_kernels.counters import counters
+from hearth_kernels.counters import counters, fence_mode
 
 #: the Triton release whose Gluon API (experimental, changing between releases) this is written
 #: and tested against: with another, quant_mma keeps its Triton kernel
@@ -95,7 +95,8 @@ if gluon is not None:
     @gluon.jit(do_not_specialize=["K_STEPS"])
     def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS, stride_xm,
                                stride_qn, stride_sn, stride_ym, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
-                               STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
+                               STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                               FENCE: gl.constexpr = 3):
         # program (tile, j) takes K steps j * K_STEPS.. of its 64 weight rows; with SPLIT > 1 the
         # partial tiles meet in ws_ptr and the last to arrive (cnt_ptr, left zeroed) sums them in
         # split order and writes y (as quant_mma's _write_tile)
@@ -194,11 +195,13 @@ if gluon is not None:
             gl.store(ws_tile + gl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
             # each thread's partial performed at GPU scope before the tile's count goes up (without
             # these fences an H100 summed a partial not yet visible: see ``fits``)
-            _fence_gpu()
+            if FENCE & 1:
+                _fence_gpu()
             gl.thread_barrier()
             done = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
             if done == SPLIT - 1:
-                _fence_gpu()
+                if FENCE & 2:
+                    _fence_gpu()
                 tot = gl.load(ws_tile + inner, cache_modifier=".cg")
                 for j in gl.static_range(1, SPLIT):
                     tot += gl.load(ws_tile + j * (BLOCK_N * BLOCK_M) + inner, cache_modifier=".cg")
@@ -300,5 +303,5 @@ def quant_gluon(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor
         x, q, prepared.scales, prepared.mins, bias if bias is not None else prepared.scales, out, ws, cnt, rows, n,
         steps // split, x.stride(0), q.stride(0), prepared.scales.stride(0), out.stride(0),
         GROUP=prepared.group_size, BLOCK_M=block_m, STAGES=cfg.stages, EXACT=exact, SPLIT=split,
-        HAS_BIAS=bias is not None, num_warps=4)
+        HAS_BIAS=bias is not None, FENCE=fence_mode() if split > 1 else 0, num_warps=4)
     return out

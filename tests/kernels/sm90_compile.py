@@ -213,7 +213,7 @@ def main() -> None:
                                      "b_ptr": bf, "y_ptr": bf, "ws_ptr": "*fp32", "cnt_ptr": "*i32"},
                                     dict(HAS_BIAS=False, DOT_FP32=False, BLOCK_N=bn, BLOCK_K=bk,
                                          BLOCK_M=16 if rows == 1 else 64, SPLIT_K=split, STAGES=stages,
-                                         FENCE=split > 1), warps, stages)
+                                         FENCE=3 if split > 1 else 0), warps, stages)
     cases["norm_quantize_rows"] = (fp8._norm_quantize_rows_kernel,
                                    {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                     "res_out_ptr": bf, "eps": "fp32"},
@@ -247,7 +247,7 @@ def mma_loops() -> None:
                           OFFSET=128 if bits == 4 else 0, DOT_FP32=False, BLOCK_N=cfg.block_n,
                           BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=group == 4096, SPLIT_K=cfg.split_k,
                           STAGES=cfg.stages, ONE_ROW=False, SCALE_W=bool(cfg.scale_w), AHEAD=ahead,
-                          DECODE32=bits == 4 and bool(cfg.scale_w), FENCE=cfg.split_k > 1)
+                          DECODE32=bits == 4 and bool(cfg.scale_w), FENCE=3 if cfg.split_k > 1 else 0)
             fn, t = qm._quant_mma_kernel, types if bits == 4 else int8
             row = {"tile": what, "bits": bits, "rows": 64, "config": list(cfg._replace(ahead=ahead)),
                    "weights_per_thread_step": cfg.block_n * 128 // (32 * cfg.warps),

@@ -53,16 +53,16 @@ def test_gpu_counters_made_before_capture_serve_inside_it(fresh):
 
 
 def test_split_launches_fence_unless_interpreted_or_switched_off(monkeypatch):
-    """``fence_on``: the split-K launches fence on a GPU; not in the interpreter (no inline
-    assembly there), and not with ``HEARTH_SPLIT_FENCE=0`` (the switch that times their cost)."""
+    """``fence_mode``: the split-K launches fence on both sides on a GPU; not in the interpreter
+    (no inline assembly there); ``HEARTH_SPLIT_FENCE`` picks none or one side (A/B only)."""
     monkeypatch.delenv("HEARTH_SPLIT_FENCE", raising=False)
     monkeypatch.setattr(cn, "interpreting", lambda: False)
-    assert cn.fence_on()
-    monkeypatch.setenv("HEARTH_SPLIT_FENCE", "0")
-    assert not cn.fence_on()
-    monkeypatch.setenv("HEARTH_SPLIT_FENCE", "1")
+    assert cn.fence_mode() == cn.WRITER | cn.READER == 3
+    for want, mode in (("0", 0), ("writer", cn.WRITER), ("reader", cn.READER), ("1", 3)):
+        monkeypatch.setenv("HEARTH_SPLIT_FENCE", want)
+        assert cn.fence_mode() == mode
     monkeypatch.setattr(cn, "interpreting", lambda: True)
-    assert not cn.fence_on()
+    assert cn.fence_mode() == 0
 
 
 _FENCES = r"""
@@ -87,7 +87,7 @@ kernels = {
 }
 for name, (fn, types, consts, warps, stages) in kernels.items():
     for fence in (False, True):
-        ptx = build(fn, types, dict(consts, FENCE=fence), warps, stages).asm["ptx"]
+        ptx = build(fn, types, dict(consts, FENCE=3 if fence else 0), warps, stages).asm["ptx"]
         lines = [ln.strip() for ln in ptx.splitlines()]
         at = [i for i, ln in enumerate(lines) if "fence.acq_rel.gpu" in ln]
         atom = [i for i, ln in enumerate(lines) if ln.startswith(("atom.", "@")) and "atom.global" in ln
