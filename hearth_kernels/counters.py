@@ -12,10 +12,14 @@ kernel waits for the one before it to finish before touching memory); two stream
 running split launches at once would need counters of their own.
 
 Every thread of a program fences at GPU scope (``fence_gpu``) after writing its partial and
-before the count goes up, and the last program's threads again before they read the others'
-partials. A barrier and one thread's acquire-release atomic are not enough: a fence orders only
-its own warp's writes, and on H100s the Gluon int4 kernel summed partials not yet written
-(``quant_mma_gluon.fits``), the pattern of CUDA's threadFenceReduction sample: every writer fences.
+before the count goes up: CUDA's documented pattern for a last block that sums the others'
+results (the programming guide's memory-fence example: each writer fences before the atomic; the
+last block reads after a barrier, from L2 here: ``.cg`` loads). Without it, on H100s at one tree
+(030aea2) the Gluon int4 kernel summed partials not yet written (``quant_mma_gluon.fits``);
+the same kernel without fences at a later tree (f0e08b0) and the Triton kernels' split GPU tests
+gave no race in three calls each, so which side a race needs was not pinned down there: the
+writers' fence is the default, ``HEARTH_SPLIT_FENCE=both`` adds the last program's
+(``benchmarks/results/2026-12-06-i14-split-fence-*-h100-*``).
 """
 
 from __future__ import annotations
@@ -57,15 +61,15 @@ WRITER, READER = 1, 2
 
 
 def fence_mode() -> int:
-    """Which of the split launches' fences run (``WRITER | READER`` by default; a launch passes it
-    as its ``FENCE``): none in the interpreter (which runs programs one after another and has no
-    inline assembly). ``HEARTH_SPLIT_FENCE`` (A/B only, for timing the fences and finding which
-    one a race needs): ``0`` none (a split may then sum partials not yet written), ``writer``,
-    ``reader``, ``1`` both."""
+    """Which of the split launches' fences run (a launch passes it as its ``FENCE``): the
+    writers' (``WRITER``) by default; none in the interpreter (which runs programs one after
+    another and has no inline assembly). ``HEARTH_SPLIT_FENCE`` (A/B only, for timing the fences
+    and looking for races): ``0`` none (a split may then sum partials not yet written),
+    ``reader`` the last program's alone, ``both``."""
     if interpreting():
         return 0
-    want = os.environ.get("HEARTH_SPLIT_FENCE", "1")
-    return {"0": 0, "writer": WRITER, "reader": READER}.get(want, WRITER | READER)
+    want = os.environ.get("HEARTH_SPLIT_FENCE", "writer")
+    return {"0": 0, "reader": READER, "both": WRITER | READER}.get(want, WRITER)
 
 
 @triton.jit

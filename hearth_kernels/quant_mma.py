@@ -36,7 +36,7 @@ int8 codes are converted plainly (-128..127 are exact in bf16/fp16).
 Split-K (``SPLIT_K > 1``): K is divided among that many programs per output tile, so that
 layers with few rows (N = 4096) still put a program on every SM. Each writes its fp32
 partial tile to a workspace, fences (every thread, GPU scope: ``hearth_kernels/counters.py``)
-and bumps the tile's counter; the last to arrive fences again, sums the
+and bumps the tile's counter; the last to arrive sums the
 partials in split order (the same bits on every run), writes y and resets the counter for
 the next launch (no extra kernel, capturable in a CUDA graph).
 

@@ -29,8 +29,8 @@ and 36.5. Batch-64 decode of the 8B shape with it on gate_up (that int4 model's 
 
 Split K as ``quant_mma``: each program of a tile writes its fp32 partial to a workspace, fences
 (every thread, GPU scope: see ``fits``) and bumps the tile's counter (``hearth_kernels/counters.py``);
-the last to arrive fences, sums them in split order (the same bits every run), adds the bias,
-writes y and resets the counter.
+the last to arrive sums them in split order (the same bits every run), adds the bias, writes y
+and resets the counter.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ if gluon is not None:
     def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS, stride_xm,
                                stride_qn, stride_sn, stride_ym, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
                                STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                               FENCE: gl.constexpr = 3):
+                               FENCE: gl.constexpr = 1):
         # program (tile, j) takes K steps j * K_STEPS.. of its 64 weight rows; with SPLIT > 1 the
         # partial tiles meet in ws_ptr and the last to arrive (cnt_ptr, left zeroed) sums them in
         # split order and writes y (as quant_mma's _write_tile)
@@ -194,7 +194,7 @@ if gluon is not None:
             ws_tile = ws_ptr + pid.to(gl.int64) * (SPLIT * BLOCK_N * BLOCK_M)
             gl.store(ws_tile + gl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
             # each thread's partial performed at GPU scope before the tile's count goes up (without
-            # these fences an H100 summed a partial not yet visible: see ``fits``)
+            # fences an H100 summed a partial not yet visible: see ``fits``); FENCE: counters.fence_mode
             if FENCE & 1:
                 _fence_gpu()
             gl.thread_barrier()

@@ -53,12 +53,12 @@ def test_gpu_counters_made_before_capture_serve_inside_it(fresh):
 
 
 def test_split_launches_fence_unless_interpreted_or_switched_off(monkeypatch):
-    """``fence_mode``: the split-K launches fence on both sides on a GPU; not in the interpreter
-    (no inline assembly there); ``HEARTH_SPLIT_FENCE`` picks none or one side (A/B only)."""
+    """``fence_mode``: the split-K launches' writers fence on a GPU; not in the interpreter (no
+    inline assembly there); ``HEARTH_SPLIT_FENCE`` picks none, the reader's or both (A/B only)."""
     monkeypatch.delenv("HEARTH_SPLIT_FENCE", raising=False)
     monkeypatch.setattr(cn, "interpreting", lambda: False)
-    assert cn.fence_mode() == cn.WRITER | cn.READER == 3
-    for want, mode in (("0", 0), ("writer", cn.WRITER), ("reader", cn.READER), ("1", 3)):
+    assert cn.fence_mode() == cn.WRITER == 1
+    for want, mode in (("0", 0), ("writer", cn.WRITER), ("reader", cn.READER), ("both", 3), ("1", cn.WRITER)):
         monkeypatch.setenv("HEARTH_SPLIT_FENCE", want)
         assert cn.fence_mode() == mode
     monkeypatch.setattr(cn, "interpreting", lambda: True)
