@@ -260,19 +260,22 @@ def fits(x: torch.Tensor, prepared, bias: torch.Tensor | None = None) -> bool:
     16-byte aligned (cp.async copies 16 bytes), int4 in groups of a multiple of 128 smaller than
     the row (per-channel weights keep the Triton kernel's unrounded path) with mins, K a multiple
     of 128, N of 64, a bf16 bias or none, and a layer whose default needs no K split (the 8B's
-    gate_up). With ``HEARTH_QUANT_MMA_GLUON_SPLIT=1`` down-shaped layers too (K at least 3N,
-    split: on an H100 the 8B down ran 33.4 us with 4 steps in flight and 34.8 with the 3 it takes
-    at 64 rows, against the Triton kernel's 40.4), not yet the default: that routing has not run
-    end to end nor through the GPU tests since the fence below. q/k/v and o keep the Triton kernel
-    either way (20.0 / 15.5 against 18.4 / 15.4 us at 64 rows, split).
+    gate_up) or a down-shaped one (K at least 3N, split; ``HEARTH_QUANT_MMA_GLUON_SPLIT=0`` keeps
+    those on the Triton kernel): on an H100 the 8B down ran 33.4 us with 4 steps in flight and 34.8
+    with the 3 it takes at 64 rows, against the Triton kernel's 40.4, and batch-64 decode went from
+    10,680 to 10,991 tok/s with it (bf16 9,340, one machine:
+    ``2026-12-06-i14-split-fence-bench-8b-bs64-*-h100-3ff8824.json``). q/k/v and o keep the Triton
+    kernel (20.0 / 15.5 against 18.4 / 15.4 us at 64 rows, split, before the Triton kernel's splits
+    fenced too).
 
-    Split partials meet only after a GPU-scope fence in every thread: without it, the 8B gate_up
-    at 64 rows, split 2, gave different bits on each of three calls on two H100s (the harness
-    counted 638 and 828 outputs wrong by ~1e19; the JSON keeps ``repeatable: false`` and the
-    error); with it every split timed was exact and repeatable
-    (``benchmarks/results/2026-12-06-i14-gluon-split-*-h100-030aea2.json``). The Triton kernels'
-    split-K (``quant_mma._write_tile``, the dp4a GEMV's) fence the same way since 2026-12-06
-    (``hearth_kernels/counters.py``)."""
+    Split partials meet only after a GPU-scope fence in every thread (``counters.fence_mode``): without
+    it, at 030aea2 the 8B gate_up at 64 rows, split 2, gave different bits on each of three calls on
+    two H100s (the harness counted 638 and 828 outputs wrong by ~1e19; the JSON keeps ``repeatable:
+    false`` and the error); with fences every split timed was exact and repeatable
+    (``benchmarks/results/2026-12-06-i14-gluon-split-*-h100-030aea2.json``). At f0e08b0 the same
+    case gave no race without them (``2026-12-06-i14-split-fence-gluon-gate_up-*-h100-f0e08b0.json``):
+    the writers' fence stays, as in CUDA's documented pattern, and the Triton kernels' split-K
+    (``quant_mma._write_tile``, the dp4a GEMV's) fence the same way since 2026-12-06."""
     return (gluon is not None and enabled() and x.is_cuda and not interpreting() and x.dtype == torch.bfloat16
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
             and takes(prepared, x.shape[0], None if bias is None else bias.dtype)
