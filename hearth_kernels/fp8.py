@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth_kernels.counters import fence_mode
+from hearth_kernels.split_fence import fence_mode
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.rmsnorm import _rms_normalize
 from hearth_kernels.quant_mma import _DOT_IN_FP32, _split, _tile_rows, _write_tile, block_m_for

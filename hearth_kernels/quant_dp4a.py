@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 
 from hearth_kernels._compat import interpreting
-from hearth_kernels.counters import counters, fence_gpu, fence_mode
+from hearth_kernels.counters import counters
+from hearth_kernels.split_fence import fence_gpu, fence_mode
 from hearth_kernels.gemv import tma_available
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
@@ -348,7 +349,7 @@ def _quant_gemv_dp4a_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cn
                 y += tl.load(b_ptr + rows_safe).to(tl.float32)
             tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
     if SPLIT > 1:
-        fence_gpu(FENCE & 1)  # every thread's partials performed at GPU scope (hearth_kernels/counters.py)
+        fence_gpu(FENCE & 1)  # every thread's partials performed at GPU scope (hearth_kernels/split_fence.py)
         tl.debug_barrier()  # ... before the block's count goes up
         done = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
         if done == SPLIT - 1:

@@ -35,7 +35,7 @@ int8 codes are converted plainly (-128..127 are exact in bf16/fp16).
 
 Split-K (``SPLIT_K > 1``): K is divided among that many programs per output tile, so that
 layers with few rows (N = 4096) still put a program on every SM. Each writes its fp32
-partial tile to a workspace, fences (every thread, GPU scope: ``hearth_kernels/counters.py``)
+partial tile to a workspace, fences (every thread, GPU scope: ``hearth_kernels/split_fence.py``)
 and bumps the tile's counter; the last to arrive sums the
 partials in split order (the same bits on every run), writes y and resets the counter for
 the next launch (no extra kernel, capturable in a CUDA graph).
@@ -63,7 +63,8 @@ import triton.language as tl
 
 from hearth_kernels._compat import interpreting
 from hearth_kernels import quant_mma_gluon
-from hearth_kernels.counters import counters, fence_gpu, fence_mode
+from hearth_kernels.counters import counters
+from hearth_kernels.split_fence import fence_gpu, fence_mode
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1
@@ -251,7 +252,7 @@ def _write_tile(acc, tile, rn_safe, rm_safe, n_ok, m_ok, b_ptr, y_ptr, ws_ptr, c
         inner = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         ws_tile = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_N * BLOCK_M)
         tl.store(ws_tile + tl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
-        fence_gpu(FENCE & 1)  # every thread's partial performed at GPU scope (hearth_kernels/counters.py)
+        fence_gpu(FENCE & 1)  # every thread's partial performed at GPU scope (hearth_kernels/split_fence.py)
         tl.debug_barrier()  # ... before the tile's count goes up
         done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:
@@ -499,8 +500,9 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
     in bf16/fp16 (fp32 for tests), W the ``prepared`` weight; [M, N] in x's dtype, into
     ``out`` when given. A call without a ``config`` or SwiGLU that
     ``hearth_kernels/quant_mma_gluon.fits`` (an sm_90 GPU, bf16 x of up to 64 rows, int4 in groups
-    of a multiple of 128, a layer that needs no K split) runs the Gluon kernel there (the same
-    values; ``HEARTH_QUANT_MMA_GLUON=0`` keeps this one). No host sync; capturable in a CUDA graph once a split-K config has
+    of a multiple of 128, a layer that needs no K split or a down-shaped one, split) runs the Gluon
+    kernel there (the same values without a split; with one, its own split's sum order;
+    ``HEARTH_QUANT_MMA_GLUON=0`` keeps this one). No host sync; capturable in a CUDA graph once a split-K config has
     run for this size outside capture (its counters are made then)."""
     n, k = prepared.out_features, prepared.in_features
     _check_x("quant_mma", x, k, swiglu)

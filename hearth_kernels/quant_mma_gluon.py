@@ -25,7 +25,8 @@ On an H100 80GB HBM3 (8B shape, cold L2, against ``quant_mma``'s default in the 
 at 64 rows, 43.8 against 49.1 at 16; in bf16x2 arithmetic (``exact=False``, timing only) 53.1
 and 36.5. Batch-64 decode of the 8B shape with it on gate_up (that int4 model's head is int8): 10,786 tok/s against
 10,572 without (``HEARTH_QUANT_MMA_GLUON=0``) and bf16's 9,355, one machine
-(``2026-12-06-i14-bench-8b-bs64-*-h100-6b3adb9.json``).
+(``2026-12-06-i14-bench-8b-bs64-*-h100-6b3adb9.json``); with it on the down projection too (split
+along K, since 3ff8824) 10,991 against 10,680 on gate_up alone, bf16 9,340 (``fits``).
 
 Split K as ``quant_mma``: each program of a tile writes its fp32 partial to a workspace, fences
 (every thread, GPU scope: see ``fits``) and bumps the tile's counter (``hearth_kernels/counters.py``);
@@ -42,7 +43,8 @@ from typing import NamedTuple
 import torch
 
 from hearth_kernels._compat import interpreting
-from hearth_kernels.counters import counters, fence_mode
+from hearth_kernels.counters import counters
+from hearth_kernels.split_fence import fence_mode
 
 #: the Triton release whose Gluon API (experimental, changing between releases) this is written
 #: and tested against: with another, quant_mma keeps its Triton kernel
@@ -96,7 +98,7 @@ if gluon is not None:
     def _gluon_int4_mma_kernel(x_ptr, q_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K_STEPS, stride_xm,
                                stride_qn, stride_sn, stride_ym, GROUP: gl.constexpr, BLOCK_M: gl.constexpr,
                                STAGES: gl.constexpr, EXACT: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                               FENCE: gl.constexpr = 1):
+                               FENCE: gl.constexpr = 0):
         # program (tile, j) takes K steps j * K_STEPS.. of its 64 weight rows; with SPLIT > 1 the
         # partial tiles meet in ws_ptr and the last to arrive (cnt_ptr, left zeroed) sums them in
         # split order and writes y (as quant_mma's _write_tile)
@@ -194,7 +196,7 @@ if gluon is not None:
             ws_tile = ws_ptr + pid.to(gl.int64) * (SPLIT * BLOCK_N * BLOCK_M)
             gl.store(ws_tile + gl.program_id(1) * (BLOCK_N * BLOCK_M) + inner, acc, cache_modifier=".cg")
             # each thread's partial performed at GPU scope before the tile's count goes up (without
-            # fences an H100 summed a partial not yet visible: see ``fits``); FENCE: counters.fence_mode
+            # fences an H100 summed a partial not yet visible: see ``fits``); FENCE: split_fence.fence_mode
             if FENCE & 1:
                 _fence_gpu()
             gl.thread_barrier()
@@ -268,7 +270,7 @@ def fits(x: torch.Tensor, prepared, bias: torch.Tensor | None = None) -> bool:
     kernel (20.0 / 15.5 against 18.4 / 15.4 us at 64 rows, split, before the Triton kernel's splits
     fenced too).
 
-    Split partials meet only after a GPU-scope fence in every thread (``counters.fence_mode``): without
+    Split partials meet only after a GPU-scope fence in every thread (``split_fence.fence_mode``): without
     it, at 030aea2 the 8B gate_up at 64 rows, split 2, gave different bits on each of three calls on
     two H100s (the harness counted 638 and 828 outputs wrong by ~1e19; the JSON keeps ``repeatable:
     false`` and the error); with fences every split timed was exact and repeatable

@@ -36,6 +36,8 @@ def build(fn, types: dict[str, str], consts: dict, num_warps: int, num_stages: i
     """The sm_90 (or sm_``cc``) build of ``fn`` (Triton's compiled kernel; ``.asm["ptx"]`` its PTX).
     ``divisible``: integer arguments besides the strides that the launcher would see as
     multiples of 16 (it specialises on that), e.g. a K of 4,096 or 14,336."""
+    # a constexpr left out takes its default (as a launch that doesn't pass it), not a runtime i32
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig = {name: types.get(name, "i32") for name in fn.arg_names}
     sig.update({name: "constexpr" for name in consts})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
@@ -213,7 +215,7 @@ def main() -> None:
                                      "b_ptr": bf, "y_ptr": bf, "ws_ptr": "*fp32", "cnt_ptr": "*i32"},
                                     dict(HAS_BIAS=False, DOT_FP32=False, BLOCK_N=bn, BLOCK_K=bk,
                                          BLOCK_M=16 if rows == 1 else 64, SPLIT_K=split, STAGES=stages,
-                                         FENCE=3 if split > 1 else 0), warps, stages)
+                                         FENCE=1 if split > 1 else 0), warps, stages)
     cases["norm_quantize_rows"] = (fp8._norm_quantize_rows_kernel,
                                    {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                     "res_out_ptr": bf, "eps": "fp32"},
@@ -247,7 +249,7 @@ def mma_loops() -> None:
                           OFFSET=128 if bits == 4 else 0, DOT_FP32=False, BLOCK_N=cfg.block_n,
                           BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=group == 4096, SPLIT_K=cfg.split_k,
                           STAGES=cfg.stages, ONE_ROW=False, SCALE_W=bool(cfg.scale_w), AHEAD=ahead,
-                          DECODE32=bits == 4 and bool(cfg.scale_w), FENCE=3 if cfg.split_k > 1 else 0)
+                          DECODE32=bits == 4 and bool(cfg.scale_w), FENCE=1 if cfg.split_k > 1 else 0)
             fn, t = qm._quant_mma_kernel, types if bits == 4 else int8
             row = {"tile": what, "bits": bits, "rows": 64, "config": list(cfg._replace(ahead=ahead)),
                    "weights_per_thread_step": cfg.block_n * 128 // (32 * cfg.warps),
@@ -269,7 +271,8 @@ def gluon() -> None:
              "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     for rows, split in ((16, 1), (16, 4), (64, 1), (64, 4)):
         stages = qg.default_gluon_config(rows, 4096, 4096).stages
-        consts = dict(GROUP=128, BLOCK_M=rows, STAGES=stages, EXACT=True, SPLIT=split, HAS_BIAS=split > 1)
+        consts = dict(GROUP=128, BLOCK_M=rows, STAGES=stages, EXACT=True, SPLIT=split, HAS_BIAS=split > 1,
+                      FENCE=1 if split > 1 else 0)
         print(json.dumps({"rows": rows, "split": split, "stages": stages,
                           **compile_kernel(fn, types, consts, 4, stages, source=GluonASTSource),
                           **loop_instructions(build(fn, types, consts, 4, stages, source=GluonASTSource))}),

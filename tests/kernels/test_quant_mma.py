@@ -367,7 +367,7 @@ for rows, swiglu in ((1, False), (1, True), (16, False), (64, False)):
         consts = dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=swiglu, OFFSET=128, DOT_FP32=False,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=bm, PER_ROW=False, SPLIT_K=cfg.split_k,
                       STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=cfg.scale_w, AHEAD=cfg.ahead,
-                      DECODE32=cfg.scale_w, FENCE=3 if cfg.split_k > 1 else 0)
+                      DECODE32=cfg.scale_w, FENCE=1 if cfg.split_k > 1 else 0)
         row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
         print(json.dumps({"rows": rows, "swiglu": swiglu, "config": list(cfg), **row}), flush=True)
 cfg = qm.default_mma_config(64, 4096, 14336, 4, 128)  # a down-shaped layer's default: K steps of 64
@@ -375,7 +375,7 @@ for swiglu in (False, True):
     consts = dict(GROUP=128, BITS=4, HAS_MIN=True, HAS_BIAS=False, SWIGLU=swiglu, OFFSET=128, DOT_FP32=False,
                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=64, PER_ROW=False, SPLIT_K=cfg.split_k,
                   STAGES=cfg.stages, ONE_ROW=False, SCALE_W=cfg.scale_w, AHEAD=cfg.ahead, DECODE32=cfg.scale_w,
-                  FENCE=3 if cfg.split_k > 1 else 0)
+                  FENCE=1 if cfg.split_k > 1 else 0)
     row = compile_kernel(qm._quant_mma_kernel, types, consts, cfg.warps, cfg.stages)
     print(json.dumps({"rows": 64, "swiglu": swiglu, "config": list(cfg), "down": True, **row}), flush=True)
 for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes converted by _INT8_ASM
@@ -384,7 +384,8 @@ for dt in ("bf16", "fp16"):  # int8 per channel (the int8 head's layout): codes 
         for cfg in qm.mma_configs(rows, 4096, 4096, 8, 4096)[:3]:
             consts = dict(GROUP=4096, BITS=8, HAS_MIN=False, HAS_BIAS=False, SWIGLU=False, OFFSET=0, DOT_FP32=False,
                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=qm.block_m_for(rows), PER_ROW=True,
-                          SPLIT_K=cfg.split_k, STAGES=cfg.stages, ONE_ROW=False, SCALE_W=False, AHEAD=False, DECODE32=False)
+                          SPLIT_K=cfg.split_k, STAGES=cfg.stages, ONE_ROW=False, SCALE_W=False, AHEAD=False, DECODE32=False,
+                          FENCE=1 if cfg.split_k > 1 else 0)
             row = compile_kernel(qm._quant_mma_kernel, t8, consts, cfg.warps, cfg.stages)
             print(json.dumps({"rows": rows, "swiglu": False, "config": list(cfg), "int8": dt, **row}), flush=True)
 for cc, dt in ((80, "bf16"), (80, "fp16"), (89, "bf16")):  # the int8 assembly on Ampere and Ada too

@@ -89,6 +89,36 @@ def test_bias_default_path_and_graph():
     assert torch.equal(out, y)
 
 
+@pytest.mark.gpu
+@sm90
+@pytest.mark.parametrize("rows", [16, 64])
+def test_down_shaped_default_path_splits_and_graph(rows, monkeypatch):
+    """quant_mma without a config takes the Gluon kernel with a K split for a down-shaped layer
+    (K at least 3N): every output written, right, the same bits on each call and inside a CUDA
+    graph; ``HEARTH_QUANT_MMA_GLUON_SPLIT=0`` hands it back to the Triton kernel."""
+    monkeypatch.delenv("HEARTH_QUANT_MMA_GLUON_SPLIT", raising=False)
+    n, k = 512, 14336
+    qw, prep = make_weight(4, n, k, 128, seed=rows)
+    x = rand_x(rows, k, torch.bfloat16)
+    assert qg.default_gluon_config(rows, n, k).split > 1 and qg.fits(x, prep)
+    y = torch.full((rows, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    quant_mma(x, prep, out=y)
+    assert not y.isnan().any()
+    check(y, x, qw, weight_rounding=True)
+    again = torch.full_like(y, float("nan"))
+    assert torch.equal(quant_mma(x, prep, out=again), y)
+    out = torch.empty_like(y)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        quant_mma(x, prep, out=out)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)
+    monkeypatch.setenv("HEARTH_QUANT_MMA_GLUON_SPLIT", "0")
+    assert not qg.fits(x, prep)
+    check(quant_mma(x, prep), x, qw, weight_rounding=True)
+
 def test_which_calls_it_takes(monkeypatch):
     """The shape rules (any machine), then the device's: a CPU tensor never, an sm_90 GPU's when
     Gluon is there; the knobs."""
