@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth_kernels.split_fence import fence_mode
+from hearth_kernels.split_fence import launch_fence
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.rmsnorm import _rms_normalize
 from hearth_kernels.quant_mma import _DOT_IN_FP32, _split, _tile_rows, _write_tile, block_m_for
@@ -375,6 +375,6 @@ def fp8_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
         xq, xs, weight, scale, bias if bias is not None else scale, out, ws, cnt, rows, n, k // block_k // split,
         xq.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
         DOT_FP32=_DOT_IN_FP32, BLOCK_N=block_n,
-        BLOCK_K=block_k, BLOCK_M=block_m, SPLIT_K=split, STAGES=stages, FENCE=fence_mode() if split > 1 else 0,
+        BLOCK_K=block_k, BLOCK_M=block_m, SPLIT_K=split, STAGES=stages, FENCE=launch_fence(split),
         num_warps=warps)
     return out

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from hearth_kernels._compat import interpreting
 from hearth_kernels.counters import counters
-from hearth_kernels.split_fence import fence_gpu, fence_mode
+from hearth_kernels.split_fence import fence_gpu, launch_fence
 from hearth_kernels.gemv import tma_available
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 from hearth_kernels.quant_gemv import _DP4A_MAX_K as DP4A_MAX_K
@@ -429,7 +429,7 @@ def quant_gemv_dp4a(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Te
         GROUP=prepared.group_size, BITS=prepared.bits,
         HAS_MIN=m is not None, HAS_BIAS=bias is not None, SWIGLU=swiglu, ROWS=block_n, R=rows_per_step, KP=kp,
         STAGES=stages, SPLIT=split, NORM=norm_mode, QX=qx is not False, ASM=not interpreting(),
-        FENCE=fence_mode() if split > 1 else 0, num_warps=num_warps, **pdl_args(x.device))
+        FENCE=launch_fence(split), num_warps=num_warps, **pdl_args(x.device))
     return out
 
 

@@ -64,7 +64,7 @@ import triton.language as tl
 from hearth_kernels._compat import interpreting
 from hearth_kernels import quant_mma_gluon
 from hearth_kernels.counters import counters
-from hearth_kernels.split_fence import fence_gpu, fence_mode
+from hearth_kernels.split_fence import fence_gpu, launch_fence
 from hearth_kernels.quant_gemv import PreparedQuant, _check_bias_out, _check_x
 
 # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly; under TRITON_INTERPRET=1
@@ -546,7 +546,7 @@ def quant_mma(x: torch.Tensor, prepared: PreparedQuant, *, config: tuple | None 
         DOT_FP32=dot_fp32,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_M=block_m, PER_ROW=group == k, SPLIT_K=split,
         STAGES=cfg.stages, ONE_ROW=rows == 1 and swiglu, SCALE_W=scale_w,
-        AHEAD=bool(cfg.ahead) and group < k, DECODE32=decode32, FENCE=fence_mode() if split > 1 else 0,
+        AHEAD=bool(cfg.ahead) and group < k, DECODE32=decode32, FENCE=launch_fence(split),
         num_warps=cfg.warps)
     return out
 

@@ -44,7 +44,7 @@ import torch
 
 from hearth_kernels._compat import interpreting
 from hearth_kernels.counters import counters
-from hearth_kernels.split_fence import fence_mode
+from hearth_kernels.split_fence import launch_fence
 
 #: the Triton release whose Gluon API (experimental, changing between releases) this is written
 #: and tested against: with another, quant_mma keeps its Triton kernel
@@ -308,5 +308,5 @@ def quant_gluon(x: torch.Tensor, prepared, out: torch.Tensor, bias: torch.Tensor
         x, q, prepared.scales, prepared.mins, bias if bias is not None else prepared.scales, out, ws, cnt, rows, n,
         steps // split, x.stride(0), q.stride(0), prepared.scales.stride(0), out.stride(0),
         GROUP=prepared.group_size, BLOCK_M=block_m, STAGES=cfg.stages, EXACT=exact, SPLIT=split,
-        HAS_BIAS=bias is not None, FENCE=fence_mode() if split > 1 else 0, num_warps=4)
+        HAS_BIAS=bias is not None, FENCE=launch_fence(split), num_warps=4)
     return out

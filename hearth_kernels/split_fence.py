@@ -41,6 +41,11 @@ def fence_mode() -> int:
     return 0 if interpreting() else _MODES[want]
 
 
+def launch_fence(split: int) -> int:
+    """A launch's ``FENCE``: ``fence_mode()`` for a launch split along K, else 0 (nothing to fence)."""
+    return fence_mode() if split > 1 else 0
+
+
 @triton.jit
 def fence_gpu(FENCE: tl.constexpr):
     """``fence.acq_rel.gpu`` in every thread of the program (a 32-element tensor is held by

@@ -50,4 +50,3 @@ def test_gpu_counters_made_before_capture_serve_inside_it(fresh):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         assert cn.counters(dev, 1) is have
-

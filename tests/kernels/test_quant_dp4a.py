@@ -21,7 +21,7 @@ from hearth_kernels.activation import silu_and_mul
 from hearth_kernels.quant_dp4a import dp4a_launch, dp4a_reference
 from hearth_kernels.quant_gemv import DP4A, GemvConfig, quant_gemv, quant_gemv_configs
 from tests.kernels.reference import DEVICE
-from tests.kernels.test_quant_gemv import UNIT, make_weight, rand_x
+from tests.kernels.test_quant_gemv import UNIT, make_weight, poisoned_runs, rand_x
 
 SMALL = GemvConfig(16, 2, 1, DP4A, 2)  # 16 rows per program in steps of 2 (N=40: a partial program)
 
@@ -437,16 +437,10 @@ def test_gpu_dp4a_llama_shapes(n, k, swiglu, bits, group):
 def test_gpu_dp4a_split_writes_every_output_the_same_way(split):
     """The split-K fixup at the 8B down shape (128 row blocks of 32, each split along K): every
     output written (poisoned with NaN first), the same bits on three calls, and exact (the
-    pattern that raced in the Gluon kernel without per-thread fences: hearth_kernels/counters.py)."""
+    pattern that raced in the Gluon kernel without per-thread fences: hearth_kernels/split_fence.py)."""
     if DEVICE != "cuda":
         pytest.skip("needs a CUDA GPU")
     _, prep = make_weight(4, 4096, 14336, 128, mins=True, seed=split)
     x = rand_x(1, 14336, torch.bfloat16)
     c = GemvConfig(32, 4, 4, DP4A, 2, split)
-    runs = []
-    for _ in range(3):
-        out = torch.full((1, 4096), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        runs.append(quant_gemv(x, prep, config=c, out=out))
-    assert not runs[0].isnan().any()
-    assert all(torch.equal(r, runs[0]) for r in runs[1:])
-    check_exact(runs[0], x, prep, levels=1)
+    check_exact(poisoned_runs(lambda out: quant_gemv(x, prep, config=c, out=out), (1, 4096)), x, prep, levels=1)

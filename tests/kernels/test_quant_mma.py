@@ -17,7 +17,7 @@ from hearth_kernels.counters import _COUNTERS
 from hearth_kernels.quant_mma import (_MAGIC32, MmaConfig, _decode_int4, _decode_int4_f32, default_mma_config,
                                     mma_configs, quant_mma)
 from tests.kernels.reference import DEVICE
-from tests.kernels.test_quant_gemv import check, make_weight, rand_x
+from tests.kernels.test_quant_gemv import check, make_weight, poisoned_runs, rand_x
 
 SMALL = MmaConfig(32, 32, 2, 2, 1)  # mma.sync-sized tiles, cheap under the interpreter
 SPLIT = MmaConfig(16, 32, 1, 1, 2)  # K split over two programs per tile
@@ -118,13 +118,8 @@ def test_split_k_at_a_wide_layer_writes_every_output_the_same_way(split):
     qw, prep = make_weight(4, 28672, 4096, 128, seed=split)
     x = rand_x(64, 4096, torch.bfloat16)
     cfg = MmaConfig(64, 128, 4, 3, split, True, True)
-    runs = []
-    for _ in range(3):
-        y = torch.full((64, 28672), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        runs.append(quant_mma(x, prep, config=cfg, out=y))
-    assert not runs[0].isnan().any()
-    assert all(torch.equal(r, runs[0]) for r in runs[1:])
-    check(runs[0], x, qw, weight_rounding=True)
+    y = poisoned_runs(lambda out: quant_mma(x, prep, config=cfg, out=out), (64, 28672))
+    check(y, x, qw, weight_rounding=True)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 40])
