@@ -6,7 +6,7 @@
 #               ~/.cache/hearth/models/default-SmolLM2-135M-Instruct): the GPU box has no GGUF reader
 #   .carry/whl  platformdirs and psutil wheels for Python 3.12 (pip download --no-deps ...)
 # On the device, from the repo root:
-#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|tma|mma-why|targets|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
+#   HEARTH_COMMIT=<sha> bash benchmarks/gpu_session.sh ceilings|tests|mma|bs64|fp8-mma|fp8-kv|decode-attn|narrow|routing-ab|dp4a-why|dequant-rows|dp4a|dp4a-wide|dp4a-split|quant-bench|bs1|tma|mma-why|targets|pdl|fp8-tests|fp8|smollm2-quality|fp8-gptq|gguf|kquant-tests|bnb-tests|bnb|bnb-quality|bench1b|bench8b|decode8b|throughput|throughput-nohf|throughput-fp8|profile|decode-profile|gemv|prefill-profile|profile-all|chat-turns|fp32match|serve|serve-clients|q4km-8b|split|tp|regress|multi|all [extra bench args]
 # (HEARTH_COMMIT: the copied tree's .git may be stale, and bench rows stamp the commit)
 set -u
 what=${1:-all}; shift || true
@@ -63,6 +63,24 @@ esac
 case "$what" in throughput-nohf)
   hearth bench --shape llama-8b --suite throughput \
     --json "$OUT/bench-8b-throughput-nohf.json" "$@" 2>&1 | tail -6 ;;
+esac
+case "$what" in decode-attn)  # the decode attention kernel's two switches (paged_decode: V as pairs over an fp8
+  # cache, block numbers a tile ahead): their GPU tests, both sweeps at batch 512 (--quick; each config with every
+  # combination of the switches), then offline throughput for each of ATTN_RUNS (entries as fp8-kv's FP8_KV_RUNS)
+  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_kv_cache.py \
+    tests/kernels/test_paged_decode.py -m gpu 2>&1 | tee "$OUT/gpu_decode_attn_tests.log" | tail -3
+  timeout -s INT ${ATTN_PROFILE_TIMEOUT:-240} python benchmarks/profile_decode_attention.py --kv-dtype fp8 --quick \
+    --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -9
+  timeout -s INT ${ATTN_PROFILE_TIMEOUT:-240} python benchmarks/profile_decode_attention.py --quick \
+    --json "$OUT/profile-decode-attention-bf16-512.json" 2>&1 | grep -v "^    " | tail -9
+  for run in ${ATTN_RUNS:-}; do
+    spec=${run%%:*}; knobs=""; [ "$run" != "$spec" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
+    q=${spec%%+*}; kv=auto; [ "$spec" != "$q" ] && kv=fp8
+    tag=$(echo "$run" | sed 's/HEARTH_//g' | tr ':=,+' '-' | tr 'A-Z_' 'a-z-')
+    ( [ -n "$knobs" ] && export $knobs
+      hearth bench --shape llama-8b --suite throughput --quant $q --kv-cache-dtype $kv \
+        --json "$OUT/bench-8b-decode-attn-$tag.json" "$@" 2>&1 | grep -E "^throughput|rror" )
+  done ;;
 esac
 case "$what" in fp8-kv)  # an fp8 KV cache's decode attention: its GPU tests (FP8_KV_TESTS=0 skips them), the
   # kernel alone at batch 512 (FP8_KV_PROFILE=0 skips it), then offline throughput for each of FP8_KV_RUNS, entries

@@ -7,8 +7,12 @@ with contexts uniform in [128, 1600] (a throughput run mid-way) whose 16-token b
 scattered at random over the pool, as after a while of serving. Times Hearth's decode
 kernel at its default (block_n, warps, stages) and over a grid of them, and reports TB/s
 of K/V read; as a ceiling, torch's sum over the same number of cache bytes. With
-``--kv-dtype fp8`` the cache is e4m3 and each config runs with both ways of widening it
-for bf16 queries (``hearth_kernels._checks.FP8_WIDEN``: fp16 dots or bf16 dots).
+``--kv-dtype fp8`` the cache is e4m3 (the dots in fp16). Each config runs with and without
+the block numbers loaded a tile ahead (``paged_decode``'s ``TABLE_AHEAD``;
+``HEARTH_DECODE_TABLE_AHEAD=0``) and, over an fp8 cache, with and without V read as pairs
+(``V_PAIRS``; ``HEARTH_DECODE_V_PAIRS=0``): the rows' ``variant`` names which (``ahead+pairs``,
+``ahead``, ``pairs``, ``plain``). (Before 2026-12-06 an fp8 sweep compared fp16 dots against
+bf16 ones, ``hearth_kernels._checks.FP8_WIDEN``; fp16 won.) ``--quick`` sweeps fewer configs.
 """
 
 from __future__ import annotations
@@ -16,19 +20,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 
 import torch
 from _timing import cuda_ms
 
 
 def main() -> None:
-    import hearth_kernels._checks as checks
     import hearth_kernels.paged_decode as pd
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--kv-dtype", default="bf16", choices=("bf16", "fp8"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quick", action="store_true", help="block_n 64/128, 4/8 warps, 2-4 stages only")
     args = ap.parse_args()
     torch.manual_seed(0)
     b, h, kvh, d, bs = args.batch, 32, 8, 128, 16
@@ -62,18 +67,20 @@ def main() -> None:
     print(f"batch {b}, {kv_bytes / 1e9:.1f} GB of K/V; torch sum over as many bytes: "
           f"{ceiling_ms:.2f} ms = {kv_bytes / ceiling_ms / 1e9:.2f} TB/s")
     real_config = pd._config
-    space = ((64, 128, 256), (2, 4, 8), (2, 3)) if args.kv_dtype == "fp8" else ((32, 64, 128), (2, 4, 8), (2, 3, 4))
+    space = ((64, 128, 256), (2, 4, 8), (2, 3, 4)) if args.kv_dtype == "fp8" else ((32, 64, 128), (2, 4, 8), (2, 3, 4))
+    if args.quick:
+        space = ((64, 128), (4, 8), (2, 3, 4))
     grid = [default] + [c for c in itertools.product(*space) if c != default]
-    widens = ("fp16", "bf16") if args.kv_dtype == "fp8" else (checks.FP8_WIDEN,)
+    variants = ("ahead+pairs", "ahead", "pairs", "plain") if args.kv_dtype == "fp8" else ("ahead", "plain")
     try:
-        _sweep(widens, grid, pd, checks, run, ref, kv_bytes, real_config, rows)
+        _sweep(variants, grid, pd, run, ref, kv_bytes, real_config, rows, cache)
     except KeyboardInterrupt:  # a time limit's SIGINT: report and keep what was timed
         print(f"  interrupted after {len(rows)} configs")
     if not rows:
         return
     best = min(rows, key=lambda r: r["ms"])
     for r in [rows[0]] + sorted(rows[1:], key=lambda r: r["ms"])[:6]:
-        print(f"  {r['widen']} block_n {r['block_n']:>3} warps {r['warps']} stages "
+        print(f"  {r['variant']} block_n {r['block_n']:>3} warps {r['warps']} stages "
               f"{r['stages']}: {r['ms']:.3f} ms {r['tb_s']:.2f} TB/s  diff {r['max_abs_diff_vs_default']:.1e}"
               f"{'  (default)' if r is rows[0] else ''}{'  (best)' if r is best else ''}")
     if args.json:
@@ -83,23 +90,26 @@ def main() -> None:
                        "ceiling_sum_ms": ceiling_ms, "rows": rows}, f, indent=1)
 
 
-def _sweep(widens, grid, pd, checks, run, ref, kv_bytes, real_config, rows) -> None:
-    """Time ``run`` at every widening and config, appending rows."""
-    for widen, cfg in itertools.product(widens, grid):
+def _sweep(variants, grid, pd, run, ref, kv_bytes, real_config, rows, cache) -> None:
+    """Time ``run`` at every variant and config (configs first), appending rows."""
+    for cfg, variant in itertools.product(grid, variants):
         pd._config = lambda *_a, cfg=cfg: cfg
-        checks.FP8_WIDEN = widen
+        os.environ["HEARTH_DECODE_TABLE_AHEAD"] = "1" if "ahead" in variant else "0"
+        os.environ["HEARTH_DECODE_V_PAIRS"] = "1" if "pairs" in variant else "0"
         try:
             ms = cuda_ms(run)
             err = (run().float() - ref).abs().max().item()
+            pairs = pd._v_pairs(torch.bfloat16, cache)
         except Exception as e:  # noqa: BLE001 - a config that does not compile or fit is skipped
-            print(f"  {widen} {cfg}: {type(e).__name__}")
+            print(f"  {variant} {cfg}: {type(e).__name__}")
             continue
         finally:
             pd._config = real_config
-            checks.FP8_WIDEN = widens[0]
-        rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "widen": widen, "ms": ms,
-                     "tb_s": kv_bytes / ms / 1e9, "max_abs_diff_vs_default": err})
-        print(f"    {widen} {cfg}: {ms:.3f} ms {kv_bytes / ms / 1e9:.2f} TB/s", flush=True)
+            os.environ.pop("HEARTH_DECODE_TABLE_AHEAD", None)
+            os.environ.pop("HEARTH_DECODE_V_PAIRS", None)
+        rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "variant": variant, "v_pairs": pairs,
+                     "ms": ms, "tb_s": kv_bytes / ms / 1e9, "max_abs_diff_vs_default": err})
+        print(f"    {variant} {cfg}: {ms:.3f} ms {kv_bytes / ms / 1e9:.2f} TB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,33 @@ slicing is computed on the device, so a graph captured at a large bound (the mod
 context length) does not waste programs on short contexts. Slices past a short
 sequence's end exit at once and the merge ignores them. No host sync, no ``.item()``.
 A sequence with ``seq_len == 0`` (batch padding) gets zeros.
+
+An fp8 (e4m3) cache under fp16 dots (``hearth_kernels._checks.fp8_as_fp16``): K widens as
+Triton loads it, but V is the second dot's B operand with the keys (the strided axis) as its
+reduction axis, and Triton, hoisting the widening past the shared-memory load, gathers that
+operand a byte at a time (128 single-byte shared loads a thread a 128-key tile in the sm_90
+build; 1,308 instructions a loop iteration against bf16's 781). ``V_PAIRS`` reads V as
+16-bit pairs of neighbouring values instead, widens each pair in registers (one
+``cvt.rn.f16x2.e4m3x2`` on the GPU, Triton's casts in the interpreter: the same exact
+values), and hands the dot an fp16 tile, which Triton stages through shared memory and
+reads with ``ldmatrix`` like a bf16 one: no byte loads, 944 instructions an iteration, 144
+registers a thread instead of 212 (three programs an SM instead of two).
+
+``TABLE_AHEAD``: each tile's block numbers are loaded one tile ahead, into registers carried
+by the loop. Loaded in the tile's own iteration, they are an indirection Triton's pipeliner
+gives a stage of its own, and it then keeps one K and one V buffer whatever ``num_stages``
+says: each tile's copies start only after the previous tile is consumed, and the bytes in
+flight come from other programs on the SM alone. Ahead, K and V get ``num_stages - 1``
+buffers (sm_90 builds of Triton 3.6).
+
+Whether each is used unless ``HEARTH_DECODE_V_PAIRS`` / ``HEARTH_DECODE_TABLE_AHEAD`` say
+``1`` or ``0`` (A/B runs): ``V_PAIRS_DEFAULT`` and ``TABLE_AHEAD_DEFAULT``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -44,11 +66,31 @@ import triton.language as tl
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 
 from hearth_kernels._checks import check_paged_cache, fp8_as_fp16
+from hearth_kernels._compat import interpreting
 
 _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked so far
 # stays NaN-free (2^(-inf - -inf) is NaN; 2^(-inf - NEG_BIG) is 0).
 _NEG_BIG = tl.constexpr(-1.0e30)
+
+
+#: e4m3 pairs to fp16 pairs in one instruction (sm_89 and newer; exact: every e4m3 value is an fp16 one)
+_E4M3X2_TO_F16X2 = tl.constexpr("cvt.rn.f16x2.e4m3x2 $0, $1;")
+
+
+@triton.jit
+def _fp8_pairs_as_fp16(pairs, ROWS: tl.constexpr, D_PAD: tl.constexpr, ASM: tl.constexpr):
+    """int16 [ROWS, D_PAD // 2], each two neighbouring e4m3 values (the lower byte the even
+    one) -> fp16 [ROWS, D_PAD] in their order; by one conversion a pair (ASM) or by Triton's casts."""
+    if ASM:
+        both = tl.inline_asm_elementwise(asm=_E4M3X2_TO_F16X2, constraints="=r,h", args=[pairs], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        even = (both & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        odd = (both >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        even = (pairs & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        odd = ((pairs >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return tl.reshape(tl.join(even, odd), [ROWS, D_PAD])
 
 
 @triton.jit
@@ -75,8 +117,10 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    AS_FP16: tl.constexpr, PDL: tl.constexpr,
+    AS_FP16: tl.constexpr, PDL: tl.constexpr, V_PAIRS: tl.constexpr = 0, TABLE_AHEAD: tl.constexpr = 0,
 ):
+    # V_PAIRS (an e4m3 cache under fp16 dots, see the module docstring): 0 V widened as Triton
+    # loads it; 1 read as pairs, widened by Triton's casts; 2 as pairs by one conversion a pair
     pdl_start(PDL)
     pdl_wait(PDL)  # before any load or early return (hearth_kernels/pdl.py)
     b = tl.program_id(0)
@@ -108,10 +152,16 @@ def _decode_split_kernel(
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     table = tables_ptr + b64 * stride_tb
     head_off = kvh.to(tl.int64) * stride_c_head
+    if TABLE_AHEAD:  # the first tile's block numbers (see the module docstring)
+        nxt = tl.load(table + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         k_mask = pos < end
-        blk = tl.load(table + pos // BLOCK_SIZE, mask=k_mask, other=0).to(tl.int64)
+        if TABLE_AHEAD:
+            blk = nxt.to(tl.int64)
+            nxt = tl.load(table + (pos + BLOCK_N) // BLOCK_SIZE, mask=pos + BLOCK_N < end, other=0)
+        else:
+            blk = tl.load(table + pos // BLOCK_SIZE, mask=k_mask, other=0).to(tl.int64)
         row = blk * stride_c_blk + (pos % BLOCK_SIZE) * stride_c_tok + head_off
         kv_mask = k_mask[:, None] & d_mask[None, :]
         # .to(q.dtype): an fp8 cache is widened here; otherwise a no-op.
@@ -125,8 +175,16 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(cache_ptr + stride_c_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
-                    other=0.0).to(q.dtype)
+        if V_PAIRS:
+            # (every offset even: paged_decode_attention checks the cache's strides)
+            offs_p = tl.arange(0, D_PAD // 2)
+            pair_ptr = (cache_ptr + stride_c_kv).to(tl.pointer_type(tl.int16))
+            pairs = tl.load(pair_ptr + (row // 2)[:, None] + offs_p[None, :],
+                            mask=k_mask[:, None] & (offs_p < HEAD_DIM // 2)[None, :], other=0)
+            v = _fp8_pairs_as_fp16(pairs, BLOCK_N, D_PAD, V_PAIRS == 2)
+        else:
+            v = tl.load(cache_ptr + stride_c_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
+                        other=0.0).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -207,6 +265,37 @@ def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None =
     if cache_dtype == torch.float8_e4m3fn:
         return 128, 4, 3
     return 128, 4, 2
+
+
+#: V read as pairs over an e4m3 cache unless HEARTH_DECODE_V_PAIRS says otherwise
+V_PAIRS_DEFAULT = False
+#: block numbers loaded a tile ahead unless HEARTH_DECODE_TABLE_AHEAD says otherwise
+TABLE_AHEAD_DEFAULT = False
+
+
+def _switch(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (unset: the default, {int(default)}), got {value!r}")
+    return default if value == "" else value == "1"
+
+
+def _table_ahead() -> bool:
+    """The kernel's ``TABLE_AHEAD`` (see the module docstring)."""
+    return _switch("HEARTH_DECODE_TABLE_AHEAD", TABLE_AHEAD_DEFAULT)
+
+
+def _v_pairs(q_dtype: torch.dtype, kv_cache: torch.Tensor) -> int:
+    """The kernel's ``V_PAIRS`` for this cache where it is switched on: 2 (1 in the
+    interpreter) where V is e4m3 and the dots run in fp16 and every offset into the cache is
+    even (an even head size in a cache the engine allocated), else 0."""
+    if kv_cache.dtype != torch.float8_e4m3fn or not _switch("HEARTH_DECODE_V_PAIRS", V_PAIRS_DEFAULT):
+        return 0
+    if not (q_dtype == torch.float16 or fp8_as_fp16(q_dtype, kv_cache.dtype)):
+        return 0
+    if kv_cache.data_ptr() % 2 or any(s % 2 for s in kv_cache.stride()[:-1]) or kv_cache.shape[-1] % 2:
+        return 0
+    return 1 if interpreting() else 2
 
 
 @functools.lru_cache(maxsize=16)
@@ -290,7 +379,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype),
+        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), V_PAIRS=_v_pairs(q.dtype, kv_cache),
+        TABLE_AHEAD=_table_ahead(),
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     if split:

@@ -164,7 +164,8 @@ def main() -> None:
                    {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
                     "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
-                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False), warps, stages),
+                        SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False,
+                        TABLE_AHEAD=int(paged_decode.TABLE_AHEAD_DEFAULT)), warps, stages),
         "decode_merge": (paged_decode._decode_merge_kernel,
                          {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                           "out_ptr": bf},
@@ -187,8 +188,11 @@ def main() -> None:
         fn, types, consts, w, st = cases[name]
         if name == "decode":
             n8, w, st = paged_decode._config(d, torch.bfloat16, torch.float8_e4m3fn)
-            consts = {**consts, "BLOCK_N": n8}
+            consts = {**consts, "BLOCK_N": n8, "V_PAIRS": 2 if paged_decode.V_PAIRS_DEFAULT else 0}
         cases[f"{name}_fp8"] = (fn, {**types, "cache_ptr": f8}, {**consts, "AS_FP16": True}, w, st)
+    # both of the decode kernel's switches on (V as pairs, one conversion each on a GPU; block numbers a tile ahead)
+    fn, types, consts, w, st = cases["decode_fp8"]
+    cases["decode_fp8_pairs_ahead"] = (fn, types, {**consts, "V_PAIRS": 2, "TABLE_AHEAD": 1}, w, st)
     cases["write_kv_fp8"] = (kv_cache._write_kv_kernel,
                              {"k_ptr": bf, "v_ptr": bf, "cache_ptr": f8, "slot_ptr": "*i64"},
                              dict(NUM_HEADS=8, BLOCK_SIZE=bs, HEAD_DIM=d, H_PAD=8, D_PAD=d, FP8=True), 4, 1)

@@ -52,7 +52,7 @@ def report() -> dict[str, dict]:
 
 def test_every_kernel_compiles_without_spills(report):
     assert set(report) == {"decode", "decode_merge", "prefill", "write_kv", "fused_add_rms_norm",
-                           "rotary", "silu_and_mul", "decode_fp8", "prefill_fp8", "write_kv_fp8", "rotary_write_kv",
+                           "rotary", "silu_and_mul", "decode_fp8", "decode_fp8_pairs_ahead", "prefill_fp8", "write_kv_fp8", "rotary_write_kv",
                            "rotary_write_kv_fp8", "fp8_mma_1", "fp8_mma_64", "norm_quantize_rows"}
     for name, row in report.items():
         assert row["spill_bytes"] == 0, f"{name} spills registers: {row}"
@@ -66,6 +66,20 @@ def test_attention_loops_are_pipelined_and_prefill_uses_wgmma(report):
         assert report["prefill" + suffix]["wgmma"]
     # Several decode programs must fit on one SM to keep enough loads in flight.
     assert report["decode"]["shared"] * 3 <= H100_SHARED_PER_BLOCK
+
+
+def test_fp8_decode_reads_v_without_byte_gathers(report):
+    """Over an e4m3 cache the decode kernel can read V as pairs (paged_decode's V_PAIRS):
+    without them the sm_90 build gathers the PV dot's operand from shared memory a byte at a
+    time (128 single-byte loads a thread a tile, 212 registers); with them and the block numbers
+    a tile ahead (two K and V buffers), two programs still fit an SM."""
+    from hearth_kernels import paged_decode
+
+    if paged_decode.V_PAIRS_DEFAULT:  # the launch's build (decode_fp8) is the paired one
+        assert report["decode_fp8"]["byte_shared_loads"] == 0, report["decode_fp8"]
+    row = report["decode_fp8_pairs_ahead"]
+    assert row["byte_shared_loads"] == 0 and row["ldmatrix"], row
+    assert row["registers"] <= 168 and row["shared"] * 2 <= H100_SHARED_PER_BLOCK, row
 
 
 def test_the_fp8_weight_stationary_kernel_streams_into_wgmma(report):

@@ -99,6 +99,46 @@ def test_decode_reads_the_fp8_cache_exactly(qdtype, tol):
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("qdtype", [torch.float16, torch.bfloat16])
+def test_decode_reading_v_as_pairs_gives_the_same_bits(monkeypatch, qdtype):
+    """V read as 16-bit pairs and widened a pair at a time (paged_decode's V_PAIRS, the default
+    for an e4m3 cache under fp16 dots) gives exactly what the plain widening gives, at a head
+    size whose padding leaves pairs unread (24 of 32 lanes)."""
+    import hearth_kernels.paged_decode as pd
+
+    lens = [1, 15, 16, 17, 40]
+    for d in (32, 24):
+        cache, tables = _fp8_case(lens, 2, d, 8, seed=d)
+        q = (2 * torch.randn(len(lens), 4, d, generator=torch.Generator(device=DEVICE).manual_seed(2),
+                             device=DEVICE)).to(qdtype)
+        seq = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        outs = []
+        for off in ("1", "0"):
+            monkeypatch.setenv("HEARTH_DECODE_V_PAIRS", off)
+            assert bool(pd._v_pairs(qdtype, cache)) == (off == "1")
+            outs.append(paged_decode_attention(q, cache, tables, seq, d ** -0.5, max_seq_len=40, num_splits=2,
+                                               block_n=16))
+        assert torch.equal(outs[0], outs[1]), d
+
+
+def test_v_pairs_only_where_the_pairs_are_whole_fp8_and_fp16(monkeypatch):
+    import hearth_kernels.paged_decode as pd
+
+    monkeypatch.setenv("HEARTH_DECODE_V_PAIRS", "1")
+    cache = torch.zeros(2, 3, 8, 2, 32, dtype=FP8, device=DEVICE)
+    assert pd._v_pairs(torch.float16, cache) in (1, 2) and pd._v_pairs(torch.bfloat16, cache) in (1, 2)
+    assert pd._v_pairs(torch.float32, cache) == 0  # fp32 dots: V widens to float32
+    assert pd._v_pairs(torch.float16, cache.float().half()) == 0  # not an fp8 cache
+    assert pd._v_pairs(torch.float16, torch.zeros(2, 3, 8, 2, 31, dtype=FP8, device=DEVICE)) == 0  # odd head size
+    odd_start = torch.zeros(2 * 3 * 8 * 2 * 32 + 1, dtype=FP8, device=DEVICE)[1:].view(2, 3, 8, 2, 32)
+    assert pd._v_pairs(torch.float16, odd_start) == 0
+    monkeypatch.setenv("HEARTH_DECODE_V_PAIRS", "0")
+    assert pd._v_pairs(torch.float16, cache) == 0
+    monkeypatch.setenv("HEARTH_DECODE_V_PAIRS", "yes")
+    with pytest.raises(ValueError, match="HEARTH_DECODE_V_PAIRS must be 0 or 1"):
+        pd._v_pairs(torch.float16, cache)
+
+
 def test_prefill_with_decode_rows_reads_the_fp8_cache_exactly():
     seq_lens, query_lens = [40, 20, 33, 9, 1], [7, 1, 33, 1, 1]
     cache, tables = _fp8_case(seq_lens, 2, 32, 8, seed=3)
@@ -135,6 +175,17 @@ def test_real_shapes_bf16_queries_over_an_fp8_cache():
     out = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192)
     ref = reference_attention(q, cache, tables, list(range(len(lens) + 1)), lens, 128 ** -0.5)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    import hearth_kernels.paged_decode as pd
+
+    for ahead in ("0", "1"):  # V as pairs (one cvt.rn.f16x2.e4m3x2 each) against the plain widening
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HEARTH_DECODE_TABLE_AHEAD", ahead)
+            mp.setenv("HEARTH_DECODE_V_PAIRS", "1")
+            assert pd._v_pairs(q.dtype, cache) == 2
+            pairs = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192)
+            mp.setenv("HEARTH_DECODE_V_PAIRS", "0")
+            plain = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192)
+        assert torch.equal(pairs, plain) and torch.equal(pairs, out), ahead
     seq_lens, query_lens = [300, 1000, 17], [300, 257, 1]
     cache, tables = _fp8_case(seq_lens, 8, 128, 16, seed=7)
     starts = [0, 300, 557, 558]

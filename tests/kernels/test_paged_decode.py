@@ -63,6 +63,21 @@ def test_sliding_window(window):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("window,splits", [(None, 1), (None, 3), (17, 2)])
+def test_block_numbers_read_a_tile_ahead_give_the_same_bits(monkeypatch, window, splits):
+    """TABLE_AHEAD (the default) loads each tile's block numbers in the iteration before;
+    the outputs are the ones the in-iteration load gives, bit for bit, across splits,
+    a window and padding rows (seq_len 0)."""
+    outs = []
+    for ahead in ("1", "0"):
+        monkeypatch.setenv("HEARTH_DECODE_TABLE_AHEAD", ahead)
+        out, ref = run_case(LENS + [0], 4, 2, 32, 8, window=window, num_splits=splits, block_n=16)
+        torch.testing.assert_close(out[:-1].double(), ref[:-1], atol=2e-5, rtol=2e-5)
+        assert not out[-1].any()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_static_bound_above_lengths_and_padding_rows():
     # A CUDA-graph style call: a bound well above the lengths; batch rows with seq_len 0
     # (padding) must come out as zeros, not NaN, split or not.
