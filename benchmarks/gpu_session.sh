@@ -65,14 +65,17 @@ case "$what" in throughput-nohf)
     --json "$OUT/bench-8b-throughput-nohf.json" "$@" 2>&1 | tail -6 ;;
 esac
 case "$what" in decode-attn)  # the decode attention kernel's two switches (paged_decode: V as pairs over an fp8
-  # cache, block numbers a tile ahead): their GPU tests, both sweeps at batch 512 (--quick; each config with every
-  # combination of the switches), then offline throughput for each of ATTN_RUNS (entries as fp8-kv's FP8_KV_RUNS)
-  python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 tests/kernels/test_fp8_kv_cache.py \
-    tests/kernels/test_paged_decode.py -m gpu 2>&1 | tee "$OUT/gpu_decode_attn_tests.log" | tail -3
-  timeout -s INT ${ATTN_PROFILE_TIMEOUT:-240} python benchmarks/profile_decode_attention.py --kv-dtype fp8 --quick \
-    --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -9
-  timeout -s INT ${ATTN_PROFILE_TIMEOUT:-240} python benchmarks/profile_decode_attention.py --quick \
-    --json "$OUT/profile-decode-attention-bf16-512.json" 2>&1 | grep -v "^    " | tail -9
+  # cache, block numbers a tile ahead): their GPU tests (ATTN_TESTS=0 skips them), both sweeps at batch 512 (--quick;
+  # each config with every combination of the switches; ATTN_SWEEPS=0 skips them), then offline throughput for each
+  # of ATTN_RUNS (entries as fp8-kv's FP8_KV_RUNS; tests, sweeps and runs together pass a call's 10 minutes)
+  [ "${ATTN_TESTS:-1}" = 0 ] || python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 \
+    tests/kernels/test_fp8_kv_cache.py tests/kernels/test_paged_decode.py -m gpu 2>&1 | tee "$OUT/gpu_decode_attn_tests.log" | tail -3
+  if [ "${ATTN_SWEEPS:-1}" = 1 ]; then
+    timeout -s INT ${ATTN_PROFILE_TIMEOUT:-240} python benchmarks/profile_decode_attention.py --kv-dtype fp8 --quick \
+      --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -13
+    timeout -s INT ${ATTN_PROFILE_TIMEOUT:-240} python benchmarks/profile_decode_attention.py --quick \
+      --json "$OUT/profile-decode-attention-bf16-512.json" 2>&1 | grep -v "^    " | tail -13
+  fi
   for run in ${ATTN_RUNS:-}; do
     spec=${run%%:*}; knobs=""; [ "$run" != "$spec" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     q=${spec%%+*}; kv=auto; [ "$spec" != "$q" ] && kv=fp8
@@ -88,7 +91,7 @@ case "$what" in fp8-kv)  # an fp8 KV cache's decode attention: its GPU tests (FP
   [ "${FP8_KV_TESTS:-1}" = 1 ] && python -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 \
     tests/kernels/test_fp8_kv_cache.py -m gpu 2>&1 | tee "$OUT/gpu_fp8_kv_tests.log" | tail -3
   [ "${FP8_KV_PROFILE:-1}" = 1 ] && timeout -s INT ${FP8_KV_PROFILE_TIMEOUT:-200} python benchmarks/profile_decode_attention.py \
-    --kv-dtype fp8 --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -12
+    --kv-dtype fp8 --quick --json "$OUT/profile-decode-attention-fp8-512.json" 2>&1 | grep -v "^    " | tail -12
   for run in ${FP8_KV_RUNS:-fp8+fp8kv fp8 bf16+fp8kv bf16}; do
     spec=${run%%:*}; knobs=""; [ "$run" != "$spec" ] && knobs=$(echo "${run#*:}" | tr ',' ' ')
     q=${spec%%+*}; kv=auto; [ "$spec" != "$q" ] && kv=fp8

@@ -10,8 +10,8 @@ of K/V read; as a ceiling, torch's sum over the same number of cache bytes. With
 ``--kv-dtype fp8`` the cache is e4m3 (the dots in fp16). Each config runs with and without
 the block numbers loaded a tile ahead (``paged_decode``'s ``TABLE_AHEAD``;
 ``HEARTH_DECODE_TABLE_AHEAD=0``) and, over an fp8 cache, with and without V read as pairs
-(``V_PAIRS``; ``HEARTH_DECODE_V_PAIRS=0``): the rows' ``variant`` names which (``ahead+pairs``,
-``ahead``, ``pairs``, ``plain``). (Before 2026-12-06 an fp8 sweep compared fp16 dots against
+(``V_PAIRS``; ``HEARTH_DECODE_V_PAIRS=0``): the rows' ``variant`` names which (``plain``, the
+default's, first; ``pairs``, ``ahead``, ``ahead+pairs``); the reference is plain at the default config. (Before 2026-12-06 an fp8 sweep compared fp16 dots against
 bf16 ones, ``hearth_kernels._checks.FP8_WIDEN``; fp16 won.) ``--quick`` sweeps fewer configs.
 """
 
@@ -59,7 +59,10 @@ def main() -> None:
     def run():
         return pd.paged_decode_attention(q, cache, tables, seq_lens, d ** -0.5, max_seq_len=bound)
 
-    ref = run().float()
+    knobs = ("HEARTH_DECODE_TABLE_AHEAD", "HEARTH_DECODE_V_PAIRS")
+    saved = {k: os.environ.pop(k) for k in knobs if k in os.environ}  # the sweep sets them itself
+    os.environ.update({k: "0" for k in knobs})
+    ref = run().float()  # both switches off, the default config
     rows = []
     default = pd._config(d, torch.bfloat16, cache.dtype)
     flat = cache.view(torch.bfloat16).view(-1)[: kv_bytes // 2]
@@ -71,11 +74,15 @@ def main() -> None:
     if args.quick:
         space = ((64, 128), (4, 8), (2, 3, 4))
     grid = [default] + [c for c in itertools.product(*space) if c != default]
-    variants = ("ahead+pairs", "ahead", "pairs", "plain") if args.kv_dtype == "fp8" else ("ahead", "plain")
+    variants = ("plain", "pairs", "ahead", "ahead+pairs") if args.kv_dtype == "fp8" else ("plain", "ahead")
     try:
         _sweep(variants, grid, pd, run, ref, kv_bytes, real_config, rows, cache)
     except KeyboardInterrupt:  # a time limit's SIGINT: report and keep what was timed
         print(f"  interrupted after {len(rows)} configs")
+    finally:
+        for k in knobs:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
     if not rows:
         return
     best = min(rows, key=lambda r: r["ms"])
@@ -83,6 +90,11 @@ def main() -> None:
         print(f"  {r['variant']} block_n {r['block_n']:>3} warps {r['warps']} stages "
               f"{r['stages']}: {r['ms']:.3f} ms {r['tb_s']:.2f} TB/s  diff {r['max_abs_diff_vs_default']:.1e}"
               f"{'  (default)' if r is rows[0] else ''}{'  (best)' if r is best else ''}")
+    for variant in variants:  # each variant's best config
+        mine = [r for r in rows if r["variant"] == variant]
+        if mine:
+            r = min(mine, key=lambda r: r["ms"])
+            print(f"  best {variant}: ({r['block_n']}, {r['warps']}, {r['stages']}) {r['ms']:.3f} ms {r['tb_s']:.2f} TB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "batch": b, "kv_dtype": args.kv_dtype,
@@ -105,8 +117,6 @@ def _sweep(variants, grid, pd, run, ref, kv_bytes, real_config, rows, cache) -> 
             continue
         finally:
             pd._config = real_config
-            os.environ.pop("HEARTH_DECODE_TABLE_AHEAD", None)
-            os.environ.pop("HEARTH_DECODE_V_PAIRS", None)
         rows.append({"block_n": cfg[0], "warps": cfg[1], "stages": cfg[2], "variant": variant, "v_pairs": pairs,
                      "ms": ms, "tb_s": kv_bytes / ms / 1e9, "max_abs_diff_vs_default": err})
         print(f"    {variant} {cfg}: {ms:.3f} ms {kv_bytes / ms / 1e9:.2f} TB/s", flush=True)

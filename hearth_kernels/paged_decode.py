@@ -35,20 +35,23 @@ A sequence with ``seq_len == 0`` (batch padding) gets zeros.
 An fp8 (e4m3) cache under fp16 dots (``hearth_kernels._checks.fp8_as_fp16``): K widens as
 Triton loads it, but V is the second dot's B operand with the keys (the strided axis) as its
 reduction axis, and Triton, hoisting the widening past the shared-memory load, gathers that
-operand a byte at a time (128 single-byte shared loads a thread a 128-key tile in the sm_90
-build; 1,308 instructions a loop iteration against bf16's 781). ``V_PAIRS`` reads V as
-16-bit pairs of neighbouring values instead, widens each pair in registers (one
-``cvt.rn.f16x2.e4m3x2`` on the GPU, Triton's casts in the interpreter: the same exact
-values), and hands the dot an fp16 tile, which Triton stages through shared memory and
-reads with ``ldmatrix`` like a bf16 one: no byte loads, 944 instructions an iteration, 144
-registers a thread instead of 212 (three programs an SM instead of two).
+operand a byte at a time (128 single-byte shared loads a thread a 128-key tile; figures here
+from sm_90 builds of Triton 3.6 without a window, (128, 4, 3): 1,308 instructions a loop
+iteration against bf16's 781). ``V_PAIRS`` reads V as 16-bit pairs of neighbouring values
+instead, widens each pair in registers (one ``cvt.rn.f16x2.e4m3x2`` on the GPU, Triton's
+casts in the interpreter: the same exact values), and hands the dot an fp16 tile, which
+Triton stages through shared memory and reads with ``ldmatrix`` like a bf16 one: no byte
+loads, 944 instructions an iteration, 144 registers a thread instead of 212 and 72.5 KiB of
+shared memory instead of 40.5 (three programs an SM instead of two, by registers).
 
 ``TABLE_AHEAD``: each tile's block numbers are loaded one tile ahead, into registers carried
 by the loop. Loaded in the tile's own iteration, they are an indirection Triton's pipeliner
 gives a stage of its own, and it then keeps one K and one V buffer whatever ``num_stages``
 says: each tile's copies start only after the previous tile is consumed, and the bytes in
 flight come from other programs on the SM alone. Ahead, K and V get ``num_stages - 1``
-buffers (sm_90 builds of Triton 3.6).
+buffers, so it changes nothing at 2 stages (bf16's config) and costs shared memory beyond:
+both switches at (128, 4, 3) take 104 KiB (two programs an SM), a bf16 cache at 3 stages
+136 KiB (one); the configs in ``_config`` predate it.
 
 Whether each is used unless ``HEARTH_DECODE_V_PAIRS`` / ``HEARTH_DECODE_TABLE_AHEAD`` say
 ``1`` or ``0`` (A/B runs): ``V_PAIRS_DEFAULT`` and ``TABLE_AHEAD_DEFAULT``.
@@ -295,7 +298,10 @@ def _v_pairs(q_dtype: torch.dtype, kv_cache: torch.Tensor) -> int:
         return 0
     if kv_cache.data_ptr() % 2 or any(s % 2 for s in kv_cache.stride()[:-1]) or kv_cache.shape[-1] % 2:
         return 0
-    return 1 if interpreting() else 2
+    if interpreting():
+        return 1
+    # the conversion needs sm_89 (the engine refuses an fp8 cache below it; a direct call keeps the plain path)
+    return 2 if torch.cuda.get_device_capability(kv_cache.device) >= (8, 9) else 0
 
 
 @functools.lru_cache(maxsize=16)

@@ -65,7 +65,7 @@ def test_sliding_window(window):
 
 @pytest.mark.parametrize("window,splits", [(None, 1), (None, 3), (17, 2)])
 def test_block_numbers_read_a_tile_ahead_give_the_same_bits(monkeypatch, window, splits):
-    """TABLE_AHEAD (the default) loads each tile's block numbers in the iteration before;
+    """TABLE_AHEAD loads each tile's block numbers in the iteration before;
     the outputs are the ones the in-iteration load gives, bit for bit, across splits,
     a window and padding rows (seq_len 0)."""
     outs = []
@@ -133,13 +133,18 @@ def test_bad_arguments_are_clear_errors():
 
 GPU_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
+# each GPU case with the block numbers loaded in their tile's iteration and a tile ahead
+AHEAD = pytest.mark.parametrize("ahead", ["0", "1"], ids=["table-in-step", "table-ahead"])
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("seq_lens", [[1], [16], [17], [1000], [8192],
                                       [1, 16, 17, 1000, 8192, 300, 4097, 64]],
                          ids=["1", "16", "17", "1000", "8192", "batch8"])
-def test_gpu_llama8b_shapes(dtype, seq_lens):
+@AHEAD
+def test_gpu_llama8b_shapes(dtype, seq_lens, ahead, monkeypatch):
+    monkeypatch.setenv("HEARTH_DECODE_TABLE_AHEAD", ahead)
     out, ref = run_case(seq_lens, 32, 8, 128, 16, dtype=dtype, q_scale=1.0)
     tol = GPU_TOL[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
@@ -148,14 +153,18 @@ def test_gpu_llama8b_shapes(dtype, seq_lens):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [4096, 1000])
-def test_gpu_sliding_window_long(window):
+@AHEAD
+def test_gpu_sliding_window_long(window, ahead, monkeypatch):
+    monkeypatch.setenv("HEARTH_DECODE_TABLE_AHEAD", ahead)
     out, ref = run_case([8192, 5000, 700], 32, 8, 128, 16, window=window, dtype=torch.bfloat16, q_scale=1.0)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture_and_replay():
+@AHEAD
+def test_gpu_cuda_graph_capture_and_replay(ahead, monkeypatch):
     # Captured at a static bound, replayed after the lengths (device data) changed.
+    monkeypatch.setenv("HEARTH_DECODE_TABLE_AHEAD", ahead)
     cache, tables = make_paged_cache([3000, 2000], 8, 128, 16, dtype=torch.bfloat16)
     q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor([1000, 10], dtype=torch.int32, device="cuda")
