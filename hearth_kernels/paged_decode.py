@@ -248,7 +248,8 @@ def _decode_merge_kernel(
 
 
 @functools.lru_cache(maxsize=64)
-def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> tuple[int, int, int]:
+def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None = None,
+            pairs_ahead: bool = False) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages) for a head size and dtype, chosen for Hopper.
 
     Decode is bound by reading K/V: 128-key tiles (32 KiB of K and of V per tile at d=128,
@@ -266,14 +267,15 @@ def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None =
     if dtype == torch.float32 or d_pad > 128:
         return 32, 4, 2
     if cache_dtype == torch.float8_e4m3fn:
-        return 128, 4, 3
+        return (64, 4, 3) if pairs_ahead else (128, 4, 3)
     return 128, 4, 2
 
 
 #: V read as pairs over an e4m3 cache unless HEARTH_DECODE_V_PAIRS says otherwise
-V_PAIRS_DEFAULT = False
-#: block numbers loaded a tile ahead unless HEARTH_DECODE_TABLE_AHEAD says otherwise
-TABLE_AHEAD_DEFAULT = False
+V_PAIRS_DEFAULT = True
+#: block numbers loaded a tile ahead unless HEARTH_DECODE_TABLE_AHEAD says otherwise; None:
+#: where V is read as pairs (a bf16 cache gained nothing from it at any config swept)
+TABLE_AHEAD_DEFAULT: bool | None = None
 
 
 def _switch(name: str, default: bool) -> bool:
@@ -283,9 +285,10 @@ def _switch(name: str, default: bool) -> bool:
     return default if value == "" else value == "1"
 
 
-def _table_ahead() -> bool:
-    """The kernel's ``TABLE_AHEAD`` (see the module docstring)."""
-    return _switch("HEARTH_DECODE_TABLE_AHEAD", TABLE_AHEAD_DEFAULT)
+def _table_ahead(v_pairs: int) -> bool:
+    """The kernel's ``TABLE_AHEAD`` (see the module docstring) beside its ``V_PAIRS``."""
+    default = bool(v_pairs) if TABLE_AHEAD_DEFAULT is None else TABLE_AHEAD_DEFAULT
+    return _switch("HEARTH_DECODE_TABLE_AHEAD", default)
 
 
 def _v_pairs(q_dtype: torch.dtype, kv_cache: torch.Tensor) -> int:
@@ -357,7 +360,9 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                          f"{tuple(q.shape)} tensor, got {out.dtype} {tuple(out.shape)}")
     if bsz == 0:
         return out
-    cfg_n, warps, stages = _config(dim, q.dtype, kv_cache.dtype)
+    v_pairs = _v_pairs(q.dtype, kv_cache)
+    ahead = _table_ahead(v_pairs)
+    cfg_n, warps, stages = _config(dim, q.dtype, kv_cache.dtype, bool(v_pairs) and ahead)
     block_n = cfg_n if block_n is None else block_n
     splits = _auto_splits(bsz, kv_heads, max_seq_len, q.device) if num_splits is None else num_splits
     if block_n < 16 or block_n & (block_n - 1) or splits < 1:
@@ -385,8 +390,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), V_PAIRS=_v_pairs(q.dtype, kv_cache),
-        TABLE_AHEAD=_table_ahead(),
+        AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), V_PAIRS=v_pairs, TABLE_AHEAD=ahead,
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     if split:

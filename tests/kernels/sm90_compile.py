@@ -165,7 +165,7 @@ def main() -> None:
                     "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
                         SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False,
-                        TABLE_AHEAD=int(paged_decode.TABLE_AHEAD_DEFAULT)), warps, stages),
+                        TABLE_AHEAD=int(paged_decode._table_ahead(0))), warps, stages),
         "decode_merge": (paged_decode._decode_merge_kernel,
                          {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                           "out_ptr": bf},
@@ -186,13 +186,16 @@ def main() -> None:
     f8 = "*fp8e4nv"
     for name in ("decode", "prefill"):
         fn, types, consts, w, st = cases[name]
-        if name == "decode":
-            n8, w, st = paged_decode._config(d, torch.bfloat16, torch.float8_e4m3fn)
-            consts = {**consts, "BLOCK_N": n8, "V_PAIRS": 2 if paged_decode.V_PAIRS_DEFAULT else 0}
+        if name == "decode":  # as launched: V as pairs (one conversion each on a GPU) where that is the default
+            pairs = 2 if paged_decode.V_PAIRS_DEFAULT else 0
+            ahead = paged_decode._table_ahead(pairs)
+            n8, w, st = paged_decode._config(d, torch.bfloat16, torch.float8_e4m3fn, bool(pairs) and ahead)
+            consts = {**consts, "BLOCK_N": n8, "V_PAIRS": pairs, "TABLE_AHEAD": int(ahead)}
         cases[f"{name}_fp8"] = (fn, {**types, "cache_ptr": f8}, {**consts, "AS_FP16": True}, w, st)
-    # both of the decode kernel's switches on (V as pairs, one conversion each on a GPU; block numbers a tile ahead)
+    # both of the decode kernel's switches off (HEARTH_DECODE_V_PAIRS=0 HEARTH_DECODE_TABLE_AHEAD=0), its config then
     fn, types, consts, w, st = cases["decode_fp8"]
-    cases["decode_fp8_pairs_ahead"] = (fn, types, {**consts, "V_PAIRS": 2, "TABLE_AHEAD": 1}, w, st)
+    n8, w, st = paged_decode._config(d, torch.bfloat16, torch.float8_e4m3fn)
+    cases["decode_fp8_plain"] = (fn, types, {**consts, "BLOCK_N": n8, "V_PAIRS": 0, "TABLE_AHEAD": 0}, w, st)
     cases["write_kv_fp8"] = (kv_cache._write_kv_kernel,
                              {"k_ptr": bf, "v_ptr": bf, "cache_ptr": f8, "slot_ptr": "*i64"},
                              dict(NUM_HEADS=8, BLOCK_SIZE=bs, HEAD_DIM=d, H_PAD=8, D_PAD=d, FP8=True), 4, 1)

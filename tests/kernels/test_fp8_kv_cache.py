@@ -185,14 +185,15 @@ def test_real_shapes_bf16_queries_over_an_fp8_cache():
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
     import hearth_kernels.paged_decode as pd
 
+    assert pd._v_pairs(q.dtype, cache) == 2 and pd._table_ahead(2)  # the default: both, 64-key tiles
+    n = pd._config(128, q.dtype, cache.dtype, True)[0]
     for ahead in ("0", "1"):  # V as pairs (one cvt.rn.f16x2.e4m3x2 each) against the plain widening
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("HEARTH_DECODE_TABLE_AHEAD", ahead)
             mp.setenv("HEARTH_DECODE_V_PAIRS", "1")
-            assert pd._v_pairs(q.dtype, cache) == 2
-            pairs = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192)
+            pairs = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192, block_n=n)
             mp.setenv("HEARTH_DECODE_V_PAIRS", "0")
-            plain = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192)
+            plain = paged_decode_attention(q, cache, tables, seq, 128 ** -0.5, max_seq_len=8192, block_n=n)
         assert torch.equal(pairs, plain) and torch.equal(pairs, out), ahead
     seq_lens, query_lens = [300, 1000, 17], [300, 257, 1]
     cache, tables = _fp8_case(seq_lens, 8, 128, 16, seed=7)
