@@ -11,8 +11,9 @@ of K/V read; as a ceiling, torch's sum over the same number of cache bytes. With
 the block numbers loaded a tile ahead (``paged_decode``'s ``TABLE_AHEAD``;
 ``HEARTH_DECODE_TABLE_AHEAD=0``) and, over an fp8 cache, with and without V read as pairs
 (``V_PAIRS``; ``HEARTH_DECODE_V_PAIRS=0``): the rows' ``variant`` names which (``plain``, the
-default's, first; ``pairs``, ``ahead``, ``ahead+pairs``); the reference is plain at the default config. (Before 2026-12-06 an fp8 sweep compared fp16 dots against
-bf16 ones, ``hearth_kernels._checks.FP8_WIDEN``; fp16 won.) ``--quick`` sweeps fewer configs.
+default's, first; ``pairs``, ``ahead``, ``ahead+pairs``); the reference is plain at the
+default config. (Before 2026-12-06 an fp8 sweep compared fp16 dots against bf16 ones,
+``hearth_kernels._checks.FP8_WIDEN``; fp16 won.) ``--quick`` sweeps fewer configs.
 """
 
 from __future__ import annotations

@@ -53,11 +53,11 @@ buffers, so it changes nothing at 2 stages (bf16's config) and costs shared memo
 both switches at (128, 4, 3) take 104 KiB (two programs an SM), a bf16 cache at 3 stages
 136 KiB (one).
 
-Both are on for an e4m3 cache (``V_PAIRS_DEFAULT``; ``TABLE_AHEAD_DEFAULT`` None: where V is
+Both are on for an e4m3 cache (``V_PAIRS_DEFAULT``; the block numbers ahead wherever V is
 read as pairs), at their own config (``_config``): on an H100 the 8B shape's decode attention
 at batch 512 took 0.348 ms against 0.425, and offline throughput with fp8 weights and the fp8
-cache went from 12,462 to 13,474 tok/s (bf16 9,395). A bf16 cache, at memory speed already, keeps the
-plain kernel. ``HEARTH_DECODE_V_PAIRS`` / ``HEARTH_DECODE_TABLE_AHEAD`` = ``1`` or ``0``
+cache went from 12,462 to 13,474 tok/s (bf16 9,395). A bf16 cache, at memory speed already,
+keeps the plain kernel. ``HEARTH_DECODE_V_PAIRS`` / ``HEARTH_DECODE_TABLE_AHEAD`` = ``1`` or ``0``
 force either (A/B runs).
 """
 
@@ -282,9 +282,6 @@ def _config(head_dim: int, dtype: torch.dtype, cache_dtype: torch.dtype | None =
 
 #: V read as pairs over an e4m3 cache unless HEARTH_DECODE_V_PAIRS says otherwise
 V_PAIRS_DEFAULT = True
-#: block numbers loaded a tile ahead unless HEARTH_DECODE_TABLE_AHEAD says otherwise; None:
-#: where V is read as pairs (a bf16 cache gained nothing from it at any config swept)
-TABLE_AHEAD_DEFAULT: bool | None = None
 
 
 def _switch(name: str, default: bool) -> bool:
@@ -295,9 +292,10 @@ def _switch(name: str, default: bool) -> bool:
 
 
 def _table_ahead(v_pairs: int) -> bool:
-    """The kernel's ``TABLE_AHEAD`` (see the module docstring) beside its ``V_PAIRS``."""
-    default = bool(v_pairs) if TABLE_AHEAD_DEFAULT is None else TABLE_AHEAD_DEFAULT
-    return _switch("HEARTH_DECODE_TABLE_AHEAD", default)
+    """The kernel's ``TABLE_AHEAD`` beside its ``V_PAIRS``: by default where V is read as pairs
+    (a bf16 cache gained nothing from it at any config swept), unless HEARTH_DECODE_TABLE_AHEAD
+    says otherwise."""
+    return _switch("HEARTH_DECODE_TABLE_AHEAD", bool(v_pairs))
 
 
 def _v_pairs(q_dtype: torch.dtype, kv_cache: torch.Tensor) -> int:
