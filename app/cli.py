@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -101,56 +102,74 @@ def main(argv: list[str] | None = None) -> int:
     from engine.api import HearthError
 
     try:
-        if args.command == "generate":
-            from app.commands.generate import run_generate
-
-            return run_generate(args)
-        if args.command == "bench":
-            from app.commands.bench import run_bench_command
-
-            return run_bench_command(args)
-        if args.command == "quantize":
-            from app.commands.quantize import run_quantize
-
-            return run_quantize(args)
-        if args.command == "eval":
-            from app.commands.eval import run_eval
-
-            return run_eval(args)
-        if args.command == "compare":
-            from app.commands.compare import run_compare
-
-            return run_compare(args)
-        if args.command == "serve":
-            from app.commands.serve import run_serve
-
-            return run_serve(args)
-        if args.command == "setup":
-            from app.commands.setup import run_setup
-
-            return run_setup(args)
-        if args.command == "desktop-entry":
-            from app.commands.desktop_entry import run_desktop_entry
-
-            return run_desktop_entry(args)
-        if args.command == "doctor":
-            from app.commands.doctor import run_doctor
-
-            return run_doctor(args)
-        if args.command in ("gui", None):
-            from app.gui.app import run_gui
-
-            return run_gui(quit_after_start=getattr(args, "quit_after_start", False))
-        if args.command == "chat":
-            from app.commands.chat import run_chat
-
-            return run_chat(args)
+        rc = _dispatch(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, inside the try: a reader that went away shows up now
+        return rc
     except HearthError as e:
         print(f"hearth: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (``hearth generate ... | head -1``): stop quietly,
+        # as other command-line tools do, with the shell's status for SIGPIPE; stdout points at
+        # /dev/null so that the interpreter's last flush doesn't raise again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+
+
+def _dispatch(args) -> int:
+    """Run the subcommand ``args`` names; its exit status."""
+    if args.command == "generate":
+        from app.commands.generate import run_generate
+
+        return run_generate(args)
+    if args.command == "bench":
+        from app.commands.bench import run_bench_command
+
+        return run_bench_command(args)
+    if args.command == "quantize":
+        from app.commands.quantize import run_quantize
+
+        return run_quantize(args)
+    if args.command == "eval":
+        from app.commands.eval import run_eval
+
+        return run_eval(args)
+    if args.command == "compare":
+        from app.commands.compare import run_compare
+
+        return run_compare(args)
+    if args.command == "serve":
+        from app.commands.serve import run_serve
+
+        return run_serve(args)
+    if args.command == "setup":
+        from app.commands.setup import run_setup
+
+        return run_setup(args)
+    if args.command == "desktop-entry":
+        from app.commands.desktop_entry import run_desktop_entry
+
+        return run_desktop_entry(args)
+    if args.command == "doctor":
+        from app.commands.doctor import run_doctor
+
+        return run_doctor(args)
+    if args.command in ("gui", None):
+        from app.gui.app import run_gui
+
+        return run_gui(quit_after_start=getattr(args, "quit_after_start", False))
+    if args.command == "chat":
+        from app.commands.chat import run_chat
+
+        return run_chat(args)
     return 0
 
 

@@ -87,8 +87,10 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"top_p must be in (0, 1], got {self.top_p}: use 1 to disable nucleus sampling."
             )
+        if self.top_k == -1:  # vLLM's and transformers' "disabled": the same as 0 here
+            object.__setattr__(self, "top_k", 0)
         if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+            raise InvalidRequestError(f"top_k must be >= 0 (0 or -1 disables it), got {self.top_k}.")
         if not (0.0 <= self.min_p <= 1.0):
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}.")
         if not self.repetition_penalty > 0 or math.isinf(self.repetition_penalty):

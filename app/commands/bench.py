@@ -93,6 +93,10 @@ def run_bench_command(args) -> int:
     suites = []
     for item in args.suite or ["decode"]:
         suites.extend(x.strip() for x in item.split(",") if x.strip())
+    for name in suites:
+        if name not in SUITE_NAMES and name != "all":
+            raise InvalidRequestError(f"unknown suite {name!r}; choose from {', '.join(SUITE_NAMES)} (or all: "
+                                      "every suite but serve).")
     serve = "serve" in suites  # over HTTP (app/commands/serve_bench.py); the rest in engine.bench
     suites = [s for s in suites if s != "serve"]
     if args.concurrency is not None and not serve:

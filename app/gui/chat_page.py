@@ -52,7 +52,8 @@ class ChatPage(QWidget):
         self.settings = settings
         self.conversation_id: int | None = None
         self._active: dict | None = None  # the answer being streamed
-        self._pending_send: str | None = None  # typed while the model was still loading
+        # (the chat it was typed in, the text): typed while the model was still loading
+        self._pending_send: tuple[int | None, str] | None = None
         self._model_ready = False
         self._editing: tuple[int, int] | None = None  # (conversation, user message) being edited
 
@@ -252,7 +253,7 @@ class ChatPage(QWidget):
                     self.notice.show_message("One message is already waiting for the model to "
                                              "finish loading; send this one after its answer.")
                     return
-                self._pending_send = text
+                self._pending_send = (self.conversation_id, text)
                 self.input.clear()
                 self.notice.show_message("The model is still loading: your message will be sent "
                                          "as soon as it is ready.")
@@ -468,11 +469,24 @@ class ChatPage(QWidget):
         if not reloaded:  # back after a failed load: the failure notice stays
             self.notice.show_message("")
         if self._pending_send:
-            text, self._pending_send = self._pending_send, None
-            self.send(text)
+            (conv_id, text), self._pending_send = self._pending_send, None
+            self._send_pending(conv_id, text)
+
+    def _send_pending(self, conv_id: int | None, text: str) -> None:
+        """Send a message typed while the model loaded to the chat it was typed in, though
+        another chat may be open by now (a new chat where that one is gone: deleted, or an
+        empty new chat dropped when another was opened)."""
+        if conv_id is not None and self.store.conversation(conv_id) is not None:
+            if conv_id != self.conversation_id:
+                self.open_conversation(conv_id)
+        elif self.conversation_id is not None and (conv_id is not None or not self.store.is_leftover(
+                self.conversation_id)):
+            self.new_conversation()
+        self.send(text)
 
     def _on_load_failed(self, message: str) -> None:
-        pending, self._pending_send = self._pending_send, None
+        pending = self._pending_send[1] if self._pending_send else None
+        self._pending_send = None
         info = getattr(self.bridge, "model_info", None)  # a failed load keeps the loaded model
         if info:
             self._on_model_loaded(info)

@@ -91,9 +91,19 @@ VLLM_ONLY = {
     "add_generation_prompt": "leave it out (chat prompts always end with the assistant's turn opening).",
     "chat_template": "leave it out (the model's own chat template is used).",
     "chat_template_kwargs": "leave it out (the model's chat template is rendered with the messages and tools only).",
+    # vLLM's sampling extensions (``stop_token_ids`` and ``ignore_eos`` are followed)
+    "min_tokens": "leave it out (an answer may end at the end-of-text token or a stop string before that many).",
+    "include_stop_str_in_output": "leave it out (a matched stop string is never part of the text, as with OpenAI).",
+    "bad_words": "give the words' token ids a logit_bias of -100.",
+    "use_beam_search": "leave it out (sampling or greedy decoding only).",
+    "length_penalty": "leave it out (it weighs beams: there is no beam search).",
+    "truncate_prompt_tokens": "shorten the prompt yourself (a prompt longer than the context is refused, not cut).",
+    "echo": "leave it out on chat completions (completions take echo).",
 }
 #: (their defaults, which ask for nothing)
-VLLM_DEFAULTS = {"continue_final_message": False, "add_generation_prompt": True, "chat_template_kwargs": {}}
+VLLM_DEFAULTS = {"continue_final_message": False, "add_generation_prompt": True, "chat_template_kwargs": {},
+                 "min_tokens": 0, "include_stop_str_in_output": False, "bad_words": [], "use_beam_search": False,
+                 "length_penalty": 1.0, "echo": False}
 _NO = object()  # (no default)
 
 
@@ -140,10 +150,23 @@ def sampling(body, max_tokens: int = 1, seed: int | None = None, chat: bool = Tr
             repetition_penalty=given(body.repetition_penalty, 1.0),
             presence_penalty=given(body.presence_penalty, 0.0),
             frequency_penalty=given(body.frequency_penalty, 0.0), seed=seed, stop=stops,
-            ignore_eos=given(body.ignore_eos, False), logprobs=top_logprobs(body, chat),
+            ignore_eos=given(body.ignore_eos, False), stop_token_ids=stop_token_ids(body),
+            logprobs=top_logprobs(body, chat),
             logit_bias=logit_bias(body), structured=structured_output(body) if chat else None)
     except InvalidRequestError as e:
         raise ApiError(400, str(e), param_of(str(e))) from None
+
+
+def stop_token_ids(body) -> tuple[int, ...]:
+    """vLLM's ``stop_token_ids`` (an extension field): token ids that end the answer like the
+    end-of-text token does (left out of the text)."""
+    ids = extra_fields(body).get("stop_token_ids")
+    if ids is None:
+        return ()
+    if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise ApiError(400, f"stop_token_ids must be a list of token ids (integers >= 0), got {ids!r}.",
+                       "stop_token_ids")
+    return tuple(ids)
 
 
 def logit_bias(body) -> tuple[tuple[int, float], ...]:

@@ -21,6 +21,14 @@ import torch.nn.functional as F
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: fp8 caches saturate there
 
+#: The ``torch`` backend reads a prompt chunk of fewer queries than this padded with copies of
+#: its first query (their outputs dropped): torch's CPU SDPA gave 1-3 queries other bits than
+#: the same queries inside a longer chunk (about 3e-7), and a prefix-cache hit that leaves a
+#: prompt's last 1-3 tokens would then change a quantized model's tokens (the next layer's int8
+#: activation blocks magnify the last bit). Measured on this project's CPU: 4-40 agree, and so
+#: does 1-3 padded to 16 (tests/engine/test_engine_batching.py checks a model's logprobs).
+_MIN_PROMPT_QUERIES = 16
+
 
 def to_fp8(x: torch.Tensor) -> torch.Tensor:
     """``x`` as float8 e4m3, saturating at +-448 (as the Triton KV write does)."""
@@ -151,7 +159,13 @@ class TorchAttention(AttentionBackend):
             mask = kpos[None, :] <= qpos[:, None]
             if self.sliding_window is not None:
                 mask &= kpos[None, :] > qpos[:, None] - self.sliding_window
-            out[start:start + qlen] = self._attend(qs, keys, vals, mask)
+            if qlen < _MIN_PROMPT_QUERIES:  # (see _MIN_PROMPT_QUERIES) copies of the first query, dropped after
+                pad = _MIN_PROMPT_QUERIES - qlen
+                qs = torch.cat((qs[:1].expand(pad, *qs.shape[1:]), qs))
+                mask = torch.cat((mask[:1].expand(pad, -1), mask))
+                out[start:start + qlen] = self._attend(qs, keys, vals, mask)[pad:]
+            else:
+                out[start:start + qlen] = self._attend(qs, keys, vals, mask)
             start += qlen
         return out
 

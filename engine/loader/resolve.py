@@ -124,6 +124,15 @@ def validate_model_folder(path: Path) -> dict[str, Any]:
     return data
 
 
+def _starts_like_gguf(path: Path) -> bool:
+    """Whether ``path`` begins with GGUF's magic bytes (``GGUF``), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def resolve_model(
     model: str | None,
     revision: str | None = None,
@@ -157,10 +166,13 @@ def resolve_model(
     candidate = Path(text).expanduser()
     if candidate.is_file():
         _no_revision(revision, text)
-        if candidate.suffix.lower() != ".gguf":
+        if candidate.suffix.lower() != ".gguf" and not _starts_like_gguf(candidate):
+            # (a GGUF under another name loads: Ollama keeps its models as blobs/sha256-...)
+            hint = ("Pass the folder that contains it." if candidate.parent.joinpath("config.json").is_file()
+                    else "Pass a model folder (config.json and weights) or a GGUF file.")
             raise ModelLoadError(
-                f"{candidate} is a file, but Hearth loads model folders or .gguf files. "
-                "Pass the folder that contains it."
+                f"{candidate} is a file that is not a GGUF model (it doesn't start with GGUF's magic "
+                f"bytes), and Hearth loads model folders or GGUF files. {hint}"
             )
         # Named before resolving symlinks: a GGUF in the Hub cache links to a blob whose
         # name is a hash.
@@ -315,7 +327,8 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
             why = (
                 "offline mode is on (HF_HUB_OFFLINE)"
                 if network_error is None
-                else f"the Hub is unreachable ({type(network_error).__name__}: {network_error})".split("\n")[0]
+                else f"the Hub is unreachable ({type(network_error).__name__}: "
+                     f"{(str(network_error).splitlines() or [''])[0]})"
             )
             raise ModelLoadError(
                 f"'{repo_id}'{rev_text} is not in the local Hugging Face cache and {why}. "

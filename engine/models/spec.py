@@ -25,6 +25,11 @@ NATIVE_MODEL_TYPES = {
 }
 
 
+#: the config.json keys of ModelSpec's fields where the names differ
+_CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads"}
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     model_type: str
@@ -47,15 +52,20 @@ class ModelSpec:
     torch_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise UnsupportedModelError(
-                f"config.json: num_attention_heads ({self.num_heads}) is not a multiple of "
-                f"num_key_value_heads ({self.num_kv_heads}); the checkpoint is inconsistent."
-            )
+        # A broken config is a load error, not a reason to try the transformers fallback
+        # (which would fail later, on something else: the weights, or a cache of 16 tokens).
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim"):
             if getattr(self, name) <= 0:
-                raise UnsupportedModelError(f"config.json: {name} must be positive.")
+                key = _CONFIG_KEYS.get(name, name)
+                raise ModelLoadError(f"config.json: {key} must be positive, it is {getattr(self, name)}: the "
+                                     "model's config is damaged; download the model again or fix config.json.")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"config.json: num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads}): the model's config is damaged; download the model "
+                "again or fix config.json."
+            )
 
     @property
     def q_size(self) -> int:

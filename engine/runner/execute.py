@@ -3,8 +3,9 @@
 Four ways to run a step, tried in order: a pure decode step by CUDA-graph replay (greedy
 batches pipelined: the next step is launched before the host sees this one's tokens, from
 this step's argmax on the device; with a grammar's mask applied first where a row has one), or
-on a CPU by one C call per sequence (``engine.runner.cpu_step``; up to ``CPU_STEP_ROWS``);
-one prompt or chunk by prompt-graph replay; else eagerly with decode rows first.
+on a CPU each decode row by one C call (``engine.runner.cpu_step``; up to ``CPU_STEP_ROWS``;
+a mixed step's prompt rows eagerly beside them); one prompt or chunk by prompt-graph replay;
+else eagerly with decode rows first.
 """
 
 from __future__ import annotations
@@ -46,26 +47,23 @@ class NativeExecuteMixin(RequestStateMixin):
             graph_out = self._execute_graph(inp)
             if graph_out is not None:
                 return graph_out
-        elif self.cpu_step is not None and len(rows) <= CPU_STEP_ROWS and all(
-                len(row.token_ids) == 1 and row.sample for row in rows):
-            # A decode step of a few sequences: one C call each beats one eager batched
-            # step (its ~900 small torch ops cost more than streaming the weights again).
-            self._ahead = None
-            if len(rows) == 1:
-                row = rows[0]
-                return self.sample(self.cpu_step.run(row.token_ids[0], row.start, row.block_table), rows)
-            logits = None
-            for i, row in enumerate(rows):  # the C step reuses one logits buffer: copy each out
-                one = self.cpu_step.run(row.token_ids[0], row.start, row.block_table)
-                if logits is None:
-                    logits = one.new_empty((len(rows), one.shape[-1]))
-                logits[i] = one[0]
-            return self.sample(logits, rows)
+        elif self.cpu_step is not None:
+            cpu_out = self._execute_cpu(rows)
+            if cpu_out is not None:
+                return cpu_out
         if self.prompt_graphs is not None and len(rows) == 1:
             graph_out = self._execute_prompt_graph(rows[0])
             if graph_out is not None:
                 return graph_out
         self._ahead = None
+        logits = self._forward_rows(rows)
+        if logits is None:
+            return RunnerOutput([], None)
+        return self.sample(logits, [row for row in rows if row.sample])
+
+    def _forward_rows(self, rows) -> torch.Tensor | None:
+        """The eager forward of ``rows``: the logits of the rows with ``sample`` (in order),
+        None when no row samples."""
         ids: list[int] = []
         positions: list[int] = []
         tables, starts, qlens = [], [], []
@@ -92,9 +90,43 @@ class NativeExecuteMixin(RequestStateMixin):
 
         picked = [last_row[i] for i, row in enumerate(rows) if row.sample]
         if not picked:
-            return RunnerOutput([], None)
-        logits = self.model.compute_logits(hidden[picked])
-        return self.sample(logits, [row for row in rows if row.sample])
+            return None
+        return self.model.compute_logits(hidden[picked])
+
+    def _execute_cpu(self, rows) -> RunnerOutput | None:
+        """A step with decode rows on a CPU with the C decode step: each decode row by one C
+        call (faster than one eager batched step: its ~900 small torch ops cost more than
+        streaming the weights again), the prompt rows of a mixed step eagerly beside them.
+        A decode row is one token at or past its request's prompt: a prompt's last token alone
+        (the rest of it cached) still reads as a prompt, as it would cold, so a prefix-cache
+        hit or other requests in the step don't change how a request's tokens are computed.
+        None: no such rows, or more than ``CPU_STEP_ROWS`` (all eager)."""
+        kept = self._kept(rows)
+        decode = [i for i, (row, k) in enumerate(zip(rows, kept))
+                  if len(row.token_ids) == 1 and row.sample and row.start >= k.prompt_len]
+        if not decode or len(decode) > CPU_STEP_ROWS:
+            return None
+        self._ahead = None
+        if len(rows) == 1:
+            row = rows[0]
+            return self.sample(self.cpu_step.run(row.token_ids[0], row.start, row.block_table), rows, kept)
+        is_decode = set(decode)
+        others = [row for i, row in enumerate(rows) if i not in is_decode]
+        eager = self._forward_rows(others) if others else None
+        sampled = [i for i, row in enumerate(rows) if row.sample]
+        logits = None
+        taken = 0
+        for j, i in enumerate(sampled):
+            row = rows[i]
+            if i in is_decode:  # the C step reuses one logits buffer: copy each out
+                one = self.cpu_step.run(row.token_ids[0], row.start, row.block_table)[0]
+            else:
+                one = eager[taken]
+                taken += 1
+            if logits is None:
+                logits = torch.empty((len(sampled), one.shape[-1]), dtype=torch.float32, device=one.device)
+            logits[j] = one
+        return self.sample(logits, [rows[i] for i in sampled], [kept[i] for i in sampled])
 
     def _execute_graph(self, inp: RunnerInput) -> RunnerOutput | None:
         """A pure decode step (one new token per row, all sampled) by graph replay.

@@ -133,45 +133,31 @@ HQ_AVX2_INLINE void hq_rows_avx2_impl(const hq_weight *w, const hq_acts *a, int 
             if (mp) _mm_prefetch(mp + off, _MM_HINT_T0);
         }
     }
-    for (int g = 0; g < ng; g++) {
-        if (bpg == 1) { /* GGUF Q4_1 / Q8_0: one scale per block */
-            /* Combined scales (weight x activation) for the next 8 blocks, converted 8 at a
-               time and broadcast from memory per block: saves 4 vector ops a block. */
-            if ((g & 7) == 0) {
-                if (g + 8 <= ng) {
-                    const __m256 dx8 = _mm256_loadu_ps(xd + g);
-                    for (int r = 0; r < R; r++)
-                        _mm256_store_ps(comb[r], _mm256_mul_ps(
-                            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc[r] + g))), dx8));
-                } else {
-                    for (int r = 0; r < R; r++)
-                        for (int j = 0; g + j < ng; j++) comb[r][j] = hq_h2f_avx2(sc[r][g + j]) * xd[g + j];
-                }
-            }
-            const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + (size_t)g * HQ_BLOCK));
-            if (HQ_PREFETCH_ROWS && ((g * block_bytes) & 63) == 0)
+    /* Per block of 32: acc += (weight scale x activation scale) * block dot, the combined
+       scales built per window of 8 blocks exactly as hq_tile_avx2_impl builds them, so one
+       activation row gets the same bits here as in a tile of several (a prompt's rows must
+       not depend on how many rows share the call: prefix-cache hits, chunking, batching). */
+    const int nb = w->kp / HQ_BLOCK;
+    for (int b = 0; b < nb; b++) {
+        if ((b & 7) == 0) {
+            if (bpg == 1 && b + 8 <= nb) { /* GGUF Q4_1 / Q8_0: 8 scales converted at a time */
+                const __m256 dx8 = _mm256_loadu_ps(xd + b);
                 for (int r = 0; r < R; r++)
-                    _mm_prefetch((const char *)(q[r] + (size_t)g * block_bytes + HQ_PREFETCH_ROWS * row_bytes),
-                                 _MM_HINT_T0);
-            for (int r = 0; r < R; r++) {
-                const __m256 p = hq_block_dot_avx2(q[r] + (size_t)g * block_bytes, BITS, y);
-                acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&comb[r][g & 7]), p, acc[r]);
-            }
-        } else {
-            __m256 gacc[4];
-            for (int r = 0; r < R; r++) gacc[r] = _mm256_setzero_ps();
-            for (int j = 0; j < bpg; j++) {
-                const size_t b = (size_t)g * bpg + j;
-                const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + b * HQ_BLOCK));
-                if (HQ_PREFETCH_ROWS && ((b * block_bytes) & 63) == 0)
-                    for (int r = 0; r < R; r++)
-                        _mm_prefetch((const char *)(q[r] + b * block_bytes + HQ_PREFETCH_ROWS * row_bytes),
-                                     _MM_HINT_T0);
-                const __m256 dx = _mm256_set1_ps(xd[b]);
+                    _mm256_store_ps(comb[r], _mm256_mul_ps(
+                        _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc[r] + b))), dx8));
+            } else {
                 for (int r = 0; r < R; r++)
-                    gacc[r] = _mm256_fmadd_ps(dx, hq_block_dot_avx2(q[r] + b * block_bytes, BITS, y), gacc[r]);
+                    for (int i = 0; i < 8 && b + i < nb; i++) comb[r][i] = hq_h2f_avx2(sc[r][(b + i) / bpg]) * xd[b + i];
             }
-            for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(hq_h2f_avx2(sc[r][g])), gacc[r], acc[r]);
+        }
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(xq + (size_t)b * HQ_BLOCK));
+        if (HQ_PREFETCH_ROWS && ((b * block_bytes) & 63) == 0)
+            for (int r = 0; r < R; r++)
+                _mm_prefetch((const char *)(q[r] + (size_t)b * block_bytes + HQ_PREFETCH_ROWS * row_bytes),
+                             _MM_HINT_T0);
+        for (int r = 0; r < R; r++) {
+            const __m256 p = hq_block_dot_avx2(q[r] + (size_t)b * block_bytes, BITS, y);
+            acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&comb[r][b & 7]), p, acc[r]);
         }
     }
     const float *gs = a->gs + (size_t)mi * a->ngroups;

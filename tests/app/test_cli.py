@@ -474,3 +474,22 @@ def test_generate_with_an_fp8_kv_cache(capsys, tiny):
     assert json.loads(out)["completion_tokens"] == 4
     rc, _, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--kv-cache-dtype", "int2"))
     assert rc == 2 and "int2" in err and "fp8" in err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tiny, tmp_path):
+    """``hearth generate ... | head -1``: when the pipe's reader closes early the command stops
+    with the shell's SIGPIPE status (141) and no traceback, as other command-line tools do."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"Story number {i}\n" for i in range(40)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *gen_args(tiny, "--prompts-file", prompts, "--max-tokens", "40",
+                                                     "--json")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()  # what `head -1` reads, then it exits
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert json.loads(first)["text"] is not None
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()

@@ -33,7 +33,7 @@ BAD = [
     ("frequency_penalty", -INF, "[-2, 2]"),
     ("top_k", NAN, "top_k"),
     ("top_k", 2.5, "top_k"),
-    ("top_k", -1, ">= 0"),
+    ("top_k", -2, ">= 0"),
     ("max_tokens", NAN, "positive integer"),
     ("max_tokens", True, "positive integer"),
     ("logprobs", NAN, "[0, 20]"),
@@ -60,6 +60,8 @@ def test_good_edge_values_are_accepted():
     SamplingParams(temperature=0, top_p=1, min_p=0, repetition_penalty=1e-3,
                    presence_penalty=-2, frequency_penalty=2, top_k=0, logprobs=0)
     SamplingParams(temperature=5, top_p=1e-6, min_p=1.0, top_k=10**6, logprobs=20)
+    # -1: vLLM's (and transformers') "top-k off", which clients written for them send
+    assert SamplingParams(top_k=-1) == SamplingParams(top_k=0)
     # Every seed the params accept is one the sampler's generator takes.
     for seed in (0, 1, 2**63, MAX_SEED):
         assert make_generator(SamplingParams(seed=seed).seed, "cpu").initial_seed() == seed

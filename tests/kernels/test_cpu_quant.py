@@ -360,32 +360,35 @@ def test_round_activations_are_the_kernels_blocks(k):
     torch.testing.assert_close(got.double(), _x_hat(x), rtol=1e-7, atol=0)
 
 
-@pytest.mark.parametrize("bits,g,gated", [(4, 32, False), (8, 16, True)])
+@pytest.mark.parametrize("bits,g,gated", [(4, 32, False), (4, 128, False), (8, 16, True), (8, 32, False),
+                                          (8, 256, False)])
 def test_a_rows_product_does_not_depend_on_how_many_rows_share_the_call(bits, g, gated):
-    """``CpuQuant``: up to CPU_KERNEL_ROWS rows take the C kernel (int8 activation blocks), more
-    rows a dequantized weight and sgemm on the same rounded activations, so a row's product is
-    the same either way up to fp32 summation order (a prompt after a prefix-cache hit has fewer
-    rows than the same prompt cold: with float activations on one path greedy tokens changed)."""
+    """``CpuQuant`` runs the C kernel for any number of rows: a row's product has the same
+    bits alone, in a tile of a few rows, or among many (a prompt after a prefix-cache hit has
+    fewer rows than the same prompt cold; the next layer rounds to int8 blocks, so any
+    difference in the last bit can move a greedy token: it did on the bundled model while more
+    than 12 rows went to torch's sgemm)."""
     from types import SimpleNamespace
 
     from engine.layers.linear_kernels import silu_and_mul_reference
-    from engine.layers.quant_kernels import CPU_KERNEL_ROWS, CpuQuant
+    from engine.layers.quant_kernels import CpuQuant
 
     n, k = 48, 256
-    gen = torch.Generator().manual_seed(bits)
+    gen = torch.Generator().manual_seed(bits + g)
     w = torch.randn(n, k, generator=gen) * 0.05
     qw = quantize_int4(w, g) if bits == 4 else quantize_int8(w, g)
     layer = SimpleNamespace(bits=bits, qweight=qw.qweight, scales=qw.scales, mins=qw.mins, group_size=g,
                             bias=torch.randn(n, generator=gen), perm=None,
                             act=silu_and_mul_reference if gated else None)
     kernel = CpuQuant().bind(layer)
-    many = CPU_KERNEL_ROWS + 8
+    many = 23
     x = 2 * torch.randn(many, 2 * k if gated else k, generator=gen)
     together = kernel(x, layer)
     alone = torch.cat([kernel(x[i:i + 1], layer) for i in range(many)])
-    scale = together.abs().max().item()
-    assert (together - alone).abs().max().item() < 1e-5 * scale
-    # (float activations on the many-row path differ by the int8 rounding: ~1e-3 of the scale)
+    assert torch.equal(together, alone)
+    for first, count in ((0, 2), (3, 3), (5, 4), (9, 5), (1, 13)):  # tiles and their remainders
+        assert torch.equal(kernel(x[first:first + count], layer), alone[first:first + count])
+    # and it is the product it should be (int8 activation blocks: ~1e-3 of the scale)
     xin = silu_and_mul_reference(x) if gated else x
-    float_acts = xin @ qw.dequantize(torch.float32).T + layer.bias
-    assert (float_acts - alone).abs().max().item() > 1e-4 * scale
+    want = xin @ qw.dequantize(torch.float32).T + layer.bias
+    assert (want - alone).abs().max().item() < 2e-2 * want.abs().max().item()

@@ -123,6 +123,22 @@ def test_a_gguf_of_a_version_the_reader_does_not_know(hearth_cache, tmp_path):
         resolve_model(str(bad))
 
 
+def test_a_gguf_is_known_by_its_magic_not_its_name(hearth_cache, tmp_path):
+    """Ollama keeps its GGUFs as ``blobs/sha256-...`` without the extension: such a file is read
+    as a GGUF (here one of a version the reader doesn't know, so the error is the reader's);
+    another file without it is refused saying what Hearth loads."""
+    import struct
+
+    blob = tmp_path / "sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"
+    blob.write_bytes(b"GGUF" + struct.pack("<IQQ", 99, 0, 0))
+    with pytest.raises(ModelLoadError, match="download it again"):
+        resolve_model(str(blob))
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="not a GGUF model.*model folder"):
+        resolve_model(str(other))
+
+
 def test_truncated_gguf(hearth_cache, tmp_path):
     bad = tmp_path / "cut.gguf"
     with default_gguf_path().open("rb") as fh:

@@ -95,3 +95,19 @@ def test_revision_for_local_folder(tiny_model_dir):
 def test_plain_file_is_not_a_model(tiny_model_dir):
     with pytest.raises(ModelLoadError, match="folder"):
         resolve_model(str(tiny_model_dir / "config.json"))
+
+
+@pytest.mark.parametrize("field, value, says", [("num_hidden_layers", -1, "num_hidden_layers must be positive"),
+                                                ("num_key_value_heads", 3, "not a multiple")])
+def test_a_damaged_config_is_a_load_error_not_a_fallback(model_copy, field, value, says):
+    """A Llama config with an impossible field is reported as such (it once fell through to
+    the transformers fallback, which then failed on something unrelated)."""
+    import json
+
+    from engine.api import Engine
+
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg[field] = value
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=f"{says}.*download the model again"):
+        Engine.load(str(model_copy), device="cpu")

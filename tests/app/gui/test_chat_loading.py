@@ -174,3 +174,49 @@ def test_an_answer_is_saved_under_the_model_that_gave_it(qtbot, gui_env):
         page.send("Who are you?")
     answer = store.messages(page.conversation_id)[-1]
     assert answer.content == "Hi" and answer.meta["model"] == "acme/b"
+
+
+def test_a_message_typed_while_loading_goes_to_the_chat_it_was_typed_in(qtbot, gated_bridge, gui_env, chat_model):
+    """Typed in chat A while the model loads, then chat B opened: once loaded the message and
+    its answer are in A (opened again), B is untouched. One typed in an empty new chat that
+    was dropped when B was opened goes to a new chat, not into B."""
+    page, store = _page(qtbot, gated_bridge, gui_env)
+    a = store.create_conversation("Chat A")
+    store.add_message(a.id, "user", "About eggs")
+    b = store.create_conversation("Chat B")
+    store.add_message(b.id, "user", "About cars")
+    page._reload_list(select=a.id)
+    page.open_conversation(a.id)
+    gated_bridge.gated.add(chat_model)
+    with qtbot.waitSignal(gated_bridge.modelLoading, timeout=TIMEOUT):
+        gated_bridge.load(load_options(chat_model))
+    page.send("A follow-up about eggs")
+    assert "still loading" in page.notice.text()
+    page.open_conversation(b.id)
+    with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT):
+        gated_bridge.gate.set()
+    assert page.conversation_id == a.id
+    assert [m.content for m in store.messages(a.id) if m.role == "user"] == ["About eggs", "A follow-up about eggs"]
+    assert store.messages(a.id)[-1].role == "assistant"
+    assert [m.content for m in store.messages(b.id)] == ["About cars"]
+
+
+def test_a_message_typed_in_a_new_chat_while_loading_does_not_land_in_another(qtbot, gated_bridge, gui_env,
+                                                                             chat_model):
+    page, store = _page(qtbot, gated_bridge, gui_env)
+    b = store.create_conversation("Chat B")
+    store.add_message(b.id, "user", "About cars")
+    page._reload_list(select=b.id)
+    page.new_conversation()
+    fresh = page.conversation_id
+    assert fresh not in (None, b.id)
+    gated_bridge.gated.add(chat_model)
+    with qtbot.waitSignal(gated_bridge.modelLoading, timeout=TIMEOUT):
+        gated_bridge.load(load_options(chat_model))
+    page.send("A new question")
+    page.open_conversation(b.id)  # the empty new chat is dropped as a leftover
+    with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT):
+        gated_bridge.gate.set()
+    assert page.conversation_id != b.id
+    assert [m.content for m in store.messages(b.id)] == ["About cars"]
+    assert [m.content for m in store.messages(page.conversation_id) if m.role == "user"] == ["A new question"]

@@ -212,6 +212,9 @@ def test_vllms_guided_json_on_chat_is_a_json_schema(client, as_text):
     ({"guided_regex": "[a-z]+"}, "guided_regex"), ({"guided_choice": ["a", "b"]}, "guided_choice"),
     ({"continue_final_message": True}, "continue_final_message"),
     ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+    ({"min_tokens": 20}, "min_tokens"), ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"bad_words": ["Hello"]}, "bad_words"), ({"use_beam_search": True}, "use_beam_search"),
+    ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"), ({"echo": True}, "echo"),
 ])
 def test_vllms_other_extensions_are_a_400_not_ignored(client, extra, param):
     """vLLM's extensions Hearth doesn't follow are refused naming them (the answer would
@@ -220,7 +223,8 @@ def test_vllms_other_extensions_are_a_400_not_ignored(client, extra, param):
         chat(client, max_tokens=2, extra_body=extra)
     assert e.value.body["param"] == param and "vLLM" in e.value.body["message"]
     chat(client, max_tokens=2, extra_body={"continue_final_message": False, "add_generation_prompt": True,
-                                           "chat_template_kwargs": {}})
+                                           "chat_template_kwargs": {}, "min_tokens": 0, "bad_words": [],
+                                           "include_stop_str_in_output": False, "use_beam_search": False})
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"guided_json": SCHEMA})
     assert e.value.body["param"] == "guided_json"
@@ -231,3 +235,21 @@ def test_vllms_extensions_on_responses_are_a_400_too(client):
         with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, extra_body=extra)
         assert e.value.body["param"] == next(iter(extra)) and "vLLM" in e.value.body["message"]
+
+
+def test_vllms_stop_token_ids_end_the_answer(client, host):
+    """``stop_token_ids`` (vLLM's extension) is followed: a listed id ends the answer where
+    it is sampled, as the end-of-text token does (left out of the text); anything but a list
+    of ids is a 400 naming it."""
+    free = chat(client, max_tokens=8, extra_body={"ignore_eos": True})
+    ids = host.engine.tokenizer.encode(free.choices[0].message.content, add_special_tokens=False)
+    assert free.usage.completion_tokens == 8 and free.choices[0].finish_reason == "length"
+    # the first token that is new in the answer after its first (a random model repeats itself)
+    at = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), 0)
+    r = chat(client, max_tokens=8, extra_body={"ignore_eos": True, "stop_token_ids": [ids[at]]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == at + 1
+    assert r.choices[0].message.content == host.engine.tokenizer.decode(ids[:at])
+    for bad in ("17", [1.5], [-1], [True]):
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, max_tokens=2, extra_body={"stop_token_ids": bad})
+        assert e.value.body["param"] == "stop_token_ids", e.value.body
