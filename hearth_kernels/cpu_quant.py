@@ -27,11 +27,12 @@ Batch 1 (decode) is what this is for: one token's 96 MB of SmolLM2 weights (int4
 layers + int8 head) take about 9 ms of one core here, against about 41 ms for torch's
 float32 F.linear and 23 ms for its packed int4/int8 ops. Several rows (prefill, batched
 decode) run tiles of 2 weight rows x up to 4 activation rows, each weight block unpacked
-once per tile, about as fast per row as dequantizing for torch's sgemm (a 1,000-row prompt
-of SmolLM2: 3.37 s to the first token against 3.71 that way, 2026-12-06, 2-core EPYC), and
-each row gets the same bits as a call of that row alone (same per-block arithmetic, same
-order): a prefix-cache hit, a prompt's chunking or a busier batch can't change a greedy or
-seeded request's tokens. ``dequantize`` and ``round_activations`` remain for tests and tools.
+once per tile, about as fast end to end as dequantizing for torch's sgemm (a 1,000-row
+prompt of SmolLM2: 3.37-3.79 s to the first token against 3.71-4.36 that way, 2026-12-06,
+shared 2-core EPYC; per projection on one thread sgemm is up to 1.5x faster at 64-1,000
+rows), and each row gets the same bits as a call of that row alone (same per-block
+arithmetic, same order): how many rows share a call (a prefix-cache hit, a busier batch)
+can't change a greedy or seeded request's tokens. ``dequantize`` and ``round_activations`` remain for tests and tools.
 The decode hot path can skip ``matmul``'s checks with ``PreparedWeight.bind``.
 Act-order weights (``perm``): pass ``x[..., perm]``.
 

@@ -245,7 +245,11 @@ class ChatPage(QWidget):
     # -- sending -----------------------------------------------------------------------
     def send(self, text: str | None = None) -> None:
         text = (text if text is not None else self.input.toPlainText()).strip()
-        if not text or self._active is not None:
+        if not text:
+            return
+        if self._active is not None:
+            if self._active["conv"] != self.conversation_id:  # (here Send is disabled: Ctrl+Enter)
+                self.notice.show_message(f"{self._answering_elsewhere()}: your message stays in the box.")
             return
         if not self._model_ready:
             if getattr(self.bridge, "is_loading", False):
@@ -476,6 +480,7 @@ class ChatPage(QWidget):
         """Send a message typed while the model loaded to the chat it was typed in, though
         another chat may be open by now (a new chat where that one is gone: deleted, or an
         empty new chat dropped when another was opened)."""
+        draft = self.input.toPlainText()  # typed since (in whichever chat): sending must not wipe it
         if conv_id is not None and self.store.conversation(conv_id) is not None:
             if conv_id != self.conversation_id:
                 self.open_conversation(conv_id)
@@ -483,6 +488,8 @@ class ChatPage(QWidget):
                 self.conversation_id)):
             self.new_conversation()
         self.send(text)
+        if draft and not self.input.toPlainText():
+            self.input.setPlainText(draft)
 
     def _on_load_failed(self, message: str) -> None:
         pending = self._pending_send[1] if self._pending_send else None
@@ -512,12 +519,27 @@ class ChatPage(QWidget):
             (self.stop_button.hasFocus() and not busy)
         self.send_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
+        elsewhere = busy and self._active["conv"] != self.conversation_id
+        # why Send is off, and which answer Stop stops, when that answer is in another chat
+        self.send_button.setToolTip(self._answering_elsewhere() if elsewhere else "Send (Ctrl+Enter)")
+        self.stop_button.setToolTip(f"Stop the answer being written in {self._answering_title()} (Esc); the "
+                                    "text so far is kept" if elsewhere else
+                                    "Stop the answer (Esc); the text so far is kept")
         self._esc.setEnabled(busy)
         for w in self.scroll.widgets:
             w.set_actions_enabled(not busy and self._model_ready)
             w.set_versions_enabled(not busy)  # no model needed to look at another version
         if reclaim:
             self.input.setFocus()
+
+    def _answering_title(self) -> str:
+        """The chat the answer in progress is written in, quoted (for messages)."""
+        conv = self.store.conversation(self._active["conv"]) if self._active is not None else None
+        return f"\u201c{conv.title}\u201d" if conv is not None else "another chat"
+
+    def _answering_elsewhere(self) -> str:
+        return (f"An answer is being written in {self._answering_title()}: wait for it to finish or stop it "
+                "(Stop) before sending here")
 
     @property
     def is_answering(self) -> bool:

@@ -42,7 +42,8 @@ TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 #: Chat parameter -> the Responses parameter it comes from (for error messages).
 RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 #: Hearth's sampling extensions, passed on as they are.
-EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "ignore_eos")
+EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "ignore_eos",
+          "stop_token_ids")
 
 
 class ResponsesRequest(_Body):

@@ -101,12 +101,12 @@ class LlamaCppBaseline:
 def gguf_file(model: str | None) -> Path:
     """The GGUF file a ``--model`` names (``None``/``default``: the bundled one); refused
     for anything else, since llama.cpp reads GGUF files only."""
-    from engine.loader.resolve import default_gguf_path
+    from engine.loader.resolve import default_gguf_path, is_gguf_file
 
     if model is None or model.strip() == "default":
         return default_gguf_path()
     path = Path(model).expanduser()
-    if path.suffix.lower() == ".gguf" and path.is_file():
+    if path.is_file() and is_gguf_file(path):
         return path.resolve()
     raise InvalidRequestError(
         f"--baseline llamacpp needs a GGUF file as --model (or the default model); {model!r} is not one.",

@@ -27,6 +27,10 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: fp8 caches saturate there
 #: prompt's last 1-3 tokens would then change a quantized model's tokens (the next layer's int8
 #: activation blocks magnify the last bit). Measured on this project's CPU: 4-40 agree, and so
 #: does 1-3 padded to 16 (tests/engine/test_engine_batching.py checks a model's logprobs).
+#: Not shape-invariant in general: whole chunks of about 193-399 queries round their later
+#: rows otherwise than other lengths (the math path's bmm blocking), so a prefix cached by a
+#: prompt of another length there can differ in the last bits. Fixed query tiles at absolute
+#: positions with keys padded to the tile's end would make it so (not done yet).
 _MIN_PROMPT_QUERIES = 16
 
 

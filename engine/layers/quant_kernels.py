@@ -21,13 +21,12 @@ at load) and holds it.
 - ``CpuQuant`` (CPU, AVX2): Hearth's C int4/int8 matmul (``hearth_kernels/cpu_quant.py``:
   activations quantized to int8 blocks, integer block dots, memory speed) for any number of
   rows: several rows run its tiles, which give each row the same bits as a call of that row
-  alone, so a prefix-cache hit (fewer prompt rows), a prompt's chunking or other prompts in
-  the step don't change a greedy or seeded request's tokens. (Until 2026-12-06 more than 12
-  rows dequantized the weight for torch's sgemm on the same rounded activations: equal up to
-  fp32 summation order, and the next layer's int8 rounding made that order visible, 0.04-0.13
-  nats on the bundled model's first token after a hit. On this project's 2-core EPYC the tiles
-  read a 1,000-token prompt of it about as fast: 3.71 s to the first token before, see the
-  README.)
+  alone, so how many rows share a call (a prefix-cache hit leaving fewer prompt rows, other
+  requests in the step) doesn't change a greedy or seeded request's tokens. (Until 2026-12-06
+  more than 12 rows dequantized the weight for torch's sgemm on the same rounded activations:
+  equal up to fp32 summation order, and the next layer's int8 rounding made that order
+  visible, 0.04-0.13 nats on the bundled model's first token after a hit. End to end the tiles
+  read a 1,000-token prompt of it about as fast: see the README.)
 
 A kernel receives the module's raw input: for a SwiGLU-down projection that is
 ``[gate | up]``, and the kernel applies ``layer.act`` (or fuses it).

@@ -70,7 +70,9 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
         return FoundModel(name, None, "shape", cfg, f"engine.shapes[{shape!r}]", SHAPE_SEED)
     say(f"resolving model {mc.model or 'default'}")
     if keep_quantized is None:
-        maybe_gguf = mc.model is None or mc.model.strip() == "default" or mc.model.strip().lower().endswith(".gguf")
+        from engine.loader.resolve import is_gguf_file
+
+        maybe_gguf = mc.model is None or mc.model.strip() == "default" or is_gguf_file(mc.model)
         keep_quantized = not mc.force_fallback and maybe_gguf and (
             mc.quantization == "gguf" or (mc.quantization == "auto" and auto_keeps_gguf(mc.device)))
     resolved = resolve_model(mc.model, mc.revision, progress=say, keep_quantized=keep_quantized)
@@ -219,6 +221,8 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     # how the checkpoint's weights are stored; a malformed quantization_config is refused here,
     # naming its field, before transformers' tokenizer loading trips over it
     stored = checkpoint_quant_method(found.path)
+    if path is not None and source != "shape":
+        native_spec(found, mc.force_fallback)  # a damaged config.json, named, before the tokenizer trips over it
     if mc.tokenizer:
         tokenizer = own_tokenizer(mc.tokenizer, found)
         cfg = found.cfg

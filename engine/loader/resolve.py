@@ -133,6 +133,13 @@ def _starts_like_gguf(path: Path) -> bool:
         return False
 
 
+def is_gguf_file(model: str | Path) -> bool:
+    """Whether ``model`` names a GGUF file: a ``.gguf`` name, or an existing file that starts
+    with GGUF's magic (Ollama keeps its models as ``blobs/sha256-...``)."""
+    path = Path(str(model).strip()).expanduser()
+    return path.suffix.lower() == ".gguf" or (path.is_file() and _starts_like_gguf(path))
+
+
 def resolve_model(
     model: str | None,
     revision: str | None = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.errors import HearthError, ModelLoadError, UnsupportedModelError
 # The rotary layer's own settings type: layers never import models, models build on layers.
 from engine.layers.rope_spec import SUPPORTED_ROPE_TYPES, RopeSpec
 
@@ -86,6 +86,19 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelSpec":
+        """The spec of a config.json dict; UnsupportedModelError where Hearth doesn't run it
+        natively, ModelLoadError where the config is damaged (a field missing, or a value of
+        the wrong kind: ``"num_attention_heads": 0``, ``null`` or ``"64x"``)."""
+        try:
+            return cls._from_config(cfg, source)
+        except HearthError:
+            raise
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            raise ModelLoadError(f"{source}: a field holds a value of the wrong kind ({type(e).__name__}: {e}): "
+                                 "the model's config is damaged; download the model again or fix config.json.") from None
+
+    @classmethod
+    def _from_config(cls, cfg: dict[str, Any], source: str) -> "ModelSpec":
         model_type = cfg.get("model_type")
         if model_type not in NATIVE_MODEL_TYPES:
             raise UnsupportedModelError(

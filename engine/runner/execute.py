@@ -98,8 +98,8 @@ class NativeExecuteMixin(RequestStateMixin):
         call (faster than one eager batched step: its ~900 small torch ops cost more than
         streaming the weights again), the prompt rows of a mixed step eagerly beside them.
         A decode row is one token at or past its request's prompt: a prompt's last token alone
-        (the rest of it cached) still reads as a prompt, as it would cold, so a prefix-cache
-        hit or other requests in the step don't change how a request's tokens are computed.
+        (the rest of it cached) still reads as a prompt, as it would cold, and a decoding
+        request's rows take the C step whether or not others' prompts share the step.
         None: no such rows, or more than ``CPU_STEP_ROWS`` (all eager)."""
         kept = self._kept(rows)
         decode = [i for i, (row, k) in enumerate(zip(rows, kept))

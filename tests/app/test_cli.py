@@ -480,7 +480,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny, tmp_path):
     """``hearth generate ... | head -1``: when the pipe's reader closes early the command stops
     with the shell's SIGPIPE status (141) and no traceback, as other command-line tools do."""
     prompts = tmp_path / "p.txt"
-    prompts.write_text("".join(f"Story number {i}\n" for i in range(40)))
+    prompts.write_text("".join(f"Story number {i}\n" for i in range(240)))  # > 64 KiB of JSON: the pipe fills
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(

@@ -159,7 +159,57 @@ def test_a_batch_of_sequences_decodes_one_c_call_each_with_the_eager_batchs_toke
     runs, _, calls = _both_ways(monkeypatch, tiny_models["llama-tied"], "none", prompts, params)
     outputs = [[c.token_ids for c in run] for run in runs]
     assert outputs[0] == outputs[1]
-    # the prompts are read eagerly (sampling each one's first token; "Hello" is one token,
-    # read as a prompt even when it arrives among decodes); the 15 later tokens of each are
-    # decoded by C calls, in a step that also reads a prompt too
+    # the prompts are read eagerly (sampling each one's first token; "Hello" is one token, read
+    # as a prompt even if it arrived among decodes); the 15 later tokens of each by C calls
+    # (test_a_mixed_step_... covers steps that mix the two)
     assert len(calls) == 4 * 15
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_a_mixed_step_decodes_by_c_calls_beside_the_eager_prompt_rows(tiny_models, quant):
+    """Runner steps mixing decode rows with prompt chunks (sampled or not), a one-token prompt
+    and a prompt's last token alone: exactly the true decode rows (one token at or past the
+    prompt) go to C calls, at their positions; the rest run eagerly beside them; every sampled
+    row's token (and logprob, to float rounding) is the one an all-eager runner gives."""
+    from engine.runner.io import NewRequest, RunnerInput, StepRow
+    from engine.sampling_params import SamplingParams
+
+    loaded = _load(tiny_models["llama-tied"], quant)
+    runner = loaded.runner
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=0)
+    a, b, c = [5, 17, 99, 3, 1024, 7, 42], [8, 300, 11, 12, 13, 2048, 77, 19, 23], [400, 401, 402]
+    ta, tb, tc, td = [0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]  # (12 blocks of 4 tokens)
+
+    def scenario():
+        runner._requests.clear()
+        out = [runner.execute(RunnerInput(
+            [StepRow("a", a, 0, ta, True), StepRow("b", b[:5], 0, tb, False)],
+            new_requests=[NewRequest("a", params, len(a)), NewRequest("b", params, len(b))]))]
+        out.append(runner.execute(RunnerInput(
+            [StepRow("a", [out[0].token_ids[0]], len(a), ta, True), StepRow("b", b[5:], 5, tb, True),
+             StepRow("c", c[:2], 0, tc, False), StepRow("d", [77], 0, td, True)],
+            new_requests=[NewRequest("c", params, len(c)), NewRequest("d", params, 1)])))
+        na, nb, nd = out[1].token_ids
+        out.append(runner.execute(RunnerInput(
+            [StepRow("c", c[2:], 2, tc, True), StepRow("a", [na], len(a) + 1, ta, True),
+             StepRow("b", [nb], len(b), tb, True), StepRow("d", [nd], 1, td, True)])))
+        return [o.token_ids for o in out], [[t.logprob for t in o.logprobs] for o in out]
+
+    try:
+        step = runner.cpu_step
+        assert step is not None
+        calls = []
+        run = step.run
+        step.run = lambda *args: calls.append(args[1]) or run(*args)
+        with torch.inference_mode():
+            tokens, logprobs = scenario()
+            runner.cpu_step = None
+            eager_tokens, eager_logprobs = scenario()
+        # step 2: A's decode (d's one-token prompt reads as a prompt); step 3: A, B and D decode
+        # (C's last prompt token alone reads as a prompt)
+        assert calls == [len(a), len(a) + 1, len(b), 1]
+        assert tokens == eager_tokens
+        for got, want in zip(logprobs, eager_logprobs):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-3, rtol=0)
+    finally:
+        release_runner(runner)

@@ -139,6 +139,28 @@ def test_a_gguf_is_known_by_its_magic_not_its_name(hearth_cache, tmp_path):
         resolve_model(str(other))
 
 
+@pytest.mark.parametrize("quant", ["auto", "gguf"])
+def test_a_gguf_under_another_name_keeps_its_quantized_weights(hearth_cache, tmp_path, monkeypatch, quant):
+    """An Ollama blob (a GGUF named ``sha256-...``) is resolved like ``model.gguf``: with
+    ``auto`` (on a CPU with the C kernel) or ``gguf`` its quantized weights are kept, not
+    expanded to floats (the check was the file's extension)."""
+    from engine.config import config_from_options
+    from engine.loader import engine_loader
+    from engine.loader.resolve import is_gguf_file
+
+    blob = tmp_path / "sha256-0123abcd"
+    blob.symlink_to(default_gguf_path())
+    assert is_gguf_file(blob) and is_gguf_file(str(default_gguf_path())) and not is_gguf_file(tmp_path)
+    asked = []
+    monkeypatch.setattr(engine_loader, "auto_keeps_gguf", lambda device: True)
+    monkeypatch.setattr("engine.loader.resolve.resolve_model",
+                        lambda model, revision=None, progress=None, keep_quantized=False: asked.append(
+                            keep_quantized) or (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        engine_loader.find_model(config_from_options(str(blob), device="cpu", quantization=quant), lambda m: None)
+    assert asked == [True]
+
+
 def test_truncated_gguf(hearth_cache, tmp_path):
     bad = tmp_path / "cut.gguf"
     with default_gguf_path().open("rb") as fh:

@@ -98,7 +98,10 @@ def test_plain_file_is_not_a_model(tiny_model_dir):
 
 
 @pytest.mark.parametrize("field, value, says", [("num_hidden_layers", -1, "num_hidden_layers must be positive"),
-                                                ("num_key_value_heads", 3, "not a multiple")])
+                                                ("num_key_value_heads", 3, "not a multiple"),
+                                                ("num_attention_heads", 0, "num_attention_heads must be positive"),
+                                                ("hidden_size", None, "wrong kind"),
+                                                ("intermediate_size", "64x", "wrong kind")])
 def test_a_damaged_config_is_a_load_error_not_a_fallback(model_copy, field, value, says):
     """A Llama config with an impossible field is reported as such (it once fell through to
     the transformers fallback, which then failed on something unrelated)."""

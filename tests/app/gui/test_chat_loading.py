@@ -193,9 +193,11 @@ def test_a_message_typed_while_loading_goes_to_the_chat_it_was_typed_in(qtbot, g
     page.send("A follow-up about eggs")
     assert "still loading" in page.notice.text()
     page.open_conversation(b.id)
+    page.input.setPlainText("A draft for B")
     with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT):
         gated_bridge.gate.set()
     assert page.conversation_id == a.id
+    assert page.input.toPlainText() == "A draft for B"  # not wiped by the pending message's send
     assert [m.content for m in store.messages(a.id) if m.role == "user"] == ["About eggs", "A follow-up about eggs"]
     assert store.messages(a.id)[-1].role == "assistant"
     assert [m.content for m in store.messages(b.id)] == ["About cars"]
@@ -220,3 +222,25 @@ def test_a_message_typed_in_a_new_chat_while_loading_does_not_land_in_another(qt
     assert page.conversation_id != b.id
     assert [m.content for m in store.messages(b.id)] == ["About cars"]
     assert [m.content for m in store.messages(page.conversation_id) if m.role == "user"] == ["A new question"]
+
+
+def test_while_another_chat_answers_the_page_says_why_it_cannot_send(qtbot, gated_bridge, gui_env, chat_model):
+    """An answer streams in chat A and chat B is opened: Send's tooltip and Ctrl+Enter's notice
+    name A (the message stays in the box), Stop's tooltip says it stops A's answer."""
+    page, store = _page(qtbot, gated_bridge, gui_env)
+    a = store.create_conversation("Chat A")
+    b = store.create_conversation("Chat B")
+    page._reload_list(select=a.id)
+    page.open_conversation(a.id)
+    with qtbot.waitSignal(gated_bridge.modelLoaded, timeout=TIMEOUT):
+        gated_bridge.load(load_options(chat_model))
+    with qtbot.waitSignal(page.answerFinished, timeout=TIMEOUT):
+        page.send("Tell me a story")  # the answer arrives through the event loop: still going below
+        page.open_conversation(b.id)
+        assert not page.send_button.isEnabled() and "\u201cChat A\u201d" in page.send_button.toolTip()
+        assert "\u201cChat A\u201d" in page.stop_button.toolTip()
+        page.input.setPlainText("Meanwhile, in B")
+        page.send()
+        assert "\u201cChat A\u201d" in page.notice.text() and page.input.toPlainText() == "Meanwhile, in B"
+    assert page.send_button.isEnabled() and page.send_button.toolTip() == "Send (Ctrl+Enter)"
+    assert [m.content for m in store.messages(b.id)] == []
