@@ -521,10 +521,10 @@ class ChatPage(QWidget):
         self.stop_button.setEnabled(busy)
         elsewhere = busy and self._active["conv"] != self.conversation_id
         # why Send is off, and which answer Stop stops, when that answer is in another chat
-        self.send_button.setToolTip(self._answering_elsewhere() if elsewhere else "Send (Ctrl+Enter)")
-        self.stop_button.setToolTip(f"Stop the answer being written in {self._answering_title()} (Esc); the "
-                                    "text so far is kept" if elsewhere else
-                                    "Stop the answer (Esc); the text so far is kept")
+        title = self._answering_title() if elsewhere else None  # (one look in the store)
+        self.send_button.setToolTip(self._answering_elsewhere(title) if elsewhere else "Send (Ctrl+Enter)")
+        self.stop_button.setToolTip(f"Stop the answer being written in {title} (Esc); the text so far is kept"
+                                    if elsewhere else "Stop the answer (Esc); the text so far is kept")
         self._esc.setEnabled(busy)
         for w in self.scroll.widgets:
             w.set_actions_enabled(not busy and self._model_ready)
@@ -537,9 +537,9 @@ class ChatPage(QWidget):
         conv = self.store.conversation(self._active["conv"]) if self._active is not None else None
         return f"\u201c{conv.title}\u201d" if conv is not None else "another chat"
 
-    def _answering_elsewhere(self) -> str:
-        return (f"An answer is being written in {self._answering_title()}: wait for it to finish or stop it "
-                "(Stop) before sending here")
+    def _answering_elsewhere(self, title: str | None = None) -> str:
+        return (f"An answer is being written in {title or self._answering_title()}: wait for it to finish or "
+                "stop it (Stop) before sending here")
 
     @property
     def is_answering(self) -> bool:

@@ -163,13 +163,11 @@ class TorchAttention(AttentionBackend):
             mask = kpos[None, :] <= qpos[:, None]
             if self.sliding_window is not None:
                 mask &= kpos[None, :] > qpos[:, None] - self.sliding_window
-            if qlen < _MIN_PROMPT_QUERIES:  # (see _MIN_PROMPT_QUERIES) copies of the first query, dropped after
-                pad = _MIN_PROMPT_QUERIES - qlen
+            pad = max(0, _MIN_PROMPT_QUERIES - qlen)  # copies of the first query, dropped after
+            if pad:
                 qs = torch.cat((qs[:1].expand(pad, *qs.shape[1:]), qs))
                 mask = torch.cat((mask[:1].expand(pad, -1), mask))
-                out[start:start + qlen] = self._attend(qs, keys, vals, mask)[pad:]
-            else:
-                out[start:start + qlen] = self._attend(qs, keys, vals, mask)
+            out[start:start + qlen] = self._attend(qs, keys, vals, mask)[pad:]
             start += qlen
         return out
 

@@ -124,20 +124,17 @@ def validate_model_folder(path: Path) -> dict[str, Any]:
     return data
 
 
-def _starts_like_gguf(path: Path) -> bool:
-    """Whether ``path`` begins with GGUF's magic bytes (``GGUF``), whatever its name."""
+def is_gguf_file(model: str | Path) -> bool:
+    """Whether ``model`` names a GGUF file: a ``.gguf`` name, or an existing file that starts
+    with GGUF's magic bytes (Ollama keeps its models as ``blobs/sha256-...``)."""
+    path = Path(str(model).strip()).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return True
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
-    except OSError:
+    except OSError:  # (a folder, or nothing there)
         return False
-
-
-def is_gguf_file(model: str | Path) -> bool:
-    """Whether ``model`` names a GGUF file: a ``.gguf`` name, or an existing file that starts
-    with GGUF's magic (Ollama keeps its models as ``blobs/sha256-...``)."""
-    path = Path(str(model).strip()).expanduser()
-    return path.suffix.lower() == ".gguf" or (path.is_file() and _starts_like_gguf(path))
 
 
 def resolve_model(
@@ -173,7 +170,7 @@ def resolve_model(
     candidate = Path(text).expanduser()
     if candidate.is_file():
         _no_revision(revision, text)
-        if candidate.suffix.lower() != ".gguf" and not _starts_like_gguf(candidate):
+        if not is_gguf_file(candidate):
             # (a GGUF under another name loads: Ollama keeps its models as blobs/sha256-...)
             hint = ("Pass the folder that contains it." if candidate.parent.joinpath("config.json").is_file()
                     else "Pass a model folder (config.json and weights) or a GGUF file.")
