@@ -114,7 +114,8 @@ def model_display_name(model: str | None) -> str:
 
 
 def check_model(model: str | EngineConfig | None = None, revision: str | None = None, *, progress=None,
-                loaded_device: str | None = None, loaded_bytes: int = 0, **options) -> ModelCheck:
+                should_stop=None, loaded_device: str | None = None, loaded_bytes: int = 0,
+                **options) -> ModelCheck:
     """The cheap pre-flight of a load: everything ``Engine.load(model, revision=revision,
     **options)`` (or ``Engine.from_config(model)`` when ``model`` is an ``EngineConfig``)
     would refuse first (a choice that can't run here, a model that can't be found or has
@@ -127,7 +128,9 @@ def check_model(model: str | EngineConfig | None = None, revision: str | None = 
     can load while it keeps serving, and the memory checks count what unloading it gives
     back. Returns a ``ModelCheck`` (name, device, weights_bytes, kv_cache_bytes,
     need_bytes, free_bytes, fits_beside); raises ``InvalidRequestError``,
-    ``ModelLoadError``, ``OutOfMemoryError``."""
+    ``ModelLoadError``, ``OutOfMemoryError``. A GGUF file is converted here, once (the
+    load then reads the conversion): ``should_stop`` is asked during it, and True (or a
+    ``progress`` that raises) stops it with ``LoadCancelledError``."""
     from engine.loader.load_check import check_model as _check
 
     if isinstance(model, EngineConfig):
@@ -137,7 +140,8 @@ def check_model(model: str | EngineConfig | None = None, revision: str | None = 
         config = model
     else:
         config = config_from_options(model, revision=revision, **options)
-    return _check(config, progress=progress, loaded_device=loaded_device, loaded_bytes=loaded_bytes)
+    return _check(config, progress=progress, should_stop=should_stop, loaded_device=loaded_device,
+                  loaded_bytes=loaded_bytes)
 
 
 def release_memory(collect: bool = True) -> None:

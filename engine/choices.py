@@ -33,7 +33,8 @@ class Choice:
     """One value of a load option, with what a user needs to pick it.
 
     ``reasons`` are filled in by ``choices(kind, device)`` (why it can't run on that device;
-    empty: it can). ``bytes_per_param``: bytes one weight takes (dtypes, quantizations;
+    empty: it can); ``caveats`` likewise, what a user should know before picking one that
+    runs there (it is much slower there, say). ``bytes_per_param``: bytes one weight takes (dtypes, quantizations;
     ``None`` for a quantization of "none", which is the weights dtype's). ``bytes_per_value``:
     bytes one cached K or V value takes (KV-cache dtypes; ``None`` for ``auto``, the model
     dtype's): a token's KV bytes are ``ModelSpec.kv_bytes_per_token(bytes_per_value)``.
@@ -46,7 +47,9 @@ class Choice:
     bytes_per_param: float | None = None
     bytes_per_value: int | None = None
     reasons: tuple[str, ...] = ()
+    caveats: tuple[str, ...] = ()
     check: Check | None = field(default=None, repr=False, compare=False)
+    caution: Check | None = field(default=None, repr=False, compare=False)  # fills ``caveats``
 
     @property
     def available(self) -> bool:
@@ -56,13 +59,14 @@ class Choice:
     def on(self, device: str) -> "Choice":
         """This choice with the reasons it can't run on ``device`` ("auto": what auto picks)."""
         target = _target(device)
-        return replace(self, reasons=tuple(self.check(target)) if self.check else ())
+        return replace(self, reasons=tuple(self.check(target)) if self.check else (),
+                       caveats=tuple(self.caution(target)) if self.caution else ())
 
     def to_dict(self) -> dict:
-        """The JSON form (``hearth doctor``, the coming server): every field but ``check``."""
+        """The JSON form (``hearth doctor``, the server): every field but the checks."""
         return {"kind": self.kind, "name": self.name, "label": self.label, "aliases": list(self.aliases),
                 "bytes_per_param": self.bytes_per_param, "bytes_per_value": self.bytes_per_value,
-                "reasons": list(self.reasons)}
+                "reasons": list(self.reasons), "caveats": list(self.caveats)}
 
 
 _REGISTRY: dict[str, dict[str, Choice]] = {kind: {} for kind in KINDS}
@@ -266,9 +270,23 @@ def _fp8_kv_reasons(device: str) -> list[str]:
     return []
 
 
+def _fp8_kv_caveats(device: str) -> list[str]:
+    """An fp8 KV cache on the CPU runs, but torch reads it (Hearth's C decode step reads a
+    float32 cache)."""
+    if device.startswith("cuda"):
+        return []
+    return [f"on the CPU an fp8 KV cache is read by torch, not by Hearth's C decode step: decoding is "
+            f"{FP8_KV_CPU_SLOWER} times slower; pick it only to fit a longer context in memory"]
+
+
+#: How much slower decoding is with an fp8 KV cache on the CPU (the bundled model, 2-core
+#: EPYC: benchmarks/results/2026-12-07-i14-cpu-fp8-kv.json).
+FP8_KV_CPU_SLOWER = "4 to 5"
+
 register(Choice("kv_cache_dtype", "auto", "same as the weights"))
 register(Choice("kv_cache_dtype", "fp8", "fp8 (e4m3): twice the context, slightly less exact",
-                ("fp8_e4m3", "fp8-e4m3", "float8_e4m3fn", "e4m3"), bytes_per_value=1, check=_fp8_kv_reasons))
+                ("fp8_e4m3", "fp8-e4m3", "float8_e4m3fn", "e4m3"), bytes_per_value=1, check=_fp8_kv_reasons,
+                caution=_fp8_kv_caveats))
 
 
 # -- weight quantizations --------------------------------------------------------------------

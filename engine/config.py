@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine import choices
 from engine.errors import InvalidRequestError
@@ -128,7 +128,9 @@ class CacheConfig:
 @dataclass(slots=True)
 class SchedulerConfig:
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048  # token budget per step (chunked prefill splits prompts)
+    # Token budget per step (chunked prefill splits prompts); None: the device's own
+    # (STEP_TOKENS), filled in by the load once the device is known (``step_budget``).
+    max_num_batched_tokens: int | None = None
     # Admission batching (engine.core.scheduler), with CUDA-graph decode only: while every
     # running sequence decodes, new prompts wait until they are this share of the running
     # ones (or fill the free places), at most max_hold_steps steps. 0 admits each at once.
@@ -141,8 +143,29 @@ class SchedulerConfig:
                                       f"{self.admit_ratio!r} and {self.max_hold_steps!r}")
         if self.max_num_seqs < 1:
             raise InvalidRequestError("max_num_seqs must be >= 1")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_batched_tokens must be >= 1")
+
+
+#: The token budget of a step (``max_num_batched_tokens``) when a load names none. A GPU
+#: reads a long prompt 2,048 tokens a step. A CPU reads 512: a step is what a Stop, a new
+#: message and the other requests' next tokens wait for, and 2,048 tokens of even the
+#: bundled 135M model took 4-6 s on two cores (512: under 1 s), while a 2,048-token prompt
+#: read 512 a step took 9.7-10.9 s against 9.45-10.9 in one step (256: 10.2-11.8;
+#: ``benchmarks/results/2026-12-07-i14-cpu-step-budget.json``).
+STEP_TOKENS = {"cuda": 2048, "cpu": 512}
+
+
+def step_budget(config: "EngineConfig", device) -> "EngineConfig":
+    """``config`` with its step budget settled for ``device`` (a torch.device or its
+    name; a split's first device): the one asked for, else ``STEP_TOKENS``' (a copy; the
+    caller's config is left as asked)."""
+    sc = config.scheduler
+    if sc.max_num_batched_tokens is not None:
+        return config
+    kind = str(getattr(device, "type", device)).split(":")[0]
+    tokens = STEP_TOKENS.get(kind, STEP_TOKENS["cuda"])
+    return replace(config, scheduler=replace(sc, max_num_batched_tokens=tokens))
 
 
 @dataclass(slots=True)
@@ -191,7 +214,7 @@ def parse_bytes(text: str | int) -> int:
 def load_config(model: str | None = None, *, device: str = "auto", dtype: str = "auto",
                 attention: str = "auto", max_model_len: int | None = None,
                 kv_cache_memory: int | str | None = None, num_blocks: int | None = None,
-                block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                 enable_prefix_caching: bool = True, revision: str | None = None,
                 force_fallback: bool = False, enforce_eager: bool = False,
                 kv_cache_dtype: str = "auto", quantization: str = "auto",

@@ -89,7 +89,12 @@ def doctor_info() -> dict:
     # The registry's choices with the reasons each can't run here (empty: it can).
     for key, kind in (("attention", "attention"), ("quantization", "quantization"), ("dtypes", "dtype"),
                       ("kv_cache_dtypes", "kv_cache_dtype")):
-        info[key] = {c.name: list(c.reasons) for c in choices.choices(kind, device)}
+        listed = choices.choices(kind, device)
+        info[key] = {c.name: list(c.reasons) for c in listed}
+        # and what to know before picking one that runs here ({key: {name: [caveats]}}, non-empty only)
+        caveats = {c.name: list(c.caveats) for c in listed if c.caveats}
+        if caveats:
+            info.setdefault("caveats", {})[key] = caveats
     try:
         from engine.loader.resolve import default_gguf_path
 

@@ -12,7 +12,7 @@ def load_engine(args, quiet: bool = False) -> Engine:
     """Load the model of the command line's load flags: one EngineConfig, built and
     checked before anything loads (``config_from_args``)."""
     def progress(msg: str) -> None:
-        if not quiet:
+        if not quiet or msg.startswith("note: "):  # (a choice's caveat is said even then: on stderr)
             print(f"[hearth] {msg}", file=sys.stderr, flush=True)
 
     return Engine.from_config(config_from_args(args), progress=progress)

@@ -41,7 +41,8 @@ def run_doctor(args) -> int:
                        ("quantization", "quantization")):
         print(title)
         for name, reasons in info[key].items():
-            print(f"  {name:<13} {_status(reasons)}")
+            caveats = info.get("caveats", {}).get(key, {}).get(name)
+            print(f"  {name:<13} {_status(reasons)}" + (f" ({'; '.join(caveats)})" if caveats else ""))
     print("models")
     print(f"  default       {info['default_model']}")
     print(f"  cache         {info['cache_dir']}")

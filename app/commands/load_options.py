@@ -74,7 +74,11 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
     g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens")
     g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB")
-    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-seqs", type=int, default=64, help="requests a step runs at most (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens a step reads at most: a longer prompt is read in chunks of N, and a Stop or "
+                        "the other requests' next tokens wait at most one chunk (default 2048 on a GPU, 512 "
+                        "on the CPU)")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a local folder of tokenizer files to use instead of the model's own (gives a "
@@ -87,7 +91,8 @@ def options_from_args(args) -> dict:
     return dict(
         model=args.model, revision=args.revision, device=args.device, dtype=args.dtype, attention=args.attention,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quant, quant_group_size=args.group_size,
         quant_head=args.quant_head, float_head=args.float_head, tokenizer=args.tokenizer, devices=args.devices,
         split=args.split, split_ratio=args.split_ratio)

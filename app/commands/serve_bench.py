@@ -63,7 +63,8 @@ def load_options(args, max_num_seqs: int, max_model_len: int) -> dict:
             "quant_group_size": args.group_size, "quant_head": args.quant_head,
             "float_head": args.float_head,
             "enforce_eager": args.enforce_eager, "kv_cache_memory": args.kv_cache_memory,
-            "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "tokenizer": args.tokenizer}
+            "max_num_seqs": max_num_seqs, "max_model_len": max_model_len, "tokenizer": args.tokenizer,
+            "max_num_batched_tokens": args.max_num_batched_tokens}
 
 
 def serve_command(load: dict, port: int, max_queue: int) -> list[str]:
@@ -74,7 +75,8 @@ def serve_command(load: dict, port: int, max_queue: int) -> list[str]:
            load["quantization"], "--max-num-seqs", str(load["max_num_seqs"]),
            "--max-model-len", str(load["max_model_len"])]
     for flag, key in (("--revision", "revision"), ("--group-size", "quant_group_size"),
-                      ("--kv-cache-memory", "kv_cache_memory"), ("--tokenizer", "tokenizer")):
+                      ("--kv-cache-memory", "kv_cache_memory"), ("--tokenizer", "tokenizer"),
+                      ("--max-num-batched-tokens", "max_num_batched_tokens")):
         if load.get(key) is not None:
             cmd += [flag, str(load[key])]
     for flag, key in (("--quant-head", "quant_head"), ("--float-head", "float_head"),

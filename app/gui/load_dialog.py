@@ -47,18 +47,20 @@ SPLIT_MODES = (("layer", "Layer split: layer ranges per device, one process"),
                ("tensor", "Tensor parallel: every layer across the devices, one process each"))
 
 
-def fill_choices(combo: QComboBox, entries: list[tuple[str, str, list[str]]]) -> None:
-    """entries: (value, label, reasons); a non-empty reason list greys the item out."""
+def fill_choices(combo: QComboBox, entries: list[tuple]) -> None:
+    """entries: (value, label, reasons) or (value, label, reasons, caveats); a non-empty
+    reason list greys the item out; caveats mark it "(slow here)" and are its tooltip."""
     combo.clear()
     model: QStandardItemModel = combo.model()
-    for value, label, reasons in entries:
-        combo.addItem(label + ("" if not reasons else "  (unavailable)"), value)
+    for value, label, reasons, *more in entries:
+        caveats = more[0] if more else []
+        combo.addItem(label + ("  (unavailable)" if reasons else "  (slow here)" if caveats else ""), value)
         item = model.item(combo.count() - 1)
         if reasons:
             item.setEnabled(False)
             item.setToolTip("; ".join(reasons))
         else:
-            item.setToolTip("")
+            item.setToolTip("; ".join(caveats))
 
 
 def select_choice(combo: QComboBox, value) -> None:
@@ -74,8 +76,8 @@ def machine_choices(device: str = "auto") -> dict[str, tuple[Choice, ...]]:
     return {kind: list_choices(kind, device) for kind in CHOICE_KINDS}
 
 
-def _entries(choices: Sequence[Choice]) -> list[tuple[str, str, list[str]]]:
-    return [(c.name, c.label, list(c.reasons)) for c in choices]
+def _entries(choices: Sequence[Choice]) -> list[tuple[str, str, list[str], list[str]]]:
+    return [(c.name, c.label, list(c.reasons), list(c.caveats)) for c in choices]
 
 
 class LoadDialog(QDialog):

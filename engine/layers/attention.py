@@ -21,17 +21,23 @@ import torch.nn.functional as F
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: fp8 caches saturate there
 
-#: The ``torch`` backend reads a prompt chunk of fewer queries than this padded with copies of
-#: its first query (their outputs dropped): torch's CPU SDPA gave 1-3 queries other bits than
-#: the same queries inside a longer chunk (about 3e-7), and a prefix-cache hit that leaves a
-#: prompt's last 1-3 tokens would then change a quantized model's tokens (the next layer's int8
-#: activation blocks magnify the last bit). Measured on this project's CPU: 4-40 agree, and so
-#: does 1-3 padded to 16 (tests/engine/test_engine_batching.py checks a model's logprobs).
-#: Not shape-invariant in general: whole chunks of about 193-399 queries round their later
-#: rows otherwise than other lengths (the math path's bmm blocking), so a prefix cached by a
-#: prompt of another length there can differ in the last bits. Fixed query tiles at absolute
-#: positions with keys padded to the tile's end would make it so (not done yet).
-_MIN_PROMPT_QUERIES = 16
+#: On the CPU the ``torch`` backend reads a prompt's queries in tiles of this many at fixed
+#: positions (tile ``j``: positions ``16j .. 16j+15``), each against the keys up to its end
+#: rounded up to PROMPT_TILE_KEYS (zeros past the sequence's end, masked), a partial tile's
+#: other rows copies of its nearest real ones (dropped after). A tile's shape then depends
+#: only on its position, so a token's attention gets the same bits however its prompt was
+#: split into chunks (a step's budget, a prefix-cache hit of any length, other requests in
+#: the step). torch's CPU SDPA is not shape-invariant: a query's result changes with its
+#: chunk's length (chunks of about 192-399 queries block their rows otherwise) and with the
+#: number of keys, masked ones included, and a quantized model's next layer (int8 activation
+#: blocks) magnifies the last bit into other tokens. Measured on this project's CPU: random
+#: chunkings agree bit for bit (tests/engine/test_attention_tiles.py); tiles of 16 waste
+#: least on the one-token chunks of a cache hit. A GPU reads a chunk in one call.
+PROMPT_TILE = 16
+#: ... and each tile's keys rounded up to a multiple of this many (zeros, masked): tiles of
+#: the same key length then go in one batched call (the same bits as one call each; about
+#: half the time of one SDPA call per chunk at 256-token chunks, measured).
+PROMPT_TILE_KEYS = 128
 
 
 def to_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -148,51 +154,93 @@ class TorchAttention(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta):
         write_kv(k, v, kv_cache, meta.slot_mapping)
-        if meta.decode_only:
+        # The leading decode rows together; a single-token prompt chunk (a cache hit's last
+        # token) reads as a prompt on the CPU, with the bits it gets cold (PROMPT_TILE).
+        tiled = q.device.type == "cpu"
+        nd = meta.num_decode if tiled else meta.num_seqs if meta.decode_only else meta.num_decode
+        if nd == meta.num_seqs:
             return self._decode(q, kv_cache, meta)
         out = torch.empty_like(q)
-        start = 0
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta, nd)
+        start = nd
         for i, (qlen, slen) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            if i < nd:
+                continue
             nblocks = -(-slen // meta.block_size)
             blocks = meta.block_tables[i, :nblocks].long()
             keys = kv_cache[0, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:slen]
             vals = kv_cache[1, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:slen]
             qs = q[start:start + qlen]
-            qpos = torch.arange(slen - qlen, slen, device=q.device)
-            kpos = torch.arange(slen, device=q.device)
-            mask = kpos[None, :] <= qpos[:, None]
-            if self.sliding_window is not None:
-                mask &= kpos[None, :] > qpos[:, None] - self.sliding_window
-            pad = max(0, _MIN_PROMPT_QUERIES - qlen)  # copies of the first query, dropped after
-            if pad:
-                qs = torch.cat((qs[:1].expand(pad, *qs.shape[1:]), qs))
-                mask = torch.cat((mask[:1].expand(pad, -1), mask))
-            out[start:start + qlen] = self._attend(qs, keys, vals, mask)[pad:]
+            if tiled:
+                out[start:start + qlen] = self._prompt_tiles(qs, keys, vals, slen - qlen)
+            else:
+                qpos = torch.arange(slen - qlen, slen, device=q.device)
+                out[start:start + qlen] = self._attend(qs, keys, vals, self._mask(qpos, slen))
             start += qlen
         return out
 
-    def _attend(self, q, keys, vals, mask):
-        # [n, H, D] x [L, Hkv, D] -> [n, H, D], GQA by repeating K/V per query group.
+    def _mask(self, qpos: torch.Tensor, klen: int) -> torch.Tensor:
+        """Which of ``klen`` keys each query (at positions ``qpos``, any shape) sees."""
+        kpos = torch.arange(klen, device=qpos.device)
+        mask = kpos <= qpos[..., None]
+        if self.sliding_window is not None:
+            mask &= kpos > qpos[..., None] - self.sliding_window
+        return mask
+
+    def _prompt_tiles(self, qs, keys, vals, first: int) -> torch.Tensor:
+        """Queries at positions ``first ..`` against ``keys``/``vals`` (every position up to
+        the last query's), in PROMPT_TILE tiles at fixed positions, each against the keys up
+        to its end rounded up to PROMPT_TILE_KEYS (see PROMPT_TILE): the tiles of one key
+        length go in one batched call."""
+        n, end = len(qs), first + len(qs)
+        t0 = first // PROMPT_TILE * PROMPT_TILE
+        t_end = -(-end // PROMPT_TILE) * PROMPT_TILE
+        k_end = -(-t_end // PROMPT_TILE_KEYS) * PROMPT_TILE_KEYS
+        if k_end > end:  # keys past the sequence: zeros (masked)
+            pad = keys.new_zeros(k_end - end, *keys.shape[1:])
+            keys, vals = torch.cat((keys, pad)), torch.cat((vals, pad))
+        keys, vals = self._heads(keys, q_dtype=qs.dtype), self._heads(vals, q_dtype=qs.dtype)
+        out = torch.empty_like(qs)
+        tiles = torch.arange(t0, t_end, device=qs.device).view(-1, PROMPT_TILE)  # [tiles, PROMPT_TILE] positions
+        klens = -(-(tiles[:, -1] + 1) // PROMPT_TILE_KEYS) * PROMPT_TILE_KEYS
+        for klen in klens.unique().tolist():
+            pos = tiles[klens == klen]
+            real = (pos >= first) & (pos < end)
+            pos_in = pos.clamp(first, end - 1)  # a partial tile's other rows: copies of its nearest real ones
+            q_t = qs[pos_in - first].permute(0, 2, 1, 3)  # [tiles, H, PROMPT_TILE, D]
+            size = (len(pos), -1, -1, -1)
+            o = F.scaled_dot_product_attention(
+                q_t, keys[:, :klen].expand(size), vals[:, :klen].expand(size),
+                attn_mask=self._mask(pos_in, klen)[:, None], scale=self.scale)
+            out[pos[real] - first] = o.permute(0, 2, 1, 3)[real]
+        return out
+
+    def _heads(self, x: torch.Tensor, q_dtype: torch.dtype) -> torch.Tensor:
+        """[L, Hkv, D] keys or values -> [H, L, D] in the queries' dtype (GQA: each KV head
+        repeated for its query group; an fp8 cache widened)."""
+        x = x.to(q_dtype)
         group = self.num_heads // self.num_kv_heads
-        keys, vals = keys.to(q.dtype), vals.to(q.dtype)  # an fp8 cache is widened first
         if group > 1:
-            keys = keys.repeat_interleave(group, dim=1)
-            vals = vals.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
-            attn_mask=mask, scale=self.scale,
-        )
+            x = x.repeat_interleave(group, dim=1)
+        return x.transpose(0, 1)
+
+    def _attend(self, q, keys, vals, mask):
+        # [n, H, D] x [L, Hkv, D] -> [n, H, D]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), self._heads(keys, q.dtype), self._heads(vals, q.dtype),
+                                           attn_mask=mask, scale=self.scale)
         return o.transpose(0, 1)
 
-    def _decode(self, q, kv_cache, meta):
-        b = meta.num_seqs
-        nblocks = -(-meta.max_seq_len // meta.block_size)
-        tables = meta.block_tables[:, :nblocks].long()
+    def _decode(self, q, kv_cache, meta, b: int | None = None):
+        """One query each for the step's first ``b`` sequences (default: all), batched."""
+        b = meta.num_seqs if b is None else b
+        nblocks = -(-max(meta.seq_lens_cpu[:b]) // meta.block_size)
+        tables = meta.block_tables[:b, :nblocks].long()
         length = nblocks * meta.block_size
         keys = kv_cache[0, tables].reshape(b, length, self.num_kv_heads, self.head_dim)
         vals = kv_cache[1, tables].reshape(b, length, self.num_kv_heads, self.head_dim)
         kpos = torch.arange(length, device=q.device)
-        qpos = (meta.seq_lens.long() - 1)[:, None]
+        qpos = (meta.seq_lens[:b].long() - 1)[:, None]
         mask = kpos[None, :] <= qpos  # also hides the unused tail of the last block
         if self.sliding_window is not None:
             mask &= kpos[None, :] > qpos - self.sliding_window

@@ -26,6 +26,7 @@ class LoadChoices:
     device: torch.device
     dtype: torch.dtype
     attention: str
+    notes: tuple[str, ...] = ()  # the picked choices' caveats on this device (the load says them)
 
 
 def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadChoices:
@@ -67,7 +68,8 @@ def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadCh
     from engine.quant.transform import check_quant_flags
 
     check_quant_flags(quantization.name, mc.quant_group_size, mc.quant_head, mc.float_head)
-    return LoadChoices(device, dtype, attention)
+    notes = choices.get("kv_cache_dtype", cc.kv_cache_dtype, where).caveats + quantization.caveats
+    return LoadChoices(device, dtype, attention, notes)
 
 
 def check_devices(config: EngineConfig) -> None:

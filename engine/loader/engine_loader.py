@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, step_budget
 from engine.errors import HearthError, InvalidRequestError, UnsupportedModelError
 from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_CALIBRATION_NOTE, SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer,
@@ -52,7 +52,8 @@ class FoundModel:
     random_seed: int | None = None
 
 
-def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized: bool | None = None) -> FoundModel:
+def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized: bool | None = None,
+               should_stop: Callable[[], bool] | None = None) -> FoundModel:
     """Resolve ``config.model`` (download, convert, validate) and read its config.
     ``keep_quantized`` (default: the load asks for ``auto`` or ``gguf``): a GGUF file's
     Q8_0/Q4_0/Q4_1 and Q4_K/Q5_K/Q6_K weights are kept in Hearth's quantized layout."""
@@ -75,7 +76,8 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
         maybe_gguf = mc.model is None or mc.model.strip() == "default" or is_gguf_file(mc.model)
         keep_quantized = not mc.force_fallback and maybe_gguf and (
             mc.quantization == "gguf" or (mc.quantization == "auto" and auto_keeps_gguf(mc.device)))
-    resolved = resolve_model(mc.model, mc.revision, progress=say, keep_quantized=keep_quantized)
+    resolved = resolve_model(mc.model, mc.revision, progress=say, keep_quantized=keep_quantized,
+                             should_stop=should_stop)
     cfg = resolved.config or read_config(resolved.path)
     shape = shape_of_config(cfg)
     if shape is not None:  # a folder written from a shape (calibrated): random weights, no tokenizer
@@ -215,7 +217,10 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     mc, cc = config.model, config.cache
     choices = check_load_choices(config, writing=writing)  # before anything is resolved, read or loaded
     device, dtype = choices.device, choices.dtype
-    found = find_model(config, say)
+    for note in choices.notes:
+        say(f"note: {note}")
+    config = step_budget(config, device)  # the device's step budget where none was asked for
+    found = find_model(config, say, should_stop=should_stop)
     stop()
     name, path, source, cfg = found.name, found.path, found.source, found.cfg
     # how the checkpoint's weights are stored; a malformed quantization_config is refused here,
@@ -234,7 +239,7 @@ def load_model(config: EngineConfig, progress: Callable[[str], None] | None = No
     spec, native_error = native_spec(found, mc.force_fallback)
     if spec is None and stored == "gguf":
         # The transformers fallback reads float weights: the GGUF's float conversion.
-        found = find_model(config, say, keep_quantized=False)
+        found = find_model(config, say, keep_quantized=False, should_stop=should_stop)
         path = found.path
     asked = config  # what LoadedModel keeps (loading it again gives this model)
     if mc.quantization in CALIBRATED and spec is not None and stored == "none":

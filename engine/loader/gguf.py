@@ -15,16 +15,18 @@ converted again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.errors import LoadCancelledError, ModelLoadError, UnsupportedModelError
 from engine.loader.gguf_check import truncation_problem
 
 #: Marker written last into a converted folder; describes the source GGUF file.
@@ -139,8 +141,50 @@ def unsupported_tensor_types(gguf_path: Path) -> list[tuple[str, str]]:
     return [(t.name, t.tensor_type.name) for t in reader.tensors if t.tensor_type not in readable]
 
 
-def _read_gguf(gguf_path: Path):
-    """Return ``(config, tokenizer, state_dict)`` read by transformers' GGUF reader."""
+PROGRESS_EVERY_S = 0.5  # how often a conversion says how far it is
+
+
+class _TensorSteps:
+    """Stands in for ``tqdm`` in transformers' GGUF reader (which dequantizes the file's
+    tensors in one call, one ``tqdm`` step each): every tensor asks ``check`` (a cancel
+    raises there) and, at most every half second, reports ``Converting NAME: i/n tensors``.
+    transformers imports ``tqdm`` into that module by name; where a version doesn't, the
+    reader runs as it is and a cancel waits for its end."""
+
+    def __init__(self, name: str, progress: Callable[[str], None] | None, check: Callable[[], None]):
+        self.name, self.progress, self.check = name, progress, check
+
+    def __call__(self, iterable, *args, **kwargs):
+        items = list(iterable)
+        last = time.monotonic()
+        for i, item in enumerate(items):
+            self.check()
+            if self.progress and time.monotonic() - last >= PROGRESS_EVERY_S:
+                self.progress(f"Converting {self.name}: {i}/{len(items)} tensors")
+                last = time.monotonic()
+            yield item
+        self.check()
+
+
+@contextlib.contextmanager
+def _reader_steps(steps: _TensorSteps):
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    old = getattr(reader, "tqdm", None)
+    if old is None:
+        yield
+        return
+    reader.tqdm = steps
+    try:
+        yield
+    finally:
+        reader.tqdm = old
+
+
+def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,
+               check: Callable[[], None] = lambda: None):
+    """Return ``(config, tokenizer, state_dict)`` read by transformers' GGUF reader;
+    ``check`` is called before each tensor (it raises to stop)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -170,7 +214,10 @@ def _read_gguf(gguf_path: Path):
         # Build on the meta device: we only need parameter names and shapes, not memory.
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-        tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+        with _reader_steps(_TensorSteps(gguf_path.name, progress, check)):
+            tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    except LoadCancelledError:
+        raise
     except Exception as exc:
         unsupported = unsupported_tensor_types(gguf_path)
         if unsupported:
@@ -317,6 +364,7 @@ def convert_gguf(
     *,
     progress: Callable[[str], None] | None = None,
     keep_quantized: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Path:
     """Convert a GGUF file into a Hugging Face format folder at ``out_dir`` and return it.
 
@@ -327,11 +375,20 @@ def convert_gguf(
     end, so an interrupted conversion never leaves a half-written model; an existing
     ``out_dir`` is replaced.
 
+    ``should_stop`` is asked before each tensor is read and between the stages: True stops
+    the conversion (``LoadCancelledError``) and removes what it had written.
+
     Raises:
         ModelLoadError: the file is missing, unreadable or corrupt, or writing failed.
         UnsupportedModelError: transformers' GGUF reader does not support the architecture.
+        LoadCancelledError: ``should_stop`` said so.
     """
     from safetensors.torch import save_file
+
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise LoadCancelledError("loading cancelled (the GGUF conversion was stopped; it starts again "
+                                     "on the next load)")
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     out_dir = Path(out_dir)
@@ -354,7 +411,8 @@ def convert_gguf(
             f"{gguf_path.name} is part {int(_field(reader, 'split.no') or 0) + 1} of a GGUF split into {int(parts)} "
             "files, which Hearth can't load as parts: merge them into one file (llama.cpp's `llama-gguf-split "
             "--merge FIRST-PART OUT.gguf`), or pick a quantization of the model published as a single file.")
-    cfg, tok, tensors = _read_gguf(gguf_path)
+    check()
+    cfg, tok, tensors = _read_gguf(gguf_path, progress, check)
     scaling = _rope_scaling(reader, cfg, gguf_path)
     if scaling is not None:
         _set_config_rope(cfg, scaling)
@@ -367,7 +425,9 @@ def convert_gguf(
         tmp.mkdir()
         cfg.save_pretrained(tmp)
         raw = _gguf_tensors(gguf_path, cfg, list(tensors)) if keep_quantized or dtype is AS_FILE else {}
+        check()
         kept, types = kept_quantized(gguf_path, cfg, tensors, raw) if keep_quantized else ({}, {})
+        check()
         if dtype is AS_FILE:
             sources = {name: rt.tensor_type.name for name, rt in raw.items()}
             weights = {name: t.to(_stored_dtype(t, sources.get(name))).contiguous()
@@ -380,6 +440,7 @@ def convert_gguf(
             if qw.mins is not None:
                 weights[f"{base}.mins"] = qw.mins.contiguous()
         del tensors, kept
+        check()
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del weights
         tok.save_pretrained(tmp)

@@ -36,7 +36,8 @@ from engine.runner.memory import kv_too_small
 
 
 def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None = None,
-                loaded_device: str | None = None, loaded_bytes: int = 0) -> ModelCheck:
+                should_stop: Callable[[], bool] | None = None, loaded_device: str | None = None,
+                loaded_bytes: int = 0) -> ModelCheck:
     """Check and size a load of ``config`` (see the module docstring). ``loaded_device``
     and ``loaded_bytes``: where the model loaded now is and what unloading it would give
     back. Raises what the load would raise first (InvalidRequestError, ModelLoadError,
@@ -45,7 +46,7 @@ def check_model(config: EngineConfig, *, progress: Callable[[str], None] | None 
     mc, cc, sc = config.model, config.cache, config.scheduler
     choices = check_load_choices(config)
     device, dtype = choices.device, choices.dtype
-    found = find_model(config, say)
+    found = find_model(config, say, should_stop=should_stop)  # (a GGUF is converted here)
     if mc.tokenizer:  # refused now if the load would refuse it; a shape takes its vocabulary
         own_tokenizer(mc.tokenizer, found)
     spec, _ = native_spec(found, mc.force_fallback)

@@ -143,6 +143,7 @@ def resolve_model(
     *,
     progress: Callable[[str], None] | None = None,
     keep_quantized: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ResolvedModel:
     """Find or fetch ``model`` and return it as a validated local folder.
 
@@ -154,6 +155,7 @@ def resolve_model(
             folder; or a Hub repo id (``owner/name``).
         revision: branch, tag or commit for Hub repos; not allowed for local models.
         progress: called with short human-readable status lines (conversion, download).
+        should_stop: asked while a GGUF file is converted; True stops (LoadCancelledError).
 
     Raises:
         ModelLoadError: the model cannot be found, fetched, converted or is incomplete.
@@ -164,7 +166,7 @@ def resolve_model(
         raise InvalidRequestError("the model name is empty: pass a Hub repo id, a folder or a .gguf file, or omit it")
     if model is None or model.strip() == "default":
         _no_revision(revision, "the default model")
-        return _resolve_default(progress, keep_quantized)
+        return _resolve_default(progress, keep_quantized, should_stop)
 
     text = model.strip()
     candidate = Path(text).expanduser()
@@ -181,7 +183,7 @@ def resolve_model(
         # Named before resolving symlinks: a GGUF in the Hub cache links to a blob whose
         # name is a hash.
         return _resolve_gguf_file(candidate.resolve(), progress, model_display_name(candidate.absolute()),
-                                  keep_quantized)
+                                  keep_quantized, should_stop)
     if candidate.is_dir():
         _no_revision(revision, text)
         folder = candidate.resolve()
@@ -230,21 +232,22 @@ def _is_repo_id(text: str) -> bool:
     return True
 
 
-def _resolve_default(progress: Callable[[str], None] | None, keep_quantized: bool = False) -> ResolvedModel:
+def _resolve_default(progress: Callable[[str], None] | None, keep_quantized: bool = False,
+                     should_stop: Callable[[], bool] | None = None) -> ResolvedModel:
     gguf = default_gguf_path()
     out = models_cache_dir() / (DEFAULT_FOLDER + (_KEPT_SUFFIX if keep_quantized else ""))
-    config = _ensure_converted(gguf, out, progress, keep_quantized)
+    config = _ensure_converted(gguf, out, progress, keep_quantized, should_stop)
     return ResolvedModel(path=out, source="default", name=DEFAULT_MODEL_NAME, config=config)
 
 
 def _resolve_gguf_file(gguf: Path, progress: Callable[[str], None] | None, name: str,
-                       keep_quantized: bool = False) -> ResolvedModel:
+                       keep_quantized: bool = False, should_stop: Callable[[], bool] | None = None) -> ResolvedModel:
     st = gguf.stat()
     # Key the cache on where the file is and its version, so two files with the same name
     # do not collide and an edited file gets a fresh folder.
     key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
     out = models_cache_dir() / "gguf" / f"{gguf.stem}-{key}{_KEPT_SUFFIX if keep_quantized else ''}"
-    config = _ensure_converted(gguf, out, progress, keep_quantized)
+    config = _ensure_converted(gguf, out, progress, keep_quantized, should_stop)
     return ResolvedModel(path=out, source="gguf", name=name, config=config)
 
 
@@ -253,14 +256,15 @@ _KEPT_SUFFIX = "-gguf-quant"
 
 
 def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | None,
-                      keep_quantized: bool = False) -> dict[str, Any]:
+                      keep_quantized: bool = False, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Convert ``gguf`` into ``out`` unless done already; returns the folder's config.json."""
     if is_up_to_date(out, gguf, _CONVERTED_DTYPE, keep_quantized):
         try:
             return validate_model_folder(out)
         except ModelLoadError:
             pass  # damaged cache (e.g. a file deleted by hand): convert again
-    convert_gguf(gguf, out, _CONVERTED_DTYPE, progress=progress, keep_quantized=keep_quantized)
+    convert_gguf(gguf, out, _CONVERTED_DTYPE, progress=progress, keep_quantized=keep_quantized,
+                 should_stop=should_stop)
     return validate_model_folder(out)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, step_budget
 from engine.device import gib
 from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryError
 from engine.layers.attention import AttentionBackend, get_backend
@@ -190,6 +190,7 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
     these steps in the same order: their collectives pair up)."""
     say = progress or (lambda msg: log.info(msg))
     stop = stop_check(should_stop)
+    config = step_budget(config, device)  # (load_model has settled it; a runner made directly too)
     cc = config.cache
     if transforms is None:
         transforms = model_transforms(config, weights, tp)

@@ -67,9 +67,11 @@ class NativeExecuteMixin(RequestStateMixin):
         ids: list[int] = []
         positions: list[int] = []
         tables, starts, qlens = [], [], []
-        # Single-token (decode) rows first, so that attention can send them to its decode
-        # kernel; sampling below follows the input's order again.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].token_ids) != 1)
+        # Decode rows (one token at or past its request's prompt) first, so that attention can
+        # send them to its decode kernel; a prompt's last token alone (the rest of it cached)
+        # reads as a prompt, as it would cold. Sampling below follows the input's order again.
+        decode = [len(row.token_ids) == 1 and row.start >= k.prompt_len for row, k in zip(rows, self._kept(rows))]
+        order = sorted(range(len(rows)), key=lambda i: not decode[i])
         last_row = [0] * len(rows)
         end = 0
         for i in order:
@@ -83,7 +85,7 @@ class NativeExecuteMixin(RequestStateMixin):
             qlens.append(n)
             end += n
             last_row[i] = end - 1
-        meta = self._metadata(tables, starts, qlens)
+        meta = self._metadata(tables, starts, qlens, num_decode=sum(decode))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)

@@ -249,7 +249,10 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
         self.num_blocks = num_blocks
 
     # -- a step ------------------------------------------------------------------------
-    def _metadata(self, tables: list[list[int]], starts: list[int], qlens: list[int]) -> AttentionMetadata:
+    def _metadata(self, tables: list[list[int]], starts: list[int], qlens: list[int],
+                  num_decode: int | None = None) -> AttentionMetadata:
+        """A step's attention metadata. ``num_decode``: its leading rows that decode (one
+        token past the prompt each; default: every leading single-token row)."""
         bs = self.block_size
         slots: list[int] = []
         seq_lens = []
@@ -276,7 +279,8 @@ class ModelRunner(NativeExecuteMixin, NativeScoreMixin):
             # kernel's split count (and compiled variant) is one the capture already built.
             max_seq_len_bound=self.graphs.max_model_len if self.graphs is not None else None,
             # Leading single-token rows (callers list decode rows first): the decode kernel's.
-            num_decode=next((i for i, n in enumerate(qlens) if n != 1), len(qlens)),
+            num_decode=next((i for i, n in enumerate(qlens) if n != 1), len(qlens)) if num_decode is None
+            else num_decode,
         )
 
 

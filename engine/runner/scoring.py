@@ -89,7 +89,7 @@ class NativeScoreMixin:
         out = []
         for s in range(0, n - 1, chunk):
             e = min(s + chunk, n)
-            meta = self._metadata([table], [s], [e - s])
+            meta = self._metadata([table], [s], [e - s], num_decode=0)  # a prompt read, even one token
             pos = torch.arange(s, e, dtype=torch.long, device=self.device)
             hidden = self.model(ids[s:e], pos, self.kv_caches, meta)
             # Position i predicts token i + 1: the last token of the sequence predicts nothing.

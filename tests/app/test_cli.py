@@ -220,6 +220,7 @@ BAD = {
     # Issue 12: checked before the model is even looked for (it was refused after the weights loaded).
     "attention-before-the-model": (["--prompt", "Hi", "--model", "./nope", "--attention", "xformers"], "xformers"),
     "missing-prompts-file": (["--prompts-file", "/nonexistent/prompts.txt"], "prompts-file"),
+    "max-num-batched-tokens-0": (["--prompt", "Hi", "--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
     "prompt-longer-than-context": (
         ["--prompt", "The quick brown fox jumps over the lazy dog " * 3, "--max-model-len", "8"],
         "--max-model-len"),
@@ -271,6 +272,25 @@ def test_doctor(capsys):
     assert cuda, f"no cuda line in:\n{out}"
     if not torch.cuda.is_available():
         assert "none" in cuda[0]
+        # a choice that runs but slowly here says so (an fp8 KV cache on the CPU)
+        (fp8,) = [ln for ln in lines[lines.index("KV-cache dtypes"):] if ln.split()[:1] == ["fp8"]][:1]
+        assert fp8.split()[1] == "ok" and "times slower" in fp8
+
+
+def test_a_long_prompt_is_read_in_steps_of_the_budget_asked_for(capsys, tiny):
+    """--max-num-batched-tokens: the prompt read in chunks of that many tokens, the answer the
+    same, bit for bit (int8's C kernel and the prompt attention's fixed tiles)."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 12
+    answers = []
+    for extra in ((), ("--max-num-batched-tokens", "16")):
+        rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", prompt, "--max-tokens", "5", "--temperature", "0",
+                                                 "--ignore-eos", "--logprobs", "1", "--quant", "int8", "--json",
+                                                 *extra))
+        assert rc == 0, err
+        (row,) = json_rows(out)
+        answers.append(row)
+    assert answers[0]["prompt_tokens"] > 100
+    assert answers[0]["token_ids"] == answers[1]["token_ids"] and answers[0]["logprobs"] == answers[1]["logprobs"]
 
 
 # -- chat ------------------------------------------------------------------------------------
@@ -472,6 +492,8 @@ def test_generate_with_an_fp8_kv_cache(capsys, tiny):
                                              "--kv-cache-dtype", "fp8"))
     assert rc == 0, err
     assert json.loads(out)["completion_tokens"] == 4
+    # it runs, but torch reads it on the CPU: said on stderr, --json or not
+    assert "[hearth] note: on the CPU an fp8 KV cache is read by torch" in err
     rc, _, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--kv-cache-dtype", "int2"))
     assert rc == 2 and "int2" in err and "fp8" in err
 

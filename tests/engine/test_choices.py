@@ -70,6 +70,24 @@ def test_fp8_kv_cache_takes_half_the_bytes_per_token_of_bf16():
     assert get_choice("kv_cache_dtype", "fp8").bytes_per_value == 1
 
 
+def test_an_fp8_kv_cache_on_the_cpu_runs_with_a_caveat_the_load_says(tiny_models):
+    """It runs there (torch reads it) but several times slower than the C decode step's float32
+    cache: the choice says so, and a load with it says so too (a CLI prints its progress)."""
+    cpu = get_choice("kv_cache_dtype", "fp8", "cpu")
+    assert cpu.available and "slower" in cpu.caveats[0] and cpu.to_dict()["caveats"] == list(cpu.caveats)
+    assert not get_choice("kv_cache_dtype", "auto", "cpu").caveats
+    assert not choices._fp8_kv_caveats("cuda:0")
+    said: list[str] = []
+    eng = Engine.load(str(tiny_models["llama-tied"]), device="cpu", kv_cache_dtype="fp8", num_blocks=8,
+                      max_model_len=64, progress=said.append)
+    eng.shutdown()
+    assert f"note: {cpu.caveats[0]}" in said
+    said.clear()
+    Engine.load(str(tiny_models["llama-tied"]), device="cpu", num_blocks=8, max_model_len=64,
+                progress=said.append).shutdown()
+    assert not [m for m in said if m.startswith("note:")]
+
+
 def test_aliases_and_unknown_names():
     assert choice_name("dtype", "bf16") == "bfloat16" and choice_name("dtype", "half") == "float16"
     assert choice_name("kv_cache_dtype", "e4m3") == "fp8"
@@ -131,3 +149,21 @@ def test_check_model_takes_the_same_config_object(no_resolve):
         check_model(config)
     with pytest.raises(InvalidRequestError, match="either an EngineConfig or a model"):
         check_model(config, device="cpu")
+
+
+def test_the_step_budget_is_the_devices_unless_asked_for(tiny_models):
+    """max_num_batched_tokens left out: 512 tokens a step on the CPU (a Stop or another
+    request waits at most that long), 2048 on a GPU; one asked for is kept."""
+    from engine.config import STEP_TOKENS, load_config, step_budget
+
+    assert STEP_TOKENS == {"cuda": 2048, "cpu": 512}
+    config = load_config("x")
+    assert config.scheduler.max_num_batched_tokens is None  # until the device is known
+    assert step_budget(config, torch.device("cpu")).scheduler.max_num_batched_tokens == 512
+    assert step_budget(config, "cuda:1").scheduler.max_num_batched_tokens == 2048
+    assert step_budget(load_config("x", max_num_batched_tokens=64), "cpu").scheduler.max_num_batched_tokens == 64
+    eng = Engine.load(str(tiny_models["llama-tied"]), device="cpu", num_blocks=8, max_model_len=64)
+    try:
+        assert eng.config.scheduler.max_num_batched_tokens == 512 and eng.scheduler.max_num_batched_tokens == 512
+    finally:
+        eng.shutdown()

@@ -235,3 +235,37 @@ def test_a_quantized_cpu_model_gives_the_same_tokens_cold_cached_and_batched(tin
     finally:
         cold.shutdown()
         warm.shutdown()
+
+
+def test_a_prefix_cached_by_a_prompt_of_another_length_gives_the_same_tokens(tiny_models):
+    """A shared 200-token prefix written into the cache by prompts of other lengths (one
+    chunk of 207, 350 or 490 tokens, or 96-token steps: other chunk sizes, against other
+    numbers of keys) or by a prompt read beside another one: the request that reuses it
+    gets the tokens and logprobs it gets cold, bit for bit (the torch backend's prompt
+    tiles at fixed positions, engine.layers.attention.PROMPT_TILE; torch's CPU SDPA alone
+    changed the bits with the chunk's length and its keys, and the int8 blocks of the next
+    layer magnified them)."""
+    if engine_device() != "cpu":
+        pytest.skip("the CPU backend's tiles")
+    shared, tail = ids_of(200, seed=6), ids_of(9, seed=8)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    lp = lambda r: [t.logprob for t in r.logprobs]  # noqa: E731
+    cold = load(tiny_models["llama-tied"], quantization="int8", enable_prefix_caching=False)
+    try:
+        ref = alone(cold, shared + tail, params)
+        for writer, budget in ((7, None), (150, None), (290, None), (150, 96), (None, None)):
+            warm = load(tiny_models["llama-tied"], quantization="int8", max_num_batched_tokens=budget)
+            try:
+                if writer is None:  # written while another prompt shared the steps
+                    other = warm.submit(Request(prompt_token_ids=ids_of(250, seed=4), params=params))
+                    alone(warm, shared + [5], params)
+                    other.result()
+                else:
+                    alone(warm, shared + ids_of(writer, seed=writer), params)
+                hit = alone(warm, shared + tail, params)
+                assert hit.cached_prompt_tokens == 192  # (whole blocks)
+                assert hit.token_ids == ref.token_ids and lp(hit) == lp(ref), f"writer {writer}, budget {budget}"
+            finally:
+                warm.shutdown()
+    finally:
+        cold.shutdown()

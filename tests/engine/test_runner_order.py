@@ -1,10 +1,12 @@
-"""The runner puts single-token rows first in an eager step (so attention can send them to
-its decode kernel) and must still hand back sampled tokens in the scheduler's order."""
+"""The runner puts decode rows (one token at or past its request's prompt) first in an eager
+step (so attention can send them to its decode kernel; a prompt's single-token chunk is no
+decode row) and must still hand back sampled tokens in the scheduler's order."""
 
 from __future__ import annotations
 
 import random
 import threading
+from types import SimpleNamespace
 
 import torch
 
@@ -38,26 +40,36 @@ def _runner() -> ModelRunner:
 
 def test_sampled_rows_follow_the_scheduler_order_whatever_the_mix():
     r, rng = _runner(), random.Random(0)
-    saw_one_token_chunk = False
+    saw_one_token_chunk = saw_last_prompt_token = False
     for _ in range(500):
         rows = []
+        decodes = 0
         for j in range(rng.randint(1, 7)):
             n = rng.choice([1, 1, 1, 2, 3, 7])
             start = rng.randint(0, 20)
             total = start + n + rng.choice([0, 0, 3])  # 3 more: a chunk that does not sample
+            # a single token reads the prompt (its last token, the rest cached) or decodes
+            prompt_len = rng.choice([total, start]) if n == 1 and start + n == total else total
+            r._requests[f"r{j}"] = SimpleNamespace(prompt_len=prompt_len)
             tokens = [rng.randint(0, 10**6) for _ in range(total)]
             rows.append(StepRow(f"r{j}", tokens[start:start + n], start,
                                 list(range(100 * j, 100 * j + total // 4 + 2)), start + n == total))
             saw_one_token_chunk |= n == 1 and start + n != total
+            saw_last_prompt_token |= n == 1 and start < prompt_len
+            decodes += n == 1 and start >= prompt_len
         out = r.execute(RunnerInput(rows))
         want = [(row.token_ids[-1], row.start + len(row.token_ids) - 1, row.request_id)
                 for row in rows if row.sample]
         assert out.token_ids == want
         meta = r.model.meta
         nd = meta.num_decode
-        assert all(q == 1 for q in meta.query_lens_cpu[:nd]) and all(q > 1 for q in meta.query_lens_cpu[nd:])
+        order = [int(t) // 100 for t in meta.block_tables[:, 0]]  # row j's table starts at block 100j
+        is_decode = [len(rows[j].token_ids) == 1 and rows[j].start >= r._requests[f"r{j}"].prompt_len
+                     for j in order]
+        assert nd == decodes and is_decode == [True] * nd + [False] * (len(rows) - nd)
         assert meta.block_tables.shape[1] % 16 == 0
     assert saw_one_token_chunk  # a 1-token prefill chunk that samples nothing was covered
+    assert saw_last_prompt_token  # a prompt's last token alone: read as a prompt, not a decode
 
 
 def test_attention_warm_up_runs_on_the_engine_thread(tiny_models, monkeypatch):

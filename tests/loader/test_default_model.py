@@ -154,8 +154,8 @@ def test_a_gguf_under_another_name_keeps_its_quantized_weights(hearth_cache, tmp
     asked = []
     monkeypatch.setattr(engine_loader, "auto_keeps_gguf", lambda device: True)
     monkeypatch.setattr("engine.loader.resolve.resolve_model",
-                        lambda model, revision=None, progress=None, keep_quantized=False: asked.append(
-                            keep_quantized) or (_ for _ in ()).throw(RuntimeError("stop here")))
+                        lambda model, revision=None, progress=None, keep_quantized=False, should_stop=None:
+                        asked.append(keep_quantized) or (_ for _ in ()).throw(RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):
         engine_loader.find_model(config_from_options(str(blob), device="cpu", quantization=quant), lambda m: None)
     assert asked == [True]

@@ -212,3 +212,18 @@ def test_the_per_device_estimate_sizes_the_chosen_split(qtbot, gui_env):
     assert asked == [("acme/tiny-chat", "cuda:0,cpu", "layer")]
     dlg.split_ratio.setText("1,2,3")  # a bad option is said at once, without sizing anything
     assert dlg.estimate_split() is None and "3 shares for 2 devices" in dlg.split_fit_result.text()
+
+
+def test_a_choice_with_a_caveat_here_is_marked_slow_and_says_why(qtbot, gui_env):
+    """An fp8 KV cache on the CPU: offered (it runs), marked "(slow here)", its tooltip why."""
+    from engine.api import list_choices
+
+    choices = {**_choices(gpu=False), "kv_cache_dtype": tuple(list_choices("kv_cache_dtype", "cpu"))}
+    dlg = LoadDialog("acme/tiny-chat", gui_env["settings"], choices=choices)
+    qtbot.addWidget(dlg)
+    i = dlg.kv_dtype.findData("fp8")
+    item = dlg.kv_dtype.model().item(i)
+    assert item.isEnabled() and dlg.kv_dtype.itemText(i).endswith("(slow here)")
+    assert "slower" in item.toolTip() and "C decode step" in item.toolTip()
+    auto = dlg.kv_dtype.findData("auto")
+    assert not dlg.kv_dtype.itemText(auto).endswith(")") and dlg.kv_dtype.model().item(auto).toolTip() == ""
