@@ -275,8 +275,9 @@ def _fp8_kv_caveats(device: str) -> list[str]:
     float32 cache)."""
     if device.startswith("cuda"):
         return []
-    return [f"on the CPU an fp8 KV cache is read by torch, not by Hearth's C decode step: decoding is "
-            f"{FP8_KV_CPU_SLOWER} times slower; pick it only to fit a longer context in memory"]
+    return [f"on the CPU an fp8 KV cache is read by torch: Hearth's C decode step, which runs most models "
+            f"there, reads a float32 cache only, and decoding is {FP8_KV_CPU_SLOWER} times slower (the bundled "
+            f"model); pick it only to fit a longer context in memory"]
 
 
 #: How much slower decoding is with an fp8 KV cache on the CPU (the bundled model, 2-core

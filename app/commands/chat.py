@@ -2,17 +2,22 @@
 
 Ctrl+C stops the current answer (the partial answer stays in the history); at the prompt
 it only reminds how to quit. Ctrl+D or /exit quits. /reset clears the conversation,
-/system TEXT sets the system prompt.
+/system TEXT sets the system prompt, /help says so; another /word is refused (not sent to the
+model), and // begins a message that starts with /.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 from app.commands.common import check_text_args, load_engine, sampling_from_args
 from engine.api import FinishedEvent, HearthError, InvalidRequestError, Request, TokenEvent, check_text
 
-HELP = "Type a message. Ctrl+C stops an answer; /reset, /system TEXT, /exit (or Ctrl+D)."
+HELP = "Type a message. Ctrl+C stops an answer; /reset, /system TEXT, /help, /exit (or Ctrl+D)."
+#: A line whose first word is this is a command, known or not (a path such as /usr/bin/env is
+#: a message); "//" sends a message that starts with "/".
+COMMAND = re.compile(r"/[A-Za-z?]+")
 
 
 def run_chat(args) -> int:
@@ -58,6 +63,16 @@ def run_chat(args) -> int:
                 system = text[len("/system"):].strip() or None
                 print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
                 continue
+            if text in ("/help", "/?"):
+                print(HELP + " Begin a message with // to send one that starts with /.", file=sys.stderr)
+                continue
+            if COMMAND.fullmatch(text.split()[0]):
+                print(f"error: {text.split()[0]} is not a command here: the commands are /reset, /system TEXT, "
+                      "/help and /exit. It was not sent; to send a message that starts with /, begin it with //.",
+                      file=sys.stderr)
+                continue
+            if text.startswith("//"):
+                text = text[1:]
             # The history changes only once the engine has taken the message: a refused
             # one (too long, ...) leaves the conversation as it was. A conversation longer
             # than the context loses its oldest turns (fit_context), here too.

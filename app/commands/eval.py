@@ -36,15 +36,34 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, metavar="N",
                    help=f"tokens per window (default {PERPLEXITY_WINDOW}, at most the context)")
     p.add_argument("--stride", type=int, default=None, metavar="N",
-                   help=f"tokens between window starts; each scored token sees at least window - stride "
-                        f"tokens before it (default {PERPLEXITY_STRIDE}, at most half the window)")
+                   help=f"tokens between window starts, 1 to the window (the window: windows that don't "
+                        f"overlap); each scored token sees at least window - stride tokens before it "
+                        f"(default {PERPLEXITY_STRIDE} or half the window, whichever is less)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     add_load_args(p)
     return p
 
 
+def check_window_args(args) -> None:
+    """What --window and --stride can be refused for before the model loads (the engine
+    checks them against the context and KV cache as loaded)."""
+    if args.window is not None and args.window < 2:
+        raise InvalidRequestError(f"--window {args.window}: a window needs at least 2 tokens (one to predict "
+                                  "from, one to score).")
+    if args.stride is not None and args.stride < 1:
+        raise InvalidRequestError(f"--stride {args.stride}: the stride is at least 1 token.")
+    window = args.window if args.window is not None else PERPLEXITY_WINDOW
+    if args.stride is not None and args.stride > window:
+        raise InvalidRequestError(f"--stride {args.stride} is longer than the window ({window} tokens): tokens "
+                                  "between two windows would never be scored; use a stride of at most the window.")
+    if args.window is not None and args.max_model_len is not None and args.window > args.max_model_len:
+        raise InvalidRequestError(f"--window {args.window} is longer than the context asked for (--max-model-len "
+                                  f"{args.max_model_len}): use a window of at most that.")
+
+
 def run_eval(args) -> int:
+    check_window_args(args)  # before loading
     path = Path(args.text) if args.text else evaluation_text_path()
     text = read_text(path, "--text" if args.text else "the bundled evaluation text")  # before loading
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[hearth] {msg}", file=sys.stderr, flush=True))

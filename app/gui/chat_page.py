@@ -15,6 +15,8 @@ Keyboard: focus comes back to the message box after Send and Stop; Tab leaves th
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from functools import partial
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
@@ -56,6 +58,9 @@ class ChatPage(QWidget):
         self._pending_send: tuple[int | None, str] | None = None
         self._model_ready = False
         self._editing: tuple[int, int] | None = None  # (conversation, user message) being edited
+        # Why there is no model while something else holds the engine (the main window's
+        # Compare page), or None: said instead of "No model is loaded".
+        self.model_away: Callable[[], str | None] = lambda: None
 
         # left: conversations
         self.chat_list = ChatList(store, settings)
@@ -262,7 +267,7 @@ class ChatPage(QWidget):
                 self.notice.show_message("The model is still loading: your message will be sent "
                                          "as soon as it is ready.")
                 return
-            self.notice.show_message("No model is loaded: load one on the Models page.")
+            self.notice.show_message(self.model_away() or "No model is loaded: load one on the Models page.")
             return
         if self.conversation_id is None:  # none could be started before: try again now
             self.new_conversation()
@@ -314,7 +319,7 @@ class ChatPage(QWidget):
         system = self.params.system_prompt.toPlainText().strip() or None
         rid = self.bridge.submit(messages=history, system=system, params=self.params.sampling_params())
         self._active = {"rid": rid, "conv": conv_id, "msg_id": msg.id, "widget": widget,
-                        "text": "", "saved": "", "meta": {"model": model}}
+                        "text": "", "saved": "", "meta": {"model": model}, "sent": time.monotonic()}
         self.notice.show_message("")
         self._save_timer.start()
         self._update_buttons()
@@ -399,6 +404,10 @@ class ChatPage(QWidget):
         first = not a["text"]
         a["text"] += text
         if first:  # the first token is shown at once; later ones are painted together
+            if a["meta"].get("ttft_ms") is None:  # its time in the footer now (the engine's own at the end)
+                a["meta"]["ttft_ms"] = (time.monotonic() - a["sent"]) * 1000
+                if a.get("widget") is not None:
+                    a["widget"].set_footer(a["meta"], "streaming")
             self._render_active()
         elif not self._render_timer.isActive():
             self._render_timer.start()
@@ -492,15 +501,18 @@ class ChatPage(QWidget):
             self.input.setPlainText(draft)
 
     def _on_load_failed(self, message: str) -> None:
-        pending = self._pending_send[1] if self._pending_send else None
+        conv_id, pending = self._pending_send or (None, None)
         self._pending_send = None
         info = getattr(self.bridge, "model_info", None)  # a failed load keeps the loaded model
         if info:
             self._on_model_loaded(info)
         else:
             self._set_model_ready(False, "No model loaded")
-        if pending:  # typed for the model that failed: give it back rather than send it
-            self.input.setPlainText(pending)
+        if pending:  # typed for the model that failed: give it back, in its chat, rather than send it
+            draft = self.input.toPlainText().strip()  # typed since: kept after it, nothing is lost
+            if conv_id is not None and conv_id != self.conversation_id and self.store.conversation(conv_id):
+                self.open_conversation(conv_id)
+            self.input.setPlainText(pending if not draft or draft == pending else f"{pending}\n\n{draft}")
         if message.startswith(LOAD_CANCELLED):
             self.notice.show_message("Loading cancelled." + message[len(LOAD_CANCELLED):])
         else:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QFont
 from PySide6.QtWidgets import QFrame, QGridLayout, QScrollArea, QWidget
 
@@ -43,9 +44,10 @@ CHARTS: tuple[tuple[str, str, str, Callable[[ConfigResult], float | None]], ...]
     ("kv", "KV-cache memory", "lower is better", lambda r: r.kv_bytes),
     ("peak", "Peak memory", "lower is better", lambda r: r.peak_vram_bytes),
     ("ppl", "Perplexity", "lower is better", lambda r: r.perplexity),
-    ("prefix", "Agreement before divergence", "higher is better",
+    # (titles short enough for a chart ~200 px wide: the columns' names for the same figures)
+    ("prefix", "Prefix agreement", "before divergence · higher is better",
      lambda r: _percent(r.prefix_agreement)),
-    ("agree", "Agreement over the whole output", "higher is better", lambda r: _percent(r.agreement)),
+    ("agree", "Agreement", "whole output · higher is better", lambda r: _percent(r.agreement)),
 )
 UNITS = {"ttft": "ms", "decode": "tok/s", "load": "s", "ppl": "", "prefix": "%", "agree": "%"}
 BYTES = ("weights", "kv", "peak")
@@ -68,9 +70,14 @@ def _missing(r: ConfigResult) -> str:
     return {"error": "failed", "cancelled": "cancelled"}.get(r.status, "—")
 
 
+#: The least width a chart is laid out at: narrower, the grid takes fewer columns.
+CHART_MIN_WIDTH = 240
+
+
 class CompareCharts(QScrollArea):
-    """Nine bar charts in a grid (three by three, scrolling where the page is short).
-    ``plots`` / ``bars`` / ``values`` by chart key (``values``: what each bar shows)."""
+    """Nine bar charts in a grid (three columns, fewer where the page is narrow; scrolling
+    where it is short). ``plots`` / ``bars`` / ``values`` by chart key (``values``: what
+    each bar shows)."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -84,9 +91,11 @@ class CompareCharts(QScrollArea):
         self._text_colour = QColor("black")
         self._titles: dict[str, str] = {}
         inner = QWidget()
-        grid = QGridLayout(inner)
+        self._grid = grid = QGridLayout(inner)
+        self._columns = 3
         grid.setContentsMargins(0, 0, 0, 0)
         grid.setSpacing(6)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         for i, (key, *_rest) in enumerate(CHARTS):
             plot = pg.PlotWidget()
             plot.setObjectName(f"compareChart_{key}")
@@ -104,12 +113,28 @@ class CompareCharts(QScrollArea):
         self.setWidget(inner)
         self.show_results([])
 
+    def columns(self) -> int:
+        """How many charts a row holds now."""
+        return self._columns
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        super().resizeEvent(event)
+        columns = max(1, min(3, self.viewport().width() // CHART_MIN_WIDTH))
+        if columns != self._columns:  # a narrower page: fewer charts a row, more rows (it scrolls)
+            self._columns = columns
+            for plot in self.plots.values():
+                self._grid.removeWidget(plot)
+            for i, plot in enumerate(self.plots.values()):
+                self._grid.addWidget(plot, i // columns, i % columns)
+            self._grid.activate()  # the new rows' height, before the scroll area sizes the grid
+            self.setWidgetResizable(True)
+
     def show_result(self, result: ComparisonResult | None) -> None:
         self.show_results(result.results if result is not None else [])
 
     def show_results(self, results: Sequence[ConfigResult]) -> None:
         """Draw every chart for ``results`` (in column order; None-valued ones get no bar)."""
-        labels = [r.label for r in results]
+        labels = [r.shown_label for r in results]
         peak_name = next((peak_caption(r) for r in results if r.peak_memory_source), "Peak memory")
         for key, title, reading, value_of in CHARTS:
             raw = [value_of(r) for r in results]
@@ -146,7 +171,7 @@ class CompareCharts(QScrollArea):
         top = max((v for v in values if v is not None), default=0.0)
         span = top * 1.3 if top > 0 else 1.0  # room for the value after the longest bar
         if key in PERCENT:
-            span = 125.0
+            span = 140.0  # (room for "100.0%" after a full bar)
         texts = []
         font = QFont()
         font.setPointSizeF(font.pointSizeF() * 0.9)

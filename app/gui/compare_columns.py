@@ -205,10 +205,7 @@ class ConfigColumn(QFrame):
     def show_state(self, state: ColumnState, is_reference: bool) -> None:
         """Header, status and numbers of ``state`` (the output is ``show_text``'s)."""
         r = state.result
-        label = state.config.label
-        if r is not None and r.config.quant == "auto" and r.quant_used:
-            label = label.replace("auto", f"auto ({r.quant_used})", 1)
-        self.title.setText(label)
+        self.title.setText(state.config.label if r is None else r.shown_label)
         self.badge.setVisible(is_reference)
         self.detail.setText(_resolved(r) if r is not None else "")
         self._show_status(state)

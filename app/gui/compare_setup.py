@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QDoubleSpinBo
 
 from app.gui.compare_configs import DEFAULT_CONFIGS, ConfigList
 from app.gui.load_dialog import machine_choices
+from app.gui.widget_tips import set_enabled
 from app.services.compare_plan import SAMPLED_TEMPERATURE, CompareConfig, ComparePlan
 from app.services.compare_prompts import bundled_prompt_names, bundled_prompt_texts, read_prompts_file
 from engine.api import Choice, HearthError, InvalidRequestError, model_display_name, option_flag
@@ -273,8 +274,9 @@ class CompareSetup(QWidget):
 
     def _sampling_changed(self, *_args) -> None:
         seeded = self.seeded.isChecked()
-        self.seed.setEnabled(seeded)
-        self.temperature.setEnabled(seeded)
+        why = "greedy decoding picks the most likely token: no seed or temperature (choose One shared seed)"
+        set_enabled(self.seed, seeded, why)
+        set_enabled(self.temperature, seeded, why)
         self.changed.emit()
 
     def _device_changed(self, *_args) -> None:

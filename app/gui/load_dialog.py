@@ -26,6 +26,7 @@ from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout)
 
+from app.gui.widget_tips import set_enabled
 from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, ModelCheck, check_model,
                         config_from_options, format_bytes, gpu_memory, list_choices, model_display_name)
 
@@ -252,19 +253,25 @@ class LoadDialog(QDialog):
         """Group size only means something for int4, AWQ and GPTQ quantizing here (as the
         command line's --group-size), the head options for int4 / int8 (/ fp8: its untied head)."""
         method = self.quantization.currentData()
-        self.group_size.setEnabled(method in ("int4", "awq", "gptq"))
-        self.quant_head.setEnabled(method in ("int4", "int8"))
-        self.float_head.setEnabled(method in ("int4", "int8", "fp8"))
+        label = self.quantization.currentText().split(" (")[0] or str(method)
+        set_enabled(self.group_size, method in ("int4", "awq", "gptq"),
+                f"only int4, AWQ and GPTQ quantize in groups here ({label} is picked)")
+        set_enabled(self.quant_head, method in ("int4", "int8"),
+                f"only int8 and int4 quantize the embedding and head ({label} is picked)")
+        set_enabled(self.float_head, method in ("int4", "int8", "fp8"),
+                f"only int8, int4 and fp8 change a separate output head ({label} is picked)")
 
     def _update_device_fields(self, *_args) -> None:
         """A device list replaces the single device; a ratio only means something with one."""
         split = bool(self.devices.text().strip())
-        self.device.setEnabled(not split)
-        self.split_mode.setEnabled(split)
+        no_list = "type a device list above (Split over devices) first"
+        set_enabled(self.device, not split, "the device list below (Split over devices) replaces it")
+        set_enabled(self.split_mode, split, no_list)
         if hasattr(self, "split_fit"):
-            self.split_fit.setEnabled(split)
+            set_enabled(self.split_fit, split, no_list)
             self.split_fit_result.clear()  # an estimate of other options
-        self.split_ratio.setEnabled(split and self.split_mode.currentData() == "layer")
+        set_enabled(self.split_ratio, split and self.split_mode.currentData() == "layer",
+                no_list if not split else "tensor parallel splits every layer evenly: no ratio")
 
     def estimate_split(self) -> threading.Thread | None:
         """Size the chosen split on a worker thread (finding the model may read the disk or

@@ -34,6 +34,7 @@ from app.gui.bridge import LOAD_CANCELLED, EngineBridge
 from app.gui.chat_page import ChatPage
 from app.gui.default_model_offer import DefaultModelInstaller, ask_to_install, needs_default_model
 from app.gui.elided_label import ElidedLabel
+from app.gui.status_bar import StatusBar
 from app.gui.load_dialog import LoadDialog, machine_choices, save_load_options, saved_load_options
 from app.services.chat_store import ChatStore
 from app.services.host_loading import load_failure_text
@@ -89,6 +90,9 @@ class MainWindow(QMainWindow):
         self.compare = ComparePage(self.bridge, self.settings)
         self.server = ServerController(getattr(self.bridge, "host", None), self)
         self.server_panel = ServerPanel(self.server, self.bridge, self.settings)
+        self.chat.model_away = lambda: (
+            "A comparison is running on the Compare page: it loads its own models, and the chat's comes "
+            "back when it ends (or stop it there)." if self.compare.running else None)
         self.models.loadRequested.connect(self.ask_load)
 
         self.nav = QListWidget()
@@ -144,6 +148,7 @@ class MainWindow(QMainWindow):
 
     # -- layout pieces -----------------------------------------------------------------
     def _build_status_bar(self) -> None:
+        self.setStatusBar(StatusBar())  # messages elided beside the labels, not painted over them
         sb = self.statusBar()
         # Elided labels: a long model name or progress line must never widen the window.
         self.status_model = ElidedLabel("No model", max_hint=360)
@@ -171,6 +176,7 @@ class MainWindow(QMainWindow):
         self.setAttribute(Qt.WidgetAttribute.WA_AlwaysShowToolTips)
         sb.addWidget(self.status_model)
         sb.addWidget(self.status_progress, 1)
+        sb.give_way(self.status_progress)  # a message shows in its place (Cancel loading stays)
         sb.addWidget(self.cancel_load_button)
         for w in (self.status_quant, self.status_backend, self.status_device, self.server_toggle):
             sb.addPermanentWidget(w)

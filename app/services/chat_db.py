@@ -80,10 +80,14 @@ class ChatDatabase:
     """
 
     def __init__(self, path: Path, configure: Callable[[sqlite3.Connection], None],
-                 prepare: Callable[[sqlite3.Connection], None]) -> None:
+                 prepare: Callable[[sqlite3.Connection], None],
+                 salvage: Callable[[Path, sqlite3.Connection], str | None] | None = None) -> None:
         self.path = path
         self._configure = configure
         self._prepare = prepare
+        # salvage(damaged file, new connection): copies what of a damaged file can still be
+        # read into the new one, and says what it saved (None: nothing)
+        self._salvage = salvage
         self.conn: sqlite3.Connection | None = None
         self.mode = "normal"
         #: What is wrong, for the user (None: nothing). In "normal" mode it is news to
@@ -110,10 +114,10 @@ class ChatDatabase:
         return db
 
     @classmethod
-    def open(cls, path: Path, configure, prepare) -> ChatDatabase:
+    def open(cls, path: Path, configure, prepare, salvage=None) -> ChatDatabase:
         """The file if it can be used, else the best state there is (see the module's
-        docstring); never raises for anything the disk does."""
-        db = cls(path, configure, prepare)
+        docstring); never raises for anything the disk does. ``salvage``: see __init__."""
+        db = cls(path, configure, prepare, salvage)
         if not_a_database(path):
             # Moved aside before SQLite opens it: closing it, SQLite would delete its
             # journal (-wal), which may hold the latest chats.
@@ -183,6 +187,18 @@ class ChatDatabase:
             self.conn = self._open_file(prepare=True)
         except (sqlite3.Error, OSError) as exc:
             return self._start_in_memory(f"{note} {cannot_save_text(self.path, exc)}", write_back=True)
+        saved = None
+        if self._salvage is not None:
+            try:
+                saved = self._salvage(aside, self.conn)
+            except (sqlite3.Error, OSError) as exc:  # nothing more could be read: the new history stays
+                log.warning("nothing could be recovered from %s: %s", aside, exc)
+                if self.conn.in_transaction:
+                    self.conn.rollback()
+        if saved:
+            note = (f"Your chat history was damaged ({reason(failure)}) and could not be opened as it was: "
+                    f"{saved} into a new chat history. The damaged file was kept as {aside.name} in "
+                    f"{self.path.parent}.")
         self.problem = note
         return self
 

@@ -131,7 +131,7 @@ class ChatStore:
                 return cls(_database=ChatDatabase.in_memory(
                     data_dir_path() / "chats.sqlite3", f"Chat history can't be saved: {exc.strerror or exc}",
                     _configure, _prepare))
-        return cls(_database=ChatDatabase.open(Path(path), _configure, _prepare))
+        return cls(_database=ChatDatabase.open(Path(path), _configure, _prepare, _salvage))
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -461,6 +461,100 @@ def _upgrade(db: sqlite3.Connection) -> None:
         if db.in_transaction:  # SQLite may have rolled it back itself (a full disk)
             db.execute("ROLLBACK")
         raise
+
+
+#: Rows read per query when salvaging (a failing range is split down to single rows).
+_SALVAGE_CHUNK = 256
+
+
+def _readable_rows(old: sqlite3.Connection, table: str, columns: str) -> tuple[list[tuple], int]:
+    """Every row of ``table`` that can still be read, by rowid ranges (a range over a
+    damaged page fails as a whole: it is halved until the rows that fail are alone), and
+    how many rowids could not be read."""
+    try:
+        top = old.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0] or 0
+    except sqlite3.DatabaseError:  # the table's last pages are damaged: the sequence's number
+        try:
+            row = old.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+        except sqlite3.DatabaseError:
+            row = None
+        top = row[0] if row else 100_000
+    out: list[tuple] = []
+    lost = 0
+
+    def grab(a: int, b: int) -> None:
+        nonlocal lost
+        try:
+            out.extend(old.execute(f"SELECT {columns} FROM {table} WHERE rowid BETWEEN ? AND ? ORDER BY rowid",
+                                   (a, b)).fetchall())
+        except sqlite3.DatabaseError:
+            if a == b:
+                lost += 1
+                return
+            mid = (a + b) // 2
+            grab(a, mid)
+            grab(mid + 1, b)
+
+    for a in range(1, top + 1, _SALVAGE_CHUNK):
+        grab(a, min(top, a + _SALVAGE_CHUNK - 1))
+    return out, lost
+
+
+def _salvage(damaged: Path, new: sqlite3.Connection) -> str | None:
+    """Copy the chats and messages of a damaged history that can still be read into the new
+    (empty) one, with their ids; says what was recovered (None: nothing). A message whose
+    chat was lost is dropped; one that followed a lost message follows the one before it;
+    an answer cut off mid-stream is marked interrupted."""
+    old = version = None
+    # Read-only with its journal (the latest chats may be there) where SQLite can, else the
+    # file alone as it is (immutable: nothing is created or changed beside it).
+    for mode in ("mode=ro", "mode=ro&immutable=1"):
+        try:
+            old = sqlite3.connect(f"{damaged.resolve().as_uri()}?{mode}", uri=True)
+            version = old.execute("PRAGMA user_version").fetchone()[0]
+            old.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            break
+        except sqlite3.DatabaseError:
+            if old is not None:
+                old.close()
+            old = version = None
+    if old is None:
+        return None
+    try:
+        conv_cols = "id, title, system_prompt, created, updated" + (", prompt_edited" if version >= 1 else "")
+        msg_cols = "id, conversation_id, role, content, status, meta, created" + (
+            ", parent_id, active" if version >= 1 else "")
+        convs, _ = _readable_rows(old, "conversations", conv_cols)
+        msgs, lost = _readable_rows(old, "messages", msg_cols)
+    finally:
+        old.close()
+    if not convs:
+        return None
+    kept = {row[0] for row in convs}
+    msgs = [m for m in msgs if m[1] in kept]
+    new.execute("BEGIN IMMEDIATE")
+    try:
+        new.executemany(f"INSERT INTO conversations ({conv_cols}) VALUES ({', '.join('?' * len(conv_cols.split(',')))})",
+                        convs)
+        new.executemany(f"INSERT INTO messages ({msg_cols}) VALUES ({', '.join('?' * len(msg_cols.split(',')))})",
+                        msgs)
+        if version < 1:  # an old file's list becomes a chain, as its upgrade does
+            new.execute(MIGRATE_0_TO_1[1])
+            new.execute("UPDATE messages SET parent_id = (SELECT MAX(p.id) FROM messages p "
+                        "WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id)")
+        new.execute("UPDATE messages SET parent_id = (SELECT MAX(p.id) FROM messages p WHERE p.conversation_id = "
+                    "messages.conversation_id AND p.id < messages.id) WHERE parent_id IS NOT NULL AND parent_id "
+                    "NOT IN (SELECT id FROM messages)")
+        new.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+        new.execute("COMMIT")
+    except BaseException:
+        if new.in_transaction:
+            new.execute("ROLLBACK")
+        raise
+    chats = f"{len(convs)} chat{'s' if len(convs) != 1 else ''}"
+    messages = f"{len(msgs)} message{'s' if len(msgs) != 1 else ''}"
+    missing = f" (about {lost} message{'s' if lost != 1 else ''} could not be read)" if lost else ""
+    return f"{chats} and {messages} were recovered{missing}"
 
 
 def _statements(script: str) -> list[str]:

@@ -43,11 +43,8 @@ def cells(r: ConfigResult) -> dict[str, str]:
     def num(value, fmt: str) -> str:
         return "" if value is None else fmt.format(value)
 
-    label = r.label
-    if r.config.quant == "auto" and r.quant_used:  # say what auto picked: "auto (gguf)"
-        label = label.replace("auto", f"auto ({r.quant_used})", 1)
     return {
-        "config": label + (" (ref)" if r.is_reference else ""),
+        "config": r.shown_label + (" (ref)" if r.is_reference else ""),  # "auto (gguf)", "bf16 (float32)"
         "ttft": num(r.ttft_ms, "{:.1f}"),
         "decode": num(r.decode_tok_s, "{:.1f}"),
         "weights": "" if r.weight_bytes is None else format_bytes(r.weight_bytes),

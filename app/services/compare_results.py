@@ -132,6 +132,19 @@ class ConfigResult:
         return self.config.label
 
     @property
+    def shown_label(self) -> str:
+        """The label with what the load made of it: what ``auto`` picked ("auto (gguf)"), and
+        the dtype an unquantized bf16/fp16 ran in where it ran in another ("bf16 (float32)":
+        the CPU runs them in float32)."""
+        label = self.label
+        if self.config.quant == "auto" and self.quant_used:
+            label = label.replace("auto", f"auto ({self.quant_used})", 1)
+        wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(self.config.quant)
+        if wanted and self.dtype and self.dtype != wanted:
+            label = label.replace(self.config.quant, f"{self.config.quant} ({self.dtype})", 1)
+        return label
+
+    @property
     def ok(self) -> bool:
         return self.status == OK
 

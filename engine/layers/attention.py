@@ -65,9 +65,10 @@ class AttentionMetadata:
     # Static upper bound on seq_lens for CUDA-graph capture (decode grids must not depend on
     # the step); None outside graphs.
     max_seq_len_bound: int | None = None
-    # The runner puts single-token (decode) sequences first in a mixed step: the first
-    # ``num_decode`` sequences have one query each, so a backend may send them to its
-    # decode kernel and only the rest to the prefill kernel.
+    # The runner puts decode sequences (one token at or past the prompt) first in a mixed
+    # step: the first ``num_decode`` sequences have one query each, so a backend may send them
+    # to its decode kernel and only the rest to the prefill kernel (a prompt's single-token
+    # chunk is among the rest: ModelRunner._forward_rows).
     num_decode: int = 0
     # Per-step scratch a backend may fill once and reuse in every layer (e.g. the triton
     # backend's split of a mixed step); the runner builds a new metadata each step.
@@ -146,8 +147,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 class TorchAttention(AttentionBackend):
     """Reference backend in plain torch: correct anywhere, CPU included; not fast.
 
-    Decode-only steps are batched (gather every sequence's blocks, mask past its length);
-    steps with prefill chunks loop over sequences and call SDPA with an explicit mask.
+    Decode rows (the leading ``meta.num_decode``; every row of an all-single-token step on a
+    GPU) are batched (gather every sequence's blocks, mask past its length); prompt chunks
+    loop over sequences and call SDPA with an explicit mask, on the CPU in fixed-position
+    tiles (PROMPT_TILE: the same bits however a prompt is chunked).
     """
 
     name = "torch"

@@ -68,7 +68,7 @@ def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadCh
     from engine.quant.transform import check_quant_flags
 
     check_quant_flags(quantization.name, mc.quant_group_size, mc.quant_head, mc.float_head)
-    notes = choices.get("kv_cache_dtype", cc.kv_cache_dtype, where).caveats + quantization.caveats
+    notes = () if writing else choices.get("kv_cache_dtype", cc.kv_cache_dtype, where).caveats + quantization.caveats
     return LoadChoices(device, dtype, attention, notes)
 
 

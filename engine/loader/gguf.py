@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -148,8 +149,8 @@ class _TensorSteps:
     """Stands in for ``tqdm`` in transformers' GGUF reader (which dequantizes the file's
     tensors in one call, one ``tqdm`` step each): every tensor asks ``check`` (a cancel
     raises there) and, at most every half second, reports ``Converting NAME: i/n tensors``.
-    transformers imports ``tqdm`` into that module by name; where a version doesn't, the
-    reader runs as it is and a cancel waits for its end."""
+    transformers imports ``tqdm`` into that module by name (``_StepsDispatch`` stands in for
+    it); where a version doesn't, the reader runs as it is and a cancel waits for its end."""
 
     def __init__(self, name: str, progress: Callable[[str], None] | None, check: Callable[[], None]):
         self.name, self.progress, self.check = name, progress, check
@@ -166,19 +167,37 @@ class _TensorSteps:
         self.check()
 
 
+_steps = threading.local()  # this thread's _TensorSteps while it reads a GGUF
+_steps_lock = threading.Lock()
+
+
+class _StepsDispatch:
+    """Put once in place of transformers' ``tqdm`` (a module global, so shared by every
+    thread): a thread converting a GGUF gets its own ``_TensorSteps``; anything else, the
+    ``tqdm`` transformers had."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+
+    def __call__(self, iterable, *args, **kwargs):
+        steps = getattr(_steps, "current", None)
+        return steps(iterable) if steps is not None else self.original(iterable, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def _reader_steps(steps: _TensorSteps):
+    """``steps`` drives this thread's GGUF read (other threads' reads keep theirs)."""
     import transformers.modeling_gguf_pytorch_utils as reader
 
-    old = getattr(reader, "tqdm", None)
-    if old is None:
-        yield
-        return
-    reader.tqdm = steps
+    with _steps_lock:
+        present = getattr(reader, "tqdm", None)
+        if present is not None and not isinstance(present, _StepsDispatch):
+            reader.tqdm = _StepsDispatch(present)
+    _steps.current = steps
     try:
         yield
     finally:
-        reader.tqdm = old
+        _steps.current = None
 
 
 def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,

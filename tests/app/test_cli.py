@@ -515,3 +515,16 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny, tmp_path):
     assert json.loads(first)["text"] is not None
     assert proc.returncode == 141, err.decode()
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+
+
+def test_chat_refuses_an_unknown_command_and_sends_a_slash_message_on_request(capsys, monkeypatch, tiny):
+    """/reste (a typo of /reset) went to the model as a message; now it is refused, naming the
+    commands; //text sends "/text"; a path is a message; /help lists the commands."""
+    feed_input(monkeypatch, ["/reste", "/help", "//etc/hosts is a file", "/usr/bin/env is a path"])
+    reqs = record_requests(monkeypatch)
+    rc, out, err = run_cli(capsys, *chat_args(tiny))
+    assert rc == 0, err
+    assert "error: /reste is not a command here" in err and "/reset" in err and "begin it with //" in err
+    assert "/system TEXT, /help, /exit" in err
+    sent = [messages[-1]["content"] for _system, messages in reqs]
+    assert sent == ["/etc/hosts is a file", "/usr/bin/env is a path"]

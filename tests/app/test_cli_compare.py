@@ -48,7 +48,7 @@ def test_json_lists_every_configuration_with_the_issue_fields(capsys, tiny, prom
     assert rows[0]["agreement"] == 1.0 and rows[0]["reference"]  # the reference agrees with itself
     assert rows[0]["weight_bytes"] > rows[1]["weight_bytes"] > rows[2]["weight_bytes"]
     # the table on stdout, progress on stderr
-    assert "decode tok/s" in out and "bf16 (ref)" in out and "int4" in out
+    assert "decode tok/s" in out and "bf16 (float32) (ref)" in out and "int4" in out
     assert "[hearth] int8 (2 of 3): loading" in err
 
 

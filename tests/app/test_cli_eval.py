@@ -89,6 +89,8 @@ def test_eval_defaults_to_the_bundled_evaluation_text(capsys, tiny, monkeypatch)
     ("one-token", "1 token long"),
     ("not-utf8", "not valid UTF-8"),
     ("window-past-context", "--max-model-len"),
+    ("stride-past-window", "--stride 40 is longer than the window (32 tokens)"),
+    ("window-1", "--window 1"),
 ])
 def test_eval_bad_input_exits_2_with_one_line(capsys, tiny, tmp_path, case, mention):
     path = tmp_path / "t.txt"
@@ -102,13 +104,19 @@ def test_eval_bad_input_exits_2_with_one_line(capsys, tiny, tmp_path, case, ment
     elif case == "window-past-context":
         path.write_text("Some text to score. " * 20, encoding="utf-8")
         extra = ["--max-model-len", "64", "--window", "65"]
+    elif case == "stride-past-window":
+        extra = ["--window", "32", "--stride", "40"]
+    elif case == "window-1":
+        extra = ["--window", "1"]
     rc, out, err = run_cli(capsys, *eval_args(tiny, "--text", path, "--json", *extra))
     assert rc == 2, f"{case}: rc={rc}, stderr:\n{err}"
     assert out == "" and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[hearth]")]
     assert len(lines) == 1, f"{case}: expected one error line, got:\n{err}"
     assert lines[0].startswith("hearth: error:") and mention in lines[0], lines[0]
-    if case != "missing":
+    if case in ("window-past-context", "stride-past-window", "window-1"):  # refused before the model loads
+        assert "[hearth]" not in err
+    elif case != "missing":
         assert str(path) in lines[0]  # names the file
 
 

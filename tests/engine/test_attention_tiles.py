@@ -77,3 +77,27 @@ def test_prompt_attention_same_bits_whatever_the_chunks(window):
         assert not differ, f"{name}: positions {differ[:8]}... differ from the one-chunk read"
     beside = run_chunks(backend, q, k, v, [0, 256, N], other=qkv(5, 1))
     assert torch.equal(beside, whole), "another sequence in the step changed the bits"
+
+
+def test_a_mixed_step_decodes_its_leading_rows_and_reads_the_rest_as_prompts():
+    """meta.num_decode rows first (batched, the decode path) beside a prompt's single-token
+    chunk and a 20-token chunk (the tiles), all against float64 attention over each
+    sequence's cache."""
+    backend = TorchAttention(HEADS, KV_HEADS, DIM, 1 / math.sqrt(DIM), sliding_window=None)
+    lens = [37, 70, 50, 44]  # tokens each sequence has after this step
+    qlens = [1, 1, 1, 20]  # two decodes, a prompt's last token alone, a prompt chunk
+    tables = [list(range(1 + 8 * i, 1 + 8 * i + -(-n // BS))) for i, n in enumerate(lens)]
+    cache = torch.zeros(2, 40, BS, KV_HEADS, DIM)
+    seqs = [qkv(n, 10 + i) for i, n in enumerate(lens)]
+    for (q, k, v), table, n, m in zip(seqs, tables, lens, qlens):  # what earlier steps wrote
+        earlier = metadata([table], [0], [n - m], BS)
+        backend.forward(q[:n - m], k[:n - m], v[:n - m], cache, earlier)
+    meta = metadata(tables, [n - m for n, m in zip(lens, qlens)], qlens, BS)
+    meta.num_decode = 2
+    step = [torch.cat([s[j][n - m:] for s, n, m in zip(seqs, lens, qlens)]) for j in range(3)]
+    out = backend.forward(*step, cache, meta)
+    start = 0
+    for (q, k, v), n, m in zip(seqs, lens, qlens):
+        want = reference(q, k, v)[n - m:]
+        assert torch.allclose(out[start:start + m].double(), want, atol=2e-5, rtol=0), (n, m)
+        start += m

@@ -244,3 +244,28 @@ def test_while_another_chat_answers_the_page_says_why_it_cannot_send(qtbot, gate
         assert "\u201cChat A\u201d" in page.notice.text() and page.input.toPlainText() == "Meanwhile, in B"
     assert page.send_button.isEnabled() and page.send_button.toolTip() == "Send (Ctrl+Enter)"
     assert [m.content for m in store.messages(b.id)] == []
+
+
+def test_a_failed_load_gives_a_waiting_message_back_in_the_chat_it_was_typed_in(qtbot, gated_bridge, gui_env,
+                                                                              tiny_models):
+    """Typed in chat A while the model loaded, then chat B opened and a draft begun there:
+    the load is cancelled, and the message comes back in A's box (it came back in whichever
+    chat was open, over the draft), the draft after it."""
+    page, store = _page(qtbot, gated_bridge, gui_env)
+    a = str(tiny_models["qwen2"])
+    gated_bridge.gated.add(a)
+    with qtbot.waitSignal(gated_bridge.modelLoading, timeout=TIMEOUT):
+        gated_bridge.load(load_options(a))
+    page.new_conversation()
+    chat_a = page.conversation_id
+    store.add_message(chat_a, "user", "an earlier message")  # (a chat with something in it stays)
+    page.send("Hello there")
+    assert page.input.toPlainText() == "" and "still loading" in page.notice.text()
+    page.new_conversation()
+    assert page.conversation_id != chat_a
+    page.input.setPlainText("half a thought")
+    with qtbot.waitSignal(gated_bridge.loadFailed, timeout=TIMEOUT):
+        gated_bridge.cancel_load()
+    assert page.conversation_id == chat_a
+    assert page.input.toPlainText() == "Hello there\n\nhalf a thought"
+    assert [m.content for m in store.messages(chat_a) if m.role == "user"] == ["an earlier message"]

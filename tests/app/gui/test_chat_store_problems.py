@@ -287,3 +287,24 @@ def test_the_first_token_is_painted_at_once_and_later_ones_together(qtbot, gui_e
     bridge.tokenReceived.emit(rid, " there")
     assert answer.text == "Hi" and page._render_timer.isActive()
     qtbot.waitUntil(lambda: answer.text == "Hi there", timeout=2000)
+
+
+def test_the_time_to_first_token_shows_with_the_first_token(qtbot, gui_env):
+    """TTFT appeared only when the answer ended: it shows under the answer as soon as the
+    first token arrives (measured here), and the engine's own figure replaces it at the end."""
+    store = ChatStore(gui_env["data"] / "chats.sqlite3")
+    page, bridge = _manual_page(qtbot, gui_env, store)
+    page.input.setPlainText("Tell me about lighthouses")
+    qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
+    rid = bridge.requests[-1]
+    answer = page.message_widgets()[-1]
+    assert "TTFT" not in answer.footer.text()
+    qtbot.wait(30)
+    bridge.tokenReceived.emit(rid, "Light")
+    footer = answer.footer.text()
+    assert footer.startswith("TTFT ") and footer.endswith("…")
+    assert int(footer.split()[1]) >= 30
+    bridge.tokenReceived.emit(rid, "houses")
+    with qtbot.waitSignal(page.answerFinished, timeout=5000):
+        bridge.finish(rid)
+    assert answer.footer.text().startswith("TTFT 5 ms")  # the engine's figure

@@ -130,9 +130,42 @@ def test_charts_have_a_labelled_bar_per_configuration_that_ran(page):
     assert charts.titles()["peak"] == "Peak RAM"
     assert "MiB" in charts.plots["weights"].getPlotItem().getAxis("bottom").labelText
     ticks = charts.plots["decode"].getPlotItem().getAxis("left")._tickLevels[0]
-    assert [label for _pos, label in ticks] == ["bf16", "int8", "awq"]
-    assert page.table.rowCount() == 3 and page.table.item(0, 0).text() == "bf16 (ref)"
+    # bf16 asked for, float32 ran (the CPU's): the labels say both
+    assert [label for _pos, label in ticks] == ["bf16 (float32)", "int8", "awq"]
+    assert page.table.rowCount() == 3 and page.table.item(0, 0).text() == "bf16 (float32) (ref)"
+    assert page.columns.columns[0].title.text() == "bf16 (float32)"
     assert "not enough memory" in page.table.item(2, page.table.columnCount() - 1).text()
+
+
+def test_charts_fit_the_page_taking_fewer_columns_where_it_is_narrow(qtbot):
+    """At the default 1200x780 window the charts share the page with the setup (~640 px):
+    three a row cut the right-hand column and the long titles. Now a row takes as many as fit
+    (at least CHART_MIN_WIDTH each), the titles fit their charts, nothing overlaps, and the
+    page scrolls down instead."""
+    from PySide6.QtGui import QFont, QFontMetrics
+
+    from app.gui.compare_charts import CHART_MIN_WIDTH, CompareCharts
+
+    charts = CompareCharts()
+    qtbot.addWidget(charts)
+    charts.show_result(built_result())
+    charts.show()
+    qtbot.waitExposed(charts)
+    font = QFont()
+    font.setPointSizeF(10)
+    for width, columns in ((640, 2), (1000, 3), (400, 1)):
+        charts.resize(width, 480)
+        qtbot.waitUntil(lambda: charts.columns() == columns)
+        qtbot.wait(20)
+        inner = charts.widget()
+        assert inner.width() <= charts.viewport().width()
+        boxes = [p.geometry() for p in charts.plots.values()]
+        for i, box in enumerate(boxes):
+            assert box.right() < inner.width() and box.height() >= 200 and box.width() >= CHART_MIN_WIDTH - 20
+            assert not any(box.intersects(other) for other in boxes[i + 1:]), (width, i)
+        for key, title in charts.titles().items():
+            assert QFontMetrics(font).horizontalAdvance(title) < charts.plots[key].width() - 20, (width, title)
+    qtbot.waitUntil(lambda: charts.verticalScrollBar().maximum() > 0)  # one a row: it scrolls
 
 
 def test_a_saved_comparison_reopens_and_damaged_files_are_problems_not_crashes(qtbot, bridge, gui_env):
@@ -169,7 +202,7 @@ def test_exports_write_csv_json_markdown_and_png(page, tmp_path, gui_env):
     assert written["csv"].read_text().splitlines()[0].startswith("label,quant,")
     rows = json.loads(written["json"].read_text())
     assert [r["quant"] for r in rows] == ["bf16", "int8", "awq"] and rows[2]["error"]
-    assert "| bf16 (ref) |" in written["md"].read_text()
+    assert "| bf16 (float32) (ref) |" in written["md"].read_text()
     image = QImage(str(written["png"]))
     assert not image.isNull() and image.width() > 300 and image.height() > 200
     assert gui_env["settings"].value("export/last_dir") == str(tmp_path)

@@ -99,9 +99,15 @@ def test_int4_group_size_and_head_options_follow_the_method_and_are_saved(qtbot,
     qtbot.addWidget(dlg)
     assert dlg.quantization.currentData() == "auto"  # a GGUF's own weights, else none
     assert not dlg.group_size.isEnabled() and not dlg.quant_head.isEnabled()
+    # a disabled option says why in its tooltip, after what it does
+    tip = dlg.group_size.toolTip()
+    assert tip.startswith("int4, AWQ and GPTQ: how many weights") and "Off: only int4, AWQ and GPTQ" in tip
+    assert "Off: type a device list above" in dlg.split_mode.toolTip()
+    assert "Off: only int8 and int4" in dlg.quant_head.toolTip()
     assert dlg.options()["quant_group_size"] is None and dlg.options()["quant_head"] is False
     dlg.quantization.setCurrentIndex(dlg.quantization.findData("int4"))
     assert dlg.group_size.isEnabled() and dlg.quant_head.isEnabled()
+    assert "Off:" not in dlg.group_size.toolTip() and dlg.group_size.toolTip().startswith("int4, AWQ")
     dlg.group_size.setCurrentIndex(dlg.group_size.findData(64))
     dlg.quant_head.setChecked(True)
     opts = dlg.options()

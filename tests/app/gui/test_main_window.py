@@ -397,3 +397,51 @@ def test_the_window_lists_the_load_choices_once_in_the_background(qtbot, gui_env
     qtbot.addWidget(win)
     win.choices_warmed.join(10)
     assert calls == [("auto", win.choices_warmed)]
+
+
+def test_a_message_sent_during_a_comparison_says_where_the_model_went(qtbot, gui_env, bridge, monkeypatch):
+    """A comparison unloads the chat's model and loads its own: the chat said "No model is
+    loaded: load one on the Models page", which would stop the comparison. It says why now."""
+    from app.gui.compare_page import ComparePage
+    from app.gui.main_window import MainWindow
+
+    win = MainWindow(bridge=bridge, store=ChatStore(gui_env["data"] / "chats.sqlite3"), settings=gui_env["settings"],
+                     autoload=False)
+    qtbot.addWidget(win)
+    win.show()
+    win.chat.send("Hello?")
+    assert win.chat.notice.text().startswith("No model is loaded")
+    monkeypatch.setattr(ComparePage, "running", property(lambda self: True))
+    win.chat.send("Hello?")
+    assert "A comparison is running on the Compare page" in win.chat.notice.text()
+    assert "comes back when it ends" in win.chat.notice.text()
+
+
+def test_a_long_status_message_is_elided_before_the_models_labels(qtbot, gui_env, bridge):
+    """QStatusBar painted a long message up to the permanent labels and cut it mid-word there
+    (it seemed to run into them), and hid Cancel loading meanwhile: the message now ends in
+    "…" in its own label left of them, the whole text its tooltip, and the load's progress
+    line comes back when it clears."""
+    from app.gui.main_window import MainWindow
+    from tests.app.model_info_fixtures import fake_info
+
+    win = MainWindow(bridge=bridge, store=ChatStore(gui_env["data"] / "chats.sqlite3"), settings=gui_env["settings"],
+                     autoload=False)
+    qtbot.addWidget(win)
+    win.resize(1000, 700)
+    win.show()
+    qtbot.waitExposed(win)
+    win._show_model(fake_info(device="cpu"))
+    win.status_progress.setText("loading weights: layer 3 of 30")
+    win.cancel_load_button.show()
+    sb = win.statusBar()
+    text = "Loading failed: " + "something long went wrong while reading the weights " * 4
+    sb.showMessage(text, 300)
+    label = sb.message_label
+    qtbot.waitUntil(label.isVisible)
+    assert sb.currentMessage() == text and label.toolTip().startswith(text)
+    first_permanent = min(w.mapTo(win, w.rect().topLeft()).x() for w in (win.status_quant, win.server_toggle))
+    assert label.mapTo(win, label.rect().topRight()).x() < first_permanent
+    assert not win.status_progress.isVisible() and win.cancel_load_button.isVisible()
+    qtbot.waitUntil(lambda: sb.currentMessage() == "", timeout=3000)
+    assert not label.isVisible() and win.status_progress.isVisible()

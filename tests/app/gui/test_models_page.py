@@ -307,6 +307,12 @@ def test_library_add_and_delete_with_confirmation(qtbot, page, tmp_path, monkeyp
     qtbot.waitUntil(lambda: not gguf.exists() and str(gguf) not in [m.ref for m in lib.models], timeout=WAIT_MS)
     lib.add_path(str(tmp_path / "nothing.gguf"), is_gguf=True)
     assert "not a .gguf file" in lib.summary.text()
+    # with nothing selected the buttons are off and say why
+    lib.table.clearSelection()
+    lib.table.setCurrentCell(-1, -1)
+    lib._update_buttons()
+    assert not lib.load_button.isEnabled() and "Off: select a model in the list first" in lib.load_button.toolTip()
+    assert not lib.delete_button.isEnabled() and "Off: select a model" in lib.delete_button.toolTip()
 
 
 def test_end_to_end_download_then_load_with_the_real_bridge(qtbot, fake_hub, file_keyring, bridge, chat_model):

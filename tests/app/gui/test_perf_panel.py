@@ -455,3 +455,21 @@ def test_an_added_extension_never_replaces_a_file_unasked(qtbot, tmp_path):
     panel.confirm_overwrite = lambda path: True
     qtbot.mouseClick(panel.findChild(QPushButton, "perfExportCsvButton"), Qt.MouseButton.LeftButton)
     assert existing.read_text().startswith("series,") and "rows to" in panel.message.text()
+
+
+def test_long_figures_wrap_instead_of_widening_the_window(qtbot):
+    """Its row of figures (a CPU's "RSS 0.64 GiB · RAM 1.2 / 23.5 GiB" in a large bold font)
+    set the page's minimum width, and with it the window's, to ~850 px once the page had been
+    shown: the figures wrap now, and the page fits a 640-px-wide window."""
+    panel, bridge = make_panel(qtbot, no_driver())
+    bridge.modelLoaded.emit(fake_info(device="cpu"))
+    bridge.statsUpdated.emit(stats(weights=GIB // 8, kv=GIB // 16))
+    bridge.requestFinished.emit("r1", finished(ttft=12345.6, tok_s=1234.5))
+    panel.tick()
+    panel.values["memory"].setText("RSS 123.45 GiB · RAM 456.7 / 1023.5 GiB")  # a big machine's
+    assert panel.minimumSizeHint().width() <= 520, panel.minimumSizeHint()
+    panel.resize(520, 600)
+    qtbot.waitUntil(lambda: panel.width() == 520)
+    value = panel.values["memory"]
+    assert value.height() >= 2 * value.fontMetrics().height() - 2  # wrapped onto a second line, not cut
+    assert value.x() + value.width() <= panel.width()

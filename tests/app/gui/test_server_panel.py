@@ -179,3 +179,20 @@ def test_refused_starts_say_why_and_leave_the_toggle_off(qtbot, gui_env, bridge)
     panel.origins.setText("http://localhost:3000")  # typed, never started: kept when the window closes
     win.close()
     assert gui_env["settings"].value("server/origins") == "http://localhost:3000"
+
+
+def test_the_network_note_is_never_cut_the_page_scrolls_instead(qtbot, gui_env, bridge):
+    """At the window's smallest the wrapped note under "Allow other machines on my network"
+    needs four lines and the layout's minimum gave it one (cut, no scroll bar): the page now
+    scrolls; at the default size it fits without scrolling."""
+    win = _window(qtbot, gui_env, bridge)
+    win.show_page("Server")
+    panel = win.server_panel
+    why = panel.network_why
+    for size, scrolls in (((640, 413), True), ((1200, 780), False)):
+        win.resize(*size)
+        qtbot.waitUntil(lambda: win.width() == size[0])
+        qtbot.wait(50)
+        assert why.height() >= why.heightForWidth(why.width()) > 0, (size, why.height())
+        assert (panel.scroll.verticalScrollBar().maximum() > 0) == scrolls, size
+        assert panel.log.height() >= 60

@@ -47,6 +47,10 @@ BAD_CHAT = {
     "empty-messages": ({"messages": []}, "messages"),
     "messages-not-a-list": ({"messages": "hi"}, "messages"),
     "unknown-role": ({"messages": [{"role": "wizard", "content": "hi"}]}, "any"),
+    # OpenAI refuses a message without content too (it rendered as an empty turn here)
+    "user-message-without-content": ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    "assistant-without-content-or-calls": ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"},
+                                                         {"role": "user", "content": "Again"}]}, "messages.1.content"),
     "max-tokens-over-the-context": ({"max_tokens": 10_000}, "max_tokens"),
     "top-logprobs-without-logprobs": ({"top_logprobs": 2}, "top_logprobs"),
     "empty-stop": ({"stop": ["x", ""]}, "stop"),

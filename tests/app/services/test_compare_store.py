@@ -113,7 +113,7 @@ def test_csv_export_has_one_line_per_configuration():
 
 def test_markdown_export_has_the_table_and_every_output():
     md = to_markdown(sample())
-    assert "| config | TTFT ms |" in md and "| bf16 (ref) | 10.5 |" in md
+    assert "| config | TTFT ms |" in md and "| bf16 (float32) (ref) | 10.5 |" in md
     assert "Say hi \\| twice" not in md.split("## Prompt 1")[0]  # prompts are below the table
     assert "## Prompt 1" in md and "> Say hi | twice" in md and "### int4 · torch" in md and "hi ho" in md
     assert "*fp8 can't be used here*" in md
@@ -126,7 +126,7 @@ def test_text_table_names_the_columns_and_says_speeds_are_means():
     for title in ("TTFT ms", "decode tok/s", "weights", "KV cache", "peak memory", "load s", "perplexity",
                   "agreement", "error"):
         assert title in titles
-    assert rows[0].startswith("bf16 (ref)") and "75.0%" in rows[1] and "can't be used here" in rows[2]
+    assert rows[0].startswith("bf16 (float32) (ref)") and "75.0%" in rows[1] and "can't be used here" in rows[2]
 
 
 def test_table_says_what_auto_picked():
