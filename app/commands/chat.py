@@ -53,26 +53,32 @@ def run_chat(args) -> int:
             text = line.strip()
             if not text:
                 continue
-            if text in ("/exit", "/quit"):
+            word, _, rest = text.partition(" ")
+            command = word.lower() if COMMAND.fullmatch(word) else None
+            if command in ("/exit", "/quit", "/reset", "/help", "/?") and rest.strip():
+                print(f"error: {word} takes nothing after it. It was not sent; to send a message that starts with "
+                      "/, begin it with //.", file=sys.stderr)
+                continue
+            if command in ("/exit", "/quit"):
                 return 0
-            if text == "/reset":
+            if command == "/reset":
                 history.clear()
                 print("(conversation cleared)", file=sys.stderr)
                 continue
-            if text == "/system" or text.startswith("/system "):
-                system = text[len("/system"):].strip() or None
+            if command == "/system":
+                system = rest.strip() or None
                 print(f"(system prompt {'set' if system else 'cleared'})", file=sys.stderr)
                 continue
-            if text in ("/help", "/?"):
+            if command in ("/help", "/?"):
                 print(HELP + " Begin a message with // to send one that starts with /.", file=sys.stderr)
                 continue
-            if COMMAND.fullmatch(text.split()[0]):
-                print(f"error: {text.split()[0]} is not a command here: the commands are /reset, /system TEXT, "
-                      "/help and /exit. It was not sent; to send a message that starts with /, begin it with //.",
+            if command is not None:
+                print(f"error: {word} is not a command here: the commands are /reset, /system TEXT, /help and "
+                      "/exit (or /quit). It was not sent; to send a message that starts with /, begin it with //.",
                       file=sys.stderr)
                 continue
-            if text.startswith("//"):
-                text = text[1:]
+            if text.startswith("//") and COMMAND.fullmatch(text[1:].split()[0]):
+                text = text[1:]  # "//reset" sends "/reset" (a "// comment" goes as it is)
             # The history changes only once the engine has taken the message: a refused
             # one (too long, ...) leaves the conversation as it was. A conversation longer
             # than the context loses its oldest turns (fit_context), here too.

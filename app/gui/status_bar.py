@@ -20,7 +20,7 @@ from app.gui.elided_label import ElidedLabel
 class StatusBar(QStatusBar):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.message_label = ElidedLabel("", mode=Qt.TextElideMode.ElideRight)
+        self.message_label = ElidedLabel("", self, mode=Qt.TextElideMode.ElideRight)
         self.message_label.setObjectName("statusMessage")
         self.message_label.hide()
         self._yielding: list[QWidget] = []  # hidden while a message shows

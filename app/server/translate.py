@@ -269,11 +269,14 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
     out = []
     for i, m in enumerate(body.messages):
         content = m.content
-        if content is None and (m.role != "assistant" or not m.tool_calls):  # (OpenAI refuses these too)
+        extra = m.model_extra or {}
+        if content is None and (m.role != "assistant" or not (m.tool_calls or extra.get("function_call")
+                                                              or extra.get("refusal"))):
+            # OpenAI refuses these too: content is required but for an assistant's calls
             what = "content or tool_calls" if m.role == "assistant" else "content"
             raise ApiError(400, f"messages[{i}] (role {m.role}) has no {what}: every message needs its "
                            "content (an empty string will do); only an assistant message with tool_calls "
-                           "may leave it out.", f"messages.{i}.content")
+                           "(or the older function_call, or a refusal) may leave it out.", f"messages.{i}.content")
         if isinstance(content, list):
             kinds = {p.type for p in content} - {"text"}
             if kinds:

@@ -191,8 +191,8 @@ class ChatDatabase:
         if self._salvage is not None:
             try:
                 saved = self._salvage(aside, self.conn)
-            except (sqlite3.Error, OSError) as exc:  # nothing more could be read: the new history stays
-                log.warning("nothing could be recovered from %s: %s", aside, exc)
+            except Exception as exc:  # noqa: BLE001 - whatever a damaged file does, the new history opens
+                log.warning("nothing could be recovered from %s: %s: %s", aside, type(exc).__name__, exc)
                 if self.conn.in_transaction:
                     self.conn.rollback()
         if saved:

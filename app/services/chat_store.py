@@ -441,6 +441,11 @@ def _prepare(db: sqlite3.Connection) -> None:
         # Another program holds the file's lock (another Hearth, mid-answer?): the file is
         # usable all the same, and its answers aren't cut off. Marked at a later start.
         log.info("chat history is locked; answers cut off earlier stay marked as streaming: %s", exc)
+    # A damaged page the statement above didn't read (the chats' table, an index) is found
+    # now, while the damaged file can still be set aside and salvaged, not at the first list.
+    found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+    if found != "ok":
+        raise sqlite3.DatabaseError(f"database disk image is malformed ({found})")
 
 
 def _upgrade(db: sqlite3.Connection) -> None:
@@ -463,14 +468,16 @@ def _upgrade(db: sqlite3.Connection) -> None:
         raise
 
 
-#: Rows read per query when salvaging (a failing range is split down to single rows).
+#: Rows read per query when salvaging (a failing range is split down to single rows), and the
+#: most rowids a salvage looks through when the table's own maximum can't be read.
 _SALVAGE_CHUNK = 256
+_SALVAGE_MAX_IDS = 2_000_000
 
 
 def _readable_rows(old: sqlite3.Connection, table: str, columns: str) -> tuple[list[tuple], int]:
     """Every row of ``table`` that can still be read, by rowid ranges (a range over a
     damaged page fails as a whole: it is halved until the rows that fail are alone), and
-    how many rowids could not be read."""
+    how many rowids could not be read (deleted rows on a damaged page count too)."""
     try:
         top = old.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0] or 0
     except sqlite3.DatabaseError:  # the table's last pages are damaged: the sequence's number
@@ -478,7 +485,10 @@ def _readable_rows(old: sqlite3.Connection, table: str, columns: str) -> tuple[l
             row = old.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
         except sqlite3.DatabaseError:
             row = None
-        top = row[0] if row else 100_000
+        top = row[0] if row else None
+    if not isinstance(top, int) or top < 0:  # (a damaged sequence can hold anything)
+        top = 100_000
+    top = min(top, _SALVAGE_MAX_IDS)
     out: list[tuple] = []
     lost = 0
 
@@ -500,61 +510,102 @@ def _readable_rows(old: sqlite3.Connection, table: str, columns: str) -> tuple[l
     return out, lost
 
 
-def _salvage(damaged: Path, new: sqlite3.Connection) -> str | None:
-    """Copy the chats and messages of a damaged history that can still be read into the new
-    (empty) one, with their ids; says what was recovered (None: nothing). A message whose
-    chat was lost is dropped; one that followed a lost message follows the one before it;
-    an answer cut off mid-stream is marked interrupted."""
-    old = version = None
-    # Read-only with its journal (the latest chats may be there) where SQLite can, else the
-    # file alone as it is (immutable: nothing is created or changed beside it).
+def _open_damaged(damaged: Path) -> tuple[sqlite3.Connection, int] | None:
+    """The damaged file read-only and its schema version: with its journal (the latest chats
+    may be there) where SQLite can, else the file alone as it is (immutable: nothing is
+    created or changed beside it). None: not even that."""
     for mode in ("mode=ro", "mode=ro&immutable=1"):
+        old = None
         try:
             old = sqlite3.connect(f"{damaged.resolve().as_uri()}?{mode}", uri=True)
             version = old.execute("PRAGMA user_version").fetchone()[0]
             old.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            break
+            return old, int(version)
         except sqlite3.DatabaseError:
             if old is not None:
                 old.close()
-            old = version = None
-    if old is None:
+    return None
+
+
+def _insert_each(db: sqlite3.Connection, table: str, columns: str, rows: list[tuple]) -> int:
+    """Insert ``rows`` one by one; returns how many were refused (a damaged value that breaks
+    a constraint, a role 'usfr') without losing the rest."""
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(columns.split(',')))})"
+    refused = 0
+    for row in rows:
+        try:
+            db.execute(sql, row)
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, OverflowError):
+            refused += 1
+    return refused
+
+
+def _relink(db: sqlite3.Connection) -> None:
+    """Give every message whose parent was lost a parent again: the last message, before it,
+    of its chat's selected path (``selected_path``), so the chat reads on past the gap."""
+    orphans = db.execute("SELECT id, conversation_id FROM messages WHERE parent_id IS NOT NULL AND parent_id "
+                         "NOT IN (SELECT id FROM messages) ORDER BY id").fetchall()
+    for msg_id, conv_id in orphans:
+        before = [_message(r) for r in db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id=? AND id<? ORDER BY id",
+            (conv_id, msg_id))]
+        path = selected_path(before)
+        db.execute("UPDATE messages SET parent_id=? WHERE id=?", (path[-1].id if path else None, msg_id))
+
+
+def _salvage(damaged: Path, new: sqlite3.Connection) -> str | None:
+    """Copy the chats and messages of a damaged history that can still be read into the new
+    (empty) one, with their ids; says what was recovered (None: nothing). Messages whose chat
+    row was lost go to a chat of their own ("Recovered chat"); a message that followed a lost
+    one follows the last one before it on its chat's path; an answer cut off mid-stream is
+    marked interrupted; a row that can be read but breaks the schema is left out (counted)."""
+    opened = _open_damaged(damaged)
+    if opened is None:
         return None
+    old, version = opened
     try:
         conv_cols = "id, title, system_prompt, created, updated" + (", prompt_edited" if version >= 1 else "")
         msg_cols = "id, conversation_id, role, content, status, meta, created" + (
             ", parent_id, active" if version >= 1 else "")
-        convs, _ = _readable_rows(old, "conversations", conv_cols)
+        convs, lost_convs = _readable_rows(old, "conversations", conv_cols)
         msgs, lost = _readable_rows(old, "messages", msg_cols)
     finally:
         old.close()
-    if not convs:
+    if not convs and not msgs:
         return None
-    kept = {row[0] for row in convs}
-    msgs = [m for m in msgs if m[1] in kept]
+    known = {row[0] for row in convs}
+    homeless: dict[object, list[tuple]] = {}
+    for m in msgs:
+        if m[1] not in known:
+            homeless.setdefault(m[1], []).append(m)
+    for conv_id, rows in homeless.items():  # their chat's row was lost: a chat for them, same id
+        when = [r[6] for r in rows if isinstance(r[6], (int, float))] or [time.time()]
+        convs.append((conv_id, "Recovered chat", "", min(when), max(when)) + ((0,) if version >= 1 else ()))
     new.execute("BEGIN IMMEDIATE")
     try:
-        new.executemany(f"INSERT INTO conversations ({conv_cols}) VALUES ({', '.join('?' * len(conv_cols.split(',')))})",
-                        convs)
-        new.executemany(f"INSERT INTO messages ({msg_cols}) VALUES ({', '.join('?' * len(msg_cols.split(',')))})",
-                        msgs)
+        refused_convs = _insert_each(new, "conversations", conv_cols, convs)
+        refused = _insert_each(new, "messages", msg_cols, msgs)
         if version < 1:  # an old file's list becomes a chain, as its upgrade does
             new.execute(MIGRATE_0_TO_1[1])
             new.execute("UPDATE messages SET parent_id = (SELECT MAX(p.id) FROM messages p "
                         "WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id)")
-        new.execute("UPDATE messages SET parent_id = (SELECT MAX(p.id) FROM messages p WHERE p.conversation_id = "
-                    "messages.conversation_id AND p.id < messages.id) WHERE parent_id IS NOT NULL AND parent_id "
-                    "NOT IN (SELECT id FROM messages)")
+        _relink(new)
         new.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+        chats, messages = (new.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("conversations", "messages"))
         new.execute("COMMIT")
     except BaseException:
         if new.in_transaction:
             new.execute("ROLLBACK")
         raise
-    chats = f"{len(convs)} chat{'s' if len(convs) != 1 else ''}"
-    messages = f"{len(msgs)} message{'s' if len(msgs) != 1 else ''}"
-    missing = f" (about {lost} message{'s' if lost != 1 else ''} could not be read)" if lost else ""
-    return f"{chats} and {messages} were recovered{missing}"
+    if not chats:
+        return None
+    said = f"{chats} chat{'s' if chats != 1 else ''} and {messages} message{'s' if messages != 1 else ''} were recovered"
+    missing = [f"about {n} {what}{'s' if n != 1 else ''} could not be read" for n, what in
+               ((lost_convs + refused_convs, "chat"), (lost + refused, "message")) if n]
+    if homeless:
+        missing.append(f"{len(homeless)} chat{'s' if len(homeless) != 1 else ''} lost {'their' if len(homeless) != 1 else 'its'} "
+                       "title and settings (now \"Recovered chat\")")
+    return said + (f" ({'; '.join(missing)})" if missing else "")
 
 
 def _statements(script: str) -> list[str]:

@@ -193,11 +193,12 @@ def _reader_steps(steps: _TensorSteps):
         present = getattr(reader, "tqdm", None)
         if present is not None and not isinstance(present, _StepsDispatch):
             reader.tqdm = _StepsDispatch(present)
+    outer = getattr(_steps, "current", None)
     _steps.current = steps
     try:
         yield
     finally:
-        _steps.current = None
+        _steps.current = outer
 
 
 def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,

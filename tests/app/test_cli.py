@@ -520,11 +520,13 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny, tmp_path):
 def test_chat_refuses_an_unknown_command_and_sends_a_slash_message_on_request(capsys, monkeypatch, tiny):
     """/reste (a typo of /reset) went to the model as a message; now it is refused, naming the
     commands; //text sends "/text"; a path is a message; /help lists the commands."""
-    feed_input(monkeypatch, ["/reste", "/help", "//etc/hosts is a file", "/usr/bin/env is a path"])
+    feed_input(monkeypatch, ["/reste", "/help", "//reset is a command", "/usr/bin/env is a path",
+                             "// TODO: a comment", "/reset now", "/RESET", "/EXIT"])
     reqs = record_requests(monkeypatch)
     rc, out, err = run_cli(capsys, *chat_args(tiny))
     assert rc == 0, err
     assert "error: /reste is not a command here" in err and "/reset" in err and "begin it with //" in err
     assert "/system TEXT, /help, /exit" in err
+    assert "error: /reset takes nothing after it" in err and "(conversation cleared)" in err  # /RESET works
     sent = [messages[-1]["content"] for _system, messages in reqs]
-    assert sent == ["/etc/hosts is a file", "/usr/bin/env is a path"]
+    assert sent == ["/reset is a command", "/usr/bin/env is a path", "// TODO: a comment"]

@@ -51,6 +51,8 @@ BAD_CHAT = {
     "user-message-without-content": ({"messages": [{"role": "user"}]}, "messages.0.content"),
     "assistant-without-content-or-calls": ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"},
                                                          {"role": "user", "content": "Again"}]}, "messages.1.content"),
+    "system-content-null": ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "Hi"}]},
+                            "messages.0.content"),
     "max-tokens-over-the-context": ({"max_tokens": 10_000}, "max_tokens"),
     "top-logprobs-without-logprobs": ({"top_logprobs": 2}, "top_logprobs"),
     "empty-stop": ({"stop": ["x", ""]}, "stop"),
@@ -239,3 +241,16 @@ def test_without_a_key_only_requests_addressed_to_this_machine_are_answered(host
         assert loopback_host(ok), ok
     for bad in (b"attacker.example", b"127.0.0.1.nip.io", b"10.0.0.1:8000", b"[::2]", b"localhost.evil.com"):
         assert not loopback_host(bad), bad
+
+
+def test_an_assistant_message_may_leave_content_out_for_its_calls(live, model_name):
+    """content is required, but not for an assistant's tool_calls, the older function_call,
+    or a refusal (OpenAI's rule): those histories still run."""
+    for extra in ({"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                  {"function_call": {"name": "f", "arguments": "{}"}}, {"refusal": "I can't help with that."}):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, **extra}]
+        if "tool_calls" in extra:
+            messages.append({"role": "tool", "tool_call_id": "c1", "content": "42"})
+        messages.append({"role": "user", "content": "Go on"})
+        r = post(live, "/v1/chat/completions", {"model": model_name, "messages": messages, "max_tokens": 2})
+        assert r.status_code == 200, (extra, r.text)

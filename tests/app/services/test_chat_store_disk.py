@@ -399,3 +399,58 @@ def test_a_real_full_disk(tmp_path):
                 opened.close()
         # Lazy: it goes even if something still holds it, never left mounted.
         subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def test_salvage_keeps_messages_whose_chat_row_was_lost_and_skips_only_a_broken_row(tmp_path):
+    """Review findings: one readable row that breaks the schema (a role byte flipped to
+    'usfr') made the whole copy fail, and messages whose chat's row sat on the damaged page
+    were dropped without a word. Now the broken row alone is left out, and such messages go
+    to a "Recovered chat" of their own."""
+    path = tmp_path / "chats.sqlite3"
+    store = ChatStore(path)
+    for i in range(40):
+        conv = store.create_conversation(f"{'TITLEMARK ' if i == 20 else ''}chat {i}")
+        store.add_message(conv.id, "user", f"{'ROLEFLIP ' if i == 5 else ''}question {i}")
+        store.add_message(conv.id, "assistant", f"answer {i}")
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    data = bytearray(path.read_bytes())
+    flip = data.index(b"userROLEFLIP")
+    data[flip:flip + 4] = b"usfr"  # readable, but the CHECK on role refuses it
+    at = data.index(b"TITLEMARK") // page * page  # the chats' page (40 short rows fit on one)
+    data[at:at + 100] = os.urandom(100)
+    path.write_bytes(bytes(data))
+
+    store = ChatStore.open(path)
+    assert store.moved_aside is not None and "were recovered" in store.problem, store.problem
+    assert "could not be read" in store.problem and "Recovered chat" in store.problem
+    convs = store.conversations()
+    assert len(convs) == 40 and {c.title for c in convs} == {"Recovered chat"}  # every chat row was on that page
+    contents = sorted(m.content for c in convs for m in store.messages(c.id))
+    assert len(contents) == 79 and "ROLEFLIP question 5" not in contents and "answer 5" in contents
+
+
+def test_salvage_survives_a_damaged_sequence_number():
+    """With the table's last page unreadable, salvage looks up sqlite_sequence: a damaged
+    value there (text, huge) must neither crash the store's opening nor scan for hours."""
+    from app.services import chat_store
+
+    class Damaged:
+        def __init__(self, seq):
+            self.seq, self.ranges = seq, 0
+
+        def execute(self, sql, args=()):
+            if "max(rowid)" in sql:
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            if "sqlite_sequence" in sql:
+                return type("Cursor", (), {"fetchone": lambda _self: (self.seq,)})()
+            self.ranges += 1
+            return type("Cursor", (), {"fetchall": lambda _self: []})()
+
+    for seq in ("abc", None, -5, 10**15):
+        old = Damaged(seq)
+        rows, lost = chat_store._readable_rows(old, "messages", "id")
+        assert rows == [] and lost == 0 and old.ranges <= chat_store._SALVAGE_MAX_IDS // chat_store._SALVAGE_CHUNK + 1
