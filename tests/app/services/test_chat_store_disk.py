@@ -100,6 +100,15 @@ def _writable_again(undo_fixture_path: Path) -> None:
         undo_fixture_path.chmod(0o755 if undo_fixture_path.is_dir() else 0o644)
 
 
+def _file_bytes(path: Path) -> tuple[bytearray, int]:
+    """The history file's bytes with its journal written in, and its page size."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    return bytearray(path.read_bytes()), page
+
+
 def test_a_damaged_page_costs_only_the_rows_on_it(tmp_path):
     """One damaged page set the whole history aside, though the rest could be read: now the
     chats and messages that can still be read are copied into the new history (ids kept; a
@@ -112,11 +121,7 @@ def test_a_damaged_page_costs_only_the_rows_on_it(tmp_path):
             store.add_message(conv.id, "user" if j % 2 == 0 else "assistant",
                               f"{'MARKER ' if (i, j) == (30, 1) else ''}message {j} of chat {i} " + "x" * (250 + 90 * j))
     store.close()
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page = db.execute("PRAGMA page_size").fetchone()[0]
-    db.close()
-    data = bytearray(path.read_bytes())
+    data, page = _file_bytes(path)
     at = data.index(b"MARKER message 1 of chat 30") // page * page  # that message's page
     data[at:at + 100] = os.urandom(100)  # its header: every row on it is unreadable
     path.write_bytes(bytes(data))
@@ -413,11 +418,7 @@ def test_salvage_keeps_messages_whose_chat_row_was_lost_and_skips_only_a_broken_
         store.add_message(conv.id, "user", f"{'ROLEFLIP ' if i == 5 else ''}question {i}")
         store.add_message(conv.id, "assistant", f"answer {i}")
     store.close()
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page = db.execute("PRAGMA page_size").fetchone()[0]
-    db.close()
-    data = bytearray(path.read_bytes())
+    data, page = _file_bytes(path)
     flip = data.index(b"userROLEFLIP")
     data[flip:flip + 4] = b"usfr"  # readable, but the CHECK on role refuses it
     at = data.index(b"TITLEMARK") // page * page  # the chats' page (40 short rows fit on one)
