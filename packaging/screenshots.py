@@ -148,9 +148,10 @@ def serve_a_few_requests(win, wait) -> None:
     """Start the Server page's server (port 8000, or a free one when that is taken) and
     send it what a client would: the model list, a chat completion, a stream, and one for a
     model that is not loaded (a 404), so the log shows both kinds of line."""
+    import json
     import socket
-
-    import httpx
+    import urllib.error
+    import urllib.request
 
     panel = win.server_panel
     win.show_page("Server")
@@ -170,17 +171,25 @@ def serve_a_few_requests(win, wait) -> None:
     headers = {"Authorization": "Bearer sk-hearth-screenshot-key-0123456789"}
     done = threading.Event()
 
+    def call(path: str, body: dict | None = None) -> None:
+        """One request, its whole answer read (the standard library: the app's install has
+        no HTTP client of its own); an error status is what some of them are for."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(base + path, data=data, headers={**headers, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+        except urllib.error.HTTPError as e:
+            e.read()
+
     def client() -> None:
         try:
-            with httpx.Client(base_url=base, headers=headers, timeout=120) as c:
-                c.get("/models")
-                chat = {"model": name, "max_tokens": 24, "temperature": 0,
-                        "messages": [{"role": "user", "content": "Say hello in French."}]}
-                c.post("/chat/completions", json=chat)
-                with c.stream("POST", "/chat/completions", json=dict(chat, stream=True)) as r:
-                    for _ in r.iter_bytes():
-                        pass
-                c.post("/completions", json={"model": "gpt-4o", "prompt": "Hi", "max_tokens": 4})
+            call("/models")
+            chat = {"model": name, "max_tokens": 24, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Say hello in French."}]}
+            call("/chat/completions", chat)
+            call("/chat/completions", dict(chat, stream=True))
+            call("/completions", {"model": "gpt-4o", "prompt": "Hi", "max_tokens": 4})
         finally:
             done.set()
     threading.Thread(target=client, daemon=True).start()

@@ -34,7 +34,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from PySide6.QtCore import QEvent, QTimer
+from PySide6.QtCore import QEvent, QSize, QTimer
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QPushButton,
                                QVBoxLayout, QWidget)
@@ -53,6 +53,21 @@ log = logging.getLogger("hearth.gui.perf")
 TICK_MS = 250
 IDLE_REDRAW_S = 1.0  # with no engine activity the charts move slowly: redraw at 1 Hz
 STATS_STALE_S = 2.0  # older stats mean the engine stopped reporting: draw a gap, not a flat line
+
+class Figure(QLabel):
+    """A figure of the row under the buttons: one line where there is room (its size hint
+    is its text's width), wrapped where the page is narrow (its minimum is a word's): a long
+    one ("RSS 0.64 GiB · RAM 1.2 / 23.5 GiB") set the window's minimum width to ~850 px."""
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__(text)
+        self.setWordWrap(True)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt naming)
+        margins = self.contentsMargins()
+        width = self.fontMetrics().horizontalAdvance(self.text()) + margins.left() + margins.right() + 2
+        return QSize(width, self.heightForWidth(width))
+
 
 class PerfPanel(QWidget):
     """Live performance charts for one ``EngineBridge`` (or anything with its signals).
@@ -136,14 +151,10 @@ class PerfPanel(QWidget):
         for col, (key, title) in enumerate((("ttft", "Last TTFT"), ("decode", "Last decode"),
                                             ("aggregate", "Aggregate"), ("kv", "KV cache"),
                                             ("memory", "VRAM"))):
-            caption = QLabel(title)
+            caption = Figure(title)
             caption.setObjectName(f"perfCaption_{key}")
-            value = QLabel("—")
+            value = Figure("—")
             value.setObjectName(f"perfValue_{key}")
-            # A long figure ("RSS 0.64 GiB · RAM 1.2 / 23.5 GiB") wraps rather than widening
-            # the window (one row of them set its minimum width to ~850 px).
-            value.setWordWrap(True)
-            caption.setWordWrap(True)
             font = value.font()
             font.setPointSizeF(font.pointSizeF() * 1.4)
             font.setBold(True)

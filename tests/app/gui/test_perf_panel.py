@@ -473,3 +473,7 @@ def test_long_figures_wrap_instead_of_widening_the_window(qtbot):
     value = panel.values["memory"]
     assert value.height() >= 2 * value.fontMetrics().height() - 2  # wrapped onto a second line, not cut
     assert value.x() + value.width() <= panel.width()
+    panel.resize(1300, 600)  # where there is room: one line
+    qtbot.waitUntil(lambda: panel.width() == 1300)
+    qtbot.waitUntil(lambda: value.height() < 2 * value.fontMetrics().height() - 2)
+    assert value.width() >= value.fontMetrics().horizontalAdvance(value.text())
