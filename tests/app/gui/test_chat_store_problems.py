@@ -13,6 +13,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -299,11 +300,13 @@ def test_the_time_to_first_token_shows_with_the_first_token(qtbot, gui_env):
     rid = bridge.requests[-1]
     answer = page.message_widgets()[-1]
     assert "TTFT" not in answer.footer.text()
-    qtbot.wait(30)
+    waited = time.monotonic()
+    qtbot.wait(60)
+    waited = (time.monotonic() - waited) * 1000
     bridge.tokenReceived.emit(rid, "Light")
     footer = answer.footer.text()
     assert footer.startswith("TTFT ") and footer.endswith("…")
-    assert int(footer.split()[1]) >= 30
+    assert int(footer.split()[1]) >= int(waited)  # (Qt's wait may return a little early: what passed)
     bridge.tokenReceived.emit(rid, "houses")
     with qtbot.waitSignal(page.answerFinished, timeout=5000):
         bridge.finish(rid)

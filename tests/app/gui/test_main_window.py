@@ -436,12 +436,12 @@ def test_a_long_status_message_is_elided_before_the_models_labels(qtbot, gui_env
     win.cancel_load_button.show()
     sb = win.statusBar()
     text = "Loading failed: " + "something long went wrong while reading the weights " * 4
-    sb.showMessage(text, 300)
+    sb.showMessage(text, 1500)
     label = sb.message_label
     qtbot.waitUntil(label.isVisible)
     assert sb.currentMessage() == text and label.toolTip().startswith(text)
     first_permanent = min(w.mapTo(win, w.rect().topLeft()).x() for w in (win.status_quant, win.server_toggle))
     assert label.mapTo(win, label.rect().topRight()).x() < first_permanent
     assert not win.status_progress.isVisible() and win.cancel_load_button.isVisible()
-    qtbot.waitUntil(lambda: sb.currentMessage() == "", timeout=3000)
+    qtbot.waitUntil(lambda: sb.currentMessage() == "", timeout=8000)
     assert not label.isVisible() and win.status_progress.isVisible()
