@@ -196,7 +196,7 @@ class TorchAttention(AttentionBackend):
         the last query's), in PROMPT_TILE tiles at fixed positions, each against the keys up
         to its end rounded up to PROMPT_TILE_KEYS (see PROMPT_TILE): the tiles of one key
         length go in one batched call."""
-        n, end = len(qs), first + len(qs)
+        end = first + len(qs)
         t0 = first // PROMPT_TILE * PROMPT_TILE
         t_end = -(-end // PROMPT_TILE) * PROMPT_TILE
         k_end = -(-t_end // PROMPT_TILE_KEYS) * PROMPT_TILE_KEYS

@@ -25,6 +25,12 @@ from engine.runner.request_state import KeptRequest, RequestStateMixin
 CPU_STEP_ROWS = 64
 
 
+def is_decode_row(row: StepRow, kept: KeptRequest) -> bool:
+    """One token at or past its request's prompt: a decode row (a prompt's last token alone,
+    the rest of it cached, reads as a prompt, as it would cold)."""
+    return len(row.token_ids) == 1 and row.start >= kept.prompt_len
+
+
 class NativeExecuteMixin(RequestStateMixin):
     """``execute`` for ModelRunner, which provides the model, the KV cache, the graphs,
     ``_metadata`` and the pipelining state (``_ahead``, ``_pinned``, ``_ring``,
@@ -70,7 +76,7 @@ class NativeExecuteMixin(RequestStateMixin):
         # Decode rows (one token at or past its request's prompt) first, so that attention can
         # send them to its decode kernel; a prompt's last token alone (the rest of it cached)
         # reads as a prompt, as it would cold. Sampling below follows the input's order again.
-        decode = [len(row.token_ids) == 1 and row.start >= k.prompt_len for row, k in zip(rows, self._kept(rows))]
+        decode = [is_decode_row(row, k) for row, k in zip(rows, self._kept(rows))]
         order = sorted(range(len(rows)), key=lambda i: not decode[i])
         last_row = [0] * len(rows)
         end = 0
@@ -104,8 +110,7 @@ class NativeExecuteMixin(RequestStateMixin):
         request's rows take the C step whether or not others' prompts share the step.
         None: no such rows, or more than ``CPU_STEP_ROWS`` (all eager)."""
         kept = self._kept(rows)
-        decode = [i for i, (row, k) in enumerate(zip(rows, kept))
-                  if len(row.token_ids) == 1 and row.sample and row.start >= k.prompt_len]
+        decode = [i for i, (row, k) in enumerate(zip(rows, kept)) if row.sample and is_decode_row(row, k)]
         if not decode or len(decode) > CPU_STEP_ROWS:
             return None
         self._ahead = None
