@@ -27,7 +27,8 @@ from engine.choices import names as choice_names
 from engine.config import (LOAD_OPTIONS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
                            config_from_options, load_config, parse_bytes)
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError,
-                           ModelLoadError, OutOfMemoryError, UnsupportedModelError, option_flag)
+                           ModelLoadError, ModelOutputError, OutOfMemoryError, UnsupportedModelError,
+                           option_flag)
 from engine.events import (EngineEvent, EngineStats, FinishedEvent, PromptProgressEvent, StepInfo,
                            Timings, TokenEvent, TokenLogprob, Usage)
 # What a GGUF file takes in memory once loaded (its type from its name), for the fit estimate.
@@ -161,7 +162,7 @@ __all__ = [
     "doctor_info", "gpu_memory", "load_choices", "model_display_name", "check_model", "release_memory",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",
-    "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "OutOfMemoryError",
+    "EngineStats", "Timings", "Usage", "HearthError", "InvalidRequestError", "ModelLoadError", "ModelOutputError", "OutOfMemoryError",
     "LoadCancelledError", "ModelCheck",
     "parse_bytes", "option_flag", "format_bytes", "DTYPE_BYTES", "auto_dtype", "context_blocks",
     "cpu_kv_budget", "kv_pool_blocks", "kv_headroom", "check_text", "EngineDeadError",

@@ -43,6 +43,24 @@ class OutOfMemoryError(HearthError, RuntimeError):
     """Not enough device memory for the weights or the KV cache."""
 
 
+class ModelOutputError(HearthError, RuntimeError):
+    """The model's output was not a number (NaN or infinity): its weights hold such values, or
+    its numbers overflowed its dtype (``not_a_number_message`` says which to suspect)."""
+
+
+def not_a_number_message(dtype: str, quantization: str, where: str) -> str:
+    """What to tell a user whose model gave NaN or infinity ``where`` ("for its first
+    token", "scoring the text"), for a model of weights ``dtype`` and ``quantization``."""
+    if dtype == "float16":
+        why = ("its numbers overflowed float16 (some models' activations don't fit it): load it "
+               "in bf16 (--dtype bfloat16), or in float32 on a CPU")
+    else:
+        how = "" if quantization in ("none", "bf16", "fp16") else f", or {quantization} broke it"
+        why = ("its weights may hold NaN or infinite values (a damaged or badly converted "
+               f"checkpoint){how}: check the file, or load it with another quantization (--quant)")
+    return f"the model's output was not a number (NaN or infinity) {where}: {why}."
+
+
 class EngineDeadError(HearthError, RuntimeError):
     """The engine was shut down or its loop died; no more requests are accepted."""
 

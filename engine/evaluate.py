@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from engine.errors import InvalidRequestError, OutOfMemoryError
+from engine.errors import InvalidRequestError, ModelOutputError, OutOfMemoryError, not_a_number_message
 from engine.events import TokenLogprob
 
 if TYPE_CHECKING:
@@ -167,8 +167,14 @@ def _score(engine: Engine, ids: list[int], top: int = 0):
             "smaller window.")
     try:
         chunk = engine.config.scheduler.max_num_batched_tokens
-        return engine.runner.score(ids, scratch.block_table, chunk, top) if top else \
+        scores = engine.runner.score(ids, scratch.block_table, chunk, top) if top else \
             engine.runner.score(ids, scratch.block_table, chunk)
+        logprobs = scores.logprobs if top else scores
+        if not bool(torch.isfinite(logprobs).all()):  # (a NaN would come out as perplexity nan)
+            info = engine.model_info
+            raise ModelOutputError(not_a_number_message(info.dtype, info.quantization,
+                                                        f"scoring a {len(ids)}-token window"))
+        return scores
     except torch.OutOfMemoryError:
         raise OutOfMemoryError(f"out of memory scoring a {len(ids)}-token window: use a smaller window "
                                "(--window), or load with a smaller KV cache (--kv-cache-memory) to leave room.",

@@ -21,12 +21,14 @@ from engine.config import EngineConfig, config_from_options
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
-from engine.errors import EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError, ModelLoadError
+from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError, ModelLoadError,
+                           not_a_number_message)
 from engine.events import EngineEvent, EngineStats, StepInfo
 from engine.model_info import ModelInfo
 from engine.output import RequestState
 from engine.requests import Completion, EventCallback, Request, RequestHandle
 from engine.runner.io import NewRequest, RunnerInput, StepRow, needs_token_context
+from engine.runner.sampler import NOT_A_NUMBER
 from engine.sampling_params import SamplingParams
 from engine.prompt_ids import check_request_text, prompt_ids
 
@@ -467,9 +469,20 @@ class Engine:
         lps = res.logprobs or [None] * len(sampled)
         for seq, token, lp in zip(sampled, res.token_ids, lps):
             st = self._states[seq.request_id]
+            if token == NOT_A_NUMBER:  # the model's numbers broke for it: end it, say why
+                self._finish(st, "error", error=self._not_a_number(seq.num_output_tokens + 1),
+                             error_options=("dtype", "quantization"))
+                continue
             done = st.on_token(token, lp if seq.params.logprobs is not None else None, now)
             if done is not None:
                 self._finish(st, done[0], stop=done[1])
+
+    def _not_a_number(self, at: int) -> str:
+        """The error for a request whose logits held a NaN or +inf at its output token ``at``
+        (1 = the first)."""
+        info = self.model_info
+        where = "for its first token" if at <= 1 else f"at its output token {at}, so the answer stopped there"
+        return not_a_number_message(info.dtype, info.quantization, where)
 
     def _update_observed(self, out, token_ids: list[int]) -> None:
         """``scheduler.update`` for a step that listeners watch: what they hear is counted

@@ -20,7 +20,8 @@ from app.server.translate import Job, build_job
 from app.services.engine_host import NO_MODEL, EngineHost
 from app.services.host_async import AsyncEngineHost, AsyncRequestEvents
 from app.services.host_events import RequestStarted
-from engine.api import FinishedEvent, HearthError, PromptProgressEvent, Request, TokenEvent, prompt_logprobs
+from engine.api import (FinishedEvent, HearthError, ModelOutputError, PromptProgressEvent, Request, TokenEvent,
+                        prompt_logprobs)
 
 #: Request bodies up to this many bytes (without tools or a response format: their template
 #: or grammar may take milliseconds) are turned into engine work on the event loop itself.
@@ -167,6 +168,8 @@ class OpenAIService:
             # (an engine in another process scores there: ``EngineProcess``)
             score = getattr(engine, "score_prompt", None) or (lambda ids, top: prompt_logprobs(engine, ids, top))
             return await run_in_threadpool(lambda: [score(ids, top) for ids in job.prompts])
+        except ModelOutputError as e:  # the model's numbers broke: trying again won't help
+            raise ApiError(500, str(e)) from None
         except HearthError as e:  # no room in the KV cache now, the engine gone
             raise ApiError(503, f"the prompt could not be scored for echo with logprobs now ({e}): try again in "
                            "a moment, or leave out logprobs.") from None

@@ -259,7 +259,8 @@ class Scheduler:
         """Apply a step's results: advance computed tokens and append sampled tokens.
 
         ``sampled_token_ids`` holds one id per scheduled entry with ``sample=True``, in
-        ``scheduled`` order. Stop conditions are the engine's job (it calls :meth:`finish`).
+        ``scheduled`` order; a negative one (the runner's ``NOT_A_NUMBER``: the model's output
+        broke) is not appended. Stop conditions are the engine's job (it calls :meth:`finish`).
         """
         num_samples = sum(1 for s in output.scheduled if s.sample)
         if num_samples != len(sampled_token_ids):
@@ -275,5 +276,5 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
-            if token is not None:
+            if token is not None and token >= 0:  # (< 0: the runner's NOT_A_NUMBER; the engine ends it)
                 seq.token_ids.append(token)

@@ -16,6 +16,7 @@ import torch
 
 from engine.runner.io import RunnerInput, RunnerOutput, StepRow
 from engine.runner.request_state import KeptRequest, RequestStateMixin
+from engine.runner.sampler import NOT_A_NUMBER, flag_not_a_number
 
 
 #: The most sequences a CPU decode step runs as one C call each (``engine.runner.cpu_step``)
@@ -200,7 +201,7 @@ class NativeExecuteMixin(RequestStateMixin):
             tokens = logits.argmax(dim=-1)
             if self.tp is not None:  # the step launched from them: rank 0's (its masks) on every rank
                 self.tp.broadcast(tokens)
-            host, event = self._stage(tokens)
+            host, event = self._stage(flag_not_a_number(logits, tokens))
         nxt = self._next_positions(kept, tables, positions, inp.num_waiting) if ahead_ok else None
         launched = None
         if nxt is not None:
@@ -210,14 +211,15 @@ class NativeExecuteMixin(RequestStateMixin):
                 launched = _Ahead(rids, nxt, None, None, None, logits=logits2.clone())
             else:
                 tokens2 = logits2.argmax(dim=-1)
-                host2, event2 = self._stage(tokens2)
+                host2, event2 = self._stage(flag_not_a_number(logits2, tokens2))
                 launched = _Ahead(rids, nxt, tokens2, host2, event2)
         event.synchronize()
         values = host.tolist()
         token_list = values if hits is None or logits is not None else [values[r] for r in hits]
         if allowed is not None:  # this step's tokens move the grammars on
             for i in allowed[1]:
-                grammars[i].advance(token_list[i])
+                if token_list[i] != NOT_A_NUMBER:  # (a row that broke ends)
+                    grammars[i].advance(token_list[i])
         if launched is not None:
             launched.inputs = token_list
             self._ahead = launched

@@ -9,7 +9,7 @@ import torch
 
 from engine.runner.grammar import RowGrammar, TokenVocabulary, grammar_masks
 from engine.runner.io import RunnerInput, RunnerOutput, StepRow, launch_ahead_ok, needs_token_context
-from engine.runner.sampler import Sampler, make_generator
+from engine.runner.sampler import NOT_A_NUMBER, Sampler, make_generator
 from engine.sampling_params import SamplingParams
 
 
@@ -88,9 +88,10 @@ class RequestStateMixin:
         allowed = grammar_masks([k.grammar for k in kept], logits.shape[1])
         res = self.sampler(logits, [k.params for k in kept], prompts, outputs,
                            [k.generator for k in kept], allowed)
-        if allowed is not None:  # the sampled tokens move the grammars on
+        if allowed is not None:  # the sampled tokens move the grammars on (a row that broke ends)
             for i in allowed[1]:
-                kept[i].grammar.advance(res.token_ids[i])
+                if res.token_ids[i] != NOT_A_NUMBER:
+                    kept[i].grammar.advance(res.token_ids[i])
         return RunnerOutput(res.token_ids, res.logprobs)
 
     def _kept(self, rows: list[StepRow]) -> list[KeptRequest]:

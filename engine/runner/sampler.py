@@ -3,6 +3,10 @@ top-p / min-p, logprobs.
 
 Everything is done with batched tensor operations on the logits' device; Python loops
 run over rows (and only where a row has its own random generator), never over the vocab.
+
+A row whose logits are not numbers (a NaN, or +inf: weights holding NaN, or float16
+overflowing) samples ``NOT_A_NUMBER`` instead of a token, for the engine to end that request
+with an error (argmax would quietly pick token 0, or the NaN's index, every step).
 """
 
 from __future__ import annotations
@@ -14,6 +18,19 @@ import torch
 
 from engine.runner.grammar import apply_token_bitmask
 from engine.sampling_params import SamplingParams
+
+
+#: The "token" of a row whose logits hold a NaN or +inf (never a vocabulary id).
+NOT_A_NUMBER = -1
+
+
+def flag_not_a_number(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``tokens`` (each row's argmax of ``logits``) with ``NOT_A_NUMBER`` where that row's
+    logits hold a NaN or +inf: argmax propagates NaN (it picks a NaN's index, a +inf's where
+    there is none), so the value it picked says it, and only that value is read. On the
+    device, without waiting; the caller keeps ``tokens`` for anything that feeds the model."""
+    picked = logits.gather(1, tokens[:, None])[:, 0]
+    return torch.where(picked < float("inf"), tokens, NOT_A_NUMBER)
 
 
 @dataclass(slots=True)
@@ -90,7 +107,8 @@ class Sampler:
                                    and not p.presence_penalty and not p.frequency_penalty
                                    and not p.logit_bias for p in params):
             # The common benchmark / deterministic case: one argmax, one copy to the host.
-            return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=None)
+            return SamplerOutput(token_ids=flag_not_a_number(logits, logits.argmax(dim=-1)).tolist(),
+                                 logprobs=None)
         # float32 copy: penalties and filters edit it in place, the caller's tensor stays.
         x = logits.to(torch.float32, copy=True)
 
@@ -116,7 +134,9 @@ class Sampler:
             noise = self._exponential_noise(len(sampled), vocab, [generators[i] for i in sampled], device)
             tokens[s_idx] = (probs / noise).argmax(dim=-1)
 
-        token_list = tokens.tolist()
+        # The raw logits say whether the model's numbers broke (a NaN or +inf; -inf may be
+        # a masked token); the picked token's value alone can't: penalties and filters came between.
+        token_list = torch.where(logits.amax(dim=-1) < float("inf"), tokens, NOT_A_NUMBER).tolist()
         if raw_logprobs is None:
             return SamplerOutput(token_ids=token_list, logprobs=None)
         return SamplerOutput(
