@@ -8,6 +8,11 @@ cut into blocks at blank lines outside code fences and each block's HTML is cach
 an answer grows only its last block is parsed again. An unclosed fence runs to the end
 (the block renders as code while it streams).
 
+A run of characters with no space in it (a URL, a path, a hash) gets a zero-width space
+every ``BREAK_EVERY`` characters once it is ``LONG_RUN`` long: a QLabel wraps only at word
+boundaries, so such a run wider than the transcript was cut off at its edge. (The label's
+copy takes them out again: ``strip_breaks``.)
+
 Code colours come from a Pygments style picked for the palette (light or dark), drawn on
 the style's own background, so they read in either theme. Each code block's "Copy" link is
 ``copy:N`` (N counts the answer's code blocks from 0); ``Rendered.code[N]`` is its text.
@@ -33,7 +38,15 @@ COPY_SCHEME = "copy"
 LIGHT_STYLE = "default"
 DARK_STYLE = "github-dark"
 
+#: A zero-width space: where a long run may wrap (U+200B, a line-break opportunity in Qt).
+ZWSP = "\u200b"
+LONG_RUN = 24  # a run this many characters long gets break points ...
+BREAK_EVERY = 12  # ... one after each this many characters
+
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
+_TAG = re.compile(r"(<[^>]*>)")
+_RUN = re.compile(r"(?:&#?\w+;|[^\s&])+")  # an entity counts as the one character it shows
+_CHAR = re.compile(r"&#?\w+;|[^\s&]")
 _COPY_HREF = re.compile(rf'href="{COPY_SCHEME}:(\d+)"')
 
 
@@ -92,7 +105,33 @@ def _render_block(block: str, dark: bool) -> tuple[str, tuple[str, ...]]:
     # (Qt ignores styles on <code> itself, so a span inside carries them.)
     out = out.replace("<code>", '<code><span style="font-family:monospace; background-color:'
                       f'{_colours(dark)["inline_bg"]}">').replace("</code>", "</span></code>")
-    return out, tuple(env["code"])
+    return breakable(out), tuple(env["code"])
+
+
+def breakable(markup: str) -> str:
+    """``markup`` with a ``ZWSP`` every ``BREAK_EVERY`` characters of each run of at least
+    ``LONG_RUN`` characters without a space, in its text only (tags and their attributes,
+    a link's address, stay as they are)."""
+    parts = _TAG.split(markup)
+    for i in range(0, len(parts), 2):  # the text between the tags
+        if len(parts[i]) >= LONG_RUN:
+            parts[i] = _RUN.sub(_break_run, parts[i])
+    return "".join(parts)
+
+
+def _break_run(m: re.Match) -> str:
+    run = m[0]
+    if len(run) < LONG_RUN:
+        return run
+    chars = _CHAR.findall(run)
+    if len(chars) < LONG_RUN:
+        return run
+    return ZWSP.join("".join(chars[k:k + BREAK_EVERY]) for k in range(0, len(chars), BREAK_EVERY))
+
+
+def strip_breaks(text: str) -> str:
+    """Text copied from the rendered HTML without the break points ``breakable`` added."""
+    return text.replace(ZWSP, "")
 
 
 @lru_cache(maxsize=1)

@@ -4,12 +4,12 @@ sampling-parameters panel."""
 from __future__ import annotations
 
 from PySide6.QtCore import QEvent, QSettings, QSize, Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices, QGuiApplication, QPalette
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence, QPalette
 from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
-                               QLabel, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox,
+                               QLabel, QMenu, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox,
                                QVBoxLayout)
 
-from app.gui.chat_markdown import COPY_SCHEME, Rendered, render_markdown
+from app.gui.chat_markdown import COPY_SCHEME, ZWSP, Rendered, render_markdown, strip_breaks
 from engine.api import SamplingParams
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "notice": "Notice"}
@@ -120,6 +120,33 @@ class MarkdownLabel(QLabel):
         if event.type() in (QEvent.Type.FontChange, QEvent.Type.StyleChange):
             self._heights.clear()
         super().changeEvent(event)
+
+    # A long run's break points (``chat_markdown.breakable``) stay out of what is copied.
+    def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if event.matches(QKeySequence.StandardKey.Copy) and self.hasSelectedText():
+            QGuiApplication.clipboard().setText(strip_breaks(self.selectedText()))
+            event.accept()
+            return
+        super().keyPressEvent(event)
+
+    def contextMenuEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        # QLabel's own menu (Copy, Copy Link Location, Select All) copies as it is: clean what
+        # its Copy puts on the clipboard while it is open (it pops up and returns at once; it
+        # is a child of the label, deleted once closed, after its action has run).
+        before = set(self.findChildren(QMenu))
+        super().contextMenuEvent(event)
+        menu = next((m for m in self.findChildren(QMenu) if m not in before), None)
+        if menu is not None:
+            clipboard = QGuiApplication.clipboard()
+            clipboard.dataChanged.connect(_clean_clipboard)
+            menu.destroyed.connect(lambda: clipboard.dataChanged.disconnect(_clean_clipboard))
+
+
+def _clean_clipboard() -> None:
+    clipboard = QGuiApplication.clipboard()
+    text = clipboard.text()
+    if ZWSP in text:
+        clipboard.setText(strip_breaks(text))  # (changes it again: without a ZWSP this time)
 
 
 class MessageWidget(QFrame):

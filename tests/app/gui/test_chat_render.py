@@ -101,6 +101,85 @@ def test_each_code_block_copies_exactly_its_code(qtbot):
     assert QGuiApplication.clipboard().text() == CODE
 
 
+URL = "https://example.com/" + "a" * 40 + "/" + "b" * 60 + "?q=" + "c" * 50 + "&x=1"
+LONG = (f"See {URL} for it, or run `inline_code_{'x' * 80}`.\n\n| col |\n|---|\n| {'t' * 90} |\n\n"
+        f"```\n{'y' * 150}\n```\n")
+
+
+def _widest_line(label, width: int) -> float:
+    """The widest line of ``label``'s HTML laid out as a QLabel lays it out (wrapping at word
+    boundaries only) in ``width`` pixels."""
+    from PySide6.QtGui import QTextOption
+
+    doc = QTextDocument()
+    doc.setDefaultFont(label.font())
+    option = doc.defaultTextOption()
+    option.setWrapMode(QTextOption.WrapMode.WordWrap)
+    doc.setDefaultTextOption(option)
+    doc.setHtml(label.text())
+    doc.setTextWidth(width)
+    return doc.idealWidth()
+
+
+def test_a_long_url_or_code_line_wraps_instead_of_being_cut(qtbot):
+    w = _message(qtbot, LONG)
+    width = 320
+    assert _widest_line(w.body, width) <= width
+    shown = shown_text(w.body)
+    assert URL.replace("&", "&") in shown.replace("\u200b", "")  # all of it, in order
+    assert "y" * 150 in shown.replace("\u200b", "")
+    assert w.code_blocks == ("y" * 150,)  # a block's Copy: its exact text
+    # Without the break points the same HTML is wider than the transcript: cut at its edge.
+    w.body.setText(w.body.text().replace("\u200b", ""))
+    assert _widest_line(w.body, width) > 1.5 * width
+
+
+def test_copying_a_selection_leaves_the_break_points_out(qtbot):
+    w = _message(qtbot, f"Open {URL} now")
+    assert "\u200b" in w.body.text()
+    w.body.setSelection(0, len(shown_text(w.body).rstrip("\n")))
+    assert "\u200b" in w.body.selectedText()
+    w.body.setFocus()
+    QGuiApplication.clipboard().clear()
+    qtbot.keyClick(w.body, Qt.Key.Key_C, Qt.KeyboardModifier.ControlModifier)
+    assert QGuiApplication.clipboard().text() == f"Open {URL} now"
+
+
+def test_the_context_menus_copy_leaves_them_out_too(qtbot):
+    from PySide6.QtGui import QContextMenuEvent
+    from PySide6.QtWidgets import QApplication, QMenu
+
+    w = _message(qtbot, f"Open {URL} now")
+    w.body.setSelection(0, len(shown_text(w.body).rstrip("\n")))
+    QGuiApplication.clipboard().clear()
+    seen = []
+
+    def pick():
+        menu = QApplication.activePopupWidget()
+        names = [a.text().replace("&", "") for a in menu.actions()]
+        seen.extend(names)
+        next(a for a, n in zip(menu.actions(), names) if n.startswith("Copy") and "Link" not in n).trigger()
+        menu.close()
+
+    point = QPoint(5, 5)
+    w.body.contextMenuEvent(QContextMenuEvent(QContextMenuEvent.Reason.Mouse, point, w.body.mapToGlobal(point)))
+    qtbot.waitUntil(lambda: QApplication.activePopupWidget() is not None)  # (it pops up)
+    pick()
+    assert seen, "the menu never opened"
+    assert QGuiApplication.clipboard().text() == f"Open {URL} now"
+    qtbot.waitUntil(lambda: not w.body.findChildren(QMenu))  # gone: the clipboard is left alone again
+    QGuiApplication.clipboard().setText("a\u200bb")
+    assert QGuiApplication.clipboard().text() == "a\u200bb"
+
+
+def test_short_runs_and_addresses_are_left_alone():
+    from app.gui.chat_markdown import breakable
+
+    link = '<a href="https://example.com/' + "z" * 50 + '">here</a> and ' + "w" * 23
+    assert breakable(link) == link
+    assert breakable("a&amp;" + "b" * 30).split("\u200b")[0] == "a&amp;" + "b" * 10  # one character
+
+
 def test_streaming_reparses_only_the_last_block(qtbot, monkeypatch):
     from app.gui import chat_markdown
 
