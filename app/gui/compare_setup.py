@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QDoubleSpinBo
                                QPushButton, QRadioButton, QSpinBox, QVBoxLayout, QWidget)
 
 from app.gui.compare_configs import DEFAULT_CONFIGS, ConfigList
-from app.gui.load_dialog import machine_choices
+from app.gui.load_dialog import MIN_CHAT_CONTEXT, machine_choices
 from app.gui.widget_tips import set_enabled
 from app.services.compare_plan import SAMPLED_TEMPERATURE, CompareConfig, ComparePlan
 from app.services.compare_prompts import bundled_prompt_names, bundled_prompt_texts, read_prompts_file
@@ -376,6 +376,10 @@ class CompareSetup(QWidget):
             raise InvalidRequestError(f"A comparison needs at least {MIN_CONFIGS} configurations: add one (the "
                                       "first is the reference the others are measured against).")
         eval_tokens = self.eval_tokens.value() or None
+        if 0 < self.context.value() < MIN_CHAT_CONTEXT:
+            raise InvalidRequestError(f"A context of {self.context.value()} tokens can't hold a chat (its template "
+                                      f"takes tokens of its own): pick {MIN_CHAT_CONTEXT} or more, or 0 for the "
+                                      "model's maximum.")
         load = {"max_model_len": self.context.value()} if self.context.value() else {}
         plan = ComparePlan(configs=tuple(configs), prompts=tuple(self.prompts()), model=self.model_ref(),
                            max_tokens=self.max_tokens.value(),

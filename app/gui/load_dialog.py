@@ -37,6 +37,10 @@ _GRAPHS_TIP = ("CUDA graphs replay each decode step as one GPU launch: faster, f
                "Tick this to run without them.")
 
 WINDOW_TITLE = "Load model"
+#: The shortest context the dialog loads (besides 0, the model's maximum): a chat template's
+#: own tokens (a system prompt, role headers: 30-120 on common models) and an answer must fit
+#: it, or every message is refused. (The command line takes any length: a raw prompt fits less.)
+MIN_CHAT_CONTEXT = 256
 # The form's field labels, by Engine.load keyword (error messages name these fields too).
 FIELD_LABELS = {"model": "Model", "quantization": "Quantization", "quant_group_size": "Group size (int4, AWQ, GPTQ)", "attention": "Attention backend",
                 "device": "Device", "dtype": "Weights dtype", "max_model_len": "Context length",
@@ -197,6 +201,8 @@ class LoadDialog(QDialog):
         self.context.setRange(0, 1 << 20)
         self.context.setSingleStep(1024)
         self.context.setSpecialValueText("model's maximum")
+        self.context.setToolTip(f"Tokens a chat can hold, the prompt and the answer together: at least "
+                                f"{MIN_CHAT_CONTEXT}, or 0 for the model's maximum. Less context, less memory.")
         self.context.setValue(int(settings.value("load/max_model_len", 0)))
         form.addRow(FIELD_LABELS["max_model_len"], self.context)
 
@@ -366,6 +372,13 @@ class LoadDialog(QDialog):
             self.config()  # every field checked by the engine's own rules, before the load
         except HearthError as e:
             self.error.setText(str(e))
+            return
+        context = self.context.value()
+        if 0 < context < MIN_CHAT_CONTEXT:
+            self.error.setText(f"{FIELD_LABELS['max_model_len']}: {context} tokens can't hold a chat: the model's "
+                               f"chat template takes tokens of its own before the answer. Pick {MIN_CHAT_CONTEXT} "
+                               "or more, or 0 for the model's maximum.")
+            self.context.setFocus()
             return
         self.accept()  # (the window saves the options once the load has succeeded)
 

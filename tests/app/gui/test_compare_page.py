@@ -239,3 +239,16 @@ def test_side_by_side_is_a_remembered_option_and_fills_both_columns(qtbot, bridg
     again = CompareSetup(gui_env["settings"])  # the setup is remembered when a comparison runs
     qtbot.addWidget(again)
     assert again.side_by_side.isChecked()
+
+
+def test_a_context_too_short_for_a_chat_is_a_setup_problem(qtbot, gui_env):
+    from app.gui.compare_setup import CompareSetup
+    from app.gui.load_dialog import MIN_CHAT_CONTEXT
+
+    setup = CompareSetup(gui_env["settings"])
+    qtbot.addWidget(setup)
+    setup.context.setValue(40)
+    assert not setup.validate()
+    assert "40 tokens can't hold a chat" in setup.problem and str(MIN_CHAT_CONTEXT) in setup.problem
+    setup.context.setValue(0)
+    assert "can't hold a chat" not in (setup.problem if not setup.validate() else "")

@@ -233,3 +233,18 @@ def test_a_choice_with_a_caveat_here_is_marked_slow_and_says_why(qtbot, gui_env)
     assert "slower" in item.toolTip() and "C decode step" in item.toolTip()
     auto = dlg.kv_dtype.findData("auto")
     assert not dlg.kv_dtype.itemText(auto).endswith(")") and dlg.kv_dtype.model().item(auto).toolTip() == ""
+
+
+def test_a_context_too_short_for_a_chat_is_refused_with_the_field_named(qtbot, gui_env):
+    from app.gui.load_dialog import MIN_CHAT_CONTEXT
+
+    dlg = _dialog(qtbot, gui_env, "acme/tiny-chat", gpu=False)
+    dlg.context.setValue(20)
+    dlg._accept()
+    assert dlg.result() != LoadDialog.DialogCode.Accepted
+    assert dlg.error.text().startswith("Context length: 20 tokens can't hold a chat")
+    assert str(MIN_CHAT_CONTEXT) in dlg.error.text()
+    dlg.context.setValue(MIN_CHAT_CONTEXT)
+    dlg._accept()
+    assert dlg.result() == LoadDialog.DialogCode.Accepted
+    assert dlg.options()["max_model_len"] == MIN_CHAT_CONTEXT
