@@ -7,6 +7,8 @@ so callers that only know the builtins still catch them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class HearthError(Exception):
     """Base class: the message is meant to be shown to a user as is.
@@ -68,3 +70,13 @@ class EngineDeadError(HearthError, RuntimeError):
 class LoadCancelledError(HearthError):
     """A load was stopped by its caller (``Engine.load``'s ``should_stop``); nothing
     half-loaded is kept."""
+
+
+def stop_check(should_stop: Callable[[], bool] | None,
+               message: str = "loading cancelled") -> Callable[[], None]:
+    """A function that raises ``LoadCancelledError(message)`` once ``should_stop()`` is true
+    (a load's, a conversion's or a quantization's cancel, asked between its steps)."""
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise LoadCancelledError(message)
+    return check

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from engine.config import EngineConfig, step_budget
-from engine.errors import HearthError, InvalidRequestError, UnsupportedModelError
+from engine.errors import HearthError, InvalidRequestError, UnsupportedModelError, stop_check
 from engine.loader.choices import check_load_choices
 from engine.loader.shape_model import (SHAPE_CALIBRATION_NOTE, SHAPE_PREFIX, SHAPE_SEED, TokenIdsOnlyTokenizer,
                                        is_shape_model, shape_model_config, shape_of_config)
@@ -22,7 +22,7 @@ from engine.quant.export import CALIBRATED
 from engine.quant.transform import checkpoint_quant_method
 from engine.models.spec import ModelSpec, read_config
 # Freeing a runner (an unload, a failed warm-up: llm_engine) lives with the runner.
-from engine.runner.lifecycle import release_runner, stop_check
+from engine.runner.lifecycle import release_runner
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("hearth.loader")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import LoadCancelledError, ModelLoadError, UnsupportedModelError
+from engine.errors import LoadCancelledError, ModelLoadError, UnsupportedModelError, stop_check
 from engine.loader.gguf_check import truncation_problem
 
 #: Marker written last into a converted folder; describes the source GGUF file.
@@ -405,10 +405,8 @@ def convert_gguf(
     """
     from safetensors.torch import save_file
 
-    def check() -> None:
-        if should_stop is not None and should_stop():
-            raise LoadCancelledError("loading cancelled (the GGUF conversion was stopped; it starts again "
-                                     "on the next load)")
+    check = stop_check(should_stop, "loading cancelled (the GGUF conversion was stopped; it starts again "
+                                    "on the next load)")
 
     gguf_path = Path(gguf_path).expanduser().resolve()
     out_dir = Path(out_dir)

@@ -34,7 +34,7 @@ from torch import nn
 
 from engine.config import EngineConfig, step_budget
 from engine.device import gib
-from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryError
+from engine.errors import InvalidRequestError, LoadCancelledError, OutOfMemoryError, stop_check
 from engine.layers.attention import AttentionBackend, get_backend
 from engine.layers.kernel_plan import KernelPlan, apply_kernel_plan
 from engine.layers.parallel import TPGroup
@@ -43,7 +43,7 @@ from engine.layers.quant_linear import gpu_float_extra
 from engine.loader.weights import iter_weights
 from engine.models.llama import LlamaForCausalLM
 from engine.models.spec import ModelSpec
-from engine.runner.lifecycle import empty_device_cache, release_module, release_runner, stop_check
+from engine.runner.lifecycle import empty_device_cache, release_module, release_runner
 from engine.runner.memory import (activation_peak_bytes, check_explicit_kv, check_weights_fit, graph_reserve_bytes,
                                   kv_blocks, prompt_tokens, size_kv_cache)
 

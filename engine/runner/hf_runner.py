@@ -52,7 +52,8 @@ class HFRunner(RequestStateMixin, FallbackScoreMixin):
         in ``weights`` (a folder) with transformers (``load``), then size and account for
         the KV pool. ``should_stop`` is asked after the read and between the steps; a cancel
         or failure frees the model before it propagates."""
-        from engine.runner.lifecycle import empty_device_cache, log, release_runner, stop_check
+        from engine.errors import stop_check
+        from engine.runner.lifecycle import empty_device_cache, log, release_runner
         from engine.runner.memory import size_kv_cache
 
         if (rank, world_size) != (0, 1):

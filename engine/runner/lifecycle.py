@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-
 import torch
 
-from engine.errors import LoadCancelledError
 
 log = logging.getLogger("hearth.loader")
-
-
-def stop_check(should_stop: Callable[[], bool] | None) -> Callable[[], None]:
-    """A function that raises ``LoadCancelledError`` once ``should_stop()`` is true."""
-    def check() -> None:
-        if should_stop is not None and should_stop():
-            raise LoadCancelledError("loading cancelled")
-    return check
 
 
 def release_module(model) -> None:
