@@ -24,6 +24,11 @@ SHAPES: dict[str, dict] = {
                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                       max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
                       rope_scaling=_LLAMA3_ROPE, rope_theta=500000.0),
+    # Qwen3 0.6B: per-head q/k norms, head_dim 128 over hidden 1,024 (16 heads: q is 2,048 wide)
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0),
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        max_position_embeddings=32768, tie_word_embeddings=False, rms_norm_eps=1e-6,

@@ -9,7 +9,8 @@ arithmetic as its ``matmul``: int8 activation blocks), float32 ones through an A
 GEMV, rows of each matmul (and chunks of attention's keys at long contexts) shared over
 the C thread pool.
 
-It takes plain tensors (kernels never import engine): per layer its norms' weights, its
+It takes plain tensors (kernels never import engine): per layer its norms' weights (and
+per-head q/k norms' where the model has them: Qwen3), its
 four projections (each a float32 [N, K] tensor with an optional bias, or a
 ``cpu_quant.PreparedWeight``), its paged KV cache (float32 [2, num_blocks, block_size,
 kv_heads, head_dim]); the embedding and head likewise; RoPE's cos/sin tables [positions,
@@ -48,6 +49,8 @@ class _Layer(ctypes.Structure):
         ("gate_up", cpu_quant._WeightDesc),
         ("down", cpu_quant._WeightDesc),
         ("kv", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
     ]
 
 
@@ -84,6 +87,8 @@ class DecodeLayer:
     gate_up: object
     down: object
     kv_cache: torch.Tensor
+    q_norm: torch.Tensor | None = None  # [head_dim]: each head's q RMS-normed before RoPE (Qwen3)
+    k_norm: torch.Tensor | None = None  # [head_dim]: likewise each KV head's k
 
 
 def _f32(t: torch.Tensor, name: str, numel: int | None = None) -> torch.Tensor:
@@ -155,8 +160,10 @@ class DecodeModel:
                             _desc(lt.o, f"layer {i} o", hidden, heads * head_dim, keep),
                             _desc(lt.gate_up, f"layer {i} gate_up", 2 * inter, hidden, keep),
                             _desc(lt.down, f"layer {i} down", hidden, inter, keep),
-                            kv.data_ptr())
-            keep.extend((lt.input_norm, lt.post_norm))
+                            kv.data_ptr(),
+                            *(None if t is None else _f32(t, f"layer {i} q/k norm", head_dim).data_ptr()
+                              for t in (lt.q_norm, lt.k_norm)))
+            keep.extend((lt.input_norm, lt.post_norm, lt.q_norm, lt.k_norm))
         if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
             raise ValueError(f"cos/sin must be [positions, {head_dim}]")
         for t in (cos, sin, final_norm):

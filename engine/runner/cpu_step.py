@@ -10,7 +10,7 @@ analogue of the CUDA decode graphs. Everything else (prefill, batches) runs eage
 It runs only what it reproduces exactly (up to fp32 rounding and the int8 activation
 blocks the quantized kernel uses eagerly too): a Llama-family model on the CPU in
 float32 with a float32 KV cache and the torch attention backend, without act-order
-weights or Qwen3's q/k norms. ``HEARTH_CPU_DECODE=0`` turns it off.
+weights (Qwen3's per-head q/k norms included). ``HEARTH_CPU_DECODE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -63,8 +63,6 @@ def _reason(runner) -> str | None:
         return f"the KV cache is {str(runner.kv_dtype).removeprefix('torch.')}, not float32"
     if runner.attention != "torch":
         return f"the {runner.attention!r} attention backend (the C step reproduces 'torch')"
-    if runner.spec.qk_norm:
-        return "q/k norms (Qwen3) are not in the C step"
     if not runner.kv_caches:
         return "no KV cache"
     # A module a transform put in that the C step has no form of says so (bitsandbytes').
@@ -112,7 +110,8 @@ class CpuDecodeStep:
                     layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                     _projection(attn.qkv_proj, f"layer {i} qkv_proj"), _projection(attn.o_proj, f"layer {i} o_proj"),
                     _projection(mlp.gate_up_proj, f"layer {i} gate_up_proj"),
-                    _projection(mlp.down_proj, f"layer {i} down_proj"), runner.kv_caches[i]))
+                    _projection(mlp.down_proj, f"layer {i} down_proj"), runner.kv_caches[i],
+                    *((attn.q_norm.weight.detach(), attn.k_norm.weight.detach()) if attn.qk_norm else ())))
             first = model.model.layers[0].self_attn
             embed, head = model.model.embed_tokens, model.lm_head
             embed_c = _projection(embed, "the embedding")
@@ -126,6 +125,8 @@ class CpuDecodeStep:
                 return None, "this CPU has no AVX2, and the portable C step is slower than torch on float32 weights"
             eps = {layer.input_layernorm.eps for layer in model.model.layers}
             eps |= {layer.post_attention_layernorm.eps for layer in model.model.layers} | {model.model.norm.eps}
+            eps |= {n.eps for layer in model.model.layers if layer.self_attn.qk_norm
+                    for n in (layer.self_attn.q_norm, layer.self_attn.k_norm)}
             if len(eps) != 1:
                 return None, "the norms have different epsilons"
             decode = DecodeModel(

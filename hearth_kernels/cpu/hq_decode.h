@@ -11,7 +11,7 @@
  * fills the descriptor from plain tensors and mirrors these structs with ctypes: keep
  * them in step):
  *   res = embed[token]
- *   per layer: h = rmsnorm(res) -> qkv (+bias) -> RoPE(q, k) (rotate-half, the runner's
+ *   per layer: h = rmsnorm(res) -> qkv (+bias) -> [per-head rmsnorm of q and k: Qwen3] -> RoPE(q, k) (rotate-half, the runner's
  *     cos/sin tables) -> K/V written at the slot of `pos` in the layer's paged cache
  *     [2, num_blocks, block_size, kv_heads, head_dim] -> causal GQA attention over the
  *     sequence's blocks (optional sliding window) -> o -> res += ...;
@@ -31,6 +31,7 @@ typedef struct {
     const float *post_norm;
     hq_weight qkv, o, gate_up, down;
     float *kv; /* [2, num_blocks, block_size, kv_heads, head_dim] fp32 */
+    const float *q_norm, *k_norm; /* [head_dim] each: per-head RMSNorm of q and k before RoPE (Qwen3), or NULL */
 } hd_layer;
 
 typedef struct {
@@ -284,6 +285,10 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
         hd_rmsnorm(res, L->input_norm, m->eps, H, h);
         hd_gemv(&L->qkv, h, qkv, &ab, isa, threads);
         float *q = qkv, *k = qkv + qsize, *v = k + kvsize;
+        if (L->q_norm) /* (in place: each element is read before it is written) */
+            for (int i = 0; i < m->heads; i++) hd_rmsnorm(q + (size_t)i * hd, L->q_norm, m->eps, hd, q + (size_t)i * hd);
+        if (L->k_norm)
+            for (int i = 0; i < m->kv_heads; i++) hd_rmsnorm(k + (size_t)i * hd, L->k_norm, m->eps, hd, k + (size_t)i * hd);
         hd_rope(q, m->heads, hd, cos, sin);
         hd_rope(k, m->kv_heads, hd, cos, sin);
         float *slot = L->kv + ((size_t)slot_block * m->block_size + slot_off) * kvsize;

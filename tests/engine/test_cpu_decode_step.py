@@ -1,6 +1,7 @@
 """The CPU decode step (one C call per token, engine/runner/cpu_step.py): its logits equal
 the eager model's for the same step on every family it takes (untied + Llama 3 RoPE
-scaling, tied GQA, a sliding window shorter than the context, q/k/v biases), float32 and
+scaling, tied GQA, a sliding window shorter than the context, q/k/v biases, Qwen3's per-head
+q/k norms and a head_dim other than hidden / heads), float32 and
 quantized, past several KV blocks; the engine's greedy tokens are the same with it on and
 off; what it can't run is refused with the reason and runs eagerly."""
 
@@ -110,14 +111,30 @@ def test_greedy_tokens_are_the_same_with_and_without_the_c_step(tiny_models, mon
 
 
 def test_what_it_cannot_run_is_refused_with_the_reason(tiny_models):
-    loaded = _load(tiny_models["qwen3"], "none")
+    loaded = _load(tiny_models["qwen3"], "none", kv_cache_dtype="float8_e4m3fn")
     try:
         assert loaded.runner.cpu_step is None
-        assert "q/k norms" in loaded.info.cpu_decode
+        assert "KV cache is float8_e4m3fn" in loaded.info.cpu_decode
         step, reason = CpuDecodeStep.build(loaded.runner)
-        assert step is None and "Qwen3" in reason
+        assert step is None and "not float32" in reason
     finally:
         release_runner(loaded.runner)
+
+
+def test_qwen3s_q_k_norms_matter_to_the_c_step(tiny_models):
+    """Its q/k norms are read: with other norm weights the same step gives other logits."""
+    loaded = _load(tiny_models["qwen3"], "none")
+    runner = loaded.runner
+    try:
+        with torch.inference_mode():
+            _eager_step(runner, PROMPT, 0)
+            want = runner.cpu_step.run(STEPS[0], len(PROMPT), TABLE).clone()
+            for layer in runner.model.model.layers:
+                layer.self_attn.k_norm.weight.mul_(1.5)  # in place: the C step holds its pointer
+            got = runner.cpu_step.run(STEPS[0], len(PROMPT), TABLE)
+        assert (got - want).abs().max() > 1e-3
+    finally:
+        release_runner(runner)
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
