@@ -55,11 +55,11 @@ def not_a_number_message(dtype: str, quantization: str, where: str) -> str:
     token", "scoring the text"), for a model of weights ``dtype`` and ``quantization``."""
     if dtype == "float16":
         why = ("its numbers overflowed float16 (some models' activations don't fit it): load it "
-               "in bf16 (--dtype bfloat16), or in float32 on a CPU")
+               "in bfloat16 where the device has it, or in float32 (--dtype)")
     else:
         how = "" if quantization in ("none", "bf16", "fp16") else f", or {quantization} broke it"
         why = ("its weights may hold NaN or infinite values (a damaged or badly converted "
-               f"checkpoint){how}: check the file, or load it with another quantization (--quant)")
+               f"checkpoint){how}: check the file, or load it with another quantization (--quantization)")
     return f"the model's output was not a number (NaN or infinity) {where}: {why}."
 
 

@@ -489,12 +489,17 @@ class Engine:
         around it (first tokens before it, KV-cache use after it)."""
         finished_at = time.perf_counter()
         first = sum(1 for sc in out.scheduled if sc.sample and sc.seq.num_output_tokens == 0)
+        broken = token_ids.count(NOT_A_NUMBER)  # (no token: the request ends with an error)
+        if broken:
+            sampled = iter(token_ids)
+            first -= sum(1 for sc in out.scheduled if sc.sample and next(sampled) == NOT_A_NUMBER
+                         and sc.seq.num_output_tokens == 0)
         self.scheduler.update(out, token_ids)
         blocks = used = 0
         for seq in self.scheduler.running:
             blocks += len(seq.block_table)
             used += seq.num_computed_tokens
-        info = StepInfo(finished_at, first, len(token_ids) - first,
+        info = StepInfo(finished_at, first, len(token_ids) - broken - first,
                         blocks * self.block_manager.block_size, used)
         for listener in self._step_listeners:
             try:

@@ -9,7 +9,8 @@ an answer grows only its last block is parsed again. An unclosed fence runs to t
 (the block renders as code while it streams).
 
 A run of characters with no space in it (a URL, a path, a hash) gets a zero-width space
-every ``BREAK_EVERY`` characters once it is ``LONG_RUN`` long: a QLabel wraps only at word
+about every ``BREAK_EVERY`` characters once it is ``LONG_RUN`` long (only between characters
+of the alphabetic scripts, never before a combining mark): a QLabel wraps only at word
 boundaries, so such a run wider than the transcript was cut off at its edge. (The label's
 copy takes them out again: ``strip_breaks``.)
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -126,7 +128,26 @@ def _break_run(m: re.Match) -> str:
     chars = _CHAR.findall(run)
     if len(chars) < LONG_RUN:
         return run
-    return ZWSP.join("".join(chars[k:k + BREAK_EVERY]) for k in range(0, len(chars), BREAK_EVERY))
+    out, since = [chars[0]], 1
+    for prev, char in zip(chars, chars[1:]):
+        if since >= BREAK_EVERY and _breaks_between(prev, char):
+            out.append(ZWSP)
+            since = 0
+        out.append(char)
+        since += 1
+    return "".join(out)
+
+
+def _breaks_between(a: str, b: str) -> bool:
+    """Whether a break point may go between two characters (an entity counts as one): only
+    between letters, digits and signs of the alphabetic scripts (Latin to Armenian), never
+    before a combining mark. Scripts written without spaces (Thai, CJK) Qt wraps by itself,
+    and a zero-width space inside an emoji sequence would split it."""
+    return _plain(a) and _plain(b) and not unicodedata.category(b[0]).startswith("M")
+
+
+def _plain(char: str) -> bool:
+    return char[0] == "&" or ord(char) < 0x0590
 
 
 def strip_breaks(text: str) -> str:

@@ -3,8 +3,8 @@ sampling-parameters panel."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, QSettings, QSize, Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeySequence, QPalette
+from PySide6.QtCore import QEvent, QMimeData, QSettings, QSize, Qt, QUrl, Signal
+from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication, QKeySequence, QPalette
 from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
                                QLabel, QMenu, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox,
                                QVBoxLayout)
@@ -121,32 +121,40 @@ class MarkdownLabel(QLabel):
             self._heights.clear()
         super().changeEvent(event)
 
-    # A long run's break points (``chat_markdown.breakable``) stay out of what is copied.
+    # A long run's break points (``chat_markdown.breakable``) stay out of what is copied: Qt
+    # copies (its plain text, HTML and other forms), then the clipboard is cleaned of them.
     def keyPressEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        if event.matches(QKeySequence.StandardKey.Copy) and self.hasSelectedText():
-            QGuiApplication.clipboard().setText(strip_breaks(self.selectedText()))
-            event.accept()
-            return
+        copying = event.matches(QKeySequence.StandardKey.Copy) and self.hasSelectedText()
         super().keyPressEvent(event)
+        if copying:
+            _clean_clipboard()
 
     def contextMenuEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        # QLabel's own menu (Copy, Copy Link Location, Select All) copies as it is: clean what
-        # its Copy puts on the clipboard while it is open (it pops up and returns at once; it
-        # is a child of the label, deleted once closed, after its action has run).
+        # QLabel's own menu (Copy, Copy Link Location, Select All) pops up and returns at once;
+        # its Copy (the action Qt names "edit-copy") cleans the clipboard right after copying.
         before = set(self.findChildren(QMenu))
         super().contextMenuEvent(event)
         menu = next((m for m in self.findChildren(QMenu) if m not in before), None)
-        if menu is not None:
-            clipboard = QGuiApplication.clipboard()
-            clipboard.dataChanged.connect(_clean_clipboard)
-            menu.destroyed.connect(lambda: clipboard.dataChanged.disconnect(_clean_clipboard))
+        copy = menu.findChild(QAction, "edit-copy") if menu is not None else None
+        if copy is not None:
+            copy.triggered.connect(_clean_clipboard)
 
 
 def _clean_clipboard() -> None:
+    """The clipboard's text forms without the break points (forms that aren't text go: they
+    can't be cleaned, and a paste takes the text or the HTML)."""
     clipboard = QGuiApplication.clipboard()
-    text = clipboard.text()
-    if ZWSP in text:
-        clipboard.setText(strip_breaks(text))  # (changes it again: without a ZWSP this time)
+    data = clipboard.mimeData()
+    if data is None or ZWSP not in data.text() + data.html():
+        return
+    clean = QMimeData()
+    if data.hasHtml():
+        clean.setHtml(strip_breaks(data.html()))
+    if data.hasText():
+        clean.setText(strip_breaks(data.text()))
+    if "text/markdown" in data.formats():
+        clean.setData("text/markdown", strip_breaks(bytes(data.data("text/markdown")).decode("utf-8", "replace")).encode())
+    clipboard.setMimeData(clean)
 
 
 class MessageWidget(QFrame):

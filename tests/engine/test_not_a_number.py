@@ -85,7 +85,7 @@ def test_nan_weights_end_the_request_with_an_error_before_any_token(nan_engine):
     out = nan_engine.submit(Request(prompt_token_ids=PROMPT, params=GREEDY)).result()
     assert out.finish_reason == "error"
     assert out.token_ids == [] and out.completion_tokens == 0
-    assert "not a number" in out.error and "first token" in out.error and "--quant" in out.error
+    assert "not a number" in out.error and "first token" in out.error and "(--quantization)" in out.error
     sampled = SamplingParams(max_tokens=5, temperature=0.7, logprobs=1, seed=1)
     again = nan_engine.submit(Request(prompt_token_ids=PROMPT[:3], params=sampled)).result()
     assert again.finish_reason == "error"  # the engine goes on answering, each with the reason
@@ -99,7 +99,7 @@ def test_scoring_a_nan_model_is_an_error_not_perplexity_nan(nan_engine):
 
 
 def test_the_message_says_what_to_suspect():
-    assert "bf16" in not_a_number_message("float16", "none", "for its first token")
+    assert "bfloat16" in not_a_number_message("float16", "none", "for its first token")
     assert "int4 broke it" in not_a_number_message("bfloat16", "int4", "for its first token")
     assert "broke it" not in not_a_number_message("float32", "none", "for its first token")
 
