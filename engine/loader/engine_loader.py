@@ -359,7 +359,7 @@ def loaded_quantization(config: EngineConfig, path: Path | None, native: bool, d
                 f"stores its weights as {method}"
             raise InvalidRequestError(
                 f"this checkpoint {what}, which can't run here: {'; '.join(reasons)}. Load the model's "
-                "unquantized original and pick a quantization that runs here (--quant).", options=("quantization",))
+                "unquantized original and pick a quantization that runs here (--quantization).", options=("quantization",))
     return method
 
 
