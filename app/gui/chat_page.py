@@ -563,6 +563,7 @@ class ChatPage(QWidget):
         if a is not None:
             self._answer_ends.save(a["msg_id"], partial(self.store.update_message, a["msg_id"],
                                                         content=a["text"], status="interrupted", meta=a["meta"]))
+            self._active = None  # the engine's abort that follows must not save it as "stopped"
         else:
             self._answer_ends.flush()
         self._answer_ends.timer.stop()  # the window is closing: what is refused now is lost

@@ -13,6 +13,7 @@ from app.gui.chat_markdown import COPY_SCHEME, ZWSP, Rendered, render_markdown, 
 from engine.api import SamplingParams
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "notice": "Notice"}
+NO_ANSWER = "<i>(no answer)</i>"  # an answer that ended before its first word
 
 
 def answer_footer(meta: dict, status: str) -> str:
@@ -268,6 +269,9 @@ class MessageWidget(QFrame):
         line = answer_footer(meta, status) if self.role == "assistant" else ""
         self.footer.setText(line)
         self.footer.setVisible(bool(line))
+        if not self._text and self.role == "assistant" and status != "streaming":
+            # ended before its first word ("…" would read as still writing): the footer says why
+            self.body.setText(NO_ANSWER)
 
     def set_actions_enabled(self, enabled: bool) -> None:
         for name in ("edit_button", "regen_button"):

@@ -84,6 +84,34 @@ def test_stop_mid_answer_keeps_the_partial_text(qtbot, bridge, gui_env, chat_mod
     assert page.send_button.isEnabled() and not page.stop_button.isEnabled()
 
 
+def test_closing_mid_answer_saves_it_as_interrupted_not_stopped(qtbot, bridge, gui_env, chat_model):
+    """The window closes mid-answer: the page saves it as interrupted, and the engine's abort
+    that comes after (the bridge shutting down) doesn't turn it into a user's Stop."""
+    _load(qtbot, bridge, chat_model)
+    page, store = _page(qtbot, bridge, gui_env, max_tokens=200)
+    finished = []
+    bridge.requestFinished.connect(lambda rid, ev: finished.append(ev.reason))
+    page.input.setPlainText("Tell me a long story")
+    qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: page._active is not None and len(page._active["text"]) > 0, timeout=ANSWER_TIMEOUT)
+    rid = page._active["rid"]
+    page.shutdown()
+    bridge.abort(rid)
+    qtbot.waitUntil(lambda: finished == ["abort"], timeout=ANSWER_TIMEOUT)
+    msg = store.messages(page.conversation_id)[-1]
+    assert msg.status == "interrupted" and msg.content
+
+
+def test_an_answer_that_fails_before_its_first_word_says_so_not_dots(qtbot):
+    from app.gui.chat_widgets import MessageWidget
+
+    w = MessageWidget(1, "assistant", "", status="streaming")
+    qtbot.addWidget(w)
+    assert w.body.text() == "…"  # while it streams
+    w.set_footer({"error": "the model's output was not a number"}, "error")
+    assert "no answer" in w.body.text() and "not a number" in w.footer.text()
+
+
 def test_conversation_survives_a_restart_and_a_kill(qtbot, bridge, gui_env, chat_model):
     _load(qtbot, bridge, chat_model)
     path = gui_env["data"] / "chats.sqlite3"
