@@ -493,3 +493,31 @@ def test_lookahead_slot_for_decoding_sequences():
     step(s2)
     out = step(s2)  # decode of token 3 in the only block: no room ahead, no preemption
     assert out.scheduled and not out.preempted and len(b.block_table) == 1
+
+
+def test_a_short_prompt_gets_in_beside_a_long_prompt_read_in_chunks():
+    """A long prompt being read leaves room for a short one waiting (it was held until the
+    whole long prompt was read) and for the answer that short one then decodes."""
+    sched = Scheduler(BlockManager(256, 4), max_num_batched_tokens=64)
+    long = make_seq("long", 600)
+    sched.add(long)
+    step(sched)  # its first chunk: the whole budget
+    short = make_seq("short", 10, start=1000)
+    sched.add(short)
+    out = step(sched)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("long", 54), ("short", 10)]
+    assert out.num_batched_tokens == 64
+    for _ in range(5):  # the short one decodes every step while the long one is still read
+        out = step(sched)
+        assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("long", 63), ("short", 1)]
+    assert short.num_output_tokens == 6 and long.num_output_tokens == 0
+
+
+def test_a_long_waiting_prompt_still_waits_its_turn():
+    sched = Scheduler(BlockManager(256, 4), max_num_batched_tokens=64)
+    first = make_seq("first", 300)
+    sched.add(first)
+    step(sched)
+    sched.add(make_seq("second", 100, start=1000))  # more than a quarter of the budget
+    out = step(sched)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("first", 64)]
