@@ -153,9 +153,16 @@ class EngineBridge(BridgeSignals):
         the latest) and ends in ``loadFailed(LOAD_CANCELLED)``."""
         self._host.cancel_load()
 
-    def unload(self) -> None:
-        """Unload the model (and cancel a load in flight: nothing stays loaded)."""
-        self._host.unload()
+    def unload(self, after_answers: bool = False) -> None:
+        """Unload the model (and cancel a load in flight: nothing stays loaded);
+        ``after_answers``: once the answers being written have ended, instead of ending
+        them (``modelUnloaded`` says when)."""
+        self._host.unload(after_answers)
+
+    def keep_loaded(self, options: dict) -> None:
+        """Take back an ``unload(after_answers=True)`` still waiting; if the model went
+        meanwhile, load it again with ``options``."""
+        self._host.keep_loaded(options)
 
     def submit(self, *, messages: list[dict] | None = None, prompt: str | None = None,
                system: str | None = None, params: SamplingParams | None = None) -> str:

@@ -68,7 +68,7 @@ class ChatModelHandoff(QObject):
         self._reload = self._reload_options()
         self._then = then
         self.bridge.modelUnloaded.connect(self._unloaded)
-        self.bridge.unload()
+        self.bridge.unload(after_answers=True)  # an answer the chat is writing ends first
 
     def abandon(self) -> None:
         """Forget the waiting and the reload (the window is closing)."""
@@ -83,7 +83,10 @@ class ChatModelHandoff(QObject):
         options, self._reload = self._reload, None
         if not options:
             return ""
-        if not unloading and (self.bridge.model_info is not None or self.bridge.is_loading):
+        if unloading:  # still waiting for the chat's answer: it stays (or comes back if it just went)
+            self.bridge.keep_loaded(options)
+            return ""
+        if self.bridge.model_info is not None or self.bridge.is_loading:
             # the user loaded a model for the chat during the comparison: that one stays
             return f" {model_display_name(options.get('model'))} is not loaded again: the chat has another model now."
         self.bridge.load(options)

@@ -282,8 +282,8 @@ class ComparePage(QWidget):
             if answer is None:
                 return False
             if answer == UNLOAD:
-                self.message.setText(f"Unloading {chat} for the comparison; it is loaded again when the "
-                                     "comparison ends.")
+                self.message.setText(f"Unloading {chat} for the comparison (once an answer it is writing has "
+                                     "finished); it is loaded again when the comparison ends.")
                 self.chat_model.release(lambda: self._start(plan))
                 self._update_buttons()
                 return True

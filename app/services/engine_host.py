@@ -128,10 +128,29 @@ class EngineHost(EngineSwaps):
             ticket.cancel()  # the load thread checks it; so does the host's thread, now:
             self._thread.post(self._advance)  # a loaded engine waiting for answers goes
 
-    def unload(self) -> None:
-        """Unload the model (and cancel a load in flight: nothing stays loaded)."""
+    def unload(self, after_answers: bool = False) -> None:
+        """Unload the model (and cancel a load in flight: nothing stays loaded).
+        ``after_answers``: once the answers running now have ended (a comparison taking the
+        chat's model away), instead of ending them; ModelUnloaded says when."""
         self.cancel_load()
-        self._thread.post(self._unload)
+        self._thread.post(self._unload_after_answers if after_answers else self._unload)
+
+    def keep_loaded(self, options: dict) -> None:
+        """Take back an ``unload(after_answers=True)`` still waiting for answers; if the model
+        went meanwhile, load it again with ``options``."""
+        self._thread.post(self._keep_loaded, options)
+
+    def _keep_loaded(self, options: dict) -> None:
+        if self._unload_wanted:
+            self._unload_wanted = False
+        elif self.engine is None and not self._load_in_flight():
+            self.load(options)
+
+    def _unload_after_answers(self) -> None:
+        if self.engine is not None and self._live:
+            self._unload_wanted = True  # _request_ended unloads once the last one ends
+        else:
+            self._unload()
 
     def submit(self, request: Request) -> str:
         """Queue ``request`` for the model that serves (or the one loading, if none does);
@@ -232,6 +251,9 @@ class EngineHost(EngineSwaps):
             del self._live[live.request_id]
             if self._ready is not None or self._release_wanted:
                 self._advance()  # a swap or release waiting for answers may go now
+            if self._unload_wanted and not self._live:
+                self._unload_wanted = False
+                self._unload()
 
     def _abort(self, request_id: str) -> None:
         if self.engine is not None and request_id in self._live:

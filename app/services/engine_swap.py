@@ -61,6 +61,7 @@ class EngineSwaps:
         self._result: tuple | None = None  # (options, engine or None, error or None)
         self._released = threading.Event()  # the load thread waits on it for the room it asked for
         self._release_wanted = False
+        self._unload_wanted = False  # unload once the answers running have ended (unload(after_answers))
         # The model unloaded to make room for a load: loaded again if that load fails (kept
         # through a load superseded meanwhile, so the one that replaced it can fail too).
         self._released_from: Released | None = None
@@ -70,6 +71,7 @@ class EngineSwaps:
 
     # -- on the host thread --------------------------------------------------------------
     def _load(self, options: dict) -> None:
+        self._unload_wanted = False  # a model asked for: it replaces this one, not no model
         if options["_ticket"].is_set():
             self._end_cancelled(options)
             return
@@ -216,6 +218,7 @@ class EngineSwaps:
             log.exception("engine shutdown failed")
 
     def _unload(self) -> None:
+        self._unload_wanted = False
         self._unload_quietly()
         self._serving_options = None
         self._publish(ModelUnloaded())

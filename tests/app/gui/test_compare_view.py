@@ -330,7 +330,7 @@ def test_a_model_loaded_for_the_chat_during_the_run_is_not_replaced_afterwards(q
             super().__init__()
             self.model_info, self.is_loading, self.loads = None, False, []
 
-        def unload(self):
+        def unload(self, after_answers=False):
             self.modelUnloaded.emit()
 
         def load(self, options):

@@ -130,3 +130,37 @@ def test_the_asyncio_adapter_streams_each_request_on_the_event_loop(host):
     assert [(c.token_ids, c.finish_reason) for c in rest] == [(w.token_ids, w.finish_reason) for w in want[1:]]
     assert aborted.reason == "abort" and aborted.usage.completion_tokens < 200
     assert all(on_loop) and left == {}  # every request's route is gone with its end
+
+
+def test_an_unload_after_answers_lets_the_running_answer_finish_and_can_be_taken_back(tiny_models):
+    """A comparison takes the chat's model away: the answer being written ends as it would
+    (not cut as 'abort'), then the model goes; taken back while it waits, the model stays."""
+    from app.services.host_events import ModelUnloaded
+
+    h = EngineHost()
+    rec = Recorder()
+    h.subscribe(rec)
+    options = tiny_options(tiny_models["llama-tied"])
+    long = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+    try:
+        h.load(options)
+        rec.wait_for(ModelLoaded)
+        rid = h.submit(Request(prompt_token_ids=prompt(3), params=long))
+        rec.wait(lambda evs: any(isinstance(e, TokenEvent) and e.request_id == rid for e in evs))
+        h.unload(after_answers=True)
+        rec.wait_for(ModelUnloaded)
+        ends = [(i, e) for i, e in enumerate(rec.events) if isinstance(e, FinishedEvent) and e.request_id == rid]
+        unloaded_at = next(i for i, e in enumerate(rec.events) if isinstance(e, ModelUnloaded))
+        ((at, fin),) = ends
+        assert (fin.reason, fin.usage.completion_tokens) == ("length", 80) and at < unloaded_at
+        h.load(options)
+        rec.wait_for(ModelLoaded, count=2)
+        rid = h.submit(Request(prompt_token_ids=prompt(4), params=long))
+        rec.wait(lambda evs: any(isinstance(e, TokenEvent) and e.request_id == rid for e in evs))
+        h.unload(after_answers=True)
+        h.keep_loaded(options)
+        rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == rid for e in evs))
+        assert h.engine is not None and sum(isinstance(e, ModelUnloaded) for e in rec.events) == 1
+        assert sum(isinstance(e, ModelLoaded) for e in rec.events) == 2  # kept, not loaded again
+    finally:
+        assert h.shutdown()
