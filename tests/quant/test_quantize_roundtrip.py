@@ -57,6 +57,11 @@ def test_hearth_quantize_command_writes_compressed_tensors(tiny_models, tmp_path
     # the folder exists now: refused, and nothing is overwritten
     assert main(["quantize", "--model", str(tiny_models["llama3"]), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+    # a folder that can't be written: refused before the model is even looked for
+    (tmp_path / "file").write_text("x")
+    assert main(["quantize", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "file" / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Not a directory" in err and "(--out)" in err, err
 
 
 def test_a_prequantized_checkpoint_refuses_another_quantization(tiny_models, tmp_path):
