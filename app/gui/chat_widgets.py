@@ -14,6 +14,9 @@ from engine.api import SamplingParams
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "notice": "Notice"}
 NO_ANSWER = "<i>(no answer)</i>"  # an answer that ended before its first word
+#: A message longer than this shows its start only: a rich-text label lays all of its text
+#: out again on every resize and reopening (a 324 KB paste blocked the window 2-4 s each time).
+SHOWN_CHARS = 20_000
 
 
 def answer_footer(meta: dict, status: str) -> str:
@@ -238,8 +241,13 @@ class MessageWidget(QFrame):
             self._rendered = Rendered("", ())
             self.body.setText("…")
             return
-        self._rendered = render_markdown(text, dark=is_dark(self.palette()))
-        self.body.setText(self._rendered.html)
+        shown = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS]
+        self._rendered = render_markdown(shown, dark=is_dark(self.palette()))
+        html = self._rendered.html
+        if len(shown) < len(text):  # laying out all of a huge paste froze the window for seconds
+            html += (f"<p><i>… {len(text) - len(shown):,} more characters not shown here (the message holds "
+                     "them all: Copy copies them, Edit shows them).</i></p>")
+        self.body.setText(html)
 
     def set_progress(self, done: int, total: int) -> None:
         """Show how much of the prompt the model has read (until the first text comes)."""

@@ -344,3 +344,16 @@ def test_load_choice_and_kv_memory_errors_name_dialog_fields_too(monkeypatch):
         assert not re.search(r"--(attention|dtype|device|kv-cache|max-model|model)", text), text
         assert "in the Load model dialog" in text, text
     assert "Ask for" in gui_error(errors[3]) and "KV-cache memory" in gui_error(errors[3])
+
+
+def test_a_huge_paste_shows_its_start_and_keeps_all_of_it(qtbot):
+    from app.gui.chat_widgets import SHOWN_CHARS
+
+    text = "lorem ipsum dolor sit amet " * 12000  # 324 KB: laid out whole, it froze the window
+    w = _message(qtbot, text, role="user")
+    shown = shown_text(w.body)
+    assert len(shown) < SHOWN_CHARS + 300 and shown.startswith("lorem ipsum")
+    assert f"{len(text) - SHOWN_CHARS:,} more characters not shown" in shown
+    assert w.text == text  # what Copy and Edit take
+    qtbot.mouseClick(w.copy_button, Qt.MouseButton.LeftButton)
+    assert QGuiApplication.clipboard().text() == text
