@@ -2,7 +2,9 @@
 token's log-probability under the model's raw distribution, and the ``top`` most likely).
 
 Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal"}``;
-completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``.
+completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}``,
+where each step's ``top_logprobs`` holds the chosen token too (``logprobs`` + 1 entries
+when it is not among the most likely), as OpenAI's legacy API and vLLM give them.
 A token's text is its own decoding (one that holds part of a multi-byte character decodes
 to U+FFFD); its ``bytes`` are the token's raw bytes, where the tokenizer can say them
 (``Tokenizer.token_bytes``), so joining consecutive tokens' bytes rebuilds such a
@@ -43,8 +45,16 @@ class Logprobs:
             return {"content": content, "refusal": None}
         ids = [lp.token_id for lp in lps]
         return {"tokens": [self.name(i) for i in ids], "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.name(t): v for t, v in lp.top} for lp in lps],
-                "text_offset": self.offsets(ids, offset)}
+                "top_logprobs": [self._top(lp) for lp in lps], "text_offset": self.offsets(ids, offset)}
+
+    def _top(self, lp) -> dict:
+        """Completions' ``{token: logprob}`` of one step: the most likely, and the chosen
+        token always among them (OpenAI's legacy rule, vLLM's too: ``logprobs`` + 1 entries
+        when it is not one of the most likely; it comes last, as it is the least likely)."""
+        top = {self.name(t): v for t, v in lp.top}
+        if all(t != lp.token_id for t, _ in lp.top):
+            top.setdefault(self.name(lp.token_id), lp.logprob)
+        return top
 
     def offsets(self, ids: list[int], offset: int = 0, text_start: bool = False) -> list[int]:
         """Each token's ``text_offset``: the characters of the text before it, from ``offset``.

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
@@ -124,3 +126,41 @@ def test_echo_offsets_of_a_sentencepiece_prompt_index_its_text(tmp_path):
     assert starts[0] == 0 and starts == sorted(starts) and starts[-1] < len(text)
     for i, start in enumerate(starts):  # the text up to each token is the decoding of the tokens before it
         assert text[:start] == tok.decode(ids[:i]).lstrip() or text[:start] == tok.decode(ids[:i]), (i, start)
+
+
+SAMPLED = {"temperature": 1.0, "max_tokens": 8, "seed": 7, "extra_body": {"ignore_eos": True}}
+
+
+def check_chosen_in_top(lp, top: int, first: int = 0) -> int:
+    """Every step (from ``first``) has its chosen token among its top_logprobs, with its own
+    value, and at most ``top`` + 1 entries; returns how many steps needed the extra one."""
+    extra = 0
+    for token, value, best in list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))[first:]:
+        assert best[token] == pytest.approx(value, abs=1e-6) and top <= len(best) <= top + 1, (token, best)
+        extra += len(best) == top + 1
+    return extra
+
+
+def test_completion_top_logprobs_hold_the_sampled_token(client, model_name):
+    """OpenAI's legacy rule (vLLM's too): the sampled token is always in its step's
+    top_logprobs, so a step may have logprobs + 1 entries. The tiny model's random weights
+    make sampling at temperature 1 pick tokens outside the top 1 nearly every step."""
+    lp = client.completions.create(model=model_name, prompt="Hello", logprobs=1, **SAMPLED).choices[0].logprobs
+    assert check_chosen_in_top(lp, 1) > 0  # some step needed the extra entry: the case is tested
+    chunks = list(client.completions.create(model=model_name, prompt="Hello", logprobs=1, stream=True, **SAMPLED))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.top_logprobs] == lp.top_logprobs  # (seeded: the same tokens)
+    only = client.completions.create(model=model_name, prompt="Hello", logprobs=0, **SAMPLED).choices[0].logprobs
+    assert [list(t) for t in only.top_logprobs] == [[t] for t in only.tokens]  # logprobs 0: the chosen alone
+
+
+def test_echoed_prompt_tokens_are_in_their_top_logprobs(client, model_name):
+    prompt = "Once upon a time there was"
+    lp = client.completions.create(model=model_name, prompt=prompt, echo=True, logprobs=1,
+                                   **SAMPLED).choices[0].logprobs
+    assert lp.top_logprobs[0] is None  # the first prompt token is not scored
+    assert check_chosen_in_top(lp, 1, first=1) > 0
+    chunks = list(client.completions.create(model=model_name, prompt=prompt, echo=True, logprobs=1, stream=True,
+                                            **SAMPLED))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.top_logprobs] == lp.top_logprobs
