@@ -32,9 +32,10 @@ from app.server.limits import MAX_QUEUE
 from app.server.responses import ResponsesRequest, create_response
 from app.server.service import OpenAIService, body_size, collect, failure
 from app.server.shapes import Chunks, response
-from app.server.stream import EventStream, sse
+from app.server.stream import EventStream, echo_only_sse, sse
 from app.services.engine_host import EngineHost
 from app.services.ids import unique_hex
+from engine.api import FinishedEvent, Timings, Usage
 
 log = logging.getLogger("hearth.server")
 
@@ -117,9 +118,12 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{unique_hex()}"
     created = int(time.time())
     echo_lps = None
+    began = time.perf_counter()
     if job.echo is not None and logprobs is not None:  # the prompt's own tokens scored first
         scored = await service.prompt_logprobs(job, body.logprobs)
         echo_lps = [logprobs.prompt(ids, lps) for ids, lps in zip(job.prompts, scored)]
+    if job.score_only:
+        return _echo_only(service, body, job, rid, created, model, echo_lps, began)
     choices = service.submit(job)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -141,6 +145,24 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
         lps = [joined(echo_lps[k // job.n], lp) for k, lp in enumerate(lps)]
     texts = [c.text if e is None else e + c.text for c, e in zip(choices, echoed)]
     return response(chat, rid, created, model, texts, [c.finish for c in choices], job.n, lps, job.tools)
+
+
+def _echo_only(service: OpenAIService, body, job, rid: str, created: int, model: str, echo_lps: list | None,
+               began: float):
+    """Completions' ``echo`` with ``max_tokens: 0`` (legacy OpenAI's and vLLM's way to score
+    a prompt): each choice is its prompt's text (with its tokens' logprobs when asked for),
+    ``finish_reason: "length"``, no completion tokens; nothing is generated."""
+    total_ms = (time.perf_counter() - began) * 1e3  # the prompts' scoring, if any
+    finishes = [FinishedEvent(rid, "length", Usage(len(ids), 0), Timings(0.0, 0.0, 0.0, 0.0, total_ms))
+                for ids in job.prompts for _ in range(job.n)]
+    service.answered_without_engine(finishes, job.n)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = Chunks(False, rid, created, model, include_usage, echo=job.echo, n=job.n, echo_logprobs=echo_lps)
+        return EventStream(echo_only_sse(chunks, finishes, job.n))
+    texts = [job.echo[k // job.n] for k in range(len(finishes))]
+    lps = None if echo_lps is None else [echo_lps[k // job.n] for k in range(len(finishes))]
+    return response(False, rid, created, model, texts, finishes, job.n, lps)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

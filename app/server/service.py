@@ -201,6 +201,13 @@ class OpenAIService:
                            f"(the limit is {self.max_queue}, hearth serve --max-queue). Try again in a moment.",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    def answered_without_engine(self, finishes: list[FinishedEvent], n: int = 1) -> None:
+        """Count the answers of a request that generated nothing (completions' echo with
+        max_tokens 0), as ``done`` counts the engine's."""
+        if self.metrics is not None:
+            self.metrics.answered(finishes, n)
+        note_usage(finishes, n)
+
     def done(self, choices: list[Choice], n: int = 1) -> None:
         """Abort the choices still running (a client gone, a failed sibling), count the
         finished ones' tokens (``n`` choices per prompt) and forget them. Once: a second

@@ -72,6 +72,17 @@ async def sse(service: OpenAIService, choices: list[Choice], chunks: Chunks, n: 
         service.done(choices, n)
 
 
+async def echo_only_sse(chunks: Chunks, finishes: list, n: int):
+    """The stream of completions' echo with max_tokens 0: each choice's prompt (its
+    logprobs with it, when asked for), then its end (``length``); no engine request."""
+    for i in range(len(finishes)):
+        yield chunks.opening(i)
+    yield b"".join(chunks.finish(i, fin) for i, fin in enumerate(finishes))
+    if chunks.include_usage:
+        yield chunks.usage(finishes, n)
+    yield DONE
+
+
 class EventStream(StreamingResponse):
     """A StreamingResponse that watches for the client leaving while it waits for tokens
     (starlette only notices on the next write) and always closes its iterator, so the

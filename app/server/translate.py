@@ -40,6 +40,9 @@ class Job:
     logprobs: bool = False  # the answer carries logprobs
     tools: ToolSetup | None = None  # chat: the tools in play (their calls are parsed out)
     echo: list[str] | None = None  # completions' echo: each prompt's text, put before its answers
+    # completions' echo with max_tokens 0: each prompt echoed (and scored, with logprobs),
+    # nothing generated; ``params`` (checked as usual) are never submitted
+    score_only: bool = False
 
 
 def not_supported(body, chat: bool) -> None:
@@ -249,8 +252,13 @@ def check_request(body, chat: bool) -> int:
                            f"one request may ask for at most {MAX_N}: send fewer prompts per request.", "prompt")
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(body, name, None)
+        if value == 0 and not chat and body.echo:
+            continue  # legacy OpenAI's (and vLLM's) way to score a prompt without generating
         if value is not None and value <= 0:
-            raise ApiError(400, f"{name} must be a positive integer, got {value}: ask for at least 1 token.", name)
+            how = "" if chat or value < 0 else (" (to score the prompt without generating, send echo: true with "
+                                                "max_tokens 0, and logprobs for its tokens' log-probabilities)")
+            raise ApiError(400, f"{name} must be a positive integer, got {value}: ask for at least 1 token{how}.",
+                           name)
     if chat and not body.messages:
         raise ApiError(400, "messages is empty: send at least one message.", "messages")
     sampling(body, seed=body.seed, chat=chat)  # every sampling value checked before tokenizing
@@ -328,6 +336,7 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
                        "(required or a named function): drop one of them.", name)
     prompts = prompt_ids(body, chat, tokenizer, tools)
     asked = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    score_only = asked == 0  # (check_request lets 0 through only with echo, on completions)
     params = []
     for ids in prompts:
         if not ids:
@@ -340,7 +349,7 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
             raise ApiError(400, f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1}).",
                            "logit_bias")
         room = max_model_len - len(ids)
-        if room <= 0:
+        if room < 0 or (room == 0 and not score_only):  # (a prompt only scored may fill the context)
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds "
                            f"{max_model_len}: shorten it.", "messages" if chat else "prompt",
                            "context_length_exceeded")
@@ -354,7 +363,7 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
             # Several choices of a seeded request differ (each its own seed), and the same
             # request gives the same choices again.
             seed = None if body.seed is None else (body.seed + j) % SEED_SPAN
-            params.append(sampling(body, max_tokens, seed, chat))
+            params.append(sampling(body, max(max_tokens, 1), seed, chat))
     if tools is not None:
         # Some models mark <tool_call> as a special token: decoded with special tokens
         # skipped, the tags would vanish and the call come back as bare JSON content. A
@@ -362,7 +371,8 @@ def build_job(body, chat: bool, tokenizer, max_model_len: int, vocab_size: int) 
         extra = {} if tools.grammar is None else {"structured": tools.grammar}
         params = [dataclasses.replace(p, skip_special_tokens=False, **extra) for p in params]
     echo = echo_texts(body, prompts, tokenizer) if not chat else None
-    return Job(prompts, params, n, logprobs=top_logprobs(body, chat) is not None, tools=tools, echo=echo)
+    return Job(prompts, params, n, logprobs=top_logprobs(body, chat) is not None, tools=tools, echo=echo,
+               score_only=score_only)
 
 
 def echo_texts(body, prompts: list[list[int]], tokenizer) -> list[str] | None:

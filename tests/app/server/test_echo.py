@@ -63,3 +63,46 @@ def test_echo_with_logprobs_scores_the_prompt(client, model_name, host, tiny_mod
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     assert [t for s in streamed for t in s.tokens] == lp.tokens
     assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_without_generating(client, model_name, host):
+    """Legacy OpenAI's (and vLLM's) way to score a prompt: the echoed prompt is the whole
+    text, finish_reason "length", no completion tokens; its logprobs as echo gives them."""
+    ids = host.engine.tokenizer.encode(PROMPT)
+    r = client.completions.create(model=model_name, prompt=PROMPT, echo=True, max_tokens=0)
+    (choice,) = r.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length" and choice.logprobs is None
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    assert r.usage.total_tokens == len(ids)
+    scored = client.completions.create(model=model_name, prompt=PROMPT, echo=True, max_tokens=0, logprobs=2)
+    full = client.completions.create(model=model_name, prompt=PROMPT, echo=True, logprobs=2, **GREEDY)
+    lp, ref = scored.choices[0].logprobs, full.choices[0].logprobs
+    assert scored.choices[0].text == PROMPT and len(lp.tokens) == len(ids)
+    assert lp.tokens == ref.tokens[:len(ids)] and lp.text_offset == ref.text_offset[:len(ids)]
+    assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(ref.token_logprobs[1:len(ids)])
+    # several prompts, n each: every choice its prompt's
+    many = client.completions.create(model=model_name, prompt=["The sky", "A cat"], n=2, echo=True, max_tokens=0)
+    assert [c.text for c in many.choices] == ["The sky", "The sky", "A cat", "A cat"]
+    assert many.usage.completion_tokens == 0
+
+
+def test_echo_with_max_tokens_0_streamed(client, model_name, host):
+    chunks = list(client.completions.create(model=model_name, prompt=PROMPT, echo=True, max_tokens=0, logprobs=1,
+                                            stream=True, stream_options={"include_usage": True}))
+    answer = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in answer) == PROMPT
+    assert [c.choices[0].finish_reason for c in answer][-1] == "length"
+    tokens = [t for c in answer if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert len(tokens) == len(host.engine.tokenizer.encode(PROMPT))
+    assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens == len(tokens)
+
+
+def test_max_tokens_0_without_echo_is_a_400_that_says_echo_scores(client, model_name):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model_name, prompt=PROMPT, max_tokens=0)
+    assert e.value.body["param"] == "max_tokens" and "echo: true" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # chat has no echo: nothing said of it
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi"}], max_tokens=0)
+    assert e.value.body["param"] == "max_tokens" and "echo" not in e.value.body["message"]
