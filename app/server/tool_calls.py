@@ -76,8 +76,9 @@ def _template_text(tokenizer) -> str:
 
 def check_tools(tools) -> list[dict]:
     """``tools`` as OpenAI defines them (a list of ``{type: function, function: {name,
-    description?, parameters?}}``), or a 400 naming the entry that is not."""
+    description?, parameters?}}``, each name once), or a 400 naming the entry that is not."""
     out = []
+    seen: dict[str, int] = {}  # each function's name -> its entry
     for i, tool in enumerate(tools or []):
         where = f"tools.{i}"
         if not isinstance(tool, dict) or tool.get("type") != "function":
@@ -91,6 +92,10 @@ def check_tools(tools) -> list[dict]:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ApiError(400, f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', got "
                            f"{name!r}.", f"{where}.function.name")
+        if name in seen:  # the model calls a function by its name: which one would run?
+            raise ApiError(400, f"tools holds two functions named {name!r} (tools.{seen[name]} and {where}): "
+                           "give each function its own name, or send it once.", "tools")
+        seen[name] = i
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise ApiError(400, f"{where}.function.parameters must be a JSON Schema object.",
                            f"{where}.function.parameters")

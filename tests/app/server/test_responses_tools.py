@@ -166,6 +166,7 @@ def test_a_named_tool_choice_forces_that_call_under_its_grammar(scripted):
     ({"tools": [{"type": "function", "name": "bad name!", "parameters": {}}]}, "tools.0.name"),
     ({"tools": [{"type": "function", "name": "f", "parameters": []}]}, "tools.0.parameters"),
     ({"tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}, "tools.0"),
+    ({"tools": [WEATHER, TIME, {**TIME, "description": "again"}]}, "tools"),  # a name twice
     ({"tool_choice": {"type": "function"}}, "tool_choice"),
     ({"tool_choice": {"type": "function", "name": "nonesuch"}}, "tool_choice"),
     ({"input": [{"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"},
@@ -181,6 +182,8 @@ def test_bad_tools_are_a_400_naming_the_responses_parameter(scripted, kwargs, pa
         respond(client, engine, "x", **kwargs)
     assert e.value.body["param"] == param, e.value.body
     assert "'function': {" not in e.value.body["message"] and ".function." not in e.value.body["message"]
+    if param == "tools":
+        assert "'get_time'" in e.value.body["message"] and "tools.1 and tools.2" in e.value.body["message"]
 
 
 def test_null_fields_of_a_typed_client_are_left_out(scripted):

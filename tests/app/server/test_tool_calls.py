@@ -200,6 +200,7 @@ def test_a_call_cut_by_max_tokens_is_content_with_length(scripted):
     ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}, "tools.0.function.parameters"),
     ({"tools": "get_weather"}, "tools"),
+    ({"tools": [WEATHER, TIME, {**WEATHER, "function": {"name": "get_weather"}}]}, "tools"),  # a name twice
     ({"tool_choice": "always"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [], "tool_choice": "required"}, "tool_choice"),
@@ -214,6 +215,14 @@ def test_bad_tools_are_a_400_naming_the_parameter(scripted, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, engine, "unused", **kwargs)
     assert e.value.status_code == 400 and e.value.body["param"] == param, e.value.body
+
+
+def test_a_function_name_twice_is_a_400_naming_it(scripted):
+    """Which of two same-named functions would a call run? OpenAI refuses them too."""
+    engine, client = scripted
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, engine, "unused", tools=[WEATHER, TIME, WEATHER])
+    assert "'get_weather'" in e.value.body["message"] and "tools.0 and tools.2" in e.value.body["message"]
 
 
 def test_a_template_without_tools_is_a_400(client, model_name):
