@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 
 from app.server.errors import error_body
+from app.server.logprobs import Logprobs
 from app.server.service import Choice, OpenAIService, failure
 from app.server.shapes import timings
 from app.server.tool_calls import ToolSetup, ToolStream, chat_message
@@ -38,19 +39,29 @@ from engine.api import FinishedEvent
 
 class ResponseShapes:
     """One response's objects: its id, and what the request asked (``tools``: the chat's
-    tools in play, whose calls become ``function_call`` items)."""
+    tools in play, whose calls become ``function_call`` items; ``logprobs``: the formatter
+    of the output_text tokens' logprobs, when ``include`` asks for them)."""
 
-    def __init__(self, rid: str, created: int, model: str, body, tools: ToolSetup | None = None) -> None:
+    def __init__(self, rid: str, created: int, model: str, body, tools: ToolSetup | None = None,
+                 logprobs: Logprobs | None = None) -> None:
         self.rid, self.created, self.model, self.body, self.tools = rid, created, model, body, tools
+        self.logprobs = logprobs
+
+    def entries(self, lps: list | None) -> list[dict]:
+        """Tokens' logprobs as the Responses API gives them (chat's entries: ``token``,
+        ``logprob``, ``bytes``, ``top_logprobs``); [] when the request didn't include them."""
+        if self.logprobs is None or not lps:
+            return []
+        return self.logprobs.format(lps)["content"]
 
     @staticmethod
-    def part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(text: str, logprobs: list[dict] | None = None) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
     @staticmethod
-    def message(item_id: str, text: str | None, status: str) -> dict:
+    def message(item_id: str, text: str | None, status: str, logprobs: list[dict] | None = None) -> dict:
         """A message output item (``text`` None: just added, no part yet)."""
-        content = [] if text is None else [ResponseShapes.part(text)]
+        content = [] if text is None else [ResponseShapes.part(text, logprobs)]
         return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
 
     @staticmethod
@@ -75,7 +86,8 @@ class ResponseShapes:
                "temperature": 1.0 if body.temperature is None else body.temperature,
                "top_p": 1.0 if body.top_p is None else body.top_p, "text": {"format": _format(body)},
                "tool_choice": "auto" if body.tool_choice is None else body.tool_choice,
-               "tools": list(body.tools or []), "truncation": "disabled", "usage": usage, "user": body.user, "metadata": body.metadata or {}}
+               "tools": list(body.tools or []), "truncation": body.truncation or "disabled",
+               "top_logprobs": body.top_logprobs, "usage": usage, "user": body.user, "metadata": body.metadata or {}}
         if fin is not None:
             out["hearth"] = timings(fin)
         return out
@@ -86,11 +98,12 @@ def _status(fin: FinishedEvent) -> str:
     return "incomplete" if fin.reason == "length" else "completed"
 
 
-def whole_output(shapes: ResponseShapes, text: str, fin: FinishedEvent) -> list[dict]:
-    """A whole answer's output items: its text as a message, then its calls (tools in play)."""
+def whole_output(shapes: ResponseShapes, text: str, fin: FinishedEvent, lps: list | None = None) -> list[dict]:
+    """A whole answer's output items: its text as a message (``lps``: its tokens' logprobs,
+    when included: tools are not in play then), then its calls (tools in play)."""
     status = _status(fin)
     if shapes.tools is None:
-        return [shapes.message(f"msg_{unique_hex(32)}", text, status)]
+        return [shapes.message(f"msg_{unique_hex(32)}", text, status, shapes.entries(lps))]
     message, _ = chat_message(text, fin.reason, shapes.tools)
     items = []
     if message.get("content") or not message.get("tool_calls"):
@@ -136,19 +149,23 @@ class _Output:
         self.shapes, self.event = shapes, event
         self.items: list[dict] = []  # closed ones and the open ones, in output order
         self._message: tuple[int, list[str]] | None = None  # the open message: (output index, its text)
+        self._logprobs: list[dict] = []  # the open message's tokens' logprobs, when included
         self._calls: dict[int, tuple[int, list[str]]] = {}  # the parser's call index -> (output index, arguments)
 
-    def text(self, piece: str) -> list[bytes]:
+    def text(self, piece: str, lps: list | None = None) -> list[bytes]:
+        """A delta of the message's text (``lps``: its tokens' logprobs, when included)."""
         out = [] if self._message is not None else self.open_message()
         index, texts = self._message
         texts.append(piece)
+        entries = self.shapes.entries(lps)
+        self._logprobs += entries
         return out + [self.event("response.output_text.delta", item_id=self.items[index]["id"], output_index=index,
-                                 content_index=0, delta=piece, logprobs=[])]
+                                 content_index=0, delta=piece, logprobs=entries)]
 
     def open_message(self) -> list[bytes]:
         index = len(self.items)
         self.items.append(self.shapes.message(f"msg_{unique_hex(32)}", None, "in_progress"))
-        self._message = (index, [])
+        self._message, self._logprobs = (index, []), []
         item_id = self.items[index]["id"]
         return [self.event("response.output_item.added", output_index=index, item=self.items[index]),
                 self.event("response.content_part.added", item_id=item_id, output_index=index, content_index=0,
@@ -158,11 +175,12 @@ class _Output:
         if self._message is None:
             return []
         (index, texts), self._message = self._message, None
-        text = "".join(texts)
-        item = self.items[index] = self.shapes.message(self.items[index]["id"], text, status)
+        text, lps = "".join(texts), self._logprobs
+        item = self.items[index] = self.shapes.message(self.items[index]["id"], text, status, lps)
         where = {"item_id": item["id"], "output_index": index}
-        return [self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]),
-                self.event("response.content_part.done", **where, content_index=0, part=self.shapes.part(text)),
+        return [self.event("response.output_text.done", **where, content_index=0, text=text, logprobs=lps),
+                self.event("response.content_part.done", **where, content_index=0,
+                           part=self.shapes.part(text, lps)),
                 self.event("response.output_item.done", output_index=index, item=item)]
 
     def call_start(self, call: int, call_id: str, name: str) -> list[bytes]:
@@ -236,8 +254,9 @@ async def response_events(service: OpenAIService, choice: Choice, shapes: Respon
             yield b"".join(output.open_message())
         async for ev in choice.events:
             text = choice.take(ev, choice.events.at)
-            if text:
-                pieces = output.text(text) if tools is None else output.feed(tools.feed(text), tools)
+            if text:  # (logprobs of tokens that add no text yet go with the next text)
+                pieces = output.text(text, choice.take_logprobs()) if tools is None else \
+                    output.feed(tools.feed(text), tools)
                 if pieces:
                     yield b"".join(pieces)
         error = failure(choice)
@@ -247,6 +266,9 @@ async def response_events(service: OpenAIService, choice: Choice, shapes: Respon
             return
         fin = choice.finish
         last = [] if tools is None else output.feed(tools.finish(), tools)
+        rest = choice.take_logprobs() if shapes.logprobs is not None else []
+        if rest:  # tokens that added no text (a stop string's, the end's): an empty delta carries them,
+            last += output.text("", rest)  # so the deltas' logprobs are the whole answer's, as the done event's
         if not output.items:  # nothing written: one empty message, as a whole answer has
             last += output.open_message()
         final_events = output.close_all(_status(fin))

@@ -16,6 +16,13 @@ are ``function_call`` output items (after a ``message`` item when the model also
 text); a client sends them back as ``function_call`` input items with their results as
 ``function_call_output`` items, which become the assistant's ``tool_calls`` and tool
 messages. Hosted tools (web search, file search, computer use...) are a 400.
+
+``include: ["message.output_text.logprobs"]`` (with ``top_logprobs`` 0 to 20) gives each
+output_text part its tokens' ``logprobs`` (chat's entries: ``token``, ``logprob``, ``bytes``,
+``top_logprobs``), and each streamed ``response.output_text.delta`` its own tokens'; not with
+tools in play yet (a 400: a call's tokens belong to no output_text). ``truncation: "auto"``
+leaves out the earliest turns (whole, up to a later user message) when the input and
+``max_output_tokens`` overflow the context, as OpenAI drops items from the start.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from app.server.errors import ApiError, validation_message
+from app.server.logprobs import Logprobs
 from app.server.response_events import ResponseShapes, response_events, whole_output
 from app.server.schemas import Bool, ChatCompletionRequest, Float, Int, Str, _Body
 from app.server.service import OpenAIService, body_size, collect, failure
@@ -41,6 +49,8 @@ STATELESS = ("this server is stateless: it keeps no responses, so {what}. Send t
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 #: Chat parameter -> the Responses parameter it comes from (for error messages).
 RENAMED = {"max_completion_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
+#: The ``include`` value that asks for each output_text token's logprobs.
+LOGPROBS = "message.output_text.logprobs"
 #: Hearth's sampling extensions, passed on as they are.
 EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "presence_penalty", "frequency_penalty", "ignore_eos",
           "stop_token_ids")
@@ -64,6 +74,9 @@ class ResponsesRequest(_Body):
     text: Optional[dict[str, Any]] = None
     metadata: Optional[dict[str, Any]] = None
     user: Optional[Str] = None
+    top_logprobs: Optional[Int] = None
+    include: Optional[list[Str]] = None
+    truncation: Optional[Str] = None
 
 
 def _text_of(content, where: str) -> str:
@@ -130,11 +143,12 @@ class Origins:
         return re.sub(r"messages\.\d+(?:\.[A-Za-z_0-9]+)*", lambda g: self.param(g[0]), message)
 
 
-def messages_of(body: ResponsesRequest, origins: Origins | None = None) -> list[dict]:
+def messages_of(body: ResponsesRequest, origins: Origins | None = None, skip: int = 0) -> list[dict]:
     """``instructions`` and ``input`` as chat messages; a 400 for what isn't text or a
     function call / its output. Calls that follow an assistant message (or each other) join
     its ``tool_calls``, as the Responses API splits one assistant turn into items.
-    ``origins`` records where each message came from."""
+    ``origins`` records where each message came from. ``skip``: input items left out from
+    the start (``truncation: "auto"``), with the outputs of the calls among them."""
     origins = origins if origins is not None else Origins()
     messages = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
     origins.messages[:] = ["instructions"] * len(messages)
@@ -142,9 +156,16 @@ def messages_of(body: ResponsesRequest, origins: Origins | None = None) -> list[
         origins.messages.append("input")
         return messages + [{"role": "user", "content": body.input}]
     calls: set[str] = set()
+    dropped: set[str] = set()  # the calls of the items skipped
     for i, item in enumerate(body.input):
         where = f"input.{i}"
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        if i < skip:
+            if kind == "function_call" and isinstance(item.get("call_id"), str):
+                dropped.add(item["call_id"])
+            continue
+        if kind == "function_call_output" and item.get("call_id") in dropped and item.get("call_id") not in calls:
+            continue  # its call was cut: the output alone would answer nothing
         if kind == "function_call":
             call = _call_item(item, where)
             calls.add(call["id"])
@@ -183,6 +204,11 @@ def _refuse(body: ResponsesRequest) -> None:
         raise ApiError(400, STATELESS.format(what="store must be false (or left out)"), "store",
                        "unsupported_parameter")
     text_format(body)  # a bad one: a 400 now, before anything else
+    if body.truncation not in (None, "auto", "disabled"):
+        raise ApiError(400, f"truncation must be 'auto' or 'disabled', got {body.truncation!r}.", "truncation")
+    if body.top_logprobs and LOGPROBS not in (body.include or ()):
+        raise ApiError(400, f"top_logprobs needs include: ['{LOGPROBS}'] (the logprobs come only when included).",
+                       "top_logprobs")
     if body.max_output_tokens is not None and body.max_output_tokens <= 0:
         raise ApiError(400, f"max_output_tokens must be a positive integer, got {body.max_output_tokens}.",
                        "max_output_tokens")
@@ -244,16 +270,24 @@ def chat_tools(body: ResponsesRequest) -> dict:
     return out
 
 
-def chat_request(body: ResponsesRequest, origins: Origins | None = None) -> ChatCompletionRequest:
-    """The chat request a Responses request runs as (``origins``: where its messages came from)."""
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Whether the answer's output_text parts carry their tokens' logprobs."""
+    return LOGPROBS in (body.include or ())
+
+
+def chat_request(body: ResponsesRequest, origins: Origins | None = None, skip: int = 0) -> ChatCompletionRequest:
+    """The chat request a Responses request runs as (``origins``: where its messages came
+    from; ``skip``: input items left out from the start)."""
     _refuse(body)
     extra = {k: v for k, v in extra_fields(body).items() if k in EXTRAS}
+    if wants_logprobs(body):
+        extra.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     extra.update(chat_tools(body))
     fmt = text_format(body)
     if fmt is not None:
         extra["response_format"] = fmt
     try:
-        return ChatCompletionRequest(model=body.model, messages=messages_of(body, origins),
+        return ChatCompletionRequest(model=body.model, messages=messages_of(body, origins, skip),
                                      temperature=body.temperature, top_p=body.top_p,
                                      max_completion_tokens=body.max_output_tokens, **extra)
     except ValidationError as e:
@@ -281,14 +315,65 @@ def _renamed(e: ApiError, origins: Origins) -> ApiError:
     return ApiError(e.status, message, param, e.code, e.headers)
 
 
-async def create_response(service: OpenAIService, body: ResponsesRequest, request: Request):
+async def _prepare(service: OpenAIService, body: ResponsesRequest, body_bytes: int, skip: int = 0):
+    """The model's name, the engine's work and the tokenizer (``service.prepare``) for the
+    request with its first ``skip`` input items left out; its errors name the Responses
+    parameters."""
     origins = Origins()
     try:
-        chat = chat_request(body, origins)
-        model, job, _ = await service.prepare(chat, chat=True, body_bytes=body_size(request))
+        chat = chat_request(body, origins, skip)
+        return await service.prepare(chat, chat=True, body_bytes=body_bytes)
     except ApiError as e:
         raise _renamed(e, origins) from None
-    shapes = ResponseShapes(f"resp_{unique_hex(32)}", int(time.time()), model, body, job.tools)
+
+
+def _cut_points(body: ResponsesRequest) -> list[int]:
+    """Where ``truncation: "auto"`` may start the input: at each later user message (the
+    conversation's earlier turns dropped whole, so a chat template that wants turns to
+    alternate still gets them so)."""
+    if isinstance(body.input, str):
+        return []
+    return [i for i, item in enumerate(body.input) if i > 0 and isinstance(item, dict)
+            and item.get("type", "message") == "message" and item.get("role") == "user"]
+
+
+async def _prepare_truncated(service: OpenAIService, body: ResponsesRequest, body_bytes: int):
+    """``service.prepare`` for the request; with ``truncation: "auto"``, when the input
+    (and max_output_tokens) overflow the context, the fewest earliest turns left out that
+    make it fit (OpenAI drops items from the start too); ``instructions`` always stay."""
+    try:
+        return await _prepare(service, body, body_bytes)
+    except ApiError as e:
+        if body.truncation != "auto" or e.code != "context_length_exceeded":
+            raise
+        cuts, error = _cut_points(body), e
+    lo, hi, best = 0, len(cuts) - 1, None  # the prompt shrinks as more is cut: a binary search
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        try:
+            best = await _prepare(service, body, body_bytes, skip=cuts[mid]), mid
+            hi = mid - 1
+        except ApiError as e:
+            if e.code != "context_length_exceeded":
+                raise
+            error, lo = e, mid + 1
+    if best is None:
+        raise ApiError(error.status, error.message + " (truncation 'auto' leaves out earlier turns only: the last "
+                       "user message and what follows it, with the instructions, don't fit by themselves.)",
+                       error.param, error.code)
+    return best[0]
+
+
+async def create_response(service: OpenAIService, body: ResponsesRequest, request: Request):
+    model, job, tokenizer = await _prepare_truncated(service, body, body_size(request))
+    logprobs = None
+    if wants_logprobs(body):
+        if job.tools is not None:
+            raise ApiError(400, f"include '{LOGPROBS}' can't be combined with tools yet (a call's tokens belong to "
+                           "no output_text): leave out one of them, or set tool_choice 'none'.", "include",
+                           "unsupported_parameter")
+        logprobs = Logprobs(True, tokenizer)
+    shapes = ResponseShapes(f"resp_{unique_hex(32)}", int(time.time()), model, body, job.tools, logprobs)
     (choice,) = choices = service.submit(job)
     if body.stream:
         return EventStream(response_events(service, choice, shapes), on_close=lambda: service.done(choices))
@@ -301,4 +386,4 @@ async def create_response(service: OpenAIService, body: ResponsesRequest, reques
     error = failure(choice)
     if error is not None:
         raise error
-    return shapes.response(whole_output(shapes, choice.text, choice.finish), choice.finish)
+    return shapes.response(whole_output(shapes, choice.text, choice.finish, choice.logprobs), choice.finish)

@@ -92,6 +92,9 @@ def test_stream_helper_completes(scripted):
     ({"input": []}, "input"),
     ({"temperature": -1}, "temperature"),
     ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without include message.output_text.logprobs: none would come
+    ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, "top_logprobs"),
+    ({"truncation": "middle"}, "truncation"),
 ])
 def test_bad_requests_are_a_400_naming_the_parameter(client, model_name, kwargs, param):
     kwargs.setdefault("input", "Hi")
@@ -137,3 +140,56 @@ def test_a_failure_mid_stream_is_raised_by_the_sdk(scripted):
     engine.answers[:] = [("Half", "the engine failed: out of memory")]
     with pytest.raises(openai.InternalServerError):
         client.responses.create(model="scripted", input="Hi")
+
+
+LOGPROBS = {"include": ["message.output_text.logprobs"], "top_logprobs": 3}
+
+
+def test_output_text_logprobs_whole_and_streamed(client, model_name):
+    """include message.output_text.logprobs: each output_text token's logprob, bytes and top
+    alternatives, as chat gives them for the same prompt; streamed, each delta carries its
+    tokens', and the done events the whole part's."""
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Hi there"}],
+                                          temperature=0, max_tokens=5, logprobs=True, top_logprobs=3,
+                                          extra_body={"ignore_eos": True}).choices[0].logprobs.content
+    r = client.responses.create(model=model_name, input="Hi there", **CUT, **LOGPROBS)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == 5 and "".join(lp.token for lp in part.logprobs) == part.text
+    assert [(lp.token, lp.bytes, round(lp.logprob, 4)) for lp in part.logprobs] == \
+        [(c.token, c.bytes, round(c.logprob, 4)) for c in chat]
+    for lp in part.logprobs:
+        assert len(lp.top_logprobs) == 3 and lp.top_logprobs[0].token == lp.token  # greedy: the top one
+        assert all(t.bytes == list(t.token.encode()) and t.logprob <= 0 for t in lp.top_logprobs)
+    assert r.top_logprobs == 3
+    events = list(client.responses.create(model=model_name, input="Hi there", stream=True, **CUT, **LOGPROBS))
+    deltas = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    final = events[-1].response.output[0].content[0]
+    assert [lp.token for lp in deltas] == [lp.token for lp in done.logprobs] == [lp.token for lp in part.logprobs]
+    assert [lp.token for lp in final.logprobs] == [lp.token for lp in part.logprobs]
+    # without include: none
+    plain = client.responses.create(model=model_name, input="Hi there", **CUT)
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_truncation_auto_drops_the_earliest_turns(client, model_name):
+    """The context holds 256 tokens: four long turns don't fit; truncation "auto" leaves out
+    the earliest turn(s) (whole, up to a user message), as OpenAI drops items from the start."""
+    long = "word " * 80
+    items = [{"role": "user", "content": long}, {"role": "assistant", "content": long},
+             {"role": "user", "content": long}, {"role": "assistant", "content": long},
+             {"role": "user", "content": "Hi there"}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=model_name, input=items, **CUT)
+    assert e.value.body["code"] == "context_length_exceeded"
+    r = client.responses.create(model=model_name, input=items, truncation="auto", **CUT)
+    kept = client.responses.create(model=model_name, input=items[2:], **CUT)
+    assert r.truncation == "auto" and r.usage.input_tokens == kept.usage.input_tokens
+    assert r.output_text == kept.output_text
+    # input that fits is left whole
+    short = client.responses.create(model=model_name, input=items[2:], truncation="auto", **CUT)
+    assert short.usage.input_tokens == kept.usage.input_tokens
+    with pytest.raises(openai.BadRequestError) as e:  # the last turn alone is too long: said so
+        client.responses.create(model=model_name, input=[*items[:4], {"role": "user", "content": long * 4}],
+                                truncation="auto", **CUT)
+    assert e.value.body["code"] == "context_length_exceeded" and "truncation" in e.value.body["message"]

@@ -167,6 +167,7 @@ def test_a_named_tool_choice_forces_that_call_under_its_grammar(scripted):
     ({"tools": [{"type": "function", "name": "f", "parameters": []}]}, "tools.0.parameters"),
     ({"tools": [{"type": "file_search", "vector_store_ids": ["v"]}]}, "tools.0"),
     ({"tools": [WEATHER, TIME, {**TIME, "description": "again"}]}, "tools"),  # a name twice
+    ({"include": ["message.output_text.logprobs"]}, "include"),  # a call's tokens are in no output_text
     ({"tool_choice": {"type": "function"}}, "tool_choice"),
     ({"tool_choice": {"type": "function", "name": "nonesuch"}}, "tool_choice"),
     ({"input": [{"type": "function_call", "call_id": "c1", "name": "get_time", "arguments": "{}"},
