@@ -147,6 +147,15 @@ async def _answer(service: OpenAIService, body, request: Request, chat: bool):
     return response(chat, rid, created, model, texts, [c.finish for c in choices], job.n, lps, job.tools)
 
 
+def _is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type is JSON's, as FastAPI decides it (application/json, or
+    application/*+json, with any parameters)."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def _echo_only(service: OpenAIService, body, job, rid: str, created: int, model: str, echo_lps: list | None,
                began: float):
     """Completions' ``echo`` with ``max_tokens: 0`` (legacy OpenAI's and vLLM's way to score
@@ -172,7 +181,19 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request, exc: RequestValidationError):
-        message, param = validation_message(list(exc.errors()))
+        errors = list(exc.errors())
+        content_type = request.headers.get("content-type")
+        if errors and tuple(errors[0].get("loc", ())) == ("body",) and errors[0].get("type") != "missing" \
+                and not _is_json(content_type):
+            # FastAPI reads a body as JSON only when its Content-Type says so, and so must we:
+            # a web page may POST text/plain (or no type) to this machine without a CORS
+            # preflight, which a JSON Content-Type needs.
+            said = f"this request's is {content_type!r}" if content_type else "this request has none"
+            message = ("the request body must be JSON sent with the header Content-Type: application/json "
+                       f"({said}): set that header (curl: -H 'Content-Type: application/json'; the OpenAI "
+                       "SDKs set it themselves).")
+            return JSONResponse(error_body(400, message), status_code=400)
+        message, param = validation_message(errors)
         return JSONResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -181,6 +202,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = {404: f"there is no route {request.method} {request.url.path}: the API is under /v1 "
                         "(GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/responses).",
                    405: f"{request.method} is not allowed on {request.url.path}."}.get(status, str(exc.detail))
+        cause = exc.__cause__
+        if status == 400 and isinstance(cause, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            message = (f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): send the JSON "
+                       "encoded as UTF-8.")
         return JSONResponse(error_body(status, message), status_code=status, headers=exc.headers)
 
     @app.exception_handler(Exception)

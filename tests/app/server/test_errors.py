@@ -4,6 +4,8 @@ body too large (413), a body that never arrives (408), no model loaded (503)."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -85,6 +87,32 @@ def test_bad_json_is_400(live, body):
     r = httpx.post(f"{live.base_url}/v1/chat/completions", content=body,
                    headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
     assert_error(r, 400)
+
+
+def test_a_body_not_utf8_is_a_400_that_says_so(live):
+    body = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")  # é as one byte
+    error = assert_error(httpx.post(f"{live.base_url}/v1/chat/completions", content=body,
+                                    headers={**AUTH, "Content-Type": "application/json"}, timeout=30), 400)
+    assert "not valid UTF-8" in error["message"] and "error parsing" not in error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_json_without_its_content_type_is_a_400_that_names_the_header(live, model_name, content_type):
+    """FastAPI reads a body as JSON only under a JSON Content-Type (a web page may POST
+    text/plain to this machine without a CORS preflight): the error says which header to
+    send, not "Input should be a valid dictionary"."""
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    for path, body in (("/v1/chat/completions", {"model": model_name, "messages": MESSAGES, "max_tokens": 1}),
+                       ("/v1/responses", {"input": "Hi", "max_output_tokens": 1})):
+        r = httpx.post(f"{live.base_url}{path}", content=json.dumps(body).encode(), headers=headers, timeout=30)
+        error = assert_error(r, 400)
+        assert "Content-Type: application/json" in error["message"] and "dictionary" not in error["message"]
+        if content_type:
+            assert repr(content_type) in error["message"]
+    ok = httpx.post(f"{live.base_url}/v1/chat/completions", content=json.dumps(
+        {"model": model_name, "messages": MESSAGES, "max_tokens": 1}).encode(),
+        headers={**AUTH, "Content-Type": "application/json; charset=utf-8"}, timeout=60)
+    assert ok.status_code == 200, ok.text
 
 
 @pytest.mark.parametrize("body", [
