@@ -88,9 +88,7 @@ def load_model(host: EngineHost, options: dict) -> None:
 
 def run_serve(args) -> int:
     key = check_serve_args(args)
-    # The port is taken now (in use: refused before the load) and opens once the model serves:
-    # while it loads, a connection (a health probe) is refused at once rather than left hanging.
-    sock = bind(args.host, args.port, listen=False)
+    sock = bind(args.host, args.port)
     try:
         # The engine runs in a process of its own (app/services/engine_process.py says why)
         host = EngineProcess.start(options_from_args(args))

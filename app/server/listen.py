@@ -49,12 +49,9 @@ def exposure_problem(host: str, api_key: str | None, allowed_origins=()) -> str 
     return None
 
 
-def bind(host: str, port: int, advice: str = "choose another with --port", *, listen: bool = True) -> socket.socket:
+def bind(host: str, port: int, advice: str = "choose another with --port") -> socket.socket:
     """The listening socket on ``host:port`` (0: a free port); raises ``PortInUse`` with
-    ``advice`` (what the user can change) when it can't be had. ``listen=False``: bound
-    only (a port another program listens on is still refused now); the server listens
-    once it serves (asyncio's ``create_server`` calls ``listen``), so that until then a
-    connection is refused at once instead of waiting unanswered."""
+    ``advice`` (what the user can change) when it can't be had."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -63,8 +60,7 @@ def bind(host: str, port: int, advice: str = "choose another with --port", *, li
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        if listen:
-            sock.listen(2048)
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:

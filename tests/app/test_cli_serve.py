@@ -65,27 +65,6 @@ def test_port_in_use_is_one_line(capsys, tiny_models):
     assert rc == 2 and "--port" in err and "Traceback" not in err
 
 
-def test_the_port_is_taken_at_once_but_opens_only_when_the_model_serves():
-    """hearth serve binds before the load (a port in use is refused then) and listens once it
-    serves: meanwhile a connection, a health probe, is refused at once instead of hanging."""
-    from app.server.listen import PortInUse, bind
-
-    sock = bind("127.0.0.1", 0, listen=False)
-    try:
-        port = sock.getsockname()[1]
-        with socket.socket() as probe:
-            probe.settimeout(5)
-            assert probe.connect_ex(("127.0.0.1", port)) != 0  # refused, not left waiting
-        sock.listen(8)
-        with socket.socket() as probe:
-            probe.settimeout(5)
-            assert probe.connect_ex(("127.0.0.1", port)) == 0
-        with pytest.raises(PortInUse, match="already in use"):
-            bind("127.0.0.1", port, listen=False).close()
-    finally:
-        sock.close()
-
-
 @pytest.mark.slow
 def wait_until_up(proc: subprocess.Popen, base: str) -> None:
     """Until ``hearth serve`` at ``base`` answers /health (two minutes at most; the
