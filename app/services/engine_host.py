@@ -28,7 +28,7 @@ import traceback
 from functools import partial
 from typing import Callable
 
-from app.services.engine_swap import EngineSwaps
+from app.services.engine_swap import UNLOAD_TIMER, EngineSwaps
 from app.services.host_events import (EngineError, LoadFailed, ModelLoaded, RequestStarted, StatsUpdated,
                                       ended)
 from app.services.host_loading import LOAD_JOIN_TIMEOUT_S, SWAP_WAIT_S, LoadTicket, reload_outcome, user_options
@@ -142,15 +142,28 @@ class EngineHost(EngineSwaps):
 
     def _keep_loaded(self, options: dict) -> None:
         if self._unload_wanted:
-            self._unload_wanted = False
+            self._stop_unload_wait()
         elif self.engine is None and not self._load_in_flight():
             self.load(options)
 
     def _unload_after_answers(self) -> None:
         if self.engine is not None and self._live:
-            self._unload_wanted = True  # _request_ended unloads once the last one ends
+            # _request_ended unloads once the last one ends; new requests are refused meanwhile
+            # (_submit), and answers still running after answer_wait_s are cut (_unload_overdue)
+            self._unload_wanted = True
+            self._thread.start_timer(UNLOAD_TIMER, self._answer_wait_s, self._unload_overdue)
         else:
             self._unload()
+
+    def _unload_overdue(self) -> None:
+        if self._unload_wanted:
+            self._cut_answers(f"the model was unloaded for a comparison; this answer ran {self._answer_wait_s:g} s "
+                              "past the request (its text so far is kept)")
+            self._unload()
+
+    def _stop_unload_wait(self) -> None:
+        self._unload_wanted = False
+        self._thread.stop_timer(UNLOAD_TIMER)
 
     def submit(self, request: Request) -> str:
         """Queue ``request`` for the model that serves (or the one loading, if none does);
@@ -221,6 +234,10 @@ class EngineHost(EngineSwaps):
     # -- the host's thread -----------------------------------------------------------------
     def _submit(self, request: Request) -> None:
         rid = request.request_id
+        if self._unload_wanted:  # (else answers could keep the unload waiting for good)
+            self._fail(rid, "the model is being unloaded for a comparison: send this again when it is loaded "
+                            "again (the comparison's end), or load a model.")
+            return
         if self.engine is None:
             if self._load_in_flight():
                 # Sent as the old model made room for a new one (or before any was ready):
@@ -252,7 +269,6 @@ class EngineHost(EngineSwaps):
             if self._ready is not None or self._release_wanted:
                 self._advance()  # a swap or release waiting for answers may go now
             if self._unload_wanted and not self._live:
-                self._unload_wanted = False
                 self._unload()
 
     def _abort(self, request_id: str) -> None:

@@ -38,6 +38,7 @@ log = logging.getLogger("hearth.host")
 #: Load options passed to check_model and the engine factory (anything else is ignored).
 LOAD_KEYS = LOAD_OPTIONS
 ANSWERS_TIMER = "answers-due"
+UNLOAD_TIMER = "unload-due"  # an unload(after_answers=True) waiting for the answers running
 
 
 def _name(options: dict) -> str:
@@ -72,6 +73,7 @@ class EngineSwaps:
     # -- on the host thread --------------------------------------------------------------
     def _load(self, options: dict) -> None:
         self._unload_wanted = False  # a model asked for: it replaces this one, not no model
+        self._thread.stop_timer(UNLOAD_TIMER)
         if options["_ticket"].is_set():
             self._end_cancelled(options)
             return
@@ -219,6 +221,7 @@ class EngineSwaps:
 
     def _unload(self) -> None:
         self._unload_wanted = False
+        self._thread.stop_timer(UNLOAD_TIMER)
         self._unload_quietly()
         self._serving_options = None
         self._publish(ModelUnloaded())

@@ -148,7 +148,10 @@ def test_an_unload_after_answers_lets_the_running_answer_finish_and_can_be_taken
         rid = h.submit(Request(prompt_token_ids=prompt(3), params=long))
         rec.wait(lambda evs: any(isinstance(e, TokenEvent) and e.request_id == rid for e in evs))
         h.unload(after_answers=True)
+        refused = h.submit(Request(prompt_token_ids=prompt(5), params=GREEDY))  # new ones can't hold it up
         rec.wait_for(ModelUnloaded)
+        fin_refused = rec.wait(lambda evs: [e for e in evs if isinstance(e, FinishedEvent) and e.request_id == refused])[0]
+        assert fin_refused.reason == "error" and "being unloaded for a comparison" in fin_refused.error
         ends = [(i, e) for i, e in enumerate(rec.events) if isinstance(e, FinishedEvent) and e.request_id == rid]
         unloaded_at = next(i for i, e in enumerate(rec.events) if isinstance(e, ModelUnloaded))
         ((at, fin),) = ends
@@ -162,5 +165,25 @@ def test_an_unload_after_answers_lets_the_running_answer_finish_and_can_be_taken
         rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == rid for e in evs))
         assert h.engine is not None and sum(isinstance(e, ModelUnloaded) for e in rec.events) == 1
         assert sum(isinstance(e, ModelLoaded) for e in rec.events) == 2  # kept, not loaded again
+    finally:
+        assert h.shutdown()
+
+
+def test_an_unload_after_answers_cuts_an_answer_that_runs_too_long(tiny_models):
+    from app.services.host_events import ModelUnloaded
+
+    h = EngineHost(answer_wait_s=0.02)
+    rec = Recorder()
+    h.subscribe(rec)
+    try:
+        h.load(tiny_options(tiny_models["llama-tied"]))
+        rec.wait_for(ModelLoaded)
+        rid = h.submit(Request(prompt_token_ids=prompt(3), params=SamplingParams(max_tokens=200, temperature=0.0,
+                                                                                 ignore_eos=True)))
+        rec.wait(lambda evs: any(isinstance(e, TokenEvent) and e.request_id == rid for e in evs))
+        h.unload(after_answers=True)
+        rec.wait_for(ModelUnloaded)
+        fin = rec.wait(lambda evs: [e for e in evs if isinstance(e, FinishedEvent) and e.request_id == rid])[0]
+        assert fin.reason == "error" and "unloaded for a comparison" in fin.error
     finally:
         assert h.shutdown()
