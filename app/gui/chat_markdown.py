@@ -74,6 +74,14 @@ def render_markdown(text: str, dark: bool = False) -> Rendered:
     return Rendered("".join(parts).rstrip(), tuple(code))
 
 
+def code_blocks(text: str) -> tuple[str, ...]:
+    """The exact text of each code block of ``text`` (``Rendered.code``), without
+    highlighting or laying anything out."""
+    return tuple(t.content[:-1] if t.content.endswith("\n") else t.content
+                 for block in split_blocks(text) for t in _markdown().parse(block)
+                 if t.type in ("fence", "code_block"))
+
+
 def split_blocks(text: str) -> list[str]:
     """``text`` cut at blank lines that end a block: outside code fences, and only where
     the next line starts at the margin (an indented line may continue a list item)."""

@@ -9,13 +9,14 @@ from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, Q
                                QLabel, QMenu, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox,
                                QVBoxLayout)
 
-from app.gui.chat_markdown import COPY_SCHEME, ZWSP, Rendered, render_markdown, strip_breaks
+from app.gui.chat_markdown import COPY_SCHEME, ZWSP, Rendered, code_blocks, render_markdown, strip_breaks
 from engine.api import SamplingParams
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "notice": "Notice"}
 NO_ANSWER = "<i>(no answer)</i>"  # an answer that ended before its first word
-#: A message longer than this shows its start only: a rich-text label lays all of its text
-#: out again on every resize and reopening (a 324 KB paste blocked the window 2-4 s each time).
+#: A user's message longer than this shows its start only: a rich-text label lays all of its
+#: text out again on every resize and reopening (a 324 KB paste blocked the window 2-4 s each
+#: time). Answers are shown whole (they grow as they stream, and have no Edit).
 SHOWN_CHARS = 20_000
 
 
@@ -241,10 +242,13 @@ class MessageWidget(QFrame):
             self._rendered = Rendered("", ())
             self.body.setText("…")
             return
-        shown = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS]
+        # a huge paste shows its start: laying all of it out froze the window for seconds
+        shown = text if len(text) <= SHOWN_CHARS or self.role != "user" else text[:SHOWN_CHARS]
         self._rendered = render_markdown(shown, dark=is_dark(self.palette()))
         html = self._rendered.html
-        if len(shown) < len(text):  # laying out all of a huge paste froze the window for seconds
+        if len(shown) < len(text):
+            # (a block's Copy copies all of its code: the blocks' text comes from the whole message)
+            self._rendered = Rendered(html, code_blocks(text))
             html += (f"<p><i>… {len(text) - len(shown):,} more characters not shown here (the message holds "
                      "them all: Copy copies them, Edit shows them).</i></p>")
         self.body.setText(html)

@@ -157,10 +157,11 @@ def messages_of(body: ResponsesRequest, origins: Origins | None = None, skip: in
         return messages + [{"role": "user", "content": body.input}]
     calls: set[str] = set()
     dropped: set[str] = set()  # the calls of the items skipped
+    leading = _leading_instructions(body.input)  # never skipped: the model's instructions
     for i, item in enumerate(body.input):
         where = f"input.{i}"
         kind = item.get("type", "message") if isinstance(item, dict) else None
-        if i < skip:
+        if leading <= i < skip:
             if kind == "function_call" and isinstance(item.get("call_id"), str):
                 dropped.add(item["call_id"])
             continue
@@ -333,8 +334,20 @@ def _cut_points(body: ResponsesRequest) -> list[int]:
     alternate still gets them so)."""
     if isinstance(body.input, str):
         return []
-    return [i for i, item in enumerate(body.input) if i > 0 and isinstance(item, dict)
+    first = _leading_instructions(body.input)  # system / developer items at the start stay
+    return [i for i, item in enumerate(body.input) if i > first and isinstance(item, dict)
             and item.get("type", "message") == "message" and item.get("role") == "user"]
+
+
+def _leading_instructions(items: list) -> int:
+    """How many system / developer messages open ``items`` (truncation keeps them)."""
+    n = 0
+    for item in items:
+        if not (isinstance(item, dict) and item.get("type", "message") == "message"
+                and item.get("role") in ("system", "developer")):
+            break
+        n += 1
+    return n
 
 
 async def _prepare_truncated(service: OpenAIService, body: ResponsesRequest, body_bytes: int):

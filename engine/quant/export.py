@@ -51,16 +51,17 @@ def _split(module, name: str) -> list[tuple[str, object]]:
 def _refuse_existing(out_dir: str | Path) -> None:
     """Refuse an ``out_dir`` that exists or can't be written, before any work is done (a
     quantization found that out only at its end)."""
+    import os
     import tempfile
 
     out = Path(out_dir).expanduser()
-    if out.exists():
+    if os.path.lexists(out):  # (a dangling link too)
         raise InvalidRequestError(f"{out_dir} exists: pick a new folder (--out), or delete it first.",
                                   options=("out",))
     base = out.absolute().parent
-    while not base.exists() and base != base.parent:
-        base = base.parent  # (the folders missing are made when it writes)
     try:  # a probe where it will write: permissions, a read-only or pseudo file system
+        while not base.exists() and base != base.parent:
+            base = base.parent  # (the folders missing are made when it writes)
         Path(tempfile.mkdtemp(prefix=".hearth-probe-", dir=base)).rmdir()
     except OSError as e:
         raise InvalidRequestError(f"cannot write {out_dir}: {e.strerror or e} in {base}. Pick a folder you can "

@@ -357,3 +357,9 @@ def test_a_huge_paste_shows_its_start_and_keeps_all_of_it(qtbot):
     assert w.text == text  # what Copy and Edit take
     qtbot.mouseClick(w.copy_button, Qt.MouseButton.LeftButton)
     assert QGuiApplication.clipboard().text() == text
+    # a code block cut by the limit still copies all of its code; an answer is shown whole
+    code = "x = 1\n" * 5000
+    w = _message(qtbot, f"```py\n{code}```\n", role="user")
+    assert "more characters not shown" in shown_text(w.body) and w.code_blocks == (code[:-1],)
+    answer = _message(qtbot, "word " * 5000)
+    assert "not shown" not in shown_text(answer.body) and shown_text(answer.body).count("word") == 5000

@@ -186,6 +186,11 @@ def test_truncation_auto_drops_the_earliest_turns(client, model_name):
     kept = client.responses.create(model=model_name, input=items[2:], **CUT)
     assert r.truncation == "auto" and r.usage.input_tokens == kept.usage.input_tokens
     assert r.output_text == kept.output_text
+    # a system / developer message that opens the input stays (the model's instructions)
+    system = {"role": "developer", "content": "Answer in one word."}
+    cut = client.responses.create(model=model_name, input=[system, *items], truncation="auto", **CUT)
+    whole = client.responses.create(model=model_name, input=[system, *items[2:]], **CUT)
+    assert cut.usage.input_tokens == whole.usage.input_tokens and cut.output_text == whole.output_text
     # input that fits is left whole
     short = client.responses.create(model=model_name, input=items[2:], truncation="auto", **CUT)
     assert short.usage.input_tokens == kept.usage.input_tokens
