@@ -173,7 +173,7 @@ class Scheduler:
                 i += 1
                 continue
             if n > 1:
-                room = self._room_after(i)
+                room = self._room_after(i, n)
                 if room:
                     n = min(n, max(budget - room, budget // 2))
             stop = False
@@ -247,8 +247,8 @@ class Scheduler:
         out.num_waiting = len(self.waiting)
         return out
 
-    def _room_after(self, i: int) -> int:
-        """Tokens a prompt chunk of ``running[i]`` leaves to others this step: one for each
+    def _room_after(self, i: int, n: int) -> int:
+        """Tokens a prompt chunk of ``running[i]`` (``n`` tokens at most) leaves to others this step: one for each
         later running sequence that decodes, and a short waiting prompt (a quarter of the
         budget or less) at the head of the queue, so that one long prompt read in chunks
         stalls neither the answers under way nor a short request (each waited for the whole
@@ -258,7 +258,10 @@ class Scheduler:
         if self.waiting and len(self.running) < self.max_num_seqs:
             head = self.waiting[0]
             rest = head.num_tokens - head.num_computed_tokens
-            if rest <= self.max_num_batched_tokens // 4:
+            # (only where the KV cache has room for both now: else it would be held back, or
+            # admitted only to be preempted again by this prompt's next chunk)
+            if rest <= self.max_num_batched_tokens // 4 and \
+                    self.block_manager.num_free_blocks * self.block_manager.block_size >= n + rest:
                 room += rest
         return room
 

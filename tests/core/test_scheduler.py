@@ -521,3 +521,15 @@ def test_a_long_waiting_prompt_still_waits_its_turn():
     sched.add(make_seq("second", 100, start=1000))  # more than a quarter of the budget
     out = step(sched)
     assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("first", 64)]
+
+
+def test_no_room_is_kept_for_a_short_prompt_the_kv_cache_cant_hold_now():
+    """With the KV cache nearly full, the long prompt's chunk takes the whole budget (a short
+    prompt let in would be preempted again by its next chunk)."""
+    sched = Scheduler(BlockManager(20, 4), max_num_batched_tokens=64)
+    long = make_seq("long", 70)
+    sched.add(long)
+    step(sched)  # 64 tokens: 16 of the 20 blocks
+    sched.add(make_seq("short", 10, start=1000))
+    out = step(sched)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled][0] == ("long", 6)
