@@ -15,9 +15,13 @@ converted again.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import copy
+import functools
 import json
 import os
+import queue
 import shutil
 import threading
 import time
@@ -148,7 +152,8 @@ PROGRESS_EVERY_S = 0.5  # how often a conversion says how far it is
 class _TensorSteps:
     """Stands in for ``tqdm`` in transformers' GGUF reader (which dequantizes the file's
     tensors in one call, one ``tqdm`` step each): every tensor asks ``check`` (a cancel
-    raises there) and, at most every half second, reports ``Converting NAME: i/n tensors``.
+    raises there: the worker's of ``_on_worker``, once the conversion waiting on the read was
+    cancelled) and, at most every half second, reports ``Converting NAME: i/n tensors``.
     transformers imports ``tqdm`` into that module by name (``_StepsDispatch`` stands in for
     it); where a version doesn't, the reader runs as it is and a cancel waits for its end."""
 
@@ -168,7 +173,7 @@ class _TensorSteps:
 
 
 _steps = threading.local()  # this thread's _TensorSteps while it reads a GGUF
-_steps_lock = threading.Lock()
+_steps_lock = threading.Lock()  # (putting the dispatches in place; _abandoned)
 
 
 class _StepsDispatch:
@@ -201,10 +206,140 @@ def _reader_steps(steps: _TensorSteps):
         _steps.current = outer
 
 
+POLL_S = 0.1  # how often a wait on a read running on a worker thread asks should_stop
+EXIT_WAIT_S = 3.0  # how long a process exiting waits for reads it abandoned (see _wait_for_abandoned)
+_abandoned: set[threading.Thread] = set()
+
+
+def _on_worker(check: Callable[[], None], work, progress: Callable[[str], None] | None = None):
+    """Return ``work(worker_check, say)``, run on a daemon thread while this one waits, asking
+    ``check`` every ``POLL_S`` seconds: the reads of a GGUF (gguf's and transformers' parse of
+    its metadata, ~10 s for a 49k-token vocabulary on a slow machine; transformers' tokenizer
+    built in Python) can't be interrupted where they run, so a cancel doesn't wait for them.
+
+    A cancel (``check`` raising) returns at once; the thread is abandoned: Python can't stop
+    it, so it runs on to its end (or to its next ``worker_check``, which raises once it is
+    abandoned) and what it returns or raises is dropped. Works run this way only read (the
+    file, and into memory): the conversion writes nothing before they return, so an abandoned
+    one can't touch an output folder, and it shares nothing with a later conversion (each has
+    its own threads, parse cache and ``_TensorSteps``). Callbacks stay on this thread:
+    ``should_stop`` is asked here only, and what the work ``say``s is passed on to
+    ``progress`` here (dropped once abandoned)."""
+    done, gone = threading.Event(), threading.Event()
+    said: queue.SimpleQueue[str] = queue.SimpleQueue()
+    outcome: dict = {}
+
+    def worker_check() -> None:
+        if gone.is_set():
+            raise LoadCancelledError("loading cancelled (abandoned)")
+
+    def run() -> None:
+        try:
+            outcome["result"] = work(worker_check, said.put)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+            with _steps_lock:
+                _abandoned.discard(threading.current_thread())
+
+    def relay() -> None:
+        while progress is not None and not said.empty():
+            progress(said.get_nowait())
+
+    thread = threading.Thread(target=run, name="hearth-gguf-read", daemon=True)
+    thread.start()
+    try:
+        while not done.wait(POLL_S):
+            relay()
+            check()
+        relay()
+    except BaseException:
+        gone.set()
+        with _steps_lock:
+            _abandoned.difference_update([t for t in _abandoned if not t.is_alive()])
+            if thread.is_alive():
+                _abandoned.add(thread)
+        raise
+    error = outcome.pop("error", None)
+    if error is not None:
+        raise error
+    return outcome.pop("result")
+
+
+@atexit.register
+def _wait_for_abandoned() -> None:
+    """At the interpreter's exit, give reads abandoned by a cancel a moment to end (a tensor
+    read ends at its next tensor): a daemon thread still inside a torch op when the
+    interpreter finalizes can abort the process ("terminate called without an active
+    exception"). Bounded: a read still parsing is left to the exit (pure Python there)."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    with _steps_lock:
+        threads = list(_abandoned)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+_parsed = threading.local()  # this thread's _ParsedOnce while it reads a GGUF's config and tokenizer
+
+
+class _ParsedOnce:
+    """transformers' metadata parse (``load_gguf_checkpoint(path, return_tensors=False)``) of
+    one conversion's file, made by its first caller and copied out to the later ones."""
+
+    def __init__(self, gguf_path: Path) -> None:
+        self.path, self.result = Path(gguf_path).resolve(), None
+
+
+class _ParseOnceDispatch:
+    """Put once in place of transformers' ``load_gguf_checkpoint`` (a module global that
+    ``AutoConfig`` and ``AutoTokenizer`` import when called): each of them parses the whole
+    file's metadata for the config (the tokenizer to pick its class), the same ~10 s twice.
+    A thread reading a conversion's config and tokenizer (``_parse_once``) gets its file's
+    parse made once and deep-copied (a fresh parse's equal, each caller free to change its
+    own); anything else, and a call with tensors, the reader as it is. (Where a transformers
+    version imports it at its module's import instead, each call parses, as before.)"""
+
+    def __init__(self, original) -> None:
+        self.original = original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, path, *args, **kwargs):
+        once = getattr(_parsed, "current", None)
+        if once is None or args not in ((), (False,)) or kwargs not in ({}, {"return_tensors": False}):
+            return self.original(path, *args, **kwargs)
+        try:
+            same = Path(path).resolve() == once.path
+        except (TypeError, OSError):
+            same = False
+        if not same:
+            return self.original(path, *args, **kwargs)
+        if once.result is None:  # (the config and the tokenizer are read one after the other)
+            once.result = self.original(path, *args, **kwargs)
+        return copy.deepcopy(once.result)
+
+
+@contextlib.contextmanager
+def _parse_once(once: _ParsedOnce):
+    """This thread's reads of ``once.path`` through transformers share ``once``'s parse."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    with _steps_lock:
+        present = getattr(reader, "load_gguf_checkpoint", None)
+        if present is not None and not isinstance(present, _ParseOnceDispatch):
+            reader.load_gguf_checkpoint = _ParseOnceDispatch(present)
+    outer = getattr(_parsed, "current", None)
+    _parsed.current = once
+    try:
+        yield
+    finally:
+        _parsed.current = outer
+
+
 def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,
                check: Callable[[], None] = lambda: None):
     """Return ``(config, tokenizer, state_dict)`` read by transformers' GGUF reader;
-    ``check`` is called before each tensor (it raises to stop)."""
+    ``check`` is called every ``POLL_S`` seconds while it reads (it raises to stop)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -214,8 +349,26 @@ def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,
         "(owner/name) as the model, or use a GGUF of an architecture transformers supports "
         "(llama, mistral, qwen2, ...)."
     )
+    # Each read runs on a worker thread while this one asks ``check`` (``_on_worker``); the
+    # config and the tokenizer share one parse of the file's metadata (``_parse_once``).
+    once = _ParsedOnce(gguf_path)
+
+    def read_config(_worker_check, _say):
+        with _parse_once(once):
+            return AutoConfig.from_pretrained(folder, gguf_file=name)
+
+    def read_tokenizer(_worker_check, _say):
+        with _parse_once(once):
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+    def read_tensors(worker_check, say):
+        with _reader_steps(_TensorSteps(gguf_path.name, say if progress else None, worker_check)):
+            return load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+
     try:
-        cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+        cfg = _on_worker(check, read_config)
+    except LoadCancelledError:
+        raise
     except ValueError as exc:
         if "not supported" in str(exc):
             raise UnsupportedModelError(
@@ -230,12 +383,12 @@ def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,
         ) from exc
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tok = _on_worker(check, read_tokenizer)
+        check()
         # Build on the meta device: we only need parameter names and shapes, not memory.
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-        with _reader_steps(_TensorSteps(gguf_path.name, progress, check)):
-            tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+        tensors = _on_worker(check, read_tensors, progress)
     except LoadCancelledError:
         raise
     except Exception as exc:
@@ -395,7 +548,8 @@ def convert_gguf(
     end, so an interrupted conversion never leaves a half-written model; an existing
     ``out_dir`` is replaced.
 
-    ``should_stop`` is asked before each tensor is read and between the stages: True stops
+    ``should_stop`` is asked between the stages and, while the file is read (on a worker
+    thread: ``_on_worker``), every ``POLL_S`` seconds, on the calling thread only: True stops
     the conversion (``LoadCancelledError``) and removes what it had written.
 
     Raises:
@@ -418,7 +572,9 @@ def convert_gguf(
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(str(gguf_path))
+        reader = _on_worker(check, lambda _worker_check, _say: GGUFReader(str(gguf_path)))
+    except LoadCancelledError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the reader fails in many ways on damaged or newer files
         raise ModelLoadError(
             f"cannot read GGUF file {gguf_path}: {type(exc).__name__}: {exc}. The file may be truncated, corrupt "
@@ -435,14 +591,14 @@ def convert_gguf(
     if scaling is not None:
         _set_config_rope(cfg, scaling)
     end_ids = _end_ids(reader)
-    del reader
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         cfg.save_pretrained(tmp)
-        raw = _gguf_tensors(gguf_path, cfg, list(tensors)) if keep_quantized or dtype is AS_FILE else {}
+        raw = _gguf_tensors(gguf_path, cfg, list(tensors), reader) if keep_quantized or dtype is AS_FILE else {}
+        del reader
         check()
         kept, types = kept_quantized(gguf_path, cfg, tensors, raw) if keep_quantized else ({}, {})
         check()
@@ -488,13 +644,14 @@ def convert_gguf(
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _gguf_tensors(gguf_path: Path, cfg, names) -> dict:
+def _gguf_tensors(gguf_path: Path, cfg, names, reader=None) -> dict:
     """HF tensor name -> the file's own ``ReaderTensor`` for it (through gguf's name map of
-    the file's architecture; empty for an architecture gguf doesn't map)."""
+    the file's architecture; empty for an architecture gguf doesn't map). ``reader``: the
+    file's ``GGUFReader``, where the caller has one (a parse takes seconds)."""
     import gguf
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_path))
+    reader = GGUFReader(str(gguf_path)) if reader is None else reader
     field = reader.fields["general.architecture"]
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(bytes(field.parts[field.data[0]]).decode())
     if arch is None:
