@@ -27,8 +27,7 @@ from engine.events import EngineEvent, EngineStats, StepInfo
 from engine.model_info import ModelInfo
 from engine.output import RequestState
 from engine.requests import Completion, EventCallback, Request, RequestHandle
-from engine.runner.io import NewRequest, RunnerInput, StepRow, needs_token_context
-from engine.runner.sampler import NOT_A_NUMBER
+from engine.runner.io import NOT_A_NUMBER, NewRequest, RunnerInput, StepRow, needs_token_context
 from engine.sampling_params import SamplingParams
 from engine.prompt_ids import check_request_text, prompt_ids
 

@@ -21,6 +21,10 @@ from typing import TYPE_CHECKING
 
 from engine.sampling_params import SamplingParams
 
+#: The "token" of a row whose logits hold a NaN or +inf (never a vocabulary id): the sampler
+#: gives it, the scheduler doesn't append it, the engine ends that request with an error.
+NOT_A_NUMBER = -1
+
 if TYPE_CHECKING:
     from engine.runner.sampler import TokenLogprobs
 

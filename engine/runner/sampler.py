@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from engine.runner.grammar import apply_token_bitmask
+from engine.runner.io import NOT_A_NUMBER
 from engine.sampling_params import SamplingParams
 
 
-#: The "token" of a row whose logits hold a NaN or +inf (never a vocabulary id).
-NOT_A_NUMBER = -1
 
 
 def flag_not_a_number(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
