@@ -189,21 +189,27 @@ class _StepsDispatch:
         return steps(iterable) if steps is not None else self.original(iterable, *args, **kwargs)
 
 
-@contextlib.contextmanager
 def _reader_steps(steps: _TensorSteps):
     """``steps`` drives this thread's GGUF read (other threads' reads keep theirs)."""
+    return _this_thread_only("tqdm", _StepsDispatch, _steps, steps)
+
+
+@contextlib.contextmanager
+def _this_thread_only(attr: str, dispatch: type, local: threading.local, value):
+    """Set ``local.current`` to ``value`` for this thread while transformers' GGUF reader's
+    ``attr`` is a ``dispatch`` (installed once, for every thread) that consults it."""
     import transformers.modeling_gguf_pytorch_utils as reader
 
     with _steps_lock:
-        present = getattr(reader, "tqdm", None)
-        if present is not None and not isinstance(present, _StepsDispatch):
-            reader.tqdm = _StepsDispatch(present)
-    outer = getattr(_steps, "current", None)
-    _steps.current = steps
+        present = getattr(reader, attr, None)
+        if present is not None and not isinstance(present, dispatch):
+            setattr(reader, attr, dispatch(present))
+    outer = getattr(local, "current", None)
+    local.current = value
     try:
         yield
     finally:
-        _steps.current = outer
+        local.current = outer
 
 
 POLL_S = 0.1  # how often a wait on a read running on a worker thread asks should_stop
@@ -319,21 +325,9 @@ class _ParseOnceDispatch:
         return copy.deepcopy(once.result)
 
 
-@contextlib.contextmanager
 def _parse_once(once: _ParsedOnce):
     """This thread's reads of ``once.path`` through transformers share ``once``'s parse."""
-    import transformers.modeling_gguf_pytorch_utils as reader
-
-    with _steps_lock:
-        present = getattr(reader, "load_gguf_checkpoint", None)
-        if present is not None and not isinstance(present, _ParseOnceDispatch):
-            reader.load_gguf_checkpoint = _ParseOnceDispatch(present)
-    outer = getattr(_parsed, "current", None)
-    _parsed.current = once
-    try:
-        yield
-    finally:
-        _parsed.current = outer
+    return _this_thread_only("load_gguf_checkpoint", _ParseOnceDispatch, _parsed, once)
 
 
 def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,
