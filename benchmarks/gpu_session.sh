@@ -452,3 +452,15 @@ esac
 case "$what" in serve-clients)  # is the serve suite's single client process part of what it measures?
   python benchmarks/serve_clients.py --shape llama-8b --tokenizer $CARRY/tok --json "$OUT/serve-clients-8b.json" "$@" 2>&1 | tail -8 ;;
 esac
+if [ "$what" = targets ]; then  # one file for all of its runs: a call brings back only so many files
+  python - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1]); runs = {}
+for p in sorted(out.glob("bench-8b-bs*.json")):
+    runs[p.stem] = json.loads(p.read_text()); p.unlink()
+(out / "targets.json").write_text(json.dumps({"runs": runs}, indent=1))
+for name, run in runs.items():
+    for r in run.get("rows", []):
+        print(f"{name:40.40s} {r['quant']:5s} bs{r['batch']:<3d} {r['decode_tok_s']:9.1f} tok/s  ttft {r['ttft_ms']:.2f} ms")
+PY
+fi
