@@ -16,7 +16,8 @@ from pathlib import Path
 
 from app.commands.load_options import add_load_args, config_from_args, options_from_args
 from app.server.limits import MAX_QUEUE
-from app.server.listen import bind, exposure_problem, is_loopback, parse_origins
+from app.server.listen import base_url, bind, exposure_problem, is_loopback, parse_origins
+from app.server.loading import LoadingResponder
 from app.services.engine_host import EngineHost
 from app.services.engine_process import EngineProcess, load_and_wait, say_on_stderr
 from engine.api import InvalidRequestError
@@ -89,15 +90,22 @@ def load_model(host: EngineHost, options: dict) -> None:
 def run_serve(args) -> int:
     key = check_serve_args(args)
     sock = bind(args.host, args.port)
+    name = args.model or "the default model"
+    print(f"[hearth] loading {name}; until it is ready {base_url(args.host, sock.getsockname()[1])} answers "
+          "503 (loading).", file=sys.stderr, flush=True)
+    # Until uvicorn takes the socket, the port answers "loading" at once (app/server/loading.py)
+    loading = LoadingResponder(sock, name).start()
     try:
         # The engine runs in a process of its own (app/services/engine_process.py says why)
         host = EngineProcess.start(options_from_args(args))
     except BaseException:
+        loading.stop()
         sock.close()
         raise
     try:
-        return _serve(host, sock, args, key)
+        return _serve(host, sock, args, key, loading)
     finally:
+        loading.stop()
         sock.close()
         host.shutdown()
         print("[hearth] server stopped; the model is unloaded.", file=sys.stderr, flush=True)
@@ -107,7 +115,7 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _serve(host: EngineProcess, sock: socket.socket, args, key: str | None) -> int:
+def _serve(host: EngineProcess, sock: socket.socket, args, key: str | None, loading: LoadingResponder) -> int:
     from app.server import create_app
     from app.server.background import uvicorn_server
 
@@ -141,6 +149,7 @@ def _serve(host: EngineProcess, sock: socket.socket, args, key: str | None) -> i
         # uvicorn stops gracefully on SIGTERM, then raises it again: a Python handler (not the
         # default, which kills at once) lets ``run_serve`` shut the engine's process down.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    loading.stop()  # uvicorn answers from here on
     server.run(sockets=[sock])
     if gone:
         return 1

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The container's health check: exit 0 when ``GET /health`` on this container's server
-answers ``{"status": "ok"}`` (a model is loaded and serving), else 1 with the reason on
-stderr (Docker shows it in ``docker inspect``). Standard library only; /health needs no key.
-``HEARTH_PORT`` names the port (default 8000)."""
+answers ``{"status": "ok"}`` (a model is loaded and serving), else 1 with the reason on stderr
+(Docker shows it in ``docker inspect``; while the model loads: ``HTTP 503, status 'loading'``).
+Standard library only; /health needs no key. ``HEARTH_PORT`` names the port (default 8000)."""
 
 import json
 import os
 import sys
+import urllib.error
 import urllib.request
 
 
@@ -15,7 +16,14 @@ def main() -> int:
     try:
         with urllib.request.urlopen(url, timeout=4) as r:
             status = json.load(r).get("status")
-    except (OSError, ValueError) as e:  # refused, timed out, an HTTP error, not JSON
+    except urllib.error.HTTPError as e:  # 503 {"status": "loading"} while the model loads
+        try:
+            status = json.load(e).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = None
+        print(f"{url}: HTTP {e.code}" + (f", status {status!r}" if status else ""), file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # refused, timed out, not JSON
         print(f"{url}: {e}", file=sys.stderr)
         return 1
     if status != "ok":

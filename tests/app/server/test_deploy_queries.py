@@ -98,3 +98,16 @@ def test_container_healthcheck_fails_while_no_model_is_loaded():
     finally:
         host.shutdown()
     assert done.returncode == 1 and "no model loaded" in done.stderr
+
+
+def test_container_healthcheck_fails_while_the_model_loads():
+    from app.server.listen import bind
+    from app.server.loading import LoadingResponder
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        with LoadingResponder(sock, "org/model"):
+            done = healthcheck(sock.getsockname()[1])
+    finally:
+        sock.close()
+    assert done.returncode == 1 and "HTTP 503, status 'loading'" in done.stderr, done.stderr
