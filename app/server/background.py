@@ -17,6 +17,7 @@ from typing import Callable
 
 import uvicorn
 
+from app.server.head_timeout import HeadTimeoutProtocol
 from app.server.limits import MAX_QUEUE
 from app.server.listen import base_url, bind, exposure_problem
 from app.server.observe import RequestRecord
@@ -53,8 +54,10 @@ def uvicorn_server(app, verbose: bool = False, own_logging: bool = True) -> Hear
     """The uvicorn server for ``app`` (made by ``create_app``). ``own_logging``: let uvicorn
     configure Python's logging (a command does; an app that has its own must say False)."""
     extra = {} if own_logging else {"log_config": None}
+    # (http: uvicorn's own protocol, with a limit on how long a request's head may take)
     return HearthUvicorn(uvicorn.Config(app, log_level="info" if verbose else "warning", lifespan="on",
-                                        timeout_graceful_shutdown=GRACEFUL_S, access_log=verbose, **extra))
+                                        timeout_graceful_shutdown=GRACEFUL_S, access_log=verbose,
+                                        http=HeadTimeoutProtocol, **extra))
 
 
 @dataclass(frozen=True)
