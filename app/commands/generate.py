@@ -46,14 +46,20 @@ def run_generate(args) -> int:
                                           options=e.options) from None
         if len(handles) == 1 and not args.json:
             fin = None
+            said = False
             for ev in handles[0]:
                 if isinstance(ev, TokenEvent):
                     sys.stdout.write(ev.text)
                     sys.stdout.flush()
+                    said = said or bool(ev.text.strip())
                 else:
                     fin = ev
             sys.stdout.write("\n")
             _report(fin)
+            if not said and not args.chat and isinstance(fin.stop, int) and engine.tokenizer.has_chat_template:
+                # an instruct model given a bare question often ends at once: say what to do
+                print("hearth: the model ended its answer without any text; it has a chat template, so it "
+                      "may be a chat model: add --chat to send the prompt as a user message", file=sys.stderr)
             return 0 if fin.reason != "error" else 1
         rc = 0
         for (line, _), h in zip(prompts, handles):  # results print in input order
@@ -153,7 +159,8 @@ def completion_json(c: Completion, engine) -> dict:
 
 def _report(fin: FinishedEvent) -> None:
     t = fin.timings
-    msg = (f"[{fin.usage.completion_tokens} tokens, finish: {fin.reason}, TTFT {t.ttft_ms:.0f} ms, "
+    n = fin.usage.completion_tokens
+    msg = (f"[{n} token{'' if n == 1 else 's'}, finish: {fin.reason}, TTFT {t.ttft_ms:.0f} ms, "
            f"{t.decode_tok_s:.1f} tok/s]")
     if fin.error:
         msg += f" error: {fin.error}"

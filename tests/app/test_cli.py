@@ -83,6 +83,28 @@ def test_generate_plain_text_matches_json(capsys, tiny):
     assert "5 tokens, finish: length" in err
 
 
+def test_an_answer_ended_at_once_without_chat_suggests_chat(capsys, tiny, tmp_path):
+    """A bare question to an instruct model often ends at its first token (its end-of-turn
+    id): an empty answer would leave the user guessing, so generate says to add --chat."""
+    import shutil
+
+    common = ["--prompt", "What is the capital of France?", "--max-tokens", "5", "--temperature", "0"]
+    rc, out, _ = run_cli(capsys, *gen_args(tiny, *common, "--json", "--ignore-eos"))
+    row = json_rows(out)[0]
+    first = row["token_ids"][0]
+    model = tmp_path / "ends-at-once"
+    shutil.copytree(tiny, model)  # the same model, its first greedy token made an end-of-sequence id
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": first}))
+    rc, out, err = run_cli(capsys, *gen_args(model, *common))
+    assert rc == 0 and out == "\n"
+    assert "[1 token, finish: stop" in err and "add --chat" in err
+    rc, out, err = run_cli(capsys, *gen_args(model, *common, "--chat"))
+    assert "add --chat" not in err
+    assert row["text"].strip()
+    rc, out, err = run_cli(capsys, *gen_args(tiny, *common, "--stop", row["text"].strip()[:1]))
+    assert "finish: stop" in err and "add --chat" not in err  # a stop string, not the model, ended it
+
+
 def test_generate_logprobs(capsys, tiny):
     rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Once upon a time", "--max-tokens", "5",
                                              "--temperature", "0", "--ignore-eos", "--json",
