@@ -74,8 +74,6 @@ from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
 
 from hearth_kernels._checks import check_paged_cache, fp8_as_fp16
 from hearth_kernels._compat import interpreting
-from hearth_kernels.kv_cache import FP8_DTYPES
-from hearth_kernels.rotary import _check_rope, _to_cache, rope_halves
 
 _LOG2E = 1.4426950408889634
 # Scores start here rather than at -inf so that a row whose keys are all masked so far
@@ -123,19 +121,13 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, stride_tb,
     stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh,
-    k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-    stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_sin,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     AS_FP16: tl.constexpr, PDL: tl.constexpr, V_PAIRS: tl.constexpr = 0, TABLE_AHEAD: tl.constexpr = 0,
-    ROPE: tl.constexpr = 0, FP8_CACHE: tl.constexpr = 0,
 ):
     # V_PAIRS (an e4m3 cache under fp16 dots, see the module docstring): 0 V widened as Triton
-    # loads it; 1 read as pairs, widened by Triton's casts; 2 as pairs by one conversion a pair.
-    # ROPE (see ``rope`` in paged_decode_attention): q arrives unrotated and this step's k and v
-    # beside it; each program rotates its query group, and the one whose slice holds the new
-    # token writes its rotated k and its v to the cache and attends to them from registers.
+    # loads it; 1 read as pairs, widened by Triton's casts; 2 as pairs by one conversion a pair
     pdl_start(PDL)
     pdl_wait(PDL)  # before any load or early return (hearth_kernels/pdl.py)
     b = tl.program_id(0)
@@ -157,32 +149,8 @@ def _decode_split_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
-    head_off = kvh.to(tl.int64) * stride_c_head
-    if ROPE:  # (HEAD_DIM is a power of two here: D_PAD == HEAD_DIM)
-        HALF: tl.constexpr = HEAD_DIM // 2
-        offs_h = tl.arange(0, HALF)
-        pos_b = tl.load(pos_ptr + b).to(tl.int64)
-        c = tl.load(cos_ptr + pos_b * stride_cos + offs_h).to(tl.float32)
-        sn = tl.load(sin_ptr + pos_b * stride_sin + offs_h).to(tl.float32)
-        qp = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
-        q1, q2 = rope_halves(tl.load(qp, mask=g_mask[:, None], other=0.0),
-                             tl.load(qp + HALF, mask=g_mask[:, None], other=0.0), c[None, :], sn[None, :])
-        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), [G_PAD, HEAD_DIM])  # [q1 | q2]
-        # This step's token (position seq_len - 1): k rotated, both as the cache stores them
-        kp = k_ptr + b64 * stride_kb + kvh * stride_kh + offs_h
-        k1, k2 = rope_halves(tl.load(kp), tl.load(kp + HALF), c, sn)
-        k_new = _to_cache(tl.reshape(tl.permute(tl.join(k1, k2), (1, 0)), [HEAD_DIM]), cache_ptr, FP8_CACHE)
-        v_new = _to_cache(tl.load(v_ptr + b64 * stride_vb + kvh * stride_vh + offs_d), cache_ptr, FP8_CACHE)
-        last = seq_len - 1
-        if (last >= start) & (last < end):  # this program's slice holds it: write it (not a padding row)
-            slot = tl.load(slot_ptr + b).to(tl.int64)
-            if slot >= 0:
-                dst = cache_ptr + (slot // BLOCK_SIZE) * stride_c_blk + (slot % BLOCK_SIZE) * stride_c_tok + head_off
-                tl.store(dst + offs_d, k_new)
-                tl.store(dst + stride_c_kv + offs_d, v_new)
-    else:
-        q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if AS_FP16:  # bf16 queries over an fp8 cache: the dots run in fp16 (see fp8_as_fp16)
         q = q.to(tl.float16)
 
@@ -190,6 +158,7 @@ def _decode_split_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     table = tables_ptr + b64 * stride_tb
+    head_off = kvh.to(tl.int64) * stride_c_head
     if TABLE_AHEAD:  # the first tile's block numbers (see the module docstring)
         nxt = tl.load(table + (start + offs_n) // BLOCK_SIZE, mask=start + offs_n < end, other=0)
     for n0 in range(start, end, BLOCK_N):
@@ -204,9 +173,6 @@ def _decode_split_kernel(
         kv_mask = k_mask[:, None] & d_mask[None, :]
         # .to(q.dtype): an fp8 cache is widened here; otherwise a no-op.
         k = tl.load(cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        if ROPE:  # the new token from registers (its cache row may not be written yet)
-            here = (pos == seq_len - 1)[:, None]
-            k = tl.where(here, k_new.to(q.dtype)[None, :], k)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
         visible = k_mask
         if HAS_WINDOW:
@@ -226,8 +192,6 @@ def _decode_split_kernel(
         else:
             v = tl.load(cache_ptr + stride_c_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
                         other=0.0).to(q.dtype)
-        if ROPE:
-            v = tl.where(here, v_new.to(v.dtype)[None, :], v)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -370,40 +334,11 @@ def _auto_splits(batch: int, kv_heads: int, max_seq_len: int, device: torch.devi
     return max(1, min(want, triton.cdiv(max_seq_len, 128)))
 
 
-def rope_fusable(head_dim: int) -> bool:
-    """Whether ``paged_decode_attention`` can take ``rope`` for this head size (a power of
-    two: the kernel puts the rotated halves together at D_PAD == head_dim) and
-    ``HEARTH_DECODE_ROPE`` (``0``: the separate rotary kernel, for A/B runs) leaves it on."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and _switch("HEARTH_DECODE_ROPE", True)
-
-
-def _rope_args(q: torch.Tensor, kv_cache: torch.Tensor, rope: tuple) -> tuple[tuple, tuple]:
-    """The kernel's pointer and stride arguments for ``rope``, checked."""
-    k, v, positions, cos, sin, slots = rope
-    bsz, _, dim = q.shape
-    kvh = kv_cache.shape[3]
-    if dim < 16 or dim & (dim - 1):
-        raise ValueError(f"paged_decode_attention: rope needs a head size that is a power of two >= 16, got {dim}")
-    if k.shape != (bsz, kvh, dim) or v.shape != k.shape:
-        raise ValueError(f"paged_decode_attention: rope's k and v must be [{bsz}, {kvh}, {dim}], got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"paged_decode_attention: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("paged_decode_attention: the head_dim axis of rope's k and v must be contiguous (stride 1)")
-    _check_rope("paged_decode_attention", bsz, dim, positions, cos, sin)
-    if slots.shape != (bsz,) or slots.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paged_decode_attention: rope's slot_mapping must be int32/int64 of shape [{bsz}], "
-                         f"got {slots.dtype} {tuple(slots.shape)}")
-    return ((k, v, positions, cos, sin, slots),
-            (k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0)))
-
-
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, *,
                            sliding_window: int | None = None, max_seq_len: int,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
-                           block_n: int | None = None, rope: tuple | None = None) -> torch.Tensor:
+                           block_n: int | None = None) -> torch.Tensor:
     """Decode attention of ``q`` [B, H, D] over the paged ``kv_cache``; returns [B, H, D].
 
     ``kv_cache`` is ``[2, num_blocks, block_size, KVH, D]`` (K then V) with H % KVH == 0;
@@ -413,14 +348,6 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     lengths is correct, e.g. the model's context length under CUDA graphs).
     ``num_splits`` (slices per sequence, >= 1) and ``block_n`` (key tile, power of two
     >= 16) override the tuned defaults; tests use them to exercise the split and merge.
-
-    ``rope`` = ``(k, v, positions, cos, sin, slot_mapping)`` (``apply_rotary_and_write_kv``'s
-    arguments, k and v ``[B, KVH, D]``): ``q`` and this step's ``k`` come unrotated and the
-    cache does not hold this step's token yet. The kernel rotates them itself, writes the
-    token's k and v to its slot (none for a negative slot) and attends to them, with the same
-    bits in the output and in the cache as ``apply_rotary_and_write_kv`` then this function
-    give, one kernel fewer a layer. Head sizes that are powers of two (``rope_fusable``);
-    ``q`` and ``k`` are left as they came (unrotated).
     """
     block_size, kv_heads = check_paged_cache("paged_decode_attention", q, kv_cache, "[B, H, D]")
     bsz, heads, dim = q.shape
@@ -438,10 +365,6 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"paged_decode_attention: out must be a contiguous-last-axis {q.dtype} "
                          f"{tuple(q.shape)} tensor, got {out.dtype} {tuple(out.shape)}")
-    if rope is not None:
-        rope_args, rope_strides = _rope_args(q, kv_cache, rope)
-    else:
-        rope_args, rope_strides = (q,) * 6, (0,) * 6  # unused (ROPE=0)
     if bsz == 0:
         return out
     v_pairs = _v_pairs(q.dtype, kv_cache)
@@ -469,13 +392,13 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         scale * _LOG2E, window, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), *pstrides, *rope_args, *rope_strides,
+        block_tables.stride(0), *pstrides,
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), V_PAIRS=v_pairs, TABLE_AHEAD=ahead,
-        ROPE=rope is not None, FP8_CACHE=kv_cache.dtype in FP8_DTYPES, num_warps=warps, num_stages=stages, **pdl_args(q.device),
+        num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
     if split:
         np_pad = triton.next_power_of_2(splits)

@@ -40,21 +40,13 @@ def _rotated(x_ptr, stride_h, c, s, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
     p1 = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0)
-    o1, o2 = rope_halves(x1, x2, c, s)
-    return p1, mask, o1, o2
-
-
-@triton.jit
-def rope_halves(x1, x2, c, s):
-    """(x1, x2) rotated by (c, s) (fp32, broadcasting), in x's dtype: every product, then the
-    sum, rounded to that dtype as the eager reference does. Shared with the decode attention
-    kernel that rotates as it attends (``hearth_kernels/paged_decode.py``): the same bits."""
-    dt = x1.dtype
+    dt = x_ptr.dtype.element_ty
     f1 = x1.to(tl.float32)
     f2 = x2.to(tl.float32)
+    # Round every product, then the sum, to the model dtype as the eager reference does.
     o1 = ((f1 * c).to(dt).to(tl.float32) + (-f2 * s).to(dt).to(tl.float32)).to(dt)
     o2 = ((f2 * c).to(dt).to(tl.float32) + (f1 * s).to(dt).to(tl.float32)).to(dt)
-    return o1, o2
+    return p1, mask, o1, o2
 
 
 @triton.jit

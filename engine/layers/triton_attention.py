@@ -1,9 +1,8 @@
 """The ``triton`` attention backend: Hearth's paged Triton kernels (``hearth_kernels/``).
 
-Per layer and step: one kernel rotates q and k and scatters this step's K/V into the paged
-cache, then a decode-only step runs the split-K decode kernel (one query per sequence, GQA
-groups sharing K/V tiles; for power-of-two head sizes it rotates and writes this step's
-token itself, one kernel fewer a layer) and any step with prefill chunks runs the FlashAttention-2 style
+Per layer and step: one kernel scatters this step's K/V into the paged cache, then a
+decode-only step runs the split-K decode kernel (one query per sequence, GQA groups
+sharing K/V tiles) and any step with prefill chunks runs the FlashAttention-2 style
 variable-length kernel, which also serves the decode rows mixed into such a step. A step
 that is one fresh prompt (no cached prefix, the usual time-to-first-token case) runs
 torch's FlashAttention SDPA kernel on the contiguous k/v instead: it measured twice as
@@ -71,15 +70,13 @@ class TritonAttention(AttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         # Imported here so that merely listing backends never imports Triton.
         from hearth_kernels.kv_cache import write_kv_cache
-        from hearth_kernels.paged_decode import paged_decode_attention, rope_fusable
+        from hearth_kernels.paged_decode import paged_decode_attention
         from hearth_kernels.paged_prefill import paged_prefill_attention
         from hearth_kernels.rotary import apply_rotary_and_write_kv
 
         self._write = write_kv_cache
         self._rotate_and_write = apply_rotary_and_write_kv
         self._decode = paged_decode_attention
-        # a decode-only step rotates, writes k/v and attends in one kernel (HEARTH_DECODE_ROPE=0: two)
-        self._decode_rotates = rope_fusable(head_dim)
         self._prefill = paged_prefill_attention
 
     def _fresh_prefill(self, q, k, v, bucket: int | None = None):
@@ -141,14 +138,7 @@ class TritonAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata, rope=None) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache``; returns [T, H, D].
-        With ``rope`` (positions, cos, sin) q and k are rotated first, by the same kernel; in
-        a decode-only step that kernel is the decode attention itself (``rope_fusable``)."""
-        if rope is not None and meta.decode_only and self._decode_rotates:
-            positions, cos, sin = rope
-            bound = getattr(meta, "max_seq_len_bound", None) or meta.max_seq_len
-            return self._decode(q, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                sliding_window=self.sliding_window, max_seq_len=bound,
-                                rope=(k, v, positions, cos, sin, meta.slot_mapping))
+        With ``rope`` (positions, cos, sin) q and k are rotated first, by the same kernel."""
         if rope is None:
             self._write(k, v, kv_cache, meta.slot_mapping)
         else:
