@@ -58,7 +58,12 @@ def bind(host: str, port: int, advice: str = "choose another with --port") -> so
     except OSError as e:
         raise PortInUse(f"cannot listen on {host}:{port} ({e.strerror or e}).") from None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            # Windows: SO_REUSEADDR there would let a second server bind the same port beside
+            # this one (no "in use" error, connections shared); exclusive use is what it means
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:  # elsewhere it only lets a restart bind while old connections are in TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as e:
