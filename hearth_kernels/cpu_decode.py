@@ -12,8 +12,8 @@ the C thread pool.
 It takes plain tensors (kernels never import engine): per layer its norms' weights (and
 per-head q/k norms' where the model has them: Qwen3), its
 four projections (each a float32 [N, K] tensor with an optional bias, or a
-``cpu_quant.PreparedWeight``), its paged KV cache (float32 [2, num_blocks, block_size,
-kv_heads, head_dim]); the embedding and head likewise; RoPE's cos/sin tables [positions,
+``cpu_quant.PreparedWeight``), its paged KV cache ([2, num_blocks, block_size, kv_heads,
+head_dim], float32 or float8 e4m3: ``KV_DTYPES``); the embedding and head likewise; RoPE's cos/sin tables [positions,
 head_dim] (rotate-half form). The C side keeps only pointers: this object holds every
 tensor alive, and the caller must not reallocate them (the KV caches included).
 
@@ -36,6 +36,11 @@ _FLOAT32 = 32  # hq_weight.bits of an fp32 matrix (HD_FLOAT32)
 #: Attention's keys are split over the threads (flash-decoding) once context x query heads
 #: reaches this: below it attention is a few µs, less than waking a helper thread.
 SPLIT_MIN = 4096
+#: The KV caches the step reads and writes: float32, or float8 e4m3 bytes (written as
+#: engine.layers.attention.to_fp8 does: saturated at +-448, to nearest, ties to even).
+KV_DTYPES = (torch.float32, torch.float8_e4m3fn)
+#: The widest head an e4m3 cache may have (HD_E4M3_MAX_HEAD: the C step's scratch rows).
+E4M3_MAX_HEAD = 256
 
 
 class _Layer(ctypes.Structure):
@@ -59,7 +64,7 @@ class _Model(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int32) for name in (
         "layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab", "block_size",
-        "num_blocks", "window", "max_positions", "isa", "split_min")] + [
+        "num_blocks", "window", "max_positions", "isa", "split_min", "kv_fp8")] + [
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("cos", ctypes.c_void_p),
@@ -144,12 +149,18 @@ class DecodeModel:
         keep: list = []
         qkv_rows = (heads + 2 * kv_heads) * head_dim
         shape = None
+        kv_dtype = layers[0].kv_cache.dtype if layers else torch.float32
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"the KV cache must be float32 or float8_e4m3fn, not {kv_dtype}")
+        if kv_dtype == torch.float8_e4m3fn and head_dim > E4M3_MAX_HEAD:
+            raise ValueError(f"an e4m3 KV cache takes heads of up to {E4M3_MAX_HEAD}, not {head_dim}")
         arr = (_Layer * len(layers))()
         for i, lt in enumerate(layers):
             kv = lt.kv_cache
-            if kv.dtype != torch.float32 or not kv.is_cpu or not kv.is_contiguous() or kv.dim() != 5 \
+            if kv.dtype != kv_dtype or not kv.is_cpu or not kv.is_contiguous() or kv.dim() != 5 \
                     or tuple(kv.shape[3:]) != (kv_heads, head_dim) or kv.shape[0] != 2:
-                raise ValueError(f"layer {i}'s KV cache must be float32 [2, blocks, block, {kv_heads}, {head_dim}]")
+                raise ValueError(f"layer {i}'s KV cache must be {str(kv_dtype).removeprefix('torch.')} "
+                                 f"[2, blocks, block, {kv_heads}, {head_dim}] like layer 0's")
             if shape is not None and tuple(kv.shape) != shape:
                 raise ValueError("every layer's KV cache must have the same shape")
             shape = tuple(kv.shape)
@@ -171,7 +182,8 @@ class DecodeModel:
         if final_norm.numel() != hidden:
             raise ValueError(f"the final norm has {final_norm.numel()} elements, expected {hidden}")
         self._model = _Model(len(layers), hidden, heads, kv_heads, head_dim, inter, vocab, shape[2], shape[1],
-                             window or 0, cos.shape[0], cpu_quant._isa_code(isa), SPLIT_MIN, eps, scale,
+                             window or 0, cos.shape[0], cpu_quant._isa_code(isa), SPLIT_MIN,
+                             int(kv_dtype == torch.float8_e4m3fn), eps, scale,
                              cos.data_ptr(), sin.data_ptr(), final_norm.data_ptr(),
                              _desc(embed, "embedding", vocab, hidden, keep),
                              _desc(head, "head", vocab, hidden, keep), ctypes.addressof(arr))
@@ -212,3 +224,21 @@ class DecodeModel:
             raise RuntimeError(f"the C decode step failed ({cpu_quant._ERRORS.get(rc, rc)}): token {token}, "
                                f"position {position}, {n} blocks of {self.block_size}")
         return logits
+
+
+def e4m3_codes(x: torch.Tensor) -> torch.Tensor:
+    """The C step's e4m3 codes (uint8) of float32 ``x``, as it writes them into the cache."""
+    lib = cpu_quant._library()
+    x = _f32(x.contiguous(), "x")
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    lib.hd_e4m3_encode_n(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(x.numel()))
+    return out
+
+
+def e4m3_values(codes: torch.Tensor) -> torch.Tensor:
+    """The float32 values the C step reads for e4m3 ``codes`` (uint8)."""
+    lib = cpu_quant._library()
+    codes = codes.contiguous()
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    lib.hd_e4m3_decode_n(ctypes.c_void_p(codes.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(codes.numel()))
+    return out

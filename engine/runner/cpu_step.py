@@ -59,8 +59,8 @@ def _reason(runner) -> str | None:
         return "not a CPU load"
     if runner.dtype != torch.float32:
         return f"the model runs in {str(runner.dtype).removeprefix('torch.')}, not float32"
-    if runner.kv_dtype != torch.float32:
-        return f"the KV cache is {str(runner.kv_dtype).removeprefix('torch.')}, not float32"
+    if runner.kv_dtype not in (torch.float32, torch.float8_e4m3fn):
+        return f"the KV cache is {str(runner.kv_dtype).removeprefix('torch.')}, not float32 or fp8 (e4m3)"
     if runner.attention != "torch":
         return f"the {runner.attention!r} attention backend (the C step reproduces 'torch')"
     if not runner.kv_caches:

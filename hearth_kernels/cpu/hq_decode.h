@@ -30,7 +30,7 @@ typedef struct {
     const float *input_norm;
     const float *post_norm;
     hq_weight qkv, o, gate_up, down;
-    float *kv; /* [2, num_blocks, block_size, kv_heads, head_dim] fp32 */
+    void *kv; /* [2, num_blocks, block_size, kv_heads, head_dim]: fp32, or e4m3 bytes (hd_model.kv_fp8) */
     const float *q_norm, *k_norm; /* [head_dim] each: per-head RMSNorm of q and k before RoPE (Qwen3), or NULL */
 } hd_layer;
 
@@ -38,6 +38,7 @@ typedef struct {
     int32_t layers, hidden, heads, kv_heads, head_dim, inter, vocab, block_size;
     int32_t num_blocks, window, max_positions, isa; /* window 0: none; isa as hq_matmul's */
     int32_t split_min; /* split attention's keys over threads from context x heads this large */
+    int32_t kv_fp8; /* the KV caches hold float8 e4m3 (torch.float8_e4m3fn) bytes, not fp32 */
     float eps, scale;
     const float *cos, *sin; /* [max_positions, head_dim] */
     const float *final_norm;
@@ -167,6 +168,54 @@ static void hd_gemv(const hq_weight *w, const float *x, float *out, hd_act_buf *
     hq_parallel(hd_gemv_worker, &t, nthreads < t.nchunks ? nthreads : t.nchunks);
 }
 
+/* ---- the float8 e4m3 KV cache (torch.float8_e4m3fn) ------------------------------------
+ * Written as engine.layers.attention.to_fp8 does (saturated at +-448, rounded to nearest,
+ * ties to even; NaN stays NaN), read through a table of the 256 values (exact in fp32). */
+#define HD_E4M3_MAX_HEAD 256 /* the widest head the conversion scratch holds */
+static float hd_e4m3_table[256];
+static volatile int hd_e4m3_ready;
+
+static float hd_e4m3_value(unsigned b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    float v = e == 15 && m == 7 ? NAN : e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(8 + m), e - 10);
+    return b & 0x80 ? -v : v;
+}
+
+static void hd_e4m3_init(void) {
+    if (hd_e4m3_ready) return;
+    for (unsigned b = 0; b < 256; b++) hd_e4m3_table[b] = hd_e4m3_value(b);
+    hd_e4m3_ready = 1; /* (a race writes the same values) */
+}
+
+static uint8_t hd_e4m3_encode(float x) {
+    const uint8_t sign = signbit(x) ? 0x80 : 0;
+    if (x != x) return sign | 0x7F;
+    const float a = fabsf(x);
+    if (a >= 448.0f) return sign | 0x7E;
+    if (a == 0.0f) return sign;
+    int e;
+    frexpf(a, &e); /* a = f * 2^e, f in [0.5, 1): a's binade is 2^(e - 1) */
+    int E = e - 1 < -6 ? -6 : e - 1;
+    float r = nearbyintf(ldexpf(a, 3 - E)); /* a in quanta of 2^(E - 3), to nearest, ties even */
+    if (E == -6 && r < 8.0f) return sign | (uint8_t)r; /* subnormal (or zero) */
+    if (r >= 16.0f) { /* carried into the next binade */
+        r = 8.0f;
+        E += 1;
+    }
+    if (E + 7 > 15 || (E + 7 == 15 && r > 14.0f)) return sign | 0x7E;
+    return sign | (uint8_t)((E + 7) << 3) | (uint8_t)((int)r - 8);
+}
+
+/* For tests (hearth_kernels/cpu_decode.py): the codes of n floats, and the values of n codes. */
+void hd_e4m3_encode_n(const float *x, uint8_t *out, int n) {
+    for (int i = 0; i < n; i++) out[i] = hd_e4m3_encode(x[i]);
+}
+
+void hd_e4m3_decode_n(const uint8_t *b, float *out, int n) {
+    hd_e4m3_init();
+    for (int i = 0; i < n; i++) out[i] = hd_e4m3_table[b[i]];
+}
+
 #include "hq_decode_attn.h"
 
 /* ---- the rest: norms, RoPE, SiLU ---------------------------------------------------- */
@@ -240,6 +289,10 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
                    int threads) {
     if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_positions || pos / m->block_size >= ntable)
         return HQ_ERR_SHAPE;
+    if (m->kv_fp8) {
+        if (m->head_dim > HD_E4M3_MAX_HEAD) return HQ_ERR_SHAPE;
+        hd_e4m3_init();
+    }
     for (int b = 0; b <= pos / m->block_size; b++)
         if (table[b] < 0 || table[b] >= m->num_blocks) return HQ_ERR_SHAPE;
     int isa = hq_pick_isa(m->isa);
@@ -291,14 +344,24 @@ int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, 
             for (int i = 0; i < m->kv_heads; i++) hd_rmsnorm(k + (size_t)i * hd, L->k_norm, m->eps, hd, k + (size_t)i * hd);
         hd_rope(q, m->heads, hd, cos, sin);
         hd_rope(k, m->kv_heads, hd, cos, sin);
-        float *slot = L->kv + ((size_t)slot_block * m->block_size + slot_off) * kvsize;
-        memcpy(slot, k, sizeof(float) * kvsize);
-        memcpy(slot + plane, v, sizeof(float) * kvsize);
+        const size_t at_slot = ((size_t)slot_block * m->block_size + slot_off) * kvsize;
+        if (m->kv_fp8) {
+            uint8_t *slot = (uint8_t *)L->kv + at_slot;
+            for (int i = 0; i < kvsize; i++) {
+                slot[i] = hd_e4m3_encode(k[i]);
+                slot[plane + i] = hd_e4m3_encode(v[i]);
+            }
+        } else {
+            float *slot = (float *)L->kv + at_slot;
+            memcpy(slot, k, sizeof(float) * kvsize);
+            memcpy(slot + plane, v, sizeof(float) * kvsize);
+        }
 
         hd_attn_task at;
         at.m = m;
         at.q = q;
-        at.kv = L->kv;
+        at.kv = (const char *)L->kv;
+        at.esize = m->kv_fp8 ? 1 : sizeof(float);
         at.table = table;
         at.partial = partial;
         at.scores = scores;

@@ -13,7 +13,8 @@
 typedef struct {
     const hd_model *m;
     const float *q; /* [heads, head_dim], rotated */
-    const float *kv;
+    const char *kv; /* the layer's cache: fp32, or e4m3 bytes (esize 1) */
+    size_t esize;
     const int32_t *table;
     float *partial; /* [units, group, head_dim + 2]: acc, then m, l */
     float *scores;  /* [threads, group * chunk] */
@@ -21,7 +22,32 @@ typedef struct {
     atomic_int next;
 } hd_attn_task;
 
+/* Where token tok's row of KV head kvh starts in plane p (0: K, 1: V) of the cache. */
+static inline const char *hd_kv_at(const hd_attn_task *t, int p, int tok, int kvh) {
+    const hd_model *m = t->m;
+    const size_t plane = (size_t)m->num_blocks * m->block_size * m->kv_heads * m->head_dim;
+    const size_t row = ((size_t)t->table[tok / m->block_size] * m->block_size + tok % m->block_size) * m->kv_heads + kvh;
+    return t->kv + ((size_t)p * plane + row * m->head_dim) * t->esize;
+}
+
+/* That row as fp32: the cache's own floats, or its e4m3 bytes widened into buf [head_dim]. */
+static const float *hd_kv_row(const hd_attn_task *t, int p, int tok, int kvh, float *buf) {
+    const char *at = hd_kv_at(t, p, tok, kvh);
+    if (t->esize == sizeof(float)) return (const float *)at;
+    const uint8_t *b = (const uint8_t *)at;
+    for (int d = 0; d < t->m->head_dim; d++) buf[d] = hd_e4m3_table[b[d]];
+    return buf;
+}
+
 #if defined(HQ_HAVE_AVX2_PATH)
+HQ_AVX2 static const float *hd_kv_row_avx2(const hd_attn_task *t, int p, int tok, int kvh, float *buf) {
+    const char *at = hd_kv_at(t, p, tok, kvh);
+    if (t->esize == sizeof(float)) return (const float *)at;
+    for (int d = 0; d < t->m->head_dim; d += 8) /* (head_dim % 8 == 0 on this path) */
+        _mm256_storeu_ps(buf + d, _mm256_i32gather_ps(hd_e4m3_table, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(at + d))), 4));
+    return buf;
+}
+
 /* e^x for x <= 0 (softmax) or any x (SiLU), Cephes' polynomial: ~1e-7 relative. */
 HQ_AVX2_INLINE __m256 hd_exp_avx2(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
@@ -51,25 +77,25 @@ HQ_AVX2_INLINE __m256 hd_hsum8_avx2(const __m256 *v) {
 
 HQ_AVX2 static void hd_attn_unit_avx2(hd_attn_task *t, int unit, float *s) {
     const hd_model *m = t->m;
-    const int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
+    const int hd = m->head_dim, group = m->heads / m->kv_heads;
     const int kvh = unit / t->nchunks, c = unit % t->nchunks;
     const int j0 = c * t->chunk, n = t->len - j0 < t->chunk ? t->len - j0 : t->chunk;
-    const size_t plane = (size_t)m->num_blocks * bs * m->kv_heads * hd;
+    const int row_bytes = hd * (int)t->esize;
     const float *q0 = t->q + (size_t)kvh * group * hd;
     const __m256 scale = _mm256_set1_ps(m->scale);
     const float *krow[8];
+    float kbuf[8 * HD_E4M3_MAX_HEAD], vbuf[HD_E4M3_MAX_HEAD]; /* an e4m3 cache's rows, widened */
     int j = 0;
     for (; j < n; j += 8) { /* scores of 8 keys at a time, for every head of the group */
         const int nk = n - j < 8 ? n - j : 8;
         for (int i = 0; i < 8; i++) {
             const int tok = t->lo + j0 + j + (i < nk ? i : 0);
-            krow[i] = t->kv + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
+            krow[i] = hd_kv_row_avx2(t, 0, tok, kvh, kbuf + (size_t)i * HD_E4M3_MAX_HEAD);
         }
         if (j + 8 < n) /* the next 8 keys' rows: strided by the KV heads, scattered by blocks */
             for (int i = 0; i < 8 && j + 8 + i < n; i++) {
-                const int tok = t->lo + j0 + j + 8 + i;
-                const char *nx = (const char *)(t->kv + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd);
-                for (int b = 0; b < hd * 4; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+                const char *nx = hd_kv_at(t, 0, t->lo + j0 + j + 8 + i, kvh);
+                for (int b = 0; b < row_bytes; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
             }
         for (int g = 0; g < group; g++) {
             const float *qg = q0 + (size_t)g * hd;
@@ -109,11 +135,10 @@ HQ_AVX2 static void hd_attn_unit_avx2(hd_attn_task *t, int unit, float *s) {
     }
     for (j = 0; j < n; j++) { /* acc += p * v, each value row read once for the group */
         const int tok = t->lo + j0 + j;
-        const float *v = t->kv + plane + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
+        const float *v = hd_kv_row_avx2(t, 1, tok, kvh, vbuf);
         if (j + 4 < n) {
-            const int nt = tok + 4;
-            const char *nx = (const char *)(t->kv + plane + (((size_t)t->table[nt / bs] * bs + nt % bs) * m->kv_heads + kvh) * hd);
-            for (int b = 0; b < hd * 4; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+            const char *nx = hd_kv_at(t, 1, tok + 4, kvh);
+            for (int b = 0; b < row_bytes; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
         }
         for (int g = 0; g < group; g++) {
             const __m256 p = _mm256_set1_ps(s[(size_t)g * t->chunk + j]);
@@ -127,18 +152,18 @@ HQ_AVX2 static void hd_attn_unit_avx2(hd_attn_task *t, int unit, float *s) {
 
 static void hd_attn_unit_scalar(hd_attn_task *t, int unit, float *s) {
     const hd_model *m = t->m;
-    const int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
+    const int hd = m->head_dim, group = m->heads / m->kv_heads;
     const int kvh = unit / t->nchunks, c = unit % t->nchunks;
     const int j0 = c * t->chunk, n = t->len - j0 < t->chunk ? t->len - j0 : t->chunk;
-    const size_t plane = (size_t)m->num_blocks * bs * m->kv_heads * hd;
     float *part = t->partial + (size_t)unit * group * (hd + 2);
+    float buf[HD_E4M3_MAX_HEAD]; /* an e4m3 cache's row, widened */
     for (int g = 0; g < group; g++) {
         const float *qg = t->q + ((size_t)kvh * group + g) * hd;
         float *sg = s + (size_t)g * t->chunk, *pg = part + (size_t)g * (hd + 2);
         float mx = -INFINITY, sum = 0.0f;
         for (int j = 0; j < n; j++) {
             const int tok = t->lo + j0 + j;
-            const float *k = t->kv + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
+            const float *k = hd_kv_row(t, 0, tok, kvh, buf);
             float dot = 0.0f;
             for (int d = 0; d < hd; d++) dot += qg[d] * k[d];
             sg[j] = dot * m->scale;
@@ -146,8 +171,7 @@ static void hd_attn_unit_scalar(hd_attn_task *t, int unit, float *s) {
         }
         for (int d = 0; d < hd; d++) pg[d] = 0.0f;
         for (int j = 0; j < n; j++) {
-            const int tok = t->lo + j0 + j;
-            const float *v = t->kv + plane + (((size_t)t->table[tok / bs] * bs + tok % bs) * m->kv_heads + kvh) * hd;
+            const float *v = hd_kv_row(t, 1, t->lo + j0 + j, kvh, buf);
             const float p = expf(sg[j] - mx);
             sum += p;
             for (int d = 0; d < hd; d++) pg[d] += p * v[d];

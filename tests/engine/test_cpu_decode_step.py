@@ -33,12 +33,17 @@ def _eager_step(runner, ids, start):
     return runner.model.compute_logits(hidden[-1:]).float().clone()
 
 
-@pytest.mark.parametrize("family,quant", [("llama3", "none"), ("llama3", "int4"), ("llama-tied", "none"),
-                                          ("llama-tied", "int8"), ("mistral", "int4"), ("qwen2", "none"),
-                                          ("qwen2", "int8")])
-def test_the_c_step_gives_the_eager_steps_logits(tiny_models, family, quant):
-    loaded = _load(tiny_models[family], quant, quant_head=family == "llama-tied" and quant in ("int8", "int4"))
+@pytest.mark.parametrize("family,quant,kv", [("llama3", "none", "auto"), ("llama3", "int4", "auto"),
+                                             ("llama-tied", "none", "auto"), ("llama-tied", "int8", "auto"),
+                                             ("mistral", "int4", "auto"), ("qwen2", "none", "auto"),
+                                             ("qwen2", "int8", "auto"), ("qwen3", "none", "fp8"),
+                                             ("mistral", "int4", "fp8")])
+def test_the_c_step_gives_the_eager_steps_logits(tiny_models, family, quant, kv):
+    loaded = _load(tiny_models[family], quant, quant_head=family == "llama-tied" and quant in ("int8", "int4"),
+                   kv_cache_dtype=kv)
     runner = loaded.runner
+    if kv == "fp8":
+        assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
     try:
         assert loaded.info.cpu_decode is True and runner.cpu_step is not None
         with torch.inference_mode():
@@ -51,7 +56,8 @@ def test_the_c_step_gives_the_eager_steps_logits(tiny_models, family, quant):
                 assert got.shape == want.shape
                 err = (got - want).abs().max().item()
                 # fp32 rounding; quantized: an int8 activation code may round the other way
-                tol = 1e-4 if quant == "none" else 2e-3
+                # (an e4m3 cache: ~1e-6 here; a tie in this step's k or v could round apart)
+                tol = 1e-4 if quant == "none" and kv == "auto" else 2e-3
                 assert err <= tol * max(1.0, want.abs().max().item()), (pos, err)
                 assert got.argmax() == want.argmax()
                 pos += 1
@@ -111,14 +117,36 @@ def test_greedy_tokens_are_the_same_with_and_without_the_c_step(tiny_models, mon
 
 
 def test_what_it_cannot_run_is_refused_with_the_reason(tiny_models):
-    loaded = _load(tiny_models["qwen3"], "none", kv_cache_dtype="float8_e4m3fn")
+    config = load_config(str(tiny_models["qwen3"]), device="cpu", dtype="bfloat16", attention="torch",
+                         num_blocks=12, block_size=4, max_model_len=128)
+    loaded = load_model(config)
     try:
         assert loaded.runner.cpu_step is None
-        assert "KV cache is float8_e4m3fn" in loaded.info.cpu_decode
+        assert "runs in bfloat16" in loaded.info.cpu_decode
         step, reason = CpuDecodeStep.build(loaded.runner)
         assert step is None and "not float32" in reason
     finally:
         release_runner(loaded.runner)
+
+
+def test_its_e4m3_codes_are_torchs():
+    """The C step writes an e4m3 cache as engine.layers.attention.to_fp8 does (saturating at
+    +-448, to nearest, ties to even, signed zeros, NaN) and reads each code's exact value."""
+    from engine.layers.attention import to_fp8
+    from hearth_kernels.cpu_decode import e4m3_codes, e4m3_values
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = codes.view(torch.float8_e4m3fn).float()
+    got = e4m3_values(codes)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
+    finite = want[~want.isnan()].unique()
+    mids = (finite[1:] + finite[:-1]) / 2  # every tie, and a float either side of it
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([finite, mids, torch.nextafter(mids, finite[1:]), torch.nextafter(mids, finite[:-1]),
+                   torch.randn(20000, generator=g) * 10.0 ** torch.randint(-4, 3, (20000,), generator=g),
+                   torch.tensor([0.0, -0.0, 448.0, 449.0, 464.0, 1e9, -1e9, float("inf"), -float("inf"),
+                                 2.0 ** -10, -(2.0 ** -10), 2.0 ** -12, 1.98, float("nan")])])
+    assert torch.equal(e4m3_codes(x), to_fp8(x).view(torch.uint8))
 
 
 def test_qwen3s_q_k_norms_matter_to_the_c_step(tiny_models):
@@ -137,16 +165,16 @@ def test_qwen3s_q_k_norms_matter_to_the_c_step(tiny_models):
         release_runner(runner)
 
 
-@pytest.mark.parametrize("quant", ["none", "int4"])
+@pytest.mark.parametrize("quant,kv", [("none", "auto"), ("int4", "auto"), ("none", "fp8")])
 @pytest.mark.parametrize("isa,split_min", [("avx2", 0), ("scalar", 0), ("scalar", 1 << 30)])
-def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_models, quant, isa, split_min):
+def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_models, quant, kv, isa, split_min):
     """Long contexts split attention's keys over 2 threads (here forced at any length), and
-    CPUs without AVX2 run the portable C: both give the eager step's logits."""
+    CPUs without AVX2 run the portable C: both give the eager step's logits (an e4m3 cache too)."""
     from hearth_kernels import cpu_quant
 
     if isa == "avx2" and cpu_quant.isa() != "avx2":
         pytest.skip("this CPU has no AVX2")
-    loaded = _load(tiny_models["mistral"], quant)
+    loaded = _load(tiny_models["mistral"], quant, kv_cache_dtype=kv)
     runner = loaded.runner
     try:
         runner.cpu_step._model.configure(isa=isa, split_min=split_min)
@@ -156,7 +184,7 @@ def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_mod
             for token in STEPS[:3]:
                 want = _eager_step(runner, [token], pos)
                 got = runner.cpu_step._model.step(token, pos, TABLE, threads=2)
-                tol = 1e-4 if quant == "none" else 2e-3
+                tol = 1e-4 if quant == "none" and kv == "auto" else 2e-3
                 assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
                 pos += 1
     finally:
