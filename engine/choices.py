@@ -270,24 +270,9 @@ def _fp8_kv_reasons(device: str) -> list[str]:
     return []
 
 
-def _fp8_kv_caveats(device: str) -> list[str]:
-    """An fp8 KV cache on the CPU runs, but torch reads it (Hearth's C decode step reads a
-    float32 cache)."""
-    if device.startswith("cuda"):
-        return []
-    return [f"on the CPU an fp8 KV cache is read by torch: Hearth's C decode step, which runs most models "
-            f"there, reads a float32 cache only, and decoding is {FP8_KV_CPU_SLOWER} times slower (the bundled "
-            f"model); pick it only to fit a longer context in memory"]
-
-
-#: How much slower decoding is with an fp8 KV cache on the CPU (the bundled model, 2-core
-#: EPYC: benchmarks/results/2026-12-07-i14-cpu-fp8-kv.json).
-FP8_KV_CPU_SLOWER = "4 to 5"
-
 register(Choice("kv_cache_dtype", "auto", "same as the weights"))
 register(Choice("kv_cache_dtype", "fp8", "fp8 (e4m3): twice the context, slightly less exact",
-                ("fp8_e4m3", "fp8-e4m3", "float8_e4m3fn", "e4m3"), bytes_per_value=1, check=_fp8_kv_reasons,
-                caution=_fp8_kv_caveats))
+                ("fp8_e4m3", "fp8-e4m3", "float8_e4m3fn", "e4m3"), bytes_per_value=1, check=_fp8_kv_reasons))
 
 
 # -- weight quantizations --------------------------------------------------------------------
