@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Issue 17's fp8 targets beside bf16 on one warm machine (after gpu_session.sh's set-up):
+# time to first token at 2,048 and 8,192 tokens, and offline throughput (512 requests), for
+# bf16 and for fp8 weights with an fp8 KV cache; one load each. ~4-5 min on an H100.
+#   bash benchmarks/fp8_targets.sh   (OUT: where the JSON goes)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
+hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+for q in ${FP8_TARGET_QUANTS:-bf16 fp8}; do
+  kv=""; [ "$q" = fp8 ] && kv="--kv-cache-dtype fp8"
+  timeout ${FP8_TARGET_TIMEOUT:-200} hearth bench --shape llama-8b --suite prefill,throughput --prefill-lens 2048,8192 \
+    --max-model-len 8448 --quant $q $kv --json "$OUT/fp8-targets-8b-$q.json" 2>&1 | grep -E "^prefill|^throughput|rror"
+done
