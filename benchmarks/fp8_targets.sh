@@ -6,9 +6,9 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
-hearth() { python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+HEARTH=(python -c "import sys; from app.cli import main; sys.exit(main(sys.argv[1:]))")  # (timeout runs no function)
 for q in ${FP8_TARGET_QUANTS:-bf16 fp8}; do
   kv=""; [ "$q" = fp8 ] && kv="--kv-cache-dtype fp8"
-  timeout ${FP8_TARGET_TIMEOUT:-200} hearth bench --shape llama-8b --suite prefill,throughput --prefill-lens 2048,8192 \
+  timeout ${FP8_TARGET_TIMEOUT:-200} "${HEARTH[@]}" bench --shape llama-8b --suite prefill,throughput --prefill-lens 2048,8192 \
     --max-model-len 8448 --quant $q $kv --json "$OUT/fp8-targets-8b-$q.json" 2>&1 | grep -E "^prefill|^throughput|rror"
 done
