@@ -9,11 +9,17 @@ a prompt's chunk leaves room for the decodes after it and a short prompt waiting
 from __future__ import annotations
 
 import bisect
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.core.block_manager import BlockManager
 from engine.core.sequence import Sequence, SequenceStatus
+
+
+#: A prompt's chunk leaves room for the decodes and a short prompt after it (``_room_after``);
+#: ``HEARTH_SCHED_ROOM=0`` turns that off (A/B runs of its cost to throughput).
+ROOM_AFTER = os.environ.get("HEARTH_SCHED_ROOM", "1") != "0"
 
 
 @dataclass(slots=True)
@@ -172,7 +178,7 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            if n > 1:
+            if n > 1 and ROOM_AFTER:
                 room = self._room_after(i, n)
                 if room:
                     n = min(n, max(budget - room, budget // 2))
