@@ -94,7 +94,7 @@ def run_serve(args) -> int:
     print(f"[hearth] loading {name}; until it is ready {base_url(args.host, sock.getsockname()[1])} answers "
           "503 (loading).", file=sys.stderr, flush=True)
     # Until uvicorn takes the socket, the port answers "loading" at once (app/server/loading.py)
-    loading = LoadingResponder(sock, name).start()
+    loading = LoadingResponder(sock, name, args.allowed_origins).start()
     try:
         # The engine runs in a process of its own (app/services/engine_process.py says why)
         host = EngineProcess.start(options_from_args(args))

@@ -34,7 +34,9 @@ class HeadTimeoutProtocol(_Base):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._waiting_for_head():
+        if self.transport.get_protocol() is not self:  # upgraded (a WebSocket): no longer ours to time
+            self._cancel_head_timer()
+        elif self._waiting_for_head():
             self._arm_head_timer()  # not re-armed by later bytes: a dribble doesn't extend it
         else:
             self._cancel_head_timer()

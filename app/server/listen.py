@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 
 from engine.api import InvalidRequestError
@@ -58,11 +59,11 @@ def bind(host: str, port: int, advice: str = "choose another with --port") -> so
     except OSError as e:
         raise PortInUse(f"cannot listen on {host}:{port} ({e.strerror or e}).") from None
     try:
-        if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
-            # Windows: SO_REUSEADDR there would let a second server bind the same port beside
-            # this one (no "in use" error, connections shared); exclusive use is what it means
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        else:  # elsewhere it only lets a restart bind while old connections are in TIME_WAIT
+        # Elsewhere SO_REUSEADDR only lets a restart bind while the old connections wait out
+        # TIME_WAIT. On Windows it would let a second server bind the same port beside this one
+        # (no "in use" error, connections shared), and SO_EXCLUSIVEADDRUSE would refuse a quick
+        # restart: there, as CPython's socket.create_server does, neither.
+        if os.name != "nt":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)

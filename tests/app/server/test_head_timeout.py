@@ -10,17 +10,19 @@ import time
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket  # (module level: FastAPI resolves the annotation here)
 
 import app.server.head_timeout as head_timeout
 from app.server.head_timeout import HeadTimeoutProtocol
 
 
 class Served:
-    def __init__(self) -> None:
+    def __init__(self, routes=None) -> None:
         import uvicorn
 
         api = FastAPI()
+        if routes is not None:
+            routes(api)
 
         @api.get("/slow")
         async def slow() -> dict:
@@ -103,3 +105,27 @@ def test_requests_and_long_answers_are_untouched(served):
         c.sendall(b"Host: x\r\n\r\n")
         c.settimeout(5)
         assert c.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def test_a_websocket_is_not_timed_as_a_head(monkeypatch):
+    """An upgraded connection belongs to the WebSocket protocol from then on: the head timer
+    is cancelled, not left to close it (the server has no WebSocket route today)."""
+    pytest.importorskip("websockets")
+    from websockets.sync.client import connect
+
+    monkeypatch.setattr(head_timeout, "HEAD_TIMEOUT_S", 0.4)
+
+    def routes(api):
+        @api.websocket("/ws")
+        async def echo(ws: WebSocket) -> None:
+            await ws.accept()
+            while True:
+                await ws.send_text(await ws.receive_text())
+
+    served = Served(routes)
+    with served, connect(f"ws://{served.address[0]}:{served.address[1]}/ws") as client:
+        client.send("a")
+        assert client.recv(timeout=5) == "a"
+        time.sleep(1.0)  # past the head limit
+        client.send("b")
+        assert client.recv(timeout=5) == "b"
