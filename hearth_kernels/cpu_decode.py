@@ -238,6 +238,8 @@ def e4m3_codes(x: torch.Tensor) -> torch.Tensor:
 def e4m3_values(codes: torch.Tensor) -> torch.Tensor:
     """The float32 values the C step reads for e4m3 ``codes`` (uint8)."""
     lib = cpu_quant._library()
+    if codes.dtype != torch.uint8 or not codes.is_cpu:
+        raise ValueError(f"codes must be a uint8 CPU tensor, not {codes.dtype} on {codes.device}")
     codes = codes.contiguous()
     out = torch.empty(codes.shape, dtype=torch.float32)
     lib.hd_e4m3_decode_n(ctypes.c_void_p(codes.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(codes.numel()))
