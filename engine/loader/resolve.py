@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
+from engine.errors import InvalidRequestError, LoadCancelledError, ModelLoadError, UnsupportedModelError
 from engine.loader import default_package
 from engine.loader.gguf import AS_FILE, convert_gguf, is_up_to_date
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
@@ -200,7 +200,7 @@ def resolve_model(
             f"unknown model '{text}': not a local folder or .gguf file, and not a valid Hub repo id "
             "(expected owner/name, e.g. HuggingFaceTB/SmolLM2-360M-Instruct)."
         )
-    return _resolve_hub(text, revision, progress)
+    return _resolve_hub(text, revision, progress, should_stop)
 
 
 # ---------------------------------------------------------------------------- local
@@ -271,6 +271,15 @@ def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | N
 # ---------------------------------------------------------------------------- hub
 
 
+def _failed_mid_download(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a download that had reached the Hub (a body cut short, a file
+    that arrived with the wrong size), rather than a Hub that could not be reached."""
+    if "Consistency check failed" in str(exc):  # huggingface_hub: the file came short
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return _is_transfer_error(exc) and bool(names & {"RemoteProtocolError", "ReadError", "ReadTimeout"})
+
+
 def _offline_requested() -> bool:
     from huggingface_hub import constants
 
@@ -279,7 +288,80 @@ def _offline_requested() -> bool:
     return constants.is_offline_mode() or env in {"1", "ON", "YES", "TRUE"}
 
 
-def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], None] | None) -> ResolvedModel:
+def _is_transfer_error(exc: BaseException) -> bool:
+    """A network failure that huggingface_hub lets through as its HTTP library's own error
+    (httpx, or its httpx2 fork): a connection dropped mid-file on every retry, a timeout."""
+    return any(cls.__name__ in ("HTTPError", "TransportError", "StreamError")
+               and cls.__module__.split(".")[0].startswith(("httpx", "httpcore")) for cls in type(exc).__mro__)
+
+
+_STOP_CHUNK_BYTES = 1024 * 1024
+
+
+class _DownloadStopped(Exception):
+    """Raised inside a download worker's progress update once the download is to stop."""
+
+
+def _download_stoppably(download: Callable[..., str], kwargs: dict[str, Any],
+                        should_stop: Callable[[], bool] | None) -> str:
+    """``download(**kwargs, tqdm_class=...)`` (``snapshot_download``) on a helper thread,
+    waited for so that Ctrl+C (KeyboardInterrupt) and ``should_stop`` stop it at once.
+
+    huggingface_hub fetches a repo's files in a thread pool and, when interrupted, waits for
+    every file in flight to finish (minutes for a large model). Here the wait happens on the
+    helper thread: an interrupt sets a flag that the workers' progress updates raise on
+    (between chunks), so they end and leave their partial files for the next run.
+
+    Raises:
+        LoadCancelledError: ``should_stop()`` said so.
+        KeyboardInterrupt: re-raised once the workers have stopped.
+        whatever ``download`` raised.
+    """
+    import threading
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    # A worker reports progress (and so sees the flag) once per chunk it reads: 10 MiB by
+    # default, tens of seconds on a slow line. 1 MiB keeps a stop within a second or two.
+    constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, _STOP_CHUNK_BYTES)
+    stop = threading.Event()
+
+    class _StoppableTqdm(hf_tqdm):
+        def update(self, n=1):
+            if stop.is_set():
+                raise _DownloadStopped("download stopped")
+            return super().update(n)
+
+    outcome: dict[str, Any] = {}
+    # Waited on instead of the thread: a Thread.join() that Ctrl+C interrupts can leave the
+    # thread marked stopped while it runs (CPython 3.11), and a later join() returns at once.
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["path"] = download(**kwargs, tqdm_class=_StoppableTqdm)
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="hearth-hub-download", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            if should_stop is not None and should_stop():
+                raise LoadCancelledError("loading cancelled")
+    except BaseException:  # a cancel or Ctrl+C: the workers end at their next chunk
+        stop.set()
+        done.wait()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["path"]
+
+
+def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], None] | None,
+                 should_stop: Callable[[], bool] | None = None) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -294,7 +376,9 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
 
     def attempt(local_only: bool) -> str:
         try:
-            return snapshot_download(**kwargs, local_files_only=local_only)
+            if local_only:
+                return snapshot_download(**kwargs, local_files_only=True)
+            return _download_stoppably(snapshot_download, {**kwargs, "local_files_only": False}, should_stop)
         except GatedRepoError as exc:  # before RepositoryNotFoundError: it is a subclass
             raise ModelLoadError(
                 f"'{repo_id}' is a gated model: accept its terms at https://huggingface.co/{repo_id} "
@@ -323,6 +407,11 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
             # Network down, Hub error or half-finished download: fall back to the cache below.
             network_error: Exception | None = exc
+        except Exception as exc:
+            if not _is_transfer_error(exc):
+                raise
+            # A connection that kept dropping mid-file (httpx's own error): as above.
+            network_error = exc
         else:
             network_error = None
     else:
@@ -332,6 +421,13 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
         try:
             path = attempt(local_only=True)
         except LocalEntryNotFoundError as exc:
+            if network_error is not None and _failed_mid_download(network_error):
+                raise ModelLoadError(
+                    f"downloading '{repo_id}'{rev_text} from the Hugging Face Hub failed part-way "
+                    f"({type(network_error).__name__}: {(str(network_error).splitlines() or [''])[0]}). "
+                    "Check the network connection and run the same command again: the files that "
+                    "finished are kept and only the rest is fetched."
+                ) from exc
             why = (
                 "offline mode is on (HF_HUB_OFFLINE)"
                 if network_error is None

@@ -113,3 +113,55 @@ def test_model_info_and_range(hub_server):
     with pytest.raises(urllib.error.HTTPError) as info404:
         urllib.request.urlopen(f"{hub_server.url}/{TINY_REPO}/resolve/main/nope.txt")
     assert info404.value.headers["X-Error-Code"] == "EntryNotFound"
+
+
+def test_connection_dropping_every_time_says_what_to_do(hub_server, monkeypatch):
+    """huggingface_hub lets its HTTP library's error through once its retries are spent: a
+    ModelLoadError that says the download failed part-way, not a traceback."""
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # huggingface_hub waits 1 s a retry
+    hub_server.short_bodies("model.safetensors", 0)
+    with pytest.raises(ModelLoadError, match=r"failed part-way \(RemoteProtocolError.*run the same command again"):
+        resolve_model(TINY_REPO)
+    hub_server._short.clear()
+    assert resolve_model(TINY_REPO).source == "hub"  # the next run finishes the download
+
+
+def test_short_response_is_not_called_unreachable(hub_server):
+    hub_server.short_bodies("model.safetensors", 1000, clean=True)
+    with pytest.raises(ModelLoadError, match="failed part-way.*Consistency check failed") as info:
+        resolve_model(TINY_REPO)
+    assert "unreachable" not in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "should_stop"])
+def test_interrupted_download_stops_at_once(hub_server, how):
+    """Ctrl+C (or a cancel) during a download stops it within a chunk, instead of waiting
+    for huggingface_hub's workers to finish every file in flight; the next run completes it."""
+    import _thread
+    import threading
+    import time
+
+    from engine.errors import LoadCancelledError
+
+    hub_server.throttle("model.safetensors", 0.05, 65536)  # ~1.3 MB/s: the whole file takes ~10 s
+    started = threading.Event()
+
+    def stop_soon():
+        while hub_server.bytes_sent("model.safetensors") == 0:
+            time.sleep(0.02)
+        started.set()
+        if how == "ctrl-c":
+            _thread.interrupt_main()
+
+    threading.Thread(target=stop_soon, daemon=True).start()
+    t0 = time.monotonic()
+    error = KeyboardInterrupt if how == "ctrl-c" else LoadCancelledError
+    with pytest.raises(error):
+        resolve_model(TINY_REPO, should_stop=started.is_set if how == "should_stop" else None)
+    assert time.monotonic() - t0 < 5
+    # Its workers have ended (nothing for the interpreter to wait for at exit).
+    assert not [t for t in threading.enumerate() if t.name.startswith(("hearth-hub-download", "ThreadPoolExecutor")) and t.is_alive()]
+    hub_server._throttle.clear()
+    assert resolve_model(TINY_REPO).source == "hub"
