@@ -280,6 +280,18 @@ def _failed_mid_download(exc: BaseException) -> bool:
     return _is_transfer_error(exc) and bool(names & {"RemoteProtocolError", "ReadError", "ReadTimeout"})
 
 
+def _repo_files(repo_id: str, revision: str | None) -> list[str]:
+    """The file names of a Hub repo, or none when they can't be listed (offline, an error)."""
+    if _offline_requested():
+        return []
+    try:
+        from huggingface_hub import HfApi
+
+        return list(HfApi().list_repo_files(repo_id, revision=revision))
+    except Exception:  # only makes an error message more precise
+        return []
+
+
 def _offline_requested() -> bool:
     from huggingface_hub import constants
 
@@ -441,6 +453,21 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
 
     folder = Path(path)
     if not any(folder.glob("*.safetensors")):
+        listed = _repo_files(repo_id, revision)
+        ggufs = [name for name in listed if name.lower().endswith(".gguf")]
+        if ggufs:
+            shown = ", ".join(ggufs[:4]) + (f" and {len(ggufs) - 4} more" if len(ggufs) > 4 else "")
+            raise UnsupportedModelError(
+                f"Hub repo '{repo_id}'{rev_text} holds GGUF files ({shown}), not a model in "
+                "safetensors, and --model takes a repo id only for the latter. Download one file "
+                f"(e.g. `hf download {repo_id} {ggufs[0]} --local-dir DIR`, or from the app's "
+                "Models page) and pass its path to --model."
+            )
+        if listed and not any(name.lower().endswith((".bin", ".pt", ".pth", ".ckpt")) for name in listed):
+            raise UnsupportedModelError(
+                f"Hub repo '{repo_id}'{rev_text} has no model weights at all (no .safetensors, .bin "
+                "or .gguf files): check the repo id, or pick the repo that holds the weights."
+            )
         # Pickle weights were filtered out on purpose (allow_patterns), so say so plainly.
         raise UnsupportedModelError(
             f"Hub repo '{repo_id}'{rev_text} has no safetensors weights. Hearth never downloads "

@@ -165,3 +165,21 @@ def test_interrupted_download_stops_at_once(hub_server, how):
     assert not [t for t in threading.enumerate() if t.name.startswith(("hearth-hub-download", "ThreadPoolExecutor")) and t.is_alive()]
     hub_server._throttle.clear()
     assert resolve_model(TINY_REPO).source == "hub"
+
+
+def test_gguf_only_repo_says_how_to_load_a_file(hub_server):
+    """A "-GGUF" repo (the usual form for llama.cpp / Ollama / LM Studio users) is named as
+    such, with its files and how to load one, not called a pickle checkpoint."""
+    hub_server.add_repo("someone/tiny-GGUF", {"tiny.Q4_K_M.gguf": b"GGUF" + bytes(64),
+                                              "tiny.Q8_0.gguf": b"GGUF" + bytes(64), "README.md": b"x"})
+    with pytest.raises(ModelLoadError, match=r"holds GGUF files \(tiny.Q4_K_M.gguf, tiny.Q8_0.gguf\).*"
+                                             r"hf download someone/tiny-GGUF tiny.Q4_K_M.gguf") as info:
+        resolve_model("someone/tiny-GGUF")
+    assert "pickle" not in str(info.value)
+
+
+def test_repo_without_any_weights(hub_server):
+    hub_server.add_repo("someone/docs-only", {"README.md": b"# nothing here", "config.json": b"{}"})
+    with pytest.raises(ModelLoadError, match="no model weights at all") as info:
+        resolve_model("someone/docs-only")
+    assert "pickle" not in str(info.value)
