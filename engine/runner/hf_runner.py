@@ -81,7 +81,8 @@ class HFRunner(RequestStateMixin, FallbackScoreMixin):
 
         _import_bitsandbytes_first(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+            model, loading = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                                  output_loading_info=True)
         except ValueError as e:
             raise UnsupportedModelError(
                 f"{path}: transformers can't build this model either ({e}); it is not supported."
@@ -90,6 +91,19 @@ class HFRunner(RequestStateMixin, FallbackScoreMixin):
             raise ModelLoadError(f"{path}: could not read the model ({e}); re-download it.") from None
         from engine.runner.lifecycle import release_module
 
+        # transformers fills the parameters the checkpoint lacks with random values and goes
+        # on (a config.json naming another architecture than the weights, a partial
+        # checkpoint): the answers would be noise, so refuse. (Buffers are rebuilt, not read.)
+        params = {name for name, _ in model.named_parameters()}
+        missing = sorted(k for k in (loading or {}).get("missing_keys", ()) if k in params)
+        if missing:
+            release_module(model)
+            arch = getattr(model.config, "model_type", "?")
+            raise ModelLoadError(
+                f"{path}: the weights don't match config.json's architecture ('{arch}'): "
+                f"{len(missing)} of the model's {len(params)} weight tensors are not in the checkpoint "
+                f"(e.g. {', '.join(missing[:3])}), and transformers would fill them with random values. "
+                "Check that config.json belongs to these weights, or download the model again.") from None
         if should_stop is not None and should_stop():
             release_module(model)  # its tensors go now, whoever still references the module
             raise LoadCancelledError("loading cancelled")

@@ -83,3 +83,22 @@ def test_a_fallback_model_that_does_not_fit_the_device_is_refused_and_freed(tmp_
     else:
         raise AssertionError("the load should have been refused")
     assert len(freed) == 1 and all(p.is_meta for p in freed[0].parameters())
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_filled_with_random_values(tmp_path, tokenizer_files):
+    """transformers fills what a checkpoint lacks with random values and goes on (a config
+    naming another architecture, a partial checkpoint): the fallback refuses, naming them."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config
+
+    from engine.api import ModelLoadError
+
+    path = save_tiny(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=49152, n_positions=64,
+                                bos_token_id=1, eos_token_id=2), tmp_path / "gpt2", tokenizer_files)
+    weights = load_file(path / "model.safetensors")
+    del weights["transformer.h.1.mlp.c_fc.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"1 of the model's \d+ weight tensors are not in the checkpoint "
+                                             r"\(e.g. transformer.h.1.mlp.c_fc.weight\).*random values"):
+        Engine.load(str(path), device="cpu", dtype="float32", num_blocks=8)
