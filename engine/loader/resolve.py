@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,13 @@ def validate_model_folder(path: Path) -> dict[str, Any]:
     path = Path(path)
     config = path / "config.json"
     if not config.is_file():
+        ggufs = sorted(f.name for f in path.glob("*.gguf") if f.is_file()) if path.is_dir() else []
+        if ggufs:
+            shown = ", ".join(ggufs[:4]) + (f" and {len(ggufs) - 4} more" if len(ggufs) > 4 else "")
+            raise ModelLoadError(
+                f"{path} is not a model folder (it has no config.json) but holds GGUF files ({shown}): "
+                f"pass one of them, e.g. --model {shlex.quote(str(path / ggufs[0]))}."
+            )
         raise ModelLoadError(
             f"{path} is not a model folder: it has no config.json. Pass a folder saved with "
             "transformers' save_pretrained(), a .gguf file, or a Hub repo id."

@@ -28,6 +28,18 @@ def test_missing_config(model_copy):
         resolve_model(str(model_copy))
 
 
+def test_folder_of_gguf_files_names_them(tmp_path):
+    """A folder of GGUF files (as LM Studio or a download keeps them) is not a model folder:
+    the error names the files and how to pass one, quoted for a path with spaces."""
+    folder = tmp_path / "my models"
+    folder.mkdir()
+    for name in ("b.Q8_0.gguf", "a.Q4_K_M.gguf"):
+        (folder / name).write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=r"holds GGUF files \(a.Q4_K_M.gguf, b.Q8_0.gguf\): pass one of them, "
+                                             r"e.g. --model '.*/my models/a.Q4_K_M.gguf'"):
+        resolve_model(str(folder))
+
+
 def test_bad_json_config(model_copy):
     (model_copy / "config.json").write_text('{"model_type": "llama",')
     with pytest.raises(ModelLoadError, match="config.json"):
