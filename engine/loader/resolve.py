@@ -441,6 +441,15 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
         try:
             path = attempt(local_only=True)
         except LocalEntryNotFoundError as exc:
+            status = getattr(getattr(network_error, "response", None), "status_code", None)
+            if isinstance(network_error, HfHubHTTPError) and status == 401:
+                # (not a gated or unknown repo, handled above): the token sent is what is refused
+                raise ModelLoadError(
+                    f"the Hugging Face Hub rejected the access token (401 Unauthorized) while fetching "
+                    f"'{repo_id}', which is not in the local cache: HF_TOKEN (or the token saved by "
+                    "`hf auth login`) is mistyped, expired or revoked. Set a valid token from "
+                    "https://huggingface.co/settings/tokens, or unset it for public repos."
+                ) from exc
             if network_error is not None and _failed_mid_download(network_error):
                 raise ModelLoadError(
                     f"downloading '{repo_id}'{rev_text} from the Hugging Face Hub failed part-way "

@@ -183,3 +183,17 @@ def test_repo_without_any_weights(hub_server):
     with pytest.raises(ModelLoadError, match="no model weights at all") as info:
         resolve_model("someone/docs-only")
     assert "pickle" not in str(info.value)
+
+
+def test_rejected_token_is_named_not_called_unreachable(hub_server, monkeypatch):
+    """A mistyped or revoked HF_TOKEN gets the Hub's 401 even on a public repo: the error
+    says the token is the problem; a model already cached still loads."""
+    hub_server.valid_tokens = {"hf_good"}
+    monkeypatch.setenv("HF_TOKEN", "hf_typo")
+    with pytest.raises(ModelLoadError, match=r"rejected the access token \(401.*HF_TOKEN") as info:
+        resolve_model(TINY_REPO)
+    assert "unreachable" not in str(info.value)
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    cached = resolve_model(TINY_REPO)
+    monkeypatch.setenv("HF_TOKEN", "hf_typo")
+    assert resolve_model(TINY_REPO) == cached
