@@ -395,8 +395,13 @@ def _read_gguf(gguf_path: Path, progress: Callable[[str], None] | None = None,
                 f"cannot convert GGUF file {gguf_path}: tensor {shown}{more} is stored as {'/'.join(kinds)}, a "
                 f"type Hearth's GGUF reader (the gguf package) cannot read. Use another quantization of the "
                 f"model (Q4_K_M, Q5_K_M, Q8_0 or F16 files are read), or its Hugging Face repo.") from exc
+        text = str(exc).rstrip(".")
+        if "Cannot build a tokenizer" in text:  # no tokenizer.ggml.model, or one transformers can't build
+            raise UnsupportedModelError(
+                f"cannot convert GGUF file {gguf_path}: it has no tokenizer Hearth can read ({text}). "
+                f"{hint}") from exc
         raise ModelLoadError(
-            f"cannot convert GGUF file {gguf_path}: {type(exc).__name__}: {exc}. The file may be "
+            f"cannot convert GGUF file {gguf_path}: {type(exc).__name__}: {text}. The file may be "
             f"truncated, corrupt or use an unsupported quantization. {hint}"
         ) from exc
 

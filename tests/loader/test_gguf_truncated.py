@@ -84,3 +84,11 @@ def test_the_default_model_cut_in_half(default_model, tmp_path, hearth_cache):
     with pytest.raises(ModelLoadError) as info:
         resolve_model(str(cut))
     _assert_truncated(str(info.value), "half.gguf", total // 2, total)
+
+
+def test_a_whole_file_without_a_tokenizer_is_not_called_corrupt(tiny_gguf, hearth_cache):
+    """A complete GGUF whose metadata names no tokenizer (tokenizer.ggml.model) says that,
+    rather than 'truncated, corrupt or an unsupported quantization'."""
+    with pytest.raises(ModelLoadError, match=r"whole.gguf: it has no tokenizer Hearth can read \(.*tokenizer None") as info:
+        resolve_model(str(tiny_gguf))
+    assert not re.search(r"truncated|corrupt|\w\.\. ", str(info.value)), str(info.value)
