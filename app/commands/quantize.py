@@ -5,6 +5,7 @@ next load reads it instead of quantizing again."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 from engine.api import QUANTIZE_LAYOUTS, quantize_model
@@ -40,5 +41,5 @@ def run_quantize(args) -> int:
                           "layers": result.layers, "file_bytes": result.weight_bytes}))
     else:
         print(f"wrote {result.out_dir} ({result.layout}, {result.quantization}, {result.layers} layers, "
-              f"{result.weight_bytes / 2**20:.1f} MiB); load it with --model {result.out_dir}")
+              f"{result.weight_bytes / 2**20:.1f} MiB); load it with --model {shlex.quote(str(result.out_dir))}")
     return 0

@@ -174,3 +174,14 @@ def test_a_prequantized_checkpoints_groups_are_its_own(tiny_models, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match=r"group size 48 does not divide .* quantization_config\.group_size"):
         load(result.out_dir)
+
+
+def test_the_printed_load_command_works_for_a_folder_with_spaces(tiny_models, tmp_path, capsys):
+    """'load it with --model DIR' is meant to be copied into a shell: quoted when it must be."""
+    import shlex
+
+    out = tmp_path / "my models" / "tiny int8"
+    assert main(["quantize", "--model", str(tiny_models["llama3"]), "--quant", "int8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith(f"load it with --model {shlex.quote(str(out))}"), printed
+    assert shlex.split(printed.rstrip().rsplit("--model ", 1)[1]) == [str(out)]
