@@ -199,6 +199,11 @@ def resolve_model(
         return ResolvedModel(path=folder, source="local", name=model_display_name(candidate.absolute()),
                              config=config)
 
+    if os.path.islink(candidate):  # a link whose target is gone (is_file/is_dir follow it)
+        raise ModelLoadError(
+            f"{text} is a symbolic link to {os.readlink(candidate)}, which does not exist: fix the link "
+            "or pass the model's real location."
+        )
     if _looks_like_path(text):
         raise ModelLoadError(
             f"no such file or folder: {text}. Check the path (relative paths start from {Path.cwd()})."
@@ -464,8 +469,9 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
                      f"{(str(network_error).splitlines() or [''])[0]})"
             )
             raise ModelLoadError(
-                f"'{repo_id}'{rev_text} is not in the local Hugging Face cache and {why}. "
-                "Connect to the internet (and unset HF_HUB_OFFLINE) once to download it."
+                f"'{repo_id}'{rev_text} is not a file or folder here ({Path.cwd()}), not in the local "
+                f"Hugging Face cache, and {why}. If it is a Hub repo, connect to the internet (and "
+                "unset HF_HUB_OFFLINE) once to download it; if it is a local model, check the path."
             ) from exc
 
     folder = Path(path)

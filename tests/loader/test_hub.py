@@ -77,13 +77,13 @@ def test_gated_repo_with_token(hub_server, tiny_model_dir, monkeypatch):
 
 def test_offline_and_not_cached(hub_server, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*offline mode is on"):
         resolve_model(TINY_REPO)
 
 
 def test_unreachable_and_not_cached(hub_server):
     hub_server.stop()
-    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*unreachable"):
+    with pytest.raises(ModelLoadError, match="not a file or folder here.*not in the local Hugging Face cache.*unreachable"):
         resolve_model(TINY_REPO)
 
 
@@ -197,3 +197,13 @@ def test_rejected_token_is_named_not_called_unreachable(hub_server, monkeypatch)
     cached = resolve_model(TINY_REPO)
     monkeypatch.setenv("HF_TOKEN", "hf_typo")
     assert resolve_model(TINY_REPO) == cached
+
+
+def test_a_name_that_is_no_folder_and_not_cached_says_both(hub_server, monkeypatch, tmp_path):
+    """Offline, a bare name could be a mistyped local folder as well as a repo id: the error
+    says where it looked for a folder too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=rf"'my-model' is not a file or folder here \({tmp_path}\).*"
+                                             "offline mode.*if it is a local model, check the path"):
+        resolve_model("my-model")

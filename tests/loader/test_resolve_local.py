@@ -126,3 +126,12 @@ def test_a_damaged_config_is_a_load_error_not_a_fallback(model_copy, field, valu
     (model_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=f"{says}.*download the model again"):
         Engine.load(str(model_copy), device="cpu")
+
+
+def test_dangling_symlink_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """A link to a model that moved or was deleted: said so, not fetched from the Hub as
+    a repo id (which offline ended in 'not in the local Hugging Face cache')."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "current").symlink_to(tmp_path / "gone-model")
+    with pytest.raises(ModelLoadError, match=r"current is a symbolic link to .*gone-model, which does not exist"):
+        resolve_model("current")
