@@ -455,6 +455,17 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
                     "`hf auth login`) is mistyped, expired or revoked. Set a valid token from "
                     "https://huggingface.co/settings/tokens, or unset it for public repos."
                 ) from exc
+            if (isinstance(network_error, OSError) and network_error.errno is not None
+                    and not isinstance(network_error, (ConnectionError, TimeoutError))):
+                # the disk, not the network: full, read-only, no permission, not a folder
+                from huggingface_hub import constants
+
+                where = f": {network_error.filename}" if network_error.filename else ""
+                raise ModelLoadError(
+                    f"cannot download '{repo_id}'{rev_text} into the Hugging Face cache "
+                    f"({constants.HF_HUB_CACHE}): {network_error.strerror}{where}. Free disk space there, or "
+                    "point HF_HOME (or HF_HUB_CACHE) at a writable folder with room, then run again."
+                ) from exc
             if network_error is not None and _failed_mid_download(network_error):
                 raise ModelLoadError(
                     f"downloading '{repo_id}'{rev_text} from the Hugging Face Hub failed part-way "

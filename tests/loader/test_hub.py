@@ -207,3 +207,26 @@ def test_a_name_that_is_no_folder_and_not_cached_says_both(hub_server, monkeypat
     with pytest.raises(ModelLoadError, match=rf"'my-model' is not a file or folder here \({tmp_path}\).*"
                                              "offline mode.*if it is a local model, check the path"):
         resolve_model("my-model")
+
+
+def test_a_full_disk_is_named_not_called_unreachable(hub_server, monkeypatch):
+    """A download that the disk refuses (full, read-only) says so and where, not that the Hub
+    can't be reached; once there is room the next run completes the model."""
+    import errno
+
+    from huggingface_hub import file_download
+
+    real_get = file_download.http_get
+
+    def full(url, temp_file, **kwargs):
+        if url.endswith("model.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device", getattr(temp_file, "name", None))
+        return real_get(url, temp_file, **kwargs)
+
+    monkeypatch.setattr(file_download, "http_get", full)
+    with pytest.raises(ModelLoadError, match=r"cannot download .* into the Hugging Face cache \(.*\): "
+                                             r"No space left on device.*Free disk space") as info:
+        resolve_model(TINY_REPO)
+    assert "unreachable" not in str(info.value)
+    monkeypatch.setattr(file_download, "http_get", real_get)
+    assert resolve_model(TINY_REPO).source == "hub"
