@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import copy
 import functools
+import glob
 import json
 import os
 import queue
@@ -529,6 +530,30 @@ def _end_ids(reader) -> list[int]:
     return ids
 
 
+def remove_stale_temps(out_dir: Path) -> None:
+    """Delete the temporary folders (``.NAME.tmp-PID-...``) that conversions into ``out_dir``
+    left when their process was killed (SIGKILL, the terminal closed, out of memory), which no
+    ``finally`` removed: each can hold gigabytes of half-written weights. A folder whose
+    process still runs is another conversion at work and is left alone."""
+    for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.tmp-*"):
+        pid = old.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # (Windows' os.kill(pid, 0) would end it)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (PermissionError: someone else's process)
+        return True
+    return True
+
+
 def convert_gguf(
     gguf_path: Path,
     out_dir: Path,
@@ -592,6 +617,7 @@ def convert_gguf(
     end_ids = _end_ids(reader)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()

@@ -4,6 +4,7 @@ architecture transformers supports")."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -92,3 +93,25 @@ def test_a_whole_file_without_a_tokenizer_is_not_called_corrupt(tiny_gguf, heart
     with pytest.raises(ModelLoadError, match=r"whole.gguf: it has no tokenizer Hearth can read \(.*tokenizer None") as info:
         resolve_model(str(tiny_gguf))
     assert not re.search(r"truncated|corrupt|\w\.\. ", str(info.value)), str(info.value)
+
+
+def test_a_killed_conversions_temp_folder_is_removed_by_the_next(tmp_path):
+    """A conversion killed outright (SIGKILL, terminal closed, out of memory) runs no cleanup
+    and leaves its hidden temp folder, gigabytes for a large model: the next conversion into
+    the same place removes it, but not one whose process still runs."""
+    import subprocess
+    import sys
+
+    from engine.loader.gguf import remove_stale_temps
+
+    out = tmp_path / "model-abc123"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = tmp_path / f".model-abc123.tmp-{dead}-deadbeef"
+    running = tmp_path / f".model-abc123.tmp-{os.getpid()}-0badf00d"
+    other = tmp_path / f".model-abc1234.tmp-{dead}-deadbeef"  # another model's
+    for folder in (stale, running, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    remove_stale_temps(out)
+    assert not stale.exists() and running.exists() and other.exists()
