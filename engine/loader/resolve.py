@@ -8,10 +8,12 @@ work offline.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shlex
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 from engine.errors import InvalidRequestError, LoadCancelledError, ModelLoadError, UnsupportedModelError
 from engine.loader import default_package
-from engine.loader.gguf import AS_FILE, convert_gguf, is_up_to_date
+from engine.loader.gguf import AS_FILE, SOURCE_FILE, convert_gguf, is_up_to_date
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
 from engine.loader.shape_model import shape_of_config
 from engine.loader.weights import weight_files
@@ -278,7 +280,36 @@ def _ensure_converted(gguf: Path, out: Path, progress: Callable[[str], None] | N
             pass  # damaged cache (e.g. a file deleted by hand): convert again
     convert_gguf(gguf, out, _CONVERTED_DTYPE, progress=progress, keep_quantized=keep_quantized,
                  should_stop=should_stop)
-    return validate_model_folder(out)
+    config = validate_model_folder(out)
+    remove_superseded_conversions(gguf, out)
+    return config
+
+
+def remove_superseded_conversions(gguf: Path, out: Path) -> None:
+    """Delete the conversions of earlier versions of the file at ``gguf``'s path (before it
+    was downloaded again or edited: the cache key holds its size and time), now that ``out``
+    holds the current one: nothing can load them any more, and each is as large as the model.
+    Only folders of the same kind (kept quantized or not) whose record names this path go."""
+    gguf = Path(gguf).resolve()
+    current = _source_of(out)
+    if current is None:
+        return
+    for folder in out.parent.glob(f"{glob.escape(gguf.stem)}-*"):
+        if folder == out or not folder.is_dir():
+            continue
+        record = _source_of(folder)
+        if (record is not None and record.get("source") == str(gguf)
+                and record.get("keep_quantized") == current.get("keep_quantized")
+                and (record.get("size"), record.get("mtime_ns")) != (current.get("size"), current.get("mtime_ns"))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _source_of(folder: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # ---------------------------------------------------------------------------- hub

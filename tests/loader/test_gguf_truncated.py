@@ -115,3 +115,34 @@ def test_a_killed_conversions_temp_folder_is_removed_by_the_next(tmp_path):
         (folder / "model.safetensors").write_bytes(b"half")
     remove_stale_temps(out)
     assert not stale.exists() and running.exists() and other.exists()
+
+
+def test_conversions_of_earlier_versions_of_a_file_are_removed(tmp_path):
+    """Downloading a GGUF again (or editing it) gives it a new cache key; the conversions of
+    its earlier versions can't be loaded any more and each is as large as the model: the
+    new conversion removes them, and nothing of another file or of the other kind."""
+    import json
+
+    from engine.loader.resolve import remove_superseded_conversions
+
+    gguf = tmp_path / "files" / "m.Q4_K_M.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    cache = tmp_path / "gguf"
+
+    def conversion(name, source, size, kept=True):
+        folder = cache / name
+        folder.mkdir(parents=True)
+        (folder / "hearth_source.json").write_text(json.dumps(
+            {"source": str(source), "size": size, "mtime_ns": 1, "keep_quantized": kept}))
+        return folder
+
+    current = conversion("m.Q4_K_M-aaa-gguf-quant", gguf, 4)
+    old = conversion("m.Q4_K_M-bbb-gguf-quant", gguf, 3)
+    old_float = conversion("m.Q4_K_M-ccc", gguf, 3, kept=False)  # the other kind: its own current one
+    elsewhere = conversion("m.Q4_K_M-ddd-gguf-quant", tmp_path / "other" / "m.Q4_K_M.gguf", 3)
+    unrecorded = cache / "m.Q4_K_M-eee-gguf-quant"
+    unrecorded.mkdir()
+    remove_superseded_conversions(gguf, current)
+    assert current.exists() and not old.exists()
+    assert old_float.exists() and elsewhere.exists() and unrecorded.exists()
