@@ -28,6 +28,7 @@ def run_chat(args) -> int:
     info = engine.model_info
     print(f"Hearth chat — {info.name} on {info.device} ({info.implementation}). {HELP}", file=sys.stderr)
     history: list[dict] = []
+    _line_editing()
     restore_stdin = _undecodable_input_as_surrogates()
     try:
         while True:
@@ -106,6 +107,30 @@ def run_chat(args) -> int:
     finally:
         restore_stdin()
         engine.shutdown()
+
+
+def _line_editing() -> None:
+    """On a terminal, read lines through GNU readline, as ``input()`` does once the module
+    is imported: without it the terminal's own line discipline cut a pasted line at 4,095
+    bytes without a word (the model got the first 4 KB of a long paste), and the arrow keys
+    typed escape sequences into the message. Tab inserts a tab (a pasted code block keeps
+    its tabs) instead of completing file names. Nothing changes when stdin or stdout is not
+    a terminal (``input()`` then reads stdin directly), or without readline."""
+    if not (_isatty(sys.stdin) and _isatty(sys.stdout)):
+        return
+    try:
+        import readline
+    except ImportError:  # a Python built without it: the terminal's line editing, as before
+        return
+    if "libedit" not in (readline.__doc__ or ""):
+        readline.parse_and_bind("tab: self-insert")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _undecodable_input_as_surrogates():

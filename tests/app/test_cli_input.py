@@ -9,6 +9,7 @@ import codecs
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -168,6 +169,54 @@ def test_chat_subprocess_survives_undecodable_stdin(tiny, hearth_cache):
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "not valid UTF-8" in err and "0xFF" in err, err
     assert err.count("[5 tokens") == 2, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal with Linux's line discipline")
+@pytest.mark.timeout(60)
+def test_chat_on_a_terminal_reads_a_pasted_line_longer_than_4_kib_whole():
+    """On a terminal, input() without readline reads through the kernel's line discipline,
+    which cut a pasted line at 4,095 bytes without a word: the model got the first 4 KB
+    of a long paste. The chat reads through readline there (a Tab stays a Tab)."""
+    import pty
+    import select
+
+    line = "x" * 20_000 + "\tEND"
+    code = ("import sys; from app.commands.chat import _line_editing; _line_editing(); "
+            "s = input('> '); print('GOT', len(s), repr(s[-4:]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat's reading, on the terminal
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-c", code], env)
+    seen = b""
+
+    def read_for(seconds: float) -> None:
+        nonlocal seen
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    seen += os.read(fd, 65536)
+                except OSError:  # the child has exited
+                    return
+
+    try:
+        deadline = time.monotonic() + 30
+        while b"> " not in seen and time.monotonic() < deadline:
+            read_for(0.1)
+        data = (line + "\n").encode()
+        for i in range(0, len(data), 1024):  # as a paste arrives: the terminal's buffer is small
+            os.write(fd, data[i:i + 1024])
+            read_for(0.002)
+        while b"GOT" not in seen and time.monotonic() < deadline:
+            read_for(0.1)
+        read_for(0.2)
+    finally:
+        os.kill(pid, 9) if b"GOT" not in seen else None
+        os.waitpid(pid, 0)
+        os.close(fd)
+    got = seen[seen.find(b"GOT"):].split(b"\r")[0].decode()
+    assert got == f"GOT {len(line)} '\\tEND'", got
 
 
 def test_compressed_tensors_on_a_model_not_stored_that_way_says_what_it_is_for(capsys, tiny):
