@@ -1,6 +1,7 @@
 """``hearth chat``: interactive terminal chat with streaming output.
 
-Ctrl+C stops the current answer (the partial answer stays in the history); at the prompt
+Ctrl+C stops the current answer (the partial answer stays in the history; stopped before
+its first word, the message is not kept either); at the prompt
 it only reminds how to quit. Ctrl+D or /exit quits. /reset clears the conversation,
 /system TEXT sets the system prompt, /help says so; another /word is refused (not sent to the
 model), and // begins a message that starts with /.
@@ -95,6 +96,7 @@ def run_chat(args) -> int:
             if dropped:
                 print(f"(the conversation outgrew the context: dropped the {dropped} oldest messages)",
                       file=sys.stderr)
+            before = history
             history = messages[dropped:]
             answer, fin = _stream(handle)
             history.append({"role": "assistant", "content": answer})
@@ -103,6 +105,12 @@ def run_chat(args) -> int:
             note += ", stopped]" if fin.reason == "abort" else "]"
             if fin.error:
                 note += f" error: {fin.error}"
+            if fin.reason == "abort" and not answer.strip():
+                # Stopped before the answer began (a long prompt still being read): keeping the
+                # message with an empty answer made the next turn read it all again and the
+                # model answer the empty turn; the conversation stays as it was instead.
+                history = before
+                note += "\n(stopped before the answer began: that message was not kept; the conversation is as it was)"
             print(f"\n{note}", file=sys.stderr)
     finally:
         restore_stdin()

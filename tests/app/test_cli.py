@@ -479,6 +479,57 @@ def test_chat_ctrl_c_stops_the_answer_and_continues(capsys, monkeypatch, tiny, d
     assert [m["role"] for m in reqs[1][1]] == ["user", "assistant", "user"]
 
 
+
+class _StoppedBeforeTheFirstToken:
+    """A handle whose first iteration is cut by Ctrl+C at once, and whose answer then has no
+    text (as when the Ctrl+C lands while a long prompt is still being read)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.iters = 0
+
+    def __iter__(self):
+        self.iters += 1
+        if self.iters == 1:
+            raise KeyboardInterrupt
+        from engine.api import TokenEvent
+
+        return (ev for ev in self.handle if not isinstance(ev, TokenEvent))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+@pytest.mark.timeout(60)
+def test_chat_ctrl_c_before_the_first_token_does_not_keep_the_message(capsys, monkeypatch, tiny):
+    """(it kept the message with an empty answer: the next turn read the whole, maybe huge,
+    message again, and the model answered after an empty turn)"""
+    from engine.api import Engine
+
+    feed_input(monkeypatch, ["Hello there", "A long paste, stopped while it was read", "Thanks"])
+    reqs = record_requests(monkeypatch)
+    recorded_submit = Engine.submit
+
+    def submit(self, request, params=None):
+        h = recorded_submit(self, request, params)
+        return _StoppedBeforeTheFirstToken(h) if len(reqs) == 2 else h
+
+    monkeypatch.setattr(Engine, "submit", submit)
+    orig_step = Engine.step
+
+    def slow_step(self):
+        time.sleep(0.01)  # the abort lands before the 100 tokens are done
+        return orig_step(self)
+
+    monkeypatch.setattr(Engine, "step", slow_step)
+    rc, out, err = run_cli(capsys, *chat_args(tiny, max_tokens=100))
+    assert rc == 0, err
+    assert "stopped before the answer began" in err and "Traceback" not in err, err
+    assert len(reqs) == 3
+    assert [(m["role"], m["content"]) for m in reqs[2][1]][::2] == [("user", "Hello there"), ("user", "Thanks")]
+    assert [m["role"] for m in reqs[2][1]] == ["user", "assistant", "user"]
+
+
 # -- the real command, in a subprocess -----------------------------------------------------
 
 
