@@ -10,7 +10,7 @@ they run one after another (``app.services.compare.run_comparison``), or with
 ``--side-by-side`` those that fit in memory together load together and answer each prompt
 at the same time (their speeds then share the device: the table says so). The table goes to
 stdout (to stderr with ``--json -``), progress lines to stderr. Exit code: 0 when at least
-one configuration ran, 1 when none did (each row's ``error`` says why), 2 for bad
+one configuration ran and answered a prompt, 1 when none did (each row's ``error`` says why), 2 for bad
 arguments, 130 when interrupted (Ctrl-C cancels: the finished configurations are still
 printed and written).
 """
@@ -170,7 +170,18 @@ def run_compare(args) -> int:
         print(f"[hearth] saved as {saved}", file=sys.stderr, flush=True)
     if interrupted:
         return 130
-    return 0 if any(r.ok for r in result.results) else 1
+    if any(_answered(r) for r in result.results):
+        return 0
+    if any(r.ok for r in result.results):  # they loaded, but not one prompt was answered
+        print("hearth: error: no configuration answered a prompt (the error column says why): nothing was "
+              "compared.", file=sys.stderr, flush=True)
+    return 1
+
+
+def _answered(r) -> bool:
+    """A configuration that ran and answered at least one prompt (a comparison whose every
+    prompt failed everywhere, e.g. all longer than the context, measured nothing: exit 1)."""
+    return r.ok and (not r.prompts or any(not p.error for p in r.prompts))
 
 
 class _ProgressPrinter:

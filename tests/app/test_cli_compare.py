@@ -98,6 +98,20 @@ def test_a_failing_configuration_is_reported_and_the_exit_code_is_zero(capsys, t
     assert json.loads(out)[0]["error"]
 
 
+def test_every_prompt_failing_everywhere_is_exit_code_1(capsys, tiny, tmp_path):
+    """(each configuration loaded, but every prompt was longer than the context: nothing was
+    compared, and the exit code was 0)"""
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("word " * 200 + "\n", encoding="utf-8")
+    rc, out, err = run_cli(capsys, *compare_args(tiny, prompts, "--quants", "int8,int4", "--no-perplexity",
+                                                 "--max-model-len", "64", "--json", "-", "-q"))
+    assert rc == 1, err
+    rows = json.loads(out)  # still well-formed, one row per configuration
+    assert [r["error"] for r in rows] == [None, None]
+    assert all(p["error"] for r in rows for p in r["prompts"])
+    assert "no configuration answered a prompt" in err and "Traceback" not in err
+
+
 def test_save_puts_it_where_the_app_reopens_it(capsys, tiny, prompts_file, tmp_path, monkeypatch):
     from app.services.compare_store import list_comparisons
 
