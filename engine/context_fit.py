@@ -68,7 +68,8 @@ def _too_long(render, head: list[dict], message: dict, alone: int, system: str |
     around = "the chat template and the system prompt" if (system or head) else "the chat template"
     if overhead + room >= limit:
         return InvalidRequestError(
-            f"{around} take {overhead} of the context's {limit} tokens, leaving no room for a "
+            f"{around} {'take' if (system or head) else 'takes'} {overhead} of the context's {limit} tokens, "
+            "leaving no room for a "
             f"message and a {room}-token answer: "
             + ("shorten the system prompt or " if (system or head) else "")
             + "load the model with a longer context (--max-model-len).",

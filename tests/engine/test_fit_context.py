@@ -82,3 +82,19 @@ def test_a_last_message_too_long_even_alone_is_refused_with_how_long_it_is(engin
 def test_fit_context_is_for_conversations(engine):
     with pytest.raises(InvalidRequestError, match="give messages"):
         engine.submit(Request(prompt="Hello", params=PARAMS, fit_context=True))
+
+
+def test_a_context_the_template_alone_fills_says_so_in_a_sentence():
+    """(it said "the chat template take 30 of the context's 40 tokens")"""
+    from engine.context_fit import fit_messages
+
+    def render(messages):  # a 30-token template around each message's words
+        return [0] * (30 + sum(len(str(m.get("content", "")).split()) for m in messages))
+
+    message = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(InvalidRequestError) as e:
+        fit_messages(render, message, system=None, max_tokens=256, max_model_len=40)
+    assert str(e.value).startswith("the chat template takes 30 of the context's 40 tokens, leaving no room "
+                                   "for a message and a 64-token answer"), str(e.value)
+    with pytest.raises(InvalidRequestError, match="^the chat template and the system prompt take 30 of"):
+        fit_messages(render, message, system="Be brief.", max_tokens=256, max_model_len=40)
