@@ -294,9 +294,9 @@ def test_doctor(capsys):
     assert cuda, f"no cuda line in:\n{out}"
     if not torch.cuda.is_available():
         assert "none" in cuda[0]
-        # a choice that runs but slowly here says so (an fp8 KV cache on the CPU)
+        # an fp8 KV cache runs on the CPU, in the C decode step: plain "ok", no caveat
         (fp8,) = [ln for ln in lines[lines.index("KV-cache dtypes"):] if ln.split()[:1] == ["fp8"]][:1]
-        assert fp8.split()[1] == "ok" and "times slower" in fp8
+        assert fp8.split() == ["fp8", "ok"]
 
 
 def test_a_long_prompt_is_read_in_steps_of_the_budget_asked_for(capsys, tiny):
