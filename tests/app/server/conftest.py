@@ -32,7 +32,8 @@ def port_open(port: int) -> bool:
 class LiveServer:
     """uvicorn serving ``app`` on 127.0.0.1:<free port> in a thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
+        """``config``: more of uvicorn.Config's options (``http=``: the protocol class)."""
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -40,7 +41,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="test-uvicorn", daemon=True)
 

@@ -5,7 +5,6 @@ complete one and a long answer are untouched."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import httpx
@@ -14,45 +13,29 @@ from fastapi import FastAPI, WebSocket  # (module level: FastAPI resolves the an
 
 import app.server.head_timeout as head_timeout
 from app.server.head_timeout import HeadTimeoutProtocol
+from tests.app.server.conftest import LiveServer
 
 
-class Served:
-    def __init__(self, routes=None) -> None:
-        import uvicorn
+def Served(routes=None) -> LiveServer:
+    """The conftest's LiveServer on a small app (``routes(api)`` adds more), with the protocol."""
+    api = FastAPI()
+    if routes is not None:
+        routes(api)
 
-        api = FastAPI()
-        if routes is not None:
-            routes(api)
+    @api.get("/slow")
+    async def slow() -> dict:
+        import asyncio
 
-        @api.get("/slow")
-        async def slow() -> dict:
-            import asyncio
+        await asyncio.sleep(1.0)  # longer than the head limit: an answer in progress is never cut
+        return {"ok": True}
 
-            await asyncio.sleep(1.0)  # longer than the head limit: an answer in progress is never cut
-            return {"ok": True}
+    @api.get("/fast")
+    async def fast() -> dict:
+        return {"ok": True}
 
-        @api.get("/fast")
-        async def fast() -> dict:
-            return {"ok": True}
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.address = self.sock.getsockname()
-        self.server = uvicorn.Server(uvicorn.Config(api, log_level="warning", http=HeadTimeoutProtocol))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "Served":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
+    served = LiveServer(api, http=HeadTimeoutProtocol)
+    served.address = ("127.0.0.1", served.port)
+    return served
 
 
 def closed_within(conn: socket.socket, seconds: float) -> bool:
