@@ -128,6 +128,7 @@ class RequestHandle:
         self._events = events
         self._engine = engine
         self._done = False
+        self._result: Completion | None = None
         self.dropped_messages = dropped_messages
 
     def _queue(self) -> queue.Queue:
@@ -169,4 +170,12 @@ class RequestHandle:
         self._engine.abort(self.request_id)
 
     def result(self) -> Completion:
-        return Completion.from_events(self.request_id, self)
+        """Wait for the whole answer. Called again, it returns the same Completion; after the
+        events were read by iterating or ``poll``, it raises RuntimeError (they are gone)."""
+        if self._result is None:
+            self._queue()
+            if self._done:
+                raise RuntimeError(f"request {self.request_id}'s events were already read (by iterating "
+                                   "or poll); call result() instead of reading them, not after")
+            self._result = Completion.from_events(self.request_id, self)
+        return self._result

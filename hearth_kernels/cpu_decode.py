@@ -32,7 +32,7 @@ import torch
 from hearth_kernels import cpu_quant
 from hearth_kernels.cpu_quant import PreparedWeight
 
-_FLOAT32 = 32  # hq_weight.bits of an fp32 matrix (HD_FLOAT32)
+_FLOAT32 = cpu_quant.FLOAT32_BITS
 #: Attention's keys are split over the threads (flash-decoding) once context x query heads
 #: reaches this: below it attention is a few µs, less than waking a helper thread.
 SPLIT_MIN = 4096

@@ -70,6 +70,7 @@ _PREBUILT_DIR = _SOURCE_DIR
 _MAIN_SOURCE = "hq_quant.c"
 _FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno")
 _BLOCK = 32
+FLOAT32_BITS = 32  # hq_weight.bits of an fp32 matrix (HD_FLOAT32 in hq_decode.h)
 _ISA_CODES = {"scalar": 1, "avx2": 2}
 _ISA_NAMES = {1: "scalar", 2: "avx2"}
 _ERRORS = {1: "this CPU lacks AVX2/FMA/F16C", 2: "out of memory", 3: "bad weight descriptor"}
@@ -197,6 +198,7 @@ def _build() -> ctypes.CDLL:
     p, i32 = ctypes.c_void_p, ctypes.c_int
     lib.hq_best_isa.argtypes, lib.hq_best_isa.restype = [], i32
     lib.hq_matmul.argtypes, lib.hq_matmul.restype = [p, p, p, ctypes.c_int64], i32
+    lib.hd_f32_matmul.argtypes, lib.hd_f32_matmul.restype = [p, p, p, ctypes.c_int64], i32
     lib.hq_dequantize.argtypes, lib.hq_dequantize.restype = [p, p, i32, i32], i32
     lib.hq_set_spin_us.argtypes, lib.hq_set_spin_us.restype = [ctypes.c_longlong], None
     lib.hq_quantize_acts.argtypes, lib.hq_quantize_acts.restype = [p, i32, i32, i32, i32, i32, p, p, p, p], i32
@@ -293,7 +295,8 @@ class PreparedWeight:
         if out.dtype is not torch.float32 or not out.is_cpu or out.numel() != rows * n or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 CPU tensor of {rows}x{n} elements")
         nthreads = torch.get_num_threads() if threads is None else threads
-        call = functools.partial(lib.hq_matmul, self._addr, x.data_ptr(), out.data_ptr(),
+        call = functools.partial(lib.hd_f32_matmul if self.bits == FLOAT32_BITS else lib.hq_matmul,
+                                 self._addr, x.data_ptr(), out.data_ptr(),
                                  rows | (min(nthreads, 255) << 32) | (_isa_code(isa) << 40))
         call.keep_alive = (self, x, out)
         return call
@@ -352,6 +355,18 @@ def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     return PreparedWeight(8, group_size, n, k, kp, group_p, q, s, m, bias)
 
 
+def prepare_f32(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PreparedWeight:
+    """An fp32 weight [N, K] (no copy when it is a contiguous float32 CPU tensor) for
+    ``matmul``: each output element computed exactly as the C decode step's GEMV computes
+    it, whatever the number of rows (torch's CPU matmul gives a row other bits for 1, 2-3
+    and 4+ rows). The float LM head of a CPU load runs this way, so a request's logits don't
+    depend on what shares its step."""
+    if weight.dtype != torch.float32 or weight.dim() != 2:
+        raise ValueError(f"an fp32 weight must be float32 [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    return PreparedWeight(FLOAT32_BITS, k, n, k, k, k, weight.detach().cpu().contiguous(), None, None, bias)
+
+
 def _isa_code(name: str | None) -> int:
     if name is None:
         return _default_isa
@@ -386,7 +401,8 @@ def matmul(x: torch.Tensor, w: PreparedWeight, out: torch.Tensor | None = None, 
         raise ValueError(f"out must be a contiguous float32 CPU tensor of {rows}x{n} elements")
     nthreads = torch.get_num_threads() if threads is None else threads
     code = _default_isa if isa is None else _isa_code(isa)
-    rc = lib.hq_matmul(w._addr, x.data_ptr(), out.data_ptr(), rows | (min(nthreads, 255) << 32) | (code << 40))
+    fn = lib.hd_f32_matmul if w.bits == FLOAT32_BITS else lib.hq_matmul
+    rc = fn(w._addr, x.data_ptr(), out.data_ptr(), rows | (min(nthreads, 255) << 32) | (code << 40))
     if rc:
         _check_rc(rc)
     return out

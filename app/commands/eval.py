@@ -62,6 +62,20 @@ def check_window_args(args) -> None:
                                   f"{args.max_model_len}): use a window of at most that.")
 
 
+def _every_second(say, clock=time.monotonic):
+    """A progress callback saying "scored D of T tokens" at most once a second, and at the
+    end (a small --window means thousands of windows: a line each flooded the terminal)."""
+    last = [float("-inf")]
+
+    def progress(done: int, total: int) -> None:
+        now = clock()
+        if done >= total or now - last[0] >= 1.0:
+            last[0] = now
+            say(f"scored {done:,} of {total:,} tokens")
+
+    return progress
+
+
 def run_eval(args) -> int:
     check_window_args(args)  # before loading
     path = Path(args.text) if args.text else evaluation_text_path()
@@ -73,8 +87,7 @@ def run_eval(args) -> int:
     try:
         say(f"scoring {path.name}")
         try:
-            res = engine.perplexity(text, window=args.window, stride=args.stride,
-                                    progress=lambda done, total: say(f"scored {done:,} of {total:,} tokens"))
+            res = engine.perplexity(text, window=args.window, stride=args.stride, progress=_every_second(say))
         except InvalidRequestError as e:
             raise InvalidRequestError(f"{path}: {e}", options=e.options) from None
         info = engine.model_info

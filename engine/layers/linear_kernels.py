@@ -120,6 +120,30 @@ class Matmul(LinearKernel):
     __call__ = staticmethod(matmul)  # called as kernel(x, weight, bias, out): no extra frame
 
 
+class CpuRowsF32(LinearKernel):
+    """A float32 weight on the CPU through Hearth's C kernel (``hearth_kernels.cpu_quant.
+    prepare_f32``): every row's product has the same bits however many rows share the
+    call, and the same as the C decode step's GEMV. torch's CPU matmul gives a row other
+    bits at 1, 2-3 and 4+ rows, so a request's logits (and a near-tie's token) depended on
+    what else its step read; the float LM head of a CPU load runs here (``cpu_step.
+    use_c_head``). At the rows a sampler reads it is also faster than torch's here (the
+    SmolLM2 head at 1-64 rows: 7.5-45 ms against 13-71 ms, 2 cores)."""
+
+    name = "c fp32 rows"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        from hearth_kernels import cpu_quant
+
+        self._weight = weight
+        self._prepared = cpu_quant.prepare_f32(weight.detach(), None if bias is None else bias.detach())
+        self._matmul = cpu_quant.matmul
+
+    def __call__(self, x, weight, bias, out=None):
+        if weight is not self._weight or x.dtype is not torch.float32 or x.dim() != 2 or not x.is_cpu:
+            return matmul(x, weight, bias, out)  # (not the tensors it was made for)
+        return self._matmul(x, self._prepared, out)
+
+
 class GemvForOneRow(LinearKernel):
     """The Triton GEMV with a tuned ``config`` (BLOCK_N, BLOCK_K, num_warps) for one row;
     a matmul for more rows."""

@@ -185,6 +185,9 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
     try:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors writes 0600 (through a temporary file): give it the mode any new file
+        # gets here (the folder's, made under the umask, less execute), as config.json has
+        os.chmod(tmp / "model.safetensors", tmp.stat().st_mode & 0o666)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         for pattern in _TOKENIZER_GLOBS if path is not None else ():  # a shape has no tokenizer
             for f in path.glob(pattern):

@@ -237,8 +237,9 @@ def bring_up(runner_cls, config: EngineConfig, spec: ModelSpec, weights: Weights
                       count=count)
         stop()
         if device.type == "cpu" and tp is None:  # batch-1 decode in one C call (no collectives), over the new cache
-            from engine.runner.cpu_step import CpuDecodeStep
+            from engine.runner.cpu_step import CpuDecodeStep, use_c_head
 
+            info["cpu_head"] = use_c_head(runner) or True
             runner.cpu_step, reason = CpuDecodeStep.build(runner)
             info["cpu_decode"] = True if reason is None else reason
             say("decode steps: one C call per token" if reason is None else f"decode steps run eagerly: {reason}")

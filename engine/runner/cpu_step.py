@@ -79,6 +79,33 @@ def _reason(runner) -> str | None:
     return cpu_decode.available()
 
 
+def use_c_head(runner) -> str | None:
+    """Run a float32 LM head of a CPU load through the C kernel (``CpuRowsF32``): a row's
+    logits then have the same bits alone, beside other requests' rows, and in the C decode
+    step, so a request's answer and logprobs don't depend on what shares its steps (its
+    quantized projections already don't). Returns None when it does, else why not."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"turned off ({ENV_SWITCH}=0)"
+    head = getattr(runner.model, "lm_head", None)
+    if hasattr(head, "qweight"):
+        return "the LM head is quantized (its own kernel)"
+    if type(head) not in (Linear, TiedLMHead) or not head.weight.is_cpu:
+        return f"the LM head is a {type(head).__name__}, not a CPU projection"
+    if head.weight.dtype != torch.float32:
+        return f"the LM head is {str(head.weight.dtype).removeprefix('torch.')}, not float32"
+    from hearth_kernels import cpu_quant
+
+    problem = cpu_quant.available()
+    if problem is not None:
+        return problem
+    if cpu_quant.isa() != "avx2":  # the portable C's fp32 dot is not vectorised: torch's is faster
+        return "this CPU has no AVX2"
+    from engine.layers.linear_kernels import CpuRowsF32
+
+    head.use_kernel(CpuRowsF32(head.weight, head.bias))
+    return None
+
+
 class CpuDecodeStep:
     """The loaded model's batch-1 decode step in C; ``run`` returns its logits."""
 

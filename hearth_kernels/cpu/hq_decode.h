@@ -57,7 +57,7 @@ HQ_AVX2 static float hd_dot_avx2(const float *a, const float *b, int n) {
     }
     for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
     float s = hq_hsum_avx2(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s = fmaf(a[i], b[i], s); /* (explicit: the same wherever it is inlined) */
     return s;
 }
 
@@ -76,11 +76,11 @@ HQ_AVX2 static void hd_f32_rows_avx2(const float *W, int k, const float *x, int 
             a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
         }
         float s0 = hq_hsum_avx2(a0), s1 = hq_hsum_avx2(a1), s2 = hq_hsum_avx2(a2), s3 = hq_hsum_avx2(a3);
-        for (; i < k; i++) {
-            s0 += w0[i] * x[i];
-            s1 += w1[i] * x[i];
-            s2 += w2[i] * x[i];
-            s3 += w3[i] * x[i];
+        for (; i < k; i++) { /* fmaf: the same rounding in every function (not the compiler's choice) */
+            s0 = fmaf(w0[i], x[i], s0);
+            s1 = fmaf(w1[i], x[i], s1);
+            s2 = fmaf(w2[i], x[i], s2);
+            s3 = fmaf(w3[i], x[i], s3);
         }
         out[r - r0] = s0;
         out[r - r0 + 1] = s1;
@@ -89,7 +89,56 @@ HQ_AVX2 static void hd_f32_rows_avx2(const float *W, int k, const float *x, int 
     }
     for (; r < r1; r++) out[r - r0] = hd_dot_avx2(W + (size_t)r * k, x, k);
 }
+/* hd_f32_rows_avx2 for two x rows at once (each weight load feeds both): every output
+ * element's arithmetic is that function's, in the same order, so the bits are the same. */
+HQ_AVX2 static void hd_f32_rows2_avx2(const float *W, int k, const float *x, const float *y, int r0, int r1,
+                                      float *ox, float *oy) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = W + (size_t)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int i = 0;
+        for (; i + 8 <= k; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + i), yv = _mm256_loadu_ps(y + i);
+            const __m256 v0 = _mm256_loadu_ps(w0 + i), v1 = _mm256_loadu_ps(w1 + i);
+            const __m256 v2 = _mm256_loadu_ps(w2 + i), v3 = _mm256_loadu_ps(w3 + i);
+            a0 = _mm256_fmadd_ps(v0, xv, a0);
+            a1 = _mm256_fmadd_ps(v1, xv, a1);
+            a2 = _mm256_fmadd_ps(v2, xv, a2);
+            a3 = _mm256_fmadd_ps(v3, xv, a3);
+            b0 = _mm256_fmadd_ps(v0, yv, b0);
+            b1 = _mm256_fmadd_ps(v1, yv, b1);
+            b2 = _mm256_fmadd_ps(v2, yv, b2);
+            b3 = _mm256_fmadd_ps(v3, yv, b3);
+        }
+        float s0 = hq_hsum_avx2(a0), s1 = hq_hsum_avx2(a1), s2 = hq_hsum_avx2(a2), s3 = hq_hsum_avx2(a3);
+        float t0 = hq_hsum_avx2(b0), t1 = hq_hsum_avx2(b1), t2 = hq_hsum_avx2(b2), t3 = hq_hsum_avx2(b3);
+        for (; i < k; i++) { /* fmaf: the same rounding in every function (not the compiler's choice) */
+            s0 = fmaf(w0[i], x[i], s0);
+            s1 = fmaf(w1[i], x[i], s1);
+            s2 = fmaf(w2[i], x[i], s2);
+            s3 = fmaf(w3[i], x[i], s3);
+            t0 = fmaf(w0[i], y[i], t0);
+            t1 = fmaf(w1[i], y[i], t1);
+            t2 = fmaf(w2[i], y[i], t2);
+            t3 = fmaf(w3[i], y[i], t3);
+        }
+        ox[r - r0] = s0;
+        ox[r - r0 + 1] = s1;
+        ox[r - r0 + 2] = s2;
+        ox[r - r0 + 3] = s3;
+        oy[r - r0] = t0;
+        oy[r - r0 + 1] = t1;
+        oy[r - r0 + 2] = t2;
+        oy[r - r0 + 3] = t3;
+    }
+    for (; r < r1; r++) {
+        ox[r - r0] = hd_dot_avx2(W + (size_t)r * k, x, k);
+        oy[r - r0] = hd_dot_avx2(W + (size_t)r * k, y, k);
+    }
+}
 #endif
+
 
 static float hd_dot(const float *a, const float *b, int n, int isa) {
 #if defined(HQ_HAVE_AVX2_PATH)
@@ -166,6 +215,77 @@ static void hd_gemv(const hq_weight *w, const float *x, float *out, hd_act_buf *
     t.nchunks = (w->n + t.chunk_rows - 1) / t.chunk_rows;
     atomic_init(&t.next, 0);
     hq_parallel(hd_gemv_worker, &t, nthreads < t.nchunks ? nthreads : t.nchunks);
+}
+
+/* ---- fp32 rows: out [m, n] = x [m, k] . W^T (+ bias) for an fp32 W ---------------------
+ * Each output element is computed exactly as the decode step's GEMV computes it (the same
+ * function over the same 4-aligned row blocks), so a row's logits have the same bits alone,
+ * beside other rows, and in the C decode step: the float LM head of a CPU load runs here
+ * (engine.layers.linear.CpuRowsF32). Threads take chunks of weight rows; within a chunk,
+ * blocks of 16 weight rows (cache-resident) meet every x row. `call` as hq_matmul's. */
+typedef struct {
+    const hq_weight *w;
+    const float *x;
+    float *out;
+    int m, isa, chunk_rows, nchunks;
+    atomic_int next;
+} hd_f32_task;
+
+static void hd_f32_worker(void *p, int worker) {
+    (void)worker;
+    hd_f32_task *t = (hd_f32_task *)p;
+    const hq_weight *w = t->w;
+    const float *W = (const float *)w->q;
+    const int n = w->n, k = w->k;
+    for (;;) {
+        const int c = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (c >= t->nchunks) return;
+        const int r0 = c * t->chunk_rows;
+        const int r1 = r0 + t->chunk_rows < n ? r0 + t->chunk_rows : n;
+        for (int s0 = r0; s0 < r1; s0 += 16) {
+            const int s1 = s0 + 16 < r1 ? s0 + 16 : r1;
+            for (int mi = 0; mi < t->m; mi++) {
+                const float *x = t->x + (size_t)mi * k;
+                float *o = t->out + (size_t)mi * n;
+#if defined(HQ_HAVE_AVX2_PATH)
+                if (t->isa == HQ_ISA_AVX2 && mi + 1 < t->m) {
+                    hd_f32_rows2_avx2(W, k, x, x + k, s0, s1, o + s0, o + n + s0);
+                    mi++;
+                } else if (t->isa == HQ_ISA_AVX2)
+                    hd_f32_rows_avx2(W, k, x, s0, s1, o + s0);
+                else
+#endif
+                    for (int r = s0; r < s1; r++) o[r] = hd_dot(W + (size_t)r * k, x, k, t->isa);
+            }
+            if (w->bias)
+                for (int mi = 0; mi < t->m; mi++)
+                    for (int r = s0; r < s1; r++) t->out[(size_t)mi * n + r] += w->bias[r];
+        }
+    }
+}
+
+int hd_f32_matmul(const hq_weight *w, const float *x, float *out, int64_t call) {
+    const int m = (int)(call & 0x7FFFFFFF);
+    int nthreads = (int)((call >> 32) & 0xFF);
+    int isa = (int)((call >> 40) & 0xFF);
+    if (w->bits != HD_FLOAT32 || w->n <= 0 || w->k <= 0 || !w->q) return HQ_ERR_SHAPE;
+    if (m == 0) return HQ_OK;
+    isa = hq_pick_isa(isa);
+    if (isa < 0) return HQ_ERR_ISA;
+    if (nthreads < 1) nthreads = 1;
+    hd_f32_task t;
+    t.w = w;
+    t.x = x;
+    t.out = out;
+    t.m = m;
+    t.isa = isa;
+    int rows = w->n / (8 * nthreads); /* as hd_gemv: 16..256 rows, a multiple of 4 */
+    rows = rows < 16 ? 16 : rows > 256 ? 256 : rows;
+    t.chunk_rows = rows & ~3;
+    t.nchunks = (w->n + t.chunk_rows - 1) / t.chunk_rows;
+    atomic_init(&t.next, 0);
+    hq_parallel(hd_f32_worker, &t, nthreads < t.nchunks ? nthreads : t.nchunks);
+    return HQ_OK;
 }
 
 /* ---- the float8 e4m3 KV cache (torch.float8_e4m3fn) ------------------------------------

@@ -128,3 +128,16 @@ def test_quant_is_the_quantization_flag():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--quantization", "int4", "--group-size", "64"])
     assert args.quant == "int4" and args.group_size == 64
     assert build_parser().parse_args(["chat"]).quant == "auto"  # a GGUF's own weights, else none
+
+
+def test_progress_is_said_at_most_once_a_second_and_at_the_end():
+    """Thousands of small windows used to print a line each."""
+    from app.commands import eval as eval_command
+
+    clock = iter([0.0, 0.2, 0.5, 1.1, 1.3, 2.4, 2.5])
+    said = []
+    progress = eval_command._every_second(said.append, clock=lambda: next(clock))
+    for done in (10, 20, 30, 40, 50, 60, 70):
+        progress(done, 70)
+    assert said == ["scored 10 of 70 tokens", "scored 40 of 70 tokens", "scored 60 of 70 tokens",
+                    "scored 70 of 70 tokens"]

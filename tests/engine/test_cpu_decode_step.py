@@ -81,9 +81,10 @@ def test_it_reads_the_cache_it_was_given(tiny_models):
         release_runner(runner)
 
 
-def _both_ways(monkeypatch, model, quantization, prompts, params):
+def _both_ways(monkeypatch, model, quantization, prompts, params, heads=None):
     """``prompts`` generated with the C decode step off, then on: (each run's completions,
-    each run's ``model_info.cpu_decode``, the C step's calls in the second run)."""
+    each run's ``model_info.cpu_decode``, the C step's calls in the second run); each run's
+    ``model_info.cpu_head`` goes into ``heads`` when given."""
     from engine.api import Engine
 
     outputs, infos, calls = [], [], []
@@ -98,6 +99,8 @@ def _both_ways(monkeypatch, model, quantization, prompts, params):
                 step.run = lambda *a: calls.append(a) or run(*a)
             outputs.append(engine.generate(prompts, params))
             infos.append(engine.model_info.cpu_decode)
+            if heads is not None:
+                heads.append(engine.model_info.cpu_head)
         finally:
             engine.shutdown()
     return outputs, infos, calls
@@ -107,10 +110,13 @@ def test_greedy_tokens_are_the_same_with_and_without_the_c_step(tiny_models, mon
     from engine.api import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    heads = []
     runs, infos, calls = _both_ways(monkeypatch, tiny_models["mistral"], "int4",
-                                    ["The quick brown fox jumps over the lazy dog and runs"], params)
+                                    ["The quick brown fox jumps over the lazy dog and runs"], params, heads)
     outputs = [run[0] for run in runs]
     assert infos == ["turned off (HEARTH_CPU_DECODE=0)", True]
+    # the float head's C kernel goes with the switch (this int4 model's head is quantized)
+    assert heads == ["turned off (HEARTH_CPU_DECODE=0)", "the LM head is quantized (its own kernel)"]
     assert outputs[0].token_ids == outputs[1].token_ids
     assert len(calls) == 23  # every decode step (the prompt step sampled the first token)
     assert len(outputs[1].token_ids) == 24
@@ -123,6 +129,7 @@ def test_what_it_cannot_run_is_refused_with_the_reason(tiny_models):
     try:
         assert loaded.runner.cpu_step is None
         assert "runs in bfloat16" in loaded.info.cpu_decode
+        assert loaded.info.cpu_head == "the LM head is bfloat16, not float32"  # (torch's matmul runs it)
         step, reason = CpuDecodeStep.build(loaded.runner)
         assert step is None and "not float32" in reason
     finally:

@@ -12,7 +12,7 @@ from engine.api import Engine, ModelInfo
 # The keys a CPU load's model_info had as a dict (before it was typed), plus quantization.
 CPU_KEYS = {"name", "ref", "path", "source", "model_type", "vocab_size", "device", "dtype", "attention",
             "max_model_len", "implementation", "kv_cache_dtype", "weight_bytes", "kv_cache_bytes",
-            "num_kv_blocks", "cuda_graphs", "cuda_graphs_off", "quantization", "cpu_decode"}
+            "num_kv_blocks", "cuda_graphs", "cuda_graphs_off", "quantization", "cpu_decode", "cpu_head"}
 
 
 def test_a_loaded_models_info_round_trips_through_json():

@@ -392,3 +392,36 @@ def test_a_rows_product_does_not_depend_on_how_many_rows_share_the_call(bits, g,
     xin = silu_and_mul_reference(x) if gated else x
     want = xin @ qw.dequantize(torch.float32).T + layer.bias
     assert (want - alone).abs().max().item() < 2e-2 * want.abs().max().item()
+
+
+@ISAS
+@pytest.mark.parametrize("n,k,bias", [(37, 37, True), (41, 13, False), (64, 96, True), (5, 1, False), (203, 100, True)])
+def test_fp32_rows_have_the_same_bits_however_many_share_the_call(isa, n, k, bias):
+    """``prepare_f32`` (the float LM head of a CPU load): each row's product is the one it
+    gets alone, for any number of rows (pairs, odd counts), any offset, 1 or 2 threads, over
+    N not a multiple of the 4-row blocks and K not of the 8-wide vectors, and it is W . x to
+    fp32 accuracy (float64 reference). torch's CPU matmul differs between 1, 2-3 and 4+ rows."""
+    gen = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    x = torch.randn(19, k, generator=gen)
+    x[3] *= 1e4  # a large row beside small ones
+    pw = cpu_quant.prepare_f32(w, b)
+    for threads in (1, 2):
+        alone = torch.cat([cpu_quant.matmul(x[i:i + 1], pw, isa=isa, threads=threads) for i in range(len(x))])
+        for first, count in ((0, 2), (0, 3), (1, 4), (2, 5), (0, 19), (5, 14)):
+            got = cpu_quant.matmul(x[first:first + count], pw, isa=isa, threads=threads)
+            assert torch.equal(got, alone[first:first + count]), (threads, first, count)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    mag = x.double().abs() @ w.double().abs().T + (b.double().abs() if bias else 0)
+    assert ((alone.double() - want).abs() <= 1e-6 * mag + 1e-30).all()
+
+
+def test_fp32_rows_refuse_what_is_not_a_float32_matrix():
+    with pytest.raises(ValueError, match="float32"):
+        cpu_quant.prepare_f32(torch.zeros(4, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="float32"):
+        cpu_quant.prepare_f32(torch.zeros(8))
+    pw = cpu_quant.prepare_f32(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        cpu_quant.matmul(torch.zeros(2, 7), pw)

@@ -5,6 +5,7 @@ the checkpoint's own) with the same logits as the direct quantized load, bit for
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -48,6 +49,8 @@ def test_hearth_quantize_command_writes_compressed_tensors(tiny_models, tmp_path
                  "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["layout"] == "compressed-tensors" and row["quant"] == "int4" and row["file_bytes"] > 0
+    if os.name == "posix":  # the weights as readable as the config beside them (safetensors writes 0600)
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
     back = load(out)
     try:
         assert back.info.quantization == "compressed-tensors"
