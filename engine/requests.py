@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -129,6 +130,8 @@ class RequestHandle:
         self._engine = engine
         self._done = False
         self._result: Completion | None = None
+        self._read = False  # an event was taken by iterating or poll
+        self._result_lock = threading.Lock()
         self.dropped_messages = dropped_messages
 
     def _queue(self) -> queue.Queue:
@@ -141,6 +144,7 @@ class RequestHandle:
         events = self._queue()
         while not self._done:
             ev = events.get()
+            self._read = True
             if isinstance(ev, FinishedEvent):
                 self._done = True
             yield ev
@@ -154,6 +158,7 @@ class RequestHandle:
                 ev = events.get_nowait()
             except queue.Empty:
                 break
+            self._read = True
             if isinstance(ev, FinishedEvent):
                 self._done = True
             out.append(ev)
@@ -170,12 +175,14 @@ class RequestHandle:
         self._engine.abort(self.request_id)
 
     def result(self) -> Completion:
-        """Wait for the whole answer. Called again, it returns the same Completion; after the
-        events were read by iterating or ``poll``, it raises RuntimeError (they are gone)."""
-        if self._result is None:
-            self._queue()
-            if self._done:
-                raise RuntimeError(f"request {self.request_id}'s events were already read (by iterating "
-                                   "or poll); call result() instead of reading them, not after")
-            self._result = Completion.from_events(self.request_id, self)
-        return self._result
+        """Wait for the whole answer. Called again (from any thread), it returns the same
+        Completion; after any event was read by iterating or ``poll``, it raises RuntimeError
+        (those events are gone)."""
+        with self._result_lock:  # (a second caller waits for the first, then gets its Completion)
+            if self._result is None:
+                self._queue()
+                if self._read:
+                    raise RuntimeError(f"request {self.request_id}'s events were already read (by iterating "
+                                       "or poll); call result() instead of reading them, not after")
+                self._result = Completion.from_events(self.request_id, self)
+            return self._result

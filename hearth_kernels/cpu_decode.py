@@ -143,6 +143,10 @@ class DecodeModel:
             lib.hd_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                            ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
             lib.hd_decode_step.restype = ctypes.c_int
+            lib.hd_decode_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int]
+            lib.hd_decode_rows.restype = ctypes.c_int
             lib._hd_ready = True
         if heads % kv_heads or head_dim % 2:
             raise ValueError(f"{heads} heads over {kv_heads} KV heads of {head_dim}: not a GQA shape")
@@ -191,6 +195,7 @@ class DecodeModel:
         self._keep = keep
         self._addr = ctypes.addressof(self._model)
         self._step = lib.hd_decode_step
+        self._rows = lib.hd_decode_rows
         self.vocab = vocab
         self.block_size = shape[2]
         self.max_positions = cos.shape[0]
@@ -224,6 +229,34 @@ class DecodeModel:
             raise RuntimeError(f"the C decode step failed ({cpu_quant._ERRORS.get(rc, rc)}): token {token}, "
                                f"position {position}, {n} blocks of {self.block_size}")
         return logits
+
+
+    def step_rows(self, tokens: list[int], positions: list[int], block_tables: list[list[int]], *,
+                  threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits fp32 [n, vocab] of n sequences' decode steps in one call (``step`` of each,
+        the same bits, with every weight read once for all of them): row i is
+        ``tokens[i]`` at ``positions[i]`` of the sequence whose blocks are
+        ``block_tables[i]``; the sequences must differ. Into ``out`` (the first n rows of a
+        contiguous fp32 [rows, vocab] tensor) when given."""
+        n = len(tokens)
+        if not (n == len(positions) == len(block_tables)) or n == 0:
+            raise ValueError("one token, position and block table per row, at least one row")
+        stride = max(len(t) for t in block_tables)
+        tables = torch.full((n, stride), -1, dtype=torch.int32)
+        for i, t in enumerate(block_tables):
+            tables[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        ints = torch.tensor([list(tokens), list(positions), [len(t) for t in block_tables]], dtype=torch.int32)
+        logits = torch.empty(n, self.vocab, dtype=torch.float32) if out is None else out
+        if (logits.dtype != torch.float32 or not logits.is_contiguous() or logits.dim() != 2
+                or logits.shape[1] != self.vocab or logits.shape[0] < n):
+            raise ValueError(f"out must be a contiguous float32 tensor [>= {n}, {self.vocab}]")
+        nthreads = torch.get_num_threads() if threads is None else threads
+        rc = self._rows(self._addr, n, ints[0].data_ptr(), ints[1].data_ptr(), tables.data_ptr(), stride,
+                        ints[2].data_ptr(), logits.data_ptr(), nthreads)
+        if rc:
+            raise RuntimeError(f"the C decode step failed ({cpu_quant._ERRORS.get(rc, rc)}) on {n} rows: tokens "
+                               f"{list(tokens)}, positions {list(positions)}, blocks of {self.block_size}")
+        return logits[:n]
 
 
 def e4m3_codes(x: torch.Tensor) -> torch.Tensor:

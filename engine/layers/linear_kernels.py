@@ -130,17 +130,23 @@ class CpuRowsF32(LinearKernel):
     SmolLM2 head at 1-64 rows: 7.5-45 ms against 13-71 ms, 2 cores)."""
 
     name = "c fp32 rows"
+    #: More rows than this (perplexity's windows, not a step's sampled rows: at most
+    #: max_num_seqs, 64 by default) go to torch's matmul, faster there: the C kernel is
+    #: GEMV-shaped (1.4x slower than torch at 256 rows of k=2048, even at k=576).
+    MAX_ROWS = 64
+    holds_tensors = True  # (engine.runner.lifecycle.release_module lets go of them)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         from hearth_kernels import cpu_quant
 
-        self._weight = weight
+        self._weight, self._bias = weight, bias
         self._prepared = cpu_quant.prepare_f32(weight.detach(), None if bias is None else bias.detach())
         self._matmul = cpu_quant.matmul
 
     def __call__(self, x, weight, bias, out=None):
-        if weight is not self._weight or x.dtype is not torch.float32 or x.dim() != 2 or not x.is_cpu:
-            return matmul(x, weight, bias, out)  # (not the tensors it was made for)
+        if (weight is not self._weight or bias is not self._bias or x.dtype is not torch.float32 or x.dim() != 2
+                or not x.is_cpu or x.shape[0] > self.MAX_ROWS):
+            return matmul(x, weight, bias, out)  # (not the tensors it was made for, or many rows)
         return self._matmul(x, self._prepared, out)
 
 

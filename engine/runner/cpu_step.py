@@ -4,13 +4,16 @@ On a CPU a decode step run eagerly is ~900 small torch ops (20+ ms of overhead p
 on 2 cores, more than the 4-bit weights take to stream). ``CpuDecodeStep`` hands the
 loaded model's own tensors (float32 projections, or the quantized ones' codes, scales
 and mins through ``hearth_kernels.cpu_quant``) to the C step once at load, and the runner's
-``execute`` sends a batch-1 decode step (one row, one token, sampled) there: the CPU
-analogue of the CUDA decode graphs. Everything else (prefill, batches) runs eagerly.
+``execute`` sends a step's decode rows (one token each, sampled) there, all of them in one
+call (each weight read once for every row; each row's logits the bits it gets alone): the
+CPU analogue of the CUDA decode graphs. Prompt rows run eagerly.
 
 It runs only what it reproduces exactly (up to fp32 rounding and the int8 activation
 blocks the quantized kernel uses eagerly too): a Llama-family model on the CPU in
 float32 with a float32 KV cache and the torch attention backend, without act-order
-weights (Qwen3's per-head q/k norms included). ``HEARTH_CPU_DECODE=0`` turns it off.
+weights (Qwen3's per-head q/k norms included). ``HEARTH_CPU_DECODE=0`` turns it off,
+and with it the C kernel of a float32 LM head (``use_c_head``: the eager steps' logits then
+come from torch's matmul, as before).
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class CpuDecodeStep:
         self._model = decode_model
         # One logits buffer for every step: the sampler reads it before the next step.
         self._logits = torch.empty(1, decode_model.vocab, dtype=torch.float32)
+        self._rows_logits = torch.empty(4, decode_model.vocab, dtype=torch.float32)  # (grows)
 
     @classmethod
     def build(cls, runner) -> tuple["CpuDecodeStep | None", str | None]:
@@ -169,3 +173,13 @@ class CpuDecodeStep:
         """Logits fp32 [1, vocab] for ``token`` at ``position`` (its K/V written into the
         cache at the slot ``block_table`` gives)."""
         return self._model.step(token, position, block_table, out=self._logits)
+
+    def run_rows(self, rows) -> torch.Tensor:
+        """Logits fp32 [len(rows), vocab] of several sequences' decode rows (``StepRow``s of
+        one token each) in one C call: each row's logits as ``run`` gives them, the weights
+        read once for all. Like ``run``'s, the buffer is reused by the next call."""
+        if len(rows) > self._rows_logits.shape[0]:
+            self._rows_logits = torch.empty(max(len(rows), 2 * self._rows_logits.shape[0]), self._model.vocab,
+                                            dtype=torch.float32)
+        return self._model.step_rows([r.token_ids[0] for r in rows], [r.start for r in rows],
+                                     [r.block_table for r in rows], out=self._rows_logits)

@@ -3,7 +3,7 @@
 Four ways to run a step, tried in order: a pure decode step by CUDA-graph replay (greedy
 batches pipelined: the next step is launched before the host sees this one's tokens, from
 this step's argmax on the device; with a grammar's mask applied first where a row has one), or
-on a CPU each decode row by one C call (``engine.runner.cpu_step``; up to ``CPU_STEP_ROWS``;
+on a CPU the decode rows by one C call (``engine.runner.cpu_step``; up to ``CPU_STEP_ROWS``;
 a mixed step's prompt rows eagerly beside them); one prompt or chunk by prompt-graph replay;
 else eagerly with decode rows first.
 """
@@ -19,10 +19,10 @@ from engine.runner.request_state import KeptRequest, RequestStateMixin
 from engine.runner.sampler import NOT_A_NUMBER, flag_not_a_number
 
 
-#: The most sequences a CPU decode step runs as one C call each (``engine.runner.cpu_step``)
-#: rather than as one eager batched step. On 2 cores with the default model (2026-12-02)
-#: one C call per sequence gives about 185-205 tok/s in all at 2 to 8 sequences, where the
-#: eager step gave 59.5 at 4, 91.7 at 16, 135.2 at 32 and 182.4 at 64.
+#: The most decode rows a CPU step runs in its one C call (``engine.runner.cpu_step``)
+#: rather than as one eager batched step. On 2 cores with the default model (2026-12-07)
+#: the C call gives 287-318 tok/s in all at 4 to 64 sequences (one C call per sequence
+#: gave 164-176), where the eager step gave 59.5 at 4, 91.7 at 16, 135.2 at 32 and 182.4 at 64.
 CPU_STEP_ROWS = 64
 
 
@@ -103,9 +103,10 @@ class NativeExecuteMixin(RequestStateMixin):
         return self.model.compute_logits(hidden[picked])
 
     def _execute_cpu(self, rows) -> RunnerOutput | None:
-        """A step with decode rows on a CPU with the C decode step: each decode row by one C
-        call (faster than one eager batched step: its ~900 small torch ops cost more than
-        streaming the weights again), the prompt rows of a mixed step eagerly beside them.
+        """A step with decode rows on a CPU with the C decode step: every decode row in one C
+        call (``run_rows``: each weight read once for all; far faster than one eager batched
+        step, whose ~900 small torch ops cost more than the weights), the prompt rows of a
+        mixed step eagerly beside them.
         A decode row is one token at or past its request's prompt: a prompt's last token alone
         (the rest of it cached) still reads as a prompt, as it would cold, and a decoding
         request's rows take the C step whether or not others' prompts share the step.
@@ -118,22 +119,21 @@ class NativeExecuteMixin(RequestStateMixin):
         if len(rows) == 1:
             row = rows[0]
             return self.sample(self.cpu_step.run(row.token_ids[0], row.start, row.block_table), rows, kept)
-        is_decode = set(decode)
-        others = [row for i, row in enumerate(rows) if i not in is_decode]
+        c_logits = self.cpu_step.run_rows([rows[i] for i in decode])  # one C call for every decode row
+        if len(decode) == len(rows):
+            return self.sample(c_logits, rows, kept)
+        at = {i: j for j, i in enumerate(decode)}
+        others = [row for i, row in enumerate(rows) if i not in at]
         eager = self._forward_rows(others) if others else None
         sampled = [i for i, row in enumerate(rows) if row.sample]
-        logits = None
+        logits = torch.empty((len(sampled), c_logits.shape[-1]), dtype=torch.float32)
         taken = 0
         for j, i in enumerate(sampled):
-            row = rows[i]
-            if i in is_decode:  # the C step reuses one logits buffer: copy each out
-                one = self.cpu_step.run(row.token_ids[0], row.start, row.block_table)[0]
+            if i in at:
+                logits[j] = c_logits[at[i]]
             else:
-                one = eager[taken]
+                logits[j] = eager[taken]
                 taken += 1
-            if logits is None:
-                logits = torch.empty((len(sampled), one.shape[-1]), dtype=torch.float32, device=one.device)
-            logits[j] = one
         return self.sample(logits, [rows[i] for i in sampled], [kept[i] for i in sampled])
 
     def _execute_graph(self, inp: RunnerInput) -> RunnerOutput | None:

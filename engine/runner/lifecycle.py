@@ -25,6 +25,10 @@ def release_module(model) -> None:
             from engine.layers.quant_kernels import DequantMatmul
 
             module.kernel = DequantMatmul()
+        elif getattr(getattr(module, "kernel", None), "holds_tensors", False):  # the C LM head's
+            from engine.layers.linear_kernels import Matmul
+
+            module.kernel = Matmul()
     try:
         model.to("meta")
     except Exception:  # pragma: no cover - freeing must never fail a shutdown

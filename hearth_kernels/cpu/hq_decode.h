@@ -422,109 +422,157 @@ static void hd_silu_mul(const float *gu, int n, float *act, int isa) {
     for (int i = 0; i < n; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[n + i];
 }
 
-/* One decode step of one sequence: token `token` at position `pos` (its K/V written at
- * block table[pos / block_size], offset pos % block_size; attention over positions
- * 0..pos, or the last `window`), logits [vocab] fp32 out. `threads` <= 1: the calling
- * thread only. Returns HQ_OK, HQ_ERR_SHAPE (bad token, position or table) or HQ_ERR_NOMEM. */
-int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, int ntable, float *logits,
-                   int threads) {
-    if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_positions || pos / m->block_size >= ntable)
-        return HQ_ERR_SHAPE;
+/* A projection of n rows: the GEMV for one (no allocation), else hq_matmul / hd_f32_matmul,
+ * whose rows have the GEMV's bits (the 4-row tiles and pairs compute each row as it does). */
+static int hd_project(const hq_weight *w, const float *x, int n, float *out, hd_act_buf *buf, int isa, int threads) {
+    if (n == 1) {
+        hd_gemv(w, x, out, buf, isa, threads);
+        return HQ_OK;
+    }
+    const int64_t call = (int64_t)n | ((int64_t)(threads < 255 ? threads : 255) << 32) | ((int64_t)isa << 40);
+    return w->bits == HD_FLOAT32 ? hd_f32_matmul(w, x, out, call) : hq_matmul(w, x, out, call);
+}
+
+/* Attention's split for a context of len keys: short contexts one unit per KV head on the
+ * calling thread (µs of work, less than waking a helper); long ones about 4 units a thread. */
+static void hd_attn_split(const hd_model *m, int len, int threads, int *at_threads, int *nchunks, int *chunk) {
+    *at_threads = 1;
+    *nchunks = 1;
+    *chunk = len;
+    if ((size_t)len * m->heads >= (size_t)m->split_min && threads > 1) {
+        *at_threads = threads;
+        *nchunks = (4 * threads + m->kv_heads - 1) / m->kv_heads;
+        *chunk = (len + *nchunks - 1) / *nchunks;
+        *chunk = (*chunk + 7) & ~7;
+        *nchunks = (len + *chunk - 1) / *chunk;
+    }
+}
+
+/* The decode steps of n sequences at once: row i is token tokens[i] at position
+ * positions[i] of the sequence whose blocks are tables[i * table_stride ..] (ntables[i] of
+ * them); its K/V written at its slot, attention over its positions 0..pos (or the last
+ * `window`); logits [n, vocab] fp32 out. The projections read each weight once for all n
+ * rows, and every row's logits have the bits hd_decode_step gives it alone (the same
+ * functions on each row: the GEMV's 4-row tiles and fp32 pairs compute a row as the GEMV
+ * does; attention, norms and RoPE run row by row). Rows must be of different sequences.
+ * `threads` <= 1: the calling thread only. Returns HQ_OK, HQ_ERR_SHAPE (a bad token,
+ * position or table) or HQ_ERR_NOMEM. */
+int hd_decode_rows(const hd_model *m, int n, const int32_t *tokens, const int32_t *positions, const int32_t *tables,
+                   int table_stride, const int32_t *ntables, float *logits, int threads) {
+    if (n <= 0) return n == 0 ? HQ_OK : HQ_ERR_SHAPE;
     if (m->kv_fp8 && m->head_dim > HD_E4M3_MAX_HEAD) return HQ_ERR_SHAPE;
-    for (int b = 0; b <= pos / m->block_size; b++)
-        if (table[b] < 0 || table[b] >= m->num_blocks) return HQ_ERR_SHAPE;
     int isa = hq_pick_isa(m->isa);
     if (isa < 0) return HQ_ERR_ISA;
     if (threads < 1) threads = 1;
     const int H = m->hidden, hd = m->head_dim, qsize = m->heads * hd, kvsize = m->kv_heads * hd;
-    const int group = m->heads / m->kv_heads;
-    const int lo = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0, len = pos - lo + 1;
-    /* Attention's split: short contexts one unit per KV head on this thread (µs of work,
-       less than waking a helper); long ones about 4 units per thread. */
-    int at_threads = 1, nchunks = 1, chunk = len;
-    if ((size_t)len * m->heads >= (size_t)m->split_min && threads > 1) {
-        at_threads = threads;
-        nchunks = (4 * threads + m->kv_heads - 1) / m->kv_heads;
-        chunk = (len + nchunks - 1) / nchunks;
-        chunk = (chunk + 7) & ~7;
-        nchunks = (len + chunk - 1) / chunk;
+    const int group = m->heads / m->kv_heads, qkv_w = qsize + 2 * kvsize;
+    size_t n_scores = 0, n_partial = 0;
+    for (int i = 0; i < n; i++) {
+        const int token = tokens[i], pos = positions[i];
+        const int32_t *table = tables + (size_t)i * table_stride;
+        if (token < 0 || token >= m->vocab || pos < 0 || pos >= m->max_positions || pos / m->block_size >= ntables[i] ||
+            ntables[i] > table_stride)
+            return HQ_ERR_SHAPE;
+        for (int b = 0; b <= pos / m->block_size; b++)
+            if (table[b] < 0 || table[b] >= m->num_blocks) return HQ_ERR_SHAPE;
+        const int lo = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0, len = pos - lo + 1;
+        int at_threads, nchunks, chunk;
+        hd_attn_split(m, len, threads, &at_threads, &nchunks, &chunk);
+        const size_t sc = (size_t)at_threads * group * (chunk + 8), pa = (size_t)m->kv_heads * nchunks * group * (hd + 2);
+        n_scores = sc > n_scores ? sc : n_scores;
+        n_partial = pa > n_partial ? pa : n_partial;
     }
-    const int nunits = m->kv_heads * nchunks;
     int widest = H > 2 * m->inter ? H : 2 * m->inter;
     widest = (widest > qsize ? widest : qsize) + 64;
-    const size_t n_scores = (size_t)at_threads * group * (chunk + 8), n_partial = (size_t)nunits * group * (hd + 2);
-    const size_t floats = (size_t)4 * H + (qsize + 2 * kvsize) + qsize + 2 * (size_t)m->inter + m->inter + n_scores +
-                          n_partial + 4 * ((size_t)widest / HQ_BLOCK + 1) + 64;
+    const size_t per_row = (size_t)4 * H + qkv_w + qsize + 2 * (size_t)m->inter + m->inter;
+    const size_t floats = per_row * n + n_scores + n_partial + 4 * ((size_t)widest / HQ_BLOCK + 1) + 64;
     char *mem = (char *)malloc(sizeof(float) * floats + (size_t)widest + 64);
     if (!mem) return HQ_ERR_NOMEM;
-    float *res = (float *)mem, *h = res + H, *tmp = h + H, *qkv = tmp + 2 * H;
-    float *attn = qkv + qsize + 2 * kvsize, *gu = attn + qsize, *act = gu + 2 * m->inter;
-    float *scores = act + m->inter, *partial = scores + n_scores;
+    /* [n, width] each: the residual, the normed rows, a projection's output, q|k|v, ... */
+    float *res = (float *)mem, *h = res + (size_t)n * H, *tmp = h + (size_t)n * H, *qkv = tmp + (size_t)n * 2 * H;
+    float *attn = qkv + (size_t)n * qkv_w, *gu = attn + (size_t)n * qsize, *act = gu + (size_t)n * 2 * m->inter;
+    float *scores = act + (size_t)n * m->inter, *partial = scores + n_scores;
     hd_act_buf ab;
     ab.d = partial + n_partial;
     ab.gs = ab.d + widest / HQ_BLOCK + 1;
     ab.isum = (int32_t *)(ab.gs + 2 * (widest / HQ_BLOCK + 1)); /* (groups of 16: two sums a block) */
     ab.q = (int8_t *)(ab.isum + widest / HQ_BLOCK + 1);
-
-    const float *cos = m->cos + (size_t)pos * hd, *sin = m->sin + (size_t)pos * hd;
-    const int slot_block = table[pos / m->block_size], slot_off = pos % m->block_size;
     const size_t plane = (size_t)m->num_blocks * m->block_size * kvsize;
+    int rc = HQ_OK;
 
-    hd_embed(&m->embed, token, isa, res);
-    for (int l = 0; l < m->layers; l++) {
+    for (int i = 0; i < n; i++) hd_embed(&m->embed, tokens[i], isa, res + (size_t)i * H);
+    for (int l = 0; l < m->layers && rc == HQ_OK; l++) {
         const hd_layer *L = &m->layer[l];
-        hd_rmsnorm(res, L->input_norm, m->eps, H, h);
-        hd_gemv(&L->qkv, h, qkv, &ab, isa, threads);
-        float *q = qkv, *k = qkv + qsize, *v = k + kvsize;
-        if (L->q_norm) /* (in place: each element is read before it is written) */
-            for (int i = 0; i < m->heads; i++) hd_rmsnorm(q + (size_t)i * hd, L->q_norm, m->eps, hd, q + (size_t)i * hd);
-        if (L->k_norm)
-            for (int i = 0; i < m->kv_heads; i++) hd_rmsnorm(k + (size_t)i * hd, L->k_norm, m->eps, hd, k + (size_t)i * hd);
-        hd_rope(q, m->heads, hd, cos, sin);
-        hd_rope(k, m->kv_heads, hd, cos, sin);
-        const size_t at_slot = ((size_t)slot_block * m->block_size + slot_off) * kvsize;
-        if (m->kv_fp8) {
-            uint8_t *slot = (uint8_t *)L->kv + at_slot;
-            for (int i = 0; i < kvsize; i++) {
-                slot[i] = hd_e4m3_encode(k[i]);
-                slot[plane + i] = hd_e4m3_encode(v[i]);
+        for (int i = 0; i < n; i++) hd_rmsnorm(res + (size_t)i * H, L->input_norm, m->eps, H, h + (size_t)i * H);
+        if ((rc = hd_project(&L->qkv, h, n, qkv, &ab, isa, threads)) != HQ_OK) break;
+        for (int i = 0; i < n; i++) {
+            const int pos = positions[i];
+            const int32_t *table = tables + (size_t)i * table_stride;
+            float *q = qkv + (size_t)i * qkv_w, *k = q + qsize, *v = k + kvsize;
+            if (L->q_norm) /* (in place: each element is read before it is written) */
+                for (int j = 0; j < m->heads; j++) hd_rmsnorm(q + (size_t)j * hd, L->q_norm, m->eps, hd, q + (size_t)j * hd);
+            if (L->k_norm)
+                for (int j = 0; j < m->kv_heads; j++) hd_rmsnorm(k + (size_t)j * hd, L->k_norm, m->eps, hd, k + (size_t)j * hd);
+            const float *cos = m->cos + (size_t)pos * hd, *sin = m->sin + (size_t)pos * hd;
+            hd_rope(q, m->heads, hd, cos, sin);
+            hd_rope(k, m->kv_heads, hd, cos, sin);
+            const size_t at_slot = ((size_t)table[pos / m->block_size] * m->block_size + pos % m->block_size) * kvsize;
+            if (m->kv_fp8) {
+                uint8_t *slot = (uint8_t *)L->kv + at_slot;
+                for (int j = 0; j < kvsize; j++) {
+                    slot[j] = hd_e4m3_encode(k[j]);
+                    slot[plane + j] = hd_e4m3_encode(v[j]);
+                }
+            } else {
+                float *slot = (float *)L->kv + at_slot;
+                memcpy(slot, k, sizeof(float) * kvsize);
+                memcpy(slot + plane, v, sizeof(float) * kvsize);
             }
-        } else {
-            float *slot = (float *)L->kv + at_slot;
-            memcpy(slot, k, sizeof(float) * kvsize);
-            memcpy(slot + plane, v, sizeof(float) * kvsize);
+            const int lo = m->window > 0 && pos - m->window + 1 > 0 ? pos - m->window + 1 : 0, len = pos - lo + 1;
+            int at_threads, nchunks, chunk;
+            hd_attn_split(m, len, threads, &at_threads, &nchunks, &chunk);
+            hd_attn_task at;
+            at.m = m;
+            at.q = q;
+            at.kv = (const char *)L->kv;
+            at.esize = m->kv_fp8 ? 1 : sizeof(float);
+            at.table = table;
+            at.partial = partial;
+            at.scores = scores;
+            at.lo = lo;
+            at.len = len;
+            at.chunk = chunk;
+            at.nchunks = nchunks;
+            at.nunits = m->kv_heads * nchunks;
+            at.isa = isa;
+            atomic_init(&at.next, 0);
+            hq_parallel(hd_attn_worker, &at, at_threads < at.nunits ? at_threads : at.nunits);
+            hd_attn_merge(&at, attn + (size_t)i * qsize);
         }
-
-        hd_attn_task at;
-        at.m = m;
-        at.q = q;
-        at.kv = (const char *)L->kv;
-        at.esize = m->kv_fp8 ? 1 : sizeof(float);
-        at.table = table;
-        at.partial = partial;
-        at.scores = scores;
-        at.lo = lo;
-        at.len = len;
-        at.chunk = chunk;
-        at.nchunks = nchunks;
-        at.nunits = nunits;
-        at.isa = isa;
-        atomic_init(&at.next, 0);
-        hq_parallel(hd_attn_worker, &at, at_threads < nunits ? at_threads : nunits);
-        hd_attn_merge(&at, attn);
-
-        hd_gemv(&L->o, attn, tmp, &ab, isa, threads);
-        for (int i = 0; i < H; i++) res[i] = tmp[i] + res[i];
-        hd_rmsnorm(res, L->post_norm, m->eps, H, h);
-        hd_gemv(&L->gate_up, h, gu, &ab, isa, threads);
-        hd_silu_mul(gu, m->inter, act, isa);
-        hd_gemv(&L->down, act, tmp, &ab, isa, threads);
-        for (int i = 0; i < H; i++) res[i] = tmp[i] + res[i];
+        if ((rc = hd_project(&L->o, attn, n, tmp, &ab, isa, threads)) != HQ_OK) break;
+        for (size_t j = 0; j < (size_t)n * H; j++) res[j] = tmp[j] + res[j];
+        for (int i = 0; i < n; i++) hd_rmsnorm(res + (size_t)i * H, L->post_norm, m->eps, H, h + (size_t)i * H);
+        if ((rc = hd_project(&L->gate_up, h, n, gu, &ab, isa, threads)) != HQ_OK) break;
+        for (int i = 0; i < n; i++)
+            hd_silu_mul(gu + (size_t)i * 2 * m->inter, m->inter, act + (size_t)i * m->inter, isa);
+        if ((rc = hd_project(&L->down, act, n, tmp, &ab, isa, threads)) != HQ_OK) break;
+        for (size_t j = 0; j < (size_t)n * H; j++) res[j] = tmp[j] + res[j];
     }
-    hd_rmsnorm(res, m->final_norm, m->eps, H, h);
-    hd_gemv(&m->head, h, logits, &ab, isa, threads);
+    if (rc == HQ_OK) {
+        for (int i = 0; i < n; i++) hd_rmsnorm(res + (size_t)i * H, m->final_norm, m->eps, H, h + (size_t)i * H);
+        rc = hd_project(&m->head, h, n, logits, &ab, isa, threads);
+    }
     free(mem);
-    return HQ_OK;
+    return rc;
+}
+
+/* One decode step of one sequence: token `token` at position `pos` (its K/V written at
+ * block table[pos / block_size], offset pos % block_size; attention over positions
+ * 0..pos, or the last `window`), logits [vocab] fp32 out: hd_decode_rows of one row. */
+int hd_decode_step(const hd_model *m, int token, int pos, const int32_t *table, int ntable, float *logits,
+                   int threads) {
+    const int32_t t = token, p = pos, nt = ntable;
+    return hd_decode_rows(m, 1, &t, &p, table, ntable, &nt, logits, threads);
 }
 
 #endif

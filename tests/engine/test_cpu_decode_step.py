@@ -22,7 +22,8 @@ STEPS = [500, 9, 1234, 88, 7, 6]  # decode inputs: positions 28..33, the 8th and
 
 
 def _load(path, quant, **options):
-    config = load_config(str(path), device="cpu", dtype="float32", attention="torch", num_blocks=12,
+    options.setdefault("num_blocks", 12)
+    config = load_config(str(path), device="cpu", dtype="float32", attention="torch",
                          block_size=4, max_model_len=128, quantization=quant, **options)
     return load_model(config)
 
@@ -83,7 +84,8 @@ def test_it_reads_the_cache_it_was_given(tiny_models):
 
 def _both_ways(monkeypatch, model, quantization, prompts, params, heads=None):
     """``prompts`` generated with the C decode step off, then on: (each run's completions,
-    each run's ``model_info.cpu_decode``, the C step's calls in the second run); each run's
+    each run's ``model_info.cpu_decode``, per row the C step ran in the second run, the
+    number of rows its call had); each run's
     ``model_info.cpu_head`` goes into ``heads`` when given."""
     from engine.api import Engine
 
@@ -94,9 +96,10 @@ def _both_ways(monkeypatch, model, quantization, prompts, params, heads=None):
                              quantization=quantization, max_model_len=128, block_size=4)
         try:
             step = engine.runner.cpu_step
-            if step is not None:  # count the steps it runs
-                run = step.run
-                step.run = lambda *a: calls.append(a) or run(*a)
+            if step is not None:  # count the rows it runs (and how many each call had)
+                run, run_rows = step.run, step.run_rows
+                step.run = lambda *a: calls.append(1) or run(*a)
+                step.run_rows = lambda rows, run_rows=run_rows: calls.extend([len(rows)] * len(rows)) or run_rows(rows)
             outputs.append(engine.generate(prompts, params))
             infos.append(engine.model_info.cpu_decode)
             if heads is not None:
@@ -173,6 +176,43 @@ def test_qwen3s_q_k_norms_matter_to_the_c_step(tiny_models):
 
 
 @pytest.mark.parametrize("quant,kv", [("none", "auto"), ("int4", "auto"), ("none", "fp8")])
+@pytest.mark.parametrize("isa,split_min", [("avx2", 0), ("avx2", 1 << 30), ("scalar", 0)])
+def test_several_sequences_in_one_call_get_the_bits_each_gets_alone(tiny_models, quant, kv, isa, split_min):
+    """``step_rows``: four sequences of different lengths (one past the sliding window, in
+    blocks out of order) decoded in one C call give, row for row, the logits ``step`` gives
+    each alone, bit for bit, and write the same K/V: on both paths, split attention or not,
+    float32 and int4, an e4m3 cache too."""
+    from hearth_kernels import cpu_quant
+
+    if isa == "avx2" and cpu_quant.isa() != "avx2":
+        pytest.skip("this CPU has no AVX2")
+    loaded = _load(tiny_models["mistral"], quant, kv_cache_dtype=kv, num_blocks=24)
+    runner = loaded.runner
+    seqs = [(PROMPT, TABLE), (PROMPT[:5], [10, 12]), (PROMPT[3:14], [5, 7, 13, 14]), (PROMPT[:1], [15])]
+    try:
+        model = runner.cpu_step._model
+        model.configure(isa=isa, split_min=split_min)
+        with torch.inference_mode():
+            for ids, table in seqs:  # each prompt into its blocks
+                meta = runner._metadata([table], [0], [len(ids)])
+                runner.model(torch.tensor(ids), torch.arange(len(ids)), runner.kv_caches, meta)
+            tokens, positions, tables = [500, 9, 1234, 88], [len(ids) for ids, _ in seqs], [t for _, t in seqs]
+            for step in range(3):
+                cache = [kv.clone() for kv in runner.kv_caches]
+                alone = torch.cat([model.step(t, p, tb, threads=2) for t, p, tb in zip(tokens, positions, tables)])
+                after_alone = [kv.clone() for kv in runner.kv_caches]
+                for kv, saved in zip(runner.kv_caches, cache):
+                    kv.copy_(saved)
+                together = model.step_rows(tokens, positions, tables, threads=2)
+                assert torch.equal(together, alone), step
+                assert all(torch.equal(a, b) for a, b in zip(runner.kv_caches, after_alone))
+                tokens = together.argmax(-1).tolist()
+                positions = [p + 1 for p in positions]
+    finally:
+        release_runner(runner)
+
+
+@pytest.mark.parametrize("quant,kv", [("none", "auto"), ("int4", "auto"), ("none", "fp8")])
 @pytest.mark.parametrize("isa,split_min", [("avx2", 0), ("scalar", 0), ("scalar", 1 << 30)])
 def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_models, quant, kv, isa, split_min):
     """Long contexts split attention's keys over 2 threads (here forced at any length), and
@@ -198,8 +238,8 @@ def test_the_split_attention_and_the_portable_path_give_the_same_logits(tiny_mod
         release_runner(runner)
 
 
-def test_a_batch_of_sequences_decodes_one_c_call_each_with_the_eager_batchs_tokens(tiny_models, monkeypatch):
-    """Several sequences decoding together: one C call per sequence per step (faster on a
+def test_a_batch_of_sequences_decodes_in_one_c_call_with_the_eager_batchs_tokens(tiny_models, monkeypatch):
+    """Several sequences decoding together: one C call per step for all of them (faster on a
     CPU than one eager batched step, engine/runner/execute.py), the same greedy tokens as
     the eager batch, every decode step of every sequence through the C step. In float32:
     with int8 activations a near-tie may round the other way depending on which prompts an
@@ -214,7 +254,7 @@ def test_a_batch_of_sequences_decodes_one_c_call_each_with_the_eager_batchs_toke
     # the prompts are read eagerly (sampling each one's first token; "Hello" is one token, read
     # as a prompt even if it arrived among decodes); the 15 later tokens of each by C calls
     # (test_a_mixed_step_... covers steps that mix the two)
-    assert len(calls) == 4 * 15
+    assert len(calls) == 4 * 15 and max(calls) == 4  # (once all four decode, in one call)
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
@@ -251,8 +291,9 @@ def test_a_mixed_step_decodes_by_c_calls_beside_the_eager_prompt_rows(tiny_model
         step = runner.cpu_step
         assert step is not None
         calls = []
-        run = step.run
+        run, run_rows = step.run, step.run_rows
         step.run = lambda *args: calls.append(args[1]) or run(*args)
+        step.run_rows = lambda rows: calls.extend(r.start for r in rows) or run_rows(rows)
         with torch.inference_mode():
             tokens, logprobs = scenario()
             runner.cpu_step = None

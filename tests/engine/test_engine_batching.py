@@ -222,7 +222,11 @@ def test_a_quantized_cpu_model_gives_the_same_tokens_cold_cached_and_batched(tin
     warm = load(tiny_models["llama-tied"], quantization=quant, quant_group_size=group)
     lp = lambda r: [t.logprob for t in r.logprobs]  # noqa: E731
     try:
-        assert warm.model_info.cpu_head is True  # (an AVX2 CPU: CI's and ours)
+        from hearth_kernels import cpu_quant
+
+        if cpu_quant.available() is not None or cpu_quant.isa() != "avx2":
+            pytest.skip("the C LM head needs AVX2")
+        assert warm.model_info.cpu_head is True
         alone(warm, shared + [7], params)  # caches the shared blocks
         for tail in ([42], [42, 43], [42, 43, 44], ids_of(5, seed=9), ids_of(13, seed=11)):
             ref = alone(cold, shared + tail, params)
