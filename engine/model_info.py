@@ -54,7 +54,7 @@ class ModelInfo:
     pdl: bool | None = None  # GPU loads: the decode step's Triton kernels launch with PDL (hearth_kernels/pdl.py)
     cpu_decode: bool | str | None = None  # CPU loads: True if batch-1 decode runs in one C call, else why not
     cpu_head: bool | str | None = None  # CPU loads: True if a float32 LM head runs the C kernel (a row's logits
-    # the same bits whatever shares the step: with quantized projections, which are so already, a request's
+    # the same bits whatever shares the step, up to 64 sampled rows: with quantized projections, which are so already, a request's
     # answer; a float32 model's projections are torch's sgemm, whose bits still depend on the rows), else why not
     # A layer split (--devices a,b --split layer): {"devices": [...], "layers": [[start, stop], ...],
     # "attention": [...], "embedding": device, "head": device}; ``device`` is then the first one.

@@ -226,7 +226,8 @@ class DecodeModel:
         nthreads = torch.get_num_threads() if threads is None else threads
         rc = self._step(self._addr, token, position, table, n, logits.data_ptr(), nthreads)
         if rc:
-            raise RuntimeError(f"the C decode step failed ({cpu_quant._ERRORS.get(rc, rc)}): token {token}, "
+            why = "a token, position or block out of range" if rc == 3 else cpu_quant._ERRORS.get(rc, rc)
+            raise RuntimeError(f"the C decode step failed ({why}): token {token}, "
                                f"position {position}, {n} blocks of {self.block_size}")
         return logits
 
@@ -254,7 +255,8 @@ class DecodeModel:
         rc = self._rows(self._addr, n, ints[0].data_ptr(), ints[1].data_ptr(), tables.data_ptr(), stride,
                         ints[2].data_ptr(), logits.data_ptr(), nthreads)
         if rc:
-            raise RuntimeError(f"the C decode step failed ({cpu_quant._ERRORS.get(rc, rc)}) on {n} rows: tokens "
+            why = "a token, position or block out of range" if rc == 3 else cpu_quant._ERRORS.get(rc, rc)
+            raise RuntimeError(f"the C decode step failed ({why}) on {n} rows: tokens "
                                f"{list(tokens)}, positions {list(positions)}, blocks of {self.block_size}")
         return logits[:n]
 

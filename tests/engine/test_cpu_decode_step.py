@@ -175,13 +175,14 @@ def test_qwen3s_q_k_norms_matter_to_the_c_step(tiny_models):
         release_runner(runner)
 
 
-@pytest.mark.parametrize("quant,kv", [("none", "auto"), ("int4", "auto"), ("none", "fp8")])
+@pytest.mark.parametrize("quant,kv", [("none", "auto"), ("int4", "auto"), ("int8", "fp8")])
 @pytest.mark.parametrize("isa,split_min", [("avx2", 0), ("avx2", 1 << 30), ("scalar", 0)])
 def test_several_sequences_in_one_call_get_the_bits_each_gets_alone(tiny_models, quant, kv, isa, split_min):
-    """``step_rows``: four sequences of different lengths (one past the sliding window, in
-    blocks out of order) decoded in one C call give, row for row, the logits ``step`` gives
-    each alone, bit for bit, and write the same K/V: on both paths, split attention or not,
-    float32 and int4, an e4m3 cache too."""
+    """``step_rows``: three or four sequences of different lengths (one past the sliding
+    window, in blocks out of order) decoded in one C call give, row for row, the logits
+    ``step`` gives each alone, bit for bit, and write the same K/V: on both paths, split
+    attention or not, 1 to 3 threads, float32 (pairs of rows and a row alone), int4 and int8
+    (tiles of 4 rows and of fewer), an e4m3 cache too."""
     from hearth_kernels import cpu_quant
 
     if isa == "avx2" and cpu_quant.isa() != "avx2":
@@ -197,13 +198,15 @@ def test_several_sequences_in_one_call_get_the_bits_each_gets_alone(tiny_models,
                 meta = runner._metadata([table], [0], [len(ids)])
                 runner.model(torch.tensor(ids), torch.arange(len(ids)), runner.kv_caches, meta)
             tokens, positions, tables = [500, 9, 1234, 88], [len(ids) for ids, _ in seqs], [t for _, t in seqs]
-            for step in range(3):
+            for step, (rows, threads) in enumerate(((4, 2), (3, 1), (3, 3))):
+                tokens, positions, tables = tokens[:rows], positions[:rows], tables[:rows]
                 cache = [kv.clone() for kv in runner.kv_caches]
-                alone = torch.cat([model.step(t, p, tb, threads=2) for t, p, tb in zip(tokens, positions, tables)])
+                alone = torch.cat([model.step(t, p, tb, threads=threads)
+                                   for t, p, tb in zip(tokens, positions, tables)])
                 after_alone = [kv.clone() for kv in runner.kv_caches]
                 for kv, saved in zip(runner.kv_caches, cache):
                     kv.copy_(saved)
-                together = model.step_rows(tokens, positions, tables, threads=2)
+                together = model.step_rows(tokens, positions, tables, threads=threads)
                 assert torch.equal(together, alone), step
                 assert all(torch.equal(a, b) for a, b in zip(runner.kv_caches, after_alone))
                 tokens = together.argmax(-1).tolist()
@@ -291,16 +294,17 @@ def test_a_mixed_step_decodes_by_c_calls_beside_the_eager_prompt_rows(tiny_model
         step = runner.cpu_step
         assert step is not None
         calls = []
+        groups = []  # rows per C call
         run, run_rows = step.run, step.run_rows
-        step.run = lambda *args: calls.append(args[1]) or run(*args)
-        step.run_rows = lambda rows: calls.extend(r.start for r in rows) or run_rows(rows)
+        step.run = lambda *args: groups.append(1) or calls.append(args[1]) or run(*args)
+        step.run_rows = lambda rows: groups.append(len(rows)) or calls.extend(r.start for r in rows) or run_rows(rows)
         with torch.inference_mode():
             tokens, logprobs = scenario()
             runner.cpu_step = None
             eager_tokens, eager_logprobs = scenario()
         # step 2: A's decode (d's one-token prompt reads as a prompt); step 3: A, B and D decode
         # (C's last prompt token alone reads as a prompt)
-        assert calls == [len(a), len(a) + 1, len(b), 1]
+        assert calls == [len(a), len(a) + 1, len(b), 1] and groups == [1, 3]  # step 3's three in one call
         assert tokens == eager_tokens
         for got, want in zip(logprobs, eager_logprobs):
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-3, rtol=0)
