@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file",
                      help="UTF-8, one prompt a line (blank lines are skipped); all are batched together")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    gen.add_argument("--system", default=None, help="system prompt (with --chat)")
+    gen.add_argument("--system", default=None,
+                     help="system prompt, with --chat; an empty one (--system \"\") sends an empty system "
+                          "message, so a template that adds a default system prompt when none is given (as "
+                          "SmolLM2's does) adds none")
     gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="top-N logprobs per token")
     gen.add_argument("--json", action="store_true",
                      help='print JSON (one object a line; with --prompts-file each has the "line" of its prompt)')
@@ -62,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen, temperature=0.7)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal")
-    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--system", default=None,
+                      help="system prompt; an empty one (--system \"\") sends an empty system message, so a "
+                           "template that adds a default system prompt when none is given (as SmolLM2's does) "
+                           "adds none (/system with no text clears it: the default again)")
     add_load_args(chat)
     _add_sampling_args(chat, temperature=0.7)
 

@@ -80,8 +80,8 @@ def run_generate(args) -> int:
 
 def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], list[int]]:
     """The prompts of a ``--prompts-file`` as (line number, text), and the numbers of its
-    blank lines. The file must be UTF-8 (a byte-order mark at its start is dropped, not
-    sent to the model); lines end at "\n" (or "\r\n") only, so the numbers are the ones
+    blank lines. The file must be UTF-8 (a byte-order mark at its start, or at a line's start,
+    is dropped, not sent to the model); lines end at "\n" (or "\r\n") only, so the numbers are the ones
     an editor shows. Raises InvalidRequestError naming the file and where it went wrong."""
     try:
         data = Path(path).read_bytes()
@@ -98,7 +98,9 @@ def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], list[int]]:
     prompts: list[tuple[int, str]] = []
     blank: list[int] = []
     for number, line in enumerate(lines, start=1):
-        line = line.removesuffix("\r")
+        # a byte-order mark that starts a line (files joined with cat, each with its own) is
+        # dropped like the file's first: it is not text anyone meant to send
+        line = line.removesuffix("\r").removeprefix("\ufeff")
         if line.strip():
             prompts.append((number, line))
         else:

@@ -1,7 +1,7 @@
 """The prompts of a comparison: the bundled set, or a prompts file.
 
 A prompts file (``hearth compare --prompts FILE``; the Compare page's "Open prompts...") is
-UTF-8 (a byte-order mark at its start is dropped), either
+UTF-8 (a byte-order mark at its start, or at a line's start in a plain-text file, is dropped), either
 
 - a ``.json`` file: a list of strings, or of objects with a ``"prompt"`` string (the
   bundled set's form; an object ``{"prompts": [...]}`` like the bundled file works too), or
@@ -20,6 +20,7 @@ from pathlib import Path
 from engine.api import InvalidRequestError
 from resources.prompt_sets import compare_prompts
 
+_LINE_BOM = re.compile("^\ufeff", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)*")
 
 
@@ -59,6 +60,7 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
 def _text_prompts(text: str) -> list[str]:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_BOM.sub("", text)  # files joined with cat each bring their byte-order mark
     return [block.strip("\n") for block in _BLANK_LINES.split(text) if block.strip()]
 
 

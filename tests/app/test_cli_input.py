@@ -65,6 +65,14 @@ def test_prompts_file_bom_is_not_sent_and_rows_carry_their_line(capsys, tiny, tm
     assert rows[0]["prompt_tokens"] == rows[1]["prompt_tokens"] == alone["prompt_tokens"]
     assert rows[0]["token_ids"] == alone["token_ids"]
     assert "skipped blank lines 2, 4 and 6" in err and '"line"' in err, err
+    # Files joined with cat, each with its own BOM: a BOM that starts a line isn't sent either,
+    # and a line of only a BOM is blank.
+    f.write_bytes(codecs.BOM_UTF8 + b"Hello world\n" + codecs.BOM_UTF8 + b"\n" + codecs.BOM_UTF8 + b"Hello world\n")
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, *SAMPLING, "--json"))
+    assert rc == 0, err
+    rows = json_rows(out)
+    assert [r["line"] for r in rows] == [1, 3] and "skipped blank line 2" in err, err
+    assert rows[1]["token_ids"] == alone["token_ids"] and rows[1]["prompt_tokens"] == alone["prompt_tokens"]
 
 
 def test_a_prompt_the_engine_refuses_is_named_by_its_line(capsys, tiny, tmp_path):

@@ -79,6 +79,9 @@ def test_text_prompts_file_has_one_prompt_per_blank_line_separated_block(tmp_pat
     path = tmp_path / "p.txt"
     path.write_bytes("\ufeffFirst prompt\non two lines\n\n\n  \nSecond\r\n\r\nThird\n".encode())
     assert read_prompts_file(path) == ["First prompt\non two lines", "Second", "Third"]
+    # files joined with cat, each with its byte-order mark: a mark that starts a line is not text
+    path.write_bytes("\ufeffOne\n\n\ufeffTwo\n\n\ufeff\n\nThree \ufeff kept\n".encode())
+    assert read_prompts_file(path) == ["One", "Two", "Three \ufeff kept"]
 
 
 def test_json_prompts_file_takes_strings_or_the_bundled_form(tmp_path):
