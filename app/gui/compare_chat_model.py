@@ -6,7 +6,9 @@ configuration after another beside it: they may not fit together, the configurat
 measure slower, and on the CPU its memory counts in every configuration's peak. So the
 Compare page asks first (``ask``: unload it, the default, or keep it). One unloaded is
 loaded again by itself when the comparison ends (finished, failed or cancelled) with the
-options it was loaded with, so the chat is back as it was.
+options it was loaded with, so the chat is back as it was. A model the user loads for the
+chat while the unload waits for an answer to end withdraws the unload (the engine host
+loads that one instead): the comparison doesn't start, and the page says why.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ChatModelHandoff(QObject):
         self.ask: Callable[[str], str | None] = self._ask
         self._reload: dict | None = None  # the chat model's load options, to load it again after
         self._then: Callable[[], None] | None = None  # what runs once it is unloaded
+        self._withdrawn: Callable[[str], None] | None = None  # what runs if a load withdraws the unload
 
     @property
     def waiting(self) -> bool:
@@ -63,11 +66,15 @@ class ChatModelHandoff(QObject):
             return str(self.settings.value("load/model", "default") or "default")
         return "default"
 
-    def release(self, then: Callable[[], None]) -> None:
-        """Unload the chat's model, then call ``then`` (once the engine let it go)."""
+    def release(self, then: Callable[[], None], withdrawn: Callable[[str], None] | None = None) -> None:
+        """Unload the chat's model, then call ``then`` (once the engine let it go). If the
+        user loads a model for the chat before that (the unload waits for an answer to
+        end), the unload is withdrawn: ``withdrawn`` gets the new model's name, ``then``
+        never runs, and nothing is loaded again afterwards (the chat has the new one)."""
         self._reload = self._reload_options()
-        self._then = then
+        self._then, self._withdrawn = then, withdrawn
         self.bridge.modelUnloaded.connect(self._unloaded)
+        self.bridge.modelLoading.connect(self._loading_instead)
         self.bridge.unload(after_answers=True)  # an answer the chat is writing ends first
 
     def abandon(self) -> None:
@@ -98,13 +105,26 @@ class ChatModelHandoff(QObject):
         if then is not None:
             then()
 
+    def _loading_instead(self, name: str) -> None:
+        """A load began while the unload waited: the engine host withdrew the unload (the
+        model asked for replaces the chat's, not no model), so no modelUnloaded comes."""
+        withdrawn = self._withdrawn
+        if self._then is None:
+            return
+        self._disconnect()
+        self._reload = None  # the chat has the model being loaded: the old one isn't brought back
+        if withdrawn is not None:
+            withdrawn(name)
+
     def _disconnect(self) -> None:
         if self._then is not None:
-            self._then = None
-            try:
-                self.bridge.modelUnloaded.disconnect(self._unloaded)
-            except (RuntimeError, TypeError):
-                pass
+            self._then = self._withdrawn = None
+            for signal, slot in ((self.bridge.modelUnloaded, self._unloaded),
+                                 (self.bridge.modelLoading, self._loading_instead)):
+                try:
+                    signal.disconnect(slot)
+                except (RuntimeError, TypeError):
+                    pass
 
     def _reload_options(self) -> dict | None:
         """How to load the chat's model again: the options it was loaded with (the saved

@@ -284,11 +284,19 @@ class ComparePage(QWidget):
             if answer == UNLOAD:
                 self.message.setText(f"Unloading {chat} for the comparison (once an answer it is writing has "
                                      "finished); it is loaded again when the comparison ends.")
-                self.chat_model.release(lambda: self._start(plan))
+                self.chat_model.release(lambda: self._start(plan), self._unload_withdrawn)
                 self._update_buttons()
                 return True
         self._start(plan)
         return True
+
+    def _unload_withdrawn(self, name: str) -> None:
+        """The user loaded a model for the chat while the comparison waited for the chat's
+        model to go: that load withdrew the unload, so the comparison doesn't start."""
+        self.message.setText(f"The comparison did not start: {name} is loading for the chat, so the chat's model "
+                             "was not unloaded for it. Run it again when you want it (you'll be asked about "
+                             f"{name} then).")
+        self._update_buttons()
 
     def _start(self, plan: ComparePlan) -> None:
         self.result = None

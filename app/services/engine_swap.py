@@ -72,15 +72,17 @@ class EngineSwaps:
 
     # -- on the host thread --------------------------------------------------------------
     def _load(self, options: dict) -> None:
-        self._unload_wanted = False  # a model asked for: it replaces this one, not no model
-        self._thread.stop_timer(UNLOAD_TIMER)
         if options["_ticket"].is_set():
             self._end_cancelled(options)
             return
         problem = _quantization_problem(options)
         if problem is not None:  # refused before the loaded model is asked to make room
-            self._publish(LoadFailed(problem))
+            self._publish(LoadFailed(problem))  # (an unload waiting for answers still waits)
             return
+        # A model asked for replaces this one, not no model: an unload waiting for answers
+        # (a comparison's) is withdrawn; its asker hears the ModelLoading that follows.
+        self._unload_wanted = False
+        self._thread.stop_timer(UNLOAD_TIMER)
         if self._next is not None:  # replaced before it started
             self._end_cancelled(self._next)
         self._next = options

@@ -185,6 +185,31 @@ def test_the_chat_model_is_unloaded_for_the_run_and_loaded_again(qtbot, bridge, 
     assert bridge.model_info is not None and all(r.ok for r in page.result.results)
 
 
+@pytest.mark.slow
+def test_a_model_loaded_while_the_unload_waits_for_an_answer_keeps_the_run_from_starting(qtbot, bridge, gui_env,
+                                                                                       chat_model):
+    """Run (unload the chat's model) while the chat writes an answer: the unload waits for
+    it. The user loads a model for the chat meanwhile, which withdraws the unload: the page
+    must not wait for good for an unload that won't come; it says why nothing started."""
+    from engine.api import SamplingParams
+
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        bridge.load(load_options(chat_model))
+    page = make_page(qtbot, bridge, gui_env)
+    set_up_tiny(page, chat_model, quants=("int8", "int4"), eval_tokens=0, prompts=("Hello",))
+    with qtbot.waitSignal(bridge.tokenReceived, timeout=30_000):
+        rid = bridge.submit(prompt="Hello", params=SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    page.ask_unload = lambda name: UNLOAD
+    assert page.run() and page.running and page.worker is None  # waiting for the answer to end
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        bridge.load(load_options(chat_model, max_model_len=128))
+    qtbot.waitUntil(lambda: not page.running, timeout=10_000)
+    assert page.worker is None and "did not start" in page.message.text(), page.message.text()
+    assert bridge.model_info is not None and bridge.model_info.max_model_len == 128
+    assert page.run_button.isEnabled()
+    bridge.abort(rid)
+
+
 def test_closing_the_window_mid_run_stops_the_run_and_saves_what_finished(qtbot, bridge, gui_env, chat_model,
                                                                          engines):
     loaded, shut, _ = engines

@@ -325,6 +325,7 @@ def test_a_model_loaded_for_the_chat_during_the_run_is_not_replaced_afterwards(q
 
     class FakeBridge(QObject):
         modelUnloaded = Signal()
+        modelLoading = Signal(str)
 
         def __init__(self):
             super().__init__()
@@ -348,3 +349,45 @@ def test_a_model_loaded_for_the_chat_during_the_run_is_not_replaced_afterwards(q
     handoff.release(lambda: None)
     bridge.is_loading = False  # nothing loaded meanwhile: the old model comes back
     assert "again for the chat" in handoff.restore() and bridge.loads == [{"model": "old-model"}]
+
+
+def test_a_load_while_the_unload_waits_withdraws_it_and_the_comparison_does_not_start(qtbot):
+    """The unload waits for the chat's answer; the user loads a model for the chat meanwhile:
+    the engine host loads that one instead of unloading (no modelUnloaded comes), so the
+    handoff must not wait for good: it says so, never starts the run, reloads nothing."""
+    from PySide6.QtCore import QObject, Signal
+
+    from app.gui.compare_chat_model import ChatModelHandoff
+
+    class WaitingBridge(QObject):
+        modelUnloaded = Signal()
+        modelLoading = Signal(str)
+
+        def __init__(self):
+            super().__init__()
+            self.model_info, self.is_loading, self.loads, self.kept = None, False, [], []
+
+        def unload(self, after_answers=False):
+            assert after_answers  # an answer is being written: the unload waits for it
+
+        def load(self, options):
+            self.loads.append(options)
+
+        def keep_loaded(self, options):
+            self.kept.append(options)
+
+    bridge = WaitingBridge()
+    handoff = ChatModelHandoff(bridge, None)
+    handoff._reload_options = lambda: {"model": "old-model"}
+    ran, withdrawn = [], []
+    handoff.release(lambda: ran.append(True), withdrawn.append)
+    assert handoff.waiting and handoff.released
+    bridge.modelLoading.emit("new-model")
+    assert withdrawn == ["new-model"] and not handoff.waiting and not handoff.released
+    bridge.modelUnloaded.emit()  # (were one to come later: the run still doesn't start)
+    assert ran == [] and handoff.restore() == "" and bridge.loads == [] and bridge.kept == []
+    # without a load meanwhile, cancelling the wait takes the unload back (the model stays)
+    handoff.release(lambda: ran.append(True), withdrawn.append)
+    assert handoff.restore() == "" and bridge.kept == [{"model": "old-model"}] and not handoff.waiting
+    bridge.modelLoading.emit("another")
+    assert withdrawn == ["new-model"] and ran == []

@@ -169,6 +169,51 @@ def test_an_unload_after_answers_lets_the_running_answer_finish_and_can_be_taken
         assert h.shutdown()
 
 
+def test_a_load_withdraws_an_unload_after_answers_and_a_refused_one_does_not(tiny_models):
+    """A comparison's unload waits for the chat's answer; the user loads a model meanwhile.
+    One refused at once (fp8 on the CPU) changes nothing: the unload still comes after the
+    answer. One that goes ahead replaces the model instead: ModelLoading, no ModelUnloaded,
+    and new requests are answered again (not refused as 'being unloaded')."""
+    from app.services.host_events import LoadFailed, ModelLoading, ModelUnloaded
+
+    h = EngineHost()
+    rec = Recorder()
+    h.subscribe(rec)
+    options = tiny_options(tiny_models["llama-tied"])
+    long = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+
+    def started(rid):
+        rec.wait(lambda evs: any(isinstance(e, TokenEvent) and e.request_id == rid for e in evs))
+
+    def finished(rid):
+        return rec.wait(lambda evs: [e for e in evs if isinstance(e, FinishedEvent) and e.request_id == rid])[0]
+
+    try:
+        h.load(options)
+        rec.wait_for(ModelLoaded)
+        rid = h.submit(Request(prompt_token_ids=prompt(3), params=long))
+        started(rid)
+        h.unload(after_answers=True)
+        h.load(dict(options, quantization="fp8"))  # refused before anything changes
+        (failed,) = rec.wait_for(LoadFailed)
+        assert "fp8" in failed.message, failed
+        rec.wait_for(ModelUnloaded)
+        assert finished(rid).reason == "length"  # it ended as it would, then the model went
+        h.load(options)
+        rec.wait_for(ModelLoaded, count=2)
+        rid = h.submit(Request(prompt_token_ids=prompt(4), params=long))
+        started(rid)
+        h.unload(after_answers=True)
+        h.load(dict(options, max_model_len=128))  # the user's load for the chat, while it waits
+        rec.wait_for(ModelLoaded, count=3)
+        assert sum(isinstance(e, ModelUnloaded) for e in rec.events) == 1
+        assert sum(isinstance(e, ModelLoading) for e in rec.events) == 3 and h.engine.max_model_len == 128
+        after = h.submit(Request(prompt_token_ids=prompt(1), params=GREEDY))
+        assert finished(after).reason == "length", finished(after)
+    finally:
+        assert h.shutdown()
+
+
 def test_an_unload_after_answers_cuts_an_answer_that_runs_too_long(tiny_models):
     from app.services.host_events import ModelUnloaded
 
