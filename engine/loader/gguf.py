@@ -625,7 +625,7 @@ def convert_gguf(
         raw = _gguf_tensors(gguf_path, cfg, list(tensors), reader) if keep_quantized or dtype is AS_FILE else {}
         del reader
         check()
-        kept, types = kept_quantized(gguf_path, cfg, tensors, raw) if keep_quantized else ({}, {})
+        kept, types = kept_quantized(gguf_path, cfg, tensors, raw, check) if keep_quantized else ({}, {})
         check()
         if dtype is AS_FILE:
             sources = {name: rt.tensor_type.name for name, rt in raw.items()}
@@ -692,7 +692,7 @@ def _gguf_tensors(gguf_path: Path, cfg, names, reader=None) -> dict:
 
 
 def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor],
-                   raw: dict | None = None) -> tuple[dict, dict]:
+                   raw: dict | None = None, check: Callable[[], None] | None = None) -> tuple[dict, dict]:
     """(HF tensor name -> ``QuantizedWeight`` for every 2-D tensor stored as Q8_0, Q4_0,
     Q4_1, Q4_K, Q5_K or Q6_K, repacked from the file's own blocks with the rows in the order transformers'
     reader gives (``tensors``: its dequantized, un-permuted ones); the file's quantized
@@ -702,13 +702,16 @@ def kept_quantized(gguf_path: Path, cfg, tensors: dict[str, torch.Tensor],
     takes one that holds each without loss: int8 codes with mins, in groups of 32 (Q4_K
     q/k beside a Q5_K v) or of 16 when a member has groups of 16 (Q4_K q/k beside a Q6_K
     v: llama.cpp's Q4_K_M gives half the layers that q/k/v). ``raw``: ``_gguf_tensors`` of
-    these names, where the caller has it already."""
+    these names, where the caller has it already. ``check`` is called before each tensor
+    (a conversion's stop check: it raises to stop; the repack takes seconds on a big file)."""
     from engine.quant.gguf_blocks import KEPT_TYPES, blocks_to_weight, permute_rows, row_permutation
     from engine.quant.gguf_kquants import KEPT_KQUANT_TYPES, read_kquant, to_weight
 
     raw = _gguf_tensors(gguf_path, cfg, tensors) if raw is None else raw
     kept = {}
     for name, tensor in tensors.items():
+        if check is not None:
+            check()
         rt = raw.get(name)
         kind = None if rt is None else rt.tensor_type.name
         if kind not in KEPT_TYPES + KEPT_KQUANT_TYPES or tensor.dim() != 2:

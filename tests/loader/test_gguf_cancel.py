@@ -116,6 +116,29 @@ def test_check_model_and_load_stop_a_gguf_conversion(default_model, tmp_path):
         assert stop.asked[0] == 30
 
 
+def test_a_stop_while_the_quantized_tensors_are_repacked_stops_there(default_model, tmp_path, monkeypatch):
+    """Keeping a GGUF's weights quantized repacks them tensor by tensor after the read (a few
+    seconds on a big file): a cancel then stops at the next tensor, not after the save."""
+    import engine.loader.gguf as gguf_mod
+    import engine.quant.gguf_blocks as blocks
+    from engine.loader.resolve import default_gguf_path
+
+    repacked: list[str] = []
+    real = blocks.blocks_to_weight
+
+    def counted(data, kind):
+        repacked.append(kind)
+        return real(data, kind)
+
+    monkeypatch.setattr(blocks, "blocks_to_weight", counted)
+    out = tmp_path / "converted"
+    with pytest.raises(LoadCancelledError, match="conversion was stopped"):
+        gguf_mod.convert_gguf(default_gguf_path(), out, keep_quantized=True,
+                              should_stop=lambda: len(repacked) >= 5)
+    assert len(repacked) == 5  # (SmolLM2's 30 layers have 210 Q4_1 projections)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def write_tiny_gguf(path):
     """A one-layer Llama GGUF of float32 tensors (hidden size 16) with an eight-token
     byte-level BPE vocabulary: converted in a blink."""
