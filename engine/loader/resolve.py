@@ -24,7 +24,7 @@ from engine.loader import default_package
 from engine.loader.gguf import AS_FILE, SOURCE_FILE, convert_gguf, is_up_to_date
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
 from engine.loader.shape_model import shape_of_config
-from engine.loader.weights import weight_files
+from engine.loader.weights import INDEX_FILE, weight_files
 from engine.paths import models_cache_dir
 
 __all__ = ["DEFAULT_MODEL_NAME", "HUB_ALLOW_PATTERNS", "ResolvedModel", "default_gguf_path",
@@ -544,5 +544,14 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
     except UnsupportedModelError:
         raise
     except ModelLoadError as exc:
+        shard = getattr(exc, "missing_shard", None)
+        listed = _repo_files(repo_id, revision) if shard is not None else []
+        if listed and shard not in listed:
+            # the download got every file the repo has: downloading again can't help
+            raise ModelLoadError(
+                f"Hub repo '{repo_id}'{rev_text} is incomplete: its {INDEX_FILE} lists the weights shard "
+                f"{shard}, which the repo doesn't have. Pick another revision (--revision) or another copy "
+                "of the model, and tell the repo's authors."
+            ) from exc
         raise type(exc)(f"Hub repo '{repo_id}'{rev_text}: {exc}") from exc
     return ResolvedModel(path=folder, source="hub", name=repo_id, config=config)

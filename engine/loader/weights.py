@@ -75,10 +75,12 @@ def weight_files(path: Path) -> list[Path]:
         files = [path / name for name in shards]
         for file in files:
             if not file.is_file():
-                raise ModelLoadError(
+                error = ModelLoadError(
                     f"weights shard {file.name} listed in {index} is missing from {path}. "
                     "The download is incomplete: download the model again."
                 )
+                error.missing_shard = file.name  # (a Hub repo that lacks it says so instead)
+                raise error
         return files
 
     single = path / SINGLE_FILE

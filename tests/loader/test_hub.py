@@ -188,6 +188,29 @@ def test_gguf_only_repo_says_how_to_load_a_file(hub_server):
     assert "pickle" not in str(info.value)
 
 
+def test_a_repo_whose_index_lists_a_shard_it_lacks_says_so(hub_server, tiny_model_dir):
+    """Downloading again can't fix a repo that lacks a shard its index names: the error says
+    the repo is incomplete (a shard missing only from the local copy still says download)."""
+    import json
+
+    files = {p.name: p.read_bytes() for p in tiny_model_dir.iterdir() if p.is_file()}
+    weights = files.pop("model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {n: ("model-00001-of-00002.safetensors" if i % 2 else
+                                                "model-00002-of-00002.safetensors") for i, n in enumerate(names)}}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    files["model-00001-of-00002.safetensors"] = weights  # (its contents don't matter: the check is first)
+    hub_server.add_repo("someone/half-uploaded", files)
+    with pytest.raises(ModelLoadError, match=r"'someone/half-uploaded' is incomplete: its "
+                                             r"model.safetensors.index.json lists the weights shard "
+                                             r"model-00002-of-00002.safetensors, which the repo doesn't have") as info:
+        resolve_model("someone/half-uploaded")
+    assert "download the model again" not in str(info.value)
+
+
 def test_repo_without_any_weights(hub_server):
     hub_server.add_repo("someone/docs-only", {"README.md": b"# nothing here", "config.json": b"{}"})
     with pytest.raises(ModelLoadError, match="no model weights at all") as info:
