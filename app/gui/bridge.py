@@ -25,7 +25,8 @@ from app.gui.bridge_signals import BridgeSignals
 from app.gui.error_text import gui_error, gui_error_text
 from app.services.engine_host import EngineHost
 from app.services.host_events import (EngineError, LoadFailed, LoadProgress, LoadSuperseded, ModelLoaded,
-                                      ModelLoading, ModelUnloaded, RequestStarted, StatsUpdated)
+                                      ModelLoading, ModelUnloaded, RequestStarted, StatsUpdated,
+                                      UnloadWithdrawn)
 from app.services.host_loading import LOAD_CANCELLED, SWAP_WAIT_S
 
 from engine.api import (FinishedEvent, ModelInfo, PromptProgressEvent, Request, SamplingParams, TokenEvent,
@@ -104,6 +105,8 @@ class EngineBridge(BridgeSignals):
             relay.loadSuperseded.emit(ev.name)
         elif isinstance(ev, ModelUnloaded):
             relay.modelUnloaded.emit()
+        elif isinstance(ev, UnloadWithdrawn):
+            relay.unloadWithdrawn.emit(ev.name)
         elif isinstance(ev, EngineError):
             relay.engineError.emit(ev.message)
 

@@ -25,6 +25,7 @@ class BridgeSignals(QObject):
     loadFailed = Signal(str)
     loadSuperseded = Signal(str)  # the display name of the load another one replaced
     modelUnloaded = Signal()
+    unloadWithdrawn = Signal(str)  # an unload(after_answers=True) given up for a load (its display name)
     tokenReceived = Signal(str, str)
     requestFinished = Signal(str, object)
     requestStarted = Signal(str, dict)  # request id, {"model": name, "dropped": n}
@@ -33,5 +34,6 @@ class BridgeSignals(QObject):
     engineError = Signal(str)
 
     SIGNALS = ("modelLoading", "loadProgress", "modelLoaded", "loadFailed", "loadSuperseded", "modelUnloaded",
+               "unloadWithdrawn",
                "tokenReceived", "requestFinished", "requestStarted", "promptProgress", "statsUpdated",
                "engineError")

@@ -8,7 +8,8 @@ Compare page asks first (``ask``: unload it, the default, or keep it). One unloa
 loaded again by itself when the comparison ends (finished, failed or cancelled) with the
 options it was loaded with, so the chat is back as it was. A model the user loads for the
 chat while the unload waits for an answer to end withdraws the unload (the engine host
-loads that one instead): the comparison doesn't start, and the page says why.
+loads that one instead, ``unloadWithdrawn``): the comparison doesn't start, and the page
+says why.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class ChatModelHandoff(QObject):
         self._reload = self._reload_options()
         self._then, self._withdrawn = then, withdrawn
         self.bridge.modelUnloaded.connect(self._unloaded)
-        self.bridge.modelLoading.connect(self._loading_instead)
+        self.bridge.unloadWithdrawn.connect(self._withdrawn_by_load)
         self.bridge.unload(after_answers=True)  # an answer the chat is writing ends first
 
     def abandon(self) -> None:
@@ -105,14 +106,14 @@ class ChatModelHandoff(QObject):
         if then is not None:
             then()
 
-    def _loading_instead(self, name: str) -> None:
-        """A load began while the unload waited: the engine host withdrew the unload (the
-        model asked for replaces the chat's, not no model), so no modelUnloaded comes."""
+    def _withdrawn_by_load(self, name: str) -> None:
+        """A load was asked for while the unload waited: the engine host gave the unload up
+        (the model asked for replaces the chat's, not no model), so no modelUnloaded comes."""
         withdrawn = self._withdrawn
         if self._then is None:
             return
         self._disconnect()
-        self._reload = None  # the chat has the model being loaded: the old one isn't brought back
+        self._reload = None  # the chat gets the model asked for (or keeps its own if that fails): none is brought back
         if withdrawn is not None:
             withdrawn(name)
 
@@ -120,7 +121,7 @@ class ChatModelHandoff(QObject):
         if self._then is not None:
             self._then = self._withdrawn = None
             for signal, slot in ((self.bridge.modelUnloaded, self._unloaded),
-                                 (self.bridge.modelLoading, self._loading_instead)):
+                                 (self.bridge.unloadWithdrawn, self._withdrawn_by_load)):
                 try:
                     signal.disconnect(slot)
                 except (RuntimeError, TypeError):

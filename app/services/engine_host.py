@@ -132,7 +132,7 @@ class EngineHost(EngineSwaps):
         """Unload the model (and cancel a load in flight: nothing stays loaded).
         ``after_answers``: once the answers running now have ended (a comparison taking the
         chat's model away), instead of ending them; ModelUnloaded says when. A load asked for
-        meanwhile withdraws it (ModelLoading then comes instead; one refused at once doesn't)."""
+        meanwhile withdraws it (UnloadWithdrawn instead; one refused at once doesn't)."""
         self.cancel_load()
         self._thread.post(self._unload_after_answers if after_answers else self._unload)
 

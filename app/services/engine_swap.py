@@ -27,7 +27,8 @@ import logging
 import threading
 import traceback
 
-from app.services.host_events import LoadFailed, LoadProgress, LoadSuperseded, ModelLoading, ModelUnloaded
+from app.services.host_events import (LoadFailed, LoadProgress, LoadSuperseded, ModelLoading, ModelUnloaded,
+                                     UnloadWithdrawn)
 from app.services.host_loading import (LOAD_CANCELLED, LoadTicket, Released, cut_reason, loaded_footprint,
                                        release_note, release_progress, reload_outcome, reload_progress,
                                        wait_progress)
@@ -80,9 +81,12 @@ class EngineSwaps:
             self._publish(LoadFailed(problem))  # (an unload waiting for answers still waits)
             return
         # A model asked for replaces this one, not no model: an unload waiting for answers
-        # (a comparison's) is withdrawn; its asker hears the ModelLoading that follows.
-        self._unload_wanted = False
+        # (a comparison's) is withdrawn, and its asker told (this load may still wait its
+        # turn, or fail its checks: the loaded model then stays).
         self._thread.stop_timer(UNLOAD_TIMER)
+        if self._unload_wanted:
+            self._unload_wanted = False
+            self._publish(UnloadWithdrawn(_name(options)))
         if self._next is not None:  # replaced before it started
             self._end_cancelled(self._next)
         self._next = options

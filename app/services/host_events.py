@@ -57,6 +57,15 @@ class ModelUnloaded:
 
 
 @dataclass(frozen=True, slots=True)
+class UnloadWithdrawn:
+    """An ``unload(after_answers=True)`` still waiting for answers was given up: a load was
+    asked for meanwhile (``name``, its display name), and a model asked for replaces the
+    loaded one rather than leaving none. No ModelUnloaded follows for that unload."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class RequestStarted:
     """A request was taken by a model (before any of its engine events). ``dropped``:
     how many old messages ``fit_context`` left out of what the model sees."""
@@ -77,7 +86,7 @@ class EngineError:
 
 
 HostEvent = Union[ModelLoading, LoadProgress, ModelLoaded, LoadFailed, LoadSuperseded, ModelUnloaded,
-                  RequestStarted, StatsUpdated, EngineError, EngineEvent]
+                  UnloadWithdrawn, RequestStarted, StatsUpdated, EngineError, EngineEvent]
 
 
 def ended(request_id: str, reason: str, error: str | None = None) -> FinishedEvent:

@@ -325,7 +325,7 @@ def test_a_model_loaded_for_the_chat_during_the_run_is_not_replaced_afterwards(q
 
     class FakeBridge(QObject):
         modelUnloaded = Signal()
-        modelLoading = Signal(str)
+        unloadWithdrawn = Signal(str)
 
         def __init__(self):
             super().__init__()
@@ -353,7 +353,7 @@ def test_a_model_loaded_for_the_chat_during_the_run_is_not_replaced_afterwards(q
 
 def test_a_load_while_the_unload_waits_withdraws_it_and_the_comparison_does_not_start(qtbot):
     """The unload waits for the chat's answer; the user loads a model for the chat meanwhile:
-    the engine host loads that one instead of unloading (no modelUnloaded comes), so the
+    the engine host loads that one instead of unloading (unloadWithdrawn, no modelUnloaded), so the
     handoff must not wait for good: it says so, never starts the run, reloads nothing."""
     from PySide6.QtCore import QObject, Signal
 
@@ -361,7 +361,7 @@ def test_a_load_while_the_unload_waits_withdraws_it_and_the_comparison_does_not_
 
     class WaitingBridge(QObject):
         modelUnloaded = Signal()
-        modelLoading = Signal(str)
+        unloadWithdrawn = Signal(str)
 
         def __init__(self):
             super().__init__()
@@ -382,12 +382,12 @@ def test_a_load_while_the_unload_waits_withdraws_it_and_the_comparison_does_not_
     ran, withdrawn = [], []
     handoff.release(lambda: ran.append(True), withdrawn.append)
     assert handoff.waiting and handoff.released
-    bridge.modelLoading.emit("new-model")
+    bridge.unloadWithdrawn.emit("new-model")
     assert withdrawn == ["new-model"] and not handoff.waiting and not handoff.released
     bridge.modelUnloaded.emit()  # (were one to come later: the run still doesn't start)
     assert ran == [] and handoff.restore() == "" and bridge.loads == [] and bridge.kept == []
     # without a load meanwhile, cancelling the wait takes the unload back (the model stays)
     handoff.release(lambda: ran.append(True), withdrawn.append)
     assert handoff.restore() == "" and bridge.kept == [{"model": "old-model"}] and not handoff.waiting
-    bridge.modelLoading.emit("another")
+    bridge.unloadWithdrawn.emit("another")
     assert withdrawn == ["new-model"] and ran == []

@@ -172,9 +172,9 @@ def test_an_unload_after_answers_lets_the_running_answer_finish_and_can_be_taken
 def test_a_load_withdraws_an_unload_after_answers_and_a_refused_one_does_not(tiny_models):
     """A comparison's unload waits for the chat's answer; the user loads a model meanwhile.
     One refused at once (fp8 on the CPU) changes nothing: the unload still comes after the
-    answer. One that goes ahead replaces the model instead: ModelLoading, no ModelUnloaded,
+    answer. One that goes ahead replaces the model instead: UnloadWithdrawn, no ModelUnloaded,
     and new requests are answered again (not refused as 'being unloaded')."""
-    from app.services.host_events import LoadFailed, ModelLoading, ModelUnloaded
+    from app.services.host_events import LoadFailed, ModelLoading, ModelUnloaded, UnloadWithdrawn
 
     h = EngineHost()
     rec = Recorder()
@@ -198,7 +198,11 @@ def test_a_load_withdraws_an_unload_after_answers_and_a_refused_one_does_not(tin
         (failed,) = rec.wait_for(LoadFailed)
         assert "fp8" in failed.message, failed
         rec.wait_for(ModelUnloaded)
-        assert finished(rid).reason == "length"  # it ended as it would, then the model went
+        fin = finished(rid)
+        assert fin.reason == "length"  # it ended as it would, then the model went:
+        order = [e for e in rec.events if isinstance(e, (LoadFailed, ModelUnloaded)) or e is fin]
+        assert [type(e) for e in order] == [LoadFailed, FinishedEvent, ModelUnloaded], order  # refused while it waited
+        assert not any(isinstance(e, UnloadWithdrawn) for e in rec.events)
         h.load(options)
         rec.wait_for(ModelLoaded, count=2)
         rid = h.submit(Request(prompt_token_ids=prompt(4), params=long))
@@ -207,6 +211,8 @@ def test_a_load_withdraws_an_unload_after_answers_and_a_refused_one_does_not(tin
         h.load(dict(options, max_model_len=128))  # the user's load for the chat, while it waits
         rec.wait_for(ModelLoaded, count=3)
         assert sum(isinstance(e, ModelUnloaded) for e in rec.events) == 1
+        (withdrawn,) = [e for e in rec.events if isinstance(e, UnloadWithdrawn)]
+        assert withdrawn.name.startswith("tiny-llama-tied"), withdrawn
         assert sum(isinstance(e, ModelLoading) for e in rec.events) == 3 and h.engine.max_model_len == 128
         after = h.submit(Request(prompt_token_ids=prompt(1), params=GREEDY))
         assert finished(after).reason == "length", finished(after)
