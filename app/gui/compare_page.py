@@ -293,9 +293,9 @@ class ComparePage(QWidget):
     def _unload_withdrawn(self, name: str) -> None:
         """The user loaded a model for the chat while the comparison waited for the chat's
         model to go: that load withdrew the unload, so the comparison doesn't start."""
-        self.message.setText(f"The comparison did not start: {name} was asked for in the chat, so the chat's "
-                             "model was not unloaded for it. Run the comparison again when you want it (you'll be "
-                             "asked about the chat's model then).")
+        self.message.setText(f"The comparison did not start: a load of {name} for the chat came while it waited, so "
+                             "the chat's model was not unloaded for it. Run the comparison again when you want it "
+                             "(you'll be asked about the chat's model then).")
         self._update_buttons()
 
     def _start(self, plan: ComparePlan) -> None:

@@ -4,6 +4,8 @@ moment, the result saved, and the chat's model unloaded for the run and loaded a
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from app.gui.compare_charts import chart_text
@@ -199,15 +201,20 @@ def test_a_model_loaded_while_the_unload_waits_for_an_answer_keeps_the_run_from_
     set_up_tiny(page, chat_model, quants=("int8", "int4"), eval_tokens=0, prompts=("Hello",))
     with qtbot.waitSignal(bridge.tokenReceived, timeout=30_000):
         rid = bridge.submit(prompt="Hello", params=SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
-    page.ask_unload = lambda name: UNLOAD
-    assert page.run() and page.running and page.worker is None  # waiting for the answer to end
-    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+    gate = threading.Event()  # the answer can't end until it is set: the unload surely waits
+    bridge._host.engine.add_step_listener(lambda _info: gate.wait(60))
+    try:
+        page.ask_unload = lambda name: UNLOAD
+        assert page.run() and page.running and page.worker is None  # waiting for the answer to end
         bridge.load(load_options(chat_model, max_model_len=128))
-    qtbot.waitUntil(lambda: not page.running, timeout=10_000)
-    assert page.worker is None and "did not start" in page.message.text(), page.message.text()
-    assert bridge.model_info is not None and bridge.model_info.max_model_len == 128
-    assert page.run_button.isEnabled()
-    bridge.abort(rid)
+        qtbot.waitUntil(lambda: not page.running, timeout=30_000)
+        assert page.worker is None and "did not start" in page.message.text(), page.message.text()
+        assert page.run_button.isEnabled()
+    finally:
+        gate.set()
+    with qtbot.waitSignal(bridge.modelLoaded, timeout=60_000):
+        bridge.abort(rid)  # (the new model waits for the answer before it takes over)
+    assert bridge.model_info is not None and bridge.model_info.max_model_len == 128 and page.worker is None
 
 
 def test_closing_the_window_mid_run_stops_the_run_and_saves_what_finished(qtbot, bridge, gui_env, chat_model,

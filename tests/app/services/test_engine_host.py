@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 
@@ -188,15 +189,24 @@ def test_a_load_withdraws_an_unload_after_answers_and_a_refused_one_does_not(tin
     def finished(rid):
         return rec.wait(lambda evs: [e for e in evs if isinstance(e, FinishedEvent) and e.request_id == rid])[0]
 
+    def held_answer(rid) -> threading.Event:
+        """The answer is running and can't end (its engine waits after each step) until the
+        event returned is set: the unload surely waits for it, however slow the machine."""
+        started(rid)
+        gate = threading.Event()
+        h.engine.add_step_listener(lambda _info: gate.wait(60))
+        return gate
+
     try:
         h.load(options)
         rec.wait_for(ModelLoaded)
         rid = h.submit(Request(prompt_token_ids=prompt(3), params=long))
-        started(rid)
+        gate = held_answer(rid)
         h.unload(after_answers=True)
         h.load(dict(options, quantization="fp8"))  # refused before anything changes
         (failed,) = rec.wait_for(LoadFailed)
         assert "fp8" in failed.message, failed
+        gate.set()
         rec.wait_for(ModelUnloaded)
         fin = finished(rid)
         assert fin.reason == "length"  # it ended as it would, then the model went:
@@ -206,9 +216,11 @@ def test_a_load_withdraws_an_unload_after_answers_and_a_refused_one_does_not(tin
         h.load(options)
         rec.wait_for(ModelLoaded, count=2)
         rid = h.submit(Request(prompt_token_ids=prompt(4), params=long))
-        started(rid)
+        gate = held_answer(rid)
         h.unload(after_answers=True)
         h.load(dict(options, max_model_len=128))  # the user's load for the chat, while it waits
+        rec.wait_for(UnloadWithdrawn)
+        gate.set()
         rec.wait_for(ModelLoaded, count=3)
         assert sum(isinstance(e, ModelUnloaded) for e in rec.events) == 1
         (withdrawn,) = [e for e in rec.events if isinstance(e, UnloadWithdrawn)]
