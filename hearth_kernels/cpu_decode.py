@@ -226,11 +226,9 @@ class DecodeModel:
         nthreads = torch.get_num_threads() if threads is None else threads
         rc = self._step(self._addr, token, position, table, n, logits.data_ptr(), nthreads)
         if rc:
-            why = "a token, position or block out of range" if rc == 3 else cpu_quant._ERRORS.get(rc, rc)
-            raise RuntimeError(f"the C decode step failed ({why}): token {token}, "
+            raise RuntimeError(f"the C decode step failed ({_failure(rc)}): token {token}, "
                                f"position {position}, {n} blocks of {self.block_size}")
         return logits
-
 
     def step_rows(self, tokens: list[int], positions: list[int], block_tables: list[list[int]], *,
                   threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,10 +253,14 @@ class DecodeModel:
         rc = self._rows(self._addr, n, ints[0].data_ptr(), ints[1].data_ptr(), tables.data_ptr(), stride,
                         ints[2].data_ptr(), logits.data_ptr(), nthreads)
         if rc:
-            why = "a token, position or block out of range" if rc == 3 else cpu_quant._ERRORS.get(rc, rc)
-            raise RuntimeError(f"the C decode step failed ({why}) on {n} rows: tokens "
+            raise RuntimeError(f"the C decode step failed ({_failure(rc)}) on {n} rows: tokens "
                                f"{list(tokens)}, positions {list(positions)}, blocks of {self.block_size}")
         return logits[:n]
+
+
+def _failure(rc: int) -> str:
+    """What a C decode step's nonzero return code means (3: its own range check)."""
+    return "a token, position or block out of range" if rc == 3 else str(cpu_quant._ERRORS.get(rc, rc))
 
 
 def e4m3_codes(x: torch.Tensor) -> torch.Tensor:

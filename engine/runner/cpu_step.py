@@ -110,7 +110,8 @@ def use_c_head(runner) -> str | None:
 
 
 class CpuDecodeStep:
-    """The loaded model's batch-1 decode step in C; ``run`` returns its logits."""
+    """The loaded model's decode step in C: ``run`` returns one row's logits, ``run_rows``
+    several sequences' in one call."""
 
     def __init__(self, decode_model) -> None:
         self._model = decode_model
