@@ -40,7 +40,8 @@ SAVE_AGAIN_MS = 5000  # after a save the store refused (its file stayed locked)
 RENDER_INTERVAL_MS = 50
 LIST_WIDTH = 200
 PARAMS_WIDTH = 260
-PARAMS_AUTO_HIDE_WIDTH = 700  # a narrower page hides the parameters panel by itself
+PARAMS_AUTO_HIDE_WIDTH = 700
+ANSWERING_ELSEWHERE = "An answer is being written in "  # how that notice begins  # a narrower page hides the parameters panel by itself
 
 
 class ChatPage(QWidget):
@@ -538,6 +539,8 @@ class ChatPage(QWidget):
         self.stop_button.setToolTip(f"Stop the answer being written in {title} (Esc); the text so far is kept"
                                     if elsewhere else "Stop the answer (Esc); the text so far is kept")
         self._esc.setEnabled(busy)
+        if not elsewhere and self.notice.text().startswith(ANSWERING_ELSEWHERE):
+            self.notice.show_message("")  # that answer ended, or its chat is open: no longer so
         for w in self.scroll.widgets:
             w.set_actions_enabled(not busy and self._model_ready)
             w.set_versions_enabled(not busy)  # no model needed to look at another version
@@ -550,7 +553,7 @@ class ChatPage(QWidget):
         return f"\u201c{conv.title}\u201d" if conv is not None else "another chat"
 
     def _answering_elsewhere(self, title: str | None = None) -> str:
-        return (f"An answer is being written in {title or self._answering_title()}: wait for it to finish or "
+        return (f"{ANSWERING_ELSEWHERE}{title or self._answering_title()}: wait for it to finish or "
                 "stop it (Stop) before sending here")
 
     @property

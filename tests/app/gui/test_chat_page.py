@@ -328,3 +328,18 @@ def test_only_one_message_waits_for_a_loading_model(qtbot, bridge, gui_env, chat
     with qtbot.waitSignal(page.answerFinished, timeout=LOAD_TIMEOUT):
         pass
     assert [m.content for m in store.messages(page.conversation_id) if m.role == "user"] == ["first"]
+
+
+def test_the_answering_elsewhere_notice_goes_when_that_answer_ends(qtbot, bridge, gui_env, chat_model):
+    _load(qtbot, bridge, chat_model)
+    page, store = _page(qtbot, bridge, gui_env, max_tokens=120)
+    page.input.setPlainText("A long answer please")
+    with qtbot.waitSignal(page.answerFinished, timeout=ANSWER_TIMEOUT):
+        qtbot.mouseClick(page.send_button, Qt.MouseButton.LeftButton)
+        page.new_conversation()
+        page.input.setPlainText("typed here meanwhile")
+        page.send()  # Ctrl+Enter: refused, and said why
+        assert page.notice.isVisible() and "being written in" in page.notice.text()
+    # That answer is over: the notice no longer says it is being written, and the typed text stays.
+    assert not page.notice.isVisible() and page.notice.text() == ""
+    assert page.input.toPlainText() == "typed here meanwhile"
