@@ -236,6 +236,15 @@ class LoadDialog(QDialog):
         # narrower dialog and lost their last lines; at this width they are laid out whole.
         self.setMinimumWidth(620)
 
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        super().resizeEvent(event)
+        # The form gives a wrapped label the height of its size hint's width, not of the
+        # width it has: narrower than that (the window made narrower by hand) the reasons lost
+        # their last lines. They keep the height their width needs, and the dialog grows to it.
+        need = self.reasons.heightForWidth(self.reasons.width())
+        if need > 0 and need != self.reasons.minimumHeight():
+            self.reasons.setMinimumHeight(need)
+
     def _combo(self, name: str, kind: str, key: str, default: str) -> QComboBox:
         """A combo box of ``kind``'s choices, the saved one selected (else ``default``, else
         the first usable one)."""

@@ -256,3 +256,20 @@ def test_a_context_too_short_for_a_chat_is_refused_with_the_field_named(qtbot, g
     dlg._accept()
     assert dlg.result() == LoadDialog.DialogCode.Accepted
     assert dlg.options()["max_model_len"] == MIN_CHAT_CONTEXT
+
+
+def test_the_reasons_keep_every_line_in_a_narrowed_dialog(qtbot, gui_env):
+    """Made as narrow as it goes, the dialog grows taller: no reason loses its last lines."""
+    long = "a reason long enough to wrap over several lines of the form's field column " * 3
+    choices = {**_choices(gpu=False),
+               "quantization": (Choice("quantization", "none", "none"),
+                                Choice("quantization", "q1", "q1", reasons=(long + "one",)),
+                                Choice("quantization", "q2", "q2", reasons=(long + "two",)))}
+    dlg = LoadDialog("acme/tiny-chat", gui_env["settings"], choices=choices, gpus=[])
+    qtbot.addWidget(dlg)
+    dlg.show()
+    qtbot.waitExposed(dlg)
+    dlg.resize(dlg.minimumWidth(), dlg.height())
+    qtbot.waitUntil(lambda: dlg.width() == dlg.minimumWidth())
+    label = dlg.reasons
+    qtbot.waitUntil(lambda: label.height() >= label.heightForWidth(label.width()))
