@@ -121,6 +121,7 @@ class ComparePage(QWidget):
         self._started: set[int] = set()  # configurations that have started (a deferred one starts twice)
         self._models_listed = False
         self._closed = False
+        self._unloaded_chat = "The chat's model"  # the one a Run unloaded, for the message while it runs
 
         self.setup = CompareSetup(settings, choices)
         self.saved = SavedComparisons(saved_folder)
@@ -282,6 +283,7 @@ class ComparePage(QWidget):
             if answer is None:
                 return False
             if answer == UNLOAD:
+                self._unloaded_chat = chat
                 self.message.setText(f"Unloading {chat} for the comparison (once an answer it is writing has "
                                      "finished); it is loaded again when the comparison ends.")
                 self.chat_model.release(lambda: self._start(plan), self._unload_withdrawn)
@@ -311,8 +313,9 @@ class ComparePage(QWidget):
         self.results_tabs.setCurrentIndex(TAB_COLUMNS)
         self.summary.setText(f"Comparing {len(plan.configs)} configurations of {_model_name(plan.model)} on "
                              f"{len(plan.prompts)} prompt{'s' if len(plan.prompts) != 1 else ''}…")
-        keep = self.message.text() if self.chat_model.released else ""
-        self.message.setText(keep)
+        # Unloaded by now: said in the past tense ("Unloading ..." stayed up all the run).
+        self.message.setText(f"{self._unloaded_chat} was unloaded for the comparison; it is loaded again when "
+                             "the comparison ends." if self.chat_model.released else "")
         worker = CompareWorker(plan, self)
         worker.event.connect(self._on_event)
         worker.failed.connect(self._on_failed)

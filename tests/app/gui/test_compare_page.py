@@ -168,6 +168,7 @@ def test_the_chat_model_is_unloaded_for_the_run_and_loaded_again(qtbot, bridge, 
     assert page.running
     qtbot.waitUntil(lambda: page.worker is not None, timeout=30_000)
     seen_during.append(bridge.model_info)
+    assert "was unloaded for the comparison" in page.message.text(), page.message.text()  # not "Unloading ..." still
     with qtbot.waitSignal(bridge.modelLoaded, timeout=RUN_TIMEOUT_MS) as reloaded:
         wait_idle(qtbot, page)
     assert len(asked) == 1 and asked[0].startswith("tiny-llama-tied") and seen_during == [None]
