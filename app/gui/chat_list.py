@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QLabel, QLineEdit
                                QListWidgetItem, QMenu, QPushButton, QVBoxLayout, QWidget)
 
 from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
+from app.gui.saved_values import saved_int
 from app.gui.store_guard import StoreGuard
 from app.services.chat_export import suggested_file_name, to_json, to_markdown
 from app.services.chat_store import ChatStore
@@ -99,8 +100,8 @@ class ChatList(QWidget):
         """The conversation to open at start: the one open last time, else the newest, else
         a new one (None if none could be made). Empty leftovers of earlier sessions (see
         ``ChatStore.is_leftover``) are deleted first, except the one reopened."""
-        last = self.settings.value(LAST_CONVERSATION_KEY)
-        last = int(last) if last is not None and self.store.conversation(int(last)) else None
+        last = saved_int(self.settings, LAST_CONVERSATION_KEY, -1)
+        last = last if last >= 0 and self.store.conversation(last) else None
         with self._store_write("Empty chats of earlier sessions could not be deleted"):
             self.store.delete_leftovers(keep=last)
         if last is not None:

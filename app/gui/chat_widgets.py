@@ -10,6 +10,7 @@ from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, Q
                                QVBoxLayout)
 
 from app.gui.chat_markdown import COPY_SCHEME, ZWSP, Rendered, code_blocks, render_markdown, strip_breaks
+from app.gui.saved_values import saved_float, saved_int
 from engine.api import SamplingParams
 
 ROLE_TITLES = {"user": "You", "assistant": "Assistant", "notice": "Notice"}
@@ -384,7 +385,7 @@ class ParamsPanel(QGroupBox):
             w.setRange(lo, hi)
             w.setSingleStep(step)
             w.setDecimals(decimals)
-            w.setValue(float(settings.value(f"sampling/{name}", default)))
+            w.setValue(saved_float(settings, f"sampling/{name}", default))
             w.valueChanged.connect(lambda v: settings.setValue(f"sampling/{name}", v))
             return w
 
@@ -394,7 +395,7 @@ class ParamsPanel(QGroupBox):
             w.setRange(lo, hi)
             if special:
                 w.setSpecialValueText(special)
-            w.setValue(int(settings.value(f"sampling/{name}", default)))
+            w.setValue(saved_int(settings, f"sampling/{name}", default))
             w.valueChanged.connect(lambda v: settings.setValue(f"sampling/{name}", v))
             return w
 

@@ -26,6 +26,7 @@ from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout,
                                QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout)
 
+from app.gui.saved_values import saved_int
 from app.gui.widget_tips import set_enabled
 from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, ModelCheck, check_model,
                         config_from_options, format_bytes, gpu_memory, list_choices, model_display_name)
@@ -119,7 +120,7 @@ class LoadDialog(QDialog):
         self.group_size.setObjectName("loadGroupSize")
         for label, value in GROUP_SIZES:
             self.group_size.addItem(label, value)
-        saved_group = int(settings.value("load/quant_group_size", 0) or 0)
+        saved_group = saved_int(settings, "load/quant_group_size", 0)
         self.group_size.setCurrentIndex(max(0, self.group_size.findData(saved_group or None)))
         self.group_size.setToolTip("int4, AWQ and GPTQ: how many weights share one scale. Smaller groups are "
                                    "more exact and a little larger; auto takes 128, or the largest that fits the "
@@ -203,7 +204,7 @@ class LoadDialog(QDialog):
         self.context.setSpecialValueText("model's maximum")
         self.context.setToolTip(f"Tokens a chat can hold, the prompt and the answer together: at least "
                                 f"{MIN_CHAT_CONTEXT}, or 0 for the model's maximum. Less context, less memory.")
-        self.context.setValue(int(settings.value("load/max_model_len", 0)))
+        self.context.setValue(saved_int(settings, "load/max_model_len", 0))
         form.addRow(FIELD_LABELS["max_model_len"], self.context)
 
         self.kv_memory = QLineEdit(str(settings.value("load/kv_cache_memory", "")))
@@ -461,14 +462,14 @@ def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) 
     return {
         "model": settings.value("load/model", "default") or "default",
         "quantization": usable("quantization", "load/quant", "auto"),
-        "quant_group_size": int(settings.value("load/quant_group_size", 0) or 0) or None,
+        "quant_group_size": saved_int(settings, "load/quant_group_size", 0) or None,
         "quant_head": settings.value("load/quant_head", "false") in (True, "true"),
         "float_head": (settings.value("load/float_head", "false") in (True, "true")
                        and settings.value("load/quant_head", "false") not in (True, "true")),
         "attention": attention,
         "device": usable("device", "load/device", "auto"),
         "dtype": usable("dtype", "load/dtype", "auto"),
-        "max_model_len": int(settings.value("load/max_model_len", 0)) or None,
+        "max_model_len": saved_int(settings, "load/max_model_len", 0) or None,
         "kv_cache_memory": settings.value("load/kv_cache_memory", "") or None,
         "kv_cache_dtype": kv_dtype,
         "enforce_eager": settings.value("load/enforce_eager", "false") in (True, "true"),
