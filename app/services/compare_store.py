@@ -131,8 +131,9 @@ def _read(path: Path) -> tuple[dict[str, Any], ComparisonResult]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ComparisonFileError(f"the saved comparison {path} is damaged (not JSON: {e.msg} at line {e.lineno}); "
-                                  "delete it.") from None
+        # (json's "Unterminated string starting at" names its own place: no "at at line")
+        raise ComparisonFileError(f"the saved comparison {path} is damaged (not JSON: {e.msg.removesuffix(' at')} at "
+                                  f"line {e.lineno}); delete it.") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ComparisonFileError(f"{path} is not a saved Hearth comparison; move it out of {path.parent}.")
     version = doc.get("version")

@@ -64,6 +64,7 @@ def test_saved_in_the_data_folder_by_default_with_a_default_name(tmp_path, monke
 
 @pytest.mark.parametrize("content, mention", [
     (b"{not json", "is damaged (not JSON"),
+    (b'{"format": "hearth-comparison", "name": "cut sho', "(not JSON: Unterminated string starting at line 1)"),
     (b"\xff\xfe\x00", "not UTF-8"),
     (b'{"format": "something-else"}', "is not a saved Hearth comparison"),
     (b'{"format": "hearth-comparison", "version": 99}', "newer than this Hearth reads"),
