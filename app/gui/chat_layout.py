@@ -137,6 +137,7 @@ class PaneToggle(QObject):
         self._pane, self._action, self._settings, self._key = pane, action, settings, key
         self._limit = auto_hide_below
         self._auto_hidden = False
+        self._width = -1  # the page's width at the last resize
         action.setCheckable(True)
         action.toggled.connect(self.set_visible)
         self.set_visible(str(settings.value(key, "true")).lower() == "true")
@@ -152,6 +153,11 @@ class PaneToggle(QObject):
         self._settings.setValue(self._key, "true" if visible else "false")
 
     def page_resized(self, old_width: int, new_width: int) -> None:
+        # A page resized while another one showed gets one resize when shown again, without
+        # an old size: the width it had last time stands in (or the pane, hidden while
+        # the window was narrow, stayed hidden in a wide one).
+        old_width = old_width if old_width >= 0 else self._width
+        self._width = new_width
         narrow, was_narrow = new_width < self._limit, 0 <= old_width < self._limit
         if narrow and not was_narrow and self.visible:
             self._show(False)

@@ -201,3 +201,11 @@ def test_a_640x480_window_keeps_the_transcript_usable(qtbot, bridge, gui_env):
     window.resize(1200, 780)
     qtbot.waitUntil(page.params.isVisible)  # back once there is room
     qtbot.waitUntil(lambda: page.splitter.sizes()[0] >= 200)  # and the list gets its width back
+    # Narrowed, then widened again while another page shows: back when the chat shows again.
+    window.resize(640, 480)
+    qtbot.waitUntil(lambda: not page.params.isVisible())
+    window.show_page("Models")
+    window.resize(1200, 780)
+    qtbot.wait(50)
+    window.show_page("Chat")
+    qtbot.waitUntil(page.params.isVisible)
