@@ -40,8 +40,8 @@ SAVE_AGAIN_MS = 5000  # after a save the store refused (its file stayed locked)
 RENDER_INTERVAL_MS = 50
 LIST_WIDTH = 200
 PARAMS_WIDTH = 260
-PARAMS_AUTO_HIDE_WIDTH = 700
-ANSWERING_ELSEWHERE = "An answer is being written in "  # how that notice begins  # a narrower page hides the parameters panel by itself
+PARAMS_AUTO_HIDE_WIDTH = 700  # a narrower page hides the parameters panel by itself
+ANSWERING_ELSEWHERE = "An answer is being written in "  # how that notice begins
 
 
 class ChatPage(QWidget):

@@ -68,8 +68,9 @@ def _json_prompts(text: str, path: Path) -> list[str]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InvalidRequestError(f"the prompts file {path} is not valid JSON ({e.msg.removesuffix(' at')} at line {e.lineno}, column "
-                                  f"{e.colno}); write a list of strings, or use a plain-text file.") from None
+        raise InvalidRequestError(f"the prompts file {path} is not valid JSON ({e.msg.removesuffix(' at')} at line "
+                                  f"{e.lineno}, column {e.colno}); write a list of strings, or use a plain-text "
+                                  "file.") from None
     if isinstance(doc, dict) and isinstance(doc.get("prompts"), list):
         doc = doc["prompts"]
     if not isinstance(doc, list):
