@@ -338,10 +338,22 @@ register(Choice("quantization", "int8", "int8 (weight-only, per channel)",
                 bytes_per_param=1.0, check=_quant_kernel_reasons))
 register(Choice("quantization", "int4", "int4 (weight-only, groups of 128)",
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
+
+
+def _calibration_caveats(device: str) -> list[str]:
+    """What to know before picking a calibrated method on ``device``: on the CPU a float
+    model's first calibration takes long (a GPU takes seconds to minutes)."""
+    if device.startswith("cuda"):
+        return []
+    return ["on the CPU a float model's first calibration takes a while (10-30 minutes for the bundled "
+            "135M model on 2 cores, hours for billions of weights; progress per layer, cancellable); it is "
+            "cached after that, and a pre-quantized AWQ/GPTQ checkpoint loads as it is"]
+
+
 register(Choice("quantization", "awq", "AWQ (int4, activation-aware; a float model calibrates once)",
-                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
+                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons, caution=_calibration_caveats))
 register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated; a float model calibrates once)",
-                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
+                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons, caution=_calibration_caveats))
 register(Choice("quantization", "fp8", "fp8 (e4m3 weights and activations, Ada/Hopper GPUs)", ("e4m3",),
                 bytes_per_param=1.0, check=_fp8_weight_reasons))
 register(Choice("quantization", "fp8-gptq", "fp8, GPTQ-rounded (closer to the model; a float model calibrates once)",
