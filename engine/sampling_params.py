@@ -12,6 +12,11 @@ from engine.structured import StructuredOutput
 #: The largest seed a request may use: torch.Generator.manual_seed takes 64-bit unsigned
 #: values (negative ones wrap around to the same streams, so they are refused as ambiguous).
 MAX_SEED = 2**64 - 1
+#: Temperatures below this decode greedily (vLLM's threshold too): dividing the logits by a
+#: smaller one overflows float32 (a tiny temperature rounds to 0 there, or 30 / 1e-38 is inf),
+#: the softmax turns into NaN and the draw picks token 0; the argmax is what such a
+#: temperature means anyway.
+GREEDY_TEMPERATURE = 1e-5
 #: Fields that must be whole numbers (``None`` allowed for ``logprobs`` and ``seed``).
 _INT_FIELDS = ("max_tokens", "top_k", "logprobs", "seed")
 #: logit_bias: at most this many entries (OpenAI's limit), each in [-100, 100].
@@ -24,7 +29,7 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presenc
 class SamplingParams:
     """How to pick each next token, and when to stop.
 
-    ``temperature == 0`` means greedy. ``top_k <= 0`` (or 0) disables top-k;
+    ``temperature == 0`` (or below ``GREEDY_TEMPERATURE``) means greedy. ``top_k <= 0`` (or 0) disables top-k;
     ``top_p == 1`` disables nucleus sampling; ``min_p == 0`` disables min-p.
     Penalties follow the usual conventions: ``repetition_penalty`` (1 = off) divides
     positive / multiplies negative logits of every token already seen (prompt and output);
@@ -116,7 +121,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _check_integer(params: SamplingParams, name: str) -> None:

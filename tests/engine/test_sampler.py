@@ -112,6 +112,18 @@ def test_greedy_is_argmax_any_dtype():
     assert torch.equal(logits, before)
 
 
+def test_tiny_temperature_is_greedy_not_token_zero():
+    # logits / 1e-300 (0 in float32) or / 1e-40 overflowed to inf, the softmax to NaN, and
+    # every draw was token 0 (the tokenizer's <|endoftext|> on SmolLM2).
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(1)) * 30
+    logits[:, 0] = -5.0
+    for t in (1e-300, 1e-40, 1e-6):
+        params = [SamplingParams(temperature=t, seed=3), SamplingParams(temperature=t),
+                  SamplingParams(temperature=t, logprobs=1)]
+        out = call(logits, params, gens=[make_generator(3, logits.device), None, None])
+        assert out.token_ids == logits.argmax(-1).tolist()
+
+
 def test_greedy_uses_penalised_logits():
     logits = torch.zeros(1, V)
     logits[0, 7] = 3.0
