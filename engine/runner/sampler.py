@@ -207,7 +207,10 @@ class Sampler:
         m, vocab = x.shape
         device = x.device
         temp = torch.tensor([p.temperature for p in params], device=device)[:, None]
-        x = x / temp
+        # An extreme repetition_penalty (1e-300 divides a positive logit by 0 in float32) or
+        # temperature can push a logit to +inf, and the softmax of a row with +inf is NaN
+        # (every draw then token 0): the largest float keeps it the likeliest instead.
+        x = (x / temp).clamp(max=torch.finfo(x.dtype).max)
         neg_inf = torch.tensor(float("-inf"), device=device)
 
         use_k = any(0 < p.top_k < vocab for p in params)
@@ -229,7 +232,9 @@ class Sampler:
                 # has not reached top_p, giving the smallest set with mass >= top_p. The
                 # first token has 0 before it, so at least one token always survives.
                 before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-                vals = torch.where(before < top_p, vals, neg_inf)
+                keep = before < top_p
+                keep[:, 0] = True  # a top_p that rounds to 0 in float32 (1e-300) keeps none else
+                vals = torch.where(keep, vals, neg_inf)
             x = torch.empty_like(x).scatter_(1, order, vals)
 
         probs = torch.softmax(x, dim=-1)

@@ -124,6 +124,17 @@ def test_tiny_temperature_is_greedy_not_token_zero():
         assert out.token_ids == logits.argmax(-1).tolist()
 
 
+def test_extreme_penalty_and_top_p_keep_the_likeliest_token():
+    # repetition_penalty 1e-300 (0 in float32) made a seen positive logit +inf and a tiny
+    # top_p (0 in float32) filtered every token: both rows' softmax was NaN, the draw token 0.
+    logits = torch.full((2, V), -1.0)
+    logits[:, 7] = 2.0
+    params = [SamplingParams(temperature=1.0, repetition_penalty=1e-300),
+              SamplingParams(temperature=1.0, top_p=1e-300)]
+    out = call(logits, params, prompts=[[7, 9], []])
+    assert out.token_ids == [7, 7]
+
+
 def test_greedy_uses_penalised_logits():
     logits = torch.zeros(1, V)
     logits[0, 7] = 3.0
