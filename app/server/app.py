@@ -206,6 +206,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         if status == 400 and isinstance(cause, UnicodeDecodeError):  # FastAPI's "error parsing the body"
             message = (f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start}): send the JSON "
                        "encoded as UTF-8.")
+        elif status == 400 and isinstance(cause, RecursionError):  # json's parser past Python's depth
+            message = ("the request body's JSON is nested too deeply to read (lists or objects inside each "
+                       "other past Python's recursion limit): send a flatter body.")
         return JSONResponse(error_body(status, message), status_code=status, headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -96,6 +96,13 @@ def test_a_body_not_utf8_is_a_400_that_says_so(live):
     assert "not valid UTF-8" in error["message"] and "error parsing" not in error["message"]
 
 
+def test_a_body_nested_too_deeply_is_a_400_that_says_so(live):
+    body = b'{"messages": ' + b"[" * 20000 + b"]" * 20000 + b"}"  # json.loads: RecursionError
+    error = assert_error(httpx.post(f"{live.base_url}/v1/chat/completions", content=body,
+                                    headers={**AUTH, "Content-Type": "application/json"}, timeout=30), 400)
+    assert "nested too deeply" in error["message"] and "error parsing" not in error["message"]
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
 def test_json_without_its_content_type_is_a_400_that_names_the_header(live, model_name, content_type):
     """FastAPI reads a body as JSON only under a JSON Content-Type (a web page may POST
