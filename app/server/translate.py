@@ -59,7 +59,27 @@ def not_supported(body, chat: bool) -> None:
         if on:
             raise ApiError(400, f"'{name}' is not supported by Hearth's server yet: leave it out.", name,
                            "unsupported_parameter")
+    if chat:
+        refuse_ignored_chat_fields(extra_fields(body))
     refuse_vllm_extensions(extra_fields(body), takes_guided_json=chat)
+
+
+def refuse_ignored_chat_fields(extra: dict) -> None:
+    """A 400 for OpenAI chat fields outside the schema that ask for something this server
+    would otherwise drop without a word: the deprecated ``functions`` / ``function_call``
+    (the model never saw the functions, so never called one) and audio output."""
+    if extra.get("functions"):
+        raise ApiError(400, "'functions' (OpenAI's deprecated form of tools) is not read here: send them as "
+                       "tools, each {\"type\": \"function\", \"function\": {\"name\", \"parameters\"...}}.",
+                       "functions", "unsupported_parameter")
+    if isinstance(extra.get("function_call"), dict):
+        raise ApiError(400, "'function_call' (OpenAI's deprecated form of tool_choice) is not read here: send "
+                       "tool_choice {\"type\": \"function\", \"function\": {\"name\": ...}} with the function "
+                       "in tools.", "function_call", "unsupported_parameter")
+    modalities = extra.get("modalities")
+    if extra.get("audio") is not None or (isinstance(modalities, list) and any(m != "text" for m in modalities)):
+        raise ApiError(400, "this server writes text only: leave out 'audio' and any modality but \"text\".",
+                       "modalities", "unsupported_parameter")
 
 
 def extra_fields(body) -> dict:

@@ -62,6 +62,10 @@ BAD_CHAT = {
     "five-stop-strings": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     # the stop matcher's work grows with the square of a stop's length (100 KB cost gigabytes)
     "stop-string-too-long": ({"stop": "a" * 1_000}, "stop"),
+    # OpenAI's deprecated functions were dropped without a word (the model never saw them)
+    "legacy-functions": ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    "legacy-function-call": ({"function_call": {"name": "f"}}, "function_call"),
+    "audio-output": ({"modalities": ["text", "audio"]}, "modalities"),
 }
 
 
