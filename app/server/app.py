@@ -66,7 +66,7 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     app.state.service = service
     _add_error_handlers(app)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: health checkers that send it (the status alone)
     async def health() -> dict:
         info = host.model_info
         return {"status": "ok" if info is not None else "no_model", "model": info.name if info else None}

@@ -197,8 +197,12 @@ class OpenAIService:
         waiting = sum(1 for c in self._live if not c.scheduled)
         # a request of several answers counts them all (one alone may still run when none wait)
         if waiting >= self.max_queue or (waiting and waiting + len(job.params) > self.max_queue):
+            asked = len(job.params)
+            mine = (f"; this request's {asked} would make {waiting + asked}"
+                    if asked > 1 and waiting < self.max_queue else "")
             raise ApiError(429, f"the server is busy: {waiting} answers are already waiting for the model "
-                           f"(the limit is {self.max_queue}, hearth serve --max-queue). Try again in a moment.",
+                           f"(the limit is {self.max_queue}, hearth serve --max-queue{mine}). Try again in a "
+                           "moment" + (", or ask for fewer answers (n)." if mine else "."),
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def answered_without_engine(self, finishes: list[FinishedEvent], n: int = 1) -> None:

@@ -306,14 +306,32 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
                            "content (an empty string will do); only an assistant message with tool_calls "
                            "(or the older function_call, or a refusal) may leave it out.", f"messages.{i}.content")
         if isinstance(content, list):
-            kinds = {p.type for p in content} - {"text"}
-            if kinds:
-                raise ApiError(400, f"messages[{i}] has {sorted(kinds)[0]!r} content: this server reads text "
-                               "only.", f"messages.{i}.content")
-            content = "".join(p.text or "" for p in content)
+            content = _parts_text(content, i, m.role)
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for it
         out.append({"role": role, "content": content or "", **tool_fields(m, i)})
     return out
+
+
+def _parts_text(parts: list, i: int, role: str) -> str:
+    """A message's content parts as one text: text parts (an assistant's refusal parts too,
+    as OpenAI sends them back); an empty list, a text part without its text, or any other
+    kind of part is a 400 (as at OpenAI), not read as empty text."""
+    if not parts:
+        raise ApiError(400, f"messages[{i}].content is an empty list: send at least one part, or a string "
+                       "(an empty string will do).", f"messages.{i}.content")
+    texts = []
+    for k, part in enumerate(parts):
+        field = ("refusal" if part.type == "refusal" and role == "assistant"
+                 else "text" if part.type == "text" else None)
+        if field is None:
+            raise ApiError(400, f"messages[{i}].content[{k}] is a {part.type!r} part: this server reads text "
+                           "only ({'type': 'text', 'text': ...}).", f"messages.{i}.content.{k}")
+        text = part.text if field == "text" else (part.model_extra or {}).get("refusal")
+        if not isinstance(text, str):
+            raise ApiError(400, f"messages[{i}].content[{k}] is a {part.type} part without its {field}: give it "
+                           f"{{'type': '{part.type}', '{field}': ...}}.", f"messages.{i}.content.{k}.{field}")
+        texts.append(text)
+    return "".join(texts)
 
 
 def prompt_ids(body, chat: bool, tokenizer, tools: ToolSetup | None = None) -> list[list[int]]:

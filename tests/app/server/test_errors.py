@@ -66,6 +66,12 @@ BAD_CHAT = {
     "legacy-functions": ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
     "legacy-function-call": ({"function_call": {"name": "f"}}, "function_call"),
     "audio-output": ({"modalities": ["text", "audio"]}, "modalities"),
+    # content parts read as empty text before (OpenAI refuses them)
+    "content-empty-list": ({"messages": [{"role": "user", "content": []}]}, "messages.0.content"),
+    "text-part-without-text": ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+                               "messages.0.content.0.text"),
+    "image-part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                   "messages.0.content.0"),
 }
 
 
@@ -189,6 +195,8 @@ def test_api_key_is_needed_everywhere_but_health(live, model_name):
     r = httpx.post(f"{live.base_url}/v1/completions", content=b"{oops", timeout=30)
     assert_error(r, 401)
     assert httpx.get(f"{live.base_url}/health", timeout=30).json() == {"status": "ok", "model": model_name}
+    head = httpx.head(f"{live.base_url}/health", timeout=30)  # health checkers that send HEAD
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_openai_client_with_a_wrong_key_gets_authentication_error(live):
@@ -293,3 +301,14 @@ def test_an_assistant_message_may_leave_content_out_for_its_calls(live, model_na
         messages.append({"role": "user", "content": "Go on"})
         r = post(live, "/v1/chat/completions", {"model": model_name, "messages": messages, "max_tokens": 2})
         assert r.status_code == 200, (extra, r.text)
+
+
+def test_an_assistant_refusal_part_is_read_as_its_text(live, model_name):
+    """OpenAI sends an assistant's refusal back as a content part {'type': 'refusal'}: read
+    as that turn's text (it was refused as 'not text')."""
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]
+    r = httpx.post(f"{live.base_url}/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={"model": model_name, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text

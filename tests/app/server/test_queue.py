@@ -54,10 +54,16 @@ def test_a_full_queue_gets_429_and_running_answers_go_on(one_at_a_time):
             chunks = data_lines(running)
             next(chunks)  # its first token: it runs, and holds the engine's one place
             queued = [http.stream("POST", "/v1/chat/completions", json=queued_body) for _ in range(MAX_QUEUE)]
-            streams = [q.__enter__() for q in queued]
-            waiting = [data_lines(s) for s in streams]
-            for w in waiting:
-                assert next(w)["choices"][0]["delta"]["role"] == "assistant"  # submitted; waiting
+            streams, waiting = [], []
+            for q in queued:
+                streams.append(q.__enter__())
+                waiting.append(data_lines(streams[-1]))
+                assert next(waiting[-1])["choices"][0]["delta"]["role"] == "assistant"  # submitted; waiting
+                if len(waiting) == MAX_QUEUE - 1:  # room for one more answer: a request of two is refused,
+                    # and the message says its own answers are what pass the limit
+                    many = http.post("/v1/completions", json={"prompt": "y", "max_tokens": 2, "n": 2})
+                    assert many.status_code == 429, many.text
+                    assert "this request's 2 would make" in many.json()["error"]["message"]
             refused = http.post("/v1/chat/completions", json={**queued_body, "stream": False})
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             error = refused.json()["error"]
