@@ -59,6 +59,7 @@ class ChatPage(QWidget):
         self._pending_send: tuple[int | None, str] | None = None
         self._model_ready = False
         self._editing: tuple[int, int] | None = None  # (conversation, user message) being edited
+        self._draft_before_edit = ""  # the box's text when Edit was clicked (Cancel edit gives it back)
         # Why there is no model while something else holds the engine (the main window's
         # Compare page), or None: said instead of "No model is loaded".
         self.model_away: Callable[[], str | None] = lambda: None
@@ -365,6 +366,14 @@ class ChatPage(QWidget):
             self._editing = None
             self.notice.show_message("")
 
+    def cancel_edit(self) -> None:
+        """Give the edit up (the notice's "Cancel edit"): the message stays as it was, and the
+        box gets back what was typed in it before Edit."""
+        if self._editing is not None:
+            self._cancel_edit()
+            self.input.setPlainText(self._draft_before_edit)
+            self.input.setFocus()
+
     def edit_message(self, msg_id: int) -> None:
         """Put a user message back in the input; sending replaces it and what follows."""
         if self._active is not None:
@@ -372,11 +381,13 @@ class ChatPage(QWidget):
         w = self._widget_for(msg_id)
         if w is None:
             return
+        if self._editing is None:
+            self._draft_before_edit = self.input.toPlainText()
         self._editing = (self.conversation_id, msg_id)
         self.input.setPlainText(w.text)
         self.input.setFocus()
-        self.notice.show_message("Editing an earlier message: sending replaces it and every "
-                                 "message after it.")
+        self.notice.show_action("Editing an earlier message: sending replaces it and every message after it.",
+                                "Cancel edit", self.cancel_edit)
 
     # -- engine events -----------------------------------------------------------------
     def _on_started(self, rid: str, info: dict) -> None:

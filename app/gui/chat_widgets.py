@@ -3,6 +3,8 @@ sampling-parameters panel."""
 
 from __future__ import annotations
 
+import html
+
 from PySide6.QtCore import QEvent, QMimeData, QSettings, QSize, Qt, QUrl, Signal
 from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication, QKeySequence, QPalette
 from PySide6.QtWidgets import (QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
@@ -446,6 +448,34 @@ class NoticeBar(QLabel):
         self.setContentsMargins(6, 4, 6, 4)
         self.hide()
 
+        self._action = None  # show_action's callback, while its link shows
+        self.linkActivated.connect(self._on_link)
+
     def show_message(self, text: str) -> None:
+        self._action = None
+        self.setTextFormat(Qt.TextFormat.PlainText)
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.setText(text)
         self.setVisible(bool(text))
+
+    def show_action(self, text: str, label: str, action) -> None:
+        """``text`` and, after it, a link ``label`` that calls ``action`` (a way out of what
+        the message says, e.g. cancelling an edit). ``text`` is shown as plain text."""
+        self.show_message("")
+        self.setTextFormat(Qt.TextFormat.RichText)
+        self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse
+                                     | Qt.TextInteractionFlag.LinksAccessibleByMouse)
+        self.setText(f'{html.escape(text)} <a href="action">{html.escape(label)}</a>')
+        self._action = action
+        self.show()
+
+    def trigger_action(self) -> bool:
+        """Run the shown link's action (as a click on it does); False if none shows."""
+        action, self._action = self._action, None
+        if action is None:
+            return False
+        action()
+        return True
+
+    def _on_link(self, _href: str) -> None:
+        self.trigger_action()

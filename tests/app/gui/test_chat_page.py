@@ -166,7 +166,15 @@ def test_regenerate_and_edit_replace_the_tail(qtbot, bridge, gui_env, chat_model
     again = store.messages(page.conversation_id)
     assert [m.role for m in again] == ["user", "assistant"]
     assert again[1].id != first[1].id and again[1].content == first[1].content  # greedy: same text
+    page.input.setPlainText("a draft")
     page.edit_message(again[0].id)
+    assert page.input.toPlainText() == "One" and "Cancel edit" in page.notice.text()
+    assert page.notice.trigger_action()  # the notice's "Cancel edit": the draft is back, nothing replaced
+    assert page.input.toPlainText() == "a draft" and page.notice.isHidden()
+    ev = _send(qtbot, page, "Three")
+    assert [(m.role, m.content) for m in store.messages(page.conversation_id)][::2] == [("user", "One"),
+                                                                                       ("user", "Three")]
+    page.edit_message(store.messages(page.conversation_id)[0].id)
     assert page.input.toPlainText() == "One"
     ev = _send(qtbot, page, "Two")
     assert ev.reason == "length"
