@@ -126,11 +126,14 @@ class LoadDialog(QDialog):
                                    "more exact and a little larger; auto takes 128, or the largest that fits the "
                                    "model. A checkpoint quantized already has its own groups: leave this on auto for it.")
         form.addRow(FIELD_LABELS["quant_group_size"], self.group_size)
-        self.quant_head = QCheckBox("Quantize the embedding and output head too (smaller, less exact)")
+        self.quant_head = QCheckBox("Quantize the embedding and head too (smaller, less exact)")
         self.quant_head.setObjectName("loadQuantHead")
+        self.quant_head.setToolTip("By default the token embedding and a tied output head stay in the model's dtype: "
+                                   "quantizing them saves memory but costs more quality than other layers (a small "
+                                   "model's tied embedding most). This quantizes them with the chosen method too.")
         self.quant_head.setChecked(settings.value("load/quant_head", "false") in (True, "true"))
         form.addRow("", self.quant_head)
-        self.float_head = QCheckBox("Keep a separate output head in full precision (slower, a little more exact)")
+        self.float_head = QCheckBox("Keep a separate output head in full precision (slower)")
         self.float_head.setObjectName("loadFloatHead")
         self.float_head.setToolTip("int8 and int4 store a model's separate output head (Llama 3, larger Qwen) "
                                    "as int8 by default: it is up to a fifth of a quantized decode step.")
