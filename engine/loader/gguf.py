@@ -190,9 +190,32 @@ class _StepsDispatch:
         return steps(iterable) if steps is not None else self.original(iterable, *args, **kwargs)
 
 
+class _MapDispatch:
+    """Put once in place of transformers' ``get_gguf_hf_weights_map``, which maps the file's
+    tensor names before the first tensor is read by calling itself (by its module-global name)
+    for every submodule, each call taking the module's ``state_dict`` (torch calls that let go
+    of the GIL; seconds on a slow machine): a thread converting a GGUF asks its
+    ``_TensorSteps``' check at each call, so a read abandoned there stops at the next one
+    rather than running on into torch while the process exits (which aborts it: "terminate
+    called without an active exception"); anything else, the function as it is."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        steps = getattr(_steps, "current", None)
+        if steps is not None:
+            steps.check()
+        return self.original(*args, **kwargs)
+
+
+@contextlib.contextmanager
 def _reader_steps(steps: _TensorSteps):
     """``steps`` drives this thread's GGUF read (other threads' reads keep theirs)."""
-    return _this_thread_only("tqdm", _StepsDispatch, _steps, steps)
+    with _this_thread_only("tqdm", _StepsDispatch, _steps, steps), \
+            _this_thread_only("get_gguf_hf_weights_map", _MapDispatch, _steps, steps):
+        yield
 
 
 @contextlib.contextmanager

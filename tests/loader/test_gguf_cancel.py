@@ -268,3 +268,40 @@ def test_the_config_and_tokenizer_are_parsed_once(tmp_path, monkeypatch):
     saved = json.loads((out / "config.json").read_text())
     assert saved == json.loads(cfg.to_json_string())
     assert json.loads((out / "tokenizer.json").read_text()) == json.loads(tok.backend_tokenizer.to_str())
+
+
+def test_a_stop_while_the_tensor_names_are_mapped_stops_there(tmp_path):
+    """Before the first tensor, transformers maps the file's tensor names by calling
+    get_gguf_hf_weights_map for every submodule (each takes the module's state_dict, torch
+    calls that let go of the GIL; ~4 s for SmolLM2 on a slow machine): a read stopped then
+    stops at the next call, not after the map. (A Ctrl-C there left the abandoned read inside
+    torch when the process exited, which aborted it: "terminate called without an active
+    exception".)"""
+    import torch
+    import transformers.modeling_gguf_pytorch_utils as reader
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import engine.loader.gguf as gguf_mod
+
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cfg = AutoConfig.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    tensors_read: list[int] = []
+
+    class Steps(gguf_mod._TensorSteps):
+        def __call__(self, iterable, *args, **kwargs):
+            tensors_read.append(1)
+            yield from super().__call__(iterable)
+    asked = [0]
+
+    def check() -> None:
+        asked[0] += 1
+        if asked[0] >= 3:
+            raise LoadCancelledError("stop")
+    with gguf_mod._reader_steps(Steps("tiny.gguf", None, check)):
+        with pytest.raises(LoadCancelledError):
+            reader.load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)
+    assert asked[0] == 3 and tensors_read == []  # stopped while mapping the names
+    # other threads (no conversion of theirs) map as before
+    assert reader.get_gguf_hf_weights_map(model, reader.TensorProcessor())
