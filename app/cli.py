@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="system prompt, with --chat; an empty one (--system \"\") sends an empty system "
                           "message, so a template that adds a default system prompt when none is given (as "
                           "SmolLM2's does) adds none")
-    gen.add_argument("--logprobs", type=int, default=None, metavar="N", help="top-N logprobs per token")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="N",
+                     help='top-N logprobs per token, in each --json row\'s "logprobs" (needs --json)')
     gen.add_argument("--json", action="store_true",
                      help='print JSON (one object a line; with --prompts-file each has the "line" of its prompt)')
     add_load_args(gen)

@@ -16,6 +16,8 @@ def run_generate(args) -> int:
     params = sampling_from_args(args, logprobs=args.logprobs)  # validate before loading
     if args.system is not None and not args.chat:
         raise InvalidRequestError("--system needs --chat (it goes into the chat template)")
+    if args.logprobs is not None and not args.json:
+        raise InvalidRequestError("--logprobs needs --json (the logprobs are printed in its rows, one per token)")
     if args.prompts_file:
         prompts, blank = read_prompts_file(args.prompts_file)
         if not prompts:

@@ -219,6 +219,13 @@ def test_system_without_chat_is_rejected(capsys, tiny):
     assert "Traceback" not in err
 
 
+def test_logprobs_without_json_is_rejected(capsys, tiny):
+    """The plain text output has nowhere to put them: --logprobs was silently ignored."""
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompt", "Hi", "--logprobs", "2", "--max-tokens", "2"))
+    assert rc == 2 and out == ""
+    assert err.startswith("hearth: error:") and "--json" in err and "Traceback" not in err
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 BAD = {
