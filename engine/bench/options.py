@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.config import EngineConfig, config_from_options
 from engine.errors import InvalidRequestError
+from engine.sampling_params import MAX_SEED
 
 SUITES = ("decode", "prefill", "throughput")
 BASELINES = ("hf", "llamacpp")
@@ -125,6 +126,8 @@ class BenchOptions:
             raise InvalidRequestError(f"--repeats must be at least 1, got {self.repeats}.")
         if self.min_len is not None and self.max_len is not None and self.min_len > self.max_len:
             raise InvalidRequestError(f"--min-len ({self.min_len}) is above --max-len ({self.max_len}).")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequestError(f"--seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {self.seed}.")
 
     @property
     def model_name(self) -> str:

@@ -161,6 +161,9 @@ def test_no_baseline_and_comma_suites(capsys):
     (["--shape", "tiny", "--min-len", "9", "--max-len", "3"], "--min-len"),
     (["--shape", "tiny", "--json", "/no/such/folder/x.json"], "does not exist"),
     (["--shape", "tiny", "--kv-cache-dtype", "int2"], "kv_cache_dtype must be one of auto, fp8"),
+    # numpy's seed sequence raised a ValueError traceback mid-run
+    (["--shape", "tiny", "--seed", "-1"], "--seed must be an integer from 0"),
+    (["--shape", "tiny", "--seed", str(2**64)], "--seed must be an integer from 0"),
 ])
 def test_bad_options_exit_2_with_advice(capsys, argv, message):
     rc, _, err = run_cli(capsys, "bench", "--device", "cpu", *argv)
