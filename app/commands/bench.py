@@ -118,9 +118,10 @@ def run_bench_command(args) -> int:
         raise InvalidRequestError("--suite serve has no --baseline: it compares the server with the engine "
                                   "itself (offline, same requests); drop --baseline.")
     out_path = Path(args.json) if args.json else None
-    if out_path is not None and not out_path.parent.is_dir():  # fail before minutes of measuring
-        raise InvalidRequestError(f"cannot write --json {out_path}: the folder {out_path.parent} "
-                                  "does not exist; create it or pick another path.")
+    if out_path is not None:
+        from app.commands.common import check_output_file
+
+        check_output_file(out_path)  # fail before minutes of measuring
 
     def progress(msg: str) -> None:
         if not args.quiet:

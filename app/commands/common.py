@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from app.commands.load_options import config_from_args
-from engine.api import Engine, SamplingParams, check_text
+from engine.api import Engine, InvalidRequestError, SamplingParams, check_text
 
 
 def load_engine(args, quiet: bool = False) -> Engine:
@@ -36,3 +37,23 @@ def check_text_args(args) -> None:
             check_text(value, f"--{flag}")
     for i, stop in enumerate(getattr(args, "stop", None) or (), start=1):
         check_text(stop, "--stop" if len(args.stop) == 1 else f"--stop #{i}")
+
+
+def check_output_file(path: Path, flag: str = "--json") -> None:
+    """Refuse an output file that can't be written before minutes of measuring: its folder
+    missing, a folder in its place, or a folder that takes no new file (read-only, /proc).
+    Raises InvalidRequestError; leaves nothing behind (a file it creates to try is removed)."""
+    if not path.parent.is_dir():
+        raise InvalidRequestError(f"cannot write {flag} {path}: the folder {path.parent} does not exist; "
+                                  "create it or pick another path.")
+    if path.is_dir():
+        raise InvalidRequestError(f"cannot write {flag} {path}: it is a folder; give a file name "
+                                  f"(e.g. {path / 'out.json'}).")
+    existed = path.exists()
+    try:
+        with open(path, "a", encoding="utf-8"):  # (appends nothing: an existing file is kept as it is)
+            pass
+    except OSError as e:
+        raise InvalidRequestError(f"cannot write {flag} {path}: {e.strerror or e}; pick another path.") from None
+    if not existed:
+        path.unlink(missing_ok=True)

@@ -119,9 +119,10 @@ def plan_from_args(args) -> ComparePlan:
 def run_compare(args) -> int:
     plan = plan_from_args(args)
     out_path = None if args.json in (None, "-") else Path(args.json)
-    if out_path is not None and not out_path.parent.is_dir():  # fail before minutes of measuring
-        raise InvalidRequestError(f"cannot write --json {out_path}: the folder {out_path.parent} does not exist; "
-                                  "create it or pick another path.")
+    if out_path is not None:
+        from app.commands.common import check_output_file
+
+        check_output_file(out_path)  # fail before minutes of measuring
     printer = _ProgressPrinter(plan, quiet=args.quiet)
     cancel, done = Event(), Event()
     box: dict = {}

@@ -160,6 +160,9 @@ def test_no_baseline_and_comma_suites(capsys):
      "--max-num-batched-tokens"),
     (["--shape", "tiny", "--min-len", "9", "--max-len", "3"], "--min-len"),
     (["--shape", "tiny", "--json", "/no/such/folder/x.json"], "does not exist"),
+    # a folder, or a place no file can be made, failed only after the whole bench ran
+    (["--shape", "tiny", "--json", str(Path(__file__).parent)], "it is a folder"),
+    (["--shape", "tiny", "--json", "/proc/x.json"], "cannot write --json /proc/x.json"),
     (["--shape", "tiny", "--kv-cache-dtype", "int2"], "kv_cache_dtype must be one of auto, fp8"),
     # numpy's seed sequence raised a ValueError traceback mid-run
     (["--shape", "tiny", "--seed", "-1"], "--seed must be an integer from 0"),
@@ -171,6 +174,17 @@ def test_bad_options_exit_2_with_advice(capsys, argv, message):
     assert message in err
     if "nope" in argv:
         assert "llama-8b" in err  # the known shapes are listed
+
+
+def test_the_json_path_check_leaves_files_as_they_were(tmp_path):
+    from app.commands.common import check_output_file
+
+    existing = tmp_path / "old.json"
+    existing.write_text("keep", encoding="utf-8")
+    check_output_file(existing)
+    assert existing.read_text(encoding="utf-8") == "keep"
+    check_output_file(tmp_path / "new.json")
+    assert sorted(tmp_path.iterdir()) == [existing]
 
 
 def test_step_probe_kv_waste_of_one_request():

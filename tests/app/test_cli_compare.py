@@ -133,6 +133,9 @@ def test_save_puts_it_where_the_app_reopens_it(capsys, tiny, prompts_file, tmp_p
     (["--quants", "int8", "--eval-tokens", "1"], "eval_tokens must be at least 2"),
     (["--quants", "int8", "--temperature", "0.5"], "--temperature needs --seed"),
     (["--quants", "int8", "--json", "/no/such/folder/out.json"], "does not exist"),
+    # a folder, or a place no file can be made, failed only after the whole comparison ran
+    (["--quants", "int8", "--json", str(Path(__file__).parent)], "it is a folder"),
+    (["--quants", "int8", "--json", "/proc/out.json"], "cannot write --json /proc/out.json"),
 ])
 def test_bad_arguments_exit_2_with_one_line_before_loading(capsys, tiny, prompts_file, extra, mention):
     rc, out, err = run_cli(capsys, *compare_args(tiny, prompts_file, *extra))
