@@ -54,6 +54,9 @@ def _refuse_existing(out_dir: str | Path) -> None:
     import os
     import tempfile
 
+    if not str(out_dir).strip():  # (Path("") is the current folder, which exists: said as " exists")
+        raise InvalidRequestError("--out is empty: give the new folder to write, e.g. --out ./my-model-int4.",
+                                  options=("out",))
     out = Path(out_dir).expanduser()
     if os.path.lexists(out):  # (a dangling link too)
         raise InvalidRequestError(f"{out_dir} exists: pick a new folder (--out), or delete it first.",

@@ -67,6 +67,13 @@ def test_hearth_quantize_command_writes_compressed_tensors(tiny_models, tmp_path
     assert "cannot write" in err and "Not a directory" in err and "(--out)" in err, err
 
 
+def test_an_empty_out_is_refused_as_empty(tmp_path, capsys):
+    """--out "" is the current folder to Path, which exists: it was refused as " exists"."""
+    assert main(["quantize", "--model", str(tmp_path / "no-such-model"), "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--out is empty" in err and "Traceback" not in err, err
+
+
 def test_a_prequantized_checkpoint_refuses_another_quantization(tiny_models, tmp_path):
     result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g", quantization="int4", layout="gptq")
     with pytest.raises(InvalidRequestError, match="already quantized with gptq"):
