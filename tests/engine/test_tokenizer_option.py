@@ -60,6 +60,16 @@ def test_a_missing_tokenizer_folder_is_refused_before_the_load_naming_the_option
     assert wider.weights_bytes - plain.weights_bytes == (49152 - 32000) * 128 * 4
 
 
+def test_a_tokenizer_file_or_a_folder_without_one_is_refused_saying_so(tmp_path, smol_dir):
+    """A file was said not to exist; an empty folder got transformers' advice to install
+    sentencepiece or tiktoken."""
+    (tmp_path / "empty").mkdir()
+    for given, said in ((smol_dir / "tokenizer.json", "is a file"), (tmp_path / "empty", "has no tokenizer files")):
+        with pytest.raises(InvalidRequestError, match=said) as e:
+            Engine.load("shape:tiny", device="cpu", tokenizer=str(given))
+        assert e.value.options == ("tokenizer",)
+
+
 def test_a_folder_written_from_a_shape_keeps_its_own_vocabulary(tmp_path, smol_dir):
     """Its weights are files with the shape's rows: a bigger tokenizer is refused as for
     any model, not given rows the checkpoint lacks."""
