@@ -118,7 +118,8 @@ class TokenIdsOnlyTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise InvalidRequestError(
             f"{self._model_name} has random weights and no tokenizer, so it cannot read text: "
-            "send token ids instead (Request(prompt_token_ids=[...]))."
+            "give it one (--tokenizer DIR, a folder of tokenizer files) or send token ids instead "
+            "(Request(prompt_token_ids=[...]))."
         )
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -127,7 +128,8 @@ class TokenIdsOnlyTokenizer:
     def render_chat(self, messages, system: str | None = None, tools=None) -> str:
         raise InvalidRequestError(
             f"{self._model_name} has random weights and no tokenizer or chat template: "
-            "send token ids instead (Request(prompt_token_ids=[...]))."
+            "give it a tokenizer (--tokenizer DIR, a folder of tokenizer files) or send token ids instead "
+            "(Request(prompt_token_ids=[...]))."
         )
 
     def apply_chat_template(self, messages, system: str | None = None) -> list[int]:

@@ -226,6 +226,13 @@ def test_logprobs_without_json_is_rejected(capsys, tiny):
     assert err.startswith("hearth: error:") and "--json" in err and "Traceback" not in err
 
 
+def test_text_to_a_random_weight_shape_points_at_the_tokenizer_flag(capsys):
+    """The advice was the Python API's only (Request(prompt_token_ids=...)), which a command line can't send."""
+    rc, out, err = run_cli(capsys, "generate", "--model", "shape:tiny", "--device", "cpu", "--prompt", "Hi",
+                           "--max-tokens", "2")
+    assert rc == 2 and out == "" and "--tokenizer DIR" in err and "Traceback" not in err, err
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 BAD = {
