@@ -206,6 +206,11 @@ def resolve_model(
             f"{text} is a symbolic link to {os.readlink(candidate)}, which does not exist: fix the link "
             "or pass the model's real location."
         )
+    repo_in_url = _hub_url_repo(text)
+    if repo_in_url:
+        raise ModelLoadError(
+            f"{text} is a web address: give the Hub repo id instead ({repo_in_url}), or a local folder or .gguf file."
+        )
     if _looks_like_path(text):
         raise ModelLoadError(
             f"no such file or folder: {text}. Check the path (relative paths start from {Path.cwd()})."
@@ -226,6 +231,17 @@ def _no_revision(revision: str | None, what: str) -> None:
         raise InvalidRequestError(
             f"a revision ('{revision}') only applies to Hub repos, not to {what}; drop the revision."
         )
+
+
+def _hub_url_repo(text: str) -> str | None:
+    """The repo id (owner/name) of a Hugging Face Hub web address (a model page, or one of
+    its files), else None."""
+    import re
+
+    m = re.match(r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#\s]+)/([^/?#\s]+)", text.strip(), re.I)
+    if m is None or m.group(1) in ("datasets", "spaces", "models"):
+        return None
+    return f"{m.group(1)}/{m.group(2)}"
 
 
 def _looks_like_path(text: str) -> bool:

@@ -89,6 +89,17 @@ def test_path_like_missing(text):
         resolve_model(text)
 
 
+@pytest.mark.parametrize("url, repo", [
+    ("https://huggingface.co/HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),
+    ("https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct/blob/main/config.json", "Qwen/Qwen2.5-0.5B-Instruct"),
+    ("hf.co/owner/name", "owner/name"),
+])
+def test_a_hub_web_address_names_the_repo_id_to_give(url, repo):
+    """A pasted model page's address was told to check its path."""
+    with pytest.raises(ModelLoadError, match=f"web address: give the Hub repo id instead \\({repo}\\)"):
+        resolve_model(url)
+
+
 def test_invalid_name():
     with pytest.raises(ModelLoadError, match="not a valid Hub repo id"):
         resolve_model("what is this?")
