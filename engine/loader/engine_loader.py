@@ -69,7 +69,8 @@ def find_model(config: EngineConfig, say: Callable[[str], None], keep_quantized:
                 f"{name} has no checkpoint for the transformers fallback to load; drop force_fallback."
             )
         return FoundModel(name, None, "shape", cfg, f"engine.shapes[{shape!r}]", SHAPE_SEED)
-    say(f"resolving model {mc.model or 'default'}")
+    if mc.model is None or mc.model.strip():  # (a blank name is refused next: not "resolving model default")
+        say(f"resolving model {mc.model or 'default'}")
     if keep_quantized is None:
         from engine.loader.resolve import is_gguf_file
 

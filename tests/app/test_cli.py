@@ -226,6 +226,11 @@ def test_logprobs_without_json_is_rejected(capsys, tiny):
     assert err.startswith("hearth: error:") and "--json" in err and "Traceback" not in err
 
 
+def test_an_empty_model_name_is_refused_without_saying_it_resolves_the_default(capsys):
+    rc, out, err = run_cli(capsys, "generate", "--model", "", "--prompt", "Hi")
+    assert rc == 2 and "the model name is empty" in err and "default" not in err.split("error:")[0], err
+
+
 def test_text_to_a_random_weight_shape_points_at_the_tokenizer_flag(capsys):
     """The advice was the Python API's only (Request(prompt_token_ids=...)), which a command line can't send."""
     rc, out, err = run_cli(capsys, "generate", "--model", "shape:tiny", "--device", "cpu", "--prompt", "Hi",
