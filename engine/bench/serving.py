@@ -110,7 +110,7 @@ def closed_loop(engine, prompts: list[list[int]], output_len: int, concurrency: 
     """Run ``prompts`` through ``engine`` with ``concurrency`` in flight; the summary.
     ``turnaround`` (a function returning seconds): each finished request's successor is
     sent that long after it ends, as an HTTP client's would be (default: at once)."""
-    from engine.api import FinishedEvent, Request, SamplingParams, TokenEvent
+    from engine.api import EngineDeadError, FinishedEvent, Request, SamplingParams, TokenEvent
 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     timings = [RequestTiming(sent=0.0) for _ in prompts]
@@ -124,8 +124,14 @@ def closed_loop(engine, prompts: list[list[int]], output_len: int, concurrency: 
             return
         state["next"] += 1
         timings[i].sent = time.perf_counter()
-        engine.submit(Request(prompt_token_ids=prompts[i], params=params),
-                      on_event=lambda ev, i=i: on_event(i, ev))
+        try:
+            engine.submit(Request(prompt_token_ids=prompts[i], params=params),
+                          on_event=lambda ev, i=i: on_event(i, ev))
+        except EngineDeadError as e:
+            # shut down (Ctrl-C: its aborts end here, not in a logged traceback) or dead: the
+            # loop ends, and the wait says why (it waited for requests never sent)
+            state["dead"] = str(e)
+            all_done.set()
 
     def on_event(i: int, ev) -> None:  # the engine's thread: quick
         now = time.perf_counter()
@@ -153,6 +159,8 @@ def closed_loop(engine, prompts: list[list[int]], output_len: int, concurrency: 
         for _ in range(min(concurrency, len(prompts))):
             submit_next()
     all_done.wait()
+    if "dead" in state:
+        raise EngineDeadError(state["dead"])
     return latency_summary(timings, time.perf_counter() - start)
 
 

@@ -70,3 +70,34 @@ def test_the_server_child_gets_the_benchs_load_options_tokenizer_included():
     assert cmd[cmd.index("--tokenizer") + 1] == "/carry/tok" and "--enforce-eager" in cmd
     assert cmd[cmd.index("--port") + 1] == "8123" and "--quant-head" not in cmd
     assert "--tokenizer" not in serve_command({**load, "tokenizer": None}, 8123, max_queue=320)
+
+
+def test_the_offline_loop_ends_when_its_engine_shuts_down(caplog):
+    """A Ctrl-C shuts the engine down under the closed loop: the aborted requests' successors
+    can't be sent, which was a logged traceback per request ("the event callback ... failed")
+    and left the loop waiting for requests never sent."""
+    import logging
+    import threading
+
+    from engine.api import Engine, EngineDeadError
+    from engine.bench.serving import closed_loop
+
+    engine = Engine.load("shape:tiny", device="cpu", max_model_len=128)
+    started = threading.Event()
+    engine.add_step_listener(lambda step: started.set())  # requests in flight
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            closed_loop(engine, [[5, 6, 7, 8]] * 2000, 64, 4)
+        except EngineDeadError as e:
+            outcome["dead"] = str(e)
+
+    with caplog.at_level(logging.ERROR):
+        thread = threading.Thread(target=run)
+        thread.start()
+        started.wait(30)
+        engine.shutdown()
+        thread.join(30)
+    assert not thread.is_alive() and "dead" in outcome, outcome
+    assert "callback" not in caplog.text, caplog.text
