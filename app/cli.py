@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompts-file",
-                     help="UTF-8, one prompt a line (blank lines are skipped); all are batched together")
+                     help="UTF-8, one prompt a line (blank lines are skipped); all are batched together; "
+                          "- reads standard input")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--system", default=None,
                      help="system prompt, with --chat; an empty one (--system \"\") sends an empty system "

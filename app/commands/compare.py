@@ -60,7 +60,7 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts file: plain text, one prompt per block of lines, blocks separated by a blank line; or "
                         "a .json list of strings (default: the bundled set: a factual question, a summary, code, a "
-                        "translation, a long-context recall)")
+                        "translation, a long-context recall); - reads plain text from standard input")
     p.add_argument("--max-tokens", type=int, default=128, metavar="N", help="new tokens per prompt at most (128)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="sample with this one seed for every configuration (default: greedy)")

@@ -86,7 +86,7 @@ def read_prompts_file(path: str) -> tuple[list[tuple[int, str]], list[int]]:
     is dropped, not sent to the model); lines end at "\n" (or "\r\n") only, so the numbers are the ones
     an editor shows. Raises InvalidRequestError naming the file and where it went wrong."""
     try:
-        data = Path(path).read_bytes()
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()  # "-": standard input
     except OSError as e:
         raise InvalidRequestError(f"cannot read --prompts-file: {e}") from None
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0

@@ -39,9 +39,13 @@ def read_prompts_file(path: str | Path) -> list[str]:
     """The prompts of a prompts file (see the module's docstring). Raises
     InvalidRequestError naming the file: unreadable, not UTF-8, not the JSON shape, or no
     prompts in it."""
-    path = Path(path)
+    if str(path) == "-":  # standard input (hearth compare --prompts -), read as text
+        path, data = Path("<stdin>"), _stdin_bytes()
+    else:
+        path = Path(path)
+        data = None
     try:
-        data = path.read_bytes()
+        data = path.read_bytes() if data is None else data
     except OSError as e:
         raise InvalidRequestError(f"cannot read the prompts file {path}: {e.strerror or e}.") from None
     if data.startswith(codecs.BOM_UTF8):
@@ -56,6 +60,12 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise InvalidRequestError(f"the prompts file {path} has no prompts: write one per block of lines, blocks "
                                   "separated by a blank line (or a JSON list of strings in a .json file).")
     return prompts
+
+
+def _stdin_bytes() -> bytes:
+    import sys
+
+    return sys.stdin.buffer.read()
 
 
 def _text_prompts(text: str) -> list[str]:

@@ -622,3 +622,20 @@ def test_chat_refuses_an_unknown_command_and_sends_a_slash_message_on_request(ca
     assert "error: /reset takes nothing after it" in err and "(conversation cleared)" in err  # /RESET works
     sent = [messages[-1]["content"] for _system, messages in reqs]
     assert sent == ["/reset is a command", "/usr/bin/env is a path", "// TODO: a comment"]
+
+
+def test_prompts_file_dash_reads_standard_input(monkeypatch):
+    """``--prompts-file -`` (generate) and ``--prompts -`` (compare) read standard input, as
+    ``compare --json -`` writes to standard output (it was 'No such file: -')."""
+    import io
+
+    from app.commands.generate import read_prompts_file as generate_prompts
+    from app.services.compare_prompts import read_prompts_file as compare_prompts
+
+    def stdin(data: bytes):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+    stdin("\ufeffHi\n\nThere\n".encode())
+    assert generate_prompts("-") == ([(1, "Hi"), (3, "There")], [2])
+    stdin(b"First\nprompt\n\nSecond\n")
+    assert compare_prompts("-") == ["First\nprompt", "Second"]
