@@ -50,6 +50,9 @@ class Choice:
     caveats: tuple[str, ...] = ()
     check: Check | None = field(default=None, repr=False, compare=False)
     caution: Check | None = field(default=None, repr=False, compare=False)  # fills ``caveats``
+    #: whether a load with it says its caveats ("note: ..."); False where the load itself says
+    #: it when it applies (AWQ/GPTQ: their calibration, not a cached or pre-quantized load)
+    load_note: bool = field(default=True, repr=False, compare=False)
 
     @property
     def available(self) -> bool:
@@ -340,20 +343,27 @@ register(Choice("quantization", "int4", "int4 (weight-only, groups of 128)",
                 bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons))
 
 
+#: What a calibrated method costs on the CPU (the load dialog's caveat; the calibration says it as it starts)
+CPU_CALIBRATION_NOTE = ("on the CPU a float model's first calibration takes a while (10-30 minutes for the "
+                        "bundled 135M model on 2 cores, hours for billions of weights; progress per layer, "
+                        "cancellable); it is cached after that, and a pre-quantized AWQ/GPTQ checkpoint loads "
+                        "as it is")
+
+
 def _calibration_caveats(device: str) -> list[str]:
     """What to know before picking a calibrated method on ``device``: on the CPU a float
     model's first calibration takes long (a GPU takes seconds to minutes)."""
     if device.startswith("cuda"):
         return []
-    return ["on the CPU a float model's first calibration takes a while (10-30 minutes for the bundled "
-            "135M model on 2 cores, hours for billions of weights; progress per layer, cancellable); it is "
-            "cached after that, and a pre-quantized AWQ/GPTQ checkpoint loads as it is"]
+    return [CPU_CALIBRATION_NOTE]
 
 
 register(Choice("quantization", "awq", "AWQ (int4, activation-aware; a float model calibrates once)",
-                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons, caution=_calibration_caveats))
+                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons, caution=_calibration_caveats,
+                load_note=False))
 register(Choice("quantization", "gptq", "GPTQ (int4, error-compensated; a float model calibrates once)",
-                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons, caution=_calibration_caveats))
+                bytes_per_param=0.5 + _GROUP_SCALES, check=_quant_kernel_reasons, caution=_calibration_caveats,
+                load_note=False))
 register(Choice("quantization", "fp8", "fp8 (e4m3 weights and activations, Ada/Hopper GPUs)", ("e4m3",),
                 bytes_per_param=1.0, check=_fp8_weight_reasons))
 register(Choice("quantization", "fp8-gptq", "fp8, GPTQ-rounded (closer to the model; a float model calibrates once)",

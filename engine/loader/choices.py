@@ -68,7 +68,8 @@ def check_load_choices(config: EngineConfig, *, writing: bool = False) -> LoadCh
     from engine.quant.transform import check_quant_flags
 
     check_quant_flags(quantization.name, mc.quant_group_size, mc.quant_head, mc.float_head)
-    notes = () if writing else choices.get("kv_cache_dtype", cc.kv_cache_dtype, where).caveats + quantization.caveats
+    said = [choices.get("kv_cache_dtype", cc.kv_cache_dtype, where), quantization]
+    notes = () if writing else tuple(note for c in said if c.load_note for note in c.caveats)
     return LoadChoices(device, dtype, attention, notes)
 
 

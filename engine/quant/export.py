@@ -348,6 +348,10 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
             what = "tokens of the bundled text"
         seqs = split_calibration_ids(ids, CALIBRATION_SEQ_LEN, CALIBRATION_SEQUENCES)
         say(f"{label}: calibrating on {len(seqs)} x {CALIBRATION_SEQ_LEN} {what}")
+        if next(net.parameters()).device.type == "cpu":
+            from engine.choices import CPU_CALIBRATION_NOTE
+
+            say(f"note: {CPU_CALIBRATION_NOTE}")
         options = {"fp8": True} if fp8 else {"group_size": g}
         if method == "gptq":
             options.update(damp=GPTQ_FP8_DAMP if fp8 else GPTQ_DAMP, true_sequential=GPTQ_TRUE_SEQUENTIAL)

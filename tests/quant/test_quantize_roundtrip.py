@@ -95,6 +95,7 @@ def test_gptq_and_awq_of_a_float_model_calibrate_once_then_load_the_checkpoint(t
     try:
         assert loaded.info.quantization == method and loaded.info.quant_detail == "8 x int4 g32"
         assert f"{method}: layer 2 of 2 quantized" in first
+        assert any(m.startswith("note: on the CPU a float model's first calibration") for m in first)
         logits = hearth_logits(loaded.runner)
     finally:
         release_runner(loaded.runner)
