@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -49,11 +50,24 @@ def check_output_file(path: Path, flag: str = "--json") -> None:
     if path.is_dir():
         raise InvalidRequestError(f"cannot write {flag} {path}: it is a folder; give a file name "
                                   f"(e.g. {path / 'out.json'}).")
-    existed = path.exists()
+    if path.exists() and not path.is_file():
+        # A FIFO, a terminal, /dev/stdout on a pipe: opening one to try would block (a FIFO
+        # no one reads yet) or end its reader's input (it sees the try's close): the
+        # permission has to do.
+        if not os.access(path, os.W_OK):
+            raise InvalidRequestError(f"cannot write {flag} {path}: permission denied; pick another path.")
+        return
+    # The file the write makes: a link's target (a dangling link's try made the target and
+    # then deleted the link, leaving that empty file behind).
+    target = Path(os.path.realpath(path))
+    if not target.parent.is_dir():
+        raise InvalidRequestError(f"cannot write {flag} {path}: it links to {target}, whose folder does not "
+                                  "exist; fix the link or pick another path.")
+    existed = target.exists()
     try:
-        with open(path, "a", encoding="utf-8"):  # (appends nothing: an existing file is kept as it is)
+        with open(target, "a", encoding="utf-8"):  # (appends nothing: an existing file is kept as it is)
             pass
     except OSError as e:
         raise InvalidRequestError(f"cannot write {flag} {path}: {e.strerror or e}; pick another path.") from None
     if not existed:
-        path.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)

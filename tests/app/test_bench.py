@@ -187,6 +187,29 @@ def test_the_json_path_check_leaves_files_as_they_were(tmp_path):
     assert sorted(tmp_path.iterdir()) == [existing]
 
 
+def test_the_json_path_check_keeps_links_and_does_not_open_a_fifo(tmp_path):
+    """A dangling link's try made its target and deleted the link (an empty file left
+    behind); a FIFO's open blocked until a reader came (and that reader then saw its end)."""
+    import os
+    import threading
+
+    from app.commands.common import check_output_file
+
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")
+    check_output_file(link)
+    assert link.is_symlink() and not (tmp_path / "target.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    checked = threading.Thread(target=check_output_file, args=(fifo,), daemon=True)
+    checked.start()
+    checked.join(10)
+    if checked.is_alive():  # let the blocked open go (a reader), then fail
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+    assert not checked.is_alive(), "the check opened the FIFO and waited for a reader"
+
+
 def test_step_probe_kv_waste_of_one_request():
     """20-token prompt, 5 new tokens, blocks of 16: after the 5 steps the cache holds
     20, 21, 22, 23, 24 tokens in 2 blocks (32 slots) -> waste 12..8 of 32, mean 31.25 %."""
