@@ -117,11 +117,11 @@ def run_bench_command(args) -> int:
     elif args.baseline:
         raise InvalidRequestError("--suite serve has no --baseline: it compares the server with the engine "
                                   "itself (offline, same requests); drop --baseline.")
-    out_path = Path(args.json) if args.json else None
+    out_path = Path(args.json) if args.json is not None else None
     if out_path is not None:
         from app.commands.common import check_output_file
 
-        check_output_file(out_path)  # fail before minutes of measuring
+        check_output_file(args.json)  # fail before minutes of measuring
 
     def progress(msg: str) -> None:
         if not args.quiet:

@@ -40,10 +40,13 @@ def check_text_args(args) -> None:
         check_text(stop, "--stop" if len(args.stop) == 1 else f"--stop #{i}")
 
 
-def check_output_file(path: Path, flag: str = "--json") -> None:
+def check_output_file(value: str | Path, flag: str = "--json") -> None:
     """Refuse an output file that can't be written before minutes of measuring: its folder
     missing, a folder in its place, or a folder that takes no new file (read-only, /proc).
     Raises InvalidRequestError; leaves nothing behind (a file it creates to try is removed)."""
+    if not str(value).strip():  # (as a Path, '' is the current folder)
+        raise InvalidRequestError(f"{flag} is empty: give the file to write, e.g. {flag} out.json.")
+    path = Path(value)
     if not path.parent.is_dir():
         raise InvalidRequestError(f"cannot write {flag} {path}: the folder {path.parent} does not exist; "
                                   "create it or pick another path.")

@@ -122,7 +122,7 @@ def run_compare(args) -> int:
     if out_path is not None:
         from app.commands.common import check_output_file
 
-        check_output_file(out_path)  # fail before minutes of measuring
+        check_output_file(args.json)  # fail before minutes of measuring
     printer = _ProgressPrinter(plan, quiet=args.quiet)
     cancel, done = Event(), Event()
     box: dict = {}

@@ -464,7 +464,8 @@ class NoticeBar(QLabel):
         self.show_message("")
         self.setTextFormat(Qt.TextFormat.RichText)
         self.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse
-                                     | Qt.TextInteractionFlag.LinksAccessibleByMouse)
+                                     | Qt.TextInteractionFlag.LinksAccessibleByMouse
+                                     | Qt.TextInteractionFlag.LinksAccessibleByKeyboard)
         self.setText(f'{html.escape(text)} <a href="action">{html.escape(label)}</a>')
         self._action = action
         self.show()

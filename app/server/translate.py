@@ -306,7 +306,8 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
                            "content (an empty string will do); only an assistant message with tool_calls "
                            "(or the older function_call, or a refusal) may leave it out.", f"messages.{i}.content")
         if isinstance(content, list):
-            content = _parts_text(content, i, m.role)
+            # (an assistant's calls with content [] read as content null: some clients send it)
+            content = "" if not content and m.role == "assistant" and m.tool_calls else _parts_text(content, i, m.role)
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for it
         out.append({"role": role, "content": content or "", **tool_fields(m, i)})
     return out
@@ -325,11 +326,11 @@ def _parts_text(parts: list, i: int, role: str) -> str:
                  else "text" if part.type == "text" else None)
         if field is None:
             raise ApiError(400, f"messages[{i}].content[{k}] is a {part.type!r} part: this server reads text "
-                           "only ({'type': 'text', 'text': ...}).", f"messages.{i}.content.{k}")
+                           "only ({\"type\": \"text\", \"text\": ...}).", f"messages.{i}.content.{k}")
         text = part.text if field == "text" else (part.model_extra or {}).get("refusal")
         if not isinstance(text, str):
             raise ApiError(400, f"messages[{i}].content[{k}] is a {part.type} part without its {field}: give it "
-                           f"{{'type': '{part.type}', '{field}': ...}}.", f"messages.{i}.content.{k}.{field}")
+                           f'{{"type": "{part.type}", "{field}": ...}}.', f"messages.{i}.content.{k}.{field}")
         texts.append(text)
     return "".join(texts)
 

@@ -163,6 +163,7 @@ def test_no_baseline_and_comma_suites(capsys):
     # a folder, or a place no file can be made, failed only after the whole bench ran
     (["--shape", "tiny", "--json", str(Path(__file__).parent)], "it is a folder"),
     (["--shape", "tiny", "--json", "/proc/x.json"], "cannot write --json /proc/x.json"),
+    (["--shape", "tiny", "--json", ""], "--json is empty"),  # was no file at all, without a word
     (["--shape", "tiny", "--kv-cache-dtype", "int2"], "kv_cache_dtype must be one of auto, fp8"),
     # numpy's seed sequence raised a ValueError traceback mid-run
     (["--shape", "tiny", "--seed", "-1"], "--seed must be an integer from 0"),

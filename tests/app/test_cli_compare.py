@@ -135,6 +135,7 @@ def test_save_puts_it_where_the_app_reopens_it(capsys, tiny, prompts_file, tmp_p
     (["--quants", "int8", "--json", "/no/such/folder/out.json"], "does not exist"),
     # a folder, or a place no file can be made, failed only after the whole comparison ran
     (["--quants", "int8", "--json", str(Path(__file__).parent)], "it is a folder"),
+    (["--quants", "int8", "--json", ""], "--json is empty"),  # was "it is a folder" (the current one)
     (["--quants", "int8", "--json", "/proc/out.json"], "cannot write --json /proc/out.json"),
 ])
 def test_bad_arguments_exit_2_with_one_line_before_loading(capsys, tiny, prompts_file, extra, mention):

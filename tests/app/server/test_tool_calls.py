@@ -263,6 +263,11 @@ def test_odd_but_valid_fed_back_values_are_answered(scripted):
     assert r.choices[0].message.content == "ok"
     assert '{"name": "get_time", "arguments": {}}' in engine.prompt_text()
     assert "12:00" in engine.prompt_text()
+    # an assistant's calls with content [] (some clients send it): read as no content, not a 400
+    r = ask(client, engine, "ok", messages=[*ASK, {"role": "assistant", "content": [], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"}])
+    assert r.choices[0].message.content == "ok" and "12:00" in engine.prompt_text()
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call(scripted):
