@@ -30,7 +30,7 @@ from app.services.compare_events import (ConfigFinished, ConfigProgress, ConfigS
                                          SideBySidePlanned)
 from app.services.compare_export import to_json, to_text_table
 from app.services.compare_plan import MAX_CONFIGS
-from app.services.compare_prompts import bundled_prompt_texts, read_prompts_file
+from app.services.compare_prompts import bundled_prompt_texts, prompts_from_bytes, read_prompts_file
 from engine.api import InvalidRequestError
 
 
@@ -102,7 +102,10 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
 def plan_from_args(args) -> ComparePlan:
     """The checked plan of the command line (InvalidRequestError for a bad value)."""
     configs = tuple(CompareConfig(q, a, k) for q, a, k in itertools.product(args.quants, args.attention, args.kv_dtype))
-    prompts = read_prompts_file(args.prompts) if args.prompts else bundled_prompt_texts()
+    if args.prompts == "-":  # standard input, as plain text
+        prompts = prompts_from_bytes(sys.stdin.buffer.read(), Path("<stdin>"))
+    else:
+        prompts = read_prompts_file(args.prompts) if args.prompts else bundled_prompt_texts()
     load = {"revision": args.revision, "dtype": args.dtype, "quant_group_size": args.group_size,
             "quant_head": args.quant_head, "float_head": args.float_head, "max_model_len": args.max_model_len,
             "kv_cache_memory": args.kv_cache_memory, "enforce_eager": args.enforce_eager}

@@ -39,15 +39,17 @@ def read_prompts_file(path: str | Path) -> list[str]:
     """The prompts of a prompts file (see the module's docstring). Raises
     InvalidRequestError naming the file: unreadable, not UTF-8, not the JSON shape, or no
     prompts in it."""
-    if str(path) == "-":  # standard input (hearth compare --prompts -), read as text
-        path, data = Path("<stdin>"), _stdin_bytes()
-    else:
-        path = Path(path)
-        data = None
+    path = Path(path)
     try:
-        data = path.read_bytes() if data is None else data
+        data = path.read_bytes()
     except OSError as e:
         raise InvalidRequestError(f"cannot read the prompts file {path}: {e.strerror or e}.") from None
+    return prompts_from_bytes(data, path)
+
+
+def prompts_from_bytes(data: bytes, path: Path) -> list[str]:
+    """``read_prompts_file`` of bytes read elsewhere (``hearth compare --prompts -``: standard
+    input); ``path`` names them in messages and its suffix picks the format (.json)."""
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
@@ -60,12 +62,6 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise InvalidRequestError(f"the prompts file {path} has no prompts: write one per block of lines, blocks "
                                   "separated by a blank line (or a JSON list of strings in a .json file).")
     return prompts
-
-
-def _stdin_bytes() -> bytes:
-    import sys
-
-    return sys.stdin.buffer.read()
 
 
 def _text_prompts(text: str) -> list[str]:

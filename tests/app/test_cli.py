@@ -630,7 +630,8 @@ def test_prompts_file_dash_reads_standard_input(monkeypatch):
     import io
 
     from app.commands.generate import read_prompts_file as generate_prompts
-    from app.services.compare_prompts import read_prompts_file as compare_prompts
+    from app.cli import build_parser
+    from app.commands.compare import plan_from_args
 
     def stdin(data: bytes):
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
@@ -638,4 +639,5 @@ def test_prompts_file_dash_reads_standard_input(monkeypatch):
     stdin("\ufeffHi\n\nThere\n".encode())
     assert generate_prompts("-") == ([(1, "Hi"), (3, "There")], [2])
     stdin(b"First\nprompt\n\nSecond\n")
-    assert compare_prompts("-") == ["First\nprompt", "Second"]
+    args = build_parser().parse_args(["compare", "--quants", "int8", "--prompts", "-"])
+    assert plan_from_args(args).prompts == ("First\nprompt", "Second")
