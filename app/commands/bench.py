@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from app.commands.common import check_output_file
 from app.commands.load_options import add_choice_flags, add_device_flags
 from engine.api import InvalidRequestError
 from engine.bench import BenchOptions, run_bench
@@ -119,8 +120,6 @@ def run_bench_command(args) -> int:
                                   "itself (offline, same requests); drop --baseline.")
     out_path = Path(args.json) if args.json is not None else None
     if out_path is not None:
-        from app.commands.common import check_output_file
-
         check_output_file(args.json)  # fail before minutes of measuring
 
     def progress(msg: str) -> None:

@@ -24,6 +24,7 @@ import time
 from threading import Event, Thread
 from pathlib import Path
 
+from app.commands.common import check_output_file
 from app.commands.load_options import choice_help
 from app.services.compare import CompareConfig, ComparePlan, run_comparison
 from app.services.compare_events import (ConfigFinished, ConfigProgress, ConfigStarted, PromptFinished,
@@ -123,8 +124,6 @@ def run_compare(args) -> int:
     plan = plan_from_args(args)
     out_path = None if args.json in (None, "-") else Path(args.json)
     if out_path is not None:
-        from app.commands.common import check_output_file
-
         check_output_file(args.json)  # fail before minutes of measuring
     printer = _ProgressPrinter(plan, quiet=args.quiet)
     cancel, done = Event(), Event()

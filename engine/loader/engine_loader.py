@@ -170,13 +170,13 @@ def own_tokenizer(folder: str, found: FoundModel) -> Tokenizer:
     random-weight shape (no files) takes its vocabulary size (``found.cfg`` is updated);
     a model with weights, a folder written from a shape too, must have an embedding row
     for every token the tokenizer makes."""
-    from engine.loader.resolve import _TOKENIZER_FILES
+    from engine.loader.resolve import has_tokenizer_files
 
     path = Path(folder).expanduser()
     if path.is_file():  # (the folder's own message said a file that is there "does not exist")
         raise InvalidRequestError(f"--tokenizer {folder!r} is a file: give the folder that holds the tokenizer "
                                   f"files ({str(path.parent)!r}).", options=("tokenizer",))
-    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if path.is_dir() and not has_tokenizer_files(path):
         # (transformers' own message for an empty folder asks to install sentencepiece or tiktoken)
         raise InvalidRequestError(f"--tokenizer {folder!r} has no tokenizer files (tokenizer.json, or "
                                   "tokenizer.model / vocab files): give the folder that holds them.",

@@ -52,6 +52,11 @@ HUB_ALLOW_PATTERNS = [
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's files (any of ``_TOKENIZER_FILES``)."""
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
     """A model ready to load: ``path`` is a local folder in Hugging Face format.
@@ -126,7 +131,7 @@ def validate_model_folder(path: Path) -> dict[str, Any]:
     weight_files(path)  # raises with the missing file named
 
     # A folder written from a random-weight shape has no tokenizer: it loads as the shape does.
-    if shape_of_config(data) is None and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if shape_of_config(data) is None and not has_tokenizer_files(path):
         raise ModelLoadError(
             f"no tokenizer in {path}: expected tokenizer.json (or tokenizer.model / vocab files). "
             "Save the tokenizer beside the model with tokenizer.save_pretrained(folder)."

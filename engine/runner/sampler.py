@@ -230,10 +230,11 @@ class Sampler:
                 sorted_probs = torch.softmax(vals, dim=-1)
                 # Mass strictly before each token: a token is kept while the set before it
                 # has not reached top_p, giving the smallest set with mass >= top_p. The
-                # first token has 0 before it, so at least one token always survives.
+                # first token has 0 before it and is always kept (a top_p that rounds to 0 in
+                # float32, 1e-300, would keep none: a row of -inf, NaN probabilities).
                 before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
                 keep = before < top_p
-                keep[:, 0] = True  # a top_p that rounds to 0 in float32 (1e-300) keeps none else
+                keep[:, 0] = True
                 vals = torch.where(keep, vals, neg_inf)
             x = torch.empty_like(x).scatter_(1, order, vals)
 
