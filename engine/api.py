@@ -45,7 +45,7 @@ from engine.metrics import peak_device_memory_bytes, reset_peak_device_memory
 # Engine.perplexity's result and its default sliding window (engine/evaluate.py).
 from engine.evaluate import DEFAULT_STRIDE as PERPLEXITY_STRIDE
 from engine.evaluate import DEFAULT_WINDOW as PERPLEXITY_WINDOW
-from engine.evaluate import PerplexityResult
+from engine.evaluate import PerplexityInterrupted, PerplexityResult
 # A prompt's own tokens scored (completions' echo with logprobs): prompt_logprobs(engine, ids, top).
 from engine.evaluate import prompt_logprobs
 from engine.loader.shape_model import byte_token_ids
@@ -168,7 +168,7 @@ __all__ = [
     "cpu_kv_budget", "kv_pool_blocks", "kv_headroom", "check_text", "EngineDeadError",
     "UnsupportedModelError", "EngineEvent", "TokenLogprob", "StepInfo",
     "QUANTIZE_LAYOUTS", "QuantizeResult", "quantize_model",
-    "PerplexityResult", "PERPLEXITY_WINDOW", "PERPLEXITY_STRIDE",
+    "PerplexityResult", "PerplexityInterrupted", "PERPLEXITY_WINDOW", "PERPLEXITY_STRIDE",
     "reset_peak_device_memory", "peak_device_memory_bytes",
     "DEFAULT_MODEL_REQUIREMENT", "DEFAULT_MODEL_VERSION", "DEFAULT_MODEL_DOWNLOAD_MB",
     "default_model_installed_version", "default_model_file", "default_model_install_command",

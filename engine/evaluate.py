@@ -47,6 +47,15 @@ class PerplexityResult:
     seconds: float  # wall time of the scoring
 
 
+class PerplexityInterrupted(KeyboardInterrupt):
+    """Ctrl-C while ``Engine.perplexity`` scored: ``partial`` is what the windows scored so
+    far measured (None before the first one ended), a perplexity of the text's beginning."""
+
+    def __init__(self, partial: PerplexityResult | None):
+        super().__init__()
+        self.partial = partial
+
+
 def window_plan(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     """The windows over ``num_tokens`` tokens: ``(begin, end, first_scored)`` each, where
     the window feeds tokens ``begin:end`` and scores tokens ``first_scored:end`` (each
@@ -73,18 +82,27 @@ def perplexity(engine: Engine, text: str | list[int], *, window: int | None = No
     t0 = time.perf_counter()
     nll_sum = 0.0
     scored = 0
-    for begin, end, first in plan:
-        logprobs = engine.run_on_engine_thread(lambda b=begin, e=end: _score(engine, ids[b:e]))
-        # logprobs[i] scores token begin + 1 + i; keep the tokens first..end-1.
-        kept = logprobs[first - begin - 1:].double()
-        nll_sum -= float(kept.sum())
-        scored += kept.numel()
-        if progress is not None:
-            progress(scored, len(ids) - 1)
-    nll = nll_sum / scored
-    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=len(ids), scored=scored,
-                            window=window, stride=stride, windows=len(plan),
-                            seconds=time.perf_counter() - t0)
+    windows = 0
+
+    def result() -> PerplexityResult:
+        nll = nll_sum / scored
+        return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=len(ids), scored=scored,
+                                window=window, stride=stride, windows=windows,
+                                seconds=time.perf_counter() - t0)
+
+    try:
+        for begin, end, first in plan:
+            logprobs = engine.run_on_engine_thread(lambda b=begin, e=end: _score(engine, ids[b:e]))
+            # logprobs[i] scores token begin + 1 + i; keep the tokens first..end-1.
+            kept = logprobs[first - begin - 1:].double()
+            nll_sum -= float(kept.sum())
+            scored += kept.numel()
+            windows += 1
+            if progress is not None:
+                progress(scored, len(ids) - 1)
+    except KeyboardInterrupt:
+        raise PerplexityInterrupted(result() if scored else None) from None
+    return result()
 
 
 def _token_ids(engine: Engine, text: str | list[int]) -> list[int]:

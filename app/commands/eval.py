@@ -19,7 +19,8 @@ from pathlib import Path
 
 from app.commands.common import load_engine
 from app.commands.load_options import add_load_args
-from engine.api import PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, InvalidRequestError, format_bytes
+from engine.api import (PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, InvalidRequestError, PerplexityInterrupted,
+                        format_bytes)
 from resources.texts import evaluation_text_path
 
 
@@ -90,6 +91,13 @@ def run_eval(args) -> int:
             res = engine.perplexity(text, window=args.window, stride=args.stride, progress=_every_second(say))
         except InvalidRequestError as e:
             raise InvalidRequestError(f"{path}: {e}", options=e.options) from None
+        except PerplexityInterrupted as e:
+            if e.partial is not None:  # what the wait was for, so far (on stderr: never the JSON's number)
+                p = e.partial
+                print(f"\n[hearth] interrupted after {p.scored:,} of {p.tokens - 1:,} tokens: perplexity "
+                      f"{p.perplexity:.4f} on the first {p.scored + 1:,} tokens of {path.name} (window {p.window}, "
+                      f"stride {p.stride}), not comparable with a whole text's", file=sys.stderr, flush=True)
+            raise
         info = engine.model_info
     finally:
         engine.shutdown()

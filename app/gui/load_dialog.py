@@ -462,13 +462,18 @@ def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) 
     kv_dtype = usable("kv_cache_dtype", "load/kv_cache_dtype", "auto")
     if kv_dtype == "fp8" and attention == "flash-attn":
         kv_dtype = "auto"  # a start-up load must not fail on a combination that can't run
+    quantization = usable("quantization", "load/quant", "auto")
+    # (a saved method that can't run here falls back to auto: the flags of the method go with it,
+    # as the dialog's own fields are off for the methods they don't apply to)
+    quant_head = settings.value("load/quant_head", "false") in (True, "true") and quantization in ("int8", "int4")
+    group_size = saved_int(settings, "load/quant_group_size", 0) or None
     return {
         "model": settings.value("load/model", "default") or "default",
-        "quantization": usable("quantization", "load/quant", "auto"),
-        "quant_group_size": saved_int(settings, "load/quant_group_size", 0) or None,
-        "quant_head": settings.value("load/quant_head", "false") in (True, "true"),
-        "float_head": (settings.value("load/float_head", "false") in (True, "true")
-                       and settings.value("load/quant_head", "false") not in (True, "true")),
+        "quantization": quantization,
+        "quant_group_size": group_size if quantization in ("int4", "awq", "gptq") else None,
+        "quant_head": quant_head,
+        "float_head": (settings.value("load/float_head", "false") in (True, "true") and not quant_head
+                       and quantization in ("int8", "int4", "fp8")),
         "attention": attention,
         "device": usable("device", "load/device", "auto"),
         "dtype": usable("dtype", "load/dtype", "auto"),

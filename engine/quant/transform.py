@@ -215,9 +215,13 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
                               options=("quantization",))
 
 
+#: The methods that quantize an untied LM head unless ``--float-head`` keeps it float.
+FLOAT_HEAD_METHODS = ("int8", "int4", "fp8")
+
+
 def check_quant_flags(method: str, group_size: int | None, head: bool, float_head: bool = False) -> None:
-    """Refuse ``--group-size`` / ``--quant-head`` with a method they don't apply to, and
-    ``--quant-head`` with ``--float-head``."""
+    """Refuse ``--group-size`` / ``--quant-head`` / ``--float-head`` with a method they
+    don't apply to, and ``--quant-head`` with ``--float-head``."""
     if head and float_head:
         raise InvalidRequestError("--quant-head quantizes the LM head and --float-head keeps it in the model's "
                                   "dtype: choose one.", options=("quant_head", "float_head"))
@@ -226,6 +230,12 @@ def check_quant_flags(method: str, group_size: int | None, head: bool, float_hea
                 if method == "fp8" else "fp8-gptq keeps the embedding and head in the model's dtype"
                 if method == "fp8-gptq" else f"{method} keeps the embedding and head as the checkpoint has them")
         raise InvalidRequestError(f"--quant-head applies to int8 and int4; {what}.", options=("quant_head",))
+    if float_head and method not in FLOAT_HEAD_METHODS:
+        what = ("auto keeps the head as the checkpoint has it" if method == "auto" else
+                f"{method} keeps the head in the model's dtype" if method in ("none", "bf16", "fp16") else
+                f"{method} keeps the head as the checkpoint has it")
+        raise InvalidRequestError(f"--float-head applies to int8, int4 and fp8 (which store an untied head "
+                                  f"quantized); {what}: drop --float-head.", options=("float_head",))
     if group_size is not None and method not in ("int4", "awq", "gptq"):
         what = "int8 is per output channel" if method == "int8" else f"{method} has no group size to choose"
         raise InvalidRequestError(f"{what}: --group-size applies to int4, awq and gptq.",

@@ -62,6 +62,27 @@ def test_eval_plain_line_states_window_and_stride(capsys, tiny, short_text):
     assert "[hearth] scored" in err  # progress on stderr, not in the result
 
 
+def test_ctrl_c_says_the_perplexity_so_far_and_prints_no_result(capsys, tiny, short_text, monkeypatch):
+    """An interrupted eval says what it scored on stderr (exit 130), and --json prints nothing:
+    a partial number must not pass for the text's."""
+    from app.commands import eval as eval_command
+
+    def stop_after_two(say):
+        seen = []
+
+        def progress(done, total):
+            seen.append(done)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+        return progress
+
+    monkeypatch.setattr(eval_command, "_every_second", stop_after_two)
+    rc, out, err = run_cli(capsys, *eval_args(tiny, "--text", short_text, "--window", "16", "--stride", "8",
+                                              "--json"))
+    assert rc == 130 and out == ""
+    assert "[hearth] interrupted after 23 of " in err and "first 24 tokens of short.txt" in err  # windows of 15 + 8
+
+
 def test_eval_defaults_to_the_bundled_evaluation_text(capsys, tiny, monkeypatch):
     """No --text: the bundled text is scored (cut short here by a stand-in that keeps the
     test fast: the engine is asked to score the bundled file's text)."""

@@ -107,6 +107,41 @@ def test_token_ids_and_text_agree_and_blocks_come_back(engine):
     assert flat.windows == 3 and flat.scored == 150 - 3
 
 
+def test_ctrl_c_gives_the_perplexity_of_what_was_scored(engine, monkeypatch):
+    """Ctrl-C in the middle of a long text: the windows scored so far are a perplexity of the
+    text's beginning (the same number as scoring just that beginning), not lost."""
+    from engine.api import PerplexityInterrupted
+
+    ids = engine.tokenizer.encode(text_sample())[:200]
+    plan = window_plan(len(ids), WINDOW, STRIDE)
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(PerplexityInterrupted) as err:
+        engine.perplexity(ids, window=WINDOW, stride=STRIDE, progress=progress)
+    partial = err.value.partial
+    assert isinstance(err.value, KeyboardInterrupt) and partial.windows == 3 and partial.scored == calls[-1]
+    head = engine.perplexity(ids[:plan[2][1]], window=WINDOW, stride=STRIDE)
+    assert (head.windows, head.scored) == (3, partial.scored) and partial.tokens == 200
+    assert partial.nll == pytest.approx(head.nll, rel=1e-12)
+
+    def waited(fn):
+        raise KeyboardInterrupt  # (Ctrl-C during the first window)
+
+    monkeypatch.setattr(engine, "run_on_engine_thread", waited)
+    with pytest.raises(PerplexityInterrupted) as err:  # before a window ended: nothing scored to say
+        engine.perplexity(ids, window=WINDOW, stride=STRIDE)
+    assert err.value.partial is None
+    monkeypatch.undo()
+    free = engine.block_manager.num_free_blocks
+    engine.perplexity(ids[:WINDOW], window=WINDOW, stride=STRIDE)  # and the engine serves on
+    assert engine.block_manager.num_free_blocks == free
+
+
 def test_serving_is_unchanged_around_a_perplexity(engine):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompt = engine.tokenizer.encode("Alice was beginning to get very tired")

@@ -241,6 +241,12 @@ def test_flags_that_do_not_apply_are_refused(tiny_models):
         load(tiny_models["llama3"], quantization="int8", quant_group_size=64)
     with pytest.raises(InvalidRequestError, match="--quant-head applies to int8 and int4"):
         load(tiny_models["llama3"], quantization="gptq", quant_head=True)
+    # --float-head with a method that stores no head quantized was taken without a word
+    for method, says in (("none", "none keeps the head in the model's dtype"),
+                         ("auto", "auto keeps the head as the checkpoint has it")):
+        with pytest.raises(InvalidRequestError, match=f"--float-head applies to int8, int4 and fp8.*{says}") as err:
+            load(tiny_models["llama3"], quantization=method, float_head=True)
+        assert err.value.options == ("float_head",)
 
 
 def test_quantized_tensors_without_a_quantization_config_are_refused(tiny_models, tmp_path):
