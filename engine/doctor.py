@@ -82,6 +82,7 @@ def doctor_info() -> dict:
         "cuda_note": None,
     }
     info["cuda"] = gpus()
+    info["cpu_kernel"] = cpu_kernel()
     if not info["cuda"]:
         info["cuda_note"] = f"none (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
     device = "cuda" if info["cuda"] else "cpu"
@@ -105,6 +106,27 @@ def doctor_info() -> dict:
     info["gpu_links"], info["gpu_links_note"] = gpu_links(len(info["cuda"]))
     info["split_modes"] = split_modes(len(info["cuda"]))
     return info
+
+
+def cpu_kernel() -> dict:
+    """The C kernel that runs int8 / int4 / GGUF weights on the CPU (hearth_kernels.cpu_quant):
+    ``{"isa": "avx2" | "scalar" | None, "problem": why it doesn't run them at full speed | None,
+    "summary": one line saying so and what to do}`` (it is compiled here on first use: a
+    missing or failing compiler is said here, not only by a slow load)."""
+    from hearth_kernels import cpu_quant
+
+    problem = cpu_quant.available()
+    if problem is not None:
+        return {"isa": None, "problem": problem, "summary": (
+            f"unavailable: {problem}. Until it builds, int8, int4 and GGUF weights run the slower reference on "
+            "the CPU and auto loads a GGUF as floats: install gcc or clang (or set CC to a working one), then "
+            "run hearth doctor again")}
+    isa = cpu_quant.isa()
+    if isa == "avx2":
+        return {"isa": isa, "problem": None, "summary": "avx2: int8, int4 and GGUF weights run quantized on the CPU"}
+    problem = ("this CPU has no AVX2: the portable C path is slower than float weights, so int8 / int4 run the "
+               "reference and auto loads a GGUF as floats")
+    return {"isa": isa, "problem": problem, "summary": f"{isa}: {problem}"}
 
 
 #: NVML's topology levels (nvmlGpuTopologyLevel_t) as Hearth says them.

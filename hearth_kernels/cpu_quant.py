@@ -180,7 +180,9 @@ def _compile() -> Path:
             cmd = [cc, *_FLAGS, str(_SOURCE_DIR / _MAIN_SOURCE), "-o", tmp, "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
-                raise RuntimeError(f"compiling the CPU quantized kernel failed: {done.stderr.strip()[-800:]}")
+                said = done.stderr.strip()[-800:] or "it said nothing"
+                raise RuntimeError(f"compiling the CPU quantized kernel with {cc} failed (exit {done.returncode}): "
+                                   f"{said}")
             os.replace(tmp, target)  # atomic: another process sees the old name or the whole file
         finally:
             if os.path.exists(tmp):

@@ -21,6 +21,7 @@ def run_doctor(args) -> int:
         print(f"  {dist:<13} {ver}")
     print("devices")
     print(f"  cpu           {info['cpu']['name']}, RAM available {_gib(info['cpu']['ram_available_bytes'])}")
+    print(f"  cpu kernel    {info['cpu_kernel']['summary']}")
     for d in info["cuda"]:
         print(f"  cuda:{d['index']}        {d['name']}, {_gib(d['free_bytes'])} free of {_gib(d['total_bytes'])}")
     if not info["cuda"]:

@@ -61,6 +61,8 @@ def engine_summary(info: dict) -> dict[str, list[tuple[str, str]]]:
         return "ok" if not reasons else "unavailable: " + "; ".join(reasons)
 
     devices = [("cpu", f"{info['cpu']['name']}, {_gib(info['cpu']['ram_available_bytes'])} RAM available")]
+    if "cpu_kernel" in info:
+        devices.append(("cpu kernel", info["cpu_kernel"]["summary"]))
     devices += [(f"cuda:{d['index']}", f"{d['name']}, {_gib(d['free_bytes'])} free of {_gib(d['total_bytes'])}")
                 for d in info["cuda"]]
     if not info["cuda"]:

@@ -316,6 +316,25 @@ def test_doctor(capsys):
         # an fp8 KV cache runs on the CPU, in the C decode step: plain "ok", no caveat
         (fp8,) = [ln for ln in lines[lines.index("KV-cache dtypes"):] if ln.split()[:1] == ["fp8"]][:1]
         assert fp8.split() == ["fp8", "ok"]
+    (kernel,) = [ln for ln in lines if ln.split()[:2] == ["cpu", "kernel"]]
+    assert kernel.split()[2] in ("avx2:", "scalar:", "unavailable:")
+
+
+def test_doctor_says_why_the_cpu_kernel_does_not_build(capsys, monkeypatch, tmp_path):
+    """A compiler that fails (or none): the quantized CPU loads quietly ran the slow
+    reference, and nothing said why; doctor now says it and what to do."""
+    from hearth_kernels import cpu_quant
+
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("HEARTH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_quant, "_PREBUILT_DIR", tmp_path / "none")
+    for attr, value in (("_lib", None), ("_loaded", False), ("_problem", None)):
+        monkeypatch.setattr(cpu_quant, attr, value)
+    rc, out, err = run_cli(capsys, "doctor")
+    assert rc == 0, err
+    (kernel,) = [ln for ln in out.splitlines() if ln.split()[:2] == ["cpu", "kernel"]]
+    assert "unavailable: compiling the CPU quantized kernel with" in kernel and "failed (exit 1)" in kernel
+    assert "install gcc or clang" in kernel
 
 
 def test_a_long_prompt_is_read_in_steps_of_the_budget_asked_for(capsys, tiny):

@@ -51,6 +51,7 @@ def test_about_shows_the_version_the_data_folders_and_the_backends_and_copies_th
         assert f"{name} {' '.join(status.split())}" in words, name
     assert any(not r for r in info["attention"].values())  # something runs here: "ok" was checked
     assert info["cpu"]["name"] in shown and f"torch {info['versions']['torch']}" in words
+    assert f"cpu kernel {' '.join(info['cpu_kernel']['summary'].split())}" in words  # (for a slow CPU load)
 
     # The same dialog comes back while open, not a second one.
     assert win.show_about() is dialog
