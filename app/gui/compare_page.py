@@ -151,6 +151,10 @@ class ComparePage(QWidget):
         # than the other pages need (640 x 480 must work): its splitter share starts wide.
         scroll.setMinimumWidth(SETUP_MIN_WIDTH)
         setup_lay.addWidget(scroll, 1)
+        # What keeps Run off is said beside it, not at the foot of the scrolled setup (out of
+        # sight below the sampling options at the default window size).
+        self.setup.layout().removeWidget(self.setup.error)
+        setup_lay.addWidget(self.setup.error)
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run comparison")
         self.run_button.setObjectName("compareRunButton")

@@ -248,6 +248,20 @@ def test_setup_refuses_fewer_than_two_configurations_or_two_alike_inline(qtbot, 
     assert setup.problem is None and setup.prompts() == ["First prompt", "Second prompt"]
 
 
+def test_what_keeps_run_off_is_in_sight_beside_it(qtbot, bridge, gui_env):
+    """The setup's problem was the last thing in its scroll area, below the sampling options:
+    at the default window size Run greyed out with its reason scrolled out of sight."""
+    page = make_page(qtbot, bridge, gui_env, choices=fake_choices())
+    page.resize(1060, 700)  # its size in the default 1200 x 780 window
+    setup = page.setup
+    setup.configs.add_row(CompareConfig("bf16"))  # the same as the first
+    assert "is the same as configuration 1" in setup.problem and not page.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not setup.error.visibleRegion().isEmpty())
+    shown = setup.error.visibleRegion().boundingRect()
+    assert shown.height() >= setup.error.height() - 1  # all of it, not a clipped edge
+    assert setup.error.mapTo(page, shown.topLeft()).y() < page.run_button.mapTo(page, page.run_button.rect().topLeft()).y()
+
+
 def test_a_prompts_file_is_read_or_its_problem_shown(qtbot, bridge, gui_env, tmp_path):
     page = make_page(qtbot, bridge, gui_env, choices=fake_choices())
     good = tmp_path / "prompts.txt"
