@@ -116,6 +116,7 @@ class ColumnState:
     status: str = "Waiting"
     progress: tuple[int, int] | None = None  # (done, total) of the stage running
     running: bool = False
+    stopped: bool = False  # the run ended (an error) before this one finished
     extra: dict = field(default_factory=dict)
 
 
@@ -333,6 +334,15 @@ class CompareColumns(QWidget):
         self.follow = False
         self.redraw()
 
+    def stop(self) -> None:
+        """The run stopped without its last event (an error ended it): the columns that had
+        not finished say so, rather than waiting on for their turn."""
+        for state in self.states:
+            if state.result is None:
+                state.status = "Stopped" if state.running else "Not run"
+                state.running, state.progress, state.stopped = False, None, True
+        self.redraw()
+
     def on_event(self, ev) -> None:
         """One event of the run (the page hands every one on; ``RunFinished`` is the page's)."""
         if not 0 <= getattr(ev, "index", -1) < len(self.states):
@@ -503,4 +513,6 @@ def _placeholder(state: ColumnState, p: int) -> str:
         return "No answer: see below."
     if state.running:
         return "The answer appears here as it is written."
+    if state.stopped:
+        return "Not run: the comparison stopped."
     return "Waiting for its turn…" if r is None else "No answer."

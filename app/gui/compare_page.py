@@ -388,6 +388,10 @@ class ComparePage(QWidget):
     def _on_failed(self, message: str) -> None:
         if self._closed:
             return
+        self.columns.stop()
+        plan = self.worker.plan if self.worker else None
+        self.summary.setText(f"The comparison of {_model_name(plan.model if plan else None)} stopped before it "
+                             "finished.")
         self.message.setText(f"The comparison could not run: {message}{self.chat_model.restore()}")
 
     def _worker_done(self) -> None:

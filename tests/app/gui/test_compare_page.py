@@ -138,6 +138,26 @@ def test_cancel_mid_run_keeps_the_finished_columns_and_marks_the_rest(qtbot, bri
     assert len(loaded) == 2 and shut == loaded  # the engine in flight was shut down
 
 
+def test_a_run_that_stops_on_an_error_leaves_no_column_waiting(qtbot, bridge, gui_env, monkeypatch):
+    """A run ended by an unexpected error (no RunFinished) left the summary at "Comparing
+    ..." and every column "Waiting for its turn..." for good, under the error message."""
+    import app.services.compare as service
+
+    def unreadable():
+        raise OSError("the evaluation text can't be read")
+    monkeypatch.setattr(service, "_evaluation_text", unreadable)
+    page = make_page(qtbot, bridge, gui_env)
+    set_up_tiny(page, str(gui_env["tmp"] / "model"))  # never loaded: the run stops before
+    assert page.run()
+    wait_idle(qtbot, page)
+    assert "could not run" in page.message.text() and "evaluation text" in page.message.text()
+    assert "stopped before it finished" in page.summary.text() and "Comparing" not in page.summary.text()
+    for column in page.columns.columns:
+        assert column.status.text() == "Not run"
+        assert "Waiting" not in column.output.placeholderText()
+    assert page.run_button.isEnabled()
+
+
 def test_cancel_before_anything_loaded_returns_to_idle(qtbot, bridge, gui_env, chat_model, engines):
     loaded, _, _ = engines
     page = make_page(qtbot, bridge, gui_env)
