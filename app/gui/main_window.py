@@ -93,6 +93,10 @@ class MainWindow(QMainWindow):
         self.chat.model_away = lambda: (
             "A comparison is running on the Compare page: it loads its own models, and the chat's comes "
             "back when it ends (or stop it there)." if self.compare.running else None)
+        self.perf.away_note = lambda: (
+            "A comparison is running on the Compare page: it loads its own models, which these charts don't follow, "
+            "so TTFT, decode and KV cache stay empty here (its columns show them); memory and CPU include it."
+            if self.compare.running else None)
         self.models.loadRequested.connect(self.ask_load)
 
         self.nav = QListWidget()

@@ -22,6 +22,9 @@ the numbers row gives each GPU's VRAM and how busy it is (NVML's utilisation). W
 (NVML missing, no driver) it shows process RSS (split the same way when the
 model is on the CPU) and system RAM, adds a CPU chart, and a label says why.
 
+The charts follow the chat's engine only: while models run elsewhere (a comparison loads
+its own), a line under the buttons says so (``away_note``, set by the main window).
+
 Pause freezes the charts and the numbers row, but recording goes on: on resume the charts
 jump to the present with nothing missing. Clear forgets everything (paused or not).
 """
@@ -91,6 +94,9 @@ class PerfPanel(QWidget):
         self.history = PerfHistory(sample_hz=1000 / TICK_MS)
         self.choose_save_path = self._dialog_save_path
         self.confirm_overwrite = ask_overwrite(self)  # (path) -> bool; tests replace it
+        # () -> why the engine's charts stay empty while models run elsewhere (a comparison
+        # loads its own), or None; the main window sets it.
+        self.away_note = lambda: None
         self._model_info: ModelInfo | None = getattr(bridge, "model_info", None)
         self._stats = None
         self._stats_t = 0.0
@@ -141,6 +147,12 @@ class PerfPanel(QWidget):
         self.no_gpu_label.setWordWrap(True)
         self.no_gpu_label.hide()
         root.addWidget(self.no_gpu_label)
+
+        self.away_label = QLabel("")
+        self.away_label.setObjectName("perfAwayLabel")
+        self.away_label.setWordWrap(True)
+        self.away_label.hide()
+        root.addWidget(self.away_label)
 
         # Captions over their values in one grid, so each figure sits under its name.
         numbers = QGridLayout()
@@ -223,8 +235,15 @@ class PerfPanel(QWidget):
         self._why_no_gpu = sample.why_no_gpu
         device = self._model_info.device if self._model_info is not None else None
         self.history.add_sample(self._stats if fresh else None, sample, device)
+        if self.on_screen():
+            self._show_away_note()
         if self._due():
             self.redraw()
+
+    def _show_away_note(self) -> None:
+        note = self.away_note()
+        _set_text(self.away_label, note or "")
+        self.away_label.setVisible(bool(note))
 
     def on_screen(self) -> bool:
         """True when drawing can be seen: the page is shown and its window not minimised."""
@@ -363,6 +382,7 @@ class PerfPanel(QWidget):
 
     def showEvent(self, event) -> None:
         super().showEvent(event)
+        self._show_away_note()
         if not self._paused:
             self.redraw()  # catch up on what was recorded while another page was shown
 

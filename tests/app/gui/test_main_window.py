@@ -445,3 +445,26 @@ def test_a_long_status_message_is_elided_before_the_models_labels(qtbot, gui_env
     assert not win.status_progress.isVisible() and win.cancel_load_button.isVisible()
     qtbot.waitUntil(lambda: sb.currentMessage() == "", timeout=8000)
     assert not label.isVisible() and win.status_progress.isVisible()
+
+
+def test_the_performance_page_says_why_it_stays_empty_during_a_comparison(qtbot, gui_env, bridge, monkeypatch):
+    """A comparison loads its own engines, which the Performance page doesn't chart: it
+    showed "—" everywhere with the CPU at 100 % and no word why."""
+    from app.gui.compare_page import ComparePage
+    from app.gui.main_window import MainWindow
+
+    win = MainWindow(bridge=bridge, store=ChatStore(gui_env["data"] / "chats.sqlite3"), settings=gui_env["settings"],
+                     autoload=False)
+    qtbot.addWidget(win)
+    win.show()
+    win.show_page("Performance")
+    running = [False]
+    monkeypatch.setattr(ComparePage, "running", property(lambda self: running[0]))
+    win.perf.tick()
+    assert not win.perf.away_label.isVisible()
+    running[0] = True
+    win.perf.tick()
+    assert win.perf.away_label.isVisible() and "comparison is running" in win.perf.away_label.text()
+    running[0] = False
+    win.perf.tick()
+    assert not win.perf.away_label.isVisible()
