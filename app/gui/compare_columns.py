@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (QFrame, QGridLayout, QHBoxLayout, QLabel, QProgre
                                QTabBar, QTextBrowser, QVBoxLayout, QWidget)
 
 from app.gui.chat_widgets import is_dark
+from app.gui.compare_setup import page_text
 from app.gui.elided_label import ElidedLabel
 from app.services.compare_events import (ConfigFinished, ConfigProgress, ConfigStarted, PromptFinished,
                                          TokenDelta)
@@ -93,7 +94,7 @@ def prompt_line(p: PromptResult | None) -> str:
     if p is None:
         return ""
     if p.error and not p.token_ids:
-        return f"failed: {p.error}"
+        return f"failed: {page_text(p.error)}"
     parts = [f"{p.output_tokens} tokens ({_FINISH.get(p.finish_reason or '', p.finish_reason or '…')})"]
     if p.ttft_ms is not None:
         parts.append(f"TTFT {p.ttft_ms:.1f} ms")
@@ -212,7 +213,7 @@ class ConfigColumn(QFrame):
         self._show_status(state)
         failed = r is not None and r.status == ERROR
         self.error.setVisible(failed)
-        self.error.setText(f"Failed: {r.error}" if failed else "")
+        self.error.setText(f"Failed: {page_text(r.error)}" if failed else "")
         texts = metric_texts(r) if r is not None else {}
         for key, _caption in METRICS:
             value = texts.get(key, "—")

@@ -35,7 +35,7 @@ from app.gui.compare_charts import CompareCharts
 from app.gui.compare_chat_model import KEEP, UNLOAD, ChatModelHandoff
 from app.gui.compare_columns import CompareColumns
 from app.gui.compare_saved import SavedComparisons
-from app.gui.compare_setup import CompareSetup, _sentence
+from app.gui.compare_setup import CompareSetup, _sentence, page_text
 from app.gui.compare_worker import CompareWorker
 from app.gui.export_dirs import ask_overwrite, export_start_dir, export_target, write_export
 from app.gui.models_workers import TaskRunner
@@ -534,6 +534,7 @@ def fill_table(table: QTableWidget, results) -> None:
     table.setRowCount(len(results))
     for row, r in enumerate(results):
         c = cells(r)
+        c["error"] = page_text(c["error"])
         for col, (key, _title, right) in enumerate(COLUMNS):
             item = QTableWidgetItem(c[key])
             item.setToolTip(c[key] if key == "error" else "")

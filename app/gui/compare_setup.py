@@ -45,8 +45,13 @@ _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
 def page_error(error: HearthError) -> str:
     """An engine message in this page's words: "(--max-model-len)" names the field here."""
-    message = str(error)
-    for keyword in getattr(error, "options", ()) or ():
+    return page_text(str(error), getattr(error, "options", ()) or ())
+
+
+def page_text(message: str, keywords=tuple(FIELD_NAMES)) -> str:
+    """``page_error`` of a message kept as text (a configuration's or a prompt's error in a
+    result): the flags of ``keywords`` (default: every field of this page) by their field."""
+    for keyword in keywords:
         flag = re.escape(option_flag(keyword))
         field = FIELD_NAMES.get(keyword)
         message = re.sub(rf" ?\({flag}(?: [^)]*)?\)", f" (“{field}”)" if field else "", message)

@@ -12,6 +12,7 @@ from PySide6.QtGui import QImage, QTextCursor
 from app.gui.compare_charts import chart_text
 from app.services.compare_metrics import divergent_spans
 from app.services.compare_plan import CompareConfig
+from app.services.compare_results import PromptResult
 from app.services.compare_store import list_comparisons, save_comparison
 from engine.api import Choice
 from tests.app.gui.compare_fixtures import OTHER, REF, built_result, make_page
@@ -246,6 +247,22 @@ def test_setup_refuses_fewer_than_two_configurations_or_two_alike_inline(qtbot, 
     assert "Type at least one prompt" in setup.problem
     setup.typed.setPlainText("First prompt\n\nSecond prompt")
     assert setup.problem is None and setup.prompts() == ["First prompt", "Second prompt"]
+
+
+def test_errors_in_the_results_name_this_pages_fields_not_command_line_flags(page):
+    """A prompt too long for the context said "load the model with a longer context
+    (--max-model-len)" in its column and the table: the page's field is Context."""
+    result = built_result()
+    long = "the prompt has 9000 tokens but the context holds 8192: shorten the prompt or load the model with a " \
+           "longer context (--max-model-len)."
+    result.results[1].prompts[0] = PromptResult(0, error=long, finish_reason="error")
+    result.results[2].error = "the context (--max-model-len 100) can't hold a chat"
+    page.show_result(result)
+    int8, awq = page.columns.columns[1], page.columns.columns[2]
+    assert int8.prompt_info.text() == "failed: " + long.replace("(--max-model-len)", "(“Context”)")
+    assert awq.error.text() == "Failed: the context (“Context”) can't hold a chat"
+    errors = [page.table.item(row, page.table.columnCount() - 1).text() for row in range(page.table.rowCount())]
+    assert not any("--max-model-len" in e for e in errors) and "(“Context”)" in errors[2]
 
 
 def test_what_keeps_run_off_is_in_sight_beside_it(qtbot, bridge, gui_env):
