@@ -42,6 +42,9 @@ CHARTS = (("ttft", "Time to first token per request", "ms", 100.0, 10.0),
           ("queue", "Requests", "count", 4.0, 4.0),
           ("cpu", "CPU", "%", 100.0, 100.0))
 LEGEND_COLUMNS = {"memory": 3}
+#: The least width a chart is laid out at (its title and legend whole): narrower, the grid
+#: takes one chart a row (it scrolls) instead of cutting both charts of a row off.
+CHART_MIN_WIDTH = 320
 
 
 class PerfCharts(QScrollArea):
@@ -66,7 +69,8 @@ class PerfCharts(QScrollArea):
     # -- construction --------------------------------------------------------------------
     def _build(self) -> None:
         grid_widget = QWidget()
-        grid = QGridLayout(grid_widget)
+        self._grid = grid = QGridLayout(grid_widget)
+        self._columns = 2
         grid.setContentsMargins(0, 0, 0, 0)
         self.setWidget(grid_widget)
         for i, (key, title, unit, _empty_top, _floor_top) in enumerate(CHARTS):
@@ -113,6 +117,22 @@ class PerfCharts(QScrollArea):
         self.curve("queue", "waiting", "waiting")
         self.curve("cpu", "process_cpu", "Hearth process (100 = one core)")
         self.curve("cpu", "system_cpu", "whole machine")
+
+    def columns(self) -> int:
+        """How many charts a row holds now."""
+        return self._columns
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        super().resizeEvent(event)
+        columns = max(1, min(2, self.viewport().width() // CHART_MIN_WIDTH))
+        if columns != self._columns:  # as the Compare page's charts (compare_charts)
+            self._columns = columns
+            for plot in self.plots.values():
+                self._grid.removeWidget(plot)
+            for i, plot in enumerate(self.plots.values()):
+                self._grid.addWidget(plot, i // columns, i % columns)
+            self._grid.activate()  # the new rows' height, before the scroll area sizes the grid
+            self.setWidgetResizable(True)
 
     def curve(self, plot: str, name: str, label: str, *, scatter=False, fill=False, dashed=False,
               colour: str | None = None) -> pg.PlotDataItem:

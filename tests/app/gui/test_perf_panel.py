@@ -477,3 +477,19 @@ def test_long_figures_wrap_instead_of_widening_the_window(qtbot):
     qtbot.waitUntil(lambda: panel.width() == 1300)
     qtbot.waitUntil(lambda: value.height() < 2 * value.fontMetrics().height() - 2)
     assert value.width() >= value.fontMetrics().horizontalAdvance(value.text())
+
+
+def test_a_narrow_page_takes_one_chart_a_row_rather_than_cutting_two_off(qtbot):
+    """In a 640 x 480 window two charts a row were ~220 px each: "Time to first token per
+    request" and the memory and CPU legends were cut off at the chart's edge."""
+    panel, _bridge = make_panel(qtbot, no_driver())
+    panel.tick()
+    panel.redraw(force=True)  # the CPU chart and the process-memory legend of a machine without NVML
+    panel.resize(490, 480)  # the page's size in a 640 x 480 window
+    qtbot.waitUntil(lambda: panel.plots["ttft"].width() < 480)
+    for key, plot in panel.plots.items():
+        item = plot.getPlotItem()
+        assert item.titleLabel.item.boundingRect().width() <= plot.width(), key
+        assert item.legend.preferredWidth() <= plot.width(), key
+    panel.resize(1000, 760)  # room for two a row again
+    qtbot.waitUntil(lambda: panel.plots["ttft"].y() == panel.plots["decode"].y())
