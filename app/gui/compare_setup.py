@@ -21,9 +21,10 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, Signal
 from PySide6.QtWidgets import (QButtonGroup, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                               QGroupBox, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPlainTextEdit,
+                               QGroupBox, QHBoxLayout, QLabel, QListWidget, QListWidgetItem,
                                QPushButton, QRadioButton, QSpinBox, QVBoxLayout, QWidget)
 
+from app.gui.chat_widgets import TextBox
 from app.gui.compare_configs import DEFAULT_CONFIGS, ConfigList
 from app.gui.load_dialog import MIN_CHAT_CONTEXT, machine_choices
 from app.gui.widget_tips import set_enabled
@@ -171,7 +172,7 @@ class CompareSetup(QWidget):
         self.bundled.setFixedHeight(rows + 2 * self.bundled.frameWidth() + 2)  # every prompt shown, no scrolling
         self.bundled.itemChanged.connect(lambda *_: self.changed.emit())
         lay.addWidget(self.bundled)
-        self.typed = QPlainTextEdit()
+        self.typed = TextBox()  # Tab moves on (Ctrl+Tab types one): a keyboard user isn't held here
         self.typed.setObjectName("compareTypedPrompts")
         self.typed.setPlaceholderText("One prompt per block; a blank line starts the next prompt.")
         self.typed.setMaximumHeight(110)

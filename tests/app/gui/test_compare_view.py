@@ -265,6 +265,22 @@ def test_errors_in_the_results_name_this_pages_fields_not_command_line_flags(pag
     assert not any("--max-model-len" in e for e in errors) and "(“Context”)" in errors[2]
 
 
+def test_tab_leaves_the_typed_prompts_and_ctrl_tab_types_one(qtbot, bridge, gui_env):
+    """The typed prompts took every Tab as text: a keyboard user could not get past them to
+    the sampling options or Run (as the chat's message box, Ctrl+Tab types a tab)."""
+    from PySide6.QtCore import Qt
+
+    page = make_page(qtbot, bridge, gui_env, choices=fake_choices())
+    typed = page.setup.typed
+    page.setup.sources["typed"].setChecked(True)
+    typed.setPlainText("First prompt")
+    qtbot.keyClick(typed, Qt.Key.Key_Tab)
+    assert typed.toPlainText() == "First prompt"
+    typed.moveCursor(typed.textCursor().MoveOperation.End)
+    qtbot.keyClick(typed, Qt.Key.Key_Tab, Qt.KeyboardModifier.ControlModifier)
+    assert typed.toPlainText() == "First prompt\t"
+
+
 def test_what_keeps_run_off_is_in_sight_beside_it(qtbot, bridge, gui_env):
     """The setup's problem was the last thing in its scroll area, below the sampling options:
     at the default window size Run greyed out with its reason scrolled out of sight."""
