@@ -498,14 +498,25 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
         try:
             path = attempt(local_only=True)
         except LocalEntryNotFoundError as exc:
-            status = getattr(getattr(network_error, "response", None), "status_code", None)
-            if isinstance(network_error, HfHubHTTPError) and status == 401:
+            # (a file's request that failed comes wrapped: LocalEntryNotFoundError from the HTTP error)
+            http_error = next((e for e in (network_error, getattr(network_error, "__cause__", None))
+                               if isinstance(e, HfHubHTTPError)), None)
+            status = getattr(getattr(http_error, "response", None), "status_code", None)
+            if status == 401:
                 # (not a gated or unknown repo, handled above): the token sent is what is refused
                 raise ModelLoadError(
                     f"the Hugging Face Hub rejected the access token (401 Unauthorized) while fetching "
                     f"'{repo_id}', which is not in the local cache: HF_TOKEN (or the token saved by "
                     "`hf auth login`) is mistyped, expired or revoked. Set a valid token from "
                     "https://huggingface.co/settings/tokens, or unset it for public repos."
+                ) from exc
+            if status is not None and (status >= 500 or status == 429):
+                # the Hub answered, so the network is fine: its side failed or it is rate limiting
+                raise ModelLoadError(
+                    f"the Hugging Face Hub answered {status} ({'too many requests' if status == 429 else 'a server error'}) "
+                    f"while fetching '{repo_id}'{rev_text}, which is not in the local cache: the Hub is having "
+                    "trouble, not your connection. Run the same command again in a few minutes "
+                    "(https://status.huggingface.co says when the Hub is down)."
                 ) from exc
             if (isinstance(network_error, OSError) and network_error.errno is not None
                     and not isinstance(network_error, (ConnectionError, TimeoutError))):

@@ -263,3 +263,22 @@ def test_a_full_disk_is_named_not_called_unreachable(hub_server, monkeypatch):
     assert "unreachable" not in str(info.value)
     monkeypatch.setattr(file_download, "http_get", real_get)
     assert resolve_model(TINY_REPO).source == "hub"
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_a_hub_server_error_is_not_called_unreachable(hub_server, monkeypatch, status):
+    """A Hub that answers a file's request with a 5xx (or 429) is up but failing: the error
+    names the status and says to try again later, not to connect to the internet."""
+    import time
+
+    from tests import hub_server as hub_module
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # huggingface_hub retries 5xx with waits
+
+    def failing(self, repo_id, rev, filename, head):
+        raise hub_module._Error(status, None, "Internal Error")
+
+    monkeypatch.setattr(hub_module._Handler, "_resolve", failing)
+    with pytest.raises(ModelLoadError, match=rf"answered {status} .*not your connection.*again in a few minutes") as info:
+        resolve_model(TINY_REPO)
+    assert "unreachable" not in str(info.value) and "connect to the internet" not in str(info.value)
