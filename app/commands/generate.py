@@ -68,6 +68,8 @@ def run_generate(args) -> int:
             c = h.result()
             if c.finish_reason == "error":
                 rc = 1
+                if not args.json:  # (a --json row has its "error"; the text alone left it unsaid)
+                    print(f"hearth: line {line} of {args.prompts_file}: error: {c.error}", file=sys.stderr)
             if args.json:
                 row = completion_json(c, engine)
                 if line is not None:

@@ -152,6 +152,24 @@ def test_prompts_file_without_prompts(capsys, tiny, tmp_path):
     assert err.startswith("hearth: error:")
 
 
+def test_prompts_file_says_why_a_prompt_failed(capsys, monkeypatch, tiny, tmp_path):
+    """A failed request of a file of prompts (a step that failed, a tensor-parallel rank that
+    ended) is named with its error on stderr: its partial text alone left it unsaid."""
+    from engine.errors import EngineDeadError
+    from engine.runner.model_runner import ModelRunner
+
+    def execute(self, inp):
+        raise EngineDeadError("rank 1 (cpu) ended (killed by signal 9). The model can't run on: reload it.")
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    f = tmp_path / "prompts.txt"
+    f.write_text("Hi\nThere\n", encoding="utf-8")
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, "--max-tokens", "3"))
+    assert rc == 1
+    assert f"hearth: line 1 of {f}: error: rank 1 (cpu) ended" in err
+    assert f"hearth: line 2 of {f}: error: rank 1 (cpu) ended" in err
+
+
 # -- generate: seeds ---------------------------------------------------------------------
 
 
