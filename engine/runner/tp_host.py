@@ -208,6 +208,11 @@ class Ranks:
         type), else which rank ended and how."""
         deadline = time.monotonic() + 2  # a peer's exit may lag its closed socket a little
         while time.monotonic() < deadline:
+            # A rank killed outright (a signal: SIGKILL, the OOM killer, a crash) is the cause:
+            # the others then report the collective it left ("connection reset by peer")
+            killed = self._gone(killed_only=True)
+            if killed is not None:
+                return ModelLoadError(f"tensor parallel: {killed}; its log above says why")
             reported = self._reported()
             if reported is not None:
                 return reported
@@ -236,10 +241,10 @@ class Ranks:
                 continue
         return None
 
-    def _gone(self) -> str | None:
+    def _gone(self, killed_only: bool = False) -> str | None:
         for rank, proc in self.procs.items():
             code = proc.poll()
-            if code is not None:
+            if code is not None and (code < 0 or not killed_only):
                 how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                 return f"rank {rank} ({self.devices[rank]}) ended ({how})"
         return None

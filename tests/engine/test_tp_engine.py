@@ -246,6 +246,32 @@ def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_mode
     assert all(p.poll() is not None for p in procs)
 
 
+def test_a_killed_rank_is_named_not_a_peer_that_reported_the_collective_it_left():
+    """Rank 2 killed (SIGKILL) mid-step: rank 1 reports its collective's "connection reset by
+    peer" and exits; the error names rank 2, killed, not rank 1's gloo message (which rank it
+    named was a race)."""
+    from types import SimpleNamespace
+
+    from engine.runner.tp_host import Ranks
+
+    class Conn:
+        def __init__(self, msgs):
+            self.msgs = list(msgs)
+
+        def poll(self, _timeout=0):
+            return bool(self.msgs)
+
+        def recv(self):
+            return self.msgs.pop(0)
+
+    ranks = Ranks(("cpu", "cpu", "cpu"))
+    ranks.procs = {1: SimpleNamespace(poll=lambda: 1), 2: SimpleNamespace(poll=lambda: -signal.SIGKILL)}
+    ranks.conns = {1: Conn([("error", "RuntimeError", "Read error: Connection reset by peer")]), 2: Conn([])}
+    error = ranks.dead(RuntimeError("Connection closed by peer"))
+    assert "rank 2 (cpu) ended (killed by signal 9)" in str(error), error
+    assert "reset by peer" not in str(error)
+
+
 @pytest.mark.parametrize("when", ["at start", "while loading"])
 def test_a_rank_that_dies_while_loading_fails_the_load_at_once(tiny_models, monkeypatch, when):
     """Killed before it connects, or while it loads: the load fails naming it (not after a
