@@ -447,7 +447,10 @@ class Engine:
             res = self.runner.execute(inp)
         except Exception as e:
             msg, options = _describe_failure(e)
-            log.exception("model step failed")
+            if isinstance(e, HearthError):  # worded for a user: one line (the traceback with -v)
+                log.error("model step failed: %s", msg, exc_info=log.isEnabledFor(logging.INFO))
+            else:
+                log.exception("model step failed")
             for sc in out.scheduled:
                 self._finish(self._states[sc.seq.request_id], "error", error=msg,
                              error_options=options)

@@ -272,6 +272,34 @@ def test_a_killed_rank_is_named_not_a_peer_that_reported_the_collective_it_left(
     assert "reset by peer" not in str(error)
 
 
+def test_a_step_failed_by_a_worded_error_logs_one_line_not_a_traceback(tiny_models, monkeypatch, caplog):
+    """A step that fails with an error worded for a user (a rank that ended: EngineDeadError)
+    logs it in one line; its traceback (a page of gloo frames on the terminal, before the
+    request's own error) only with -v."""
+    import logging
+
+    from engine.errors import EngineDeadError
+    from engine.runner.model_runner import ModelRunner
+
+    plain = ModelRunner.execute
+
+    def execute(self, inp):
+        if not inp.rows:  # (the finished requests' bookkeeping: a dead rank refuses only steps)
+            return plain(self, inp)
+        raise EngineDeadError("tensor parallel: rank 1 (cpu) ended (killed by signal 9). reload it.")
+
+    tp = load(tiny_models["llama-tied"], device="cpu")
+    try:
+        monkeypatch.setattr(ModelRunner, "execute", execute)
+        with caplog.at_level(logging.WARNING, logger="hearth.engine"):
+            r = run(tp, [ids_of(8, seed=1)])[0]
+    finally:
+        tp.shutdown()
+    assert r.finish_reason == "error" and "rank 1 (cpu) ended" in r.error
+    (record,) = [rec for rec in caplog.records if "model step failed" in rec.getMessage()]
+    assert "rank 1 (cpu) ended" in record.getMessage() and not record.exc_info
+
+
 @pytest.mark.parametrize("when", ["at start", "while loading"])
 def test_a_rank_that_dies_while_loading_fails_the_load_at_once(tiny_models, monkeypatch, when):
     """Killed before it connects, or while it loads: the load fails naming it (not after a
