@@ -96,13 +96,14 @@ class TPGroup:
         return t.tolist()
 
 
-def split_even(total: int, world: int, what: str) -> int:
-    """``total / world``, refusing a split that doesn't divide (named in the message)."""
+def split_even(total: int, world: int, what: str, fits: str | None = None) -> int:
+    """``total / world``, refusing a split that doesn't divide (named in the message, with
+    ``fits``: the rank counts the whole model takes, else those dividing ``total``)."""
     if total % world:
         from engine.errors import InvalidRequestError
 
         raise InvalidRequestError(f"tensor parallel over {world} ranks needs {what} divisible by {world}, and "
-                                  f"the model has {total}: use {_divisors(total)} ranks, or --split layer.",
+                                  f"the model has {total}: use {fits or _divisors(total)} ranks, or --split layer.",
                                   options=("devices", "split"))
     return total // world
 
@@ -111,19 +112,20 @@ def _divisors(n: int) -> str:
     return " or ".join(str(d) for d in range(1, min(n, 8) + 1) if n % d == 0)
 
 
-def kv_heads_of_rank(num_kv_heads: int, rank: int, world: int) -> tuple[int, int]:
+def kv_heads_of_rank(num_kv_heads: int, rank: int, world: int, fits: str | None = None) -> tuple[int, int]:
     """(first KV head, how many) rank ``rank`` holds: an even share, or, with fewer KV
     heads than ranks, the one KV head its query heads read (replicated)."""
     if num_kv_heads >= world:
-        per = split_even(num_kv_heads, world, "the KV heads")
+        per = split_even(num_kv_heads, world, "the KV heads", fits)
         return rank * per, per
     if world % num_kv_heads:  # each KV head is copied to world / kv ranks
         from engine.errors import InvalidRequestError
 
-        fits = [w for w in range(1, 9) if (w <= num_kv_heads and num_kv_heads % w == 0) or w % num_kv_heads == 0]
+        kv_fits = [w for w in range(1, 9) if (w <= num_kv_heads and num_kv_heads % w == 0) or w % num_kv_heads == 0]
         raise InvalidRequestError(f"tensor parallel over {world} ranks of a model with {num_kv_heads} KV heads: "
                                   f"the ranks must divide the KV heads or be a multiple of them; use "
-                                  f"{' or '.join(map(str, fits))} ranks, or --split layer.", options=("devices", "split"))
+                                  f"{fits or ' or '.join(map(str, kv_fits))} ranks, or --split layer.",
+                                  options=("devices", "split"))
     return rank * num_kv_heads // world, 1
 
 

@@ -26,11 +26,20 @@ from engine.quant.qweight import PACK_BLOCK, QuantizedWeight
 
 def rank_spec(spec: ModelSpec, rank: int, world: int) -> ModelSpec:
     """``spec`` as rank ``rank`` of ``world`` holds it (InvalidRequestError where the heads
-    or the MLP don't divide)."""
-    heads = split_even(spec.num_heads, world, "the attention heads")
-    _, kv = kv_heads_of_rank(spec.num_kv_heads, rank, world)
-    inter = split_even(spec.intermediate_size, world, "the MLP width")
+    or the MLP don't divide, naming the rank counts that divide them all)."""
+    fits = " or ".join(str(w) for w in range(1, 9) if _divides(spec, w))
+    heads = split_even(spec.num_heads, world, "the attention heads", fits)
+    _, kv = kv_heads_of_rank(spec.num_kv_heads, rank, world, fits)
+    inter = split_even(spec.intermediate_size, world, "the MLP width", fits)
     return dataclasses.replace(spec, num_heads=heads, num_kv_heads=kv, intermediate_size=inter)
+
+
+def _divides(spec: ModelSpec, world: int) -> bool:
+    """Whether ``world`` ranks take the model: its heads, its KV heads (or a multiple of them:
+    each replicated) and its MLP width."""
+    kv = spec.num_kv_heads
+    return (spec.num_heads % world == 0 and spec.intermediate_size % world == 0
+            and (kv % world == 0 if kv >= world else world % kv == 0))
 
 
 def shard_transform(tp: TPGroup):

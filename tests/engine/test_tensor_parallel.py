@@ -94,8 +94,13 @@ def test_heads_that_do_not_divide_are_refused():
     from engine.layers.rope_spec import RopeSpec
 
     spec = ModelSpec("llama", 1000, 96, 192, 2, 6, 2, 16, 1e-5, 256, RopeSpec())
-    with pytest.raises(InvalidRequestError, match="attention heads divisible by 4.*6: use 1 or 2 or 3 or 6 ranks"):
+    # (the rank counts named take the whole model: 3 divides the heads but not the 2 KV heads)
+    with pytest.raises(InvalidRequestError, match="attention heads divisible by 4.*6: use 1 or 2 or 6 ranks"):
         rank_spec(spec, 0, 4)
+    # SmolLM2-135M: 9 heads, 3 KV heads, MLP 1536: 2, 4, 6 and 8 divide the MLP, not the heads
+    smol = ModelSpec("llama", 1000, 576, 1536, 2, 9, 3, 64, 1e-5, 256, RopeSpec())
+    with pytest.raises(InvalidRequestError, match="MLP width divisible by 9.*1536: use 1 or 3 ranks"):
+        rank_spec(smol, 0, 9)
     assert [kv_heads_of_rank(2, r, 4) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
     assert [kv_heads_of_rank(8, r, 2) for r in range(2)] == [(0, 4), (4, 4)]
     with pytest.raises(InvalidRequestError):
