@@ -55,6 +55,8 @@ COLLECTIVE_TIMEOUT_S = 600
 CONNECT_TIMEOUT_S = 180
 #: How long a worker has to exit when asked before it is killed.
 EXIT_WAIT_S = 10
+#: How long a rank's report of a failed step waits for another rank to be seen killed (the cause).
+REPORT_WAIT_S = 0.5
 
 
 def process_group(backend: str, store, rank: int, world: int, device: torch.device):
@@ -207,19 +209,29 @@ class Ranks:
         None): the worker's own report if it sent one (a user-worded error keeps its
         type), else which rank ended and how."""
         deadline = time.monotonic() + 2  # a peer's exit may lag its closed socket a little
+        reported = None
         while time.monotonic() < deadline:
             # A rank killed outright (a signal: SIGKILL, the OOM killer, a crash) is the cause:
-            # the others then report the collective it left ("connection reset by peer")
+            # the others then report the collective it left ("connection reset by peer"), so
+            # a report waits REPORT_WAIT_S for such a rank to be seen ended (its exit, and
+            # Popen.poll while the watch thread polls, may lag the closed socket)
             killed = self._gone(killed_only=True)
             if killed is not None:
                 return ModelLoadError(f"tensor parallel: {killed}; its log above says why")
-            reported = self._reported()
-            if reported is not None:
-                return reported
+            if reported is None:
+                reported = self._reported()
+                if reported is not None:
+                    deadline = min(deadline, time.monotonic() + REPORT_WAIT_S)
+                    continue
+            else:
+                time.sleep(0.05)
+                continue
             gone = self._gone()
             if gone is not None:
                 return ModelLoadError(f"tensor parallel: {gone}; its log above says why")
             time.sleep(0.05)
+        if reported is not None:
+            return reported
         what = f"{type(error).__name__}: {error}" if error is not None else "a worker's connection closed"
         return ModelLoadError(f"tensor parallel: rank 0 ({self.devices[0]}) failed: {what}")
 
