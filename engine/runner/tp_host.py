@@ -216,8 +216,9 @@ class Ranks:
             # a report waits REPORT_WAIT_S for such a rank to be seen ended (its exit, and
             # Popen.poll while the watch thread polls, may lag the closed socket)
             killed = self._gone(killed_only=True)
-            if killed is not None:
-                return ModelLoadError(f"tensor parallel: {killed}; its log above says why")
+            if killed is not None:  # (such a rank leaves no log of its own)
+                return ModelLoadError(f"tensor parallel: {killed}, outside Hearth: out of memory is the usual "
+                                      "cause (the system's log says if its OOM killer ended it)")
             if reported is None:
                 reported = self._reported()
                 if reported is not None:
