@@ -172,7 +172,8 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
         written.add(ckpt)
     others = iter_weights(path) if path is not None else _shape_tensors(loaded, written)
     for name, t in others:
-        if name.rpartition(".")[0] not in written:
+        module, _, key = name.rpartition(".")
+        if not (key == "weight" and module in written):  # a written module's bias is kept (Qwen2's q/k/v)
             tensors[name] = floats[name].cpu().to(t.dtype).contiguous() if name in floats else t.contiguous()
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8")) if path is not None else _shape_config(loaded)
     per_channel = all(qw.group_size == qw.in_features for _ckpt, qw in parts)
@@ -219,7 +220,8 @@ def _shape_tensors(loaded, written: set[str]):
     """(checkpoint name, tensor) of every tensor of the random-weight shape ``loaded`` (it
     has no checkpoint to copy them from): its parameters under the names its loader takes,
     a fused projection's rows split into its shards, a quantized module not written as such
-    (an embedding quantized with the head) dequantized; modules in ``written`` skipped."""
+    (an embedding quantized with the head) dequantized; the weights of modules in ``written``
+    skipped (their biases are kept)."""
     import torch
 
     from engine.layers.weight_loader import checkpoint_targets
@@ -228,7 +230,8 @@ def _shape_tensors(loaded, written: set[str]):
     dtype = getattr(torch, loaded.info.dtype)
     targets, _aliases = checkpoint_targets(net)  # a tied head's alias isn't stored, as in a checkpoint
     for name, target in targets.items():
-        if name.rpartition(".")[0] in written:
+        module, _, key = name.rpartition(".")
+        if key == "weight" and module in written:
             continue
         owner = target.module if target.module is not None else net.get_submodule(target.param_name.rpartition(".")[0])
         if target.param is not None:
