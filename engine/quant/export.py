@@ -186,6 +186,7 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
     cfg["hearth_quantized"] = {"method": quantization, "by": "hearth quantize", **(note or {})}
     _refuse_existing(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    made = [p for p in out_dir.absolute().parents if not p.exists()]  # by mkdir below: removed if it fails
     try:
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -202,6 +203,10 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
         raise ModelLoadError(f"cannot write the quantized model into {out_dir}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not out_dir.exists():  # failed or cancelled: no empty folders left on the way to it either
+            for p in made:  # (the deepest first)
+                with contextlib.suppress(OSError):
+                    p.rmdir()
     size = (out_dir / "model.safetensors").stat().st_size
     say(f"wrote {len(written)} quantized layers ({layout}) into {out_dir}")
     return QuantizeResult(out_dir, layout, quantization, len(written), size)

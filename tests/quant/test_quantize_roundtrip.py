@@ -89,6 +89,20 @@ def test_hearth_quantize_command_writes_compressed_tensors(tiny_models, tmp_path
     assert "cannot write" in err and "Not a directory" in err and "(--out)" in err, err
 
 
+def test_a_cancelled_write_leaves_no_folders_it_made(tiny_models, tmp_path, monkeypatch):
+    """Ctrl-C while the file is written: neither the temporary folder nor the missing
+    folders on the way to --out (made for it) are left behind."""
+    import safetensors.torch
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(str(tiny_models["llama3"]), tmp_path / "new" / "deeper" / "q", quantization="int8")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_empty_out_is_refused_as_empty(tmp_path, capsys):
     """--out "" is the current folder to Path, which exists: it was refused as " exists"."""
     assert main(["quantize", "--model", str(tmp_path / "no-such-model"), "--out", ""]) == 2
