@@ -103,6 +103,9 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
 def plan_from_args(args) -> ComparePlan:
     """The checked plan of the command line (InvalidRequestError for a bad value)."""
     configs = tuple(CompareConfig(q, a, k) for q, a, k in itertools.product(args.quants, args.attention, args.kv_dtype))
+    if args.prompts is not None and not args.prompts.strip():  # (it compared the bundled prompts without a word)
+        raise InvalidRequestError("--prompts is empty: give a prompts file, or - for standard input, or leave "
+                                  "--prompts out for the bundled set.")
     if args.prompts == "-":  # standard input, as plain text
         prompts = prompts_from_bytes(sys.stdin.buffer.read(), Path("<stdin>"))
     else:

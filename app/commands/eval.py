@@ -79,8 +79,11 @@ def _every_second(say, clock=time.monotonic):
 
 def run_eval(args) -> int:
     check_window_args(args)  # before loading
-    path = Path(args.text) if args.text else evaluation_text_path()
-    text = read_text(path, "--text" if args.text else "the bundled evaluation text")  # before loading
+    if args.text is not None and not args.text.strip():  # (it scored the bundled text without a word)
+        raise InvalidRequestError("--text is empty: give a UTF-8 text file to score, or leave --text out for the "
+                                  "bundled evaluation text.")
+    path = Path(args.text) if args.text is not None else evaluation_text_path()
+    text = read_text(path, "--text" if args.text is not None else "the bundled evaluation text")  # before loading
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[hearth] {msg}", file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     engine = load_engine(args, quiet=args.quiet)

@@ -18,7 +18,10 @@ def run_generate(args) -> int:
         raise InvalidRequestError("--system needs --chat (it goes into the chat template)")
     if args.logprobs is not None and not args.json:
         raise InvalidRequestError("--logprobs needs --json (the logprobs are printed in its rows, one per token)")
-    if args.prompts_file:
+    if args.prompts_file is not None:
+        if not args.prompts_file.strip():  # (read as no file given: a traceback on the missing --prompt)
+            raise InvalidRequestError("--prompts-file is empty: give a UTF-8 file of prompts (one a line), or - "
+                                      "for standard input.")
         prompts, blank = read_prompts_file(args.prompts_file)
         if not prompts:
             raise InvalidRequestError(f"{args.prompts_file} has no prompts (one a line)")

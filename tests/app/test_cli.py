@@ -279,6 +279,7 @@ BAD = {
     # Issue 12: checked before the model is even looked for (it was refused after the weights loaded).
     "attention-before-the-model": (["--prompt", "Hi", "--model", "./nope", "--attention", "xformers"], "xformers"),
     "missing-prompts-file": (["--prompts-file", "/nonexistent/prompts.txt"], "prompts-file"),
+    "empty-prompts-file": (["--prompts-file", ""], "--prompts-file is empty"),  # a traceback
     "max-num-batched-tokens-0": (["--prompt", "Hi", "--max-num-batched-tokens", "0"], "max_num_batched_tokens"),
     "prompt-longer-than-context": (
         ["--prompt", "The quick brown fox jumps over the lazy dog " * 3, "--max-model-len", "8"],

@@ -137,6 +137,7 @@ def test_save_puts_it_where_the_app_reopens_it(capsys, tiny, prompts_file, tmp_p
     (["--quants", "int8", "--json", str(Path(__file__).parent)], "it is a folder"),
     (["--quants", "int8", "--json", ""], "--json is empty"),  # was "it is a folder" (the current one)
     (["--quants", "int8", "--json", "/proc/out.json"], "cannot write --json /proc/out.json"),
+    (["--quants", "int8", "--prompts", ""], "--prompts is empty"),  # the bundled prompts were compared
 ])
 def test_bad_arguments_exit_2_with_one_line_before_loading(capsys, tiny, prompts_file, extra, mention):
     rc, out, err = run_cli(capsys, *compare_args(tiny, prompts_file, *extra))

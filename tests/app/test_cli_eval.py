@@ -112,6 +112,7 @@ def test_eval_defaults_to_the_bundled_evaluation_text(capsys, tiny, monkeypatch)
     ("window-past-context", "--max-model-len"),
     ("stride-past-window", "--stride 40 is longer than the window (32 tokens)"),
     ("window-1", "--window 1"),
+    ("empty-path", "--text is empty"),
 ])
 def test_eval_bad_input_exits_2_with_one_line(capsys, tiny, tmp_path, case, mention):
     path = tmp_path / "t.txt"
@@ -129,13 +130,15 @@ def test_eval_bad_input_exits_2_with_one_line(capsys, tiny, tmp_path, case, ment
         extra = ["--window", "32", "--stride", "40"]
     elif case == "window-1":
         extra = ["--window", "1"]
+    elif case == "empty-path":  # (it scored the bundled text)
+        path = ""
     rc, out, err = run_cli(capsys, *eval_args(tiny, "--text", path, "--json", *extra))
     assert rc == 2, f"{case}: rc={rc}, stderr:\n{err}"
     assert out == "" and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[hearth]")]
     assert len(lines) == 1, f"{case}: expected one error line, got:\n{err}"
     assert lines[0].startswith("hearth: error:") and mention in lines[0], lines[0]
-    if case in ("window-past-context", "stride-past-window", "window-1"):  # refused before the model loads
+    if case in ("window-past-context", "stride-past-window", "window-1", "empty-path"):  # before the model loads
         assert "[hearth]" not in err
     elif case != "missing":
         assert str(path) in lines[0]  # names the file
