@@ -63,7 +63,7 @@ def _refuse_existing(out_dir: str | Path) -> None:
                                   options=("out",))
     base = out.absolute().parent
     try:  # a probe where it will write: permissions, a read-only or pseudo file system
-        while not base.exists() and base != base.parent:
+        while not os.path.lexists(base) and base != base.parent:  # (a dangling link is tried: mkdir fails there)
             base = base.parent  # (the folders missing are made when it writes)
         Path(tempfile.mkdtemp(prefix=".hearth-probe-", dir=base)).rmdir()
     except OSError as e:

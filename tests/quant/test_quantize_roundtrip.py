@@ -103,6 +103,14 @@ def test_a_cancelled_write_leaves_no_folders_it_made(tiny_models, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_out_under_a_dangling_link_is_refused_before_anything_loads(tmp_path, capsys):
+    """(the link was passed over as a folder to make, and the write failed as 'File exists' at the end)"""
+    (tmp_path / "gone").symlink_to(tmp_path / "no-such-folder")
+    assert main(["quantize", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "gone" / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "(--out)" in err and "no such file or folder" not in err, err
+
+
 def test_an_empty_out_is_refused_as_empty(tmp_path, capsys):
     """--out "" is the current folder to Path, which exists: it was refused as " exists"."""
     assert main(["quantize", "--model", str(tmp_path / "no-such-model"), "--out", ""]) == 2
