@@ -111,6 +111,11 @@ def calibrated_path(found: FoundModel, config: EngineConfig) -> tuple[str, Path]
               hashlib.sha256(calibration_text_path().read_bytes()).hexdigest()]
     if mc.quantization == "fp8-gptq":
         stamp.append(str(GPTQ_FP8_DAMP))
+    cfg = found.cfg or {}
+    if cfg.get("model_type") == "qwen2" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        # before 2026-12-07 the writer dropped a quantized projection's bias, and such a cached
+        # checkpoint fails to load: a model with biases gets a new key (the others keep theirs)
+        stamp.append("projection biases written")
     key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:12]
     safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in found.name)[:60]  # "shape:x" -> "shape-x"
     return source, models_cache_dir() / "calibrated" / f"{safe}-{mc.quantization}-{key}"
