@@ -178,8 +178,9 @@ def _write(loaded, parts, floats: dict, out_dir: Path, layout: str, quantization
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8")) if path is not None else _shape_config(loaded)
     per_channel = all(qw.group_size == qw.in_features for _ckpt, qw in parts)
     fp8 = any(qw.fmt == "e4m3" for _ckpt, qw in parts)
+    rounded = (note or {}).get("gptq")  # the GPTQ run's settings, where GPTQ rounded the weights
     qc = quantization_config("fp8" if fp8 else layout, bits, None if per_channel else group, sym, desc_act,
-                             not_converted=("lm_head",))
+                             not_converted=("lm_head",), gptq=rounded)
     if layout == "gptq":
         qc["checkpoint_format"] = gptq_format
     cfg["quantization_config"] = qc
@@ -382,6 +383,9 @@ def calibrated_model(model: str | None, out_dir: str | Path, *, method: str, gro
                     floats[f"{parent}.{ckpt}.bias"] = value[start:start + rows]
         if fp8:
             note = {**(note or {}), "rounding": "gptq", "damp": GPTQ_FP8_DAMP,
+                    "calibration_tokens": len(seqs) * CALIBRATION_SEQ_LEN}
+        elif method == "gptq":  # (a GPTQ layout's config records them: what GPTQ ran with)
+            note = {**(note or {}), "gptq": {"damp_percent": GPTQ_DAMP, "true_sequential": GPTQ_TRUE_SEQUENTIAL},
                     "calibration_tokens": len(seqs) * CALIBRATION_SEQ_LEN}
         return _write(loaded, parts, floats, out_dir, layout, "fp8" if fp8 else method, say, should_stop, note)
     finally:

@@ -139,6 +139,15 @@ def test_gptq_and_awq_of_a_float_model_calibrate_once_then_load_the_checkpoint(t
     try:
         assert loaded.info.quantization == method and loaded.info.quant_detail == "8 x int4 g32"
         assert f"{method}: layer 2 of 2 quantized" in first
+        from engine.paths import models_cache_dir
+        from engine.quant.export import GPTQ_DAMP
+
+        written = list((models_cache_dir() / "calibrated").glob(f"*-{method}-*/config.json"))
+        assert written
+        for path in written:  # what GPTQ ran with is what its config says (it said damp 0.01)
+            qc = json.loads(path.read_text())["quantization_config"]
+            assert (qc.get("damp_percent"), qc.get("true_sequential")) == (
+                (GPTQ_DAMP, True) if method == "gptq" else (None, None))
         assert any(m.startswith("note: on the CPU a float model's first calibration") for m in first)
         logits = hearth_logits(loaded.runner)
     finally:
@@ -171,6 +180,7 @@ def test_symmetric_int8_is_written_as_gptq_v1(tiny_models, tmp_path):
     result = quantize_model(str(tiny_models["llama3"]), tmp_path / "g8", quantization="int8", layout="gptq")
     qc = json.loads((result.out_dir / "config.json").read_text())["quantization_config"]
     assert qc["sym"] is True and qc.get("checkpoint_format", "gptq") == "gptq"
+    assert "damp_percent" not in qc and "true_sequential" not in qc  # rounded to nearest: no GPTQ run to record
     tensors = load_file(str(next(result.out_dir.glob("*.safetensors"))))
     zeros = [t for name, t in tensors.items() if name.endswith(".qzeros")]
     assert zeros and all(bool(z.eq(0x7F7F7F7F).all()) for z in zeros)

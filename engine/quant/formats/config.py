@@ -318,13 +318,16 @@ def _ct_weights(w: Any, source: str, field: str) -> tuple[int, int | None, bool,
 
 
 def quantization_config(method: str, bits: int, group_size: int | None, sym: bool, desc_act: bool = False,
-                        *, not_converted: Sequence[str] = ("lm_head",), lm_head: bool = False) -> dict:
+                        *, not_converted: Sequence[str] = ("lm_head",), lm_head: bool = False,
+                        gptq: dict | None = None) -> dict:
     """The ``quantization_config`` dict for config.json of a checkpoint Hearth writes with
     ``write_awq``/``write_gptq``/``write_compressed_tensors`` (what vLLM and transformers
     read). ``group_size`` None is per output channel; ``desc_act`` says the weights carry
     act-order group indices; ``not_converted`` names the modules left in float (AWQ and
     compressed-tensors record it; GPTQ records only ``lm_head``, whether the head is
-    quantized)."""
+    quantized). ``gptq``: the GPTQ run's ``damp_percent`` and ``true_sequential`` (a GPTQ
+    layout records them only for weights GPTQ rounded: round-to-nearest or AWQ weights
+    written in that layout were not)."""
     if method == "awq":
         if bits != 4 or desc_act:
             raise ValueError("AWQ checkpoints are 4-bit without act-order")
@@ -333,8 +336,8 @@ def quantization_config(method: str, bits: int, group_size: int | None, sym: boo
                 "modules_to_not_convert": list(not_converted) or None}
     if method == "gptq":
         return {"quant_method": "gptq", "bits": bits, "group_size": -1 if group_size is None else group_size,
-                "desc_act": desc_act, "sym": sym, "static_groups": False, "true_sequential": True,
-                "damp_percent": 0.01, "lm_head": lm_head, "checkpoint_format": "gptq"}
+                "desc_act": desc_act, "sym": sym, "static_groups": False, **(gptq or {}),
+                "lm_head": lm_head, "checkpoint_format": "gptq"}
     if method == "compressed-tensors":
         weights = {"num_bits": bits, "type": "int", "symmetric": sym,
                    "strategy": "channel" if group_size is None else "group", "group_size": group_size,
