@@ -19,6 +19,24 @@ def kv_cache_dtype_name(name: str) -> str:
     return choices.canonical("kv_cache_dtype", name)
 
 
+#: The methods that quantize in groups whose size a load may choose (--group-size).
+GROUPED_METHODS = ("int4", "awq", "gptq")
+
+
+def check_group_size(method: str, group_size: int | None) -> None:
+    """Refuse a group size (``--group-size``) with a method that has none to choose (first:
+    the advice on the value would be wrong for it), or one not offered."""
+    if group_size is None:
+        return
+    if method not in GROUPED_METHODS:
+        what = "int8 is per output channel" if method == "int8" else f"{method} has no group size to choose"
+        raise InvalidRequestError(f"{what}: --group-size applies to int4, awq and gptq.",
+                                  options=("quant_group_size",))
+    if group_size not in (32, 64, 128, 256):
+        raise InvalidRequestError(f"the int4 group size (--group-size) must be 32, 64, 128 or 256, got "
+                                  f"{group_size!r}", options=("quant_group_size",))
+
+
 @dataclass(slots=True)
 class ModelConfig:
     model: str | None = None  # None / "default" -> the bundled SmolLM2
@@ -54,9 +72,7 @@ class ModelConfig:
         self.quantization = choices.canonical("quantization", self.quantization)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InvalidRequestError("max_model_len must be positive")
-        if self.quant_group_size is not None and self.quant_group_size not in (32, 64, 128, 256):
-            raise InvalidRequestError(f"the int4 group size (--group-size) must be 32, 64, 128 or 256, got "
-                                      f"{self.quant_group_size!r}", options=("quant_group_size",))
+        check_group_size(self.quantization, self.quant_group_size)
 
     def _check_devices(self) -> None:
         """Read ``devices``/``split``/``split_ratio`` (text or sequences) into their

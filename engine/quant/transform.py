@@ -32,6 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
+from engine.config import check_group_size
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.quant.bnb import BNB_METHODS
 from engine.quant.sources import Canonical, Published, QuantSource, rtn
@@ -236,10 +237,7 @@ def check_quant_flags(method: str, group_size: int | None, head: bool, float_hea
                 f"{method} keeps the head as the checkpoint has it")
         raise InvalidRequestError(f"--float-head applies to int8, int4 and fp8 (which store an untied head "
                                   f"quantized); {what}: drop --float-head.", options=("float_head",))
-    if group_size is not None and method not in ("int4", "awq", "gptq"):
-        what = "int8 is per output channel" if method == "int8" else f"{method} has no group size to choose"
-        raise InvalidRequestError(f"{what}: --group-size applies to int4, awq and gptq.",
-                                  options=("quant_group_size",))
+    check_group_size(method, group_size)
 
 
 def _canonical_sources(names: dict) -> dict[str, QuantSource]:

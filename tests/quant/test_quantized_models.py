@@ -239,6 +239,11 @@ def test_releasing_a_runner_drops_what_its_quantized_kernels_hold(tiny_models):
 def test_flags_that_do_not_apply_are_refused(tiny_models):
     with pytest.raises(InvalidRequestError, match="int8 is per output channel: --group-size applies to int4"):
         load(tiny_models["llama3"], quantization="int8", quant_group_size=64)
+    # a group size not offered, with a method that has none: the method is what's wrong (it was told
+    # "the int4 group size must be 32, 64, 128 or 256", and then, given one, "int8 is per output channel")
+    for method, says in (("int8", "int8 is per output channel"), ("none", "none has no group size to choose")):
+        with pytest.raises(InvalidRequestError, match=f"{says}: --group-size applies to int4, awq and gptq"):
+            load(tiny_models["llama3"], quantization=method, quant_group_size=7)
     with pytest.raises(InvalidRequestError, match="--quant-head applies to int8 and int4"):
         load(tiny_models["llama3"], quantization="gptq", quant_head=True)
     # --float-head with a method that stores no head quantized was taken without a word
