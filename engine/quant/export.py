@@ -86,6 +86,10 @@ def quantize_model(model: str, out_dir: str | Path, *, quantization: str = "int4
 
     say = progress or (lambda _msg: None)
     _refuse_existing(out_dir)
+    from engine import choices
+
+    with contextlib.suppress(InvalidRequestError):  # (an unknown name is refused below, with what this writes)
+        quantization = choices.canonical("quantization", quantization)  # e4m3 is fp8 here too, as elsewhere
     if quantization == "fp8-gptq":  # the registry's name for fp8 --calibrate gptq
         quantization, calibrate = "fp8", calibrate or "gptq"
     if layout is None:  # the method's own layout (AWQ, GPTQ), else what llm-compressor writes

@@ -250,3 +250,11 @@ def test_the_printed_load_command_works_for_a_folder_with_spaces(tiny_models, tm
     printed = capsys.readouterr().out
     assert printed.rstrip().endswith(f"load it with --model {shlex.quote(str(out))}"), printed
     assert shlex.split(printed.rstrip().rsplit("--model ", 1)[1]) == [str(out)]
+
+
+def test_a_methods_other_name_is_taken(tiny_models, tmp_path):
+    """e4m3 is fp8 in every command (the load dialog, --quant of generate, eval, bench): quantize
+    refused it as unknown."""
+    result = quantize_model(str(tiny_models["llama3"]), tmp_path / "q", quantization="e4m3")
+    assert result.quantization == "fp8"
+    assert json.loads((result.out_dir / "config.json").read_text())["hearth_quantized"]["method"] == "fp8"
