@@ -372,60 +372,6 @@ def _is_transfer_error(exc: BaseException) -> bool:
                and cls.__module__.split(".")[0].startswith(("httpx", "httpcore")) for cls in type(exc).__mro__)
 
 
-def _snapshot_resuming(*, repo_id: str, revision: str | None, tqdm_class: Any = None, **kwargs: Any) -> str:
-    """``snapshot_download``, with each weights (LFS) file fetched first into a partial file that
-    the next run continues: ``blobs/<sha256>.incomplete``, as the app's downloads keep it.
-    huggingface_hub downloads into a temporary file of its own that it deletes when a download
-    fails or stops (or leaves behind, unused, when the process is killed), so an interrupted
-    download of a large model would start over. Files stored with Xet (when hf_xet is
-    installed) are left to huggingface_hub."""
-    import hashlib
-
-    from huggingface_hub import HfApi, constants, file_download, hf_hub_url, snapshot_download
-    from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
-
-    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    wanted = set(filter_repo_objects([s.rfilename for s in info.siblings or ()],
-                                     allow_patterns=kwargs.get("allow_patterns")))
-    storage = Path(constants.HF_HUB_CACHE) / file_download.repo_folder_name(repo_id=repo_id, repo_type="model")
-    for sibling in info.siblings or ():
-        if sibling.rfilename not in wanted or sibling.lfs is None:
-            continue
-        if (storage / "blobs" / sibling.lfs.sha256).exists():
-            continue
-        meta = file_download.get_hf_file_metadata(hf_hub_url(repo_id, sibling.rfilename, revision=info.sha))
-        if meta.etag is None or meta.size is None or (meta.xet_file_data is not None and file_download.is_xet_available()):
-            continue
-        blob = storage / "blobs" / meta.etag
-        partial = blob.with_name(blob.name + ".incomplete")
-        lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{meta.etag}.lock"
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(lock):  # (the lock huggingface_hub takes for this file: one process at a time)
-            if blob.exists():
-                continue
-            have = partial.stat().st_size if partial.exists() else 0
-            if have > meta.size:
-                partial.unlink()
-                have = 0
-            with open(partial, "ab") as f:
-                file_download.http_get(meta.location, f, resume_size=have, headers=build_hf_headers(),
-                                       expected_size=meta.size, displayed_filename=sibling.rfilename,
-                                       tqdm_class=tqdm_class)
-            if have and len(meta.etag) == 64:  # stitched from two runs: check it is the Hub's file
-                digest = hashlib.sha256()
-                with open(partial, "rb") as f:
-                    while block := f.read(1 << 20):
-                        digest.update(block)
-                if digest.hexdigest() != meta.etag:
-                    partial.unlink()
-                    raise OSError(f"Consistency check failed: {sibling.rfilename} resumed from an earlier "
-                                  "run does not match the Hub's checksum; its partial copy was deleted")
-            os.replace(partial, blob)
-    # The weights are in place: this fetches the small files and links everything into the snapshot.
-    return snapshot_download(repo_id=repo_id, revision=revision, tqdm_class=tqdm_class, **kwargs)
-
-
 _STOP_CHUNK_BYTES = 1024 * 1024
 
 
@@ -509,7 +455,7 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
         try:
             if local_only:
                 return snapshot_download(**kwargs, local_files_only=True)
-            return _download_stoppably(_snapshot_resuming, {**kwargs, "local_files_only": False}, should_stop)
+            return _download_stoppably(snapshot_download, {**kwargs, "local_files_only": False}, should_stop)
         except GatedRepoError as exc:  # before RepositoryNotFoundError: it is a subclass
             raise ModelLoadError(
                 f"'{repo_id}' is a gated model: accept its terms at https://huggingface.co/{repo_id} "
@@ -587,8 +533,8 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
                 raise ModelLoadError(
                     f"downloading '{repo_id}'{rev_text} from the Hugging Face Hub failed part-way "
                     f"({type(network_error).__name__}: {(str(network_error).splitlines() or [''])[0]}). "
-                    "Check the network connection and run the same command again: what was fetched is "
-                    "kept and only the rest is fetched."
+                    "Check the network connection and run the same command again: the files that "
+                    "finished are kept and only the rest is fetched."
                 ) from exc
             why = (
                 "offline mode is on (HF_HUB_OFFLINE)"
