@@ -123,7 +123,7 @@ class Ranks:
             thread.join(0.1)
             gone = self._gone()
             if gone is not None:
-                raise ModelLoadError(f"tensor parallel: {gone} before it connected; its log above says why.")
+                raise ModelLoadError(f"tensor parallel: {gone} before it connected{self._why_gone(gone)}.")
             if time.monotonic() > deadline:
                 raise ModelLoadError(f"tensor parallel: the worker processes did not connect within "
                                      f"{CONNECT_TIMEOUT_S} s.")
@@ -187,7 +187,7 @@ class Ranks:
                     raise LoadCancelledError("loading cancelled")
                 gone = self._gone()
                 if gone is not None:
-                    raise ModelLoadError(f"tensor parallel: {gone} while loading; its log above says why.")
+                    raise ModelLoadError(f"tensor parallel: {gone} while loading{self._why_gone(gone)}.")
             msg = self._recv(rank)
             if msg[0] != "ready":
                 raise _worker_error(rank, self.devices[rank], msg)
@@ -216,9 +216,8 @@ class Ranks:
             # a report waits REPORT_WAIT_S for such a rank to be seen ended (its exit, and
             # Popen.poll while the watch thread polls, may lag the closed socket)
             killed = self._gone(killed_only=True)
-            if killed is not None:  # (such a rank leaves no log of its own)
-                return ModelLoadError(f"tensor parallel: {killed}, outside Hearth: out of memory is the usual "
-                                      "cause (the system's log says if its OOM killer ended it)")
+            if killed is not None:
+                return ModelLoadError(f"tensor parallel: {killed}{self._why_gone(killed)}")
             if reported is None:
                 reported = self._reported()
                 if reported is not None:
@@ -229,7 +228,7 @@ class Ranks:
                 continue
             gone = self._gone()
             if gone is not None:
-                return ModelLoadError(f"tensor parallel: {gone}; its log above says why")
+                return ModelLoadError(f"tensor parallel: {gone}{self._why_gone(gone)}")
             time.sleep(0.05)
         if reported is not None:
             return reported
@@ -254,6 +253,15 @@ class Ranks:
                 continue
         return None
 
+    @staticmethod
+    def _why_gone(gone: str) -> str:
+        """Where to look for why the rank ``gone`` (``_gone``'s words) ended: its log, unless a
+        signal killed it (it leaves none then)."""
+        if "killed by signal" in gone:
+            return (", outside Hearth: out of memory is the usual cause (the system's log says if its OOM "
+                    "killer ended it)")
+        return "; its log above says why"
+
     def _gone(self, killed_only: bool = False) -> str | None:
         for rank, proc in self.procs.items():
             code = proc.poll()
@@ -267,7 +275,7 @@ class Ranks:
             return self.conns[rank].recv()
         except (OSError, EOFError):
             gone = self._gone() or f"rank {rank}'s connection closed"
-            raise ModelLoadError(f"tensor parallel: {gone}; its log above says why.") from None
+            raise ModelLoadError(f"tensor parallel: {gone}{self._why_gone(gone)}.") from None
 
     # -- end ---------------------------------------------------------------------------
     def close(self) -> None:

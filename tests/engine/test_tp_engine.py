@@ -252,6 +252,7 @@ def test_a_killed_rank_is_named_not_a_peer_that_reported_the_collective_it_left(
     rank 1's gloo message (which rank it named was a race)."""
     from types import SimpleNamespace
 
+    from engine.errors import ModelLoadError
     from engine.runner.tp_host import Ranks
 
     class Conn:
@@ -273,6 +274,16 @@ def test_a_killed_rank_is_named_not_a_peer_that_reported_the_collective_it_left(
     error = ranks.dead(RuntimeError("Connection closed by peer"))
     assert "rank 2 (cpu) ended (killed by signal 9)" in str(error), error
     assert "reset by peer" not in str(error)
+    # a rank killed by a signal leaves no log: the error said "its log above says why"
+    assert "out of memory is the usual cause" in str(error) and "log above" not in str(error)
+    # one that exited (an error of its own) has a log, wherever the host saw it end
+    ranks.procs = {1: SimpleNamespace(poll=lambda: 1), 2: SimpleNamespace(poll=lambda: None)}
+    ranks.conns = {1: Conn([]), 2: Conn([])}
+    with pytest.raises(ModelLoadError, match=r"rank 1 \(cpu\) ended \(exit code 1\) while loading; its log above"):
+        ranks.wait_ready(None)
+    ranks.procs = {1: SimpleNamespace(poll=lambda: -signal.SIGKILL), 2: SimpleNamespace(poll=lambda: None)}
+    with pytest.raises(ModelLoadError, match=r"killed by signal 9\) while loading, outside Hearth: out of memory"):
+        ranks.wait_ready(None)
 
 
 def test_a_step_failed_by_a_worded_error_logs_one_line_not_a_traceback(tiny_models, monkeypatch, caplog):
