@@ -117,10 +117,16 @@ def cpu_kernel() -> dict:
 
     problem = cpu_quant.available()
     if problem is not None:
+        if "no C compiler" in problem:
+            todo = ": install gcc or clang (or set CC to one), then run hearth doctor again"
+        elif "compiling" in problem:  # a compiler that failed: its last lines say why
+            problem = " / ".join(line.strip() for line in problem.splitlines()[-3:] if line.strip())
+            todo = ": set CC to another compiler (gcc or clang), or report the compiler's words above"
+        else:  # (not built on this system)
+            todo = ""
         return {"isa": None, "problem": problem, "summary": (
             f"unavailable: {problem}. Until it builds, int8, int4 and GGUF weights run the slower reference on "
-            "the CPU and auto loads a GGUF as floats: install gcc or clang (or set CC to a working one), then "
-            "run hearth doctor again")}
+            f"the CPU and auto loads a GGUF as floats{todo}")}
     isa = cpu_quant.isa()
     if isa == "avx2":
         return {"isa": isa, "problem": None, "summary": "avx2: int8, int4 and GGUF weights run quantized on the CPU"}

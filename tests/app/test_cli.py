@@ -353,7 +353,12 @@ def test_doctor_says_why_the_cpu_kernel_does_not_build(capsys, monkeypatch, tmp_
     assert rc == 0, err
     (kernel,) = [ln for ln in out.splitlines() if ln.split()[:2] == ["cpu", "kernel"]]
     assert "unavailable: compiling the CPU quantized kernel with" in kernel and "failed (exit 1)" in kernel
-    assert "install gcc or clang" in kernel
+    assert "set CC to another compiler" in kernel  # (one is there: "install one" would be wrong)
+    for attr, value in (("_lib", None), ("_loaded", False), ("_problem", None), ("_compiler", lambda: None)):
+        monkeypatch.setattr(cpu_quant, attr, value)
+    rc, out, err = run_cli(capsys, "doctor")
+    (kernel,) = [ln for ln in out.splitlines() if ln.split()[:2] == ["cpu", "kernel"]]
+    assert "no C compiler found" in kernel and "install gcc or clang" in kernel
 
 
 def test_a_long_prompt_is_read_in_steps_of_the_budget_asked_for(capsys, tiny):
