@@ -232,9 +232,9 @@ def check_quant_flags(method: str, group_size: int | None, head: bool, float_hea
                 if method == "fp8-gptq" else f"{method} keeps the embedding and head as the checkpoint has them")
         raise InvalidRequestError(f"--quant-head applies to int8 and int4; {what}.", options=("quant_head",))
     if float_head and method not in FLOAT_HEAD_METHODS:
+        in_dtype = method in ("none", "bf16", "fp16", "fp8-gptq")
         what = ("auto keeps the head as the checkpoint has it" if method == "auto" else
-                f"{method} keeps the head in the model's dtype" if method in ("none", "bf16", "fp16", "fp8-gptq")
-                else
+                f"{method} keeps the head in the model's dtype" if in_dtype else
                 f"{method} keeps the head as the checkpoint has it")
         raise InvalidRequestError(f"--float-head applies to int8, int4 and fp8 (which store an untied head "
                                   f"quantized); {what}: drop --float-head.", options=("float_head",))
