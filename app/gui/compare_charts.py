@@ -18,8 +18,9 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QFont
-from PySide6.QtWidgets import QFrame, QGridLayout, QScrollArea, QWidget
+from PySide6.QtWidgets import QFrame, QGridLayout, QWidget
 
+from app.gui.chart_grid import ChartGrid
 from app.gui.compare_columns import CONFIG_COLOURS, peak_caption
 from app.services.compare_results import ComparisonResult, ConfigResult
 
@@ -74,10 +75,13 @@ def _missing(r: ConfigResult) -> str:
 CHART_MIN_WIDTH = 240
 
 
-class CompareCharts(QScrollArea):
+class CompareCharts(ChartGrid):
     """Nine bar charts in a grid (three columns, fewer where the page is narrow; scrolling
     where it is short). ``plots`` / ``bars`` / ``values`` by chart key (``values``: what
     each bar shows)."""
+
+    max_columns = 3
+    chart_min_width = CHART_MIN_WIDTH
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -112,22 +116,6 @@ class CompareCharts(QScrollArea):
             grid.addWidget(plot, i // 3, i % 3)
         self.setWidget(inner)
         self.show_results([])
-
-    def columns(self) -> int:
-        """How many charts a row holds now."""
-        return self._columns
-
-    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        super().resizeEvent(event)
-        columns = max(1, min(3, self.viewport().width() // CHART_MIN_WIDTH))
-        if columns != self._columns:  # a narrower page: fewer charts a row, more rows (it scrolls)
-            self._columns = columns
-            for plot in self.plots.values():
-                self._grid.removeWidget(plot)
-            for i, plot in enumerate(self.plots.values()):
-                self._grid.addWidget(plot, i // columns, i % columns)
-            self._grid.activate()  # the new rows' height, before the scroll area sizes the grid
-            self.setWidgetResizable(True)
 
     def show_result(self, result: ComparisonResult | None) -> None:
         self.show_results(result.results if result is not None else [])

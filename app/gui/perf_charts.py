@@ -19,8 +19,9 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QFrame, QGridLayout, QScrollArea, QWidget
+from PySide6.QtWidgets import QFrame, QGridLayout, QWidget
 
+from app.gui.chart_grid import ChartGrid
 from app.services.chart_ranges import time_window, value_range
 from app.services.perf_history import PerfHistory, SamplePoint
 
@@ -47,8 +48,11 @@ LEGEND_COLUMNS = {"memory": 3}
 CHART_MIN_WIDTH = 320
 
 
-class PerfCharts(QScrollArea):
+class PerfCharts(ChartGrid):
     """The chart grid. ``plots`` and ``curves`` name every chart item."""
+
+    max_columns = 2
+    chart_min_width = CHART_MIN_WIDTH
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -117,22 +121,6 @@ class PerfCharts(QScrollArea):
         self.curve("queue", "waiting", "waiting")
         self.curve("cpu", "process_cpu", "Hearth process (100 = one core)")
         self.curve("cpu", "system_cpu", "whole machine")
-
-    def columns(self) -> int:
-        """How many charts a row holds now."""
-        return self._columns
-
-    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        super().resizeEvent(event)
-        columns = max(1, min(2, self.viewport().width() // CHART_MIN_WIDTH))
-        if columns != self._columns:  # as the Compare page's charts (compare_charts)
-            self._columns = columns
-            for plot in self.plots.values():
-                self._grid.removeWidget(plot)
-            for i, plot in enumerate(self.plots.values()):
-                self._grid.addWidget(plot, i // columns, i % columns)
-            self._grid.activate()  # the new rows' height, before the scroll area sizes the grid
-            self.setWidgetResizable(True)
 
     def curve(self, plot: str, name: str, label: str, *, scatter=False, fill=False, dashed=False,
               colour: str | None = None) -> pg.PlotDataItem:
