@@ -24,8 +24,9 @@ from engine.choices import choices as list_choices
 from engine.choices import get as get_choice
 from engine.choices import names as choice_names
 # One validated load configuration: the CLI, the GUI, hearth bench and the engine pass it.
-from engine.config import (LOAD_OPTIONS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig,
-                           config_from_options, load_config, parse_bytes)
+from engine.config import (FLOAT_HEAD_METHODS, GROUPED_METHODS, LOAD_OPTIONS, QUANT_HEAD_METHODS, CacheConfig,
+                           EngineConfig, ModelConfig, SchedulerConfig, config_from_options, load_config,
+                           parse_bytes)
 from engine.errors import (EngineDeadError, HearthError, InvalidRequestError, LoadCancelledError,
                            ModelLoadError, ModelOutputError, OutOfMemoryError, UnsupportedModelError,
                            option_flag)
@@ -158,7 +159,7 @@ __all__ = [
     "StructuredOutput", "MAX_SCHEMA_CHARS", "grammar_unavailable",
     "byte_token_ids",
     "CHOICE_KINDS", "Choice", "choice_names", "choice_name", "get_choice", "list_choices", "kv_bytes_per_value",
-    "DeviceShare", "LOAD_OPTIONS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",
+    "DeviceShare", "LOAD_OPTIONS", "GROUPED_METHODS", "QUANT_HEAD_METHODS", "FLOAT_HEAD_METHODS", "load_config", "config_from_options", "ModelInfo", "SpecSummary", "model_summary",
     "doctor_info", "gpu_memory", "load_choices", "model_display_name", "check_model", "release_memory",
     "Engine", "EngineConfig", "ModelConfig", "CacheConfig", "SchedulerConfig", "Request",
     "RequestHandle", "Completion", "SamplingParams", "TokenEvent", "PromptProgressEvent", "FinishedEvent",

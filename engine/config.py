@@ -21,6 +21,10 @@ def kv_cache_dtype_name(name: str) -> str:
 
 #: The methods that quantize in groups whose size a load may choose (--group-size).
 GROUPED_METHODS = ("int4", "awq", "gptq")
+#: The methods that can quantize the embedding and head too, in their own format (--quant-head).
+QUANT_HEAD_METHODS = ("int8", "int4")
+#: The methods that quantize an untied LM head unless --float-head keeps it float.
+FLOAT_HEAD_METHODS = ("int8", "int4", "fp8")
 
 
 def check_group_size(method: str, group_size: int | None) -> None:

@@ -28,8 +28,9 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
 
 from app.gui.saved_values import saved_int
 from app.gui.widget_tips import set_enabled
-from engine.api import (CHOICE_KINDS, Choice, EngineConfig, HearthError, ModelCheck, check_model,
-                        config_from_options, format_bytes, gpu_memory, list_choices, model_display_name)
+from engine.api import (CHOICE_KINDS, FLOAT_HEAD_METHODS, GROUPED_METHODS, QUANT_HEAD_METHODS, Choice, EngineConfig,
+                        HearthError, ModelCheck, check_model, config_from_options, format_bytes, gpu_memory,
+                        list_choices, model_display_name)
 
 #: kind -> its choices on this machine (``engine.api.list_choices``), what the dialog lists.
 ChoiceTable = Mapping[str, Sequence[Choice]]
@@ -273,11 +274,11 @@ class LoadDialog(QDialog):
         command line's --group-size), the head options for int4 / int8 (/ fp8: its untied head)."""
         method = self.quantization.currentData()
         label = self.quantization.currentText().split(" (")[0] or str(method)
-        set_enabled(self.group_size, method in ("int4", "awq", "gptq"),
+        set_enabled(self.group_size, method in GROUPED_METHODS,
                 f"only int4, AWQ and GPTQ quantize in groups here ({label} is picked)")
-        set_enabled(self.quant_head, method in ("int4", "int8"),
+        set_enabled(self.quant_head, method in QUANT_HEAD_METHODS,
                 f"only int8 and int4 quantize the embedding and head ({label} is picked)")
-        set_enabled(self.float_head, method in ("int4", "int8", "fp8"),
+        set_enabled(self.float_head, method in FLOAT_HEAD_METHODS,
                 f"only int8, int4 and fp8 change a separate output head ({label} is picked)")
 
     def _update_device_fields(self, *_args) -> None:
@@ -465,15 +466,15 @@ def saved_load_options(settings: QSettings, choices: ChoiceTable | None = None) 
     quantization = usable("quantization", "load/quant", "auto")
     # (a saved method that can't run here falls back to auto: the flags of the method go with it,
     # as the dialog's own fields are off for the methods they don't apply to)
-    quant_head = settings.value("load/quant_head", "false") in (True, "true") and quantization in ("int8", "int4")
+    quant_head = settings.value("load/quant_head", "false") in (True, "true") and quantization in QUANT_HEAD_METHODS
     group_size = saved_int(settings, "load/quant_group_size", 0) or None
     return {
         "model": settings.value("load/model", "default") or "default",
         "quantization": quantization,
-        "quant_group_size": group_size if quantization in ("int4", "awq", "gptq") else None,
+        "quant_group_size": group_size if quantization in GROUPED_METHODS else None,
         "quant_head": quant_head,
         "float_head": (settings.value("load/float_head", "false") in (True, "true") and not quant_head
-                       and quantization in ("int8", "int4", "fp8")),
+                       and quantization in FLOAT_HEAD_METHODS),
         "attention": attention,
         "device": usable("device", "load/device", "auto"),
         "dtype": usable("dtype", "load/dtype", "auto"),

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from engine.api import (EngineConfig, InvalidRequestError, SamplingParams, check_text,
-                        config_from_options, get_choice)
+from engine.api import (FLOAT_HEAD_METHODS, GROUPED_METHODS, QUANT_HEAD_METHODS, EngineConfig, InvalidRequestError,
+                        SamplingParams, check_text, config_from_options, get_choice)
 
 #: The most configurations one comparison runs (the issue's 2..6 in the GUI; the CLI takes 1..6).
 MAX_CONFIGS = 6
@@ -29,8 +29,8 @@ SAMPLED_TEMPERATURE = 0.7
 DEFAULT_LOAD_OPTIONS: Mapping[str, Any] = MappingProxyType({"max_num_seqs": 1, "enable_prefix_caching": False})
 #: Load options for some quantizations only: each configuration of another gets them left out
 #: (``--group-size 64`` compares int4 in groups of 64 with bf16 and int8 as they are).
-_FOR_METHODS = {"quant_group_size": ("int4", "awq", "gptq"), "quant_head": ("int8", "int4"),
-                "float_head": ("int8", "int4", "fp8")}
+_FOR_METHODS = {"quant_group_size": GROUPED_METHODS, "quant_head": QUANT_HEAD_METHODS,
+                "float_head": FLOAT_HEAD_METHODS}
 _FLAGS = {"quant_group_size": "--group-size", "quant_head": "--quant-head", "float_head": "--float-head"}
 #: Load options that a configuration sets, or the plan's own field: not in ``load_options``.
 _PER_CONFIG = {"quantization": "quant", "attention": "attention", "kv_cache_dtype": "kv_dtype",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from torch import nn
 
-from engine.config import check_group_size
+from engine.config import FLOAT_HEAD_METHODS, QUANT_HEAD_METHODS, check_group_size
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.quant.bnb import BNB_METHODS
 from engine.quant.sources import Canonical, Published, QuantSource, rtn
@@ -216,17 +216,13 @@ def quantization_plan(method: str, path: Path | None, *, group_size: int | None 
                               options=("quantization",))
 
 
-#: The methods that quantize an untied LM head unless ``--float-head`` keeps it float.
-FLOAT_HEAD_METHODS = ("int8", "int4", "fp8")
-
-
 def check_quant_flags(method: str, group_size: int | None, head: bool, float_head: bool = False) -> None:
     """Refuse ``--group-size`` / ``--quant-head`` / ``--float-head`` with a method they
     don't apply to, and ``--quant-head`` with ``--float-head``."""
     if head and float_head:
         raise InvalidRequestError("--quant-head quantizes the LM head and --float-head keeps it in the model's "
                                   "dtype: choose one.", options=("quant_head", "float_head"))
-    if head and method not in ("int8", "int4"):
+    if head and method not in QUANT_HEAD_METHODS:
         what = ("fp8 keeps the embedding in the model's dtype and casts an untied head (--float-head keeps it)"
                 if method == "fp8" else "fp8-gptq keeps the embedding and head in the model's dtype"
                 if method == "fp8-gptq" else f"{method} keeps the embedding and head as the checkpoint has them")
