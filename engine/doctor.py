@@ -127,12 +127,13 @@ def cpu_kernel() -> dict:
         return {"isa": None, "problem": problem, "summary": (
             f"unavailable: {problem}. Until it builds, int8, int4 and GGUF weights run the slower reference on "
             f"the CPU and auto loads a GGUF as floats{todo}")}
-    isa = cpu_quant.isa()
-    if isa == "avx2":
-        return {"isa": isa, "problem": None, "summary": "avx2: int8, int4 and GGUF weights run quantized on the CPU"}
-    problem = ("this CPU has no AVX2: the portable C path is slower than float weights, so int8 / int4 run the "
-               "reference and auto loads a GGUF as floats")
-    return {"isa": isa, "problem": problem, "summary": f"{isa}: {problem}"}
+    from engine.layers.quant_kernels import cpu_kernel_unusable
+
+    isa, problem = cpu_quant.isa(), cpu_kernel_unusable()
+    if problem is None:
+        return {"isa": isa, "problem": None, "summary": f"{isa}: int8, int4 and GGUF weights run quantized on the CPU"}
+    return {"isa": isa, "problem": problem, "summary": f"{isa}: {problem}, so int8 / int4 run the reference and "
+                                                       "auto loads a GGUF as floats"}
 
 
 #: NVML's topology levels (nvmlGpuTopologyLevel_t) as Hearth says them.

@@ -363,14 +363,22 @@ class CpuQuant(QuantKernel):
         return self._matmul(x, self.prepared, out)
 
 
-def cpu_kernel_problem(layer) -> str | None:
-    """Why the C kernel can't run ``layer`` here (None: it can, at full speed)."""
+def cpu_kernel_unusable() -> str | None:
+    """Why the C kernel doesn't run quantized layers at full speed on this machine (it can't
+    be built, or the CPU has no AVX2); None: it does."""
     from hearth_kernels import cpu_quant
 
     problem = cpu_quant.available()
     if problem is None and cpu_quant.isa() != "avx2":
         problem = "this CPU has no AVX2 (the portable C path is slower than torch's float matmul)"
-    return problem or cpu_quant.supports(layer.bits, layer.group_size, layer.in_features)
+    return problem
+
+
+def cpu_kernel_problem(layer) -> str | None:
+    """Why the C kernel can't run ``layer`` here (None: it can, at full speed)."""
+    from hearth_kernels import cpu_quant
+
+    return cpu_kernel_unusable() or cpu_quant.supports(layer.bits, layer.group_size, layer.in_features)
 
 
 def kernel_for(layer) -> QuantKernel:

@@ -155,9 +155,9 @@ def auto_keeps_gguf(device: str) -> bool:
     target = resolve_device(device)
     if target.type == "cuda":
         return not choices.get("quantization", "gguf", str(target)).reasons
-    from hearth_kernels import cpu_quant
+    from engine.layers.quant_kernels import cpu_kernel_unusable
 
-    return cpu_quant.available() is None and cpu_quant.isa() == "avx2"
+    return cpu_kernel_unusable() is None
 
 
 def native_spec(found: FoundModel, force_fallback: bool) -> tuple[ModelSpec | None, str | None]:
