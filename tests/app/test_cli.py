@@ -158,7 +158,11 @@ def test_prompts_file_says_why_a_prompt_failed(capsys, monkeypatch, tiny, tmp_pa
     from engine.errors import EngineDeadError
     from engine.runner.model_runner import ModelRunner
 
+    plain = ModelRunner.execute
+
     def execute(self, inp):
+        if not inp.rows:  # the idle engine's release of finished requests: not a step (it ended the loop
+            return plain(self, inp)  # when the engine idled between the two prompts' submits, exit 2)
         raise EngineDeadError("rank 1 (cpu) ended (killed by signal 9). The model can't run on: reload it.")
 
     monkeypatch.setattr(ModelRunner, "execute", execute)
