@@ -2,35 +2,33 @@
 half of ``DownloadManager``, kept apart from its queue and states).
 
 ``RepoFetcher`` is mixed into ``DownloadManager``: it reads a repo's file list, picks the
-files a download takes, and grows each blob's ``.incomplete`` file with Range requests
-(``resumable.fetch_resumable``) before huggingface_hub links it into the snapshot.
-It reports through the manager's ``_set`` / ``_advance`` and stops when the job's
-``stop`` event is set.
+files a download takes, and has the engine's Hub fetch (``engine.api.fetch_blob``, the
+same one a repo id given to a load goes through) grow each blob's ``.incomplete`` file
+with Range requests before huggingface_hub links it into the snapshot. It reports
+through the manager's ``_set`` / ``_advance`` and stops when the job's ``stop`` event is
+set.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import re
-import shutil
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from app.services.hub import HubError
-from app.services.resumable import Stopped, TransferFailed, fetch_resumable, sha256_matches
-from engine.api import format_bytes
+from engine.api import (HUB_ALLOW_PATTERNS, BlobBusy, DownloadStopped, NotEnoughDisk, ResumeCorrupted,
+                        TransferFailed, fetch_blob, list_repo)
 
 if TYPE_CHECKING:
     from app.services.downloads import DownloadStatus
 
 _SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
-#: Files a default download takes: enough to run the model, never pickle weights. Mirrors
-#: what the engine itself fetches for a repo id.
-MODEL_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                       "tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt",
-                       "chat_template*"]
+#: Files a default download takes: enough to run the model, never pickle weights; what the
+#: engine itself fetches for a repo id.
+MODEL_FILE_PATTERNS = HUB_ALLOW_PATTERNS
+_AGAIN = " Press Retry to try again later; it continues where it stopped."
 
 
 class RepoFetcher:
@@ -38,46 +36,39 @@ class RepoFetcher:
     ``_busy_blobs``, retry settings, ``_token``, ``_set`` and ``_advance``)."""
 
     def _download(self, job) -> Path:
-        from huggingface_hub import HfApi, constants, hf_hub_download, hf_hub_url, try_to_load_from_cache
-        from huggingface_hub.file_download import get_hf_file_metadata, repo_folder_name
+        from huggingface_hub import hf_hub_download
 
         from app.services.hub import check_online
 
         check_online()
         s, token = job.status, self._token()
         revision = s.revision or "main"
-        info = HfApi(token=token).model_info(s.repo_id, revision=revision, files_metadata=True, timeout=30)
-        sizes = {f.rfilename: (f.lfs.size if f.lfs is not None else f.size) or 0 for f in info.siblings or ()}
-        names = self._select_files(s, sizes)
-        cache = Path(constants.HF_HUB_CACHE)
-        storage = cache / repo_folder_name(repo_id=s.repo_id, repo_type="model")
-        self._set(job, bytes_total=sum(sizes[n] for n in names), bytes_done=0)
+        repo = list_repo(s.repo_id, revision, token)
+        names = self._select_files(s, repo.sizes)
+        self._set(job, bytes_total=sum(repo.sizes[n] for n in names), bytes_done=0)
 
         todo, pointer = [], None
         for name in names:
-            cached = try_to_load_from_cache(s.repo_id, name, cache_dir=cache, revision=info.sha)
-            if isinstance(cached, str):
-                pointer = cached
-                self._advance(job, sizes[name])  # already in the cache
+            if repo.cached(name):
+                self._advance(job, repo.sizes[name])  # already in the cache
             else:
                 todo.append(name)
         job.samples.clear()  # cached bytes are not download speed
         for name in todo:
             self._check_stop(job)
             self._set(job, current_file=name)
-            meta = get_hf_file_metadata(hf_hub_url(s.repo_id, name, revision=info.sha), token=token)
-            blob = storage / "blobs" / meta.etag
+            url, blob, size = repo.blob_of(name, token)
             if not blob.exists():
-                self._fetch_blob(job, meta.location, blob, meta.size if meta.size is not None else sizes[name],
-                                 token)
+                self._fetch_blob(job, url, blob, size, token)
             else:
-                self._advance(job, sizes[name])
+                self._advance(job, repo.sizes[name])
             # The blob is in place: this only links it into the snapshot and writes the ref.
-            pointer = hf_hub_download(s.repo_id, name, revision=revision, token=token, cache_dir=cache)
+            pointer = hf_hub_download(s.repo_id, name, revision=revision, token=token, cache_dir=repo.storage.parent)
         if s.files is not None and len(names) == 1:
+            if pointer is None:  # the one file was cached already
+                pointer = str(repo.snapshot / names[0])
             return Path(pointer)  # a single picked file (a GGUF) is what gets loaded
-        return storage / "snapshots" / info.sha
-
+        return repo.snapshot
     @staticmethod
     def _select_files(s: DownloadStatus, sizes: dict[str, int]) -> list[str]:
         if s.files is not None:
@@ -104,11 +95,10 @@ class RepoFetcher:
 
     def _check_stop(self, job) -> None:
         if job.stop.is_set():
-            raise Stopped()
+            raise DownloadStopped()
 
     def _fetch_blob(self, job, url: str, blob: Path, size: int, token: str | None) -> None:
         """Download ``url`` into ``blob`` through ``blob.incomplete``, resuming what is there."""
-        partial = blob.with_name(blob.name + ".incomplete")
         key = str(blob)
         with self._lock:
             if key in self._busy_blobs:  # the same file in another running download (same etag)
@@ -116,37 +106,33 @@ class RepoFetcher:
                                "retry when that one finishes.")
             self._busy_blobs.add(key)
         name = job.status.current_file
+        partial = blob.with_name(blob.name + ".incomplete")
+        first = True
+
+        def on_bytes(n: int) -> None:
+            nonlocal first
+            self._advance(job, n)
+            if first:  # the bytes already on disk, from an earlier session: not download speed
+                first = False
+                job.samples.clear()
+                job.transferring = True
+
         try:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            have = partial.stat().st_size if partial.exists() else 0
-            if have > size:
-                partial.unlink()
-                have = 0
-            free = shutil.disk_usage(partial.parent).free
-            if size - have > free:
-                raise HubError("disk_full", f"not enough disk space for {name}: it needs {format_bytes(size - have)} "
-                               f"more and {partial.parent} has {format_bytes(free)} free. Free some space (for "
-                               "example delete models in the Library) and retry.")
-            self._advance(job, have)
-            job.samples.clear()  # bytes from an earlier session are not download speed
-            job.transferring = True
-            stitched = fetch_resumable(url, partial, size, token=token,
-                                       on_bytes=lambda n: self._advance(job, n),
-                                       should_stop=job.stop.is_set,
-                                       sleep=lambda seconds: self._retry_sleep(job.stop, seconds),
-                                       max_retries=self._max_retries, retry_wait_s=self._retry_wait_s,
-                                       label=name)
-            # A blob stitched from several responses must match the Hub's sha256 (an LFS etag).
-            if stitched and len(blob.name) == 64 and not sha256_matches(partial, blob.name, job.stop.is_set):
-                partial.unlink(missing_ok=True)
-                self._advance(job, -size)
-                raise HubError("other", f"{name} was corrupted while resuming; its partial copy was deleted. "
-                               "Press Retry to download it again.")
-            os.replace(partial, blob)
+            fetch_blob(url, blob, size, token=token, on_bytes=on_bytes, should_stop=job.stop.is_set,
+                       sleep=lambda seconds: self._retry_sleep(job.stop, seconds), max_retries=self._max_retries,
+                       retry_wait_s=self._retry_wait_s, label=name)
             job.transferring = False  # a later failure (next file's metadata) is not mid-transfer
+        except NotEnoughDisk as exc:
+            raise HubError("disk_full", f"{exc.strerror}. Free some space (for example delete models in the "
+                           "Library) and retry.") from exc
+        except ResumeCorrupted as exc:
+            raise HubError("other", f"{exc} Press Retry to download it again.") from exc
         except TransferFailed as exc:
-            raise HubError("other", str(exc)) from exc
-        except Stopped:
+            raise HubError("other", f"{exc}{_AGAIN}") from exc
+        except BlobBusy:
+            raise HubError("other", f"{name} is being downloaded by another program right now (a Hearth "
+                           "command, or `hf download`): retry when that one finishes.") from None
+        except DownloadStopped:
             if job.discard_partial and partial.exists():
                 lost = partial.stat().st_size
                 partial.unlink(missing_ok=True)

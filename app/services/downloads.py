@@ -36,8 +36,8 @@ from pathlib import Path
 from app.services.download_files import MODEL_FILE_PATTERNS, RepoFetcher
 from app.services.download_state import read_queue, write_queue
 from app.services.hub import HubError, describe_error
-from app.services.resumable import Stopped
 from app.services.user_data import data_dir
+from engine.api import DownloadStopped
 
 log = logging.getLogger("hearth.app.downloads")
 
@@ -434,7 +434,7 @@ class DownloadManager(RepoFetcher):
             self._emit(job, force=True)  # outside the lock: listeners may call back into the manager
             try:
                 path = self._download(job)
-            except Stopped:
+            except DownloadStopped:
                 self._stopped(job)
             except Exception as exc:
                 err = describe_error(exc, job.status.repo_id)

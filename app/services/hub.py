@@ -311,7 +311,7 @@ def describe_error(exc: BaseException, repo_id: str | None) -> HubError:
                                         OfflineModeIsEnabled, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    from app.services.resumable import is_connection_error
+    from engine.api import is_connection_error
 
     if isinstance(exc, HubError):
         return exc

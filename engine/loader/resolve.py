@@ -22,6 +22,7 @@ from typing import Any
 from engine.errors import InvalidRequestError, LoadCancelledError, ModelLoadError, UnsupportedModelError
 from engine.loader import default_package
 from engine.loader.gguf import AS_FILE, SOURCE_FILE, convert_gguf, is_up_to_date
+from engine.loader.hub_fetch import BlobBusy, ResumeCorrupted, TransferFailed, prefetch_repo
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
 from engine.loader.shape_model import shape_of_config
 from engine.loader.weights import INDEX_FILE, weight_files
@@ -339,8 +340,8 @@ def _source_of(folder: Path) -> dict[str, Any] | None:
 def _failed_mid_download(exc: BaseException) -> bool:
     """Whether ``exc`` ended a download that had reached the Hub (a body cut short, a file
     that arrived with the wrong size), rather than a Hub that could not be reached."""
-    if "Consistency check failed" in str(exc):  # huggingface_hub: the file came short
-        return True
+    if "Consistency check failed" in str(exc) or isinstance(exc, (TransferFailed, ResumeCorrupted)):
+        return True  # huggingface_hub: the file came short; ours: it kept coming short, or corrupted
     names = {cls.__name__ for cls in type(exc).__mro__}
     return _is_transfer_error(exc) and bool(names & {"RemoteProtocolError", "ReadError", "ReadTimeout"})
 
@@ -381,13 +382,14 @@ class _DownloadStopped(Exception):
 
 def _download_stoppably(download: Callable[..., str], kwargs: dict[str, Any],
                         should_stop: Callable[[], bool] | None) -> str:
-    """``download(**kwargs, tqdm_class=...)`` (``snapshot_download``) on a helper thread,
-    waited for so that Ctrl+C (KeyboardInterrupt) and ``should_stop`` stop it at once.
+    """``download(**kwargs, tqdm_class=..., stopped=...)`` (``_fetch_snapshot``) on a helper
+    thread, waited for so that Ctrl+C (KeyboardInterrupt) and ``should_stop`` stop it at once.
 
     huggingface_hub fetches a repo's files in a thread pool and, when interrupted, waits for
     every file in flight to finish (minutes for a large model). Here the wait happens on the
     helper thread: an interrupt sets a flag that the workers' progress updates raise on
-    (between chunks), so they end and leave their partial files for the next run.
+    (between chunks) and ``stopped()`` returns, so they end and leave their partial files
+    for the next run.
 
     Raises:
         LoadCancelledError: ``should_stop()`` said so.
@@ -417,7 +419,7 @@ def _download_stoppably(download: Callable[..., str], kwargs: dict[str, Any],
 
     def run() -> None:
         try:
-            outcome["path"] = download(**kwargs, tqdm_class=_StoppableTqdm)
+            outcome["path"] = download(**kwargs, tqdm_class=_StoppableTqdm, stopped=stop.is_set)
         except BaseException as exc:  # handed to the waiting thread
             outcome["error"] = exc
         finally:
@@ -435,6 +437,18 @@ def _download_stoppably(download: Callable[..., str], kwargs: dict[str, Any],
     if "error" in outcome:
         raise outcome["error"]
     return outcome["path"]
+
+
+def _fetch_snapshot(*, stopped: Callable[[], bool], tqdm_class: Any, **kwargs: Any) -> str:
+    """A repo's files into the Hugging Face cache: their bytes resumably first
+    (``hub_fetch.prefetch_repo``: a download cut short continues where it stopped next
+    time, from the same partial files as the app's Models page), then ``snapshot_download``
+    links them into the snapshot and writes the ref, fetching nothing more."""
+    from huggingface_hub import snapshot_download
+
+    prefetch_repo(kwargs["repo_id"], kwargs["revision"], kwargs["allow_patterns"], should_stop=stopped,
+                  tqdm_class=tqdm_class)
+    return snapshot_download(**kwargs, tqdm_class=tqdm_class)
 
 
 def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], None] | None,
@@ -455,7 +469,12 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
         try:
             if local_only:
                 return snapshot_download(**kwargs, local_files_only=True)
-            return _download_stoppably(snapshot_download, {**kwargs, "local_files_only": False}, should_stop)
+            return _download_stoppably(_fetch_snapshot, {**kwargs, "local_files_only": False}, should_stop)
+        except BlobBusy:
+            raise ModelLoadError(
+                f"'{repo_id}'{rev_text} is being downloaded by another program right now (another Hearth "
+                "command or window, or `hf download`): wait for that download to finish, then run again."
+            ) from None
         except GatedRepoError as exc:  # before RepositoryNotFoundError: it is a subclass
             raise ModelLoadError(
                 f"'{repo_id}' is a gated model: accept its terms at https://huggingface.co/{repo_id} "
@@ -481,7 +500,7 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
             path = attempt(local_only=False)
         except ModelLoadError:
             raise
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, TransferFailed, ResumeCorrupted) as exc:
             # Network down, Hub error or half-finished download: fall back to the cache below.
             network_error: Exception | None = exc
         except Exception as exc:
@@ -533,8 +552,8 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
                 raise ModelLoadError(
                     f"downloading '{repo_id}'{rev_text} from the Hugging Face Hub failed part-way "
                     f"({type(network_error).__name__}: {(str(network_error).splitlines() or [''])[0]}). "
-                    "Check the network connection and run the same command again: the files that "
-                    "finished are kept and only the rest is fetched."
+                    "Check the network connection and run the same command again: it continues where "
+                    "it stopped (the files that finished are kept, and the one cut short goes on)."
                 ) from exc
             why = (
                 "offline mode is on (HF_HUB_OFFLINE)"

@@ -118,9 +118,9 @@ def test_model_info_and_range(hub_server):
 def test_connection_dropping_every_time_says_what_to_do(hub_server, monkeypatch):
     """huggingface_hub lets its HTTP library's error through once its retries are spent: a
     ModelLoadError that says the download failed part-way, not a traceback."""
-    import time
+    from engine.loader import hub_fetch
 
-    monkeypatch.setattr(time, "sleep", lambda s: None)  # huggingface_hub waits 1 s a retry
+    monkeypatch.setattr(hub_fetch, "_sleep_unless", lambda stop, seconds: False)  # 1, 2, 4 s between tries
     hub_server.short_bodies("model.safetensors", 0)
     with pytest.raises(ModelLoadError, match=r"failed part-way \(RemoteProtocolError.*run the same command again"):
         resolve_model(TINY_REPO)
@@ -128,10 +128,25 @@ def test_connection_dropping_every_time_says_what_to_do(hub_server, monkeypatch)
     assert resolve_model(TINY_REPO).source == "hub"  # the next run finishes the download
 
 
-def test_short_response_is_not_called_unreachable(hub_server):
-    hub_server.short_bodies("model.safetensors", 1000, clean=True)
-    with pytest.raises(ModelLoadError, match="failed part-way.*Consistency check failed") as info:
-        resolve_model(TINY_REPO)
+def test_short_responses_resume_and_are_not_called_unreachable(hub_server, monkeypatch):
+    """A response that ends early, cleanly (a proxy or CDN that cuts bodies short), is
+    continued with a Range request in the same run; from a server that ignores Range
+    requests the download fails part-way, saying so, not that the Hub is unreachable."""
+    from engine.loader import hub_fetch
+
+    monkeypatch.setattr(hub_fetch, "_sleep_unless", lambda stop, seconds: False)
+    size = len(hub_server.repos[TINY_REPO].files["model.safetensors"])
+    hub_server.short_bodies("model.safetensors", size // 3 + 1, clean=True)
+    assert resolve_model(TINY_REPO).source == "hub"
+    ranges = hub_server.ranges("model.safetensors")
+    assert len(ranges) == 3 and ranges[0] is None and ranges[1] == f"bytes={size // 3 + 1}-", ranges
+    assert hub_server.bytes_sent("model.safetensors") == size
+
+    hub_server.add_repo("someone/no-ranges", {n: d for n, d in hub_server.repos[TINY_REPO].files.items()})
+    hub_server.ignore_ranges = True
+    with pytest.raises(ModelLoadError, match=r"failed part-way \(TransferFailed: the server ignores requests to "
+                                             r"resume model.safetensors.*run the same command again") as info:
+        resolve_model("someone/no-ranges")
     assert "unreachable" not in str(info.value)
 
 
@@ -151,7 +166,7 @@ def test_interrupted_download_stops_at_once(hub_server, how):
     started = threading.Event()
 
     def stop_soon():
-        while hub_server.bytes_sent("model.safetensors") == 0:
+        while hub_server.bytes_sent("model.safetensors") < 512 * 1024:  # (some of it written: kept)
             time.sleep(0.02)
         started.set()
 
@@ -174,7 +189,12 @@ def test_interrupted_download_stops_at_once(hub_server, how):
     # Its workers have ended (nothing for the interpreter to wait for at exit).
     assert not workers() - before
     hub_server._throttle.clear()
+    kept = hub_server.bytes_sent("model.safetensors")
     assert resolve_model(TINY_REPO).source == "hub"
+    # The next run continued the partial file (huggingface_hub alone starts over).
+    size = len(hub_server.repos[TINY_REPO].files["model.safetensors"])
+    assert hub_server.ranges("model.safetensors")[-1].startswith("bytes=")
+    assert hub_server.bytes_sent("model.safetensors") - kept < size
 
 
 def test_gguf_only_repo_says_how_to_load_a_file(hub_server):
@@ -245,23 +265,32 @@ def test_a_name_that_is_no_folder_and_not_cached_says_both(hub_server, monkeypat
 def test_a_full_disk_is_named_not_called_unreachable(hub_server, monkeypatch):
     """A download that the disk refuses (full, read-only) says so and where, not that the Hub
     can't be reached; once there is room the next run completes the model."""
+    import builtins
     import errno
 
-    from huggingface_hub import file_download
+    from engine.loader import hub_fetch
 
-    real_get = file_download.http_get
+    real_open = builtins.open
 
-    def full(url, temp_file, **kwargs):
-        if url.endswith("model.safetensors"):
-            raise OSError(errno.ENOSPC, "No space left on device", getattr(temp_file, "name", None))
-        return real_get(url, temp_file, **kwargs)
+    def full(path, mode="r", *args, **kwargs):  # the disk fills up while the weights are written
+        if str(path).endswith(".incomplete") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(file_download, "http_get", full)
+    monkeypatch.setattr(builtins, "open", full)
     with pytest.raises(ModelLoadError, match=r"cannot download .* into the Hugging Face cache \(.*\): "
                                              r"No space left on device.*Free disk space") as info:
         resolve_model(TINY_REPO)
     assert "unreachable" not in str(info.value)
-    monkeypatch.setattr(file_download, "http_get", real_get)
+    monkeypatch.setattr(builtins, "open", real_open)
+
+    # Too little room for what is left is said before anything is fetched.
+    real_usage = hub_fetch.shutil.disk_usage
+    monkeypatch.setattr(hub_fetch.shutil, "disk_usage", lambda path: type("usage", (), {"free": 1000}))
+    with pytest.raises(ModelLoadError, match=r"cannot download .*: not enough disk space for model.safetensors: "
+                                             r"it needs .* more and .* has 1000 B free\. Free disk space"):
+        resolve_model(TINY_REPO)
+    monkeypatch.setattr(hub_fetch.shutil, "disk_usage", real_usage)
     assert resolve_model(TINY_REPO).source == "hub"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.services.downloads import DONE, FAILED, DownloadManager
-from app.services.resumable import MAX_RETRY_WAIT_S
+from engine.api import DOWNLOAD_MAX_RETRY_WAIT_S as MAX_RETRY_WAIT_S
 from tests.app.hub_fixtures import TINY, fake_hub, repo_files
 
 __all__ = ["fake_hub"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services import download_files
+from engine.loader import hub_fetch
 from app.services.downloads import CANCELLED, DONE, FAILED, PAUSED, QUEUED, RUNNING, DownloadManager
 from tests.app.hub_fixtures import GATED, GGUF_REPO, GOOD_TOKEN, TINY, fake_hub, repo_files, safetensors_bytes
 
@@ -362,7 +362,7 @@ def test_disk_full(fake_hub, managers, monkeypatch):
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(download_files.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(hub_fetch.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     m = managers()
     status = m.wait(m.enqueue(TINY), TIMEOUT)
     assert status.state == FAILED and status.error_kind == "disk_full"
@@ -392,7 +392,7 @@ def test_queue_state_file_survives_and_forgets(fake_hub, managers):
 
 
 def test_the_token_goes_to_the_hub_only_never_to_a_cdn(fake_hub):
-    from app.services.resumable import sends_token_to
+    from engine.api import sends_token_to
 
     assert sends_token_to(f"{fake_hub.url}/acme/x/resolve/main/model.safetensors")
     assert sends_token_to("https://huggingface.co/acme/x/resolve/main/a.bin")
@@ -442,7 +442,7 @@ def test_a_refused_storage_link_mid_file_says_retry_not_token(fake_hub, managers
     def refuse(*_a, **_k):
         raise Expired("403 Forbidden: Request has expired")
 
-    monkeypatch.setattr(download_files, "fetch_resumable", refuse)
+    monkeypatch.setattr(hub_fetch, "fetch_resumable", refuse)
     m = managers(max_retries=0)
     status = m.wait(m.enqueue(TINY), TIMEOUT)
     assert status.state == FAILED and "link expired" in status.error and "Retry" in status.error
