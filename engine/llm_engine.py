@@ -177,6 +177,12 @@ class Engine:
 
         check_request(params, self.model_info.vocab_size, self.runner.token_vocabulary)
 
+    @property
+    def dead(self) -> str | None:
+        """Why the engine can answer no more (its loop died, or a tensor-parallel rank
+        ended), or None while it can (and after a plain ``shutdown``)."""
+        return self._dead
+
     def _check_alive(self) -> None:
         if self._dead or self._stop:
             raise EngineDeadError(self._dead or "the engine is shut down; load the model again.")
@@ -376,9 +382,13 @@ class Engine:
                 if self._runner_done and not self.scheduler.has_work():
                     self._release_runner_state()  # no step will carry them: the engine idles
         except BaseException as e:  # the loop must never die silently
-            log.exception("engine loop died")
+            if isinstance(e, EngineDeadError):  # worded for a user (a rank that ended): one line, as a step's
+                log.error("model step failed: %s", e, exc_info=log.isEnabledFor(logging.INFO))
+            else:
+                log.exception("engine loop died")
             with self._cv:  # with submit's lock: no request registers after this snapshot
-                self._dead = f"the engine stopped after an internal error: {e}. Reload the model."
+                self._dead = (str(e) if isinstance(e, EngineDeadError)
+                              else f"the engine stopped after an internal error: {e}. Reload the model.")
                 states = list(self._states.values())
                 self._states.clear()
                 self._inbox.clear()
@@ -445,6 +455,8 @@ class Engine:
                           out.num_waiting)
         try:
             res = self.runner.execute(inp)
+        except EngineDeadError:
+            raise  # the runner can't run again (a tensor-parallel rank ended): the engine dies with it
         except Exception as e:
             msg, options = _describe_failure(e)
             if isinstance(e, HearthError):  # worded for a user: one line (the traceback with -v)

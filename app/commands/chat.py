@@ -13,7 +13,8 @@ import re
 import sys
 
 from app.commands.common import check_text_args, load_engine, sampling_from_args
-from engine.api import FinishedEvent, HearthError, InvalidRequestError, Request, TokenEvent, check_text
+from engine.api import (EngineDeadError, FinishedEvent, HearthError, InvalidRequestError, Request, TokenEvent,
+                        check_text)
 
 HELP = "Type a message. Ctrl+C stops an answer; /reset, /system TEXT, /help, /exit (or Ctrl+D)."
 #: A line whose first word is this is a command, known or not (a path such as /usr/bin/env is
@@ -88,6 +89,9 @@ def run_chat(args) -> int:
             try:
                 handle = engine.submit(Request(messages=messages, system=system, params=params,
                                                fit_context=True))
+            except EngineDeadError as e:  # nothing more can be answered: say why and end
+                print(f"hearth: error: {e}", file=sys.stderr)
+                return 1
             except HearthError as e:
                 print(f"error: {e}\n(the message was not sent; the conversation is unchanged)",
                       file=sys.stderr)
@@ -112,6 +116,10 @@ def run_chat(args) -> int:
                 history = before
                 note += "\n(stopped before the answer began: that message was not kept; the conversation is as it was)"
             print(f"\n{note}", file=sys.stderr)
+            if engine.dead:  # the answer's error ended the engine (a tensor-parallel rank ended)
+                print("hearth: error: the model can answer no more; start `hearth chat` again to reload it.",
+                      file=sys.stderr)
+                return 1
     finally:
         restore_stdin()
         engine.shutdown()

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from app.commands.common import check_text_args, load_engine, sampling_from_args
-from engine.api import Completion, FinishedEvent, InvalidRequestError, Request, TokenEvent
+from engine.api import (Completion, EngineDeadError, FinishedEvent, InvalidRequestError, Request, Timings,
+                        TokenEvent)
 
 
 def run_generate(args) -> int:
@@ -49,6 +50,10 @@ def run_generate(args) -> int:
                     raise
                 raise InvalidRequestError(f"line {line} of {args.prompts_file}: {e}",
                                           options=e.options) from None
+            except EngineDeadError as e:  # an earlier prompt's step ended the engine (a rank that ended)
+                if line is None:
+                    raise
+                handles.append(_failed(str(e)))  # this prompt fails with it, as the ones before did
         if len(handles) == 1 and not args.json:
             fin = None
             said = False
@@ -133,6 +138,17 @@ def _line_list(numbers: list[int], shown: int = 10) -> str:
     if len(numbers) <= shown:
         return "lines " + ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
     return "lines " + ", ".join(map(str, numbers[:shown])) + f", … and {len(numbers) - shown} more"
+
+
+class _failed:
+    """A prompt of a file that could not be submitted (the engine had died): its result is
+    a failed Completion, as one that failed in a step."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def result(self) -> Completion:
+        return Completion("", "", [], "error", 0, 0, 0, Timings(0.0, 0.0, 0.0, 0.0, 0.0), None, self.error)
 
 
 def completion_json(c: Completion, engine) -> dict:

@@ -67,8 +67,13 @@ def create_app(host: EngineHost, *, api_key: str | None = None, allowed_origins:
     _add_error_handlers(app)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: health checkers that send it (the status alone)
-    async def health() -> dict:
+    async def health():  # (no return type: FastAPI would make a response model of it)
         info = host.model_info
+        # An engine that can answer no more (a tensor-parallel rank ended) is unhealthy: a
+        # checker restarts the server or reloads, as it would for a server that went away.
+        dead = getattr(host.engine, "dead", None) if info is not None else None
+        if dead:
+            return JSONResponse({"status": "error", "model": info.name, "error": dead}, status_code=503)
         return {"status": "ok" if info is not None else "no_model", "model": info.name if info else None}
 
     @app.get("/metrics")

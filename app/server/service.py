@@ -140,6 +140,8 @@ class OpenAIService:
         info = self.host.model_info
         if engine is None or info is None:
             raise ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        if getattr(engine, "dead", None):  # it can answer no more (a tensor-parallel rank ended)
+            raise ApiError(503, engine.dead, code="model_not_loaded")
         args = (body, chat, engine.tokenizer, info.max_model_len, info.vocab_size)
         if 0 < body_bytes <= INLINE_BODY_BYTES and not getattr(body, "tools", None) \
                 and getattr(body, "response_format", None) is None:

@@ -441,6 +441,28 @@ def test_chat_two_messages(capsys, monkeypatch, tiny):
     assert len(out) > len(answer)  # ... and so was the second
 
 
+def test_chat_ends_when_the_engine_can_answer_no_more(capsys, monkeypatch, tiny):
+    """A step that ends the engine (a tensor-parallel rank that ended) ends the chat with
+    the reason, instead of taking message after message that each fail."""
+    from engine.errors import EngineDeadError
+    from engine.runner.model_runner import ModelRunner
+
+    plain = ModelRunner.execute
+
+    def execute(self, inp):
+        if not inp.rows:
+            return plain(self, inp)
+        raise EngineDeadError("tensor parallel: rank 1 (cpu) ended (killed by signal 9). Reload the model.")
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    prompts = feed_input(monkeypatch, ["Hello there", "And again"])
+    rc, out, err = run_cli(capsys, *chat_args(tiny))
+    assert rc == 1, err
+    assert len(prompts) == 1  # the second message was never asked for
+    assert "error: tensor parallel: rank 1 (cpu) ended" in err
+    assert "hearth: error: the model can answer no more; start `hearth chat` again" in err
+
+
 def test_chat_reset_and_system(capsys, monkeypatch, tiny):
     feed_input(monkeypatch, ["Hello there", "/reset", "/system Be brief.", "Fresh start", "/system",
                              "Third", "/exit", "never read"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.api import Engine, SamplingParams
-from engine.errors import HearthError
+from engine.errors import EngineDeadError, HearthError
 # the layer split's helpers: the same tiny models, prompts and engine settings
 from tests.engine.test_layer_split import GREEDY, LOGPROBS, ids_of, load, run
 
@@ -233,8 +233,11 @@ def test_a_rank_that_dies_fails_its_requests_and_the_model_loads_again(tiny_mode
         r = run(tp, [ids_of(8, seed=2)])[0]
         assert r.finish_reason == "error"
         assert "rank 1 (cpu) ended (killed by signal 9)" in r.error and "reload" in r.error
-        later = run(tp, [ids_of(5, seed=3)])[0]  # refused at once: no step waits on the dead rank
-        assert later.finish_reason == "error" and "reload" in later.error
+        # The engine is dead with it: a later request is refused at once (no step waits on the
+        # dead rank), and says why, as the server's /health does.
+        assert "rank 1 (cpu) ended" in tp.dead
+        with pytest.raises(EngineDeadError, match=r"rank 1 \(cpu\) ended .*reload"):
+            run(tp, [ids_of(5, seed=3)])
     finally:
         tp.shutdown()
     again = load(path, devices="cpu,cpu", split="tensor")
