@@ -83,6 +83,7 @@ class EngineHost(EngineSwaps):
         self._shut_down = False
         # Host-thread state:
         self.engine = None  # the engine that answers requests now
+        self._said_dead = None  # the engine whose death an EngineError said
         self._info = None  # its ModelLoaded info (read from any thread)
         self._live: dict[str, _Live] = {}  # requests running on it
         self._held: list[Request] = []  # submitted while no model served and one loaded
@@ -334,6 +335,12 @@ class EngineHost(EngineSwaps):
     def _publish_stats(self) -> None:
         if self.engine is None:
             return
+        dead = getattr(self.engine, "dead", None)
+        if dead and self._said_dead is not self.engine:  # (once: its stats go on, all zero)
+            # It can answer no more (a tensor-parallel rank ended): the window says why at once,
+            # not only the next message's error.
+            self._said_dead = self.engine
+            self._publish(EngineError(dead))
         try:
             stats = self.engine.stats()
         except HearthError as e:

@@ -250,3 +250,47 @@ def test_an_unload_after_answers_cuts_an_answer_that_runs_too_long(tiny_models):
         assert fin.reason == "error" and "unloaded for a comparison" in fin.error
     finally:
         assert h.shutdown()
+
+
+def test_an_engine_that_dies_is_said_once_and_a_new_load_answers(tiny_models, monkeypatch):
+    """A step that ends the engine (a tensor-parallel rank that ended) fails its request and
+    every later one with the reason, the host says it once as an EngineError (the window's
+    status bar), and loading the model again answers."""
+    from app.services.host_events import EngineError
+    from engine.errors import EngineDeadError
+    from engine.runner.model_runner import ModelRunner
+
+    plain = ModelRunner.execute
+    why = "tensor parallel: rank 1 (cpu) ended (killed by signal 9). Reload the model."
+
+    def execute(self, inp):
+        if not inp.rows:
+            return plain(self, inp)
+        raise EngineDeadError(why)
+
+    h = EngineHost(stats_interval_s=0.01)
+    rec = Recorder()
+    h.subscribe(rec)
+    try:
+        h.load(tiny_options(tiny_models["llama-tied"]))
+        rec.wait_for(ModelLoaded)
+        monkeypatch.setattr(ModelRunner, "execute", execute)
+        first = h.submit(Request(prompt_token_ids=prompt(1), params=GREEDY))
+        rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == first for e in evs))
+        later = h.submit(Request(prompt_token_ids=prompt(2), params=GREEDY))
+        rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == later for e in evs))
+        rec.wait_for(EngineError)
+        for rid in (first, later):
+            (fin,) = [e for e in rec.of(rid) if isinstance(e, FinishedEvent)]
+            assert fin.reason == "error" and fin.error == why
+        threading.Event().wait(0.2)  # stats ticks go on: the death is said once
+        assert [e.message for e in rec.events if isinstance(e, EngineError)] == [why]
+        monkeypatch.setattr(ModelRunner, "execute", plain)
+        h.load(tiny_options(tiny_models["llama-tied"]))
+        rec.wait(lambda evs: sum(isinstance(e, ModelLoaded) for e in evs) == 2)
+        again = h.submit(Request(prompt_token_ids=prompt(3), params=GREEDY))
+        rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == again for e in evs))
+        (fin,) = [e for e in rec.of(again) if isinstance(e, FinishedEvent)]
+        assert fin.reason == "length" and fin.usage.completion_tokens == 12
+    finally:
+        assert h.shutdown()
