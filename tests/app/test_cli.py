@@ -710,3 +710,13 @@ def test_prompts_file_dash_reads_standard_input(monkeypatch):
     stdin(b"First\nprompt\n\nSecond\n")
     args = build_parser().parse_args(["compare", "--quants", "int8", "--prompts", "-"])
     assert plan_from_args(args).prompts == ("First\nprompt", "Second")
+
+
+@pytest.mark.parametrize("flag", ["--devices", "--split-ratio"])
+def test_an_empty_device_flag_is_refused_not_read_as_left_out(capsys, tiny, flag):
+    """``--split-ratio ""`` (a shell variable that came out empty) was a load by free memory
+    without a word; an empty --devices a load on one device."""
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--model", str(tiny), flag, " ", "--prompt", "hi"])
+    assert info.value.code == 2
+    assert f"argument {flag}: is empty" in capsys.readouterr().err
