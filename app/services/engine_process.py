@@ -173,7 +173,8 @@ class EngineProcess:
                                  "again in a moment.") from None
 
     def _read(self) -> None:
-        """The reader thread: each message is a batch of events and call replies."""
+        """The reader thread: each message is a batch of events, call replies and word of
+        the engine's death."""
         while True:
             try:
                 batch = self._conn.recv()
@@ -190,6 +191,10 @@ class EngineProcess:
                         with self._lock:
                             self._live.discard(ev.request_id)
                     self._publish(ev)
+                elif item[0] == "dead":  # ahead of the request end it came with: its client sees it
+                    engine = self.engine
+                    if engine is not None:
+                        engine.dead = item[1]
                 else:  # ("reply", id, ok, value)
                     with self._lock:
                         future = self._calls.pop(item[1], None)
@@ -230,6 +235,9 @@ class _RemoteEngine:
         self._owner = owner
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        #: Why the child's engine can answer no more (``Engine.dead``: a tensor-parallel rank
+        #: ended), once it has said so; the server's /health and refusals read it.
+        self.dead: str | None = None
 
     def stats(self):
         return self._owner.call("stats", timeout_s=5.0)
@@ -322,9 +330,18 @@ def _child_main(conn, options: dict) -> None:
     out: deque = deque()
     wake = threading.Event()
     stop = threading.Event()
+    dead_said = False
 
     def on_event(ev) -> None:  # on the engine's and the host's threads: hand it on
+        nonlocal dead_said
         if isinstance(ev, _REQUEST_EVENTS):
+            if isinstance(ev, FinishedEvent) and ev.reason == "error" and not dead_said:
+                # The engine's death shows here only as its requests' errors (it stays loaded,
+                # and this process alive): the server must hear it to answer /health 503.
+                dead = getattr(host.engine, "dead", None)
+                if dead:
+                    dead_said = True
+                    out.append(("dead", dead))
             out.append(("event", ev))
             if not wake.is_set():
                 wake.set()

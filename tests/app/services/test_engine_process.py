@@ -182,3 +182,67 @@ def test_a_submit_the_pipe_refuses_ends_once():
     finishes = [ev for ev in heard.events["x"] if isinstance(ev, FinishedEvent)]
     assert [f.error for f in finishes] == [ENGINE_GONE]
     assert remote.unavailable == ENGINE_GONE and remote.model_info is None
+
+
+class _ThreadProc:
+    """A child "process" that is a thread of this one (so a test can patch its engine)."""
+
+    exitcode = 0
+
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
+
+    def join(self, timeout=None) -> None:
+        self.thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def kill(self) -> None:
+        pass
+
+
+def test_an_engine_that_can_answer_no_more_is_said_dead_to_the_server(tiny_models, monkeypatch):
+    """hearth serve's engine runs in its own process: an engine there that died (a
+    tensor-parallel rank ended) while the process lives on makes /health answer 503 with
+    the reason, and later requests 503, as an engine in the server's process does."""
+    import multiprocessing as mp
+    import signal
+
+    import httpx
+
+    from app.server import create_app
+    from app.services.engine_process import _child_main
+    from engine.errors import EngineDeadError
+    from engine.runner.model_runner import ModelRunner
+    from tests.app.server.conftest import LiveServer
+
+    why = "tensor parallel: rank 1 (cuda:1) ended (killed by signal 9). Reload the model."
+    plain = ModelRunner.execute
+
+    def execute(self, inp):
+        if not inp.rows:  # the idle engine's release of finished requests: not a step
+            return plain(self, inp)
+        raise EngineDeadError(why)
+
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # (the child's own: not on this thread)
+    conn, child_conn = mp.Pipe()
+    child = threading.Thread(target=_child_main, args=(child_conn, tiny_options(tiny_models["llama-tied"])),
+                             daemon=True)
+    child.start()
+    _, info, tokenizer, max_model_len = conn.recv()
+    remote = EngineProcess(_ThreadProc(child), conn, info, tokenizer, max_model_len)
+    try:
+        with LiveServer(create_app(remote)) as server:
+            monkeypatch.setattr(ModelRunner, "execute", execute)
+            first = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
+                               timeout=30)
+            assert first.status_code == 500 and "rank 1 (cuda:1) ended" in first.text, first.text
+            assert remote.engine.dead == why
+            health = httpx.get(f"{server.base_url}/health", timeout=30)
+            assert health.status_code == 503 and health.json()["error"] == why, health.text
+            later = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
+                               timeout=30)
+            assert later.status_code == 503 and "rank 1 (cuda:1) ended" in later.text, later.text
+    finally:
+        assert remote.shutdown(30)
