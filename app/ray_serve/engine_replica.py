@@ -78,9 +78,14 @@ class HearthEngine:
         return await asyncio.to_thread(prompt_logprobs, self._host.engine, call.ids, call.top)
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a replica whose engine is gone is replaced."""
+        """Serve's periodic health check: a replica whose engine is gone, or dead, is replaced."""
         if self._host.model_info is None or self._host.engine is None:
             raise RuntimeError("the engine in this replica has no model loaded any more")
+        # An engine that died (a tensor-parallel rank ended) stays loaded, and would fail
+        # every request routed here for good.
+        dead = getattr(self._host.engine, "dead", None)
+        if dead:
+            raise RuntimeError(f"the engine in this replica can answer no more: {dead}")
 
     async def _post_stats(self) -> None:
         while True:

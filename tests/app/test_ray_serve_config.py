@@ -105,3 +105,20 @@ def test_a_ray_without_the_prefix_router_is_refused_with_what_to_do(monkeypatch)
     with pytest.raises(InvalidRequestError, match=r"no prefix-aware router .* set prefix_routing=false"):
         read_settings({"model": "/models/m"})
     assert read_settings({"model": "/models/m", "prefix_routing": "false"})  # (and without it, no refusal)
+
+
+def test_a_replica_whose_engine_can_answer_no_more_fails_its_health_check():
+    """An engine that died in a replica (a tensor-parallel rank ended) stays loaded: Serve's
+    health check must fail for it, so the replica is replaced instead of failing every
+    request routed to it."""
+    from types import SimpleNamespace
+
+    from app.ray_serve.engine_replica import HearthEngine
+
+    replica = HearthEngine.__new__(HearthEngine)  # (its __init__ loads a model)
+    engine = SimpleNamespace(dead=None)
+    replica._host = SimpleNamespace(model_info=object(), engine=engine, shutdown=lambda: True)
+    replica.check_health()
+    engine.dead = "tensor parallel: rank 1 (cuda:1) ended (killed by signal 9). Reload the model."
+    with pytest.raises(RuntimeError, match=r"rank 1 \(cuda:1\) ended"):
+        replica.check_health()
