@@ -189,13 +189,27 @@ def sends_token_to(url: str) -> bool:
 
 def sha256_matches(path: Path, sha256: str, should_stop: Callable[[], bool]) -> bool:
     """Whether the file's sha256 is ``sha256`` (hashing can be stopped between MiBs)."""
-    h = hashlib.sha256()
+    return _digest(path, hashlib.sha256(), should_stop) == sha256
+
+
+def etag_matches(path: Path, etag: str, should_stop: Callable[[], bool]) -> bool:
+    """Whether the file is the one the Hub's ``etag`` names: an LFS file's etag is its
+    sha256, a file kept in git itself (config.json, small tokenizer files) its git blob id
+    (the sha1 of ``blob <size>\\0`` and the bytes). Any other etag can't be checked: True."""
+    if len(etag) == 64:
+        return sha256_matches(path, etag, should_stop)
+    if len(etag) == 40:
+        return _digest(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size), should_stop) == etag
+    return True
+
+
+def _digest(path: Path, h, should_stop: Callable[[], bool]) -> str:
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             if should_stop():
                 raise Stopped()
             h.update(block)
-    return h.hexdigest() == sha256
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- blobs
@@ -236,7 +250,7 @@ def fetch_blob(url: str, blob: Path, size: int, *, token: str | None, on_bytes: 
 
     Raises:
         NotEnoughDisk: the rest of the file doesn't fit (checked before fetching it).
-        ResumeCorrupted: stitched from several responses, it failed the Hub's sha256.
+        ResumeCorrupted: stitched from several responses, it failed the Hub's checksum.
         BlobBusy: another download holds the blob's lock.
         Stopped, TransferFailed, and ``fetch_resumable``'s errors otherwise.
     """
@@ -256,8 +270,8 @@ def fetch_blob(url: str, blob: Path, size: int, *, token: str | None, on_bytes: 
         on_bytes(have)
         stitched = fetch_resumable(url, partial, size, token=token, on_bytes=on_bytes, should_stop=should_stop,
                                    sleep=sleep, max_retries=max_retries, retry_wait_s=retry_wait_s, label=label)
-        # A blob stitched from several responses must match the Hub's sha256 (an LFS etag).
-        if stitched and len(blob.name) == 64 and not sha256_matches(partial, blob.name, should_stop):
+        # A blob stitched from several responses must match the Hub's checksum (its etag).
+        if stitched and not etag_matches(partial, blob.name, should_stop):
             partial.unlink(missing_ok=True)
             on_bytes(-size)
             raise ResumeCorrupted(f"{label} was corrupted while resuming; its partial copy was deleted.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +149,27 @@ def test_short_responses_resume_and_are_not_called_unreachable(hub_server, monke
                                              r"resume model.safetensors.*run the same command again") as info:
         resolve_model("someone/no-ranges")
     assert "unreachable" not in str(info.value)
+
+
+def test_a_resumed_small_file_is_checked_against_its_git_blob_id(hub_server):
+    """A file kept in git itself (config.json) has its git blob id as etag, not a sha256:
+    one stitched from a partial file that isn't its start is caught and deleted too, not
+    linked into the model for good; one that is its start resumes."""
+    from huggingface_hub import constants
+
+    repo = hub_server.repos[TINY_REPO]
+    data = repo.files["config.json"]
+    blobs = Path(constants.HF_HUB_CACHE) / "models--hearth-test--tiny-llama" / "blobs"
+    blobs.mkdir(parents=True)
+    partial = blobs / f"{repo.etag('config.json')}.incomplete"
+    partial.write_bytes(b"X" * 10)  # not the file's bytes (a bad disk, a crash)
+    with pytest.raises(ModelLoadError, match=r"config.json was corrupted while resuming.*run the same command again"):
+        resolve_model(TINY_REPO)
+    assert not partial.exists()
+    partial.write_bytes(data[:10])
+    resolved = resolve_model(TINY_REPO)
+    assert (resolved.path / "config.json").read_bytes() == data
+    assert hub_server.ranges("config.json")[-1] == "bytes=10-"
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "should_stop"])
