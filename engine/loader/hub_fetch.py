@@ -335,6 +335,7 @@ def prefetch_repo(repo_id: str, revision: str | None, allow_patterns: list[str],
 
     Raises what ``list_repo`` and ``fetch_blob`` raise.
     """
+    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -349,9 +350,21 @@ def prefetch_repo(repo_id: str, revision: str | None, allow_patterns: list[str],
             continue
         with (tqdm_class or hf_tqdm)(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
                                      leave=False) as bar:
-            fetch_blob(url, blob, size, token=token, on_bytes=bar.update, should_stop=should_stop,
-                       sleep=lambda seconds: _sleep_unless(should_stop, seconds), max_retries=max_retries,
-                       retry_wait_s=retry_wait_s, label=name)
+            try:
+                fetch_blob(url, blob, size, token=token, on_bytes=bar.update, should_stop=should_stop,
+                           sleep=lambda seconds: _sleep_unless(should_stop, seconds), max_retries=max_retries,
+                           retry_wait_s=retry_wait_s, label=name)
+            except HfHubHTTPError as exc:
+                status = getattr(exc.response, "status_code", None)
+                partial = blob.with_name(blob.name + ".incomplete")
+                if status not in (401, 403, 410) or not partial.exists() or not partial.stat().st_size:
+                    raise
+                # The file's access was checked just before (blob_of): refused part-way, it is
+                # the storage link, signed for a limited time (an hour on the Hub), that expired
+                # before a resume; the next run gets a fresh one (not the token's fault, nor
+                # the network's).
+                raise TransferFailed(f"the download link of {name} expired part-way ({status}); the next "
+                                     "attempt gets a fresh one.") from exc
 
 
 def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> bool:

@@ -172,6 +172,33 @@ def test_a_resumed_small_file_is_checked_against_its_git_blob_id(hub_server):
     assert hub_server.ranges("config.json")[-1] == "bytes=10-"
 
 
+def test_a_download_link_that_expires_part_way_says_run_again(hub_server, monkeypatch):
+    """The Hub's storage links are signed for about an hour: a resume after that is refused
+    (403). The error says the download failed part-way and to run again (a fresh link
+    continues it), not that the Hub is unreachable."""
+    from engine.loader import hub_fetch
+    from tests import hub_server as hub_module
+
+    monkeypatch.setattr(hub_fetch, "_sleep_unless", lambda stop, seconds: False)
+    plain = hub_module._Handler._resolve
+
+    def expired_on_resume(self, repo_id, rev, filename, head):
+        if self.headers.get("Range") and filename == "model.safetensors":
+            raise hub_module._Error(403, None, "Request has expired")
+        return plain(self, repo_id, rev, filename, head)
+
+    monkeypatch.setattr(hub_module._Handler, "_resolve", expired_on_resume)
+    hub_server.interrupt("model.safetensors", 300_000)
+    with pytest.raises(ModelLoadError, match=r"failed part-way \(TransferFailed: the download link of "
+                                             r"model.safetensors expired part-way \(403\).*run the same "
+                                             r"command again") as info:
+        resolve_model(TINY_REPO)
+    assert "unreachable" not in str(info.value)
+    monkeypatch.setattr(hub_module._Handler, "_resolve", plain)
+    assert resolve_model(TINY_REPO).source == "hub"
+    assert hub_server.ranges("model.safetensors")[-1].startswith("bytes=")  # continued, not restarted
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "should_stop"])
 def test_interrupted_download_stops_at_once(hub_server, how):
     """Ctrl+C (or a cancel) during a download stops it within a chunk, instead of waiting
