@@ -268,6 +268,7 @@ def fetch_blob(url: str, blob: Path, size: int, *, token: str | None, on_bytes: 
         if size - have > free:
             raise NotEnoughDisk(label, size - have, partial.parent, free)
         on_bytes(have)
+        partial.touch()  # (an empty file gets no request, which would have made it)
         stitched = fetch_resumable(url, partial, size, token=token, on_bytes=on_bytes, should_stop=should_stop,
                                    sleep=sleep, max_retries=max_retries, retry_wait_s=retry_wait_s, label=label)
         # A blob stitched from several responses must match the Hub's checksum (its etag).

@@ -199,6 +199,15 @@ def test_a_download_link_that_expires_part_way_says_run_again(hub_server, monkey
     assert hub_server.ranges("model.safetensors")[-1].startswith("bytes=")  # continued, not restarted
 
 
+def test_a_repo_with_an_empty_file_downloads(hub_server):
+    """An empty file (here special_tokens_map.json) has no bytes to fetch: it is linked like
+    the others, not reported as a disk that refused its partial file."""
+    files = dict(hub_server.repos[TINY_REPO].files, **{"special_tokens_map.json": b""})
+    hub_server.add_repo("someone/empty-file", files)
+    resolved = resolve_model("someone/empty-file")
+    assert (resolved.path / "special_tokens_map.json").read_bytes() == b""
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "should_stop"])
 def test_interrupted_download_stops_at_once(hub_server, how):
     """Ctrl+C (or a cancel) during a download stops it within a chunk, instead of waiting
