@@ -1,7 +1,6 @@
 """Zeroed int32 counters for kernels whose last program to arrive finishes the job.
 
-A split launch (the split-K fixups of ``quant_mma``, ``quant_dp4a`` and ``fp8``; the decode
-attention's merge, ``paged_decode``, with one counter per sequence and kv head) has each program
+A split launch (the split-K fixups of ``quant_mma``, ``quant_dp4a`` and ``fp8``) has each program
 write its partial result, then add one to its output tile's counter; the program that
 sees ``count == parts - 1`` adds the partials in a fixed order, writes the output and sets
 the counter back to zero for the next launch. One fixed-size tensor per device, never
@@ -20,7 +19,7 @@ from __future__ import annotations
 import torch
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
-COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
+_COUNTER_SLOTS = 1 << 16  # output tiles of one launch; 256 KiB per device
 
 
 def make_counters(device: torch.device) -> None:
@@ -28,20 +27,15 @@ def make_counters(device: torch.device) -> None:
     counters(torch.device(device), 0)
 
 
-def counters_made(device: torch.device) -> bool:
-    """Whether ``device``'s counters exist (a launch inside graph capture may use them)."""
-    return torch.device(device) in _COUNTERS
-
-
 def counters(device: torch.device, n: int) -> torch.Tensor:
     """The device's counters, for a launch with ``n`` output tiles."""
-    if n > COUNTER_SLOTS:
-        raise ValueError(f"{n} output tiles in one split-K launch (at most {COUNTER_SLOTS}); "
+    if n > _COUNTER_SLOTS:
+        raise ValueError(f"{n} output tiles in one split-K launch (at most {_COUNTER_SLOTS}); "
                          "use wider tiles or no split")
     have = _COUNTERS.get(device)
     if have is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the split-K counters must be made before CUDA graph capture "
                                "(hearth_kernels.counters.make_counters, or one split-K launch outside capture first)")
-        have = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        have = _COUNTERS[device] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
     return have

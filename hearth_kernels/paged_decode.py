@@ -22,16 +22,7 @@ sum l_p, and a second kernel merges them with the log-sum-exp rule
     M = max_p m_p,   w_p = l_p * 2^(m_p - M),   out = sum_p w_p o_p / sum_p w_p
 
 so a single long sequence at batch 1 still spreads over the whole GPU. With one split
-the first kernel writes the output itself.
-
-``MERGE_LAST`` (the default, ``HEARTH_DECODE_MERGE_LAST=0`` for the A/B): no merge kernel. A
-split alone in its sequence's context writes the output; otherwise each writes its partial,
-counts itself in (one counter per sequence and kv head: ``hearth_kernels/counters.py``, with
-the split-K launches' fences, ``split_fence.py``), and the one that finishes last merges the
-group's partials by the same rule with a running max, then zeroes its counter. A decode step
-launches one kernel a layer for attention instead of two: at batch 1 the merge kernel was a
-launch of its own in each of the 8B shape's 32 layers (its tiny work spent mostly on launch
-and its wait for the split kernel). Under a sliding window only the window's keys
+the first kernel writes the output itself. Under a sliding window only the window's keys
 are sliced, so no program is spent on keys nobody sees.
 
 CUDA-graph safe: the grid depends only on B, the head counts and ``num_splits`` (chosen
@@ -79,9 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hearth_kernels.counters import COUNTER_SLOTS, counters, counters_made
 from hearth_kernels.pdl import pdl_args, pdl_start, pdl_wait
-from hearth_kernels.split_fence import fence_gpu, launch_fence
 
 from hearth_kernels._checks import check_paged_cache, fp8_as_fp16
 from hearth_kernels._compat import interpreting
@@ -127,7 +116,7 @@ def _visible_span(seq_len, window, num_splits, HAS_WINDOW: tl.constexpr, BLOCK_N
 # window and num_splits change with eager batches: not specialised (no recompiles for them).
 @triton.jit(do_not_specialize=["window", "num_splits"])
 def _decode_split_kernel(
-    q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr, counts_ptr,
+    q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_ml_ptr,
     qk_scale, window, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_blk, stride_c_tok, stride_c_head, stride_tb,
@@ -136,11 +125,9 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     AS_FP16: tl.constexpr, PDL: tl.constexpr, V_PAIRS: tl.constexpr = 0, TABLE_AHEAD: tl.constexpr = 0,
-    MERGE_LAST: tl.constexpr = 0, GM_PAD: tl.constexpr = 1, CHUNK: tl.constexpr = 1, FENCE: tl.constexpr = 0,
 ):
     # V_PAIRS (an e4m3 cache under fp16 dots, see the module docstring): 0 V widened as Triton
-    # loads it; 1 read as pairs, widened by Triton's casts; 2 as pairs by one conversion a pair.
-    # MERGE_LAST (with SPLIT): no merge kernel; see the module docstring.
+    # loads it; 1 read as pairs, widened by Triton's casts; 2 as pairs by one conversion a pair
     pdl_start(PDL)
     pdl_wait(PDL)  # before any load or early return (hearth_kernels/pdl.py)
     b = tl.program_id(0)
@@ -150,12 +137,7 @@ def _decode_split_kernel(
     lo, base, slice_len = _visible_span(seq_len, window, num_splits, HAS_WINDOW, BLOCK_N)
     start = base + split * slice_len
     if SPLIT:
-        if MERGE_LAST:
-            # past this sequence's end (the first split of a padding row, seq_len 0, stays: it
-            # writes the zeros)
-            if (start >= seq_len) & ((split > 0) | (seq_len > 0)):
-                return
-        elif start >= seq_len:
+        if start >= seq_len:
             return  # past this sequence's end: the merge ignores this split
     # (Unsplit, the lone program always runs: a padding row, seq_len 0, must write zeros.)
     end = tl.minimum(start + slice_len, seq_len)
@@ -215,67 +197,15 @@ def _decode_split_kernel(
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l_i == 0 only for an empty context
     st_mask = g_mask[:, None] & d_mask[None, :]
-    out_rows = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if SPLIT:
-        n_parts = tl.cdiv(seq_len - base, slice_len)  # splits that run (0 for seq_len 0)
-        if MERGE_LAST and n_parts <= 1:  # alone in its context: the output is this
-            tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=st_mask)
-        else:
-            p_base = b64 * stride_pb + split * stride_pp
-            tl.store(part_out_ptr + p_base + heads[:, None] * stride_ph + offs_d[None, :], o, mask=st_mask,
-                     cache_modifier=".cg")
-            ml = part_ml_ptr + b64 * stride_mlb + heads * stride_mlh + split * 2
-            tl.store(ml, m_i, mask=g_mask, cache_modifier=".cg")
-            tl.store(ml + 1, l_i, mask=g_mask, cache_modifier=".cg")
-            if MERGE_LAST:  # the split-K pattern of hearth_kernels/counters.py and split_fence.py
-                fence_gpu(FENCE & 1)  # every thread's partial performed at GPU scope ...
-                tl.debug_barrier()  # ... before the count goes up
-                count = counts_ptr + b64 * tl.num_programs(1) + kvh
-                if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
-                    fence_gpu(FENCE & 2)
-                    _merge_group(part_out_ptr, part_ml_ptr, out_ptr, b64, kvh, n_parts,
-                                 stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh,
-                                 stride_ob, stride_oh, GROUP, GM_PAD, HEAD_DIM, D_PAD, CHUNK)
-                    tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        p_base = b64 * stride_pb + split * stride_pp
+        tl.store(part_out_ptr + p_base + heads[:, None] * stride_ph + offs_d[None, :], o, mask=st_mask)
+        ml = part_ml_ptr + b64 * stride_mlb + heads * stride_mlh + split * 2
+        tl.store(ml, m_i, mask=g_mask)
+        tl.store(ml + 1, l_i, mask=g_mask)
     else:
-        tl.store(out_rows, o.to(out_ptr.dtype.element_ty), mask=st_mask)
-
-
-@triton.jit
-def _merge_group(part_out_ptr, part_ml_ptr, out_ptr, b64, kvh, n_parts,
-                 stride_pb, stride_ph, stride_pp, stride_mlb, stride_mlh, stride_ob, stride_oh,
-                 GROUP: tl.constexpr, GM_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                 CHUNK: tl.constexpr):
-    """The merge kernel's log-sum-exp rule for the ``GROUP`` query heads of one kv head, run
-    by the split that finished last, over ``CHUNK`` splits at a time with a running max.
-    Loads bypass L1 (``.cg``): the other splits wrote these in this same kernel."""
-    offs_g = tl.arange(0, GM_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    offs_c = tl.arange(0, CHUNK)
-    heads = kvh * GROUP + offs_g
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
-    ml = part_ml_ptr + b64 * stride_mlb + heads[None, :] * stride_mlh  # [1, GM_PAD]
-    po = part_out_ptr + b64 * stride_pb + heads[None, :, None] * stride_ph + offs_d[None, None, :]
-    m_run = tl.full([GM_PAD], _NEG_BIG, tl.float32)
-    l_run = tl.zeros([GM_PAD], tl.float32)
-    acc = tl.zeros([GM_PAD, D_PAD], tl.float32)
-    for c0 in range(0, n_parts, CHUNK):
-        pc = c0 + offs_c
-        cg_mask = (pc < n_parts)[:, None] & g_mask[None, :]  # [CHUNK, GM_PAD]
-        mc = tl.load(ml + pc[:, None] * 2, mask=cg_mask, other=float("-inf"), cache_modifier=".cg")
-        lc = tl.load(ml + pc[:, None] * 2 + 1, mask=cg_mask, other=0.0, cache_modifier=".cg")
-        oc = tl.load(po + pc[:, None, None] * stride_pp, mask=cg_mask[:, :, None] & d_mask[None, None, :],
-                     other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, tl.max(mc, axis=0))
-        w = lc * tl.exp2(mc - m_new[None, :])  # [CHUNK, GM_PAD]
-        alpha = tl.exp2(m_run - m_new)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * oc, axis=0)
-        l_run = l_run * alpha + tl.sum(w, axis=0)
-        m_run = m_new
-    res = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
-    tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             res.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit(do_not_specialize=["window", "num_splits"])
@@ -384,21 +314,6 @@ def _v_pairs(q_dtype: torch.dtype, kv_cache: torch.Tensor) -> int:
     return 2 if torch.cuda.get_device_capability(kv_cache.device) >= (8, 9) else 0
 
 
-#: The split that finishes last merges (one kernel) unless HEARTH_DECODE_MERGE_LAST says otherwise
-MERGE_LAST_DEFAULT = True
-
-
-def _merge_counts(device: torch.device, n: int) -> torch.Tensor | None:
-    """The device's split counters (``hearth_kernels.counters``) for ``n`` = B x KVH merges in
-    the split kernel, or None for the merge kernel: switched off, more merges than counters,
-    or inside a CUDA graph capture before any launch made them (they are made outside)."""
-    if not _switch("HEARTH_DECODE_MERGE_LAST", MERGE_LAST_DEFAULT) or n > COUNTER_SLOTS:
-        return None
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing() and not counters_made(device):
-        return None
-    return counters(device, n)
-
-
 @functools.lru_cache(maxsize=16)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -463,7 +378,6 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     split = splits > 1
     group = heads // kv_heads
     d_pad = triton.next_power_of_2(dim)
-    counts = _merge_counts(q.device, bsz * kv_heads) if split else None
     if split:
         part_out = torch.empty((bsz, heads, splits, dim), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((bsz, heads, splits, 2), dtype=torch.float32, device=q.device)
@@ -473,9 +387,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         part_out = part_ml = out  # unused (SPLIT=False)
         pstrides = (0, 0, 0, 0, 0)
     window = sliding_window or 0
-    np_pad = triton.next_power_of_2(splits)
     _decode_split_kernel[(bsz, kv_heads, splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_ml, out if counts is None else counts,
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_ml,
         scale * _LOG2E, window, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -485,11 +398,10 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         HAS_WINDOW=sliding_window is not None, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         AS_FP16=fp8_as_fp16(q.dtype, kv_cache.dtype), V_PAIRS=v_pairs, TABLE_AHEAD=ahead,
-        MERGE_LAST=counts is not None, GM_PAD=triton.next_power_of_2(group), CHUNK=min(np_pad, 8),
-        FENCE=launch_fence(splits) if counts is not None else 0,
         num_warps=warps, num_stages=stages, **pdl_args(q.device),
     )
-    if split and counts is None:
+    if split:
+        np_pad = triton.next_power_of_2(splits)
         _decode_merge_kernel[(bsz, heads)](
             part_out, part_ml, seq_lens, out, window, splits, *pstrides, out.stride(0), out.stride(1),
             HEAD_DIM=dim, D_PAD=d_pad, BLOCK_N=block_n, NP_PAD=np_pad,

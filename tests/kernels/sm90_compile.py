@@ -162,13 +162,10 @@ def main() -> None:
     cases = {
         "decode": (paged_decode._decode_split_kernel,
                    {"q_ptr": bf, "cache_ptr": bf, "tables_ptr": "*i32", "seq_lens_ptr": "*i32",
-                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "counts_ptr": "*i32",
-                    "qk_scale": "fp32"},
-                   # as launched split: the last split merges (MERGE_LAST, FENCE: hearth_kernels/split_fence.py)
+                    "out_ptr": bf, "part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "qk_scale": "fp32"},
                    dict(GROUP=4, G_PAD=16, HEAD_DIM=d, D_PAD=d, BLOCK_SIZE=bs, BLOCK_N=n, HAS_WINDOW=True,
                         SPLIT=True, DOT_PRECISION="tf32", AS_FP16=False,
-                        TABLE_AHEAD=int(paged_decode._table_ahead(0)),
-                        MERGE_LAST=int(paged_decode.MERGE_LAST_DEFAULT), GM_PAD=4, CHUNK=8, FENCE=1), warps, stages),
+                        TABLE_AHEAD=int(paged_decode._table_ahead(0))), warps, stages),
         "decode_merge": (paged_decode._decode_merge_kernel,
                          {"part_out_ptr": "*fp32", "part_ml_ptr": "*fp32", "seq_lens_ptr": "*i32",
                           "out_ptr": bf},

@@ -20,14 +20,14 @@ def test_one_zeroed_tensor_per_device_never_replaced(fresh):
     cpu = torch.device("cpu")
     cn.make_counters(cpu)
     a = cn.counters(cpu, 10)
-    assert a.dtype == torch.int32 and a.numel() == cn.COUNTER_SLOTS and not a.any()
+    assert a.dtype == torch.int32 and a.numel() == cn._COUNTER_SLOTS and not a.any()
     a[3] = 7  # what a launch leaves is its own business: the tensor itself stays
-    assert cn.counters(cpu, cn.COUNTER_SLOTS) is a
+    assert cn.counters(cpu, cn._COUNTER_SLOTS) is a
 
 
 def test_too_many_tiles_is_refused_with_what_to_do(fresh):
     with pytest.raises(ValueError, match="at most 65536.*wider tiles or no split"):
-        cn.counters(torch.device("cpu"), cn.COUNTER_SLOTS + 1)
+        cn.counters(torch.device("cpu"), cn._COUNTER_SLOTS + 1)
     assert not cn._COUNTERS  # nothing made on the way
 
 

@@ -89,25 +89,6 @@ def test_static_bound_above_lengths_and_padding_rows():
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("window", [None, 17])
-def test_the_last_split_merges_as_the_merge_kernel_and_leaves_its_counters_zero(monkeypatch, window):
-    """Split, the program that finishes last merges its kv head's slices (no merge kernel,
-    the default): the same output as the merge kernel (``HEARTH_DECODE_MERGE_LAST=0``) and the
-    reference, for rows in one slice (written directly), in several, more than a merge chunk
-    (8) of them, and padding rows; every counter it used is zero again for the next call."""
-    from hearth_kernels import counters
-
-    lens = [0, 5, 16, 17, 40, 190, 0]
-    got = {}
-    for merge_last in ("1", "0"):
-        monkeypatch.setenv("HEARTH_DECODE_MERGE_LAST", merge_last)
-        got[merge_last], ref = run_case(lens, 8, 2, 32, 8, window=window, num_splits=12, block_n=16, bound=200)
-        torch.testing.assert_close(got[merge_last].double(), ref, atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(got["1"], got["0"], atol=1e-6, rtol=1e-6)
-    assert counters.counters_made(torch.device(DEVICE))
-    assert not counters.counters(torch.device(DEVICE), 0).any()
-
-
 def test_fp16():
     out, ref = run_case(LENS, 4, 2, 32, 16, dtype=torch.float16, num_splits=3, block_n=16)
     assert out.dtype == torch.float16
@@ -168,30 +149,6 @@ def test_gpu_llama8b_shapes(dtype, seq_lens, ahead, monkeypatch):
     tol = GPU_TOL[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     assert (out.double() - ref).abs().mean() < tol / 8
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("merge_last", ["1", "0"], ids=["last-split-merges", "merge-kernel"])
-def test_gpu_merges_race_free_over_repeated_calls(merge_last, monkeypatch):
-    """The last split's merge reads the other splits' partials from the same launch: poisoned
-    outputs and partial buffers, 40 calls of changing lengths at batch 1 (one long sequence
-    over many splits, the decode step's shape) and 8, each against the reference."""
-    from hearth_kernels import counters
-
-    monkeypatch.setenv("HEARTH_DECODE_MERGE_LAST", merge_last)
-    cache, tables = make_paged_cache([8192] * 8, 8, 128, 16, dtype=torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    for i in range(40):
-        batch = 1 if i % 2 else 8
-        lens = torch.randint(1, 8193, (batch,), generator=g, device="cuda", dtype=torch.int32)
-        q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        out = torch.full_like(q, float("nan"))
-        torch.empty(64 << 20, dtype=torch.uint8, device="cuda").fill_(0xFF)  # stale NaN partials
-        paged_decode_attention(q, cache, tables[:batch], lens, 0.088, max_seq_len=8192, out=out)
-        ref = reference_attention(q, cache, tables, list(range(batch + 1)), lens.tolist(), 0.088)
-        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
-    if merge_last == "1":
-        assert not counters.counters(torch.device("cuda"), 0).any()
 
 
 @pytest.mark.gpu
