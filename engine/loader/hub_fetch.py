@@ -313,14 +313,14 @@ class RepoFiles:
             meta.size if meta.size is not None else self.sizes[name])
 
 
-def list_repo(repo_id: str, revision: str | None, token: str | None) -> RepoFiles:
+def list_repo(repo_id: str, revision: str | None, token: str | None, timeout: float = 30.0) -> RepoFiles:
     """The files of ``repo_id`` at ``revision`` (default branch if None) with their sizes.
 
     Raises huggingface_hub's errors (unknown repo or revision, gated, HTTP, offline)."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.file_download import repo_folder_name
 
-    info = HfApi(token=token).model_info(repo_id, revision=revision or "main", files_metadata=True, timeout=30)
+    info = HfApi(token=token).model_info(repo_id, revision=revision or "main", files_metadata=True, timeout=timeout)
     sizes = {f.rfilename: (f.lfs.size if f.lfs is not None else f.size) or 0 for f in info.siblings or ()}
     storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
     return RepoFiles(repo_id, info.sha, sizes, storage)
@@ -340,7 +340,11 @@ def prefetch_repo(repo_id: str, revision: str | None, allow_patterns: list[str],
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    repo = list_repo(repo_id, revision, token)
+    from huggingface_hub import constants
+
+    # A load of a cached model on a network that drops packets waits this long before the
+    # cache (huggingface_hub's own wait for a file's metadata: HF_HUB_ETAG_TIMEOUT, 10 s)
+    repo = list_repo(repo_id, revision, token, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     for name in filter_repo_objects(sorted(repo.sizes), allow_patterns=allow_patterns):
         if should_stop():
             raise Stopped()

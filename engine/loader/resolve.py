@@ -551,9 +551,11 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
             if network_error is not None and _failed_mid_download(network_error):
                 raise ModelLoadError(
                     f"downloading '{repo_id}'{rev_text} from the Hugging Face Hub failed part-way "
-                    f"({type(network_error).__name__}: {(str(network_error).splitlines() or [''])[0]}). "
-                    "Check the network connection and run the same command again: it continues where "
-                    "it stopped (the files that finished are kept, and the one cut short goes on)."
+                    f"({type(network_error).__name__}: {(str(network_error).splitlines() or [''])[0].rstrip('.')}). "
+                    + ("Run the same command again: that file is fetched again from its start (the files that "
+                       "finished are kept)." if isinstance(network_error, ResumeCorrupted) else
+                       "Check the network connection and run the same command again: it continues where "
+                       "it stopped (the files that finished are kept, and the one cut short goes on).")
                 ) from exc
             why = (
                 "offline mode is on (HF_HUB_OFFLINE)"

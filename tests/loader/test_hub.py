@@ -163,7 +163,9 @@ def test_a_resumed_small_file_is_checked_against_its_git_blob_id(hub_server):
     blobs.mkdir(parents=True)
     partial = blobs / f"{repo.etag('config.json')}.incomplete"
     partial.write_bytes(b"X" * 10)  # not the file's bytes (a bad disk, a crash)
-    with pytest.raises(ModelLoadError, match=r"config.json was corrupted while resuming.*run the same command again"):
+    with pytest.raises(ModelLoadError, match=r"config.json was corrupted while resuming; its partial copy was "
+                                             r"deleted\)\. Run the same command again: that file is fetched "
+                                             r"again from its start"):
         resolve_model(TINY_REPO)
     assert not partial.exists()
     partial.write_bytes(data[:10])
