@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, QObject, QSettings, Qt, Slot
-from PySide6.QtGui import QAction, QPalette
+from PySide6.QtGui import QAction, QKeySequence, QPalette, QShortcut
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel,
                                QMenu, QPushButton, QScrollArea, QSplitter, QStackedWidget, QTableWidget,
                                QTableWidgetItem, QTabWidget, QToolButton, QVBoxLayout, QWidget)
@@ -164,6 +164,12 @@ class ComparePage(QWidget):
         self.cancel_button.setObjectName("compareCancelButton")
         self.cancel_button.setToolTip("Stop now: the finished configurations are kept, the rest marked cancelled")
         self.cancel_button.clicked.connect(self.cancel)
+        # Esc cancels a running comparison wherever focus is in the window while this page shows
+        # (as Esc stops a chat answer on the chat page); enabled only while one runs.
+        self._esc = QShortcut(QKeySequence(Qt.Key.Key_Escape), self)
+        self._esc.setContext(Qt.ShortcutContext.WindowShortcut)
+        self._esc.activated.connect(self.cancel)
+        self._esc.setEnabled(False)
         buttons.addWidget(self.run_button, 1)
         buttons.addWidget(self.cancel_button)
         setup_lay.addLayout(buttons)
@@ -259,6 +265,7 @@ class ComparePage(QWidget):
         self.run_button.setEnabled(not running and self.setup.problem is None)
         self.run_button.setToolTip(self.setup.problem or "Run every configuration on the prompts, one after another")
         self.cancel_button.setVisible(running)
+        self._esc.setEnabled(running)
         if not running:
             self.cancel_button.setEnabled(True)
             self.cancel_button.setText("Cancel")
@@ -372,14 +379,24 @@ class ComparePage(QWidget):
         self.columns.show_result(result)
         self.charts.show_result(result)
         fill_table(self.table, result.results)
-        try:
-            self.saved_path = save_comparison(result)  # names it
-            saved = f"Saved as “{result.name}” (under Saved)."
-        except ComparisonFileError as e:
-            saved = f"Not saved: {e}"
+        failed = [r for r in result.results if r.status == "error"]
+        if result.results and len(failed) == len(result.results) \
+                and not any(r.load_s is not None or r.prompts for r in failed):
+            # Nothing ran at all (every load refused or failed): nothing to keep under Saved.
+            self.saved_path, saved = None, "Nothing was saved."
+        else:
+            try:
+                self.saved_path = save_comparison(result)  # names it
+                saved = f"Saved as “{result.name}” (under Saved)."
+            except ComparisonFileError as e:
+                saved = f"Not saved: {e}"
         self.summary.setText(_summary(result))
-        done = "Comparison cancelled; the finished configurations are kept." if result.cancelled else \
-            "Comparison finished."
+        if result.cancelled:
+            done = "Comparison cancelled; the finished configurations are kept."
+        elif result.results and len(failed) == len(result.results):
+            done = "Comparison finished, but every configuration failed: its column says why."
+        else:
+            done = "Comparison finished."
         self.message.setText(f"{done} {saved}{self.chat_model.restore()}")
         self.saved.refresh()
         if self.saved_path is not None:

@@ -138,6 +138,41 @@ def test_cancel_mid_run_keeps_the_finished_columns_and_marks_the_rest(qtbot, bri
     assert len(loaded) == 2 and shut == loaded  # the engine in flight was shut down
 
 
+def test_esc_cancels_a_running_comparison(qtbot, bridge, gui_env, chat_model, engines):
+    """Esc, wherever focus is in the window while the page shows, cancels as the button does
+    (the chat page's Esc stops an answer); it does nothing while no comparison runs."""
+    from PySide6.QtCore import Qt
+
+    page = make_page(qtbot, bridge, gui_env)
+    set_up_tiny(page, chat_model, max_tokens=200, eval_tokens=0)
+    page.activateWindow()
+    assert not page._esc.isEnabled()
+    page.run()
+
+    def esc_on_second(ev):  # on the GUI thread, like a key press
+        if isinstance(ev, TokenDelta) and ev.index == 1 and page.cancel_button.isEnabled():
+            qtbot.keyClick(page.setup.typed, Qt.Key.Key_Escape)
+
+    page.worker.event.connect(esc_on_second)
+    wait_idle(qtbot, page)
+    assert [r.status for r in page.result.results] == ["ok", "cancelled", "cancelled"]
+    assert not page._esc.isEnabled()
+
+
+def test_a_run_whose_every_configuration_failed_says_so_and_saves_nothing(qtbot, bridge, gui_env, chat_model,
+                                                                         engines):
+    """It said "Comparison finished." and was saved like a run that measured something."""
+    _, _, failing = engines
+    failing.update({"int8", "int4"})
+    page = make_page(qtbot, bridge, gui_env)
+    set_up_tiny(page, chat_model, quants=("int8", "int4"), eval_tokens=0)
+    page.run()
+    wait_idle(qtbot, page)
+    assert [r.status for r in page.result.results] == ["error", "error"]
+    assert "every configuration failed" in page.message.text() and "Nothing was saved" in page.message.text()
+    assert page.saved_path is None and list_comparisons() == []
+
+
 def test_a_run_that_stops_on_an_error_leaves_no_column_waiting(qtbot, bridge, gui_env, monkeypatch):
     """A run ended by an unexpected error (no RunFinished) left the summary at "Comparing
     ..." and every column "Waiting for its turn..." for good, under the error message."""
