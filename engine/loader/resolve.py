@@ -445,9 +445,15 @@ def _fetch_snapshot(*, stopped: Callable[[], bool], tqdm_class: Any, **kwargs: A
     time, from the same partial files as the app's Models page), then ``snapshot_download``
     links them into the snapshot and writes the ref, fetching nothing more."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
 
-    prefetch_repo(kwargs["repo_id"], kwargs["revision"], kwargs["allow_patterns"], should_stop=stopped,
-                  tqdm_class=tqdm_class)
+    try:
+        prefetch_repo(kwargs["repo_id"], kwargs["revision"], kwargs["allow_patterns"], should_stop=stopped,
+                      tqdm_class=tqdm_class)
+    except RepositoryNotFoundError:  # (GatedRepoError too)
+        # snapshot_download loads a repo the Hub no longer shows (deleted, or private and
+        # run without its token) from the cache, and raises the same error when it isn't there.
+        pass
     return snapshot_download(**kwargs, tqdm_class=tqdm_class)
 
 

@@ -47,6 +47,14 @@ def test_second_online_resolve_does_not_download_again(hub_server):
     assert hub_server.downloads("model.safetensors") == 1
 
 
+def test_a_cached_repo_the_hub_no_longer_shows_loads_from_the_cache(hub_server):
+    """A repo deleted from the Hub, or made private and fetched without its token (the Hub
+    answers RepoNotFound), still loads from the cache, as huggingface_hub's own fetch does."""
+    first = resolve_model(TINY_REPO)
+    hub_server.repos.pop(TINY_REPO)
+    assert resolve_model(TINY_REPO) == first
+
+
 def test_unknown_repo(hub_server):
     with pytest.raises(ModelLoadError, match=r"unknown model 'someone/nothing-here'.*no such repo on the Hub"):
         resolve_model("someone/nothing-here")
