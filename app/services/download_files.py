@@ -128,7 +128,7 @@ class RepoFetcher:
         except ResumeCorrupted as exc:
             raise HubError("other", f"{exc} Press Retry to download it again.") from exc
         except TransferFailed as exc:
-            raise HubError("other", f"{exc}{_AGAIN}") from exc
+            raise HubError("other", f"{exc}{_AGAIN if exc.resumes else ' Press Retry to try again later.'}") from exc
         except BlobBusy:
             raise HubError("other", f"{name} is being downloaded by another program right now (a Hearth "
                            "command, or `hf download`): retry when that one finishes.") from None

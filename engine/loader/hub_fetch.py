@@ -42,7 +42,13 @@ class Stopped(Exception):
 
 class TransferFailed(Exception):
     """Attempt after attempt ended early without getting further; the message says why
-    (naming a server that ignores Range requests)."""
+    (naming a server that ignores Range requests). ``resumes``: whether the next attempt
+    continues from the partial file (not where the server ignores Range requests, nor
+    where the partial file was deleted), so that callers don't promise it."""
+
+    def __init__(self, message: str, *, resumes: bool = True):
+        super().__init__(message)
+        self.resumes = resumes
 
 
 class ResumeCorrupted(Exception):
@@ -158,7 +164,7 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
                     f"the server ignores requests to resume {label} (it answers a Range request with the "
                     f"whole file) and ended the download early {failures} times in a row, never getting "
                     f"past {format_bytes(best)} of {format_bytes(size)}; try again later, or from another "
-                    "network.") from error
+                    "network.", resumes=False) from error
             if error is not None:
                 raise error
             raise TransferFailed(
@@ -171,7 +177,7 @@ def fetch_resumable(url: str, partial: Path, size: int, *, token: str | None,
     if have > size:
         partial.unlink(missing_ok=True)
         raise TransferFailed(f"{label} came out larger than the Hub announced ({have} > {size} bytes); its "
-                             "partial copy was deleted.")
+                             "partial copy was deleted.", resumes=False)
     return stitched
 
 

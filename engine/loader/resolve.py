@@ -559,7 +559,8 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
                     f"downloading '{repo_id}'{rev_text} from the Hugging Face Hub failed part-way "
                     f"({type(network_error).__name__}: {(str(network_error).splitlines() or [''])[0].rstrip('.')}). "
                     + ("Run the same command again: that file is fetched again from its start (the files that "
-                       "finished are kept)." if isinstance(network_error, ResumeCorrupted) else
+                       "finished are kept)." if isinstance(network_error, ResumeCorrupted)
+                       or (isinstance(network_error, TransferFailed) and not network_error.resumes) else
                        "Check the network connection and run the same command again: it continues where "
                        "it stopped (the files that finished are kept, and the one cut short goes on).")
                 ) from exc
