@@ -43,11 +43,10 @@ from engine.memory_plan import (DTYPE_BYTES, DeviceShare, ModelCheck, auto_dtype
 from engine.llm_engine import Engine
 # Hub files into the Hugging Face cache, resumably: the app's Models page downloads through
 # these, as a repo id given to a load does (engine/loader/hub_fetch.py).
-from engine.loader.hub_fetch import (MAX_RETRY_WAIT_S as DOWNLOAD_MAX_RETRY_WAIT_S, BlobBusy, NotEnoughDisk,
-                                     RepoFiles, ResumeCorrupted, TransferFailed, fetch_blob,
+from engine.loader.hub_fetch import (HUB_ALLOW_PATTERNS, MAX_RETRY_WAIT_S as DOWNLOAD_MAX_RETRY_WAIT_S, BlobBusy,
+                                     NotEnoughDisk, RepoFiles, ResumeCorrupted, TransferFailed, fetch_blob,
                                      is_connection_error, list_repo, sends_token_to)
 from engine.loader.hub_fetch import Stopped as DownloadStopped
-from engine.loader.resolve import HUB_ALLOW_PATTERNS
 # Peak allocator memory on a CUDA device, per measured span (``hearth compare``).
 from engine.metrics import peak_device_memory_bytes, reset_peak_device_memory
 # Engine.perplexity's result and its default sliding window (engine/evaluate.py).

@@ -34,6 +34,21 @@ CHUNK = 128 * 1024   # small enough that progress and cancel react within a frac
 _TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 #: The longest wait between two attempts (the backoff doubles up to it).
 MAX_RETRY_WAIT_S = 60.0
+#: Files fetched from a Hub repo: enough to run it, never pickle weights or other formats
+#: (a repo id given to --model, and the Models page by default). Kept here, not in
+#: ``resolve``, so that ``engine.api`` names them without importing torch.
+HUB_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "*.model",
+    "vocab*",
+    "merges.txt",
+    "chat_template*",
+]
 
 
 class Stopped(Exception):

@@ -22,7 +22,7 @@ from typing import Any
 from engine.errors import InvalidRequestError, LoadCancelledError, ModelLoadError, UnsupportedModelError
 from engine.loader import default_package
 from engine.loader.gguf import AS_FILE, SOURCE_FILE, convert_gguf, is_up_to_date
-from engine.loader.hub_fetch import BlobBusy, ResumeCorrupted, TransferFailed, prefetch_repo
+from engine.loader.hub_fetch import HUB_ALLOW_PATTERNS, BlobBusy, ResumeCorrupted, TransferFailed, prefetch_repo
 from engine.loader.names import DEFAULT_FOLDER, DEFAULT_MODEL_NAME, model_display_name
 from engine.loader.shape_model import shape_of_config
 from engine.loader.weights import INDEX_FILE, weight_files
@@ -34,20 +34,6 @@ __all__ = ["DEFAULT_MODEL_NAME", "HUB_ALLOW_PATTERNS", "ResolvedModel", "default
 # float16; a quantized type's dequantized values in float16, closer to them than bfloat16:
 # engine.loader.gguf._stored_dtype); each load casts to its own dtype.
 _CONVERTED_DTYPE = AS_FILE
-
-#: Files fetched from a Hub repo: enough to run it, never pickle weights or other formats.
-HUB_ALLOW_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "*.model",
-    "vocab*",
-    "merges.txt",
-    "chat_template*",
-]
 
 # Any of these means the folder has a tokenizer transformers can load.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
