@@ -210,6 +210,23 @@ def test_a_download_link_that_expires_part_way_says_run_again(hub_server, monkey
     assert hub_server.ranges("model.safetensors")[-1].startswith("bytes=")  # continued, not restarted
 
 
+def test_a_file_another_program_is_downloading_says_wait(hub_server):
+    """huggingface_hub's own lock for a blob (held by `hf download`, or another Hearth
+    command) is refused at once, saying so, not waited on nor appended to."""
+    from filelock import FileLock
+    from huggingface_hub import constants
+
+    etag = hub_server.repos[TINY_REPO].etag("model.safetensors")
+    locks = Path(constants.HF_HUB_CACHE) / ".locks" / "models--hearth-test--tiny-llama"
+    lock = FileLock(str(locks / f"{etag}.lock"))
+    with lock:
+        with pytest.raises(ModelLoadError, match=r"being downloaded by another program right now .*wait for that "
+                                                 r"download to finish"):
+            resolve_model(TINY_REPO)
+        assert hub_server.downloads("model.safetensors") == 0
+    assert resolve_model(TINY_REPO).source == "hub"
+
+
 def test_a_repo_with_an_empty_file_downloads(hub_server):
     """An empty file (here special_tokens_map.json) has no bytes to fetch: it is linked like
     the others, not reported as a disk that refused its partial file."""
