@@ -69,6 +69,7 @@ class RepoFetcher:
                 pointer = str(repo.snapshot / names[0])
             return Path(pointer)  # a single picked file (a GGUF) is what gets loaded
         return repo.snapshot
+
     @staticmethod
     def _select_files(s: DownloadStatus, sizes: dict[str, int]) -> list[str]:
         if s.files is not None:
