@@ -18,10 +18,13 @@ def main() -> int:
             status = json.load(r).get("status")
     except urllib.error.HTTPError as e:  # 503 {"status": "loading"} while the model loads
         try:
-            status = json.load(e).get("status")
+            body = json.load(e)
+            status, error = body.get("status"), body.get("error")
         except (OSError, ValueError, AttributeError):
-            status = None
-        print(f"{url}: HTTP {e.code}" + (f", status {status!r}" if status else ""), file=sys.stderr)
+            status = error = None
+        # (503 {"status": "error", "error": ...}: the model can answer no more; say why)
+        print(f"{url}: HTTP {e.code}" + (f", status {status!r}" if status else "") + (f": {error}" if error else ""),
+              file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:  # refused, timed out, not JSON
         print(f"{url}: {e}", file=sys.stderr)

@@ -111,3 +111,32 @@ def test_container_healthcheck_fails_while_the_model_loads():
     finally:
         sock.close()
     assert done.returncode == 1 and "HTTP 503, status 'loading'" in done.stderr, done.stderr
+
+
+def test_container_healthcheck_says_why_the_model_can_answer_no_more():
+    import http.server
+    import json
+    import threading
+
+    why = "tensor parallel: rank 1 (cuda:1) ended (killed by signal 9). Reload the model."
+
+    class Dead(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # what /health answers once Engine.dead is set
+            body = json.dumps({"status": "error", "model": "m", "error": why}).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Dead)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = healthcheck(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 1 and f"HTTP 503, status 'error': {why}" in done.stderr, done.stderr
