@@ -44,7 +44,7 @@ from engine.llm_engine import Engine
 # Hub files into the Hugging Face cache, resumably: the app's Models page downloads through
 # these, as a repo id given to a load does (engine/loader/hub_fetch.py).
 from engine.loader.hub_fetch import (HUB_ALLOW_PATTERNS, MAX_RETRY_WAIT_S as DOWNLOAD_MAX_RETRY_WAIT_S, BlobBusy,
-                                     NotEnoughDisk, RepoFiles, ResumeCorrupted, TransferFailed, fetch_blob,
+                                     NotEnoughDisk, ResumeCorrupted, TransferFailed, fetch_blob,
                                      is_connection_error, list_repo, sends_token_to)
 from engine.loader.hub_fetch import Stopped as DownloadStopped
 # Peak allocator memory on a CUDA device, per measured span (``hearth compare``).
@@ -181,7 +181,7 @@ __all__ = [
     "default_model_installed_version", "default_model_file", "default_model_install_command",
     "default_model_install_hint", "cache_dir", "gguf_file_label", "gguf_memory_ratio", "gguf_kept_on",
     "gguf_split_part",
-    "DOWNLOAD_MAX_RETRY_WAIT_S", "BlobBusy", "NotEnoughDisk", "RepoFiles", "ResumeCorrupted", "TransferFailed",
+    "DOWNLOAD_MAX_RETRY_WAIT_S", "BlobBusy", "NotEnoughDisk", "ResumeCorrupted", "TransferFailed",
     "fetch_blob", "is_connection_error", "list_repo", "sends_token_to", "DownloadStopped", "HUB_ALLOW_PATTERNS",
 ]
 

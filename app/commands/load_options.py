@@ -61,7 +61,8 @@ def _not_empty(what: str):
 
 def add_device_flags(group) -> None:
     """``--devices``, ``--split``, ``--split-ratio``: a load over several devices (engine.split)."""
-    group.add_argument("--devices", default=None, metavar="LIST", type=_not_empty("the devices, e.g. cuda:0,cuda:1"),
+    group.add_argument("--devices", default=None, metavar="LIST",
+                       type=_not_empty("the devices, e.g. cuda:0,cuda:1"),
                        help="load over several devices, in order, e.g. cuda:0,cuda:1 or cuda:0,cpu (the CPU "
                             "last takes the layers the GPUs can't hold); `hearth doctor` lists the GPUs")
     group.add_argument("--split", default="layer", metavar="MODE",
@@ -69,7 +70,8 @@ def add_device_flags(group) -> None:
                             "tensor parallel, a slice of every layer on each device, a worker process for each "
                             "device after the first (NCCL between GPUs, gloo between CPU ranks); the heads and "
                             "MLP width must divide by the devices")
-    group.add_argument("--split-ratio", default=None, metavar="SHARES", type=_not_empty("one share per device, e.g. 0.6,0.4"),
+    group.add_argument("--split-ratio", default=None, metavar="SHARES",
+                       type=_not_empty("one share per device, e.g. 0.6,0.4"),
                        help="the layer split's share per device, e.g. 0.6,0.4, or layer counts such as 31,1 "
                             "(default: by each device's free memory, the CPU only taking what the GPUs can't hold)")
 

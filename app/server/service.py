@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
@@ -36,8 +37,12 @@ SHUTTING_DOWN = "the server is shutting down: this answer was stopped before it 
 class Choice:
     """One choice's engine request, read on the loop: its text so far and how it ended."""
 
-    def __init__(self, events: AsyncRequestEvents, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, events: AsyncRequestEvents, metrics: ServerMetrics | None = None,
+                 engine_dead: Callable[[], str | None] | None = None) -> None:
         self.events = events
+        #: Why the engine can answer no more (None while it can): a request refused before it
+        #: started because the engine had just died is a 503, not a bad request's 400.
+        self.engine_dead = engine_dead or (lambda: None)
         self.started = False
         self.scheduled = False  # the engine has begun reading its prompt (it no longer waits)
         self.finish: FinishedEvent | None = None
@@ -185,7 +190,8 @@ class OpenAIService:
             ids = job.prompts[k // job.n]
             # prompt_progress: its first PromptProgressEvent says it left the queue.
             request = Request(prompt_token_ids=ids, params=params, prompt_progress=True)
-            choice = Choice(self._async.submit(request), self.metrics)
+            choice = Choice(self._async.submit(request), self.metrics,
+                            lambda: getattr(self.host.engine, "dead", None))
             self._live.add(choice)
             choices.append(choice)
         return choices
@@ -241,6 +247,8 @@ def failure(choice: Choice) -> ApiError | None:
     if not choice.started:  # refused before it reached the engine
         if message == NO_MODEL:
             return ApiError(503, NO_MODEL_503, code="model_not_loaded")
+        if choice.engine_dead():  # (it died between this request's check and its submit)
+            return ApiError(503, message, code="model_not_loaded")
         return ApiError(400, message)
     return ApiError(500, message)
 

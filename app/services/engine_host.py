@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import weakref
 import traceback
 from functools import partial
 from typing import Callable
@@ -336,10 +337,10 @@ class EngineHost(EngineSwaps):
         if self.engine is None:
             return
         dead = getattr(self.engine, "dead", None)
-        if dead and self._said_dead is not self.engine:  # (once: its stats go on, all zero)
+        if dead and (self._said_dead is None or self._said_dead() is not self.engine):  # (once: stats go on)
             # It can answer no more (a tensor-parallel rank ended): the window says why at once,
             # not only the next message's error.
-            self._said_dead = self.engine
+            self._said_dead = weakref.ref(self.engine)  # (not keeping it alive after a reload)
             self._publish(EngineError(dead))
         try:
             stats = self.engine.stats()

@@ -71,6 +71,11 @@ class ResumeCorrupted(Exception):
     its partial file has been deleted."""
 
 
+class HubUnreachable(ConnectionError):
+    """The repo's file list could not be fetched: the network (refused, reset, timed out),
+    before any file was; the cause is chained."""
+
+
 class BlobBusy(Exception):
     """Another download (another process, or another download in this one) is writing the
     same blob."""
@@ -355,17 +360,22 @@ def prefetch_repo(repo_id: str, revision: str | None, allow_patterns: list[str],
     the snapshot are skipped; a progress bar per file (``tqdm_class``, huggingface_hub's by
     default, which honours HF_HUB_DISABLE_PROGRESS_BARS) starts at the bytes already kept.
 
-    Raises what ``list_repo`` and ``fetch_blob`` raise.
+    Raises HubUnreachable for a network failure while listing the files (so that it is not
+    taken for a download cut short), otherwise what ``list_repo`` and ``fetch_blob`` raise.
     """
+    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    from huggingface_hub import constants
-
-    # A load of a cached model on a network that drops packets waits this long before the
-    # cache (huggingface_hub's own wait for a file's metadata: HF_HUB_ETAG_TIMEOUT, 10 s)
-    repo = list_repo(repo_id, revision, token, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    try:
+        # A load of a cached model on a network that drops packets waits this long before the
+        # cache (huggingface_hub's own wait for a file's metadata: HF_HUB_ETAG_TIMEOUT, 10 s)
+        repo = list_repo(repo_id, revision, token, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:
+        if is_connection_error(exc):
+            raise HubUnreachable(f"{type(exc).__name__}: {exc}") from exc
+        raise
     for name in filter_repo_objects(sorted(repo.sizes), allow_patterns=allow_patterns):
         if should_stop():
             raise Stopped()

@@ -547,8 +547,9 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: Callable[[str], N
                     + ("Run the same command again: that file is fetched again from its start (the files that "
                        "finished are kept)." if isinstance(network_error, ResumeCorrupted)
                        or (isinstance(network_error, TransferFailed) and not network_error.resumes) else
-                       "Check the network connection and run the same command again: it continues where "
-                       "it stopped (the files that finished are kept, and the one cut short goes on).")
+                       "Run the same command again: it continues where it stopped (the files that finished "
+                       "are kept, and the one cut short goes on); if it keeps failing, check the network "
+                       "connection.")
                 ) from exc
             why = (
                 "offline mode is on (HF_HUB_OFFLINE)"

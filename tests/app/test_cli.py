@@ -174,6 +174,44 @@ def test_prompts_file_says_why_a_prompt_failed(capsys, monkeypatch, tiny, tmp_pa
     assert f"hearth: line 2 of {f}: error: rank 1 (cpu) ended" in err
 
 
+def test_prompts_file_after_the_engine_died_fails_the_rest_with_its_reason(capsys, monkeypatch, tiny, tmp_path):
+    """A prompt submitted after the engine died (refused at its submit, not failed in a step)
+    is a failed row with the reason too, in --json (valid JSON, "error"), not a traceback or an
+    exit that drops the rows; the submit waits for the death here, as a slow tokenizer would."""
+    import json
+    import time
+
+    from engine.api import Engine
+    from engine.errors import EngineDeadError
+    from engine.runner.model_runner import ModelRunner
+
+    plain_execute, plain_submit = ModelRunner.execute, Engine.submit
+    why = "rank 1 (cpu) ended (killed by signal 9). The model can't run on: reload it."
+
+    def execute(self, inp):
+        if not inp.rows:
+            return plain_execute(self, inp)
+        raise EngineDeadError(why)
+
+    def submit(self, *args, **kwargs):
+        if getattr(self, "_submitted", False):
+            deadline = time.monotonic() + 30
+            while not self.dead and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._submitted = True
+        return plain_submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    monkeypatch.setattr(Engine, "submit", submit)
+    f = tmp_path / "prompts.txt"
+    f.write_text("Hi\nThere\n", encoding="utf-8")
+    rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, "--max-tokens", "3", "--json"))
+    assert rc == 1, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["line"], r["finish_reason"], r["error"]) for r in rows] == [(1, "error", why), (2, "error", why)]
+    assert rows[1]["completion_tokens"] == 0 and rows[1]["text"] == ""
+
+
 # -- generate: seeds ---------------------------------------------------------------------
 
 

@@ -96,6 +96,32 @@ def test_unreachable_and_not_cached(hub_server):
         resolve_model(TINY_REPO)
 
 
+def test_a_listing_that_times_out_is_called_unreachable_not_a_download_cut_short(hub_server, monkeypatch):
+    """A network that drops packets times out the file list, before any file: the error says
+    the Hub is unreachable, not that a download failed part-way."""
+    import httpx
+
+    from engine.loader import hub_fetch
+
+    def timed_out(*args, **kwargs):
+        raise httpx.ReadTimeout("The read operation timed out")
+
+    import huggingface_hub
+
+    real = huggingface_hub.snapshot_download
+
+    def cache_only(*args, **kwargs):  # the cache is looked in; the Hub is not asked a second time
+        assert kwargs.get("local_files_only"), "asked the unreachable Hub again"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hub_fetch, "list_repo", timed_out)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    with pytest.raises(ModelLoadError, match=r"not in the local Hugging Face cache, and the Hub is unreachable "
+                                             r"\(HubUnreachable: ReadTimeout") as info:
+        resolve_model(TINY_REPO)
+    assert "part-way" not in str(info.value)
+
+
 def test_repo_without_safetensors(hub_server):
     hub_server.add_repo(
         "old/bin-only",
@@ -131,7 +157,8 @@ def test_connection_dropping_every_time_says_what_to_do(hub_server, monkeypatch)
 
     monkeypatch.setattr(hub_fetch, "_sleep_unless", lambda stop, seconds: False)  # 1, 2, 4 s between tries
     hub_server.short_bodies("model.safetensors", 0)
-    with pytest.raises(ModelLoadError, match=r"failed part-way \(RemoteProtocolError.*run the same command again"):
+    with pytest.raises(ModelLoadError, match=r"failed part-way \(RemoteProtocolError.*Run the same command again: "
+                                             r"it continues where it stopped"):
         resolve_model(TINY_REPO)
     hub_server._short.clear()
     assert resolve_model(TINY_REPO).source == "hub"  # the next run finishes the download
@@ -201,7 +228,7 @@ def test_a_download_link_that_expires_part_way_says_run_again(hub_server, monkey
     monkeypatch.setattr(hub_module._Handler, "_resolve", expired_on_resume)
     hub_server.interrupt("model.safetensors", 300_000)
     with pytest.raises(ModelLoadError, match=r"failed part-way \(TransferFailed: the download link of "
-                                             r"model.safetensors expired part-way \(403\).*run the same "
+                                             r"model.safetensors expired part-way \(403\).*Run the same "
                                              r"command again") as info:
         resolve_model(TINY_REPO)
     assert "unreachable" not in str(info.value)

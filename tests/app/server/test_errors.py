@@ -293,6 +293,23 @@ def test_an_engine_whose_rank_ended_is_unhealthy_and_refuses_requests(tiny_model
         assert host.shutdown()
 
 
+def test_a_request_refused_as_the_engine_died_is_a_503_not_a_bad_request():
+    """A request that passed the dead-engine check just before the engine died is refused at
+    its submit, before it started: that is the engine's state (503, try elsewhere or later),
+    not the request's fault (400, don't retry); another refusal stays a 400."""
+    from app.services.host_events import ended
+    from app.server.service import Choice, failure
+
+    why = "tensor parallel: rank 1 (cuda:1) ended (killed by signal 9). Reload the model."
+    dead = Choice(events=None, engine_dead=lambda: why)
+    dead.finish = ended("r1", "error", why)
+    error = failure(dead)
+    assert (error.status, error.code, error.message) == (503, "model_not_loaded", why)
+    alive = Choice(events=None, engine_dead=lambda: None)
+    alive.finish = ended("r2", "error", "the prompt is too long")
+    assert failure(alive).status == 400
+
+
 def test_cors_lets_in_only_the_allowed_origins(host):
     app = create_app(host, api_key=API_KEY, allowed_origins=["http://localhost:3000"])
 
