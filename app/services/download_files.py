@@ -107,7 +107,6 @@ class RepoFetcher:
                                "retry when that one finishes.")
             self._busy_blobs.add(key)
         name = job.status.current_file
-        partial = blob.with_name(blob.name + ".incomplete")
         first = True
 
         def on_bytes(n: int) -> None:
@@ -121,7 +120,8 @@ class RepoFetcher:
         try:
             fetch_blob(url, blob, size, token=token, on_bytes=on_bytes, should_stop=job.stop.is_set,
                        sleep=lambda seconds: self._retry_sleep(job.stop, seconds), max_retries=self._max_retries,
-                       retry_wait_s=self._retry_wait_s, label=name)
+                       retry_wait_s=self._retry_wait_s, label=name,
+                       discard_on_stop=lambda: job.discard_partial)  # (a cancel that drops the partial file)
             job.transferring = False  # a later failure (next file's metadata) is not mid-transfer
         except NotEnoughDisk as exc:
             raise HubError("disk_full", f"{exc.strerror}. Free some space (for example delete models in the "
@@ -133,12 +133,6 @@ class RepoFetcher:
         except BlobBusy:
             raise HubError("other", f"{name} is being downloaded by another program right now (a Hearth "
                            "command, or `hf download`): retry when that one finishes.") from None
-        except DownloadStopped:
-            if job.discard_partial and partial.exists():
-                lost = partial.stat().st_size
-                partial.unlink(missing_ok=True)
-                self._advance(job, -lost)  # the bar shows what is left on disk
-            raise
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise HubError("disk_full", f"the disk filled up while downloading {name}: free some space and "

@@ -269,10 +269,13 @@ def _blob_lock(blob: Path) -> Iterator[None]:
 
 def fetch_blob(url: str, blob: Path, size: int, *, token: str | None, on_bytes: Callable[[int], None],
                should_stop: Callable[[], bool], sleep: Callable[[float], bool], max_retries: int = 3,
-               retry_wait_s: float = 1.0, label: str = "") -> None:
+               retry_wait_s: float = 1.0, label: str = "", discard_on_stop: Callable[[], bool] | None = None) -> None:
     """Download ``url`` into the cache blob ``blob`` through ``blob.incomplete``, continuing
     what a failed, stopped or earlier run left there. ``on_bytes`` is told the bytes already
     on disk first (so a progress bar starts there), then each chunk as ``fetch_resumable``.
+    Stopped, the partial file stays for the next run, unless ``discard_on_stop()`` says to
+    delete it (a cancel; ``on_bytes`` is told the bytes lost): under the blob's lock, so a
+    download of the same file by another program that takes the lock next keeps its own.
 
     Raises:
         NotEnoughDisk: the rest of the file doesn't fit (checked before fetching it).
@@ -295,10 +298,18 @@ def fetch_blob(url: str, blob: Path, size: int, *, token: str | None, on_bytes: 
             raise NotEnoughDisk(label, size - have, partial.parent, free)
         on_bytes(have)
         partial.touch()  # (an empty file gets no request, which would have made it)
-        stitched = fetch_resumable(url, partial, size, token=token, on_bytes=on_bytes, should_stop=should_stop,
-                                   sleep=sleep, max_retries=max_retries, retry_wait_s=retry_wait_s, label=label)
-        # A blob stitched from several responses must match the Hub's checksum (its etag).
-        if stitched and not etag_matches(partial, blob.name, should_stop):
+        try:
+            stitched = fetch_resumable(url, partial, size, token=token, on_bytes=on_bytes, should_stop=should_stop,
+                                       sleep=sleep, max_retries=max_retries, retry_wait_s=retry_wait_s, label=label)
+            # A blob stitched from several responses must match the Hub's checksum (its etag).
+            corrupted = stitched and not etag_matches(partial, blob.name, should_stop)
+        except Stopped:
+            if discard_on_stop is not None and discard_on_stop() and partial.exists():
+                lost = partial.stat().st_size
+                partial.unlink(missing_ok=True)
+                on_bytes(-lost)
+            raise
+        if corrupted:
             partial.unlink(missing_ok=True)
             on_bytes(-size)
             raise ResumeCorrupted(f"{label} was corrupted while resuming; its partial copy was deleted.")
