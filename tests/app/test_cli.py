@@ -155,17 +155,9 @@ def test_prompts_file_without_prompts(capsys, tiny, tmp_path):
 def test_prompts_file_says_why_a_prompt_failed(capsys, monkeypatch, tiny, tmp_path):
     """A failed request of a file of prompts (a step that failed, a tensor-parallel rank that
     ended) is named with its error on stderr: its partial text alone left it unsaid."""
-    from engine.errors import EngineDeadError
-    from engine.runner.model_runner import ModelRunner
+    from tests.engine.rank_ended import end_steps
 
-    plain = ModelRunner.execute
-
-    def execute(self, inp):
-        if not inp.rows:  # the idle engine's release of finished requests: not a step (it ended the loop
-            return plain(self, inp)  # when the engine idled between the two prompts' submits, exit 2)
-        raise EngineDeadError("rank 1 (cpu) ended (killed by signal 9). The model can't run on: reload it.")
-
-    monkeypatch.setattr(ModelRunner, "execute", execute)
+    end_steps(monkeypatch, "rank 1 (cpu) ended (killed by signal 9). The model can't run on: reload it.")
     f = tmp_path / "prompts.txt"
     f.write_text("Hi\nThere\n", encoding="utf-8")
     rc, out, err = run_cli(capsys, *gen_args(tiny, "--prompts-file", f, "--max-tokens", "3"))
@@ -182,16 +174,10 @@ def test_prompts_file_after_the_engine_died_fails_the_rest_with_its_reason(capsy
     import time
 
     from engine.api import Engine
-    from engine.errors import EngineDeadError
-    from engine.runner.model_runner import ModelRunner
+    from tests.engine.rank_ended import end_steps
 
-    plain_execute, plain_submit = ModelRunner.execute, Engine.submit
+    plain_submit = Engine.submit
     why = "rank 1 (cpu) ended (killed by signal 9). The model can't run on: reload it."
-
-    def execute(self, inp):
-        if not inp.rows:
-            return plain_execute(self, inp)
-        raise EngineDeadError(why)
 
     def submit(self, *args, **kwargs):
         if getattr(self, "_submitted", False):
@@ -201,7 +187,7 @@ def test_prompts_file_after_the_engine_died_fails_the_rest_with_its_reason(capsy
         self._submitted = True
         return plain_submit(self, *args, **kwargs)
 
-    monkeypatch.setattr(ModelRunner, "execute", execute)
+    end_steps(monkeypatch, why)
     monkeypatch.setattr(Engine, "submit", submit)
     f = tmp_path / "prompts.txt"
     f.write_text("Hi\nThere\n", encoding="utf-8")
@@ -482,17 +468,9 @@ def test_chat_two_messages(capsys, monkeypatch, tiny):
 def test_chat_ends_when_the_engine_can_answer_no_more(capsys, monkeypatch, tiny):
     """A step that ends the engine (a tensor-parallel rank that ended) ends the chat with
     the reason, instead of taking message after message that each fail."""
-    from engine.errors import EngineDeadError
-    from engine.runner.model_runner import ModelRunner
+    from tests.engine.rank_ended import end_steps
 
-    plain = ModelRunner.execute
-
-    def execute(self, inp):
-        if not inp.rows:
-            return plain(self, inp)
-        raise EngineDeadError("tensor parallel: rank 1 (cpu) ended (killed by signal 9). Reload the model.")
-
-    monkeypatch.setattr(ModelRunner, "execute", execute)
+    end_steps(monkeypatch, "tensor parallel: rank 1 (cpu) ended (killed by signal 9). Reload the model.")
     prompts = feed_input(monkeypatch, ["Hello there", "And again"])
     rc, out, err = run_cli(capsys, *chat_args(tiny))
     assert rc == 1, err

@@ -295,19 +295,11 @@ def test_a_step_failed_by_a_worded_error_logs_one_line_not_a_traceback(tiny_mode
     request's own error) only with -v."""
     import logging
 
-    from engine.errors import EngineDeadError
-    from engine.runner.model_runner import ModelRunner
-
-    plain = ModelRunner.execute
-
-    def execute(self, inp):
-        if not inp.rows:  # (the finished requests' bookkeeping: a dead rank refuses only steps)
-            return plain(self, inp)
-        raise EngineDeadError("tensor parallel: rank 1 (cpu) ended (killed by signal 9). reload it.")
+    from tests.engine.rank_ended import end_steps
 
     tp = load(tiny_models["llama-tied"], device="cpu")
     try:
-        monkeypatch.setattr(ModelRunner, "execute", execute)
+        end_steps(monkeypatch, "tensor parallel: rank 1 (cpu) ended (killed by signal 9). reload it.")
         with caplog.at_level(logging.WARNING, logger="hearth.engine"):
             r = run(tp, [ids_of(8, seed=1)])[0]
     finally:

@@ -262,24 +262,17 @@ def test_an_engine_whose_rank_ended_is_unhealthy_and_refuses_requests(tiny_model
     the request in flight fails with the rank named, /health answers 503 with it (a checker
     restarts the server), and later requests are refused with it, not run."""
     from app.commands.serve import load_model
-    from engine.errors import EngineDeadError
-    from engine.runner.model_runner import ModelRunner
+    from tests.engine.rank_ended import end_steps
     from tests.app.server.conftest import tiny_options
 
-    plain = ModelRunner.execute
     why = "tensor parallel: rank 1 (cuda:1) ended (killed by signal 9). Reload the model."
-
-    def execute(self, inp):
-        if not inp.rows:  # the idle engine's release of finished requests: not a step
-            return plain(self, inp)
-        raise EngineDeadError(why)
 
     host = EngineHost()
     try:
         load_model(host, tiny_options(tiny_models["llama-tied"]))
         with LiveServer(create_app(host)) as server:
             assert httpx.get(f"{server.base_url}/health", timeout=30).json()["status"] == "ok"
-            monkeypatch.setattr(ModelRunner, "execute", execute)
+            end_steps(monkeypatch, why)
             first = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
                                timeout=30)
             assert first.status_code >= 500 and "rank 1 (cuda:1) ended" in first.text, first.text

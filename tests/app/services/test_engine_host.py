@@ -257,16 +257,8 @@ def test_an_engine_that_dies_is_said_once_and_a_new_load_answers(tiny_models, mo
     every later one with the reason, the host says it once as an EngineError (the window's
     status bar), and loading the model again answers."""
     from app.services.host_events import EngineError
-    from engine.errors import EngineDeadError
     from engine.runner.model_runner import ModelRunner
-
-    plain = ModelRunner.execute
-    why = "tensor parallel: rank 1 (cpu) ended (killed by signal 9). Reload the model."
-
-    def execute(self, inp):
-        if not inp.rows:
-            return plain(self, inp)
-        raise EngineDeadError(why)
+    from tests.engine.rank_ended import WHY, end_steps
 
     h = EngineHost(stats_interval_s=0.01)
     rec = Recorder()
@@ -274,22 +266,22 @@ def test_an_engine_that_dies_is_said_once_and_a_new_load_answers(tiny_models, mo
     try:
         h.load(tiny_options(tiny_models["llama-tied"]))
         rec.wait_for(ModelLoaded)
-        monkeypatch.setattr(ModelRunner, "execute", execute)
+        plain = end_steps(monkeypatch)
         first = h.submit(Request(prompt_token_ids=prompt(1), params=GREEDY))
-        rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == first for e in evs))
+        rec.finished(first)
         later = h.submit(Request(prompt_token_ids=prompt(2), params=GREEDY))
-        rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == later for e in evs))
+        rec.finished(later)
         rec.wait_for(EngineError)
         for rid in (first, later):
             (fin,) = [e for e in rec.of(rid) if isinstance(e, FinishedEvent)]
-            assert fin.reason == "error" and fin.error == why
+            assert fin.reason == "error" and fin.error == WHY
         threading.Event().wait(0.2)  # stats ticks go on: the death is said once
-        assert [e.message for e in rec.events if isinstance(e, EngineError)] == [why]
+        assert [e.message for e in rec.events if isinstance(e, EngineError)] == [WHY]
         monkeypatch.setattr(ModelRunner, "execute", plain)
         h.load(tiny_options(tiny_models["llama-tied"]))
         rec.wait(lambda evs: sum(isinstance(e, ModelLoaded) for e in evs) == 2)
         again = h.submit(Request(prompt_token_ids=prompt(3), params=GREEDY))
-        rec.wait(lambda evs: any(isinstance(e, FinishedEvent) and e.request_id == again for e in evs))
+        rec.finished(again)
         (fin,) = [e for e in rec.of(again) if isinstance(e, FinishedEvent)]
         assert fin.reason == "length" and fin.usage.completion_tokens == 12
     finally:

@@ -213,18 +213,10 @@ def test_an_engine_that_can_answer_no_more_is_said_dead_to_the_server(tiny_model
 
     from app.server import create_app
     from app.services.engine_process import _child_main
-    from engine.errors import EngineDeadError
-    from engine.runner.model_runner import ModelRunner
+    from tests.engine.rank_ended import end_steps
     from tests.app.server.conftest import LiveServer
 
     why = "tensor parallel: rank 1 (cuda:1) ended (killed by signal 9). Reload the model."
-    plain = ModelRunner.execute
-
-    def execute(self, inp):
-        if not inp.rows:  # the idle engine's release of finished requests: not a step
-            return plain(self, inp)
-        raise EngineDeadError(why)
-
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # (the child's own: not on this thread)
     conn, child_conn = mp.Pipe()
     child = threading.Thread(target=_child_main, args=(child_conn, tiny_options(tiny_models["llama-tied"])),
@@ -234,7 +226,7 @@ def test_an_engine_that_can_answer_no_more_is_said_dead_to_the_server(tiny_model
     remote = EngineProcess(_ThreadProc(child), conn, info, tokenizer, max_model_len)
     try:
         with LiveServer(create_app(remote)) as server:
-            monkeypatch.setattr(ModelRunner, "execute", execute)
+            end_steps(monkeypatch, why)
             first = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 3},
                                timeout=30)
             assert first.status_code == 500 and "rank 1 (cuda:1) ended" in first.text, first.text
