@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import weakref
 import traceback
+import weakref
 from functools import partial
 from typing import Callable
 
